@@ -1,0 +1,244 @@
+"""User-facing configuration: the same names, fields and defaults as TensorRT-LLM's LLM API.
+
+`SamplingParams`, `LoRARequest`, `LoraConfig`, `PeftCacheConfig` and the engine's own
+`EngineConfig` are slotted dataclasses that check themselves in `__post_init__`, so a bad
+value fails where it is written, with a message naming the field.
+`load_extra_llm_api_options(path)` reads TensorRT-LLM's `--extra_llm_api_options` YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_TRTLLM_MODULES_TO_HF_MODULES: dict[str, str] = {
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_qkv": "qkv_proj",
+    "attn_dense": "o_proj",
+    "mlp_h_to_4h": "up_proj",
+    "mlp_4h_to_h": "down_proj",
+    "mlp_gate": "gate_proj",
+    "mlp_gate_up": "gate_up_proj",
+    "moe_h_to_4h": "w1",
+    "moe_4h_to_h": "w2",
+    "moe_gate": "w3",
+    "moe_router": "gate",
+}
+
+GiB = 1 << 30
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request sampling, TensorRT-LLM / vLLM names. temperature == 0 means greedy."""
+
+    max_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0                       # 0 (or -1): no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None          # not None: return the chosen token's logprob per step
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"top_k must be >= 0 (or -1 for none), got {self.top_k}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ints >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(slots=True)
+class LoRARequest:
+    """Which adapter a request uses (TensorRT-LLM's positional order: name, int id, path)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+    lora_ckpt_source: str = "hf"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.lora_name), "lora_name must not be empty")
+        _check(isinstance(self.lora_int_id, int) and self.lora_int_id >= 0, f"lora_int_id must be an int >= 0, got {self.lora_int_id!r}")
+        _check(self.lora_ckpt_source in ("hf", "nemo"), f"lora_ckpt_source must be 'hf' or 'nemo', got {self.lora_ckpt_source!r}")
+
+    # vLLM spellings
+    @property
+    def name(self) -> str:
+        return self.lora_name
+
+    @property
+    def adapter_id(self) -> int:
+        return self.lora_int_id
+
+    @property
+    def path(self) -> str:
+        return self.lora_path
+
+
+@dataclass(slots=True)
+class LoraConfig:
+    """TensorRT-LLM's LoraConfig. Empty lora_target_modules means: every module an adapter
+    in lora_dir targets, else all attention and MLP projections."""
+
+    lora_dir: list[str] = field(default_factory=list)
+    lora_ckpt_source: str = "hf"
+    max_lora_rank: int = 64
+    lora_target_modules: list[str] = field(default_factory=list)
+    trtllm_modules_to_hf_modules: dict[str, str] = field(default_factory=dict)
+    max_loras: int | None = None          # GPU slots; None: sized from PeftCacheConfig
+    max_cpu_loras: int | None = None      # host slots; None: sized from PeftCacheConfig
+    max_lora_bytes: int = 2 * GiB         # refuse adapters larger than this
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_dir, (str, os.PathLike)):
+            self.lora_dir = [str(self.lora_dir)]
+        self.lora_dir = [str(p) for p in self.lora_dir]
+        _check(self.lora_ckpt_source in ("hf", "nemo"), f"lora_ckpt_source must be 'hf' or 'nemo', got {self.lora_ckpt_source!r}")
+        _check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        _check(self.max_loras is None or self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
+        _check(self.max_cpu_loras is None or self.max_cpu_loras >= 1, f"max_cpu_loras must be >= 1, got {self.max_cpu_loras}")
+        if self.max_loras is not None and self.max_cpu_loras is not None:
+            _check(self.max_cpu_loras >= self.max_loras, f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        mapping = dict(DEFAULT_TRTLLM_MODULES_TO_HF_MODULES)
+        mapping.update(self.trtllm_modules_to_hf_modules or {})
+        self.trtllm_modules_to_hf_modules = mapping
+        unknown = [m for m in self.lora_target_modules if m not in mapping]
+        _check(not unknown, f"unknown lora_target_modules {unknown}; known: {sorted(mapping)}")
+
+    def hf_target_modules(self) -> set[str]:
+        """HF Llama module names enabled by lora_target_modules (fused names expanded)."""
+        out: set[str] = set()
+        for m in self.lora_target_modules:
+            hf = self.trtllm_modules_to_hf_modules[m]
+            out |= {"qkv_proj": {"q_proj", "k_proj", "v_proj"}, "gate_up_proj": {"gate_proj", "up_proj"}}.get(hf, {hf})
+        return out
+
+
+@dataclass(slots=True)
+class PeftCacheConfig:
+    """TensorRT-LLM's PeftCacheConfig. Sizes the GPU tier (device_cache_percent of free GPU
+    memory, or LoraConfig.max_loras slots) and the host tier (host_cache_size bytes, or
+    LoraConfig.max_cpu_loras adapters)."""
+
+    num_host_module_layer: int = 0
+    num_device_module_layer: int = 0
+    optimal_adapter_size: int = 8
+    max_adapter_size: int = 64
+    num_put_workers: int = 1
+    num_ensure_workers: int = 1
+    num_copy_streams: int = 1
+    max_pages_per_block_host: int = 24
+    max_pages_per_block_device: int = 8
+    device_cache_percent: float = 0.02
+    host_cache_size: int = GiB
+    lora_prefetch_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.device_cache_percent <= 1.0, f"device_cache_percent must be in (0, 1], got {self.device_cache_percent}")
+        _check(self.host_cache_size > 0, f"host_cache_size must be > 0 bytes, got {self.host_cache_size}")
+        _check(self.max_adapter_size >= 1, f"max_adapter_size must be >= 1, got {self.max_adapter_size}")
+
+
+@dataclass(slots=True)
+class KvCacheConfig:
+    """TensorRT-LLM's KvCacheConfig (the fields loraserve uses)."""
+
+    free_gpu_memory_fraction: float = 0.9
+    max_tokens: int | None = None
+    tokens_per_block: int = 16
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.free_gpu_memory_fraction <= 1.0, f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction}")
+        _check(self.tokens_per_block in (8, 16, 32, 64, 128), f"tokens_per_block must be one of 8/16/32/64/128, got {self.tokens_per_block}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs; `LLM(**kwargs)` fills it."""
+
+    model: str
+    dtype: str = "auto"                   # auto | float32 | float16 | bfloat16
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    max_num_seqs: int = 256               # TensorRT-LLM: max_batch_size
+    max_num_tokens: int = 8192            # token budget of one step (chunked prefill)
+    max_seq_len: int | None = None        # default: the model's max_position_embeddings
+    enable_chunked_prefill: bool = True
+    kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
+    lora_config: LoraConfig | None = None
+    peft_cache_config: PeftCacheConfig = field(default_factory=PeftCacheConfig)
+    seed: int = 0
+    num_kv_blocks: int | None = None      # override KV sizing (tests)
+    allowed_lora_dirs: list[str] = field(default_factory=list)  # where LoRARequest.lora_path may point; [] = anywhere (offline API)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"),
+               f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check(self.max_num_tokens >= 1, f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
+        if isinstance(self.kv_cache_config, dict):
+            self.kv_cache_config = KvCacheConfig(**self.kv_cache_config)
+        if isinstance(self.lora_config, dict):
+            self.lora_config = LoraConfig(**self.lora_config)
+        if isinstance(self.peft_cache_config, dict):
+            self.peft_cache_config = PeftCacheConfig(**self.peft_cache_config)
+
+
+# TensorRT-LLM spellings accepted by LLM(...) and the YAML, mapped to EngineConfig fields.
+_ALIASES = {"max_batch_size": "max_num_seqs", "max_seq_len": "max_seq_len", "max_num_tokens": "max_num_tokens",
+            "enable_chunked_prefill": "enable_chunked_prefill", "kv_cache_config": "kv_cache_config",
+            "lora_config": "lora_config", "peft_cache_config": "peft_cache_config", "dtype": "dtype"}
+# Keys TensorRT-LLM accepts that have no effect here; accepted so that existing YAML files load.
+_IGNORED = {"backend", "tensor_parallel_size", "pipeline_parallel_size", "trust_remote_code", "cuda_graph_config",
+            "disable_overlap_scheduler", "print_iter_log", "enable_iter_perf_stats", "tokenizer", "skip_tokenizer_init",
+            "quant_config", "build_config", "scheduler_config", "max_beam_width", "enable_attention_dp"}
+
+
+def engine_config_from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
+    """Build an EngineConfig from LLM(...) keyword arguments or a parsed YAML mapping."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    args: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in _IGNORED:
+            continue
+        target = _ALIASES.get(key, key)
+        if target not in names:
+            raise ValueError(f"unknown engine option {key!r}")
+        args[target] = value
+    return EngineConfig(model=model, **args)
+
+
+def load_extra_llm_api_options(path: str) -> dict[str, Any]:
+    """Read a TensorRT-LLM `extra_llm_api_options` YAML into a dict of LLM(...) kwargs."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,137 @@
+"""AsyncLLM: the engine on a background thread, with an asyncio streaming front.
+
+The engine thread owns the engine: requests and aborts reach it through a command queue
+and results go back to each request's asyncio.Queue with call_soon_threadsafe, so any
+number of coroutines (gRPC streams, HTTP handlers) can share one engine.
+A consumer that stops iterating (client gone, deadline) aborts its request at once,
+which frees its KV blocks and adapter pin.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+from loraserve.config import LoRARequest, SamplingParams
+
+from .engine import LLMEngine
+from .outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        self._thread.start()
+        self.on_step: Callable[[list[RequestOutput]], None] | None = None
+
+    # ---- public API (any thread / event loop) -----------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread; returns a Future with its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
+
+        self._commands.put(run)
+        return fut
+
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       lora_request: LoRARequest | None = None, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine thread died: {self._dead!r}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+        self._streams[request_id] = (loop, q)
+        finished = False
+        try:
+            await asyncio.wrap_future(self.call(lambda e: e.add_request(request_id, prompt, sampling_params, lora_request)))
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.call(lambda e: e.abort_request(request_id))
+
+    def abort(self, request_id: str) -> concurrent.futures.Future:
+        return self.call(lambda e: e.abort_request(request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.engine.has_unfinished_requests())
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+                    if self.on_step is not None:
+                        self.on_step(outputs)
+        except BaseException as exc:  # noqa: BLE001 - report to every waiting stream
+            log.exception("engine thread died")
+            self._dead = exc
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            cmd()
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        loop, q = entry
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed
+            pass

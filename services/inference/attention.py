@@ -1,0 +1,77 @@
+"""Attention over a paged KV cache (pure torch; runs on CPU and CUDA).
+
+KV cache of one layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
+A sequence's token j lives in block block_table[j // block_size] at offset j % block_size.
+Each step writes the new tokens' K/V at `slot_mapping`, then every query token attends to
+all earlier tokens of its own sequence (causal), prefix chunks included (chunked prefill).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .context import get_context
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # k, v: [N, KVH, D]; caches viewed as [num_blocks * block_size, KVH, D]
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    # -> [length, KVH, D]
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            context_lens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    # q: [B, H, D], one query token per sequence
+    bsz, num_heads, head_dim = q.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // kvh
+    nb = (max_len + block_size - 1) // block_size
+    tables = block_tables[:, :nb]
+    k = k_cache[tables].flatten(1, 2)  # (B, L, KVH, D)
+    v = v_cache[tables].flatten(1, 2)
+    qg = q.view(bsz, kvh, group, head_dim).float()
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k.float()) * scale  # (B, KVH, G, L)
+    pos = torch.arange(k.shape[1], device=q.device)
+    mask = pos[None, :] >= context_lens[:, None]  # (B, L)
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, v.float())
+    return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [N, H, D], k/v: [N, KVH, D] for the N tokens of this step -> [N, H, D]."""
+    ctx = get_context()
+    store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    if ctx.decode_only:
+        return _decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, max(ctx.context_lens_list), scale)
+    num_heads, kvh = q.shape[1], k.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for i, (qlen, total) in enumerate(zip(ctx.query_lens, ctx.context_lens_list)):
+        qi = q[start:start + qlen].transpose(0, 1)  # (H, q, D)
+        if total == qlen:  # whole sequence in this step: use the fresh K/V, no gather
+            ki, vi = k[start:start + qlen], v[start:start + qlen]
+        else:
+            ki = _gather(k_cache, ctx.block_tables[i], total)
+            vi = _gather(v_cache, ctx.block_tables[i], total)
+        ki = ki.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0)  # (H, L, D)
+        vi = vi.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0)
+        # query i sits at position total - qlen + i and sees keys 0..that position
+        qpos = torch.arange(total - qlen, total, device=q.device)
+        kpos = torch.arange(total, device=q.device)
+        mask = kpos[None, :] <= qpos[:, None]
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[start:start + qlen] = oi.transpose(0, 1)
+        start += qlen
+    return out

@@ -1,0 +1,103 @@
+"""The offline Python API, shaped like TensorRT-LLM's and vLLM's `LLM`.
+
+    llm = LLM(model=path, dtype="auto", lora_config=..., peft_cache_config=...)
+    outputs = llm.generate(prompts, sampling_params, lora_request=[...])
+    async for out in llm.generate_async(prompt, sampling_params, streaming=True): ...
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+
+from loraserve.config import LoRARequest, SamplingParams, engine_config_from_kwargs
+
+from .async_llm import AsyncLLM
+from .engine import LLMEngine
+from .outputs import RequestOutput
+
+
+def default_model_path() -> str:
+    """The embedded default model (built by scripts/make_default_model.py)."""
+    env = os.environ.get("LORASERVE_DEFAULT_MODEL")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "models", "default"))
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs):
+        self.config = engine_config_from_kwargs(model or default_model_path(), dtype=dtype, **kwargs)
+        self.engine = LLMEngine(self.config)
+        self._async: AsyncLLM | None = None
+        self._next_id = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _id(self) -> str:
+        self._next_id += 1
+        return f"offline-{self._next_id}"
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput] | RequestOutput:
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        n = len(batch)
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params or SamplingParams()] * n
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * n
+        if len(params) != n or len(loras) != n:
+            raise ValueError(f"got {n} prompts, {len(params)} sampling_params and {len(loras)} lora_requests")
+        if self._async is not None:
+            raise RuntimeError("generate() cannot run while the async engine is active; use generate_async")
+        ids = []
+        for prompt, p, lr in zip(batch, params, loras):
+            rid = self._id()
+            self.engine.add_request(rid, prompt, p, lr)
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=n, desc="generate")
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        results = [final[i] for i in ids]
+        return results[0] if single else results
+
+    async def generate_async(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                             lora_request: LoRARequest | None = None, streaming: bool = True,
+                             request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self._async is None:
+            self._async = AsyncLLM(self.engine)
+        last = None
+        async for out in self._async.generate(prompt, sampling_params, lora_request, request_id or self._id()):
+            last = out
+            if streaming:
+                yield out
+        if not streaming and last is not None:
+            yield last
+
+    def shutdown(self) -> None:
+        if self._async is not None:
+            self._async.shutdown()
+            self._async = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

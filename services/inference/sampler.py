@@ -1,0 +1,30 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, chosen-token logprobs."""
+from __future__ import annotations
+
+import torch
+
+from loraserve.config import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+           ) -> tuple[list[int], list[float]]:
+    """logits: [B, V] float32 -> (token ids [B], logprob of each chosen token under the raw logits)."""
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    for i in sampled:
+        p = params[i]
+        row = logits[i] / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cum = sorted_probs.cumsum(0)
+            drop = cum - sorted_probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i]).squeeze(0)
+    chosen = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+    return tokens.tolist(), chosen.tolist()

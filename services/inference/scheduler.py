@@ -1,0 +1,123 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step has a token budget (max_num_tokens) and a sequence cap (max_num_seqs).
+Running sequences go first — one token each when decoding, the next prompt chunk when
+still prefilling — then waiting ones are admitted in arrival order, their prompts cut
+into chunks to fill the budget. When KV blocks run out the most recently admitted
+running sequence is preempted: its blocks are freed and it goes back to the front of
+the queue to be recomputed later, so nothing deadlocks and nothing is lost.
+A sequence whose adapter cannot get a GPU slot now waits without holding others up.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class AdapterSlots(Protocol):
+    def try_acquire(self, seq: Sequence) -> bool: ...   # pin seq's adapter on the GPU; False: no slot yet
+    def release(self, seq: Sequence) -> None: ...
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]      # tokens each sequence computes this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
+                 enable_chunked_prefill: bool = True, adapter_slots: AdapterSlots | None = None):
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.adapter_slots = adapter_slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], [])
+        budget = self.max_num_tokens
+        # 1) running sequences, oldest first
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted; everything after it already was too
+        # 2) admit waiting sequences while budget, slots and blocks allow
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.enable_chunked_prefill:
+                break
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                break
+            if seq.lora is not None and self.adapter_slots is not None and not self.adapter_slots.try_acquire(seq):
+                skipped.append(self.waiting.popleft())  # its adapter waits for a GPU slot; others go on
+                continue
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        if seq.lora is not None and self.adapter_slots is not None:
+            self.adapter_slots.release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Free a finished or aborted sequence's blocks and adapter pin."""
+        if seq in self.running:
+            self.running.remove(seq)
+            if seq.lora is not None and self.adapter_slots is not None:
+                self.adapter_slots.release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED

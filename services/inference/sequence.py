@@ -1,0 +1,77 @@
+"""A request's state as it moves through the engine: tokens, KV blocks, output, timings."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraserve.config import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+_counter = itertools.count()
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    lora: Any = None                      # resolved adapter handle (lora.manager.AdapterHandle) or None
+    lora_request: Any = None
+    seq_id: int = field(default_factory=lambda: next(_counter))
+    status: SequenceStatus = SequenceStatus.WAITING
+    token_ids: list[int] = field(default_factory=list)   # prompt + generated
+    num_computed_tokens: int = 0          # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None      # stop | length | abort
+    stop_reason: Any = None               # the stop string or token id that matched
+    logprobs: list[float] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    output_text: str = ""
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    detok: Any = None                     # detokenizer.IncrementalDetokenizer
+    generator: Any = None                 # torch.Generator for seeded sampling
+    # what the last stream message covered
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def adapter_key(self) -> str | None:
+        """Content identity of the adapter (digest) — part of any key of cached state."""
+        return None if self.lora is None else self.lora.key

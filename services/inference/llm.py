@@ -58,10 +58,15 @@ class LLM:
         if self._async is not None:
             raise RuntimeError("generate() cannot run while the async engine is active; use generate_async")
         ids = []
-        for prompt, p, lr in zip(batch, params, loras):
-            rid = self._id()
-            self.engine.add_request(rid, prompt, p, lr)
-            ids.append(rid)
+        try:
+            for prompt, p, lr in zip(batch, params, loras):
+                rid = self._id()
+                self.engine.add_request(rid, prompt, p, lr)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # a bad prompt fails the call as a whole, nothing left behind
+                self.engine.abort_request(rid)
+            raise
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:

@@ -1,0 +1,49 @@
+# loraserve: `make run` (demo on the embedded default model) and `make test` (the test suite).
+# Both set up everything themselves: virtualenv, dependencies, generated gRPC code, services.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+STUBS   := services/core/v1/registry_pb2.py
+PROTOS  := $(wildcard protos/loraserve/v1/*.proto)
+PYTEST_ARGS ?=
+
+.PHONY: all install protos model services test test-gpu run bench clean
+
+all: install protos
+
+# torch is pinned so that pip takes the CPU build on disk instead of a multi-GB CUDA download
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,triton]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(STUBS): $(PROTOS) scripts/gen_protos.py $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+protos: $(STUBS)
+
+# the default model is committed; rebuild it only if it is missing
+model: models/default/config.json
+models/default/config.json: | $(STAMP)
+	$(BIN)/python scripts/make_default_model.py
+
+# test-only servers (PostgreSQL) from Debian's packages, when this machine can install them
+services:
+	@bash scripts/install_services.sh
+
+test: install protos model services
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-gpu: install protos
+	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS)
+
+run: install protos model
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) var/ services/core/v1/*_pb2*.py services/core/v1/*_pb2*.pyi .pytest_cache

@@ -1,0 +1,445 @@
+"""Registry domain logic: upload/import, lookups, delete, aliases, tags, garbage collection.
+
+Blocking code (SQLAlchemy sessions, store I/O, the artifact parser); the gRPC layer runs it
+in threads. Commit order is what makes crashes harmless:
+
+    1. bytes -> staging file, sha256 computed on the way in (a crash leaves a temp file)
+    2. validate with the shared parser (INVALID_ARGUMENT on any problem)
+    3. store.put: the blob appears under blobs/sha256/<hex> (a crash leaves an orphan blob)
+    4. one DB transaction allocates the version and inserts the row, tags and aliases
+
+Clients see only rows, and a row exists only after its blob, so no crash point exposes a
+half adapter; `gc` removes temp files and orphan blobs later. Versions come from
+`adapters.last_version`, bumped under a row lock (BEGIN IMMEDIATE on SQLite), and the
+unique (adapter, version) constraint backs it up: racing uploads get distinct versions.
+Deleting a version removes its blob once no row names that digest any more.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, selectinload
+
+from loraserve.adapters import AdapterFormatError, LoraAdapter, validate_artifact
+
+from . import db
+from .archive import ARTIFACT_SUFFIX, ArchiveError, detect_artifact_type
+from .config import RegistryConfig
+from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,  # noqa: F401
+                     RegistryError)
+from .ingest import IncomingArtifact, check_s3_allowed, resolve_allowed_path, stage_path, stage_s3
+from .models import Adapter, AdapterAlias, AdapterTag, AdapterVersionRow, utcnow
+from .records import (LATEST, AdapterRecord, UploadMeta, check_alias, check_name, check_tags, decode_page_token,
+                      encode_page_token)
+from .store import ArtifactStore, age_seconds, make_s3_client, make_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_TX_ATTEMPTS = 12
+_LOCK_STRIPES = 64
+
+
+class Aborted(RegistryError):
+    """A transaction kept conflicting with others (-> ABORTED; the client may retry)."""
+
+
+@dataclass(slots=True)
+class GcReport:
+    removed_blobs: list[str] = field(default_factory=list)
+    removed_temp: list[str] = field(default_factory=list)
+    kept_young: int = 0
+
+
+class RegistryService:
+    def __init__(self, config: RegistryConfig, engine: Engine, store: ArtifactStore) -> None:
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self._sessions = db.session_factory(engine)
+        self._blob_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._active_staging: set[str] = set()
+        self._active_guard = threading.Lock()
+
+    @classmethod
+    def open(cls, config: RegistryConfig) -> "RegistryService":
+        """Engine + migrations to head + store, as the config says."""
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = db.make_engine(config.resolved_db_url)
+        db.upgrade(engine)
+        return cls(config, engine, make_store(config))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- upload / import -------------------------------------------------------------
+
+    def start_upload(self, meta: UploadMeta) -> IncomingArtifact:
+        meta.check()
+        path = self.store.new_staging_path()
+        with self._active_guard:
+            self._active_staging.add(path.name)
+        return IncomingArtifact(path, self.config.max_artifact_bytes)
+
+    def finish_upload(self, incoming: IncomingArtifact, meta: UploadMeta) -> tuple[AdapterRecord, bool]:
+        """Validates and commits what `incoming` received; returns (record, deduplicated)."""
+        try:
+            digest_hex = incoming.close()
+            return self._commit(incoming.path, digest_hex, incoming.size, meta, meta.filename)
+        finally:
+            self.abort_upload(incoming)
+
+    def abort_upload(self, incoming: IncomingArtifact) -> None:
+        incoming.discard()
+        with self._active_guard:
+            self._active_staging.discard(incoming.path.name)
+
+    def import_adapter(self, meta: UploadMeta, source_uri: str) -> tuple[AdapterRecord, bool]:
+        """Registers an artifact from s3://bucket/key or an allowed server-side path."""
+        meta.check()
+        if not source_uri:
+            raise InvalidArgument("source_uri is required")
+        if source_uri.startswith("s3://"):
+            bucket, key = check_s3_allowed(source_uri, self.config.allowed_import_s3)
+            client = getattr(self.store, "client", None) or make_s3_client(self.config.s3)
+            stage = lambda inc: stage_s3(client, bucket, key, inc)  # noqa: E731
+        elif "://" in source_uri and not source_uri.startswith("file://"):
+            raise InvalidArgument(f"source_uri must be s3://..., file://... or an absolute path, got {source_uri!r}")
+        else:
+            src = resolve_allowed_path(source_uri, self.config.allowed_import_dirs)
+            stage = lambda inc: stage_path(src, inc)  # noqa: E731
+        incoming = self.start_upload(meta)
+        try:
+            hint = stage(incoming)
+        except BaseException:
+            self.abort_upload(incoming)
+            raise
+        if not meta.filename:
+            meta.filename = hint
+        return self.finish_upload(incoming, meta)
+
+    def _commit(self, staged: Path, digest_hex: str, size: int, meta: UploadMeta,
+                hint: str) -> tuple[AdapterRecord, bool]:
+        digest = f"sha256:{digest_hex}"
+        if size == 0:
+            raise InvalidArgument("artifact is empty (no chunks received)")
+        if meta.expected_size and meta.expected_size != size:
+            raise InvalidArgument(f"received {size} bytes but the metadata announced {meta.expected_size}")
+        if meta.expected_digest and meta.expected_digest != digest:
+            raise InvalidArgument(f"received bytes hash to {digest}, not the announced {meta.expected_digest}")
+        try:
+            kind = detect_artifact_type(staged, hint, meta.format)
+        except ArchiveError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        typed = staged.with_name(staged.name + ARTIFACT_SUFFIX[kind])
+        os.rename(staged, typed)  # the parser goes by suffix
+        try:
+            adapter = self._validate(typed)
+            if meta.format and adapter.format != meta.format:
+                raise InvalidArgument(f"metadata says format {meta.format!r} but the artifact is {adapter.format!r}")
+            artifact_type = "nemo" if adapter.format == "nemo" and kind == "tar" else kind
+            self._check_new_digest(meta.name, digest)  # cheap early answer; rechecked in the transaction
+            with self._blob_lock(digest_hex):
+                created = self.store.put(typed, digest_hex, size)
+                try:
+                    record = self._insert_version(meta, adapter, digest, size, artifact_type)
+                except BaseException:
+                    if created:
+                        self._delete_blob_if_unreferenced(digest_hex)
+                    raise
+            log.info("stored %s version %d (%s, %d bytes%s)", record.name, record.version, digest, size,
+                     "" if created else ", deduplicated")
+            return record, not created
+        finally:
+            typed.unlink(missing_ok=True)
+
+    def _validate(self, path: Path) -> LoraAdapter:
+        cfg = self.config
+        try:
+            adapter = validate_artifact(path, max_rank=cfg.max_rank, max_bytes=cfg.max_artifact_bytes)
+        except AdapterFormatError as exc:
+            raise InvalidArgument(f"invalid adapter artifact: {exc}") from exc
+        except Exception as exc:  # the parser met input it did not foresee: still the artifact's fault
+            log.warning("parser raised %s on an upload", type(exc).__name__, exc_info=True)
+            raise InvalidArgument(f"invalid adapter artifact: {type(exc).__name__}: {exc}") from exc
+        if adapter.rank > cfg.max_rank:
+            raise InvalidArgument(f"adapter rank {adapter.rank} exceeds the server's max_rank {cfg.max_rank}")
+        return adapter
+
+    def _check_new_digest(self, name: str, digest: str) -> None:
+        with self._sessions() as s:
+            dup = s.scalar(select(AdapterVersionRow.version).join(Adapter, Adapter.id == AdapterVersionRow.adapter_id)
+                           .where(Adapter.name == name, AdapterVersionRow.digest == digest))
+        if dup is not None:
+            raise AlreadyExists(f"{name} version {dup} already has these exact bytes ({digest})")
+
+    def _insert_version(self, meta: UploadMeta, adapter: LoraAdapter, digest: str, size: int,
+                        artifact_type: str) -> AdapterRecord:
+        def insert(s: Session) -> AdapterRecord:
+            ad = s.scalar(select(Adapter).where(Adapter.name == meta.name).with_for_update())
+            if ad is None:
+                ad = Adapter(name=meta.name, last_version=0, created_at=utcnow())
+                s.add(ad)
+                s.flush()  # a racing creator makes this raise IntegrityError -> retry
+            dup = s.scalar(select(AdapterVersionRow.version)
+                           .where(AdapterVersionRow.adapter_id == ad.id, AdapterVersionRow.digest == digest))
+            if dup is not None:
+                raise AlreadyExists(f"{meta.name} version {dup} already has these exact bytes ({digest})")
+            ad.last_version += 1
+            row = AdapterVersionRow(
+                adapter_id=ad.id, version=ad.last_version, format=adapter.format, base_model=meta.base_model,
+                description=meta.description, rank=int(adapter.rank), alpha=float(adapter.alpha),
+                use_rslora=bool(adapter.use_rslora), target_modules=sorted(adapter.target_modules),
+                num_layers=int(adapter.num_layers), size_bytes=size, digest=digest, artifact_type=artifact_type,
+                created_at=utcnow(), tags=[AdapterTag(key=k, value=v) for k, v in sorted(meta.tags.items())],
+                aliases=[])
+            s.add(row)
+            s.flush()
+            for alias in meta.aliases:
+                self._point_alias(s, ad, alias, row)
+            s.flush()
+            return self._record(s, row, meta.name)
+
+        return self._write(insert)
+
+    def _write(self, fn):  # type: ignore[no-untyped-def]
+        """Runs fn(session) in a transaction, retrying conflicts (unique races, locks, deadlocks)."""
+        for attempt in range(_TX_ATTEMPTS):
+            try:
+                with self._sessions.begin() as s:
+                    return fn(s)
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == _TX_ATTEMPTS - 1:
+                    raise Aborted(f"database conflict persisted after {_TX_ATTEMPTS} attempts: "
+                                  f"{type(exc.orig).__name__}") from exc
+                time.sleep(min(0.02 * 2 ** attempt, 1.0))
+        raise AssertionError("unreachable")
+
+    # ---- lookups ---------------------------------------------------------------------
+
+    def get(self, name: str, version: int = 0, alias: str = "") -> AdapterRecord:
+        with self._sessions() as s:
+            row = self._resolve(s, name, version, alias)
+            return self._record(s, row, name)
+
+    def list(self, page_size: int = 0, page_token: str = "", base_model: str = "", name_prefix: str = "",
+             latest_only: bool = False) -> tuple[list[AdapterRecord], str]:
+        """One page ordered by (name, version), and the token of the next page ("" at the end)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size must be >= 0")
+        page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        filters: list[object] = [base_model, name_prefix, latest_only]
+        latest = (select(AdapterVersionRow.adapter_id, func.max(AdapterVersionRow.version).label("v"))
+                  .group_by(AdapterVersionRow.adapter_id).subquery())
+        q = (select(AdapterVersionRow, Adapter.name, latest.c.v).select_from(AdapterVersionRow)
+             .join(Adapter, Adapter.id == AdapterVersionRow.adapter_id)
+             .join(latest, latest.c.adapter_id == AdapterVersionRow.adapter_id)
+             .options(selectinload(AdapterVersionRow.tags), selectinload(AdapterVersionRow.aliases)))
+        if latest_only:
+            q = q.where(AdapterVersionRow.version == latest.c.v)
+        if base_model:
+            q = q.where(AdapterVersionRow.base_model == base_model)
+        if name_prefix:
+            q = q.where(Adapter.name.startswith(name_prefix, autoescape=True))
+        if page_token:
+            last_name, last_version = decode_page_token(page_token, filters)
+            q = q.where(or_(Adapter.name > last_name,
+                            and_(Adapter.name == last_name, AdapterVersionRow.version > last_version)))
+        q = q.order_by(Adapter.name, AdapterVersionRow.version).limit(page_size + 1)
+        with self._sessions() as s:
+            rows = s.execute(q).all()
+            records = [AdapterRecord.from_row(row, name, v) for row, name, v in rows[:page_size]]
+        token = ""
+        if len(rows) > page_size:
+            token = encode_page_token(records[-1].name, records[-1].version, filters)
+        return records, token
+
+    def open_download(self, name: str, version: int = 0, alias: str = "",
+                      chunk_size: int = 0) -> tuple[AdapterRecord, Iterator[bytes]]:
+        record = self.get(name, version, alias)
+        digest_hex = record.digest.removeprefix("sha256:")
+        if not self.store.exists(digest_hex):
+            raise FailedPrecondition(f"{name} version {record.version}: artifact {record.digest} is missing "
+                                     "from the store")
+        size = chunk_size or self.config.download_chunk_size
+        size = max(16 << 10, min(size, 1 << 20))
+        return record, self.store.read_chunks(digest_hex, size)
+
+    def _resolve(self, s: Session, name: str, version: int, alias: str) -> AdapterVersionRow:
+        check_name(name)
+        if version < 0:
+            raise InvalidArgument("version must be > 0 (or 0 with an alias)")
+        if version and alias:
+            raise InvalidArgument("give a version or an alias, not both")
+        ad = s.scalar(select(Adapter).where(Adapter.name == name))
+        if ad is None:
+            raise NotFound(f"no adapter named {name!r}")
+        base = select(AdapterVersionRow).where(AdapterVersionRow.adapter_id == ad.id)
+        if version:
+            row = s.scalar(base.where(AdapterVersionRow.version == version))
+            if row is None:
+                raise NotFound(f"adapter {name!r} has no version {version}")
+        elif alias and alias != LATEST:
+            row = s.scalar(base.join(AdapterAlias, AdapterAlias.version_id == AdapterVersionRow.id)
+                           .where(AdapterAlias.adapter_id == ad.id, AdapterAlias.alias == alias))
+            if row is None:
+                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
+        else:
+            row = s.scalar(base.order_by(AdapterVersionRow.version.desc()).limit(1))
+            if row is None:
+                raise NotFound(f"adapter {name!r} has no versions left")
+        return row
+
+    def _record(self, s: Session, row: AdapterVersionRow, name: str) -> AdapterRecord:
+        latest = s.scalar(select(func.max(AdapterVersionRow.version))
+                          .where(AdapterVersionRow.adapter_id == row.adapter_id))
+        return AdapterRecord.from_row(row, name, latest or 0)
+
+    # ---- writes: delete, aliases, tags -----------------------------------------------
+
+    def delete(self, name: str, version: int = 0, all_versions: bool = False, force: bool = False) -> list[int]:
+        """Deletes one version or all; versions carrying aliases need force. Returns the versions."""
+        check_name(name)
+        if version < 0 or (version > 0) == all_versions:
+            raise InvalidArgument("give either a version > 0 or all_versions=true")
+
+        def remove(s: Session) -> tuple[list[int], set[str]]:
+            ad = s.scalar(select(Adapter).where(Adapter.name == name).with_for_update())
+            if ad is None:
+                raise NotFound(f"no adapter named {name!r}")
+            q = select(AdapterVersionRow).where(AdapterVersionRow.adapter_id == ad.id)
+            if version:
+                q = q.where(AdapterVersionRow.version == version)
+            rows = list(s.scalars(q.options(selectinload(AdapterVersionRow.aliases))))
+            if not rows:
+                raise NotFound(f"adapter {name!r} has no version {version}" if version else
+                               f"adapter {name!r} has no versions left")
+            aliased = [(r.version, a.alias) for r in rows for a in r.aliases]
+            if aliased and not force:
+                v, a = aliased[0]
+                raise FailedPrecondition(f"{name} version {v} is aliased as {a!r}; move or delete the alias "
+                                         "first, or delete with force")
+            for r in rows:
+                s.delete(r)
+            return sorted(r.version for r in rows), {r.digest for r in rows}
+
+        versions, digests = self._write(remove)
+        for digest in digests:
+            hex_ = digest.removeprefix("sha256:")
+            with self._blob_lock(hex_):
+                self._delete_blob_if_unreferenced(hex_)
+        return versions
+
+    def set_alias(self, name: str, alias: str, version: int) -> AdapterRecord:
+        check_alias(alias)
+        if version <= 0:
+            raise InvalidArgument("version must be > 0")
+
+        def point(s: Session) -> AdapterRecord:
+            row = self._resolve(s, name, version, "")
+            self._point_alias(s, row.adapter, alias, row)
+            s.flush()
+            return self._record(s, row, name)
+
+        return self._write(point)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        check_name(name)
+        check_alias(alias)
+
+        def drop(s: Session) -> None:
+            found = s.scalar(select(AdapterAlias).join(Adapter, Adapter.id == AdapterAlias.adapter_id)
+                             .where(Adapter.name == name, AdapterAlias.alias == alias))
+            if found is None:
+                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
+            s.delete(found)
+
+        self._write(drop)
+
+    def set_tags(self, name: str, version: int, alias: str, set_: dict[str, str],
+                 remove: list[str]) -> AdapterRecord:
+        check_tags(set_)
+
+        def update(s: Session) -> AdapterRecord:
+            row = self._resolve(s, name, version, alias)
+            by_key = {t.key: t for t in row.tags}
+            for key in remove:
+                if key in by_key and key not in set_:
+                    row.tags.remove(by_key.pop(key))
+            for key, value in set_.items():
+                if key in by_key:
+                    by_key[key].value = value
+                else:
+                    row.tags.append(AdapterTag(key=key, value=value))
+            s.flush()
+            return self._record(s, row, name)
+
+        return self._write(update)
+
+    @staticmethod
+    def _point_alias(s: Session, ad: Adapter, alias: str, row: AdapterVersionRow) -> None:
+        existing = s.scalar(select(AdapterAlias).where(AdapterAlias.adapter_id == ad.id, AdapterAlias.alias == alias))
+        if existing is None:
+            row.aliases.append(AdapterAlias(adapter_id=ad.id, alias=alias))
+        else:
+            existing.version_row = row  # an alias moves; it never points at two versions
+
+    # ---- blobs and garbage collection ------------------------------------------------
+
+    @contextmanager
+    def _blob_lock(self, digest_hex: str) -> Iterator[None]:
+        """Serialises put+insert against delete-if-unreferenced for one digest in this process."""
+        with self._blob_locks[int(digest_hex[:8], 16) % _LOCK_STRIPES]:
+            yield
+
+    def _delete_blob_if_unreferenced(self, digest_hex: str) -> bool:
+        with self._sessions() as s:
+            used = s.scalar(select(func.count()).select_from(AdapterVersionRow)
+                            .where(AdapterVersionRow.digest == f"sha256:{digest_hex}"))
+        if used:
+            return False
+        self.store.delete(digest_hex)
+        return True
+
+    def gc(self, min_age_seconds: float | None = None) -> GcReport:
+        """Removes blobs no row names and temp/staging leftovers, if older than min_age_seconds.
+
+        The age guard protects uploads in flight in other processes sharing the store; this
+        process's own in-flight uploads are never touched.
+        """
+        min_age = self.config.gc_min_age_seconds if min_age_seconds is None else min_age_seconds
+        report = GcReport()
+        with self._sessions() as s:
+            referenced = {d.removeprefix("sha256:") for d in s.scalars(select(AdapterVersionRow.digest).distinct())}
+        for digest_hex, mtime in self.store.list_blobs():
+            if digest_hex in referenced:
+                continue
+            if age_seconds(mtime) < min_age:
+                report.kept_young += 1
+                continue
+            with self._blob_lock(digest_hex):
+                if self._delete_blob_if_unreferenced(digest_hex):
+                    report.removed_blobs.append(digest_hex)
+        with self._active_guard:
+            active = set(self._active_staging)
+        for key, mtime in self.store.list_temp():
+            if key.rsplit("/", 1)[-1].split(".", 1)[0] in active:
+                continue
+            if age_seconds(mtime) < min_age:
+                report.kept_young += 1
+                continue
+            self.store.delete_temp(key)
+            report.removed_temp.append(key)
+        log.info("gc: removed %d orphan blobs, %d temp files; kept %d younger than %.0fs",
+                 len(report.removed_blobs), len(report.removed_temp), report.kept_young, min_age)
+        return report

@@ -194,7 +194,7 @@ class EngineConfig:
     peft_cache_config: PeftCacheConfig = field(default_factory=PeftCacheConfig)
     seed: int = 0
     num_kv_blocks: int | None = None      # override KV sizing (tests)
-    allowed_lora_dirs: list[str] = field(default_factory=list)  # where LoRARequest.lora_path may point; [] = anywhere (offline API)
+    allowed_lora_dirs: list[str] | None = None  # where LoRARequest.lora_path may point; None = anywhere (offline API)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"),

@@ -20,7 +20,7 @@ from .sequence import Sequence, SequenceStatus
 
 class AdapterSlots(Protocol):
     def try_acquire(self, seq: Sequence) -> bool: ...   # pin seq's adapter on the GPU; False: no slot yet
-    def release(self, seq: Sequence) -> None: ...
+    def release_slot(self, seq: Sequence) -> None: ...
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
         if seq.lora is not None and self.adapter_slots is not None:
-            self.adapter_slots.release(seq)
+            self.adapter_slots.release_slot(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -116,7 +116,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             if seq.lora is not None and self.adapter_slots is not None:
-                self.adapter_slots.release(seq)
+                self.adapter_slots.release_slot(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.deallocate(seq)

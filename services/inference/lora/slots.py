@@ -1,0 +1,92 @@
+"""GPU tier of the adapter cache: `num_slots` adapter slots packed for the batched kernels.
+
+For each fused projection p of the model (qkv_proj, o_proj, gate_up_proj, down_proj):
+    a[p]: [num_layers, L, S_p, R, in_p]   A of each slice (q/k/v, gate/up), rows >= rank zero
+    b[p]: [num_layers, L, N_p, R]         B of all slices stacked on rows (scale folded in)
+    slice_offsets[p]: [S_p + 1] int32     row offsets of the slices in N_p
+    ranks: [L] int32                      real rank of the adapter in each slot
+Projections that no enabled module uses get no buffers at all.
+"""
+from __future__ import annotations
+
+import torch
+
+from loraserve.adapters import LoraAdapter
+
+from ..models.llama import PROJ_SLICES, ModelArgs
+
+
+class DeviceSlots:
+    def __init__(self, args: ModelArgs, enabled: set[str], num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        shapes = args.lora_module_shapes()
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self.slice_offsets: dict[str, torch.Tensor] = {}
+        self.slice_index: dict[str, tuple[str, int, int]] = {}  # module -> (proj, slice, row offset)
+        L, n_layers = num_slots, args.num_hidden_layers
+        for proj, modules in PROJ_SLICES.items():
+            if not enabled & set(modules):
+                continue
+            in_f = shapes[modules[0]][0]
+            outs = [shapes[m][1] for m in modules]
+            offsets = [0]
+            for o in outs:
+                offsets.append(offsets[-1] + o)
+            self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
+            self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
+            self.slice_offsets[proj] = torch.tensor(offsets, dtype=torch.int32, device=device)
+            for i, m in enumerate(modules):
+                self.slice_index[m] = (proj, i, offsets[i])
+        self.ranks = torch.zeros(L, dtype=torch.int32, device=device)
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending: torch.cuda.Event | None = None
+
+    @staticmethod
+    def bytes_per_slot(args: ModelArgs, enabled: set[str], max_rank: int, dtype: torch.dtype) -> int:
+        shapes = args.lora_module_shapes()
+        elems = 0
+        for modules in PROJ_SLICES.values():
+            if enabled & set(modules):  # a fused buffer holds every slice once any is enabled
+                elems += sum((shapes[m][0] + shapes[m][1]) * max_rank for m in modules)
+        return elems * args.num_hidden_layers * torch.finfo(dtype).bits // 8
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+    def load(self, slot: int, adapter: LoraAdapter) -> int:
+        """Copy `adapter` into `slot` (on the side stream on CUDA); returns bytes copied."""
+        stream = self.copy_stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        copied = 0
+        with ctx:
+            for proj in self.a:
+                self.a[proj][:, slot].zero_()
+                self.b[proj][:, slot].zero_()
+            for (layer, module), (a, b) in adapter.weights.items():
+                proj, s, off = self.slice_index[module]
+                r = a.shape[0]
+                self.a[proj][layer, slot, s, :r].copy_(a, non_blocking=True)
+                self.b[proj][layer, slot, off:off + b.shape[0], :r].copy_(b, non_blocking=True)
+                copied += a.numel() * a.element_size() + b.numel() * b.element_size()
+            self.ranks[slot] = adapter.rank
+            if stream is not None:
+                self._pending = torch.cuda.Event()
+                self._pending.record(stream)
+        return copied
+
+    def wait_for_copies(self) -> None:
+        """Make the compute stream wait for slot loads issued so far (no host sync)."""
+        if self._pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._pending)
+            self._pending = None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -4,7 +4,7 @@
     loraserve generate ...           streaming client           (loraserve.inference.cli)
     loraserve registry serve ...     adapter registry service   (loraserve.registry.cli)
     loraserve adapter push|ls|...    registry client            (loraserve.registry.cli)
-    loraserve bench ...              benchmarks                 (loraserve.bench.cli)
+    loraserve bench ...              benchmarks                 (loraserve.inference.bench.cli)
 
 Each module exposes `add_commands(subparsers)`; a subcommand sets `func(args) -> int`.
 """
@@ -18,7 +18,7 @@ import sys
 COMMAND_MODULES = (
     "loraserve.inference.cli",
     "loraserve.registry.cli",
-    "loraserve.bench.cli",
+    "loraserve.inference.bench.cli",
 )
 
 

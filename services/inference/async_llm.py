@@ -61,19 +61,21 @@ class AsyncLLM:
         return fut
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       lora_request: LoRARequest | None = None, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       lora_request: LoRARequest | None = None, request_id: str | None = None,
+                       lora_handle=None) -> AsyncIterator[RequestOutput]:
         if self._dead is not None:
             raise EngineDeadError(f"engine thread died: {self._dead!r}")
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
+            if lora_handle is not None and self.engine.lora_manager is not None:
+                self.engine.lora_manager.release(lora_handle)
             raise ValueError(f"duplicate request_id {request_id!r}")
         self._streams[request_id] = (loop, q)
         finished = False
         try:
-            await asyncio.wrap_future(self.call(lambda e: e.add_request(request_id, prompt, sampling_params, lora_request)))
+            await asyncio.wrap_future(self.call(lambda e: e.add_request(request_id, prompt, sampling_params, lora_request, lora_handle)))
             while True:
                 out = await q.get()
                 if isinstance(out, BaseException):

@@ -54,7 +54,16 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                    lora_request: LoRARequest | None = None) -> Sequence:
+                    lora_request: LoRARequest | None = None, lora_handle=None) -> Sequence:
+        """lora_handle: an adapter the caller already resolved (and holds) for this request."""
+        try:
+            return self._add_request(request_id, prompt, sampling_params, lora_request, lora_handle)
+        except BaseException:
+            if lora_handle is not None and self.lora_manager is not None:
+                self.lora_manager.release(lora_handle)
+            raise
+
+    def _add_request(self, request_id, prompt, sampling_params, lora_request, lora_handle) -> Sequence:
         params = sampling_params or SamplingParams()
         if request_id in self.seqs:
             raise ValueError(f"duplicate request_id {request_id!r}")
@@ -73,8 +82,8 @@ class LLMEngine:
         if len(ids) + params.max_tokens > capacity:
             raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the KV cache "
                              f"capacity of {capacity} tokens")
-        handle = None
-        if lora_request is not None:
+        handle = lora_handle
+        if handle is None and lora_request is not None:
             if self.lora_manager is None:
                 raise ValueError("a lora_request was given but the engine was built without lora_config")
             handle = self.lora_manager.resolve(lora_request)

@@ -124,8 +124,9 @@ class LoRAManager:
             raise AdapterNotFoundError(f"lora_path {path!r} does not exist")
         return real
 
-    def resolve(self, req: LoRARequest) -> AdapterHandle:
-        """Find or load the adapter `req` names and hold it for one request (release() undoes)."""
+    def resolve(self, req: LoRARequest, trusted: bool = False) -> AdapterHandle:
+        """Find or load the adapter `req` names and hold it for one request (release() undoes).
+        trusted: the path is the service's own download cache, not a user-named path."""
         with self.lock:
             if not req.lora_path:
                 key = self.by_id.get(req.lora_int_id)
@@ -133,7 +134,7 @@ class LoRAManager:
                     raise AdapterNotFoundError(f"adapter {req.lora_name!r} (id {req.lora_int_id}) is not loaded "
                                                "and the request gives no lora_path")
                 return self._hold(self.handles[key], hit=True)
-            real = self.check_path(req.lora_path)
+            real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
             sig = _stat_signature(real)
             key = self._digest_of.get(sig)
             if key is not None and key in self.handles and self.handles[key].adapter is not None:

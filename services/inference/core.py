@@ -1,0 +1,150 @@
+"""InferenceCore: what the gRPC service and the OpenAI HTTP front share.
+
+It owns the engine (on its thread, through AsyncLLM), the registry fetcher and the
+adapter-resolution path, and raises the typed errors below, which each front end maps to
+its own status codes (gRPC code / HTTP status).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loraserve.adapters import AdapterFormatError
+from loraserve.config import LoraConfig, LoRARequest, SamplingParams, engine_config_from_kwargs
+
+from .adapter_source import (AdapterFetcher, DigestMismatchError, RegistryAdapterNotFound,  # noqa: F401
+                             RegistryUnavailableError)
+from .async_llm import AsyncLLM
+from .engine import LLMEngine
+from .llm import default_model_path
+from .lora.manager import (AdapterAccessError, AdapterBusyError, AdapterCapacityError,  # noqa: F401
+                           AdapterNotFoundError)
+from .outputs import RequestOutput
+from .serve_config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class ShuttingDownError(RuntimeError):
+    pass
+
+
+@dataclass
+class AdapterSpec:
+    """Which adapter a request wants: a registry reference or TensorRT-LLM's lora_request."""
+
+    name: str = ""
+    version: int = 0
+    alias: str = ""
+    lora_request: LoRARequest | None = None
+
+    def describe(self) -> str:
+        if self.lora_request is not None:
+            return f"lora_request {self.lora_request.lora_name!r}"
+        ref = f":{self.version}" if self.version else f":{self.alias}" if self.alias else ""
+        return f"{self.name}{ref}"
+
+
+def digest_int_id(digest: str) -> int:
+    return int(digest.split(":", 1)[-1][:15], 16)
+
+
+class InferenceCore:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        kwargs = dict(cfg.llm_kwargs)
+        kwargs.setdefault("lora_config", LoraConfig())
+        kwargs["allowed_lora_dirs"] = list(cfg.allowed_lora_dirs)
+        self.model_path = cfg.model or default_model_path()
+        self.engine = LLMEngine(engine_config_from_kwargs(self.model_path, **kwargs))
+        self.async_llm = AsyncLLM(self.engine)
+        self.fetcher = AdapterFetcher(cfg.registry_address, cfg.adapter_cache_dir, cfg.registry_token,
+                                      cfg.registry_timeout_s)
+        self.tokenizer = self.engine.tokenizer
+        self.lora_manager = self.engine.lora_manager
+        self.requests_total = 0
+        self.requests_aborted = 0
+        self.shutting_down = False
+        self.sources: dict[str, str] = {}   # digest -> "name:version" it was fetched as
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path
+
+    # ---- adapters ----------------------------------------------------------------------------
+    async def resolve_adapter(self, spec: AdapterSpec | None):
+        """Fetch (if needed) and load into the host tier, off the event loop and the engine thread.
+        Returns (LoRARequest, held AdapterHandle) or (None, None); the engine takes over the hold."""
+        if spec is None:
+            return None, None
+        trusted = False
+        if spec.lora_request is not None:
+            req = spec.lora_request
+            if req.lora_path and not self.cfg.allowed_lora_dirs:
+                raise AdapterAccessError("lora_path is not accepted: the operator allowed no directories "
+                                         "(--allowed-lora-dir)")
+        else:
+            if not spec.name:
+                raise InvalidRequestError("adapter name is empty")
+            fetched = await self.fetcher.fetch(spec.name, spec.version, spec.alias)
+            self.sources[fetched.digest] = f"{fetched.name}:{fetched.version}"
+            req = LoRARequest(f"{fetched.name}:{fetched.version}", digest_int_id(fetched.digest), fetched.path,
+                              fetched.format)
+            trusted = True  # our own download cache, digest verified
+        handle = await asyncio.get_running_loop().run_in_executor(None, self.lora_manager.resolve, req, trusted)
+        return req, handle
+
+    async def prefetch(self, spec: AdapterSpec):
+        """Load an adapter into the host tier and keep it there until evicted by LRU."""
+        req, handle = await self.resolve_adapter(spec)
+        self.lora_manager.release(handle)
+        return handle
+
+    # ---- generation ----------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterSpec | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self.shutting_down:
+            raise ShuttingDownError("server is shutting down")
+        if self.async_llm.num_active >= self.cfg.max_queue_size:
+            raise QueueFullError(f"queue full: {self.async_llm.num_active} requests in flight "
+                                 f"(max_queue_size={self.cfg.max_queue_size})")
+        self.requests_total += 1
+        lora_request, handle = await self.resolve_adapter(adapter)
+        finished = False
+        try:
+            async for out in self.async_llm.generate(prompt, params, lora_request, request_id, lora_handle=handle):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.requests_aborted += 1
+
+    def server_stats(self) -> dict:
+        sched = self.engine.scheduler
+        bm = self.engine.block_manager
+        lora = self.lora_manager.stats_dict() if self.lora_manager else {}
+        return {"waiting": len(sched.waiting), "running": len(sched.running), "active_streams": self.async_llm.num_active,
+                "free_kv_blocks": bm.num_free_blocks, "total_kv_blocks": bm.num_blocks,
+                "device_slots_used": lora.get("device_slots_used", 0),
+                "device_slots_pinned": lora.get("device_slots_pinned", 0),
+                "requests_total": self.requests_total, "requests_aborted": self.requests_aborted}
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        self.async_llm.shutdown()
+        await self.fetcher.close()
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,62 @@
+"""Configuration of the inference service: loraserve's own keys plus the engine's.
+
+One YAML file may hold both: TensorRT-LLM's `extra_llm_api_options` keys (lora_config,
+peft_cache_config, kv_cache_config, max_batch_size, ...) go to the engine, loraserve's keys
+(below) configure the service. `--extra_llm_api_options FILE` and `--config FILE` are read
+the same way; command-line flags win over files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraserve.config import load_extra_llm_api_options
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    model: str | None = None                 # None: the embedded default model
+    host: str = "127.0.0.1"
+    port: int = 50051
+    registry_address: str | None = "127.0.0.1:50052"
+    registry_token: str | None = None
+    registry_timeout_s: float = 30.0
+    allowed_lora_dirs: list[str] = field(default_factory=list)  # lora_path must lie under one; [] = none allowed
+    adapter_cache_dir: str = "var/adapter-cache"
+    metrics_port: int | None = None          # Prometheus /metrics on a side HTTP port
+    openai_port: int | None = None           # OpenAI-compatible HTTP front
+    openai_host: str | None = None           # default: same as host
+    max_queue_size: int = 1024               # waiting + running requests before RESOURCE_EXHAUSTED
+    auth_token: str | None = None            # bearer token required on every inference call when set
+    llm_kwargs: dict[str, Any] = field(default_factory=dict)   # engine options (TensorRT-LLM names)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        self.allowed_lora_dirs = [os.path.abspath(d) for d in self.allowed_lora_dirs]
+
+
+_OWN_KEYS = {f.name for f in dataclasses.fields(ServeConfig)} - {"llm_kwargs"}
+
+
+def load_serve_config(paths: list[str], overrides: dict[str, Any]) -> ServeConfig:
+    """Merge YAML files (in order) and then non-None command-line overrides."""
+    own: dict[str, Any] = {}
+    llm: dict[str, Any] = {}
+    for path in paths:
+        data = load_extra_llm_api_options(path)
+        nested = data.pop("loraserve", None) or {}
+        for key, value in {**data, **nested}.items():
+            (own if key in _OWN_KEYS else llm)[key] = value
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _OWN_KEYS:
+            own[key] = value
+        else:
+            llm[key] = value
+    return ServeConfig(**own, llm_kwargs=llm)

@@ -1,0 +1,102 @@
+"""The normalised in-memory form of a LoRA adapter, whatever format it came from.
+
+Per decoder layer and HF module the adapter holds A [r, in_features] and B [out_features, r] with
+the LoRA scale already folded into B, so that for an input row x the adapter adds
+
+    delta(x) = x @ A.T @ B.T          (= s * x @ A.T @ B_raw.T,  s = alpha/r, or alpha/sqrt(r) for rsLoRA)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AdapterFormatError
+
+WeightKey = tuple[int, str]  # (layer index, HF module name)
+
+
+@dataclass
+class LoraAdapter:
+    format: str                       # "hf" | "nemo"
+    rank: int                         # max rank over all modules
+    alpha: float                      # base lora_alpha; informational (scales are folded into B)
+    use_rslora: bool
+    target_modules: list[str]         # sorted HF module names present
+    num_layers: int                   # 1 + max layer index present
+    weights: dict[WeightKey, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    digest: str = ""                  # "sha256:<hex>" of the artifact
+
+    def nbytes(self) -> int:
+        """Bytes held by all A and B tensors."""
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in self.weights.values())
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """HF module -> (in_features, out_features), the same for every layer."""
+        shapes: dict[str, tuple[int, int]] = {}
+        for (_, module), (a, b) in sorted(self.weights.items()):
+            shapes.setdefault(module, (a.shape[1], b.shape[0]))
+        return shapes
+
+    def ranks(self) -> dict[WeightKey, int]:
+        """(layer, module) -> rank r of that module's A/B pair."""
+        return {key: a.shape[0] for key, (a, _) in self.weights.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype of the weights (all pairs share it)."""
+        return next(iter(self.weights.values()))[0].dtype
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def fold_scale(b: torch.Tensor, scale: float) -> torch.Tensor:
+    """B * scale computed in fp32 and rounded once back to B's dtype; contiguous."""
+    return (b.to(torch.float32) * scale).to(b.dtype).contiguous()
+
+
+def build_adapter(fmt: str, pairs: dict[WeightKey, tuple[torch.Tensor, torch.Tensor]], *,
+                  alpha: float, use_rslora: bool, digest: str, origin: str) -> LoraAdapter:
+    """Check cross-module consistency of already-scaled pairs and wrap them in a LoraAdapter.
+
+    Checks: at least one pair; one float dtype; A is [r, in], B is [out, r]; every layer of a
+    module has the same (in, out); all values finite (scaling may overflow fp16).
+    """
+    if not pairs:
+        raise AdapterFormatError(f"{origin}: no LoRA weights found")
+    shapes: dict[str, tuple[int, int, WeightKey]] = {}
+    dtypes = {a.dtype for a, _ in pairs.values()} | {b.dtype for _, b in pairs.values()}
+    if len(dtypes) > 1:
+        # Mixed-precision checkpoints are rare; normalise to fp32 rather than guess a precision.
+        pairs = {k: (a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous())
+                 for k, (a, b) in pairs.items()}
+    for key, (a, b) in sorted(pairs.items()):
+        layer, module = key
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(
+                f"{origin}: layer {layer} {module}: A {tuple(a.shape)} and B {tuple(b.shape)} "
+                f"are not [r, in] and [out, r]")
+        seen = shapes.setdefault(module, (a.shape[1], b.shape[0], key))
+        if seen[:2] != (a.shape[1], b.shape[0]):
+            raise AdapterFormatError(
+                f"{origin}: {module} has (in, out)={seen[:2]} in layer {seen[2][0]} but "
+                f"{(a.shape[1], b.shape[0])} in layer {layer}")
+        if not bool(torch.isfinite(b).all()):
+            raise AdapterFormatError(
+                f"{origin}: layer {layer} {module}: lora_B overflows {b.dtype} after scaling "
+                f"(non-finite values)")
+    return LoraAdapter(
+        format=fmt,
+        rank=max(a.shape[0] for a, _ in pairs.values()),
+        alpha=float(alpha),
+        use_rslora=use_rslora,
+        target_modules=sorted(shapes),
+        num_layers=1 + max(layer for layer, _ in pairs),
+        weights=dict(sorted(pairs.items())),
+        digest=digest,
+    )

@@ -1,0 +1,118 @@
+"""Decoding tensor files safely: safetensors (header checked first) and torch.load(weights_only=True).
+
+Both return a flat dict[str, Tensor] on CPU, or raise AdapterFormatError saying what is wrong.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import torch
+from safetensors.torch import load as safetensors_load
+
+from .errors import AdapterFormatError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_safetensors_layout(data: bytes, name: str) -> None:
+    """Validate a safetensors buffer's framing: 8-byte LE header size, JSON header, offsets in range.
+
+    Gives a precise message for truncated or corrupt files before the library parses them.
+    """
+    if len(data) < 8:
+        raise AdapterFormatError(f"{name}: truncated safetensors file ({len(data)} bytes, "
+                                 f"shorter than the 8-byte header length)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise AdapterFormatError(
+            f"{name}: truncated or corrupt safetensors file (header claims {header_len} bytes, "
+            f"file has {len(data) - 8} after the length field)")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{name}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{name}: corrupt safetensors header (not a JSON object)")
+    body = len(data) - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = math.prod(int(d) for d in shape)
+            itemsize = _ST_ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFormatError(
+                f"{name}: corrupt safetensors header entry for {key!r}: {info!r}") from None
+        if not (0 <= begin <= end):
+            raise AdapterFormatError(f"{name}: corrupt safetensors offsets for {key!r}")
+        if end > body:
+            raise AdapterFormatError(
+                f"{name}: truncated safetensors file: tensor {key!r} ends at byte {end} of the "
+                f"data section but only {body} bytes are present")
+        if end - begin != numel * itemsize:
+            raise AdapterFormatError(
+                f"{name}: corrupt safetensors file: tensor {key!r} {dtype}{list(shape)} needs "
+                f"{numel * itemsize} bytes, offsets give {end - begin}")
+
+
+def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    check_safetensors_layout(data, name)
+    try:
+        return dict(safetensors_load(data))
+    except Exception as e:  # the library's error type varies across versions
+        raise AdapterFormatError(f"{name}: corrupt safetensors file ({e})") from None
+
+
+def load_torch_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: pickled code (any non-tensor global) is refused."""
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's message starts with generic advice; the line naming the refused global is the useful one.
+        first_line = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(e).__name__)
+        raise AdapterFormatError(
+            f"{name}: cannot be loaded safely with torch.load(weights_only=True) "
+            f"(pickled code or corrupt file): {first_line}") from None
+    if isinstance(obj, dict) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise AdapterFormatError(f"{name}: expected a dict of tensors, got {type(obj).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise AdapterFormatError(f"{name}: non-string key {key!r}")
+        if value is None or (key.endswith("._extra_state") and not isinstance(value, torch.Tensor)):
+            continue  # Megatron/TE bookkeeping, carries no weights
+        if not isinstance(value, torch.Tensor):
+            raise AdapterFormatError(f"{name}: {key!r} is a {type(value).__name__}, not a tensor")
+        out[key] = value
+    return out
+
+
+def load_tensor_file(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """Dispatch on the file name: *.safetensors, else a torch checkpoint."""
+    if name.endswith(".safetensors"):
+        return load_safetensors_bytes(data, name)
+    return load_torch_bytes(data, name)
+
+
+def check_lora_tensor(t: torch.Tensor, key: str, origin: str) -> torch.Tensor:
+    """A LoRA factor must be a 2-D finite float tensor; fp64 is narrowed to fp32. Returns it on CPU."""
+    if t.dtype == torch.float64:
+        t = t.to(torch.float32)
+    if t.dtype not in FLOAT_DTYPES:
+        raise AdapterFormatError(
+            f"{origin}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights "
+            f"must be float32, float16 or bfloat16")
+    if t.dim() != 2:
+        raise AdapterFormatError(f"{origin}: tensor {key!r} has shape {list(t.shape)}, expected 2-D")
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise AdapterFormatError(f"{origin}: tensor {key!r} contains {bad} values")
+    return t.cpu()

@@ -189,4 +189,4 @@ class LLMEngine:
         metrics = RequestMetrics(seq.arrival_time, seq.scheduled_time, seq.first_token_time, seq.finished_time,
                                  seq.num_preemptions)
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [comp], finished, metrics,
-                             seq.lora_request)
+                             seq.lora_request, seq.adapter_key)

@@ -51,7 +51,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     lora_request: object = None
-    error: str | None = None
+    adapter_digest: str | None = None     # content identity of the adapter used
 
     @property
     def num_prompt_tokens(self) -> int:

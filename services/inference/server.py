@@ -1,0 +1,299 @@
+"""The inference gRPC service (loraserve.v1.InferenceService), thin over InferenceCore.
+
+`create_server(cfg)` binds and starts the server at once (health NOT_SERVING, reflection
+on), then loads the model in a thread and flips health to SERVING; `serve(cfg)` runs it
+until SIGINT/SIGTERM and stops gracefully (health NOT_SERVING first).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraserve.adapters import AdapterFormatError
+from loraserve.config import LoRARequest, SamplingParams
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+from .adapter_source import DigestMismatchError, RegistryAdapterNotFound, RegistryUnavailableError
+from .core import (AdapterSpec, InferenceCore, InvalidRequestError, QueueFullError, ShuttingDownError)
+from .lora.manager import (AdapterAccessError, AdapterBusyError, AdapterCapacityError, AdapterNotFoundError)
+from .serve_config import ServeConfig
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """Map a domain error to its canonical gRPC status (None: not a domain error)."""
+    table = [
+        ((AdapterFormatError, InvalidRequestError, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
+        ((AdapterNotFoundError, RegistryAdapterNotFound, LookupError), grpc.StatusCode.NOT_FOUND),
+        ((AdapterAccessError, PermissionError), grpc.StatusCode.PERMISSION_DENIED),
+        ((QueueFullError, AdapterCapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ((RegistryUnavailableError, ShuttingDownError), grpc.StatusCode.UNAVAILABLE),
+        ((AdapterBusyError,), grpc.StatusCode.FAILED_PRECONDITION),
+        ((DigestMismatchError,), grpc.StatusCode.DATA_LOSS),
+    ]
+    for types, code in table:
+        if isinstance(exc, types):
+            return code, str(exc)
+    return None
+
+
+def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
+    kw = {}
+    for name in ("max_tokens", "temperature", "top_k", "top_p", "seed"):
+        if p.HasField(name):
+            kw[name] = getattr(p, name)
+    return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+                          logprobs=1 if p.logprobs else None, include_stop_str_in_output=p.include_stop_str_in_output,
+                          min_tokens=p.min_tokens, **kw)
+
+
+def to_adapter_spec(msg, which: str | None) -> AdapterSpec | None:
+    if which == "adapter_ref":
+        r = msg.adapter_ref
+        return AdapterSpec(name=r.name, version=r.version, alias=r.alias)
+    if which == "lora_request":
+        r = msg.lora_request
+        return AdapterSpec(lora_request=LoRARequest(r.lora_name, r.lora_int_id, r.lora_path,
+                                                    r.lora_ckpt_source or "hf"))
+    return None
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.core: InferenceCore | None = None
+        self.metrics = None
+
+    async def _core(self, context) -> InferenceCore:
+        if self.cfg.auth_token:
+            md = dict(context.invocation_metadata())
+            if md.get("authorization") != f"Bearer {self.cfg.auth_token}":
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        if self.core is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.core.shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        return self.core
+
+    async def _abort_for(self, context, exc: BaseException):
+        mapped = status_for(exc)
+        if mapped is None:
+            log.exception("internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+        await context.abort(*mapped)
+
+    async def Generate(self, request, context):
+        core = await self._core(context)
+        which = request.WhichOneof("prompt")
+        if which is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
+        prompt = request.text if which == "text" else list(request.token_ids.ids)
+        status = "error"
+        try:
+            params = to_sampling_params(request.sampling_params)
+            spec = to_adapter_spec(request, request.WhichOneof("adapter"))
+            async for out in core.generate(prompt, params, spec, request.request_id or None):
+                comp = out.outputs[0]
+                if comp.token_ids_diff or comp.text_diff:
+                    n = len(comp.token_ids_diff)
+                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(
+                        token_ids=comp.token_ids_diff, text=comp.text_diff,
+                        logprobs=comp.logprobs[-n:] if comp.logprobs and n else []))
+                if out.finished:
+                    m = out.metrics
+                    yield pb.GenerateResponse(complete=pb.GenerateComplete(
+                        finish_reason=FINISH.get(comp.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                        stop_reason="" if comp.stop_reason is None else str(comp.stop_reason),
+                        prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(comp.token_ids),
+                        queue_time_s=m.queue_time or 0.0, ttft_s=m.ttft or 0.0,
+                        total_time_s=(m.finished_time - m.arrival_time) if m.finished_time else 0.0,
+                        adapter_digest=out.adapter_digest or "", request_id=out.request_id))
+                    status = comp.finish_reason
+                    if self.metrics:
+                        self.metrics.observe_finished(out)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            mapped = status_for(exc)
+            status = mapped[0].name.lower() if mapped else "internal"
+            await self._abort_for(context, exc)
+        finally:
+            if self.metrics:
+                self.metrics.requests.labels(status=status).inc()
+
+    async def GetModelInfo(self, request, context):
+        core = await self._core(context)
+        e = core.engine
+        lm = e.lora_manager
+        return pb.GetModelInfoResponse(
+            model_name=core.model_name, model_type=e.args.model_type, dtype=str(e.dtype).replace("torch.", ""),
+            device=str(e.device), vocab_size=e.args.vocab_size, max_seq_len=e.max_seq_len,
+            num_layers=e.args.num_hidden_layers, hidden_size=e.args.hidden_size, lora_enabled=lm is not None,
+            max_lora_rank=lm.max_rank if lm else 0, lora_target_modules=sorted(lm.enabled) if lm else [],
+            device_adapter_slots=lm.num_slots if lm else 0)
+
+    async def Tokenize(self, request, context):
+        core = await self._core(context)
+        ids = core.tokenizer.encode(request.text)
+        return pb.TokenizeResponse(token_ids=ids, tokens=[core.tokenizer.tok.id_to_token(i) or "" for i in ids])
+
+    def _loaded(self, core: InferenceCore, h, on_device: bool, on_host: bool) -> pb.LoadedAdapter:
+        return pb.LoadedAdapter(name=h.name, digest=h.key, rank=h.rank, size_bytes=h.nbytes, on_device=on_device,
+                                on_host=on_host, active_requests=h.num_requests,
+                                source=core.sources.get(h.key, h.source))
+
+    async def ListLoadedAdapters(self, request, context):
+        core = await self._core(context)
+        lm = core.lora_manager
+        res = lm.resident()
+        dev = {h.key for h in res["device"]}
+        host = {h.key for h in res["host"]}
+        handles = {h.key: h for h in res["device"] + res["host"]}
+        stats = lm.stats_dict()
+        tier = lambda d: pb.CacheTierStats(**d)  # noqa: E731
+        return pb.ListLoadedAdaptersResponse(
+            adapters=[self._loaded(core, h, k in dev, k in host) for k, h in sorted(handles.items())],
+            host=tier(stats["host"]), device=tier(stats["device"]), disk=tier(vars(core.fetcher.stats)),
+            device_slots=stats["device_slots"], device_slots_used=stats["device_slots_used"])
+
+    async def LoadAdapter(self, request, context):
+        core = await self._core(context)
+        try:
+            spec = to_adapter_spec(request, request.WhichOneof("adapter"))
+            if spec is None:
+                raise InvalidRequestError("set adapter_ref or lora_request")
+            h = await core.prefetch(spec)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort_for(context, exc)
+        return pb.LoadAdapterResponse(adapter=self._loaded(core, h, h.slot is not None, h.adapter is not None))
+
+    async def UnloadAdapter(self, request, context):
+        core = await self._core(context)
+        try:
+            if request.WhichOneof("adapter") == "digest":
+                digest = request.digest
+            elif request.WhichOneof("adapter") == "adapter_ref":
+                r = request.adapter_ref
+                digest = (await core.fetcher.fetch(r.name, r.version, r.alias)).digest
+            else:
+                raise InvalidRequestError("set adapter_ref or digest")
+            done = await asyncio.wrap_future(core.async_llm.call(lambda e: e.lora_manager.evict(digest)))
+        except Exception as exc:  # noqa: BLE001
+            await self._abort_for(context, exc)
+        return pb.UnloadAdapterResponse(unloaded=done)
+
+    async def GetServerStats(self, request, context):
+        core = await self._core(context)
+        s = core.server_stats()
+        return pb.GetServerStatsResponse(
+            waiting_requests=s["waiting"], running_requests=s["running"], active_streams=s["active_streams"],
+            free_kv_blocks=s["free_kv_blocks"], total_kv_blocks=s["total_kv_blocks"],
+            device_slots_used=s["device_slots_used"], device_slots_pinned=s["device_slots_pinned"],
+            requests_total=s["requests_total"], requests_aborted=s["requests_aborted"])
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    servicer: InferenceServicer
+    health: health.aio.HealthServicer
+    ready: asyncio.Event
+    metrics_port: int | None = None
+    openai: object = None
+    load_error: BaseException | None = None
+    _tasks: list = field(default_factory=list)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        core = self.servicer.core
+        if core is not None:
+            core.shutting_down = True
+        if self.openai is not None:
+            await self.openai.stop()
+        await self.server.stop(grace)
+        if self.servicer.metrics is not None:
+            self.servicer.metrics.stop()
+        if core is not None:
+            await core.shutdown()
+
+
+async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningServer:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    servicer = InferenceServicer(cfg)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+    await server.start()
+    running = RunningServer(server, port, servicer, health_servicer, asyncio.Event())
+
+    async def load() -> None:
+        try:
+            core = await asyncio.to_thread(InferenceCore, cfg)
+            if cfg.metrics_port is not None:
+                from .metrics import ServiceMetrics
+
+                servicer.metrics = ServiceMetrics(core)
+                running.metrics_port = servicer.metrics.start(cfg.metrics_port, cfg.host)
+            servicer.core = core
+            if cfg.openai_port is not None:
+                from .openai_server import start_openai_server
+
+                running.openai = await start_openai_server(core, cfg.openai_host or cfg.host, cfg.openai_port)
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("model %s loaded; serving on %s:%d", core.model_name, cfg.host, port)
+        except BaseException as exc:  # noqa: BLE001
+            running.load_error = exc
+            log.exception("failed to load the model")
+        finally:
+            running.ready.set()
+
+    running._tasks.append(asyncio.create_task(load()))
+    if wait_ready:
+        await running.ready.wait()
+        if running.load_error is not None:
+            await server.stop(0)
+            raise running.load_error
+    return running
+
+
+async def serve(cfg: ServeConfig) -> int:
+    running = await create_server(cfg)
+    print(f"loraserve inference listening on {cfg.host}:{running.port} (loading model...)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, asyncio.create_task(running.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if running.load_error is not None:
+        await running.server.stop(0)
+        print(f"error: {running.load_error}", flush=True)
+        return 1
+    if running.ready.is_set() and not stop.is_set():
+        extra = f", metrics on :{running.metrics_port}" if running.metrics_port else ""
+        if running.openai is not None:
+            extra += f", OpenAI HTTP on :{running.openai.port}"
+        print(f"ready: model loaded{extra}", flush=True)
+    await waiter
+    await running.stop()
+    return 0

@@ -1,0 +1,181 @@
+"""The inference gRPC service over real loopback gRPC, with the real registry behind it."""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
+from loraserve.adapters.testing import make_peft_adapter
+from loraserve.inference.serve_config import ServeConfig
+from loraserve.inference.testing import RunningInference
+from loraserve.registry.client import RegistryClient
+from loraserve.registry.config import RegistryConfig
+from loraserve.registry.testing import RunningRegistry
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+PROMPT = list(range(20, 40))
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama, tmp_path_factory):
+    model_path, _ = tiny_llama
+    root = tmp_path_factory.mktemp("stack")
+    adapters = {}
+    for i, (name, kw) in enumerate({"alpha": dict(r=4), "beta": dict(r=8, modules=("q_proj", "k_proj", "v_proj",
+                                                                                      "o_proj", "down_proj")),
+                                    "gamma": dict(r=2, modules=("gate_proj", "up_proj")),
+                                    "delta": dict(r=4, use_rslora=True)}.items()):
+        adapters[name] = str(make_peft_adapter(root / "src" / name, seed=10 + i, **kw))
+    allowed = root / "allowed"
+    make_peft_adapter(allowed / "local", seed=99, r=4)
+    with RunningRegistry(RegistryConfig(data_dir=root / "registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            for name, path in adapters.items():
+                client.push(path, name, base_model="tiny")
+        cfg = ServeConfig(model=model_path, port=0, registry_address=reg.address, allowed_lora_dirs=[str(allowed)],
+                          adapter_cache_dir=str(root / "cache"), metrics_port=0, max_queue_size=64,
+                          llm_kwargs=dict(dtype="float32", device="cpu",
+                                          lora_config=LoraConfig(max_lora_rank=8, max_loras=2)))
+        with RunningInference(cfg) as srv:
+            channel = grpc.insecure_channel(srv.address)
+            yield dict(srv=srv, stub=pb_grpc.InferenceServiceStub(channel), adapters=adapters, model=model_path,
+                       allowed=allowed, registry=reg)
+            channel.close()
+
+
+@pytest.fixture(scope="module")
+def offline(stack):
+    llm = LLM(model=stack["model"], dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8))
+    return llm
+
+
+def greedy_request(adapter=None, max_tokens=10, **extra):
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT),
+                             sampling_params=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                             **extra)
+    if adapter:
+        req.adapter_ref.name = adapter
+    return req
+
+
+def collect(stream):
+    tokens, text, complete = [], "", None
+    for msg in stream:
+        if msg.WhichOneof("response") == "chunk":
+            tokens += list(msg.chunk.token_ids)
+            text += msg.chunk.text
+        else:
+            complete = msg.complete
+    return tokens, text, complete
+
+
+def test_concurrent_streams_match_offline_engine(stack, offline):
+    """Several concurrent streams, different adapters (all cold at first, more adapters than
+    GPU slots), each exactly the offline engine's greedy output."""
+    names = [None, "alpha", "beta", "gamma", "delta", "alpha", None, "delta"]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(lambda n: collect(stack["stub"].Generate(greedy_request(n), timeout=60)), names))
+    for name, (tokens, text, complete) in zip(names, results):
+        lora = None if name is None else LoRARequest(name, 1 + hash(name) % 1000, stack["adapters"][name])
+        ref = offline.generate(PROMPT, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                               lora_request=lora).outputs[0]
+        assert tokens == ref.token_ids, name
+        assert text == ref.text
+        assert complete.finish_reason == pb.FINISH_REASON_LENGTH
+        assert complete.prompt_tokens == len(PROMPT) and complete.completion_tokens == 10
+        assert complete.ttft_s > 0
+        assert bool(complete.adapter_digest) == (name is not None)
+    outs = {n: r[0] for n, r in zip(names, results)}
+    assert len({tuple(v) for v in outs.values()}) >= 4  # adapters really change the output
+    loaded = stack["stub"].ListLoadedAdapters(pb.ListLoadedAdaptersRequest())
+    assert loaded.disk.misses >= 4 and loaded.device_slots == 2
+
+
+def test_lora_request_fields_and_allowed_dirs(stack):
+    local = str(stack["allowed"] / "local")
+    req = greedy_request()
+    req.lora_request.CopyFrom(pb.LoraRequest(lora_name="local", lora_int_id=7, lora_path=local))
+    tokens, _, complete = collect(stack["stub"].Generate(req, timeout=60))
+    assert len(tokens) == 10 and complete.adapter_digest.startswith("sha256:")
+    req.lora_request.lora_path = stack["adapters"]["alpha"]  # exists, but outside the allowed dir
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stack["stub"].Generate(req, timeout=60))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("mutate,code", [
+    (lambda r: r.adapter_ref.__setattr__("name", "no-such-adapter"), grpc.StatusCode.NOT_FOUND),
+    (lambda r: r.sampling_params.__setattr__("max_tokens", 0), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.sampling_params.__setattr__("top_p", 2.0), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.token_ids.ids.append(10 ** 6), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: r.ClearField("prompt"), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_requests_get_status_codes(stack, mutate, code):
+    req = greedy_request()
+    mutate(req)
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stack["stub"].Generate(req, timeout=30))
+    assert err.value.code() == code, err.value.details()
+    assert err.value.details()
+    assert len(collect(stack["stub"].Generate(greedy_request("alpha"), timeout=60))[0]) == 10  # still serving
+
+
+def test_deadline_and_cancel_free_resources(stack):
+    stub = stack["stub"]
+    long_req = greedy_request(max_tokens=400)
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Generate(long_req, timeout=0.3))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    call = stub.Generate(greedy_request("beta", max_tokens=400), timeout=60)
+    first = next(call)
+    assert first.WhichOneof("response") == "chunk"
+    call.cancel()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        stats = stub.GetServerStats(pb.GetServerStatsRequest())
+        if stats.running_requests == 0 and stats.waiting_requests == 0 and stats.device_slots_pinned == 0:
+            break
+        time.sleep(0.05)
+    assert stats.running_requests == 0 and stats.waiting_requests == 0
+    assert stats.free_kv_blocks == stats.total_kv_blocks
+    assert stats.device_slots_pinned == 0
+    assert stats.requests_aborted >= 2
+
+
+def test_model_info_tokenize_prefetch_evict(stack):
+    stub = stack["stub"]
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.model_type == "llama" and info.lora_enabled and info.max_lora_rank == 8
+    tok = stub.Tokenize(pb.TokenizeRequest(text="hello world"))
+    assert len(tok.token_ids) == len(tok.tokens) > 0
+    loaded = stub.LoadAdapter(pb.LoadAdapterRequest(adapter_ref=pb.AdapterRef(name="gamma")))
+    assert loaded.adapter.on_host and loaded.adapter.digest.startswith("sha256:")
+    names = {a.digest for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
+    assert loaded.adapter.digest in names
+    assert stub.UnloadAdapter(pb.UnloadAdapterRequest(digest=loaded.adapter.digest)).unloaded
+    names = {a.digest for a in stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).adapters}
+    assert loaded.adapter.digest not in names
+
+
+def test_metrics_endpoint(stack):
+    collect(stack["stub"].Generate(greedy_request("alpha"), timeout=60))
+    port = stack["srv"].running.metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("loraserve_requests_total", "loraserve_time_to_first_token_seconds_bucket",
+                 "loraserve_queue_depth", 'loraserve_adapter_cache_hits_total{tier="device"}',
+                 'loraserve_adapter_cache_misses_total{tier="disk"}', "loraserve_adapter_gpu_slots_used"):
+        assert name in body, name
+
+
+def test_health_serving(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(stack["srv"].address)
+    resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="loraserve.v1.InferenceService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()

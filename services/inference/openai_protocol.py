@@ -196,8 +196,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def completion_body(rid: str, model: str, choices: list[dict], usage_: dict | None, created: int | None = None,
                     chunk: bool = False) -> dict:
+    """A /v1/completions body; streamed chunks have the same object name ("text_completion")."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": choices, "usage": usage_, "system_fingerprint": None} | ({} if chunk else {})
+            "choices": choices, "usage": usage_, "system_fingerprint": None}
 
 
 def chat_body(rid: str, model: str, choices: list[dict], usage_: dict | None, created: int | None = None,

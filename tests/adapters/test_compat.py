@@ -61,3 +61,17 @@ def test_trtllm_mapping():
     assert trtllm_to_hf_modules(["attn_q"], {"attn_q": "k_proj"}) == {"k_proj"}
     with pytest.raises(ValueError, match="unknown LoRA target module 'attn_foo'"):
         trtllm_to_hf_modules(["attn_foo"])
+
+
+def test_cli_summary_and_rejection(tmp_path, capsys):
+    import json
+
+    from loraserve.adapters.cli import main
+    from loraserve.adapters.testing import make_nemo_adapter
+    path = make_nemo_adapter(tmp_path / "a.nemo", adapters=("lora_kqv_adapter", "lora_hto4h_adapter"))
+    assert main([str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "nemo" and summary["target_modules"] == [
+        "gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+    assert main([str(path), "--max-rank", "2"]) == 2
+    assert "rank 4 exceeds max_rank=2" in capsys.readouterr().err

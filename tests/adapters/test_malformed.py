@@ -114,3 +114,17 @@ def test_pickled_code_would_have_run_without_weights_only(corpus):
     torch.load(io.BytesIO(data), weights_only=False)
     assert (root / PWNED_MARKER).exists()
     (root / PWNED_MARKER).unlink()
+
+
+@pytest.mark.parametrize("name", ["hf_pickled_code_bin", "hf_truncated_safetensors", "hf_nan_values",
+                                  "hf_bias_all", "nemo_pickled_code", "nemo_qkv_rows_mismatch"])
+def test_rejected_as_extracted_directory(corpus, tmp_path, name):
+    """The same defects are caught when the artifact is a directory on disk (the engine's case)."""
+    import tarfile
+    root, entries = corpus
+    with tarfile.open(dict(entries)[name]) as tar:
+        tar.extractall(tmp_path / name, filter="data")
+    with pytest.raises(AdapterFormatError) as err:
+        load_adapter(tmp_path / name)
+    assert re.search(EXPECTED[name], str(err.value)), str(err.value)
+    assert not (root / PWNED_MARKER).exists()

@@ -119,89 +119,121 @@ def _symlink_zipinfo(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def build_corpus(root: Path) -> list[tuple[str, Path]]:
-    root.mkdir(parents=True, exist_ok=True)
-    shell = f"touch {shlex.quote(str(root / PWNED_MARKER))}"
-    evil = _RunsShellOnUnpickle(shell)
-    entries: list[tuple[str, Path]] = []
+Entry = tuple[str, "Files | bytes", str]  # (name, files to pack or raw bytes, file suffix)
 
-    def add(name: str, files: Files | bytes, packing: str = "tar.gz", suffix: str = ".tar.gz") -> None:
-        path = root / f"{name}{suffix}"
-        if isinstance(files, bytes):
-            path.write_bytes(files)
-        else:
-            write_files(path, files, packing)
-        entries.append((name, path))
 
+def _hf_entries(evil: _RunsShellOnUnpickle) -> list[Entry]:
     good = _hf()
-    st = good[_ST]
-    bad_header = st[:8] + b"{" + b"\xff" * (int.from_bytes(st[:8], "little") - 1) + st[8 + int.from_bytes(st[:8], "little"):]
+    cfg, st = good[_CFG], good[_ST]
+    header_len = int.from_bytes(st[:8], "little")
+    bad_header = st[:8] + b"{" + b"\xff" * (header_len - 1) + st[8 + header_len:]
     evil_bin = io.BytesIO()
     torch.save({peft_key(0, "q_proj", "A"): evil}, evil_bin)
-    tensors = _peft_tensors()
-    only_a = {k: v for k, v in tensors.items() if ".layers.1.self_attn.v_proj.lora_B" not in k}
+    t = _peft_tensors()
+    layer0 = "base_model.model.model.layers.0.self_attn"
+    big_rank = 2 * CORPUS_LIMITS["max_rank"]
+    wide_r = 48  # all 7 modules x 2 layers in fp32: ~390 KiB, over max_bytes
+    entries: list[tuple[str, Files | bytes]] = [
+        ("hf_missing_config", {_ST: st}),
+        ("hf_missing_weights", {_CFG: cfg}),
+        ("hf_config_not_json", {_CFG: b"{'r': 4,", _ST: st}),
+        ("hf_truncated_safetensors", {_CFG: cfg, _ST: st[:-37]}),
+        ("hf_corrupt_safetensors_header", {_CFG: cfg, _ST: bad_header}),
+        ("hf_safetensors_header_length_huge", {_CFG: cfg, _ST: (1 << 40).to_bytes(8, "little") + st[8:]}),
+        ("hf_pickled_code_bin", {_CFG: cfg, "adapter_model.bin": evil_bin.getvalue()}),
+        ("hf_pickled_code_legacy_bin", {_CFG: cfg, "adapter_model.bin": pickle.dumps({"w": evil}, protocol=2)}),
+        ("hf_config_rank_mismatch", _hf(r=8)),
+        ("hf_pair_rank_inconsistent",
+         _hf(_with(t, "layers.0.self_attn.q_proj.lora_B.weight", lambda x: x[:, :3].contiguous()))),
+        ("hf_module_shape_differs_between_layers",
+         _hf(_with(t, "layers.1.self_attn.q_proj.lora_A.weight", lambda x: x[:, :32].contiguous()))),
+        ("hf_nan_values", _hf(_with(t, "q_proj.lora_B.weight", _poison(float("nan"))))),
+        ("hf_inf_values", _hf(_with(t, "v_proj.lora_A.weight", _poison(float("inf"))))),
+        ("hf_int_dtype", _hf(_with(t, "q_proj.lora_A.weight", lambda x: (x * 100).to(torch.int32)))),
+        ("hf_3d_tensor", _hf(_with(t, "q_proj.lora_A.weight", lambda x: x.unsqueeze(0).contiguous()))),
+        ("hf_bias_all", _hf(bias="all")),
+        ("hf_modules_to_save",
+         _hf({**t, "base_model.model.lm_head.weight": torch.zeros(8, 64)}, modules_to_save=["lm_head"])),
+        ("hf_dora", _hf({**t, f"{layer0}.q_proj.lora_magnitude_vector": torch.ones(64)}, use_dora=True)),
+        ("hf_lora_a_without_b",
+         _hf({k: v for k, v in t.items() if ".layers.1.self_attn.v_proj.lora_B" not in k})),
+        ("hf_embed_tokens_lora",
+         _hf({**t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 100)})),
+        ("hf_lm_head_lora", _hf({**t, "base_model.model.lm_head.lora_A.weight": torch.ones(4, 64),
+                                 "base_model.model.lm_head.lora_B.weight": torch.ones(100, 4)})),
+        ("hf_unknown_module", _hf({**t, f"{layer0}.foo_proj.lora_A.weight": torch.ones(4, 64),
+                                   f"{layer0}.foo_proj.lora_B.weight": torch.ones(64, 4)})),
+        ("hf_target_modules_disagree", _hf(target_modules=["q_proj"])),
+        ("hf_layers_to_transform_violated", _hf(layers_to_transform=[0])),
+        ("hf_no_tensors", _hf({})),
+        ("hf_peft_type_not_lora", _hf(peft_type="IA3")),
+        ("rank_over_max_rank", _hf(_peft_tensors(modules=("q_proj",), r=big_rank, num_layers=1),
+                                   r=big_rank, target_modules=["q_proj"])),
+        ("size_over_max_bytes", _hf(_peft_tensors(modules=tuple(TINY_MODULE_SHAPES), r=wide_r),
+                                    r=wide_r, target_modules=list(TINY_MODULE_SHAPES))),
+    ]
+    return [(name, content, ".tar.gz") for name, content in entries]
 
-    # --- HF PEFT content ---
-    add("hf_missing_config", {_ST: st})
-    add("hf_missing_weights", {_CFG: good[_CFG]})
-    add("hf_config_not_json", {_CFG: b"{'r': 4,", _ST: st})
-    add("hf_truncated_safetensors", {_CFG: good[_CFG], _ST: st[:-37]})
-    add("hf_corrupt_safetensors_header", {_CFG: good[_CFG], _ST: bad_header})
-    add("hf_safetensors_header_length_huge", {_CFG: good[_CFG], _ST: (1 << 40).to_bytes(8, "little") + st[8:]})
-    add("hf_pickled_code_bin", {_CFG: good[_CFG], "adapter_model.bin": evil_bin.getvalue()})
-    add("hf_pickled_code_legacy_bin", {_CFG: good[_CFG], "adapter_model.bin": pickle.dumps({"w": evil}, protocol=2)})
-    add("hf_config_rank_mismatch", _hf(r=8))
-    add("hf_pair_rank_inconsistent", _hf(_with(tensors, "layers.0.self_attn.q_proj.lora_B.weight", lambda t: t[:, :3].contiguous())))
-    add("hf_module_shape_differs_between_layers", _hf(_with(tensors, "layers.1.self_attn.q_proj.lora_A.weight", lambda t: t[:, :32].contiguous())))
-    add("hf_nan_values", _hf(_with(tensors, "q_proj.lora_B.weight", _poison(float("nan")))))
-    add("hf_inf_values", _hf(_with(tensors, "v_proj.lora_A.weight", _poison(float("inf")))))
-    add("hf_int_dtype", _hf(_with(tensors, "q_proj.lora_A.weight", lambda t: (t * 100).to(torch.int32))))
-    add("hf_bias_all", _hf(bias="all"))
-    add("hf_modules_to_save", _hf({**tensors, "base_model.model.lm_head.weight": torch.zeros(8, 64)}, modules_to_save=["lm_head"]))
-    add("hf_dora", _hf({**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}, use_dora=True))
-    add("hf_lora_a_without_b", _hf(only_a))
-    add("hf_embed_tokens_lora", _hf({**tensors, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 100)}))
-    add("hf_lm_head_lora", _hf({**tensors, "base_model.model.lm_head.lora_A.weight": torch.ones(4, 64), "base_model.model.lm_head.lora_B.weight": torch.ones(100, 4)}))
-    add("hf_unknown_module", _hf({**tensors, "base_model.model.model.layers.0.self_attn.foo_proj.lora_A.weight": torch.ones(4, 64), "base_model.model.model.layers.0.self_attn.foo_proj.lora_B.weight": torch.ones(64, 4)}))
-    add("hf_target_modules_disagree", _hf(target_modules=["q_proj"]))
-    add("hf_layers_to_transform_violated", _hf(layers_to_transform=[0]))
-    add("hf_no_tensors", _hf({}))
-    add("hf_peft_type_not_lora", _hf(peft_type="IA3"))
-    add("hf_3d_tensor", _hf(_with(tensors, "q_proj.lora_A.weight", lambda t: t.unsqueeze(0).contiguous())))
-    add("rank_over_max_rank", _hf(_peft_tensors(modules=("q_proj",), r=2 * CORPUS_LIMITS["max_rank"], num_layers=1), r=2 * CORPUS_LIMITS["max_rank"], target_modules=["q_proj"]))
-    big_r = 48  # ~1 MiB of fp32 weights over 7 modules x 2 layers
-    add("size_over_max_bytes", _hf(_peft_tensors(modules=tuple(TINY_MODULE_SHAPES), r=big_r), r=big_r, target_modules=list(TINY_MODULE_SHAPES)))
 
-    # --- unsafe or broken archives (content otherwise valid) ---
-    add("tar_member_dotdot", _tar_with(good, _tarinfo("../escaped.txt")))
-    add("tar_member_absolute_path", _tar_with(good, _tarinfo("/tmp/loraserve_escaped.txt")))
-    add("tar_member_symlink", _tar_with(good, _tarinfo("link_to_passwd", tarfile.SYMTYPE, "/etc/passwd")))
-    add("tar_member_hardlink", _tar_with(good, _tarinfo("hard_copy.json", tarfile.LNKTYPE, _CFG)))
-    add("tar_member_device", _tar_with(good, _tarinfo("null_device", tarfile.CHRTYPE)))
-    add("tar_truncated", _tar_with(good)[:-200])
-    add("zip_member_dotdot", _zip_with(good, [(zipfile.ZipInfo("../escaped.txt"), b"evil")]), suffix=".zip")
-    add("zip_member_symlink", _zip_with(good, [(_symlink_zipinfo("link_to_passwd"), b"/etc/passwd")]), suffix=".zip")
+def _archive_entries() -> list[Entry]:
+    """Unsafe or broken packaging around an otherwise valid adapter."""
+    good = _hf()
     bomb = zipfile.ZipInfo("padding.bin")
-    bomb.compress_type = zipfile.ZIP_DEFLATED  # tiny on disk, 8x max_bytes unpacked
-    add("zip_bomb", _zip_with(good, [(bomb, b"\0" * (8 * CORPUS_LIMITS["max_bytes"]))]), suffix=".zip")
-    add("not_an_archive", os.urandom(4096), suffix=".tar.gz")
-    add("empty_file", b"", suffix=".tar.gz")
+    bomb.compress_type = zipfile.ZIP_DEFLATED  # a few KiB on disk, 8 x max_bytes unpacked
+    return [
+        ("tar_member_dotdot", _tar_with(good, _tarinfo("../escaped.txt")), ".tar.gz"),
+        ("tar_member_absolute_path", _tar_with(good, _tarinfo("/tmp/loraserve_escaped.txt")), ".tar.gz"),
+        ("tar_member_symlink",
+         _tar_with(good, _tarinfo("link_to_passwd", tarfile.SYMTYPE, "/etc/passwd")), ".tar.gz"),
+        ("tar_member_hardlink", _tar_with(good, _tarinfo("hard_copy.json", tarfile.LNKTYPE, _CFG)), ".tar.gz"),
+        ("tar_member_device", _tar_with(good, _tarinfo("null_device", tarfile.CHRTYPE)), ".tar.gz"),
+        ("tar_truncated", _tar_with(good)[:-200], ".tar.gz"),
+        ("zip_member_dotdot", _zip_with(good, [(zipfile.ZipInfo("../escaped.txt"), b"evil")]), ".zip"),
+        ("zip_member_symlink",
+         _zip_with(good, [(_symlink_zipinfo("link_to_passwd"), b"/etc/passwd")]), ".zip"),
+        ("zip_bomb", _zip_with(good, [(bomb, b"\0" * (8 * CORPUS_LIMITS["max_bytes"]))]), ".zip"),
+        ("not_an_archive", os.urandom(4096), ".tar.gz"),
+        ("empty_file", b"", ".tar.gz"),
+    ]
 
-    # --- NeMo ---
+
+def _nemo_entries(evil: _RunsShellOnUnpickle) -> list[Entry]:
     nemo = _nemo()
+    cfg_yaml, ckpt = nemo["model_config.yaml"], nemo["model_weights.ckpt"]
     cfg_ok = {**TINY_NEMO_CONFIG, "peft": {"lora_tuning": {"adapter_dim": 4, "alpha": 8}}}
-    nemo_tensors = torch.load(io.BytesIO(nemo["model_weights.ckpt"]), weights_only=True)
+    t = torch.load(io.BytesIO(ckpt), weights_only=True)
     evil_ckpt = io.BytesIO()
     torch.save({nemo_key(0, "lora_kqv_adapter", "linear_in"): evil}, evil_ckpt)
-    add("nemo_missing_weights", {"model_config.yaml": nemo["model_config.yaml"]}, "tar", ".nemo")
-    add("nemo_missing_config", {"model_weights.ckpt": nemo["model_weights.ckpt"]}, "tar", ".nemo")
-    add("nemo_config_not_yaml", {**nemo, "model_config.yaml": b"hidden_size: [64\n  : :"}, "tar", ".nemo")
-    add("nemo_qkv_rows_mismatch", _nemo(config={**cfg_ok, "num_query_groups": 4}), "tar", ".nemo")
-    add("nemo_unknown_adapter", _nemo({**nemo_tensors, "model.decoder.layers.0.self_attention.adapter_layer.lora_foo_adapter.linear_in.weight": torch.ones(4, 64)}), "tar", ".nemo")
-    add("nemo_linear_in_without_out", _nemo({k: v for k, v in nemo_tensors.items() if not k.endswith("layers.1.self_attention.adapter_layer.lora_kqv_adapter.linear_out.weight")}), "tar", ".nemo")
-    add("nemo_rank_vs_adapter_dim", _nemo(config={**cfg_ok, "peft": {"lora_tuning": {"adapter_dim": 8}}}), "tar", ".nemo")
-    add("nemo_pickled_code", {**nemo, "model_weights.ckpt": evil_ckpt.getvalue()}, "tar", ".nemo")
-    add("nemo_member_dotdot", _tar_with(nemo, _tarinfo("../model_weights.ckpt")), suffix=".nemo")
-    add("nemo_model_parallel_shards", {"model_config.yaml": nemo["model_config.yaml"], "mp_rank_00/model_weights.ckpt": nemo["model_weights.ckpt"], "mp_rank_01/model_weights.ckpt": nemo["model_weights.ckpt"]}, "tar", ".nemo")
-    add("nemo_nan_values", _nemo(_with(nemo_tensors, "layers.0.self_attention.adapter_layer.lora_kqv_adapter.linear_out.weight", _poison(float("nan")))), "tar", ".nemo")
-    return entries
+    kqv_out_1 = nemo_key(1, "lora_kqv_adapter", "linear_out")
+    foo_in = "model.decoder.layers.0.self_attention.adapter_layer.lora_foo_adapter.linear_in.weight"
+    entries: list[tuple[str, Files | bytes]] = [
+        ("nemo_missing_weights", {"model_config.yaml": cfg_yaml}),
+        ("nemo_missing_config", {"model_weights.ckpt": ckpt}),
+        ("nemo_config_not_yaml", {**nemo, "model_config.yaml": b"hidden_size: [64\n  : :"}),
+        ("nemo_qkv_rows_mismatch", _nemo(config={**cfg_ok, "num_query_groups": 4})),
+        ("nemo_unknown_adapter", _nemo({**t, foo_in: torch.ones(4, 64)})),
+        ("nemo_linear_in_without_out", _nemo({k: v for k, v in t.items() if k != kqv_out_1})),
+        ("nemo_rank_vs_adapter_dim", _nemo(config={**cfg_ok, "peft": {"lora_tuning": {"adapter_dim": 8}}})),
+        ("nemo_pickled_code", {**nemo, "model_weights.ckpt": evil_ckpt.getvalue()}),
+        ("nemo_member_dotdot", _tar_with(nemo, _tarinfo("../model_weights.ckpt"))),
+        ("nemo_model_parallel_shards", {"model_config.yaml": cfg_yaml, "mp_rank_00/model_weights.ckpt": ckpt,
+                                        "mp_rank_01/model_weights.ckpt": ckpt}),
+        ("nemo_nan_values", _nemo(_with(t, nemo_key(0, "lora_kqv_adapter", "linear_out"),
+                                        _poison(float("nan"))))),
+    ]
+    return [(name, content, ".nemo") for name, content in entries]
+
+
+def build_corpus(root: Path) -> list[tuple[str, Path]]:
+    """Write every entry under `root` as one file; -> [(name, path)]."""
+    root.mkdir(parents=True, exist_ok=True)
+    evil = _RunsShellOnUnpickle(f"touch {shlex.quote(str(root / PWNED_MARKER))}")
+    out: list[tuple[str, Path]] = []
+    for name, content, suffix in _hf_entries(evil) + _archive_entries() + _nemo_entries(evil):
+        path = root / f"{name}{suffix}"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:  # .tar.gz for HF, plain tar for .nemo (as NeMo writes it)
+            write_files(path, content, "tar" if suffix == ".nemo" else "tar.gz")
+        out.append((name, path))
+    return out

@@ -18,6 +18,7 @@ import sys
 COMMAND_MODULES = (
     "loraserve.inference.cli",
     "loraserve.registry.cli",
+    "loraserve.adapters.cli",
     "loraserve.inference.bench.cli",
 )
 

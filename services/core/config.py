@@ -12,21 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_TRTLLM_MODULES_TO_HF_MODULES: dict[str, str] = {
-    "attn_q": "q_proj",
-    "attn_k": "k_proj",
-    "attn_v": "v_proj",
-    "attn_qkv": "qkv_proj",
-    "attn_dense": "o_proj",
-    "mlp_h_to_4h": "up_proj",
-    "mlp_4h_to_h": "down_proj",
-    "mlp_gate": "gate_proj",
-    "mlp_gate_up": "gate_up_proj",
-    "moe_h_to_4h": "w1",
-    "moe_4h_to_h": "w2",
-    "moe_gate": "w3",
-    "moe_router": "gate",
-}
+from .adapters.modules import DEFAULT_TRTLLM_MODULES_TO_HF_MODULES, HF_LINEAR_MODULES, trtllm_to_hf_modules
 
 GiB = 1 << 30
 
@@ -127,16 +113,12 @@ class LoraConfig:
         mapping = dict(DEFAULT_TRTLLM_MODULES_TO_HF_MODULES)
         mapping.update(self.trtllm_modules_to_hf_modules or {})
         self.trtllm_modules_to_hf_modules = mapping
-        unknown = [m for m in self.lora_target_modules if m not in mapping]
+        unknown = [m for m in self.lora_target_modules if m not in mapping and m not in HF_LINEAR_MODULES]
         _check(not unknown, f"unknown lora_target_modules {unknown}; known: {sorted(mapping)}")
 
     def hf_target_modules(self) -> set[str]:
         """HF Llama module names enabled by lora_target_modules (fused names expanded)."""
-        out: set[str] = set()
-        for m in self.lora_target_modules:
-            hf = self.trtllm_modules_to_hf_modules[m]
-            out |= {"qkv_proj": {"q_proj", "k_proj", "v_proj"}, "gate_up_proj": {"gate_proj", "up_proj"}}.get(hf, {hf})
-        return out
+        return trtllm_to_hf_modules(list(self.lora_target_modules), self.trtllm_modules_to_hf_modules)
 
 
 @dataclass(slots=True)

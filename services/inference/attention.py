@@ -38,13 +38,14 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     tables = block_tables[:, :nb]
     k = k_cache[tables].flatten(1, 2)  # (B, L, KVH, D)
     v = v_cache[tables].flatten(1, 2)
-    qg = q.view(bsz, kvh, group, head_dim).float()
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, k.float()) * scale  # (B, KVH, G, L)
+    qg = q.view(bsz, kvh, group, head_dim)
+    # matmuls in the cache dtype (fp32 accumulate), softmax in fp32
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k).float() * scale  # (B, KVH, G, L)
     pos = torch.arange(k.shape[1], device=q.device)
     mask = pos[None, :] >= context_lens[:, None]  # (B, L)
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgl,blkd->bkgd", probs, v.float())
+    out = torch.einsum("bkgl,blkd->bkgd", probs.to(v.dtype), v)
     return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
 
 
@@ -68,10 +69,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         ki = ki.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0)  # (H, L, D)
         vi = vi.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0)
         # query i sits at position total - qlen + i and sees keys 0..that position
-        qpos = torch.arange(total - qlen, total, device=q.device)
-        kpos = torch.arange(total, device=q.device)
-        mask = kpos[None, :] <= qpos[:, None]
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        if total == qlen:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:
+            qpos = torch.arange(total - qlen, total, device=q.device)
+            kpos = torch.arange(total, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[start:start + qlen] = oi.transpose(0, 1)
         start += qlen
     return out

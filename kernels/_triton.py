@@ -1,0 +1,35 @@
+"""Optional Triton import.
+
+`import loraserve.kernels` must work on machines without Triton (the CPU engine only needs
+the torch references), so every kernel module imports Triton from here and defines its
+kernel only when ``HAS_TRITON`` is true.
+
+``TRITON_INTERPRET=1`` (Triton's CPU interpreter) is read by Triton when it is imported and
+when a kernel is decorated, so it must be set before the first import; :func:`interpret_mode`
+reports the value seen at that time, which is the only one the kernels can honour.
+"""
+from __future__ import annotations
+
+import os
+
+try:  # Triton is optional: the CPU engine never needs it.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # ImportError, or a broken install
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def triton_available() -> bool:
+    """True when Triton imported cleanly (a GPU may still be absent: see ``interpret_mode``)."""
+    return HAS_TRITON
+
+
+def interpret_mode() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return HAS_TRITON and _INTERPRET

@@ -1,0 +1,148 @@
+"""Batched multi-LoRA expand (SGMV/BGMV "B" side) as one Triton launch for all slices.
+
+Semantics, for every token t with slot a = token_slot[t] >= 0 and every slice s with output
+columns [off_s, off_{s+1}) of y:
+    y[t, off_s:off_{s+1}] += buf[s, t, :r_a] @ lora_b[a, off_s:off_{s+1}, :r_a].T
+r_a = min(ranks[a], R). buf (fp32) is rounded to lora_b's dtype before the product (as
+punica/vLLM do), the product accumulates in fp32, and y is updated as (y + acc) rounded to
+y's dtype. Rows of tokens without an adapter (or with r_a = 0) are never touched.
+
+Work split: program (tile, column block). Column blocks run over the concatenated N of all
+slices, so the grid needs no host knowledge of the slice widths (slice_offsets stays on the
+device); a block that straddles a slice boundary loops over the (usually one) slices it
+covers, masking B's rows to each slice. The rank loop stops at r_a in steps of BLOCK_K=16:
+B's rank axis is contiguous, so only buf is masked at r_a (B columns in [r_a, ceil16(r_a))
+are read but meet a zero), which keeps B's loads vectorised.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+from .lora_meta import LoRAMeta
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_expand_kernel(
+        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr,
+        sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
+        N, R,
+        stride_bs, stride_bm, stride_br,
+        stride_bl, stride_bn, stride_bk,
+        stride_ym, stride_yn,
+        NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_R: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot < 0:
+            return
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        if rank <= 0:
+            return
+
+        start = tl.load(tile_starts_ptr + tile)
+        end = tl.load(tile_ends_ptr + tile)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < end
+        tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+
+        # Slices covered by columns [n0, min(n0 + BLOCK_N, N)): count interior boundaries.
+        if NUM_SLICES == 1:
+            s_first = 0
+            s_last = 0
+        else:
+            bi = tl.arange(0, BOUNDS_P2)
+            bounds = tl.load(slice_off_ptr + 1 + bi, mask=bi < NUM_SLICES - 1, other=2147483647)
+            n_last = tl.minimum(n0 + BLOCK_N, N) - 1
+            s_first = tl.sum((bounds <= n0).to(tl.int32), axis=0)
+            s_last = tl.sum((bounds <= n_last).to(tl.int32), axis=0)
+
+        b_base = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(s_first, s_last + 1):
+            if NUM_SLICES == 1:
+                col_ok = n_ok
+            else:
+                lo = tl.load(slice_off_ptr + s)
+                hi = tl.load(slice_off_ptr + s + 1)
+                col_ok = (offs_n >= lo) & (offs_n < hi)
+            h_base = buf_ptr + s * stride_bs + tok[:, None] * stride_bm
+            for k0 in range(0, rank, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(h_base + offs_k[None, :] * stride_br,
+                            mask=row_ok[:, None] & (offs_k[None, :] < rank), other=0.0)
+                if EVEN_R:
+                    bt = tl.load(b_base + offs_k[None, :] * stride_bk, mask=col_ok[:, None], other=0.0)
+                else:
+                    bt = tl.load(b_base + offs_k[None, :] * stride_bk,
+                                 mask=col_ok[:, None] & (offs_k[None, :] < R), other=0.0)
+                if CAST:
+                    h = h.to(bt.dtype)
+                if IEEE:
+                    acc += tl.dot(h, tl.trans(bt), input_precision="ieee")
+                else:
+                    acc += tl.dot(h, tl.trans(bt))
+
+        y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        y_ok = row_ok[:, None] & n_ok[None, :]
+        yv = tl.load(y_ptrs, mask=y_ok, other=0.0)
+        tl.store(y_ptrs, (yv.to(tl.float32) + acc).to(yv.dtype), mask=y_ok)
+
+
+def expand_config(num_tokens: int, n_total: int) -> dict:
+    """Launch parameters: BLOCK_K=16 keeps mixed ranks cheap (see module docstring)."""
+    block_n = 128 if n_total >= 128 else max(16, 1 << (n_total - 1).bit_length())
+    return dict(BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=3)
+
+
+def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
+                ranks: Tensor, y: Tensor, *, config: dict | None = None) -> Tensor:
+    """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
+
+    buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides).
+    lora_b:        [L, N, R] fp16/bf16/fp32, scale folded in; N = sum of slice widths.
+    slice_offsets: [S+1] int32 on the device: 0 = off_0 <= off_1 <= ... <= off_S = N.
+    meta, ranks:   as for lora_shrink.
+    y:             [T, N] with y.dtype == lora_b.dtype; may be a column view of a wider
+                   output (any row stride). Updated in place and returned; rows of tokens
+                   without an adapter are untouched.
+    config:        optional override of :func:`expand_config` (benchmarks).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
+    S, T, R = buf.shape
+    L, N, R2 = lora_b.shape
+    assert R2 == R, f"lora_b rank dim {R2} != buf rank dim {R}"
+    assert buf.dtype == torch.float32, f"buf must be float32, got {buf.dtype}"
+    assert y.shape == (T, N), f"y must be [T={T}, N={N}], got {tuple(y.shape)}"
+    assert y.dtype == lora_b.dtype, f"y {y.dtype} and lora_b {lora_b.dtype} must match"
+    assert slice_offsets.shape == (S + 1,) and slice_offsets.dtype == torch.int32, \
+        f"slice_offsets must be int32 [S+1={S + 1}]"
+    assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, buf has {T}"
+    assert ranks.shape == (L,) and ranks.dtype == torch.int32, "ranks must be int32 [L]"
+    if T == 0 or N == 0:
+        return y
+    assert meta.tile_slots.device == buf.device == lora_b.device == y.device == slice_offsets.device \
+        == ranks.device, "buf, lora_b, y, slice_offsets, ranks and meta must be on one device"
+    cfg = dict(expand_config(T, N), **(config or {}))
+    BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    grid = (meta.grid_tiles, triton.cdiv(N, BN))
+    _lora_expand_kernel[grid](
+        buf, lora_b, y, ranks, slice_offsets,
+        meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
+        N, R,
+        *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
+        NUM_SLICES=S, BOUNDS_P2=max(2, 1 << max(0, (S - 2).bit_length())),
+        BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK,
+        EVEN_R=R % BK == 0, CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y

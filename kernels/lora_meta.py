@@ -1,0 +1,164 @@
+"""Per-step batch metadata for the multi-LoRA kernels (SGMV-style segments and tiles).
+
+A step's tokens each carry an adapter *slot* (``-1``: no adapter). The kernels want the
+tokens grouped by slot, so :class:`LoRAMetaBuilder` sorts them once per step and cuts every
+slot's group ("segment") into tiles of at most ``block_m`` rows. One Triton program handles
+one tile, so the grid is ``cdiv(T, block_m) + min(T, max_slots)`` tiles whatever the batch
+composition: it never depends on device data, never needs a host sync, and a CUDA graph
+captured for a token count ``T`` stays valid for any later assignment of slots (unused tiles
+carry slot ``-1`` and exit at once). This is the MoE "align block size" trick applied to
+punica's SGMV segments; vLLM's v1 LoRA ops instead launch ``cdiv(T, BM) x max_loras``
+programs, most of which exit.
+
+All buffers are allocated once in ``__init__`` and refilled in place by ``build``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LoRAMeta:
+    """Views of the builder's static buffers for one step of ``num_tokens`` tokens.
+
+    token_slot:       [T] int32, slot per token, -1 = no adapter.
+    sorted_token_ids: [T_max] int32; entries [0, seg_starts[num_segments]) are the tokens
+                      that have an adapter, grouped by slot (ascending), token order kept.
+    seg_starts:       [L_max+1] int32, segment i is sorted_token_ids[seg_starts[i]:seg_starts[i+1]];
+                      unused segments are empty (start == end == number of adapted tokens).
+    seg_slots:        [L_max] int32, slot of segment i (active slots ascending), -1 for unused.
+    num_segments:     [1] int32, number of active segments.
+    tile_slots:       [tiles_max] int32, slot of each tile, -1 for unused tiles.
+    tile_starts:      [tiles_max] int32, first row of the tile (an offset into sorted_token_ids).
+    tile_ends:        [tiles_max] int32, end of the tile's segment; the tile's rows are
+                      [tile_start, min(tile_start + block_m, tile_end)).
+    num_tiles:        [1] int32, number of used tiles.
+    num_tokens:       T (host int), block_m (host int), max_slots (host int),
+    grid_tiles:       host int, the tile-grid size kernels launch for this T.
+    """
+
+    token_slot: Tensor
+    sorted_token_ids: Tensor
+    seg_starts: Tensor
+    seg_slots: Tensor
+    num_segments: Tensor
+    tile_slots: Tensor
+    tile_starts: Tensor
+    tile_ends: Tensor
+    num_tiles: Tensor
+    num_tokens: int
+    block_m: int
+    max_slots: int
+    grid_tiles: int
+    _segments: list[tuple[int, Tensor]] | None = field(default=None, repr=False, compare=False)
+
+    def segments(self) -> list[tuple[int, Tensor]]:
+        """Host-side ``[(slot, token_ids int64)]`` per active segment (syncs; for the references).
+
+        Cached on this object: the CPU engine calls the references for every layer of a step.
+        """
+        if self._segments is None:
+            n = int(self.num_segments.item())
+            slots = self.seg_slots[:n].tolist()
+            starts = self.seg_starts[: n + 1].tolist()
+            ids = self.sorted_token_ids.long()
+            self._segments = [(s, ids[starts[i]: starts[i + 1]]) for i, s in enumerate(slots)]
+        return self._segments
+
+
+def grid_tiles_for(num_tokens: int, block_m: int, max_slots: int) -> int:
+    """Upper bound on the number of tiles: every segment adds at most one partial tile."""
+    return -(-num_tokens // block_m) + min(max_slots, num_tokens)
+
+
+class LoRAMetaBuilder:
+    """Owns the static metadata buffers; ``build`` refills them for each step.
+
+    ``build`` runs only device-side torch ops (sort, scatter_add, cumsum, searchsorted): no
+    host sync, so it can run on the decode path right before a graph replay.
+    """
+
+    def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str,
+                 block_m: int = 16) -> None:
+        if max_tokens < 1 or max_slots < 1:
+            raise ValueError(f"max_tokens ({max_tokens}) and max_slots ({max_slots}) must be >= 1")
+        if block_m < 16 or block_m & (block_m - 1):
+            raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {block_m}")
+        self.max_tokens, self.max_slots, self.block_m = max_tokens, max_slots, block_m
+        self.device = torch.device(device)
+        self.max_tiles = grid_tiles_for(max_tokens, block_m, max_slots)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self.token_slot = torch.full((max_tokens,), -1, **i32)
+        self.sorted_token_ids = torch.zeros(max_tokens, **i32)
+        self.seg_starts = torch.zeros(max_slots + 1, **i32)
+        self.seg_slots = torch.full((max_slots,), -1, **i32)
+        self.num_segments = torch.zeros(1, **i32)
+        self.tile_slots = torch.full((self.max_tiles,), -1, **i32)
+        self.tile_starts = torch.zeros(self.max_tiles, **i32)
+        self.tile_ends = torch.zeros(self.max_tiles, **i32)
+        self.num_tiles = torch.zeros(1, **i32)
+        # Constants reused every step.
+        self._ones = torch.ones(max_tokens, **i64)
+        self._slot_ids = torch.arange(max_slots, **i64)
+        self._tile_ids = torch.arange(self.max_tiles, **i64)
+        self._counts = torch.zeros(max_slots + 1, **i64)
+
+    def build(self, token_slot: Tensor) -> LoRAMeta:
+        """Fill the buffers for ``token_slot`` ([T] int, -1 = none, else < max_slots)."""
+        if token_slot.dim() != 1:
+            raise ValueError(f"token_slot must be 1-D [T], got shape {tuple(token_slot.shape)}")
+        if token_slot.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"token_slot must be int32 or int64, got {token_slot.dtype}")
+        T, L, BM = token_slot.numel(), self.max_slots, self.block_m
+        if T > self.max_tokens:
+            raise ValueError(f"{T} tokens exceed the builder's max_tokens={self.max_tokens}")
+        if token_slot.device.type == "cpu" and T:  # cheap here; on GPU it would cost a sync
+            lo, hi = int(token_slot.min()), int(token_slot.max())
+            if lo < -1 or hi >= L:
+                raise ValueError(f"token_slot values must lie in [-1, {L - 1}], got [{lo}, {hi}]")
+
+        ts = self.token_slot[:T]
+        ts.copy_(token_slot)
+        key = torch.where(ts < 0, L, ts).long()  # no-adapter tokens sort last
+        order = torch.sort(key, stable=True).indices
+        self.sorted_token_ids[:T].copy_(order)
+
+        counts = self._counts
+        counts.zero_()
+        counts.scatter_add_(0, key, self._ones[:T])
+        slot_counts = counts[:L]
+        active = slot_counts > 0
+        # Active slots first (ascending), then the unused ones: a stable compaction.
+        seg_key = torch.sort(torch.where(active, self._slot_ids, self._slot_ids + L)).values
+        used = seg_key < L
+        seg_slot = torch.where(used, seg_key, -1)
+        seg_counts = torch.where(used, slot_counts[seg_key % L], 0)
+        seg_ends = torch.cumsum(seg_counts, 0)
+        self.seg_slots.copy_(seg_slot)
+        self.seg_starts[0] = 0
+        self.seg_starts[1:].copy_(seg_ends)
+        self.num_segments.copy_(used.sum().view(1))
+
+        # Tiles: segment i owns cdiv(count_i, BM) consecutive tile ids.
+        seg_tiles = (seg_counts + BM - 1) // BM
+        tile_cum = torch.cumsum(seg_tiles, 0)
+        tile_seg = torch.searchsorted(tile_cum, self._tile_ids, right=True)
+        valid = tile_seg < L
+        seg = tile_seg.clamp(max=L - 1)
+        first_tile = tile_cum[seg] - seg_tiles[seg]
+        seg_start = seg_ends[seg] - seg_counts[seg]
+        self.tile_starts.copy_(torch.where(valid, seg_start + (self._tile_ids - first_tile) * BM, 0))
+        self.tile_ends.copy_(torch.where(valid, seg_ends[seg], 0))
+        self.tile_slots.copy_(torch.where(valid, seg_slot[seg], -1))
+        self.num_tiles.copy_(tile_cum[-1:])
+
+        return LoRAMeta(
+            token_slot=ts, sorted_token_ids=self.sorted_token_ids, seg_starts=self.seg_starts,
+            seg_slots=self.seg_slots, num_segments=self.num_segments, tile_slots=self.tile_slots,
+            tile_starts=self.tile_starts, tile_ends=self.tile_ends, num_tiles=self.num_tiles,
+            num_tokens=T, block_m=BM, max_slots=L, grid_tiles=grid_tiles_for(T, BM, L),
+        )

@@ -1,0 +1,160 @@
+"""Batched multi-LoRA shrink (SGMV/BGMV "A" side) as one Triton launch for all slices.
+
+Semantics, for every token t with slot a = token_slot[t] >= 0 and every slice s:
+    out[s, t, :r_a] = x[t] @ lora_a[a, s, :r_a, :].T        (fp32 accumulate, fp32 store)
+with r_a = min(ranks[a], R). Columns >= r_a and rows of tokens without an adapter are left
+as they were (they are zeroed first when split-K is used). Scales live in B, not here.
+
+Work split (see lora_meta.py): program (tile, rank_block * SPLIT_K + k_split, slice).
+ * A tile is <= BLOCK_M tokens of one slot; unused tiles exit on their first load.
+ * Rank blocks of BLOCK_N rows of A: blocks past r_a exit, the last one masks its rows, so
+   an adapter of rank 8 reads 8 rows of A even when R = 64 (mixed ranks cost no padding).
+ * Split-K (decode, few programs): two halves of H_in accumulate with fp32 atomics into a
+   zeroed output. Two partial sums are order independent (0 + p is exact, p + q commutes),
+   so results stay bitwise reproducible, which CUDA-graph replay tests rely on; more than
+   two splits would not be.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+from .lora_meta import LoRAMeta
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr, a_ptr, out_ptr, ranks_ptr,
+        sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
+        K, R,
+        stride_xm, stride_xk,
+        stride_al, stride_as, stride_ar, stride_ak,
+        stride_os, stride_om, stride_or,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1) // SPLIT_K
+        pid_k = tl.program_id(1) % SPLIT_K
+        s = tl.program_id(2)
+
+        slot = tl.load(tile_slots_ptr + tile)
+        if slot < 0:
+            return
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        n0 = pid_n * BLOCK_N
+        if n0 >= rank:
+            return
+
+        start = tl.load(tile_starts_ptr + tile)
+        end = tl.load(tile_ends_ptr + tile)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < end
+        tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < rank
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
+                  + offs_n[:, None] * stride_ar + offs_k[None, :] * stride_ak)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+            if EVEN_K:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                at = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = offs_k < K - k * (BLOCK_K * SPLIT_K)
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(at))
+            x_ptrs += BLOCK_K * SPLIT_K * stride_xk
+            a_ptrs += BLOCK_K * SPLIT_K * stride_ak
+
+        out_ptrs = out_ptr + s * stride_os + tok[:, None] * stride_om + offs_n[None, :] * stride_or
+        out_ok = row_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc, mask=out_ok)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=out_ok)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 132  # interpreter / CPU: any plausible count will do
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 1,
+                  block_m: int = 16, num_sms: int = 132) -> dict:
+    """Launch parameters from host-known sizes only (no look at the slot mix).
+
+    Decode is a batched GEMV bound by reading A: rank blocks of 16 rows multiply the
+    programs. Prefill reuses each x tile over a whole rank block. When even the fewest
+    tiles the batch can have would leave the SMs half idle, split H_in in two.
+    """
+    block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
+    block_k = 256 if num_tokens <= 64 else 128
+    block_k = min(block_k, max(16, _next_pow2(hidden_in)))
+    min_programs = -(-num_tokens // block_m) * num_slices * -(-rank // block_n)
+    split_k = 2 if min_programs < 2 * num_sms and hidden_in >= 2 * block_k else 1
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+
+
+def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: Tensor,
+                *, config: dict | None = None) -> Tensor:
+    """out[s, t, :r] = x[t] @ lora_a[slot(t), s, :r].T for all slices s, in one launch.
+
+    x:      [T, H_in] fp16/bf16/fp32 (any strides).
+    lora_a: [L, S, R, H_in], same dtype as x; rows >= an adapter's rank are never read.
+    meta:   LoRAMeta for these T tokens (meta.num_tokens == T).
+    ranks:  [L] int32 real rank per slot (0: adapter has no weights for this module).
+    out:    [S, T, R] float32, written in place and returned. Entries of tokens without an
+            adapter and columns >= rank are undefined (kept, or zero under split-K).
+    config: optional override of :func:`shrink_config` (benchmarks).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
+    T, H = x.shape
+    L, S, R, H2 = lora_a.shape
+    assert H2 == H, f"lora_a hidden {H2} != x hidden {H}"
+    assert x.dtype == lora_a.dtype, f"x {x.dtype} and lora_a {lora_a.dtype} must match"
+    assert out.shape == (S, T, R) and out.dtype == torch.float32, \
+        f"out must be float32 [S={S}, T={T}, R={R}], got {out.dtype} {tuple(out.shape)}"
+    assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, x has {T}"
+    assert ranks.shape == (L,) and ranks.dtype == torch.int32, "ranks must be int32 [L]"
+    if T == 0:
+        return out
+    assert meta.tile_slots.device == x.device == lora_a.device == out.device == ranks.device, \
+        "x, lora_a, out, ranks and meta must be on one device"
+    sms = _num_sms(x.device.index if x.is_cuda else None)
+    cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms), **(config or {}))
+    BN, BK, SK = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    assert SK in (1, 2), "split-K > 2 would make fp32 atomics order dependent"
+    if SK > 1:
+        out.zero_()
+    grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
+    _lora_shrink_kernel[grid](
+        x, lora_a, out, ranks,
+        meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
+        H, R,
+        x.stride(0), x.stride(1),
+        *lora_a.stride(),
+        *out.stride(),
+        BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
+        EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out

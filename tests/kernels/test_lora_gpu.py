@@ -1,0 +1,99 @@
+"""GPU checks at Llama-3-8B shapes (bf16) and CUDA-graph replay of the decode path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+
+from .lora_cases import TOLERANCES, make_problem, shrink_defined_mask
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336.
+PROJECTIONS = {
+    "qkv": (4096, [4096, 1024, 1024]),
+    "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
+
+
+@pytest.mark.parametrize("num_tokens,composition", [
+    (1, "uniform"), (7, "no-adapter-rows"), (256, "mixed-ranks"), (1024, "zipf:1.5"), (2048, "no-adapter-rows"),
+])
+@pytest.mark.parametrize("proj", list(PROJECTIONS))
+def test_llama3_8b_shapes_bf16(proj: str, num_tokens: int, composition: str) -> None:
+    hidden, widths = PROJECTIONS[proj]
+    S, R, L = len(widths), 64, 32
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=R, widths=widths, num_slots=L,
+                     composition=composition, dtype=torch.bfloat16, seed=num_tokens, device="cuda")
+    meta = LoRAMetaBuilder(4096, L, "cuda").build(p.token_slot)
+    buf_tri = torch.full((S, num_tokens, R), float("nan"), device="cuda")
+    buf_ref = buf_tri.clone()
+    lora_shrink(p.x, p.lora_a, meta, p.ranks, buf_tri)
+    lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, buf_ref)
+    defined = shrink_defined_mask(p, R, S)
+    # bf16 x bf16 products are exact in fp32: only the summation order differs.
+    torch.testing.assert_close(buf_tri[defined], buf_ref[defined], rtol=1e-3, atol=1e-3)
+
+    # y as a column view of a wider output, as a fused projection's output would be.
+    wide = torch.randn(num_tokens, sum(widths) + 64, device="cuda", dtype=torch.bfloat16)
+    y_tri = wide[:, 32:32 + sum(widths)]
+    y_tri.copy_(p.y0)
+    y_ref = p.y0.clone()
+    lora_expand(buf_ref, p.lora_b, p.slice_offsets, meta, p.ranks, y_tri)
+    lora_expand_ref(buf_ref, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
+    torch.testing.assert_close(y_tri.float(), y_ref.float(), **TOLERANCES[torch.bfloat16])
+    untouched = (p.token_slot < 0) | (p.ranks[p.token_slot.clamp(min=0).long()] == 0)
+    assert torch.equal(y_tri[untouched], p.y0[untouched])
+    rel = (y_tri.float() - y_ref.float()).norm() / (y_ref.float() - p.y0.float()).norm()
+    assert rel < 1e-2, f"relative error of the LoRA delta {rel:.2e}"
+
+
+@pytest.mark.parametrize("num_tokens", [8, 256])  # 8: split-K shrink path
+def test_cuda_graph_replay_matches_eager_bitwise(num_tokens: int) -> None:
+    hidden, widths = PROJECTIONS["qkv"]
+    S, R, L, T = len(widths), 64, 32, num_tokens
+    first = make_problem(num_tokens=T, hidden=hidden, max_rank=R, widths=widths, num_slots=L,
+                         composition="identical", dtype=torch.bfloat16, seed=1, device="cuda")
+    builder = LoRAMetaBuilder(T, L, "cuda")
+    meta = builder.build(first.token_slot)
+    x, y, y_init = first.x.clone(), first.y0.clone(), first.y0.clone()
+    buf = torch.empty(S, T, R, device="cuda")
+    args = (first.lora_a, first.lora_b, first.slice_offsets, meta, first.ranks)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile outside the capture
+        lora_apply(x, y, *args, buf=buf)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y.copy_(y_init)
+        lora_apply(x, y, *args, buf=buf)
+
+    # Replay with a different batch: new slots (many segments, no-adapter rows), new inputs.
+    for composition in ("no-adapter-rows", "mixed-ranks", "distinct"):
+        nxt = make_problem(num_tokens=T, hidden=hidden, max_rank=R, widths=widths, num_slots=L,
+                           composition=composition, dtype=torch.bfloat16, seed=2, device="cuda")
+        builder.build(nxt.token_slot)
+        x.copy_(nxt.x)
+        y_init.copy_(nxt.y0)
+        first.ranks.copy_(nxt.ranks)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = y.clone()
+
+        y.copy_(y_init)
+        lora_apply(x, y, *args, buf=buf)
+        assert torch.equal(replayed, y), f"graph replay differs from eager ({composition})"
+
+        ref_meta = LoRAMetaBuilder(T, L, "cuda").build(nxt.token_slot)
+        y_ref = nxt.y0.clone()
+        ref_buf = torch.empty(S, T, R, device="cuda")
+        lora_shrink_ref(nxt.x, first.lora_a, ref_meta, nxt.ranks, ref_buf)
+        lora_expand_ref(ref_buf, first.lora_b, first.slice_offsets, ref_meta, nxt.ranks, y_ref)
+        torch.testing.assert_close(replayed.float(), y_ref.float(), **TOLERANCES[torch.bfloat16])

@@ -104,6 +104,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             record, dedup = await asyncio.to_thread(self.service.finish_upload, incoming, meta)
             return pb.UploadAdapterResponse(adapter=record_to_pb(record), deduplicated=dedup)
         except RegistryError as exc:
+            if incoming is not None:  # clean up before the client hears the answer
+                self.service.abort_upload(incoming)
             await context.abort(status_for(exc), str(exc))
         finally:
             if incoming is not None:  # cancelled, refused or failed: leave no staging file behind

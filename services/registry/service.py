@@ -144,7 +144,7 @@ class RegistryService:
         typed = staged.with_name(staged.name + ARTIFACT_SUFFIX[kind])
         os.rename(staged, typed)  # the parser goes by suffix
         try:
-            adapter = self._validate(typed)
+            adapter = self._validate(typed, hint or f"{meta.name}{ARTIFACT_SUFFIX[kind]}")
             if meta.format and adapter.format != meta.format:
                 raise InvalidArgument(f"metadata says format {meta.format!r} but the artifact is {adapter.format!r}")
             artifact_type = "nemo" if adapter.format == "nemo" and kind == "tar" else kind
@@ -163,15 +163,17 @@ class RegistryService:
         finally:
             typed.unlink(missing_ok=True)
 
-    def _validate(self, path: Path) -> LoraAdapter:
+    def _validate(self, path: Path, shown_as: str) -> LoraAdapter:
+        """The parser's verdict; messages name `shown_as` (the client's file), not the temp file."""
         cfg = self.config
         try:
             adapter = validate_artifact(path, max_rank=cfg.max_rank, max_bytes=cfg.max_artifact_bytes)
         except AdapterFormatError as exc:
-            raise InvalidArgument(f"invalid adapter artifact: {exc}") from exc
+            raise InvalidArgument(f"invalid adapter artifact: {str(exc).replace(path.name, shown_as)}") from exc
         except Exception as exc:  # the parser met input it did not foresee: still the artifact's fault
             log.warning("parser raised %s on an upload", type(exc).__name__, exc_info=True)
-            raise InvalidArgument(f"invalid adapter artifact: {type(exc).__name__}: {exc}") from exc
+            detail = str(exc).replace(str(path), shown_as)
+            raise InvalidArgument(f"invalid adapter artifact: {type(exc).__name__}: {detail}") from exc
         if adapter.rank > cfg.max_rank:
             raise InvalidArgument(f"adapter rank {adapter.rank} exceeds the server's max_rank {cfg.max_rank}")
         return adapter

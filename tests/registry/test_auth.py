@@ -1,0 +1,102 @@
+"""Bearer-token auth (writes, optionally reads) and TLS, over real gRPC."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+
+from loraserve.registry.client import RegistryClient
+from loraserve.v1 import registry_pb2 as pb
+
+WRITE, READ = "w-secret-token", "r-secret-token"
+
+
+def status(fn) -> grpc.StatusCode | None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return None
+
+
+def test_writes_need_the_token(start_registry, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    reg = start_registry(auth_token=WRITE)
+    src = artifacts(seed=90)
+    anon, wrong, good = (RegistryClient(reg.address, token=t) for t in (None, "nope", WRITE))
+    unauth = grpc.StatusCode.UNAUTHENTICATED
+    assert status(lambda: anon.push(src, "a")) == unauth
+    assert status(lambda: wrong.push(src, "a")) == unauth
+    assert status(lambda: anon.import_adapter("s3://b/k", "a")) == unauth
+    # nothing was stored by the refused uploads
+    assert list((reg.config.data_dir / "artifacts" / "blobs" / "sha256").iterdir()) == []
+    assert list((reg.config.data_dir / "artifacts" / "tmp").iterdir()) == []
+
+    good.push(src, "a")
+    for write in (lambda c: c.delete("a", 1), lambda c: c.set_alias("a", "prod", 1),
+                  lambda c: c.delete_alias("a", "prod"), lambda c: c.tag("a", 1, set={"k": "v"})):
+        assert status(lambda: write(anon)) == unauth
+        assert status(lambda: write(wrong)) == unauth
+    # reads stay open without a read token
+    assert anon.get("a").version == 1 and [a.name for a in anon.list()] == ["a"]
+    assert anon.pull("a", 1, tmp_path).exists()
+    # a token in the wrong scheme is not a bearer token
+    basic = RegistryClient(reg.address)
+    basic.metadata = [("authorization", f"Basic {WRITE}")]
+    assert status(lambda: basic.delete("a", 1)) == unauth
+    assert good.set_alias("a", "prod", 1).aliases == ["prod"]
+    assert good.delete("a", 1, force=True) == [1]
+
+
+def test_reads_need_a_token_when_configured(start_registry, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    reg = start_registry(auth_token=WRITE, read_token=READ)
+    RegistryClient(reg.address, token=WRITE).push(artifacts(seed=91), "a")
+    anon, reader = RegistryClient(reg.address), RegistryClient(reg.address, token=READ)
+    unauth = grpc.StatusCode.UNAUTHENTICATED
+    assert status(lambda: anon.get("a")) == unauth
+    assert status(lambda: list(anon.list())) == unauth
+    assert status(lambda: anon.pull("a", 1, tmp_path)) == unauth
+    assert reader.get("a").version == 1 and reader.pull("a", 1, tmp_path).exists()
+    assert RegistryClient(reg.address, token=WRITE).get("a").version == 1  # the write token reads too
+    assert status(lambda: reader.push(artifacts(seed=92), "a")) == unauth  # a read token cannot write
+    # health and reflection stay open
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(reg.address))
+    resp = health.Check(health_pb2.HealthCheckRequest(service="loraserve.v1.RegistryService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls(start_registry, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("cryptography")
+    cert, key = _self_signed(tmp_path)
+    reg = start_registry(tls_cert_file=cert, tls_key_file=key, auth_token=WRITE)
+    reg.host = "localhost"  # the certificate's name
+    with RegistryClient(reg.address, token=WRITE, root_certificates=cert.read_bytes(), timeout=10) as c:
+        assert c.push(artifacts(seed=93), "tls").adapter.version == 1
+        assert c.get("tls").version == 1
+    plain = RegistryClient(f"127.0.0.1:{reg.port}", timeout=3)
+    assert status(lambda: plain.stub.GetAdapter(pb.GetAdapterRequest(name="tls"), timeout=3)) in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

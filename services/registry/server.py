@@ -149,8 +149,11 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 yield pb.DownloadAdapterResponse(chunk=chunk)
         finally:
             close = getattr(it, "close", None)
-            if close:
-                close()
+            try:
+                if close:
+                    close()  # releases the file / S3 body now, not at garbage collection
+            except ValueError:
+                pass  # cancelled while a worker thread was inside next(it): it is closed when collected
 
     @_mapped
     async def SetAlias(self, request: pb.SetAliasRequest, context) -> pb.SetAliasResponse:

@@ -164,3 +164,17 @@ def test_s3_multipart_upload(start_registry, s3_bucket, tmp_path: Path) -> None:
     assert keys == [f"{cfg.prefix}blobs/sha256/{a.digest.removeprefix('sha256:')}"]  # temp key gone
     head = s3.head_object(Bucket=cfg.bucket, Key=keys[0])
     assert head["ContentLength"] == src.stat().st_size
+
+
+def test_s3_gc(start_registry, s3_bucket, artifacts) -> None:  # type: ignore[no-untyped-def]
+    """gc on an S3 store removes orphan blobs and temp keys (old enough), never a referenced blob."""
+    cfg, s3 = s3_bucket
+    reg = start_registry(store="s3", s3=cfg)
+    with RegistryClient(reg.address) as c:
+        a = c.push(artifacts(seed=8), "kept").adapter
+    s3.put_object(Bucket=cfg.bucket, Key=f"{cfg.prefix}blobs/sha256/{'cd' * 32}", Body=b"orphan")
+    s3.put_object(Bucket=cfg.bucket, Key=f"{cfg.prefix}tmp/0123abcd", Body=b"half")
+    assert reg.service.gc().kept_young == 2  # both younger than the default hour
+    report = reg.service.gc(min_age_seconds=0)
+    assert report.removed_blobs == ["cd" * 32] and report.removed_temp == ["tmp/0123abcd"]
+    assert blob_keys_s3(s3, cfg) == [f"{cfg.prefix}blobs/sha256/{a.digest.removeprefix('sha256:')}"]

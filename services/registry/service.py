@@ -25,27 +25,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
 from loraserve.adapters import AdapterFormatError, LoraAdapter, validate_artifact
 
-from . import db
+from . import db, queries
 from .archive import ARTIFACT_SUFFIX, ArchiveError, detect_artifact_type
 from .config import RegistryConfig
 from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,  # noqa: F401
                      RegistryError)
 from .ingest import IncomingArtifact, check_s3_allowed, resolve_allowed_path, stage_path, stage_s3
 from .models import Adapter, AdapterAlias, AdapterTag, AdapterVersionRow, utcnow
-from .records import (LATEST, AdapterRecord, UploadMeta, check_alias, check_name, check_tags, decode_page_token,
-                      encode_page_token)
+from .records import AdapterRecord, UploadMeta, check_alias, check_name, check_tags
 from .store import ArtifactStore, age_seconds, make_s3_client, make_store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _TX_ATTEMPTS = 12
 _LOCK_STRIPES = 64
 
@@ -210,7 +207,7 @@ class RegistryService:
             for alias in meta.aliases:
                 self._point_alias(s, ad, alias, row)
             s.flush()
-            return self._record(s, row, meta.name)
+            return queries.record_of(s, row, meta.name)
 
         return self._write(insert)
 
@@ -231,40 +228,13 @@ class RegistryService:
 
     def get(self, name: str, version: int = 0, alias: str = "") -> AdapterRecord:
         with self._sessions() as s:
-            row = self._resolve(s, name, version, alias)
-            return self._record(s, row, name)
+            row = queries.resolve(s, name, version, alias)
+            return queries.record_of(s, row, name)
 
     def list(self, page_size: int = 0, page_token: str = "", base_model: str = "", name_prefix: str = "",
              latest_only: bool = False) -> tuple[list[AdapterRecord], str]:
-        """One page ordered by (name, version), and the token of the next page ("" at the end)."""
-        if page_size < 0:
-            raise InvalidArgument("page_size must be >= 0")
-        page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        filters: list[object] = [base_model, name_prefix, latest_only]
-        latest = (select(AdapterVersionRow.adapter_id, func.max(AdapterVersionRow.version).label("v"))
-                  .group_by(AdapterVersionRow.adapter_id).subquery())
-        q = (select(AdapterVersionRow, Adapter.name, latest.c.v).select_from(AdapterVersionRow)
-             .join(Adapter, Adapter.id == AdapterVersionRow.adapter_id)
-             .join(latest, latest.c.adapter_id == AdapterVersionRow.adapter_id)
-             .options(selectinload(AdapterVersionRow.tags), selectinload(AdapterVersionRow.aliases)))
-        if latest_only:
-            q = q.where(AdapterVersionRow.version == latest.c.v)
-        if base_model:
-            q = q.where(AdapterVersionRow.base_model == base_model)
-        if name_prefix:
-            q = q.where(Adapter.name.startswith(name_prefix, autoescape=True))
-        if page_token:
-            last_name, last_version = decode_page_token(page_token, filters)
-            q = q.where(or_(Adapter.name > last_name,
-                            and_(Adapter.name == last_name, AdapterVersionRow.version > last_version)))
-        q = q.order_by(Adapter.name, AdapterVersionRow.version).limit(page_size + 1)
         with self._sessions() as s:
-            rows = s.execute(q).all()
-            records = [AdapterRecord.from_row(row, name, v) for row, name, v in rows[:page_size]]
-        token = ""
-        if len(rows) > page_size:
-            token = encode_page_token(records[-1].name, records[-1].version, filters)
-        return records, token
+            return queries.list_page(s, page_size, page_token, base_model, name_prefix, latest_only)
 
     def open_download(self, name: str, version: int = 0, alias: str = "",
                       chunk_size: int = 0) -> tuple[AdapterRecord, Iterator[bytes]]:
@@ -276,36 +246,6 @@ class RegistryService:
         size = chunk_size or self.config.download_chunk_size
         size = max(16 << 10, min(size, 1 << 20))
         return record, self.store.read_chunks(digest_hex, size)
-
-    def _resolve(self, s: Session, name: str, version: int, alias: str) -> AdapterVersionRow:
-        check_name(name)
-        if version < 0:
-            raise InvalidArgument("version must be > 0 (or 0 with an alias)")
-        if version and alias:
-            raise InvalidArgument("give a version or an alias, not both")
-        ad = s.scalar(select(Adapter).where(Adapter.name == name))
-        if ad is None:
-            raise NotFound(f"no adapter named {name!r}")
-        base = select(AdapterVersionRow).where(AdapterVersionRow.adapter_id == ad.id)
-        if version:
-            row = s.scalar(base.where(AdapterVersionRow.version == version))
-            if row is None:
-                raise NotFound(f"adapter {name!r} has no version {version}")
-        elif alias and alias != LATEST:
-            row = s.scalar(base.join(AdapterAlias, AdapterAlias.version_id == AdapterVersionRow.id)
-                           .where(AdapterAlias.adapter_id == ad.id, AdapterAlias.alias == alias))
-            if row is None:
-                raise NotFound(f"adapter {name!r} has no alias {alias!r}")
-        else:
-            row = s.scalar(base.order_by(AdapterVersionRow.version.desc()).limit(1))
-            if row is None:
-                raise NotFound(f"adapter {name!r} has no versions left")
-        return row
-
-    def _record(self, s: Session, row: AdapterVersionRow, name: str) -> AdapterRecord:
-        latest = s.scalar(select(func.max(AdapterVersionRow.version))
-                          .where(AdapterVersionRow.adapter_id == row.adapter_id))
-        return AdapterRecord.from_row(row, name, latest or 0)
 
     # ---- writes: delete, aliases, tags -----------------------------------------------
 
@@ -348,10 +288,10 @@ class RegistryService:
             raise InvalidArgument("version must be > 0")
 
         def point(s: Session) -> AdapterRecord:
-            row = self._resolve(s, name, version, "")
+            row = queries.resolve(s, name, version, "")
             self._point_alias(s, row.adapter, alias, row)
             s.flush()
-            return self._record(s, row, name)
+            return queries.record_of(s, row, name)
 
         return self._write(point)
 
@@ -373,7 +313,7 @@ class RegistryService:
         check_tags(set_)
 
         def update(s: Session) -> AdapterRecord:
-            row = self._resolve(s, name, version, alias)
+            row = queries.resolve(s, name, version, alias)
             by_key = {t.key: t for t in row.tags}
             for key in remove:
                 if key in by_key and key not in set_:
@@ -384,7 +324,7 @@ class RegistryService:
                 else:
                     row.tags.append(AdapterTag(key=key, value=value))
             s.flush()
-            return self._record(s, row, name)
+            return queries.record_of(s, row, name)
 
         return self._write(update)
 

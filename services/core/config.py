@@ -171,6 +171,7 @@ class EngineConfig:
     max_num_tokens: int = 8192            # token budget of one step (chunked prefill)
     max_seq_len: int | None = None        # default: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False           # vLLM's name: no CUDA graphs for decode
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     lora_config: LoraConfig | None = None
     peft_cache_config: PeftCacheConfig = field(default_factory=PeftCacheConfig)

@@ -49,11 +49,22 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
 
 
+def _use_decode_kernel(q: torch.Tensor) -> bool:
+    from loraserve.kernels import triton_available
+
+    return q.is_cuda and triton_available()
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [N, H, D], k/v: [N, KVH, D] for the N tokens of this step -> [N, H, D]."""
     ctx = get_context()
     store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    if ctx.decode_only and _use_decode_kernel(q):
+        from loraserve.kernels.paged_attention import paged_decode_attention
+
+        # device-side lengths and tables only: capturable in a CUDA graph
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
     if ctx.decode_only:
         return _decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, max(ctx.context_lens_list), scale)
     num_heads, kvh = q.shape[1], k.shape[1]

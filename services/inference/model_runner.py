@@ -24,13 +24,34 @@ class ModelRunner:
         self.lora_manager = lora_manager
         self.block_size = config.kv_cache_config.tokens_per_block
         self.num_blocks = self._size_kv_cache()
-        shape = (args.num_hidden_layers, self.num_blocks, self.block_size, args.num_key_value_heads, args.head_dim)
+        # one extra block: the scratch block that padded CUDA-graph rows write into
+        shape = (args.num_hidden_layers, self.num_blocks + 1, self.block_size, args.num_key_value_heads, args.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_cache[i], self.v_cache[i]
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20)
+        self.graph_runner = None
+        if device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        from loraserve.kernels import triton_available
+
+        from .cuda_graphs import CudaGraphRunner
+
+        if not triton_available():
+            log.warning("triton unavailable: decode runs without CUDA graphs")
+            return
+        max_len = self.config.max_seq_len or self.args.max_position_embeddings
+        runner = CudaGraphRunner(self.model, self.device, min(self.config.max_num_seqs, 256),
+                                 -(-max_len // self.block_size), self.num_blocks, self.block_size, self.lora_manager)
+        try:
+            runner.capture()
+            self.graph_runner = runner
+        except Exception:  # noqa: BLE001 - eager decode still works
+            log.exception("CUDA graph capture failed; decode runs eagerly")
 
     def _size_kv_cache(self) -> int:
         a = self.args
@@ -71,6 +92,14 @@ class ModelRunner:
                 sample_idx.append(offset - 1)
                 sample_seqs.append(seq)
         dev = self.device
+        decode_only = all(n == 1 for n in batch.num_new_tokens)
+        if decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch.seqs)):
+            token_slot = None
+            if self.lora_manager is not None:
+                token_slot = [-1 if s.lora is None else s.lora.slot for s in batch.seqs]
+            hidden = self.graph_runner.run(input_ids, positions, slots, ctx_lens, [s.block_table for s in batch.seqs],
+                                           token_slot)
+            return self._sample(hidden, sample_idx, sample_seqs)
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
                               dtype=torch.long, device=dev)
@@ -80,7 +109,7 @@ class ModelRunner:
             context_lens=torch.tensor(ctx_lens, dtype=torch.long, device=dev),
             context_lens_list=ctx_lens,
             block_tables=tables,
-            decode_only=all(n == 1 for n in batch.num_new_tokens),
+            decode_only=decode_only,
         )
         if self.lora_manager is not None:
             ctx.lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
@@ -90,8 +119,12 @@ class ModelRunner:
                                 torch.tensor(positions, dtype=torch.long, device=dev))
         finally:
             reset_context()
+        return self._sample(hidden, sample_idx, sample_seqs)
+
+    def _sample(self, hidden: torch.Tensor, sample_idx: list[int], sample_seqs: list) -> dict[int, tuple[int, float]]:
         if not sample_seqs:
             return {}
+        dev = self.device
         logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)])
         params = [s.sampling_params for s in sample_seqs]
         gens = []

@@ -1,0 +1,98 @@
+"""Decode attention over a paged KV cache (one query token per sequence), Triton.
+
+Semantics, for sequence b, query head h, its KV head k = h // G (G = H / KVH):
+    L = context_lens[b];  key j lives in block block_tables[b, j // BS] at offset j % BS
+    out[b, h] = softmax_j(q[b, h] . K[j, k] * scale) @ V[j, k]        j < L
+q: [B, H, D]; k_cache, v_cache: [num_blocks, BS, KVH, D]; block_tables: [B, max_blocks] int;
+context_lens: [B] int; out: [B, H, D].
+
+One program per (sequence, KV head) computes all G query heads of the group against each
+KV block once (the GQA reuse), with an online softmax in fp32. The loop bound is read from
+context_lens on the device, and the grid depends only on B and KVH, so the op can be
+captured in a CUDA graph and replayed for any context lengths.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
+                             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, stride_tb, stride_ob, stride_oh,
+                             G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BS)
+        g_mask = offs_g < G
+        heads = kvh * G + offs_g
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)                                   # (G_PAD, D)
+        length = tl.load(lens_ptr + b)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        num_blocks = tl.cdiv(length, BS)
+        for j in range(0, num_blocks):
+            block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+            pos = j * BS + offs_n
+            valid = pos < length
+            k = tl.load(k_ptr + block * stride_kb + offs_n[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)                               # (BS, D)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale                         # (G_PAD, BS)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + block * stride_vb + offs_n[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)                               # (BS, D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                           context_lens: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """See the module docstring. Every context length must be >= 1."""
+    B, H, D = q.shape
+    _, BS, KVH, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert H % KVH == 0, f"{H} query heads not a multiple of {KVH} KV heads"
+    assert D & (D - 1) == 0 and D >= 16, f"head_dim {D} must be a power of two >= 16"
+    assert BS >= 16 and BS & (BS - 1) == 0, f"block size {BS} must be a power of two >= 16"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert block_tables.shape[0] >= B and context_lens.shape[0] >= B
+    G = H // KVH
+    out = torch.empty_like(q) if out is None else out
+    _paged_decode_kernel[(B, KVH)](
+        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=BS, D=D)
+    return out
+
+
+def paged_decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                               context_lens: Tensor, scale: float) -> Tensor:
+    """Obviously-right version: gather each sequence's keys, softmax in fp32."""
+    B, H, D = q.shape
+    BS, KVH = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(context_lens[b])
+        blocks = block_tables[b, : (L + BS - 1) // BS].long()
+        k = k_cache[blocks].flatten(0, 1)[:L].float().repeat_interleave(H // KVH, dim=1)  # (L, H, D)
+        v = v_cache[blocks].flatten(0, 1)[:L].float().repeat_interleave(H // KVH, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v).to(q.dtype)
+    return out

@@ -1,0 +1,106 @@
+"""CUDA-graph replay of decode steps (one token per sequence), as vLLM and SGLang do.
+
+A decode step of a model this size is hundreds of small kernels; launching them one by one
+costs more than the weights take to stream at small batch. Each batch-size bucket's forward
+is captured once into a graph that reads static input buffers: token ids, positions, KV
+slots, context lengths and block tables (attention is the Triton paged-decode kernel, whose
+loop bounds come from device memory), plus the LoRA metadata buffers. A step copies its
+inputs into the buffers, pads the bucket with rows that write a scratch KV block, and
+replays. Prefill and mixed steps run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .context import Context, reset_context, set_context
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class CudaGraphRunner:
+    def __init__(self, model, device: torch.device, max_batch: int, max_blocks_per_seq: int, scratch_block: int,
+                 block_size: int, lora_manager=None):
+        self.model, self.device, self.lora_manager = model, device, lora_manager
+        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        B = self.buckets[-1]
+        self.max_batch = B
+        self.scratch_slot = scratch_block * block_size
+        self.scratch_block = scratch_block
+        i64 = dict(dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(B, **i64)
+        self.positions = torch.zeros(B, **i64)
+        self.slot_mapping = torch.full((B,), self.scratch_slot, **i64)
+        self.context_lens = torch.ones(B, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+        self.lora_builder = None
+        if lora_manager is not None:
+            from loraserve.kernels import LoRAMetaBuilder
+
+            self.lora_builder = LoRAMetaBuilder(B, lora_manager.num_slots, device)
+            self.token_slot = torch.full((B,), -1, dtype=torch.int32, device=device)
+
+    def _context(self, bs: int) -> Context:
+        ctx = Context(slot_mapping=self.slot_mapping[:bs], query_lens=[1] * bs, context_lens=self.context_lens[:bs],
+                      block_tables=self.block_tables[:bs], decode_only=True)
+        if self.lora_manager is not None:
+            from .lora.batch import LoRABatch
+
+            ctx.lora = LoRABatch(self.lora_manager.slots, self.lora_builder.build(self.token_slot[:bs]))
+        return ctx
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        for bs in reversed(self.buckets):
+            ctx = self._context(bs)
+            set_context(ctx)
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm up: compile Triton kernels, settle the allocator
+                        self.model(self.input_ids[:bs], self.positions[:bs])
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = self.model(self.input_ids[:bs], self.positions[:bs])
+            finally:
+                reset_context()
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = (graph, out, ctx)
+        torch.cuda.synchronize(self.device)
+        log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def can_run(self, n: int) -> bool:
+        return bool(self.graphs) and n <= self.max_batch
+
+    @torch.inference_mode()
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            tables: list[list[int]], token_slot: list[int] | None) -> torch.Tensor:
+        n = len(input_ids)
+        bs = next(b for b in self.buckets if b >= n)
+        width = max(len(t) for t in tables)
+        host = torch.tensor([input_ids, positions, slots], dtype=torch.long)
+        self.input_ids[:n].copy_(host[0], non_blocking=True)
+        self.positions[:n].copy_(host[1], non_blocking=True)
+        self.slot_mapping[:n].copy_(host[2], non_blocking=True)
+        self.slot_mapping[n:bs].fill_(self.scratch_slot)
+        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
+        self.context_lens[n:bs].fill_(1)
+        padded = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.block_tables[:n, :width].copy_(padded, non_blocking=True)
+        self.block_tables[n:bs, 0].fill_(self.scratch_block)
+        if self.lora_builder is not None:
+            slots_t = torch.full((bs,), -1, dtype=torch.int32)
+            if token_slot is not None:
+                slots_t[:n] = torch.tensor(token_slot, dtype=torch.int32)
+            self.token_slot[:bs].copy_(slots_t, non_blocking=True)
+            self.lora_builder.build(self.token_slot[:bs])
+            self.lora_manager.slots.wait_for_copies()
+        graph, out, _ = self.graphs[bs]
+        graph.replay()
+        return out[:n]

@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from . import metrics
+
 
 def _token_of(metadata: Any) -> str | None:
     for key, value in metadata or ():
@@ -50,6 +52,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         presented = _token_of(details.invocation_metadata)
         if _matches(presented, accepted):
             return await continuation(details)
+        metrics.AUTH_REFUSED.labels(method[len(self.prefix):]).inc()
         what = "writes" if is_write else "reads"
         message = (f"{what} need 'authorization: Bearer <token>' metadata" if presented is None
                    else "the bearer token was not accepted")

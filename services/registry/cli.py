@@ -88,6 +88,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-artifact-bytes", type=int)
     p.add_argument("--allow-import-dir", action="append", type=Path, default=None)
     p.add_argument("--allow-import-s3", action="append", default=None, metavar="s3://BUCKET[/PREFIX]")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
 
 
 def build_config(args: argparse.Namespace) -> RegistryConfig:
@@ -100,7 +101,7 @@ def build_config(args: argparse.Namespace) -> RegistryConfig:
     for flag, key in (("data_dir", "data_dir"), ("db_url", "db_url"), ("store", "store"), ("tls_cert", "tls_cert_file"),
                       ("tls_key", "tls_key_file"), ("max_rank", "max_rank"),
                       ("max_artifact_bytes", "max_artifact_bytes"), ("allow_import_dir", "allowed_import_dirs"),
-                      ("allow_import_s3", "allowed_import_s3")):
+                      ("allow_import_s3", "allowed_import_s3"), ("metrics_port", "metrics_port")):
         if getattr(args, flag) is not None:
             raw[key] = getattr(args, flag)
     for flag, key in (("s3_bucket", "bucket"), ("s3_prefix", "prefix"), ("s3_endpoint_url", "endpoint_url")):

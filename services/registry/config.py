@@ -70,6 +70,7 @@ class RegistryConfig:
     allowed_import_s3: list[str] = field(default_factory=list)
     download_chunk_size: int = 64 * KiB
     gc_min_age_seconds: float = 3600.0   # temp files/orphans younger than this are left alone
+    metrics_port: int = 0                # > 0: Prometheus /metrics on this port (same host as gRPC)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

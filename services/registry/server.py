@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from loraserve.v1 import registry_pb2 as pb
 from loraserve.v1 import registry_pb2_grpc as pb_grpc
 
+from . import metrics
 from .auth import BearerAuthInterceptor
 from .config import RegistryConfig
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, RegistryError
@@ -67,13 +69,39 @@ def meta_from_pb(m: pb.UploadAdapterMetadata) -> UploadMeta:
                       expected_size=m.size_bytes, expected_digest=m.digest)
 
 
+class _Observed:
+    """Counts one RPC by final status code and times it (metrics.REQUESTS / LATENCY)."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.code, self.start = method, "OK", time.perf_counter()
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, RegistryError):
+            self.code = status_for(exc).name
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            self.code = "CANCELLED"
+        elif self.code == "OK":
+            self.code = "UNKNOWN"
+
+    def done(self) -> None:
+        metrics.REQUESTS.labels(self.method, self.code).inc()
+        metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+
+
 def _mapped(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Turns a RegistryError raised by a unary handler into context.abort(code, message)."""
     async def wrapper(self: "RegistryServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Observed(fn.__name__)
         try:
             return await fn(self, request, context)
         except RegistryError as exc:
+            call.failed(exc)
             await context.abort(status_for(exc), str(exc))
+        except BaseException as exc:
+            call.failed(exc)
+            raise
+        finally:
+            call.done()
 
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -87,6 +115,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                             context: grpc.aio.ServicerContext) -> pb.UploadAdapterResponse:
         incoming: IncomingArtifact | None = None
         meta: UploadMeta | None = None
+        call = _Observed("UploadAdapter")
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("payload")
@@ -102,12 +131,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             if incoming is None or meta is None:
                 raise InvalidArgument("empty upload: send metadata, then the artifact in chunks")
             record, dedup = await asyncio.to_thread(self.service.finish_upload, incoming, meta)
+            metrics.UPLOADED_BYTES.inc(record.size_bytes)
+            if dedup:
+                metrics.DEDUPLICATED.inc()
             return pb.UploadAdapterResponse(adapter=record_to_pb(record), deduplicated=dedup)
         except RegistryError as exc:
+            call.failed(exc)
             if incoming is not None:  # clean up before the client hears the answer
                 self.service.abort_upload(incoming)
             await context.abort(status_for(exc), str(exc))
+        except BaseException as exc:
+            call.failed(exc)
+            raise
         finally:
+            call.done()
             if incoming is not None:  # cancelled, refused or failed: leave no staging file behind
                 self.service.abort_upload(incoming)
 
@@ -137,17 +174,25 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def DownloadAdapter(self, request: pb.DownloadAdapterRequest,
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadAdapterResponse]:
+        call = _Observed("DownloadAdapter")
         try:
             record, chunks = await asyncio.to_thread(self.service.open_download, request.name, request.version,
                                                      request.alias, request.chunk_size)
         except RegistryError as exc:
+            call.failed(exc)
+            call.done()
             await context.abort(status_for(exc), str(exc))
         yield pb.DownloadAdapterResponse(adapter=record_to_pb(record))
         it = iter(chunks)
         try:
             while (chunk := await asyncio.to_thread(next, it, None)) is not None:
                 yield pb.DownloadAdapterResponse(chunk=chunk)
+                metrics.DOWNLOADED_BYTES.inc(len(chunk))
+        except BaseException as exc:
+            call.failed(exc)
+            raise
         finally:
+            call.done()
             close = getattr(it, "close", None)
             try:
                 if close:
@@ -215,6 +260,11 @@ async def serve(config: RegistryConfig, address: str) -> None:
     server, port = await start(config, address)
     host = address.rsplit(":", 1)[0]
     print(f"loraserve registry listening on {host}:{port}", flush=True)
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr=host.strip("[]") or "127.0.0.1")
+        log.info("registry: Prometheus metrics on http://%s:%d/metrics", host, config.metrics_port)
     log.info("registry: data %s, db %s, store %s", config.data_dir, config.resolved_db_url.split("@")[-1],
              config.store)
     service: RegistryService = server.registry_service  # type: ignore[attr-defined]

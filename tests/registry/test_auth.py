@@ -100,3 +100,31 @@ def test_tls(start_registry, artifacts, tmp_path: Path) -> None:  # type: ignore
     plain = RegistryClient(f"127.0.0.1:{reg.port}", timeout=3)
     assert status(lambda: plain.stub.GetAdapter(pb.GetAdapterRequest(name="tls"), timeout=3)) in (
         grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_metrics_count_calls(start_registry, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    reg = start_registry(auth_token=WRITE)
+    before = {
+        "ok": value("loraserve_registry_requests_total", method="UploadAdapter", code="OK"),
+        "nf": value("loraserve_registry_requests_total", method="GetAdapter", code="NOT_FOUND"),
+        "refused": value("loraserve_registry_auth_refused_total", method="DeleteAdapter"),
+        "up": value("loraserve_registry_uploaded_bytes_total"),
+        "down": value("loraserve_registry_downloaded_bytes_total"),
+    }
+    src = artifacts(seed=94)
+    with RegistryClient(reg.address, token=WRITE) as c:
+        c.push(src, "m")
+        c.pull("m", 1, tmp_path)
+        status(lambda: c.get("missing"))
+    status(lambda: RegistryClient(reg.address).delete("m", 1))
+    size = src.stat().st_size
+    assert value("loraserve_registry_requests_total", method="UploadAdapter", code="OK") == before["ok"] + 1
+    assert value("loraserve_registry_requests_total", method="GetAdapter", code="NOT_FOUND") == before["nf"] + 1
+    assert value("loraserve_registry_auth_refused_total", method="DeleteAdapter") == before["refused"] + 1
+    assert value("loraserve_registry_uploaded_bytes_total") == before["up"] + size
+    assert value("loraserve_registry_downloaded_bytes_total") == before["down"] + size

@@ -120,3 +120,29 @@ def test_rank_limit(start_registry, artifacts) -> None:  # type: ignore[no-untyp
         with pytest.raises(grpc.RpcError) as err:
             c.push(artifacts(seed=84, r=8), "over")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rank" in err.value.details()
+
+
+def test_client_giving_up_mid_upload_leaves_nothing(start_registry, artifacts) -> None:  # type: ignore[no-untyped-def]
+    """A client that cancels half-way: the server drops the staging file and keeps serving."""
+    import threading
+
+    from .conftest import wait_for
+
+    reg = start_registry()
+    data = artifacts(seed=85, r=16).read_bytes()
+    staging = reg.config.data_dir / "artifacts" / "tmp"
+    hold = threading.Event()
+
+    def half() -> Iterator[pb.UploadAdapterRequest]:
+        yield pb.UploadAdapterRequest(metadata=pb.UploadAdapterMetadata(name="gone"))
+        yield pb.UploadAdapterRequest(chunk=data[: len(data) // 2])
+        hold.wait(30)
+
+    client = RegistryClient(reg.address)
+    future = client.stub.UploadAdapter.future(half())
+    wait_for(lambda: any(p.stat().st_size > 0 for p in staging.glob("*")), what="bytes in staging")
+    future.cancel()
+    hold.set()
+    wait_for(lambda: not list(staging.iterdir()), timeout=10, what="staging cleaned up")
+    assert leftovers(reg.config.data_dir) == {"rows": [], "blobs": [], "tmp": []}
+    assert client.push(artifacts(seed=85, r=16), "gone").adapter.version == 1

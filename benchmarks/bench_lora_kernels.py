@@ -51,7 +51,8 @@ def _event_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device: str, smoke: bool) -> dict:
+def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device: str, smoke: bool,
+               shrink_cfg: dict | None = None, expand_cfg: dict | None = None, with_ref: bool = True) -> dict:
     hidden, widths = PROJECTIONS[proj]
     if smoke:
         hidden, widths = 64, [w // 256 for w in widths]
@@ -71,8 +72,8 @@ def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device:
 
     def run(i: int) -> None:
         a, b = lora_a[i * L:(i + 1) * L], lora_b[i * L:(i + 1) * L]
-        lora_shrink(x, a, meta, ranks, buf)
-        lora_expand(buf, b, offsets, meta, ranks, y)
+        lora_shrink(x, a, meta, ranks, buf, config=shrink_cfg)
+        lora_expand(buf, b, offsets, meta, ranks, y, config=expand_cfg)
 
     def run_ref() -> None:
         lora_shrink_ref(x, lora_a[:L], meta, ranks, buf)
@@ -92,8 +93,27 @@ def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device:
         for i in range(num_sets):
             run(i)
     triton_us = _event_time(graph.replay, reps=20) * 1e3 / num_sets
-    ref_us = _event_time(run_ref, reps=5) * 1e3
+    ref_us = _event_time(run_ref, reps=5) * 1e3 if with_ref else float("nan")
     return dict(triton_us=triton_us, ref_us=ref_us, bytes=moved)
+
+
+SWEEP_CASES = [("qkv", 64, 32, 256), ("gate_up", 64, 4, 1024), ("down", 16, 1, 1), ("qkv", 16, 32, 64)]
+SWEEP_SHRINK = [None, {"SPLIT_K": 1}, {"SPLIT_K": 4}, {"SPLIT_K": 16}, {"BLOCK_K": 256}, {"num_warps": 8}]
+SWEEP_EXPAND = [{"BLOCK_N": 64}, {"BLOCK_N": 256, "num_warps": 8}, {"BLOCK_K": 32}, {"num_stages": 2}]
+
+
+def sweep(device: str) -> None:
+    """Shrink+expand time under other launch configurations (None = the defaults)."""
+    print("\nsweep: us per shrink+expand; the changed parameter, the rest default")
+    for proj, rank, L, T in SWEEP_CASES:
+        cells = []
+        for cfg in SWEEP_SHRINK:
+            r = bench_case(proj, rank, L, T, device, False, shrink_cfg=cfg, with_ref=False)
+            cells.append(f"shrink{cfg or ''}={r['triton_us']:.1f}")
+        for cfg in SWEEP_EXPAND:
+            r = bench_case(proj, rank, L, T, device, False, expand_cfg=cfg, with_ref=False)
+            cells.append(f"expand{cfg}={r['triton_us']:.1f}")
+        print(f"{proj} r{rank} L{L} T{T}: " + "  ".join(cells), flush=True)
 
 
 def main() -> None:
@@ -101,6 +121,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--csv", help="also write the rows here")
+    ap.add_argument("--sweep", action="store_true", help="also try other launch configurations on a few cases")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke:
@@ -128,6 +149,8 @@ def main() -> None:
                     print(f"{proj:8s} {rank:4d} {L:5d} {T:6d} {r['triton_us']:10.1f} {r['ref_us']:9.1f} "
                           f"{r['ref_us'] / r['triton_us']:7.1f} {r['bytes'] / 1e6:7.2f} {gbs:7.0f} "
                           f"{row['pct']:6.1f}", flush=True)
+    if args.sweep and not args.smoke:
+        sweep(device)
     if args.csv:
         with open(args.csv, "w") as f:
             f.write(",".join(rows[0]) + "\n")

@@ -69,6 +69,15 @@ class LoRAMeta:
         return self._segments
 
 
+MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
+
+
+def auto_block_m(num_tokens: int) -> int:
+    """16-row tiles for decode-sized steps; 64 for large ones, where B (expand) and A (shrink)
+    are otherwise re-read from L2 once per 16 tokens."""
+    return MIN_BLOCK_M if num_tokens < 512 else 64
+
+
 def grid_tiles_for(num_tokens: int, block_m: int, max_slots: int) -> int:
     """Upper bound on the number of tiles: every segment adds at most one partial tile."""
     return -(-num_tokens // block_m) + min(max_slots, num_tokens)
@@ -82,14 +91,16 @@ class LoRAMetaBuilder:
     """
 
     def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str,
-                 block_m: int = 16) -> None:
+                 block_m: int | None = None) -> None:
+        """block_m: rows per tile; None picks per step (:func:`auto_block_m`) from T alone, so a
+        CUDA graph captured for a given T always sees the same grid."""
         if max_tokens < 1 or max_slots < 1:
             raise ValueError(f"max_tokens ({max_tokens}) and max_slots ({max_slots}) must be >= 1")
-        if block_m < 16 or block_m & (block_m - 1):
+        if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
             raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {block_m}")
         self.max_tokens, self.max_slots, self.block_m = max_tokens, max_slots, block_m
         self.device = torch.device(device)
-        self.max_tiles = grid_tiles_for(max_tokens, block_m, max_slots)
+        self.max_tiles = grid_tiles_for(max_tokens, MIN_BLOCK_M, max_slots)  # most tiles
         i32 = dict(dtype=torch.int32, device=self.device)
         i64 = dict(dtype=torch.int64, device=self.device)
         self.token_slot = torch.full((max_tokens,), -1, **i32)
@@ -113,7 +124,8 @@ class LoRAMetaBuilder:
             raise ValueError(f"token_slot must be 1-D [T], got shape {tuple(token_slot.shape)}")
         if token_slot.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token_slot must be int32 or int64, got {token_slot.dtype}")
-        T, L, BM = token_slot.numel(), self.max_slots, self.block_m
+        T, L = token_slot.numel(), self.max_slots
+        BM = self.block_m or auto_block_m(T)
         if T > self.max_tokens:
             raise ValueError(f"{T} tokens exceed the builder's max_tokens={self.max_tokens}")
         if token_slot.device.type == "cpu" and T:  # cheap here; on GPU it would cost a sync

@@ -2,17 +2,19 @@
 
 Semantics, for every token t with slot a = token_slot[t] >= 0 and every slice s:
     out[s, t, :r_a] = x[t] @ lora_a[a, s, :r_a, :].T        (fp32 accumulate, fp32 store)
-with r_a = min(ranks[a], R). Columns >= r_a and rows of tokens without an adapter are left
-as they were (they are zeroed first when split-K is used). Scales live in B, not here.
+with r_a = min(ranks[a], R). Columns >= r_a and rows of tokens without an adapter are
+undefined: left as they were, or garbage under split-K. Scales live in B, not here.
 
 Work split (see lora_meta.py): program (tile, rank_block * SPLIT_K + k_split, slice).
  * A tile is <= BLOCK_M tokens of one slot; unused tiles exit on their first load.
  * Rank blocks of BLOCK_N rows of A: blocks past r_a exit, the last one masks its rows, so
    an adapter of rank 8 reads 8 rows of A even when R = 64 (mixed ranks cost no padding).
- * Split-K (decode, few programs): two halves of H_in accumulate with fp32 atomics into a
-   zeroed output. Two partial sums are order independent (0 + p is exact, p + q commutes),
-   so results stay bitwise reproducible, which CUDA-graph replay tests rely on; more than
-   two splits would not be.
+ * Split-K when even the fewest tiles the batch could have would leave the SMs idle
+   (decode: one adapter's A is read by one program per rank block otherwise, and a lone
+   program streams a few tens of GB/s). Each K split stores its fp32 partial into a
+   workspace [SPLIT_K, S, T, R] and ``torch.sum`` over the split axis writes ``out``: a fixed
+   summation order, so results are bitwise reproducible (CUDA-graph replay == eager), unlike
+   fp32 atomics. Undefined entries of ``out`` then hold garbage, which expand never reads.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ if HAS_TRITON:
         K, R,
         stride_xm, stride_xk,
         stride_al, stride_as, stride_ar, stride_ak,
-        stride_os, stride_om, stride_or,
+        stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -78,12 +80,10 @@ if HAS_TRITON:
             x_ptrs += BLOCK_K * SPLIT_K * stride_xk
             a_ptrs += BLOCK_K * SPLIT_K * stride_ak
 
-        out_ptrs = out_ptr + s * stride_os + tok[:, None] * stride_om + offs_n[None, :] * stride_or
-        out_ok = row_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc, mask=out_ok)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=out_ok)
+        # With SPLIT_K > 1, out is the workspace and stride_ok steps between the K splits.
+        out_ptrs = (out_ptr + pid_k * stride_ok + s * stride_os + tok[:, None] * stride_om
+                    + offs_n[None, :] * stride_or)
+        tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _next_pow2(n: int) -> int:
@@ -99,17 +99,24 @@ def _num_sms(device_index: int | None) -> int:
 
 def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 1,
                   block_m: int = 16, num_sms: int = 132) -> dict:
-    """Launch parameters from host-known sizes only (no look at the slot mix).
+    """Launch parameters from host-known sizes only (never the slot mix, which lives on the GPU).
 
-    Decode is a batched GEMV bound by reading A: rank blocks of 16 rows multiply the
-    programs. Prefill reuses each x tile over a whole rank block. When even the fewest
-    tiles the batch can have would leave the SMs half idle, split H_in in two.
+    Decode is a batched GEMV bound by reading A: rank blocks of 16 rows multiply programs.
+    Large steps reuse each x tile over a whole rank block. Then split H_in (up to 32 ways,
+    keeping >= 1 K block per split) until even the fewest tiles the batch could have give
+    about 4 programs per SM, as long as the partials' round trip through memory stays
+    below the bytes the shrink must read anyway (x and one adapter's A).
     """
     block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
-    block_k = 256 if num_tokens <= 64 else 128
-    block_k = min(block_k, max(16, _next_pow2(hidden_in)))
+    block_k = min(128, max(16, _next_pow2(hidden_in)))
     min_programs = -(-num_tokens // block_m) * num_slices * -(-rank // block_n)
-    split_k = 2 if min_programs < 2 * num_sms and hidden_in >= 2 * block_k else 1
+    k_blocks = -(-hidden_in // block_k)
+    partial_bytes = 2 * num_slices * num_tokens * rank * 4  # one split's write + read back
+    must_read = 2 * hidden_in * (num_tokens + num_slices * rank)
+    split_k = 1
+    while (split_k < 32 and min_programs * split_k < 4 * num_sms and k_blocks >= 2 * split_k
+           and 2 * split_k * partial_bytes <= must_read):
+        split_k *= 2
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
@@ -122,7 +129,8 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     meta:   LoRAMeta for these T tokens (meta.num_tokens == T).
     ranks:  [L] int32 real rank per slot (0: adapter has no weights for this module).
     out:    [S, T, R] float32, written in place and returned. Entries of tokens without an
-            adapter and columns >= rank are undefined (kept, or zero under split-K).
+            adapter and columns >= rank are undefined (kept as they were without split-K,
+            garbage with it).
     config: optional override of :func:`shrink_config` (benchmarks).
     """
     if not HAS_TRITON:
@@ -142,19 +150,20 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     sms = _num_sms(x.device.index if x.is_cuda else None)
     cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms), **(config or {}))
     BN, BK, SK = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    assert SK in (1, 2), "split-K > 2 would make fp32 atomics order dependent"
-    if SK > 1:
-        out.zero_()
+    dest = out if SK == 1 else torch.empty((SK, S, T, R), dtype=torch.float32, device=out.device)
+    dest_strides = (0, *out.stride()) if SK == 1 else dest.stride()
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     _lora_shrink_kernel[grid](
-        x, lora_a, out, ranks,
+        x, lora_a, dest, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, R,
         x.stride(0), x.stride(1),
         *lora_a.stride(),
-        *out.stride(),
+        *dest_strides,
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if SK > 1:
+        torch.sum(dest, dim=0, out=out)  # fixed order: deterministic, unlike atomics
     return out

@@ -13,6 +13,7 @@ import torch
 from loraserve.kernels import (LoRAMetaBuilder, lora_apply, lora_expand, lora_expand_ref, lora_shrink,
                                lora_shrink_ref)
 from loraserve.kernels.lora_apply import use_triton
+from loraserve.kernels.lora_shrink import shrink_config
 
 from .lora_cases import TOLERANCES, LoRAProblem, make_problem, shrink_defined_mask
 
@@ -64,7 +65,8 @@ def check_matches_reference(dtype: str, hidden: int, max_rank: int, widths: list
                      seed=hidden + len(widths) + num_tokens)
     meta = LoRAMetaBuilder(max(num_tokens, 1), num_slots, "cpu", block_m=block_m).build(p.token_slot)
     out = _run_both(p, meta, len(widths), max_rank, shrink_cfg, expand_cfg)
-    split_k = (shrink_cfg or {}).get("SPLIT_K", 1) > 1 or num_tokens <= 16
+    cfg = dict(shrink_config(num_tokens, max_rank, hidden, len(widths), meta.block_m), **(shrink_cfg or {}))
+    split_k = cfg["SPLIT_K"] > 1
     _check(p, *out, len(widths), max_rank, split_k=split_k)
 
 

@@ -86,3 +86,12 @@ def test_bad_input_is_rejected(bad: torch.Tensor, message: str) -> None:
 def test_block_m_must_suit_tl_dot() -> None:
     with pytest.raises(ValueError, match="block_m"):
         LoRAMetaBuilder(16, 4, "cpu", block_m=8)
+
+
+def test_auto_block_m_depends_on_token_count_only() -> None:
+    builder = LoRAMetaBuilder(1024, 8, "cpu")
+    small = builder.build(torch.zeros(511, dtype=torch.int32))
+    assert small.block_m == 16 and int(small.num_tiles) == 32
+    large = builder.build(torch.arange(600, dtype=torch.int32) % 8)
+    assert large.block_m == 64 and int(large.num_tiles) == 8 * 2  # 75 tokens a slot
+    assert large.grid_tiles == -(-600 // 64) + 8

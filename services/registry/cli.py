@@ -153,6 +153,8 @@ def _meta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--description", default="")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--alias", action="append", default=[])
+    p.add_argument("--exist-ok", action="store_true",
+                   help="if these bytes already are a version of NAME, report it instead of failing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -199,8 +201,12 @@ def _run(fn):  # type: ignore[no-untyped-def]
 def _push(args: argparse.Namespace) -> int:
     with _client(args) as c:
         resp = c.push(args.path, args.name, format=args.format, base_model=args.base_model,
-                      description=args.description, tags=_kv(args.tag), aliases=args.alias, progress=not args.quiet)
+                      description=args.description, tags=_kv(args.tag), aliases=args.alias, progress=not args.quiet,
+                      exist_ok=args.exist_ok)
     a = resp.adapter
+    if resp.existing:
+        print(f"unchanged: {a.name}:{a.version} already has these bytes ({a.digest})")
+        return 0
     print(f"pushed {a.name}:{a.version} {a.digest} rank={a.rank} alpha={a.alpha:g} "
           f"modules={','.join(a.target_modules)}{' (bytes already stored)' if resp.deduplicated else ''}")
     return 0
@@ -210,7 +216,8 @@ def _push(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     with _client(args) as c:
         resp = c.import_adapter(args.source_uri, args.name, format=args.format, base_model=args.base_model,
-                                description=args.description, tags=_kv(args.tag), aliases=args.alias)
+                                description=args.description, tags=_kv(args.tag), aliases=args.alias,
+                                exist_ok=args.exist_ok)
     print(f"imported {resp.adapter.name}:{resp.adapter.version} {resp.adapter.digest}")
     return 0
 

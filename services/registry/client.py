@@ -88,9 +88,14 @@ class RegistryClient:
 
     def push(self, path: str | os.PathLike[str], name: str, *, format: str | None = None, base_model: str = "",
              description: str = "", tags: dict[str, str] | None = None, aliases: list[str] | None = None,
-             chunk_size: int = CHUNK_SIZE, progress: bool = False) -> pb.UploadAdapterResponse:
+             chunk_size: int = CHUNK_SIZE, progress: bool = False,
+             exist_ok: bool = False) -> pb.UploadAdapterResponse:
         """Uploads an archive file, or a directory tarred deterministically; returns the response
-        (`.adapter` is the new version, `.deduplicated` says the bytes were already stored)."""
+        (`.adapter` is the new version, `.deduplicated` says the bytes were already stored).
+
+        exist_ok: if these exact bytes already are a version of `name`, return that version
+        (`.existing` is True) instead of failing with ALREADY_EXISTS: re-running a push is safe.
+        """
         path = Path(path)
         with tempfile.TemporaryDirectory(prefix="loraserve-push-") as tmp:
             if path.is_dir():
@@ -101,7 +106,8 @@ class RegistryClient:
             digest_hex, size = sha256_file(artifact)
             meta = pb.UploadAdapterMetadata(name=name, format=FORMATS[format], base_model=base_model,
                                             description=description, tags=tags or {}, aliases=aliases or [],
-                                            filename=filename, size_bytes=size, digest=f"sha256:{digest_hex}")
+                                            filename=filename, size_bytes=size, digest=f"sha256:{digest_hex}",
+                                            exist_ok=exist_ok)
 
             def requests() -> Iterator[pb.UploadAdapterRequest]:
                 yield pb.UploadAdapterRequest(metadata=meta)
@@ -115,9 +121,10 @@ class RegistryClient:
 
     def import_adapter(self, source_uri: str, name: str, *, format: str | None = None, base_model: str = "",
                        description: str = "", tags: dict[str, str] | None = None,
-                       aliases: list[str] | None = None) -> pb.ImportAdapterResponse:
+                       aliases: list[str] | None = None, exist_ok: bool = False) -> pb.ImportAdapterResponse:
         meta = pb.UploadAdapterMetadata(name=name, format=FORMATS[format], base_model=base_model,
-                                        description=description, tags=tags or {}, aliases=aliases or [])
+                                        description=description, tags=tags or {}, aliases=aliases or [],
+                                        exist_ok=exist_ok)
         return self._call(self.stub.ImportAdapter, pb.ImportAdapterRequest(metadata=meta, source_uri=source_uri))
 
     def delete(self, name: str, version: int | None = None, *, all_versions: bool = False,

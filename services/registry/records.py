@@ -32,6 +32,7 @@ class UploadMeta:
     filename: str = ""
     expected_size: int = 0               # > 0: checked
     expected_digest: str = ""            # "sha256:<hex>": checked
+    exist_ok: bool = False               # same bytes already a version of this name: return it
 
     def check(self) -> None:
         check_name(self.name)
@@ -80,6 +81,13 @@ class AdapterRecord:
                    digest=row.digest, artifact_type=row.artifact_type, created_at=row.created_at,
                    aliases=sorted(a.alias for a in row.aliases), tags={t.key: t.value for t in row.tags},
                    is_latest=row.version == latest_version)
+
+
+@dataclass(slots=True)
+class UploadResult:
+    adapter: AdapterRecord
+    deduplicated: bool                   # the bytes were already in the store (under any name)
+    existing: bool = False               # exist_ok: `adapter` already had these bytes before this call
 
 
 def check_name(name: str) -> None:

@@ -66,7 +66,7 @@ def meta_from_pb(m: pb.UploadAdapterMetadata) -> UploadMeta:
         raise InvalidArgument(f"unknown format enum value {m.format}")
     return UploadMeta(name=m.name, format=FORMAT_FROM_PB[m.format], base_model=m.base_model,
                       description=m.description, tags=dict(m.tags), aliases=list(m.aliases), filename=m.filename,
-                      expected_size=m.size_bytes, expected_digest=m.digest)
+                      expected_size=m.size_bytes, expected_digest=m.digest, exist_ok=m.exist_ok)
 
 
 class _Observed:
@@ -130,11 +130,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                     raise InvalidArgument("only the first UploadAdapterRequest may carry metadata")
             if incoming is None or meta is None:
                 raise InvalidArgument("empty upload: send metadata, then the artifact in chunks")
-            record, dedup = await asyncio.to_thread(self.service.finish_upload, incoming, meta)
-            metrics.UPLOADED_BYTES.inc(record.size_bytes)
-            if dedup:
+            result = await asyncio.to_thread(self.service.finish_upload, incoming, meta)
+            metrics.UPLOADED_BYTES.inc(incoming.size)
+            if result.deduplicated:
                 metrics.DEDUPLICATED.inc()
-            return pb.UploadAdapterResponse(adapter=record_to_pb(record), deduplicated=dedup)
+            return pb.UploadAdapterResponse(adapter=record_to_pb(result.adapter), deduplicated=result.deduplicated,
+                                            existing=result.existing)
         except RegistryError as exc:
             call.failed(exc)
             if incoming is not None:  # clean up before the client hears the answer
@@ -150,9 +151,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     @_mapped
     async def ImportAdapter(self, request: pb.ImportAdapterRequest, context) -> pb.ImportAdapterResponse:
-        record, dedup = await asyncio.to_thread(self.service.import_adapter, meta_from_pb(request.metadata),
-                                                request.source_uri)
-        return pb.ImportAdapterResponse(adapter=record_to_pb(record), deduplicated=dedup)
+        result = await asyncio.to_thread(self.service.import_adapter, meta_from_pb(request.metadata),
+                                         request.source_uri)
+        return pb.ImportAdapterResponse(adapter=record_to_pb(result.adapter), deduplicated=result.deduplicated,
+                                        existing=result.existing)
 
     @_mapped
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.GetAdapterResponse:

@@ -38,7 +38,7 @@ from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFoun
                      RegistryError)
 from .ingest import IncomingArtifact, check_s3_allowed, resolve_allowed_path, stage_path, stage_s3
 from .models import Adapter, AdapterAlias, AdapterTag, AdapterVersionRow, utcnow
-from .records import AdapterRecord, UploadMeta, check_alias, check_name, check_tags
+from .records import AdapterRecord, UploadMeta, UploadResult, check_alias, check_name, check_tags
 from .store import ArtifactStore, age_seconds, make_s3_client, make_store
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class RegistryService:
             self._active_staging.add(path.name)
         return IncomingArtifact(path, self.config.max_artifact_bytes)
 
-    def finish_upload(self, incoming: IncomingArtifact, meta: UploadMeta) -> tuple[AdapterRecord, bool]:
+    def finish_upload(self, incoming: IncomingArtifact, meta: UploadMeta) -> UploadResult:
         """Validates and commits what `incoming` received; returns (record, deduplicated)."""
         try:
             digest_hex = incoming.close()
@@ -101,7 +101,7 @@ class RegistryService:
         with self._active_guard:
             self._active_staging.discard(incoming.path.name)
 
-    def import_adapter(self, meta: UploadMeta, source_uri: str) -> tuple[AdapterRecord, bool]:
+    def import_adapter(self, meta: UploadMeta, source_uri: str) -> UploadResult:
         """Registers an artifact from s3://bucket/key or an allowed server-side path."""
         meta.check()
         if not source_uri:
@@ -126,7 +126,7 @@ class RegistryService:
         return self.finish_upload(incoming, meta)
 
     def _commit(self, staged: Path, digest_hex: str, size: int, meta: UploadMeta,
-                hint: str) -> tuple[AdapterRecord, bool]:
+                hint: str) -> UploadResult:
         digest = f"sha256:{digest_hex}"
         if size == 0:
             raise InvalidArgument("artifact is empty (no chunks received)")
@@ -145,18 +145,21 @@ class RegistryService:
             if meta.format and adapter.format != meta.format:
                 raise InvalidArgument(f"metadata says format {meta.format!r} but the artifact is {adapter.format!r}")
             artifact_type = "nemo" if adapter.format == "nemo" and kind == "tar" else kind
-            self._check_new_digest(meta.name, digest)  # cheap early answer; rechecked in the transaction
+            if (same := self._version_with_digest(meta.name, digest)) is not None:  # early answer, no upload
+                return self._already_there(meta, same)
             with self._blob_lock(digest_hex):
                 created = self.store.put(typed, digest_hex, size)
                 try:
                     record = self._insert_version(meta, adapter, digest, size, artifact_type)
-                except BaseException:
+                except BaseException as exc:
                     if created:
                         self._delete_blob_if_unreferenced(digest_hex)
+                    if isinstance(exc, AlreadyExists) and (same := self._version_with_digest(meta.name, digest)):
+                        return self._already_there(meta, same)  # lost a race to an identical upload
                     raise
             log.info("stored %s version %d (%s, %d bytes%s)", record.name, record.version, digest, size,
                      "" if created else ", deduplicated")
-            return record, not created
+            return UploadResult(record, deduplicated=not created)
         finally:
             typed.unlink(missing_ok=True)
 
@@ -175,12 +178,18 @@ class RegistryService:
             raise InvalidArgument(f"adapter rank {adapter.rank} exceeds the server's max_rank {cfg.max_rank}")
         return adapter
 
-    def _check_new_digest(self, name: str, digest: str) -> None:
+    def _version_with_digest(self, name: str, digest: str) -> AdapterRecord | None:
         with self._sessions() as s:
-            dup = s.scalar(select(AdapterVersionRow.version).join(Adapter, Adapter.id == AdapterVersionRow.adapter_id)
+            row = s.scalar(select(AdapterVersionRow).join(Adapter, Adapter.id == AdapterVersionRow.adapter_id)
                            .where(Adapter.name == name, AdapterVersionRow.digest == digest))
-        if dup is not None:
-            raise AlreadyExists(f"{name} version {dup} already has these exact bytes ({digest})")
+            return None if row is None else queries.record_of(s, row, name)
+
+    @staticmethod
+    def _already_there(meta: UploadMeta, same: AdapterRecord) -> UploadResult:
+        if not meta.exist_ok:
+            raise AlreadyExists(f"{meta.name} version {same.version} already has these exact bytes ({same.digest}); "
+                                "push with exist_ok to get that version back instead")
+        return UploadResult(same, deduplicated=True, existing=True)
 
     def _insert_version(self, meta: UploadMeta, adapter: LoraAdapter, digest: str, size: int,
                         artifact_type: str) -> AdapterRecord:

@@ -31,6 +31,9 @@ def test_adapter_commands(start_registry, artifacts, tmp_path: Path, capsys) -> 
     assert code == 1 and "UNAUTHENTICATED" in err
     code, out, _ = run(capsys, "adapter", "push", str(artifacts(seed=121)), "--name", "cli-lora", "-q", *w)
     assert code == 0 and "cli-lora:2" in out
+    code, out, _ = run(capsys, "adapter", "push", str(artifacts(seed=121)), "--name", "cli-lora", "-q", "--exist-ok",
+                       *w)
+    assert code == 0 and out.startswith("unchanged: cli-lora:2")
 
     code, out, _ = run(capsys, "adapter", "ls", *at)
     lines = out.splitlines()

@@ -134,4 +134,7 @@ def test_same_bytes_same_name_already_exists(client: RegistryClient, artifacts) 
     client.push(artifacts(seed=70), "dup")
     code, msg = code_of(lambda: client.push(artifacts(seed=70), "dup"))
     assert code == grpc.StatusCode.ALREADY_EXISTS and "dup version 1" in msg
-    assert [a.version for a in client.list()] == [1]
+    client.push(artifacts(seed=71), "dup")
+    again = client.push(artifacts(seed=70), "dup", exist_ok=True)  # idempotent re-push
+    assert again.existing and again.deduplicated and again.adapter.version == 1 and not again.adapter.is_latest
+    assert [a.version for a in client.list()] == [1, 2]

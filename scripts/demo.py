@@ -89,7 +89,7 @@ def main() -> int:
         with RegistryClient(reg_addr) as reg:
             for name in names:
                 v = reg.push(os.path.join(adapters_dir, name), name, base_model="loraserve-default",
-                             description=f"demo adapter {name}").adapter
+                             description=f"demo adapter {name}", exist_ok=True).adapter
                 print(f"pushed adapter {v.name} v{v.version} ({v.digest[:19]}..., rank {v.rank}, "
                       f"targets {','.join(v.target_modules)})")
         wait_serving(inf_addr, "loraserve.v1.InferenceService", procs[1])

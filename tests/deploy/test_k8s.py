@@ -88,7 +88,8 @@ def test_services_select_pods_and_target_declared_ports(docs: list[dict[str, Any
     assert set(services) == set(deployments)
     for name, svc in services.items():
         selector = svc["spec"]["selector"]
-        pods = [d for d in deployments.values() if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        pods = [d for d in deployments.values()
+                if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
         assert [d["metadata"]["name"] for d in pods] == [name], f"Service {name} selects {len(pods)} deployments"
         ports = container_ports(pods[0])
         for port in svc["spec"]["ports"]:
@@ -127,7 +128,8 @@ def test_pods_run_as_the_images_non_root_user(docs: list[dict[str, Any]], name: 
     dep = by_kind(docs, "Deployment")[name]
     ctx, c = pod_spec(dep)["securityContext"], container(dep)
     image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
-    user = [i.args for i in final_stage(dockerfile_instructions(DOCKERFILES[image.split("-")[-1]])) if i.keyword == "USER"]
+    dockerfile = DOCKERFILES[image.split("-")[-1]]  # loraserve-registry -> Dockerfile.registry
+    user = [i.args for i in final_stage(dockerfile_instructions(dockerfile)) if i.keyword == "USER"]
     assert ctx["runAsNonRoot"] is True and str(ctx["runAsUser"]) == user[-1].split(":")[0]
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]

@@ -55,7 +55,8 @@ def test_compose_matches_the_compose_spec_schema(compose: dict) -> None:
     import jsonschema
 
     schema = json.loads(importlib.resources.files(schema_mod).joinpath("vendor", "compose-spec.json").read_text())
-    errors = sorted(jsonschema.validators.validator_for(schema)(schema).iter_errors(compose), key=lambda e: list(e.path))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
 
 

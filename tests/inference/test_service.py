@@ -179,3 +179,34 @@ def test_health_serving(stack):
     resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="loraserve.v1.InferenceService"))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
     channel.close()
+
+
+def test_concurrent_cold_requests_share_one_download(stack, tmp_path):
+    with RegistryClient(stack["registry"].address) as client:
+        client.push(str(make_peft_adapter(tmp_path / "eps", seed=55, r=4)), "epsilon", base_model="tiny")
+    stub = stack["stub"]
+    before = stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).disk
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: collect(stub.Generate(greedy_request("epsilon"), timeout=60)), range(6)))
+    after = stub.ListLoadedAdapters(pb.ListLoadedAdaptersRequest()).disk
+    assert after.misses - before.misses == 1  # one download
+    assert after.hits - before.hits == 5      # the other five waited for it
+    assert len({tuple(r[0]) for r in results}) == 1
+
+
+def test_starts_without_registry_and_answers_unavailable(tiny_llama, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=dead, adapter_cache_dir=str(tmp_path / "c"),
+                      registry_timeout_s=5, llm_kwargs=dict(dtype="float32", device="cpu"))
+    with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Generate(greedy_request("alpha"), timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "registry" in err.value.details()
+        tokens, _, complete = collect(stub.Generate(greedy_request(), timeout=30))
+        assert len(tokens) == 10 and complete.finish_reason == pb.FINISH_REASON_LENGTH

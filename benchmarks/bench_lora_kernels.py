@@ -52,7 +52,8 @@ def _event_time(fn, reps: int) -> float:
 
 
 def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device: str, smoke: bool,
-               shrink_cfg: dict | None = None, expand_cfg: dict | None = None, with_ref: bool = True) -> dict:
+               shrink_cfg: dict | None = None, expand_cfg: dict | None = None, with_ref: bool = True,
+               block_m: int | None = None) -> dict:
     hidden, widths = PROJECTIONS[proj]
     if smoke:
         hidden, widths = 64, [w // 256 for w in widths]
@@ -68,7 +69,7 @@ def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device:
     y = torch.randn(T, N, device=device, dtype=dtype)
     buf = torch.empty(S, T, R, device=device)
     slots = (torch.arange(T, device=device) % L).to(torch.int32)  # every adapter gets T/L tokens
-    meta = LoRAMetaBuilder(T, L, device).build(slots)
+    meta = LoRAMetaBuilder(T, L, device, block_m=block_m).build(slots)
 
     def run(i: int) -> None:
         a, b = lora_a[i * L:(i + 1) * L], lora_b[i * L:(i + 1) * L]
@@ -116,12 +117,27 @@ def sweep(device: str) -> None:
         print(f"{proj} r{rank} L{L} T{T}: " + "  ".join(cells), flush=True)
 
 
+def sweep_block_m(device: str) -> None:
+    """Rows per tile for large steps (auto_block_m's choice), with expand at 4 or 8 warps."""
+    print("\nsweep: rows per tile (block_m) for large steps; us per shrink+expand")
+    for proj, rank in (("qkv", 16), ("gate_up", 64), ("down", 64)):
+        for T in (512, 1024):
+            for L in (1, 32):
+                cells = [f"bm{bm}={bench_case(proj, rank, L, T, device, False, with_ref=False, block_m=bm)['triton_us']:.1f}"
+                         for bm in (16, 32, 64)]
+                r = bench_case(proj, rank, L, T, device, False, expand_cfg={"num_warps": 8}, with_ref=False, block_m=64)
+                cells.append(f"bm64+expand8warps={r['triton_us']:.1f}")
+                print(f"{proj} r{rank} L{L} T{T}: " + "  ".join(cells), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--csv", help="also write the rows here")
     ap.add_argument("--sweep", action="store_true", help="also try other launch configurations on a few cases")
+    ap.add_argument("--sweep-block-m", action="store_true", help="also compare rows per tile on large steps")
+    ap.add_argument("--only-sweep", action="store_true", help="skip the main table")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke:
@@ -136,7 +152,7 @@ def main() -> None:
     header = f"{'proj':8s} {'rank':>4s} {'loras':>5s} {'tokens':>6s} {'triton_us':>10s} {'ref_us':>9s} " \
              f"{'speedup':>7s} {'MB':>7s} {'GB/s':>7s} {'%copy':>6s}"
     print(header)
-    for proj in PROJECTIONS:
+    for proj in ([] if args.only_sweep else PROJECTIONS):
         for rank in (16, 64):
             for L in adapters:
                 for T in tokens:
@@ -151,7 +167,9 @@ def main() -> None:
                           f"{row['pct']:6.1f}", flush=True)
     if args.sweep and not args.smoke:
         sweep(device)
-    if args.csv:
+    if args.sweep_block_m and not args.smoke:
+        sweep_block_m(device)
+    if args.csv and rows:
         with open(args.csv, "w") as f:
             f.write(",".join(rows[0]) + "\n")
             for row in rows:

@@ -72,10 +72,18 @@ class LoRAMeta:
 MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 
 
-def auto_block_m(num_tokens: int) -> int:
-    """16-row tiles for decode-sized steps; 64 for large ones, where B (expand) and A (shrink)
-    are otherwise re-read from L2 once per 16 tokens."""
-    return MIN_BLOCK_M if num_tokens < 512 else 64
+def auto_block_m(num_tokens: int, num_segments: int | None = None) -> int:
+    """Rows per tile from host-known sizes. Long segments want big tiles (A and B are re-read
+    from L2 once per tile), short ones small tiles (a tile never spans two slots, so a
+    16-token segment in a 64-row tile wastes the rest). Measured on an H200 at Llama-3-8B
+    shapes (benchmarks/bench_lora_kernels.py --sweep-block-m): 64 wins for segments of
+    >= 256 tokens, 32 for ~32-token segments at T >= 1024, 16 below. Without a segment
+    count (which lives on the GPU) assume decode-like steps: 16 below 512 tokens, else 32.
+    """
+    if num_segments:
+        avg = num_tokens / num_segments
+        return 64 if avg >= 256 else 32 if avg >= 32 and num_tokens >= 1024 else MIN_BLOCK_M
+    return MIN_BLOCK_M if num_tokens < 512 else 32
 
 
 def grid_tiles_for(num_tokens: int, block_m: int, max_slots: int) -> int:
@@ -118,14 +126,22 @@ class LoRAMetaBuilder:
         self._tile_ids = torch.arange(self.max_tiles, **i64)
         self._counts = torch.zeros(max_slots + 1, **i64)
 
-    def build(self, token_slot: Tensor) -> LoRAMeta:
-        """Fill the buffers for ``token_slot`` ([T] int, -1 = none, else < max_slots)."""
+    def build(self, token_slot: Tensor, *, block_m: int | None = None,
+              num_segments_hint: int | None = None) -> LoRAMeta:
+        """Fill the buffers for ``token_slot`` ([T] int, -1 = none, else < max_slots).
+
+        block_m overrides the builder's choice for this step; num_segments_hint (the number
+        of distinct adapters in the step, known to the scheduler) improves the automatic one.
+        Under CUDA graphs keep both a function of T alone, so that the grid matches capture.
+        """
         if token_slot.dim() != 1:
             raise ValueError(f"token_slot must be 1-D [T], got shape {tuple(token_slot.shape)}")
         if token_slot.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token_slot must be int32 or int64, got {token_slot.dtype}")
         T, L = token_slot.numel(), self.max_slots
-        BM = self.block_m or auto_block_m(T)
+        BM = block_m or self.block_m or auto_block_m(T, num_segments_hint)
+        if BM < MIN_BLOCK_M or BM & (BM - 1):
+            raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {BM}")
         if T > self.max_tokens:
             raise ValueError(f"{T} tokens exceed the builder's max_tokens={self.max_tokens}")
         if token_slot.device.type == "cpu" and T:  # cheap here; on GPU it would cost a sync

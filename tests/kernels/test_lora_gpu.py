@@ -21,16 +21,17 @@ PROJECTIONS = {
 }
 
 
-@pytest.mark.parametrize("num_tokens,composition", [
-    (1, "uniform"), (7, "no-adapter-rows"), (256, "mixed-ranks"), (1024, "zipf:1.5"), (2048, "no-adapter-rows"),
+@pytest.mark.parametrize("num_tokens,composition,block_m", [  # block_m None: auto (16, 16, 16, 32)
+    (1, "uniform", None), (7, "no-adapter-rows", None), (256, "mixed-ranks", None), (1024, "zipf:1.5", None),
+    (2048, "no-adapter-rows", 64),
 ])
 @pytest.mark.parametrize("proj", list(PROJECTIONS))
-def test_llama3_8b_shapes_bf16(proj: str, num_tokens: int, composition: str) -> None:
+def test_llama3_8b_shapes_bf16(proj: str, num_tokens: int, composition: str, block_m: int | None) -> None:
     hidden, widths = PROJECTIONS[proj]
     S, R, L = len(widths), 64, 32
     p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=R, widths=widths, num_slots=L,
                      composition=composition, dtype=torch.bfloat16, seed=num_tokens, device="cuda")
-    meta = LoRAMetaBuilder(4096, L, "cuda").build(p.token_slot)
+    meta = LoRAMetaBuilder(4096, L, "cuda").build(p.token_slot, block_m=block_m)
     buf_tri = torch.full((S, num_tokens, R), float("nan"), device="cuda")
     buf_ref = buf_tri.clone()
     lora_shrink(p.x, p.lora_a, meta, p.ranks, buf_tri)

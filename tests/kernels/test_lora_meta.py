@@ -88,10 +88,16 @@ def test_block_m_must_suit_tl_dot() -> None:
         LoRAMetaBuilder(16, 4, "cpu", block_m=8)
 
 
-def test_auto_block_m_depends_on_token_count_only() -> None:
-    builder = LoRAMetaBuilder(1024, 8, "cpu")
+def test_auto_block_m_from_host_sizes_only() -> None:
+    builder = LoRAMetaBuilder(2048, 8, "cpu")
     small = builder.build(torch.zeros(511, dtype=torch.int32))
     assert small.block_m == 16 and int(small.num_tiles) == 32
     large = builder.build(torch.arange(600, dtype=torch.int32) % 8)
-    assert large.block_m == 64 and int(large.num_tiles) == 8 * 2  # 75 tokens a slot
-    assert large.grid_tiles == -(-600 // 64) + 8
+    assert large.block_m == 32 and int(large.num_tiles) == 8 * 3  # 75 tokens a slot
+    assert large.grid_tiles == -(-600 // 32) + 8
+    prefill = builder.build(torch.zeros(2048, dtype=torch.int32), num_segments_hint=1)
+    assert prefill.block_m == 64 and int(prefill.num_tiles) == 32
+    forced = builder.build(torch.zeros(100, dtype=torch.int32), block_m=128)
+    assert forced.block_m == 128 and int(forced.num_tiles) == 1
+    with pytest.raises(ValueError, match="block_m"):
+        builder.build(torch.zeros(4, dtype=torch.int32), block_m=24)

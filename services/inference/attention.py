@@ -77,8 +77,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             ki = _gather(k_cache, ctx.block_tables[i], total)
             vi = _gather(v_cache, ctx.block_tables[i], total)
-        ki = ki.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0)  # (H, L, D)
-        vi = vi.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0)
+        # 4-D (1, H, L, D): the fused flash / memory-efficient SDPA kernels take only 4-D inputs
+        qi = qi.unsqueeze(0)
+        ki = ki.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0).unsqueeze(0)
+        vi = vi.transpose(0, 1).repeat_interleave(num_heads // kvh, dim=0).unsqueeze(0)
         # query i sits at position total - qlen + i and sees keys 0..that position
         if total == qlen:
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
@@ -87,6 +89,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             kpos = torch.arange(total, device=q.device)
             mask = kpos[None, :] <= qpos[:, None]
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
-        out[start:start + qlen] = oi.transpose(0, 1)
+        out[start:start + qlen] = oi[0].transpose(0, 1)
         start += qlen
     return out

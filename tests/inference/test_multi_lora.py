@@ -161,3 +161,30 @@ def test_nemo_adapter_matches_same_weights_as_peft(tiny_llama, tmp_path):
     out = llm.generate(PROMPTS[2], p, lora_request=LoRARequest("nemo", 1, str(nemo_path), "nemo")).outputs[0].token_ids
     assert out == peft_greedy(peft_model, PROMPTS[2], 8)
     assert out != peft_greedy(base, PROMPTS[2], 8)
+
+
+def test_waiting_adapter_is_not_starved(tiny_llama, adapters):
+    """One GPU slot, a steady stream of requests for adapter A, and one request for B: B must
+    get the slot after the A requests that came before it, not wait forever."""
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=16, max_loras=1),
+              max_num_seqs=4)
+    eng = llm.engine
+    a = LoRARequest("qv-r4", 1, adapters["qv-r4"][0])
+    b = LoRARequest("all-r8", 2, adapters["all-r8"][0])
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    eng.add_request("a0", PROMPTS[0], p, a)
+    eng.step()
+    eng.add_request("b", PROMPTS[1], p, b)
+    done_b_at = None
+    for step in range(200):
+        eng.add_request(f"a{step + 1}", PROMPTS[0], p, a)  # new A work arrives every step
+        for out in eng.step():
+            if out.request_id == "b" and out.finished:
+                done_b_at = step
+        if done_b_at is not None:
+            break
+    assert done_b_at is not None and done_b_at < 30, done_b_at
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.lora_manager.stats_dict()["device_slots_pinned"] == 0

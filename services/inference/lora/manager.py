@@ -8,8 +8,9 @@ serves the old ones. Host tier: up to max_cpu_loras adapters or host_cache_size 
 (pinned memory on CUDA), LRU, never dropping an adapter that a queued or running request
 holds. Device tier: max_loras slots (or device_cache_percent of free GPU memory), LRU,
 never evicting a slot pinned by a running sequence. A request whose adapter finds no free
-slot waits in the queue (the scheduler skips it) and is admitted once a slot frees; while
-the oldest such request waits, slots left unpinned are kept for it, so it cannot starve.
+slot waits in the queue (the scheduler skips it; base-model requests and running ones go
+on) and is admitted once a slot frees; while it waits, newer adapter requests are not
+admitted ahead of it, so the slots drain to it and it cannot starve.
 """
 from __future__ import annotations
 
@@ -206,13 +207,11 @@ class LoRAManager:
         with self.lock:
             h: AdapterHandle = seq.lora
             oldest = min(self._blocked.values(), default=None)
+            if oldest is not None and oldest < seq.arrival_time:
+                return False  # an older request waits for a slot: adapter requests go first come, first served
             if h.slot is not None:
-                if h.slot_pins == 0 and oldest is not None and oldest < seq.arrival_time:
-                    return False  # leave the unpinned slot to an older request that waits for one
                 self.stats.device.hits += 1
                 return self._pin(h, seq)
-            if oldest is not None and oldest < seq.arrival_time and seq.seq_id not in self._blocked:
-                return False
             slot = self._free_slot()
             if slot is None:
                 self._blocked.setdefault(seq.seq_id, seq.arrival_time)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from .lora.manager import TierStats
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_SUFFIX = {"tar": ".tar", "tar.gz": ".tar.gz", "zip": ".zip", "nemo": ".nemo"}
@@ -43,14 +45,6 @@ class FetchedAdapter:
     downloaded: bool     # False: served from the disk cache
 
 
-@dataclass
-class DiskStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes_loaded: int = 0
-
-
 class AdapterFetcher:
     def __init__(self, address: str | None, cache_dir: str, token: str | None = None, timeout_s: float = 30.0):
         self.address, self.cache_dir, self.token, self.timeout_s = address, cache_dir, token, timeout_s
@@ -58,7 +52,7 @@ class AdapterFetcher:
         self._channel = None
         self._stub = None
         self._inflight: dict[str, asyncio.Future] = {}
-        self.stats = DiskStats()
+        self.stats = TierStats()  # the disk tier's counters, same shape as the host/GPU tiers
 
     def _registry(self):
         if self.address is None:

@@ -210,3 +210,42 @@ def test_starts_without_registry_and_answers_unavailable(tiny_llama, tmp_path):
         assert "registry" in err.value.details()
         tokens, _, complete = collect(stub.Generate(greedy_request(), timeout=30))
         assert len(tokens) == 10 and complete.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_adapter_that_does_not_fit_is_invalid_argument(stack, tmp_path):
+    with RegistryClient(stack["registry"].address) as client:
+        client.push(str(make_peft_adapter(tmp_path / "big", seed=5, r=16)), "too-big", base_model="tiny")
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stack["stub"].Generate(greedy_request("too-big"), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_lora_rank" in err.value.details()
+    assert len(collect(stack["stub"].Generate(greedy_request("alpha"), timeout=60))[0]) == 10
+
+
+def test_generate_cli_streams_the_same_text(stack, offline):
+    import subprocess
+    import sys
+
+    ref = offline.generate("hello world", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                           lora_request=LoRARequest("alpha", 1, stack["adapters"]["alpha"])).outputs[0].text
+    out = subprocess.run([sys.executable, "-m", "loraserve.cli", "generate", "hello world", "--server",
+                          stack["srv"].address, "--adapter", "alpha", "--max-tokens", "8", "--stats"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == ref.rstrip("\n") or out.stdout[:-1] == ref
+    assert "completion=" in out.stderr
+
+
+def test_full_queue_is_resource_exhausted(tiny_llama, tmp_path):
+    cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=None, adapter_cache_dir=str(tmp_path / "c"),
+                      max_queue_size=1, llm_kwargs=dict(dtype="float32", device="cpu"))
+    with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        first = stub.Generate(greedy_request(max_tokens=300), timeout=60)
+        assert next(first).WhichOneof("response") == "chunk"
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Generate(greedy_request(), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+        time.sleep(0.3)
+        assert len(collect(stub.Generate(greedy_request(), timeout=30))[0]) == 10

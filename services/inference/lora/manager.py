@@ -141,9 +141,12 @@ class LoRAManager:
             if key is not None and key in self.handles and self.handles[key].adapter is not None:
                 self.by_id[req.lora_int_id] = key
                 return self._hold(self.handles[key], hit=True)
-        adapter = load_adapter(real, req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real)
-                               else None, max_rank=self.max_rank, max_bytes=self.lora_config.max_lora_bytes)
-        return self.add_adapter(adapter, req, source=real, signature=sig)
+        source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real) else None
+        try:
+            adapter = load_adapter(real, source, max_bytes=self.lora_config.max_lora_bytes)
+            return self.add_adapter(adapter, req, source=real, signature=sig)
+        except AdapterFormatError as exc:
+            raise AdapterFormatError(f"adapter {req.lora_name!r}: {exc}") from exc
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None
                     ) -> AdapterHandle:

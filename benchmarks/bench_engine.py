@@ -145,6 +145,23 @@ def random_adapters(args, n: int, rank: int, dtype):
     return adapters
 
 
+class _Printing(dict):
+    """Prints each result as soon as it is measured (a run cut short still reports)."""
+
+    def __init__(self, init):
+        super().__init__()
+        for k, v in init.items():
+            self[k] = v
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}", flush=True)
+
+    def update(self, other):
+        for k, v in other.items():
+            self[k] = v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -159,7 +176,7 @@ def main() -> int:
     from loraserve.config import engine_config_from_kwargs
     from loraserve.inference.engine import LLMEngine
 
-    res = {"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len}
+    res = _Printing({"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len})
     bw = copy_bandwidth()
     res["copy_bandwidth_GBps"] = bw / 1e9
     path = tempfile.mkdtemp(prefix="llama8b-")
@@ -196,8 +213,6 @@ def main() -> int:
         res[f"fraction_of_roofline_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"roofline_decode_bs{k}_tok_s"]
     if "hf_prefill_tok_s" in res:
         res["speedup_vs_hf_prefill"] = res["loraserve_prefill_tok_s"] / res["hf_prefill_tok_s"]
-    for k, v in res.items():
-        print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

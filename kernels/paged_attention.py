@@ -24,13 +24,12 @@ if HAS_TRITON:
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, stride_tb, stride_ob, stride_oh,
-                             G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_n = tl.arange(0, BS)
         g_mask = offs_g < G
         heads = kvh * G + offs_g
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -39,23 +38,21 @@ if HAS_TRITON:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        # BLOCK_N keys per iteration, gathered from BLOCK_N // BS cache blocks
-        for start in range(0, length, BLOCK_N):
-            pos = start + offs_n
+        num_blocks = tl.cdiv(length, BS)
+        for j in range(0, num_blocks):
+            block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+            pos = j * BS + offs_n
             valid = pos < length
-            block = tl.load(tables_ptr + b * stride_tb + pos // BS, mask=valid, other=0).to(tl.int64)
-            row = block * stride_kb + (pos % BS) * stride_ks
-            k = tl.load(k_ptr + row[:, None] + kvh * stride_kh + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)                               # (BLOCK_N, D)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale                         # (G_PAD, BLOCK_N)
+            k = tl.load(k_ptr + block * stride_kb + offs_n[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)                               # (BS, D)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale                         # (G_PAD, BS)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vrow = block * stride_vb + (pos % BS) * stride_vs
-            v = tl.load(v_ptr + vrow[:, None] + kvh * stride_vh + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)                               # (BLOCK_N, D)
+            v = tl.load(v_ptr + block * stride_vb + offs_n[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)                               # (BS, D)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
         out = acc / l_i[:, None]
@@ -71,7 +68,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
     assert H % KVH == 0, f"{H} query heads not a multiple of {KVH} KV heads"
     assert D & (D - 1) == 0 and D >= 16, f"head_dim {D} must be a power of two >= 16"
-    assert BS >= 1, f"block size {BS} must be >= 1"
+    assert BS >= 16 and BS & (BS - 1) == 0, f"block size {BS} must be a power of two >= 16"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert block_tables.shape[0] >= B and context_lens.shape[0] >= B
     G = H // KVH
@@ -81,7 +78,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=BS, D=D, BLOCK_N=64 if D <= 128 else 32)
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=BS, D=D)
     return out
 
 

@@ -9,6 +9,8 @@ Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -37,6 +39,36 @@ class OpenAIError(Exception):
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
                       "code": code}}
+
+
+def map_exception(exc: BaseException) -> OpenAIError:
+    """InferenceCore's typed errors -> HTTP status (same table as the gRPC codes)."""
+    from loraserve.adapters import AdapterFormatError
+
+    from .adapter_source import RegistryAdapterNotFound, RegistryUnavailableError
+    from .core import InvalidRequestError, QueueFullError, ShuttingDownError
+    from .lora.manager import AdapterAccessError, AdapterCapacityError, AdapterNotFoundError
+
+    if isinstance(exc, OpenAIError):
+        return exc
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, (AdapterNotFoundError, RegistryAdapterNotFound)):
+        return OpenAIError(404, message, param="model", code="model_not_found")
+    if isinstance(exc, (AdapterAccessError, PermissionError)):
+        return OpenAIError(403, message, param="lora_request")
+    if isinstance(exc, (QueueFullError, AdapterCapacityError)):
+        return OpenAIError(429, message)
+    if isinstance(exc, (RegistryUnavailableError, ShuttingDownError)):
+        return OpenAIError(503, message)
+    if isinstance(exc, (InvalidRequestError, AdapterFormatError, ValueError)):
+        return OpenAIError(400, message)
+    logging.getLogger("loraserve.inference.openai_server").error("unexpected error in the OpenAI front",
+                                                                 exc_info=exc)
+    return OpenAIError(500, f"internal error: {type(exc).__name__}: {message}")
+
+
+def sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
 # ---- requests ----------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import socket
@@ -30,7 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -38,41 +37,12 @@ from loraserve.config import LoRARequest
 
 from . import openai_protocol as proto
 from .core import AdapterSpec, InferenceCore
-from .openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from .openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, map_exception, sse
 from .outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 
 BASE_MODEL_ALIASES = ("default",)
-
-
-def map_exception(exc: BaseException) -> OpenAIError:
-    """InferenceCore's typed errors -> HTTP status (same table as the gRPC codes)."""
-    from loraserve.adapters import AdapterFormatError
-
-    from .adapter_source import RegistryAdapterNotFound, RegistryUnavailableError
-    from .core import InvalidRequestError, QueueFullError, ShuttingDownError
-    from .lora.manager import AdapterAccessError, AdapterCapacityError, AdapterNotFoundError
-
-    if isinstance(exc, OpenAIError):
-        return exc
-    message = str(exc) or type(exc).__name__
-    if isinstance(exc, (AdapterNotFoundError, RegistryAdapterNotFound, LookupError)):
-        return OpenAIError(404, message, param="model", code="model_not_found")
-    if isinstance(exc, (AdapterAccessError, PermissionError)):
-        return OpenAIError(403, message, param="lora_request")
-    if isinstance(exc, (QueueFullError, AdapterCapacityError)):
-        return OpenAIError(429, message)
-    if isinstance(exc, (RegistryUnavailableError, ShuttingDownError)):
-        return OpenAIError(503, message)
-    if isinstance(exc, (InvalidRequestError, AdapterFormatError, ValueError)):
-        return OpenAIError(400, message)
-    log.exception("unexpected error in the OpenAI front", exc_info=exc)
-    return OpenAIError(500, f"internal error: {type(exc).__name__}: {message}")
-
-
-def sse(data: dict | str) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
 # ---- choices: one engine request per (prompt, j < n) ---------------------------------------------
@@ -92,22 +62,17 @@ async def close_all(choices: list[Choice]) -> None:
 
 async def start_choices(core: InferenceCore, prompts: list, make_params, adapter: AdapterSpec | None,
                         n: int, rid: str) -> list[Choice]:
-    """Start every choice and wait for each one's first output; on any error abort them all."""
-    choices: list[Choice] = []
-    try:
-        for p_idx, prompt in enumerate(prompts):
-            for j in range(n):
-                index = p_idx * n + j
-                stream = core.generate(prompt, make_params(p_idx, j), adapter, request_id=f"{rid}-{index}")
-                try:
-                    first = await stream.__anext__()
-                except BaseException:
-                    await stream.aclose()
-                    raise
-                choices.append(Choice(index, p_idx, stream, first))
-    except BaseException:
+    """Start every choice at once and wait for each one's first output (the adapter is resolved
+    and the request admitted by then); on any error abort them all and raise the first."""
+    plan = [(p_idx * n + j, p_idx, prompt, j) for p_idx, prompt in enumerate(prompts) for j in range(n)]
+    streams = [core.generate(prompt, make_params(p_idx, j), adapter, request_id=f"{rid}-{index}")
+               for index, p_idx, prompt, j in plan]
+    firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+    choices = [Choice(index, p_idx, s, first) for (index, p_idx, _, _), s, first in zip(plan, streams, firsts)]
+    errors = [f for f in firsts if isinstance(f, BaseException)]
+    if errors:
         await close_all(choices)
-        raise
+        raise errors[0]
     return choices
 
 
@@ -357,16 +322,10 @@ def build_app(core: InferenceCore) -> FastAPI:
         err = map_exception(exc)
         return JSONResponse(err.body(), status_code=err.status)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            try:
-                front.check_auth(request)
-            except OpenAIError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
-        return await call_next(request)
+    async def authorized(request: Request) -> None:
+        front.check_auth(request)  # raises OpenAIError(401), rendered by the handler above
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest):
         try:
             return await front.completions(req)
@@ -374,7 +333,7 @@ def build_app(core: InferenceCore) -> FastAPI:
             err = map_exception(exc)
             return JSONResponse(err.body(), status_code=err.status)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(req: ChatCompletionRequest):
         try:
             return await front.chat_completions(req)
@@ -382,7 +341,7 @@ def build_app(core: InferenceCore) -> FastAPI:
             err = map_exception(exc)
             return JSONResponse(err.body(), status_code=err.status)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
         return await front.models()
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from loraserve.cli import main
-from loraserve.inference.bench.dataset import BenchRequest, popularity_weights, read_jsonl
-from loraserve.inference.bench.dataset import model_vocab
+from loraserve.inference.bench.dataset import BenchRequest, model_vocab, popularity_weights, read_jsonl
 
 
 def prepare(tmp_path, *args) -> str:

@@ -11,7 +11,6 @@ Without --address the engine runs in this process (loraserve.LLM), like trtllm-b
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys

@@ -111,10 +111,10 @@ def sample_task_ids(rng: np.random.Generator, n: int, lo: int, hi: int, populari
     return (lo + rng.choice(hi - lo + 1, size=n, p=p)).tolist()
 
 
-def random_token_ids(rng: np.random.Generator, length: int, vocab_size: int, exclude: set[int]) -> list[int]:
-    """`length` ids drawn uniformly from [0, vocab_size) minus `exclude` (EOS/BOS: a prompt should not end early)."""
-    allowed = np.setdiff1d(np.arange(vocab_size), np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
-    return rng.choice(allowed, size=length, replace=True).tolist()
+def allowed_token_ids(vocab_size: int, exclude: Iterable[int]) -> np.ndarray:
+    """[0, vocab_size) minus `exclude` (EOS/BOS: a random prompt should not hold them)."""
+    exclude = sorted({int(t) for t in exclude})
+    return np.setdiff1d(np.arange(vocab_size), np.asarray(exclude, dtype=np.int64))
 
 
 @dataclass
@@ -162,10 +162,10 @@ def generate(spec: DatasetSpec, vocab_size: int, exclude_ids: Iterable[int] = ()
         task_ids = sample_task_ids(rng, n, *spec.rand_task_id, spec.popularity, spec.zipf_s)
     else:
         task_ids = [spec.task_id] * n
-    exclude = set(int(t) for t in exclude_ids)
+    allowed = allowed_token_ids(vocab_size, exclude_ids)
     out = []
     for i in range(n):
-        req = BenchRequest(i, random_token_ids(rng, in_lens[i], vocab_size, exclude), out_lens[i])
+        req = BenchRequest(i, allowed[rng.integers(0, len(allowed), size=in_lens[i])].tolist(), out_lens[i])
         tid = task_ids[i]
         if tid >= 0 and spec.lora_dir:
             req.lora_request = {"lora_name": f"lora_{tid}", "lora_int_id": tid,

@@ -122,3 +122,31 @@ def test_failed_requests_are_counted(tmp_path, bench_model, dataset):
     report = json.loads(report_path.read_text())
     assert report["num_requests"] == 4 and report["num_failed"] == 1 and report["num_completed"] == 3
     assert any("missing" in msg or "exist" in msg for msg in report["errors"])
+
+
+def test_grpc_run_with_registry_adapters(tmp_path, bench_model, lora_dir):
+    """Rows naming registry adapters ("name", "name:1"): the server fetches them on demand."""
+    from loraserve.registry.client import RegistryClient
+    from loraserve.registry.config import RegistryConfig
+    from loraserve.registry.testing import RunningRegistry
+
+    data = str(tmp_path / "reg.jsonl")
+    assert main(["bench", "prepare-dataset", "--model", bench_model, "--num-requests", "10", "--input-mean", "8",
+                 "--output-mean", "3", "--adapters", "ad0", "ad1:1", "--output", data]) == 0
+    with RunningRegistry(RegistryConfig(data_dir=tmp_path / "registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            client.push(f"{lora_dir}/0", "ad0")
+            client.push(f"{lora_dir}/1", "ad1")
+        cfg = ServeConfig(model=bench_model, port=0, registry_address=reg.address,
+                          adapter_cache_dir=str(tmp_path / "cache"),
+                          llm_kwargs=dict(dtype="float32", device="cpu", lora_config={"max_lora_rank": 8}))
+        with RunningInference(cfg) as srv:
+            report_path = tmp_path / "report.json"
+            assert main(["bench", "throughput", "--dataset", data, "--address", srv.address, "--warmup", "0",
+                         "--no-progress", "--report-json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["num_completed"] == 10 and report["total_output_tokens"] == 30
+    assert set(report["requests_per_adapter"]) <= {"ad0", "ad1:1"} and report["num_adapters"] >= 1
+    disk = report["adapter_cache"]["tiers"]["disk"]
+    assert disk["misses"] == report["num_adapters"]          # each adapter downloaded once, then served from disk
+    assert disk["hits"] + disk["misses"] == 10

@@ -55,22 +55,34 @@ def _use_decode_kernel(q: torch.Tensor) -> bool:
     return q.is_cuda and triton_available()
 
 
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, max_len: int | None, scale: float) -> torch.Tensor:
+    """All-decode attention: q [B, H, D], one query per sequence -> [B, H, D]."""
+    if _use_decode_kernel(q):
+        from loraserve.kernels.paged_attention import paged_decode_attention
+
+        # device-side lengths and tables only: capturable in a CUDA graph
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _decode(q, k_cache, v_cache, block_tables, context_lens, max_len, scale)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [N, H, D], k/v: [N, KVH, D] for the N tokens of this step -> [N, H, D]."""
     ctx = get_context()
     store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-    if ctx.decode_only and _use_decode_kernel(q):
-        from loraserve.kernels.paged_attention import paged_decode_attention
-
-        # device-side lengths and tables only: capturable in a CUDA graph
-        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
     if ctx.decode_only:
-        return _decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, max(ctx.context_lens_list), scale)
-    num_heads, kvh = q.shape[1], k.shape[1]
+        max_len = max(ctx.context_lens_list) if ctx.context_lens_list else None
+        return _decode_rows(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, max_len, scale)
     out = torch.empty_like(q)
-    start = 0
-    for i, (qlen, total) in enumerate(zip(ctx.query_lens, ctx.context_lens_list)):
+    prefill = ctx.prefill_seqs
+    if ctx.decode_rows is not None:
+        # a mixed step: the one-token (decode) sequences go through the batched decode path at once
+        rows, seqs = ctx.decode_rows, ctx.decode_seqs
+        out[rows] = _decode_rows(q[rows], k_cache, v_cache, ctx.block_tables[seqs], ctx.context_lens[seqs],
+                                 ctx.decode_max_len, scale)
+    num_heads, kvh = q.shape[1], k.shape[1]
+    for i, start, qlen, total in prefill:
         qi = q[start:start + qlen].transpose(0, 1)  # (H, q, D)
         if total == qlen:  # whole sequence in this step: use the fresh K/V, no gather
             ki, vi = k[start:start + qlen], v[start:start + qlen]
@@ -90,5 +102,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             mask = kpos[None, :] <= qpos[:, None]
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[start:start + qlen] = oi[0].transpose(0, 1)
-        start += qlen
     return out

@@ -8,7 +8,7 @@ import torch
 
 from loraserve.config import EngineConfig
 
-from .context import Context, reset_context, set_context
+from .context import Context, reset_context, set_context, split_mixed
 from .models.llama import LlamaForCausalLM, ModelArgs
 from .sampler import sample
 from .scheduler import ScheduledBatch
@@ -111,6 +111,8 @@ class ModelRunner:
             block_tables=tables,
             decode_only=decode_only,
         )
+        if not decode_only:
+            split_mixed(ctx, dev)
         if self.lora_manager is not None:
             ctx.lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
         set_context(ctx)

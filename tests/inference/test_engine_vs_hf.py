@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraserve import LLM, SamplingParams
-from loraserve.inference.context import Context, reset_context, set_context
+from loraserve.inference.context import Context, reset_context, set_context, split_mixed
 
 from tests.inference.conftest import make_random_model
 
@@ -58,6 +58,7 @@ def test_prefill_logits_match_transformers(tiny_llama):
     ctx = Context(slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(len(ids))]),
                   query_lens=[len(ids)], context_lens=torch.tensor([len(ids)]), context_lens_list=[len(ids)],
                   block_tables=torch.tensor([blocks]), decode_only=False)
+    split_mixed(ctx, torch.device("cpu"))
     set_context(ctx)
     try:
         with torch.inference_mode():

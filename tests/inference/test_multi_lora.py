@@ -184,7 +184,8 @@ def test_waiting_adapter_is_not_starved(tiny_llama, adapters):
                 done_b_at = step
         if done_b_at is not None:
             break
-    assert done_b_at is not None and done_b_at < 30, done_b_at
+    # at most max_slot_bypass newer A requests go ahead of B; without the bound B never runs
+    assert done_b_at is not None and done_b_at < 4 * eng.lora_manager.max_slot_bypass, done_b_at
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.lora_manager.stats_dict()["device_slots_pinned"] == 0

@@ -9,8 +9,9 @@ serves the old ones. Host tier: up to max_cpu_loras adapters or host_cache_size 
 holds. Device tier: max_loras slots (or device_cache_percent of free GPU memory), LRU,
 never evicting a slot pinned by a running sequence. A request whose adapter finds no free
 slot waits in the queue (the scheduler skips it; base-model requests and running ones go
-on) and is admitted once a slot frees; while it waits, newer adapter requests are not
-admitted ahead of it, so the slots drain to it and it cannot starve.
+on) and is admitted once a slot frees; while it waits, newer requests for resident adapters
+may go ahead of it only a bounded number of times (max_slot_bypass), then the slots drain
+to it, so it cannot starve.
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ class LoRAManager:
         self.by_id: dict[int, str] = {}
         self._digest_of: dict[tuple, str] = {}
         self._blocked: dict[int, float] = {}  # seq_id -> arrival of sequences waiting for a slot
+        self._bypasses: dict[int, int] = {}   # seq_id -> newer requests admitted ahead of it meanwhile
+        self.max_slot_bypass = 16
         self.stats = CacheStats()
         self.lock = threading.RLock()
         from loraserve.kernels import LoRAMetaBuilder
@@ -202,6 +205,7 @@ class LoRAManager:
         """A request ended (finished or aborted): drop its hold on the adapter."""
         with self.lock:
             self._blocked.pop(seq.seq_id, None)
+            self._bypasses.pop(seq.seq_id, None)
             if seq.lora is not None:
                 self.release(seq.lora)
 
@@ -209,9 +213,14 @@ class LoRAManager:
     def try_acquire(self, seq: Sequence) -> bool:
         with self.lock:
             h: AdapterHandle = seq.lora
-            oldest = min(self._blocked.values(), default=None)
-            if oldest is not None and oldest < seq.arrival_time:
-                return False  # an older request waits for a slot: adapter requests go first come, first served
+            oldest = min(self._blocked.items(), key=lambda kv: kv[1], default=None)
+            if oldest is not None and oldest[1] < seq.arrival_time:
+                # An older request waits for a slot. Newer requests whose adapter is resident may go
+                # ahead of it a bounded number of times (throughput), then everyone waits its turn
+                # so that the slots drain to it (no starvation).
+                if h.slot is None or self._bypasses.get(oldest[0], 0) >= self.max_slot_bypass:
+                    return False
+                self._bypasses[oldest[0]] = self._bypasses.get(oldest[0], 0) + 1
             if h.slot is not None:
                 self.stats.device.hits += 1
                 return self._pin(h, seq)
@@ -229,6 +238,7 @@ class LoRAManager:
 
     def _pin(self, h: AdapterHandle, seq: Sequence) -> bool:
         self._blocked.pop(seq.seq_id, None)
+        self._bypasses.pop(seq.seq_id, None)
         h.slot_pins += 1
         self.slot_lru[h.slot] = None
         self.slot_lru.move_to_end(h.slot)

@@ -1,7 +1,6 @@
 """`loraserve serve` (the inference service) and `loraserve generate` (a streaming client)."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from loraserve.adapters import AdapterFormatError
 from loraserve.config import LoraConfig, LoRARequest, SamplingParams, engine_config_from_kwargs
 
 from .adapter_source import (AdapterFetcher, DigestMismatchError, RegistryAdapterNotFound,  # noqa: F401
@@ -144,7 +142,3 @@ class InferenceCore:
         self.shutting_down = True
         self.async_llm.shutdown()
         await self.fetcher.close()
-
-
-def now() -> float:
-    return time.monotonic()

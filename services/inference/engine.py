@@ -18,7 +18,7 @@ from .model_runner import ModelRunner
 from .models.loader import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from loraserve import LLM, LoraConfig, LoRARequest, PeftCacheConfig, SamplingParams
+from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 45)), [3] * 9]
 

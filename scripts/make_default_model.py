@@ -5,7 +5,7 @@ base model from text every machine has: the `*.py` sources of the running interp
 standard library. The script
 
 1. picks a deterministic corpus (sorted paths, test suites and data tables left out, about
-   4 MB of text),
+   4 MB of text; every 10th file upper-cased, see SHOUTED_FILE_EVERY),
 2. trains a byte-level BPE tokenizer on it with `tokenizers` (lossless: decode(encode(s)) == s
    for any string, multi-byte UTF-8 included, because every byte is in the base alphabet),
 3. trains a `transformers.LlamaForCausalLM` (by default hidden 128, 4 layers, 4 query heads
@@ -35,6 +35,10 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BOS, EOS = "<s>", "</s>"
 DEFAULT_CORPUS_CHARS = 4_000_000
+# Every 10th file is upper-cased, so the tokenizer has merges for upper-case words and the model
+# knows SHOUTED code as a register of its own. Prompts in normal case still get normal-case
+# answers (the context decides); the `upper` demo adapter only has to switch the register on.
+SHOUTED_FILE_EVERY = 10
 # Test suites are huge and repetitive; the rest are data tables or generated code, not Python style.
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3",
                            "encodings", "pydoc_data", "ensurepip", "turtledemo", "__pycache__"})
@@ -77,6 +81,11 @@ def take_chars(texts: list[str], max_chars: int) -> list[str]:
         if total >= max_chars:
             return texts[:i + 1]
     return list(texts)
+
+
+def shout_some(texts: list[str], every: int = SHOUTED_FILE_EVERY) -> list[str]:
+    """Upper-case files every-1, 2*every-1, ... and leave the rest as they are."""
+    return [text.upper() if i % every == every - 1 else text for i, text in enumerate(texts)]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -226,7 +235,7 @@ def main() -> None:
     t0 = time.time()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    texts = take_chars(stdlib_texts(), args.corpus_chars)
+    texts = shout_some(take_chars(stdlib_texts(), args.corpus_chars))
     tokenizer = train_tokenizer(texts, args.vocab_size)
     stream = encode_documents(tokenizer, texts)
     held_out = stream.numel() // 50  # last 2% scores the model; training never sees it

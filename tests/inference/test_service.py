@@ -249,3 +249,52 @@ def test_full_queue_is_resource_exhausted(tiny_llama, tmp_path):
         first.cancel()
         time.sleep(0.3)
         assert len(collect(stub.Generate(greedy_request(), timeout=30))[0]) == 10
+
+
+def test_health_not_serving_while_loading_and_during_shutdown(tiny_llama, tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from loraserve.inference import server as server_mod
+    from loraserve.inference.core import InferenceCore
+    from loraserve.inference.server import create_server
+
+    may_load = threading.Event()
+
+    class SlowCore(InferenceCore):  # holds the model load until the test has looked at health
+        def __init__(self, cfg):
+            may_load.wait(30)
+            super().__init__(cfg)
+
+    monkeypatch.setattr(server_mod, "InferenceCore", SlowCore)
+
+    async def scenario():
+        cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=None, adapter_cache_dir=str(tmp_path / "c"),
+                          llm_kwargs=dict(dtype="float32", device="cpu"))
+        running = await create_server(cfg)  # returns before the model is loaded
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(service="loraserve.v1.InferenceService")
+            states = [(await health.Check(req)).status]
+            stub = pb_grpc.InferenceServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+            may_load.set()
+            await running.ready.wait()
+            states.append((await health.Check(req)).status)
+            stop = asyncio.create_task(running.stop(grace=2))
+            await asyncio.sleep(0.05)
+            try:
+                states.append((await health.Check(req, timeout=2)).status)
+            except grpc.aio.AioRpcError:
+                states.append("stopped")
+            await stop
+        return states
+
+    states = asyncio.run(scenario())
+    assert states[0] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert states[1] == health_pb2.HealthCheckResponse.SERVING
+    assert states[2] in (health_pb2.HealthCheckResponse.NOT_SERVING, "stopped")

@@ -154,6 +154,7 @@ class KvCacheConfig:
     max_tokens: int | None = None
     tokens_per_block: int = 16
     dtype: str = "auto"
+    enable_block_reuse: bool = True       # prefix caching, keyed by tokens and adapter digest
 
     def __post_init__(self) -> None:
         _check(0.0 < self.free_gpu_memory_fraction <= 1.0, f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction}")

@@ -47,7 +47,8 @@ class LLMEngine:
             self.lora_manager = LoRAManager(config.lora_config, config.peft_cache_config, self.args, self.dtype,
                                             self.device, allowed_dirs=config.allowed_lora_dirs)
         self.runner = ModelRunner(config, self.model, self.args, self.dtype, self.device, self.lora_manager)
-        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
+                                          config.kv_cache_config.enable_block_reuse)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_tokens,
                                    config.enable_chunked_prefill, self.lora_manager)
         self.seqs: dict[str, Sequence] = {}
@@ -124,6 +125,7 @@ class LLMEngine:
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
             if seq.seq_id not in sampled:
                 continue
             token, logprob = sampled[seq.seq_id]

@@ -82,15 +82,19 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget)
-            if n < remaining and not self.enable_chunked_prefill:
-                break
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
-                break
             if seq.lora is not None and self.adapter_slots is not None and not self.adapter_slots.try_acquire(seq):
                 skipped.append(self.waiting.popleft())  # its adapter waits for a GPU slot; others go on
                 continue
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)  # cached K/V of its prefix (same adapter only)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if (n < remaining and not self.enable_chunked_prefill) or \
+                    not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                self.block_manager.deallocate(seq)  # undo the prefix match; it waits for blocks
+                if seq.lora is not None and self.adapter_slots is not None:
+                    self.adapter_slots.release_slot(seq)
+                break
             self.waiting.popleft()
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING

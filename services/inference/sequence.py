@@ -32,6 +32,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)   # prompt + generated
     num_computed_tokens: int = 0          # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0            # leading blocks keyed for reuse
+    prefix_key: int | None = None         # chained key of the last keyed block
     finish_reason: str | None = None      # stop | length | abort
     stop_reason: Any = None               # the stop string or token id that matched
     logprobs: list[float] = field(default_factory=list)

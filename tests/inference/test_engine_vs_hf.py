@@ -97,3 +97,22 @@ def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported architecture.*gpt2"):
         LLM(model=str(tmp_path), device="cpu")
+
+
+def test_prefix_blocks_are_reused_and_outputs_unchanged(tiny_llama):
+    path, hf = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", kv_cache_config={"tokens_per_block": 16})
+    bm = llm.engine.block_manager
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    shared = list(range(40, 80))  # 40 tokens: two full blocks to reuse
+    first = llm.generate(shared + [5], params).outputs[0].token_ids
+    assert bm.num_reused_blocks == 0
+    second = llm.generate(shared + [6, 7], params).outputs[0].token_ids
+    assert bm.num_reused_blocks == 2
+    assert first == hf_greedy(hf, shared + [5], 8)[0]
+    assert second == hf_greedy(hf, shared + [6, 7], 8)[0]
+    again = llm.generate(shared + [5], params).outputs[0].token_ids  # blocks of generated tokens too
+    assert again == first and bm.num_reused_blocks >= 4
+    off = LLM(model=path, dtype="float32", device="cpu", kv_cache_config={"enable_block_reuse": False})
+    assert off.generate(shared + [6, 7], params).outputs[0].token_ids == second
+    assert off.engine.block_manager.num_reused_blocks == 0

@@ -189,3 +189,25 @@ def test_waiting_adapter_is_not_starved(tiny_llama, adapters):
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.lora_manager.stats_dict()["device_slots_pinned"] == 0
+
+
+def test_prefix_reuse_is_per_adapter(tiny_llama, adapters):
+    """Cached K/V is keyed by the adapter's content digest: the same prompt under another
+    adapter (or none) recomputes, under the same adapter it reuses."""
+    path, base = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=16, max_loras=2))
+    bm = llm.engine.block_manager
+    prompt = list(range(30, 70))
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    a = LoRARequest("qv-r4", 1, adapters["qv-r4"][0])
+    b = LoRARequest("all-r8", 2, adapters["all-r8"][0])
+    outs = {}
+    for name, lora in (("base", None), ("a", a), ("b", b)):
+        outs[name] = llm.generate(prompt, p, lora_request=lora).outputs[0].token_ids
+    assert bm.num_reused_blocks == 0
+    assert outs["a"] == peft_greedy(adapters["qv-r4"][1], prompt, 6)
+    assert outs["b"] == peft_greedy(adapters["all-r8"][1], prompt, 6)
+    assert llm.generate(prompt, p, lora_request=a).outputs[0].token_ids == outs["a"]
+    assert bm.num_reused_blocks == 2
+    assert llm.generate(prompt, p).outputs[0].token_ids == outs["base"]
+    assert bm.num_reused_blocks == 4

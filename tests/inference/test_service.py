@@ -168,7 +168,8 @@ def test_metrics_endpoint(stack):
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ("loraserve_requests_total", "loraserve_time_to_first_token_seconds_bucket",
                  "loraserve_queue_depth", 'loraserve_adapter_cache_hits_total{tier="device"}',
-                 'loraserve_adapter_cache_misses_total{tier="disk"}', "loraserve_adapter_gpu_slots_used"):
+                 'loraserve_adapter_cache_misses_total{tier="disk"}', "loraserve_adapter_gpu_slots_used",
+                 "loraserve_kv_blocks_reused_total"):
         assert name in body, name
 
 

@@ -14,10 +14,12 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 57)), [3] * 17, [200, 100, 
 
 
 def hf_greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ids = torch.tensor([prompt])  # explicit mask: generate would take a BOS equal to pad_token_id for padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+    # raw logits (generate's `scores` are after its logits processors)
+    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens)]
     return tokens, logprobs
 
 
@@ -116,3 +118,25 @@ def test_prefix_blocks_are_reused_and_outputs_unchanged(tiny_llama):
     off = LLM(model=path, dtype="float32", device="cpu", kv_cache_config={"enable_block_reuse": False})
     assert off.generate(shared + [6, 7], params).outputs[0].token_ids == second
     assert off.engine.block_manager.num_reused_blocks == 0
+
+
+@pytest.mark.skipif(not __import__("os").path.isfile(
+    __import__("os").path.join(__import__("loraserve.inference.llm", fromlist=["x"]).default_model_path(), "config.json")),
+    reason="embedded default model not built")
+def test_default_model_matches_transformers():
+    """The embedded default model (fp16 checkpoint, run in fp32 here) against transformers."""
+    import transformers
+
+    from loraserve.inference.llm import default_model_path
+
+    path = default_model_path()
+    llm = LLM(dtype="float32", device="cpu")  # no model given: the embedded default
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    prompts = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "# "]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1))
+    for prompt, out in zip(prompts, outs):
+        ids = llm.tokenizer.encode(prompt)
+        tokens, logprobs = hf_greedy(hf, ids, 16)
+        assert out.outputs[0].token_ids == tokens, prompt
+        torch.testing.assert_close(torch.tensor(out.outputs[0].logprobs), torch.tensor(logprobs), rtol=1e-4, atol=1e-4)
+        assert out.outputs[0].text == llm.tokenizer.decode(tokens)

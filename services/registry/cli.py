@@ -24,6 +24,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve = reg_sub.add_parser("serve", help="run the registry gRPC service")
     _server_options(serve)
     serve.add_argument("--address", default=None, help=f"host:port to listen on (default {DEFAULT_ADDRESS})")
+    serve.add_argument("--host", default=None, help="bind address (with --port; like `loraserve serve`)")
+    serve.add_argument("--port", type=int, default=None, help="port (with --host; default 50052)")
     serve.set_defaults(func=_serve)
     gc = reg_sub.add_parser("gc", help="remove orphan blobs and temp files (the server also does this at start)")
     _server_options(gc)
@@ -121,7 +123,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     config = build_config(args)
-    asyncio.run(serve(config, args.address or DEFAULT_ADDRESS))
+    address = args.address or DEFAULT_ADDRESS
+    if args.host is not None or args.port is not None:
+        if args.address:
+            raise SystemExit("give either --address or --host/--port, not both")
+        default_host, default_port = DEFAULT_ADDRESS.rsplit(":", 1)
+        address = f"{args.host or default_host}:{args.port if args.port is not None else default_port}"
+    asyncio.run(serve(config, address))
     return 0
 
 

@@ -29,6 +29,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineStepError(RuntimeError):
+    """The engine step computing this request failed; other requests go on."""
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine = engine
@@ -105,7 +109,11 @@ class AsyncLLM:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+                        self._fail_running(exc)
+                        continue
                     for out in outputs:
                         self._deliver(out.request_id, out)
                     if self.on_step is not None:
@@ -115,6 +123,14 @@ class AsyncLLM:
             self._dead = exc
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+
+    def _fail_running(self, exc: Exception) -> None:
+        """A step raised (e.g. out of memory): abort the requests that were running, report the
+        error to their streams, and go on with the rest of the queue."""
+        log.exception("engine step failed; aborting %d running request(s)", len(self.engine.scheduler.running))
+        for seq in list(self.engine.scheduler.running):
+            self.engine.abort_request(seq.request_id)
+            self._deliver(seq.request_id, EngineStepError(f"request failed in the engine: {exc!r}"))
 
     def _drain(self, block: bool) -> None:
         try:

@@ -111,3 +111,32 @@ def test_bad_prompts(llm):
         llm.generate([10**6], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], SamplingParams(max_tokens=2))
+
+
+def test_failed_step_fails_only_its_requests(tiny_llama):
+    from loraserve.inference.async_llm import EngineStepError
+
+    llm = LLM(model=tiny_llama[0], dtype="float32", device="cpu")
+    runner = llm.engine.runner
+    real_run, calls = runner.run, {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated CUDA out of memory")
+        return real_run(batch)
+
+    runner.run = flaky
+
+    async def run():
+        with pytest.raises(EngineStepError, match="simulated"):
+            async for _ in llm.generate_async([5, 6, 7], SamplingParams(max_tokens=4, temperature=0)):
+                pass
+        outs = [o async for o in llm.generate_async([5, 6, 7], SamplingParams(max_tokens=4, temperature=0,
+                                                                                ignore_eos=True))]
+        return outs[-1]
+    last = asyncio.run(run())
+    llm.shutdown()
+    assert last.finished and len(last.outputs[0].token_ids) == 4
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

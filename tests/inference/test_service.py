@@ -299,3 +299,36 @@ def test_health_not_serving_while_loading_and_during_shutdown(tiny_llama, tmp_pa
     assert states[0] == health_pb2.HealthCheckResponse.NOT_SERVING
     assert states[1] == health_pb2.HealthCheckResponse.SERVING
     assert states[2] in (health_pb2.HealthCheckResponse.NOT_SERVING, "stopped")
+
+
+def test_bearer_token_required_when_configured(tiny_llama, tmp_path):
+    cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=None, adapter_cache_dir=str(tmp_path / "c"),
+                      auth_token="s3cret", llm_kwargs=dict(dtype="float32", device="cpu"))
+    with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        for md in (None, [("authorization", "Bearer wrong")]):
+            with pytest.raises(grpc.RpcError) as err:
+                collect(stub.Generate(greedy_request(), timeout=30, metadata=md))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        tokens, _, _ = collect(stub.Generate(greedy_request(), timeout=30,
+                                             metadata=[("authorization", "Bearer s3cret")]))
+        assert len(tokens) == 10
+
+
+def test_serve_config_merges_trtllm_yaml_own_keys_and_flags(tmp_path):
+    from loraserve.inference.serve_config import load_serve_config
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("lora_config:\n  lora_target_modules: [attn_q, attn_v]\n  max_lora_rank: 8\n"
+                     "peft_cache_config:\n  host_cache_size: 1048576\nmax_batch_size: 16\nport: 6000\n")
+    own = tmp_path / "own.yaml"
+    own.write_text("loraserve:\n  registry_address: reg:1\n  allowed_lora_dirs: [/srv/loras]\n  metrics_port: 9400\n")
+    cfg = load_serve_config([str(extra), str(own)], {"port": 7000, "metrics_port": None})
+    assert cfg.port == 7000 and cfg.metrics_port == 9400 and cfg.registry_address == "reg:1"
+    assert cfg.allowed_lora_dirs == ["/srv/loras"]
+    assert cfg.llm_kwargs["lora_config"]["max_lora_rank"] == 8 and cfg.llm_kwargs["max_batch_size"] == 16
+    from loraserve.config import engine_config_from_kwargs
+
+    ec = engine_config_from_kwargs("m", **cfg.llm_kwargs)
+    assert ec.max_num_seqs == 16 and ec.lora_config.hf_target_modules() == {"q_proj", "v_proj"}
+    assert ec.peft_cache_config.host_cache_size == 1048576

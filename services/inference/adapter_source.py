@@ -46,8 +46,10 @@ class FetchedAdapter:
 
 
 class AdapterFetcher:
-    def __init__(self, address: str | None, cache_dir: str, token: str | None = None, timeout_s: float = 30.0):
+    def __init__(self, address: str | None, cache_dir: str, token: str | None = None, timeout_s: float = 30.0,
+                 ca_file: str | None = None):
         self.address, self.cache_dir, self.token, self.timeout_s = address, cache_dir, token, timeout_s
+        self.ca_file = ca_file
         os.makedirs(cache_dir, exist_ok=True)
         self._channel = None
         self._stub = None
@@ -60,7 +62,12 @@ class AdapterFetcher:
         if self._stub is None:
             from loraserve.v1 import registry_pb2_grpc
 
-            self._channel = grpc.aio.insecure_channel(self.address)
+            if self.ca_file:
+                with open(self.ca_file, "rb") as f:
+                    creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+                self._channel = grpc.aio.secure_channel(self.address, creds)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.address)
             self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         return self._stub
 

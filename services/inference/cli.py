@@ -31,6 +31,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--max-queue-size", dest="max_queue_size", type=int, default=None)
     p.add_argument("--auth-token", dest="auth_token", default=os.environ.get("LORASERVE_AUTH_TOKEN"),
                    help="require this bearer token on inference calls (env LORASERVE_AUTH_TOKEN)")
+    p.add_argument("--tls-cert", dest="tls_cert_file", default=None, help="serve gRPC over TLS: certificate (PEM)")
+    p.add_argument("--tls-key", dest="tls_key_file", default=None, help="serve gRPC over TLS: private key (PEM)")
+    p.add_argument("--registry-ca", dest="registry_ca_file", default=None,
+                   help="connect to the registry over TLS, trusting this CA certificate (PEM)")
     p.add_argument("--dtype", default=None, help="auto | float32 | float16 | bfloat16")
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--max_batch_size", "--max-batch-size", dest="max_batch_size", type=int, default=None)
@@ -52,6 +56,7 @@ def add_commands(subparsers) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--token", default=os.environ.get("LORASERVE_AUTH_TOKEN"))
+    g.add_argument("--ca-cert", default=None, help="connect over TLS, trusting this CA certificate (PEM)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--stats", action="store_true", help="print token counts and timings at the end")
     g.set_defaults(func=_generate)
@@ -67,6 +72,7 @@ def _serve(args) -> int:
         registry_address=None if registry in ("none", "") else registry, registry_token=args.registry_token,
         metrics_port=args.metrics_port, openai_port=args.openai_port, allowed_lora_dirs=args.allowed_lora_dirs,
         adapter_cache_dir=args.adapter_cache_dir, max_queue_size=args.max_queue_size, auth_token=args.auth_token,
+        tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, registry_ca_file=args.registry_ca_file,
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens)
     if registry in ("none", ""):
         overrides["registry_address"] = "__none__"
@@ -99,7 +105,12 @@ def _generate(args) -> int:
         req.lora_request.CopyFrom(pb.LoraRequest(lora_name=args.lora_name, lora_int_id=args.lora_int_id,
                                                  lora_path=args.lora_path, lora_ckpt_source=args.lora_ckpt_source))
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
-    with grpc.insecure_channel(args.server) as channel:
+    if args.ca_cert:
+        with open(args.ca_cert, "rb") as f:
+            channel = grpc.secure_channel(args.server, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    else:
+        channel = grpc.insecure_channel(args.server)
+    with channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         try:
             for msg in stub.Generate(req, metadata=metadata, timeout=args.timeout):

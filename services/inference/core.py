@@ -68,7 +68,7 @@ class InferenceCore:
         self.engine = LLMEngine(engine_config_from_kwargs(self.model_path, **kwargs))
         self.async_llm = AsyncLLM(self.engine)
         self.fetcher = AdapterFetcher(cfg.registry_address, cfg.adapter_cache_dir, cfg.registry_token,
-                                      cfg.registry_timeout_s)
+                                      cfg.registry_timeout_s, cfg.registry_ca_file)
         self.tokenizer = self.engine.tokenizer
         self.lora_manager = self.engine.lora_manager
         self.requests_total = 0

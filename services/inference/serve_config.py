@@ -30,6 +30,9 @@ class ServeConfig:
     openai_host: str | None = None           # default: same as host
     max_queue_size: int = 1024               # waiting + running requests before RESOURCE_EXHAUSTED
     auth_token: str | None = None            # bearer token required on every inference call when set
+    tls_cert_file: str | None = None         # serve gRPC over TLS with this certificate chain (PEM) ...
+    tls_key_file: str | None = None          # ... and private key
+    registry_ca_file: str | None = None      # talk TLS to the registry, trusting this CA (PEM)
     llm_kwargs: dict[str, Any] = field(default_factory=dict)   # engine options (TensorRT-LLM names)
 
     def __post_init__(self) -> None:
@@ -38,6 +41,8 @@ class ServeConfig:
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         self.allowed_lora_dirs = [os.path.abspath(d) for d in self.allowed_lora_dirs]
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
 
 
 _OWN_KEYS = {f.name for f in dataclasses.fields(ServeConfig)} - {"llm_kwargs"}

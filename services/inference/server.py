@@ -239,7 +239,12 @@ async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningSe
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert_file:
+        with open(cfg.tls_key_file, "rb") as k, open(cfg.tls_cert_file, "rb") as c:
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([(k.read(), c.read())]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()

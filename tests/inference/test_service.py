@@ -332,3 +332,59 @@ def test_serve_config_merges_trtllm_yaml_own_keys_and_flags(tmp_path):
     ec = engine_config_from_kwargs("m", **cfg.llm_kwargs)
     assert ec.max_num_seqs == 16 and ec.lora_config.hf_target_modules() == {"q_proj", "v_proj"}
     assert ec.peft_cache_config.host_cache_size == 1048576
+
+
+def _self_signed(tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls(tiny_llama, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    cfg = ServeConfig(model=tiny_llama[0], host="localhost", port=0, registry_address=None,
+                      adapter_cache_dir=str(tmp_path / "c"), tls_cert_file=cert, tls_key_file=key,
+                      llm_kwargs=dict(dtype="float32", device="cpu"))
+    with RunningInference(cfg) as srv:
+        with open(cert, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with grpc.secure_channel(srv.address, creds) as ch:
+            assert len(collect(pb_grpc.InferenceServiceStub(ch).Generate(greedy_request(), timeout=30))[0]) == 10
+        with grpc.insecure_channel(srv.address) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                collect(pb_grpc.InferenceServiceStub(ch).Generate(greedy_request(), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_adapters_from_a_tls_registry(tiny_llama, tmp_path):
+    from pathlib import Path
+
+    cert, key = _self_signed(tmp_path)
+    reg_cfg = RegistryConfig(data_dir=tmp_path / "reg", tls_cert_file=Path(cert), tls_key_file=Path(key))
+    with RunningRegistry(reg_cfg, host="localhost") as reg:
+        with open(cert, "rb") as f:
+            roots = f.read()
+        with RegistryClient(reg.address, root_certificates=roots) as client:
+            client.push(str(make_peft_adapter(tmp_path / "a", seed=1, r=4)), "secure", base_model="tiny")
+        cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=reg.address, registry_ca_file=cert,
+                          adapter_cache_dir=str(tmp_path / "c"), llm_kwargs=dict(dtype="float32", device="cpu"))
+        with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+            tokens, _, done = collect(pb_grpc.InferenceServiceStub(ch).Generate(greedy_request("secure"), timeout=30))
+            assert len(tokens) == 10 and done.adapter_digest.startswith("sha256:")

@@ -37,6 +37,11 @@ class LLMEngine:
         self.model, self.args, self.dtype = load_model(config.model, config.dtype, self.device)
         self.tokenizer = TokenizerWrapper(config.model)
         self.max_seq_len = config.max_seq_len or self.args.max_position_embeddings
+        if self.args.sliding_window and self.max_seq_len > self.args.sliding_window:
+            # attention here is full-context: within the window it equals sliding-window attention
+            log.warning("model uses sliding-window attention (%d); max_seq_len capped from %d to %d",
+                        self.args.sliding_window, self.max_seq_len, self.args.sliding_window)
+            self.max_seq_len = self.args.sliding_window
         self.eos_ids = set(self.args.eos_token_id)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -140,3 +140,14 @@ def test_default_model_matches_transformers():
         assert out.outputs[0].token_ids == tokens, prompt
         torch.testing.assert_close(torch.tensor(out.outputs[0].logprobs), torch.tensor(logprobs), rtol=1e-4, atol=1e-4)
         assert out.outputs[0].text == llm.tokenizer.decode(tokens)
+
+
+def test_sliding_window_caps_context(tmp_path):
+    """Mistral-style sliding-window attention equals full attention inside the window; the
+    engine keeps every sequence inside it, so outputs stay exact."""
+    hf = make_random_model(str(tmp_path), "mistral", seed=2, sliding_window=32)
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu")
+    assert llm.engine.max_seq_len == 32
+    out = llm.generate(list(range(20, 40)), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)).outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12
+    assert out.token_ids == hf_greedy(hf, list(range(20, 40)), 12)[0]

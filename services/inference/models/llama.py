@@ -40,6 +40,7 @@ class ModelArgs:
     torch_dtype: str | None
     eos_token_id: list[int]
     bos_token_id: int | None
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -71,6 +72,8 @@ class ModelArgs:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             eos_token_id=eos_list,
             bos_token_id=cfg.get("bos_token_id"),
+            sliding_window=(cfg.get("sliding_window") if model_type == "mistral" or cfg.get("use_sliding_window")
+                            else None),
         )
 
     @property

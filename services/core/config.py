@@ -37,6 +37,7 @@ class SamplingParams:
     logprobs: int | None = None          # not None: return the chosen token's logprob per step
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
+    n: int = 1                           # completions per prompt (offline LLM.generate, OpenAI front)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +51,7 @@ class SamplingParams:
         _check(self.top_k >= 0, f"top_k must be >= 0 (or -1 for none), got {self.top_k}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
+        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ints >= 0")
 

@@ -71,6 +71,9 @@ class LLMEngine:
 
     def _add_request(self, request_id, prompt, sampling_params, lora_request, lora_handle) -> Sequence:
         params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("n > 1 is served by LLM.generate and the OpenAI front (one engine request per "
+                             "completion); an engine request takes n=1")
         if request_id in self.seqs:
             raise ValueError(f"duplicate request_id {request_id!r}")
         if isinstance(prompt, str):

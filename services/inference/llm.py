@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Sequence
 
@@ -56,16 +57,22 @@ class LLM:
             raise ValueError(f"got {n} prompts, {len(params)} sampling_params and {len(loras)} lora_requests")
         if self._async is not None:
             raise RuntimeError("generate() cannot run while the async engine is active; use generate_async")
-        ids = []
+        groups: list[list[str]] = []  # engine requests of each prompt (n > 1: one per completion)
         try:
             for prompt, p, lr in zip(batch, params, loras):
-                rid = self._id()
-                self.engine.add_request(rid, prompt, p, lr)
-                ids.append(rid)
+                group = []
+                groups.append(group)
+                for j in range(p.n):
+                    sub = p if p.n == 1 else dataclasses.replace(
+                        p, n=1, seed=None if p.seed is None else p.seed + j)
+                    rid = self._id()
+                    self.engine.add_request(rid, prompt, sub, lr)
+                    group.append(rid)
         except Exception:
-            for rid in ids:  # a bad prompt fails the call as a whole, nothing left behind
+            for rid in (r for g in groups for r in g):  # a bad prompt fails the call as a whole
                 self.engine.abort_request(rid)
             raise
+        ids = [r for g in groups for r in g]
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -79,7 +86,12 @@ class LLM:
                         bar.update(1)
         if bar:
             bar.close()
-        results = [final[i] for i in ids]
+        results = []
+        for group in groups:
+            out = final[group[0]]
+            if len(group) > 1:
+                out.outputs = [dataclasses.replace(final[r].outputs[0], index=j) for j, r in enumerate(group)]
+            results.append(out)
         return results[0] if single else results
 
     async def generate_async(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,

@@ -140,3 +140,15 @@ def test_failed_step_fails_only_its_requests(tiny_llama):
     assert last.finished and len(last.outputs[0].token_ids) == 4
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_n_completions_per_prompt(llm):
+    p = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    out = llm.generate([5, 6, 7], p)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    singles = [llm.generate([5, 6, 7], SamplingParams(max_tokens=8, temperature=1.0, seed=7 + j,
+                                                      ignore_eos=True)).outputs[0].token_ids for j in range(3)]
+    assert [c.token_ids for c in out.outputs] == singles
+    assert len({tuple(t) for t in singles}) > 1
+    with pytest.raises(ValueError, match="n must be"):
+        SamplingParams(n=0)

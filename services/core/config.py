@@ -161,6 +161,8 @@ class KvCacheConfig:
     def __post_init__(self) -> None:
         _check(0.0 < self.free_gpu_memory_fraction <= 1.0, f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction}")
         _check(self.tokens_per_block in (8, 16, 32, 64, 128), f"tokens_per_block must be one of 8/16/32/64/128, got {self.tokens_per_block}")
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
+               f"kv_cache_config.dtype {self.dtype!r} is not supported (the KV cache uses the model dtype: 'auto')")
 
 
 @dataclass(slots=True)
@@ -202,7 +204,7 @@ _ALIASES = {"max_batch_size": "max_num_seqs", "max_seq_len": "max_seq_len", "max
 # Keys TensorRT-LLM accepts that have no effect here; accepted so that existing YAML files load.
 _IGNORED = {"backend", "tensor_parallel_size", "pipeline_parallel_size", "trust_remote_code", "cuda_graph_config",
             "disable_overlap_scheduler", "print_iter_log", "enable_iter_perf_stats", "tokenizer", "skip_tokenizer_init",
-            "quant_config", "build_config", "scheduler_config", "max_beam_width", "enable_attention_dp"}
+            "build_config", "scheduler_config", "enable_attention_dp"}
 
 
 def engine_config_from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
@@ -210,7 +212,16 @@ def engine_config_from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     args: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key in _IGNORED:
+        if key == "quant_config":
+            algo = value.get("quant_algo") if isinstance(value, dict) else getattr(value, "quant_algo", value)
+            kv_algo = value.get("kv_cache_quant_algo") if isinstance(value, dict) else None
+            if algo not in (None, "", "NONE", "None") or kv_algo not in (None, "", "NONE", "None"):
+                raise ValueError(f"quant_config {value!r}: quantized base models (FP8/INT4) are not supported "
+                                 "yet; serve the model in bf16/fp16")
+            continue
+        if key == "max_beam_width" and value not in (None, 1):
+            raise ValueError(f"max_beam_width={value}: beam search is not supported")
+        if key in _IGNORED or key == "max_beam_width":
             continue
         target = _ALIASES.get(key, key)
         if target not in names:

@@ -152,3 +152,18 @@ def test_n_completions_per_prompt(llm):
     assert len({tuple(t) for t in singles}) > 1
     with pytest.raises(ValueError, match="n must be"):
         SamplingParams(n=0)
+
+
+def test_unsupported_trtllm_options_are_refused_not_ignored():
+    from loraserve.config import engine_config_from_kwargs
+
+    with pytest.raises(ValueError, match="not supported"):
+        engine_config_from_kwargs("m", quant_config={"quant_algo": "FP8"})
+    with pytest.raises(ValueError, match="not supported"):
+        engine_config_from_kwargs("m", kv_cache_config={"dtype": "fp8"})
+    with pytest.raises(ValueError, match="beam search"):
+        engine_config_from_kwargs("m", max_beam_width=4)
+    with pytest.raises(ValueError, match="unknown engine option"):
+        engine_config_from_kwargs("m", lora_confg={})
+    cfg = engine_config_from_kwargs("m", quant_config={"quant_algo": None}, backend="pytorch", max_batch_size=8)
+    assert cfg.max_num_seqs == 8

@@ -211,3 +211,17 @@ def test_prefix_reuse_is_per_adapter(tiny_llama, adapters):
     assert bm.num_reused_blocks == 2
     assert llm.generate(prompt, p).outputs[0].token_ids == outs["base"]
     assert bm.num_reused_blocks == 4
+
+
+def test_lora_dir_preloads_adapters_addressable_by_id(tiny_llama, adapters):
+    """TensorRT-LLM: adapters in LoraConfig.lora_dir are loaded at start with ids 0, 1, ...;
+    a request may then name one by lora_int_id without a path."""
+    path, _ = tiny_llama
+    dirs = [adapters["qv-r4"][0], adapters["all-r8"][0]]
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(lora_dir=dirs, max_lora_rank=16))
+    assert llm.engine.lora_manager.stats_dict()["host_adapters"] == 2
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = llm.generate(PROMPTS[2], p, lora_request=LoRARequest("second", 1)).outputs[0].token_ids
+    assert out == peft_greedy(adapters["all-r8"][1], PROMPTS[2], 6)
+    with pytest.raises(LookupError, match="not loaded"):
+        llm.generate(PROMPTS[2], p, lora_request=LoRARequest("nope", 9))

@@ -34,7 +34,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    logprobs: int | None = None          # not None: return the chosen token's logprob per step
+    logprobs: int | None = None          # None: none; 0: the chosen token's logprob; N: plus the top N
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
     n: int = 1                           # completions per prompt (offline LLM.generate, OpenAI front)
@@ -52,6 +52,8 @@ class SamplingParams:
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+               f"logprobs must be None or an int in [0, 20], got {self.logprobs!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ints >= 0")
 

@@ -136,10 +136,10 @@ class LLMEngine:
             self.block_manager.register_full_blocks(seq)
             if seq.seq_id not in sampled:
                 continue
-            token, logprob = sampled[seq.seq_id]
+            token, logprob, top = sampled[seq.seq_id]
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._append_token(seq, token, logprob)
+            self._append_token(seq, token, logprob, top)
             if seq.finish_reason is not None:
                 seq.finished_time = now
                 self.scheduler.finish(seq)
@@ -152,11 +152,13 @@ class LLMEngine:
         if seq.lora is not None and self.lora_manager is not None:
             self.lora_manager.release_request(seq)
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None = None) -> None:
         p = seq.sampling_params
         seq.token_ids.append(token)
         if p.logprobs is not None:
             seq.logprobs.append(logprob)
+            if p.logprobs:
+                seq.top_logprobs.append(top)
         seq.cumulative_logprob += logprob
         n_out = seq.num_output_tokens
         may_stop = n_out > p.min_tokens or p.min_tokens == 0
@@ -193,6 +195,7 @@ class LLMEngine:
             index=0, text=text[:visible], token_ids=list(ids), finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
+            top_logprobs=list(seq.top_logprobs) if seq.sampling_params.logprobs else None,
             cumulative_logprob=seq.cumulative_logprob,
             text_diff=text[seq.sent_text:visible], token_ids_diff=list(ids[seq.sent_tokens:]))
         seq.sent_text, seq.sent_tokens = visible, len(ids)

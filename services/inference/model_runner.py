@@ -76,7 +76,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, float]]:
-        """Compute the batch; returns {seq_id: (next token, logprob)} for sequences that reached their end."""
+        """Compute the batch; returns {seq_id: (next token, logprob, top logprobs)} for sequences that
+        reached their end."""
         input_ids, positions, slots, ctx_lens = [], [], [], []
         sample_idx, sample_seqs = [], []
         offset = 0
@@ -123,7 +124,7 @@ class ModelRunner:
             reset_context()
         return self._sample(hidden, sample_idx, sample_seqs)
 
-    def _sample(self, hidden: torch.Tensor, sample_idx: list[int], sample_seqs: list) -> dict[int, tuple[int, float]]:
+    def _sample(self, hidden: torch.Tensor, sample_idx: list[int], sample_seqs: list) -> dict[int, tuple]:
         if not sample_seqs:
             return {}
         dev = self.device
@@ -134,5 +135,5 @@ class ModelRunner:
             if s.generator is None and s.sampling_params.seed is not None and not s.sampling_params.greedy:
                 s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
             gens.append(s.generator)
-        tokens, logprobs = sample(logits, params, gens)
-        return {s.seq_id: (t, lp) for s, t, lp in zip(sample_seqs, tokens, logprobs)}
+        tokens, logprobs, top = sample(logits, params, gens)
+        return {s.seq_id: (t, lp, tp) for s, t, lp, tp in zip(sample_seqs, tokens, logprobs, top)}

@@ -15,7 +15,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None          # stop | length | abort | None while running
     stop_reason: int | str | None = None
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None          # chosen token's logprob per step (logprobs is not None)
+    top_logprobs: list[dict[int, float]] | None = None  # top-`logprobs` alternatives per step (logprobs >= 1)
     cumulative_logprob: float | None = None
     text_diff: str = ""
     token_ids_diff: list[int] = field(default_factory=list)

@@ -7,8 +7,9 @@ from loraserve.config import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> tuple[list[int], list[float]]:
-    """logits: [B, V] float32 -> (token ids [B], logprob of each chosen token under the raw logits)."""
+           ) -> tuple[list[int], list[float], list[dict[int, float] | None]]:
+    """logits: [B, V] float32 -> (token ids [B], logprob of each chosen token under the raw logits,
+    the top-`logprobs` alternatives {token: logprob} of rows that asked for them (else None))."""
     logprobs_all = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -27,4 +28,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         tokens[i] = torch.multinomial(probs, 1, generator=generators[i]).squeeze(0)
     chosen = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
-    return tokens.tolist(), chosen.tolist()
+    top: list[dict[int, float] | None] = [None] * len(params)
+    k = max((p.logprobs or 0 for p in params), default=0)
+    if k > 0:
+        values, ids = torch.topk(logprobs_all, min(k, logprobs_all.shape[1]), dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        for i, p in enumerate(params):
+            if p.logprobs:
+                top[i] = dict(zip(ids[i][:p.logprobs], values[i][:p.logprobs]))
+    return tokens.tolist(), chosen.tolist(), top

@@ -37,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None      # stop | length | abort
     stop_reason: Any = None               # the stop string or token id that matched
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     output_text: str = ""
     num_preemptions: int = 0

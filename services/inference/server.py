@@ -53,7 +53,7 @@ def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
         if p.HasField(name):
             kw[name] = getattr(p, name)
     return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                          logprobs=1 if p.logprobs else None, include_stop_str_in_output=p.include_stop_str_in_output,
+                          logprobs=0 if p.logprobs else None, include_stop_str_in_output=p.include_stop_str_in_output,
                           min_tokens=p.min_tokens, **kw)
 
 

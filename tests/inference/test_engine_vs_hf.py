@@ -151,3 +151,21 @@ def test_sliding_window_caps_context(tmp_path):
     out = llm.generate(list(range(20, 40)), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)).outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 12
     assert out.token_ids == hf_greedy(hf, list(range(20, 40)), 12)[0]
+
+
+def test_top_logprobs_match_transformers(tiny_llama):
+    path, hf = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu")
+    prompt = list(range(20, 37))
+    out = llm.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3)).outputs[0]
+    ids = torch.tensor([prompt])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert len(out.top_logprobs) == 5
+    for step, (top, logits) in enumerate(zip(out.top_logprobs, ref.logits)):
+        values, idx = torch.topk(torch.log_softmax(logits[0].float(), -1), 3)
+        assert list(top) == idx.tolist()
+        torch.testing.assert_close(torch.tensor(list(top.values())), values, rtol=1e-4, atol=1e-4)
+        assert out.token_ids[step] == idx[0].item() and out.logprobs[step] == pytest.approx(values[0].item(), abs=1e-4)
+    plain = llm.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)).outputs[0]
+    assert plain.top_logprobs is None and len(plain.logprobs) == 5

@@ -53,7 +53,8 @@ def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
         if p.HasField(name):
             kw[name] = getattr(p, name)
     return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                          logprobs=0 if p.logprobs else None, include_stop_str_in_output=p.include_stop_str_in_output,
+                          logprobs=p.top_logprobs if p.top_logprobs else (0 if p.logprobs else None),
+                          include_stop_str_in_output=p.include_stop_str_in_output,
                           min_tokens=p.min_tokens, **kw)
 
 
@@ -106,9 +107,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 comp = out.outputs[0]
                 if comp.token_ids_diff or comp.text_diff:
                     n = len(comp.token_ids_diff)
+                    tops = comp.top_logprobs[-n:] if comp.top_logprobs and n else []
                     yield pb.GenerateResponse(chunk=pb.GenerateChunk(
                         token_ids=comp.token_ids_diff, text=comp.text_diff,
-                        logprobs=comp.logprobs[-n:] if comp.logprobs and n else []))
+                        logprobs=comp.logprobs[-n:] if comp.logprobs and n else [],
+                        top_logprobs=[pb.TopLogprobs(token_ids=list(t), logprobs=list(t.values())) for t in tops]))
                 if out.finished:
                     m = out.metrics
                     yield pb.GenerateResponse(complete=pb.GenerateComplete(

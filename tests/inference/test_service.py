@@ -388,3 +388,19 @@ def test_adapters_from_a_tls_registry(tiny_llama, tmp_path):
         with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
             tokens, _, done = collect(pb_grpc.InferenceServiceStub(ch).Generate(greedy_request("secure"), timeout=30))
             assert len(tokens) == 10 and done.adapter_digest.startswith("sha256:")
+
+
+def test_logprobs_over_grpc(stack, offline):
+    req = greedy_request(max_tokens=4)
+    req.sampling_params.logprobs = True
+    req.sampling_params.top_logprobs = 2
+    chunks = [m.chunk for m in stack["stub"].Generate(req, timeout=30) if m.WhichOneof("response") == "chunk"]
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    tops = [t for c in chunks for t in c.top_logprobs]
+    ref = offline.generate(PROMPT, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2)).outputs[0]
+    assert logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    assert [list(t.token_ids) for t in tops] == [list(d) for d in ref.top_logprobs]
+    with pytest.raises(grpc.RpcError) as err:
+        req.sampling_params.top_logprobs = 50
+        collect(stack["stub"].Generate(req, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -127,11 +127,11 @@ def test_bad_requests_get_status_codes(stack, mutate, code):
 
 def test_deadline_and_cancel_free_resources(stack):
     stub = stack["stub"]
-    long_req = greedy_request(max_tokens=400)
+    long_req = greedy_request(max_tokens=480)
     with pytest.raises(grpc.RpcError) as err:
-        collect(stub.Generate(long_req, timeout=0.3))
+        collect(stub.Generate(long_req, timeout=0.15))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    call = stub.Generate(greedy_request("beta", max_tokens=400), timeout=60)
+    call = stub.Generate(greedy_request("beta", max_tokens=480), timeout=60)
     first = next(call)
     assert first.WhichOneof("response") == "chunk"
     call.cancel()
@@ -242,7 +242,7 @@ def test_full_queue_is_resource_exhausted(tiny_llama, tmp_path):
                       max_queue_size=1, llm_kwargs=dict(dtype="float32", device="cpu"))
     with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.InferenceServiceStub(ch)
-        first = stub.Generate(greedy_request(max_tokens=300), timeout=60)
+        first = stub.Generate(greedy_request(max_tokens=480), timeout=60)
         assert next(first).WhichOneof("response") == "chunk"
         with pytest.raises(grpc.RpcError) as err:
             collect(stub.Generate(greedy_request(), timeout=30))

@@ -123,6 +123,10 @@ class _SamplingFields(BaseModel):
             raise OpenAIError(400, f"unknown or unsupported parameters: {sorted(self.model_extra)}",
                               param=sorted(self.model_extra)[0])
 
+    def logprobs_n(self) -> int | None:
+        """How many alternatives per token the engine must return (None: no logprobs)."""
+        return None
+
     def sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
         """SamplingParams for one choice; choice j of n gets seed + j so that choices differ."""
         seed = None if self.seed is None else self.seed + seed_offset
@@ -131,7 +135,8 @@ class _SamplingFields(BaseModel):
                 max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=seed,
                 stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                min_tokens=self.min_tokens, include_stop_str_in_output=self.include_stop_str_in_output)
+                min_tokens=self.min_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+                logprobs=self.logprobs_n())
         except ValueError as exc:
             raise OpenAIError(400, str(exc)) from exc
 
@@ -152,10 +157,15 @@ class CompletionRequest(_SamplingFields):
         super().check_supported()
         if self.best_of not in (None, 1, self.n):
             raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
-        if self.logprobs:
-            raise OpenAIError(400, "logprobs is not supported on /v1/completions yet", param="logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise OpenAIError(400, f"logprobs must be in [0, 20], got {self.logprobs}", param="logprobs")
+        if self.logprobs is not None and self.stream:
+            raise OpenAIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
         if self.suffix:
             raise OpenAIError(400, "suffix is not supported", param="suffix")
+
+    def logprobs_n(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text or token ids (OpenAI accepts all four forms)."""
@@ -195,6 +205,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -202,12 +213,17 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise OpenAIError(400, "logprobs is not supported on /v1/chat/completions yet", param="logprobs")
+        if self.top_logprobs is not None and not (self.logprobs and 0 <= self.top_logprobs <= 20):
+            raise OpenAIError(400, "top_logprobs needs logprobs=true and must be in [0, 20]", param="top_logprobs")
+        if self.logprobs and self.stream:
+            raise OpenAIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
         if self.tools:
             raise OpenAIError(400, "tools are not supported by loraserve", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise OpenAIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+    def logprobs_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -243,3 +259,42 @@ def chat_body(rid: str, model: str, choices: list[dict], usage_: dict | None, cr
 def model_card(model_id: str, owned_by: str, parent: str | None = None, **extra: Any) -> dict:
     return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": owned_by,
             "root": model_id if parent is None else parent, "parent": parent, **extra}
+
+
+# ---- logprobs ----------------------------------------------------------------------------------
+def completion_logprobs(comp, decode, text_offset: int) -> dict | None:
+    """The legacy /v1/completions `logprobs` object for one choice (None when not requested)."""
+    if comp.logprobs is None:
+        return None
+    tokens = [decode([t]) for t in comp.token_ids]
+    offsets, pos = [], text_offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    tops = None
+    if comp.top_logprobs is not None:
+        tops = []
+        for top in comp.top_logprobs:  # most likely first; ids that decode alike keep the likelier
+            d: dict[str, float] = {}
+            for t, lp in top.items():
+                d.setdefault(decode([t]), lp)
+            tops.append(d)
+    return {"tokens": tokens, "token_logprobs": list(comp.logprobs), "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(comp, decode) -> dict | None:
+    """The /v1/chat/completions `logprobs` object for one choice (None when not requested)."""
+    if comp.logprobs is None:
+        return None
+
+    def entry(token_id: int, lp: float) -> dict:
+        s = decode([token_id])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for i, (t, lp) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        item = entry(t, lp)
+        top = comp.top_logprobs[i] if comp.top_logprobs is not None else {}
+        item["top_logprobs"] = [entry(tt, tlp) for tt, tlp in top.items()]
+        content.append(item)
+    return {"content": content}

@@ -196,8 +196,10 @@ class OpenAIFront:
         if req.stream:
             return self._stream(self._completion_events(choices, rid, model, echoes, req.include_usage_in_stream))
         finals = {c.index: out for c, out in zip(choices, await asyncio.gather(*map(final_output, choices)))}
+        dec = self.core.tokenizer.decode
         body = [{"index": c.index, "text": echoes[c.prompt_index] + finals[c.index].outputs[0].text,
-                 "logprobs": None, "finish_reason": finals[c.index].outputs[0].finish_reason} for c in choices]
+                 "logprobs": proto.completion_logprobs(finals[c.index].outputs[0], dec, len(echoes[c.prompt_index])),
+                 "finish_reason": finals[c.index].outputs[0].finish_reason} for c in choices]
         return proto.completion_body(rid, model, body, prompt_usage(choices, finals))
 
     async def _completion_events(self, choices, rid, model, echoes, include_usage) -> AsyncIterator[bytes]:
@@ -241,8 +243,10 @@ class OpenAIFront:
         if req.stream:
             return self._stream(self._chat_events(choices, rid, model, req.include_usage_in_stream))
         finals = {c.index: out for c, out in zip(choices, await asyncio.gather(*map(final_output, choices)))}
+        dec = self.core.tokenizer.decode
         body = [{"index": c.index, "message": {"role": "assistant", "content": finals[c.index].outputs[0].text},
-                 "logprobs": None, "finish_reason": finals[c.index].outputs[0].finish_reason} for c in choices]
+                 "logprobs": proto.chat_logprobs(finals[c.index].outputs[0], dec),
+                 "finish_reason": finals[c.index].outputs[0].finish_reason} for c in choices]
         return proto.chat_body(rid, model, body, prompt_usage(choices, finals))
 
     async def _chat_events(self, choices, rid, model, include_usage) -> AsyncIterator[bytes]:

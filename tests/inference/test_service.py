@@ -15,6 +15,7 @@ from loraserve.inference.testing import RunningInference
 from loraserve.registry.client import RegistryClient
 from loraserve.registry.config import RegistryConfig
 from loraserve.registry.testing import RunningRegistry
+from tests.certs import self_signed_cert
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -334,31 +335,8 @@ def test_serve_config_merges_trtllm_yaml_own_keys_and_flags(tmp_path):
     assert ec.peft_cache_config.host_cache_size == 1048576
 
 
-def _self_signed(tmp_path):
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
-
-
 def test_tls(tiny_llama, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = (str(p) for p in self_signed_cert(tmp_path))
     cfg = ServeConfig(model=tiny_llama[0], host="localhost", port=0, registry_address=None,
                       adapter_cache_dir=str(tmp_path / "c"), tls_cert_file=cert, tls_key_file=key,
                       llm_kwargs=dict(dtype="float32", device="cpu"))
@@ -376,7 +354,7 @@ def test_tls(tiny_llama, tmp_path):
 def test_adapters_from_a_tls_registry(tiny_llama, tmp_path):
     from pathlib import Path
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = (str(p) for p in self_signed_cert(tmp_path))
     reg_cfg = RegistryConfig(data_dir=tmp_path / "reg", tls_cert_file=Path(cert), tls_key_file=Path(key))
     with RunningRegistry(reg_cfg, host="localhost") as reg:
         with open(cert, "rb") as f:

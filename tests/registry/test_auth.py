@@ -1,12 +1,12 @@
 """Bearer-token auth (writes, optionally reads) and TLS, over real gRPC."""
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.certs import self_signed_cert
 from loraserve.registry.client import RegistryClient
 from loraserve.v1 import registry_pb2 as pb
 
@@ -68,30 +68,9 @@ def test_reads_need_a_token_when_configured(start_registry, artifacts, tmp_path:
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 def test_tls(start_registry, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("cryptography")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     reg = start_registry(tls_cert_file=cert, tls_key_file=key, auth_token=WRITE)
     reg.host = "localhost"  # the certificate's name
     with RegistryClient(reg.address, token=WRITE, root_certificates=cert.read_bytes(), timeout=10) as c:

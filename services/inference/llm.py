@@ -94,6 +94,18 @@ class LLM:
             results.append(out)
         return results[0] if single else results
 
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             add_generation_prompt: bool = True) -> RequestOutput | list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation ([{"role", "content"}, ...]) or a list of them, rendered
+        with the model's chat template (tokenizer_config.json; a plain fallback without one)."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt))
+                   for c in conversations]
+        outs = self.generate(prompts, sampling_params, lora_request)
+        return outs[0] if single else outs
+
     async def generate_async(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                              lora_request: LoRARequest | None = None, streaming: bool = True,
                              request_id: str | None = None) -> AsyncIterator[RequestOutput]:

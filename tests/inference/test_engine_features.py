@@ -167,3 +167,20 @@ def test_unsupported_trtllm_options_are_refused_not_ignored():
         engine_config_from_kwargs("m", lora_confg={})
     cfg = engine_config_from_kwargs("m", quant_config={"quant_algo": None}, backend="pytorch", max_batch_size=8)
     assert cfg.max_num_seqs == 8
+
+
+def test_chat_uses_the_chat_template():
+    from loraserve.inference.llm import default_model_path
+    import os
+
+    if not os.path.isfile(os.path.join(default_model_path(), "config.json")):
+        pytest.skip("embedded default model not built")
+    llm = LLM(dtype="float32", device="cpu")
+    msgs = [{"role": "user", "content": "write a function"}]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = llm.chat(msgs, p)
+    text = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    assert "# user:" in text and text.endswith("# assistant:\n")  # the model's own template
+    assert out.prompt_token_ids == llm.tokenizer.encode(text)
+    assert out.outputs[0].token_ids == llm.generate(llm.tokenizer.encode(text), p).outputs[0].token_ids
+    assert len(llm.chat([msgs, msgs], p)) == 2

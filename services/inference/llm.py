@@ -72,7 +72,6 @@ class LLM:
             for rid in (r for g in groups for r in g):  # a bad prompt fails the call as a whole
                 self.engine.abort_request(rid)
             raise
-        ids = [r for g in groups for r in g]
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:

@@ -76,7 +76,7 @@ class LLM:
         bar = None
         if use_tqdm:
             from tqdm import tqdm
-            bar = tqdm(total=n, desc="generate")
+            bar = tqdm(total=sum(len(g) for g in groups), desc="generate")
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished:

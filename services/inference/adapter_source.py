@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from loraserve.registry.archive import ARTIFACT_SUFFIX  # the registry's own artifact file names
+
 from .lora.manager import TierStats
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_SUFFIX = {"tar": ".tar", "tar.gz": ".tar.gz", "zip": ".zip", "nemo": ".nemo"}
 
 
 class RegistryUnavailableError(RuntimeError):

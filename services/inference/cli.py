@@ -66,18 +66,16 @@ def _serve(args) -> int:
     from .serve_config import load_serve_config
     from .server import serve
 
-    registry = args.registry_address
+    no_registry = args.registry_address in ("none", "")
     overrides = dict(
         model=args.model or args.model_pos, host=args.host, port=args.port,
-        registry_address=None if registry in ("none", "") else registry, registry_token=args.registry_token,
+        registry_address=None if no_registry else args.registry_address, registry_token=args.registry_token,
         metrics_port=args.metrics_port, openai_port=args.openai_port, allowed_lora_dirs=args.allowed_lora_dirs,
         adapter_cache_dir=args.adapter_cache_dir, max_queue_size=args.max_queue_size, auth_token=args.auth_token,
         tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, registry_ca_file=args.registry_ca_file,
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens)
-    if registry in ("none", ""):
-        overrides["registry_address"] = "__none__"
     cfg = load_serve_config(args.extra + args.config, overrides)
-    if cfg.registry_address == "__none__":
+    if no_registry:  # an explicit "none" wins over files (None overrides mean "not given")
         cfg.registry_address = None
     return asyncio.run(serve(cfg))
 

@@ -190,16 +190,17 @@ class LLMEngine:
         if not finished and seq.sampling_params.stop:
             # hold back a tail that could still grow into a stop string
             visible = max(seq.sent_text, len(text) - max(len(s) for s in seq.sampling_params.stop) + 1)
-        ids = seq.output_token_ids
+        ids = seq.output_token_ids  # a fresh list (slice); the diff is sliced from it
         comp = CompletionOutput(
-            index=0, text=text[:visible], token_ids=list(ids), finish_reason=seq.finish_reason,
+            index=0, text=text[:visible], token_ids=ids, finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
             top_logprobs=list(seq.top_logprobs) if seq.sampling_params.logprobs else None,
             cumulative_logprob=seq.cumulative_logprob,
-            text_diff=text[seq.sent_text:visible], token_ids_diff=list(ids[seq.sent_tokens:]))
+            text_diff=text[seq.sent_text:visible], token_ids_diff=ids[seq.sent_tokens:])
         seq.sent_text, seq.sent_tokens = visible, len(ids)
         metrics = RequestMetrics(seq.arrival_time, seq.scheduled_time, seq.first_token_time, seq.finished_time,
                                  seq.num_preemptions)
-        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [comp], finished, metrics,
+        # the prompt list is shared, not copied per step: the engine never changes it
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], finished, metrics,
                              seq.lora_request, seq.adapter_key)

@@ -5,22 +5,18 @@
 """
 from __future__ import annotations
 
-import asyncio
-import threading
+from loraserve.background import BackgroundServer
 
 from .serve_config import ServeConfig
 
 
-class RunningInference:
+class RunningInference(BackgroundServer):
+    thread_name = "inference-server"
+
     def __init__(self, cfg: ServeConfig):
+        super().__init__()
         self.cfg = cfg
         self.running = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="inference-server",
-                                        daemon=True)
 
     @property
     def address(self) -> str:
@@ -31,35 +27,12 @@ class RunningInference:
         return self.running.servicer.core
 
     def start(self, timeout: float = 120) -> "RunningInference":
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"inference server did not start within {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self
+        return super().start(timeout)
 
-    async def _main(self) -> None:
+    async def _open(self) -> None:
         from .server import create_server
 
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._stopped = asyncio.Event()
-            self.running = await create_server(self.cfg, wait_ready=True)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stopped.wait()
+        self.running = await create_server(self.cfg, wait_ready=True)
+
+    async def _close(self) -> None:
         await self.running.stop(grace=1)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopped is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stopped.set)
-            self._thread.join(30)
-
-    def __enter__(self) -> "RunningInference":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
-from tests.inference.test_multi_lora import ADAPTERS, make_peft_adapter, peft_greedy
+from tests.inference.test_multi_lora import ADAPTERS, peft_adapter_with_random_weights, peft_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -32,7 +32,7 @@ def test_multi_lora_on_gpu_matches_peft(tiny_llama, tmp_path):
     adapters = {}
     for i, (name, kw) in enumerate(ADAPTERS.items()):
         d = tmp_path / name
-        adapters[name] = (str(d), make_peft_adapter(base, str(d), seed=100 + i, **kw))
+        adapters[name] = (str(d), peft_adapter_with_random_weights(base, str(d), seed=100 + i, **kw))
     llm = LLM(model=path, dtype="float32", device="cuda", lora_config=LoraConfig(max_lora_rank=16, max_loras=3))
     reqs = [None] + [LoRARequest(n, i + 1, d) for i, (n, (d, _)) in enumerate(adapters.items())]
     prompts = [p for p in PROMPTS for _ in reqs]

@@ -21,7 +21,7 @@ ADAPTERS = {
 }
 
 
-def make_peft_adapter(base, out_dir, seed, **kw):
+def peft_adapter_with_random_weights(base, out_dir, seed, **kw):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -40,7 +40,7 @@ def adapters(tiny_llama, tmp_path_factory):
     out = {}
     for i, (name, kw) in enumerate(ADAPTERS.items()):
         d = str(tmp_path_factory.mktemp(name))
-        out[name] = (d, make_peft_adapter(base, d, seed=100 + i, **kw))
+        out[name] = (d, peft_adapter_with_random_weights(base, d, seed=100 + i, **kw))
     return out
 
 

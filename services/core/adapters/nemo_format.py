@@ -27,7 +27,7 @@ import yaml
 from .adapter import LoraAdapter, build_adapter, fold_scale
 from .bundle import Bundle
 from .errors import AdapterFormatError
-from .tensors import check_lora_tensor, load_torch_bytes
+from .tensors import check_lora_tensor, load_torch_bytes, pair_factors
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_NAME = "model_weights.ckpt"
@@ -155,17 +155,8 @@ def _group(tensors: dict[str, torch.Tensor], origin: str) -> dict[tuple[int, str
         slot[m["part"]] = check_lora_tensor(tensor, key, origin)
     out = {}
     for (layer, adapter), slot in halves.items():
-        for have, need in (("linear_in", "linear_out"), ("linear_out", "linear_in")):
-            if have in slot and need not in slot:
-                raise AdapterFormatError(f"{origin}: layer {layer} {adapter} has {have} but no {need}")
-        a, b = slot["linear_in"], slot["linear_out"]
-        if a.shape[0] != b.shape[1]:
-            raise AdapterFormatError(
-                f"{origin}: layer {layer} {adapter}: linear_in {list(a.shape)} and linear_out "
-                f"{list(b.shape)} disagree on the rank")
-        if a.dtype != b.dtype:
-            a, b = a.to(torch.float32), b.to(torch.float32)
-        out[(layer, adapter)] = (a, b)
+        out[(layer, adapter)] = pair_factors(slot, "linear_in", "linear_out", "linear_in", "linear_out",
+                                             f"{origin}: layer {layer} {adapter}")
     if not out:
         raise AdapterFormatError(f"{origin}: no LoRA weights found")
     return out

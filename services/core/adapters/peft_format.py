@@ -22,7 +22,7 @@ from .adapter import LoraAdapter, build_adapter, fold_scale, lora_scale
 from .bundle import Bundle
 from .errors import AdapterFormatError
 from .modules import HF_LINEAR_MODULES
-from .tensors import check_lora_tensor, load_tensor_file
+from .tensors import check_lora_tensor, load_tensor_file, pair_factors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -149,19 +149,10 @@ def _group_factors(tensors: dict[str, torch.Tensor], origin: str
             f"expected one")
     out: dict[str, tuple[int, str, torch.Tensor, torch.Tensor]] = {}
     for path, slot in halves.items():
-        for have, need in (("A", "B"), ("B", "A")):
-            if have in slot and need not in slot:
-                raise AdapterFormatError(f"{origin}: {path} has lora_{have} but no lora_{need}")
+        a, b = pair_factors(slot, "A", "B", "lora_A", "lora_B", f"{origin}: {path}")
         layer_match = _LAYER_INDEX.search(path)
         if layer_match is None:
             raise AdapterFormatError(f"{origin}: cannot find a decoder layer index in {path!r}")
-        a, b = slot["A"], slot["B"]
-        if a.shape[0] != b.shape[1]:
-            raise AdapterFormatError(
-                f"{origin}: {path}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on "
-                f"the rank")
-        if a.dtype != b.dtype:
-            a, b = a.to(torch.float32), b.to(torch.float32)
         out[path] = (int(layer_match.group(1)), path.rsplit(".", 1)[-1], a, b)
     return out
 

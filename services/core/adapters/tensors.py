@@ -116,3 +116,19 @@ def check_lora_tensor(t: torch.Tensor, key: str, origin: str) -> torch.Tensor:
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise AdapterFormatError(f"{origin}: tensor {key!r} contains {bad} values")
     return t.cpu()
+
+
+def pair_factors(parts: dict[str, torch.Tensor], a_key: str, b_key: str, a_label: str, b_label: str,
+                 where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's down (A [r, in]) and up (B [out, r]) factors from `parts`, checked: both present,
+    the same rank, one dtype (fp32 when they differ). `where` prefixes every error message."""
+    for have, need, have_label, need_label in ((a_key, b_key, a_label, b_label), (b_key, a_key, b_label, a_label)):
+        if have in parts and need not in parts:
+            raise AdapterFormatError(f"{where} has {have_label} but no {need_label}")
+    a, b = parts[a_key], parts[b_key]
+    if a.shape[0] != b.shape[1]:
+        raise AdapterFormatError(
+            f"{where}: {a_label} {list(a.shape)} and {b_label} {list(b.shape)} disagree on the rank")
+    if a.dtype != b.dtype:
+        a, b = a.to(torch.float32), b.to(torch.float32)
+    return a, b

@@ -42,6 +42,8 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        # called once, from the engine thread, if the loop ever dies (the server flips health)
+        self.on_dead: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
         self.on_step: Callable[[list[RequestOutput]], None] | None = None
@@ -51,15 +53,34 @@ class AsyncLLM:
     def num_active(self) -> int:
         return len(self._streams)
 
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    @property
+    def dead_reason(self) -> BaseException | None:
+        return self._dead
+
     def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine thread; returns a Future with its result."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            # The caller may have cancelled the future (client gone, deadline) before the engine
+            # thread got here. fn still runs (an add_request must take ownership of its adapter
+            # hold, so that the abort queued behind it releases it), but its result goes nowhere;
+            # a RUNNING future can no longer be cancelled, so set_result cannot race a cancel.
+            wanted = fut.set_running_or_notify_cancel()
             try:
-                fut.set_result(fn(self.engine))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(exc)
+                result = fn(self.engine)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                if wanted:
+                    fut.set_exception(exc)
+                else:
+                    log.debug("command for a cancelled caller failed: %r", exc)
+                return
+            if wanted:
+                fut.set_result(result)
 
         self._commands.put(run)
         return fut
@@ -117,12 +138,20 @@ class AsyncLLM:
                     for out in outputs:
                         self._deliver(out.request_id, out)
                     if self.on_step is not None:
-                        self.on_step(outputs)
+                        try:
+                            self.on_step(outputs)
+                        except Exception:  # noqa: BLE001 - an observer never stops the engine
+                            log.exception("on_step callback failed")
         except BaseException as exc:  # noqa: BLE001 - report to every waiting stream
-            log.exception("engine thread died")
+            log.critical("engine thread died; the server reports NOT_SERVING from now on", exc_info=True)
             self._dead = exc
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+            if self.on_dead is not None:
+                try:
+                    self.on_dead(exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("on_dead callback failed")
 
     def _fail_running(self, exc: Exception) -> None:
         """A step raised (e.g. out of memory): abort the requests that were running, report the
@@ -138,7 +167,10 @@ class AsyncLLM:
         except queue.Empty:
             return
         while True:
-            cmd()
+            try:
+                cmd()
+            except Exception:  # noqa: BLE001 - a command's failure is its caller's, never the loop's
+                log.exception("engine command failed")
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:

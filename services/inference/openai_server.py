@@ -351,6 +351,9 @@ def build_app(core: InferenceCore) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not core.async_llm.is_alive:
+            return JSONResponse({"status": "engine dead", "error": repr(core.async_llm.dead_reason)[:200]},
+                                status_code=503)
         return {"status": "ok"}
 
     return app

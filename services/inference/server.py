@@ -262,6 +262,14 @@ async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningSe
                 servicer.metrics = ServiceMetrics(core)
                 running.metrics_port = servicer.metrics.start(cfg.metrics_port, cfg.host)
             servicer.core = core
+            loop = asyncio.get_running_loop()
+
+            async def not_serving() -> None:
+                for name in ("", SERVICE_NAME):
+                    await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            # the engine thread died (it should not): probes must see it at once, so the pod restarts
+            core.async_llm.on_dead = lambda exc: loop.call_soon_threadsafe(lambda: loop.create_task(not_serving()))
             if cfg.openai_port is not None:
                 from .openai_server import start_openai_server
 

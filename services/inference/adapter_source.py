@@ -36,6 +36,14 @@ class DigestMismatchError(RuntimeError):
     pass
 
 
+class RegistryAccessError(PermissionError):
+    """The registry refused this server's read token (--registry-token): an operator's fix, not a retry."""
+
+
+class RegistryRequestError(ValueError):
+    """The registry refused the reference itself (INVALID_ARGUMENT there)."""
+
+
 @dataclass
 class FetchedAdapter:
     name: str
@@ -86,6 +94,11 @@ class AdapterFetcher:
             return RegistryAdapterNotFound(f"{what}: {exc.details()}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return RegistryUnavailableError(f"registry at {self.address} is unavailable: {exc.details()}")
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return RegistryAccessError(f"the adapter registry refused this server's read token (--registry-token) "
+                                       f"for {what}: {code.name}: {exc.details()}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return RegistryRequestError(f"{what}: {exc.details()}")
         return RegistryUnavailableError(f"registry error for {what}: {code.name}: {exc.details()}")
 
     async def list_adapters(self, page_size: int = 1000) -> list:

@@ -10,7 +10,6 @@ Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -42,29 +41,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def map_exception(exc: BaseException) -> OpenAIError:
-    """InferenceCore's typed errors -> HTTP status (same table as the gRPC codes)."""
-    from loraserve.adapters import AdapterFormatError
+    """InferenceCore's typed errors -> HTTP status (the gRPC front's table, status.py); anything
+    unmapped is a 500 with a generic message and one server log line."""
+    import grpc
 
-    from .adapter_source import RegistryAdapterNotFound, RegistryUnavailableError
-    from .core import InvalidRequestError, QueueFullError, ShuttingDownError
-    from .lora.manager import AdapterAccessError, AdapterCapacityError, AdapterNotFoundError
+    from .status import HTTP_STATUS, classify
 
     if isinstance(exc, OpenAIError):
         return exc
-    message = str(exc) or type(exc).__name__
-    if isinstance(exc, (AdapterNotFoundError, RegistryAdapterNotFound)):
-        return OpenAIError(404, message, param="model", code="model_not_found")
-    if isinstance(exc, (AdapterAccessError, PermissionError)):
-        return OpenAIError(403, message, param="lora_request")
-    if isinstance(exc, (QueueFullError, AdapterCapacityError)):
-        return OpenAIError(429, message)
-    if isinstance(exc, (RegistryUnavailableError, ShuttingDownError)):
-        return OpenAIError(503, message)
-    if isinstance(exc, (InvalidRequestError, AdapterFormatError, ValueError)):
-        return OpenAIError(400, message)
-    logging.getLogger("loraserve.inference.openai_server").error("unexpected error in the OpenAI front",
-                                                                 exc_info=exc)
-    return OpenAIError(500, f"internal error: {type(exc).__name__}: {message}")
+    code, message = classify(exc, "OpenAI HTTP request")
+    status = HTTP_STATUS.get(code, 500)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return OpenAIError(status, message, param="model", code="model_not_found")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return OpenAIError(status, message, param="lora_request")
+    return OpenAIError(status, message)
 
 
 def sse(data: dict | str) -> bytes:

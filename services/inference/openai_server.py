@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraserve.config import LoRARequest
 
 from . import openai_protocol as proto
+from . import status
 from .core import AdapterSpec, InferenceCore
 from .openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, map_exception, sse
 from .outputs import RequestOutput
@@ -147,6 +148,7 @@ class OpenAIFront:
     def adapter_for(self, model: str, lora_request: proto.LoraRequestBody | None) -> AdapterSpec | None:
         if lora_request is not None:
             try:
+                status.check_lora_request(lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
                 return AdapterSpec(lora_request=lora_request.to_lora_request())
             except ValueError as exc:
                 raise OpenAIError(400, f"lora_request: {exc}", param="lora_request") from exc
@@ -156,15 +158,17 @@ class OpenAIFront:
         if model in loaded:
             return AdapterSpec(lora_request=LoRARequest(model, loaded[model], ""))
         if self.core.cfg.registry_address is None:
-            raise OpenAIError(404, f"model {model!r} does not exist: it is not the base model "
+            raise OpenAIError(404, f"model {status.shown(model)} does not exist: it is not the base model "
                                    f"({self.core.model_name}) nor a loaded adapter, and no adapter registry "
                                    "is configured", param="model", code="model_not_found")
         name, _, ref = model.partition(":")
-        if not name:
-            raise OpenAIError(400, f"model {model!r}: empty adapter name", param="model")
-        if ref.isdigit():
-            return AdapterSpec(name=name, version=int(ref))
-        return AdapterSpec(name=name, alias=ref)
+        version = int(ref) if ref.isascii() and ref.isdigit() and len(ref) <= 18 else 0
+        alias = "" if version else ref
+        try:
+            status.check_adapter_ref(name, version, alias)
+        except ValueError as exc:
+            raise OpenAIError(400, f"model {status.shown(model)}: {exc}", param="model") from exc
+        return AdapterSpec(name=name, version=version, alias=alias)
 
     def check_auth(self, request: Request) -> None:
         token = self.core.cfg.auth_token

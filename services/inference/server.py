@@ -15,14 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraserve.adapters import AdapterFormatError
 from loraserve.config import LoRARequest, SamplingParams
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
-from .adapter_source import DigestMismatchError, RegistryAdapterNotFound, RegistryUnavailableError
-from .core import (AdapterSpec, InferenceCore, InvalidRequestError, QueueFullError, ShuttingDownError)
-from .lora.manager import (AdapterAccessError, AdapterBusyError, AdapterCapacityError, AdapterNotFoundError)
+from . import status
+from .core import AdapterSpec, InferenceCore, InvalidRequestError
 from .serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -31,20 +29,8 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abo
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """Map a domain error to its canonical gRPC status (None: not a domain error)."""
-    table = [
-        ((AdapterFormatError, InvalidRequestError, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
-        ((AdapterNotFoundError, RegistryAdapterNotFound, LookupError), grpc.StatusCode.NOT_FOUND),
-        ((AdapterAccessError, PermissionError), grpc.StatusCode.PERMISSION_DENIED),
-        ((QueueFullError, AdapterCapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ((RegistryUnavailableError, ShuttingDownError), grpc.StatusCode.UNAVAILABLE),
-        ((AdapterBusyError,), grpc.StatusCode.FAILED_PRECONDITION),
-        ((DigestMismatchError,), grpc.StatusCode.DATA_LOSS),
-    ]
-    for types, code in table:
-        if isinstance(exc, types):
-            return code, str(exc)
-    return None
+    """Map a domain error to its canonical gRPC status (None: not a domain error; see status.py)."""
+    return status.mapped(exc)
 
 
 def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
@@ -61,9 +47,11 @@ def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
 def to_adapter_spec(msg, which: str | None) -> AdapterSpec | None:
     if which == "adapter_ref":
         r = msg.adapter_ref
+        status.check_adapter_ref(r.name, r.version, r.alias)
         return AdapterSpec(name=r.name, version=r.version, alias=r.alias)
     if which == "lora_request":
         r = msg.lora_request
+        status.check_lora_request(r.lora_name, r.lora_int_id, r.lora_path)
         return AdapterSpec(lora_request=LoRARequest(r.lora_name, r.lora_int_id, r.lora_path,
                                                     r.lora_ckpt_source or "hf"))
     return None
@@ -87,11 +75,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return self.core
 
     async def _abort_for(self, context, exc: BaseException):
-        mapped = status_for(exc)
-        if mapped is None:
-            log.exception("internal error")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
-        await context.abort(*mapped)
+        # unmapped errors: INTERNAL, a generic message and one log line (never the exception's text)
+        await context.abort(*status.classify(exc, "inference gRPC call"))
 
     async def Generate(self, request, context):
         core = await self._core(context)
@@ -188,6 +173,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 digest = request.digest
             elif request.WhichOneof("adapter") == "adapter_ref":
                 r = request.adapter_ref
+                status.check_adapter_ref(r.name, r.version, r.alias)
                 digest = (await core.fetcher.fetch(r.name, r.version, r.alias)).digest
             else:
                 raise InvalidRequestError("set adapter_ref or digest")

@@ -1,0 +1,70 @@
+"""Fused RMSNorm(+residual), SiLU-and-mul and RoPE kernels vs their torch references: on the CPU
+through Triton's interpreter (a spawned TRITON_INTERPRET=1 worker, as test_lora_triton_interp.py),
+on the GPU in bf16/fp16/fp32 at Llama-3-8B sizes."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+from . import fused_interp_cases as cases
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[ProcessPoolExecutor]:
+    if not triton_available():
+        pytest.skip("triton not installed")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned worker only
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        pool.shutdown(cancel_futures=True)
+
+
+def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
+    pool.submit(fn, *args).result(timeout=300)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])  # the interpreter mishandles bf16
+@pytest.mark.parametrize("hidden", [64, 96])  # 96: a masked block tail
+def test_rms_norm_interp(interp, dtype, hidden) -> None:
+    _run(interp, cases.check_rms_norm, dtype, 5, hidden)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_silu_and_mul_interp(interp, dtype) -> None:
+    _run(interp, cases.check_silu_and_mul, dtype, 3, 80)
+
+
+@pytest.mark.parametrize("heads,kv_heads,scaling", [(4, 2, "default"), (6, 6, "linear"), (4, 1, "llama3")])
+def test_rope_interp(interp, heads, kv_heads, scaling) -> None:
+    _run(interp, cases.check_rope, "float32", 7, heads, kv_heads, 16, scaling)
+
+
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("num_tokens", [1, 77, 1024])
+@pytest.mark.parametrize("op", ["rms", "silu", "rope"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_ops_gpu(op, num_tokens, dtype) -> None:
+    if op == "rms":
+        cases.check_rms_norm(dtype, num_tokens, 4096, device="cuda")
+    elif op == "silu":
+        cases.check_silu_and_mul(dtype, num_tokens, 14336, device="cuda")
+    else:
+        for scaling in ("default", "llama3"):
+            cases.check_rope(dtype, num_tokens, 32, 8, 128, scaling, device="cuda")

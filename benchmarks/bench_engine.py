@@ -1,12 +1,19 @@
 """End-to-end engine benchmark on a Llama-3-8B-shaped model with random bf16 weights (GPU).
 
-Prints, in one run:
-  * HBM copy bandwidth and the decode roofline (weight bytes per step / copy bandwidth)
-  * loraserve decode tokens/s at batch 1 and 64, and prefill tokens/s
-  * HF transformers on the same weights: decode tokens/s at batch 1 and 64, prefill tokens/s
-  * loraserve decode at batch 64 with 32 distinct rank-16 adapters (all projections) vs no LoRA
+Every figure sits next to a limit measured in the same run, so runs on any card compare:
+  * copy bandwidth (device-to-device copy, read + write) and bf16 GEMM peak (8192^3 on random data)
+  * decode at batch 1 and 64: tokens/s vs the roofline counting every byte a step must read
+    (all weights but the embedding table, the embedding rows, the KV cache of every sequence)
+  * prefill of 8 fresh 1024-token prompts: model FLOP/s vs the GEMM peak, and vs HF transformers
+  * decode at batch 64 with 32 distinct rank-16 adapters (all projections) vs no LoRA
+Every timed run uses prompts the prefix cache has not seen (fresh random ids per run) and the
+run prints how many KV blocks the prefix cache reused while timing (`timed_prefix_cache_hits`,
+which must be 0).
 
-    python3 benchmarks/bench_engine.py [--layers 32] [--skip-hf] [--json out.json]
+    python3 benchmarks/bench_engine.py [--layers 32] [--skip-hf] [--json out.json] [--profile DIR]
+
+`make bench-gpu` runs this and benchmarks/bench_lora_kernels.py and merges both into
+benchmarks/results/engine_h200.json.
 """
 from __future__ import annotations
 
@@ -24,19 +31,44 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB
+    x = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")  # 1 GiB, not zeros
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     n = 20
+    start.record()
     for _ in range(n):
         y.copy_(x)
+    end.record()
     torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / n
+    dt = start.elapsed_time(end) / 1e3 / n
     del x, y
     return 2 * (1 << 30) / dt  # read + write
+
+
+def gemm_peak() -> float:
+    """bf16 FLOP/s of an 8192^3 matmul on random data, rotating 4 input sets (no L2 reuse)."""
+    n = 8192
+    sets = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+             torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
+    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    for a, b in sets:
+        torch.matmul(a, b, out=out)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 20
+    start.record()
+    for i in range(reps):
+        a, b = sets[i % 4]
+        torch.matmul(a, b, out=out)
+    end.record()
+    torch.cuda.synchronize()
+    dt = start.elapsed_time(end) / 1e3 / reps
+    del sets, out
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / dt
 
 
 def build_checkpoint(path: str, layers: int) -> None:
@@ -56,72 +88,124 @@ def build_checkpoint(path: str, layers: int) -> None:
     torch.cuda.empty_cache()
 
 
-def time_engine_decode(engine, batch: int, prompt_len: int, steps: int, loras=None) -> float:
+class Prompts:
+    """Fresh random prompts: no two runs share a prefix, so the prefix cache can never hit."""
+
+    def __init__(self, seed: int = 1234):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def make(self, n: int, length: int) -> list[list[int]]:
+        return torch.randint(2, 100000, (n, length), generator=self.g).tolist()
+
+
+def reused_blocks(engine) -> int:
+    return engine.block_manager.num_reused_blocks
+
+
+def output_tokens(engine) -> int:
+    return sum(s.num_output_tokens for s in engine.seqs.values())
+
+
+def time_engine_decode(engine, prompts: Prompts, batch: int, prompt_len: int, steps: int, loras=None) -> dict:
     from loraserve import SamplingParams
 
-    for i in range(batch):
-        engine.add_request(f"d{batch}-{i}-{time.time()}", [(7 * i + j) % 1000 + 2 for j in range(prompt_len)],
-                           SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True),
+    tag = time.monotonic_ns()
+    for i, ids in enumerate(prompts.make(batch, prompt_len)):
+        engine.add_request(f"d{batch}-{i}-{tag}", ids, SamplingParams(max_tokens=steps + 16, temperature=0,
+                                                                       ignore_eos=True),
                            None if loras is None else loras[i % len(loras)])
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
         engine.step()  # prefill (and first tokens)
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
+    hits0, tok0 = reused_blocks(engine), output_tokens(engine)
+    ctx0 = sum(s.num_tokens for s in engine.seqs.values())
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
+    produced = output_tokens(engine) - tok0  # counts only tokens handed back (an in-flight step is not)
+    ctx1 = sum(s.num_tokens for s in engine.seqs.values())
+    hits = reused_blocks(engine) - hits0
     for rid in list(engine.seqs):
         engine.abort_request(rid)
-    return batch * steps / dt
+    return {"tok_s": produced / dt, "steps": steps, "s_per_step": dt / steps, "mean_context": (ctx0 + ctx1) / 2 / batch,
+            "prefix_hits": hits}
 
 
-def time_engine_prefill(engine, batch: int, prompt_len: int) -> float:
+def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -> dict:
     from loraserve import SamplingParams
 
     def once(tag):
-        for i in range(batch):
-            engine.add_request(f"p{tag}-{i}", [(13 * i + j) % 1000 + 2 for j in range(prompt_len)],
-                               SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        for i, ids in enumerate(prompts.make(batch, prompt_len)):
+            engine.add_request(f"p{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        hits0 = reused_blocks(engine)
         torch.cuda.synchronize()
         t = time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
         torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, reused_blocks(engine) - hits0
 
-    once("warm")
-    return batch * prompt_len / once("run")
+    once("warm0")
+    once("warm1")
+    times = [once(f"run{i}") for i in range(3)]
+    dt = sorted(t for t, _ in times)[1]  # median of 3, each on fresh prompts
+    return {"tok_s": batch * prompt_len / dt, "s": dt, "prefix_hits": sum(h for _, h in times)}
+
+
+def prefill_flops(args, batch: int, prompt_len: int) -> float:
+    """Model FLOPs of a prefill with one sampled token per sequence: every linear layer over every
+    token, causal attention (QK^T and PV over the lower triangle), lm_head for the last tokens."""
+    h, i, L = args.hidden_size, args.intermediate_size, args.num_hidden_layers
+    linear = h * (args.q_size + 2 * args.kv_size) + args.q_size * h + 3 * h * i
+    tokens = batch * prompt_len
+    attn = 2 * 2 * args.num_attention_heads * args.head_dim * batch * prompt_len * (prompt_len + 1) / 2
+    return L * (2 * linear * tokens + attn) + 2 * h * args.vocab_size * batch
+
+
+def decode_step_bytes(engine, batch: int, mean_context: float) -> float:
+    a = engine.args
+    embed = a.vocab_size * a.hidden_size
+    weight = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    if not a.tie_word_embeddings:  # the table is read one row per token, not whole
+        weight -= embed * engine.model.embed_tokens.weight.element_size()
+    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * engine.runner.k_cache.element_size()
+    return weight + batch * (a.hidden_size * 2 + mean_context * kv_per_token)
 
 
 @torch.inference_mode()
-def time_hf(path: str, prompt_len: int, steps: int, prefill_batch: int) -> dict:
+def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_batch: int) -> dict:
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda().eval()
     out = {}
     for batch in (1, 64):
-        ids = torch.randint(2, 1000, (batch, prompt_len), device="cuda")
         gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=None)
-        model.generate(ids, max_new_tokens=4, **gen)
+        model.generate(torch.tensor(prompts.make(batch, prompt_len), device="cuda"), max_new_tokens=4, **gen)
+        ids = torch.tensor(prompts.make(batch, prompt_len), device="cuda")
         torch.cuda.synchronize()
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **gen)
         torch.cuda.synchronize()
         t_prefill = time.perf_counter() - t
+        ids = torch.tensor(prompts.make(batch, prompt_len), device="cuda")
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=steps + 1, **gen)
         torch.cuda.synchronize()
         out[f"hf_decode_bs{batch}_tok_s"] = batch * steps / (time.perf_counter() - t - t_prefill)
-    ids = torch.randint(2, 1000, (prefill_batch, 1024), device="cuda")
-    model(ids)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    model(ids)
-    torch.cuda.synchronize()
-    out["hf_prefill_tok_s"] = prefill_batch * 1024 / (time.perf_counter() - t)
+    model(torch.tensor(prompts.make(prefill_batch, 1024), device="cuda"))
+    times = []
+    for _ in range(3):
+        ids = torch.tensor(prompts.make(prefill_batch, 1024), device="cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(ids, logits_to_keep=1)  # as the engine: logits of the last token only
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    out["hf_prefill_tok_s"] = prefill_batch * 1024 / sorted(times)[1]
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -133,29 +217,58 @@ def random_adapters(args, n: int, rank: int, dtype):
 
     shapes = args.lora_module_shapes()
     adapters = []
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(0)
     for i in range(n):
         w = {}
         for layer in range(args.num_hidden_layers):
             for m, (fi, fo) in shapes.items():
-                w[(layer, m)] = ((torch.randn(rank, fi, generator=g) * 0.01).to(dtype),
-                                 (torch.randn(fo, rank, generator=g) * 0.01).to(dtype))
+                w[(layer, m)] = ((torch.randn(rank, fi, generator=g, device="cuda") * 0.01).to(dtype).cpu(),
+                                 (torch.randn(fo, rank, generator=g, device="cuda") * 0.01).to(dtype).cpu())
         adapters.append(LoraAdapter("hf", rank, float(rank), False, sorted(shapes), args.num_hidden_layers, w,
                                     f"sha256:{i:064x}"))
     return adapters
 
 
+def profile_steps(engine, prompts: Prompts, out_dir: str) -> None:
+    """torch.profiler tables of one prefill step (8 x 1024) and of decode steps at batch 64."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import SamplingParams
+
+    os.makedirs(out_dir, exist_ok=True)
+    for i, ids in enumerate(prompts.make(8, 1024)):
+        engine.add_request(f"prof-p{i}", ids, SamplingParams(max_tokens=1, ignore_eos=True))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+    with open(os.path.join(out_dir, "profile_prefill.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    for i, ids in enumerate(prompts.make(64, 512)):
+        engine.add_request(f"prof-d{i}", ids, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    with open(os.path.join(out_dir, "profile_decode_bs64.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        f.write("\n\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+
+
 class _Printing(dict):
     """Prints each result as soon as it is measured (a run cut short still reports)."""
 
-    def __init__(self, init):
-        super().__init__()
-        for k, v in init.items():
-            self[k] = v
-
     def __setitem__(self, k, v):
         super().__setitem__(k, v)
-        print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}", flush=True)
+        print(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}", flush=True)
 
     def update(self, other):
         for k, v in other.items():
@@ -171,32 +284,49 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, help="write torch.profiler tables to this directory")
     a = ap.parse_args()
     from loraserve import LoraConfig, LoRARequest
     from loraserve.config import engine_config_from_kwargs
     from loraserve.inference.engine import LLMEngine
 
-    res = _Printing({"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len})
+    res = _Printing()
+    res.update({"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len})
     bw = copy_bandwidth()
     res["copy_bandwidth_GBps"] = bw / 1e9
+    peak = gemm_peak()
+    res["bf16_gemm_peak_TFLOPs"] = peak / 1e12
+    prompts = Prompts()
     path = tempfile.mkdtemp(prefix="llama8b-")
     t = time.perf_counter()
     build_checkpoint(path, a.layers)
     res["checkpoint_build_s"] = time.perf_counter() - t
     if not a.skip_hf:
-        res.update(time_hf(path, a.prompt_len, a.steps, a.prefill_batch))
+        res.update(time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch))
     cfg = engine_config_from_kwargs(path, dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=256,
                                     lora_config=None if a.skip_lora else LoraConfig(max_lora_rank=16, max_loras=32,
                                                                                      max_cpu_loras=32),
                                     kv_cache_config={"free_gpu_memory_fraction": 0.5})
     engine = LLMEngine(cfg)
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    res["weight_GB"] = weight_bytes / 1e9
-    res["roofline_decode_bs1_tok_s"] = bw / weight_bytes
-    res["roofline_decode_bs64_tok_s"] = 64 * bw / weight_bytes
+    hits = 0
     for batch in (1, 64):
-        res[f"loraserve_decode_bs{batch}_tok_s"] = time_engine_decode(engine, batch, a.prompt_len, a.steps)
-    res["loraserve_prefill_tok_s"] = time_engine_prefill(engine, a.prefill_batch, 1024)
+        r = time_engine_decode(engine, prompts, batch, a.prompt_len, a.steps)
+        hits += r["prefix_hits"]
+        res[f"loraserve_decode_bs{batch}_tok_s"] = r["tok_s"]
+        res[f"loraserve_decode_bs{batch}_ms_per_step"] = r["s_per_step"] * 1e3
+        limit = batch * bw / decode_step_bytes(engine, batch, r["mean_context"])
+        res[f"roofline_decode_bs{batch}_tok_s"] = limit
+        res[f"decode_bs{batch}_roofline_fraction"] = r["tok_s"] / limit
+    r = time_engine_prefill(engine, prompts, a.prefill_batch, 1024)
+    hits += r["prefix_hits"]
+    res["loraserve_prefill_tok_s"] = r["tok_s"]
+    flops = prefill_flops(engine.args, a.prefill_batch, 1024)
+    res["prefill_TFLOPs"] = flops / r["s"] / 1e12
+    res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
+    if "hf_prefill_tok_s" in res:
+        res["prefill_vs_hf"] = r["tok_s"] / res["hf_prefill_tok_s"]
+        for k in ("1", "64"):
+            res[f"speedup_vs_hf_decode_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"hf_decode_bs{k}_tok_s"]
     if not a.skip_lora:
         lm = engine.lora_manager
         reqs = []
@@ -204,15 +334,15 @@ def main() -> int:
             req = LoRARequest(f"bench-{i}", i, "")
             lm.release(lm.add_adapter(ad, req))
             reqs.append(req)
-        res["loraserve_decode_bs64_32lora_tok_s"] = time_engine_decode(engine, 64, a.prompt_len, a.steps, reqs)
-        res["loraserve_decode_bs64_nolora_tok_s"] = time_engine_decode(engine, 64, a.prompt_len, a.steps)
-        res["lora32_vs_nolora"] = res["loraserve_decode_bs64_32lora_tok_s"] / res["loraserve_decode_bs64_nolora_tok_s"]
-    for k in ("1", "64"):
-        if f"hf_decode_bs{k}_tok_s" in res:
-            res[f"speedup_vs_hf_decode_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"hf_decode_bs{k}_tok_s"]
-        res[f"fraction_of_roofline_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"roofline_decode_bs{k}_tok_s"]
-    if "hf_prefill_tok_s" in res:
-        res["speedup_vs_hf_prefill"] = res["loraserve_prefill_tok_s"] / res["hf_prefill_tok_s"]
+        with_lora = time_engine_decode(engine, prompts, 64, a.prompt_len, a.steps, reqs)
+        without = time_engine_decode(engine, prompts, 64, a.prompt_len, a.steps)
+        hits += with_lora["prefix_hits"] + without["prefix_hits"]
+        res["loraserve_decode_bs64_32lora_tok_s"] = with_lora["tok_s"]
+        res["loraserve_decode_bs64_nolora_tok_s"] = without["tok_s"]
+        res["lora32_vs_nolora_decode"] = with_lora["tok_s"] / without["tok_s"]
+    res["timed_prefix_cache_hits"] = hits
+    if a.profile:
+        profile_steps(engine, prompts, a.profile)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

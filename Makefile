@@ -8,7 +8,7 @@ STUBS   := services/core/v1/registry_pb2.py
 PROTOS  := $(wildcard protos/loraserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: all install protos model services test test-gpu run bench clean
+.PHONY: all install protos model services test test-gpu run bench bench-gpu clean
 
 all: install protos
 
@@ -41,6 +41,10 @@ test: install protos model services
 
 test-gpu: install protos
 	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS)
+
+# on the GPU machine (no venv there: its python3 has torch/triton/transformers); see scripts/bench_gpu.sh
+bench-gpu:
+	bash scripts/bench_gpu.sh
 
 run: install protos model
 	$(BIN)/python scripts/demo.py

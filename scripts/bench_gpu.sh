@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command (run on the GPU machine, repo root; `make bench-gpu`):
+#   benchmarks/results/engine_h200.json  engine + LoRA kernels (issue 10 keys)
+#   benchmarks/results/e2e_h200.json     serving loop end to end (issue 11 keys)
+#   benchmarks/results/churn_h200.json   adapter churn (issue 12 keys)
+# Each figure is printed next to its limit measured in the same run. Pass stage names to run a
+# subset: `bash scripts/bench_gpu.sh engine lora`.
+set -uo pipefail
+source scripts/gpu_env.sh
+RESULTS=${RESULTS:-benchmarks/results}
+WORK=${WORK:-/tmp/loraserve-bench}
+mkdir -p "$RESULTS" "$WORK"
+stages=${*:-engine lora e2e churn}
+for stage in $stages; do
+  echo "=== $stage ==="
+  case $stage in
+    engine) python3 benchmarks/bench_engine.py --json "$WORK/engine.json" --profile "$WORK/profile" ;;
+    lora)   python3 benchmarks/bench_lora_kernels.py --json "$WORK/lora.json" ;;
+    e2e)    python3 benchmarks/bench_e2e.py --out "$WORK/e2e" --json "$WORK/e2e.json" ;;
+    churn)  python3 benchmarks/bench_churn.py --json "$WORK/churn.json" ;;
+  esac || echo "stage $stage FAILED"
+done
+python3 - "$WORK" "$RESULTS" <<'PY'
+import json, os, sys
+work, results = sys.argv[1:]
+def load(name):
+    p = os.path.join(work, name)
+    return json.load(open(p)) if os.path.exists(p) else {}
+merged = {"engine_h200.json": {**load("engine.json"), **load("lora.json")},
+          "e2e_h200.json": load("e2e.json"), "churn_h200.json": load("churn.json")}
+for name, data in merged.items():
+    if data:
+        with open(os.path.join(results, name), "w") as f:
+            json.dump(data, f, indent=2)
+        print(f"wrote {os.path.join(results, name)}")
+PY

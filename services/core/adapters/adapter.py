@@ -55,8 +55,20 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def fold_scale(b: torch.Tensor, scale: float) -> torch.Tensor:
-    """B * scale computed in fp32 and rounded once back to B's dtype; contiguous."""
+# The largest effective LoRA scale (alpha/r, alpha/sqrt(r)) accepted: float16's max, so that the
+# scale times a unit activation is finite in every serving dtype. Trained adapters use 0.5-16;
+# lora_alpha=1e38 is a bug or an attack and would turn every logit into NaN.
+MAX_LORA_SCALE = 65504.0
+
+
+def fold_scale(b: torch.Tensor, scale: float, where: str = "") -> torch.Tensor:
+    """B * scale computed in fp32 and rounded once back to B's dtype; contiguous.
+
+    Refuses a non-finite scale or one above MAX_LORA_SCALE (`where` prefixes the message)."""
+    if not (math.isfinite(scale) and abs(scale) <= MAX_LORA_SCALE):
+        raise AdapterFormatError(
+            f"{where + ': ' if where else ''}the effective LoRA scale {scale:.3g} (lora_alpha / r) is beyond "
+            f"{MAX_LORA_SCALE:g}, the largest any serving dtype can apply safely; check lora_alpha")
     return (b.to(torch.float32) * scale).to(b.dtype).contiguous()
 
 

@@ -2,34 +2,100 @@
 
 An artifact is a directory, a weights file that sits beside its config, or an archive
 (.tar, .tar.gz/.tgz, .nemo = tar, .zip). Archives are treated as untrusted uploads: members are
-read into memory, never extracted, and absolute paths, '..' components, symlinks, hardlinks and
-device files are rejected, as are archives whose content exceeds `max_bytes` once unpacked.
+read into memory, never extracted, and absolute paths, '..' components, symlinks, hardlinks,
+sparse and device files are rejected.
+
+Archive bombs are refused before they cost memory or time (`ArchiveLimits`): every member's
+declared size is checked against a per-member and a total limit and against a compression
+ratio (unpacked bytes per archive byte) before a byte of it is decompressed; decompression runs
+in 1 MiB chunks through a counter that stops at the same limits, so headers that tarfile reads
+whole (pax, GNU long names) and zip entries that lie about their size are bounded too.
+`ArchiveLimits.for_model` sizes the limits from what a LoRA of max_lora_rank can need for the
+served model; the registry, which has no model, uses a configured total.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
+import math
 import os
 import stat
 import tarfile
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, shorten
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # A file at the root of an artifact that tells where the artifact's root is.
 ROOT_MARKERS = ("adapter_config.json", "model_config.yaml", "model_weights.ckpt")
 MAX_MEMBERS = 10_000
-_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
-                   NotImplementedError, RuntimeError, ValueError)
+MiB, GiB = 1 << 20, 1 << 30
+_CHUNK = 1 * MiB
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, lzma.LZMAError,
+                   NotImplementedError, RuntimeError, ValueError, UnicodeDecodeError, OverflowError)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLimits:
+    """How much an archive may unpack to; every limit is checked before the bytes are produced.
+
+    max_total_bytes: all members together, unpacked. max_member_bytes: one member (None = total).
+    max_ratio: unpacked bytes per archive byte (trained LoRA weights compress ~1.1-3x; a deflate
+    bomb of zeros is ~1000x); not applied while the unpacked total is under ratio_free_bytes, so
+    small all-zero test adapters still load.
+    """
+
+    max_total_bytes: int = 2 * GiB
+    max_member_bytes: int | None = None
+    max_ratio: float = 100.0
+    ratio_free_bytes: int = 16 * MiB
+    max_members: int = MAX_MEMBERS
+
+    def __post_init__(self) -> None:
+        if self.max_total_bytes <= 0 or (self.max_member_bytes is not None and self.max_member_bytes <= 0):
+            raise ValueError("archive limits must be > 0")
+        if not self.max_ratio >= 1:
+            raise ValueError(f"max_ratio must be >= 1, got {self.max_ratio}")
+
+    @property
+    def member_limit(self) -> int:
+        return self.max_total_bytes if self.max_member_bytes is None else min(self.max_member_bytes,
+                                                                              self.max_total_bytes)
+
+    @classmethod
+    def for_model(cls, module_shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int,
+                  **overrides) -> "ArchiveLimits":
+        """Limits that admit any LoRA of rank <= max_rank on every module of the model, stored in fp32.
+
+        module_shapes: HF module -> (in_features, out_features). Twice the fp32 bytes of all
+        factors plus 16 MiB covers fp64 checkpoints, pickle/safetensors framing and configs.
+        """
+        weights = lora_bytes_bound(module_shapes, num_layers, max_rank)
+        total = 2 * weights + 16 * MiB
+        return cls(max_total_bytes=total, max_member_bytes=total, **overrides)
+
+
+def lora_bytes_bound(module_shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int,
+                     itemsize: int = 4) -> int:
+    """Bytes of A [r, in] + B [out, r] for every module and layer at rank max_rank."""
+    return num_layers * max_rank * itemsize * sum(i + o for i, o in module_shapes.values())
+
+
+def limits_for(max_bytes: int | None) -> ArchiveLimits:
+    """The default limits, with the total capped at max_bytes when given."""
+    return ArchiveLimits() if max_bytes is None else ArchiveLimits(max_total_bytes=max_bytes)
 
 
 class Bundle:
     """Files of one artifact, addressed by relative POSIX path."""
 
     def __init__(self, origin: str, kind: str):
-        self.origin = origin      # shown in error messages
+        self.origin = origin      # shown in error messages (already shortened)
         self.kind = kind          # "dir" | "tar" | "zip"
         self.weights_hint: str | None = None  # a weights file the caller named explicitly
 
@@ -60,12 +126,19 @@ class MemoryBundle(Bundle):
 
 
 class DirBundle(Bundle):
-    """Files of a directory on disk (operator-supplied, so symlinks to files are followed)."""
+    """Files of a directory on disk.
 
-    def __init__(self, root: Path, origin: str, max_bytes: int | None):
+    confine_to: when given (lora_path under --allowed-lora-dir), every file read, symlinks
+    resolved, must lie under one of these real directories; a link to a file elsewhere is
+    refused without saying where it points.
+    """
+
+    def __init__(self, root: Path, origin: str, limits: ArchiveLimits,
+                 confine_to: list[str] | None = None):
         super().__init__(origin, "dir")
         self.root = root
-        self._max_bytes = max_bytes
+        self._limits = limits
+        self._confine_to = confine_to
         self._bytes_read = 0
 
     def names(self) -> list[str]:
@@ -85,138 +158,225 @@ class DirBundle(Bundle):
         path = self.root / name
         if not path.is_file():
             raise AdapterFormatError(f"{self.origin}: missing {name}")
-        self._bytes_read += path.stat().st_size
-        if self._max_bytes is not None and self._bytes_read > self._max_bytes:
+        if self._confine_to is not None:
+            real = os.path.realpath(path)
+            if not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in self._confine_to):
+                raise AdapterFormatError(f"{self.origin}: {shorten(name)} is a link to a file outside the "
+                                         "allowed adapter directories")
+        size = path.stat().st_size
+        self._bytes_read += size
+        if size > self._limits.member_limit or self._bytes_read > self._limits.max_total_bytes:
             raise AdapterFormatError(
-                f"{self.origin}: adapter files exceed max_bytes={self._max_bytes} "
-                f"({self._bytes_read} bytes with {name})")
+                f"{self.origin}: adapter files exceed the size limit of {self._limits.max_total_bytes} bytes "
+                f"({self._bytes_read} bytes with {shorten(name)})")
         return path.read_bytes()
 
 
-def open_bundle(path: str | os.PathLike, max_bytes: int | None = None) -> Bundle:
-    """Open `path` (directory, weights file, or archive) as a Bundle; see module docstring."""
+def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits: ArchiveLimits | None = None,
+                confine_to: list[str] | None = None) -> Bundle:
+    """Open `path` (directory, weights file, or archive) as a Bundle; see module docstring.
+
+    limits: archive/size limits (default: `limits_for(max_bytes)`). confine_to: see DirBundle.
+    """
+    limits = limits if limits is not None else limits_for(max_bytes)
     p = Path(path)
-    origin = p.name or str(p)
+    origin = shorten(p.name or str(p), 60).strip("'\"")
     if p.is_dir():
-        return DirBundle(p, origin, max_bytes)
+        return DirBundle(p, origin, limits, confine_to)
     if not p.is_file():
-        raise AdapterFormatError(f"{p}: no such file or directory")
+        raise AdapterFormatError(f"{origin}: no such file or directory")
     size = p.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise AdapterFormatError(f"{origin}: artifact is {size} bytes, over max_bytes={max_bytes}")
     if p.name.endswith(WEIGHT_SUFFIXES):
-        bundle = DirBundle(p.parent, origin, max_bytes)
+        bundle = DirBundle(p.parent, origin, limits, confine_to)
         bundle.weights_hint = p.name
         return bundle
     with open(p, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
-        files, kind = _read_zip(p, max_bytes, origin), "zip"
+        files, kind = _read_zip(p, limits, origin), "zip"
     else:
-        files, kind = _read_tar(p, max_bytes, origin), "tar"
+        files, kind = _read_tar(p, limits, origin), "tar"
     return MemoryBundle(_strip_single_top_folder(files), origin, kind)
 
 
 def safe_member_name(raw: str, origin: str) -> str | None:
     """Normalise an archive member name, rejecting absolute paths and '..'; None for the root."""
     name = raw.replace("\\", "/")
+    if "\0" in name:
+        raise AdapterFormatError(f"{origin}: archive member {shorten(raw)} has a NUL byte in its name")
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise AdapterFormatError(f"{origin}: archive member {raw!r} has an absolute path")
+        raise AdapterFormatError(f"{origin}: archive member {shorten(raw)} has an absolute path")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise AdapterFormatError(f"{origin}: archive member {raw!r} escapes the archive ('..')")
+        raise AdapterFormatError(f"{origin}: archive member {shorten(raw)} escapes the archive ('..')")
     return "/".join(parts) or None
 
 
 class _Budget:
-    """Counts unpacked bytes against max_bytes (zip/tar bombs)."""
+    """Declared member sizes against ArchiveLimits, checked before any of a member is unpacked."""
 
-    def __init__(self, max_bytes: int | None, origin: str):
-        self.left, self.max_bytes, self.origin = max_bytes, max_bytes, origin
+    def __init__(self, limits: ArchiveLimits, archive_bytes: int, origin: str):
+        self.limits, self.origin = limits, origin
+        self.archive_bytes = archive_bytes
+        self.ratio_cap = max(limits.ratio_free_bytes, int(limits.max_ratio * max(archive_bytes, 1)))
+        self.total = 0
+        self.members = 0
 
     def take(self, n: int, member: str) -> None:
-        if self.left is None:
-            return
-        self.left -= n
-        if self.left < 0:
+        lim = self.limits
+        self.members += 1
+        if self.members > lim.max_members:
+            raise AdapterFormatError(f"{self.origin}: archive has more than {lim.max_members} members")
+        self.total += n
+        if self.total > lim.max_total_bytes:
             raise AdapterFormatError(
-                f"{self.origin}: unpacked content exceeds max_bytes={self.max_bytes} "
-                f"(at member {member!r})")
+                f"{self.origin}: unpacked content exceeds max_bytes={lim.max_total_bytes}, the most an "
+                f"adapter may need (at member {shorten(member)})")
+        if n > lim.member_limit:
+            raise AdapterFormatError(
+                f"{self.origin}: archive member {shorten(member)} unpacks to {n} bytes, over the limit of "
+                f"{lim.member_limit} bytes for one file of an adapter")
+        if self.total > self.ratio_cap:
+            raise AdapterFormatError(
+                f"{self.origin}: archive of {self.archive_bytes} bytes declares {self.total} bytes of content "
+                f"(compression ratio over {lim.max_ratio:g}:1): a decompression bomb, not adapter weights")
+
+
+class _Meter:
+    """A read()-only view of a decompressing stream that stops at the limits.
+
+    tarfile reads pax headers and GNU long names whole, outside any member budget; this caps all
+    decompressed bytes (at max_total + 16 MiB of headers) and the running ratio of decompressed
+    to compressed bytes consumed so far, so a bomb stops after ratio_free_bytes at most.
+    """
+
+    def __init__(self, stream, raw, limits: ArchiveLimits, origin: str):  # type: ignore[no-untyped-def]
+        self.stream, self.raw, self.limits, self.origin = stream, raw, limits, origin
+        self.cap = limits.max_total_bytes + 16 * MiB
+        self.out = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = _CHUNK if n is None or n < 0 else min(n, _CHUNK)
+        data = self.stream.read(n)
+        self.out += len(data)
+        if self.out > self.cap:
+            raise AdapterFormatError(f"{self.origin}: archive unpacks to more than {self.cap} bytes")
+        if self.out > self.limits.ratio_free_bytes:
+            consumed = max(self.raw.tell(), 1)
+            if self.out > self.limits.max_ratio * consumed:
+                raise AdapterFormatError(
+                    f"{self.origin}: archive content compresses more than {self.limits.max_ratio:g}:1 "
+                    f"({self.out} bytes from {consumed}); a decompression bomb, not adapter weights")
+        return data
+
+
+def _decompressing(raw):  # type: ignore[no-untyped-def]
+    head = raw.read(6)
+    raw.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(raw)
+    if head[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+def _read_exactly(stream, size: int, member: str, origin: str) -> bytes:  # type: ignore[no-untyped-def]
+    """`size` bytes of a member in _CHUNK pieces; refuses a member that is shorter or longer."""
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        piece = stream.read(min(left, _CHUNK))
+        if not piece:
+            raise AdapterFormatError(f"{origin}: archive member {shorten(member)} is truncated")
+        parts.append(piece)
+        left -= len(piece)
+    if stream.read(1):
+        raise AdapterFormatError(f"{origin}: archive member {shorten(member)} is longer than its declared size")
+    return b"".join(parts)
 
 
 def _add_member(files: dict[str, bytes], name: str, data: bytes, origin: str) -> None:
     if name in files:
-        raise AdapterFormatError(f"{origin}: archive has two members named {name!r}")
-    if len(files) >= MAX_MEMBERS:
-        raise AdapterFormatError(f"{origin}: archive has more than {MAX_MEMBERS} members")
+        raise AdapterFormatError(f"{origin}: archive has two members named {shorten(name)}")
     files[name] = data
 
 
-def _read_tar(path: Path, max_bytes: int | None, origin: str) -> dict[str, bytes]:
-    budget = _Budget(max_bytes, origin)
+def _unreadable(origin: str, e: BaseException) -> AdapterFormatError:
+    """A message for a person: what the archive is not, with the library's first line, cut short."""
+    detail = (str(e).splitlines() or [""])[0].rstrip(":")
+    detail = detail[:120] + ("..." if len(detail) > 120 else "")
+    return AdapterFormatError(f"{origin}: not a readable .tar/.tar.gz/.nemo/.zip archive or adapter file"
+                              + (f" ({detail})" if detail else ""))
+
+
+def _read_tar(path: Path, limits: ArchiveLimits, origin: str) -> dict[str, bytes]:
+    budget = _Budget(limits, path.stat().st_size, origin)
     files: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, mode="r:*") as tar:
-            for member in tar:
-                name = safe_member_name(member.name, origin)
-                if member.issym() or member.islnk():
-                    kind = "symlink" if member.issym() else "hardlink"
-                    raise AdapterFormatError(
-                        f"{origin}: archive member {member.name!r} is a {kind} "
-                        f"(to {member.linkname!r}); links are not allowed")
-                if member.isdir() or name is None:
-                    continue
-                if not member.isreg():
-                    raise AdapterFormatError(
-                        f"{origin}: archive member {member.name!r} is a device/fifo/special "
-                        f"file; only regular files are allowed")
-                budget.take(member.size, member.name)
-                stream = tar.extractfile(member)
-                data = stream.read() if stream is not None else b""
-                if len(data) != member.size:
-                    raise AdapterFormatError(f"{origin}: archive member {member.name!r} is truncated")
-                _add_member(files, name, data, origin)
+        with open(path, "rb") as raw, _decompressing(raw) as stream:
+            # "r|": one forward pass, no seeks (a seek in a gzip stream re-decompresses from the start)
+            with tarfile.open(fileobj=_Meter(stream, raw, limits, origin), mode="r|") as tar:
+                for member in tar:
+                    name = safe_member_name(member.name, origin)
+                    if member.issym() or member.islnk():
+                        kind = "symlink" if member.issym() else "hardlink"
+                        raise AdapterFormatError(
+                            f"{origin}: archive member {shorten(member.name)} is a {kind} "
+                            f"(to {shorten(member.linkname)}); links are not allowed")
+                    if member.isdir() or (name is None and member.size == 0):
+                        continue
+                    if member.issparse():
+                        raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is a sparse "
+                                                 "file; only regular files are allowed")
+                    if not member.isreg() or name is None:
+                        raise AdapterFormatError(
+                            f"{origin}: archive member {shorten(member.name)} is a device/fifo/special "
+                            f"file; only regular files are allowed")
+                    budget.take(member.size, member.name)
+                    stream_in = tar.extractfile(member)
+                    data = _read_exactly(stream_in, member.size, member.name, origin) if stream_in else b""
+                    _add_member(files, name, data, origin)
     except AdapterFormatError:
         raise
     except _ARCHIVE_ERRORS as e:
-        detail = str(e).splitlines()[0] if str(e) else ""
-        raise AdapterFormatError(
-            f"{origin}: not a readable .tar/.tar.gz/.nemo/.zip archive or adapter file "
-            f"({type(e).__name__}: {detail.rstrip(':')})") from None
+        raise _unreadable(origin, e) from None
     return files
 
 
-def _read_zip(path: Path, max_bytes: int | None, origin: str) -> dict[str, bytes]:
-    budget = _Budget(max_bytes, origin)
+def _read_zip(path: Path, limits: ArchiveLimits, origin: str) -> dict[str, bytes]:
+    budget = _Budget(limits, path.stat().st_size, origin)
     files: dict[str, bytes] = {}
     try:
         with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
+            infos = zf.infolist()
+            wanted = []
+            for info in infos:  # every declared size is checked before anything is decompressed
                 name = safe_member_name(info.filename, origin)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     raise AdapterFormatError(
-                        f"{origin}: archive member {info.filename!r} is a symlink; links are not allowed")
+                        f"{origin}: archive member {shorten(info.filename)} is a symlink; links are not allowed")
                 if info.is_dir() or name is None:
                     continue
                 if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                     raise AdapterFormatError(
-                        f"{origin}: archive member {info.filename!r} is not a regular file")
+                        f"{origin}: archive member {shorten(info.filename)} is not a regular file")
                 if info.flag_bits & 0x1:
-                    raise AdapterFormatError(f"{origin}: archive member {info.filename!r} is encrypted")
+                    raise AdapterFormatError(f"{origin}: archive member {shorten(info.filename)} is encrypted")
                 budget.take(info.file_size, info.filename)
+                wanted.append((name, info))
+            for name, info in wanted:
                 with zf.open(info) as stream:
-                    # Read at most the declared size + 1 so a lying header cannot inflate memory.
-                    data = stream.read(info.file_size + 1)
-                if len(data) != info.file_size:
-                    raise AdapterFormatError(
-                        f"{origin}: archive member {info.filename!r} does not match its declared size")
+                    data = _read_exactly(stream, info.file_size, info.filename, origin)
                 _add_member(files, name, data, origin)
     except AdapterFormatError:
         raise
     except _ARCHIVE_ERRORS as e:
-        raise AdapterFormatError(
-            f"{origin}: not a readable zip archive ({type(e).__name__}: {e})") from None
+        raise _unreadable(origin, e) from None
     return files
 
 

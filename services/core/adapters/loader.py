@@ -1,18 +1,21 @@
 """Entry points: detect an artifact's format, load it into a LoraAdapter, check it against a model."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import torch
 
 from .adapter import LoraAdapter
-from .bundle import Bundle, artifact_digest, open_bundle
-from .errors import AdapterFormatError
+from .bundle import ArchiveLimits, Bundle, artifact_digest, open_bundle
+from .errors import AdapterFormatError, shorten
 from .nemo_format import parse_nemo
 from .peft_format import parse_peft
 
 CKPT_SOURCES = ("hf", "nemo")
+SERVING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+log = logging.getLogger(__name__)
 
 
 def _detect(bundle: Bundle) -> str:
@@ -25,11 +28,11 @@ def _detect(bundle: Bundle) -> str:
     if ("model_config.yaml" in names or "model_weights.ckpt" in names
             or any(re.fullmatch(r"mp_rank_\d+(?:_\d+)?/model_weights\.ckpt", n) for n in names)):
         return "nemo"
-    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "no files"
+    # The files found are not listed: under --allowed-lora-dir they would tell a client what
+    # else the operator's directory holds.
     raise AdapterFormatError(
         f"{bundle.origin}: neither an HF PEFT adapter (adapter_config.json + adapter_model."
-        f"safetensors/.bin) nor a NeMo LoRA checkpoint (model_config.yaml + model_weights.ckpt); "
-        f"found {shown}")
+        f"safetensors/.bin) nor a NeMo LoRA checkpoint (model_config.yaml + model_weights.ckpt)")
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -38,7 +41,9 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
-                 max_rank: int | None = None, max_bytes: int | None = None) -> LoraAdapter:
+                 max_rank: int | None = None, max_bytes: int | None = None,
+                 limits: ArchiveLimits | None = None, confine_to: list[str] | None = None,
+                 serving_dtype: torch.dtype | None = None) -> LoraAdapter:
     """Load an HF PEFT or NeMo LoRA artifact into a LoraAdapter (scales folded into B).
 
     path: an HF PEFT directory; a weights file (adapter_model.safetensors/.bin) beside its
@@ -46,11 +51,38 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     one top-level folder); a .nemo tar (plain or gzipped); or an extracted NeMo directory.
     ckpt_source: "hf" | "nemo" | None to detect; a mismatch raises AdapterFormatError.
     max_rank: reject adapters whose rank exceeds it. max_bytes: reject artifacts whose files
-    (unpacked, for archives) exceed it.
+    (unpacked, for archives) exceed it. limits: archive-bomb limits (bundle.ArchiveLimits; the
+    engine passes ArchiveLimits.for_model). confine_to: real directories every file read must
+    lie in, symlinks resolved. serving_dtype: refuse weights that overflow it (check_serving_range).
+
+    Every problem raises AdapterFormatError with a message for a person; input the checks did
+    not foresee is logged with its traceback and raised as AdapterFormatError(unforeseen).
     """
     if ckpt_source is not None and ckpt_source not in CKPT_SOURCES:
-        raise AdapterFormatError(f"ckpt_source={ckpt_source!r} must be one of {CKPT_SOURCES}")
-    bundle = open_bundle(path, max_bytes)
+        raise AdapterFormatError(f"ckpt_source={shorten(ckpt_source)} must be one of {CKPT_SOURCES}")
+    try:
+        return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype)
+    except AdapterFormatError:
+        raise
+    except RecursionError:
+        raise AdapterFormatError(f"{_origin_of(path)}: the adapter files are nested too deeply to parse") from None
+    except MemoryError:
+        raise AdapterFormatError(f"{_origin_of(path)}: the adapter files need more memory than this "
+                                 "process has") from None
+    except Exception as exc:  # a parser bug on hostile input: still the artifact's fault, said plainly
+        log.warning("adapter parser raised %s on %s", type(exc).__name__, _origin_of(path), exc_info=True)
+        err = AdapterFormatError(f"{_origin_of(path)}: the adapter files are malformed in a way the parser "
+                                 f"cannot describe ({type(exc).__name__})")
+        err.unforeseen = True
+        raise err from None
+
+
+def _origin_of(path: str | os.PathLike) -> str:
+    return shorten(os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path), 60).strip("'\"")
+
+
+def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype) -> LoraAdapter:  # type: ignore[no-untyped-def]
+    bundle = open_bundle(path, max_bytes, limits=limits, confine_to=confine_to)
     fmt = _detect(bundle)
     if ckpt_source is not None and ckpt_source != fmt:
         raise AdapterFormatError(
@@ -61,18 +93,46 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     if max_rank is not None and adapter.rank > max_rank:
         raise AdapterFormatError(
             f"{bundle.origin}: adapter rank {adapter.rank} exceeds max_rank={max_rank}")
+    if serving_dtype is not None:
+        check_serving_range(adapter, serving_dtype)
     return adapter
 
 
+def check_serving_range(adapter: LoraAdapter, dtype: torch.dtype) -> None:
+    """Refuse folded weights the serving dtype cannot hold or whose output it cannot hold.
+
+    For each module, with A [r, in] and the scaled B [out, r], the largest output of the LoRA
+    path for an input with |x_i| <= 1 is  gain = max_j sum_k |B_jk| * sum_i |A_ki|  (computed in
+    fp64). Both max|B| and the gain must stay within dtype's largest finite value; a trained
+    adapter's gain is O(1-100), one with lora_alpha=1e38 is beyond any dtype.
+    """
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"serving dtype must be one of {SERVING_DTYPES}, got {dtype}")
+    limit = torch.finfo(dtype).max
+    name = str(dtype).removeprefix("torch.")
+    for (layer, module), (a, b) in adapter.weights.items():
+        a64, b64 = a.to(torch.float64).abs(), b.to(torch.float64).abs()
+        peak = float(b64.max()) if b64.numel() else 0.0
+        gain = float((b64 @ a64.sum(dim=1)).max()) if b64.numel() else 0.0
+        if not (peak <= limit and gain <= limit):  # also catches NaN/Inf
+            raise AdapterFormatError(
+                f"layer {layer} {module}: the scaled LoRA weights overflow {name} (largest |B*scale| "
+                f"{peak:.3g}, largest output for a unit input {gain:.3g}, {name} max {limit:.3g}); "
+                f"check lora_alpha and the weights")
+
+
 def validate_artifact(path: str | os.PathLike, *, max_rank: int | None = None,
-                      max_bytes: int | None = None) -> LoraAdapter:
+                      max_bytes: int | None = None, limits: ArchiveLimits | None = None,
+                      serving_dtype: torch.dtype | None = torch.float16) -> LoraAdapter:
     """What the registry runs on an upload: load_adapter plus whole-adapter sanity checks.
 
     On top of load_adapter's checks (safe loading, keys, dtypes, shapes vs rank, NaN/Inf in
     every factor, limits) it re-checks the folded factors for non-finite values and that the
-    in-memory weights also fit max_bytes.
+    in-memory weights also fit max_bytes. serving_dtype defaults to float16, the narrowest
+    dtype the engine serves in, so an accepted adapter fits every engine.
     """
-    adapter = load_adapter(path, max_rank=max_rank, max_bytes=max_bytes)
+    adapter = load_adapter(path, max_rank=max_rank, max_bytes=max_bytes, limits=limits,
+                           serving_dtype=serving_dtype)
     for (layer, module), (a, b) in adapter.weights.items():
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             raise AdapterFormatError(f"layer {layer} {module}: non-finite LoRA weights")

@@ -26,7 +26,7 @@ import yaml
 
 from .adapter import LoraAdapter, build_adapter, fold_scale
 from .bundle import Bundle
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, shorten
 from .tensors import check_lora_tensor, load_torch_bytes, pair_factors
 
 CONFIG_NAME = "model_config.yaml"
@@ -101,7 +101,7 @@ def parse_nemo(bundle: Bundle, digest: str) -> LoraAdapter:
             if in_dim is not None and a.shape[1] != in_dim:
                 raise AdapterFormatError(
                     f"{where}: linear_in {list(a.shape)} expected [{dim}, {in_dim}] for {module}")
-            pairs[(layer, module)] = (a.clone().contiguous(), fold_scale(b_part, scale))
+            pairs[(layer, module)] = (a.clone().contiguous(), fold_scale(b_part, scale, where))
     return build_adapter("nemo", pairs, alpha=alpha, use_rslora=False, digest=digest,
                          origin=weights_name)
 
@@ -127,7 +127,7 @@ def _split(adapter: str, b: torch.Tensor, dims: NemoDims, where: str
     if adapter == "lora_hto4h_adapter":
         if dims.ffn is not None and rows == dims.ffn and "glu" not in dims.activation:
             raise AdapterFormatError(
-                f"{where}: non-gated MLP (activation={dims.activation!r}) cannot map onto the "
+                f"{where}: non-gated MLP (activation={shorten(dims.activation)}) cannot map onto the "
                 f"gate_proj/up_proj of a gated (Llama) MLP")
         if dims.ffn is not None:
             expect(2 * dims.ffn, f"[gate; up] = 2 x ffn_hidden_size {dims.ffn}")
@@ -146,7 +146,7 @@ def _group(tensors: dict[str, torch.Tensor], origin: str) -> dict[tuple[int, str
         m = _KEY.match(key)
         if m is None or _ADAPTER_BLOCK.get(m["adapter"]) != m["block"]:
             raise AdapterFormatError(
-                f"{origin}: unsupported tensor {key!r}; expected "
+                f"{origin}: unsupported tensor {shorten(key)}; expected "
                 f"'model.decoder.layers.<i>.<self_attention|mlp>.adapter_layer.<adapter>."
                 f"<linear_in|linear_out>.weight' with adapter one of {sorted(_ADAPTER_BLOCK)}")
         slot = halves.setdefault((int(m["layer"]), m["adapter"]), {})
@@ -188,7 +188,10 @@ def _load_yaml(raw: bytes, origin: str) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} is not valid YAML ({str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} is not valid YAML ({first})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} is nested too deeply to be a model config") from None
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{origin}: {CONFIG_NAME} must be a YAML mapping")
     if "hidden_size" not in cfg and isinstance(cfg.get("model"), dict):
@@ -228,11 +231,11 @@ def _dims(cfg: dict[str, Any], origin: str) -> NemoDims:
 
 def _positive_int(value: Any, name: str, origin: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {name}={value!r} must be a positive integer")
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {name}={shorten(value)} must be a positive integer")
     return value
 
 
 def _number(value: Any, origin: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} peft.lora_tuning.alpha={value!r} must be a number")
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} peft.lora_tuning.alpha={shorten(value)} must be a number")
     return float(value)

@@ -20,7 +20,7 @@ import torch
 
 from .adapter import LoraAdapter, build_adapter, fold_scale, lora_scale
 from .bundle import Bundle
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, shorten
 from .modules import HF_LINEAR_MODULES
 from .tensors import check_lora_tensor, load_tensor_file, pair_factors
 
@@ -59,34 +59,37 @@ def parse_peft_config(raw: bytes, origin: str) -> PeftSettings:
         cfg = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{origin}: {CONFIG_NAME} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} is nested too deeply to be an adapter config") from None
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{origin}: {CONFIG_NAME} must be a JSON object")
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} peft_type={peft_type!r} is not LORA")
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} peft_type={shorten(peft_type)} is not LORA")
     bias = cfg.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterFormatError(
-            f"{origin}: {CONFIG_NAME} bias={bias!r} is not supported (only 'none')")
+            f"{origin}: {CONFIG_NAME} bias={shorten(bias)} is not supported (only 'none')")
     for field, what in _UNSUPPORTED_FIELDS.items():
         if cfg.get(field):
             raise AdapterFormatError(
-                f"{origin}: {CONFIG_NAME} uses {what}: {field}={cfg[field]!r} is not supported")
+                f"{origin}: {CONFIG_NAME} uses {what}: {field}={shorten(cfg[field])} is not supported")
     r = cfg.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} r={r!r} must be a positive integer")
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} r={shorten(r)} must be a positive integer")
     alpha = _number(cfg.get("lora_alpha", 8), "lora_alpha", origin)
     rank_pattern = _pattern_dict(cfg.get("rank_pattern"), "rank_pattern", origin, integer=True)
     alpha_pattern = _pattern_dict(cfg.get("alpha_pattern"), "alpha_pattern", origin, integer=False)
     target = cfg.get("target_modules")
-    if target is not None and not isinstance(target, (str, list)):
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} target_modules must be a list or a regex")
+    if target is not None and not (isinstance(target, str)
+                                   or isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} target_modules must be a list of names or a regex")
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if layers is not None and not (isinstance(layers, list)
                                    and all(isinstance(i, int) for i in layers)):
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} layers_to_transform={layers!r} is invalid")
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} layers_to_transform={shorten(layers)} is invalid")
     return PeftSettings(r=r, alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)),
                         target_modules=target, layers_to_transform=layers or None,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
@@ -114,7 +117,8 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
                 f"have rank {r} from {CONFIG_NAME} (r / rank_pattern)")
         if (layer, module) in pairs:
             raise AdapterFormatError(f"{weights_name}: two LoRA pairs for layer {layer} {module}")
-        pairs[(layer, module)] = (a.contiguous(), fold_scale(b, lora_scale(alpha, r, settings.use_rslora)))
+        pairs[(layer, module)] = (a.contiguous(), fold_scale(b, lora_scale(alpha, r, settings.use_rslora),
+                                                             f"{weights_name}: {path}"))
     return build_adapter("hf", pairs, alpha=settings.alpha, use_rslora=settings.use_rslora,
                          digest=digest, origin=weights_name)
 
@@ -133,11 +137,11 @@ def _group_factors(tensors: dict[str, torch.Tensor], origin: str
         module = path.rsplit(".", 1)[-1]
         if module in ("embed_tokens", "lm_head"):
             raise AdapterFormatError(
-                f"{origin}: LoRA on {module} ({key!r}) is not supported; only the decoder linear "
+                f"{origin}: LoRA on {module} ({shorten(key)}) is not supported; only the decoder linear "
                 f"layers {list(HF_LINEAR_MODULES)} can carry LoRA")
         if module not in HF_LINEAR_MODULES:
             raise AdapterFormatError(
-                f"{origin}: unknown LoRA target module {module!r} ({key!r}); supported: "
+                f"{origin}: unknown LoRA target module {shorten(module)} ({shorten(key)}); supported: "
                 f"{list(HF_LINEAR_MODULES)}")
         slot = halves.setdefault(path, {})
         if m["which"] in slot:
@@ -152,21 +156,21 @@ def _group_factors(tensors: dict[str, torch.Tensor], origin: str
         a, b = pair_factors(slot, "A", "B", "lora_A", "lora_B", f"{origin}: {path}")
         layer_match = _LAYER_INDEX.search(path)
         if layer_match is None:
-            raise AdapterFormatError(f"{origin}: cannot find a decoder layer index in {path!r}")
+            raise AdapterFormatError(f"{origin}: cannot find a decoder layer index in {shorten(path)}")
         out[path] = (int(layer_match.group(1)), path.rsplit(".", 1)[-1], a, b)
     return out
 
 
 def _describe_foreign_key(key: str) -> str:
     if "lora_embedding_" in key:
-        return f"LoRA on embed_tokens ({key!r}) is not supported"
+        return f"LoRA on embed_tokens ({shorten(key)}) is not supported"
     if "lora_magnitude_vector" in key:
-        return f"DoRA magnitude vector {key!r} found: DoRA is not supported"
+        return f"DoRA magnitude vector {shorten(key)} found: DoRA is not supported"
     if ".lora_B" in key and key.endswith(".bias"):
-        return f"bias on lora_B ({key!r}) is not supported"
+        return f"bias on lora_B ({shorten(key)}) is not supported"
     if "modules_to_save" in key:
-        return f"modules_to_save tensor {key!r} is not supported"
-    return (f"tensor {key!r} is not a LoRA factor (expected '<module>.lora_A.weight' / "
+        return f"modules_to_save tensor {shorten(key)} is not supported"
+    return (f"tensor {shorten(key)} is not a LoRA factor (expected '<module>.lora_A.weight' / "
             f"'<module>.lora_B.weight'); full weights (modules_to_save, lm_head, ...) are not supported")
 
 
@@ -178,16 +182,16 @@ def _check_targeted(settings: PeftSettings, path: str, layer: int, origin: str) 
     if isinstance(target, str):
         if not _fullmatch(target, path, "target_modules", origin):
             raise AdapterFormatError(
-                f"{origin}: weights have LoRA on {path!r} but {CONFIG_NAME} target_modules regex "
-                f"{target!r} does not select it")
+                f"{origin}: weights have LoRA on {shorten(path)} but {CONFIG_NAME} target_modules regex "
+                f"{shorten(target)} does not select it")
         return  # PEFT ignores layers_to_transform for regex targets
     if not (path in target or any(path.endswith("." + t) for t in target)):
         raise AdapterFormatError(
-            f"{origin}: weights have LoRA on {path!r} but {CONFIG_NAME} target_modules={target} "
+            f"{origin}: weights have LoRA on {shorten(path)} but {CONFIG_NAME} target_modules={target} "
             f"does not include it")
     if settings.layers_to_transform is not None and layer not in settings.layers_to_transform:
         raise AdapterFormatError(
-            f"{origin}: weights have LoRA on layer {layer} ({path!r}) but {CONFIG_NAME} "
+            f"{origin}: weights have LoRA on layer {layer} ({shorten(path)}) but {CONFIG_NAME} "
             f"layers_to_transform={settings.layers_to_transform}")
 
 
@@ -203,9 +207,9 @@ def _match(pattern: str, text: str, what: str, origin: str, *, full: bool = Fals
     try:
         return matcher(pattern, text, timeout=_REGEX_TIMEOUT_S) is not None
     except regex.error as e:
-        raise AdapterFormatError(f"{origin}: invalid regex in {what}: {pattern!r} ({e})") from None
+        raise AdapterFormatError(f"{origin}: invalid regex in {what}: {shorten(pattern)} ({e})") from None
     except TimeoutError:
-        raise AdapterFormatError(f"{origin}: regex in {what} is too expensive: {pattern!r}") from None
+        raise AdapterFormatError(f"{origin}: regex in {what} is too expensive: {shorten(pattern)}") from None
 
 
 def _fullmatch(pattern: str, text: str, what: str, origin: str) -> bool:
@@ -214,7 +218,7 @@ def _fullmatch(pattern: str, text: str, what: str, origin: str) -> bool:
 
 def _number(value: Any, field: str, origin: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {field}={value!r} must be a finite number")
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {field}={shorten(value)} must be a finite number")
     return float(value)
 
 
@@ -225,7 +229,7 @@ def _pattern_dict(value: Any, field: str, origin: str, *, integer: bool) -> dict
         raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {field} must be an object")
     for key, v in value.items():
         if integer and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {field}[{key!r}]={v!r} must be a positive integer")
+            raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {field}[{shorten(key)}]={shorten(v)} must be a positive integer")
         if not integer:
-            _number(v, f"{field}[{key!r}]", origin)
+            _number(v, f"{field}[{shorten(key)}]", origin)
     return value

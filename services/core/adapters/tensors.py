@@ -11,9 +11,10 @@ import math
 import torch
 from safetensors.torch import load as safetensors_load
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, shorten
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -31,33 +32,54 @@ def check_safetensors_layout(data: bytes, name: str) -> None:
         raise AdapterFormatError(
             f"{name}: truncated or corrupt safetensors file (header claims {header_len} bytes, "
             f"file has {len(data) - 8} after the length field)")
+    if header_len > _MAX_HEADER_BYTES:
+        raise AdapterFormatError(f"{name}: corrupt safetensors file (header claims {header_len} bytes, "
+                                 f"over the format's limit of {_MAX_HEADER_BYTES})")
     try:
         header = json.loads(data[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{name}: corrupt safetensors header (not JSON: {e})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{name}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{name}: corrupt safetensors header (not a JSON object)")
     body = len(data) - 8 - header_len
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = math.prod(int(d) for d in shape)
-            itemsize = _ST_ITEMSIZE[dtype]
-        except (KeyError, TypeError, ValueError):
+        entry = _header_entry(info)
+        if entry is None:
             raise AdapterFormatError(
-                f"{name}: corrupt safetensors header entry for {key!r}: {info!r}") from None
+                f"{name}: corrupt safetensors header entry for {shorten(key)}: expected "
+                f"{{\"dtype\": one of {sorted(_ST_ITEMSIZE)}, \"shape\": [ints >= 0], "
+                f"\"data_offsets\": [begin, end] ints}}, got {shorten(info)}")
+        dtype, shape, begin, end = entry
+        numel = math.prod(shape)
+        itemsize = _ST_ITEMSIZE[dtype]
         if not (0 <= begin <= end):
-            raise AdapterFormatError(f"{name}: corrupt safetensors offsets for {key!r}")
+            raise AdapterFormatError(f"{name}: corrupt safetensors offsets for {shorten(key)}")
         if end > body:
             raise AdapterFormatError(
-                f"{name}: truncated safetensors file: tensor {key!r} ends at byte {end} of the "
+                f"{name}: truncated safetensors file: tensor {shorten(key)} ends at byte {end} of the "
                 f"data section but only {body} bytes are present")
         if end - begin != numel * itemsize:
             raise AdapterFormatError(
-                f"{name}: corrupt safetensors file: tensor {key!r} {dtype}{list(shape)} needs "
+                f"{name}: corrupt safetensors file: tensor {shorten(key)} {dtype}{list(shape)} needs "
                 f"{numel * itemsize} bytes, offsets give {end - begin}")
+
+
+def _header_entry(info: object) -> tuple[str, list[int], int, int] | None:
+    """(dtype, shape, begin, end) of one header entry if every field has the right type, else None."""
+    if not isinstance(info, dict):
+        return None
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if not (isinstance(dtype, str) and dtype in _ST_ITEMSIZE and isinstance(shape, list)
+            and all(is_int(d) and d >= 0 for d in shape) and isinstance(offsets, list) and len(offsets) == 2
+            and all(is_int(o) for o in offsets)):
+        return None
+    return dtype, shape, offsets[0], offsets[1]
 
 
 def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
@@ -65,15 +87,18 @@ def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
     try:
         return dict(safetensors_load(data))
     except Exception as e:  # the library's error type varies across versions
-        raise AdapterFormatError(f"{name}: corrupt safetensors file ({e})") from None
+        detail = (str(e).splitlines() or [""])[0][:120]
+        raise AdapterFormatError(f"{name}: corrupt safetensors file ({detail})") from None
 
 
 def load_torch_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: pickled code (any non-tensor global) is refused."""
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except RecursionError:
+        raise AdapterFormatError(f"{name}: corrupt torch checkpoint (pickle nested too deeply)") from None
     except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        lines = [ln.strip()[:200] for ln in str(e).splitlines() if ln.strip()]
         # torch's message starts with generic advice; the line naming the refused global is the useful one.
         first_line = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(e).__name__)
         raise AdapterFormatError(
@@ -86,11 +111,11 @@ def load_torch_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise AdapterFormatError(f"{name}: non-string key {key!r}")
+            raise AdapterFormatError(f"{name}: non-string key {shorten(repr(key))}")
         if value is None or (key.endswith("._extra_state") and not isinstance(value, torch.Tensor)):
             continue  # Megatron/TE bookkeeping, carries no weights
         if not isinstance(value, torch.Tensor):
-            raise AdapterFormatError(f"{name}: {key!r} is a {type(value).__name__}, not a tensor")
+            raise AdapterFormatError(f"{name}: {shorten(key)} is a {type(value).__name__}, not a tensor")
         out[key] = value
     return out
 
@@ -108,13 +133,13 @@ def check_lora_tensor(t: torch.Tensor, key: str, origin: str) -> torch.Tensor:
         t = t.to(torch.float32)
     if t.dtype not in FLOAT_DTYPES:
         raise AdapterFormatError(
-            f"{origin}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights "
+            f"{origin}: tensor {shorten(key)} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights "
             f"must be float32, float16 or bfloat16")
     if t.dim() != 2:
-        raise AdapterFormatError(f"{origin}: tensor {key!r} has shape {list(t.shape)}, expected 2-D")
+        raise AdapterFormatError(f"{origin}: tensor {shorten(key)} has shape {list(t.shape)}, expected 2-D")
     if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise AdapterFormatError(f"{origin}: tensor {key!r} contains {bad} values")
+        raise AdapterFormatError(f"{origin}: tensor {shorten(key)} contains {bad} values")
     return t.cpu()
 
 

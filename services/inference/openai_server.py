@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import socket
@@ -174,11 +173,10 @@ class OpenAIFront:
         token = self.core.cfg.auth_token
         if not token:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise OpenAIError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                              code="invalid_api_key")
+        from loraserve.auth_header import refusal  # one parser for gRPC, HTTP and the registry
+        refused = refusal(request.headers.getlist("authorization"), [token])
+        if refused is not None:
+            raise OpenAIError(401, f"{refused} (Authorization: Bearer <token>)", code="invalid_api_key")
 
     def max_tokens_room(self, prompt_len: int) -> int:
         engine = self.core.engine

@@ -65,9 +65,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def _core(self, context) -> InferenceCore:
         if self.cfg.auth_token:
-            md = dict(context.invocation_metadata())
-            if md.get("authorization") != f"Bearer {self.cfg.auth_token}":
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            from loraserve.auth_header import authorization_values, refusal  # shared with registry + HTTP
+            refused = refusal(authorization_values(context.invocation_metadata()), [self.cfg.auth_token])
+            if refused is not None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
         if self.core is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         if self.core.shutting_down:

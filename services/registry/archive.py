@@ -55,11 +55,12 @@ def tar_directory(src: Path, dest: Path) -> None:
                     tar.addfile(info, f)
 
 
-def detect_artifact_type(path: Path, filename_hint: str = "", declared_format: str = "") -> str:
-    """'tar' | 'tar.gz' | 'zip' | 'nemo' from the file's magic bytes (the hint only names .nemo)."""
+def detect_artifact_type(path: Path) -> str:
+    """'tar' | 'tar.gz' | 'zip' from the file's magic bytes; never from its name.
+
+    Whether a tar is a NeMo checkpoint ('nemo') is the parser's verdict on its content."""
     with open(path, "rb") as f:
         head = f.read(512)
-    hint = filename_hint.lower()
     if head[:2] == b"\x1f\x8b":
         kind = "tar.gz"
     elif head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -69,8 +70,6 @@ def detect_artifact_type(path: Path, filename_hint: str = "", declared_format: s
     else:
         raise ArchiveError("artifact is not an archive: expected a .tar, .tar.gz/.tgz, .zip or .nemo file "
                            f"(first bytes {head[:8].hex() or 'empty'})")
-    if kind in ("tar", "tar.gz") and (hint.endswith(".nemo") or declared_format == "nemo"):
-        kind = "nemo"
     return kind
 
 

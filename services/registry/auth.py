@@ -7,29 +7,14 @@ UNAUTHENTICATED before its handler runs, so a refused upload stores nothing.
 """
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from loraserve.auth_header import authorization_values, refusal
+
 from . import metrics
-
-
-def _token_of(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            scheme, _, token = str(value).partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
-    return None
-
-
-def _matches(presented: str | None, accepted: list[str]) -> bool:
-    if presented is None:
-        return False
-    # compare every candidate in constant time: no early exit that leaks which one matched
-    results = [hmac.compare_digest(presented.encode(), t.encode()) for t in accepted]
-    return any(results)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -49,13 +34,11 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         accepted = self.write_tokens if is_write else self.read_tokens
         if not accepted:
             return await continuation(details)
-        presented = _token_of(details.invocation_metadata)
-        if _matches(presented, accepted):
+        message = refusal(authorization_values(details.invocation_metadata), accepted,
+                          "writes" if is_write else "reads")
+        if message is None:
             return await continuation(details)
         metrics.AUTH_REFUSED.labels(method[len(self.prefix):]).inc()
-        what = "writes" if is_write else "reads"
-        message = (f"{what} need 'authorization: Bearer <token>' metadata" if presented is None
-                   else "the bearer token was not accepted")
         return _refusing(await continuation(details), message)
 
 

@@ -93,6 +93,18 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
 
 
+def _read_token_file(path: Path, flag: str) -> str:
+    """The token in `path`; an empty or whitespace-only file is a startup error, never "no auth"."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{flag} {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if not token:
+        raise SystemExit(f"{flag} {path} is empty or whitespace only: refusing to start with writes "
+                         "unguarded (remove the flag to run without auth)")
+    return token
+
+
 def build_config(args: argparse.Namespace) -> RegistryConfig:
     raw: dict = {}
     if args.config:
@@ -110,13 +122,16 @@ def build_config(args: argparse.Namespace) -> RegistryConfig:
         if getattr(args, flag) is not None:
             s3[key] = getattr(args, flag)
     if args.auth_token_file:
-        raw["auth_token"] = args.auth_token_file.read_text().strip()
+        raw["auth_token"] = _read_token_file(args.auth_token_file, "--auth-token-file")
     elif os.environ.get("LORASERVE_REGISTRY_TOKEN") and not raw.get("auth_token"):
         raw["auth_token"] = os.environ["LORASERVE_REGISTRY_TOKEN"]
     if args.read_token_file:
-        raw["read_token"] = args.read_token_file.read_text().strip()
+        raw["read_token"] = _read_token_file(args.read_token_file, "--read-token-file")
     raw["s3"] = s3
-    return RegistryConfig(**raw)
+    try:
+        return RegistryConfig(**raw)
+    except ValueError as exc:
+        raise SystemExit(f"registry config: {exc}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -52,6 +52,13 @@ class RegistryConfig:
     auth_token: when set, writes need `authorization: Bearer <auth_token>`.
     read_token: when set, reads need it (or auth_token); when None, reads are open.
     max_rank / max_artifact_bytes: uploads above either are refused with INVALID_ARGUMENT.
+    max_unpacked_bytes / max_compression_ratio: an archive whose members declare more content
+    (or more than max_artifact_bytes),
+    or more content per archive byte, is refused before anything is decompressed (archive bombs);
+    the registry has no model to size this from, so it is one total for every adapter.
+    serving_dtype: weights (scale folded in) must fit it; float16, the narrowest, fits every engine.
+    gc_interval_seconds: how often the server reclaims temp files of crashed uploads older than
+    staging_max_age_seconds and orphan blobs older than gc_min_age_seconds (0 = only at start).
     allowed_import_dirs / allowed_import_s3: ImportAdapter may read only below these
     (directories; "s3://bucket/prefix" URIs). Empty = that kind of import is refused.
     """
@@ -69,7 +76,12 @@ class RegistryConfig:
     allowed_import_dirs: list[Path] = field(default_factory=list)
     allowed_import_s3: list[str] = field(default_factory=list)
     download_chunk_size: int = 64 * KiB
-    gc_min_age_seconds: float = 3600.0   # temp files/orphans younger than this are left alone
+    max_unpacked_bytes: int = 2 * GiB    # e.g. Llama-3-8B, every module, rank 256, bf16: 1.3 GiB
+    max_compression_ratio: float = 100.0
+    serving_dtype: str = "float16"       # float16 | bfloat16 | float32
+    gc_min_age_seconds: float = 3600.0   # orphan blobs younger than this are left alone
+    gc_interval_seconds: float = 300.0
+    staging_max_age_seconds: float = 600.0  # a live upload touches its file every chunk
     metrics_port: int = 0                # > 0: Prometheus /metrics on this port (same host as gRPC)
 
     def __post_init__(self) -> None:
@@ -80,6 +92,18 @@ class RegistryConfig:
         _check(self.store != "s3" or bool(self.s3.bucket), "store 's3' needs s3.bucket")
         _check(self.max_rank > 0, "max_rank must be > 0")
         _check(self.max_artifact_bytes > 0, "max_artifact_bytes must be > 0")
+        _check(self.max_unpacked_bytes > 0, "max_unpacked_bytes must be > 0")
+        _check(self.max_compression_ratio >= 1, "max_compression_ratio must be >= 1")
+        _check(self.serving_dtype in ("float16", "bfloat16", "float32"),
+               f"serving_dtype must be float16, bfloat16 or float32, got {self.serving_dtype!r}")
+        _check(self.gc_interval_seconds >= 0 and self.staging_max_age_seconds >= 0,
+               "gc_interval_seconds and staging_max_age_seconds must be >= 0")
+        for what in ("auth_token", "read_token"):  # None = unguarded; "" would silently be the same
+            token = getattr(self, what)
+            if token is not None:
+                _check(bool(token.strip()), f"{what} is empty or whitespace only; give a real token, or none "
+                                            "to leave calls unguarded")
+                setattr(self, what, token.strip())
         _check(16 * KiB <= self.download_chunk_size <= MiB, "download_chunk_size must be in [16 KiB, 1 MiB]")
         _check((self.tls_cert_file is None) == (self.tls_key_file is None),
                "tls_cert_file and tls_key_file go together")

@@ -253,6 +253,7 @@ async def start(config: RegistryConfig, address: str) -> tuple[grpc.aio.Server, 
     """create_server + start + health SERVING."""
     server, port = create_server(config, address)
     await server.start()
+    server.registry_service.start_periodic_gc()  # type: ignore[attr-defined]  # stopped by service.close()
     for name in ("", SERVICE_NAME):
         await server.health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)  # type: ignore[attr-defined]
     return server, port

@@ -29,7 +29,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
+import torch
+
 from loraserve.adapters import AdapterFormatError, LoraAdapter, validate_artifact
+from loraserve.adapters.bundle import ArchiveLimits
 
 from . import db, queries
 from .archive import ARTIFACT_SUFFIX, ArchiveError, detect_artifact_type
@@ -67,6 +70,8 @@ class RegistryService:
         self._blob_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._active_staging: set[str] = set()
         self._active_guard = threading.Lock()
+        self._gc_stop = threading.Event()
+        self._gc_thread: threading.Thread | None = None
 
     @classmethod
     def open(cls, config: RegistryConfig) -> "RegistryService":
@@ -77,7 +82,33 @@ class RegistryService:
         return cls(config, engine, make_store(config))
 
     def close(self) -> None:
+        self.stop_periodic_gc()
         self.engine.dispose()
+
+    def start_periodic_gc(self) -> None:
+        """Runs gc() every config.gc_interval_seconds in a daemon thread (0 = never), until close().
+
+        So staging files of uploads that crashed (client gone, registry killed mid-write in another
+        replica) are reclaimed while the server runs, not only at its next start."""
+        interval = self.config.gc_interval_seconds
+        if interval <= 0 or self._gc_thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._gc_stop.wait(interval):
+                try:
+                    self.gc()
+                except Exception:  # a DB/store hiccup must not end the loop; the next round retries
+                    log.exception("periodic gc failed")
+
+        self._gc_thread = threading.Thread(target=loop, name="registry-gc", daemon=True)
+        self._gc_thread.start()
+
+    def stop_periodic_gc(self) -> None:
+        self._gc_stop.set()
+        if self._gc_thread is not None:
+            self._gc_thread.join(timeout=10)
+            self._gc_thread = None
 
     # ---- upload / import -------------------------------------------------------------
 
@@ -135,7 +166,7 @@ class RegistryService:
         if meta.expected_digest and meta.expected_digest != digest:
             raise InvalidArgument(f"received bytes hash to {digest}, not the announced {meta.expected_digest}")
         try:
-            kind = detect_artifact_type(staged, hint, meta.format)
+            kind = detect_artifact_type(staged)
         except ArchiveError as exc:
             raise InvalidArgument(str(exc)) from exc
         typed = staged.with_name(staged.name + ARTIFACT_SUFFIX[kind])
@@ -144,7 +175,10 @@ class RegistryService:
             adapter = self._validate(typed, hint or f"{meta.name}{ARTIFACT_SUFFIX[kind]}")
             if meta.format and adapter.format != meta.format:
                 raise InvalidArgument(f"metadata says format {meta.format!r} but the artifact is {adapter.format!r}")
-            artifact_type = "nemo" if adapter.format == "nemo" and kind == "tar" else kind
+            # decided by content: an HF tar named *.nemo stays "tar"; a NeMo tar is "nemo"
+            # (a gzipped one too when the client named it .nemo)
+            named_nemo = hint.lower().endswith(".nemo") or meta.format == "nemo"
+            artifact_type = "nemo" if adapter.format == "nemo" and (kind == "tar" or named_nemo) else kind
             if (same := self._version_with_digest(meta.name, digest)) is not None:  # early answer, no upload
                 return self._already_there(meta, same)
             with self._blob_lock(digest_hex):
@@ -167,13 +201,14 @@ class RegistryService:
         """The parser's verdict; messages name `shown_as` (the client's file), not the temp file."""
         cfg = self.config
         try:
-            adapter = validate_artifact(path, max_rank=cfg.max_rank, max_bytes=cfg.max_artifact_bytes)
+            adapter = validate_artifact(
+                path, max_rank=cfg.max_rank, max_bytes=cfg.max_artifact_bytes,
+                limits=ArchiveLimits(max_total_bytes=min(cfg.max_unpacked_bytes, cfg.max_artifact_bytes),
+                                     max_ratio=cfg.max_compression_ratio),
+                serving_dtype=getattr(torch, cfg.serving_dtype))
         except AdapterFormatError as exc:
-            raise InvalidArgument(f"invalid adapter artifact: {str(exc).replace(path.name, shown_as)}") from exc
-        except Exception as exc:  # the parser met input it did not foresee: still the artifact's fault
-            log.warning("parser raised %s on an upload", type(exc).__name__, exc_info=True)
-            detail = str(exc).replace(str(path), shown_as)
-            raise InvalidArgument(f"invalid adapter artifact: {type(exc).__name__}: {detail}") from exc
+            shown = shown_as if len(shown_as) <= 100 else shown_as[:100] + "..."
+            raise InvalidArgument(f"invalid adapter artifact: {str(exc).replace(path.name, shown)}") from exc
         if adapter.rank > cfg.max_rank:
             raise InvalidArgument(f"adapter rank {adapter.rank} exceeds the server's max_rank {cfg.max_rank}")
         return adapter
@@ -363,12 +398,15 @@ class RegistryService:
         return True
 
     def gc(self, min_age_seconds: float | None = None) -> GcReport:
-        """Removes blobs no row names and temp/staging leftovers, if older than min_age_seconds.
+        """Removes blobs no row names and temp/staging leftovers, if old enough.
 
-        The age guard protects uploads in flight in other processes sharing the store; this
-        process's own in-flight uploads are never touched.
+        Old enough: min_age_seconds when given (both kinds), else gc_min_age_seconds for blobs and
+        staging_max_age_seconds for temp files (an upload writes its file every chunk, so a live
+        one stays young). The age guard protects uploads in flight in other processes sharing
+        the store; this process's own in-flight uploads are never touched.
         """
         min_age = self.config.gc_min_age_seconds if min_age_seconds is None else min_age_seconds
+        temp_age = self.config.staging_max_age_seconds if min_age_seconds is None else min_age_seconds
         report = GcReport()
         with self._sessions() as s:
             referenced = {d.removeprefix("sha256:") for d in s.scalars(select(AdapterVersionRow.digest).distinct())}
@@ -386,11 +424,11 @@ class RegistryService:
         for key, mtime in self.store.list_temp():
             if key.rsplit("/", 1)[-1].split(".", 1)[0] in active:
                 continue
-            if age_seconds(mtime) < min_age:
+            if age_seconds(mtime) < temp_age:
                 report.kept_young += 1
                 continue
             self.store.delete_temp(key)
             report.removed_temp.append(key)
-        log.info("gc: removed %d orphan blobs, %d temp files; kept %d younger than %.0fs",
-                 len(report.removed_blobs), len(report.removed_temp), report.kept_young, min_age)
+        log.info("gc: removed %d orphan blobs, %d temp files; kept %d too young",
+                 len(report.removed_blobs), len(report.removed_temp), report.kept_young)
         return report

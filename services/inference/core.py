@@ -54,6 +54,11 @@ class AdapterSpec:
         return f"{self.name}{ref}"
 
 
+def _release_when_resolved(fut) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().release()
+
+
 def digest_int_id(digest: str) -> int:
     return int(digest.split(":", 1)[-1][:15], 16)
 
@@ -100,14 +105,20 @@ class InferenceCore:
             req = LoRARequest(f"{fetched.name}:{fetched.version}", digest_int_id(fetched.digest), fetched.path,
                               fetched.format)
             trusted = True  # our own download cache, digest verified
-        handle = await asyncio.get_running_loop().run_in_executor(None, self.lora_manager.resolve, req, trusted)
-        return req, handle
+        fut = asyncio.get_running_loop().run_in_executor(None, self.lora_manager.resolve, req, trusted)
+        try:
+            # shielded: a cancel (client gone, deadline) must not lose the hold the worker takes
+            hold = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_release_when_resolved)
+            raise
+        return req, hold
 
     async def prefetch(self, spec: AdapterSpec):
         """Load an adapter into the host tier and keep it there until evicted by LRU."""
-        req, handle = await self.resolve_adapter(spec)
-        self.lora_manager.release(handle)
-        return handle
+        req, hold = await self.resolve_adapter(spec)
+        hold.release()
+        return hold.handle
 
     # ---- generation ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterSpec | None = None,
@@ -118,15 +129,31 @@ class InferenceCore:
             raise QueueFullError(f"queue full: {self.async_llm.num_active} requests in flight "
                                  f"(max_queue_size={self.cfg.max_queue_size})")
         self.requests_total += 1
-        lora_request, handle = await self.resolve_adapter(adapter)
+        hold = None
         finished = False
         try:
-            async for out in self.async_llm.generate(prompt, params, lora_request, request_id, lora_handle=handle):
+            lora_request, hold = await self.resolve_adapter(adapter)
+            async for out in self.async_llm.generate(prompt, params, lora_request, request_id, lora_handle=hold):
+                if out.finished and hold is not None and hold.load_error is not None \
+                        and out.outputs[0].finish_reason == "abort":
+                    raise hold.load_error  # its adapter failed to load while it waited
                 finished = out.finished
                 yield out
         finally:
             if not finished:
                 self.requests_aborted += 1
+            if hold is not None:
+                self._release_after_engine(hold)
+
+    def _release_after_engine(self, hold) -> None:
+        """The request's hold ends with the request. The engine releases it when the request
+        finishes or is aborted; this covers every other path (cancelled before the engine took
+        it, add_request refused it). Queued behind the stream's abort on the engine thread, so
+        it never drops a hold the engine still uses; release is idempotent."""
+        if self.async_llm.is_alive:
+            self.async_llm.call(lambda _engine: hold.release())
+        else:
+            hold.release()
 
     def server_stats(self) -> dict:
         sched = self.engine.scheduler

@@ -122,14 +122,19 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        # requests whose adapter failed to load end alone, with finish_reason "abort"
+        failed = [self.abort_request(seq.request_id) for seq, _ in self.scheduler.take_failed()]
+        failed = [out for out in failed if out is not None]
         if not batch:
-            return []
+            if not failed and self.lora_manager is not None and self.scheduler.waiting:
+                self.lora_manager.wait_for_load(0.01)  # nothing runnable now: adapters are loading
+            return failed
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
         sampled = self.runner.run(batch)
-        outputs = []
+        outputs = failed
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n

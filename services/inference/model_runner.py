@@ -60,11 +60,9 @@ class ModelRunner:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
+            # free memory already excludes the LoRA slots: the manager allocated them before this runs
             free, _ = torch.cuda.mem_get_info(self.device)
-            reserve = 0
-            if self.lora_manager is not None:
-                reserve = self.lora_manager.reserved_device_bytes()
-            budget = int((free - reserve) * kv.free_gpu_memory_fraction) - (1 << 30)  # 1 GiB for activations
+            budget = int(free * kv.free_gpu_memory_fraction) - (1 << 30)  # 1 GiB for activations
         else:
             budget = 1 << 30
         tokens = max(budget // bytes_per_token, self.block_size)

@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.failed: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -80,30 +81,52 @@ class Scheduler:
             break  # seq itself was preempted; everything after it already was too
         # 2) admit waiting sequences while budget, slots and blocks allow
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.lora is not None and self.adapter_slots is not None and not self.adapter_slots.try_acquire(seq):
-                skipped.append(self.waiting.popleft())  # its adapter waits for a GPU slot; others go on
-                continue
-            if not seq.block_table:
-                self.block_manager.match_prefix(seq)  # cached K/V of its prefix (same adapter only)
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget)
-            if (n < remaining and not self.enable_chunked_prefill) or \
-                    not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
-                self.block_manager.deallocate(seq)  # undo the prefix match; it waits for blocks
-                if seq.lora is not None and self.adapter_slots is not None:
-                    self.adapter_slots.release_slot(seq)
-                break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        try:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                ready = self._adapter_ready(seq)
+                if not ready:
+                    seq = self.waiting.popleft()
+                    if ready is False:
+                        skipped.append(seq)  # its adapter is not on a GPU slot yet; others go on
+                    continue
+                if not seq.block_table:
+                    self.block_manager.match_prefix(seq)  # cached K/V of its prefix (same adapter only)
+                remaining = seq.num_tokens - seq.num_computed_tokens
+                n = min(remaining, budget)
+                if (n < remaining and not self.enable_chunked_prefill) or \
+                        not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                    self.block_manager.deallocate(seq)  # undo the prefix match; it waits for blocks
+                    if seq.lora is not None and self.adapter_slots is not None:
+                        self.adapter_slots.release_slot(seq)
+                    break
+                self.waiting.popleft()
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+        finally:  # whatever happened, skipped sequences go back to the front in their order
+            self.waiting.extendleft(reversed(skipped))
         return batch
+
+    def _adapter_ready(self, seq: Sequence) -> bool | None:
+        """True when seq needs no adapter or its adapter is pinned on a GPU slot; False: not yet;
+        None: its adapter failed to load, and seq goes to `failed` (the engine ends it with the
+        error) instead of raising here every step and stranding the sequences skipped before it."""
+        if seq.lora is None or self.adapter_slots is None:
+            return True
+        try:
+            return self.adapter_slots.try_acquire(seq)
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the step's
+            self.failed.append((seq, exc))
+            return None
+
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        """Sequences that left the queue because their adapter failed, with the error."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

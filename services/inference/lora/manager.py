@@ -1,34 +1,50 @@
-"""LoRAManager: resolves LoRA requests to adapters and keeps them in a tiered cache.
+"""LoRAManager: resolves LoRA requests to adapters and decides their residency at scheduling time.
 
-    disk (HF PEFT dir / archive / .nemo)  ->  host tier  ->  device tier (DeviceSlots)
+    source (HF PEFT dir / archive / .nemo)  ->  HostTier (host_tier.py)  ->  DeviceTier (device_tier.py)
 
 Identity is the artifact's content digest, never the name or int id: two requests naming
 different weights never share state, and re-registering a name with new weights never
-serves the old ones. Host tier: up to max_cpu_loras adapters or host_cache_size bytes
-(pinned memory on CUDA), LRU, never dropping an adapter that a queued or running request
-holds. Device tier: max_loras slots (or device_cache_percent of free GPU memory), LRU,
-never evicting a slot pinned by a running sequence. A request whose adapter finds no free
-slot waits in the queue (the scheduler skips it; base-model requests and running ones go
-on) and is admitted once a slot frees; while it waits, newer requests for resident adapters
-may go ahead of it only a bounded number of times (max_slot_bypass), then the slots drain
-to it, so it cannot starve.
+serves the old ones.
+
+A request holds its adapter by an `AdapterHold` (released once, on whatever path the request
+ends: finished, aborted, cancelled while resolving). A hold keeps the adapter known, never
+any tier space: a waiting request costs no host or GPU memory, so any number of distinct
+adapters may be requested at once. Residency is decided when the scheduler considers the
+request (`try_acquire`, the one interface the scheduler sees):
+
+- on a GPU slot: pin it and run;
+- on the host: copy it into a free slot (an idle one is evicted; adapters with queued work
+  last) on the side stream, pin it and run; if every slot is pinned it waits;
+- not on the host: start a background load (parse + dtype + pinned staging on a worker
+  thread) if the host tier has room, and wait; the step loop never parses or reads a file.
+
+Host eviction never drops an adapter that a waiting request needs and that is not on a GPU
+slot yet; a load that cannot fit is not started until something becomes evictable (a slot
+holder's host copy, or an adapter nobody waits for), which always happens as running
+sequences finish, so nothing deadlocks. Fairness across adapters is bounded by slot
+hand-off, see `try_acquire`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from loraserve.adapters import AdapterFormatError, LoraAdapter, check_compatible, load_adapter
+from loraserve.adapters import AdapterFormatError, ArchiveLimits, LoraAdapter, check_compatible, load_adapter
+from loraserve.adapters.errors import shorten
 from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
 
 from ..models.llama import PROJ_SLICES, ModelArgs
 from ..sequence import Sequence
 from .batch import LoRABatch
+from .device_tier import DeviceTier
+from .host_tier import HostTier, TierStats
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -42,32 +58,59 @@ class AdapterNotFoundError(LookupError):
     pass
 
 
-@dataclass
+class AdapterCapacityError(RuntimeError):
+    """The adapter can never fit the host tier (larger than host_cache_size)."""
+
+
+class AdapterBusyError(RuntimeError):
+    pass
+
+
+class AdapterLoadError(RuntimeError):
+    """A background (re)load of an adapter failed: its waiting requests fail with this."""
+
+
+@dataclass(eq=False)
 class AdapterHandle:
     key: str                          # "sha256:<hex>" content digest
     name: str
     int_id: int
-    adapter: LoraAdapter | None       # host copy (None once dropped from the host tier)
+    adapter: LoraAdapter | None       # host copy (None while not in the host tier)
     nbytes: int
     rank: int
-    source: str = ""                  # path it was loaded from
-    num_requests: int = 0             # queued + running requests holding it
+    source: str = ""                  # path it is (re)loaded from
+    ckpt_source: str | None = None    # format hint for load_adapter
+    num_requests: int = 0             # live holds (queued + running requests)
     slot: int | None = None
     slot_pins: int = 0                # running sequences using the slot
+    loading: bool = False             # a background load is in flight
+    load_error: BaseException | None = None
+    load_error_time: float = 0.0      # requests that arrived before this fail with load_error
 
 
-@dataclass
-class TierStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes_loaded: int = 0
+class AdapterHold:
+    """One request's claim on an adapter; `release()` is idempotent. Reads of other attributes
+    (key, slot, name, ...) go to the handle, so a Sequence can carry the hold as its `lora`."""
+
+    __slots__ = ("handle", "_manager", "released")
+
+    def __init__(self, handle: AdapterHandle, manager: "LoRAManager"):
+        self.handle, self._manager, self.released = handle, manager, False
+
+    def release(self) -> None:
+        with self._manager.lock:
+            if not self.released:
+                self.released = True
+                self.handle.num_requests = max(0, self.handle.num_requests - 1)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
 
 
 @dataclass
 class CacheStats:
-    host: TierStats = field(default_factory=TierStats)
-    device: TierStats = field(default_factory=TierStats)
+    host: TierStats
+    device: TierStats
 
 
 class LoRAManager:
@@ -81,23 +124,26 @@ class LoRAManager:
         self.module_shapes = args.lora_module_shapes()
         self.num_slots = self._num_device_slots()
         self.slots = DeviceSlots(args, self.enabled, self.num_slots, self.max_rank, dtype, device)
-        self.slot_owner: list[AdapterHandle | None] = [None] * self.num_slots
-        self.slot_lru: OrderedDict[int, None] = OrderedDict()
-        self.handles: OrderedDict[str, AdapterHandle] = OrderedDict()  # host tier, LRU order
+        self.device_tier = DeviceTier(self.slots)
+        self.host = HostTier(lora_config.max_cpu_loras, cache_config.host_cache_size)
+        self.stats = CacheStats(self.host.stats, self.device_tier.stats)
+        self.handles: OrderedDict[str, AdapterHandle] = OrderedDict()  # every known adapter (metadata)
         self.by_id: dict[int, str] = {}
         self._digest_of: dict[tuple, str] = {}
         self._blocked: dict[int, float] = {}  # seq_id -> arrival of sequences waiting for a slot
         self._bypasses: dict[int, int] = {}   # seq_id -> newer requests admitted ahead of it meanwhile
         self.max_slot_bypass = 16
-        self.stats = CacheStats()
         self.lock = threading.RLock()
+        self._load_done = threading.Condition(self.lock)
+        self._loader = ThreadPoolExecutor(max(1, cache_config.num_put_workers) + 1,
+                                          thread_name_prefix="loraserve-adapter-load")
         from loraserve.kernels import LoRAMetaBuilder
 
         self.meta_builder_cls = LoRAMetaBuilder
         self._meta_builder = None
         for i, path in enumerate(lora_config.lora_dir):  # TensorRT-LLM: preload lora_dir, ids in order
-            self.release(self.resolve(LoRARequest(os.path.basename(os.path.normpath(path)) or f"lora-{i}", i, path,
-                                                  lora_config.lora_ckpt_source)))
+            self.resolve(LoRARequest(os.path.basename(os.path.normpath(path)) or f"lora-{i}", i, path,
+                                     lora_config.lora_ckpt_source)).release()
 
     # ---- sizing ----------------------------------------------------------------------------
     def _num_device_slots(self) -> int:
@@ -112,24 +158,26 @@ class LoRAManager:
     def reserved_device_bytes(self) -> int:
         return self.slots.nbytes
 
-    def _host_budget_ok(self, extra_bytes: int) -> bool:
-        used = sum(h.nbytes for h in self.handles.values() if h.adapter is not None)
-        count = sum(1 for h in self.handles.values() if h.adapter is not None)
-        if self.lora_config.max_cpu_loras is not None:
-            return count + 1 <= self.lora_config.max_cpu_loras
-        return used + extra_bytes <= self.cache_config.host_cache_size
-
-    # ---- resolve: request -> handle in the host tier (any thread) ---------------------------
+    # ---- resolve: request -> hold (any thread; parses only an adapter never seen) ----------------
     def check_path(self, path: str) -> str:
+        """The real path of a client's lora_path, if allowed. A relative lora_path names a path under
+        the allowed dirs (the first where it exists), never one under the server's working directory;
+        with no allowed dirs configured it is refused. Messages never list what the dirs hold."""
+        shown = shorten(path, 120)
+        if not os.path.isabs(path):
+            if not self.allowed_dirs:
+                raise ValueError(f"lora_path {shown} must be an absolute path")
+            path = next((os.path.join(d, path) for d in self.allowed_dirs if os.path.exists(os.path.join(d, path))),
+                        os.path.join(self.allowed_dirs[0], path))
         real = os.path.realpath(path)
         if self.allowed_dirs is not None and not any(real == d or real.startswith(d + os.sep) for d in self.allowed_dirs):
-            raise AdapterAccessError(f"lora_path {path!r} is not under an allowed directory")
+            raise AdapterAccessError(f"lora_path {shown} is not under an allowed directory")
         if not os.path.exists(real):
-            raise AdapterNotFoundError(f"lora_path {path!r} does not exist")
+            raise AdapterNotFoundError(f"lora_path {shown} does not exist")
         return real
 
-    def resolve(self, req: LoRARequest, trusted: bool = False) -> AdapterHandle:
-        """Find or load the adapter `req` names and hold it for one request (release() undoes).
+    def resolve(self, req: LoRARequest, trusted: bool = False) -> AdapterHold:
+        """Identify the adapter `req` names and hold it for one request (hold.release() undoes).
         trusted: the path is the service's own download cache, not a user-named path."""
         with self.lock:
             if not req.lora_path:
@@ -137,69 +185,71 @@ class LoRAManager:
                 if key is None or key not in self.handles:
                     raise AdapterNotFoundError(f"adapter {req.lora_name!r} (id {req.lora_int_id}) is not loaded "
                                                "and the request gives no lora_path")
-                return self._hold(self.handles[key], hit=True)
+                return self._hold(self.handles[key])
             real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
             sig = _stat_signature(real)
             key = self._digest_of.get(sig)
-            if key is not None and key in self.handles and self.handles[key].adapter is not None:
+            if key is not None and key in self.handles:
                 self.by_id[req.lora_int_id] = key
-                return self._hold(self.handles[key], hit=True)
+                return self._hold(self.handles[key])
         source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real) else None
         try:
-            adapter = load_adapter(real, source, max_bytes=self.lora_config.max_lora_bytes)
-            return self.add_adapter(adapter, req, source=real, signature=sig)
+            # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
+            # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
+            adapter = load_adapter(real, source, max_bytes=self.lora_config.max_lora_bytes,
+                                   limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
+                                                                  self.max_rank),
+                                   confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype)
         except AdapterFormatError as exc:
-            raise AdapterFormatError(f"adapter {req.lora_name!r}: {exc}") from exc
+            raise AdapterFormatError(f"adapter {shorten(req.lora_name)}: {exc}") from exc
+        return self.add_adapter(adapter, req, source=real, signature=sig, ckpt_source=source)
 
-    def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None
-                    ) -> AdapterHandle:
-        """Put an already parsed adapter in the host tier (after checking it fits the model)."""
+    def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
+                    ckpt_source: str | None = None) -> AdapterHold:
+        """Register an already parsed adapter (after checking it fits the model), hold it, and keep
+        its weights in the host tier if there is room without evicting anything still needed."""
         check_compatible(adapter, module_shapes=self.module_shapes, num_layers=self.args.num_hidden_layers,
                          enabled_modules=self.enabled, max_rank=self.max_rank)
+        if not self.host.fits_at_all(adapter.nbytes()):
+            raise AdapterCapacityError(f"adapter {req.lora_name!r} ({adapter.nbytes()} bytes) is larger than the "
+                                       f"host adapter cache (host_cache_size={self.cache_config.host_cache_size})")
+        staged = self._stage(adapter)
         with self.lock:
             if signature is not None:
                 self._digest_of[signature] = adapter.digest
             self.by_id[req.lora_int_id] = adapter.digest
-            handle = self.handles.get(adapter.digest)
-            if handle is not None and handle.adapter is not None:
-                return self._hold(handle, hit=True)
-            self.stats.host.misses += 1
-            self._make_host_room(adapter.nbytes())
-            weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in adapter.weights.items()}
-            if self.device.type == "cuda":
-                weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
-            adapter.weights = weights
-            self.stats.host.bytes_loaded += adapter.nbytes()
-            if handle is None:
-                handle = AdapterHandle(adapter.digest, req.lora_name, req.lora_int_id, adapter, adapter.nbytes(),
-                                       adapter.rank, source)
-                self.handles[adapter.digest] = handle
-            else:
-                handle.adapter = adapter
-            return self._hold(handle, hit=False)
+            h = self.handles.get(adapter.digest)
+            if h is None:
+                h = AdapterHandle(adapter.digest, req.lora_name, req.lora_int_id, None, adapter.nbytes(),
+                                  adapter.rank, source, ckpt_source)
+                self.handles[h.key] = h
+            elif source and not h.source:
+                h.source, h.ckpt_source = source, ckpt_source
+            h.load_error = None
+            if h.adapter is None and not h.loading and self.host.make_room(h.nbytes, self._host_evictable):
+                self.host.put(h, staged)
+            return self._hold(h)
 
-    def _hold(self, handle: AdapterHandle, hit: bool) -> AdapterHandle:
-        if hit:
-            self.stats.host.hits += 1
-        handle.num_requests += 1
-        self.handles.move_to_end(handle.key)
-        return handle
+    def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous."""
+        weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in adapter.weights.items()}
+        if self.device.type == "cuda":
+            weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
+        adapter.weights = weights
+        return adapter
 
-    def _make_host_room(self, nbytes: int) -> None:
-        while not self._host_budget_ok(nbytes):
-            victim = next((h for h in self.handles.values() if h.adapter is not None and h.num_requests == 0), None)
-            if victim is None:
-                raise AdapterCapacityError("host adapter cache is full of adapters in use "
-                                           f"(max_cpu_loras={self.lora_config.max_cpu_loras}, "
-                                           f"host_cache_size={self.cache_config.host_cache_size})")
-            victim.adapter = None
-            self.stats.host.evictions += 1
-            if victim.slot is None:
-                del self.handles[victim.key]
+    def _hold(self, h: AdapterHandle) -> AdapterHold:
+        if h.adapter is not None or h.slot is not None:
+            self.host.stats.hits += 1
+        h.num_requests += 1
+        self.handles.move_to_end(h.key)
+        self.host.touch(h)
+        return AdapterHold(h, self)
 
-    def release(self, handle: AdapterHandle) -> None:
-        with self.lock:
-            handle.num_requests = max(0, handle.num_requests - 1)
+    def release(self, hold) -> None:
+        """Drop a hold (AdapterHold; idempotent)."""
+        if isinstance(hold, AdapterHold):
+            hold.release()
 
     def release_request(self, seq: Sequence) -> None:
         """A request ended (finished or aborted): drop its hold on the adapter."""
@@ -209,60 +259,92 @@ class LoRAManager:
             if seq.lora is not None:
                 self.release(seq.lora)
 
-    # ---- device tier: scheduler hooks (engine thread) -----------------------------------------
-    def try_acquire(self, seq: Sequence) -> bool:
+    # ---- host tier: background loads --------------------------------------------------------
+    def _host_evictable(self, h: AdapterHandle) -> int | None:
+        """Eviction preference of a host entry: nobody waits for it (0), its copy is already on a
+        GPU slot (1); None while a waiting request needs it and it has no slot yet."""
+        if h.loading:
+            return None
+        if h.num_requests <= h.slot_pins:
+            return 0
+        return 1 if h.slot is not None else None
+
+    def _start_load(self, h: AdapterHandle) -> None:
+        if h.loading or h.adapter is not None:
+            return
+        if not h.source:
+            raise AdapterLoadError(f"adapter {h.name!r} left the host cache and has no source to reload from")
+        if not self.host.make_room(h.nbytes, self._host_evictable):
+            return  # retried when the scheduler next considers a request for it
+        h.loading = True
+        self.host.reserve(h.nbytes)
+        self._loader.submit(self._load, h)
+
+    def _load(self, h: AdapterHandle) -> None:
+        adapter, err = None, None
+        try:
+            adapter = load_adapter(h.source, h.ckpt_source, max_bytes=self.lora_config.max_lora_bytes)
+            if adapter.digest != h.key:
+                raise AdapterLoadError(f"adapter {h.name!r} changed on disk since it was first loaded "
+                                       f"({h.key} -> {adapter.digest})")
+            adapter = self._stage(adapter)
+        except Exception as exc:  # noqa: BLE001 - handed to the requests that wait for it
+            err = exc
         with self.lock:
-            h: AdapterHandle = seq.lora
+            self.host.unreserve(h.nbytes)
+            h.loading = False
+            if err is not None:
+                log.warning("loading adapter %r from %s failed: %s", h.name, h.source, err)
+                h.load_error, h.load_error_time = err, time.monotonic()
+            else:
+                self.host.put(h, adapter)
+            self._load_done.notify_all()
+
+    def wait_for_load(self, timeout: float) -> None:
+        """Block up to `timeout` s until a background load finishes (none in flight: return at once)."""
+        with self.lock:
+            if self.host.num_reserved:
+                self._load_done.wait(timeout)
+
+    # ---- the scheduler's interface (engine thread) ----------------------------------------------
+    def try_acquire(self, seq: Sequence) -> bool:
+        """Pin seq's adapter on a GPU slot; False: not yet (it stays queued, holding nothing).
+
+        Fairness (bounded wait): while an older request waits for a slot, a newer request may go
+        ahead of it only if its adapter is already on a slot, and only `max_slot_bypass` times;
+        after that nothing new is admitted with an adapter until the oldest got its slot, so the
+        slots drain to it within the time the running sequences need to finish (each bounded by
+        its max_tokens). Raises AdapterLoadError if the adapter cannot be loaded."""
+        with self.lock:
+            h: AdapterHandle = seq.lora.handle
+            if h.load_error is not None and seq.arrival_time <= h.load_error_time:
+                raise AdapterLoadError(f"adapter {h.name!r} could not be loaded: {h.load_error}")
             oldest = min(self._blocked.items(), key=lambda kv: kv[1], default=None)
-            if oldest is not None and oldest[1] < seq.arrival_time:
-                # An older request waits for a slot. Newer requests whose adapter is resident may go
-                # ahead of it a bounded number of times (throughput), then everyone waits its turn
-                # so that the slots drain to it (no starvation).
+            if oldest is not None and oldest[0] != seq.seq_id and oldest[1] < seq.arrival_time:
                 if h.slot is None or self._bypasses.get(oldest[0], 0) >= self.max_slot_bypass:
                     return False
                 self._bypasses[oldest[0]] = self._bypasses.get(oldest[0], 0) + 1
             if h.slot is not None:
-                self.stats.device.hits += 1
+                self.device_tier.stats.hits += 1
                 return self._pin(h, seq)
-            slot = self._free_slot()
-            if slot is None:
+            if h.adapter is None:
+                self._start_load(h)  # waits for the host copy; not counted as slot-blocked
+                return False
+            if not self.device_tier.place(h):
                 self._blocked.setdefault(seq.seq_id, seq.arrival_time)
                 return False
-            if h.adapter is None:  # dropped from host meanwhile: reload from its source
-                raise AdapterNotFoundError(f"adapter {h.name!r} left the host cache before it was used")
-            self.stats.device.misses += 1
-            self.stats.device.bytes_loaded += self.slots.load(slot, h.adapter)
-            h.slot = slot
-            self.slot_owner[slot] = h
             return self._pin(h, seq)
 
     def _pin(self, h: AdapterHandle, seq: Sequence) -> bool:
         self._blocked.pop(seq.seq_id, None)
         self._bypasses.pop(seq.seq_id, None)
-        h.slot_pins += 1
-        self.slot_lru[h.slot] = None
-        self.slot_lru.move_to_end(h.slot)
+        self.device_tier.pin(h)
+        self.host.touch(h)
         return True
-
-    def _free_slot(self) -> int | None:
-        for s, owner in enumerate(self.slot_owner):
-            if owner is None:
-                return s
-        for s in self.slot_lru:  # least recently used first
-            owner = self.slot_owner[s]
-            if owner is not None and owner.slot_pins == 0:
-                owner.slot = None
-                self.slot_owner[s] = None
-                self.stats.device.evictions += 1
-                if owner.adapter is None:
-                    self.handles.pop(owner.key, None)
-                return s
-        return None
 
     def release_slot(self, seq: Sequence) -> None:
         with self.lock:
-            h: AdapterHandle = seq.lora
-            h.slot_pins = max(0, h.slot_pins - 1)
+            self.device_tier.unpin(seq.lora.handle)
 
     # ---- per step --------------------------------------------------------------------------------
     def prepare_batch(self, seqs: list[Sequence], num_new_tokens: list[int]) -> LoRABatch | None:
@@ -283,45 +365,47 @@ class LoRAManager:
         return LoRABatch(self.slots, meta)
 
     # ---- introspection / control (inference service) ---------------------------------------------
+    @property
+    def slot_owner(self) -> list:
+        return self.device_tier.owner
+
     def resident(self) -> dict[str, list[AdapterHandle]]:
         with self.lock:
-            return {"device": [h for h in self.slot_owner if h is not None],
-                    "host": [h for h in self.handles.values() if h.adapter is not None]}
+            return {"device": [h for h in self.device_tier.owner if h is not None],
+                    "host": list(self.host.entries.values())}
 
     def evict(self, key: str) -> bool:
-        """Drop an adapter from both tiers unless a request holds it; True if it was cached."""
+        """Forget an adapter (both tiers) unless a request holds it; True if it was known."""
         with self.lock:
             h = self.handles.get(key)
             if h is None:
                 return False
             if h.num_requests or h.slot_pins:
                 raise AdapterBusyError(f"adapter {h.name!r} is in use by {h.num_requests} request(s)")
-            if h.slot is not None:
-                self.slot_owner[h.slot] = None
-                self.slot_lru.pop(h.slot, None)
-                h.slot = None
-                self.stats.device.evictions += 1
+            self.device_tier.remove(h)
+            if h.adapter is not None:
+                self.host.drop(h)
+                self.host.stats.evictions += 1
             self.handles.pop(key)
-            self.stats.host.evictions += 1
             return True
+
+    def num_holds(self) -> int:
+        with self.lock:
+            return sum(h.num_requests for h in self.handles.values())
 
     def stats_dict(self) -> dict:
         with self.lock:
-            return {tier: vars(getattr(self.stats, tier)).copy() for tier in ("host", "device")} | {
-                "device_slots": self.num_slots,
-                "device_slots_used": sum(1 for h in self.slot_owner if h is not None),
-                "device_slots_pinned": sum(1 for h in self.slot_owner if h is not None and h.slot_pins),
-                "host_adapters": sum(1 for h in self.handles.values() if h.adapter is not None),
-                "host_bytes": sum(h.nbytes for h in self.handles.values() if h.adapter is not None),
-            }
+            return {"host": vars(self.host.stats).copy(), "device": vars(self.device_tier.stats).copy(),
+                    "device_slots": self.num_slots,
+                    "device_slots_used": self.device_tier.num_used,
+                    "device_slots_pinned": self.device_tier.num_pinned,
+                    "host_adapters": len(self.host.entries),
+                    "host_bytes": self.host.num_bytes,
+                    "host_loading": self.host.num_reserved,
+                    "adapter_holds": sum(h.num_requests for h in self.handles.values())}
 
-
-class AdapterCapacityError(RuntimeError):
-    pass
-
-
-class AdapterBusyError(RuntimeError):
-    pass
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
 
 def _looks_nemo(path: str) -> bool:
@@ -340,5 +424,6 @@ def _stat_signature(path: str) -> tuple:
     return (path, st.st_size, st.st_mtime_ns)
 
 
-__all__ = ["LoRAManager", "AdapterHandle", "AdapterAccessError", "AdapterNotFoundError", "AdapterCapacityError",
-           "AdapterBusyError", "AdapterFormatError", "PROJ_SLICES"]
+__all__ = ["LoRAManager", "AdapterHandle", "AdapterHold", "AdapterAccessError", "AdapterNotFoundError",
+           "AdapterCapacityError", "AdapterBusyError", "AdapterLoadError", "AdapterFormatError", "TierStats",
+           "PROJ_SLICES"]

@@ -1,0 +1,72 @@
+"""Device tier of the adapter cache: which adapter owns which GPU slot, and who pins it.
+
+A slot is pinned while a running sequence uses it (`pins`); an unpinned slot keeps its
+adapter (a later request is a hit) until a new adapter needs the space. Victims are chosen
+among unpinned slots, adapters with no queued work first, then least recently used, so a
+popular adapter with work queued is not evicted for a one-off request while another slot
+can go. Not thread-safe: LoRAManager calls it under its lock.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .host_tier import TierStats
+from .slots import DeviceSlots
+
+
+class DeviceTier:
+    def __init__(self, slots: DeviceSlots):
+        self.slots = slots
+        self.owner: list = [None] * slots.num_slots        # slot -> AdapterHandle
+        self.lru: OrderedDict[int, None] = OrderedDict()   # slots, least recently pinned first
+        self.stats = TierStats()
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots.num_slots
+
+    @property
+    def num_used(self) -> int:
+        return sum(1 for h in self.owner if h is not None)
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for h in self.owner if h is not None and h.slot_pins)
+
+    def place(self, handle) -> bool:
+        """Copy handle's host weights into a free (or freed) slot; False if every slot is pinned."""
+        slot = self._free_slot()
+        if slot is None:
+            return False
+        self.stats.misses += 1
+        self.stats.bytes_loaded += self.slots.load(slot, handle.adapter)
+        handle.slot = slot
+        self.owner[slot] = handle
+        return True
+
+    def pin(self, handle) -> None:
+        handle.slot_pins += 1
+        self.lru[handle.slot] = None
+        self.lru.move_to_end(handle.slot)
+
+    def unpin(self, handle) -> None:
+        handle.slot_pins = max(0, handle.slot_pins - 1)
+
+    def remove(self, handle) -> None:
+        if handle.slot is not None:
+            self.owner[handle.slot] = None
+            self.lru.pop(handle.slot, None)
+            handle.slot = None
+            self.stats.evictions += 1
+
+    def _free_slot(self) -> int | None:
+        for s, h in enumerate(self.owner):
+            if h is None:
+                return s
+        idle = [s for s in self.lru if self.owner[s] is not None and self.owner[s].slot_pins == 0]
+        if not idle:
+            return None
+        # adapters without queued work go first (LRU among them), then the rest by LRU
+        victim = min(idle, key=lambda s: self.owner[s].num_requests > self.owner[s].slot_pins)
+        self.remove(self.owner[victim])
+        return victim

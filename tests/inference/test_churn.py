@@ -1,0 +1,115 @@
+"""Many more distinct adapters than the tiers hold: requests queue (never fail) and finish with
+exactly transformers + peft's output; the two scheduler/KV defects of issue 12 stay fixed."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
+from loraserve.adapters.testing import make_peft_adapter
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = [("q_proj", "v_proj"), ALL, ("k_proj", "o_proj", "down_proj"), ("gate_proj", "up_proj")]
+
+
+def make_adapters(root, n: int) -> list[str]:
+    """n distinct adapters: ranks 2..16, several module sets, a large alpha so outputs differ."""
+    paths = []
+    for i in range(n):
+        r = (2, 4, 8, 16)[i % 4]
+        paths.append(str(make_peft_adapter(os.path.join(root, f"a{i}"), modules=SHAPES[i % len(SHAPES)], r=r,
+                                           alpha=4.0 * r, seed=1000 + i)))
+    return paths
+
+
+def peft_greedy(base, adapter_dir, prompt, n):
+    from peft import PeftModel
+
+    model = base if adapter_dir is None else PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+    with torch.no_grad():
+        seq = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return seq[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def twenty(tmp_path_factory):
+    return make_adapters(str(tmp_path_factory.mktemp("churn")), 20)
+
+
+def test_twenty_adapters_through_two_slots_and_three_host_entries_match_peft(tiny_llama, twenty):
+    """20 distinct adapters at once with max_loras=2, max_cpu_loras=3: nothing fails for lack of
+    room, every output equals peft's, and afterwards nothing is pinned or held."""
+    path, base = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu",
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=3))
+    prompts = [[5 + i, 6, 7 + i % 3, 8, 9] for i in range(len(twenty))] + [[10, 11, 12]]
+    loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(twenty)] + [None]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, lora_request=loras)
+    base_outs = 0
+    for prompt, lora, out in zip(prompts, loras, outs):
+        ref = peft_greedy(base, lora and lora.lora_path, prompt, 6)
+        assert out.outputs[0].token_ids == ref, lora and lora.lora_name
+        base_outs += lora is not None and ref == peft_greedy(base, None, prompt, 6)
+    assert base_outs < len(twenty) // 2  # the adapters do change the output (the check could fail)
+    stats = llm.engine.lora_manager.stats_dict()
+    assert stats["device_slots_pinned"] == 0 and stats["adapter_holds"] == 0
+    assert stats["host_adapters"] <= 3
+    assert stats["device"]["misses"] >= 20  # each adapter went through a slot
+
+
+def test_adapter_that_fails_to_reload_fails_alone(tiny_llama, tmp_path):
+    """Regression (issue 12): an adapter error inside Scheduler.schedule() used to lose the
+    sequences skipped before it (their streams hung) and raise again every step. Now the
+    failing request ends with finish_reason 'abort' and everything queued around it completes."""
+    path, base = tiny_llama
+    a, c, b = make_adapters(str(tmp_path), 3)
+    llm = LLM(model=path, dtype="float32", device="cpu",
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=1, max_cpu_loras=1))
+    eng = llm.engine
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    eng.add_request("a", [5, 6, 7], p, LoRARequest("a", 1, a))
+    eng.add_request("c", [5, 6, 8], p, LoRARequest("c", 2, c))   # waits (slot and host busy): skipped
+    eng.add_request("b", [5, 6, 9], p, LoRARequest("b", 3, b))   # parsed, then dropped (no host room)
+    os.rename(b, b + ".gone")                                      # its reload will fail
+    finals = {}
+    for _ in range(500):
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if not eng.has_unfinished_requests():
+            break
+    assert set(finals) == {"a", "b", "c"}
+    assert finals["b"].outputs[0].finish_reason == "abort"
+    assert finals["a"].outputs[0].token_ids == peft_greedy(base, a, [5, 6, 7], 5)
+    assert finals["c"].outputs[0].token_ids == peft_greedy(base, c, [5, 6, 8], 5)
+    stats = eng.lora_manager.stats_dict()
+    assert stats["device_slots_pinned"] == 0 and stats["adapter_holds"] == 0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_kv_budget_does_not_count_lora_slots_twice(tiny_llama, monkeypatch):
+    """Regression (issue 12): the KV budget subtracted the LoRA slots' bytes from free GPU memory
+    that already excluded them (the slots are allocated before the KV cache is sized). With the
+    same free memory, the KV cache must be the same size with or without LoRA slots."""
+    from loraserve.inference.model_runner import ModelRunner
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=64, max_loras=64))
+    runner = llm.engine.runner
+    assert llm.engine.lora_manager.reserved_device_bytes() > 0
+    free = 8 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 16 << 30))
+    probe = object.__new__(ModelRunner)  # the sizing rule alone, as on a GPU with `free` bytes free
+    probe.config, probe.args, probe.dtype = runner.config, runner.args, runner.dtype
+    probe.device, probe.block_size = torch.device("cuda"), runner.block_size
+    probe.config = copy.copy(runner.config)
+    probe.config.max_num_seqs = 1 << 20  # no cap from max_seq_len * max_num_seqs
+    probe.lora_manager = None
+    without = probe._size_kv_cache()
+    probe.lora_manager = llm.engine.lora_manager
+    assert probe._size_kv_cache() == without

@@ -16,6 +16,7 @@ served model; the registry, which has no model, uses a configured total.
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import hashlib
 import lzma
@@ -179,6 +180,8 @@ def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits
     limits: archive/size limits (default: `limits_for(max_bytes)`). confine_to: see DirBundle.
     """
     limits = limits if limits is not None else limits_for(max_bytes)
+    if max_bytes is not None and limits.max_total_bytes > max_bytes:  # the tighter of both wins
+        limits = dataclasses.replace(limits, max_total_bytes=max_bytes)
     p = Path(path)
     origin = shorten(p.name or str(p), 60).strip("'\"")
     if p.is_dir():

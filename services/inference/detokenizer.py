@@ -12,6 +12,8 @@ import os
 
 from tokenizers import Tokenizer
 
+from .chat_template import SPECIAL_TOKEN_KEYS, ChatTemplate, ChatTemplateError, load_chat_template, token_content
+
 
 class TokenizerWrapper:
     def __init__(self, model_dir: str):
@@ -26,7 +28,14 @@ class TokenizerWrapper:
                 self.config = json.load(f)
         self.bos_token_id = self._special_id("bos_token")
         self.eos_token_id = self._special_id("eos_token")
-        self.add_bos = bool(self.config.get("add_bos_token", False))
+        # plain text gets what AutoTokenizer(text) adds (the tokenizer.json post-processor; transformers 5
+        # ignores add_bos_token next to a tokenizer.json); a rendered chat gets nothing (its template writes it)
+        self.add_bos = self.bos_token_id is not None and self.tok.encode("", add_special_tokens=True).ids[:1] == [
+            self.bos_token_id]
+        specials = {k: token_content(self.config.get(k)) for k in SPECIAL_TOKEN_KEYS}
+        template = load_chat_template(model_dir, self.config)
+        self.chat_template = None if template is None else ChatTemplate(
+            template, {k: v for k, v in specials.items() if v is not None})
 
     def _special_id(self, key: str) -> int | None:
         tok = self.config.get(key)
@@ -39,25 +48,29 @@ class TokenizerWrapper:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-        return ids
+        """A text prompt, as `AutoTokenizer(text).input_ids` (BOS where the tokenizer adds one)."""
+        return self.tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        template = self.config.get("chat_template")
-        if template:
-            import jinja2
-
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-            return env.from_string(template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.config.get("bos_token") or "", eos_token=self.config.get("eos_token") or "")
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The chat as text, as transformers' apply_chat_template(tokenize=False) renders it; a template's
+        raise_exception is ChatTemplateError (a ValueError). Without a template: a plain role: content form."""
+        if self.chat_template is not None:
+            return self.chat_template.render(messages, add_generation_prompt, **kwargs)
+        if not messages:
+            raise ChatTemplateError("messages is empty: a chat needs at least one message")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant:" if add_generation_prompt else "")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Prompt ids of a chat, as apply_chat_template(tokenize=True): no special tokens added on top of
+        what the template writes (a template that emits {{ bos_token }} gets one BOS, not two)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        if self.chat_template is None:
+            return self.encode(text)  # the plain fallback is an ordinary text prompt
+        return self.tok.encode(text, add_special_tokens=False).ids
 
 
 class IncrementalDetokenizer:

@@ -120,11 +120,11 @@ def test_failed_step_fails_only_its_requests(tiny_llama):
     runner = llm.engine.runner
     real_run, calls = runner.run, {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, *prev):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated CUDA out of memory")
-        return real_run(batch)
+        return real_run(batch, *prev)
 
     runner.run = flaky
 
@@ -181,6 +181,7 @@ def test_chat_uses_the_chat_template():
     out = llm.chat(msgs, p)
     text = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
     assert "# user:" in text and text.endswith("# assistant:\n")  # the model's own template
-    assert out.prompt_token_ids == llm.tokenizer.encode(text)
-    assert out.outputs[0].token_ids == llm.generate(llm.tokenizer.encode(text), p).outputs[0].token_ids
+    ids = llm.tokenizer.encode_chat(msgs)  # the template writes {{ bos_token }}: exactly one BOS (issue 13.3)
+    assert out.prompt_token_ids == ids and ids.count(llm.tokenizer.bos_token_id) == 1
+    assert out.outputs[0].token_ids == llm.generate(ids, p).outputs[0].token_ids
     assert len(llm.chat([msgs, msgs], p)) == 2

@@ -55,8 +55,9 @@ class LLM:
         loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * n
         if len(params) != n or len(loras) != n:
             raise ValueError(f"got {n} prompts, {len(params)} sampling_params and {len(loras)} lora_requests")
-        if self._async is not None:
-            raise RuntimeError("generate() cannot run while the async engine is active; use generate_async")
+        if self._async is not None and self._async.num_active == 0:
+            self.shutdown()  # the engine goes back to this thread; the next generate_async restarts its thread
+        pending: list[tuple] = []  # (request_id, prompt, params, lora) for the engine thread
         groups: list[list[str]] = []  # engine requests of each prompt (n > 1: one per completion)
         try:
             for prompt, p, lr in zip(batch, params, loras):
@@ -66,12 +67,22 @@ class LLM:
                     sub = p if p.n == 1 else dataclasses.replace(
                         p, n=1, seed=None if p.seed is None else p.seed + j)
                     rid = self._id()
-                    self.engine.add_request(rid, prompt, sub, lr)
+                    if self._async is None:
+                        self.engine.add_request(rid, prompt, sub, lr)
+                    else:
+                        pending.append((rid, prompt, sub, lr))
                     group.append(rid)
         except Exception:
-            for rid in (r for g in groups for r in g):  # a bad prompt fails the call as a whole
+            for rid in (r for g in groups for r in g if self._async is None):  # a bad prompt fails the whole call
                 self.engine.abort_request(rid)
             raise
+        if self._async is not None:  # async streams are running: the engine thread serves this batch too
+            final_by_id = self._run_on_engine_thread(pending)
+            results = [final_by_id[g[0]] for g in groups]
+            for out, group in zip(results, groups):
+                if len(group) > 1:
+                    out.outputs = [dataclasses.replace(final_by_id[r].outputs[0], index=j) for j, r in enumerate(group)]
+            return results[0] if single else results
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -93,6 +104,25 @@ class LLM:
             results.append(out)
         return results[0] if single else results
 
+    def _run_on_engine_thread(self, requests: list[tuple]) -> dict[str, RequestOutput]:
+        """Final outputs of requests submitted to the running AsyncLLM, waited for on a private event
+        loop in a helper thread (generate() may be called from inside the caller's own event loop)."""
+        import asyncio
+        import concurrent.futures
+
+        async def one(rid, prompt, params, lora):
+            last = None
+            async for out in self._async.generate(prompt, params, lora, rid):
+                last = out
+            return last
+
+        async def run_all():
+            return await asyncio.gather(*(one(*r) for r in requests))
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            outs = pool.submit(asyncio.run, run_all()).result()
+        return {out.request_id: out for out in outs}
+
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
              add_generation_prompt: bool = True) -> RequestOutput | list[RequestOutput]:
@@ -100,8 +130,8 @@ class LLM:
         with the model's chat template (tokenizer_config.json; a plain fallback without one)."""
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt))
-                   for c in conversations]
+        # token ids as transformers' apply_chat_template(tokenize=True) gives them (no BOS on top of the template's)
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
         outs = self.generate(prompts, sampling_params, lora_request)
         return outs[0] if single else outs
 

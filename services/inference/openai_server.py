@@ -229,13 +229,12 @@ class OpenAIFront:
         req.check_supported()
         adapter = self.adapter_for(req.model, req.lora_request)
         try:
-            text = self.core.tokenizer.apply_chat_template(req.plain_messages(),
-                                                           add_generation_prompt=req.add_generation_prompt)
+            # one function for every front: transformers' apply_chat_template(tokenize=True) ids
+            ids = self.core.tokenizer.encode_chat(req.plain_messages(), add_generation_prompt=req.add_generation_prompt)
         except OpenAIError:
             raise
         except Exception as exc:  # a template that fails on these messages (jinja raise_exception, ...)
             raise OpenAIError(400, f"chat template failed on these messages: {exc}", param="messages") from exc
-        ids = self.core.tokenizer.encode(text)
         requested = req.requested_max_tokens()
         max_tokens = requested if requested is not None else self.max_tokens_room(len(ids))
         rid = proto.new_id("chatcmpl")

@@ -13,6 +13,10 @@ device); a block that straddles a slice boundary loops over the (usually one) sl
 covers, masking B's rows to each slice. The rank loop stops at r_a in steps of BLOCK_K=16:
 B's rank axis is contiguous, so only buf is masked at r_a (B columns in [r_a, ceil16(r_a))
 are read but meet a zero), which keeps B's loads vectorised.
+
+buf may also be the shrink's un-reduced split-K partials [SPLIT_K, S, T, R]: the kernel sums
+them in a fixed order while loading (bitwise reproducible), which saves the separate
+reduction launch between shrink and expand.
 """
 from __future__ import annotations
 
@@ -29,12 +33,12 @@ if HAS_TRITON:
         buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         N, R,
-        stride_bs, stride_bm, stride_br,
+        stride_bsplit, stride_bs, stride_bm, stride_br,
         stride_bl, stride_bn, stride_bk,
         stride_ym, stride_yn,
         NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_R: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
+        EVEN_R: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -77,8 +81,10 @@ if HAS_TRITON:
             h_base = buf_ptr + s * stride_bs + tok[:, None] * stride_bm
             for k0 in range(0, rank, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                h = tl.load(h_base + offs_k[None, :] * stride_br,
-                            mask=row_ok[:, None] & (offs_k[None, :] < rank), other=0.0)
+                h_mask = row_ok[:, None] & (offs_k[None, :] < rank)
+                h = tl.load(h_base + offs_k[None, :] * stride_br, mask=h_mask, other=0.0)
+                for j in range(1, SPLIT_K):  # split-K partials, summed in a fixed order
+                    h += tl.load(h_base + j * stride_bsplit + offs_k[None, :] * stride_br, mask=h_mask, other=0.0)
                 if EVEN_R:
                     bt = tl.load(b_base + offs_k[None, :] * stride_bk, mask=col_ok[:, None], other=0.0)
                 else:
@@ -107,7 +113,8 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                 ranks: Tensor, y: Tensor, *, config: dict | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
 
-    buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides).
+    buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides), or its
+                   un-reduced split-K partials [SPLIT_K, S, T, R] (summed here).
     lora_b:        [L, N, R] fp16/bf16/fp32, scale folded in; N = sum of slice widths.
     slice_offsets: [S+1] int32 on the device: 0 = off_0 <= off_1 <= ... <= off_S = N.
     meta, ranks:   as for lora_shrink.
@@ -118,7 +125,8 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
-    S, T, R = buf.shape
+    partials = buf if buf.dim() == 4 else buf.unsqueeze(0)
+    SK, S, T, R = partials.shape
     L, N, R2 = lora_b.shape
     assert R2 == R, f"lora_b rank dim {R2} != buf rank dim {R}"
     assert buf.dtype == torch.float32, f"buf must be float32, got {buf.dtype}"
@@ -136,13 +144,13 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (meta.grid_tiles, triton.cdiv(N, BN))
     _lora_expand_kernel[grid](
-        buf, lora_b, y, ranks, slice_offsets,
+        partials, lora_b, y, ranks, slice_offsets,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R,
-        *buf.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
+        *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
         NUM_SLICES=S, BOUNDS_P2=max(2, 1 << max(0, (S - 2).bit_length())),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK,
         EVEN_R=R % BK == 0, CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SPLIT_K=SK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

@@ -15,6 +15,8 @@ Work split (see lora_meta.py): program (tile, rank_block * SPLIT_K + k_split, sl
    workspace [SPLIT_K, S, T, R] and ``torch.sum`` over the split axis writes ``out``: a fixed
    summation order, so results are bitwise reproducible (CUDA-graph replay == eager), unlike
    fp32 atomics. Undefined entries of ``out`` then hold garbage, which expand never reads.
+   Given a 4-D ``out`` [SPLIT_K, S, T, R] the partials stay there un-reduced and lora_expand
+   sums them as it loads them: one launch fewer per projection (what lora_apply does).
 """
 from __future__ import annotations
 
@@ -120,6 +122,13 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
+def shrink_split_k(x: Tensor, lora_a: Tensor, block_m: int) -> int:
+    """The SPLIT_K :func:`lora_shrink` picks for these shapes (the partials' leading dim)."""
+    L, S, R, H = lora_a.shape
+    sms = _num_sms(x.device.index if x.is_cuda else None)
+    return shrink_config(x.shape[0], R, H, S, block_m, sms)["SPLIT_K"]
+
+
 def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: Tensor,
                 *, config: dict | None = None) -> Tensor:
     """out[s, t, :r] = x[t] @ lora_a[slot(t), s, :r].T for all slices s, in one launch.
@@ -130,7 +139,8 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     ranks:  [L] int32 real rank per slot (0: adapter has no weights for this module).
     out:    [S, T, R] float32, written in place and returned. Entries of tokens without an
             adapter and columns >= rank are undefined (kept as they were without split-K,
-            garbage with it).
+            garbage with it). Or [SPLIT_K, S, T, R] float32: the un-reduced split-K partials
+            (SPLIT_K = out.shape[0] overrides the config), for lora_expand to sum.
     config: optional override of :func:`shrink_config` (benchmarks).
     """
     if not HAS_TRITON:
@@ -139,8 +149,8 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     L, S, R, H2 = lora_a.shape
     assert H2 == H, f"lora_a hidden {H2} != x hidden {H}"
     assert x.dtype == lora_a.dtype, f"x {x.dtype} and lora_a {lora_a.dtype} must match"
-    assert out.shape == (S, T, R) and out.dtype == torch.float32, \
-        f"out must be float32 [S={S}, T={T}, R={R}], got {out.dtype} {tuple(out.shape)}"
+    assert out.shape[-3:] == (S, T, R) and out.dim() in (3, 4) and out.dtype == torch.float32, \
+        f"out must be float32 [S={S}, T={T}, R={R}] (or [SPLIT_K, S, T, R]), got {out.dtype} {tuple(out.shape)}"
     assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, x has {T}"
     assert ranks.shape == (L,) and ranks.dtype == torch.int32, "ranks must be int32 [L]"
     if T == 0:
@@ -149,9 +159,14 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         "x, lora_a, out, ranks and meta must be on one device"
     sms = _num_sms(x.device.index if x.is_cuda else None)
     cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms), **(config or {}))
+    if out.dim() == 4:
+        cfg["SPLIT_K"] = out.shape[0]
     BN, BK, SK = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    dest = out if SK == 1 else torch.empty((SK, S, T, R), dtype=torch.float32, device=out.device)
-    dest_strides = (0, *out.stride()) if SK == 1 else dest.stride()
+    if out.dim() == 4:
+        dest = out
+    else:
+        dest = out if SK == 1 else torch.empty((SK, S, T, R), dtype=torch.float32, device=out.device)
+    dest_strides = (0, *out.stride()) if dest is out and out.dim() == 3 else dest.stride()
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     _lora_shrink_kernel[grid](
         x, lora_a, dest, ranks,
@@ -164,6 +179,6 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if SK > 1:
+    if SK > 1 and dest is not out:
         torch.sum(dest, dim=0, out=out)  # fixed order: deterministic, unlike atomics
     return out

@@ -81,3 +81,64 @@ def check_lora_apply_uses_triton() -> None:
     lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, buf)
     lora_expand_ref(buf, p.lora_b, p.slice_offsets, meta, p.ranks, expected)
     torch.testing.assert_close(y, expected, **TOLERANCES[torch.float32])
+
+
+def _reference_y(p: LoRAProblem, meta, num_slices: int, max_rank: int) -> torch.Tensor:
+    buf = torch.zeros(num_slices, p.x.shape[0], max_rank, device=p.x.device)
+    lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, buf)
+    y = p.y0.clone()
+    lora_expand_ref(buf, p.lora_b, p.slice_offsets, meta, p.ranks, y)
+    return y
+
+
+def _check_y(p: LoRAProblem, y: torch.Tensor, y_ref: torch.Tensor, tol: dict) -> None:
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    untouched = (p.token_slot < 0) | (p.ranks[p.token_slot.clamp(min=0).long()] == 0)
+    assert torch.equal(y[untouched], p.y0[untouched]), "touched a row without adapter"
+    if (~untouched).any():
+        assert not torch.equal(y[~untouched], p.y0[~untouched]), "added nothing"
+
+
+def check_fused_matches_reference(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int,
+                                  num_slots: int, composition: str, config: dict | None = None,
+                                  device: str = "cpu") -> None:
+    """lora_shrink_expand (one launch) against shrink_ref + expand_ref."""
+    from loraserve.kernels.lora_fused import lora_shrink_expand
+
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths,
+                     num_slots=num_slots, composition=composition, dtype=DTYPES.get(dtype) or getattr(torch, dtype),
+                     seed=7 * hidden + num_tokens, device=device)
+    meta = LoRAMetaBuilder(max(num_tokens, 1), num_slots, device).build(p.token_slot)
+    y = p.y0.clone()
+    lora_shrink_expand(p.x, p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, y, config=config)
+    _check_y(p, y, _reference_y(p, meta, len(widths), max_rank), TOLERANCES[p.x.dtype])
+
+
+def check_partials_path_matches_reference(dtype: str, hidden: int, max_rank: int, widths: list[int],
+                                          num_tokens: int, num_slots: int, composition: str, split_k: int,
+                                          device: str = "cpu") -> None:
+    """Shrink into un-reduced split-K partials [SK, S, T, R], expand summing them."""
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths,
+                     num_slots=num_slots, composition=composition, dtype=DTYPES.get(dtype) or getattr(torch, dtype),
+                     seed=3 * hidden + num_tokens, device=device)
+    meta = LoRAMetaBuilder(max(num_tokens, 1), num_slots, device).build(p.token_slot)
+    partials = torch.full((split_k, len(widths), num_tokens, max_rank), float("nan"), device=device)
+    lora_shrink(p.x, p.lora_a, meta, p.ranks, partials, config={"BLOCK_K": 16})
+    y = p.y0.clone()
+    lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y)
+    _check_y(p, y, _reference_y(p, meta, len(widths), max_rank), TOLERANCES[p.x.dtype])
+
+
+def check_lora_apply_paths() -> None:
+    """lora_apply's own choice (fused at 3 tokens, two launches with partials at 40) == reference."""
+    from loraserve.kernels.lora_apply import workspace_shape
+
+    for T in (3, 40):
+        p = make_problem(num_tokens=T, hidden=256, max_rank=16, widths=[32, 16], num_slots=3,
+                         composition="no-adapter-rows", dtype=torch.float32, seed=T)
+        meta = LoRAMetaBuilder(T, 3, "cpu").build(p.token_slot)
+        shape = workspace_shape(p.x, p.lora_a, meta)
+        assert (shape == (0,)) == (T == 3), f"T={T}: unexpected path, workspace {shape}"
+        y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks,
+                       buf=torch.empty(shape))
+        _check_y(p, y, _reference_y(p, meta, 2, 16), TOLERANCES[torch.float32])

@@ -72,3 +72,30 @@ def test_decode_defaults_with_split_k(interp, num_tokens) -> None:
 
 def test_lora_apply_picks_triton_when_interpreting(interp) -> None:
     _run(interp, interp_cases.check_lora_apply_uses_triton)
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+@pytest.mark.parametrize("num_slices", [1, 3])
+@pytest.mark.parametrize("num_tokens", [1, 6, 20])  # 20: two tiles for one slot
+def test_fused_shrink_expand_matches_reference(interp, num_tokens, num_slices, composition) -> None:
+    # 80: a ragged K tail under BLOCK_K=32; BLOCK_N=16 makes column blocks straddle slices.
+    _run(interp, interp_cases.check_fused_matches_reference, "float32", 80, 32, WIDTHS[num_slices],
+         num_tokens=num_tokens, num_slots=4, composition=composition,
+         config={"BLOCK_K": 32, "BLOCK_N": 16})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_fused_shrink_expand_default_config(interp, dtype) -> None:
+    _run(interp, interp_cases.check_fused_matches_reference, dtype, 512, 16, [48, 16, 16],
+         num_tokens=2, num_slots=3, composition="mixed-ranks")
+
+
+@pytest.mark.parametrize("composition", ["no-adapter-rows", "mixed-ranks", "distinct"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_split_k_partials_summed_by_expand(interp, split_k, composition) -> None:
+    _run(interp, interp_cases.check_partials_path_matches_reference, "float32", 96, 16, [40, 24],
+         num_tokens=24, num_slots=4, composition=composition, split_k=split_k)
+
+
+def test_lora_apply_fused_and_two_launch_paths(interp) -> None:
+    _run(interp, interp_cases.check_lora_apply_paths)

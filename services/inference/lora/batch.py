@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 
 from loraserve.kernels import LoRAMeta, lora_apply
+from loraserve.kernels.lora_apply import workspace_shape
 
 
 class LoRABatch:
     def __init__(self, slots, meta: LoRAMeta):
         self.slots, self.meta = slots, meta
-        self._buf: dict[tuple[int, int], torch.Tensor] = {}
+        self._buf: dict[tuple[int, ...], torch.Tensor] = {}  # float32 workspaces by shape
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y [T, N] += LoRA delta of x [T, in] for projection `proj` of layer `layer_idx`."""
@@ -18,8 +19,8 @@ class LoRABatch:
             return
         a = a[layer_idx]                    # [L, S, R, in]
         b = self.slots.b[proj][layer_idx]   # [L, N, R]
-        key = (a.shape[1], x.shape[0])
+        key = workspace_shape(x, a, self.meta)  # (0,) for the fused one-launch kernel
         buf = self._buf.get(key)
         if buf is None:
-            buf = self._buf[key] = torch.empty(a.shape[1], x.shape[0], a.shape[2], dtype=torch.float32, device=x.device)
+            buf = self._buf[key] = torch.empty(key, dtype=torch.float32, device=x.device)
         lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)

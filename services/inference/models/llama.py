@@ -5,6 +5,11 @@ SiLU-gated MLP) with q/k/v and gate/up fused into one matmul each, as vLLM and
 nano-vllm do. Checkpoint names are mapped in `load_weights`, not in `forward`.
 Each projection is a `Proj`: a plain linear plus the batch's LoRA delta (if any row of
 the step has an adapter), so that adapters ride along without touching the layer code.
+
+On CUDA with Triton the small ops run as fused kernels (loraserve.kernels: RMSNorm fused
+with the residual add, SiLU-and-mul, RoPE from a cos/sin table built once per model); the
+CPU path (CI) runs the same math in plain torch. Layers pass (hidden, residual) as vLLM
+does, so that each residual add is fused into the following norm.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraserve.kernels import triton_available
 
 from ..attention import paged_attention
 from ..context import get_context
@@ -120,13 +127,42 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
 
+def _fused(x: torch.Tensor) -> bool:
+    """Fused Triton kernels on CUDA tensors; plain torch elsewhere (the CPU engine, CI)."""
+    return x.is_cuda and triton_available()
+
+
 class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE. One instance per model: the CUDA path reads a [P, D] cos/sin table
+    built once (lazily, on the first forward: the loader sets inv_freq after construction)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(args).float(), persistent=False)
+        # Positions the table covers; positions past it must not reach the CUDA path.
+        self.num_positions = max(args.max_position_embeddings, 4096)
+        self._cos_sin: torch.Tensor | None = None
+        self._cos_sin_key: tuple | None = None
+
+    def cos_sin_cache(self) -> torch.Tensor:
+        key = (self.inv_freq.data_ptr(), self.inv_freq.device, self.num_positions)
+        if self._cos_sin is None or self._cos_sin_key != key:
+            if self.inv_freq.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("RoPE cos/sin table built during CUDA graph capture: run one eager step first")
+            from loraserve.kernels.rope import rope_cos_sin_cache
+
+            self._cos_sin, self._cos_sin_key = rope_cos_sin_cache(self.inv_freq, self.num_positions), key
+        return self._cos_sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [N]; q [N, H, D]; k [N, KVH, D]
+        # positions [N]; q [N, H, D]; k [N, KVH, D] (views of the fused qkv) -> contiguous rotated copies
+        if _fused(q):
+            from loraserve.kernels.rope import apply_rope
+
+            # out of place into contiguous tensors: what attention was always given
+            return apply_rope(positions, q, k, self.cos_sin_cache(),
+                              torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                              torch.empty(k.shape, dtype=k.dtype, device=k.device))
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (N, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
@@ -145,10 +181,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x) [N, H]; with a residual: (norm(x + residual), x + residual), the CUDA path in
+        place (x and residual are overwritten, as vLLM's fused_add_rms_norm)."""
+        if _fused(x):
+            from loraserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            residual = x + residual  # HF: hidden = residual + hidden, rounded to the dtype
+            x = residual
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        out = self.weight * xf.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 class Proj(nn.Linear):
@@ -173,17 +221,16 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = args.q_size, args.kv_size
         self.qkv_proj = Proj(args.hidden_size, self.q_size + 2 * self.kv_size, args.attention_bias, layer_idx, "qkv_proj")
         self.o_proj = Proj(self.q_size, args.hidden_size, False, layer_idx, "o_proj")
-        self.rotary = RotaryEmbedding(args)
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)    # (N, H, D)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = rotary(positions, q, k)
         o = paged_attention(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -195,7 +242,12 @@ class MLP(nn.Module):
         self.down_proj = Proj(args.intermediate_size, args.hidden_size, False, layer_idx, "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # (N, 2I)
+        if _fused(gate_up):
+            from loraserve.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -207,9 +259,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, layer_idx)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's input delta [N, hidden] (the embeddings when residual is None);
+        returns (mlp output, residual stream before it): the next norm adds them."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, rotary)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -219,16 +279,17 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary = RotaryEmbedding(args)  # shared by all layers: one cos/sin table
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [N] (all tokens of the step, sequences back to back) -> hidden [N, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, self.rotary)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

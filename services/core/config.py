@@ -185,6 +185,7 @@ class EngineConfig:
     seed: int = 0
     num_kv_blocks: int | None = None      # override KV sizing (tests)
     allowed_lora_dirs: list[str] | None = None  # where LoRARequest.lora_path may point; None = anywhere (offline API)
+    async_scheduling: bool | None = None  # overlap host work with the device's step; None: on for CUDA
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"),
@@ -223,6 +224,9 @@ def engine_config_from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
             continue
         if key == "max_beam_width" and value not in (None, 1):
             raise ValueError(f"max_beam_width={value}: beam search is not supported")
+        if key == "disable_overlap_scheduler":  # TensorRT-LLM's switch for the overlapped loop
+            args["async_scheduling"] = not value
+            continue
         if key in _IGNORED or key == "max_beam_width":
             continue
         target = _ALIASES.get(key, key)

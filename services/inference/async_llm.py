@@ -136,7 +136,8 @@ class AsyncLLM:
                         self._fail_running(exc)
                         continue
                     for out in outputs:
-                        self._deliver(out.request_id, out)
+                        # a request the engine failed alone (e.g. non-finite logits) ends in an error
+                        self._deliver(out.request_id, EngineStepError(out.error) if out.error else out)
                     if self.on_step is not None:
                         try:
                             self.on_step(outputs)

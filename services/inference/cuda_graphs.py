@@ -83,28 +83,25 @@ class CudaGraphRunner:
         return bool(self.graphs) and n <= self.max_batch
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            tables: list[list[int]], token_slot: list[int] | None) -> torch.Tensor:
-        n = len(input_ids)
+    def run(self, inp) -> torch.Tensor:
+        """inp: step_inputs.StepInputs of a decode step (already on the device). Copies them into the
+        static buffers device to device (no host work per row), pads the bucket, replays."""
+        n = inp.input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
-        width = max(len(t) for t in tables)
-        host = torch.tensor([input_ids, positions, slots], dtype=torch.long)
-        self.input_ids[:n].copy_(host[0], non_blocking=True)
-        self.positions[:n].copy_(host[1], non_blocking=True)
-        self.slot_mapping[:n].copy_(host[2], non_blocking=True)
+        width = inp.block_tables.shape[1]
+        self.input_ids[:n].copy_(inp.input_ids)
+        self.positions[:n].copy_(inp.positions)
+        self.slot_mapping[:n].copy_(inp.slot_mapping)
         self.slot_mapping[n:bs].fill_(self.scratch_slot)
-        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
+        self.context_lens[:n].copy_(inp.context_lens)
         self.context_lens[n:bs].fill_(1)
-        padded = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in tables], dtype=torch.int32)
-        self.block_tables[:n, :width].copy_(padded, non_blocking=True)
+        self.block_tables[:n, :width].copy_(inp.block_tables)
         self.block_tables[n:bs, 0].fill_(self.scratch_block)
-        with_lora = self.lora_builder is not None and token_slot is not None and any(s >= 0 for s in token_slot)
-        if with_lora:
-            slots_t = torch.full((bs,), -1, dtype=torch.int32)
-            slots_t[:n] = torch.tensor(token_slot, dtype=torch.int32)
-            self.token_slot[:bs].copy_(slots_t, non_blocking=True)
+        if self.lora_builder is not None:
+            self.token_slot[:n].copy_(inp.token_slot)
+            self.token_slot[n:bs].fill_(-1)
             self.lora_builder.build(self.token_slot[:bs])
             self.lora_manager.slots.wait_for_copies()
-        graph, out, _ = self.graphs[(bs, with_lora)]
+        graph, out, _ = self.graphs[bs]
         graph.replay()
         return out[:n]

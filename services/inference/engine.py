@@ -1,7 +1,10 @@
 """LLMEngine: request -> sequence -> scheduler -> model runner -> sampler -> detokenizer -> output.
 
 `step()` runs one batch and returns a RequestOutput for every request that made progress.
-Synchronous and single-threaded; `AsyncLLM` (async_llm.py) drives it from a thread.
+Single-threaded; `AsyncLLM` (async_llm.py) drives it from a thread. With `async_scheduling` the
+loop is overlapped (vLLM's async scheduling, SGLang's overlap scheduler): step N+1 is scheduled
+and launched before step N's tokens are read back, so detokenization, stop checks and streaming
+of step N run while the device computes N+1; decode inputs of N+1 take N's tokens on the device.
 """
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ from loraserve.config import EngineConfig, LoRARequest, SamplingParams
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, TokenizerWrapper
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepOutput
 from .models.loader import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_tokens,
                                    config.enable_chunked_prefill, self.lora_manager)
         self.seqs: dict[str, Sequence] = {}
+        self.runner.eos_ids = self.eos_ids
+        # overlapped loop: on by default on CUDA (the host work hides behind the device's)
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else bool(config.async_scheduling))
+        self._inflight: tuple[ScheduledBatch, StepOutput] | None = None   # launched, not yet post-processed
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -87,7 +95,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {self.args.vocab_size}): {bad[:5]}")
         if len(ids) >= self.max_seq_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        capacity = self.kv_capacity_tokens
         if len(ids) + params.max_tokens > capacity:
             raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the KV cache "
                              f"capacity of {capacity} tokens")
@@ -97,6 +105,7 @@ class LLMEngine:
                 raise ValueError("a lora_request was given but the engine was built without lora_config")
             handle = self.lora_manager.resolve(lora_request)
         seq = Sequence(request_id, ids, params, prompt=text, lora=handle, lora_request=lora_request)
+        seq.max_num_tokens = min(len(ids) + params.max_tokens, self.max_seq_len)
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -108,50 +117,103 @@ class LLMEngine:
             return None
         seq.finish_reason = "abort"
         seq.finished_time = time.monotonic()
+        seq.drop_placeholders()      # a step in flight may still sample for it; that token is dropped
         self.scheduler.finish(seq)
         self._release_adapter(seq)
         return self._output(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.seqs)
 
+    # ---- limits and state (what the fronts and metrics read) --------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """The most tokens (prompt + max_tokens) one request can ever hold in the KV cache."""
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    def stats(self) -> dict:
+        """A snapshot of the engine's queues and KV cache (call on the engine thread for exact numbers)."""
+        bm, sched = self.block_manager, self.scheduler
+        return {"waiting": sched.num_waiting, "running": len(sched.running),
+                "free_kv_blocks": bm.num_free_blocks, "total_kv_blocks": bm.num_blocks,
+                "kv_block_size": bm.block_size, "reused_kv_blocks": bm.num_reused_blocks,
+                "preemptions": sched.num_preemptions, "max_num_seqs": self.config.max_num_seqs,
+                "max_num_tokens": self.config.max_num_tokens, "max_seq_len": self.max_seq_len,
+                "kv_capacity_tokens": self.kv_capacity_tokens, "async_scheduling": self.async_scheduling}
+
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One iteration; returns a RequestOutput for every request that made progress.
+        Serial: schedule, launch, wait, post-process. Overlapped (async_scheduling): schedule and launch
+        step N+1 first, then wait for step N and post-process it while the device runs N+1."""
         batch = self.scheduler.schedule()
         # requests whose adapter failed to load end alone, with finish_reason "abort"
         failed = [self.abort_request(seq.request_id) for seq, _ in self.scheduler.take_failed()]
-        failed = [out for out in failed if out is not None]
-        if not batch:
-            if not failed and self.lora_manager is not None and self.scheduler.waiting:
-                self.lora_manager.wait_for_load(0.01)  # nothing runnable now: adapters are loading
-            return failed
+        outputs = [out for out in failed if out is not None]
+        try:
+            launched = self._launch(batch) if batch else None
+            done, self._inflight = (self._inflight, launched) if self.async_scheduling else (launched, None)
+            if done is not None:
+                outputs += self._postprocess(*done)
+        except BaseException:
+            self._drop_inflight()
+            raise
+        if not batch and done is None and not outputs and self.lora_manager is not None and self.scheduler.waiting:
+            self.lora_manager.wait_for_load(0.01)  # nothing runnable now: adapters are loading
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, StepOutput]:
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
-        sampled = self.runner.run(batch)
-        outputs = failed
+        out = self.runner.run(batch, self._inflight[1] if self._inflight is not None else None)
+        self.scheduler.on_launched(batch, out.seqs)
+        return batch, out
+
+    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+        tokens, logprobs, ok, top = out.fetch()
         now = time.monotonic()
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-            if seq.seq_id not in sampled:
-                continue
-            token, logprob, top = sampled[seq.seq_id]
+        progressed = []
+        for seq, token, logprob, good, alts in zip(out.seqs, tokens, logprobs, ok, top):
+            if seq.is_finished:
+                continue   # aborted, or it ended one step earlier: the token computed since is dropped
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._append_token(seq, token, logprob, top)
+            if good:
+                self._append_token(seq, token, logprob, alts)
+            else:          # no finite logit in its row: this request fails, its neighbours go on
+                seq.drop_placeholders()
+                seq.finish_reason = "abort"
+                seq.error = ("the model produced no finite logit for this request (NaN/inf activations, "
+                             "e.g. from an adapter's weights)")
+                log.error("request %s: %s", seq.request_id, seq.error)
             if seq.finish_reason is not None:
                 seq.finished_time = now
-                self.scheduler.finish(seq)
+                seq.drop_placeholders()
+            progressed.append(seq)
+        self.scheduler.postprocess(batch)   # key the filled blocks, free the finished sequences
+        outputs = []
+        for seq in progressed:
+            if seq.finish_reason is not None:
                 self.seqs.pop(seq.request_id, None)
                 self._release_adapter(seq)
             outputs.append(self._output(seq))
         return outputs
+
+    def _drop_inflight(self) -> None:
+        """A step failed: the step in flight is lost, so its sequences cannot get their tokens."""
+        if self._inflight is None:
+            return
+        _, out = self._inflight
+        self._inflight = None
+        for seq in out.seqs:
+            if not seq.is_finished and seq.num_pending:
+                self.abort_request(seq.request_id)
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.lora is not None and self.lora_manager is not None:
@@ -159,7 +221,7 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None = None) -> None:
         p = seq.sampling_params
-        seq.token_ids.append(token)
+        seq.resolve_placeholder(token)
         if p.logprobs is not None:
             seq.logprobs.append(logprob)
             if p.logprobs:
@@ -185,7 +247,7 @@ class LLMEngine:
                 seq.output_text = seq.output_text[: i + len(s) if p.include_stop_str_in_output else i]
                 seq.finish_reason, seq.stop_reason = "stop", s
                 return
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+        if n_out >= p.max_tokens or seq.num_tokens - seq.num_pending >= self.max_seq_len:
             seq.finish_reason = "length"
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -208,4 +270,4 @@ class LLMEngine:
                                  seq.num_preemptions)
         # the prompt list is shared, not copied per step: the engine never changes it
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], finished, metrics,
-                             seq.lora_request, seq.adapter_key)
+                             seq.lora_request, seq.adapter_key, error=seq.error)

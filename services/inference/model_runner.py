@@ -8,10 +8,11 @@ import torch
 
 from loraserve.config import EngineConfig
 
-from .context import Context, reset_context, set_context, split_mixed
+from .context import Context, prepare_attention, reset_context, set_context
 from .models.llama import LlamaForCausalLM, ModelArgs
-from .sampler import sample
+from .sampler import SamplerOutput, build_metadata, sample
 from .scheduler import ScheduledBatch
+from .step_inputs import StepInputBuilder
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_cache[i], self.v_cache[i]
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20)
+        # padded block-table entries point at the scratch block (CUDA-graph padding rows write there)
+        self.inputs = StepInputBuilder(self.block_size, self.num_blocks, device)
+        self.eos_ids: set[int] = set()    # the engine fills it (min_tokens bans EOS)
         self.graph_runner = None
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
@@ -73,65 +77,94 @@ class ModelRunner:
         return max(tokens // self.block_size, 1)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[int, tuple[int, float]]:
-        """Compute the batch; returns {seq_id: (next token, logprob, top logprobs)} for sequences that
-        reached their end."""
-        input_ids, positions, slots, ctx_lens = [], [], [], []
-        sample_idx, sample_seqs = [], []
-        offset = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            bs = self.block_size
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
-            ctx_lens.append(start + n)
-            offset += n
-            if start + n == seq.num_tokens:
-                sample_idx.append(offset - 1)
-                sample_seqs.append(seq)
+    def run(self, batch: ScheduledBatch, prev: StepOutput | None = None) -> StepOutput:
+        """Launch the batch and its sampling without waiting for the device. prev: the step still in
+        flight, whose sampled tokens feed this step's placeholder inputs on the device. The returned
+        StepOutput's `fetch()` waits for and returns the sampled tokens."""
         dev = self.device
+        prev_rows = None
+        if prev is not None and any(s.num_pending for s in batch.seqs):
+            prev_rows = {s.seq_id: r for r, s in enumerate(prev.seqs)}
+        inp, ph_dst, ph_src = self.inputs.build(batch.seqs, batch.num_new_tokens, prev_rows)
+        if ph_dst is not None:
+            inp.input_ids.index_put_((ph_dst,), prev.sampled.tokens[ph_src])  # [P] ids still on the device
+        sample_seqs = [batch.seqs[i] for i in inp.sample_rows]
         decode_only = all(n == 1 for n in batch.num_new_tokens)
         if decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch.seqs)):
-            token_slot = None
-            if self.lora_manager is not None:
-                token_slot = [-1 if s.lora is None else s.lora.slot for s in batch.seqs]
-            hidden = self.graph_runner.run(input_ids, positions, slots, ctx_lens, [s.block_table for s in batch.seqs],
-                                           token_slot)
-            return self._sample(hidden, sample_idx, sample_seqs)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs],
-                              dtype=torch.long, device=dev)
+            hidden = self.graph_runner.run(inp)
+            return self._sample(hidden, inp.sample_idx, sample_seqs)
         ctx = Context(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=inp.slot_mapping,
             query_lens=list(batch.num_new_tokens),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.long, device=dev),
-            context_lens_list=ctx_lens,
-            block_tables=tables,
+            context_lens=inp.context_lens,
+            context_lens_list=inp.context_lens_list,
+            block_tables=inp.block_tables,
             decode_only=decode_only,
         )
-        if not decode_only:
-            split_mixed(ctx, dev)
+        prepare_attention(ctx, dev)  # once per step: query_start_loc for the kernel, or the torch path's split
         if self.lora_manager is not None:
             ctx.lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
         set_context(ctx)
         try:
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                                torch.tensor(positions, dtype=torch.long, device=dev))
+            hidden = self.model(inp.input_ids, inp.positions)
         finally:
             reset_context()
-        return self._sample(hidden, sample_idx, sample_seqs)
+        return self._sample(hidden, inp.sample_idx, sample_seqs)
 
-    def _sample(self, hidden: torch.Tensor, sample_idx: list[int], sample_seqs: list) -> dict[int, tuple]:
+    def _sample(self, hidden: torch.Tensor, sample_idx: torch.Tensor, sample_seqs: list) -> StepOutput:
         if not sample_seqs:
-            return {}
+            return StepOutput([], None)
         dev = self.device
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)])
-        params = [s.sampling_params for s in sample_seqs]
-        gens = []
+        logits = self.model.compute_logits(hidden[sample_idx])
+        params, num_outputs, banned, gens = [], [], [], []
         for s in sample_seqs:
-            if s.generator is None and s.sampling_params.seed is not None and not s.sampling_params.greedy:
-                s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
+            p = s.sampling_params
+            params.append(p)
+            n_out = s.num_tokens - s.num_prompt_tokens       # outputs before this one (in flight included)
+            num_outputs.append(n_out)
+            banned.append(self._banned(p) if n_out < p.min_tokens else ())
+            if s.generator is None and p.seed is not None and not p.greedy:
+                s.generator = torch.Generator(device=dev).manual_seed(p.seed)
             gens.append(s.generator)
-        tokens, logprobs, top = sample(logits, params, gens)
-        return {s.seq_id: (t, lp, tp) for s, t, lp, tp in zip(sample_seqs, tokens, logprobs, top)}
+        out = sample(logits, build_metadata(params, num_outputs, banned, gens, dev))
+        return StepOutput(sample_seqs, out)
+
+    def _banned(self, p) -> tuple[int, ...]:
+        """Token ids min_tokens keeps from being sampled: the stop ids, and EOS unless ignored."""
+        return tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
+
+
+class StepOutput:
+    """One launched step's sampled tokens: device tensors, plus their host copy in flight."""
+
+    def __init__(self, seqs: list, sampled: SamplerOutput | None):
+        self.seqs, self.sampled = seqs, sampled       # seqs: [S] sampling sequences, in row order
+        self._host = self._top = self._event = None
+        if sampled is None:
+            return
+        # [3, S] float64 (token ids < 2**53 are exact): one device->host copy for the common fields
+        packed = torch.stack([sampled.tokens.double(), sampled.logprobs.double(), sampled.ok.double()])
+        non_blocking = packed.is_cuda
+        self._host = packed.to("cpu", non_blocking=non_blocking)
+        if sampled.top_ids is not None:
+            self._top = (sampled.top_ids.to("cpu", non_blocking=non_blocking),
+                         sampled.top_logprobs.to("cpu", non_blocking=non_blocking))
+        if non_blocking:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def fetch(self) -> tuple[list[int], list[float], list[bool], list[dict[int, float] | None]]:
+        """Wait for the step; (tokens, chosen logprobs, ok, top logprobs {id: logprob} per row or None)."""
+        if self._host is None:
+            return [], [], [], []
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, logprobs, ok = self._host.tolist()
+        top: list[dict[int, float] | None] = [None] * len(self.seqs)
+        if self._top is not None:
+            ids, values = self._top[0].tolist(), self._top[1].tolist()
+            for i, s in enumerate(self.seqs):
+                k = s.sampling_params.logprobs
+                if k:
+                    top[i] = dict(zip(ids[i][:k], values[i][:k]))
+        return [int(t) for t in tokens], logprobs, [bool(o) for o in ok], top

@@ -53,6 +53,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     lora_request: object = None
     adapter_digest: str | None = None     # content identity of the adapter used
+    error: str | None = None              # set when the engine failed this request alone (finish_reason abort)
 
     @property
     def num_prompt_tokens(self) -> int:

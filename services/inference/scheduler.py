@@ -65,6 +65,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.is_draining:  # its last token is being sampled by the step in flight
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -137,6 +140,26 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    # ---- after a step (nano-vllm's postprocess, split at the launch for the overlapped loop) ----
+    def on_launched(self, batch: ScheduledBatch, sampling: list[Sequence]) -> None:
+        """The batch is on the device: its tokens count as computed (the next step may be scheduled
+        before this one finishes), and each sampling sequence (row i of `sampling`) holds a
+        placeholder for the token the step is drawing."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        for row, seq in enumerate(sampling):
+            seq.add_placeholder(row)
+
+    def postprocess(self, batch: ScheduledBatch) -> None:
+        """The step's tokens are in (the engine appended them and set finish reasons): key the blocks
+        it filled for prefix reuse, then free the sequences that finished."""
+        for seq in batch.seqs:
+            if not seq.is_finished:
+                self.block_manager.register_full_blocks(seq)
+        for seq in batch.seqs:
+            if seq.finish_reason is not None and not seq.is_finished:
+                self.finish(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Free a finished or aborted sequence's blocks and adapter pin."""

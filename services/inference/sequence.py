@@ -17,6 +17,9 @@ class SequenceStatus(enum.Enum):
 
 
 _counter = itertools.count()
+# token_ids entry of a token being sampled by a step still in flight (overlapped scheduling); the
+# runner feeds the real id to the next step straight from the device, the engine writes it here later
+PLACEHOLDER = -1
 
 
 @dataclass
@@ -29,13 +32,17 @@ class Sequence:
     lora_request: Any = None
     seq_id: int = field(default_factory=lambda: next(_counter))
     status: SequenceStatus = SequenceStatus.WAITING
-    token_ids: list[int] = field(default_factory=list)   # prompt + generated
+    token_ids: list[int] = field(default_factory=list)   # prompt + generated (+ trailing placeholders)
+    num_pending: int = 0                  # trailing PLACEHOLDER entries: tokens sampled by steps in flight
+    pending_row: int = -1                 # row of the latest in-flight step's sampled tokens for this seq
+    max_num_tokens: int = 1 << 62         # prompt + max_tokens, capped by max_seq_len (set by the engine)
     num_computed_tokens: int = 0          # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0            # leading blocks keyed for reuse
     prefix_key: int | None = None         # chained key of the last keyed block
     finish_reason: str | None = None      # stop | length | abort
     stop_reason: Any = None               # the stop string or token id that matched
+    error: str | None = None              # why the engine failed this request alone (finish_reason abort)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
@@ -64,11 +71,32 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated tokens known on the host (not those still in flight)."""
+        return self.token_ids[self.num_prompt_tokens:self.num_tokens - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens - self.num_pending
+
+    @property
+    def is_draining(self) -> bool:
+        """Its last token is being sampled: nothing is left to compute for it."""
+        return self.num_tokens >= self.max_num_tokens
+
+    def add_placeholder(self, row: int) -> None:
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+        self.pending_row = row
+
+    def resolve_placeholder(self, token: int) -> None:
+        """The oldest in-flight token arrived."""
+        self.token_ids[self.num_tokens - self.num_pending] = token
+        self.num_pending -= 1
+
+    def drop_placeholders(self) -> None:
+        if self.num_pending:
+            del self.token_ids[self.num_tokens - self.num_pending:]
+            self.num_pending = 0
 
     @property
     def is_finished(self) -> bool:

@@ -4,13 +4,22 @@ KV cache of one layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, h
 A sequence's token j lives in block block_table[j // block_size] at offset j % block_size.
 Each step writes the new tokens' K/V at `slot_mapping`, then every query token attends to
 all earlier tokens of its own sequence (causal), prefix chunks included (chunked prefill).
+
+CUDA (with Triton): the whole step is one launch of kernels/unified_attention.py (prompts,
+prompt chunks and decode tokens together, GQA without copies); pure-decode steps take the
+kernel DECODE_KERNEL names. CPU: the torch code below (SDPA per prompt, batched decode rows),
+which is also what the kernel's tests compare against.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .context import get_context
+from .context import Context, get_context, split_mixed
+
+# pure-decode steps (the CUDA-graph path) on CUDA: "unified" (the step kernel) or "paged_decode"
+# (kernels/paged_attention.py); chosen by benchmarks/bench_attention.py, see kernels/PERF_NOTES.md
+DECODE_KERNEL = "paged_decode"
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -49,21 +58,32 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     return out.reshape(bsz, num_heads, head_dim).to(q.dtype)
 
 
-def _use_decode_kernel(q: torch.Tensor) -> bool:
+def _use_kernel(q: torch.Tensor) -> bool:
     from loraserve.kernels import triton_available
 
     return q.is_cuda and triton_available()
 
 
-def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, max_len: int | None, scale: float) -> torch.Tensor:
-    """All-decode attention: q [B, H, D], one query per sequence -> [B, H, D]."""
-    if _use_decode_kernel(q):
+def _kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context,
+                      scale: float) -> torch.Tensor:
+    """Every step kind in one launch; q: [N, H, D] -> [N, H, D]."""
+    if ctx.decode_only and DECODE_KERNEL == "paged_decode":
         from loraserve.kernels.paged_attention import paged_decode_attention
 
-        # device-side lengths and tables only: capturable in a CUDA graph
-        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return _decode(q, k_cache, v_cache, block_tables, context_lens, max_len, scale)
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
+                                      max_seq_len=ctx.max_seq_len)
+    from loraserve.kernels.unified_attention import unified_attention
+
+    if ctx.query_start_loc is None:  # a Context built without prepare_attention: fill it once per step
+        if ctx.decode_only:  # device-side arange: also fine inside a CUDA-graph capture
+            ctx.query_start_loc = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+            ctx.max_query_len = 1
+        else:
+            qlens = torch.tensor(ctx.query_lens, dtype=torch.int32)
+            ctx.query_start_loc = F.pad(qlens.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device)
+            ctx.max_query_len = int(qlens.max())
+    return unified_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
+                             ctx.max_query_len, scale, max_seq_len=ctx.max_seq_len)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -71,15 +91,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [N, H, D], k/v: [N, KVH, D] for the N tokens of this step -> [N, H, D]."""
     ctx = get_context()
     store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    if _use_kernel(q):
+        return _kernel_attention(q, k_cache, v_cache, ctx, scale)
     if ctx.decode_only:
         max_len = max(ctx.context_lens_list) if ctx.context_lens_list else None
-        return _decode_rows(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, max_len, scale)
+        return _decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, max_len, scale)
     out = torch.empty_like(q)
     prefill = ctx.prefill_seqs
+    if prefill is None:  # a Context built without prepare_attention / split_mixed
+        split_mixed(ctx, q.device)
+        prefill = ctx.prefill_seqs
     if ctx.decode_rows is not None:
         # a mixed step: the one-token (decode) sequences go through the batched decode path at once
         rows, seqs = ctx.decode_rows, ctx.decode_seqs
-        out[rows] = _decode_rows(q[rows], k_cache, v_cache, ctx.block_tables[seqs], ctx.context_lens[seqs],
+        out[rows] = _decode(q[rows], k_cache, v_cache, ctx.block_tables[seqs], ctx.context_lens[seqs],
                                  ctx.decode_max_len, scale)
     num_heads, kvh = q.shape[1], k.shape[1]
     for i, start, qlen, total in prefill:

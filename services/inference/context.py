@@ -29,6 +29,12 @@ class Context:
     decode_seqs: torch.Tensor | None = None
     decode_max_len: int | None = None
     prefill_seqs: list[tuple[int, int, int, int]] | None = None
+    # the batched paged-attention kernel (CUDA): [B + 1] int32 first row of each sequence in the
+    # step's flat token order (cu_seqlens_q), and host upper bounds of the query and context lengths
+    # (they pick the tile shape and the split count); context_lens above are the kernel's seq_lens
+    query_start_loc: torch.Tensor | None = None
+    max_query_len: int | None = None
+    max_seq_len: int | None = None
     # batch LoRA state (loraserve.inference.lora.layers.LoRABatch) or None when no row has an adapter
     lora: Any = None
 
@@ -53,6 +59,31 @@ def split_mixed(ctx: Context, device: torch.device) -> None:
         ctx.decode_seqs = torch.tensor(seqs, dtype=torch.long, device=device)
         ctx.decode_max_len = max_len
     ctx.prefill_seqs = prefill
+
+
+def uses_attention_kernel(device: torch.device) -> bool:
+    """CUDA with Triton: attention is the one-launch paged kernel; otherwise the torch path."""
+    if device.type != "cuda":
+        return False
+    from loraserve.kernels import triton_available
+
+    return triton_available()
+
+
+def prepare_attention(ctx: Context, device: torch.device) -> None:
+    """Fill the step's attention metadata once (every layer reads it): for the kernel,
+    query_start_loc from query_lens in one host cumsum and one copy; for the torch path, the
+    decode/prefill split of a mixed step."""
+    qlens = torch.as_tensor(ctx.query_lens, dtype=torch.int32)
+    ctx.max_query_len = int(qlens.max())
+    if ctx.context_lens_list is not None:
+        ctx.max_seq_len = max(ctx.context_lens_list)
+    if uses_attention_kernel(device):
+        starts = torch.zeros(len(qlens) + 1, dtype=torch.int32, pin_memory=True)
+        torch.cumsum(qlens, 0, out=starts[1:])
+        ctx.query_start_loc = starts.to(device, non_blocking=True)
+    elif not ctx.decode_only:
+        split_mixed(ctx, device)
 
 
 def get_context() -> Context:

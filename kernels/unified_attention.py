@@ -1,0 +1,273 @@
+"""Paged attention for a whole flattened step (prefill, chunked prefill, decode, mixed), Triton.
+
+Semantics, for sequence b with query rows t in [qs[b], qs[b+1]) (qs = query_start_loc),
+L = seq_lens[b] tokens in the cache after this step, Q = qs[b+1] - qs[b] new tokens (the last
+Q of the L), query head h and its KV head k = h // G (G = H / KVH):
+    pos(t) = L - Q + (t - qs[b])                    absolute position of query row t
+    key j of b lives in block block_tables[b, j // BS] at offset j % BS
+    out[t, h] = softmax_j(q[t, h] . K[j, k] * scale) @ V[j, k]        j <= pos(t)
+q: [N, H, D] (N = qs[B]); k_cache, v_cache: [num_blocks, BS, KVH, D]; block_tables:
+[B, max_blocks] int32/int64; seq_lens: [B] int32/int64; query_start_loc: [B + 1] int32/int64;
+out: [N, H, D]. The K/V of the step's own tokens must already be in the cache (store_kv).
+
+Flash-attention style (FlashAttention-2, Dao 2023), as vLLM's unified Triton kernel lays it
+out: a program takes BLOCK_Q query tokens of one sequence times the G query heads of one KV
+head (BLOCK_M = BLOCK_Q * G rows, so each K/V tile is read once for the whole GQA group and
+never copied), walks the sequence's keys TILE_N at a time through the block table with an
+online softmax in fp32, and stops at the tile's causal limit. Program -> sequence is a binary
+search over query_start_loc on the device: the grid, N // BLOCK_Q + B tiles x KVH (x splits),
+depends only on static sizes, so a launch can be captured in a CUDA graph and replayed for any
+query lengths, context lengths and block tables of the same N and B.
+
+Split-KV (flash-decoding): when tiles x KVH would leave the GPU's SMs idle (long contexts at
+small batch), each tile's key range is cut into NUM_SPLITS parts that write unnormalised
+partials (acc, max, sum) and a second kernel merges them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+
+LOG2E = 1.4426950408889634
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+        # the last sequence b whose first tile qs[b] // BLOCK_Q + b is <= tile
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            first = tl.load(qsl_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+            if first <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    @triton.jit
+    def _unified_attention_kernel(
+            q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+            scale_log2, num_seqs, num_tokens,
+            stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_tb, stride_ot, stride_oh,
+            H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+            TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+            NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
+        q_start = tl.load(qsl_ptr + seq).to(tl.int32)
+        q_len = tl.load(qsl_ptr + seq + 1).to(tl.int32) - q_start
+        num_local = tl.cdiv(q_len, BLOCK_Q)
+        idx = tile - (q_start // BLOCK_Q + seq)
+        if idx >= num_local:  # a spare tile of the static grid
+            return
+        local = num_local - 1 - idx  # the sequence's longest (last) rows first: better tail balance
+        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+        ctx_before = seq_len - q_len
+
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        offs_n = tl.arange(0, TILE_N)
+        q_row = local * BLOCK_Q + offs_m // G            # (BLOCK_M,) query index inside the sequence
+        head = kvh * G + offs_m % G                      # (BLOCK_M,) query head
+        row_ok = (q_row < q_len) & (offs_m < BLOCK_Q * G)
+        d_ok = offs_d < D
+        tok = (q_start + q_row).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)              # (BLOCK_M, D_PAD)
+        q_pos = ctx_before + q_row                       # (BLOCK_M,) absolute position
+
+        # keys [0, kv_limit) are visible to at least one row of this tile
+        kv_limit = tl.minimum(seq_len, ctx_before + tl.minimum(local * BLOCK_Q + BLOCK_Q, q_len))
+        num_tiles = tl.cdiv(kv_limit, TILE_N)
+        if NUM_SPLITS == 1:
+            t_lo = 0
+            t_hi = num_tiles
+        else:
+            per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+            t_lo = split * per_split
+            t_hi = tl.minimum(t_lo + per_split, num_tiles)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        table = tables_ptr + seq.to(tl.int64) * stride_tb
+        for t in range(t_lo, t_hi):
+            k_pos = t * TILE_N + offs_n                  # (TILE_N,)
+            kv_ok = k_pos < kv_limit
+            block = tl.load(table + k_pos // BS, mask=kv_ok, other=0).to(tl.int64)
+            off = k_pos % BS
+            k = tl.load(k_ptr + block[None, :] * stride_kb + off[None, :] * stride_ks + kvh * stride_kh
+                        + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D_PAD, TILE_N)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2              # (BLOCK_M, TILE_N) fp32
+            s = tl.where((k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing visible yet (split-KV past its position) keeps m = -inf: avoid inf - inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh
+                        + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (TILE_N, D_PAD)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            # partials: acc [NUM_SPLITS, N, H, D_PAD], (max, sum) [2, NUM_SPLITS, N, H], fp32, contiguous
+            row = (split * num_tokens + tok) * H + head  # (BLOCK_M,) int64
+            tl.store(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_ml_ptr + row, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + NUM_SPLITS * num_tokens * H + row, l_i, mask=row_ok)
+
+    @triton.jit
+    def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, stride_ot, stride_oh,
+                             H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                             NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        s_ok = offs_s < NUM_SPLITS
+        row = (offs_s * num_tokens + t) * H + h          # (S_PAD,)
+        m = tl.load(part_ml_ptr + row, mask=s_ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + NUM_SPLITS * num_tokens * H + row, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)                             # finite: split 0 always holds key 0
+        w = tl.math.exp2(m - m_max)                      # (S_PAD,), 0 for empty splits
+        acc = tl.load(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < D)
+
+
+# H200: 132 SMs. Split-KV aims the grid at about two waves of programs.
+TARGET_PROGRAMS = 264
+MAX_SPLITS = 32
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def launch_config(max_query_len: int, group: int) -> dict:
+    """Tile shape for a step whose longest query run is `max_query_len` (static per captured shape).
+
+    Decode-like steps use the smallest tile (BLOCK_M 16 rows = 16 // G tokens of a GQA group),
+    prefill steps 128 rows; TILE_N keys per iteration, whatever the KV block size."""
+    g_pad = triton.next_power_of_2(group) if HAS_TRITON else 1 << (group - 1).bit_length()
+    rows = 1 << max(0, (max(1, max_query_len) * group - 1).bit_length())
+    block_m = max(16, g_pad, min(128, rows))
+    if block_m <= 16:
+        return dict(BLOCK_M=block_m, TILE_N=64, num_warps=4, num_stages=2)
+    if block_m <= 64:
+        return dict(BLOCK_M=block_m, TILE_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=block_m, TILE_N=64, num_warps=8, num_stages=2)
+
+
+def choose_num_splits(num_programs: int, max_kv_tiles: int, device: torch.device) -> int:
+    """Splits so that about TARGET_PROGRAMS programs run, never more than the key tiles."""
+    target = TARGET_PROGRAMS * _num_sms(device) // 132
+    if num_programs >= target // 2:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-target // num_programs), max_kv_tiles))
+
+
+def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                      query_start_loc: Tensor, max_query_len: int, scale: float, max_seq_len: int | None = None,
+                      out: Tensor | None = None, num_splits: int | None = None, config: dict | None = None) -> Tensor:
+    """See the module docstring. Returns out [N, H, D].
+
+    max_query_len: an upper bound of the query run lengths (picks the tile shape; static per
+    graph). max_seq_len: an upper bound of seq_lens, used only to cap the split count
+    (default: the block table's width x BS, a static bound). num_splits / config override the
+    automatic choice (benchmarks, tests). Every seq_lens[b] must be >= its query length >= 1.
+    """
+    N, H, D = q.shape
+    num_blocks, BS, KVH, Dk = k_cache.shape
+    B = block_tables.shape[0]
+    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert H % KVH == 0, f"{H} query heads not a multiple of {KVH} KV heads"
+    assert BS & (BS - 1) == 0, f"block size {BS} must be a power of two"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "last dim must be contiguous"
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share a layout"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype)
+    assert seq_lens.shape == (B,) and query_start_loc.shape == (B + 1,), (seq_lens.shape, query_start_loc.shape, B)
+    assert block_tables.stride(-1) == 1, "block table rows must be contiguous"
+    for t in (block_tables, seq_lens, query_start_loc):
+        assert t.dtype in (torch.int32, torch.int64) and t.device == q.device, (t.dtype, t.device)
+    G = H // KVH
+    cfg = dict(launch_config(max_query_len, G), **(config or {}))
+    block_m = cfg.pop("BLOCK_M")
+    block_q = block_m // G
+    assert block_q >= 1, f"BLOCK_M {block_m} smaller than the GQA group {G}"
+    d_pad = max(16, triton.next_power_of_2(D))
+    num_tiles = N // block_q + B
+    if num_splits is None:
+        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * BS
+        num_splits = choose_num_splits(num_tiles * KVH if max_query_len > 1 else B * KVH,
+                                       -(-bound // cfg["TILE_N"]), q.device)
+    out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape and out.stride(-1) == 1 and out.dtype == q.dtype
+    if num_splits > 1:
+        part_acc = torch.empty(num_splits, N, H, d_pad, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _unified_attention_kernel[(num_tiles, KVH, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
+        scale * LOG2E, B, N,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    if num_splits > 1:
+        merge_attention_splits(part_acc, part_ml, out)
+    return out
+
+
+def merge_attention_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Tensor:
+    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s (log2 domain).
+
+    part_acc: [S, N, H, D_PAD] fp32 unnormalised outputs; part_ml: [2, S, N, H] fp32 running
+    max (of scores x scale x log2 e) and sum; out: [N, H, D] written in place."""
+    S, N, H, d_pad = part_acc.shape
+    assert part_ml.shape == (2, S, N, H) and part_acc.is_contiguous() and part_ml.is_contiguous()
+    assert out.shape[:2] == (N, H) and out.shape[2] <= d_pad and out.stride(-1) == 1
+    _merge_splits_kernel[(N, H)](part_acc, part_ml, out, N, out.stride(0), out.stride(1),
+                                 H=H, D=out.shape[2], D_PAD=d_pad, NUM_SPLITS=S,
+                                 S_PAD=max(2, triton.next_power_of_2(S)), num_warps=4)
+    return out
+
+
+def unified_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                          query_start_loc: Tensor, scale: float) -> Tensor:
+    """Obviously-right version: per sequence, gather its keys, causal mask, softmax in fp32."""
+    N, H, D = q.shape
+    BS, KVH = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    for b, L in enumerate(seq_lens.tolist()):
+        s0, s1 = qsl[b], qsl[b + 1]
+        blocks = block_tables[b, : math.ceil(L / BS)].long()
+        k = k_cache[blocks].flatten(0, 1)[:L].float().repeat_interleave(H // KVH, dim=1)  # (L, H, D)
+        v = v_cache[blocks].flatten(0, 1)[:L].float().repeat_interleave(H // KVH, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[s0:s1].float(), k) * scale             # (H, Q, L)
+        q_pos = torch.arange(L - (s1 - s0), L)
+        visible = torch.arange(L)[None, :] <= q_pos[:, None]                          # (Q, L)
+        scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+        out[s0:s1] = torch.einsum("hql,lhd->qhd", torch.softmax(scores, -1), v).to(q.dtype)
+    return out

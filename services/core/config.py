@@ -200,40 +200,18 @@ class EngineConfig:
             self.peft_cache_config = PeftCacheConfig(**self.peft_cache_config)
 
 
-# TensorRT-LLM spellings accepted by LLM(...) and the YAML, mapped to EngineConfig fields.
-_ALIASES = {"max_batch_size": "max_num_seqs", "max_seq_len": "max_seq_len", "max_num_tokens": "max_num_tokens",
-            "enable_chunked_prefill": "enable_chunked_prefill", "kv_cache_config": "kv_cache_config",
-            "lora_config": "lora_config", "peft_cache_config": "peft_cache_config", "dtype": "dtype"}
-# Keys TensorRT-LLM accepts that have no effect here; accepted so that existing YAML files load.
-_IGNORED = {"backend", "tensor_parallel_size", "pipeline_parallel_size", "trust_remote_code", "cuda_graph_config",
-            "disable_overlap_scheduler", "print_iter_log", "enable_iter_perf_stats", "tokenizer", "skip_tokenizer_init",
-            "build_config", "scheduler_config", "enable_attention_dp"}
+def engine_config_from_kwargs(model: str, where: str = "", **kwargs: Any) -> EngineConfig:
+    """Build an EngineConfig from LLM(...) keyword arguments or a parsed YAML mapping. Every key works
+    or is refused by name (options.py holds the table); `where` prefixes messages (a file name)."""
+    from .options import ConfigError, normalize_engine_options
 
-
-def engine_config_from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
-    """Build an EngineConfig from LLM(...) keyword arguments or a parsed YAML mapping."""
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    args: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "quant_config":
-            algo = value.get("quant_algo") if isinstance(value, dict) else getattr(value, "quant_algo", value)
-            kv_algo = value.get("kv_cache_quant_algo") if isinstance(value, dict) else None
-            if algo not in (None, "", "NONE", "None") or kv_algo not in (None, "", "NONE", "None"):
-                raise ValueError(f"quant_config {value!r}: quantized base models (FP8/INT4) are not supported "
-                                 "yet; serve the model in bf16/fp16")
-            continue
-        if key == "max_beam_width" and value not in (None, 1):
-            raise ValueError(f"max_beam_width={value}: beam search is not supported")
-        if key == "disable_overlap_scheduler":  # TensorRT-LLM's switch for the overlapped loop
-            args["async_scheduling"] = not value
-            continue
-        if key in _IGNORED or key == "max_beam_width":
-            continue
-        target = _ALIASES.get(key, key)
-        if target not in names:
-            raise ValueError(f"unknown engine option {key!r}")
-        args[target] = value
-    return EngineConfig(model=model, **args)
+    nested = {"lora_config": LoraConfig, "peft_cache_config": PeftCacheConfig, "kv_cache_config": KvCacheConfig}
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+    args = normalize_engine_options(kwargs, names, nested, where)
+    try:
+        return EngineConfig(model=model, **args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}{exc}") from exc
 
 
 def load_extra_llm_api_options(path: str) -> dict[str, Any]:

@@ -63,6 +63,8 @@ def add_commands(subparsers) -> None:
 
 
 def _serve(args) -> int:
+    from loraserve.options import ConfigError
+
     from .serve_config import load_serve_config
     from .server import serve
 
@@ -74,7 +76,11 @@ def _serve(args) -> int:
         adapter_cache_dir=args.adapter_cache_dir, max_queue_size=args.max_queue_size, auth_token=args.auth_token,
         tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, registry_ca_file=args.registry_ca_file,
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens)
-    cfg = load_serve_config(args.extra + args.config, overrides)
+    try:
+        cfg = load_serve_config(args.extra + args.config, overrides)
+    except ConfigError as exc:  # before any port is bound or the model loads
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if no_registry:  # an explicit "none" wins over files (None overrides mean "not given")
         cfg.registry_address = None
     return asyncio.run(serve(cfg))

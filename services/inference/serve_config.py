@@ -12,7 +12,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraserve.config import load_extra_llm_api_options
+import yaml
+
+from loraserve.config import (EngineConfig, KvCacheConfig, LoraConfig, PeftCacheConfig, engine_config_from_kwargs,
+                              load_extra_llm_api_options)
+from loraserve.options import ConfigError, known_engine_keys, normalize_engine_options, unknown_key
+
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+_NESTED = {"lora_config": LoraConfig, "peft_cache_config": PeftCacheConfig, "kv_cache_config": KvCacheConfig}
+_NESTED_FIELDS = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in _NESTED.items()}
+_ENGINE_KEYS = known_engine_keys(_ENGINE_FIELDS)
 
 
 @dataclass(slots=True)
@@ -49,12 +58,29 @@ _OWN_KEYS = {f.name for f in dataclasses.fields(ServeConfig)} - {"llm_kwargs"}
 
 
 def load_serve_config(paths: list[str], overrides: dict[str, Any]) -> ServeConfig:
-    """Merge YAML files (in order) and then non-None command-line overrides."""
+    """Merge YAML files (in order) and then non-None command-line overrides. Every key is checked here,
+    before any port is bound: an unknown or unsupported one is a ConfigError naming it and its file."""
     own: dict[str, Any] = {}
     llm: dict[str, Any] = {}
     for path in paths:
-        data = load_extra_llm_api_options(path)
+        try:
+            data = load_extra_llm_api_options(path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: not a valid options file: {exc}") from exc
         nested = data.pop("loraserve", None) or {}
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{path}: 'loraserve' must be a mapping of loraserve's own keys")
+        for key in nested:
+            if key not in _OWN_KEYS:
+                raise unknown_key(key, _OWN_KEYS, f"{path}: ", kind="loraserve option")
+        file_llm = {k: v for k, v in data.items() if k not in _OWN_KEYS}
+        for key in file_llm:
+            if key not in _ENGINE_KEYS:
+                raise unknown_key(key, _ENGINE_KEYS | _OWN_KEYS, f"{path}: ", _NESTED_FIELDS, kind="option")
+        # the engine keys of this file alone, so that a typo is reported with this file's name
+        normalize_engine_options(file_llm, _ENGINE_FIELDS, _NESTED, f"{path}: ") if file_llm else None
         for key, value in {**data, **nested}.items():
             (own if key in _OWN_KEYS else llm)[key] = value
     for key, value in overrides.items():
@@ -64,4 +90,9 @@ def load_serve_config(paths: list[str], overrides: dict[str, Any]) -> ServeConfi
             own[key] = value
         else:
             llm[key] = value
-    return ServeConfig(**own, llm_kwargs=llm)
+    where = f"{', '.join(paths)}: " if paths else ""
+    engine_config_from_kwargs(own.get("model") or "<model>", where, **llm)  # values checked now, not after load
+    try:
+        return ServeConfig(**own, llm_kwargs=llm)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}{exc}") from exc

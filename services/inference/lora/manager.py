@@ -86,6 +86,7 @@ class AdapterHandle:
     loading: bool = False             # a background load is in flight
     load_error: BaseException | None = None
     load_error_time: float = 0.0      # requests that arrived before this fail with load_error
+    trusted: bool = False             # source is the service's own download cache (not confined)
 
 
 class AdapterHold:
@@ -194,15 +195,20 @@ class LoRAManager:
                 return self._hold(self.handles[key])
         source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real) else None
         try:
-            # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
-            # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
-            adapter = load_adapter(real, source, max_bytes=self.lora_config.max_lora_bytes,
-                                   limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
-                                                                  self.max_rank),
-                                   confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype)
+            adapter = self._parse(real, source, trusted)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"adapter {shorten(req.lora_name)}: {exc}") from exc
-        return self.add_adapter(adapter, req, source=real, signature=sig, ckpt_source=source)
+        hold = self.add_adapter(adapter, req, source=real, signature=sig, ckpt_source=source)
+        hold.handle.trusted = trusted
+        return hold
+
+    def _parse(self, path: str, ckpt_source: str | None, trusted: bool) -> LoraAdapter:
+        # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
+        # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
+        return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
+                            limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
+                                                           self.max_rank),
+                            confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype)
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:
@@ -283,7 +289,7 @@ class LoRAManager:
     def _load(self, h: AdapterHandle) -> None:
         adapter, err = None, None
         try:
-            adapter = load_adapter(h.source, h.ckpt_source, max_bytes=self.lora_config.max_lora_bytes)
+            adapter = self._parse(h.source, h.ckpt_source, h.trusted)
             if adapter.digest != h.key:
                 raise AdapterLoadError(f"adapter {h.name!r} changed on disk since it was first loaded "
                                        f"({h.key} -> {adapter.digest})")

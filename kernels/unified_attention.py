@@ -39,7 +39,7 @@ if HAS_TRITON:
     @triton.jit
     def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
         # the last sequence b whose first tile qs[b] // BLOCK_Q + b is <= tile
-        lo = 0
+        lo: tl.int32 = 0
         hi = num_seqs
         while lo < hi:
             mid = (lo + hi) // 2

@@ -1,42 +1,55 @@
-"""Benchmark the multi-LoRA Triton kernels (shrink + expand) at Llama-3-8B shapes, bf16.
+"""Benchmark the multi-LoRA Triton kernels at Llama-3-8B shapes, bf16, each figure next to its limit.
 
-For each projection (qkv, gate_up, down), rank (16, 64), adapters in the batch (1..32) and
-decode batch size (1..1024 tokens, spread evenly over the adapters) it prints:
-  * triton_us: shrink+expand per call, timed from CUDA-graph replays (launch gaps excluded, as
-    in a graph-captured decode step), cycling over enough weight copies that A and B come
-    from HBM rather than the 60 MB L2;
-  * ref_us: the torch reference (eager; it syncs, so it cannot be captured);
-  * GB/s: bytes that must move (A and B rows up to each adapter's rank, x read, y read and
-    written, the fp32 intermediate written and read) over triton_us, next to the HBM copy
-    bandwidth measured in the same run (bytes read + written by a large device copy).
+One run prints, with the limits measured in the same run (device copy bandwidth; the base GEMMs
+of one decoder layer at the same token count):
+  * lora_layer_over_base: LoRA on all 7 modules of one layer (qkv, o, gate_up, down fused
+    projections), 64 tokens, 32 adapters of rank 16, over the layer's 4 base GEMMs (F.linear);
+  * lora_1tok_us_per_proj: median over the 4 projections at 1 token, 1 adapter, rank 16;
+  * lora_32mb_bw_fraction_median: median over the swept shapes (projection x rank x adapters x
+    tokens) that must move >= 32 MB of bytes moved / time / copy bandwidth.
+Bytes moved = A and B rows up to each adapter's rank, x read, y read and written (what any
+implementation must move; the fp32 intermediate is not counted).
+Every timing is a CUDA-graph replay (launch gaps excluded, as in a captured decode step) that
+cycles over enough weight copies (>= 256 MB) that weights come from HBM, not the 60 MB L2.
+"path" is what lora_apply runs (the engine's path: fused one-launch kernel for small steps,
+shrink -> partials -> expand otherwise); "3launch" is the previous path (shrink, split-K sum,
+expand) measured in the same run as the "before".
 
-    python benchmarks/bench_lora_kernels.py [--quick] [--csv out.csv]
+    python benchmarks/bench_lora_kernels.py [--table] [--sweep-fused] [--sweep-layer] [--json out.json]
     TRITON_INTERPRET=1 python benchmarks/bench_lora_kernels.py --smoke   # CPU logic check
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from loraserve.kernels import LoRAMetaBuilder, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_shrink
+from loraserve.kernels.lora_apply import workspace_shape
+from loraserve.kernels.lora_fused import lora_shrink_expand
+from loraserve.kernels.lora_shrink import shrink_split_k
 
-PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
-L2_FLUSH_BYTES = 256 << 20  # weights cycled per timing so that each call reads from HBM
+# Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336.
+PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
+               "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
+L2_FLUSH_BYTES = 256 << 20
 
 
-def copy_bandwidth(device: str) -> float:
+def copy_bandwidth() -> float:
     """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = _event_time(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+    ms = event_time(lambda: dst.copy_(src), reps=20)
+    del src, dst
+    return 2 * (1 << 30) * 2 / (ms * 1e-3) / 1e9
 
 
-def _event_time(fn, reps: int) -> float:
+def event_time(fn, reps: int) -> float:
     """Median ms of fn over reps, after a warm-up, timed with CUDA events."""
     fn()
     torch.cuda.synchronize()
@@ -51,129 +64,237 @@ def _event_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_case(proj: str, rank: int, num_adapters: int, num_tokens: int, device: str, smoke: bool,
-               shrink_cfg: dict | None = None, expand_cfg: dict | None = None, with_ref: bool = True,
-               block_m: int | None = None) -> dict:
-    hidden, widths = PROJECTIONS[proj]
-    if smoke:
-        hidden, widths = 64, [w // 256 for w in widths]
-    S, N, T, L, R = len(widths), sum(widths), num_tokens, num_adapters, rank
-    dtype = torch.bfloat16 if not smoke else torch.float16
-    set_bytes = L * (S * R * hidden + N * R) * 2
-    num_sets = 1 if smoke else max(2, min(128, math.ceil(L2_FLUSH_BYTES / set_bytes)))
-    lora_a = torch.randn(num_sets * L, S, R, hidden, device=device, dtype=dtype) / hidden ** 0.5
-    lora_b = torch.randn(num_sets * L, N, R, device=device, dtype=dtype) / R ** 0.5
-    ranks = torch.full((L,), R, dtype=torch.int32, device=device)
-    offsets = torch.tensor([0] + list(torch.tensor(widths).cumsum(0)), dtype=torch.int32, device=device)
-    x = torch.randn(T, hidden, device=device, dtype=dtype)
-    y = torch.randn(T, N, device=device, dtype=dtype)
-    buf = torch.empty(S, T, R, device=device)
-    slots = (torch.arange(T, device=device) % L).to(torch.int32)  # every adapter gets T/L tokens
-    meta = LoRAMetaBuilder(T, L, device, block_m=block_m).build(slots)
-
-    def run(i: int) -> None:
-        a, b = lora_a[i * L:(i + 1) * L], lora_b[i * L:(i + 1) * L]
-        lora_shrink(x, a, meta, ranks, buf, config=shrink_cfg)
-        lora_expand(buf, b, offsets, meta, ranks, y, config=expand_cfg)
-
-    def run_ref() -> None:
-        lora_shrink_ref(x, lora_a[:L], meta, ranks, buf)
-        lora_expand_ref(buf, lora_b[:L], offsets, meta, ranks, y)
-
-    moved = set_bytes + T * hidden * 2 + 2 * T * N * 2 + 2 * S * T * R * 4
-    if smoke:
-        t0 = time.perf_counter()
-        run(0)
-        return dict(triton_us=(time.perf_counter() - t0) * 1e6, ref_us=float("nan"), bytes=moved)
-
-    for i in range(num_sets):  # compile + warm up outside the capture
-        run(i)
+def graph_us(calls, reps: int = 20) -> float:
+    """us per element of calls (a list of no-arg fns), from replays of one graph running them all."""
+    for c in calls:  # compile + warm up outside the capture
+        c()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(num_sets):
-            run(i)
-    triton_us = _event_time(graph.replay, reps=20) * 1e3 / num_sets
-    ref_us = _event_time(run_ref, reps=5) * 1e3 if with_ref else float("nan")
-    return dict(triton_us=triton_us, ref_us=ref_us, bytes=moved)
+        for c in calls:
+            c()
+    us = event_time(graph.replay, reps) * 1e3 / len(calls)
+    del graph
+    return us
 
 
-SWEEP_CASES = [("qkv", 64, 32, 256), ("gate_up", 64, 4, 1024), ("down", 16, 1, 1), ("qkv", 16, 32, 64)]
-SWEEP_SHRINK = [None, {"SPLIT_K": 1}, {"SPLIT_K": 4}, {"SPLIT_K": 16}, {"BLOCK_K": 256}, {"num_warps": 8}]
-SWEEP_EXPAND = [{"BLOCK_N": 64}, {"BLOCK_N": 256, "num_warps": 8}, {"BLOCK_K": 32}, {"num_stages": 2}]
+class Case:
+    """One projection's LoRA problem with num_sets copies of the adapter weights."""
+
+    def __init__(self, proj: str, rank: int, num_adapters: int, num_tokens: int, device: str = "cuda",
+                 smoke: bool = False, max_rank: int | None = None):
+        hidden, widths = PROJECTIONS[proj]
+        if smoke:
+            hidden, widths = 64, [max(16, w // 256) for w in widths]
+        self.S, self.N, self.T, self.L, self.H = len(widths), sum(widths), num_tokens, num_adapters, hidden
+        R = max_rank or rank
+        dtype = torch.float16 if smoke else torch.bfloat16
+        set_bytes = self.L * (self.S * R * hidden + self.N * R) * 2
+        self.num_sets = 1 if smoke else max(2, min(64, math.ceil(L2_FLUSH_BYTES / set_bytes)))
+        self.lora_a = torch.randn(self.num_sets * self.L, self.S, R, hidden, device=device, dtype=dtype) / hidden ** .5
+        self.lora_b = torch.randn(self.num_sets * self.L, self.N, R, device=device, dtype=dtype) / R ** .5
+        self.ranks = torch.full((self.L,), rank, dtype=torch.int32, device=device)
+        self.offsets = torch.tensor([0] + torch.tensor(widths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        self.x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
+        self.y = torch.randn(num_tokens, self.N, device=device, dtype=dtype)
+        slots = (torch.arange(num_tokens, device=device) % self.L).to(torch.int32)  # T/L tokens each
+        self.meta = LoRAMetaBuilder(num_tokens, self.L, device).build(slots)
+        self.ws = torch.empty(workspace_shape(self.x, self.lora_a[:self.L], self.meta), device=device)
+        self.buf3 = torch.empty(self.S, num_tokens, R, device=device)
+        # bytes any implementation must move: A, B up to rank; x read; y read + written
+        self.bytes = self.L * (self.S * rank * hidden + self.N * rank) * 2 + num_tokens * hidden * 2 \
+            + 2 * num_tokens * self.N * 2
+
+    def ab(self, i: int):
+        return self.lora_a[i * self.L:(i + 1) * self.L], self.lora_b[i * self.L:(i + 1) * self.L]
+
+    def calls(self, kind: str, cfg: dict | None = None, shrink_cfg: dict | None = None,
+              expand_cfg: dict | None = None):
+        def make(i: int):
+            a, b = self.ab(i)
+            if kind == "path":  # what the engine runs
+                return lambda: lora_apply(self.x, self.y, a, b, self.offsets, self.meta, self.ranks, self.ws)
+            if kind == "fused":
+                return lambda: lora_shrink_expand(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, config=cfg)
+            if kind == "2launch":
+                sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(self.x, a, self.meta.block_m)
+                ws = torch.empty(sk, self.S, self.T, a.shape[2], device=self.x.device)
+
+                def run():
+                    lora_shrink(self.x, a, self.meta, self.ranks, ws, config=shrink_cfg)
+                    lora_expand(ws, b, self.offsets, self.meta, self.ranks, self.y, config=expand_cfg)
+                return run
+            if kind == "3launch":  # the previous path: shrink, torch.sum of split-K partials, expand
+                def run():
+                    lora_shrink(self.x, a, self.meta, self.ranks, self.buf3, config=shrink_cfg)
+                    lora_expand(self.buf3, b, self.offsets, self.meta, self.ranks, self.y, config=expand_cfg)
+                return run
+            raise ValueError(kind)
+        return [make(i) for i in range(self.num_sets)]
+
+    def time(self, kind: str = "path", **kw) -> float:
+        return graph_us(self.calls(kind, **kw))
 
 
-def sweep(device: str) -> None:
-    """Shrink+expand time under other launch configurations (None = the defaults)."""
-    print("\nsweep: us per shrink+expand; the changed parameter, the rest default")
-    for proj, rank, L, T in SWEEP_CASES:
-        cells = []
-        for cfg in SWEEP_SHRINK:
-            r = bench_case(proj, rank, L, T, device, False, shrink_cfg=cfg, with_ref=False)
-            cells.append(f"shrink{cfg or ''}={r['triton_us']:.1f}")
-        for cfg in SWEEP_EXPAND:
-            r = bench_case(proj, rank, L, T, device, False, expand_cfg=cfg, with_ref=False)
-            cells.append(f"expand{cfg}={r['triton_us']:.1f}")
-        print(f"{proj} r{rank} L{L} T{T}: " + "  ".join(cells), flush=True)
+def base_layer_us(num_tokens: int) -> float:
+    """The 4 base GEMMs of one Llama-3-8B layer (F.linear, bf16), weights cycled from HBM."""
+    copies = 2  # 2 x 436 MB: each replay reads weights from HBM
+    ws = [[torch.randn(sum(w), h, device="cuda", dtype=torch.bfloat16) / h ** .5 for h, w in PROJECTIONS.values()]
+          for _ in range(copies)]
+    xs = [torch.randn(num_tokens, h, device="cuda", dtype=torch.bfloat16) for h, _ in PROJECTIONS.values()]
+    calls = [lambda c=c: [F.linear(x, w) for x, w in zip(xs, ws[c])] for c in range(copies)]
+    us = graph_us(calls)
+    del ws
+    return us
 
 
-def sweep_block_m(device: str) -> None:
-    """Rows per tile for large steps (auto_block_m's choice), with expand at 4 or 8 warps."""
-    print("\nsweep: rows per tile (block_m) for large steps; us per shrink+expand")
-    for proj, rank in (("qkv", 16), ("gate_up", 64), ("down", 64)):
-        for T in (512, 1024):
-            for L in (1, 32):
-                cells = [f"bm{bm}={bench_case(proj, rank, L, T, device, False, with_ref=False, block_m=bm)['triton_us']:.1f}"
-                         for bm in (16, 32, 64)]
-                r = bench_case(proj, rank, L, T, device, False, expand_cfg={"num_warps": 8}, with_ref=False, block_m=64)
-                cells.append(f"bm64+expand8warps={r['triton_us']:.1f}")
-                print(f"{proj} r{rank} L{L} T{T}: " + "  ".join(cells), flush=True)
+def layer_lora_us(num_tokens: int, num_adapters: int, rank: int, kind: str = "path") -> tuple[float, dict]:
+    """LoRA on all 4 fused projections of one layer; returns (total us, us per projection)."""
+    per = {p: Case(p, rank, num_adapters, num_tokens).time(kind) for p in PROJECTIONS}
+    return sum(per.values()), per
+
+
+def sweep_shapes(smoke: bool) -> list[tuple[str, int, int, int]]:
+    tokens = [1, 16, 256] if smoke else [1, 4, 16, 64, 256, 1024]
+    adapters = [1, 4] if smoke else [1, 4, 16, 32]
+    return [(p, r, L, T) for p in PROJECTIONS for r in (16, 64) for L in adapters for T in tokens if L <= T]
+
+
+def shape_bytes(proj: str, rank: int, L: int, T: int) -> int:
+    hidden, widths = PROJECTIONS[proj]
+    S, N = len(widths), sum(widths)
+    return L * (S * rank * hidden + N * rank) * 2 + T * hidden * 2 + 2 * T * N * 2
+
+
+def metrics(bw: float, with_before: bool = True) -> dict:
+    out = {"copy_bw_gbs": bw}
+    base = base_layer_us(64)
+    lora, per = layer_lora_us(64, 32, 16)
+    out.update(base_layer_gemm_us_64tok=base, lora_layer_us=lora, lora_layer_over_base=lora / base,
+               lora_layer_us_per_proj=per)
+    print(f"layer, 64 tokens / 32 adapters / rank 16: LoRA {lora:.1f} us (per proj "
+          + ", ".join(f"{p} {u:.1f}" for p, u in per.items()) + f") / base GEMMs {base:.1f} us "
+          f"= {lora / base:.3f} (target <= 0.35)", flush=True)
+    if with_before:
+        before, per_b = layer_lora_us(64, 32, 16, "3launch")
+        out.update(lora_layer_over_base_3launch=before / base)
+        print(f"  before (3 launches): {before:.1f} us = {before / base:.3f}; per proj "
+              + ", ".join(f"{p} {u:.1f}" for p, u in per_b.items()), flush=True)
+    one = {p: Case(p, 16, 1, 1).time() for p in PROJECTIONS}
+    out.update(lora_1tok_us_per_proj=statistics.median(one.values()), lora_1tok_us=one)
+    one64 = {p: Case(p, 16, 1, 1, max_rank=64).time() for p in PROJECTIONS}
+    out.update(lora_1tok_us_rank16_in_rank64_slots=one64)
+    print("1 token, rank 16: " + ", ".join(f"{p} {u:.1f}" for p, u in one.items())
+          + f" us; median {out['lora_1tok_us_per_proj']:.1f} (target <= 5); in max-rank-64 slots: "
+          + ", ".join(f"{p} {u:.1f}" for p, u in one64.items()), flush=True)
+    if with_before:
+        b1 = {p: Case(p, 16, 1, 1).time("3launch") for p in PROJECTIONS}
+        out.update(lora_1tok_us_per_proj_3launch=statistics.median(b1.values()))
+        print("  before (3 launches): " + ", ".join(f"{p} {u:.1f}" for p, u in b1.items()), flush=True)
+    fracs, rows = [], []
+    for proj, r, L, T in sweep_shapes(False):
+        if shape_bytes(proj, r, L, T) < 32e6:
+            continue
+        c = Case(proj, r, L, T)
+        us = c.time()
+        frac = c.bytes / (us * 1e-6) / 1e9 / bw
+        fracs.append(frac)
+        rows.append(dict(proj=proj, rank=r, loras=L, tokens=T, us=us, mb=c.bytes / 1e6, bw_fraction=frac))
+        print(f"  >=32MB {proj:8s} r{r:<3d} L{L:<3d} T{T:<5d} {us:8.1f} us {c.bytes / 1e6:7.1f} MB "
+              f"{frac:6.3f} of copy", flush=True)
+        del c
+    out.update(lora_32mb_bw_fraction_median=statistics.median(fracs), lora_32mb_shapes=rows)
+    print(f"shapes >= 32 MB: median {out['lora_32mb_bw_fraction_median']:.3f} of copy bandwidth "
+          f"({bw:.0f} GB/s), {len(fracs)} shapes (target >= 0.6)", flush=True)
+    return out
+
+
+def sweep_fused() -> None:
+    """Fused one-launch kernel configs and its cross-over against the two-launch path."""
+    print("\nsweep-fused: us per projection (rank 16 unless noted); path = lora_apply's choice")
+    cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
+            for bn in (64, 128) for bk in (256, 512) for w in (4, 8)]
+    for proj in PROJECTIONS:
+        c = Case(proj, 16, 1, 1)
+        cells = [f"{cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w/{cfg['num_stages']}s="
+                 f"{c.time('fused', cfg=cfg):.1f}" for cfg in cfgs]
+        print(f"{proj} T1: " + " ".join(cells), flush=True)
+    for proj in PROJECTIONS:
+        for r in (16, 64):
+            for T, L in ((1, 1), (4, 4), (16, 16), (32, 32)):
+                c = Case(proj, r, L, T)
+                print(f"{proj} r{r} T{T} L{L}: fused {c.time('fused'):.1f}  2launch {c.time('2launch'):.1f}  "
+                      f"3launch {c.time('3launch'):.1f}", flush=True)
+
+
+def sweep_layer() -> None:
+    """Kernel configs for the 64-token / 32-adapter / rank-16 layer case, shrink and expand alone."""
+    print("\nsweep-layer: 64 tokens, 32 adapters, rank 16; us per projection")
+    for proj in PROJECTIONS:
+        c = Case(proj, 16, 32, 64)
+        cells = [f"path={c.time():.1f}"]
+        for sk in (1, 4, 8, 16):
+            for bk in (64, 128, 256):
+                if bk * sk > c.H:
+                    continue
+                cells.append(f"sk{sk}/bk{bk}={c.time('2launch', shrink_cfg=dict(SPLIT_K=sk, BLOCK_K=bk)):.1f}")
+        for ecfg in (dict(BLOCK_N=64), dict(BLOCK_N=256), dict(BLOCK_N=256, num_warps=8), dict(num_stages=2)):
+            cells.append(f"exp{ecfg}={c.time('2launch', expand_cfg=ecfg):.1f}")
+        print(f"{proj}: " + " ".join(cells), flush=True)
+
+
+def table(bw: float, smoke: bool) -> None:
+    print(f"\n{'proj':8s} {'rank':>4s} {'loras':>5s} {'tokens':>6s} {'path_us':>8s} {'3launch':>8s} "
+          f"{'MB':>7s} {'GB/s':>7s} {'frac':>6s}")
+    for proj, r, L, T in sweep_shapes(smoke):
+        c = Case(proj, r, L, T, device="cpu" if smoke else "cuda", smoke=smoke)
+        if smoke:
+            t0 = time.perf_counter()
+            for f in c.calls("path") + c.calls("3launch") + c.calls("fused"):
+                f()
+            print(f"{proj:8s} {r:4d} {L:5d} {T:6d} ran in {time.perf_counter() - t0:.2f} s", flush=True)
+            continue
+        us, us3 = c.time(), c.time("3launch")
+        gbs = c.bytes / (us * 1e-6) / 1e9
+        print(f"{proj:8s} {r:4d} {L:5d} {T:6d} {us:8.1f} {us3:8.1f} {c.bytes / 1e6:7.2f} {gbs:7.0f} "
+              f"{gbs / bw:6.3f}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
-    ap.add_argument("--csv", help="also write the rows here")
-    ap.add_argument("--sweep", action="store_true", help="also try other launch configurations on a few cases")
-    ap.add_argument("--sweep-block-m", action="store_true", help="also compare rows per tile on large steps")
-    ap.add_argument("--only-sweep", action="store_true", help="skip the main table")
+    ap.add_argument("--table", action="store_true", help="also the full per-shape table")
+    ap.add_argument("--sweep-fused", action="store_true", help="fused-kernel configs and cross-over")
+    ap.add_argument("--sweep-layer", action="store_true", help="configs for the 64-token layer case")
+    ap.add_argument("--no-before", action="store_true", help="skip timing the previous 3-launch path")
+    ap.add_argument("--json", help="write the metrics here")
+    ap.add_argument("--only-sweeps", action="store_true", help="skip the metrics, run the sweeps asked for")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if not args.smoke:
-        name = torch.cuda.get_device_name()
-        bw = copy_bandwidth(device)
-        print(f"device: {name}; measured HBM copy bandwidth (read+write): {bw:.0f} GB/s")
-    else:
-        bw = float("nan")
-    tokens = [1, 16, 256] if args.quick or args.smoke else [1, 4, 16, 64, 256, 1024]
-    adapters = [1, 32] if args.smoke else [1, 4, 16, 32]
-    rows = []
-    header = f"{'proj':8s} {'rank':>4s} {'loras':>5s} {'tokens':>6s} {'triton_us':>10s} {'ref_us':>9s} " \
-             f"{'speedup':>7s} {'MB':>7s} {'GB/s':>7s} {'%copy':>6s}"
-    print(header)
-    for proj in ([] if args.only_sweep else PROJECTIONS):
-        for rank in (16, 64):
-            for L in adapters:
-                for T in tokens:
-                    if L > T:
-                        continue
-                    r = bench_case(proj, rank, L, T, device, args.smoke)
-                    gbs = r["bytes"] / (r["triton_us"] * 1e-6) / 1e9
-                    row = dict(proj=proj, rank=rank, loras=L, tokens=T, **r, gbs=gbs, pct=100 * gbs / bw)
-                    rows.append(row)
-                    print(f"{proj:8s} {rank:4d} {L:5d} {T:6d} {r['triton_us']:10.1f} {r['ref_us']:9.1f} "
-                          f"{r['ref_us'] / r['triton_us']:7.1f} {r['bytes'] / 1e6:7.2f} {gbs:7.0f} "
-                          f"{row['pct']:6.1f}", flush=True)
-    if args.sweep and not args.smoke:
-        sweep(device)
-    if args.sweep_block_m and not args.smoke:
-        sweep_block_m(device)
-    if args.csv and rows:
-        with open(args.csv, "w") as f:
-            f.write(",".join(rows[0]) + "\n")
-            for row in rows:
-                f.write(",".join(str(v) for v in row.values()) + "\n")
+    if args.smoke:
+        table(float("nan"), smoke=True)
+        return
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write) {bw:.0f} GB/s", flush=True)
+    if args.only_sweeps:
+        if args.sweep_fused:
+            sweep_fused()
+        if args.sweep_layer:
+            sweep_layer()
+        return
+    res = metrics(bw, with_before=not args.no_before)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.sweep_fused:
+        sweep_fused()
+    if args.sweep_layer:
+        sweep_layer()
+    if args.table:
+        table(bw, smoke=False)
+    print("\nSUMMARY  lora_layer_over_base {:.3f} (<= 0.35)  lora_1tok_us_per_proj {:.2f} (<= 5)  "
+          "lora_32mb_bw_fraction_median {:.3f} (>= 0.6)  copy {:.0f} GB/s  base layer GEMMs {:.1f} us".format(
+              res["lora_layer_over_base"], res["lora_1tok_us_per_proj"], res["lora_32mb_bw_fraction_median"],
+              bw, res["base_layer_gemm_us_64tok"]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import torch
 
 from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
 
+from loraserve.kernels.lora_apply import workspace_shape
+
+from . import interp_cases
 from .lora_cases import TOLERANCES, make_problem, shrink_defined_mask
 
 pytestmark = [
@@ -18,6 +21,7 @@ PROJECTIONS = {
     "qkv": (4096, [4096, 1024, 1024]),
     "gate_up": (4096, [14336, 14336]),
     "down": (14336, [4096]),
+    "o": (4096, [4096]),
 }
 
 
@@ -54,7 +58,24 @@ def test_llama3_8b_shapes_bf16(proj: str, num_tokens: int, composition: str, blo
     assert rel < 1e-2, f"relative error of the LoRA delta {rel:.2e}"
 
 
-@pytest.mark.parametrize("num_tokens", [8, 256])  # 8: split-K shrink path
+@pytest.mark.parametrize("num_tokens,composition,max_rank", [
+    (1, "uniform", 16), (5, "no-adapter-rows", 64), (16, "mixed-ranks", 16), (16, "distinct", 64)])
+@pytest.mark.parametrize("proj", list(PROJECTIONS))
+def test_fused_one_launch_llama3_8b_bf16(proj: str, num_tokens: int, composition: str, max_rank: int) -> None:
+    hidden, widths = PROJECTIONS[proj]
+    interp_cases.check_fused_matches_reference("bfloat16", hidden, max_rank, widths, num_tokens, 8, composition,
+                                               device="cuda")
+
+
+@pytest.mark.parametrize("num_tokens,split_k", [(64, 8), (300, 3)])
+@pytest.mark.parametrize("proj", ["qkv", "down"])
+def test_split_k_partials_llama3_8b_bf16(proj: str, num_tokens: int, split_k: int) -> None:
+    hidden, widths = PROJECTIONS[proj]
+    interp_cases.check_partials_path_matches_reference("bfloat16", hidden, 16, widths, num_tokens, 32,
+                                                       "no-adapter-rows", split_k, device="cuda")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8, 64, 256])  # 1, 8: fused one launch; 64, 256: partials
 def test_cuda_graph_replay_matches_eager_bitwise(num_tokens: int) -> None:
     hidden, widths = PROJECTIONS["qkv"]
     S, R, L, T = len(widths), 64, 32, num_tokens
@@ -63,7 +84,7 @@ def test_cuda_graph_replay_matches_eager_bitwise(num_tokens: int) -> None:
     builder = LoRAMetaBuilder(T, L, "cuda")
     meta = builder.build(first.token_slot)
     x, y, y_init = first.x.clone(), first.y0.clone(), first.y0.clone()
-    buf = torch.empty(S, T, R, device="cuda")
+    buf = torch.empty(workspace_shape(x, first.lora_a, meta), device="cuda")
     args = (first.lora_a, first.lora_b, first.slice_offsets, meta, first.ranks)
 
     stream = torch.cuda.Stream()

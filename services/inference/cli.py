@@ -64,6 +64,7 @@ def add_commands(subparsers) -> None:
 
 def _serve(args) -> int:
     from loraserve.options import ConfigError
+    from loraserve.ports import PortInUseError
 
     from .serve_config import load_serve_config
     from .server import serve
@@ -83,7 +84,11 @@ def _serve(args) -> int:
         return 2
     if no_registry:  # an explicit "none" wins over files (None overrides mean "not given")
         cfg.registry_address = None
-    return asyncio.run(serve(cfg))
+    try:
+        return asyncio.run(serve(cfg))
+    except PortInUseError as exc:
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 def _generate(args) -> int:

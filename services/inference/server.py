@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loraserve import ports
 from loraserve.config import LoRARequest, SamplingParams
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
@@ -221,7 +222,10 @@ class RunningServer:
 
 
 async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningServer:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    # a taken port is an error now, before the model loads (SO_REUSEPORT off; the HTTP ports checked too)
+    ports.check_free(cfg.host, cfg.metrics_port, "Prometheus metrics", "--metrics-port")
+    ports.check_free(cfg.openai_host or cfg.host, cfg.openai_port, "the OpenAI HTTP API", "--openai-port")
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20), *ports.GRPC_OPTIONS])
     servicer = InferenceServicer(cfg)
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -232,11 +236,9 @@ async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningSe
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert_file:
         with open(cfg.tls_key_file, "rb") as k, open(cfg.tls_cert_file, "rb") as c:
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(k.read(), c.read())]))
+            port = ports.add_grpc_port(server, address, credentials=grpc.ssl_server_credentials([(k.read(), c.read())]))
     else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        port = ports.add_grpc_port(server, address)
     await server.start()
     running = RunningServer(server, port, servicer, health_servicer, asyncio.Event())
 
@@ -247,7 +249,8 @@ async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningSe
                 from .metrics import ServiceMetrics
 
                 servicer.metrics = ServiceMetrics(core)
-                running.metrics_port = servicer.metrics.start(cfg.metrics_port, cfg.host)
+                running.metrics_port = ports.bind_or_explain(lambda: servicer.metrics.start(cfg.metrics_port, cfg.host),
+                                                             cfg.host, cfg.metrics_port, "Prometheus metrics", "--metrics-port")
             servicer.core = core
             loop = asyncio.get_running_loop()
 
@@ -260,7 +263,11 @@ async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningSe
             if cfg.openai_port is not None:
                 from .openai_server import start_openai_server
 
-                running.openai = await start_openai_server(core, cfg.openai_host or cfg.host, cfg.openai_port)
+                try:
+                    running.openai = await start_openai_server(core, cfg.openai_host or cfg.host, cfg.openai_port)
+                except OSError as exc:
+                    raise ports.explained(exc, cfg.openai_host or cfg.host, cfg.openai_port, "the OpenAI HTTP API",
+                                          "--openai-port") from exc
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("model %s loaded; serving on %s:%d", core.model_name, cfg.host, port)

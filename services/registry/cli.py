@@ -144,7 +144,14 @@ def _serve(args: argparse.Namespace) -> int:
             raise SystemExit("give either --address or --host/--port, not both")
         default_host, default_port = DEFAULT_ADDRESS.rsplit(":", 1)
         address = f"{args.host or default_host}:{args.port if args.port is not None else default_port}"
-    asyncio.run(serve(config, address))
+    from loraserve.ports import PortInUseError, check_free
+
+    try:  # a taken port is a clear error naming it, before any data is opened
+        check_free(address.rsplit(":", 1)[0], config.metrics_port, "registry metrics", "--metrics-port")
+        asyncio.run(serve(config, address))
+    except PortInUseError as exc:
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loraserve import ports
 from loraserve.v1 import registry_pb2 as pb
 from loraserve.v1 import registry_pb2_grpc as pb_grpc
 
@@ -231,6 +232,7 @@ def create_server(config: RegistryConfig, address: str,
     server = grpc.aio.server(interceptors=[auth], options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *ports.GRPC_OPTIONS,  # no SO_REUSEPORT: a second registry on a taken port fails instead of sharing it
     ])
     server.registry_service = service  # type: ignore[attr-defined]  # for callers that stop it
     pb_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(service), server)
@@ -241,11 +243,9 @@ def create_server(config: RegistryConfig, address: str,
     if config.tls_cert_file:
         creds = grpc.ssl_server_credentials([(config.tls_key_file.read_bytes(),  # type: ignore[union-attr]
                                               config.tls_cert_file.read_bytes())])
-        port = server.add_secure_port(address, creds)
+        port = ports.add_grpc_port(server, address, "the registry", "--port/--address", credentials=creds)
     else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+        port = ports.add_grpc_port(server, address, "the registry", "--port/--address")
     return server, port
 
 
@@ -266,7 +266,8 @@ async def serve(config: RegistryConfig, address: str) -> None:
     if config.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(config.metrics_port, addr=host.strip("[]") or "127.0.0.1")
+        ports.bind_or_explain(lambda: start_http_server(config.metrics_port, addr=host.strip("[]") or "127.0.0.1"),
+                              host, config.metrics_port, "registry metrics", "--metrics-port")
         log.info("registry: Prometheus metrics on http://%s:%d/metrics", host, config.metrics_port)
     log.info("registry: data %s, db %s, store %s", config.data_dir, config.resolved_db_url.split("@")[-1],
              config.store)

@@ -29,7 +29,7 @@ class SamplingMetadata:
     """Per-row sampling parameters of one step (B = rows that sample), built on the host by
     `build_metadata` and moved to the logits' device once."""
 
-    greedy: torch.Tensor                    # [B] bool: argmax rows (temperature ~0 or top_k == 1)
+    greedy: torch.Tensor | None             # [B] bool: argmax rows (temperature ~0 or top_k == 1); None: all
     temperature: torch.Tensor | None        # [B] float32 (1.0 on greedy rows); None: every row greedy
     top_k: torch.Tensor | None              # [B] int64, 0 = no cut; None: no row cuts
     top_k_max: int                          # the largest top_k of any row (host side: no sync)
@@ -68,19 +68,20 @@ def build_metadata(params: list[SamplingParams], num_outputs: list[int], stop_id
         if n < p.min_tokens and stop_ids[i]:
             rows.extend([i] * len(stop_ids[i]))
             ids.extend(stop_ids[i])
-    masked = None
-    if rows:
-        masked = (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
-                  torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True))
     seeded = [(i, g) for i, (g, gr) in enumerate(zip(generators, greedy)) if g is not None and not gr]
 
     def dev(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
+        # through pinned memory: a copy from pageable memory may wait for the device's queue
+        if t is None or device.type == "cpu":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+    masked = None
+    if rows:
+        masked = (dev(torch.tensor(rows, dtype=torch.int64)), dev(torch.tensor(ids, dtype=torch.int64)))
     return SamplingMetadata(
-        greedy=dev(torch.tensor(greedy, dtype=torch.bool)), temperature=dev(temperature), top_k=dev(top_k),
-        top_k_max=max((p.top_k for p in params), default=0),
-        top_p=dev(top_p), masked=masked, generators=seeded,
-        max_top_logprobs=max((p.logprobs or 0 for p in params), default=0), all_greedy=all_greedy)
+        greedy=None if all_greedy else dev(torch.tensor(greedy, dtype=torch.bool)), temperature=dev(temperature),
+        top_k=dev(top_k), top_k_max=max((p.top_k for p in params), default=0), top_p=dev(top_p), masked=masked,
+        generators=seeded, max_top_logprobs=max((p.logprobs or 0 for p in params), default=0), all_greedy=all_greedy)
 
 
 def sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

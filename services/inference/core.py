@@ -156,11 +156,9 @@ class InferenceCore:
             hold.release()
 
     def server_stats(self) -> dict:
-        sched = self.engine.scheduler
-        bm = self.engine.block_manager
+        engine = self.engine.stats()
         lora = self.lora_manager.stats_dict() if self.lora_manager else {}
-        return {"waiting": len(sched.waiting), "running": len(sched.running), "active_streams": self.async_llm.num_active,
-                "free_kv_blocks": bm.num_free_blocks, "total_kv_blocks": bm.num_blocks,
+        return {**engine, "active_streams": self.async_llm.num_active,
                 "device_slots_used": lora.get("device_slots_used", 0),
                 "device_slots_pinned": lora.get("device_slots_pinned", 0),
                 "requests_total": self.requests_total, "requests_aborted": self.requests_aborted}

@@ -180,8 +180,7 @@ class OpenAIFront:
 
     def max_tokens_room(self, prompt_len: int) -> int:
         engine = self.core.engine
-        capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
-        return max(1, min(engine.max_seq_len, capacity) - prompt_len)
+        return max(1, min(engine.max_seq_len, engine.kv_capacity_tokens) - prompt_len)
 
     # -- /v1/completions --
     async def completions(self, req: CompletionRequest):

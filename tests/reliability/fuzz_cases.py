@@ -34,9 +34,10 @@ BAD_REFS = [("../../etc/passwd", 0, ""), ("evil\x00name", 0, ""), ("x" * 10_000,
 def random_text(rng: random.Random, n: int) -> str:
     pools = ["abc def ghi\n", "def main():\n    return 1\n", "\x00\x01\x7f", "ünïcödé 漢字 🙂", "\ud7ff\ue000",
              "<s></s>", "%s{}{0}\\n"]
-    out = []
-    while sum(map(len, out)) < n:
+    out, size = [], 0
+    while size < n:
         out.append(rng.choice(pools))
+        size += len(out[-1])
     return "".join(out)[:n]
 
 

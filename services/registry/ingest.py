@@ -11,6 +11,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from .archive import ArchiveError, tar_directory
+from loraserve.adapters.errors import shorten
+
 from .errors import InvalidArgument, PermissionDenied
 
 COPY_CHUNK = 1 << 20
@@ -60,19 +62,21 @@ def resolve_allowed_path(uri: str, allowed_dirs: list[Path]) -> Path:
     if uri.startswith("file://"):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
-            raise InvalidArgument(f"file URI must name a local path, got host {parsed.netloc!r}")
+            raise InvalidArgument(f"file URI must name a local path, got host {shorten(parsed.netloc, 80)}")
         raw = unquote(parsed.path)
     else:
         raw = uri
+    if "\0" in raw:
+        raise InvalidArgument("import path has a NUL byte")
     if not raw.startswith("/"):
-        raise InvalidArgument(f"import path must be absolute, got {raw!r}")
+        raise InvalidArgument(f"import path must be absolute, got {shorten(raw, 120)}")
     if not allowed_dirs:
         raise PermissionDenied("importing server-side paths is disabled (no allowed_import_dirs configured)")
     real = Path(raw).resolve()
     if not any(real.is_relative_to(d) for d in allowed_dirs):
-        raise PermissionDenied(f"{raw} is not under an allowed import directory")
+        raise PermissionDenied(f"{shorten(raw, 120)} is not under an allowed import directory")
     if not real.exists():  # only said for paths inside an allowed dir: nothing leaks about the rest
-        raise InvalidArgument(f"{raw} does not exist")
+        raise InvalidArgument(f"{shorten(raw, 120)} does not exist")
     return real
 
 
@@ -100,7 +104,7 @@ def stage_path(src: Path, incoming: IncomingArtifact) -> str:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
-        raise InvalidArgument(f"expected s3://bucket/key, got {uri!r}")
+        raise InvalidArgument(f"expected s3://bucket/key, got {shorten(uri, 120)}")
     return parsed.netloc, parsed.path.lstrip("/")
 
 
@@ -113,7 +117,7 @@ def check_s3_allowed(uri: str, allowed: list[str]) -> tuple[str, str]:
         p = prefix.rstrip("/")
         if normalized == p or normalized.startswith(p + "/"):
             return bucket, key
-    raise PermissionDenied(f"{uri} is not under an allowed import prefix")
+    raise PermissionDenied(f"{shorten(uri, 120)} is not under an allowed import prefix")
 
 
 def stage_s3(client, bucket: str, key: str, incoming: IncomingArtifact) -> str:  # type: ignore[no-untyped-def]

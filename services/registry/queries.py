@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from .errors import InvalidArgument, NotFound
 from .models import Adapter, AdapterAlias, AdapterVersionRow
-from .records import LATEST, AdapterRecord, check_name, decode_page_token, encode_page_token
+from .records import ALIAS_RE, LATEST, AdapterRecord, check_name, decode_page_token, encode_page_token
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -19,6 +19,8 @@ def resolve(s: Session, name: str, version: int, alias: str) -> AdapterVersionRo
         raise InvalidArgument("version must be > 0 (or 0 with an alias)")
     if version and alias:
         raise InvalidArgument("give a version or an alias, not both")
+    if alias and alias != LATEST and not ALIAS_RE.fullmatch(alias):
+        raise InvalidArgument("bad alias: start with a letter; letters, digits, '.', '_', '-', at most 100 characters")
     ad = s.scalar(select(Adapter).where(Adapter.name == name))
     if ad is None:
         raise NotFound(f"no adapter named {name!r}")

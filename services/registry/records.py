@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from loraserve.adapters.errors import shorten
+
 from .errors import InvalidArgument
 from .models import AdapterVersionRow
 
@@ -37,7 +39,7 @@ class UploadMeta:
     def check(self) -> None:
         check_name(self.name)
         if self.format and self.format not in FORMATS:
-            raise InvalidArgument(f"format must be one of {FORMATS}, got {self.format!r}")
+            raise InvalidArgument(f"format must be one of {FORMATS}, got {shorten(self.format, 40)}")
         if len(self.base_model) > 500:
             raise InvalidArgument("base_model is longer than 500 characters")
         if len(self.description) > 10_000:
@@ -46,7 +48,7 @@ class UploadMeta:
         for alias in self.aliases:
             check_alias(alias)
         if self.expected_digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", self.expected_digest):
-            raise InvalidArgument(f"digest must look like sha256:<64 lowercase hex>, got {self.expected_digest!r}")
+            raise InvalidArgument(f"digest must look like sha256:<64 lowercase hex>, got {shorten(self.expected_digest, 80)}")
         if self.expected_size < 0:
             raise InvalidArgument("size_bytes must be >= 0")
 
@@ -94,7 +96,7 @@ def check_name(name: str) -> None:
     if not name:
         raise InvalidArgument("name is required")
     if not NAME_RE.fullmatch(name):
-        raise InvalidArgument(f"bad adapter name {name!r}: use letters, digits, '.', '_', '-' (optionally "
+        raise InvalidArgument(f"bad adapter name {shorten(name, 120)}: use letters, digits, '.', '_', '-' (optionally "
                               "'org/name'), starting with a letter or digit, at most 100 characters a part")
 
 
@@ -102,15 +104,15 @@ def check_alias(alias: str) -> None:
     if alias == LATEST:
         raise InvalidArgument("'latest' is implicit (the highest version) and cannot be set")
     if not ALIAS_RE.fullmatch(alias):
-        raise InvalidArgument(f"bad alias {alias!r}: start with a letter; letters, digits, '.', '_', '-'")
+        raise InvalidArgument(f"bad alias {shorten(alias, 120)}: start with a letter; letters, digits, '.', '_', '-'")
 
 
 def check_tags(tags: dict[str, str]) -> None:
     for key, value in tags.items():
         if not TAG_KEY_RE.fullmatch(key):
-            raise InvalidArgument(f"bad tag key {key!r}: letters, digits, '.', '_', '/', ':', '-'")
+            raise InvalidArgument(f"bad tag key {shorten(key, 120)}: letters, digits, '.', '_', '/', ':', '-'")
         if len(value) > MAX_TAG_VALUE:
-            raise InvalidArgument(f"tag {key!r}: value longer than {MAX_TAG_VALUE} characters")
+            raise InvalidArgument(f"tag {shorten(key, 120)}: value longer than {MAX_TAG_VALUE} characters")
 
 
 def encode_page_token(name: str, version: int, filters: list[object]) -> str:

@@ -142,7 +142,8 @@ class RegistryService:
             client = getattr(self.store, "client", None) or make_s3_client(self.config.s3)
             stage = lambda inc: stage_s3(client, bucket, key, inc)  # noqa: E731
         elif "://" in source_uri and not source_uri.startswith("file://"):
-            raise InvalidArgument(f"source_uri must be s3://..., file://... or an absolute path, got {source_uri!r}")
+            raise InvalidArgument(f"source_uri must be s3://..., file://... or an absolute path, got "
+                                  f"{source_uri[:120]!r}")
         else:
             src = resolve_allowed_path(source_uri, self.config.allowed_import_dirs)
             stage = lambda inc: stage_path(src, inc)  # noqa: E731

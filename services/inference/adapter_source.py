@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +24,11 @@ from .lora.manager import TierStats
 
 log = logging.getLogger(__name__)
 
+
+
+# reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+              ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class RegistryUnavailableError(RuntimeError):
@@ -54,16 +61,40 @@ class FetchedAdapter:
     downloaded: bool     # False: served from the disk cache
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    """What a reference meant: enough to find (or download) the artifact without asking again."""
+
+    name: str
+    version: int
+    digest: str
+    artifact_type: str
+    format: str          # hf | nemo
+
+
 class AdapterFetcher:
+    """Registry outage: versions are immutable, so `{name, version}` found in the disk cache is
+    served without asking the registry (the index survives restarts: refs.json in the cache).
+    Alias / latest resolutions are cached for `ref_ttl_s`; past that the registry is asked, and
+    while it cannot be reached the last resolution is served stale (a warning, `stale_served`).
+    A reference never resolved gets RegistryUnavailableError (UNAVAILABLE). Nothing to reset:
+    the gRPC channel reconnects by itself when the registry returns."""
+
     def __init__(self, address: str | None, cache_dir: str, token: str | None = None, timeout_s: float = 30.0,
-                 ca_file: str | None = None):
+                 ca_file: str | None = None, ref_ttl_s: float = 5.0, stale_timeout_s: float = 2.0):
         self.address, self.cache_dir, self.token, self.timeout_s = address, cache_dir, token, timeout_s
         self.ca_file = ca_file
+        self.ref_ttl_s, self.stale_timeout_s = ref_ttl_s, stale_timeout_s
         os.makedirs(cache_dir, exist_ok=True)
         self._channel = None
         self._stub = None
         self._inflight: dict[str, asyncio.Future] = {}
         self.stats = TierStats()  # the disk tier's counters, same shape as the host/GPU tiers
+        self.stale_served = 0     # resolutions served from cache because the registry was unreachable
+        self.registry_errors = 0  # registry calls that failed as unavailable
+        self._index_path = os.path.join(cache_dir, "refs.json")
+        self._pinned: dict[tuple[str, int], _Resolved] = self._load_index()
+        self._refs: dict[tuple[str, str], tuple[_Resolved, float]] = {}  # (name, alias or "") -> (what, when)
 
     def _registry(self):
         if self.address is None:
@@ -74,9 +105,9 @@ class AdapterFetcher:
             if self.ca_file:
                 with open(self.ca_file, "rb") as f:
                     creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-                self._channel = grpc.aio.secure_channel(self.address, creds)
+                self._channel = grpc.aio.secure_channel(self.address, creds, options=_RECONNECT)
             else:
-                self._channel = grpc.aio.insecure_channel(self.address)
+                self._channel = grpc.aio.insecure_channel(self.address, options=_RECONNECT)
             self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         return self._stub
 
@@ -117,18 +148,67 @@ class AdapterFetcher:
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, "list adapters") from exc
 
-    async def fetch(self, name: str, version: int = 0, alias: str = "") -> FetchedAdapter:
+    # ---- reference -> what it means (cached; see the class docstring) ---------------------------
+    def _path(self, r: _Resolved) -> str:
+        return os.path.join(self.cache_dir, r.digest.split(":", 1)[-1] + ARTIFACT_SUFFIX.get(r.artifact_type, ".tar"))
+
+    def _load_index(self) -> dict[tuple[str, int], _Resolved]:
+        try:
+            with open(self._index_path) as f:
+                rows = json.load(f)
+            return {(r["name"], int(r["version"])): _Resolved(r["name"], int(r["version"]), r["digest"],
+                                                              r["artifact_type"], r["format"]) for r in rows}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable adapter index %s: %s", self._index_path, exc)
+            return {}
+
+    def _remember(self, r: _Resolved, alias: str, version: int) -> None:
+        if version == 0:
+            self._refs[(r.name, alias)] = (r, time.monotonic())
+        if (r.name, r.version) in self._pinned:
+            return
+        self._pinned[(r.name, r.version)] = r
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".refs-")
+        with os.fdopen(fd, "w") as f:
+            json.dump([vars(x) for x in self._pinned.values()], f)
+        os.replace(tmp, self._index_path)
+
+    async def _resolve(self, name: str, version: int, alias: str, what: str) -> _Resolved:
         from loraserve.v1 import registry_pb2 as pb
 
-        what = f"adapter {name!r}" + (f" version {version}" if version else f" alias {alias!r}" if alias else "")
+        if version:
+            pinned = self._pinned.get((name, version))
+            if pinned is not None and os.path.exists(self._path(pinned)):
+                return pinned  # immutable: no registry needed
+        cached = None if version else self._refs.get((name, alias))
+        if cached is not None and time.monotonic() - cached[1] < self.ref_ttl_s and os.path.exists(self._path(cached[0])):
+            return cached[0]
+        timeout = self.stale_timeout_s if cached is not None else self.timeout_s
         try:
             meta = (await self._registry().GetAdapter(pb.GetAdapterRequest(name=name, version=version, alias=alias),
-                                                      metadata=self._metadata, timeout=self.timeout_s)).adapter
+                                                      metadata=self._metadata, timeout=timeout)).adapter
         except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc, what) from exc
-        fmt = "nemo" if meta.format == pb.ADAPTER_FORMAT_NEMO else "hf"
-        hexdigest = meta.digest.split(":", 1)[-1]
-        path = os.path.join(self.cache_dir, hexdigest + ARTIFACT_SUFFIX.get(meta.artifact_type, ".tar"))
+            err = self._translate(exc, what)
+            if isinstance(err, RegistryUnavailableError):
+                self.registry_errors += 1
+                if cached is not None and os.path.exists(self._path(cached[0])):
+                    self.stale_served += 1
+                    log.warning("registry unreachable; serving %s as last resolved (%s version %d, %.0f s old): %s",
+                                what, cached[0].name, cached[0].version, time.monotonic() - cached[1], exc.details())
+                    return cached[0]
+            raise err from exc
+        r = _Resolved(meta.name, meta.version, meta.digest, meta.artifact_type,
+                      "nemo" if meta.format == pb.ADAPTER_FORMAT_NEMO else "hf")
+        self._remember(r, alias, version)
+        return r
+
+    async def fetch(self, name: str, version: int = 0, alias: str = "") -> FetchedAdapter:
+        what = f"adapter {name!r}" + (f" version {version}" if version else f" alias {alias!r}" if alias else "")
+        meta = await self._resolve(name, version, alias, what)
+        fmt = meta.format
+        path = self._path(meta)
         if os.path.exists(path):
             self.stats.hits += 1
             return FetchedAdapter(meta.name, meta.version, meta.digest, path, fmt, downloaded=False)

@@ -65,7 +65,7 @@ class _EngineCollector:
         yield GaugeMetricFamily("loraserve_kv_blocks_free", "Free KV-cache blocks", value=stats["free_kv_blocks"])
         yield GaugeMetricFamily("loraserve_kv_blocks_total", "KV-cache blocks", value=stats["total_kv_blocks"])
         yield CounterMetricFamily("loraserve_kv_blocks_reused", "KV blocks served from the prefix cache",
-                                  value=stats["reused_kv_blocks"])
+                                  value=self.core.engine.block_manager.num_reused_blocks)
         manager = self.core.lora_manager
         if manager is None:
             return
@@ -81,3 +81,9 @@ class _EngineCollector:
             for tier, values in tiers.items():
                 fam.add_metric([tier], values[field])
             yield fam
+        fetcher = self.core.fetcher
+        yield CounterMetricFamily("loraserve_adapter_registry_stale_served",
+                                  "Adapter references served from the last resolution while the registry was unreachable",
+                                  value=fetcher.stale_served)
+        yield CounterMetricFamily("loraserve_adapter_registry_errors", "Registry calls that failed as unavailable",
+                                  value=fetcher.registry_errors)

@@ -65,7 +65,7 @@ class _EngineCollector:
         yield GaugeMetricFamily("loraserve_kv_blocks_free", "Free KV-cache blocks", value=stats["free_kv_blocks"])
         yield GaugeMetricFamily("loraserve_kv_blocks_total", "KV-cache blocks", value=stats["total_kv_blocks"])
         yield CounterMetricFamily("loraserve_kv_blocks_reused", "KV blocks served from the prefix cache",
-                                  value=self.core.engine.block_manager.num_reused_blocks)
+                                  value=stats["reused_kv_blocks"])
         manager = self.core.lora_manager
         if manager is None:
             return

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from loraserve.config import LoRARequest, SamplingParams
 
 from .engine import LLMEngine
-from .outputs import RequestOutput
+from .outputs import RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,17 @@ class AsyncLLM:
                 out = await q.get()
                 if isinstance(out, BaseException):
                     raise out
+                error = None
+                while not out.finished and not q.empty():  # a slow consumer gets one message per wake-up
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        error = nxt
+                        break
+                    out = merge_outputs(out, nxt)
                 finished = out.finished
                 yield out
+                if error is not None:
+                    raise error
                 if finished:
                     return
         finally:
@@ -135,9 +144,9 @@ class AsyncLLM:
                     except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
                         self._fail_running(exc)
                         continue
-                    for out in outputs:
-                        # a request the engine failed alone (e.g. non-finite logits) ends in an error
-                        self._deliver(out.request_id, EngineStepError(out.error) if out.error else out)
+                    # a request the engine failed alone (e.g. non-finite logits) ends in an error
+                    self._deliver_many([(out.request_id, EngineStepError(out.error) if out.error else out)
+                                        for out in outputs])
                     if self.on_step is not None:
                         try:
                             self.on_step(outputs)
@@ -177,6 +186,19 @@ class AsyncLLM:
             except queue.Empty:
                 return
 
+    def _deliver_many(self, items: list[tuple[str, Any]]) -> None:
+        """One wake-up per event loop per step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            entry = self._streams.get(request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+
     def _deliver(self, request_id: str, item: Any) -> None:
         entry = self._streams.get(request_id)
         if entry is None:
@@ -186,3 +208,8 @@ class AsyncLLM:
             loop.call_soon_threadsafe(q.put_nowait, item)
         except RuntimeError:  # the consumer's loop is closed
             pass
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)

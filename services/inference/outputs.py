@@ -62,3 +62,12 @@ class RequestOutput:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.outputs[0].token_ids)
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive stream messages of one request as one: the later cumulative state, with the
+    new text and tokens of both (a consumer that fell behind gets one message, not a backlog)."""
+    a, b = earlier.outputs[0], later.outputs[0]
+    b.text_diff = a.text_diff + b.text_diff
+    b.token_ids_diff = a.token_ids_diff + b.token_ids_diff
+    return later

@@ -177,3 +177,25 @@ def test_non_finite_logits_fail_one_request_alone(tiny_llama, overlap):
     for r, g in zip(results[1:3], greedy):   # tiny temperatures are greedy, with finite logprobs
         assert r[2].outputs[0].token_ids == g.outputs[0].token_ids
         assert torch.isfinite(torch.tensor(r[2].outputs[0].cumulative_logprob))
+
+
+def test_slow_consumer_gets_coalesced_messages(tiny_llama):
+    """Issue 11: a stream that falls behind gets one message with the union of what is queued
+    (tokens and text in order, nothing lost), not one message per step."""
+    llm = make(tiny_llama[0], False)
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=1)
+    want = llm.generate(PROMPTS[2], p).outputs[0]
+
+    async def slow():
+        msgs = []
+        async for out in llm.generate_async(PROMPTS[2], p):
+            msgs.append(out.outputs[0])
+            if len(msgs) == 1:
+                await asyncio.sleep(1.0)     # the engine runs ahead meanwhile
+        return msgs
+    msgs = asyncio.run(slow())
+    llm.shutdown()
+    assert len(msgs) < 40 and max(len(m.token_ids_diff) for m in msgs) > 1
+    assert [t for m in msgs for t in m.token_ids_diff] == want.token_ids == msgs[-1].token_ids
+    assert "".join(m.text_diff for m in msgs) == want.text
+    assert len(msgs[-1].top_logprobs) == 40

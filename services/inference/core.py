@@ -15,7 +15,7 @@ from loraserve.config import LoraConfig, LoRARequest, SamplingParams, engine_con
 
 from .adapter_source import (AdapterFetcher, DigestMismatchError, RegistryAdapterNotFound,  # noqa: F401
                              RegistryUnavailableError)
-from .async_llm import AsyncLLM
+from .async_llm import AsyncLLM, EngineStepError
 from .engine import LLMEngine
 from .llm import default_model_path
 from .lora.manager import (AdapterAccessError, AdapterBusyError, AdapterCapacityError,  # noqa: F401
@@ -134,11 +134,12 @@ class InferenceCore:
         try:
             lora_request, hold = await self.resolve_adapter(adapter)
             async for out in self.async_llm.generate(prompt, params, lora_request, request_id, lora_handle=hold):
-                if out.finished and hold is not None and hold.load_error is not None \
-                        and out.outputs[0].finish_reason == "abort":
-                    raise hold.load_error  # its adapter failed to load while it waited
                 finished = out.finished
                 yield out
+        except EngineStepError:
+            if hold is not None and hold.load_error is not None:
+                raise hold.load_error from None  # its adapter failed to load while it waited: that error's status
+            raise
         finally:
             if not finished:
                 self.requests_aborted += 1

@@ -152,7 +152,10 @@ class LLMEngine:
         step N+1 first, then wait for step N and post-process it while the device runs N+1."""
         batch = self.scheduler.schedule()
         # requests whose adapter failed to load end alone, with finish_reason "abort"
-        failed = [self.abort_request(seq.request_id) for seq, _ in self.scheduler.take_failed()]
+        failed = []
+        for seq, exc in self.scheduler.take_failed():
+            seq.error = f"adapter {getattr(seq.lora, 'name', '')!r} could not be loaded: {exc}"
+            failed.append(self.abort_request(seq.request_id))
         outputs = [out for out in failed if out is not None]
         try:
             launched = self._launch(batch) if batch else None

@@ -111,6 +111,11 @@ def bench_decode(B: int, L: int, bw: float, rows: list, errors: list, sweep: boo
                                                                    config=dict(num_stages=3))
         variants["unified 8 warps"] = lambda t: unified_attention(q, cache.k, cache.v, t, lens, qsl, 1, SCALE,
                                                                   config=dict(num_warps=8))
+        for ns in (8, 16, 64):
+            variants[f"unified {ns} splits"] = (lambda ns: lambda t: unified_attention(
+                q, cache.k, cache.v, t, lens, qsl, 1, SCALE, num_splits=ns))(ns)
+        variants["decode kernel, 64 splits"] = lambda t: paged_decode_attention(q, cache.k, cache.v, t, lens, SCALE,
+                                                                                num_splits=64)
     case = f"decode bs{B} x {L}"
     for name, fn in variants.items():
         try:

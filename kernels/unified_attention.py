@@ -51,6 +51,50 @@ if HAS_TRITON:
         return lo - 1
 
     @triton.jit
+    def _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, t_lo, t_hi, kv_limit, scale_log2,
+                stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
+                TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Online softmax over key tiles [t_lo, t_hi) of one sequence; acc (BLOCK_M, D_PAD), l_i, m_i
+        (BLOCK_M,) fp32. MASKED: the tiles may hold keys past kv_limit or past a row's position."""
+        d_ok = offs_d < D
+        for t in range(t_lo, t_hi):
+            k_pos = t * TILE_N + offs_n                  # (TILE_N,)
+            off = k_pos % BS
+            if MASKED:
+                kv_ok = k_pos < kv_limit
+                block = tl.load(table + k_pos // BS, mask=kv_ok, other=0).to(tl.int64)
+                k = tl.load(k_base + block[None, :] * stride_kb + off[None, :] * stride_ks + offs_d[:, None],
+                            mask=kv_ok[None, :] & d_ok[:, None], other=0.0)         # (D_PAD, TILE_N)
+                v = tl.load(v_base + block[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
+                            mask=kv_ok[:, None] & d_ok[None, :], other=0.0)         # (TILE_N, D_PAD)
+            else:
+                block = tl.load(table + k_pos // BS).to(tl.int64)
+                if D == D_PAD:
+                    k = tl.load(k_base + block[None, :] * stride_kb + off[None, :] * stride_ks + offs_d[:, None])
+                    v = tl.load(v_base + block[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :])
+                else:
+                    k = tl.load(k_base + block[None, :] * stride_kb + off[None, :] * stride_ks + offs_d[:, None],
+                                mask=d_ok[:, None], other=0.0)
+                    v = tl.load(v_base + block[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
+                                mask=d_ok[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2              # (BLOCK_M, TILE_N) fp32
+            if MASKED:
+                s = tl.where((k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # a row with nothing visible yet (split-KV past its position) keeps m = -inf: no inf - inf
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = m_new
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
     def _unified_attention_kernel(
             q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
             scale_log2, num_seqs, num_tokens,
@@ -100,25 +144,17 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         table = tables_ptr + seq.to(tl.int64) * stride_tb
-        for t in range(t_lo, t_hi):
-            k_pos = t * TILE_N + offs_n                  # (TILE_N,)
-            kv_ok = k_pos < kv_limit
-            block = tl.load(table + k_pos // BS, mask=kv_ok, other=0).to(tl.int64)
-            off = k_pos % BS
-            k = tl.load(k_ptr + block[None, :] * stride_kb + off[None, :] * stride_ks + kvh * stride_kh
-                        + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D_PAD, TILE_N)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2              # (BLOCK_M, TILE_N) fp32
-            s = tl.where((k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with nothing visible yet (split-KV past its position) keeps m = -inf: avoid inf - inf
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh
-                        + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (TILE_N, D_PAD)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+        # tiles below t_full are visible to every row (the first row sees keys <= its position):
+        # no causal or length mask there; only the diagonal tiles pay for masking
+        t_full = (ctx_before + local * BLOCK_Q + 1) // TILE_N
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, t_lo, tl.minimum(t_hi, t_full),
+                                kv_limit, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
+                                TILE_N, BS, D, D_PAD, False, DOT_PRECISION)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, tl.maximum(t_lo, t_full), t_hi,
+                                kv_limit, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
+                                TILE_N, BS, D, D_PAD, True, DOT_PRECISION)
 
         if NUM_SPLITS == 1:
             out = acc / l_i[:, None]
@@ -162,19 +198,19 @@ def _num_sms(device: torch.device) -> int:
     return 132
 
 
-def launch_config(max_query_len: int, group: int) -> dict:
+def launch_config(max_query_len: int, group: int, elem_bytes: int = 2) -> dict:
     """Tile shape for a step whose longest query run is `max_query_len` (static per captured shape).
 
     Decode-like steps use the smallest tile (BLOCK_M 16 rows = 16 // G tokens of a GQA group),
-    prefill steps 128 rows; TILE_N keys per iteration, whatever the KV block size."""
-    g_pad = triton.next_power_of_2(group) if HAS_TRITON else 1 << (group - 1).bit_length()
-    rows = 1 << max(0, (max(1, max_query_len) * group - 1).bit_length())
+    prefill steps up to 128 rows; TILE_N keys per iteration, whatever the KV block size. fp32
+    tiles are halved along the keys so that K/V stages fit in shared memory."""
+    g_pad = 1 << (group - 1).bit_length()
+    rows = 1 << (max(1, max_query_len) * group - 1).bit_length()
     block_m = max(16, g_pad, min(128, rows))
-    if block_m <= 16:
-        return dict(BLOCK_M=block_m, TILE_N=64, num_warps=4, num_stages=2)
+    tile_n = 64 if elem_bytes <= 2 else 32
     if block_m <= 64:
-        return dict(BLOCK_M=block_m, TILE_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=block_m, TILE_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=block_m, TILE_N=tile_n, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=block_m, TILE_N=tile_n, num_warps=8, num_stages=2)
 
 
 def choose_num_splits(num_programs: int, max_kv_tiles: int, device: torch.device) -> int:
@@ -209,7 +245,7 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     for t in (block_tables, seq_lens, query_start_loc):
         assert t.dtype in (torch.int32, torch.int64) and t.device == q.device, (t.dtype, t.device)
     G = H // KVH
-    cfg = dict(launch_config(max_query_len, G), **(config or {}))
+    cfg = dict(launch_config(max_query_len, G, q.element_size()), **(config or {}))
     block_m = cfg.pop("BLOCK_M")
     block_q = block_m // G
     assert block_q >= 1, f"BLOCK_M {block_m} smaller than the GQA group {G}"

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
@@ -304,6 +304,33 @@ class OpenAIFront:
         return {"object": "list", "data": data}
 
 
+async def _until_disconnected(request: Request) -> None:
+    # the body has been read, so the next ASGI message can only be the client going away
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable):
+    """Await a handler, cancelling it if the client disconnects first. The server notices a gone
+    client by itself only while it writes a streamed body; without this, a non-streaming request
+    whose client left (a proxy timeout, a killed script) would generate to its last token."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # closes its engine streams: the requests are aborted, KV and adapter freed
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return JSONResponse(proto.error_body(499, "client disconnected"), status_code=499)
+    return task.result()
+
+
 def build_app(core: InferenceCore) -> FastAPI:
     front = OpenAIFront(core)
     app = FastAPI(title="loraserve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
@@ -330,17 +357,17 @@ def build_app(core: InferenceCore) -> FastAPI:
         front.check_auth(request)  # raises OpenAIError(401), rendered by the handler above
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         try:
-            return await front.completions(req)
+            return await cancel_on_disconnect(request, front.completions(req))
         except Exception as exc:
             err = map_exception(exc)
             return JSONResponse(err.body(), status_code=err.status)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         try:
-            return await front.chat_completions(req)
+            return await cancel_on_disconnect(request, front.chat_completions(req))
         except Exception as exc:
             err = map_exception(exc)
             return JSONResponse(err.body(), status_code=err.status)

@@ -46,8 +46,14 @@ test-gpu: install protos
 bench-gpu:
 	bash scripts/bench_gpu.sh
 
+# other ports: make run INFERENCE_PORT=51051 REGISTRY_PORT=51052 METRICS_PORT=9500 OPENAI_PORT=8100
+INFERENCE_PORT ?= 50051
+REGISTRY_PORT  ?= 50052
+METRICS_PORT   ?= 9400
+OPENAI_PORT    ?= 8000
 run: install protos model
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py --port $(INFERENCE_PORT) --registry-port $(REGISTRY_PORT) \
+		--metrics-port $(METRICS_PORT) --openai-port $(OPENAI_PORT)
 
 clean:
 	rm -rf $(VENV) var/ services/core/v1/*_pb2*.py services/core/v1/*_pb2*.pyi .pytest_cache

@@ -15,6 +15,7 @@ from .scheduler import ScheduledBatch
 from .step_inputs import StepInputBuilder
 
 log = logging.getLogger(__name__)
+CPU_KV_MIN_BYTES = 64 << 20   # the CPU KV cache floor (then 2x the weights, at most 1 GiB)
 
 
 class ModelRunner:
@@ -68,7 +69,9 @@ class ModelRunner:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * kv.free_gpu_memory_fraction) - (1 << 30)  # 1 GiB for activations
         else:
-            budget = 1 << 30
+            # CPU: sized to the model (a few-MB model gets no 1 GiB cache): twice the weights, 64 MiB..1 GiB
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            budget = min(1 << 30, max(CPU_KV_MIN_BYTES, 2 * weights))
         tokens = max(budget // bytes_per_token, self.block_size)
         if kv.max_tokens:
             tokens = min(tokens, kv.max_tokens)

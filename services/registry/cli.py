@@ -36,13 +36,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ad = subparsers.add_parser("adapter", help="registry client: push, list, pull adapters")
     ad_sub = ad.add_subparsers(dest="adapter_command", metavar="COMMAND")
     push = _client_parser(ad_sub, "push", "upload an adapter dir or archive (.tar, .tar.gz, .zip, .nemo)")
-    push.add_argument("path", type=Path)
-    push.add_argument("--name", required=True)
+    push.add_argument("path", type=Path, help="PEFT adapter directory, .safetensors/.bin file, archive or .nemo")
+    push.add_argument("--name", required=True, help="adapter name; each push of new bytes adds a version")
     _meta_options(push)
     push.set_defaults(func=_push)
     imp = _client_parser(ad_sub, "import", "register an artifact the server reads itself (s3://... or a path)")
-    imp.add_argument("source_uri")
-    imp.add_argument("--name", required=True)
+    imp.add_argument("source_uri", help="s3://BUCKET/KEY or a path the server may read (--allow-import-*)")
+    imp.add_argument("--name", required=True, help="adapter name; each import of new bytes adds a version")
     _meta_options(imp)
     imp.set_defaults(func=_import)
     ls = _client_parser(ad_sub, "ls", "list adapters")
@@ -66,21 +66,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=_rm)
     tag = _client_parser(ad_sub, "tag", "set/remove KEY=VALUE tags and aliases of a version")
     tag.add_argument("ref", help="NAME[:VERSION|:ALIAS]")
-    tag.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    tag.add_argument("tags", nargs="*", metavar="KEY=VALUE", help="tags to set (may also follow the options)")
     tag.add_argument("--remove", action="append", default=[], metavar="KEY", help="remove a tag")
     tag.add_argument("--alias", action="append", default=[], help="point this alias at the version")
     tag.add_argument("--remove-alias", action="append", default=[], metavar="ALIAS")
-    tag.set_defaults(func=_tag)
+    tag.set_defaults(func=_tag, extra_positionals="tags")  # `tag NAME --alias A key=v`: see loraserve.cli
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file (keys of RegistryConfig, optionally under 'registry:')")
     p.add_argument("--data-dir", type=Path, help="default ./var/registry")
     p.add_argument("--db-url", help="SQLAlchemy URL (default: sqlite file in the data dir)")
-    p.add_argument("--store", choices=("local", "s3"))
-    p.add_argument("--s3-bucket")
-    p.add_argument("--s3-prefix")
-    p.add_argument("--s3-endpoint-url")
+    p.add_argument("--store", choices=("local", "s3"),
+                   help="where artifacts live: local (a directory under the data dir, default) or s3")
+    p.add_argument("--s3-bucket", help="S3 bucket of the artifacts (with --store s3)")
+    p.add_argument("--s3-prefix", help="key prefix inside the bucket (with --store s3)")
+    p.add_argument("--s3-endpoint-url",
+                   help="S3 API endpoint, e.g. http://minio:9000 (default: AWS; credentials from the usual "
+                        "AWS_* environment variables or files)")
     p.add_argument("--auth-token-file", type=Path,
                    help="file holding the write token (or env LORASERVE_REGISTRY_TOKEN)")
     p.add_argument("--read-token-file", type=Path, help="file holding a token that reads need")
@@ -179,10 +182,10 @@ def _client_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> ar
 
 def _meta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("hf", "nemo"), help="default: detected")
-    p.add_argument("--base-model", default="")
-    p.add_argument("--description", default="")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--alias", action="append", default=[])
+    p.add_argument("--base-model", default="", help="base model id the adapter was trained on")
+    p.add_argument("--description", default="", help="free text shown by `adapter show`")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="set a tag (repeatable)")
+    p.add_argument("--alias", action="append", default=[], help="point this alias at the new version (repeatable)")
     p.add_argument("--exist-ok", action="store_true",
                    help="if these bytes already are a version of NAME, report it instead of failing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -224,11 +227,19 @@ def _run(fn):  # type: ignore[no-untyped-def]
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
+        except OSError as exc:  # a local file the command reads or writes: one line, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 1
     return wrapper
 
 
 @_run
 def _push(args: argparse.Namespace) -> int:
+    if not args.path.exists():
+        print(f"error: {args.path}: no such file or directory (give a PEFT adapter directory, a .safetensors/.bin "
+              "file, an archive or a .nemo file)", file=sys.stderr)
+        return 1
     with _client(args) as c:
         resp = c.push(args.path, args.name, format=args.format, base_model=args.base_model,
                       description=args.description, tags=_kv(args.tag), aliases=args.alias, progress=not args.quiet,

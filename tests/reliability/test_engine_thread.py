@@ -151,3 +151,70 @@ def test_engine_death_flips_grpc_health_and_http_health(tiny_llama, tmp_path):
     assert after == health_pb2.HealthCheckResponse.NOT_SERVING
     assert code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
     assert http_status == 503
+
+
+def test_short_deadlines_and_unloads_over_grpc_leave_the_engine_serving(tiny_llama, tmp_path):
+    """The issue's reproduction, at the service: 20 Generate calls with 1-80 ms deadlines while
+    3 long streams run, and 20 UnloadAdapter calls with 1-30 ms deadlines. Afterwards the engine
+    thread is alive, health is SERVING, nothing is left running or pinned, and it still serves."""
+    import random
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from loraserve.adapters.testing import make_peft_adapter
+    from loraserve.inference.testing import RunningInference
+    from loraserve.v1 import inference_pb2 as pb
+    from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+    allowed = tmp_path / "allowed"
+    adapter = str(make_peft_adapter(allowed / "a", seed=1, r=4))
+    cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=None, adapter_cache_dir=str(tmp_path / "c"),
+                      allowed_lora_dirs=[str(allowed)], llm_kwargs=dict(dtype="float32", device="cpu"))
+    rng = random.Random(9)
+
+    def request(max_tokens: int, with_adapter: bool = False) -> pb.GenerateRequest:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[rng.randrange(5, 250) for _ in range(12)]),
+                                 sampling_params=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        if with_adapter:
+            req.lora_request.CopyFrom(pb.LoraRequest(lora_name="a", lora_int_id=3, lora_path=adapter))
+        return req
+
+    with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        digest = stub.LoadAdapter(pb.LoadAdapterRequest(lora_request=pb.LoraRequest(
+            lora_name="a", lora_int_id=3, lora_path=adapter)), timeout=30).adapter.digest
+        background = [stub.Generate(request(400, with_adapter=i == 0), timeout=120) for i in range(3)]
+        for call in background:
+            assert next(call).WhichOneof("response") == "chunk"
+        codes = []
+        for _ in range(20):
+            try:
+                for _ in stub.Generate(request(64, with_adapter=rng.random() < 0.5), timeout=rng.uniform(0.001, 0.08)):
+                    pass
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+        for _ in range(20):
+            try:
+                stub.UnloadAdapter(pb.UnloadAdapterRequest(digest=digest), timeout=rng.uniform(0.001, 0.03))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.FAILED_PRECONDITION}, codes  # busy: the background stream pins it
+        for call in background:
+            call.cancel()
+        assert srv.core.async_llm.is_alive
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            s = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10)
+            if (s.running_requests, s.waiting_requests, s.active_streams, s.device_slots_pinned) == (0, 0, 0, 0):
+                break
+            time.sleep(0.05)
+        assert (s.running_requests, s.waiting_requests, s.active_streams, s.device_slots_pinned) == (0, 0, 0, 0)
+        assert s.free_kv_blocks == s.total_kv_blocks
+        final = list(stub.Generate(request(4, with_adapter=True), timeout=60))
+        assert final[-1].complete.completion_tokens == 4

@@ -8,7 +8,7 @@ STUBS   := services/core/v1/registry_pb2.py
 PROTOS  := $(wildcard protos/loraserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: all install protos model services test test-gpu run bench bench-gpu clean
+.PHONY: all install protos model services test test-gpu run bench bench-gpu soak clean
 
 all: install protos
 
@@ -41,6 +41,13 @@ test: install protos model services
 
 test-gpu: install protos
 	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS)
+
+# the reliability suite of issue 9 at full size (minutes; `make test` runs its short version):
+# fuzz/soak/faults on loopback servers, then the adapter-parser fuzzer (10,000 mutated adapters)
+soak: install protos model
+	@rc=0; $(BIN)/python scripts/soak.py $(SOAK_ARGS) || rc=1; \
+	LORASERVE_FUZZ_CASES=$${LORASERVE_FUZZ_CASES:-10000} $(BIN)/python -m tests.reliability.fuzz_adapters || rc=1; \
+	exit $$rc
 
 # on the GPU machine (no venv there: its python3 has torch/triton/transformers); see scripts/bench_gpu.sh
 bench-gpu:

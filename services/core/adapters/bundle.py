@@ -144,12 +144,16 @@ class DirBundle(Bundle):
 
     def names(self) -> list[str]:
         found: list[str] = []
-        for entry in os.scandir(self.root):
-            if entry.is_file():
-                found.append(entry.name)
-            elif entry.is_dir():  # one level down: mp_rank_00/, or an unpacked archive's folder
-                found.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)
-                             if sub.is_file())
+        try:
+            for entry in os.scandir(self.root):
+                if entry.is_file():
+                    found.append(entry.name)
+                elif entry.is_dir():  # one level down: mp_rank_00/, or an unpacked archive's folder
+                    found.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)
+                                 if sub.is_file())
+        except OSError as exc:
+            raise AdapterFormatError(f"{self.origin}: cannot list the adapter directory "
+                                     f"({exc.strerror or type(exc).__name__})") from None
         return sorted(found)
 
     def has(self, name: str) -> bool:
@@ -164,13 +168,17 @@ class DirBundle(Bundle):
             if not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in self._confine_to):
                 raise AdapterFormatError(f"{self.origin}: {shorten(name)} is a link to a file outside the "
                                          "allowed adapter directories")
-        size = path.stat().st_size
-        self._bytes_read += size
-        if size > self._limits.member_limit or self._bytes_read > self._limits.max_total_bytes:
-            raise AdapterFormatError(
-                f"{self.origin}: adapter files exceed the size limit of {self._limits.max_total_bytes} bytes "
-                f"({self._bytes_read} bytes with {shorten(name)})")
-        return path.read_bytes()
+        try:
+            size = path.stat().st_size
+            self._bytes_read += size
+            if size > self._limits.member_limit or self._bytes_read > self._limits.max_total_bytes:
+                raise AdapterFormatError(
+                    f"{self.origin}: adapter files exceed max_bytes={self._limits.max_total_bytes} "
+                    f"({self._bytes_read} bytes with {shorten(name)})")
+            return path.read_bytes()
+        except OSError as exc:  # permissions, a file removed meanwhile, a directory named *.safetensors
+            raise AdapterFormatError(f"{self.origin}: cannot read {shorten(name)} "
+                                     f"({exc.strerror or type(exc).__name__})") from None
 
 
 def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits: ArchiveLimits | None = None,

@@ -100,7 +100,7 @@ class LoraConfig:
     max_lora_rank: int = 64
     lora_target_modules: list[str] = field(default_factory=list)
     trtllm_modules_to_hf_modules: dict[str, str] = field(default_factory=dict)
-    max_loras: int | None = None          # GPU slots; None: sized from PeftCacheConfig
+    max_loras: int | None = None          # distinct adapters in one batch (and the fewest GPU slots); None: no cap
     max_cpu_loras: int | None = None      # host slots; None: sized from PeftCacheConfig
     max_lora_bytes: int = 2 * GiB         # refuse adapters larger than this
 
@@ -127,9 +127,10 @@ class LoraConfig:
 
 @dataclass(slots=True)
 class PeftCacheConfig:
-    """TensorRT-LLM's PeftCacheConfig. Sizes the GPU tier (device_cache_percent of free GPU
-    memory, or LoraConfig.max_loras slots) and the host tier (host_cache_size bytes, or
-    LoraConfig.max_cpu_loras adapters)."""
+    """TensorRT-LLM's PeftCacheConfig. Sizes the GPU tier by memory: num_device_module_layer
+    max-rank (layer, module) weights when set, else device_cache_percent of free GPU memory
+    (never fewer slots than LoraConfig.max_loras); and the host tier: host_cache_size bytes, or
+    LoraConfig.max_cpu_loras adapters."""
 
     num_host_module_layer: int = 0
     num_device_module_layer: int = 0

@@ -113,3 +113,31 @@ def test_kv_budget_does_not_count_lora_slots_twice(tiny_llama, monkeypatch):
     without = probe._size_kv_cache()
     probe.lora_manager = llm.engine.lora_manager
     assert probe._size_kv_cache() == without
+
+
+def test_device_tier_sized_by_memory_and_max_loras_caps_each_batch(tiny_llama, twenty):
+    """PeftCacheConfig.num_device_module_layer sizes the GPU tier (TensorRT-LLM semantics: max-rank
+    (layer, module) weights); max_loras caps the distinct adapters of one batch, not the tier."""
+    from loraserve import PeftCacheConfig
+
+    path, base = tiny_llama
+    modules_per_adapter = 2 * 7  # tiny model: 2 layers x 7 modules
+    llm = LLM(model=path, dtype="float32", device="cpu", max_num_seqs=8,
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=2),
+              peft_cache_config=PeftCacheConfig(num_device_module_layer=5 * modules_per_adapter))
+    eng = llm.engine
+    assert eng.lora_manager.num_slots == 5
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for i in range(5):
+        eng.add_request(f"r{i}", [5 + i, 6, 7], p, LoRARequest(f"a{i}", i + 1, twenty[i]))
+    finals, max_distinct = {}, 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+        running = {s.lora.key for s in eng.scheduler.running if s.lora is not None}
+        max_distinct = max(max_distinct, len(running))
+    assert max_distinct == 2
+    for i in range(5):
+        assert finals[f"r{i}"].outputs[0].token_ids == peft_greedy(base, twenty[i], [5 + i, 6, 7], 4)
+    assert eng.lora_manager.stats_dict()["device_slots_used"] == 5  # all five stay resident

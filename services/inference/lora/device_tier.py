@@ -20,6 +20,7 @@ class DeviceTier:
         self.owner: list = [None] * slots.num_slots        # slot -> AdapterHandle
         self.lru: OrderedDict[int, None] = OrderedDict()   # slots, least recently pinned first
         self.stats = TierStats()
+        self.num_pinned = 0                                 # slots with at least one pin
 
     @property
     def num_slots(self) -> int:
@@ -29,9 +30,6 @@ class DeviceTier:
     def num_used(self) -> int:
         return sum(1 for h in self.owner if h is not None)
 
-    @property
-    def num_pinned(self) -> int:
-        return sum(1 for h in self.owner if h is not None and h.slot_pins)
 
     def place(self, handle) -> bool:
         """Copy handle's host weights into a free (or freed) slot; False if every slot is pinned."""
@@ -45,12 +43,15 @@ class DeviceTier:
         return True
 
     def pin(self, handle) -> None:
+        self.num_pinned += handle.slot_pins == 0
         handle.slot_pins += 1
         self.lru[handle.slot] = None
         self.lru.move_to_end(handle.slot)
 
     def unpin(self, handle) -> None:
-        handle.slot_pins = max(0, handle.slot_pins - 1)
+        if handle.slot_pins > 0:
+            handle.slot_pins -= 1
+            self.num_pinned -= handle.slot_pins == 0
 
     def remove(self, handle) -> None:
         if handle.slot is not None:

@@ -148,13 +148,19 @@ class LoRAManager:
 
     # ---- sizing ----------------------------------------------------------------------------
     def _num_device_slots(self) -> int:
-        if self.lora_config.max_loras:
-            return self.lora_config.max_loras
+        """GPU tier size, by memory as in TensorRT-LLM's PeftCacheConfig: num_device_module_layer
+        max-rank (layer, module) weights when set, else device_cache_percent of free GPU memory;
+        on CPU max_loras (or 8). Never fewer slots than max_loras, the distinct adapters one batch
+        may use."""
         per_slot = DeviceSlots.bytes_per_slot(self.args, self.enabled, self.max_rank, self.dtype)
+        floor = self.lora_config.max_loras or 1
+        if self.cache_config.num_device_module_layer:
+            per_adapter = self.args.num_hidden_layers * len(self.enabled)
+            return max(floor, self.cache_config.num_device_module_layer // per_adapter)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * self.cache_config.device_cache_percent) // per_slot)
-        return 8
+            return max(floor, int(free * self.cache_config.device_cache_percent) // per_slot)
+        return self.lora_config.max_loras or 8
 
     def reserved_device_bytes(self) -> int:
         return self.slots.nbytes
@@ -250,6 +256,8 @@ class LoRAManager:
         h.num_requests += 1
         self.handles.move_to_end(h.key)
         self.host.touch(h)
+        if h.adapter is None and h.slot is None and h.source:
+            self._start_load(h)  # prefetch at arrival, if the host tier has room for it now
         return AdapterHold(h, self)
 
     def release(self, hold) -> None:
@@ -328,18 +336,28 @@ class LoRAManager:
             oldest = min(self._blocked.items(), key=lambda kv: kv[1], default=None)
             if oldest is not None and oldest[0] != seq.seq_id and oldest[1] < seq.arrival_time:
                 if h.slot is None or self._bypasses.get(oldest[0], 0) >= self.max_slot_bypass:
+                    if h.adapter is None and h.slot is None:
+                        self._start_load(h)  # its turn comes later; have the host copy ready by then
                     return False
                 self._bypasses[oldest[0]] = self._bypasses.get(oldest[0], 0) + 1
+            if h.slot is not None and h.slot_pins == 0 and self._batch_full():
+                self._blocked.setdefault(seq.seq_id, seq.arrival_time)
+                return False
             if h.slot is not None:
                 self.device_tier.stats.hits += 1
                 return self._pin(h, seq)
             if h.adapter is None:
                 self._start_load(h)  # waits for the host copy; not counted as slot-blocked
                 return False
-            if not self.device_tier.place(h):
+            if self._batch_full() or not self.device_tier.place(h):
                 self._blocked.setdefault(seq.seq_id, seq.arrival_time)
                 return False
             return self._pin(h, seq)
+
+    def _batch_full(self) -> bool:
+        """max_loras distinct adapters are already in use by running sequences."""
+        cap = self.lora_config.max_loras
+        return cap is not None and self.device_tier.num_pinned >= cap
 
     def _pin(self, h: AdapterHandle, seq: Sequence) -> bool:
         self._blocked.pop(seq.seq_id, None)

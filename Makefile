@@ -8,7 +8,7 @@ STUBS   := services/core/v1/registry_pb2.py
 PROTOS  := $(wildcard protos/loraserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: all install protos model services test test-gpu run bench bench-gpu soak clean
+.PHONY: all install protos model services test test-gpu run bench bench-gpu soak clean lint
 
 all: install protos
 
@@ -61,6 +61,13 @@ OPENAI_PORT    ?= 8000
 run: install protos model
 	$(BIN)/python scripts/demo.py --port $(INFERENCE_PORT) --registry-port $(REGISTRY_PORT) \
 		--metrics-port $(METRICS_PORT) --openai-port $(OPENAI_PORT)
+
+# ruff (from PyPI, installed into the venv on first use) and, when installed, buf lint of protos/
+lint: install
+	@if command -v buf >/dev/null 2>&1; then buf lint && echo "buf lint: ok"; \
+	else echo "buf not installed: skipping buf lint of protos/ (install buf to run it)"; fi
+	@$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install -q ruff
+	$(BIN)/python -m ruff check .
 
 clean:
 	rm -rf $(VENV) var/ services/core/v1/*_pb2*.py services/core/v1/*_pb2*.pyi .pytest_cache

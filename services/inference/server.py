@@ -34,13 +34,21 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return status.mapped(exc)
 
 
+def to_logprobs(p: pb.SamplingParams) -> int | None:
+    """vLLM's meaning (None: none; N: the chosen token's logprob plus the top N); the deprecated
+    legacy_logprobs (bool) and top_logprobs fields still count, the larger request wins."""
+    asked = [n for n in (p.logprobs if p.HasField("logprobs") else None, p.top_logprobs or None,
+                         0 if p.legacy_logprobs else None) if n is not None]
+    return max(asked) if asked else None
+
+
 def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
     kw = {}
     for name in ("max_tokens", "temperature", "top_k", "top_p", "seed"):
         if p.HasField(name):
             kw[name] = getattr(p, name)
     return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                          logprobs=p.top_logprobs if p.top_logprobs else (0 if p.logprobs else None),
+                          logprobs=to_logprobs(p),
                           include_stop_str_in_output=p.include_stop_str_in_output,
                           min_tokens=p.min_tokens, **kw)
 

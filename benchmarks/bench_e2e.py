@@ -1,24 +1,34 @@
-"""End-to-end LoRA serving benchmark with `loraserve bench` (GPU), trtllm-bench style.
+"""End-to-end serving benchmark against the hardware's limit (issue 11), plus the LoRA flow.
 
 On a Llama-3-8B-shaped checkpoint with random bf16 weights (built on the spot: nothing can be
-downloaded), with N random rank-r adapters on q/k/v/o_proj (TensorRT-LLM layout <dir>/<k>):
+downloaded), R requests of input ~ normal(512, 128), output ~ normal(128, 32) tokens, fresh random
+prompts (the prefix cache has never seen them; the run checks that no block was reused), no adapters,
+at most C in flight (closed loop):
 
-  1. prepare-dataset: R requests, input ~ normal(512, 128), output ~ normal(128, 32),
-     adapter task ids in [0, N-1] with Zipf popularity (s = 1.0);
-  2. throughput, in-process, concurrency C, with the adapters       -> lora_report.json, lora_latency.png
-  3. throughput, in-process, concurrency C, same requests, no adapter -> base_report.json
-  4. throughput against a real gRPC server (loraserve serve in this process's background
-     thread), Poisson arrivals at --rate req/s                        -> grpc_report.json, grpc_latency.png
+  1. measure the device's limits in this run: bf16 GEMM peak and copy bandwidth;
+  2. in-process (loraserve.LLM streamed through AsyncLLM): wall time, tok/s, TTFT, TPOT;
+  3. the physical-limit time of that load: prefill FLOPs at the GEMM peak + the decode steps'
+     bytes (weights once per step, ceil(decode tokens / C) steps, plus every decode token's KV
+     context) at the copy bandwidth; printed with the measured wall time and their ratio;
+  4. host time per decode step at batch B (default 64): step() wall time minus the time it spent
+     blocked on the device, over decode-only steps of B fresh requests;
+  5. --grpc: the same load through a real `loraserve serve` subprocess on loopback (closed loop),
+     and --grpc-rate R: Poisson arrivals at R req/s through gRPC and in-process;
+  6. --with-lora: the older flow (N Zipf-popular rank-r adapters vs base, in-process and gRPC).
 
-    python3 benchmarks/bench_e2e.py --out OUTDIR [--layers 32] [--requests 512] [--adapters 32]
-    python3 benchmarks/bench_e2e.py --out /tmp/x --tiny      # the same flow on CPU, tiny model
+    python3 benchmarks/bench_e2e.py --out OUTDIR --grpc --json benchmarks/results/e2e_h200.json
+    python3 benchmarks/bench_e2e.py --out /tmp/x --tiny --grpc     # the same flow on CPU, tiny model
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
+import math
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,121 +56,346 @@ def build_model(path: str, tiny: bool, layers: int) -> None:
     free_memory()
 
 
-def summary_of(report: dict) -> dict:
-    keys = ("num_requests", "num_completed", "num_failed", "duration_s", "total_input_tokens", "total_output_tokens",
-            "request_throughput_rps", "output_tokens_per_s", "total_tokens_per_s", "ttft_s", "tpot_s",
-            "e2e_latency_s", "num_adapters", "concurrency", "request_rate")
-    out = {k: report.get(k) for k in keys}
-    out["adapter_hit_rate"] = report["adapter_cache"]["hit_rate"]
-    out["adapter_cache"] = {t: {k: v for k, v in c.items() if k != "bytes_loaded"}
-                            for t, c in report["adapter_cache"]["tiers"].items()}
-    return out
+# ---- the device's limits ---------------------------------------------------------------------------
+def device_limits(tiny: bool) -> tuple[float, float]:
+    """(GEMM FLOP/s, copy bytes/s) measured now: bf16 8192^3 and a 1 GiB copy on CUDA; on CPU
+    (--tiny) an fp32 1024^3 matmul and a 256 MiB copy, so that the flow's arithmetic runs anywhere."""
+    import torch
+
+    if torch.cuda.is_available() and not tiny:
+        from benchmarks.bench_engine import copy_bandwidth, gemm_peak
+
+        return gemm_peak(), copy_bandwidth()
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t)
+    x = torch.ones(1 << 26)
+    y = torch.empty_like(x)
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    return peak, 5 * 2 * x.numel() * 4 / (time.perf_counter() - t)
+
+
+def physical_limit(engine, requests, concurrency: int, peak: float, bw: float) -> dict:
+    """Seconds the load needs at the measured limits (a lower bound: no overhead at all)."""
+    from benchmarks.bench_engine import decode_step_bytes, prefill_flops
+
+    a = engine.args
+    flops = sum(prefill_flops(a, 1, len(r.input_ids)) for r in requests)
+    decode_tokens = sum(r.output_tokens - 1 for r in requests)
+    steps = math.ceil(decode_tokens / concurrency)
+    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * engine.runner.k_cache.element_size()
+    # every decode token reads its whole context's K/V: sum over j of (prompt + j)
+    kv_tokens = sum((r.output_tokens - 1) * len(r.input_ids) + r.output_tokens * (r.output_tokens - 1) // 2
+                    for r in requests)
+    decode_bytes = steps * decode_step_bytes(engine, 0, 0) + kv_tokens * kv_per_token
+    return {"prefill_s": flops / peak, "decode_s": decode_bytes / bw, "limit_s": flops / peak + decode_bytes / bw,
+            "prefill_tflop": flops / 1e12, "decode_steps": steps, "decode_gb": decode_bytes / 1e9}
+
+
+# ---- host time per decode step ----------------------------------------------------------------------
+def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> dict:
+    """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps."""
+    import torch
+
+    from loraserve import SamplingParams
+
+    g = torch.Generator().manual_seed(4321)
+    prompts = torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()
+    tag = time.monotonic_ns()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"host{tag}-{i}", ids, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    n0, w0 = engine.num_steps, engine.device_wait_s
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = time.perf_counter() - t
+    n, wait = engine.num_steps - n0, engine.device_wait_s - w0
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
+            "async_scheduling": engine.async_scheduling}
+
+
+# ---- the runs --------------------------------------------------------------------------------------
+def run_load(target, warm, requests, concurrency: int | None, rate: float | None) -> dict:
+    from loraserve.inference.bench.report import build_report
+    from loraserve.inference.bench.runner import run_benchmark
+
+    async def main():
+        await target.start()
+        try:
+            await run_benchmark(target, warm, concurrency=1, warmup=0, progress=False)  # not measured
+            return await run_benchmark(target, requests, concurrency=concurrency, request_rate=rate, warmup=0,
+                                       progress=False)
+        finally:
+            await target.close()
+    return build_report(asyncio.run(main()), include_requests=False)
+
+
+def brief(report: dict) -> dict:
+    keys = ("num_requests", "num_completed", "num_failed", "errors", "duration_s", "total_input_tokens",
+            "total_output_tokens", "output_tokens_per_s", "total_tokens_per_s", "ttft_s", "tpot_s", "concurrency",
+            "request_rate")
+    return {k: report.get(k) for k in keys}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`loraserve serve` in a subprocess on loopback (its own interpreter: the client's Python work
+    does not share the server's GIL)."""
+
+    def __init__(self, model: str, yaml_path: str, tiny: bool, log_path: str, extra: list[str] = ()):
+        self.port = free_port()
+        cmd = [sys.executable, "-c", "import sys; from loraserve.cli import main; sys.exit(main(sys.argv[1:]))",
+               "serve", model, "--port", str(self.port), "--registry", "none", "--extra_llm_api_options", yaml_path,
+               "--max-queue-size", "100000"]
+        if tiny:
+            cmd += ["--device", "cpu", "--dtype", "float32"]
+        cmd += list(extra)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 900) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"server not SERVING after {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (a dry run of the flow)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--input-mean", type=int, default=512)
+    ap.add_argument("--output-mean", type=int, default=128)
+    ap.add_argument("--decode-batch", type=int, default=64, help="batch of the host-time measurement")
+    ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="engine async_scheduling")
+    ap.add_argument("--grpc", action="store_true", help="also run the same load through a loopback gRPC server")
+    ap.add_argument("--grpc-rate", type=float, default=None, help="also Poisson arrivals at this req/s (both targets)")
+    ap.add_argument("--json", default=None, help="write the headline figures here")
+    ap.add_argument("--with-lora", action="store_true", help="also the LoRA-vs-base flow (adapters, gRPC)")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--gpu-slots", type=int, default=16, help="lora_config.max_loras (device tier)")
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--rate", type=float, default=16.0, help="request rate of the gRPC run (req/s)")
+    ap.add_argument("--rate", type=float, default=16.0, help="request rate of the LoRA flow's gRPC run (req/s)")
     ap.add_argument("--grpc-requests", type=int, default=256)
-    ap.add_argument("--skip-grpc", action="store_true")
     a = ap.parse_args()
     if a.tiny:
-        a.requests, a.adapters, a.rank, a.gpu_slots, a.concurrency, a.grpc_requests = 24, 4, 4, 2, 8, 12
+        a.requests, a.concurrency, a.input_mean, a.output_mean, a.decode_batch = 24, 8, 24, 8, 8
+        a.adapters, a.rank, a.gpu_slots, a.grpc_requests = 4, 4, 2, 12
     os.makedirs(a.out, exist_ok=True)
 
     import torch
 
+    if a.tiny:
+        torch.set_num_threads(1)   # a shared CPU: spinning thread pools make step times meaningless
+
     from loraserve.cli import main as cli
-    from loraserve.inference.bench.adapters import make_random_adapters
+    from loraserve.inference.bench.dataset import read_jsonl
+    from loraserve.inference.bench.runner import GrpcTarget, InProcessTarget
 
     work = tempfile.mkdtemp(prefix="bench_e2e_")
-    model, lora_dir = os.path.join(work, "model"), os.path.join(work, "loras")
-    summary: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                     "layers": a.layers if not a.tiny else 2, "adapters": a.adapters, "rank": a.rank,
-                     "gpu_slots": a.gpu_slots}
+    model = os.path.join(work, "model")
+    s: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.tiny else "cpu",
+               "layers": 2 if a.tiny else a.layers, "requests": a.requests, "concurrency": a.concurrency}
     t = time.perf_counter()
     build_model(model, a.tiny, a.layers)
-    make_random_adapters(model, lora_dir, a.adapters, a.rank, dtype=torch.bfloat16 if not a.tiny else torch.float32)
-    summary["setup_s"] = time.perf_counter() - t
+    s["setup_s"] = time.perf_counter() - t
+    peak, bw = device_limits(a.tiny)
+    s["gemm_peak_tflops"], s["copy_bandwidth_gbps"] = peak / 1e12, bw / 1e9
 
-    lens = (["--input-mean", "24", "--input-stdev", "6", "--output-mean", "8", "--output-stdev", "2"] if a.tiny else
-            ["--input-mean", "512", "--input-stdev", "128", "--output-mean", "128", "--output-stdev", "32"])
+    warmup = 2
+    data = os.path.join(work, "base.jsonl")
+    lens = ["--input-mean", str(a.input_mean), "--input-stdev", str(a.input_mean // 4),
+            "--output-mean", str(a.output_mean), "--output-stdev", str(a.output_mean // 4)]
+    assert cli(["bench", "prepare-dataset", "--model", model, "--num-requests", str(a.requests + warmup), *lens,
+                "--random-seed", str(time.time_ns() % 100000), "--output", data]) == 0
+    rows = read_jsonl(data)
+    warm, reqs = rows[:warmup], rows[warmup:]   # warm-up prompts are not among the measured ones
+    yaml_path = os.path.join(work, "base.yaml")
+    with open(yaml_path, "w") as f:
+        f.write("kv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
+        if a.overlap != "auto":
+            f.write(f"async_scheduling: {'true' if a.overlap == 'on' else 'false'}\n")
+    kwargs = {"kv_cache_config": {"free_gpu_memory_fraction": 0.5}}
+    if a.overlap != "auto":
+        kwargs["async_scheduling"] = a.overlap == "on"
+    if a.tiny:
+        kwargs.update(device="cpu", dtype="float32")
+
+    target = InProcessTarget(model, kwargs)
+    report = run_load(target, warm, reqs, a.concurrency, None)
+    engine = target.llm.engine
+    stats = engine.stats()
+    s["in_process"] = brief(report)
+    s["in_process"]["prefix_reused_blocks"] = stats["reused_kv_blocks"]
+    s["async_scheduling"] = engine.async_scheduling
+    s["limit"] = physical_limit(engine, reqs, a.concurrency, peak, bw)
+    s["wall_s"] = report["duration_s"]
+    s["wall_over_limit"] = report["duration_s"] / s["limit"]["limit_s"]
+    s["tpot_p50_s"] = (report["tpot_s"] or {}).get("p50")
+    s["host"] = host_time_per_decode_step(engine, a.decode_batch, a.input_mean, 32 if a.tiny else 128,
+                                          engine.args.vocab_size)
+    s["host_ms_per_decode_step"] = s["host"]["host_ms"]
+    if a.grpc_rate:
+        target = InProcessTarget(model, kwargs)
+        s["in_process_poisson"] = brief(run_load(target, warm, reqs, None, a.grpc_rate))
+    del engine, target
+    free_memory()
+
+    if a.grpc:
+        srv = ServerProcess(model, yaml_path, a.tiny, os.path.join(a.out, "server.log"))
+        try:
+            srv.wait_serving()
+            s["grpc"] = brief(run_load(GrpcTarget(srv.address), warm, reqs, a.concurrency, None))
+            s["grpc_over_inprocess_tok_s"] = (s["grpc"]["output_tokens_per_s"] /
+                                              s["in_process"]["output_tokens_per_s"])
+            if a.grpc_rate:
+                s["grpc_poisson"] = brief(run_load(GrpcTarget(srv.address), warm, reqs, None, a.grpc_rate))
+                s["grpc_poisson_over_inprocess_tok_s"] = (s["grpc_poisson"]["output_tokens_per_s"] /
+                                                          s["in_process_poisson"]["output_tokens_per_s"])
+        finally:
+            srv.stop()
+        free_memory()
+
+    if a.with_lora:
+        s["lora_flow"] = lora_flow(a, model, work)
+    write(os.path.join(a.out, "summary.json"), s)
+    print_headline(s)
+    if a.json:
+        keys = ("wall_over_limit", "tpot_p50_s", "host_ms_per_decode_step", "grpc_over_inprocess_tok_s")
+        write(a.json, {**{k: s.get(k) for k in keys}, "details": s})
+        print(f"wrote {a.json}")
+    return 0 if s["in_process"]["num_failed"] == 0 else 1
+
+
+def print_headline(s: dict) -> None:
+    lim, ip = s["limit"], s["in_process"]
+    print("=" * 72)
+    print(f"device {s['gpu']}: GEMM peak {s['gemm_peak_tflops']:.1f} TFLOP/s, copy {s['copy_bandwidth_gbps']:.0f} GB/s")
+    print(f"load: {ip['num_requests']} requests ({ip['total_input_tokens']} prompt + {ip['total_output_tokens']} "
+          f"output tokens), concurrency {s['concurrency']}, async_scheduling={s['async_scheduling']}")
+    print(f"physical limit: {lim['limit_s']:.3f} s = prefill {lim['prefill_s']:.3f} s ({lim['prefill_tflop']:.1f} TFLOP)"
+          f" + decode {lim['decode_s']:.3f} s ({lim['decode_steps']} steps, {lim['decode_gb']:.1f} GB)")
+    print(f"measured wall:  {s['wall_s']:.3f} s   wall / limit = {s['wall_over_limit']:.2f}")
+    print(f"output tok/s {ip['output_tokens_per_s']:.0f}   TPOT p50 {1e3 * (s['tpot_p50_s'] or 0):.2f} ms   "
+          f"prefix-reused blocks {ip['prefix_reused_blocks']}")
+    h = s["host"]
+    print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms "
+          f"(wall minus time blocked on the device)")
+    if "grpc" in s:
+        print(f"gRPC (same load, loopback server): {s['grpc']['output_tokens_per_s']:.0f} output tok/s = "
+              f"{s['grpc_over_inprocess_tok_s']:.3f} x in-process")
+    if "grpc_poisson" in s:
+        print(f"gRPC Poisson: {s['grpc_poisson_over_inprocess_tok_s']:.3f} x in-process Poisson")
+    print("=" * 72)
+
+
+def write(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+# ---- the LoRA flow (adapters vs base, trtllm-bench style) ------------------------------------------
+def lora_summary(report: dict) -> dict:
+    out = brief(report)
+    out["adapter_hit_rate"] = report["adapter_cache"]["hit_rate"]
+    return out
+
+
+def lora_flow(a, model: str, work: str) -> dict:
+    """N random rank-r adapters on q/k/v/o_proj with Zipf popularity: in-process with adapters, the same
+    requests without, and through a real gRPC server at Poisson --rate."""
+    import torch
+
+    from loraserve.cli import main as cli
+    from loraserve.inference.bench.adapters import make_random_adapters
+    from loraserve.inference.bench.dataset import read_jsonl
+    from loraserve.inference.bench.report import build_report
+    from loraserve.inference.bench.runner import GrpcTarget, InProcessTarget, run_benchmark
+
+    lora_dir = os.path.join(work, "loras")
+    make_random_adapters(model, lora_dir, a.adapters, a.rank, dtype=torch.float32 if a.tiny else torch.bfloat16)
     data = os.path.join(work, "lora.jsonl")
-    assert cli(["bench", "prepare-dataset", "--model", model, "--num-requests", str(a.requests), *lens,
+    lens = ["--input-mean", str(a.input_mean), "--input-stdev", str(a.input_mean // 4),
+            "--output-mean", str(a.output_mean), "--output-stdev", str(a.output_mean // 4)]
+    assert cli(["bench", "prepare-dataset", "--model", model, "--num-requests", str(a.requests + 2), *lens,
                 "--rand-task-id", "0", str(a.adapters - 1), "--lora-dir", lora_dir, "--popularity", "zipf",
                 "--output", data]) == 0
-    base_data = os.path.join(work, "base.jsonl")
-    with open(data) as src, open(base_data, "w") as dst:
-        for line in src:
-            d = json.loads(line)
-            d.pop("lora_request", None)
-            dst.write(json.dumps(d) + "\n")
-    yaml_path = os.path.join(work, "extra.yaml")
+    rows = read_jsonl(data)
+    warm, reqs = rows[:2], rows[2:]
+    base = [r.__class__.from_json({k: v for k, v in r.to_json().items() if k != "lora_request"}) for r in rows]
+    lora_cfg = {"max_lora_rank": a.rank, "max_loras": a.gpu_slots, "max_cpu_loras": a.adapters}
+    kwargs = {"lora_config": lora_cfg, "kv_cache_config": {"free_gpu_memory_fraction": 0.5}}
+    if a.tiny:
+        kwargs.update(device="cpu", dtype="float32")
+    out = {"adapters": a.adapters, "rank": a.rank, "gpu_slots": a.gpu_slots}
+    out["lora"] = lora_summary(run_load(InProcessTarget(model, kwargs), warm, reqs, a.concurrency, None))
+    free_memory()
+    out["base"] = lora_summary(run_load(InProcessTarget(model, kwargs), base[:2], base[2:], a.concurrency, None))
+    free_memory()
+    out["lora_vs_base_output_tok_s"] = out["lora"]["output_tokens_per_s"] / out["base"]["output_tokens_per_s"]
+    yaml_path = os.path.join(work, "lora.yaml")
     with open(yaml_path, "w") as f:
-        f.write(f"lora_config:\n  max_lora_rank: {a.rank}\n  max_loras: {a.gpu_slots}\n  max_cpu_loras: {a.adapters}\n"
-                "kv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
-    common = ["--model", model, "--extra_llm_api_options", yaml_path, "--concurrency", str(a.concurrency),
-              "--warmup", "2", "--no-progress"]
-    if a.tiny:
-        common += ["--device", "cpu", "--dtype", "float32"]
+        json.dump(kwargs, f)   # JSON is YAML
+    srv = ServerProcess(model, yaml_path, a.tiny, os.path.join(a.out, "server_lora.log"),
+                        ["--allowed-lora-dir", lora_dir])
+    try:
+        srv.wait_serving()
 
-    for name, dataset, plot in (("lora", data, True), ("base", base_data, False)):
-        report = os.path.join(a.out, f"{name}_report.json")
-        args = ["bench", "throughput", "--dataset", dataset, *common, "--report-json", report]
-        if plot:
-            args += ["--plot", os.path.join(a.out, f"{name}_latency.png")]
-        rc = cli(args)
-        with open(report) as f:
-            summary[name] = summary_of(json.load(f))
-        summary[name]["exit_code"] = rc
-        free_memory()
-    summary["lora_vs_base_output_tok_s"] = (summary["lora"]["output_tokens_per_s"] /
-                                            summary["base"]["output_tokens_per_s"])
-
-    write_summary(a.out, summary)
-    if not a.skip_grpc:
-        try:
-            summary["grpc"] = grpc_run(a, model, lora_dir, data, work)
-        except Exception as exc:  # noqa: BLE001 - keep the in-process numbers
-            summary["grpc"] = {"error": f"{type(exc).__name__}: {exc}"}
-
-    write_summary(a.out, summary)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def write_summary(out: str, summary: dict) -> None:
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-
-
-def grpc_run(a, model: str, lora_dir: str, data: str, work: str) -> dict:
-    """A real gRPC server in a background thread, driven by `bench throughput --address`."""
-    from loraserve.cli import main as cli
-    from loraserve.inference.serve_config import ServeConfig
-    from loraserve.inference.testing import RunningInference
-
-    llm_kwargs = {"lora_config": {"max_lora_rank": a.rank, "max_loras": a.gpu_slots, "max_cpu_loras": a.adapters},
-                  "kv_cache_config": {"free_gpu_memory_fraction": 0.5}}
-    if a.tiny:
-        llm_kwargs.update(device="cpu", dtype="float32")
-    cfg = ServeConfig(model=model, port=0, registry_address=None, allowed_lora_dirs=[lora_dir],
-                      adapter_cache_dir=os.path.join(work, "cache"), llm_kwargs=llm_kwargs)
-    report = os.path.join(a.out, "grpc_report.json")
-    with RunningInference(cfg) as srv:
-        rc = cli(["bench", "throughput", "--dataset", data, "--address", srv.address, "--num-requests",
-                  str(a.grpc_requests), "--request-rate", str(a.rate), "--warmup", "2", "--no-progress",
-                  "--report-json", report, "--plot", os.path.join(a.out, "grpc_latency.png")])
-    with open(report) as f:
-        out = summary_of(json.load(f))
-    out["exit_code"] = rc
+        async def grpc_run():
+            target = GrpcTarget(srv.address)
+            await target.start()
+            try:
+                return await run_benchmark(target, reqs[:a.grpc_requests], request_rate=a.rate, warmup=0,
+                                           progress=False)
+            finally:
+                await target.close()
+        out["grpc"] = lora_summary(build_report(asyncio.run(grpc_run()), include_requests=False))
+    except Exception as exc:  # noqa: BLE001 - keep the in-process numbers
+        out["grpc"] = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        srv.stop()
     return out
 
 

@@ -65,6 +65,8 @@ class LLMEngine:
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else bool(config.async_scheduling))
         self._inflight: tuple[ScheduledBatch, StepOutput] | None = None   # launched, not yet post-processed
+        # host-time accounting (benchmarks): steps run, and seconds step() spent blocked on the device
+        self.num_steps, self.device_wait_s = 0, 0.0
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -157,6 +159,7 @@ class LLMEngine:
             seq.error = f"adapter {getattr(seq.lora, 'name', '')!r} could not be loaded: {exc}"
             failed.append(self.abort_request(seq.request_id))
         outputs = [out for out in failed if out is not None]
+        self.num_steps += 1
         try:
             launched = self._launch(batch) if batch else None
             done, self._inflight = (self._inflight, launched) if self.async_scheduling else (launched, None)
@@ -180,6 +183,7 @@ class LLMEngine:
 
     def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         tokens, logprobs, ok, top = out.fetch()
+        self.device_wait_s += out.wait_s
         now = time.monotonic()
         progressed = []
         for seq, token, logprob, good, alts in zip(out.seqs, tokens, logprobs, ok, top):

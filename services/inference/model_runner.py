@@ -3,6 +3,7 @@ allocates the paged KV cache, and samples the next token of every sequence that 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -143,15 +144,15 @@ class StepOutput:
     def __init__(self, seqs: list, sampled: SamplerOutput | None):
         self.seqs, self.sampled = seqs, sampled       # seqs: [S] sampling sequences, in row order
         self._host = self._top = self._event = None
+        self.wait_s = 0.0     # how long fetch() blocked on the device (the host's idle time)
         if sampled is None:
             return
         # [3, S] float64 (token ids < 2**53 are exact): one device->host copy for the common fields
         packed = torch.stack([sampled.tokens.double(), sampled.logprobs.double(), sampled.ok.double()])
         non_blocking = packed.is_cuda
-        self._host = packed.to("cpu", non_blocking=non_blocking)
+        self._host = _to_host(packed)
         if sampled.top_ids is not None:
-            self._top = (sampled.top_ids.to("cpu", non_blocking=non_blocking),
-                         sampled.top_logprobs.to("cpu", non_blocking=non_blocking))
+            self._top = (_to_host(sampled.top_ids), _to_host(sampled.top_logprobs))
         if non_blocking:
             self._event = torch.cuda.Event()
             self._event.record()
@@ -161,7 +162,9 @@ class StepOutput:
         if self._host is None:
             return [], [], [], []
         if self._event is not None:
+            t = time.perf_counter()
             self._event.synchronize()
+            self.wait_s = time.perf_counter() - t
         tokens, logprobs, ok = self._host.tolist()
         top: list[dict[int, float] | None] = [None] * len(self.seqs)
         if self._top is not None:
@@ -171,3 +174,13 @@ class StepOutput:
                 if k:
                     top[i] = dict(zip(ids[i][:k], values[i][:k]))
         return [int(t) for t in tokens], logprobs, [bool(o) for o in ok], top
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device->host copy that does not block: into pinned memory (a pageable target would make the
+    copy synchronous, and the host would wait for the whole step right after launching it)."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

@@ -199,3 +199,24 @@ def test_slow_consumer_gets_coalesced_messages(tiny_llama):
     assert [t for m in msgs for t in m.token_ids_diff] == want.token_ids == msgs[-1].token_ids
     assert "".join(m.text_diff for m in msgs) == want.text
     assert len(msgs[-1].top_logprobs) == 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eager", [False, True])
+def test_overlap_on_cuda_matches_serial_and_hf(tiny_llama, eager):
+    """On CUDA the overlapped loop is the default: with CUDA graphs (decode inputs fed from the
+    device buffer of the previous step) and eagerly, token-identical to the serial loop and to HF."""
+    path, hf = tiny_llama
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = {}
+    for overlap in (False, True):
+        llm = LLM(model=path, dtype="float32", device="cuda", enforce_eager=eager, async_scheduling=overlap)
+        outs[overlap] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, p)]
+        assert llm.engine.stats()["free_kv_blocks"] == llm.engine.stats()["total_kv_blocks"]
+        del llm
+    assert outs[False] == outs[True]
+    for prompt, toks in zip(PROMPTS[:3], outs[True]):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        assert toks == ref

@@ -31,6 +31,15 @@ class DeviceTier:
         return sum(1 for h in self.owner if h is not None)
 
 
+    def limit_slots(self, n: int) -> None:
+        """Use only the first n slots (n <= the allocated ones; nothing pinned): benchmarks compare
+        tier sizes on one engine, whose CUDA graphs captured the slot buffers."""
+        assert 1 <= n <= self.slots.num_slots and self.num_pinned == 0
+        for h in list(self.owner):
+            if h is not None:
+                self.remove(h)
+        self.owner = [None] * n
+
     def place(self, handle) -> bool:
         """Copy handle's host weights into a free (or freed) slot; False if every slot is pinned."""
         slot = self._free_slot()

@@ -1,0 +1,331 @@
+"""Adapter churn benchmark (issue 12) on the in-process engine: thousands of adapters without a cliff.
+
+Same requests in each run (closed loop, at most C in flight, fresh random prompts), one engine:
+
+  1. churn: N adapters (rank 8/16/32/64 mixed, on q_proj+v_proj), Zipf(s) popularity, GPU tier
+     sized by memory for 64 rank-16 adapters; vs the same requests with all N adapters resident
+     on the GPU  ->  churn_tok_s_ratio (>= 0.85 target), churn_p99_ttft_ratio (<= 2 target);
+  2. 32 adapters, all resident, uniform  vs  the same load without adapters
+     ->  resident32_vs_base_tok_s (>= 0.9 target);
+  3. cold adapter to first token at no load (one 64-token prompt, max_tokens=1), rank 16 on all
+     seven modules: registry on loopback when the registry can run here (it needs SQLAlchemy),
+     else a local PEFT directory through lora_path (the JSON says which)  ->  cold_adapter_ttft_s.
+
+One engine serves runs 1-2: its GPU tier is allocated for all N adapters and the churn run uses
+only the first `slots` of it (DeviceTier.limit_slots), so the KV cache, CUDA graphs and requests
+are the same in every run. Slots are max_lora_rank wide (no per-rank packing yet), so "64 rank-16
+adapters by memory" is 64 * 16 / max_lora_rank slots. Adapters are random tensors made on the
+device and staged into pinned host memory directly (no disk round trip); the host tier holds all.
+
+    python3 benchmarks/bench_churn.py --json benchmarks/results/churn_h200.json      # GPU, 8B shape
+    python3 benchmarks/bench_churn.py --tiny --json /tmp/churn.json                  # CPU, tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+CHURN_MODULES = ("q_proj", "v_proj")
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---- adapters in memory ------------------------------------------------------------------------
+def random_adapter(shapes: dict[str, tuple[int, int]], modules, num_layers: int, rank: int, seed: int,
+                   device: torch.device, dtype: torch.dtype):
+    """A LoraAdapter with A [r, in], B [out, r] per (layer, module): one tensor per module made on
+    `device`, copied once into (pinned, on CUDA) host memory, viewed per layer."""
+    from loraserve.adapters import LoraAdapter
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for m in modules:
+        fan_in, fan_out = shapes[m]
+        a = torch.randn(num_layers, rank, fan_in, generator=g, device=device, dtype=torch.float32) / fan_in ** 0.5
+        b = torch.randn(num_layers, fan_out, rank, generator=g, device=device, dtype=torch.float32) * 0.01
+        pin = device.type == "cuda"
+        a_host = torch.empty(a.shape, dtype=dtype, pin_memory=pin).copy_(a.to(dtype))
+        b_host = torch.empty(b.shape, dtype=dtype, pin_memory=pin).copy_(b.to(dtype))
+        for layer in range(num_layers):
+            weights[(layer, m)] = (a_host[layer], b_host[layer])
+    return LoraAdapter(format="hf", rank=rank, alpha=float(rank), use_rslora=False, target_modules=sorted(modules),
+                       num_layers=num_layers, weights=weights, digest=f"sha256:{seed:064x}")
+
+
+def register_adapters(engine, n: int, seed: int) -> list[int]:
+    """n random adapters into the host tier, registered by int id 1..n; returns their ranks."""
+    from loraserve import LoRARequest
+
+    mgr = engine.lora_manager
+    rng = np.random.default_rng(seed)
+    ranks = [int(r) for r in rng.choice([8, 16, 32, 64], size=n)]
+    ranks = [min(r, mgr.max_rank) for r in ranks]
+    shapes = engine.args.lora_module_shapes()
+    for i, r in enumerate(ranks):
+        adapter = random_adapter(shapes, CHURN_MODULES, engine.args.num_hidden_layers, r, seed * 100_000 + i,
+                                 engine.device, engine.dtype)
+        mgr.add_adapter(adapter, LoRARequest(f"churn-{i}", i + 1)).release()
+    assert mgr.stats_dict()["host_adapters"] == n, "the host tier must hold every adapter"
+    return ranks
+
+
+def make_resident(engine, ids: list[int]) -> None:
+    mgr = engine.lora_manager
+    with mgr.lock:
+        for i in ids:
+            h = mgr.handles[mgr.by_id[i]]
+            if h.slot is None:
+                assert mgr.device_tier.place(h), "GPU tier too small to make every adapter resident"
+
+
+# ---- load ------------------------------------------------------------------------------------------
+def make_requests(n: int, vocab: int, in_len: int, out_len: int, adapter_ids: list[int | None], seed: int):
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(2, vocab, size=(n, in_len)).tolist()
+    return [(p, out_len, a) for p, a in zip(prompts, adapter_ids)]
+
+
+def zipf_ids(n_requests: int, n_adapters: int, s: float, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, n_adapters + 1) ** s
+    perm = rng.permutation(n_adapters) + 1  # popularity order unrelated to rank
+    return [int(perm[k]) for k in rng.choice(n_adapters, size=n_requests, p=w / w.sum())]
+
+
+def run_closed_loop(engine, requests, concurrency: int, tag: str) -> dict:
+    """At most `concurrency` requests in flight; returns tok/s and TTFT percentiles."""
+    from loraserve import LoRARequest, SamplingParams
+
+    pending = list(reversed(requests))
+    inflight, ttfts, tokens = 0, [], 0
+    t0 = time.perf_counter()
+    k = 0
+    while pending or inflight:
+        while pending and inflight < concurrency:
+            prompt, out_len, aid = pending.pop()
+            lr = None if aid is None else LoRARequest(f"churn-{aid - 1}", aid)
+            engine.add_request(f"{tag}-{k}", prompt, SamplingParams(max_tokens=out_len, temperature=0,
+                                                                   ignore_eos=True), lr)
+            k += 1
+            inflight += 1
+        for out in engine.step():
+            if out.finished:
+                inflight -= 1
+                tokens += len(out.outputs[0].token_ids)
+                ttfts.append(out.metrics.ttft)
+    wall = time.perf_counter() - t0
+    q = np.percentile(ttfts, [50, 99])
+    stats = engine.lora_manager.stats_dict()
+    return {"requests": len(requests), "output_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_p50_s": float(q[0]), "ttft_p99_s": float(q[1]), "device": stats["device"]}
+
+
+# ---- cold adapter ----------------------------------------------------------------------------------
+def time_first_token(engine, prompt: list[int], lora_request=None, resolve=None) -> float:
+    """Seconds from the request (including resolve(), when given) to its first token."""
+    from loraserve import SamplingParams
+
+    t0 = time.perf_counter()
+    hold = resolve() if resolve is not None else None
+    engine.add_request(f"cold-{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0,
+                                                                              ignore_eos=True),
+                       None if hold is not None else lora_request, lora_handle=hold)
+    while True:
+        for out in engine.step():
+            if out.finished:
+                return time.perf_counter() - t0
+
+
+def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, use_registry: bool) -> dict:
+    from loraserve import LLM, LoraConfig, LoRARequest
+    from loraserve.adapters import write_peft_adapter
+
+    llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=8,
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=4),
+              kv_cache_config={"free_gpu_memory_fraction": 0.3})
+    eng = llm.engine
+    shapes = eng.args.lora_module_shapes()
+    prompt = list(range(10, 74))
+    paths = []
+    for i in range(n):  # PEFT dirs on local disk, rank 16 on all seven modules
+        ad = random_adapter(shapes, ALL_MODULES, eng.args.num_hidden_layers, 16, 7_000 + i, eng.device, torch.float32)
+        raw = {k: (a.float(), (b.float() * 1.0)) for k, (a, b) in ad.weights.items()}  # alpha = r: scale 1
+        paths.append(str(write_peft_adapter(os.path.join(workdir, f"cold-{i}"), raw, 16, 16.0)))
+        del ad, raw
+    base = [time_first_token(eng, prompt) for _ in range(3)]
+    result = {"base_ttft_s": statistics.median(base)}
+    cold, warm = [], []
+    if use_registry:
+        from loraserve.inference.adapter_source import AdapterFetcher
+        from loraserve.registry.client import RegistryClient
+        from loraserve.registry.config import RegistryConfig
+        from loraserve.registry.testing import RunningRegistry
+
+        with RunningRegistry(RegistryConfig(data_dir=os.path.join(workdir, "registry"))) as reg:
+            with RegistryClient(reg.address) as client:
+                for i, p in enumerate(paths):
+                    client.push(p, f"cold-{i}", base_model="bench")
+            fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "fetch-cache"))
+            loop = asyncio.new_event_loop()
+            for i in range(n):
+                def resolve(i=i):
+                    f = loop.run_until_complete(fetcher.fetch(f"cold-{i}"))
+                    return eng.lora_manager.resolve(LoRARequest(f"cold-{i}", 10_000 + i, f.path, f.format),
+                                                    trusted=True)
+                cold.append(time_first_token(eng, prompt, resolve=resolve))
+                warm.append(time_first_token(eng, prompt, LoRARequest(f"cold-{i}", 10_000 + i)))
+            loop.run_until_complete(fetcher.close())
+            loop.close()
+        result["cold_source"] = "registry on loopback (download + digest check + parse + stage + copy)"
+    else:
+        for i, p in enumerate(paths):
+            req = LoRARequest(f"cold-{i}", 10_000 + i, p)
+            cold.append(time_first_token(eng, prompt, req))
+            warm.append(time_first_token(eng, prompt, req))
+        result["cold_source"] = "local PEFT dir via lora_path (parse + stage + copy; no registry: no SQLAlchemy here)"
+    result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
+                  cold_ttft_all_s=cold)
+    llm.shutdown()
+    del llm, eng
+    free_memory()
+    return result
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def registry_available() -> bool:
+    try:
+        import sqlalchemy  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (a check of the flow)")
+    ap.add_argument("--model", help="an existing checkpoint dir (default: build one: 8B shape, or tiny)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--adapters", type=int, help="distinct adapters in the churn run (1000; tiny 40)")
+    ap.add_argument("--requests", type=int, help="requests per run (512; tiny 48)")
+    ap.add_argument("--concurrency", type=int, help="in flight (64; tiny 8)")
+    ap.add_argument("--input-len", type=int, help="prompt tokens (256; tiny 24)")
+    ap.add_argument("--output-len", type=int, help="output tokens (128; tiny 12)")
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--tier-adapters", type=int, help="GPU tier sized for this many rank-16 adapters (64; tiny 16)")
+    ap.add_argument("--cold", type=int, default=3, help="cold adapters timed (median reported)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    tiny = args.tiny
+    n_adapters = args.adapters or (40 if tiny else 1000)
+    n_req = args.requests or (48 if tiny else 512)
+    conc = args.concurrency or (8 if tiny else 64)
+    in_len = args.input_len or (24 if tiny else 256)
+    out_len = args.output_len or (12 if tiny else 128)
+    device, dtype = ("cpu", "float32") if tiny else ("cuda", "bfloat16")
+
+    from loraserve import LLM, LoraConfig, PeftCacheConfig
+
+    workdir = tempfile.mkdtemp(prefix="bench-churn-")
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = os.path.join(workdir, "model")
+        if tiny:
+            from tests.inference.conftest import make_random_model
+            make_random_model(model_dir, "llama")
+        else:
+            from benchmarks.bench_engine import build_checkpoint
+            build_checkpoint(model_dir, args.layers)
+        free_memory()
+
+    # 3) cold adapter first, on its own engine (all seven modules, rank 16)
+    cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available())
+    print(f"cold adapter to first token: {cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); "
+          f"resident {cold['resident_ttft_s'] * 1e3:.1f} ms; no adapter {cold['base_ttft_s'] * 1e3:.1f} ms")
+
+    # 1-2) one engine, GPU tier allocated for every adapter (q_proj + v_proj, max rank 64)
+    max_rank = 64
+    with open(os.path.join(model_dir, "config.json")) as f:
+        num_layers = json.load(f)["num_hidden_layers"]
+    llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=conc,
+              lora_config=LoraConfig(max_lora_rank=max_rank, max_cpu_loras=n_adapters,
+                                     lora_target_modules=list(CHURN_MODULES)),
+              peft_cache_config=PeftCacheConfig(num_device_module_layer=n_adapters * num_layers * len(CHURN_MODULES)),
+              kv_cache_config={"free_gpu_memory_fraction": 0.5})
+    eng, mgr = llm.engine, llm.engine.lora_manager
+    t = time.perf_counter()
+    ranks = register_adapters(eng, n_adapters, args.seed + 1)
+    print(f"{n_adapters} adapters (rank: count {({int(r): ranks.count(r) for r in sorted(set(ranks))})}) staged in "
+          f"{time.perf_counter() - t:.1f} s; GPU tier {mgr.num_slots} slots")
+    vocab = eng.args.vocab_size
+    args.tier_adapters = args.tier_adapters or (16 if tiny else 64)
+    tier_slots = max(1, args.tier_adapters * 16 // max_rank)
+
+    def fresh(tag_seed, ids):
+        return make_requests(n_req, vocab, in_len, out_len, ids, tag_seed)
+
+    warm = fresh(99, [None] * min(n_req, conc))
+    run_closed_loop(eng, warm[:conc], conc, "warmup")
+
+    churn_ids = zipf_ids(n_req, n_adapters, args.zipf, args.seed + 2)
+    churn_reqs = fresh(args.seed + 3, churn_ids)
+    mgr.device_tier.limit_slots(mgr.num_slots)
+    make_resident(eng, list(range(1, n_adapters + 1)))
+    resident = run_closed_loop(eng, churn_reqs, conc, "resident")
+    mgr.device_tier.limit_slots(tier_slots)
+    churn = run_closed_loop(eng, churn_reqs, conc, "churn")
+    mgr.device_tier.limit_slots(mgr.num_slots)
+    print(f"churn ({tier_slots} slots = {args.tier_adapters} rank-16 adapters by memory, {len(set(churn_ids))} "
+          f"distinct adapters requested): {churn['tok_s']:.0f} tok/s, TTFT p50 {churn['ttft_p50_s']:.3f} s "
+          f"p99 {churn['ttft_p99_s']:.3f} s")
+    print(f"all {n_adapters} resident: {resident['tok_s']:.0f} tok/s, TTFT p50 {resident['ttft_p50_s']:.3f} s "
+          f"p99 {resident['ttft_p99_s']:.3f} s")
+
+    ids32 = [1 + (k % 32) for k in range(n_req)]
+    make_resident(eng, list(range(1, 33)))
+    reqs = fresh(args.seed + 4, ids32)
+    r32 = run_closed_loop(eng, reqs, conc, "r32")
+    base = run_closed_loop(eng, [(p, o, None) for p, o, _ in reqs], conc, "base")
+    print(f"32 resident: {r32['tok_s']:.0f} tok/s vs no adapters {base['tok_s']:.0f} tok/s")
+
+    figures = {
+        "churn_tok_s_ratio": churn["tok_s"] / resident["tok_s"],
+        "churn_p99_ttft_ratio": churn["ttft_p99_s"] / resident["ttft_p99_s"],
+        "resident32_vs_base_tok_s": r32["tok_s"] / base["tok_s"],
+        "cold_adapter_ttft_s": cold["cold_ttft_s"],
+    }
+    for k, v in figures.items():
+        print(f"{k}: {v:.3f}")
+    if args.json:
+        report = dict(figures, meta=dict(
+            device=torch.cuda.get_device_name() if device == "cuda" else "cpu", tiny=tiny, adapters=n_adapters,
+            requests=n_req, concurrency=conc, input_len=in_len, output_len=out_len, zipf=args.zipf,
+            churn_modules=list(CHURN_MODULES), max_lora_rank=max_rank, churn_tier_slots=tier_slots,
+            tier_adapters_rank16=args.tier_adapters, all_resident_slots=mgr.num_slots,
+            command=" ".join(sys.argv)),
+            churn=churn, all_resident=resident, resident32=r32, base=base, cold=cold)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    llm.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

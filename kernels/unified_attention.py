@@ -187,9 +187,11 @@ if HAS_TRITON:
                  mask=offs_d < D)
 
 
-# H200: 132 SMs. Split-KV aims the grid at about two waves of programs.
-TARGET_PROGRAMS = 264
-MAX_SPLITS = 32
+# H200: 132 SMs. Split-KV aims the grid at about four waves of programs (measured on the H200,
+# batch 1 at 32k: 8 splits 127 us, 16: 72, 32: 47, 64: 44; kernels/PERF_NOTES.md).
+TARGET_PROGRAMS = 528
+MAX_SPLITS = 64
+PROGRAMS_PER_SM = 3  # programs of the decode/prefill tiles resident on one SM at a time (~)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -202,23 +204,41 @@ def launch_config(max_query_len: int, group: int, elem_bytes: int = 2) -> dict:
     """Tile shape for a step whose longest query run is `max_query_len` (static per captured shape).
 
     Decode-like steps use the smallest tile (BLOCK_M 16 rows = 16 // G tokens of a GQA group),
-    prefill steps up to 128 rows; TILE_N keys per iteration, whatever the KV block size. fp32
+    longer runs 64 rows (H200 sweep, 8 x 1024 prefill: 64 rows / 64 keys / 4 warps / 2 stages
+    274 us; 128 rows 298-338 us); TILE_N keys per iteration, whatever the KV block size. fp32
     tiles are halved along the keys so that K/V stages fit in shared memory."""
     g_pad = 1 << (group - 1).bit_length()
     rows = 1 << (max(1, max_query_len) * group - 1).bit_length()
-    block_m = max(16, g_pad, min(128, rows))
+    block_m = max(16, g_pad, min(64, rows))
     tile_n = 64 if elem_bytes <= 2 else 32
-    if block_m <= 64:
-        return dict(BLOCK_M=block_m, TILE_N=tile_n, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=block_m, TILE_N=tile_n, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=block_m, TILE_N=tile_n, num_warps=4, num_stages=2)
 
 
 def choose_num_splits(num_programs: int, max_kv_tiles: int, device: torch.device) -> int:
-    """Splits so that about TARGET_PROGRAMS programs run, never more than the key tiles."""
+    """Static choice (graph capture: only sizes known): splits so that about TARGET_PROGRAMS
+    programs run, never more than the key tiles."""
     target = TARGET_PROGRAMS * _num_sms(device) // 132
     if num_programs >= target // 2:
         return 1
     return max(1, min(MAX_SPLITS, -(-target // num_programs), max_kv_tiles))
+
+
+def plan_num_splits(query_lens, seq_lens, num_heads: int, num_kv_heads: int, elem_bytes: int,
+                    device: torch.device) -> int:
+    """Per-step choice from the host copies of the query and context lengths ([B] each): split
+    until the heaviest program (the longest context's last tile) takes no longer than an even
+    share of the step's work over the SMs. Batch 1 x 32k -> ~50 splits; batch 64 x 512 -> 1;
+    64 decodes + a 512-token chunk over 2k -> 2 (that chunk's 2k-key tiles are the long pole)."""
+    q = torch.as_tensor(query_lens, dtype=torch.float64)
+    L = torch.as_tensor(seq_lens, dtype=torch.float64)
+    group = num_heads // num_kv_heads
+    cfg = launch_config(int(q.max()), group, elem_bytes)
+    block_q, tile_n = cfg["BLOCK_M"] // group, cfg["TILE_N"]
+    # each query tile walks the keys up to its causal limit: on average L - Q / 2 of them
+    work = float(((q / block_q).ceil() * ((L - q / 2) / tile_n).ceil().clamp(min=1)).sum()) * num_kv_heads
+    heavy = math.ceil(float(L.max()) / tile_n)
+    slots = PROGRAMS_PER_SM * _num_sms(device)
+    return max(1, min(MAX_SPLITS, heavy, math.ceil(heavy * slots / work)))
 
 
 def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -228,8 +248,9 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
 
     max_query_len: an upper bound of the query run lengths (picks the tile shape; static per
     graph). max_seq_len: an upper bound of seq_lens, used only to cap the split count
-    (default: the block table's width x BS, a static bound). num_splits / config override the
-    automatic choice (benchmarks, tests). Every seq_lens[b] must be >= its query length >= 1.
+    (default: the block table's width x BS, a static bound). num_splits: from plan_num_splits
+    when the caller has the host lengths; None picks from static sizes (graph capture).
+    config overrides the tile shape (benchmarks, tests). Every seq_lens[b] must be >= its query length >= 1.
     """
     N, H, D = q.shape
     num_blocks, BS, KVH, Dk = k_cache.shape

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from .context import Context, get_context, split_mixed
 
 # pure-decode steps (the CUDA-graph path) on CUDA: "unified" (the step kernel) or "paged_decode"
-# (kernels/paged_attention.py); chosen by benchmarks/bench_attention.py, see kernels/PERF_NOTES.md
-DECODE_KERNEL = "paged_decode"
+# (kernels/paged_attention.py). H200, bf16, Llama-3-8B heads (benchmarks/bench_attention.py):
+# unified 12.7 / 47 / 39 us vs paged_decode 16.1 / 91 / 56 us at batch 1 x 4k / 1 x 32k / 64 x 512.
+DECODE_KERNEL = "unified"
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -72,7 +73,7 @@ def _kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
         return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
                                       max_seq_len=ctx.max_seq_len)
-    from loraserve.kernels.unified_attention import unified_attention
+    from loraserve.kernels.unified_attention import plan_num_splits, unified_attention
 
     if ctx.query_start_loc is None:  # a Context built without prepare_attention: fill it once per step
         if ctx.decode_only:  # device-side arange: also fine inside a CUDA-graph capture
@@ -82,8 +83,12 @@ def _kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             qlens = torch.tensor(ctx.query_lens, dtype=torch.int32)
             ctx.query_start_loc = F.pad(qlens.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device)
             ctx.max_query_len = int(qlens.max())
+    if ctx.num_splits is None and ctx.context_lens_list is not None:  # host lengths known: plan once per step
+        ctx.num_splits = plan_num_splits(ctx.query_lens, ctx.context_lens_list, q.shape[1], k_cache.shape[2],
+                                         q.element_size(), q.device)
+    # without host lengths (a CUDA-graph context) the launcher picks the split from static sizes
     return unified_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
-                             ctx.max_query_len, scale, max_seq_len=ctx.max_seq_len)
+                             ctx.max_query_len, scale, max_seq_len=ctx.max_seq_len, num_splits=ctx.num_splits)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -35,6 +35,8 @@ class Context:
     query_start_loc: torch.Tensor | None = None
     max_query_len: int | None = None
     max_seq_len: int | None = None
+    # split-KV ways for the step (attention plans it on the first layer from the host lengths)
+    num_splits: int | None = None
     # batch LoRA state (loraserve.inference.lora.layers.LoRABatch) or None when no row has an adapter
     lora: Any = None
 

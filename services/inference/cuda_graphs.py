@@ -102,6 +102,7 @@ class CudaGraphRunner:
             self.token_slot[n:bs].fill_(-1)
             self.lora_builder.build(self.token_slot[:bs])
             self.lora_manager.slots.wait_for_copies()
-        graph, out, _ = self.graphs[bs]
+        # the LoRA variant is exact for rows without adapters too (slot -1 adds nothing)
+        graph, out, _ = self.graphs[(bs, self.lora_builder is not None)]
         graph.replay()
         return out[:n]

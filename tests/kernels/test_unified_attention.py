@@ -76,15 +76,21 @@ def test_reference_equals_engine_torch_path(batch) -> None:
 
 
 def test_launch_config_and_splits() -> None:
-    from loraserve.kernels.unified_attention import choose_num_splits, launch_config
+    from loraserve.kernels.unified_attention import choose_num_splits, launch_config, plan_num_splits
 
     assert launch_config(1, 4)["BLOCK_M"] == 16          # decode: one token of a group per 4 rows
     assert launch_config(1, 32)["BLOCK_M"] == 32         # the group never exceeds the tile
-    assert launch_config(1024, 4)["BLOCK_M"] == 128      # prefill: 32 tokens x 4 heads
+    assert launch_config(1024, 4)["BLOCK_M"] == 64       # prefill: 16 tokens x 4 heads
     cpu = torch.device("cpu")
-    assert choose_num_splits(8, 512, cpu) == 32           # batch 1, 8 KV heads, long context: split
+    assert choose_num_splits(8, 512, cpu) == 64           # batch 1, 8 KV heads, long context: split
     assert choose_num_splits(8, 3, cpu) == 3              # never more splits than key tiles
     assert choose_num_splits(512, 512, cpu) == 1          # batch 64 fills the GPU alone
+    # per-step plans from host lengths (Llama-3-8B heads, bf16)
+    assert plan_num_splits([1], [32768], 32, 8, 2, cpu) > 32
+    assert plan_num_splits([1] * 64, [512] * 64, 32, 8, 2, cpu) == 1
+    assert plan_num_splits([1024] * 8, [1024] * 8, 32, 8, 2, cpu) == 1
+    assert plan_num_splits([1] * 64 + [512], [512] * 64 + [2048], 32, 8, 2, cpu) == 2
+    assert plan_num_splits([1], [5], 32, 8, 2, cpu) == 1  # one key tile: nothing to split
 
 
 # ---- GPU ----

@@ -20,7 +20,6 @@ import dataclasses
 import gzip
 import hashlib
 import lzma
-import math
 import os
 import stat
 import tarfile
@@ -29,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterFormatError, shorten
+from .errors import AdapterFormatError, clip, shorten
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # A file at the root of an artifact that tells where the artifact's root is.
@@ -191,7 +190,7 @@ def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits
     if max_bytes is not None and limits.max_total_bytes > max_bytes:  # the tighter of both wins
         limits = dataclasses.replace(limits, max_total_bytes=max_bytes)
     p = Path(path)
-    origin = shorten(p.name or str(p), 60).strip("'\"")
+    origin = clip(p.name or str(p))
     if p.is_dir():
         return DirBundle(p, origin, limits, confine_to)
     if not p.is_file():

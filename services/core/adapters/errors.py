@@ -13,6 +13,11 @@ def shorten(value: object, limit: int = 200) -> str:
     return repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
+def clip(text: str, limit: int = 60) -> str:
+    """`text` itself when short, else its first `limit` characters and a count (no quotes added)."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
 class AdapterFormatError(ValueError):
     """An adapter artifact is malformed, unsafe or incompatible.
 

@@ -9,7 +9,7 @@ import torch
 
 from .adapter import LoraAdapter
 from .bundle import ArchiveLimits, Bundle, artifact_digest, open_bundle
-from .errors import AdapterFormatError, shorten
+from .errors import AdapterFormatError, clip, shorten
 from .nemo_format import parse_nemo
 from .peft_format import parse_peft
 
@@ -78,7 +78,7 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
 
 
 def _origin_of(path: str | os.PathLike) -> str:
-    return shorten(os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path), 60).strip("'\"")
+    return clip(os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path))
 
 
 def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype) -> LoraAdapter:  # type: ignore[no-untyped-def]

@@ -188,6 +188,16 @@ def m_pickle(rng: random.Random, files: Files) -> None:
     name = next((n for n in files if n.endswith((".ckpt", ".bin"))), None)
     if name is None:
         return
+    if rng.random() < 0.2 and files[name].startswith(b"PK"):  # same checkpoint, records deflated
+        src = zipfile.ZipFile(io.BytesIO(files[name]))
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as dst:
+            for info in src.infolist():
+                record = zipfile.ZipInfo(info.filename)
+                record.compress_type = rng.choice([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+                dst.writestr(record, src.read(info))
+        files[name] = out.getvalue()
+        return
     obj = rng.choice([[1, 2], {"a": 1}, {"k": {"nested": torch.ones(2)}}, {1: torch.ones(2, 2)}, torch.ones(3),
                       {"model.decoder.layers.0.self_attention.adapter_layer.lora_kqv_adapter.linear_in.weight":
                        torch.ones(4, 64, dtype=torch.int64)}, {"state_dict": [1]}, None])

@@ -129,3 +129,30 @@ def test_engine_limits_scale_with_max_lora_rank(tmp_path):
     small = ArchiveLimits(max_total_bytes=small.max_total_bytes - (16 << 20) + (64 << 10))  # no slack
     with pytest.raises(AdapterFormatError, match="exceeds max_bytes"):
         load_adapter(path, limits=small)
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.bin", "model_weights.ckpt"])
+def test_deflated_torch_checkpoint_is_not_inflated(tmp_path, weights):
+    """torch.load inflates deflated zip records without a limit: a 17 KB .bin of 16 MiB zeros (and
+    a 3 MB one of gigabytes) must be refused before torch.load, whatever packs it."""
+    import io
+    import zipfile
+
+    import torch
+
+    from loraserve.adapters.testing import make_nemo_adapter
+
+    src = (make_peft_adapter(tmp_path / "hf", seed=4, safetensors=False) if weights.endswith(".bin")
+           else make_nemo_adapter(tmp_path / "nemo", seed=4, packing="dir"))
+    good = zipfile.ZipFile(io.BytesIO((src / weights).read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as w:  # the same checkpoint, data records deflated, one of them padded
+        for info in good.infolist():
+            data = good.read(info)
+            record = zipfile.ZipInfo(info.filename)
+            record.compress_type = zipfile.ZIP_DEFLATED if info.filename.split("/")[-2] == "data" else 0
+            w.writestr(record, data)
+    (src / weights).write_bytes(out.getvalue())
+    assert isinstance(torch.load(io.BytesIO(out.getvalue()), weights_only=True), dict)  # torch itself accepts it
+    with pytest.raises(AdapterFormatError, match="is compressed"):
+        load_adapter(src)

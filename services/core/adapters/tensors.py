@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import zipfile
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -91,8 +92,31 @@ def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{name}: corrupt safetensors file ({detail})") from None
 
 
+def check_torch_zip(data: bytes, name: str) -> None:
+    """A torch zip checkpoint must store its records uncompressed, as torch.save writes them.
+
+    torch.load inflates deflated records without a limit: a 3 MB .bin or .ckpt of deflated zeros
+    would become gigabytes in memory. Stored records cannot hold more than the file's own bytes.
+    """
+    if not data.startswith(b"PK"):
+        return  # the legacy (pre-1.6) pickle format: storages are read 1:1 from the file
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
+        raise AdapterFormatError(f"{name}: corrupt torch checkpoint (not a readable zip: "
+                                 f"{(str(e).splitlines() or [''])[0][:120]})") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(data):
+            raise AdapterFormatError(
+                f"{name}: torch checkpoint record {shorten(info.filename)} is compressed "
+                f"({info.file_size} bytes from {info.compress_size}); torch.save never compresses, and "
+                f"torch.load would inflate it without a limit")
+
+
 def load_torch_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: pickled code (any non-tensor global) is refused."""
+    check_torch_zip(data, name)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except RecursionError:

@@ -3,6 +3,8 @@ all complete, each with the offline engine's output (an engine whose tiers hold 
 from __future__ import annotations
 
 import concurrent.futures
+import re
+import urllib.request
 
 import grpc
 
@@ -29,7 +31,7 @@ def test_64_streams_over_40_adapters_with_a_small_host_tier(tiny_llama, tmp_path
     del offline
 
     cfg = ServeConfig(model=model_path, port=0, registry_address=None, allowed_lora_dirs=[str(allowed)],
-                      adapter_cache_dir=str(tmp_path / "cache"), metrics_port=None, max_queue_size=128,
+                      adapter_cache_dir=str(tmp_path / "cache"), metrics_port=0, max_queue_size=128,
                       llm_kwargs=dict(dtype="float32", device="cpu", max_num_seqs=16,
                                       lora_config=LoraConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=4)))
 
@@ -51,3 +53,8 @@ def test_64_streams_over_40_adapters_with_a_small_host_tier(tiny_llama, tmp_path
         lm = srv.core.lora_manager.stats_dict()
         assert lm["host_adapters"] <= 4 and lm["adapter_holds"] == 0
         assert lm["device"]["misses"] >= NUM_ADAPTERS
+        # per-adapter metrics: 40 adapters, at most 32 named series plus 'other'; nothing lost
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.running.metrics_port}/metrics", timeout=10).read()
+        series = dict(re.findall(r'^loraserve_adapter_requests_total\{adapter="([^"]+)"\} (\S+)$', body.decode(), re.M))
+        assert len(series) == 33 and "other" in series
+        assert sum(float(v) for v in series.values()) == NUM_STREAMS

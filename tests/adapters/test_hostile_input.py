@@ -126,3 +126,19 @@ def test_config_json_is_never_echoed_whole(tmp_path):
     with pytest.raises(AdapterFormatError) as err:
         load_adapter(path)
     assert len(str(err.value)) <= MAX_MESSAGE_CHARS + 60
+
+
+def test_oversized_configs_and_headers_are_refused_before_parsing(tmp_path):
+    """JSON costs ~10x its size in Python objects: configs and safetensors headers are capped."""
+    import struct
+
+    path = make_peft_adapter(tmp_path / "cfg", seed=1)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "padding": "x" * (2 << 20)}))
+    with pytest.raises(AdapterFormatError, match="adapter_config.json is larger than"):
+        load_adapter(path)
+    path = make_peft_adapter(tmp_path / "hdr", seed=1)
+    header = json.dumps({"__metadata__": {"pad": "x" * (20 << 20)}}).encode()
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(AdapterFormatError, match="limit of 16777216 for a LoRA adapter"):
+        load_adapter(path)

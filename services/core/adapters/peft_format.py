@@ -29,6 +29,7 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PREFIX = "base_model.model."
+_MAX_CONFIG_BYTES = 1 << 20
 _REGEX_TIMEOUT_S = 0.5  # patterns come from untrusted uploads: bound the matching time
 # Config fields whose non-empty value changes the math beyond plain LoRA.
 _UNSUPPORTED_FIELDS = {
@@ -55,6 +56,8 @@ class PeftSettings:
 
 def parse_peft_config(raw: bytes, origin: str) -> PeftSettings:
     """Parse and vet adapter_config.json; unsupported features raise AdapterFormatError."""
+    if len(raw) > _MAX_CONFIG_BYTES:  # real ones are ~1 KB; parsing gigabytes of JSON costs ~10x in objects
+        raise AdapterFormatError(f"{origin}: {CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes")
     try:
         cfg = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

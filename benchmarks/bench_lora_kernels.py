@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_shrink
-from loraserve.kernels.lora_apply import workspace_shape
-from loraserve.kernels.lora_fused import lora_shrink_expand
+from loraserve.kernels.lora_apply import choose_path
+from loraserve.kernels.lora_fused import _FITS, fused_plan, lora_shrink_expand
 from loraserve.kernels.lora_shrink import shrink_split_k
 
 # Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336.
@@ -99,7 +99,8 @@ class Case:
         self.y = torch.randn(num_tokens, self.N, device=device, dtype=dtype)
         slots = (torch.arange(num_tokens, device=device) % self.L).to(torch.int32)  # T/L tokens each
         self.meta = LoRAMetaBuilder(num_tokens, self.L, device).build(slots)
-        self.ws = torch.empty(workspace_shape(self.x, self.lora_a[:self.L], self.meta), device=device)
+        self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
+        self.ws = torch.empty(shape, device=device)
         self.buf3 = torch.empty(self.S, num_tokens, R, device=device)
         # bytes any implementation must move: A, B up to rank; x read; y read + written
         self.bytes = self.L * (self.S * rank * hidden + self.N * rank) * 2 + num_tokens * hidden * 2 \
@@ -115,7 +116,13 @@ class Case:
             if kind == "path":  # what the engine runs
                 return lambda: lora_apply(self.x, self.y, a, b, self.offsets, self.meta, self.ranks, self.ws)
             if kind == "fused":
-                return lambda: lora_shrink_expand(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, config=cfg)
+                plan = fused_plan(self.T, self.L, self.meta.block_m, a.shape[2], self.H, self.N, self.S,
+                                  self.x.device, **(cfg or {}))
+                if plan is None:
+                    raise ValueError("fused kernel does not apply")
+                ws = torch.empty(plan["SPLIT_K"], self.S, self.T, a.shape[2], device=self.x.device)
+                return lambda: lora_shrink_expand(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, ws,
+                                                  plan=plan)
             if kind == "2launch":
                 sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(self.x, a, self.meta.block_m)
                 ws = torch.empty(sk, self.S, self.T, a.shape[2], device=self.x.device)
@@ -180,8 +187,11 @@ def metrics(bw: float, with_before: bool = True) -> dict:
         out.update(lora_layer_over_base_3launch=before / base)
         print(f"  before (3 launches): {before:.1f} us = {before / base:.3f}; per proj "
               + ", ".join(f"{p} {u:.1f}" for p, u in per_b.items()), flush=True)
-    one = {p: Case(p, 16, 1, 1).time() for p in PROJECTIONS}
-    out.update(lora_1tok_us_per_proj=statistics.median(one.values()), lora_1tok_us=one)
+    cases = {p: Case(p, 16, 1, 1) for p in PROJECTIONS}
+    one = {p: c.time() for p, c in cases.items()}
+    out.update(lora_1tok_us_per_proj=statistics.median(one.values()), lora_1tok_us=one,
+               lora_1tok_paths={p: c.path for p, c in cases.items()}, fused_barrier_fits=list(_FITS.values()))
+    print(f"1-token paths: {out['lora_1tok_paths']}; barrier fits: {out['fused_barrier_fits']}", flush=True)
     one64 = {p: Case(p, 16, 1, 1, max_rank=64).time() for p in PROJECTIONS}
     out.update(lora_1tok_us_rank16_in_rank64_slots=one64)
     print("1 token, rank 16: " + ", ".join(f"{p} {u:.1f}" for p, u in one.items())
@@ -199,9 +209,10 @@ def metrics(bw: float, with_before: bool = True) -> dict:
         us = c.time()
         frac = c.bytes / (us * 1e-6) / 1e9 / bw
         fracs.append(frac)
-        rows.append(dict(proj=proj, rank=r, loras=L, tokens=T, us=us, mb=c.bytes / 1e6, bw_fraction=frac))
+        rows.append(dict(proj=proj, rank=r, loras=L, tokens=T, us=us, mb=c.bytes / 1e6, bw_fraction=frac,
+                         path=c.path))
         print(f"  >=32MB {proj:8s} r{r:<3d} L{L:<3d} T{T:<5d} {us:8.1f} us {c.bytes / 1e6:7.1f} MB "
-              f"{frac:6.3f} of copy", flush=True)
+              f"{frac:6.3f} of copy ({c.path})", flush=True)
         del c
     out.update(lora_32mb_bw_fraction_median=statistics.median(fracs), lora_32mb_shapes=rows)
     print(f"shapes >= 32 MB: median {out['lora_32mb_bw_fraction_median']:.3f} of copy bandwidth "
@@ -210,21 +221,30 @@ def metrics(bw: float, with_before: bool = True) -> dict:
 
 
 def sweep_fused() -> None:
-    """Fused one-launch kernel configs and its cross-over against the two-launch path."""
-    print("\nsweep-fused: us per projection (rank 16 unless noted); path = lora_apply's choice")
-    cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
-            for bn in (64, 128) for bk in (256, 512) for w in (4, 8)]
+    """Fused one-launch kernel (block sizes) and the paths against each other at small steps."""
+    print("\nsweep-fused: us per projection; fused = one launch with the grid barrier")
     for proj in PROJECTIONS:
         c = Case(proj, 16, 1, 1)
-        cells = [f"{cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w/{cfg['num_stages']}s="
-                 f"{c.time('fused', cfg=cfg):.1f}" for cfg in cfgs]
-        print(f"{proj} T1: " + " ".join(cells), flush=True)
+        cells = []
+        for bn in (64, 128, 256):
+            for bk in (64, 128, 256):
+                try:
+                    cells.append(f"n{bn}/k{bk}={c.time('fused', cfg=dict(block_n=bn, block_k=bk)):.1f}")
+                except ValueError:
+                    cells.append(f"n{bn}/k{bk}=n/a")
+        print(f"{proj} r16 T1: " + " ".join(cells), flush=True)
     for proj in PROJECTIONS:
         for r in (16, 64):
-            for T, L in ((1, 1), (4, 4), (16, 16), (32, 32)):
+            for T, L in ((1, 1), (4, 4), (16, 1), (16, 16), (64, 4), (64, 32)):
                 c = Case(proj, r, L, T)
-                print(f"{proj} r{r} T{T} L{L}: fused {c.time('fused'):.1f}  2launch {c.time('2launch'):.1f}  "
-                      f"3launch {c.time('3launch'):.1f}", flush=True)
+                cells = [f"path({c.path})={c.time():.1f}"]
+                for kind in ("fused", "2launch", "3launch"):
+                    try:
+                        cells.append(f"{kind}={c.time(kind):.1f}")
+                    except ValueError:
+                        cells.append(f"{kind}=n/a")
+                print(f"{proj} r{r} T{T} L{L}: " + " ".join(cells), flush=True)
+    print(f"barrier fits (grid, config) -> {list(_FITS.values())}", flush=True)
 
 
 def sweep_layer() -> None:
@@ -250,7 +270,8 @@ def table(bw: float, smoke: bool) -> None:
         c = Case(proj, r, L, T, device="cpu" if smoke else "cuda", smoke=smoke)
         if smoke:
             t0 = time.perf_counter()
-            for f in c.calls("path") + c.calls("3launch") + c.calls("fused"):
+            kinds = ["path", "2launch", "3launch"] + (["fused"] if c.path == "fused" else [])
+            for f in [f for k in kinds for f in c.calls(k)]:
                 f()
             print(f"{proj:8s} {r:4d} {L:5d} {T:6d} ran in {time.perf_counter() - t0:.2f} s", flush=True)
             continue

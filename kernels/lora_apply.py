@@ -3,11 +3,17 @@
     y[t, off_s:off_s+1] += (x[t] @ A[a, s, :r].T) @ B[a, off_s:off_s+1, :r].T   for a = slot(t) >= 0
 
 Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kernels):
-  * small steps (lora_fused.use_fused): one launch, shrink + expand fused;
-  * otherwise two launches: shrink writes its split-K partials [SPLIT_K, S, T, R] and expand
-    sums them while loading (no separate reduction launch).
+  * "fused": small steps whose grid fits on the GPU at once (lora_fused.fused_plan): one
+    launch, shrink and expand split by an in-kernel grid barrier;
+  * "partials": shrink writes split-K partials [SPLIT_K, S, T, R], expand sums them while
+    loading (two launches), when few splits or rank blocks make that sum cheap;
+  * "reduced": shrink, a fixed-order sum of the partials, expand (three launches), where
+    expand re-reading many partials for every column block costs more than the launch.
+LORASERVE_LORA_FUSED=0 in the environment turns the fused kernel off.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -15,23 +21,35 @@ from torch import Tensor
 from ._triton import interpret_mode, triton_available
 from .lora_meta import LoRAMeta
 
+FUSED_ENABLED = os.environ.get("LORASERVE_LORA_FUSED", "1").strip() != "0"
+
 
 def use_triton(x: Tensor) -> bool:
     """Triton on CUDA tensors, or anywhere under TRITON_INTERPRET=1; else the torch reference."""
     return triton_available() and (x.is_cuda or interpret_mode())
 
 
-def workspace_shape(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> tuple[int, ...]:
-    """Shape of the float32 workspace ``lora_apply`` wants for these inputs ((0,) if none)."""
-    T, (L, S, R, H) = x.shape[0], lora_a.shape
+def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tuple[str, tuple[int, ...], dict | None]:
+    """(path, float32 workspace shape, fused plan or None) for these shapes; path is one of
+    "reference", "fused", "partials", "reduced"."""
+    T, (L, S, R, H), N = x.shape[0], lora_a.shape, lora_b.shape[1]
     if not use_triton(x):
-        return (S, T, R)
-    from .lora_fused import use_fused
+        return "reference", (S, T, R), None
+    from .lora_fused import fused_plan
     from .lora_shrink import shrink_split_k
 
-    if use_fused(T, R, H):
-        return (0,)
-    return (shrink_split_k(x, lora_a, meta.block_m), S, T, R)
+    plan = fused_plan(T, meta.max_slots, meta.block_m, R, H, N, S, x.device) if FUSED_ENABLED else None
+    if plan is not None:
+        return "fused", (plan["SPLIT_K"], S, T, R), plan
+    sk = shrink_split_k(x, lora_a, meta.block_m)
+    if sk <= 8 or R <= 16:
+        return "partials", (sk, S, T, R), None
+    return "reduced", (S, T, R), None
+
+
+def workspace_shape(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tuple[int, ...]:
+    """Shape of the float32 workspace ``lora_apply`` wants for these inputs."""
+    return choose_path(x, lora_a, lora_b, meta)[1]
 
 
 def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Tensor,
@@ -40,25 +58,23 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
 
     x [T, H_in]; y [T, N] (column view allowed); lora_a [L, S, R, H_in]; lora_b [L, N, R];
     slice_offsets [S+1] int32; ranks [L] int32; buf optional float32 workspace of
-    ``workspace_shape(x, lora_a, meta)`` (pass a static one under CUDA graphs; any other
-    shape is replaced by a fresh allocation).
+    ``workspace_shape(x, lora_a, lora_b, meta)`` (pass a static one under CUDA graphs; any
+    other shape is replaced by a fresh allocation).
     """
-    from .reference import lora_expand_ref, lora_shrink_ref
-
-    shape = workspace_shape(x, lora_a, meta)
+    path, shape, plan = choose_path(x, lora_a, lora_b, meta)
     if buf is None or tuple(buf.shape) != shape:
         buf = torch.empty(shape, dtype=torch.float32, device=x.device)
-    if use_triton(x):
-        if buf.numel() == 0 and shape == (0,):
-            from .lora_fused import lora_shrink_expand
+    if path == "reference":
+        from .reference import lora_expand_ref, lora_shrink_ref
 
-            return lora_shrink_expand(x, lora_a, lora_b, slice_offsets, meta, ranks, y)
-        from .lora_expand import lora_expand
-        from .lora_shrink import lora_shrink
-
-        lora_shrink(x, lora_a, meta, ranks, buf)   # [SPLIT_K, S, T, R] partials
-        lora_expand(buf, lora_b, slice_offsets, meta, ranks, y)
-    else:
         lora_shrink_ref(x, lora_a, meta, ranks, buf)
-        lora_expand_ref(buf, lora_b, slice_offsets, meta, ranks, y)
-    return y
+        return lora_expand_ref(buf, lora_b, slice_offsets, meta, ranks, y)
+    if path == "fused":
+        from .lora_fused import lora_shrink_expand
+
+        return lora_shrink_expand(x, lora_a, lora_b, slice_offsets, meta, ranks, y, buf, plan=plan)
+    from .lora_expand import lora_expand
+    from .lora_shrink import lora_shrink
+
+    lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced
+    return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y)

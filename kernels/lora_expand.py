@@ -83,7 +83,7 @@ if HAS_TRITON:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 h_mask = row_ok[:, None] & (offs_k[None, :] < rank)
                 h = tl.load(h_base + offs_k[None, :] * stride_br, mask=h_mask, other=0.0)
-                for j in range(1, SPLIT_K):  # split-K partials, summed in a fixed order
+                for j in tl.static_range(1, SPLIT_K):  # split-K partials, fixed order, unrolled
                     h += tl.load(h_base + j * stride_bsplit + offs_k[None, :] * stride_br, mask=h_mask, other=0.0)
                 if EVEN_R:
                     bt = tl.load(b_base + offs_k[None, :] * stride_bk, mask=col_ok[:, None], other=0.0)
@@ -103,10 +103,19 @@ if HAS_TRITON:
         tl.store(y_ptrs, (yv.to(tl.float32) + acc).to(yv.dtype), mask=y_ok)
 
 
-def expand_config(num_tokens: int, n_total: int) -> dict:
-    """Launch parameters: BLOCK_K=16 keeps mixed ranks cheap (see module docstring)."""
-    block_n = 128 if n_total >= 128 else max(16, 1 << (n_total - 1).bit_length())
-    return dict(BLOCK_N=block_n, BLOCK_K=16, num_warps=4, num_stages=3)
+def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
+    """Launch parameters: BLOCK_K=16 keeps mixed ranks cheap (see module docstring).
+
+    16-row tiles (decode-like steps): 256 columns x 8 warps per program, measured on an
+    H200 at 64 tokens / 32 adapters / rank 16: qkv 19.2 -> 18.4 us, o 11.9 -> 10.2,
+    gate_up 37.7 -> 33.9, down 16.7 -> 14.9 (vs 128 x 4). Larger tiles keep 128 x 4 (an
+    earlier sweep at block_m 64 found 8 warps slower).
+    """
+    if n_total < 128:
+        return dict(BLOCK_N=max(16, 1 << (n_total - 1).bit_length()), BLOCK_K=16, num_warps=4, num_stages=3)
+    if block_m <= 16 and n_total >= 256:
+        return dict(BLOCK_N=256, BLOCK_K=16, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
 
 
 def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
@@ -140,7 +149,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         return y
     assert meta.tile_slots.device == buf.device == lora_b.device == y.device == slice_offsets.device \
         == ranks.device, "buf, lora_b, y, slice_offsets, ranks and meta must be on one device"
-    cfg = dict(expand_config(T, N), **(config or {}))
+    cfg = dict(expand_config(T, N, meta.block_m), **(config or {}))
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (meta.grid_tiles, triton.cdiv(N, BN))
     _lora_expand_kernel[grid](

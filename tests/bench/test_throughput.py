@@ -74,7 +74,8 @@ def test_in_process_run(tmp_path, bench_model, dataset):
     n_lora = sum(1 for r in read_jsonl(dataset) if r.lora_request)
     host = report["adapter_cache"]["tiers"]["host"]
     assert host["misses"] == report["num_adapters"]
-    assert host["hits"] + host["misses"] == n_lora
+    # one lookup at admission, plus those of the prefetch at arrival / while waiting for a turn (d66fea0)
+    assert host["hits"] + host["misses"] >= n_lora
     device = report["adapter_cache"]["tiers"]["device"]
     assert device["misses"] >= report["num_adapters"]             # each adapter entered a GPU slot at least once
     assert device["hits"] + device["misses"] >= n_lora             # one slot lookup per admission (or more)
@@ -104,7 +105,8 @@ def test_grpc_run_with_request_rate(tmp_path, bench_model, lora_dir, dataset, ca
     tiers = report["adapter_cache"]["tiers"]
     assert set(tiers) == {"disk", "host", "device"}
     n_lora = sum(1 for r in read_jsonl(dataset) if r.lora_request)
-    assert tiers["host"]["hits"] + tiers["host"]["misses"] == n_lora  # the warm-up request is not counted
+    # the warm-up request is not counted: misses are the 4 adapters' first loads (1 was warmed up, so <= 4)
+    assert tiers["host"]["misses"] <= report["num_adapters"] and tiers["host"]["hits"] + tiers["host"]["misses"] >= n_lora
     assert stats["requests_total"] == NUM + 1 and stats["requests_aborted"] == 0
     out = capsys.readouterr().out
     assert "Request throughput (req/s)" in out and "Adapter cache hit rate" in out

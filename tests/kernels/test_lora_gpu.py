@@ -59,10 +59,15 @@ def test_llama3_8b_shapes_bf16(proj: str, num_tokens: int, composition: str, blo
 
 
 @pytest.mark.parametrize("num_tokens,composition,max_rank", [
-    (1, "uniform", 16), (5, "no-adapter-rows", 64), (16, "mixed-ranks", 16), (16, "distinct", 64)])
+    (1, "uniform", 16), (1, "mixed-ranks", 64), (2, "identical", 64), (3, "mixed-ranks", 16), (4, "distinct", 16)])
 @pytest.mark.parametrize("proj", list(PROJECTIONS))
 def test_fused_one_launch_llama3_8b_bf16(proj: str, num_tokens: int, composition: str, max_rank: int) -> None:
+    """The one-launch kernel with its grid barrier (run twice: identical bits, counters reset)."""
+    from loraserve.kernels.lora_fused import fused_plan
+
     hidden, widths = PROJECTIONS[proj]
+    if fused_plan(num_tokens, 8, 16, max_rank, hidden, sum(widths), len(widths), torch.device("cuda")) is None:
+        pytest.skip("grid too large for the fused kernel: lora_apply takes two launches")
     interp_cases.check_fused_matches_reference("bfloat16", hidden, max_rank, widths, num_tokens, 8, composition,
                                                device="cuda")
 
@@ -84,7 +89,7 @@ def test_cuda_graph_replay_matches_eager_bitwise(num_tokens: int) -> None:
     builder = LoRAMetaBuilder(T, L, "cuda")
     meta = builder.build(first.token_slot)
     x, y, y_init = first.x.clone(), first.y0.clone(), first.y0.clone()
-    buf = torch.empty(workspace_shape(x, first.lora_a, meta), device="cuda")
+    buf = torch.empty(workspace_shape(x, first.lora_a, first.lora_b, meta), device="cuda")
     args = (first.lora_a, first.lora_b, first.slice_offsets, meta, first.ranks)
 
     stream = torch.cuda.Stream()

@@ -4,13 +4,19 @@
         --rand-task-id 0 7 --lora-dir /loras --popularity zipf --output data.jsonl
     loraserve bench make-adapters --count 8 --rank 16 --output /loras     # random, shaped for the model
     loraserve bench throughput --dataset data.jsonl --concurrency 32 \\
-        [--address 127.0.0.1:50051 | --model PATH --extra_llm_api_options lora.yaml] \\
-        [--request-rate 20] [--report-json report.json] [--plot latency.png]
+        [--address 127.0.0.1:50051 [--registry 127.0.0.1:50052] | --openai-url http://127.0.0.1:8000/v1
+         | --model PATH --extra_llm_api_options lora.yaml] \\
+        [--request-rate 20] [--streaming] [--goodput ttft:200 tpot:50] \\
+        [--percentile-metrics ttft,tpot,itl,e2el] [--metric-percentiles 50,90,99] \\
+        [--report-json report.json] [--plot latency.png]
 
-Without --address the engine runs in this process (loraserve.LLM), like trtllm-bench.
+Without --address / --openai-url the engine runs in this process (loraserve.LLM), like trtllm-bench.
+Against a server started as the README says (no --allowed-lora-dir), a --lora-dir dataset needs
+--registry: its adapters are pushed there and the requests name them.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -122,7 +128,15 @@ def _add_throughput(sub) -> None:
                    help="use the first N requests (default: all)")
     t = p.add_argument_group("target: a running server (--address) or an in-process engine (default)")
     t.add_argument("--address", default=None, help="gRPC inference server host:port")
-    t.add_argument("--token", default=os.environ.get("LORASERVE_AUTH_TOKEN"), help="bearer token for --address")
+    t.add_argument("--openai-url", dest="openai_url", default=None,
+                   help="OpenAI-compatible HTTP front, e.g. http://127.0.0.1:8000/v1 (/v1/completions)")
+    t.add_argument("--token", default=os.environ.get("LORASERVE_AUTH_TOKEN"),
+                   help="bearer token for --address / --openai-url (env LORASERVE_AUTH_TOKEN)")
+    t.add_argument("--registry", default=None, metavar="HOST:PORT",
+                   help="with --address/--openai-url: push the dataset's lora_path adapters to this registry and "
+                        "send registry references (needed unless the server runs with --allowed-lora-dir)")
+    t.add_argument("--registry-token", dest="registry_token", default=os.environ.get("LORASERVE_REGISTRY_TOKEN"),
+                   help="write token of --registry (env LORASERVE_REGISTRY_TOKEN)")
     t.add_argument("--model", default=None, help="in-process: model directory (default: the embedded model)")
     t.add_argument("--extra_llm_api_options", "--extra-llm-api-options", dest="extra", default=None,
                    help="in-process: TensorRT-LLM style YAML of engine options (lora_config, ...)")
@@ -137,9 +151,19 @@ def _add_throughput(sub) -> None:
     l.add_argument("--respect-eos", action="store_true",
                    help="stop at EOS (default: ignore EOS so each request makes exactly output_tokens)")
     l.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    l.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream tokens and time TTFT/TPOT/ITL (default); --no-streaming: whole responses, E2E only")
+    m = p.add_argument_group("metrics (vLLM's benchmark names)")
+    m.add_argument("--percentile-metrics", dest="percentile_metrics", default="ttft,tpot,itl,e2el",
+                   help="comma-separated metrics to report percentiles of: ttft, tpot, itl, e2el")
+    m.add_argument("--metric-percentiles", dest="metric_percentiles", default="50,90,99",
+                   help="comma-separated percentiles, e.g. 25,50,75,99.9")
+    m.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
+                   help="SLOs for goodput, e.g. ttft:200 tpot:50 e2el:2000 (ms): requests/s meeting all of them")
     o = p.add_argument_group("output")
     o.add_argument("--report-json", "--report_json", dest="report_json", default=None)
-    o.add_argument("--plot", default=None, metavar="PNG", help="plot latency over time to this PNG")
+    o.add_argument("--plot", default=None, metavar="PNG",
+                   help="PNG: latency CDF per adapter-popularity bucket and throughput over time")
     o.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_throughput)
 
@@ -158,18 +182,48 @@ def _in_process_kwargs(args, requests) -> dict:
 
 def _throughput(args) -> int:
     from .dataset import read_jsonl
-    from .report import build_report, format_report, plot_latency, write_json
+    from .remote import LORA_PATH_HINT, OpenAITarget, push_dataset_adapters
+    from .report import METRICS, build_report, format_report, parse_slos, plot_latency, write_json
     from .runner import GrpcTarget, InProcessTarget, run_benchmark
 
     try:
+        if args.address and args.openai_url:
+            raise ValueError("give --address (gRPC) or --openai-url (HTTP), not both")
+        metrics = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"--percentile-metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+        try:
+            percentiles = [float(p) for p in args.metric_percentiles.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"--metric-percentiles {args.metric_percentiles!r}: numbers, comma-separated") from None
+        if not all(0 < p <= 100 for p in percentiles):
+            raise ValueError("--metric-percentiles must lie in (0, 100]")
+        slos = parse_slos(args.goodput)
+        if slos and not args.streaming and set(slos) & {"ttft", "tpot"}:
+            raise ValueError("--goodput ttft/tpot need --streaming (without it only e2el is measured)")
         requests = read_jsonl(args.dataset, args.num_requests)
+        remote = bool(args.address or args.openai_url)
+        if remote and args.registry:
+            requests, refs = push_dataset_adapters(requests, args.registry, args.registry_token)
+            if refs:
+                print(f"pushed {len(refs)} adapters to {args.registry}: {', '.join(sorted(refs.values()))}",
+                      file=sys.stderr)
         if args.address:
-            target = GrpcTarget(args.address, args.token)
+            target = GrpcTarget(args.address, args.token, streaming=args.streaming)
+        elif args.openai_url:
+            target = OpenAITarget(args.openai_url, args.token, streaming=args.streaming)
         else:
-            target = InProcessTarget(args.model, _in_process_kwargs(args, requests))
+            target = InProcessTarget(args.model, _in_process_kwargs(args, requests), streaming=args.streaming)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - the registry refused a push (gRPC error), ...
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"error: pushing the dataset's adapters to {args.registry}: {type(exc).__name__}: {details}",
+              file=sys.stderr)
+        return 1
+    lora_path_rows = remote and any(r.lora_request and r.lora_request.get("lora_path") for r in requests)
 
     async def main():
         await target.start()
@@ -185,9 +239,14 @@ def _throughput(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a target that cannot start (bad model, server down)
         details = exc.details() if hasattr(exc, "details") else str(exc)
         print(f"error: {type(exc).__name__}: {details}", file=sys.stderr)
+        if lora_path_rows and ("PERMISSION_DENIED" in f"{exc!r} {details}" or "allowed" in str(details)):
+            print(f"hint: {LORA_PATH_HINT}", file=sys.stderr)
         return 1
-    report = build_report(result, dataset=os.path.abspath(args.dataset))
+    report = build_report(result, percentiles=percentiles, percentile_metrics=metrics, slos=slos,
+                          dataset=os.path.abspath(args.dataset))
     print(format_report(report))
+    if lora_path_rows and report["num_failed"] and any("allowed" in e or "PERMISSION" in e for e in report["errors"]):
+        print(f"hint: {LORA_PATH_HINT}", file=sys.stderr)
     if args.report_json:
         write_json(report, args.report_json)
         print(f"report: {args.report_json}")

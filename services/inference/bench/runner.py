@@ -6,8 +6,10 @@ Targets (one small interface: start / run_one / cache_stats / close):
 
 Load shape: at most `concurrency` requests in flight (None: no cap), arriving as a Poisson
 process of `request_rate` requests/s (None: all at once, as trtllm-bench's default).
-Each request is timed on the client: start (sent), first token, end; TTFT = first - start,
-TPOT = (end - first) / (output tokens - 1), E2E = end - start.
+Each request is timed on the client: start (sent), first token, every later chunk, end;
+TTFT = first - start, TPOT = (end - first) / (output tokens - 1), ITL = the gaps between
+successive chunks after the first (vLLM's definition), E2E = end - start. Without streaming
+(trtllm-bench's default) only E2E is measured: the whole output arrives at once.
 Adapter cache counters are read before and after the measured run; the report holds the
 difference, so that warm-up requests do not count.
 """
@@ -37,6 +39,15 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    itl: list[float] = field(default_factory=list)   # gaps between successive chunks after the first [s]
+
+    def token_arrived(self, now: float) -> None:
+        """A chunk with >= 1 new token arrived at `now` (perf_counter)."""
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.itl.append(now - self._last)
+        self._last = now
 
     @property
     def ok(self) -> bool:
@@ -88,8 +99,9 @@ def sampling_params(req: BenchRequest, ignore_eos: bool) -> SamplingParams:
 class InProcessTarget:
     """loraserve.LLM in this process; the engine runs on its own thread (AsyncLLM)."""
 
-    def __init__(self, model: str | None, llm_kwargs: dict | None = None):
+    def __init__(self, model: str | None, llm_kwargs: dict | None = None, streaming: bool = True):
         self.model, self.llm_kwargs = model, dict(llm_kwargs or {})
+        self.streaming = streaming
         self.llm = None
         self.name = "in-process"
 
@@ -110,10 +122,12 @@ class InProcessTarget:
                                lr.get("lora_ckpt_source", "hf"))
         prompt = req.input_ids if req.input_ids is not None else req.prompt
         rec = RequestRecord(req.task_id, req.adapter_key, time.perf_counter(), None, 0.0)
-        last = None
-        async for out in self.llm.generate_async(prompt, sampling_params(req, ignore_eos), lora, streaming=True):
-            if rec.first_token is None and out.outputs[0].token_ids:
-                rec.first_token = time.perf_counter()
+        last, seen = None, 0
+        async for out in self.llm.generate_async(prompt, sampling_params(req, ignore_eos), lora,
+                                                 streaming=self.streaming):
+            if self.streaming and len(out.outputs[0].token_ids) > seen:
+                rec.token_arrived(time.perf_counter())
+                seen = len(out.outputs[0].token_ids)
             last = out
         rec.end = time.perf_counter()
         rec.prompt_tokens = last.num_prompt_tokens
@@ -143,8 +157,9 @@ def parse_adapter_ref(ref: str):
 class GrpcTarget:
     """A running inference server (loraserve serve) over gRPC."""
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 600.0):
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 600.0, streaming: bool = True):
         self.address, self.token, self.timeout_s = address, token, timeout_s
+        self.streaming = streaming  # False: the chunks are still streamed by the RPC, only E2E is recorded
         self.name = f"grpc://{address}"
         self.channel = None
         self.stub = None
@@ -190,8 +205,8 @@ class GrpcTarget:
         complete = None
         async for resp in self.stub.Generate(msg, metadata=self._metadata, timeout=self.timeout_s):
             if resp.WhichOneof("response") == "chunk":
-                if rec.first_token is None and resp.chunk.token_ids:
-                    rec.first_token = time.perf_counter()
+                if self.streaming and resp.chunk.token_ids:
+                    rec.token_arrived(time.perf_counter())
                 n_tokens += len(resp.chunk.token_ids)
             else:
                 complete = resp.complete
@@ -276,5 +291,6 @@ def records_as_dicts(result: BenchResult) -> list[dict]:
         d["first_token"] = None if r.first_token is None else r.first_token - result.start
         d["end"] = r.end - result.start
         d["ttft"], d["tpot"], d["latency"] = r.ttft, r.tpot, r.latency
+        d.pop("itl")  # per-chunk gaps: summarised in the report, too many to list per request
         rows.append(d)
     return rows

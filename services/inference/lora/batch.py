@@ -19,7 +19,7 @@ class LoRABatch:
             return
         a = a[layer_idx]                    # [L, S, R, in]
         b = self.slots.b[proj][layer_idx]   # [L, N, R]
-        key = workspace_shape(x, a, self.meta)  # (0,) for the fused one-launch kernel
+        key = workspace_shape(x, a, b, self.meta)
         buf = self._buf.get(key)
         if buf is None:
             buf = self._buf[key] = torch.empty(key, dtype=torch.float32, device=x.device)

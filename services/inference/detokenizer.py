@@ -12,6 +12,11 @@ import os
 
 from tokenizers import Tokenizer
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
+
 from .chat_template import SPECIAL_TOKEN_KEYS, ChatTemplate, ChatTemplateError, load_chat_template, token_content
 
 
@@ -74,14 +79,35 @@ class TokenizerWrapper:
 
 
 class IncrementalDetokenizer:
+    """One Rust call per token through tokenizers' DecodeStream (tokenizers >= 0.21; primed with the
+    prompt's last tokens for the neighbour-dependent decoders), else two decodes of a short window."""
+
     def __init__(self, tokenizer: TokenizerWrapper, prompt_ids: list[int]):
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
+        self.ids = list(prompt_ids[-6:])      # the window the fallback path decodes from
         self.read_offset = len(self.ids)
-        self.prefix_offset = max(len(self.ids) - 6, 0)
+        self.prefix_offset = 0
+        self.stream = None
+        if DecodeStream is not None:
+            try:
+                stream = DecodeStream(skip_special_tokens=True)
+                for t in self.ids:
+                    stream.step(tokenizer.tok, t)
+                self.stream = stream
+            except Exception:  # noqa: BLE001 - e.g. an id the tokenizer lacks: the fallback copes
+                self.stream = None
 
     def add(self, token_id: int) -> str:
         """Append one token; return the new text it completes (may be '')."""
+        if self.stream is not None:
+            try:
+                text = self.stream.step(self.tokenizer.tok, token_id) or ""
+                self.ids.append(token_id)
+                return text
+            except Exception:  # noqa: BLE001 - the stream refused this id; go on with the window path
+                self.stream = None
+                self.read_offset = len(self.ids)
+                self.prefix_offset = max(self.read_offset - 6, 0)
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])

@@ -84,18 +84,18 @@ def build_metadata(params: list[SamplingParams], num_outputs: list[int], stop_id
         generators=seeded, max_top_logprobs=max((p.logprobs or 0 for p in params), default=0), all_greedy=all_greedy)
 
 
-def sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] float32 -> (logits with NaN as -inf and rows holding +inf reduced to {0 at the +inf
-    entries, -inf elsewhere}, ok [B]: the row has at least one finite value)."""
-    posinf = torch.isposinf(logits)
-    has_posinf = posinf.any(dim=-1, keepdim=True)
-    neg_inf = torch.full((), float("-inf"), device=logits.device)
-    clean = torch.where(torch.isnan(logits), neg_inf, logits)
-    clean = torch.where(has_posinf, torch.where(posinf, torch.zeros((), device=logits.device), neg_inf), clean)
-    ok = torch.isfinite(clean).any(dim=-1)
+    entries, -inf elsewhere}; their logsumexp [B]; ok [B]: the row has a finite value). A few
+    elementwise passes and no host sync, whatever the rows hold."""
+    clean = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    posinf = torch.isposinf(clean)
+    clean = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, 0.0, float("-inf")), clean)
+    lse = torch.logsumexp(clean, dim=-1)                                  # -inf: no finite value in the row
+    ok = torch.isfinite(lse)
     # rows without a finite value become zeros so that no op below turns into NaN; they are failed anyway
-    clean = torch.where(ok[:, None], clean, torch.zeros((), device=logits.device))
-    return clean, ok
+    clean = torch.where(ok[:, None], clean, 0.0)
+    return clean, torch.where(ok, lse, 0.0), ok
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -130,10 +130,10 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     """logits [B, V] (any float dtype) -> SamplerOutput of device tensors (nothing here waits for the
     device)."""
-    raw, ok = sanitize(logits.float())
-    lse = torch.logsumexp(raw, dim=-1)                                    # [B] normaliser of the raw logits
+    raw, lse, ok = sanitize(logits.float())                               # lse [B]: normaliser of the raw logits
     x = process_logits(raw, meta)
-    ok = ok & torch.isfinite(x).any(dim=-1)                               # min_tokens may ban every finite token
+    if meta.masked is not None:
+        ok = ok & torch.isfinite(x).any(dim=-1)                           # min_tokens may ban every finite token
     tokens = x.argmax(dim=-1)
     if not meta.all_greedy:
         probs = torch.softmax(x, dim=-1)

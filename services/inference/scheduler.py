@@ -154,11 +154,13 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch) -> None:
         """The step's tokens are in (the engine appended them and set finish reasons): key the blocks
         it filled for prefix reuse, then free the sequences that finished."""
+        bs = self.block_manager.block_size
         for seq in batch.seqs:
-            if not seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if (seq.num_hashed_blocks + 1) * bs <= seq.num_computed_tokens:
                 self.block_manager.register_full_blocks(seq)
-        for seq in batch.seqs:
-            if seq.finish_reason is not None and not seq.is_finished:
+            if seq.finish_reason is not None:
                 self.finish(seq)
 
     def finish(self, seq: Sequence) -> None:

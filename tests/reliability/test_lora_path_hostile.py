@@ -15,6 +15,7 @@ import pytest
 
 from loraserve import LoraConfig
 from loraserve.adapters.testing import make_peft_adapter
+from loraserve.adapters.writer import write_files
 from loraserve.inference.serve_config import ServeConfig
 from loraserve.inference.testing import RunningInference
 from loraserve.v1 import inference_pb2 as pb
@@ -40,6 +41,9 @@ def stack(tiny_llama, tmp_path_factory):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         os.symlink(real / name, allowed / "linked" / name)
     zip_bomb(allowed / "bomb.zip")
+    padded = {p.name: p.read_bytes() for p in make_peft_adapter(root / "padded-src", seed=23, r=4).iterdir()}
+    padded["padding.bin"] = os.urandom(24 << 20)  # incompressible: no ratio limit applies, only the size
+    write_files(allowed / "padded.tar", padded, "tar")
     targz_bomb(allowed / "bomb.nemo")
     (allowed / "junk").mkdir()
     (allowed / "junk" / "payroll-2026.xlsx").write_bytes(b"secret")
@@ -79,6 +83,15 @@ def test_bombs_under_the_allowed_dir_are_refused_fast(stack, name):
     code, msg, seconds = refusal(stack["stub"], str(stack["allowed"] / name), lora_id=200 + len(name))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_bytes" in msg, msg
     assert seconds < 5, seconds
+
+
+def test_archive_limit_scales_with_the_model(stack):
+    """24 MiB of padding beside a valid adapter: over what a max_lora_rank=8 adapter of the tiny
+    model can need (2 x fp32 factors + 16 MiB), though far under the registry's fixed 2 GiB."""
+    code, msg, _ = refusal(stack["stub"], str(stack["allowed"] / "padded.tar"), lora_id=250)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_bytes=" in msg, msg
+    limit = int(msg.split("exceeds max_bytes=")[1].split(",")[0])
+    assert 16 << 20 < limit < 24 << 20
 
 
 def test_file_links_out_of_the_allowed_dir_are_refused(stack):

@@ -75,10 +75,10 @@ def compile_template(template: str, use_transformers: bool = True):
     if use_transformers:
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
-        except ImportError:
-            pass
-        else:
+
             return _compile_jinja_template(template)
+        except ImportError:  # no transformers, or it refuses this jinja2 version (< 3.1.6)
+            pass
     return _compile_fallback(template)
 
 

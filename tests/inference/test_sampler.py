@@ -129,3 +129,17 @@ def test_logprobs_are_raw_log_softmax():
     assert torch.equal(out.top_ids, ids)
     torch.testing.assert_close(out.top_logprobs, values)
     assert math.isclose(float(out.top_logprobs[0, 0]), float(out.logprobs[0]), rel_tol=1e-6)  # greedy = top-1
+
+
+def test_any_accepted_parameter_is_numerically_safe():
+    """Extremes SamplingParams accepts: every row still gets a finite, in-range token."""
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(8)) * 30
+    params = [SamplingParams(temperature=float("inf")), SamplingParams(temperature=1e300, top_p=1e-300),
+              SamplingParams(temperature=5e-6, top_k=10**9), SamplingParams(temperature=1.0, top_k=10**9, top_p=1.0),
+              SamplingParams(temperature=1e-45, seed=3), SamplingParams(temperature=2.0, top_p=1e-300, top_k=2)]
+    gens = [None] * 4 + [torch.Generator().manual_seed(3), None]
+    out = sample(logits, meta_for(params, generators=gens))
+    assert out.ok.all() and ((out.tokens >= 0) & (out.tokens < V)).all() and torch.isfinite(out.logprobs).all()
+    # top_p ~0 keeps only the most likely token, whatever the temperature
+    assert int(out.tokens[1]) == int(logits[1].argmax()) and int(out.tokens[5]) == int(logits[5].argmax())
+    assert int(out.tokens[2]) == int(logits[2].argmax()) and int(out.tokens[4]) == int(logits[4].argmax())

@@ -31,6 +31,7 @@ class StepInputs:
     sample_idx: torch.Tensor       # [S] int64 flat row of each sampling sequence's last token
     context_lens_list: list[int]   # [B] host copy (attention picks its paths from it)
     sample_rows: list[int]         # [S] sequence index (in the batch) of each sampling row
+    has_lora: bool = True          # host flag: some row has an adapter (decode graphs without LoRA otherwise)
 
 
 class StepInputBuilder:
@@ -111,5 +112,5 @@ class StepInputBuilder:
         o = np.cumsum([0] + [p.size for p in parts]).tolist()
         view = [flat[o[i]:o[i + 1]] for i in range(len(parts))]
         inputs = StepInputs(view[0], view[1], view[2], view[3], view[4].view(B, W), view[5], view[6],
-                            ends.tolist(), sample_rows.tolist())
+                            ends.tolist(), sample_rows.tolist(), bool((token_slot >= 0).any()))
         return inputs, (view[7] if P else None), (view[8] if P else None)

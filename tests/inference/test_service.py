@@ -370,8 +370,7 @@ def test_adapters_from_a_tls_registry(tiny_llama, tmp_path):
 
 def test_logprobs_over_grpc(stack, offline):
     req = greedy_request(max_tokens=4)
-    req.sampling_params.logprobs = True
-    req.sampling_params.top_logprobs = 2
+    req.sampling_params.logprobs = 2  # vLLM's meaning: the chosen token's logprob plus the top 2 (issue 13.8)
     chunks = [m.chunk for m in stack["stub"].Generate(req, timeout=30) if m.WhichOneof("response") == "chunk"]
     logprobs = [lp for c in chunks for lp in c.logprobs]
     tops = [t for c in chunks for t in c.top_logprobs]

@@ -71,7 +71,9 @@ def random_sampling(rng: random.Random) -> pb.SamplingParams:
     if rng.random() < 0.15:
         p.stop_token_ids.extend(rng.choice([[1], [0, 2], [-1], [VOCAB], [I32_MAX], list(range(500))]))
     p.ignore_eos = rng.random() < 0.5
-    p.logprobs = rng.random() < 0.2
+    if rng.random() < 0.2:
+        p.logprobs = rng.choice((0, 1, 5, 20) if rng.random() < 0.8 else (21, -1, I32_MAX))
+    p.legacy_logprobs = rng.random() < 0.05
     p.include_stop_str_in_output = rng.random() < 0.2
     return p
 

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import re
 import signal
 import tempfile
 import threading
@@ -39,7 +40,7 @@ from loraserve.v1 import registry_pb2 as rpb
 
 from .fuzz_cases import random_generate_request, random_http_call
 from .soak_servers import (TRAINED_ADAPTERS, Zygote, http_request, make_broken_adapters, make_default_adapter,
-                           sqlite_integrity, start_inference, start_registry)
+                           sqlite_integrity, start_inference)
 
 BAD_GRPC = {"INTERNAL", "UNKNOWN", "DATA_LOSS", "NO_COMPLETE"}
 
@@ -106,11 +107,11 @@ class Stack:
     broken_adapters: list[str]
 
 
-def build_stack(root: Path) -> Stack:
+def build_stack(root: Path, zygote: Zygote) -> Stack:
     allowed = root / "allowed"
     local = [str(make_default_adapter(allowed / f"local-{i}", seed=100 + i, r=(4, 8)[i % 2])) for i in range(3)]
     broken = [str(p) for p in make_broken_adapters(allowed)]
-    registry, reg_addr = start_registry(root / "registry")
+    registry, reg_addr = zygote.start_registry(root / "registry")
     names = []
     with RegistryClient(reg_addr) as client:
         for trained in sorted(TRAINED_ADAPTERS.iterdir()):
@@ -331,7 +332,7 @@ async def registry_stopped(stack: Stack, stub, channel, sizes: Sizes, report: Re
 
 
 # ---- faults: registry SIGKILL mid-upload ------------------------------------------------------------
-def upload_kills(root: Path, sizes: Sizes, report: Report, rng: random.Random) -> None:
+def upload_kills(root: Path, zygote: Zygote, sizes: Sizes, report: Report, rng: random.Random) -> None:
     data_dir = root / "crash-registry"
     acknowledged: dict[tuple[str, int], str] = {}   # (name, version) -> digest, answered OK to a client
     src = root / "crash-src"
@@ -352,7 +353,6 @@ def upload_kills(root: Path, sizes: Sizes, report: Report, rng: random.Random) -
         return stub.UploadAdapter.future(requests(), timeout=60)
 
     seed = 10_000
-    zygote = Zygote()
     data_dir.mkdir()
     for k in range(sizes.kills):
         registry, address = zygote.start_registry(data_dir)
@@ -377,8 +377,7 @@ def upload_kills(root: Path, sizes: Sizes, report: Report, rng: random.Random) -
                     killed_mid["mid-upload" if cut is not None else "mid-commit (all bytes sent)"] += 1
         finally:
             registry.stop()
-    zygote.close()
-    registry, address = start_registry(data_dir)  # a fresh process, not a fork
+    registry, address = zygote.start_registry(data_dir)
     try:
         with RegistryClient(address) as client:
             listed, token = [], ""
@@ -424,7 +423,16 @@ async def serving_phases(stack: Stack, sizes: Sizes, report: Report, rng: random
 def run(sizes: Sizes, root: Path, seed: int = 0) -> Report:
     report = Report()
     rng = random.Random(seed)
-    stack = build_stack(root)
+    zygote = Zygote()
+    try:
+        _run(sizes, root, seed, report, rng, zygote)
+    finally:
+        zygote.close()
+    return report
+
+
+def _run(sizes: Sizes, root: Path, seed: int, report: Report, rng: random.Random, zygote: Zygote) -> None:
+    stack = build_stack(root, zygote)
     try:
         report.figure("setup", "servers", f"inference {stack.address} (HTTP :{stack.http_port}), "
                                           f"registry {stack.registry_address}; adapters: {len(stack.registry_names)} "
@@ -432,14 +440,17 @@ def run(sizes: Sizes, root: Path, seed: int = 0) -> Report:
         asyncio.run(serving_phases(stack, sizes, report, rng))
         errors = stack.inference.error_lines()
         report.figure("server log", "ERROR/CRITICAL/Traceback lines", len(errors))
-        for line in errors[:5]:
-            report.figure("server log", "e.g.", line.strip()[:160])
+        steps = sum("engine step failed" in line for line in stack.inference.lines)
+        causes = Counter(m.group(1)[:160] for line in stack.inference.lines
+                         if (m := re.search(r"EngineStepError: request failed in the engine: (.*)", line)))
+        report.figure("server log", "failed engine steps (each fails every request it ran)", steps)
+        for cause, n in causes.most_common(8):
+            report.figure("server log", f"requests failed x{n} by", cause)
         report.check("inference server never crashed", stack.inference.alive)
     finally:
         stack.inference.stop()
         stack.registry.stop()
-    upload_kills(root, sizes, report, rng)
-    return report
+    upload_kills(root, zygote, sizes, report, rng)
 
 
 def main(argv: list[str] | None = None) -> int:

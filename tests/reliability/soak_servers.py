@@ -84,15 +84,11 @@ class ServerProcess:
                 self.kill9()
 
 
-def start_registry(data_dir: Path) -> tuple[ServerProcess, str]:
-    srv = ServerProcess(["registry", "serve", "--data-dir", str(data_dir), "--address", "127.0.0.1:0"],
-                        ready=r"listening on 127\.0\.0\.1:\d+")
-    return srv, srv.find(r"listening on (127\.0\.0\.1:\d+)").group(1)
-
-
 # A parent that pays the registry's imports (torch, SQLAlchemy, grpc) once, then forks one server
 # per line on its stdin ("LOGFILE\tARG\tARG..."), answering with the child's pid: the SIGKILL
-# loop restarts the registry a hundred times in seconds rather than minutes.
+# loop restarts the registry a hundred times in seconds rather than minutes. Each child runs
+# `loraserve registry serve` from its start (new DB engine, startup checks, new gRPC server);
+# only the module imports are shared.
 _ZYGOTE = r"""
 import os, signal, sys
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
@@ -154,6 +150,7 @@ class ForkedServer:
 
     def stop(self) -> None:
         if self.alive:
+            self.signal(signal.SIGCONT)
             self.signal(signal.SIGTERM)
             if not self._wait_gone(30):
                 self.kill9()

@@ -29,11 +29,18 @@ HF_LINEAR_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
 
-# HF names of fused layers that the Llama model keeps unfused.
-FUSED_HF_MODULES: dict[str, tuple[str, ...]] = {
+# The one table of packed modules: each fused projection of the Llama model and its HF slices, in
+# row order of the fused weight. The model (models/llama.py), its checkpoint loader, the GPU adapter
+# slots and the adapter parsers all read this table.
+PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
     "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
 }
+
+# HF names of fused layers that a PEFT checkpoint may target, and the layers they stand for.
+FUSED_HF_MODULES: dict[str, tuple[str, ...]] = {k: v for k, v in PACKED_MODULES.items() if len(v) > 1}
 
 # Which sub-block of a decoder layer holds each module (for writing PEFT key names).
 HF_MODULE_PARENT: dict[str, str] = {

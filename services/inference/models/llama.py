@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.adapters.modules import PACKED_MODULES
 from loraserve.kernels import triton_available
 
 from ..attention import paged_attention
@@ -99,8 +100,7 @@ class ModelArgs:
 
 
 # Fused projections and their slices, in row order of the fused weight.
-PROJ_SLICES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-               "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+PROJ_SLICES = PACKED_MODULES  # the one table (loraserve.adapters.modules)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

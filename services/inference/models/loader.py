@@ -13,14 +13,13 @@ import re
 import torch
 from safetensors import safe_open
 
-from .llama import LlamaForCausalLM, ModelArgs, RotaryEmbedding, rope_inv_freq
+from .llama import PROJ_SLICES, LlamaForCausalLM, ModelArgs, RotaryEmbedding, rope_inv_freq
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-# checkpoint sub-module -> (fused parameter, slice index)
-_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# checkpoint sub-module -> (fused parameter, slice index), from the one table of packed modules
+_PACKED = {m: (proj, i) for proj, mods in PROJ_SLICES.items() if len(mods) > 1 for i, m in enumerate(mods)}
 
 
 def read_hf_config(path: str) -> dict:

@@ -7,6 +7,20 @@ into chunks to fill the budget. When KV blocks run out the most recently admitte
 running sequence is preempted: its blocks are freed and it goes back to the front of
 the queue to be recomputed later, so nothing deadlocks and nothing is lost.
 A sequence whose adapter cannot get a GPU slot now waits without holding others up.
+
+Adapters (the one interface: AdapterSlots.try_acquire / release_slot; lora/manager.py):
+- residency is decided here, at admission, never at submission: a waiting request holds no
+  host or GPU space, so any number of distinct adapters may be queued at once; an adapter not
+  yet in host memory is loaded on a background thread and its requests are skipped meanwhile;
+- fairness, with a bounded wait: while the oldest request waiting for a slot waits, newer
+  requests may go ahead of it only when their adapter is already on a GPU slot and at most
+  `max_slot_bypass` (16) times; then no newer adapter request is admitted until the slots
+  drain to it. Its wait is therefore bounded by 16 admissions plus the time the running
+  sequences need to finish (each bounded by its max_tokens). Evictions pick idle slots whose
+  adapter has no queued work first, so a popular adapter is not evicted for a one-off;
+- max_loras caps the distinct adapters of one batch (LoRA configs as in TensorRT-LLM/vLLM);
+- an adapter that fails to load fails its own requests (`take_failed`), never the step, and
+  never strands the sequences skipped before it.
 """
 from __future__ import annotations
 

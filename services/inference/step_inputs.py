@@ -65,26 +65,31 @@ class StepInputBuilder:
         Returns (inputs, placeholder_dst, placeholder_src) on the device."""
         bs = self.block_size
         B = len(seqs)
-        n = np.asarray(num_new_tokens, dtype=np.int64)
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=B)
-        totals = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=B)
+        # one pass over the sequences for their scalars (no loop over tokens or blocks)
+        starts, totals, lens, token_slot = [], [], [], []
+        for s in seqs:
+            starts.append(s.num_computed_tokens)
+            totals.append(len(s.token_ids))
+            lens.append(len(s.block_table))
+            token_slot.append(-1 if s.lora is None or s.lora.slot is None else s.lora.slot)
+        if len(num_new_tokens) == sum(num_new_tokens):     # decode only: one token per sequence
+            ids = np.array([s.token_ids[a] for s, a in zip(seqs, starts)], dtype=np.int64)
+        else:  # [N] token ids: one C-level slice per sequence
+            ids = np.fromiter(chain.from_iterable(s.token_ids[a:a + k] for s, a, k in zip(seqs, starts, num_new_tokens)),
+                              dtype=np.int64)
+        n = np.array(num_new_tokens, dtype=np.int64)
+        starts, totals, lens = np.array(starts, dtype=np.int64), np.array(totals, dtype=np.int64), np.array(lens)
+        token_slot = np.array(token_slot, dtype=np.int64)
         ends = starts + n
-        N = int(n.sum())
+        N = ids.size
         cum = np.cumsum(n)
-        first = cum - n
-        # [N] token ids: one C-level slice per sequence, no loop over tokens
-        ids = np.fromiter(chain.from_iterable(s.token_ids[a:b] for s, a, b in zip(seqs, starts.tolist(), ends.tolist())),
-                          dtype=np.int64, count=N)
         row = np.repeat(np.arange(B), n)                                  # [N] sequence of each token
-        positions = starts[row] + np.arange(N) - first[row]
-        lens = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=B)
+        positions = np.arange(N) + (starts - (cum - n))[row]
         W = max(int(lens.max()), 1)
         tables = np.full((B, W), self.pad_block, dtype=np.int64)
         tables[np.arange(W)[None, :] < lens[:, None]] = np.fromiter(
             chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=int(lens.sum()))
         slots = tables[row, positions // bs] * bs + positions % bs
-        token_slot = np.fromiter((-1 if s.lora is None or s.lora.slot is None else s.lora.slot for s in seqs),
-                                 dtype=np.int64, count=B)
         sampling = ends == totals                                         # the chunk reaches the sequence's end
         sample_rows = np.flatnonzero(sampling)
         sample_idx = cum[sample_rows] - 1

@@ -4,7 +4,10 @@ Starts the registry (127.0.0.1:50052) and the inference service (127.0.0.1:50051
 :9400, OpenAI HTTP on :8000) as child processes, pushes models/adapters/* to the registry,
 streams one prompt without and with each adapter so you can see the adapter change the
 output, prints how to call the services yourself (grpcurl, Python), and keeps serving until
-Ctrl-C. `--once` stops after the demo (used by the tests).
+Ctrl-C. `--once` stops after the demo (used by the tests). Other ports: `make run
+INFERENCE_PORT=... REGISTRY_PORT=... METRICS_PORT=... OPENAI_PORT=...` (or --port,
+--registry-port, --metrics-port, --openai-port here); a taken port stops the service with an
+error naming it.
 """
 from __future__ import annotations
 

@@ -88,11 +88,16 @@ class ChatTemplate:
     def __init__(self, template: str, special_tokens: dict[str, str], use_transformers: bool = True):
         self.source = template
         self.special_tokens = special_tokens
-        self._compiled = compile_template(template, use_transformers)
+        self.use_transformers = use_transformers
+        self._template = None  # compiled on first use: jinja2 (and transformers) load only for chats
+
+    @property
+    def _compiled(self):
+        if self._template is None:
+            self._template = compile_template(self.source, self.use_transformers)
+        return self._template
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        import jinja2
-
         if not messages:
             raise ChatTemplateError("messages is empty: a chat needs at least one message")
         for m in messages:
@@ -100,8 +105,14 @@ class ChatTemplate:
                 raise ChatTemplateError(f"each message must be a mapping with role and content, got {m!r}")
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, **kwargs}  # kwargs overwrite special tokens, as in transformers
+        import jinja2
+
         try:
-            return self._compiled.render(messages=chat, tools=variables.pop("tools", None),
+            compiled = self._compiled
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise ChatTemplateError(f"the model's chat template does not parse: {exc}") from exc
+        try:
+            return compiled.render(messages=chat, tools=variables.pop("tools", None),
                                          documents=variables.pop("documents", None),
                                          add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as exc:  # raise_exception(...) and template bugs alike

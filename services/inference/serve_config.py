@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from loraserve.config import (EngineConfig, KvCacheConfig, LoraConfig, PeftCacheConfig, engine_config_from_kwargs,
                               load_extra_llm_api_options)
 from loraserve.options import ConfigError, known_engine_keys, normalize_engine_options, unknown_key
@@ -57,6 +55,12 @@ class ServeConfig:
 _OWN_KEYS = {f.name for f in dataclasses.fields(ServeConfig)} - {"llm_kwargs"}
 
 
+def _yaml_error() -> type[Exception]:
+    import yaml
+
+    return yaml.YAMLError
+
+
 def load_serve_config(paths: list[str], overrides: dict[str, Any]) -> ServeConfig:
     """Merge YAML files (in order) and then non-None command-line overrides. Every key is checked here,
     before any port is bound: an unknown or unsupported one is a ConfigError naming it and its file."""
@@ -67,7 +71,7 @@ def load_serve_config(paths: list[str], overrides: dict[str, Any]) -> ServeConfi
             data = load_extra_llm_api_options(path)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        except (ValueError, yaml.YAMLError) as exc:
+        except (ValueError, _yaml_error()) as exc:
             raise ConfigError(f"{path}: not a valid options file: {exc}") from exc
         nested = data.pop("loraserve", None) or {}
         if not isinstance(nested, dict):

@@ -39,8 +39,8 @@ from loraserve.v1 import inference_pb2_grpc as pb_grpc
 from loraserve.v1 import registry_pb2 as rpb
 
 from .fuzz_cases import random_generate_request, random_http_call
-from .soak_servers import (TRAINED_ADAPTERS, Zygote, http_request, make_broken_adapters, make_default_adapter,
-                           sqlite_integrity, start_inference)
+from .soak_servers import (TRAINED_ADAPTERS, Zygote, free_port, http_request, inference_ports, launch_inference,
+                           make_broken_adapters, make_default_adapter, sqlite_integrity)
 
 BAD_GRPC = {"INTERNAL", "UNKNOWN", "DATA_LOSS", "NO_COMPLETE"}
 
@@ -111,23 +111,29 @@ def build_stack(root: Path, zygote: Zygote) -> Stack:
     allowed = root / "allowed"
     local = [str(make_default_adapter(allowed / f"local-{i}", seed=100 + i, r=(4, 8)[i % 2])) for i in range(3)]
     broken = [str(p) for p in make_broken_adapters(allowed)]
-    registry, reg_addr = zygote.start_registry(root / "registry")
-    names = []
-    with RegistryClient(reg_addr) as client:
-        for trained in sorted(TRAINED_ADAPTERS.iterdir()):
-            client.push(str(trained), trained.name, base_model="default")
-            names.append(trained.name)
-        for i in range(6):
-            mods = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj",
-                                                                                   "down_proj"))[i % 3]
-            client.push(str(make_default_adapter(root / "src" / f"rand-{i}", seed=i, r=(4, 8, 16)[i % 3],
-                                                 modules=mods)), f"rand-{i}", base_model="default")
-            names.append(f"rand-{i}")
     config = root / "serve.yaml"
     # few host/GPU slots for the adapters in play: the soak churns the tiers, not just the KV cache
     config.write_text("registry_timeout_s: 5\nmax_queue_size: 4096\n"
                       "lora_config:\n  max_lora_rank: 16\n  max_loras: 4\n  max_cpu_loras: 8\n")
-    inference, address, http_port = start_inference(reg_addr, allowed, root / "cache", config)
+    reg_port = free_port()  # known in advance: the inference server loads while the registry fills
+    inference = launch_inference(f"127.0.0.1:{reg_port}", allowed, root / "cache", config)
+    try:
+        registry, reg_addr = zygote.start_registry(root / "registry", reg_port)
+        names = []
+        with RegistryClient(reg_addr) as client:
+            for trained in sorted(TRAINED_ADAPTERS.iterdir()):
+                client.push(str(trained), trained.name, base_model="default")
+                names.append(trained.name)
+            for i in range(6):
+                mods = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+                        ("gate_proj", "up_proj", "down_proj"))[i % 3]
+                client.push(str(make_default_adapter(root / "src" / f"rand-{i}", seed=i, r=(4, 8, 16)[i % 3],
+                                                     modules=mods)), f"rand-{i}", base_model="default")
+                names.append(f"rand-{i}")
+        address, http_port = inference_ports(inference)
+    except BaseException:
+        inference.stop()
+        raise
     return Stack(root, registry, reg_addr, inference, address, http_port, allowed, names, local, broken)
 
 

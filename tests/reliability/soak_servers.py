@@ -28,20 +28,24 @@ TRAINED_ADAPTERS = ROOT / "models" / "adapters"
 class ServerProcess:
     """A loraserve server in a child process; its merged stdout/stderr is kept line by line."""
 
-    def __init__(self, args: list[str], ready: str, timeout: float = 180) -> None:
+    def __init__(self, args: list[str], ready: str) -> None:
         cmd = [sys.executable, "-m", "loraserve.cli", "--log-level", "WARNING", *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                      env=env)
+        self.ready, self.name = ready, args[0]
         self.lines: list[str] = []
         self._seen = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
+
+    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
         deadline = time.time() + timeout
         with self._seen:
-            while not any(re.search(ready, line) for line in self.lines):
+            while not any(re.search(self.ready, line) for line in self.lines):
                 if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"{args[0]} did not start:\n" + "".join(self.lines[-40:]))
+                    raise RuntimeError(f"{self.name} did not start:\n" + "".join(self.lines[-40:]))
                 self._seen.wait(0.2)
+        return self
 
     def _read(self) -> None:
         for line in self.proc.stdout:  # type: ignore[union-attr]
@@ -163,11 +167,11 @@ class Zygote:
                                      text=True, cwd=ROOT, env=env)
         self._n = 0
 
-    def start_registry(self, data_dir: Path) -> tuple[ForkedServer, str]:
+    def start_registry(self, data_dir: Path, port: int = 0) -> tuple[ForkedServer, str]:
         self._n += 1
         log = data_dir.parent / f"{data_dir.name}-{self._n}.log"
         args = [str(log), "--log-level", "WARNING", "registry", "serve", "--data-dir", str(data_dir),
-                "--address", "127.0.0.1:0"]
+                "--address", f"127.0.0.1:{port}"]
         self.proc.stdin.write("\t".join(args) + "\n")  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
         pid = int(self.proc.stdout.readline())  # type: ignore[union-attr]
@@ -179,15 +183,28 @@ class Zygote:
         self.proc.wait(30)
 
 
-def start_inference(registry: str, allowed: Path, cache: Path, config: Path) -> tuple[ServerProcess, str, int]:
-    """The default model on CPU in float32; returns (process, gRPC address, OpenAI HTTP port)."""
-    srv = ServerProcess(["serve", str(DEFAULT_MODEL), "--port", "0", "--openai-port", "0", "--registry", registry,
-                         "--allowed-lora-dir", str(allowed), "--adapter-cache-dir", str(cache),
-                         "--config", str(config), "--dtype", "float32", "--device", "cpu"],
-                        ready=r"ready: model loaded")
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_inference(registry: str, allowed: Path, cache: Path, config: Path) -> ServerProcess:
+    """The default model on CPU in float32 (it connects to the registry on first use)."""
+    return ServerProcess(["serve", str(DEFAULT_MODEL), "--port", "0", "--openai-port", "0", "--registry", registry,
+                          "--allowed-lora-dir", str(allowed), "--adapter-cache-dir", str(cache),
+                          "--config", str(config), "--dtype", "float32", "--device", "cpu"],
+                         ready=r"ready: model loaded")
+
+
+def inference_ports(srv: ServerProcess) -> tuple[str, int]:
+    """(gRPC address, OpenAI HTTP port) of a started inference server."""
+    srv.wait_ready()
     port = int(srv.find(r"listening on [\d.]+:(\d+)").group(1))
     http = int(srv.find(r"OpenAI HTTP on :(\d+)").group(1))
-    return srv, f"127.0.0.1:{port}", http
+    return f"127.0.0.1:{port}", http
 
 
 # ---- adapters for the default model --------------------------------------------------------------

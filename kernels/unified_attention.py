@@ -227,8 +227,9 @@ def plan_num_splits(query_lens, seq_lens, num_heads: int, num_kv_heads: int, ele
                     device: torch.device) -> int:
     """Per-step choice from the host copies of the query and context lengths ([B] each): split
     until the heaviest program (the longest context's last tile) takes no longer than an even
-    share of the step's work over the SMs. Batch 1 x 32k -> ~50 splits; batch 64 x 512 -> 1;
-    64 decodes + a 512-token chunk over 2k -> 2 (that chunk's 2k-key tiles are the long pole)."""
+    share of the step's work over the SMs, once that imbalance passes 2x (splitting costs partial
+    writes and a merge). Batch 1 x 32k -> ~50 splits; batch 64 x 512 -> 1; 64 decodes + a
+    512-token chunk over 2k -> 1; 4 decodes at 16k next to a 128-token prompt -> 13."""
     q = torch.as_tensor(query_lens, dtype=torch.float64)
     L = torch.as_tensor(seq_lens, dtype=torch.float64)
     group = num_heads // num_kv_heads
@@ -237,8 +238,10 @@ def plan_num_splits(query_lens, seq_lens, num_heads: int, num_kv_heads: int, ele
     # each query tile walks the keys up to its causal limit: on average L - Q / 2 of them
     work = float(((q / block_q).ceil() * ((L - q / 2) / tile_n).ceil().clamp(min=1)).sum()) * num_kv_heads
     heavy = math.ceil(float(L.max()) / tile_n)
-    slots = PROGRAMS_PER_SM * _num_sms(device)
-    return max(1, min(MAX_SPLITS, heavy, math.ceil(heavy * slots / work)))
+    imbalance = heavy * PROGRAMS_PER_SM * _num_sms(device) / work
+    if imbalance < 2:  # H200, 64 decodes + 512-token chunk at 2k (imbalance 1.1): 1 split 115 us, 2: 134
+        return 1
+    return min(MAX_SPLITS, heavy, math.ceil(imbalance))
 
 
 def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,

@@ -161,6 +161,10 @@ def test_lora_request_field_checks(stack):
                  pb.LoraRequest(lora_name="x", lora_int_id=1, lora_ckpt_source="pickle")):
         err = grpc_error(stack["stub"], generate_request(lora=lora))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.details()) < MAX_DETAILS
+        status, body = http_post(stack["http"], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "lora_request": {
+            "lora_name": lora.lora_name, "lora_int_id": lora.lora_int_id, "lora_path": lora.lora_path,
+            "lora_ckpt_source": lora.lora_ckpt_source or "hf"}})
+        assert status == 400 and len(body["error"]["message"]) < MAX_DETAILS, body
 
 
 def test_unmapped_error_is_internal_with_a_generic_message(stack, caplog, monkeypatch):

@@ -102,3 +102,39 @@ def test_llm_chat_and_generate_match_transformers_end_to_end(tmp_path):
     msgs = CHATS["mistral"]
     assert llm.chat(msgs, p).prompt_token_ids == hf_chat_ids(hf, msgs, add_generation_prompt=True)
     assert llm.generate("The quick brown fox", p).prompt_token_ids == hf("The quick brown fox")["input_ids"]
+
+
+def test_openai_chat_front_uses_the_same_ids_and_maps_raise_exception_to_400(tmp_path):
+    """/v1/chat/completions prompt_tokens = len(transformers' chat ids); a template's raise_exception is a 400
+    carrying the template's own message (before: jinja's "'raise_exception' is undefined")."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from loraserve.inference.serve_config import ServeConfig
+    from loraserve.inference.testing import RunningInference
+    from tests.inference.conftest import make_random_model
+
+    path = str(tmp_path / "mistral")
+    make_random_model(path, "mistral", bos_token_id=1, eos_token_id=2)
+    write_tokenizer(path, "mistral")
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    cfg = ServeConfig(model=path, port=0, openai_port=0, registry_address=None,
+                      adapter_cache_dir=str(tmp_path / "cache"), llm_kwargs=dict(dtype="float32", device="cpu"))
+
+    def chat(url, messages):
+        body = json.dumps({"model": "default", "messages": messages, "max_tokens": 2, "temperature": 0}).encode()
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    with RunningInference(cfg) as srv:
+        url = f"http://127.0.0.1:{srv.running.openai.port}/v1/chat/completions"
+        status, body = chat(url, CHATS["mistral"])
+        assert status == 200 and body["usage"]["prompt_tokens"] == len(
+            hf_chat_ids(hf, CHATS["mistral"], add_generation_prompt=True))
+        status, body = chat(url, [{"role": "assistant", "content": "x"}])
+        assert status == 400 and "roles must alternate" in body["error"]["message"]

@@ -55,6 +55,9 @@ def add_commands(subparsers) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each token's logprob and the N most likely alternatives (0: the chosen one only) "
+                        "to stderr, as vLLM's logprobs=N")
     g.add_argument("--token", default=os.environ.get("LORASERVE_AUTH_TOKEN"))
     g.add_argument("--ca-cert", default=None, help="connect over TLS, trusting this CA certificate (PEM)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
@@ -99,7 +102,7 @@ def _generate(args) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sp = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop)
-    for name in ("top_p", "top_k", "seed"):
+    for name in ("top_p", "top_k", "seed", "logprobs"):
         if getattr(args, name) is not None:
             setattr(sp, name, getattr(args, name))
     req = pb.GenerateRequest(text=prompt, sampling_params=sp)
@@ -121,14 +124,21 @@ def _generate(args) -> int:
         channel = grpc.insecure_channel(args.server)
     with channel:
         stub = pb_grpc.InferenceServiceStub(channel)
+        steps = []  # (token id, logprob, {alternative id: logprob}) with --logprobs
         try:
             for msg in stub.Generate(req, metadata=metadata, timeout=args.timeout):
                 if msg.WhichOneof("response") == "chunk":
                     sys.stdout.write(msg.chunk.text)
                     sys.stdout.flush()
+                    tops = list(msg.chunk.top_logprobs) or [None] * len(msg.chunk.logprobs)
+                    steps += [(t, lp, dict(zip(top.token_ids, top.logprobs)) if top else {})
+                              for t, lp, top in zip(msg.chunk.token_ids, msg.chunk.logprobs, tops)]
                 else:
                     c = msg.complete
                     sys.stdout.write("\n")
+                    for token, lp, alts in steps:
+                        alt = " ".join(f"{i}:{v:.3f}" for i, v in alts.items())
+                        print(f"token {token} logprob {lp:.4f}" + (f"  top {alt}" if alt else ""), file=sys.stderr)
                     if args.stats:
                         print(f"[{pb.FinishReason.Name(c.finish_reason)} prompt={c.prompt_tokens} "
                               f"completion={c.completion_tokens} ttft={c.ttft_s * 1000:.1f}ms "

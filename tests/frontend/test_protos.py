@@ -76,7 +76,7 @@ def server(tmp_path_factory):
     cfg = ServeConfig(model=path, port=0, registry_address=None,
                       adapter_cache_dir=str(tmp_path_factory.mktemp("c")), llm_kwargs=dict(dtype="float32", device="cpu"))
     with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as ch:
-        yield pb_grpc.InferenceServiceStub(ch), LLM(path, dtype="float32", device="cpu")
+        yield pb_grpc.InferenceServiceStub(ch), LLM(path, dtype="float32", device="cpu"), srv.address
 
 
 def grpc_logprobs(stub, **fields):
@@ -90,7 +90,7 @@ def grpc_logprobs(stub, **fields):
                                        ({"legacy_logprobs": True}, 0), ({"top_logprobs": 3}, 3),
                                        ({"logprobs": 1, "top_logprobs": 2}, 2)])
 def test_logprobs_is_an_int_n_as_in_vllm(server, fields, n):
-    stub, offline = server
+    stub, offline, _ = server
     logprobs, tops = grpc_logprobs(stub, **fields)
     ref = offline.generate("The quick", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=n))
     ref = ref.outputs[0]
@@ -100,3 +100,15 @@ def test_logprobs_is_an_int_n_as_in_vllm(server, fields, n):
     assert logprobs == pytest.approx(ref.logprobs, abs=1e-5)
     assert tops == ([list(d) for d in ref.top_logprobs] if n > 0 else [])
     assert all(len(t) == n for t in tops)
+
+
+def test_generate_cli_logprobs(server, capsys):
+    from loraserve.cli import main
+
+    _, offline, address = server
+    assert main(["generate", "The quick", "--server", address, "--logprobs", "2", "--max-tokens", "3"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("token ")]
+    ref = offline.generate("The quick", SamplingParams(max_tokens=3, temperature=0, logprobs=2)).outputs[0]
+    assert [int(line.split()[1]) for line in lines] == ref.token_ids
+    assert [float(line.split()[3]) for line in lines] == pytest.approx(ref.logprobs, abs=1e-3)
+    assert all(len(line.split("top ")[1].split()) == 2 for line in lines)

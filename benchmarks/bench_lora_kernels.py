@@ -290,7 +290,13 @@ def main() -> None:
     ap.add_argument("--no-before", action="store_true", help="skip timing the previous 3-launch path")
     ap.add_argument("--json", help="write the metrics here")
     ap.add_argument("--only-sweeps", action="store_true", help="skip the metrics, run the sweeps asked for")
+    ap.add_argument("--fused", action="store_true",
+                    help="let lora_apply take the one-launch fused kernel (as LORASERVE_LORA_FUSED=1)")
     args = ap.parse_args()
+    if args.fused:
+        import importlib
+
+        importlib.import_module("loraserve.kernels.lora_apply").FUSED_ENABLED = True  # the module
     if args.smoke:
         table(float("nan"), smoke=True)
         return

@@ -9,7 +9,8 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
     loading (two launches), when few splits or rank blocks make that sum cheap;
   * "reduced": shrink, a fixed-order sum of the partials, expand (three launches), where
     expand re-reading many partials for every column block costs more than the launch.
-LORASERVE_LORA_FUSED=0 in the environment turns the fused kernel off.
+The fused kernel is opt-in (LORASERVE_LORA_FUSED=1) until its grid barrier has been run
+on a GPU: it was written after the last GPU run of its session (see kernels/PERF_NOTES.md).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from ._triton import interpret_mode, triton_available
 from .lora_meta import LoRAMeta
 
-FUSED_ENABLED = os.environ.get("LORASERVE_LORA_FUSED", "1").strip() != "0"
+FUSED_ENABLED = os.environ.get("LORASERVE_LORA_FUSED", "0").strip() not in ("", "0")
 
 
 def use_triton(x: Tensor) -> bool:

@@ -138,7 +138,12 @@ def check_partials_path_matches_reference(dtype: str, hidden: int, max_rank: int
 
 def check_lora_apply_paths() -> None:
     """lora_apply's own choice (fused at 3 tokens, two launches with partials at 100) == reference."""
+    import importlib
+
+    lora_apply_module = importlib.import_module("loraserve.kernels.lora_apply")  # not the function
     from loraserve.kernels.lora_apply import choose_path
+
+    lora_apply_module.FUSED_ENABLED = True  # opt-in in production; this worker is throwaway
 
     for T in (3, 100):
         p = make_problem(num_tokens=T, hidden=256, max_rank=16, widths=[32, 16], num_slots=3,

@@ -192,6 +192,9 @@ if HAS_TRITON:
 TARGET_PROGRAMS = 528
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 3  # programs of the decode/prefill tiles resident on one SM at a time (~)
+# split-KV partials are [splits, N, H, D] fp32: cap them (a long decode next to a big prompt chunk
+# would otherwise ask for gigabytes; such a step then splits less)
+MAX_WORKSPACE_BYTES = 128 << 20
 
 
 def _num_sms(device: torch.device) -> int:
@@ -256,7 +259,7 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     config overrides the tile shape (benchmarks, tests). Every seq_lens[b] must be >= its query length >= 1.
     """
     N, H, D = q.shape
-    num_blocks, BS, KVH, Dk = k_cache.shape
+    _, BS, KVH, Dk = k_cache.shape
     B = block_tables.shape[0]
     assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
     assert H % KVH == 0, f"{H} query heads not a multiple of {KVH} KV heads"
@@ -279,6 +282,7 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * BS
         num_splits = choose_num_splits(num_tiles * KVH if max_query_len > 1 else B * KVH,
                                        -(-bound // cfg["TILE_N"]), q.device)
+    num_splits = max(1, min(num_splits, MAX_WORKSPACE_BYTES // (N * H * (d_pad + 2) * 4)))
     out = torch.empty_like(q) if out is None else out
     assert out.shape == q.shape and out.stride(-1) == 1 and out.dtype == q.dtype
     if num_splits > 1:

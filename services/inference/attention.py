@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache (pure torch; runs on CPU and CUDA).
+"""Attention over a paged KV cache: the Triton step kernel on CUDA, pure torch elsewhere.
 
 KV cache of one layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
 A sequence's token j lives in block block_table[j // block_size] at offset j % block_size.
@@ -19,7 +19,8 @@ from .context import Context, get_context, split_mixed
 
 # pure-decode steps (the CUDA-graph path) on CUDA: "unified" (the step kernel) or "paged_decode"
 # (kernels/paged_attention.py). H200, bf16, Llama-3-8B heads (benchmarks/bench_attention.py):
-# unified 12.7 / 47 / 39 us vs paged_decode 16.1 / 91 / 56 us at batch 1 x 4k / 1 x 32k / 64 x 512.
+# unified 13.1 / 42 / 40 us vs paged_decode (split-KV) 13.4 / 59 / 57 us at batch 1 x 4k / 1 x 32k / 64 x 512
+# (kernels/PERF_NOTES.md, 2026-11-30).
 DECODE_KERNEL = "unified"
 
 
@@ -110,7 +111,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         # a mixed step: the one-token (decode) sequences go through the batched decode path at once
         rows, seqs = ctx.decode_rows, ctx.decode_seqs
         out[rows] = _decode(q[rows], k_cache, v_cache, ctx.block_tables[seqs], ctx.context_lens[seqs],
-                                 ctx.decode_max_len, scale)
+                            ctx.decode_max_len, scale)
     num_heads, kvh = q.shape[1], k.shape[1]
     for i, start, qlen, total in prefill:
         qi = q[start:start + qlen].transpose(0, 1)  # (H, q, D)

@@ -6,9 +6,12 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
   * "fused": small steps whose grid fits on the GPU at once (lora_fused.fused_plan): one
     launch, shrink and expand split by an in-kernel grid barrier;
   * "partials": shrink writes split-K partials [SPLIT_K, S, T, R], expand sums them while
-    loading (two launches), when few splits or rank blocks make that sum cheap;
-  * "reduced": shrink, a fixed-order sum of the partials, expand (three launches), where
-    expand re-reading many partials for every column block costs more than the launch.
+    loading (two launches): rank <= 16 and <= 256 tokens. Measured on an H200 (rank 16,
+    us per projection, vs "reduced"): 1 token 5.8-7.6 vs 7.7-9.6; 16 tokens / 16 adapters
+    8.8-21.2 vs 11.1-20.9; 64 tokens / 32 adapters 11.1-37.5 vs 13.9-34.0;
+  * "reduced": shrink, a fixed-order sum of the partials, expand (three launches) otherwise:
+    every column block of the expand re-reads the partials, which at rank 64 cost more than
+    the saved launch (1-32 tokens: 10-50% slower with partials; down, 1024 tokens: 2x).
 The fused kernel is opt-in (LORASERVE_LORA_FUSED=1) until its grid barrier has been run
 on a GPU: it was written after the last GPU run of its session (see kernels/PERF_NOTES.md).
 """
@@ -42,9 +45,8 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
     plan = fused_plan(T, meta.max_slots, meta.block_m, R, H, N, S, x.device) if FUSED_ENABLED else None
     if plan is not None:
         return "fused", (plan["SPLIT_K"], S, T, R), plan
-    sk = shrink_split_k(x, lora_a, meta.block_m)
-    if sk <= 8 or R <= 16:
-        return "partials", (sk, S, T, R), None
+    if R <= 16 and T <= 256:
+        return "partials", (shrink_split_k(x, lora_a, meta.block_m), S, T, R), None
     return "reduced", (S, T, R), None
 
 

@@ -106,14 +106,14 @@ if HAS_TRITON:
 def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
     """Launch parameters: BLOCK_K=16 keeps mixed ranks cheap (see module docstring).
 
-    16-row tiles (decode-like steps): 256 columns x 8 warps per program, measured on an
-    H200 at 64 tokens / 32 adapters / rank 16: qkv 19.2 -> 18.4 us, o 11.9 -> 10.2,
-    gate_up 37.7 -> 33.9, down 16.7 -> 14.9 (vs 128 x 4). Larger tiles keep 128 x 4 (an
-    earlier sweep at block_m 64 found 8 warps slower).
+    32-128 tokens in 16-row tiles: 256 columns x 8 warps per program, measured on an H200
+    at 64 tokens / 32 adapters / rank 16: qkv 19.2 -> 18.4 us, o 11.9 -> 10.2, gate_up
+    37.7 -> 33.9, down 16.7 -> 14.9 (vs 128 x 4). Elsewhere 128 x 4 (an earlier sweep at
+    block_m 64 found 8 warps slower; decode sizes not re-measured).
     """
     if n_total < 128:
         return dict(BLOCK_N=max(16, 1 << (n_total - 1).bit_length()), BLOCK_K=16, num_warps=4, num_stages=3)
-    if block_m <= 16 and n_total >= 256:
+    if block_m <= 16 and 32 <= num_tokens <= 128 and n_total >= 256:
         return dict(BLOCK_N=256, BLOCK_K=16, num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=3)
 

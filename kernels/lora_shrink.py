@@ -108,18 +108,18 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
     keeping >= 1 K block per split) until even the fewest tiles the batch could have give
     about 4 programs per SM, as long as the partials' round trip through memory stays
     below the bytes the shrink must read anyway (x and one adapter's A).
-    From 32 tokens on, the batch usually holds many adapters (many more tiles than the
-    fewest): at most 8 splits of >= 256 columns. Measured on an H200 at 64 tokens / 32
-    adapters / rank 16 (us per projection, shrink + expand; 16-row tiles): qkv 16 x 128: 18.7,
-    8 x 256: 14.8; o 9.8 at 4 x 256; gate_up 46.5 at 16 splits, 27.3-30 at 4-8; down 15.4-16.
+    From 32 to 128 tokens the batch usually holds many adapters (many more tiles than the
+    fewest), so at most 4 splits of 256 columns. Measured on an H200 at 64 tokens / 32
+    adapters / rank 16 (us per projection, shrink + expand; 16 splits x 128 before):
+    qkv 18.7 -> 15.2, o 11.5 -> 9.8, gate_up 46.5 -> 27.3, down 15.4 -> 16.4. Other sizes
+    keep the earlier rule (not re-measured).
     """
     block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
     block_k = min(128, max(16, _next_pow2(hidden_in)))
     max_split = 32
-    if num_tokens >= 32:
-        max_split = 8
-        if block_m <= 16:  # bigger x tiles (prefill) would not fit 3 stages of 256 in smem
-            block_k = min(256, max(16, _next_pow2(hidden_in // 8)))
+    if 32 <= num_tokens <= 128 and block_m <= 16:
+        max_split = 4
+        block_k = min(256, max(16, _next_pow2(hidden_in // 4)))
     min_programs = -(-num_tokens // block_m) * num_slices * -(-rank // block_n)
     k_blocks = -(-hidden_in // block_k)
     partial_bytes = 2 * num_slices * num_tokens * rank * 4  # one split's write + read back

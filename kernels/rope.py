@@ -49,10 +49,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_one(x_ptr, o_ptr, t, stride_xt, stride_xh, stride_ot, stride_oh, NH, c, s,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                  HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr):
         heads = tl.arange(0, BLOCK_H)
-        cols = tl.arange(0, HALF)
-        ok = (heads < NH)[:, None]
+        cols = tl.arange(0, HALF_P2)
+        ok = (heads < NH)[:, None] & (cols < HALF)[None, :]
         x_row = x_ptr + t * stride_xt + heads[:, None] * stride_xh + cols[None, :]
         x1 = tl.load(x_row, mask=ok, other=0.0)
         x2 = tl.load(x_row + HALF, mask=ok, other=0.0)
@@ -64,22 +64,26 @@ if HAS_TRITON:
     @triton.jit
     def _rope_kernel(pos_ptr, cache_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, H, KVH,
                      stride_qt, stride_qh, stride_kt, stride_kh,
-                     stride_qot, stride_qoh, stride_kot, stride_koh, stride_c,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr):
+                     stride_qot, stride_qoh, stride_kot, stride_koh, stride_c, num_positions,
+                     HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_KVH: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        p = tl.load(pos_ptr + t).to(tl.int64)
-        cols = tl.arange(0, HALF)
-        c = tl.load(cache_ptr + p * stride_c + cols)
-        s = tl.load(cache_ptr + p * stride_c + HALF + cols)
-        _rope_one(q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, H, c, s, HALF, BLOCK_H)
-        _rope_one(k_ptr, ko_ptr, t, stride_kt, stride_kh, stride_kot, stride_koh, KVH, c, s, HALF, BLOCK_KVH)
+        # Clamped: a position past the table must not read out of bounds (callers size it).
+        p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
+        cols = tl.arange(0, HALF_P2)
+        c = tl.load(cache_ptr + p * stride_c + cols, mask=cols < HALF, other=0.0)
+        s = tl.load(cache_ptr + p * stride_c + HALF + cols, mask=cols < HALF, other=0.0)
+        _rope_one(q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, H, c, s, HALF, HALF_P2, BLOCK_H)
+        _rope_one(k_ptr, ko_ptr, t, stride_kt, stride_kh, stride_kot, stride_koh, KVH, c, s, HALF, HALF_P2,
+                  BLOCK_KVH)
 
 
 def apply_rope(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
                q_out: Tensor | None = None, k_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rotate q [T, H, D] and k [T, KVH, D] by positions [T] (int32/int64 < P), one launch.
 
-    cos_sin_cache: [P, D] fp32 from :func:`rope_cos_sin_cache`. q_out/k_out (same shapes,
+    cos_sin_cache: [P, D] fp32 from :func:`rope_cos_sin_cache`; positions >= P are clamped
+    to P - 1 (size the table to the longest sequence). q_out/k_out (same shapes,
     e.g. fresh contiguous tensors) default to q/k: in place. Returns (q_out, k_out).
     """
     if not HAS_TRITON:
@@ -89,7 +93,7 @@ def apply_rope(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
     T, H, D = q.shape
     KVH = k.shape[1]
     assert k.shape == (T, KVH, D) and q_out.shape == q.shape and k_out.shape == k.shape
-    assert D % 2 == 0 and (D // 2) & (D // 2 - 1) == 0, f"head_dim/2 must be a power of two, got D={D}"
+    assert D % 2 == 0, f"head_dim must be even, got D={D}"
     assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == D and cos_sin_cache.dtype == torch.float32 \
         and cos_sin_cache.stride(1) == 1, f"cos_sin_cache must be fp32 [P, {D}]"
     assert all(x.stride(-1) == 1 for x in (q, k, q_out, k_out)), "last dim must be contiguous"
@@ -99,6 +103,7 @@ def apply_rope(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
     _rope_kernel[(T,)](positions, cos_sin_cache, q, k, q_out, k_out, H, KVH,
                        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-                       cos_sin_cache.stride(0), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H),
+                       cos_sin_cache.stride(0), cos_sin_cache.shape[0], HALF=D // 2,
+                       HALF_P2=triton.next_power_of_2(D // 2), BLOCK_H=triton.next_power_of_2(H),
                        BLOCK_KVH=triton.next_power_of_2(KVH), num_warps=4)
     return q_out, k_out

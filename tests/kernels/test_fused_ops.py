@@ -48,9 +48,10 @@ def test_silu_and_mul_interp(interp, dtype) -> None:
     _run(interp, cases.check_silu_and_mul, dtype, 3, 80)
 
 
-@pytest.mark.parametrize("heads,kv_heads,scaling", [(4, 2, "default"), (6, 6, "linear"), (4, 1, "llama3")])
-def test_rope_interp(interp, heads, kv_heads, scaling) -> None:
-    _run(interp, cases.check_rope, "float32", 7, heads, kv_heads, 16, scaling)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,scaling", [
+    (4, 2, 16, "default"), (6, 6, 16, "linear"), (4, 1, 16, "llama3"), (3, 1, 24, "default")])  # 24: half not 2^k
+def test_rope_interp(interp, heads, kv_heads, head_dim, scaling) -> None:
+    _run(interp, cases.check_rope, "float32", 7, heads, kv_heads, head_dim, scaling)
 
 
 

@@ -35,6 +35,31 @@ def peft_greedy(base, adapter_dir, prompt, n):
     return seq[0, len(prompt):].tolist()
 
 
+class PeftReference:
+    """One peft model holding every adapter (peft's load_adapter / set_adapter), greedy decoding."""
+
+    def __init__(self, base, paths: list[str]):
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="p0").eval()
+        for i, p in enumerate(paths[1:], 1):
+            self.model.load_adapter(p, adapter_name=f"p{i}")
+        self.index = {p: f"p{i}" for i, p in enumerate(paths)}
+
+    def greedy(self, path: str | None, prompt: list[int], n: int) -> list[int]:
+        if path is None:
+            with self.model.disable_adapter():
+                return self._generate(prompt, n)
+        self.model.set_adapter(self.index[path])
+        return self._generate(prompt, n)
+
+    def _generate(self, prompt, n):
+        with torch.no_grad():
+            seq = self.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+        return seq[0, len(prompt):].tolist()
+
+
 @pytest.fixture(scope="module")
 def twenty(tmp_path_factory):
     return make_adapters(str(tmp_path_factory.mktemp("churn")), 20)
@@ -50,12 +75,14 @@ def test_twenty_adapters_through_two_slots_and_three_host_entries_match_peft(tin
     loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(twenty)] + [None]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     outs = llm.generate(prompts, params, lora_request=loras)
-    base_outs = 0
+    ref_model = PeftReference(base, twenty)
+    same_as_base = 0
     for prompt, lora, out in zip(prompts, loras, outs):
-        ref = peft_greedy(base, lora and lora.lora_path, prompt, 6)
+        ref = ref_model.greedy(lora and lora.lora_path, prompt, 6)
         assert out.outputs[0].token_ids == ref, lora and lora.lora_name
-        base_outs += lora is not None and ref == peft_greedy(base, None, prompt, 6)
-    assert base_outs < len(twenty) // 2  # the adapters do change the output (the check could fail)
+        if lora is not None and lora.lora_int_id <= 5:
+            same_as_base += ref == peft_greedy(base, None, prompt, 6)
+    assert same_as_base < 3  # the adapters do change the output (the check could fail)
     stats = llm.engine.lora_manager.stats_dict()
     assert stats["device_slots_pinned"] == 0 and stats["adapter_holds"] == 0
     assert stats["host_adapters"] <= 3

@@ -244,9 +244,12 @@ class LoRAManager:
 
     def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
         """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous."""
-        weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in adapter.weights.items()}
-        if self.device.type == "cuda":
-            weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
+        if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype
+            weights = {k: tuple(t if t.dtype == self.dtype and t.is_pinned() else
+                                torch.empty(t.shape, dtype=self.dtype, pin_memory=True).copy_(t) for t in ab)
+                       for k, ab in adapter.weights.items()}
+        else:
+            weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in adapter.weights.items()}
         adapter.weights = weights
         return adapter
 

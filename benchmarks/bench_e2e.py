@@ -168,7 +168,8 @@ class ServerProcess:
             cmd += ["--device", "cpu", "--dtype", "float32"]
         cmd += list(extra)
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if tiny else {}))  # as the in-process run (--tiny)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.address = f"127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout: float = 900) -> None:

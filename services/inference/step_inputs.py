@@ -101,7 +101,7 @@ class StepInputBuilder:
                     dst.append(int(cum[i]) - 1)
                     src.append(prev_rows[s.seq_id])
             ids[ids < 0] = 0    # placeholders: overwritten on the device below
-        S, P = len(sample_idx), len(dst)
+        P = len(dst)
         parts = (ids, positions, slots, ends, tables.reshape(-1), token_slot, sample_idx,
                  np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64))
         size = sum(p.size for p in parts)

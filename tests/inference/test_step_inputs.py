@@ -1,0 +1,71 @@
+"""The vectorised step-input builder against the per-token Python loop it replaced (the reference),
+on random batches of prefill chunks, decode rows and in-flight placeholders."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loraserve.config import SamplingParams
+from loraserve.inference.sequence import PLACEHOLDER, Sequence
+from loraserve.inference.step_inputs import StepInputBuilder
+
+BS, PAD = 16, 999
+
+
+def reference(seqs, num_new_tokens):
+    """The old ModelRunner.run loop: token by token."""
+    ids, pos, slots, ctx, sample_idx, offset = [], [], [], [], [], 0
+    for s, n in zip(seqs, num_new_tokens):
+        start = s.num_computed_tokens
+        ids.extend(s.token_ids[start:start + n])
+        pos.extend(range(start, start + n))
+        slots.extend(s.block_table[p // BS] * BS + p % BS for p in range(start, start + n))
+        ctx.append(start + n)
+        offset += n
+        if start + n == s.num_tokens:
+            sample_idx.append(offset - 1)
+    width = max(len(s.block_table) for s in seqs)
+    tables = [s.block_table + [PAD] * (width - len(s.block_table)) for s in seqs]
+    return ids, pos, slots, ctx, tables, sample_idx
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_builder_matches_the_per_token_loop(seed):
+    rng = random.Random(seed)
+    seqs, n_new, prev_rows, free = [], [], {}, list(range(500))
+    rng.shuffle(free)
+    for i in range(rng.randint(1, 12)):
+        total = rng.randint(1, 90)
+        s = Sequence(f"r{i}", [rng.randrange(300) for _ in range(total)], SamplingParams())
+        kind = rng.choice(["prefill", "chunk", "decode", "placeholder"])
+        if kind == "prefill":
+            s.num_computed_tokens, n = 0, total
+        elif kind == "chunk":
+            s.num_computed_tokens = rng.randint(0, total - 1)
+            n = rng.randint(1, total - s.num_computed_tokens)
+        else:
+            if kind == "placeholder":
+                s.add_placeholder(row=rng.randrange(8))
+                prev_rows[s.seq_id] = s.pending_row
+            s.num_computed_tokens, n = s.num_tokens - 1, 1
+        s.block_table = [free.pop() for _ in range(-(-(s.num_computed_tokens + n) // BS) + rng.randint(0, 1))]
+        s.lora = None
+        seqs.append(s)
+        n_new.append(n)
+    inp, dst, src = StepInputBuilder(BS, PAD, torch.device("cpu")).build(seqs, n_new, prev_rows)
+    ids, pos, slots, ctx, tables, sample_idx = reference(seqs, n_new)
+    got_ids = inp.input_ids.tolist()
+    for i, t in enumerate(ids):
+        assert got_ids[i] == (0 if t == PLACEHOLDER else t)
+    assert inp.positions.tolist() == pos and inp.slot_mapping.tolist() == slots
+    assert inp.context_lens.tolist() == ctx == inp.context_lens_list
+    assert inp.block_tables.tolist() == tables and inp.sample_idx.tolist() == sample_idx
+    holes = [i for i, t in enumerate(ids) if t == PLACEHOLDER]
+    if holes:   # each placeholder row is fed from its sequence's row of the previous step
+        assert dst.tolist() == holes
+        owners = [s for s in seqs if s.num_pending]
+        assert src.tolist() == [prev_rows[s.seq_id] for s in owners]
+    else:
+        assert dst is None and src is None

@@ -277,11 +277,11 @@ def main() -> int:
     s["host"] = host_time_per_decode_step(engine, a.decode_batch, a.input_mean, 32 if a.tiny else 128,
                                           engine.args.vocab_size)
     s["host_ms_per_decode_step"] = s["host"]["host_ms"]
-    if a.grpc_rate:
-        target = InProcessTarget(model, kwargs)
-        s["in_process_poisson"] = brief(run_load(target, warm, reqs, None, a.grpc_rate))
-    del engine, target
+    del engine, target   # one model on the device at a time
     free_memory()
+    if a.grpc_rate:
+        s["in_process_poisson"] = brief(run_load(InProcessTarget(model, kwargs), warm, reqs, None, a.grpc_rate))
+        free_memory()
 
     if a.grpc:
         srv = ServerProcess(model, yaml_path, a.tiny, os.path.join(a.out, "server.log"))

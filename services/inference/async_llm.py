@@ -13,6 +13,7 @@ import concurrent.futures
 import itertools
 import logging
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator
 from typing import Any, Callable
@@ -23,6 +24,9 @@ from .engine import LLMEngine
 from .outputs import RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
+
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 class EngineDeadError(RuntimeError):
@@ -36,6 +40,10 @@ class EngineStepError(RuntimeError):
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine = engine
+        # The engine thread wakes from the device wait needing the GIL; with Python's default 5 ms switch
+        # interval a busy event-loop thread (building stream messages) could hold it for a whole decode step.
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.max_queue = max_queue
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

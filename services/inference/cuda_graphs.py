@@ -5,8 +5,9 @@ costs more than the weights take to stream at small batch. Each batch-size bucke
 is captured once into a graph that reads static input buffers: token ids, positions, KV
 slots, context lengths and block tables (attention is the Triton paged-decode kernel, whose
 loop bounds come from device memory), plus the LoRA metadata buffers. A step copies its
-inputs into the buffers, pads the bucket with rows that write a scratch KV block, and
-replays. Prefill and mixed steps run eagerly.
+inputs into the buffers device to device (they arrive packed in one host->device copy, see
+step_inputs.py), pads the bucket with rows that write a scratch KV block, and replays.
+Prefill and mixed steps run eagerly.
 """
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ its own status codes (gRPC code / HTTP status).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from .async_llm import AsyncLLM, EngineStepError
 from .engine import LLMEngine
 from .llm import default_model_path
 from .lora.manager import (AdapterAccessError, AdapterBusyError, AdapterCapacityError,  # noqa: F401
-                           AdapterNotFoundError)
+                           AdapterNotFoundError, release_after_engine, resolve_async)
 from .outputs import RequestOutput
 from .serve_config import ServeConfig
 
@@ -52,11 +51,6 @@ class AdapterSpec:
             return f"lora_request {self.lora_request.lora_name!r}"
         ref = f":{self.version}" if self.version else f":{self.alias}" if self.alias else ""
         return f"{self.name}{ref}"
-
-
-def _release_when_resolved(fut) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().release()
 
 
 def digest_int_id(digest: str) -> int:
@@ -105,14 +99,7 @@ class InferenceCore:
             req = LoRARequest(f"{fetched.name}:{fetched.version}", digest_int_id(fetched.digest), fetched.path,
                               fetched.format)
             trusted = True  # our own download cache, digest verified
-        fut = asyncio.get_running_loop().run_in_executor(None, self.lora_manager.resolve, req, trusted)
-        try:
-            # shielded: a cancel (client gone, deadline) must not lose the hold the worker takes
-            hold = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(_release_when_resolved)
-            raise
-        return req, hold
+        return req, await resolve_async(self.lora_manager, req, trusted)
 
     async def prefetch(self, spec: AdapterSpec):
         """Load an adapter into the host tier and keep it there until evicted by LRU."""
@@ -144,17 +131,7 @@ class InferenceCore:
             if not finished:
                 self.requests_aborted += 1
             if hold is not None:
-                self._release_after_engine(hold)
-
-    def _release_after_engine(self, hold) -> None:
-        """The request's hold ends with the request. The engine releases it when the request
-        finishes or is aborted; this covers every other path (cancelled before the engine took
-        it, add_request refused it). Queued behind the stream's abort on the engine thread, so
-        it never drops a hold the engine still uses; release is idempotent."""
-        if self.async_llm.is_alive:
-            self.async_llm.call(lambda _engine: hold.release())
-        else:
-            hold.release()
+                release_after_engine(self.async_llm, hold)
 
     def server_stats(self) -> dict:
         engine = self.engine.stats()

@@ -14,6 +14,7 @@ from loraserve.config import LoRARequest, SamplingParams, engine_config_from_kwa
 
 from .async_llm import AsyncLLM
 from .engine import LLMEngine
+from .lora.manager import release_after_engine, resolve_async
 from .outputs import RequestOutput
 
 
@@ -140,11 +141,20 @@ class LLM:
                              request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         if self._async is None:
             self._async = AsyncLLM(self.engine)
-        last = None
-        async for out in self._async.generate(prompt, sampling_params, lora_request, request_id or self._id()):
-            last = out
-            if streaming:
-                yield out
+        async_llm = self._async
+        last, hold = None, None
+        try:
+            if lora_request is not None and self.engine.lora_manager is not None:
+                # parse a new adapter on a worker thread, not on the engine thread (its steps go on)
+                hold = await resolve_async(self.engine.lora_manager, lora_request)
+            async for out in async_llm.generate(prompt, sampling_params, lora_request, request_id or self._id(),
+                                                lora_handle=hold):
+                last = out
+                if streaming:
+                    yield out
+        finally:
+            if hold is not None:
+                release_after_engine(async_llm, hold)
         if not streaming and last is not None:
             yield last
 

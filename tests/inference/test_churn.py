@@ -168,3 +168,38 @@ def test_device_tier_sized_by_memory_and_max_loras_caps_each_batch(tiny_llama, t
     for i in range(5):
         assert finals[f"r{i}"].outputs[0].token_ids == peft_greedy(base, twenty[i], [5 + i, 6, 7], 4)
     assert eng.lora_manager.stats_dict()["device_slots_used"] == 5  # all five stay resident
+
+
+def test_generate_async_many_adapters_and_early_close(tiny_llama, twenty):
+    """LLM.generate_async resolves adapters off the engine thread; concurrent streams over more
+    adapters than the tiers hold match LLM.generate, and a stream closed early leaves no hold."""
+    import asyncio
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu",
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=3))
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    loras = [LoRARequest(f"a{i}", i + 1, twenty[i]) for i in range(6)]
+    prompts = [[4 + i, 9, 2] for i in range(6)]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, p, lora_request=loras)]
+
+    async def final(prompt, lora):
+        last = None
+        async for out in llm.generate_async(prompt, p, lora, streaming=False):
+            last = out
+        return last.outputs[0].token_ids
+
+    async def closed_early():
+        stream = llm.generate_async([7, 7, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+                                    LoRARequest("a9", 10, twenty[9]))
+        await stream.__anext__()
+        await stream.aclose()
+
+    async def main():
+        got = await asyncio.gather(*(final(pr, lr) for pr, lr in zip(prompts, loras)), closed_early())
+        return got[:-1]
+
+    assert asyncio.run(main()) == expected
+    llm.shutdown()
+    stats = llm.engine.lora_manager.stats_dict()
+    assert stats["adapter_holds"] == 0 and stats["device_slots_pinned"] == 0

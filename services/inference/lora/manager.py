@@ -26,6 +26,7 @@ hand-off, see `try_acquire`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -433,6 +434,28 @@ class LoRAManager:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+async def resolve_async(manager: LoRAManager, req: LoRARequest, trusted: bool = False) -> AdapterHold:
+    """manager.resolve on a worker thread (parsing never blocks an event loop or the engine
+    thread). Shielded: a cancel (client gone, deadline) while it runs releases the hold it takes."""
+    fut = asyncio.get_running_loop().run_in_executor(None, manager.resolve, req, trusted)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().release())
+        raise
+
+
+def release_after_engine(async_llm, hold: AdapterHold) -> None:
+    """End a request's hold when the request ends. The engine releases it when the request
+    finishes or is aborted; this covers every other path (cancelled before the engine took it,
+    add_request refused it). Queued behind the stream's abort on the engine thread, so it never
+    drops a hold the engine still uses; release is idempotent."""
+    if async_llm.is_alive:
+        async_llm.call(lambda _engine: hold.release())
+    else:
+        hold.release()
 
 
 def _looks_nemo(path: str) -> bool:

@@ -94,7 +94,10 @@ if HAS_TRITON:
             if active:
                 while arrived < NUM_PROGRAMS:  # plain polling reads past L1, then one acquire
                     arrived = tl.load(sync_ptr, volatile=True)
-                arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+            # The acquire pairs with every program's release; its value (still >= P: nobody
+            # resets before all have left) feeds the row mask so the atomic is not dropped.
+            arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+            row_ok = row_ok & (arrived >= NUM_PROGRAMS)
             tl.debug_barrier()
         if PHASE != 1:
             if active:

@@ -54,7 +54,8 @@ for path, side in json.loads(sys.argv[1]):
     except AdapterFormatError as e:
         outcome = str(e)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"seconds": elapsed, "rss_growth": status("VmHWM") - rss0, "outcome": outcome}))
+    print(json.dumps({"seconds": elapsed, "rss_growth": status("VmHWM") - rss0,
+                      "rss_kept": status("VmRSS") - rss0, "outcome": outcome}))
 """
 
 
@@ -111,12 +112,14 @@ def test_bombs_are_what_they_claim(bombs):
 @pytest.mark.parametrize("kind,side", CASES)
 def test_bomb_refused_fast_in_bounded_memory(probed, kind, side):
     result = probed[(kind, side)]
-    print(f"{kind:9s} {side:8s} {result['seconds'] * 1e3:7.1f} ms  RSS +{result['rss_growth'] / 2**20:5.1f} MiB  "
+    print(f"{kind:9s} {side:8s} {result['seconds'] * 1e3:7.1f} ms  peak RSS +{result['rss_growth'] / 2**20:5.1f} MiB "
+          f"kept +{result['rss_kept'] / 2**20:4.1f} MiB  "
           f"{result['outcome'][:100]}")
     assert result["outcome"] != "accepted"
     assert "bomb" in result["outcome"] or "exceeds max_bytes" in result["outcome"], result["outcome"]
     assert result["seconds"] < MAX_SECONDS, result
     assert result["rss_growth"] < MAX_RSS_GROWTH, result
+    assert result["rss_kept"] < 4 << 20, result  # and what it took is given back
 
 
 def test_engine_limits_scale_with_max_lora_rank(tmp_path):

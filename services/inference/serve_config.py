@@ -50,6 +50,11 @@ class ServeConfig:
         self.allowed_lora_dirs = [os.path.abspath(d) for d in self.allowed_lora_dirs]
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        # an empty token would silently mean "no auth" (issue 9.5): refuse it instead
+        for key in ("auth_token", "registry_token"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ValueError(f"{key} is empty; leave it unset for no token")
 
 
 _OWN_KEYS = {f.name for f in dataclasses.fields(ServeConfig)} - {"llm_kwargs"}

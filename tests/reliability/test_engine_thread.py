@@ -218,3 +218,11 @@ def test_short_deadlines_and_unloads_over_grpc_leave_the_engine_serving(tiny_lla
         assert s.free_kv_blocks == s.total_kv_blocks
         final = list(stub.Generate(request(4, with_adapter=True), timeout=60))
         assert final[-1].complete.completion_tokens == 4
+
+
+@pytest.mark.parametrize("key", ["auth_token", "registry_token"])
+@pytest.mark.parametrize("value", ["", "   ", "\n"])
+def test_empty_inference_tokens_are_refused(key, value):
+    """Issue 9.5 on the inference side: an empty token must not silently disable auth."""
+    with pytest.raises(ValueError, match=key):
+        ServeConfig(**{key: value})

@@ -91,7 +91,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # int64, as torch.Generator takes
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -120,7 +120,8 @@ class _SamplingFields(BaseModel):
 
     def sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
         """SamplingParams for one choice; choice j of n gets seed + j so that choices differ."""
-        seed = None if self.seed is None else self.seed + seed_offset
+        # wrapped into int64: seed + j past 2**63 - 1 would fail the engine step that seeds it
+        seed = None if self.seed is None else (self.seed + seed_offset + 2**63) % 2**64 - 2**63
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,

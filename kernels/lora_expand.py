@@ -83,7 +83,7 @@ if HAS_TRITON:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 h_mask = row_ok[:, None] & (offs_k[None, :] < rank)
                 h = tl.load(h_base + offs_k[None, :] * stride_br, mask=h_mask, other=0.0)
-                for j in tl.static_range(1, SPLIT_K):  # split-K partials, fixed order, unrolled
+                for j in range(1, SPLIT_K):  # split-K partials, summed in a fixed order
                     h += tl.load(h_base + j * stride_bsplit + offs_k[None, :] * stride_br, mask=h_mask, other=0.0)
                 if EVEN_R:
                     bt = tl.load(b_base + offs_k[None, :] * stride_bk, mask=col_ok[:, None], other=0.0)

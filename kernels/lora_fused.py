@@ -124,7 +124,7 @@ if HAS_TRITON:
                         col_ok = (offs_n >= lo) & (offs_n < hi)
                     h_ptrs = ws_ptr + s * stride_ws + tok[:, None] * stride_wm + offs_r[None, :] * stride_wr
                     h = tl.load(h_ptrs, mask=h_mask, other=0.0, cache_modifier=".cg")
-                    for j in tl.static_range(1, SPLIT_K):  # fixed order: bitwise reproducible
+                    for j in range(1, SPLIT_K):  # fixed order: bitwise reproducible
                         h += tl.load(h_ptrs + j * stride_wk, mask=h_mask, other=0.0, cache_modifier=".cg")
                     bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn
                                  + offs_r[None, :] * stride_bk, mask=col_ok[:, None] & r_ok[None, :], other=0.0)

@@ -75,6 +75,10 @@ def _fused_cases_in_this_process() -> int:
             interp_cases.check_fused_matches_reference("bfloat16", hidden, max_rank, widths, num_tokens, 8,
                                                        composition, device="cuda")
             ran += 1
+    import importlib
+
+    importlib.import_module("loraserve.kernels.lora_apply").FUSED_ENABLED = True  # this child only
+    check_graph_replay_matches_eager(1, 16)  # lora_apply takes the fused kernel: replay == eager
     return ran
 
 
@@ -104,10 +108,15 @@ def test_split_k_partials_llama3_8b_bf16(proj: str, num_tokens: int, split_k: in
                                                        "no-adapter-rows", split_k, device="cuda")
 
 
-@pytest.mark.parametrize("num_tokens", [1, 8, 64, 256])  # 1, 8: fused one launch; 64, 256: partials
-def test_cuda_graph_replay_matches_eager_bitwise(num_tokens: int) -> None:
+# rank 16: the partials path (expand sums split-K partials); rank 64: shrink, sum, expand.
+@pytest.mark.parametrize("num_tokens,max_rank", [(1, 16), (8, 64), (64, 16), (256, 64)])
+def test_cuda_graph_replay_matches_eager_bitwise(num_tokens: int, max_rank: int) -> None:
+    check_graph_replay_matches_eager(num_tokens, max_rank)
+
+
+def check_graph_replay_matches_eager(num_tokens: int, max_rank: int) -> None:
     hidden, widths = PROJECTIONS["qkv"]
-    S, R, L, T = len(widths), 64, 32, num_tokens
+    S, R, L, T = len(widths), max_rank, 32, num_tokens
     first = make_problem(num_tokens=T, hidden=hidden, max_rank=R, widths=widths, num_slots=L,
                          composition="identical", dtype=torch.bfloat16, seed=1, device="cuda")
     builder = LoRAMetaBuilder(T, L, "cuda")

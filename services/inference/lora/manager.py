@@ -187,6 +187,9 @@ class LoRAManager:
     def resolve(self, req: LoRARequest, trusted: bool = False) -> AdapterHold:
         """Identify the adapter `req` names and hold it for one request (hold.release() undoes).
         trusted: the path is the service's own download cache, not a user-named path."""
+        if req.lora_path:  # file-system work outside the lock, which the engine thread takes every step
+            real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
+            sig = _stat_signature(real)
         with self.lock:
             if not req.lora_path:
                 key = self.by_id.get(req.lora_int_id)
@@ -194,8 +197,6 @@ class LoRAManager:
                     raise AdapterNotFoundError(f"adapter {req.lora_name!r} (id {req.lora_int_id}) is not loaded "
                                                "and the request gives no lora_path")
                 return self._hold(self.handles[key])
-            real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
-            sig = _stat_signature(real)
             key = self._digest_of.get(sig)
             if key is not None and key in self.handles:
                 self.by_id[req.lora_int_id] = key

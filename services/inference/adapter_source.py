@@ -20,6 +20,8 @@ import grpc
 
 from loraserve.registry.archive import ARTIFACT_SUFFIX  # the registry's own artifact file names
 
+from .errors import (DigestMismatchError, RegistryAccessError, RegistryAdapterNotFound,  # noqa: F401 - re-exported
+                     RegistryRequestError, RegistryUnavailableError)
 from .lora.manager import TierStats
 
 log = logging.getLogger(__name__)
@@ -29,26 +31,6 @@ log = logging.getLogger(__name__)
 # reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
               ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-class RegistryUnavailableError(RuntimeError):
-    pass
-
-
-class RegistryAdapterNotFound(LookupError):
-    pass
-
-
-class DigestMismatchError(RuntimeError):
-    pass
-
-
-class RegistryAccessError(PermissionError):
-    """The registry refused this server's read token (--registry-token): an operator's fix, not a retry."""
-
-
-class RegistryRequestError(ValueError):
-    """The registry refused the reference itself (INVALID_ARGUMENT there)."""
 
 
 @dataclass

@@ -21,20 +21,13 @@ from typing import Any, Callable
 from loraserve.config import LoRARequest, SamplingParams
 
 from .engine import LLMEngine
+from .errors import EngineDeadError, EngineStepError, InvalidRequestError
 from .outputs import RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
 
 
 SWITCH_INTERVAL_S = 0.0005
-
-
-class EngineDeadError(RuntimeError):
-    pass
-
-
-class EngineStepError(RuntimeError):
-    """The engine step computing this request failed; other requests go on."""
 
 
 class AsyncLLM:
@@ -104,7 +97,7 @@ class AsyncLLM:
         if request_id in self._streams:
             if lora_handle is not None and self.engine.lora_manager is not None:
                 self.engine.lora_manager.release(lora_handle)
-            raise ValueError(f"duplicate request_id {request_id!r}")
+            raise InvalidRequestError(f"duplicate request_id {request_id!r}")
         self._streams[request_id] = (loop, q)
         finished = False
         try:

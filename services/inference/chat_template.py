@@ -23,12 +23,10 @@ import os
 from datetime import datetime
 from typing import Any
 
+from .errors import ChatTemplateError  # noqa: F401 - declared with its status there
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-class ChatTemplateError(ValueError):
-    """The template refused these messages (its raise_exception) or failed to render them."""
 
 
 def token_content(value: Any) -> str | None:

@@ -1,40 +1,43 @@
-"""InferenceCore: what the gRPC service and the OpenAI HTTP front share.
+"""InferenceCore: the one facade the gRPC service and the OpenAI HTTP front call.
 
 It owns the engine (on its thread, through AsyncLLM), the registry fetcher and the
-adapter-resolution path, and raises the typed errors below, which each front end maps to
-its own status codes (gRPC code / HTTP status).
+adapter-resolution path, and gives the fronts every operation they need (generate, tokenize,
+chat encoding, model info, loaded adapters, load/unload, stats, health), so that a front only
+maps fields: no front reaches into the engine, its scheduler, block manager, LoRA manager or
+tokenizer. Engine state that is mutated or must be consistent is read on the engine thread
+(AsyncLLM.call) or under the LoRA manager's lock.
+
+Errors are the types declared in errors.py (each with its gRPC code and HTTP status); an
+unexpected exception in a request becomes errors.InternalError after one log line with the
+request id. Every request, from any front, ends in one RequestRecord (request_metrics.py):
+logged at INFO and handed to the listeners (the Prometheus metrics).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from loraserve.config import LoraConfig, LoRARequest, SamplingParams, engine_config_from_kwargs
 
-from .adapter_source import (AdapterFetcher, DigestMismatchError, RegistryAdapterNotFound,  # noqa: F401
-                             RegistryUnavailableError)
-from .async_llm import AsyncLLM, EngineStepError
+from . import errors
+from .adapter_source import AdapterFetcher
+from .async_llm import AsyncLLM
 from .engine import LLMEngine
+from .errors import (AdapterAccessError, AdapterBusyError, AdapterCapacityError,  # noqa: F401 - re-exported
+                     AdapterNotFoundError, DigestMismatchError, EngineStepError, InvalidRequestError, QueueFullError,
+                     RegistryAdapterNotFound, RegistryUnavailableError, ShuttingDownError)
 from .llm import default_model_path
-from .lora.manager import (AdapterAccessError, AdapterBusyError, AdapterCapacityError,  # noqa: F401
-                           AdapterNotFoundError, release_after_engine, resolve_async)
+from .lora.manager import release_after_engine, resolve_async
 from .outputs import RequestOutput
+from .request_metrics import RequestRecord, RequestTracker, log_record
 from .serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
-
-
-class InvalidRequestError(ValueError):
-    pass
-
-
-class QueueFullError(RuntimeError):
-    pass
-
-
-class ShuttingDownError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -57,6 +60,50 @@ def digest_int_id(digest: str) -> int:
     return int(digest.split(":", 1)[-1][:15], 16)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    model_type: str
+    dtype: str
+    device: str
+    vocab_size: int
+    max_seq_len: int
+    num_layers: int
+    hidden_size: int
+    lora_enabled: bool
+    max_lora_rank: int
+    lora_target_modules: list[str]
+    device_adapter_slots: int
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    digest: str
+    rank: int
+    size_bytes: int
+    on_device: bool
+    on_host: bool
+    active_requests: int
+    source: str          # "name:version" for registry adapters, else the path it was loaded from
+
+
+@dataclass(frozen=True)
+class AdapterCache:
+    """One consistent view of the adapter tiers (taken under the LoRA manager's lock)."""
+
+    adapters: list[LoadedAdapter]     # sorted by digest
+    host: dict                        # TierStats fields: hits, misses, evictions, bytes_loaded
+    device: dict
+    disk: dict
+    device_slots: int
+    device_slots_used: int
+    device_slots_pinned: int
+    host_adapters: int
+    host_bytes: int
+    host_loading: int
+
+
 class InferenceCore:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -74,10 +121,63 @@ class InferenceCore:
         self.requests_aborted = 0
         self.shutting_down = False
         self.sources: dict[str, str] = {}   # digest -> "name:version" it was fetched as
+        # every request's RequestRecord goes to these (the Prometheus metrics subscribe); a listener
+        # that raises is logged and skipped, never the request's problem
+        self.request_listeners: list[Callable[[RequestRecord], None]] = []
+        self.active_by_adapter: Counter[str] = Counter()   # adapter name ("" = base) -> requests in flight
 
     @property
     def model_name(self) -> str:
         return self.model_path
+
+    # ---- model and tokenizer -----------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        e, lm = self.engine, self.lora_manager
+        return ModelInfo(self.model_name, e.args.model_type, str(e.dtype).replace("torch.", ""), str(e.device),
+                         e.args.vocab_size, e.max_seq_len, e.args.num_hidden_layers, e.args.hidden_size,
+                         lm is not None, lm.max_rank if lm else 0, sorted(lm.enabled) if lm else [],
+                         lm.num_slots if lm else 0)
+
+    def base_model_names(self) -> set[str]:
+        """What a client may call the base model: its path or the path's last part."""
+        return {self.model_name, os.path.basename(os.path.normpath(self.model_name))}
+
+    def tokenize(self, text: str) -> tuple[list[int], list[str]]:
+        """Prompt ids of `text` as generate encodes it (special tokens as the tokenizer adds them),
+        and each id's token string."""
+        ids = self.tokenizer.encode(text)
+        return ids, self.tokenizer.id_to_tokens(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """transformers' apply_chat_template(tokenize=True) ids; a template's refusal is ChatTemplateError."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def max_tokens_room(self, prompt_len: int) -> int:
+        """The most tokens a request with this prompt can generate (max_seq_len and the KV cache)."""
+        return max(1, min(self.engine.max_seq_len, self.engine.kv_capacity_tokens) - prompt_len)
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, why not)."""
+        if not self.async_llm.is_alive:
+            return False, f"engine dead: {self.async_llm.dead_reason!r}"[:200]
+        if self.shutting_down:
+            return False, "shutting down"
+        return True, "ok"
+
+    def on_engine_dead(self, callback: Callable[[BaseException], None]) -> None:
+        """callback(exc), once, from the engine thread, if it ever dies (the server flips health)."""
+        self.async_llm.on_dead = callback
+
+    @property
+    def has_registry(self) -> bool:
+        return self.cfg.registry_address is not None
+
+    async def registry_adapters(self) -> list:
+        """The registry's adapters (latest version of each name); [] without a registry."""
+        return await self.fetcher.list_adapters() if self.has_registry else []
 
     # ---- adapters ----------------------------------------------------------------------------
     async def resolve_adapter(self, spec: AdapterSpec | None):
@@ -107,9 +207,90 @@ class InferenceCore:
         hold.release()
         return hold.handle
 
+    def _loaded(self, h, on_device: bool, on_host: bool) -> LoadedAdapter:
+        return LoadedAdapter(h.name, h.key, h.rank, h.nbytes, on_device, on_host, h.num_requests,
+                             self.sources.get(h.key, h.source))
+
+    async def load_adapter(self, spec: AdapterSpec | None) -> LoadedAdapter:
+        if spec is None:
+            raise InvalidRequestError("set adapter_ref or lora_request")
+        if self.lora_manager is None:
+            raise InvalidRequestError("this server was started without LoRA (lora_config)")
+        h = await self.prefetch(spec)
+        return self._loaded(h, h.slot is not None, h.adapter is not None)
+
+    async def unload_adapter(self, digest: str = "", spec: AdapterSpec | None = None) -> bool:
+        """Forget an adapter (both tiers) unless requests hold it (AdapterBusyError); True if it was
+        known. On the engine thread: the GPU tier is the engine's."""
+        if spec is not None:
+            digest = (await self.fetcher.fetch(spec.name, spec.version, spec.alias)).digest
+        if not digest:
+            raise InvalidRequestError("set adapter_ref or digest")
+        if self.lora_manager is None:
+            return False
+        return await asyncio.wrap_future(self.async_llm.call(lambda e: e.lora_manager.evict(digest)))
+
+    def loaded_adapter_ids(self) -> dict[str, int]:
+        """name -> lora_int_id of every adapter in the host tier (a request may name them alone)."""
+        lm = self.lora_manager
+        if lm is None:
+            return {}
+        return {h.name: h.int_id for h in lm.resident()["host"]}
+
+    def registry_stats(self) -> dict:
+        """Registry-outage counters: references served stale, calls that failed as unavailable."""
+        return {"stale_served": self.fetcher.stale_served, "errors": self.fetcher.registry_errors}
+
+    def adapter_cache(self) -> AdapterCache:
+        disk = vars(self.fetcher.stats).copy()
+        lm = self.lora_manager
+        if lm is None:
+            return AdapterCache([], {}, {}, disk, 0, 0, 0, 0, 0, 0)
+        with lm.lock:  # re-entrant: residency and counters from one instant
+            res = lm.resident()
+            stats = lm.stats_dict()
+        dev = {h.key for h in res["device"]}
+        host = {h.key for h in res["host"]}
+        handles = {h.key: h for h in res["device"] + res["host"]}
+        return AdapterCache([self._loaded(h, k in dev, k in host) for k, h in sorted(handles.items())],
+                            stats["host"], stats["device"], disk, stats["device_slots"], stats["device_slots_used"],
+                            stats["device_slots_pinned"], stats["host_adapters"], stats["host_bytes"],
+                            stats["host_loading"])
+
     # ---- generation ----------------------------------------------------------------------------
+    @staticmethod
+    def new_request_id() -> str:
+        return f"req-{uuid.uuid4().hex[:16]}"
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterSpec | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. Whatever the front and however the request ends (finished,
+        refused, failed, cancelled, the consumer gone), it ends in one RequestRecord here."""
+        request_id = request_id or self.new_request_id()
+        tracker = RequestTracker(request_id, self.model_name, _adapter_name(adapter))
+        code = "CANCELLED"   # until it ends otherwise: a consumer that stops early (GeneratorExit) or a cancel
+        asked = tracker.adapter
+        self.active_by_adapter[asked] += 1
+        try:
+            async for out in self._generate(prompt, params, adapter, request_id):
+                tracker.seen(out)
+                if out.finished:
+                    code = "OK"
+                yield out
+        except Exception as exc:
+            if errors.declared(exc) is None:
+                err = errors.internal(exc, "generate", request_id)
+                code = err.grpc_code
+                raise err from exc
+            code = errors.code_name(exc)
+            raise
+        finally:
+            self.active_by_adapter[asked] -= 1
+            if self.active_by_adapter[asked] <= 0:
+                del self.active_by_adapter[asked]
+            self._record(tracker.close(code))
+
+    async def _generate(self, prompt, params, adapter, request_id) -> AsyncIterator[RequestOutput]:
         if self.shutting_down:
             raise ShuttingDownError("server is shutting down")
         if self.async_llm.num_active >= self.cfg.max_queue_size:
@@ -133,8 +314,26 @@ class InferenceCore:
             if hold is not None:
                 release_after_engine(self.async_llm, hold)
 
+    def _record(self, record: RequestRecord) -> None:
+        log_record(record)
+        for listener in self.request_listeners:
+            try:
+                listener(record)
+            except Exception:  # noqa: BLE001 - metrics never fail a request
+                log.exception("request listener failed")
+
+    # ---- stats -----------------------------------------------------------------------------------
     def server_stats(self) -> dict:
-        engine = self.engine.stats()
+        """A snapshot without waiting for the engine thread (scrapes; numbers may be a step apart)."""
+        return self._with_counters(self.engine.stats())
+
+    async def stats(self) -> dict:
+        """The engine's queues and KV cache read on the engine thread (one consistent instant)."""
+        if not self.async_llm.is_alive:
+            return self.server_stats()
+        return self._with_counters(await asyncio.wrap_future(self.async_llm.call(lambda e: e.stats())))
+
+    def _with_counters(self, engine: dict) -> dict:
         lora = self.lora_manager.stats_dict() if self.lora_manager else {}
         return {**engine, "active_streams": self.async_llm.num_active,
                 "device_slots_used": lora.get("device_slots_used", 0),
@@ -145,3 +344,12 @@ class InferenceCore:
         self.shutting_down = True
         self.async_llm.shutdown()
         await self.fetcher.close()
+
+
+def _adapter_name(spec: AdapterSpec | None) -> str:
+    """The adapter a request asked for, before resolution ("" = the base model)."""
+    if spec is None:
+        return ""
+    if spec.lora_request is not None:
+        return spec.lora_request.lora_name
+    return spec.describe()

@@ -56,6 +56,10 @@ class TokenizerWrapper:
         """A text prompt, as `AutoTokenizer(text).input_ids` (BOS where the tokenizer adds one)."""
         return self.tok.encode(text, add_special_tokens=True).ids
 
+    def id_to_tokens(self, ids: list[int]) -> list[str]:
+        """Each id's token string ("" for an id the vocabulary lacks)."""
+        return [self.tok.id_to_token(i) or "" for i in ids]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

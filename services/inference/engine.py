@@ -17,6 +17,7 @@ from loraserve.config import EngineConfig, LoRARequest, SamplingParams
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, TokenizerWrapper
+from .errors import InvalidRequestError
 from .model_runner import ModelRunner, StepOutput
 from .models.loader import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -82,29 +83,29 @@ class LLMEngine:
     def _add_request(self, request_id, prompt, sampling_params, lora_request, lora_handle) -> Sequence:
         params = sampling_params or SamplingParams()
         if params.n != 1:
-            raise ValueError("n > 1 is served by LLM.generate and the OpenAI front (one engine request per "
-                             "completion); an engine request takes n=1")
+            raise InvalidRequestError("n > 1 is served by LLM.generate and the OpenAI front (one engine request "
+                                      "per completion); an engine request takes n=1")
         if request_id in self.seqs:
-            raise ValueError(f"duplicate request_id {request_id!r}")
+            raise InvalidRequestError(f"duplicate request_id {request_id!r}")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
         if not ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequestError("prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.args.vocab_size}): {bad[:5]}")
+            raise InvalidRequestError(f"prompt token ids out of range [0, {self.args.vocab_size}): {bad[:5]}")
         if len(ids) >= self.max_seq_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}")
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}")
         capacity = self.kv_capacity_tokens
         if len(ids) + params.max_tokens > capacity:
-            raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the KV cache "
-                             f"capacity of {capacity} tokens")
+            raise InvalidRequestError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the KV "
+                                      f"cache capacity of {capacity} tokens")
         handle = lora_handle
         if handle is None and lora_request is not None:
             if self.lora_manager is None:
-                raise ValueError("a lora_request was given but the engine was built without lora_config")
+                raise InvalidRequestError("a lora_request was given but the engine was built without lora_config")
             handle = self.lora_manager.resolve(lora_request)
         seq = Sequence(request_id, ids, params, prompt=text, lora=handle, lora_request=lora_request)
         seq.max_num_tokens = min(len(ids) + params.max_tokens, self.max_seq_len)

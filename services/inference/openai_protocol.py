@@ -21,7 +21,8 @@ from loraserve.config import LoRARequest, SamplingParams
 
 # ---- errors ------------------------------------------------------------------------------------
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error", 500: "server_error",
+               502: "server_error", 503: "service_unavailable"}
 
 
 class OpenAIError(Exception):
@@ -40,22 +41,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code}}
 
 
-def map_exception(exc: BaseException) -> OpenAIError:
-    """InferenceCore's typed errors -> HTTP status (the gRPC front's table, status.py); anything
-    unmapped is a 500 with a generic message and one server log line."""
-    import grpc
-
-    from .status import HTTP_STATUS, classify
+def map_exception(exc: BaseException, request_id: str | None = None) -> OpenAIError:
+    """Any exception -> its HTTP error by the one table (errors.py, shared with the gRPC front);
+    an undeclared one is a 500 with a generic message and one server log line."""
+    from .errors import status_of
 
     if isinstance(exc, OpenAIError):
         return exc
-    code, message = classify(exc, "OpenAI HTTP request")
-    status = HTTP_STATUS.get(code, 500)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return OpenAIError(status, message, param="model", code="model_not_found")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return OpenAIError(status, message, param="lora_request")
-    return OpenAIError(status, message)
+    st = status_of(exc, "OpenAI HTTP request", request_id)
+    return OpenAIError(st.http_status, st.message, param=st.openai_param, code=st.openai_code)
 
 
 def sse(data: dict | str) -> bytes:

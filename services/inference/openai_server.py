@@ -10,8 +10,8 @@ Adapter choice, as vLLM/LoRAX and TensorRT-LLM users write it:
   * `model` = "name", "name:3" or "name:alias"                   -> registry reference;
   * `extra_body={"lora_request": {"lora_name", "lora_int_id", "lora_path"}}` wins over `model`.
 
-Errors from InferenceCore are mapped to HTTP statuses (400/403/404/429/503) and OpenAI's JSON
-error body. A streaming request is started (adapter resolved, first output produced) before
+Errors are mapped to HTTP statuses by the one table in errors.py (the gRPC front's codes, each
+with its HTTP status) and rendered as OpenAI's JSON error body. A streaming request is started (adapter resolved, first output produced) before
 the 200 goes out, so that its errors also get the right status; a client that disconnects
 mid-stream cancels its generators, which aborts the requests in the engine.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -134,15 +133,7 @@ class OpenAIFront:
 
     # -- adapter selection --
     def base_names(self) -> set[str]:
-        path = self.core.model_name
-        return {path, os.path.basename(os.path.normpath(path)), *BASE_MODEL_ALIASES, ""}
-
-    def loaded_adapter_names(self) -> dict[str, int]:
-        mgr = self.core.lora_manager
-        if mgr is None:
-            return {}
-        with mgr.lock:
-            return {h.name: h.int_id for h in mgr.handles.values() if h.adapter is not None}
+        return {*self.core.base_model_names(), *BASE_MODEL_ALIASES, ""}
 
     def adapter_for(self, model: str, lora_request: proto.LoraRequestBody | None) -> AdapterSpec | None:
         if lora_request is not None:
@@ -153,10 +144,10 @@ class OpenAIFront:
                 raise OpenAIError(400, f"lora_request: {exc}", param="lora_request") from exc
         if model in self.base_names():
             return None
-        loaded = self.loaded_adapter_names()
+        loaded = self.core.loaded_adapter_ids()
         if model in loaded:
             return AdapterSpec(lora_request=LoRARequest(model, loaded[model], ""))
-        if self.core.cfg.registry_address is None:
+        if not self.core.has_registry:
             raise OpenAIError(404, f"model {status.shown(model)} does not exist: it is not the base model "
                                    f"({self.core.model_name}) nor a loaded adapter, and no adapter registry "
                                    "is configured", param="model", code="model_not_found")
@@ -178,26 +169,21 @@ class OpenAIFront:
         if refused is not None:
             raise OpenAIError(401, f"{refused} (Authorization: Bearer <token>)", code="invalid_api_key")
 
-    def max_tokens_room(self, prompt_len: int) -> int:
-        engine = self.core.engine
-        return max(1, min(engine.max_seq_len, engine.kv_capacity_tokens) - prompt_len)
-
     # -- /v1/completions --
     async def completions(self, req: CompletionRequest):
         req.check_supported()
         prompts = req.prompts()
         adapter = self.adapter_for(req.model, req.lora_request)
-        max_tokens = req.max_tokens if req.max_tokens is not None else self.max_tokens_room(0)
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.core.max_tokens_room(0)
         rid = proto.new_id("cmpl")
         model = req.model or self.core.model_name
         choices = await start_choices(self.core, prompts, lambda p, j: req.sampling_params(max_tokens, j),
                                       adapter, req.n, rid)
-        tok = self.core.tokenizer
-        echoes = [(p if isinstance(p, str) else tok.decode(p)) if req.echo else "" for p in prompts]
+        echoes = [(p if isinstance(p, str) else self.core.decode(p)) if req.echo else "" for p in prompts]
         if req.stream:
             return self._stream(self._completion_events(choices, rid, model, echoes, req.include_usage_in_stream))
         finals = {c.index: out for c, out in zip(choices, await asyncio.gather(*map(final_output, choices)))}
-        dec = self.core.tokenizer.decode
+        dec = self.core.decode
         body = [{"index": c.index, "text": echoes[c.prompt_index] + finals[c.index].outputs[0].text,
                  "logprobs": proto.completion_logprobs(finals[c.index].outputs[0], dec, len(echoes[c.prompt_index])),
                  "finish_reason": finals[c.index].outputs[0].finish_reason} for c in choices]
@@ -227,15 +213,11 @@ class OpenAIFront:
     async def chat_completions(self, req: ChatCompletionRequest):
         req.check_supported()
         adapter = self.adapter_for(req.model, req.lora_request)
-        try:
-            # one function for every front: transformers' apply_chat_template(tokenize=True) ids
-            ids = self.core.tokenizer.encode_chat(req.plain_messages(), add_generation_prompt=req.add_generation_prompt)
-        except OpenAIError:
-            raise
-        except Exception as exc:  # a template that fails on these messages (jinja raise_exception, ...)
-            raise OpenAIError(400, f"chat template failed on these messages: {exc}", param="messages") from exc
+        # one function for every front: transformers' apply_chat_template(tokenize=True) ids; a template that
+        # refuses these messages (raise_exception) or fails on them is a ChatTemplateError: 400, param messages
+        ids = self.core.encode_chat(req.plain_messages(), add_generation_prompt=req.add_generation_prompt)
         requested = req.requested_max_tokens()
-        max_tokens = requested if requested is not None else self.max_tokens_room(len(ids))
+        max_tokens = requested if requested is not None else self.core.max_tokens_room(len(ids))
         rid = proto.new_id("chatcmpl")
         model = req.model or self.core.model_name
         choices = await start_choices(self.core, [ids], lambda p, j: req.sampling_params(max_tokens, j),
@@ -243,7 +225,7 @@ class OpenAIFront:
         if req.stream:
             return self._stream(self._chat_events(choices, rid, model, req.include_usage_in_stream))
         finals = {c.index: out for c, out in zip(choices, await asyncio.gather(*map(final_output, choices)))}
-        dec = self.core.tokenizer.decode
+        dec = self.core.decode
         body = [{"index": c.index, "message": {"role": "assistant", "content": finals[c.index].outputs[0].text},
                  "logprobs": proto.chat_logprobs(finals[c.index].outputs[0], dec),
                  "finish_reason": finals[c.index].outputs[0].finish_reason} for c in choices]
@@ -289,15 +271,15 @@ class OpenAIFront:
         base = self.core.model_name
         data = [proto.model_card(base, "loraserve")]
         seen = {base}
-        if self.core.cfg.registry_address is not None:
+        if self.core.has_registry:
             try:
-                for a in await self.core.fetcher.list_adapters():
+                for a in await self.core.registry_adapters():
                     if a.name not in seen:
                         seen.add(a.name)
                         data.append(proto.model_card(a.name, "loraserve-registry", parent=base, version=a.version))
             except Exception as exc:  # noqa: BLE001 - the base model is still served
                 log.warning("GET /v1/models: registry listing failed: %s", exc)
-        for name in self.loaded_adapter_names():
+        for name in self.core.loaded_adapter_ids():
             if name not in seen:
                 seen.add(name)
                 data.append(proto.model_card(name, "loraserve-loaded", parent=base))
@@ -378,9 +360,9 @@ def build_app(core: InferenceCore) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not core.async_llm.is_alive:
-            return JSONResponse({"status": "engine dead", "error": repr(core.async_llm.dead_reason)[:200]},
-                                status_code=503)
+        serving, why = core.health()
+        if not serving:
+            return JSONResponse({"status": why}, status_code=503)
         return {"status": "ok"}
 
     return app

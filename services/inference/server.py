@@ -21,7 +21,8 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 from . import status
-from .core import AdapterSpec, InferenceCore, InvalidRequestError
+from .core import AdapterSpec, InferenceCore, LoadedAdapter
+from .errors import InvalidRequestError
 from .serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,13 @@ def to_sampling_params(p: pb.SamplingParams) -> SamplingParams:
     for name in ("max_tokens", "temperature", "top_k", "top_p", "seed"):
         if p.HasField(name):
             kw[name] = getattr(p, name)
-    return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                          logprobs=to_logprobs(p),
-                          include_stop_str_in_output=p.include_stop_str_in_output,
-                          min_tokens=p.min_tokens, **kw)
+    try:
+        return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+                              logprobs=to_logprobs(p),
+                              include_stop_str_in_output=p.include_stop_str_in_output,
+                              min_tokens=p.min_tokens, **kw)
+    except ValueError as exc:  # SamplingParams checks its fields: the client's values
+        raise InvalidRequestError(f"sampling_params: {exc}") from exc
 
 
 def to_adapter_spec(msg, which: str | None) -> AdapterSpec | None:
@@ -61,12 +65,23 @@ def to_adapter_spec(msg, which: str | None) -> AdapterSpec | None:
     if which == "lora_request":
         r = msg.lora_request
         status.check_lora_request(r.lora_name, r.lora_int_id, r.lora_path)
-        return AdapterSpec(lora_request=LoRARequest(r.lora_name, r.lora_int_id, r.lora_path,
-                                                    r.lora_ckpt_source or "hf"))
+        try:
+            req = LoRARequest(r.lora_name, r.lora_int_id, r.lora_path, r.lora_ckpt_source or "hf")
+        except ValueError as exc:  # LoRARequest checks its fields: the client's values
+            raise InvalidRequestError(f"lora_request: {exc}") from exc
+        return AdapterSpec(lora_request=req)
     return None
 
 
+def to_loaded(a: LoadedAdapter) -> pb.LoadedAdapter:
+    return pb.LoadedAdapter(name=a.name, digest=a.digest, rank=a.rank, size_bytes=a.size_bytes, on_device=a.on_device,
+                            on_host=a.on_host, active_requests=a.active_requests, source=a.source)
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Maps messages to InferenceCore calls and back; request metrics and the request log line are
+    the core's (one place for every front)."""
+
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.core: InferenceCore | None = None
@@ -84,9 +99,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         return self.core
 
-    async def _abort_for(self, context, exc: BaseException):
-        # unmapped errors: INTERNAL, a generic message and one log line (never the exception's text)
-        await context.abort(*status.classify(exc, "inference gRPC call"))
+    async def _abort_for(self, context, exc: BaseException, request_id: str | None = None):
+        # errors.py's table; anything undeclared: INTERNAL, a generic message and one log line
+        # (with the request id), never the exception's text
+        await context.abort(*status.classify(exc, "inference gRPC call", request_id))
 
     async def Generate(self, request, context):
         core = await self._core(context)
@@ -94,11 +110,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if which is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
-        status = "error"
+        request_id = request.request_id or core.new_request_id()
         try:
             params = to_sampling_params(request.sampling_params)
             spec = to_adapter_spec(request, request.WhichOneof("adapter"))
-            async for out in core.generate(prompt, params, spec, request.request_id or None):
+            async for out in core.generate(prompt, params, spec, request_id):
                 comp = out.outputs[0]
                 if comp.token_ids_diff or comp.text_diff:
                     n = len(comp.token_ids_diff)
@@ -116,85 +132,60 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         queue_time_s=m.queue_time or 0.0, ttft_s=m.ttft or 0.0,
                         total_time_s=(m.finished_time - m.arrival_time) if m.finished_time else 0.0,
                         adapter_digest=out.adapter_digest or "", request_id=out.request_id))
-                    status = comp.finish_reason
-                    if self.metrics:
-                        self.metrics.observe_finished(out)
         except asyncio.CancelledError:
-            status = "cancelled"
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status code
-            mapped = status_for(exc)
-            status = mapped[0].name.lower() if mapped else "internal"
-            await self._abort_for(context, exc)
-        finally:
-            if self.metrics:
-                self.metrics.requests.labels(status=status).inc()
+        except Exception as exc:  # noqa: BLE001 - mapped by errors.py's table
+            await self._abort_for(context, exc, request_id)
 
     async def GetModelInfo(self, request, context):
         core = await self._core(context)
-        e = core.engine
-        lm = e.lora_manager
+        i = core.model_info()
         return pb.GetModelInfoResponse(
-            model_name=core.model_name, model_type=e.args.model_type, dtype=str(e.dtype).replace("torch.", ""),
-            device=str(e.device), vocab_size=e.args.vocab_size, max_seq_len=e.max_seq_len,
-            num_layers=e.args.num_hidden_layers, hidden_size=e.args.hidden_size, lora_enabled=lm is not None,
-            max_lora_rank=lm.max_rank if lm else 0, lora_target_modules=sorted(lm.enabled) if lm else [],
-            device_adapter_slots=lm.num_slots if lm else 0)
+            model_name=i.model_name, model_type=i.model_type, dtype=i.dtype, device=i.device, vocab_size=i.vocab_size,
+            max_seq_len=i.max_seq_len, num_layers=i.num_layers, hidden_size=i.hidden_size,
+            lora_enabled=i.lora_enabled, max_lora_rank=i.max_lora_rank, lora_target_modules=i.lora_target_modules,
+            device_adapter_slots=i.device_adapter_slots)
 
     async def Tokenize(self, request, context):
         core = await self._core(context)
-        ids = core.tokenizer.encode(request.text)
-        return pb.TokenizeResponse(token_ids=ids, tokens=[core.tokenizer.tok.id_to_token(i) or "" for i in ids])
-
-    def _loaded(self, core: InferenceCore, h, on_device: bool, on_host: bool) -> pb.LoadedAdapter:
-        return pb.LoadedAdapter(name=h.name, digest=h.key, rank=h.rank, size_bytes=h.nbytes, on_device=on_device,
-                                on_host=on_host, active_requests=h.num_requests,
-                                source=core.sources.get(h.key, h.source))
+        try:
+            ids, tokens = core.tokenize(request.text)
+        except Exception as exc:  # noqa: BLE001
+            await self._abort_for(context, exc)
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     async def ListLoadedAdapters(self, request, context):
         core = await self._core(context)
-        lm = core.lora_manager
-        res = lm.resident()
-        dev = {h.key for h in res["device"]}
-        host = {h.key for h in res["host"]}
-        handles = {h.key: h for h in res["device"] + res["host"]}
-        stats = lm.stats_dict()
+        c = core.adapter_cache()
         tier = lambda d: pb.CacheTierStats(**d)  # noqa: E731
         return pb.ListLoadedAdaptersResponse(
-            adapters=[self._loaded(core, h, k in dev, k in host) for k, h in sorted(handles.items())],
-            host=tier(stats["host"]), device=tier(stats["device"]), disk=tier(vars(core.fetcher.stats)),
-            device_slots=stats["device_slots"], device_slots_used=stats["device_slots_used"])
+            adapters=[to_loaded(a) for a in c.adapters], host=tier(c.host), device=tier(c.device), disk=tier(c.disk),
+            device_slots=c.device_slots, device_slots_used=c.device_slots_used)
 
     async def LoadAdapter(self, request, context):
         core = await self._core(context)
         try:
-            spec = to_adapter_spec(request, request.WhichOneof("adapter"))
-            if spec is None:
-                raise InvalidRequestError("set adapter_ref or lora_request")
-            h = await core.prefetch(spec)
+            loaded = await core.load_adapter(to_adapter_spec(request, request.WhichOneof("adapter")))
         except Exception as exc:  # noqa: BLE001
             await self._abort_for(context, exc)
-        return pb.LoadAdapterResponse(adapter=self._loaded(core, h, h.slot is not None, h.adapter is not None))
+        return pb.LoadAdapterResponse(adapter=to_loaded(loaded))
 
     async def UnloadAdapter(self, request, context):
         core = await self._core(context)
         try:
             if request.WhichOneof("adapter") == "digest":
-                digest = request.digest
+                done = await core.unload_adapter(digest=request.digest)
             elif request.WhichOneof("adapter") == "adapter_ref":
-                r = request.adapter_ref
-                status.check_adapter_ref(r.name, r.version, r.alias)
-                digest = (await core.fetcher.fetch(r.name, r.version, r.alias)).digest
+                done = await core.unload_adapter(spec=to_adapter_spec(request, "adapter_ref"))
             else:
                 raise InvalidRequestError("set adapter_ref or digest")
-            done = await asyncio.wrap_future(core.async_llm.call(lambda e: e.lora_manager.evict(digest)))
         except Exception as exc:  # noqa: BLE001
             await self._abort_for(context, exc)
         return pb.UnloadAdapterResponse(unloaded=done)
 
     async def GetServerStats(self, request, context):
         core = await self._core(context)
-        s = core.server_stats()
+        s = await core.stats()
         return pb.GetServerStatsResponse(
             waiting_requests=s["waiting"], running_requests=s["running"], active_streams=s["active_streams"],
             free_kv_blocks=s["free_kv_blocks"], total_kv_blocks=s["total_kv_blocks"],
@@ -267,7 +258,7 @@ async def create_server(cfg: ServeConfig, wait_ready: bool = False) -> RunningSe
                     await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
             # the engine thread died (it should not): probes must see it at once, so the pod restarts
-            core.async_llm.on_dead = lambda exc: loop.call_soon_threadsafe(lambda: loop.create_task(not_serving()))
+            core.on_engine_dead(lambda exc: loop.call_soon_threadsafe(lambda: loop.create_task(not_serving())))
             if cfg.openai_port is not None:
                 from .openai_server import start_openai_server
 

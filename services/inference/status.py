@@ -3,29 +3,20 @@
 * `check_adapter_ref` / `check_lora_request`: what a request may name, checked before any
   registry call or file access, so that a bad reference is INVALID_ARGUMENT (never retried),
   not UNAVAILABLE (retried) or whatever the registry or the file system make of it.
-* `classify(exc)`: InferenceCore's typed errors -> (gRPC code, message); an error nobody
-  mapped is INTERNAL with a generic message and a reference to one server log line, never
-  the exception's text (which may carry user input or server paths).
+* `classify(exc)`: the errors declared in errors.py (each with its gRPC code and HTTP status)
+  -> (gRPC code, message); anything else is INTERNAL with a generic message and a reference
+  to one server log line, never the exception's text (which may carry user input or paths).
 * `shown(value)` / `clip(message)`: no message echoes unbounded input. gRPC carries the
   message percent-encoded in a trailer (8 KiB by default), so a 10,000-char name echoed in
   full turned a bad request into RESOURCE_EXHAUSTED "metadata size exceeds hard limit".
 """
 from __future__ import annotations
 
-import logging
 import re
-import uuid
 
 import grpc
 
-from loraserve.adapters import AdapterFormatError
-
-from .adapter_source import DigestMismatchError, RegistryAdapterNotFound, RegistryUnavailableError
-from .async_llm import EngineDeadError
-from .core import InvalidRequestError, QueueFullError, ShuttingDownError
-from .lora.manager import AdapterAccessError, AdapterBusyError, AdapterCapacityError, AdapterNotFoundError
-
-log = logging.getLogger(__name__)
+from .errors import HTTP_STATUS, MAX_MESSAGE_BYTES, InvalidRequestError, clip, status_of  # noqa: F401 - re-exported
 
 # The registry's own rules (loraserve.registry.records; not imported: it needs SQLAlchemy, which
 # an inference-only install does not have). 'org/name', each part at most 100 characters.
@@ -33,22 +24,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-
 ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,99}")
 MAX_LORA_NAME = 256
 MAX_LORA_PATH = 4096        # PATH_MAX on Linux
-MAX_MESSAGE_BYTES = 1024    # UTF-8 bytes of a message; percent-encoded it stays well under 8 KiB
-
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.DATA_LOSS: 502, grpc.StatusCode.UNAVAILABLE: 503,
-}
-
-
-def clip(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
-    """message cut to `limit` UTF-8 bytes (on a character boundary), marked when cut."""
-    raw = message.encode("utf-8", "replace")
-    if len(raw) <= limit:
-        return message
-    return raw[:limit - 20].decode("utf-8", "ignore") + f"... [{len(raw)} bytes]"
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -90,30 +65,16 @@ def check_lora_request(lora_name: str, lora_int_id: int, lora_path: str) -> None
         _refuse(f"bad lora_path {shown(lora_path)}: at most {MAX_LORA_PATH} characters, no NUL bytes")
 
 
-_TABLE: list[tuple[tuple[type[BaseException], ...], grpc.StatusCode]] = [
-    ((AdapterFormatError, InvalidRequestError, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
-    ((AdapterNotFoundError, RegistryAdapterNotFound), grpc.StatusCode.NOT_FOUND),
-    ((AdapterAccessError, PermissionError), grpc.StatusCode.PERMISSION_DENIED),
-    ((QueueFullError, AdapterCapacityError), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ((RegistryUnavailableError, ShuttingDownError, EngineDeadError), grpc.StatusCode.UNAVAILABLE),
-    ((AdapterBusyError,), grpc.StatusCode.FAILED_PRECONDITION),
-    ((DigestMismatchError,), grpc.StatusCode.DATA_LOSS),
-]
-
-
 def mapped(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """(code, clipped message) of a domain error; None for anything else."""
-    for types, code in _TABLE:
-        if isinstance(exc, types):
-            return code, clip(str(exc) or type(exc).__name__)
-    return None
+    """(code, clipped message) of a declared error (errors.py); None for anything else."""
+    from .errors import declared
+
+    found = declared(exc)
+    return None if found is None else (grpc.StatusCode[found.code], found.message)
 
 
-def classify(exc: BaseException, where: str = "request") -> tuple[grpc.StatusCode, str]:
-    """(code, message) for any exception; an unmapped one is logged once, under a reference id."""
-    found = mapped(exc)
-    if found is not None:
-        return found
-    ref = uuid.uuid4().hex[:12]
-    log.error("internal error %s in %s", ref, where, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)"
+def classify(exc: BaseException, where: str = "request", request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
+    """(gRPC code, message) for any exception; an undeclared one is logged once (request id, reference)
+    and INTERNAL with a generic message."""
+    found = status_of(exc, where, request_id)
+    return grpc.StatusCode[found.code], found.message

@@ -41,6 +41,8 @@ from loraserve.adapters import AdapterFormatError, ArchiveLimits, LoraAdapter, c
 from loraserve.adapters.errors import shorten
 from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
 
+from ..errors import (AdapterAccessError, AdapterBusyError, AdapterCapacityError,  # noqa: F401 - re-exported
+                      AdapterLoadError, AdapterNotFoundError, InvalidRequestError)
 from ..models.llama import PROJ_SLICES, ModelArgs
 from ..sequence import Sequence
 from .batch import LoRABatch
@@ -49,26 +51,6 @@ from .host_tier import HostTier, TierStats
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
-
-
-class AdapterAccessError(PermissionError):
-    """lora_path is outside every directory the operator allowed."""
-
-
-class AdapterNotFoundError(LookupError):
-    pass
-
-
-class AdapterCapacityError(RuntimeError):
-    """The adapter can never fit the host tier (larger than host_cache_size)."""
-
-
-class AdapterBusyError(RuntimeError):
-    pass
-
-
-class AdapterLoadError(RuntimeError):
-    """A background (re)load of an adapter failed: its waiting requests fail with this."""
 
 
 @dataclass(eq=False)
@@ -174,7 +156,7 @@ class LoRAManager:
         shown = shorten(path, 120)
         if not os.path.isabs(path):
             if not self.allowed_dirs:
-                raise ValueError(f"lora_path {shown} must be an absolute path")
+                raise InvalidRequestError(f"lora_path {shown} must be an absolute path")
             path = next((os.path.join(d, path) for d in self.allowed_dirs if os.path.exists(os.path.join(d, path))),
                         os.path.join(self.allowed_dirs[0], path))
         real = os.path.realpath(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 COMMAND_MODULES = (
@@ -26,6 +25,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve", description="Multi-LoRA LLM serving")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_log_format(parser, "text")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_log_format(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """--log-format, on the top-level parser and on each server command (so it may follow the command);
+    a subcommand's copy defaults to SUPPRESS so that it never overwrites the top-level value."""
+    parser.add_argument("--log-format", dest="log_format", choices=("text", "json"), default=default,
+                        help="log lines as text or as one JSON object a line (request fields as keys; default text)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -48,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         if dest is None or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, dest).extend(extra)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loraserve.logging_setup import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -12,6 +12,9 @@ def add_commands(subparsers) -> None:
                                           "With no model, serves the embedded default model.")
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="HF model directory (default: embedded model)")
     p.add_argument("--model", help="same as MODEL")
+    from loraserve.cli import add_log_format
+
+    add_log_format(p)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
     p.add_argument("--registry", dest="registry_address", default=None,

@@ -26,6 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--address", default=None, help=f"host:port to listen on (default {DEFAULT_ADDRESS})")
     serve.add_argument("--host", default=None, help="bind address (with --port; like `loraserve serve`)")
     serve.add_argument("--port", type=int, default=None, help="port (with --host; default 50052)")
+    from loraserve.cli import add_log_format
+
+    add_log_format(serve)
     serve.set_defaults(func=_serve)
     gc = reg_sub.add_parser("gc", help="remove orphan blobs and temp files (the server also does this at start)")
     _server_options(gc)

@@ -189,3 +189,15 @@ def test_unmapped_error_is_internal_with_a_generic_message(stack, caplog, monkey
     monkeypatch.undo()
     ok = list(stack["stub"].Generate(generate_request(), timeout=30))  # still serving
     assert ok[-1].WhichOneof("response") == "complete"
+
+
+def test_http_seed_at_and_past_the_int64_edge(stack):
+    """n choices seed the engine with seed + j: at the int64 edge that must wrap, not fail the step
+    (and every request co-batched with it); a seed past int64 is a 400."""
+    for seed in (2**63 - 1, -2**63):
+        status, body = http_post(stack["http"], "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "n": 3,
+                                                                    "seed": seed, "ignore_eos": True})
+        assert status == 200 and len(body["choices"]) == 3, body
+    for seed in (2**63, 10**30, -2**63 - 1):
+        status, body = http_post(stack["http"], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "seed": seed})
+        assert status == 400 and body["error"]["param"] == "seed", body

@@ -97,8 +97,10 @@ def physical_limit(engine, requests, concurrency: int, peak: float, bw: float) -
 
 
 # ---- host time per decode step ----------------------------------------------------------------------
-def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> dict:
-    """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps."""
+def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, vocab: int,
+                              profile_dir: str | None = None) -> dict:
+    """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps.
+    profile_dir: also 16 more steps under torch.profiler (a Chrome trace and the op table)."""
     import torch
 
     from loraserve import SamplingParams
@@ -118,6 +120,17 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
         engine.step()
     wall = time.perf_counter() - t
     n, wait = engine.num_steps - n0, engine.device_wait_s - w0
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            for _ in range(16):
+                engine.step()
+        os.makedirs(profile_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(profile_dir, f"decode_b{batch}.json"))
+        with open(os.path.join(profile_dir, f"decode_b{batch}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     for rid in list(engine.seqs):
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
@@ -215,6 +228,7 @@ def main() -> int:
     ap.add_argument("--grpc", action="store_true", help="also run the same load through a loopback gRPC server")
     ap.add_argument("--grpc-rate", type=float, default=None, help="also Poisson arrivals at this req/s (both targets)")
     ap.add_argument("--json", default=None, help="write the headline figures here")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="torch.profiler trace of decode steps at --decode-batch")
     ap.add_argument("--with-lora", action="store_true", help="also the LoRA-vs-base flow (adapters, gRPC)")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
@@ -277,7 +291,7 @@ def main() -> int:
     s["wall_over_limit"] = report["duration_s"] / s["limit"]["limit_s"]
     s["tpot_p50_s"] = (report["tpot_s"] or {}).get("p50")
     s["host"] = host_time_per_decode_step(engine, a.decode_batch, a.input_mean, 32 if a.tiny else 128,
-                                          engine.args.vocab_size)
+                                          engine.args.vocab_size, a.profile)
     s["host_ms_per_decode_step"] = s["host"]["host_ms"]
     del engine, target   # one model on the device at a time
     free_memory()

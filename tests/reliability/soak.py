@@ -417,6 +417,21 @@ def upload_kills(root: Path, zygote: Zygote, sizes: Sizes, report: Report, rng: 
     report.check("faults: SQLite integrity_check ok after the kills", integrity == "ok", integrity)
 
 
+def engine_step_failures(lines: list[str]) -> tuple[int, int, Counter]:
+    """From the server log: failed engine steps, the requests they took down, and each step's
+    exception (the last line of the traceback after "engine step failed; aborting N ...")."""
+    steps, victims, causes = 0, 0, Counter()
+    for i, line in enumerate(lines):
+        if m := re.search(r"engine step failed; aborting (\d+)", line):
+            steps += 1
+            victims += int(m.group(1))
+            for later in lines[i + 1:i + 80]:
+                if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b", later):
+                    causes[later.strip()[:160]] += 1
+                    break
+    return steps, victims, causes
+
+
 # ---- main ---------------------------------------------------------------------------------------------
 async def serving_phases(stack: Stack, sizes: Sizes, report: Report, rng: random.Random) -> None:
     async with grpc.aio.insecure_channel(stack.address) as channel:
@@ -446,12 +461,10 @@ def _run(sizes: Sizes, root: Path, seed: int, report: Report, rng: random.Random
         asyncio.run(serving_phases(stack, sizes, report, rng))
         errors = stack.inference.error_lines()
         report.figure("server log", "ERROR/CRITICAL/Traceback lines", len(errors))
-        steps = sum("engine step failed" in line for line in stack.inference.lines)
-        causes = Counter(m.group(1)[:160] for line in stack.inference.lines
-                         if (m := re.search(r"EngineStepError: request failed in the engine: (.*)", line)))
-        report.figure("server log", "failed engine steps (each fails every request it ran)", steps)
+        steps, victims, causes = engine_step_failures(stack.inference.lines)
+        report.figure("server log", "failed engine steps / requests they failed", f"{steps} / {victims}")
         for cause, n in causes.most_common(8):
-            report.figure("server log", f"requests failed x{n} by", cause)
+            report.figure("server log", f"steps failed x{n} by", cause)
         report.check("inference server never crashed", stack.inference.alive)
     finally:
         stack.inference.stop()

@@ -131,7 +131,7 @@ class InternalError(InferenceError):
 
 # types declared elsewhere that are client errors too: (grpc code, HTTP status, OpenAI param)
 EXTERNAL: dict[type[BaseException], tuple[str, int, str | None]] = {
-    AdapterFormatError: ("INVALID_ARGUMENT", 400, "lora_request"),   # a malformed adapter artifact
+    AdapterFormatError: ("INVALID_ARGUMENT", 400, None),   # a malformed adapter artifact (lora_path or registry)
 }
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,

@@ -5,7 +5,8 @@ HTTP, anything else calling the core), then logged (one INFO line) and counted (
     tracker.seen(out)                                    # each RequestOutput as it streams
     record = tracker.close(code)                         # once, on whatever path the request ends
 
-Times are the core's own clock, so that they include what the client waits for before the
+An OpenAI request with n choices (or a list of prompts) is one engine request, and one record,
+per choice (request ids "<id>-0", "<id>-1", ...). Times are the core's own clock, so that they include what the client waits for before the
 engine sees the request (adapter download and load): e2e = entry to end, TTFT = entry to the
 first output token; queue time is the engine's (arrival to first scheduling).
 
@@ -79,6 +80,8 @@ class RequestTracker:
 
 def log_record(r: RequestRecord) -> None:
     """The request's one INFO line; JSON logs (--log-format json) get its fields as keys."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     log.info("request %s adapter=%s prompt_tokens=%d output_tokens=%d finish=%s status=%s e2e=%.3fs ttft=%s",
              r.request_id, r.adapter or "-", r.prompt_tokens, r.output_tokens, r.finish_reason, r.code, r.e2e_s,
              "-" if r.ttft_s is None else f"{r.ttft_s:.3f}s", extra={"request": asdict(r)})

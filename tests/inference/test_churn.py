@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import pytest
 import torch
@@ -203,3 +204,30 @@ def test_generate_async_many_adapters_and_early_close(tiny_llama, twenty):
     llm.shutdown()
     stats = llm.engine.lora_manager.stats_dict()
     assert stats["adapter_holds"] == 0 and stats["device_slots_pinned"] == 0
+
+
+def test_idle_adapter_is_evicted_before_one_with_queued_work(tiny_llama, twenty):
+    """Two GPU slots, both idle: P (least recently used, but with requests queued) and X (nobody
+    waits for it). A one-off request for Q takes X's slot, not P's."""
+    from loraserve.inference.sequence import Sequence
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=16, max_loras=2))
+    mgr = llm.engine.lora_manager
+    p = SamplingParams(max_tokens=2)
+
+    def seq(i):
+        return Sequence(f"s{i}-{time.monotonic_ns()}", [5, 6], p, lora=mgr.resolve(LoRARequest(f"a{i}", i + 1, twenty[i])))
+
+    p_run, x_run = seq(0), seq(1)
+    assert mgr.try_acquire(p_run) and mgr.try_acquire(x_run)   # P placed first: P is the LRU slot
+    for s in (p_run, x_run):
+        mgr.release_slot(s)
+        mgr.release_request(s)
+    p_queued = seq(0)                                           # P has queued work again
+    q = seq(2)
+    assert mgr.try_acquire(q)
+    on_device = {h.name for h in mgr.resident()["device"]}
+    assert on_device == {"a0", "a2"}, on_device
+    for s in (q, p_queued):
+        mgr.release_request(s)

@@ -237,6 +237,20 @@ class InferenceCore:
             return {}
         return {h.name: h.int_id for h in lm.resident()["host"]}
 
+    def adapter_queues(self, timeout_s: float = 1.0) -> dict[str, Counter]:
+        """Requests per adapter name ("" = base model) running and waiting in the scheduler, read on
+        the engine thread (at most a step's wait; empty counts past timeout_s or with the engine dead)."""
+        def read(engine) -> dict[str, Counter]:
+            names = lambda seqs: Counter(s.lora_request.lora_name if s.lora_request else "" for s in seqs)  # noqa: E731
+            return {"running": names(engine.scheduler.running), "waiting": names(engine.scheduler.waiting)}
+
+        if self.async_llm.is_alive:
+            try:
+                return self.async_llm.call(read).result(timeout_s)
+            except TimeoutError:
+                log.warning("adapter queue counts: the engine thread did not answer in %.1f s", timeout_s)
+        return {"running": Counter(), "waiting": Counter()}
+
     def registry_stats(self) -> dict:
         """Registry-outage counters: references served stale, calls that failed as unavailable."""
         return {"stale_served": self.fetcher.stale_served, "errors": self.fetcher.registry_errors}

@@ -62,16 +62,22 @@ class _EngineCollector:
                                   labels=["model_name"])
         fam.add_metric([model], stats["reused_kv_blocks"])
         yield fam
-        # requests in flight per adapter (vLLM's lora_requests_info, with the bounded adapter label)
-        active = GaugeMetricFamily("loraserve_adapter_active_requests", "Requests in flight by adapter (queued, "
-                                   "loading their adapter or running)", labels=["adapter"])
-        by_label: dict[str, int] = {}
-        for name, n in list(self.core.active_by_adapter.items()):
-            label = self.adapter_labels.label(name)
-            by_label[label] = by_label.get(label, 0) + n
-        for label, n in sorted(by_label.items()):
-            active.add_metric([label], n)
-        yield active
+        # requests per adapter (what vLLM's lora_requests_info lists in label values, here one series per
+        # bounded adapter label): in flight in the core (incl. loading their adapter), running, waiting
+        queues = self.core.adapter_queues()
+        for name, help_text, counts in (
+                ("active", "Requests in flight by adapter (loading their adapter, waiting or running)",
+                 dict(self.core.active_by_adapter)),
+                ("running", "Requests running in the engine by adapter", queues["running"]),
+                ("waiting", "Requests waiting in the engine's queue by adapter", queues["waiting"])):
+            fam = GaugeMetricFamily(f"loraserve_adapter_{name}_requests", help_text, labels=["adapter"])
+            by_label: dict[str, int] = {}
+            for adapter, n in counts.items():
+                label = self.adapter_labels.label(adapter)
+                by_label[label] = by_label.get(label, 0) + n
+            for label, n in sorted(by_label.items()):
+                fam.add_metric([label], n)
+            yield fam
         cache = self.core.adapter_cache()
         if not cache.device_slots:
             return

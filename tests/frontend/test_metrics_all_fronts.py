@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 
@@ -162,3 +163,28 @@ def test_setup_logging_json_writes_one_object_a_line():
     assert second["level"] == "ERROR" and "KeyError" in second["exc_info"]
     with pytest.raises(ValueError, match="log format"):
         setup_logging("INFO", "xml")
+
+
+def test_per_adapter_running_and_active_requests(stack):
+    """vLLM's lora_requests_info, per bounded label: a stream in flight on adapter 'local' shows as
+    running (the engine's count, GetServerStats, is the reference) and active; gone when it ends."""
+    stub = stack["stub"]
+    stream = stub.Generate(pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[5, 6]), sampling_params=pb.SamplingParams(max_tokens=400, ignore_eos=True),
+        lora_request=pb.LoraRequest(lora_name="local", lora_int_id=5, lora_path=str(stack["allowed"] / "local"))),
+        timeout=60)
+    next(stream)   # its first token: admitted and running
+    during = scrape(stack["metrics"])
+    assert stub.GetServerStats(pb.GetServerStatsRequest(), timeout=30).running_requests == 1
+    assert value(during, "loraserve_adapter_running_requests", adapter="local") == 1
+    assert value(during, "loraserve_adapter_active_requests", adapter="local") == 1
+    assert value(during, "loraserve_adapter_waiting_requests", adapter="local") == 0
+    stream.cancel()
+    for _ in range(100):
+        after = scrape(stack["metrics"])
+        if value(after, "loraserve_adapter_active_requests", adapter="local") == 0 and \
+                value(after, "loraserve_adapter_running_requests", adapter="local") == 0:  # the abort reached the engine
+            break
+        time.sleep(0.05)
+    assert value(after, "loraserve_adapter_running_requests", adapter="local") == 0
+    assert value(after, "loraserve_adapter_active_requests", adapter="local") == 0

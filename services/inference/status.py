@@ -16,7 +16,7 @@ import re
 
 import grpc
 
-from .errors import HTTP_STATUS, MAX_MESSAGE_BYTES, InvalidRequestError, clip, status_of  # noqa: F401 - re-exported
+from .errors import HTTP_STATUS, MAX_MESSAGE_BYTES, InvalidRequestError, clip, declared, status_of  # noqa: F401
 
 # The registry's own rules (loraserve.registry.records; not imported: it needs SQLAlchemy, which
 # an inference-only install does not have). 'org/name', each part at most 100 characters.
@@ -67,8 +67,6 @@ def check_lora_request(lora_name: str, lora_int_id: int, lora_path: str) -> None
 
 def mapped(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, clipped message) of a declared error (errors.py); None for anything else."""
-    from .errors import declared
-
     found = declared(exc)
     return None if found is None else (grpc.StatusCode[found.code], found.message)
 

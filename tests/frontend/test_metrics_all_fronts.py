@@ -188,3 +188,13 @@ def test_per_adapter_running_and_active_requests(stack):
         time.sleep(0.05)
     assert value(after, "loraserve_adapter_running_requests", adapter="local") == 0
     assert value(after, "loraserve_adapter_active_requests", adapter="local") == 0
+
+
+@pytest.mark.parametrize("argv", [["serve", "--log-format", "json"], ["--log-format", "json", "serve"],
+                                  ["registry", "serve", "--log-format", "json"]])
+def test_log_format_option_on_both_servers(argv):
+    from loraserve.cli import build_parser
+
+    assert build_parser().parse_known_args(argv)[0].log_format == "json"
+    plain = [a for a in argv if a not in ("--log-format", "json")]
+    assert build_parser().parse_known_args(plain)[0].log_format == "text"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +56,11 @@ def sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
+# Integer fields are bounded as their gRPC twins (int32): a JSON 10**30 is a 400 here, not a value
+# that reaches torch and fails the whole engine step ("Overflow when unpacking long long").
+Int32 = Annotated[int, Field(ge=-2**31, le=2**31 - 1)]
+
+
 # ---- requests ----------------------------------------------------------------------------------
 class LoraRequestBody(BaseModel):
     """TensorRT-LLM's LoRARequest, as sent in extra_body={"lora_request": {...}}."""
@@ -91,10 +96,10 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM / TensorRT-LLM extras (extra_body)
-    top_k: int | None = None
-    min_tokens: int = 0
+    top_k: Int32 | None = None
+    min_tokens: Int32 = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int32] | None = None
     include_stop_str_in_output: bool = False
     lora_request: LoraRequestBody | None = None
 
@@ -133,10 +138,10 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16          # OpenAI's default for completions
+    max_tokens: Int32 | None = 16        # OpenAI's default for completions
     echo: bool = False
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: Int32 | None = None
     suffix: str | None = None
 
     def check_supported(self) -> None:
@@ -188,10 +193,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int32 | None = None
+    max_completion_tokens: Int32 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int32 | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None

@@ -201,3 +201,14 @@ def test_http_seed_at_and_past_the_int64_edge(stack):
     for seed in (2**63, 10**30, -2**63 - 1):
         status, body = http_post(stack["http"], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "seed": seed})
         assert status == 400 and body["error"]["param"] == "seed", body
+
+
+def test_http_integers_past_int32_are_400(stack):
+    """JSON has no integer bounds: 10**30 in top_k reached torch and failed the engine step (and
+    every request in it). The HTTP front bounds integers as the gRPC fields are (int32)."""
+    for field, value in (("top_k", 10**30), ("min_tokens", 10**30), ("stop_token_ids", [10**30]),
+                         ("max_tokens", 2**31), ("logprobs", 10**30)):
+        status, body = http_post(stack["http"], "/v1/completions", {"prompt": "hi", "max_tokens": 2, field: value})
+        assert status == 400 and field in body["error"]["message"], (field, body)
+    status, body = http_post(stack["http"], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "top_k": 2**31 - 1})
+    assert status == 200, body

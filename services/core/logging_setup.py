@@ -33,10 +33,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
-    """Configure the root logger (replacing handlers a previous call installed)."""
+def setup_logging(level: str = "INFO", fmt: str = "text", stream=None, force: bool = False) -> None:
+    """Configure the root logger, as logging.basicConfig does: a no-op when the root logger already
+    has handlers (an embedding application's, pytest's), unless force."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=force)

@@ -146,13 +146,14 @@ def test_setup_logging_json_writes_one_object_a_line():
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
+        root.handlers[:] = []   # as in a fresh `loraserve serve` process (pytest's handlers back below)
         setup_logging("INFO", "json", stream=stream)
         logging.getLogger("loraserve.test").info("hello %s", "world", extra={"request": {"request_id": "r1"}})
         try:
             raise KeyError("boom")
         except KeyError:
             logging.getLogger("loraserve.test").exception("failed")
-    finally:  # pytest's capture handlers back (basicConfig(force=True) took them off)
+    finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     lines = stream.getvalue().splitlines()

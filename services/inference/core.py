@@ -285,8 +285,9 @@ class InferenceCore:
         code = "CANCELLED"   # until it ends otherwise: a consumer that stops early (GeneratorExit) or a cancel
         asked = tracker.adapter
         self.active_by_adapter[asked] += 1
+        inner = self._generate(prompt, params, adapter, request_id)
         try:
-            async for out in self._generate(prompt, params, adapter, request_id):
+            async for out in inner:
                 tracker.seen(out)
                 if out.finished:
                     code = "OK"
@@ -299,6 +300,7 @@ class InferenceCore:
             code = errors.code_name(exc)
             raise
         finally:
+            await inner.aclose()   # its cleanup (engine abort, adapter hold) now, not when it is collected
             self.active_by_adapter[asked] -= 1
             if self.active_by_adapter[asked] <= 0:
                 del self.active_by_adapter[asked]

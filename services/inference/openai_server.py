@@ -170,12 +170,12 @@ class OpenAIFront:
             raise OpenAIError(401, f"{refused} (Authorization: Bearer <token>)", code="invalid_api_key")
 
     # -- /v1/completions --
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, rid: str | None = None):
         req.check_supported()
         prompts = req.prompts()
         adapter = self.adapter_for(req.model, req.lora_request)
         max_tokens = req.max_tokens if req.max_tokens is not None else self.core.max_tokens_room(0)
-        rid = proto.new_id("cmpl")
+        rid = rid or proto.new_id("cmpl")
         model = req.model or self.core.model_name
         choices = await start_choices(self.core, prompts, lambda p, j: req.sampling_params(max_tokens, j),
                                       adapter, req.n, rid)
@@ -210,7 +210,7 @@ class OpenAIFront:
         yield sse("[DONE]")
 
     # -- /v1/chat/completions --
-    async def chat_completions(self, req: ChatCompletionRequest):
+    async def chat_completions(self, req: ChatCompletionRequest, rid: str | None = None):
         req.check_supported()
         adapter = self.adapter_for(req.model, req.lora_request)
         # one function for every front: transformers' apply_chat_template(tokenize=True) ids; a template that
@@ -218,7 +218,7 @@ class OpenAIFront:
         ids = self.core.encode_chat(req.plain_messages(), add_generation_prompt=req.add_generation_prompt)
         requested = req.requested_max_tokens()
         max_tokens = requested if requested is not None else self.core.max_tokens_room(len(ids))
-        rid = proto.new_id("chatcmpl")
+        rid = rid or proto.new_id("chatcmpl")
         model = req.model or self.core.model_name
         choices = await start_choices(self.core, [ids], lambda p, j: req.sampling_params(max_tokens, j),
                                       adapter, req.n, rid)
@@ -340,18 +340,20 @@ def build_app(core: InferenceCore) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest, request: Request):
+        rid = proto.new_id("cmpl")  # here, so that an internal error's log line names the request
         try:
-            return await cancel_on_disconnect(request, front.completions(req))
+            return await cancel_on_disconnect(request, front.completions(req, rid))
         except Exception as exc:
-            err = map_exception(exc)
+            err = map_exception(exc, rid)
             return JSONResponse(err.body(), status_code=err.status)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        rid = proto.new_id("chatcmpl")
         try:
-            return await cancel_on_disconnect(request, front.chat_completions(req))
+            return await cancel_on_disconnect(request, front.chat_completions(req, rid))
         except Exception as exc:
-            err = map_exception(exc)
+            err = map_exception(exc, rid)
             return JSONResponse(err.body(), status_code=err.status)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])

@@ -205,3 +205,16 @@ def test_bearer_tokens_compare_with_hmac_compare_digest_on_both_fronts(stack, mo
     calls.clear()
     status, _ = http_post(stack["http"], "/v1/completions", {"prompt": [5], "max_tokens": 1})
     assert status == 200 and calls[-1] == (TOKEN.encode(), TOKEN.encode())
+
+
+def test_internal_exception_in_the_http_front_logs_the_request_id(stack, caplog, monkeypatch):
+    """Outside generate too (here the echo of a token-id prompt): 500, and the one log line names the
+    request id the client got nothing else of."""
+    def broken_decode(ids):
+        raise KeyError("decoder table")
+    monkeypatch.setattr(stack["srv"].core, "decode", broken_decode)
+    with caplog.at_level(logging.ERROR):
+        status, body = http_post(stack["http"], "/v1/completions", {"prompt": [5, 6], "max_tokens": 1, "echo": True})
+    assert status == 500 and "decoder table" not in body["error"]["message"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("internal error ")]
+    assert len(lines) == 1 and "(request cmpl-" in lines[0] and lines[0].split()[2] in body["error"]["message"]

@@ -7,6 +7,7 @@ until SIGINT/SIGTERM and stops gracefully (health NOT_SERVING first).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -73,6 +74,20 @@ def to_adapter_spec(msg, which: str | None) -> AdapterSpec | None:
     return None
 
 
+def mapped_errors(method):
+    """A unary RPC's exceptions answered by errors.py's table (an undeclared one: INTERNAL and one
+    log line), never grpc's default UNKNOWN carrying the exception's text."""
+    @functools.wraps(method)
+    async def call(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:  # context.abort: already answered
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped by errors.py's table
+            await self._abort_for(context, exc)
+    return call
+
+
 def to_loaded(a: LoadedAdapter) -> pb.LoadedAdapter:
     return pb.LoadedAdapter(name=a.name, digest=a.digest, rank=a.rank, size_bytes=a.size_bytes, on_device=a.on_device,
                             on_host=a.on_host, active_requests=a.active_requests, source=a.source)
@@ -137,6 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except Exception as exc:  # noqa: BLE001 - mapped by errors.py's table
             await self._abort_for(context, exc, request_id)
 
+    @mapped_errors
     async def GetModelInfo(self, request, context):
         core = await self._core(context)
         i = core.model_info()
@@ -146,14 +162,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             lora_enabled=i.lora_enabled, max_lora_rank=i.max_lora_rank, lora_target_modules=i.lora_target_modules,
             device_adapter_slots=i.device_adapter_slots)
 
+    @mapped_errors
     async def Tokenize(self, request, context):
         core = await self._core(context)
-        try:
-            ids, tokens = core.tokenize(request.text)
-        except Exception as exc:  # noqa: BLE001
-            await self._abort_for(context, exc)
+        ids, tokens = core.tokenize(request.text)
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 
+    @mapped_errors
     async def ListLoadedAdapters(self, request, context):
         core = await self._core(context)
         c = core.adapter_cache()
@@ -162,27 +177,24 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             adapters=[to_loaded(a) for a in c.adapters], host=tier(c.host), device=tier(c.device), disk=tier(c.disk),
             device_slots=c.device_slots, device_slots_used=c.device_slots_used)
 
+    @mapped_errors
     async def LoadAdapter(self, request, context):
         core = await self._core(context)
-        try:
-            loaded = await core.load_adapter(to_adapter_spec(request, request.WhichOneof("adapter")))
-        except Exception as exc:  # noqa: BLE001
-            await self._abort_for(context, exc)
+        loaded = await core.load_adapter(to_adapter_spec(request, request.WhichOneof("adapter")))
         return pb.LoadAdapterResponse(adapter=to_loaded(loaded))
 
+    @mapped_errors
     async def UnloadAdapter(self, request, context):
         core = await self._core(context)
-        try:
-            if request.WhichOneof("adapter") == "digest":
-                done = await core.unload_adapter(digest=request.digest)
-            elif request.WhichOneof("adapter") == "adapter_ref":
-                done = await core.unload_adapter(spec=to_adapter_spec(request, "adapter_ref"))
-            else:
-                raise InvalidRequestError("set adapter_ref or digest")
-        except Exception as exc:  # noqa: BLE001
-            await self._abort_for(context, exc)
+        if request.WhichOneof("adapter") == "digest":
+            done = await core.unload_adapter(digest=request.digest)
+        elif request.WhichOneof("adapter") == "adapter_ref":
+            done = await core.unload_adapter(spec=to_adapter_spec(request, "adapter_ref"))
+        else:
+            raise InvalidRequestError("set adapter_ref or digest")
         return pb.UnloadAdapterResponse(unloaded=done)
 
+    @mapped_errors
     async def GetServerStats(self, request, context):
         core = await self._core(context)
         s = await core.stats()

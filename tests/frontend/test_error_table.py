@@ -134,12 +134,23 @@ def test_internal_exception_is_internal_on_both_fronts_with_the_request_id_logge
 
 
 def test_internal_exception_in_a_unary_call_is_internal(stack, monkeypatch):
-    def broken(ids):
+    """Every unary RPC answers from the table too (grpc's default would be UNKNOWN with the text)."""
+    def broken(*args, **kwargs):
         raise KeyError("no such id")
-    monkeypatch.setattr(stack["srv"].core.tokenizer, "id_to_tokens", broken)
-    with pytest.raises(grpc.RpcError) as err:
-        stack["stub"].Tokenize(pb.TokenizeRequest(text="hi"), metadata=AUTH, timeout=30)
-    assert err.value.code() == grpc.StatusCode.INTERNAL and "no such id" not in err.value.details()
+    core = stack["srv"].core
+    monkeypatch.setattr(core.tokenizer, "id_to_tokens", broken)
+    for name in ("model_info", "adapter_cache", "stats"):
+        monkeypatch.setattr(core, name, broken)
+    for method, req in ((stack["stub"].Tokenize, pb.TokenizeRequest(text="hi")),
+                        (stack["stub"].GetModelInfo, pb.GetModelInfoRequest()),
+                        (stack["stub"].ListLoadedAdapters, pb.ListLoadedAdaptersRequest()),
+                        (stack["stub"].GetServerStats, pb.GetServerStatsRequest())):
+        with pytest.raises(grpc.RpcError) as err:
+            method(req, metadata=AUTH, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "no such id" not in err.value.details(), method
+    with pytest.raises(grpc.RpcError) as err:  # declared errors from unary calls keep their code
+        stack["stub"].UnloadAdapter(pb.UnloadAdapterRequest(), metadata=AUTH, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def cases(stack) -> list[tuple[str, pb.GenerateRequest, dict, str]]:

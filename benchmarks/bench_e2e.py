@@ -281,6 +281,7 @@ def main() -> int:
 
     target = InProcessTarget(model, kwargs)
     report = run_load(target, warm, reqs, a.concurrency, None)
+    target.llm.shutdown()   # the engine thread stops: this thread drives the engine below (one driver only)
     engine = target.llm.engine
     stats = engine.stats()
     s["in_process"] = brief(report)

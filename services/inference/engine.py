@@ -96,6 +96,9 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt token ids out of range [0, {self.args.vocab_size}): {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if t >= self.args.vocab_size]  # min_tokens bans them by index
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids out of range [0, {self.args.vocab_size}): {bad[:5]}")
         if len(ids) >= self.max_seq_len:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}")
         capacity = self.kv_capacity_tokens

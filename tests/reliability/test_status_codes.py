@@ -212,3 +212,18 @@ def test_http_integers_past_int32_are_400(stack):
         assert status == 400 and field in body["error"]["message"], (field, body)
     status, body = http_post(stack["http"], "/v1/completions", {"prompt": "hi", "max_tokens": 2, "top_k": 2**31 - 1})
     assert status == 200, body
+
+
+def test_stop_token_ids_past_the_vocabulary_are_invalid_argument(stack):
+    """min_tokens bans stop ids by indexing the logits: an id >= vocab_size failed the whole engine
+    step (and every request co-batched with it). It is refused at admission on both fronts."""
+    vocab = stack["srv"].core.engine.args.vocab_size
+    for ids in ([vocab], [2**31 - 1]):
+        req = generate_request()
+        req.sampling_params.stop_token_ids.extend(ids)
+        req.sampling_params.min_tokens = 2
+        err = grpc_error(stack["stub"], req)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop_token_ids" in err.details(), err.details()
+        status, body = http_post(stack["http"], "/v1/completions", {"prompt": [5, 6], "max_tokens": 2,
+                                                                    "min_tokens": 2, "stop_token_ids": ids})
+        assert status == 400 and "stop_token_ids" in body["error"]["message"], body

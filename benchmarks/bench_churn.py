@@ -198,7 +198,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
     result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
                   cold_ttft_all_s=cold)
     llm.shutdown()
-    del llm, eng
+    llm = eng = None  # drop the engine before the next one loads (a del would hide eng from resolve's closure)
     free_memory()
     return result
 

@@ -36,7 +36,7 @@ def use_triton(x: Tensor) -> bool:
 def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tuple[str, tuple[int, ...], dict | None]:
     """(path, float32 workspace shape, fused plan or None) for these shapes; path is one of
     "reference", "fused", "partials", "reduced"."""
-    T, (L, S, R, H), N = x.shape[0], lora_a.shape, lora_b.shape[1]
+    T, (_, S, R, H), N = x.shape[0], lora_a.shape, lora_b.shape[1]  # lora_a: [L, S, R, H]
     if not use_triton(x):
         return "reference", (S, T, R), None
     from .lora_fused import fused_plan

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, interpret_mode, tl, triton
+from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta
 
 if HAS_TRITON:

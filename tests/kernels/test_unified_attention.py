@@ -140,10 +140,14 @@ def test_gpu_graph_replay_equals_eager() -> None:
 
     def load(p) -> None:
         q.copy_(p[0])
-        k.zero_(); v.zero_()
-        k[: p[1].shape[0]].copy_(p[1]); v[: p[2].shape[0]].copy_(p[2])
-        tables.zero_(); tables[:, : p[3].shape[1]].copy_(p[3])
-        lens.copy_(p[4]); qsl.copy_(p[5])
+        k.zero_()
+        v.zero_()
+        k[: p[1].shape[0]].copy_(p[1])
+        v[: p[2].shape[0]].copy_(p[2])
+        tables.zero_()
+        tables[:, : p[3].shape[1]].copy_(p[3])
+        lens.copy_(p[4])
+        qsl.copy_(p[5])
 
     out = torch.empty_like(q)
     load(pa)

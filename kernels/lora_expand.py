@@ -7,6 +7,11 @@ r_a = min(ranks[a], R). buf (fp32) is rounded to lora_b's dtype before the produ
 punica/vLLM do), the product accumulates in fp32, and y is updated as (y + acc) rounded to
 y's dtype. Rows of tokens without an adapter (or with r_a = 0) are never touched.
 
+DoRA epilogue (optional `scale` [L, N] fp32): y[t] = (y[t] + acc[t]) * scale[a], in fp32 and
+rounded once. y holds x W^T on entry, so the base output is scaled too: the whole row becomes
+g * (x W^T + s * x A^T B^T), DoRA's output for an adapter with factor g (dora.py in lora/).
+Slots of plain LoRA adapters hold g = 1, which leaves their rows bit-identical.
+
 Work split: program (tile, column block). Column blocks run over the concatenated N of all
 slices, so the grid needs no host knowledge of the slice widths (slice_offsets stays on the
 device); a block that straddles a slice boundary loops over the (usually one) slices it
@@ -30,15 +35,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_expand_kernel(
-        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr,
+        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         N, R,
         stride_bsplit, stride_bs, stride_bm, stride_br,
         stride_bl, stride_bn, stride_bk,
-        stride_ym, stride_yn,
+        stride_ym, stride_yn, stride_sl, stride_sn,
         NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         EVEN_R: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -100,7 +106,11 @@ if HAS_TRITON:
         y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
         y_ok = row_ok[:, None] & n_ok[None, :]
         yv = tl.load(y_ptrs, mask=y_ok, other=0.0)
-        tl.store(y_ptrs, (yv.to(tl.float32) + acc).to(yv.dtype), mask=y_ok)
+        out = yv.to(tl.float32) + acc
+        if HAS_SCALE:  # DoRA: g of this slot for these columns, one [BLOCK_N] load per program
+            g = tl.load(scale_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+            out = out * g[None, :]
+        tl.store(y_ptrs, out.to(yv.dtype), mask=y_ok)
 
 
 def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
@@ -119,7 +129,8 @@ def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
 
 
 def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
-                ranks: Tensor, y: Tensor, *, config: dict | None = None) -> Tensor:
+                ranks: Tensor, y: Tensor, *, config: dict | None = None,
+                scale: Tensor | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
 
     buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides), or its
@@ -131,6 +142,8 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                    output (any row stride). Updated in place and returned; rows of tokens
                    without an adapter are untouched.
     config:        optional override of :func:`expand_config` (benchmarks).
+    scale:         optional [L, N] float32, DoRA's factor g per slot and output column: adapted
+                   rows become (y + delta) * g[slot] (see the module docstring).
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -145,6 +158,9 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         f"slice_offsets must be int32 [S+1={S + 1}]"
     assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, buf has {T}"
     assert ranks.shape == (L,) and ranks.dtype == torch.int32, "ranks must be int32 [L]"
+    if scale is not None:
+        assert scale.shape == (L, N) and scale.dtype == torch.float32 and scale.device == y.device, \
+            f"scale must be float32 [L={L}, N={N}] on y's device, got {scale.dtype} {tuple(scale.shape)}"
     if T == 0 or N == 0:
         return y
     assert meta.tile_slots.device == buf.device == lora_b.device == y.device == slice_offsets.device \
@@ -153,13 +169,14 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (meta.grid_tiles, triton.cdiv(N, BN))
     _lora_expand_kernel[grid](
-        partials, lora_b, y, ranks, slice_offsets,
+        partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R,
         *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
+        *((0, 0) if scale is None else scale.stride()),
         NUM_SLICES=S, BOUNDS_P2=max(2, 1 << max(0, (S - 2).bit_length())),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK,
         EVEN_R=R % BK == 0, CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
-        SPLIT_K=SK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SPLIT_K=SK, HAS_SCALE=scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

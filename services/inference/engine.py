@@ -22,7 +22,7 @@ from .model_runner import ModelRunner, StepOutput
 from .models.loader import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class LLMEngine:
             from .lora.manager import LoRAManager
 
             self.lora_manager = LoRAManager(config.lora_config, config.peft_cache_config, self.args, self.dtype,
-                                            self.device, allowed_dirs=config.allowed_lora_dirs)
+                                            self.device, allowed_dirs=config.allowed_lora_dirs, model=self.model)
         self.runner = ModelRunner(config, self.model, self.args, self.dtype, self.device, self.lora_manager)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
                                           config.kv_cache_config.enable_block_reuse)
@@ -112,6 +112,7 @@ class LLMEngine:
             handle = self.lora_manager.resolve(lora_request)
         seq = Sequence(request_id, ids, params, prompt=text, lora=handle, lora_request=lora_request)
         seq.max_num_tokens = min(len(ids) + params.max_tokens, self.max_seq_len)
+        seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -190,8 +191,9 @@ class LLMEngine:
         self.device_wait_s += out.wait_s
         now = time.monotonic()
         progressed = []
+        finished = SequenceStatus.FINISHED
         for seq, token, logprob, good, alts in zip(out.seqs, tokens, logprobs, ok, top):
-            if seq.is_finished:
+            if seq.status is finished:
                 continue   # aborted, or it ended one step earlier: the token computed since is dropped
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -231,19 +233,20 @@ class LLMEngine:
             self.lora_manager.release_request(seq)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None = None) -> None:
+        # runs once per sampled token: plain attribute work, no property calls
         p = seq.sampling_params
-        seq.resolve_placeholder(token)
+        ids = seq.token_ids
+        n_known = len(ids) - seq.num_pending + 1      # tokens known on the host, this one included
+        ids[n_known - 1] = token                      # Sequence.resolve_placeholder, inlined
+        seq.num_pending -= 1
         if p.logprobs is not None:
             seq.logprobs.append(logprob)
             if p.logprobs:
                 seq.top_logprobs.append(top)
         seq.cumulative_logprob += logprob
-        n_out = seq.num_output_tokens
-        may_stop = n_out > p.min_tokens or p.min_tokens == 0
-        if may_stop and token in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-            return
-        if may_stop and not p.ignore_eos and token in self.eos_ids:
+        n_out = n_known - len(seq.prompt_token_ids)
+        may_stop = n_out > p.min_tokens              # n_out >= 1: min_tokens == 0 always may stop
+        if may_stop and token in seq.stop_ids:        # stop_token_ids, and EOS unless ignore_eos
             seq.finish_reason, seq.stop_reason = "stop", token
             return
         before = len(seq.output_text)
@@ -258,7 +261,7 @@ class LLMEngine:
                 seq.output_text = seq.output_text[: i + len(s) if p.include_stop_str_in_output else i]
                 seq.finish_reason, seq.stop_reason = "stop", s
                 return
-        if n_out >= p.max_tokens or seq.num_tokens - seq.num_pending >= self.max_seq_len:
+        if n_out >= p.max_tokens or n_known >= self.max_seq_len:
             seq.finish_reason = "length"
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -268,14 +271,14 @@ class LLMEngine:
         if not finished and seq.sampling_params.stop:
             # hold back a tail that could still grow into a stop string
             visible = max(seq.sent_text, len(text) - max(len(s) for s in seq.sampling_params.stop) + 1)
-        ids = seq.output_token_ids  # a fresh list (slice); the diff is sliced from it
+        all_ids = seq.token_ids
+        ids = all_ids[len(seq.prompt_token_ids):len(all_ids) - seq.num_pending]  # a fresh list: host-known outputs
+        want_logprobs = seq.sampling_params.logprobs
         comp = CompletionOutput(
-            index=0, text=text[:visible], token_ids=ids, finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
-            top_logprobs=list(seq.top_logprobs) if seq.sampling_params.logprobs else None,
-            cumulative_logprob=seq.cumulative_logprob,
-            text_diff=text[seq.sent_text:visible], token_ids_diff=ids[seq.sent_tokens:])
+            0, text if visible == len(text) else text[:visible], ids, seq.finish_reason, seq.stop_reason,
+            list(seq.logprobs) if want_logprobs is not None else None,
+            list(seq.top_logprobs) if want_logprobs else None,
+            seq.cumulative_logprob, text[seq.sent_text:visible], ids[seq.sent_tokens:])
         seq.sent_text, seq.sent_tokens = visible, len(ids)
         metrics = RequestMetrics(seq.arrival_time, seq.scheduled_time, seq.first_token_time, seq.finished_time,
                                  seq.num_preemptions)

@@ -27,11 +27,20 @@ class LoraAdapter:
     num_layers: int                   # 1 + max layer index present
     weights: dict[WeightKey, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     digest: str = ""                  # "sha256:<hex>" of the artifact
+    # DoRA: (layer, module) -> magnitude m [out] as stored (empty for plain LoRA), and, once the
+    # server computed them from its base weights, g = m / ||W + B@A||_row [out] float32.
+    magnitudes: dict[WeightKey, torch.Tensor] = field(default_factory=dict, repr=False)
+    dora_scales: dict[WeightKey, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.magnitudes)
 
     def nbytes(self) -> int:
-        """Bytes held by all A and B tensors."""
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.weights.values())
+        """Bytes held by all A and B tensors (and DoRA's magnitude and factor vectors)."""
+        vectors = (*self.magnitudes.values(), *self.dora_scales.values())
+        return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+                + sum(v.numel() * v.element_size() for v in vectors))
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """HF module -> (in_features, out_features), the same for every layer."""
@@ -73,11 +82,13 @@ def fold_scale(b: torch.Tensor, scale: float, where: str = "") -> torch.Tensor:
 
 
 def build_adapter(fmt: str, pairs: dict[WeightKey, tuple[torch.Tensor, torch.Tensor]], *,
-                  alpha: float, use_rslora: bool, digest: str, origin: str) -> LoraAdapter:
+                  alpha: float, use_rslora: bool, digest: str, origin: str,
+                  magnitudes: dict[WeightKey, torch.Tensor] | None = None) -> LoraAdapter:
     """Check cross-module consistency of already-scaled pairs and wrap them in a LoraAdapter.
 
     Checks: at least one pair; one float dtype; A is [r, in], B is [out, r]; every layer of a
-    module has the same (in, out); all values finite (scaling may overflow fp16).
+    module has the same (in, out); all values finite (scaling may overflow fp16). DoRA
+    `magnitudes` (None: plain LoRA): one finite vector [out] for every pair, kept in float32.
     """
     if not pairs:
         raise AdapterFormatError(f"{origin}: no LoRA weights found")
@@ -102,6 +113,7 @@ def build_adapter(fmt: str, pairs: dict[WeightKey, tuple[torch.Tensor, torch.Ten
             raise AdapterFormatError(
                 f"{origin}: layer {layer} {module}: lora_B overflows {b.dtype} after scaling "
                 f"(non-finite values)")
+    mags = _check_magnitudes(pairs, magnitudes, origin) if magnitudes is not None else {}
     return LoraAdapter(
         format=fmt,
         rank=max(a.shape[0] for a, _ in pairs.values()),
@@ -111,4 +123,32 @@ def build_adapter(fmt: str, pairs: dict[WeightKey, tuple[torch.Tensor, torch.Ten
         num_layers=1 + max(layer for layer, _ in pairs),
         weights=dict(sorted(pairs.items())),
         digest=digest,
+        magnitudes=mags,
     )
+
+
+def _check_magnitudes(pairs: dict[WeightKey, tuple[torch.Tensor, torch.Tensor]],
+                      magnitudes: dict[WeightKey, torch.Tensor], origin: str) -> dict[WeightKey, torch.Tensor]:
+    """DoRA magnitude vectors: exactly one per LoRA pair, shape [out] of its B, finite; -> float32."""
+    missing = sorted(set(pairs) - set(magnitudes))
+    extra = sorted(set(magnitudes) - set(pairs))
+    if missing or extra:
+        what = (f"no lora_magnitude_vector for {missing[:4]}" if missing
+                else f"a lora_magnitude_vector without lora_A/lora_B for {extra[:4]}")
+        raise AdapterFormatError(f"{origin}: DoRA adapter (use_dora=true) has {what} ((layer, module))")
+    out: dict[WeightKey, torch.Tensor] = {}
+    for key, m in sorted(magnitudes.items()):
+        n_out = pairs[key][1].shape[0]
+        if m.dim() != 1 or m.shape[0] != n_out:
+            raise AdapterFormatError(
+                f"{origin}: layer {key[0]} {key[1]}: DoRA lora_magnitude_vector has shape {list(m.shape)}, "
+                f"expected [{n_out}] (one magnitude per output feature)")
+        if not m.is_floating_point():
+            raise AdapterFormatError(f"{origin}: layer {key[0]} {key[1]}: DoRA lora_magnitude_vector has "
+                                     f"dtype {m.dtype}, expected a float dtype")
+        m = m.to(torch.float32).contiguous()
+        if not bool(torch.isfinite(m).all()):
+            raise AdapterFormatError(
+                f"{origin}: layer {key[0]} {key[1]}: DoRA lora_magnitude_vector has non-finite values")
+        out[key] = m
+    return out

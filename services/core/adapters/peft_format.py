@@ -4,7 +4,9 @@ Tensor keys look like `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A
 with an adapter-name infix (`lora_A.default.weight`) and optionally without `base_model.model.`.
 PEFT stores lora_A as [r, in] and lora_B as [out, r] for every base layer type, also when
 `fan_in_fan_out` is set (that flag only transposes the merged delta for Conv1D bases), so no
-transpose is applied here. Per-module r and alpha follow PEFT's rank_pattern/alpha_pattern rule:
+transpose is applied here. DoRA adapters (use_dora=true) also hold `<module>.lora_magnitude_vector`
+[out] (PEFT >= 0.10; older saves `lora_magnitude_vector.<name>.weight`) for every adapted linear
+layer; DoRA on embeddings (and conv, which Llama has none of) is refused. Per-module r and alpha follow PEFT's rank_pattern/alpha_pattern rule:
 a pattern key applies to module path P if `(.*\\.)?(key)$` matches P, first match in dict order.
 """
 from __future__ import annotations
@@ -27,13 +29,13 @@ from .tensors import check_lora_tensor, load_tensor_file, pair_factors
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(?:(?:\.(?P<adapter>[^.]+))?\.weight)?$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PREFIX = "base_model.model."
 _MAX_CONFIG_BYTES = 1 << 20
 _REGEX_TIMEOUT_S = 0.5  # patterns come from untrusted uploads: bound the matching time
 # Config fields whose non-empty value changes the math beyond plain LoRA.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora=true)",
     "lora_bias": "a bias on lora_B (lora_bias=true)",
     "modules_to_save": "modules_to_save (fully fine-tuned extra modules)",
     "layer_replication": "layer_replication",
@@ -52,6 +54,7 @@ class PeftSettings:
     layers_to_transform: list[int] | None
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    use_dora: bool = False
 
 
 def parse_peft_config(raw: bytes, origin: str) -> PeftSettings:
@@ -95,7 +98,8 @@ def parse_peft_config(raw: bytes, origin: str) -> PeftSettings:
         raise AdapterFormatError(f"{origin}: {CONFIG_NAME} layers_to_transform={shorten(layers)} is invalid")
     return PeftSettings(r=r, alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)),
                         target_modules=target, layers_to_transform=layers or None,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        use_dora=_flag(cfg.get("use_dora", False), "use_dora", origin))
 
 
 def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
@@ -108,8 +112,15 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
     if weights_name is None:
         raise AdapterFormatError(f"{origin}: missing adapter weights ({' or '.join(WEIGHT_NAMES)})")
     tensors = load_tensor_file(bundle.read(weights_name), weights_name)
-    factors = _group_factors(tensors, weights_name)
+    factors, magnitudes = _group_factors(tensors, weights_name)
+    if magnitudes and not settings.use_dora:
+        raise AdapterFormatError(
+            f"{weights_name}: holds DoRA lora_magnitude_vector tensors but {CONFIG_NAME} has use_dora=false")
+    if settings.use_dora and not magnitudes:
+        raise AdapterFormatError(
+            f"{weights_name}: {CONFIG_NAME} has use_dora=true but the weights hold no lora_magnitude_vector")
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    dora: dict[tuple[int, str], torch.Tensor] = {}
     for path, (layer, module, a, b) in sorted(factors.items()):
         _check_targeted(settings, path, layer, weights_name)
         r = _pattern_value(settings.rank_pattern, path, settings.r, weights_name)
@@ -122,16 +133,36 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
             raise AdapterFormatError(f"{weights_name}: two LoRA pairs for layer {layer} {module}")
         pairs[(layer, module)] = (a.contiguous(), fold_scale(b, lora_scale(alpha, r, settings.use_rslora),
                                                              f"{weights_name}: {path}"))
+        if path in magnitudes:
+            dora[(layer, module)] = magnitudes.pop(path)
+    if magnitudes:
+        raise AdapterFormatError(f"{weights_name}: DoRA lora_magnitude_vector for {shorten(next(iter(magnitudes)))} "
+                                 f"has no lora_A/lora_B beside it")
     return build_adapter("hf", pairs, alpha=settings.alpha, use_rslora=settings.use_rslora,
-                         digest=digest, origin=weights_name)
+                         digest=digest, origin=weights_name, magnitudes=dora if settings.use_dora else None)
 
 
 def _group_factors(tensors: dict[str, torch.Tensor], origin: str
-                   ) -> dict[str, tuple[int, str, torch.Tensor, torch.Tensor]]:
-    """Pair lora_A/lora_B per module path -> (layer, module, A, B), with every key accounted for."""
+                   ) -> tuple[dict[str, tuple[int, str, torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Pair lora_A/lora_B per module path -> (layer, module, A, B), with every key accounted for;
+    also DoRA's magnitude vectors by module path (shapes and values checked by build_adapter)."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     adapter_names: set[str] = set()
     for key, tensor in tensors.items():
+        mag = _MAGNITUDE_KEY.match(key)
+        if mag is not None:
+            path = mag["path"].removeprefix(_PREFIX)
+            module = path.rsplit(".", 1)[-1]
+            if module not in HF_LINEAR_MODULES:
+                raise AdapterFormatError(
+                    f"{origin}: DoRA on {shorten(module)} ({shorten(key)}) is not supported; only the decoder "
+                    f"linear layers {list(HF_LINEAR_MODULES)} can carry DoRA")
+            if path in magnitudes:
+                raise AdapterFormatError(f"{origin}: duplicate DoRA lora_magnitude_vector for {shorten(path)}")
+            adapter_names.add(mag["adapter"] or "")
+            magnitudes[path] = tensor
+            continue
         m = _LORA_KEY.match(key)
         if m is None:
             raise AdapterFormatError(f"{origin}: {_describe_foreign_key(key)}")
@@ -161,14 +192,14 @@ def _group_factors(tensors: dict[str, torch.Tensor], origin: str
         if layer_match is None:
             raise AdapterFormatError(f"{origin}: cannot find a decoder layer index in {shorten(path)}")
         out[path] = (int(layer_match.group(1)), path.rsplit(".", 1)[-1], a, b)
-    return out
+    return out, magnitudes
 
 
 def _describe_foreign_key(key: str) -> str:
     if "lora_embedding_" in key:
         return f"LoRA on embed_tokens ({shorten(key)}) is not supported"
     if "lora_magnitude_vector" in key:
-        return f"DoRA magnitude vector {shorten(key)} found: DoRA is not supported"
+        return f"DoRA magnitude vector {shorten(key)} is not a linear layer's (DoRA on embeddings is not supported)"
     if ".lora_B" in key and key.endswith(".bias"):
         return f"bias on lora_B ({shorten(key)}) is not supported"
     if "modules_to_save" in key:
@@ -217,6 +248,12 @@ def _match(pattern: str, text: str, what: str, origin: str, *, full: bool = Fals
 
 def _fullmatch(pattern: str, text: str, what: str, origin: str) -> bool:
     return _match(pattern, text, what, origin, full=True)
+
+
+def _flag(value: Any, field: str, origin: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise AdapterFormatError(f"{origin}: {CONFIG_NAME} {field}={shorten(value)} must be true or false")
 
 
 def _number(value: Any, field: str, origin: str) -> float:

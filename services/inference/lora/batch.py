@@ -13,7 +13,8 @@ class LoRABatch:
         self._buf: dict[tuple[int, ...], torch.Tensor] = {}  # float32 workspaces by shape
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y [T, N] += LoRA delta of x [T, in] for projection `proj` of layer `layer_idx`."""
+        """y [T, N] += LoRA delta of x [T, in] for projection `proj` of layer `layer_idx`; rows of
+        tokens on a DoRA slot are then scaled by its g (y is x W^T on entry, bias-free for DoRA)."""
         a = self.slots.a.get(proj)
         if a is None:
             return
@@ -23,4 +24,6 @@ class LoRABatch:
         buf = self._buf.get(key)
         if buf is None:
             buf = self._buf[key] = torch.empty(key, dtype=torch.float32, device=x.device)
-        lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)
+        # DoRA: every adapted token's row ends as g[slot] * (x W^T + delta); g = 1 for plain LoRA
+        scale = self.slots.scale[proj][layer_idx] if getattr(self.slots, "scale", None) else None  # [L, N] fp32
+        lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf, scale=scale)

@@ -47,6 +47,7 @@ from ..models.llama import PROJ_SLICES, ModelArgs
 from ..sequence import Sequence
 from .batch import LoRABatch
 from .device_tier import DeviceTier
+from .dora import compute_dora_scales
 from .host_tier import HostTier, TierStats
 from .slots import DeviceSlots
 
@@ -99,8 +100,11 @@ class CacheStats:
 
 class LoRAManager:
     def __init__(self, lora_config: LoraConfig, cache_config: PeftCacheConfig, args: ModelArgs,
-                 dtype: torch.dtype, device: torch.device, allowed_dirs: list[str] | None = None):
+                 dtype: torch.dtype, device: torch.device, allowed_dirs: list[str] | None = None,
+                 model: torch.nn.Module | None = None):
+        """model: the served base model, whose weights DoRA adapters need (g = m / ||W + B@A||)."""
         self.lora_config, self.cache_config, self.args = lora_config, cache_config, args
+        self.model = model
         self.dtype, self.device = dtype, device
         self.allowed_dirs = None if allowed_dirs is None else [os.path.realpath(d) for d in allowed_dirs]
         self.enabled = lora_config.hf_target_modules() or set(args.lora_module_shapes())
@@ -227,8 +231,12 @@ class LoRAManager:
             return self._hold(h)
 
     def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
-        """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous."""
-        if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype
+        """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous; DoRA factors computed
+        from the base weights (float32, kept with the adapter in the host tier)."""
+        compute_dora_scales(adapter, self.model)
+        if self.device.type == "cuda":
+            adapter.dora_scales = {k: torch.empty(g.shape, dtype=g.dtype, pin_memory=True).copy_(g)
+                                   for k, g in adapter.dora_scales.items()}  # one copy: straight into pinned memory of the serving dtype
             weights = {k: tuple(t if t.dtype == self.dtype and t.is_pinned() else
                                 torch.empty(t.shape, dtype=self.dtype, pin_memory=True).copy_(t) for t in ab)
                        for k, ab in adapter.weights.items()}

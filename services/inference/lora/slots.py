@@ -4,6 +4,11 @@ For each fused projection p of the model (qkv_proj, o_proj, gate_up_proj, down_p
     a[p]: [num_layers, L, S_p, R, in_p]   A of each slice (q/k/v, gate/up), rows >= rank zero
     b[p]: [num_layers, L, N_p, R]         B of all slices stacked on rows (scale folded in)
     slice_offsets[p]: [S_p + 1] int32     row offsets of the slices in N_p
+    scale[p]: [num_layers, L, N_p] fp32   DoRA's g = m / ||W + B@A||_row per output feature;
+                                          1 for plain LoRA slots and for modules a DoRA adapter
+                                          does not adapt (the kernels multiply every adapted
+                                          token's row by it: x1.0 is exact, so plain LoRA is
+                                          bit-identical, and one captured graph serves both)
     ranks: [L] int32                      real rank of the adapter in each slot
 Projections that no enabled module uses get no buffers at all.
 """
@@ -24,6 +29,7 @@ class DeviceSlots:
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         self.slice_offsets: dict[str, torch.Tensor] = {}
+        self.scale: dict[str, torch.Tensor] = {}
         self.slice_index: dict[str, tuple[str, int, int]] = {}  # module -> (proj, slice, row offset)
         L, n_layers = num_slots, args.num_hidden_layers
         for proj, modules in PROJ_SLICES.items():
@@ -36,6 +42,7 @@ class DeviceSlots:
                 offsets.append(offsets[-1] + o)
             self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
             self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
+            self.scale[proj] = torch.ones(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
             self.slice_offsets[proj] = torch.tensor(offsets, dtype=torch.int32, device=device)
             for i, m in enumerate(modules):
                 self.slice_index[m] = (proj, i, offsets[i])
@@ -46,15 +53,16 @@ class DeviceSlots:
     @staticmethod
     def bytes_per_slot(args: ModelArgs, enabled: set[str], max_rank: int, dtype: torch.dtype) -> int:
         shapes = args.lora_module_shapes()
-        elems = 0
+        elems = scale_bytes = 0
         for modules in PROJ_SLICES.values():
             if enabled & set(modules):  # a fused buffer holds every slice once any is enabled
                 elems += sum((shapes[m][0] + shapes[m][1]) * max_rank for m in modules)
-        return elems * args.num_hidden_layers * torch.finfo(dtype).bits // 8
+                scale_bytes += sum(shapes[m][1] for m in modules) * 4    # DoRA g, float32
+        return args.num_hidden_layers * (elems * torch.finfo(dtype).bits // 8 + scale_bytes)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(), *self.scale.values()))
 
     def load(self, slot: int, adapter: LoraAdapter) -> int:
         """Copy `adapter` into `slot` (on the side stream on CUDA); returns bytes copied."""
@@ -65,12 +73,17 @@ class DeviceSlots:
             for proj in self.a:
                 self.a[proj][:, slot].zero_()
                 self.b[proj][:, slot].zero_()
+                self.scale[proj][:, slot].fill_(1.0)
             for (layer, module), (a, b) in adapter.weights.items():
                 proj, s, off = self.slice_index[module]
                 r = a.shape[0]
                 self.a[proj][layer, slot, s, :r].copy_(a, non_blocking=True)
                 self.b[proj][layer, slot, off:off + b.shape[0], :r].copy_(b, non_blocking=True)
                 copied += a.numel() * a.element_size() + b.numel() * b.element_size()
+            for (layer, module), g in adapter.dora_scales.items():
+                proj, _, off = self.slice_index[module]
+                self.scale[proj][layer, slot, off:off + g.shape[0]].copy_(g, non_blocking=True)
+                copied += g.numel() * g.element_size()
             self.ranks[slot] = adapter.rank
             if stream is not None:
                 self._pending = torch.cuda.Event()

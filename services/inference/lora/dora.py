@@ -1,0 +1,81 @@
+"""DoRA's per-output-feature factor, computed once per adapter from the served base weights.
+
+DoRA (Liu et al. 2024, arXiv:2402.09353; PEFT `use_dora=True`) adapts a linear layer as
+
+    W' = m * (W + s*B@A) / ||W + s*B@A||_row        (norm over the input dimension, one per output)
+
+so for an input row x:  x W'^T = g * (x W^T + s * (x A^T) B^T)  with  g = m / ||W + s*B@A||_row.
+g depends on weights only: it is computed here when the adapter is loaded, in float32 as PEFT's
+DoraLinearLayer.get_weight_norm does (torch.linalg.norm over dim 1 of W + s*B@A; the norm is
+detached there, which changes nothing at inference; PEFT adds no eps, so a zero-norm row would
+make g infinite: such an adapter is refused). The serving path then scales each DoRA token's
+whole output row (base + delta) by g[slot(t)] in the LoRA expand epilogue.
+
+The base weights come from the model's fused projections (q/k/v rows of qkv_proj, gate/up rows
+of gate_up_proj), sliced per HF module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraserve.adapters import AdapterFormatError, LoraAdapter
+from loraserve.adapters.modules import PACKED_MODULES
+
+_PARENT = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
+_ROWS_PER_CHUNK = 4096  # bounds the fp32 temporary of W + B@A to 4096 x in_features
+
+
+def base_projection(model: nn.Module, layer: int, module: str) -> tuple[nn.Module, int, int]:
+    """(the fused Proj holding HF `module` in decoder layer `layer`, first row, last row + 1)."""
+    for proj, slices in PACKED_MODULES.items():
+        if module in slices:
+            lin = getattr(getattr(model.layers[layer], _PARENT[proj]), proj)
+            sizes = _slice_sizes(model, proj)
+            start = sum(sizes[: slices.index(module)])
+            return lin, start, start + sizes[slices.index(module)]
+    raise KeyError(f"{module} is not a projection of the model")
+
+
+def _slice_sizes(model: nn.Module, proj: str) -> list[int]:
+    shapes = model.args.lora_module_shapes()
+    return [shapes[m][1] for m in PACKED_MODULES[proj]]
+
+
+@torch.no_grad()
+def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||W + B@A|| per row, float32 [out]. weight [out, in] (any float dtype/device); a [r, in];
+    b [out, r] with the LoRA scale folded in. Chunked over rows to bound the fp32 temporary."""
+    out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    a32 = a.to(weight.device, torch.float32)
+    b32 = b.to(weight.device, torch.float32)
+    for lo in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        hi = min(lo + _ROWS_PER_CHUNK, weight.shape[0])
+        w = weight[lo:hi].to(torch.float32) + b32[lo:hi] @ a32          # (rows, in)
+        out[lo:hi] = torch.linalg.norm(w, dim=1)
+    return out
+
+
+def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
+    """Fill adapter.dora_scales[(layer, module)] = m / ||W + B@A||_row (float32 [out], on the CPU)
+    for every module with a magnitude vector. No-op for a plain LoRA adapter or one already done.
+    AdapterFormatError if there is no model, the projection has a bias (not supported for DoRA
+    yet), or a factor is not finite."""
+    if not adapter.is_dora or len(adapter.dora_scales) == len(adapter.magnitudes):
+        return
+    if model is None:
+        raise AdapterFormatError("DoRA adapters need the base model's weights (LoRAManager(model=...))")
+    scales: dict = {}
+    for key, m in adapter.magnitudes.items():
+        layer, module = key
+        lin, lo, hi = base_projection(model, layer, module)
+        if getattr(lin, "bias", None) is not None:
+            raise AdapterFormatError(f"DoRA on {module}, which has a bias in this model, is not supported yet")
+        a, b = adapter.weights[key]
+        norms = row_norms(lin.weight[lo:hi], a, b).cpu()
+        g = m.to(torch.float32) / norms
+        if not bool(torch.isfinite(g).all()):
+            raise AdapterFormatError(f"layer {layer} {module}: DoRA factor m / ||W + s*B@A|| is not finite "
+                                     f"(a zero-norm output row)")
+        scales[key] = g.contiguous()
+    adapter.dora_scales = scales

@@ -23,6 +23,7 @@ from .models.loader import load_model
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
+from .tp import start_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class LLMEngine:
         self.config = config
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
-        self.model, self.args, self.dtype = load_model(config.model, config.dtype, self.device)
+        # tensor_parallel_size > 1: workers hold shards 1..N-1 and this process shard 0 (tp/); None otherwise
+        self.tp = start_tensor_parallel(config, self.device)
+        self.model, self.args, self.dtype = load_model(config.model, config.dtype, self.device, tp=self.tp)
         self.tokenizer = TokenizerWrapper(config.model)
         self.max_seq_len = config.max_seq_len or self.args.max_position_embeddings
         if self.args.sliding_window and self.max_seq_len > self.args.sliding_window:

@@ -84,6 +84,43 @@ def build_metadata(params: list[SamplingParams], num_outputs: list[int], stop_id
         generators=seeded, max_top_logprobs=max((p.logprobs or 0 for p in params), default=0), all_greedy=all_greedy)
 
 
+class MetadataCache:
+    """`build_metadata` for a step's sampling sequences, reused while the batch is unchanged: in steady
+    decode the same sequences sample step after step, and only min_tokens masks (which depend on each
+    row's output count) change, so a step whose rows equal the previous step's and ban nothing reuses
+    its metadata (no host loop, no host->device copies)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._key: list[int] | None = None
+        self._meta: SamplingMetadata | None = None
+
+    def get(self, seqs: list, banned_ids) -> SamplingMetadata:
+        """seqs: [B] sampling sequences in row order; banned_ids(params) -> ids min_tokens bans."""
+        key = [s.seq_id for s in seqs]
+        if key == self._key:
+            return self._meta
+        params, num_outputs, banned, gens = [], [], [], []
+        masking = False
+        for s in seqs:
+            p = s.sampling_params
+            params.append(p)
+            n_out = len(s.token_ids) - len(s.prompt_token_ids)   # outputs before this one (in flight included)
+            num_outputs.append(n_out)
+            if n_out < p.min_tokens:
+                masking = True
+                banned.append(banned_ids(p))
+            else:
+                banned.append(())
+            if s.generator is None and p.seed is not None and not p.greedy:
+                s.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            gens.append(s.generator)
+        meta = build_metadata(params, num_outputs, banned, gens, self.device)
+        # a row still under min_tokens needs its mask rebuilt next step: no reuse then
+        self._key, self._meta = (None, None) if masking else (key, meta)
+        return meta
+
+
 def sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] float32 -> (logits with NaN as -inf and rows holding +inf reduced to {0 at the +inf
     entries, -inf elsewhere}; their logsumexp [B]; ok [B]: the row has a finite value). A few

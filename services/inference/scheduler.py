@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .block_manager import BlockManager
-from .sequence import Sequence, SequenceStatus
+from .sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 class AdapterSlots(Protocol):
@@ -76,13 +76,21 @@ class Scheduler:
         batch = ScheduledBatch([], [])
         budget = self.max_num_tokens
         # 1) running sequences, oldest first
+        bs = self.block_manager.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.is_draining:  # its last token is being sampled by the step in flight
+            num_tokens = len(seq.token_ids)
+            if num_tokens >= seq.max_num_tokens:  # draining: its last token is being sampled by the step in flight
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(num_tokens - seq.num_computed_tokens, budget)
+            if (seq.num_computed_tokens + n + bs - 1) // bs <= len(seq.block_table):
+                batch.seqs.append(seq)      # fast path (most decode steps): its blocks already hold the token
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
             while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -162,8 +170,10 @@ class Scheduler:
         placeholder for the token the step is drawing."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-        for row, seq in enumerate(sampling):
-            seq.add_placeholder(row)
+        for row, seq in enumerate(sampling):   # Sequence.add_placeholder, inlined (64+ calls a step)
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            seq.pending_row = row
 
     def postprocess(self, batch: ScheduledBatch) -> None:
         """The step's tokens are in (the engine appended them and set finish reasons): key the blocks

@@ -22,7 +22,7 @@ _counter = itertools.count()
 PLACEHOLDER = -1
 
 
-@dataclass
+@dataclass(eq=False)   # identity: `seq in running` / `running.remove(seq)` never compare every field
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -52,6 +52,7 @@ class Sequence:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    stop_ids: frozenset = frozenset()     # token ids that end it: stop_token_ids, + EOS unless ignore_eos (engine)
     detok: Any = None                     # detokenizer.IncrementalDetokenizer
     generator: Any = None                 # torch.Generator for seeded sampling
     # what the last stream message covered

@@ -1,0 +1,122 @@
+"""Host time per decode step (issue 11: <= 1 ms at batch 64), measured on any machine.
+
+The host's share of a step is what `LLMEngine.step()` spends outside the model: scheduling,
+step-input building, sampling metadata, sampler op dispatch, post-processing (token append,
+stop checks, detokenization) and building the stream outputs. None of it depends on the device,
+so it is measured here on the CPU with a real, tiny model (2 layers, hidden 64): the forward pass
+and the LM head are timed with module hooks and subtracted, everything else counts as host time
+(the sampler's tensor ops included, which on the GPU cost about their launch time: an upper bound).
+
+    python benchmarks/bench_host.py                       # batch 64, overlapped and serial loops
+    python benchmarks/bench_host.py --batch 64 --steps 200 --profile 25   # + cProfile's top 25
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+class ModelTimer:
+    """Seconds spent in the model's forward and LM head (hooks: the model itself is not changed)."""
+
+    def __init__(self, model):
+        self.seconds = 0.0
+        self._t0 = 0.0
+        model.register_forward_pre_hook(self._start)
+        model.register_forward_hook(self._stop)
+        head = model.compute_logits
+
+        def timed_logits(hidden):
+            t = time.perf_counter()
+            try:
+                return head(hidden)
+            finally:
+                self.seconds += time.perf_counter() - t
+        model.compute_logits = timed_logits
+
+    def _start(self, *_):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.seconds += time.perf_counter() - self._t0
+
+
+def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bool, stream: bool,
+            profile_top: int = 0) -> dict:
+    import torch
+
+    from loraserve import SamplingParams
+    from loraserve.config import EngineConfig
+    from loraserve.inference.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_num_seqs=max(batch, 8),
+                                    max_seq_len=prompt_len + steps + 64, async_scheduling=overlap))
+    timer = ModelTimer(engine.runner.model)
+    g = torch.Generator().manual_seed(1)
+    vocab = engine.args.vocab_size
+    for i in range(batch):
+        ids = torch.randint(2, vocab, (prompt_len,), generator=g).tolist()
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=steps + 32, temperature=0, ignore_eos=True))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    prof = cProfile.Profile() if profile_top else None
+    m0 = timer.seconds
+    n_outputs = 0
+    t = time.perf_counter()
+    if prof:
+        prof.enable()
+    for _ in range(steps):
+        outs = engine.step()
+        n_outputs += len(outs)
+        if stream:   # what a streaming consumer reads of each message
+            for o in outs:
+                o.outputs[0].text_diff, o.outputs[0].token_ids_diff
+    if prof:
+        prof.disable()
+    wall = time.perf_counter() - t
+    model = timer.seconds - m0
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(profile_top)
+    return {"batch": batch, "steps": steps, "overlap": overlap, "step_ms": wall / steps * 1e3,
+            "model_ms": model / steps * 1e3, "host_ms": (wall - model) / steps * 1e3,
+            "outputs_per_step": n_outputs / steps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs (a shared CPU is noisy)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print cProfile's top N functions")
+    a = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)   # a shared CPU: spinning thread pools make step times meaningless
+    from tests.inference.conftest import make_random_model
+
+    model_dir = tempfile.mkdtemp(prefix="bench_host_")
+    make_random_model(model_dir, "llama")
+    for overlap in (True, False):
+        runs = [measure(model_dir, a.batch, a.prompt_len, a.steps, overlap, True) for _ in range(a.repeat)]
+        best = min(runs, key=lambda r: r["host_ms"])
+        print(f"batch {best['batch']} {'overlapped' if overlap else 'serial'}: host {best['host_ms']:.3f} ms/step "
+              f"(step {best['step_ms']:.3f} ms, model {best['model_ms']:.3f} ms; best of {a.repeat}, "
+              f"all {[round(r['host_ms'], 3) for r in runs]})")
+    if a.profile:
+        measure(model_dir, a.batch, a.prompt_len, a.steps, True, True, a.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

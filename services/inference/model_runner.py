@@ -11,7 +11,7 @@ from loraserve.config import EngineConfig
 
 from .context import Context, prepare_attention, reset_context, set_context
 from .models.llama import LlamaForCausalLM, ModelArgs
-from .sampler import SamplerOutput, build_metadata, sample
+from .sampler import MetadataCache, SamplerOutput, sample
 from .scheduler import ScheduledBatch
 from .step_inputs import StepInputBuilder
 
@@ -38,6 +38,7 @@ class ModelRunner:
         # padded block-table entries point at the scratch block (CUDA-graph padding rows write there)
         self.inputs = StepInputBuilder(self.block_size, self.num_blocks, device)
         self.eos_ids: set[int] = set()    # the engine fills it (min_tokens bans EOS)
+        self.sampling_meta = MetadataCache(device)   # sampling metadata, reused while the rows repeat
         self.graph_runner = None
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
@@ -118,19 +119,8 @@ class ModelRunner:
     def _sample(self, hidden: torch.Tensor, sample_idx: torch.Tensor, sample_seqs: list) -> StepOutput:
         if not sample_seqs:
             return StepOutput([], None)
-        dev = self.device
         logits = self.model.compute_logits(hidden[sample_idx])
-        params, num_outputs, banned, gens = [], [], [], []
-        for s in sample_seqs:
-            p = s.sampling_params
-            params.append(p)
-            n_out = s.num_tokens - s.num_prompt_tokens       # outputs before this one (in flight included)
-            num_outputs.append(n_out)
-            banned.append(self._banned(p) if n_out < p.min_tokens else ())
-            if s.generator is None and p.seed is not None and not p.greedy:
-                s.generator = torch.Generator(device=dev).manual_seed(p.seed)
-            gens.append(s.generator)
-        out = sample(logits, build_metadata(params, num_outputs, banned, gens, dev))
+        out = sample(logits, self.sampling_meta.get(sample_seqs, self._banned))  # reused while the rows repeat
         return StepOutput(sample_seqs, out)
 
     def _banned(self, p) -> tuple[int, ...]:

@@ -177,6 +177,9 @@ class EngineConfig:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     max_num_seqs: int = 256               # TensorRT-LLM: max_batch_size
     max_num_tokens: int = 8192            # token budget of one step (chunked prefill)
+    # prompt tokens a step may carry while decode rows ride in it (None: max_num_tokens); keeps a long
+    # prefill from stalling every running stream (inter-token latency); scheduler.py says why 512
+    max_num_prefill_tokens_with_decode: int | None = 512
     max_seq_len: int | None = None        # default: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False           # vLLM's name: no CUDA graphs for decode
@@ -187,12 +190,17 @@ class EngineConfig:
     num_kv_blocks: int | None = None      # override KV sizing (tests)
     allowed_lora_dirs: list[str] | None = None  # where LoRARequest.lora_path may point; None = anywhere (offline API)
     async_scheduling: bool | None = None  # overlap host work with the device's step; None: on for CUDA
+    tensor_parallel_size: int = 1         # TensorRT-LLM/vLLM: shard the model over this many devices of one host
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"),
                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_tokens >= 1, f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
+        _check(self.max_num_prefill_tokens_with_decode is None or self.max_num_prefill_tokens_with_decode >= 1,
+               f"max_num_prefill_tokens_with_decode must be >= 1 or None, got {self.max_num_prefill_tokens_with_decode}")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+               f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if isinstance(self.kv_cache_config, dict):
             self.kv_cache_config = KvCacheConfig(**self.kv_cache_config)
         if isinstance(self.lora_config, dict):

@@ -45,7 +45,6 @@ ALIASES = {"max_batch_size": "max_num_seqs"}
 ACCEPTED_VALUES: dict[str, Accepted] = {
     "backend": Accepted(lambda v: v in (None, "pytorch"),
                         "loraserve runs its own PyTorch engine; use backend: pytorch or leave it out"),
-    "tensor_parallel_size": Accepted(_one, "tensor parallelism is not supported: one engine runs on one GPU"),
     "pipeline_parallel_size": Accepted(_one, "pipeline parallelism is not supported: one engine runs on one GPU"),
     "context_parallel_size": Accepted(_one, "context parallelism is not supported"),
     "moe_expert_parallel_size": Accepted(lambda v: v in (None, 1, -1), "MoE models are not supported"),

@@ -20,6 +20,13 @@ CPU_KV_MIN_BYTES = 64 << 20   # the CPU KV cache floor (then 2x the weights, at 
 
 
 class ModelRunner:
+    def __new__(cls, config, model, *args, **kwargs):
+        if cls is ModelRunner and getattr(getattr(model, "tp", None), "executor", None) is not None:  # TP rank 0
+            from .tp.runner import TPModelRunner
+
+            cls = TPModelRunner
+        return super().__new__(cls)
+
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM, args: ModelArgs, dtype: torch.dtype,
                  device: torch.device, lora_manager=None):
         self.config, self.model, self.args = config, model, args

@@ -215,6 +215,8 @@ class Proj(nn.Linear):
 
 
 class Attention(nn.Module):
+    tp = None  # TPGroup under tensor parallelism (tp/): o_proj is row-parallel, its partial sums all-reduced
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
@@ -232,10 +234,13 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         o = paged_attention(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        out = self.o_proj(o.reshape(-1, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
+    tp = None  # TPGroup under tensor parallelism: down_proj is row-parallel, its partial sums all-reduced
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.gate_up_proj = Proj(args.hidden_size, 2 * args.intermediate_size, False, layer_idx, "gate_up_proj")
@@ -246,9 +251,11 @@ class MLP(nn.Module):
         if _fused(gate_up):
             from loraserve.kernels.activation import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            out = self.down_proj(silu_and_mul(gate_up))
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = self.down_proj(F.silu(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -273,6 +280,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    tp = None  # TPGroup under tensor parallelism: embedding and LM head hold a vocabulary shard
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -286,10 +295,13 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [N] (all tokens of the step, sequences back to back) -> hidden [N, hidden]."""
-        x, residual = self.embed_tokens(input_ids), None
+        x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)
+        residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, self.rotary)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:  # [T, V/size] per rank -> [T, V]
+            return self.tp.gather_logits(self.lm_head(hidden)).float()
         return self.lm_head(hidden).float()

@@ -3,6 +3,11 @@
 config.json + model.safetensors, or sharded with model.safetensors.index.json. q/k/v and
 gate/up checkpoint tensors are copied into their slice of the fused weight as they stream
 in, so peak memory is one tensor above the model itself.
+
+Under tensor parallelism (`tp`, a tp.parallel.TPGroup) each rank builds the model of its shard
+(tp.parallel.shard_args) and reads only its slice of each tensor from the safetensors file
+(`get_slice`): Megatron's split, q/k/v and gate/up by output rows (whole heads), o and down by
+input columns, embedding and LM head by vocabulary rows; norms are replicated.
 """
 from __future__ import annotations
 
@@ -52,14 +57,24 @@ def _weight_files(path: str) -> list[str]:
     return files
 
 
-def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, ModelArgs, torch.dtype]:
+def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu", tp=None
+               ) -> tuple[LlamaForCausalLM, ModelArgs, torch.dtype]:
+    """(model, the full model's args, dtype). With `tp` the model is this rank's shard and its own
+    `model.args` are the shard's (heads, KV heads, MLP width and vocabulary divided)."""
     hf_cfg = read_hf_config(path)
     args = ModelArgs.from_hf_config(hf_cfg)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, args, device)
+    local = args
+    if tp is not None:
+        from ..tp.parallel import shard_args
+
+        local = shard_args(args, tp.size)
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = LlamaForCausalLM(local)
     model = model.to_empty(device=device).to(torch_dtype)
+    if tp is not None:
+        _attach_group(model, tp)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     for module in model.modules():  # to_empty left the non-persistent RoPE buffers uninitialised
@@ -70,7 +85,8 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     for file in _weight_files(path):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                _load_one(name, f.get_tensor(name), params, args, loaded)
+                tensor = f.get_tensor(name) if tp is None else _read_shard(f, name, local, tp)
+                _load_one(name, tensor, params, local, loaded)
     missing = {n for n in params if n not in loaded}
     if args.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "lm_head.weight" not in loaded:
@@ -105,7 +121,43 @@ def _load_one(name: str, tensor: torch.Tensor, params: dict, args: ModelArgs, lo
     loaded.add(name)
 
 
+def _attach_group(model: LlamaForCausalLM, tp) -> None:
+    model.tp = tp
+    for layer in model.layers:
+        layer.self_attn.tp = layer.mlp.tp = tp
+    # the last vocabulary shard may be short (vocab % size): its padding rows stay zero
+    for p in (model.embed_tokens.weight, model.lm_head.weight):
+        p.data.zero_()
+
+
+# checkpoint module -> (dim split, which size): rows of whole heads / MLP columns, or input columns
+_SPLIT = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"), "gate_proj": (0, "mlp"),
+          "up_proj": (0, "mlp"), "o_proj": (1, "q"), "down_proj": (1, "mlp")}
+
+
+def _read_shard(f, name: str, local: ModelArgs, tp) -> torch.Tensor:
+    """This rank's slice of checkpoint tensor `name`, read from the file without the rest."""
+    short = re.sub(r"^model\.", "", name)
+    m = re.match(r"layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.(weight|bias)$", short)
+    if m and m.group(1) in _SPLIT:
+        dim, kind = _SPLIT[m.group(1)]
+        n = {"q": local.q_size, "kv": local.kv_size, "mlp": local.intermediate_size}[kind]
+        lo = tp.rank * n
+        sl = f.get_slice(name)
+        if dim == 0 or m.group(2) == "bias":   # a bias follows its layer's output rows (q/k/v)
+            return sl[lo:lo + n]
+        return sl[:, lo:lo + n]
+    if short in ("embed_tokens.weight", "lm_head.weight"):
+        sl = f.get_slice(name)
+        rows = sl.get_shape()[0]
+        lo = min(tp.vocab_start, rows)
+        return sl[lo:min(lo + tp.vocab_per_rank, rows)]
+    return f.get_tensor(name)
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if src.shape[0] < dst.shape[0] and what.endswith(("embed_tokens.weight", "lm_head.weight")):
+        dst = dst[:src.shape[0]]    # the last vocabulary shard: rows past the vocabulary stay zero
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"shape mismatch for {what}: model expects {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}")
     dst.copy_(src)

@@ -1,0 +1,76 @@
+"""One rank's view of the tensor-parallel group: which shard it holds and the collectives the
+model calls (Megatron-LM, Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter
+Language Models Using Model Parallelism", section 3).
+
+The model holds a `TPGroup` only when tensor_parallel_size > 1; with one rank nothing here is
+imported or called. Collectives go through torch.distributed: gloo on CPU, NCCL on CUDA.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class TensorParallelError(ValueError):
+    """A model or option that cannot be split over the requested ranks; the message says why."""
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    size: int
+    vocab_size: int            # the full vocabulary (logits are cut back to it after the gather)
+    vocab_per_rank: int        # ceil(vocab / size): every rank's embedding shard has this many rows
+    executor: object = None    # rank 0 only: the TPExecutor that drives the workers
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.vocab_per_rank
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of the ranks' partial outputs of a row-parallel layer, in place."""
+        dist.all_reduce(x)
+        return x
+
+    def embed(self, embedding: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: ids [N] -> [N, hidden]. Each rank looks up the ids in its vocabulary
+        range (others get zero rows) and the all-reduce assembles the full embeddings."""
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_per_rank)
+        x = embedding(local.masked_fill(outside, 0))
+        x.masked_fill_(outside[:, None], 0)
+        return self.all_reduce(x)
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """local [T, V/size] -> [T, V] on every rank (only rank 0 samples from it)."""
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=-1)[:, :self.vocab_size]
+
+
+def shard_args(args, size: int):
+    """The ModelArgs of one rank's shard: heads, KV heads and the MLP width divided by `size`, the
+    vocabulary padded up to a multiple of it. Raises TensorParallelError if the model does not split."""
+    if size == 1:
+        return args
+    problems = []
+    if args.num_attention_heads % size:
+        problems.append(f"num_attention_heads={args.num_attention_heads}")
+    if args.num_key_value_heads % size:
+        problems.append(f"num_key_value_heads={args.num_key_value_heads} (the KV cache is sharded by KV heads)")
+    if args.intermediate_size % size:
+        problems.append(f"intermediate_size={args.intermediate_size}")
+    if problems:
+        raise TensorParallelError(f"tensor_parallel_size={size} does not divide " + ", ".join(problems)
+                                  + "; choose a tensor_parallel_size that divides them")
+    return dataclasses.replace(args, num_attention_heads=args.num_attention_heads // size,
+                               num_key_value_heads=args.num_key_value_heads // size,
+                               intermediate_size=args.intermediate_size // size,
+                               vocab_size=-(-args.vocab_size // size))
+
+
+def make_group(args, rank: int, size: int) -> TPGroup:
+    return TPGroup(rank, size, args.vocab_size, -(-args.vocab_size // size))

@@ -1,0 +1,124 @@
+"""A tensor-parallel worker process (ranks 1..N-1): its shard of the model, KV cache and LoRA slots,
+and a loop that runs whatever the driver (rank 0) sends. It samples nothing: its logits shard goes
+to the all-gather that rank 0 samples from."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("loraserve.inference.tp.worker")
+
+
+def _exit_with_parent(ppid: int) -> None:
+    """The pipe's EOF ends an idle worker; this ends one stuck in a collective when the driver is gone."""
+    def watch():
+        while True:
+            if os.getppid() != ppid:
+                os._exit(3)
+            threading.Event().wait(1.0)
+
+    threading.Thread(target=watch, name="loraserve-tp-parent", daemon=True).start()
+
+
+def worker_main(rank: int, size: int, init_method: str, config, device: str, conn, backend: str,
+                timeout_s: float) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(name)s: %(message)s")
+    _exit_with_parent(os.getppid())
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", (dev.index or 0) + rank)
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=timedelta(seconds=timeout_s))
+        worker = Worker(config, dev, rank, size)
+        worker.loop(conn)
+    except EOFError:
+        pass   # the driver closed the pipe: it is shutting down or gone
+    except BaseException:
+        log.exception("tensor-parallel worker %d failed", rank)
+        os._exit(1)   # no clean-up that could wait on a peer
+    finally:
+        conn.close()
+    os._exit(0)       # skip interpreter teardown (a destroyed group's threads may still wait on peers)
+
+
+class Worker:
+    def __init__(self, config, device: torch.device, rank: int, size: int):
+        from ..models.loader import load_model, read_hf_config
+        from ..models.llama import ModelArgs
+        from .parallel import make_group
+
+        torch.manual_seed(config.seed)
+        args = ModelArgs.from_hf_config(read_hf_config(config.model))
+        self.group = make_group(args, rank, size)
+        self.model, self.args, self.dtype = load_model(config.model, config.dtype, device, tp=self.group)
+        self.local = self.model.args
+        self.device, self.rank = device, rank
+        self.config = config
+        self.slots = self.meta_builder = None
+        self.runner = None
+
+    def _setup(self, num_blocks: int, num_slots: int) -> None:
+        """The driver's sizes: the same KV blocks and LoRA slots on every rank."""
+        from ..model_runner import ModelRunner
+
+        cfg = dataclasses.replace(self.config, num_kv_blocks=num_blocks, enforce_eager=True, lora_config=None)
+        self.runner = ModelRunner(cfg, self.model, self.local, self.dtype, self.device)   # KV cache of its heads
+        if self.config.lora_config is not None and num_slots:
+            from loraserve.kernels import LoRAMetaBuilder
+
+            from ..lora.slots import DeviceSlots
+
+            lc = self.config.lora_config
+            enabled = lc.hf_target_modules() or set(self.local.lora_module_shapes())
+            self.slots = DeviceSlots(self.local, enabled, num_slots, lc.max_lora_rank, self.dtype, self.device)
+            self.meta_builder_cls = LoRAMetaBuilder
+
+    @torch.inference_mode()
+    def loop(self, conn) -> None:
+        from ..lora.batch import LoRABatch
+        from .step import forward, load_slot, unpack_adapter, unpack_step
+
+        while True:
+            msg = conn.recv()
+            kind = msg[0]
+            if kind == "stop":
+                return
+            if kind == "setup":
+                self._setup(*msg[1:])
+            elif kind == "step":
+                _, N, B, W, S, has_lora, query_lens, context_lens = msg
+                flat = torch.empty(3 * N + 2 * B + B * W + S, dtype=torch.int64, device=self.device)
+                dist.broadcast(flat, 0)
+                inp = unpack_step(flat, N, B, W, S)
+                lora = None
+                if has_lora:
+                    reps = torch.tensor(query_lens, dtype=torch.int64).to(self.device, non_blocking=True)
+                    token_slot = torch.repeat_interleave(inp.token_slot, reps, output_size=N).int()
+                    if self.meta_builder is None or self.meta_builder.max_tokens < N:
+                        self.meta_builder = self.meta_builder_cls(max(N, 256), self.slots.num_slots, self.device)
+                    lora = LoRABatch(self.slots, self.meta_builder.build(token_slot))
+                    if self.device.type == "cuda":
+                        self.slots.wait_for_copies()
+                hidden = forward(self.model, inp, query_lens, context_lens, lora, self.device)
+                if S:
+                    self.model.compute_logits(hidden[inp.sample_idx])   # this rank's part of the all-gather
+            elif kind == "load":
+                _, slot, index, numel, adapter_rank, module_names = msg
+                flat = torch.empty(numel, dtype=self.dtype, device=self.device)
+                dist.broadcast(flat, 0)
+                if self.slots.copy_stream is not None:   # the slot copies (side stream) read what the broadcast wrote
+                    self.slots.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                load_slot(self.slots, slot, unpack_adapter(index, flat, module_names), adapter_rank, self.local,
+                          self.rank)
+            else:
+                raise RuntimeError(f"unknown tensor-parallel command {kind!r}")

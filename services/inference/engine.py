@@ -62,7 +62,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
                                           config.kv_cache_config.enable_block_reuse)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_tokens,
-                                   config.enable_chunked_prefill, self.lora_manager)
+                                   config.enable_chunked_prefill, self.lora_manager,
+                                   config.max_num_prefill_tokens_with_decode)
         self.seqs: dict[str, Sequence] = {}
         self.runner.eos_ids = self.eos_ids
         # overlapped loop: on by default on CUDA (the host work hides behind the device's)

@@ -8,6 +8,20 @@ running sequence is preempted: its blocks are freed and it goes back to the fron
 the queue to be recomputed later, so nothing deadlocks and nothing is lost.
 A sequence whose adapter cannot get a GPU slot now waits without holding others up.
 
+Prefill while decoding (Sarathi-Serve's stall-free batching; vLLM's chunked prefill with a small
+max_num_batched_tokens): a step that carries decode rows takes at most
+`max_num_prefill_tokens_with_decode` prompt tokens (default 512), so a burst of long prompts never
+turns one step of every running stream into a long stall; a step with no decode rows takes the
+whole max_num_tokens (throughput). Why 512, for the Llama-3-8B / H200 case of issue 11: a prompt
+token costs ~14 GFLOP (2 x 8B params + attention over 512 of context) = ~18 us at the measured
+784 TFLOP/s, while a decode step at batch 64 takes 6.6 ms (4.7 ms of weight and KV reads at the
+copy bandwidth). The linear layers of a step with 64 + P tokens stay bandwidth-bound up to
+M ~ 185 tokens (784 TFLOP/s / 4.2 TB/s at 2 bytes a weight), so ~128 prompt tokens ride free,
+512 add ~7 ms (a step ~2x a decode step) and 8192 add ~150 ms (every stream stalls 20+ steps'
+worth). Below ~256 the cap would starve admission: at concurrency 64 with 512-token prompts and
+128-token outputs, 64 x 512 / 128 = 256 prompt tokens arrive per decode step on average, so the
+cap must sit above that with room for bursts: 512 (2x the steady demand, one whole typical prompt).
+
 Adapters (the one interface: AdapterSlots.try_acquire / release_slot; lora/manager.py):
 - residency is decided here, at admission, never at submission: a waiting request holds no
   host or GPU space, so any number of distinct adapters may be queued at once; an adapter not
@@ -52,9 +66,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_tokens: int,
-                 enable_chunked_prefill: bool = True, adapter_slots: AdapterSlots | None = None):
+                 enable_chunked_prefill: bool = True, adapter_slots: AdapterSlots | None = None,
+                 max_num_prefill_tokens_with_decode: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
+        # prompt tokens of a step that also decodes (None: no cap beyond max_num_tokens); see the module doc
+        self.max_num_prefill_tokens_with_decode = max_num_prefill_tokens_with_decode
         self.enable_chunked_prefill = enable_chunked_prefill
         self.adapter_slots = adapter_slots
         self.waiting: deque[Sequence] = deque()
@@ -75,6 +92,12 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
         budget = self.max_num_tokens
+        # prompt tokens (chunks of sequences with more than one token to compute): capped while decodes run
+        prefill_budget = budget
+        cap = self.max_num_prefill_tokens_with_decode
+        if cap is not None and cap < budget and self.enable_chunked_prefill and \
+                any(len(s.token_ids) - s.num_computed_tokens == 1 for s in self.running):
+            prefill_budget = cap
         # 1) running sequences, oldest first
         bs = self.block_manager.block_size
         i = 0
@@ -84,7 +107,14 @@ class Scheduler:
             if num_tokens >= seq.max_num_tokens:  # draining: its last token is being sampled by the step in flight
                 i += 1
                 continue
-            n = min(num_tokens - seq.num_computed_tokens, budget)
+            remaining = num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if remaining > 1:    # a prompt chunk (or a recompute after preemption)
+                n = min(n, prefill_budget)
+                if n == 0:
+                    i += 1
+                    continue
+                prefill_budget -= n
             if (seq.num_computed_tokens + n + bs - 1) // bs <= len(seq.block_table):
                 batch.seqs.append(seq)      # fast path (most decode steps): its blocks already hold the token
                 batch.num_new_tokens.append(n)
@@ -107,7 +137,7 @@ class Scheduler:
         # 2) admit waiting sequences while budget, slots and blocks allow
         skipped: list[Sequence] = []
         try:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 ready = self._adapter_ready(seq)
                 if not ready:
@@ -118,7 +148,7 @@ class Scheduler:
                 if not seq.block_table:
                     self.block_manager.match_prefix(seq)  # cached K/V of its prefix (same adapter only)
                 remaining = seq.num_tokens - seq.num_computed_tokens
-                n = min(remaining, budget)
+                n = min(remaining, budget, prefill_budget) if remaining > 1 else min(remaining, budget)
                 if (n < remaining and not self.enable_chunked_prefill) or \
                         not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
                     self.block_manager.deallocate(seq)  # undo the prefix match; it waits for blocks
@@ -132,6 +162,8 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
+                if remaining > 1:
+                    prefill_budget -= n
         finally:  # whatever happened, skipped sequences go back to the front in their order
             self.waiting.extendleft(reversed(skipped))
         return batch

@@ -1,0 +1,178 @@
+"""DoRA adapters (PEFT use_dora=True) served unmerged, against transformers + PEFT (issue 16).
+
+Each DoRA module's output is g * (x W^T + s x A^T B^T), g = m / ||W + s B@A||_row computed once at
+load from the base weights; plain LoRA and base rows in the same batch are untouched."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
+from loraserve.adapters import AdapterFormatError, load_adapter
+
+from .test_multi_lora import peft_greedy
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DORA = {
+    "dora-all-r8": dict(r=8, lora_alpha=16, target_modules=ALL, use_dora=True),
+    "dora-all-r4": dict(r=4, lora_alpha=4, target_modules=ALL, use_dora=True),
+    "dora-qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    "dora-qv-r8": dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], use_dora=True),
+}
+PLAIN = {"lora-all-r8": dict(r=8, lora_alpha=16, target_modules=ALL)}
+PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 41)), [3] * 7]
+
+
+def peft_dora_adapter(base, out_dir, seed, **kw):
+    """A trained-looking PEFT adapter: random A and B, and (DoRA) magnitudes off the initial norms
+    by +-20%, so g differs from 1 and from what plain LoRA would give. Saved with save_pretrained."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory):
+    _, base = tiny_llama
+    out = {}
+    for i, (name, kw) in enumerate({**DORA, **PLAIN}.items()):
+        d = str(tmp_path_factory.mktemp(name))
+        out[name] = (d, peft_dora_adapter(base, d, seed=300 + i, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_reference(tiny_llama, adapters):
+    """(adapter name or None, prompt) -> PEFT's greedy 8 tokens, computed once per module."""
+    _, base = tiny_llama
+    return {(name, tuple(p)): peft_greedy(base if name is None else adapters[name][1], p, 8)
+            for name in [None, *adapters] for p in PROMPTS}
+
+
+@pytest.mark.parametrize("max_loras", [8, 2])
+def test_dora_mixed_batch_matches_peft(tiny_llama, adapters, peft_reference, max_loras):
+    """DoRA (4 adapters), plain LoRA and base requests in one batch; max_loras=2 makes DoRA and
+    plain adapters take turns on the same GPU slots (a slot's g must be reset on reuse)."""
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu",
+              lora_config=LoraConfig(max_lora_rank=8, max_loras=max_loras, max_cpu_loras=8))
+    reqs = [None] + [LoRARequest(name, i + 1, d) for i, (name, (d, _)) in enumerate(adapters.items())]
+    prompts, loras = [], []
+    for prompt in PROMPTS:
+        for r in reqs:
+            prompts.append(prompt)
+            loras.append(r)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), lora_request=loras)
+    differs = 0
+    for prompt, lora, out in zip(prompts, loras, outs):
+        expected = peft_reference[(lora and lora.lora_name, tuple(prompt))]
+        assert out.outputs[0].token_ids == expected, (lora and lora.lora_name, prompt)
+        differs += expected != peft_reference[(None, tuple(prompt))]
+    assert differs >= len(PROMPTS) * len(DORA), "the adapters barely change the output: the test would be vacuous"
+    assert llm.engine.lora_manager.stats_dict()["device_slots_pinned"] == 0
+
+
+def test_dora_factor_matches_peft_layers(tiny_llama, adapters):
+    """Per module: g * (x W^T + x A^T B^T) from our load equals PEFT's DoRA layer output, and g != 1."""
+    from loraserve.inference.lora.dora import base_projection, compute_dora_scales
+    from tests.adapters.peft_helpers import peft_lora_layers
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=2))
+    model = llm.engine.model
+    for name in DORA:
+        d, peft_model = adapters[name]
+        adapter = load_adapter(d)
+        assert adapter.is_dora and not adapter.dora_scales
+        compute_dora_scales(adapter, model)
+        layers = peft_lora_layers(peft_model)
+        assert set(adapter.dora_scales) == set(layers) == set(adapter.weights)
+        gen = torch.Generator().manual_seed(1)
+        for key, layer in layers.items():
+            a, b = adapter.weights[key]
+            g = adapter.dora_scales[key]
+            lin, lo, hi = base_projection(model, *key)
+            x = torch.randn(6, a.shape[1], generator=gen)
+            got = g * (x @ lin.weight[lo:hi].T + x @ a.T @ b.T)
+            with torch.no_grad():
+                expected = layer(x)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} {key}: {m}")
+            assert (g - 1).abs().max() > 0.05, f"{name} {key}: g ~ 1, the check would be vacuous"
+
+
+def _rewrite(src: str, dst, tensors=None, config=None):
+    os.makedirs(dst, exist_ok=True)
+    t = load_file(os.path.join(src, "adapter_model.safetensors"))
+    cfg = json.load(open(os.path.join(src, "adapter_config.json")))
+    t = tensors(t) if tensors else t
+    cfg = config(cfg) if config else cfg
+    save_file(t, os.path.join(dst, "adapter_model.safetensors"))
+    with open(os.path.join(dst, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+def _edit_magnitude(fn):
+    def edit(t):
+        key = next(k for k in sorted(t) if k.endswith("q_proj.lora_magnitude_vector"))
+        return {**t, key: fn(t[key])}
+    return edit
+
+
+def _nan(m):
+    m = m.clone()
+    m[3] = float("nan")
+    return m
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("short", dict(tensors=_edit_magnitude(lambda m: m[:-1].clone())), r"lora_magnitude_vector has shape \[63\], expected \[64\]"),
+    ("2d", dict(tensors=_edit_magnitude(lambda m: m[None].clone())), r"lora_magnitude_vector has shape \[1, 64\]"),
+    ("nan", dict(tensors=_edit_magnitude(_nan)), r"lora_magnitude_vector has non-finite values"),
+    ("missing", dict(tensors=lambda t: {k: v for k, v in t.items() if not k.endswith("v_proj.lora_magnitude_vector")}),
+     r"no lora_magnitude_vector for \[\(0, 'v_proj'\)"),
+    ("flag-off", dict(config=lambda c: {**c, "use_dora": False}), r"lora_magnitude_vector tensors but .* use_dora=false"),
+    ("flag-not-bool", dict(config=lambda c: {**c, "use_dora": "yes"}), r"use_dora='yes' must be true or false"),
+])
+def test_bad_dora_adapters_refused(adapters, tmp_path, case, edit, message):
+    src = adapters["dora-qv-r4"][0]
+    with pytest.raises(AdapterFormatError, match=message):
+        load_adapter(_rewrite(src, tmp_path / case, **edit))
+
+
+def test_dora_on_embeddings_refused(tiny_llama, tmp_path):
+    _, base = tiny_llama
+    d = str(tmp_path / "emb")
+    peft_dora_adapter(base, d, seed=9, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True)
+    with pytest.raises(AdapterFormatError, match=r"embed_tokens.*not supported"):
+        load_adapter(d)
+
+
+def test_dora_zero_norm_row_refused_at_serving(tiny_llama, adapters, tmp_path):
+    """A row with W + s B@A = 0 makes PEFT's g infinite: the engine refuses the adapter, and keeps serving."""
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=2))
+    model = llm.engine.model
+    with torch.no_grad():
+        model.layers[0].self_attn.qkv_proj.weight[0].zero_()   # q row 0 of layer 0; the adapter's B row 0 too
+    bad = _rewrite(adapters["dora-qv-r4"][0], tmp_path / "zero",
+                   tensors=lambda t: {k: (v.clone().index_fill_(0, torch.tensor([0]), 0.0)
+                                          if "layers.0.self_attn.q_proj.lora_B" in k else v) for k, v in t.items()})
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    with pytest.raises(Exception, match=r"DoRA factor .* not finite"):
+        llm.generate([[5, 6]], params, lora_request=[LoRARequest("zero", 1, bad)])
+    assert len(llm.generate([[5, 6]], params)[0].outputs[0].token_ids) == 2

@@ -48,7 +48,12 @@ class SamplingParams:
             self.top_k = 0
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _check(self.top_k >= 0, f"top_k must be >= 0 (or -1 for none), got {self.top_k}")
+        _check(isinstance(self.top_k, int) and 0 <= self.top_k < 2**31,
+               f"top_k must be an int in [0, 2**31) (or -1 for none), got {self.top_k!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
+               f"seed must be an int64, got {self.seed!r}")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens < 2**31,
+               f"min_tokens must be an int below 2**31, got {self.min_tokens!r}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")

@@ -15,6 +15,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
@@ -47,6 +48,10 @@ class AsyncLLM:
         self.on_dead: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
+        # tensor parallelism: a worker that dies while the engine idles ends the loop too (NOT_SERVING)
+        tp = getattr(engine, "tp", None)
+        if tp is not None:
+            tp.executor.on_death.append(lambda reason: self.call(lambda e: e.runner.executor.raise_if_dead()))
         self.on_step: Callable[[list[RequestOutput]], None] | None = None
 
     # ---- public API (any thread / event loop) -----------------------------------------------
@@ -167,10 +172,15 @@ class AsyncLLM:
     def _fail_running(self, exc: Exception) -> None:
         """A step raised (e.g. out of memory): abort the requests that were running, report the
         error to their streams, and go on with the rest of the queue."""
-        log.exception("engine step failed; aborting %d running request(s)", len(self.engine.scheduler.running))
-        for seq in list(self.engine.scheduler.running):
+        # clients get a reference to the log line, never the exception's text (it may echo their input)
+        ref = f"engine-{next(self._ids)}-{int(time.time())}"
+        running = list(self.engine.scheduler.running)
+        log.exception("engine step failed (reference %s); aborting %d running request(s): %s", ref, len(running),
+                      ", ".join(s.request_id for s in running))
+        for seq in running:
             self.engine.abort_request(seq.request_id)
-            self._deliver(seq.request_id, EngineStepError(f"request failed in the engine: {exc!r}"))
+            self._deliver(seq.request_id, EngineStepError(f"request failed in the engine (reference {ref}; "
+                                                          "see the server log)"))
 
     def _drain(self, block: bool) -> None:
         try:

@@ -66,7 +66,7 @@ class LLM:
                 groups.append(group)
                 for j in range(p.n):
                     sub = p if p.n == 1 else dataclasses.replace(
-                        p, n=1, seed=None if p.seed is None else p.seed + j)
+                        p, n=1, seed=None if p.seed is None else (p.seed + j + 2**63) % 2**64 - 2**63)  # int64 wrap
                     rid = self._id()
                     if self._async is None:
                         self.engine.add_request(rid, prompt, sub, lr)

@@ -64,7 +64,9 @@ def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
     if not adapter.is_dora or len(adapter.dora_scales) == len(adapter.magnitudes):
         return
     if model is None:
-        raise AdapterFormatError("DoRA adapters need the base model's weights (LoRAManager(model=...))")
+        raise AdapterFormatError("DoRA (use_dora=true) is not supported by this engine: it holds no whole base "
+                                 "weights to compute m / ||W + s*B@A|| from (DoRA under tensor parallelism is "
+                                 "not supported yet)")
     scales: dict = {}
     for key, m in adapter.magnitudes.items():
         layer, module = key

@@ -1,7 +1,7 @@
 """lora_apply: the LoRA delta of one (possibly fused) projection, Triton or reference.
 
     y[t, off_s:off_s+1] += (x[t] @ A[a, s, :r].T) @ B[a, off_s:off_s+1, :r].T   for a = slot(t) >= 0
-    y[t] = (y[t] + delta[t]) * scale[a]    when a DoRA scale [L, N] is given (one rounding)
+    y[t] = (y[t] + delta[t]) * scale[a] (+ shift[a])   with DoRA's scale [L, N] (one rounding)
 
 Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kernels):
   * "fused": small steps whose grid fits on the GPU at once (lora_fused.fused_plan): one
@@ -58,7 +58,7 @@ def workspace_shape(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -
 
 def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Tensor,
                meta: LoRAMeta, ranks: Tensor, buf: Tensor | None = None, *,
-               scale: Tensor | None = None) -> Tensor:
+               scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """Add the LoRA deltas of every token to y in place and return y.
 
     x [T, H_in]; y [T, N] (column view allowed); lora_a [L, S, R, H_in]; lora_b [L, N, R];
@@ -66,8 +66,9 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
     ``workspace_shape(x, lora_a, lora_b, meta)`` (pass a static one under CUDA graphs; any
     other shape is replaced by a fresh allocation); scale optional float32 [L, N], DoRA's
     per-slot, per-output-feature factor g: adapted rows become (y + delta) * g[slot] (the
-    expand epilogue; g = 1 leaves plain LoRA rows bit-identical). Rows without an adapter are
-    never touched.
+    expand epilogue; g = 1 leaves plain LoRA rows bit-identical); shift optional float32 [L, N]
+    (with scale) added after it: (1 - g) * bias keeps a biased projection's bias unscaled. Rows
+    without an adapter are never touched.
     """
     path, shape, plan = choose_path(x, lora_a, lora_b, meta)
     if buf is None or tuple(buf.shape) != shape:
@@ -76,7 +77,7 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
         from .reference import lora_expand_ref, lora_shrink_ref
 
         lora_shrink_ref(x, lora_a, meta, ranks, buf)
-        return lora_expand_ref(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale)
+        return lora_expand_ref(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)
     if path == "fused":
         from .lora_fused import lora_shrink_expand
 
@@ -84,10 +85,10 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
         if scale is not None:  # the fused kernel has no epilogue scale: a graph-safe torch pass after it
             from .reference import dora_scale_rows
 
-            dora_scale_rows(y, scale, meta, ranks)
+            dora_scale_rows(y, scale, meta, ranks, shift)
         return y
     from .lora_expand import lora_expand
     from .lora_shrink import lora_shrink
 
     lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced
-    return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale)
+    return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)

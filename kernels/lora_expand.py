@@ -10,7 +10,9 @@ y's dtype. Rows of tokens without an adapter (or with r_a = 0) are never touched
 DoRA epilogue (optional `scale` [L, N] fp32): y[t] = (y[t] + acc[t]) * scale[a], in fp32 and
 rounded once. y holds x W^T on entry, so the base output is scaled too: the whole row becomes
 g * (x W^T + s * x A^T B^T), DoRA's output for an adapter with factor g (dora.py in lora/).
-Slots of plain LoRA adapters hold g = 1, which leaves their rows bit-identical.
+Slots of plain LoRA adapters hold g = 1, which leaves their rows bit-identical. An optional
+`shift` [L, N] is added after the scale: (1 - g) * bias for a projection with a bias, which
+DoRA leaves unscaled (y holds x W^T + bias on entry there).
 
 Work split: program (tile, column block). Column blocks run over the concatenated N of all
 slices, so the grid needs no host knowledge of the slice widths (slice_offsets stays on the
@@ -35,7 +37,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_expand_kernel(
-        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr,
+        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         N, R,
         stride_bsplit, stride_bs, stride_bm, stride_br,
@@ -44,7 +46,7 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         EVEN_R: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -110,6 +112,9 @@ if HAS_TRITON:
         if HAS_SCALE:  # DoRA: g of this slot for these columns, one [BLOCK_N] load per program
             g = tl.load(scale_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
             out = out * g[None, :]
+            if HAS_SHIFT:  # same layout as scale (asserted by the launcher)
+                c = tl.load(shift_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+                out = out + c[None, :]
         tl.store(y_ptrs, out.to(yv.dtype), mask=y_ok)
 
 
@@ -130,7 +135,7 @@ def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
 
 def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
                 ranks: Tensor, y: Tensor, *, config: dict | None = None,
-                scale: Tensor | None = None) -> Tensor:
+                scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
 
     buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides), or its
@@ -144,6 +149,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     config:        optional override of :func:`expand_config` (benchmarks).
     scale:         optional [L, N] float32, DoRA's factor g per slot and output column: adapted
                    rows become (y + delta) * g[slot] (see the module docstring).
+    shift:         optional, with scale: [L, N] float32 with scale's strides, added after it.
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -161,6 +167,9 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     if scale is not None:
         assert scale.shape == (L, N) and scale.dtype == torch.float32 and scale.device == y.device, \
             f"scale must be float32 [L={L}, N={N}] on y's device, got {scale.dtype} {tuple(scale.shape)}"
+    if shift is not None:
+        assert scale is not None and shift.shape == scale.shape and shift.stride() == scale.stride() \
+            and shift.dtype == torch.float32 and shift.device == y.device, "shift must match scale (float32 [L, N])"
     if T == 0 or N == 0:
         return y
     assert meta.tile_slots.device == buf.device == lora_b.device == y.device == slice_offsets.device \
@@ -169,7 +178,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (meta.grid_tiles, triton.cdiv(N, BN))
     _lora_expand_kernel[grid](
-        partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale,
+        partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale, y if shift is None else shift,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R,
         *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
@@ -177,6 +186,6 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         NUM_SLICES=S, BOUNDS_P2=max(2, 1 << max(0, (S - 2).bit_length())),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK,
         EVEN_R=R % BK == 0, CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
-        SPLIT_K=SK, HAS_SCALE=scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SPLIT_K=SK, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y

@@ -35,12 +35,13 @@ def lora_shrink_ref(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
 
 
 def lora_expand_ref(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
-                    ranks: Tensor, y: Tensor, *, scale: Tensor | None = None) -> Tensor:
+                    ranks: Tensor, y: Tensor, *, scale: Tensor | None = None,
+                    shift: Tensor | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, in place;
-    with a DoRA scale, y[t] = (y[t] + delta[t]) * scale[slot(t)] (fp32, rounded once).
+    with a DoRA scale, y[t] = (y[t] + delta[t]) * scale[slot(t)] (+ shift[slot(t)]) (fp32, rounded once).
 
     buf [S, T, R] float32; lora_b [L, N, R]; slice_offsets [S+1] int; y [T, N] (may be a view);
-    scale [L, N] float32 or None.
+    scale, shift [L, N] float32 or None (shift only with scale).
     """
     S, T, R = buf.shape
     offs = [int(o) for o in slice_offsets.tolist()]
@@ -59,18 +60,24 @@ def lora_expand_ref(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: Lo
         out = y.index_select(0, ids).float() + delta                       # (n, N) fp32
         if scale is not None:
             out = out * scale[slot].float()
+            if shift is not None:
+                out = out + shift[slot].float()
         y[ids] = out.to(y.dtype)
     return y
 
 
-def dora_scale_rows(y: Tensor, scale: Tensor, meta: LoRAMeta, ranks: Tensor) -> Tensor:
-    """y[t] *= scale[slot(t)] for every token whose slot has rank > 0 (what the expand epilogue
+def dora_scale_rows(y: Tensor, scale: Tensor, meta: LoRAMeta, ranks: Tensor,
+                    shift: Tensor | None = None) -> Tensor:
+    """y[t] = y[t] * scale[slot(t)] (+ shift[slot(t)]) for every token whose slot has rank > 0 (what the expand epilogue
     does, as a separate pass: fp32 product rounded to y's dtype). Device ops only, no host sync
-    (usable inside a CUDA graph). y [T, N] (may be a view); scale [L, N] float32."""
+    (usable inside a CUDA graph). y [T, N] (may be a view); scale, shift [L, N] float32."""
     slot = meta.token_slot[: y.shape[0]].long()                             # (T,)
     idx = slot.clamp(min=0)
     adapted = (slot >= 0) & (ranks.index_select(0, idx) > 0)                # (T,)
-    scaled = (y.float() * scale.index_select(0, idx).float()).to(y.dtype)   # (T, N)
+    scaled = y.float() * scale.index_select(0, idx).float()                 # (T, N)
+    if shift is not None:
+        scaled = scaled + shift.index_select(0, idx).float()
+    scaled = scaled.to(y.dtype)
     y.copy_(torch.where(adapted[:, None], scaled, y))
     return y
 

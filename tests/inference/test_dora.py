@@ -176,3 +176,29 @@ def test_dora_zero_norm_row_refused_at_serving(tiny_llama, adapters, tmp_path):
     with pytest.raises(Exception, match=r"DoRA factor .* not finite"):
         llm.generate([[5, 6]], params, lora_request=[LoRARequest("zero", 1, bad)])
     assert len(llm.generate([[5, 6]], params)[0].outputs[0].token_ids) == 2
+
+
+def test_dora_on_biased_qkv_matches_peft(tmp_path_factory):
+    """Qwen2 has a bias on q/k/v: DoRA scales x W^T + delta but not the bias (PEFT subtracts it
+    first); the slots add (1 - g) * bias after the scale. DoRA, plain LoRA and base rows mixed."""
+    from .conftest import make_random_model
+
+    path = str(tmp_path_factory.mktemp("tiny_qwen2"))
+    base = make_random_model(path, "qwen2")
+    specs = {"dora-qkv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], use_dora=True),
+             "dora-all-r8": dict(r=8, lora_alpha=16, target_modules=ALL, use_dora=True),
+             "lora-qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
+    models = {}
+    for i, (name, kw) in enumerate(specs.items()):
+        d = str(tmp_path_factory.mktemp(name))
+        models[name] = (d, peft_dora_adapter(base, d, seed=500 + i, **kw))
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=4))
+    reqs = [None] + [LoRARequest(name, i + 1, d) for i, (name, (d, _)) in enumerate(models.items())]
+    prompts = [p for p in PROMPTS[:2] for _ in reqs]
+    loras = [r for _ in PROMPTS[:2] for r in reqs]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), lora_request=loras)
+    for prompt, lora, out in zip(prompts, loras, outs):
+        ref = base if lora is None else models[lora.lora_name][1]
+        assert out.outputs[0].token_ids == peft_greedy(ref, prompt, 6), (lora and lora.lora_name, prompt)
+    shifts = llm.engine.lora_manager.slots.shift
+    assert set(shifts) == {"qkv_proj"} and shifts["qkv_proj"].abs().max() > 0

@@ -8,7 +8,7 @@ import torch
 from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_expand_ref, lora_shrink_ref
 from loraserve.kernels.lora_apply import workspace_shape
 
-from .dora_interp_cases import dora_scale
+from .dora_interp_cases import dora_scale, dora_shift
 from .lora_cases import TOLERANCES, make_problem
 
 pytestmark = [
@@ -41,19 +41,20 @@ def test_dora_graph_replay_matches_eager() -> None:
     p = make_problem(num_tokens=64, hidden=4096, max_rank=16, widths=[4096, 1024, 1024], num_slots=32,
                      composition="no-adapter-rows", dtype=torch.bfloat16, seed=5, device="cuda")
     g = dora_scale(p).cuda()
+    c = dora_shift(g).cuda()   # a biased projection (Qwen2 qkv)
     builder = LoRAMetaBuilder(64, 32, "cuda")
     meta = builder.build(p.token_slot)
     buf = torch.empty(workspace_shape(p.x, p.lora_a, p.lora_b, meta), device="cuda")
-    eager = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, buf, scale=g)
+    eager = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, buf, scale=g, shift=c)
     y = p.y0.clone()
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up (Triton compiles) outside the capture
-        lora_apply(p.x, y, p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, buf, scale=g)
+        lora_apply(p.x, y, p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, buf, scale=g, shift=c)
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(graph):
-        lora_apply(p.x, y, p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, buf, scale=g)
+        lora_apply(p.x, y, p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, buf, scale=g, shift=c)
     y.copy_(p.y0)
     graph.replay()
     torch.cuda.synchronize()

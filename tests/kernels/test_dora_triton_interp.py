@@ -41,5 +41,12 @@ def test_dora_epilogue_matches_reference(interp, dtype, widths, composition) -> 
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_dora_epilogue_with_bias_shift(interp, dtype) -> None:
+    """(y + delta) * g + (1 - g) * bias: the shift that keeps a biased projection's bias unscaled."""
+    interp.submit(dora_interp_cases.check_dora_epilogue, dtype, [48, 40, 24], "no-adapter-rows",
+                  with_shift=True).result(timeout=300)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_lora_apply_with_dora_scale(interp, dtype) -> None:
     interp.submit(dora_interp_cases.check_lora_apply_paths_scale, dtype).result(timeout=300)

@@ -28,9 +28,11 @@ class LoraAdapter:
     weights: dict[WeightKey, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     digest: str = ""                  # "sha256:<hex>" of the artifact
     # DoRA: (layer, module) -> magnitude m [out] as stored (empty for plain LoRA), and, once the
-    # server computed them from its base weights, g = m / ||W + B@A||_row [out] float32.
+    # server computed them from its base weights, g = m / ||W + B@A||_row [out] float32, and for
+    # base layers with a bias b (Qwen2 q/k/v) the shift (1 - g) * b [out] float32 (DoRA leaves b unscaled).
     magnitudes: dict[WeightKey, torch.Tensor] = field(default_factory=dict, repr=False)
     dora_scales: dict[WeightKey, torch.Tensor] = field(default_factory=dict, repr=False)
+    dora_shifts: dict[WeightKey, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def is_dora(self) -> bool:
@@ -38,7 +40,7 @@ class LoraAdapter:
 
     def nbytes(self) -> int:
         """Bytes held by all A and B tensors (and DoRA's magnitude and factor vectors)."""
-        vectors = (*self.magnitudes.values(), *self.dora_scales.values())
+        vectors = (*self.magnitudes.values(), *self.dora_scales.values(), *self.dora_shifts.values())
         return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
                 + sum(v.numel() * v.element_size() for v in vectors))
 

@@ -25,5 +25,8 @@ class LoRABatch:
         if buf is None:
             buf = self._buf[key] = torch.empty(key, dtype=torch.float32, device=x.device)
         # DoRA: every adapted token's row ends as g[slot] * (x W^T + delta); g = 1 for plain LoRA
+        # (+ (1 - g) * bias, so that a biased projection's bias stays unscaled, as in PEFT)
         scale = self.slots.scale[proj][layer_idx] if getattr(self.slots, "scale", None) else None  # [L, N] fp32
-        lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf, scale=scale)
+        shift = self.slots.shift.get(proj) if getattr(self.slots, "shift", None) else None
+        lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf, scale=scale,
+                   shift=None if shift is None else shift[layer_idx])

@@ -4,7 +4,9 @@ DoRA (Liu et al. 2024, arXiv:2402.09353; PEFT `use_dora=True`) adapts a linear l
 
     W' = m * (W + s*B@A) / ||W + s*B@A||_row        (norm over the input dimension, one per output)
 
-so for an input row x:  x W'^T = g * (x W^T + s * (x A^T) B^T)  with  g = m / ||W + s*B@A||_row.
+so for an input row x:  x W'^T = g * (x W^T + s * (x A^T) B^T)  with  g = m / ||W + s*B@A||_row;
+a bias b of the base layer is added unscaled (PEFT subtracts it before scaling), which the
+serving path gets as g * (x W^T + b + delta) + c with the shift c = (1 - g) * b.
 g depends on weights only: it is computed here when the adapter is loaded, in float32 as PEFT's
 DoraLinearLayer.get_weight_norm does (torch.linalg.norm over dim 1 of W + s*B@A; the norm is
 detached there, which changes nothing at inference; PEFT adds no eps, so a zero-norm row would
@@ -57,22 +59,20 @@ def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
-    """Fill adapter.dora_scales[(layer, module)] = m / ||W + B@A||_row (float32 [out], on the CPU)
-    for every module with a magnitude vector. No-op for a plain LoRA adapter or one already done.
-    AdapterFormatError if there is no model, the projection has a bias (not supported for DoRA
-    yet), or a factor is not finite."""
+    """Fill adapter.dora_scales[(layer, module)] = g = m / ||W + B@A||_row (float32 [out], on the
+    CPU) for every module with a magnitude vector, and adapter.dora_shifts[...] = (1 - g) * b where
+    the base layer has a bias b. No-op for a plain LoRA adapter or one already done.
+    AdapterFormatError if there is no model or a factor is not finite."""
     if not adapter.is_dora or len(adapter.dora_scales) == len(adapter.magnitudes):
         return
     if model is None:
         raise AdapterFormatError("DoRA (use_dora=true) is not supported by this engine: it holds no whole base "
                                  "weights to compute m / ||W + s*B@A|| from (DoRA under tensor parallelism is "
                                  "not supported yet)")
-    scales: dict = {}
+    scales, shifts = {}, {}
     for key, m in adapter.magnitudes.items():
         layer, module = key
         lin, lo, hi = base_projection(model, layer, module)
-        if getattr(lin, "bias", None) is not None:
-            raise AdapterFormatError(f"DoRA on {module}, which has a bias in this model, is not supported yet")
         a, b = adapter.weights[key]
         norms = row_norms(lin.weight[lo:hi], a, b).cpu()
         g = m.to(torch.float32) / norms
@@ -80,4 +80,6 @@ def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
             raise AdapterFormatError(f"layer {layer} {module}: DoRA factor m / ||W + s*B@A|| is not finite "
                                      f"(a zero-norm output row)")
         scales[key] = g.contiguous()
-    adapter.dora_scales = scales
+        if getattr(lin, "bias", None) is not None:
+            shifts[key] = ((1 - g) * lin.bias[lo:hi].detach().to(torch.float32).cpu()).contiguous()
+    adapter.dora_scales, adapter.dora_shifts = scales, shifts

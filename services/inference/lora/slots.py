@@ -9,6 +9,9 @@ For each fused projection p of the model (qkv_proj, o_proj, gate_up_proj, down_p
                                           does not adapt (the kernels multiply every adapted
                                           token's row by it: x1.0 is exact, so plain LoRA is
                                           bit-identical, and one captured graph serves both)
+    shift[p]: [num_layers, L, N_p] fp32   (1 - g) * bias, added after the scale, only for
+                                          projections with a bias (Qwen2 qkv): DoRA leaves the
+                                          bias unscaled; 0 where g = 1
     ranks: [L] int32                      real rank of the adapter in each slot
 Projections that no enabled module uses get no buffers at all.
 """
@@ -30,6 +33,7 @@ class DeviceSlots:
         self.b: dict[str, torch.Tensor] = {}
         self.slice_offsets: dict[str, torch.Tensor] = {}
         self.scale: dict[str, torch.Tensor] = {}
+        self.shift: dict[str, torch.Tensor] = {}
         self.slice_index: dict[str, tuple[str, int, int]] = {}  # module -> (proj, slice, row offset)
         L, n_layers = num_slots, args.num_hidden_layers
         for proj, modules in PROJ_SLICES.items():
@@ -43,6 +47,8 @@ class DeviceSlots:
             self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
             self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
             self.scale[proj] = torch.ones(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
+            if _has_bias(args, proj):
+                self.shift[proj] = torch.zeros(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
             self.slice_offsets[proj] = torch.tensor(offsets, dtype=torch.int32, device=device)
             for i, m in enumerate(modules):
                 self.slice_index[m] = (proj, i, offsets[i])
@@ -54,15 +60,16 @@ class DeviceSlots:
     def bytes_per_slot(args: ModelArgs, enabled: set[str], max_rank: int, dtype: torch.dtype) -> int:
         shapes = args.lora_module_shapes()
         elems = scale_bytes = 0
-        for modules in PROJ_SLICES.values():
+        for proj, modules in PROJ_SLICES.items():
             if enabled & set(modules):  # a fused buffer holds every slice once any is enabled
                 elems += sum((shapes[m][0] + shapes[m][1]) * max_rank for m in modules)
-                scale_bytes += sum(shapes[m][1] for m in modules) * 4    # DoRA g, float32
+                scale_bytes += sum(shapes[m][1] for m in modules) * 4 * (1 + _has_bias(args, proj))  # g (+ shift)
         return args.num_hidden_layers * (elems * torch.finfo(dtype).bits // 8 + scale_bytes)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(), *self.scale.values()))
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(), *self.scale.values(),
+                                                               *self.shift.values()))
 
     def load(self, slot: int, adapter: LoraAdapter) -> int:
         """Copy `adapter` into `slot` (on the side stream on CUDA); returns bytes copied."""
@@ -74,6 +81,8 @@ class DeviceSlots:
                 self.a[proj][:, slot].zero_()
                 self.b[proj][:, slot].zero_()
                 self.scale[proj][:, slot].fill_(1.0)
+                if proj in self.shift:
+                    self.shift[proj][:, slot].zero_()
             for (layer, module), (a, b) in adapter.weights.items():
                 proj, s, off = self.slice_index[module]
                 r = a.shape[0]
@@ -84,6 +93,10 @@ class DeviceSlots:
                 proj, _, off = self.slice_index[module]
                 self.scale[proj][layer, slot, off:off + g.shape[0]].copy_(g, non_blocking=True)
                 copied += g.numel() * g.element_size()
+            for (layer, module), c in adapter.dora_shifts.items():
+                proj, _, off = self.slice_index[module]
+                self.shift[proj][layer, slot, off:off + c.shape[0]].copy_(c, non_blocking=True)
+                copied += c.numel() * c.element_size()
             self.ranks[slot] = adapter.rank
             if stream is not None:
                 self._pending = torch.cuda.Event()
@@ -95,6 +108,11 @@ class DeviceSlots:
         if self._pending is not None:
             torch.cuda.current_stream(self.device).wait_event(self._pending)
             self._pending = None
+
+
+def _has_bias(args: ModelArgs, proj: str) -> bool:
+    """Whether the model's `proj` has a bias (models/llama.py: only qkv_proj, with attention_bias)."""
+    return proj == "qkv_proj" and bool(args.attention_bias)
 
 
 class _null:

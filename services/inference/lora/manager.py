@@ -234,10 +234,10 @@ class LoRAManager:
         """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous; DoRA factors computed
         from the base weights (float32, kept with the adapter in the host tier)."""
         compute_dora_scales(adapter, self.model)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype
             pin = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)  # noqa: E731
-            adapter.dora_scales = {k: pin(g) for k, g in adapter.dora_scales.items()}
-            adapter.dora_shifts = {k: pin(c) for k, c in adapter.dora_shifts.items()}  # one copy: straight into pinned memory of the serving dtype
+            adapter.dora_scales = {k: pin(g) for k, g in adapter.dora_scales.items()}   # g, shift stay float32
+            adapter.dora_shifts = {k: pin(c) for k, c in adapter.dora_shifts.items()}
             weights = {k: tuple(t if t.dtype == self.dtype and t.is_pinned() else
                                 torch.empty(t.shape, dtype=self.dtype, pin_memory=True).copy_(t) for t in ab)
                        for k, ab in adapter.weights.items()}

@@ -194,15 +194,16 @@ class LLMEngine:
         tokens, logprobs, ok, top = out.fetch()
         self.device_wait_s += out.wait_s
         now = time.monotonic()
-        progressed = []
         finished = SequenceStatus.FINISHED
+        append_token, output = self._append_token, self._output
+        outputs, ended = [], []
         for seq, token, logprob, good, alts in zip(out.seqs, tokens, logprobs, ok, top):
             if seq.status is finished:
                 continue   # aborted, or it ended one step earlier: the token computed since is dropped
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if good:
-                self._append_token(seq, token, logprob, alts)
+                append_token(seq, token, logprob, alts)
             else:          # no finite logit in its row: this request fails, its neighbours go on
                 seq.drop_placeholders()
                 seq.finish_reason = "abort"
@@ -212,14 +213,12 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 seq.finished_time = now
                 seq.drop_placeholders()
-            progressed.append(seq)
+                ended.append(seq)
+            outputs.append(output(seq))    # one pass: the output reads nothing the lines below change
         self.scheduler.postprocess(batch)   # key the filled blocks, free the finished sequences
-        outputs = []
-        for seq in progressed:
-            if seq.finish_reason is not None:
-                self.seqs.pop(seq.request_id, None)
-                self._release_adapter(seq)
-            outputs.append(self._output(seq))
+        for seq in ended:
+            self.seqs.pop(seq.request_id, None)
+            self._release_adapter(seq)
         return outputs
 
     def _drop_inflight(self) -> None:

@@ -111,8 +111,8 @@ class StepInputBuilder:
             flat = dev[:size]
         else:
             flat = host[:size].clone()     # CPU: the next build reuses the buffer
-        o = np.cumsum([0] + [p.size for p in parts]).tolist()
-        view = [flat[o[i]:o[i + 1]] for i in range(len(parts))]
+        view = flat.split([p.size for p in parts])   # one call, not one slice per part: each torch call
+        # releases and retakes the GIL, and a busy event-loop thread can hold it for a switch interval
         inputs = StepInputs(view[0], view[1], view[2], view[3], view[4].view(B, W), view[5], view[6],
                             ends.tolist(), sample_rows.tolist(), bool((token_slot >= 0).any()))
         return inputs, (view[7] if P else None), (view[8] if P else None)

@@ -89,11 +89,12 @@ class DeviceSlots:
                 self.a[proj][layer, slot, s, :r].copy_(a, non_blocking=True)
                 self.b[proj][layer, slot, off:off + b.shape[0], :r].copy_(b, non_blocking=True)
                 copied += a.numel() * a.element_size() + b.numel() * b.element_size()
-            for (layer, module), g in adapter.dora_scales.items():
+            # DoRA vectors; objects without them (the TP workers' slot loads) are plain LoRA
+            for (layer, module), g in getattr(adapter, "dora_scales", {}).items():
                 proj, _, off = self.slice_index[module]
                 self.scale[proj][layer, slot, off:off + g.shape[0]].copy_(g, non_blocking=True)
                 copied += g.numel() * g.element_size()
-            for (layer, module), c in adapter.dora_shifts.items():
+            for (layer, module), c in getattr(adapter, "dora_shifts", {}).items():
                 proj, _, off = self.slice_index[module]
                 self.shift[proj][layer, slot, off:off + c.shape[0]].copy_(c, non_blocking=True)
                 copied += c.numel() * c.element_size()

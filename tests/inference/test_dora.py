@@ -202,3 +202,24 @@ def test_dora_on_biased_qkv_matches_peft(tmp_path_factory):
         assert out.outputs[0].token_ids == peft_greedy(ref, prompt, 6), (lora and lora.lora_name, prompt)
     shifts = llm.engine.lora_manager.slots.shift
     assert set(shifts) == {"qkv_proj"} and shifts["qkv_proj"].abs().max() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dora_on_gpu_graphs_and_eager_match_peft(tiny_llama, adapters, peft_reference):
+    """CUDA (Triton epilogue): the CUDA-graph decode and the eager engine both equal PEFT, so the
+    graphs captured before any DoRA adapter was loaded read the slots' g at replay."""
+    path, _ = tiny_llama
+    reqs = [None] + [LoRARequest(name, i + 1, d) for i, (name, (d, _)) in enumerate(adapters.items())]
+    prompts = [p for p in PROMPTS for _ in reqs]
+    loras = [r for _ in PROMPTS for r in reqs]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for eager in (False, True):
+        llm = LLM(model=path, dtype="float32", device="cuda", enforce_eager=eager,
+                  lora_config=LoraConfig(max_lora_rank=8, max_loras=3, max_cpu_loras=8))
+        assert (llm.engine.runner.graph_runner is None) == eager
+        outs = llm.generate(prompts, params, lora_request=loras)
+        for prompt, lora, out in zip(prompts, loras, outs):
+            assert out.outputs[0].token_ids == peft_reference[(lora and lora.lora_name, tuple(prompt))], \
+                (eager, lora and lora.lora_name, prompt)
+        del llm

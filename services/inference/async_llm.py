@@ -46,6 +46,9 @@ class AsyncLLM:
         self._dead: BaseException | None = None
         # called once, from the engine thread, if the loop ever dies (the server flips health)
         self.on_dead: Callable[[BaseException], None] | None = None
+        # the last step's stream messages, handed to the event loops once the next step is launched (see _loop)
+        self._undelivered: list[tuple[str, Any]] = []
+        engine.on_launched = self._deliver_undelivered
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
         # tensor parallelism: a worker that dies while the engine idles ends the loop too (NOT_SERVING)
@@ -136,29 +139,43 @@ class AsyncLLM:
         self._stop.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout=10)
+        if self.engine.on_launched == self._deliver_undelivered:   # the engine may go back to a caller's thread
+            self.engine.on_launched = None
 
     # ---- engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
+        """Step N's messages are handed over while step N+1 waits for the device (engine.on_launched): the
+        event loop's per-stream Python work then overlaps the device wait, during which this thread holds no
+        GIL, instead of the launch of N+1, where each torch call would wait for the GIL (up to a switch
+        interval). A message is late by one schedule + launch (~1 ms), the same for every token: TPOT and
+        ITL do not change. When the engine goes idle, or a step fails, everything is handed over at once."""
         try:
             while not self._stop.is_set():
-                self._drain(block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                if idle:
+                    self._deliver_undelivered()
+                self._drain(block=idle)
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished_requests():
                     try:
                         outputs = self.engine.step()
                     except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+                        self._deliver_undelivered()
                         self._fail_running(exc)
                         continue
+                    self._deliver_undelivered()   # normally done already, by engine.on_launched
                     # a request the engine failed alone (e.g. non-finite logits) ends in an error
-                    self._deliver_many([(out.request_id, EngineStepError(out.error) if out.error else out)
-                                        for out in outputs])
+                    self._undelivered = [(out.request_id, EngineStepError(out.error) if out.error else out)
+                                         for out in outputs]
                     if self.on_step is not None:
                         try:
                             self.on_step(outputs)
                         except Exception:  # noqa: BLE001 - an observer never stops the engine
                             log.exception("on_step callback failed")
+            self._deliver_undelivered()
         except BaseException as exc:  # noqa: BLE001 - report to every waiting stream
+            self._deliver_undelivered()
             log.critical("engine thread died; the server reports NOT_SERVING from now on", exc_info=True)
             self._dead = exc
             for rid in list(self._streams):
@@ -196,6 +213,11 @@ class AsyncLLM:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _deliver_undelivered(self) -> None:
+        items, self._undelivered = self._undelivered, []
+        if items:
+            self._deliver_many(items)
 
     def _deliver_many(self, items: list[tuple[str, Any]]) -> None:
         """One wake-up per event loop per step, not one per request."""

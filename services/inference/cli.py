@@ -42,6 +42,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--max_batch_size", "--max-batch-size", dest="max_batch_size", type=int, default=None)
     p.add_argument("--max_num_tokens", "--max-num-tokens", dest="max_num_tokens", type=int, default=None)
+    p.add_argument("--tensor_parallel_size", "--tensor-parallel-size", "--tp", dest="tensor_parallel_size", type=int,
+                   default=None, help="shard the model over N devices of this host (workers started by the server)")
     p.set_defaults(func=_serve)
 
     g = subparsers.add_parser("generate", help="stream a completion from a running inference service")
@@ -82,7 +84,8 @@ def _serve(args) -> int:
         metrics_port=args.metrics_port, openai_port=args.openai_port, allowed_lora_dirs=args.allowed_lora_dirs,
         adapter_cache_dir=args.adapter_cache_dir, max_queue_size=args.max_queue_size, auth_token=args.auth_token,
         tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, registry_ca_file=args.registry_ca_file,
-        dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens)
+        dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+        tensor_parallel_size=args.tensor_parallel_size)
     try:
         cfg = load_serve_config(args.extra + args.config, overrides)
     except ConfigError as exc:  # before any port is bound or the model loads

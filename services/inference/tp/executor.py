@@ -113,6 +113,10 @@ class TPExecutor:
         except Exception as exc:  # noqa: BLE001 - a failed collective leaves the group unusable
             self._fail(f"tensor-parallel collective failed: {exc!r}")
 
+    def raise_if_dead(self) -> None:
+        """WorkerDiedError if a worker died (queued on the engine thread by AsyncLLM: ends its loop)."""
+        self._check()
+
     def _check(self) -> None:
         if self.dead is not None:
             raise WorkerDiedError(self.dead)

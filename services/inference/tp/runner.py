@@ -47,6 +47,9 @@ class TPModelRunner(ModelRunner):
             slots = ShardedSlots(self.executor, local, lora_manager.enabled, old.num_slots, old.max_rank, dtype, device)
             lora_manager.slots = lora_manager.device_tier.slots = slots
             del old
+            # DoRA's g = m / ||W + B@A||_row needs whole rows of W, which no rank holds for o/down:
+            # without a model the manager refuses DoRA adapters at load (AdapterFormatError)
+            lora_manager.model = None
         super().__init__(dataclasses.replace(config, enforce_eager=True), model, local, dtype, device, lora_manager)
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
 

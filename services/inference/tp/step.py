@@ -66,7 +66,8 @@ def unpack_adapter(index: list[tuple], flat: torch.Tensor, module_names: list[st
 
 def load_slot(slots, slot: int, weights: dict, rank_of_adapter: int, local, tp_rank: int) -> None:
     """This rank's shard of an adapter into its DeviceSlots (which were sized by the shard's args)."""
-    slots.load(slot, SimpleNamespace(weights=shard_lora(weights, local, tp_rank), rank=rank_of_adapter))
+    slots.load(slot, SimpleNamespace(weights=shard_lora(weights, local, tp_rank), rank=rank_of_adapter,
+                                     dora_scales={}))   # DoRA is refused under TP (runner.py)
 
 
 def pack_step(inp, query_lens: list[int], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,179 @@
+"""Tensor parallelism on CPU: 2 ranks over gloo (the driver is rank 0, one spawned worker).
+
+Greedy tokens of TP=2 must equal TP=1 and the independent references (transformers; transformers +
+peft for adapters) token for token in fp32; a killed worker must end the engine with a clear error
+and no hang; shutdown must leave no child process. One engine at a time (one process group per
+process), each started in ~3 s.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
+
+from tests.inference.conftest import make_random_model
+from tests.inference.test_engine_vs_hf import hf_greedy
+from tests.inference.test_multi_lora import peft_adapter_with_random_weights, peft_greedy
+
+psutil = pytest.importorskip("psutil")
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 57)), [3] * 17]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _children() -> list:
+    """Live spawned processes under this one (not multiprocessing's resource tracker, which spawn
+    starts once per process and which holds no model)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_tp2_equals_tp1_and_transformers(tmp_path):
+    """Qwen2 shape (q/k/v biases), tied embeddings, a vocabulary (317) that 2 does not divide."""
+    path = str(tmp_path / "m")
+    hf = make_random_model(path, "qwen2", vocab_size=317, tie_word_embeddings=True)
+    ref = [hf_greedy(hf, p, GREEDY.max_tokens)[0] for p in PROMPTS]
+    tp1 = _tokens(LLM(model=path, dtype="float32", device="cpu").generate(PROMPTS, GREEDY))
+    llm = LLM(model=path, dtype="float32", device="cpu", tensor_parallel_size=2, max_num_tokens=24)  # chunked prefill
+    try:
+        assert len(_children()) == 1
+        tp2 = _tokens(llm.generate(PROMPTS, GREEDY))
+        logits = llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0, logprobs=2)).outputs[0]
+    finally:
+        llm.engine.runner.shutdown()
+    assert tp1 == ref
+    assert tp2 == ref
+    assert logits.token_ids == ref[0][:3]
+
+
+def test_tp2_with_adapters_equals_peft(tiny_llama, tmp_path):
+    """A mixed batch (no adapter, two HF PEFT adapters on every module, a NeMo adapter) under TP=2:
+    column-parallel (q/k/v, gate/up) and row-parallel (o, down) LoRA shards."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from loraserve.adapters import load_adapter
+    from loraserve.adapters.testing import make_nemo_adapter
+
+    path, base = tiny_llama
+    mods = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = {}
+    for i, kw in enumerate([dict(r=8, lora_alpha=16, target_modules=mods),
+                            dict(r=4, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "o_proj", "down_proj"])]):
+        d = str(tmp_path / f"a{i}")
+        peft[d] = peft_adapter_with_random_weights(base, d, seed=200 + i, **kw)
+    nemo_path = make_nemo_adapter(tmp_path / "x.nemo", r=4, seed=3,
+                                  adapters=("lora_kqv_adapter", "lora_dense_attention_adapter",
+                                            "lora_hto4h_adapter", "lora_4htoh_adapter"))
+    ad = load_adapter(nemo_path)
+    nemo_peft = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=4, lora_alpha=4,
+                                                                   target_modules=sorted(ad.target_modules)))
+    with torch.no_grad():
+        for (layer, module), (a, b) in ad.weights.items():
+            block = nemo_peft.base_model.model.model.layers[layer]
+            lin = getattr(block.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, module)
+            lin.lora_A["default"].weight.copy_(a)
+            lin.lora_B["default"].weight.copy_(b)
+    reqs = [None, LoRARequest("a0", 1, list(peft)[0]), LoRARequest("a1", 2, list(peft)[1]),
+            LoRARequest("nemo", 3, str(nemo_path), "nemo")]
+    refs = [peft_greedy(base, PROMPTS[0], 10)] + [peft_greedy(m, PROMPTS[i + 1], 10) for i, m in enumerate(peft.values())]
+    refs.append(peft_greedy(nemo_peft, PROMPTS[3], 10))
+    kw = dict(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=2))
+    tp1 = _tokens(LLM(**kw).generate(PROMPTS, GREEDY, lora_request=reqs))
+    llm = LLM(**kw, tensor_parallel_size=2)   # 2 slots for 3 adapters: slots are reloaded mid-run
+    try:
+        tp2 = _tokens(llm.generate(PROMPTS, GREEDY, lora_request=reqs))
+    finally:
+        llm.engine.runner.shutdown()
+    assert tp1 == refs
+    assert tp2 == refs
+    assert len(set(map(tuple, refs[1:]))) == 3 and refs[1] != peft_greedy(base, PROMPTS[1], 10)
+
+
+def test_killed_worker_ends_the_engine_clearly(tiny_llama):
+    """SIGKILL the worker mid-generation: the stream fails with EngineDeadError naming the worker, the
+    AsyncLLM is dead (health NOT_SERVING) within seconds, and nothing is left running after shutdown."""
+    from loraserve.inference.async_llm import AsyncLLM
+    from loraserve.inference.errors import EngineDeadError
+
+    llm = LLM(model=tiny_llama[0], dtype="float32", device="cpu", tensor_parallel_size=2)
+    async_llm = AsyncLLM(llm.engine)
+    dead = []
+    async_llm.on_dead = dead.append
+    (worker,) = _children()
+
+    async def run():
+        got = 0
+        async for _ in async_llm.generate([5, 6, 7], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)):
+            got += 1
+            if got == 3:
+                os.kill(worker.pid, signal.SIGKILL)
+
+    t = time.monotonic()
+    with pytest.raises(EngineDeadError, match="loraserve-tp1.*died"):
+        asyncio.run(asyncio.wait_for(run(), 60))
+    assert time.monotonic() - t < 30
+    deadline = time.monotonic() + 5     # on_dead runs on the engine thread just after the streams are told
+    while not dead and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not async_llm.is_alive and "died" in repr(dead[0])
+    async_llm.shutdown()
+    llm.engine.runner.shutdown()
+    assert _children() == []
+
+
+def test_idle_worker_death_marks_engine_dead_and_shutdown_leaves_nothing(tiny_llama):
+    from loraserve.inference.async_llm import AsyncLLM
+
+    llm = LLM(model=tiny_llama[0], dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert llm.generate([5, 6], SamplingParams(max_tokens=3, temperature=0)).outputs[0].token_ids
+    async_llm = AsyncLLM(llm.engine)   # LLM.generate's engine thread has stopped; this one idles
+    (worker,) = _children()
+    worker.kill()
+    deadline = time.monotonic() + 10
+    while async_llm.is_alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not async_llm.is_alive, "an idle engine must notice its worker died (health NOT_SERVING)"
+    async_llm.shutdown()
+    llm.engine.runner.shutdown()
+    assert _children() == []
+
+
+def test_shutdown_leaves_no_process_and_bad_sizes_are_refused(tiny_llama, tmp_path):
+    from loraserve.inference.tp.parallel import TensorParallelError
+    from loraserve.options import ConfigError
+
+    llm = LLM(model=tiny_llama[0], dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert len(_children()) == 1
+    llm.engine.runner.shutdown()
+    assert _children() == []
+    # tiny_llama has 2 KV heads: 4 ranks cannot each hold whole heads; refused before any process starts
+    with pytest.raises(TensorParallelError, match="num_key_value_heads=2"):
+        LLM(model=tiny_llama[0], dtype="float32", device="cpu", tensor_parallel_size=4)
+    assert _children() == []
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        LLM(model=tiny_llama[0], device="cpu", tensor_parallel_size=0)
+
+
+def test_yaml_key_and_cli_flag():
+    from loraserve.config import engine_config_from_kwargs
+    from loraserve.cli import build_parser
+
+    assert engine_config_from_kwargs("m", tensor_parallel_size=2).tensor_parallel_size == 2
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--device", "cpu"])
+    assert args.tensor_parallel_size == 2

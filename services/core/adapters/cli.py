@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     summary = {
         "format": adapter.format, "rank": adapter.rank, "alpha": adapter.alpha,
-        "use_rslora": adapter.use_rslora, "target_modules": adapter.target_modules,
+        "use_rslora": adapter.use_rslora, "use_dora": adapter.is_dora, "target_modules": adapter.target_modules,
         "num_layers": adapter.num_layers, "dtype": str(adapter.dtype).removeprefix("torch."),
         "module_shapes": {m: list(s) for m, s in adapter.module_shapes().items()},
         "nbytes": adapter.nbytes(), "digest": adapter.digest,

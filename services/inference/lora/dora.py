@@ -25,7 +25,8 @@ from loraserve.adapters import AdapterFormatError, LoraAdapter
 from loraserve.adapters.modules import PACKED_MODULES
 
 _PARENT = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
-_ROWS_PER_CHUNK = 4096  # bounds the fp32 temporary of W + B@A to 4096 x in_features
+# Bounds the fp32 temporary W + B@A to 32 MiB: on the GPU it is taken from what the KV cache left.
+_CHUNK_ELEMS = 1 << 23
 
 
 def base_projection(model: nn.Module, layer: int, module: str) -> tuple[nn.Module, int, int]:
@@ -51,8 +52,9 @@ def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     a32 = a.to(weight.device, torch.float32)
     b32 = b.to(weight.device, torch.float32)
-    for lo in range(0, weight.shape[0], _ROWS_PER_CHUNK):
-        hi = min(lo + _ROWS_PER_CHUNK, weight.shape[0])
+    rows = max(1, _CHUNK_ELEMS // max(1, weight.shape[1]))
+    for lo in range(0, weight.shape[0], rows):
+        hi = min(lo + rows, weight.shape[0])
         w = weight[lo:hi].to(torch.float32) + b32[lo:hi] @ a32          # (rows, in)
         out[lo:hi] = torch.linalg.norm(w, dim=1)
     return out

@@ -14,7 +14,7 @@ class LoRABatch:
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y [T, N] += LoRA delta of x [T, in] for projection `proj` of layer `layer_idx`; rows of
-        tokens on a DoRA slot are then scaled by its g (y is x W^T on entry, bias-free for DoRA)."""
+        tokens on a DoRA slot then become g * (y + delta) + (1 - g) * bias (y is x W^T + bias on entry)."""
         a = self.slots.a.get(proj)
         if a is None:
             return

@@ -3,6 +3,8 @@
 #   benchmarks/results/engine_h200.json  engine + LoRA kernels (issue 10 keys)
 #   benchmarks/results/e2e_h200.json     serving loop end to end (issue 11 keys)
 #   benchmarks/results/churn_h200.json   adapter churn (issue 12 keys)
+#   benchmarks/results/tp_h200x2.json    tensor parallelism TP=2 vs TP=1 (issue 15 keys; needs 2 GPUs,
+#                                        skipped on one: run `bash scripts/bench_gpu.sh tp` on nvidia-h200-x2)
 # Each figure is printed next to its limit measured in the same run. Pass stage names to run a
 # subset: `bash scripts/bench_gpu.sh engine lora`.
 set -uo pipefail
@@ -10,7 +12,7 @@ source scripts/gpu_env.sh
 RESULTS=${RESULTS:-benchmarks/results}
 WORK=${WORK:-/tmp/loraserve-bench}
 mkdir -p "$RESULTS" "$WORK"
-stages=${*:-engine lora e2e churn}
+stages=${*:-engine lora e2e churn tp}
 for stage in $stages; do
   echo "=== $stage ==="
   case $stage in
@@ -18,6 +20,7 @@ for stage in $stages; do
     lora)   python3 benchmarks/bench_lora_kernels.py --json "$WORK/lora.json" ;;
     e2e)    python3 benchmarks/bench_e2e.py --out "$WORK/e2e" --json "$WORK/e2e.json" ;;
     churn)  python3 benchmarks/bench_churn.py --json "$WORK/churn.json" ;;
+    tp)     python3 benchmarks/bench_tp.py --json "$WORK/tp.json" ;;
   esac || echo "stage $stage FAILED"
 done
 python3 - "$WORK" "$RESULTS" <<'PY'
@@ -27,7 +30,8 @@ def load(name):
     p = os.path.join(work, name)
     return json.load(open(p)) if os.path.exists(p) else {}
 merged = {"engine_h200.json": {**load("engine.json"), **load("lora.json")},
-          "e2e_h200.json": load("e2e.json"), "churn_h200.json": load("churn.json")}
+          "e2e_h200.json": load("e2e.json"), "churn_h200.json": load("churn.json"),
+          "tp_h200x2.json": load("tp.json")}
 for name, data in merged.items():
     if data:
         with open(os.path.join(results, name), "w") as f:

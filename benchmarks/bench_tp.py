@@ -1,0 +1,186 @@
+"""Tensor parallelism: TP=2 against TP=1 on a Llama-3-8B-shaped model with random bf16 weights (2 GPUs).
+
+  * decode at batch 1 and 64 (tokens/s), TP=2 over TP=1 (issue 15 targets: >= 1.5x and >= 1.6x)
+  * decode at batch 64 with 32 distinct rank-16 adapters on every projection vs no LoRA, under TP=2
+    (target >= 0.9x)
+  * top-1 agreement TP=2 vs TP=1 (bf16, target >= 99%): the greedy next token after each of 256
+    random prompts of random lengths (teacher-forced: every comparison starts from the same context)
+
+TP=1 runs as served by default (CUDA graphs on decode); TP=2 runs eager (no NCCL graph capture yet),
+so the speedups below include that handicap. Writes benchmarks/results/tp_h200x2.json keys
+decode_bs1_speedup_tp2, decode_bs64_speedup_tp2, lora32_vs_nolora_tp2, top1_agreement_tp2_vs_tp1.
+
+    python3 benchmarks/bench_tp.py [--layers 32] [--json out.json]
+    python3 benchmarks/bench_tp.py --tiny        # CPU, tiny model, gloo: checks the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_engine(path: str, device: str, tp: int, tiny: bool, lora: bool):
+    from loraserve import LoraConfig
+    from loraserve.config import engine_config_from_kwargs
+    from loraserve.inference.engine import LLMEngine
+
+    kw = dict(dtype="float32" if tiny else "bfloat16", device=device, max_num_tokens=8192, max_batch_size=256,
+              tensor_parallel_size=tp)
+    if lora:
+        kw["lora_config"] = LoraConfig(max_lora_rank=16, max_loras=32, max_cpu_loras=32)
+    if device == "cuda":
+        kw["kv_cache_config"] = {"free_gpu_memory_fraction": 0.5}
+    return LLMEngine(engine_config_from_kwargs(path, **kw))
+
+
+def close_engine(engine) -> None:
+    if hasattr(engine.runner, "shutdown"):
+        engine.runner.shutdown()
+    if engine.lora_manager is not None:
+        engine.lora_manager.shutdown()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def decode_tok_s(engine, device: str, vocab: int, batch: int, prompt_len: int, steps: int, seed: int,
+                 loras=None) -> float:
+    from loraserve import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)   # fresh prompts per run: the prefix cache never hits
+    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()):
+        engine.add_request(f"d{seed}-{batch}-{i}", ids, params, None if loras is None else loras[i % len(loras)])
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    sync(device)
+    tok0 = sum(s.num_output_tokens for s in engine.seqs.values())
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    dt = time.perf_counter() - t
+    produced = sum(s.num_output_tokens for s in engine.seqs.values()) - tok0
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    return produced / dt
+
+
+def next_tokens(engine, vocab: int, n: int, max_len: int) -> list[int]:
+    """Greedy next token after each of n random prompts (lengths 16..max_len), one batch."""
+    from loraserve import SamplingParams
+
+    g = torch.Generator().manual_seed(77)
+    lens = torch.randint(16, max_len + 1, (n,), generator=g).tolist()
+    p = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for i, L in enumerate(lens):
+        engine.add_request(f"top1-{i}", torch.randint(2, vocab, (L,), generator=g).tolist(), p)
+    out: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids[0]
+    return [out[f"top1-{i}"] for i in range(n)]
+
+
+def random_adapters(args, n: int, rank: int, dtype):
+    from loraserve.adapters import LoraAdapter
+
+    shapes = args.lora_module_shapes()
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        w = {(layer, m): ((torch.randn(rank, fi, generator=g) * 0.01).to(dtype), (torch.randn(fo, rank, generator=g)
+                                                                                   * 0.01).to(dtype))
+             for layer in range(args.num_hidden_layers) for m, (fi, fo) in shapes.items()}
+        out.append(LoraAdapter("hf", rank, float(rank), False, sorted(shapes), args.num_hidden_layers, w,
+                               f"sha256:{i + 1:064x}"))
+    return out
+
+
+def build_checkpoint(path: str, layers: int, tiny: bool) -> None:
+    if tiny:
+        from tests.inference.conftest import make_random_model
+
+        make_random_model(path, "llama", num_hidden_layers=layers)
+        return
+    from benchmarks.bench_engine import build_checkpoint as build_8b
+
+    build_8b(path, layers)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=None, help="default 32 (8B shape), 2 with --tiny")
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny random model, gloo")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    from loraserve import LoRARequest
+
+    device = "cpu" if a.tiny else "cuda"
+    layers = a.layers or (2 if a.tiny else 32)
+    prompt_len, steps = a.prompt_len or (16 if a.tiny else 512), a.steps or (4 if a.tiny else 64)
+    n_top1, n_adapters = (16, 4) if a.tiny else (256, 32)
+    if not a.tiny and torch.cuda.device_count() < 2:
+        print(f"bench_tp skipped: it needs 2 GPUs, {torch.cuda.device_count()} visible (or --tiny on CPU)",
+              file=sys.stderr)
+        return 0
+    path = tempfile.mkdtemp(prefix="tp-bench-")
+    build_checkpoint(path, layers, a.tiny)
+    res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "layers": layers,
+                 "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": False}
+    runs = {}
+    for tp in (1, 2):
+        engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2))
+        vocab = engine.args.vocab_size
+        r = runs[tp] = {}
+        r["bs1"] = decode_tok_s(engine, device, vocab, 1, prompt_len, steps, seed=10 * tp)
+        r["bs64"] = decode_tok_s(engine, device, vocab, 64, prompt_len, steps, seed=10 * tp + 1)
+        r["top1"] = next_tokens(engine, vocab, n_top1, prompt_len)
+        if tp == 2:
+            lm, reqs = engine.lora_manager, []
+            for i, ad in enumerate(random_adapters(engine.args, n_adapters, 16, engine.dtype)):
+                req = LoRARequest(f"bench-{i}", i + 1, "")
+                lm.release(lm.add_adapter(ad, req))
+                reqs.append(req)
+            r["bs64_lora"] = decode_tok_s(engine, device, vocab, 64, prompt_len, steps, seed=30, loras=reqs)
+            r["bs64_nolora"] = decode_tok_s(engine, device, vocab, 64, prompt_len, steps, seed=31)
+        close_engine(engine)
+        for k in ("bs1", "bs64", "bs64_lora", "bs64_nolora"):
+            if k in r:
+                res[f"tp{tp}_decode_{k}_tok_s"] = r[k]
+                print(f"tp{tp} decode {k}: {r[k]:.1f} tok/s", flush=True)
+    res["decode_bs1_speedup_tp2"] = runs[2]["bs1"] / runs[1]["bs1"]
+    res["decode_bs64_speedup_tp2"] = runs[2]["bs64"] / runs[1]["bs64"]
+    res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]
+    same = sum(x == y for x, y in zip(runs[1]["top1"], runs[2]["top1"]))
+    res["top1_agreement_tp2_vs_tp1"] = same / n_top1
+    res["top1_prompts"] = n_top1
+    print(json.dumps({k: v for k, v in res.items() if not k.startswith("tp")}, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,8 +5,9 @@ with an adapter-name infix (`lora_A.default.weight`) and optionally without `bas
 PEFT stores lora_A as [r, in] and lora_B as [out, r] for every base layer type, also when
 `fan_in_fan_out` is set (that flag only transposes the merged delta for Conv1D bases), so no
 transpose is applied here. DoRA adapters (use_dora=true) also hold `<module>.lora_magnitude_vector`
-[out] (PEFT >= 0.10; older saves `lora_magnitude_vector.<name>.weight`) for every adapted linear
-layer; DoRA on embeddings (and conv, which Llama has none of) is refused. Per-module r and alpha follow PEFT's rank_pattern/alpha_pattern rule:
+[out] for every adapted linear layer (PEFT's checkpoint key; a raw module state dict has it as
+`lora_magnitude_vector.<adapter>.weight`, also accepted); DoRA on embeddings is refused (and
+conv, which Llama has none of). Per-module r and alpha follow PEFT's rank_pattern/alpha_pattern rule:
 a pattern key applies to module path P if `(.*\\.)?(key)$` matches P, first match in dict order.
 """
 from __future__ import annotations

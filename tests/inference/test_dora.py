@@ -223,3 +223,20 @@ def test_dora_on_gpu_graphs_and_eager_match_peft(tiny_llama, adapters, peft_refe
             assert out.outputs[0].token_ids == peft_reference[(lora and lora.lora_name, tuple(prompt))], \
                 (eager, lora and lora.lora_name, prompt)
         del llm
+
+
+def test_dora_keys_with_adapter_name_infix(adapters, tmp_path):
+    """A raw module state dict names the tensors `lora_A.default.weight` /
+    `lora_magnitude_vector.default.weight`: the same adapter as PEFT's checkpoint keys."""
+    src = adapters["dora-qv-r4"][0]
+
+    def infix(t):
+        out = {}
+        for k, v in t.items():
+            k = k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+            out[k + ".default.weight" if k.endswith("lora_magnitude_vector") else k] = v
+        return out
+
+    got, want = load_adapter(_rewrite(src, tmp_path / "infix", tensors=infix)), load_adapter(src)
+    assert got.magnitudes.keys() == want.magnitudes.keys() and len(got.magnitudes) == 4
+    assert all(torch.equal(got.magnitudes[k], m) for k, m in want.magnitudes.items())

@@ -139,6 +139,8 @@ class AsyncLLM:
         self._stop.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._drain(block=False)   # anything queued while the thread was exiting runs here, on the caller's
         if self.engine.on_launched == self._deliver_undelivered:   # the engine may go back to a caller's thread
             self.engine.on_launched = None
 
@@ -173,6 +175,9 @@ class AsyncLLM:
                             self.on_step(outputs)
                         except Exception:  # noqa: BLE001 - an observer never stops the engine
                             log.exception("on_step callback failed")
+            # commands queued before the stop (aborts, adapter-hold releases of closed streams) still run:
+            # the engine goes back to the caller with nothing held for requests that are gone
+            self._drain(block=False)
             self._deliver_undelivered()
         except BaseException as exc:  # noqa: BLE001 - report to every waiting stream
             self._deliver_undelivered()

@@ -240,3 +240,45 @@ def test_dora_keys_with_adapter_name_infix(adapters, tmp_path):
     got, want = load_adapter(_rewrite(src, tmp_path / "infix", tensors=infix)), load_adapter(src)
     assert got.magnitudes.keys() == want.magnitudes.keys() and len(got.magnitudes) == 4
     assert all(torch.equal(got.magnitudes[k], m) for k, m in want.magnitudes.items())
+
+
+def test_dora_from_the_registry_over_grpc(tiny_llama, adapters, peft_reference, tmp_path):
+    """Upload to the registry, fetch by name from the inference service, stream over gRPC:
+    the same greedy tokens as PEFT, with a plain LoRA and a base request alongside."""
+    import concurrent.futures
+
+    import grpc
+
+    from loraserve.inference.serve_config import ServeConfig
+    from loraserve.inference.testing import RunningInference
+    from loraserve.registry.client import RegistryClient
+    from loraserve.registry.config import RegistryConfig
+    from loraserve.registry.testing import RunningRegistry
+    from loraserve.v1 import inference_pb2 as pb
+    from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+    path, _ = tiny_llama
+    names = [None, "dora-all-r8", "lora-all-r8", "dora-qv-r4"]
+    prompt = PROMPTS[1]
+
+    def generate(stub, name):
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling_params=pb.SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True))
+        if name:
+            req.adapter_ref.name = name
+        return [t for msg in stub.Generate(req, timeout=60) if msg.WhichOneof("response") == "chunk"
+                for t in msg.chunk.token_ids]
+
+    with RunningRegistry(RegistryConfig(data_dir=tmp_path / "registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            for name in names[1:]:
+                client.push(adapters[name][0], name, base_model="tiny")
+        cfg = ServeConfig(model=path, port=0, registry_address=reg.address, adapter_cache_dir=str(tmp_path / "cache"),
+                          llm_kwargs=dict(dtype="float32", device="cpu",
+                                          lora_config=LoraConfig(max_lora_rank=8, max_loras=4)))
+        with RunningInference(cfg) as srv, grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+                got = list(pool.map(lambda n: generate(stub, n), names))
+    for name, tokens in zip(names, got):
+        assert tokens == peft_reference[(name, tuple(prompt))], name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -70,6 +71,10 @@ class LLMEngine:
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else bool(config.async_scheduling))
         self._inflight: tuple[ScheduledBatch, StepOutput] | None = None   # launched, not yet post-processed
+        # called in every step() once its batch is launched, before the step waits for the device: AsyncLLM
+        # hands the previous step's outputs to the event loop then, so that the loop's Python work runs
+        # while this thread waits (GIL free), not while it launches (every torch call retakes the GIL)
+        self.on_launched: Callable[[], None] | None = None
         # host-time accounting (benchmarks): steps run, and seconds step() spent blocked on the device
         self.num_steps, self.device_wait_s = 0, 0.0
 
@@ -171,6 +176,8 @@ class LLMEngine:
         self.num_steps += 1
         try:
             launched = self._launch(batch) if batch else None
+            if self.on_launched is not None:
+                self.on_launched()
             done, self._inflight = (self._inflight, launched) if self.async_scheduling else (launched, None)
             if done is not None:
                 outputs += self._postprocess(*done)

@@ -75,6 +75,9 @@ def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
     for key, m in adapter.magnitudes.items():
         layer, module = key
         lin, lo, hi = base_projection(model, layer, module)
+        if not lin.weight.is_floating_point() or lin.weight.element_size() < 2:
+            # quantized (FP8/int8) weights need their dequantization scales for ||W + B@A||
+            raise AdapterFormatError(f"DoRA on {module} is not supported with {lin.weight.dtype} base weights yet")
         a, b = adapter.weights[key]
         norms = row_norms(lin.weight[lo:hi], a, b).cpu()
         g = m.to(torch.float32) / norms

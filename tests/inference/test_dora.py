@@ -282,3 +282,23 @@ def test_dora_from_the_registry_over_grpc(tiny_llama, adapters, peft_reference, 
                 got = list(pool.map(lambda n: generate(stub, n), names))
     for name, tokens in zip(names, got):
         assert tokens == peft_reference[(name, tuple(prompt))], name
+
+
+def test_dora_vectors_are_accounted_in_both_tiers(tiny_llama, adapters):
+    """The host tier counts m and g with A and B; the GPU tier's per-slot bytes include g."""
+    from loraserve.inference.lora.slots import DeviceSlots
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=2))
+    lm = llm.engine.lora_manager
+    hold = lm.resolve(LoRARequest("d", 1, adapters["dora-all-r8"][0]))
+    h = hold.handle
+    ab = sum(a.numel() * 4 + b.numel() * 4 for a, b in h.adapter.weights.values())
+    vec = sum(m.numel() * 4 for m in h.adapter.magnitudes.values())
+    assert len(h.adapter.dora_scales) == len(h.adapter.weights) == 14
+    assert h.nbytes == ab + 2 * vec and lm.host.num_bytes == h.nbytes
+    per_slot = DeviceSlots.bytes_per_slot(lm.args, lm.enabled, lm.max_rank, torch.float32)
+    assert lm.slots.nbytes == per_slot * lm.num_slots
+    g_bytes = lm.num_slots * lm.args.num_hidden_layers * sum(out for _, out in lm.module_shapes.values()) * 4
+    assert sum(t.numel() * t.element_size() for t in lm.slots.scale.values()) == g_bytes
+    hold.release()

@@ -54,7 +54,7 @@ class AsyncLLM:
         # tensor parallelism: a worker that dies while the engine idles ends the loop too (NOT_SERVING)
         tp = getattr(engine, "tp", None)
         if tp is not None:
-            tp.executor.on_death.append(lambda reason: self.call(lambda e: e.runner.executor.raise_if_dead()))
+            tp.executor.on_death.append(lambda reason: self.call(self._end_if_worker_died))
         self.on_step: Callable[[list[RequestOutput]], None] | None = None
 
     # ---- public API (any thread / event loop) -----------------------------------------------
@@ -145,6 +145,12 @@ class AsyncLLM:
             self.engine.on_launched = None
 
     # ---- engine thread --------------------------------------------------------------------
+    def _end_if_worker_died(self, engine) -> None:
+        """A TP worker died: raise its WorkerDiedError (a BaseException) on the engine thread, which ends
+        the loop (dead, on_dead); a no-op anywhere else (shutdown drains leftover commands on its caller)."""
+        if threading.current_thread() is self._thread:
+            engine.tp.executor.raise_if_dead()
+
     def _loop(self) -> None:
         """Step N's messages are handed over while step N+1 waits for the device (engine.on_launched): the
         event loop's per-stream Python work then overlaps the device wait, during which this thread holds no

@@ -53,6 +53,11 @@ def test_tp2_equals_tp1_and_transformers(tmp_path):
     llm = LLM(model=path, dtype="float32", device="cpu", tensor_parallel_size=2, max_num_tokens=24)  # chunked prefill
     try:
         assert len(_children()) == 1
+        m = llm.engine.model   # rank 0's shard: 2 of 4 heads, 1 of 2 KV heads (16 dims each), 159 of 317 rows
+        assert m.layers[0].self_attn.qkv_proj.weight.shape == (4 * 16, 64)
+        assert m.layers[0].mlp.down_proj.weight.shape == (64, 64)
+        assert m.embed_tokens.weight.shape == (159, 64) and m.lm_head.weight is m.embed_tokens.weight
+        assert llm.engine.runner.k_cache.shape[3] == 1
         tp2 = _tokens(llm.generate(PROMPTS, GREEDY))
         logits = llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0, logprobs=2)).outputs[0]
     finally:

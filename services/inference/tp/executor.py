@@ -72,7 +72,9 @@ class TPExecutor:
         except BaseException:
             self.shutdown()
             raise
-        self._monitor = threading.Thread(target=self._watch, name="loraserve-tp-monitor", daemon=True)
+        # the thread holds the executor weakly: a dropped engine's executor is collected (and stops its workers)
+        self._monitor = threading.Thread(target=_watch, args=(weakref.ref(self), list(self.procs)),
+                                         name="loraserve-tp-monitor", daemon=True)
         self._monitor.start()
 
     def _join_group(self, backend: str, init_method: str) -> None:
@@ -127,12 +129,7 @@ class TPExecutor:
         raise WorkerDiedError(self.dead)
 
     # ---- failure and shutdown ---------------------------------------------------------------------
-    def _watch(self) -> None:
-        sentinels = {p.sentinel: p for p in self.procs}
-        ready = wait_sentinels(list(sentinels))
-        if self._closed:
-            return
-        p = sentinels[ready[0]]
+    def _on_worker_exit(self, p) -> None:
         p.join(1)
         self.dead = self.dead or f"tensor-parallel worker {p.name} (pid {p.pid}) died with exit code {p.exitcode}"
         log.critical("%s; the engine cannot run another step", self.dead)
@@ -154,6 +151,15 @@ class TPExecutor:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken group still has to go
                 log.debug("destroy_process_group failed", exc_info=True)
+
+
+def _watch(ref, procs) -> None:
+    """Monitor thread: the first worker to exit (sentinel) marks the executor dead, unless it is stopping."""
+    sentinels = {p.sentinel: p for p in procs}
+    ready = wait_sentinels(list(sentinels))
+    executor = ref()
+    if executor is not None and not executor._closed:
+        executor._on_worker_exit(sentinels[ready[0]])
 
 
 def _stop(procs, conns) -> None:

@@ -50,6 +50,8 @@ class TPModelRunner(ModelRunner):
             # DoRA's g = m / ||W + B@A||_row needs whole rows of W, which no rank holds for o/down:
             # without a model the manager refuses DoRA adapters at load (AdapterFormatError)
             lora_manager.model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()   # the full-size slots' memory back to the device: KV sizing reads free memory
         super().__init__(dataclasses.replace(config, enforce_eager=True), model, local, dtype, device, lora_manager)
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
 

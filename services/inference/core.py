@@ -360,6 +360,8 @@ class InferenceCore:
         self.shutting_down = True
         self.async_llm.shutdown()
         await self.fetcher.close()
+        if self.engine.tp is not None:   # tensor parallelism: stop the worker processes (tp/executor.py)
+            self.engine.runner.shutdown()
 
 
 def _adapter_name(spec: AdapterSpec | None) -> str:

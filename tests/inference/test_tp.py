@@ -142,20 +142,46 @@ def test_killed_worker_ends_the_engine_clearly(tiny_llama):
     assert _children() == []
 
 
-def test_idle_worker_death_marks_engine_dead_and_shutdown_leaves_nothing(tiny_llama):
-    from loraserve.inference.async_llm import AsyncLLM
+def test_served_tp2_turns_not_serving_when_an_idle_worker_dies(tiny_llama, tmp_path):
+    """`loraserve serve --tensor-parallel-size 2` in process, through a real gRPC stub: it generates
+    what TP=1 generates; killing the worker while idle flips health to NOT_SERVING within seconds;
+    stopping the server leaves no worker behind."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    llm = LLM(model=tiny_llama[0], dtype="float32", device="cpu", tensor_parallel_size=2)
-    assert llm.generate([5, 6], SamplingParams(max_tokens=3, temperature=0)).outputs[0].token_ids
-    async_llm = AsyncLLM(llm.engine)   # LLM.generate's engine thread has stopped; this one idles
-    (worker,) = _children()
-    worker.kill()
-    deadline = time.monotonic() + 10
-    while async_llm.is_alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not async_llm.is_alive, "an idle engine must notice its worker died (health NOT_SERVING)"
-    async_llm.shutdown()
-    llm.engine.runner.shutdown()
+    from loraserve.inference.serve_config import ServeConfig
+    from loraserve.inference.server import create_server
+    from loraserve.v1 import inference_pb2 as pb
+    from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+    want = LLM(model=tiny_llama[0], dtype="float32", device="cpu").generate([5, 6, 7], GREEDY).outputs[0].token_ids
+
+    async def scenario():
+        cfg = ServeConfig(model=tiny_llama[0], port=0, registry_address=None, adapter_cache_dir=str(tmp_path / "c"),
+                          llm_kwargs=dict(dtype="float32", device="cpu", tensor_parallel_size=2))
+        running = await create_server(cfg, wait_ready=True)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+                health = health_pb2_grpc.HealthStub(ch)
+                req = health_pb2.HealthCheckRequest(service="loraserve.v1.InferenceService")
+                assert (await health.Check(req)).status == health_pb2.HealthCheckResponse.SERVING
+                stub = pb_grpc.InferenceServiceStub(ch)
+                sp = pb.SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True)
+                got = []
+                async for msg in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling_params=sp)):
+                    if msg.WhichOneof("response") == "chunk":
+                        got += list(msg.chunk.token_ids)
+                (worker,) = _children()
+                worker.kill()
+                t = time.monotonic()
+                while (await health.Check(req)).status == health_pb2.HealthCheckResponse.SERVING:
+                    assert time.monotonic() - t < 10, "health still SERVING 10 s after the worker died"
+                    await asyncio.sleep(0.05)
+                return got
+        finally:
+            await running.stop(grace=1)
+
+    assert asyncio.run(scenario()) == want
     assert _children() == []
 
 

@@ -84,7 +84,7 @@ class TPExecutor:
         def join():
             try:
                 dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.size,
-                                        timeout=timedelta(seconds=START_TIMEOUT_S))
+                                        timeout=timedelta(seconds=START_TIMEOUT_S), **device_id(self.device))
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 err.append(exc)
 
@@ -187,6 +187,14 @@ def _abort_group() -> None:
             abort()
         except Exception:  # noqa: BLE001 - best effort: gloo fails the pending op by itself
             log.debug("aborting the process group failed", exc_info=True)
+
+
+def device_id(device: torch.device) -> dict:
+    """NCCL: bind the communicator to this rank's GPU (eager init; the engine thread's current device
+    is not necessarily it). Nothing for gloo."""
+    if device.type != "cuda":
+        return {}
+    return {"device_id": torch.device("cuda", device.index or 0)}
 
 
 def _free_port() -> int:

@@ -37,8 +37,10 @@ def worker_main(rank: int, size: int, init_method: str, config, device: str, con
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     try:
+        from .executor import device_id
+
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=timeout_s), **device_id(dev))
         worker = Worker(config, dev, rank, size)
         worker.loop(conn)
     except EOFError:

@@ -100,7 +100,9 @@ def test_tp2_with_adapters_equals_peft(tiny_llama, tmp_path):
     refs.append(peft_greedy(nemo_peft, PROMPTS[3], 10))
     kw = dict(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=2))
     tp1 = _tokens(LLM(**kw).generate(PROMPTS, GREEDY, lora_request=reqs))
-    llm = LLM(**kw, tensor_parallel_size=2)   # 2 slots for 3 adapters: slots are reloaded mid-run
+    # 2 slots for 3 adapters: slots are reloaded mid-run; overlapped steps (CUDA's default): the decode
+    # inputs take the previous step's tokens on the device before they are broadcast
+    llm = LLM(**kw, tensor_parallel_size=2, async_scheduling=True)
     try:
         tp2 = _tokens(llm.generate(PROMPTS, GREEDY, lora_request=reqs))
     finally:

@@ -125,9 +125,6 @@ def _attach_group(model: LlamaForCausalLM, tp) -> None:
     model.tp = tp
     for layer in model.layers:
         layer.self_attn.tp = layer.mlp.tp = tp
-    # the last vocabulary shard may be short (vocab % size): its padding rows stay zero
-    for p in (model.embed_tokens.weight, model.lm_head.weight):
-        p.data.zero_()
 
 
 # checkpoint module -> (dim split, which size): rows of whole heads / MLP columns, or input columns
@@ -150,14 +147,17 @@ def _read_shard(f, name: str, local: ModelArgs, tp) -> torch.Tensor:
     if short in ("embed_tokens.weight", "lm_head.weight"):
         sl = f.get_slice(name)
         rows = sl.get_shape()[0]
+        if rows != tp.vocab_size:
+            raise ValueError(f"shape mismatch for {short}: {rows} rows, the model's vocab_size is {tp.vocab_size}")
         lo = min(tp.vocab_start, rows)
-        return sl[lo:min(lo + tp.vocab_per_rank, rows)]
+        part = sl[lo:min(lo + tp.vocab_per_rank, rows)]
+        if part.shape[0] < tp.vocab_per_rank:   # the last shard (vocab % size): zero rows past the vocabulary
+            part = torch.cat([part, part.new_zeros(tp.vocab_per_rank - part.shape[0], *part.shape[1:])])
+        return part
     return f.get_tensor(name)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    if src.shape[0] < dst.shape[0] and what.endswith(("embed_tokens.weight", "lm_head.weight")):
-        dst = dst[:src.shape[0]]    # the last vocabulary shard: rows past the vocabulary stay zero
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"shape mismatch for {what}: model expects {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}")
     dst.copy_(src)

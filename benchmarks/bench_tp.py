@@ -6,11 +6,12 @@
   * top-1 agreement TP=2 vs TP=1 (bf16, target >= 99%): the greedy next token after each of 256
     random prompts of random lengths (teacher-forced: every comparison starts from the same context)
 
-TP=1 runs as served by default (CUDA graphs on decode); TP=2 runs eager (no NCCL graph capture yet),
-so the speedups below include that handicap. Writes benchmarks/results/tp_h200x2.json keys
+TP=1 runs as served by default (CUDA graphs on decode); TP=2 runs eager unless --tp-graphs
+(LORASERVE_TP_CUDA_GRAPHS=1: every rank captures the decode buckets, NCCL all-reduces inside; opt-in
+until it has run on GPUs), so eager speedups include that handicap. Writes benchmarks/results/tp_h200x2.json keys
 decode_bs1_speedup_tp2, decode_bs64_speedup_tp2, lora32_vs_nolora_tp2, top1_agreement_tp2_vs_tp1.
 
-    python3 benchmarks/bench_tp.py [--layers 32] [--json out.json]
+    python3 benchmarks/bench_tp.py [--layers 32] [--tp-graphs] [--json out.json]
     python3 benchmarks/bench_tp.py --tiny        # CPU, tiny model, gloo: checks the script runs
 """
 from __future__ import annotations
@@ -132,8 +133,11 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU, tiny random model, gloo")
+    ap.add_argument("--tp-graphs", action="store_true", help="CUDA graphs under TP (LORASERVE_TP_CUDA_GRAPHS=1)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.tp_graphs:   # read when the TP runner is first imported (below, by the first TP engine)
+        os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "1"
     from loraserve import LoRARequest
 
     device = "cpu" if a.tiny else "cuda"
@@ -147,7 +151,7 @@ def main() -> int:
     path = tempfile.mkdtemp(prefix="tp-bench-")
     build_checkpoint(path, layers, a.tiny)
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "layers": layers,
-                 "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": False}
+                 "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": a.tp_graphs and device == "cuda"}
     runs = {}
     for tp in (1, 2):
         engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2))

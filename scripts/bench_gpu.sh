@@ -20,7 +20,8 @@ for stage in $stages; do
     lora)   python3 benchmarks/bench_lora_kernels.py --json "$WORK/lora.json" ;;
     e2e)    python3 benchmarks/bench_e2e.py --out "$WORK/e2e" --json "$WORK/e2e.json" ;;
     churn)  python3 benchmarks/bench_churn.py --json "$WORK/churn.json" ;;
-    tp)     python3 benchmarks/bench_tp.py --json "$WORK/tp.json" ;;
+    tp)     python3 benchmarks/bench_tp.py --json "$WORK/tp.json"                    # TP=2 eager
+            python3 benchmarks/bench_tp.py --tp-graphs --json "$WORK/tp_graphs.json" ;;  # TP=2 CUDA graphs (opt-in)
   esac || echo "stage $stage FAILED"
 done
 python3 - "$WORK" "$RESULTS" <<'PY'
@@ -31,7 +32,7 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else {}
 merged = {"engine_h200.json": {**load("engine.json"), **load("lora.json")},
           "e2e_h200.json": load("e2e.json"), "churn_h200.json": load("churn.json"),
-          "tp_h200x2.json": load("tp.json")}
+          "tp_h200x2.json": load("tp.json"), "tp_h200x2_graphs.json": load("tp_graphs.json")}
 for name, data in merged.items():
     if data:
         with open(os.path.join(results, name), "w") as f:

@@ -6,12 +6,16 @@ scheduling in this process only; its GPU slots are replaced by `ShardedSlots`, w
 and forward each adapter placed on a slot to the workers, which copy their shard into the same
 slot (adapters are parsed and fetched once per host, here).
 
-CUDA graphs are not captured under TP (eager steps; NCCL capture is not done yet).
+CUDA graphs under TP are opt-in (LORASERVE_TP_CUDA_GRAPHS=1) until they have run on GPUs: every
+rank captures the same decode buckets in the same order (the warm-up runs' all-reduces pair up, the
+captured NCCL calls replay in lockstep) and a decode step that fits a bucket is replayed on every
+rank. Without it TP steps run eager.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 
@@ -20,6 +24,7 @@ from ..model_runner import ModelRunner, StepOutput
 from .step import forward, load_slot, pack_adapter, pack_step
 
 log = logging.getLogger(__name__)
+GRAPHS = os.environ.get("LORASERVE_TP_CUDA_GRAPHS", "0").strip() not in ("", "0")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -54,6 +59,24 @@ class TPModelRunner(ModelRunner):
                 torch.cuda.empty_cache()   # the full-size slots' memory back to the device: KV sizing reads free memory
         super().__init__(dataclasses.replace(config, enforce_eager=True), model, local, dtype, device, lora_manager)
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
+        if device.type == "cuda" and not config.enforce_eager and GRAPHS:
+            self._capture_tp_graphs(config)
+
+    def _capture_tp_graphs(self, config) -> None:
+        """Capture on every rank at once; a failure is fatal here (ranks must never disagree on graphs)."""
+        from loraserve.kernels import triton_available
+
+        from ..cuda_graphs import CudaGraphRunner
+
+        if not triton_available():
+            return
+        max_batch = min(config.max_num_seqs, 256)
+        max_blocks = -(-(config.max_seq_len or self.args.max_position_embeddings) // self.block_size)
+        self.executor.send(("capture", max_batch, max_blocks))
+        runner = CudaGraphRunner(self.model, self.device, max_batch, max_blocks, self.num_blocks, self.block_size,
+                                 self.lora_manager)
+        runner.capture()
+        self.graph_runner = runner
 
     @torch.inference_mode()
     def run(self, batch, prev: StepOutput | None = None) -> StepOutput:
@@ -64,15 +87,20 @@ class TPModelRunner(ModelRunner):
         if ph_dst is not None:
             inp.input_ids.index_put_((ph_dst,), prev.sampled.tokens[ph_src])
         sample_seqs = [batch.seqs[i] for i in inp.sample_rows]
-        lora = None
-        if self.lora_manager is not None:
-            lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
         query_lens = list(batch.num_new_tokens)
         N, (B, W), S = inp.input_ids.numel(), inp.block_tables.shape, inp.sample_idx.numel()
-        self.executor.send(("step", N, B, W, S, lora is not None, query_lens, list(inp.context_lens_list)))
+        graphed = (self.graph_runner is not None and all(n == 1 for n in query_lens) and self.graph_runner.can_run(B))
+        lora = None
+        if self.lora_manager is not None and not graphed:   # a replay builds its LoRA metadata itself
+            lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
+        has_lora = bool(inp.has_lora) if graphed else lora is not None
+        self.executor.send(("step", N, B, W, S, has_lora, query_lens, list(inp.context_lens_list), graphed))
         self.executor.broadcast(pack_step(inp, query_lens, self.device))
         try:
-            hidden = forward(self.model, inp, query_lens, inp.context_lens_list, lora, self.device)
+            if graphed:
+                hidden = self.graph_runner.run(inp)
+            else:
+                hidden = forward(self.model, inp, query_lens, inp.context_lens_list, lora, self.device)
             return self._sample(hidden, inp.sample_idx, sample_seqs)
         except Exception as exc:  # noqa: BLE001 - a collective in the forward failed: the group is broken
             if self.executor.dead is not None or _is_collective_error(exc):

@@ -67,7 +67,7 @@ class Worker:
         self.device, self.rank = device, rank
         self.config = config
         self.slots = self.meta_builder = None
-        self.runner = None
+        self.runner = self.graph_runner = None
 
     def _setup(self, num_blocks: int, num_slots: int) -> None:
         """The driver's sizes: the same KV blocks and LoRA slots on every rank."""
@@ -85,6 +85,17 @@ class Worker:
             self.slots = DeviceSlots(self.local, enabled, num_slots, lc.max_lora_rank, self.dtype, self.device)
             self.meta_builder_cls = LoRAMetaBuilder
 
+    def _capture(self, max_batch: int, max_blocks: int) -> None:
+        """The driver's decode buckets, captured in the same order (runner.py _capture_tp_graphs)."""
+        from types import SimpleNamespace
+
+        from ..cuda_graphs import CudaGraphRunner
+
+        lora = None if self.slots is None else SimpleNamespace(num_slots=self.slots.num_slots, slots=self.slots)
+        self.graph_runner = CudaGraphRunner(self.model, self.device, max_batch, max_blocks, self.runner.num_blocks,
+                                            self.runner.block_size, lora)
+        self.graph_runner.capture()
+
     @torch.inference_mode()
     def loop(self, conn) -> None:
         from ..lora.batch import LoRABatch
@@ -97,12 +108,20 @@ class Worker:
                 return
             if kind == "setup":
                 self._setup(*msg[1:])
+            elif kind == "capture":
+                self._capture(*msg[1:])
             elif kind == "step":
-                _, N, B, W, S, has_lora, query_lens, context_lens = msg
+                _, N, B, W, S, has_lora, query_lens, context_lens, graphed = msg
                 flat = torch.empty(3 * N + 2 * B + B * W + S, dtype=torch.int64, device=self.device)
                 dist.broadcast(flat, 0)
                 inp = unpack_step(flat, N, B, W, S)
                 lora = None
+                if graphed:
+                    inp.has_lora = has_lora
+                    hidden = self.graph_runner.run(inp)
+                    if S:
+                        self.model.compute_logits(hidden[inp.sample_idx])
+                    continue
                 if has_lora:
                     reps = torch.tensor(query_lens, dtype=torch.int64).to(self.device, non_blocking=True)
                     token_slot = torch.repeat_interleave(inp.token_slot, reps, output_size=N).int()

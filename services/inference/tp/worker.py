@@ -139,6 +139,7 @@ class Worker:
                 dist.broadcast(flat, 0)
                 if self.slots.copy_stream is not None:   # the slot copies (side stream) read what the broadcast wrote
                     self.slots.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    flat.record_stream(self.slots.copy_stream)   # not reused before those copies ran
                 load_slot(self.slots, slot, unpack_adapter(index, flat, module_names), adapter_rank, self.local,
                           self.rank)
             else:

@@ -6,6 +6,8 @@ stop checks, detokenization) and building the stream outputs. None of it depends
 so it is measured here on the CPU with a real, tiny model (2 layers, hidden 64): the forward pass
 and the LM head are timed with module hooks and subtracted, everything else counts as host time
 (the sampler's tensor ops included, which on the GPU cost about their launch time: an upper bound).
+Times are this thread's CPU time (time.thread_time, one torch thread), not wall time: on a shared
+machine other processes' load changes wall times by 2x from run to run, CPU time much less.
 
     python benchmarks/bench_host.py                       # batch 64, overlapped and serial loops
     python benchmarks/bench_host.py --batch 64 --steps 200 --profile 25   # + cProfile's top 25
@@ -34,18 +36,18 @@ class ModelTimer:
         head = model.compute_logits
 
         def timed_logits(hidden):
-            t = time.perf_counter()
+            t = time.thread_time()
             try:
                 return head(hidden)
             finally:
-                self.seconds += time.perf_counter() - t
+                self.seconds += time.thread_time() - t
         model.compute_logits = timed_logits
 
     def _start(self, *_):
-        self._t0 = time.perf_counter()
+        self._t0 = time.thread_time()
 
     def _stop(self, *_):
-        self.seconds += time.perf_counter() - self._t0
+        self.seconds += time.thread_time() - self._t0
 
 
 def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bool, stream: bool,
@@ -71,7 +73,7 @@ def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bo
     prof = cProfile.Profile() if profile_top else None
     m0 = timer.seconds
     n_outputs = 0
-    t = time.perf_counter()
+    t = time.thread_time()
     if prof:
         prof.enable()
     for _ in range(steps):
@@ -82,7 +84,7 @@ def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bo
                 o.outputs[0].text_diff, o.outputs[0].token_ids_diff
     if prof:
         prof.disable()
-    wall = time.perf_counter() - t
+    wall = time.thread_time() - t
     model = timer.seconds - m0
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(profile_top)

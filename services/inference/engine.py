@@ -159,6 +159,7 @@ class LLMEngine:
                 "kv_block_size": bm.block_size, "reused_kv_blocks": bm.num_reused_blocks,
                 "preemptions": sched.num_preemptions, "max_num_seqs": self.config.max_num_seqs,
                 "max_num_tokens": self.config.max_num_tokens, "max_seq_len": self.max_seq_len,
+                "max_num_prefill_tokens_with_decode": self.scheduler.max_num_prefill_tokens_with_decode,
                 "kv_capacity_tokens": self.kv_capacity_tokens, "async_scheduling": self.async_scheduling}
 
     # ---- one step ------------------------------------------------------------------------

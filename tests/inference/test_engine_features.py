@@ -129,7 +129,7 @@ def test_failed_step_fails_only_its_requests(tiny_llama):
     runner.run = flaky
 
     async def run():
-        with pytest.raises(EngineStepError, match="simulated"):
+        with pytest.raises(EngineStepError, match="reference"):
             async for _ in llm.generate_async([5, 6, 7], SamplingParams(max_tokens=4, temperature=0)):
                 pass
         outs = [o async for o in llm.generate_async([5, 6, 7], SamplingParams(max_tokens=4, temperature=0,

@@ -40,8 +40,9 @@ def test_dora_epilogue_llama3_8b_bf16(proj, num_tokens, composition) -> None:
 def test_dora_graph_replay_matches_eager() -> None:
     p = make_problem(num_tokens=64, hidden=4096, max_rank=16, widths=[4096, 1024, 1024], num_slots=32,
                      composition="no-adapter-rows", dtype=torch.bfloat16, seed=5, device="cuda")
-    g = dora_scale(p).cuda()
-    c = dora_shift(g).cuda()   # a biased projection (Qwen2 qkv)
+    g_host = dora_scale(p)
+    g = g_host.cuda()
+    c = dora_shift(g_host).cuda()   # a biased projection (Qwen2 qkv)
     builder = LoRAMetaBuilder(64, 32, "cuda")
     meta = builder.build(p.token_slot)
     buf = torch.empty(workspace_shape(p.x, p.lora_a, p.lora_b, meta), device="cuda")

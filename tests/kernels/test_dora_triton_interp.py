@@ -2,8 +2,6 @@
 CPU through Triton's interpreter (one spawned worker, as test_lora_triton_interp.py explains)."""
 from __future__ import annotations
 
-import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
@@ -12,25 +10,15 @@ import pytest
 from loraserve.kernels import triton_available
 
 from . import dora_interp_cases
+from .interpreter import interpreter_pool
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[ProcessPoolExecutor]:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned worker only
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        from . import interp_cases
-        assert pool.submit(interp_cases.worker_ready).result(timeout=300)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    yield pool
-    pool.shutdown(cancel_futures=True)
+    from . import interp_cases
+    yield from interpreter_pool(interp_cases.worker_ready)
 
 
 @pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks"])

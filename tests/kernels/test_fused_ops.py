@@ -3,8 +3,6 @@ through Triton's interpreter (a spawned TRITON_INTERPRET=1 worker, as test_lora_
 on the GPU in bf16/fp16/fp32 at Llama-3-8B sizes."""
 from __future__ import annotations
 
-import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
@@ -14,23 +12,14 @@ import torch
 from loraserve.kernels import triton_available
 
 from . import fused_interp_cases as cases
+from .interpreter import interpreter_pool, interpreting
 
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[ProcessPoolExecutor]:
     if not triton_available():
         pytest.skip("triton not installed")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned worker only
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        yield pool
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        pool.shutdown(cancel_futures=True)
+    yield from interpreter_pool(interpreting)
 
 
 def _run(pool: ProcessPoolExecutor, fn, *args) -> None:

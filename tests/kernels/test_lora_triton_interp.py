@@ -8,8 +8,6 @@ tests: the interpreter mishandles it.
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
@@ -19,6 +17,7 @@ from loraserve.kernels import triton_available
 
 from . import interp_cases
 from .lora_cases import COMPOSITIONS
+from .interpreter import interpreter_pool
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
@@ -27,18 +26,7 @@ WIDTHS = {1: [40], 2: [48, 40], 3: [40, 24, 24]}  # unequal, and not multiples o
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[ProcessPoolExecutor]:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned worker only
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        assert pool.submit(interp_cases.worker_ready).result(timeout=300)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    yield pool
-    pool.shutdown(cancel_futures=True)
+    yield from interpreter_pool(interp_cases.worker_ready)
 
 
 def _run(pool: ProcessPoolExecutor, fn, *args, **kwargs) -> None:

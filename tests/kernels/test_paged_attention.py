@@ -1,9 +1,6 @@
 """Triton paged decode attention vs its torch reference (interpreter on CPU; bf16 on GPU)."""
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -11,23 +8,14 @@ import torch
 from loraserve.kernels import triton_available
 
 from . import paged_attention_cases
+from .interpreter import interpreter_pool, interpreting
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
 
 @pytest.fixture(scope="module")
 def interp():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    yield from interpreter_pool(interpreting)
 
 
 @pytest.mark.parametrize("B,H,KVH,D,BS", [(3, 4, 2, 16, 16), (2, 8, 1, 32, 16), (4, 4, 4, 16, 32), (1, 12, 4, 64, 16)])

@@ -6,8 +6,6 @@ GPU in bf16/fp16/fp32, plus a CUDA-graph replay that must equal eager output bit
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
@@ -17,6 +15,7 @@ import torch
 from loraserve.kernels import triton_available
 
 from . import unified_attention_cases as cases
+from .interpreter import interpreter_pool
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 needs_cuda = pytest.mark.skipif(not (triton_available() and torch.cuda.is_available()), reason="needs CUDA + triton")
@@ -24,18 +23,7 @@ needs_cuda = pytest.mark.skipif(not (triton_available() and torch.cuda.is_availa
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[ProcessPoolExecutor]:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned worker only
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    try:  # the worker starts at the first submit: while the variable is still set
-        assert pool.submit(cases.interpreting).result(timeout=300)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    yield pool
-    pool.shutdown(cancel_futures=True)
+    yield from interpreter_pool(cases.interpreting)
 
 
 def _run(pool: ProcessPoolExecutor, *args, **kwargs) -> None:

@@ -134,3 +134,34 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[start:start + qlen] = oi[0].transpose(0, 1)
     return out
+
+
+def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float) -> torch.Tensor:
+    """paged_attention over an e4m3 KV cache (CPU torch path; models/fp8.py's Fp8KVAttention calls it).
+    q: [N, H, D], k/v: [N, KVH, D]; caches [num_blocks, block_size, KVH, D] float8_e4m3fn holding
+    K / k_scale and V / v_scale. The step's K/V are quantized on write; the blocks this step's
+    sequences use are gathered once, dequantized to q's dtype, and handed to paged_attention with the
+    block tables renumbered into that compact copy (so every query sees K/V as the cache holds them)."""
+    from .models.fp8 import dequantize, quantize_with_scale
+
+    ctx = get_context()
+    k_q, v_q = quantize_with_scale(k, k_scale), quantize_with_scale(v, v_scale)
+    # CPU index_copy_ has no float8 kernel: copy the bytes
+    store_kv(k_q.view(torch.uint8), v_q.view(torch.uint8), k_cache.view(torch.uint8), v_cache.view(torch.uint8),
+             ctx.slot_mapping)
+    block_size = k_cache.shape[1]
+    tables, slots = ctx.block_tables, ctx.slot_mapping
+    used, renumbered = torch.unique(tables, return_inverse=True)           # [U], tables' shape
+    lookup = torch.zeros(k_cache.shape[0], dtype=slots.dtype, device=slots.device)
+    lookup[used.long()] = torch.arange(used.numel(), dtype=slots.dtype, device=slots.device)
+    k_deq = dequantize(k_cache.view(torch.uint8)[used.long()].view(k_cache.dtype), k_scale, q.dtype)  # [U, bs, KVH, D]
+    v_deq = dequantize(v_cache.view(torch.uint8)[used.long()].view(v_cache.dtype), v_scale, q.dtype)
+    ctx.block_tables = renumbered.to(tables.dtype)
+    ctx.slot_mapping = lookup[slots.long() // block_size] * block_size + slots % block_size
+    try:
+        # the step's own K/V as the cache holds them (whole-prompt sequences read these, not the cache)
+        return paged_attention(q, dequantize(k_q, k_scale, q.dtype), dequantize(v_q, v_scale, q.dtype),
+                               k_deq, v_deq, scale)
+    finally:
+        ctx.block_tables, ctx.slot_mapping = tables, slots

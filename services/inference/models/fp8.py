@@ -1,0 +1,206 @@
+"""FP8 (e4m3) base weights and KV cache: TensorRT-LLM's `QuantConfig(quant_algo=FP8, kv_cache_quant_algo=FP8)`.
+
+Weights: each projection's W [out, in] is stored as float8_e4m3fn with one fp32 scale per output row
+(W ~= W_q * s[:, None], s = amax(|W[row]|) / 448): per-channel scales keep an outlier row from
+crushing the others' precision. Activations get a scale per token at run time (dynamic), or the
+checkpoint's static per-tensor `input_scale`. This is vLLM's "FP8 per-channel weight, per-token
+activation" scheme (vllm/model_executor/layers/quantization/fp8.py) and TensorRT-LLM's
+FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of equal rows.
+
+GEMM: CUDA sm >= 89 uses torch._scaled_mm (FP8 tensor cores, fp32 accumulate, row-wise scales);
+elsewhere (CPU, CI, and the reference) the same W8A8 math is emulated: x and W are rounded through
+e4m3 with their scales, dequantized, and multiplied in the compute dtype with F.linear.
+LoRA is untouched: `Fp8Proj.forward` adds the step's LoRA delta, computed from the unquantized x by
+the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
+
+KV cache: e4m3 with one fp32 scale per layer for K and one for V (the checkpoint's `k_scale` /
+`v_scale`, else 1.0 as vLLM defaults); `Fp8KVAttention` quantizes on write and dequantizes the
+gathered blocks on read (CPU torch attention only: the Triton kernels have no FP8 load path yet).
+
+Nothing here runs unless a quant_config asks for it: the loader swaps modules in at load time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import paged_attention_fp8
+from ..context import get_context
+from .llama import Attention, Proj
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+_MIN_SCALE = 1e-12   # an all-zero row keeps a finite scale (its values quantize to 0 either way)
+
+
+# --- quantize / dequantize ------------------------------------------------------------------------
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] (any float dtype) -> (w_q [out, in] e4m3, scale [out] fp32), w ~= w_q * scale[:, None]."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, in] -> (x_q [N, in] e4m3, scale [N, 1] fp32): one scale per token (row)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x (any shape) / a per-tensor scale -> e4m3, saturating at +-448 (KV cache, static activations)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize(x_q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 values times their scale (broadcast: [out, 1] per row, [N, 1] per token, or a scalar)."""
+    return (x_q.float() * scale).to(dtype)
+
+
+def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
+    # FP8 tensor cores: Ada/Hopper (sm >= 89); _scaled_mm needs both GEMM dims multiples of 16
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+            and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0)
+
+
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N, out] = dequant(quant(x)) @ dequant(w_q)^T + bias, in x's dtype.
+    x [N, in] (bf16/fp16/fp32); w_q [out, in] e4m3; w_scale [out] fp32; input_scale: None (dynamic,
+    per token) or a 0-d fp32 tensor (static, per tensor, from the checkpoint)."""
+    if input_scale is None:
+        x_q, x_scale = quantize_per_token(x)                       # [N, in], [N, 1]
+    else:
+        x_q = quantize_with_scale(x, input_scale)
+        x_scale = input_scale.reshape(1, 1).expand(x.shape[0], 1)  # row-wise form of the one scale
+    if _scaled_mm_ok(x, w_q):
+        # GPU-unverified this session. B must be column-major: w_q.t() of a row-major [out, in] is.
+        out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.contiguous(), scale_b=w_scale.reshape(1, -1),
+                               out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16, bias=None)
+        out = out.to(x.dtype)
+        return out if bias is None else out + bias
+    # emulation (CPU / reference): the same rounding, then an ordinary matmul in the compute dtype
+    return F.linear(dequantize(x_q, x_scale, x.dtype), dequantize(w_q, w_scale[:, None], x.dtype), bias)
+
+
+# --- the weight holder ----------------------------------------------------------------------------
+
+class Fp8Proj(nn.Module):
+    """Proj with an FP8 weight: y = fp8_linear(x) (+ b) + the step's LoRA delta for this (layer, projection).
+    weight [out, in] e4m3 (a frozen Parameter, so the loader's bookkeeping treats it as any weight);
+    weight_scale [out] fp32; input_scale: 0-d fp32 (static) or None (dynamic per-token)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, layer_idx: int, name: str,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.layer_idx, self.proj_name = layer_idx, name
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=FP8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.input_scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
+        lora = get_context().lora
+        if lora is not None:
+            lora.apply(self.layer_idx, self.proj_name, x, y)   # from the unquantized x, as Proj does
+        return y
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] in `dtype`: what the FP8 weight stands for (tests, DoRA-style consumers)."""
+        return dequantize(self.weight, self.weight_scale[:, None], dtype)
+
+    def extra_repr(self) -> str:
+        static = "static" if self.input_scale is not None else "dynamic"
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel, {static} activation scale"
+
+
+def convert_projections(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, Fp8Proj]:
+    """Replace every Proj of the decoder layers with an (empty) Fp8Proj of the same shape, before the
+    weights stream in. Returns {module name: Fp8Proj} (names as in model.named_modules())."""
+    out: dict[str, Fp8Proj] = {}
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Proj):
+                new = Fp8Proj(child.in_features, child.out_features, child.bias is not None, child.layer_idx,
+                              child.proj_name, dtype, device)
+                setattr(parent, child_name, new)
+                out[f"{parent_name}.{child_name}" if parent_name else child_name] = new
+    return out
+
+
+def load_into_fp8(module: Fp8Proj, part: str, row0: int, rows: int, tensor: torch.Tensor, what: str) -> None:
+    """One checkpoint tensor into rows [row0, row0 + rows) of an Fp8Proj (a fused module's part).
+    part: 'weight' (bf16/fp16/fp32 -> quantized per row here; e4m3 -> copied, its scale comes apart),
+    'weight_scale' (a scalar, or [rows] / [rows, 1] per channel), 'input_scale' (a scalar: the fused
+    module keeps the largest of its parts', so that no part saturates)."""
+    if part == "weight":
+        if tuple(tensor.shape) != (rows, module.in_features):
+            raise ValueError(f"shape mismatch for {what}: model expects {(rows, module.in_features)}, "
+                             f"checkpoint has {tuple(tensor.shape)}")
+        tensor = tensor.to(module.weight.device)
+        if tensor.dtype == FP8:
+            module.weight.data[row0:row0 + rows].copy_(tensor)
+            return
+        if tensor.dtype.itemsize == 1:
+            raise ValueError(f"{what}: {tensor.dtype} weights are not supported (FP8 e4m3 or bf16/fp16/fp32)")
+        w_q, scale = quantize_per_channel(tensor)
+        module.weight.data[row0:row0 + rows].copy_(w_q)
+        module.weight_scale[row0:row0 + rows].copy_(scale)
+        return
+    scale = tensor.float().to(module.weight_scale.device)
+    if part == "weight_scale":
+        if scale.numel() == 1:   # per-tensor (AutoFP8 / vLLM): every row of this part shares it
+            module.weight_scale[row0:row0 + rows].fill_(scale.item())
+        elif scale.numel() == rows:
+            module.weight_scale[row0:row0 + rows].copy_(scale.reshape(-1))
+        else:
+            raise ValueError(f"{what}: weight_scale of shape {tuple(tensor.shape)} is neither per-tensor nor "
+                             f"per-channel ({rows} rows); block-wise FP8 scales are not supported")
+        return
+    if part == "input_scale":
+        if scale.numel() != 1:
+            raise ValueError(f"{what}: only a per-tensor input_scale is supported, got shape {tuple(tensor.shape)}")
+        prev = module.input_scale
+        module.input_scale = scale.reshape(()) if prev is None else torch.maximum(prev, scale.reshape(()))
+        return
+    raise ValueError(f"unexpected FP8 checkpoint tensor {what!r}")
+
+
+# --- FP8 KV cache (CPU torch attention) -----------------------------------------------------------
+
+class Fp8KVAttention(Attention):
+    """Attention over an e4m3 KV cache: Attention.forward with the FP8 store/read. k_scale, v_scale:
+    per-tensor (per layer) scales, the checkpoint's or 1.0. Swapped in by `enable_fp8_kv_cache`."""
+
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)    # (N, H, D)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        o = paged_attention_fp8(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale,
+                                self.k_scale, self.v_scale)
+        out = self.o_proj(o.reshape(-1, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+
+def enable_fp8_kv_cache(model: nn.Module, device: torch.device) -> None:
+    """Make every Attention of `model` write and read an e4m3 KV cache. CPU only for now."""
+    if device.type != "cpu":
+        raise NotImplementedError(
+            "kv_cache_quant_algo=FP8 runs on CPU only for now: the CUDA attention kernels "
+            "(kernels/unified_attention.py, kernels/paged_attention.py) have no FP8 load path yet. "
+            "On the GPU use quant_config=QuantConfig(quant_algo=QuantAlgo.FP8) (FP8 weights, bf16 KV cache).")
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = Fp8KVAttention   # same state; only forward differs

@@ -3,10 +3,10 @@
     from loraserve import LLM, SamplingParams, LoraConfig, LoRARequest, PeftCacheConfig
 """
 from .config import (EngineConfig, KvCacheConfig, LoraConfig, LoRARequest, PeftCacheConfig,  # noqa: F401
-                     SamplingParams)
+                     QuantAlgo, QuantConfig, SamplingParams)
 
 __all__ = ["LLM", "SamplingParams", "LoraConfig", "LoRARequest", "PeftCacheConfig", "KvCacheConfig",
-           "EngineConfig", "RequestOutput", "CompletionOutput"]
+           "QuantConfig", "QuantAlgo", "EngineConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

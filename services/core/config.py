@@ -8,6 +8,7 @@ value fails where it is written, with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,64 @@ class PeftCacheConfig:
         _check(self.max_adapter_size >= 1, f"max_adapter_size must be >= 1, got {self.max_adapter_size}")
 
 
+class QuantAlgo(str, enum.Enum):
+    """TensorRT-LLM's QuantAlgo names. loraserve runs FP8 (e4m3 weights with per-channel scales, per-token
+    activation scales) and an FP8 KV cache; the other names are known so that they are refused by name."""
+
+    FP8 = "FP8"
+    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    FP8_BLOCK_SCALES = "FP8_BLOCK_SCALES"
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+    W4A16_AWQ = "W4A16_AWQ"
+    W4A16_GPTQ = "W4A16_GPTQ"
+    W4A8_AWQ = "W4A8_AWQ"
+    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
+    INT8 = "INT8"
+    NVFP4 = "NVFP4"
+    MIXED_PRECISION = "MIXED_PRECISION"
+    NO_QUANT = "NO_QUANT"
+
+
+SUPPORTED_QUANT_ALGOS = (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+SUPPORTED_KV_CACHE_QUANT_ALGOS = (QuantAlgo.FP8,)
+
+
+def _quant_algo(value: Any, field_name: str, supported: tuple[QuantAlgo, ...]) -> QuantAlgo | None:
+    if value is None or value == "" or value == QuantAlgo.NO_QUANT or str(value).upper() in ("NONE", "NO_QUANT"):
+        return None
+    name = value.value if isinstance(value, QuantAlgo) else str(value).upper()
+    names = ", ".join(a.value for a in supported)
+    if name not in QuantAlgo.__members__:
+        raise ValueError(f"{field_name} {value!r} is not a QuantAlgo; loraserve supports {names} (or None)")
+    algo = QuantAlgo[name]
+    if algo not in supported:
+        raise ValueError(f"{field_name} {algo.value} is not supported; loraserve supports {names} (or None)")
+    return algo
+
+
+@dataclass(slots=True)
+class QuantConfig:
+    """TensorRT-LLM's QuantConfig: QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8).
+    Strings ("fp8", "FP8") are accepted and normalised; unsupported algorithms are refused by name."""
+
+    quant_algo: QuantAlgo | str | None = None
+    kv_cache_quant_algo: QuantAlgo | str | None = None
+
+    def __post_init__(self) -> None:
+        self.quant_algo = _quant_algo(self.quant_algo, "quant_algo", SUPPORTED_QUANT_ALGOS)
+        self.kv_cache_quant_algo = _quant_algo(self.kv_cache_quant_algo, "kv_cache_quant_algo",
+                                               SUPPORTED_KV_CACHE_QUANT_ALGOS)
+
+    @property
+    def fp8_weights(self) -> bool:
+        return self.quant_algo is not None
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_quant_algo == QuantAlgo.FP8
+
+
 @dataclass(slots=True)
 class KvCacheConfig:
     """TensorRT-LLM's KvCacheConfig (the fields loraserve uses)."""
@@ -196,6 +255,7 @@ class EngineConfig:
     allowed_lora_dirs: list[str] | None = None  # where LoRARequest.lora_path may point; None = anywhere (offline API)
     async_scheduling: bool | None = None  # overlap host work with the device's step; None: on for CUDA
     tensor_parallel_size: int = 1         # TensorRT-LLM/vLLM: shard the model over this many devices of one host
+    quant_config: QuantConfig | None = None   # FP8 base weights / KV cache (None: the checkpoint's dtype)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"),
@@ -212,6 +272,8 @@ class EngineConfig:
             self.lora_config = LoraConfig(**self.lora_config)
         if isinstance(self.peft_cache_config, dict):
             self.peft_cache_config = PeftCacheConfig(**self.peft_cache_config)
+        if isinstance(self.quant_config, dict):
+            self.quant_config = QuantConfig(**self.quant_config)
 
 
 def engine_config_from_kwargs(model: str, where: str = "", **kwargs: Any) -> EngineConfig:

@@ -112,11 +112,7 @@ def normalize_engine_options(kwargs: dict[str, Any], engine_fields: set[str], ne
     nested_fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in nested.items()}
     for key, value in kwargs.items():
         if key == "quant_config":
-            algo = value.get("quant_algo") if isinstance(value, dict) else getattr(value, "quant_algo", value)
-            kv_algo = value.get("kv_cache_quant_algo") if isinstance(value, dict) else None
-            if algo not in (None, "", "NONE", "None") or kv_algo not in (None, "", "NONE", "None"):
-                raise ConfigError(f"{where}quant_config {value!r}: quantized base models (FP8/INT4) are not "
-                                  "supported yet; serve the model in bf16/fp16")
+            args["quant_config"] = _quant_config(value, where)
         elif key == "cuda_graph_config":  # TensorRT-LLM: null disables CUDA graphs, a mapping enables them
             if value is None or value is False:
                 args["enforce_eager"] = True
@@ -142,3 +138,19 @@ def normalize_engine_options(kwargs: dict[str, Any], engine_fields: set[str], ne
         else:
             raise unknown_key(key, known, where, nested_fields)
     return args
+
+
+def _quant_config(value: Any, where: str):
+    """quant_config as a QuantConfig (or None): a QuantConfig, a mapping of its fields (YAML), or a bare
+    algorithm name ("fp8"). Unsupported algorithms are refused naming what is supported."""
+    from .config import QuantConfig
+
+    try:
+        if value is None or isinstance(value, QuantConfig):
+            return value
+        if isinstance(value, dict):
+            check_nested("quant_config", value, QuantConfig, where)
+            return QuantConfig(**value)
+        return QuantConfig(quant_algo=value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}quant_config: {exc}") from exc

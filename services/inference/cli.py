@@ -40,6 +40,10 @@ def add_commands(subparsers) -> None:
                    help="connect to the registry over TLS, trusting this CA certificate (PEM)")
     p.add_argument("--dtype", default=None, help="auto | float32 | float16 | bfloat16")
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: FP8 e4m3 base weights (per-channel scales); = quant_config: {quant_algo: FP8}")
+    p.add_argument("--kv_cache_dtype", "--kv-cache-dtype", dest="kv_cache_dtype", choices=["auto", "fp8"], default=None,
+                   help="fp8: FP8 e4m3 KV cache (CPU only for now); = quant_config: {kv_cache_quant_algo: FP8}")
     p.add_argument("--max_batch_size", "--max-batch-size", dest="max_batch_size", type=int, default=None)
     p.add_argument("--max_num_tokens", "--max-num-tokens", dest="max_num_tokens", type=int, default=None)
     p.add_argument("--tensor_parallel_size", "--tensor-parallel-size", "--tp", dest="tensor_parallel_size", type=int,
@@ -85,7 +89,7 @@ def _serve(args) -> int:
         adapter_cache_dir=args.adapter_cache_dir, max_queue_size=args.max_queue_size, auth_token=args.auth_token,
         tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, registry_ca_file=args.registry_ca_file,
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, quant_config=_quant_flags(args))
     try:
         cfg = load_serve_config(args.extra + args.config, overrides)
     except ConfigError as exc:  # before any port is bound or the model loads
@@ -98,6 +102,14 @@ def _serve(args) -> int:
     except PortInUseError as exc:
         print(f"error: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _quant_flags(args) -> dict | None:
+    """--quantization / --kv_cache_dtype as a quant_config mapping (None: neither given, files decide)."""
+    if args.quantization is None and args.kv_cache_dtype in (None, "auto"):
+        return None
+    return {"quant_algo": "FP8" if args.quantization == "fp8" else None,
+            "kv_cache_quant_algo": "FP8" if args.kv_cache_dtype == "fp8" else None}
 
 
 def _generate(args) -> int:

@@ -158,7 +158,7 @@ def test_unsupported_trtllm_options_are_refused_not_ignored():
     from loraserve.config import engine_config_from_kwargs
 
     with pytest.raises(ValueError, match="not supported"):
-        engine_config_from_kwargs("m", quant_config={"quant_algo": "FP8"})
+        engine_config_from_kwargs("m", quant_config={"quant_algo": "W4A16_AWQ"})  # FP8 is supported (issue 14)
     with pytest.raises(ValueError, match="not supported"):
         engine_config_from_kwargs("m", kv_cache_config={"dtype": "fp8"})
     with pytest.raises(ValueError, match="beam search"):

@@ -42,7 +42,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         # tensor_parallel_size > 1: workers hold shards 1..N-1 and this process shard 0 (tp/); None otherwise
         self.tp = start_tensor_parallel(config, self.device)
-        self.model, self.args, self.dtype = load_model(config.model, config.dtype, self.device, tp=self.tp)
+        self.model, self.args, self.dtype = load_model(config.model, config.dtype, self.device, tp=self.tp,
+                                                       quant_config=config.quant_config)
         self.tokenizer = TokenizerWrapper(config.model)
         self.max_seq_len = config.max_seq_len or self.args.max_position_embeddings
         if self.args.sliding_window and self.max_seq_len > self.args.sliding_window:

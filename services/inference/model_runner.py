@@ -33,11 +33,18 @@ class ModelRunner:
         self.dtype, self.device = dtype, device
         self.lora_manager = lora_manager
         self.block_size = config.kv_cache_config.tokens_per_block
+        # FP8 KV cache (quant_config.kv_cache_quant_algo): e4m3 blocks, half the bytes of bf16 per token
+        quant = getattr(config, "quant_config", None)
+        self.kv_dtype = torch.float8_e4m3fn if quant is not None and quant.fp8_kv_cache else dtype
+        if self.kv_dtype != dtype:
+            from .models.fp8 import enable_fp8_kv_cache
+
+            enable_fp8_kv_cache(model, device)   # refuses CUDA for now (models/fp8.py says why)
         self.num_blocks = self._size_kv_cache()
         # one extra block: the scratch block that padded CUDA-graph rows write into
         shape = (args.num_hidden_layers, self.num_blocks + 1, self.block_size, args.num_key_value_heads, args.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_cache[i], self.v_cache[i]
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
@@ -69,7 +76,7 @@ class ModelRunner:
 
     def _size_kv_cache(self) -> int:
         a = self.args
-        bytes_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        bytes_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * torch.finfo(self.kv_dtype).bits // 8
         kv = self.config.kv_cache_config
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks

@@ -57,11 +57,19 @@ def _weight_files(path: str) -> list[str]:
     return files
 
 
-def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu", tp=None
+def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu", tp=None, quant_config=None
                ) -> tuple[LlamaForCausalLM, ModelArgs, torch.dtype]:
     """(model, the full model's args, dtype). With `tp` the model is this rank's shard and its own
-    `model.args` are the shard's (heads, KV heads, MLP width and vocabulary divided)."""
+    `model.args` are the shard's (heads, KV heads, MLP width and vocabulary divided).
+    FP8 (models/fp8.py): with quant_config.quant_algo FP8, or a checkpoint whose config.json says
+    quantization_config {quant_method: fp8}, every decoder projection is an Fp8Proj: bf16/fp16/fp32
+    weights are quantized per output channel as they stream in, FP8 weights are taken with their
+    weight_scale (and input_scale). `dtype` stays the compute dtype (activations, norms, LoRA)."""
     hf_cfg = read_hf_config(path)
+    fp8_checkpoint = _fp8_checkpoint(hf_cfg, path)
+    fp8_weights = fp8_checkpoint or (quant_config is not None and quant_config.fp8_weights)
+    if fp8_weights and tp is not None:
+        raise ValueError("FP8 weights with tensor parallelism are not supported yet")
     args = ModelArgs.from_hf_config(hf_cfg)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, args, device)
@@ -77,6 +85,11 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
         _attach_group(model, tp)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    fp8_mods = None
+    if fp8_weights:
+        from .fp8 import convert_projections
+
+        fp8_mods = convert_projections(model, torch_dtype, device)
     for module in model.modules():  # to_empty left the non-persistent RoPE buffers uninitialised
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = rope_inv_freq(args).float().to(device)
@@ -86,7 +99,8 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name) if tp is None else _read_shard(f, name, local, tp)
-                _load_one(name, tensor, params, local, loaded)
+                if fp8_mods is None or not _load_fp8_one(name, tensor, model, fp8_mods, local, loaded):
+                    _load_one(name, tensor, params, local, loaded)
     missing = {n for n in params if n not in loaded}
     if args.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "lm_head.weight" not in loaded:
@@ -94,6 +108,9 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
         missing.discard("lm_head.weight")
     if missing:
         raise ValueError(f"{path}: checkpoint lacks weights for {sorted(missing)[:8]}")
+    unscaled = sorted(k for k in loaded if k.startswith("fp8-unscaled:") and "fp8-scaled:" + k[13:] not in loaded)
+    if unscaled:
+        raise ValueError(f"{path}: FP8 weights without a weight_scale: {[k[13:] for k in unscaled][:8]}")
     return model.eval(), args, torch_dtype
 
 
@@ -119,6 +136,59 @@ def _load_one(name: str, tensor: torch.Tensor, params: dict, args: ModelArgs, lo
         raise ValueError(f"unexpected checkpoint tensor {name!r}: not part of a {args.model_type} model")
     _copy(params[name].data, tensor, name)
     loaded.add(name)
+
+
+def _fp8_checkpoint(hf_cfg: dict, path: str) -> bool:
+    """True for a checkpoint already in FP8 (config.json quantization_config {quant_method: fp8}, as
+    AutoFP8 / vLLM / scripts/quantize_fp8.py write it); other quantized checkpoints are refused."""
+    qc = hf_cfg.get("quantization_config")
+    if not qc:
+        return False
+    method = str(qc.get("quant_method", "")).lower()
+    if method != "fp8":
+        raise ValueError(f"{path}: quantized checkpoint (quant_method={method!r}) is not supported; "
+                         "loraserve loads bf16/fp16/fp32 checkpoints and FP8 ones (quant_method: fp8)")
+    if qc.get("weight_block_size"):
+        raise ValueError(f"{path}: block-wise FP8 scales (weight_block_size={qc['weight_block_size']}) are not "
+                         "supported; per-tensor or per-channel weight_scale only")
+    return True
+
+
+def _load_fp8_one(name: str, tensor: torch.Tensor, model: LlamaForCausalLM, fp8_mods: dict, args: ModelArgs,
+                  loaded: set[str]) -> bool:
+    """Tensors of an Fp8Proj (weight, weight_scale, input_scale) and the KV-cache scales; False: not one
+    of these (the ordinary loader takes it). Marks 'fp8-unscaled:'/'fp8-scaled:' parts so that load_model
+    can refuse an FP8 weight that never got its scale."""
+    from .fp8 import FP8, load_into_fp8
+
+    name = re.sub(r"^model\.", "", name)
+    kv = re.match(r"layers\.(\d+)\.self_attn\.(k_scale|v_scale)$", name)
+    if kv:   # per-tensor KV-cache scales (vLLM's names); used when the KV cache is FP8
+        setattr(model.layers[int(kv.group(1))].self_attn, kv.group(2), float(tensor.float().reshape(-1)[0]))
+        return True
+    m = re.match(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|weight_scale|input_scale)$", name)
+    if not m:
+        if tensor.dtype == FP8:
+            raise ValueError(f"FP8 checkpoint tensor {name!r} is not a decoder projection: only q/k/v/o/gate/up/down "
+                             "may be FP8 (embeddings, norms and lm_head stay in bf16/fp16/fp32)")
+        return False
+    mod = m.group(3)
+    fused, idx = _PACKED.get(mod, (mod, 0))
+    target = f"layers.{m.group(1)}.{m.group(2)}.{fused}"
+    if target not in fp8_mods:
+        return False
+    sizes = ([args.q_size, args.kv_size, args.kv_size] if fused == "qkv_proj" else
+             [args.intermediate_size, args.intermediate_size] if fused == "gate_up_proj" else
+             [fp8_mods[target].out_features])
+    row0, part = sum(sizes[:idx]), m.group(4)
+    load_into_fp8(fp8_mods[target], part, row0, sizes[idx], tensor, f"{name} -> {target}[{row0}:{row0 + sizes[idx]}]")
+    if part == "weight":
+        loaded.add(f"{target}.weight")
+        if tensor.dtype == FP8:
+            loaded.add(f"fp8-unscaled:{target}[{row0}]")
+    elif part == "weight_scale":
+        loaded.add(f"fp8-scaled:{target}[{row0}]")
+    return True
 
 
 def _attach_group(model: LlamaForCausalLM, tp) -> None:

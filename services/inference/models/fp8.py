@@ -8,13 +8,14 @@ activation" scheme (vllm/model_executor/layers/quantization/fp8.py) and TensorRT
 FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of equal rows.
 
 GEMM: CUDA sm >= 89 uses torch._scaled_mm (FP8 tensor cores, fp32 accumulate, row-wise scales);
-elsewhere (CPU, CI, and the reference) the same W8A8 math is emulated: x and W are rounded through
-e4m3 with their scales, dequantized, and multiplied in the compute dtype with F.linear.
+elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
+compute dtype (F.linear); EMULATE_ACTIVATION_QUANT = True also rounds x per token as _scaled_mm does.
 LoRA is untouched: `Fp8Proj.forward` adds the step's LoRA delta, computed from the unquantized x by
 the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
 
 KV cache: e4m3 with one fp32 scale per layer for K and one for V (the checkpoint's `k_scale` /
-`v_scale`, else 1.0 as vLLM defaults); `Fp8KVAttention` quantizes on write and dequantizes the
+`v_scale`, else calibrated on the first step as vLLM's calculate_kv_scales; a fixed 1.0 lost ~3% top-1
+on the default model); `Fp8KVAttention` quantizes on write and dequantizes the
 gathered blocks on read (CPU torch attention only: the Triton kernels have no FP8 load path yet).
 
 Nothing here runs unless a quant_config asks for it: the loader swaps modules in at load time.
@@ -31,7 +32,11 @@ from .llama import Attention, Proj
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-_MIN_SCALE = 1e-12   # an all-zero row keeps a finite scale (its values quantize to 0 either way)
+K_SCALE_RANGE, V_SCALE_RANGE = 200.0, 100.0   # vLLM's K_SCALE_CONSTANT / V_SCALE_CONSTANT headroom
+_MIN_SCALE = 1e-12
+# CPU: also round activations through e4m3 per token, as _scaled_mm does (tests measure the GPU's
+# W8A8 error with it); off by default: the CPU path is weight-only dequantization
+EMULATE_ACTIVATION_QUANT = False   # an all-zero row keeps a finite scale (its values quantize to 0 either way)
 
 
 # --- quantize / dequantize ------------------------------------------------------------------------
@@ -71,18 +76,22 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     """y [N, out] = dequant(quant(x)) @ dequant(w_q)^T + bias, in x's dtype.
     x [N, in] (bf16/fp16/fp32); w_q [out, in] e4m3; w_scale [out] fp32; input_scale: None (dynamic,
     per token) or a 0-d fp32 tensor (static, per tensor, from the checkpoint)."""
+    on_tensor_cores = _scaled_mm_ok(x, w_q)
+    if not on_tensor_cores and not EMULATE_ACTIVATION_QUANT:
+        # the CPU / reference path: weight-only dequantization, then an ordinary matmul in the compute dtype
+        return F.linear(x, dequantize(w_q, w_scale[:, None], x.dtype), bias)
     if input_scale is None:
         x_q, x_scale = quantize_per_token(x)                       # [N, in], [N, 1]
     else:
         x_q = quantize_with_scale(x, input_scale)
         x_scale = input_scale.reshape(1, 1).expand(x.shape[0], 1)  # row-wise form of the one scale
-    if _scaled_mm_ok(x, w_q):
+    if on_tensor_cores:
         # GPU-unverified this session. B must be column-major: w_q.t() of a row-major [out, in] is.
         out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.contiguous(), scale_b=w_scale.reshape(1, -1),
                                out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16, bias=None)
         out = out.to(x.dtype)
         return out if bias is None else out + bias
-    # emulation (CPU / reference): the same rounding, then an ordinary matmul in the compute dtype
+    # W8A8 emulation: the tensor-core path's rounding of x too, then an ordinary matmul
     return F.linear(dequantize(x_q, x_scale, x.dtype), dequantize(w_q, w_scale[:, None], x.dtype), bias)
 
 
@@ -178,8 +187,8 @@ class Fp8KVAttention(Attention):
     """Attention over an e4m3 KV cache: Attention.forward with the FP8 store/read. k_scale, v_scale:
     per-tensor (per layer) scales, the checkpoint's or 1.0. Swapped in by `enable_fp8_kv_cache`."""
 
-    k_scale: float = 1.0
-    v_scale: float = 1.0
+    k_scale: float | None = None   # None: set from the first step's K (vLLM's calculate_kv_scales)
+    v_scale: float | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -188,6 +197,11 @@ class Fp8KVAttention(Attention):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
+        if self.k_scale is None or self.v_scale is None:
+            # no checkpoint scales: the first step's amax with vLLM's headroom (K/200, V/100), fixed from
+            # then on (cached blocks hold values under these scales); later outliers saturate at +-448
+            self.k_scale = max(float(k.abs().amax()) / K_SCALE_RANGE, 1e-6)
+            self.v_scale = max(float(v.abs().amax()) / V_SCALE_RANGE, 1e-6)
         o = paged_attention_fp8(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale,
                                 self.k_scale, self.v_scale)
         out = self.o_proj(o.reshape(-1, self.q_size))

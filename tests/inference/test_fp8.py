@@ -298,3 +298,20 @@ def test_fp8_kv_cache_is_refused_on_cuda_for_now():
 
     with pytest.raises(NotImplementedError, match="no FP8 load path"):
         enable_fp8_kv_cache(torch.nn.Module(), torch.device("cuda"))
+
+
+def test_serve_flags_and_yaml_take_quant_config(tmp_path):
+    from loraserve.cli import build_parser
+    from loraserve.inference.cli import _quant_flags
+    from loraserve.inference.serve_config import load_serve_config
+
+    args = build_parser().parse_args(["serve", "--quantization", "fp8", "--kv-cache-dtype", "fp8"])
+    assert _quant_flags(args) == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    assert _quant_flags(build_parser().parse_args(["serve"])) is None
+    yaml_file = tmp_path / "extra.yaml"
+    yaml_file.write_text("quant_config:\n  quant_algo: FP8\n  kv_cache_quant_algo: FP8\n")
+    cfg = load_serve_config([str(yaml_file)], {})
+    assert cfg.llm_kwargs["quant_config"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    yaml_file.write_text("quant_config:\n  quant_algo: W4A16_AWQ\n")
+    with pytest.raises(ConfigError, match="W4A16_AWQ is not supported; loraserve supports FP8"):
+        load_serve_config([str(yaml_file)], {})

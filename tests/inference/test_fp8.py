@@ -7,7 +7,6 @@ model's logits. The GPU path (torch._scaled_mm, sm >= 89) is not exercised here.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import types
@@ -315,3 +314,28 @@ def test_serve_flags_and_yaml_take_quant_config(tmp_path):
     yaml_file.write_text("quant_config:\n  quant_algo: W4A16_AWQ\n")
     with pytest.raises(ConfigError, match="W4A16_AWQ is not supported; loraserve supports FP8"):
         load_serve_config([str(yaml_file)], {})
+
+
+def test_static_input_scales_and_kv_scales_from_the_checkpoint(tmp_path):
+    """input_scale (per tensor; a fused module keeps the largest of its parts') and the KV-cache k_scale /
+    v_scale tensors of an FP8 checkpoint land where the forward reads them."""
+    from scripts.quantize_fp8 import convert
+
+    d = tmp_path / "static"
+    convert(str(MODEL_DIR), str(d))
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        tensors[f"model.layers.0.self_attn.{part}.input_scale"] = torch.tensor(0.01 * (i + 1))
+    tensors["model.layers.1.self_attn.k_scale"] = torch.tensor(0.05)
+    tensors["model.layers.1.self_attn.v_scale"] = torch.tensor(0.02)
+    save_file(tensors, str(d / "model.safetensors"))
+    llm = LLM(model=str(d), device="cpu", quant_config={"kv_cache_quant_algo": "FP8"})
+    layers = llm.engine.model.layers
+    assert float(layers[0].self_attn.qkv_proj.input_scale) == pytest.approx(0.03)
+    assert layers[0].self_attn.o_proj.input_scale is None   # no static scale: dynamic per token
+    assert (layers[1].self_attn.k_scale, layers[1].self_attn.v_scale) == pytest.approx((0.05, 0.02))
+    out = llm.generate(["def "], SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0]
+    assert len(out.token_ids) == 8
+    assert (layers[1].self_attn.k_scale, layers[1].self_attn.v_scale) == pytest.approx((0.05, 0.02))  # kept
+    assert layers[0].self_attn.k_scale is not None   # calibrated on the first step

@@ -197,10 +197,11 @@ class Fp8KVAttention(Attention):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        if self.k_scale is None or self.v_scale is None:
-            # no checkpoint scales: the first step's amax with vLLM's headroom (K/200, V/100), fixed from
-            # then on (cached blocks hold values under these scales); later outliers saturate at +-448
+        # no checkpoint scales: the first step's amax with vLLM's headroom (K/200, V/100), fixed from then
+        # on (cached blocks hold values under these scales); later outliers saturate at +-448
+        if self.k_scale is None:
             self.k_scale = max(float(k.abs().amax()) / K_SCALE_RANGE, 1e-6)
+        if self.v_scale is None:
             self.v_scale = max(float(v.abs().amax()) / V_SCALE_RANGE, 1e-6)
         o = paged_attention_fp8(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale,
                                 self.k_scale, self.v_scale)

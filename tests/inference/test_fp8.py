@@ -339,3 +339,21 @@ def test_static_input_scales_and_kv_scales_from_the_checkpoint(tmp_path):
     assert len(out.token_ids) == 8
     assert (layers[1].self_attn.k_scale, layers[1].self_attn.v_scale) == pytest.approx((0.05, 0.02))  # kept
     assert layers[0].self_attn.k_scale is not None   # calibrated on the first step
+
+
+def test_scaled_mm_call_matches_the_emulation():
+    """The exact torch._scaled_mm call of the CUDA path, run by torch's CPU kernel where it has one,
+    against the W8A8 emulation in fp32 (bf16 output rounding apart)."""
+    from loraserve.inference.models.fp8 import scaled_mm_rowwise
+
+    torch.manual_seed(2)
+    x, w = torch.randn(5, 64).bfloat16(), torch.randn(32, 64)
+    w_q, w_s = quantize_per_channel(w)
+    x_q, x_s = quantize_per_token(x)
+    try:
+        out = scaled_mm_rowwise(x_q, x_s, w_q, w_s, torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"no CPU _scaled_mm in this torch: {exc}")
+    ref = dequantize(x_q, x_s, torch.float32) @ dequantize(w_q, w_s[:, None], torch.float32).T
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 32)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)

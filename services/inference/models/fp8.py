@@ -71,6 +71,18 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
             and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0)
 
 
+def scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """[N, out] = (x_q * x_scale) @ (w_q * w_scale[:, None])^T on FP8 tensor cores, fp32 accumulate.
+    x_q [N, in] e4m3 row-major, x_scale [N, 1] fp32; w_q [out, in] e4m3 (w_q.t() is the column-major
+    B _scaled_mm wants), w_scale [out] fp32. Row-wise scales need a bf16 output (fp32 callers cast).
+    Checked against the emulation on CPU (torch's CPU _scaled_mm); not yet run on a GPU."""
+    out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.contiguous(), scale_b=w_scale.reshape(1, -1).contiguous(),
+                           out_dtype=out_dtype)
+    return out.to(dtype)
+
+
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y [N, out] = dequant(quant(x)) @ dequant(w_q)^T + bias, in x's dtype.
@@ -86,10 +98,7 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         x_q = quantize_with_scale(x, input_scale)
         x_scale = input_scale.reshape(1, 1).expand(x.shape[0], 1)  # row-wise form of the one scale
     if on_tensor_cores:
-        # GPU-unverified this session. B must be column-major: w_q.t() of a row-major [out, in] is.
-        out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.contiguous(), scale_b=w_scale.reshape(1, -1),
-                               out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16, bias=None)
-        out = out.to(x.dtype)
+        out = scaled_mm_rowwise(x_q, x_scale, w_q, w_scale, x.dtype)
         return out if bias is None else out + bias
     # W8A8 emulation: the tensor-core path's rounding of x too, then an ordinary matmul
     return F.linear(dequantize(x_q, x_scale, x.dtype), dequantize(w_q, w_scale[:, None], x.dtype), bias)

@@ -12,6 +12,7 @@ input columns, embedding and LM head by vocabulary rows; norms are replicated.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -20,6 +21,7 @@ from safetensors import safe_open
 
 from .llama import PROJ_SLICES, LlamaForCausalLM, ModelArgs, RotaryEmbedding, rope_inv_freq
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -90,6 +92,8 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
         from .fp8 import convert_projections
 
         fp8_mods = convert_projections(model, torch_dtype, device)
+        log.info("FP8 e4m3 weights for %d projections (%s), compute dtype %s", len(fp8_mods),
+                 "from the checkpoint" if fp8_checkpoint else "quantized at load, per-channel scales", torch_dtype)
     for module in model.modules():  # to_empty left the non-persistent RoPE buffers uninitialised
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = rope_inv_freq(args).float().to(device)

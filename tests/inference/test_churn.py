@@ -135,6 +135,7 @@ def test_kv_budget_does_not_count_lora_slots_twice(tiny_llama, monkeypatch):
     probe = object.__new__(ModelRunner)  # the sizing rule alone, as on a GPU with `free` bytes free
     probe.config, probe.args, probe.dtype = runner.config, runner.args, runner.dtype
     probe.device, probe.block_size = torch.device("cuda"), runner.block_size
+    probe.kv_dtype = runner.kv_dtype
     probe.config = copy.copy(runner.config)
     probe.config.max_num_seqs = 1 << 20  # no cap from max_seq_len * max_num_seqs
     probe.lora_manager = None

@@ -65,35 +65,13 @@ def register(engine, adapters: list, first_id: int) -> list:
     return reqs
 
 
-def _sync(engine) -> None:
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_decode(engine, batch: int, prompt_len: int, steps: int, loras: list, seed: int) -> float:
     """Decode tokens/s of `batch` sequences over `steps` steps (after prefill and 3 warm-up steps)."""
-    from loraserve import SamplingParams
+    from benchmarks.bench_engine import run_decode
 
     ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(seed)).tolist()
-    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
-    for i, prompt in enumerate(ids):
-        engine.add_request(f"dora-bench-{seed}-{i}", prompt, params, loras[i % len(loras)])
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    _sync(engine)
-    tok0 = sum(s.num_output_tokens for s in engine.seqs.values())
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    _sync(engine)
-    dt = time.perf_counter() - t
-    produced = sum(s.num_output_tokens for s in engine.seqs.values()) - tok0
-    for rid in list(engine.seqs):
-        engine.abort_request(rid)
-    return produced / dt
+    return run_decode(engine, ids, steps, loras, tag=f"dora-bench-{seed}")["tok_s"]
 
 
 def time_expand_epilogue(engine, batch: int, num_adapters: int, iters: int = 200) -> dict:

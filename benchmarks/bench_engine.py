@@ -106,33 +106,43 @@ def output_tokens(engine) -> int:
     return sum(s.num_output_tokens for s in engine.seqs.values())
 
 
-def time_engine_decode(engine, prompts: Prompts, batch: int, prompt_len: int, steps: int, loras=None) -> dict:
+def sync(engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def run_decode(engine, prompt_ids: list[list[int]], steps: int, loras=None, tag: str = "d") -> dict:
+    """The decode timing every benchmark here uses: prefill the prompts (fresh ones: the prefix
+    cache cannot hit), 3 warm-up steps, then `steps` timed steps. loras: cycled over the requests."""
     from loraserve import SamplingParams
 
-    tag = time.monotonic_ns()
-    for i, ids in enumerate(prompts.make(batch, prompt_len)):
-        engine.add_request(f"d{batch}-{i}-{tag}", ids, SamplingParams(max_tokens=steps + 16, temperature=0,
-                                                                       ignore_eos=True),
-                           None if loras is None else loras[i % len(loras)])
+    stamp = time.monotonic_ns()
+    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompt_ids):
+        engine.add_request(f"{tag}-{i}-{stamp}", ids, params, None if loras is None else loras[i % len(loras)])
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
         engine.step()  # prefill (and first tokens)
     for _ in range(3):
         engine.step()
-    torch.cuda.synchronize()
+    sync(engine)
     hits0, tok0 = reused_blocks(engine), output_tokens(engine)
     ctx0 = sum(s.num_tokens for s in engine.seqs.values())
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    sync(engine)
     dt = time.perf_counter() - t
     produced = output_tokens(engine) - tok0  # counts only tokens handed back (an in-flight step is not)
     ctx1 = sum(s.num_tokens for s in engine.seqs.values())
     hits = reused_blocks(engine) - hits0
     for rid in list(engine.seqs):
         engine.abort_request(rid)
-    return {"tok_s": produced / dt, "steps": steps, "s_per_step": dt / steps, "mean_context": (ctx0 + ctx1) / 2 / batch,
-            "prefix_hits": hits}
+    return {"tok_s": produced / dt, "steps": steps, "s_per_step": dt / steps,
+            "mean_context": (ctx0 + ctx1) / 2 / len(prompt_ids), "prefix_hits": hits}
+
+
+def time_engine_decode(engine, prompts: Prompts, batch: int, prompt_len: int, steps: int, loras=None) -> dict:
+    return run_decode(engine, prompts.make(batch, prompt_len), steps, loras, tag=f"d{batch}")
 
 
 def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -> dict:
@@ -212,20 +222,21 @@ def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_ba
     return out
 
 
-def random_adapters(args, n: int, rank: int, dtype):
+def random_adapters(args, n: int, rank: int, dtype, device: str = "cuda", first_digest: int = 0):
+    """n adapters of `rank` on every module, random (x0.01) weights drawn on `device`, held on the host."""
     from loraserve.adapters import LoraAdapter
 
     shapes = args.lora_module_shapes()
     adapters = []
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     for i in range(n):
         w = {}
         for layer in range(args.num_hidden_layers):
             for m, (fi, fo) in shapes.items():
-                w[(layer, m)] = ((torch.randn(rank, fi, generator=g, device="cuda") * 0.01).to(dtype).cpu(),
-                                 (torch.randn(fo, rank, generator=g, device="cuda") * 0.01).to(dtype).cpu())
+                w[(layer, m)] = ((torch.randn(rank, fi, generator=g, device=device) * 0.01).to(dtype).cpu(),
+                                 (torch.randn(fo, rank, generator=g, device=device) * 0.01).to(dtype).cpu())
         adapters.append(LoraAdapter("hf", rank, float(rank), False, sorted(shapes), args.num_hidden_layers, w,
-                                    f"sha256:{i:064x}"))
+                                    f"sha256:{first_digest + i:064x}"))
     return adapters
 
 

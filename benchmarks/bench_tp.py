@@ -22,16 +22,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_engine(path: str, device: str, tp: int, tiny: bool, lora: bool):
@@ -59,29 +53,13 @@ def close_engine(engine) -> None:
         torch.cuda.empty_cache()
 
 
-def decode_tok_s(engine, device: str, vocab: int, batch: int, prompt_len: int, steps: int, seed: int,
+def decode_tok_s(engine, vocab: int, batch: int, prompt_len: int, steps: int, seed: int,
                  loras=None) -> float:
-    from loraserve import SamplingParams
+    from benchmarks.bench_engine import run_decode
 
     g = torch.Generator().manual_seed(seed)   # fresh prompts per run: the prefix cache never hits
-    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
-    for i, ids in enumerate(torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()):
-        engine.add_request(f"d{seed}-{batch}-{i}", ids, params, None if loras is None else loras[i % len(loras)])
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    sync(device)
-    tok0 = sum(s.num_output_tokens for s in engine.seqs.values())
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(device)
-    dt = time.perf_counter() - t
-    produced = sum(s.num_output_tokens for s in engine.seqs.values()) - tok0
-    for rid in list(engine.seqs):
-        engine.abort_request(rid)
-    return produced / dt
+    ids = torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()
+    return run_decode(engine, ids, steps, loras, tag=f"d{seed}-{batch}")["tok_s"]
 
 
 def next_tokens(engine, vocab: int, n: int, max_len: int) -> list[int]:
@@ -99,21 +77,6 @@ def next_tokens(engine, vocab: int, n: int, max_len: int) -> list[int]:
             if o.finished:
                 out[o.request_id] = o.outputs[0].token_ids[0]
     return [out[f"top1-{i}"] for i in range(n)]
-
-
-def random_adapters(args, n: int, rank: int, dtype):
-    from loraserve.adapters import LoraAdapter
-
-    shapes = args.lora_module_shapes()
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        w = {(layer, m): ((torch.randn(rank, fi, generator=g) * 0.01).to(dtype), (torch.randn(fo, rank, generator=g)
-                                                                                   * 0.01).to(dtype))
-             for layer in range(args.num_hidden_layers) for m, (fi, fo) in shapes.items()}
-        out.append(LoraAdapter("hf", rank, float(rank), False, sorted(shapes), args.num_hidden_layers, w,
-                               f"sha256:{i + 1:064x}"))
-    return out
 
 
 def build_checkpoint(path: str, layers: int, tiny: bool) -> None:
@@ -157,17 +120,20 @@ def main() -> int:
         engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2))
         vocab = engine.args.vocab_size
         r = runs[tp] = {}
-        r["bs1"] = decode_tok_s(engine, device, vocab, 1, prompt_len, steps, seed=10 * tp)
-        r["bs64"] = decode_tok_s(engine, device, vocab, 64, prompt_len, steps, seed=10 * tp + 1)
+        r["bs1"] = decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp)
+        r["bs64"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1)
         r["top1"] = next_tokens(engine, vocab, n_top1, prompt_len)
         if tp == 2:
             lm, reqs = engine.lora_manager, []
-            for i, ad in enumerate(random_adapters(engine.args, n_adapters, 16, engine.dtype)):
+            from benchmarks.bench_engine import random_adapters
+
+            adapters = random_adapters(engine.args, n_adapters, 16, engine.dtype, device="cpu", first_digest=1)
+            for i, ad in enumerate(adapters):
                 req = LoRARequest(f"bench-{i}", i + 1, "")
                 lm.release(lm.add_adapter(ad, req))
                 reqs.append(req)
-            r["bs64_lora"] = decode_tok_s(engine, device, vocab, 64, prompt_len, steps, seed=30, loras=reqs)
-            r["bs64_nolora"] = decode_tok_s(engine, device, vocab, 64, prompt_len, steps, seed=31)
+            r["bs64_lora"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=30, loras=reqs)
+            r["bs64_nolora"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=31)
         close_engine(engine)
         for k in ("bs1", "bs64", "bs64_lora", "bs64_nolora"):
             if k in r:

@@ -4,7 +4,6 @@ Each DoRA module's output is g * (x W^T + s x A^T B^T), g = m / ||W + s B@A||_ro
 load from the base weights; plain LoRA and base rows in the same batch are untouched."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from loraserve import LLM, LoraConfig, LoRARequest, SamplingParams
 from loraserve.adapters import AdapterFormatError, load_adapter
 
-from .test_multi_lora import peft_greedy
+from .test_multi_lora import peft_adapter_with_random_weights, peft_greedy
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DORA = {
@@ -28,21 +27,8 @@ PLAIN = {"lora-all-r8": dict(r=8, lora_alpha=16, target_modules=ALL)}
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 41)), [3] * 7]
 
 
-def peft_dora_adapter(base, out_dir, seed, **kw):
-    """A trained-looking PEFT adapter: random A and B, and (DoRA) magnitudes off the initial norms
-    by +-20%, so g differs from 1 and from what plain LoRA would give. Saved with save_pretrained."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-            elif "lora_" in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out_dir)
-    return model.eval()
+# PEFT default lora_dropout is 0.0; the same helper perturbs DoRA magnitudes
+peft_dora_adapter = peft_adapter_with_random_weights
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,17 @@ ADAPTERS = {
 
 
 def peft_adapter_with_random_weights(base, out_dir, seed, **kw):
+    """A trained-looking PEFT adapter saved with save_pretrained: random A and B, and for DoRA
+    (use_dora=True) magnitudes off the initial norms by +-20%, so that g differs from 1."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(init_lora_weights=False, **kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in name:
                 p.normal_(0, 0.2)
     model.save_pretrained(out_dir)
     return model.eval()

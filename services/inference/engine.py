@@ -51,6 +51,8 @@ class LLMEngine:
             log.warning("model uses sliding-window attention (%d); max_seq_len capped from %d to %d",
                         self.args.sliding_window, self.max_seq_len, self.args.sliding_window)
             self.max_seq_len = self.args.sliding_window
+        # the fused RoPE reads a cos/sin table by position (clamped at its end): cover every position served
+        self.model.rotary.num_positions = max(self.model.rotary.num_positions, self.max_seq_len)
         self.eos_ids = set(self.args.eos_token_id)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -102,10 +102,6 @@ def reused_blocks(engine) -> int:
     return engine.block_manager.num_reused_blocks
 
 
-def output_tokens(engine) -> int:
-    return sum(s.num_output_tokens for s in engine.seqs.values())
-
-
 def sync(engine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
@@ -117,25 +113,34 @@ def run_decode(engine, prompt_ids: list[list[int]], steps: int, loras=None, tag:
     from loraserve import SamplingParams
 
     stamp = time.monotonic_ns()
-    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
-    for i, ids in enumerate(prompt_ids):
-        engine.add_request(f"{tag}-{i}-{stamp}", ids, params, None if loras is None else loras[i % len(loras)])
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+    # Early prompts decode while later ones prefill (the prefill budget per mixed step), so no request
+    # may finish before the timed steps end: max_tokens covers every prefill step, and the timed
+    # window checks that the whole batch stayed in flight.
+    prefill_steps = sum(len(ids) for ids in prompt_ids) // 256 + len(prompt_ids) + 8
+    params = SamplingParams(max_tokens=steps + 16 + prefill_steps, temperature=0, ignore_eos=True)
+    rids = [f"{tag}-{i}-{stamp}" for i in range(len(prompt_ids))]
+    for rid, ids, i in zip(rids, prompt_ids, range(len(prompt_ids))):
+        engine.add_request(rid, ids, params, None if loras is None else loras[i % len(loras)])
+    seqs = [engine.seqs[rid] for rid in rids]  # kept: a finished sequence leaves engine.seqs
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
         engine.step()  # prefill (and first tokens)
     for _ in range(3):
         engine.step()
     sync(engine)
-    hits0, tok0 = reused_blocks(engine), output_tokens(engine)
-    ctx0 = sum(s.num_tokens for s in engine.seqs.values())
+    hits0, tok0 = reused_blocks(engine), sum(s.num_output_tokens for s in seqs)
+    ctx0 = sum(s.num_tokens for s in seqs)
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     sync(engine)
     dt = time.perf_counter() - t
-    produced = output_tokens(engine) - tok0  # counts only tokens handed back (an in-flight step is not)
-    ctx1 = sum(s.num_tokens for s in engine.seqs.values())
+    # counts only tokens handed back (an in-flight step is not)
+    produced = sum(s.num_output_tokens for s in seqs) - tok0
+    ctx1 = sum(s.num_tokens for s in seqs)
     hits = reused_blocks(engine) - hits0
-    for rid in list(engine.seqs):
+    in_flight = sum(rid in engine.seqs for rid in rids)
+    assert in_flight == len(rids), f"{len(rids) - in_flight} requests finished inside the timed window"
+    for rid in rids:
         engine.abort_request(rid)
     return {"tok_s": produced / dt, "steps": steps, "s_per_step": dt / steps,
             "mean_context": (ctx0 + ctx1) / 2 / len(prompt_ids), "prefix_hits": hits}

@@ -71,12 +71,16 @@ def gemm_peak() -> float:
     return 2 * n ** 3 / dt
 
 
-def build_checkpoint(path: str, layers: int) -> None:
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
+
+
+def build_checkpoint(path: str, layers: int, shape: dict = LLAMA3_8B) -> None:
+    """A Llama-3-shaped checkpoint (8B by default) with random bf16 weights, built on the GPU."""
     import transformers
     from tests.inference.conftest import make_tokenizer
 
-    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                   num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+    cfg = transformers.LlamaConfig(vocab_size=128256, num_hidden_layers=layers, **shape,
                                    max_position_embeddings=8192, rope_theta=500000.0, torch_dtype="bfloat16",
                                    bos_token_id=0, eos_token_id=1)
     with torch.device("cuda"):

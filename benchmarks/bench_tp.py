@@ -79,20 +79,23 @@ def next_tokens(engine, vocab: int, n: int, max_len: int) -> list[int]:
     return [out[f"top1-{i}"] for i in range(n)]
 
 
-def build_checkpoint(path: str, layers: int, tiny: bool) -> None:
+def build_checkpoint(path: str, layers: int, tiny: bool, shape: str = "8b") -> None:
     if tiny:
         from tests.inference.conftest import make_random_model
 
         make_random_model(path, "llama", num_hidden_layers=layers)
         return
-    from benchmarks.bench_engine import build_checkpoint as build_8b
+    from benchmarks.bench_engine import LLAMA3_8B, LLAMA3_70B
+    from benchmarks.bench_engine import build_checkpoint as build_llama
 
-    build_8b(path, layers)
+    build_llama(path, layers, LLAMA3_70B if shape == "70b" else LLAMA3_8B)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=None, help="default 32 (8B shape), 2 with --tiny")
+    ap.add_argument("--layers", type=int, default=None, help="default 32 (8B shape), 4 (70B shape), 2 with --tiny")
+    ap.add_argument("--shape", choices=("8b", "70b"), default="8b",
+                    help="Llama-3 shape; 70b: the per-layer figure (ms per decode step / layers) matters")
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU, tiny random model, gloo")
@@ -104,7 +107,7 @@ def main() -> int:
     from loraserve import LoRARequest
 
     device = "cpu" if a.tiny else "cuda"
-    layers = a.layers or (2 if a.tiny else 32)
+    layers = a.layers or (2 if a.tiny else 4 if a.shape == "70b" else 32)
     prompt_len, steps = a.prompt_len or (16 if a.tiny else 512), a.steps or (4 if a.tiny else 64)
     n_top1, n_adapters = (16, 4) if a.tiny else (256, 32)
     if not a.tiny and torch.cuda.device_count() < 2:
@@ -112,8 +115,9 @@ def main() -> int:
               file=sys.stderr)
         return 0
     path = tempfile.mkdtemp(prefix="tp-bench-")
-    build_checkpoint(path, layers, a.tiny)
+    build_checkpoint(path, layers, a.tiny, a.shape)
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "layers": layers,
+                 "shape": "tiny" if a.tiny else a.shape,
                  "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": a.tp_graphs and device == "cuda"}
     runs = {}
     for tp in (1, 2):
@@ -138,7 +142,10 @@ def main() -> int:
         for k in ("bs1", "bs64", "bs64_lora", "bs64_nolora"):
             if k in r:
                 res[f"tp{tp}_decode_{k}_tok_s"] = r[k]
-                print(f"tp{tp} decode {k}: {r[k]:.1f} tok/s", flush=True)
+                batch = 1 if k == "bs1" else 64   # ms per decode step and layer (LM head included)
+                res[f"tp{tp}_decode_{k}_ms_per_layer"] = 1e3 * batch / r[k] / layers
+                print(f"tp{tp} decode {k}: {r[k]:.1f} tok/s, {res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer",
+                      flush=True)
     res["decode_bs1_speedup_tp2"] = runs[2]["bs1"] / runs[1]["bs1"]
     res["decode_bs64_speedup_tp2"] = runs[2]["bs64"] / runs[1]["bs64"]
     res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]

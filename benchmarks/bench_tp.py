@@ -104,6 +104,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.tp_graphs:   # read when the TP runner is first imported (below, by the first TP engine)
         os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "1"
+    from loraserve.inference.tp.worker import dump_stacks_when_stuck
+
+    dump_stacks_when_stuck()   # LORASERVE_DEBUG_STACKS_S (the workers inherit it)
     from loraserve import LoRARequest
 
     device = "cpu" if a.tiny else "cuda"
@@ -122,9 +125,11 @@ def main() -> int:
     runs = {}
     for tp in (1, 2):
         engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2))
+        print(f"tp{tp} engine ready", flush=True)
         vocab = engine.args.vocab_size
         r = runs[tp] = {}
         r["bs1"] = decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp)
+        print(f"tp{tp} decode bs1: {r['bs1']:.1f} tok/s", flush=True)
         r["bs64"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1)
         r["top1"] = next_tokens(engine, vocab, n_top1, prompt_len)
         if tp == 2:

@@ -29,6 +29,7 @@ def _exit_with_parent(ppid: int) -> None:
 def worker_main(rank: int, size: int, init_method: str, config, device: str, conn, backend: str,
                 timeout_s: float) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(name)s: %(message)s")
+    dump_stacks_when_stuck()
     _exit_with_parent(os.getppid())
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -51,6 +52,16 @@ def worker_main(rank: int, size: int, init_method: str, config, device: str, con
     finally:
         conn.close()
     os._exit(0)       # skip interpreter teardown (a destroyed group's threads may still wait on peers)
+
+
+def dump_stacks_when_stuck() -> None:
+    """LORASERVE_DEBUG_STACKS_S=N: every N seconds, this process's Python stacks to stderr (where
+    a rank waits when a collective never pairs up; NCCL hangs instead of failing)."""
+    every = float(os.environ.get("LORASERVE_DEBUG_STACKS_S", "0") or 0)
+    if every > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(every, repeat=True)
 
 
 class Worker:

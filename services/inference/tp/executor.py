@@ -147,10 +147,26 @@ class TPExecutor:
         self._closed = True
         self._finalizer()
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - a broken group still has to go
-                log.debug("destroy_process_group failed", exc_info=True)
+            _leave_group()
+
+
+def _leave_group(wait_s: float = 10.0) -> None:
+    """destroy_process_group on a daemon thread with a bounded wait, then abort. Under NCCL, with
+    collectives captured in CUDA graphs, destroying the communicator after the workers exited blocked
+    for good on the H200s (2026-11-30, bench_tp --tp-graphs: every figure measured, then shutdown
+    never returned); shutdown must not hang, whatever NCCL does."""
+    def destroy():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a broken group still has to go
+            log.debug("destroy_process_group failed", exc_info=True)
+
+    t = threading.Thread(target=destroy, name="loraserve-tp-destroy", daemon=True)
+    t.start()
+    t.join(wait_s)
+    if t.is_alive():
+        log.warning("leaving the tensor-parallel process group took over %.0f s; aborting it", wait_s)
+        _abort_group()
 
 
 def _watch(ref, procs) -> None:

@@ -108,6 +108,9 @@ class TPModelRunner(ModelRunner):
             raise
 
     def shutdown(self) -> None:
+        if self.graph_runner is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)   # no replay in flight; the graphs' NCCL work released first
+            self.graph_runner = None
         self.executor.shutdown()
 
 

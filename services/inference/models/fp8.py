@@ -22,6 +22,8 @@ Nothing here runs unless a quant_config asks for it: the loader swaps modules in
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,12 +73,51 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
             and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0)
 
 
+# Decode-sized GEMMs (M <= this many tokens) take the Triton W8A16 kernel (kernels/fp8_gemm.py): bf16
+# activations times e4m3 weights dequantized in registers. At small M the GEMM only streams weights, and
+# _scaled_mm would add the activation quantization's launches and its rounding for nothing.
+DEFAULT_SMALL_M = 64
+
+
+def small_m_limit() -> int:
+    """LORASERVE_FP8_SMALL_M: the largest M that takes the W8A16 kernel (0: never, the W8A8 path only)."""
+    raw = os.environ.get("LORASERVE_FP8_SMALL_M", "").strip()
+    if not raw:
+        return DEFAULT_SMALL_M
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ValueError(f"LORASERVE_FP8_SMALL_M must be an integer token count (0 disables), got {raw!r}") from None
+    return max(limit, 0)
+
+
+def _fused_quant_on() -> bool:
+    """LORASERVE_FP8_FUSED_QUANT=0: quantize activations with torch ops instead of the one Triton launch."""
+    return os.environ.get("LORASERVE_FP8_FUSED_QUANT", "1").strip() != "0"
+
+
+def _triton_cuda(x: torch.Tensor) -> bool:
+    from loraserve.kernels._triton import HAS_TRITON
+
+    return HAS_TRITON and x.is_cuda
+
+
+def gemm_path(x: torch.Tensor, w_q: torch.Tensor) -> str:
+    """Which GEMM fp8_linear runs for x [M, in] and w_q [out, in]: 'w8a16' (Triton, CUDA, small M, bf16/fp16
+    x), 'scaled_mm' (FP8 tensor cores, W8A8), or 'dequant' (CPU / fallback: F.linear on the dequantized
+    weight, or the W8A8 emulation when EMULATE_ACTIVATION_QUANT)."""
+    tensor_cores = _scaled_mm_ok(x, w_q)
+    if (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)
+            and (x.shape[0] <= small_m_limit() or not tensor_cores)):
+        return "w8a16"
+    return "scaled_mm" if tensor_cores else "dequant"
+
+
 def scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
     """[N, out] = (x_q * x_scale) @ (w_q * w_scale[:, None])^T on FP8 tensor cores, fp32 accumulate.
     x_q [N, in] e4m3 row-major, x_scale [N, 1] fp32; w_q [out, in] e4m3 (w_q.t() is the column-major
-    B _scaled_mm wants), w_scale [out] fp32. Row-wise scales need a bf16 output (fp32 callers cast).
-    Checked against the emulation on CPU (torch's CPU _scaled_mm); not yet run on a GPU."""
+    B _scaled_mm wants), w_scale [out] fp32. Row-wise scales need a bf16 output (fp32 callers cast)."""
     out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.contiguous(), scale_b=w_scale.reshape(1, -1).contiguous(),
                            out_dtype=out_dtype)
@@ -85,19 +126,29 @@ def scaled_mm_rowwise(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tenso
 
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N, out] = dequant(quant(x)) @ dequant(w_q)^T + bias, in x's dtype.
+    """y [N, out] = x @ dequant(w_q)^T + bias, in x's dtype; on the FP8 tensor cores x is quantized too.
     x [N, in] (bf16/fp16/fp32); w_q [out, in] e4m3; w_scale [out] fp32; input_scale: None (dynamic,
-    per token) or a 0-d fp32 tensor (static, per tensor, from the checkpoint)."""
-    on_tensor_cores = _scaled_mm_ok(x, w_q)
-    if not on_tensor_cores and not EMULATE_ACTIVATION_QUANT:
+    per token) or a 0-d fp32 tensor (static, per tensor, from the checkpoint; the W8A16 path, which
+    does not quantize x, ignores it). No host syncs on any CUDA path (CUDA-graph capturable)."""
+    path = gemm_path(x, w_q)
+    if path == "w8a16":
+        from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm
+
+        return fp8_w8a16_gemm(x if x.stride(-1) == 1 else x.contiguous(), w_q, w_scale, bias)
+    if path == "dequant" and not EMULATE_ACTIVATION_QUANT:
         # the CPU / reference path: weight-only dequantization, then an ordinary matmul in the compute dtype
         return F.linear(x, dequantize(w_q, w_scale[:, None], x.dtype), bias)
     if input_scale is None:
-        x_q, x_scale = quantize_per_token(x)                       # [N, in], [N, 1]
+        if path == "scaled_mm" and _triton_cuda(x) and _fused_quant_on():
+            from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+
+            x_q, x_scale = per_token_quant_fp8(x if x.stride(-1) == 1 else x.contiguous())   # one launch
+        else:
+            x_q, x_scale = quantize_per_token(x)                   # [N, in], [N, 1]
     else:
         x_q = quantize_with_scale(x, input_scale)
         x_scale = input_scale.reshape(1, 1).expand(x.shape[0], 1)  # row-wise form of the one scale
-    if on_tensor_cores:
+    if path == "scaled_mm":
         out = scaled_mm_rowwise(x_q, x_scale, w_q, w_scale, x.dtype)
         return out if bias is None else out + bias
     # W8A8 emulation: the tensor-core path's rounding of x too, then an ordinary matmul

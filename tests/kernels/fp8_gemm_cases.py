@@ -1,0 +1,69 @@
+"""FP8 GEMM kernels (kernels/fp8_gemm.py) vs their torch references, run in a TRITON_INTERPRET=1
+worker on the CPU (test_fp8_gemm.py) and imported by the GPU tests with device="cuda". Each function
+raises AssertionError on mismatch."""
+from __future__ import annotations
+
+import torch
+
+from loraserve.kernels.fp8_gemm import (FP8, fp8_w8a16_gemm, fp8_w8a16_gemm_ref, per_token_quant_fp8,
+                                        per_token_quant_fp8_ref)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# fp32 accumulation in a different order, then one rounding to the dtype
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_weight(n: int, k: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_q [n, k] e4m3, w_scale [n] fp32) with rows of very different magnitudes (per-channel scales matter)."""
+    g = _gen(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-3, 0, n)[:, None]
+    scale = w.abs().amax(dim=1) / 448.0
+    return (w / scale[:, None]).to(FP8).to(device), scale.to(device)
+
+
+def check_w8a16(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "cpu") -> None:
+    dt, g = DTYPES[dtype], _gen(m * 1000 + n + k)
+    w_q, w_scale = make_weight(n, k, n + k, device)
+    wide = torch.randn(m, k + 8, generator=g).to(device, dt)
+    x = wide[:, 3:3 + k]   # a strided row view (the q/k/v split of a fused activation is one)
+    b = torch.randn(n, generator=g).to(device, dt) if bias else None
+    y = fp8_w8a16_gemm(x, w_q, w_scale, b)
+    assert y.shape == (m, n) and y.dtype == dt
+    ref = fp8_w8a16_gemm_ref(x, w_q, w_scale, b)
+    # tolerance relative to each output channel's magnitude (rows of w span three decades)
+    err = (y.float() - ref.float()).abs()
+    bound = TOL[dt]["atol"] * w_scale[None, :] * 448 * k ** 0.5 + TOL[dt]["rtol"] * ref.float().abs()
+    assert bool((err <= bound).all()), f"max err {float(err.max())} (m={m}, n={n}, k={k})"
+    # and against the bf16 weight it stands for: the kernel applies the scale per output channel
+    deq = (w_q.float() * w_scale[:, None])
+    full = (x.float() @ deq.t() + (b.float() if bias else 0)).to(dt)
+    torch.testing.assert_close(y.float(), full.float(), rtol=TOL[dt]["rtol"] * 4, atol=TOL[dt]["atol"] * 4)
+
+
+def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu") -> None:
+    dt, g = DTYPES[dtype], _gen(m + k)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]).to(device, dt)
+    x[0] = 0   # an all-zero row keeps a finite scale and quantizes to zeros
+    x_q, s = per_token_quant_fp8(x)
+    q_ref, s_ref = per_token_quant_fp8_ref(x)
+    assert x_q.dtype == FP8 and x_q.shape == (m, k) and s.shape == (m, 1) and s.dtype == torch.float32
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert bool((x_q[0].float() == 0).all())
+    # e4m3 rounding of x / s: exact on the GPU (round to nearest even, as torch). Triton 3.x's CPU
+    # interpreter drops the carry when rounding up crosses into the next binade (x / s = 126.9 -> 64, not
+    # 128), and rounds ties away from zero (42 -> 44, not 40): on the CPU those elements may differ
+    a, b = x_q.float(), q_ref.float()
+    exact = a == b
+    if device != "cuda":
+        carry = (b != 0) & (torch.frexp(b.abs())[0] == 0.5) & (a == b / 2)
+        assert float(exact.float().mean()) >= 0.9, "most of x_q should round exactly as torch does"
+        tie = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8   # one e4m3 step apart
+        exact = exact | carry | tie
+    assert bool(exact.all()), f"x_q differs from the reference at {int((~exact).sum())} elements"
+    # saturation: the row amax maps to +-448 exactly
+    assert torch.allclose(a[1:].abs().amax(dim=1), torch.full((m - 1,), 448.0, device=a.device))

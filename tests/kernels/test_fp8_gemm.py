@@ -1,0 +1,120 @@
+"""FP8 GEMM kernels (kernels/fp8_gemm.py): the W8A16 small-M GEMM and the fused per-token activation
+quantization against their torch references, on the CPU through Triton's interpreter (a spawned
+TRITON_INTERPRET=1 worker) and on the GPU at Llama-3-8B shapes (with a CUDA-graph replay); plus the
+dispatch of models/fp8.py's fp8_linear (which path a shape takes, and the env switches)."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+from . import fp8_gemm_cases as cases
+from .interpreter import interpreter_pool, interpreting
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[ProcessPoolExecutor]:
+    if not triton_available():
+        pytest.skip("triton not installed")
+    yield from interpreter_pool(interpreting)
+
+
+def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
+    pool.submit(fn, *args).result(timeout=300)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 64, False), (5, 40, 96, True), (33, 16, 272, False),
+                                        (70, 24, 32, True)])
+def test_w8a16_interp(interp, dtype, m, n, k, bias) -> None:
+    # 40 / 48 / 24: N not a multiple of the N tile; 96 / 272: a masked K tail; 33: a part-filled 64-row
+    # M tile; 70: two M tiles (BLOCK_M stops at 64)
+    _run(interp, cases.check_w8a16, dtype, m, n, k, bias)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("m,k", [(3, 64), (4, 2100)])   # 2100: more than one 2048 block, masked tail
+def test_per_token_quant_interp(interp, dtype, m, k) -> None:
+    _run(interp, cases.check_per_token_quant, dtype, m, k)
+
+
+def test_references_match_dequantized_math() -> None:
+    """The references against the plain formulas (fp32): W8A16 == x @ dequant(W)^T; the per-token
+    quantization round-trips within e4m3's relative precision."""
+    from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm_ref, per_token_quant_fp8_ref
+
+    w_q, w_scale = cases.make_weight(24, 40, 0, "cpu")
+    x = torch.randn(7, 40, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fp8_w8a16_gemm_ref(x, w_q, w_scale), x @ (w_q.float() * w_scale[:, None]).t(),
+                               rtol=1e-5, atol=1e-6)
+    x_q, s = per_token_quant_fp8_ref(x)
+    assert bool(((x_q.float() * s - x).abs() <= x.abs() / 16 + s * 2 ** -9).all())
+
+
+def test_dispatch(monkeypatch) -> None:
+    """fp8_linear's choice of kernel from (device, M, env): CPU always dequantizes; on CUDA small M takes
+    the W8A16 kernel unless LORASERVE_FP8_SMALL_M=0, larger M the FP8 tensor cores."""
+    from loraserve.inference.models import fp8
+
+    cpu = torch.zeros(4, 64)
+    w = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
+    assert fp8.gemm_path(cpu, w) == "dequant"
+    monkeypatch.setenv("LORASERVE_FP8_SMALL_M", "0")
+    assert fp8.small_m_limit() == 0
+    monkeypatch.setenv("LORASERVE_FP8_SMALL_M", "16")
+    assert fp8.small_m_limit() == 16
+    monkeypatch.setenv("LORASERVE_FP8_SMALL_M", "many")
+    with pytest.raises(ValueError, match="LORASERVE_FP8_SMALL_M"):
+        fp8.small_m_limit()
+    monkeypatch.delenv("LORASERVE_FP8_SMALL_M")
+    assert fp8.small_m_limit() == fp8.DEFAULT_SMALL_M
+    if torch.cuda.is_available() and triton_available():
+        xs = torch.zeros(8, 64, dtype=torch.bfloat16, device="cuda")
+        wc = w.cuda()
+        assert fp8.gemm_path(xs, wc) == "w8a16"
+        xl = torch.zeros(fp8.DEFAULT_SMALL_M + 1, 64, dtype=torch.bfloat16, device="cuda")
+        want = "scaled_mm" if torch.cuda.get_device_capability() >= (8, 9) else "w8a16"
+        assert fp8.gemm_path(xl, wc) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("m", [1, 7, 16, 64])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096)])
+def test_w8a16_gpu(dtype, m, n, k) -> None:
+    cases.check_w8a16(dtype, m, n, k, bias=(m == 7), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k", [(1, 4096), (300, 14336), (2048, 4096)])
+def test_per_token_quant_gpu(m, k) -> None:
+    cases.check_per_token_quant("bfloat16", m, k, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_w8a16_cuda_graph_replay() -> None:
+    """Captured in a CUDA graph, replay equals the eager launch bit for bit (no host syncs inside)."""
+    from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm
+
+    w_q, w_scale = cases.make_weight(4096, 4096, 0, "cuda")
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = fp8_w8a16_gemm(x, w_q, w_scale)
+    out = torch.empty_like(eager)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fp8_w8a16_gemm(x, w_q, w_scale, out=out)   # warm-up (compile) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fp8_w8a16_gemm(x, w_q, w_scale, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

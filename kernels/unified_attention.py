@@ -9,6 +9,11 @@ Q of the L), query head h and its KV head k = h // G (G = H / KVH):
 q: [N, H, D] (N = qs[B]); k_cache, v_cache: [num_blocks, BS, KVH, D]; block_tables:
 [B, max_blocks] int32/int64; seq_lens: [B] int32/int64; query_start_loc: [B + 1] int32/int64;
 out: [N, H, D]. The K/V of the step's own tokens must already be in the cache (store_kv).
+FP8 KV cache: k_cache/v_cache float8_e4m3fn holding K / k_scale and V / v_scale (per-tensor
+scales, 1-element fp32 device tensors read by the kernel, so a captured graph follows a
+scale changed after capture); K[j] above means k_code[j] * k_scale. The codes are widened to
+q's dtype in registers (exact), k_scale is folded into the score scale and v_scale into the
+finished output, so the softmax and accumulation stay fp32 as for a bf16 cache.
 
 Flash-attention style (FlashAttention-2, Dao 2023), as vLLM's unified Triton kernel lays it
 out: a program takes BLOCK_Q query tokens of one sequence times the G query heads of one KV
@@ -54,9 +59,11 @@ if HAS_TRITON:
     def _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, t_lo, t_hi, kv_limit, scale_log2,
                 stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
                 TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr):
         """Online softmax over key tiles [t_lo, t_hi) of one sequence; acc (BLOCK_M, D_PAD), l_i, m_i
-        (BLOCK_M,) fp32. MASKED: the tiles may hold keys past kv_limit or past a row's position."""
+        (BLOCK_M,) fp32. MASKED: the tiles may hold keys past kv_limit or past a row's position.
+        FP8_KV: K/V tiles are e4m3 codes, widened to q's dtype (exact: e4m3 fits bf16/fp16/fp32); the
+        caller folds k_scale into scale_log2 and multiplies v_scale into the finished acc."""
         d_ok = offs_d < D
         for t in range(t_lo, t_hi):
             k_pos = t * TILE_N + offs_n                  # (TILE_N,)
@@ -78,6 +85,9 @@ if HAS_TRITON:
                                 mask=d_ok[:, None], other=0.0)
                     v = tl.load(v_base + block[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
                                 mask=d_ok[None, :], other=0.0)
+            if FP8_KV:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2              # (BLOCK_M, TILE_N) fp32
             if MASKED:
                 s = tl.where((k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
@@ -97,12 +107,12 @@ if HAS_TRITON:
     @triton.jit
     def _unified_attention_kernel(
             q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-            scale_log2, num_seqs, num_tokens,
+            k_scale_ptr, v_scale_ptr, scale_log2, num_seqs, num_tokens,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_tb, stride_ot, stride_oh,
             H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
             TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-            NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -149,12 +159,16 @@ if HAS_TRITON:
         # tiles below t_full are visible to every row (the first row sees keys <= its position):
         # no causal or length mask there; only the diagonal tiles pay for masking
         t_full = (ctx_before + local * BLOCK_Q + 1) // TILE_N
+        if FP8_KV:  # scores = q . (k_code * k_scale): the per-tensor scale read from device memory (graph-safe)
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr).to(tl.float32)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, t_lo, tl.minimum(t_hi, t_full),
                                 kv_limit, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
-                                TILE_N, BS, D, D_PAD, False, DOT_PRECISION)
+                                TILE_N, BS, D, D_PAD, False, DOT_PRECISION, FP8_KV)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, tl.maximum(t_lo, t_full), t_hi,
                                 kv_limit, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
-                                TILE_N, BS, D, D_PAD, True, DOT_PRECISION)
+                                TILE_N, BS, D, D_PAD, True, DOT_PRECISION, FP8_KV)
+        if FP8_KV:  # sum_j p_j (v_code_j * v_scale) = v_scale * acc (before the merge: partials stay comparable)
+            acc = acc * tl.load(v_scale_ptr).to(tl.float32)
 
         if NUM_SPLITS == 1:
             out = acc / l_i[:, None]
@@ -249,7 +263,8 @@ def plan_num_splits(query_lens, seq_lens, num_heads: int, num_kv_heads: int, ele
 
 def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                       query_start_loc: Tensor, max_query_len: int, scale: float, max_seq_len: int | None = None,
-                      out: Tensor | None = None, num_splits: int | None = None, config: dict | None = None) -> Tensor:
+                      out: Tensor | None = None, num_splits: int | None = None, config: dict | None = None,
+                      k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None) -> Tensor:
     """See the module docstring. Returns out [N, H, D].
 
     max_query_len: an upper bound of the query run lengths (picks the tile shape; static per
@@ -257,6 +272,8 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     (default: the block table's width x BS, a static bound). num_splits: from plan_num_splits
     when the caller has the host lengths; None picks from static sizes (graph capture).
     config overrides the tile shape (benchmarks, tests). Every seq_lens[b] must be >= its query length >= 1.
+    k_scale, v_scale: the per-tensor scales of an FP8 (float8_e4m3fn) cache ([1] fp32 on q's device,
+    or floats outside graphs); ignored for a cache in q's dtype.
     """
     N, H, D = q.shape
     _, BS, KVH, Dk = k_cache.shape
@@ -266,7 +283,11 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     assert BS & (BS - 1) == 0, f"block size {BS} must be a power of two"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "last dim must be contiguous"
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share a layout"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype)
+    fp8_kv = check_kv_dtype(q, k_cache, v_cache)
+    if fp8_kv:
+        k_scale, v_scale = kv_scale_tensor(k_scale, "k_scale", q.device), kv_scale_tensor(v_scale, "v_scale", q.device)
+    else:
+        k_scale = v_scale = q  # unused pointers
     assert seq_lens.shape == (B,) and query_start_loc.shape == (B + 1,), (seq_lens.shape, query_start_loc.shape, B)
     assert block_tables.stride(-1) == 1, "block table rows must be contiguous"
     for t in (block_tables, seq_lens, query_start_loc):
@@ -292,15 +313,46 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         part_acc = part_ml = out  # unused
     _unified_attention_kernel[(num_tiles, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
-        scale * LOG2E, B, N,
+        k_scale, v_scale, scale * LOG2E, B, N,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg)
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)
     return out
+
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def kv_scale_tensor(scale: Tensor | float | None, name: str, device: torch.device) -> Tensor:
+    """A per-tensor KV scale as the 1-element fp32 device tensor the kernels read. Pass a tensor inside
+    CUDA graphs (a float becomes a fresh tensor per call: fine eagerly, frozen into a captured graph)."""
+    if scale is None:
+        raise ValueError(f"an FP8 KV cache needs {name} (the per-tensor scale its codes were written with)")
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != device:
+            raise ValueError(f"{name} must be a 1-element float32 tensor on {device}, got "
+                             f"{scale.dtype} {tuple(scale.shape)} on {scale.device}")
+        return scale
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
+def check_kv_dtype(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """True for an FP8 (e4m3) cache; the cache must otherwise be in q's dtype."""
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {k_cache.dtype} and v_cache {v_cache.dtype} differ")
+    if k_cache.dtype == FP8_KV_DTYPE:
+        if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"an FP8 KV cache needs bf16/fp16/fp32 queries, got {q.dtype}")
+        return True
+    if k_cache.dtype.itemsize == 1:
+        raise ValueError(f"KV cache dtype {k_cache.dtype} is not supported: float8_e4m3fn or the query dtype")
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"KV cache dtype {k_cache.dtype} differs from the query dtype {q.dtype}")
+    return False
 
 
 def merge_attention_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Tensor:
@@ -318,8 +370,13 @@ def merge_attention_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Te
 
 
 def unified_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                          query_start_loc: Tensor, scale: float) -> Tensor:
-    """Obviously-right version: per sequence, gather its keys, causal mask, softmax in fp32."""
+                          query_start_loc: Tensor, scale: float, k_scale: Tensor | float | None = None,
+                          v_scale: Tensor | float | None = None) -> Tensor:
+    """Obviously-right version: per sequence, gather its keys, causal mask, softmax in fp32.
+    An FP8 cache is dequantized first (codes x scale in fp32)."""
+    if k_cache.dtype == FP8_KV_DTYPE:
+        k_cache = k_cache.float() * float(k_scale)
+        v_cache = v_cache.float() * float(v_scale)
     N, H, D = q.shape
     BS, KVH = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)

@@ -9,6 +9,10 @@ CUDA (with Triton): the whole step is one launch of kernels/unified_attention.py
 prompt chunks and decode tokens together, GQA without copies); pure-decode steps take the
 kernel DECODE_KERNEL names. CPU: the torch code below (SDPA per prompt, batched decode rows),
 which is also what the kernel's tests compare against.
+
+FP8 KV cache (paged_attention_fp8): the step's K/V are quantized with per-tensor scales held in
+device memory ([1] fp32, so CUDA graphs follow them) and written as e4m3 bytes; the kernels widen
+the codes in registers; the CPU path dequantizes the blocks the step uses.
 """
 from __future__ import annotations
 
@@ -67,13 +71,15 @@ def _use_kernel(q: torch.Tensor) -> bool:
 
 
 def _kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context,
-                      scale: float) -> torch.Tensor:
-    """Every step kind in one launch; q: [N, H, D] -> [N, H, D]."""
+                      scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Every step kind in one launch; q: [N, H, D] -> [N, H, D]. k_scale, v_scale: [1] fp32 device
+    tensors for an FP8 cache (None otherwise)."""
     if ctx.decode_only and DECODE_KERNEL == "paged_decode":
         from loraserve.kernels.paged_attention import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
-                                      max_seq_len=ctx.max_seq_len)
+                                      max_seq_len=ctx.max_seq_len, k_scale=k_scale, v_scale=v_scale)
     from loraserve.kernels.unified_attention import plan_num_splits, unified_attention
 
     if ctx.query_start_loc is None:  # a Context built without prepare_attention: fill it once per step
@@ -89,7 +95,8 @@ def _kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                          q.element_size(), q.device)
     # without host lengths (a CUDA-graph context) the launcher picks the split from static sizes
     return unified_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
-                             ctx.max_query_len, scale, max_seq_len=ctx.max_seq_len, num_splits=ctx.num_splits)
+                             ctx.max_query_len, scale, max_seq_len=ctx.max_seq_len, num_splits=ctx.num_splits,
+                             k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -136,32 +143,50 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float) -> torch.Tensor:
-    """paged_attention over an e4m3 KV cache (CPU torch path; models/fp8.py's Fp8KVAttention calls it).
-    q: [N, H, D], k/v: [N, KVH, D]; caches [num_blocks, block_size, KVH, D] float8_e4m3fn holding
-    K / k_scale and V / v_scale. The step's K/V are quantized on write; the blocks this step's
-    sequences use are gathered once, dequantized to q's dtype, and handed to paged_attention with the
-    block tables renumbered into that compact copy (so every query sees K/V as the cache holds them)."""
-    from .models.fp8 import dequantize, quantize_with_scale
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x [N, KVH, D] / a per-tensor scale -> e4m3 codes, saturating at +-448 (torch's cast would give NaN
+    past it). Device ops only (scale: [1] fp32 on x's device, or a float): no host sync, graph-safe."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
+
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, scale: float, k_scale: torch.Tensor | float,
+                        v_scale: torch.Tensor | float) -> torch.Tensor:
+    """paged_attention over an e4m3 KV cache (models/fp8.py's Fp8KVAttention calls it).
+    q: [N, H, D], k/v: [N, KVH, D]; caches [num_blocks, block_size, KVH, D] float8_e4m3fn holding
+    K / k_scale and V / v_scale; k_scale, v_scale: [1] fp32 tensors on q's device (graph-safe: read,
+    never synced; floats also work eagerly). The step's K/V are quantized and written as bytes
+    (index_copy_ has no float8 kernel on CPU). CUDA: the Triton kernels read the codes. CPU: the
+    blocks this step's sequences use are gathered once, dequantized to q's dtype, and handed to
+    paged_attention with the block tables renumbered into that compact copy (so every query sees
+    K/V as the cache holds them)."""
     ctx = get_context()
-    k_q, v_q = quantize_with_scale(k, k_scale), quantize_with_scale(v, v_scale)
-    # CPU index_copy_ has no float8 kernel: copy the bytes
+    k_q, v_q = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
     store_kv(k_q.view(torch.uint8), v_q.view(torch.uint8), k_cache.view(torch.uint8), v_cache.view(torch.uint8),
              ctx.slot_mapping)
+    if _use_kernel(q):
+        if not isinstance(k_scale, torch.Tensor):  # eager callers with float scales
+            k_scale = torch.full((1,), float(k_scale), dtype=torch.float32, device=q.device)
+            v_scale = torch.full((1,), float(v_scale), dtype=torch.float32, device=q.device)
+        return _kernel_attention(q, k_cache, v_cache, ctx, scale, k_scale, v_scale)
     block_size = k_cache.shape[1]
     tables, slots = ctx.block_tables, ctx.slot_mapping
     used, renumbered = torch.unique(tables, return_inverse=True)           # [U], tables' shape
     lookup = torch.zeros(k_cache.shape[0], dtype=slots.dtype, device=slots.device)
     lookup[used.long()] = torch.arange(used.numel(), dtype=slots.dtype, device=slots.device)
-    k_deq = dequantize(k_cache.view(torch.uint8)[used.long()].view(k_cache.dtype), k_scale, q.dtype)  # [U, bs, KVH, D]
-    v_deq = dequantize(v_cache.view(torch.uint8)[used.long()].view(v_cache.dtype), v_scale, q.dtype)
+
+    def dequantize(codes: torch.Tensor, s) -> torch.Tensor:
+        return (codes.float() * s).to(q.dtype)
+
+    k_deq = dequantize(k_cache.view(torch.uint8)[used.long()].view(k_cache.dtype), k_scale)  # [U, bs, KVH, D]
+    v_deq = dequantize(v_cache.view(torch.uint8)[used.long()].view(v_cache.dtype), v_scale)
     ctx.block_tables = renumbered.to(tables.dtype)
     ctx.slot_mapping = lookup[slots.long() // block_size] * block_size + slots % block_size
     try:
         # the step's own K/V as the cache holds them (whole-prompt sequences read these, not the cache)
-        return paged_attention(q, dequantize(k_q, k_scale, q.dtype), dequantize(v_q, v_scale, q.dtype),
-                               k_deq, v_deq, scale)
+        return paged_attention(q, dequantize(k_q, k_scale), dequantize(v_q, v_scale), k_deq, v_deq, scale)
     finally:
         ctx.block_tables, ctx.slot_mapping = tables, slots

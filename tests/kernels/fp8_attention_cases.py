@@ -1,0 +1,113 @@
+"""Problems and checks for the attention kernels over an FP8 (e4m3, per-tensor scales) KV cache,
+shared by the TRITON_INTERPRET=1 worker (test_attention_fp8.py) and the GPU tests.
+
+The cache is built as the engine writes it: K / k_scale rounded to e4m3 by torch's own cast
+(saturating at +-448). The reference is the existing fp32 reference run on the dequantized cache
+(codes x scale), so the kernels' in-register dequantization is checked against torch arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import unified_attention_cases as ua
+
+FP8 = torch.float8_e4m3fn
+# K with an outlier channel (RoPE'd keys have some), V plain; the scales put the largest |x| at ~400
+K_SPREAD, V_SPREAD = 4.0, 2.0
+
+
+def quantize_cache(cache: torch.Tensor, scale: float) -> torch.Tensor:
+    return (cache.float() / scale).clamp(-448.0, 448.0).to(FP8)
+
+
+def make_fp8_problem(batch, H, KVH, D, BS, dtype, seed=0, device="cpu", index_dtype=torch.int32):
+    """-> (q, k_cache_fp8, v_cache_fp8, tables, seq_lens, qsl, k_scale [1] fp32, v_scale [1] fp32)."""
+    q, k, v, tables, lens, qsl = ua.make_problem(batch, H, KVH, D, BS, torch.float32, seed, "cpu", index_dtype)
+    k = k * K_SPREAD
+    k[..., 0] *= 3.0
+    v = v * V_SPREAD
+    k_scale, v_scale = float(k.abs().amax()) / 400.0, float(v.abs().amax()) / 400.0
+    k_q, v_q = quantize_cache(k, k_scale), quantize_cache(v, v_scale)
+    dev = dict(device=device)
+    scales = [torch.tensor([s], dtype=torch.float32, **dev) for s in (k_scale, v_scale)]
+    return (q.to(dtype).to(**dev), k_q.to(**dev), v_q.to(**dev), tables.to(**dev), lens.to(**dev), qsl.to(**dev),
+            *scales)
+
+
+def check_unified(batch_name: str, H: int, KVH: int, D: int, BS: int, dtype_name: str, seed: int = 0,
+                  num_splits: int | None = None, device: str = "cpu", scales_as: str = "tensor") -> None:
+    from loraserve.kernels.unified_attention import unified_attention, unified_attention_ref
+
+    dtype = getattr(torch, dtype_name)
+    batch = ua.BATCHES[batch_name]
+    q, k, v, tables, lens, qsl, ks, vs = make_fp8_problem(batch, H, KVH, D, BS, dtype, seed, device)
+    # reference: the bf16-cache reference on the dequantized cache, in fp32
+    ref = unified_attention_ref(q.float(), k.float() * ks, v.float() * vs, tables, lens, qsl, D ** -0.5)
+    scales = (ks, vs) if scales_as == "tensor" else (float(ks), float(vs))
+    out = unified_attention(q, k, v, tables, lens, qsl, max(ql for ql, _ in batch), D ** -0.5,
+                            num_splits=num_splits, k_scale=scales[0], v_scale=scales[1])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **ua.TOLERANCES[dtype])
+    # the scales matter: a kernel that ignored v_scale (or k_scale) would fail this
+    wrong = unified_attention(q, k, v, tables, lens, qsl, max(ql for ql, _ in batch), D ** -0.5,
+                              num_splits=num_splits, k_scale=ks * 2, v_scale=vs)
+    assert (wrong.float() - ref).abs().max() > 0.05
+
+
+def check_decode(B: int, H: int, KVH: int, D: int, BS: int, dtype_name: str, seed: int = 0,
+                 num_splits: int | None = None, device: str = "cpu") -> None:
+    from loraserve.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 5 * BS + 1, (B,), generator=g)
+    lens[0] = 1
+    batch = [(1, int(L)) for L in lens]
+    q, k, v, tables, lens_t, _, ks, vs = make_fp8_problem(batch, H, KVH, D, BS, dtype, seed, device)
+    ref = paged_decode_attention_ref(q.float(), k, v, tables, lens_t, D ** -0.5, k_scale=ks, v_scale=vs)
+    ref_deq = paged_decode_attention_ref(q.float(), k.float() * ks, v.float() * vs, tables, lens_t, D ** -0.5)
+    torch.testing.assert_close(ref, ref_deq)   # the reference's own FP8 branch is the dequantized cache
+    out = paged_decode_attention(q, k, v, tables, lens_t, D ** -0.5, num_splits=num_splits, k_scale=ks, v_scale=vs)
+    tol = ua.TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ref, **tol)
+    wrong = paged_decode_attention(q, k, v, tables, lens_t, D ** -0.5, num_splits=num_splits, k_scale=ks, v_scale=vs * 2)
+    assert (wrong.float() - ref).abs().max() > 0.05
+
+
+def check_engine_store_and_read(batch_name: str, H: int, KVH: int, D: int, BS: int, seed: int = 0,
+                                device: str = "cpu") -> None:
+    """The engine's FP8 attention step (attention.paged_attention_fp8: quantize + slot write + read) on
+    a batch whose last tokens are the step's, against the fp32 reference over the dequantized cache."""
+    from loraserve.inference.attention import paged_attention_fp8
+    from loraserve.inference.context import Context, prepare_attention, reset_context, set_context
+    from loraserve.kernels.unified_attention import unified_attention_ref
+
+    batch = ua.BATCHES[batch_name]
+    q, k8, v8, tables, lens, qsl, ks, vs = make_fp8_problem(batch, H, KVH, D, BS, torch.float32, seed, device,
+                                                           index_dtype=torch.long)
+    # the step's new K/V (fp32, unquantized): rows of fresh values at each sequence's last Q positions
+    g = torch.Generator().manual_seed(seed + 1)
+    N = q.shape[0]
+    k_new = (torch.randn(N, KVH, D, generator=g) * K_SPREAD).to(device)
+    v_new = (torch.randn(N, KVH, D, generator=g) * V_SPREAD).to(device)
+    slots = []
+    for b, (ql, L) in enumerate(batch):
+        for p in range(L - ql, L):
+            slots.append(int(tables[b, p // BS]) * BS + p % BS)
+    slot_mapping = torch.tensor(slots, device=device)
+    # expected cache after the write: the new rows quantized with the same scales
+    k_exp, v_exp = k8.float().clone().view(-1, KVH, D), v8.float().clone().view(-1, KVH, D)
+    k_exp[slot_mapping] = quantize_cache(k_new, float(ks)).float()
+    v_exp[slot_mapping] = quantize_cache(v_new, float(vs)).float()
+    k_exp, v_exp = k_exp.view(k8.shape), v_exp.view(v8.shape)
+    ref = unified_attention_ref(q, k_exp * ks, v_exp * vs, tables, lens, qsl, D ** -0.5)
+    ctx = Context(slot_mapping=slot_mapping, query_lens=[ql for ql, _ in batch], context_lens=lens,
+                  context_lens_list=lens.tolist(), block_tables=tables, decode_only=all(ql == 1 for ql, _ in batch))
+    prepare_attention(ctx, q.device)
+    set_context(ctx)
+    try:
+        out = paged_attention_fp8(q, k_new, v_new, k8, v8, D ** -0.5, ks, vs)
+    finally:
+        reset_context()
+    assert torch.equal(k8.float(), k_exp) and torch.equal(v8.float(), v_exp)   # written in place, same codes
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)

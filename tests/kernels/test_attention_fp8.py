@@ -1,0 +1,142 @@
+"""The attention kernels over an FP8 (float8_e4m3fn, per-tensor k_scale / v_scale) KV cache against the
+fp32 torch reference on the dequantized cache: the step kernel (kernels/unified_attention.py) on
+prefill, chunked prefill, decode and mixed batches with GQA, the decode kernel (kernels/paged_attention.py),
+split-KV, and the engine's FP8 write + read step (attention.paged_attention_fp8). On CPU the kernels
+run under Triton's interpreter (which loads float8 tensors) in a spawned TRITON_INTERPRET=1 worker;
+the GPU variants add bf16 queries, Llama-3-8B head shapes and a CUDA-graph replay that follows a
+scale changed after capture.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+from . import fp8_attention_cases as cases
+from . import unified_attention_cases as ua
+from .interpreter import interpreter_pool
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+needs_cuda = pytest.mark.skipif(not (triton_available() and torch.cuda.is_available()), reason="needs CUDA + triton")
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[ProcessPoolExecutor]:
+    yield from interpreter_pool(ua.interpreting)
+
+
+def _run(pool: ProcessPoolExecutor, fn, *args, **kwargs) -> None:
+    pool.submit(fn, *args, **kwargs).result(timeout=300)
+
+
+# (batch, H, KVH, D, BS): GQA groups 4 and 1 and 8, head_dim 24 padded to 32
+INTERP_UNIFIED = [("mixed", 8, 2, 16, 16), ("prefill", 4, 4, 16, 16), ("chunked", 8, 1, 32, 32),
+                  ("decode", 8, 2, 16, 16), ("mixed", 6, 2, 24, 16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,H,KVH,D,BS", INTERP_UNIFIED)
+def test_unified_fp8_interpreter(interp, batch, H, KVH, D, BS) -> None:
+    _run(interp, cases.check_unified, batch, H, KVH, D, BS, "float32", seed=H + BS)
+
+
+@needs_triton
+def test_unified_fp8_interpreter_fp16_split_kv_float_scales(interp) -> None:
+    """fp16 queries (codes widened to fp16 for the dot), split-KV partials carrying v_scale through the
+    merge, scales given as floats."""
+    _run(interp, cases.check_unified, "chunked", 8, 2, 16, 16, "float16", seed=3, num_splits=3, scales_as="float")
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_fp8_interpreter(interp, num_splits) -> None:
+    _run(interp, cases.check_decode, 4, 8, 2, 16, 16, "float32", seed=7, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("batch", list(ua.BATCHES))
+def test_engine_fp8_step_cpu(batch) -> None:
+    """The engine's FP8 step on CPU (torch path): quantize, byte write at the slots, dequantized read."""
+    cases.check_engine_store_and_read(batch, 8, 2, 16, 16, seed=4)
+
+
+def test_bad_fp8_inputs_are_refused() -> None:
+    from loraserve.kernels.unified_attention import check_kv_dtype, kv_scale_tensor
+
+    q = torch.zeros(2, 4, 16)
+    k8 = torch.zeros(3, 16, 2, 16, dtype=torch.float8_e4m3fn)
+    assert check_kv_dtype(q, k8, k8) is True
+    assert check_kv_dtype(q, q.new_zeros(3, 16, 2, 16), q.new_zeros(3, 16, 2, 16)) is False
+    with pytest.raises(ValueError, match="float8_e4m3fn or the query dtype"):
+        check_kv_dtype(q, k8.view(torch.float8_e5m2), k8.view(torch.float8_e5m2))
+    with pytest.raises(ValueError, match="needs k_scale"):
+        kv_scale_tensor(None, "k_scale", q.device)
+    with pytest.raises(ValueError, match="1-element float32"):
+        kv_scale_tensor(torch.ones(2), "k_scale", q.device)
+    assert kv_scale_tensor(0.5, "v_scale", q.device).tolist() == [0.5]
+
+
+# ---- GPU ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", list(ua.BATCHES))
+@pytest.mark.parametrize("H,KVH,BS", [(32, 8, 16), (8, 8, 32)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_unified_fp8_gpu(batch, H, KVH, BS, dtype) -> None:
+    cases.check_unified(batch, H, KVH, 128, BS, dtype, seed=1, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paged_decode_fp8_gpu(num_splits, dtype) -> None:
+    cases.check_decode(16, 32, 8, 128, 16, dtype, seed=2, num_splits=num_splits, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", list(ua.BATCHES))
+def test_engine_fp8_step_gpu(batch) -> None:
+    """paged_attention_fp8 on CUDA: the quantized byte write, then the Triton kernel reads the codes."""
+    cases.check_engine_store_and_read(batch, 32, 8, 128, 16, seed=6, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["unified", "paged_decode"])
+def test_fp8_graph_replay_reads_scales_from_device(kernel) -> None:
+    """Capture a decode step over an FP8 cache; replay equals eager bit for bit, and after the scale
+    tensors change in place (calibration after capture) the replay follows them."""
+    from loraserve.kernels.paged_attention import paged_decode_attention
+    from loraserve.kernels.unified_attention import unified_attention
+
+    batch = [(1, 700), (1, 40), (1, 3), (1, 1200)]
+    q, k, v, tables, lens, qsl, ks, vs = cases.make_fp8_problem(batch, 32, 8, 128, 16, torch.bfloat16, 5, "cuda")
+
+    def step(out=None):
+        if kernel == "unified":
+            return unified_attention(q, k, v, tables, lens, qsl, 1, 128 ** -0.5, out=out, k_scale=ks, v_scale=vs)
+        return paged_decode_attention(q, k, v, tables, lens, 128 ** -0.5, out=out, k_scale=ks, v_scale=vs)
+
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        step(out)   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        step(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, step())
+    before = out.clone()
+    ks.mul_(0.5)
+    vs.mul_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, step()) and not torch.equal(out, before)

@@ -8,11 +8,14 @@ FP8 against bf16 on the embedded default model with its demo adapter `upper`, pl
     python3 benchmarks/bench_fp8.py [--layers 32] [--json benchmarks/results/fp8_h200.json]
     python3 benchmarks/bench_fp8.py --tiny      # CPU smoke run on a tiny random Llama (CI / laptops)
 
-Keys: decode_bs1_speedup, decode_bs64_speedup, prefill_speedup, kv_blocks_ratio (KV blocks per byte of
-cache, FP8 / bf16), lora32_vs_nolora_fp8 (batch 64, 32 rank-16 adapters), top1_agreement_vs_bf16.
-On CUDA the FP8 KV cache is refused for now (no FP8 load path in the Triton attention kernels): the
-GPU run measures FP8 weights with a bf16 KV cache, and kv_blocks_ratio is then null.
-NOT RUN ON A GPU YET (written 2026-11-30 without device time).
+Keys: decode_bs1_speedup, decode_bs64_speedup, prefill_speedup, kv_blocks_ratio (KV blocks each engine got
+with the same kv_cache_config, FP8 / bf16; kv_blocks_per_gib_ratio: per byte of cache alone),
+lora32_vs_nolora_fp8 (batch 64, 32 rank-16 adapters), top1_agreement_vs_bf16, max_logit_error.
+The FP8 KV cache is used where models/fp8.py accepts it on the device (--kv-cache-fp8 auto); until the
+Triton attention kernels read e4m3 the GPU run measures FP8 weights with a bf16 KV cache.
+Decode (M <= 64 tokens) runs the Triton W8A16 kernel, prefill _scaled_mm (models/fp8.py); set
+LORASERVE_FP8_SMALL_M=0 to measure the W8A8-only path. Prefill is timed after two untimed prefills of
+the same shape, on fresh prompts, alike for both engines.
 """
 from __future__ import annotations
 
@@ -37,30 +40,47 @@ def _sync(engine) -> None:
 
 
 def time_prefill(engine, batch: int, prompt_len: int, seed: int) -> float:
-    """Prompt tokens/s of `batch` prompts of `prompt_len` tokens (one output token each)."""
+    """Prompt tokens/s of `batch` fresh prompts of `prompt_len` tokens (one output token each): two
+    untimed prefills of the same shape first (Triton compiles its prefill kernels and the allocator
+    settles on the first engine of the process; without them bf16, built first, paid FP8's compiles
+    too), then one timed on prompts no earlier run shares a prefix with (seed)."""
     from loraserve import SamplingParams
 
-    ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
-                        generator=torch.Generator().manual_seed(seed)).tolist()
-    for i, prompt in enumerate(ids):
-        engine.add_request(f"fp8-prefill-{seed}-{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-    _sync(engine)
-    t = time.perf_counter()
-    while engine.seqs:
-        engine.step()
-    _sync(engine)
-    return batch * prompt_len / (time.perf_counter() - t)
+    def once(tag: str, prompt_seed: int) -> float:
+        ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
+                            generator=torch.Generator().manual_seed(prompt_seed)).tolist()
+        for i, prompt in enumerate(ids):
+            engine.add_request(f"fp8-prefill-{tag}-{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        _sync(engine)
+        t = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        _sync(engine)
+        return batch * prompt_len / (time.perf_counter() - t)
+
+    for w in range(2):
+        once(f"warm{seed}-{w}", 10_000 + 2 * seed + w)
+    return once(f"run{seed}", seed)
 
 
 def build(path: str, quant: dict | None, kw: dict, lora_cfg=None):
     from loraserve.config import engine_config_from_kwargs
     from loraserve.inference.engine import LLMEngine
 
+    if torch.cuda.is_available():   # nothing of the previous engine may still hold memory: KV sizing reads it
+        gc.collect()
+        torch.cuda.empty_cache()
     return LLMEngine(engine_config_from_kwargs(path, quant_config=quant, lora_config=lora_cfg, **kw))
 
 
 def free(engine) -> None:
-    del engine
+    """Drop what an engine holds on the device. The caller must drop its own reference too (`engine = None`
+    before the next build: `engine = build(...)` keeps the old engine alive while the new one sizes its KV
+    cache, which is how the FP8 engine got a third of bf16's blocks)."""
+    runner = getattr(engine, "runner", None)
+    if runner is not None and getattr(runner, "graph_runner", None) is not None:
+        runner.graph_runner = None   # the CUDA graphs' private memory pool
+    del engine, runner
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -79,7 +99,22 @@ def measure(engine, a, loras=None) -> dict:
     cache = engine.runner.k_cache
     out["kv_blocks"] = engine.runner.num_blocks
     out["kv_blocks_per_gib"] = engine.runner.num_blocks / (2 * cache.numel() * cache.element_size() / 2**30)
+    out["kv_cache_dtype"] = str(cache.dtype)
+    if torch.cuda.is_available():
+        out["weights_gib"] = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30
     return out
+
+
+def fp8_kv_cache_supported(device: torch.device) -> bool:
+    """Whether enable_fp8_kv_cache accepts `device` (it refuses CUDA until the Triton attention kernels
+    read e4m3): probed on an empty module, so nothing is built."""
+    from loraserve.inference.models.fp8 import enable_fp8_kv_cache
+
+    try:
+        enable_fp8_kv_cache(torch.nn.Module(), device)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def teacher_forced_logits(engine, ids: list[int], lora_handle=None) -> torch.Tensor:
@@ -143,6 +178,7 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
             res = {"top1_agreement_vs_bf16": agree / total, "top1_tokens": total,
                    "max_logit_error": max(float((logits[k] - ref[k]).abs().max()) for k in logits)}
         free(engine)
+        engine = None
     return res
 
 
@@ -157,7 +193,10 @@ def main() -> int:
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kv-cache-fp8", choices=["auto", "on", "off"], default="auto",
+                    help="FP8 KV cache in the FP8 engine; auto: where models/fp8.py supports it on this device")
+    ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -180,28 +219,38 @@ def main() -> int:
         kw = dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=256,
                   kv_cache_config={"free_gpu_memory_fraction": 0.5})
     on_gpu = kw["device"] == "cuda"
-    # FP8 KV cache is CPU-only for now (models/fp8.py): the GPU run keeps a bf16 KV cache
-    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": None if on_gpu else "FP8"}
+    kv_fp8 = fp8_kv_cache_supported(torch.device(kw["device"])) if a.kv_cache_fp8 == "auto" else a.kv_cache_fp8 == "on"
+    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_fp8 else None}
     res: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "layers": a.layers if not a.tiny else 2,
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
-                 "quant_config": quant}
+                 "quant_config": quant, "fp8_small_m": os.environ.get("LORASERVE_FP8_SMALL_M", "default (64)")}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
+    t0 = time.perf_counter()
     engine = build(path, None, kw, lora_cfg)
     res["bf16"] = measure(engine, a)
     free(engine)
+    engine = None   # before the next build: the FP8 engine sizes its KV cache from the free memory
+    print(f"bf16 done ({time.perf_counter() - t0:.0f} s): {res['bf16']}", flush=True)
     engine = build(path, quant, kw, lora_cfg)
     res["fp8"] = measure(engine, a)
     reqs = register(engine, make_adapters(engine, a.adapters, a.rank, dora=False, seed=1), 1)
     res["fp8_lora32_decode_tok_s"] = statistics.median(
         time_decode(engine, a.batch, a.prompt_len, a.steps, reqs, seed=7 + r) for r in range(a.repeats))
     free(engine)
+    engine = None
+    print(f"fp8 done ({time.perf_counter() - t0:.0f} s): {res['fp8']}", flush=True)
     b, f = res["bf16"], res["fp8"]
     res["decode_bs1_speedup"] = f["decode_bs1_tok_s"] / b["decode_bs1_tok_s"]
     res[f"decode_bs{a.batch}_speedup"] = f[f"decode_bs{a.batch}_tok_s"] / b[f"decode_bs{a.batch}_tok_s"]
     res["prefill_speedup"] = f["prefill_tok_s"] / b["prefill_tok_s"]
-    res["kv_blocks_ratio"] = None if on_gpu else f["kv_blocks_per_gib"] / b["kv_blocks_per_gib"]
+    # blocks each engine got with the same kv_cache_config (FP8 weights leave more memory; an FP8 KV
+    # cache halves the bytes per block); kv_blocks_per_gib_ratio: per byte of cache alone
+    res["kv_blocks_ratio"] = f["kv_blocks"] / b["kv_blocks"]
+    res["kv_blocks_per_gib_ratio"] = f["kv_blocks_per_gib"] / b["kv_blocks_per_gib"]
     res["lora32_vs_nolora_fp8"] = res["fp8_lora32_decode_tok_s"] / f[f"decode_bs{a.batch}_tok_s"]
-    res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant, 2 if a.tiny else 16))
+    if not a.skip_quality:
+        res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant, 2 if a.tiny else 16))
+    res["wall_s"] = time.perf_counter() - t0
     print(json.dumps(res, indent=2))
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

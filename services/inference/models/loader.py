@@ -82,18 +82,21 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
         local = shard_args(args, tp.size)
     with torch.device("meta"):
         model = LlamaForCausalLM(local)
-    model = model.to_empty(device=device).to(torch_dtype)
+    model = model.to(torch_dtype)   # still on meta: no memory
+    fp8_mods = None
+    if fp8_weights:   # swapped in on meta, so the bf16 projections never take device memory (KV sizing)
+        from .fp8 import convert_projections
+
+        fp8_mods = convert_projections(model, torch_dtype, torch.device("meta"))
+        log.info("FP8 e4m3 weights for %d projections (%s), compute dtype %s", len(fp8_mods),
+                 "from the checkpoint" if fp8_checkpoint else "quantized at load, per-channel scales", torch_dtype)
+    model = model.to_empty(device=device)
+    for fp8_mod in (fp8_mods or {}).values():
+        fp8_mod.weight_scale.fill_(1.0)   # to_empty left it uninitialised; a checkpoint scale overwrites it
     if tp is not None:
         _attach_group(model, tp)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    fp8_mods = None
-    if fp8_weights:
-        from .fp8 import convert_projections
-
-        fp8_mods = convert_projections(model, torch_dtype, device)
-        log.info("FP8 e4m3 weights for %d projections (%s), compute dtype %s", len(fp8_mods),
-                 "from the checkpoint" if fp8_checkpoint else "quantized at load, per-channel scales", torch_dtype)
     for module in model.modules():  # to_empty left the non-persistent RoPE buffers uninitialised
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = rope_inv_freq(args).float().to(device)
@@ -115,6 +118,8 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     unscaled = sorted(k for k in loaded if k.startswith("fp8-unscaled:") and "fp8-scaled:" + k[13:] not in loaded)
     if unscaled:
         raise ValueError(f"{path}: FP8 weights without a weight_scale: {[k[13:] for k in unscaled][:8]}")
+    if device.type == "cuda" and fp8_mods is not None:
+        torch.cuda.empty_cache()   # the quantizer's fp32 temporaries: the KV cache is sized from free memory
     return model.eval(), args, torch_dtype
 
 

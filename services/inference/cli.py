@@ -43,7 +43,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="fp8: FP8 e4m3 base weights (per-channel scales); = quant_config: {quant_algo: FP8}")
     p.add_argument("--kv_cache_dtype", "--kv-cache-dtype", dest="kv_cache_dtype", choices=["auto", "fp8"], default=None,
-                   help="fp8: FP8 e4m3 KV cache (CPU only for now); = quant_config: {kv_cache_quant_algo: FP8}")
+                   help="fp8: FP8 e4m3 KV cache (half the bytes per token); = quant_config: {kv_cache_quant_algo: FP8}")
     p.add_argument("--max_batch_size", "--max-batch-size", dest="max_batch_size", type=int, default=None)
     p.add_argument("--max_num_tokens", "--max-num-tokens", dest="max_num_tokens", type=int, default=None)
     p.add_argument("--tensor_parallel_size", "--tensor-parallel-size", "--tp", dest="tensor_parallel_size", type=int,

@@ -292,11 +292,11 @@ def test_upper_adapter_still_upper_cases_on_fp8():
     assert upper_fraction(upper) > 0.8, upper
 
 
-def test_fp8_kv_cache_is_refused_on_cuda_for_now():
+def test_fp8_kv_cache_is_refused_off_cpu_and_cuda():
     from loraserve.inference.models.fp8 import enable_fp8_kv_cache
 
-    with pytest.raises(NotImplementedError, match="no FP8 load path"):
-        enable_fp8_kv_cache(torch.nn.Module(), torch.device("cuda"))
+    with pytest.raises(NotImplementedError, match="runs on CUDA .Triton kernels. and CPU, not meta"):
+        enable_fp8_kv_cache(torch.nn.Module(), torch.device("meta"))
 
 
 def test_serve_flags_and_yaml_take_quant_config(tmp_path):

@@ -15,8 +15,9 @@ the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
 
 KV cache: e4m3 with one fp32 scale per layer for K and one for V (the checkpoint's `k_scale` /
 `v_scale`, else calibrated on the first step as vLLM's calculate_kv_scales; a fixed 1.0 lost ~3% top-1
-on the default model); `Fp8KVAttention` quantizes on write and dequantizes the
-gathered blocks on read (CPU torch attention only: the Triton kernels have no FP8 load path yet).
+on the default model); `Fp8KVAttention` quantizes on write; the Triton attention kernels (CUDA) read
+the codes and dequantize in registers, the CPU torch path dequantizes the gathered blocks. The scales
+live in device memory ([2] fp32 per layer), so captured CUDA graphs read the current values.
 
 Nothing here runs unless a quant_config asks for it: the loader swaps modules in at load time.
 """
@@ -241,14 +242,56 @@ def load_into_fp8(module: Fp8Proj, part: str, row0: int, rows: int, tensor: torc
     raise ValueError(f"unexpected FP8 checkpoint tensor {what!r}")
 
 
-# --- FP8 KV cache (CPU torch attention) -----------------------------------------------------------
+# --- FP8 KV cache --------------------------------------------------------------------------------
 
 class Fp8KVAttention(Attention):
-    """Attention over an e4m3 KV cache: Attention.forward with the FP8 store/read. k_scale, v_scale:
-    per-tensor (per layer) scales, the checkpoint's or 1.0. Swapped in by `enable_fp8_kv_cache`."""
+    """Attention over an e4m3 KV cache: Attention.forward with the FP8 store/read. Swapped in by
+    `enable_fp8_kv_cache`. kv_scales: [2] fp32 on the cache's device (k_scale, v_scale, per tensor = per
+    layer), the checkpoint's, else calibrated on the first eager step that is not decode-only (a
+    prefill: real data, while CUDA-graph warm-ups are dummy decode steps) and fixed from then on
+    (cached blocks hold values under these scales). `k_scale` / `v_scale` read them back as floats
+    (a host sync: inspection and tests only; None until set)."""
 
-    k_scale: float | None = None   # None: set from the first step's K (vLLM's calculate_kv_scales)
-    v_scale: float | None = None
+    kv_scales: torch.Tensor
+    _kv_scale_set: list[bool]   # [k, v]: given by the checkpoint or calibrated
+
+    def _init_kv_scales(self, device: torch.device) -> None:
+        given = [self.__dict__.pop(name, None) for name in ("k_scale", "v_scale")]   # the loader's floats
+        self.register_buffer("kv_scales", torch.ones(2, dtype=torch.float32, device=device), persistent=False)
+        self._kv_scale_set = [False, False]
+        for i, value in enumerate(given):
+            if value is not None:
+                self._set_kv_scale(i, value)
+
+    def _set_kv_scale(self, i: int, value) -> None:
+        if not float(value) > 0:
+            raise ValueError(f"FP8 KV-cache {'kv'[i]}_scale must be positive, got {float(value)}")
+        self.kv_scales[i].fill_(float(value))
+        self._kv_scale_set[i] = True
+
+    @property
+    def k_scale(self) -> float | None:
+        return float(self.kv_scales[0]) if self._kv_scale_set[0] else None
+
+    @k_scale.setter
+    def k_scale(self, value) -> None:   # the checkpoint loader's k_scale tensor (as a float)
+        self._set_kv_scale(0, value)
+
+    @property
+    def v_scale(self) -> float | None:
+        return float(self.kv_scales[1]) if self._kv_scale_set[1] else None
+
+    @v_scale.setter
+    def v_scale(self, value) -> None:
+        self._set_kv_scale(1, value)
+
+    def _calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # vLLM's calculate_kv_scales headroom (K/200, V/100); later outliers saturate at +-448.
+        # Device ops only (no .item()): written into the buffer the kernels and graphs read.
+        for i, (x, headroom) in enumerate(((k, K_SCALE_RANGE), (v, V_SCALE_RANGE))):
+            if not self._kv_scale_set[i]:
+                self.kv_scales[i:i + 1].copy_((x.abs().amax().float() / headroom).clamp(min=1e-6))
+                self._kv_scale_set[i] = True
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -257,25 +300,30 @@ class Fp8KVAttention(Attention):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        # no checkpoint scales: the first step's amax with vLLM's headroom (K/200, V/100), fixed from then
-        # on (cached blocks hold values under these scales); later outliers saturate at +-448
-        if self.k_scale is None:
-            self.k_scale = max(float(k.abs().amax()) / K_SCALE_RANGE, 1e-6)
-        if self.v_scale is None:
-            self.v_scale = max(float(v.abs().amax()) / V_SCALE_RANGE, 1e-6)
+        if not all(self._kv_scale_set) and not get_context().decode_only and not _capturing(x):
+            self._calibrate(k, v)
         o = paged_attention_fp8(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale,
-                                self.k_scale, self.v_scale)
+                                self.kv_scales[0:1], self.kv_scales[1:2])
         out = self.o_proj(o.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def enable_fp8_kv_cache(model: nn.Module, device: torch.device) -> None:
-    """Make every Attention of `model` write and read an e4m3 KV cache. CPU only for now."""
-    if device.type != "cpu":
-        raise NotImplementedError(
-            "kv_cache_quant_algo=FP8 runs on CPU only for now: the CUDA attention kernels "
-            "(kernels/unified_attention.py, kernels/paged_attention.py) have no FP8 load path yet. "
-            "On the GPU use quant_config=QuantConfig(quant_algo=QuantAlgo.FP8) (FP8 weights, bf16 KV cache).")
+    """Make every Attention of `model` write and read an e4m3 KV cache: on CUDA through the Triton
+    attention kernels (kernels/unified_attention.py, kernels/paged_attention.py), on CPU through torch."""
+    if device.type == "cuda":
+        from loraserve.kernels import triton_available
+
+        if not triton_available():
+            raise NotImplementedError("kv_cache_quant_algo=FP8 on CUDA needs Triton (the attention kernels read "
+                                      "the e4m3 cache); install triton or leave kv_cache_quant_algo unset")
+    elif device.type != "cpu":
+        raise NotImplementedError(f"kv_cache_quant_algo=FP8 runs on CUDA (Triton kernels) and CPU, not {device.type}")
     for module in model.modules():
         if type(module) is Attention:
-            module.__class__ = Fp8KVAttention   # same state; only forward differs
+            module.__class__ = Fp8KVAttention   # same state; only forward (and the scale buffer) differ
+            module._init_kv_scales(device)

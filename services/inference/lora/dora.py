@@ -46,18 +46,36 @@ def _slice_sizes(model: nn.Module, proj: str) -> list[int]:
 
 
 @torch.no_grad()
-def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||W + B@A|| per row, float32 [out]. weight [out, in] (any float dtype/device); a [r, in];
-    b [out, r] with the LoRA scale folded in. Chunked over rows to bound the fp32 temporary."""
+def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight_scale: torch.Tensor | None = None,
+              squared: bool = False) -> torch.Tensor:
+    """||W + B@A|| per row (or its square), float32 [out]. weight [out, in] (any float dtype/device, or
+    FP8 with weight_scale [out]: W = weight * weight_scale[:, None], the weight the FP8 GEMM serves);
+    a [r, in]; b [out, r] with the LoRA scale folded in. Chunked over rows to bound the fp32 temporary."""
     out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     a32 = a.to(weight.device, torch.float32)
     b32 = b.to(weight.device, torch.float32)
     rows = max(1, _CHUNK_ELEMS // max(1, weight.shape[1]))
     for lo in range(0, weight.shape[0], rows):
         hi = min(lo + rows, weight.shape[0])
-        w = weight[lo:hi].to(torch.float32) + b32[lo:hi] @ a32          # (rows, in)
-        out[lo:hi] = torch.linalg.norm(w, dim=1)
+        w = weight[lo:hi].to(torch.float32)
+        if weight_scale is not None:
+            w = w * weight_scale[lo:hi, None].to(torch.float32)
+        w = w + b32[lo:hi] @ a32          # (rows, in)
+        out[lo:hi] = w.square().sum(dim=1) if squared else torch.linalg.norm(w, dim=1)
     return out
+
+
+def base_weight(lin: nn.Module, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, per-row dequantization scale or None) of a served projection. FP8 projections
+    (models/fp8.py: e4m3 weight, float32 weight_scale [out]) count as the weight they stand for;
+    any other non-float weight is refused."""
+    w = lin.weight
+    scale = getattr(lin, "weight_scale", None)
+    if w.is_floating_point() and w.element_size() >= 2:
+        return w, None
+    if w.dtype == getattr(torch, "float8_e4m3fn", None) and scale is not None and scale.dim() == 1:
+        return w, scale
+    raise AdapterFormatError(f"DoRA on {module} is not supported with {w.dtype} base weights")
 
 
 def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
@@ -69,17 +87,14 @@ def compute_dora_scales(adapter: LoraAdapter, model: nn.Module | None) -> None:
         return
     if model is None:
         raise AdapterFormatError("DoRA (use_dora=true) is not supported by this engine: it holds no whole base "
-                                 "weights to compute m / ||W + s*B@A|| from (DoRA under tensor parallelism is "
-                                 "not supported yet)")
+                                 "weights to compute m / ||W + s*B@A|| from")
     scales, shifts = {}, {}
     for key, m in adapter.magnitudes.items():
         layer, module = key
         lin, lo, hi = base_projection(model, layer, module)
-        if not lin.weight.is_floating_point() or lin.weight.element_size() < 2:
-            # quantized (FP8/int8) weights need their dequantization scales for ||W + B@A||
-            raise AdapterFormatError(f"DoRA on {module} is not supported with {lin.weight.dtype} base weights yet")
+        weight, wscale = base_weight(lin, module)
         a, b = adapter.weights[key]
-        norms = row_norms(lin.weight[lo:hi], a, b).cpu()
+        norms = row_norms(weight[lo:hi], a, b, None if wscale is None else wscale[lo:hi]).cpu()
         g = m.to(torch.float32) / norms
         if not bool(torch.isfinite(g).all()):
             raise AdapterFormatError(f"layer {layer} {module}: DoRA factor m / ||W + s*B@A|| is not finite "

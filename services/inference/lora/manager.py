@@ -105,6 +105,9 @@ class LoRAManager:
         """model: the served base model, whose weights DoRA adapters need (g = m / ||W + B@A||)."""
         self.lora_config, self.cache_config, self.args = lora_config, cache_config, args
         self.model = model
+        # tensor parallelism: no process holds whole base weights, so DoRA factors are computed by
+        # every rank for its shard when the adapter is placed on a GPU slot (tp/step.py)
+        self.dora_per_rank = False
         self.dtype, self.device = dtype, device
         self.allowed_dirs = None if allowed_dirs is None else [os.path.realpath(d) for d in allowed_dirs]
         self.enabled = lora_config.hf_target_modules() or set(args.lora_module_shapes())
@@ -233,7 +236,8 @@ class LoRAManager:
     def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
         """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous; DoRA factors computed
         from the base weights (float32, kept with the adapter in the host tier)."""
-        compute_dora_scales(adapter, self.model)
+        if not self.dora_per_rank:
+            compute_dora_scales(adapter, self.model)
         if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype
             pin = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)  # noqa: E731
             adapter.dora_scales = {k: pin(g) for k, g in adapter.dora_scales.items()}   # g, shift stay float32

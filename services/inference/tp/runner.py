@@ -35,11 +35,16 @@ class ShardedSlots(DeviceSlots):
         super().__init__(local_args, *args)
         self.executor, self.local = executor, local_args
 
+    model = None   # rank 0's shard of the model (DoRA factors), set by TPModelRunner
+
     def load(self, slot: int, adapter) -> int:
         index, flat = pack_adapter(adapter.weights, MODULES, self.dtype, self.device)
-        self.executor.send(("load", slot, index, flat.numel(), adapter.rank, MODULES))
+        # DoRA magnitudes (float32 [out] per module, ~6 MB for all modules of an 8B adapter) ride the pipe
+        magnitudes = {k: m.detach().to(torch.float32).cpu().numpy() for k, m in
+                      (getattr(adapter, "magnitudes", None) or {}).items()} or None   # pickled by value
+        self.executor.send(("load", slot, index, flat.numel(), adapter.rank, MODULES, magnitudes))
         self.executor.broadcast(flat)
-        load_slot(super(), slot, adapter.weights, adapter.rank, self.local, 0)
+        load_slot(self, slot, adapter.weights, adapter.rank, self.local, 0, self.model, magnitudes, super().load)
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
 
 
@@ -53,8 +58,10 @@ class TPModelRunner(ModelRunner):
             lora_manager.slots = lora_manager.device_tier.slots = slots
             del old
             # DoRA's g = m / ||W + B@A||_row needs whole rows of W, which no rank holds for o/down:
-            # without a model the manager refuses DoRA adapters at load (AdapterFormatError)
+            # every rank computes its shard's g when the adapter is placed on a slot (step.py)
             lora_manager.model = None
+            lora_manager.dora_per_rank = True
+            slots.model = model
             if device.type == "cuda":
                 torch.cuda.empty_cache()   # the full-size slots' memory back to the device: KV sizing reads free memory
         super().__init__(dataclasses.replace(config, enforce_eager=True), model, local, dtype, device, lora_manager)

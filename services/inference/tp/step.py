@@ -64,10 +64,79 @@ def unpack_adapter(index: list[tuple], flat: torch.Tensor, module_names: list[st
     return weights
 
 
-def load_slot(slots, slot: int, weights: dict, rank_of_adapter: int, local, tp_rank: int) -> None:
-    """This rank's shard of an adapter into its DeviceSlots (which were sized by the shard's args)."""
-    slots.load(slot, SimpleNamespace(weights=shard_lora(weights, local, tp_rank), rank=rank_of_adapter,
-                                     dora_scales={}))   # DoRA is refused under TP (runner.py)
+def load_slot(slots, slot: int, weights: dict, rank_of_adapter: int, local, tp_rank: int, model=None,
+              magnitudes: dict | None = None, load=None) -> None:
+    """This rank's shard of an adapter into its DeviceSlots (which were sized by the shard's args).
+    Every rank calls it for every adapter in the same order (the DoRA factors take an all-reduce).
+    A DoRA adapter whose factor is not finite on some rank is loaded nowhere; rank 0 raises
+    AdapterFormatError (the workers, which must not die of a bad adapter, skip it silently)."""
+    shard = shard_lora(weights, local, tp_rank)
+    scales, shifts = ({}, {}) if not magnitudes else dora_factors(model, shard, magnitudes, local, tp_rank)
+    if scales is None:
+        if tp_rank == 0:
+            from loraserve.adapters import AdapterFormatError
+
+            raise AdapterFormatError("DoRA factor m / ||W + s*B@A|| is not finite (a zero-norm output row)")
+        return
+    stream = getattr(slots, "copy_stream", None)
+    if scales and stream is not None:   # the side-stream slot copies read what this stream computed
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        for t in (*scales.values(), *shifts.values()):
+            t.record_stream(stream)
+    (load or slots.load)(slot, SimpleNamespace(weights=shard, rank=rank_of_adapter, dora_scales=scales,
+                                               dora_shifts=shifts))
+
+
+@torch.no_grad()
+def dora_factors(model, shard: dict, magnitudes: dict, local, tp_rank: int) -> tuple[dict | None, dict]:
+    """This rank's DoRA factors g = m / ||W + s*B@A||_row (float32, on the weights' device):
+      * column-parallel q/k/v, gate/up: the rank holds whole rows of W for its output features, and B's
+        rows for them: its g is local (m's rows of this rank);
+      * row-parallel o, down: the rank holds W[:, its inputs] and A[:, its inputs]: the squared row norms
+        are partial sums over the input dimension, all-reduced (one collective for every such module),
+        and g covers every output feature (the expand epilogue scales each rank's partial output by g
+        before the layer's all-reduce sums them: g * sum_i y_i = sum_i g * y_i).
+    Returns (None, {}) on every rank when any rank's factor is not finite (the flag rides the all-reduce)."""
+    import torch.distributed as dist
+
+    from ..lora.dora import base_projection, base_weight, row_norms
+
+    sizes = {"q": local.q_size, "kv": local.kv_size, "mlp": local.intermediate_size}
+    scales, shifts, partial_keys, partials = {}, {}, [], []
+    ok = True
+    for key in sorted(magnitudes):
+        layer, module = key
+        lin, lo, hi = base_projection(model, layer, module)
+        weight, wscale = base_weight(lin, module)
+        a, b = shard[key]
+        ws = None if wscale is None else wscale[lo:hi]
+        which, kind = _LORA_SPLIT[module]
+        m = torch.as_tensor(magnitudes[key]).to(weight.device, torch.float32)
+        if which == "b":   # column-parallel: this rank's output rows
+            n = sizes[kind]
+            g = m[tp_rank * n:(tp_rank + 1) * n] / row_norms(weight[lo:hi], a, b, ws)
+            ok &= bool(torch.isfinite(g).all())
+            scales[key] = g
+            if getattr(lin, "bias", None) is not None:
+                shifts[key] = (1 - g) * lin.bias[lo:hi].detach().to(torch.float32)
+        else:
+            if getattr(lin, "bias", None) is not None:
+                raise NotImplementedError(f"DoRA on a row-parallel {module} with a bias under tensor parallelism")
+            partial_keys.append(key)
+            partials.append(row_norms(weight[lo:hi], a, b, ws, squared=True))
+    device = next(model.parameters()).device
+    flat = torch.cat([*(p.to(device) for p in partials), torch.tensor([0.0 if ok else 1.0], device=device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    if flat[-1].item() > 0:
+        return None, {}
+    sums = flat[:-1].split([p.numel() for p in partials]) if partials else []
+    for key, sq in zip(partial_keys, sums):
+        g = torch.as_tensor(magnitudes[key]).to(device, torch.float32) / sq.sqrt()
+        if not bool(torch.isfinite(g).all()):   # the same on every rank (the all-reduced sums agree)
+            return None, {}
+        scales[key] = g
+    return scales, shifts
 
 
 def pack_step(inp, query_lens: list[int], device: torch.device) -> torch.Tensor:

@@ -147,13 +147,13 @@ class Worker:
                 if S:
                     self.model.compute_logits(hidden[inp.sample_idx])   # this rank's part of the all-gather
             elif kind == "load":
-                _, slot, index, numel, adapter_rank, module_names = msg
+                _, slot, index, numel, adapter_rank, module_names, magnitudes = msg
                 flat = torch.empty(numel, dtype=self.dtype, device=self.device)
                 dist.broadcast(flat, 0)
                 if self.slots.copy_stream is not None:   # the slot copies (side stream) read what the broadcast wrote
                     self.slots.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
                     flat.record_stream(self.slots.copy_stream)   # not reused before those copies ran
                 load_slot(self.slots, slot, unpack_adapter(index, flat, module_names), adapter_rank, self.local,
-                          self.rank)
+                          self.rank, self.model, magnitudes)
             else:
                 raise RuntimeError(f"unknown tensor-parallel command {kind!r}")

@@ -13,6 +13,9 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
   * "reduced": shrink, a fixed-order sum of the partials, expand (three launches) otherwise:
     every column block of the expand re-reads the partials, which at rank 64 cost more than
     the saved launch (1-32 tokens: 10-50% slower with partials; down, 1024 tokens: 2x).
+Shrink configs and the expand kernel come in two variants, switched by LORASERVE_LORA_STREAM
+(lora_meta.LORA_STREAM; on by default): the streaming expand (lora_expand_stream.py) with
+the shrink's grid-aware split-K, or the classic kernels (=0). The workspace shape follows it.
 The fused kernel is opt-in (LORASERVE_LORA_FUSED=1) until its grid barrier has been run
 on a GPU: it was written after the last GPU run of its session (see kernels/PERF_NOTES.md).
 """
@@ -47,7 +50,7 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
     if plan is not None:
         return "fused", (plan["SPLIT_K"], S, T, R), plan
     if R <= 16 and T <= 256:
-        return "partials", (shrink_split_k(x, lora_a, meta.block_m), S, T, R), None
+        return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
     return "reduced", (S, T, R), None
 
 

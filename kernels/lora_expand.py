@@ -27,11 +27,13 @@ reduction launch between shrink and expand.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
-from .lora_meta import LoRAMeta
+from .lora_meta import LoRAMeta, stream_enabled
 
 if HAS_TRITON:
 
@@ -118,6 +120,21 @@ if HAS_TRITON:
         tl.store(y_ptrs, out.to(yv.dtype), mask=y_ok)
 
 
+_STREAM_FAILED: set[tuple] = set()  # (S, R, device) whose streaming kernel failed to compile
+
+
+def _stream_ok(num_slices: int, rank: int, device: torch.device) -> bool:
+    from .lora_expand_stream import stream_applies
+
+    return stream_applies(num_slices, rank) and (num_slices, rank, device) not in _STREAM_FAILED
+
+
+def _num_sms(device: torch.device) -> int:
+    from .lora_shrink import _num_sms as sms
+
+    return sms(device.index if device.type == "cuda" else None)
+
+
 def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
     """Launch parameters: BLOCK_K=16 keeps mixed ranks cheap (see module docstring).
 
@@ -135,7 +152,8 @@ def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
 
 def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
                 ranks: Tensor, y: Tensor, *, config: dict | None = None,
-                scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+                scale: Tensor | None = None, shift: Tensor | None = None,
+                stream: bool | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
 
     buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides), or its
@@ -150,6 +168,10 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     scale:         optional [L, N] float32, DoRA's factor g per slot and output column: adapted
                    rows become (y + delta) * g[slot] (see the module docstring).
     shift:         optional, with scale: [L, N] float32 with scale's strides, added after it.
+    stream:        kernel variant; None: lora_meta.LORA_STREAM (env LORASERVE_LORA_STREAM,
+                   on by default). True runs lora_expand_stream where it applies (<= 3 slices,
+                   rank <= 128; config then overrides stream_expand_config), else this
+                   module's classic kernel (config overrides expand_config).
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -174,6 +196,18 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         return y
     assert meta.tile_slots.device == buf.device == lora_b.device == y.device == slice_offsets.device \
         == ranks.device, "buf, lora_b, y, slice_offsets, ranks and meta must be on one device"
+    if stream_enabled(stream) and _stream_ok(S, R, y.device):
+        from .lora_expand_stream import lora_expand_stream
+
+        try:
+            return lora_expand_stream(partials, lora_b, slice_offsets, meta, ranks, y, config=config,
+                                      scale=scale, shift=shift, num_sms=_num_sms(y.device))
+        except Exception as exc:  # noqa: BLE001 - compile/resources failure: classic kernel instead
+            if not y.is_cuda or config:  # interpreter bugs and explicit configs must surface
+                raise
+            _STREAM_FAILED.add((S, R, y.device))
+            warnings.warn(f"streaming LoRA expand failed for S={S}, R={R} ({exc!r}); using the classic kernel")
+            config = None
     cfg = dict(expand_config(T, N, meta.block_m), **(config or {}))
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (meta.grid_tiles, triton.cdiv(N, BN))

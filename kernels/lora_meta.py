@@ -14,6 +14,7 @@ All buffers are allocated once in ``__init__`` and refilled in place by ``build`
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,17 @@ class LoRAMeta:
 
 
 MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
+
+# Kernel variant switch for lora_shrink / lora_expand / lora_apply (read at each call, so a
+# benchmark may flip it between runs): True = the streaming expand (lora_expand_stream.py) and
+# the shrink's grid-aware split-K; False = the classic kernels and configs.
+# LORASERVE_LORA_STREAM=0 turns it off; on by default.
+LORA_STREAM = os.environ.get("LORASERVE_LORA_STREAM", "1").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def stream_enabled(override: bool | None = None) -> bool:
+    """The variant a launcher uses: the explicit override, else the module switch."""
+    return LORA_STREAM if override is None else override
 
 
 def auto_block_m(num_tokens: int, num_segments: int | None = None) -> int:

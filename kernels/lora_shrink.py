@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
-from .lora_meta import LoRAMeta
+from .lora_meta import LoRAMeta, stream_enabled
 
 if HAS_TRITON:
 
@@ -100,7 +100,8 @@ def _num_sms(device_index: int | None) -> int:
 
 
 def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 1,
-                  block_m: int = 16, num_sms: int = 132) -> dict:
+                  block_m: int = 16, num_sms: int = 132, grid_tiles: int | None = None,
+                  stream: bool | None = None) -> dict:
     """Launch parameters from host-known sizes only (never the slot mix, which lives on the GPU).
 
     Decode is a batched GEMV bound by reading A: rank blocks of 16 rows multiply programs.
@@ -113,7 +114,17 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
     adapters / rank 16 (us per projection, shrink + expand; 16 splits x 128 before):
     qkv 18.7 -> 15.2, o 11.5 -> 9.8, gate_up 46.5 -> 27.3, down 15.4 -> 16.4. Other sizes
     keep the earlier rule (not re-measured).
+
+    With the streaming variant (stream_enabled(stream), see lora_meta.LORA_STREAM) and
+    <= 256 tokens, the split instead counts the tiles the grid launches (grid_tiles: all of
+    them are active when every token run has its own adapter, the case that matters for
+    decode) and stops at about 4 programs per SM: at 64 tokens / 32 adapters (36 tiles) qkv
+    splits 4 ways, gate_up 4, o and down 8, so every program streams 16-57 KB of A through
+    its pipelined K loop instead of one or two 8 KB blocks. Decode (1-16 tokens) takes 128
+    columns per K block and up to 32 splits: latency, not bytes, bounds it.
     """
+    if stream_enabled(stream) and num_tokens <= 256:
+        return _stream_shrink_config(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles)
     block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
     block_k = min(128, max(16, _next_pow2(hidden_in)))
     max_split = 32
@@ -131,15 +142,34 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
-def shrink_split_k(x: Tensor, lora_a: Tensor, block_m: int) -> int:
-    """The SPLIT_K :func:`lora_shrink` picks for these shapes (the partials' leading dim)."""
+def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, block_m: int,
+                          num_sms: int, grid_tiles: int | None) -> dict:
+    """shrink_config's streaming variant for <= 256 tokens (see its docstring)."""
+    block_n = 16
+    block_k = min(128 if num_tokens <= 16 else 256, max(16, _next_pow2(hidden_in)))
+    tiles = grid_tiles if grid_tiles is not None else -(-num_tokens // block_m)
+    programs = tiles * num_slices * -(-rank // block_n)
+    k_blocks = -(-hidden_in // block_k)
+    partial_bytes = 2 * num_slices * num_tokens * rank * 4  # one split's write + read back
+    must_read = 2 * hidden_in * (num_tokens + num_slices * rank)
+    split_k = 1
+    while (split_k < 32 and programs * split_k * 2 <= 4 * num_sms and k_blocks >= 2 * split_k
+           and 2 * split_k * partial_bytes <= must_read):
+        split_k *= 2
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+
+
+def shrink_split_k(x: Tensor, lora_a: Tensor, block_m: int, grid_tiles: int | None = None,
+                   stream: bool | None = None) -> int:
+    """The SPLIT_K :func:`lora_shrink` picks for these shapes (the partials' leading dim);
+    pass the meta's grid_tiles (what lora_shrink uses) for the streaming variant."""
     L, S, R, H = lora_a.shape
     sms = _num_sms(x.device.index if x.is_cuda else None)
-    return shrink_config(x.shape[0], R, H, S, block_m, sms)["SPLIT_K"]
+    return shrink_config(x.shape[0], R, H, S, block_m, sms, grid_tiles, stream)["SPLIT_K"]
 
 
 def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: Tensor,
-                *, config: dict | None = None) -> Tensor:
+                *, config: dict | None = None, stream: bool | None = None) -> Tensor:
     """out[s, t, :r] = x[t] @ lora_a[slot(t), s, :r].T for all slices s, in one launch.
 
     x:      [T, H_in] fp16/bf16/fp32 (any strides).
@@ -151,6 +181,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
             garbage with it). Or [SPLIT_K, S, T, R] float32: the un-reduced split-K partials
             (SPLIT_K = out.shape[0] overrides the config), for lora_expand to sum.
     config: optional override of :func:`shrink_config` (benchmarks).
+    stream: the config variant (None: lora_meta.LORA_STREAM, env LORASERVE_LORA_STREAM).
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -167,7 +198,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     assert meta.tile_slots.device == x.device == lora_a.device == out.device == ranks.device, \
         "x, lora_a, out, ranks and meta must be on one device"
     sms = _num_sms(x.device.index if x.is_cuda else None)
-    cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms), **(config or {}))
+    cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms, meta.grid_tiles, stream), **(config or {}))
     if out.dim() == 4:
         cfg["SPLIT_K"] = out.shape[0]
     BN, BK, SK = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]

@@ -1,0 +1,204 @@
+"""Streaming multi-LoRA expand: each program walks a run of column blocks of ONE adapter's B.
+
+Same semantics as :func:`lora_expand` (see lora_expand.py), incl. the DoRA scale/shift
+epilogue and split-K partials in buf:
+    y[t, off_s:off_{s+1}] += buf[s, t, :r_a] @ lora_b[a, off_s:off_{s+1}, :r_a].T
+
+Why another kernel: the classic expand runs one program per (tile, column block). At rank 16
+a column block is ONE 16-wide K step, so each program loads ~8 KB of B after a chain of
+dependent metadata loads (slot -> rank -> rows -> h), does one tiny dot and leaves: every
+program pays the full latency chain for 8 KB, and num_stages has no loop to pipeline.
+Here program (tile, group) does, once:
+  * the metadata chain (tile slot/start/end loaded together, then rank and the token ids);
+  * h = the tile's rank-r intermediate of every slice (<= 3), split-K partials summed as
+    one [SPLIT_K, BLOCK_M, BLOCK_R] load and a reduction (fixed order for a compiled
+    kernel, so graph replay == eager bit for bit), rounded to B's dtype;
+then streams the group's COLS_PER_PROG columns of B in BLOCK_N blocks through a loop that
+tl.range software-pipelines (NUM_STAGES loads of B in flight while one block computes),
+updating y block by block. A block that straddles slice boundaries computes one dot per
+slice and picks, per column, the dot of the column's slice (exactly one slice's product per
+column, as the classic kernel's masked sum gives). B is read only up to ceil16(r_a) columns
+of its rank axis, so mixed ranks in a max-rank layout cost no padding bytes.
+
+The grid is (meta.grid_tiles, groups) with groups from host-known sizes only
+(:func:`stream_expand_config`), so a CUDA graph captured for (T, N) stays valid.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+from .lora_meta import LoRAMeta
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_h(buf_ptr, s, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+        """[BLOCK_M, BLOCK_R] fp32: sum over the SPLIT_K partials of slice s (0 where masked)."""
+        base = buf_ptr + s * stride_bs + tok[:, None] * stride_bm + offs_r[None, :] * stride_br
+        mask = row_ok[:, None] & r_ok[None, :]
+        if SPLIT_K == 1:
+            h = tl.load(base, mask=mask, other=0.0)
+        else:
+            offs_j = tl.arange(0, SK_CHUNK)
+            h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for j0 in tl.static_range(0, SPLIT_K, SK_CHUNK):  # unrolled: all loads issued at once
+                jj = j0 + offs_j
+                part = tl.load(base[None, :, :] + jj[:, None, None] * stride_bsplit,
+                               mask=(jj < SPLIT_K)[:, None, None] & mask[None, :, :], other=0.0)
+                h += tl.sum(part, axis=0)
+        return h
+
+    @triton.jit
+    def _lora_expand_stream_kernel(
+        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr,
+        sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
+        N, R, COLS_PER_PROG,
+        stride_bsplit, stride_bs, stride_bm, stride_br,
+        stride_bl, stride_bn, stride_bk,
+        stride_ym, stride_yn, stride_sl, stride_sn,
+        NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
+        CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        col0 = tl.program_id(1) * COLS_PER_PROG
+        # Three independent loads, issued together (no early exit between them).
+        slot = tl.load(tile_slots_ptr + tile)
+        start = tl.load(tile_starts_ptr + tile)
+        end = tl.load(tile_ends_ptr + tile)
+        if slot < 0:
+            return
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        if rank <= 0:
+            return
+        col_end = tl.minimum(col0 + COLS_PER_PROG, N)
+
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < end
+        tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        # B's rank axis is contiguous: read whole 16-wide chunks up to ceil16(rank) (vector
+        # loads); the extra columns meet h = 0.
+        b_r_ok = offs_r < tl.minimum((rank + 15) // 16 * 16, R)
+        slot64 = slot.to(tl.int64)
+
+        h0 = _load_h(buf_ptr, 0, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                     SPLIT_K, SK_CHUNK, BLOCK_M, BLOCK_R)
+        if CAST:
+            h0 = h0.to(b_ptr.dtype.element_ty)
+        if NUM_SLICES >= 2:
+            lo1 = tl.load(slice_off_ptr + 1)
+            h1 = _load_h(buf_ptr, 1, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                         SPLIT_K, SK_CHUNK, BLOCK_M, BLOCK_R)
+            if CAST:
+                h1 = h1.to(b_ptr.dtype.element_ty)
+        if NUM_SLICES == 3:
+            lo2 = tl.load(slice_off_ptr + 2)
+            h2 = _load_h(buf_ptr, 2, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                         SPLIT_K, SK_CHUNK, BLOCK_M, BLOCK_R)
+            if CAST:
+                h2 = h2.to(b_ptr.dtype.element_ty)
+
+        b_rows = b_ptr + slot64 * stride_bl + offs_r[None, :] * stride_bk
+        y_rows = y_ptr + tok[:, None] * stride_ym
+        offs_nb = tl.arange(0, BLOCK_N)
+        for n0 in tl.range(col0, col_end, BLOCK_N, num_stages=NUM_STAGES):
+            offs_n = n0 + offs_nb
+            n_ok = offs_n < col_end
+            bt = tl.load(b_rows + offs_n[:, None] * stride_bn, mask=n_ok[:, None] & b_r_ok[None, :], other=0.0)
+            y_ok = row_ok[:, None] & n_ok[None, :]
+            yv = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=y_ok, other=0.0)
+            btt = tl.trans(bt)
+            if IEEE:
+                acc = tl.dot(h0, btt, input_precision="ieee")
+            else:
+                acc = tl.dot(h0, btt)
+            if NUM_SLICES >= 2:  # per column, the product of the column's own slice
+                if IEEE:
+                    d1 = tl.dot(h1, btt, input_precision="ieee")
+                else:
+                    d1 = tl.dot(h1, btt)
+                acc = tl.where(offs_n[None, :] >= lo1, d1, acc)
+            if NUM_SLICES == 3:
+                if IEEE:
+                    d2 = tl.dot(h2, btt, input_precision="ieee")
+                else:
+                    d2 = tl.dot(h2, btt)
+                acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
+            out = yv.to(tl.float32) + acc
+            if HAS_SCALE:  # DoRA: g of this slot for these columns (see lora_expand.py)
+                g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+                out = out * g[None, :]
+                if HAS_SHIFT:
+                    c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+                    out = out + c[None, :]
+            tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(yv.dtype), mask=y_ok)
+
+
+STREAM_MAX_SLICES = 3
+STREAM_MAX_RANK = 128
+STREAM_PROGRAMS_PER_SM = 4  # grid target: ~2 resident per SM (8 warps, 3 x 8 KB of B staged) x 2 waves
+
+
+def stream_applies(num_slices: int, rank: int) -> bool:
+    """Shapes the streaming kernel takes (else the classic kernel): <= 3 slices (qkv, gate_up,
+    single projections) and ranks whose [BLOCK_M, BLOCK_R] intermediates fit in registers."""
+    return num_slices <= STREAM_MAX_SLICES and rank <= STREAM_MAX_RANK
+
+
+def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: int, block_m: int,
+                         grid_tiles: int, split_k: int = 1, num_sms: int = 132) -> dict:
+    """Launch parameters from host-known sizes only (the grid must be static for a given T, N).
+
+    BLOCK_N: ~8 KB of B per block (256 columns at rank 16), fewer when the fp32 [BLOCK_M,
+    BLOCK_N] products of up to 3 slices would crowd the registers. Groups per tile: enough
+    programs for STREAM_PROGRAMS_PER_SM per SM, counting every grid tile as active (true for
+    distinct adapters; fewer active tiles just give fewer, equally long programs); the
+    columns are then split evenly in whole blocks. At 64 tokens / 32 adapters (36 tiles):
+    gate_up 14 groups x 8 blocks (64 KB of B each), qkv 12 x 2, o/down 8 x 2. At 1 token
+    (2 tiles) every block is its own program (latency, not bytes, bounds decode).
+    """
+    block_r = max(16, triton.next_power_of_2(rank)) if HAS_TRITON else max(16, 1 << (rank - 1).bit_length())
+    block_n = max(32, min(256, 4096 // block_r, 8192 // block_m))
+    block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
+    work = block_m * block_n * num_slices  # fp32 accumulators live at once
+    num_warps = 8 if work >= 8192 else 4
+    n_blocks = -(-n_total // block_n)
+    groups = max(1, min(n_blocks, round(STREAM_PROGRAMS_PER_SM * num_sms / max(1, grid_tiles))))
+    blocks_per_prog = -(-n_blocks // groups)
+    groups = -(-n_blocks // blocks_per_prog)
+    # Split-K partials summed in chunks of <= 4096 fp32 values per load (registers).
+    sk_chunk = max(1, min(1 << max(0, (split_k - 1).bit_length()), 4096 // (block_m * block_r)))
+    return dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
+                SK_CHUNK=sk_chunk, NUM_STAGES=3, num_warps=num_warps)
+
+
+def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
+                       y: Tensor, *, config: dict | None = None, scale: Tensor | None = None,
+                       shift: Tensor | None = None, num_sms: int = 132) -> Tensor:
+    """The launcher behind lora_expand (which checks the arguments): partials [SPLIT_K, S, T, R]
+    float32; other arguments as for lora_expand. config overrides stream_expand_config."""
+    SK, S, T, R = partials.shape
+    N = lora_b.shape[1]
+    cfg = dict(stream_expand_config(T, N, R, S, meta.block_m, meta.grid_tiles, SK, num_sms), **(config or {}))
+    if config and "COLS_PER_PROG" in config:  # keep the grid consistent with an override
+        cfg["groups"] = -(-N // cfg["COLS_PER_PROG"])
+    assert cfg["COLS_PER_PROG"] % cfg["BLOCK_N"] == 0, "COLS_PER_PROG must be a multiple of BLOCK_N"
+    grid = (meta.grid_tiles, cfg["groups"])
+    _lora_expand_stream_kernel[grid](
+        partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale, y if shift is None else shift,
+        meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
+        N, R, cfg["COLS_PER_PROG"],
+        *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
+        *((0, 0) if scale is None else scale.stride()),
+        NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+        SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], NUM_STAGES=cfg["NUM_STAGES"],
+        CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["NUM_STAGES"],
+    )
+    return y

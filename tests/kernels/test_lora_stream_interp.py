@@ -1,0 +1,70 @@
+"""The streaming expand and the streaming shrink configs (LORASERVE_LORA_STREAM, on by default)
+vs the torch reference, on the CPU through Triton's interpreter (a spawned worker, see
+interpreter.py). Small shapes, chosen so the new loop structure is exercised: several column
+blocks per program with a ragged last block, blocks straddling slice boundaries (1-3 slices),
+mixed ranks (incl. 0) in max-rank slots, tokens without an adapter, split-K partials summed in
+chunks, tiles of 16/32/64 rows and the DoRA scale/shift epilogue."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import pytest
+
+from loraserve.kernels import triton_available
+
+from . import stream_interp_cases as cases
+from .interpreter import interpreter_pool, interpreting
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+
+WIDTHS = {1: [72], 2: [48, 40], 3: [40, 24, 24]}  # unequal, not multiples of the column block
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[ProcessPoolExecutor]:
+    yield from interpreter_pool(interpreting)
+
+
+def _run(pool: ProcessPoolExecutor, fn, *args, **kwargs) -> None:
+    pool.submit(fn, *args, **kwargs).result(timeout=300)
+
+
+@pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks", "identical"])
+@pytest.mark.parametrize("num_slices", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_stream_expand_multi_block_programs(interp, dtype, num_slices, composition) -> None:
+    # 32-column blocks, 2 per program: 3-4 groups per tile, ragged ends, straddled slices.
+    _run(interp, cases.check_stream_expand, dtype, 32, 32, WIDTHS[num_slices], num_tokens=24, num_slots=5,
+         composition=composition, config={"BLOCK_N": 32, "COLS_PER_PROG": 64})
+
+
+@pytest.mark.parametrize("split_k", [2, 5, 32])  # 5: a chunk with masked partials; 32: two chunks
+@pytest.mark.parametrize("composition", ["no-adapter-rows", "mixed-ranks"])
+def test_stream_expand_sums_split_k_partials(interp, split_k, composition) -> None:
+    _run(interp, cases.check_stream_expand, "float32", 32, 16, WIDTHS[3], num_tokens=20, num_slots=4,
+         composition=composition, split_k=split_k, config={"SK_CHUNK": 4} if split_k == 32 else None)
+
+
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_stream_expand_prefill_tiles(interp, block_m) -> None:
+    _run(interp, cases.check_stream_expand, "float16", 32, 64, WIDTHS[2], num_tokens=150, num_slots=3,
+         composition="mixed-ranks", block_m=block_m)
+
+
+@pytest.mark.parametrize("num_slices", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_stream_expand_dora_epilogue(interp, num_slices, split_k) -> None:
+    _run(interp, cases.check_stream_expand, "float32", 32, 16, WIDTHS[num_slices], num_tokens=24, num_slots=4,
+         composition="no-adapter-rows", split_k=split_k, with_scale=True,
+         config={"BLOCK_N": 32, "COLS_PER_PROG": 32})
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 40])
+def test_lora_apply_stream_and_classic_match_reference(interp, num_tokens) -> None:
+    _run(interp, cases.check_stream_apply, "float32", 256, 16, [48, 16, 16], num_tokens, 4, "no-adapter-rows")
+    _run(interp, cases.check_stream_apply, "float16", 256, 32, [48, 16], num_tokens, 4, "mixed-ranks")
+
+
+def test_stream_shrink_split_k_partials(interp) -> None:
+    _run(interp, cases.check_stream_shrink_split, "float32", 1024, 16, [40, 24], 24, 4, "distinct")

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_shrink
+from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_meta, lora_shrink
 from loraserve.kernels.lora_apply import choose_path
 from loraserve.kernels.lora_fused import _FITS, fused_plan, lora_shrink_expand
 from loraserve.kernels.lora_shrink import shrink_split_k
@@ -101,10 +101,19 @@ class Case:
         self.meta = LoRAMetaBuilder(num_tokens, self.L, device).build(slots)
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
         self.ws = torch.empty(shape, device=device)
+        self.variant = lora_meta.LORA_STREAM  # the kernel variant self.ws was sized for
         self.buf3 = torch.empty(self.S, num_tokens, R, device=device)
         # bytes any implementation must move: A, B up to rank; x read; y read + written
         self.bytes = self.L * (self.S * rank * hidden + self.N * rank) * 2 + num_tokens * hidden * 2 \
             + 2 * num_tokens * self.N * 2
+
+    def use_variant(self, stream: bool) -> None:
+        """Switch lora_apply's kernel variant (LORASERVE_LORA_STREAM) for the next calls/timings."""
+        lora_meta.LORA_STREAM = stream
+        self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
+        if tuple(self.ws.shape) != tuple(shape):
+            self.ws = torch.empty(shape, device=self.x.device)
+        self.variant = stream
 
     def ab(self, i: int):
         return self.lora_a[i * self.L:(i + 1) * self.L], self.lora_b[i * self.L:(i + 1) * self.L]
@@ -124,7 +133,8 @@ class Case:
                 return lambda: lora_shrink_expand(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, ws,
                                                   plan=plan)
             if kind == "2launch":
-                sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(self.x, a, self.meta.block_m)
+                sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(self.x, a, self.meta.block_m,
+                                                                       self.meta.grid_tiles)
                 ws = torch.empty(sk, self.S, self.T, a.shape[2], device=self.x.device)
 
                 def run():
@@ -263,6 +273,100 @@ def sweep_layer() -> None:
         print(f"{proj}: " + " ".join(cells), flush=True)
 
 
+VARIANTS = {"classic": False, "stream": True}  # lora_meta.LORA_STREAM value of each kernel variant
+
+
+def compare_case(c: Case) -> dict:
+    """us of lora_apply with each variant on one Case, plus the largest |difference| of their
+    outputs from the same input (a GPU-only miscompile shows here; bf16 noise is ~1e-2)."""
+    row = {}
+    outs = {}
+    y0 = c.y.clone()
+    for name, stream in VARIANTS.items():
+        c.use_variant(stream)
+        if c.x.is_cuda:
+            row[name] = c.time()
+        else:  # --smoke: the interpreter, once (a logic check, not a timing)
+            t0 = time.perf_counter()
+            for f in c.calls("path"):
+                f()
+            row[name] = (time.perf_counter() - t0) * 1e6
+        row[name + "_path"] = c.path
+        c.y.copy_(y0)
+        a, b = c.ab(0)
+        lora_apply(c.x, c.y, a, b, c.offsets, c.meta, c.ranks, c.ws)
+        outs[name] = c.y.float().clone()
+    c.y.copy_(y0)
+    delta = (outs["classic"] - y0.float()).abs().max().item()
+    row["max_abs_diff"] = (outs["stream"] - outs["classic"]).abs().max().item()
+    row["max_abs_delta"] = delta
+    return row
+
+
+def compare(bw: float, max_shapes: int | None, smoke: bool = False) -> dict:
+    """Classic vs streaming kernels (LORASERVE_LORA_STREAM=0 / 1) in one run, on the three
+    targets: the 64-token / 32-adapter / rank-16 layer, 1 token per projection, the shapes
+    moving >= 32 MB (evenly subsampled to max_shapes). Nothing is chosen here: both are printed."""
+    t0 = time.perf_counter()
+    dev = "cpu" if smoke else "cuda"
+    default = "stream" if lora_meta.LORA_STREAM else "classic"
+    print(f"compare: classic (LORASERVE_LORA_STREAM=0) vs stream (=1); default in this process: {default}",
+          flush=True)
+    res: dict = {"copy_bw_gbs": bw, "default_variant": default}
+    base = float("nan") if smoke else base_layer_us(64)
+    res["base_layer_gemm_us_64tok"] = base
+    layer = {}
+    for p in PROJECTIONS:
+        layer[p] = compare_case(Case(p, 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke))
+        r = layer[p]
+        print(f"  layer {p:8s} classic {r['classic']:7.1f} us ({r['classic_path']})  stream {r['stream']:7.1f} us "
+              f"({r['stream_path']})  x{r['classic'] / r['stream']:.2f}  max|diff| {r['max_abs_diff']:.2e} "
+              f"(|delta| {r['max_abs_delta']:.2e})  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    one = {}
+    for p in PROJECTIONS:
+        one[p] = r = compare_case(Case(p, 16, 1, 1, dev, smoke))
+        print(f"  1 token {p:8s} classic {r['classic']:6.2f} us ({r['classic_path']})  stream {r['stream']:6.2f} us "
+              f"({r['stream_path']})  max|diff| {r['max_abs_diff']:.2e}  [{time.perf_counter() - t0:.0f} s]",
+              flush=True)
+    shapes = [sh for sh in sweep_shapes(smoke) if smoke or shape_bytes(*sh) >= 32e6]
+    if max_shapes and len(shapes) > max_shapes:
+        shapes = [shapes[round(i * (len(shapes) - 1) / (max_shapes - 1))] for i in range(max_shapes)] \
+            if max_shapes > 1 else shapes[:1]
+    big = []
+    for proj, rank, L, T in shapes:
+        c = Case(proj, rank, L, T, dev, smoke)
+        r = compare_case(c)
+        r.update(proj=proj, rank=rank, loras=L, tokens=T, mb=c.bytes / 1e6)
+        for v in VARIANTS:
+            r[v + "_bw_fraction"] = c.bytes / (r[v] * 1e-6) / 1e9 / bw
+        big.append(r)
+        print(f"  >=32MB {proj:8s} r{rank:<3d} L{L:<3d} T{T:<5d} {c.bytes / 1e6:6.1f} MB  classic {r['classic']:7.1f} us "
+              f"{r['classic_bw_fraction']:5.3f}  stream {r['stream']:7.1f} us {r['stream_bw_fraction']:5.3f}  "
+              f"max|diff| {r['max_abs_diff']:.2e}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        del c
+    print("\nCOMPARE (same run)          classic    stream   target")
+    for v in VARIANTS:
+        lay = sum(layer[p][v] for p in PROJECTIONS)
+        res[v] = dict(lora_layer_us=lay, lora_layer_over_base=lay / base,
+                      lora_layer_us_per_proj={p: layer[p][v] for p in PROJECTIONS},
+                      lora_1tok_us_per_proj=statistics.median(one[p][v] for p in PROJECTIONS),
+                      lora_1tok_us={p: one[p][v] for p in PROJECTIONS},
+                      lora_32mb_bw_fraction_median=statistics.median(r[v + "_bw_fraction"] for r in big),
+                      num_32mb_shapes=len(big))
+    res["shapes"] = big
+    rows = [("lora_layer_us", "", "%.1f"), ("lora_layer_over_base", "<= 0.35", "%.3f"),
+            ("lora_1tok_us_per_proj", "<= 5", "%.2f"), ("lora_32mb_bw_fraction_median", ">= 0.6", "%.3f")]
+    for key, target, fmt in rows:
+        print(f"  {key:28s} {fmt % res['classic'][key]:>8s}  {fmt % res['stream'][key]:>8s}   {target}")
+    worst = max([r["max_abs_diff"] for r in big] + [layer[p]["max_abs_diff"] for p in layer]
+                + [one[p]["max_abs_diff"] for p in one])
+    res["max_abs_diff_stream_vs_classic"] = worst
+    print(f"  max |stream - classic| over every case: {worst:.2e}; base layer GEMMs {base:.1f} us; "
+          f"copy {bw:.0f} GB/s; {len(big)} shapes >= 32 MB; {time.perf_counter() - t0:.0f} s", flush=True)
+    lora_meta.LORA_STREAM = VARIANTS[default]
+    return res
+
+
 def table(bw: float, smoke: bool) -> None:
     print(f"\n{'proj':8s} {'rank':>4s} {'loras':>5s} {'tokens':>6s} {'path_us':>8s} {'3launch':>8s} "
           f"{'MB':>7s} {'GB/s':>7s} {'frac':>6s}")
@@ -292,16 +396,29 @@ def main() -> None:
     ap.add_argument("--only-sweeps", action="store_true", help="skip the metrics, run the sweeps asked for")
     ap.add_argument("--fused", action="store_true",
                     help="let lora_apply take the one-launch fused kernel (as LORASERVE_LORA_FUSED=1)")
+    ap.add_argument("--compare", action="store_true",
+                    help="classic vs streaming kernels (LORASERVE_LORA_STREAM=0/1) on the targets, one run")
+    ap.add_argument("--max-shapes", type=int, default=None,
+                    help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51)")
     args = ap.parse_args()
     if args.fused:
         import importlib
 
         importlib.import_module("loraserve.kernels.lora_apply").FUSED_ENABLED = True  # the module
     if args.smoke:
+        if args.compare:
+            compare(float("nan"), args.max_shapes or 3, smoke=True)
+            return
         table(float("nan"), smoke=True)
         return
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write) {bw:.0f} GB/s", flush=True)
+    if args.compare:
+        res = compare(bw, args.max_shapes)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if args.only_sweeps:
         if args.sweep_fused:
             sweep_fused()

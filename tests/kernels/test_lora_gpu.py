@@ -157,3 +157,33 @@ def check_graph_replay_matches_eager(num_tokens: int, max_rank: int) -> None:
         lora_shrink_ref(nxt.x, first.lora_a, ref_meta, nxt.ranks, ref_buf)
         lora_expand_ref(ref_buf, first.lora_b, first.slice_offsets, ref_meta, nxt.ranks, y_ref)
         torch.testing.assert_close(replayed.float(), y_ref.float(), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("num_tokens,num_slots,composition,split_k", [
+    (1, 1, "uniform", 32), (64, 32, "distinct", 4), (64, 32, "mixed-ranks", 8), (300, 8, "no-adapter-rows", 1)])
+@pytest.mark.parametrize("proj", list(PROJECTIONS))
+def test_stream_expand_llama3_8b_bf16(proj: str, num_tokens: int, num_slots: int, composition: str,
+                                      split_k: int) -> None:
+    """The streaming expand (default variant) at Llama-3-8B shapes from split-K partials, with
+    the DoRA epilogue, vs the reference; and lora_apply with both variants."""
+    from . import stream_interp_cases
+
+    hidden, widths = PROJECTIONS[proj]
+    stream_interp_cases.check_stream_expand("bfloat16", 64, 64 if composition == "mixed-ranks" else 16,
+                                            widths, num_tokens, num_slots, composition, split_k=split_k,
+                                            with_scale=num_tokens == 64, device="cuda")
+    stream_interp_cases.check_stream_apply("bfloat16", hidden, 16, widths, num_tokens, num_slots, composition,
+                                           device="cuda")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cuda_graph_replay_matches_eager_both_variants(stream: bool) -> None:
+    from loraserve.kernels import lora_meta
+
+    old = lora_meta.LORA_STREAM
+    lora_meta.LORA_STREAM = stream
+    try:
+        check_graph_replay_matches_eager(64, 16)
+        check_graph_replay_matches_eager(1, 16)
+    finally:
+        lora_meta.LORA_STREAM = old

@@ -314,10 +314,13 @@ def _capturing(x: torch.Tensor) -> bool:
 
 def enable_fp8_kv_cache(model: nn.Module, device: torch.device) -> None:
     """Make every Attention of `model` write and read an e4m3 KV cache: on CUDA through the Triton
-    attention kernels (kernels/unified_attention.py, kernels/paged_attention.py), on CPU through torch."""
+    attention kernels (kernels/unified_attention.py, kernels/paged_attention.py), on CPU through torch.
+    LORASERVE_FP8_KV_CUDA=0 refuses CUDA again (benchmarks/bench_fp8.py then keeps a bf16 KV cache)."""
     if device.type == "cuda":
         from loraserve.kernels import triton_available
 
+        if os.environ.get("LORASERVE_FP8_KV_CUDA", "1") == "0":   # the escape hatch: bf16 KV on the GPU
+            raise NotImplementedError("kv_cache_quant_algo=FP8 on CUDA is switched off (LORASERVE_FP8_KV_CUDA=0)")
         if not triton_available():
             raise NotImplementedError("kv_cache_quant_algo=FP8 on CUDA needs Triton (the attention kernels read "
                                       "the e4m3 cache); install triton or leave kv_cache_quant_algo unset")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AdapterFormatError
+from .tensors import finite_and_peak
 
 WeightKey = tuple[int, str]  # (layer index, HF module name)
 
@@ -111,7 +112,7 @@ def build_adapter(fmt: str, pairs: dict[WeightKey, tuple[torch.Tensor, torch.Ten
             raise AdapterFormatError(
                 f"{origin}: {module} has (in, out)={seen[:2]} in layer {seen[2][0]} but "
                 f"{(a.shape[1], b.shape[0])} in layer {layer}")
-        if not bool(torch.isfinite(b).all()):
+        if not finite_and_peak(b)[0]:
             raise AdapterFormatError(
                 f"{origin}: layer {layer} {module}: lora_B overflows {b.dtype} after scaling "
                 f"(non-finite values)")

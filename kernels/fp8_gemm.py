@@ -7,12 +7,13 @@ Two kernels, one per regime of the decode/prefill GEMM ``y = x @ (w_q * w_scale[
   activation dtype in registers, the dot accumulates in fp32 and the per-channel scale is applied
   once in the epilogue (exact: the scale does not depend on k). No activation quantization at all,
   so it is also more accurate than W8A8. What matters at small M is streaming N*K weight bytes, half
-  of bf16's; tiles are picked so that the grid covers the SMs without split-K (no atomics, so the
-  result is deterministic and the launch is one kernel, CUDA-graph capturable).
+  of bf16's: tiles are picked so the grid covers the SMs, with split-K where N alone does not (fp32
+  partial sums reduced by a second launch in a fixed order: deterministic, no atomics, no host sync,
+  CUDA-graph capturable).
 
       Semantics: y[m, n] = (sum_k x[m, k] * float(w_q[n, k])) * w_scale[n] (+ bias[n])
       x: [M, K] bf16/fp16/fp32 (row stride free, unit column stride); w_q: [N, K] e4m3 contiguous;
-      w_scale: [N] fp32; bias: [N] or None; y: [M, N] in x's dtype. Grid (cdiv(N, BN), cdiv(M, BM)).
+      w_scale: [N] fp32; bias: [N] or None; y: [M, N] in x's dtype. Grid (cdiv(N, BN), cdiv(M, BM), SPLIT_K).
 
 * ``per_token_quant_fp8`` (prefill: large M goes to torch._scaled_mm on FP8 tensor cores, which needs
   x in e4m3). One launch instead of torch's abs/amax/div/clamp/cast chain:
@@ -58,39 +59,60 @@ def per_token_quant_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
 if HAS_TRITON:
 
     @triton.jit
-    def _fp8_w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    def _fp8_w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
+                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        # rows past N/M read row 0 (always valid) instead of masking every load of the K loop
+        # weight rows past N read row 0 (always valid) instead of masking every load of the K loop; x rows
+        # past M are masked (no memory traffic: at M = 1 the 16-row tile reads one row)
         safe_n = tl.where(n_ok, offs_n, 0).to(tl.int64)
-        safe_m = tl.where(m_ok, offs_m, 0).to(tl.int64)
-        x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :]     # [BM, BK]
-        w_ptrs = w_ptr + safe_n[None, :] * K + offs_k[:, None]             # [BK, BN]: w^T tile
+        k_start = pid_k * K_PER_SPLIT                                       # a multiple of BLOCK_K
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]   # [BM, BK]
+        w_ptrs = w_ptr + safe_n[None, :] * K + (k_start + offs_k)[:, None]                          # [BK, BN]: w^T
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
-                x = tl.load(x_ptrs)
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 w = tl.load(w_ptrs)
             else:
-                k_ok = (k0 + offs_k) < K
-                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                k_ok = (k0 + offs_k) < k_end
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             # e4m3 -> the activation dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
             acc = tl.dot(x, w.to(x.dtype), acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if SPLIT_K == 1:
+            acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+            if HAS_BIAS:
+                acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        else:   # fp32 partial sums [SPLIT_K, M, N]; _splitk_reduce_kernel adds them in a fixed order
+            ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+            tl.store(ws_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym,
+                              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in range(SPLIT_K):   # deterministic: the same order every launch (CUDA-graph replays match)
+            acc += tl.load(ws_ptr + (split * M + row) * N + offs, mask=ok, other=0.0)
+        acc = acc * tl.load(s_ptr + offs, mask=ok, other=0.0)
         if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc = acc + tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _per_token_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
@@ -116,27 +138,30 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def w8a16_config(M: int, N: int, K: int, num_sms: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the W8A16 kernel. One M tile (the weights
-    are streamed once); the widest N tile that still gives >= 2 CTAs per SM (a GEMV is bound by how
-    many weight bytes are in flight, and there is no split-K); BLOCK_K large enough that each weight
-    row segment is a long coalesced read."""
+def w8a16_config(M: int, N: int, K: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for the W8A16 kernel.
+    One M tile when M <= 64 (the weights are streamed once). Every N tile re-reads x [M, K] from L2, so
+    x bytes / weight bytes per CTA = 2 M / BLOCK_N: BLOCK_N grows with M to keep that <= 1 (L2 would
+    otherwise bound the GEMV before HBM does). Then split K until ~2 CTAs per SM (a GEMV
+    is bound by how many weight bytes are in flight), keeping >= 2 K tiles per split."""
     block_m = max(16, min(64, triton.next_power_of_2(M)))
-    block_n = 16
-    for bn in (64, 32):
-        if triton.cdiv(N, bn) * triton.cdiv(M, block_m) >= 2 * num_sms:
-            block_n = bn
-            break
-    block_k = 256 if block_m <= 32 else 128
+    block_n = 16 if M <= 8 else 32 if M <= 16 else 64 if M <= 32 else 128
+    block_k = 256 if block_m <= 16 else 128
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    num_warps = 4
-    num_stages = 4 if block_m <= 32 else 3
-    return block_m, block_n, block_k, num_warps, num_stages
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    split_k = 1
+    if tiles < num_sms:
+        while tiles * split_k < 1.75 * num_sms and split_k < 16 and K >= 2 * split_k * 2 * block_k:
+            split_k *= 2
+    num_warps = 8 if block_m * block_n >= 64 * 128 else 4
+    num_stages = 4 if block_m <= 16 else 3
+    return block_m, block_n, block_k, split_k, num_warps, num_stages
 
 
 def fp8_w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
-                   out: Tensor | None = None) -> Tensor:
-    """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype, one launch, no host sync."""
+                   out: Tensor | None = None, config: tuple | None = None) -> Tensor:
+    """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype; one launch (two with
+    split-K: the partial sums' reduction), no host sync. config: w8a16_config's tuple (tests force one)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use fp8_w8a16_gemm_ref")
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
@@ -150,11 +175,20 @@ def fp8_w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None 
     assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(-1) == 1
     if M == 0:
         return out
-    bm, bn, bk, warps, stages = w8a16_config(M, N, K, _num_sms(x.device))
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
-    _fp8_w8a16_gemm_kernel[grid](x, w_q, w_scale, bias if bias is not None else w_scale, out, M, N, K,
-                                 x.stride(0), out.stride(0), HAS_BIAS=bias is not None, EVEN_K=K % bk == 0,
+    bm, bn, bk, split, warps, stages = config or w8a16_config(M, N, K, _num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk           # whole K tiles per split
+    split = triton.cdiv(K, k_per_split)                                  # no empty split
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
+    b_arg = bias if bias is not None else w_scale
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    _fp8_w8a16_gemm_kernel[grid](x, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x.stride(0), out.stride(0),
+                                 HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, SPLIT_K=split,
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(N))
+        _splitk_reduce_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, out.stride(0),
+                                                          HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
+                                                          num_warps=4)
     return out
 
 

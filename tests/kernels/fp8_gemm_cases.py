@@ -26,13 +26,14 @@ def make_weight(n: int, k: int, seed: int, device: str) -> tuple[torch.Tensor, t
     return (w / scale[:, None]).to(FP8).to(device), scale.to(device)
 
 
-def check_w8a16(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "cpu") -> None:
+def check_w8a16(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "cpu", config=None) -> None:
+    """config: a forced w8a16_config tuple (BM, BN, BK, SPLIT_K, warps, stages), None: the heuristic's."""
     dt, g = DTYPES[dtype], _gen(m * 1000 + n + k)
     w_q, w_scale = make_weight(n, k, n + k, device)
     wide = torch.randn(m, k + 8, generator=g).to(device, dt)
     x = wide[:, 3:3 + k]   # a strided row view (the q/k/v split of a fused activation is one)
     b = torch.randn(n, generator=g).to(device, dt) if bias else None
-    y = fp8_w8a16_gemm(x, w_q, w_scale, b)
+    y = fp8_w8a16_gemm(x, w_q, w_scale, b, config=config)
     assert y.shape == (m, n) and y.dtype == dt
     ref = fp8_w8a16_gemm_ref(x, w_q, w_scale, b)
     # tolerance relative to each output channel's magnitude (rows of w span three decades)

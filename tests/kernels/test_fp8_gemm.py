@@ -36,6 +36,32 @@ def test_w8a16_interp(interp, dtype, m, n, k, bias) -> None:
     _run(interp, cases.check_w8a16, dtype, m, n, k, bias)
 
 
+@pytest.mark.parametrize("m,n,k,bias,config", [
+    (5, 40, 1024, True, None),                     # the heuristic splits K in two (3 N tiles < 8 "SMs")
+    (7, 40, 272, True, (16, 16, 32, 4, 4, 2)),     # 3 splits of 96, the last one 80: a masked K tail
+    (3, 32, 512, False, (16, 32, 64, 4, 4, 2)),    # 4 even splits
+])
+def test_w8a16_split_k_interp(interp, m, n, k, bias, config) -> None:
+    _run(interp, cases.check_w8a16, "float32", m, n, k, bias, "cpu", config)
+
+
+def test_w8a16_config_heuristic() -> None:
+    """Tiles for the Llama-3-8B projections on 132 SMs: one M tile; the grid covers the SMs (split-K
+    where N alone does not); BLOCK_N keeps the x re-reads at most the weight bytes (2 M / BLOCK_N <= 1)."""
+    from loraserve.kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from loraserve.kernels.fp8_gemm import w8a16_config
+
+    for m in (1, 2, 8, 16, 33, 64):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+            bm, bn, bk, split, _, _ = w8a16_config(m, n, k, 132)
+            assert bm >= m and bm <= 64 and 2 * m <= bn
+            assert -(-n // bn) * split >= 132 and (split == 1 or -(-n // bn) * split <= 4 * 132), (m, n, k, bn, split)
+            assert k % (split * bk) == 0 or split == 1
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("m,k", [(3, 64), (4, 2100)])   # 2100: more than one 2048 block, masked tail
 def test_per_token_quant_interp(interp, dtype, m, k) -> None:
@@ -99,12 +125,13 @@ def test_per_token_quant_gpu(m, k) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_w8a16_cuda_graph_replay() -> None:
+@pytest.mark.parametrize("m", [8, 64])   # 64: the split-K path (two launches, a workspace)
+def test_w8a16_cuda_graph_replay(m) -> None:
     """Captured in a CUDA graph, replay equals the eager launch bit for bit (no host syncs inside)."""
     from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm
 
     w_q, w_scale = cases.make_weight(4096, 4096, 0, "cuda")
-    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     eager = fp8_w8a16_gemm(x, w_q, w_scale)
     out = torch.empty_like(eager)
     stream = torch.cuda.Stream()

@@ -4,7 +4,10 @@
 #   benchmarks/results/e2e_h200.json     serving loop end to end (issue 11 keys)
 #   benchmarks/results/churn_h200.json   adapter churn (issue 12 keys)
 #   benchmarks/results/tp_h200x2.json    tensor parallelism TP=2 vs TP=1 (issue 15 keys; needs 2 GPUs,
-#                                        skipped on one: run `bash scripts/bench_gpu.sh tp` on nvidia-h200-x2)
+#                                        skipped on one: run `bash scripts/bench_gpu.sh tp` on nvidia-h200-x2),
+#                                        with CUDA graphs; tp_h200x2_70b.json: the 70B layer shape (4 layers)
+#   benchmarks/results/fp8_h200.json     FP8 base (+ FP8 KV) vs bf16 (issue 14 keys)
+#   benchmarks/results/dora_h200.json    32 DoRA vs 32 plain LoRA adapters at batch 64 (issue 16 key)
 # Each figure is printed next to its limit measured in the same run. Pass stage names to run a
 # subset: `bash scripts/bench_gpu.sh engine lora`.
 set -uo pipefail
@@ -12,7 +15,7 @@ source scripts/gpu_env.sh
 RESULTS=${RESULTS:-benchmarks/results}
 WORK=${WORK:-/tmp/loraserve-bench}
 mkdir -p "$RESULTS" "$WORK"
-stages=${*:-engine lora e2e churn tp}
+stages=${*:-engine lora e2e churn fp8 dora tp}
 for stage in $stages; do
   echo "=== $stage ==="
   case $stage in
@@ -20,8 +23,10 @@ for stage in $stages; do
     lora)   python3 benchmarks/bench_lora_kernels.py --json "$WORK/lora.json" ;;
     e2e)    python3 benchmarks/bench_e2e.py --out "$WORK/e2e" --json "$WORK/e2e.json" ;;
     churn)  python3 benchmarks/bench_churn.py --json "$WORK/churn.json" ;;
-    tp)     python3 benchmarks/bench_tp.py --json "$WORK/tp.json"                    # TP=2 eager
-            python3 benchmarks/bench_tp.py --tp-graphs --json "$WORK/tp_graphs.json" ;;  # TP=2 CUDA graphs (opt-in)
+    fp8)    python3 benchmarks/bench_fp8.py --json "$WORK/fp8.json" ;;
+    dora)   python3 benchmarks/bench_dora.py --json "$WORK/dora.json" ;;
+    tp)     python3 benchmarks/bench_tp.py --tp-graphs --json "$WORK/tp.json"           # TP=2 with CUDA graphs
+            python3 benchmarks/bench_tp.py --tp-graphs --shape 70b --json "$WORK/tp70b.json" ;;
   esac || echo "stage $stage FAILED"
 done
 python3 - "$WORK" "$RESULTS" <<'PY'
@@ -32,7 +37,8 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else {}
 merged = {"engine_h200.json": {**load("engine.json"), **load("lora.json")},
           "e2e_h200.json": load("e2e.json"), "churn_h200.json": load("churn.json"),
-          "tp_h200x2.json": load("tp.json"), "tp_h200x2_graphs.json": load("tp_graphs.json")}
+          "tp_h200x2.json": load("tp.json"), "tp_h200x2_70b.json": load("tp70b.json"),
+          "fp8_h200.json": load("fp8.json"), "dora_h200.json": load("dora.json")}
 for name, data in merged.items():
     if data:
         with open(os.path.join(results, name), "w") as f:

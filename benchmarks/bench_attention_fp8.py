@@ -1,0 +1,108 @@
+"""Paged attention over an FP8 (e4m3, per-tensor scales) KV cache vs the same cache in bf16, on the GPU.
+
+Llama-3-8B heads (32 query / 8 KV heads, head_dim 128, blocks of 16 tokens), the Triton step kernel
+(kernels/unified_attention.py) and the decode kernel (kernels/paged_attention.py). Each case times the
+bf16 cache and its e4m3 quantization (the same random data) as CUDA-graph replays over disjoint block
+tables (>= 256 MB of K/V: from HBM, not L2), and reports the FP8 output's max error against the fp32
+reference on the dequantized cache. Decode is bandwidth-bound: e4m3 halves the K/V bytes.
+
+    python benchmarks/bench_attention_fp8.py [--json out.json]      # H200: ~20 s
+    TRITON_INTERPRET=1 python benchmarks/bench_attention_fp8.py --smoke   # CPU: tiny shapes, no timing
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+H, KVH, D, BS = 32, 8, 128, 16
+SCALE = D ** -0.5
+FP8 = torch.float8_e4m3fn
+
+
+def make_case(B: int, q_len: int, L: int, copies: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """q [B*q_len, H, D]; bf16 and e4m3 caches of copies*B*W (+1) blocks; `copies` disjoint block tables."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    W = -(-L // BS)
+    nb = copies * B * W + 1
+    k = torch.randn(nb, BS, KVH, D, device=device, generator=g, dtype=dtype) * 2
+    v = torch.randn(nb, BS, KVH, D, device=device, generator=g, dtype=dtype)
+    ks = (k.abs().amax().float() / 400).reshape(1)
+    vs = (v.abs().amax().float() / 400).reshape(1)
+    k8 = (k.float() / ks).clamp(-448, 448).to(FP8)
+    v8 = (v.float() / vs).clamp(-448, 448).to(FP8)
+    perm = torch.randperm(nb - 1, device=device, generator=g).int()
+    tables = [perm[i * B * W:(i + 1) * B * W].view(B, W).contiguous() for i in range(copies)]
+    q = torch.randn(B * q_len, H, D, device=device, generator=g, dtype=dtype)
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    qsl = torch.arange(0, B * q_len + 1, q_len, dtype=torch.int32, device=device)
+    return q, (k, v), (k8, v8, ks, vs), tables, lens, qsl
+
+
+def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, rows: list) -> None:
+    from loraserve.kernels.paged_attention import paged_decode_attention
+    from loraserve.kernels.unified_attention import unified_attention, unified_attention_ref
+
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    kv_bytes_bf16 = B * L * KVH * D * 2 * 2
+    copies = 1 if smoke else max(1, min(32, -(-(256 << 20) // kv_bytes_bf16)))
+    q, (k, v), (k8, v8, ks, vs), tables, lens, qsl = make_case(B, q_len, L, copies, device, dtype)
+
+    def call(kc, vc, t, scales):
+        if kernel == "paged_decode":
+            return paged_decode_attention(q, kc, vc, t, lens, SCALE, k_scale=scales[0], v_scale=scales[1])
+        return unified_attention(q, kc, vc, t, lens, qsl, q_len, SCALE, k_scale=scales[0], v_scale=scales[1])
+
+    ref = unified_attention_ref(q.float(), k8.float() * ks, v8.float() * vs, tables[0], lens, qsl, SCALE)
+    err = float((call(k8, v8, tables[0], (ks, vs)).float() - ref).abs().max())
+    row = {"case": name, "kernel": kernel, "fp8_max_abs_err_vs_dequant_ref": err}
+    if not smoke:
+        from benchmarks.bench_attention import timed
+
+        t_bf16 = timed([(lambda t: lambda: call(k, v, t, (None, None)))(t) for t in tables])
+        t_fp8 = timed([(lambda t: lambda: call(k8, v8, t, (ks, vs)))(t) for t in tables])
+        row.update(bf16_us=t_bf16 * 1e6, fp8_us=t_fp8 * 1e6, fp8_speedup=t_bf16 / t_fp8,
+                   fp8_kv_GBps=kv_bytes_bf16 / 2 / t_fp8 / 1e9)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: tiny shapes, no timing")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.smoke:
+        cases = [("decode bs2 x 40", 2, 1, 40, "unified"), ("decode bs2 x 40", 2, 1, 40, "paged_decode"),
+                 ("prefill 2 x 24", 2, 24, 24, "unified")]
+    else:
+        if not torch.cuda.is_available():
+            print("needs CUDA (or --smoke with TRITON_INTERPRET=1)")
+            return 2
+        from benchmarks.bench_attention import warm_up
+
+        warm_up()
+        cases = [("decode bs1 x 32k", 1, 1, 32768, "unified"), ("decode bs1 x 32k", 1, 1, 32768, "paged_decode"),
+                 ("decode bs64 x 2k", 64, 1, 2048, "unified"), ("decode bs64 x 2k", 64, 1, 2048, "paged_decode"),
+                 ("prefill 8 x 1024", 8, 1024, 1024, "unified")]
+    rows: list = []
+    for c in cases:
+        try:
+            run_case(*c, smoke=a.smoke, rows=rows)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other cases
+            rows.append({"case": c[0], "kernel": c[4], "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            print(json.dumps(rows[-1]), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if not a.smoke else "cpu-interpreter",
+                       "heads": dict(H=H, KVH=KVH, D=D, BS=BS), "rows": rows}, f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

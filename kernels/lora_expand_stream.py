@@ -9,16 +9,21 @@ a column block is ONE 16-wide K step, so each program loads ~8 KB of B after a c
 dependent metadata loads (slot -> rank -> rows -> h), does one tiny dot and leaves: every
 program pays the full latency chain for 8 KB, and num_stages has no loop to pipeline.
 Here program (tile, group) does, once:
-  * the metadata chain (tile slot/start/end loaded together, then rank and the token ids);
+  * the metadata chain, each level issuing every load it can (slot/start/end, then rank,
+    token ids and slice bounds, then B's first blocks, y's first block and the partials);
   * h = the tile's rank-r intermediate of every slice (<= 3), split-K partials summed as
-    one [SPLIT_K, BLOCK_M, BLOCK_R] load and a reduction (fixed order for a compiled
-    kernel, so graph replay == eager bit for bit), rounded to B's dtype;
-then streams the group's COLS_PER_PROG columns of B in BLOCK_N blocks through a loop that
-tl.range software-pipelines (NUM_STAGES loads of B in flight while one block computes),
-updating y block by block. A block that straddles slice boundaries computes one dot per
-slice and picks, per column, the dot of the column's slice (exactly one slice's product per
-column, as the classic kernel's masked sum gives). B is read only up to ceil16(r_a) columns
-of its rank axis, so mixed ranks in a max-rank layout cost no padding bytes.
+    [SK_CHUNK, BLOCK_M, BLOCK_R] loads reduced in a fixed order (bitwise reproducible for a
+    compiled kernel, so graph replay == eager), rounded to B's dtype;
+then streams the group's COLS_PER_PROG columns of B in BLOCK_N-column blocks (~4 KB) through
+a manually software-pipelined loop: B two blocks ahead and y one block ahead are issued
+before a block's dots (Triton's own pipeliner does not take this loop: its sm_90 PTX has no
+cp.async), and y is updated block by block. A block that straddles slice boundaries
+computes one dot per slice and keeps, per column, the dot of the column's slice (exactly one
+slice's product per column, as the classic kernel's masked sum gives). B is read only up to
+ceil16(r_a) of its rank axis, with masks constant over 16-wide chunks so loads stay
+vectorised, so mixed ranks in a max-rank layout cost no padding bytes. Compiled offline for
+sm_90 (triton.compile with a GPUTarget, no GPU): 76-134 registers, no spills, <= 28 KB of
+shared memory, v4 loads and stores in the loop.
 
 The grid is (meta.grid_tiles, groups) with groups from host-known sizes only
 (:func:`stream_expand_config`), so a CUDA graph captured for (T, N) stays valid.
@@ -34,22 +39,13 @@ from .lora_meta import LoRAMeta
 if HAS_TRITON:
 
     @triton.jit
-    def _load_h(buf_ptr, s, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
-                SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-        """[BLOCK_M, BLOCK_R] fp32: sum over the SPLIT_K partials of slice s (0 where masked)."""
-        base = buf_ptr + s * stride_bs + tok[:, None] * stride_bm + offs_r[None, :] * stride_br
-        mask = row_ok[:, None] & r_ok[None, :]
-        if SPLIT_K == 1:
-            h = tl.load(base, mask=mask, other=0.0)
-        else:
-            offs_j = tl.arange(0, SK_CHUNK)
-            h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for j0 in tl.static_range(0, SPLIT_K, SK_CHUNK):  # unrolled: all loads issued at once
-                jj = j0 + offs_j
-                part = tl.load(base[None, :, :] + jj[:, None, None] * stride_bsplit,
-                               mask=(jj < SPLIT_K)[:, None, None] & mask[None, :, :], other=0.0)
-                h += tl.sum(part, axis=0)
-        return h
+    def _load_parts(buf_ptr, s, j0, tok, h_mask, offs_r, stride_bsplit, stride_bs, stride_bm, stride_br,
+                    SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr):
+        """[SK_CHUNK, BLOCK_M, BLOCK_R] fp32: partials j0 .. j0 + SK_CHUNK of slice s (0 where masked)."""
+        jj = j0 + tl.arange(0, SK_CHUNK)
+        ptrs = (buf_ptr + s * stride_bs + jj[:, None, None] * stride_bsplit + tok[None, :, None] * stride_bm
+                + offs_r[None, None, :] * stride_br)
+        return tl.load(ptrs, mask=(jj < SPLIT_K)[:, None, None] & h_mask[None, :, :], other=0.0)
 
     @triton.jit
     def _lora_expand_stream_kernel(
@@ -60,59 +56,97 @@ if HAS_TRITON:
         stride_bl, stride_bn, stride_bk,
         stride_ym, stride_yn, stride_sl, stride_sn,
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
+        SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, EVEN_R: tl.constexpr,
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
-        # Three independent loads, issued together (no early exit between them).
+        # The metadata chain is the latency every program pays before its first byte of B, so
+        # each level issues all the loads it can: (slot, start, end) -> (rank, token ids,
+        # slice bounds) -> (B's first two blocks, y's first block, all slices' partials).
         slot = tl.load(tile_slots_ptr + tile)
         start = tl.load(tile_starts_ptr + tile)
         end = tl.load(tile_ends_ptr + tile)
         if slot < 0:
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-        if rank <= 0:
-            return
-        col_end = tl.minimum(col0 + COLS_PER_PROG, N)
-
         offs_m = start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < end
         tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        # B's rank axis is contiguous: read whole 16-wide chunks up to ceil16(rank) (vector
-        # loads); the extra columns meet h = 0.
-        b_r_ok = offs_r < tl.minimum((rank + 15) // 16 * 16, R)
-        slot64 = slot.to(tl.int64)
-
-        h0 = _load_h(buf_ptr, 0, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
-                     SPLIT_K, SK_CHUNK, BLOCK_M, BLOCK_R)
-        if CAST:
-            h0 = h0.to(b_ptr.dtype.element_ty)
         if NUM_SLICES >= 2:
             lo1 = tl.load(slice_off_ptr + 1)
-            h1 = _load_h(buf_ptr, 1, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
-                         SPLIT_K, SK_CHUNK, BLOCK_M, BLOCK_R)
-            if CAST:
-                h1 = h1.to(b_ptr.dtype.element_ty)
         if NUM_SLICES == 3:
             lo2 = tl.load(slice_off_ptr + 2)
-            h2 = _load_h(buf_ptr, 2, tok, row_ok, offs_r, r_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
-                         SPLIT_K, SK_CHUNK, BLOCK_M, BLOCK_R)
-            if CAST:
+        if rank <= 0:
+            return
+        col_end = tl.minimum(col0 + COLS_PER_PROG, N)
+        offs_r = tl.arange(0, BLOCK_R)
+        # B's rank axis is contiguous: read whole 16-wide chunks up to ceil16(rank), a mask
+        # constant over each chunk so the loads stay vectorised; the extra columns meet h = 0.
+        b_r_ok = offs_r // 16 * 16 < rank
+        if not EVEN_R:
+            b_r_ok = b_r_ok & (offs_r < R)
+        slot64 = slot.to(tl.int64)
+
+        # Manual software pipeline (Triton's pipeliner leaves the column loop alone: no
+        # cp.async in the sm_90 PTX): B two blocks ahead, y one block ahead, issued before a
+        # block's math so their latency overlaps it. Loads past col_end are masked (no traffic).
+        b_rows = b_ptr + slot64 * stride_bl + offs_r[None, :] * stride_bk
+        b_mask_r = b_r_ok[None, :]
+        offs_nb = tl.arange(0, BLOCK_N)
+        offs_n = col0 + offs_nb
+        b_cur = tl.load(b_rows + offs_n[:, None] * stride_bn, mask=(offs_n < col_end)[:, None] & b_mask_r, other=0.0)
+        offs_n1 = offs_n + BLOCK_N
+        b_nxt = tl.load(b_rows + offs_n1[:, None] * stride_bn, mask=(offs_n1 < col_end)[:, None] & b_mask_r, other=0.0)
+        y_rows = y_ptr + tok[:, None] * stride_ym
+        y_cur = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=row_ok[:, None] & (offs_n < col_end)[None, :],
+                        other=0.0)
+
+        # h_s = sum of the split-K partials of slice s: every slice's chunk issued before any sum.
+        h_mask = row_ok[:, None] & (offs_r < rank)[None, :]
+        h_base = buf_ptr + tok[:, None] * stride_bm + offs_r[None, :] * stride_br
+        if SPLIT_K == 1:
+            h0 = tl.load(h_base, mask=h_mask, other=0.0)
+            if NUM_SLICES >= 2:
+                h1 = tl.load(h_base + stride_bs, mask=h_mask, other=0.0)
+            if NUM_SLICES == 3:
+                h2 = tl.load(h_base + 2 * stride_bs, mask=h_mask, other=0.0)
+        else:
+            h0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            h1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            h2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for j0 in tl.static_range(0, SPLIT_K, SK_CHUNK):  # fixed order: replay == eager
+                p0 = _load_parts(buf_ptr, 0, j0, tok, h_mask, offs_r, stride_bsplit, stride_bs, stride_bm,
+                                 stride_br, SPLIT_K, SK_CHUNK)
+                if NUM_SLICES >= 2:
+                    p1 = _load_parts(buf_ptr, 1, j0, tok, h_mask, offs_r, stride_bsplit, stride_bs, stride_bm,
+                                     stride_br, SPLIT_K, SK_CHUNK)
+                if NUM_SLICES == 3:
+                    p2 = _load_parts(buf_ptr, 2, j0, tok, h_mask, offs_r, stride_bsplit, stride_bs, stride_bm,
+                                     stride_br, SPLIT_K, SK_CHUNK)
+                h0 += tl.sum(p0, axis=0)
+                if NUM_SLICES >= 2:
+                    h1 += tl.sum(p1, axis=0)
+                if NUM_SLICES == 3:
+                    h2 += tl.sum(p2, axis=0)
+        if CAST:  # h is rounded to B's dtype before the product, as punica / vLLM do
+            h0 = h0.to(b_ptr.dtype.element_ty)
+            if NUM_SLICES >= 2:
+                h1 = h1.to(b_ptr.dtype.element_ty)
+            if NUM_SLICES == 3:
                 h2 = h2.to(b_ptr.dtype.element_ty)
 
-        b_rows = b_ptr + slot64 * stride_bl + offs_r[None, :] * stride_bk
-        y_rows = y_ptr + tok[:, None] * stride_ym
-        offs_nb = tl.arange(0, BLOCK_N)
-        for n0 in tl.range(col0, col_end, BLOCK_N, num_stages=NUM_STAGES):
+        for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=1):
+            n0 = col0 + i * BLOCK_N  # (not the loop variable: keeps its divisibility visible)
             offs_n = n0 + offs_nb
             n_ok = offs_n < col_end
-            bt = tl.load(b_rows + offs_n[:, None] * stride_bn, mask=n_ok[:, None] & b_r_ok[None, :], other=0.0)
-            y_ok = row_ok[:, None] & n_ok[None, :]
-            yv = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=y_ok, other=0.0)
-            btt = tl.trans(bt)
+            offs_n2 = offs_n + 2 * BLOCK_N
+            b_nn = tl.load(b_rows + offs_n2[:, None] * stride_bn, mask=(offs_n2 < col_end)[:, None] & b_mask_r,
+                           other=0.0)
+            offs_n1 = offs_n + BLOCK_N
+            y_nxt = tl.load(y_rows + offs_n1[None, :] * stride_yn,
+                            mask=row_ok[:, None] & (offs_n1 < col_end)[None, :], other=0.0)
+            btt = tl.trans(b_cur)
             if IEEE:
                 acc = tl.dot(h0, btt, input_precision="ieee")
             else:
@@ -129,19 +163,22 @@ if HAS_TRITON:
                 else:
                     d2 = tl.dot(h2, btt)
                 acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
-            out = yv.to(tl.float32) + acc
+            out = y_cur.to(tl.float32) + acc
             if HAS_SCALE:  # DoRA: g of this slot for these columns (see lora_expand.py)
                 g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
                 out = out * g[None, :]
                 if HAS_SHIFT:
                     c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
                     out = out + c[None, :]
-            tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(yv.dtype), mask=y_ok)
+            tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(y_cur.dtype), mask=row_ok[:, None] & n_ok[None, :])
+            b_cur = b_nxt
+            b_nxt = b_nn
+            y_cur = y_nxt
 
 
 STREAM_MAX_SLICES = 3
 STREAM_MAX_RANK = 128
-STREAM_PROGRAMS_PER_SM = 4  # grid target: ~2 resident per SM (8 warps, 3 x 8 KB of B staged) x 2 waves
+STREAM_PROGRAMS_PER_SM = 4  # grid target; ~5 fit per SM at <= 96 registers x 4 warps
 
 
 def stream_applies(num_slices: int, rank: int) -> bool:
@@ -154,27 +191,27 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
                          grid_tiles: int, split_k: int = 1, num_sms: int = 132) -> dict:
     """Launch parameters from host-known sizes only (the grid must be static for a given T, N).
 
-    BLOCK_N: ~8 KB of B per block (256 columns at rank 16), fewer when the fp32 [BLOCK_M,
-    BLOCK_N] products of up to 3 slices would crowd the registers. Groups per tile: enough
-    programs for STREAM_PROGRAMS_PER_SM per SM, counting every grid tile as active (true for
-    distinct adapters; fewer active tiles just give fewer, equally long programs); the
-    columns are then split evenly in whole blocks. At 64 tokens / 32 adapters (36 tiles):
-    gate_up 14 groups x 8 blocks (64 KB of B each), qkv 12 x 2, o/down 8 x 2. At 1 token
-    (2 tiles) every block is its own program (latency, not bytes, bounds decode).
+    BLOCK_N: ~4 KB of B per block (128 columns at rank 16; 3 blocks in flight per program),
+    fewer when the fp32 [BLOCK_M, BLOCK_N] products would crowd the registers. Groups per
+    tile: enough programs for STREAM_PROGRAMS_PER_SM per SM, counting every grid tile as
+    active (true for distinct adapters; fewer active tiles just give fewer, equally long
+    programs); the columns are then split evenly in whole blocks. At 64 tokens / 32 adapters
+    (36 tiles): gate_up 15 groups x 15 blocks (60 KB of B each), qkv 12 x 4, o and down 11 x 3.
+    At 1 token (2 tiles) every block is its own program: latency, not bytes, bounds decode.
     """
-    block_r = max(16, triton.next_power_of_2(rank)) if HAS_TRITON else max(16, 1 << (rank - 1).bit_length())
-    block_n = max(32, min(256, 4096 // block_r, 8192 // block_m))
+    block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
+    block_n = max(32, min(128, 2048 // block_r, 4096 // block_m))
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
-    work = block_m * block_n * num_slices  # fp32 accumulators live at once
-    num_warps = 8 if work >= 8192 else 4
+    num_warps = 4 if block_m * block_n <= 2048 else 8
     n_blocks = -(-n_total // block_n)
     groups = max(1, min(n_blocks, round(STREAM_PROGRAMS_PER_SM * num_sms / max(1, grid_tiles))))
     blocks_per_prog = -(-n_blocks // groups)
     groups = -(-n_blocks // blocks_per_prog)
-    # Split-K partials summed in chunks of <= 4096 fp32 values per load (registers).
-    sk_chunk = max(1, min(1 << max(0, (split_k - 1).bit_length()), 4096 // (block_m * block_r)))
+    # Split-K partials summed in rounds of <= 8192 fp32 values over all slices (registers).
+    sk_chunk = max(1, min(1 << max(0, (split_k - 1).bit_length()), 8192 // (num_slices * block_m * block_r)))
+    sk_chunk = 1 << (sk_chunk.bit_length() - 1)  # a power of two (tl.arange)
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
-                SK_CHUNK=sk_chunk, NUM_STAGES=3, num_warps=num_warps)
+                SK_CHUNK=sk_chunk, num_warps=num_warps)
 
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -196,9 +233,9 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
         *((0, 0) if scale is None else scale.stride()),
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-        SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], NUM_STAGES=cfg["NUM_STAGES"],
+        SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["NUM_STAGES"],
+        num_warps=cfg["num_warps"], num_stages=1,
     )
     return y

@@ -39,7 +39,7 @@ class ModelRunner:
         if self.kv_dtype != dtype:
             from .models.fp8 import enable_fp8_kv_cache
 
-            enable_fp8_kv_cache(model, device)   # refuses CUDA for now (models/fp8.py says why)
+            enable_fp8_kv_cache(model, device)   # CUDA: the Triton kernels read e4m3; CPU: torch
         self.num_blocks = self._size_kv_cache()
         # one extra block: the scratch block that padded CUDA-graph rows write into
         shape = (args.num_hidden_layers, self.num_blocks + 1, self.block_size, args.num_key_value_heads, args.head_dim)

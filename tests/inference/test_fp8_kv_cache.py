@@ -94,3 +94,36 @@ def test_fp8_kv_cache_engine_matches_hf_with_e4m3_rounded_kv():
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.97
     # the scales, calibrated on the prompt, stay fixed for the later steps (cached codes depend on them)
     assert [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in layers] == scales
+
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("device,eager", [("cpu", True), pytest.param("cuda", False, marks=GPU),
+                                          pytest.param("cuda", True, marks=GPU)])
+def test_fp8_kv_cache_greedy_matches_hf_with_e4m3_rounded_kv(device, eager):
+    """The real scheduler: chunked prefill (13-token steps), mixed steps and decode over the e4m3 cache;
+    on CUDA through the Triton kernels, with CUDA graphs captured before the scales were calibrated (or
+    eager). Every greedy token must be HF's argmax under the same K/V rounding, up to a near-tie margin
+    (fp32 noise can move an odd e4m3 code by one step: logit errors up to ~0.1 on CPU)."""
+    transformers = pytest.importorskip("transformers")
+    from loraserve import SamplingParams
+
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 57)), [3] * 17, list(range(100, 190))]
+    llm = LLM(model=str(MODEL_DIR), device=device, dtype="float32", enforce_eager=eager, max_num_tokens=13,
+              quant_config=QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8))
+    assert llm.engine.runner.k_cache.dtype == FP8 and (llm.engine.runner.graph_runner is None) == eager
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    scales = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in llm.engine.model.layers]
+    hf = _hf_with_fp8_kv(transformers, scales)
+    exact = total = 0
+    for prompt, out in zip(prompts, outs):
+        gen = out.outputs[0].token_ids
+        assert len(gen) == 16
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + gen])).logits[0, len(prompt) - 1:-1].float()   # predicts gen
+        chosen = logits.gather(1, torch.tensor(gen)[:, None])[:, 0]
+        assert bool((chosen >= logits.amax(-1) - 0.25).all()), (prompt[:4], gen)
+        exact += int((logits.argmax(-1) == torch.tensor(gen)).sum())
+        total += len(gen)
+    assert exact >= 0.95 * total

@@ -39,26 +39,38 @@ if HAS_TRITON:
         stride_al, stride_as, stride_ar, stride_ak,
         stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, EAGER_META: tl.constexpr,
     ):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1) // SPLIT_K
         pid_k = tl.program_id(1) % SPLIT_K
         s = tl.program_id(2)
 
-        slot = tl.load(tile_slots_ptr + tile)
-        if slot < 0:
-            return
-        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
         n0 = pid_n * BLOCK_N
-        if n0 >= rank:
-            return
-
-        start = tl.load(tile_starts_ptr + tile)
-        end = tl.load(tile_ends_ptr + tile)
-        offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < end
-        tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        if EAGER_META:  # the streaming variant: (slot, start, end) then (rank, token ids) at once
+            slot = tl.load(tile_slots_ptr + tile)
+            start = tl.load(tile_starts_ptr + tile)
+            end = tl.load(tile_ends_ptr + tile)
+            if slot < 0:
+                return
+            rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+            offs_m = start + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < end
+            tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+            if n0 >= rank:
+                return
+        else:  # classic: four dependent levels before the first x / A load
+            slot = tl.load(tile_slots_ptr + tile)
+            if slot < 0:
+                return
+            rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+            if n0 >= rank:
+                return
+            start = tl.load(tile_starts_ptr + tile)
+            end = tl.load(tile_ends_ptr + tile)
+            offs_m = start + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < end
+            tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < rank
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -156,7 +168,8 @@ def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices
     while (split_k < 32 and programs * split_k * 2 <= 4 * num_sms and k_blocks >= 2 * split_k
            and 2 * split_k * partial_bytes <= must_read):
         split_k *= 2
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+    # 4 stages: 3 K blocks (~24 KB of A and x) in flight per program, 48 KB of shared memory
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
 
 
 def shrink_split_k(x: Tensor, lora_a: Tensor, block_m: int, grid_tiles: int | None = None,
@@ -216,7 +229,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         *lora_a.stride(),
         *dest_strides,
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
-        EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32,
+        EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32, EAGER_META=stream_enabled(stream),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if SK > 1 and dest is not out:

@@ -22,7 +22,7 @@ computes one dot per slice and keeps, per column, the dot of the column's slice 
 slice's product per column, as the classic kernel's masked sum gives). B is read only up to
 ceil16(r_a) of its rank axis, with masks constant over 16-wide chunks so loads stay
 vectorised, so mixed ranks in a max-rank layout cost no padding bytes. Compiled offline for
-sm_90 (triton.compile with a GPUTarget, no GPU): 76-134 registers, no spills, <= 28 KB of
+sm_90 (triton.compile with a GPUTarget, no GPU): 76-144 registers, no spills, <= 32 KB of
 shared memory, v4 loads and stores in the loop.
 
 The grid is (meta.grid_tiles, groups) with groups from host-known sizes only
@@ -191,8 +191,9 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
                          grid_tiles: int, split_k: int = 1, num_sms: int = 132) -> dict:
     """Launch parameters from host-known sizes only (the grid must be static for a given T, N).
 
-    BLOCK_N: ~4 KB of B per block (128 columns at rank 16; 3 blocks in flight per program),
-    fewer when the fp32 [BLOCK_M, BLOCK_N] products would crowd the registers. Groups per
+    BLOCK_N: 128 columns (4 KB of B at rank 16, 3 blocks in flight per program), 64 at rank
+    64 or 64-row tiles, so B blocks, fp32 [BLOCK_M, BLOCK_N] products and pointers fit in
+    <= 144 registers with no spills (sm_90, offline compile). Groups per
     tile: enough programs for STREAM_PROGRAMS_PER_SM per SM, counting every grid tile as
     active (true for distinct adapters; fewer active tiles just give fewer, equally long
     programs); the columns are then split evenly in whole blocks. At 64 tokens / 32 adapters
@@ -200,7 +201,7 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     At 1 token (2 tiles) every block is its own program: latency, not bytes, bounds decode.
     """
     block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
-    block_n = max(32, min(128, 2048 // block_r, 4096 // block_m))
+    block_n = max(32, min(128, 4096 // block_r, 4096 // block_m))
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
     num_warps = 4 if block_m * block_n <= 2048 else 8
     n_blocks = -(-n_total // block_n)

@@ -15,8 +15,16 @@ cycles over enough weight copies (>= 256 MB) that weights come from HBM, not the
 shrink -> partials -> expand otherwise); "3launch" is the previous path (shrink, split-K sum,
 expand) measured in the same run as the "before".
 
+--compare times both kernel variants of lora_apply in the same run (LORASERVE_LORA_STREAM=0
+"classic": one expand program per (tile, column block); =1 "stream", the default: streaming
+expand + grid-aware shrink split-K, kernels/lora_expand_stream.py) on the layer case, the 1-token
+case and the >= 32 MB shapes, prints each figure for both with its target, and the largest
+|stream - classic| output difference per case. It chooses nothing: the default is whatever
+LORASERVE_LORA_STREAM says (printed).
+
     python benchmarks/bench_lora_kernels.py [--table] [--sweep-fused] [--sweep-layer] [--json out.json]
-    TRITON_INTERPRET=1 python benchmarks/bench_lora_kernels.py --smoke   # CPU logic check
+    python benchmarks/bench_lora_kernels.py --compare [--max-shapes 26] [--json out.json]
+    TRITON_INTERPRET=1 python benchmarks/bench_lora_kernels.py --smoke [--compare]   # CPU logic check
 """
 from __future__ import annotations
 

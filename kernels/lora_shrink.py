@@ -164,8 +164,12 @@ def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices
     k_blocks = -(-hidden_in // block_k)
     partial_bytes = 2 * num_slices * num_tokens * rank * 4  # one split's write + read back
     must_read = 2 * hidden_in * (num_tokens + num_slices * rank)
+    # Fused projections at decode: 16 splits, not 32 (the shrink's 4-stage K loop has the
+    # extra blocks in flight at once anyway), so the streaming expand sums every slice's
+    # partials in 1-2 rounds of loads instead of 2-4 (its register budget per round).
+    max_split = 16 if num_slices > 1 else 32
     split_k = 1
-    while (split_k < 32 and programs * split_k * 2 <= 4 * num_sms and k_blocks >= 2 * split_k
+    while (split_k < max_split and programs * split_k * 2 <= 4 * num_sms and k_blocks >= 2 * split_k
            and 2 * split_k * partial_bytes <= must_read):
         split_k *= 2
     # 4 stages: 3 K blocks (~24 KB of A and x) in flight per program, 48 KB of shared memory

@@ -16,6 +16,8 @@ the codes in registers; the CPU path dequantizes the blocks the step uses.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -150,6 +152,17 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# CUDA: how an FP8 step's K/V reach the cache: "triton" (kernels/kv_store.py, one launch) or "torch"
+FP8_KV_STORE = os.environ.get("LORASERVE_FP8_KV_STORE", "triton")
+
+
+def _store_kv_fp8_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    """Quantize k, v [N, KVH, D] and write the codes as bytes (index_copy_ has no float8 CPU kernel);
+    returns the codes."""
+    k_q, v_q = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+    store_kv(k_q.view(torch.uint8), v_q.view(torch.uint8), k_cache.view(torch.uint8), v_cache.view(torch.uint8),
+             slot_mapping)
+    return k_q, v_q
 
 
 def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -158,20 +171,24 @@ def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     """paged_attention over an e4m3 KV cache (models/fp8.py's Fp8KVAttention calls it).
     q: [N, H, D], k/v: [N, KVH, D]; caches [num_blocks, block_size, KVH, D] float8_e4m3fn holding
     K / k_scale and V / v_scale; k_scale, v_scale: [1] fp32 tensors on q's device (graph-safe: read,
-    never synced; floats also work eagerly). The step's K/V are quantized and written as bytes
-    (index_copy_ has no float8 kernel on CPU). CUDA: the Triton kernels read the codes. CPU: the
+    never synced; floats also work eagerly). The step's K/V are quantized and written at their slots
+    (CUDA: kernels/kv_store.py in one launch; CPU: torch, as bytes). CUDA: the Triton kernels read the codes. CPU: the
     blocks this step's sequences use are gathered once, dequantized to q's dtype, and handed to
     paged_attention with the block tables renumbered into that compact copy (so every query sees
     K/V as the cache holds them)."""
     ctx = get_context()
-    k_q, v_q = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
-    store_kv(k_q.view(torch.uint8), v_q.view(torch.uint8), k_cache.view(torch.uint8), v_cache.view(torch.uint8),
-             ctx.slot_mapping)
     if _use_kernel(q):
         if not isinstance(k_scale, torch.Tensor):  # eager callers with float scales
             k_scale = torch.full((1,), float(k_scale), dtype=torch.float32, device=q.device)
             v_scale = torch.full((1,), float(v_scale), dtype=torch.float32, device=q.device)
+        if FP8_KV_STORE == "triton":   # one launch (kernels/kv_store.py) instead of ~10 torch ops per layer
+            from loraserve.kernels.kv_store import store_kv_fp8
+
+            store_kv_fp8(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
+        else:
+            _store_kv_fp8_torch(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
         return _kernel_attention(q, k_cache, v_cache, ctx, scale, k_scale, v_scale)
+    k_q, v_q = _store_kv_fp8_torch(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
     block_size = k_cache.shape[1]
     tables, slots = ctx.block_tables, ctx.slot_mapping
     used, renumbered = torch.unique(tables, return_inverse=True)           # [U], tables' shape

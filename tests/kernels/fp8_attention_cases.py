@@ -117,3 +117,36 @@ def check_engine_store_and_read(batch_name: str, H: int, KVH: int, D: int, BS: i
         reset_context()
     assert torch.equal(k8.float().cpu(), k_exp) and torch.equal(v8.float().cpu(), v_exp)   # in place, same codes
     torch.testing.assert_close(out.float().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def check_store(N: int, KVH: int, D: int, BS: int, dtype_name: str, seed: int = 0, device: str = "cpu") -> None:
+    """kernels/kv_store.py against its torch reference: the same codes at the step's slots (k a strided
+    view, as the split of the fused qkv projection gives), every other slot untouched."""
+    from loraserve.kernels.kv_store import store_kv_fp8, store_kv_fp8_ref
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = N // BS + 3
+    kv = (torch.randn(N, 3 * KVH * D, generator=g) * 3).to(dtype)   # [N, (q | k | v)] like a qkv output
+    kv[0, KVH * D] = 1e4                                              # saturates at +448 codes
+    k = kv[:, KVH * D:2 * KVH * D].view(N, KVH, D)
+    v = kv[:, 2 * KVH * D:].view(N, KVH, D)
+    slots = torch.randperm(num_blocks * BS, generator=g)[:N]
+    ks, vs = torch.tensor([float(k.float().abs().amax()) / 1000]), torch.tensor([0.01])
+    base = torch.randn(num_blocks, BS, KVH, D, generator=g).to(FP8)
+    ref_k, ref_v = base.clone(), base.clone()
+    store_kv_fp8_ref(k, v, ref_k, ref_v, slots, ks, vs)
+    got_k, got_v = base.clone().to(device), base.clone().to(device)
+    store_kv_fp8(k.to(device), v.to(device), got_k, got_v, slots.to(device), ks.to(device), vs.to(device))
+    for got, ref in ((got_k.cpu(), ref_k), (got_v.cpu(), ref_v)):
+        if device != "cpu":
+            assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+            continue
+        # Triton's interpreter (3.x) casts to float8 wrongly where rounding carries into the next power
+        # of two (-124.6 at step 8 -> -64, not -128) and for subnormals: there the slots, strides and
+        # scales are checked (90% of the codes exact, the rest within the interpreter's error)
+        same = got.view(torch.uint8) == ref.view(torch.uint8)
+        assert float(same.float().mean()) > 0.9
+        torch.testing.assert_close(got.float(), ref.float(), rtol=0.5, atol=2.0 ** -6)
+    assert float(ref_k.view(-1, KVH, D)[slots[0], 0, 0].float()) == 448.0
+    assert float(got_k.view(-1, KVH, D)[slots[0].to(device), 0, 0].float()) == 448.0

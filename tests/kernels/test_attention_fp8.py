@@ -141,3 +141,16 @@ def test_fp8_graph_replay_reads_scales_from_device(kernel) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, step()) and not torch.equal(out, before)
+
+
+@needs_triton
+def test_store_kv_fp8_interpreter(interp) -> None:
+    _run(interp, cases.check_store, 37, 2, 16, 16, "float32", seed=1)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_store_kv_fp8_gpu(dtype) -> None:
+    """Triton's IEEE division and round-to-nearest-even cast give torch's codes, bit for bit."""
+    cases.check_store(4096, 8, 128, 16, dtype, seed=2, device="cuda")

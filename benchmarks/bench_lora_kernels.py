@@ -371,6 +371,12 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False) -> dict:
     res["max_abs_diff_stream_vs_classic"] = worst
     print(f"  max |stream - classic| over every case: {worst:.2e}; base layer GEMMs {base:.1f} us; "
           f"copy {bw:.0f} GB/s; {len(big)} shapes >= 32 MB; {time.perf_counter() - t0:.0f} s", flush=True)
+    from loraserve.kernels.lora_expand import _STREAM_FAILED
+
+    res["stream_fell_back_to_classic"] = sorted(str(k) for k in _STREAM_FAILED)
+    if _STREAM_FAILED:
+        print(f"  WARNING: the streaming expand failed to compile for {res['stream_fell_back_to_classic']}: "
+              "those 'stream' figures are the classic kernel's", flush=True)
     lora_meta.LORA_STREAM = VARIANTS[default]
     return res
 

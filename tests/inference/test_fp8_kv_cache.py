@@ -110,7 +110,7 @@ def test_fp8_kv_cache_greedy_matches_hf_with_e4m3_rounded_kv(device, eager):
     from loraserve import SamplingParams
 
     prompts = [[5, 6, 7, 8, 9], list(range(20, 57)), [3] * 17, list(range(100, 190))]
-    llm = LLM(model=str(MODEL_DIR), device=device, dtype="float32", enforce_eager=eager, max_num_tokens=13,
+    llm = LLM(model=str(MODEL_DIR), device=device, dtype="float32", enforce_eager=eager, max_num_tokens=13, max_num_seqs=8,
               quant_config=QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8))
     assert llm.engine.runner.k_cache.dtype == FP8 and (llm.engine.runner.graph_runner is None) == eager
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))

@@ -44,7 +44,8 @@ def make_case(B: int, q_len: int, L: int, copies: int, device: str, dtype: torch
     return q, (k, v), (k8, v8, ks, vs), tables, lens, qsl
 
 
-def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, rows: list) -> None:
+def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, rows: list,
+             copy_bw: float | None = None) -> None:
     from loraserve.kernels.paged_attention import paged_decode_attention
     from loraserve.kernels.unified_attention import unified_attention, unified_attention_ref
 
@@ -67,7 +68,10 @@ def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, ro
         t_bf16 = timed([(lambda t: lambda: call(k, v, t, (None, None)))(t) for t in tables])
         t_fp8 = timed([(lambda t: lambda: call(k8, v8, t, (ks, vs)))(t) for t in tables])
         row.update(bf16_us=t_bf16 * 1e6, fp8_us=t_fp8 * 1e6, fp8_speedup=t_bf16 / t_fp8,
-                   fp8_kv_GBps=kv_bytes_bf16 / 2 / t_fp8 / 1e9)
+                   fp8_kv_GBps=kv_bytes_bf16 / 2 / t_fp8 / 1e9, bf16_kv_GBps=kv_bytes_bf16 / t_bf16 / 1e9)
+        if copy_bw and q_len == 1:   # decode reads K/V once: the same run's device copy rate is its limit
+            row.update(fp8_kv_frac_of_copy_bw=kv_bytes_bf16 / 2 / t_fp8 / copy_bw,
+                       bf16_kv_frac_of_copy_bw=kv_bytes_bf16 / t_bf16 / copy_bw)
     rows.append(row)
     print(json.dumps(row), flush=True)
 
@@ -84,23 +88,27 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("needs CUDA (or --smoke with TRITON_INTERPRET=1)")
             return 2
-        from benchmarks.bench_attention import warm_up
+        from benchmarks.bench_attention import copy_bandwidth, warm_up
 
         warm_up()
+        copy_bw = copy_bandwidth()
+        print(json.dumps({"copy_bandwidth_GBps": copy_bw / 1e9}), flush=True)
         cases = [("decode bs1 x 32k", 1, 1, 32768, "unified"), ("decode bs1 x 32k", 1, 1, 32768, "paged_decode"),
                  ("decode bs64 x 2k", 64, 1, 2048, "unified"), ("decode bs64 x 2k", 64, 1, 2048, "paged_decode"),
                  ("prefill 8 x 1024", 8, 1024, 1024, "unified")]
     rows: list = []
+    copy_bw = None if a.smoke else copy_bw
     for c in cases:
         try:
-            run_case(*c, smoke=a.smoke, rows=rows)
+            run_case(*c, smoke=a.smoke, rows=rows, copy_bw=copy_bw)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             rows.append({"case": c[0], "kernel": c[4], "error": f"{type(e).__name__}: {str(e)[:200]}"})
             print(json.dumps(rows[-1]), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if not a.smoke else "cpu-interpreter",
-                       "heads": dict(H=H, KVH=KVH, D=D, BS=BS), "rows": rows}, f, indent=1)
+                       "heads": dict(H=H, KVH=KVH, D=D, BS=BS), "copy_bandwidth_GBps": copy_bw and copy_bw / 1e9,
+                       "rows": rows}, f, indent=1)
     return 1 if any("error" in r for r in rows) else 0
 
 

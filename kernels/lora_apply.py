@@ -7,7 +7,7 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
   * "fused": small steps whose grid fits on the GPU at once (lora_fused.fused_plan): one
     launch, shrink and expand split by an in-kernel grid barrier;
   * "partials": shrink writes split-K partials [SPLIT_K, S, T, R], expand sums them while
-    loading (two launches): rank <= 16 and <= 256 tokens. Measured on an H200 (rank 16,
+    loading (two launches): rank <= 16 (streaming variant: <= 64) and <= 256 tokens. Measured on an H200 (rank 16,
     us per projection, vs "reduced"): 1 token 5.8-7.6 vs 7.7-9.6; 16 tokens / 16 adapters
     8.8-21.2 vs 11.1-20.9; 64 tokens / 32 adapters 11.1-37.5 vs 13.9-34.0;
   * "reduced": shrink, a fixed-order sum of the partials, expand (three launches) otherwise:
@@ -49,7 +49,11 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
     plan = fused_plan(T, meta.max_slots, meta.block_m, R, H, N, S, x.device) if FUSED_ENABLED else None
     if plan is not None:
         return "fused", (plan["SPLIT_K"], S, T, R), plan
-    if R <= 16 and T <= 256:
+    from .lora_meta import stream_enabled
+
+    # The streaming expand reads the partials once per (tile, column group), not per column
+    # block, so with it the partials pay up to rank 64 (the classic kernel: rank 16).
+    if R <= (64 if stream_enabled() else 16) and T <= 256:
         return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
     return "reduced", (S, T, R), None
 

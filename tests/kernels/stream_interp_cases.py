@@ -64,7 +64,7 @@ def check_stream_apply(dtype: str, hidden: int, max_rank: int, widths: list[int]
     into the workspace, the streaming expand summing it) vs the reference, and vs the
     classic variant."""
     from loraserve.kernels import lora_meta
-    from loraserve.kernels.lora_apply import workspace_shape
+    from loraserve.kernels.lora_apply import choose_path, workspace_shape
 
     p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths,
                      num_slots=num_slots, composition=composition, dtype=DTYPES[dtype], seed=num_tokens,
@@ -81,6 +81,9 @@ def check_stream_apply(dtype: str, hidden: int, max_rank: int, widths: list[int]
         for stream in (True, False):
             lora_meta.LORA_STREAM = stream
             ws = torch.empty(workspace_shape(p.x, p.lora_a, p.lora_b, meta), device=device)
+            path = choose_path(p.x, p.lora_a, p.lora_b, meta)[0]
+            if stream and R <= 64 and T <= 256:
+                assert path == "partials" and ws.dim() == 4, f"stream: expected split-K partials, got {path}"
             outs[stream] = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
     finally:
         lora_meta.LORA_STREAM = old

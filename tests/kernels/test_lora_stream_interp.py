@@ -66,5 +66,11 @@ def test_lora_apply_stream_and_classic_match_reference(interp, num_tokens) -> No
     _run(interp, cases.check_stream_apply, "float16", 256, 32, [48, 16], num_tokens, 4, "mixed-ranks")
 
 
+@pytest.mark.parametrize("num_tokens", [3, 20])
+def test_lora_apply_stream_rank64_partials(interp, num_tokens) -> None:
+    """Rank 64 takes the partials path with the streaming variant (the classic: reduced)."""
+    _run(interp, cases.check_stream_apply, "float32", 512, 64, [40, 24, 24], num_tokens, 3, "mixed-ranks")
+
+
 def test_stream_shrink_split_k_partials(interp) -> None:
     _run(interp, cases.check_stream_shrink_split, "float32", 1024, 16, [40, 24], 24, 4, "distinct")

@@ -143,6 +143,21 @@ def teacher_forced_logits(engine, ids: list[int], lora_handle=None) -> torch.Ten
     return torch.cat(out)
 
 
+def _compare(logits: dict, ref: dict, suffix: str) -> dict:
+    """Top-1 agreement (all tokens, and base / upper apart) and max |logit error| of `logits` against `ref`."""
+    out = {}
+    for who in ("all", "base", "upper"):
+        keys = [k for k in ref if who == "all" or k[0] == who]
+        agree = sum(int((logits[k].argmax(-1) == ref[k].argmax(-1)).sum()) for k in keys)
+        total = sum(ref[k].shape[0] for k in keys)
+        key = "top1_agreement_vs_bf16" if who == "all" else f"top1_agreement_{who}"
+        out[key + suffix] = agree / total
+        if who == "all":
+            out["top1_tokens"] = total
+            out["max_logit_error" + suffix] = max(float((logits[k] - ref[k]).abs().max()) for k in keys)
+    return out
+
+
 def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
     """Top-1 agreement and max |logit error| of FP8 vs bf16 (same compute dtype) on the default model,
     base and with the `upper` adapter, on text sampled from the bf16 engine's model."""
@@ -156,27 +171,39 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
         req = LoRARequest("upper", 1, os.path.join(ROOT, "models", "adapters", "upper"))
         if texts is None:   # sampled once, from the bf16 engine
             params = SamplingParams(max_tokens=160, temperature=1.0, seed=0, ignore_eos=True)
-            texts = []
-            for i, p in enumerate(prompts[:num_texts]):
-                ids = engine.tokenizer.encode(p)
-                engine.add_request(f"text-{i}", ids, params, None)
-                while engine.seqs:
-                    for o in engine.step():
-                        if o.finished:
-                            texts.append(list(o.prompt_token_ids) + list(o.outputs[0].token_ids))
+            done: dict[str, list[int]] = {}
+            for i, p in enumerate(prompts[:num_texts]):   # one batch: 160 decode steps, not 160 per text
+                engine.add_request(f"text-{i}", engine.tokenizer.encode(p), params, None)
+            while engine.seqs:
+                for o in engine.step():
+                    if o.finished:
+                        done[o.request_id] = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+            texts = [done[f"text-{i}"] for i in range(len(done))]
         engine.add_request("warm", [5, 6, 7], SamplingParams(max_tokens=1), req)   # adapter resident, KV scales set
         while engine.seqs:
             engine.step()
         handle = [h for h in engine.lora_manager.resident()["device"] if h is not None and h.slot >= 0][0]
-        logits = {(name, i): teacher_forced_logits(engine, ids, h) for name, h in (("base", None), ("upper", handle))
-                  for i, ids in enumerate(texts)}
+        def all_logits() -> dict:
+            return {(name, i): teacher_forced_logits(engine, ids, h) for name, h in (("base", None), ("upper", handle))
+                    for i, ids in enumerate(texts)}
+
         if tag == "bf16":
-            ref = logits
+            ref = all_logits()
         else:
-            agree = sum(int((logits[k].argmax(-1) == ref[k].argmax(-1)).sum()) for k in logits)
-            total = sum(ref[k].shape[0] for k in ref)
-            res = {"top1_agreement_vs_bf16": agree / total, "top1_tokens": total,
-                   "max_logit_error": max(float((logits[k] - ref[k]).abs().max()) for k in logits)}
+            # the engine's own dispatch: a teacher-forced chunk of ~80 tokens is prefill-sized, so on the GPU
+            # its GEMMs run W8A8 (_scaled_mm, activations rounded to e4m3 per token), as a served prompt's do
+            res = _compare(all_logits(), ref, "")
+            # every GEMM weight-only (the Triton W8A16 kernel that decode's M <= 64 steps take): the numerics
+            # of the generated tokens. Same engine; the path is chosen per call
+            old = os.environ.get("LORASERVE_FP8_SMALL_M")
+            os.environ["LORASERVE_FP8_SMALL_M"] = str(1 << 30)
+            try:
+                res.update(_compare(all_logits(), ref, "_w8a16"))
+            finally:
+                if old is None:
+                    os.environ.pop("LORASERVE_FP8_SMALL_M")
+                else:
+                    os.environ["LORASERVE_FP8_SMALL_M"] = old
         free(engine)
         engine = None
     return res

@@ -141,18 +141,22 @@ class Case:
                 return lambda: lora_shrink_expand(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, ws,
                                                   plan=plan)
             if kind == "2launch":
-                sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(self.x, a, self.meta.block_m,
-                                                                       self.meta.grid_tiles)
+                sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(
+                    self.x, a, self.meta.block_m, self.meta.grid_tiles, False if (shrink_cfg or expand_cfg) else None)
                 ws = torch.empty(sk, self.S, self.T, a.shape[2], device=self.x.device)
 
+                classic = False if (shrink_cfg or expand_cfg) else None  # the sweeps tune classic configs
+
                 def run():
-                    lora_shrink(self.x, a, self.meta, self.ranks, ws, config=shrink_cfg)
-                    lora_expand(ws, b, self.offsets, self.meta, self.ranks, self.y, config=expand_cfg)
+                    lora_shrink(self.x, a, self.meta, self.ranks, ws, config=shrink_cfg, stream=classic)
+                    lora_expand(ws, b, self.offsets, self.meta, self.ranks, self.y, config=expand_cfg,
+                                stream=classic)
                 return run
             if kind == "3launch":  # the previous path: shrink, torch.sum of split-K partials, expand
-                def run():
-                    lora_shrink(self.x, a, self.meta, self.ranks, self.buf3, config=shrink_cfg)
-                    lora_expand(self.buf3, b, self.offsets, self.meta, self.ranks, self.y, config=expand_cfg)
+                def run():  # classic kernels and configs
+                    lora_shrink(self.x, a, self.meta, self.ranks, self.buf3, config=shrink_cfg, stream=False)
+                    lora_expand(self.buf3, b, self.offsets, self.meta, self.ranks, self.y, config=expand_cfg,
+                                stream=False)
                 return run
             raise ValueError(kind)
         return [make(i) for i in range(self.num_sets)]

@@ -123,12 +123,13 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK):   # pass 1: row amax (the row is re-read from L2 in pass 2)
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=(k0 + offs) < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_C, MIN_SCALE_C)
+        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), FP8_MAX_C), MIN_SCALE_C)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):   # pass 2: x / scale, saturate, round to e4m3
             ok = (k0 + offs) < K
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=ok, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(v / scale, -FP8_MAX_C), FP8_MAX_C)
+            # IEEE division as torch's (Triton's `/` is the approximate div.full.f32 on NVIDIA)
+            q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
             tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 

@@ -137,14 +137,23 @@ def main() -> int:
                  "shape": "tiny" if a.tiny else a.shape,
                  "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": a.tp_graphs and device == "cuda"}
     runs = {}
+
+    def record(tp: int, k: str, tok_s: float) -> None:
+        """One figure into res and the JSON at once (a later crash or hang keeps it)."""
+        runs[tp][k] = tok_s
+        res[f"tp{tp}_decode_{k}_tok_s"] = tok_s
+        batch = 1 if k == "bs1" else 64   # ms per decode step and layer (LM head included)
+        res[f"tp{tp}_decode_{k}_ms_per_layer"] = 1e3 * batch / tok_s / layers
+        print(f"tp{tp} decode {k}: {tok_s:.1f} tok/s, {res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer", flush=True)
+        write(a.json, res)
+
     for tp in (1, 2):
         engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2))
         print(f"tp{tp} engine ready", flush=True)
         vocab = engine.args.vocab_size
         r = runs[tp] = {}
-        r["bs1"] = decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp)
-        print(f"tp{tp} decode bs1: {r['bs1']:.1f} tok/s", flush=True)
-        r["bs64"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1)
+        record(tp, "bs1", decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp))
+        record(tp, "bs64", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1))
         r["top1"] = next_tokens(engine, vocab, n_top1, prompt_len)
         if tp == 1:
             floor = next_tokens(engine, vocab, n_top1, prompt_len, group=7, tag="floor")
@@ -158,17 +167,13 @@ def main() -> int:
                 req = LoRARequest(f"bench-{i}", i + 1, "")
                 lm.release(lm.add_adapter(ad, req))
                 reqs.append(req)
-            r["bs64_lora"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=30, loras=reqs)
-            r["bs64_nolora"] = decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=31)
+            record(tp, "bs64_lora", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=30, loras=reqs))
+            record(tp, "bs64_nolora", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=31))
+        if tp == 2:   # the agreement as soon as both sides exist
+            same = sum(x == y for x, y in zip(runs[1]["top1"], r["top1"]))
+            res["top1_agreement_tp2_vs_tp1"] = same / n_top1
+            write(a.json, res)
         close_engine(engine)
-        for k in ("bs1", "bs64", "bs64_lora", "bs64_nolora"):
-            if k in r:
-                res[f"tp{tp}_decode_{k}_tok_s"] = r[k]
-                batch = 1 if k == "bs1" else 64   # ms per decode step and layer (LM head included)
-                res[f"tp{tp}_decode_{k}_ms_per_layer"] = 1e3 * batch / r[k] / layers
-                print(f"tp{tp} decode {k}: {r[k]:.1f} tok/s, {res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer",
-                      flush=True)
-        write(a.json, res)
     res["decode_bs1_speedup_tp2"] = runs[2]["bs1"] / runs[1]["bs1"]
     res["decode_bs64_speedup_tp2"] = runs[2]["bs64"] / runs[1]["bs64"]
     res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]

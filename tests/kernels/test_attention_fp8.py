@@ -85,17 +85,15 @@ def test_bad_fp8_inputs_are_refused() -> None:
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("batch", list(ua.BATCHES))
-@pytest.mark.parametrize("H,KVH,BS", [(32, 8, 16), (8, 8, 32)])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_unified_fp8_gpu(batch, H, KVH, BS, dtype) -> None:
+@pytest.mark.parametrize("dtype,H,KVH,BS", [("bfloat16", 32, 8, 16), ("float32", 32, 8, 16), ("bfloat16", 8, 8, 32)])
+def test_unified_fp8_gpu(batch, dtype, H, KVH, BS) -> None:
     cases.check_unified(batch, H, KVH, 128, BS, dtype, seed=1, device="cuda")
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("num_splits", [None, 1, 8])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_paged_decode_fp8_gpu(num_splits, dtype) -> None:
+@pytest.mark.parametrize("dtype,num_splits", [("bfloat16", None), ("bfloat16", 1), ("bfloat16", 8), ("float16", None)])
+def test_paged_decode_fp8_gpu(dtype, num_splits) -> None:
     cases.check_decode(16, 32, 8, 128, 16, dtype, seed=2, num_splits=num_splits, device="cuda")
 
 

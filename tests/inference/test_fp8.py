@@ -357,3 +357,25 @@ def test_scaled_mm_call_matches_the_emulation():
     ref = dequantize(x_q, x_s, torch.float32) @ dequantize(w_q, w_s[:, None], torch.float32).T
     assert out.dtype == torch.bfloat16 and out.shape == (5, 32)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_load_never_holds_bf16_projection_weights_on_the_gpu():
+    """The projections are swapped for Fp8Proj on the meta device, so loading never allocates their bf16
+    weights on the GPU (which the KV-cache sizing, reading free memory, would then lose): the peak over the
+    load stays below the bf16 copies' 2 bytes per projection weight."""
+    from loraserve.inference.models.loader import load_model
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model, _, _ = load_model(str(MODEL_DIR), dtype="bfloat16", device="cuda",
+                             quant_config=QuantConfig(quant_algo=QuantAlgo.FP8))
+    fp8_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Proj))
+    resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert fp8_weights > 0 and all(p.dtype != torch.bfloat16 for m in model.modules() if isinstance(m, Fp8Proj)
+                                   for p in [m.weight])
+    extra = torch.cuda.max_memory_allocated() - before - resident
+    assert extra < 2 * fp8_weights, (extra, fp8_weights)   # temporaries of one tensor at a time, not a model copy

@@ -132,6 +132,10 @@ class Case:
             a, b = self.ab(i)
             if kind == "path":  # what the engine runs
                 return lambda: lora_apply(self.x, self.y, a, b, self.offsets, self.meta, self.ranks, self.ws)
+            if kind == "shrink_only":  # lora_apply's first launch(es), into its workspace
+                return lambda: lora_shrink(self.x, a, self.meta, self.ranks, self.ws)
+            if kind == "expand_only":  # lora_apply's expand from its workspace (streaming: cfg overrides)
+                return lambda: lora_expand(self.ws, b, self.offsets, self.meta, self.ranks, self.y, config=cfg)
             if kind == "fused":
                 plan = fused_plan(self.T, self.L, self.meta.block_m, a.shape[2], self.H, self.N, self.S,
                                   self.x.device, **(cfg or {}))
@@ -162,6 +166,11 @@ class Case:
         return [make(i) for i in range(self.num_sets)]
 
     def time(self, kind: str = "path", **kw) -> float:
+        if not self.x.is_cuda:  # --smoke (interpreter): run once, a logic check, not a timing
+            t0 = time.perf_counter()
+            for f in self.calls(kind, **kw):
+                f()
+            return (time.perf_counter() - t0) * 1e6
         return graph_us(self.calls(kind, **kw))
 
 
@@ -288,7 +297,7 @@ def sweep_layer() -> None:
 VARIANTS = {"classic": False, "stream": True}  # lora_meta.LORA_STREAM value of each kernel variant
 
 
-def compare_case(c: Case) -> dict:
+def compare_case(c: Case, breakdown: bool = False) -> dict:
     """us of lora_apply with each variant on one Case, plus the largest |difference| of their
     outputs from the same input (a GPU-only miscompile shows here; bf16 noise is ~1e-2)."""
     row = {}
@@ -296,13 +305,10 @@ def compare_case(c: Case) -> dict:
     y0 = c.y.clone()
     for name, stream in VARIANTS.items():
         c.use_variant(stream)
-        if c.x.is_cuda:
-            row[name] = c.time()
-        else:  # --smoke: the interpreter, once (a logic check, not a timing)
-            t0 = time.perf_counter()
-            for f in c.calls("path"):
-                f()
-            row[name] = (time.perf_counter() - t0) * 1e6
+        row[name] = c.time()
+        if breakdown:
+            row[name + "_shrink"] = c.time("shrink_only")
+            row[name + "_expand"] = c.time("expand_only")
         row[name + "_path"] = c.path
         c.y.copy_(y0)
         a, b = c.ab(0)
@@ -329,11 +335,14 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False) -> dict:
     res["base_layer_gemm_us_64tok"] = base
     layer = {}
     for p in PROJECTIONS:
-        layer[p] = compare_case(Case(p, 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke))
+        layer[p] = compare_case(Case(p, 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke),
+                                breakdown=True)
         r = layer[p]
+        parts = "".join(f"  {v}: shrink {r[v + '_shrink']:.1f} + expand {r[v + '_expand']:.1f}"
+                                         for v in VARIANTS)
         print(f"  layer {p:8s} classic {r['classic']:7.1f} us ({r['classic_path']})  stream {r['stream']:7.1f} us "
               f"({r['stream_path']})  x{r['classic'] / r['stream']:.2f}  max|diff| {r['max_abs_diff']:.2e} "
-              f"(|delta| {r['max_abs_delta']:.2e})  [{time.perf_counter() - t0:.0f} s]", flush=True)
+              f"(|delta| {r['max_abs_delta']:.2e}){parts}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     one = {}
     for p in PROJECTIONS:
         one[p] = r = compare_case(Case(p, 16, 1, 1, dev, smoke))
@@ -385,6 +394,30 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False) -> dict:
     return res
 
 
+def sweep_stream(smoke: bool = False) -> None:
+    """Streaming expand knobs on the layer case (expand alone, from lora_apply's workspace):
+    programs per SM (column groups per tile) x BLOCK_N. Not run by --compare."""
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
+
+    print("\nsweep-stream: 64 tokens, 32 adapters, rank 16; streaming expand alone, us per projection")
+    lora_meta.LORA_STREAM = True
+    for proj in PROJECTIONS:
+        c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, 32, 64)
+        c.use_variant(True)
+        c.calls("shrink_only")[0]()  # real partials in the workspace (not uninitialised memory)
+        SK, S, T, R = c.ws.shape
+        cells = [f"default={c.time('expand_only'):.1f}"]
+        for per_sm in (2, 4, 8):
+            for bn in (64, 128, 256):
+                base = stream_expand_config(T, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
+                blocks = -(-c.N // bn)
+                groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
+                cfg = dict(BLOCK_N=bn, COLS_PER_PROG=-(-blocks // groups) * bn,
+                           num_warps=4 if c.meta.block_m * bn <= 2048 else 8, SK_CHUNK=base["SK_CHUNK"])
+                cells.append(f"p{per_sm}/n{bn}={c.time('expand_only', cfg=cfg):.1f}")
+        print(f"{proj}: " + " ".join(cells), flush=True)
+
+
 def table(bw: float, smoke: bool) -> None:
     print(f"\n{'proj':8s} {'rank':>4s} {'loras':>5s} {'tokens':>6s} {'path_us':>8s} {'3launch':>8s} "
           f"{'MB':>7s} {'GB/s':>7s} {'frac':>6s}")
@@ -416,6 +449,7 @@ def main() -> None:
                     help="let lora_apply take the one-launch fused kernel (as LORASERVE_LORA_FUSED=1)")
     ap.add_argument("--compare", action="store_true",
                     help="classic vs streaming kernels (LORASERVE_LORA_STREAM=0/1) on the targets, one run")
+    ap.add_argument("--sweep-stream", action="store_true", help="streaming expand knobs on the layer case")
     ap.add_argument("--max-shapes", type=int, default=None,
                     help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51)")
     args = ap.parse_args()
@@ -426,6 +460,8 @@ def main() -> None:
     if args.smoke:
         if args.compare:
             compare(float("nan"), args.max_shapes or 3, smoke=True)
+            if args.sweep_stream:
+                sweep_stream(smoke=True)
             return
         table(float("nan"), smoke=True)
         return
@@ -436,6 +472,11 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
+        if args.sweep_stream:
+            sweep_stream()
+        return
+    if args.sweep_stream and args.only_sweeps:
+        sweep_stream()
         return
     if args.only_sweeps:
         if args.sweep_fused:

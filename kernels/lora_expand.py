@@ -170,7 +170,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     shift:         optional, with scale: [L, N] float32 with scale's strides, added after it.
     stream:        kernel variant; None: lora_meta.LORA_STREAM (env LORASERVE_LORA_STREAM,
                    on by default). True runs lora_expand_stream where it applies (<= 3 slices,
-                   rank <= 128; config then overrides stream_expand_config), else this
+                   rank <= 128, fp16/bf16 on a GPU; config then overrides stream_expand_config), else this
                    module's classic kernel (config overrides expand_config).
     """
     if not HAS_TRITON:
@@ -196,7 +196,9 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         return y
     assert meta.tile_slots.device == buf.device == lora_b.device == y.device == slice_offsets.device \
         == ranks.device, "buf, lora_b, y, slice_offsets, ranks and meta must be on one device"
-    if stream_enabled(stream) and _stream_ok(S, R, y.device):
+    # fp32 on a GPU stays classic: its FMA dots spill registers in the streaming kernel (sm_90,
+    # offline compile); the interpreter runs fp32 through it (the exact-arithmetic tests).
+    if stream_enabled(stream) and _stream_ok(S, R, y.device) and not (y.is_cuda and y.dtype == torch.float32):
         from .lora_expand_stream import lora_expand_stream
 
         try:

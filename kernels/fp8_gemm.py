@@ -116,15 +116,16 @@ if HAS_TRITON:
         tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _per_token_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+    def _per_token_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, fp8_max,
                                     FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, BLOCK: tl.constexpr):
+        # fp8_max: 448 as a runtime fp32 scalar (div_rn wants two fp32 tensors on every Triton version)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):   # pass 1: row amax (the row is re-read from L2 in pass 2)
             v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=(k0 + offs) < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), FP8_MAX_C), MIN_SCALE_C)
+        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), MIN_SCALE_C)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):   # pass 2: x / scale, saturate, round to e4m3
             ok = (k0 + offs) < K
@@ -207,6 +208,6 @@ def per_token_quant_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     if M == 0:
         return x_q, scale
     block = min(2048, max(16, triton.next_power_of_2(K)))
-    _per_token_quant_fp8_kernel[(M,)](x, x_q, scale, K, x.stride(0), x_q.stride(0), FP8_MAX_C=FP8_MAX,
+    _per_token_quant_fp8_kernel[(M,)](x, x_q, scale, K, x.stride(0), x_q.stride(0), FP8_MAX, FP8_MAX_C=FP8_MAX,
                                       MIN_SCALE_C=MIN_SCALE, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return x_q, scale

@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -209,6 +210,42 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
     return res
 
 
+def gemm_micro(iters: int = 50) -> dict:
+    """us per GEMM and weight GB/s at Llama-3-8B projection shapes (CUDA only): bf16 F.linear, the W8A16
+    Triton kernel, and _scaled_mm with the fused per-token quantization, at decode and prefill M."""
+    import torch.nn.functional as F
+
+    from loraserve.inference.models.fp8 import quantize_per_channel, scaled_mm_rowwise
+    from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm, per_token_quant_fp8
+
+    def us(fn) -> float:
+        for _ in range(5):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / iters
+
+    out = {}
+    for name, (n, k) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        w_q, w_s = quantize_per_channel(w)
+        for m in (1, 16, 64, 256, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"bf16": us(lambda: F.linear(x, w)),
+                   "scaled_mm": us(lambda: scaled_mm_rowwise(*per_token_quant_fp8(x), w_q, w_s, torch.bfloat16))}
+            if m <= 64:
+                row["w8a16"] = us(lambda: fp8_w8a16_gemm(x, w_q, w_s))
+                row["w8a16_weight_GBps"] = n * k / row["w8a16"] / 1e3
+                row["bf16_weight_GBps"] = 2 * n * k / row["bf16"] / 1e3
+            out[f"{name}_m{m}_us"] = {key: round(v, 2) for key, v in row.items()}
+        del w, w_q, w_s
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
@@ -224,6 +261,7 @@ def main() -> int:
     ap.add_argument("--kv-cache-fp8", choices=["auto", "on", "off"], default="auto",
                     help="FP8 KV cache in the FP8 engine; auto: where models/fp8.py supports it on this device")
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
+    ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -231,6 +269,7 @@ def main() -> int:
 
     from benchmarks.bench_dora import make_adapters, register, time_decode
 
+    t0 = time.perf_counter()
     path = tempfile.mkdtemp(prefix="fp8-bench-")
     if a.tiny:
         from tests.inference.conftest import make_random_model
@@ -243,6 +282,7 @@ def main() -> int:
         from benchmarks.bench_engine import build_checkpoint
 
         build_checkpoint(path, a.layers)
+        print(f"checkpoint built ({time.perf_counter() - t0:.0f} s)", flush=True)
         kw = dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=256,
                   kv_cache_config={"free_gpu_memory_fraction": 0.5})
     on_gpu = kw["device"] == "cuda"
@@ -252,7 +292,12 @@ def main() -> int:
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
                  "quant_config": quant, "fp8_small_m": os.environ.get("LORASERVE_FP8_SMALL_M", "default (64)")}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
-    t0 = time.perf_counter()
+    if on_gpu and not a.skip_micro:
+        try:   # diagnostics only: a failure here must not cost the engine figures
+            res["gemm_us"] = gemm_micro()
+        except Exception as err:   # noqa: BLE001
+            res["gemm_us"] = f"failed: {type(err).__name__}: {err}"[:2000]
+        print(f"GEMM micro-benchmark done ({time.perf_counter() - t0:.0f} s): {res['gemm_us']}", flush=True)
     engine = build(path, None, kw, lora_cfg)
     res["bf16"] = measure(engine, a)
     free(engine)
@@ -278,6 +323,7 @@ def main() -> int:
     if not a.skip_quality:
         res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant, 2 if a.tiny else 16))
     res["wall_s"] = time.perf_counter() - t0
+    shutil.rmtree(path, ignore_errors=True)   # the 8B checkpoint: 16 GB of disk
     print(json.dumps(res, indent=2))
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

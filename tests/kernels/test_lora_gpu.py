@@ -160,8 +160,8 @@ def check_graph_replay_matches_eager(num_tokens: int, max_rank: int) -> None:
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,composition,split_k", [
-    (1, 1, "uniform", 32), (64, 32, "distinct", 4), (64, 32, "mixed-ranks", 8), (300, 8, "no-adapter-rows", 1)])
-@pytest.mark.parametrize("proj", list(PROJECTIONS))
+    (1, 1, "uniform", 32), (64, 32, "distinct", 4), (64, 32, "mixed-ranks", 8)])
+@pytest.mark.parametrize("proj", ["qkv", "down"])  # 3 slices; the 14336-wide input
 def test_stream_expand_llama3_8b_bf16(proj: str, num_tokens: int, num_slots: int, composition: str,
                                       split_k: int) -> None:
     """The streaming expand (default variant) at Llama-3-8B shapes from split-K partials, with

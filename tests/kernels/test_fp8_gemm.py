@@ -166,3 +166,56 @@ def test_w8a16_cuda_graph_replay(m) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernels instead")
+def test_kernels_compile_for_sm90_without_register_spills(tmp_path) -> None:
+    """No GPU here: compile the W8A16 tiles the heuristic picks for Llama-3-8B decode (and the two helper
+    kernels) ahead of time for sm_90 with Triton's bundled ptxas, and read the cubin's resources: a tile
+    that does not compile, or spills registers to local memory, would otherwise first show on the H200."""
+    import re
+    import subprocess
+
+    triton = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 5):
+        pytest.skip("the ASTSource signature format of older Triton differs")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401  (the nvidia backend is bundled)
+        from triton.compiler import ASTSource
+    except Exception as err:   # noqa: BLE001
+        pytest.skip(f"no Triton NVIDIA backend: {err}")
+    import pathlib
+
+    from loraserve.kernels import fp8_gemm as fg
+
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton's bundled cuobjdump is missing")
+
+    def compile_and_check(fn, signature: dict, constexprs: dict, **options) -> None:
+        sig = {**signature, **{name: "constexpr" for name in constexprs}}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options=options)
+        cubin = tmp_path / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage)]
+        assert stack and max(stack) == 0, (constexprs, options, usage)
+
+    gemm_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
+                "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32",
+                "stride_ym": "i32"}
+    for m, n, k in ((1, 4096, 4096), (16, 4096, 4096), (32, 6144, 4096), (64, 4096, 14336)):
+        bm, bn, bk, split, warps, stages = fg.w8a16_config(m, n, k, 132)
+        compile_and_check(fg._fp8_w8a16_gemm_kernel, gemm_sig,
+                          {"HAS_BIAS": False, "EVEN_K": True, "SPLIT_K": split, "BLOCK_M": bm, "BLOCK_N": bn,
+                           "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    compile_and_check(fg._splitk_reduce_kernel, {"ws_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*bf16",
+                                                 "y_ptr": "*bf16", "M": "i32", "N": "i32", "stride_ym": "i32"},
+                      {"HAS_BIAS": True, "SPLIT_K": 4, "BLOCK": 1024}, num_warps=4)
+    compile_and_check(fg._per_token_quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                                       "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
+                                                       "fp8_max": "fp32"},
+                      {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 2048}, num_warps=8)

@@ -8,12 +8,12 @@
     next to the bf16 noise floor of the same run: TP=1 against itself with the prompts batched
     differently (top1_agreement_tp1_rebatched; random weights give flat logits, so near-ties flip)
 
-TP=1 runs as served by default (CUDA graphs on decode); TP=2 runs eager unless --tp-graphs
-(LORASERVE_TP_CUDA_GRAPHS=1: every rank captures the decode buckets, NCCL all-reduces inside; opt-in
-until it has run on GPUs), so eager speedups include that handicap. Writes benchmarks/results/tp_h200x2.json keys
-decode_bs1_speedup_tp2, decode_bs64_speedup_tp2, lora32_vs_nolora_tp2, top1_agreement_tp2_vs_tp1.
+Both run as served by default: CUDA graphs on decode, for TP=2 on every rank with the NCCL
+all-reduces inside (--tp-eager: TP=2 without graphs). Every figure is written to the JSON as soon as
+it is measured. Writes benchmarks/results/tp_h200x2.json keys decode_bs1_speedup_tp2,
+decode_bs64_speedup_tp2, lora32_vs_nolora_tp2, top1_agreement_tp2_vs_tp1.
 
-    python3 benchmarks/bench_tp.py [--layers 32] [--tp-graphs] [--json out.json]
+    python3 benchmarks/bench_tp.py [--layers 32] [--shape 70b] [--tp-eager] [--json out.json]
     python3 benchmarks/bench_tp.py --tiny        # CPU, tiny model, gloo: checks the script runs
 """
 from __future__ import annotations
@@ -113,11 +113,12 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU, tiny random model, gloo")
-    ap.add_argument("--tp-graphs", action="store_true", help="CUDA graphs under TP (LORASERVE_TP_CUDA_GRAPHS=1)")
+    ap.add_argument("--tp-graphs", action="store_true", help="CUDA graphs under TP (the default; kept for scripts)")
+    ap.add_argument("--tp-eager", action="store_true", help="TP=2 without CUDA graphs (LORASERVE_TP_CUDA_GRAPHS=0)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    if a.tp_graphs:   # read when the TP runner is first imported (below, by the first TP engine)
-        os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "1"
+    # read when the TP runner is first imported (below, by the first TP engine)
+    os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "0" if a.tp_eager else "1"
     from loraserve.inference.tp.worker import dump_stacks_when_stuck
 
     dump_stacks_when_stuck()   # LORASERVE_DEBUG_STACKS_S (the workers inherit it)
@@ -135,7 +136,7 @@ def main() -> int:
     build_checkpoint(path, layers, a.tiny, a.shape)
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "layers": layers,
                  "shape": "tiny" if a.tiny else a.shape,
-                 "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": a.tp_graphs and device == "cuda"}
+                 "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": not a.tp_eager and device == "cuda"}
     runs = {}
 
     def record(tp: int, k: str, tok_s: float) -> None:

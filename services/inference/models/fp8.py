@@ -7,10 +7,11 @@ checkpoint's static per-tensor `input_scale`. This is vLLM's "FP8 per-channel we
 activation" scheme (vllm/model_executor/layers/quantization/fp8.py) and TensorRT-LLM's
 FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of equal rows.
 
-GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_SMALL_M tokens, default 64) runs
-the Triton W8A16 kernel (kernels/fp8_gemm.py: bf16 x times e4m3 W dequantized in registers; the step
-only streams weights, half of bf16's bytes, and x is not rounded); larger M (prefill) runs
-torch._scaled_mm (FP8 tensor cores, row-wise scales) after one Triton launch that quantizes x per token.
+GEMM (`gemm_path`), CUDA sm >= 89: torch._scaled_mm (FP8 tensor cores, row-wise scales) after one
+Triton launch that quantizes x per token. The Triton W8A16 kernel (kernels/fp8_gemm.py: bf16 x times
+e4m3 W dequantized in registers) is opt-in for decode-sized M (LORASERVE_FP8_SMALL_M=N tokens): on
+the H200 (2026-11-30, bench_fp8.py) its untuned tiles streamed weights at 0.2-0.55 TB/s (bf16 cuBLAS:
+2.8-4.2 TB/s) and made 8B decode 0.35x bf16, so it is off until tuned on hardware.
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
 compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True also rounds x per token
 as _scaled_mm does. LORASERVE_FP8_SMALL_M=0 / LORASERVE_FP8_FUSED_QUANT=0 switch the Triton parts off.
@@ -83,10 +84,10 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
             and w_q.shape[0] % 16 == 0 and w_q.shape[1] % 16 == 0)
 
 
-# Decode-sized GEMMs (M <= this many tokens) take the Triton W8A16 kernel (kernels/fp8_gemm.py): bf16
-# activations times e4m3 weights dequantized in registers. At small M the GEMM only streams weights, and
-# _scaled_mm would add the activation quantization's launches and its rounding for nothing.
-DEFAULT_SMALL_M = 64
+# Decode-sized GEMMs (M <= this many tokens) may take the Triton W8A16 kernel (kernels/fp8_gemm.py): bf16
+# activations times e4m3 weights dequantized in registers. Off by default: measured slower than bf16 on
+# the H200 (module docstring); LORASERVE_FP8_SMALL_M=64 turns it on for tuning runs.
+DEFAULT_SMALL_M = 0
 
 
 def small_m_limit() -> int:

@@ -12,8 +12,8 @@ cp -r kernels /tmp/lsroot/loraserve/kernels
 # messages and stubs themselves are compatible, so the copies there skip the version guard
 sed -i 's/^if _version_not_supported:/if False:/' /tmp/lsroot/loraserve/v1/*_pb2_grpc.py 2>/dev/null
 export PYTHONPATH=/tmp/lsroot:${_ls_root}${PYTHONPATH:+:$PYTHONPATH}
-# pure-Python wheels that machine lacks (grpcio-health-checking, grpcio-reflection for the gRPC
-# server), carried in .whl/ (see .library/device/README.md): run(..., carry=[".whl", ...])
+# wheels that machine lacks (gRPC health/reflection, sqlalchemy for the registry), downloaded here by
+# scripts/fetch_gpu_wheels.sh into .whl/ and carried: run(..., carry=[".whl", ...])
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PYTHONPATH

@@ -225,6 +225,7 @@ def main() -> int:
     ap.add_argument("--output-mean", type=int, default=128)
     ap.add_argument("--decode-batch", type=int, default=64, help="batch of the host-time measurement")
     ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="engine async_scheduling")
+    ap.add_argument("--stream-interval", type=int, default=1, help="engine stream_interval (tokens per stream message)")
     ap.add_argument("--grpc", action="store_true", help="also run the same load through a loopback gRPC server")
     ap.add_argument("--grpc-rate", type=float, default=None, help="also Poisson arrivals at this req/s (both targets)")
     ap.add_argument("--json", default=None, help="write the headline figures here")
@@ -236,9 +237,13 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=16.0, help="request rate of the LoRA flow's gRPC run (req/s)")
     ap.add_argument("--grpc-requests", type=int, default=256)
     a = ap.parse_args()
-    if a.tiny:
-        a.requests, a.concurrency, a.input_mean, a.output_mean, a.decode_batch = 24, 8, 24, 8, 8
-        a.adapters, a.rank, a.gpu_slots, a.grpc_requests = 4, 4, 2, 12
+    if a.tiny:   # small defaults; values given on the command line are kept (a CPU load test of the server)
+        small = dict(requests=24, concurrency=8, input_mean=24, output_mean=8, decode_batch=8, adapters=4, rank=4,
+                     gpu_slots=2, grpc_requests=12)
+        given = {act.dest for act in ap._actions if any(o in sys.argv for o in act.option_strings)}
+        for name, value in small.items():
+            if name not in given:
+                setattr(a, name, value)
     os.makedirs(a.out, exist_ok=True)
 
     import torch
@@ -273,7 +278,8 @@ def main() -> int:
         f.write("kv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
         if a.overlap != "auto":
             f.write(f"async_scheduling: {'true' if a.overlap == 'on' else 'false'}\n")
-    kwargs = {"kv_cache_config": {"free_gpu_memory_fraction": 0.5}}
+        f.write(f"stream_interval: {a.stream_interval}\n")
+    kwargs = {"kv_cache_config": {"free_gpu_memory_fraction": 0.5}, "stream_interval": a.stream_interval}
     if a.overlap != "auto":
         kwargs["async_scheduling"] = a.overlap == "on"
     if a.tiny:
@@ -287,6 +293,7 @@ def main() -> int:
     s["in_process"] = brief(report)
     s["in_process"]["prefix_reused_blocks"] = stats["reused_kv_blocks"]
     s["async_scheduling"] = engine.async_scheduling
+    s["stream_interval"] = a.stream_interval
     s["limit"] = physical_limit(engine, reqs, a.concurrency, peak, bw)
     s["wall_s"] = report["duration_s"]
     s["wall_over_limit"] = report["duration_s"] / s["limit"]["limit_s"]

@@ -51,7 +51,7 @@ class ModelTimer:
 
 
 def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bool, stream: bool,
-            profile_top: int = 0) -> dict:
+            profile_top: int = 0, stream_interval: int = 1) -> dict:
     import torch
 
     from loraserve import SamplingParams
@@ -59,7 +59,8 @@ def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bo
     from loraserve.inference.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_num_seqs=max(batch, 8),
-                                    max_seq_len=prompt_len + steps + 64, async_scheduling=overlap))
+                                    max_seq_len=prompt_len + steps + 64, async_scheduling=overlap,
+                                    stream_interval=stream_interval))
     timer = ModelTimer(engine.runner.model)
     g = torch.Generator().manual_seed(1)
     vocab = engine.args.vocab_size
@@ -100,6 +101,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs (a shared CPU is noisy)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print cProfile's top N functions")
+    ap.add_argument("--stream-interval", type=int, default=1, help="the engine's stream_interval")
     a = ap.parse_args()
 
     import torch
@@ -110,13 +112,14 @@ def main() -> int:
     model_dir = tempfile.mkdtemp(prefix="bench_host_")
     make_random_model(model_dir, "llama")
     for overlap in (True, False):
-        runs = [measure(model_dir, a.batch, a.prompt_len, a.steps, overlap, True) for _ in range(a.repeat)]
+        runs = [measure(model_dir, a.batch, a.prompt_len, a.steps, overlap, True, 0, a.stream_interval)
+                for _ in range(a.repeat)]
         best = min(runs, key=lambda r: r["host_ms"])
-        print(f"batch {best['batch']} {'overlapped' if overlap else 'serial'}: host {best['host_ms']:.3f} ms/step "
+        print(f"batch {best['batch']} {'overlapped' if overlap else 'serial'} stream_interval {a.stream_interval}: host {best['host_ms']:.3f} ms/step "
               f"(step {best['step_ms']:.3f} ms, model {best['model_ms']:.3f} ms; best of {a.repeat}, "
               f"all {[round(r['host_ms'], 3) for r in runs]})")
     if a.profile:
-        measure(model_dir, a.batch, a.prompt_len, a.steps, True, True, a.profile)
+        measure(model_dir, a.batch, a.prompt_len, a.steps, True, True, a.profile, a.stream_interval)
     return 0
 
 

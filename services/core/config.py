@@ -256,6 +256,10 @@ class EngineConfig:
     async_scheduling: bool | None = None  # overlap host work with the device's step; None: on for CUDA
     tensor_parallel_size: int = 1         # TensorRT-LLM/vLLM: shard the model over this many devices of one host
     quant_config: QuantConfig | None = None   # FP8 base weights / KV cache (None: the checkpoint's dtype)
+    # TensorRT-LLM's LlmArgs.stream_interval / vLLM's --stream-interval: a running request's output is
+    # handed out every N tokens (and at its first and last token), so N-token chunks per stream cost
+    # the host and the gRPC side one message instead of N
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half"),
@@ -264,6 +268,8 @@ class EngineConfig:
         _check(self.max_num_tokens >= 1, f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
         _check(self.max_num_prefill_tokens_with_decode is None or self.max_num_prefill_tokens_with_decode >= 1,
                f"max_num_prefill_tokens_with_decode must be >= 1 or None, got {self.max_num_prefill_tokens_with_decode}")
+        _check(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
+               and self.stream_interval >= 1, f"stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if isinstance(self.kv_cache_config, dict):

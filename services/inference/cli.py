@@ -46,6 +46,8 @@ def add_commands(subparsers) -> None:
                    help="fp8: FP8 e4m3 KV cache (half the bytes per token); = quant_config: {kv_cache_quant_algo: FP8}")
     p.add_argument("--max_batch_size", "--max-batch-size", dest="max_batch_size", type=int, default=None)
     p.add_argument("--max_num_tokens", "--max-num-tokens", dest="max_num_tokens", type=int, default=None)
+    p.add_argument("--stream_interval", "--stream-interval", dest="stream_interval", type=int, default=None,
+                   help="stream a running request's tokens every N steps (first and last at once); default 1")
     p.add_argument("--tensor_parallel_size", "--tensor-parallel-size", "--tp", dest="tensor_parallel_size", type=int,
                    default=None, help="shard the model over N devices of this host (workers started by the server)")
     p.set_defaults(func=_serve)
@@ -89,7 +91,8 @@ def _serve(args) -> int:
         adapter_cache_dir=args.adapter_cache_dir, max_queue_size=args.max_queue_size, auth_token=args.auth_token,
         tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file, registry_ca_file=args.registry_ca_file,
         dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-        tensor_parallel_size=args.tensor_parallel_size, quant_config=_quant_flags(args))
+        tensor_parallel_size=args.tensor_parallel_size, quant_config=_quant_flags(args),
+        stream_interval=args.stream_interval)
     try:
         cfg = load_serve_config(args.extra + args.config, overrides)
     except ConfigError as exc:  # before any port is bound or the model loads

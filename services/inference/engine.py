@@ -207,6 +207,7 @@ class LLMEngine:
         now = time.monotonic()
         finished = SequenceStatus.FINISHED
         append_token, output = self._append_token, self._output
+        interval = self.config.stream_interval
         outputs, ended = [], []
         for seq, token, logprob, good, alts in zip(out.seqs, tokens, logprobs, ok, top):
             if seq.status is finished:
@@ -225,6 +226,10 @@ class LLMEngine:
                 seq.finished_time = now
                 seq.drop_placeholders()
                 ended.append(seq)
+            elif interval > 1:   # stream_interval: the first token, then every interval-th (and the last)
+                n_out = len(seq.token_ids) - seq.num_pending - len(seq.prompt_token_ids)
+                if n_out != 1 and n_out % interval:
+                    continue     # the next output's diffs carry this step's tokens too
             outputs.append(output(seq))    # one pass: the output reads nothing the lines below change
         self.scheduler.postprocess(batch)   # key the filled blocks, free the finished sequences
         for seq in ended:

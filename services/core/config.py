@@ -280,8 +280,6 @@ class EngineConfig:
             self.peft_cache_config = PeftCacheConfig(**self.peft_cache_config)
         if isinstance(self.quant_config, dict):
             self.quant_config = QuantConfig(**self.quant_config)
-        _check(self.quant_config is None or self.tensor_parallel_size == 1,
-               "quant_config (FP8) with tensor_parallel_size > 1 is not supported yet")
 
 
 def engine_config_from_kwargs(model: str, where: str = "", **kwargs: Any) -> EngineConfig:

@@ -96,8 +96,8 @@ def test_quant_config_names_and_refusals():
                 {"quant_algo": "fp4"}):
         with pytest.raises(ConfigError, match="supports FP8"):
             engine_config_from_kwargs("m", quant_config=bad)
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        engine_config_from_kwargs("m", quant_config={"quant_algo": "FP8"}, tensor_parallel_size=2)
+    # FP8 under tensor parallelism is served (tests/inference/test_tp_fp8.py)
+    assert engine_config_from_kwargs("m", quant_config={"quant_algo": "FP8"}, tensor_parallel_size=2).quant_config
 
 
 # --- loading ---------------------------------------------------------------------------------------

@@ -70,8 +70,6 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     hf_cfg = read_hf_config(path)
     fp8_checkpoint = _fp8_checkpoint(hf_cfg, path)
     fp8_weights = fp8_checkpoint or (quant_config is not None and quant_config.fp8_weights)
-    if fp8_weights and tp is not None:
-        raise ValueError("FP8 weights with tensor parallelism are not supported yet")
     args = ModelArgs.from_hf_config(hf_cfg)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, args, device)
@@ -214,12 +212,17 @@ _SPLIT = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"), "gate_pr
 def _read_shard(f, name: str, local: ModelArgs, tp) -> torch.Tensor:
     """This rank's slice of checkpoint tensor `name`, read from the file without the rest."""
     short = re.sub(r"^model\.", "", name)
-    m = re.match(r"layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.(weight|bias)$", short)
+    m = re.match(r"layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.(weight|bias|weight_scale)$", short)
     if m and m.group(1) in _SPLIT:
         dim, kind = _SPLIT[m.group(1)]
         n = {"q": local.q_size, "kv": local.kv_size, "mlp": local.intermediate_size}[kind]
         lo = tp.rank * n
         sl = f.get_slice(name)
+        if m.group(2) == "weight_scale":
+            # FP8 checkpoint: per-output-channel scales follow the weight's rows (column-parallel); a
+            # row-parallel layer keeps every output row, and a per-tensor scale is the same for all
+            shape = sl.get_shape()
+            return sl[lo:lo + n] if dim == 0 and len(shape) >= 1 and shape[0] > 1 else f.get_tensor(name)
         if dim == 0 or m.group(2) == "bias":   # a bias follows its layer's output rows (q/k/v)
             return sl[lo:lo + n]
         return sl[:, lo:lo + n]

@@ -73,7 +73,8 @@ class Worker:
         torch.manual_seed(config.seed)
         args = ModelArgs.from_hf_config(read_hf_config(config.model))
         self.group = make_group(args, rank, size)
-        self.model, self.args, self.dtype = load_model(config.model, config.dtype, device, tp=self.group)
+        self.model, self.args, self.dtype = load_model(config.model, config.dtype, device, tp=self.group,
+                                                       quant_config=config.quant_config)
         # as the driver's engine: the RoPE table covers every position served (sliding-window caps only lower it)
         self.model.rotary.num_positions = max(self.model.rotary.num_positions, config.max_seq_len or 0)
         self.local = self.model.args

@@ -64,15 +64,19 @@ def decode_tok_s(engine, vocab: int, batch: int, prompt_len: int, steps: int, se
     return run_decode(engine, ids, steps, loras, tag=f"d{seed}-{batch}")["tok_s"]
 
 
-def next_tokens(engine, vocab: int, n: int, max_len: int, group: int | None = None, tag: str = "top1") -> list[int]:
-    """Greedy next token after each of n random prompts (lengths 16..max_len): one batch, or
-    `group` prompts at a time in reverse order (other batch shapes, so other GEMM tilings and
-    bf16 roundings: the noise floor the TP figure is read against)."""
-    from loraserve import SamplingParams
-
+def random_prompts(vocab: int, n: int, max_len: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(77)
     lens = torch.randint(16, max_len + 1, (n,), generator=g).tolist()
-    prompts = [torch.randint(2, vocab, (L,), generator=g).tolist() for L in lens]
+    return [torch.randint(2, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def next_tokens(engine, prompts: list[list[int]], group: int | None = None, tag: str = "top1") -> list[int]:
+    """Greedy next token after each prompt: one batch, or `group` prompts at a time in reverse order
+    (other batch shapes, so other GEMM tilings and bf16 roundings: the noise floor the TP figure is
+    read against)."""
+    from loraserve import SamplingParams
+
+    n = len(prompts)
     p = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     order = list(range(n)) if group is None else list(reversed(range(n)))
     group = group or n
@@ -85,6 +89,47 @@ def next_tokens(engine, vocab: int, n: int, max_len: int, group: int | None = No
                 if o.finished:
                     out[o.request_id] = o.outputs[0].token_ids[0]
     return [out[f"{tag}-{i}"] for i in range(n)]
+
+
+def trained_agreement(device: str, tiny: bool, res: dict) -> None:
+    """Top-1 agreement TP=2 vs TP=1 on the embedded default model (trained: its logits are not the
+    near-ties of random weights): the greedy next token after 256 prefixes of 16 texts sampled from
+    it, next to TP=1's own noise floor (the prefixes batched differently)."""
+    from loraserve import SamplingParams
+    from loraserve.config import engine_config_from_kwargs
+    from loraserve.inference.engine import LLMEngine
+
+    model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "default")
+    kw = dict(dtype="float32" if tiny else "bfloat16", device=device, max_num_tokens=4096)
+    if device == "cuda":
+        kw["kv_cache_config"] = {"free_gpu_memory_fraction": 0.2}
+    tokens = {}
+    prefixes: list[list[int]] = []
+    for tp in (1, 2):
+        engine = LLMEngine(engine_config_from_kwargs(model, tensor_parallel_size=tp, **kw))
+        if tp == 1:   # 16 texts sampled from the model, cut at 16 places each
+            starts = ["def ", "import os\n\n\nclass ", "    def __init__(self", "for i in range(10):\n"] * 4
+            sp = SamplingParams(max_tokens=96, temperature=1.0, seed=0, ignore_eos=True)
+            for i, text in enumerate(starts):
+                engine.add_request(f"text-{i}", engine.tokenizer.encode(text), sp)
+            texts: dict[str, list[int]] = {}
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.finished:
+                        texts[o.request_id] = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+            g = torch.Generator().manual_seed(5)
+            for ids in texts.values():
+                for cut in torch.randint(4, len(ids), (16,), generator=g).tolist():
+                    prefixes.append(ids[:cut])
+            tokens["floor"] = next_tokens(engine, prefixes, group=7, tag="floor")
+        tokens[tp] = next_tokens(engine, prefixes, tag=f"trained{tp}")
+        close_engine(engine)
+    n = len(prefixes)
+    res["top1_agreement_tp2_vs_tp1_trained"] = sum(x == y for x, y in zip(tokens[1], tokens[2])) / n
+    res["top1_agreement_tp1_rebatched_trained"] = sum(x == y for x, y in zip(tokens[1], tokens["floor"])) / n
+    res["trained_prefixes"] = n
+    print(f"default model: top-1 TP=2 vs TP=1 {res['top1_agreement_tp2_vs_tp1_trained']:.4f} "
+          f"(TP=1 rebatched {res['top1_agreement_tp1_rebatched_trained']:.4f}, {n} prefixes)", flush=True)
 
 
 def write(path: str | None, res: dict) -> None:
@@ -115,6 +160,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU, tiny random model, gloo")
     ap.add_argument("--tp-graphs", action="store_true", help="CUDA graphs under TP (the default; kept for scripts)")
     ap.add_argument("--tp-eager", action="store_true", help="TP=2 without CUDA graphs (LORASERVE_TP_CUDA_GRAPHS=0)")
+    ap.add_argument("--skip-trained", action="store_true", help="no agreement run on the embedded default model")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     # read when the TP runner is first imported (below, by the first TP engine)
@@ -132,11 +178,14 @@ def main() -> int:
         print(f"bench_tp skipped: it needs 2 GPUs, {torch.cuda.device_count()} visible (or --tiny on CPU)",
               file=sys.stderr)
         return 0
-    path = tempfile.mkdtemp(prefix="tp-bench-")
-    build_checkpoint(path, layers, a.tiny, a.shape)
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "layers": layers,
                  "shape": "tiny" if a.tiny else a.shape,
                  "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": not a.tp_eager and device == "cuda"}
+    if not a.skip_trained:   # first: small engines, and the figure the 99% target is meaningful for
+        trained_agreement(device, a.tiny, res)
+        write(a.json, res)
+    path = tempfile.mkdtemp(prefix="tp-bench-")
+    build_checkpoint(path, layers, a.tiny, a.shape)
     runs = {}
 
     def record(tp: int, k: str, tok_s: float) -> None:
@@ -155,9 +204,9 @@ def main() -> int:
         r = runs[tp] = {}
         record(tp, "bs1", decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp))
         record(tp, "bs64", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1))
-        r["top1"] = next_tokens(engine, vocab, n_top1, prompt_len)
+        r["top1"] = next_tokens(engine, random_prompts(vocab, n_top1, prompt_len))
         if tp == 1:
-            floor = next_tokens(engine, vocab, n_top1, prompt_len, group=7, tag="floor")
+            floor = next_tokens(engine, random_prompts(vocab, n_top1, prompt_len), group=7, tag="floor")
             res["top1_agreement_tp1_rebatched"] = sum(x == y for x, y in zip(r["top1"], floor)) / n_top1
         if tp == 2:
             lm, reqs = engine.lora_manager, []

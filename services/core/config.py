@@ -200,11 +200,20 @@ class QuantConfig:
 
     quant_algo: QuantAlgo | str | None = None
     kv_cache_quant_algo: QuantAlgo | str | None = None
+    # TensorRT-LLM's exclude_modules: fnmatch patterns of HF module names ("model.layers.0.*",
+    # "*.mlp.down_proj") kept in the compute dtype; a fused projection (q/k/v, gate/up) stays
+    # unquantized when any of its parts matches. Only for weights quantized at load.
+    exclude_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.quant_algo = _quant_algo(self.quant_algo, "quant_algo", SUPPORTED_QUANT_ALGOS)
         self.kv_cache_quant_algo = _quant_algo(self.kv_cache_quant_algo, "kv_cache_quant_algo",
                                                SUPPORTED_KV_CACHE_QUANT_ALGOS)
+        if self.exclude_modules is not None:
+            _check(isinstance(self.exclude_modules, (list, tuple)) and all(isinstance(p, str) and p
+                                                                           for p in self.exclude_modules),
+                   f"quant_config.exclude_modules must be a list of module name patterns, got {self.exclude_modules!r}")
+            self.exclude_modules = list(self.exclude_modules)
 
     @property
     def fp8_weights(self) -> bool:

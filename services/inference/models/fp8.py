@@ -217,13 +217,30 @@ class Fp8Proj(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel, {static} activation scale"
 
 
-def convert_projections(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, Fp8Proj]:
+def excluded(name: str, patterns: list[str] | None) -> bool:
+    """True if the fused projection `name` (e.g. 'layers.0.self_attn.qkv_proj') matches an exclude_modules
+    pattern, by its own name or the HF name of any part ('model.layers.0.self_attn.q_proj')."""
+    if not patterns:
+        return False
+    from fnmatch import fnmatchcase
+
+    from loraserve.adapters.modules import PACKED_MODULES
+
+    parent, _, proj = name.rpartition(".")
+    names = {name, f"model.{name}"} | {f"model.{parent}.{part}" for part in PACKED_MODULES.get(proj, (proj,))}
+    return any(fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def convert_projections(model: nn.Module, dtype: torch.dtype, device: torch.device,
+                        exclude: list[str] | None = None) -> dict[str, Fp8Proj]:
     """Replace every Proj of the decoder layers with an (empty) Fp8Proj of the same shape, before the
-    weights stream in. Returns {module name: Fp8Proj} (names as in model.named_modules())."""
+    weights stream in, except those `exclude` (QuantConfig.exclude_modules) matches. Returns
+    {module name: Fp8Proj} (names as in model.named_modules())."""
     out: dict[str, Fp8Proj] = {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, Proj):
+            if isinstance(child, Proj) and not excluded(f"{parent_name}.{child_name}" if parent_name else child_name,
+                                                        exclude):
                 new = Fp8Proj(child.in_features, child.out_features, child.bias is not None, child.layer_idx,
                               child.proj_name, dtype, device)
                 setattr(parent, child_name, new)

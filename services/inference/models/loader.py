@@ -85,7 +85,11 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     if fp8_weights:   # swapped in on meta, so the bf16 projections never take device memory (KV sizing)
         from .fp8 import convert_projections
 
-        fp8_mods = convert_projections(model, torch_dtype, torch.device("meta"))
+        exclude = quant_config.exclude_modules if quant_config is not None else None
+        if exclude and fp8_checkpoint:
+            raise ValueError("quant_config.exclude_modules applies to weights quantized at load; this checkpoint "
+                             "is already FP8 (its own layout decides what is quantized)")
+        fp8_mods = convert_projections(model, torch_dtype, torch.device("meta"), exclude)
         log.info("FP8 e4m3 weights for %d projections (%s), compute dtype %s", len(fp8_mods),
                  "from the checkpoint" if fp8_checkpoint else "quantized at load, per-channel scales", torch_dtype)
     model = model.to_empty(device=device)

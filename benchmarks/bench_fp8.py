@@ -264,6 +264,8 @@ def main() -> int:
                     help="FP8 KV cache in the FP8 engine; auto: where models/fp8.py supports it on this device")
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
+    ap.add_argument("--exclude-modules", default=None,
+                    help="QuantConfig.exclude_modules, comma-separated patterns (e.g. 'model.layers.0.*')")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -289,7 +291,8 @@ def main() -> int:
                   kv_cache_config={"free_gpu_memory_fraction": 0.5})
     on_gpu = kw["device"] == "cuda"
     kv_fp8 = fp8_kv_cache_supported(torch.device(kw["device"])) if a.kv_cache_fp8 == "auto" else a.kv_cache_fp8 == "on"
-    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_fp8 else None}
+    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
+             "exclude_modules": a.exclude_modules.split(",") if a.exclude_modules else None}
     res: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "layers": a.layers if not a.tiny else 2,
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
                  "quant_config": quant, "fp8_small_m": os.environ.get("LORASERVE_FP8_SMALL_M", "default (0: W8A8 at every M)")}

@@ -289,7 +289,7 @@ def load_into_fp8(module: Fp8Proj, part: str, row0: int, rows: int, tensor: torc
 # --- FP8 KV cache --------------------------------------------------------------------------------
 
 class Fp8KVAttention(Attention):
-    """Attention over an e4m3 KV cache: Attention.forward with the FP8 store/read. Swapped in by
+    """Attention over an e4m3 KV cache: Attention.forward with the FP8 store/read (`attend`). Swapped in by
     `enable_fp8_kv_cache`. kv_scales: [2] fp32 on the cache's device (k_scale, v_scale, per tensor = per
     layer), the checkpoint's, else calibrated on the first eager step that is not decode-only (a
     prefill: real data, while CUDA-graph warm-ups are dummy decode steps) and fixed from then on
@@ -337,19 +337,11 @@ class Fp8KVAttention(Attention):
                 self.kv_scales[i:i + 1].copy_((x.abs().amax().float() / headroom).clamp(min=1e-6))
                 self._kv_scale_set[i] = True
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)    # (N, H, D)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        if not all(self._kv_scale_set) and not get_context().decode_only and not _capturing(x):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not all(self._kv_scale_set) and not get_context().decode_only and not _capturing(q):
             self._calibrate(k, v)
-        o = paged_attention_fp8(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale,
-                                self.kv_scales[0:1], self.kv_scales[1:2])
-        out = self.o_proj(o.reshape(-1, self.q_size))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return paged_attention_fp8(q, k, v, self.k_cache, self.v_cache, self.scale,
+                                   self.kv_scales[0:1], self.kv_scales[1:2])
 
 
 def _capturing(x: torch.Tensor) -> bool:

@@ -233,9 +233,14 @@ class Attention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        o = paged_attention(q, k, v.contiguous(), self.k_cache, self.v_cache, self.scale)
+        o = self.attend(q, k, v.contiguous())
         out = self.o_proj(o.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (N, KVH, D) in the paged cache and attend q (N, H, D) over it; a subclass changes
+        the cache format (models/fp8.py: e4m3)."""
+        return paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale)
 
 
 class MLP(nn.Module):

@@ -15,7 +15,6 @@ and rank-16 adapters on all seven projections; the result key is `dora32_vs_lora
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -101,17 +100,9 @@ def time_expand_epilogue(engine, batch: int, num_adapters: int, iters: int = 200
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    from benchmarks.bench_engine import decode_bench_parser
+
+    a = decode_bench_parser(repeats=3).parse_args()
 
     from loraserve import LoraConfig
     from loraserve.config import engine_config_from_kwargs

@@ -92,6 +92,23 @@ def build_checkpoint(path: str, layers: int, shape: dict = LLAMA3_8B) -> None:
     torch.cuda.empty_cache()
 
 
+def decode_bench_parser(repeats: int):
+    """The options the decode benchmarks built on run_decode share (bench_dora, bench_fp8)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--json", default=None)
+    return ap
+
+
 class Prompts:
     """Fresh random prompts: no two runs share a prefix, so the prefix cache can never hit."""
 

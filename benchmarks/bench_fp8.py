@@ -18,7 +18,6 @@ the same shape, on fresh prompts, alike for both engines.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -249,24 +248,17 @@ def gemm_micro(iters: int = 50) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Llama")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=512)
+    from benchmarks.bench_engine import decode_bench_parser
+
+    ap = decode_bench_parser(repeats=2)
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--prefill-batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-cache-fp8", choices=["auto", "on", "off"], default="auto",
                     help="FP8 KV cache in the FP8 engine; auto: where models/fp8.py supports it on this device")
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
     ap.add_argument("--exclude-modules", default=None,
                     help="QuantConfig.exclude_modules, comma-separated patterns (e.g. 'model.layers.0.*')")
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     from loraserve import LoraConfig

@@ -161,6 +161,10 @@ def main() -> int:
     ap.add_argument("--tp-graphs", action="store_true", help="CUDA graphs under TP (the default; kept for scripts)")
     ap.add_argument("--tp-eager", action="store_true", help="TP=2 without CUDA graphs (LORASERVE_TP_CUDA_GRAPHS=0)")
     ap.add_argument("--skip-trained", action="store_true", help="no agreement run on the embedded default model")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only decode at batch 1 and 64 (no agreement, no adapters): a quick speed-up check")
+    ap.add_argument("--compare-ar", action="store_true",
+                    help="TP=2 decode also with NCCL all-reduces only (LORASERVE_TP_CUSTOM_AR=0)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     # read when the TP runner is first imported (below, by the first TP engine)
@@ -198,12 +202,18 @@ def main() -> int:
         write(a.json, res)
 
     for tp in (1, 2):
-        engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2))
-        print(f"tp{tp} engine ready", flush=True)
+        engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2 and not a.decode_only))
+        custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
+        print(f"tp{tp} engine ready (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})", flush=True)
+        if tp == 2:
+            res["tp2_custom_all_reduce"] = custom_ar
         vocab = engine.args.vocab_size
         r = runs[tp] = {}
         record(tp, "bs1", decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp))
         record(tp, "bs64", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1))
+        if a.decode_only:
+            close_engine(engine)
+            continue
         r["top1"] = next_tokens(engine, random_prompts(vocab, n_top1, prompt_len))
         if tp == 1:
             floor = next_tokens(engine, random_prompts(vocab, n_top1, prompt_len), group=7, tag="floor")
@@ -226,6 +236,28 @@ def main() -> int:
         close_engine(engine)
     res["decode_bs1_speedup_tp2"] = runs[2]["bs1"] / runs[1]["bs1"]
     res["decode_bs64_speedup_tp2"] = runs[2]["bs64"] / runs[1]["bs64"]
+    print(f"TP2/TP1 decode: bs1 {res['decode_bs1_speedup_tp2']:.3f}x, bs64 {res['decode_bs64_speedup_tp2']:.3f}x "
+          f"(all-reduce: {'symmetric memory' if res.get('tp2_custom_all_reduce') else 'NCCL/gloo'})", flush=True)
+    write(a.json, res)
+    if a.compare_ar:   # the same TP=2 decode with NCCL all-reduces only (read by every rank at engine start)
+        prev = os.environ.get("LORASERVE_TP_CUSTOM_AR")
+        os.environ["LORASERVE_TP_CUSTOM_AR"] = "0"
+        engine = make_engine(path, device, 2, a.tiny, lora=False)
+        vocab = engine.args.vocab_size
+        runs["nccl"] = {}
+        for k, batch, seed in (("bs1", 1, 40), ("bs64", 64, 41)):
+            tok_s = decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
+            runs["nccl"][k] = res[f"tp2_nccl_decode_{k}_tok_s"] = tok_s
+            res[f"decode_{k}_speedup_tp2_nccl"] = tok_s / runs[1][k]
+            print(f"tp2 NCCL-only decode {k}: {tok_s:.1f} tok/s, {tok_s / runs[1][k]:.3f}x TP1", flush=True)
+            write(a.json, res)
+        close_engine(engine)
+        if prev is None:
+            os.environ.pop("LORASERVE_TP_CUSTOM_AR")
+        else:
+            os.environ["LORASERVE_TP_CUSTOM_AR"] = prev
+    if a.decode_only:
+        return 0
     res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]
     same = sum(x == y for x, y in zip(runs[1]["top1"], runs[2]["top1"]))
     res["top1_agreement_tp2_vs_tp1"] = same / n_top1

@@ -19,3 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 export PYTHONUNBUFFERED=1
+# NVLink multicast (NVLS, multimem) stays off on that machine; the TP all-reduce uses P2P loads/stores
+# only (services/inference/tp/allreduce.py). Spawned TP workers inherit these.
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export NCCL_NVLS_ENABLE=0

@@ -25,6 +25,7 @@ class TPGroup:
     vocab_size: int            # the full vocabulary (logits are cut back to it after the gather)
     vocab_per_rank: int        # ceil(vocab / size): every rank's embedding shard has this many rows
     executor: object = None    # rank 0 only: the TPExecutor that drives the workers
+    custom_ar: object = None   # allreduce.SymmMemAllReduce on CUDA where it works (else NCCL / gloo)
 
     @property
     def vocab_start(self) -> int:
@@ -32,8 +33,16 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of the ranks' partial outputs of a row-parallel layer, in place."""
+        if self.custom_ar is not None:
+            return self.custom_ar(x)
         dist.all_reduce(x)
         return x
+
+    def setup_all_reduce(self, device: torch.device) -> None:
+        """Collective: every rank right after joining the process group, before any model work."""
+        from .allreduce import make_all_reduce
+
+        self.custom_ar = make_all_reduce(device)
 
     def embed(self, embedding: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: ids [N] -> [N, hidden]. Each rank looks up the ids in its vocabulary

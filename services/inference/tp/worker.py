@@ -73,6 +73,7 @@ class Worker:
         torch.manual_seed(config.seed)
         args = ModelArgs.from_hf_config(read_hf_config(config.model))
         self.group = make_group(args, rank, size)
+        self.group.setup_all_reduce(device)   # collective, as rank 0 does after joining (tp/__init__.py)
         self.model, self.args, self.dtype = load_model(config.model, config.dtype, device, tp=self.group,
                                                        quant_config=config.quant_config)
         # as the driver's engine: the RoPE table covers every position served (sliding-window caps only lower it)

@@ -1,0 +1,195 @@
+"""All-reduce latency on 2 GPUs: NCCL vs symmetric-memory one-shot / two-shot (services/inference/tp/allreduce.py).
+
+Message sizes: 8 KB (a batch-1 decode step's [1, 4096] bf16), 64 KB, 512 KB (batch 64), 4 MB, 32 MB;
+each timed eagerly (one launch per all-reduce, CUDA events over many) and inside a CUDA graph (K
+all-reduces captured back to back, the graph replayed R times: what a graphed decode step sees).
+Every algorithm's sum is checked against NCCL's first, eagerly and from a graph replay.
+
+    python3 benchmarks/bench_allreduce.py [--json out.json]     # 2 GPUs, NCCL, ~20-40 s
+    python3 benchmarks/bench_allreduce.py --smoke               # CPU, gloo, 2 processes: the fallback path
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SIZES = [8 << 10, 64 << 10, 512 << 10, 4 << 20, 32 << 20]
+ALGOS = ["nccl", "one_shot", "two_shot"]
+
+
+def _time_eager(fn, iters: int) -> float:
+    """us per call, launches back to back on the current stream."""
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def _time_graph(fn, per_graph: int, replays: int) -> float:
+    """us per call: `per_graph` calls captured in one graph, replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * per_graph)
+
+
+def _check(ar, n: int, dtype, algo: str, rank: int) -> float:
+    """max |algo - exact| over one eager call and one graph replay (inputs: small integers per rank,
+    exact in bf16, so every algorithm must give the exact sum)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    src = (torch.arange(n, device="cuda") % 7 + rank).to(dtype)
+    exact = sum((torch.arange(n, device="cuda") % 7 + r) for r in range(world)).to(dtype)
+    x = src.clone()
+    ar(x, algo)
+    err = (x.float() - exact.float()).abs().max().item()
+    graph = torch.cuda.CUDAGraph()
+    y = torch.zeros_like(src)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y.copy_(src)
+        ar(y, algo)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        y.copy_(src)
+        ar(y, algo)
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    return max(err, (y.float() - exact.float()).abs().max().item())
+
+
+def gpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) -> None:
+    import torch.distributed as dist
+
+    from loraserve.inference.tp.allreduce import SymmMemAllReduce, self_check
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60), device_id=dev)
+    ar = SymmMemAllReduce(dev, max(sizes), 512 << 10)
+    problem = self_check(ar)
+    res = {"self_check": problem or "ok", "one_shot_copy_fused": ar._one_shot_copy is not None, "sizes": {}}
+    for nbytes in sizes:
+        n = nbytes // 2
+        row = res["sizes"][str(nbytes)] = {}
+        for algo in ALGOS:
+            try:
+                row[f"{algo}_max_err"] = _check(ar, n, torch.bfloat16, algo, rank)
+                x = torch.zeros(n, dtype=torch.bfloat16, device=dev)   # zeros: stays finite however often summed
+                dist.barrier()
+                row[f"{algo}_eager_us"] = _time_eager(lambda: ar(x, algo), 200 if nbytes <= 1 << 20 else 50)
+                dist.barrier()
+                per_graph = 50 if nbytes <= 1 << 20 else 10
+                row[f"{algo}_graph_us"] = _time_graph(lambda: ar(x, algo), per_graph, 20)
+            except Exception as exc:  # noqa: BLE001 - one algorithm's failure is a figure too
+                row[f"{algo}_error"] = repr(exc)[:300]
+    if rank == 0:
+        out.update(res)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def cpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) -> None:
+    """gloo: the selector must give no custom all-reduce, and TPGroup.all_reduce must still sum."""
+    import torch.distributed as dist
+
+    from loraserve.inference.tp.allreduce import make_all_reduce
+    from loraserve.inference.tp.parallel import TPGroup
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    group = TPGroup(rank, world, 16, 8)
+    group.setup_all_reduce(torch.device("cpu"))
+    x = torch.full((4, 8), float(rank + 1))
+    group.all_reduce(x)
+    ok = group.custom_ar is None and make_all_reduce(torch.device("cpu")) is None and bool(
+        (x == sum(range(1, world + 1))).all())
+    if rank == 0:
+        out.update({"smoke": "ok" if ok else "FAILED", "sum": x[0, 0].item()})
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, sizes: list[int]) -> dict:
+    import torch.multiprocessing as mp
+
+    from loraserve.inference.tp.executor import _free_port
+
+    with mp.get_context("spawn").Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(fn, args=(world, _free_port(), out, sizes), nprocs=world, join=True, start_method="spawn")
+        return dict(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="CPU, gloo, 2 processes: the fallback path only")
+    ap.add_argument("--sizes", default=None, help="comma-separated bytes (default 8K..32M)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else SIZES
+    # multicast stays off whatever the caller's environment says (no multimem ops are used anyway)
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if a.smoke:
+        res = _spawn(cpu_worker, 2, sizes)
+        print(json.dumps(res))
+        return 0 if res.get("smoke") == "ok" else 1
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        print(f"bench_allreduce skipped: it needs 2 GPUs, {n} visible (--smoke runs the CPU fallback)")
+        return 0
+    res = _spawn(gpu_worker, 2, sizes)
+    res["device"] = torch.cuda.get_device_name(0)
+    print(f"self-check: {res.get('self_check')}; one-shot copy fused: {res.get('one_shot_copy_fused')}")
+    print(f"{'bytes':>10} " + " ".join(f"{a + ' ' + m:>16}" for m in ("eager", "graph") for a in ALGOS) + "   max err")
+    for nbytes, row in res.get("sizes", {}).items():
+        cells = []
+        for mode in ("eager", "graph"):
+            for algo in ALGOS:
+                v = row.get(f"{algo}_{mode}_us")
+                cells.append(f"{v:16.2f}" if v is not None else f"{'ERR':>16}")
+        errs = [row.get(f"{algo}_max_err") for algo in ALGOS]
+        print(f"{int(nbytes):>10} " + " ".join(cells) + "   " + " ".join("-" if e is None else f"{e:g}" for e in errs))
+        for algo in ALGOS:
+            if f"{algo}_error" in row:
+                print(f"    {algo}: {row[f'{algo}_error']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

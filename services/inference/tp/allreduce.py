@@ -1,0 +1,185 @@
+"""The row-parallel layers' all-reduce on one host: symmetric memory over NVLink P2P for small and
+medium messages, NCCL for the rest (vLLM's custom_all_reduce / SymmMemCommunicator, SGLang's
+torch_symm_mem, TensorRT-LLM's one-shot / two-shot AllReduce strategies).
+
+Why: a decode step of the 8B shape at batch 1 makes 64 all-reduces of 8 KB ([1, 4096] bf16); NCCL
+spends ~20 us on each (its launch and protocol, not the bytes), which was most of TP=2's missing
+speed-up. With every rank's buffer mapped into its peers' address space (PyTorch symmetric memory,
+CUDA backend: cuMem + IPC handles, no multicast) one kernel does the whole all-reduce:
+
+  one-shot (small):  copy x into my buffer; barrier; out = sum over ranks r of buffer_r  (each rank
+                     reads every peer's whole message: world_size x bytes, one barrier's latency)
+  two-shot (medium): x into my buffer; barrier; rank r sums its 1/world_size slice from every peer
+                     (reduce-scatter) and writes it to every peer (all-gather); barrier
+                     (each rank moves 2 x bytes, two barriers' latency)
+  NCCL:              above LORASERVE_TP_AR_MAX_BYTES, other dtypes, non-contiguous inputs, CPU
+
+Both symmetric-memory ops (torch.ops.symm_mem.one_shot_all_reduce_copy_out, two_shot_all_reduce_)
+end with a barrier, so the next call may rewrite the buffer at once, and they allocate nothing: they
+can be captured in CUDA graphs (the buffer is allocated and exchanged here, before any capture).
+NVLink multicast (multimem_* ops, NVLS) is never used.
+
+Switches (read in every process; spawned workers inherit them, so every rank decides alike):
+  LORASERVE_TP_CUSTOM_AR=0        NCCL only;  =1 or unset: symmetric memory where the start-up
+                                  self-check passes (CUDA, 2+ ranks, the ops present, sums equal NCCL's)
+  LORASERVE_TP_AR_ONE_SHOT_BYTES  one-shot up to this size (default 512 KiB)
+  LORASERVE_TP_AR_MAX_BYTES       two-shot up to this size, NCCL above (default 8 MiB; the buffer size)
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_DTYPES = (torch.bfloat16, torch.float32)   # what the symm_mem reduce kernels dispatch on
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def custom_all_reduce_wanted() -> bool:
+    return os.environ.get("LORASERVE_TP_CUSTOM_AR", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class SymmMemAllReduce:
+    """One rank's symmetric buffer of `max_bytes` and the ops on it. Build it on every rank at the same
+    point (a collective); `__call__` is in place and falls back to NCCL for what it does not take."""
+
+    def __init__(self, device: torch.device, max_bytes: int, one_shot_bytes: int, group=None):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.max_bytes, self.one_shot_bytes = device, max_bytes, one_shot_bytes
+        self.group = group or dist.group.WORLD
+        self.group_name = self.group.group_name
+        self.world_size = dist.get_world_size(self.group)
+        try:   # the CUDA backend (P2P over cuMem handles), not NVSHMEM; refused once anything was allocated
+            if hasattr(symm_mem, "set_backend"):
+                symm_mem.set_backend("CUDA")
+        except Exception:  # noqa: BLE001 - already chosen by the environment: keep it
+            log.debug("symm_mem.set_backend('CUDA') refused", exc_info=True)
+        # bytes, viewed as the message's dtype per call (the ops read storage_offset in its elements)
+        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        try:
+            self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        except RuntimeError:   # older torch: the group must be enabled first
+            symm_mem.enable_symm_mem_for_group(self.group_name)
+            self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        self._views = {dt: self.buffer.view(dt) for dt in _DTYPES}
+        ops = torch.ops.symm_mem
+        self._one_shot_copy = getattr(ops, "one_shot_all_reduce_copy_out", None)   # torch >= 2.8: copy fused in
+        self._one_shot = ops.one_shot_all_reduce_out
+        self._two_shot = ops.two_shot_all_reduce_
+
+    def takes(self, x: torch.Tensor) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return (x.dtype in self._views and x.is_contiguous() and 0 < nbytes <= self.max_bytes
+                and nbytes % 16 == 0 and x.data_ptr() % 16 == 0 and x.device == self.device)
+
+    def __call__(self, x: torch.Tensor, algo: str | None = None) -> torch.Tensor:
+        """x [...] summed over the ranks, in place. algo: None (by size), "one_shot", "two_shot", "nccl"."""
+        if algo == "nccl" or not self.takes(x):
+            dist.all_reduce(x, group=self.group)
+            return x
+        nbytes = x.numel() * x.element_size()
+        flat = x.view(-1)
+        buf = self._views[x.dtype][:flat.numel()]
+        if algo == "one_shot" or (algo is None and nbytes <= self.one_shot_bytes):
+            if self._one_shot_copy is not None:   # one kernel: x -> my buffer, barrier, sum of all buffers -> x
+                self._one_shot_copy(buf, flat, "sum", self.group_name, flat)
+            else:
+                buf.copy_(flat)
+                self._one_shot(buf, "sum", self.group_name, flat)
+        else:
+            buf.copy_(flat)
+            self._two_shot(buf, "sum", self.group_name)
+            flat.copy_(buf)
+        return x
+
+
+def self_check(ar: SymmMemAllReduce) -> str | None:
+    """None if the symmetric-memory sums equal NCCL's for one message of each algorithm and dtype on
+    every rank; else why not. Collective (every rank calls it and gets the same answer)."""
+    problem = None
+    sizes = [4096, min(ar.max_bytes, max(ar.one_shot_bytes * 2, 1 << 20)) // 2]   # bf16 elements
+    try:
+        g = torch.Generator(device=ar.device).manual_seed(1234 + dist.get_rank(ar.group))
+        for n, algo in [(sizes[0], "one_shot"), (sizes[1], "two_shot"), (sizes[0], "two_shot")]:
+            for dtype in _DTYPES:
+                if n * torch.tensor([], dtype=dtype).element_size() > ar.max_bytes:
+                    continue
+                x = torch.randn(n, generator=g, device=ar.device).to(dtype)
+                ref = x.clone()
+                dist.all_reduce(ref, group=ar.group)
+                ar(x, algo)
+                # bf16 with 2 ranks: one rounding of a + b either way; more ranks may sum in another order
+                tol = 0 if ar.world_size == 2 else 2e-2
+                if not torch.allclose(x.float(), ref.float(), rtol=tol, atol=tol):
+                    err = (x.float() - ref.float()).abs().max().item()
+                    problem = problem or f"{algo} {dtype} n={n}: max |custom - nccl| = {err:g}"
+        torch.cuda.synchronize(ar.device)
+    except Exception as exc:  # noqa: BLE001 - any failure means: NCCL only
+        problem = f"{exc!r}"
+    if not _all_agree(problem is None, ar.device, ar.group) and problem is None:
+        problem = "the self-check failed on another rank"
+    return problem
+
+
+def _all_agree(ok: bool, device: torch.device, group) -> bool:
+    """True on every rank iff `ok` on every rank (one small all-reduce over the group's backend)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, group=group)
+    return flag.item() == 0
+
+
+def make_all_reduce(device: torch.device, group=None) -> SymmMemAllReduce | None:
+    """The custom all-reduce for this rank, or None (NCCL/gloo) when it is off, not applicable or not
+    working. A collective: every rank of the group calls it at the same point (after joining the group,
+    before any CUDA graph capture) and all get an all-reduce or all get None."""
+    if device.type != "cuda" or not dist.is_initialized() or not custom_all_reduce_wanted():
+        return None
+    group = group or dist.group.WORLD
+    max_bytes = _env_int("LORASERVE_TP_AR_MAX_BYTES", 8 << 20)
+    one_shot = _env_int("LORASERVE_TP_AR_ONE_SHOT_BYTES", 512 << 10)
+    # a cheap local check first, agreed on by all ranks, so no rank enters the rendezvous alone
+    reason = None
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+
+        if not hasattr(torch.ops.symm_mem, "two_shot_all_reduce_"):
+            reason = "torch.ops.symm_mem.two_shot_all_reduce_ missing"
+        elif max_bytes < 4096:
+            reason = f"LORASERVE_TP_AR_MAX_BYTES={max_bytes} too small"
+        else:
+            n = dist.get_world_size(group)
+            me = device.index if device.index is not None else torch.cuda.current_device()
+            base = me - dist.get_rank(group)   # ranks sit on consecutive devices (executor.py / worker.py)
+            peers = [base + r for r in range(n) if base + r != me]
+            if any(not torch.cuda.can_device_access_peer(me, p) for p in peers):
+                reason = "no P2P access between the GPUs"
+    except Exception as exc:  # noqa: BLE001
+        reason = repr(exc)
+    if not _all_agree(reason is None, device, group):
+        log.info("custom all-reduce off (%s); NCCL", reason or "unavailable on another rank")
+        return None
+    ar = None
+    try:
+        ar = SymmMemAllReduce(device, max_bytes, one_shot, group)
+    except Exception as exc:  # noqa: BLE001 - every rank learns it below and none runs the self-check
+        log.warning("symmetric-memory all-reduce could not start (%r); NCCL", exc)
+    if not _all_agree(ar is not None, device, group):
+        return None
+    problem = self_check(ar)
+    if problem is not None:
+        log.warning("symmetric-memory all-reduce failed its self-check (%s); NCCL", problem)
+        return None
+    log.info("custom all-reduce on: symmetric memory, one-shot <= %d B, two-shot <= %d B, NCCL above",
+             one_shot, max_bytes)
+    return ar

@@ -115,11 +115,15 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     for _ in range(3):
         engine.step()
     n0, w0 = engine.num_steps, engine.device_wait_s
+    engine.step_trace = trace = []
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = time.perf_counter() - t
+    engine.step_trace = None
     n, wait = engine.num_steps - n0, engine.device_wait_s - w0
+    launch_ms = 1e3 * sum(r.launched_at - r.start for r in trace) / n
+    post_ms = 1e3 * sum(r.end - r.launched_at - r.wait_s for r in trace) / n
     if profile_dir:
         from torch.profiler import ProfilerActivity, profile
 
@@ -136,18 +140,89 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
-            "async_scheduling": engine.async_scheduling}
+            "launch_ms": launch_ms, "post_ms": post_ms, "async_scheduling": engine.async_scheduling}
+
+
+# ---- per-step breakdown (engine.step_trace) ---------------------------------------------------------
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "p50": None}
+    v = sorted(values)
+    return {"mean": sum(v) / len(v), "p50": v[len(v) // 2]}
+
+
+def step_breakdown(trace: list) -> dict:
+    """Where a run's time went, from the engine's StepRecords (ms). By the kind of batch a step()
+    launched: its host work up to the launch (schedule, inputs, launch; for an eager step the launch is
+    every kernel of the forward) and its device time (CUDA events around the launch: the stream's time
+    from the first to the last kernel, idle gaps included when the host launches slower than the device
+    runs). By the kind of batch a step() waited for: the time blocked on the device, and the
+    post-processing after it (tokens, stop checks, detokenization, outputs). Plus the time between
+    step() calls (the driver: AsyncLLM's queues and deliveries)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out: dict = {"steps": len(trace)}
+    for kind in ("decode", "mixed", "prefill"):
+        launched = [r for r in trace if r.kind == kind]
+        done = [r for r in trace if r.done_kind == kind]
+        if not launched and not done:
+            continue
+        gpu = [r.events[0].elapsed_time(r.events[1]) for r in launched if r.events is not None]
+        out[kind] = {
+            "count": len(launched), "tokens": _stats([r.num_tokens for r in launched]),
+            "host_launch_ms": _stats([1e3 * (r.launched_at - r.start) for r in launched]),
+            "device_ms": _stats(gpu) if gpu else None,
+            "wait_ms": _stats([1e3 * r.wait_s for r in done]),
+            "post_ms": _stats([1e3 * (r.end - r.launched_at - r.wait_s) for r in done]),
+        }
+    wall = sum(r.end - r.start for r in trace)
+    wait = sum(r.wait_s for r in trace)
+    gaps = [b.start - a.end for a, b in zip(trace, trace[1:])]
+    out["total_s"] = {"step_wall": wall, "host": wall - wait, "device_blocked": wait, "between_steps": sum(gaps),
+                      "span": (trace[-1].end - trace[0].start) if trace else 0.0}
+    return out
+
+
+def print_breakdown(b: dict, title: str) -> None:
+    def f(x):
+        return "   -  " if x is None else f"{x:6.2f}"
+    print(f"per-step breakdown ({title}): {b['steps']} steps; ms mean/p50")
+    print(f"  {'kind':8} {'count':>6} {'tokens':>13} {'host launch':>15} {'device':>15} {'wait':>15} {'post':>15}")
+    for kind in ("decode", "mixed", "prefill"):
+        if kind not in b:
+            continue
+        k = b[kind]
+        dev = k["device_ms"] or {"mean": None, "p50": None}
+        cols = [k["tokens"], k["host_launch_ms"], dev, k["wait_ms"], k["post_ms"]]
+        print(f"  {kind:8} {k['count']:6d} " + " ".join(f"{f(c['mean'])}/{f(c['p50'])}" for c in cols))
+    t = b["total_s"]
+    print(f"  totals: span {t['span']:.3f} s = step() {t['step_wall']:.3f} s (host {t['host']:.3f} s + blocked on "
+          f"device {t['device_blocked']:.3f} s) + between steps {t['between_steps']:.3f} s")
 
 
 # ---- the runs --------------------------------------------------------------------------------------
-def run_load(target, warm, requests, concurrency: int | None, rate: float | None) -> dict:
+def warm_set(rows, n: int, max_output: int = 24):
+    """The unmeasured warm-up: n requests at full concurrency (prefill-only, mixed and decode steps of the
+    load's shapes, so that every Triton specialisation is compiled before the clock starts, in-process
+    and in the server alike), outputs cut to max_output tokens."""
+    from dataclasses import replace
+
+    return [replace(r, output_tokens=min(r.output_tokens, max_output)) for r in rows[:n]]
+
+
+def run_load(target, warm, requests, concurrency: int | None, rate: float | None, on_measure=None) -> dict:
+    """on_measure(target): called after the warm-up, right before the measured run (e.g. tracing on)."""
     from loraserve.inference.bench.report import build_report
     from loraserve.inference.bench.runner import run_benchmark
 
     async def main():
         await target.start()
         try:
-            await run_benchmark(target, warm, concurrency=1, warmup=0, progress=False)  # not measured
+            await run_benchmark(target, warm, concurrency=concurrency or len(warm), warmup=0, progress=False)
+            if on_measure is not None:
+                on_measure(target)
             return await run_benchmark(target, requests, concurrency=concurrency, request_rate=rate, warmup=0,
                                        progress=False)
         finally:
@@ -226,6 +301,8 @@ def main() -> int:
     ap.add_argument("--decode-batch", type=int, default=64, help="batch of the host-time measurement")
     ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="engine async_scheduling")
     ap.add_argument("--stream-interval", type=int, default=1, help="engine stream_interval (tokens per stream message)")
+    ap.add_argument("--prefill-cap", type=int, default=None,
+                    help="engine max_num_prefill_tokens_with_decode (default: the engine's)")
     ap.add_argument("--grpc", action="store_true", help="also run the same load through a loopback gRPC server")
     ap.add_argument("--grpc-rate", type=float, default=None, help="also Poisson arrivals at this req/s (both targets)")
     ap.add_argument("--json", default=None, help="write the headline figures here")
@@ -265,30 +342,43 @@ def main() -> int:
     peak, bw = device_limits(a.tiny)
     s["gemm_peak_tflops"], s["copy_bandwidth_gbps"] = peak / 1e12, bw / 1e9
 
-    warmup = 2
+    warmup = max(2, a.concurrency)
     data = os.path.join(work, "base.jsonl")
     lens = ["--input-mean", str(a.input_mean), "--input-stdev", str(a.input_mean // 4),
             "--output-mean", str(a.output_mean), "--output-stdev", str(a.output_mean // 4)]
     assert cli(["bench", "prepare-dataset", "--model", model, "--num-requests", str(a.requests + warmup), *lens,
                 "--random-seed", str(time.time_ns() % 100000), "--output", data]) == 0
     rows = read_jsonl(data)
-    warm, reqs = rows[:warmup], rows[warmup:]   # warm-up prompts are not among the measured ones
+    warm, reqs = warm_set(rows, warmup), rows[warmup:]   # warm-up prompts are not among the measured ones
     yaml_path = os.path.join(work, "base.yaml")
     with open(yaml_path, "w") as f:
         f.write("kv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
         if a.overlap != "auto":
             f.write(f"async_scheduling: {'true' if a.overlap == 'on' else 'false'}\n")
         f.write(f"stream_interval: {a.stream_interval}\n")
+        if a.prefill_cap is not None:
+            f.write(f"max_num_prefill_tokens_with_decode: {a.prefill_cap}\n")
     kwargs = {"kv_cache_config": {"free_gpu_memory_fraction": 0.5}, "stream_interval": a.stream_interval}
+    if a.prefill_cap is not None:
+        kwargs["max_num_prefill_tokens_with_decode"] = a.prefill_cap
     if a.overlap != "auto":
         kwargs["async_scheduling"] = a.overlap == "on"
     if a.tiny:
         kwargs.update(device="cpu", dtype="float32")
 
     target = InProcessTarget(model, kwargs)
-    report = run_load(target, warm, reqs, a.concurrency, None)
+
+    def trace_on(t):
+        t.llm.engine.step_trace = []
+    report = run_load(target, warm, reqs, a.concurrency, None, trace_on)
     target.llm.shutdown()   # the engine thread stops: this thread drives the engine below (one driver only)
     engine = target.llm.engine
+    trace, engine.step_trace = engine.step_trace, None
+    s["steps"] = step_breakdown(trace)
+    del trace
+    print_breakdown(s["steps"], "in-process run")   # now: a later stage may run out of time
+    print(f"in-process: wall {report['duration_s']:.3f} s, TPOT p50 {1e3 * ((report['tpot_s'] or {}).get('p50') or 0):.2f}"
+          f" ms, output tok/s {report['output_tokens_per_s']:.0f}", flush=True)
     stats = engine.stats()
     s["in_process"] = brief(report)
     s["in_process"]["prefix_reused_blocks"] = stats["reused_kv_blocks"]
@@ -339,6 +429,8 @@ def main() -> int:
 def print_headline(s: dict) -> None:
     lim, ip = s["limit"], s["in_process"]
     print("=" * 72)
+    if "steps" in s:
+        print_breakdown(s["steps"], "in-process run")
     print(f"device {s['gpu']}: GEMM peak {s['gemm_peak_tflops']:.1f} TFLOP/s, copy {s['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"load: {ip['num_requests']} requests ({ip['total_input_tokens']} prompt + {ip['total_output_tokens']} "
           f"output tokens), concurrency {s['concurrency']}, async_scheduling={s['async_scheduling']}")
@@ -349,7 +441,8 @@ def print_headline(s: dict) -> None:
           f"prefix-reused blocks {ip['prefix_reused_blocks']}")
     h = s["host"]
     print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms "
-          f"(wall minus time blocked on the device)")
+          f"(wall minus time blocked on the device) = schedule+inputs+launch {h.get('launch_ms', 0):.3f} ms "
+          f"+ post-processing {h.get('post_ms', 0):.3f} ms")
     if "grpc_error" in s:
         print(f"gRPC run failed: {s['grpc_error']}")
     if "grpc" in s:

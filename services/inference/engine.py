@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,6 +34,37 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def step_kind(num_new_tokens: list[int]) -> str:
+    """'decode' (one token per row), 'prefill' (prompt chunks only) or 'mixed'."""
+    decodes = num_new_tokens.count(1)
+    return "decode" if decodes == len(num_new_tokens) else "prefill" if decodes == 0 else "mixed"
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One step() call (engine.step_trace). Times in seconds (perf_counter). `launched` is the batch
+    this call scheduled and launched; `done` the one it waited for and post-processed (the same batch
+    in the serial loop, the previous one when overlapped)."""
+
+    start: float                  # step() entered
+    launched_at: float            # schedule + input building + launch returned (host work before the wait)
+    end: float                    # step() returned (after the wait and the post-processing)
+    wait_s: float                 # blocked on the device, inside end - launched_at
+    kind: str | None              # of the launched batch (None: nothing launched)
+    num_tokens: int               # tokens of the launched batch
+    num_seqs: int
+    done_kind: str | None         # of the post-processed batch
+    events: tuple | None          # CUDA (start, end) events around the launched batch (CUDA only)
+
+    @classmethod
+    def of(cls, t0: float, t_launched: float, t_end: float, launched, done) -> "StepRecord":
+        batch = launched[0] if launched is not None else None
+        return cls(t0, t_launched, t_end, done[1].wait_s if done is not None else 0.0,
+                   step_kind(batch.num_new_tokens) if batch else None, batch.num_tokens if batch else 0,
+                   len(batch.seqs) if batch else 0, step_kind(done[0].num_new_tokens) if done is not None else None,
+                   getattr(launched[1], "events", None) if launched is not None else None)
 
 
 class LLMEngine:
@@ -80,6 +112,8 @@ class LLMEngine:
         self.on_launched: Callable[[], None] | None = None
         # host-time accounting (benchmarks): steps run, and seconds step() spent blocked on the device
         self.num_steps, self.device_wait_s = 0, 0.0
+        # a list: step() appends one StepRecord per call (bench_e2e's per-step breakdown); None: off
+        self.step_trace: list[StepRecord] | None = None
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -170,6 +204,8 @@ class LLMEngine:
         """One iteration; returns a RequestOutput for every request that made progress.
         Serial: schedule, launch, wait, post-process. Overlapped (async_scheduling): schedule and launch
         step N+1 first, then wait for step N and post-process it while the device runs N+1."""
+        trace = self.step_trace
+        t0 = time.perf_counter() if trace is not None else 0.0
         batch = self.scheduler.schedule()
         # requests whose adapter failed to load end alone, with finish_reason "abort"
         failed = []
@@ -180,6 +216,7 @@ class LLMEngine:
         self.num_steps += 1
         try:
             launched = self._launch(batch) if batch else None
+            t_launched = time.perf_counter() if trace is not None else 0.0
             if self.on_launched is not None:
                 self.on_launched()
             done, self._inflight = (self._inflight, launched) if self.async_scheduling else (launched, None)
@@ -188,6 +225,8 @@ class LLMEngine:
         except BaseException:
             self._drop_inflight()
             raise
+        if trace is not None:
+            trace.append(StepRecord.of(t0, t_launched, time.perf_counter(), launched, done))
         if not batch and done is None and not outputs and self.lora_manager is not None and self.scheduler.waiting:
             self.lora_manager.wait_for_load(0.01)  # nothing runnable now: adapters are loading
         return outputs
@@ -197,7 +236,14 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
+        timed = self.step_trace is not None and self.device.type == "cuda"
+        if timed:   # device time of the step: events around its launch (the trace only)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         out = self.runner.run(batch, self._inflight[1] if self._inflight is not None else None)
+        if timed:
+            out.events = (start, torch.cuda.Event(enable_timing=True))
+            out.events[1].record()
         self.scheduler.on_launched(batch, out.seqs)
         return batch, out
 

@@ -148,6 +148,7 @@ class StepOutput:
     def __init__(self, seqs: list, sampled: SamplerOutput | None):
         self.seqs, self.sampled = seqs, sampled       # seqs: [S] sampling sequences, in row order
         self._host = self._top = self._event = None
+        self.events = None    # (start, end) CUDA events around the launch (engine.step_trace only)
         self.wait_s = 0.0     # how long fetch() blocked on the device (the host's idle time)
         if sampled is None:
             return

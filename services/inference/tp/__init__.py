@@ -29,5 +29,9 @@ def start_tensor_parallel(config, device):
                                   f"{torch.cuda.device_count()} visible")
     group = make_group(args, 0, size)
     group.executor = TPExecutor(config, device, size)
-    group.setup_all_reduce(device)   # the workers do it right after joining too (worker.py)
+    try:
+        group.setup_all_reduce(device)   # the workers do it right after joining too (worker.py)
+    except BaseException:
+        group.executor.shutdown()
+        raise
     return group

@@ -143,6 +143,49 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
             "launch_ms": launch_ms, "post_ms": post_ms, "async_scheduling": engine.async_scheduling}
 
 
+def profile_mixed_steps(engine, batch: int, prompt_len: int, vocab: int, steps: int = 4, rows: int = 14) -> dict:
+    """Steps of `batch` decoding requests plus one fresh prompt of prompt_len (mixed steps, as in the
+    steady state of the load): host launch vs device time from the step trace, and the top ops by
+    device time under torch.profiler (printed)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import SamplingParams
+
+    g = torch.Generator().manual_seed(99)
+    tag = time.monotonic_ns()
+    sp = SamplingParams(max_tokens=64 + 8 * steps, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"mix{tag}-{i}", torch.randint(2, vocab, (prompt_len,), generator=g).tolist(), sp)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    engine.step_trace = trace = []
+    with profile(activities=acts) as prof:
+        for j in range(steps):
+            engine.add_request(f"mix{tag}-p{j}", torch.randint(2, vocab, (prompt_len,), generator=g).tolist(), sp)
+            engine.step()
+        engine.step()
+    engine.step_trace = None
+    mixed = [r for r in trace if r.kind == "mixed"]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out = {"steps": len(mixed), "tokens": mixed[0].num_tokens if mixed else 0,
+           "host_launch_ms": [round(1e3 * (r.launched_at - r.start), 3) for r in mixed],
+           "device_ms": [round(r.events[0].elapsed_time(r.events[1]), 3) for r in mixed if r.events is not None]}
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"mixed steps ({batch} decodes + a {prompt_len}-token prompt, {out['tokens']} tokens): host launch ms "
+          f"{out['host_launch_ms']}, device ms {out['device_ms']} (events; under the profiler)")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48), flush=True)
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return out
+
+
 # ---- per-step breakdown (engine.step_trace) ---------------------------------------------------------
 def _stats(values: list[float]) -> dict:
     if not values:
@@ -303,6 +346,10 @@ def main() -> int:
     ap.add_argument("--stream-interval", type=int, default=1, help="engine stream_interval (tokens per stream message)")
     ap.add_argument("--prefill-cap", type=int, default=None,
                     help="engine max_num_prefill_tokens_with_decode (default: the engine's)")
+    ap.add_argument("--sweep-prefill-cap", default=None, metavar="N,N",
+                    help="also in-process runs of the same load at these max_num_prefill_tokens_with_decode values")
+    ap.add_argument("--profile-mixed", action="store_true",
+                    help="print a torch.profiler op table of mixed steps (--decode-batch decodes + one prompt)")
     ap.add_argument("--grpc", action="store_true", help="also run the same load through a loopback gRPC server")
     ap.add_argument("--grpc-rate", type=float, default=None, help="also Poisson arrivals at this req/s (both targets)")
     ap.add_argument("--json", default=None, help="write the headline figures here")
@@ -391,8 +438,30 @@ def main() -> int:
     s["host"] = host_time_per_decode_step(engine, a.decode_batch, a.input_mean, 32 if a.tiny else 128,
                                           engine.args.vocab_size, a.profile)
     s["host_ms_per_decode_step"] = s["host"]["host_ms"]
+    h = s["host"]
+    print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms = launch "
+          f"{h['launch_ms']:.3f} + post {h['post_ms']:.3f}", flush=True)
+    if a.profile_mixed:
+        s["mixed_profile"] = profile_mixed_steps(engine, a.decode_batch, a.input_mean, engine.args.vocab_size)
     del engine, target   # one model on the device at a time
     free_memory()
+    for cap in [int(c) for c in a.sweep_prefill_cap.split(",")] if a.sweep_prefill_cap else []:
+        holder: dict = {}
+
+        def trace_on_sweep(t, holder=holder):
+            t.llm.engine.step_trace = holder["trace"] = []
+        rep = run_load(InProcessTarget(model, {**kwargs, "max_num_prefill_tokens_with_decode": cap}), warm, reqs,
+                       a.concurrency, None, trace_on_sweep)
+        b = step_breakdown(holder["trace"])
+        holder.clear()
+        tp50 = (rep["tpot_s"] or {}).get("p50") or 0
+        s.setdefault("prefill_cap_sweep", {})[str(cap)] = {
+            "wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / s["limit"]["limit_s"],
+            "tpot_p50_s": tp50, "output_tokens_per_s": rep["output_tokens_per_s"], "steps": b}
+        print_breakdown(b, f"prefill cap {cap}")
+        print(f"prefill cap {cap}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / s['limit']['limit_s']:.2f} x "
+              f"limit, TPOT p50 {1e3 * tp50:.2f} ms", flush=True)
+        free_memory()
     if a.grpc_rate:
         s["in_process_poisson"] = brief(run_load(InProcessTarget(model, kwargs), warm, reqs, None, a.grpc_rate))
         free_memory()

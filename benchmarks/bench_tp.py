@@ -15,6 +15,8 @@ decode_bs64_speedup_tp2, lora32_vs_nolora_tp2, top1_agreement_tp2_vs_tp1.
 
     python3 benchmarks/bench_tp.py [--layers 32] [--shape 70b] [--tp-eager] [--json out.json]
     python3 benchmarks/bench_tp.py --tiny        # CPU, tiny model, gloo: checks the script runs
+    python3 benchmarks/bench_tp.py --decode-only --compare-ar --layers 8   # batch 1/64 only, and TP=2
+        # again with NCCL all-reduces only (LORASERVE_TP_CUSTOM_AR=0; default: symmetric memory, tp/allreduce.py)
 """
 from __future__ import annotations
 
@@ -239,32 +241,38 @@ def main() -> int:
     print(f"TP2/TP1 decode: bs1 {res['decode_bs1_speedup_tp2']:.3f}x, bs64 {res['decode_bs64_speedup_tp2']:.3f}x "
           f"(all-reduce: {'symmetric memory' if res.get('tp2_custom_all_reduce') else 'NCCL/gloo'})", flush=True)
     write(a.json, res)
-    if a.compare_ar:   # the same TP=2 decode with NCCL all-reduces only (read by every rank at engine start)
-        prev = os.environ.get("LORASERVE_TP_CUSTOM_AR")
-        os.environ["LORASERVE_TP_CUSTOM_AR"] = "0"
+    if not a.decode_only:
+        res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]
+        same = sum(x == y for x, y in zip(runs[1]["top1"], runs[2]["top1"]))
+        res["top1_agreement_tp2_vs_tp1"] = same / n_top1
+        res["top1_prompts"] = n_top1
+        print(json.dumps({k: v for k, v in res.items() if not k.startswith("tp")}, indent=2))
+        write(a.json, res)
+    if a.compare_ar:   # last: every main figure is written before it
+        nccl_only_decode(path, device, a, runs, prompt_len, steps, res)
+    return 0
+
+
+def nccl_only_decode(path: str, device: str, a, runs: dict, prompt_len: int, steps: int, res: dict) -> None:
+    """TP=2 decode at batch 1 and 64 with NCCL all-reduces only (LORASERVE_TP_CUSTOM_AR=0, read by every
+    rank when the engine starts): what the symmetric-memory all-reduce brings, in the same run."""
+    prev = os.environ.get("LORASERVE_TP_CUSTOM_AR")
+    os.environ["LORASERVE_TP_CUSTOM_AR"] = "0"
+    try:
         engine = make_engine(path, device, 2, a.tiny, lora=False)
         vocab = engine.args.vocab_size
-        runs["nccl"] = {}
         for k, batch, seed in (("bs1", 1, 40), ("bs64", 64, 41)):
             tok_s = decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
-            runs["nccl"][k] = res[f"tp2_nccl_decode_{k}_tok_s"] = tok_s
+            res[f"tp2_nccl_decode_{k}_tok_s"] = tok_s
             res[f"decode_{k}_speedup_tp2_nccl"] = tok_s / runs[1][k]
             print(f"tp2 NCCL-only decode {k}: {tok_s:.1f} tok/s, {tok_s / runs[1][k]:.3f}x TP1", flush=True)
             write(a.json, res)
         close_engine(engine)
+    finally:
         if prev is None:
-            os.environ.pop("LORASERVE_TP_CUSTOM_AR")
+            os.environ.pop("LORASERVE_TP_CUSTOM_AR", None)
         else:
             os.environ["LORASERVE_TP_CUSTOM_AR"] = prev
-    if a.decode_only:
-        return 0
-    res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]
-    same = sum(x == y for x, y in zip(runs[1]["top1"], runs[2]["top1"]))
-    res["top1_agreement_tp2_vs_tp1"] = same / n_top1
-    res["top1_prompts"] = n_top1
-    print(json.dumps({k: v for k, v in res.items() if not k.startswith("tp")}, indent=2))
-    write(a.json, res)
-    return 0
 
 
 if __name__ == "__main__":

@@ -116,8 +116,10 @@ class TPModelRunner(ModelRunner):
             raise
 
     def shutdown(self) -> None:
-        if self.graph_runner is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)   # no replay in flight; the graphs' NCCL work released first
+        if self.graph_runner is not None and self.device.type == "cuda" and self.executor.dead is None:
+            # no replay in flight; the graphs' NCCL work released first. Not after a worker died: a
+            # symmetric-memory all-reduce (tp/allreduce.py) waits for its peer on the GPU with no timeout
+            torch.cuda.synchronize(self.device)
             self.graph_runner = None
         self.executor.shutdown()
 

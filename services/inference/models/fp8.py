@@ -88,6 +88,10 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 # activations times e4m3 weights dequantized in registers. Off by default: measured slower than bf16 on
 # the H200 (module docstring); LORASERVE_FP8_SMALL_M=64 turns it on for tuning runs.
 DEFAULT_SMALL_M = 0
+# Decode-sized GEMMs (M <= this many tokens) take the weight-only FP8 GEMV (kernels/fp8_gemv.py), which
+# streams e4m3 weights without quantizing x; larger M the FP8 tensor cores (_scaled_mm). Conservative
+# until measured on the H200 (benchmarks/fp8_gemv_sweep.py).
+DEFAULT_GEMV_MAX_M = 4
 
 
 def small_m_limit() -> int:
@@ -116,15 +120,31 @@ def _triton_cuda(x: torch.Tensor) -> bool:
     return HAS_TRITON and x.is_cuda
 
 
+def gemv_max_m() -> int:
+    """LORASERVE_FP8_GEMV_MAX_M: the largest M that takes the weight-only FP8 GEMV (kernels/fp8_gemv.py);
+    0: never (W8A8 _scaled_mm at every M)."""
+    raw = os.environ.get("LORASERVE_FP8_GEMV_MAX_M", "").strip()
+    if not raw:
+        return DEFAULT_GEMV_MAX_M
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ValueError(f"LORASERVE_FP8_GEMV_MAX_M must be an integer token count (0 disables), got {raw!r}") from None
+    return max(limit, 0)
+
+
 def gemm_path(x: torch.Tensor, w_q: torch.Tensor) -> str:
-    """Which GEMM fp8_linear runs for x [M, in] and w_q [out, in]: 'w8a16' (Triton, sm >= 89, M <= the
-    small-M limit, bf16/fp16 x), 'scaled_mm' (FP8 tensor cores, W8A8), or 'dequant' (CPU and older GPUs:
-    F.linear on the dequantized weight, or the W8A8 emulation when EMULATE_ACTIVATION_QUANT)."""
+    """Which GEMM fp8_linear runs for x [M, in] and w_q [out, in]: 'gemv' (Triton weight-only GEMV,
+    sm >= 89, bf16/fp16 x, M <= LORASERVE_FP8_GEMV_MAX_M), 'w8a16' (the older Triton W8A16 GEMM, opt-in
+    through LORASERVE_FP8_SMALL_M), 'scaled_mm' (FP8 tensor cores, W8A8), or 'dequant' (CPU and older
+    GPUs: F.linear on the dequantized weight, or the W8A8 emulation when EMULATE_ACTIVATION_QUANT)."""
     if not _scaled_mm_ok(x, w_q):
         return "dequant"
-    if (x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= small_m_limit()
-            and "w8a16" not in _BROKEN and _triton_cuda(x)):
-        return "w8a16"
+    if x.dtype in (torch.bfloat16, torch.float16) and _triton_cuda(x):
+        if x.shape[0] <= gemv_max_m() and "gemv" not in _BROKEN:
+            return "gemv"
+        if x.shape[0] <= small_m_limit() and "w8a16" not in _BROKEN:
+            return "w8a16"
     return "scaled_mm"
 
 
@@ -151,6 +171,14 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     per token) or a 0-d fp32 tensor (static, per tensor, from the checkpoint; the W8A16 path, which
     does not quantize x, ignores it). No host syncs on any CUDA path (CUDA-graph capturable)."""
     path = gemm_path(x, w_q)
+    if path == "gemv":
+        from loraserve.kernels.fp8_gemv import fp8_gemv
+
+        try:
+            return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), w_q, w_scale, bias)
+        except Exception as err:   # a compile error (first call, eager warm-up): the W8A8 path instead
+            _triton_failed("gemv", err)
+            path = "scaled_mm"
     if path == "w8a16":
         from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm
 

@@ -1,0 +1,285 @@
+"""Tile sweep of the FP8 decode GEMV (kernels/fp8_gemv.py) at Llama-3-8B projection shapes (issue 14).
+
+For qkv (N 6144, K 4096), o (4096, 4096), gate_up (28672, 4096), down (4096, 14336) at M in
+{1, 4, 16, 32, 64}: us per call and weight GB/s (weight bytes / time) of each candidate config of the
+new kernel, of the old W8A16 kernel (kernels/fp8_gemm.py), of bf16 F.linear (cuBLAS), and of the
+per-token quantization + torch._scaled_mm path; the device copy bandwidth (read + write, eager 1 GiB
+copy) and a read-only figure (a sum over 1 GiB) from the same run; the best config per shape, and
+a CONFIGS table for fp8_gemv.py (also written with --configs-out, which LORASERVE_FP8_GEMV_CONFIGS
+reads).
+
+Timing: CUDA-graph replays of one call per weight copy, cycling over >= 256 MB of weights (HBM, not
+the 50 MB L2), so host launch costs are out. Every candidate is checked against the fp32 reference
+first. Kernels are compiled ahead in --jobs worker processes (Triton's disk cache), then timed; a
+time budget (--budget-s) stops the candidate list early, printing what it has.
+
+    python3 benchmarks/fp8_gemv_sweep.py [--budget-s 45] [--json out.json] [--configs-out cfg.json]
+    TRITON_INTERPRET=1 python3 benchmarks/fp8_gemv_sweep.py --smoke     # CPU: correctness on tiny shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+MS = (1, 4, 16, 32, 64)
+NUM_SMS_H200 = 132
+
+
+def candidate_tiles(m: int) -> list[tuple]:
+    """(kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try at M = m (split-K chosen per shape)."""
+    if m == 1:
+        return [("gemv", 1, 8, 512, 4, 1), ("gemv", 1, 4, 512, 4, 1), ("gemv", 1, 16, 256, 4, 1),
+                ("gemv", 1, 8, 1024, 8, 1), ("gemv", 1, 16, 512, 8, 1), ("gemv", 1, 4, 1024, 4, 1),
+                ("dot", 16, 64, 128, 4, 3)]
+    if m <= 4:
+        return [("gemv", 4, 4, 512, 4, 1), ("gemv", 4, 8, 256, 4, 1), ("gemv", 4, 2, 1024, 4, 1),
+                ("gemv", 1, 8, 512, 4, 1), ("dot", 16, 64, 128, 4, 3), ("dot", 16, 128, 64, 4, 3)]
+    bm = max(16, 1 << (m - 1).bit_length())
+    tiles = [("dot", bm, 64, 128, 4, 3), ("dot", bm, 64, 64, 4, 3), ("dot", bm, 128, 64, 4, 3),
+             ("dot", bm, 128, 128, 8, 3)]
+    if m <= 16:
+        tiles += [("dot", bm, 64, 256, 4, 2), ("gemv", 4, 4, 512, 4, 1)]
+    return tiles
+
+
+def auto_split(kind: str, bm: int, bn: int, bk: int, m: int, n: int, k: int, num_sms: int) -> int:
+    tiles = -(-n // bn) * -(-m // bm)
+    split = 1
+    while tiles * split < 4 * num_sms and split < 16 and k >= 2 * split * 2 * bk:
+        split *= 2
+    return split
+
+
+def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
+    """GemvConfigs: each tile at its auto split-K, the first two also at half and double that split."""
+    out = []
+    for i, (kind, bm, bn, bk, warps, stages) in enumerate(candidate_tiles(m)):
+        split = auto_split(kind, bm, bn, bk, m, n, k, num_sms)
+        splits = [split] + ([max(1, split // 2), split * 2] if i < 2 else [])
+        for s in dict.fromkeys(splits):
+            if s == 1 or k >= s * bk:
+                out.append((kind, bm, bn, bk, s, warps, stages))
+    from loraserve.kernels.fp8_gemv import heuristic_config
+
+    h = heuristic_config(m, n, k, num_sms)
+    return list(dict.fromkeys([h] + out))
+
+
+def _compile_one(cfg: tuple) -> str:
+    """Worker: compile one config on a small problem with the same specialisations (Triton's disk cache)."""
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    kind, bm, bn, bk, split, warps, stages = cfg
+    k = 2 * max(split, 1) * bk * 2
+    w = torch.zeros(256, k, device="cuda").to(torch.float8_e4m3fn)
+    x = torch.zeros(max(bm, 1), k, device="cuda", dtype=torch.bfloat16)
+    fp8_gemv(x, w, torch.ones(256, device="cuda"), config=(kind, bm, bn, bk, 2 if split > 1 else 1, warps, stages))
+    torch.cuda.synchronize()
+    return "ok"
+
+
+def precompile(cfgs: list[tuple], jobs: int, timeout: float) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    # one compile variant per (tile, split > 1): the split's value is a runtime argument
+    keys = list(dict.fromkeys((c[0], c[1], c[2], c[3], 2 if c[4] > 1 else 1, c[5], c[6]) for c in cfgs))
+    t = time.perf_counter()
+    try:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        futs = [pool.submit(_compile_one, c) for c in keys]
+        done, pending = wait(futs, timeout=timeout)
+        pool.shutdown(wait=not pending, cancel_futures=True)   # a hung compile must not hold the sweep
+        bad = [str(f.exception())[:200] for f in done if f.exception() is not None]
+        print(f"precompiled {len(done) - len(bad)}/{len(keys)} variants in {time.perf_counter() - t:.1f} s"
+              + (f"; failures: {bad[:3]}" if bad else ""), flush=True)
+    except Exception as err:   # noqa: BLE001  (the main process compiles what is missing)
+        print(f"precompile skipped: {type(err).__name__}: {err}", flush=True)
+
+
+def graph_us(fn, copies: int, reps: int = 10) -> float:
+    """us per call: one CUDA graph of `copies` calls (one per weight copy), replayed `reps` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):   # warm-up outside the capture (compile, allocator)
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    for _ in range(2):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * copies)
+
+
+def read_bandwidth() -> float:
+    """Bytes read per second by a sum over 1 GiB (int32): a lower bound of what a GEMV can stream."""
+    x = torch.randint(0, 1 << 20, (1 << 28,), dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        x.sum()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        x.sum()
+    end.record()
+    torch.cuda.synchronize()
+    return 4 * x.numel() / (start.elapsed_time(end) / 1e3 / 10)
+
+
+def sweep(a) -> dict:
+    from benchmarks.bench_engine import copy_bandwidth
+    from loraserve.inference.models.fp8 import quantize_per_channel, scaled_mm_rowwise
+    from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm, per_token_quant_fp8
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    t0 = time.perf_counter()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = {name: SHAPES[name] for name in a.shapes.split(",")}
+    ms = [int(v) for v in a.ms.split(",")]
+    all_cfgs = [c for n, k in shapes.values() for m in ms for c in candidates(m, n, k, num_sms)]
+    if a.jobs > 0:
+        precompile(all_cfgs, a.jobs, timeout=a.budget_s / 3)
+    res = {"device": torch.cuda.get_device_name(), "num_sms": num_sms, "copy_GBps": copy_bandwidth() / 1e9,
+           "read_GBps": read_bandwidth() / 1e9, "rows": [], "best": {}}
+    print(f"{res['device']}: copy {res['copy_GBps']:.0f} GB/s (read + write), read {res['read_GBps']:.0f} GB/s "
+          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"{'shape':8} {'M':>3} {'path':44} {'us':>8} {'wGB/s':>7} {'%copy':>6} {'rel_err':>8}", flush=True)
+    configs_out: dict[str, list] = {}
+    out_of_time = False
+    for name, (n, k) in shapes.items():
+        copies = max(2, -(-(256 << 20) // (n * k)))   # >= 256 MB of FP8 weights per cycle
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
+        qs = [quantize_per_channel(w) for w in w16]
+        deq = qs[0][0].float() * qs[0][1][:, None]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            ref = x.float() @ deq.t()
+            paths = [(f"gemv{c}", c) for c in candidates(m, n, k, num_sms)]
+            paths += [("old_w8a16", "old"), ("bf16_F.linear", "bf16"), ("quant+_scaled_mm", "scaled_mm")]
+            best = None
+            for i, (label, cfg) in enumerate(paths):
+                # over budget: only the heuristic's config (first) and the bf16 / _scaled_mm baselines
+                if time.perf_counter() - t0 > a.budget_s and i > 0 and cfg not in ("bf16", "scaled_mm"):
+                    out_of_time = True
+                    continue
+                if cfg == "bf16":
+                    fn = (lambda i: F.linear(x, w16[i]))
+                elif cfg == "scaled_mm":
+                    fn = (lambda i: scaled_mm_rowwise(*per_token_quant_fp8(x), *qs[i], torch.bfloat16))
+                elif cfg == "old":
+                    fn = (lambda i: fp8_w8a16_gemm(x, *qs[i]))
+                else:
+                    fn = (lambda i, c=cfg: fp8_gemv(x, *qs[i], config=c))
+                try:
+                    y = fn(0).float()
+                    err = float((y - ref).norm() / ref.norm())
+                    us = graph_us(fn, copies)
+                except Exception as e:   # noqa: BLE001  (one bad tile must not end the sweep)
+                    print(f"{name:8} {m:3d} {label:44} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                wbytes = n * k * (2 if cfg == "bf16" else 1)
+                gbps = wbytes / us / 1e3
+                row = {"shape": name, "m": m, "path": label, "us": round(us, 2), "weight_GBps": round(gbps, 1),
+                       "frac_copy": round(gbps / res["copy_GBps"], 3), "rel_err": err}
+                res["rows"].append(row)
+                ok = err < (5e-2 if cfg == "scaled_mm" else 1e-2)
+                print(f"{name:8} {m:3d} {label:44} {us:8.2f} {gbps:7.0f} {100 * gbps / res['copy_GBps']:6.1f} "
+                      f"{err:8.1e}{'' if ok else '  WRONG'}", flush=True)
+                if isinstance(cfg, tuple) and ok and (best is None or us < best[1]):
+                    best = (cfg, us)
+            if best is not None:
+                bf16 = next((r["us"] for r in res["rows"] if r["shape"] == name and r["m"] == m
+                             and r["path"] == "bf16_F.linear"), None)
+                smm = next((r["us"] for r in res["rows"] if r["shape"] == name and r["m"] == m
+                            and r["path"] == "quant+_scaled_mm"), None)
+                res["best"][f"{name}_m{m}"] = {"config": list(best[0]), "us": round(best[1], 2),
+                                               "vs_bf16": round(bf16 / best[1], 3) if bf16 else None,
+                                               "vs_scaled_mm": round(smm / best[1], 3) if smm else None}
+                configs_out[f"{m},{n},{k}"] = list(best[0])
+        w16 = qs = deq = None
+        torch.cuda.empty_cache()
+    print("best per shape (speedup of the best gemv config over bf16 and over quant+_scaled_mm):")
+    for key, b in res["best"].items():
+        print(f"  {key:12} {str(tuple(b['config'])):42} {b['us']:7.2f} us  x{b['vs_bf16']} bf16  "
+              f"x{b['vs_scaled_mm']} scaled_mm")
+    print("CONFIGS = {" + ", ".join(f"({k}): {tuple(v)}" for k, v in configs_out.items()) + "}")
+    res["configs"] = configs_out
+    res["out_of_time"] = out_of_time
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    if a.configs_out:
+        with open(a.configs_out, "w") as fh:
+            json.dump(configs_out, fh)
+    print(f"sweep done in {res['wall_s']} s{' (budget hit: some candidates skipped)' if out_of_time else ''}")
+    return res
+
+
+def smoke() -> int:
+    """CPU (TRITON_INTERPRET=1): every candidate kind on tiny shapes against the torch reference."""
+    from loraserve.kernels.fp8_gemv import fp8_gemv, gemv_ref
+
+    g = torch.Generator().manual_seed(0)
+    fails = 0
+    for m, n, k in ((1, 40, 96), (3, 24, 272), (17, 40, 128)):
+        w = torch.randn(n, k, generator=g)
+        s = w.abs().amax(1) / 448
+        w_q = (w / s[:, None]).to(torch.float8_e4m3fn)
+        x = torch.randn(m, k, generator=g, dtype=torch.float32).half()
+        ref = gemv_ref(x, w_q, s).float()
+        for cfg in [None, ("gemv", 1, 8, 64, 1, 4, 1), ("gemv", 4, 4, 64, 2, 4, 1), ("dot", 16, 16, 32, 2, 4, 2)]:
+            y = fp8_gemv(x, w_q, s, config=cfg).float()
+            err = float((y - ref).abs().max() / ref.abs().max())
+            ok = err < 2e-3
+            fails += not ok
+            print(f"smoke m={m} n={n} k={k} {cfg}: rel err {err:.1e} {'ok' if ok else 'WRONG'}", flush=True)
+    # the candidate generator at the real shapes (no launch)
+    for n, k in SHAPES.values():
+        for m in MS:
+            assert candidates(m, n, k, NUM_SMS_H200), (m, n, k)
+    print("smoke:", "PASS" if not fails else f"{fails} FAILED")
+    return 1 if fails else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="CPU correctness run (set TRITON_INTERPRET=1)")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="stop trying candidates after this long")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--jobs", type=int, default=8, help="worker processes compiling ahead (0: compile in place)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--configs-out", default=None, help="best config per (M, N, K) as JSON (LORASERVE_FP8_GEMV_CONFIGS)")
+    a = ap.parse_args()
+    if a.smoke or not torch.cuda.is_available():
+        if not a.smoke:
+            print("no CUDA device: running the --smoke checks instead")
+        if not torch.cuda.is_available():   # Triton reads it at import (loraserve.kernels is not imported yet)
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        return smoke()
+    res = sweep(a)
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ import lzma
 import os
 import stat
 import tarfile
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class Bundle:
         self.origin = origin      # shown in error messages (already shortened)
         self.kind = kind          # "dir" | "tar" | "zip"
         self.weights_hint: str | None = None  # a weights file the caller named explicitly
+        self.read_s = 0.0                     # seconds spent reading files from disk in read()
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -174,7 +176,10 @@ class DirBundle(Bundle):
                 raise AdapterFormatError(
                     f"{self.origin}: adapter files exceed max_bytes={self._limits.max_total_bytes} "
                     f"({self._bytes_read} bytes with {shorten(name)})")
-            return path.read_bytes()
+            t0 = time.perf_counter()
+            data = path.read_bytes()
+            self.read_s += time.perf_counter() - t0
+            return data
         except OSError as exc:  # permissions, a file removed meanwhile, a directory named *.safetensors
             raise AdapterFormatError(f"{self.origin}: cannot read {shorten(name)} "
                                      f"({exc.strerror or type(exc).__name__})") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 
 import torch
 
@@ -44,7 +45,7 @@ def detect_format(path: str | os.PathLike) -> str:
 def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
                  max_rank: int | None = None, max_bytes: int | None = None,
                  limits: ArchiveLimits | None = None, confine_to: list[str] | None = None,
-                 serving_dtype: torch.dtype | None = None) -> LoraAdapter:
+                 serving_dtype: torch.dtype | None = None, timings: dict | None = None) -> LoraAdapter:
     """Load an HF PEFT or NeMo LoRA artifact into a LoraAdapter (scales folded into B).
 
     path: an HF PEFT directory; a weights file (adapter_model.safetensors/.bin) beside its
@@ -55,6 +56,8 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     (unpacked, for archives) exceed it. limits: archive-bomb limits (bundle.ArchiveLimits; the
     engine passes ArchiveLimits.for_model). confine_to: real directories every file read must
     lie in, symlinks resolved. serving_dtype: refuse weights that overflow it (check_serving_range).
+    timings: when given, filled with the seconds of each stage (read_s: files from disk or the
+    archive, digest_s, parse_s: decode + checks + scale folding, range_s: check_serving_range).
 
     Every problem raises AdapterFormatError with a message for a person; input the checks did
     not foresee is logged with its traceback and raised as AdapterFormatError(unforeseen).
@@ -62,7 +65,8 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     if ckpt_source is not None and ckpt_source not in CKPT_SOURCES:
         raise AdapterFormatError(f"ckpt_source={shorten(ckpt_source)} must be one of {CKPT_SOURCES}")
     try:
-        return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype)
+        return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype,
+                     timings if timings is not None else {})
     except AdapterFormatError:
         raise
     except RecursionError:
@@ -82,20 +86,27 @@ def _origin_of(path: str | os.PathLike) -> str:
     return clip(os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path))
 
 
-def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype) -> LoraAdapter:  # type: ignore[no-untyped-def]
+def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings) -> LoraAdapter:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
     bundle = open_bundle(path, max_bytes, limits=limits, confine_to=confine_to)
     fmt = _detect(bundle)
     if ckpt_source is not None and ckpt_source != fmt:
         raise AdapterFormatError(
             f"{bundle.origin}: ckpt_source={ckpt_source!r} but the artifact is a "
             f"{'HF PEFT adapter' if fmt == 'hf' else 'NeMo checkpoint'} ({fmt!r})")
+    t1 = time.perf_counter()
     digest = artifact_digest(path)
+    t2 = time.perf_counter()
     adapter = parse_peft(bundle, digest) if fmt == "hf" else parse_nemo(bundle, digest)
     if max_rank is not None and adapter.rank > max_rank:
         raise AdapterFormatError(
             f"{bundle.origin}: adapter rank {adapter.rank} exceeds max_rank={max_rank}")
+    t3 = time.perf_counter()
     if serving_dtype is not None:
         check_serving_range(adapter, serving_dtype)
+    t4 = time.perf_counter()
+    read_s = (t1 - t0) + bundle.read_s  # an archive is read whole when opened; a directory's files by the parser
+    timings.update(read_s=read_s, digest_s=t2 - t1, parse_s=t3 - t2 - bundle.read_s, range_s=t4 - t3)
     return adapter
 
 

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +71,8 @@ class AdapterHandle:
     load_error: BaseException | None = None
     load_error_time: float = 0.0      # requests that arrived before this fail with load_error
     trusted: bool = False             # source is the service's own download cache (not confined)
+    # cold-path stages of its last load, seconds (parse_s, stage_s; place_s when copied to a slot)
+    timings: dict = field(default_factory=dict)
 
 
 class AdapterHold:
@@ -207,21 +209,24 @@ class LoRAManager:
                 self.by_id[req.lora_int_id] = key
                 return self._hold(self.handles[key])
         source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real) else None
+        timings: dict = {}
         try:
-            adapter = self._parse(real, source, trusted)
+            adapter = self._parse(real, source, trusted, timings)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"adapter {shorten(req.lora_name)}: {exc}") from exc
         hold = self.add_adapter(adapter, req, source=real, signature=sig, ckpt_source=source)
         hold.handle.trusted = trusted
+        hold.handle.timings.update(timings)
         return hold
 
-    def _parse(self, path: str, ckpt_source: str | None, trusted: bool) -> LoraAdapter:
+    def _parse(self, path: str, ckpt_source: str | None, trusted: bool, timings: dict | None = None) -> LoraAdapter:
         # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
         return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
                             limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
                                                            self.max_rank),
-                            confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype)
+                            confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
+                            timings=timings)
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:
@@ -232,7 +237,9 @@ class LoRAManager:
         if not self.host.fits_at_all(adapter.nbytes()):
             raise AdapterCapacityError(f"adapter {req.lora_name!r} ({adapter.nbytes()} bytes) is larger than the "
                                        f"host adapter cache (host_cache_size={self.cache_config.host_cache_size})")
+        t0 = time.perf_counter()
         staged = self._stage(adapter)
+        stage_s = time.perf_counter() - t0
         with self.lock:
             if signature is not None:
                 self._digest_of[signature] = adapter.digest
@@ -245,6 +252,7 @@ class LoRAManager:
             elif source and not h.source:
                 h.source, h.ckpt_source = source, ckpt_source
             h.load_error = None
+            h.timings = {"stage_s": stage_s}
             if h.adapter is None and not h.loading and self.host.make_room(h.nbytes, self._host_evictable):
                 self.host.put(h, staged)
             return self._hold(h)
@@ -313,11 +321,14 @@ class LoRAManager:
     def _load(self, h: AdapterHandle) -> None:
         adapter, err = None, None
         try:
-            adapter = self._parse(h.source, h.ckpt_source, h.trusted)
+            timings: dict = {}
+            adapter = self._parse(h.source, h.ckpt_source, h.trusted, timings)
             if adapter.digest != h.key:
                 raise AdapterLoadError(f"adapter {h.name!r} changed on disk since it was first loaded "
                                        f"({h.key} -> {adapter.digest})")
+            t1 = time.perf_counter()
             adapter = self._stage(adapter)
+            h.timings = dict(timings, stage_s=time.perf_counter() - t1)
         except Exception as exc:  # noqa: BLE001 - handed to the requests that wait for it
             err = exc
         with self.lock:
@@ -365,9 +376,11 @@ class LoRAManager:
             if h.adapter is None:
                 self._start_load(h)  # waits for the host copy; not counted as slot-blocked
                 return False
+            t0 = time.perf_counter()
             if self._batch_full() or not self.device_tier.place(h):
                 self._blocked.setdefault(seq.seq_id, seq.arrival_time)
                 return False
+            h.timings["place_s"] = time.perf_counter() - t0  # host work issuing the copy (async on CUDA)
             return self._pin(h, seq)
 
     def _batch_full(self) -> bool:

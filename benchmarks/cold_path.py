@@ -1,0 +1,163 @@
+"""Where a cold adapter's time goes (issue 12: <= 100 ms from request to first token, registry on loopback).
+
+The stages of one cold adapter, each timed on the real code path (no copies of it here):
+
+    resolve   registry GetAdapter (what {name, version} means)          AdapterFetcher.fetch
+    download  DownloadAdapter stream + sha256 check + file write         AdapterFetcher.fetch
+    read      artifact bytes from disk (a tar from the registry)         load_adapter (timings)
+    digest    content digest of the artifact                             load_adapter
+    parse     safetensors decode, key/shape/finite checks, scale fold    load_adapter
+    range     serving-dtype range check                                  load_adapter
+    stage     serving dtype, one pinned host buffer (CUDA)               LoRAManager._stage
+    place     host work issuing the host->GPU copy into a slot           DeviceTier.place
+    h2d       the copy itself, until its event completes                 DeviceSlots.load (side stream)
+
+`cold_stages` runs them without a base model (a LoRAManager over the model's shapes), so the
+8B shape (32 layers, rank 16 on all seven modules: an 84 MB PEFT dir) can be measured without
+loading 16 GB of weights; bench_churn's end-to-end figure adds the admission wait and the forward.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+
+import torch
+
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA3_8B_ARGS = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      rope_scaling=None, max_position_embeddings=8192, tie_word_embeddings=False,
+                      attention_bias=False, model_type="llama", torch_dtype="bfloat16", eos_token_id=[1],
+                      bos_token_id=0)
+STAGES = ("resolve_s", "download_s", "read_s", "digest_s", "parse_s", "range_s", "stage_s", "place_s", "h2d_s")
+
+
+def write_peft_dir(path: str, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int, seed: int,
+                   dtype: torch.dtype = torch.bfloat16, alpha: float | None = None) -> str:
+    """A random PEFT adapter dir, rank `rank` on all seven modules (alpha = 2r: a scale to fold)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for m in ALL_MODULES:
+            fan_in, fan_out = shapes[m]
+            part = "self_attn" if m[0] in "qkvo" else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.01).to(dtype)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    import json
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2.0 * rank,
+                   "target_modules": list(ALL_MODULES)}, f)
+    return path
+
+
+def registry_available() -> str | None:
+    """None when the registry can run in this process, else why not (a missing package)."""
+    try:
+        import loraserve.registry.server  # noqa: F401 - sqlalchemy, alembic, grpc health/reflection
+        import loraserve.registry.testing  # noqa: F401
+        return None
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layers: int = 32, rank: int = 16,
+                args_overrides: dict | None = None, use_registry: bool = True) -> dict:
+    """Time every stage of n cold adapters (first one discarded as a warm-up of the code paths).
+    Returns {stage: median seconds}, the per-adapter rows, the adapter's bytes and the source used."""
+    from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
+    from loraserve.inference.lora.manager import LoRAManager
+    from loraserve.inference.models.llama import ModelArgs
+    from loraserve.inference.sequence import Sequence
+    from loraserve.config import SamplingParams
+
+    margs = ModelArgs(**dict(LLAMA3_8B_ARGS, num_hidden_layers=num_layers, **(args_overrides or {})))
+    shapes = margs.lora_module_shapes()
+    dev = torch.device(device)
+    n += 1  # the first is a warm-up (imports, allocator, first-touch)
+    paths = [write_peft_dir(os.path.join(workdir, f"stage-{i}"), shapes, num_layers, rank, 31_000 + i)
+             for i in range(n)]
+    size = sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0]))
+    why_not = registry_available() if use_registry else "not asked for"
+    fetched = [None] * n
+    if why_not is None:
+        from loraserve.inference.adapter_source import AdapterFetcher
+        from loraserve.registry.client import RegistryClient
+        from loraserve.registry.config import RegistryConfig
+        from loraserve.registry.testing import RunningRegistry
+
+        with RunningRegistry(RegistryConfig(data_dir=os.path.join(workdir, "stage-registry"))) as reg:
+            with RegistryClient(reg.address) as client:
+                for i, p in enumerate(paths):
+                    client.push(p, f"stage-{i}", base_model="bench")
+            fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "stage-cache"))
+            loop = asyncio.new_event_loop()
+            for i in range(n):  # the registry is idle between fetches, as at no load
+                fetched[i] = loop.run_until_complete(fetcher.fetch(f"stage-{i}", 1))
+            loop.run_until_complete(fetcher.close())
+            loop.close()
+    mgr = LoRAManager(LoraConfig(max_lora_rank=rank, max_loras=1, max_cpu_loras=n),
+                      PeftCacheConfig(num_device_module_layer=2 * num_layers * len(ALL_MODULES)), margs, dtype, dev)
+    rows = []
+    for i in range(n):
+        f = fetched[i]
+        path, trusted = (f.path, True) if f is not None else (paths[i], True)
+        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=trusted)
+        seq = Sequence(f"stage-{i}", [1, 2, 3], SamplingParams(max_tokens=1), lora=hold)
+        t0 = time.perf_counter()
+        assert mgr.try_acquire(seq), "a slot must be free"
+        ev = mgr.slots._pending
+        if ev is not None:
+            ev.synchronize()
+        h2d = time.perf_counter() - t0
+        row = dict(hold.handle.timings)
+        row["h2d_s"] = h2d - row.get("place_s", 0.0)  # the copy's completion after its host-side issue
+        if f is not None:
+            row.update(resolve_s=f.resolve_s, download_s=f.download_s)
+        rows.append(row)
+        mgr.release_slot(seq)
+        mgr.release_request(seq)
+        with mgr.lock:  # an idle slot for the next one (the device tier holds 2)
+            mgr.device_tier.remove(hold.handle)
+    mgr.shutdown()
+    rows = rows[1:]
+    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in STAGES}
+    med["total_s"] = sum(med.values())
+    return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
+            "source": "registry on loopback" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
+
+
+def format_stages(result: dict) -> str:
+    med = result["stages"]
+    parts = [f"{k.removesuffix('_s')} {med[k] * 1e3:.1f}" for k in STAGES if med.get(k)]
+    return (f"cold path stages ({result['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir, {result['layers']} layers, "
+            f"rank {result['rank']}, {result['source']}), ms: " + ", ".join(parts)
+            + f"; sum {med['total_s'] * 1e3:.1f}")
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-registry", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    res = cold_stages(tempfile.mkdtemp(prefix="cold-path-"), a.n, a.device, torch.bfloat16, a.layers,
+                      use_registry=not a.no_registry)
+    print(format_stages(res))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=2)

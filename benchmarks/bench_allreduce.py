@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 SIZES = [8 << 10, 64 << 10, 512 << 10, 4 << 20, 32 << 20]
-ALGOS = ["nccl", "one_shot", "two_shot"]
+ALGOS = ["nccl", "one_shot", "two_shot", "two_shot_inplace"]
 
 
 def _time_eager(fn, iters: int) -> float:
@@ -100,7 +100,8 @@ def gpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) ->
                             timeout=timedelta(seconds=60), device_id=dev)
     ar = SymmMemAllReduce(dev, max(sizes), 512 << 10)
     problem = self_check(ar)
-    res = {"self_check": problem or "ok", "one_shot_copy_fused": ar._one_shot_copy is not None, "sizes": {}}
+    res = {"self_check": problem or "ok", "one_shot_copy_fused": ar._one_shot_copy is not None,
+           "two_shot_out": ar._two_shot_out is not None, "sizes": {}}
     for nbytes in sizes:
         n = nbytes // 2
         row = res["sizes"][str(nbytes)] = {}
@@ -172,14 +173,18 @@ def main() -> int:
         return 0
     res = _spawn(gpu_worker, 2, sizes)
     res["device"] = torch.cuda.get_device_name(0)
-    print(f"self-check: {res.get('self_check')}; one-shot copy fused: {res.get('one_shot_copy_fused')}")
-    print(f"{'bytes':>10} " + " ".join(f"{a + ' ' + m:>16}" for m in ("eager", "graph") for a in ALGOS) + "   max err")
+    print(f"self-check: {res.get('self_check')}; one-shot copy fused: {res.get('one_shot_copy_fused')}; "
+          f"two-shot out: {res.get('two_shot_out')}")
+    names = {"nccl": "nccl", "one_shot": "1shot", "two_shot": "2shot", "two_shot_inplace": "2shot_ip"}
+    print("us per all-reduce (bf16, 2 ranks)")
+    print(f"{'bytes':>10} " + " ".join(f"{m[0] + ' ' + names[a]:>11}" for m in ("eager", "graph") for a in ALGOS)
+          + "   max err " + "/".join(names[a] for a in ALGOS))
     for nbytes, row in res.get("sizes", {}).items():
         cells = []
         for mode in ("eager", "graph"):
             for algo in ALGOS:
                 v = row.get(f"{algo}_{mode}_us")
-                cells.append(f"{v:16.2f}" if v is not None else f"{'ERR':>16}")
+                cells.append(f"{v:11.2f}" if v is not None else f"{'ERR':>11}")
         errs = [row.get(f"{algo}_max_err") for algo in ALGOS]
         print(f"{int(nbytes):>10} " + " ".join(cells) + "   " + " ".join("-" if e is None else f"{e:g}" for e in errs))
         for algo in ALGOS:

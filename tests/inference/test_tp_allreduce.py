@@ -61,7 +61,8 @@ def _gpu_rank(rank: int, world: int, port: int, out) -> None:
     ar = make_all_reduce(dev)
     res = {"custom": ar is not None}
     if ar is not None:
-        for n, algo in [(4096, None), (64 * 4096, None), (4096, "two_shot"), (1 << 20, None)]:
+        for n, algo in [(4096, None), (64 * 4096, None), (4096, "two_shot"), (4096, "two_shot_inplace"),
+                        (1 << 20, None)]:
             for dtype in (torch.bfloat16, torch.float32):
                 g = torch.Generator(device=dev).manual_seed(10 + rank)
                 src = torch.randn(n, generator=g, device=dev).to(dtype)

@@ -77,6 +77,7 @@ class SymmMemAllReduce:
         self._one_shot_copy = getattr(ops, "one_shot_all_reduce_copy_out", None)   # torch >= 2.8: copy fused in
         self._one_shot = ops.one_shot_all_reduce_out
         self._two_shot = ops.two_shot_all_reduce_
+        self._two_shot_out = getattr(ops, "two_shot_all_reduce_out", None)   # all-gather straight into x
 
     def takes(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -84,7 +85,8 @@ class SymmMemAllReduce:
                 and nbytes % 16 == 0 and x.data_ptr() % 16 == 0 and x.device == self.device)
 
     def __call__(self, x: torch.Tensor, algo: str | None = None) -> torch.Tensor:
-        """x [...] summed over the ranks, in place. algo: None (by size), "one_shot", "two_shot", "nccl"."""
+        """x [...] summed over the ranks, in place. algo: None (by size), "one_shot", "two_shot",
+        "two_shot_inplace" (the variant that reduces in the buffers, then copies back), "nccl"."""
         if algo == "nccl" or not self.takes(x):
             dist.all_reduce(x, group=self.group)
             return x
@@ -97,8 +99,11 @@ class SymmMemAllReduce:
             else:
                 buf.copy_(flat)
                 self._one_shot(buf, "sum", self.group_name, flat)
+        elif self._two_shot_out is not None and algo != "two_shot_inplace":
+            buf.copy_(flat)   # x -> my buffer; barrier; my slice summed from all; barrier; all slices -> x
+            self._two_shot_out(buf, "sum", self.group_name, flat)
         else:
-            buf.copy_(flat)
+            buf.copy_(flat)   # x -> my buffer; barrier; my slice summed and written into every buffer
             self._two_shot(buf, "sum", self.group_name)
             flat.copy_(buf)
         return x
@@ -111,7 +116,8 @@ def self_check(ar: SymmMemAllReduce) -> str | None:
     sizes = [4096, min(ar.max_bytes, max(ar.one_shot_bytes * 2, 1 << 20)) // 2]   # bf16 elements
     try:
         g = torch.Generator(device=ar.device).manual_seed(1234 + dist.get_rank(ar.group))
-        for n, algo in [(sizes[0], "one_shot"), (sizes[1], "two_shot"), (sizes[0], "two_shot")]:
+        for n, algo in [(sizes[0], "one_shot"), (sizes[1], "two_shot"), (sizes[0], "two_shot"),
+                        (sizes[0], "two_shot_inplace")]:
             for dtype in _DTYPES:
                 if n * torch.tensor([], dtype=dtype).element_size() > ar.max_bytes:
                     continue

@@ -69,7 +69,9 @@ class SymmMemAllReduce:
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         try:
             self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
-        except RuntimeError:   # older torch: the group must be enabled first
+        except Exception:  # noqa: BLE001 - older torch: the group must be enabled first (same on every rank)
+            if not hasattr(symm_mem, "enable_symm_mem_for_group"):
+                raise
             symm_mem.enable_symm_mem_for_group(self.group_name)
             self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self._views = {dt: self.buffer.view(dt) for dt in _DTYPES}

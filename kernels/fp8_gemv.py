@@ -46,13 +46,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_row(acc, w, x_ptr, row, M, offs_k, k_ok, EVEN_K: tl.constexpr):
-        # one x row [BLOCK_K] (masked past M and past K) broadcast over the weight tile's rows
-        row_ok = (offs_k * 0 + row) < M   # [BLOCK_K]: a scalar mask broadcast (the interpreter wants a block)
+        # one x row broadcast over the weight tile's rows, loaded as a [BLOCK_N, BLOCK_K] tile of repeated
+        # addresses (L1 serves the repeats): it then shares w's register layout, where a [BLOCK_K] load
+        # took a shared-memory round trip with barriers every K step to be broadcast
+        x_ptrs = x_ptr + offs_k[None, :] + tl.zeros_like(acc).to(tl.int32)
+        row_ok = (tl.zeros_like(acc).to(tl.int32) + row) < M
         if EVEN_K:
-            x = tl.load(x_ptr + offs_k, mask=row_ok, other=0.0)
+            x = tl.load(x_ptrs, mask=row_ok, other=0.0)
         else:
-            x = tl.load(x_ptr + offs_k, mask=k_ok & row_ok, other=0.0)
-        return acc + w * x.to(tl.float32)[None, :]
+            x = tl.load(x_ptrs, mask=k_ok[None, :] & row_ok, other=0.0)
+        return acc + w * x.to(tl.float32)
 
     @triton.jit
     def _gemv_store(acc, row, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k,
@@ -88,19 +91,27 @@ if HAS_TRITON:
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        # register double buffer: the next K tile's weight bytes are in flight while this tile is multiplied
+        # (Triton's pipeliner only stages loads that feed tl.dot); the last step re-reads its own tile (L1/L2)
+        if EVEN_K:
+            w_next = tl.load(w_ptrs)
+        else:
+            w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0)
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
+            w = w_next.to(tl.float32)
+            step = BLOCK_K * (k0 + BLOCK_K < k_end).to(tl.int32)   # 0 on the last step; keeps 16-byte alignment
+            w_ptrs += step
             if EVEN_K:
-                w = tl.load(w_ptrs).to(tl.float32)
+                w_next = tl.load(w_ptrs)
             else:
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+                w_next = tl.load(w_ptrs, mask=((k0 + step + offs_k) < k_end)[None, :], other=0.0)
             acc0 = _gemv_row(acc0, w, x_row, row0, M, offs_k, k_ok, EVEN_K)
             if BLOCK_M >= 2:
                 acc1 = _gemv_row(acc1, w, x_row + stride_xm, row0 + 1, M, offs_k, k_ok, EVEN_K)
             if BLOCK_M >= 4:
                 acc2 = _gemv_row(acc2, w, x_row + 2 * stride_xm, row0 + 2, M, offs_k, k_ok, EVEN_K)
                 acc3 = _gemv_row(acc3, w, x_row + 3 * stride_xm, row0 + 3, M, offs_k, k_ok, EVEN_K)
-            w_ptrs += BLOCK_K
             x_row += BLOCK_K
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else s

@@ -94,7 +94,8 @@ class Case:
     """One projection's LoRA problem with num_sets copies of the adapter weights."""
 
     def __init__(self, proj: str, rank: int, num_adapters: int, num_tokens: int, device: str = "cuda",
-                 smoke: bool = False, max_rank: int | None = None):
+                 smoke: bool = False, max_rank: int | None = None, idle: bool = False):
+        """idle: every token without an adapter (the path's fixed cost: launches, metadata)."""
         hidden, widths = PROJECTIONS[proj]
         if smoke:
             hidden, widths = 64, [max(16, w // 256) for w in widths]
@@ -109,7 +110,10 @@ class Case:
         self.offsets = torch.tensor([0] + torch.tensor(widths).cumsum(0).tolist(), dtype=torch.int32, device=device)
         self.x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
         self.y = torch.randn(num_tokens, self.N, device=device, dtype=dtype)
+        self.y_init = self.y.clone()  # timings accumulate into y; output checks start from this
         slots = (torch.arange(num_tokens, device=device) % self.L).to(torch.int32)  # T/L tokens each
+        if idle:
+            slots.fill_(-1)
         self.meta = LoRAMetaBuilder(num_tokens, self.L, device).build(slots)
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
         self.ws = torch.empty(shape, device=device)
@@ -119,8 +123,17 @@ class Case:
         self.bytes = self.L * (self.S * rank * hidden + self.N * rank) * 2 + num_tokens * hidden * 2 \
             + 2 * num_tokens * self.N * 2
 
-    def use_variant(self, stream: bool) -> None:
-        """Switch lora_apply's kernel variant (LORASERVE_LORA_STREAM) for the next calls/timings."""
+    def use_variant(self, stream: bool | dict) -> None:
+        """Switch lora_apply's kernel variant for the next calls/timings: a bool sets
+        LORASERVE_LORA_STREAM; a dict (benchmarks/lora_variants.VARIANTS) sets stream, fused
+        (LORASERVE_LORA_FUSED) and onelaunch (LORASERVE_LORA_ONELAUNCH)."""
+        import importlib
+
+        v = stream if isinstance(stream, dict) else dict(stream=stream)
+        apply_mod = importlib.import_module("loraserve.kernels.lora_apply")  # the module, not the function
+        apply_mod.FUSED_ENABLED = bool(v.get("fused", False))
+        apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
+        stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
         if tuple(self.ws.shape) != tuple(shape):
@@ -148,6 +161,10 @@ class Case:
                 ws = torch.empty(plan["SPLIT_K"], self.S, self.T, a.shape[2], device=self.x.device)
                 return lambda: lora_shrink_expand(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, ws,
                                                   plan=plan)
+            if kind == "onelaunch":  # lora_onelaunch with plan overrides (sweeps)
+                from loraserve.kernels.lora_onelaunch import lora_onelaunch
+
+                return lambda: lora_onelaunch(self.x, a, b, self.offsets, self.meta, self.ranks, self.y, config=cfg)
             if kind == "2launch":
                 sk = (shrink_cfg or {}).get("SPLIT_K") or shrink_split_k(
                     self.x, a, self.meta.block_m, self.meta.grid_tiles, False if (shrink_cfg or expand_cfg) else None)
@@ -331,9 +348,15 @@ def main() -> None:
                     help="classic vs streaming kernels (LORASERVE_LORA_STREAM=0/1) on the targets, one run")
     ap.add_argument("--sweep-stream", action="store_true", help="streaming expand knobs on the layer case")
     ap.add_argument("--max-shapes", type=int, default=None,
-                    help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51)")
+                    help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51; 0: none)")
+    ap.add_argument("--variants", default="classic,stream",
+                    help="with --compare: comma-separated lora_variants.VARIANTS, the first is the reference")
+    ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
+    ap.add_argument("--sweep-budget", type=float, default=None, help="seconds for --sweep-onelaunch (then stop)")
     args = ap.parse_args()
-    from benchmarks.lora_variants import compare, sweep_stream   # --compare / --sweep-stream
+    from benchmarks.lora_variants import compare, sweep_onelaunch, sweep_stream   # --compare / sweeps
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
 
     if args.fused:
         import importlib
@@ -341,21 +364,28 @@ def main() -> None:
         importlib.import_module("loraserve.kernels.lora_apply").FUSED_ENABLED = True  # the module
     if args.smoke:
         if args.compare:
-            compare(float("nan"), args.max_shapes or 3, smoke=True)
+            compare(float("nan"), 3 if args.max_shapes is None else args.max_shapes, smoke=True, variants=variants)
             if args.sweep_stream:
                 sweep_stream(smoke=True)
+            if args.sweep_onelaunch:
+                sweep_onelaunch(smoke=True, budget_s=args.sweep_budget)
             return
         table(float("nan"), smoke=True)
         return
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write) {bw:.0f} GB/s", flush=True)
     if args.compare:
-        res = compare(bw, args.max_shapes)
+        res = compare(bw, args.max_shapes, variants=variants)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
+        if args.sweep_onelaunch:
+            sweep_onelaunch(budget_s=args.sweep_budget)
         if args.sweep_stream:
             sweep_stream()
+        return
+    if args.sweep_onelaunch and args.only_sweeps:
+        sweep_onelaunch(budget_s=args.sweep_budget)
         return
     if args.sweep_stream and args.only_sweeps:
         sweep_stream()

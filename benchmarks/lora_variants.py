@@ -1,114 +1,166 @@
-"""Classic vs streaming multi-LoRA kernels in one run (`bench_lora_kernels.py --compare` /
-`--sweep-stream`; the Case, shapes and limits are bench_lora_kernels.py's): LORASERVE_LORA_STREAM=0
-"classic", =1 "stream". Times lora_apply with each variant on the layer case, the 1-token case and
-the >= 32 MB shapes, and the largest output difference between them; chooses nothing."""
+"""Multi-LoRA kernel variants side by side in one run (`bench_lora_kernels.py --compare
+[--variants a,b,...]`, `--sweep-stream`, `--sweep-onelaunch`; the Case, shapes and limits are
+bench_lora_kernels.py's). Variants (lora_apply switches):
+  classic    LORASERVE_LORA_STREAM=0: shrink + classic expand (one program per column block)
+  stream     LORASERVE_LORA_STREAM=1 (default): shrink + streaming expand, two launches
+  onelaunch  LORASERVE_LORA_ONELAUNCH=1: one launch per projection, ticketed roles (lora_onelaunch.py)
+  fused      LORASERVE_LORA_FUSED=1: one launch with a grid barrier (lora_fused.py)
+Cases run variant by variant (every case of one variant, then the next), each variant's summary
+printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
+earlier ones on record. Outputs are compared with the first variant's from the same input, and
+each variant is run twice from that input: max|diff| and bit-equality are printed. Chooses nothing.
+"""
 from __future__ import annotations
 
 import statistics
 import time
 
+import torch
+
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
 from loraserve.kernels import lora_apply, lora_meta
 
+VARIANTS = {
+    "classic": dict(stream=False),
+    "stream": dict(stream=True),
+    "onelaunch": dict(stream=True, onelaunch=True),
+    "fused": dict(stream=True, fused=True),
+}
 
-VARIANTS = {"classic": False, "stream": True}  # lora_meta.LORA_STREAM value of each kernel variant
 
-
-def compare_case(c: Case, breakdown: bool = False) -> dict:
-    """us of lora_apply with each variant on one Case, plus the largest |difference| of their
-    outputs from the same input (a GPU-only miscompile shows here; bf16 noise is ~1e-2)."""
-    row = {}
-    outs = {}
-    y0 = c.y.clone()
-    for name, stream in VARIANTS.items():
-        c.use_variant(stream)
-        row[name] = c.time()
-        if breakdown:
-            row[name + "_shrink"] = c.time("shrink_only")
-            row[name + "_expand"] = c.time("expand_only")
-        row[name + "_path"] = c.path
+def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
+    """us of lora_apply with one variant, its path, and its output (twice, from the same y)."""
+    c.use_variant(variant)
+    row = {"us": c.time(), "path": c.path}
+    if breakdown and c.path in ("partials", "reduced"):
+        row["shrink"] = c.time("shrink_only")
+        row["expand"] = c.time("expand_only")
+    y0 = c.y_init  # the same input y for every variant (timings keep adding to c.y)
+    outs = []
+    for _ in range(2):
         c.y.copy_(y0)
         a, b = c.ab(0)
         lora_apply(c.x, c.y, a, b, c.offsets, c.meta, c.ranks, c.ws)
-        outs[name] = c.y.float().clone()
+        outs.append(c.y.float().cpu())
     c.y.copy_(y0)
-    delta = (outs["classic"] - y0.float()).abs().max().item()
-    row["max_abs_diff"] = (outs["stream"] - outs["classic"]).abs().max().item()
-    row["max_abs_delta"] = delta
+    row["out"], row["repeat_equal"], row["y0"] = outs[0], bool(torch.equal(outs[0], outs[1])), y0.float().cpu()
     return row
 
 
-def compare(bw: float, max_shapes: int | None, smoke: bool = False) -> dict:
-    """Classic vs streaming kernels (LORASERVE_LORA_STREAM=0 / 1) in one run, on the three
-    targets: the 64-token / 32-adapter / rank-16 layer, 1 token per projection, the shapes
-    moving >= 32 MB (evenly subsampled to max_shapes). Nothing is chosen here: both are printed."""
+def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: list[str] | None = None) -> dict:
+    """The variants on the three targets: the 64-token / 32-adapter / rank-16 layer, 1 token per
+    projection, the shapes moving >= 32 MB (evenly subsampled to max_shapes; 0: none), plus
+    each variant's fixed cost (64 tokens, no adapter in the batch, o projection)."""
+    variants = variants or ["classic", "stream"]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     t0 = time.perf_counter()
     dev = "cpu" if smoke else "cuda"
-    default = "stream" if lora_meta.LORA_STREAM else "classic"
-    print(f"compare: classic (LORASERVE_LORA_STREAM=0) vs stream (=1); default in this process: {default}",
-          flush=True)
-    res: dict = {"copy_bw_gbs": bw, "default_variant": default}
+    print(f"compare: variants {variants} (reference: {variants[0]}); process default stream="
+          f"{lora_meta.LORA_STREAM}", flush=True)
+    res: dict = {"copy_bw_gbs": bw, "variants": variants}
     base = float("nan") if smoke else base_layer_us(64)
     res["base_layer_gemm_us_64tok"] = base
-    layer = {}
+    cases: list[tuple[str, str, Case]] = []
     for p in PROJECTIONS:
-        layer[p] = compare_case(Case(p, 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke),
-                                breakdown=True)
-        r = layer[p]
-        parts = "".join(f"  {v}: shrink {r[v + '_shrink']:.1f} + expand {r[v + '_expand']:.1f}"
-                                         for v in VARIANTS)
-        print(f"  layer {p:8s} classic {r['classic']:7.1f} us ({r['classic_path']})  stream {r['stream']:7.1f} us "
-              f"({r['stream_path']})  x{r['classic'] / r['stream']:.2f}  max|diff| {r['max_abs_diff']:.2e} "
-              f"(|delta| {r['max_abs_delta']:.2e}){parts}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    one = {}
+        cases.append(("layer", p, Case(p, 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke)))
     for p in PROJECTIONS:
-        one[p] = r = compare_case(Case(p, 16, 1, 1, dev, smoke))
-        print(f"  1 token {p:8s} classic {r['classic']:6.2f} us ({r['classic_path']})  stream {r['stream']:6.2f} us "
-              f"({r['stream_path']})  max|diff| {r['max_abs_diff']:.2e}  [{time.perf_counter() - t0:.0f} s]",
-              flush=True)
+        cases.append(("1tok", p, Case(p, 16, 1, 1, dev, smoke)))
+    cases.append(("idle", "o", Case("o", 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke, idle=True)))
     shapes = [sh for sh in sweep_shapes(smoke) if smoke or shape_bytes(*sh) >= 32e6]
-    if max_shapes and len(shapes) > max_shapes:
-        shapes = [shapes[round(i * (len(shapes) - 1) / (max_shapes - 1))] for i in range(max_shapes)] \
-            if max_shapes > 1 else shapes[:1]
-    big = []
-    for proj, rank, L, T in shapes:
-        c = Case(proj, rank, L, T, dev, smoke)
-        r = compare_case(c)
-        r.update(proj=proj, rank=rank, loras=L, tokens=T, mb=c.bytes / 1e6)
-        for v in VARIANTS:
-            r[v + "_bw_fraction"] = c.bytes / (r[v] * 1e-6) / 1e9 / bw
-        big.append(r)
-        print(f"  >=32MB {proj:8s} r{rank:<3d} L{L:<3d} T{T:<5d} {c.bytes / 1e6:6.1f} MB  classic {r['classic']:7.1f} us "
-              f"{r['classic_bw_fraction']:5.3f}  stream {r['stream']:7.1f} us {r['stream_bw_fraction']:5.3f}  "
-              f"max|diff| {r['max_abs_diff']:.2e}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-        del c
-    print("\nCOMPARE (same run)          classic    stream   target")
-    for v in VARIANTS:
-        lay = sum(layer[p][v] for p in PROJECTIONS)
-        res[v] = dict(lora_layer_us=lay, lora_layer_over_base=lay / base,
-                      lora_layer_us_per_proj={p: layer[p][v] for p in PROJECTIONS},
-                      lora_1tok_us_per_proj=statistics.median(one[p][v] for p in PROJECTIONS),
-                      lora_1tok_us={p: one[p][v] for p in PROJECTIONS},
-                      lora_32mb_bw_fraction_median=statistics.median(r[v + "_bw_fraction"] for r in big),
-                      num_32mb_shapes=len(big))
-    res["shapes"] = big
-    rows = [("lora_layer_us", "", "%.1f"), ("lora_layer_over_base", "<= 0.35", "%.3f"),
-            ("lora_1tok_us_per_proj", "<= 5", "%.2f"), ("lora_32mb_bw_fraction_median", ">= 0.6", "%.3f")]
-    for key, target, fmt in rows:
-        print(f"  {key:28s} {fmt % res['classic'][key]:>8s}  {fmt % res['stream'][key]:>8s}   {target}")
-    worst = max([r["max_abs_diff"] for r in big] + [layer[p]["max_abs_diff"] for p in layer]
-                + [one[p]["max_abs_diff"] for p in one])
-    res["max_abs_diff_stream_vs_classic"] = worst
-    print(f"  max |stream - classic| over every case: {worst:.2e}; base layer GEMMs {base:.1f} us; "
-          f"copy {bw:.0f} GB/s; {len(big)} shapes >= 32 MB; {time.perf_counter() - t0:.0f} s", flush=True)
+    if max_shapes is not None and len(shapes) > max_shapes:
+        shapes = [] if max_shapes <= 0 else [shapes[round(i * (len(shapes) - 1) / (max_shapes - 1))]
+                                             for i in range(max_shapes)] if max_shapes > 1 else shapes[:1]
+    for sh in shapes:
+        cases.append(("big", f"{sh[0]} r{sh[1]} L{sh[2]} T{sh[3]}", Case(*sh, dev, smoke)))
+    print(f"  {len(cases)} cases built [{time.perf_counter() - t0:.0f} s]", flush=True)
+    rows: dict[str, list[dict]] = {}
+    ref_outs: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first variant's (out, y0) per case
+    for v in variants:
+        rows[v] = []
+        for i, (kind, name, c) in enumerate(cases):
+            r = _run_case(c, VARIANTS[v], breakdown=kind == "layer")
+            out, y0 = r.pop("out"), r.pop("y0")
+            if v == variants[0]:
+                ref_outs.append((out, y0))
+            r["max_abs_diff"] = (out - ref_outs[i][0]).abs().max().item()
+            r["max_abs_delta"] = (ref_outs[i][0] - ref_outs[i][1]).abs().max().item()
+            if kind == "big":
+                r["bw_fraction"] = c.bytes / (r["us"] * 1e-6) / 1e9 / bw
+            r.update(kind=kind, case=name, mb=c.bytes / 1e6)
+            rows[v].append(r)
+            extra = f"  shrink {r['shrink']:.1f} + expand {r['expand']:.1f}" if "shrink" in r else ""
+            frac = f"  {r['bw_fraction']:.3f} of copy" if "bw_fraction" in r else ""
+            print(f"  {v:9s} {kind:5s} {name:22s} {r['us']:7.2f} us ({r['path']}){frac}{extra}  max|diff| "
+                  f"{r['max_abs_diff']:.2e} (|delta| {r['max_abs_delta']:.2e}) repeat-equal {r['repeat_equal']} "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        res[v] = s = _summary(rows[v], base)
+        print(f"SUMMARY {v}: layer {s['lora_layer_us']:.1f} us = {s['lora_layer_over_base']:.3f} of base (<= 0.35) "
+              f"[{', '.join(f'{p} {u:.1f}' for p, u in s['lora_layer_us_per_proj'].items())}]; 1 token median "
+              f"{s['lora_1tok_us_per_proj']:.2f} us (<= 5) [{', '.join(f'{p} {u:.2f}' for p, u in s['lora_1tok_us'].items())}]"
+              f"; >=32MB median {s['lora_32mb_bw_fraction_median']:.3f} of copy (>= 0.6, {s['num_32mb_shapes']} shapes)"
+              f"; idle (no adapter) {s['idle_us']:.2f} us; worst max|diff| {s['max_abs_diff']:.2e}; "
+              f"all repeats equal {s['all_repeat_equal']}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    res["rows"] = rows
+    print(f"\nCOMPARE (same run; base layer GEMMs {base:.1f} us, copy {bw:.0f} GB/s)")
+    print("  " + " " * 28 + "".join(f"{v:>11s}" for v in variants) + "   target")
+    for key, target, fmt in [("lora_layer_us", "", "%.1f"), ("lora_layer_over_base", "<= 0.35", "%.3f"),
+                             ("lora_1tok_us_per_proj", "<= 5", "%.2f"),
+                             ("lora_32mb_bw_fraction_median", ">= 0.6", "%.3f"), ("idle_us", "", "%.2f")]:
+        print(f"  {key:28s}" + "".join(f"{fmt % res[v][key]:>11s}" for v in variants) + f"   {target}")
     from loraserve.kernels.lora_expand import _STREAM_FAILED
 
     res["stream_fell_back_to_classic"] = sorted(str(k) for k in _STREAM_FAILED)
     if _STREAM_FAILED:
-        print(f"  WARNING: the streaming expand failed to compile for {res['stream_fell_back_to_classic']}: "
-              "those 'stream' figures are the classic kernel's", flush=True)
-    lora_meta.LORA_STREAM = VARIANTS[default]
+        print(f"  WARNING: the streaming expand failed to compile for {res['stream_fell_back_to_classic']}", flush=True)
+    for c in cases:
+        c[2].use_variant(VARIANTS["stream"])  # leave the process default behind
     return res
+
+
+def _summary(rows: list[dict], base: float) -> dict:
+    layer = {r["case"]: r["us"] for r in rows if r["kind"] == "layer"}
+    one = {r["case"]: r["us"] for r in rows if r["kind"] == "1tok"}
+    big = [r["bw_fraction"] for r in rows if r["kind"] == "big"]
+    lay = sum(layer.values())
+    return dict(lora_layer_us=lay, lora_layer_over_base=lay / base, lora_layer_us_per_proj=layer,
+                lora_1tok_us_per_proj=statistics.median(one.values()), lora_1tok_us=one,
+                lora_32mb_bw_fraction_median=statistics.median(big) if big else float("nan"),
+                num_32mb_shapes=len(big), idle_us=next(r["us"] for r in rows if r["kind"] == "idle"),
+                max_abs_diff=max(r["max_abs_diff"] for r in rows),
+                all_repeat_equal=all(r["repeat_equal"] for r in rows))
+
+
+SHORT = dict(shrink_per_sm="s", expand_per_sm="e", block_k="bk", block_n="bn", num_warps="w", num_stages="st")
+
+
+def sweep_onelaunch(smoke: bool = False, budget_s: float | None = None) -> None:
+    """lora_onelaunch plan knobs, us per projection: shrink programs per SM (SPLIT_K) x expand
+    programs per SM (column groups), then BLOCK_K / BLOCK_N / warps at the default split, on
+    the 64-token / 32-adapter layer case and at 1 token. Stops starting new rows after budget_s
+    seconds (most telling rows first)."""
+    print("\nsweep-onelaunch: rank 16; s = shrink programs/SM, e = expand programs/SM", flush=True)
+    t0 = time.perf_counter()
+    grid = [dict(shrink_per_sm=s, expand_per_sm=e) for s in (1, 2, 4) for e in (2, 4, 8)]
+    grid += [dict(block_k=128), dict(block_k=256), dict(block_n=64), dict(num_warps=8), dict(num_stages=2),
+             dict(num_stages=4)]
+    rows = [(label, L, T, proj) for label, L, T in (("layer", 32, 64), ("1tok", 1, 1))
+            for proj in ("gate_up", "qkv", "down", "o")]
+    for label, L, T, proj in rows:
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            print(f"sweep-onelaunch: budget of {budget_s:.0f} s spent; rows left out from {label} {proj}", flush=True)
+            break
+        c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, L, T)
+        cells = []
+        for cfg in grid:
+            key = ",".join(f"{SHORT[k]}{v}" for k, v in cfg.items())
+            try:
+                cells.append(f"{key}:{c.time('onelaunch', cfg=cfg):.1f}")
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile: report, go on
+                cells.append(f"{key}:ERR({type(exc).__name__})")
+        print(f"{label} {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        del c
 
 
 def sweep_stream(smoke: bool = False) -> None:

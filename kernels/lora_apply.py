@@ -16,7 +16,9 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
 Shrink configs and the expand kernel come in two variants, switched by LORASERVE_LORA_STREAM
 (lora_meta.LORA_STREAM; on by default): the streaming expand (lora_expand_stream.py) with
 the shrink's grid-aware split-K, or the classic kernels (=0). The workspace shape follows it.
-The fused kernel is opt-in (LORASERVE_LORA_FUSED=1) until its grid barrier has been run
+The one-launch ticketed kernel (lora_onelaunch.py, no residency requirement, <= 256 tokens,
+rank <= 64, <= 3 slices, not fp32 on a GPU) is opt-in: LORASERVE_LORA_ONELAUNCH=1; it comes
+first when on. The fused kernel is opt-in (LORASERVE_LORA_FUSED=1) until its grid barrier has been run
 on a GPU: it was written after the last GPU run of its session (see kernels/PERF_NOTES.md).
 """
 from __future__ import annotations
@@ -30,6 +32,9 @@ from ._triton import interpret_mode, triton_available
 from .lora_meta import LoRAMeta
 
 FUSED_ENABLED = os.environ.get("LORASERVE_LORA_FUSED", "0").strip() not in ("", "0")
+# One launch per projection with ticketed roles (lora_onelaunch.py): no residency requirement.
+# Opt-in (LORASERVE_LORA_ONELAUNCH=1) until GPU figures say otherwise; read at each call.
+ONELAUNCH_ENABLED = os.environ.get("LORASERVE_LORA_ONELAUNCH", "0").strip() not in ("", "0")
 
 
 def use_triton(x: Tensor) -> bool:
@@ -39,12 +44,18 @@ def use_triton(x: Tensor) -> bool:
 
 def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tuple[str, tuple[int, ...], dict | None]:
     """(path, float32 workspace shape, fused plan or None) for these shapes; path is one of
-    "reference", "fused", "partials", "reduced"."""
+    "reference", "onelaunch", "fused", "partials", "reduced"."""
     T, (_, S, R, H), N = x.shape[0], lora_a.shape, lora_b.shape[1]  # lora_a: [L, S, R, H]
     if not use_triton(x):
         return "reference", (S, T, R), None
     from .lora_fused import fused_plan
     from .lora_shrink import shrink_split_k
+
+    if ONELAUNCH_ENABLED and not (x.is_cuda and x.dtype == torch.float32):  # fp32 dots spill on sm_90
+        from .lora_onelaunch import onelaunch_applies, onelaunch_split_k
+
+        if onelaunch_applies(T, R, S):
+            return "onelaunch", (onelaunch_split_k(x, lora_a, lora_b, meta), S, T, R), None
 
     plan = fused_plan(T, meta.max_slots, meta.block_m, R, H, N, S, x.device) if FUSED_ENABLED else None
     if plan is not None:
@@ -85,6 +96,15 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
 
         lora_shrink_ref(x, lora_a, meta, ranks, buf)
         return lora_expand_ref(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)
+    if path == "onelaunch":
+        from .lora_onelaunch import lora_onelaunch
+
+        lora_onelaunch(x, lora_a, lora_b, slice_offsets, meta, ranks, y, buf)
+        if scale is not None:  # no epilogue scale in this kernel: a graph-safe torch pass after it
+            from .reference import dora_scale_rows
+
+            dora_scale_rows(y, scale, meta, ranks, shift)
+        return y
     if path == "fused":
         from .lora_fused import lora_shrink_expand
 

@@ -187,3 +187,43 @@ def test_cuda_graph_replay_matches_eager_both_variants(stream: bool) -> None:
         check_graph_replay_matches_eager(1, 16)
     finally:
         lora_meta.LORA_STREAM = old
+
+
+ONELAUNCH_CASES = [(1, 1, "uniform", 16), (3, 8, "mixed-ranks", 64), (64, 32, "distinct", 16),
+                   (64, 32, "no-adapter-rows", 16), (200, 8, "zipf:1.5", 32)]
+
+
+def _onelaunch_cases_in_this_process() -> int:
+    """Every one-launch case at Llama-3-8B shapes (each run twice: identical bits, counters reset)
+    and lora_apply's graph replay with the one-launch path on; returns how many cases ran."""
+    from . import onelaunch_cases
+
+    ran = 0
+    for proj, (hidden, widths) in PROJECTIONS.items():
+        for num_tokens, num_slots, composition, max_rank in ONELAUNCH_CASES:
+            onelaunch_cases.check_onelaunch_matches_reference("bfloat16", hidden, max_rank, widths, num_tokens,
+                                                              num_slots, composition, device="cuda")
+            ran += 1
+    import importlib
+
+    importlib.import_module("loraserve.kernels.lora_apply").ONELAUNCH_ENABLED = True  # this child only
+    check_graph_replay_matches_eager(1, 16)
+    check_graph_replay_matches_eager(64, 16)
+    return ran
+
+
+def test_onelaunch_llama3_8b_bf16() -> None:
+    """The ticketed one-launch kernel (spin waits on per-tile counters) in a child process with a
+    time limit: a wait that never ends must fail this test, not hang the suite."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("from tests.kernels.test_lora_gpu import _onelaunch_cases_in_this_process as f; "
+            "n = f(); assert n == 20, n; print('onelaunch cases', n)")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("one-launch LoRA kernel did not finish in 240 s: a wait never ended")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

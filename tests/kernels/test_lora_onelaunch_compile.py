@@ -1,0 +1,82 @@
+"""The one-launch LoRA kernel (kernels/lora_onelaunch.py) compiled offline for sm_90 on a machine
+without a GPU (as test_lora_stream_compile.py does for the streaming expand): the whole NVIDIA
+pipeline runs, so a kernel that would not compile or would spill registers fails in CPU CI.
+Plans are onelaunch_plan's for Llama-3-8B projections at 1 token, the 64-token / 32-adapter layer
+case and 256 tokens at rank 64."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+pytestmark = [
+    pytest.mark.skipif(not triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real"),
+]
+
+INTS = ["K", "N", "R", "K_CHUNK", "COLS_PER_PROG", "NUM_TILES", "GROUPS", "NUM_PROGRAMS",
+        "stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak", "stride_bl", "stride_bn",
+        "stride_bk", "stride_ym", "stride_yn", "stride_wk", "stride_ws", "stride_wm", "stride_wr"]
+UNIT = ("stride_xk", "stride_ak", "stride_bk", "stride_yn", "stride_wr")  # Triton specialises == 1
+
+
+def compile_sm90(num_slices: int, block_m: int, plan: dict, grid_tiles: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from loraserve.kernels.lora_onelaunch import _lora_onelaunch_kernel
+
+    sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+           "sync_ptr": "*i32", "ranks_ptr": "*i32", "slice_off_ptr": "*i32", "sorted_ids_ptr": "*i32",
+           "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32"}
+    sig.update({n: "i32" for n in INTS})
+    const = dict(NUM_SLICES=num_slices, SPLIT_K=plan["SPLIT_K"], SK_CHUNK=plan["SK_CHUNK"], BLOCK_M=block_m,
+                 BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"], BLOCK_R=plan["BLOCK_R"],
+                 SYNC_P2=triton.next_power_of_2(2 + grid_tiles), CAST=True, IEEE=False)
+    const.update({n: 1 for n in UNIT})
+    sig.update({n: "constexpr" for n in const})
+    names = list(sig)
+    div16 = [n for n in names if sig[n] not in ("constexpr",) and n not in ("R", "NUM_TILES", "GROUPS", "NUM_PROGRAMS")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    try:
+        src = ASTSource(fn=_lora_onelaunch_kernel, signature=sig,
+                        constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=plan["num_warps"], num_stages=plan["num_stages"]))
+    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
+        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+
+
+def resource_usage(kernel) -> str:
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return ""
+    path = f"/tmp/lora_onelaunch_{os.getpid()}.cubin"
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    os.unlink(path)
+    return usage
+
+
+@pytest.mark.parametrize("num_tokens,grid_tiles,rank", [(1, 2, 16), (64, 36, 16), (256, 48, 64)])
+@pytest.mark.parametrize("hidden,widths", [(4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096])])
+def test_onelaunch_compiles_for_sm90_without_spills(num_tokens, grid_tiles, rank, hidden, widths):
+    from loraserve.kernels.lora_onelaunch import onelaunch_plan
+
+    plan = onelaunch_plan(num_tokens, rank, hidden, sum(widths), len(widths), 16, grid_tiles)
+    k = compile_sm90(len(widths), 16, plan, grid_tiles)
+    ptx = k.asm["ptx"]
+    assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
+    assert "atom.global" in ptx or "atom.acq_rel" in ptx or "atom." in ptx, "expected the ticket atomics"
+    assert k.metadata.shared <= 100 * 1024, f"shared memory {k.metadata.shared} B"
+    usage = resource_usage(k)
+    if usage:
+        assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"

@@ -12,9 +12,10 @@ Keys: decode_bs1_speedup, decode_bs64_speedup, prefill_speedup, kv_blocks_ratio 
 with the same kv_cache_config, FP8 / bf16; kv_blocks_per_gib_ratio: per byte of cache alone),
 lora32_vs_nolora_fp8 (batch 64, 32 rank-16 adapters), top1_agreement_vs_bf16, max_logit_error.
 The FP8 KV cache is used where models/fp8.py accepts it on the device (--kv-cache-fp8 auto; the Triton
-attention kernels read e4m3 on CUDA). Every M runs _scaled_mm (models/fp8.py); LORASERVE_FP8_SMALL_M=64
-measures the opt-in Triton W8A16 kernel for decode instead (0.35x bf16 at batch 1 on the H200, untuned). Prefill is timed after two untimed prefills of
-the same shape, on fresh prompts, alike for both engines.
+attention kernels read e4m3 on CUDA). GEMMs of M <= LORASERVE_FP8_GEMV_MAX_M tokens run the weight-only
+FP8 GEMV (kernels/fp8_gemv.py; tile table from benchmarks/fp8_gemv_sweep.py), larger ones _scaled_mm
+(models/fp8.py). Prefill is timed after two untimed prefills of the same shape, on fresh prompts, alike
+for both engines.
 """
 from __future__ import annotations
 
@@ -192,29 +193,31 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
             # the engine's own dispatch: a teacher-forced chunk of ~80 tokens is prefill-sized, so on the GPU
             # its GEMMs run W8A8 (_scaled_mm, activations rounded to e4m3 per token), as a served prompt's do
             res = _compare(all_logits(), ref, "")
-            # every GEMM weight-only (the Triton W8A16 kernel that decode's M <= 64 steps take): the numerics
-            # of the generated tokens. Same engine; the path is chosen per call
-            old = os.environ.get("LORASERVE_FP8_SMALL_M")
-            os.environ["LORASERVE_FP8_SMALL_M"] = str(1 << 30)
+            # every GEMM weight-only (the FP8 GEMV that decode's steps take): the numerics of the generated
+            # tokens. Same engine; the path is chosen per call
+            old = os.environ.get("LORASERVE_FP8_GEMV_MAX_M")
+            os.environ["LORASERVE_FP8_GEMV_MAX_M"] = str(1 << 30)
             try:
                 res.update(_compare(all_logits(), ref, "_w8a16"))
             finally:
                 if old is None:
-                    os.environ.pop("LORASERVE_FP8_SMALL_M")
+                    os.environ.pop("LORASERVE_FP8_GEMV_MAX_M")
                 else:
-                    os.environ["LORASERVE_FP8_SMALL_M"] = old
+                    os.environ["LORASERVE_FP8_GEMV_MAX_M"] = old
         free(engine)
         engine = None
     return res
 
 
 def gemm_micro(iters: int = 50) -> dict:
-    """us per GEMM and weight GB/s at Llama-3-8B projection shapes (CUDA only): bf16 F.linear, the W8A16
-    Triton kernel, and _scaled_mm with the fused per-token quantization, at decode and prefill M."""
+    """us per GEMM and weight GB/s at Llama-3-8B projection shapes (CUDA only, eager launches: host costs
+    included; benchmarks/fp8_gemv_sweep.py times CUDA graphs): bf16 F.linear, the FP8 GEMV, and _scaled_mm
+    with the fused per-token quantization, at decode and prefill M."""
     import torch.nn.functional as F
 
     from loraserve.inference.models.fp8 import quantize_per_channel, scaled_mm_rowwise
-    from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm, per_token_quant_fp8
+    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+    from loraserve.kernels.fp8_gemv import fp8_gemv
 
     copies = 8   # weights rotate over 8 copies: > the 50 MB L2 even for o_proj in FP8 (16 MB each)
 
@@ -238,13 +241,20 @@ def gemm_micro(iters: int = 50) -> dict:
             row = {"bf16": us(lambda i: F.linear(x, ws[i])),
                    "scaled_mm": us(lambda i: scaled_mm_rowwise(*per_token_quant_fp8(x), *qs[i], torch.bfloat16))}
             if m <= 64:
-                row["w8a16"] = us(lambda i: fp8_w8a16_gemm(x, *qs[i]))
-                row["w8a16_weight_GBps"] = n * k / row["w8a16"] / 1e3
+                row["gemv"] = us(lambda i: fp8_gemv(x, *qs[i]))
+                row["gemv_weight_GBps"] = n * k / row["gemv"] / 1e3
                 row["bf16_weight_GBps"] = 2 * n * k / row["bf16"] / 1e3
             out[f"{name}_m{m}_us"] = {key: round(v, 2) for key, v in row.items()}
         ws = qs = None
         torch.cuda.empty_cache()
     return out
+
+
+def fp8_gemv_max_m_setting() -> str:
+    from loraserve.inference.models.fp8 import DEFAULT_GEMV_MAX_M, gemv_max_m
+
+    raw = os.environ.get("LORASERVE_FP8_GEMV_MAX_M")
+    return f"{gemv_max_m()} ({'LORASERVE_FP8_GEMV_MAX_M' if raw else f'default {DEFAULT_GEMV_MAX_M}'})"
 
 
 def main() -> int:
@@ -287,7 +297,7 @@ def main() -> int:
              "exclude_modules": a.exclude_modules.split(",") if a.exclude_modules else None}
     res: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "layers": a.layers if not a.tiny else 2,
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
-                 "quant_config": quant, "fp8_small_m": os.environ.get("LORASERVE_FP8_SMALL_M", "default (0: W8A8 at every M)")}
+                 "quant_config": quant, "fp8_gemv_max_m": fp8_gemv_max_m_setting()}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
     if on_gpu and not a.skip_micro:
         try:   # diagnostics only: a failure here must not cost the engine figures

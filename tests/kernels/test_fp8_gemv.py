@@ -1,0 +1,174 @@
+"""The weight-only FP8 decode GEMV (kernels/fp8_gemv.py) against the torch reference: on the CPU through
+Triton's interpreter (a spawned TRITON_INTERPRET=1 worker) on small shapes with N/K tails, both kernels
+(CUDA-core gemv for M <= 4, swap-AB tl.dot above), split-K, bias; on the GPU at Llama-3-8B shapes, with
+a CUDA-graph replay; plus the config table / heuristic and models/fp8.py's dispatch switch."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+from . import fp8_gemm_cases as cases
+from .interpreter import interpreter_pool, interpreting
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[ProcessPoolExecutor]:
+    if not triton_available():
+        pytest.skip("triton not installed")
+    yield from interpreter_pool(interpreting)
+
+
+def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
+    pool.submit(fn, *args).result(timeout=300)
+
+
+@pytest.mark.parametrize("m,n,k,bias,config", [
+    (1, 40, 96, False, None),                              # heuristic gemv; K tail (96 < one 128 tile)
+    (1, 37, 272, True, ("gemv", 1, 8, 64, 1, 4, 1)),       # odd N (tail tile), K tail 272 = 4 x 64 + 16
+    (3, 24, 272, True, ("gemv", 4, 8, 64, 3, 4, 1)),       # 3 rows in a 4-row tile; split-K 3 (last split short)
+    (3, 40, 128, False, ("gemv", 2, 8, 32, 2, 4, 1)),      # 2-row tiles: rows 0-1, then 2 (+ a masked one)
+    (5, 16, 64, False, ("gemv", 1, 4, 32, 2, 4, 1)),       # 5 one-row tiles side by side, 2 even splits
+    (17, 40, 96, True, None),                              # heuristic: tl.dot, 32-row tile, K tail
+    (17, 37, 272, False, ("dot", 16, 16, 32, 3, 4, 2)),    # two 16-row tiles, odd N, split-K with a tail
+])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
+def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
+    _run(interp, cases.check_gemv, dtype, m, n, k, bias, "cpu", config)
+
+
+def test_gemv_configs() -> None:
+    """Every config fp8_gemv would pick for the 8B decode shapes (table or heuristic) is valid: gemv tiles
+    of 1/2/4 rows, dot tiles of 16-64 rows, whole K tiles per split, and >= 1 program per SM (132)."""
+    from loraserve.kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from loraserve.kernels import fp8_gemv as fg
+
+    for m in range(1, 65):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+            kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)
+            assert kind in ("gemv", "dot") and warps in (1, 2, 4, 8, 16)
+            if kind == "gemv":
+                assert bm in (1, 2, 4)
+            else:
+                assert 16 <= bm <= 64 and bm >= min(m, 16)
+            assert k % bk == 0 and split >= 1 and k >= split * bk
+            assert -(-n // bn) * -(-m // bm) * split >= 132, (m, n, k, fg.gemv_config(m, n, k, 132))
+    assert fg.m_bucket(1) == 1 and fg.m_bucket(3) == 4 and fg.m_bucket(33) == 64 and fg.m_bucket(100) == 100
+
+
+def test_env_config_table(tmp_path, monkeypatch) -> None:
+    """LORASERVE_FP8_GEMV_CONFIGS (the sweep's --configs-out) overrides the table; a bad file is ignored."""
+    if not triton_available():
+        pytest.skip("triton not installed")
+    import json
+
+    from loraserve.kernels import fp8_gemv as fg
+
+    cfg = ["gemv", 1, 16, 256, 2, 4, 1]
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"1,4096,4096": cfg}))
+    monkeypatch.setattr(fg, "CONFIGS", {})
+    monkeypatch.setattr(fg, "_env_loaded", False)
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_CONFIGS", str(path))
+    assert fg.gemv_config(1, 4096, 4096, 132) == tuple(cfg)
+    assert fg.gemv_config(3, 4096, 4096, 132)[1] == 4      # bucket 4: not in the file -> heuristic
+    monkeypatch.setattr(fg, "CONFIGS", {})
+    monkeypatch.setattr(fg, "_env_loaded", False)
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_CONFIGS", str(tmp_path / "missing.json"))
+    assert fg.gemv_config(1, 4096, 4096, 132) == fg.heuristic_config(1, 4096, 4096, 132)
+
+
+def test_dispatch_gemv(monkeypatch) -> None:
+    """fp8_linear's choice from (device, M, env): CPU always dequantizes; on CUDA (sm >= 89) M <=
+    LORASERVE_FP8_GEMV_MAX_M takes the GEMV, above it _scaled_mm; a bad value is a clear error."""
+    from loraserve.inference.models import fp8
+
+    w = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
+    assert fp8.gemm_path(torch.zeros(1, 64), w) == "dequant"
+    monkeypatch.delenv("LORASERVE_FP8_GEMV_MAX_M", raising=False)
+    assert fp8.gemv_max_m() == fp8.DEFAULT_GEMV_MAX_M
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "0")
+    assert fp8.gemv_max_m() == 0
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "lots")
+    with pytest.raises(ValueError, match="LORASERVE_FP8_GEMV_MAX_M"):
+        fp8.gemv_max_m()
+    if torch.cuda.is_available() and triton_available() and torch.cuda.get_device_capability() >= (8, 9):
+        wc = w.cuda()
+        monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "16")
+        assert fp8.gemm_path(torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda"), wc) == "gemv"
+        assert fp8.gemm_path(torch.zeros(17, 64, dtype=torch.bfloat16, device="cuda"), wc) == "scaled_mm"
+        monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "0")
+        assert fp8.gemm_path(torch.zeros(1, 64, dtype=torch.bfloat16, device="cuda"), wc) == "scaled_mm"
+
+
+def _gpu_fp8() -> bool:
+    return torch.cuda.is_available() and triton_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 33, 64])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096), (4096, 4096)])
+def test_gemv_gpu(dtype, m, n, k) -> None:
+    cases.check_gemv(dtype, m, n, k, bias=(m == 3), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [("gemv", 1, 8, 512, 1, 4, 1), ("gemv", 4, 4, 512, 4, 4, 1),
+                                    ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3)])
+def test_gemv_gpu_forced_configs(config) -> None:
+    # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
+    cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_gemv_cuda_graph_replay(m) -> None:
+    """Captured in a CUDA graph (workspace allocated in the graph's pool), replay equals eager bit for bit."""
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    w_q, w_scale = cases.make_weight(4096, 14336, 0, "cuda")
+    x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+    eager = fp8_gemv(x, w_q, w_scale)
+    out = torch.empty_like(eager)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8_gemv(x, w_q, w_scale, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fp8_gemv(x, w_q, w_scale, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_fp8_linear_gemv_path_gpu(m, monkeypatch) -> None:
+    """fp8_linear through the GEMV path (dispatch on) within bf16 rounding of the weight-only reference."""
+    from loraserve.inference.models import fp8
+
+    if not _gpu_fp8():
+        pytest.skip("FP8 path needs sm >= 89")
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "64")
+    w_q, w_scale = cases.make_weight(6144, 4096, 5, "cuda")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    assert fp8.gemm_path(x, w_q) == "gemv"
+    y = fp8.fp8_linear(x, w_q, w_scale, None).float()
+    ref = x.float() @ (w_q.float() * w_scale[:, None]).t()
+    assert float((y - ref).norm() / ref.norm()) < 1e-2
+    assert not fp8._BROKEN, fp8._BROKEN

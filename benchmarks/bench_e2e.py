@@ -10,8 +10,9 @@ at most C in flight (closed loop):
   3. the physical-limit time of that load: prefill FLOPs at the GEMM peak + the decode steps'
      bytes (weights once per step, ceil(decode tokens / C) steps, plus every decode token's KV
      context) at the copy bandwidth; printed with the measured wall time and their ratio;
-  4. host time per decode step at batch B (default 64): step() wall time minus the time it spent
-     blocked on the device, over decode-only steps of B fresh requests;
+  4. host time per decode step at batch B (default 64): the engine thread's step_pending() wall time
+     minus the time it spent blocked on the device, over decode-only steps of B fresh requests (the
+     stream messages, built on the consumer's thread in the server, are timed apart);
   5. --grpc: the same load through a real `loraserve serve` subprocess on loopback (closed loop),
      and --grpc-rate R: Poisson arrivals at R req/s through gRPC and in-process;
   6. --with-lora: the older flow (N Zipf-popular rank-r adapters vs base, in-process and gRPC).
@@ -116,10 +117,15 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
         engine.step()
     n0, w0 = engine.num_steps, engine.device_wait_s
     engine.step_trace = trace = []
+    build = 0.0
     t = time.perf_counter()
     for _ in range(steps):
-        engine.step()
-    wall = time.perf_counter() - t
+        pending = engine.step_pending()   # the engine thread's share, as AsyncLLM drives it
+        c = time.perf_counter()
+        for p in pending:                 # the consumer's (AsyncLLM: the event-loop thread, during the wait)
+            p.build().outputs[0].text_diff
+        build += time.perf_counter() - c
+    wall = time.perf_counter() - t - build
     engine.step_trace = None
     n, wait = engine.num_steps - n0, engine.device_wait_s - w0
     launch_ms = 1e3 * sum(r.launched_at - r.start for r in trace) / n
@@ -140,7 +146,8 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
-            "launch_ms": launch_ms, "post_ms": post_ms, "async_scheduling": engine.async_scheduling}
+            "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3,
+            "async_scheduling": engine.async_scheduling}
 
 
 def profile_mixed_steps(engine, batch: int, prompt_len: int, vocab: int, steps: int = 4, rows: int = 14) -> dict:
@@ -440,7 +447,8 @@ def main() -> int:
     s["host_ms_per_decode_step"] = s["host"]["host_ms"]
     h = s["host"]
     print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms = launch "
-          f"{h['launch_ms']:.3f} + post {h['post_ms']:.3f}", flush=True)
+          f"{h['launch_ms']:.3f} + post {h['post_ms']:.3f}; + messages built off the engine thread "
+          f"{h['build_ms']:.3f}", flush=True)
     if a.profile_mixed:
         s["mixed_profile"] = profile_mixed_steps(engine, a.decode_batch, a.input_mean, engine.args.vocab_size)
     del engine, target   # one model on the device at a time
@@ -511,7 +519,8 @@ def print_headline(s: dict) -> None:
     h = s["host"]
     print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms "
           f"(wall minus time blocked on the device) = schedule+inputs+launch {h.get('launch_ms', 0):.3f} ms "
-          f"+ post-processing {h.get('post_ms', 0):.3f} ms")
+          f"+ post-processing {h.get('post_ms', 0):.3f} ms; messages built off the engine thread "
+          f"{h.get('build_ms', 0):.3f} ms")
     if "grpc_error" in s:
         print(f"gRPC run failed: {s['grpc_error']}")
     if "grpc" in s:

@@ -23,6 +23,7 @@ from loraserve.config import LoRARequest, SamplingParams
 
 from .engine import LLMEngine
 from .errors import EngineDeadError, EngineStepError, InvalidRequestError
+from .output_builder import PendingOutput
 from .outputs import RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class AsyncLLM:
         tp = getattr(engine, "tp", None)
         if tp is not None:
             tp.executor.on_death.append(lambda reason: self.call(self._end_if_worker_died))
-        self.on_step: Callable[[list[RequestOutput]], None] | None = None
+        # an observer of every step's messages (PendingOutput: request_id, finished, error; build() is the
+        # consumer's, in order)
+        self.on_step: Callable[[list[PendingOutput]], None] | None = None
 
     # ---- public API (any thread / event loop) -----------------------------------------------
     @property
@@ -167,7 +170,7 @@ class AsyncLLM:
                     break
                 if self.engine.has_unfinished_requests():
                     try:
-                        outputs = self.engine.step()
+                        outputs = self.engine.step_pending()   # built on the consumers' loops (_put_all)
                     except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
                         self._deliver_undelivered()
                         self._fail_running(exc)
@@ -255,5 +258,13 @@ class AsyncLLM:
 
 
 def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    """On the consumers' event loop: build the step's messages (detokenization included) while the engine
+    thread waits for the device, and queue them."""
     for q, item in puts:
+        if type(item) is PendingOutput:
+            try:
+                item = item.build()
+            except Exception as exc:  # noqa: BLE001 - this stream's failure, not the loop's
+                log.exception("building a stream message failed")
+                item = EngineStepError(f"building the output failed: {exc!r}")
         q.put_nowait(item)

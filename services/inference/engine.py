@@ -22,7 +22,8 @@ from .detokenizer import IncrementalDetokenizer, TokenizerWrapper
 from .errors import InvalidRequestError
 from .model_runner import ModelRunner, StepOutput
 from .models.loader import load_model
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .output_builder import PendingOutput
+from .outputs import RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 from .tp import start_tensor_parallel
@@ -160,11 +161,16 @@ class LLMEngine:
         seq.max_num_tokens = min(len(ids) + params.max_tokens, self.max_seq_len)
         seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
+        seq.lazy_text = not params.stop    # no stop string: the text is built with the stream messages
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        pending = self._abort(request_id)
+        return None if pending is None else pending.build()
+
+    def _abort(self, request_id: str) -> PendingOutput | None:
         seq = self.seqs.pop(request_id, None)
         if seq is None or seq.is_finished:
             return None
@@ -173,7 +179,7 @@ class LLMEngine:
         seq.drop_placeholders()      # a step in flight may still sample for it; that token is dropped
         self.scheduler.finish(seq)
         self._release_adapter(seq)
-        return self._output(seq)
+        return PendingOutput(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
@@ -204,6 +210,12 @@ class LLMEngine:
         """One iteration; returns a RequestOutput for every request that made progress.
         Serial: schedule, launch, wait, post-process. Overlapped (async_scheduling): schedule and launch
         step N+1 first, then wait for step N and post-process it while the device runs N+1."""
+        return [pending.build() for pending in self.step_pending()]
+
+    def step_pending(self) -> list[PendingOutput]:
+        """`step()` whose messages are built later, by the caller (AsyncLLM: on the event-loop thread);
+        each PendingOutput's build() gives the RequestOutput step() would have returned. Build the
+        messages of one request in order."""
         trace = self.step_trace
         t0 = time.perf_counter() if trace is not None else 0.0
         batch = self.scheduler.schedule()
@@ -211,7 +223,7 @@ class LLMEngine:
         failed = []
         for seq, exc in self.scheduler.take_failed():
             seq.error = f"adapter {getattr(seq.lora, 'name', '')!r} could not be loaded: {exc}"
-            failed.append(self.abort_request(seq.request_id))
+            failed.append(self._abort(seq.request_id))
         outputs = [out for out in failed if out is not None]
         self.num_steps += 1
         try:
@@ -247,12 +259,12 @@ class LLMEngine:
         self.scheduler.on_launched(batch, out.seqs)
         return batch, out
 
-    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[PendingOutput]:
         tokens, logprobs, ok, top = out.fetch()
         self.device_wait_s += out.wait_s
         now = time.monotonic()
         finished = SequenceStatus.FINISHED
-        append_token, output = self._append_token, self._output
+        append_token, output = self._append_token, PendingOutput
         interval = self.config.stream_interval
         outputs, ended = [], []
         for seq, token, logprob, good, alts in zip(out.seqs, tokens, logprobs, ok, top):
@@ -314,8 +326,11 @@ class LLMEngine:
         if may_stop and token in seq.stop_ids:        # stop_token_ids, and EOS unless ignore_eos
             seq.finish_reason, seq.stop_reason = "stop", token
             return
-        before = len(seq.output_text)
-        seq.output_text += seq.detok.add(token)
+        if seq.lazy_text:                             # no stop string: detokenized with the messages
+            seq.num_text_tokens = n_out
+        else:
+            before = len(seq.output_text)
+            seq.output_text += seq.detok.add(token)
         if may_stop and p.stop:
             longest = max(len(s) for s in p.stop)
             window_start = max(0, before - longest + 1)
@@ -328,25 +343,3 @@ class LLMEngine:
                 return
         if n_out >= p.max_tokens or n_known >= self.max_seq_len:
             seq.finish_reason = "length"
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        finished = seq.finish_reason is not None
-        text = seq.output_text
-        visible = len(text)
-        if not finished and seq.sampling_params.stop:
-            # hold back a tail that could still grow into a stop string
-            visible = max(seq.sent_text, len(text) - max(len(s) for s in seq.sampling_params.stop) + 1)
-        all_ids = seq.token_ids
-        ids = all_ids[len(seq.prompt_token_ids):len(all_ids) - seq.num_pending]  # a fresh list: host-known outputs
-        want_logprobs = seq.sampling_params.logprobs
-        comp = CompletionOutput(
-            0, text if visible == len(text) else text[:visible], ids, seq.finish_reason, seq.stop_reason,
-            list(seq.logprobs) if want_logprobs is not None else None,
-            list(seq.top_logprobs) if want_logprobs else None,
-            seq.cumulative_logprob, text[seq.sent_text:visible], ids[seq.sent_tokens:])
-        seq.sent_text, seq.sent_tokens = visible, len(ids)
-        metrics = RequestMetrics(seq.arrival_time, seq.scheduled_time, seq.first_token_time, seq.finished_time,
-                                 seq.num_preemptions)
-        # the prompt list is shared, not copied per step: the engine never changes it
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], finished, metrics,
-                             seq.lora_request, seq.adapter_key, error=seq.error)

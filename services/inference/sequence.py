@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,12 @@ class Sequence:
     stop_ids: frozenset = frozenset()     # token ids that end it: stop_token_ids, + EOS unless ignore_eos (engine)
     detok: Any = None                     # detokenizer.IncrementalDetokenizer
     generator: Any = None                 # torch.Generator for seeded sampling
+    # text: a request without stop strings is detokenized lazily, by whoever builds its stream messages
+    # (output_builder.py); one with stop strings by the engine, token by token
+    lazy_text: bool = False
+    num_text_tokens: int = 0              # outputs whose text belongs to the output (a stop token's does not)
+    num_detokenized: int = 0              # outputs already through `detok` (lazy requests)
+    output_lock: Any = field(default_factory=threading.Lock)   # stream messages are built under it
     # what the last stream message covered
     sent_tokens: int = 0
     sent_text: int = 0

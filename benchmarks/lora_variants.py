@@ -143,10 +143,9 @@ def sweep_onelaunch(smoke: bool = False, budget_s: float | None = None) -> None:
     print("\nsweep-onelaunch: rank 16; s = shrink programs/SM, e = expand programs/SM", flush=True)
     t0 = time.perf_counter()
     grid = [dict(shrink_per_sm=s, expand_per_sm=e) for s in (1, 2, 4) for e in (2, 4, 8)]
-    grid += [dict(block_k=128), dict(block_k=256), dict(block_n=64), dict(num_warps=8), dict(num_stages=2),
-             dict(num_stages=4)]
-    rows = [(label, L, T, proj) for label, L, T in (("layer", 32, 64), ("1tok", 1, 1))
-            for proj in ("gate_up", "qkv", "down", "o")]
+    grid += [dict(block_k=128), dict(block_k=256), dict(block_n=64), dict(num_warps=8), dict(num_stages=4)]
+    rows = [(label, L, T, proj) for proj in ("gate_up", "qkv", "down", "o")
+            for label, L, T in (("layer", 32, 64), ("1tok", 1, 1))]
     for label, L, T, proj in rows:
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
             print(f"sweep-onelaunch: budget of {budget_s:.0f} s spent; rows left out from {label} {proj}", flush=True)

@@ -107,7 +107,13 @@ def precompile(cfgs: list[tuple], jobs: int, timeout: float) -> None:
 
 
 def graph_us(fn, copies: int, reps: int = 10) -> float:
-    """us per call: one CUDA graph of `copies` calls (one per weight copy), replayed `reps` times."""
+    """us per call: one CUDA graph of `copies` calls (one per weight copy), replayed `reps` times
+    (on the CPU, --smoke: wall clock of one pass, to exercise the sweep's code only)."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for i in range(copies):
+            fn(i)
+        return (time.perf_counter() - t) * 1e6 / copies
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -150,29 +156,32 @@ def sweep(a) -> dict:
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
     t0 = time.perf_counter()
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    shapes = {name: SHAPES[name] for name in a.shapes.split(",")}
+    cuda = torch.cuda.is_available()
+    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float16)   # the interpreter mishandles bf16
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else NUM_SMS_H200
+    shapes = {name: SHAPES[name] for name in a.shapes.split(",")} if cuda else {"tiny": (48, 256)}
     ms = [int(v) for v in a.ms.split(",")]
     all_cfgs = [c for n, k in shapes.values() for m in ms for c in candidates(m, n, k, num_sms)]
     if a.jobs > 0:
         precompile(all_cfgs, a.jobs, timeout=a.budget_s / 3)
-    res = {"device": torch.cuda.get_device_name(), "num_sms": num_sms, "copy_GBps": copy_bandwidth() / 1e9,
-           "read_GBps": read_bandwidth() / 1e9, "rows": [], "best": {}}
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke: timings meaningless)", "num_sms": num_sms,
+           "copy_GBps": copy_bandwidth() / 1e9 if cuda else 1.0, "read_GBps": read_bandwidth() / 1e9 if cuda else 1.0,
+           "rows": [], "best": {}}
     print(f"{res['device']}: copy {res['copy_GBps']:.0f} GB/s (read + write), read {res['read_GBps']:.0f} GB/s "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
     print(f"{'shape':8} {'M':>3} {'path':44} {'us':>8} {'wGB/s':>7} {'%copy':>6} {'rel_err':>8}", flush=True)
     configs_out: dict[str, list] = {}
     out_of_time = False
     for name, (n, k) in shapes.items():
-        copies = max(2, -(-(256 << 20) // (n * k)))   # >= 256 MB of FP8 weights per cycle
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
+        copies = max(2, -(-(256 << 20) // (n * k))) if cuda else 2   # >= 256 MB of FP8 weights per cycle
+        g = torch.Generator(device=dev).manual_seed(0)
+        w16 = [torch.randn(n, k, device=dev, dtype=dt, generator=g) * 0.02 for _ in range(copies)]
         qs = [quantize_per_channel(w) for w in w16]
         deq = qs[0][0].float() * qs[0][1][:, None]
         for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            x = torch.randn(m, k, device=dev, dtype=dt, generator=g)
             ref = x.float() @ deq.t()
-            paths = [(f"gemv{c}", c) for c in candidates(m, n, k, num_sms)]
+            paths = [(f"new{c}", c) for c in candidates(m, n, k, num_sms)]
             paths += [("old_w8a16", "old"), ("bf16_F.linear", "bf16"), ("quant+_scaled_mm", "scaled_mm")]
             best = None
             for i, (label, cfg) in enumerate(paths):
@@ -183,7 +192,7 @@ def sweep(a) -> dict:
                 if cfg == "bf16":
                     fn = (lambda i: F.linear(x, w16[i]))
                 elif cfg == "scaled_mm":
-                    fn = (lambda i: scaled_mm_rowwise(*per_token_quant_fp8(x), *qs[i], torch.bfloat16))
+                    fn = (lambda i: scaled_mm_rowwise(*per_token_quant_fp8(x), *qs[i], dt))
                 elif cfg == "old":
                     fn = (lambda i: fp8_w8a16_gemm(x, *qs[i]))
                 else:
@@ -200,7 +209,9 @@ def sweep(a) -> dict:
                 row = {"shape": name, "m": m, "path": label, "us": round(us, 2), "weight_GBps": round(gbps, 1),
                        "frac_copy": round(gbps / res["copy_GBps"], 3), "rel_err": err}
                 res["rows"].append(row)
-                ok = err < (5e-2 if cfg == "scaled_mm" else 1e-2)
+                # vs x @ dequant(W_q)^T: the weight-only kernels within bf16 rounding; bf16 (the unquantized
+                # W) and _scaled_mm (x rounded to e4m3 too) within e4m3's quantization error
+                ok = err < (8e-2 if cfg in ("bf16", "scaled_mm") else 1e-2)
                 print(f"{name:8} {m:3d} {label:44} {us:8.2f} {gbps:7.0f} {100 * gbps / res['copy_GBps']:6.1f} "
                       f"{err:8.1e}{'' if ok else '  WRONG'}", flush=True)
                 if isinstance(cfg, tuple) and ok and (best is None or us < best[1]):
@@ -215,11 +226,26 @@ def sweep(a) -> dict:
                                                "vs_scaled_mm": round(smm / best[1], 3) if smm else None}
                 configs_out[f"{m},{n},{k}"] = list(best[0])
         w16 = qs = deq = None
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     print("best per shape (speedup of the best gemv config over bf16 and over quant+_scaled_mm):")
     for key, b in res["best"].items():
         print(f"  {key:12} {str(tuple(b['config'])):42} {b['us']:7.2f} us  x{b['vs_bf16']} bf16  "
               f"x{b['vs_scaled_mm']} scaled_mm")
+    # one decoder layer's four projections per M: the decode-step figure the engine can reach
+    res["layer_us"] = {}
+    for m in ms:
+        def total(path: str) -> float | None:
+            us = [next((r["us"] for r in res["rows"] if r["shape"] == s and r["m"] == m and r["path"] == path), None)
+                  for s in shapes]
+            return round(sum(us), 2) if all(u is not None for u in us) else None
+        best = [res["best"].get(f"{s}_m{m}", {}).get("us") for s in shapes]
+        layer = {"bf16": total("bf16_F.linear"), "scaled_mm": total("quant+_scaled_mm"),
+                 "gemv_best": round(sum(best), 2) if all(b is not None for b in best) else None}
+        if layer["bf16"] and layer["gemv_best"]:
+            layer["gemv_speedup_vs_bf16"] = round(layer["bf16"] / layer["gemv_best"], 3)
+        res["layer_us"][m] = layer
+        print(f"  layer (all 4 projections) M={m}: {layer}")
     print("CONFIGS = {" + ", ".join(f"({k}): {tuple(v)}" for k, v in configs_out.items()) + "}")
     res["configs"] = configs_out
     res["out_of_time"] = out_of_time
@@ -253,6 +279,10 @@ def smoke() -> int:
     for n, k in SHAPES.values():
         for m in MS:
             assert candidates(m, n, k, NUM_SMS_H200), (m, n, k)
+    # the sweep's own code path (timing, tables, configs) on one tiny shape; its rows carry rel_err vs fp32
+    res = sweep(argparse.Namespace(shapes="", ms="1,16", jobs=0, budget_s=120.0, configs_out=None))
+    wrong = [r for r in res["rows"] if r["path"].startswith("new") and not r["rel_err"] < 1e-2]
+    fails += len(wrong) + (not res["best"])
     print("smoke:", "PASS" if not fails else f"{fails} FAILED")
     return 1 if fails else 0
 

@@ -133,6 +133,9 @@ class Case:
         apply_mod = importlib.import_module("loraserve.kernels.lora_apply")  # the module, not the function
         apply_mod.FUSED_ENABLED = bool(v.get("fused", False))
         apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
+        from loraserve.kernels import lora_onelaunch
+
+        lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
         stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)

@@ -3,7 +3,8 @@
 bench_lora_kernels.py's). Variants (lora_apply switches):
   classic    LORASERVE_LORA_STREAM=0: shrink + classic expand (one program per column block)
   stream     LORASERVE_LORA_STREAM=1 (default): shrink + streaming expand, two launches
-  onelaunch  LORASERVE_LORA_ONELAUNCH=1: one launch per projection, ticketed roles (lora_onelaunch.py)
+  onelaunch  LORASERVE_LORA_ONELAUNCH=1: one launch per projection, ticketed roles (lora_onelaunch.py),
+             at every token count (onelaunch256: only up to 256 tokens, lora_apply's range)
   fused      LORASERVE_LORA_FUSED=1: one launch with a grid barrier (lora_fused.py)
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
@@ -23,7 +24,8 @@ from loraserve.kernels import lora_apply, lora_meta
 VARIANTS = {
     "classic": dict(stream=False),
     "stream": dict(stream=True),
-    "onelaunch": dict(stream=True, onelaunch=True),
+    "onelaunch": dict(stream=True, onelaunch=True, onelaunch_max_tokens=4096),  # every T: the data sets the range
+    "onelaunch256": dict(stream=True, onelaunch=True),  # lora_apply's range with the switch on
     "fused": dict(stream=True, fused=True),
 }
 
@@ -104,11 +106,11 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
               f"all repeats equal {s['all_repeat_equal']}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     res["rows"] = rows
     print(f"\nCOMPARE (same run; base layer GEMMs {base:.1f} us, copy {bw:.0f} GB/s)")
-    print("  " + " " * 28 + "".join(f"{v:>11s}" for v in variants) + "   target")
+    print("  " + " " * 28 + "".join(f"{v:>13s}" for v in variants) + "   target")
     for key, target, fmt in [("lora_layer_us", "", "%.1f"), ("lora_layer_over_base", "<= 0.35", "%.3f"),
                              ("lora_1tok_us_per_proj", "<= 5", "%.2f"),
                              ("lora_32mb_bw_fraction_median", ">= 0.6", "%.3f"), ("idle_us", "", "%.2f")]:
-        print(f"  {key:28s}" + "".join(f"{fmt % res[v][key]:>11s}" for v in variants) + f"   {target}")
+        print(f"  {key:28s}" + "".join(f"{fmt % res[v][key]:>13s}" for v in variants) + f"   {target}")
     from loraserve.kernels.lora_expand import _STREAM_FAILED
 
     res["stream_fell_back_to_classic"] = sorted(str(k) for k in _STREAM_FAILED)

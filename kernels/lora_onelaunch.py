@@ -205,7 +205,7 @@ if HAS_TRITON:
 
 ONELAUNCH_MAX_RANK = 64
 ONELAUNCH_MAX_SLICES = 3
-ONELAUNCH_MAX_TOKENS = 256
+ONELAUNCH_MAX_TOKENS = 256  # lora_apply's range for it (benchmarks may raise it; read at each call)
 SHRINK_PROGRAMS_PER_SM = 2   # shrink items: enough to fill the SMs with a K chunk each
 EXPAND_PROGRAMS_PER_SM = 4   # expand items (as lora_expand_stream's grid target)
 
@@ -213,6 +213,7 @@ _SYNC: dict[torch.device, Tensor] = {}
 
 
 def onelaunch_applies(num_tokens: int, rank: int, num_slices: int) -> bool:
+    """Shapes lora_apply sends here when the switch is on (the kernel itself takes any T)."""
     return 0 < num_tokens <= ONELAUNCH_MAX_TOKENS and rank <= ONELAUNCH_MAX_RANK and num_slices <= ONELAUNCH_MAX_SLICES
 
 
@@ -296,8 +297,9 @@ def lora_onelaunch(x: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Ten
     assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, x has {T}"
     if T == 0 or N == 0:
         return y
-    if not onelaunch_applies(T, R, S):
-        raise ValueError(f"one-launch LoRA kernel does not apply to T={T}, R={R}, S={S}: use lora_apply")
+    if R > ONELAUNCH_MAX_RANK or S > ONELAUNCH_MAX_SLICES:
+        raise ValueError(f"one-launch LoRA kernel takes rank <= {ONELAUNCH_MAX_RANK} and <= "
+                         f"{ONELAUNCH_MAX_SLICES} slices, got R={R}, S={S}: use lora_apply")
     plan = onelaunch_plan(T, R, H, N, S, meta.block_m, meta.grid_tiles, _num_sms(x.device), **(config or {}))
     SK = plan["SPLIT_K"]
     if ws is None:

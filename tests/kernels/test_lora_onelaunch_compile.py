@@ -66,13 +66,17 @@ def resource_usage(kernel) -> str:
     return usage
 
 
-@pytest.mark.parametrize("num_tokens,grid_tiles,rank", [(1, 2, 16), (64, 36, 16), (256, 48, 64)])
-@pytest.mark.parametrize("hidden,widths", [(4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096])])
-def test_onelaunch_compiles_for_sm90_without_spills(num_tokens, grid_tiles, rank, hidden, widths):
+QKV, GATE_UP, DOWN = (4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096])
+
+
+@pytest.mark.parametrize("num_tokens,grid_tiles,rank,block_m,hidden,widths", [
+    (1, 2, 16, 16, *QKV), (64, 36, 16, 16, *GATE_UP), (64, 36, 16, 16, *DOWN), (256, 48, 64, 16, *DOWN),
+    (1024, 64, 64, 32, *QKV)])
+def test_onelaunch_compiles_for_sm90_without_spills(num_tokens, grid_tiles, rank, block_m, hidden, widths):
     from loraserve.kernels.lora_onelaunch import onelaunch_plan
 
-    plan = onelaunch_plan(num_tokens, rank, hidden, sum(widths), len(widths), 16, grid_tiles)
-    k = compile_sm90(len(widths), 16, plan, grid_tiles)
+    plan = onelaunch_plan(num_tokens, rank, hidden, sum(widths), len(widths), block_m, grid_tiles)
+    k = compile_sm90(len(widths), block_m, plan, grid_tiles)
     ptx = k.asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
     assert "atom.global" in ptx or "atom.acq_rel" in ptx or "atom." in ptx, "expected the ticket atomics"

@@ -144,7 +144,7 @@ def sweep_onelaunch(smoke: bool = False, budget_s: float | None = None) -> None:
     seconds (most telling rows first)."""
     print("\nsweep-onelaunch: rank 16; s = shrink programs/SM, e = expand programs/SM", flush=True)
     t0 = time.perf_counter()
-    grid = [dict(shrink_per_sm=s, expand_per_sm=e) for s in (1, 2, 4) for e in (2, 4, 8)]
+    grid = [dict(shrink_per_sm=s, expand_per_sm=e) for s in (0.5, 1, 2, 4) for e in (2, 4, 8)]
     grid += [dict(block_k=128), dict(block_k=256), dict(block_n=64), dict(num_warps=8), dict(num_stages=4)]
     rows = [(label, L, T, proj) for proj in ("gate_up", "qkv", "down", "o")
             for label, L, T in (("layer", 32, 64), ("1tok", 1, 1))]

@@ -35,23 +35,26 @@ NUM_SMS_H200 = 132
 
 
 def candidate_tiles(m: int) -> list[tuple]:
-    """(kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try at M = m (split-K chosen per shape)."""
+    """(kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split) to try at M = m. split: "auto"
+    (heuristic_config's rule: >= 4 programs per SM), "tile" (one K tile per program, no K loop: GemLite's
+    GEMV shape, partials summed by the second launch). gemv stages: 2 = next weight tile prefetched."""
     if m == 1:
-        return [("gemv", 1, 8, 512, 4, 1), ("gemv", 1, 4, 512, 4, 1), ("gemv", 1, 16, 256, 4, 1),
-                ("gemv", 1, 8, 1024, 8, 1), ("gemv", 1, 16, 512, 8, 1), ("gemv", 1, 4, 1024, 4, 1),
-                ("dot", 16, 64, 128, 4, 3)]
+        return [("gemv", 1, 8, 512, 4, 2, "auto"), ("gemv", 1, 8, 512, 4, 1, "auto"), ("gemv", 1, 8, 512, 4, 1, "tile"),
+                ("gemv", 1, 16, 256, 4, 2, "auto"), ("gemv", 1, 4, 1024, 4, 2, "auto"), ("gemv", 1, 16, 512, 8, 2, "auto"),
+                ("gemv", 1, 8, 1024, 8, 2, "auto"), ("gemv", 1, 16, 1024, 8, 1, "tile"), ("dot", 16, 64, 128, 4, 3, "auto")]
     if m <= 4:
-        return [("gemv", 4, 4, 512, 4, 1), ("gemv", 4, 8, 256, 4, 1), ("gemv", 4, 2, 1024, 4, 1),
-                ("gemv", 1, 8, 512, 4, 1), ("dot", 16, 64, 128, 4, 3), ("dot", 16, 128, 64, 4, 3)]
+        return [("gemv", 4, 4, 512, 4, 2, "auto"), ("gemv", 4, 4, 512, 4, 1, "auto"), ("gemv", 4, 8, 256, 4, 2, "auto"),
+                ("gemv", 4, 2, 1024, 4, 2, "auto"), ("gemv", 4, 8, 512, 8, 1, "tile"), ("gemv", 1, 8, 512, 4, 2, "auto"),
+                ("dot", 16, 64, 128, 4, 3, "auto"), ("dot", 16, 128, 64, 4, 3, "auto")]
     bm = max(16, 1 << (m - 1).bit_length())
-    tiles = [("dot", bm, 64, 128, 4, 3), ("dot", bm, 64, 64, 4, 3), ("dot", bm, 128, 64, 4, 3),
-             ("dot", bm, 128, 128, 8, 3)]
+    tiles = [("dot", bm, 64, 128, 4, 3, "auto"), ("dot", bm, 64, 64, 4, 3, "auto"), ("dot", bm, 128, 64, 4, 3, "auto"),
+             ("dot", bm, 128, 128, 8, 3, "auto"), ("dot", bm, 64, 128, 4, 4, "auto")]
     if m <= 16:
-        tiles += [("dot", bm, 64, 256, 4, 2), ("gemv", 4, 4, 512, 4, 1)]
+        tiles += [("dot", bm, 64, 256, 4, 2, "auto"), ("gemv", 4, 4, 512, 4, 2, "auto")]
     return tiles
 
 
-def auto_split(kind: str, bm: int, bn: int, bk: int, m: int, n: int, k: int, num_sms: int) -> int:
+def auto_split(bm: int, bn: int, bk: int, m: int, n: int, k: int, num_sms: int) -> int:
     tiles = -(-n // bn) * -(-m // bm)
     split = 1
     while tiles * split < 4 * num_sms and split < 16 and k >= 2 * split * 2 * bk:
@@ -60,10 +63,11 @@ def auto_split(kind: str, bm: int, bn: int, bk: int, m: int, n: int, k: int, num
 
 
 def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
-    """GemvConfigs: each tile at its auto split-K, the first two also at half and double that split."""
+    """GemvConfigs: the heuristic's first, then each tile at its split, the first two also at half and
+    double the auto split."""
     out = []
-    for i, (kind, bm, bn, bk, warps, stages) in enumerate(candidate_tiles(m)):
-        split = auto_split(kind, bm, bn, bk, m, n, k, num_sms)
+    for i, (kind, bm, bn, bk, warps, stages, mode) in enumerate(candidate_tiles(m)):
+        split = -(-k // bk) if mode == "tile" else auto_split(bm, bn, bk, m, n, k, num_sms)
         splits = [split] + ([max(1, split // 2), split * 2] if i < 2 else [])
         for s in dict.fromkeys(splits):
             if s == 1 or k >= s * bk:
@@ -83,6 +87,9 @@ def _compile_one(cfg: tuple) -> str:
     w = torch.zeros(256, k, device="cuda").to(torch.float8_e4m3fn)
     x = torch.zeros(max(bm, 1), k, device="cuda", dtype=torch.bfloat16)
     fp8_gemv(x, w, torch.ones(256, device="cuda"), config=(kind, bm, bn, bk, 2 if split > 1 else 1, warps, stages))
+    if split > 1:   # the partials' sum kernel: one variant per BLOCK (min(1024, N)); 256 here, 1024 at 8B shapes
+        w = torch.zeros(1024, k, device="cuda").to(torch.float8_e4m3fn)
+        fp8_gemv(x, w, torch.ones(1024, device="cuda"), config=(kind, bm, bn, bk, 2, warps, stages))
     torch.cuda.synchronize()
     return "ok"
 

@@ -19,7 +19,7 @@ applied once in the epilogue (exact: it does not depend on k):
   registers, tl.dot accumulates [BLOCK_N, BLOCK_M] fp32.
 
 Split-K where N / BLOCK_N does not give every SM several programs: fp32 partials to a [SPLIT_K, M, N]
-workspace, summed in a fixed order by a second launch (fp8_gemm._splitk_reduce_kernel): deterministic,
+workspace, summed in a fixed order by a second launch (_splitk_sum_kernel): deterministic,
 no atomics, no host sync; the workspace size depends on shapes only (CUDA-graph capturable).
 
 Tile configs come from a table measured on the H200 (benchmarks/fp8_gemv_sweep.py) keyed by
@@ -42,7 +42,22 @@ from .fp8_gemm import FP8, fp8_w8a16_gemm_ref
 gemv_ref = fp8_w8a16_gemm_ref   # the same math: fp32 accumulate, scale per output channel, one rounding
 
 if HAS_TRITON:
-    from .fp8_gemm import _splitk_reduce_kernel
+
+    @triton.jit(do_not_specialize=["M", "SPLITS"])
+    def _splitk_sum_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, SPLITS, stride_ym,
+                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        # y[row, n] = (sum over the splits' fp32 partials ws[split, row, n], in split order) * s[n] (+ b[n]);
+        # deterministic (the same order every launch); SPLITS is a runtime count (no compile per split)
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in range(SPLITS):
+            acc += tl.load(ws_ptr + (split * M + row) * N + offs, mask=ok, other=0.0)
+        acc = acc * tl.load(s_ptr + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _gemv_row(acc, w, x_ptr, row, M, offs_k, k_ok, EVEN_K: tl.constexpr):
@@ -73,7 +88,7 @@ if HAS_TRITON:
     # M and the split length vary with the step: one compiled variant per tile config, not per M
     @triton.jit(do_not_specialize=["M"])
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, PREFETCH: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)   # fastest: the programs of one weight tile run side by side (L2 reuse)
         pid_n = tl.program_id(1)
@@ -91,21 +106,32 @@ if HAS_TRITON:
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        # register double buffer: the next K tile's weight bytes are in flight while this tile is multiplied
-        # (Triton's pipeliner only stages loads that feed tl.dot); the last step re-reads its own tile (L1/L2)
-        if EVEN_K:
-            w_next = tl.load(w_ptrs)
-        else:
-            w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0)
+        # PREFETCH: a register double buffer, the next K tile's weight bytes in flight while this one is
+        # multiplied (Triton's pipeliner only stages loads that feed tl.dot); the last step re-reads its own
+        # tile (L1). Weights are read once: evict_first keeps x and the partials in L2.
+        if PREFETCH:
+            if EVEN_K:
+                w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
+                                 eviction_policy="evict_first")
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
-            w = w_next.to(tl.float32)
-            step = BLOCK_K * (k0 + BLOCK_K < k_end).to(tl.int32)   # 0 on the last step; keeps 16-byte alignment
-            w_ptrs += step
-            if EVEN_K:
-                w_next = tl.load(w_ptrs)
+            if PREFETCH:
+                w = w_next.to(tl.float32)
+                step = BLOCK_K * (k0 + BLOCK_K < k_end).to(tl.int32)   # 0 on the last step; keeps 16-byte alignment
+                w_ptrs += step
+                if EVEN_K:
+                    w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+                else:
+                    w_next = tl.load(w_ptrs, mask=((k0 + step + offs_k) < k_end)[None, :], other=0.0,
+                                     eviction_policy="evict_first")
             else:
-                w_next = tl.load(w_ptrs, mask=((k0 + step + offs_k) < k_end)[None, :], other=0.0)
+                if EVEN_K:
+                    w = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32)
+                w_ptrs += BLOCK_K
             acc0 = _gemv_row(acc0, w, x_row, row0, M, offs_k, k_ok, EVEN_K)
             if BLOCK_M >= 2:
                 acc1 = _gemv_row(acc1, w, x_row + stride_xm, row0 + 1, M, offs_k, k_ok, EVEN_K)
@@ -142,11 +168,11 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
         for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
-                w = tl.load(w_ptrs)
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
             else:
                 k_ok = (k0 + offs_k) < k_end
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
             # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
             acc = tl.dot(w.to(xt.dtype), xt, acc)
@@ -163,7 +189,8 @@ if HAS_TRITON:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); kind: "gemv" (BLOCK_M 1/2/4) or "dot"
+# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); kind: "gemv" (BLOCK_M 1/2/4) or "dot".
+# For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
 GemvConfig = tuple[str, int, int, int, int, int, int]
 
 # Measured best per (M bucket, N, K) on the H200 (benchmarks/fp8_gemv_sweep.py); empty until measured:
@@ -188,7 +215,7 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
     if M <= 4:
         bm = 1 if M == 1 else 2 if M == 2 else 4
         bn, bk = (8, 512) if bm == 1 else (4, 512)
-        kind, warps, stages = "gemv", 4, 1
+        kind, warps, stages = "gemv", 4, 2
     else:
         bm = max(16, triton.next_power_of_2(M)) if M <= 64 else 64
         bn, bk = 64, (256 if bm <= 32 else 128)
@@ -260,14 +287,15 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     split = triton.cdiv(K, k_per_split)                                  # no empty split
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     b_arg = bias if bias is not None else w_scale
-    kernel = _fp8_gemv_kernel if kind == "gemv" else _fp8_skinny_dot_kernel
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
-    kernel[grid](x, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x.stride(0), out.stride(0),
-                 HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    args = (x, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x.stride(0), out.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if kind == "gemv":   # stages: register buffers of weight tiles (2: prefetch the next); Triton's own stay 1
+        _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1)
+    else:
+        _fp8_skinny_dot_kernel[grid](*args, **flags, num_warps=warps, num_stages=stages)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
-        _splitk_reduce_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, out.stride(0),
-                                                          HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
-                                                          num_warps=4)
+        _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),
+                                                       HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return out

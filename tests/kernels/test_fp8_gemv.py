@@ -29,9 +29,10 @@ def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
 
 @pytest.mark.parametrize("m,n,k,bias,config", [
     (1, 40, 96, False, None),                              # heuristic gemv; K tail (96 < one 128 tile)
-    (1, 37, 272, True, ("gemv", 1, 8, 64, 1, 4, 1)),       # odd N (tail tile), K tail 272 = 4 x 64 + 16
-    (3, 24, 272, True, ("gemv", 4, 8, 64, 3, 4, 1)),       # 3 rows in a 4-row tile; split-K 3 (last split short)
-    (3, 40, 128, False, ("gemv", 2, 8, 32, 2, 4, 1)),      # 2-row tiles: rows 0-1, then 2 (+ a masked one)
+    (1, 37, 272, True, ("gemv", 1, 8, 64, 1, 4, 2)),       # odd N (tail tile), K tail 272 = 4 x 64 + 16, prefetch
+    (3, 24, 272, True, ("gemv", 4, 8, 64, 3, 4, 2)),       # 3 rows in a 4-row tile; split-K 3 (last split short)
+    (3, 40, 128, False, ("gemv", 2, 8, 32, 2, 4, 1)),      # 2-row tiles: rows 0-1, then 2 (+ a masked one); no prefetch
+    (2, 24, 256, False, ("gemv", 1, 8, 64, 4, 4, 1)),      # one K tile per program (split = K / BLOCK_K)
     (5, 16, 64, False, ("gemv", 1, 4, 32, 2, 4, 1)),       # 5 one-row tiles side by side, 2 even splits
     (17, 40, 96, True, None),                              # heuristic: tl.dot, 32-row tile, K tail
     (17, 37, 272, False, ("dot", 16, 16, 32, 3, 4, 2)),    # two 16-row tiles, odd N, split-K with a tail
@@ -172,3 +173,57 @@ def test_fp8_linear_gemv_path_gpu(m, monkeypatch) -> None:
     ref = x.float() @ (w_q.float() * w_scale[:, None]).t()
     assert float((y - ref).norm() / ref.norm()) < 1e-2
     assert not fp8._BROKEN, fp8._BROKEN
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernels instead")
+def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
+    """No GPU here: compile the tiles the table / heuristic picks for the 8B decode shapes ahead of time for
+    sm_90 (Triton's bundled ptxas) and read the cubin's resources: a tile that does not compile or spills
+    registers to local memory would otherwise first show on the H200."""
+    import re
+    import subprocess
+
+    triton = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 5):
+        pytest.skip("the ASTSource signature format of older Triton differs")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401  (the nvidia backend is bundled)
+        from triton.compiler import ASTSource
+    except Exception as err:   # noqa: BLE001
+        pytest.skip(f"no Triton NVIDIA backend: {err}")
+    import pathlib
+
+    from loraserve.kernels import fp8_gemv as fg
+
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
+           "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32",
+           "stride_ym": "i32"}
+    # what the launch specialises: 16-byte aligned pointers, N, K, the split length and strides divisible by 16
+    aligned = [i for i, name in enumerate(sig) if name not in ("M",)]
+    variants = set()
+    for m in fg.M_BUCKETS:
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+            kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)
+            variants.add((kind, bm, bn, bk, split > 1, warps, stages))
+    for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
+        constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        fn = fg._fp8_gemv_kernel if kind == "gemv" else fg._fp8_skinny_dot_kernel
+        if kind == "gemv":
+            constexprs["PREFETCH"] = stages >= 2
+        src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
+                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=warps, num_stages=1 if kind == "gemv" else stages))
+        cubin = tmp_path / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage)]
+        assert stack and max(stack) == 0, (kind, bm, bn, bk, use_ws, warps, stages, usage)
+        # the weight stream must be 16-byte vector loads (gemv: ld.global.v4; dot: cp.async 16 B)
+        ptx = kernel.asm["ptx"]
+        assert re.search(r"ld\.global[\w:.]*\.v4" if kind == "gemv" else r"cp\.async\.cg\.shared\.global", ptx), kind

@@ -82,10 +82,12 @@ def test_references_match_dequantized_math() -> None:
 
 
 def test_dispatch(monkeypatch) -> None:
-    """fp8_linear's choice of kernel from (device, M, env): CPU always dequantizes; on CUDA every M takes
-    the FP8 tensor cores by default (W8A16 measured slower on the H200), M <= LORASERVE_FP8_SMALL_M the
-    W8A16 kernel when that is set."""
+    """fp8_linear's choice of kernel from (device, M, env): CPU always dequantizes; on CUDA, with the FP8
+    GEMV off (LORASERVE_FP8_GEMV_MAX_M=0; its own dispatch is in test_fp8_gemv.py), every M takes the FP8
+    tensor cores, M <= LORASERVE_FP8_SMALL_M the older W8A16 kernel when that is set."""
     from loraserve.inference.models import fp8
+
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "0")
 
     cpu = torch.zeros(4, 64)
     w = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)

@@ -136,6 +136,7 @@ class Case:
         from loraserve.kernels import lora_onelaunch
 
         lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
+        lora_meta.LORA_PDL = bool(v.get("pdl", False))
         stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)

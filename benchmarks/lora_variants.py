@@ -6,6 +6,8 @@ bench_lora_kernels.py's). Variants (lora_apply switches):
   onelaunch  LORASERVE_LORA_ONELAUNCH=1: one launch per projection, ticketed roles (lora_onelaunch.py),
              at every token count (onelaunch256: only up to 256 tokens, lora_apply's range)
   fused      LORASERVE_LORA_FUSED=1: one launch with a grid barrier (lora_fused.py)
+  pdl        LORASERVE_LORA_PDL=1: stream with programmatic dependent launch (the expand launches
+             while the shrink runs, fetches B, then waits: griddepcontrol)
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -27,6 +29,8 @@ VARIANTS = {
     "onelaunch": dict(stream=True, onelaunch=True, onelaunch_max_tokens=4096),  # every T: the data sets the range
     "onelaunch256": dict(stream=True, onelaunch=True),  # lora_apply's range with the switch on
     "fused": dict(stream=True, fused=True),
+    "pdl": dict(stream=True, pdl=True),  # stream + programmatic dependent launch (LORASERVE_LORA_PDL=1)
+    "onelaunch_pdl": dict(stream=True, onelaunch=True, pdl=True),  # onelaunch where it applies, else pdl
 }
 
 
@@ -81,29 +85,14 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     ref_outs: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first variant's (out, y0) per case
     for v in variants:
         rows[v] = []
-        for i, (kind, name, c) in enumerate(cases):
-            r = _run_case(c, VARIANTS[v], breakdown=kind == "layer")
-            out, y0 = r.pop("out"), r.pop("y0")
+        try:
+            res[v] = _run_variant(v, variants, cases, rows, ref_outs, bw, base, t0)
+        except Exception as exc:  # noqa: BLE001 - one variant failing (compile, launch) leaves the others
+            print(f"VARIANT {v} FAILED after {len(rows[v])} cases: {exc!r}", flush=True)
+            rows.pop(v)
             if v == variants[0]:
-                ref_outs.append((out, y0))
-            r["max_abs_diff"] = (out - ref_outs[i][0]).abs().max().item()
-            r["max_abs_delta"] = (ref_outs[i][0] - ref_outs[i][1]).abs().max().item()
-            if kind == "big":
-                r["bw_fraction"] = c.bytes / (r["us"] * 1e-6) / 1e9 / bw
-            r.update(kind=kind, case=name, mb=c.bytes / 1e6)
-            rows[v].append(r)
-            extra = f"  shrink {r['shrink']:.1f} + expand {r['expand']:.1f}" if "shrink" in r else ""
-            frac = f"  {r['bw_fraction']:.3f} of copy" if "bw_fraction" in r else ""
-            print(f"  {v:9s} {kind:5s} {name:22s} {r['us']:7.2f} us ({r['path']}){frac}{extra}  max|diff| "
-                  f"{r['max_abs_diff']:.2e} (|delta| {r['max_abs_delta']:.2e}) repeat-equal {r['repeat_equal']} "
-                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-        res[v] = s = _summary(rows[v], base)
-        print(f"SUMMARY {v}: layer {s['lora_layer_us']:.1f} us = {s['lora_layer_over_base']:.3f} of base (<= 0.35) "
-              f"[{', '.join(f'{p} {u:.1f}' for p, u in s['lora_layer_us_per_proj'].items())}]; 1 token median "
-              f"{s['lora_1tok_us_per_proj']:.2f} us (<= 5) [{', '.join(f'{p} {u:.2f}' for p, u in s['lora_1tok_us'].items())}]"
-              f"; >=32MB median {s['lora_32mb_bw_fraction_median']:.3f} of copy (>= 0.6, {s['num_32mb_shapes']} shapes)"
-              f"; idle (no adapter) {s['idle_us']:.2f} us; worst max|diff| {s['max_abs_diff']:.2e}; "
-              f"all repeats equal {s['all_repeat_equal']}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                raise
+    variants = [v for v in variants if v in rows]
     res["rows"] = rows
     print(f"\nCOMPARE (same run; base layer GEMMs {base:.1f} us, copy {bw:.0f} GB/s)")
     print("  " + " " * 28 + "".join(f"{v:>13s}" for v in variants) + "   target")
@@ -119,6 +108,35 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     for c in cases:
         c[2].use_variant(VARIANTS["stream"])  # leave the process default behind
     return res
+
+
+def _run_variant(v: str, variants: list[str], cases: list, rows: dict, ref_outs: list, bw: float, base: float,
+                 t0: float) -> dict:
+    """Every case with variant v (appending to rows[v]); prints each row; returns the summary."""
+    for i, (kind, name, c) in enumerate(cases):
+        r = _run_case(c, VARIANTS[v], breakdown=kind == "layer")
+        out, y0 = r.pop("out"), r.pop("y0")
+        if v == variants[0]:
+            ref_outs.append((out, y0))
+        r["max_abs_diff"] = (out - ref_outs[i][0]).abs().max().item()
+        r["max_abs_delta"] = (ref_outs[i][0] - ref_outs[i][1]).abs().max().item()
+        if kind == "big":
+            r["bw_fraction"] = c.bytes / (r["us"] * 1e-6) / 1e9 / bw
+        r.update(kind=kind, case=name, mb=c.bytes / 1e6)
+        rows[v].append(r)
+        extra = f"  shrink {r['shrink']:.1f} + expand {r['expand']:.1f}" if "shrink" in r else ""
+        frac = f"  {r['bw_fraction']:.3f} of copy" if "bw_fraction" in r else ""
+        print(f"  {v:9s} {kind:5s} {name:22s} {r['us']:7.2f} us ({r['path']}){frac}{extra}  max|diff| "
+              f"{r['max_abs_diff']:.2e} (|delta| {r['max_abs_delta']:.2e}) repeat-equal {r['repeat_equal']} "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    s = _summary(rows[v], base)
+    print(f"SUMMARY {v}: layer {s['lora_layer_us']:.1f} us = {s['lora_layer_over_base']:.3f} of base (<= 0.35) "
+          f"[{', '.join(f'{p} {u:.1f}' for p, u in s['lora_layer_us_per_proj'].items())}]; 1 token median "
+          f"{s['lora_1tok_us_per_proj']:.2f} us (<= 5) [{', '.join(f'{p} {u:.2f}' for p, u in s['lora_1tok_us'].items())}]"
+          f"; >=32MB median {s['lora_32mb_bw_fraction_median']:.3f} of copy (>= 0.6, {s['num_32mb_shapes']} shapes)"
+          f"; idle (no adapter) {s['idle_us']:.2f} us; worst max|diff| {s['max_abs_diff']:.2e}; "
+          f"all repeats equal {s['all_repeat_equal']}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    return s
 
 
 def _summary(rows: list[dict], base: float) -> dict:

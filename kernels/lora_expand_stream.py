@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
-from .lora_meta import LoRAMeta
+from .lora_meta import LoRAMeta, pdl_launch
 
 if HAS_TRITON:
 
@@ -58,6 +58,7 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, EVEN_R: tl.constexpr,
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
     ):
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
@@ -99,6 +100,8 @@ if HAS_TRITON:
         offs_n1 = offs_n + BLOCK_N
         b_nxt = tl.load(b_rows + offs_n1[:, None] * stride_bn, mask=(offs_n1 < col_end)[:, None] & b_mask_r, other=0.0)
         y_rows = y_ptr + tok[:, None] * stride_ym
+        if USE_PDL:  # launched early (programmatic dependent launch): B and the metadata are older
+            tl.extra.cuda.gdc_wait()  # than the kernel before us; y and the partials are not
         y_cur = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=row_ok[:, None] & (offs_n < col_end)[None, :],
                         other=0.0)
 
@@ -237,6 +240,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        num_warps=cfg["num_warps"], num_stages=1,
+        num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
     )
     return y

@@ -79,6 +79,26 @@ MIN_BLOCK_M = 16  # tl.dot needs at least 16 rows
 LORA_STREAM = os.environ.get("LORASERVE_LORA_STREAM", "1").strip().lower() not in ("", "0", "false", "off", "no")
 
 
+# Programmatic dependent launch (sm_90+) for the streaming pair: the shrink lets the expand launch
+# at once, the expand fetches its first B blocks and waits (griddepcontrol.wait) before reading y
+# and the partials; the shrink waits before reading x. LORASERVE_LORA_PDL=1 turns it on (off by
+# default until measured); read at each launch.
+LORA_PDL = os.environ.get("LORASERVE_LORA_PDL", "0").strip().lower() not in ("", "0", "false", "off", "no")
+_PDL_OK: dict[int, bool] = {}
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Extra kernel-launch keywords: USE_PDL (the constexpr) and Triton's launch_pdl, both only
+    when LORA_PDL is on and the device is a Hopper or newer GPU; else nothing."""
+    if not LORA_PDL or device.type != "cuda":
+        return {}
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _PDL_OK.get(idx)
+    if ok is None:
+        ok = _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return dict(USE_PDL=True, launch_pdl=True) if ok else {}
+
+
 def stream_enabled(override: bool | None = None) -> bool:
     """The variant a launcher uses: the explicit override, else the module switch."""
     return LORA_STREAM if override is None else override

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
-from .lora_meta import LoRAMeta, stream_enabled
+from .lora_meta import LoRAMeta, pdl_launch, stream_enabled
 
 if HAS_TRITON:
 
@@ -40,7 +40,10 @@ if HAS_TRITON:
         stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, EAGER_META: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
     ):
+        if USE_PDL:  # programmatic dependent launch: let the expand start now (it waits for us itself)
+            tl.extra.cuda.gdc_launch_dependents()
         tile = tl.program_id(0)
         pid_n = tl.program_id(1) // SPLIT_K
         pid_k = tl.program_id(1) % SPLIT_K
@@ -79,6 +82,8 @@ if HAS_TRITON:
         a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
                   + offs_n[:, None] * stride_ar + offs_k[None, :] * stride_ak)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_PDL:  # x may come from the kernel before us: wait for it (metadata and A are older)
+            tl.extra.cuda.gdc_wait()
         for k in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
             if EVEN_K:
                 xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
@@ -234,7 +239,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         *dest_strides,
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32, EAGER_META=stream_enabled(stream),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x.device),
     )
     if SK > 1 and dest is not out:
         torch.sum(dest, dim=0, out=out)  # fixed order: deterministic, unlike atomics

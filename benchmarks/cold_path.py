@@ -107,8 +107,8 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     rows = []
     for i in range(n):
         f = fetched[i]
-        path, trusted = (f.path, True) if f is not None else (paths[i], True)
-        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=trusted)
+        path, digest = (f.path, f.digest) if f is not None else (paths[i], None)
+        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=True, digest=digest)
         seq = Sequence(f"stage-{i}", [1, 2, 3], SamplingParams(max_tokens=1), lora=hold)
         t0 = time.perf_counter()
         assert mgr.try_acquire(seq), "a slot must be free"

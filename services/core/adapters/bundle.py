@@ -26,8 +26,11 @@ import tarfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .errors import AdapterFormatError, clip, shorten
 
@@ -35,6 +38,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # A file at the root of an artifact that tells where the artifact's root is.
 ROOT_MARKERS = ("adapter_config.json", "model_config.yaml", "model_weights.ckpt")
 MAX_MEMBERS = 10_000
+Alloc = Callable[[int], "torch.Tensor"]  # nbytes -> uint8 CPU tensor (see writable_buffer)
 MiB, GiB = 1 << 20, 1 << 30
 _CHUNK = 1 * MiB
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, lzma.LZMAError,
@@ -121,10 +125,17 @@ class MemoryBundle(Bundle):
     def names(self) -> list[str]:
         return sorted(self._files)
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str) -> bytes | memoryview:
+        """A weights file read from a plain tar comes as a writable buffer, handed out once: the
+        parser owns it (its tensors are views of it; scales are folded into them in place)."""
         if name not in self._files:
             raise AdapterFormatError(f"{self.origin}: missing {name}")
-        return self._files[name]
+        data = self._files[name]
+        if data is None:
+            raise RuntimeError(f"{self.origin}: {name} was already handed out to a parser")
+        if isinstance(data, memoryview):
+            self._files[name] = None
+        return data
 
 
 class DirBundle(Bundle):
@@ -136,9 +147,10 @@ class DirBundle(Bundle):
     """
 
     def __init__(self, root: Path, origin: str, limits: ArchiveLimits,
-                 confine_to: list[str] | None = None):
+                 confine_to: list[str] | None = None, alloc: Alloc | None = None):
         super().__init__(origin, "dir")
         self.root = root
+        self._alloc = alloc
         self._limits = limits
         self._confine_to = confine_to
         self._bytes_read = 0
@@ -160,7 +172,8 @@ class DirBundle(Bundle):
     def has(self, name: str) -> bool:
         return (self.root / name).is_file()
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str) -> bytes | bytearray:
+        """The file's bytes; a weights file's in a fresh writable buffer (tensors may be views of it)."""
         path = self.root / name
         if not path.is_file():
             raise AdapterFormatError(f"{self.origin}: missing {name}")
@@ -177,19 +190,47 @@ class DirBundle(Bundle):
                     f"{self.origin}: adapter files exceed max_bytes={self._limits.max_total_bytes} "
                     f"({self._bytes_read} bytes with {shorten(name)})")
             t0 = time.perf_counter()
-            data = path.read_bytes()
+            data = _read_file(path, size, self._alloc if name.endswith(WEIGHT_SUFFIXES) else None)
             self.read_s += time.perf_counter() - t0
-            return data
+            return data if name.endswith(WEIGHT_SUFFIXES) else bytes(data)  # configs: bytes (yaml wants them)
         except OSError as exc:  # permissions, a file removed meanwhile, a directory named *.safetensors
             raise AdapterFormatError(f"{self.origin}: cannot read {shorten(name)} "
                                      f"({exc.strerror or type(exc).__name__})") from None
 
 
+def writable_buffer(size: int, alloc: Alloc | None = None) -> memoryview:
+    """`size` uninitialised bytes, writable (bytearray(size) would first zero them: an extra pass
+    over 84 MB); a memoryview of a torch-owned array, which the memoryview keeps alive.
+    alloc(size) -> uint8 CPU tensor: where weights files go (the engine passes pinned memory on CUDA,
+    so the bytes read are already staged for the host->GPU copy)."""
+    return memoryview((alloc or _plain)(size).numpy())
+
+
+def _plain(size: int) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.uint8)
+
+
+def _read_file(path: Path, size: int, alloc: Alloc | None = None) -> memoryview:
+    """One copy from the page cache into a writable buffer of the size stat() gave (read_bytes()
+    would grow a read-only bytes object); a file that changed size meanwhile is read whole anyway."""
+    buf = writable_buffer(size, alloc)
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while got < size:
+            n = f.readinto(buf[got:])
+            if not n:
+                return buf[:got]
+            got += n
+        rest = f.read()
+    return memoryview(bytearray(buf) + rest) if rest else buf
+
+
 def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits: ArchiveLimits | None = None,
-                confine_to: list[str] | None = None) -> Bundle:
+                confine_to: list[str] | None = None, alloc: Alloc | None = None) -> Bundle:
     """Open `path` (directory, weights file, or archive) as a Bundle; see module docstring.
 
     limits: archive/size limits (default: `limits_for(max_bytes)`). confine_to: see DirBundle.
+    alloc: see writable_buffer (directories and plain tars; other archives decompress into bytes).
     """
     limits = limits if limits is not None else limits_for(max_bytes)
     if max_bytes is not None and limits.max_total_bytes > max_bytes:  # the tighter of both wins
@@ -197,14 +238,14 @@ def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits
     p = Path(path)
     origin = clip(p.name or str(p))
     if p.is_dir():
-        return DirBundle(p, origin, limits, confine_to)
+        return DirBundle(p, origin, limits, confine_to, alloc)
     if not p.is_file():
         raise AdapterFormatError(f"{origin}: no such file or directory")
     size = p.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise AdapterFormatError(f"{origin}: artifact is {size} bytes, over max_bytes={max_bytes}")
     if p.name.endswith(WEIGHT_SUFFIXES):
-        bundle = DirBundle(p.parent, origin, limits, confine_to)
+        bundle = DirBundle(p.parent, origin, limits, confine_to, alloc)
         bundle.weights_hint = p.name
         return bundle
     with open(p, "rb") as f:
@@ -212,7 +253,7 @@ def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits
     if head[:2] == b"PK":
         files, kind = _read_zip(p, limits, origin), "zip"
     else:
-        files, kind = _read_tar(p, limits, origin), "tar"
+        files, kind = _read_tar(p, limits, origin, alloc), "tar"
     return MemoryBundle(_strip_single_top_folder(files), origin, kind)
 
 
@@ -328,29 +369,41 @@ def _unreadable(origin: str, e: BaseException) -> AdapterFormatError:
                               + (f" ({detail})" if detail else ""))
 
 
-def _read_tar(path: Path, limits: ArchiveLimits, origin: str) -> dict[str, bytes]:
-    budget = _Budget(limits, path.stat().st_size, origin)
-    files: dict[str, bytes] = {}
+def _tar_member_name(member: tarfile.TarInfo, origin: str) -> str | None:
+    """The member's safe name if it is a regular file to read; None for folders (to skip)."""
+    name = safe_member_name(member.name, origin)
+    if member.issym() or member.islnk():
+        kind = "symlink" if member.issym() else "hardlink"
+        raise AdapterFormatError(
+            f"{origin}: archive member {shorten(member.name)} is a {kind} "
+            f"(to {shorten(member.linkname)}); links are not allowed")
+    if member.isdir() or (name is None and member.size == 0):
+        return None
+    if member.issparse():
+        raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is a sparse "
+                                 "file; only regular files are allowed")
+    if not member.isreg() or name is None:
+        raise AdapterFormatError(
+            f"{origin}: archive member {shorten(member.name)} is a device/fifo/special "
+            f"file; only regular files are allowed")
+    return name
+
+
+def _read_tar(path: Path, limits: ArchiveLimits, origin: str, alloc: Alloc | None = None
+              ) -> dict[str, bytes | memoryview]:
+    size = path.stat().st_size
+    budget = _Budget(limits, size, origin)
+    files: dict[str, bytes | memoryview] = {}
     try:
         with open(path, "rb") as raw, _decompressing(raw) as stream:
+            if stream is raw:  # a plain tar (the registry's artifacts): headers only, then each member's bytes
+                return _read_plain_tar(path, raw, size, budget, origin, alloc)
             # "r|": one forward pass, no seeks (a seek in a gzip stream re-decompresses from the start)
             with tarfile.open(fileobj=_Meter(stream, raw, limits, origin), mode="r|") as tar:
                 for member in tar:
-                    name = safe_member_name(member.name, origin)
-                    if member.issym() or member.islnk():
-                        kind = "symlink" if member.issym() else "hardlink"
-                        raise AdapterFormatError(
-                            f"{origin}: archive member {shorten(member.name)} is a {kind} "
-                            f"(to {shorten(member.linkname)}); links are not allowed")
-                    if member.isdir() or (name is None and member.size == 0):
+                    name = _tar_member_name(member, origin)
+                    if name is None:
                         continue
-                    if member.issparse():
-                        raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is a sparse "
-                                                 "file; only regular files are allowed")
-                    if not member.isreg() or name is None:
-                        raise AdapterFormatError(
-                            f"{origin}: archive member {shorten(member.name)} is a device/fifo/special "
-                            f"file; only regular files are allowed")
                     budget.take(member.size, member.name)
                     stream_in = tar.extractfile(member)
                     data = _read_exactly(stream_in, member.size, member.name, origin) if stream_in else b""
@@ -359,6 +412,32 @@ def _read_tar(path: Path, limits: ArchiveLimits, origin: str) -> dict[str, bytes
         raise
     except _ARCHIVE_ERRORS as e:
         raise _unreadable(origin, e) from None
+    return files
+
+
+def _read_plain_tar(path: Path, raw, size: int, budget: "_Budget", origin: str,  # type: ignore[no-untyped-def]
+                    alloc: Alloc | None) -> dict[str, bytes | memoryview]:
+    """An uncompressed tar can unpack to no more than its own bytes, so no bomb meter: tarfile reads
+    the headers (seeking over the data) and each member is read once, straight from the file into
+    a writable buffer (tensors.py decodes safetensors in it without copying)."""
+    files: dict[str, bytes | memoryview] = {}
+    with tarfile.open(fileobj=raw, mode="r:") as tar, open(path, "rb", buffering=0) as data_f:
+        for member in tar:
+            name = _tar_member_name(member, origin)
+            if name is None:
+                continue
+            budget.take(member.size, member.name)
+            if member.offset_data + member.size > size:
+                raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is truncated")
+            buf = writable_buffer(member.size, alloc if name.endswith(WEIGHT_SUFFIXES) else None)
+            data_f.seek(member.offset_data)
+            got = 0
+            while got < member.size:
+                n = data_f.readinto(buf[got:])
+                if not n:
+                    raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is truncated")
+                got += n
+            _add_member(files, name, buf if name.endswith(WEIGHT_SUFFIXES) else bytes(buf), origin)
     return files
 
 

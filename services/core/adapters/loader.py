@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,6 +19,7 @@ from .peft_format import parse_peft
 CKPT_SOURCES = ("hf", "nemo")
 SERVING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 log = logging.getLogger(__name__)
+_DIGESTS = ThreadPoolExecutor(2, thread_name_prefix="loraserve-digest")  # artifact hashing beside the parse
 
 
 def _detect(bundle: Bundle) -> str:
@@ -45,7 +47,8 @@ def detect_format(path: str | os.PathLike) -> str:
 def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
                  max_rank: int | None = None, max_bytes: int | None = None,
                  limits: ArchiveLimits | None = None, confine_to: list[str] | None = None,
-                 serving_dtype: torch.dtype | None = None, timings: dict | None = None) -> LoraAdapter:
+                 serving_dtype: torch.dtype | None = None, timings: dict | None = None,
+                 digest: str | None = None, alloc=None) -> LoraAdapter:
     """Load an HF PEFT or NeMo LoRA artifact into a LoraAdapter (scales folded into B).
 
     path: an HF PEFT directory; a weights file (adapter_model.safetensors/.bin) beside its
@@ -56,6 +59,9 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     (unpacked, for archives) exceed it. limits: archive-bomb limits (bundle.ArchiveLimits; the
     engine passes ArchiveLimits.for_model). confine_to: real directories every file read must
     lie in, symlinks resolved. serving_dtype: refuse weights that overflow it (check_serving_range).
+    digest: the artifact's "sha256:<hex>" when the caller already verified it (a download checked
+    against the registry's digest); else it is computed on a thread while the parser runs.
+    alloc: nbytes -> uint8 CPU tensor that weights files are read into (bundle.writable_buffer).
     timings: when given, filled with the seconds of each stage (read_s: files from disk or the
     archive, digest_s, parse_s: decode + checks + scale folding, range_s: check_serving_range).
 
@@ -66,7 +72,7 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
         raise AdapterFormatError(f"ckpt_source={shorten(ckpt_source)} must be one of {CKPT_SOURCES}")
     try:
         return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype,
-                     timings if timings is not None else {})
+                     timings if timings is not None else {}, digest, alloc)
     except AdapterFormatError:
         raise
     except RecursionError:
@@ -86,27 +92,43 @@ def _origin_of(path: str | os.PathLike) -> str:
     return clip(os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path))
 
 
-def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings) -> LoraAdapter:  # type: ignore[no-untyped-def]
+def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,  # type: ignore[no-untyped-def]
+          digest, alloc) -> LoraAdapter:
+    hashing = None
+    if digest is None:  # sha256 releases the GIL: hash on a thread while this one reads and parses
+        hashing = _DIGESTS.submit(artifact_digest, path)
+    try:
+        return _load_hashing(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,
+                             digest, hashing, alloc)
+    finally:
+        if hashing is not None:
+            hashing.cancel()
+
+
+def _load_hashing(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,  # type: ignore[no-untyped-def]
+                  digest, hashing, alloc) -> LoraAdapter:
     t0 = time.perf_counter()
-    bundle = open_bundle(path, max_bytes, limits=limits, confine_to=confine_to)
+    bundle = open_bundle(path, max_bytes, limits=limits, confine_to=confine_to, alloc=alloc)
     fmt = _detect(bundle)
     if ckpt_source is not None and ckpt_source != fmt:
         raise AdapterFormatError(
             f"{bundle.origin}: ckpt_source={ckpt_source!r} but the artifact is a "
             f"{'HF PEFT adapter' if fmt == 'hf' else 'NeMo checkpoint'} ({fmt!r})")
     t1 = time.perf_counter()
-    digest = artifact_digest(path)
-    t2 = time.perf_counter()
-    adapter = parse_peft(bundle, digest) if fmt == "hf" else parse_nemo(bundle, digest)
+    adapter = parse_peft(bundle, digest or "") if fmt == "hf" else parse_nemo(bundle, digest or "")
     if max_rank is not None and adapter.rank > max_rank:
         raise AdapterFormatError(
             f"{bundle.origin}: adapter rank {adapter.rank} exceeds max_rank={max_rank}")
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     if serving_dtype is not None:
         check_serving_range(adapter, serving_dtype)
+    t3 = time.perf_counter()
+    if hashing is not None:
+        adapter.digest = hashing.result()
     t4 = time.perf_counter()
     read_s = (t1 - t0) + bundle.read_s  # an archive is read whole when opened; a directory's files by the parser
-    timings.update(read_s=read_s, digest_s=t2 - t1, parse_s=t3 - t2 - bundle.read_s, range_s=t4 - t3)
+    # digest_s: what hashing added after the parse was done (it runs beside the parse)
+    timings.update(read_s=read_s, parse_s=t2 - t1 - bundle.read_s, range_s=t3 - t2, digest_s=t4 - t3)
     return adapter
 
 
@@ -122,6 +144,11 @@ def check_serving_range(adapter: LoraAdapter, dtype: torch.dtype) -> None:
         raise ValueError(f"serving dtype must be one of {SERVING_DTYPES}, got {dtype}")
     limit = torch.finfo(dtype).max
     name = str(dtype).removeprefix("torch.")
+    if adapter.peaks is not None and adapter.weights:  # the parser's one-pass bounds: no tensor read
+        peak_a, peak_b = adapter.peaks
+        most_a = max(a.numel() for a, _ in adapter.weights.values())  # sum_ki |A_ki| <= r * in * max|A|
+        if peak_b <= limit and peak_b * peak_a * most_a <= limit:
+            return
     for (layer, module), (a, b) in adapter.weights.items():
         # fast path: finite B with max|B| * sum_ki |A_ki| (>= the gain) within the limit passes
         # without the exact fp64 computation (one integer pass over B, one fp32 pass over A)

@@ -113,7 +113,13 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
     if weights_name is None:
         raise AdapterFormatError(f"{origin}: missing adapter weights ({' or '.join(WEIGHT_NAMES)})")
     tensors = load_tensor_file(bundle.read(weights_name), weights_name)
-    factors, magnitudes = _group_factors(tensors, weights_name)
+    # one pass over the file found every value finite with max |x| <= peak: no per-tensor checks
+    known = getattr(tensors, "finite_peak", None)
+    peak = known[1] if known is not None and known[0] else None
+    factors, magnitudes = _group_factors(tensors, weights_name, known_finite=peak is not None)
+    # the decoded tensors are this parse's own, none sharing bytes with another: fold scales in place
+    # (B is a view of the file's buffer; pair_factors' fp32 upcast of mixed pairs makes new tensors)
+    in_place = getattr(tensors, "in_place_ok", False)
     if magnitudes and not settings.use_dora:
         raise AdapterFormatError(
             f"{weights_name}: holds DoRA lora_magnitude_vector tensors but {CONFIG_NAME} has use_dora=false")
@@ -122,6 +128,7 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
             f"{weights_name}: {CONFIG_NAME} has use_dora=true but the weights hold no lora_magnitude_vector")
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     dora: dict[tuple[int, str], torch.Tensor] = {}
+    max_scale = 0.0
     for path, (layer, module, a, b) in sorted(factors.items()):
         _check_targeted(settings, path, layer, weights_name)
         r = _pattern_value(settings.rank_pattern, path, settings.r, weights_name)
@@ -132,18 +139,20 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
                 f"have rank {r} from {CONFIG_NAME} (r / rank_pattern)")
         if (layer, module) in pairs:
             raise AdapterFormatError(f"{weights_name}: two LoRA pairs for layer {layer} {module}")
-        pairs[(layer, module)] = (a.contiguous(), fold_scale(b, lora_scale(alpha, r, settings.use_rslora),
-                                                             f"{weights_name}: {path}"))
+        scale = lora_scale(alpha, r, settings.use_rslora)
+        max_scale = max(max_scale, abs(scale))
+        pairs[(layer, module)] = (a.contiguous(), fold_scale(b, scale, f"{weights_name}: {path}", in_place))
         if path in magnitudes:
             dora[(layer, module)] = magnitudes.pop(path)
     if magnitudes:
         raise AdapterFormatError(f"{weights_name}: DoRA lora_magnitude_vector for {shorten(next(iter(magnitudes)))} "
                                  f"has no lora_A/lora_B beside it")
     return build_adapter("hf", pairs, alpha=settings.alpha, use_rslora=settings.use_rslora,
-                         digest=digest, origin=weights_name, magnitudes=dora if settings.use_dora else None)
+                         digest=digest, origin=weights_name, magnitudes=dora if settings.use_dora else None,
+                         peaks=None if peak is None else (peak, peak * max_scale))
 
 
-def _group_factors(tensors: dict[str, torch.Tensor], origin: str
+def _group_factors(tensors: dict[str, torch.Tensor], origin: str, known_finite: bool = False
                    ) -> tuple[dict[str, tuple[int, str, torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Pair lora_A/lora_B per module path -> (layer, module, A, B), with every key accounted for;
     also DoRA's magnitude vectors by module path (shapes and values checked by build_adapter)."""
@@ -181,7 +190,7 @@ def _group_factors(tensors: dict[str, torch.Tensor], origin: str
         slot = halves.setdefault(path, {})
         if m["which"] in slot:
             raise AdapterFormatError(f"{origin}: duplicate lora_{m['which']} for {path}")
-        slot[m["which"]] = check_lora_tensor(tensor, key, origin)
+        slot[m["which"]] = check_lora_tensor(tensor, key, origin, known_finite)
     if len(adapter_names) > 1:
         raise AdapterFormatError(
             f"{origin}: holds several adapters {sorted(n or '<none>' for n in adapter_names)}; "

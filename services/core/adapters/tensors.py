@@ -22,10 +22,12 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def check_safetensors_layout(data: bytes, name: str) -> None:
-    """Validate a safetensors buffer's framing: 8-byte LE header size, JSON header, offsets in range.
+def check_safetensors_layout(data: bytes | bytearray, name: str) -> dict[str, tuple[str, list[int], int, int]]:
+    """Validate a safetensors buffer's framing: 8-byte LE header size, JSON header, offsets in range,
+    and (as the library requires) tensors back to back from the data section's start to its end.
 
-    Gives a precise message for truncated or corrupt files before the library parses them.
+    Gives a precise message for truncated or corrupt files before anything decodes them; returns
+    {key: (dtype, shape, begin, end)} with offsets relative to the data section (8 + header length).
     """
     if len(data) < 8:
         raise AdapterFormatError(f"{name}: truncated safetensors file ({len(data)} bytes, "
@@ -39,7 +41,7 @@ def check_safetensors_layout(data: bytes, name: str) -> None:
         raise AdapterFormatError(f"{name}: corrupt safetensors file (header claims {header_len} bytes, "
                                  f"over the limit of {_MAX_HEADER_BYTES} for a LoRA adapter)")
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(bytes(data[8:8 + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{name}: corrupt safetensors header (not JSON: {e})") from None
     except RecursionError:
@@ -47,6 +49,7 @@ def check_safetensors_layout(data: bytes, name: str) -> None:
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{name}: corrupt safetensors header (not a JSON object)")
     body = len(data) - 8 - header_len
+    entries: dict[str, tuple[str, list[int], int, int]] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -69,6 +72,18 @@ def check_safetensors_layout(data: bytes, name: str) -> None:
             raise AdapterFormatError(
                 f"{name}: corrupt safetensors file: tensor {shorten(key)} {dtype}{list(shape)} needs "
                 f"{numel * itemsize} bytes, offsets give {end - begin}")
+        entries[key] = entry
+    # no holes, no overlaps (two keys on the same bytes), nothing after the last tensor: the views
+    # below may then be written in place and one pass over the data section sees every tensor once
+    pos = 0
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != pos:
+            raise AdapterFormatError(f"{name}: corrupt safetensors offsets: tensor {shorten(key)} starts at byte "
+                                     f"{begin} of the data section, the previous one ends at {pos}")
+        pos = end
+    if pos != body:
+        raise AdapterFormatError(f"{name}: corrupt safetensors file: {body - pos} bytes after the last tensor")
+    return entries
 
 
 def _header_entry(info: object) -> tuple[str, list[int], int, int] | None:
@@ -85,13 +100,62 @@ def _header_entry(info: object) -> tuple[str, list[int], int, int] | None:
     return dtype, shape, offsets[0], offsets[1]
 
 
-def load_safetensors_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
-    check_safetensors_layout(data, name)
+class TensorDict(dict):
+    """{key: tensor} of one file, plus what one pass over all its bytes found: `finite_peak` =
+    (every value finite, max |value|) when all tensors share one float dtype, else None."""
+
+    finite_peak: tuple[bool, float] | None = None
+    in_place_ok = True  # no two tensors share bytes (checked layout, or the library's own copies)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def load_safetensors_bytes(data: bytes | bytearray, name: str) -> TensorDict:
+    """Decode a safetensors buffer. A writable buffer (bytearray: what the bundles read) is decoded
+    without a copy: every tensor is a view of `data`, which the views keep alive; anything else
+    (read-only bytes, an odd dtype, a misaligned offset) goes through the library, which copies."""
+    entries = check_safetensors_layout(data, name)
+    start = 8 + int.from_bytes(bytes(data[:8]), "little")
+    out = _views(data, entries, start)
+    if out is None:
+        try:
+            out = TensorDict(safetensors_load(bytes(data)))
+        except Exception as e:  # the library's error type varies across versions
+            detail = (str(e).splitlines() or [""])[0][:120]
+            raise AdapterFormatError(f"{name}: corrupt safetensors file ({detail})") from None
+    dtypes = {t.dtype for t in out.values()}
+    if len(dtypes) == 1 and next(iter(dtypes)) in _BITS:  # one integer pass over the whole data section
+        if out.finite_peak is None:  # copied tensors: each on its own (still no Python per element)
+            stats = [finite_and_peak(t) for t in out.values()]
+            out.finite_peak = (all(f for f, _ in stats), max((p for _, p in stats), default=0.0))
+    else:
+        out.finite_peak = None
+    return out
+
+
+def _views(data, entries: dict, start: int) -> TensorDict | None:
+    if not isinstance(data, (bytearray, memoryview)) or len(data) <= start or not entries:
+        return None
+    if isinstance(data, memoryview) and (data.readonly or data.ndim != 1 or data.itemsize != 1):
+        return None
+    dtypes = {e[0] for e in entries.values()}
+    if not dtypes <= set(_ST_DTYPES):
+        return None
+    base = torch.frombuffer(data, dtype=torch.uint8)  # shares data's memory and keeps it alive
+    if base.data_ptr() % 8:
+        return None
+    out = TensorDict()
     try:
-        return dict(safetensors_load(data))
-    except Exception as e:  # the library's error type varies across versions
-        detail = (str(e).splitlines() or [""])[0][:120]
-        raise AdapterFormatError(f"{name}: corrupt safetensors file ({detail})") from None
+        for key, (dtype, shape, begin, end) in entries.items():
+            out[key] = base[start + begin:start + end].view(_ST_DTYPES[dtype]).view(shape)
+    except RuntimeError:  # an offset not a multiple of the item size
+        return None
+    if len(dtypes) == 1 and _ST_DTYPES[next(iter(dtypes))] in _BITS:
+        out.finite_peak = finite_and_peak(base[start:].view(_ST_DTYPES[next(iter(dtypes))]))
+    return out
 
 
 def check_torch_zip(data: bytes, name: str) -> None:
@@ -118,6 +182,8 @@ def check_torch_zip(data: bytes, name: str) -> None:
 
 def load_torch_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: pickled code (any non-tensor global) is refused."""
+    if isinstance(data, memoryview):
+        data = bytes(data)
     check_torch_zip(data, name)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -160,6 +226,9 @@ _BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.in
          torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
 
 
+_CHUNK = 1 << 20  # elements per pass of finite_and_peak on large tensors (2-4 MB: stays in cache)
+
+
 def finite_and_peak(t: torch.Tensor) -> tuple[bool, float]:
     """(every value finite, max |value|) of a float32/16/bf16 tensor in one integer pass (the CPU
     has no fast bf16 isfinite: on an 84 MB adapter this pass replaced ~40% of the load time).
@@ -171,14 +240,25 @@ def finite_and_peak(t: torch.Tensor) -> tuple[bool, float]:
         finite = bool(torch.isfinite(t).all())
         return finite, float(t.abs().max()) if finite else math.inf
     itype, sign_off, exp_all = bits
-    top = int((t.view(itype) & sign_off).amax())
+    flat = t.reshape(-1).view(itype)
+    if flat.numel() <= _CHUNK:
+        top = int((flat & sign_off).amax())
+    else:  # in chunks through one small buffer: no temporary as large as t (its page faults cost more)
+        tmp = torch.empty(_CHUNK, dtype=itype)
+        top = 0
+        for i in range(0, flat.numel(), _CHUNK):
+            part = flat[i:i + _CHUNK]
+            out = tmp[:part.numel()]
+            torch.bitwise_and(part, sign_off, out=out)
+            top = max(top, int(out.amax()))
     if top >= exp_all:
         return False, math.inf
     return True, float(torch.tensor([top], dtype=itype).view(t.dtype)[0])
 
 
-def check_lora_tensor(t: torch.Tensor, key: str, origin: str) -> torch.Tensor:
-    """A LoRA factor must be a 2-D finite float tensor; fp64 is narrowed to fp32. Returns it on CPU."""
+def check_lora_tensor(t: torch.Tensor, key: str, origin: str, known_finite: bool = False) -> torch.Tensor:
+    """A LoRA factor must be a 2-D finite float tensor; fp64 is narrowed to fp32. Returns it on CPU.
+    known_finite: a pass over the whole file already found every value finite (TensorDict)."""
     if t.dtype == torch.float64:
         t = t.to(torch.float32)
     if t.dtype not in FLOAT_DTYPES:
@@ -187,7 +267,7 @@ def check_lora_tensor(t: torch.Tensor, key: str, origin: str) -> torch.Tensor:
             f"must be float32, float16 or bfloat16")
     if t.dim() != 2:
         raise AdapterFormatError(f"{origin}: tensor {shorten(key)} has shape {list(t.shape)}, expected 2-D")
-    if not finite_and_peak(t)[0]:
+    if not known_finite and not finite_and_peak(t)[0]:
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise AdapterFormatError(f"{origin}: tensor {shorten(key)} contains {bad} values")
     return t.cpu()

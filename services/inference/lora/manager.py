@@ -48,7 +48,7 @@ from ..sequence import Sequence
 from .batch import LoRABatch
 from .device_tier import DeviceTier
 from .dora import compute_dora_scales
-from .host_tier import HostTier, TierStats
+from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -100,22 +100,6 @@ class CacheStats:
     device: TierStats
 
 
-def _pin_into_one(tensors: dict, dtype: torch.dtype) -> dict:
-    """{key: tensor} -> {key: view} of ONE pinned host buffer of `dtype` holding them all. A pinned
-    allocation costs a driver call (cudaHostAlloc) and page locking each: one per adapter, not one
-    per tensor (448 for an 8B adapter on every module)."""
-    if not tensors:
-        return {}
-    buf = torch.empty(sum(t.numel() for t in tensors.values()), dtype=dtype, pin_memory=True)
-    out, o = {}, 0
-    for k, t in tensors.items():
-        view = buf[o:o + t.numel()].view(t.shape)
-        view.copy_(t)
-        out[k] = view
-        o += t.numel()
-    return out
-
-
 class LoRAManager:
     def __init__(self, lora_config: LoraConfig, cache_config: PeftCacheConfig, args: ModelArgs,
                  dtype: torch.dtype, device: torch.device, allowed_dirs: list[str] | None = None,
@@ -149,6 +133,10 @@ class LoRAManager:
         from loraserve.kernels import LoRAMetaBuilder
 
         self.meta_builder_cls = LoRAMetaBuilder
+        # CUDA: adapter files are read straight into pinned memory (torch's caching host allocator
+        # reuses the blocks of evicted adapters), so a file in the serving dtype needs no staging copy
+        self._read_alloc = pinned_bytes if device.type == "cuda" and os.environ.get(
+            "LORASERVE_PINNED_READ", "1") != "0" else None
         self._meta_builder = None
         for i, path in enumerate(lora_config.lora_dir):  # TensorRT-LLM: preload lora_dir, ids in order
             self.resolve(LoRARequest(os.path.basename(os.path.normpath(path)) or f"lora-{i}", i, path,
@@ -191,9 +179,10 @@ class LoRAManager:
             raise AdapterNotFoundError(f"lora_path {shown} does not exist")
         return real
 
-    def resolve(self, req: LoRARequest, trusted: bool = False) -> AdapterHold:
+    def resolve(self, req: LoRARequest, trusted: bool = False, digest: str | None = None) -> AdapterHold:
         """Identify the adapter `req` names and hold it for one request (hold.release() undoes).
-        trusted: the path is the service's own download cache, not a user-named path."""
+        trusted: the path is the service's own download cache, not a user-named path; digest: its
+        content digest, verified at download (trusted only: spares hashing it again)."""
         if req.lora_path:  # file-system work outside the lock, which the engine thread takes every step
             real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
             sig = _stat_signature(real)
@@ -211,7 +200,7 @@ class LoRAManager:
         source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real) else None
         timings: dict = {}
         try:
-            adapter = self._parse(real, source, trusted, timings)
+            adapter = self._parse(real, source, trusted, timings, digest if trusted else None)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"adapter {shorten(req.lora_name)}: {exc}") from exc
         hold = self.add_adapter(adapter, req, source=real, signature=sig, ckpt_source=source)
@@ -219,14 +208,15 @@ class LoRAManager:
         hold.handle.timings.update(timings)
         return hold
 
-    def _parse(self, path: str, ckpt_source: str | None, trusted: bool, timings: dict | None = None) -> LoraAdapter:
+    def _parse(self, path: str, ckpt_source: str | None, trusted: bool, timings: dict | None = None,
+               digest: str | None = None) -> LoraAdapter:
         # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
         return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
                             limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
                                                            self.max_rank),
                             confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
-                            timings=timings)
+                            timings=timings, digest=digest, alloc=self._read_alloc)
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:
@@ -264,9 +254,11 @@ class LoRAManager:
             compute_dora_scales(adapter, self.model)
         if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype
             # g, shift stay float32
-            adapter.dora_scales = _pin_into_one(adapter.dora_scales, torch.float32)
-            adapter.dora_shifts = _pin_into_one(adapter.dora_shifts, torch.float32)
-            flat = _pin_into_one({(k, i): t for k, ab in adapter.weights.items() for i, t in enumerate(ab)},
+            adapter.dora_scales = pin_into_one(adapter.dora_scales, torch.float32)
+            adapter.dora_shifts = pin_into_one(adapter.dora_shifts, torch.float32)
+            if pinned_views(adapter.weights, self.dtype):
+                return adapter  # read straight into pinned memory (self._read_alloc), already the serving dtype
+            flat = pin_into_one({(k, i): t for k, ab in adapter.weights.items() for i, t in enumerate(ab)},
                                  self.dtype)
             weights = {k: (flat[k, 0], flat[k, 1]) for k in adapter.weights}
         else:
@@ -322,7 +314,8 @@ class LoRAManager:
         adapter, err = None, None
         try:
             timings: dict = {}
-            adapter = self._parse(h.source, h.ckpt_source, h.trusted, timings)
+            # the download cache's files are named by their verified digest: no re-hash on a reload
+            adapter = self._parse(h.source, h.ckpt_source, h.trusted, timings, h.key if h.trusted else None)
             if adapter.digest != h.key:
                 raise AdapterLoadError(f"adapter {h.name!r} changed on disk since it was first loaded "
                                        f"({h.key} -> {adapter.digest})")
@@ -461,10 +454,11 @@ class LoRAManager:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
-async def resolve_async(manager: LoRAManager, req: LoRARequest, trusted: bool = False) -> AdapterHold:
+async def resolve_async(manager: LoRAManager, req: LoRARequest, trusted: bool = False,
+                        digest: str | None = None) -> AdapterHold:
     """manager.resolve on a worker thread (parsing never blocks an event loop or the engine
     thread). Shielded: a cancel (client gone, deadline) while it runs releases the hold it takes."""
-    fut = asyncio.get_running_loop().run_in_executor(None, manager.resolve, req, trusted)
+    fut = asyncio.get_running_loop().run_in_executor(None, manager.resolve, req, trusted, digest)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

@@ -1,0 +1,117 @@
+"""The fast cold path of adapter loading (issue 12) against an independent reference.
+
+Reference: the safetensors library's own decoder (`safetensors.torch.load_file`, which copies) and
+PEFT's scale folded in fp32 and rounded once. The fast path decodes in place (tensors are views of
+the buffer the file was read into), folds scales in B's own dtype, in place, checks finiteness in
+one integer pass over the whole file, and trusts a digest the caller verified.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraserve.adapters import AdapterFormatError, load_adapter
+from loraserve.adapters.adapter import fold_scale
+from loraserve.adapters.bundle import artifact_digest, open_bundle
+from loraserve.adapters.tensors import load_safetensors_bytes
+from loraserve.adapters.testing import make_peft_adapter
+from loraserve.adapters.writer import pack_dir
+
+
+def reference(adapter_dir, scale: float, dtype: torch.dtype) -> dict:
+    """(layer, module) -> (A, B * scale) from the library decoder, the fold in fp32 rounded once."""
+    out = {}
+    for key, t in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        parts = key.split(".")
+        layer, module, which = int(parts[parts.index("layers") + 1]), parts[-3], parts[-2]
+        a, b = out.get((layer, module), (None, None))
+        if which == "lora_A":
+            a = t.to(dtype)
+        else:
+            b = (t.to(torch.float32) * scale).to(dtype)
+        out[(layer, module)] = (a, b)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packing", ["dir", "tar", "tar.gz", "zip"])
+def test_fast_load_equals_the_library_decoder_and_fp32_fold(tmp_path, dtype, packing):
+    src = make_peft_adapter(tmp_path / "src", modules=("q_proj", "v_proj", "down_proj"), r=4, alpha=12.0,
+                            dtype=dtype, seed=3)
+    path = src if packing == "dir" else pack_dir(src, tmp_path / f"a.{packing}", packing)
+    got = load_adapter(path, serving_dtype=dtype)
+    ref = reference(src, 12.0 / 4, dtype)
+    assert set(got.weights) == set(ref)
+    for k, (a, b) in got.weights.items():  # bit for bit
+        assert a.dtype == dtype and torch.equal(a, ref[k][0]), k
+        assert torch.equal(b.view(torch.uint8), ref[k][1].view(torch.uint8)), k
+    assert got.digest == artifact_digest(path)
+    if packing in ("dir", "tar"):  # read into one writable buffer: A and B are views of it, no copies
+        ptrs = {t.untyped_storage().data_ptr() for ab in got.weights.values() for t in ab}
+        assert len(ptrs) == 1
+        assert got.peaks is not None  # bounds from the one pass over the file
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fold_in_own_dtype_is_the_fp32_fold_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(4096, 16, generator=g) * torch.logspace(-6, 3, 16)).to(dtype)
+    for scale in (2.0, 0.5, 1.7, 1 / 3, 3.3e-5, 250.0):
+        want = (b.to(torch.float32) * scale).to(dtype)
+        for in_place in (False, True):
+            got = fold_scale(b.clone(), scale, in_place=in_place)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (scale, in_place)
+
+
+def _safetensors(entries: list[tuple[str, int, int]], body: bytes) -> bytearray:
+    header = {k: {"dtype": "F32", "shape": [(e - b) // 4], "data_offsets": [b, e]} for k, b, e in entries}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return bytearray(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def test_overlapping_holed_or_trailing_layouts_are_refused():
+    """In-place decoding needs what the library enforces: tensors back to back, each byte once."""
+    body = struct.pack("<4f", 1, 2, 3, 4)
+    ok = load_safetensors_bytes(_safetensors([("x", 0, 8), ("y", 8, 16)], body), "ok.safetensors")
+    assert ok["y"].tolist() == [3.0, 4.0] and ok.finite_peak == (True, 4.0)
+    for entries, what in (([("x", 0, 8), ("y", 4, 12)], "starts at byte 4"),   # y overlaps x
+                          ([("x", 0, 4), ("y", 8, 16)], "starts at byte 8"),    # a hole
+                          ([("x", 0, 8)], "8 bytes after the last tensor")):
+        with pytest.raises(AdapterFormatError, match=what):
+            load_safetensors_bytes(_safetensors(entries, body), "bad.safetensors")
+
+
+def test_non_finite_weights_are_found_by_the_one_pass(tmp_path):
+    src = make_peft_adapter(tmp_path / "a", r=4, dtype=torch.bfloat16)
+    f = src / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    key = sorted(tensors)[3]
+    tensors[key][1, 2] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        load_adapter(src)
+
+
+def test_given_digest_is_trusted_and_weights_read_through_alloc(tmp_path):
+    src = make_peft_adapter(tmp_path / "a", r=4, dtype=torch.float16)
+    tar = pack_dir(src, tmp_path / "a.tar", "tar")
+    calls = []
+
+    def alloc(n):  # what the engine passes on CUDA (pinned memory); here plain memory, counted
+        calls.append(n)
+        return torch.empty(n, dtype=torch.uint8)
+
+    timings = {}
+    got = load_adapter(tar, digest="sha256:" + "ab" * 32, alloc=alloc, timings=timings)
+    assert got.digest == "sha256:" + "ab" * 32
+    assert calls == [(src / "adapter_model.safetensors").stat().st_size]  # the weights file only
+    assert set(timings) == {"read_s", "digest_s", "parse_s", "range_s"}
+    bundle = open_bundle(tar)
+    bundle.read("adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match="already handed out"):  # its buffer belongs to the first parse
+        bundle.read("adapter_model.safetensors")

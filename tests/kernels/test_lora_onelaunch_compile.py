@@ -84,3 +84,44 @@ def test_onelaunch_compiles_for_sm90_without_spills(num_tokens, grid_tiles, rank
     usage = resource_usage(k)
     if usage:
         assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
+
+
+def test_pdl_pair_compiles_for_sm90():
+    """LORASERVE_LORA_PDL: the shrink (launch_dependents first, wait before x) and the streaming
+    expand (wait before y and the partials) carry griddepcontrol in their sm_90 PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from loraserve.kernels.lora_expand_stream import _lora_expand_stream_kernel, stream_expand_config
+    from loraserve.kernels.lora_shrink import _lora_shrink_kernel
+
+    from .test_lora_stream_compile import STRIDES, UNIT_STRIDES
+
+    def build(fn, sig, const, **opts):
+        sig = dict(sig, **{n: "constexpr" for n in const})
+        names = list(sig)
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(launch_pdl=True, **opts))
+        except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
+            pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+
+    cfg = stream_expand_config(64, 6144, 16, 3, 16, 36, 4)
+    sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
+           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
+           "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32", "COLS_PER_PROG": "i32",
+           **{n: "i32" for n in STRIDES}}
+    const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
+                 SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
+                 USE_PDL=True, **{n: 1 for n in UNIT_STRIDES})
+    expand = build(_lora_expand_stream_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=1)
+    assert "griddepcontrol.wait" in expand.asm["ptx"]
+    sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "ranks_ptr": "*i32", "sorted_ids_ptr": "*i32",
+           "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "K": "i32", "R": "i32",
+           **{n: "i32" for n in ("stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak",
+                                 "stride_ok", "stride_os", "stride_om", "stride_or")}}
+    const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, EVEN_K=True, IEEE=False, EAGER_META=True,
+                 USE_PDL=True)
+    ptx = build(_lora_shrink_kernel, sig, const, num_warps=4, num_stages=4).asm["ptx"]
+    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")

@@ -227,3 +227,21 @@ def test_onelaunch_llama3_8b_bf16() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("one-launch LoRA kernel did not finish in 240 s: a wait never ended")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_pdl_graph_replay_and_reference() -> None:
+    """LORASERVE_LORA_PDL: the shrink -> streaming expand pair with programmatic dependent launch,
+    captured in a CUDA graph: replay == eager bit for bit, and both equal the reference."""
+    from loraserve.kernels import lora_meta
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    old = lora_meta.LORA_PDL
+    lora_meta.LORA_PDL = True
+    try:
+        check_graph_replay_matches_eager(64, 16)
+        check_graph_replay_matches_eager(1, 16)
+        interp_cases.check_partials_path_matches_reference("bfloat16", 4096, 16, [4096, 1024, 1024], 64, 32,
+                                                           "no-adapter-rows", 4, device="cuda")
+    finally:
+        lora_meta.LORA_PDL = old

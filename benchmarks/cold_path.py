@@ -116,6 +116,7 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
         if ev is not None:
             ev.synchronize()
         h2d = time.perf_counter() - t0
+        _check_slot(mgr, hold.handle)
         row = dict(hold.handle.timings)
         row["h2d_s"] = h2d - row.get("place_s", 0.0)  # the copy's completion after its host-side issue
         if f is not None:
@@ -131,6 +132,16 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     med["total_s"] = sum(med.values())
     return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
             "source": "registry on loopback" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
+
+
+def _check_slot(mgr, h) -> None:
+    """The slot holds the host copy's A and B (first and last (layer, module)): the copy is right."""
+    for (layer, module) in (min(h.adapter.weights), max(h.adapter.weights)):
+        a, b = h.adapter.weights[(layer, module)]
+        proj, s, off = mgr.slots.slice_index[module]
+        r = a.shape[0]
+        assert torch.equal(mgr.slots.a[proj][layer, h.slot, s, :r].cpu(), a), (layer, module)
+        assert torch.equal(mgr.slots.b[proj][layer, h.slot, off:off + b.shape[0], :r].cpu(), b), (layer, module)
 
 
 def format_stages(result: dict) -> str:

@@ -253,6 +253,46 @@ def print_breakdown(b: dict, title: str) -> None:
 
 
 # ---- the runs --------------------------------------------------------------------------------------
+def mixed_graphs_enabled() -> bool:
+    from loraserve.inference.mixed_graphs import mixed_graphs_enabled as enabled
+
+    return enabled()
+
+
+def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, concurrency: int, limit_s: float) -> dict:
+    """One more in-process run of the same load with other engine options or environment (restored after)."""
+    from loraserve.inference.bench.runner import InProcessTarget
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    holder: dict = {}
+
+    def trace_on(t):
+        t.llm.engine.step_trace = holder["trace"] = []
+        holder["runner"] = t.llm.engine.runner
+    try:
+        rep = run_load(InProcessTarget(model, kwargs), warm, reqs, concurrency, None, trace_on)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    b = step_breakdown(holder["trace"])
+    mixed = getattr(holder.get("runner"), "mixed_graphs", None)
+    holder.clear()
+    tp50 = (rep["tpot_s"] or {}).get("p50") or 0
+    out = {"wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / limit_s, "tpot_p50_s": tp50,
+           "output_tokens_per_s": rep["output_tokens_per_s"], "num_failed": rep["num_failed"], "steps": b,
+           "mixed_graph_replays": mixed.num_replays if mixed is not None else None,
+           "mixed_graphs_captured": len(mixed.graphs) if mixed is not None else None}
+    print_breakdown(b, label)
+    print(f"{label}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / limit_s:.2f} x limit, TPOT p50 "
+          f"{1e3 * tp50:.2f} ms, output tok/s {rep['output_tokens_per_s']:.0f}, failed {rep['num_failed']}, mixed graphs "
+          f"{out['mixed_graphs_captured']} captured / {out['mixed_graph_replays']} replays", flush=True)
+    return out
+
+
 def warm_set(rows, n: int, max_output: int = 24):
     """The unmeasured warm-up: n requests at full concurrency (prefill-only, mixed and decode steps of the
     load's shapes, so that every Triton specialisation is compiled before the clock starts, in-process
@@ -355,6 +395,8 @@ def main() -> int:
                     help="engine max_num_prefill_tokens_with_decode (default: the engine's)")
     ap.add_argument("--sweep-prefill-cap", default=None, metavar="N,N",
                     help="also in-process runs of the same load at these max_num_prefill_tokens_with_decode values")
+    ap.add_argument("--sweep-mixed-graphs", action="store_true",
+                    help="also an in-process run with LORASERVE_MIXED_GRAPHS flipped (mixed-step CUDA graphs)")
     ap.add_argument("--profile-mixed", action="store_true",
                     help="print a torch.profiler op table of mixed steps (--decode-batch decodes + one prompt)")
     ap.add_argument("--grpc", action="store_true", help="also run the same load through a loopback gRPC server")
@@ -429,10 +471,12 @@ def main() -> int:
     engine = target.llm.engine
     trace, engine.step_trace = engine.step_trace, None
     s["steps"] = step_breakdown(trace)
+    mixed = getattr(engine.runner, "mixed_graphs", None)
+    s["mixed_graphs"] = None if mixed is None else {"captured": len(mixed.graphs), "replays": mixed.num_replays}
     del trace
     print_breakdown(s["steps"], "in-process run")   # now: a later stage may run out of time
     print(f"in-process: wall {report['duration_s']:.3f} s, TPOT p50 {1e3 * ((report['tpot_s'] or {}).get('p50') or 0):.2f}"
-          f" ms, output tok/s {report['output_tokens_per_s']:.0f}", flush=True)
+          f" ms, output tok/s {report['output_tokens_per_s']:.0f}, mixed graphs {s['mixed_graphs']}", flush=True)
     stats = engine.stats()
     s["in_process"] = brief(report)
     s["in_process"]["prefix_reused_blocks"] = stats["reused_kv_blocks"]
@@ -453,22 +497,14 @@ def main() -> int:
         s["mixed_profile"] = profile_mixed_steps(engine, a.decode_batch, a.input_mean, engine.args.vocab_size)
     del engine, target   # one model on the device at a time
     free_memory()
-    for cap in [int(c) for c in a.sweep_prefill_cap.split(",")] if a.sweep_prefill_cap else []:
-        holder: dict = {}
-
-        def trace_on_sweep(t, holder=holder):
-            t.llm.engine.step_trace = holder["trace"] = []
-        rep = run_load(InProcessTarget(model, {**kwargs, "max_num_prefill_tokens_with_decode": cap}), warm, reqs,
-                       a.concurrency, None, trace_on_sweep)
-        b = step_breakdown(holder["trace"])
-        holder.clear()
-        tp50 = (rep["tpot_s"] or {}).get("p50") or 0
-        s.setdefault("prefill_cap_sweep", {})[str(cap)] = {
-            "wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / s["limit"]["limit_s"],
-            "tpot_p50_s": tp50, "output_tokens_per_s": rep["output_tokens_per_s"], "steps": b}
-        print_breakdown(b, f"prefill cap {cap}")
-        print(f"prefill cap {cap}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / s['limit']['limit_s']:.2f} x "
-              f"limit, TPOT p50 {1e3 * tp50:.2f} ms", flush=True)
+    variants = [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
+                for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
+    if a.sweep_mixed_graphs:
+        flip = "0" if mixed_graphs_enabled() else "1"
+        variants.append((f"LORASERVE_MIXED_GRAPHS={flip}", {}, {"LORASERVE_MIXED_GRAPHS": flip}))
+    for label, extra, env in variants:
+        s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
+                                                          s["limit"]["limit_s"])
         free_memory()
     if a.grpc_rate:
         s["in_process_poisson"] = brief(run_load(InProcessTarget(model, kwargs), warm, reqs, None, a.grpc_rate))

@@ -54,6 +54,7 @@ class ModelRunner:
         self.eos_ids: set[int] = set()    # the engine fills it (min_tokens bans EOS)
         self.sampling_meta = MetadataCache(device)   # sampling metadata, reused while the rows repeat
         self.graph_runner = None
+        self.mixed_graphs = None     # mixed_graphs.MixedGraphRunner (prompt chunks + decodes), when on
         if device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
 
@@ -73,6 +74,16 @@ class ModelRunner:
             self.graph_runner = runner
         except Exception:  # noqa: BLE001 - eager decode still works
             log.exception("CUDA graph capture failed; decode runs eagerly")
+            return
+        from .mixed_graphs import MixedGraphRunner, mixed_graphs_enabled
+
+        if mixed_graphs_enabled() and type(self) is ModelRunner and self.kv_dtype == self.dtype:
+            cfg, a = self.config, self.args
+            cap = cfg.max_num_prefill_tokens_with_decode or cfg.max_num_tokens
+            self.mixed_graphs = MixedGraphRunner(
+                self.model, self.device, runner.max_batch, min(cfg.max_num_tokens, cap + runner.max_batch),
+                -(-max_len // self.block_size), self.num_blocks, self.block_size, a.num_attention_heads,
+                a.num_key_value_heads, torch.finfo(self.dtype).bits // 8)
 
     def _size_kv_cache(self) -> int:
         a = self.args
@@ -112,6 +123,10 @@ class ModelRunner:
         if decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch.seqs)):
             hidden = self.graph_runner.run(inp)
             return self._sample(hidden, inp.sample_idx, sample_seqs)
+        if not decode_only and self.mixed_graphs is not None and not inp.has_lora:
+            hidden = self.mixed_graphs.run(inp, batch.num_new_tokens)   # None: this step runs eagerly
+            if hidden is not None:
+                return self._sample(hidden, inp.sample_idx, sample_seqs)
         ctx = Context(
             slot_mapping=inp.slot_mapping,
             query_lens=list(batch.num_new_tokens),

@@ -1,0 +1,157 @@
+"""CUDA graphs for mixed steps: prompt chunks with decode rows riding along (issue 11).
+
+In the steady state of a serving load nearly every step is mixed (a new request's prompt chunk next to
+the running decodes), and eagerly such a step launches every kernel of every layer from Python: on the
+8B shape that launch costs about as much host time as the device needs for the step. The attention
+kernel (kernels/unified_attention.py) takes its grid from static sizes only (N tokens, B sequences),
+so the whole forward of a mixed step can be captured per (B, N) bucket and replayed, as vLLM's full
+CUDA graphs for its unified Triton attention do.
+
+Padding: a step of N tokens over B sequences replays the graph of (Bp, T), the smallest buckets with
+Bp >= B + 1 and T >= N + (Bp - B). The Bp - B padding sequences take the T - N padding tokens (one each,
+the last one the rest), attend over their own tokens only, and write their K/V into the scratch block
+(block tables and slots point there); their outputs are dropped. The tile shape is the one of a long
+query run (max_query_len = T) and split-KV is off (num_splits 1): a step whose plan would split runs
+eagerly, as one with adapter rows, an FP8 KV cache, or more tokens or sequences than the largest bucket.
+
+Graphs are captured when a shape is first seen (a few ms each: the kernels are compiled by then), at most
+MAX_GRAPHS, into their own memory pool. LORASERVE_MIXED_GRAPHS=1 turns them on (off by default until
+measured on the GPU).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from .context import Context, reset_context, set_context
+
+log = logging.getLogger(__name__)
+
+# fine buckets: padding costs real work in a compute-bound step (at most 31 tokens and 7 sequences here)
+TOKEN_BUCKETS = tuple(range(32, 1025, 32)) + (1152, 1280, 1536, 1792, 2048)
+SEQ_BUCKETS = (2, 4, 8) + tuple(range(16, 1025, 8))
+MAX_GRAPHS = 64
+
+
+def mixed_graphs_enabled() -> bool:
+    return os.environ.get("LORASERVE_MIXED_GRAPHS", "0") not in ("0", "false", "off", "")
+
+
+class MixedGraphRunner:
+    def __init__(self, model, device: torch.device, max_batch: int, max_tokens: int, max_blocks_per_seq: int,
+                 scratch_block: int, block_size: int, num_heads: int, num_kv_heads: int, elem_bytes: int):
+        self.model, self.device = model, device
+        self.seq_buckets = [b for b in SEQ_BUCKETS if b <= max_batch + 8]
+        self.token_buckets = [t for t in TOKEN_BUCKETS if t <= max(max_tokens, TOKEN_BUCKETS[0])]
+        T, B = self.token_buckets[-1], self.seq_buckets[-1]
+        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
+        self.num_heads, self.num_kv_heads, self.elem_bytes = num_heads, num_kv_heads, elem_bytes
+        i64 = dict(dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(T, **i64)
+        self.positions = torch.zeros(T, **i64)
+        self.slot_mapping = torch.full((T,), self.scratch_slot, **i64)
+        self.context_lens = torch.ones(B, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.failed = False
+        self.num_replays = 0
+
+    def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
+        """(Bp, T) of a step of num_tokens over num_seqs sequences, or None (eager)."""
+        bp = next((b for b in self.seq_buckets if b >= num_seqs + 1), None)
+        if bp is None:
+            return None
+        t = next((t for t in self.token_buckets if t >= num_tokens + bp - num_seqs), None)
+        return None if t is None else (bp, t)
+
+    def _pad_lens(self, num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:
+        """[Bp - B] query (= context) lengths of the padding sequences: 1 each, the last the rest."""
+        lens = np.ones(bp - num_seqs, dtype=np.int32)
+        lens[-1] = t - num_tokens - (bp - num_seqs - 1)
+        return lens
+
+    @torch.inference_mode()
+    def _capture(self, bp: int, t: int) -> None:
+        # the static buffers hold a valid all-padding step while capturing (its K/V go to the scratch block)
+        lens = self._pad_lens(0, 0, bp, t)
+        self.input_ids[:t].zero_()
+        self.positions[:t].zero_()
+        self.slot_mapping[:t].fill_(self.scratch_slot)
+        self.context_lens[:bp].copy_(torch.from_numpy(lens))
+        self.query_start_loc[:bp + 1].copy_(torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)))
+        self.block_tables[:bp].fill_(self.scratch_block)
+        ctx = Context(slot_mapping=self.slot_mapping[:t], context_lens=self.context_lens[:bp],
+                      block_tables=self.block_tables[:bp], decode_only=False,
+                      query_start_loc=self.query_start_loc[:bp + 1], max_query_len=t, num_splits=1)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        set_context(ctx)
+        try:
+            with torch.cuda.stream(stream):
+                self.model(self.input_ids[:t], self.positions[:t])   # warm-up: allocator, any compile
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+                out = self.model(self.input_ids[:t], self.positions[:t])
+        finally:
+            reset_context()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graphs[(bp, t)] = (graph, out)
+        log.info("captured a mixed-step CUDA graph: %d sequences, %d tokens (%d graphs)", bp, t, len(self.graphs))
+
+    @torch.inference_mode()
+    def run(self, inp, query_lens: list[int]) -> torch.Tensor | None:
+        """inp: step_inputs.StepInputs of a mixed step (on the device); query_lens: [B] tokens per sequence.
+        Returns the hidden states [N, hidden], or None when this step runs eagerly."""
+        if self.failed:
+            return None
+        n, b = inp.input_ids.shape[0], len(query_lens)
+        shape = self.pick(n, b)
+        if shape is None:
+            return None
+        from loraserve.kernels.unified_attention import plan_num_splits
+
+        if plan_num_splits(query_lens, inp.context_lens_list, self.num_heads, self.num_kv_heads, self.elem_bytes,
+                           self.device) != 1:
+            return None
+        bp, t = shape
+        if shape not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return None
+            try:
+                self._capture(bp, t)
+            except Exception:  # noqa: BLE001 - eager mixed steps still work
+                log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
+                self.failed = True
+                return None
+        # [Bp + 1] query starts, then [Bp - B] context lengths of the padding sequences: one small copy
+        lens = self._pad_lens(n, b, bp, t)
+        host = np.empty(2 * bp + 1 - b, dtype=np.int32)
+        host[0] = 0
+        np.cumsum(np.asarray(query_lens, dtype=np.int32), out=host[1:b + 1])
+        host[b + 1:bp + 1] = n + np.cumsum(lens)
+        host[bp + 1:] = lens
+        small = torch.from_numpy(host).pin_memory().to(self.device, non_blocking=True)
+        width = inp.block_tables.shape[1]
+        self.input_ids[:n].copy_(inp.input_ids)
+        self.input_ids[n:t].zero_()
+        self.positions[:n].copy_(inp.positions)
+        self.positions[n:t].zero_()
+        self.slot_mapping[:n].copy_(inp.slot_mapping)
+        self.slot_mapping[n:t].fill_(self.scratch_slot)
+        self.context_lens[:b].copy_(inp.context_lens)
+        self.context_lens[b:bp].copy_(small[bp + 1:])
+        self.query_start_loc[:bp + 1].copy_(small[:bp + 1])
+        self.block_tables[:b, :width].copy_(inp.block_tables)
+        self.block_tables[b:bp].fill_(self.scratch_block)
+        graph, out = self.graphs[shape]
+        graph.replay()
+        self.num_replays += 1
+        return out[:n]

@@ -99,12 +99,7 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
     if path == "onelaunch":
         from .lora_onelaunch import lora_onelaunch
 
-        lora_onelaunch(x, lora_a, lora_b, slice_offsets, meta, ranks, y, buf)
-        if scale is not None:  # no epilogue scale in this kernel: a graph-safe torch pass after it
-            from .reference import dora_scale_rows
-
-            dora_scale_rows(y, scale, meta, ranks, shift)
-        return y
+        return lora_onelaunch(x, lora_a, lora_b, slice_offsets, meta, ranks, y, buf, scale=scale, shift=shift)
     if path == "fused":
         from .lora_fused import lora_shrink_expand
 

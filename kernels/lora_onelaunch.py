@@ -53,17 +53,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_onelaunch_kernel(
-        x_ptr, a_ptr, b_ptr, y_ptr, ws_ptr, sync_ptr, ranks_ptr, slice_off_ptr,
+        x_ptr, a_ptr, b_ptr, y_ptr, ws_ptr, sync_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         K, N, R, K_CHUNK, COLS_PER_PROG, NUM_TILES, GROUPS, NUM_PROGRAMS,
         stride_xm, stride_xk,
         stride_al, stride_as, stride_ar, stride_ak,
         stride_bl, stride_bn, stride_bk,
         stride_ym, stride_yn,
-        stride_wk, stride_ws, stride_wm, stride_wr,
+        stride_wk, stride_ws, stride_wm, stride_wr, stride_sl, stride_sn,
         NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         SYNC_P2: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
+        HAS_SCALE: tl.constexpr = False, HAS_SHIFT: tl.constexpr = False,
     ):
         # sync: [0] ticket counter, [1] programs that left, [2 + tile] shrink items done per tile.
         item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
@@ -190,6 +191,14 @@ if HAS_TRITON:
                             d2 = tl.dot(h2, btt)
                         acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
                     out = y_cur.to(tl.float32) + acc
+                    if HAS_SCALE:  # DoRA: (y + delta) * g[slot] (+ shift[slot]), as lora_expand's epilogue
+                        g = tl.load(scale_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn, mask=n_ok,
+                                    other=1.0)
+                        out = out * g[None, :]
+                        if HAS_SHIFT:
+                            c = tl.load(shift_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn, mask=n_ok,
+                                        other=0.0)
+                            out = out + c[None, :]
                     tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(y_cur.dtype),
                              mask=row_ok[:, None] & n_ok[None, :])
                     b_cur = b_nxt
@@ -276,13 +285,15 @@ def onelaunch_split_k(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta)
 
 
 def lora_onelaunch(x: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
-                   ranks: Tensor, y: Tensor, ws: Tensor | None = None, *, config: dict | None = None) -> Tensor:
+                   ranks: Tensor, y: Tensor, ws: Tensor | None = None, *, config: dict | None = None,
+                   scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += (x[t] @ A[a, s, :r].T) @ B[a, off_s:off_s+1, :r].T in one launch.
 
     x [T, H_in]; lora_a [L, S, R, H_in] (S <= 3, R <= 64); lora_b [L, N, R]; all one dtype;
     slice_offsets [S+1] int32; meta for T tokens; ranks [L] int32; y [T, N] (column view
     allowed), updated in place and returned. ws: float32 [SPLIT_K, S, T, R] workspace of the
     plan (allocated when None). config: keyword overrides of :func:`onelaunch_plan` (benchmarks).
+    scale, shift: DoRA's optional float32 [L, N] epilogue, exactly as lora_expand's.
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -295,6 +306,12 @@ def lora_onelaunch(x: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Ten
     assert slice_offsets.shape == (S + 1,) and slice_offsets.dtype == torch.int32
     assert ranks.shape == (L,) and ranks.dtype == torch.int32, "ranks must be int32 [L]"
     assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, x has {T}"
+    if scale is not None:
+        assert scale.shape == (L, N) and scale.dtype == torch.float32 and scale.device == y.device, \
+            f"scale must be float32 [L={L}, N={N}] on y's device, got {scale.dtype} {tuple(scale.shape)}"
+    if shift is not None:
+        assert scale is not None and shift.shape == scale.shape and shift.stride() == scale.stride() \
+            and shift.dtype == torch.float32 and shift.device == y.device, "shift must match scale (float32 [L, N])"
     if T == 0 or N == 0:
         return y
     if R > ONELAUNCH_MAX_RANK or S > ONELAUNCH_MAX_SLICES:
@@ -309,13 +326,15 @@ def lora_onelaunch(x: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Ten
     sync = _sync_counters(x.device, tiles)
     grid = (plan["num_programs"],)
     _lora_onelaunch_kernel[grid](
-        x, lora_a, lora_b, y, ws, sync, ranks, slice_offsets,
-        meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
+        x, lora_a, lora_b, y, ws, sync, ranks, slice_offsets, y if scale is None else scale,
+        y if shift is None else shift, meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, N, R, plan["K_CHUNK"], plan["COLS_PER_PROG"], tiles, plan["GROUPS"], plan["num_programs"],
         x.stride(0), x.stride(1), *lora_a.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *ws.stride(),
+        *((0, 0) if scale is None else scale.stride()),
         NUM_SLICES=S, SPLIT_K=SK, SK_CHUNK=plan["SK_CHUNK"], BLOCK_M=meta.block_m, BLOCK_N=plan["BLOCK_N"],
         BLOCK_K=plan["BLOCK_K"], BLOCK_R=plan["BLOCK_R"], SYNC_P2=triton.next_power_of_2(2 + tiles),
         CAST=lora_b.dtype != torch.float32, IEEE=x.dtype == torch.float32,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     return y

@@ -34,8 +34,8 @@ def check_onelaunch_matches_reference(dtype: str, hidden: int, max_rank: int, wi
 
 
 def check_lora_apply_onelaunch() -> None:
-    """LORASERVE_LORA_ONELAUNCH on: lora_apply takes the one-launch path up to 256 tokens (with
-    the DoRA scale applied after it) and two launches above; both equal the reference."""
+    """LORASERVE_LORA_ONELAUNCH on: lora_apply takes the one-launch path up to 256 tokens (DoRA's
+    scale and shift in its epilogue) and two launches above; both equal the reference."""
     import importlib
 
     from loraserve.kernels import lora_apply
@@ -50,10 +50,11 @@ def check_lora_apply_onelaunch() -> None:
             meta = LoRAMetaBuilder(T, 3, "cpu").build(p.token_slot)
             path, shape, _ = choose_path(p.x, p.lora_a, p.lora_b, meta)
             assert path == want, f"T={T}: path {path}, expected {want}"
-            scale = 1 + 0.1 * torch.randn(3, 48, generator=torch.Generator().manual_seed(T))
+            gen = torch.Generator().manual_seed(T)
+            scale, shift = 1 + 0.1 * torch.randn(3, 48, generator=gen), 0.1 * torch.randn(3, 48, generator=gen)
             y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks,
-                           buf=torch.empty(shape), scale=scale)
-            y_ref = dora_scale_rows(_reference_y(p, meta, 2, 16), scale, meta, p.ranks)
+                           buf=torch.empty(shape), scale=scale, shift=shift)
+            y_ref = dora_scale_rows(_reference_y(p, meta, 2, 16), scale, meta, p.ranks, shift)
             _check_y(p, y, y_ref, TOLERANCES[torch.float32])
     finally:
         importlib.import_module("loraserve.kernels.lora_apply").ONELAUNCH_ENABLED = False

@@ -20,8 +20,9 @@ pytestmark = [
 
 INTS = ["K", "N", "R", "K_CHUNK", "COLS_PER_PROG", "NUM_TILES", "GROUPS", "NUM_PROGRAMS",
         "stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak", "stride_bl", "stride_bn",
-        "stride_bk", "stride_ym", "stride_yn", "stride_wk", "stride_ws", "stride_wm", "stride_wr"]
-UNIT = ("stride_xk", "stride_ak", "stride_bk", "stride_yn", "stride_wr")  # Triton specialises == 1
+        "stride_bk", "stride_ym", "stride_yn", "stride_wk", "stride_ws", "stride_wm", "stride_wr", "stride_sl",
+        "stride_sn"]
+UNIT = ("stride_xk", "stride_ak", "stride_bk", "stride_yn", "stride_wr", "stride_sn")  # Triton specialises == 1
 
 
 def compile_sm90(num_slices: int, block_m: int, plan: dict, grid_tiles: int):
@@ -32,12 +33,14 @@ def compile_sm90(num_slices: int, block_m: int, plan: dict, grid_tiles: int):
     from loraserve.kernels.lora_onelaunch import _lora_onelaunch_kernel
 
     sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
-           "sync_ptr": "*i32", "ranks_ptr": "*i32", "slice_off_ptr": "*i32", "sorted_ids_ptr": "*i32",
+           "sync_ptr": "*i32", "ranks_ptr": "*i32", "slice_off_ptr": "*i32", "scale_ptr": "*fp32",
+           "shift_ptr": "*fp32", "sorted_ids_ptr": "*i32",
            "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32"}
     sig.update({n: "i32" for n in INTS})
     const = dict(NUM_SLICES=num_slices, SPLIT_K=plan["SPLIT_K"], SK_CHUNK=plan["SK_CHUNK"], BLOCK_M=block_m,
                  BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"], BLOCK_R=plan["BLOCK_R"],
-                 SYNC_P2=triton.next_power_of_2(2 + grid_tiles), CAST=True, IEEE=False)
+                 SYNC_P2=triton.next_power_of_2(2 + grid_tiles), CAST=True, IEEE=False, HAS_SCALE=True,
+                 HAS_SHIFT=True)
     const.update({n: 1 for n in UNIT})
     sig.update({n: "constexpr" for n in const})
     names = list(sig)

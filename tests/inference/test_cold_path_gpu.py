@@ -1,0 +1,49 @@
+"""CUDA: adapter files read straight into pinned memory (no staging copy) land in the GPU slot
+exactly as the plain path loads them (load_adapter without an allocator, copied by hand)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from loraserve.adapters import load_adapter
+from loraserve.adapters.testing import make_peft_adapter
+from loraserve.adapters.writer import pack_dir
+from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("packing,file_dtype", [("dir", torch.bfloat16), ("tar", torch.bfloat16),
+                                                ("dir", torch.float32)])
+def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, file_dtype):
+    from loraserve.inference.lora.host_tier import pinned_views
+    from loraserve.inference.lora.manager import LoRAManager
+    from loraserve.inference.models.llama import ModelArgs
+    from loraserve.inference.sequence import Sequence
+
+    path, _ = tiny_llama
+    with open(os.path.join(path, "config.json")) as f:
+        args = ModelArgs.from_hf_config(json.load(f))
+    src = make_peft_adapter(tmp_path / "a", modules=ALL, r=8, alpha=24.0, dtype=file_dtype, seed=5)
+    art = src if packing == "dir" else pack_dir(src, tmp_path / "a.tar", "tar")
+    mgr = LoRAManager(LoraConfig(max_lora_rank=16, max_loras=1), PeftCacheConfig(num_device_module_layer=28),
+                      args, torch.bfloat16, torch.device("cuda"))
+    hold = mgr.resolve(LoRARequest("a", 1, str(art)), trusted=True)
+    h = hold.handle
+    # a bf16 file is served from the buffer it was read into; an fp32 one is converted (a copy)
+    assert pinned_views(h.adapter.weights, torch.bfloat16) == (file_dtype == torch.bfloat16)
+    seq = Sequence("s", [1, 2], SamplingParams(max_tokens=1), lora=hold)
+    assert mgr.try_acquire(seq)
+    torch.cuda.synchronize()
+    ref = load_adapter(art, serving_dtype=torch.bfloat16)
+    for (layer, module), (a, b) in ref.weights.items():
+        proj, s, off = mgr.slots.slice_index[module]
+        assert torch.equal(mgr.slots.a[proj][layer, h.slot, s, :8].cpu(), a.to(torch.bfloat16))
+        assert torch.equal(mgr.slots.b[proj][layer, h.slot, off:off + b.shape[0], :8].cpu(), b.to(torch.bfloat16))
+    mgr.release_slot(seq)
+    mgr.release_request(seq)
+    mgr.shutdown()

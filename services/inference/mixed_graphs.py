@@ -40,6 +40,26 @@ def mixed_graphs_enabled() -> bool:
     return os.environ.get("LORASERVE_MIXED_GRAPHS", "0") not in ("0", "false", "off", "")
 
 
+def pad_lens(num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:
+    """[Bp - B] query (= context) lengths of the padding sequences: 1 each, the last the rest (>= 1)."""
+    lens = np.ones(bp - num_seqs, dtype=np.int32)
+    lens[-1] = t - num_tokens - (bp - num_seqs - 1)
+    return lens
+
+
+def padded_metadata(query_lens: list[int], num_tokens: int, bp: int, t: int) -> np.ndarray:
+    """int32 [Bp + 1 + Bp - B]: the padded step's query_start_loc, then the padding sequences' context
+    lengths (one host->device copy)."""
+    b = len(query_lens)
+    lens = pad_lens(num_tokens, b, bp, t)
+    host = np.empty(2 * bp + 1 - b, dtype=np.int32)
+    host[0] = 0
+    np.cumsum(np.asarray(query_lens, dtype=np.int32), out=host[1:b + 1])
+    host[b + 1:bp + 1] = num_tokens + np.cumsum(lens)
+    host[bp + 1:] = lens
+    return host
+
+
 class MixedGraphRunner:
     def __init__(self, model, device: torch.device, max_batch: int, max_tokens: int, max_blocks_per_seq: int,
                  scratch_block: int, block_size: int, num_heads: int, num_kv_heads: int, elem_bytes: int):
@@ -69,16 +89,10 @@ class MixedGraphRunner:
         t = next((t for t in self.token_buckets if t >= num_tokens + bp - num_seqs), None)
         return None if t is None else (bp, t)
 
-    def _pad_lens(self, num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:
-        """[Bp - B] query (= context) lengths of the padding sequences: 1 each, the last the rest."""
-        lens = np.ones(bp - num_seqs, dtype=np.int32)
-        lens[-1] = t - num_tokens - (bp - num_seqs - 1)
-        return lens
-
     @torch.inference_mode()
     def _capture(self, bp: int, t: int) -> None:
         # the static buffers hold a valid all-padding step while capturing (its K/V go to the scratch block)
-        lens = self._pad_lens(0, 0, bp, t)
+        lens = pad_lens(0, 0, bp, t)
         self.input_ids[:t].zero_()
         self.positions[:t].zero_()
         self.slot_mapping[:t].fill_(self.scratch_slot)
@@ -131,14 +145,7 @@ class MixedGraphRunner:
                 log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
                 self.failed = True
                 return None
-        # [Bp + 1] query starts, then [Bp - B] context lengths of the padding sequences: one small copy
-        lens = self._pad_lens(n, b, bp, t)
-        host = np.empty(2 * bp + 1 - b, dtype=np.int32)
-        host[0] = 0
-        np.cumsum(np.asarray(query_lens, dtype=np.int32), out=host[1:b + 1])
-        host[b + 1:bp + 1] = n + np.cumsum(lens)
-        host[bp + 1:] = lens
-        small = torch.from_numpy(host).pin_memory().to(self.device, non_blocking=True)
+        small = torch.from_numpy(padded_metadata(query_lens, n, bp, t)).pin_memory().to(self.device, non_blocking=True)
         width = inp.block_tables.shape[1]
         self.input_ids[:n].copy_(inp.input_ids)
         self.input_ids[n:t].zero_()

@@ -10,7 +10,7 @@ from loraserve import SamplingParams
 from loraserve.config import EngineConfig
 from loraserve.inference.engine import LLMEngine
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 PROMPTS = [list(range(20, 57)), [5, 6, 7, 8, 9], [3] * 70, list(range(100, 133)), [10, 11], list(range(40, 140))]
 
@@ -32,6 +32,8 @@ def staggered(engine: LLMEngine, steps_between: int = 3) -> dict[str, list[int]]
     return done
 
 
+@gpu[0]
+@gpu[1]
 @pytest.mark.parametrize("overlap", [False, True])
 def test_mixed_graphs_match_eager_and_hf(tiny_llama, monkeypatch, overlap):
     path, hf = tiny_llama
@@ -50,3 +52,41 @@ def test_mixed_graphs_match_eager_and_hf(tiny_llama, monkeypatch, overlap):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
         assert a[f"r{i}"] == ref
+
+
+def test_padding_keeps_the_real_rows():
+    """CPU: a mixed step padded as a graph replays it (padding sequences into the scratch block, the
+    bucket's query starts) attends exactly as the unpadded step on every real row (attention's
+    semantics: kernels.unified_attention_ref, which the kernel's own tests hold the kernel to)."""
+    import numpy as np
+
+    from loraserve.inference.mixed_graphs import MixedGraphRunner, padded_metadata
+    from loraserve.kernels.unified_attention import unified_attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    bs, kvh, h, d, num_blocks = 16, 2, 4, 16, 64
+    scratch = num_blocks          # the extra block after the cache's own
+    k_cache = torch.randn(num_blocks + 1, bs, kvh, d, generator=g)
+    v_cache = torch.randn(num_blocks + 1, bs, kvh, d, generator=g)
+    query_lens = [1, 1, 37, 1, 5, 1]            # decodes next to prompt chunks
+    context_lens = [20, 50, 60, 3, 5, 33]
+    b, n = len(query_lens), sum(query_lens)
+    width = 4
+    tables = torch.randperm(num_blocks, generator=g)[:b * width].view(b, width)
+    q = torch.randn(n, h, d, generator=g)
+    qsl = torch.tensor([0] + np.cumsum(query_lens).tolist())
+    want = unified_attention_ref(q, k_cache, v_cache, tables, torch.tensor(context_lens), qsl, 0.25)
+
+    runner = MixedGraphRunner.__new__(MixedGraphRunner)
+    runner.seq_buckets, runner.token_buckets = [2, 4, 8, 16], [32, 64, 96]
+    bp, t = runner.pick(n, b)
+    assert bp >= b + 1 and t >= n + bp - b
+    meta = torch.from_numpy(padded_metadata(query_lens, n, bp, t)).long()
+    qsl_p, pad_ctx = meta[:bp + 1], meta[bp + 1:]
+    ctx_p = torch.cat([torch.tensor(context_lens), pad_ctx])
+    tables_p = torch.full((bp, -(-t // bs)), scratch)
+    tables_p[:b, :width] = tables
+    q_p = torch.cat([q, torch.randn(t - n, h, d, generator=g)])
+    assert int(qsl_p[-1]) == t and bool((qsl_p[1:] - qsl_p[:-1] >= 1).all()) and bool((ctx_p >= qsl_p[1:] - qsl_p[:-1]).all())
+    got = unified_attention_ref(q_p, k_cache, v_cache, tables_p, ctx_p, qsl_p, 0.25)
+    torch.testing.assert_close(got[:n], want)

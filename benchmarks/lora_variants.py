@@ -1,6 +1,6 @@
 """Multi-LoRA kernel variants side by side in one run (`bench_lora_kernels.py --compare
 [--variants a,b,...]`, `--sweep-stream`, `--sweep-onelaunch`; the Case, shapes and limits are
-bench_lora_kernels.py's). Variants (lora_apply switches):
+bench_lora_kernels.py's). Variants (lora_apply switches; "default": as the environment and code defaults set them):
   classic    LORASERVE_LORA_STREAM=0: shrink + classic expand (one program per column block)
   stream     LORASERVE_LORA_STREAM=1 (default): shrink + streaming expand, two launches
   onelaunch  LORASERVE_LORA_ONELAUNCH=1: one launch per projection, ticketed roles (lora_onelaunch.py),
@@ -21,9 +21,17 @@ import time
 import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
-from loraserve.kernels import lora_apply, lora_meta
+from loraserve.kernels import lora_apply, lora_meta, lora_onelaunch
+
+_apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
+# "default": the switches as this process found them (environment + code defaults), i.e. what the
+# engine runs.
+DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_ENABLED,
+               fused=_apply_module.FUSED_ENABLED, pdl=lora_meta.LORA_PDL,
+               onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS)
 
 VARIANTS = {
+    "default": DEFAULT,
     "classic": dict(stream=False),
     "stream": dict(stream=True),
     "onelaunch": dict(stream=True, onelaunch=True, onelaunch_max_tokens=4096),  # every T: the data sets the range
@@ -106,7 +114,7 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     if _STREAM_FAILED:
         print(f"  WARNING: the streaming expand failed to compile for {res['stream_fell_back_to_classic']}", flush=True)
     for c in cases:
-        c[2].use_variant(VARIANTS["stream"])  # leave the process default behind
+        c[2].use_variant(DEFAULT)  # leave the process defaults behind
     return res
 
 

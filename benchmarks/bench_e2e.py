@@ -259,7 +259,8 @@ def mixed_graphs_enabled() -> bool:
     return enabled()
 
 
-def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, concurrency: int, limit_s: float) -> dict:
+def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, concurrency: int, limit_s: float,
+                decode_batch: int, prompt_len: int, host_steps: int) -> dict:
     """One more in-process run of the same load with other engine options or environment (restored after)."""
     from loraserve.inference.bench.runner import InProcessTarget
 
@@ -270,8 +271,14 @@ def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, con
     def trace_on(t):
         t.llm.engine.step_trace = holder["trace"] = []
         holder["runner"] = t.llm.engine.runner
+    target = InProcessTarget(model, kwargs)
     try:
-        rep = run_load(InProcessTarget(model, kwargs), warm, reqs, concurrency, None, trace_on)
+        rep = run_load(target, warm, reqs, concurrency, None, trace_on)
+        target.llm.shutdown()
+        engine = target.llm.engine
+        engine.step_trace = None
+        host = host_time_per_decode_step(engine, decode_batch, prompt_len, host_steps, engine.args.vocab_size)
+        del engine, target
     finally:
         for k, v in saved.items():
             if v is None:
@@ -284,12 +291,14 @@ def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, con
     tp50 = (rep["tpot_s"] or {}).get("p50") or 0
     out = {"wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / limit_s, "tpot_p50_s": tp50,
            "output_tokens_per_s": rep["output_tokens_per_s"], "num_failed": rep["num_failed"], "steps": b,
-           "mixed_graph_replays": mixed.num_replays if mixed is not None else None,
+           "host": host, "mixed_graph_replays": mixed.num_replays if mixed is not None else None,
            "mixed_graphs_captured": len(mixed.graphs) if mixed is not None else None}
     print_breakdown(b, label)
     print(f"{label}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / limit_s:.2f} x limit, TPOT p50 "
           f"{1e3 * tp50:.2f} ms, output tok/s {rep['output_tokens_per_s']:.0f}, failed {rep['num_failed']}, mixed graphs "
-          f"{out['mixed_graphs_captured']} captured / {out['mixed_graph_replays']} replays", flush=True)
+          f"{out['mixed_graphs_captured']} captured / {out['mixed_graph_replays']} replays; decode step at batch "
+          f"{host['batch']}: host {host['host_ms']:.3f} ms (launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), "
+          f"wall {host['step_ms']:.3f} ms", flush=True)
     return out
 
 
@@ -502,9 +511,12 @@ def main() -> int:
     if a.sweep_mixed_graphs:
         flip = "0" if mixed_graphs_enabled() else "1"
         variants.append((f"LORASERVE_MIXED_GRAPHS={flip}", {}, {"LORASERVE_MIXED_GRAPHS": flip}))
+        variants.append((f"LORASERVE_MIXED_GRAPHS={flip} LORASERVE_SAMPLER_GRAPHS=1", {},
+                         {"LORASERVE_MIXED_GRAPHS": flip, "LORASERVE_SAMPLER_GRAPHS": "1"}))
     for label, extra, env in variants:
         s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
-                                                          s["limit"]["limit_s"])
+                                                          s["limit"]["limit_s"], a.decode_batch, a.input_mean,
+                                                          16 if a.tiny else 64)
         free_memory()
     if a.grpc_rate:
         s["in_process_poisson"] = brief(run_load(InProcessTarget(model, kwargs), warm, reqs, None, a.grpc_rate))

@@ -38,6 +38,7 @@ class CudaGraphRunner:
         self.context_lens = torch.ones(B, dtype=torch.int32, device=device)
         self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}  # (bucket, lora)
+        self.sampler_graphs: dict | None = None    # bucket -> (graph, SamplerOutput, packed [3, bs])
         self.lora_builder = None
         if lora_manager is not None:
             from loraserve.kernels import LoRAMetaBuilder
@@ -79,6 +80,42 @@ class CudaGraphRunner:
             self.graphs[(bs, with_lora)] = (graph, out, ctx)
         torch.cuda.synchronize(self.device)
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    @torch.inference_mode()
+    def capture_greedy_sampler(self) -> None:
+        """Per bucket, a second graph: LM head + greedy sampling of the decode graph's hidden states into
+        static [bs] tokens and a [3, bs] float64 (token, logprob, ok) block for the one device->host copy,
+        about twenty launches and their Python replaced by one replay (LORASERVE_SAMPLER_GRAPHS=1). The
+        same ops as the eager sampler (sampler.sample with all-greedy metadata), over the bucket's rows."""
+        from .sampler import SamplingMetadata, sample
+
+        meta = SamplingMetadata(greedy=None, temperature=None, top_k=None, top_k_max=0, top_p=None, masked=None,
+                                generators=[], max_top_logprobs=0, all_greedy=True)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for bs in reversed(self.buckets):
+            hidden = self.graphs[(bs, False)][1]
+            with torch.cuda.stream(stream):
+                sample(self.model.compute_logits(hidden), meta)   # warm-up
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = sample(self.model.compute_logits(hidden), meta)
+                packed = torch.stack([out.tokens.double(), out.logprobs.double(), out.ok.double()])
+            graphs[bs] = (graph, out, packed)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.sampler_graphs = graphs
+        log.info("captured greedy-sampler CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def sample_greedy(self, n: int):
+        """After run() of n rows without adapters: replay the bucket's sampler graph. Returns
+        (SamplerOutput of the n rows, packed [3, bs] of the whole bucket)."""
+        bs = next(b for b in self.buckets if b >= n)
+        graph, out, packed = self.sampler_graphs[bs]
+        graph.replay()
+        return out.__class__(out.tokens[:n], out.logprobs[:n], None, None, out.ok[:n]), packed
 
     def can_run(self, n: int) -> bool:
         return bool(self.graphs) and n <= self.max_batch

@@ -3,6 +3,7 @@ allocates the paged KV cache, and samples the next token of every sequence that 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -75,6 +76,12 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - eager decode still works
             log.exception("CUDA graph capture failed; decode runs eagerly")
             return
+        if os.environ.get("LORASERVE_SAMPLER_GRAPHS", "0") not in ("0", "false", "off", "") and type(self) is ModelRunner:
+            try:
+                runner.capture_greedy_sampler()
+            except Exception:  # noqa: BLE001 - the eager sampler still works
+                log.exception("greedy-sampler CUDA graph capture failed; sampling runs eagerly")
+                runner.sampler_graphs = None
         from .mixed_graphs import MixedGraphRunner, mixed_graphs_enabled
 
         if mixed_graphs_enabled() and type(self) is ModelRunner and self.kv_dtype == self.dtype:
@@ -122,6 +129,11 @@ class ModelRunner:
         decode_only = all(n == 1 for n in batch.num_new_tokens)
         if decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch.seqs)):
             hidden = self.graph_runner.run(inp)
+            if self.graph_runner.sampler_graphs is not None and not inp.has_lora and len(sample_seqs) == len(batch.seqs):
+                meta = self.sampling_meta.get(sample_seqs, self._banned)
+                if meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0:
+                    sampled, packed = self.graph_runner.sample_greedy(len(sample_seqs))
+                    return StepOutput(sample_seqs, sampled, packed)
             return self._sample(hidden, inp.sample_idx, sample_seqs)
         if not decode_only and self.mixed_graphs is not None and not inp.has_lora:
             hidden = self.mixed_graphs.run(inp, batch.num_new_tokens)   # None: this step runs eagerly
@@ -160,7 +172,8 @@ class ModelRunner:
 class StepOutput:
     """One launched step's sampled tokens: device tensors, plus their host copy in flight."""
 
-    def __init__(self, seqs: list, sampled: SamplerOutput | None):
+    def __init__(self, seqs: list, sampled: SamplerOutput | None, packed: torch.Tensor | None = None):
+        """packed: the [3, >= S] float64 (token, logprob, ok) block when the caller has it (sampler graphs)."""
         self.seqs, self.sampled = seqs, sampled       # seqs: [S] sampling sequences, in row order
         self._host = self._top = self._event = None
         self.events = None    # (start, end) CUDA events around the launch (engine.step_trace only)
@@ -168,7 +181,8 @@ class StepOutput:
         if sampled is None:
             return
         # [3, S] float64 (token ids < 2**53 are exact): one device->host copy for the common fields
-        packed = torch.stack([sampled.tokens.double(), sampled.logprobs.double(), sampled.ok.double()])
+        if packed is None:
+            packed = torch.stack([sampled.tokens.double(), sampled.logprobs.double(), sampled.ok.double()])
         non_blocking = packed.is_cuda
         self._host = _to_host(packed)
         if sampled.top_ids is not None:
@@ -185,7 +199,8 @@ class StepOutput:
             t = time.perf_counter()
             self._event.synchronize()
             self.wait_s = time.perf_counter() - t
-        tokens, logprobs, ok = self._host.tolist()
+        n = len(self.seqs)
+        tokens, logprobs, ok = (row[:n] for row in self._host.tolist())   # a sampler graph's block covers its bucket
         top: list[dict[int, float] | None] = [None] * len(self.seqs)
         if self._top is not None:
             ids, values = self._top[0].tolist(), self._top[1].tolist()

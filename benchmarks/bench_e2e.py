@@ -302,13 +302,14 @@ def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, con
     return out
 
 
-def warm_set(rows, n: int, max_output: int = 24):
-    """The unmeasured warm-up: n requests at full concurrency (prefill-only, mixed and decode steps of the
-    load's shapes, so that every Triton specialisation is compiled before the clock starts, in-process
-    and in the server alike), outputs cut to max_output tokens."""
+def warm_set(rows, n: int, max_output: int = 48):
+    """The unmeasured warm-up: n requests at full concurrency with outputs of 4..max_output tokens, so that
+    requests end at different steps and new prompts join running decodes: prefill-only, mixed and decode
+    steps of the load's shapes, every Triton specialisation compiled (and mixed-step graphs captured)
+    before the clock starts, in-process and in the server alike."""
     from dataclasses import replace
 
-    return [replace(r, output_tokens=min(r.output_tokens, max_output)) for r in rows[:n]]
+    return [replace(r, output_tokens=min(r.output_tokens, 4 + (7 * i) % (max_output - 3))) for i, r in enumerate(rows[:n])]
 
 
 def run_load(target, warm, requests, concurrency: int | None, rate: float | None, on_measure=None) -> dict:
@@ -447,7 +448,7 @@ def main() -> int:
     peak, bw = device_limits(a.tiny)
     s["gemm_peak_tflops"], s["copy_bandwidth_gbps"] = peak / 1e12, bw / 1e9
 
-    warmup = max(2, a.concurrency)
+    warmup = max(2, 2 * a.concurrency)
     data = os.path.join(work, "base.jsonl")
     lens = ["--input-mean", str(a.input_mean), "--input-stdev", str(a.input_mean // 4),
             "--output-mean", str(a.output_mean), "--output-stdev", str(a.output_mean // 4)]

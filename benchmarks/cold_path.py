@@ -67,8 +67,51 @@ def registry_available() -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+class RegistryProcess:
+    """The registry as its own process on loopback (`loraserve registry serve`), as deployed: a
+    registry thread in this process would share its GIL with the download it serves."""
+
+    def __init__(self, data_dir: str):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.address = f"127.0.0.1:{sock.getsockname()[1]}"
+        self.data_dir, self.proc = data_dir, None
+
+    def __enter__(self) -> "RegistryProcess":
+        import subprocess
+        import sys
+
+        import grpc
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "loraserve.cli", "registry", "serve", "--address",
+                                      self.address, "--data-dir", self.data_dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while True:
+            with grpc.insecure_channel(self.address) as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=0.5)
+                    return self
+                except grpc.FutureTimeoutError:
+                    pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace")[-800:] if self.proc.poll() is not None else ""
+                self.__exit__()
+                raise RuntimeError(f"the registry process did not start: {err}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+
+
 def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layers: int = 32, rank: int = 16,
-                args_overrides: dict | None = None, use_registry: bool = True) -> dict:
+                args_overrides: dict | None = None, use_registry: bool = True, registry_process: bool = False) -> dict:
     """Time every stage of n cold adapters (first one discarded as a warm-up of the code paths).
     Returns {stage: median seconds}, the per-adapter rows, the adapter's bytes and the source used."""
     from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
@@ -92,7 +135,8 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
         from loraserve.registry.config import RegistryConfig
         from loraserve.registry.testing import RunningRegistry
 
-        with RunningRegistry(RegistryConfig(data_dir=os.path.join(workdir, "stage-registry"))) as reg:
+        data_dir = os.path.join(workdir, "stage-registry")
+        with (RegistryProcess(data_dir) if registry_process else RunningRegistry(RegistryConfig(data_dir=data_dir))) as reg:
             with RegistryClient(reg.address) as client:
                 for i, p in enumerate(paths):
                     client.push(p, f"stage-{i}", base_model="bench")
@@ -131,7 +175,8 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in STAGES}
     med["total_s"] = sum(med.values())
     return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
-            "source": "registry on loopback" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
+            "source": (f"registry on loopback ({'its own process' if registry_process else 'a thread of this process'})"
+                       if why_not is None else f"local PEFT dir (no registry: {why_not})")}
 
 
 def _check_slot(mgr, h) -> None:
@@ -164,10 +209,11 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-registry", action="store_true")
+    ap.add_argument("--registry-process", action="store_true", help="the registry as its own process (as deployed)")
     ap.add_argument("--json")
     a = ap.parse_args()
     res = cold_stages(tempfile.mkdtemp(prefix="cold-path-"), a.n, a.device, torch.bfloat16, a.layers,
-                      use_registry=not a.no_registry)
+                      use_registry=not a.no_registry, registry_process=a.registry_process)
     print(format_stages(res))
     if a.json:
         with open(a.json, "w") as fh:

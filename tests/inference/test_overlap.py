@@ -220,3 +220,37 @@ def test_overlap_on_cuda_matches_serial_and_hf(tiny_llama, eager):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
         assert toks == ref
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stream_messages_built_off_the_engine_thread(tiny_llama, serial_text, overlap):
+    """Issue 11: AsyncLLM builds the stream messages on the event loop (requests without stop strings
+    detokenized there, lazily): every message's cumulative text is the concatenation of the diffs so far,
+    and the last one equals what LLM.generate (built at once on the engine thread) returns, with and
+    without stop strings, stop ids and logprobs."""
+    path = tiny_llama[0]
+    stops = sorted({t[4:7] for t in serial_text if len(t) > 8})[:2]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stops, logprobs=1),
+              SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[int(PROMPTS[3][0]) + 7])]
+    want = [o.outputs[0] for o in make(path, overlap).generate(PROMPTS[:3], params)]
+    llm = make(path, overlap)
+
+    async def stream(prompt, p):
+        msgs = []
+        async for out in llm.generate_async(prompt, p):
+            msgs.append(out.outputs[0])
+        return msgs
+
+    async def main():
+        return await asyncio.gather(*[stream(pr, p) for pr, p in zip(PROMPTS[:3], params)])
+    got = asyncio.run(main())
+    llm.shutdown()
+    for msgs, w in zip(got, want):
+        text = ""
+        for m in msgs:
+            text += m.text_diff
+            assert m.text == text
+        assert (msgs[-1].text, msgs[-1].token_ids, msgs[-1].finish_reason, msgs[-1].stop_reason) == \
+            (w.text, w.token_ids, w.finish_reason, w.stop_reason)
+        assert [t for m in msgs for t in m.token_ids_diff] == w.token_ids

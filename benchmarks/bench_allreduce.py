@@ -116,10 +116,42 @@ def gpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) ->
                 row[f"{algo}_graph_us"] = _time_graph(lambda: ar(x, algo), per_graph, 20)
             except Exception as exc:  # noqa: BLE001 - one algorithm's failure is a figure too
                 row[f"{algo}_error"] = repr(exc)[:300]
+    res["step_path_us"] = step_paths(ar, rank, dev)
     if rank == 0:
         out.update(res)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def step_paths(ar, rank: int, dev) -> dict:
+    """The two eager collectives of a decode step besides the graphed all-reduces, us per call: the step
+    broadcast (packed int64 inputs, bs1 and bs64 shapes) and the LM head's logits gather ([T, 128256/2]
+    bf16 per rank), symmetric memory vs NCCL; each checked against NCCL first."""
+    import torch.distributed as dist
+
+    from loraserve.inference.tp.parallel import TPGroup
+
+    out = {}
+    for name, n in (("bcast_bs1", 64), ("bcast_bs64", 64 * 40 + 5 * 64)):
+        sent = torch.arange(n, device=dev, dtype=torch.int64) - 5
+        t = sent.clone() if rank == 0 else torch.zeros_like(sent)
+        ok = ar.broadcast_step(t) and torch.equal(t, sent)
+        out[f"{name}_ok"] = bool(ok)
+        dist.barrier()
+        out[f"{name}_symm_us"] = _time_eager(lambda: ar.broadcast_step(t), 200)
+        dist.barrier()
+        out[f"{name}_nccl_us"] = _time_eager(lambda: dist.broadcast(t, 0), 200)
+    vocab = 128256
+    group = TPGroup(rank, 2, vocab, vocab // 2, custom_ar=ar)
+    nccl = TPGroup(rank, 2, vocab, vocab // 2)
+    for rows in (1, 2):
+        local = torch.randn(rows, vocab // 2, device=dev).to(torch.bfloat16)
+        out[f"gather{rows}_ok"] = bool(torch.equal(group.gather_logits(local), nccl.gather_logits(local)))
+        dist.barrier()
+        out[f"gather{rows}_symm_us"] = _time_eager(lambda: group.gather_logits(local), 200)
+        dist.barrier()
+        out[f"gather{rows}_nccl_us"] = _time_eager(lambda: nccl.gather_logits(local), 200)
+    return out
 
 
 def cpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) -> None:
@@ -190,6 +222,8 @@ def main() -> int:
         for algo in ALGOS:
             if f"{algo}_error" in row:
                 print(f"    {algo}: {row[f'{algo}_error']}")
+    print("eager, us per call: " + ", ".join(f"{k[:-3]} {v:.1f}" if k.endswith("_us") else f"{k} {v}"
+                                            for k, v in res.get("step_path_us", {}).items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

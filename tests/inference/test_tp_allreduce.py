@@ -3,7 +3,8 @@
 CPU (gloo, 2 processes): no symmetric-memory path is chosen whatever the switch says, and the
 row-parallel all-reduce still returns the ranks' exact sum. GPU (2 CUDA devices, NCCL): the
 symmetric-memory one-shot and two-shot sums equal NCCL's, eagerly and replayed from a CUDA graph;
-LORASERVE_TP_CUSTOM_AR=0 gives NCCL only; messages over the size limit go to NCCL.
+LORASERVE_TP_CUSTOM_AR=0 gives NCCL only; messages over the size limit go to NCCL; the logits gather
+and the step broadcast through the symmetric buffer equal NCCL's all-gather and broadcast.
 """
 from __future__ import annotations
 
@@ -89,6 +90,23 @@ def _gpu_rank(rank: int, world: int, port: int, out) -> None:
                 # 2 ranks: a + b rounded once either way: exact
                 res[f"{n}-{algo}-{dtype}"] = (bool(torch.equal(x, ref)), bool(torch.equal(y, ref)),
                                               ar.takes(x), x.numel() * x.element_size() <= 1 << 20)
+        # the logits gather through the symmetric buffer (a sum of zero-padded parts) == NCCL's all-gather
+        from loraserve.inference.tp.parallel import TPGroup
+
+        group = TPGroup(rank, world, 2 * 1000 - 3, 1000, custom_ar=ar)
+        for rows in (1, 3, 64):   # [rows, 2, 1000] bf16: 1 and 3 rows within the one-shot limit (64 KiB here); 64: NCCL
+            local = torch.randn(rows, 1000, device=dev).to(torch.bfloat16)
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local)
+            res[f"gather{rows}"] = bool(torch.equal(group.gather_logits(local), torch.cat(parts, -1)[:, :2 * 1000 - 3]))
+        # the step broadcast: both regions in turn, sizes up and down, one over the region (NCCL)
+        for step, n in enumerate([7, 100_000, 3, 50, 200_000]):
+            sent = torch.arange(n, device=dev, dtype=torch.int64) * (step + 3) - 1
+            got = sent.clone() if rank == 0 else torch.full_like(sent, -7)
+            if not ar.broadcast_step(got):
+                dist.broadcast(got, 0)
+            res[f"bcast{step}"] = bool(torch.equal(got, sent))
+        torch.cuda.synchronize()
     os.environ["LORASERVE_TP_CUSTOM_AR"] = "0"
     res["switched_off"] = make_all_reduce(dev) is None
     out[rank] = res
@@ -106,6 +124,7 @@ def test_symmetric_memory_sums_equal_nccl_eager_and_graphed():
         res = out[rank]
         assert res["custom"], "the self-check refused the symmetric-memory all-reduce on 2 GPUs"
         assert res["switched_off"]
+        assert all(v for k, v in res.items() if k.startswith(("gather", "bcast"))), res
         for key, (eager_ok, graph_ok, taken, fits) in ((k, v) for k, v in res.items() if "-" in k):
             assert eager_ok and graph_ok, key
             assert taken == fits, key   # 2^20 elements (2 or 4 MiB) are over the 1 MiB limit set here: NCCL

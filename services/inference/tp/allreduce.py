@@ -24,6 +24,10 @@ Switches (read in every process; spawned workers inherit them, so every rank dec
                                   self-check passes (CUDA, 2+ ranks, the ops present, sums equal NCCL's)
   LORASERVE_TP_AR_ONE_SHOT_BYTES  one-shot up to this size (default 512 KiB)
   LORASERVE_TP_AR_MAX_BYTES       two-shot up to this size, NCCL above (default 8 MiB; the buffer size)
+  LORASERVE_TP_SYMM_BCAST_BYTES   each step's packed inputs (driver -> workers) through rank 0's symmetric
+                                  buffer up to this size (default 1 MiB; 0: NCCL's broadcast always)
+  LORASERVE_TP_AR_GATHER_BYTES    the LM head's logits all-gather as a sum of zero-padded parts up to this
+                                  full size (default: the one-shot limit; 0: NCCL's all-gather always)
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 _DTYPES = (torch.bfloat16, torch.float32)   # what the symm_mem reduce kernels dispatch on
+# the step broadcast's barrier waits on the GPU at most this long for a peer (then the kernel traps: a
+# peer that is gone for minutes has taken the engine down anyway)
+_BARRIER_TIMEOUT_MS = int(float(os.environ.get("LORASERVE_TP_TIMEOUT_S", "300")) * 1000)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -57,6 +64,9 @@ class SymmMemAllReduce:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.max_bytes, self.one_shot_bytes = device, max_bytes, one_shot_bytes
+        # the LM head's logits gather (parallel.py) goes through here up to this size: one-shot sizes only
+        # (a [T, V] sum moves size x the bytes of NCCL's gather; worth it where latency, not bytes, rules)
+        self.gather_bytes = _env_int("LORASERVE_TP_AR_GATHER_BYTES", min(one_shot_bytes, max_bytes))
         self.group = group or dist.group.WORLD
         self.group_name = self.group.group_name
         self.world_size = dist.get_world_size(self.group)
@@ -65,8 +75,10 @@ class SymmMemAllReduce:
                 symm_mem.set_backend("CUDA")
         except Exception:  # noqa: BLE001 - already chosen by the environment: keep it
             log.debug("symm_mem.set_backend('CUDA') refused", exc_info=True)
+        # two regions for the step broadcast (broadcast_step), used in turn, after the all-reduce's
+        self.bcast_bytes = _env_int("LORASERVE_TP_SYMM_BCAST_BYTES", 1 << 20) // 16 * 16
         # bytes, viewed as the message's dtype per call (the ops read storage_offset in its elements)
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        self.buffer = symm_mem.empty(max_bytes + 2 * self.bcast_bytes, dtype=torch.uint8, device=device)
         try:
             self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         except Exception:  # noqa: BLE001 - older torch: the group must be enabled first (same on every rank)
@@ -74,7 +86,12 @@ class SymmMemAllReduce:
                 raise
             symm_mem.enable_symm_mem_for_group(self.group_name)
             self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
-        self._views = {dt: self.buffer.view(dt) for dt in _DTYPES}
+        self._views = {dt: self.buffer[:max_bytes].view(dt) for dt in _DTYPES}
+        self.rank = dist.get_rank(self.group)
+        regions = [max_bytes + k * self.bcast_bytes for k in range(2)] if self.bcast_bytes else []
+        self._bcast_mine = [self.buffer[o:o + self.bcast_bytes].view(torch.int64) for o in regions]
+        self._bcast_src = [self.handle.get_buffer(0, [self.bcast_bytes // 8], torch.int64, o // 8) for o in regions]
+        self._bcast_turn = 0
         ops = torch.ops.symm_mem
         self._one_shot_copy = getattr(ops, "one_shot_all_reduce_copy_out", None)   # torch >= 2.8: copy fused in
         self._one_shot = ops.one_shot_all_reduce_out
@@ -110,10 +127,28 @@ class SymmMemAllReduce:
             flat.copy_(buf)
         return x
 
+    def broadcast_step(self, t: torch.Tensor) -> bool:
+        """t (int64, contiguous) from rank 0 to every rank, in place on the others, through rank 0's buffer:
+        rank 0 copies t in, a barrier, the others read it over NVLink. False (nothing done) when t does not
+        fit: the caller broadcasts with NCCL. The regions alternate: rank 0 rewrites one only after the next
+        step's barrier, which every rank reaches after reading it. Every rank calls it for the same sizes."""
+        nbytes = t.numel() * t.element_size()
+        if not self.bcast_bytes or t.dtype != torch.int64 or nbytes > self.bcast_bytes or not t.is_contiguous():
+            return False
+        k, self._bcast_turn = self._bcast_turn, 1 - self._bcast_turn
+        if self.rank == 0:
+            self._bcast_mine[k][:t.numel()].copy_(t)
+            self.handle.barrier(0, _BARRIER_TIMEOUT_MS)   # (channel, timeout_ms)
+        else:
+            self.handle.barrier(0, _BARRIER_TIMEOUT_MS)   # (channel, timeout_ms)
+            t.copy_(self._bcast_src[k][:t.numel()])
+        return True
+
 
 def self_check(ar: SymmMemAllReduce) -> str | None:
     """None if the symmetric-memory sums equal NCCL's for one message of each algorithm and dtype on
-    every rank; else why not. Collective (every rank calls it and gets the same answer)."""
+    every rank; else why not. The step broadcast is checked too: if it alone fails, it is turned off
+    (bcast_bytes = 0) on every rank and the all-reduce kept. Collective (every rank gets the same answer)."""
     problem = None
     sizes = [4096, min(ar.max_bytes, max(ar.one_shot_bytes * 2, 1 << 20)) // 2]   # bf16 elements
     try:
@@ -138,6 +173,21 @@ def self_check(ar: SymmMemAllReduce) -> str | None:
         problem = f"{exc!r}"
     if not _all_agree(problem is None, ar.device, ar.group) and problem is None:
         problem = "the self-check failed on another rank"
+    if problem is None and ar.bcast_bytes:
+        bcast_problem = None
+        try:
+            for step in range(3):   # both regions, and the first again
+                sent = torch.arange(1000 + step, device=ar.device, dtype=torch.int64) * (step + 7) - 3
+                got = sent.clone() if ar.rank == 0 else torch.zeros_like(sent)
+                if not ar.broadcast_step(got) or not torch.equal(got, sent):
+                    bcast_problem = bcast_problem or f"step broadcast {step}: not taken or wrong values"
+            torch.cuda.synchronize(ar.device)
+        except Exception as exc:  # noqa: BLE001 - the broadcast off, the all-reduce kept
+            bcast_problem = f"{exc!r}"
+        if not _all_agree(bcast_problem is None, ar.device, ar.group):
+            log.warning("step broadcast through symmetric memory off (%s); NCCL broadcasts the steps",
+                        bcast_problem or "failed on another rank")
+            ar.bcast_bytes = 0
     return problem
 
 
@@ -155,7 +205,7 @@ def make_all_reduce(device: torch.device, group=None) -> SymmMemAllReduce | None
     if device.type != "cuda" or not dist.is_initialized() or not custom_all_reduce_wanted():
         return None
     group = group or dist.group.WORLD
-    max_bytes = _env_int("LORASERVE_TP_AR_MAX_BYTES", 8 << 20)
+    max_bytes = _env_int("LORASERVE_TP_AR_MAX_BYTES", 8 << 20) // 16 * 16
     one_shot = _env_int("LORASERVE_TP_AR_ONE_SHOT_BYTES", 512 << 10)
     # a cheap local check first, agreed on by all ranks, so no rank enters the rendezvous alone
     reason = None

@@ -108,10 +108,12 @@ class TPExecutor:
         except (OSError, EOFError) as exc:
             self._fail(f"a tensor-parallel worker is gone ({exc!r})")
 
-    def broadcast(self, t: torch.Tensor) -> None:
-        """t from rank 0 to every rank (the workers posted a receive of the same shape)."""
+    def broadcast(self, t: torch.Tensor, symm=None) -> None:
+        """t from rank 0 to every rank (the workers posted a receive of the same shape); through the
+        symmetric buffer of `symm` (allreduce.SymmMemAllReduce.broadcast_step) where it fits."""
         try:
-            dist.broadcast(t, 0)
+            if symm is None or not symm.broadcast_step(t):
+                dist.broadcast(t, 0)
         except Exception as exc:  # noqa: BLE001 - a failed collective leaves the group unusable
             self._fail(f"tensor-parallel collective failed: {exc!r}")
 

@@ -103,7 +103,7 @@ class TPModelRunner(ModelRunner):
             lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
         has_lora = bool(inp.has_lora) if graphed else lora is not None
         self.executor.send(("step", N, B, W, S, has_lora, query_lens, list(inp.context_lens_list), graphed))
-        self.executor.broadcast(pack_step(inp, query_lens, self.device))
+        self.executor.broadcast(pack_step(inp, query_lens, self.device), self.tp.custom_ar)
         try:
             if graphed:
                 hidden = self.graph_runner.run(inp)

@@ -128,7 +128,9 @@ class Worker:
             elif kind == "step":
                 _, N, B, W, S, has_lora, query_lens, context_lens, graphed = msg
                 flat = torch.empty(3 * N + 2 * B + B * W + S, dtype=torch.int64, device=self.device)
-                dist.broadcast(flat, 0)
+                ar = self.group.custom_ar   # the same choice as the driver's (executor.broadcast): by size
+                if ar is None or not ar.broadcast_step(flat):
+                    dist.broadcast(flat, 0)
                 inp = unpack_step(flat, N, B, W, S)
                 lora = None
                 if graphed:

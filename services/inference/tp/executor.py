@@ -55,6 +55,11 @@ class TPExecutor:
         self._closed = False
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # NVLink multicast (NCCL's NVLS, symmetric memory's multimem) stays off unless asked for: the
+        # all-reduce here is P2P (tp/allreduce.py). Set before this process's NCCL init and the spawns,
+        # which copy the environment, so every rank agrees.
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         for rank in range(1, size):

@@ -35,47 +35,41 @@ NUM_SMS_H200 = 132
 
 
 def candidate_tiles(m: int) -> list[tuple]:
-    """(kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split) to try at M = m. split: "auto"
-    (heuristic_config's rule: >= 4 programs per SM), "tile" (one K tile per program, no K loop: GemLite's
-    GEMV shape, partials summed by the second launch). gemv stages: 2 = next weight tile prefetched."""
+    """(kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split) to try at M = m. kind: gemv (CUDA
+    cores), dot (swap-AB tl.dot on bf16), dot16 (tl.dot on fp16: a cheaper e4m3 conversion). split: "auto"
+    (fp8_gemv.auto_split), "tile" (one K tile per program, no K loop: GemLite's GEMV shape, the partials
+    summed by the second launch). gemv stages: 2 = the next weight tile prefetched into registers.
+    The first entries are the 2026-11-30 probe's winners; the rest are what that run suggested trying."""
     if m == 1:
-        return [("gemv", 1, 8, 512, 4, 2, "auto"), ("gemv", 1, 8, 512, 4, 1, "auto"), ("gemv", 1, 8, 512, 4, 1, "tile"),
-                ("gemv", 1, 16, 256, 4, 2, "auto"), ("gemv", 1, 4, 1024, 4, 2, "auto"), ("gemv", 1, 16, 512, 8, 2, "auto"),
-                ("gemv", 1, 8, 1024, 8, 2, "auto"), ("gemv", 1, 16, 1024, 8, 1, "tile"), ("dot", 16, 64, 128, 4, 3, "auto")]
+        return [("gemv", 1, 4, 512, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "auto"), ("gemv", 1, 4, 1024, 4, 2, "auto"),
+                ("gemv", 1, 8, 512, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "tile"), ("gemv", 1, 8, 1024, 8, 1, "tile"),
+                ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 128, 8, 3, "auto"), ("dot", 16, 64, 128, 4, 3, "auto")]
     if m <= 4:
-        return [("gemv", 4, 4, 512, 4, 2, "auto"), ("gemv", 4, 4, 512, 4, 1, "auto"), ("gemv", 4, 8, 256, 4, 2, "auto"),
-                ("gemv", 4, 2, 1024, 4, 2, "auto"), ("gemv", 4, 8, 512, 8, 1, "tile"), ("gemv", 1, 8, 512, 4, 2, "auto"),
-                ("dot", 16, 64, 128, 4, 3, "auto"), ("dot", 16, 128, 64, 4, 3, "auto")]
+        return [("dot", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 64, 4, 3, "auto"),
+                ("dot16", 16, 64, 256, 4, 3, "auto"), ("dot16", 16, 128, 128, 8, 3, "auto"), ("gemv", 4, 4, 512, 4, 2, "auto"),
+                ("gemv", 1, 4, 512, 4, 2, "auto")]
     bm = max(16, 1 << (m - 1).bit_length())
-    tiles = [("dot", bm, 64, 128, 4, 3, "auto"), ("dot", bm, 64, 64, 4, 3, "auto"), ("dot", bm, 128, 64, 4, 3, "auto"),
-             ("dot", bm, 128, 128, 8, 3, "auto"), ("dot", bm, 64, 128, 4, 4, "auto")]
-    if m <= 16:
-        tiles += [("dot", bm, 64, 256, 4, 2, "auto"), ("gemv", 4, 4, 512, 4, 2, "auto")]
+    tiles = [("dot", bm, 64, 128 if bm <= 32 else 64, 4, 3, "auto"), ("dot16", bm, 64, 128, 4, 3, "auto"),
+             ("dot16", bm, 64, 64, 4, 3, "auto"), ("dot16", bm, 128, 64, 4, 3, "auto"), ("dot16", bm, 128, 128, 8, 3, "auto"),
+             ("dot16", bm, 64, 128, 4, 4, "auto"), ("dot", bm, 128, 64, 4, 3, "auto")]
+    if bm <= 32:
+        tiles.append(("dot16", bm, 64, 256, 4, 3, "auto"))
     return tiles
 
 
-def auto_split(bm: int, bn: int, bk: int, m: int, n: int, k: int, num_sms: int) -> int:
-    tiles = -(-n // bn) * -(-m // bm)
-    split = 1
-    while tiles * split < 4 * num_sms and split < 16 and k >= 2 * split * 2 * bk:
-        split *= 2
-    return split
-
-
 def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
-    """GemvConfigs: the heuristic's first, then each tile at its split, the first two also at half and
-    double the auto split."""
+    """GemvConfigs: the table's (or heuristic's) first, then each tile at its split, the first two also at
+    half and double the auto split."""
+    from loraserve.kernels.fp8_gemv import auto_split, gemv_config
+
     out = []
     for i, (kind, bm, bn, bk, warps, stages, mode) in enumerate(candidate_tiles(m)):
-        split = -(-k // bk) if mode == "tile" else auto_split(bm, bn, bk, m, n, k, num_sms)
-        splits = [split] + ([max(1, split // 2), split * 2] if i < 2 else [])
+        split = -(-k // bk) if mode == "tile" else auto_split(kind, bm, bn, bk, m, n, k, num_sms)
+        splits = [split] + ([max(1, split // 2), split * 2] if i < 2 and mode != "tile" else [])
         for s in dict.fromkeys(splits):
             if s == 1 or k >= s * bk:
                 out.append((kind, bm, bn, bk, s, warps, stages))
-    from loraserve.kernels.fp8_gemv import heuristic_config
-
-    h = heuristic_config(m, n, k, num_sms)
-    return list(dict.fromkeys([h] + out))
+    return list(dict.fromkeys([gemv_config(m, n, k, num_sms)] + out))
 
 
 def _compile_one(cfg: tuple) -> str:
@@ -253,6 +247,18 @@ def sweep(a) -> dict:
             layer["gemv_speedup_vs_bf16"] = round(layer["bf16"] / layer["gemv_best"], 3)
         res["layer_us"][m] = layer
         print(f"  layer (all 4 projections) M={m}: {layer}")
+    # the largest measured M up to which the GEMV's layer total beats _scaled_mm at every measured M
+    rec = 0
+    for m in sorted(ms):
+        lay = res["layer_us"][m]
+        if lay["gemv_best"] is None or lay["scaled_mm"] is None or lay["gemv_best"] > lay["scaled_mm"]:
+            break
+        rec = m
+    res["recommended_gemv_max_m"] = rec
+    print(f"recommended LORASERVE_FP8_GEMV_MAX_M={rec}")
+    if a.max_m_out:
+        with open(a.max_m_out, "w") as fh:
+            fh.write(f"{rec}\n")
     print("CONFIGS = {" + ", ".join(f"({k}): {tuple(v)}" for k, v in configs_out.items()) + "}")
     res["configs"] = configs_out
     res["out_of_time"] = out_of_time
@@ -276,7 +282,8 @@ def smoke() -> int:
         w_q = (w / s[:, None]).to(torch.float8_e4m3fn)
         x = torch.randn(m, k, generator=g, dtype=torch.float32).half()
         ref = gemv_ref(x, w_q, s).float()
-        for cfg in [None, ("gemv", 1, 8, 64, 1, 4, 1), ("gemv", 4, 4, 64, 2, 4, 1), ("dot", 16, 16, 32, 2, 4, 2)]:
+        for cfg in [None, ("gemv", 1, 8, 64, 1, 4, 1), ("gemv", 4, 4, 64, 2, 4, 2), ("dot", 16, 16, 32, 2, 4, 2),
+                    ("dot16", 16, 16, 32, 2, 4, 2)]:
             y = fp8_gemv(x, w_q, s, config=cfg).float()
             err = float((y - ref).abs().max() / ref.abs().max())
             ok = err < 2e-3
@@ -287,7 +294,8 @@ def smoke() -> int:
         for m in MS:
             assert candidates(m, n, k, NUM_SMS_H200), (m, n, k)
     # the sweep's own code path (timing, tables, configs) on one tiny shape; its rows carry rel_err vs fp32
-    res = sweep(argparse.Namespace(shapes="", ms="1,16", jobs=0, budget_s=120.0, configs_out=None))
+    res = sweep(argparse.Namespace(shapes="", ms="1,16", jobs=0, budget_s=120.0, configs_out=None,
+                                   max_m_out=None))
     wrong = [r for r in res["rows"] if r["path"].startswith("new") and not r["rel_err"] < 1e-2]
     fails += len(wrong) + (not res["best"])
     print("smoke:", "PASS" if not fails else f"{fails} FAILED")
@@ -303,6 +311,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=8, help="worker processes compiling ahead (0: compile in place)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs-out", default=None, help="best config per (M, N, K) as JSON (LORASERVE_FP8_GEMV_CONFIGS)")
+    ap.add_argument("--max-m-out", default=None, help="file for the recommended LORASERVE_FP8_GEMV_MAX_M")
     a = ap.parse_args()
     if a.smoke or not torch.cuda.is_available():
         if not a.smoke:

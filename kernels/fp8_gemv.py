@@ -150,7 +150,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, F16: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -174,10 +174,20 @@ if HAS_TRITON:
                 k_ok = (k0 + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+            if F16:
+                # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~4x the instructions,
+                # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16,
+                # clamped: |x| up to 1M fits, a bf16 x keeps its 8 significant bits down to 2^-10 and an
+                # absolute error <= 2^-21 below; the fp32 accumulator is scaled back in the epilogue
+                x16 = tl.minimum(tl.maximum(xt.to(tl.float32) * 0.0625, -65504.0), 65504.0).to(tl.float16)
+                acc = tl.dot(w.to(tl.float16), x16, acc)
+            else:
+                # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
+        if F16:
+            acc = acc * 16.0
         ok = n_ok[:, None] & m_ok[None, :]
         if USE_WS:
             tl.store(ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None], acc, mask=ok)
@@ -193,9 +203,22 @@ if HAS_TRITON:
 # For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
 GemvConfig = tuple[str, int, int, int, int, int, int]
 
-# Measured best per (M bucket, N, K) on the H200 (benchmarks/fp8_gemv_sweep.py); empty until measured:
-# the heuristic below serves every shape meanwhile.
-CONFIGS: dict[tuple[int, int, int], GemvConfig] = {}
+# Measured best per (M bucket, N, K): H200 probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
+# timings; kernels/PERF_NOTES.md). Buckets 2 and 8 take the measured 4 / 16 entries. Other shapes (other
+# models, tensor-parallel shards): heuristic_config.
+_LLAMA3_8B = {
+    # (N, K): {M bucket: config}
+    (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 2), 4: ("dot", 16, 64, 128, 8, 4, 3), 16: ("dot", 16, 64, 128, 4, 4, 3),
+                   32: ("dot", 32, 64, 128, 4, 4, 3), 64: ("dot", 64, 64, 128, 4, 4, 3)},
+    (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 2), 4: ("dot", 16, 128, 64, 16, 4, 3), 16: ("dot", 16, 64, 128, 8, 4, 3),
+                   32: ("dot", 32, 64, 128, 8, 4, 3), 64: ("dot", 64, 64, 64, 8, 4, 3)},
+    (28672, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 2), 4: ("dot", 16, 64, 128, 2, 4, 3), 16: ("dot", 16, 64, 128, 2, 4, 3),
+                    32: ("dot", 32, 64, 128, 1, 4, 3), 64: ("dot", 64, 64, 64, 1, 4, 3)},
+    (4096, 14336): {1: ("gemv", 1, 4, 512, 2, 4, 2), 4: ("dot", 16, 128, 64, 16, 4, 3), 16: ("dot", 16, 64, 128, 8, 4, 3),
+                    32: ("dot", 32, 64, 128, 8, 4, 3), 64: ("dot", 64, 128, 64, 16, 4, 3)},
+}
+CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (m, n, k): cfg for (n, k), by_m in _LLAMA3_8B.items() for m, cfg in {**by_m, 2: by_m[4], 8: by_m[16]}.items()}
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -208,24 +231,30 @@ def m_bucket(M: int) -> int:
     return M
 
 
+def auto_split(kind: str, bm: int, bn: int, bk: int, M: int, N: int, K: int, num_sms: int) -> int:
+    """Split-K count: double while the grid stays under ~6 programs per SM (gemv: short programs, many
+    resident) or ~4 (dot), keeping >= 2 K tiles per split. The H200 sweep (2026-11-30): gemv best at
+    1024-1536 programs (o/qkv M=1: split 2 cost 10-20%), dot at 384-512 (a split past that cost 5-40%)."""
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    limit = (6 if kind == "gemv" else 4) * num_sms
+    split = 1
+    while tiles * split * 2 <= limit and split < 32 and K >= 2 * split * 2 * bk:
+        split *= 2
+    return split
+
+
 def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
-    """Tiles from bytes in flight: each program moves BLOCK_N x BLOCK_K e4m3 bytes (4-8 KB) per K step;
-    the grid should give every SM >= 4 programs (several tiles' loads in flight per SM, and a small
-    tail when programs do not divide evenly), so split K when N / BLOCK_N alone does not."""
-    if M <= 4:
-        bm = 1 if M == 1 else 2 if M == 2 else 4
-        bn, bk = (8, 512) if bm == 1 else (4, 512)
-        kind, warps, stages = "gemv", 4, 2
+    """For shapes the table lacks, from the H200 sweep: M = 1 the CUDA-core GEMV with 4 x 512 weight tiles
+    (many small programs: more of them resident per SM, more loads in flight; 1.6-2.8 TB/s where bigger
+    tiles lost 5-25%), above it the swap-AB tensor-core kernel with 64-row weight tiles (at M = 4 it beat
+    the 4-row GEMV by 1.6-2x: each GEMV row costs a conversion + FMA per weight byte)."""
+    if M == 1:
+        kind, bm, bn, bk, warps, stages = "gemv", 1, 4, 512, 4, 2
     else:
         bm = max(16, triton.next_power_of_2(M)) if M <= 64 else 64
-        bn, bk = 64, (256 if bm <= 32 else 128)
-        kind, warps, stages = "dot", 4, 3
+        kind, bn, bk, warps, stages = "dot", 64, (128 if bm <= 32 else 64), 4, 3
     bk = min(bk, max(16, triton.next_power_of_2(K)))
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    split = 1
-    while tiles * split < 4 * num_sms and split < 16 and K >= 2 * split * 2 * bk:
-        split *= 2
-    return kind, bm, bn, bk, split, warps, stages
+    return kind, bm, bn, bk, auto_split(kind, bm, bn, bk, M, N, K, num_sms), warps, stages
 
 
 _env_loaded = False
@@ -282,7 +311,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     if M == 0:
         return out
     kind, bm, bn, bk, split, warps, stages = config or gemv_config(M, N, K, _num_sms(x.device))
-    assert kind in ("gemv", "dot") and (kind == "dot" or bm in (1, 2, 4)), f"bad config {config}"
+    assert kind in ("gemv", "dot", "dot16") and (kind != "gemv" or bm in (1, 2, 4)), f"bad config {config}"
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk           # whole K tiles per split
     split = triton.cdiv(K, k_per_split)                                  # no empty split
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
@@ -293,7 +322,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     if kind == "gemv":   # stages: register buffers of weight tiles (2: prefetch the next); Triton's own stay 1
         _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1)
     else:
-        _fp8_skinny_dot_kernel[grid](*args, **flags, num_warps=warps, num_stages=stages)
+        _fp8_skinny_dot_kernel[grid](*args, **flags, F16=kind == "dot16", num_warps=warps, num_stages=stages)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),

@@ -36,10 +36,17 @@ def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
     (5, 16, 64, False, ("gemv", 1, 4, 32, 2, 4, 1)),       # 5 one-row tiles side by side, 2 even splits
     (17, 40, 96, True, None),                              # heuristic: tl.dot, 32-row tile, K tail
     (17, 37, 272, False, ("dot", 16, 16, 32, 3, 4, 2)),    # two 16-row tiles, odd N, split-K with a tail
+    (1, 40, 96, True, ("dot16", 16, 16, 32, 1, 4, 2)),     # fp16 MMA operands (x scaled by 2^-4), K tail
+    (17, 37, 272, False, ("dot16", 16, 16, 32, 3, 4, 2)),  # ... two row tiles, split-K with a tail
 ])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
 def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
     _run(interp, cases.check_gemv, dtype, m, n, k, bias, "cpu", config)
+
+
+@pytest.mark.parametrize("x_mag", [3e4, 1e-3])   # outliers (fp16 range: x is scaled by 2^-4), tiny activations
+def test_gemv_dot16_range_interp(interp, x_mag) -> None:
+    _run(interp, cases.check_gemv, "float32", 5, 24, 128, False, "cpu", ("dot16", 16, 16, 64, 1, 4, 2), x_mag)
 
 
 def test_gemv_configs() -> None:
@@ -54,7 +61,7 @@ def test_gemv_configs() -> None:
     for m in range(1, 65):
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
             kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)
-            assert kind in ("gemv", "dot") and warps in (1, 2, 4, 8, 16)
+            assert kind in ("gemv", "dot", "dot16") and warps in (1, 2, 4, 8, 16)
             if kind == "gemv":
                 assert bm in (1, 2, 4)
             else:
@@ -79,7 +86,7 @@ def test_env_config_table(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(fg, "_env_loaded", False)
     monkeypatch.setenv("LORASERVE_FP8_GEMV_CONFIGS", str(path))
     assert fg.gemv_config(1, 4096, 4096, 132) == tuple(cfg)
-    assert fg.gemv_config(3, 4096, 4096, 132)[1] == 4      # bucket 4: not in the file -> heuristic
+    assert fg.gemv_config(3, 4096, 4096, 132) == fg.heuristic_config(3, 4096, 4096, 132)   # not in the file
     monkeypatch.setattr(fg, "CONFIGS", {})
     monkeypatch.setattr(fg, "_env_loaded", False)
     monkeypatch.setenv("LORASERVE_FP8_GEMV_CONFIGS", str(tmp_path / "missing.json"))
@@ -124,11 +131,14 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("config", [("gemv", 1, 8, 512, 1, 4, 1), ("gemv", 4, 4, 512, 4, 4, 1),
-                                    ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3)])
+@pytest.mark.parametrize("config", [("gemv", 1, 8, 512, 1, 4, 1), ("gemv", 4, 4, 512, 4, 4, 2),
+                                    ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3),
+                                    ("dot16", 16, 64, 128, 4, 4, 3), ("dot16", 64, 128, 64, 2, 4, 3)])
 def test_gemv_gpu_forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
+    cases.check_gemv("bfloat16", 1, 4096, 14336, False, "cuda", config)
+    cases.check_gemv("bfloat16", 5, 4096, 4096, False, "cuda", config, x_mag=3e4)   # outlier activations
 
 
 @pytest.mark.gpu
@@ -209,11 +219,15 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
             kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)
             variants.add((kind, bm, bn, bk, split > 1, warps, stages))
+            if kind == "dot":   # and its fp16-operand form (LORASERVE_FP8_GEMV_CONFIGS may pick it)
+                variants.add(("dot16", bm, bn, bk, split > 1, warps, stages))
     for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
         constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         fn = fg._fp8_gemv_kernel if kind == "gemv" else fg._fp8_skinny_dot_kernel
         if kind == "gemv":
             constexprs["PREFETCH"] = stages >= 2
+        else:
+            constexprs["F16"] = kind == "dot16"
         src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -7,11 +7,13 @@ checkpoint's static per-tensor `input_scale`. This is vLLM's "FP8 per-channel we
 activation" scheme (vllm/model_executor/layers/quantization/fp8.py) and TensorRT-LLM's
 FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of equal rows.
 
-GEMM (`gemm_path`), CUDA sm >= 89: torch._scaled_mm (FP8 tensor cores, row-wise scales) after one
-Triton launch that quantizes x per token. The Triton W8A16 kernel (kernels/fp8_gemm.py: bf16 x times
-e4m3 W dequantized in registers) is opt-in for decode-sized M (LORASERVE_FP8_SMALL_M=N tokens): on
-the H200 (2026-11-30, bench_fp8.py) its untuned tiles streamed weights at 0.2-0.55 TB/s (bf16 cuBLAS:
-2.8-4.2 TB/s) and made 8B decode 0.35x bf16, so it is off until tuned on hardware.
+GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M tokens, default 32) runs
+the weight-only FP8 GEMV (kernels/fp8_gemv.py: bf16 x times e4m3 W converted in registers, no activation
+quantization); larger M torch._scaled_mm (FP8 tensor cores, row-wise scales) after one Triton launch that
+quantizes x per token. H200, 8B projections, one decoder layer's four GEMMs (fp8_gemv_sweep.py, CUDA
+graphs, 2026-11-30 probe): M=1 89.9 us (bf16 116.4, _scaled_mm 135.3), M=16 105.4 (117.6 / 132.0),
+M=32 118.2 (120.3 / 127.9), M=64 134.7 (125.0 / 125.3): hence the default of 32. The older Triton W8A16
+GEMM (kernels/fp8_gemm.py, 0.13-0.55 TB/s) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
 compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True also rounds x per token
 as _scaled_mm does. LORASERVE_FP8_SMALL_M=0 / LORASERVE_FP8_FUSED_QUANT=0 switch the Triton parts off.
@@ -89,9 +91,9 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 # the H200 (module docstring); LORASERVE_FP8_SMALL_M=64 turns it on for tuning runs.
 DEFAULT_SMALL_M = 0
 # Decode-sized GEMMs (M <= this many tokens) take the weight-only FP8 GEMV (kernels/fp8_gemv.py), which
-# streams e4m3 weights without quantizing x; larger M the FP8 tensor cores (_scaled_mm). Conservative
-# until measured on the H200 (benchmarks/fp8_gemv_sweep.py).
-DEFAULT_GEMV_MAX_M = 4
+# streams e4m3 weights without quantizing x; larger M the FP8 tensor cores (_scaled_mm). 32: where the
+# GEMV's layer total stopped beating _scaled_mm on the H200 (module docstring).
+DEFAULT_GEMV_MAX_M = 32
 
 
 def small_m_limit() -> int:

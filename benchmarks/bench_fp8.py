@@ -297,7 +297,8 @@ def main() -> int:
              "exclude_modules": a.exclude_modules.split(",") if a.exclude_modules else None}
     res: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "layers": a.layers if not a.tiny else 2,
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
-                 "quant_config": quant, "fp8_gemv_max_m": fp8_gemv_max_m_setting()}
+                 "quant_config": quant, "fp8_gemv_max_m": fp8_gemv_max_m_setting(),
+                 "fp8_gemv_configs": os.environ.get("LORASERVE_FP8_GEMV_CONFIGS") or "built-in table (kernels/fp8_gemv.py)"}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
     if on_gpu and not a.skip_micro:
         try:   # diagnostics only: a failure here must not cost the engine figures

@@ -5,7 +5,8 @@ each timed eagerly (one launch per all-reduce, CUDA events over many) and inside
 all-reduces captured back to back, the graph replayed R times: what a graphed decode step sees).
 Every algorithm's sum is checked against NCCL's first, eagerly and from a graph replay.
 
-    python3 benchmarks/bench_allreduce.py [--json out.json]     # 2 GPUs, NCCL, ~20-40 s
+    python3 benchmarks/bench_allreduce.py [--json out.json]     # 2 GPUs, NCCL, ~30-50 s
+        # last: a second process group in the same driver process gets the custom all-reduce again
     python3 benchmarks/bench_allreduce.py --smoke               # CPU, gloo, 2 processes: the fallback path
 """
 from __future__ import annotations
@@ -174,6 +175,81 @@ def cpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) ->
     dist.destroy_process_group()
 
 
+def _reinit_peer(port: int) -> None:
+    """Rank 1 of one round of reinit_check: a fresh process, as a TP worker of a new engine."""
+    import torch.distributed as dist
+
+    from loraserve.inference.tp.allreduce import make_all_reduce
+
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(dev)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
+                            timeout=timedelta(seconds=30), device_id=dev)
+    ar = make_all_reduce(dev)
+    x = torch.full((4096,), 2.0, dtype=torch.bfloat16, device=dev)
+    if ar is not None:
+        ar(x)
+    else:
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    dist.barrier()
+    os._exit(0)
+
+
+def _reinit_driver(q) -> None:
+    """Rank 0 kept across two process groups, a fresh rank 1 each time: what a serving process does when
+    it closes a TP engine and starts another (bench_tp does it). The first group's buffer is kept alive."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from loraserve.inference.tp.allreduce import make_all_reduce
+    from loraserve.inference.tp.executor import _free_port
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    kept, rounds = [], []
+    for _ in range(2):
+        port = _free_port()
+        peer = mp.get_context("spawn").Process(target=_reinit_peer, args=(port,), daemon=True)
+        peer.start()
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                                timeout=timedelta(seconds=30), device_id=dev)
+        ar = make_all_reduce(dev)
+        x = torch.full((4096,), 1.0, dtype=torch.bfloat16, device=dev)
+        if ar is not None:
+            ar(x)
+        else:
+            dist.all_reduce(x)
+        rounds.append("custom" if ar is not None and bool((x == 3).all()) else "nccl" if ar is None else "WRONG")
+        kept.append(ar)
+        dist.barrier()
+        dist.destroy_process_group()
+        peer.join(10)
+    q.put(rounds)
+
+
+def reinit_check(timeout_s: float = 40) -> str:
+    """'custom,custom' when a second engine's group gets the symmetric-memory all-reduce again; 'timeout'
+    when the rendezvous hung (then one TP engine per process is what can be measured)."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    driver = ctx.Process(target=_reinit_driver, args=(q,))
+    driver.start()
+    try:
+        return ",".join(q.get(timeout=timeout_s))
+    except queue.Empty:
+        return "timeout"
+    finally:
+        driver.join(5)
+        if driver.is_alive():
+            driver.kill()
+            driver.join(5)
+
+
 def _spawn(fn, world: int, sizes: list[int]) -> dict:
     import torch.multiprocessing as mp
 
@@ -224,6 +300,11 @@ def main() -> int:
                 print(f"    {algo}: {row[f'{algo}_error']}")
     print("eager, us per call: " + ", ".join(f"{k[:-3]} {v:.1f}" if k.endswith("_us") else f"{k} {v}"
                                             for k, v in res.get("step_path_us", {}).items()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    res["reinit"] = reinit_check()
+    print(f"second TP group in the same driver process: {res['reinit']} (expect custom,custom)", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -2,22 +2,25 @@
 medium messages, NCCL for the rest (vLLM's custom_all_reduce / SymmMemCommunicator, SGLang's
 torch_symm_mem, TensorRT-LLM's one-shot / two-shot AllReduce strategies).
 
-Why: a decode step of the 8B shape at batch 1 makes 64 all-reduces of 8 KB ([1, 4096] bf16); NCCL
-spends ~20 us on each (its launch and protocol, not the bytes), which was most of TP=2's missing
-speed-up. With every rank's buffer mapped into its peers' address space (PyTorch symmetric memory,
-CUDA backend: cuMem + IPC handles, no multicast) one kernel does the whole all-reduce:
+Why: a decode step of the 8B shape at batch 1 makes 65 all-reduces of 8 KB ([1, 4096] bf16); inside a
+CUDA graph NCCL takes 16 us for each (its protocol and the fork/join onto its own stream, not the
+bytes), the one-shot kernel here 6.6 us (2 H200s, benchmarks/bench_allreduce.py). With every rank's
+buffer mapped into its peers' address space (PyTorch symmetric memory, CUDA backend: cuMem + IPC
+handles, no multicast) one kernel does the whole all-reduce on the current stream:
 
-  one-shot (small):  copy x into my buffer; barrier; out = sum over ranks r of buffer_r  (each rank
-                     reads every peer's whole message: world_size x bytes, one barrier's latency)
+  one-shot (small):  copy x into my buffer; barrier; x = sum over ranks r of buffer_r; barrier (each rank
+                     reads every peer's whole message; torch.ops.symm_mem.one_shot_all_reduce_copy_out)
   two-shot (medium): x into my buffer; barrier; rank r sums its 1/world_size slice from every peer
-                     (reduce-scatter) and writes it to every peer (all-gather); barrier
-                     (each rank moves 2 x bytes, two barriers' latency)
+                     (reduce-scatter); barrier; every rank reads all slices into x (all-gather); barrier
+                     (two_shot_all_reduce_out; each rank moves ~2 x bytes / world_size per direction)
   NCCL:              above LORASERVE_TP_AR_MAX_BYTES, other dtypes, non-contiguous inputs, CPU
 
-Both symmetric-memory ops (torch.ops.symm_mem.one_shot_all_reduce_copy_out, two_shot_all_reduce_)
-end with a barrier, so the next call may rewrite the buffer at once, and they allocate nothing: they
-can be captured in CUDA graphs (the buffer is allocated and exchanged here, before any capture).
-NVLink multicast (multimem_* ops, NVLS) is never used.
+The ops end with a barrier, so the next call may rewrite the buffer at once, and they allocate
+nothing: they are captured in the decode graphs (the buffer is allocated and exchanged here, before
+any capture). NVLink multicast (multimem_* ops, NVLS) is never used. The same buffer also carries
+each step's packed inputs from the driver to the workers (broadcast_step: a barrier and one P2P
+read instead of an NCCL broadcast) and, as a sum of zero-padded parts, the small logits gather of
+the LM head (parallel.py).
 
 Switches (read in every process; spawned workers inherit them, so every rank decides alike):
   LORASERVE_TP_CUSTOM_AR=0        NCCL only;  =1 or unset: symmetric memory where the start-up

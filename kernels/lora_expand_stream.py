@@ -69,6 +69,8 @@ if HAS_TRITON:
         start = tl.load(tile_starts_ptr + tile)
         end = tl.load(tile_ends_ptr + tile)
         if slot < 0:
+            if USE_PDL:  # every program waits for the shrink: our completion then implies its own
+                tl.extra.cuda.gdc_wait()  # (and, through its wait, the kernels before it)
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -79,6 +81,8 @@ if HAS_TRITON:
         if NUM_SLICES == 3:
             lo2 = tl.load(slice_off_ptr + 2)
         if rank <= 0:
+            if USE_PDL:
+                tl.extra.cuda.gdc_wait()
             return
         col_end = tl.minimum(col0 + COLS_PER_PROG, N)
         offs_r = tl.arange(0, BLOCK_R)

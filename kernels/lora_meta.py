@@ -80,9 +80,11 @@ LORA_STREAM = os.environ.get("LORASERVE_LORA_STREAM", "1").strip().lower() not i
 
 
 # Programmatic dependent launch (sm_90+) for the streaming pair: the shrink lets the expand launch
-# at once, the expand fetches its first B blocks and waits (griddepcontrol.wait) before reading y
-# and the partials; the shrink waits before reading x. LORASERVE_LORA_PDL=1 turns it on (off by
-# default until measured); read at each launch.
+# at once, the expand fetches its metadata and first B blocks and waits (griddepcontrol.wait)
+# before reading y and the partials. Every program of both kernels waits (the shrink's at its
+# start, for the kernel before it), so each kernel's completion implies its predecessors' and a
+# normally launched kernel after the expand sees all their writes. LORASERVE_LORA_PDL=1 turns it
+# on (off by default until measured); read at each launch.
 LORA_PDL = os.environ.get("LORASERVE_LORA_PDL", "0").strip().lower() not in ("", "0", "false", "off", "no")
 _PDL_OK: dict[int, bool] = {}
 

@@ -42,8 +42,9 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, EAGER_META: tl.constexpr,
         USE_PDL: tl.constexpr = False,
     ):
-        if USE_PDL:  # programmatic dependent launch: let the expand start now (it waits for us itself)
-            tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL:  # programmatic dependent launch: let the expand start now (it waits for us), and
+            tl.extra.cuda.gdc_launch_dependents()  # wait for the kernel before us (x) in EVERY program
+            tl.extra.cuda.gdc_wait()  # so that our completion implies its completion
         tile = tl.program_id(0)
         pid_n = tl.program_id(1) // SPLIT_K
         pid_k = tl.program_id(1) % SPLIT_K
@@ -82,8 +83,6 @@ if HAS_TRITON:
         a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
                   + offs_n[:, None] * stride_ar + offs_k[None, :] * stride_ak)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if USE_PDL:  # x may come from the kernel before us: wait for it (metadata and A are older)
-            tl.extra.cuda.gdc_wait()
         for k in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
             if EVEN_K:
                 xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)

@@ -350,13 +350,13 @@ def main() -> None:
                     help="let lora_apply take the one-launch fused kernel (as LORASERVE_LORA_FUSED=1)")
     ap.add_argument("--compare", action="store_true",
                     help="classic vs streaming kernels (LORASERVE_LORA_STREAM=0/1) on the targets, one run")
-    ap.add_argument("--sweep-stream", action="store_true", help="streaming expand knobs on the layer case")
+    ap.add_argument("--sweep-stream", action="store_true", help="streaming shrink / expand knobs (layer case, 1 token)")
     ap.add_argument("--max-shapes", type=int, default=None,
                     help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51; 0: none)")
     ap.add_argument("--variants", default="classic,stream",
                     help="with --compare: comma-separated lora_variants.VARIANTS, the first is the reference")
     ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
-    ap.add_argument("--sweep-budget", type=float, default=None, help="seconds for --sweep-onelaunch (then stop)")
+    ap.add_argument("--sweep-budget", type=float, default=None, help="seconds for each --sweep-* (then stop)")
     args = ap.parse_args()
     from benchmarks.lora_variants import compare, sweep_onelaunch, sweep_stream   # --compare / sweeps
 
@@ -370,7 +370,7 @@ def main() -> None:
         if args.compare:
             compare(float("nan"), 3 if args.max_shapes is None else args.max_shapes, smoke=True, variants=variants)
             if args.sweep_stream:
-                sweep_stream(smoke=True)
+                sweep_stream(smoke=True, budget_s=args.sweep_budget)
             if args.sweep_onelaunch:
                 sweep_onelaunch(smoke=True, budget_s=args.sweep_budget)
             return
@@ -386,13 +386,13 @@ def main() -> None:
         if args.sweep_onelaunch:
             sweep_onelaunch(budget_s=args.sweep_budget)
         if args.sweep_stream:
-            sweep_stream()
+            sweep_stream(budget_s=args.sweep_budget)
         return
     if args.sweep_onelaunch and args.only_sweeps:
         sweep_onelaunch(budget_s=args.sweep_budget)
         return
     if args.sweep_stream and args.only_sweeps:
-        sweep_stream()
+        sweep_stream(budget_s=args.sweep_budget)
         return
     if args.only_sweeps:
         if args.sweep_fused:

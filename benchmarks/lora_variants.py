@@ -190,25 +190,66 @@ def sweep_onelaunch(smoke: bool = False, budget_s: float | None = None) -> None:
         del c
 
 
-def sweep_stream(smoke: bool = False) -> None:
-    """Streaming expand knobs on the layer case (expand alone, from lora_apply's workspace):
-    programs per SM (column groups per tile) x BLOCK_N. Not run by --compare."""
-    from loraserve.kernels.lora_expand_stream import stream_expand_config
+def _time_calls(c: Case, calls: list) -> float:
+    if not c.x.is_cuda:  # --smoke: run once (a logic check)
+        t0 = time.perf_counter()
+        for f in calls:
+            f()
+        return (time.perf_counter() - t0) * 1e6
+    from benchmarks.bench_lora_kernels import graph_us
 
-    print("\nsweep-stream: 64 tokens, 32 adapters, rank 16; streaming expand alone, us per projection")
-    lora_meta.LORA_STREAM = True
-    for proj in PROJECTIONS:
-        c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, 32, 64)
+    return graph_us(calls)
+
+
+def sweep_stream(smoke: bool = False, budget_s: float | None = None) -> None:
+    """Streaming-path knobs, each kernel alone (us per projection), rank 16, on the 64-token /
+    32-adapter layer case and at 1 token: the expand's programs per SM (column groups per tile) x
+    BLOCK_N, and the shrink's SPLIT_K x BLOCK_K x num_stages. Stops starting new rows after
+    budget_s seconds."""
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
+    from loraserve.kernels.lora_shrink import lora_shrink
+
+    print("\nsweep-stream: rank 16; streaming kernels alone, us per projection; exp pP/nN = P programs/SM, "
+          "BLOCK_N; shr skS/bkK/stG = SPLIT_K, BLOCK_K, num_stages", flush=True)
+    t0 = time.perf_counter()
+    rows = [(label, L, T, proj) for proj in ("gate_up", "qkv", "down", "o")
+            for label, L, T in (("layer", 32, 64), ("1tok", 1, 1))]
+    shrink_cfgs = {"layer": [(2, 256, 4), (4, 256, 4), (8, 256, 4), (4, 512, 3), (8, 128, 4), (4, 256, 6),
+                             (16, 128, 4), (4, 128, 6)],
+                   "1tok": [(8, 128, 4), (16, 128, 4), (32, 128, 4), (16, 256, 3), (32, 64, 4), (64, 64, 3)]}
+    for label, L, T, proj in rows:
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            print(f"sweep-stream: budget of {budget_s:.0f} s spent; rows left out from {label} {proj}", flush=True)
+            break
+        c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, L, T)
         c.use_variant(True)
         c.calls("shrink_only")[0]()  # real partials in the workspace (not uninitialised memory)
-        SK, S, T, R = c.ws.shape
-        cells = [f"default={c.time('expand_only'):.1f}"]
-        for per_sm in (2, 4, 8):
+        SK, S, T_, R = c.ws.shape
+        cells = [f"exp default(SK{SK})={c.time('expand_only'):.1f}"]
+        for per_sm in ((2, 4, 8) if label == "layer" else (4,)):
             for bn in (64, 128, 256):
-                base = stream_expand_config(T, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
+                base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
                 blocks = -(-c.N // bn)
                 groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
                 cfg = dict(BLOCK_N=bn, COLS_PER_PROG=-(-blocks // groups) * bn,
                            num_warps=4 if c.meta.block_m * bn <= 2048 else 8, SK_CHUNK=base["SK_CHUNK"])
-                cells.append(f"p{per_sm}/n{bn}={c.time('expand_only', cfg=cfg):.1f}")
-        print(f"{proj}: " + " ".join(cells), flush=True)
+                try:
+                    cells.append(f"p{per_sm}/n{bn}={c.time('expand_only', cfg=cfg):.1f}")
+                except Exception as exc:  # noqa: BLE001 - report, go on
+                    cells.append(f"p{per_sm}/n{bn}=ERR({type(exc).__name__})")
+        cells.append(f"| shr default={c.time('shrink_only'):.1f}")
+        for sk, bk, st in shrink_cfgs[label]:
+            if smoke:
+                sk, bk = min(sk, 2), min(bk, 32)
+            if bk * sk > c.H:
+                continue
+            ws = torch.empty(sk, S, T_, R, device=c.x.device)
+            cfg = dict(BLOCK_K=bk, num_stages=st)
+            calls = [lambda a=c.ab(i)[0], ws=ws, cfg=cfg: lora_shrink(c.x, a, c.meta, c.ranks, ws, config=cfg, stream=True)
+                     for i in range(c.num_sets)]
+            try:
+                cells.append(f"sk{sk}/bk{bk}/st{st}={_time_calls(c, calls):.1f}")
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile: report, go on
+                cells.append(f"sk{sk}/bk{bk}/st{st}=ERR({type(exc).__name__})")
+        print(f"{label} {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        del c

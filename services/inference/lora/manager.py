@@ -26,7 +26,6 @@ hand-off, see `try_acquire`.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -48,6 +47,7 @@ from ..sequence import Sequence
 from .batch import LoRABatch
 from .device_tier import DeviceTier
 from .dora import compute_dora_scales
+from .holds import looks_nemo, release_after_engine, resolve_async, stat_signature  # noqa: F401 - re-exported
 from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views
 from .slots import DeviceSlots
 
@@ -126,6 +126,9 @@ class LoRAManager:
         self._blocked: dict[int, float] = {}  # seq_id -> arrival of sequences waiting for a slot
         self._bypasses: dict[int, int] = {}   # seq_id -> newer requests admitted ahead of it meanwhile
         self.max_slot_bypass = 16
+        self.slot_handoff = os.environ.get("LORASERVE_SLOT_HANDOFF", "0") == "1"  # see _acquire_by_handoff (opt-in)
+        self._draining: AdapterHandle | None = None  # the slot being handed to the oldest waiter
+        self.num_handoffs = 0
         self.lock = threading.RLock()
         self._load_done = threading.Condition(self.lock)
         self._loader = ThreadPoolExecutor(max(1, cache_config.num_put_workers) + 1,
@@ -185,7 +188,7 @@ class LoRAManager:
         content digest, verified at download (trusted only: spares hashing it again)."""
         if req.lora_path:  # file-system work outside the lock, which the engine thread takes every step
             real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
-            sig = _stat_signature(real)
+            sig = stat_signature(real)
         with self.lock:
             if not req.lora_path:
                 key = self.by_id.get(req.lora_int_id)
@@ -197,7 +200,7 @@ class LoRAManager:
             if key is not None and key in self.handles:
                 self.by_id[req.lora_int_id] = key
                 return self._hold(self.handles[key])
-        source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not _looks_nemo(real) else None
+        source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not looks_nemo(real) else None
         timings: dict = {}
         try:
             adapter = self._parse(real, source, trusted, timings, digest if trusted else None)
@@ -353,6 +356,8 @@ class LoRAManager:
             h: AdapterHandle = seq.lora.handle
             if h.load_error is not None and seq.arrival_time <= h.load_error_time:
                 raise AdapterLoadError(f"adapter {h.name!r} could not be loaded: {h.load_error}")
+            if self.slot_handoff:
+                return self._acquire_by_handoff(seq, h)
             oldest = min(self._blocked.items(), key=lambda kv: kv[1], default=None)
             if oldest is not None and oldest[0] != seq.seq_id and oldest[1] < seq.arrival_time:
                 if h.slot is None or self._bypasses.get(oldest[0], 0) >= self.max_slot_bypass:
@@ -375,6 +380,46 @@ class LoRAManager:
                 return False
             h.timings["place_s"] = time.perf_counter() - t0  # host work issuing the copy (async on CUDA)
             return self._pin(h, seq)
+
+    def _acquire_by_handoff(self, seq: Sequence, h: AdapterHandle) -> bool:
+        """Slot hand-off (LORASERVE_SLOT_HANDOFF=1; off by default until measured). Requests whose adapter is on a slot
+        are admitted freely (they take no slot); requests that need a slot (or a batch position,
+        max_loras) get one in arrival order. When the oldest of them finds every slot pinned, ONE
+        slot is chosen to drain to it (an adapter with no queued work first, then the fewest
+        running sequences, then least recently used): no new request joins that slot, and when its
+        running sequences finish it goes to the oldest waiter. So the oldest waits only for one
+        slot's running sequences (each bounded by its max_tokens), and every other slot keeps
+        admitting meanwhile (the previous policy stopped all admissions after max_slot_bypass)."""
+        if not self._blocked:
+            self._draining = None
+        if h.slot is not None and h is self._draining:
+            return False  # its slot goes to the oldest waiter; this request queues for a slot later
+        if h.slot is not None and (h.slot_pins or not self._batch_full()):
+            self.device_tier.stats.hits += 1
+            return self._pin(h, seq)
+        if h.adapter is None and h.slot is None:
+            self._start_load(h)  # waits for the host copy; not counted as slot-blocked
+            return False
+        self._blocked.setdefault(seq.seq_id, seq.arrival_time)
+        oldest = min(self._blocked.items(), key=lambda kv: kv[1])
+        if oldest[0] != seq.seq_id and oldest[1] < seq.arrival_time:
+            return False  # slots go to the waiters in arrival order
+        t0, placing = time.perf_counter(), h.slot is None
+        if not self._batch_full() and (not placing or self.device_tier.place(h)):
+            if placing:
+                h.timings["place_s"] = time.perf_counter() - t0  # host work issuing the copy (async on CUDA)
+            self._draining = None  # the oldest got its place; the next waiter picks its own victim
+            return self._pin(h, seq)
+        if self._draining is None or self._draining.slot is None:
+            self._draining = self._pick_drain_victim()
+            self.num_handoffs += self._draining is not None
+        return False
+
+    def _pick_drain_victim(self) -> AdapterHandle | None:
+        order = {s: i for i, s in enumerate(self.device_tier.lru)}
+        pinned = [o for o in self.device_tier.owner if o is not None and o.slot_pins > 0]
+        return min(pinned, key=lambda o: (o.num_requests > o.slot_pins, o.slot_pins, order.get(o.slot, -1)),
+                   default=None)
 
     def _batch_full(self) -> bool:
         """max_loras distinct adapters are already in use by running sequences."""
@@ -445,6 +490,7 @@ class LoRAManager:
                     "device_slots": self.num_slots,
                     "device_slots_used": self.device_tier.num_used,
                     "device_slots_pinned": self.device_tier.num_pinned,
+                    "slot_handoffs": self.num_handoffs,
                     "host_adapters": len(self.host.entries),
                     "host_bytes": self.host.num_bytes,
                     "host_loading": self.host.num_reserved,
@@ -454,45 +500,7 @@ class LoRAManager:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
-async def resolve_async(manager: LoRAManager, req: LoRARequest, trusted: bool = False,
-                        digest: str | None = None) -> AdapterHold:
-    """manager.resolve on a worker thread (parsing never blocks an event loop or the engine
-    thread). Shielded: a cancel (client gone, deadline) while it runs releases the hold it takes."""
-    fut = asyncio.get_running_loop().run_in_executor(None, manager.resolve, req, trusted, digest)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().release())
-        raise
-
-
-def release_after_engine(async_llm, hold: AdapterHold) -> None:
-    """End a request's hold when the request ends. The engine releases it when the request
-    finishes or is aborted; this covers every other path (cancelled before the engine took it,
-    add_request refused it). Queued behind the stream's abort on the engine thread, so it never
-    drops a hold the engine still uses; release is idempotent."""
-    if async_llm.is_alive:
-        async_llm.call(lambda _engine: hold.release())
-    else:
-        hold.release()
-
-
-def _looks_nemo(path: str) -> bool:
-    return path.endswith(".nemo") or os.path.isfile(os.path.join(path, "model_config.yaml"))
-
-
-def _stat_signature(path: str) -> tuple:
-    if os.path.isdir(path):
-        entries = []
-        for root, _, files in os.walk(path):
-            for f in files:
-                st = os.stat(os.path.join(root, f))
-                entries.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
-        return (path, tuple(sorted(entries)))
-    st = os.stat(path)
-    return (path, st.st_size, st.st_mtime_ns)
-
-
 __all__ = ["LoRAManager", "AdapterHandle", "AdapterHold", "AdapterAccessError", "AdapterNotFoundError",
            "AdapterCapacityError", "AdapterBusyError", "AdapterLoadError", "AdapterFormatError", "TierStats",
+           "resolve_async", "release_after_engine",
            "PROJ_SLICES"]

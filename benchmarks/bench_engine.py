@@ -266,8 +266,9 @@ def random_adapters(args, n: int, rank: int, dtype, device: str = "cuda", first_
     return adapters
 
 
-def profile_steps(engine, prompts: Prompts, out_dir: str) -> None:
-    """torch.profiler tables of one prefill step (8 x 1024) and of decode steps at batch 64."""
+def profile_steps(engine, prompts: Prompts, out_dir: str, loras=None) -> None:
+    """torch.profiler tables of one prefill step (8 x 1024) and of decode steps at batch 64, without and
+    (loras given) with LoRA."""
     from torch.profiler import ProfilerActivity, profile
 
     from loraserve import SamplingParams
@@ -281,8 +282,21 @@ def profile_steps(engine, prompts: Prompts, out_dir: str) -> None:
         torch.cuda.synchronize()
     with open(os.path.join(out_dir, "profile_prefill.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs64.txt"))
+    if loras:
+        profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs64_32lora.txt"), loras)
+
+
+def profile_decode(engine, prompts: Prompts, path: str, loras=None) -> None:
+    """torch.profiler tables of 10 decode steps at batch 64 (512-token prompts; loras cycled over them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import SamplingParams
+
+    tag = "l" if loras else "d"
     for i, ids in enumerate(prompts.make(64, 512)):
-        engine.add_request(f"prof-d{i}", ids, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0))
+        engine.add_request(f"prof-{tag}{i}", ids, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0),
+                           None if not loras else loras[i % len(loras)])
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
         engine.step()
     for _ in range(3):
@@ -292,7 +306,7 @@ def profile_steps(engine, prompts: Prompts, out_dir: str) -> None:
         for _ in range(10):
             engine.step()
         torch.cuda.synchronize()
-    with open(os.path.join(out_dir, "profile_decode_bs64.txt"), "w") as f:
+    with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         f.write("\n\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
@@ -379,7 +393,7 @@ def main() -> int:
         res["lora32_vs_nolora_decode"] = with_lora["tok_s"] / without["tok_s"]
     res["timed_prefix_cache_hits"] = hits
     if a.profile:
-        profile_steps(engine, prompts, a.profile)
+        profile_steps(engine, prompts, a.profile, None if a.skip_lora else reqs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -481,6 +481,7 @@ def main() -> int:
     engine = target.llm.engine
     trace, engine.step_trace = engine.step_trace, None
     s["steps"] = step_breakdown(trace)
+    s["graphs_env"] = {k: os.environ.get(k) for k in ("LORASERVE_MIXED_GRAPHS", "LORASERVE_SAMPLER_GRAPHS")}
     mixed = getattr(engine.runner, "mixed_graphs", None)
     s["mixed_graphs"] = None if mixed is None else {"captured": len(mixed.graphs), "replays": mixed.num_replays}
     del trace
@@ -509,11 +510,14 @@ def main() -> int:
     free_memory()
     variants = [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
                 for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
-    if a.sweep_mixed_graphs:
-        flip = "0" if mixed_graphs_enabled() else "1"
-        variants.append((f"LORASERVE_MIXED_GRAPHS={flip}", {}, {"LORASERVE_MIXED_GRAPHS": flip}))
-        variants.append((f"LORASERVE_MIXED_GRAPHS={flip} LORASERVE_SAMPLER_GRAPHS=1", {},
-                         {"LORASERVE_MIXED_GRAPHS": flip, "LORASERVE_SAMPLER_GRAPHS": "1"}))
+    if a.sweep_mixed_graphs:   # the other side of the new graphs: before/after in one run
+        if mixed_graphs_enabled():
+            variants.append(("LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0", {},
+                             {"LORASERVE_MIXED_GRAPHS": "0", "LORASERVE_SAMPLER_GRAPHS": "0"}))
+        else:
+            variants.append(("LORASERVE_MIXED_GRAPHS=1", {}, {"LORASERVE_MIXED_GRAPHS": "1"}))
+            variants.append(("LORASERVE_MIXED_GRAPHS=1 LORASERVE_SAMPLER_GRAPHS=1", {},
+                             {"LORASERVE_MIXED_GRAPHS": "1", "LORASERVE_SAMPLER_GRAPHS": "1"}))
     for label, extra, env in variants:
         s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
                                                           s["limit"]["limit_s"], a.decode_batch, a.input_mean,

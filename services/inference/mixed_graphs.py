@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # fine buckets: padding costs real work in a compute-bound step (at most 31 tokens and 7 sequences here)
 TOKEN_BUCKETS = tuple(range(32, 1025, 32)) + (1152, 1280, 1536, 1792, 2048)
 SEQ_BUCKETS = (2, 4, 8) + tuple(range(16, 1025, 8))
-MAX_GRAPHS = 64
+MAX_GRAPHS = 128
 
 
 def mixed_graphs_enabled() -> bool:

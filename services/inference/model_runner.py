@@ -134,6 +134,7 @@ class ModelRunner:
                 if meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0:
                     sampled, packed = self.graph_runner.sample_greedy(len(sample_seqs))
                     return StepOutput(sample_seqs, sampled, packed)
+                return self._sample(hidden, inp.sample_idx, sample_seqs, meta)
             return self._sample(hidden, inp.sample_idx, sample_seqs)
         if not decode_only and self.mixed_graphs is not None and not inp.has_lora:
             hidden = self.mixed_graphs.run(inp, batch.num_new_tokens)   # None: this step runs eagerly
@@ -157,11 +158,13 @@ class ModelRunner:
             reset_context()
         return self._sample(hidden, inp.sample_idx, sample_seqs)
 
-    def _sample(self, hidden: torch.Tensor, sample_idx: torch.Tensor, sample_seqs: list) -> StepOutput:
+    def _sample(self, hidden: torch.Tensor, sample_idx: torch.Tensor, sample_seqs: list, meta=None) -> StepOutput:
         if not sample_seqs:
             return StepOutput([], None)
         logits = self.model.compute_logits(hidden[sample_idx])
-        out = sample(logits, self.sampling_meta.get(sample_seqs, self._banned))  # reused while the rows repeat
+        if meta is None:
+            meta = self.sampling_meta.get(sample_seqs, self._banned)   # reused while the rows repeat
+        out = sample(logits, meta)
         return StepOutput(sample_seqs, out)
 
     def _banned(self, p) -> tuple[int, ...]:

@@ -36,14 +36,17 @@ NUM_SMS_H200 = 132
 
 def candidate_tiles(m: int) -> list[tuple]:
     """(kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split) to try at M = m. kind: gemv (CUDA
-    cores), dot (swap-AB tl.dot on bf16), dot16 (tl.dot on fp16: a cheaper e4m3 conversion). split: "auto"
-    (fp8_gemv.auto_split), "tile" (one K tile per program, no K loop: GemLite's GEMV shape, the partials
-    summed by the second launch). gemv stages: 2 = the next weight tile prefetched into registers.
+    cores; gemv2/gemv4: 2/4 groups of BLOCK_N rows per program sharing x), dot (swap-AB tl.dot on bf16),
+    dot16 (tl.dot on fp16: a cheaper e4m3 conversion). split: "auto" (fp8_gemv.auto_split; gemv2/gemv4
+    tiles are GROUPS x BLOCK_N rows), "tile" (one K tile per program, no K loop: GemLite's GEMV shape, the
+    partials summed by the second launch). gemv stages: 2 = the next weight tile prefetched into registers.
     The first entries are the 2026-11-30 probe's winners; the rest are what that run suggested trying."""
-    if m == 1:
-        return [("gemv", 1, 4, 512, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "auto"), ("gemv", 1, 4, 1024, 4, 2, "auto"),
-                ("gemv", 1, 8, 512, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "tile"), ("gemv", 1, 8, 1024, 8, 1, "tile"),
-                ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 128, 8, 3, "auto"), ("dot", 16, 64, 128, 4, 3, "auto")]
+    if m == 1:   # gemv2/gemv4: 2/4 row groups share each x load (3.3-4.1 SASS instructions per weight byte
+        # in the K loop against 5.1; the register prefetch, stages 2, costs +1.5-2.4: PRMT/IMAD moves)
+        return [("gemv", 1, 4, 512, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "auto"), ("gemv4", 1, 4, 512, 4, 1, "auto"),
+                ("gemv4", 1, 4, 256, 4, 1, "auto"), ("gemv2", 1, 4, 512, 4, 1, "auto"), ("gemv4", 1, 4, 512, 4, 2, "auto"),
+                ("gemv4", 1, 8, 512, 8, 1, "auto"), ("gemv", 1, 4, 1024, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "tile"),
+                ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 128, 8, 3, "auto")]
     if m <= 4:
         return [("dot", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 64, 4, 3, "auto"),
                 ("dot16", 16, 64, 256, 4, 3, "auto"), ("dot16", 16, 128, 128, 8, 3, "auto"), ("gemv", 4, 4, 512, 4, 2, "auto"),
@@ -58,14 +61,15 @@ def candidate_tiles(m: int) -> list[tuple]:
 
 
 def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
-    """GemvConfigs: the table's (or heuristic's) first, then each tile at its split, the first two also at
-    half and double the auto split."""
+    """GemvConfigs: the table's (or heuristic's) first, then each tile at its split, the first three also
+    at half and double the auto split."""
     from loraserve.kernels.fp8_gemv import auto_split, gemv_config
 
     out = []
     for i, (kind, bm, bn, bk, warps, stages, mode) in enumerate(candidate_tiles(m)):
-        split = -(-k // bk) if mode == "tile" else auto_split(kind, bm, bn, bk, m, n, k, num_sms)
-        splits = [split] + ([max(1, split // 2), split * 2] if i < 2 and mode != "tile" else [])
+        rows = bn * (int(kind[-1]) if kind in ("gemv2", "gemv4") else 1)
+        split = -(-k // bk) if mode == "tile" else auto_split(kind, bm, rows, bk, m, n, k, num_sms)
+        splits = [split] + ([max(1, split // 2), split * 2] if i < 3 and mode != "tile" else [])
         for s in dict.fromkeys(splits):
             if s == 1 or k >= s * bk:
                 out.append((kind, bm, bn, bk, s, warps, stages))

@@ -148,6 +148,97 @@ if HAS_TRITON:
             _gemv_store(acc2, row0 + 2, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
             _gemv_store(acc3, row0 + 3, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
 
+    @triton.jit
+    def _gemv_group_load(w_ptrs, k_lo, k_end, offs_k, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(w_ptrs, eviction_policy="evict_first")
+        return tl.load(w_ptrs, mask=((k_lo + offs_k) < k_end)[None, :], other=0.0, eviction_policy="evict_first")
+
+    # One x row per program and GROUPS weight tiles of BLOCK_N rows side by side: each thread holds one row
+    # of every group at the same k, so the x values it loads and widens serve GROUPS weight rows (in the
+    # one-group kernel above every weight byte pays its own x conversion: ~1/3 of the loop's instructions)
+    @triton.jit(do_not_specialize=["M"])
+    def _fp8_gemv_groups_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm,
+                                stride_ym, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
+                                PREFETCH: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_0 = pid_n * (GROUPS * BLOCK_N) + tl.arange(0, BLOCK_N)
+        offs_1 = offs_0 + BLOCK_N
+        offs_2 = offs_0 + 2 * BLOCK_N
+        offs_3 = offs_0 + 3 * BLOCK_N
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        # rows past N re-read row 0 (no mask in the K loop); the stores are masked
+        p0 = w_ptr + tl.where(offs_0 < N, offs_0, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
+        p1 = w_ptr + tl.where(offs_1 < N, offs_1, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
+        p2 = w_ptr + tl.where(offs_2 < N, offs_2, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
+        p3 = w_ptr + tl.where(offs_3 < N, offs_3, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
+        x_row = x_ptr + row.to(tl.int64) * stride_xm + k_start
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if PREFETCH:   # as in _fp8_gemv_kernel: the next K tile of every group in flight during this one's math
+            n0 = _gemv_group_load(p0, k_start, k_end, offs_k, EVEN_K)
+            n1 = _gemv_group_load(p1, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 2 else n0
+            n2 = _gemv_group_load(p2, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
+            n3 = _gemv_group_load(p3, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k_ok = (k0 + offs_k) < k_end
+            if PREFETCH:
+                w0, w1, w2, w3 = n0, n1, n2, n3
+                step = BLOCK_K * (k0 + BLOCK_K < k_end).to(tl.int32)   # 0 on the last step
+                p0 += step
+                n0 = _gemv_group_load(p0, k0 + step, k_end, offs_k, EVEN_K)
+                if GROUPS >= 2:
+                    p1 += step
+                    n1 = _gemv_group_load(p1, k0 + step, k_end, offs_k, EVEN_K)
+                if GROUPS >= 4:
+                    p2 += step
+                    p3 += step
+                    n2 = _gemv_group_load(p2, k0 + step, k_end, offs_k, EVEN_K)
+                    n3 = _gemv_group_load(p3, k0 + step, k_end, offs_k, EVEN_K)
+            else:
+                w0 = _gemv_group_load(p0, k0, k_end, offs_k, EVEN_K)
+                w1 = _gemv_group_load(p1, k0, k_end, offs_k, EVEN_K) if GROUPS >= 2 else w0
+                w2 = _gemv_group_load(p2, k0, k_end, offs_k, EVEN_K) if GROUPS >= 4 else w0
+                w3 = _gemv_group_load(p3, k0, k_end, offs_k, EVEN_K) if GROUPS >= 4 else w0
+                p0 += BLOCK_K
+                p1 += BLOCK_K
+                p2 += BLOCK_K
+                p3 += BLOCK_K
+            # x in the weight tiles' layout, loaded and widened once for all the groups
+            x_ptrs = x_row + offs_k[None, :] + tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+            if EVEN_K:
+                x = tl.load(x_ptrs).to(tl.float32)
+            else:
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            acc0 += w0.to(tl.float32) * x
+            if GROUPS >= 2:
+                acc1 += w1.to(tl.float32) * x
+            if GROUPS >= 4:
+                acc2 += w2.to(tl.float32) * x
+                acc3 += w3.to(tl.float32) * x
+            x_row += BLOCK_K
+        _gemv_group_store(acc0, row, M, N, offs_0, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+        if GROUPS >= 2:
+            _gemv_group_store(acc1, row, M, N, offs_1, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+        if GROUPS >= 4:
+            _gemv_group_store(acc2, row, M, N, offs_2, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+            _gemv_group_store(acc3, row, M, N, offs_3, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+
+    @triton.jit
+    def _gemv_group_store(acc, row, M, N, offs_n, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k,
+                          HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
+        n_ok = offs_n < N
+        s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else s
+        _gemv_store(acc, row, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+
     @triton.jit(do_not_specialize=["M"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                                HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, F16: tl.constexpr,
@@ -199,9 +290,12 @@ if HAS_TRITON:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); kind: "gemv" (BLOCK_M 1/2/4) or "dot".
+# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); kind: "gemv" (BLOCK_M 1/2/4), "gemv2" /
+# "gemv4" (BLOCK_M 1; 2 / 4 groups of BLOCK_N weight rows share each x load), "dot" (bf16 operands) or
+# "dot16" (fp16 operands).
 # For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
 GemvConfig = tuple[str, int, int, int, int, int, int]
+KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16")
 
 # Measured best per (M bucket, N, K): H200 probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
 # timings; kernels/PERF_NOTES.md). Buckets 2 and 8 take the measured 4 / 16 entries. Other shapes (other
@@ -236,7 +330,7 @@ def auto_split(kind: str, bm: int, bn: int, bk: int, M: int, N: int, K: int, num
     resident) or ~4 (dot), keeping >= 2 K tiles per split. The H200 sweep (2026-11-30): gemv best at
     1024-1536 programs (o/qkv M=1: split 2 cost 10-20%), dot at 384-512 (a split past that cost 5-40%)."""
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    limit = (6 if kind == "gemv" else 4) * num_sms
+    limit = (6 if kind.startswith("gemv") else 4) * num_sms
     split = 1
     while tiles * split * 2 <= limit and split < 32 and K >= 2 * split * 2 * bk:
         split *= 2
@@ -311,7 +405,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     if M == 0:
         return out
     kind, bm, bn, bk, split, warps, stages = config or gemv_config(M, N, K, _num_sms(x.device))
-    assert kind in ("gemv", "dot", "dot16") and (kind != "gemv" or bm in (1, 2, 4)), f"bad config {config}"
+    assert kind in KINDS and (kind != "gemv" or bm in (1, 2, 4)) and (kind[:4] != "gemv" or kind == "gemv" or bm == 1), \
+        f"bad config {config}"
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk           # whole K tiles per split
     split = triton.cdiv(K, k_per_split)                                  # no empty split
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
@@ -321,6 +416,11 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     if kind == "gemv":   # stages: register buffers of weight tiles (2: prefetch the next); Triton's own stay 1
         _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1)
+    elif kind in ("gemv2", "gemv4"):   # one x row per program, 2 / 4 groups of BLOCK_N weight rows
+        groups = int(kind[-1])
+        flags.pop("BLOCK_M")
+        _fp8_gemv_groups_kernel[(M, triton.cdiv(N, groups * bn), split)](
+            *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1)
     else:
         _fp8_skinny_dot_kernel[grid](*args, **flags, F16=kind == "dot16", num_warps=warps, num_stages=stages)
     if split > 1:

@@ -36,6 +36,8 @@ def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
     (5, 16, 64, False, ("gemv", 1, 4, 32, 2, 4, 1)),       # 5 one-row tiles side by side, 2 even splits
     (17, 40, 96, True, None),                              # heuristic: tl.dot, 32-row tile, K tail
     (17, 37, 272, False, ("dot", 16, 16, 32, 3, 4, 2)),    # two 16-row tiles, odd N, split-K with a tail
+    (1, 37, 272, True, ("gemv4", 1, 4, 64, 3, 4, 2)),      # 4 row groups share x; N tail inside a group; prefetch
+    (3, 50, 128, False, ("gemv2", 1, 8, 32, 1, 4, 1)),     # 2 groups, one program per x row (M = 3), 2nd group cut
     (1, 40, 96, True, ("dot16", 16, 16, 32, 1, 4, 2)),     # fp16 MMA operands (x scaled by 2^-4), K tail
     (17, 37, 272, False, ("dot16", 16, 16, 32, 3, 4, 2)),  # ... two row tiles, split-K with a tail
 ])
@@ -61,9 +63,10 @@ def test_gemv_configs() -> None:
     for m in range(1, 65):
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
             kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)
-            assert kind in ("gemv", "dot", "dot16") and warps in (1, 2, 4, 8, 16)
-            if kind == "gemv":
-                assert bm in (1, 2, 4)
+            assert kind in fg.KINDS and warps in (1, 2, 4, 8, 16)
+            if kind.startswith("gemv"):
+                assert bm in (1, 2, 4) and (kind == "gemv" or bm == 1)
+                bn *= 1 if kind == "gemv" else int(kind[-1])   # rows per program
             else:
                 assert 16 <= bm <= 64 and bm >= min(m, 16)
             assert k % bk == 0 and split >= 1 and k >= split * bk
@@ -132,6 +135,7 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", [("gemv", 1, 8, 512, 1, 4, 1), ("gemv", 4, 4, 512, 4, 4, 2),
+                                    ("gemv4", 1, 4, 512, 2, 4, 1), ("gemv2", 1, 8, 256, 1, 8, 2),
                                     ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3),
                                     ("dot16", 16, 64, 128, 4, 4, 3), ("dot16", 64, 128, 64, 2, 4, 3)])
 def test_gemv_gpu_forced_configs(config) -> None:
@@ -219,25 +223,32 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
             kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)
             variants.add((kind, bm, bn, bk, split > 1, warps, stages))
-            if kind == "dot":   # and its fp16-operand form (LORASERVE_FP8_GEMV_CONFIGS may pick it)
-                variants.add(("dot16", bm, bn, bk, split > 1, warps, stages))
+    # and a few of the other kinds the sweep's table (LORASERVE_FP8_GEMV_CONFIGS) may pick
+    variants |= {("gemv4", 1, 4, 512, False, 4, 1), ("gemv4", 1, 4, 512, True, 4, 2), ("gemv2", 1, 4, 512, False, 4, 1),
+                 ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3)}
     for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
         constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-        fn = fg._fp8_gemv_kernel if kind == "gemv" else fg._fp8_skinny_dot_kernel
-        if kind == "gemv":
+        fn = {"gemv": fg._fp8_gemv_kernel, "gemv2": fg._fp8_gemv_groups_kernel,
+              "gemv4": fg._fp8_gemv_groups_kernel}.get(kind, fg._fp8_skinny_dot_kernel)
+        if kind.startswith("gemv"):
             constexprs["PREFETCH"] = stages >= 2
+            if kind != "gemv":
+                del constexprs["BLOCK_M"]
+                constexprs["GROUPS"] = int(kind[-1])
         else:
             constexprs["F16"] = kind == "dot16"
         src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps, num_stages=1 if kind == "gemv" else stages))
+                                options=dict(num_warps=warps, num_stages=1 if kind.startswith("gemv") else stages))
         cubin = tmp_path / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
         usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
                                text=True, check=True).stdout
         stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage)]
         assert stack and max(stack) == 0, (kind, bm, bn, bk, use_ws, warps, stages, usage)
-        # the weight stream must be 16-byte vector loads (gemv: ld.global.v4; dot: cp.async 16 B)
+        # the weight stream: 16-byte vector loads into registers (gemv kinds), or cp.async into shared
+        # memory, pipelined over num_stages (dot kinds; 8-byte copies for the e4m3 tile in the SASS)
         ptx = kernel.asm["ptx"]
-        assert re.search(r"ld\.global[\w:.]*\.v4" if kind == "gemv" else r"cp\.async\.cg\.shared\.global", ptx), kind
+        assert re.search(r"ld\.global[\w:.]*\.v4" if kind.startswith("gemv") else r"cp\.async\.c[ag]\.shared\.global",
+                         ptx), kind

@@ -32,9 +32,10 @@ class CudaGraphRunner:
         self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
         i64 = dict(dtype=torch.long, device=device)
-        self.input_ids = torch.zeros(B, **i64)
-        self.positions = torch.zeros(B, **i64)
-        self.slot_mapping = torch.full((B,), self.scratch_slot, **i64)
+        # ids, positions, slots: rows of one [3, B] buffer, so a step's three arrive in one copy
+        self.ids_positions_slots = torch.zeros(3, B, **i64)
+        self.input_ids, self.positions, self.slot_mapping = self.ids_positions_slots.unbind(0)
+        self.slot_mapping.fill_(self.scratch_slot)
         self.context_lens = torch.ones(B, dtype=torch.int32, device=device)
         self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}  # (bucket, lora)
@@ -127,9 +128,12 @@ class CudaGraphRunner:
         n = inp.input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
         width = inp.block_tables.shape[1]
-        self.input_ids[:n].copy_(inp.input_ids)
-        self.positions[:n].copy_(inp.positions)
-        self.slot_mapping[:n].copy_(inp.slot_mapping)
+        if inp.ids_positions_slots is not None:
+            self.ids_positions_slots[:, :n].copy_(inp.ids_positions_slots)
+        else:
+            self.input_ids[:n].copy_(inp.input_ids)
+            self.positions[:n].copy_(inp.positions)
+            self.slot_mapping[:n].copy_(inp.slot_mapping)
         self.slot_mapping[n:bs].fill_(self.scratch_slot)
         self.context_lens[:n].copy_(inp.context_lens)
         self.context_lens[n:bs].fill_(1)

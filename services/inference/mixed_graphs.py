@@ -7,12 +7,13 @@ kernel (kernels/unified_attention.py) takes its grid from static sizes only (N t
 so the whole forward of a mixed step can be captured per (B, N) bucket and replayed, as vLLM's full
 CUDA graphs for its unified Triton attention do.
 
-Padding: a step of N tokens over B sequences replays the graph of (Bp, T), the smallest buckets with
+Padding: a step of N tokens over B sequences replays the graph of (Bp, T, splits), the smallest buckets with
 Bp >= B + 1 and T >= N + (Bp - B). The Bp - B padding sequences take the T - N padding tokens (one each,
 the last one the rest), attend over their own tokens only, and write their K/V into the scratch block
 (block tables and slots point there); their outputs are dropped. The tile shape is the one of a long
-query run (max_query_len = T) and split-KV is off (num_splits 1): a step whose plan would split runs
-eagerly, as one with adapter rows, an FP8 KV cache, or more tokens or sequences than the largest bucket.
+query run (max_query_len = T) and the split-KV count the one the eager step plans from the host lengths
+(part of the graph's key). A step with adapter rows, an FP8 KV cache, or more tokens or sequences than
+the largest bucket runs eagerly.
 
 Graphs are captured when a shape is first seen (a few ms each: the kernels are compiled by then), at most
 MAX_GRAPHS, into their own memory pool. LORASERVE_MIXED_GRAPHS=1 turns them on (off by default until
@@ -70,13 +71,13 @@ class MixedGraphRunner:
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.num_heads, self.num_kv_heads, self.elem_bytes = num_heads, num_kv_heads, elem_bytes
         i64 = dict(dtype=torch.long, device=device)
-        self.input_ids = torch.zeros(T, **i64)
-        self.positions = torch.zeros(T, **i64)
-        self.slot_mapping = torch.full((T,), self.scratch_slot, **i64)
+        self.ids_positions_slots = torch.zeros(3, T, **i64)   # one copy per step (step_inputs' first three)
+        self.input_ids, self.positions, self.slot_mapping = self.ids_positions_slots.unbind(0)
+        self.slot_mapping.fill_(self.scratch_slot)
         self.context_lens = torch.ones(B, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (Bp, T, splits)
         self.pool = None
         self.failed = False
         self.num_replays = 0
@@ -90,7 +91,7 @@ class MixedGraphRunner:
         return None if t is None else (bp, t)
 
     @torch.inference_mode()
-    def _capture(self, bp: int, t: int) -> None:
+    def _capture(self, bp: int, t: int, splits: int) -> None:
         # the static buffers hold a valid all-padding step while capturing (its K/V go to the scratch block)
         lens = pad_lens(0, 0, bp, t)
         self.input_ids[:t].zero_()
@@ -101,7 +102,7 @@ class MixedGraphRunner:
         self.block_tables[:bp].fill_(self.scratch_block)
         ctx = Context(slot_mapping=self.slot_mapping[:t], context_lens=self.context_lens[:bp],
                       block_tables=self.block_tables[:bp], decode_only=False,
-                      query_start_loc=self.query_start_loc[:bp + 1], max_query_len=t, num_splits=1)
+                      query_start_loc=self.query_start_loc[:bp + 1], max_query_len=t, num_splits=splits)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         set_context(ctx)
@@ -117,8 +118,9 @@ class MixedGraphRunner:
         finally:
             reset_context()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graphs[(bp, t)] = (graph, out)
-        log.info("captured a mixed-step CUDA graph: %d sequences, %d tokens (%d graphs)", bp, t, len(self.graphs))
+        self.graphs[(bp, t, splits)] = (graph, out)
+        log.debug("captured a mixed-step CUDA graph: %d sequences, %d tokens, %d KV splits (%d graphs)", bp, t, splits,
+                  len(self.graphs))
 
     @torch.inference_mode()
     def run(self, inp, query_lens: list[int]) -> torch.Tensor | None:
@@ -132,33 +134,36 @@ class MixedGraphRunner:
             return None
         from loraserve.kernels.unified_attention import plan_num_splits
 
-        if plan_num_splits(query_lens, inp.context_lens_list, self.num_heads, self.num_kv_heads, self.elem_bytes,
-                           self.device) != 1:
-            return None
+        # the step's split-KV plan, as the eager step would make it (the graph's launch is static)
+        splits = plan_num_splits(query_lens, inp.context_lens_list, self.num_heads, self.num_kv_heads,
+                                 self.elem_bytes, self.device)
         bp, t = shape
-        if shape not in self.graphs:
+        key = (bp, t, splits)
+        if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             try:
-                self._capture(bp, t)
+                self._capture(bp, t, splits)
             except Exception:  # noqa: BLE001 - eager mixed steps still work
                 log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
                 self.failed = True
                 return None
         small = torch.from_numpy(padded_metadata(query_lens, n, bp, t)).pin_memory().to(self.device, non_blocking=True)
         width = inp.block_tables.shape[1]
-        self.input_ids[:n].copy_(inp.input_ids)
-        self.input_ids[n:t].zero_()
-        self.positions[:n].copy_(inp.positions)
-        self.positions[n:t].zero_()
-        self.slot_mapping[:n].copy_(inp.slot_mapping)
+        if inp.ids_positions_slots is not None:
+            self.ids_positions_slots[:, :n].copy_(inp.ids_positions_slots)
+        else:
+            self.input_ids[:n].copy_(inp.input_ids)
+            self.positions[:n].copy_(inp.positions)
+            self.slot_mapping[:n].copy_(inp.slot_mapping)
+        self.ids_positions_slots[:2, n:t].zero_()       # padding tokens: id 0 at position 0
         self.slot_mapping[n:t].fill_(self.scratch_slot)
         self.context_lens[:b].copy_(inp.context_lens)
         self.context_lens[b:bp].copy_(small[bp + 1:])
         self.query_start_loc[:bp + 1].copy_(small[:bp + 1])
         self.block_tables[:b, :width].copy_(inp.block_tables)
         self.block_tables[b:bp].fill_(self.scratch_block)
-        graph, out = self.graphs[shape]
+        graph, out = self.graphs[key]
         graph.replay()
         self.num_replays += 1
         return out[:n]

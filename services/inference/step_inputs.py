@@ -32,6 +32,7 @@ class StepInputs:
     context_lens_list: list[int]   # [B] host copy (attention picks its paths from it)
     sample_rows: list[int]         # [S] sequence index (in the batch) of each sampling row
     has_lora: bool = True          # host flag: some row has an adapter (decode graphs without LoRA otherwise)
+    ids_positions_slots: torch.Tensor | None = None   # [3, N] view of the first three (one copy into graphs)
 
 
 class StepInputBuilder:
@@ -114,5 +115,5 @@ class StepInputBuilder:
         view = flat.split([p.size for p in parts])   # one call, not one slice per part: each torch call
         # releases and retakes the GIL, and a busy event-loop thread can hold it for a switch interval
         inputs = StepInputs(view[0], view[1], view[2], view[3], view[4].view(B, W), view[5], view[6],
-                            ends.tolist(), sample_rows.tolist(), bool((token_slot >= 0).any()))
+                            ends.tolist(), sample_rows.tolist(), bool((token_slot >= 0).any()), flat[:3 * N].view(3, N))
         return inputs, (view[7] if P else None), (view[8] if P else None)

@@ -137,6 +137,9 @@ class Case:
 
         lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
         lora_meta.LORA_PDL = bool(v.get("pdl", False))
+        from loraserve.kernels import lora_expand_stream
+
+        lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", 2)
         stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)

@@ -8,6 +8,7 @@ bench_lora_kernels.py's). Variants (lora_apply switches; "default": as the envir
   fused      LORASERVE_LORA_FUSED=1: one launch with a grid barrier (lora_fused.py)
   pdl        LORASERVE_LORA_PDL=1: stream with programmatic dependent launch (the expand launches
              while the shrink runs, fetches B, then waits: griddepcontrol)
+  a3, pdl_a3 stream / pdl with 3 B blocks in flight per expand program (lora_expand_stream.STREAM_B_AHEAD)
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -39,6 +40,8 @@ VARIANTS = {
     "fused": dict(stream=True, fused=True),
     "pdl": dict(stream=True, pdl=True),  # stream + programmatic dependent launch (LORASERVE_LORA_PDL=1)
     "onelaunch_pdl": dict(stream=True, onelaunch=True, pdl=True),  # onelaunch where it applies, else pdl
+    "a3": dict(stream=True, b_ahead=3),  # stream with 3 B blocks in flight per expand program
+    "pdl_a3": dict(stream=True, pdl=True, b_ahead=3),
 }
 
 
@@ -226,17 +229,19 @@ def sweep_stream(smoke: bool = False, budget_s: float | None = None) -> None:
         c.calls("shrink_only")[0]()  # real partials in the workspace (not uninitialised memory)
         SK, S, T_, R = c.ws.shape
         cells = [f"exp default(SK{SK})={c.time('expand_only'):.1f}"]
-        for per_sm in ((2, 4, 8) if label == "layer" else (4,)):
-            for bn in (64, 128, 256):
-                base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
-                blocks = -(-c.N // bn)
-                groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
-                cfg = dict(BLOCK_N=bn, COLS_PER_PROG=-(-blocks // groups) * bn,
-                           num_warps=4 if c.meta.block_m * bn <= 2048 else 8, SK_CHUNK=base["SK_CHUNK"])
-                try:
-                    cells.append(f"p{per_sm}/n{bn}={c.time('expand_only', cfg=cfg):.1f}")
-                except Exception as exc:  # noqa: BLE001 - report, go on
-                    cells.append(f"p{per_sm}/n{bn}=ERR({type(exc).__name__})")
+        expand_cfgs = [(p, n, 2) for p in ((2, 4, 8) if label == "layer" else (4,)) for n in (64, 128, 256)]
+        expand_cfgs += [(4, 128, 3), (4, 256, 3)] + ([(8, 128, 3)] if label == "layer" else [])
+        for per_sm, bn, ahead in expand_cfgs:
+            base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
+            blocks = -(-c.N // bn)
+            groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
+            cfg = dict(BLOCK_N=bn, COLS_PER_PROG=-(-blocks // groups) * bn, B_AHEAD=ahead,
+                       num_warps=4 if c.meta.block_m * bn <= 2048 else 8, SK_CHUNK=base["SK_CHUNK"])
+            key = f"p{per_sm}/n{bn}" + ("/a3" if ahead == 3 else "")
+            try:
+                cells.append(f"{key}={c.time('expand_only', cfg=cfg):.1f}")
+            except Exception as exc:  # noqa: BLE001 - report, go on
+                cells.append(f"{key}=ERR({type(exc).__name__})")
         cells.append(f"| shr default={c.time('shrink_only'):.1f}")
         for sk, bk, st in shrink_cfgs[label]:
             if smoke:

@@ -58,7 +58,7 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, EVEN_R: tl.constexpr,
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        USE_PDL: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2,
     ):
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
@@ -103,6 +103,10 @@ if HAS_TRITON:
         b_cur = tl.load(b_rows + offs_n[:, None] * stride_bn, mask=(offs_n < col_end)[:, None] & b_mask_r, other=0.0)
         offs_n1 = offs_n + BLOCK_N
         b_nxt = tl.load(b_rows + offs_n1[:, None] * stride_bn, mask=(offs_n1 < col_end)[:, None] & b_mask_r, other=0.0)
+        if B_AHEAD == 3:  # a third block in flight: more bytes per program (Little's law, PERF_NOTES)
+            offs_n2 = offs_n + 2 * BLOCK_N
+            b_n2 = tl.load(b_rows + offs_n2[:, None] * stride_bn, mask=(offs_n2 < col_end)[:, None] & b_mask_r,
+                           other=0.0)
         y_rows = y_ptr + tok[:, None] * stride_ym
         if USE_PDL:  # launched early (programmatic dependent launch): B and the metadata are older
             tl.extra.cuda.gdc_wait()  # than the kernel before us; y and the partials are not
@@ -147,8 +151,8 @@ if HAS_TRITON:
             n0 = col0 + i * BLOCK_N  # (not the loop variable: keeps its divisibility visible)
             offs_n = n0 + offs_nb
             n_ok = offs_n < col_end
-            offs_n2 = offs_n + 2 * BLOCK_N
-            b_nn = tl.load(b_rows + offs_n2[:, None] * stride_bn, mask=(offs_n2 < col_end)[:, None] & b_mask_r,
+            offs_nn = offs_n + B_AHEAD * BLOCK_N
+            b_nn = tl.load(b_rows + offs_nn[:, None] * stride_bn, mask=(offs_nn < col_end)[:, None] & b_mask_r,
                            other=0.0)
             offs_n1 = offs_n + BLOCK_N
             y_nxt = tl.load(y_rows + offs_n1[None, :] * stride_yn,
@@ -179,13 +183,18 @@ if HAS_TRITON:
                     out = out + c[None, :]
             tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(y_cur.dtype), mask=row_ok[:, None] & n_ok[None, :])
             b_cur = b_nxt
-            b_nxt = b_nn
+            if B_AHEAD == 3:
+                b_nxt = b_n2
+                b_n2 = b_nn
+            else:
+                b_nxt = b_nn
             y_cur = y_nxt
 
 
 STREAM_MAX_SLICES = 3
 STREAM_MAX_RANK = 128
 STREAM_PROGRAMS_PER_SM = 4  # grid target; ~5 fit per SM at <= 96 registers x 4 warps
+STREAM_B_AHEAD = 2  # B blocks in flight per program (3: a benchmark knob, B_AHEAD in the config)
 
 
 def stream_applies(num_slices: int, rank: int) -> bool:
@@ -219,7 +228,7 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     sk_chunk = max(1, min(1 << max(0, (split_k - 1).bit_length()), 8192 // (num_slices * block_m * block_r)))
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)  # a power of two (tl.arange)
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
-                SK_CHUNK=sk_chunk, num_warps=num_warps)
+                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=STREAM_B_AHEAD)
 
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -244,6 +253,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
+        B_AHEAD=cfg.get("B_AHEAD", 2), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
     )
     return y

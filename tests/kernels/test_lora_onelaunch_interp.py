@@ -1,4 +1,5 @@
-"""The ticketed one-launch LoRA kernel (kernels/lora_onelaunch.py) vs the torch reference under
+"""The ticketed one-launch LoRA kernel (kernels/lora_onelaunch.py), and the streaming expand's
+B_AHEAD=3 knob, vs the torch reference under
 Triton's interpreter (CPU), in a TRITON_INTERPRET=1 worker (see test_lora_triton_interp.py)."""
 from __future__ import annotations
 
@@ -48,3 +49,14 @@ def test_onelaunch_default_plan(interp, dtype) -> None:
 
 def test_onelaunch_through_lora_apply(interp) -> None:
     _run(interp, onelaunch_cases.check_lora_apply_onelaunch)
+
+
+@pytest.mark.parametrize("num_slices,split_k", [(1, 1), (3, 5), (2, 2)])
+def test_stream_expand_three_blocks_ahead(interp, num_slices, split_k) -> None:
+    """The streaming expand with a third B block in flight (config B_AHEAD=3, a benchmark knob):
+    32-column blocks, 3 per program (ragged ends, straddled slices), DoRA epilogue."""
+    from . import stream_interp_cases
+
+    _run(interp, stream_interp_cases.check_stream_expand, "float32", 32, 16, WIDTHS[num_slices], num_tokens=24,
+         num_slots=4, composition="no-adapter-rows", split_k=split_k, with_scale=True,
+         config={"BLOCK_N": 32, "COLS_PER_PROG": 96, "B_AHEAD": 3})

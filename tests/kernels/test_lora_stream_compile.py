@@ -37,7 +37,8 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
     sig.update({n: "i32" for n in STRIDES})
     const = dict(NUM_SLICES=num_slices, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
                  SPLIT_K=split_k, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False,
-                 HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False)
+                 HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
+                 B_AHEAD=cfg.get("B_AHEAD", 2))
     const.update({n: 1 for n in UNIT_STRIDES})
     sig.update({n: "constexpr" for n in const})
     names = list(sig)

@@ -241,7 +241,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, F16: tl.constexpr,
+                               x16_scale, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, F16: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -266,11 +266,13 @@ if HAS_TRITON:
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
             if F16:
-                # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~4x the instructions,
-                # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16,
-                # clamped: |x| up to 1M fits, a bf16 x keeps its 8 significant bits down to 2^-10 and an
-                # absolute error <= 2^-21 below; the fp32 accumulator is scaled back in the epilogue
-                x16 = tl.minimum(tl.maximum(xt.to(tl.float32) * 0.0625, -65504.0), 65504.0).to(tl.float16)
+                # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
+                # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16:
+                # |x| < 2^20 fits (larger would be inf: no clamp, it cost 2 instructions per x value), a bf16
+                # x keeps its 8 significant bits down to 2^-10 and an absolute error <= 2^-21 below; the fp32
+                # accumulator is scaled back in the epilogue. x16_scale = 2^-4 is a runtime argument: as a
+                # constant, Triton moved the multiply after the fp16 rounding (mul.f16x2), where it overflows
+                x16 = (xt.to(tl.float32) * x16_scale).to(tl.float16)
                 acc = tl.dot(w.to(tl.float16), x16, acc)
             else:
                 # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
@@ -278,7 +280,7 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
         if F16:
-            acc = acc * 16.0
+            acc = acc / x16_scale
         ok = n_ok[:, None] & m_ok[None, :]
         if USE_WS:
             tl.store(ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None], acc, mask=ok)
@@ -296,6 +298,7 @@ if HAS_TRITON:
 # For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
 GemvConfig = tuple[str, int, int, int, int, int, int]
 KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16")
+X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
 # Measured best per (M bucket, N, K): H200 probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
 # timings; kernels/PERF_NOTES.md). Buckets 2 and 8 take the measured 4 / 16 entries. Other shapes (other
@@ -422,7 +425,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         _fp8_gemv_groups_kernel[(M, triton.cdiv(N, groups * bn), split)](
             *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1)
     else:
-        _fp8_skinny_dot_kernel[grid](*args, **flags, F16=kind == "dot16", num_warps=warps, num_stages=stages)
+        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, **flags, F16=kind == "dot16", num_warps=warps, num_stages=stages)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),

@@ -142,7 +142,7 @@ def test_gemv_gpu_forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
     cases.check_gemv("bfloat16", 1, 4096, 14336, False, "cuda", config)
-    cases.check_gemv("bfloat16", 5, 4096, 4096, False, "cuda", config, x_mag=3e4)   # outlier activations
+    cases.check_gemv("bfloat16", 5, 4096, 4096, False, "cuda", config, x_mag=1e5)   # outliers past fp16 range
 
 
 @pytest.mark.gpu

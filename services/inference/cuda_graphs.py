@@ -38,6 +38,9 @@ class CudaGraphRunner:
         self.slot_mapping.fill_(self.scratch_slot)
         self.context_lens = torch.ones(B, dtype=torch.int32, device=device)
         self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        # rows [_real_rows, B) of slot_mapping / context_lens / block_tables[:, 0] hold padding values (the
+        # scratch slot, length 1, the scratch block): a step pads only the rows a larger step left behind
+        self._real_rows = 0
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}  # (bucket, lora)
         self.sampler_graphs: dict | None = None    # bucket -> (graph, SamplerOutput, packed [3, bs])
         self.lora_builder = None
@@ -134,11 +137,14 @@ class CudaGraphRunner:
             self.input_ids[:n].copy_(inp.input_ids)
             self.positions[:n].copy_(inp.positions)
             self.slot_mapping[:n].copy_(inp.slot_mapping)
-        self.slot_mapping[n:bs].fill_(self.scratch_slot)
         self.context_lens[:n].copy_(inp.context_lens)
-        self.context_lens[n:bs].fill_(1)
         self.block_tables[:n, :width].copy_(inp.block_tables)
-        self.block_tables[n:bs, 0].fill_(self.scratch_block)
+        if self._real_rows > n:   # rows a larger step wrote become padding again (rows past it already are)
+            m = self._real_rows
+            self.slot_mapping[n:m].fill_(self.scratch_slot)
+            self.context_lens[n:m].fill_(1)
+            self.block_tables[n:m, 0].fill_(self.scratch_block)
+        self._real_rows = n
         with_lora = self.lora_builder is not None and inp.has_lora
         if with_lora:
             self.token_slot[:n].copy_(inp.token_slot)

@@ -148,7 +148,9 @@ class MixedGraphRunner:
                 log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
                 self.failed = True
                 return None
-        small = torch.from_numpy(padded_metadata(query_lens, n, bp, t)).pin_memory().to(self.device, non_blocking=True)
+        small = torch.from_numpy(padded_metadata(query_lens, n, bp, t))
+        if self.device.type == "cuda":   # through pinned memory: a pageable copy would wait for the device
+            small = small.pin_memory().to(self.device, non_blocking=True)
         width = inp.block_tables.shape[1]
         if inp.ids_positions_slots is not None:
             self.ids_positions_slots[:, :n].copy_(inp.ids_positions_slots)

@@ -121,3 +121,53 @@ def test_greedy_sampler_graphs_match_eager(tiny_llama, monkeypatch):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
         assert a[f"r{i}"][0] == ref
+
+
+class _Replay:
+    """CPU stand-in for torch.cuda.CUDAGraph: these tests check what a replay would read."""
+
+    def replay(self):
+        pass
+
+
+def _seq(i: int, n_new: int, total: int, blocks: int):
+    from loraserve.inference.sequence import Sequence
+
+    s = Sequence(f"s{i}", list(range(100 + i, 100 + i + total)), SamplingParams())
+    s.num_computed_tokens, s.block_table = total - n_new, list(range(i * 10, i * 10 + blocks))
+    return s
+
+
+def test_static_buffers_hold_the_step_and_valid_padding():
+    """CPU: the decode graphs' static inputs equal the step's rows and every padding row points at the
+    scratch slot/block with length 1, whether the batch shrinks or grows between steps (padding rewritten
+    only where a larger step left real rows); the mixed graphs' buffers likewise, with the padding
+    sequences' query starts and lengths."""
+    from loraserve.inference.cuda_graphs import CudaGraphRunner
+    from loraserve.inference.mixed_graphs import MixedGraphRunner
+    from loraserve.inference.step_inputs import StepInputBuilder
+
+    cpu, pad, bs = torch.device("cpu"), 999, 16
+    r = CudaGraphRunner(None, cpu, 8, 8, pad, bs)
+    r.graphs = {(b, False): (_Replay(), torch.zeros(b, 3), None) for b in r.buckets}
+    for n in (7, 3, 5, 2, 8, 1):
+        inp, _, _ = StepInputBuilder(bs, pad, cpu).build([_seq(i, 1, 30 + i, 3) for i in range(n)], [1] * n)
+        assert r.run(inp).shape == (n, 3)
+        assert r.input_ids[:n].tolist() == inp.input_ids.tolist() and r.positions[:n].tolist() == inp.positions.tolist()
+        assert r.slot_mapping.tolist() == inp.slot_mapping.tolist() + [pad * bs] * (8 - n)
+        assert r.context_lens.tolist() == inp.context_lens.tolist() + [1] * (8 - n)
+        assert r.block_tables[:n, :3].tolist() == inp.block_tables.tolist() and (r.block_tables[n:, 0] == pad).all()
+
+    m = MixedGraphRunner(None, cpu, 8, 64, 8, pad, bs, 4, 2, 4)
+    query_lens = [1, 20, 1]
+    inp, _, _ = StepInputBuilder(bs, pad, cpu).build([_seq(0, 1, 30, 2), _seq(1, 20, 40, 3), _seq(2, 1, 5, 1)],
+                                                     query_lens)
+    bp, t = m.pick(22, 3)
+    m.graphs = {(bp, t, s): (_Replay(), torch.zeros(t, 3)) for s in range(1, 65)}
+    assert m.run(inp, query_lens).shape == (22, 3)
+    assert m.input_ids[:t].tolist() == inp.input_ids.tolist() + [0] * (t - 22)
+    assert m.slot_mapping[:t].tolist() == inp.slot_mapping.tolist() + [pad * bs] * (t - 22)
+    qsl, lens = m.query_start_loc[:bp + 1].tolist(), m.context_lens[:bp].tolist()
+    assert qsl[:4] == [0, 1, 21, 22] and qsl[-1] == t and lens[:3] == [30, 40, 5]
+    assert all(lens[j] == qsl[j + 1] - qsl[j] >= 1 for j in range(3, bp))
+    assert (m.block_tables[3:bp] == pad).all() and m.block_tables[:3, :3].tolist() == inp.block_tables.tolist()

@@ -26,12 +26,14 @@ Adapters (the one interface: AdapterSlots.try_acquire / release_slot; lora/manag
 - residency is decided here, at admission, never at submission: a waiting request holds no
   host or GPU space, so any number of distinct adapters may be queued at once; an adapter not
   yet in host memory is loaded on a background thread and its requests are skipped meanwhile;
-- fairness, with a bounded wait: while the oldest request waiting for a slot waits, newer
-  requests may go ahead of it only when their adapter is already on a GPU slot and at most
-  `max_slot_bypass` (16) times; then no newer adapter request is admitted until the slots
-  drain to it. Its wait is therefore bounded by 16 admissions plus the time the running
-  sequences need to finish (each bounded by its max_tokens). Evictions pick idle slots whose
-  adapter has no queued work first, so a popular adapter is not evicted for a one-off;
+- fairness, with a bounded wait (slot hand-off, LoRAManager._acquire_by_handoff): requests whose
+  adapter is on a GPU slot are admitted freely; those that need a slot get one in arrival order;
+  when the oldest of them finds every slot pinned, one slot (an adapter with no queued work
+  first, then the fewest running sequences) takes no new requests and goes to it once its
+  running sequences finish. Its wait is therefore bounded by one request's lifetime (max_tokens)
+  while every other slot keeps admitting (LORASERVE_SLOT_HANDOFF=0: the older bounded-bypass
+  policy, 16 admissions ahead of it, then no admissions until a slot drains). Evictions pick idle
+  slots whose adapter has no queued work first, so a popular adapter is not evicted for a one-off;
 - max_loras caps the distinct adapters of one batch (LoRA configs as in TensorRT-LLM/vLLM);
 - an adapter that fails to load fails its own requests (`take_failed`), never the step, and
   never strands the sequences skipped before it.

@@ -232,3 +232,41 @@ def test_idle_adapter_is_evicted_before_one_with_queued_work(tiny_llama, twenty)
     assert on_device == {"a0", "a2"}, on_device
     for s in (q, p_queued):
         mgr.release_request(s)
+
+
+@pytest.mark.parametrize("handoff", [True, False])
+def test_oldest_waiter_gets_a_drained_slot_within_one_requests_lifetime(tiny_llama, twenty, handoff):
+    """Two slots busy with steady streams of A and B requests (max_tokens 12), then C arrives.
+    Slot hand-off: C waits for ONE slot's running requests (<= 12 steps + the copy), and the other
+    slot keeps admitting meanwhile. The bounded-bypass policy (LORASERVE_SLOT_HANDOFF=0) admits 16
+    newer requests first, then stops all admissions until a slot drains."""
+    path, base = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", max_num_seqs=64,
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=2))
+    eng, mgr = llm.engine, llm.engine.lora_manager
+    mgr.slot_handoff = handoff
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    a, b, c = (LoRARequest(f"a{i}", i + 1, twenty[i]) for i in range(3))
+    c_first, admitted_while_waiting, k = None, set(), 0
+    for step in range(120):
+        for lr in (a, b):
+            eng.add_request(f"{lr.lora_name}-{k}", [5, 6, 7 + k % 5], p, lr)
+            k += 1
+        if step == 20:
+            eng.add_request("C", [5, 6, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), c)
+        outs = eng.step()
+        if step >= 20 and c_first is None:
+            admitted_while_waiting |= {s.request_id for s in eng.scheduler.running if s.num_computed_tokens <= 4}
+        if any(o.request_id == "C" and o.outputs[0].token_ids for o in outs):
+            c_first = step
+            break
+    assert c_first is not None
+    if handoff:
+        assert c_first - 20 <= 12 + 2, c_first
+        assert mgr.num_handoffs >= 1
+        assert admitted_while_waiting  # the slot that was not handed over kept taking new requests
+    else:
+        assert c_first - 20 <= 4 * mgr.max_slot_bypass
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert mgr.stats_dict()["device_slots_pinned"] == 0 and mgr.stats_dict()["adapter_holds"] == 0

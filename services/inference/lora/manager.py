@@ -126,7 +126,7 @@ class LoRAManager:
         self._blocked: dict[int, float] = {}  # seq_id -> arrival of sequences waiting for a slot
         self._bypasses: dict[int, int] = {}   # seq_id -> newer requests admitted ahead of it meanwhile
         self.max_slot_bypass = 16
-        self.slot_handoff = os.environ.get("LORASERVE_SLOT_HANDOFF", "0") == "1"  # see _acquire_by_handoff (opt-in)
+        self.slot_handoff = os.environ.get("LORASERVE_SLOT_HANDOFF", "1") != "0"  # see _acquire_by_handoff
         self._draining: AdapterHandle | None = None  # the slot being handed to the oldest waiter
         self.num_handoffs = 0
         self.lock = threading.RLock()
@@ -347,7 +347,8 @@ class LoRAManager:
     def try_acquire(self, seq: Sequence) -> bool:
         """Pin seq's adapter on a GPU slot; False: not yet (it stays queued, holding nothing).
 
-        Fairness (bounded wait): while an older request waits for a slot, a newer request may go
+        Fairness, slot hand-off by default: see _acquire_by_handoff. With LORASERVE_SLOT_HANDOFF=0
+        (bounded bypass): while an older request waits for a slot, a newer request may go
         ahead of it only if its adapter is already on a slot, and only `max_slot_bypass` times;
         after that nothing new is admitted with an adapter until the oldest got its slot, so the
         slots drain to it within the time the running sequences need to finish (each bounded by
@@ -382,7 +383,7 @@ class LoRAManager:
             return self._pin(h, seq)
 
     def _acquire_by_handoff(self, seq: Sequence, h: AdapterHandle) -> bool:
-        """Slot hand-off (LORASERVE_SLOT_HANDOFF=1; off by default until measured). Requests whose adapter is on a slot
+        """Slot hand-off (the default; LORASERVE_SLOT_HANDOFF=0: the bounded-bypass policy below). Requests whose adapter is on a slot
         are admitted freely (they take no slot); requests that need a slot (or a batch position,
         max_loras) get one in arrival order. When the oldest of them finds every slot pinned, ONE
         slot is chosen to drain to it (an adapter with no queued work first, then the fewest

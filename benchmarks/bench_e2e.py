@@ -506,23 +506,8 @@ def main() -> int:
           f"{h['build_ms']:.3f}", flush=True)
     if a.profile_mixed:
         s["mixed_profile"] = profile_mixed_steps(engine, a.decode_batch, a.input_mean, engine.args.vocab_size)
-    del engine, target   # one model on the device at a time
+    del engine, target, mixed   # one model on the device at a time
     free_memory()
-    variants = [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
-                for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
-    if a.sweep_mixed_graphs:   # the other side of the new graphs: before/after in one run
-        if mixed_graphs_enabled():
-            variants.append(("LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0", {},
-                             {"LORASERVE_MIXED_GRAPHS": "0", "LORASERVE_SAMPLER_GRAPHS": "0"}))
-        else:
-            variants.append(("LORASERVE_MIXED_GRAPHS=1", {}, {"LORASERVE_MIXED_GRAPHS": "1"}))
-            variants.append(("LORASERVE_MIXED_GRAPHS=1 LORASERVE_SAMPLER_GRAPHS=1", {},
-                             {"LORASERVE_MIXED_GRAPHS": "1", "LORASERVE_SAMPLER_GRAPHS": "1"}))
-    for label, extra, env in variants:
-        s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
-                                                          s["limit"]["limit_s"], a.decode_batch, a.input_mean,
-                                                          16 if a.tiny else 64)
-        free_memory()
     if a.grpc_rate:
         s["in_process_poisson"] = brief(run_load(InProcessTarget(model, kwargs), warm, reqs, None, a.grpc_rate))
         free_memory()
@@ -545,15 +530,39 @@ def main() -> int:
             srv.stop()
         free_memory()
 
+    write_outputs(a, s)   # the headline figures now; the variants below may run out of time
+    print_headline(s)
+    variants = [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
+                for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
+    if a.sweep_mixed_graphs:   # the other side of the new graphs: before/after in one run
+        if mixed_graphs_enabled():
+            variants.append(("LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0", {},
+                             {"LORASERVE_MIXED_GRAPHS": "0", "LORASERVE_SAMPLER_GRAPHS": "0"}))
+        else:
+            variants.append(("LORASERVE_MIXED_GRAPHS=1", {}, {"LORASERVE_MIXED_GRAPHS": "1"}))
+            variants.append(("LORASERVE_MIXED_GRAPHS=1 LORASERVE_SAMPLER_GRAPHS=1", {},
+                             {"LORASERVE_MIXED_GRAPHS": "1", "LORASERVE_SAMPLER_GRAPHS": "1"}))
+    for label, extra, env in variants:
+        s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
+                                                          s["limit"]["limit_s"], a.decode_batch, a.input_mean,
+                                                          16 if a.tiny else 64)
+        free_memory()
     if a.with_lora:
         s["lora_flow"] = lora_flow(a, model, work)
+    write_outputs(a, s)
+    for label, v in s.get("variants", {}).items():
+        print(f"variant {label}: wall/limit {v['wall_over_limit']:.2f}, TPOT p50 {1e3 * v['tpot_p50_s']:.2f} ms, "
+              f"host ms per decode step {v['host']['host_ms']:.3f}, output tok/s {v['output_tokens_per_s']:.0f}")
+    if a.json:
+        print(f"wrote {a.json}")
+    return 0 if s["in_process"]["num_failed"] == 0 else 1
+
+
+def write_outputs(a, s: dict) -> None:
     write(os.path.join(a.out, "summary.json"), s)
-    print_headline(s)
     if a.json:
         keys = ("wall_over_limit", "tpot_p50_s", "host_ms_per_decode_step", "grpc_over_inprocess_tok_s")
         write(a.json, {**{k: s.get(k) for k in keys}, "details": s})
-        print(f"wrote {a.json}")
-    return 0 if s["in_process"]["num_failed"] == 0 else 1
 
 
 def print_headline(s: dict) -> None:

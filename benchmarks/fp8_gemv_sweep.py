@@ -73,21 +73,24 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
         for s in dict.fromkeys(splits):
             if s == 1 or k >= s * bk:
                 out.append((kind, bm, bn, bk, s, warps, stages))
-    return list(dict.fromkeys([gemv_config(m, n, k, num_sms)] + out))
+    # the first two split-K configs again with the split-K sum as a programmatic dependent launch
+    pdl = [c + (True,) for c in out if c[4] > 1][:2]
+    return list(dict.fromkeys([gemv_config(m, n, k, num_sms)] + out + pdl))
 
 
 def _compile_one(cfg: tuple) -> str:
     """Worker: compile one config on a small problem with the same specialisations (Triton's disk cache)."""
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
-    kind, bm, bn, bk, split, warps, stages = cfg
+    kind, bm, bn, bk, split, warps, stages = cfg[:7]
     k = 2 * max(split, 1) * bk * 2
     w = torch.zeros(256, k, device="cuda").to(torch.float8_e4m3fn)
     x = torch.zeros(max(bm, 1), k, device="cuda", dtype=torch.bfloat16)
-    fp8_gemv(x, w, torch.ones(256, device="cuda"), config=(kind, bm, bn, bk, 2 if split > 1 else 1, warps, stages))
+    fp8_gemv(x, w, torch.ones(256, device="cuda"), config=(kind, bm, bn, bk, 2 if split > 1 else 1, warps, stages)
+             + tuple(cfg[7:]))
     if split > 1:   # the partials' sum kernel: one variant per BLOCK (min(1024, N)); 256 here, 1024 at 8B shapes
         w = torch.zeros(1024, k, device="cuda").to(torch.float8_e4m3fn)
-        fp8_gemv(x, w, torch.ones(1024, device="cuda"), config=(kind, bm, bn, bk, 2, warps, stages))
+        fp8_gemv(x, w, torch.ones(1024, device="cuda"), config=(kind, bm, bn, bk, 2, warps, stages) + tuple(cfg[7:]))
     torch.cuda.synchronize()
     return "ok"
 
@@ -97,7 +100,7 @@ def precompile(cfgs: list[tuple], jobs: int, timeout: float) -> None:
     from concurrent.futures import ProcessPoolExecutor, wait
 
     # one compile variant per (tile, split > 1): the split's value is a runtime argument
-    keys = list(dict.fromkeys((c[0], c[1], c[2], c[3], 2 if c[4] > 1 else 1, c[5], c[6]) for c in cfgs))
+    keys = list(dict.fromkeys((c[0], c[1], c[2], c[3], 2 if c[4] > 1 else 1, c[5], c[6]) + tuple(c[7:]) for c in cfgs))
     t = time.perf_counter()
     try:
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))

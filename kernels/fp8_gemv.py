@@ -36,7 +36,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, interpret_mode, tl, triton
 from .fp8_gemm import FP8, fp8_w8a16_gemm_ref
 
 gemv_ref = fp8_w8a16_gemm_ref   # the same math: fp32 accumulate, scale per output channel, one rounding
@@ -45,18 +45,23 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M", "SPLITS"])
     def _splitk_sum_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, SPLITS, stride_ym,
-                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # y[row, n] = (sum over the splits' fp32 partials ws[split, row, n], in split order) * s[n] (+ b[n]);
         # deterministic (the same order every launch); SPLITS is a runtime count (no compile per split)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
+        s = tl.load(s_ptr + offs, mask=ok, other=0.0)   # weights' data: older than the GEMV before us
+        if HAS_BIAS:
+            b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if PDL:   # launched early (programmatic dependent launch): the partials are the GEMV's, wait for them
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for split in range(SPLITS):
             acc += tl.load(ws_ptr + (split * M + row) * N + offs, mask=ok, other=0.0)
-        acc = acc * tl.load(s_ptr + offs, mask=ok, other=0.0)
+        acc = acc * s
         if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            acc = acc + b
         tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -89,7 +94,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, PREFETCH: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         pid_m = tl.program_id(0)   # fastest: the programs of one weight tile run side by side (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -139,6 +144,8 @@ if HAS_TRITON:
                 acc2 = _gemv_row(acc2, w, x_row + 2 * stride_xm, row0 + 2, M, offs_k, k_ok, EVEN_K)
                 acc3 = _gemv_row(acc3, w, x_row + 3 * stride_xm, row0 + 3, M, offs_k, k_ok, EVEN_K)
             x_row += BLOCK_K
+        if PDL:   # the split-K sum may launch now (it waits for our partials itself)
+            tl.extra.cuda.gdc_launch_dependents()
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else s
         _gemv_store(acc0, row0, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
@@ -161,7 +168,7 @@ if HAS_TRITON:
     def _fp8_gemv_groups_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm,
                                 stride_ym, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
                                 PREFETCH: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
+                                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -224,6 +231,8 @@ if HAS_TRITON:
                 acc2 += w2.to(tl.float32) * x
                 acc3 += w3.to(tl.float32) * x
             x_row += BLOCK_K
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         _gemv_group_store(acc0, row, M, N, offs_0, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
         if GROUPS >= 2:
             _gemv_group_store(acc1, row, M, N, offs_1, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
@@ -242,7 +251,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                                x16_scale, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, F16: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -279,6 +288,8 @@ if HAS_TRITON:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         if F16:
             acc = acc / x16_scale
         ok = n_ok[:, None] & m_ok[None, :]
@@ -292,11 +303,11 @@ if HAS_TRITON:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); kind: "gemv" (BLOCK_M 1/2/4), "gemv2" /
+# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, pdl]); kind: "gemv" (BLOCK_M 1/2/4), "gemv2" /
 # "gemv4" (BLOCK_M 1; 2 / 4 groups of BLOCK_N weight rows share each x load), "dot" (bf16 operands) or
 # "dot16" (fp16 operands).
 # For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
-GemvConfig = tuple[str, int, int, int, int, int, int]
+GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bool: pdl
 KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16")
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
@@ -390,6 +401,31 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_PDL_OK: dict[int, bool] = {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch for the split-K sum: Hopper or newer, compiled kernels (not the
+    interpreter), and a test launch through this Triton's launch_pdl that worked (checked once per device;
+    a Triton without it leaves the plain launch, never a broken GEMV)."""
+    if device.type != "cuda" or interpret_mode():
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_OK:
+        ok = torch.cuda.get_device_capability(idx)[0] >= 9
+        if ok:
+            try:
+                ws = torch.zeros(2, 1, 16, device=device)
+                y = torch.empty(1, 16, device=device)
+                _splitk_sum_kernel[(1, 1)](ws, ws[0, 0], ws[0, 0], y, 1, 16, 2, 16, HAS_BIAS=False, BLOCK=16, PDL=True,
+                                           num_warps=1, launch_pdl=True)
+            except Exception as err:   # noqa: BLE001  (an older Triton: no launch_pdl / gdc ops)
+                logging.getLogger(__name__).warning("FP8 GEMV: programmatic dependent launch unavailable (%s)", err)
+                ok = False
+        _PDL_OK[idx] = ok
+    return _PDL_OK[idx]
+
+
 def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, out: Tensor | None = None,
              config: GemvConfig | None = None) -> Tensor:
     """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype. One launch (two with split-K),
@@ -407,7 +443,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(-1) == 1
     if M == 0:
         return out
-    kind, bm, bn, bk, split, warps, stages = config or gemv_config(M, N, K, _num_sms(x.device))
+    cfg = config or gemv_config(M, N, K, _num_sms(x.device))
+    kind, bm, bn, bk, split, warps, stages = cfg[:7]
     assert kind in KINDS and (kind != "gemv" or bm in (1, 2, 4)) and (kind[:4] != "gemv" or kind == "gemv" or bm == 1), \
         f"bad config {config}"
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk           # whole K tiles per split
@@ -416,7 +453,11 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     b_arg = bias if bias is not None else w_scale
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     args = (x, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x.stride(0), out.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    # PDL (config[7]): the split-K sum launched as a programmatic dependent of the GEMV (its launch overlaps
+    # the GEMV's tail), where this Triton and GPU take it (pdl_supported); else the plain second launch
+    pdl = bool(len(cfg) > 7 and cfg[7]) and split > 1 and pdl_supported(x.device)
+    flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 PDL=pdl)
     if kind == "gemv":   # stages: register buffers of weight tiles (2: prefetch the next); Triton's own stay 1
         _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1)
     elif kind in ("gemv2", "gemv4"):   # one x row per program, 2 / 4 groups of BLOCK_N weight rows
@@ -429,5 +470,6 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),
-                                                       HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+                                                       HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, num_warps=4,
+                                                       **({"launch_pdl": True} if pdl else {}))
     return out

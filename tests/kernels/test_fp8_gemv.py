@@ -137,7 +137,8 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
 @pytest.mark.parametrize("config", [("gemv", 1, 8, 512, 1, 4, 1), ("gemv", 4, 4, 512, 4, 4, 2),
                                     ("gemv4", 1, 4, 512, 2, 4, 1), ("gemv2", 1, 8, 256, 1, 8, 2),
                                     ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3),
-                                    ("dot16", 16, 64, 128, 4, 4, 3), ("dot16", 64, 128, 64, 2, 4, 3)])
+                                    ("dot16", 16, 64, 128, 4, 4, 3), ("dot16", 64, 128, 64, 2, 4, 3),
+                                    ("gemv4", 1, 4, 512, 2, 4, 1, True), ("dot", 16, 64, 128, 8, 4, 3, True)])
 def test_gemv_gpu_forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
@@ -147,23 +148,25 @@ def test_gemv_gpu_forced_configs(config) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 4, 64])
-def test_gemv_cuda_graph_replay(m) -> None:
-    """Captured in a CUDA graph (workspace allocated in the graph's pool), replay equals eager bit for bit."""
+@pytest.mark.parametrize("m,config", [(1, None), (4, None), (64, None), (1, ("gemv", 1, 4, 512, 4, 4, 1, True)),
+                                      (64, ("dot16", 64, 64, 64, 8, 4, 3, True))])
+def test_gemv_cuda_graph_replay(m, config) -> None:
+    """Captured in a CUDA graph (workspace allocated in the graph's pool), replay equals eager bit for bit;
+    also with the split-K sum as a programmatic dependent launch (config[7])."""
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
     w_q, w_scale = cases.make_weight(4096, 14336, 0, "cuda")
     x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
-    eager = fp8_gemv(x, w_q, w_scale)
+    eager = fp8_gemv(x, w_q, w_scale, config=config)
     out = torch.empty_like(eager)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fp8_gemv(x, w_q, w_scale, out=out)
+        fp8_gemv(x, w_q, w_scale, out=out, config=config)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fp8_gemv(x, w_q, w_scale, out=out)
+        fp8_gemv(x, w_q, w_scale, out=out, config=config)
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -227,7 +230,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
     variants |= {("gemv4", 1, 4, 512, False, 4, 1), ("gemv4", 1, 4, 512, True, 4, 2), ("gemv2", 1, 4, 512, False, 4, 1),
                  ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3)}
     for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
-        constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                      "PDL": use_ws and kind == "dot"}   # the dependent-launch trigger on a few
         fn = {"gemv": fg._fp8_gemv_kernel, "gemv2": fg._fp8_gemv_groups_kernel,
               "gemv4": fg._fp8_gemv_groups_kernel}.get(kind, fg._fp8_skinny_dot_kernel)
         if kind.startswith("gemv"):
@@ -253,6 +257,14 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         ptx = kernel.asm["ptx"]
         assert re.search(r"ld\.global[\w:.]*\.v4" if kind.startswith("gemv") else r"cp\.async\.c[ag]\.shared\.global",
                          ptx), kind
+        assert not constexprs["PDL"] or "griddepcontrol.launch_dependents" in ptx
         # dot16 scales x by 2^-4 in fp32 before rounding to fp16; a constant scale was moved after the rounding
         # by Triton (mul.f16x2: overflow for |x| > 65504), hence the runtime argument
         assert kind != "dot16" or "mul.f16x2" not in ptx
+    sum_src = ASTSource(fn=fg._splitk_sum_kernel,
+                        signature={"ws_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
+                                   "N": "i32", "SPLITS": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
+                                   "BLOCK": "constexpr", "PDL": "constexpr"},
+                        constexprs={"HAS_BIAS": True, "BLOCK": 1024, "PDL": True})
+    ptx = triton.compile(sum_src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True)).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx

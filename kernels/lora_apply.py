@@ -114,3 +114,25 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
 
     lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced
     return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)
+
+
+def lora_apply_split(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> bool:
+    """True when lora_apply's path for these shapes is two separate kernels (shrink, then expand)
+    that :func:`lora_shrink_part` / :func:`lora_expand_part` can run apart (e.g. the shrink on a
+    side stream during the base GEMM, batch.py); False for the one-launch paths and the reference."""
+    return choose_path(x, lora_a, lora_b, meta)[0] in ("partials", "reduced")
+
+
+def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, buf: Tensor) -> Tensor:
+    """lora_apply's first half on a split path: buf (workspace_shape) <- the shrink of x."""
+    from .lora_shrink import lora_shrink
+
+    return lora_shrink(x, lora_a, meta, ranks, buf)
+
+
+def lora_expand_part(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
+                     ranks: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """lora_apply's second half on a split path: y += expand(buf) (with DoRA's epilogue)."""
+    from .lora_expand import lora_expand
+
+    return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)

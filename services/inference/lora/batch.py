@@ -1,10 +1,29 @@
 """The LoRA state of one engine step: which slot each token uses, applied inside every Proj."""
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from loraserve.kernels import LoRAMeta, lora_apply
-from loraserve.kernels.lora_apply import workspace_shape
+from loraserve.kernels.lora_apply import lora_apply_split, lora_expand_part, lora_shrink_part, workspace_shape
+
+# Shrink on a side stream while the base GEMM runs (decode-size steps, CUDA): the shrink needs only
+# x, so its latency-bound launches hide behind the bandwidth-bound GEMM; the expand (which adds into
+# y, DoRA epilogue included) follows the GEMM. LORASERVE_LORA_OVERLAP=1 turns it on (off by default
+# until an engine run has measured it); read at each call, so CUDA graphs keep what they captured.
+OVERLAP = os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower() not in ("", "0", "false", "off", "no")
+OVERLAP_MAX_TOKENS = 256
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
 
 
 class LoRABatch:
@@ -12,21 +31,54 @@ class LoRABatch:
         self.slots, self.meta = slots, meta
         self._buf: dict[tuple[int, ...], torch.Tensor] = {}  # float32 workspaces by shape
 
-    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y [T, N] += LoRA delta of x [T, in] for projection `proj` of layer `layer_idx`; rows of
-        tokens on a DoRA slot then become g * (y + delta) + (1 - g) * bias (y is x W^T + bias on entry)."""
+    def _weights(self, layer_idx: int, proj: str):
         a = self.slots.a.get(proj)
         if a is None:
-            return
-        a = a[layer_idx]                    # [L, S, R, in]
-        b = self.slots.b[proj][layer_idx]   # [L, N, R]
-        key = workspace_shape(x, a, b, self.meta)
-        buf = self._buf.get(key)
-        if buf is None:
-            buf = self._buf[key] = torch.empty(key, dtype=torch.float32, device=x.device)
+            return None
         # DoRA: every adapted token's row ends as g[slot] * (x W^T + delta); g = 1 for plain LoRA
         # (+ (1 - g) * bias, so that a biased projection's bias stays unscaled, as in PEFT)
         scale = self.slots.scale[proj][layer_idx] if getattr(self.slots, "scale", None) else None  # [L, N] fp32
         shift = self.slots.shift.get(proj) if getattr(self.slots, "shift", None) else None
-        lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf, scale=scale,
-                   shift=None if shift is None else shift[layer_idx])
+        return (a[layer_idx],                   # [L, S, R, in]
+                self.slots.b[proj][layer_idx],  # [L, N, R]
+                scale, None if shift is None else shift[layer_idx])
+
+    def _workspace(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        key = workspace_shape(x, a, b, self.meta)
+        buf = self._buf.get(key)
+        if buf is None:
+            buf = self._buf[key] = torch.empty(key, dtype=torch.float32, device=x.device)
+        return buf
+
+    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y [T, N] += LoRA delta of x [T, in] for projection `proj` of layer `layer_idx`; rows of
+        tokens on a DoRA slot then become g * (y + delta) + (1 - g) * bias (y is x W^T + bias on entry)."""
+        w = self._weights(layer_idx, proj)
+        if w is None:
+            return
+        a, b, scale, shift = w
+        lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, self._workspace(x, a, b),
+                   scale=scale, shift=shift)
+
+    def linear(self, layer_idx: int, proj: str, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear(x, weight, bias) [T, N] plus this step's LoRA delta (as ``apply``). With OVERLAP on
+        a GPU, at <= OVERLAP_MAX_TOKENS tokens and a two-kernel path, the shrink runs on a side
+        stream concurrently with the GEMM; otherwise GEMM, then apply."""
+        w = self._weights(layer_idx, proj)
+        if w is None:
+            return F.linear(x, weight, bias)
+        a, b, scale, shift = w
+        if not (OVERLAP and x.is_cuda and x.shape[0] <= OVERLAP_MAX_TOKENS and lora_apply_split(x, a, b, self.meta)):
+            y = F.linear(x, weight, bias)
+            self.apply(layer_idx, proj, x, y)
+            return y
+        buf = self._workspace(x, a, b)      # allocated on the main stream (freed in its order)
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side.wait_stream(main)              # x (and the step's metadata) are ready; buf's last reader is done
+        with torch.cuda.stream(side):
+            lora_shrink_part(x, a, self.meta, self.slots.ranks, buf)
+        y = F.linear(x, weight, bias)
+        main.wait_stream(side)
+        return lora_expand_part(buf, y, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks,
+                                scale=scale, shift=shift)

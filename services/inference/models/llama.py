@@ -207,11 +207,10 @@ class Proj(nn.Linear):
         self.layer_idx, self.proj_name = layer_idx, name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         lora = get_context().lora
-        if lora is not None:
-            lora.apply(self.layer_idx, self.proj_name, x, y)
-        return y
+        if lora is not None:  # GEMM + delta (lora/batch.py may overlap the LoRA shrink with the GEMM)
+            return lora.linear(self.layer_idx, self.proj_name, x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):

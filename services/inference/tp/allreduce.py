@@ -213,10 +213,15 @@ def make_all_reduce(device: torch.device, group=None) -> SymmMemAllReduce | None
     # a cheap local check first, agreed on by all ranks, so no rank enters the rendezvous alone
     reason = None
     try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+        import torch.distributed._symmetric_memory as symm_mem
 
         if not hasattr(torch.ops.symm_mem, "two_shot_all_reduce_"):
             reason = "torch.ops.symm_mem.two_shot_all_reduce_ missing"
+        elif group.group_name in getattr(symm_mem, "_group_name_to_store", {}):
+            # torch that needs enable_symm_mem_for_group keeps the store of the first group of this name
+            # for good (the default group is "0" again after destroy_process_group): this rank would
+            # rendezvous through a dead group's store while a fresh worker uses the new one
+            reason = f"symmetric memory registered for an earlier process group named {group.group_name!r}"
         elif max_bytes < 4096:
             reason = f"LORASERVE_TP_AR_MAX_BYTES={max_bytes} too small"
         else:

@@ -5,22 +5,25 @@
     (K-major rows: what a checkpoint stores); w_scale: [N] fp32; bias: [N] or None; y: [M, N] in x's dtype.
 
 At decode the GEMM is a stream of N*K weight bytes (8B: 7 GB per step in FP8) with a few KB of x
-beside it, so the only figure that matters is weight bytes per second. Two kernels, both reading
-[BLOCK_N, BLOCK_K] tiles of contiguous K-major weight bytes (each thread 16 e4m3 = one 16-byte
-vector load), converting them in registers and accumulating in fp32; the per-channel scale is
-applied once in the epilogue (exact: it does not depend on k):
+beside it, so the only figure that matters is weight bytes per second. Three kernels, all reading
+[BLOCK_N, BLOCK_K] tiles of contiguous K-major weight bytes, converting them in registers and
+accumulating in fp32; the per-channel scale is applied once in the epilogue (exact: it does not depend on k):
 
-* ``gemv`` (M <= 4, BLOCK_M in 1/2/4): no tensor cores, nothing padded to 16 rows. Each program
-  keeps one fp32 [BLOCK_N, BLOCK_K] accumulator per x row (w * x[m] broadcast-multiply), reduced
-  over K once after the loop (the inductor / gpt-fast int8 GEMV shape: no shuffles in the loop).
-  A grid over M tiles puts the programs that share a weight tile next to each other (L2 reuse).
-* ``dot`` (M > 4): swap-AB tensor-core GEMM y^T = W x^T, so N fills the MMA's 64/128-row side
-  and the tokens its narrow side (BLOCK_M >= 16: tl.dot's minimum): w tile -> x's dtype in
-  registers, tl.dot accumulates [BLOCK_N, BLOCK_M] fp32.
+* ``gemv`` (BLOCK_M 1/2/4 x rows): CUDA cores, nothing padded to 16 rows; each thread loads 16 e4m3
+  (one 16-byte vector), keeps one fp32 [BLOCK_N, BLOCK_K] accumulator per x row (broadcast multiply),
+  reduced over K once after the loop (the inductor / gpt-fast int8 GEMV shape: no shuffles in the loop).
+  stages 2 prefetches the next weight tile into registers.
+* ``gemv2`` / ``gemv4`` (one x row per program): 2 / 4 groups of BLOCK_N weight rows share each x load
+  and its widening to fp32 (in ``gemv`` every weight byte pays for its own x conversion).
+* ``dot`` / ``dot16`` (M > 1): swap-AB tensor-core GEMM y^T = W x^T, so N fills the MMA's 64/128-row
+  side and the tokens its narrow side (BLOCK_M >= 16: tl.dot's minimum). ``dot`` converts the weights
+  to bf16; ``dot16`` to fp16 (one cvt per 2 values, where e4m3 -> bf16 takes ~3x the instructions), x
+  scaled by 2^-4 into fp16 (exact; |x| < 2^20), the accumulator scaled back.
 
 Split-K where N / BLOCK_N does not give every SM several programs: fp32 partials to a [SPLIT_K, M, N]
-workspace, summed in a fixed order by a second launch (_splitk_sum_kernel): deterministic,
-no atomics, no host sync; the workspace size depends on shapes only (CUDA-graph capturable).
+workspace, summed in a fixed order by a second launch (_splitk_sum_kernel; optionally a programmatic
+dependent launch): deterministic, no atomics, no host sync; the workspace size depends on shapes only
+(CUDA-graph capturable).
 
 Tile configs come from a table measured on the H200 (benchmarks/fp8_gemv_sweep.py) keyed by
 (M bucket, N, K), with a heuristic for shapes not in it. vLLM/TensorRT-LLM do weight-only FP8 at

@@ -1,0 +1,130 @@
+"""Engine decode with LoRA vs without, per LoRA kernel variant (issue 10: lora32_vs_nolora_decode).
+
+Batch 64, 32 distinct rank-16 adapters on all seven projections, Llama-3-8B-shaped layers with random
+bf16 weights (bench_engine.build_checkpoint, --layers of them: the ratio is per layer, so a few layers
+give the same figure as 32 in seconds). For each variant one engine is built with the variant's
+switches set (its CUDA graphs capture them), then decode with LoRA and without is timed on fresh
+prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
+  default      the switches as the environment sets them
+  overlap      LORASERVE_LORA_OVERLAP=1: the shrink on a side stream during the base GEMM (lora/batch.py)
+  pdl          LORASERVE_LORA_PDL=1: programmatic dependent launch, shrink -> expand
+  overlap_pdl  both
+Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
+
+    python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap] [--steps 32]
+    python3 benchmarks/bench_lora_decode.py --tiny     # CPU logic check on a tiny random Llama
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+VARIANTS = {"default": {}, "overlap": dict(overlap=True), "pdl": dict(pdl=True),
+            "overlap_pdl": dict(overlap=True, pdl=True)}
+
+
+def set_variant(v: dict, defaults: dict) -> None:
+    from loraserve.inference.lora import batch
+    from loraserve.kernels import lora_meta
+
+    batch.OVERLAP = v.get("overlap", defaults["overlap"])
+    lora_meta.LORA_PDL = v.get("pdl", defaults["pdl"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--variants", default="default,overlap")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    from benchmarks.bench_engine import Prompts, random_adapters, time_engine_decode
+    from loraserve import LoraConfig, LoRARequest
+    from loraserve.config import engine_config_from_kwargs
+    from loraserve.inference.engine import LLMEngine
+    from loraserve.inference.lora import batch
+    from loraserve.kernels import lora_meta
+
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL)
+    path = tempfile.mkdtemp(prefix="lora-decode-")
+    t0 = time.perf_counter()
+    if a.tiny:
+        from tests.inference.conftest import make_random_model
+
+        make_random_model(path, "llama")
+        a.batch, a.adapters, a.rank, a.prompt_len, a.steps = min(a.batch, 8), min(a.adapters, 4), 8, 16, 4
+        kw = dict(dtype="float32", device="cpu")
+        dtype, dev = torch.float32, "cpu"
+    else:
+        from benchmarks.bench_engine import build_checkpoint
+
+        build_checkpoint(path, a.layers)
+        kw = dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=a.batch,
+                  kv_cache_config={"free_gpu_memory_fraction": 0.5})
+        dtype, dev = torch.bfloat16, "cuda"
+    print(f"checkpoint ({a.layers if not a.tiny else 'tiny'} layers) in {time.perf_counter() - t0:.0f} s", flush=True)
+    prompts = Prompts()
+    if a.tiny:  # the tiny model's vocabulary is small
+        prompts.make = lambda n, length: torch.randint(2, 300, (n, length), generator=prompts.g).tolist()
+    res: dict = {"layers": a.layers, "batch": a.batch, "adapters": a.adapters, "rank": a.rank}
+    for v in variants:
+        set_variant(VARIANTS[v], defaults)
+        t = time.perf_counter()
+        lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
+        engine = LLMEngine(engine_config_from_kwargs(path, lora_config=lora_cfg, **kw))
+        lm = engine.lora_manager
+        reqs = []
+        for i, ad in enumerate(random_adapters(engine.args, a.adapters, a.rank, dtype, device=dev)):
+            req = LoRARequest(f"bench-{i}", i + 1, "")
+            lm.release(lm.add_adapter(ad, req))
+            reqs.append(req)
+        setup = time.perf_counter() - t
+        runs = {"lora": [], "nolora": []}
+        hits = 0
+        for rep in range(2):  # alternated, so drift hits both
+            for tag, loras in (("lora", reqs), ("nolora", None)):
+                r = time_engine_decode(engine, prompts, a.batch, a.prompt_len, a.steps, loras)
+                runs[tag].append(r["s_per_step"])
+                hits += r["prefix_hits"]
+        with_lora, without = min(runs["lora"]), min(runs["nolora"])
+        layers = engine.args.num_hidden_layers
+        row = dict(ms_per_step_lora=with_lora * 1e3, ms_per_step_nolora=without * 1e3,
+                   lora_us_per_layer=(with_lora - without) / layers * 1e6,
+                   lora32_vs_nolora_decode=without / with_lora, timed_prefix_cache_hits=hits,
+                   overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, setup_s=setup)
+        res[v] = row
+        print(f"{v:12s} step {row['ms_per_step_lora']:.3f} ms with LoRA, {row['ms_per_step_nolora']:.3f} ms without: "
+              f"LoRA {row['lora_us_per_layer']:.1f} us per layer, lora32_vs_nolora_decode "
+              f"{row['lora32_vs_nolora_decode']:.3f} (overlap={batch.OVERLAP}, pdl={lora_meta.LORA_PDL}; "
+              f"prefix hits {hits}; engine + adapters {setup:.0f} s) [{time.perf_counter() - t0:.0f} s]", flush=True)
+        del engine, lm, reqs
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    set_variant({}, defaults)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -132,8 +132,8 @@ class AsyncLLM:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                self.call(lambda e: e.abort_request(request_id))
+            if not finished:   # its consumer is gone: the last message is not built
+                self.call(lambda e: e.abort_request(request_id, build=False))
 
     def abort(self, request_id: str) -> concurrent.futures.Future:
         return self.call(lambda e: e.abort_request(request_id))

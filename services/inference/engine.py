@@ -166,9 +166,11 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str, build: bool = True) -> RequestOutput | PendingOutput | None:
+        """End a request now; returns its last message (build=False: unbuilt, for a caller that drops it:
+        building detokenizes what no message has covered yet)."""
         pending = self._abort(request_id)
-        return None if pending is None else pending.build()
+        return None if pending is None or not build else pending.build()
 
     def _abort(self, request_id: str) -> PendingOutput | None:
         seq = self.seqs.pop(request_id, None)

@@ -18,8 +18,10 @@ Shrink configs and the expand kernel come in two variants, switched by LORASERVE
 the shrink's grid-aware split-K, or the classic kernels (=0). The workspace shape follows it.
 The one-launch ticketed kernel (lora_onelaunch.py, no residency requirement, <= 256 tokens,
 rank <= 64, <= 3 slices, not fp32 on a GPU) is opt-in: LORASERVE_LORA_ONELAUNCH=1; it comes
-first when on. The fused kernel is opt-in (LORASERVE_LORA_FUSED=1) until its grid barrier has been run
-on a GPU: it was written after the last GPU run of its session (see kernels/PERF_NOTES.md).
+first when on (measured slower than two launches on an H200, see PERF_NOTES). Programmatic
+dependent launch between the two kernels: LORASERVE_LORA_PDL=1 (lora_meta). The fused kernel is
+opt-in (LORASERVE_LORA_FUSED=1): its grid barrier has run on an H200, at parity with two
+launches (see kernels/PERF_NOTES.md).
 """
 from __future__ import annotations
 

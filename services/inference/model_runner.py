@@ -54,6 +54,7 @@ class ModelRunner:
         self.inputs = StepInputBuilder(self.block_size, self.num_blocks, device)
         self.eos_ids: set[int] = set()    # the engine fills it (min_tokens bans EOS)
         self.sampling_meta = MetadataCache(device)   # sampling metadata, reused while the rows repeat
+        self.packed_slots = PackedSlots() if device.type == "cuda" else None   # pinned blocks of the token copies
         self.graph_runner = None
         self.mixed_graphs = None     # mixed_graphs.MixedGraphRunner (prompt chunks + decodes), when on
         if device.type == "cuda" and not config.enforce_eager:
@@ -133,7 +134,7 @@ class ModelRunner:
                 meta = self.sampling_meta.get(sample_seqs, self._banned)
                 if meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0:
                     sampled, packed = self.graph_runner.sample_greedy(len(sample_seqs))
-                    return StepOutput(sample_seqs, sampled, packed)
+                    return StepOutput(sample_seqs, sampled, packed, self.packed_slots)
                 return self._sample(hidden, inp.sample_idx, sample_seqs, meta)
             return self._sample(hidden, inp.sample_idx, sample_seqs)
         if not decode_only and self.mixed_graphs is not None and not inp.has_lora:
@@ -165,7 +166,7 @@ class ModelRunner:
         if meta is None:
             meta = self.sampling_meta.get(sample_seqs, self._banned)   # reused while the rows repeat
         out = sample(logits, meta)
-        return StepOutput(sample_seqs, out)
+        return StepOutput(sample_seqs, out, slots=self.packed_slots)
 
     def _banned(self, p) -> tuple[int, ...]:
         """Token ids min_tokens keeps from being sampled: the stop ids, and EOS unless ignored."""
@@ -175,8 +176,10 @@ class ModelRunner:
 class StepOutput:
     """One launched step's sampled tokens: device tensors, plus their host copy in flight."""
 
-    def __init__(self, seqs: list, sampled: SamplerOutput | None, packed: torch.Tensor | None = None):
-        """packed: the [3, >= S] float64 (token, logprob, ok) block when the caller has it (sampler graphs)."""
+    def __init__(self, seqs: list, sampled: SamplerOutput | None, packed: torch.Tensor | None = None,
+                 slots: "PackedSlots | None" = None):
+        """packed: the [3, >= S] float64 (token, logprob, ok) block when the caller has it (sampler graphs);
+        slots: the runner's reusable pinned blocks and events for its copy (None: fresh ones)."""
         self.seqs, self.sampled = seqs, sampled       # seqs: [S] sampling sequences, in row order
         self._host = self._top = self._event = None
         self.events = None    # (start, end) CUDA events around the launch (engine.step_trace only)
@@ -187,11 +190,15 @@ class StepOutput:
         if packed is None:
             packed = torch.stack([sampled.tokens.double(), sampled.logprobs.double(), sampled.ok.double()])
         non_blocking = packed.is_cuda
-        self._host = _to_host(packed)
+        if non_blocking and slots is not None:
+            self._host, self._event = slots.take(packed.shape[1])
+            self._host.copy_(packed, non_blocking=True)
+        else:
+            self._host = _to_host(packed)
         if sampled.top_ids is not None:
             self._top = (_to_host(sampled.top_ids), _to_host(sampled.top_logprobs))
         if non_blocking:
-            self._event = torch.cuda.Event()
+            self._event = self._event or torch.cuda.Event()
             self._event.record()
 
     def fetch(self) -> tuple[list[int], list[float], list[bool], list[dict[int, float] | None]]:
@@ -212,6 +219,25 @@ class StepOutput:
                 if k:
                     top[i] = dict(zip(ids[i][:k], values[i][:k]))
         return [int(t) for t in tokens], logprobs, [bool(o) for o in ok], top
+
+
+class PackedSlots:
+    """Pinned [3, S] float64 host blocks and their events, used in turn (two fewer allocations a step).
+    At most two steps' blocks are alive at once (the one in flight, the one being read), so a block
+    comes round again only long after it was read."""
+
+    def __init__(self, num: int = 8):
+        self._blocks: list[torch.Tensor | None] = [None] * num
+        self._events = [None] * num
+        self._i = 0
+
+    def take(self, width: int) -> tuple[torch.Tensor, "torch.cuda.Event"]:
+        i = self._i = (self._i + 1) % len(self._blocks)
+        block = self._blocks[i]
+        if block is None or block.shape[1] < width:
+            block = self._blocks[i] = torch.empty(3, max(width, 256), dtype=torch.float64, pin_memory=True)
+            self._events[i] = torch.cuda.Event()
+        return block[:, :width], self._events[i]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

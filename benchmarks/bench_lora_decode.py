@@ -6,9 +6,10 @@ give the same figure as 32 in seconds). For each variant one engine is built wit
 switches set (its CUDA graphs capture them), then decode with LoRA and without is timed on fresh
 prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   default      the switches as the environment sets them
-  overlap      LORASERVE_LORA_OVERLAP=1: the shrink on a side stream during the base GEMM (lora/batch.py)
+  overlap      LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM (lora/batch.py)
+  overlap_full LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream, one add after
   pdl          LORASERVE_LORA_PDL=1: programmatic dependent launch, shrink -> expand
-  overlap_pdl  both
+  overlap_pdl, overlap_full_pdl: with PDL too
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
 
     python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap] [--steps 32]
@@ -28,8 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-VARIANTS = {"default": {}, "overlap": dict(overlap=True), "pdl": dict(pdl=True),
-            "overlap_pdl": dict(overlap=True, pdl=True)}
+VARIANTS = {"default": {}, "overlap": dict(overlap="shrink"), "pdl": dict(pdl=True),
+            "overlap_pdl": dict(overlap="shrink", pdl=True), "overlap_full": dict(overlap="full"),
+            "overlap_full_pdl": dict(overlap="full", pdl=True)}
 
 
 def set_variant(v: dict, defaults: dict) -> None:

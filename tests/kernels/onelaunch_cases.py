@@ -58,3 +58,36 @@ def check_lora_apply_onelaunch() -> None:
             _check_y(p, y, y_ref, TOLERANCES[torch.float32])
     finally:
         importlib.import_module("loraserve.kernels.lora_apply").ONELAUNCH_ENABLED = False
+
+
+def check_lora_add(dtype: str, with_scale: bool, device: str = "cpu") -> None:
+    """lora_add (the join of the overlapped delta) against a per-row float64 loop: adapted rows become
+    (y + d) * g + c, rows without an adapter or with rank 0 stay untouched."""
+    from loraserve.kernels.lora_add import lora_add
+
+    dt = DTYPES.get(dtype) or getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(17)
+    T, N, L = 12, 200, 4                                     # N not a multiple of the column block
+    token_slot = torch.tensor([-1, 0, 1, 2, 3, 0, -1, 3, 2, 1, 0, 3], dtype=torch.int32)
+    ranks = torch.tensor([8, 0, 16, 4], dtype=torch.int32)  # slot 1 has no weights for this module
+    y0 = torch.randn(T, N, generator=gen).to(dt)
+    d = torch.randn(T, N, generator=gen).to(dt)
+    scale = (0.5 + torch.rand(L, N, generator=gen)) if with_scale else None
+    shift = torch.randn(L, N, generator=gen) if with_scale else None
+    to = dict(device=device)
+    y = y0.to(**to).clone()
+    meta_dev = LoRAMetaBuilder(T, L, device).build(token_slot.to(**to))
+    lora_add(y, d.to(**to), meta_dev, ranks.to(**to), None if scale is None else scale.to(**to),
+             None if shift is None else shift.to(**to), block_n=64)
+    expect = y0.clone()
+    for t, s in enumerate(token_slot.tolist()):
+        if s < 0 or int(ranks[s]) == 0:
+            continue
+        row = y0[t].double() + d[t].double()
+        if scale is not None:
+            row = row * scale[s].double() + shift[s].double()
+        expect[t] = row.to(dt)
+    tol = dict(rtol=1e-6, atol=1e-5) if dt == torch.float32 else TOLERANCES[dt]
+    torch.testing.assert_close(y.cpu().float(), expect.float(), **tol)
+    untouched = torch.tensor([s < 0 or int(ranks[s]) == 0 for s in token_slot.tolist()])
+    assert torch.equal(y.cpu()[untouched], y0[untouched]), "touched a row without an adapter"

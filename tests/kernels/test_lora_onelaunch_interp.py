@@ -60,3 +60,9 @@ def test_stream_expand_three_blocks_ahead(interp, num_slices, split_k) -> None:
     _run(interp, stream_interp_cases.check_stream_expand, "float32", 32, 16, WIDTHS[num_slices], num_tokens=24,
          num_slots=4, composition="no-adapter-rows", split_k=split_k, with_scale=True,
          config={"BLOCK_N": 32, "COLS_PER_PROG": 96, "B_AHEAD": 3})
+
+
+@pytest.mark.parametrize("dtype,with_scale", [("float32", True), ("float16", False)])
+def test_lora_add_joins_the_delta(interp, dtype, with_scale) -> None:
+    """kernels/lora_add.py (the join of LORASERVE_LORA_OVERLAP=full) vs a per-row loop."""
+    _run(interp, onelaunch_cases.check_lora_add, dtype, with_scale)

@@ -9,11 +9,17 @@ import torch.nn.functional as F
 from loraserve.kernels import LoRAMeta, lora_apply
 from loraserve.kernels.lora_apply import lora_apply_split, lora_expand_part, lora_shrink_part, workspace_shape
 
-# Shrink on a side stream while the base GEMM runs (decode-size steps, CUDA): the shrink needs only
-# x, so its latency-bound launches hide behind the bandwidth-bound GEMM; the expand (which adds into
-# y, DoRA epilogue included) follows the GEMM. LORASERVE_LORA_OVERLAP=1 turns it on (off by default
-# until an engine run has measured it); read at each call, so CUDA graphs keep what they captured.
-OVERLAP = os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower() not in ("", "0", "false", "off", "no")
+# LoRA on a side stream while the base GEMM runs (decode-size steps, CUDA), LORASERVE_LORA_OVERLAP:
+#  "shrink" (or 1): the shrink needs only x, so its latency-bound launches hide behind the
+#      bandwidth-bound GEMM; the expand (which adds into y, DoRA epilogue included) follows the GEMM.
+#  "full": shrink and expand into a delta buffer d [T, N] (y's dtype) on the side stream; after
+#      the GEMM, one kernel adds d into y with DoRA's epilogue (kernels/lora_add.py; d is rounded to
+#      y's dtype first, so results are within bf16 tolerance of the sequential path, not equal).
+#  "0" / off (default until an engine run has measured it): GEMM, then the LoRA kernels.
+# Read at each call, so CUDA graphs keep what they captured.
+_OVERLAP_ENV = os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower()
+OVERLAP = {"1": "shrink", "true": "shrink", "on": "shrink", "yes": "shrink", "shrink": "shrink",
+           "full": "full"}.get(_OVERLAP_ENV, "")
 OVERLAP_MAX_TOKENS = 256
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -30,6 +36,7 @@ class LoRABatch:
     def __init__(self, slots, meta: LoRAMeta):
         self.slots, self.meta = slots, meta
         self._buf: dict[tuple[int, ...], torch.Tensor] = {}  # float32 workspaces by shape
+        self._delta: dict[tuple[int, int], torch.Tensor] = {}  # "full" overlap: d [T, N] by shape
 
     def _weights(self, layer_idx: int, proj: str):
         a = self.slots.a.get(proj)
@@ -63,18 +70,36 @@ class LoRABatch:
     def linear(self, layer_idx: int, proj: str, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
         """F.linear(x, weight, bias) [T, N] plus this step's LoRA delta (as ``apply``). With OVERLAP on
-        a GPU, at <= OVERLAP_MAX_TOKENS tokens and a two-kernel path, the shrink runs on a side
-        stream concurrently with the GEMM; otherwise GEMM, then apply."""
+        a GPU at <= OVERLAP_MAX_TOKENS tokens, the shrink ("shrink": needs a two-kernel path) or the
+        whole delta ("full") runs on a side stream concurrently with the GEMM; otherwise GEMM, then
+        apply."""
         w = self._weights(layer_idx, proj)
         if w is None:
             return F.linear(x, weight, bias)
         a, b, scale, shift = w
-        if not (OVERLAP and x.is_cuda and x.shape[0] <= OVERLAP_MAX_TOKENS and lora_apply_split(x, a, b, self.meta)):
+        mode = OVERLAP if x.is_cuda and x.shape[0] <= OVERLAP_MAX_TOKENS else ""
+        if mode == "shrink" and not lora_apply_split(x, a, b, self.meta):
+            mode = ""
+        if not mode:
             y = F.linear(x, weight, bias)
             self.apply(layer_idx, proj, x, y)
             return y
         buf = self._workspace(x, a, b)      # allocated on the main stream (freed in its order)
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        if mode == "full":
+            T, N = x.shape[0], b.shape[1]
+            d = self._delta.get((T, N))
+            if d is None:
+                d = self._delta[(T, N)] = torch.empty(T, N, dtype=x.dtype, device=x.device)
+            side.wait_stream(main)          # x ready; d's last reader (the previous add) is done
+            with torch.cuda.stream(side):
+                d.zero_()                   # the kernels add into the rows of adapted tokens only
+                lora_apply(x, d, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)
+            y = F.linear(x, weight, bias)
+            main.wait_stream(side)
+            from loraserve.kernels.lora_add import lora_add
+
+            return lora_add(y, d, self.meta, self.slots.ranks, scale, shift)
         side.wait_stream(main)              # x (and the step's metadata) are ready; buf's last reader is done
         with torch.cuda.stream(side):
             lora_shrink_part(x, a, self.meta, self.slots.ranks, buf)

@@ -15,8 +15,8 @@ query run (max_query_len = T) and the split-KV count the one the eager step plan
 (part of the graph's key). A step with adapter rows, an FP8 KV cache, or more tokens or sequences than
 the largest bucket runs eagerly.
 
-Graphs are captured when a shape is first seen (a few ms each: the kernels are compiled by then), at most
-MAX_GRAPHS, into their own memory pool. LORASERVE_MIXED_GRAPHS=1 turns them on (off by default until
+Graphs are captured when a shape is first seen (an eager forward, then the capture: tens of ms on the 8B
+shape; a serving warm-up meets most shapes), at most MAX_GRAPHS, into their own memory pool. LORASERVE_MIXED_GRAPHS=1 turns them on (off by default until
 measured on the GPU).
 """
 from __future__ import annotations

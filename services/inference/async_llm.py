@@ -205,7 +205,7 @@ class AsyncLLM:
         error to their streams, and go on with the rest of the queue."""
         # clients get a reference to the log line, never the exception's text (it may echo their input)
         ref = f"engine-{next(self._ids)}-{int(time.time())}"
-        running = list(self.engine.scheduler.running)
+        running, _ = self.engine.queued_sequences()
         log.exception("engine step failed (reference %s); aborting %d running request(s): %s", ref, len(running),
                       ", ".join(s.request_id for s in running))
         for seq in running:

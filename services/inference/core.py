@@ -242,7 +242,8 @@ class InferenceCore:
         the engine thread (at most a step's wait; empty counts past timeout_s or with the engine dead)."""
         def read(engine) -> dict[str, Counter]:
             names = lambda seqs: Counter(s.lora_request.lora_name if s.lora_request else "" for s in seqs)  # noqa: E731
-            return {"running": names(engine.scheduler.running), "waiting": names(engine.scheduler.waiting)}
+            running, waiting = engine.queued_sequences()
+            return {"running": names(running), "waiting": names(waiting)}
 
         if self.async_llm.is_alive:
             try:

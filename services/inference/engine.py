@@ -183,6 +183,10 @@ class LLMEngine:
         self._release_adapter(seq)
         return PendingOutput(seq)
 
+    def queued_sequences(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(running, waiting) sequences, copies (call on the engine thread)."""
+        return list(self.scheduler.running), list(self.scheduler.waiting)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 

@@ -234,10 +234,12 @@ class PackedSlots:
     def take(self, width: int) -> tuple[torch.Tensor, "torch.cuda.Event"]:
         i = self._i = (self._i + 1) % len(self._blocks)
         block = self._blocks[i]
-        if block is None or block.shape[1] < width:
-            block = self._blocks[i] = torch.empty(3, max(width, 256), dtype=torch.float64, pin_memory=True)
+        if block is None or block.numel() < 3 * width:
+            block = self._blocks[i] = torch.empty(3 * max(width, 256), dtype=torch.float64, pin_memory=True)
             self._events[i] = torch.cuda.Event()
-        return block[:, :width], self._events[i]
+        # a contiguous [3, width] view: a strided host target would make the copy go through a pageable
+        # temporary, and the host would wait for the whole step
+        return block[:3 * width].view(3, width), self._events[i]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.cold_path import cold_stages, format_stages, registry_available, write_peft_dir  # noqa: E402
+from benchmarks.cold_path import (cold_stages, format_stages, registry_available, start_registry,  # noqa: E402
+                                  write_peft_dir)
 
 CHURN_MODULES = ("q_proj", "v_proj")
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -158,7 +159,8 @@ def time_first_token(engine, prompt: list[int], lora_request=None, resolve=None)
                 return time.perf_counter() - t0
 
 
-def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, use_registry: bool) -> dict:
+def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, use_registry: bool,
+                 registry_process: bool = True) -> dict:
     from loraserve import LLM, LoraConfig, LoRARequest
 
     llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=8,
@@ -178,13 +180,11 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
     if use_registry:
         from loraserve.inference.adapter_source import AdapterFetcher
         from loraserve.registry.client import RegistryClient
-        from loraserve.registry.config import RegistryConfig
-        from loraserve.registry.testing import RunningRegistry
 
-        with RunningRegistry(RegistryConfig(data_dir=os.path.join(workdir, "registry"))) as reg:
+        with start_registry(os.path.join(workdir, "registry"), as_process=registry_process) as (reg, kind):
             with RegistryClient(reg.address) as client:
                 for i, p in enumerate(paths):
-                    client.push(p, f"cold-{i}", base_model="bench")
+                    client.push(p, f"cold-{i}", base_model="bench", chunk_size=1 << 20)
             fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "fetch-cache"))
             loop = asyncio.new_event_loop()
             for i in range(n):
@@ -201,7 +201,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
                 warm.append(time_first_token(eng, prompt(64), LoRARequest(f"cold-{i}", 10_000 + i)))
             loop.run_until_complete(fetcher.close())
             loop.close()
-        result["cold_source"] = "registry on loopback (download + digest check + parse + stage + copy)"
+        result["cold_source"] = f"registry on loopback, {kind} (download + digest check + parse + stage + copy)"
     else:
         for i, p in enumerate(paths):
             req = LoRARequest(f"cold-{i}", 10_000 + i, p)
@@ -241,6 +241,8 @@ def main() -> int:
                     help="layers of the model-free cold-path breakdown at the 8B shape (32, an 84 MB adapter; "
                          "tiny 2; 0: skip)")
     ap.add_argument("--skip-churn", action="store_true", help="only the cold-adapter figures")
+    ap.add_argument("--registry-thread", action="store_true",
+                    help="the registry as a thread of this process (default: its own process, as deployed)")
     ap.add_argument("--model", help="an existing checkpoint dir (default: build one: 8B shape, or tiny)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--adapters", type=int, help="distinct adapters in the churn run (1000; tiny 40)")
@@ -284,10 +286,12 @@ def main() -> int:
     args.cold_layers = args.cold_layers if args.cold_layers is not None else (2 if tiny else 32)
     if args.cold_layers:
         t = time.perf_counter()
-        stages = cold_stages(workdir, args.cold, device, torch.float32 if tiny else torch.bfloat16, args.cold_layers)
+        stages = cold_stages(workdir, args.cold, device, torch.float32 if tiny else torch.bfloat16, args.cold_layers,
+                             registry_process=not args.registry_thread)
         print(format_stages(stages) + f"  [{time.perf_counter() - t:.0f} s]")
     t = time.perf_counter()
-    cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available() is None)
+    cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available() is None,
+                        registry_process=not args.registry_thread)
     print(f"cold adapter to first token ({cold['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir): "
           f"{cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); resident {cold['resident_ttft_s'] * 1e3:.1f} ms;"
           f" no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  [{time.perf_counter() - t:.0f} s]")

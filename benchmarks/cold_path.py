@@ -19,6 +19,7 @@ loading 16 GB of weights; bench_churn's end-to-end figure adds the admission wai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import time
@@ -36,21 +37,25 @@ STAGES = ("resolve_s", "download_s", "read_s", "digest_s", "parse_s", "range_s",
 
 def write_peft_dir(path: str, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int, seed: int,
                    dtype: torch.dtype = torch.bfloat16, alpha: float | None = None) -> str:
-    """A random PEFT adapter dir, rank `rank` on all seven modules (alpha = 2r: a scale to fold)."""
+    """A random PEFT adapter dir, rank `rank` on all seven modules (alpha = 2r: a scale to fold).
+    Made on the GPU when there is one (one draw per module for all layers: seconds less per adapter)."""
+    import json
+
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
     tensors = {}
-    for layer in range(num_layers):
-        for m in ALL_MODULES:
-            fan_in, fan_out = shapes[m]
-            part = "self_attn" if m[0] in "qkvo" else "mlp"
+    for m in ALL_MODULES:
+        fan_in, fan_out = shapes[m]
+        part = "self_attn" if m[0] in "qkvo" else "mlp"
+        a = (torch.randn(num_layers, rank, fan_in, generator=g, device=dev) / fan_in ** 0.5).to(dtype).cpu()
+        b = (torch.randn(num_layers, fan_out, rank, generator=g, device=dev) * 0.01).to(dtype).cpu()
+        for layer in range(num_layers):
             key = f"base_model.model.model.layers.{layer}.{part}.{m}"
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5).to(dtype)
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.01).to(dtype)
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a[layer], b[layer]
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    import json
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2.0 * rank,
                    "target_modules": list(ALL_MODULES)}, f)
@@ -110,6 +115,27 @@ class RegistryProcess:
                 self.proc.kill()
 
 
+@contextlib.contextmanager
+def start_registry(data_dir: str, as_process: bool = True):
+    """(registry, what it is): on loopback as its own process, or a thread of this one if that
+    cannot start (said so); stopped on exit."""
+    reg, kind = None, "its own process"
+    if as_process:
+        try:
+            reg = RegistryProcess(data_dir).__enter__()
+        except Exception as exc:  # noqa: BLE001 - measured in-process instead, and said so
+            print(f"registry process did not start ({exc}); using a registry thread in this process")
+    if reg is None:
+        from loraserve.registry.config import RegistryConfig
+        from loraserve.registry.testing import RunningRegistry
+
+        reg, kind = RunningRegistry(RegistryConfig(data_dir=data_dir)).start(), "a thread of this process"
+    try:
+        yield reg, kind
+    finally:
+        reg.__exit__(None, None, None)
+
+
 def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layers: int = 32, rank: int = 16,
                 args_overrides: dict | None = None, use_registry: bool = True, registry_process: bool = False) -> dict:
     """Time every stage of n cold adapters (first one discarded as a warm-up of the code paths).
@@ -132,14 +158,11 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     if why_not is None:
         from loraserve.inference.adapter_source import AdapterFetcher
         from loraserve.registry.client import RegistryClient
-        from loraserve.registry.config import RegistryConfig
-        from loraserve.registry.testing import RunningRegistry
 
-        data_dir = os.path.join(workdir, "stage-registry")
-        with (RegistryProcess(data_dir) if registry_process else RunningRegistry(RegistryConfig(data_dir=data_dir))) as reg:
+        with start_registry(os.path.join(workdir, "stage-registry"), registry_process) as (reg, kind):
             with RegistryClient(reg.address) as client:
                 for i, p in enumerate(paths):
-                    client.push(p, f"stage-{i}", base_model="bench")
+                    client.push(p, f"stage-{i}", base_model="bench", chunk_size=1 << 20)
             fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "stage-cache"))
             loop = asyncio.new_event_loop()
             for i in range(n):  # the registry is idle between fetches, as at no load
@@ -175,8 +198,7 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in STAGES}
     med["total_s"] = sum(med.values())
     return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
-            "source": (f"registry on loopback ({'its own process' if registry_process else 'a thread of this process'})"
-                       if why_not is None else f"local PEFT dir (no registry: {why_not})")}
+            "source": f"registry on loopback ({kind})" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
 
 
 def _check_slot(mgr, h) -> None:

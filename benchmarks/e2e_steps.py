@@ -1,0 +1,161 @@
+"""bench_e2e's step-level measurements (issue 11): host time per decode step, the per-step breakdown of a
+run from the engine's StepRecords (engine.step_trace), and a profiled mixed step."""
+from __future__ import annotations
+
+import os
+import time
+
+
+# ---- host time per decode step ----------------------------------------------------------------------
+def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, vocab: int,
+                              profile_dir: str | None = None) -> dict:
+    """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps.
+    profile_dir: also 16 more steps under torch.profiler (a Chrome trace and the op table)."""
+    import torch
+
+    from loraserve import SamplingParams
+
+    g = torch.Generator().manual_seed(4321)
+    prompts = torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()
+    tag = time.monotonic_ns()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"host{tag}-{i}", ids, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    n0, w0 = engine.num_steps, engine.device_wait_s
+    engine.step_trace = trace = []
+    build = 0.0
+    t = time.perf_counter()
+    for _ in range(steps):
+        pending = engine.step_pending()   # the engine thread's share, as AsyncLLM drives it
+        c = time.perf_counter()
+        for p in pending:                 # the consumer's (AsyncLLM: the event-loop thread, during the wait)
+            p.build().outputs[0].text_diff
+        build += time.perf_counter() - c
+    wall = time.perf_counter() - t - build
+    engine.step_trace = None
+    n, wait = engine.num_steps - n0, engine.device_wait_s - w0
+    launch_ms = 1e3 * sum(r.launched_at - r.start for r in trace) / n
+    post_ms = 1e3 * sum(r.end - r.launched_at - r.wait_s for r in trace) / n
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            for _ in range(16):
+                engine.step()
+        os.makedirs(profile_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(profile_dir, f"decode_b{batch}.json"))
+        with open(os.path.join(profile_dir, f"decode_b{batch}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
+            "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3,
+            "async_scheduling": engine.async_scheduling}
+
+
+def profile_mixed_steps(engine, batch: int, prompt_len: int, vocab: int, steps: int = 4, rows: int = 14) -> dict:
+    """Steps of `batch` decoding requests plus one fresh prompt of prompt_len (mixed steps, as in the
+    steady state of the load): host launch vs device time from the step trace, and the top ops by
+    device time under torch.profiler (printed)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import SamplingParams
+
+    g = torch.Generator().manual_seed(99)
+    tag = time.monotonic_ns()
+    sp = SamplingParams(max_tokens=64 + 8 * steps, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"mix{tag}-{i}", torch.randint(2, vocab, (prompt_len,), generator=g).tolist(), sp)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    engine.step_trace = trace = []
+    with profile(activities=acts) as prof:
+        for j in range(steps):
+            engine.add_request(f"mix{tag}-p{j}", torch.randint(2, vocab, (prompt_len,), generator=g).tolist(), sp)
+            engine.step()
+        engine.step()
+    engine.step_trace = None
+    mixed = [r for r in trace if r.kind == "mixed"]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out = {"steps": len(mixed), "tokens": mixed[0].num_tokens if mixed else 0,
+           "host_launch_ms": [round(1e3 * (r.launched_at - r.start), 3) for r in mixed],
+           "device_ms": [round(r.events[0].elapsed_time(r.events[1]), 3) for r in mixed if r.events is not None]}
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"mixed steps ({batch} decodes + a {prompt_len}-token prompt, {out['tokens']} tokens): host launch ms "
+          f"{out['host_launch_ms']}, device ms {out['device_ms']} (events; under the profiler)")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48), flush=True)
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return out
+
+
+# ---- per-step breakdown (engine.step_trace) ---------------------------------------------------------
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "p50": None}
+    v = sorted(values)
+    return {"mean": sum(v) / len(v), "p50": v[len(v) // 2]}
+
+
+def step_breakdown(trace: list) -> dict:
+    """Where a run's time went, from the engine's StepRecords (ms). By the kind of batch a step()
+    launched: its host work up to the launch (schedule, inputs, launch; for an eager step the launch is
+    every kernel of the forward) and its device time (CUDA events around the launch: the stream's time
+    from the first to the last kernel, idle gaps included when the host launches slower than the device
+    runs). By the kind of batch a step() waited for: the time blocked on the device, and the
+    post-processing after it (tokens, stop checks, detokenization, outputs). Plus the time between
+    step() calls (the driver: AsyncLLM's queues and deliveries)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out: dict = {"steps": len(trace)}
+    for kind in ("decode", "mixed", "prefill"):
+        launched = [r for r in trace if r.kind == kind]
+        done = [r for r in trace if r.done_kind == kind]
+        if not launched and not done:
+            continue
+        gpu = [r.events[0].elapsed_time(r.events[1]) for r in launched if r.events is not None]
+        out[kind] = {
+            "count": len(launched), "tokens": _stats([r.num_tokens for r in launched]),
+            "host_launch_ms": _stats([1e3 * (r.launched_at - r.start) for r in launched]),
+            "device_ms": _stats(gpu) if gpu else None,
+            "wait_ms": _stats([1e3 * r.wait_s for r in done]),
+            "post_ms": _stats([1e3 * (r.end - r.launched_at - r.wait_s) for r in done]),
+        }
+    wall = sum(r.end - r.start for r in trace)
+    wait = sum(r.wait_s for r in trace)
+    gaps = [b.start - a.end for a, b in zip(trace, trace[1:])]
+    out["total_s"] = {"step_wall": wall, "host": wall - wait, "device_blocked": wait, "between_steps": sum(gaps),
+                      "span": (trace[-1].end - trace[0].start) if trace else 0.0}
+    return out
+
+
+def print_breakdown(b: dict, title: str) -> None:
+    def f(x):
+        return "   -  " if x is None else f"{x:6.2f}"
+    print(f"per-step breakdown ({title}): {b['steps']} steps; ms mean/p50")
+    print(f"  {'kind':8} {'count':>6} {'tokens':>13} {'host launch':>15} {'device':>15} {'wait':>15} {'post':>15}")
+    for kind in ("decode", "mixed", "prefill"):
+        if kind not in b:
+            continue
+        k = b[kind]
+        dev = k["device_ms"] or {"mean": None, "p50": None}
+        cols = [k["tokens"], k["host_launch_ms"], dev, k["wait_ms"], k["post_ms"]]
+        print(f"  {kind:8} {k['count']:6d} " + " ".join(f"{f(c['mean'])}/{f(c['p50'])}" for c in cols))
+    t = b["total_s"]
+    print(f"  totals: span {t['span']:.3f} s = step() {t['step_wall']:.3f} s (host {t['host']:.3f} s + blocked on "
+          f"device {t['device_blocked']:.3f} s) + between steps {t['between_steps']:.3f} s")

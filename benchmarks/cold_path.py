@@ -76,13 +76,15 @@ class RegistryProcess:
     """The registry as its own process on loopback (`loraserve registry serve`), as deployed: a
     registry thread in this process would share its GIL with the download it serves."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, address: str | None = None):
+        """address: host:port to serve on (a restart on the same port); None: a free port."""
         import socket
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.address = f"127.0.0.1:{sock.getsockname()[1]}"
-        self.data_dir, self.proc = data_dir, None
+        if address is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                address = f"127.0.0.1:{sock.getsockname()[1]}"
+        self.address, self.data_dir, self.proc = address, data_dir, None
 
     def __enter__(self) -> "RegistryProcess":
         import subprocess

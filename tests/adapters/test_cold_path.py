@@ -103,13 +103,17 @@ def test_given_digest_is_trusted_and_weights_read_through_alloc(tmp_path):
     calls = []
 
     def alloc(n):  # what the engine passes on CUDA (pinned memory); here plain memory, counted
-        calls.append(n)
-        return torch.empty(n, dtype=torch.uint8)
+        calls.append(torch.empty(n, dtype=torch.uint8))
+        return calls[-1]
 
     timings = {}
     got = load_adapter(tar, digest="sha256:" + "ab" * 32, alloc=alloc, timings=timings)
     assert got.digest == "sha256:" + "ab" * 32
-    assert calls == [(src / "adapter_model.safetensors").stat().st_size]  # the weights file only
+    assert [t.numel() for t in calls] == [(src / "adapter_model.safetensors").stat().st_size]  # weights only
+    # the factors are views of that very tensor's storage (not a foreign wrapper of its memory): a
+    # pinned block's allocator then tracks the host->GPU copies made from it
+    owner = calls[0].untyped_storage()._cdata  # the storage object itself, not just its address
+    assert {t.untyped_storage()._cdata for ab in got.weights.values() for t in ab} == {owner}
     assert set(timings) == {"read_s", "digest_s", "parse_s", "range_s"}
     bundle = open_bundle(tar)
     bundle.read("adapter_model.safetensors")

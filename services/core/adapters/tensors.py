@@ -136,6 +136,23 @@ def load_safetensors_bytes(data: bytes | bytearray, name: str) -> TensorDict:
     return out
 
 
+def _owning_tensor(data) -> torch.Tensor | None:
+    """The part of the uint8 tensor that a memoryview from bundle.writable_buffer shows, so that the
+    views share that tensor's storage: for a pinned block, torch's caching host allocator then
+    records the host->GPU copies made from it and never hands the block out again while one is in
+    flight (a torch.frombuffer storage is unknown to it). None for any other buffer."""
+    owner = getattr(getattr(data, "obj", None), "base", None)
+    if not (isinstance(data, memoryview) and isinstance(owner, torch.Tensor) and owner.dtype == torch.uint8
+            and owner.dim() == 1 and len(data)):
+        return None
+    import numpy as np
+
+    offset = np.frombuffer(data, dtype=np.uint8).ctypes.data - owner.data_ptr()
+    if not 0 <= offset <= owner.numel() - len(data):
+        return None
+    return owner[offset:offset + len(data)]
+
+
 def _views(data, entries: dict, start: int) -> TensorDict | None:
     if not isinstance(data, (bytearray, memoryview)) or len(data) <= start or not entries:
         return None
@@ -144,7 +161,9 @@ def _views(data, entries: dict, start: int) -> TensorDict | None:
     dtypes = {e[0] for e in entries.values()}
     if not dtypes <= set(_ST_DTYPES):
         return None
-    base = torch.frombuffer(data, dtype=torch.uint8)  # shares data's memory and keeps it alive
+    base = _owning_tensor(data)
+    if base is None:
+        base = torch.frombuffer(data, dtype=torch.uint8)  # shares data's memory and keeps it alive
     if base.data_ptr() % 8:
         return None
     out = TensorDict()

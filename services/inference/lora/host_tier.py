@@ -114,5 +114,5 @@ def pinned_views(weights: dict, dtype: torch.dtype) -> bool:
     tensors = [t for ab in weights.values() for t in ab]
     if not tensors or any(t.dtype != dtype for t in tensors):
         return False
-    ptr = tensors[0].untyped_storage().data_ptr()
-    return all(t.untyped_storage().data_ptr() == ptr for t in tensors) and tensors[0].is_pinned()
+    storage = tensors[0].untyped_storage()._cdata  # one storage object: the pinned tensor the file was read into
+    return all(t.untyped_storage()._cdata == storage for t in tensors) and tensors[0].is_pinned()

@@ -36,18 +36,23 @@ def _cpu_rank(rank: int, world: int, port: int, out) -> None:
     res = []
     for switch in ("1", "0"):   # on (the default) and forced off: gloo either way
         os.environ["LORASERVE_TP_CUSTOM_AR"] = switch
-        group = TPGroup(rank, world, 16, 8)
+        group = TPGroup(rank, world, 15, 8)
         group.setup_all_reduce(torch.device("cpu"))
         x = parts[rank].clone()
         reduced = group.all_reduce(x)
-        res.append((group.custom_ar is None, reduced is x, bool(torch.allclose(x, sum(parts), rtol=0, atol=1e-6))))
+        # the logits gather: [T, V/size] per rank -> float32 [T, V] (V = 15: the padding column cut off)
+        logits = [torch.randn(3, 8, generator=torch.Generator().manual_seed(10 + r)).bfloat16() for r in range(world)]
+        gathered = group.gather_logits(logits[rank])
+        ok_gather = gathered.dtype == torch.float32 and torch.equal(gathered, torch.cat(logits, -1)[:, :15].float())
+        res.append((group.custom_ar is None, reduced is x, bool(torch.allclose(x, sum(parts), rtol=0, atol=1e-6)),
+                    bool(ok_gather)))
     out[rank] = res
     dist.destroy_process_group()
 
 
 def test_cpu_falls_back_to_gloo_and_sums():
     out = _run(_cpu_rank, 2)
-    assert out == {r: [(True, True, True)] * 2 for r in (0, 1)}
+    assert out == {r: [(True, True, True, True)] * 2 for r in (0, 1)}
 
 
 def _gpu_rank(rank: int, world: int, port: int, out) -> None:
@@ -98,7 +103,8 @@ def _gpu_rank(rank: int, world: int, port: int, out) -> None:
             local = torch.randn(rows, 1000, device=dev).to(torch.bfloat16)
             parts = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(parts, local)
-            res[f"gather{rows}"] = bool(torch.equal(group.gather_logits(local), torch.cat(parts, -1)[:, :2 * 1000 - 3]))
+            ref = torch.cat(parts, -1)[:, :2 * 1000 - 3].float()
+            res[f"gather{rows}"] = bool(torch.equal(group.gather_logits(local), ref))
         # the step broadcast: both regions in turn, sizes up and down, one over the region (NCCL)
         for step, n in enumerate([7, 100_000, 3, 50, 200_000]):
             sent = torch.arange(n, device=dev, dtype=torch.int64) * (step + 3) - 1

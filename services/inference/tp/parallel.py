@@ -54,17 +54,26 @@ class TPGroup:
         return self.all_reduce(x)
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
-        """local [T, V/size] -> [T, V] on every rank (only rank 0 samples from it)."""
+        """local [T, V/size] -> float32 [T, V] on every rank (only rank 0 samples from it)."""
+        T, Vr = local.shape
         ar = self.custom_ar
         if ar is not None and local.numel() * self.size * local.element_size() <= ar.gather_bytes:
             # small batches (decode): the gather as a symmetric-memory sum of disjoint parts, [T, size, V/size]
             # zero but for this rank's columns (x + 0 is exact), one kernel instead of NCCL's gather + cat
-            full = local.new_zeros(local.shape[0], self.size, local.shape[1])
+            full = local.new_zeros(T, self.size, Vr)
             full[:, self.rank].copy_(local)
-            return ar(full).view(local.shape[0], -1)[:, :self.vocab_size]
-        parts = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts, dim=-1)[:, :self.vocab_size]
+            out = ar(full).view(T, -1).float()
+        else:
+            # [size * T, Vr] rank-major from one gather, then one copy into [T, size, Vr] that also casts
+            # (no per-rank list, no cat, no separate cast of the [T, V] logits)
+            gathered = local.new_empty(self.size * T, Vr)
+            # all_gather_single: the name in torch >= 2.13 (all_gather_into_tensor deprecated there)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(gathered, local.contiguous())
+            out = torch.empty(T, self.size, Vr, dtype=torch.float32, device=local.device)
+            out.copy_(gathered.view(self.size, T, Vr).transpose(0, 1))
+            out = out.view(T, -1)
+        return out if out.shape[1] == self.vocab_size else out[:, :self.vocab_size].contiguous()
 
 
 def shard_args(args, size: int):

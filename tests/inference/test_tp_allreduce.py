@@ -1,7 +1,7 @@
 """The tensor-parallel all-reduce selector (services/inference/tp/allreduce.py).
 
 CPU (gloo, 2 processes): no symmetric-memory path is chosen whatever the switch says, and the
-row-parallel all-reduce still returns the ranks' exact sum. GPU (2 CUDA devices, NCCL): the
+row-parallel all-reduce still returns the ranks' exact sum, the logits gather their concatenation. GPU (2 CUDA devices, NCCL): the
 symmetric-memory one-shot and two-shot sums equal NCCL's, eagerly and replayed from a CUDA graph;
 LORASERVE_TP_CUSTOM_AR=0 gives NCCL only; messages over the size limit go to NCCL; the logits gather
 and the step broadcast through the symmetric buffer equal NCCL's all-gather and broadcast.

@@ -380,8 +380,7 @@ def main() -> int:
 
     write_outputs(a, s)   # the headline figures now; the variants below may run out of time
     print_headline(s)
-    variants = [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
-                for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
+    variants = []
     if a.sweep_mixed_graphs:   # the other side of the new graphs: before/after in one run
         if mixed_graphs_enabled():
             variants.append(("LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0", {},
@@ -390,11 +389,14 @@ def main() -> int:
             variants.append(("LORASERVE_MIXED_GRAPHS=1", {}, {"LORASERVE_MIXED_GRAPHS": "1"}))
             variants.append(("LORASERVE_MIXED_GRAPHS=1 LORASERVE_SAMPLER_GRAPHS=1", {},
                              {"LORASERVE_MIXED_GRAPHS": "1", "LORASERVE_SAMPLER_GRAPHS": "1"}))
+    variants += [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
+                 for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
     for label, extra, env in variants:
         s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
                                                           s["limit"]["limit_s"], a.decode_batch, a.input_mean,
                                                           16 if a.tiny else 64)
         free_memory()
+        write_outputs(a, s)
     if a.with_lora:
         s["lora_flow"] = lora_flow(a, model, work)
     write_outputs(a, s)

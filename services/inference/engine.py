@@ -5,6 +5,9 @@ Single-threaded; `AsyncLLM` (async_llm.py) drives it from a thread. With `async_
 loop is overlapped (vLLM's async scheduling, SGLang's overlap scheduler): step N+1 is scheduled
 and launched before step N's tokens are read back, so detokenization, stop checks and streaming
 of step N run while the device computes N+1; decode inputs of N+1 take N's tokens on the device.
+`step_pending()` is step() without building the messages: the engine thread only snapshots each
+request's progress (output_builder.PendingOutput) and AsyncLLM builds the RequestOutputs (and
+detokenizes requests without stop strings) on the consumers' event loop, during the device wait.
 """
 from __future__ import annotations
 

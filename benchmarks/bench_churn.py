@@ -211,7 +211,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
         result["cold_source"] = f"local PEFT dir via lora_path (no registry here: {registry_available()})"
     cold, warm, stages = cold[1:], warm[1:], stages[1:]
     for st, total in zip(stages, cold):  # the rest: admission wait + the forward + host->GPU copy wait
-        st["rest_s"] = total - sum(v for k, v in st.items() if k != "place_s")
+        st["rest_s"] = total - sum(v for k, v in st.items() if k not in ("place_s", "pin_alloc_s"))
     result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
                   cold_ttft_all_s=cold, cold_stages=stages,
                   adapter_dir_bytes=sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])))

@@ -8,6 +8,7 @@ the books. Not thread-safe: LoRAManager calls it under its lock.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,3 +117,17 @@ def pinned_views(weights: dict, dtype: torch.dtype) -> bool:
         return False
     storage = tensors[0].untyped_storage()._cdata  # one storage object: the pinned tensor the file was read into
     return all(t.untyped_storage()._cdata == storage for t in tensors) and tensors[0].is_pinned()
+
+
+def timed_alloc(alloc, timings: dict | None):
+    """`alloc` with its time added to timings["pin_alloc_s"] (a new pinned block costs a
+    cudaHostAlloc; torch's caching host allocator reuses the blocks of freed ones)."""
+    if alloc is None or timings is None:
+        return alloc
+
+    def timed(nbytes: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = alloc(nbytes)
+        timings["pin_alloc_s"] = timings.get("pin_alloc_s", 0.0) + time.perf_counter() - t0
+        return out
+    return timed

@@ -48,7 +48,7 @@ from .batch import LoRABatch
 from .device_tier import DeviceTier
 from .dora import compute_dora_scales
 from .holds import looks_nemo, release_after_engine, resolve_async, stat_signature  # noqa: F401 - re-exported
-from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views
+from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views, timed_alloc
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class LoRAManager:
                             limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
                                                            self.max_rank),
                             confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
-                            timings=timings, digest=digest, alloc=self._read_alloc)
+                            timings=timings, digest=digest, alloc=timed_alloc(self._read_alloc, timings))
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:

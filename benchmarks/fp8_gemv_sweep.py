@@ -40,28 +40,27 @@ def candidate_tiles(m: int) -> list[tuple]:
     dot16 (tl.dot on fp16: a cheaper e4m3 conversion). split: "auto" (fp8_gemv.auto_split; gemv2/gemv4
     tiles are GROUPS x BLOCK_N rows), "tile" (one K tile per program, no K loop: GemLite's GEMV shape, the
     partials summed by the second launch). gemv stages: 2 = the next weight tile prefetched into registers.
-    The first entries are the 2026-11-30 probe's winners; the rest are what that run suggested trying."""
-    if m == 1:   # gemv2/gemv4: 2/4 row groups share each x load (3.3-4.1 SASS instructions per weight byte
-        # in the K loop against 5.1; the register prefetch, stages 2, costs +1.5-2.4: PRMT/IMAD moves)
-        return [("gemv", 1, 4, 512, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "auto"), ("gemv4", 1, 4, 512, 4, 1, "auto"),
-                ("gemv4", 1, 4, 256, 4, 1, "auto"), ("gemv2", 1, 4, 512, 4, 1, "auto"), ("gemv4", 1, 4, 512, 4, 2, "auto"),
-                ("gemv4", 1, 8, 512, 8, 1, "auto"), ("gemv", 1, 4, 1024, 4, 2, "auto"), ("gemv", 1, 4, 512, 4, 1, "tile"),
-                ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 128, 8, 3, "auto"),
-                ("dot16", 16, 256, 128, 8, 3, "auto"), ("dot16", 16, 256, 64, 8, 3, "auto")]
-    # dot16 with 256 weight rows per program (8 warps): x's fp16 conversion shared by 4x the rows, 2.0-3.1
-    # SASS instructions per weight byte in the loop (dot 64x64: 5.9)
-    if m <= 4:
-        return [("dot", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 256, 128, 8, 3, "auto"),
-                ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 128, 64, 4, 3, "auto"),
-                ("dot16", 16, 256, 64, 8, 3, "auto"), ("dot16", 16, 64, 256, 4, 3, "auto"),
-                ("dot16", 16, 128, 128, 8, 3, "auto"), ("gemv", 4, 4, 512, 4, 2, "auto"), ("gemv4", 1, 4, 512, 4, 1, "auto")]
+    The first entries are the 2026-11-30 second probe's winners; the rest are what that run suggested trying."""
+    if m == 1:   # gemv2/gemv4: 2/4 row groups share each x load (3.3-4.1 SASS instructions per weight byte in
+        # the K loop against 5.1); the register prefetch (stages 2) lost 25-45% in the second probe: one kept
+        return [("gemv", 1, 4, 512, 4, 1, "auto"), ("gemv2", 1, 4, 512, 4, 1, "auto"), ("gemv4", 1, 4, 512, 4, 1, "auto"),
+                ("gemv4", 1, 8, 512, 8, 1, "auto"), ("gemv2", 1, 8, 512, 8, 1, "auto"), ("gemv", 1, 8, 512, 8, 1, "auto"),
+                ("dot16", 16, 64, 128, 4, 3, "auto"), ("dot16", 16, 64, 128, 2, 3, "auto"),
+                ("gemv", 1, 4, 512, 4, 2, "auto")]
     bm = max(16, 1 << (m - 1).bit_length())
-    tiles = [("dot", bm, 64, 128 if bm <= 32 else 64, 4, 3, "auto"), ("dot16", bm, 256, 128, 8, 3, "auto"),
-             ("dot16", bm, 256, 64, 8, 3, "auto"), ("dot16", bm, 64, 128, 4, 3, "auto"), ("dot16", bm, 64, 64, 4, 3, "auto"),
-             ("dot16", bm, 128, 64, 4, 3, "auto"), ("dot16", bm, 128, 128, 8, 3, "auto"),
-             ("dot16", bm, 64, 128, 4, 4, "auto"), ("dot", bm, 128, 64, 4, 3, "auto")]
+    # second probe: dot16 with 64 x 128 weight tiles, 4 warps, 3 stages won every M in 4..32 (256-row tiles and
+    # BLOCK_K 64 / 256 lost 10-60%); 2 warps (mma.sync instead of wgmma: 2.8 SASS instructions per weight
+    # byte in the loop at 16 rows) is new
+    tiles = [("dot16", bm, 64, 128, 4, 3, "auto")]
+    if bm == 16:
+        tiles.append(("dot16", bm, 64, 128, 2, 3, "auto"))
+    tiles += [("dot", bm, 64, 128 if bm <= 32 else 64, 4, 3, "auto"), ("dot16", bm, 64, 64, 4, 3, "auto"),
+              ("dot16", bm, 128, 128, 8, 3, "auto"), ("dot16", bm, 64, 128, 4, 4, "auto"), ("dot16", bm, 64, 128, 4, 2, "auto"),
+              ("dot", bm, 128, 64, 4, 3, "auto")]
     if bm <= 32:
         tiles.append(("dot16", bm, 64, 256, 4, 3, "auto"))
+    if m <= 4:
+        tiles.append(("gemv4", 1, 4, 512, 4, 1, "auto"))
     return tiles
 
 

@@ -314,19 +314,24 @@ GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bo
 KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16")
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
-# Measured best per (M bucket, N, K): H200 probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
+# Measured best per (M bucket, N, K): H200, second probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
 # timings; kernels/PERF_NOTES.md). Buckets 2 and 8 take the measured 4 / 16 entries. Other shapes (other
-# models, tensor-parallel shards): heuristic_config.
+# models, tensor-parallel shards): heuristic_config. M = 64 is measured but _scaled_mm beat it there, so the
+# default dispatch (models/fp8.py, LORASERVE_FP8_GEMV_MAX_M = 32) does not reach it.
 _LLAMA3_8B = {
     # (N, K): {M bucket: config}
-    (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 2), 4: ("dot", 16, 64, 128, 8, 4, 3), 16: ("dot", 16, 64, 128, 4, 4, 3),
-                   32: ("dot", 32, 64, 128, 4, 4, 3), 64: ("dot", 64, 64, 128, 4, 4, 3)},
-    (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 2), 4: ("dot", 16, 128, 64, 16, 4, 3), 16: ("dot", 16, 64, 128, 8, 4, 3),
-                   32: ("dot", 32, 64, 128, 8, 4, 3), 64: ("dot", 64, 64, 64, 8, 4, 3)},
-    (28672, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 2), 4: ("dot", 16, 64, 128, 2, 4, 3), 16: ("dot", 16, 64, 128, 2, 4, 3),
-                    32: ("dot", 32, 64, 128, 1, 4, 3), 64: ("dot", 64, 64, 64, 1, 4, 3)},
-    (4096, 14336): {1: ("gemv", 1, 4, 512, 2, 4, 2), 4: ("dot", 16, 128, 64, 16, 4, 3), 16: ("dot", 16, 64, 128, 8, 4, 3),
-                    32: ("dot", 32, 64, 128, 8, 4, 3), 64: ("dot", 64, 128, 64, 16, 4, 3)},
+    (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 4, 3),
+                   16: ("dot16", 16, 64, 128, 4, 4, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3),
+                   64: ("dot16", 64, 128, 64, 8, 4, 3)},
+    (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 4, 3),
+                   16: ("dot16", 16, 64, 128, 8, 4, 3), 32: ("dot16", 32, 64, 128, 8, 4, 3),
+                   64: ("dot", 64, 64, 64, 4, 4, 3, True)},
+    (28672, 4096): {1: ("gemv2", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 1, 4, 3),
+                    16: ("dot16", 16, 64, 128, 1, 4, 3), 32: ("dot16", 32, 64, 128, 1, 4, 3),
+                    64: ("dot", 64, 64, 64, 1, 4, 3)},
+    (4096, 14336): {1: ("gemv4", 1, 4, 512, 2, 4, 1), 4: ("dot16", 16, 64, 128, 8, 4, 3),
+                    16: ("dot16", 16, 64, 128, 8, 4, 3), 32: ("dot16", 32, 64, 128, 8, 4, 3),
+                    64: ("dot16", 64, 64, 64, 8, 4, 3)},
 }
 CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
     (m, n, k): cfg for (n, k), by_m in _LLAMA3_8B.items() for m, cfg in {**by_m, 2: by_m[4], 8: by_m[16]}.items()}
@@ -355,15 +360,16 @@ def auto_split(kind: str, bm: int, bn: int, bk: int, M: int, N: int, K: int, num
 
 
 def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
-    """For shapes the table lacks, from the H200 sweep: M = 1 the CUDA-core GEMV with 4 x 512 weight tiles
-    (many small programs: more of them resident per SM, more loads in flight; 1.6-2.8 TB/s where bigger
-    tiles lost 5-25%), above it the swap-AB tensor-core kernel with 64-row weight tiles (at M = 4 it beat
-    the 4-row GEMV by 1.6-2x: each GEMV row costs a conversion + FMA per weight byte)."""
+    """For shapes the table lacks, from the H200 sweeps: M = 1 the CUDA-core GEMV with 4 x 512 weight tiles
+    and no register prefetch (many small programs, more of them resident per SM; the prefetch cost 25-45%),
+    M <= 32 the swap-AB tensor-core kernel on fp16 operands with 64-row weight tiles (at M = 4 it beat the
+    4-row GEMV by 2x and the bf16-operand form by 10-25%), above it the bf16-operand form (64 x 64)."""
     if M == 1:
-        kind, bm, bn, bk, warps, stages = "gemv", 1, 4, 512, 4, 2
+        kind, bm, bn, bk, warps, stages = "gemv", 1, 4, 512, 4, 1
+    elif M <= 32:
+        kind, bm, bn, bk, warps, stages = "dot16", max(16, triton.next_power_of_2(M)), 64, 128, 4, 3
     else:
-        bm = max(16, triton.next_power_of_2(M)) if M <= 64 else 64
-        kind, bn, bk, warps, stages = "dot", 64, (128 if bm <= 32 else 64), 4, 3
+        kind, bm, bn, bk, warps, stages = "dot", 64, 64, 64, 4, 3
     bk = min(bk, max(16, triton.next_power_of_2(K)))
     return kind, bm, bn, bk, auto_split(kind, bm, bn, bk, M, N, K, num_sms), warps, stages
 

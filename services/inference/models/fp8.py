@@ -11,8 +11,9 @@ GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M t
 the weight-only FP8 GEMV (kernels/fp8_gemv.py: bf16 x times e4m3 W converted in registers, no activation
 quantization); larger M torch._scaled_mm (FP8 tensor cores, row-wise scales) after one Triton launch that
 quantizes x per token. H200, 8B projections, one decoder layer's four GEMMs (fp8_gemv_sweep.py, CUDA
-graphs, 2026-11-30 probe): M=1 89.9 us (bf16 116.4, _scaled_mm 135.3), M=16 105.4 (117.6 / 132.0),
-M=32 118.2 (120.3 / 127.9), M=64 134.7 (125.0 / 125.3): hence the default of 32. The older Triton W8A16
+graphs, 2026-11-30 second probe): M=1 68.7 us (bf16 119.0, _scaled_mm 136.0: 1.73x bf16), M=4 85.1
+(118.2 / 136.4), M=16 87.3 (120.1 / 134.3), M=32 105.6 (122.6 / 128.4), M=64 136.5 (127.7 / 123.7):
+hence the default of 32. The older Triton W8A16
 GEMM (kernels/fp8_gemm.py, 0.13-0.55 TB/s) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
 compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True also rounds x per token

@@ -124,23 +124,24 @@ class Case:
             + 2 * num_tokens * self.N * 2
 
     def use_variant(self, stream: bool | dict) -> None:
-        """Switch lora_apply's kernel variant for the next calls/timings: a bool sets
-        LORASERVE_LORA_STREAM; a dict (benchmarks/lora_variants.VARIANTS) sets stream, fused
-        (LORASERVE_LORA_FUSED) and onelaunch (LORASERVE_LORA_ONELAUNCH)."""
+        """Switch lora_apply's kernel variant for the next calls/timings: a bool sets only
+        LORASERVE_LORA_STREAM (the other switches stay as they are); a dict
+        (benchmarks/lora_variants.VARIANTS) sets every switch: stream, fused (LORASERVE_LORA_FUSED),
+        onelaunch (LORASERVE_LORA_ONELAUNCH) and its token range, pdl (LORASERVE_LORA_PDL) and the
+        streaming expand's b_ahead (None: the code's rule); a key left out means off / the rule."""
         import importlib
 
-        v = stream if isinstance(stream, dict) else dict(stream=stream)
-        apply_mod = importlib.import_module("loraserve.kernels.lora_apply")  # the module, not the function
-        apply_mod.FUSED_ENABLED = bool(v.get("fused", False))
-        apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
-        from loraserve.kernels import lora_onelaunch
+        if isinstance(stream, dict):
+            v = stream
+            apply_mod = importlib.import_module("loraserve.kernels.lora_apply")  # the module, not the function
+            apply_mod.FUSED_ENABLED = bool(v.get("fused", False))
+            apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
+            from loraserve.kernels import lora_expand_stream, lora_onelaunch
 
-        lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
-        lora_meta.LORA_PDL = bool(v.get("pdl", False))
-        from loraserve.kernels import lora_expand_stream
-
-        lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", 2)
-        stream = bool(v.get("stream", True))
+            lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
+            lora_meta.LORA_PDL = bool(v.get("pdl", False))
+            lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead")
+            stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
         if tuple(self.ws.shape) != tuple(shape):

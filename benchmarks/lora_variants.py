@@ -1,14 +1,16 @@
 """Multi-LoRA kernel variants side by side in one run (`bench_lora_kernels.py --compare
 [--variants a,b,...]`, `--sweep-stream`, `--sweep-onelaunch`; the Case, shapes and limits are
-bench_lora_kernels.py's). Variants (lora_apply switches; "default": as the environment and code defaults set them):
+bench_lora_kernels.py's). Variants (lora_apply switches; "default": as the environment and the code's
+defaults set them):
   classic    LORASERVE_LORA_STREAM=0: shrink + classic expand (one program per column block)
-  stream     LORASERVE_LORA_STREAM=1 (default): shrink + streaming expand, two launches
+  stream     LORASERVE_LORA_STREAM=1, PDL off, 2 B blocks ahead: the default until the PDL run
   onelaunch  LORASERVE_LORA_ONELAUNCH=1: one launch per projection, ticketed roles (lora_onelaunch.py),
              at every token count (onelaunch256: only up to 256 tokens, lora_apply's range)
   fused      LORASERVE_LORA_FUSED=1: one launch with a grid barrier (lora_fused.py)
   pdl        LORASERVE_LORA_PDL=1: stream with programmatic dependent launch (the expand launches
-             while the shrink runs, fetches B, then waits: griddepcontrol)
-  a3, pdl_a3 stream / pdl with 3 B blocks in flight per expand program (lora_expand_stream.STREAM_B_AHEAD)
+             while the shrink runs, fetches B, then waits: griddepcontrol), 2 B blocks ahead
+  a3, pdl_a3 stream / pdl with 3 B blocks in flight per expand program (lora_expand_stream.STREAM_B_AHEAD);
+             the default is now pdl with 3 ahead at decode-like tiles
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -22,23 +24,24 @@ import time
 import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
-from loraserve.kernels import lora_apply, lora_meta, lora_onelaunch
+from loraserve.kernels import lora_apply, lora_expand_stream, lora_meta, lora_onelaunch
 
 _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
 # "default": the switches as this process found them (environment + code defaults), i.e. what the
 # engine runs.
 DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_ENABLED,
                fused=_apply_module.FUSED_ENABLED, pdl=lora_meta.LORA_PDL,
-               onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS)
+               onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS,
+               b_ahead=lora_expand_stream.STREAM_B_AHEAD)
 
 VARIANTS = {
     "default": DEFAULT,
     "classic": dict(stream=False),
-    "stream": dict(stream=True),
+    "stream": dict(stream=True, b_ahead=2),  # the default before PDL and 3 B blocks ahead (2026-11-30)
     "onelaunch": dict(stream=True, onelaunch=True, onelaunch_max_tokens=4096),  # every T: the data sets the range
     "onelaunch256": dict(stream=True, onelaunch=True),  # lora_apply's range with the switch on
     "fused": dict(stream=True, fused=True),
-    "pdl": dict(stream=True, pdl=True),  # stream + programmatic dependent launch (LORASERVE_LORA_PDL=1)
+    "pdl": dict(stream=True, pdl=True, b_ahead=2),  # stream + programmatic dependent launch
     "onelaunch_pdl": dict(stream=True, onelaunch=True, pdl=True),  # onelaunch where it applies, else pdl
     "a3": dict(stream=True, b_ahead=3),  # stream with 3 B blocks in flight per expand program
     "pdl_a3": dict(stream=True, pdl=True, b_ahead=3),

@@ -5,14 +5,15 @@ bf16 weights (bench_engine.build_checkpoint, --layers of them: the ratio is per 
 give the same figure as 32 in seconds). For each variant one engine is built with the variant's
 switches set (its CUDA graphs capture them), then decode with LoRA and without is timed on fresh
 prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
-  default      the switches as the environment sets them
-  overlap      LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM (lora/batch.py)
-  overlap_full LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream, one add after
-  pdl          LORASERVE_LORA_PDL=1: programmatic dependent launch, shrink -> expand
-  overlap_pdl, overlap_full_pdl: with PDL too
+  default      the switches as the environment and the code's defaults set them (PDL on, 3 B blocks ahead)
+  stream       the default before 2026-11-30's probe: PDL off, 2 B blocks ahead
+  overlap      default + LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM
+  overlap_full default + LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream,
+               one add after the GEMM (kernels/lora_add.py); overlap_full_nopdl: without PDL
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
 
-    python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap] [--steps 32]
+    python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap_full,stream] [--steps 32]
+        [--prompt-len 512] [--buckets 64]
     python3 benchmarks/bench_lora_decode.py --tiny     # CPU logic check on a tiny random Llama
 """
 from __future__ import annotations
@@ -29,17 +30,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-VARIANTS = {"default": {}, "overlap": dict(overlap="shrink"), "pdl": dict(pdl=True),
-            "overlap_pdl": dict(overlap="shrink", pdl=True), "overlap_full": dict(overlap="full"),
-            "overlap_full_pdl": dict(overlap="full", pdl=True)}
+VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict(overlap="shrink"),
+            "overlap_full": dict(overlap="full"), "overlap_full_nopdl": dict(overlap="full", pdl=False)}
 
 
 def set_variant(v: dict, defaults: dict) -> None:
     from loraserve.inference.lora import batch
-    from loraserve.kernels import lora_meta
+    from loraserve.kernels import lora_expand_stream, lora_meta
 
     batch.OVERLAP = v.get("overlap", defaults["overlap"])
     lora_meta.LORA_PDL = v.get("pdl", defaults["pdl"])
+    lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", defaults["b_ahead"])
 
 
 def main() -> int:
@@ -51,7 +52,8 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--variants", default="default,overlap")
+    ap.add_argument("--variants", default="default,overlap_full")
+    ap.add_argument("--buckets", default=None, help="decode CUDA-graph batch sizes, e.g. 64 (default: the engine's)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from benchmarks.bench_engine import Prompts, random_adapters, time_engine_decode
@@ -65,7 +67,13 @@ def main() -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL)
+    from loraserve.kernels import lora_expand_stream
+
+    defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD)
+    if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
+        from loraserve.inference import cuda_graphs
+
+        cuda_graphs.BUCKETS = tuple(int(b) for b in a.buckets.split(","))
     path = tempfile.mkdtemp(prefix="lora-decode-")
     t0 = time.perf_counter()
     if a.tiny:

@@ -98,8 +98,12 @@ def pdl_launch(device: torch.device) -> dict:
         return {}
     idx = device.index if device.index is not None else torch.cuda.current_device()
     ok = _PDL_OK.get(idx)
-    if ok is None:
-        ok = _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    if ok is None:  # Hopper or newer, and a Triton with the griddepcontrol intrinsics (>= 3.4)
+        from ._triton import tl
+
+        cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None)
+        ok = _PDL_OK[idx] = (torch.cuda.get_device_capability(idx)[0] >= 9
+                             and hasattr(cuda_ext, "gdc_wait") and hasattr(cuda_ext, "gdc_launch_dependents"))
     return dict(USE_PDL=True, launch_pdl=True) if ok else {}
 
 

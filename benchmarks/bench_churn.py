@@ -194,10 +194,11 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
                     f = loop.run_until_complete(fetcher.fetch(f"cold-{i}", 1))
                     fetched.append(f)
                     return eng.lora_manager.resolve(LoRARequest(f"cold-{i}", 10_000 + i, f.path, f.format),
-                                                    trusted=True, digest=f.digest)  # as the service does
+                                                    trusted=True, digest=f.digest, data=f.data)  # as the service does
                 cold.append(time_first_token(eng, prompt(64), resolve=resolve))
                 stages.append(dict(_handle_timings(eng, 10_000 + i), resolve_s=fetched[0].resolve_s,
                                    download_s=fetched[0].download_s))
+                loop.run_until_complete(fetcher.flush())  # its disk copy, written meanwhile, done before the next
                 warm.append(time_first_token(eng, prompt(64), LoRARequest(f"cold-{i}", 10_000 + i)))
             loop.run_until_complete(fetcher.close())
             loop.close()

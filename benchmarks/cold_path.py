@@ -171,6 +171,7 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
             loop = asyncio.new_event_loop()
             for i in range(n):  # the registry is idle between fetches, as at no load
                 fetched[i] = loop.run_until_complete(fetcher.fetch(f"stage-{i}", 1))
+                loop.run_until_complete(fetcher.flush())  # its disk copy written before the next (no load)
             loop.run_until_complete(fetcher.close())
             loop.close()
     mgr = LoRAManager(LoraConfig(max_lora_rank=rank, max_loras=1, max_cpu_loras=n),
@@ -178,8 +179,8 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     rows = []
     for i in range(n):
         f = fetched[i]
-        path, digest = (f.path, f.digest) if f is not None else (paths[i], None)
-        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=True, digest=digest)
+        path, digest, data = (f.path, f.digest, f.data) if f is not None else (paths[i], None, None)
+        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=True, digest=digest, data=data)
         seq = Sequence(f"stage-{i}", [1, 2, 3], SamplingParams(max_tokens=1), lora=hold)
         t0 = time.perf_counter()
         assert mgr.try_acquire(seq), "a slot must be free"

@@ -185,7 +185,7 @@ class InferenceCore:
         Returns (LoRARequest, held AdapterHandle) or (None, None); the engine takes over the hold."""
         if spec is None:
             return None, None
-        trusted, digest = False, None
+        trusted, digest, data = False, None, None
         if spec.lora_request is not None:
             req = spec.lora_request
             if req.lora_path and not self.cfg.allowed_lora_dirs:
@@ -198,8 +198,9 @@ class InferenceCore:
             self.sources[fetched.digest] = f"{fetched.name}:{fetched.version}"
             req = LoRARequest(f"{fetched.name}:{fetched.version}", digest_int_id(fetched.digest), fetched.path,
                               fetched.format)
-            trusted, digest = True, fetched.digest  # our own download cache, digest verified
-        return req, await resolve_async(self.lora_manager, req, trusted, digest)
+            # our own download cache, digest verified (data: its bytes while the file is being written)
+            trusted, digest, data = True, fetched.digest, fetched.data
+        return req, await resolve_async(self.lora_manager, req, trusted, digest, data)
 
     async def prefetch(self, spec: AdapterSpec):
         """Load an adapter into the host tier and keep it there until evicted by LRU."""

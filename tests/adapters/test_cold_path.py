@@ -119,3 +119,25 @@ def test_given_digest_is_trusted_and_weights_read_through_alloc(tmp_path):
     bundle.read("adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="already handed out"):  # its buffer belongs to the first parse
         bundle.read("adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("piece", [777, 1 << 20])
+def test_tar_bytes_in_pieces_load_like_the_file(tmp_path, piece):
+    """A download's pieces (Chunks, never joined) parse to the file's weights; pieces untouched."""
+    from loraserve.adapters.bundle import Chunks
+
+    src = make_peft_adapter(tmp_path / "a", modules=("q_proj", "down_proj"), r=4, alpha=20.0, seed=4)
+    tar = pack_dir(src, tmp_path / "a.tar", "tar")
+    raw = tar.read_bytes()
+    pieces = [raw[i:i + piece] for i in range(0, len(raw), piece)]
+    digest = artifact_digest(tar)
+    got = load_adapter(tar, data=Chunks(pieces), digest=digest, serving_dtype=torch.float32)
+    ref = load_adapter(tar, serving_dtype=torch.float32)
+    assert got.digest == ref.digest == digest and set(got.weights) == set(ref.weights)
+    for k, (a, b) in ref.weights.items():
+        assert torch.equal(got.weights[k][0], a) and torch.equal(got.weights[k][1], b), k
+    assert b"".join(pieces) == raw  # scales were folded into a copy, not into the pieces
+    with pytest.raises(AdapterFormatError, match="truncated|not a readable"):
+        load_adapter(tar, data=Chunks([raw[:len(raw) // 2]]), digest=digest)
+    with pytest.raises(ValueError, match="digest"):
+        load_adapter(tar, data=Chunks(pieces))

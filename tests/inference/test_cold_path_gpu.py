@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loraserve.adapters import load_adapter
+from loraserve.adapters.bundle import Chunks, artifact_digest
 from loraserve.adapters.testing import make_peft_adapter
 from loraserve.adapters.writer import pack_dir
 from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig, SamplingParams
@@ -18,7 +19,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 @pytest.mark.parametrize("packing,file_dtype", [("dir", torch.bfloat16), ("tar", torch.bfloat16),
-                                                ("dir", torch.float32)])
+                                                ("tar-bytes", torch.bfloat16), ("dir", torch.float32)])
 def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, file_dtype):
     from loraserve.inference.lora.host_tier import pinned_views
     from loraserve.inference.lora.manager import LoRAManager
@@ -30,9 +31,12 @@ def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, 
         args = ModelArgs.from_hf_config(json.load(f))
     src = make_peft_adapter(tmp_path / "a", modules=ALL, r=8, alpha=24.0, dtype=file_dtype, seed=5)
     art = src if packing == "dir" else pack_dir(src, tmp_path / "a.tar", "tar")
+    # tar-bytes: the fetcher's verified download in memory (its disk copy still being written)
+    raw = art.read_bytes() if packing == "tar-bytes" else b""
+    data = Chunks([raw[i:i + (1 << 20)] for i in range(0, len(raw), 1 << 20)]) if raw else None
     mgr = LoRAManager(LoraConfig(max_lora_rank=16, max_loras=1), PeftCacheConfig(num_device_module_layer=28),
                       args, torch.bfloat16, torch.device("cuda"))
-    hold = mgr.resolve(LoRARequest("a", 1, str(art)), trusted=True)
+    hold = mgr.resolve(LoRARequest("a", 1, str(art)), trusted=True, digest=artifact_digest(art), data=data)
     h = hold.handle
     # a bf16 file is served from the buffer it was read into; an fp32 one is converted (a copy)
     assert pinned_views(h.adapter.weights, torch.bfloat16) == (file_dtype == torch.bfloat16)

@@ -15,10 +15,12 @@ served model; the registry, which has no model, uses a configured total.
 """
 from __future__ import annotations
 
+import bisect
 import bz2
 import dataclasses
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import stat
@@ -226,17 +228,30 @@ def _read_file(path: Path, size: int, alloc: Alloc | None = None) -> memoryview:
 
 
 def open_bundle(path: str | os.PathLike, max_bytes: int | None = None, *, limits: ArchiveLimits | None = None,
-                confine_to: list[str] | None = None, alloc: Alloc | None = None) -> Bundle:
+                confine_to: list[str] | None = None, alloc: Alloc | None = None,
+                data: Chunks | bytes | None = None) -> Bundle:
     """Open `path` (directory, weights file, or archive) as a Bundle; see module docstring.
 
     limits: archive/size limits (default: `limits_for(max_bytes)`). confine_to: see DirBundle.
     alloc: see writable_buffer (directories and plain tars; other archives decompress into bytes).
+    data: the bytes of `path` already in memory (a verified download whose file is still being
+    written); a plain tar only. Never modified: the weights are copied out of it.
     """
     limits = limits if limits is not None else limits_for(max_bytes)
     if max_bytes is not None and limits.max_total_bytes > max_bytes:  # the tighter of both wins
         limits = dataclasses.replace(limits, max_total_bytes=max_bytes)
     p = Path(path)
     origin = clip(p.name or str(p))
+    if data is not None:
+        if max_bytes is not None and len(data) > max_bytes:
+            raise AdapterFormatError(f"{origin}: artifact is {len(data)} bytes, over max_bytes={max_bytes}")
+        try:
+            files = _read_plain_tar_bytes(data, _Budget(limits, len(data), origin), origin, alloc)
+        except AdapterFormatError:
+            raise
+        except _ARCHIVE_ERRORS as e:
+            raise _unreadable(origin, e) from None
+        return MemoryBundle(_strip_single_top_folder(files), origin, "tar")
     if p.is_dir():
         return DirBundle(p, origin, limits, confine_to, alloc)
     if not p.is_file():
@@ -367,6 +382,75 @@ def _unreadable(origin: str, e: BaseException) -> AdapterFormatError:
     detail = detail[:120] + ("..." if len(detail) > 120 else "")
     return AdapterFormatError(f"{origin}: not a readable .tar/.tar.gz/.nemo/.zip archive or adapter file"
                               + (f" ({detail})" if detail else ""))
+
+
+class Chunks:
+    """Bytes held as the pieces they arrived in (a download's 1 MiB messages), never joined: an
+    84 MB join is one more pass over fresh memory. Read through `copy_into` / `_ChunkFile`."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+        self.starts = [0]
+        for p in pieces:
+            self.starts.append(self.starts[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def copy_into(self, dst: memoryview, pos: int) -> int:
+        """Copy bytes from offset `pos` into dst (as many as fit and exist); returns the count."""
+        n, k = 0, max(0, bisect.bisect_right(self.starts, pos) - 1)
+        while n < len(dst) and k < len(self.pieces):
+            piece, off = self.pieces[k], pos + n - self.starts[k]
+            take = min(len(piece) - off, len(dst) - n)
+            dst[n:n + take] = memoryview(piece)[off:off + take]
+            n, k = n + take, k + 1
+        return n
+
+
+class _ChunkFile(io.RawIOBase):
+    """A read-only, seekable file over Chunks (or any bytes-like): tarfile reads the headers through
+    it (a few hundred bytes each) and seeks over the members' data."""
+
+    def __init__(self, data):  # type: ignore[no-untyped-def]
+        self.data = data if isinstance(data, Chunks) else Chunks([bytes(data)])
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = self.data.copy_into(memoryview(b).cast("B"), self.pos)
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset if whence == 0 else self.pos + offset if whence == 1 else len(self.data) + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _read_plain_tar_bytes(data, budget: "_Budget", origin: str, alloc: Alloc | None) -> dict[str, bytes | memoryview]:  # type: ignore[no-untyped-def]
+    """_read_plain_tar over bytes in memory (Chunks): each weights file is copied once into a fresh
+    writable buffer (pinned through `alloc` on CUDA), which the parser then owns; `data` stays untouched."""
+    files: dict[str, bytes | memoryview] = {}
+    source = _ChunkFile(data)
+    with tarfile.open(fileobj=io.BufferedReader(source), mode="r:") as tar:
+        for member in tar:
+            name = _tar_member_name(member, origin)
+            if name is None:
+                continue
+            budget.take(member.size, member.name)
+            buf = writable_buffer(member.size, alloc if name.endswith(WEIGHT_SUFFIXES) else None)
+            if source.data.copy_into(buf, member.offset_data) != member.size:
+                raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is truncated")
+            _add_member(files, name, buf if name.endswith(WEIGHT_SUFFIXES) else bytes(buf), origin)
+    return files
 
 
 def _tar_member_name(member: tarfile.TarInfo, origin: str) -> str | None:

@@ -48,7 +48,7 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
                  max_rank: int | None = None, max_bytes: int | None = None,
                  limits: ArchiveLimits | None = None, confine_to: list[str] | None = None,
                  serving_dtype: torch.dtype | None = None, timings: dict | None = None,
-                 digest: str | None = None, alloc=None) -> LoraAdapter:
+                 digest: str | None = None, alloc=None, data=None) -> LoraAdapter:
     """Load an HF PEFT or NeMo LoRA artifact into a LoraAdapter (scales folded into B).
 
     path: an HF PEFT directory; a weights file (adapter_model.safetensors/.bin) beside its
@@ -62,17 +62,20 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     digest: the artifact's "sha256:<hex>" when the caller already verified it (a download checked
     against the registry's digest); else it is computed on a thread while the parser runs.
     alloc: nbytes -> uint8 CPU tensor that weights files are read into (bundle.writable_buffer).
+    data: `path`'s bytes already in memory (a plain tar; requires `digest`), read instead of the file.
     timings: when given, filled with the seconds of each stage (read_s: files from disk or the
     archive, digest_s, parse_s: decode + checks + scale folding, range_s: check_serving_range).
 
     Every problem raises AdapterFormatError with a message for a person; input the checks did
     not foresee is logged with its traceback and raised as AdapterFormatError(unforeseen).
     """
+    if data is not None and digest is None:
+        raise ValueError("load_adapter(data=...) needs the digest those bytes were verified against")
     if ckpt_source is not None and ckpt_source not in CKPT_SOURCES:
         raise AdapterFormatError(f"ckpt_source={shorten(ckpt_source)} must be one of {CKPT_SOURCES}")
     try:
         return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype,
-                     timings if timings is not None else {}, digest, alloc)
+                     timings if timings is not None else {}, digest, alloc, data)
     except AdapterFormatError:
         raise
     except RecursionError:
@@ -93,22 +96,22 @@ def _origin_of(path: str | os.PathLike) -> str:
 
 
 def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,  # type: ignore[no-untyped-def]
-          digest, alloc) -> LoraAdapter:
+          digest, alloc, data) -> LoraAdapter:
     hashing = None
     if digest is None:  # sha256 releases the GIL: hash on a thread while this one reads and parses
         hashing = _DIGESTS.submit(artifact_digest, path)
     try:
         return _load_hashing(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,
-                             digest, hashing, alloc)
+                             digest, hashing, alloc, data)
     finally:
         if hashing is not None:
             hashing.cancel()
 
 
 def _load_hashing(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,  # type: ignore[no-untyped-def]
-                  digest, hashing, alloc) -> LoraAdapter:
+                  digest, hashing, alloc, data) -> LoraAdapter:
     t0 = time.perf_counter()
-    bundle = open_bundle(path, max_bytes, limits=limits, confine_to=confine_to, alloc=alloc)
+    bundle = open_bundle(path, max_bytes, limits=limits, confine_to=confine_to, alloc=alloc, data=data)
     fmt = _detect(bundle)
     if ckpt_source is not None and ckpt_source != fmt:
         raise AdapterFormatError(

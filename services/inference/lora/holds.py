@@ -13,10 +13,10 @@ if TYPE_CHECKING:
 
 
 async def resolve_async(manager: LoRAManager, req: LoRARequest, trusted: bool = False,
-                        digest: str | None = None) -> AdapterHold:
+                        digest: str | None = None, data=None) -> AdapterHold:
     """manager.resolve on a worker thread (parsing never blocks an event loop or the engine
     thread). Shielded: a cancel (client gone, deadline) while it runs releases the hold it takes."""
-    fut = asyncio.get_running_loop().run_in_executor(None, manager.resolve, req, trusted, digest)
+    fut = asyncio.get_running_loop().run_in_executor(None, manager.resolve, req, trusted, digest, data)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

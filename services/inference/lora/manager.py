@@ -182,28 +182,39 @@ class LoRAManager:
             raise AdapterNotFoundError(f"lora_path {shown} does not exist")
         return real
 
-    def resolve(self, req: LoRARequest, trusted: bool = False, digest: str | None = None) -> AdapterHold:
+    def resolve(self, req: LoRARequest, trusted: bool = False, digest: str | None = None,
+                data=None) -> AdapterHold:
         """Identify the adapter `req` names and hold it for one request (hold.release() undoes).
         trusted: the path is the service's own download cache, not a user-named path; digest: its
-        content digest, verified at download (trusted only: spares hashing it again)."""
+        content digest, verified at download (trusted only: spares hashing it again, and an adapter
+        already known by it is not parsed at all); data: the path's verified bytes while its file is
+        still being written (AdapterFetcher, trusted with a digest only)."""
+        digest = digest if trusted else None
+        data = data if digest and req.lora_path else None
         if req.lora_path:  # file-system work outside the lock, which the engine thread takes every step
             real = os.path.realpath(req.lora_path) if trusted else self.check_path(req.lora_path)
-            sig = stat_signature(real)
+            sig = stat_signature(real) if data is None else None  # (the file may not exist yet)
         with self.lock:
+            if digest and digest in self.handles:
+                h = self.handles[digest]
+                if not h.source:
+                    h.source, h.trusted = real, True
+                self.by_id[req.lora_int_id] = digest
+                return self._hold(h)
             if not req.lora_path:
                 key = self.by_id.get(req.lora_int_id)
                 if key is None or key not in self.handles:
                     raise AdapterNotFoundError(f"adapter {req.lora_name!r} (id {req.lora_int_id}) is not loaded "
                                                "and the request gives no lora_path")
                 return self._hold(self.handles[key])
-            key = self._digest_of.get(sig)
+            key = self._digest_of.get(sig) if sig is not None else None
             if key is not None and key in self.handles:
                 self.by_id[req.lora_int_id] = key
                 return self._hold(self.handles[key])
         source = req.lora_ckpt_source if req.lora_ckpt_source != "hf" or not looks_nemo(real) else None
         timings: dict = {}
         try:
-            adapter = self._parse(real, source, trusted, timings, digest if trusted else None)
+            adapter = self._parse(real, source, trusted, timings, digest, data)
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"adapter {shorten(req.lora_name)}: {exc}") from exc
         hold = self.add_adapter(adapter, req, source=real, signature=sig, ckpt_source=source)
@@ -212,14 +223,14 @@ class LoRAManager:
         return hold
 
     def _parse(self, path: str, ckpt_source: str | None, trusted: bool, timings: dict | None = None,
-               digest: str | None = None) -> LoraAdapter:
+               digest: str | None = None, data=None) -> LoraAdapter:
         # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
         return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
                             limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
                                                            self.max_rank),
                             confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
-                            timings=timings, digest=digest, alloc=timed_alloc(self._read_alloc, timings))
+                            timings=timings, digest=digest, alloc=timed_alloc(self._read_alloc, timings), data=data)
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:
@@ -317,6 +328,9 @@ class LoRAManager:
         adapter, err = None, None
         try:
             timings: dict = {}
+            deadline = time.monotonic() + 60
+            while h.trusted and not os.path.exists(h.source) and time.monotonic() < deadline:
+                time.sleep(0.01)  # evicted before the fetcher finished writing its disk copy
             # the download cache's files are named by their verified digest: no re-hash on a reload
             adapter = self._parse(h.source, h.ckpt_source, h.trusted, timings, h.key if h.trusted else None)
             if adapter.digest != h.key:

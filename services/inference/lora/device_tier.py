@@ -10,8 +10,27 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+
 from .host_tier import TierStats
 from .slots import DeviceSlots
+
+
+def num_device_slots(lora_config, cache_config, args, enabled: set[str], max_rank: int, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    """GPU tier size, by memory as in TensorRT-LLM's PeftCacheConfig: num_device_module_layer
+    max-rank (layer, module) weights when set, else device_cache_percent of free GPU memory;
+    on CPU max_loras (or 8). Never fewer slots than max_loras, the distinct adapters one batch
+    may use. (Slots are max_lora_rank wide: a rank-8 adapter costs a rank-64 slot.)"""
+    floor = lora_config.max_loras or 1
+    if cache_config.num_device_module_layer:
+        per_adapter = args.num_hidden_layers * len(enabled)
+        return max(floor, cache_config.num_device_module_layer // per_adapter)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_slot = DeviceSlots.bytes_per_slot(args, enabled, max_rank, dtype)
+        return max(floor, int(free * cache_config.device_cache_percent) // per_slot)
+    return lora_config.max_loras or 8
 
 
 class DeviceTier:

@@ -45,7 +45,7 @@ from ..errors import (AdapterAccessError, AdapterBusyError, AdapterCapacityError
 from ..models.llama import PROJ_SLICES, ModelArgs
 from ..sequence import Sequence
 from .batch import LoRABatch
-from .device_tier import DeviceTier
+from .device_tier import DeviceTier, num_device_slots
 from .dora import compute_dora_scales
 from .holds import looks_nemo, release_after_engine, resolve_async, stat_signature  # noqa: F401 - re-exported
 from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views, timed_alloc
@@ -115,7 +115,7 @@ class LoRAManager:
         self.enabled = lora_config.hf_target_modules() or set(args.lora_module_shapes())
         self.max_rank = lora_config.max_lora_rank
         self.module_shapes = args.lora_module_shapes()
-        self.num_slots = self._num_device_slots()
+        self.num_slots = num_device_slots(lora_config, cache_config, args, self.enabled, self.max_rank, dtype, device)
         self.slots = DeviceSlots(args, self.enabled, self.num_slots, self.max_rank, dtype, device)
         self.device_tier = DeviceTier(self.slots)
         self.host = HostTier(lora_config.max_cpu_loras, cache_config.host_cache_size)
@@ -146,21 +146,6 @@ class LoRAManager:
                                      lora_config.lora_ckpt_source)).release()
 
     # ---- sizing ----------------------------------------------------------------------------
-    def _num_device_slots(self) -> int:
-        """GPU tier size, by memory as in TensorRT-LLM's PeftCacheConfig: num_device_module_layer
-        max-rank (layer, module) weights when set, else device_cache_percent of free GPU memory;
-        on CPU max_loras (or 8). Never fewer slots than max_loras, the distinct adapters one batch
-        may use."""
-        per_slot = DeviceSlots.bytes_per_slot(self.args, self.enabled, self.max_rank, self.dtype)
-        floor = self.lora_config.max_loras or 1
-        if self.cache_config.num_device_module_layer:
-            per_adapter = self.args.num_hidden_layers * len(self.enabled)
-            return max(floor, self.cache_config.num_device_module_layer // per_adapter)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(floor, int(free * self.cache_config.device_cache_percent) // per_slot)
-        return self.lora_config.max_loras or 8
-
     def reserved_device_bytes(self) -> int:
         return self.slots.nbytes
 

@@ -253,8 +253,9 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                               x16_scale, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, F16: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                               x16_scale, xs_ptr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
+                               F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -277,7 +278,10 @@ if HAS_TRITON:
                 k_ok = (k0 + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            if F16:
+            if FP8X:
+                # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA
+                acc = tl.dot(w, xt, acc)
+            elif F16:
                 # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
                 # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16:
                 # |x| < 2^20 fits (larger would be inf: no clamp, it cost 2 instructions per x value), a bf16
@@ -295,6 +299,8 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
         if F16:
             acc = acc / x16_scale
+        if FP8X:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
         ok = n_ok[:, None] & m_ok[None, :]
         if USE_WS:
             tl.store(ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None], acc, mask=ok)
@@ -307,11 +313,11 @@ if HAS_TRITON:
 
 
 # (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, pdl]); kind: "gemv" (BLOCK_M 1/2/4), "gemv2" /
-# "gemv4" (BLOCK_M 1; 2 / 4 groups of BLOCK_N weight rows share each x load), "dot" (bf16 operands) or
-# "dot16" (fp16 operands).
+# "gemv4" (BLOCK_M 1; 2 / 4 groups of BLOCK_N weight rows share each x load), "dot" (bf16 operands),
+# "dot16" (fp16 operands) or "dot8" (W8A8: x quantized per token to e4m3 first, as _scaled_mm does).
 # For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
 GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bool: pdl
-KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16")
+KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8")
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
 # Measured best per (M bucket, N, K): H200, second probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
@@ -474,8 +480,16 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         flags.pop("BLOCK_M")
         _fp8_gemv_groups_kernel[(M, triton.cdiv(N, groups * bn), split)](
             *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1)
+    elif kind == "dot8":   # W8A8: x quantized per token (one launch), then FP8 x FP8 tensor cores
+        from .fp8_gemm import per_token_quant_fp8
+
+        x_q, x_scale = per_token_quant_fp8(x)
+        args = (x_q, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x_q.stride(0), out.stride(0))
+        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, **flags, F16=False, FP8X=True, num_warps=warps,
+                                     num_stages=stages)
     else:
-        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, **flags, F16=kind == "dot16", num_warps=warps, num_stages=stages)
+        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, **flags, F16=kind == "dot16", FP8X=False,
+                                     num_warps=warps, num_stages=stages)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),

@@ -40,6 +40,8 @@ def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
     (3, 50, 128, False, ("gemv2", 1, 8, 32, 1, 4, 1)),     # 2 groups, one program per x row (M = 3), 2nd group cut
     (1, 40, 96, True, ("dot16", 16, 16, 32, 1, 4, 2)),     # fp16 MMA operands (x scaled by 2^-4), K tail
     (17, 37, 272, False, ("dot16", 16, 16, 32, 3, 4, 2)),  # ... two row tiles, split-K with a tail
+    (17, 40, 96, True, ("dot8", 32, 16, 32, 1, 4, 2)),     # W8A8: x quantized per token, FP8 x FP8 dot
+    (5, 37, 272, False, ("dot8", 16, 16, 32, 3, 4, 2)),    # ... split-K with a tail (x's scale before the partials)
 ])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
 def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
@@ -138,7 +140,8 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
                                     ("gemv4", 1, 4, 512, 2, 4, 1), ("gemv2", 1, 8, 256, 1, 8, 2),
                                     ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3),
                                     ("dot16", 16, 64, 128, 4, 4, 3), ("dot16", 64, 128, 64, 2, 4, 3),
-                                    ("gemv4", 1, 4, 512, 2, 4, 1, True), ("dot", 16, 64, 128, 8, 4, 3, True)])
+                                    ("gemv4", 1, 4, 512, 2, 4, 1, True), ("dot", 16, 64, 128, 8, 4, 3, True),
+                                    ("dot8", 64, 128, 128, 4, 4, 3), ("dot8", 16, 64, 128, 1, 4, 3)])
 def test_gemv_gpu_forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
@@ -228,7 +231,7 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
             variants.add((kind, bm, bn, bk, split > 1, warps, stages))
     # and a few of the other kinds the sweep's table (LORASERVE_FP8_GEMV_CONFIGS) may pick
     variants |= {("gemv4", 1, 4, 512, False, 4, 1), ("gemv4", 1, 4, 512, True, 4, 2), ("gemv2", 1, 4, 512, False, 4, 1),
-                 ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3)}
+                 ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3), ("dot8", 64, 128, 128, True, 4, 3)}
     for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
         constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                       "PDL": use_ws and kind == "dot"}   # the dependent-launch trigger on a few
@@ -241,7 +244,9 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
                 constexprs["GROUPS"] = int(kind[-1])
         else:
             constexprs["F16"] = kind == "dot16"
-        base = sig if kind.startswith("gemv") else {**sig, "x16_scale": "fp32"}
+            constexprs["FP8X"] = kind == "dot8"
+        base = sig if kind.startswith("gemv") else {**sig, "x16_scale": "fp32", "xs_ptr": "*fp32",
+                                                    **({"x_ptr": "*fp8e4nv"} if kind == "dot8" else {})}
         src = ASTSource(fn=fn, signature={**base, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -255,6 +260,7 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         # the weight stream: 16-byte vector loads into registers (gemv kinds), or cp.async into shared
         # memory, pipelined over num_stages (dot kinds; 8-byte copies for the e4m3 tile in the SASS)
         ptx = kernel.asm["ptx"]
+        assert kind != "dot8" or re.search(r"wgmma\.mma_async[\w.]*\.e4m3\.e4m3", ptx)   # FP8 MMA, no conversion
         assert re.search(r"ld\.global[\w:.]*\.v4" if kind.startswith("gemv") else r"cp\.async\.c[ag]\.shared\.global",
                          ptx), kind
         assert not constexprs["PDL"] or "griddepcontrol.launch_dependents" in ptx

@@ -397,6 +397,10 @@ def _load_env_configs() -> None:
     except (OSError, ValueError) as err:   # a tuning aid: a bad file leaves the built-in table
         logging.getLogger(__name__).warning("LORASERVE_FP8_GEMV_CONFIGS=%s not read (%s)", path, err)
         return
+    for (m, n, k), cfg in list(table.items()):   # buckets 2 and 8 from the measured 4 and 16, as the built-in table
+        for bucket, source in ((2, 4), (8, 16)):
+            if m == source and (bucket, n, k) not in table:
+                table[(bucket, n, k)] = cfg
     CONFIGS.update(table)
 
 

@@ -19,7 +19,8 @@ the shrink's grid-aware split-K, or the classic kernels (=0). The workspace shap
 The one-launch ticketed kernel (lora_onelaunch.py, no residency requirement, <= 256 tokens,
 rank <= 64, <= 3 slices, not fp32 on a GPU) is opt-in: LORASERVE_LORA_ONELAUNCH=1; it comes
 first when on (measured slower than two launches on an H200, see PERF_NOTES). Programmatic
-dependent launch between the two kernels: LORASERVE_LORA_PDL=1 (lora_meta). The fused kernel is
+dependent launch between the two kernels is on by default on sm_90+ (LORASERVE_LORA_PDL=0: off;
+lora_meta). The fused kernel is
 opt-in (LORASERVE_LORA_FUSED=1): its grid barrier has run on an H200, at parity with two
 launches (see kernels/PERF_NOTES.md).
 """

@@ -447,8 +447,9 @@ def pdl_supported(device: torch.device) -> bool:
 
 def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, out: Tensor | None = None,
              config: GemvConfig | None = None) -> Tensor:
-    """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype. One launch (two with split-K),
-    no host sync. config: a GemvConfig (the sweep and tests force one), None: gemv_config's."""
+    """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype. One launch (+1 with split-K, +1
+    for dot8's per-token quantization of x), no host sync. config: a GemvConfig (the sweep and tests force
+    one), None: gemv_config's."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use fp8_gemv's reference, gemv_ref")
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"

@@ -141,3 +141,37 @@ def test_tar_bytes_in_pieces_load_like_the_file(tmp_path, piece):
         load_adapter(tar, data=Chunks([raw[:len(raw) // 2]]), digest=digest)
     with pytest.raises(ValueError, match="digest"):
         load_adapter(tar, data=Chunks(pieces))
+
+
+def test_digest_stops_when_cancelled_and_a_refused_artifact_is_not_hashed_on(tmp_path):
+    """The digest runs on a thread beside the parse; when the parse refuses the artifact, the
+    thread must stop within a chunk, not read a (sparse, multi-GB) hostile file to its end."""
+    import hashlib
+    import threading
+    import time
+
+    from loraserve.adapters import AdapterFormatError, load_adapter
+    from loraserve.adapters import loader as loader_mod
+    from loraserve.adapters.bundle import DigestCancelled
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * (3 << 20))
+    assert artifact_digest(small) == "sha256:" + hashlib.sha256(small.read_bytes()).hexdigest()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DigestCancelled):
+        artifact_digest(small, stop)
+
+    big = tmp_path / "huge.tar"          # 8 GiB sparse: not a tar, refused at once by the parser
+    with open(big, "wb") as f:
+        f.truncate(8 << 30)
+    with pytest.raises(AdapterFormatError):
+        load_adapter(big)
+    # both hashing workers must be free again shortly (hashing 8 GiB would take many seconds): two
+    # tasks that can only finish when they run at the same time, one on each worker
+    t0 = time.perf_counter()
+    both = threading.Barrier(2)
+    futures = [loader_mod._DIGESTS.submit(both.wait, 3.0) for _ in range(2)]
+    for fut in futures:
+        fut.result(timeout=10)
+    assert time.perf_counter() - t0 < 3.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,14 +98,17 @@ def _origin_of(path: str | os.PathLike) -> str:
 
 def _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,  # type: ignore[no-untyped-def]
           digest, alloc, data) -> LoraAdapter:
-    hashing = None
+    hashing, stop = None, threading.Event()
     if digest is None:  # sha256 releases the GIL: hash on a thread while this one reads and parses
-        hashing = _DIGESTS.submit(artifact_digest, path)
+        hashing = _DIGESTS.submit(artifact_digest, path, stop)
     try:
         return _load_hashing(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype, timings,
                              digest, hashing, alloc, data)
     finally:
-        if hashing is not None:
+        if hashing is not None and not hashing.done():
+            # refused (or failed) before the digest was needed: stop hashing now, so a refused
+            # multi-GB artifact is not read to its end on the thread after the refusal
+            stop.set()
             hashing.cancel()
 
 

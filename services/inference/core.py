@@ -102,6 +102,7 @@ class AdapterCache:
     host_adapters: int
     host_bytes: int
     host_loading: int
+    slot_handoffs: int = 0            # admissions that drained a slot for the oldest waiter (fairness)
 
 
 class InferenceCore:
@@ -271,7 +272,7 @@ class InferenceCore:
         return AdapterCache([self._loaded(h, k in dev, k in host) for k, h in sorted(handles.items())],
                             stats["host"], stats["device"], disk, stats["device_slots"], stats["device_slots_used"],
                             stats["device_slots_pinned"], stats["host_adapters"], stats["host_bytes"],
-                            stats["host_loading"])
+                            stats["host_loading"], stats.get("slot_handoffs", 0))
 
     # ---- generation ----------------------------------------------------------------------------
     @staticmethod

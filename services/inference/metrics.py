@@ -88,6 +88,9 @@ class _EngineCollector:
         yield gauge("loraserve_adapter_host_adapters", "Adapters in the host tier", cache.host_adapters)
         yield gauge("loraserve_adapter_host_bytes", "Bytes of adapters in the host tier", cache.host_bytes)
         yield gauge("loraserve_adapter_host_loading", "Adapters being loaded into the host tier", cache.host_loading)
+        yield CounterMetricFamily("loraserve_adapter_slot_handoffs", "Admissions that held a GPU slot for the "
+                                  "oldest waiting adapter while its running requests drained (fairness)",
+                                  value=cache.slot_handoffs)
         tiers = {"device": cache.device, "host": cache.host, "disk": cache.disk}
         for name, key, help_text in (("hits", "hits", "Adapter cache hits"), ("misses", "misses", "Adapter cache misses"),
                                      ("evictions", "evictions", "Adapter cache evictions"),

@@ -131,8 +131,9 @@ class CudaGraphRunner:
         n = inp.input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
         width = inp.block_tables.shape[1]
-        if inp.ids_positions_slots is not None:
-            self.ids_positions_slots[:, :n].copy_(inp.ids_positions_slots)
+        packed = getattr(inp, "ids_positions_slots", None)   # TP workers' unpacked steps carry none
+        if packed is not None:
+            self.ids_positions_slots[:, :n].copy_(packed)
         else:
             self.input_ids[:n].copy_(inp.input_ids)
             self.positions[:n].copy_(inp.positions)
@@ -145,7 +146,8 @@ class CudaGraphRunner:
             self.context_lens[n:m].fill_(1)
             self.block_tables[n:m, 0].fill_(self.scratch_block)
         self._real_rows = n
-        with_lora = self.lora_builder is not None and inp.has_lora
+        # TP workers' steps carry no host flag: the LoRA graph (exact for rows with slot -1 too)
+        with_lora = self.lora_builder is not None and getattr(inp, "has_lora", True)
         if with_lora:
             self.token_slot[:n].copy_(inp.token_slot)
             self.token_slot[n:bs].fill_(-1)

@@ -147,8 +147,10 @@ def pack_step(inp, query_lens: list[int], device: torch.device) -> torch.Tensor:
 def unpack_step(flat: torch.Tensor, N: int, B: int, W: int, S: int) -> SimpleNamespace:
     sizes = [N, N, N, B, B * W, B, S]
     ids, pos, slots, ctx_lens, tables, token_slot, sample_idx = flat.split(sizes)
+    # ids | positions | slots are adjacent in flat: the [3, N] view lets a graph replay copy them at once
     return SimpleNamespace(input_ids=ids, positions=pos, slot_mapping=slots, context_lens=ctx_lens,
-                           block_tables=tables.view(B, W), token_slot=token_slot, sample_idx=sample_idx)
+                           block_tables=tables.view(B, W), token_slot=token_slot, sample_idx=sample_idx,
+                           ids_positions_slots=flat[:3 * N].view(3, N))
 
 
 def forward(model, inp, query_lens: list[int], context_lens: list[int], lora, device: torch.device) -> torch.Tensor:

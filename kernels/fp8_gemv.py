@@ -320,23 +320,24 @@ GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bo
 KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8")
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
-# Measured best per (M bucket, N, K): H200, second probe run 2026-11-30 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
-# timings; kernels/PERF_NOTES.md). Buckets 2 and 8 take the measured 4 / 16 entries. Other shapes (other
-# models, tensor-parallel shards): heuristic_config. M = 64 is measured but _scaled_mm beat it there, so the
-# default dispatch (models/fp8.py, LORASERVE_FP8_GEMV_MAX_M = 32) does not reach it.
+# Measured best per (M bucket, N, K): H200, final run 2026-11-30 12:13 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
+# timings; benchmarks/results/fp8_gemv_sweep_h200.json, kernels/PERF_NOTES.md); the 8B decode figures in
+# benchmarks/results/fp8_h200.json ran these configs. Buckets 2 and 8 take the measured 4 / 16 entries. Other
+# shapes (other models, tensor-parallel shards): heuristic_config. M = 64 is measured but _scaled_mm beat it,
+# so the default dispatch (models/fp8.py, LORASERVE_FP8_GEMV_MAX_M = 32) does not reach it.
 _LLAMA3_8B = {
     # (N, K): {M bucket: config}
-    (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 4, 3),
-                   16: ("dot16", 16, 64, 128, 4, 4, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3),
+    (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
+                   16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
                    64: ("dot16", 64, 128, 64, 8, 4, 3)},
-    (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 4, 3),
-                   16: ("dot16", 16, 64, 128, 8, 4, 3), 32: ("dot16", 32, 64, 128, 8, 4, 3),
+    (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
+                   16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
                    64: ("dot", 64, 64, 64, 4, 4, 3, True)},
-    (28672, 4096): {1: ("gemv2", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 1, 4, 3),
-                    16: ("dot16", 16, 64, 128, 1, 4, 3), 32: ("dot16", 32, 64, 128, 1, 4, 3),
+    (28672, 4096): {1: ("gemv2", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 1, 2, 3),
+                    16: ("dot16", 16, 64, 128, 1, 2, 3), 32: ("dot16", 32, 64, 128, 2, 4, 3, True),
                     64: ("dot", 64, 64, 64, 1, 4, 3)},
-    (4096, 14336): {1: ("gemv4", 1, 4, 512, 2, 4, 1), 4: ("dot16", 16, 64, 128, 8, 4, 3),
-                    16: ("dot16", 16, 64, 128, 8, 4, 3), 32: ("dot16", 32, 64, 128, 8, 4, 3),
+    (4096, 14336): {1: ("gemv2", 1, 4, 512, 2, 4, 1, True), 4: ("dot16", 16, 64, 128, 8, 2, 3),
+                    16: ("dot16", 16, 64, 128, 8, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
                     64: ("dot16", 64, 64, 64, 8, 4, 3)},
 }
 CONFIGS: dict[tuple[int, int, int], GemvConfig] = {

@@ -11,9 +11,9 @@ GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M t
 the weight-only FP8 GEMV (kernels/fp8_gemv.py: bf16 x times e4m3 W converted in registers, no activation
 quantization); larger M torch._scaled_mm (FP8 tensor cores, row-wise scales) after one Triton launch that
 quantizes x per token. H200, 8B projections, one decoder layer's four GEMMs (fp8_gemv_sweep.py, CUDA
-graphs, 2026-11-30 second probe): M=1 68.7 us (bf16 119.0, _scaled_mm 136.0: 1.73x bf16), M=4 85.1
-(118.2 / 136.4), M=16 87.3 (120.1 / 134.3), M=32 105.6 (122.6 / 128.4), M=64 136.5 (127.7 / 123.7):
-hence the default of 32. The older Triton W8A16
+graphs, final run 2026-11-30): M=1 67.9 us (bf16 118.7, _scaled_mm 135.5: 1.75x bf16), M=4 78.1
+(118.4 / 137.2), M=16 79.5 (119.4 / 130.3), M=32 102.8 (126.7 / 130.5), M=64 137.0 (127.2 / 124.1):
+hence the default of 32. 8B decode (bench_fp8.py, same run): batch 1 1.51x bf16, batch 64 0.95x. The older Triton W8A16
 GEMM (kernels/fp8_gemm.py, 0.13-0.55 TB/s) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
 compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True also rounds x per token

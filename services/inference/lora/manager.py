@@ -136,10 +136,12 @@ class LoRAManager:
         from loraserve.kernels import LoRAMetaBuilder
 
         self.meta_builder_cls = LoRAMetaBuilder
-        # CUDA: adapter files are read straight into pinned memory (torch's caching host allocator
-        # reuses the blocks of evicted adapters), so a file in the serving dtype needs no staging copy
+        # LORASERVE_PINNED_READ=1 (CUDA): adapter files are read straight into pinned memory (torch's
+        # caching host allocator reuses the blocks of evicted adapters), so a file in the serving dtype
+        # needs no staging copy. Off by default: on the H200 (2026-11-30) its GPU test failed for an
+        # fp32 file (tests/inference/test_cold_path_gpu.py, dir-float32); the bf16 cases passed.
         self._read_alloc = pinned_bytes if device.type == "cuda" and os.environ.get(
-            "LORASERVE_PINNED_READ", "1") != "0" else None
+            "LORASERVE_PINNED_READ", "0") == "1" else None
         self._meta_builder = None
         for i, path in enumerate(lora_config.lora_dir):  # TensorRT-LLM: preload lora_dir, ids in order
             self.resolve(LoRARequest(os.path.basename(os.path.normpath(path)) or f"lora-{i}", i, path,

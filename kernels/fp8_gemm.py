@@ -164,12 +164,11 @@ def w8a16_config(M: int, N: int, K: int, num_sms: int) -> tuple[int, int, int, i
     return block_m, block_n, block_k, split_k, num_warps, num_stages
 
 
-def fp8_w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
-                   out: Tensor | None = None, config: tuple | None = None) -> Tensor:
-    """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype; one launch (two with
-    split-K: the partial sums' reduction), no host sync. config: w8a16_config's tuple (tests force one)."""
-    if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed: use fp8_w8a16_gemm_ref")
+def check_gemm_args(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                    out: Tensor | None) -> tuple[int, int, int, Tensor]:
+    """The FP8-weight GEMMs' shared argument checks (this module's and fp8_gemv's): x [M, K] (contiguous
+    rows), w_q [N, K] e4m3, w_scale [N] fp32, bias [N] or None, out [M, N] in x's dtype (allocated if None).
+    Returns M, N, K and out."""
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
     assert w_q.dim() == 2 and w_q.dtype == FP8 and w_q.is_contiguous(), "w_q must be a contiguous [N, K] e4m3 tensor"
     M, K = x.shape
@@ -179,6 +178,16 @@ def fp8_w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None 
     assert bias is None or (bias.numel() == N and bias.is_contiguous())
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(-1) == 1
+    return M, N, K, out
+
+
+def fp8_w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+                   out: Tensor | None = None, config: tuple | None = None) -> Tensor:
+    """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype; one launch (two with
+    split-K: the partial sums' reduction), no host sync. config: w8a16_config's tuple (tests force one)."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: use fp8_w8a16_gemm_ref")
+    M, N, K, out = check_gemm_args(x, w_q, w_scale, bias, out)
     if M == 0:
         return out
     bm, bn, bk, split, warps, stages = config or w8a16_config(M, N, K, _num_sms(x.device))

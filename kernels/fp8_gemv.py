@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, interpret_mode, tl, triton
-from .fp8_gemm import FP8, fp8_w8a16_gemm_ref
+from .fp8_gemm import check_gemm_args, fp8_w8a16_gemm_ref
 
 gemv_ref = fp8_w8a16_gemm_ref   # the same math: fp32 accumulate, scale per output channel, one rounding
 
@@ -453,15 +453,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     one), None: gemv_config's."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use fp8_gemv's reference, gemv_ref")
-    assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
-    assert w_q.dim() == 2 and w_q.dtype == FP8 and w_q.is_contiguous(), "w_q must be a contiguous [N, K] e4m3 tensor"
-    M, K = x.shape
-    N = w_q.shape[0]
-    assert w_q.shape[1] == K, f"x has K={K}, w_q has K={w_q.shape[1]}"
-    assert w_scale.dtype == torch.float32 and w_scale.numel() == N and w_scale.is_contiguous()
-    assert bias is None or (bias.numel() == N and bias.is_contiguous())
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
-    assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(-1) == 1
+    M, N, K, out = check_gemm_args(x, w_q, w_scale, bias, out)
     if M == 0:
         return out
     cfg = config or gemv_config(M, N, K, _num_sms(x.device))

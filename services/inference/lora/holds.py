@@ -1,15 +1,59 @@
-"""A request's adapter hold off the engine thread: resolving on a worker thread, releasing when
-the request ends on any path, and the file-system identity of a lora_path (manager.py's helpers)."""
+"""An adapter's handle and a request's hold on it (AdapterHandle, AdapterHold), and the hold off the
+engine thread: resolving on a worker thread, releasing when the request ends on any path, and the
+file-system identity of a lora_path (manager.py's helpers)."""
 from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from loraserve.adapters import LoraAdapter
 
 if TYPE_CHECKING:
     from loraserve.config import LoRARequest
 
-    from .manager import AdapterHold, LoRAManager
+    from .manager import LoRAManager
+
+
+@dataclass(eq=False)
+class AdapterHandle:
+    key: str                          # "sha256:<hex>" content digest
+    name: str
+    int_id: int
+    adapter: LoraAdapter | None       # host copy (None while not in the host tier)
+    nbytes: int
+    rank: int
+    source: str = ""                  # path it is (re)loaded from
+    ckpt_source: str | None = None    # format hint for load_adapter
+    num_requests: int = 0             # live holds (queued + running requests)
+    slot: int | None = None
+    slot_pins: int = 0                # running sequences using the slot
+    loading: bool = False             # a background load is in flight
+    load_error: BaseException | None = None
+    load_error_time: float = 0.0      # requests that arrived before this fail with load_error
+    trusted: bool = False             # source is the service's own download cache (not confined)
+    # cold-path stages of its last load, seconds (parse_s, stage_s; place_s when copied to a slot)
+    timings: dict = field(default_factory=dict)
+
+
+class AdapterHold:
+    """One request's claim on an adapter; `release()` is idempotent. Reads of other attributes
+    (key, slot, name, ...) go to the handle, so a Sequence can carry the hold as its `lora`."""
+
+    __slots__ = ("handle", "_manager", "released")
+
+    def __init__(self, handle: AdapterHandle, manager: "LoRAManager"):
+        self.handle, self._manager, self.released = handle, manager, False
+
+    def release(self) -> None:
+        with self._manager.lock:
+            if not self.released:
+                self.released = True
+                self.handle.num_requests = max(0, self.handle.num_requests - 1)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
 
 
 async def resolve_async(manager: LoRAManager, req: LoRARequest, trusted: bool = False,

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,51 +47,12 @@ from ..sequence import Sequence
 from .batch import LoRABatch
 from .device_tier import DeviceTier, num_device_slots
 from .dora import compute_dora_scales
-from .holds import looks_nemo, release_after_engine, resolve_async, stat_signature  # noqa: F401 - re-exported
+from .holds import (AdapterHandle, AdapterHold, looks_nemo, release_after_engine,  # noqa: F401 - re-exported
+                    resolve_async, stat_signature)
 from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views, timed_alloc
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class AdapterHandle:
-    key: str                          # "sha256:<hex>" content digest
-    name: str
-    int_id: int
-    adapter: LoraAdapter | None       # host copy (None while not in the host tier)
-    nbytes: int
-    rank: int
-    source: str = ""                  # path it is (re)loaded from
-    ckpt_source: str | None = None    # format hint for load_adapter
-    num_requests: int = 0             # live holds (queued + running requests)
-    slot: int | None = None
-    slot_pins: int = 0                # running sequences using the slot
-    loading: bool = False             # a background load is in flight
-    load_error: BaseException | None = None
-    load_error_time: float = 0.0      # requests that arrived before this fail with load_error
-    trusted: bool = False             # source is the service's own download cache (not confined)
-    # cold-path stages of its last load, seconds (parse_s, stage_s; place_s when copied to a slot)
-    timings: dict = field(default_factory=dict)
-
-
-class AdapterHold:
-    """One request's claim on an adapter; `release()` is idempotent. Reads of other attributes
-    (key, slot, name, ...) go to the handle, so a Sequence can carry the hold as its `lora`."""
-
-    __slots__ = ("handle", "_manager", "released")
-
-    def __init__(self, handle: AdapterHandle, manager: "LoRAManager"):
-        self.handle, self._manager, self.released = handle, manager, False
-
-    def release(self) -> None:
-        with self._manager.lock:
-            if not self.released:
-                self.released = True
-                self.handle.num_requests = max(0, self.handle.num_requests - 1)
-
-    def __getattr__(self, name):
-        return getattr(self.handle, name)
 
 
 @dataclass

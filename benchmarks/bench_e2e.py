@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import os
 import socket
 import subprocess
@@ -36,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.e2e_limit import device_limits, physical_limit  # noqa: E402
 from benchmarks.e2e_steps import (host_time_per_decode_step, print_breakdown, profile_mixed_steps,  # noqa: E402
                                   step_breakdown)
 
@@ -61,45 +61,6 @@ def build_model(path: str, tiny: bool, layers: int) -> None:
 
 
 # ---- the device's limits ---------------------------------------------------------------------------
-def device_limits(tiny: bool) -> tuple[float, float]:
-    """(GEMM FLOP/s, copy bytes/s) measured now: bf16 8192^3 and a 1 GiB copy on CUDA; on CPU
-    (--tiny) an fp32 1024^3 matmul and a 256 MiB copy, so that the flow's arithmetic runs anywhere."""
-    import torch
-
-    if torch.cuda.is_available() and not tiny:
-        from benchmarks.bench_engine import copy_bandwidth, gemm_peak
-
-        return gemm_peak(), copy_bandwidth()
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t)
-    x = torch.ones(1 << 26)
-    y = torch.empty_like(x)
-    t = time.perf_counter()
-    for _ in range(5):
-        y.copy_(x)
-    return peak, 5 * 2 * x.numel() * 4 / (time.perf_counter() - t)
-
-
-def physical_limit(engine, requests, concurrency: int, peak: float, bw: float) -> dict:
-    """Seconds the load needs at the measured limits (a lower bound: no overhead at all)."""
-    from benchmarks.bench_engine import decode_step_bytes, prefill_flops
-
-    a = engine.args
-    flops = sum(prefill_flops(a, 1, len(r.input_ids)) for r in requests)
-    decode_tokens = sum(r.output_tokens - 1 for r in requests)
-    steps = math.ceil(decode_tokens / concurrency)
-    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * engine.runner.k_cache.element_size()
-    # every decode token reads its whole context's K/V: sum over j of (prompt + j)
-    kv_tokens = sum((r.output_tokens - 1) * len(r.input_ids) + r.output_tokens * (r.output_tokens - 1) // 2
-                    for r in requests)
-    decode_bytes = steps * decode_step_bytes(engine, 0, 0) + kv_tokens * kv_per_token
-    return {"prefill_s": flops / peak, "decode_s": decode_bytes / bw, "limit_s": flops / peak + decode_bytes / bw,
-            "prefill_tflop": flops / 1e12, "decode_steps": steps, "decode_gb": decode_bytes / 1e9}
-
-
 # ---- the runs --------------------------------------------------------------------------------------
 def mixed_graphs_enabled() -> bool:
     from loraserve.inference.mixed_graphs import mixed_graphs_enabled as enabled

@@ -60,54 +60,86 @@ def build_model(path: str, tiny: bool, layers: int) -> None:
     free_memory()
 
 
-# ---- the device's limits ---------------------------------------------------------------------------
 # ---- the runs --------------------------------------------------------------------------------------
-def mixed_graphs_enabled() -> bool:
-    from loraserve.inference.mixed_graphs import mixed_graphs_enabled as enabled
-
-    return enabled()
-
-
-def variant_run(label: str, model: str, kwargs: dict, env: dict, warm, reqs, concurrency: int, limit_s: float,
-                decode_batch: int, prompt_len: int, host_steps: int) -> dict:
-    """One more in-process run of the same load with other engine options or environment (restored after)."""
+def engine_target(llm):
+    """The in-process target around an LLM already built: a variant run reuses the headline run's engine
+    (an option flipped on it) instead of building a second engine in this process."""
     from loraserve.inference.bench.runner import InProcessTarget
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    class BuiltTarget(InProcessTarget):
+        async def start(self) -> None:   # the engine exists; its thread restarts on the first request
+            self.name = f"in-process:{self.llm.config.model}"
+    target = BuiltTarget(None, {})
+    target.llm = llm
+    return target
+
+
+def graphs_off(engine):
+    """Mixed-step and greedy-sampler CUDA graphs off on a built engine (the eager paths, as with
+    LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0 at build); returns the function that restores them."""
+    runner = engine.runner
+    graph_runner = runner.graph_runner
+    mixed, sampler = runner.mixed_graphs, getattr(graph_runner, "sampler_graphs", None)
+    runner.mixed_graphs = None
+    if graph_runner is not None:
+        graph_runner.sampler_graphs = None
+
+    def restore():
+        runner.mixed_graphs = mixed
+        if graph_runner is not None:
+            graph_runner.sampler_graphs = sampler
+    return restore
+
+
+def prefill_cap(cap: int):
+    """A variant: the scheduler's max_num_prefill_tokens_with_decode set to cap on the built engine."""
+    def apply(engine):
+        sched = engine.scheduler
+        old = sched.max_num_prefill_tokens_with_decode
+        sched.max_num_prefill_tokens_with_decode = cap
+
+        def restore():
+            sched.max_num_prefill_tokens_with_decode = old
+        return restore
+    return apply
+
+
+def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: float, decode_batch: int,
+                prompt_len: int, host_steps: int) -> dict:
+    """One more in-process run of the same load on the same engine with an option flipped by apply(engine)
+    (which returns the function that undoes it)."""
+    engine = llm.engine
+    restore = apply(engine)
+    mixed = engine.runner.mixed_graphs
+    n0 = (len(mixed.graphs), mixed.num_replays) if mixed is not None else (0, 0)
     holder: dict = {}
 
     def trace_on(t):
         t.llm.engine.step_trace = holder["trace"] = []
-        holder["runner"] = t.llm.engine.runner
-    target = InProcessTarget(model, kwargs)
     try:
-        rep = run_load(target, warm, reqs, concurrency, None, trace_on)
-        target.llm.shutdown()
-        engine = target.llm.engine
+        rep = run_load(engine_target(llm), warm, reqs, concurrency, None, trace_on)
+        llm.shutdown()
         engine.step_trace = None
         host = host_time_per_decode_step(engine, decode_batch, prompt_len, host_steps, engine.args.vocab_size)
-        del engine, target
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        engine.step_trace = None
+        restore()
     b = step_breakdown(holder["trace"])
-    mixed = getattr(holder.get("runner"), "mixed_graphs", None)
     holder.clear()
     tp50 = (rep["tpot_s"] or {}).get("p50") or 0
     out = {"wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / limit_s, "tpot_p50_s": tp50,
+           "tpot_p90_s": (rep["tpot_s"] or {}).get("p90"), "ttft_s": rep.get("ttft_s"),
            "output_tokens_per_s": rep["output_tokens_per_s"], "num_failed": rep["num_failed"], "steps": b,
-           "host": host, "mixed_graph_replays": mixed.num_replays if mixed is not None else None,
-           "mixed_graphs_captured": len(mixed.graphs) if mixed is not None else None}
+           "host": host}
+    if mixed is not None and engine.runner.mixed_graphs is not None:
+        out["mixed_graphs_captured"] = len(mixed.graphs) - n0[0]
+        out["mixed_graph_replays"] = mixed.num_replays - n0[1]
     print_breakdown(b, label)
     print(f"{label}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / limit_s:.2f} x limit, TPOT p50 "
-          f"{1e3 * tp50:.2f} ms, output tok/s {rep['output_tokens_per_s']:.0f}, failed {rep['num_failed']}, mixed graphs "
-          f"{out['mixed_graphs_captured']} captured / {out['mixed_graph_replays']} replays; decode step at batch "
-          f"{host['batch']}: host {host['host_ms']:.3f} ms (launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), "
-          f"wall {host['step_ms']:.3f} ms", flush=True)
+          f"{1e3 * tp50:.2f} ms (p90 {1e3 * (out['tpot_p90_s'] or 0):.2f}), output tok/s {rep['output_tokens_per_s']:.0f}, "
+          f"failed {rep['num_failed']}, mixed graphs {out.get('mixed_graphs_captured')} new / "
+          f"{out.get('mixed_graph_replays')} replays; decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
+          f"(launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), wall {host['step_ms']:.3f} ms", flush=True)
     return out
 
 
@@ -315,11 +347,10 @@ def main() -> int:
           f"{h['build_ms']:.3f}", flush=True)
     if a.profile_mixed:
         s["mixed_profile"] = profile_mixed_steps(engine, a.decode_batch, a.input_mean, engine.args.vocab_size)
-    del engine, target, mixed   # one model on the device at a time
-    free_memory()
+    del engine, mixed   # the LLM stays for the variants below (no second engine in this process)
     if a.grpc_rate:
-        s["in_process_poisson"] = brief(run_load(InProcessTarget(model, kwargs), warm, reqs, None, a.grpc_rate))
-        free_memory()
+        s["in_process_poisson"] = brief(run_load(engine_target(target.llm), warm, reqs, None, a.grpc_rate))
+        target.llm.shutdown()
 
     if a.grpc:
         srv = ServerProcess(model, yaml_path, a.tiny, os.path.join(a.out, "server.log"))
@@ -342,26 +373,35 @@ def main() -> int:
     write_outputs(a, s)   # the headline figures now; the variants below may run out of time
     print_headline(s)
     variants = []
-    if a.sweep_mixed_graphs:   # the other side of the new graphs: before/after in one run
-        if mixed_graphs_enabled():
-            variants.append(("LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0", {},
-                             {"LORASERVE_MIXED_GRAPHS": "0", "LORASERVE_SAMPLER_GRAPHS": "0"}))
+    runner = target.llm.engine.runner
+    if a.sweep_mixed_graphs:   # the other side of the graphs: before/after in one run, on the same engine
+        if runner.mixed_graphs is not None or getattr(runner.graph_runner, "sampler_graphs", None) is not None:
+            variants.append(("mixed + sampler graphs off", graphs_off))
         else:
-            variants.append(("LORASERVE_MIXED_GRAPHS=1", {}, {"LORASERVE_MIXED_GRAPHS": "1"}))
-            variants.append(("LORASERVE_MIXED_GRAPHS=1 LORASERVE_SAMPLER_GRAPHS=1", {},
-                             {"LORASERVE_MIXED_GRAPHS": "1", "LORASERVE_SAMPLER_GRAPHS": "1"}))
-    variants += [(f"prefill cap {c}", {"max_num_prefill_tokens_with_decode": int(c)}, {})
+            print("--sweep-mixed-graphs: the engine was built without them (LORASERVE_MIXED_GRAPHS=0 or "
+                  "LORASERVE_SAMPLER_GRAPHS=0): no variant", flush=True)
+    variants += [(f"prefill cap {c}", prefill_cap(int(c)))
                  for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
-    for label, extra, env in variants:
-        s.setdefault("variants", {})[label] = variant_run(label, model, {**kwargs, **extra}, env, warm, reqs, a.concurrency,
-                                                          s["limit"]["limit_s"], a.decode_batch, a.input_mean,
-                                                          16 if a.tiny else 64)
-        free_memory()
+    for label, apply in variants:
+        try:
+            s.setdefault("variants", {})[label] = variant_run(label, target.llm, apply, warm, reqs, a.concurrency,
+                                                              s["limit"]["limit_s"], a.decode_batch, a.input_mean,
+                                                              16 if a.tiny else 64)
+        except Exception as exc:  # noqa: BLE001 - keep the figures so far
+            s.setdefault("variants", {})[label] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"variant {label} failed: {exc!r}", file=sys.stderr, flush=True)
+            break
         write_outputs(a, s)
+    target.llm.shutdown()
+    del target, runner
+    free_memory()
     if a.with_lora:
         s["lora_flow"] = lora_flow(a, model, work)
     write_outputs(a, s)
     for label, v in s.get("variants", {}).items():
+        if "error" in v:
+            print(f"variant {label}: {v['error']}")
+            continue
         print(f"variant {label}: wall/limit {v['wall_over_limit']:.2f}, TPOT p50 {1e3 * v['tpot_p50_s']:.2f} ms, "
               f"host ms per decode step {v['host']['host_ms']:.3f}, output tok/s {v['output_tokens_per_s']:.0f}")
     if a.json:

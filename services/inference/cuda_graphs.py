@@ -89,7 +89,7 @@ class CudaGraphRunner:
     def capture_greedy_sampler(self) -> None:
         """Per bucket, a second graph: LM head + greedy sampling of the decode graph's hidden states into
         static [bs] tokens and a [3, bs] float64 (token, logprob, ok) block for the one device->host copy,
-        about twenty launches and their Python replaced by one replay (LORASERVE_SAMPLER_GRAPHS=1). The
+        about twenty launches and their Python replaced by one replay (LORASERVE_SAMPLER_GRAPHS=0: off). The
         same ops as the eager sampler (sampler.sample with all-greedy metadata), over the bucket's rows."""
         from .sampler import SamplingMetadata, sample
 

@@ -16,8 +16,9 @@ query run (max_query_len = T) and the split-KV count the one the eager step plan
 the largest bucket runs eagerly.
 
 Graphs are captured when a shape is first seen (an eager forward, then the capture: tens of ms on the 8B
-shape; a serving warm-up meets most shapes), at most MAX_GRAPHS, into their own memory pool. LORASERVE_MIXED_GRAPHS=1 turns them on (off by default until
-measured on the GPU).
+shape; a serving warm-up meets most shapes), at most MAX_GRAPHS, into their own memory pool. On by default
+(H200, 32-layer 8B shape, issue 11: mixed-step host launch 11 -> 2.6 ms p50); LORASERVE_MIXED_GRAPHS=0 turns
+them off (every mixed step eager).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ MAX_GRAPHS = 128
 
 
 def mixed_graphs_enabled() -> bool:
-    return os.environ.get("LORASERVE_MIXED_GRAPHS", "0") not in ("0", "false", "off", "")
+    return os.environ.get("LORASERVE_MIXED_GRAPHS", "1").lower() not in ("0", "false", "off", "no", "")
 
 
 def pad_lens(num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:

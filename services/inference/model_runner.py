@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 CPU_KV_MIN_BYTES = 64 << 20   # the CPU KV cache floor (then 2x the weights, at most 1 GiB)
 
 
+def sampler_graphs_enabled() -> bool:
+    """Greedy decode steps sample inside a CUDA graph per decode bucket (cuda_graphs.capture_greedy_sampler):
+    on by default; LORASERVE_SAMPLER_GRAPHS=0 samples eagerly."""
+    return os.environ.get("LORASERVE_SAMPLER_GRAPHS", "1").lower() not in ("0", "false", "off", "no", "")
+
+
 class ModelRunner:
     def __new__(cls, config, model, *args, **kwargs):
         if cls is ModelRunner and getattr(getattr(model, "tp", None), "executor", None) is not None:  # TP rank 0
@@ -77,7 +83,7 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - eager decode still works
             log.exception("CUDA graph capture failed; decode runs eagerly")
             return
-        if os.environ.get("LORASERVE_SAMPLER_GRAPHS", "0") not in ("0", "false", "off", "") and type(self) is ModelRunner:
+        if sampler_graphs_enabled() and type(self) is ModelRunner:
             try:
                 runner.capture_greedy_sampler()
             except Exception:  # noqa: BLE001 - the eager sampler still works

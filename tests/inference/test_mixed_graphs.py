@@ -95,7 +95,7 @@ def test_padding_keeps_the_real_rows():
 @gpu[0]
 @gpu[1]
 def test_greedy_sampler_graphs_match_eager(tiny_llama, monkeypatch):
-    """LORASERVE_SAMPLER_GRAPHS=1: greedy decode steps sample inside a CUDA graph; tokens equal the eager
+    """LORASERVE_SAMPLER_GRAPHS=1 (the default): greedy decode steps sample inside a CUDA graph; tokens equal the eager
     sampler's and HF's, logprobs equal the eager sampler's (same ops over the bucket's rows)."""
     path, hf = tiny_llama
     p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=None)
@@ -171,3 +171,18 @@ def test_static_buffers_hold_the_step_and_valid_padding():
     assert qsl[:4] == [0, 1, 21, 22] and qsl[-1] == t and lens[:3] == [30, 40, 5]
     assert all(lens[j] == qsl[j + 1] - qsl[j] >= 1 for j in range(3, bp))
     assert (m.block_tables[3:bp] == pad).all() and m.block_tables[:3, :3].tolist() == inp.block_tables.tolist()
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False), ("off", False), ("FALSE", False)])
+def test_graph_switches_default_on(monkeypatch, value, on):
+    """Mixed-step and greedy-sampler graphs are the default on CUDA; LORASERVE_*_GRAPHS=0 turns each off."""
+    from loraserve.inference.mixed_graphs import mixed_graphs_enabled
+    from loraserve.inference.model_runner import sampler_graphs_enabled
+
+    for name in ("LORASERVE_MIXED_GRAPHS", "LORASERVE_SAMPLER_GRAPHS"):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert mixed_graphs_enabled() is on
+    assert sampler_graphs_enabled() is on

@@ -167,7 +167,17 @@ def main() -> int:
                     help="only decode at batch 1 and 64 (no agreement, no adapters): a quick speed-up check")
     ap.add_argument("--compare-ar", action="store_true",
                     help="TP=2 decode also with NCCL all-reduces only (LORASERVE_TP_CUSTOM_AR=0)")
+    ap.add_argument("--replay", action="store_true",
+                    help="also time the decode graph alone (every rank replaying back to back, no host in the way)")
+    ap.add_argument("--profile-dir", default=None,
+                    help="torch.profiler summaries per rank of decode steps (tp/profile.py) into this folder")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)   # internal: one engine, TP=N
+    ap.add_argument("--child-trained", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n-top1", type=int, default=256, help=argparse.SUPPRESS)
+    ap.add_argument("--n-adapters", type=int, default=32, help=argparse.SUPPRESS)
     a = ap.parse_args()
     # read when the TP runner is first imported (below, by the first TP engine)
     os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "0" if a.tp_eager else "1"
@@ -176,6 +186,13 @@ def main() -> int:
     dump_stacks_when_stuck()   # LORASERVE_DEBUG_STACKS_S (the workers inherit it)
     from loraserve import LoRARequest
 
+    if a.child_trained:
+        res = {}
+        trained_agreement("cpu" if a.tiny else "cuda", a.tiny, res)
+        write(a.child_json, res)
+        return 0
+    if a.child:
+        return child_main(a)
     device = "cpu" if a.tiny else "cuda"
     layers = a.layers or (2 if a.tiny else 4 if a.shape == "70b" else 32)
     prompt_len, steps = a.prompt_len or (16 if a.tiny else 512), a.steps or (4 if a.tiny else 64)
@@ -188,91 +205,172 @@ def main() -> int:
                  "shape": "tiny" if a.tiny else a.shape,
                  "prompt_len": prompt_len, "steps": steps, "tp2_cuda_graphs": not a.tp_eager and device == "cuda"}
     if not a.skip_trained:   # first: small engines, and the figure the 99% target is meaningful for
-        trained_agreement(device, a.tiny, res)
+        r = run_child(a, "", 0, 0, 0, 0, 0, 0)   # in a child process too (TP=1 and TP=2 engines of the default model)
+        res.update({k: v for k, v in r.items() if not k.startswith("_")})
+        if "_error" in r:
+            print(f"trained-model agreement child failed: {r['_error']}", flush=True)
         write(a.json, res)
     path = tempfile.mkdtemp(prefix="tp-bench-")
     build_checkpoint(path, layers, a.tiny, a.shape)
     runs = {}
 
-    def record(tp: int, k: str, tok_s: float) -> None:
-        """One figure into res and the JSON at once (a later crash or hang keeps it)."""
-        runs[tp][k] = tok_s
-        res[f"tp{tp}_decode_{k}_tok_s"] = tok_s
-        batch = 1 if k == "bs1" else 64   # ms per decode step and layer (LM head included)
-        res[f"tp{tp}_decode_{k}_ms_per_layer"] = 1e3 * batch / tok_s / layers
-        print(f"tp{tp} decode {k}: {tok_s:.1f} tok/s, {res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer", flush=True)
-        write(a.json, res)
-
     for tp in (1, 2):
-        engine = make_engine(path, device, tp, a.tiny, lora=(tp == 2 and not a.decode_only))
-        custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
-        print(f"tp{tp} engine ready (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})", flush=True)
-        if tp == 2:
-            res["tp2_custom_all_reduce"] = custom_ar
-        vocab = engine.args.vocab_size
-        r = runs[tp] = {}
-        record(tp, "bs1", decode_tok_s(engine, vocab, 1, prompt_len, steps, seed=10 * tp))
-        record(tp, "bs64", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=10 * tp + 1))
-        if a.decode_only:
-            close_engine(engine)
-            continue
-        r["top1"] = next_tokens(engine, random_prompts(vocab, n_top1, prompt_len))
-        if tp == 1:
-            floor = next_tokens(engine, random_prompts(vocab, n_top1, prompt_len), group=7, tag="floor")
-            res["top1_agreement_tp1_rebatched"] = sum(x == y for x, y in zip(r["top1"], floor)) / n_top1
-        if tp == 2:
-            lm, reqs = engine.lora_manager, []
-            from benchmarks.bench_engine import random_adapters
-
-            adapters = random_adapters(engine.args, n_adapters, 16, engine.dtype, device="cpu", first_digest=1)
-            for i, ad in enumerate(adapters):
-                req = LoRARequest(f"bench-{i}", i + 1, "")
-                lm.release(lm.add_adapter(ad, req))
-                reqs.append(req)
-            record(tp, "bs64_lora", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=30, loras=reqs))
-            record(tp, "bs64_nolora", decode_tok_s(engine, vocab, 64, prompt_len, steps, seed=31))
-        if tp == 2:   # the agreement as soon as both sides exist
-            same = sum(x == y for x, y in zip(runs[1]["top1"], r["top1"]))
-            res["top1_agreement_tp2_vs_tp1"] = same / n_top1
-            write(a.json, res)
-        close_engine(engine)
-    res["decode_bs1_speedup_tp2"] = runs[2]["bs1"] / runs[1]["bs1"]
-    res["decode_bs64_speedup_tp2"] = runs[2]["bs64"] / runs[1]["bs64"]
+        # each engine in its own process: nothing of one engine (CUDA context, allocator, NCCL, a device-side
+        # assert) reaches the next; the child writes its figures to a JSON the parent merges
+        r = runs[tp] = run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters)
+        res.update({k: v for k, v in r.items() if not k.startswith("_")})
+        write(a.json, res)
+        if "_error" in r:
+            print(f"tp{tp} child failed: {r['_error']}", flush=True)
+            return 1
+    res["decode_bs1_speedup_tp2"] = runs[2]["tp2_decode_bs1_tok_s"] / runs[1]["tp1_decode_bs1_tok_s"]
+    res["decode_bs64_speedup_tp2"] = runs[2]["tp2_decode_bs64_tok_s"] / runs[1]["tp1_decode_bs64_tok_s"]
     print(f"TP2/TP1 decode: bs1 {res['decode_bs1_speedup_tp2']:.3f}x, bs64 {res['decode_bs64_speedup_tp2']:.3f}x "
           f"(all-reduce: {'symmetric memory' if res.get('tp2_custom_all_reduce') else 'NCCL/gloo'})", flush=True)
     write(a.json, res)
     if not a.decode_only:
-        res["lora32_vs_nolora_tp2"] = runs[2]["bs64_lora"] / runs[2]["bs64_nolora"]
-        same = sum(x == y for x, y in zip(runs[1]["top1"], runs[2]["top1"]))
+        res["lora32_vs_nolora_tp2"] = runs[2]["tp2_decode_bs64_lora_tok_s"] / runs[2]["tp2_decode_bs64_nolora_tok_s"]
+        same = sum(x == y for x, y in zip(runs[1]["_top1"], runs[2]["_top1"]))
         res["top1_agreement_tp2_vs_tp1"] = same / n_top1
         res["top1_prompts"] = n_top1
         print(json.dumps({k: v for k, v in res.items() if not k.startswith("tp")}, indent=2))
         write(a.json, res)
     if a.compare_ar:   # last: every main figure is written before it
-        nccl_only_decode(path, device, a, runs, prompt_len, steps, res)
+        r = run_child(a, path, 2, layers, prompt_len, steps, n_top1, n_adapters, nccl_only=True)
+        for k in ("bs1", "bs64"):
+            if f"tp2_decode_{k}_tok_s" in r:
+                tok_s = r[f"tp2_decode_{k}_tok_s"]
+                res[f"tp2_nccl_decode_{k}_tok_s"] = tok_s
+                res[f"decode_{k}_speedup_tp2_nccl"] = tok_s / runs[1][f"tp1_decode_{k}_tok_s"]
+                print(f"tp2 NCCL-only decode {k}: {tok_s:.1f} tok/s, {res[f'decode_{k}_speedup_tp2_nccl']:.3f}x TP1",
+                      flush=True)
+        write(a.json, res)
     return 0
 
 
-def nccl_only_decode(path: str, device: str, a, runs: dict, prompt_len: int, steps: int, res: dict) -> None:
-    """TP=2 decode at batch 1 and 64 with NCCL all-reduces only (LORASERVE_TP_CUSTOM_AR=0, read by every
-    rank when the engine starts): what the symmetric-memory all-reduce brings, in the same run."""
-    prev = os.environ.get("LORASERVE_TP_CUSTOM_AR")
-    os.environ["LORASERVE_TP_CUSTOM_AR"] = "0"
+def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
+              nccl_only: bool = False) -> dict:
+    """One engine's figures from a child process (`--child`); {"_error": ...} if it failed."""
+    import subprocess
+
+    fd, out = tempfile.mkstemp(suffix=".json", prefix=f"tp{tp}-")
+    os.close(fd)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--ckpt", path, "--child-json", out,
+           *(["--child-trained"] if tp == 0 else []), "--layers", str(layers), "--prompt-len", str(prompt_len), "--steps", str(steps),
+           "--n-top1", str(n_top1), "--n-adapters", str(n_adapters)]
+    cmd += [f for f, on in (("--tiny", a.tiny), ("--tp-eager", a.tp_eager), ("--decode-only", a.decode_only or nccl_only),
+                            ("--replay", a.replay)) if on]
+    env = dict(os.environ)
+    if nccl_only:
+        env["LORASERVE_TP_CUSTOM_AR"] = "0"
+    if a.profile_dir and tp == 2 and not nccl_only:
+        env["LORASERVE_TP_PROFILE"] = a.profile_dir
+    if a.profile_dir and tp == 1:
+        env["LORASERVE_PROFILE_TP1"] = a.profile_dir
+    rc = subprocess.run(cmd, env=env).returncode
     try:
-        engine = make_engine(path, device, 2, a.tiny, lora=False)
-        vocab = engine.args.vocab_size
-        for k, batch, seed in (("bs1", 1, 40), ("bs64", 64, 41)):
-            tok_s = decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
-            res[f"tp2_nccl_decode_{k}_tok_s"] = tok_s
-            res[f"decode_{k}_speedup_tp2_nccl"] = tok_s / runs[1][k]
-            print(f"tp2 NCCL-only decode {k}: {tok_s:.1f} tok/s, {tok_s / runs[1][k]:.3f}x TP1", flush=True)
-            write(a.json, res)
-        close_engine(engine)
-    finally:
-        if prev is None:
-            os.environ.pop("LORASERVE_TP_CUSTOM_AR", None)
+        with open(out) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        r = {}
+    os.unlink(out)
+    if rc != 0:
+        r["_error"] = f"exit code {rc}"
+    return r
+
+
+def child_main(a) -> int:
+    """One engine (TP=a.child) on the checkpoint a.ckpt: decode at batch 1 and 64, then (unless
+    --decode-only) the top-1 tokens and, under TP=2, the 32-adapter decode. Writes a.child_json after
+    every figure."""
+    from loraserve import LoRARequest
+
+    tp, device = a.child, "cpu" if a.tiny else "cuda"
+    res: dict = {}
+    engine = make_engine(a.ckpt, device, tp, a.tiny, lora=(tp == 2 and not a.decode_only))
+    custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
+    print(f"tp{tp} engine ready (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})", flush=True)
+    if tp == 2:
+        res["tp2_custom_all_reduce"] = custom_ar
+    vocab = engine.args.vocab_size
+
+    def record(k: str, tok_s: float) -> None:
+        res[f"tp{tp}_decode_{k}_tok_s"] = tok_s
+        batch = 1 if k == "bs1" else 64   # ms per decode step and layer (LM head included)
+        res[f"tp{tp}_decode_{k}_ms_per_layer"] = 1e3 * batch / tok_s / a.layers
+        print(f"tp{tp} decode {k}: {tok_s:.1f} tok/s, {1e3 * batch / tok_s:.3f} ms/step, "
+              f"{res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer", flush=True)
+        write(a.child_json, res)
+
+    prof1 = os.environ.get("LORASERVE_PROFILE_TP1") if tp == 1 and device == "cuda" else None
+    for k, batch, seed in (("bs1", 1, 10 * tp), ("bs64", 64, 10 * tp + 1)):
+        if prof1:
+            record(k, profiled_decode(engine, vocab, batch, a.prompt_len, a.steps, seed, prof1, k))
         else:
-            os.environ["LORASERVE_TP_CUSTOM_AR"] = prev
+            record(k, decode_tok_s(engine, vocab, batch, a.prompt_len, a.steps, seed=seed))
+        if a.replay and device == "cuda":   # the decode graph alone, back to back (no host in the way)
+            ms = replay_ms(engine, batch)
+            if ms is not None:
+                res[f"tp{tp}_replay_{k}_ms"] = ms
+                print(f"tp{tp} decode graph replay {k}: {ms:.3f} ms (layers only, no LM head/sampling)", flush=True)
+                write(a.child_json, res)
+    if not a.decode_only:
+        res["_top1"] = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len))
+        if tp == 1:
+            floor = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len), group=7, tag="floor")
+            res["top1_agreement_tp1_rebatched"] = sum(x == y for x, y in zip(res["_top1"], floor)) / a.n_top1
+        write(a.child_json, res)
+        if tp == 2:
+            lm, reqs = engine.lora_manager, []
+            from benchmarks.bench_engine import random_adapters
+
+            adapters = random_adapters(engine.args, a.n_adapters, 16, engine.dtype, device="cpu", first_digest=1)
+            for i, ad in enumerate(adapters):
+                req = LoRARequest(f"bench-{i}", i + 1, "")
+                lm.release(lm.add_adapter(ad, req))
+                reqs.append(req)
+            record("bs64_lora", decode_tok_s(engine, vocab, 64, a.prompt_len, a.steps, seed=30, loras=reqs))
+            record("bs64_nolora", decode_tok_s(engine, vocab, 64, a.prompt_len, a.steps, seed=31))
+    close_engine(engine)
+    return 0
+
+
+def replay_ms(engine, batch: int) -> float | None:
+    runner = engine.runner
+    if getattr(runner, "graph_runner", None) is None:
+        return None
+    if hasattr(runner, "time_replays"):   # TP: every rank replays at once
+        return runner.time_replays(batch, 50)
+    from loraserve.inference.tp.worker import time_replays
+
+    return time_replays(runner.graph_runner, batch, 50)
+
+
+def profiled_decode(engine, vocab: int, batch: int, prompt_len: int, steps: int, seed: int, out_dir: str,
+                    tag: str) -> float:
+    """TP=1: the decode timing under torch.profiler for the last 8 timed steps (tp/profile.py's summary)."""
+    from loraserve.inference.tp.profile import StepProfiler
+
+    os.environ["LORASERVE_TP_PROFILE"] = f"{out_dir}/tp1_{tag}:{steps - 4}:8"
+    prof = StepProfiler(0, torch.device("cuda"))
+    del os.environ["LORASERVE_TP_PROFILE"]
+    run = engine.runner.run
+
+    def wrapped(*args, **kw):
+        prof.begin()
+        try:
+            return run(*args, **kw)
+        finally:
+            prof.end()
+            prof.waiting()
+
+    engine.runner.run = wrapped
+    try:
+        return decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
+    finally:
+        engine.runner.run = run
+
+
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ from .step import forward, load_slot, pack_adapter, pack_step
 
 log = logging.getLogger(__name__)
 GRAPHS = os.environ.get("LORASERVE_TP_CUDA_GRAPHS", "1").strip() not in ("", "0")
+# decode steps of greedy rows without adapters: the LM head, the logits gather and (rank 0) the greedy
+# sampler replayed as one graph per rank instead of ~20 eager launches (LORASERVE_SAMPLER_GRAPHS on TP=1)
+SAMPLER_GRAPHS = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", "0").strip() not in ("", "0")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -72,6 +75,9 @@ class TPModelRunner(ModelRunner):
             if device.type == "cuda":
                 torch.cuda.empty_cache()   # the full-size slots' memory back to the device: KV sizing reads free memory
         super().__init__(dataclasses.replace(config, enforce_eager=True), model, local, dtype, device, lora_manager)
+        from .profile import StepProfiler
+
+        self.profiler = StepProfiler(0, device)   # LORASERVE_TP_PROFILE (off: no-ops)
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
         if device.type == "cuda" and not config.enforce_eager and GRAPHS:
             self._capture_tp_graphs(config)
@@ -91,9 +97,28 @@ class TPModelRunner(ModelRunner):
                                  self.lora_manager)
         runner.capture()
         self.graph_runner = runner
+        if SAMPLER_GRAPHS:   # every rank captures its logits graphs in the same order (worker._capture_logits)
+            self.executor.send(("capture_logits",))
+            runner.capture_greedy_sampler()
+
+    def time_replays(self, bs: int, n: int = 50, with_lora: bool = False) -> float:
+        """ms per decode-graph replay of bucket `bs` on every rank at once, no host in the way (idle engine
+        only: worker.time_replays). What the layers cost on the device, against a served step's time."""
+        from .worker import time_replays
+
+        self.executor.send(("replay", bs, n, with_lora))
+        return time_replays(self.graph_runner, bs, n, with_lora)
 
     @torch.inference_mode()
     def run(self, batch, prev: StepOutput | None = None) -> StepOutput:
+        self.profiler.begin()
+        try:
+            return self._run(batch, prev)
+        finally:
+            self.profiler.end()
+            self.profiler.waiting()
+
+    def _run(self, batch, prev: StepOutput | None) -> StepOutput:
         prev_rows = None
         if prev is not None and any(s.num_pending for s in batch.seqs):
             prev_rows = {s.seq_id: r for r, s in enumerate(prev.seqs)}
@@ -104,18 +129,26 @@ class TPModelRunner(ModelRunner):
         query_lens = list(batch.num_new_tokens)
         N, (B, W), S = inp.input_ids.numel(), inp.block_tables.shape, inp.sample_idx.numel()
         graphed = (self.graph_runner is not None and all(n == 1 for n in query_lens) and self.graph_runner.can_run(B))
-        lora = None
+        lora = meta = None
         if self.lora_manager is not None and not graphed:   # a replay builds its LoRA metadata itself
             lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
         has_lora = bool(inp.has_lora) if graphed else lora is not None
-        self.executor.send(("step", N, B, W, S, has_lora, query_lens, list(inp.context_lens_list), graphed))
+        logits_graph = False
+        if graphed and self.graph_runner.sampler_graphs is not None and not has_lora and S == B:
+            meta = self.sampling_meta.get(sample_seqs, self._banned)
+            logits_graph = meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0
+        self.executor.send(("step", N, B, W, S, has_lora, query_lens, list(inp.context_lens_list), graphed,
+                            logits_graph))
         self.executor.broadcast(pack_step(inp, query_lens, self.device), self.tp.custom_ar)
         try:
             if graphed:
                 hidden = self.graph_runner.run(inp)
+                if logits_graph:
+                    sampled, packed = self.graph_runner.sample_greedy(S)
+                    return StepOutput(sample_seqs, sampled, packed, self.packed_slots)
             else:
                 hidden = forward(self.model, inp, query_lens, inp.context_lens_list, lora, self.device)
-            return self._sample(hidden, inp.sample_idx, sample_seqs)
+            return self._sample(hidden, inp.sample_idx, sample_seqs, meta)
         except Exception as exc:  # noqa: BLE001 - a collective in the forward failed: the group is broken
             if self.executor.dead is not None or _is_collective_error(exc):
                 self.executor._fail(f"tensor-parallel step failed: {exc!r}")

@@ -83,6 +83,9 @@ class Worker:
         self.config = config
         self.slots = self.meta_builder = None
         self.runner = self.graph_runner = None
+        from .profile import StepProfiler
+
+        self.profiler = StepProfiler(rank, device)   # LORASERVE_TP_PROFILE (off: no-ops)
 
     def _setup(self, num_blocks: int, num_slots: int) -> None:
         """The driver's sizes: the same KV blocks and LoRA slots on every rank."""
@@ -113,10 +116,11 @@ class Worker:
 
     @torch.inference_mode()
     def loop(self, conn) -> None:
-        from ..lora.batch import LoRABatch
-        from .step import forward, load_slot, unpack_adapter, unpack_step
+        from .step import load_slot, unpack_adapter
 
+        prof = self.profiler
         while True:
+            prof.waiting()
             msg = conn.recv()
             kind = msg[0]
             if kind == "stop":
@@ -125,31 +129,14 @@ class Worker:
                 self._setup(*msg[1:])
             elif kind == "capture":
                 self._capture(*msg[1:])
+            elif kind == "capture_logits":
+                self._capture_logits()
+            elif kind == "replay":
+                time_replays(self.graph_runner, *msg[1:])
             elif kind == "step":
-                _, N, B, W, S, has_lora, query_lens, context_lens, graphed = msg
-                flat = torch.empty(3 * N + 2 * B + B * W + S, dtype=torch.int64, device=self.device)
-                ar = self.group.custom_ar   # the same choice as the driver's (executor.broadcast): by size
-                if ar is None or not ar.broadcast_step(flat):
-                    dist.broadcast(flat, 0)
-                inp = unpack_step(flat, N, B, W, S)
-                lora = None
-                if graphed:
-                    inp.has_lora = has_lora
-                    hidden = self.graph_runner.run(inp)
-                    if S:
-                        self.model.compute_logits(hidden[inp.sample_idx])
-                    continue
-                if has_lora:
-                    reps = torch.tensor(query_lens, dtype=torch.int64).to(self.device, non_blocking=True)
-                    token_slot = torch.repeat_interleave(inp.token_slot, reps, output_size=N).int()
-                    if self.meta_builder is None or self.meta_builder.max_tokens < N:
-                        self.meta_builder = self.meta_builder_cls(max(N, 256), self.slots.num_slots, self.device)
-                    lora = LoRABatch(self.slots, self.meta_builder.build(token_slot))
-                    if self.device.type == "cuda":
-                        self.slots.wait_for_copies()
-                hidden = forward(self.model, inp, query_lens, context_lens, lora, self.device)
-                if S:
-                    self.model.compute_logits(hidden[inp.sample_idx])   # this rank's part of the all-gather
+                prof.begin()
+                self._step(msg)
+                prof.end()
             elif kind == "load":
                 _, slot, index, numel, adapter_rank, module_names, magnitudes = msg
                 flat = torch.empty(numel, dtype=self.dtype, device=self.device)
@@ -161,3 +148,71 @@ class Worker:
                           self.rank, self.model, magnitudes)
             else:
                 raise RuntimeError(f"unknown tensor-parallel command {kind!r}")
+
+    def _step(self, msg: tuple) -> None:
+        from ..lora.batch import LoRABatch
+        from .step import forward, unpack_step
+
+        _, N, B, W, S, has_lora, query_lens, context_lens, graphed = msg[:9]
+        logits_graph = len(msg) > 9 and msg[9]   # the driver replays its LM-head + sampler graph (runner.py)
+        flat = torch.empty(3 * N + 2 * B + B * W + S, dtype=torch.int64, device=self.device)
+        ar = self.group.custom_ar   # the same choice as the driver's (executor.broadcast): by size
+        if ar is None or not ar.broadcast_step(flat):
+            dist.broadcast(flat, 0)
+        inp = unpack_step(flat, N, B, W, S)
+        lora = None
+        if graphed:
+            inp.has_lora = has_lora
+            hidden = self.graph_runner.run(inp)
+            if logits_graph:
+                self.logits_graphs[next(b for b in self.graph_runner.buckets if b >= N)].replay()
+            elif S:
+                self.model.compute_logits(hidden[inp.sample_idx])
+            return
+        if has_lora:
+            reps = torch.tensor(query_lens, dtype=torch.int64).to(self.device, non_blocking=True)
+            token_slot = torch.repeat_interleave(inp.token_slot, reps, output_size=N).int()
+            if self.meta_builder is None or self.meta_builder.max_tokens < N:
+                self.meta_builder = self.meta_builder_cls(max(N, 256), self.slots.num_slots, self.device)
+            lora = LoRABatch(self.slots, self.meta_builder.build(token_slot))
+            if self.device.type == "cuda":
+                self.slots.wait_for_copies()
+        hidden = forward(self.model, inp, query_lens, context_lens, lora, self.device)
+        if S:
+            self.model.compute_logits(hidden[inp.sample_idx])   # this rank's part of the all-gather
+
+    def _capture_logits(self) -> None:
+        """Per decode bucket, the LM head's shard and its logits gather over the bucket graph's hidden
+        states, captured in the driver's order (CudaGraphRunner.capture_greedy_sampler on rank 0: one warm-up
+        gather, then the capture, per bucket, largest first)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        pool = torch.cuda.graph_pool_handle()
+        self.logits_graphs = {}
+        for bs in reversed(self.graph_runner.buckets):
+            hidden = self.graph_runner.graphs[(bs, False)][1]
+            with torch.cuda.stream(stream):
+                self.model.compute_logits(hidden)   # warm-up (its gather pairs with the driver's)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.model.compute_logits(hidden)
+            self.logits_graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+
+def time_replays(graph_runner, bs: int, n: int, with_lora: bool = False) -> float:
+    """ms per replay of the decode graph of bucket `bs`, `n` back to back (every rank at once: the
+    all-reduces inside pair up). The device time of a step's layers with no host in the way. Only while
+    the engine is idle: the replays write KV rows of the last step's slots (freed blocks once its
+    requests are gone) and the scratch block."""
+    graph = graph_runner.graphs[(bs, with_lora)][0]
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n

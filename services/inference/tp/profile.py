@@ -1,0 +1,105 @@
+"""Where a tensor-parallel step's time goes, per rank (diagnostics; nothing here runs unless asked).
+
+LORASERVE_TP_PROFILE=DIR[:FIRST[:COUNT]] (default FIRST=40, COUNT=8): every rank (the driver's shard 0 and
+each worker) profiles its steps FIRST..FIRST+COUNT-1 with torch.profiler and writes DIR/tp_rank{r}.txt:
+  * host: per step, the time the rank waited for its next command (workers: blocked in the pipe's recv)
+    and the time it spent launching the step (Python + launches), mean over the window;
+  * device: the window's wall span on the GPU, the union of kernel time (busy) and the gaps, the kernels
+    grouped by name (count, total, mean), so the all-reduce kernels' mean can be read against their
+    isolated latency (benchmarks/bench_allreduce.py): a mean far above it is time spent waiting for the
+    peer rank (skew between ranks), not moving bytes.
+The window should hold decode steps only (the benchmark's timed loop), so every line is one step shape.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import torch
+
+
+class StepProfiler:
+    def __init__(self, rank: int, device: torch.device):
+        spec = os.environ.get("LORASERVE_TP_PROFILE", "").strip()
+        self.on = bool(spec) and device.type == "cuda"
+        self.rank, self.device = rank, device
+        if not self.on:
+            return
+        parts = spec.split(":")
+        self.dir = parts[0]
+        self.first = int(parts[1]) if len(parts) > 1 and parts[1] else 40
+        self.count = int(parts[2]) if len(parts) > 2 and parts[2] else 8
+        self.step = 0
+        self.prof = None
+        self.wait_s = self.launch_s = 0.0
+        self._t_wait = self._t_launch = None
+
+    def waiting(self) -> None:
+        """Before blocking on the next command (workers) or before building the step (driver)."""
+        if self.on:
+            self._t_wait = time.perf_counter()
+
+    def begin(self) -> None:
+        """A step's command has arrived: its launch starts."""
+        if not self.on:
+            return
+        self.step += 1
+        now = time.perf_counter()
+        if self.step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.wait_s = self.launch_s = 0.0
+        elif self.prof is not None and self._t_wait is not None:
+            self.wait_s += now - self._t_wait
+        self._t_launch = time.perf_counter()
+
+    def end(self) -> None:
+        """The step is launched (its kernels queued)."""
+        if not self.on or self.prof is None:
+            return
+        self.launch_s += time.perf_counter() - self._t_launch
+        if self.step == self.first + self.count - 1:
+            torch.cuda.synchronize(self.device)
+            self.prof.__exit__(None, None, None)
+            try:
+                self._write()
+            finally:
+                self.prof, self.on = None, False
+
+    def _write(self) -> None:
+        n = self.count
+        kernels = []   # (start_us, end_us, name)
+        for e in self.prof.events():
+            if getattr(getattr(e, "device_type", None), "name", "") != "CUDA":
+                continue
+            tr = e.time_range
+            kernels.append((tr.start, tr.end, e.name))
+        lines = [f"rank {self.rank}: {n} steps (steps {self.first}..{self.first + n - 1})",
+                 f"host: waiting for the command {1e3 * self.wait_s / max(n - 1, 1):.3f} ms/step, "
+                 f"launching {1e3 * self.launch_s / n:.3f} ms/step"]
+        if kernels:
+            kernels.sort()
+            span = kernels[-1][1] - kernels[0][0]
+            busy, cur_s, cur_e = 0.0, kernels[0][0], kernels[0][1]
+            for s, e, _ in kernels[1:]:
+                if s > cur_e:
+                    busy += cur_e - cur_s
+                    cur_s, cur_e = s, e
+                else:
+                    cur_e = max(cur_e, e)
+            busy += cur_e - cur_s
+            lines.append(f"device: span {span / 1e3 / n:.3f} ms/step, kernels busy {busy / 1e3 / n:.3f} ms/step, "
+                         f"gaps {(span - busy) / 1e3 / n:.3f} ms/step, {len(kernels) / n:.1f} kernels/step")
+            groups: dict[str, list[float]] = defaultdict(list)
+            for s, e, name in kernels:
+                groups[name[:90]].append(e - s)
+            lines.append(f"{'us/step':>9} {'count/step':>10} {'mean us':>8}  kernel")
+            for name, ds in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:30]:
+                lines.append(f"{sum(ds) / n:9.1f} {len(ds) / n:10.1f} {sum(ds) / len(ds):8.2f}  {name}")
+        os.makedirs(self.dir, exist_ok=True)
+        text = "\n".join(lines) + "\n"
+        with open(os.path.join(self.dir, f"tp_rank{self.rank}.txt"), "w") as f:
+            f.write(text)

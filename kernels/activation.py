@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
+from .pdl import pdl_kwargs
 
 
 def silu_and_mul_ref(gate_up: Tensor) -> Tensor:
@@ -23,7 +24,11 @@ def silu_and_mul_ref(gate_up: Tensor) -> Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr,
+                             USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: every input comes from the kernels before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < I
@@ -47,5 +52,5 @@ def silu_and_mul(gate_up: Tensor, out: Tensor | None = None) -> Tensor:
         return out
     block = min(1024, triton.next_power_of_2(I))
     _silu_and_mul_kernel[(T, triton.cdiv(I, block))](gate_up, out, I, gate_up.stride(0), out.stride(0),
-                                                     BLOCK=block, num_warps=4)
+                                                     BLOCK=block, num_warps=4, **pdl_kwargs(gate_up.device))
     return out

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
+from .pdl import pdl_kwargs
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -35,7 +36,10 @@ if HAS_TRITON:
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, eps,
                          stride_x, stride_r, stride_o,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: every input comes from the kernels before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         ok = offs < H
@@ -66,7 +70,7 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, out: Tensor, eps
     res = residual if residual is not None else x
     _rms_norm_kernel[(T,)](x, res, weight, out, H, eps, x.stride(0), res.stride(0), out.stride(0),
                            HAS_RESIDUAL=residual is not None, BLOCK=block,
-                           num_warps=min(16, max(1, block // 512)))
+                           num_warps=min(16, max(1, block // 512)), **pdl_kwargs(x.device))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
+from .pdl import pdl_kwargs
 
 LOG2E = 1.4426950408889634
 
@@ -112,7 +113,11 @@ if HAS_TRITON:
             stride_tb, stride_ot, stride_oh,
             H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
             TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-            NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr):
+            NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
+            USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: every program waits (spare tiles too), before reading q / K / V
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -184,7 +189,10 @@ if HAS_TRITON:
     @triton.jit
     def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, stride_ot, stride_oh,
                              H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                             NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+                             NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: every input comes from the kernels before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_s = tl.arange(0, S_PAD)
@@ -318,7 +326,7 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg, **pdl_kwargs(q.device))
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)
     return out
@@ -365,7 +373,7 @@ def merge_attention_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Te
     assert out.shape[:2] == (N, H) and out.shape[2] <= d_pad and out.stride(-1) == 1
     _merge_splits_kernel[(N, H)](part_acc, part_ml, out, N, out.stride(0), out.stride(1),
                                  H=H, D=out.shape[2], D_PAD=d_pad, NUM_SPLITS=S,
-                                 S_PAD=max(2, triton.next_power_of_2(S)), num_warps=4)
+                                 S_PAD=max(2, triton.next_power_of_2(S)), num_warps=4, **pdl_kwargs(out.device))
     return out
 
 

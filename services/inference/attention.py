@@ -207,3 +207,9 @@ def paged_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         return paged_attention(q, dequantize(k_q, k_scale), dequantize(v_q, v_scale), k_deq, v_deq, scale)
     finally:
         ctx.block_tables, ctx.slot_mapping = tables, slots
+
+
+def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_attention for a step whose K/V are already in the cache (kernels/rope.py's rope_store_kv
+    wrote them): q [N, H, D] -> [N, H, D]; CUDA with Triton only (the one-launch kernel)."""
+    return _kernel_attention(q, k_cache, v_cache, get_context(), scale)

@@ -14,6 +14,7 @@ does, so that each residual add is fused into the following norm.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from loraserve.adapters.modules import PACKED_MODULES
 from loraserve.kernels import triton_available
 
-from ..attention import paged_attention
+from ..attention import attend_cached, paged_attention
 from ..context import get_context
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -132,6 +133,28 @@ def _fused(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "off", "no")
+
+
+# CUDA switches of the decode-step fusions (kernels/PERF_NOTES.md, "batch-1 decode"); read at import:
+# RoPE + the K/V cache write in one kernel (kernels/rope.py rope_store_kv) instead of RoPE, a copy of v
+# and two index_copy_ launches per layer
+FUSED_ROPE_KV = _env_flag("LORASERVE_FUSED_ROPE_KV", "0")
+
+
+def _gemv_rows() -> int:
+    """Steps of up to this many tokens run their projections through kernels/gemv.py (0: cuBLAS)."""
+    if not triton_available():
+        return 0
+    from loraserve.kernels.gemv import gemv_max_m
+
+    return gemv_max_m()
+
+
+GEMV_MAX_M = _gemv_rows()
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE. One instance per model: the CUDA path reads a [P, D] cos/sin table
     built once (lazily, on the first forward: the loader sets inv_freq after construction)."""
@@ -210,7 +233,26 @@ class Proj(nn.Linear):
         lora = get_context().lora
         if lora is not None:  # GEMM + delta (lora/batch.py may overlap the LoRA shrink with the GEMM)
             return lora.linear(self.layer_idx, self.proj_name, x, self.weight, self.bias)
+        if self._gemv_ok(x):  # 1-4 tokens: the weight-streaming GEMV (kernels/gemv.py)
+            from loraserve.kernels.gemv import gemv
+
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def _gemv_ok(self, x: torch.Tensor) -> bool:
+        return (x.shape[0] <= GEMV_MAX_M and x.is_cuda and x.dtype == self.weight.dtype
+                and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """This projection of silu(gate) * up, gate_up [N, 2I] (the MLP's down_proj); on the GEMV path
+        the activation is computed inside the GEMV (no launch of its own)."""
+        if get_context().lora is None and self._gemv_ok(gate_up):
+            from loraserve.kernels.gemv import gemv
+
+            return gemv(gate_up, self.weight, self.bias, silu_mul=True)
+        from loraserve.kernels.activation import silu_and_mul
+
+        return self(silu_and_mul(gate_up))
 
 
 class Attention(nn.Module):
@@ -231,8 +273,16 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)    # (N, H, D)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        o = self.attend(q, k, v.contiguous())
+        if FUSED_ROPE_KV and type(self).attend is Attention.attend and _fused(q) and self.k_cache.dtype == q.dtype:
+            # one launch: q rotated, k rotated and v written into the paged cache (what attend stores)
+            from loraserve.kernels.rope import rope_store_kv
+
+            q = rope_store_kv(positions, q, k, v, rotary.cos_sin_cache(), self.k_cache, self.v_cache,
+                              get_context().slot_mapping)
+            o = attend_cached(q, self.k_cache, self.v_cache, self.scale)
+        else:
+            q, k = rotary(positions, q, k)
+            o = self.attend(q, k, v.contiguous())
         out = self.o_proj(o.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -252,7 +302,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (N, 2I)
-        if _fused(gate_up):
+        if _fused(gate_up) and isinstance(self.down_proj, Proj):   # (models/fp8.py swaps in an Fp8Proj)
+            out = self.down_proj.forward_silu_mul(gate_up)
+        elif _fused(gate_up):
             from loraserve.kernels.activation import silu_and_mul
 
             out = self.down_proj(silu_and_mul(gate_up))

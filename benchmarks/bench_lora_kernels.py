@@ -140,6 +140,7 @@ class Case:
 
             lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
             lora_meta.LORA_PDL = bool(v.get("pdl", False))
+            lora_meta.LORA_BGMV = bool(v.get("bgmv", False))
             lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead")
             stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream

@@ -11,6 +11,8 @@ defaults set them):
              while the shrink runs, fetches B, then waits: griddepcontrol), 2 B blocks ahead
   a3, pdl_a3 stream / pdl with 3 B blocks in flight per expand program (lora_expand_stream.STREAM_B_AHEAD);
              the default is now pdl with 3 ahead at decode-like tiles
+  bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
+             pdl_nobgmv: the same with the BGMV shrink off
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -32,7 +34,7 @@ _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply
 DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_ENABLED,
                fused=_apply_module.FUSED_ENABLED, pdl=lora_meta.LORA_PDL,
                onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS,
-               b_ahead=lora_expand_stream.STREAM_B_AHEAD)
+               b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -45,6 +47,8 @@ VARIANTS = {
     "onelaunch_pdl": dict(stream=True, onelaunch=True, pdl=True),  # onelaunch where it applies, else pdl
     "a3": dict(stream=True, b_ahead=3),  # stream with 3 B blocks in flight per expand program
     "pdl_a3": dict(stream=True, pdl=True, b_ahead=3),
+    "pdl_nobgmv": dict(stream=True, pdl=True),  # the default before the BGMV shrink
+    "bgmv": dict(stream=True, pdl=True, bgmv=True),  # + BGMV shrink (lora_shrink_bgmv.py) at <= 256 tokens
 }
 
 

@@ -90,6 +90,12 @@ LORA_STREAM = os.environ.get("LORASERVE_LORA_STREAM", "1").strip().lower() not i
 LORA_PDL = os.environ.get("LORASERVE_LORA_PDL", "1").strip().lower() not in ("", "0", "false", "off", "no")
 _PDL_OK: dict[int, bool] = {}
 
+# BGMV-style shrink (lora_shrink_bgmv.py) for steps of <= LORA_BGMV_MAX_TOKENS tokens on the
+# streaming path: one [16, BLOCK_K] block of A per program straight into registers, x row by row
+# (no 16-row tl.dot padding). LORASERVE_LORA_BGMV=1 turns it on; read at each call.
+LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "0").strip().lower() not in ("", "0", "false", "off", "no")
+LORA_BGMV_MAX_TOKENS = 256
+
 
 def pdl_launch(device: torch.device) -> dict:
     """Extra kernel-launch keywords: USE_PDL (the constexpr) and Triton's launch_pdl, both only

@@ -140,6 +140,11 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
     columns per K block and up to 32 splits: latency, not bytes, bounds it.
     """
     if stream_enabled(stream) and num_tokens <= 256:
+        if bgmv_applies(num_tokens, rank):
+            from .lora_shrink_bgmv import bgmv_shrink_config
+
+            tiles = grid_tiles if grid_tiles is not None else -(-num_tokens // block_m)
+            return dict(bgmv_shrink_config(num_tokens, rank, hidden_in, num_slices, tiles, num_sms), BGMV=True)
         return _stream_shrink_config(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles)
     block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
     block_k = min(128, max(16, _next_pow2(hidden_in)))
@@ -156,6 +161,14 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
            and 2 * split_k * partial_bytes <= must_read):
         split_k *= 2
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+
+
+def bgmv_applies(num_tokens: int, rank: int) -> bool:
+    """The BGMV shrink takes this step (streaming path only): lora_meta.LORA_BGMV is on, the step
+    has <= LORA_BGMV_MAX_TOKENS tokens and rank <= 64 (one 16-row A block per rank block)."""
+    from . import lora_meta
+
+    return lora_meta.LORA_BGMV and num_tokens <= lora_meta.LORA_BGMV_MAX_TOKENS and rank <= 64
 
 
 def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, block_m: int,
@@ -220,6 +233,12 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         "x, lora_a, out, ranks and meta must be on one device"
     sms = _num_sms(x.device.index if x.is_cuda else None)
     cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms, meta.grid_tiles, stream), **(config or {}))
+    if cfg.get("BGMV") and out.dim() == 4 and not (x.is_cuda and x.dtype == torch.float32):
+        from .lora_shrink_bgmv import lora_shrink_bgmv
+
+        return lora_shrink_bgmv(x, lora_a, meta, ranks, out, config=config, num_sms=sms)
+    if cfg.pop("BGMV", False):  # fp32 on a GPU (or a 3-D out): the dot kernel at the BGMV split
+        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 128), num_warps=4, num_stages=3)
     if out.dim() == 4:
         cfg["SPLIT_K"] = out.shape[0]
     BN, BK, SK = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]

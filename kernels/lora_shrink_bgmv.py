@@ -1,0 +1,136 @@
+"""BGMV-style multi-LoRA shrink for small steps: A straight into registers, x row by row, no tl.dot.
+
+Semantics (as :func:`lora_shrink` with split-K partials), for every token t with slot
+a = token_slot[t] >= 0, slice s and K chunk j:
+    out[j, s, t, :r_a] = x[t, Kj] @ lora_a[a, s, :r_a, Kj].T      (fp32 accumulate, fp32 store)
+Kj = [j * BLOCK_K, (j + 1) * BLOCK_K) and SPLIT_K = cdiv(H_in, BLOCK_K): every program reads ONE
+[16, BLOCK_K] block of A, all of it issued at once (16-32 KB in flight per program, no loop to
+pipeline), and the expand sums the SPLIT_K partials while loading them (lora_expand_stream).
+
+Why: at decode-like steps a tile holds 1-4 tokens of one adapter (64 tokens / 32 adapters: 2).
+The tl.dot shrink pads x to 16 rows (BLOCK_M), stages x and A through shared memory in a
+pipelined K loop of 8 KB steps, and keeps 2-3 programs per SM with ~24 KB in flight each: it
+streamed A at 1.3-1.5 TB/s (PERF_NOTES). Here the only large operand is A; x rows (BLOCK_K * 2
+bytes each, from L2: every adapter's tile reads the same x chunk only if it holds that token) are
+loaded per real row, and the product is a broadcast-multiply-sum over K ([16, BLOCK_K] * [BLOCK_K]
+-> [16]), so padding rows cost nothing. Rows are a runtime loop over the tile's real rows
+(<= BLOCK_M), x of the next row prefetched before the current row's reduction.
+
+Grid (meta.grid_tiles, rank_blocks * SPLIT_K, S): host-known sizes only (CUDA graphs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+from .lora_meta import LoRAMeta, pdl_launch
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_shrink_bgmv_kernel(
+        x_ptr, a_ptr, out_ptr, ranks_ptr,
+        sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
+        K, R,
+        stride_xm, stride_xk,
+        stride_al, stride_as, stride_ar, stride_ak,
+        stride_ok, stride_os, stride_om, stride_or,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+    ):
+        if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1) // SPLIT_K
+        pid_k = tl.program_id(1) % SPLIT_K
+        s = tl.program_id(2)
+        n0 = pid_n * BLOCK_N
+        slot = tl.load(tile_slots_ptr + tile)
+        start = tl.load(tile_starts_ptr + tile)
+        end = tl.load(tile_ends_ptr + tile)
+        if slot < 0:
+            return
+        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        tok = tl.load(sorted_ids_ptr + start).to(tl.int64)  # the tile's first row (tiles are non-empty)
+        if n0 >= rank:
+            return
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < rank
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        # A block [BLOCK_N, BLOCK_K] and the first x row issued together: the whole block in flight.
+        a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
+                  + offs_n[:, None] * stride_ar + offs_k[None, :] * stride_ak)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+            xv = tl.load(x_ptr + tok * stride_xm + offs_k * stride_xk)
+        else:
+            k_ok = offs_k < K
+            a = tl.load(a_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            xv = tl.load(x_ptr + tok * stride_xm + offs_k * stride_xk, mask=k_ok, other=0.0)
+        rows = tl.minimum(end - start, BLOCK_M)
+        out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
+        for m in range(0, rows):
+            # prefetch the next row's x (the last iteration re-reads its own row: no extra traffic)
+            tok_nxt = tl.load(sorted_ids_ptr + start + tl.minimum(m + 1, rows - 1)).to(tl.int64)
+            if EVEN_K:
+                x_nxt = tl.load(x_ptr + tok_nxt * stride_xm + offs_k * stride_xk)
+            else:
+                x_nxt = tl.load(x_ptr + tok_nxt * stride_xm + offs_k * stride_xk, mask=k_ok, other=0.0)
+            part = tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)  # [BLOCK_N] fp32
+            tl.store(out_base + tok * stride_om, part, mask=n_ok)
+            tok = tok_nxt
+            xv = x_nxt
+
+
+def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, grid_tiles: int,
+                       num_sms: int = 132) -> dict:
+    """BLOCK_K (one A block per program; SPLIT_K = cdiv(H_in, BLOCK_K)) and warps from host sizes.
+
+    The smallest BLOCK_K in {256, 512, 1024} whose grid (counting every grid tile as active, as
+    for distinct adapters at decode) stays within ~6 programs per SM, so each program has 8-32 KB
+    of A in flight and the expand sums at most a few dozen partials; 8 warps above 512 columns
+    (registers: A stays bf16 until the product)."""
+    block_n = 16
+    rank_blocks = -(-rank // block_n)
+    for block_k in (256, 512, 1024):
+        split = -(-hidden_in // block_k)
+        if grid_tiles * num_slices * rank_blocks * split <= 6 * num_sms:
+            break
+    block_k = min(block_k, max(16, 1 << max(0, (hidden_in - 1).bit_length())))
+    split = -(-hidden_in // block_k)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=8 if block_k >= 1024 else 4)
+
+
+def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: Tensor,
+                     *, config: dict | None = None, num_sms: int = 132) -> Tensor:
+    """out [SPLIT_K, S, T, R] float32 <- the per-chunk partials (see the module docstring).
+
+    x [T, H_in] fp16/bf16/fp32; lora_a [L, S, R, H_in] (x's dtype); ranks [L] int32; out's
+    SPLIT_K must equal cdiv(H_in, BLOCK_K) of the config (bgmv_shrink_config, or config's
+    BLOCK_K). Entries of tokens without an adapter and columns >= rank are left as they were.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
+    T, H = x.shape
+    L, S, R, H2 = lora_a.shape
+    assert H2 == H and x.dtype == lora_a.dtype, f"x {tuple(x.shape)} {x.dtype} vs lora_a {tuple(lora_a.shape)} {lora_a.dtype}"
+    assert out.dim() == 4 and out.shape[1:] == (S, T, R) and out.dtype == torch.float32, \
+        f"out must be float32 [SPLIT_K, S={S}, T={T}, R={R}], got {out.dtype} {tuple(out.shape)}"
+    assert meta.num_tokens == T and ranks.shape == (L,) and ranks.dtype == torch.int32
+    if T == 0:
+        return out
+    cfg = dict(bgmv_shrink_config(T, R, H, S, meta.grid_tiles, num_sms), **(config or {}))
+    BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    SK = -(-H // BK)
+    assert out.shape[0] == SK, f"out has {out.shape[0]} K splits, BLOCK_K {BK} needs {SK}"
+    grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
+    _lora_shrink_bgmv_kernel[grid](
+        x, lora_a, out, ranks,
+        meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
+        H, R, x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
+        BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
+        num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(x.device),
+    )
+    return out

@@ -1,0 +1,46 @@
+"""The BGMV shrink (kernels/lora_shrink_bgmv.py) vs the torch reference, on the CPU through Triton's
+interpreter (a spawned worker, see interpreter.py): ragged K chunks, mixed ranks (incl. 0) in
+max-rank slots, rank 64 (4 rank blocks), rows without an adapter, 1-3 slices, tiles of many rows
+(the runtime row loop) and lora_apply end to end with the streaming expand summing the partials."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import pytest
+
+from loraserve.kernels import triton_available
+
+from . import bgmv_interp_cases as cases
+from .interpreter import interpreter_pool, interpreting
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[ProcessPoolExecutor]:
+    yield from interpreter_pool(interpreting)
+
+
+def _run(pool: ProcessPoolExecutor, fn, *args, **kwargs) -> None:
+    pool.submit(fn, *args, **kwargs).result(timeout=300)
+
+
+@pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks", "identical"])
+@pytest.mark.parametrize("num_slices", [1, 3])
+def test_bgmv_shrink_matches_reference(interp, num_slices, composition) -> None:
+    widths = [40] if num_slices == 1 else [40, 24, 24]
+    # hidden 600 with 256-column chunks: 3 chunks, the last ragged (EVEN_K False)
+    _run(interp, cases.check_bgmv_shrink, "float32", 600, 32, widths, 21, 5, composition)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_bgmv_shrink_rank64_long_tiles(interp, dtype) -> None:
+    # 40 tokens over 2 slots: tiles of 16 rows (the row loop), 4 rank blocks; even K (512 / 256)
+    _run(interp, cases.check_bgmv_shrink, dtype, 512, 64, [48], 40, 2, "mixed-ranks")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 6, 33])
+def test_lora_apply_bgmv_matches_reference(interp, num_tokens) -> None:
+    _run(interp, cases.check_bgmv_apply, "float32", 768, 16, [48, 16, 16], num_tokens, 4, "no-adapter-rows")
+    _run(interp, cases.check_bgmv_apply, "float16", 512, 32, [40], num_tokens, 3, "mixed-ranks")

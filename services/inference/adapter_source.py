@@ -27,7 +27,9 @@ from .errors import (DigestMismatchError, RegistryAccessError, RegistryAdapterNo
 from .lora.manager import TierStats
 
 log = logging.getLogger(__name__)
-DOWNLOAD_CHUNK = 1 << 20  # the registry's largest (DownloadAdapterRequest.chunk_size is clamped to [16 KiB, 1 MiB])
+# bytes per DownloadAdapter message asked for (the registry clamps it to its largest, 1 MiB by default;
+# LORASERVE_DOWNLOAD_CHUNK: measurement override, benchmarks/cold_diag.py)
+DOWNLOAD_CHUNK = int(os.environ.get("LORASERVE_DOWNLOAD_CHUNK", 1 << 20))
 
 
 # a downloaded plain tar is served from memory while its disk copy is written (0: disk first, as before)
@@ -35,7 +37,8 @@ FETCH_IN_MEMORY = os.environ.get("LORASERVE_FETCH_IN_MEMORY", "1") != "0"
 
 # reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-              ("grpc.max_reconnect_backoff_ms", 2000)]
+              ("grpc.max_reconnect_backoff_ms", 2000),
+              ("grpc.max_receive_message_length", 16 << 20)]  # download chunks larger than gRPC's 4 MiB default
 
 
 @dataclass

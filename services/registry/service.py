@@ -47,6 +47,9 @@ from .store import ArtifactStore, age_seconds, make_s3_client, make_store
 log = logging.getLogger(__name__)
 
 _TX_ATTEMPTS = 12
+# largest DownloadAdapter chunk (the request's chunk_size is clamped to it); the server's message
+# limit is 8 MiB. LORASERVE_REGISTRY_MAX_CHUNK: measurement override (benchmarks/cold_diag.py)
+MAX_DOWNLOAD_CHUNK = min(int(os.environ.get("LORASERVE_REGISTRY_MAX_CHUNK", 1 << 20)), 6 << 20)
 _LOCK_STRIPES = 64
 
 
@@ -289,7 +292,7 @@ class RegistryService:
             raise FailedPrecondition(f"{name} version {record.version}: artifact {record.digest} is missing "
                                      "from the store")
         size = chunk_size or self.config.download_chunk_size
-        size = max(16 << 10, min(size, 1 << 20))
+        size = max(16 << 10, min(size, MAX_DOWNLOAD_CHUNK))
         return record, self.store.read_chunks(digest_hex, size)
 
     # ---- writes: delete, aliases, tags -----------------------------------------------

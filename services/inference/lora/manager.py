@@ -49,7 +49,8 @@ from .device_tier import DeviceTier, num_device_slots
 from .dora import compute_dora_scales
 from .holds import (AdapterHandle, AdapterHold, looks_nemo, release_after_engine,  # noqa: F401 - re-exported
                     resolve_async, stat_signature)
-from .host_tier import HostTier, TierStats, pin_into_one, pinned_bytes, pinned_views, timed_alloc
+from .host_tier import (HostTier, TierStats, one_cpu_thread, pin_into_one, pinned_bytes, pinned_views,
+                        timed_alloc)
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -174,11 +175,14 @@ class LoRAManager:
                digest: str | None = None, data=None) -> LoraAdapter:
         # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
-        return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
-                            limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
-                                                           self.max_rank),
-                            confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
-                            timings=timings, digest=digest, alloc=timed_alloc(self._read_alloc, timings), data=data)
+        # one CPU thread: OpenMP workers stall the parse on a busy host (host_tier.one_cpu_thread)
+        with one_cpu_thread():
+            return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
+                                limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
+                                                               self.max_rank),
+                                confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
+                                timings=timings, digest=digest, alloc=timed_alloc(self._read_alloc, timings),
+                                data=data)
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:
@@ -212,6 +216,10 @@ class LoRAManager:
     def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
         """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous; DoRA factors computed
         from the base weights (float32, kept with the adapter in the host tier)."""
+        with one_cpu_thread():
+            return self._stage_one_thread(adapter)
+
+    def _stage_one_thread(self, adapter: LoraAdapter) -> LoraAdapter:
         if not self.dora_per_rank:
             compute_dora_scales(adapter, self.model)
         if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype

@@ -1,0 +1,221 @@
+"""Why is a cold adapter slow on this host? Diagnostics for the cold path (issue 12), in seconds.
+
+The H200 run of 2026-11-30 measured parse 85 ms .. 1.94 s for the same 84 MB adapter (the CPU
+CI box: ~30 ms) and a 0.4-0.5 GB/s registry download. This script separates the suspects:
+
+  env       CPU count, affinity, cgroup CPU quota, torch's intra-op threads, GIL switch interval
+  parse     load_adapter on the in-memory tar (as the fetcher hands it over): plain buffers vs
+            pinned (LORASERVE_PINNED_READ's allocator), with a profile of the slowest run by function
+  busy      the same parse while another Python thread spins (a GIL convoy: each torch op
+            releases the GIL and waits up to sys.getswitchinterval() to get it back)
+  threads1  the same parse with torch.set_num_threads(1) (OpenMP oversubscription)
+  download  DownloadAdapter from a registry process on loopback at several chunk sizes: the raw
+            stream, and AdapterFetcher.fetch (hash + keep in memory)
+
+    python3 benchmarks/cold_diag.py --layers 32            # GPU host: the 8B shape (84 MB)
+    python3 benchmarks/cold_diag.py --layers 2 --quick     # CPU: a check of the flow
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.cold_path import LLAMA3_8B_ARGS, RegistryProcess, write_peft_dir  # noqa: E402
+
+
+def env_report() -> str:
+    quota = "?"
+    for p in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            quota = open(p).read().strip()
+            break
+        except OSError:
+            pass
+    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    omp = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
+    return (f"env: cpu_count {os.cpu_count()}, affinity {aff}, cgroup cpu quota {quota!r}, torch threads "
+            f"{torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), switchinterval "
+            f"{sys.getswitchinterval() * 1e3:.0f} ms, {omp or 'no OMP env'}, torch {torch.__version__}, "
+            f"config {torch.__config__.parallel_info().splitlines()[-1].strip() if hasattr(torch, '__config__') else ''}")
+
+
+def make_artifact(workdir: str, layers: int) -> tuple[str, str, object, str]:
+    from loraserve.adapters.bundle import Chunks, artifact_digest
+    from loraserve.adapters.writer import pack_dir
+    from loraserve.inference.models.llama import ModelArgs
+
+    margs = ModelArgs(**dict(LLAMA3_8B_ARGS, num_hidden_layers=layers))
+    d = write_peft_dir(os.path.join(workdir, "diag"), margs.lora_module_shapes(), layers, 16, 11)
+    tar = str(pack_dir(d, os.path.join(workdir, "diag.tar"), "tar"))
+    raw = open(tar, "rb").read()
+    data = Chunks([raw[i:i + (1 << 20)] for i in range(0, len(raw), 1 << 20)])
+    return d, tar, data, artifact_digest(tar)
+
+
+def parse_once(tar: str, data, digest: str, alloc, profile: bool = False) -> tuple[dict, str]:
+    from loraserve.adapters import load_adapter
+    from loraserve.inference.lora.host_tier import timed_alloc
+
+    timings: dict = {}
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    load_adapter(tar, serving_dtype=torch.bfloat16, timings=timings, digest=digest, data=data,
+                 alloc=timed_alloc(alloc, timings))
+    if prof:
+        prof.disable()
+    timings["total_s"] = time.perf_counter() - t0
+    text = ""
+    if prof:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(8)
+        lines = s.getvalue().splitlines()
+        head = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
+        text = "\n".join(ln for ln in lines[head:] if ln.strip())
+    return timings, text
+
+
+def fmt(t: dict) -> str:
+    return ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in t.items() if v)
+
+
+def parse_section(label: str, tar: str, data, digest: str, alloc, reps: int) -> list[dict]:
+    rows = [parse_once(tar, data, digest, alloc)[0] for _ in range(reps)]
+    print(f"parse [{label}] ms per run: " + " | ".join(fmt(r) for r in rows), flush=True)
+    return rows
+
+
+class Spinner:
+    """A Python thread that never blocks (holds the GIL whenever it runs)."""
+
+    def __enter__(self):
+        self.stop = False
+
+        def spin():
+            x = 0
+            while not self.stop:
+                x += 1
+        self.t = threading.Thread(target=spin, daemon=True)
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.t.join()
+
+
+def download_section(workdir: str, d: str, chunks: list[int], reps: int) -> None:
+    """Raw stream (no hashing) and AdapterFetcher.fetch at each chunk size; the registry process is
+    started with its chunk cap raised to the largest asked for."""
+    import grpc
+
+    from loraserve.registry.client import RegistryClient
+    from loraserve.v1 import registry_pb2 as pb
+    from loraserve.v1 import registry_pb2_grpc
+
+    os.environ["LORASERVE_REGISTRY_MAX_CHUNK"] = str(max(chunks))  # inherited by the registry process
+    with RegistryProcess(os.path.join(workdir, "diag-registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            client.push(d, "diag", base_model="bench", chunk_size=1 << 20)
+
+        async def raw(chunk: int, extra=()) -> tuple[float, int, int]:
+            async with grpc.aio.insecure_channel(reg.address, options=[
+                    ("grpc.max_receive_message_length", 16 << 20), *extra]) as ch:
+                stub = registry_pb2_grpc.RegistryServiceStub(ch)
+                await stub.GetAdapter(pb.GetAdapterRequest(name="diag", version=1))  # connected
+                t0, n, msgs = time.perf_counter(), 0, 0
+                async for m in stub.DownloadAdapter(pb.DownloadAdapterRequest(name="diag", version=1,
+                                                                              chunk_size=chunk)):
+                    if m.WhichOneof("payload") == "chunk":
+                        n += len(m.chunk)
+                        msgs += 1
+                return time.perf_counter() - t0, n, msgs
+
+        loop = asyncio.new_event_loop()
+        for chunk in chunks:
+            got = [loop.run_until_complete(raw(chunk)) for _ in range(reps)]
+            n, msgs = got[0][1], got[0][2]
+            print(f"download raw, chunk {chunk >> 10} KiB ({msgs} messages, {n / 1e6:.0f} MB): ms "
+                  + ", ".join(f"{g[0] * 1e3:.0f}" for g in got)
+                  + f"  = {n / min(g[0] for g in got) / 1e9:.2f} GB/s best", flush=True)
+        for extra in ([("grpc.http2.lookahead_bytes", 16 << 20)],
+                      [("grpc.http2.lookahead_bytes", 16 << 20), ("grpc.http2.bdp_probe", 0)]):
+            got = [loop.run_until_complete(raw(chunks[0], extra))]
+            print(f"download raw, chunk {chunks[0] >> 10} KiB, client {extra}: ms "
+                  + ", ".join(f"{g[0] * 1e3:.0f}" for g in got), flush=True)
+        with grpc.insecure_channel(reg.address, options=[("grpc.max_receive_message_length", 16 << 20)]) as ch:
+            stub = registry_pb2_grpc.RegistryServiceStub(ch)
+            stub.GetAdapter(pb.GetAdapterRequest(name="diag", version=1))
+            t0 = time.perf_counter()
+            n = sum(len(m.chunk) for m in stub.DownloadAdapter(pb.DownloadAdapterRequest(
+                name="diag", version=1, chunk_size=chunks[-1])))
+            print(f"download raw, sync (not aio) stub, chunk {chunks[-1] >> 10} KiB: "
+                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms ({n / 1e6:.0f} MB)", flush=True)
+        from loraserve.inference import adapter_source
+
+        for chunk in chunks:
+            adapter_source.DOWNLOAD_CHUNK = chunk
+            times = []
+            for k in range(reps):
+                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"diag-cache-{chunk}-{k}"))
+                f = loop.run_until_complete(fetcher.fetch("diag", 1))
+                times.append((f.resolve_s, f.download_s))
+                loop.run_until_complete(fetcher.close())
+            print(f"fetch (resolve + download + sha256), chunk {chunk >> 10} KiB: ms "
+                  + ", ".join(f"{r * 1e3:.0f}+{dl * 1e3:.0f}" for r, dl in times), flush=True)
+        loop.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer runs (a check of the flow)")
+    ap.add_argument("--no-download", action="store_true")
+    a = ap.parse_args()
+    reps = 1 if a.quick else a.reps
+    print(env_report(), flush=True)
+    workdir = tempfile.mkdtemp(prefix="cold-diag-")
+    t = time.perf_counter()
+    d, tar, data, digest = make_artifact(workdir, a.layers)
+    print(f"artifact: {len(data) / 1e6:.0f} MB tar ({a.layers} layers, rank 16, 7 modules)  [{time.perf_counter() - t:.1f} s]")
+    from loraserve.inference.lora.host_tier import one_cpu_thread, pinned_bytes
+
+    allocs = [("plain", None)] + ([("pinned", pinned_bytes)] if torch.cuda.is_available() else [])
+    last = allocs[-1]
+    parse_once(tar, data, digest, None)  # warm-up (imports, first-touch)
+    for label, alloc in allocs:  # torch's threads as they are, then one_cpu_thread (LoRAManager's default)
+        parse_section(label, tar, data, digest, alloc, reps)
+        with one_cpu_thread():
+            parse_section(f"{label}, one_cpu_thread ({torch.get_num_threads()} thread)", tar, data, digest, alloc,
+                          reps)
+    with one_cpu_thread(), Spinner():
+        parse_section(f"{last[0]}, one_cpu_thread, a spinning Python thread", tar, data, digest, last[1], 1)
+    print(f"after the block: torch threads {torch.get_num_threads()}")
+    if not a.no_download:
+        try:
+            download_section(workdir, d, [1 << 20, 4 << 20] if not a.quick else [1 << 20], 1 if a.quick else 2)
+        except Exception as exc:  # noqa: BLE001 - the parse figures above still stand
+            print(f"download section failed: {type(exc).__name__}: {exc}")
+    _, text = parse_once(tar, data, digest, last[1], profile=True)
+    print(f"profile of one parse [{last[0]}, torch's threads] by own time:\n{text}", flush=True)
+    with Spinner():
+        parse_section(f"{last[0]}, a spinning Python thread", tar, data, digest, last[1], 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

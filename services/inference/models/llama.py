@@ -199,6 +199,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    tp = None  # TPGroup when this norm follows a row-parallel layer whose all-reduce it may fuse (tp/fused_norm.py)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -207,6 +209,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x) [N, H]; with a residual: (norm(x + residual), x + residual), the CUDA path in
         place (x and residual are overwritten, as vLLM's fused_add_rms_norm)."""
+        if residual is not None and self.tp is not None and self.tp.defers(x):   # x: a row-parallel partial
+            return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
         if _fused(x):
             from loraserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 
@@ -241,7 +245,7 @@ class Proj(nn.Linear):
 
     def _gemv_ok(self, x: torch.Tensor) -> bool:
         return (x.shape[0] <= GEMV_MAX_M and x.is_cuda and x.dtype == self.weight.dtype
-                and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1)
+                and x.stride(-1) == 1)
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This projection of silu(gate) * up, gate_up [N, 2I] (the MLP's down_proj); on the GEMV path
@@ -284,7 +288,7 @@ class Attention(nn.Module):
             q, k = rotary(positions, q, k)
             o = self.attend(q, k, v.contiguous())
         out = self.o_proj(o.reshape(-1, self.q_size))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return out if self.tp is None or self.tp.defers(out) else self.tp.all_reduce(out)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (N, KVH, D) in the paged cache and attend q (N, H, D) over it; a subclass changes
@@ -311,7 +315,7 @@ class MLP(nn.Module):
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             out = self.down_proj(F.silu(gate) * up)
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return out if self.tp is None or self.tp.defers(out) else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):

@@ -69,3 +69,39 @@ def test_builder_matches_the_per_token_loop(seed):
         assert src.tolist() == [prev_rows[s.seq_id] for s in owners]
     else:
         assert dst is None and src is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_table_rows_follow_the_lists_across_steps(seed):
+    """The persistent rows (BlockTableRows) over many steps of one builder: block lists grow, are replaced
+    (preemption: a new, shorter list), sequences finish and new ones take their rows, the table grows past
+    its first rows and width; every step's tables equal the padded lists."""
+    from loraserve.inference.sequence import SequenceStatus
+    from loraserve.inference.step_inputs import BlockTableRows
+
+    rng = random.Random(seed)
+    rows = BlockTableRows(PAD, rows=4, width=2)
+    live: list[Sequence] = []
+    next_block = iter(range(10**6))
+    for step in range(60):
+        for _ in range(rng.randint(0, 3)):                      # arrivals
+            s = Sequence(f"s{step}-{len(live)}", [1], SamplingParams())
+            s.block_table = [next(next_block) for _ in range(rng.randint(0, 3))]
+            live.append(s)
+        for s in list(live):
+            event = rng.random()
+            if event < 0.1:                                     # finished: its row may be reused
+                s.status = SequenceStatus.FINISHED
+                live.remove(s)
+            elif event < 0.2:                                   # preempted and re-admitted: a new list
+                s.block_table = [next(next_block) for _ in range(rng.randint(0, 2))]
+            elif event < 0.6:                                   # grew
+                s.block_table.extend(next(next_block) for _ in range(rng.randint(1, 4)))
+        batch = [s for s in live if rng.random() < 0.8]         # some sit a step out (waiting, skipped)
+        if not batch:
+            continue
+        lens = [len(s.block_table) for s in batch]
+        width = max(max(lens), 1)
+        got = rows.gather(batch, lens, width)
+        assert got.tolist() == [s.block_table + [PAD] * (width - len(s.block_table)) for s in batch]
+    assert rows.table.shape[0] > 4 and rows.table.shape[1] > 2    # it grew both ways

@@ -178,18 +178,25 @@ def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -
         for i, ids in enumerate(prompts.make(batch, prompt_len)):
             engine.add_request(f"p{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         hits0 = reused_blocks(engine)
+        engine.step_trace = []   # per step: host time to the launch, device time (CUDA events)
         torch.cuda.synchronize()
         t = time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
         torch.cuda.synchronize()
-        return time.perf_counter() - t, reused_blocks(engine) - hits0
+        dt = time.perf_counter() - t
+        trace, engine.step_trace = engine.step_trace, None
+        launched = [r for r in trace if r.events]
+        host = sum(r.launched_at - r.start for r in launched)
+        device = sum(r.events[0].elapsed_time(r.events[1]) / 1e3 for r in launched)
+        return dt, reused_blocks(engine) - hits0, host, device, len(trace)
 
     once("warm0")
     once("warm1")
     times = [once(f"run{i}") for i in range(3)]
-    dt = sorted(t for t, _ in times)[1]  # median of 3, each on fresh prompts
-    return {"tok_s": batch * prompt_len / dt, "s": dt, "prefix_hits": sum(h for _, h in times)}
+    dt, _, host, device, steps = sorted(times)[1]  # median of 3, each on fresh prompts
+    return {"tok_s": batch * prompt_len / dt, "s": dt, "prefix_hits": sum(r[1] for r in times),
+            "host_launch_s": host, "device_s": device, "steps": steps}
 
 
 def prefill_flops(args, batch: int, prompt_len: int) -> float:
@@ -216,8 +223,10 @@ def decode_step_bytes(engine, batch: int, mean_context: float) -> float:
 def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_batch: int) -> dict:
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda().eval()
-    out = {}
+    # HF at its best here: SDPA attention (flash / cuDNN kernels), bf16, one generate() per batch
+    model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16,
+                                                          attn_implementation="sdpa").cuda().eval()
+    out = {"hf_attn_implementation": model.config._attn_implementation, "transformers": transformers.__version__}
     for batch in (1, 64):
         gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=None)
         model.generate(torch.tensor(prompts.make(batch, prompt_len), device="cuda"), max_new_tokens=4, **gen)
@@ -283,18 +292,19 @@ def profile_steps(engine, prompts: Prompts, out_dir: str, loras=None) -> None:
     with open(os.path.join(out_dir, "profile_prefill.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs64.txt"))
+    profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs1.txt"), batch=1)
     if loras:
         profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs64_32lora.txt"), loras)
 
 
-def profile_decode(engine, prompts: Prompts, path: str, loras=None) -> None:
-    """torch.profiler tables of 10 decode steps at batch 64 (512-token prompts; loras cycled over them)."""
+def profile_decode(engine, prompts: Prompts, path: str, loras=None, batch: int = 64) -> None:
+    """torch.profiler tables of 10 decode steps at `batch` (512-token prompts; loras cycled over them)."""
     from torch.profiler import ProfilerActivity, profile
 
     from loraserve import SamplingParams
 
-    tag = "l" if loras else "d"
-    for i, ids in enumerate(prompts.make(64, 512)):
+    tag = f"l{batch}" if loras else f"d{batch}"
+    for i, ids in enumerate(prompts.make(batch, 512)):
         engine.add_request(f"prof-{tag}{i}", ids, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0),
                            None if not loras else loras[i % len(loras)])
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
@@ -343,6 +353,8 @@ def main() -> int:
 
     res = _Printing()
     res.update({"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len})
+    # the engine switches this run used (kernels/PERF_NOTES.md says what each does)
+    res["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}
     bw = copy_bandwidth()
     res["copy_bandwidth_GBps"] = bw / 1e9
     peak = gemm_peak()
@@ -372,6 +384,10 @@ def main() -> int:
     hits += r["prefix_hits"]
     res["loraserve_prefill_tok_s"] = r["tok_s"]
     flops = prefill_flops(engine.args, a.prefill_batch, 1024)
+    res["prefill_wall_ms"] = r["s"] * 1e3
+    res["prefill_device_ms"] = r["device_s"] * 1e3   # CUDA events around the launched steps
+    res["prefill_host_launch_ms"] = r["host_launch_s"] * 1e3
+    res["prefill_steps"] = r["steps"]
     res["prefill_TFLOPs"] = flops / r["s"] / 1e12
     res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
     if "hf_prefill_tok_s" in res:

@@ -94,8 +94,9 @@ def measure(engine, a, loras=None) -> dict:
         runs = [time_decode(engine, bs, a.prompt_len, a.steps, loras or [None], seed=10 * r + bs)
                 for r in range(a.repeats)]
         out[f"decode_bs{bs}_tok_s"] = statistics.median(runs)
-    out["prefill_tok_s"] = statistics.median(time_prefill(engine, a.prefill_batch, a.prefill_len, seed=r)
-                                             for r in range(a.repeats))
+    if not a.decode_only:
+        out["prefill_tok_s"] = statistics.median(time_prefill(engine, a.prefill_batch, a.prefill_len, seed=r)
+                                                 for r in range(a.repeats))
     cache = engine.runner.k_cache
     out["kv_blocks"] = engine.runner.num_blocks
     out["kv_blocks_per_gib"] = engine.runner.num_blocks / (2 * cache.numel() * cache.element_size() / 2**30)
@@ -190,20 +191,22 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
         if tag == "bf16":
             ref = all_logits()
         else:
-            # the engine's own dispatch: a teacher-forced chunk of ~80 tokens is prefill-sized, so on the GPU
-            # its GEMMs run W8A8 (_scaled_mm, activations rounded to e4m3 per token), as a served prompt's do
+            # the engine's own dispatch: a teacher-forced chunk of ~80 tokens is prefill-sized, so on the GPU a
+            # projection of >= W8A8_MIN_WEIGHTS runs W8A8 (_scaled_mm, activations rounded to e4m3 per token),
+            # as a served prompt's does; the default model's (128-wide) are all below it: weight-only
             res = _compare(all_logits(), ref, "")
-            # every GEMM weight-only (the FP8 GEMV that decode's steps take): the numerics of the generated
-            # tokens. Same engine; the path is chosen per call
-            old = os.environ.get("LORASERVE_FP8_GEMV_MAX_M")
-            os.environ["LORASERVE_FP8_GEMV_MAX_M"] = str(1 << 30)
-            try:
-                res.update(_compare(all_logits(), ref, "_w8a16"))
-            finally:
-                if old is None:
-                    os.environ.pop("LORASERVE_FP8_GEMV_MAX_M")
-                else:
-                    os.environ["LORASERVE_FP8_GEMV_MAX_M"] = old
+            # the same engine with every GEMM W8A8 where the GPU can (what an 8B model's prefill runs), then
+            # with every GEMM weight-only (what decode's steps of <= 32 tokens run); the path is chosen per call
+            for mode, suffix in (("on", "_w8a8"), ("off", "_w8a16")):
+                old = os.environ.get("LORASERVE_FP8_ACT_QUANT")
+                os.environ["LORASERVE_FP8_ACT_QUANT"] = mode
+                try:
+                    res.update(_compare(all_logits(), ref, suffix))
+                finally:
+                    if old is None:
+                        os.environ.pop("LORASERVE_FP8_ACT_QUANT")
+                    else:
+                        os.environ["LORASERVE_FP8_ACT_QUANT"] = old
         free(engine)
         engine = None
     return res
@@ -267,6 +270,7 @@ def main() -> int:
                     help="FP8 KV cache in the FP8 engine; auto: where models/fp8.py supports it on this device")
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
+    ap.add_argument("--decode-only", action="store_true", help="decode figures only (no prefill, no LoRA run)")
     ap.add_argument("--exclude-modules", default=None,
                     help="QuantConfig.exclude_modules, comma-separated patterns (e.g. 'model.layers.0.*')")
     a = ap.parse_args()
@@ -313,21 +317,23 @@ def main() -> int:
     print(f"bf16 done ({time.perf_counter() - t0:.0f} s): {res['bf16']}", flush=True)
     engine = build(path, quant, kw, lora_cfg)
     res["fp8"] = measure(engine, a)
-    reqs = register(engine, make_adapters(engine, a.adapters, a.rank, dora=False, seed=1), 1)
-    res["fp8_lora32_decode_tok_s"] = statistics.median(
-        time_decode(engine, a.batch, a.prompt_len, a.steps, reqs, seed=7 + r) for r in range(a.repeats))
+    if not a.decode_only:
+        reqs = register(engine, make_adapters(engine, a.adapters, a.rank, dora=False, seed=1), 1)
+        res["fp8_lora32_decode_tok_s"] = statistics.median(
+            time_decode(engine, a.batch, a.prompt_len, a.steps, reqs, seed=7 + r) for r in range(a.repeats))
     free(engine)
     engine = None
     print(f"fp8 done ({time.perf_counter() - t0:.0f} s): {res['fp8']}", flush=True)
     b, f = res["bf16"], res["fp8"]
     res["decode_bs1_speedup"] = f["decode_bs1_tok_s"] / b["decode_bs1_tok_s"]
     res[f"decode_bs{a.batch}_speedup"] = f[f"decode_bs{a.batch}_tok_s"] / b[f"decode_bs{a.batch}_tok_s"]
-    res["prefill_speedup"] = f["prefill_tok_s"] / b["prefill_tok_s"]
+    if not a.decode_only:
+        res["prefill_speedup"] = f["prefill_tok_s"] / b["prefill_tok_s"]
+        res["lora32_vs_nolora_fp8"] = res["fp8_lora32_decode_tok_s"] / f[f"decode_bs{a.batch}_tok_s"]
     # blocks each engine got with the same kv_cache_config (FP8 weights leave more memory; an FP8 KV
     # cache halves the bytes per block); kv_blocks_per_gib_ratio: per byte of cache alone
     res["kv_blocks_ratio"] = f["kv_blocks"] / b["kv_blocks"]
     res["kv_blocks_per_gib_ratio"] = f["kv_blocks_per_gib"] / b["kv_blocks_per_gib"]
-    res["lora32_vs_nolora_fp8"] = res["fp8_lora32_decode_tok_s"] / f[f"decode_bs{a.batch}_tok_s"]
     if not a.skip_quality:
         res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant, 2 if a.tiny else 16))
     res["wall_s"] = time.perf_counter() - t0

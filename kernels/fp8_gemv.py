@@ -97,7 +97,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, PREFETCH: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                         WAIT: tl.constexpr):
         pid_m = tl.program_id(0)   # fastest: the programs of one weight tile run side by side (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -123,6 +124,8 @@ if HAS_TRITON:
             else:
                 w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
                                  eviction_policy="evict_first")
+        if WAIT:   # launched as a programmatic dependent (gemv_pdl_on): x is the kernel before us's output
+            tl.extra.cuda.gdc_wait()
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             if PREFETCH:
@@ -171,7 +174,7 @@ if HAS_TRITON:
     def _fp8_gemv_groups_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm,
                                 stride_ym, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
                                 PREFETCH: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr):
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -197,6 +200,8 @@ if HAS_TRITON:
             n1 = _gemv_group_load(p1, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 2 else n0
             n2 = _gemv_group_load(p2, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
             n3 = _gemv_group_load(p3, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
+        if WAIT:   # as in _fp8_gemv_kernel: the first weight tiles may be in flight, x is not read yet
+            tl.extra.cuda.gdc_wait()
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             if PREFETCH:
@@ -255,7 +260,7 @@ if HAS_TRITON:
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                                x16_scale, xs_ptr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
                                F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                               BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -270,6 +275,8 @@ if HAS_TRITON:
         w_ptrs = w_ptr + safe_n[:, None] * K + (k_start + offs_k)[None, :]                          # [BN, BK]
         xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + offs_k)[:, None]    # [BK, BM]: x^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
+        if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
+            tl.extra.cuda.gdc_wait()
         for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
@@ -323,22 +330,23 @@ X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divide
 # Measured best per (M bucket, N, K): H200, final run 2026-11-30 12:13 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
 # timings; benchmarks/results/fp8_gemv_sweep_h200.json, kernels/PERF_NOTES.md); the 8B decode figures in
 # benchmarks/results/fp8_h200.json ran these configs. Buckets 2 and 8 take the measured 4 / 16 entries. Other
-# shapes (other models, tensor-parallel shards): heuristic_config. M = 64 is measured but _scaled_mm beat it,
-# so the default dispatch (models/fp8.py, LORASERVE_FP8_GEMV_MAX_M = 32) does not reach it.
+# shapes (other models, tensor-parallel shards): heuristic_config. Bucket 64 is W8A8 (dot8, x per token in e4m3,
+# the numerics of _scaled_mm): that sweep's dot8 rows, one layer's four GEMMs 96.1 us against _scaled_mm's 124.1
+# and bf16's 127.2 (the weight-only forms took 137).
 _LLAMA3_8B = {
     # (N, K): {M bucket: config}
     (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
                    16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
-                   64: ("dot16", 64, 128, 64, 8, 4, 3)},
+                   64: ("dot8", 64, 128, 128, 4, 4, 3, True)},
     (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
                    16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
-                   64: ("dot", 64, 64, 64, 4, 4, 3, True)},
+                   64: ("dot8", 64, 64, 128, 4, 4, 3)},
     (28672, 4096): {1: ("gemv2", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 1, 2, 3),
                     16: ("dot16", 16, 64, 128, 1, 2, 3), 32: ("dot16", 32, 64, 128, 2, 4, 3, True),
-                    64: ("dot", 64, 64, 64, 1, 4, 3)},
+                    64: ("dot8", 64, 64, 128, 1, 4, 3)},
     (4096, 14336): {1: ("gemv2", 1, 4, 512, 2, 4, 1, True), 4: ("dot16", 16, 64, 128, 8, 2, 3),
                     16: ("dot16", 16, 64, 128, 8, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
-                    64: ("dot16", 64, 64, 64, 8, 4, 3)},
+                    64: ("dot8", 64, 128, 128, 8, 4, 3, True)},
 }
 CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
     (m, n, k): cfg for (n, k), by_m in _LLAMA3_8B.items() for m, cfg in {**by_m, 2: by_m[4], 8: by_m[16]}.items()}
@@ -370,11 +378,15 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
     """For shapes the table lacks, from the H200 sweeps: M = 1 the CUDA-core GEMV with 4 x 512 weight tiles
     and no register prefetch (many small programs, more of them resident per SM; the prefetch cost 25-45%),
     M <= 32 the swap-AB tensor-core kernel on fp16 operands with 64-row weight tiles (at M = 4 it beat the
-    4-row GEMV by 2x and the bf16-operand form by 10-25%), above it the bf16-operand form (64 x 64)."""
+    4-row GEMV by 2x and the bf16-operand form by 10-25%), above it (M 33..64) W8A8 on FP8 tensor cores with
+    64 x 128 weight tiles (dot8: x per token in e4m3; it beat _scaled_mm and every weight-only form on all four
+    8B shapes at M = 64), and past 64 the bf16-operand form (64 x 64; the engine sends M > 64 to _scaled_mm)."""
     if M == 1:
         kind, bm, bn, bk, warps, stages = "gemv", 1, 4, 512, 4, 1
     elif M <= 32:
         kind, bm, bn, bk, warps, stages = "dot16", max(16, triton.next_power_of_2(M)), 64, 128, 4, 3
+    elif M <= 64:
+        kind, bm, bn, bk, warps, stages = "dot8", 64, 64, 128, 4, 3
     else:
         kind, bm, bn, bk, warps, stages = "dot", 64, 64, 64, 4, 3
     bk = min(bk, max(16, triton.next_power_of_2(K)))
@@ -405,14 +417,17 @@ def _load_env_configs() -> None:
     CONFIGS.update(table)
 
 
-def gemv_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
-    """The table's config for (M bucket, N, K), else the heuristic's."""
+def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False) -> GemvConfig:
+    """The table's config for (M bucket, N, K), else the heuristic's. weight_only: never dot8 (x stays in
+    bf16/fp16; where dot8 would serve, the bf16-operand tensor-core form with 64 x 64 tiles)."""
     if not _env_loaded:
         _load_env_configs()
-    cfg = CONFIGS.get((m_bucket(M), N, K))
-    if cfg is not None:   # any tile serves any M: the grid has cdiv(M, BLOCK_M) row tiles
-        return cfg
-    return heuristic_config(M, N, K, num_sms)
+    cfg = CONFIGS.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
+    # any tile serves any M: the grid has cdiv(M, BLOCK_M) row tiles
+    if weight_only and cfg[0] == "dot8":
+        bm, bk = max(16, triton.next_power_of_2(min(M, 64))), min(64, max(16, triton.next_power_of_2(K)))
+        cfg = ("dot", bm, 64, bk, auto_split("dot", bm, 64, bk, M, N, K, num_sms), 4, 3)
+    return cfg
 
 
 def _num_sms(device: torch.device) -> int:
@@ -422,6 +437,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 _PDL_OK: dict[int, bool] = {}
+
+
+def gemv_pdl_on() -> bool:
+    """LORASERVE_FP8_GEMV_PDL=1: launch the GEMV kernels as programmatic dependents (where pdl_supported);
+    off by default until an H200 run shows the gain."""
+    return os.environ.get("LORASERVE_FP8_GEMV_PDL", "0").strip() == "1"
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -447,16 +468,16 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, out: Tensor | None = None,
-             config: GemvConfig | None = None) -> Tensor:
+             config: GemvConfig | None = None, weight_only: bool = False) -> Tensor:
     """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype. One launch (+1 with split-K, +1
     for dot8's per-token quantization of x), no host sync. config: a GemvConfig (the sweep and tests force
-    one), None: gemv_config's."""
+    one), None: gemv_config's (weight_only: never the W8A8 dot8)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use fp8_gemv's reference, gemv_ref")
     M, N, K, out = check_gemm_args(x, w_q, w_scale, bias, out)
     if M == 0:
         return out
-    cfg = config or gemv_config(M, N, K, _num_sms(x.device))
+    cfg = config or gemv_config(M, N, K, _num_sms(x.device), weight_only)
     kind, bm, bn, bk, split, warps, stages = cfg[:7]
     assert kind in KINDS and (kind != "gemv" or bm in (1, 2, 4)) and (kind[:4] != "gemv" or kind == "gemv" or bm == 1), \
         f"bad config {config}"
@@ -469,25 +490,29 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     # PDL (config[7]): the split-K sum launched as a programmatic dependent of the GEMV (its launch overlaps
     # the GEMV's tail), where this Triton and GPU take it (pdl_supported); else the plain second launch
     pdl = bool(len(cfg) > 7 and cfg[7]) and split > 1 and pdl_supported(x.device)
+    # gemv_pdl_on: the GEMV itself launched as a programmatic dependent of the kernel before it (its launch and
+    # set-up overlap that kernel's tail; it waits in-kernel before reading x)
+    wait = gemv_pdl_on() and pdl_supported(x.device)
     flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 PDL=pdl)
+                 PDL=pdl, WAIT=wait)
+    launch = {"launch_pdl": True} if wait else {}
     if kind == "gemv":   # stages: register buffers of weight tiles (2: prefetch the next); Triton's own stay 1
-        _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1)
+        _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1, **launch)
     elif kind in ("gemv2", "gemv4"):   # one x row per program, 2 / 4 groups of BLOCK_N weight rows
         groups = int(kind[-1])
         flags.pop("BLOCK_M")
         _fp8_gemv_groups_kernel[(M, triton.cdiv(N, groups * bn), split)](
-            *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1)
+            *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1, **launch)
     elif kind == "dot8":   # W8A8: x quantized per token (one launch), then FP8 x FP8 tensor cores
         from .fp8_gemm import per_token_quant_fp8
 
         x_q, x_scale = per_token_quant_fp8(x)
         args = (x_q, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x_q.stride(0), out.stride(0))
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, **flags, F16=False, FP8X=True, num_warps=warps,
-                                     num_stages=stages)
+                                     num_stages=stages, **launch)
     else:
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, **flags, F16=kind == "dot16", FP8X=False,
-                                     num_warps=warps, num_stages=stages)
+                                     num_warps=warps, num_stages=stages, **launch)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),

@@ -102,25 +102,56 @@ def test_env_config_table(tmp_path, monkeypatch) -> None:
 
 def test_dispatch_gemv(monkeypatch) -> None:
     """fp8_linear's choice from (device, M, env): CPU always dequantizes; on CUDA (sm >= 89) M <=
-    LORASERVE_FP8_GEMV_MAX_M takes the GEMV, above it _scaled_mm; a bad value is a clear error."""
+    LORASERVE_FP8_GEMV_MAX_M takes the GEMV kernels, above it _scaled_mm, except projections below
+    W8A8_MIN_WEIGHTS (LORASERVE_FP8_ACT_QUANT=auto), which stay weight-only at every M; bad values are clear errors."""
     from loraserve.inference.models import fp8
 
-    w = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
-    assert fp8.gemm_path(torch.zeros(1, 64), w) == "dequant"
+    small = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
+    big = torch.zeros(1024, fp8.W8A8_MIN_WEIGHTS // 1024, dtype=torch.float8_e4m3fn)
+    assert fp8.gemm_path(torch.zeros(1, 64), small) == "dequant"
     monkeypatch.delenv("LORASERVE_FP8_GEMV_MAX_M", raising=False)
-    assert fp8.gemv_max_m() == fp8.DEFAULT_GEMV_MAX_M
+    monkeypatch.delenv("LORASERVE_FP8_ACT_QUANT", raising=False)
+    assert fp8.gemv_max_m() == fp8.DEFAULT_GEMV_MAX_M == 64
+    assert fp8.act_quant_mode() == "auto"
+    assert fp8.activations_quantized(big) and not fp8.activations_quantized(small)
+    monkeypatch.setenv("LORASERVE_FP8_ACT_QUANT", "on")
+    assert fp8.activations_quantized(small)
+    monkeypatch.setenv("LORASERVE_FP8_ACT_QUANT", "off")
+    assert not fp8.activations_quantized(big)
+    monkeypatch.setenv("LORASERVE_FP8_ACT_QUANT", "sometimes")
+    with pytest.raises(ValueError, match="LORASERVE_FP8_ACT_QUANT"):
+        fp8.act_quant_mode()
+    monkeypatch.delenv("LORASERVE_FP8_ACT_QUANT")
     monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "0")
     assert fp8.gemv_max_m() == 0
     monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "lots")
     with pytest.raises(ValueError, match="LORASERVE_FP8_GEMV_MAX_M"):
         fp8.gemv_max_m()
     if torch.cuda.is_available() and triton_available() and torch.cuda.get_device_capability() >= (8, 9):
-        wc = w.cuda()
+        wc, bc = small.cuda(), big.cuda()
+        def x(m: int, w: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(m, w.shape[1], dtype=torch.bfloat16, device="cuda")
+
         monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "16")
-        assert fp8.gemm_path(torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda"), wc) == "gemv"
-        assert fp8.gemm_path(torch.zeros(17, 64, dtype=torch.bfloat16, device="cuda"), wc) == "scaled_mm"
+        assert fp8.gemm_path(x(16, bc), bc) == "gemv" and fp8.gemm_path(x(17, bc), bc) == "scaled_mm"
+        assert fp8.gemm_path(x(4096, wc), wc) == "gemv"   # small: weight-only at every M
         monkeypatch.setenv("LORASERVE_FP8_GEMV_MAX_M", "0")
-        assert fp8.gemm_path(torch.zeros(1, 64, dtype=torch.bfloat16, device="cuda"), wc) == "scaled_mm"
+        assert fp8.gemm_path(x(1, bc), bc) == "scaled_mm"
+        monkeypatch.setenv("LORASERVE_FP8_ACT_QUANT", "on")
+        assert fp8.gemm_path(x(17, wc), wc) == "scaled_mm"
+
+
+def test_weight_only_config_never_dot8() -> None:
+    """gemv_config(weight_only=True) keeps x unquantized where the table's bucket-64 entry is W8A8 (dot8)."""
+    if not triton_available():
+        pytest.skip("triton not installed")
+    from loraserve.kernels import fp8_gemv as fg
+
+    for m in (33, 64, 100, 2048):
+        for n, k in ((6144, 4096), (4096, 14336), (256, 128)):
+            cfg = fg.gemv_config(m, n, k, 132, weight_only=True)
+            assert cfg[0] != "dot8" and k >= cfg[4] * cfg[3], (m, n, k, cfg)
+    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "dot8"   # the default at bucket 64
 
 
 def _gpu_fp8() -> bool:
@@ -155,10 +186,14 @@ def test_gemv_gpu_forced_configs(config) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,config", [(1, None), (4, None), (64, None), (1, ("gemv", 1, 4, 512, 4, 4, 1, True)),
                                       (64, ("dot16", 64, 64, 64, 8, 4, 3, True))])
-def test_gemv_cuda_graph_replay(m, config) -> None:
+@pytest.mark.parametrize("gemv_pdl", ["0", "1"])
+def test_gemv_cuda_graph_replay(m, config, gemv_pdl, monkeypatch) -> None:
     """Captured in a CUDA graph (workspace allocated in the graph's pool), replay equals eager bit for bit;
-    also with the split-K sum as a programmatic dependent launch (config[7])."""
+    also with the split-K sum as a programmatic dependent launch (config[7]) and with the GEMV itself launched
+    as one (LORASERVE_FP8_GEMV_PDL=1)."""
     from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_PDL", gemv_pdl)
 
     w_q, w_scale = cases.make_weight(4096, 14336, 0, "cuda")
     x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
@@ -192,6 +227,9 @@ def test_fp8_linear_gemv_path_gpu(m, monkeypatch) -> None:
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     assert fp8.gemm_path(x, w_q) == "gemv"
     y = fp8.fp8_linear(x, w_q, w_scale, None).float()
+    if m > 32:   # the table's W8A8 bucket (dot8): x rounded per token as _scaled_mm's path rounds it
+        x_q, x_s = cases.per_token_quant_fp8(x)
+        x = x_q.float() * x_s
     ref = x.float() @ (w_q.float() * w_scale[:, None]).t()
     assert float((y - ref).norm() / ref.norm()) < 1e-2
     assert not fp8._BROKEN, fp8._BROKEN
@@ -236,7 +274,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
                  ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3), ("dot8", 64, 128, 128, True, 4, 3)}
     for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
         constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                      "PDL": use_ws and kind == "dot"}   # the dependent-launch trigger on a few
+                      "PDL": use_ws and kind == "dot",   # the dependent-launch trigger on a few
+                      "WAIT": not use_ws}   # and the in-kernel wait of a GEMV launched as a dependent on others
         fn = {"gemv": fg._fp8_gemv_kernel, "gemv2": fg._fp8_gemv_groups_kernel,
               "gemv4": fg._fp8_gemv_groups_kernel}.get(kind, fg._fp8_skinny_dot_kernel)
         if kind.startswith("gemv"):
@@ -252,7 +291,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         src = ASTSource(fn=fn, signature={**base, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps, num_stages=1 if kind.startswith("gemv") else stages))
+                                options=dict(num_warps=warps, num_stages=1 if kind.startswith("gemv") else stages,
+                                             launch_pdl=constexprs["WAIT"]))
         cubin = tmp_path / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
         usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
@@ -266,6 +306,7 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         assert re.search(r"ld\.global[\w:.]*\.v4" if kind.startswith("gemv") else r"cp\.async\.c[ag]\.shared\.global",
                          ptx), kind
         assert not constexprs["PDL"] or "griddepcontrol.launch_dependents" in ptx
+        assert ("griddepcontrol.wait" in ptx) == constexprs["WAIT"]
         # dot16 scales x by 2^-4 in fp32 before rounding to fp16; a constant scale was moved after the rounding
         # by Triton (mul.f16x2: overflow for |x| > 65504), hence the runtime argument
         assert kind != "dot16" or "mul.f16x2" not in ptx

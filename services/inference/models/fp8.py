@@ -91,10 +91,30 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 # activations times e4m3 weights dequantized in registers. Off by default: measured slower than bf16 on
 # the H200 (module docstring); LORASERVE_FP8_SMALL_M=64 turns it on for tuning runs.
 DEFAULT_SMALL_M = 0
-# Decode-sized GEMMs (M <= this many tokens) take the weight-only FP8 GEMV (kernels/fp8_gemv.py), which
-# streams e4m3 weights without quantizing x; larger M the FP8 tensor cores (_scaled_mm). 32: where the
-# GEMV's layer total stopped beating _scaled_mm on the H200 (module docstring).
-DEFAULT_GEMV_MAX_M = 32
+# Decode-sized GEMMs (M <= this many tokens) take the FP8 GEMV kernels (kernels/fp8_gemv.py, the measured tile
+# per M bucket: weight-only up to 32 tokens, W8A8 `dot8` at 33..64), larger M the FP8 tensor cores (_scaled_mm).
+# 64: at M = 64 dot8 beat _scaled_mm on every 8B projection on the H200 (96 vs 124 us per layer).
+DEFAULT_GEMV_MAX_M = 64
+# W8A8 (activations rounded to e4m3 per token) only for projections of at least this many weights: below it
+# (a 1024 x 1024 projection) the FP8 tensor cores save next to nothing at any M, while the rounding of x costs
+# accuracy (the 128-wide default model: top-1 vs bf16 97.7% weight-only, 95.9% W8A8, CPU bf16 emulation), so
+# small GEMMs keep x in the compute dtype. LORASERVE_FP8_ACT_QUANT=on / off: W8A8 wherever the GPU can / never.
+W8A8_MIN_WEIGHTS = 1 << 20
+
+
+def act_quant_mode() -> str:
+    """LORASERVE_FP8_ACT_QUANT: 'auto' (default: W8A8 for projections of >= W8A8_MIN_WEIGHTS weights at the M
+    where the FP8 tensor cores pay), 'on' (W8A8 for every projection the GPU can), 'off' (weight-only at every M)."""
+    mode = os.environ.get("LORASERVE_FP8_ACT_QUANT", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"LORASERVE_FP8_ACT_QUANT must be auto, on or off, got {mode!r}")
+    return mode
+
+
+def activations_quantized(w_q: torch.Tensor) -> bool:
+    """Whether a GEMM with this weight may round its activations to e4m3 (act_quant_mode)."""
+    mode = act_quant_mode()
+    return mode == "on" or (mode == "auto" and w_q.numel() >= W8A8_MIN_WEIGHTS)
 
 
 def small_m_limit() -> int:
@@ -137,17 +157,20 @@ def gemv_max_m() -> int:
 
 
 def gemm_path(x: torch.Tensor, w_q: torch.Tensor) -> str:
-    """Which GEMM fp8_linear runs for x [M, in] and w_q [out, in]: 'gemv' (Triton weight-only GEMV,
-    sm >= 89, bf16/fp16 x, M <= LORASERVE_FP8_GEMV_MAX_M), 'w8a16' (the older Triton W8A16 GEMM, opt-in
-    through LORASERVE_FP8_SMALL_M), 'scaled_mm' (FP8 tensor cores, W8A8), or 'dequant' (CPU and older
-    GPUs: F.linear on the dequantized weight, or the W8A8 emulation when EMULATE_ACTIVATION_QUANT)."""
+    """Which GEMM fp8_linear runs for x [M, in] and w_q [out, in]: 'gemv' (Triton FP8 GEMV kernels, sm >= 89,
+    bf16/fp16 x, M <= LORASERVE_FP8_GEMV_MAX_M; also any M of a projection that keeps x unquantized,
+    activations_quantized), 'w8a16' (the older Triton W8A16 GEMM, opt-in through LORASERVE_FP8_SMALL_M),
+    'scaled_mm' (FP8 tensor cores, W8A8), or 'dequant' (CPU and older GPUs: F.linear on the dequantized
+    weight, or the W8A8 emulation when EMULATE_ACTIVATION_QUANT)."""
     if not _scaled_mm_ok(x, w_q):
         return "dequant"
     if x.dtype in (torch.bfloat16, torch.float16) and _triton_cuda(x):
-        if x.shape[0] <= gemv_max_m() and "gemv" not in _BROKEN:
+        if (x.shape[0] <= gemv_max_m() or not activations_quantized(w_q)) and "gemv" not in _BROKEN:
             return "gemv"
         if x.shape[0] <= small_m_limit() and "w8a16" not in _BROKEN:
             return "w8a16"
+    if not activations_quantized(w_q):
+        return "dequant"
     return "scaled_mm"
 
 
@@ -178,10 +201,11 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         from loraserve.kernels.fp8_gemv import fp8_gemv
 
         try:
-            return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), w_q, w_scale, bias)
+            return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), w_q, w_scale, bias,
+                            weight_only=not activations_quantized(w_q))
         except Exception as err:   # a compile error (first call, eager warm-up): the W8A8 path instead
             _triton_failed("gemv", err)
-            path = "scaled_mm"
+            path = "scaled_mm" if activations_quantized(w_q) else "dequant"
     if path == "w8a16":
         from loraserve.kernels.fp8_gemm import fp8_w8a16_gemm
 

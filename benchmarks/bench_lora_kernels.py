@@ -142,6 +142,7 @@ class Case:
             lora_meta.LORA_PDL = bool(v.get("pdl", False))
             lora_meta.LORA_BGMV = bool(v.get("bgmv", False))
             lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead")
+            lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead")
             stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
@@ -361,9 +362,10 @@ def main() -> None:
     ap.add_argument("--variants", default="classic,stream",
                     help="with --compare: comma-separated lora_variants.VARIANTS, the first is the reference")
     ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
+    ap.add_argument("--sweep-bgmv", action="store_true", help="BGMV shrink / expand prefetch knobs (layer case)")
     ap.add_argument("--sweep-budget", type=float, default=None, help="seconds for each --sweep-* (then stop)")
     args = ap.parse_args()
-    from benchmarks.lora_variants import compare, sweep_onelaunch, sweep_stream   # --compare / sweeps
+    from benchmarks.lora_variants import compare, sweep_bgmv, sweep_onelaunch, sweep_stream   # --compare / sweeps
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
 
@@ -378,6 +380,8 @@ def main() -> None:
                 sweep_stream(smoke=True, budget_s=args.sweep_budget)
             if args.sweep_onelaunch:
                 sweep_onelaunch(smoke=True, budget_s=args.sweep_budget)
+            if args.sweep_bgmv:
+                sweep_bgmv(smoke=True, budget_s=args.sweep_budget)
             return
         table(float("nan"), smoke=True)
         return
@@ -392,9 +396,14 @@ def main() -> None:
             sweep_onelaunch(budget_s=args.sweep_budget)
         if args.sweep_stream:
             sweep_stream(budget_s=args.sweep_budget)
+        if args.sweep_bgmv:
+            sweep_bgmv(budget_s=args.sweep_budget)
         return
     if args.sweep_onelaunch and args.only_sweeps:
         sweep_onelaunch(budget_s=args.sweep_budget)
+        return
+    if args.sweep_bgmv and args.only_sweeps:
+        sweep_bgmv(budget_s=args.sweep_budget)
         return
     if args.sweep_stream and args.only_sweeps:
         sweep_stream(budget_s=args.sweep_budget)

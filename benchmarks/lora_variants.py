@@ -13,6 +13,8 @@ defaults set them):
              the default is now pdl with 3 ahead at decode-like tiles
   bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
              pdl_nobgmv: the same with the BGMV shrink off
+  ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
+             bgmv_ya2, bgmv_ya3: with the BGMV shrink too; bgmv_ya3_a4: and 4 B blocks ahead
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -34,7 +36,8 @@ _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply
 DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_ENABLED,
                fused=_apply_module.FUSED_ENABLED, pdl=lora_meta.LORA_PDL,
                onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS,
-               b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV)
+               b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV,
+               y_ahead=lora_expand_stream.STREAM_Y_AHEAD)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -49,6 +52,11 @@ VARIANTS = {
     "pdl_a3": dict(stream=True, pdl=True, b_ahead=3),
     "pdl_nobgmv": dict(stream=True, pdl=True),  # the default before the BGMV shrink
     "bgmv": dict(stream=True, pdl=True, bgmv=True),  # + BGMV shrink (lora_shrink_bgmv.py) at <= 256 tokens
+    "ya2": dict(stream=True, pdl=True, y_ahead=2),  # y blocks 2 ahead in the streaming expand (was 1)
+    "ya3": dict(stream=True, pdl=True, y_ahead=3),
+    "bgmv_ya2": dict(stream=True, pdl=True, bgmv=True, y_ahead=2),
+    "bgmv_ya3": dict(stream=True, pdl=True, bgmv=True, y_ahead=3),
+    "bgmv_ya3_a4": dict(stream=True, pdl=True, bgmv=True, y_ahead=3, b_ahead=4),
 }
 
 
@@ -264,4 +272,52 @@ def sweep_stream(smoke: bool = False, budget_s: float | None = None) -> None:
             except Exception as exc:  # noqa: BLE001 - a config that does not compile: report, go on
                 cells.append(f"sk{sk}/bk{bk}/st{st}=ERR({type(exc).__name__})")
         print(f"{label} {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        del c
+
+
+def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
+    """BGMV shrink and streaming-expand prefetch knobs, each kernel alone (us per projection), on
+    the 64-token / 32-adapter / rank-16 layer case: shrink BLOCK_K x warps (SPLIT_K = H / BLOCK_K),
+    then the expand from that shrink's partials at B/y blocks ahead x programs per SM. Stops
+    starting new rows after budget_s seconds."""
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
+    from loraserve.kernels.lora_shrink_bgmv import lora_shrink_bgmv
+
+    print("\nsweep-bgmv: layer case, rank 16, us per projection; shr kK/wW = BLOCK_K, warps; "
+          "exp bB/yY/pP = B blocks ahead, y blocks ahead, programs per SM", flush=True)
+    t0 = time.perf_counter()
+    for proj in ("gate_up", "down", "qkv", "o"):
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            print(f"sweep-bgmv: budget of {budget_s:.0f} s spent; rows left out from {proj}", flush=True)
+            break
+        c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, 32, 64)
+        c.use_variant(VARIANTS["bgmv"])
+        c.calls("shrink_only")[0]()  # real partials in the workspace for the expand rows
+        SK, S, T_, R = c.ws.shape
+        cells = [f"shr default(SK{SK})={c.time('shrink_only'):.1f}"]
+        for bk, w in ((256, 4), (512, 4), (512, 8), (1024, 8), (1024, 4), (2048, 8)):
+            if smoke:
+                bk = min(bk, 32)
+            ws = torch.empty(-(-c.H // bk), S, T_, R, device=c.x.device)
+            cfg = dict(BLOCK_K=bk, num_warps=w)
+            calls = [lambda a=c.ab(i)[0], ws=ws, cfg=cfg: lora_shrink_bgmv(c.x, a, c.meta, c.ranks, ws, config=cfg)
+                     for i in range(c.num_sets)]
+            try:
+                cells.append(f"k{bk}/w{w}={_time_calls(c, calls):.1f}")
+            except Exception as exc:  # noqa: BLE001 - report, go on
+                cells.append(f"k{bk}/w{w}=ERR({type(exc).__name__})")
+        cells.append(f"| exp default={c.time('expand_only'):.1f}")
+        for ba, ya, per_sm in ((3, 1, 4), (2, 2, 4), (3, 2, 4), (3, 3, 4), (4, 2, 4), (4, 3, 4), (3, 2, 3),
+                               (3, 3, 2), (3, 2, 6)):
+            base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
+            blocks = -(-c.N // base["BLOCK_N"])
+            groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
+            cfg = dict(base, COLS_PER_PROG=-(-blocks // groups) * base["BLOCK_N"], B_AHEAD=ba, Y_AHEAD=ya)
+            key = f"b{ba}/y{ya}/p{per_sm}"
+            try:
+                cells.append(f"{key}={c.time('expand_only', cfg=cfg):.1f}")
+            except Exception as exc:  # noqa: BLE001 - report, go on
+                cells.append(f"{key}=ERR({type(exc).__name__})")
+        print(f"layer {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        c.use_variant(DEFAULT)
         del c

@@ -58,7 +58,7 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, EVEN_R: tl.constexpr,
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2,
+        USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
     ):
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
@@ -103,15 +103,28 @@ if HAS_TRITON:
         b_cur = tl.load(b_rows + offs_n[:, None] * stride_bn, mask=(offs_n < col_end)[:, None] & b_mask_r, other=0.0)
         offs_n1 = offs_n + BLOCK_N
         b_nxt = tl.load(b_rows + offs_n1[:, None] * stride_bn, mask=(offs_n1 < col_end)[:, None] & b_mask_r, other=0.0)
-        if B_AHEAD == 3:  # a third block in flight: more bytes per program (Little's law, PERF_NOTES)
+        if B_AHEAD >= 3:  # a third block in flight: more bytes per program (Little's law, PERF_NOTES)
             offs_n2 = offs_n + 2 * BLOCK_N
             b_n2 = tl.load(b_rows + offs_n2[:, None] * stride_bn, mask=(offs_n2 < col_end)[:, None] & b_mask_r,
+                           other=0.0)
+        if B_AHEAD == 4:
+            offs_n3 = offs_n + 3 * BLOCK_N
+            b_n3 = tl.load(b_rows + offs_n3[:, None] * stride_bn, mask=(offs_n3 < col_end)[:, None] & b_mask_r,
                            other=0.0)
         y_rows = y_ptr + tok[:, None] * stride_ym
         if USE_PDL:  # launched early (programmatic dependent launch): B and the metadata are older
             tl.extra.cuda.gdc_wait()  # than the kernel before us; y and the partials are not
         y_cur = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=row_ok[:, None] & (offs_n < col_end)[None, :],
                         other=0.0)
+        # y ahead too: with y one block ahead each iteration waits a whole DRAM round trip for its y
+        # block (one y load in flight per program bounds the loop at one block per latency).
+        if Y_AHEAD >= 2:
+            y_n1 = tl.load(y_rows + offs_n1[None, :] * stride_yn, mask=row_ok[:, None] & (offs_n1 < col_end)[None, :],
+                           other=0.0)
+        if Y_AHEAD == 3:
+            offs_y2 = offs_n + 2 * BLOCK_N
+            y_n2 = tl.load(y_rows + offs_y2[None, :] * stride_yn, mask=row_ok[:, None] & (offs_y2 < col_end)[None, :],
+                           other=0.0)
 
         # h_s = sum of the split-K partials of slice s: every slice's chunk issued before any sum.
         h_mask = row_ok[:, None] & (offs_r < rank)[None, :]
@@ -154,9 +167,9 @@ if HAS_TRITON:
             offs_nn = offs_n + B_AHEAD * BLOCK_N
             b_nn = tl.load(b_rows + offs_nn[:, None] * stride_bn, mask=(offs_nn < col_end)[:, None] & b_mask_r,
                            other=0.0)
-            offs_n1 = offs_n + BLOCK_N
-            y_nxt = tl.load(y_rows + offs_n1[None, :] * stride_yn,
-                            mask=row_ok[:, None] & (offs_n1 < col_end)[None, :], other=0.0)
+            offs_yn = offs_n + Y_AHEAD * BLOCK_N
+            y_nn = tl.load(y_rows + offs_yn[None, :] * stride_yn,
+                           mask=row_ok[:, None] & (offs_yn < col_end)[None, :], other=0.0)
             btt = tl.trans(b_cur)
             if IEEE:
                 acc = tl.dot(h0, btt, input_precision="ieee")
@@ -183,12 +196,24 @@ if HAS_TRITON:
                     out = out + c[None, :]
             tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(y_cur.dtype), mask=row_ok[:, None] & n_ok[None, :])
             b_cur = b_nxt
-            if B_AHEAD == 3:
+            if B_AHEAD == 4:
+                b_nxt = b_n2
+                b_n2 = b_n3
+                b_n3 = b_nn
+            elif B_AHEAD == 3:
                 b_nxt = b_n2
                 b_n2 = b_nn
             else:
                 b_nxt = b_nn
-            y_cur = y_nxt
+            if Y_AHEAD == 3:
+                y_cur = y_n1
+                y_n1 = y_n2
+                y_n2 = y_nn
+            elif Y_AHEAD == 2:
+                y_cur = y_n1
+                y_n1 = y_nn
+            else:
+                y_cur = y_nn
 
 
 STREAM_MAX_SLICES = 3
@@ -199,6 +224,8 @@ STREAM_PROGRAMS_PER_SM = 4  # grid target; ~5 fit per SM at <= 96 registers x 4 
 # Measured on an H200 (with PDL, 64 tokens / 32 adapters / rank 16): 3 ahead took the layer from
 # 60.5 to 57.7 us (gate_up 24.3 -> 22.5), 1 token unchanged; larger tiles / ranks not measured.
 STREAM_B_AHEAD: int | None = None
+# y blocks in flight per expand program (1-3); None: the code's rule (stream_expand_config).
+STREAM_Y_AHEAD: int | None = None
 
 
 def stream_applies(num_slices: int, rank: int) -> bool:
@@ -234,7 +261,7 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     # (3 slices at 3 ahead spilled 8 bytes in the sm_90 offline compile with the DoRA epilogue)
     b_ahead = STREAM_B_AHEAD or (3 if block_m <= 16 and block_r <= 32 and num_slices <= 2 else 2)
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
-                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead)
+                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead, Y_AHEAD=STREAM_Y_AHEAD or 1)
 
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -259,6 +286,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        B_AHEAD=cfg.get("B_AHEAD", 2), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
+        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
     )
     return y

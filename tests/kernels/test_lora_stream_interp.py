@@ -74,3 +74,12 @@ def test_lora_apply_stream_rank64_partials(interp, num_tokens) -> None:
 
 def test_stream_shrink_split_k_partials(interp) -> None:
     _run(interp, cases.check_stream_shrink_split, "float32", 1024, 16, [40, 24], 24, 4, "distinct")
+
+
+@pytest.mark.parametrize("b_ahead,y_ahead", [(2, 2), (3, 3), (4, 1), (4, 3)])
+@pytest.mark.parametrize("num_slices", [1, 3])
+def test_stream_expand_prefetch_depths(interp, b_ahead, y_ahead, num_slices) -> None:
+    # one program walks all 3 blocks (the last ragged): every prefetch depth reaches past col_end.
+    _run(interp, cases.check_stream_expand, "float32", 32, 16, WIDTHS[num_slices], num_tokens=24, num_slots=5,
+         composition="no-adapter-rows", split_k=3, with_scale=num_slices == 3,
+         config={"BLOCK_N": 32, "COLS_PER_PROG": 128, "B_AHEAD": b_ahead, "Y_AHEAD": y_ahead})

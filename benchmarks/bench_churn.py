@@ -16,6 +16,8 @@ only the first `slots` of it (DeviceTier.limit_slots), so the KV cache, CUDA gra
 are the same in every run. Slots are max_lora_rank wide (no per-rank packing yet), so "64 rank-16
 adapters by memory" is 64 * 16 / max_lora_rank slots. Adapters are random tensors made on the
 device and staged into pinned host memory directly (no disk round trip); the host tier holds all.
+GPU defaults: 1000 adapters, 256 requests per run (256-token prompts, 64 output tokens) at
+concurrency 64 (the H200 run of 512 x 128 did not finish within 300 s with everything else).
 
     python3 benchmarks/bench_churn.py --json benchmarks/results/churn_h200.json      # GPU, 8B shape
     python3 benchmarks/bench_churn.py --tiny --json /tmp/churn.json                  # CPU, tiny model
@@ -52,13 +54,21 @@ def random_adapter(shapes: dict[str, tuple[int, int]], modules, num_layers: int,
 
     g = torch.Generator(device=device).manual_seed(seed)
     weights = {}
+    # ONE (pinned, on CUDA) host block per adapter, as a file read into pinned memory gives: the
+    # manager stages it as it is (no second copy) and 1000 adapters cost 1000 pinned allocations, not 5000
+    sizes = [num_layers * rank * sum(shapes[m]) for m in modules]
+    host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+    offset = 0
     for m in modules:
         fan_in, fan_out = shapes[m]
         a = torch.randn(num_layers, rank, fan_in, generator=g, device=device, dtype=torch.float32) / fan_in ** 0.5
         b = torch.randn(num_layers, fan_out, rank, generator=g, device=device, dtype=torch.float32) * 0.01
-        pin = device.type == "cuda"
-        a_host = torch.empty(a.shape, dtype=dtype, pin_memory=pin).copy_(a.to(dtype))
-        b_host = torch.empty(b.shape, dtype=dtype, pin_memory=pin).copy_(b.to(dtype))
+        a_host = host[offset:offset + a.numel()].view(a.shape)       # [layers, r, in]
+        offset += a.numel()
+        b_host = host[offset:offset + b.numel()].view(b.shape)       # [layers, out, r]
+        offset += b.numel()
+        a_host.copy_(a.to(dtype))
+        b_host.copy_(b.to(dtype))
         for layer in range(num_layers):
             weights[(layer, m)] = (a_host[layer], b_host[layer])
     return LoraAdapter(format="hf", rank=rank, alpha=float(rank), use_rslora=False, target_modules=sorted(modules),
@@ -239,18 +249,18 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (a check of the flow)")
     ap.add_argument("--smoke", action="store_true", help="--tiny with fewer adapters/requests (seconds)")
     ap.add_argument("--cold-layers", type=int,
-                    help="layers of the model-free cold-path breakdown at the 8B shape (32, an 84 MB adapter; "
-                         "tiny 2; 0: skip)")
+                    help="layers of the model-free cold-path breakdown at the 8B shape (32: an 84 MB adapter; "
+                         "default 0: skip, benchmarks/cold_path.py and cold_diag.py give it; tiny 2)")
     ap.add_argument("--skip-churn", action="store_true", help="only the cold-adapter figures")
     ap.add_argument("--registry-thread", action="store_true",
                     help="the registry as a thread of this process (default: its own process, as deployed)")
     ap.add_argument("--model", help="an existing checkpoint dir (default: build one: 8B shape, or tiny)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--adapters", type=int, help="distinct adapters in the churn run (1000; tiny 40)")
-    ap.add_argument("--requests", type=int, help="requests per run (512; tiny 48)")
+    ap.add_argument("--requests", type=int, help="requests per run (256; tiny 48)")
     ap.add_argument("--concurrency", type=int, help="in flight (64; tiny 8)")
     ap.add_argument("--input-len", type=int, help="prompt tokens (256; tiny 24)")
-    ap.add_argument("--output-len", type=int, help="output tokens (128; tiny 12)")
+    ap.add_argument("--output-len", type=int, help="output tokens (64; tiny 12)")
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--tier-adapters", type=int, help="GPU tier sized for this many rank-16 adapters (64; tiny 16)")
     ap.add_argument("--cold", type=int, default=3, help="cold adapters timed (median reported)")
@@ -262,15 +272,16 @@ def main() -> int:
         args.adapters, args.requests, args.cold = args.adapters or 12, args.requests or 16, min(args.cold, 2)
         args.output_len = args.output_len or 6
     n_adapters = args.adapters or (40 if tiny else 1000)
-    n_req = args.requests or (48 if tiny else 512)
+    n_req = args.requests or (48 if tiny else 256)
     conc = args.concurrency or (8 if tiny else 64)
     in_len = args.input_len or (24 if tiny else 256)
-    out_len = args.output_len or (12 if tiny else 128)
+    out_len = args.output_len or (12 if tiny else 64)
     device, dtype = ("cpu", "float32") if tiny else ("cuda", "bfloat16")
 
     from loraserve import LLM, LoraConfig, PeftCacheConfig
 
     workdir = tempfile.mkdtemp(prefix="bench-churn-")
+    t_start = time.perf_counter()
     model_dir = args.model
     if model_dir is None:
         model_dir = os.path.join(workdir, "model")
@@ -281,10 +292,11 @@ def main() -> int:
             from benchmarks.bench_engine import build_checkpoint
             build_checkpoint(model_dir, args.layers)
         free_memory()
+        print(f"checkpoint built  [{time.perf_counter() - t_start:.0f} s]", flush=True)
 
     # 3) cold adapter first: its stages at the 8B shape without a model, then end to end on its own engine
     stages = None
-    args.cold_layers = args.cold_layers if args.cold_layers is not None else (2 if tiny else 32)
+    args.cold_layers = args.cold_layers if args.cold_layers is not None else (2 if tiny else 0)
     if args.cold_layers:
         t = time.perf_counter()
         stages = cold_stages(workdir, args.cold, device, torch.float32 if tiny else torch.bfloat16, args.cold_layers,
@@ -295,7 +307,7 @@ def main() -> int:
                         registry_process=not args.registry_thread)
     print(f"cold adapter to first token ({cold['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir): "
           f"{cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); resident {cold['resident_ttft_s'] * 1e3:.1f} ms;"
-          f" no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  [{time.perf_counter() - t:.0f} s]")
+          f" no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  [{time.perf_counter() - t:.0f} s]", flush=True)
     for st in cold["cold_stages"]:
         print("  engine path, ms: " + ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in st.items()))
     figures, details = {"cold_adapter_ttft_s": cold["cold_ttft_s"]}, dict(cold=cold, cold_path_stages=stages)

@@ -345,6 +345,8 @@ def main() -> int:
     print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms = launch "
           f"{h['launch_ms']:.3f} + post {h['post_ms']:.3f}; + messages built off the engine thread "
           f"{h['build_ms']:.3f}", flush=True)
+    print("  phases (ms per step, nested: run includes inputs.build and the graphs):",
+          ", ".join(f"{k} {v:.3f}" for k, v in h["phases_ms"].items()), flush=True)
     if a.profile_mixed:
         s["mixed_profile"] = profile_mixed_steps(engine, a.decode_batch, a.input_mean, engine.args.vocab_size)
     del engine, mixed   # the LLM stays for the variants below (no second engine in this process)

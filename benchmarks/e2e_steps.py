@@ -7,6 +7,45 @@ import time
 
 
 # ---- host time per decode step ----------------------------------------------------------------------
+class PhaseTimer:
+    """Wall seconds inside a few engine methods (instance attributes wrap them; close() removes the
+    wrappers): where the host time of a step goes. Nested phases overlap (run includes build)."""
+
+    def __init__(self, engine):
+        self.seconds: dict[str, float] = {}
+        self._undo = []
+        runner = engine.runner
+        graphs = runner.graph_runner
+        for label, obj, name in (("schedule", engine.scheduler, "schedule"), ("run", runner, "run"),
+                                 ("inputs.build", runner.inputs, "build"), ("graph copies+replay", graphs, "run"),
+                                 ("greedy sampler graph", graphs, "sample_greedy"), ("sampler (eager)", runner, "_sample"),
+                                 ("on_launched", engine.scheduler, "on_launched"), ("postprocess", engine, "_postprocess")):
+            if obj is not None and hasattr(obj, name):
+                self._wrap(label, obj, name)
+
+    def _wrap(self, label: str, obj, name: str) -> None:
+        fn = getattr(obj, name)
+        seconds = self.seconds
+        seconds[label] = 0.0
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - t
+        setattr(obj, name, timed)
+        self._undo.append((obj, name))
+
+    def close(self) -> None:
+        for obj, name in self._undo:
+            delattr(obj, name)   # back to the class's method
+        self._undo.clear()
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        return {k: 1e3 * v / steps for k, v in self.seconds.items()}
+
+
 def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, vocab: int,
                               profile_dir: str | None = None) -> dict:
     """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps.
@@ -19,13 +58,13 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     prompts = torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()
     tag = time.monotonic_ns()
     for i, ids in enumerate(prompts):
-        engine.add_request(f"host{tag}-{i}", ids, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
+        engine.add_request(f"host{tag}-{i}", ids, SamplingParams(max_tokens=steps + 64, temperature=0, ignore_eos=True))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
         engine.step()
     for _ in range(3):
         engine.step()
     n0, w0 = engine.num_steps, engine.device_wait_s
-    engine.step_trace = trace = []
+    engine.step_trace, engine.step_trace_device = (trace := []), False   # no CUDA events: host time only
     build = 0.0
     t = time.perf_counter()
     for _ in range(steps):
@@ -35,8 +74,14 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
             p.build().outputs[0].text_diff
         build += time.perf_counter() - c
     wall = time.perf_counter() - t - build
-    engine.step_trace = None
+    engine.step_trace, engine.step_trace_device = None, True
     n, wait = engine.num_steps - n0, engine.device_wait_s - w0
+    phases = PhaseTimer(engine)   # then a few more steps with the phases timed (a little overhead each)
+    for _ in range(min(steps, 32)):
+        for p in engine.step_pending():
+            p.build()
+    phases.close()
+    phases_ms = phases.per_step_ms(min(steps, 32))
     launch_ms = 1e3 * sum(r.launched_at - r.start for r in trace) / n
     post_ms = 1e3 * sum(r.end - r.launched_at - r.wait_s for r in trace) / n
     if profile_dir:
@@ -55,7 +100,7 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
-            "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3,
+            "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3, "phases_ms": phases_ms,
             "async_scheduling": engine.async_scheduling}
 
 

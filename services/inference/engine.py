@@ -118,6 +118,7 @@ class LLMEngine:
         self.num_steps, self.device_wait_s = 0, 0.0
         # a list: step() appends one StepRecord per call (bench_e2e's per-step breakdown); None: off
         self.step_trace: list[StepRecord] | None = None
+        self.step_trace_device = True   # CUDA events around each traced launch (off: host timing only)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -257,7 +258,7 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
-        timed = self.step_trace is not None and self.device.type == "cuda"
+        timed = self.step_trace is not None and self.step_trace_device and self.device.type == "cuda"
         if timed:   # device time of the step: events around its launch (the trace only)
             start = torch.cuda.Event(enable_timing=True)
             start.record()

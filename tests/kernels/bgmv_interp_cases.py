@@ -55,7 +55,11 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
         lora_meta.LORA_BGMV, lora_meta.LORA_STREAM = True, True
         shape = workspace_shape(p.x, p.lora_a, p.lora_b, meta)
         assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] == "partials"
-        assert shape[0] == -(-hidden // 256) or hidden < 256, f"unexpected BGMV split {shape}"
+        from loraserve.kernels.lora_shrink import _num_sms
+        from loraserve.kernels.lora_shrink_bgmv import bgmv_shrink_config
+
+        cfg = bgmv_shrink_config(T, R, hidden, S, meta.grid_tiles, _num_sms(p.x.device.index if p.x.is_cuda else None))
+        assert shape[0] == -(-hidden // cfg["BLOCK_K"]), f"workspace {shape} is not the BGMV split ({cfg})"
         ws = torch.full(shape, float("nan"), device=device)
         y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
     finally:

@@ -296,3 +296,31 @@ def test_overlap_linear_equals_sequential_and_replays(mode: str) -> None:
         assert torch.equal(out, y_ovl), "graph replay of the overlapped LoRA differs from eager"
     finally:
         lora_batch.OVERLAP = old
+
+
+@pytest.mark.parametrize("num_tokens,num_slots,composition", [
+    (1, 1, "uniform"), (64, 32, "distinct"), (64, 32, "mixed-ranks"), (200, 8, "zipf:1.5")])
+@pytest.mark.parametrize("proj", ["qkv", "down"])  # 3 slices; the 14336-wide input (14-56 K chunks)
+def test_bgmv_shrink_and_y_ahead_llama3_8b_bf16(proj: str, num_tokens: int, num_slots: int, composition: str) -> None:
+    """LORASERVE_LORA_BGMV (the BGMV shrink's per-chunk partials) vs the reference at Llama-3-8B
+    shapes, then lora_apply with it and the expand's y / B prefetch depths: vs the reference, and
+    graph replay == eager bit for bit."""
+    from loraserve.kernels import lora_expand_stream, lora_meta
+
+    from . import bgmv_interp_cases
+
+    hidden, widths = PROJECTIONS[proj]
+    rank = 64 if composition == "mixed-ranks" else 16
+    bgmv_interp_cases.check_bgmv_shrink("bfloat16", hidden, rank, widths, num_tokens, num_slots, composition,
+                                        device="cuda")
+    old = lora_meta.LORA_BGMV, lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD
+    try:
+        for y_ahead, b_ahead in ((None, None), (2, None), (3, 4)):
+            lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD = y_ahead, b_ahead
+            bgmv_interp_cases.check_bgmv_apply("bfloat16", hidden, rank, widths, num_tokens, num_slots, composition,
+                                               device="cuda")
+            lora_meta.LORA_BGMV = True
+            check_graph_replay_matches_eager(num_tokens, rank)
+            lora_meta.LORA_BGMV = old[0]
+    finally:
+        lora_meta.LORA_BGMV, lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD = old

@@ -32,12 +32,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def make_engine(path: str, device: str, tp: int, tiny: bool, lora: bool):
+def make_engine(path: str, device: str, tp: int, tiny: bool, lora: bool, max_batch: int = 256):
     from loraserve import LoraConfig
     from loraserve.config import engine_config_from_kwargs
     from loraserve.inference.engine import LLMEngine
 
-    kw = dict(dtype="float32" if tiny else "bfloat16", device=device, max_num_tokens=8192, max_batch_size=256,
+    kw = dict(dtype="float32" if tiny else "bfloat16", device=device, max_num_tokens=8192, max_batch_size=max_batch,
               tensor_parallel_size=tp)
     if lora:
         kw["lora_config"] = LoraConfig(max_lora_rank=16, max_loras=32, max_cpu_loras=32)
@@ -172,6 +172,9 @@ def main() -> int:
     ap.add_argument("--profile-dir", default=None,
                     help="torch.profiler summaries per rank of decode steps (tp/profile.py) into this folder")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only-tp", type=int, choices=(1, 2), default=None, help="run one side only (probes)")
+    ap.add_argument("--max-batch", type=int, default=256, help="engine max_batch_size (decode graph buckets)")
+    ap.add_argument("--checkpoint", default=None, help="reuse this checkpoint folder (built there if missing)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)   # internal: one engine, TP=N
     ap.add_argument("--child-trained", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -210,11 +213,13 @@ def main() -> int:
         if "_error" in r:
             print(f"trained-model agreement child failed: {r['_error']}", flush=True)
         write(a.json, res)
-    path = tempfile.mkdtemp(prefix="tp-bench-")
-    build_checkpoint(path, layers, a.tiny, a.shape)
+    path = a.checkpoint or tempfile.mkdtemp(prefix="tp-bench-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(path, exist_ok=True)
+        build_checkpoint(path, layers, a.tiny, a.shape)
     runs = {}
 
-    for tp in (1, 2):
+    for tp in (1, 2) if a.only_tp is None else (a.only_tp,):
         # each engine in its own process: nothing of one engine (CUDA context, allocator, NCCL, a device-side
         # assert) reaches the next; the child writes its figures to a JSON the parent merges
         r = runs[tp] = run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters)
@@ -223,6 +228,8 @@ def main() -> int:
         if "_error" in r:
             print(f"tp{tp} child failed: {r['_error']}", flush=True)
             return 1
+    if a.only_tp is not None:
+        return 0
     res["decode_bs1_speedup_tp2"] = runs[2]["tp2_decode_bs1_tok_s"] / runs[1]["tp1_decode_bs1_tok_s"]
     res["decode_bs64_speedup_tp2"] = runs[2]["tp2_decode_bs64_tok_s"] / runs[1]["tp1_decode_bs64_tok_s"]
     print(f"TP2/TP1 decode: bs1 {res['decode_bs1_speedup_tp2']:.3f}x, bs64 {res['decode_bs64_speedup_tp2']:.3f}x "
@@ -257,16 +264,16 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
     os.close(fd)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--ckpt", path, "--child-json", out,
            *(["--child-trained"] if tp == 0 else []), "--layers", str(layers), "--prompt-len", str(prompt_len), "--steps", str(steps),
-           "--n-top1", str(n_top1), "--n-adapters", str(n_adapters)]
+           "--n-top1", str(n_top1), "--n-adapters", str(n_adapters), "--max-batch", str(a.max_batch)]
     cmd += [f for f, on in (("--tiny", a.tiny), ("--tp-eager", a.tp_eager), ("--decode-only", a.decode_only or nccl_only),
                             ("--replay", a.replay)) if on]
     env = dict(os.environ)
     if nccl_only:
         env["LORASERVE_TP_CUSTOM_AR"] = "0"
-    if a.profile_dir and tp == 2 and not nccl_only:
-        env["LORASERVE_TP_PROFILE"] = a.profile_dir
+    if a.profile_dir and tp == 2 and not nccl_only:   # a window in the batch-1 run, one in the batch-64 run
+        env["LORASERVE_TP_PROFILE"] = a.profile_dir + (f":{a.steps - 8}:8,{a.steps + 24}:8" if ":" not in a.profile_dir else "")
     if a.profile_dir and tp == 1:
-        env["LORASERVE_PROFILE_TP1"] = a.profile_dir
+        env["LORASERVE_PROFILE_TP1"] = a.profile_dir.split(":")[0]
     rc = subprocess.run(cmd, env=env).returncode
     try:
         with open(out) as f:
@@ -287,7 +294,7 @@ def child_main(a) -> int:
 
     tp, device = a.child, "cpu" if a.tiny else "cuda"
     res: dict = {}
-    engine = make_engine(a.ckpt, device, tp, a.tiny, lora=(tp == 2 and not a.decode_only))
+    engine = make_engine(a.ckpt, device, tp, a.tiny, lora=(tp == 2 and not a.decode_only), max_batch=a.max_batch)
     custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
     print(f"tp{tp} engine ready (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})", flush=True)
     if tp == 2:
@@ -302,7 +309,7 @@ def child_main(a) -> int:
               f"{res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer", flush=True)
         write(a.child_json, res)
 
-    prof1 = os.environ.get("LORASERVE_PROFILE_TP1") if tp == 1 and device == "cuda" else None
+    prof1 = os.environ.get("LORASERVE_PROFILE_TP1") if tp == 1 else None
     for k, batch, seed in (("bs1", 1, 10 * tp), ("bs64", 64, 10 * tp + 1)):
         if prof1:
             record(k, profiled_decode(engine, vocab, batch, a.prompt_len, a.steps, seed, prof1, k))
@@ -352,7 +359,7 @@ def profiled_decode(engine, vocab: int, batch: int, prompt_len: int, steps: int,
     from loraserve.inference.tp.profile import StepProfiler
 
     os.environ["LORASERVE_TP_PROFILE"] = f"{out_dir}/tp1_{tag}:{steps - 4}:8"
-    prof = StepProfiler(0, torch.device("cuda"))
+    prof = StepProfiler(0, torch.device("cpu" if engine.device.type == "cpu" else "cuda"))
     del os.environ["LORASERVE_TP_PROFILE"]
     run = engine.runner.run
 

@@ -134,3 +134,22 @@ def test_symmetric_memory_sums_equal_nccl_eager_and_graphed():
         for key, (eager_ok, graph_ok, taken, fits) in ((k, v) for k, v in res.items() if "-" in k):
             assert eager_ok and graph_ok, key
             assert taken == fits, key   # 2^20 elements (2 or 4 MiB) are over the 1 MiB limit set here: NCCL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fused_allreduce_rmsnorm_equals_nccl_then_norm():
+    """LORASERVE_TP_FUSED_NORM: the Lamport one-shot all-reduce + residual add + RMSNorm passes its start-up
+    self-check and equals NCCL's all-reduce followed by the separate norm (residual bit for bit), eagerly
+    and from graph replays with one rank late, at 1, 64 and 256 rows of hidden 4096 and 8192."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from benchmarks.bench_allreduce import fused_norm_worker
+
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    out = _run(fused_norm_worker, 2, [])
+    assert out["fused_self_check"], out
+    checks = {k: v for k, v in out.items() if k.endswith("_ok")}
+    assert len(checks) == 6 and all(checks.values()), checks

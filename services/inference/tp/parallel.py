@@ -26,6 +26,9 @@ class TPGroup:
     vocab_per_rank: int        # ceil(vocab / size): every rank's embedding shard has this many rows
     executor: object = None    # rank 0 only: the TPExecutor that drives the workers
     custom_ar: object = None   # allreduce.SymmMemAllReduce on CUDA where it works (else NCCL / gloo)
+    hidden_size: int = 0
+    fused_norm: object = None  # fused_norm.LamportNorm (LORASERVE_TP_FUSED_NORM=1, CUDA, checked at start-up)
+    defer_reduce: bool = False  # set once the model's norms hold this group (fused_norm.attach_norms)
 
     @property
     def vocab_start(self) -> int:
@@ -41,8 +44,23 @@ class TPGroup:
     def setup_all_reduce(self, device: torch.device) -> None:
         """Collective: every rank right after joining the process group, before any model work."""
         from .allreduce import make_all_reduce
+        from .fused_norm import make_fused_norm
 
         self.custom_ar = make_all_reduce(device)
+        self.fused_norm = make_fused_norm(device, self.hidden_size)
+
+    def defers(self, x: torch.Tensor) -> bool:
+        """True: a row-parallel layer returns its partial output x and the RMSNorm after it all-reduces it
+        (all_reduce_add_rms_norm). Depends only on x's shape, dtype and device: both sides agree."""
+        return self.defer_reduce and self.fused_norm.takes(x)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """x [T, H] a row-parallel partial: (norm(sum of partials + residual), sum + residual), in place."""
+        if weight.dtype != x.dtype or residual.stride(-1) != 1:   # not what the kernel takes: unfused
+            from loraserve.kernels.rmsnorm import fused_add_rms_norm
+
+            return fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+        return self.fused_norm(x, residual, weight, eps)
 
     def embed(self, embedding: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: ids [N] -> [N, hidden]. Each rank looks up the ids in its vocabulary
@@ -98,4 +116,4 @@ def shard_args(args, size: int):
 
 
 def make_group(args, rank: int, size: int) -> TPGroup:
-    return TPGroup(rank, size, args.vocab_size, -(-args.vocab_size // size))
+    return TPGroup(rank, size, args.vocab_size, -(-args.vocab_size // size), hidden_size=args.hidden_size)

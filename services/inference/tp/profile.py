@@ -1,7 +1,8 @@
 """Where a tensor-parallel step's time goes, per rank (diagnostics; nothing here runs unless asked).
 
-LORASERVE_TP_PROFILE=DIR[:FIRST[:COUNT]] (default FIRST=40, COUNT=8): every rank (the driver's shard 0 and
-each worker) profiles its steps FIRST..FIRST+COUNT-1 with torch.profiler and writes DIR/tp_rank{r}.txt:
+LORASERVE_TP_PROFILE=DIR[:FIRST[:COUNT]][,FIRST:COUNT...] (default FIRST=40, COUNT=8): every rank (the driver's
+shard 0 and each worker) profiles its steps FIRST..FIRST+COUNT-1 (each window) with torch.profiler and writes
+DIR/tp_rank{r}_step{FIRST}.txt:
   * host: per step, the time the rank waited for its next command (workers: blocked in the pipe's recv)
     and the time it spent launching the step (Python + launches), mean over the window;
   * device: the window's wall span on the GPU, the union of kernel time (busy) and the gaps, the kernels
@@ -22,14 +23,17 @@ import torch
 class StepProfiler:
     def __init__(self, rank: int, device: torch.device):
         spec = os.environ.get("LORASERVE_TP_PROFILE", "").strip()
-        self.on = bool(spec) and device.type == "cuda"
+        self.on = bool(spec)
         self.rank, self.device = rank, device
         if not self.on:
             return
-        parts = spec.split(":")
+        head, *more = spec.split(",")
+        parts = head.split(":")
         self.dir = parts[0]
-        self.first = int(parts[1]) if len(parts) > 1 and parts[1] else 40
-        self.count = int(parts[2]) if len(parts) > 2 and parts[2] else 8
+        self.windows = [(int(parts[1]) if len(parts) > 1 and parts[1] else 40,
+                         int(parts[2]) if len(parts) > 2 and parts[2] else 8)]
+        self.windows += [tuple(int(v) for v in w.split(":")) for w in more]
+        self.first, self.count = self.windows.pop(0)
         self.step = 0
         self.prof = None
         self.wait_s = self.launch_s = 0.0
@@ -49,7 +53,8 @@ class StepProfiler:
         if self.step == self.first:
             from torch.profiler import ProfilerActivity, profile
 
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=acts)
             self.prof.__enter__()
             self.wait_s = self.launch_s = 0.0
         elif self.prof is not None and self._t_wait is not None:
@@ -62,12 +67,17 @@ class StepProfiler:
             return
         self.launch_s += time.perf_counter() - self._t_launch
         if self.step == self.first + self.count - 1:
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.prof.__exit__(None, None, None)
             try:
                 self._write()
             finally:
-                self.prof, self.on = None, False
+                self.prof = None
+                if self.windows:
+                    self.first, self.count = self.windows.pop(0)
+                else:
+                    self.on = False
 
     def _write(self) -> None:
         n = self.count
@@ -101,5 +111,5 @@ class StepProfiler:
                 lines.append(f"{sum(ds) / n:9.1f} {len(ds) / n:10.1f} {sum(ds) / len(ds):8.2f}  {name}")
         os.makedirs(self.dir, exist_ok=True)
         text = "\n".join(lines) + "\n"
-        with open(os.path.join(self.dir, f"tp_rank{self.rank}.txt"), "w") as f:
+        with open(os.path.join(self.dir, f"tp_rank{self.rank}_step{self.first}.txt"), "w") as f:
             f.write(text)

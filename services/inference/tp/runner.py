@@ -61,6 +61,9 @@ class ShardedSlots(DeviceSlots):
 class TPModelRunner(ModelRunner):
     def __init__(self, config, model, args, dtype, device, lora_manager=None):
         self.tp, self.executor = model.tp, model.tp.executor
+        from .fused_norm import attach_norms
+
+        attach_norms(model, model.tp)   # before any forward: the workers do it right after loading (worker.py)
         local = model.args
         if lora_manager is not None:   # replace the full-size slots before the KV cache is sized by free memory
             old = lora_manager.slots

@@ -76,6 +76,9 @@ class Worker:
         self.group.setup_all_reduce(device)   # collective, as rank 0 does after joining (tp/__init__.py)
         self.model, self.args, self.dtype = load_model(config.model, config.dtype, device, tp=self.group,
                                                        quant_config=config.quant_config)
+        from .fused_norm import attach_norms
+
+        attach_norms(self.model, self.group)   # as rank 0 does (runner.py)
         # as the driver's engine: the RoPE table covers every position served (sliding-window caps only lower it)
         self.model.rotary.num_positions = max(self.model.rotary.num_positions, config.max_seq_len or 0)
         self.local = self.model.args

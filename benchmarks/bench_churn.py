@@ -263,7 +263,7 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, help="output tokens (64; tiny 12)")
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--tier-adapters", type=int, help="GPU tier sized for this many rank-16 adapters (64; tiny 16)")
-    ap.add_argument("--cold", type=int, default=3, help="cold adapters timed (median reported)")
+    ap.add_argument("--cold", type=int, default=3, help="cold adapters timed (median reported; 0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
@@ -302,16 +302,19 @@ def main() -> int:
         stages = cold_stages(workdir, args.cold, device, torch.float32 if tiny else torch.bfloat16, args.cold_layers,
                              registry_process=not args.registry_thread)
         print(format_stages(stages) + f"  [{time.perf_counter() - t:.0f} s]")
-    t = time.perf_counter()
-    cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available() is None,
-                        registry_process=not args.registry_thread)
-    print(f"cold adapter to first token ({cold['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir): "
-          f"{cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); resident {cold['resident_ttft_s'] * 1e3:.1f} ms;"
-          f" no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  [{time.perf_counter() - t:.0f} s]", flush=True)
-    for st in cold["cold_stages"]:
-        print("  engine path, ms: " + ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in st.items()))
-    figures, details = {"cold_adapter_ttft_s": cold["cold_ttft_s"]}, dict(cold=cold, cold_path_stages=stages)
-    _save(args, figures, details)  # written after every stage: a run cut short keeps what it measured
+    figures, details = {}, dict(cold_path_stages=stages)
+    if args.cold:
+        t = time.perf_counter()
+        cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available() is None,
+                            registry_process=not args.registry_thread)
+        print(f"cold adapter to first token ({cold['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir): "
+              f"{cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); resident "
+              f"{cold['resident_ttft_s'] * 1e3:.1f} ms; no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  "
+              f"[{time.perf_counter() - t:.0f} s]", flush=True)
+        for st in cold["cold_stages"]:
+            print("  engine path, ms: " + ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in st.items()))
+        figures["cold_adapter_ttft_s"], details["cold"] = cold["cold_ttft_s"], cold
+        _save(args, figures, details)  # written after every stage: a run cut short keeps what it measured
     if args.skip_churn:
         _report(args, figures, tiny)
         return 0

@@ -6,6 +6,7 @@ as the decode CUDA graph runs it, in the variants the engine can take:
   fusedkv   base with RoPE + KV write in one kernel (LORASERVE_FUSED_ROPE_KV=1)
   gemv      fusedkv with the GEMV for every projection and SiLU-mul inside the down GEMV (LORASERVE_GEMV_MAX_M=1)
   gemv_pdl  gemv with programmatic dependent launch on every Triton kernel (LORASERVE_PDL=1)
+  gemv_pdl_silu_apart  gemv_pdl with SiLU-mul as its own kernel (LORASERVE_GEMV_SILU=0)
   base_pdl  fusedkv with PDL (cuBLAS GEMMs break the chain at each GEMM)
 
 Every timing is a CUDA-graph replay over enough distinct weight copies that weights come from HBM (not
@@ -97,9 +98,9 @@ def per_shape(dev, dtype, shapes, configs, bw, cuda: bool) -> dict:
                 for w in ws:
                     gemv(x, w, silu_mul=silu, config=cfg)
             try:
-                row["gemv_%d_%d_%d_us" % cfg] = time_graph(tri, cuda=cuda) / copies * 1e6
+                row["gemv_%s_us" % "_".join(map(str, cfg))] = time_graph(tri, cuda=cuda) / copies * 1e6
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-                row["gemv_%d_%d_%d_us" % cfg] = f"error {type(exc).__name__}: {exc}"[:200]
+                row["gemv_%s_us" % "_".join(map(str, cfg))] = f"error {type(exc).__name__}: {exc}"[:200]
         out[name] = row
         print(name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         del ws
@@ -133,7 +134,7 @@ class LayerChain:
         self.res = torch.randn(1, hidden, device=dev).to(dtype)
         self.ctx_len = ctx_len
 
-    def run(self, fused_kv: bool, use_gemv: bool) -> torch.Tensor:
+    def run(self, fused_kv: bool, use_gemv: bool, silu_in_gemv: bool = True) -> torch.Tensor:
         from loraserve.kernels.activation import silu_and_mul
         from loraserve.kernels.gemv import gemv
         from loraserve.kernels.rmsnorm import fused_add_rms_norm
@@ -162,7 +163,10 @@ class LayerChain:
             x = lin(o.view(1, H * D), w["o"])
             x, res = fused_add_rms_norm(x, res, w["n2"], 1e-5)
             gate_up = lin(x, w["gate_up"])
-            x = gemv(gate_up, w["down"], silu_mul=True) if use_gemv else F.linear(silu_and_mul(gate_up), w["down"])
+            if use_gemv and silu_in_gemv:
+                x = gemv(gate_up, w["down"], silu_mul=True)
+            else:
+                x = lin(silu_and_mul(gate_up), w["down"])
         return x
 
     def weight_bytes(self) -> int:
@@ -170,8 +174,9 @@ class LayerChain:
         return self.L * sum(w[k].numel() * w[k].element_size() for k in ("qkv", "o", "gate_up", "down"))
 
 
-VARIANTS = {"base": (False, False, "0"), "fusedkv": (True, False, "0"), "base_pdl": (True, False, "1"),
-            "gemv": (True, True, "0"), "gemv_pdl": (True, True, "1")}
+VARIANTS = {"base": (False, False, "0", False), "fusedkv": (True, False, "0", False),
+            "base_pdl": (True, False, "1", False), "gemv": (True, True, "0", True), "gemv_pdl": (True, True, "1", True),
+            "gemv_pdl_silu_apart": (True, True, "1", False)}
 
 
 def layer_chain(dev, dtype, layers: int, variants: list[str], bw: float, small: bool, cuda: bool) -> dict:
@@ -182,12 +187,12 @@ def layer_chain(dev, dtype, layers: int, variants: list[str], bw: float, small: 
           flush=True)
     ref = None
     for name in variants:
-        fused_kv, use_gemv, pdl = VARIANTS[name]
+        fused_kv, use_gemv, pdl, silu = VARIANTS[name]
         os.environ["LORASERVE_PDL"] = pdl
-        y = chain.run(fused_kv, use_gemv).float()
+        y = chain.run(fused_kv, use_gemv, silu).float()
         ref = y if ref is None else ref
         err = float((y - ref).abs().max() / (ref.abs().max() + 1e-6))
-        t = time_graph(lambda: chain.run(fused_kv, use_gemv), cuda=cuda)
+        t = time_graph(lambda: chain.run(fused_kv, use_gemv, silu), cuda=cuda)
         out[name] = {"us": t * 1e6, "us_per_layer": t * 1e6 / layers, "limit_fraction": limit / t, "rel_err_vs_first": err}
         print(f"  {name:9s} {t * 1e6:8.1f} us = {t * 1e6 / layers:6.1f} us/layer, {limit / t:.3f} of the weight limit"
               f" (max rel diff vs {variants[0]} {err:.1e})", flush=True)
@@ -198,7 +203,7 @@ def layer_chain(dev, dtype, layers: int, variants: list[str], bw: float, small: 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--configs", nargs="*", default=["8,512,4", "4,512,4", "16,256,4", "8,256,4"])
+    ap.add_argument("--configs", nargs="*", default=["8,512,4,1", "8,512,4,0", "4,512,4,1", "16,256,4,1"])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--variants", default="base,fusedkv,base_pdl,gemv,gemv_pdl")
     ap.add_argument("--skip-shapes", action="store_true")
@@ -214,7 +219,7 @@ def main() -> int:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     configs = [tuple(int(v) for v in c.split(",")) for c in a.configs]
     if a.smoke:
-        configs = [(8, 32, 4)]
+        configs = [(8, 32, 4, 1), (8, 32, 4, 0)]
     shapes = {k: (SMOKE_SHAPES if a.smoke else SHAPES)[k] for k in a.shapes.split(",") if k}
     if not a.skip_shapes:
         res["per_shape_m1"] = per_shape(dev, dtype, shapes, configs, bw, cuda)

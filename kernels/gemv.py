@@ -14,9 +14,9 @@ before it waits for the kernel before it (programmatic dependent launch, kernels
 overlaps the previous kernel (RMSNorm, attention, SiLU) instead of following it.
 
 Shape of the kernel (gpt-fast's / inductor's int8 GEMV, the FP8 helper's ``gemv`` in fp8_gemv.py):
-grid cdiv(N, BLOCK_N); each program owns BLOCK_N weight rows and walks K in BLOCK_K steps, keeping a
-fp32 [M_PAD, BLOCK_N, BLOCK_K] accumulator of broadcast products (no cross-thread reduction inside
-the loop), reduced over K once at the end; the next weight tile is loaded one step ahead. No split-K:
+grid cdiv(N, BLOCK_N); each program owns BLOCK_N weight rows and walks K in BLOCK_K steps, keeping one
+fp32 [BLOCK_N, BLOCK_K] accumulator of broadcast products per x row (no cross-thread reduction inside
+the loop), reduced over K once at the end; PREFETCH loads the next weight tile one step ahead. No split-K:
 at the shapes it serves, N / BLOCK_N gives >= 512 programs (a few per SM) and no second launch.
 """
 from __future__ import annotations
@@ -52,70 +52,110 @@ def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, silu_mul: bool = 
     return y.to(x.dtype)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by K; measured choices go here (benchmarks/bench_gemv.py)
-DEFAULT_CONFIG = (8, 512, 4)
+# (BLOCK_N, BLOCK_K, num_warps, PREFETCH); measured choices go here (benchmarks/bench_gemv.py)
+DEFAULT_CONFIG = (8, 512, 4, 1)
 
 
-def gemv_config(M: int, N: int, K: int) -> tuple[int, int, int]:
-    env = os.environ.get("LORASERVE_GEMV_CONFIG")   # "BLOCK_N,BLOCK_K,warps": sweeps
+def gemv_config(M: int, N: int, K: int) -> tuple[int, int, int, int]:
+    env = os.environ.get("LORASERVE_GEMV_CONFIG")   # "BLOCK_N,BLOCK_K,warps,prefetch": sweeps
     if env:
-        bn, bk, nw = (int(v) for v in env.split(","))
-        return bn, bk, nw
-    bn, bk, nw = DEFAULT_CONFIG
+        return tuple(int(v) for v in env.split(","))  # type: ignore[return-value]
+    bn, bk, nw, pf = DEFAULT_CONFIG
     if M > 2:
-        bk = 256   # the [4, BLOCK_N, BLOCK_K] accumulator: half the registers
-    return bn, bk, nw
+        bk = 256   # four [BLOCK_N, BLOCK_K] fp32 accumulators: half the registers
+    return bn, bk, nw, pf
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _load_x(x_ptr, offs_m, m_ok, kk, k_ok, stride_xm, K, SILU_MUL: tl.constexpr):
-        ptrs = x_ptr + offs_m[:, None] * stride_xm + kk[None, :]
-        ok = m_ok[:, None] & k_ok[None, :]
+    def _gemv_row(acc, w, x_ptr, row, M, K, offs_k, k_ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+        # x row `row` for this K tile, loaded as a [BLOCK_N, BLOCK_K] tile of repeated addresses (L1 serves the
+        # repeats) so that it shares w's register layout: a [BLOCK_K] vector broadcast over the rows went through
+        # shared memory with barriers every K step (fp8_gemv.py's measurement)
+        zero = tl.zeros_like(acc).to(tl.int32)
+        ptrs = x_ptr + offs_k[None, :] + zero
+        ok = (zero + row) < M
+        if not EVEN_K:
+            ok = ok & k_ok[None, :]
         x = tl.load(ptrs, mask=ok, other=0.0)
         if SILU_MUL:   # x_ptr is gate_up [M, 2K]: gate at k, up at K + k; silu_and_mul's roundings
             u = tl.load(ptrs + K, mask=ok, other=0.0)
             gf = x.to(tl.float32)
             act = (gf / (1.0 + tl.exp(-gf))).to(x.dtype).to(tl.float32)
             x = (act * u.to(tl.float32)).to(x.dtype)
-        return x.to(tl.float32)
+        return acc + w * x.to(tl.float32)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr = False):
+    def _gemv_store(acc, row, M, b_ptr, y_ptr, stride_ym, offs_n, n_ok, HAS_BIAS: tl.constexpr):
+        y = tl.sum(acc, axis=1)   # [BLOCK_N]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok & ((offs_n * 0 + row) < M))
+
+    # M varies with the step (1..4): one compiled variant per M_PAD, not per M
+    @triton.jit(do_not_specialize=["M"])
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        safe_n = tl.where(n_ok, offs_n, 0).to(tl.int64)   # rows past N re-read row 0: no N mask in the loop
         offs_k = tl.arange(0, BLOCK_K)
-        offs_m = tl.arange(0, M_PAD)
-        m_ok = offs_m < M
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        # the first weight tile [BLOCK_N, BLOCK_K]: weights are no kernel's output, so it is issued before
-        # the wait and its DRAM latency overlaps the previous kernel
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        w_ptrs = w_ptr + safe_n[:, None] * K + offs_k[None, :]   # [BLOCK_N, BLOCK_K], K-major rows
+        # the first weight tile: weights are no kernel's output, so it is in flight before the wait and its
+        # DRAM latency overlaps the kernel before us (programmatic dependent launch)
+        if EVEN_K:
+            w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w_next = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()   # x (and y's old readers) belong to the kernels before us
-        acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            tl.extra.cuda.gdc_wait()   # x is the output of the kernels before us
+        x_row = x_ptr
+        stride_x = stride_xm
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            x = _load_x(x_ptr, offs_m, m_ok, kk, kk < K, stride_xm, K, SILU_MUL)   # (M_PAD, BLOCK_K)
-            nk = kk + BLOCK_K   # the next tile, one step ahead (fully masked after the last)
-            w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=n_ok[:, None] & (nk < K)[None, :], other=0.0,
-                             eviction_policy="evict_first")
-            acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-            w = w_next
-        y = tl.sum(acc, axis=2)   # (M_PAD, BLOCK_N)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+            k_ok = (k0 + offs_k) < K
+            w = w_next.to(tl.float32)
+            if PREFETCH:   # the next tile in flight while this one is used (re-reads this one at the end)
+                step = BLOCK_K * (k0 + BLOCK_K < K).to(tl.int32)
+                w_ptrs += step
+                if EVEN_K:
+                    w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+                else:
+                    w_next = tl.load(w_ptrs, mask=((k0 + step + offs_k) < K)[None, :], other=0.0,
+                                     eviction_policy="evict_first")
+            acc0 = _gemv_row(acc0, w, x_row, 0, M, K, offs_k, k_ok, EVEN_K, SILU_MUL)
+            if M_PAD >= 2:
+                acc1 = _gemv_row(acc1, w, x_row + stride_x, 1, M, K, offs_k, k_ok, EVEN_K, SILU_MUL)
+            if M_PAD >= 4:
+                acc2 = _gemv_row(acc2, w, x_row + 2 * stride_x, 2, M, K, offs_k, k_ok, EVEN_K, SILU_MUL)
+                acc3 = _gemv_row(acc3, w, x_row + 3 * stride_x, 3, M, K, offs_k, k_ok, EVEN_K, SILU_MUL)
+            if not PREFETCH:
+                w_ptrs += BLOCK_K
+                if EVEN_K:
+                    w_next = tl.load(w_ptrs, mask=(offs_k * 0 + k0 + BLOCK_K) < K, other=0.0,
+                                     eviction_policy="evict_first")
+                else:
+                    w_next = tl.load(w_ptrs, mask=((k0 + BLOCK_K + offs_k) < K)[None, :], other=0.0,
+                                     eviction_policy="evict_first")
+            x_row += BLOCK_K
+        _gemv_store(acc0, 0, M, b_ptr, y_ptr, stride_ym, offs_n, n_ok, HAS_BIAS)
+        if M_PAD >= 2:
+            _gemv_store(acc1, 1, M, b_ptr, y_ptr, stride_ym, offs_n, n_ok, HAS_BIAS)
+        if M_PAD >= 4:
+            _gemv_store(acc2, 2, M, b_ptr, y_ptr, stride_ym, offs_n, n_ok, HAS_BIAS)
+            _gemv_store(acc3, 3, M, b_ptr, y_ptr, stride_ym, offs_n, n_ok, HAS_BIAS)
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, silu_mul: bool = False,
-         out: Tensor | None = None, config: tuple[int, int, int] | None = None) -> Tensor:
+         out: Tensor | None = None, config: tuple[int, ...] | None = None) -> Tensor:
     """y [M, N] = x [M, K] @ w [N, K]^T (+ bias), M <= 4, one launch (see the module docstring).
     silu_mul: x is gate_up [M, 2K] and silu(gate) * up is computed on the fly."""
     if not HAS_TRITON:
@@ -129,9 +169,9 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, silu_mul: bool = Fals
         assert bias.shape == (N,) and bias.is_contiguous(), bias.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     assert y.shape == (M, N) and y.stride(1) == 1 and y.dtype == x.dtype
-    bn, bk, nw = config or gemv_config(M, N, K)
+    bn, bk, nw, pf = (tuple(config) + (1,))[:4] if config else gemv_config(M, N, K)
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        M_PAD=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None,
-        SILU_MUL=silu_mul, num_warps=nw, **pdl_kwargs(x.device))
+        x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), y.stride(0),
+        M_PAD=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, PREFETCH=bool(pf),
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, num_warps=nw, **pdl_kwargs(x.device))
     return y

@@ -15,7 +15,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3,
 
 
 def check_gemv(dtype: str, M: int, N: int, K: int, bias: bool, silu_mul: bool, device: str = "cpu",
-               config: tuple[int, int, int] | None = None) -> None:
+               config: tuple[int, ...] | None = None) -> None:
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(M * 7919 + N + K)
     x_cols = 2 * K if silu_mul else K

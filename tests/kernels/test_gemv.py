@@ -21,15 +21,16 @@ def interp() -> Iterator[ProcessPoolExecutor]:
     yield from interpreter_pool(interpreting)
 
 
-@pytest.mark.parametrize("M,N,K,bias,silu_mul", [
-    (1, 40, 96, False, False),    # N not a multiple of BLOCK_N, K not of BLOCK_K
-    (3, 24, 64, True, False),     # M padded to 4, bias
-    (2, 16, 48, False, True),     # SiLU-mul on the fly (x = gate_up [M, 2K])
-    (4, 33, 80, True, True),
+@pytest.mark.parametrize("M,N,K,bias,silu_mul,prefetch", [
+    (1, 40, 96, False, False, 1),    # N not a multiple of BLOCK_N, K a multiple of BLOCK_K (EVEN_K)
+    (1, 40, 80, False, False, 0),    # K not a multiple of BLOCK_K, no prefetch
+    (3, 24, 64, True, False, 1),     # M padded to 4, bias
+    (2, 16, 48, False, True, 0),     # SiLU-mul on the fly (x = gate_up [M, 2K])
+    (4, 33, 80, True, True, 1),
 ])
-def test_gemv_interp(interp, M, N, K, bias, silu_mul) -> None:
+def test_gemv_interp(interp, M, N, K, bias, silu_mul, prefetch) -> None:
     # float16 (the interpreter mishandles bf16); small tiles so the K loop and the prefetch run several steps
-    interp.submit(cases.check_gemv, "float16", M, N, K, bias, silu_mul, "cpu", (8, 32, 4)).result(timeout=300)
+    interp.submit(cases.check_gemv, "float16", M, N, K, bias, silu_mul, "cpu", (8, 16, 4, prefetch)).result(timeout=300)
 
 
 @pytest.mark.gpu

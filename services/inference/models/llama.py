@@ -153,6 +153,8 @@ def _gemv_rows() -> int:
 
 
 GEMV_MAX_M = _gemv_rows()
+# on the GEMV path, SiLU-and-mul inside the down projection's GEMV (no launch of its own)
+GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "1")
 
 
 class RotaryEmbedding(nn.Module):
@@ -250,11 +252,12 @@ class Proj(nn.Linear):
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This projection of silu(gate) * up, gate_up [N, 2I] (the MLP's down_proj); on the GEMV path
         the activation is computed inside the GEMV (no launch of its own)."""
-        if get_context().lora is None and self._gemv_ok(gate_up):
+        from loraserve.kernels.activation import silu_and_mul
+
+        if GEMV_SILU and get_context().lora is None and self._gemv_ok(gate_up):
             from loraserve.kernels.gemv import gemv
 
             return gemv(gate_up, self.weight, self.bias, silu_mul=True)
-        from loraserve.kernels.activation import silu_and_mul
 
         return self(silu_and_mul(gate_up))
 

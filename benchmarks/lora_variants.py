@@ -140,7 +140,7 @@ def _run_variant(v: str, variants: list[str], cases: list, rows: dict, ref_outs:
                  t0: float) -> dict:
     """Every case with variant v (appending to rows[v]); prints each row; returns the summary."""
     for i, (kind, name, c) in enumerate(cases):
-        r = _run_case(c, VARIANTS[v], breakdown=kind == "layer")
+        r = _run_case(c, VARIANTS[v], breakdown=kind in ("layer", "big"))
         out, y0 = r.pop("out"), r.pop("y0")
         if v == variants[0]:
             ref_outs.append((out, y0))
@@ -295,7 +295,7 @@ def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
         c.calls("shrink_only")[0]()  # real partials in the workspace for the expand rows
         SK, S, T_, R = c.ws.shape
         cells = [f"shr default(SK{SK})={c.time('shrink_only'):.1f}"]
-        for bk, w in ((256, 4), (512, 4), (512, 8), (1024, 8), (1024, 4), (2048, 8)):
+        for bk, w in ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8)):
             if smoke:
                 bk = min(bk, 32)
             ws = torch.empty(-(-c.H // bk), S, T_, R, device=c.x.device)
@@ -308,7 +308,7 @@ def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
                 cells.append(f"k{bk}/w{w}=ERR({type(exc).__name__})")
         cells.append(f"| exp default={c.time('expand_only'):.1f}")
         for ba, ya, per_sm in ((3, 1, 4), (2, 2, 4), (3, 2, 4), (3, 3, 4), (4, 2, 4), (4, 3, 4), (3, 2, 3),
-                               (3, 3, 2), (3, 2, 6)):
+                               (3, 2, 6)):
             base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
             blocks = -(-c.N // base["BLOCK_N"])
             groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))

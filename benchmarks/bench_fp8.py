@@ -106,6 +106,42 @@ def measure(engine, a, loras=None) -> dict:
     return out
 
 
+def profile_decode(engine, batch: int, prompt_len: int, steps: int = 5, top: int = 22) -> list:
+    """Device time per decode step by kernel (torch.profiler over `steps` steps at `batch`, CUDA graphs as
+    served): [(name, us per step, us per call, calls per step)], the `top` largest, also printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import SamplingParams
+
+    ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(99)).tolist()
+    for i, p in enumerate(ids):
+        engine.add_request(f"fp8-prof-{i}", p, SamplingParams(max_tokens=steps + 8, ignore_eos=True, temperature=0))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    _sync(engine)
+    cuda = engine.device.type == "cuda"   # CPU (--tiny): op times, to exercise this code
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine)
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    rows = []
+    for e in prof.key_averages():
+        total = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if cuda
+                 else e.self_cpu_time_total)
+        if total > 0 and e.count:
+            rows.append((e.key[:70], round(total / steps, 1), round(total / e.count, 2), round(e.count / steps, 1)))
+    rows.sort(key=lambda r: -r[1])
+    print(f"  decode bs{batch} device us per step: {sum(r[1] for r in rows):.0f} (kernel, us/step, us/call, calls/step)")
+    for r in rows[:top]:
+        print(f"    {r[0]:70s} {r[1]:9.1f} {r[2]:8.2f} {r[3]:6.1f}")
+    return rows[:top]
+
+
 def fp8_kv_cache_supported(device: torch.device) -> bool:
     """Whether enable_fp8_kv_cache accepts `device` (it refuses CUDA until the Triton attention kernels
     read e4m3): probed on an empty module, so nothing is built."""
@@ -271,6 +307,7 @@ def main() -> int:
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
     ap.add_argument("--decode-only", action="store_true", help="decode figures only (no prefill, no LoRA run)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device time of the FP8 engine's decode steps at --batch")
     ap.add_argument("--exclude-modules", default=None,
                     help="QuantConfig.exclude_modules, comma-separated patterns (e.g. 'model.layers.0.*')")
     a = ap.parse_args()
@@ -317,13 +354,16 @@ def main() -> int:
     print(f"bf16 done ({time.perf_counter() - t0:.0f} s): {res['bf16']}", flush=True)
     engine = build(path, quant, kw, lora_cfg)
     res["fp8"] = measure(engine, a)
+    if a.profile:
+        res["fp8"]["profile_decode"] = profile_decode(engine, a.batch, a.prompt_len)
     if not a.decode_only:
         reqs = register(engine, make_adapters(engine, a.adapters, a.rank, dora=False, seed=1), 1)
         res["fp8_lora32_decode_tok_s"] = statistics.median(
             time_decode(engine, a.batch, a.prompt_len, a.steps, reqs, seed=7 + r) for r in range(a.repeats))
     free(engine)
     engine = None
-    print(f"fp8 done ({time.perf_counter() - t0:.0f} s): {res['fp8']}", flush=True)
+    print(f"fp8 done ({time.perf_counter() - t0:.0f} s): "
+          f"{ {k: v for k, v in res['fp8'].items() if k != 'profile_decode'} }", flush=True)
     b, f = res["bf16"], res["fp8"]
     res["decode_bs1_speedup"] = f["decode_bs1_tok_s"] / b["decode_bs1_tok_s"]
     res[f"decode_bs{a.batch}_speedup"] = f[f"decode_bs{a.batch}_tok_s"] / b[f"decode_bs{a.batch}_tok_s"]

@@ -109,7 +109,13 @@ def _compile_one(cfg: tuple) -> str:
     return "ok"
 
 
-def precompile(cfgs: list[tuple], jobs: int, timeout: float) -> None:
+def _compile_one_pdl(cfg: tuple) -> str:
+    """Worker: _compile_one with the GEMV launched as a programmatic dependent (its WAIT variant)."""
+    os.environ["LORASERVE_FP8_GEMV_PDL"] = "1"
+    return _compile_one(cfg)
+
+
+def precompile(cfgs: list[tuple], jobs: int, timeout: float, fn=_compile_one) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, wait
 
@@ -118,7 +124,7 @@ def precompile(cfgs: list[tuple], jobs: int, timeout: float) -> None:
     t = time.perf_counter()
     try:
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-        futs = [pool.submit(_compile_one, c) for c in keys]
+        futs = [pool.submit(fn, c) for c in keys]
         done, pending = wait(futs, timeout=timeout)
         pool.shutdown(wait=not pending, cancel_futures=True)   # a hung compile must not hold the sweep
         bad = [str(f.exception())[:200] for f in done if f.exception() is not None]
@@ -306,7 +312,7 @@ def sweep(a) -> dict:
     return res
 
 
-def layer_chain(ms: list[int], copies: int = 2) -> dict:
+def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
     """us per decoder layer of the four projections back to back as the engine runs them (the table's configs,
     each after a small elementwise kernel standing in for the norm / activation before it), CUDA-graph
     replays over `copies` layers of weights (> L2): bf16 F.linear, FP8 with plain launches, and FP8 with
@@ -320,6 +326,12 @@ def layer_chain(ms: list[int], copies: int = 2) -> dict:
     w16 = {name: [torch.randn(n, k, device=dev, dtype=dt, generator=g) * 0.02 for _ in range(copies)]
            for name, (n, k) in shapes.items()}
     wq = {name: [quantize_per_channel(w) for w in ws] for name, ws in w16.items()}
+    if cuda and jobs > 0:   # the table's tiles, plain and as dependents, compiled ahead in parallel workers
+        from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
+
+        cfgs = [gemv_config(m, n, k, _num_sms(torch.device(dev))) for m in ms for n, k in shapes.values()]
+        precompile(cfgs, jobs, timeout=20)
+        precompile(cfgs, jobs, timeout=20, fn=_compile_one_pdl)
     out = {}
     old = os.environ.get("LORASERVE_FP8_GEMV_PDL")
     try:
@@ -419,7 +431,7 @@ def main() -> int:
         return smoke()
     res = {} if a.no_sweep else sweep(a)
     if a.chain_ms:
-        res["layer_chain_us"] = layer_chain([int(v) for v in a.chain_ms.split(",")])
+        res["layer_chain_us"] = layer_chain([int(v) for v in a.chain_ms.split(",")], jobs=a.jobs)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as fh:

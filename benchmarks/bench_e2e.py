@@ -74,6 +74,12 @@ def engine_target(llm):
     return target
 
 
+def graph_counts(engine) -> tuple[int, int]:
+    """(mixed-step graphs captured so far, mixed-step replays so far); (0, 0) without them."""
+    mixed = engine.runner.mixed_graphs
+    return (len(mixed.graphs), mixed.num_replays) if mixed is not None else (0, 0)
+
+
 def graphs_off(engine):
     """Mixed-step and greedy-sampler CUDA graphs off on a built engine (the eager paths, as with
     LORASERVE_MIXED_GRAPHS=0 LORASERVE_SAMPLER_GRAPHS=0 at build); returns the function that restores them."""
@@ -111,10 +117,10 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
     engine = llm.engine
     restore = apply(engine)
     mixed = engine.runner.mixed_graphs
-    n0 = (len(mixed.graphs), mixed.num_replays) if mixed is not None else (0, 0)
     holder: dict = {}
 
-    def trace_on(t):
+    def trace_on(t):   # after the warm-up: graphs captured from here on are captured inside the measured run
+        holder["n0"] = graph_counts(t.llm.engine)
         t.llm.engine.step_trace = holder["trace"] = []
     try:
         rep = run_load(engine_target(llm), warm, reqs, concurrency, None, trace_on)
@@ -125,6 +131,7 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
         engine.step_trace = None
         restore()
     b = step_breakdown(holder["trace"])
+    n0 = holder["n0"]
     holder.clear()
     tp50 = (rep["tpot_s"] or {}).get("p50") or 0
     out = {"wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / limit_s, "tpot_p50_s": tp50,
@@ -137,7 +144,7 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
     print_breakdown(b, label)
     print(f"{label}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / limit_s:.2f} x limit, TPOT p50 "
           f"{1e3 * tp50:.2f} ms (p90 {1e3 * (out['tpot_p90_s'] or 0):.2f}), output tok/s {rep['output_tokens_per_s']:.0f}, "
-          f"failed {rep['num_failed']}, mixed graphs {out.get('mixed_graphs_captured')} new / "
+          f"failed {rep['num_failed']}, mixed graphs {out.get('mixed_graphs_captured')} captured in the measured run / "
           f"{out.get('mixed_graph_replays')} replays; decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
           f"(launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), wall {host['step_ms']:.3f} ms", flush=True)
     return out
@@ -240,6 +247,9 @@ def main() -> int:
     ap.add_argument("--input-mean", type=int, default=512)
     ap.add_argument("--output-mean", type=int, default=128)
     ap.add_argument("--decode-batch", type=int, default=64, help="batch of the host-time measurement")
+    ap.add_argument("--warmup-steady", type=int, default=None,
+                    help="warm-up requests with the load's own lengths, after the short ones (default 2 x concurrency, "
+                         "--tiny 0): the measured run starts in the steady state")
     ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto", help="engine async_scheduling")
     ap.add_argument("--stream-interval", type=int, default=1, help="engine stream_interval (tokens per stream message)")
     ap.add_argument("--prefill-cap", type=int, default=None,
@@ -290,13 +300,17 @@ def main() -> int:
     s["gemm_peak_tflops"], s["copy_bandwidth_gbps"] = peak / 1e12, bw / 1e9
 
     warmup = max(2, 2 * a.concurrency)
+    steady = a.warmup_steady if a.warmup_steady is not None else (0 if a.tiny else 2 * a.concurrency)
     data = os.path.join(work, "base.jsonl")
     lens = ["--input-mean", str(a.input_mean), "--input-stdev", str(a.input_mean // 4),
             "--output-mean", str(a.output_mean), "--output-stdev", str(a.output_mean // 4)]
-    assert cli(["bench", "prepare-dataset", "--model", model, "--num-requests", str(a.requests + warmup), *lens,
+    assert cli(["bench", "prepare-dataset", "--model", model, "--num-requests", str(a.requests + warmup + steady), *lens,
                 "--random-seed", str(time.time_ns() % 100000), "--output", data]) == 0
     rows = read_jsonl(data)
-    warm, reqs = warm_set(rows, warmup), rows[warmup:]   # warm-up prompts are not among the measured ones
+    # warm-up prompts are not among the measured ones; the steady part (the load's own lengths) runs last, so
+    # the measured run starts from the load's steady state (its mixed-step shapes met, their graphs captured)
+    warm, reqs = warm_set(rows, warmup) + rows[warmup:warmup + steady], rows[warmup + steady:]
+    s["warmup"] = {"short_requests": warmup, "steady_requests": steady}
     yaml_path = os.path.join(work, "base.yaml")
     with open(yaml_path, "w") as f:
         f.write("kv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
@@ -315,7 +329,8 @@ def main() -> int:
 
     target = InProcessTarget(model, kwargs)
 
-    def trace_on(t):
+    def trace_on(t):   # after the warm-up
+        s["mixed_graphs_before_measure"] = graph_counts(t.llm.engine)
         t.llm.engine.step_trace = []
     report = run_load(target, warm, reqs, a.concurrency, None, trace_on)
     target.llm.shutdown()   # the engine thread stops: this thread drives the engine below (one driver only)
@@ -324,7 +339,10 @@ def main() -> int:
     s["steps"] = step_breakdown(trace)
     s["graphs_env"] = {k: os.environ.get(k) for k in ("LORASERVE_MIXED_GRAPHS", "LORASERVE_SAMPLER_GRAPHS")}
     mixed = getattr(engine.runner, "mixed_graphs", None)
-    s["mixed_graphs"] = None if mixed is None else {"captured": len(mixed.graphs), "replays": mixed.num_replays}
+    s["mixed_graphs"] = None if mixed is None else {
+        "captured": len(mixed.graphs), "replays": mixed.num_replays,
+        "captured_in_measured_run": len(mixed.graphs) - s["mixed_graphs_before_measure"][0],
+        "replays_in_measured_run": mixed.num_replays - s["mixed_graphs_before_measure"][1]}
     del trace
     print_breakdown(s["steps"], "in-process run")   # now: a later stage may run out of time
     print(f"in-process: wall {report['duration_s']:.3f} s, TPOT p50 {1e3 * ((report['tpot_s'] or {}).get('p50') or 0):.2f}"
@@ -374,7 +392,8 @@ def main() -> int:
 
     write_outputs(a, s)   # the headline figures now; the variants below may run out of time
     print_headline(s)
-    variants = []
+    variants = [(f"prefill cap {c}", prefill_cap(int(c)))
+                for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
     runner = target.llm.engine.runner
     if a.sweep_mixed_graphs:   # the other side of the graphs: before/after in one run, on the same engine
         if runner.mixed_graphs is not None or getattr(runner.graph_runner, "sampler_graphs", None) is not None:
@@ -382,8 +401,6 @@ def main() -> int:
         else:
             print("--sweep-mixed-graphs: the engine was built without them (LORASERVE_MIXED_GRAPHS=0 or "
                   "LORASERVE_SAMPLER_GRAPHS=0): no variant", flush=True)
-    variants += [(f"prefill cap {c}", prefill_cap(int(c)))
-                 for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
     for label, apply in variants:
         try:
             s.setdefault("variants", {})[label] = variant_run(label, target.llm, apply, warm, reqs, a.concurrency,

@@ -92,8 +92,10 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
     return list(dict.fromkeys([gemv_config(m, n, k, num_sms)] + out + pdl))
 
 
-def _compile_one(cfg: tuple) -> str:
-    """Worker: compile one config on a small problem with the same specialisations (Triton's disk cache)."""
+def _compile_one(cfg: tuple, pdl: bool = False) -> str:
+    """Worker: compile one config on a small problem with the same specialisations (Triton's disk cache);
+    pdl: its variant launched as a programmatic dependent (LORASERVE_FP8_GEMV_PDL=1)."""
+    os.environ["LORASERVE_FP8_GEMV_PDL"] = "1" if pdl else "0"
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
     kind, bm, bn, bk, split, warps, stages = cfg[:7]
@@ -109,13 +111,7 @@ def _compile_one(cfg: tuple) -> str:
     return "ok"
 
 
-def _compile_one_pdl(cfg: tuple) -> str:
-    """Worker: _compile_one with the GEMV launched as a programmatic dependent (its WAIT variant)."""
-    os.environ["LORASERVE_FP8_GEMV_PDL"] = "1"
-    return _compile_one(cfg)
-
-
-def precompile(cfgs: list[tuple], jobs: int, timeout: float, fn=_compile_one) -> None:
+def precompile(cfgs: list[tuple], jobs: int, timeout: float, pdl_too: bool = False) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, wait
 
@@ -124,11 +120,11 @@ def precompile(cfgs: list[tuple], jobs: int, timeout: float, fn=_compile_one) ->
     t = time.perf_counter()
     try:
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-        futs = [pool.submit(fn, c) for c in keys]
+        futs = [pool.submit(_compile_one, c, pdl) for c in keys for pdl in ((False, True) if pdl_too else (False,))]
         done, pending = wait(futs, timeout=timeout)
         pool.shutdown(wait=not pending, cancel_futures=True)   # a hung compile must not hold the sweep
         bad = [str(f.exception())[:200] for f in done if f.exception() is not None]
-        print(f"precompiled {len(done) - len(bad)}/{len(keys)} variants in {time.perf_counter() - t:.1f} s"
+        print(f"precompiled {len(done) - len(bad)}/{len(futs)} variants in {time.perf_counter() - t:.1f} s"
               + (f"; failures: {bad[:3]}" if bad else ""), flush=True)
     except Exception as err:   # noqa: BLE001  (the main process compiles what is missing)
         print(f"precompile skipped: {type(err).__name__}: {err}", flush=True)
@@ -330,8 +326,7 @@ def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
         from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
 
         cfgs = [gemv_config(m, n, k, _num_sms(torch.device(dev))) for m in ms for n, k in shapes.values()]
-        precompile(cfgs, jobs, timeout=20)
-        precompile(cfgs, jobs, timeout=20, fn=_compile_one_pdl)
+        precompile(cfgs, jobs, timeout=25, pdl_too=True)
     out = {}
     old = os.environ.get("LORASERVE_FP8_GEMV_PDL")
     try:

@@ -235,6 +235,7 @@ class PackedSlots:
     def __init__(self, num: int = 8):
         self._blocks: list[torch.Tensor | None] = [None] * num
         self._events = [None] * num
+        self._views: list[dict[int, torch.Tensor]] = [{} for _ in range(num)]   # width -> [3, width] view
         self._i = 0
 
     def take(self, width: int) -> tuple[torch.Tensor, "torch.cuda.Event"]:
@@ -243,9 +244,13 @@ class PackedSlots:
         if block is None or block.numel() < 3 * width:
             block = self._blocks[i] = torch.empty(3 * max(width, 256), dtype=torch.float64, pin_memory=True)
             self._events[i] = torch.cuda.Event()
+            self._views[i] = {}
         # a contiguous [3, width] view: a strided host target would make the copy go through a pageable
-        # temporary, and the host would wait for the whole step
-        return block[:3 * width].view(3, width), self._events[i]
+        # temporary, and the host would wait for the whole step. Made once per (block, width): two ops a step
+        view = self._views[i].get(width)
+        if view is None:
+            view = self._views[i][width] = block[:3 * width].view(3, width)
+        return view, self._events[i]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

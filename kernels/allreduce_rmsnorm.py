@@ -76,7 +76,7 @@ if HAS_TRITON:
                 src = mine + at + p * region_stride
                 v = tl.load(src, mask=ok, other=0.0, volatile=True)
                 missing = tl.sum(((v.to(tl.int16, bitcast=True) == EMPTY_BITS) & ok).to(tl.int32), axis=0)
-                spins = 0
+                spins = tl.full([], 0, tl.int32)
                 while (missing > 0) & (spins < MAX_SPIN):
                     v = tl.load(src, mask=ok, other=0.0, volatile=True)
                     missing = tl.sum(((v.to(tl.int16, bitcast=True) == EMPTY_BITS) & ok).to(tl.int32), axis=0)

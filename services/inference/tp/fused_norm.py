@@ -39,11 +39,18 @@ class LamportNorm:
         self.device, self.hidden, self.max_rows = device, hidden, max_rows
         from loraserve.kernels.allreduce_rmsnorm import EMPTY_BITS
 
+        try:   # the CUDA backend (P2P over cuMem handles), as tp/allreduce.py; already chosen: kept
+            if hasattr(symm_mem, "set_backend"):
+                symm_mem.set_backend("CUDA")
+        except Exception:  # noqa: BLE001
+            log.debug("symm_mem.set_backend('CUDA') refused", exc_info=True)
         # [2 slots, world regions, max_rows, hidden] int16 bits, viewed as bf16 / fp16 per call
         self.buffer = symm_mem.empty(2 * self.world * max_rows * hidden, dtype=torch.int16, device=device)
         self.buffer.fill_(EMPTY_BITS)
         self.handle = symm_mem.rendezvous(self.buffer, self.group.group_name)
-        self.peers = torch.tensor([int(p) for p in self.handle.buffer_ptrs], dtype=torch.int64, device=device)
+        # every rank's buffer as mapped in this process (this rank's own is self.buffer)
+        ptrs = [self.handle.get_buffer(p, [1], torch.int16, 0).data_ptr() for p in range(self.world)]
+        self.peers = torch.tensor(ptrs, dtype=torch.int64, device=device)
         self.counters = torch.zeros(max_rows, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
         self.handle.barrier(0, 60_000)   # every buffer filled with "empty" before any rank sends

@@ -272,6 +272,46 @@ class Fp8Proj(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel, {static} activation scale"
 
 
+class Fp8Head(nn.Module):
+    """The LM head with an e4m3 weight (opt-in, LORASERVE_FP8_LM_HEAD=1): logits [N, V] = fp8_linear(hidden [N, H]).
+    weight [V, H] e4m3, weight_scale [V] fp32 (per channel). TensorRT-LLM (ModelOpt) and vLLM keep the LM head in
+    bf16 by default, as loraserve does: it is the last GEMM before the argmax, where a rounding flips tokens."""
+
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = w_q.shape
+        self.weight = nn.Parameter(w_q, requires_grad=False)
+        self.register_buffer("weight_scale", w_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, None)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD=1)"
+
+
+def lm_head_fp8_on() -> bool:
+    """LORASERVE_FP8_LM_HEAD=1: the LM head in e4m3 too (off by default, as TensorRT-LLM and vLLM)."""
+    return os.environ.get("LORASERVE_FP8_LM_HEAD", "0").strip() == "1"
+
+
+def quantize_lm_head(model: nn.Module, rows_per_chunk: int = 16384) -> bool:
+    """After loading: replace model.lm_head [V, H] with an Fp8Head (per-channel scales), where
+    lm_head_fp8_on(). A tied head keeps the bf16 embedding and gets its own e4m3 copy. Quantized in row
+    chunks (the fp32 temporaries of a 128k x 4k head would be 2 GB at once). Returns whether it did."""
+    head = getattr(model, "lm_head", None)
+    if not lm_head_fp8_on() or not isinstance(head, nn.Linear) or head.bias is not None:
+        return False
+    w = head.weight.data
+    w_q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r0 in range(0, w.shape[0], rows_per_chunk):
+        w_q[r0:r0 + rows_per_chunk], scale[r0:r0 + rows_per_chunk] = quantize_per_channel(w[r0:r0 + rows_per_chunk])
+    model.lm_head = Fp8Head(w_q, scale)
+    log.info("FP8 e4m3 LM head [%d, %d] (LORASERVE_FP8_LM_HEAD=1)", *w_q.shape)
+    return True
+
+
 def excluded(name: str, patterns: list[str] | None) -> bool:
     """True if the fused projection `name` (e.g. 'layers.0.self_attn.qkv_proj') matches an exclude_modules
     pattern, by its own name or the HF name of any part ('model.layers.0.self_attn.q_proj')."""

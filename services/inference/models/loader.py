@@ -120,6 +120,10 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     unscaled = sorted(k for k in loaded if k.startswith("fp8-unscaled:") and "fp8-scaled:" + k[13:] not in loaded)
     if unscaled:
         raise ValueError(f"{path}: FP8 weights without a weight_scale: {[k[13:] for k in unscaled][:8]}")
+    if fp8_mods is not None and tp is None:
+        from .fp8 import quantize_lm_head
+
+        quantize_lm_head(model)   # opt-in (LORASERVE_FP8_LM_HEAD=1): the bf16 LM head stays by default
     if device.type == "cuda" and fp8_mods is not None:
         torch.cuda.empty_cache()   # the quantizer's fp32 temporaries: the KV cache is sized from free memory
     return model.eval(), args, torch_dtype

@@ -12,9 +12,11 @@ Keys: decode_bs1_speedup, decode_bs64_speedup, prefill_speedup, kv_blocks_ratio 
 with the same kv_cache_config, FP8 / bf16; kv_blocks_per_gib_ratio: per byte of cache alone),
 lora32_vs_nolora_fp8 (batch 64, 32 rank-16 adapters), top1_agreement_vs_bf16, max_logit_error.
 The FP8 KV cache is used where models/fp8.py accepts it on the device (--kv-cache-fp8 auto; the Triton
-attention kernels read e4m3 on CUDA). GEMMs of M <= LORASERVE_FP8_GEMV_MAX_M tokens run the weight-only
-FP8 GEMV (kernels/fp8_gemv.py; tile table from benchmarks/fp8_gemv_sweep.py), larger ones _scaled_mm
-(models/fp8.py). Prefill is timed after two untimed prefills of the same shape, on fresh prompts, alike
+attention kernels read e4m3 on CUDA). GEMMs of M <= LORASERVE_FP8_GEMV_MAX_M (64) tokens run the FP8 GEMV
+kernels (kernels/fp8_gemv.py; tile table from benchmarks/fp8_gemv_sweep.py: weight-only up to 32 tokens, W8A8
+dot8 at 33..64), larger ones _scaled_mm (models/fp8.py); projections under 1M weights stay weight-only.
+Quality keys: top1_agreement_vs_bf16 (the engine's dispatch), _w8a8 (every GEMM W8A8 where the GPU can: an 8B
+prefill's numerics), _w8a16 (every GEMM weight-only: decode's numerics). --lm-head-fp8: LORASERVE_FP8_LM_HEAD=1. Prefill is timed after two untimed prefills of the same shape, on fresh prompts, alike
 for both engines.
 """
 from __future__ import annotations
@@ -307,6 +309,8 @@ def main() -> int:
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
     ap.add_argument("--decode-only", action="store_true", help="decode figures only (no prefill, no LoRA run)")
+    ap.add_argument("--lm-head-fp8", action="store_true",
+                    help="the FP8 engine's LM head in e4m3 too (LORASERVE_FP8_LM_HEAD=1; bf16 by default)")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time of the FP8 engine's decode steps at --batch")
     ap.add_argument("--exclude-modules", default=None,
                     help="QuantConfig.exclude_modules, comma-separated patterns (e.g. 'model.layers.0.*')")
@@ -316,6 +320,8 @@ def main() -> int:
 
     from benchmarks.bench_dora import make_adapters, register, time_decode
 
+    if a.lm_head_fp8:   # read at load: only FP8 loads quantize the head (the bf16 engine keeps its own)
+        os.environ["LORASERVE_FP8_LM_HEAD"] = "1"
     t0 = time.perf_counter()
     path = tempfile.mkdtemp(prefix="fp8-bench-")
     if a.tiny:
@@ -339,7 +345,9 @@ def main() -> int:
     res: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "layers": a.layers if not a.tiny else 2,
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
                  "quant_config": quant, "fp8_gemv_max_m": fp8_gemv_max_m_setting(),
-                 "fp8_gemv_configs": os.environ.get("LORASERVE_FP8_GEMV_CONFIGS") or "built-in table (kernels/fp8_gemv.py)"}
+                 "fp8_gemv_configs": os.environ.get("LORASERVE_FP8_GEMV_CONFIGS") or "built-in table (kernels/fp8_gemv.py)",
+                 "lm_head": "fp8 (LORASERVE_FP8_LM_HEAD=1)" if os.environ.get("LORASERVE_FP8_LM_HEAD") == "1" else "bf16",
+                 "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_FP8")}}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
     if on_gpu and not a.skip_micro:
         try:   # diagnostics only: a failure here must not cost the engine figures

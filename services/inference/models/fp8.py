@@ -7,19 +7,21 @@ checkpoint's static per-tensor `input_scale`. This is vLLM's "FP8 per-channel we
 activation" scheme (vllm/model_executor/layers/quantization/fp8.py) and TensorRT-LLM's
 FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of equal rows.
 
-GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M tokens, default 32) runs
-the weight-only FP8 GEMV (kernels/fp8_gemv.py: bf16 x times e4m3 W converted in registers, no activation
-quantization); larger M torch._scaled_mm (FP8 tensor cores, row-wise scales) after one Triton launch that
-quantizes x per token. H200, 8B projections, one decoder layer's four GEMMs (fp8_gemv_sweep.py, CUDA
-graphs, final run 2026-11-30): M=1 67.9 us (bf16 118.7, _scaled_mm 135.5: 1.75x bf16), M=4 78.1
-(118.4 / 137.2), M=16 79.5 (119.4 / 130.3), M=32 102.8 (126.7 / 130.5), M=64 137.0 (127.2 / 124.1):
-hence the default of 32. 8B decode (bench_fp8.py, same run): batch 1 1.51x bf16, batch 64 0.95x. The older Triton W8A16
-GEMM (kernels/fp8_gemm.py, 0.13-0.55 TB/s) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
+GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M tokens, default 64) runs the
+Triton FP8 GEMV kernels (kernels/fp8_gemv.py) with the tile its table holds per M bucket: weight-only up to 32
+tokens (bf16 x times e4m3 W converted in registers, no activation quantization), W8A8 `dot8` at 33..64 (x per
+token in e4m3, FP8 tensor cores: the numerics of _scaled_mm); larger M torch._scaled_mm (row-wise scales) after
+one Triton launch that quantizes x per token. H200, 8B projections, one decoder layer's four GEMMs
+(fp8_gemv_sweep.py, CUDA graphs, final run 2026-11-30): M=1 67.9 us (bf16 118.7, _scaled_mm 135.5: 1.75x bf16),
+M=16 79.5 (119.4 / 130.3), M=32 102.8 (126.7 / 130.5), M=64 dot8 96.1 (bf16 127.2, _scaled_mm 124.1).
+Projections under W8A8_MIN_WEIGHTS (1M) keep x unquantized at every M (LORASERVE_FP8_ACT_QUANT=auto|on|off).
+The older Triton W8A16 GEMM (kernels/fp8_gemm.py) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
 compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True also rounds x per token
 as _scaled_mm does. LORASERVE_FP8_SMALL_M=0 / LORASERVE_FP8_FUSED_QUANT=0 switch the Triton parts off.
-Measured on the default model (fp32 compute, 16 texts, weights only): top-1 vs unquantized 98.0%
-weight-only, 96.8% with per-token e4m3 activations; down_proj's input (SiLU(gate) * up) costs most.
+Measured on the default model (6 texts x 192 tokens, base and `upper`, FP8 weights + KV, CPU bf16 emulation vs the bf16 engine): top-1
+96.7% weight-only, 95.5% W8A8 (its qkv and gate_up inputs, post-RMSNorm, cost most; 95.9% with a bf16 KV
+cache). The LM head stays bf16 (TensorRT-LLM's and vLLM's default; LORASERVE_FP8_LM_HEAD=1: e4m3, Fp8Head).
 LoRA is untouched: `Fp8Proj.forward` adds the step's LoRA delta, computed from the unquantized x by
 the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
 

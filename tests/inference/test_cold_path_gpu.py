@@ -58,3 +58,45 @@ def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, 
     mgr.release_slot(seq)
     mgr.release_request(seq)
     mgr.shutdown()
+
+
+def test_arena_range_is_reused_only_after_its_copy(tiny_llama, tmp_path, monkeypatch):
+    """Adapter a's host copy is dropped while its host->GPU copy still waits on the copy stream
+    (queued behind a GPU sleep); adapter b is then read into the arena, which has room for one
+    file only, so b must take a's range. The arena waits for a's copy first: a's slot holds a."""
+    monkeypatch.setenv("LORASERVE_PINNED_READ", "1")
+    from loraserve.inference.lora.manager import LoRAManager
+    from loraserve.inference.models.llama import ModelArgs
+    from loraserve.inference.sequence import Sequence
+
+    path, _ = tiny_llama
+    with open(os.path.join(path, "config.json")) as f:
+        args = ModelArgs.from_hf_config(json.load(f))
+    srcs = [make_peft_adapter(tmp_path / n, modules=ALL, r=8, alpha=16.0, dtype=torch.bfloat16, seed=s)
+            for n, s in (("a", 1), ("b", 2))]
+    size = os.path.getsize(srcs[0] / "adapter_model.safetensors")
+    mgr = LoRAManager(LoraConfig(max_lora_rank=8, max_loras=2), PeftCacheConfig(num_device_module_layer=56,
+                                                                                host_cache_size=size),
+                      args, torch.bfloat16, torch.device("cuda"))
+    assert mgr.arena is not None and mgr.arena.nbytes < 2 * size
+    ha = mgr.resolve(LoRARequest("a", 1, str(srcs[0])), trusted=True, digest=artifact_digest(srcs[0]))
+    assert mgr.arena.owns(next(iter(ha.handle.adapter.weights.values()))[0])
+    with torch.cuda.stream(mgr.slots.copy_stream):
+        torch.cuda._sleep(200_000_000)   # ~0.1 s of GPU time ahead of a's copies on the copy stream
+    sa = Sequence("sa", [1, 2], SamplingParams(max_tokens=1), lora=ha)
+    assert mgr.try_acquire(sa)          # a's copies are queued, not done
+    with mgr.lock:
+        mgr.host.drop(ha.handle)         # a's host copy goes; its range is retired until the copy ran
+    hb = mgr.resolve(LoRARequest("b", 2, str(srcs[1])), trusted=True, digest=artifact_digest(srcs[1]))
+    assert mgr.arena.owns(next(iter(hb.handle.adapter.weights.values()))[0]) and mgr.arena.num_fallbacks == 0
+    torch.cuda.synchronize()
+    for src, h in ((srcs[0], ha.handle),):
+        ref = load_adapter(src, serving_dtype=torch.bfloat16)
+        for (layer, module), (a, b) in ref.weights.items():
+            proj, s, off = mgr.slots.slice_index[module]
+            assert torch.equal(mgr.slots.a[proj][layer, h.slot, s, :8].cpu(), a)
+            assert torch.equal(mgr.slots.b[proj][layer, h.slot, off:off + b.shape[0], :8].cpu(), b)
+    mgr.release_slot(sa)
+    mgr.release_request(sa)
+    hb.release()
+    mgr.shutdown()

@@ -35,6 +35,7 @@ class HostTier:
         self.reserved_bytes = 0
         self.num_reserved = 0
         self.stats = TierStats()
+        self.on_drop: Callable[[Any], None] | None = None   # adapter -> None (its pinned arena blocks back)
 
     def fits_at_all(self, nbytes: int) -> bool:
         return self.max_adapters is not None or nbytes <= self.max_bytes
@@ -84,6 +85,8 @@ class HostTier:
     def drop(self, handle) -> None:
         if self.entries.pop(handle.key, None) is not None:
             self.num_bytes -= handle.nbytes
+        if handle.adapter is not None and self.on_drop is not None:
+            self.on_drop(handle.adapter)
         handle.adapter = None
 
 

@@ -51,6 +51,7 @@ from .holds import (AdapterHandle, AdapterHold, looks_nemo, release_after_engine
                     resolve_async, stat_signature)
 from .host_tier import (HostTier, TierStats, one_cpu_thread, pin_into_one, pinned_bytes, pinned_views,
                         timed_alloc)
+from .pinned_arena import PinnedArena, arena_blocks, release_blocks
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,13 @@ class LoRAManager:
         # fp32 file (tests/inference/test_cold_path_gpu.py, dir-float32); the bf16 cases passed.
         self._read_alloc = pinned_bytes if device.type == "cuda" and os.environ.get(
             "LORASERVE_PINNED_READ", "0") == "1" else None
+        # ... into one pinned arena of host_cache_size allocated now (pinned_arena.py: a pinned
+        # allocation per adapter cost 73 ms of the 8B adapter's cold path); LORASERVE_PINNED_ARENA=0: off
+        self.arena = None
+        if self._read_alloc is not None and os.environ.get("LORASERVE_PINNED_ARENA", "1") != "0":
+            self.arena = PinnedArena(cache_config.host_cache_size,
+                                     [self.slots.copy_stream, torch.cuda.current_stream(device)])
+            self.host.on_drop = lambda adapter: release_blocks(self.arena, adapter)
         self._meta_builder = None
         for i, path in enumerate(lora_config.lora_dir):  # TensorRT-LLM: preload lora_dir, ids in order
             self.resolve(LoRARequest(os.path.basename(os.path.normpath(path)) or f"lora-{i}", i, path,
@@ -175,14 +183,29 @@ class LoRAManager:
                digest: str | None = None, data=None) -> LoraAdapter:
         # archive limits sized by what a max_lora_rank adapter of this model can need (bombs);
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
-        # one CPU thread: OpenMP workers stall the parse on a busy host (host_tier.one_cpu_thread)
-        with one_cpu_thread():
-            return load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
-                                limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
-                                                               self.max_rank),
-                                confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
-                                timings=timings, digest=digest, alloc=timed_alloc(self._read_alloc, timings),
-                                data=data)
+        blocks: list = []   # arena blocks the weights files were read into (the adapter keeps them)
+        alloc = self._read_alloc if self.arena is None else (lambda n: self._arena_alloc(n, blocks))
+        try:
+            # one CPU thread: OpenMP workers stall the parse on a busy host (host_tier.one_cpu_thread)
+            with one_cpu_thread():
+                adapter = load_adapter(path, ckpt_source, max_bytes=self.lora_config.max_lora_bytes,
+                                       limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
+                                                                      self.max_rank),
+                                       confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
+                                       timings=timings, digest=digest, alloc=timed_alloc(alloc, timings), data=data)
+        except BaseException:
+            for b in blocks:
+                self.arena.release(b)
+            raise
+        adapter.arena_blocks = blocks
+        return adapter
+
+    def _arena_alloc(self, nbytes: int, blocks: list):
+        block = self.arena.alloc(nbytes)
+        if block is None:
+            return pinned_bytes(nbytes)   # no room in the arena: torch's pinned allocator
+        blocks.append(block)
+        return block
 
     def add_adapter(self, adapter: LoraAdapter, req: LoRARequest, source: str = "", signature: tuple | None = None,
                     ckpt_source: str | None = None) -> AdapterHold:
@@ -209,8 +232,11 @@ class LoRAManager:
                 h.source, h.ckpt_source = source, ckpt_source
             h.load_error = None
             h.timings = {"stage_s": stage_s}
-            if h.adapter is None and not h.loading and self.host.make_room(h.nbytes, self._host_evictable):
+            stored = h.adapter is None and not h.loading and self.host.make_room(h.nbytes, self._host_evictable)
+            if stored:
                 self.host.put(h, staged)
+            else:
+                release_blocks(self.arena, staged)   # not kept: reloaded from its source when needed
             return self._hold(h)
 
     def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
@@ -231,6 +257,11 @@ class LoRAManager:
             flat = pin_into_one({(k, i): t for k, ab in adapter.weights.items() for i, t in enumerate(ab)},
                                  self.dtype)
             weights = {k: (flat[k, 0], flat[k, 1]) for k in adapter.weights}
+            adapter.weights = weights
+            if self.arena is not None and arena_blocks(adapter):   # the file's bytes (another dtype) go back
+                adapter.magnitudes = {k: m.clone() for k, m in adapter.magnitudes.items()}  # may be views of them
+                release_blocks(self.arena, adapter)
+            return adapter
         else:
             weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in adapter.weights.items()}
         adapter.weights = weights
@@ -297,6 +328,8 @@ class LoRAManager:
             h.timings = dict(timings, stage_s=time.perf_counter() - t1)
         except Exception as exc:  # noqa: BLE001 - handed to the requests that wait for it
             err = exc
+            if adapter is not None:
+                release_blocks(self.arena, adapter)
         with self.lock:
             self.host.unreserve(h.nbytes)
             h.loading = False

@@ -19,9 +19,9 @@ The older Triton W8A16 GEMM (kernels/fp8_gemm.py) stays opt-in above the GEMV's 
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
 compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True also rounds x per token
 as _scaled_mm does. LORASERVE_FP8_SMALL_M=0 / LORASERVE_FP8_FUSED_QUANT=0 switch the Triton parts off.
-Measured on the default model (6 texts x 192 tokens, base and `upper`, FP8 weights + KV, CPU bf16 emulation vs the bf16 engine): top-1
-96.7% weight-only, 95.5% W8A8 (its qkv and gate_up inputs, post-RMSNorm, cost most; 95.9% with a bf16 KV
-cache). The LM head stays bf16 (TensorRT-LLM's and vLLM's default; LORASERVE_FP8_LM_HEAD=1: e4m3, Fp8Head).
+Measured on the default model (6 texts x 192 tokens, base and `upper`, FP8 weights + KV, CPU bf16
+emulation vs the bf16 engine): top-1 96.7% weight-only, 95.5% W8A8 (its qkv and gate_up inputs, post-RMSNorm,
+cost most; 95.9% with a bf16 KV cache). The LM head stays bf16 (TensorRT-LLM's and vLLM's default; LORASERVE_FP8_LM_HEAD=1: e4m3, Fp8Head).
 LoRA is untouched: `Fp8Proj.forward` adds the step's LoRA delta, computed from the unquantized x by
 the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
 

@@ -408,11 +408,11 @@ def main() -> int:
         res["loraserve_decode_bs64_nolora_tok_s"] = without["tok_s"]
         res["lora32_vs_nolora_decode"] = with_lora["tok_s"] / without["tok_s"]
     res["timed_prefix_cache_hits"] = hits
-    if a.profile:
-        profile_steps(engine, prompts, a.profile, None if a.skip_lora else reqs)
-    if a.json:
+    if a.json:   # before the profiles: a profile that fails must not lose the figures
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
+    if a.profile:
+        profile_steps(engine, prompts, a.profile, None if a.skip_lora else reqs)
     return 0
 
 

@@ -246,7 +246,7 @@ class Proj(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _gemv_ok(self, x: torch.Tensor) -> bool:
-        return (x.shape[0] <= GEMV_MAX_M and x.is_cuda and x.dtype == self.weight.dtype
+        return (0 < x.shape[0] <= GEMV_MAX_M and x.is_cuda and x.dtype == self.weight.dtype
                 and x.stride(-1) == 1)
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

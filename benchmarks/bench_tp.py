@@ -173,6 +173,7 @@ def main() -> int:
                     help="torch.profiler summaries per rank of decode steps (tp/profile.py) into this folder")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only-tp", type=int, choices=(1, 2), default=None, help="run one side only (probes)")
+    ap.add_argument("--build-only", action="store_true", help="only build the --checkpoint folder")
     ap.add_argument("--max-batch", type=int, default=256, help="engine max_batch_size (decode graph buckets)")
     ap.add_argument("--checkpoint", default=None, help="reuse this checkpoint folder (built there if missing)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)   # internal: one engine, TP=N
@@ -217,6 +218,8 @@ def main() -> int:
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(path, exist_ok=True)
         build_checkpoint(path, layers, a.tiny, a.shape)
+    if a.build_only:
+        return 0
     runs = {}
 
     for tp in (1, 2) if a.only_tp is None else (a.only_tp,):

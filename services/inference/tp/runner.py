@@ -33,8 +33,10 @@ from .step import forward, load_slot, pack_adapter, pack_step
 log = logging.getLogger(__name__)
 GRAPHS = os.environ.get("LORASERVE_TP_CUDA_GRAPHS", "1").strip() not in ("", "0")
 # decode steps of greedy rows without adapters: the LM head, the logits gather and (rank 0) the greedy
-# sampler replayed as one graph per rank instead of ~20 eager launches (LORASERVE_SAMPLER_GRAPHS on TP=1)
-SAMPLER_GRAPHS = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", "0").strip() not in ("", "0")
+# sampler replayed as one graph per rank instead of ~20 eager launches. Follows TP=1's switch
+# (LORASERVE_SAMPLER_GRAPHS, model_runner.py) unless LORASERVE_TP_SAMPLER_GRAPHS says otherwise.
+SAMPLER_GRAPHS = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", os.environ.get("LORASERVE_SAMPLER_GRAPHS", "0")
+                                ).strip().lower() not in ("", "0", "false", "off", "no")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

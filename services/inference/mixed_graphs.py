@@ -36,6 +36,27 @@ log = logging.getLogger(__name__)
 TOKEN_BUCKETS = tuple(range(32, 1025, 32)) + (1152, 1280, 1536, 1792, 2048)
 SEQ_BUCKETS = (2, 4, 8) + tuple(range(16, 1025, 8))
 MAX_GRAPHS = 128
+# LORASERVE_MIXED_GRAPH_CAPTURE_AFTER=k (default 1: capture a shape when first seen): a shape is captured on
+# its k-th sighting; before that it replays a larger graph already captured (at most COVER_SLACK more tokens)
+# or runs eagerly, so one-off shapes never stall a serving step with a capture
+COVER_SLACK = 0.125
+
+
+def capture_after() -> int:
+    return max(1, int(os.environ.get("LORASERVE_MIXED_GRAPH_CAPTURE_AFTER", "1")))
+
+
+def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int) -> tuple[int, int, int] | None:
+    """The smallest captured (Bp, T, splits) key that can run a step of num_tokens over num_seqs sequences
+    (Bp >= B + 1 padding sequences' worth, T >= N + Bp - B: one token per padding sequence) with the same
+    split count, at most max(32, T_exact * COVER_SLACK) tokens above the exact bucket T_exact; None if none."""
+    limit = t_exact + max(32, int(t_exact * COVER_SLACK))
+    best = None
+    for bp, t, s in keys:
+        if s == splits and bp >= num_seqs + 1 and num_tokens + bp - num_seqs <= t <= limit and \
+                (best is None or (t, bp) < (best[1], best[0])):
+            best = (bp, t, s)
+    return best
 
 
 def mixed_graphs_enabled() -> bool:
@@ -82,6 +103,9 @@ class MixedGraphRunner:
         self.pool = None
         self.failed = False
         self.num_replays = 0
+        self.capture_after = capture_after()
+        self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
+        self.num_covered = 0                              # steps replayed in a larger graph than their own
 
     def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
         """(Bp, T) of a step of num_tokens over num_seqs sequences, or None (eager)."""
@@ -141,14 +165,22 @@ class MixedGraphRunner:
         bp, t = shape
         key = (bp, t, splits)
         if key not in self.graphs:
-            if len(self.graphs) >= MAX_GRAPHS:
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+            if seen < self.capture_after:   # not recurring yet: a larger captured graph, else eager
+                key = cover(self.graphs, n, b, splits, t)
+                if key is None:
+                    return None
+                bp, t = key[0], key[1]
+                self.num_covered += 1
+            elif len(self.graphs) >= MAX_GRAPHS:
                 return None
-            try:
-                self._capture(bp, t, splits)
-            except Exception:  # noqa: BLE001 - eager mixed steps still work
-                log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
-                self.failed = True
-                return None
+            else:
+                try:
+                    self._capture(bp, t, splits)
+                except Exception:  # noqa: BLE001 - eager mixed steps still work
+                    log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
+                    self.failed = True
+                    return None
         small = torch.from_numpy(padded_metadata(query_lens, n, bp, t))
         if self.device.type == "cuda":   # through pinned memory: a pageable copy would wait for the device
             small = small.pin_memory().to(self.device, non_blocking=True)

@@ -74,10 +74,10 @@ def engine_target(llm):
     return target
 
 
-def graph_counts(engine) -> tuple[int, int]:
-    """(mixed-step graphs captured so far, mixed-step replays so far); (0, 0) without them."""
+def graph_counts(engine) -> tuple[int, int, int]:
+    """(mixed-step graphs captured, replays, replays in a larger graph) so far; zeros without them."""
     mixed = engine.runner.mixed_graphs
-    return (len(mixed.graphs), mixed.num_replays) if mixed is not None else (0, 0)
+    return (len(mixed.graphs), mixed.num_replays, mixed.num_covered) if mixed is not None else (0, 0, 0)
 
 
 def graphs_off(engine):
@@ -106,6 +106,19 @@ def prefill_cap(cap: int):
 
         def restore():
             sched.max_num_prefill_tokens_with_decode = old
+        return restore
+    return apply
+
+
+def capture_after(k: int):
+    """A variant: mixed-step shapes captured on their k-th sighting (larger captured graphs or eager before)."""
+    def apply(engine):
+        mixed = engine.runner.mixed_graphs
+        old = mixed.capture_after
+        mixed.capture_after = k
+
+        def restore():
+            mixed.capture_after = old
         return restore
     return apply
 
@@ -141,11 +154,12 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
     if mixed is not None and engine.runner.mixed_graphs is not None:
         out["mixed_graphs_captured"] = len(mixed.graphs) - n0[0]
         out["mixed_graph_replays"] = mixed.num_replays - n0[1]
+        out["mixed_graph_covered"] = mixed.num_covered - n0[2]
     print_breakdown(b, label)
     print(f"{label}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / limit_s:.2f} x limit, TPOT p50 "
           f"{1e3 * tp50:.2f} ms (p90 {1e3 * (out['tpot_p90_s'] or 0):.2f}), output tok/s {rep['output_tokens_per_s']:.0f}, "
           f"failed {rep['num_failed']}, mixed graphs {out.get('mixed_graphs_captured')} captured in the measured run / "
-          f"{out.get('mixed_graph_replays')} replays; decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
+          f"{out.get('mixed_graph_replays')} replays ({out.get('mixed_graph_covered')} in a larger graph); decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
           f"(launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), wall {host['step_ms']:.3f} ms", flush=True)
     return out
 
@@ -256,6 +270,8 @@ def main() -> int:
                     help="engine max_num_prefill_tokens_with_decode (default: the engine's)")
     ap.add_argument("--sweep-prefill-cap", default=None, metavar="N,N",
                     help="also in-process runs of the same load at these max_num_prefill_tokens_with_decode values")
+    ap.add_argument("--sweep-capture-after", type=int, default=None, metavar="K",
+                    help="also an in-process run with mixed-step shapes captured on their K-th sighting")
     ap.add_argument("--sweep-mixed-graphs", action="store_true",
                     help="also an in-process run with LORASERVE_MIXED_GRAPHS flipped (mixed-step CUDA graphs)")
     ap.add_argument("--profile-mixed", action="store_true",
@@ -340,7 +356,7 @@ def main() -> int:
     s["graphs_env"] = {k: os.environ.get(k) for k in ("LORASERVE_MIXED_GRAPHS", "LORASERVE_SAMPLER_GRAPHS")}
     mixed = getattr(engine.runner, "mixed_graphs", None)
     s["mixed_graphs"] = None if mixed is None else {
-        "captured": len(mixed.graphs), "replays": mixed.num_replays,
+        "captured": len(mixed.graphs), "replays": mixed.num_replays, "covered": mixed.num_covered,
         "captured_in_measured_run": len(mixed.graphs) - s["mixed_graphs_before_measure"][0],
         "replays_in_measured_run": mixed.num_replays - s["mixed_graphs_before_measure"][1]}
     del trace
@@ -395,6 +411,8 @@ def main() -> int:
     variants = [(f"prefill cap {c}", prefill_cap(int(c)))
                 for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
     runner = target.llm.engine.runner
+    if a.sweep_capture_after and runner.mixed_graphs is not None:
+        variants.append((f"mixed graphs captured after {a.sweep_capture_after} sightings", capture_after(a.sweep_capture_after)))
     if a.sweep_mixed_graphs:   # the other side of the graphs: before/after in one run, on the same engine
         if runner.mixed_graphs is not None or getattr(runner.graph_runner, "sampler_graphs", None) is not None:
             variants.append(("mixed + sampler graphs off", graphs_off))

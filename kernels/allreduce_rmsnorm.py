@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
+from .pdl import pdl_kwargs
 
 EMPTY_BITS = -32768   # 0x8000 as int16: -0.0 in bf16 and fp16
 
@@ -51,10 +52,13 @@ if HAS_TRITON:
     def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, peers_ptr, counter_ptr, H, eps,
                                    stride_x, stride_r, slot_stride, region_stride,
                                    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                                   MAX_SPIN: tl.constexpr):
+                                   MAX_SPIN: tl.constexpr, USE_PDL: tl.constexpr = False):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         ok = offs < H
+        if USE_PDL:   # kernels/pdl.py: x, the residual and the counters come from kernels before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
         dtype = x.dtype
         empty = tl.full([BLOCK], EMPTY_BITS, tl.int16).to(dtype, bitcast=True)
@@ -115,5 +119,6 @@ def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: flo
     block = triton.next_power_of_2(H)
     _allreduce_rms_norm_kernel[(T,)](x, residual, weight, peers, counters, H, eps, x.stride(0), residual.stride(0),
                                      world * region, region, RANK=rank, WORLD=world, BLOCK=block,
-                                     MAX_SPIN=max_spin, num_warps=min(16, max(1, block // 512)))
+                                     MAX_SPIN=max_spin, num_warps=min(16, max(1, block // 512)),
+                                     **pdl_kwargs(x.device))
     return x, residual

@@ -155,6 +155,8 @@ def _gemv_rows() -> int:
 GEMV_MAX_M = _gemv_rows()
 # on the GEMV path, SiLU-and-mul inside the down projection's GEMV (no launch of its own)
 GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "1")
+# ... and the LM head through the GEMV too (1-4 sampled rows)
+GEMV_LM_HEAD = _env_flag("LORASERVE_GEMV_LM_HEAD", "0")
 
 
 class RotaryEmbedding(nn.Module):
@@ -367,4 +369,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tp is not None:  # [T, V/size] per rank -> [T, V]
             return self.tp.gather_logits(self.lm_head(hidden)).float()
+        if GEMV_LM_HEAD and 0 < hidden.shape[0] <= GEMV_MAX_M and hidden.is_cuda and hidden.stride(-1) == 1 \
+                and hidden.dtype == self.lm_head.weight.dtype:
+            from loraserve.kernels.gemv import gemv
+
+            return gemv(hidden, self.lm_head.weight).float()
         return self.lm_head(hidden).float()

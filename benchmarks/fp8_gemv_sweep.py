@@ -309,11 +309,13 @@ def sweep(a) -> dict:
 
 
 def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
-    """us per decoder layer of the four projections back to back as the engine runs them (the table's configs,
-    each after a small elementwise kernel standing in for the norm / activation before it), CUDA-graph
-    replays over `copies` layers of weights (> L2): bf16 F.linear, FP8 with plain launches, and FP8 with
-    the GEMVs launched as programmatic dependents (LORASERVE_FP8_GEMV_PDL=1)."""
+    """us per decoder layer of the four projections back to back as the engine runs them (the table's configs),
+    each after an RMSNorm (kernels/rmsnorm.py) that writes its input, standing in for the norm / activation
+    before it; CUDA-graph replays over `copies` layers of weights (> L2). Variants: bf16 F.linear; FP8 with
+    plain launches; FP8 with the GEMVs launched as programmatic dependents (LORASERVE_FP8_GEMV_PDL=1); and
+    that with the norms launching their dependents early too (LORASERVE_PDL=1, kernels/pdl.py)."""
     from loraserve.inference.models.fp8 import fp8_linear, quantize_per_channel
+    from loraserve.kernels.rmsnorm import rms_norm
 
     cuda = torch.cuda.is_available()
     dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float16)
@@ -322,34 +324,40 @@ def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
     w16 = {name: [torch.randn(n, k, device=dev, dtype=dt, generator=g) * 0.02 for _ in range(copies)]
            for name, (n, k) in shapes.items()}
     wq = {name: [quantize_per_channel(w) for w in ws] for name, ws in w16.items()}
+    norm_w = {name: torch.ones(k, device=dev, dtype=dt) for name, (n, k) in shapes.items()}
     if cuda and jobs > 0:   # the table's tiles, plain and as dependents, compiled ahead in parallel workers
         from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
 
         cfgs = [gemv_config(m, n, k, _num_sms(torch.device(dev))) for m in ms for n, k in shapes.values()]
         precompile(cfgs, jobs, timeout=25, pdl_too=True)
     out = {}
-    old = os.environ.get("LORASERVE_FP8_GEMV_PDL")
+    saved = {k: os.environ.get(k) for k in ("LORASERVE_FP8_GEMV_PDL", "LORASERVE_PDL")}
     try:
         for m in ms:
-            xs = {name: torch.randn(m, k, device=dev, dtype=dt, generator=g) for name, (n, k) in shapes.items()}
+            src = {name: torch.randn(m, k, device=dev, dtype=dt, generator=g) for name, (n, k) in shapes.items()}
+            xs = {name: torch.empty_like(x) for name, x in src.items()}
 
             def layer(i: int, kind: str) -> None:
                 for name in shapes:
-                    xs[name].mul_(1.0)   # the kernel before the GEMM (norm, SiLU-mul) writes its input
+                    if cuda:
+                        rms_norm(src[name], norm_w[name], 1e-5, out=xs[name])   # the kernel before the GEMM
+                    else:
+                        xs[name].copy_(src[name])
                     if kind == "bf16":
                         F.linear(xs[name], w16[name][i])
                     else:
                         fp8_linear(xs[name], *wq[name][i], None)
 
             row = {}
-            for kind, pdl in (("bf16", "0"), ("fp8", "0"), ("fp8_pdl", "1")):
-                os.environ["LORASERVE_FP8_GEMV_PDL"] = pdl
+            for kind, gemv_pdl, pdl in (("bf16", "0", "0"), ("fp8", "0", "0"), ("fp8_gemv_pdl", "1", "0"),
+                                        ("fp8_all_pdl", "1", "1")):
+                os.environ["LORASERVE_FP8_GEMV_PDL"], os.environ["LORASERVE_PDL"] = gemv_pdl, pdl
                 try:
                     row[kind] = round(graph_us(lambda i, k=kind: layer(i, k), copies), 2)
                 except Exception as err:   # noqa: BLE001
                     row[kind] = f"failed: {type(err).__name__}: {str(err)[:160]}"
             out[m] = row
-            print(f"  layer chain M={m}: {row}", flush=True)
+            print(f"  layer chain M={m} (us, 4 GEMMs + 4 RMSNorms): {row}", flush=True)
         w16 = wq = None
         if cuda:   # the LM head (bf16 in the engine, as TensorRT-LLM / vLLM keep it) against a weight-only FP8 GEMV
             torch.cuda.empty_cache()
@@ -364,10 +372,11 @@ def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
                 out[f"lm_head_m{m}"] = row
                 print(f"  lm_head M={m}: {row}", flush=True)
     finally:
-        if old is None:
-            os.environ.pop("LORASERVE_FP8_GEMV_PDL", None)
-        else:
-            os.environ["LORASERVE_FP8_GEMV_PDL"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
 
 

@@ -124,8 +124,9 @@ if HAS_TRITON:
             else:
                 w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
                                  eviction_policy="evict_first")
-        if WAIT:   # launched as a programmatic dependent (gemv_pdl_on): x is the kernel before us's output
-            tl.extra.cuda.gdc_wait()
+        if WAIT:   # launched as a programmatic dependent (gemv_pdl_on): x is the kernel before us's output;
+            tl.extra.cuda.gdc_wait()   # then our dependents may launch (kernels/pdl.py's rules: they wait for us)
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             if PREFETCH:
@@ -150,7 +151,7 @@ if HAS_TRITON:
                 acc2 = _gemv_row(acc2, w, x_row + 2 * stride_xm, row0 + 2, M, offs_k, k_ok, EVEN_K)
                 acc3 = _gemv_row(acc3, w, x_row + 3 * stride_xm, row0 + 3, M, offs_k, k_ok, EVEN_K)
             x_row += BLOCK_K
-        if PDL:   # the split-K sum may launch now (it waits for our partials itself)
+        if PDL and not WAIT:   # the split-K sum may launch now (it waits for our partials itself)
             tl.extra.cuda.gdc_launch_dependents()
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else s
@@ -202,6 +203,7 @@ if HAS_TRITON:
             n3 = _gemv_group_load(p3, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
         if WAIT:   # as in _fp8_gemv_kernel: the first weight tiles may be in flight, x is not read yet
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             if PREFETCH:
@@ -239,7 +241,7 @@ if HAS_TRITON:
                 acc2 += w2.to(tl.float32) * x
                 acc3 += w3.to(tl.float32) * x
             x_row += BLOCK_K
-        if PDL:
+        if PDL and not WAIT:
             tl.extra.cuda.gdc_launch_dependents()
         _gemv_group_store(acc0, row, M, N, offs_0, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
         if GROUPS >= 2:
@@ -277,6 +279,7 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
         if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
@@ -302,7 +305,7 @@ if HAS_TRITON:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
-        if PDL:
+        if PDL and not WAIT:
             tl.extra.cuda.gdc_launch_dependents()
         if F16:
             acc = acc / x16_scale
@@ -440,9 +443,14 @@ _PDL_OK: dict[int, bool] = {}
 
 
 def gemv_pdl_on() -> bool:
-    """LORASERVE_FP8_GEMV_PDL=1: launch the GEMV kernels as programmatic dependents (where pdl_supported);
-    off by default until an H200 run shows the gain."""
-    return os.environ.get("LORASERVE_FP8_GEMV_PDL", "0").strip() == "1"
+    """Launch the GEMV kernels as programmatic dependents (where pdl_supported): LORASERVE_FP8_GEMV_PDL=1 / 0,
+    unset: as the step's other kernels (LORASERVE_PDL, kernels/pdl.py; off by default)."""
+    raw = os.environ.get("LORASERVE_FP8_GEMV_PDL", "").strip()
+    if raw:
+        return raw == "1"
+    from .pdl import pdl_enabled
+
+    return pdl_enabled()
 
 
 def pdl_supported(device: torch.device) -> bool:

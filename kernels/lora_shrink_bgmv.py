@@ -13,8 +13,9 @@ pipelined K loop of 8 KB steps, and keeps 2-3 programs per SM with ~24 KB in fli
 streamed A at 1.3-1.5 TB/s (PERF_NOTES). Here the only large operand is A; x rows (BLOCK_K * 2
 bytes each, from L2: every adapter's tile reads the same x chunk only if it holds that token) are
 loaded per real row, and the product is a broadcast-multiply-sum over K ([16, BLOCK_K] * [BLOCK_K]
--> [16]), so padding rows cost nothing. Rows are a runtime loop over the tile's real rows
-(<= BLOCK_M), x of the next row prefetched before the current row's reduction.
+-> [16]), so padding rows cost nothing. Rows are a runtime loop over the tile's real rows, x of the
+next row prefetched before the current row's reduction; a tile with more than BGMV_MAX_ROWS rows
+(one adapter with many tokens) instead takes one tl.dot of all its rows against the same A block.
 
 Grid (meta.grid_tiles, rank_blocks * SPLIT_K, S): host-known sizes only (CUDA graphs).
 """
@@ -37,7 +38,9 @@ if HAS_TRITON:
         stride_al, stride_as, stride_ar, stride_ak,
         stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, BGMV_MAX_ROWS: tl.constexpr = 4,
+        DOT_K: tl.constexpr = 128,
+        USE_PDL: tl.constexpr = False,
     ):
         if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
             tl.extra.cuda.gdc_launch_dependents()
@@ -71,6 +74,25 @@ if HAS_TRITON:
             xv = tl.load(x_ptr + tok * stride_xm + offs_k * stride_xk, mask=k_ok, other=0.0)
         rows = tl.minimum(end - start, BLOCK_M)
         out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
+        if rows > BGMV_MAX_ROWS:  # a dense tile (one adapter, many tokens): all rows through tl.dot,
+            offs_m = start + tl.arange(0, BLOCK_M)  # A re-read in DOT_K chunks from L1/L2 (the block
+            row_ok = offs_m < end  # above is already in flight), so `a` is dead here: registers
+            toks = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kk in tl.static_range(0, BLOCK_K, DOT_K):
+                offs_kc = pid_k * BLOCK_K + kk + tl.arange(0, DOT_K)
+                kc_ok = offs_kc < K
+                xt = tl.load(x_ptr + toks[:, None] * stride_xm + offs_kc[None, :] * stride_xk,
+                             mask=row_ok[:, None] & kc_ok[None, :], other=0.0)
+                ac = tl.load(a_ptr + slot.to(tl.int64) * stride_al + s * stride_as + offs_n[:, None] * stride_ar
+                             + offs_kc[None, :] * stride_ak, mask=n_ok[:, None] & kc_ok[None, :], other=0.0)
+                if IEEE:
+                    acc += tl.dot(xt, tl.trans(ac), input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
+                else:
+                    acc += tl.dot(xt, tl.trans(ac))
+            tl.store(out_base[None, :] + toks[:, None] * stride_om, acc, mask=row_ok[:, None] & n_ok[None, :])
+            return
+        # Few rows (decode: 1-4 tokens per adapter): row by row, no padding.
         for m in range(0, rows):
             # prefetch the next row's x (the last iteration re-reads its own row: no extra traffic)
             tok_nxt = tl.load(sorted_ids_ptr + start + tl.minimum(m + 1, rows - 1)).to(tl.int64)
@@ -82,6 +104,12 @@ if HAS_TRITON:
             tl.store(out_base + tok * stride_om, part, mask=n_ok)
             tok = tok_nxt
             xv = x_nxt
+
+
+# Tiles with more rows than this take one tl.dot over all their rows instead of the row loop (a
+# runtime branch: the row count lives on the device). The loop pays one x round trip per row
+# (prefetched one ahead), the dot pads to BLOCK_M rows but loads them all at once.
+BGMV_MAX_ROWS = 4
 
 
 def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, grid_tiles: int,
@@ -125,12 +153,14 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     SK = -(-H // BK)
     assert out.shape[0] == SK, f"out has {out.shape[0]} K splits, BLOCK_K {BK} needs {SK}"
+    assert BK & (BK - 1) == 0 and BK >= 16, f"BLOCK_K must be a power of two >= 16, got {BK}"
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     _lora_shrink_bgmv_kernel[grid](
         x, lora_a, out, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, R, x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
-        num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(x.device),
+        IEEE=x.dtype == torch.float32, BGMV_MAX_ROWS=cfg.get("BGMV_MAX_ROWS", BGMV_MAX_ROWS),
+        DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(x.device),
     )
     return out

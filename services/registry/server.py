@@ -187,8 +187,15 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             await context.abort(status_for(exc), str(exc))
         yield pb.DownloadAdapterResponse(adapter=record_to_pb(record))
         it = iter(chunks)
+
+        def read_ahead() -> asyncio.Future:  # chunk k+1 is read on a thread while chunk k is sent
+            fut = asyncio.ensure_future(asyncio.to_thread(next, it, None))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if abandoned
+            return fut
         try:
-            while (chunk := await asyncio.to_thread(next, it, None)) is not None:
+            pending = read_ahead()
+            while (chunk := await pending) is not None:
+                pending = read_ahead()
                 yield pb.DownloadAdapterResponse(chunk=chunk)
                 metrics.DOWNLOADED_BYTES.inc(len(chunk))
         except BaseException as exc:

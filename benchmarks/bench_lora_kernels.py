@@ -359,6 +359,9 @@ def main() -> None:
     ap.add_argument("--sweep-stream", action="store_true", help="streaming shrink / expand knobs (layer case, 1 token)")
     ap.add_argument("--max-shapes", type=int, default=None,
                     help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51; 0: none)")
+    ap.add_argument("--shapes", default=None,
+                    help="with --compare: exactly these extra shapes, proj:rank:adapters:tokens,... (e.g. "
+                         "gate_up:16:1:256); their bytes fraction is printed whatever their size")
     ap.add_argument("--variants", default="classic,stream",
                     help="with --compare: comma-separated lora_variants.VARIANTS, the first is the reference")
     ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
@@ -368,6 +371,9 @@ def main() -> None:
     from benchmarks.lora_variants import compare, sweep_bgmv, sweep_onelaunch, sweep_stream   # --compare / sweeps
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    shapes_only = None
+    if args.shapes:
+        shapes_only = [(p, int(r), int(L), int(T)) for p, r, L, T in (sh.split(":") for sh in args.shapes.split(","))]
 
     if args.fused:
         import importlib
@@ -375,7 +381,8 @@ def main() -> None:
         importlib.import_module("loraserve.kernels.lora_apply").FUSED_ENABLED = True  # the module
     if args.smoke:
         if args.compare:
-            compare(float("nan"), 3 if args.max_shapes is None else args.max_shapes, smoke=True, variants=variants)
+            compare(float("nan"), 3 if args.max_shapes is None else args.max_shapes, smoke=True, variants=variants,
+                    shapes_only=shapes_only)
             if args.sweep_stream:
                 sweep_stream(smoke=True, budget_s=args.sweep_budget)
             if args.sweep_onelaunch:
@@ -388,7 +395,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write) {bw:.0f} GB/s", flush=True)
     if args.compare:
-        res = compare(bw, args.max_shapes, variants=variants)
+        res = compare(bw, args.max_shapes, variants=variants, shapes_only=shapes_only)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

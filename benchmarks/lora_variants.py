@@ -79,9 +79,11 @@ def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
     return row
 
 
-def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: list[str] | None = None) -> dict:
+def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: list[str] | None = None,
+            shapes_only: list[tuple[str, int, int, int]] | None = None) -> dict:
     """The variants on the three targets: the 64-token / 32-adapter / rank-16 layer, 1 token per
-    projection, the shapes moving >= 32 MB (evenly subsampled to max_shapes; 0: none), plus
+    projection, the shapes moving >= 32 MB (evenly subsampled to max_shapes; 0: none; or exactly
+    shapes_only, "big" rows whatever their bytes), plus
     each variant's fixed cost (64 tokens, no adapter in the batch, o projection)."""
     variants = variants or ["classic", "stream"]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -101,7 +103,9 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
         cases.append(("1tok", p, Case(p, 16, 1, 1, dev, smoke)))
     cases.append(("idle", "o", Case("o", 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke, idle=True)))
     shapes = [sh for sh in sweep_shapes(smoke) if smoke or shape_bytes(*sh) >= 32e6]
-    if max_shapes is not None and len(shapes) > max_shapes:
+    if shapes_only is not None:  # an explicit list (proj, rank, adapters, tokens), any size
+        shapes = list(shapes_only)
+    elif max_shapes is not None and len(shapes) > max_shapes:
         shapes = [] if max_shapes <= 0 else [shapes[round(i * (len(shapes) - 1) / (max_shapes - 1))]
                                              for i in range(max_shapes)] if max_shapes > 1 else shapes[:1]
     for sh in shapes:

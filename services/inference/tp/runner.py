@@ -37,6 +37,9 @@ GRAPHS = os.environ.get("LORASERVE_TP_CUDA_GRAPHS", "1").strip() not in ("", "0"
 # (LORASERVE_SAMPLER_GRAPHS, model_runner.py) unless LORASERVE_TP_SAMPLER_GRAPHS says otherwise.
 SAMPLER_GRAPHS = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", os.environ.get("LORASERVE_SAMPLER_GRAPHS", "0")
                                 ).strip().lower() not in ("", "0", "false", "off", "no")
+# with the sampler graphs: each rank reduces its vocabulary shard, one [T, size, 8] all-gather instead of the
+# [T, V] logits (tp/sampling.py; off by default until measured)
+LOCAL_ARGMAX = os.environ.get("LORASERVE_TP_LOCAL_ARGMAX", "0").strip().lower() not in ("", "0", "false", "off", "no")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -103,8 +106,13 @@ class TPModelRunner(ModelRunner):
         runner.capture()
         self.graph_runner = runner
         if SAMPLER_GRAPHS:   # every rank captures its logits graphs in the same order (worker._capture_logits)
-            self.executor.send(("capture_logits",))
-            runner.capture_greedy_sampler()
+            self.executor.send(("capture_logits", LOCAL_ARGMAX))
+            if LOCAL_ARGMAX:   # greedy over the vocabulary shards, no logits gather (tp/sampling.py)
+                from .sampling import capture_sampler_graphs
+
+                runner.sampler_graphs = capture_sampler_graphs(runner, self.model, self.tp, self.device)
+            else:
+                runner.capture_greedy_sampler()
 
     def time_replays(self, bs: int, n: int = 50, with_lora: bool = False) -> float:
         """ms per decode-graph replay of bucket `bs` on every rank at once, no host in the way (idle engine

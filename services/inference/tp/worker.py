@@ -133,7 +133,7 @@ class Worker:
             elif kind == "capture":
                 self._capture(*msg[1:])
             elif kind == "capture_logits":
-                self._capture_logits()
+                self._capture_logits(*msg[1:])
             elif kind == "replay":
                 time_replays(self.graph_runner, *msg[1:])
             elif kind == "step":
@@ -184,10 +184,17 @@ class Worker:
         if S:
             self.model.compute_logits(hidden[inp.sample_idx])   # this rank's part of the all-gather
 
-    def _capture_logits(self) -> None:
+    def _capture_logits(self, local_argmax: bool = False) -> None:
         """Per decode bucket, the LM head's shard and its logits gather over the bucket graph's hidden
         states, captured in the driver's order (CudaGraphRunner.capture_greedy_sampler on rank 0: one warm-up
-        gather, then the capture, per bucket, largest first)."""
+        gather, then the capture, per bucket, largest first); local_argmax: this rank's part of the
+        sharded greedy sampling instead (tp/sampling.py, as rank 0)."""
+        if local_argmax:
+            from .sampling import capture_sampler_graphs
+
+            graphs = capture_sampler_graphs(self.graph_runner, self.model, self.group, self.device)
+            self.logits_graphs = {bs: g for bs, (g, _, _) in graphs.items()}
+            return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         pool = torch.cuda.graph_pool_handle()

@@ -1,0 +1,114 @@
+"""Greedy sampling over the vocabulary shards, without gathering the logits (LORASERVE_TP_LOCAL_ARGMAX=1).
+
+Under TP each rank's LM head holds V/size rows. The plain path all-gathers the [T, V] logits (16 MB at
+batch 64 of a 128k vocabulary, bf16) and samples from them on rank 0 (sampler.sample: ~10 passes over
+[T, V] float32). For greedy rows without masks or top-logprobs only five numbers per row and rank are
+needed: every rank reduces its shard (max, its first index, the sum of exp(x - max), the count and first
+index of +inf) and one all-gather of [T, size, 8] float32 (3 fields padding) combines them. The result equals
+sampler.sample's on the whole row: the same token (the first maximal index: ranks hold increasing vocab
+ranges, so the lowest rank among those holding the max), ok, and the logprob up to float32 rounding of
+the log-sum-exp (computed per shard, then combined); NaN, +inf and all -inf rows as sanitize() treats them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sampler import SamplerOutput
+
+_BIG = float(1 << 30)
+
+
+def local_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """This rank's LM head shard: hidden [T, H] -> [T, V/size] (the weight-streaming GEMV at small T where
+    models/llama.py uses it for TP=1)."""
+    from ..models import llama
+
+    w = model.lm_head.weight
+    if (getattr(llama, "GEMV_LM_HEAD", False) and 0 < hidden.shape[0] <= getattr(llama, "GEMV_MAX_M", 0)
+            and hidden.is_cuda and hidden.stride(-1) == 1 and hidden.dtype == w.dtype):
+        from loraserve.kernels.gemv import gemv
+
+        return gemv(hidden, w)
+    return model.lm_head(hidden)
+
+
+def shard_stats(local: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """local [T, Vr] -> float32 [T, 8]: (max, global index of its first occurrence, sum exp(x - max),
+    number of +inf, global index of the first +inf) over the shard's columns inside the vocabulary,
+    NaN read as -inf (sanitize). Indices < 2^24 are exact in float32."""
+    T, Vr = local.shape
+    x = local.float()
+    valid = min(Vr, vocab_size - vocab_start)
+    if valid < Vr:   # the last shard's padding rows are not tokens
+        x[:, valid:] = float("-inf")
+    x = torch.nan_to_num(x, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    posinf = torch.isposinf(x)
+    n_inf = posinf.sum(-1)
+    first_inf = torch.where(n_inf > 0, posinf.to(torch.int32).argmax(-1), 0)
+    m, idx = x.max(-1)                                    # the first maximal index on ties
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)       # all -inf: exp(-inf) = 0; +inf rows: ignored later
+    s = torch.exp(x - m_safe[:, None]).sum(-1)
+    pad = torch.zeros_like(m)   # 8 fields: a [T, size, 8] float32 message is a multiple of 16 bytes (symmetric memory)
+    return torch.stack([m, (idx + vocab_start).float(), s, n_inf.float(), (first_inf + vocab_start).float(),
+                        pad, pad, pad], -1)
+
+
+def combine(stats: torch.Tensor) -> SamplerOutput:
+    """stats [T, size, 8] (rank-major along dim 1) -> the greedy SamplerOutput of the whole rows."""
+    m, idx, s, n_inf, first_inf = stats[..., :5].unbind(-1)   # each [T, size]
+    tot_inf = n_inf.sum(-1)
+    has_inf = tot_inf > 0
+    M = m.max(-1).values
+    r_star = (m == M[:, None]).to(torch.int32).argmax(-1)   # the lowest rank holding the max
+    tok_fin = idx.gather(1, r_star[:, None].long()).squeeze(1)
+    M_safe = torch.where(torch.isfinite(M), M, 0.0)
+    lse_fin = M_safe + torch.log((s * torch.exp(m - M_safe[:, None])).sum(-1))
+    tok_inf = torch.where(n_inf > 0, first_inf, _BIG).min(-1).values
+    lse_inf = torch.log(tot_inf.clamp(min=1))
+    ok = has_inf | torch.isfinite(lse_fin)
+    tokens = torch.where(has_inf, tok_inf, torch.where(ok, tok_fin, 0.0)).long()
+    # logprob = clean[token] - lse: +inf rows: 0 - log(count); finite rows: M - lse; failed rows: 0
+    logprobs = torch.where(has_inf, -lse_inf, torch.where(ok, M - lse_fin, 0.0))
+    return SamplerOutput(tokens, logprobs.float(), None, None, ok)
+
+
+def tp_greedy_sample(model, hidden: torch.Tensor, group) -> SamplerOutput:
+    """Every rank, the same call: hidden [T, H] (identical on every rank) -> the greedy SamplerOutput of the
+    full vocabulary, on every rank. One all-gather of [T, size, 8] float32 (symmetric memory where it
+    takes it: a sum of zero-padded parts, exact)."""
+    import torch.distributed as dist
+
+    stats = shard_stats(local_logits(model, hidden), group.vocab_start, group.vocab_size)   # [T, 5]
+    T = stats.shape[0]
+    ar = group.custom_ar
+    full = stats.new_zeros(T, group.size, stats.shape[-1])
+    full[:, group.rank].copy_(stats)
+    if ar is not None and ar.takes(full):
+        ar(full)
+    elif dist.is_initialized() and group.size > 1:
+        dist.all_reduce(full)
+    return combine(full)
+
+
+def capture_sampler_graphs(graph_runner, model, group, device: torch.device) -> dict:
+    """Every rank at once, per decode bucket (largest first): a graph of tp_greedy_sample over the bucket
+    graph's hidden states (its all-gather pairs up across the ranks; one eager warm-up each, as
+    CudaGraphRunner.capture_greedy_sampler). {bs: (graph, SamplerOutput, packed [3, bs] float64)}, the
+    format CudaGraphRunner.sample_greedy replays."""
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    pool = torch.cuda.graph_pool_handle()
+    graphs = {}
+    for bs in reversed(graph_runner.buckets):
+        hidden = graph_runner.graphs[(bs, False)][1]
+        with torch.cuda.stream(stream):
+            tp_greedy_sample(model, hidden, group)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = tp_greedy_sample(model, hidden, group)
+            packed = torch.stack([out.tokens.double(), out.logprobs.double(), out.ok.double()])
+        graphs[bs] = (graph, out, packed)
+    current.wait_stream(stream)
+    return graphs

@@ -12,7 +12,8 @@ defaults set them):
   a3, pdl_a3 stream / pdl with 3 B blocks in flight per expand program (lora_expand_stream.STREAM_B_AHEAD);
              the default is now pdl with 3 ahead at decode-like tiles
   bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
-             pdl_nobgmv: the same with the BGMV shrink off
+             pdl_nobgmv: the same with the BGMV shrink off; prev: the default of the 12:20 final run
+             (dot shrink, B blocks ahead by the code's rule, y 1 block ahead)
   ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
              bgmv_ya2, bgmv_ya3: with the BGMV shrink too; bgmv_ya3_a4: and 4 B blocks ahead
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
@@ -51,6 +52,7 @@ VARIANTS = {
     "a3": dict(stream=True, b_ahead=3),  # stream with 3 B blocks in flight per expand program
     "pdl_a3": dict(stream=True, pdl=True, b_ahead=3),
     "pdl_nobgmv": dict(stream=True, pdl=True),  # the default before the BGMV shrink
+    "prev": dict(stream=True, pdl=True, y_ahead=1),  # the default of 2026-11-30 12:20 (dot shrink, y 1 ahead)
     "bgmv": dict(stream=True, pdl=True, bgmv=True),  # + BGMV shrink (lora_shrink_bgmv.py) at <= 256 tokens
     "ya2": dict(stream=True, pdl=True, y_ahead=2),  # y blocks 2 ahead in the streaming expand (was 1)
     "ya3": dict(stream=True, pdl=True, y_ahead=3),

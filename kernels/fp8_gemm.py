@@ -117,8 +117,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _per_token_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, fp8_max,
-                                    FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, BLOCK: tl.constexpr):
+                                    FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, BLOCK: tl.constexpr,
+                                    WAIT: tl.constexpr):
         # fp8_max: 448 as a runtime fp32 scalar (div_rn wants two fp32 tensors on every Triton version)
+        if WAIT:   # launched as a programmatic dependent (kernels/pdl.py's rules): x is our predecessor's output
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -207,8 +211,9 @@ def fp8_w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None 
     return out
 
 
-def per_token_quant_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (x_q [M, K] e4m3, scale [M, 1] fp32) in one launch (see per_token_quant_fp8_ref)."""
+def per_token_quant_fp8(x: Tensor, pdl: bool = False) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (x_q [M, K] e4m3, scale [M, 1] fp32) in one launch (see per_token_quant_fp8_ref); pdl: launched
+    as a programmatic dependent (the caller checked the device and Triton support it)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use per_token_quant_fp8_ref")
     assert x.dim() == 2 and x.stride(-1) == 1, f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}"
@@ -219,5 +224,6 @@ def per_token_quant_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
         return x_q, scale
     block = min(2048, max(16, triton.next_power_of_2(K)))
     _per_token_quant_fp8_kernel[(M,)](x, x_q, scale, K, x.stride(0), x_q.stride(0), FP8_MAX, FP8_MAX_C=FP8_MAX,
-                                      MIN_SCALE_C=MIN_SCALE, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+                                      MIN_SCALE_C=MIN_SCALE, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+                                      WAIT=pdl, **({"launch_pdl": True} if pdl else {}))
     return x_q, scale

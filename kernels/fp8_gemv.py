@@ -514,7 +514,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     elif kind == "dot8":   # W8A8: x quantized per token (one launch), then FP8 x FP8 tensor cores
         from .fp8_gemm import per_token_quant_fp8
 
-        x_q, x_scale = per_token_quant_fp8(x)
+        x_q, x_scale = per_token_quant_fp8(x, pdl=wait)
         args = (x_q, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x_q.stride(0), out.stride(0))
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, **flags, F16=False, FP8X=True, num_warps=warps,
                                      num_stages=stages, **launch)

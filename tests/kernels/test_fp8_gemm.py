@@ -222,4 +222,9 @@ def test_kernels_compile_for_sm90_without_register_spills(tmp_path) -> None:
     compile_and_check(fg._per_token_quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                                        "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
                                                        "fp8_max": "fp32"},
-                      {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 2048}, num_warps=8)
+                      {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 2048, "WAIT": False}, num_warps=8)
+    compile_and_check(fg._per_token_quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                                       "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
+                                                       "fp8_max": "fp32"},
+                      {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 2048, "WAIT": True}, num_warps=8,
+                      launch_pdl=True)

@@ -125,11 +125,31 @@ def trained_agreement(device: str, tiny: bool, res: dict) -> None:
                     prefixes.append(ids[:cut])
             tokens["floor"] = next_tokens(engine, prefixes, group=7, tag="floor")
         tokens[tp] = next_tokens(engine, prefixes, tag=f"trained{tp}")
+        # decode path (graphs, sampler graphs, fused kernels): greedy 32-token continuations of 16 text starts
+        heads = [ids[:12] for ids in texts.values()]
+        sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        for i, ids in enumerate(heads):
+            engine.add_request(f"cont{tp}-{i}", ids, sp)
+        conts: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    conts[o.request_id] = list(o.outputs[0].token_ids)
+        tokens[f"cont{tp}"] = [conts[f"cont{tp}-{i}"] for i in range(len(heads))]
         close_engine(engine)
     n = len(prefixes)
     res["top1_agreement_tp2_vs_tp1_trained"] = sum(x == y for x, y in zip(tokens[1], tokens[2])) / n
     res["top1_agreement_tp1_rebatched_trained"] = sum(x == y for x, y in zip(tokens[1], tokens["floor"])) / n
     res["trained_prefixes"] = n
+    # per continuation: the tokens equal before the first difference, over its length (1.0: all equal)
+    matched = []
+    for a, b in zip(tokens["cont1"], tokens["cont2"]):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        matched.append(k / max(len(a), 1))
+    res["decode_prefix_agreement_tp2_vs_tp1_trained"] = sum(matched) / len(matched)
+    res["decode_identical_continuations_trained"] = sum(m == 1.0 for m in matched) / len(matched)
+    print(f"default model: greedy 32-token continuations TP=2 vs TP=1: {res['decode_identical_continuations_trained']:.3f}"
+          f" identical, matched prefix {res['decode_prefix_agreement_tp2_vs_tp1_trained']:.3f}", flush=True)
     print(f"default model: top-1 TP=2 vs TP=1 {res['top1_agreement_tp2_vs_tp1_trained']:.4f} "
           f"(TP=1 rebatched {res['top1_agreement_tp1_rebatched_trained']:.4f}, {n} prefixes)", flush=True)
 
@@ -173,6 +193,7 @@ def main() -> int:
                     help="torch.profiler summaries per rank of decode steps (tp/profile.py) into this folder")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only-tp", type=int, choices=(1, 2), default=None, help="run one side only (probes)")
+    ap.add_argument("--only-trained", action="store_true", help="only the agreement runs on the default model")
     ap.add_argument("--build-only", action="store_true", help="only build the --checkpoint folder")
     ap.add_argument("--max-batch", type=int, default=256, help="engine max_batch_size (decode graph buckets)")
     ap.add_argument("--checkpoint", default=None, help="reuse this checkpoint folder (built there if missing)")
@@ -214,6 +235,8 @@ def main() -> int:
         if "_error" in r:
             print(f"trained-model agreement child failed: {r['_error']}", flush=True)
         write(a.json, res)
+    if a.only_trained:
+        return 0
     path = a.checkpoint or tempfile.mkdtemp(prefix="tp-bench-")
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(path, exist_ok=True)

@@ -93,7 +93,9 @@ class ModelRunner:
 
         if mixed_graphs_enabled() and type(self) is ModelRunner and self.kv_dtype == self.dtype:
             cfg, a = self.config, self.args
-            cap = cfg.max_num_prefill_tokens_with_decode or cfg.max_num_tokens
+            # steps of up to max(cap, 512) prompt tokens + a full batch of decodes (static buffers only: graphs
+            # are captured per shape met, so a cap raised at run time, as bench_e2e's sweep does, stays graphed)
+            cap = max(cfg.max_num_prefill_tokens_with_decode or cfg.max_num_tokens, 512)
             self.mixed_graphs = MixedGraphRunner(
                 self.model, self.device, runner.max_batch, min(cfg.max_num_tokens, cap + runner.max_batch),
                 -(-max_len // self.block_size), self.num_blocks, self.block_size, a.num_attention_heads,

@@ -32,11 +32,21 @@ from .step import forward, load_slot, pack_adapter, pack_step
 
 log = logging.getLogger(__name__)
 GRAPHS = os.environ.get("LORASERVE_TP_CUDA_GRAPHS", "1").strip() not in ("", "0")
-# decode steps of greedy rows without adapters: the LM head, the logits gather and (rank 0) the greedy
-# sampler replayed as one graph per rank instead of ~20 eager launches. Follows TP=1's switch
-# (LORASERVE_SAMPLER_GRAPHS, model_runner.py) unless LORASERVE_TP_SAMPLER_GRAPHS says otherwise.
-SAMPLER_GRAPHS = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", os.environ.get("LORASERVE_SAMPLER_GRAPHS", "0")
-                                ).strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def _sampler_graphs() -> bool:
+    """Decode steps of greedy rows without adapters: the LM head, the logits gather and (rank 0) the greedy
+    sampler replayed as one graph per rank instead of ~20 eager launches. LORASERVE_TP_SAMPLER_GRAPHS=1: on;
+    =follow: as TP=1 (LORASERVE_SAMPLER_GRAPHS, model_runner.py); unset: off until the GPUs measured it."""
+    tp_only = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", "0")
+    if tp_only.strip().lower() != "follow":
+        return tp_only.strip().lower() not in ("", "0", "false", "off", "no")
+    from .. import model_runner
+
+    enabled = getattr(model_runner, "sampler_graphs_enabled", None)
+    return enabled() if enabled is not None else False
+
+
 # with the sampler graphs: each rank reduces its vocabulary shard, one [T, size, 8] all-gather instead of the
 # [T, V] logits (tp/sampling.py; off by default until measured)
 LOCAL_ARGMAX = os.environ.get("LORASERVE_TP_LOCAL_ARGMAX", "0").strip().lower() not in ("", "0", "false", "off", "no")
@@ -105,7 +115,7 @@ class TPModelRunner(ModelRunner):
                                  self.lora_manager)
         runner.capture()
         self.graph_runner = runner
-        if SAMPLER_GRAPHS:   # every rank captures its logits graphs in the same order (worker._capture_logits)
+        if _sampler_graphs():   # every rank captures its logits graphs in the same order (worker._capture_logits)
             self.executor.send(("capture_logits", LOCAL_ARGMAX))
             if LOCAL_ARGMAX:   # greedy over the vocabulary shards, no logits gather (tp/sampling.py)
                 from .sampling import capture_sampler_graphs

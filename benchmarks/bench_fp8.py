@@ -205,6 +205,7 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
     model = os.path.join(ROOT, "models", "default")
     prompts = ["def ", "import os\n\n\nclass ", "    def __init__(self", "for i in range(10):\n"] * 4
     res, texts, ref = {}, None, {}
+    t0 = time.perf_counter()
     for tag, q in (("bf16", None), ("fp8", quant)):
         engine = build(model, q, {**kw, "max_num_tokens": 2048}, LoraConfig(max_lora_rank=8))
         req = LoRARequest("upper", 1, os.path.join(ROOT, "models", "adapters", "upper"))
@@ -226,6 +227,7 @@ def agreement(kw: dict, quant: dict, num_texts: int) -> dict:
             return {(name, i): teacher_forced_logits(engine, ids, h) for name, h in (("base", None), ("upper", handle))
                     for i, ids in enumerate(texts)}
 
+        print(f"  quality: {tag} engine ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         if tag == "bf16":
             ref = all_logits()
         else:
@@ -308,6 +310,7 @@ def main() -> int:
                     help="FP8 KV cache in the FP8 engine; auto: where models/fp8.py supports it on this device")
     ap.add_argument("--skip-quality", action="store_true", help="no top-1 agreement run (speed figures only)")
     ap.add_argument("--skip-micro", action="store_true", help="no per-GEMM timings (CUDA only)")
+    ap.add_argument("--quality-texts", type=int, default=16, help="sampled texts for the top-1 agreement")
     ap.add_argument("--decode-only", action="store_true", help="decode figures only (no prefill, no LoRA run)")
     ap.add_argument("--lm-head-fp8", action="store_true",
                     help="the FP8 engine's LM head in e4m3 too (LORASERVE_FP8_LM_HEAD=1; bf16 by default)")
@@ -382,15 +385,22 @@ def main() -> int:
     # cache halves the bytes per block); kv_blocks_per_gib_ratio: per byte of cache alone
     res["kv_blocks_ratio"] = f["kv_blocks"] / b["kv_blocks"]
     res["kv_blocks_per_gib_ratio"] = f["kv_blocks_per_gib"] / b["kv_blocks_per_gib"]
-    if not a.skip_quality:
-        res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant, 2 if a.tiny else 16))
-    res["wall_s"] = time.perf_counter() - t0
     shutil.rmtree(path, ignore_errors=True)   # the 8B checkpoint: 16 GB of disk
+
+    def save() -> None:   # after the speed figures and again after quality: a run cut short keeps the first
+        res["wall_s"] = time.perf_counter() - t0
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+
+    save()
+    if not a.skip_quality:
+        res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant,
+                             2 if a.tiny else a.quality_texts))
+        print(f"quality done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        save()
     print(json.dumps(res, indent=2))
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
     return 0
 
 

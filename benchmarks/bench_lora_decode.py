@@ -10,6 +10,8 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   overlap      default + LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM
   overlap_full default + LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream,
                one add after the GEMM (kernels/lora_add.py); overlap_full_nopdl: without PDL
+  prev         the default of 2026-11-30 12:20: dot shrink (BGMV off), y 1 block ahead in the expand
+  bgmv         default with the BGMV shrink on (LORASERVE_LORA_BGMV=1)
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
 
     python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap_full,stream] [--steps 32]
@@ -31,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict(overlap="shrink"),
-            "overlap_full": dict(overlap="full"), "overlap_full_nopdl": dict(overlap="full", pdl=False)}
+            "overlap_full": dict(overlap="full"), "overlap_full_nopdl": dict(overlap="full", pdl=False),
+            "prev": dict(bgmv=False, y_ahead=1), "bgmv": dict(bgmv=True)}
 
 
 def set_variant(v: dict, defaults: dict) -> None:
@@ -41,6 +44,8 @@ def set_variant(v: dict, defaults: dict) -> None:
     batch.OVERLAP = v.get("overlap", defaults["overlap"])
     lora_meta.LORA_PDL = v.get("pdl", defaults["pdl"])
     lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", defaults["b_ahead"])
+    lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead", defaults["y_ahead"])
+    lora_meta.LORA_BGMV = v.get("bgmv", defaults["bgmv"])
 
 
 def main() -> int:
@@ -69,7 +74,8 @@ def main() -> int:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     from loraserve.kernels import lora_expand_stream
 
-    defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD)
+    defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
+                    y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

@@ -15,7 +15,7 @@ Here program (tile, group) does, once:
     [SK_CHUNK, BLOCK_M, BLOCK_R] loads reduced in a fixed order (bitwise reproducible for a
     compiled kernel, so graph replay == eager), rounded to B's dtype;
 then streams the group's COLS_PER_PROG columns of B in BLOCK_N-column blocks (~4 KB) through
-a manually software-pipelined loop: B two blocks ahead and y one block ahead are issued
+a manually software-pipelined loop: B B_AHEAD (2-4) blocks ahead and y Y_AHEAD (1-3) blocks ahead are issued
 before a block's dots (Triton's own pipeliner does not take this loop: its sm_90 PTX has no
 cp.async), and y is updated block by block. A block that straddles slice boundaries
 computes one dot per slice and keeps, per column, the dot of the column's slice (exactly one
@@ -94,7 +94,7 @@ if HAS_TRITON:
         slot64 = slot.to(tl.int64)
 
         # Manual software pipeline (Triton's pipeliner leaves the column loop alone: no
-        # cp.async in the sm_90 PTX): B two blocks ahead, y one block ahead, issued before a
+        # cp.async in the sm_90 PTX): B B_AHEAD blocks ahead, y Y_AHEAD ahead, issued before a
         # block's math so their latency overlaps it. Loads past col_end are masked (no traffic).
         b_rows = b_ptr + slot64 * stride_bl + offs_r[None, :] * stride_bk
         b_mask_r = b_r_ok[None, :]

@@ -6,7 +6,9 @@ prompts (the prefix cache has never seen them; the run checks that no block was 
 at most C in flight (closed loop):
 
   1. measure the device's limits in this run: bf16 GEMM peak and copy bandwidth;
-  2. in-process (loraserve.LLM streamed through AsyncLLM): wall time, tok/s, TTFT, TPOT;
+  2. in-process (loraserve.LLM streamed through AsyncLLM): wall time, tok/s, TTFT, TPOT, after an
+     unmeasured warm-up (2 x C requests of short outputs, then 2 x C of the load's own lengths: the clock
+     starts in the load's steady state);
   3. the physical-limit time of that load: prefill FLOPs at the GEMM peak + the decode steps'
      bytes (weights once per step, ceil(decode tokens / C) steps, plus every decode token's KV
      context) at the copy bandwidth; printed with the measured wall time and their ratio;
@@ -15,7 +17,9 @@ at most C in flight (closed loop):
      stream messages, built on the consumer's thread in the server, are timed apart);
   5. --grpc: the same load through a real `loraserve serve` subprocess on loopback (closed loop),
      and --grpc-rate R: Poisson arrivals at R req/s through gRPC and in-process;
-  6. --with-lora: the older flow (N Zipf-popular rank-r adapters vs base, in-process and gRPC).
+  6. variants (--sweep-prefill-cap, --sweep-capture-after, --sweep-mixed-graphs): the same load again on
+     the step-2 engine with one option flipped (benchmarks/e2e_runs.py); never a second engine in the process;
+  7. --with-lora: the older flow (N Zipf-popular rank-r adapters vs base, in-process and gRPC).
 
     python3 benchmarks/bench_e2e.py --out OUTDIR --grpc --json benchmarks/results/e2e_h200.json
     python3 benchmarks/bench_e2e.py --out /tmp/x --tiny --grpc     # the same flow on CPU, tiny model

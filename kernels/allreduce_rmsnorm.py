@@ -47,6 +47,7 @@ def allreduce_add_rms_norm_ref(partials: list[Tensor], residual: Tensor, weight:
 
 
 if HAS_TRITON:
+    _EMPTY = tl.constexpr(EMPTY_BITS)   # a global a @jit function may read
 
     @triton.jit
     def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, peers_ptr, counter_ptr, H, eps,
@@ -61,8 +62,8 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_wait()
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
         dtype = x.dtype
-        empty = tl.full([BLOCK], EMPTY_BITS, tl.int16).to(dtype, bitcast=True)
-        send = tl.where(x.to(tl.int16, bitcast=True) == EMPTY_BITS, tl.zeros([BLOCK], dtype), x)
+        empty = tl.full([BLOCK], _EMPTY, tl.int16).to(dtype, bitcast=True)
+        send = tl.where(x.to(tl.int16, bitcast=True) == _EMPTY, tl.zeros([BLOCK], dtype), x)
         count = tl.load(counter_ptr + row)
         at = (count % 2).to(tl.int64) * slot_stride + row * H + offs   # + region * region_stride
         # 1. push: my row into region RANK of every peer's buffer
@@ -79,11 +80,11 @@ if HAS_TRITON:
             else:
                 src = mine + at + p * region_stride
                 v = tl.load(src, mask=ok, other=0.0, volatile=True)
-                missing = tl.sum(((v.to(tl.int16, bitcast=True) == EMPTY_BITS) & ok).to(tl.int32), axis=0)
+                missing = tl.sum(((v.to(tl.int16, bitcast=True) == _EMPTY) & ok).to(tl.int32), axis=0)
                 spins = tl.full([], 0, tl.int32)
                 while (missing > 0) & (spins < MAX_SPIN):
                     v = tl.load(src, mask=ok, other=0.0, volatile=True)
-                    missing = tl.sum(((v.to(tl.int16, bitcast=True) == EMPTY_BITS) & ok).to(tl.int32), axis=0)
+                    missing = tl.sum(((v.to(tl.int16, bitcast=True) == _EMPTY) & ok).to(tl.int32), axis=0)
                     spins += 1
                 acc += v.to(tl.float32)
                 tl.store(src, empty, mask=ok)   # clear on read: empty again for call count + 2

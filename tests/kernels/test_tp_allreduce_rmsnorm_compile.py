@@ -1,0 +1,42 @@
+"""The fused all-reduce + RMSNorm kernel (kernels/allreduce_rmsnorm.py) compiled offline for sm_90 on a
+machine without a GPU (as test_lora_onelaunch_compile.py): the whole NVIDIA pipeline runs (the int64 ->
+pointer casts of the peer addresses, the volatile spin loop), for the 8B and 70B hidden sizes, 2 and 4
+ranks, with and without programmatic dependent launch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+pytestmark = [
+    pytest.mark.skipif(not triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real"),
+]
+
+
+@pytest.mark.parametrize("hidden,world,rank,pdl", [(4096, 2, 0, False), (4096, 2, 1, True), (8192, 2, 1, False),
+                                                   (4096, 4, 2, False)])
+def test_allreduce_rmsnorm_compiles_for_sm90(hidden, world, rank, pdl):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from loraserve.kernels.allreduce_rmsnorm import _allreduce_rms_norm_kernel
+
+    sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "peers_ptr": "*i64", "counter_ptr": "*i32",
+           "H": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "slot_stride": "i32",
+           "region_stride": "i32"}
+    const = dict(RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(hidden), MAX_SPIN=1 << 30, USE_PDL=pdl)
+    sig.update({n: "constexpr" for n in const})
+    names = list(sig)
+    try:
+        src = ASTSource(fn=_allreduce_rms_norm_kernel, signature=sig,
+                        constexprs={(names.index(k),): v for k, v in const.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=min(16, hidden // 512)))
+    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
+        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+    ptx = kernel.asm["ptx"]
+    assert "ld.volatile.global" in ptx, "the spin loop's loads must not be cached"
+    assert ("griddepcontrol" in ptx) == pdl

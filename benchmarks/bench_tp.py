@@ -294,7 +294,7 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
     cmd += [f for f, on in (("--tiny", a.tiny), ("--tp-eager", a.tp_eager), ("--decode-only", a.decode_only or nccl_only),
                             ("--replay", a.replay)) if on]
     env = dict(os.environ)
-    if nccl_only:   # no symmetric memory at all: the fused all-reduce + norm and the sharded sampler off too
+    if nccl_only:   # no symmetric memory at all: the fused all-reduce + norm off too
         env.update(LORASERVE_TP_CUSTOM_AR="0", LORASERVE_TP_FUSED_NORM="0")
     if a.profile_dir and tp == 2 and not nccl_only:   # a window in the batch-1 run, one in the batch-64 run
         env["LORASERVE_TP_PROFILE"] = a.profile_dir + (f":{a.steps - 8}:8,{a.steps + 24}:8" if ":" not in a.profile_dir else "")

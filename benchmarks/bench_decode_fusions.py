@@ -43,6 +43,7 @@ def apply_variant(name: str) -> None:
         return
     llama.FUSED_ROPE_KV = v["rope_kv"]
     llama.GEMV_MAX_M = v["gemv"]
+    llama.GEMV_SILU = False
     os.environ["LORASERVE_PDL"] = v["pdl"]
     os.environ["LORASERVE_SAMPLER_GRAPHS"] = v.get("sampler_graphs", "0")   # greedy sampling in a graph too
 
@@ -124,6 +125,9 @@ def main() -> int:
     ap.add_argument("--trace-prefill", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script on a tiny random Llama")
+    ap.add_argument("--checkpoint", default=None, help="build the checkpoint here, or reuse the one already there "
+                    "(one process per variant: several engines in one process are a known risk)")
+    ap.add_argument("--skip-prefill", action="store_true")
     a = ap.parse_args()
     from loraserve.config import engine_config_from_kwargs
     from loraserve.inference.engine import LLMEngine
@@ -132,9 +136,11 @@ def main() -> int:
     bw = 1e11 if a.tiny else copy_bandwidth()
     res = {"gpu": "cpu" if a.tiny else torch.cuda.get_device_name(), "layers": a.layers, "copy_bandwidth_GBps": bw / 1e9}
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    path = tempfile.mkdtemp(prefix="llama8b-")
+    path = a.checkpoint or tempfile.mkdtemp(prefix="llama8b-")
     t = time.perf_counter()
-    if a.tiny:
+    if os.path.exists(os.path.join(path, "config.json")):
+        pass   # reused
+    elif a.tiny:
         from tests.inference.conftest import make_random_model
 
         make_random_model(path, "llama", vocab_size=120000, max_position_embeddings=4096)
@@ -158,8 +164,9 @@ def main() -> int:
         print(f"{name:10s} bs1 {r['tok_s']:.1f} tok/s = {r['s_per_step'] * 1e3:.3f} ms/step = "
               f"{r['tok_s'] / limit:.3f} of the roofline ({limit:.0f} tok/s); engine {row['engine_build_s']:.1f} s",
               flush=True)
-        row["prefill"] = time_prefill(engine, prompts, a.prefill_batch, a.trace_prefill)
-        print(f"{name:10s} prefill {row['prefill']['tok_s']:.0f} tok/s", flush=True)
+        if not a.skip_prefill:
+            row["prefill"] = time_prefill(engine, prompts, a.prefill_batch, a.trace_prefill)
+            print(f"{name:10s} prefill {row['prefill']['tok_s']:.0f} tok/s", flush=True)
         if a.profile:
             row["profile_bs1"] = profile_bs1(engine, prompts)
         res[name] = row

@@ -7,6 +7,8 @@ as the decode CUDA graph runs it, in the variants the engine can take:
   gemv      fusedkv with the GEMV for every projection and SiLU-mul inside the down GEMV (LORASERVE_GEMV_MAX_M=1)
   gemv_pdl  gemv with programmatic dependent launch on every Triton kernel (LORASERVE_PDL=1)
   gemv_pdl_silu_apart  gemv_pdl with SiLU-mul as its own kernel (LORASERVE_GEMV_SILU=0)
+  policy_pdl  the engine's default GEMV policy: qkv, o, down through the GEMV, gate_up cuBLAS, SiLU apart
+              (policy_qkv_o_pdl: qkv and o only)
   base_pdl  fusedkv with PDL (cuBLAS GEMMs break the chain at each GEMM)
 
 Every timing is a CUDA-graph replay over enough distinct weight copies that weights come from HBM (not
@@ -27,8 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}
-SMOKE_SHAPES = {"qkv": (96, 64), "o": (64, 64), "gate_up": (192, 64), "down": (64, 96), "lm_head": (256, 64)}
+          "down_silu": (4096, 14336), "lm_head": (128256, 4096)}
+SMOKE_SHAPES = {"qkv": (96, 64), "o": (64, 64), "gate_up": (192, 64), "down": (64, 96), "down_silu": (64, 96),
+                "lm_head": (256, 64)}
 
 
 def copy_bandwidth(dev) -> float:
@@ -83,7 +86,7 @@ def per_shape(dev, dtype, shapes, configs, bw, cuda: bool) -> dict:
         nbytes = N * K * 2
         copies = max(2, (512 << 20) // nbytes) if cuda else 2
         ws = [torch.randn(N, K, device=dev).to(dtype) / K ** 0.5 for _ in range(copies)]
-        silu = name == "down"
+        silu = name == "down_silu"   # x = gate_up [1, 2K]; cuBLAS pays the SiLU kernel, the GEMV fuses it
         x = torch.randn(1, 2 * K if silu else K, device=dev).to(dtype)
         from loraserve.kernels.activation import silu_and_mul
 
@@ -134,7 +137,8 @@ class LayerChain:
         self.res = torch.randn(1, hidden, device=dev).to(dtype)
         self.ctx_len = ctx_len
 
-    def run(self, fused_kv: bool, use_gemv: bool, silu_in_gemv: bool = True) -> torch.Tensor:
+    def run(self, fused_kv: bool, use_gemv: bool, silu_in_gemv: bool = True,
+            gemv_projs: tuple[str, ...] = ("qkv", "o", "gate_up", "down")) -> torch.Tensor:
         from loraserve.kernels.activation import silu_and_mul
         from loraserve.kernels.gemv import gemv
         from loraserve.kernels.rmsnorm import fused_add_rms_norm
@@ -142,12 +146,13 @@ class LayerChain:
         from loraserve.kernels.unified_attention import unified_attention
 
         H, KVH, D = self.H, self.KVH, self.D
-        lin = (lambda x, w: gemv(x, w)) if use_gemv else F.linear
+        def lin(x, w, name):
+            return gemv(x, w) if use_gemv and name in gemv_projs else F.linear(x, w)
         x, res = self.x.clone(), self.res.clone()
         for i in range(self.L):
             w = self.w[i % len(self.w)]
             x, res = fused_add_rms_norm(x, res, w["n1"], 1e-5)
-            qkv = lin(x, w["qkv"])
+            qkv = lin(x, w["qkv"], "qkv")
             q = qkv[:, :H * D].view(1, H, D)
             k = qkv[:, H * D:(H + KVH) * D].view(1, KVH, D)
             v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
@@ -160,13 +165,13 @@ class LayerChain:
                 self.k_cache.view(-1, KVH, D).index_copy_(0, self.slots, k)
                 self.v_cache.view(-1, KVH, D).index_copy_(0, self.slots, v)
             o = unified_attention(q, self.k_cache, self.v_cache, self.tables, self.seq_lens, self.qsl, 1, D ** -0.5)
-            x = lin(o.view(1, H * D), w["o"])
+            x = lin(o.view(1, H * D), w["o"], "o")
             x, res = fused_add_rms_norm(x, res, w["n2"], 1e-5)
-            gate_up = lin(x, w["gate_up"])
+            gate_up = lin(x, w["gate_up"], "gate_up")
             if use_gemv and silu_in_gemv:
                 x = gemv(gate_up, w["down"], silu_mul=True)
             else:
-                x = lin(silu_and_mul(gate_up), w["down"])
+                x = lin(silu_and_mul(gate_up), w["down"], "down")
         return x
 
     def weight_bytes(self) -> int:
@@ -176,7 +181,8 @@ class LayerChain:
 
 VARIANTS = {"base": (False, False, "0", False), "fusedkv": (True, False, "0", False),
             "base_pdl": (True, False, "1", False), "gemv": (True, True, "0", True), "gemv_pdl": (True, True, "1", True),
-            "gemv_pdl_silu_apart": (True, True, "1", False)}
+            "gemv_pdl_silu_apart": (True, True, "1", False), "policy_pdl": (True, True, "1", False, ("qkv", "o", "down")),
+            "policy_qkv_o_pdl": (True, True, "1", False, ("qkv", "o"))}
 
 
 def layer_chain(dev, dtype, layers: int, variants: list[str], bw: float, small: bool, cuda: bool) -> dict:
@@ -187,12 +193,13 @@ def layer_chain(dev, dtype, layers: int, variants: list[str], bw: float, small: 
           flush=True)
     ref = None
     for name in variants:
-        fused_kv, use_gemv, pdl, silu = VARIANTS[name]
+        fused_kv, use_gemv, pdl, silu, *projs = VARIANTS[name]
+        projs = projs[0] if projs else ("qkv", "o", "gate_up", "down")
         os.environ["LORASERVE_PDL"] = pdl
-        y = chain.run(fused_kv, use_gemv, silu).float()
+        y = chain.run(fused_kv, use_gemv, silu, projs).float()
         ref = y if ref is None else ref
         err = float((y - ref).abs().max() / (ref.abs().max() + 1e-6))
-        t = time_graph(lambda: chain.run(fused_kv, use_gemv, silu), cuda=cuda)
+        t = time_graph(lambda: chain.run(fused_kv, use_gemv, silu, projs), cuda=cuda)
         out[name] = {"us": t * 1e6, "us_per_layer": t * 1e6 / layers, "limit_fraction": limit / t, "rel_err_vs_first": err}
         print(f"  {name:9s} {t * 1e6:8.1f} us = {t * 1e6 / layers:6.1f} us/layer, {limit / t:.3f} of the weight limit"
               f" (max rel diff vs {variants[0]} {err:.1e})", flush=True)

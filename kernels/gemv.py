@@ -52,7 +52,9 @@ def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, silu_mul: bool = 
     return y.to(x.dtype)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, PREFETCH); measured choices go here (benchmarks/bench_gemv.py)
+# (BLOCK_N, BLOCK_K, num_warps, PREFETCH). H200, M=1 (benchmarks/bench_gemv.py, first probe): qkv
+# [6144, 4096] 8 rows 15.5 us (4 rows 16.5, cuBLAS 16.0); o [4096, 4096] 4 rows 11.0 us (8 rows 11.9, cuBLAS
+# 13.4); gate_up [28672, 4096] 59.4 (cuBLAS 58.3). PREFETCH made no difference (+-0.1 us).
 DEFAULT_CONFIG = (8, 512, 4, 1)
 
 
@@ -61,6 +63,8 @@ def gemv_config(M: int, N: int, K: int) -> tuple[int, int, int, int]:
     if env:
         return tuple(int(v) for v in env.split(","))  # type: ignore[return-value]
     bn, bk, nw, pf = DEFAULT_CONFIG
+    if N <= 4096:
+        bn = 4   # N / 8 = 512 programs are under one wave of ~6 per SM: 1024 fill it
     if M > 2:
         bk = 256   # four [BLOCK_N, BLOCK_K] fp32 accumulators: half the registers
     return bn, bk, nw, pf

@@ -139,8 +139,9 @@ def _env_flag(name: str, default: str) -> bool:
 
 # CUDA switches of the decode-step fusions (kernels/PERF_NOTES.md, "batch-1 decode"); read at import:
 # RoPE + the K/V cache write in one kernel (kernels/rope.py rope_store_kv) instead of RoPE, a copy of v
-# and two index_copy_ launches per layer
-FUSED_ROPE_KV = _env_flag("LORASERVE_FUSED_ROPE_KV", "0")
+# and two index_copy_ launches per layer. On by default: H200, 32 layers at 1 token, 142.0 -> 137.6 us per
+# layer, outputs bit for bit the same (LORASERVE_FUSED_ROPE_KV=0: the separate ops)
+FUSED_ROPE_KV = _env_flag("LORASERVE_FUSED_ROPE_KV", "1")
 
 
 def _gemv_rows() -> int:
@@ -153,8 +154,12 @@ def _gemv_rows() -> int:
 
 
 GEMV_MAX_M = _gemv_rows()
-# on the GEMV path, SiLU-and-mul inside the down projection's GEMV (no launch of its own)
-GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "1")
+# on the GEMV path, SiLU-and-mul inside the down projection's GEMV (no launch of its own). Off: on the
+# H200 the GEMV then recomputes the activation per weight row it holds and runs at 52-66 us for down
+# (cuBLAS + the SiLU kernel: 34 us)
+GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "0")
+# the projections the GEMV serves (gate_up: cuBLAS reaches the bandwidth there, 58.3 vs 59.4 us)
+GEMV_PROJS = frozenset(os.environ.get("LORASERVE_GEMV_PROJS", "qkv_proj,o_proj,down_proj").split(","))
 # ... and the LM head through the GEMV too (1-4 sampled rows)
 GEMV_LM_HEAD = _env_flag("LORASERVE_GEMV_LM_HEAD", "0")
 
@@ -248,8 +253,8 @@ class Proj(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _gemv_ok(self, x: torch.Tensor) -> bool:
-        return (0 < x.shape[0] <= GEMV_MAX_M and x.is_cuda and x.dtype == self.weight.dtype
-                and x.stride(-1) == 1)
+        return (0 < x.shape[0] <= GEMV_MAX_M and self.proj_name in GEMV_PROJS and x.is_cuda
+                and x.dtype == self.weight.dtype and x.stride(-1) == 1)
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This projection of silu(gate) * up, gate_up [N, 2I] (the MLP's down_proj); on the GEMV path

@@ -5,7 +5,7 @@ prompts, and where one batch-1 step's GPU time goes (torch.profiler, kernels sum
 Variants (each a fresh engine, so its decode graphs are captured under the variant's switches):
   base      no fusion (the engine's defaults before these switches)
   fused     LORASERVE_FUSED_ROPE_KV=1 + LORASERVE_GEMV_MAX_M=1 (fused4_pdl: GEMV up to 4 tokens, + PDL)
-  fused_pdl fused + LORASERVE_PDL=1 (pdl_only: RoPE+KV fused and PDL, cuBLAS GEMMs; fused_pdl_sg: + the
+  fused_pdl fused + LORASERVE_PDL=1 + LORASERVE_FUSED_GREEDY=1 (pdl_only: RoPE+KV fused and PDL, cuBLAS GEMMs; fused_pdl_sg: + the
             greedy sampler in a CUDA graph, LORASERVE_SAMPLER_GRAPHS=1)
   default   whatever the environment / code defaults say (what bench_engine.py measures)
 
@@ -29,7 +29,7 @@ from benchmarks.bench_engine import (Prompts, build_checkpoint, copy_bandwidth, 
                                      sync, time_engine_decode)
 
 VARIANTS = {"base": dict(rope_kv=False, gemv=0, pdl="0"), "fused": dict(rope_kv=True, gemv=1, pdl="0"),
-            "fused_pdl": dict(rope_kv=True, gemv=1, pdl="1"), "fused4_pdl": dict(rope_kv=True, gemv=4, pdl="1"),
+            "fused_pdl": dict(rope_kv=True, gemv=1, pdl="1", greedy="1"), "fused4_pdl": dict(rope_kv=True, gemv=4, pdl="1"),
             "gemv_only": dict(rope_kv=False, gemv=1, pdl="0"), "rope_kv_only": dict(rope_kv=True, gemv=0, pdl="0"),
             "pdl_only": dict(rope_kv=True, gemv=0, pdl="1"),
             "fused_pdl_sg": dict(rope_kv=True, gemv=1, pdl="1", sampler_graphs="1"), "default": None}
@@ -46,6 +46,7 @@ def apply_variant(name: str) -> None:
     llama.GEMV_SILU = False
     os.environ["LORASERVE_PDL"] = v["pdl"]
     os.environ["LORASERVE_SAMPLER_GRAPHS"] = v.get("sampler_graphs", "0")   # greedy sampling in a graph too
+    os.environ["LORASERVE_FUSED_GREEDY"] = v.get("greedy", "0")            # kernels/greedy.py
 
 
 def kernel_table(prof, top: int = 22) -> list[tuple[str, float, int]]:

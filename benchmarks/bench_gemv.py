@@ -179,6 +179,21 @@ class LayerChain:
         return self.L * sum(w[k].numel() * w[k].element_size() for k in ("qkv", "o", "gate_up", "down"))
 
 
+def greedy_bench(dev, cuda: bool, vocab: int) -> dict:
+    """Greedy sampling of B rows of fp32 logits: the sampler's torch ops vs kernels/greedy.py (graphs)."""
+    from loraserve.kernels.greedy import greedy_sample, greedy_sample_ref
+
+    out = {}
+    for B in (1, 8, 64):
+        x = torch.randn(B, vocab, device=dev) * 3
+        t_ref = time_graph(lambda: greedy_sample_ref(x), reps=20, cuda=cuda)
+        t_new = time_graph(lambda: greedy_sample(x), reps=20, cuda=cuda)
+        same = bool(torch.equal(greedy_sample(x)[0], greedy_sample_ref(x)[0]))
+        out[B] = {"torch_us": t_ref * 1e6, "fused_us": t_new * 1e6, "same_tokens": same}
+        print(f"greedy B={B}: torch ops {t_ref * 1e6:.1f} us, fused {t_new * 1e6:.1f} us, same tokens {same}", flush=True)
+    return out
+
+
 VARIANTS = {"base": (False, False, "0", False), "fusedkv": (True, False, "0", False),
             "base_pdl": (True, False, "1", False), "gemv": (True, True, "0", True), "gemv_pdl": (True, True, "1", True),
             "gemv_pdl_silu_apart": (True, True, "1", False), "policy_pdl": (True, True, "1", False, ("qkv", "o", "down")),
@@ -214,6 +229,7 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--variants", default="base,fusedkv,base_pdl,gemv,gemv_pdl")
     ap.add_argument("--skip-shapes", action="store_true")
+    ap.add_argument("--skip-greedy", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, eager, CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -230,6 +246,8 @@ def main() -> int:
     shapes = {k: (SMOKE_SHAPES if a.smoke else SHAPES)[k] for k in a.shapes.split(",") if k}
     if not a.skip_shapes:
         res["per_shape_m1"] = per_shape(dev, dtype, shapes, configs, bw, cuda)
+    if not a.skip_greedy:
+        res["greedy"] = greedy_bench(dev, cuda, 1000 if a.smoke else 128256)
     res["layer_chain"] = layer_chain(dev, dtype, 2 if a.smoke else a.layers, a.variants.split(","), bw, a.smoke, cuda)
     if a.json:
         with open(a.json, "w") as f:

@@ -14,6 +14,7 @@ alone.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -164,9 +165,23 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
     return x
 
 
+def _fused_greedy_ok(logits: torch.Tensor) -> bool:
+    """CUDA, few rows: kernels/greedy.py (LORASERVE_FUSED_GREEDY=0 turns it off)."""
+    if not logits.is_cuda or os.environ.get("LORASERVE_FUSED_GREEDY", "0") in ("0", "false", "off", ""):
+        return False
+    from loraserve.kernels.greedy import greedy_ok
+
+    return greedy_ok(logits)
+
+
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     """logits [B, V] (any float dtype) -> SamplerOutput of device tensors (nothing here waits for the
     device)."""
+    if meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0 and _fused_greedy_ok(logits):
+        from loraserve.kernels.greedy import greedy_sample   # the same tokens in 2 launches instead of ~10
+
+        tokens, logprobs, ok = greedy_sample(logits)
+        return SamplerOutput(tokens, logprobs, None, None, ok)
     raw, lse, ok = sanitize(logits.float())                               # lse [B]: normaliser of the raw logits
     x = process_logits(raw, meta)
     if meta.masked is not None:

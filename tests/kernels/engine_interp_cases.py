@@ -60,3 +60,31 @@ def check_rope_store_kv(dtype: str, T: int, H: int, KVH: int, D: int, block_size
     untouched[slots] = False
     assert torch.equal(k_cache.view(-1, KVH, D)[untouched], k_ref.view(-1, KVH, D)[untouched]), "wrote another slot"
     assert torch.equal(qkv, qkv_before), "the inputs were modified"
+
+
+def check_greedy(B: int, V: int, device: str = "cpu", chunk: int | None = None) -> None:
+    """Fused greedy sampling vs the torch ops of sampler.sample(): random rows, a row with ties across
+    chunks, a NaN row, rows with +inf (one and two entries), a row with no finite value."""
+    import loraserve.kernels.greedy as greedy
+
+    if chunk is not None:
+        greedy.CHUNK = chunk
+    g = torch.Generator().manual_seed(B * 131 + V)
+    x = (torch.randn(B, V, generator=g) * 3).to(device)
+    special = []
+    if B >= 6:
+        x[1, V // 3] = x[1, V - 2] = x[1].max() + 1                 # tie across chunks: the first wins
+        x[2, ::7] = float("nan")
+        x[3, 5] = float("inf")
+        x[4, V - 1] = x[4, 2] = float("inf")
+        x[5] = float("-inf")
+        x[5, 3] = float("nan")
+        special = [1, 2, 3, 4, 5]
+    tok, lp, ok = greedy.greedy_sample(x)
+    rtok, rlp, rok = greedy.greedy_sample_ref(x)
+    assert torch.equal(tok, rtok), (tok, rtok)
+    assert torch.equal(ok, rok), (ok, rok)
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    assert tok.dtype == torch.int64 and lp.dtype == torch.float32 and ok.dtype == torch.bool
+    if special:
+        assert int(tok[1]) == V // 3 and int(tok[3]) == 5 and int(tok[4]) == 2 and not bool(ok[5])

@@ -81,3 +81,14 @@ def test_rope_store_kv_compiles_for_sm90(pdl) -> None:
     k = _compile(_rope_store_kv_kernel, sig, const, 4)
     assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
     _no_spills(k, "rope_store")
+
+
+def test_greedy_compiles_for_sm90() -> None:
+    from loraserve.kernels.greedy import CHUNK, _greedy_chunk_kernel, _greedy_merge_kernel
+
+    k = _compile(_greedy_chunk_kernel, {"x_ptr": "*fp32", "wsf_ptr": "*fp32", "wsi_ptr": "*i32", "V": "i32",
+                                        "stride_x": "i32", "num_chunks": "i32"}, dict(CHUNK=CHUNK, USE_PDL=True), 8)
+    _no_spills(k, "greedy_chunk")
+    k = _compile(_greedy_merge_kernel, {"wsf_ptr": "*fp32", "wsi_ptr": "*i32", "tok_ptr": "*i64", "lp_ptr": "*fp32",
+                                        "ok_ptr": "*i8", "num_chunks": "i32"}, dict(C_PAD=32, USE_PDL=True), 1)
+    _no_spills(k, "greedy_merge")

@@ -1,5 +1,5 @@
 """The engine on CUDA with the decode-step fusions on (RoPE + KV write in one kernel, the GEMV for 1-4
-tokens with SiLU-mul fused into down, programmatic dependent launch): greedy tokens equal HF transformers'
+tokens, programmatic dependent launch, fused greedy sampling): greedy tokens equal HF transformers'
 (fp32, CUDA-graph decode at batch 1 and 4, prefill eager) and equal the engine without the fusions."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def fusions_on(monkeypatch):
     monkeypatch.setattr(llama, "FUSED_ROPE_KV", True)
     monkeypatch.setattr(llama, "GEMV_MAX_M", 4)
     monkeypatch.setenv("LORASERVE_PDL", "1")
+    monkeypatch.setenv("LORASERVE_FUSED_GREEDY", "1")   # kernels/greedy.py in the sampler
 
 
 def test_fused_decode_matches_hf(tiny_llama, fusions_on):

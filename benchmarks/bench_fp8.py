@@ -99,6 +99,11 @@ def measure(engine, a, loras=None) -> dict:
     if not a.decode_only:
         out["prefill_tok_s"] = statistics.median(time_prefill(engine, a.prefill_batch, a.prefill_len, seed=r)
                                                  for r in range(a.repeats))
+    for bs in (1, a.batch):   # wall time per decode step, to set against the profile's device time
+        out[f"decode_bs{bs}_ms_per_step"] = round(1e3 * bs / out[f"decode_bs{bs}_tok_s"], 3)
+    graphs = getattr(engine.runner, "graph_runner", None)   # decode replayed from CUDA graphs, or eager
+    out["cuda_graph_buckets"] = sorted({bs for bs, _ in graphs.graphs}) if graphs is not None else None
+    out["sampler_graphs"] = graphs is not None and graphs.sampler_graphs is not None
     cache = engine.runner.k_cache
     out["kv_blocks"] = engine.runner.num_blocks
     out["kv_blocks_per_gib"] = engine.runner.num_blocks / (2 * cache.numel() * cache.element_size() / 2**30)
@@ -138,7 +143,8 @@ def profile_decode(engine, batch: int, prompt_len: int, steps: int = 5, top: int
         if total > 0 and e.count:
             rows.append((e.key[:70], round(total / steps, 1), round(total / e.count, 2), round(e.count / steps, 1)))
     rows.sort(key=lambda r: -r[1])
-    print(f"  decode bs{batch} device us per step: {sum(r[1] for r in rows):.0f} (kernel, us/step, us/call, calls/step)")
+    print(f"  decode bs{batch} device us per step (all kernels): {sum(r[1] for r in rows):.0f} "
+          f"(kernel, us/step, us/call, calls/step)")
     for r in rows[:top]:
         print(f"    {r[0]:70s} {r[1]:9.1f} {r[2]:8.2f} {r[3]:6.1f}")
     return rows[:top]
@@ -314,7 +320,8 @@ def main() -> int:
     ap.add_argument("--decode-only", action="store_true", help="decode figures only (no prefill, no LoRA run)")
     ap.add_argument("--lm-head-fp8", action="store_true",
                     help="the FP8 engine's LM head in e4m3 too (LORASERVE_FP8_LM_HEAD=1; bf16 by default)")
-    ap.add_argument("--profile", action="store_true", help="per-kernel device time of the FP8 engine's decode steps at --batch")
+    ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (no speedups: FP8 figures only)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device time of decode steps at batch 1 and --batch")
     ap.add_argument("--exclude-modules", default=None,
                     help="QuantConfig.exclude_modules, comma-separated patterns (e.g. 'model.layers.0.*')")
     a = ap.parse_args()
@@ -358,15 +365,19 @@ def main() -> int:
         except Exception as err:   # noqa: BLE001
             res["gemm_us"] = f"failed: {type(err).__name__}: {err}"[:2000]
         print(f"GEMM micro-benchmark done ({time.perf_counter() - t0:.0f} s): {res['gemm_us']}", flush=True)
-    engine = build(path, None, kw, lora_cfg)
-    res["bf16"] = measure(engine, a)
-    free(engine)
-    engine = None   # before the next build: the FP8 engine sizes its KV cache from the free memory
-    print(f"bf16 done ({time.perf_counter() - t0:.0f} s): {res['bf16']}", flush=True)
+    if not a.fp8_only:
+        engine = build(path, None, kw, lora_cfg)
+        res["bf16"] = measure(engine, a)
+        if a.profile:
+            res["bf16"]["profile_decode"] = {bs: profile_decode(engine, bs, a.prompt_len) for bs in (1, a.batch)}
+        free(engine)
+        engine = None   # before the next build: the FP8 engine sizes its KV cache from the free memory
+        print(f"bf16 done ({time.perf_counter() - t0:.0f} s): "
+              f"{ {k: v for k, v in res['bf16'].items() if k != 'profile_decode'} }", flush=True)
     engine = build(path, quant, kw, lora_cfg)
     res["fp8"] = measure(engine, a)
     if a.profile:
-        res["fp8"]["profile_decode"] = profile_decode(engine, a.batch, a.prompt_len)
+        res["fp8"]["profile_decode"] = {bs: profile_decode(engine, bs, a.prompt_len) for bs in (1, a.batch)}
     if not a.decode_only:
         reqs = register(engine, make_adapters(engine, a.adapters, a.rank, dora=False, seed=1), 1)
         res["fp8_lora32_decode_tok_s"] = statistics.median(
@@ -375,6 +386,12 @@ def main() -> int:
     engine = None
     print(f"fp8 done ({time.perf_counter() - t0:.0f} s): "
           f"{ {k: v for k, v in res['fp8'].items() if k != 'profile_decode'} }", flush=True)
+    if a.fp8_only:
+        shutil.rmtree(path, ignore_errors=True)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return 0
     b, f = res["bf16"], res["fp8"]
     res["decode_bs1_speedup"] = f["decode_bs1_tok_s"] / b["decode_bs1_tok_s"]
     res[f"decode_bs{a.batch}_speedup"] = f[f"decode_bs{a.batch}_tok_s"] / b[f"decode_bs{a.batch}_tok_s"]

@@ -68,6 +68,17 @@ if HAS_TRITON:
         tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _prefetch_rows_l2(w_ptr, rows, K, k_start, k_end, LINES: tl.constexpr):
+        # w[rows, k_start:k_end] into L2, one prefetch per 128-byte line (rows: [R] int64, valid). Issued by a
+        # GEMV launched as a programmatic dependent before its gdc_wait: the weights (no kernel of the step
+        # writes them) stream from HBM while the kernel before it (a norm, the attention) still runs
+        for k0 in range(k_start, k_end, LINES * 128):
+            offs = tl.minimum(k0 + tl.arange(0, LINES) * 128, k_end - 1)
+            ptrs = w_ptr + rows[:, None] * K + offs[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
     def _gemv_row(acc, w, x_ptr, row, M, offs_k, k_ok, EVEN_K: tl.constexpr):
         # one x row broadcast over the weight tile's rows, loaded as a [BLOCK_N, BLOCK_K] tile of repeated
         # addresses (L1 serves the repeats): it then shares w's register layout, where a [BLOCK_K] load
@@ -125,6 +136,7 @@ if HAS_TRITON:
                 w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
                                  eviction_policy="evict_first")
         if WAIT:   # launched as a programmatic dependent (gemv_pdl_on): x is the kernel before us's output;
+            _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)   # our weights meanwhile
             tl.extra.cuda.gdc_wait()   # then our dependents may launch (kernels/pdl.py's rules: they wait for us)
             tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -202,6 +214,12 @@ if HAS_TRITON:
             n2 = _gemv_group_load(p2, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
             n3 = _gemv_group_load(p3, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
         if WAIT:   # as in _fp8_gemv_kernel: the first weight tiles may be in flight, x is not read yet
+            _prefetch_rows_l2(w_ptr, tl.where(offs_0 < N, offs_0, 0).to(tl.int64), K, k_start, k_end, 32)
+            if GROUPS >= 2:
+                _prefetch_rows_l2(w_ptr, tl.where(offs_1 < N, offs_1, 0).to(tl.int64), K, k_start, k_end, 32)
+            if GROUPS >= 4:
+                _prefetch_rows_l2(w_ptr, tl.where(offs_2 < N, offs_2, 0).to(tl.int64), K, k_start, k_end, 32)
+                _prefetch_rows_l2(w_ptr, tl.where(offs_3 < N, offs_3, 0).to(tl.int64), K, k_start, k_end, 32)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -278,6 +296,7 @@ if HAS_TRITON:
         xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + offs_k)[:, None]    # [BK, BM]: x^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
         if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
+            _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):

@@ -307,6 +307,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
                          ptx), kind
         assert not constexprs["PDL"] or "griddepcontrol.launch_dependents" in ptx
         assert ("griddepcontrol.wait" in ptx) == constexprs["WAIT"]
+        assert ("prefetch.global.L2" in ptx) == constexprs["WAIT"]   # the weights' L2 prefetch before the wait
+        assert not constexprs["WAIT"] or ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
         # dot16 scales x by 2^-4 in fp32 before rounding to fp16; a constant scale was moved after the rounding
         # by Triton (mul.f16x2: overflow for |x| > 65504), hence the runtime argument
         assert kind != "dot16" or "mul.f16x2" not in ptx

@@ -13,8 +13,9 @@ Same requests in each run (closed loop, at most C in flight, fresh random prompt
 
 One engine serves runs 1-2: its GPU tier is allocated for all N adapters and the churn run uses
 only the first `slots` of it (DeviceTier.limit_slots), so the KV cache, CUDA graphs and requests
-are the same in every run. Slots are max_lora_rank wide (no per-rank packing yet), so "64 rank-16
-adapters by memory" is 64 * 16 / max_lora_rank slots. Adapters are random tensors made on the
+are the same in every run. Slots are max_lora_rank wide, so "64 rank-16 adapters by memory" is
+64 * 16 / max_lora_rank slots; with LORASERVE_RANK_PACKING=1 they are granules of 8 rows that each
+adapter takes by its own rank (64 * 16 / 8). Adapters are random tensors made on the
 device and staged into pinned host memory directly (no disk round trip); the host tier holds all.
 GPU defaults: 1000 adapters, 256 requests per run (256-token prompts, 64 output tokens) at
 concurrency 64 (the H200 run of 512 x 128 did not finish within 300 s with everything else).
@@ -335,12 +336,15 @@ def main() -> int:
           f"GPU tier {mgr.num_slots} slots  [engine + adapters {time.perf_counter() - t:.0f} s]")
     vocab = eng.args.vocab_size
     args.tier_adapters = args.tier_adapters or (16 if tiny else 64)
-    tier_slots = max(1, args.tier_adapters * 16 // max_rank)
+    # the memory of tier_adapters rank-16 adapters, in slots: max_lora_rank wide, or packing granules
+    # (LORASERVE_RANK_PACKING=1: each adapter then takes rows by its own rank)
+    tier_slots = max(1, args.tier_adapters * 16 // mgr.slots.granule)
     details["meta"] = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu", tiny=tiny, adapters=n_adapters,
         requests=n_req, concurrency=conc, input_len=in_len, output_len=out_len, zipf=args.zipf,
         churn_modules=list(CHURN_MODULES), max_lora_rank=max_rank, churn_tier_slots=tier_slots,
-        tier_adapters_rank16=args.tier_adapters, all_resident_slots=mgr.num_slots, command=" ".join(sys.argv))
+        tier_adapters_rank16=args.tier_adapters, all_resident_slots=mgr.num_slots, slot_rows=mgr.slots.granule,
+        rank_packing=mgr.slots.packed, command=" ".join(sys.argv))
 
     # same adapters, lengths and order in the runs compared; the prompt tokens are fresh in every run
     # (a distinct seed each), so the prefix cache never turns the second run's prefill into a hit

@@ -14,8 +14,24 @@ For each fused projection p of the model (qkv_proj, o_proj, gate_up_proj, down_p
                                           bias unscaled; 0 where g = 1
     ranks: [L] int32                      real rank of the adapter in each slot
 Projections that no enabled module uses get no buffers at all.
+
+Rank packing (LORASERVE_RANK_PACKING=1; granule G = LORASERVE_RANK_GRANULE, 8): a "slot" is a
+granule of G rank rows, and an adapter of rank r takes span(r) = next_pow2(ceil(r / G)) granules
+aligned to span(r) (a buddy layout: any two adapters' blocks are nested or apart), so a rank-8
+adapter costs 8 rows, not max_rank. a[p] and b[p] are then strided views of pools
+
+    pool_a[p]: [num_layers, S_p, P, in_p]    pool_b[p]: [num_layers, N_p, P]    P = L*G + pad
+
+with slot v's rows at v*G .. v*G + R - 1 (a[p].stride(1) = G*in_p, b[p].stride(1) = G): the
+kernels index a slot through its strides and mask rows and columns by ranks[v], so they read
+only the adapter's own rows (the streaming expand reads B in whole 16-wide chunks up to
+ceil16(rank) and multiplies the extra columns by masked zeros: finite weights of the neighbour
+add nothing). `pad` keeps the last slot's R-row view inside the pool. scale/shift/ranks stay per
+slot (granule); only an adapter's first granule is ever a token's slot.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,10 +40,30 @@ from loraserve.adapters import LoraAdapter
 from ..models.llama import PROJ_SLICES, ModelArgs
 
 
+RANK_PACKING = os.environ.get("LORASERVE_RANK_PACKING", "0") == "1"
+RANK_GRANULE = int(os.environ.get("LORASERVE_RANK_GRANULE", "8"))
+
+
+def slot_granule(max_rank: int, packed: bool | None = None) -> int:
+    """Rank rows per slot: max_rank, or the packing granule (at most max_rank)."""
+    packed = RANK_PACKING if packed is None else packed
+    return max(1, min(RANK_GRANULE, max_rank)) if packed else max_rank
+
+
+def slot_span(rank: int, granule: int) -> int:
+    """Slots an adapter of `rank` takes: ceil(rank / granule) rounded up to a power of two."""
+    k = max(1, -(-rank // granule))
+    return 1 << (k - 1).bit_length()
+
+
 class DeviceSlots:
     def __init__(self, args: ModelArgs, enabled: set[str], num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, packed: bool | None = None):
+        """num_slots: granules when packed (see the module docstring), else max_rank-wide slots."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.granule = slot_granule(max_rank, packed)
+        self.packed = self.granule < max_rank
+        self._pools: list[torch.Tensor] = []   # the packed layout's backing buffers
         shapes = args.lora_module_shapes()
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
@@ -44,8 +80,18 @@ class DeviceSlots:
             offsets = [0]
             for o in outs:
                 offsets.append(offsets[-1] + o)
-            self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
-            self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
+            if self.packed:
+                S, N, G = len(modules), offsets[-1], self.granule
+                rows = L * G + max(max_rank, 16)   # the last slot's R-row view (and 16-wide B reads) stay inside
+                pool_a = torch.zeros(n_layers, S, rows, in_f, dtype=dtype, device=device)
+                pool_b = torch.zeros(n_layers, N, rows, dtype=dtype, device=device)
+                self._pools += [pool_a, pool_b]
+                self.a[proj] = pool_a.as_strided((n_layers, L, S, max_rank, in_f),          # [layers, L, S, R, in]
+                                                 (S * rows * in_f, G * in_f, rows * in_f, in_f, 1))
+                self.b[proj] = pool_b.as_strided((n_layers, L, N, max_rank), (N * rows, G, rows, 1))  # [layers, L, N, R]
+            else:
+                self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
+                self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
             self.scale[proj] = torch.ones(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
             if _has_bias(args, proj):
                 self.shift[proj] = torch.zeros(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
@@ -57,29 +103,37 @@ class DeviceSlots:
         self._pending: torch.cuda.Event | None = None
 
     @staticmethod
-    def bytes_per_slot(args: ModelArgs, enabled: set[str], max_rank: int, dtype: torch.dtype) -> int:
+    def bytes_per_slot(args: ModelArgs, enabled: set[str], max_rank: int, dtype: torch.dtype,
+                       rows: int | None = None) -> int:
+        """GPU bytes of one slot of `rows` rank rows (default max_rank; the packing granule when packed)."""
+        rows = max_rank if rows is None else rows
         shapes = args.lora_module_shapes()
         elems = scale_bytes = 0
         for proj, modules in PROJ_SLICES.items():
             if enabled & set(modules):  # a fused buffer holds every slice once any is enabled
-                elems += sum((shapes[m][0] + shapes[m][1]) * max_rank for m in modules)
+                elems += sum((shapes[m][0] + shapes[m][1]) * rows for m in modules)
                 scale_bytes += sum(shapes[m][1] for m in modules) * 4 * (1 + _has_bias(args, proj))  # g (+ shift)
         return args.num_hidden_layers * (elems * torch.finfo(dtype).bits // 8 + scale_bytes)
 
+    def span(self, rank: int) -> int:
+        """Slots an adapter of `rank` takes (1 unless packed)."""
+        return slot_span(rank, self.granule) if self.packed else 1
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(), *self.scale.values(),
-                                                               *self.shift.values()))
+        weights = self._pools if self.packed else [*self.a.values(), *self.b.values()]
+        return sum(t.numel() * t.element_size() for t in (*weights, *self.scale.values(), *self.shift.values()))
 
     def load(self, slot: int, adapter: LoraAdapter) -> int:
         """Copy `adapter` into `slot` (on the side stream on CUDA); returns bytes copied."""
         stream = self.copy_stream
         ctx = torch.cuda.stream(stream) if stream is not None else _null()
         copied = 0
+        rows = self.span(adapter.rank) * self.granule if self.packed else self.max_rank  # this adapter's rows only
         with ctx:
             for proj in self.a:
-                self.a[proj][:, slot].zero_()
-                self.b[proj][:, slot].zero_()
+                self.a[proj][:, slot, :, :rows].zero_()
+                self.b[proj][:, slot, :, :rows].zero_()
                 self.scale[proj][:, slot].fill_(1.0)
                 if proj in self.shift:
                     self.shift[proj][:, slot].zero_()

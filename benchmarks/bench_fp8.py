@@ -320,6 +320,7 @@ def main() -> int:
     ap.add_argument("--decode-only", action="store_true", help="decode figures only (no prefill, no LoRA run)")
     ap.add_argument("--lm-head-fp8", action="store_true",
                     help="the FP8 engine's LM head in e4m3 too (LORASERVE_FP8_LM_HEAD=1; bf16 by default)")
+    ap.add_argument("--quality-only", action="store_true", help="only the top-1 agreement on the default model")
     ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (no speedups: FP8 figures only)")
     ap.add_argument("--profile", action="store_true", help="per-kernel device time of decode steps at batch 1 and --batch")
     ap.add_argument("--exclude-modules", default=None,
@@ -333,6 +334,21 @@ def main() -> int:
     if a.lm_head_fp8:   # read at load: only FP8 loads quantize the head (the bf16 engine keeps its own)
         os.environ["LORASERVE_FP8_LM_HEAD"] = "1"
     t0 = time.perf_counter()
+    if a.quality_only:   # the default model's top-1 agreement alone (no 8B checkpoint): a run of its own
+        on_gpu = torch.cuda.is_available() and not a.tiny
+        kw = (dict(dtype="bfloat16", device="cuda", max_batch_size=256, kv_cache_config={"free_gpu_memory_fraction": 0.5})
+              if on_gpu else dict(dtype="float32", device="cpu"))   # as the full run's quality engines
+        kv_fp8 = fp8_kv_cache_supported(torch.device(kw["device"]))
+        quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_fp8 else None, "exclude_modules": None}
+        res = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "quant_config": quant,
+               "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
+        res.update(agreement(kw, quant, 2 if a.tiny else a.quality_texts))
+        res["wall_s"] = time.perf_counter() - t0
+        print(json.dumps(res, indent=2))
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return 0
     path = tempfile.mkdtemp(prefix="fp8-bench-")
     if a.tiny:
         from tests.inference.conftest import make_random_model
@@ -357,7 +373,7 @@ def main() -> int:
                  "quant_config": quant, "fp8_gemv_max_m": fp8_gemv_max_m_setting(),
                  "fp8_gemv_configs": os.environ.get("LORASERVE_FP8_GEMV_CONFIGS") or "built-in table (kernels/fp8_gemv.py)",
                  "lm_head": "fp8 (LORASERVE_FP8_LM_HEAD=1)" if os.environ.get("LORASERVE_FP8_LM_HEAD") == "1" else "bf16",
-                 "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_FP8")}}
+                 "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
     if on_gpu and not a.skip_micro:
         try:   # diagnostics only: a failure here must not cost the engine figures

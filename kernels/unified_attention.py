@@ -182,7 +182,9 @@ if HAS_TRITON:
         else:
             # partials: acc [NUM_SPLITS, N, H, D_PAD], (max, sum) [2, NUM_SPLITS, N, H], fp32, contiguous
             row = (split * num_tokens + tok) * H + head  # (BLOCK_M,) int64
-            tl.store(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+            # a split past the keys (short contexts under a split count fixed at graph capture) writes only its
+            # (max = -inf, sum = 0): the merge then skips its accumulator (an 8 KB store and load saved per program)
+            tl.store(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=(row_ok & ((q_row * 0 + t_lo) < t_hi))[:, None])
             tl.store(part_ml_ptr + row, m_i, mask=row_ok)
             tl.store(part_ml_ptr + NUM_SPLITS * num_tokens * H + row, l_i, mask=row_ok)
 
@@ -203,7 +205,9 @@ if HAS_TRITON:
         l = tl.load(part_ml_ptr + NUM_SPLITS * num_tokens * H + row, mask=s_ok, other=0.0)
         m_max = tl.max(m, 0)                             # finite: split 0 always holds key 0
         w = tl.math.exp2(m - m_max)                      # (S_PAD,), 0 for empty splits
-        acc = tl.load(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        # splits that saw no key (m = -inf) wrote no accumulator: weight 0, not read
+        acc = tl.load(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], mask=(s_ok & (m > float("-inf")))[:, None],
+                      other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
         tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=offs_d < D)

@@ -325,11 +325,17 @@ def profile_decode(engine, prompts: Prompts, path: str, loras=None, batch: int =
 
 
 class _Printing(dict):
-    """Prints each result as soon as it is measured (a run cut short still reports)."""
+    """Prints each result as soon as it is measured, and rewrites the JSON file (if any): a run cut short
+    still reports what it measured."""
+
+    path: str | None = None
 
     def __setitem__(self, k, v):
         super().__setitem__(k, v)
         print(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}", flush=True)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self, f, indent=2)
 
     def update(self, other):
         for k, v in other.items():
@@ -352,6 +358,7 @@ def main() -> int:
     from loraserve.inference.engine import LLMEngine
 
     res = _Printing()
+    res.path = a.json
     res.update({"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len})
     # the engine switches this run used (kernels/PERF_NOTES.md says what each does)
     res["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}

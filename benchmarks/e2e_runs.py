@@ -88,11 +88,31 @@ def capture_after(k: int):
     return apply
 
 
+def start_afresh(engine) -> bool:
+    """Before a variant: the engine as the first run found it where the run depends on it: no prefix cache (the
+    variant repeats the same prompts) and no mixed-step graph captured yet (the variant's own warm-up and run
+    capture theirs, as a fresh engine's would). Compiled kernels and decode graphs stay. False: the engine
+    still held requests (the prefix cache was kept)."""
+    import torch
+
+    mixed = engine.runner.mixed_graphs
+    if mixed is not None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()      # no replay in flight while the graphs and their pool go
+        mixed.graphs.clear()
+        mixed.seen.clear()
+        mixed.pool = None
+    return engine.reset_prefix_cache()
+
+
 def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: float, decode_batch: int,
                 prompt_len: int, host_steps: int) -> dict:
     """One more in-process run of the same load on the same engine with an option flipped by apply(engine)
-    (which returns the function that undoes it)."""
+    (which returns the function that undoes it), started afresh (no prefix cache, no mixed-step graphs)."""
     engine = llm.engine
+    if not start_afresh(engine):
+        print(f"{label}: the prefix cache could not be reset (requests held blocks)", flush=True)
+    reused0 = engine.block_manager.num_reused_blocks
     restore = apply(engine)
     mixed = engine.runner.mixed_graphs
     holder: dict = {}
@@ -115,7 +135,7 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
     out = {"wall_s": rep["duration_s"], "wall_over_limit": rep["duration_s"] / limit_s, "tpot_p50_s": tp50,
            "tpot_p90_s": (rep["tpot_s"] or {}).get("p90"), "ttft_s": rep.get("ttft_s"),
            "output_tokens_per_s": rep["output_tokens_per_s"], "num_failed": rep["num_failed"], "steps": b,
-           "host": host}
+           "host": host, "prefix_reused_blocks": engine.block_manager.num_reused_blocks - reused0}
     if mixed is not None and engine.runner.mixed_graphs is not None:
         out["mixed_graphs_captured"] = len(mixed.graphs) - n0[0]
         out["mixed_graph_replays"] = mixed.num_replays - n0[1]
@@ -124,6 +144,7 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
     print(f"{label}: wall {rep['duration_s']:.3f} s = {rep['duration_s'] / limit_s:.2f} x limit, TPOT p50 "
           f"{1e3 * tp50:.2f} ms (p90 {1e3 * (out['tpot_p90_s'] or 0):.2f}), output tok/s {rep['output_tokens_per_s']:.0f}, "
           f"failed {rep['num_failed']}, mixed graphs {out.get('mixed_graphs_captured')} captured in the measured run / "
-          f"{out.get('mixed_graph_replays')} replays ({out.get('mixed_graph_covered')} in a larger graph); decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
+          f"{out.get('mixed_graph_replays')} replays ({out.get('mixed_graph_covered')} in a larger graph), prefix-reused blocks "
+          f"{out['prefix_reused_blocks']}; decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
           f"(launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), wall {host['step_ms']:.3f} ms", flush=True)
     return out

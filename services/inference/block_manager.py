@@ -99,3 +99,13 @@ class BlockManager:
                 self.block_key[block], self.block_tokens[block] = key, tokens
             seq.prefix_key = key
             seq.num_hashed_blocks += 1
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block's key (vLLM's reset_prefix_cache): later requests compute their whole
+        prompt. Only while no block is in use (False, and nothing changes, otherwise)."""
+        if len(self.free_blocks) != self.num_blocks:
+            return False
+        self.key_to_block.clear()
+        self.block_key = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+        return True

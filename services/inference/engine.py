@@ -215,6 +215,11 @@ class LLMEngine:
                 "max_num_prefill_tokens_with_decode": self.scheduler.max_num_prefill_tokens_with_decode,
                 "kv_capacity_tokens": self.kv_capacity_tokens, "async_scheduling": self.async_scheduling}
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (as vLLM's LLM.reset_prefix_cache): later prompts are computed in full, e.g.
+        a benchmark repeating its requests. Only when idle: False (nothing dropped) while requests hold blocks."""
+        return not self.has_unfinished_requests() and self.block_manager.reset_prefix_cache()
+
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One iteration; returns a RequestOutput for every request that made progress.

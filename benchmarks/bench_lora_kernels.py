@@ -143,6 +143,10 @@ class Case:
             lora_meta.LORA_BGMV = bool(v.get("bgmv", False))
             lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead")
             lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead")
+            from loraserve.kernels import lora_shrink_bgmv
+
+            lora_shrink_bgmv.BGMV_TARGET_SPLIT = v.get("bgmv_split", 4)
+            lora_shrink_bgmv.BGMV_BLOCK_K = v.get("bgmv_block_k")
             stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)

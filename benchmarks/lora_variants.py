@@ -14,6 +14,8 @@ defaults set them):
   bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
              pdl_nobgmv: the same with the BGMV shrink off; prev: the default of the 12:20 final run
              (dot shrink, B blocks ahead by the code's rule, y 1 block ahead)
+  bgmv_s8    bgmv aiming at 8 K chunks (lora_shrink_bgmv.BGMV_TARGET_SPLIT; default 4); bgmv_k256 / bgmv_k2048:
+             a fixed BLOCK_K (BGMV_BLOCK_K)
   ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
              bgmv_ya2, bgmv_ya3: with the BGMV shrink too; bgmv_ya3_a4: and 4 B blocks ahead
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
@@ -29,7 +31,7 @@ import time
 import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
-from loraserve.kernels import lora_apply, lora_expand_stream, lora_meta, lora_onelaunch
+from loraserve.kernels import lora_apply, lora_expand_stream, lora_meta, lora_onelaunch, lora_shrink_bgmv
 
 _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
 # "default": the switches as this process found them (environment + code defaults), i.e. what the
@@ -38,7 +40,8 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                fused=_apply_module.FUSED_ENABLED, pdl=lora_meta.LORA_PDL,
                onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS,
                b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV,
-               y_ahead=lora_expand_stream.STREAM_Y_AHEAD)
+               y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv_split=lora_shrink_bgmv.BGMV_TARGET_SPLIT,
+               bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -59,6 +62,9 @@ VARIANTS = {
     "bgmv_ya2": dict(stream=True, pdl=True, bgmv=True, y_ahead=2),
     "bgmv_ya3": dict(stream=True, pdl=True, bgmv=True, y_ahead=3),
     "bgmv_ya3_a4": dict(stream=True, pdl=True, bgmv=True, y_ahead=3, b_ahead=4),
+    "bgmv_s8": dict(stream=True, pdl=True, bgmv=True, bgmv_split=8),  # BGMV aiming at 8 K chunks
+    "bgmv_k256": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=256),  # fixed BLOCK_K
+    "bgmv_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=2048),
 }
 
 
@@ -282,44 +288,35 @@ def sweep_stream(smoke: bool = False, budget_s: float | None = None) -> None:
 
 
 def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
-    """BGMV shrink and streaming-expand prefetch knobs, each kernel alone (us per projection), on
-    the 64-token / 32-adapter / rank-16 layer case: shrink BLOCK_K x warps (SPLIT_K = H / BLOCK_K),
-    then the expand from that shrink's partials at B/y blocks ahead x programs per SM. Stops
-    starting new rows after budget_s seconds."""
+    """Streaming-expand tile knobs, the kernel alone (us per projection), on the 64-token / 32-adapter /
+    rank-16 layer case from the default shrink's partials: BLOCK_N x warps x programs per SM x B / y
+    blocks ahead (the first probe found B / y depth and programs per SM flat for gate_up: 17.9-24.6 us).
+    Stops starting new rows after budget_s seconds."""
     from loraserve.kernels.lora_expand_stream import stream_expand_config
-    from loraserve.kernels.lora_shrink_bgmv import lora_shrink_bgmv
 
-    print("\nsweep-bgmv: layer case, rank 16, us per projection; shr kK/wW = BLOCK_K, warps; "
-          "exp bB/yY/pP = B blocks ahead, y blocks ahead, programs per SM", flush=True)
+    print("\nsweep-expand: layer case, rank 16, expand alone, us per projection; nN/wW/pP/bB/yY = BLOCK_N, warps, "
+          "programs per SM, B and y blocks ahead", flush=True)
     t0 = time.perf_counter()
-    for proj in ("gate_up", "down", "qkv", "o"):
+    for proj in ("gate_up", "qkv", "down", "o"):
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            print(f"sweep-bgmv: budget of {budget_s:.0f} s spent; rows left out from {proj}", flush=True)
+            print(f"sweep-expand: budget of {budget_s:.0f} s spent; rows left out from {proj}", flush=True)
             break
         c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, 32, 64)
-        c.use_variant(VARIANTS["bgmv"])
-        c.calls("shrink_only")[0]()  # real partials in the workspace for the expand rows
+        c.use_variant(VARIANTS["prev"])
+        c.calls("shrink_only")[0]()  # real partials in the workspace
         SK, S, T_, R = c.ws.shape
-        cells = [f"shr default(SK{SK})={c.time('shrink_only'):.1f}"]
-        for bk, w in ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8)):
+        cells = [f"default(SK{SK})={c.time('expand_only'):.1f}"]
+        for bn, w, per_sm, ba, ya in ((256, 8, 4, 2, 1), (256, 4, 4, 2, 1), (64, 4, 4, 3, 1), (64, 4, 8, 3, 1),
+                                      (64, 2, 8, 3, 1), (128, 8, 4, 3, 1), (128, 4, 8, 3, 1), (128, 2, 8, 3, 1),
+                                      (32, 2, 8, 4, 2)):
             if smoke:
-                bk = min(bk, 32)
-            ws = torch.empty(-(-c.H // bk), S, T_, R, device=c.x.device)
-            cfg = dict(BLOCK_K=bk, num_warps=w)
-            calls = [lambda a=c.ab(i)[0], ws=ws, cfg=cfg: lora_shrink_bgmv(c.x, a, c.meta, c.ranks, ws, config=cfg)
-                     for i in range(c.num_sets)]
-            try:
-                cells.append(f"k{bk}/w{w}={_time_calls(c, calls):.1f}")
-            except Exception as exc:  # noqa: BLE001 - report, go on
-                cells.append(f"k{bk}/w{w}=ERR({type(exc).__name__})")
-        cells.append(f"| exp default={c.time('expand_only'):.1f}")
-        for ba, ya, per_sm in ((3, 1, 4), (2, 2, 4), (3, 2, 4), (3, 3, 4), (4, 2, 4), (4, 3, 4), (3, 2, 3),
-                               (3, 2, 6)):
+                bn = min(bn, 32)
             base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
-            blocks = -(-c.N // base["BLOCK_N"])
+            blocks = -(-c.N // bn)
             groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
-            cfg = dict(base, COLS_PER_PROG=-(-blocks // groups) * base["BLOCK_N"], B_AHEAD=ba, Y_AHEAD=ya)
-            key = f"b{ba}/y{ya}/p{per_sm}"
+            cfg = dict(base, BLOCK_N=bn, num_warps=w, COLS_PER_PROG=-(-blocks // groups) * bn, B_AHEAD=ba,
+                       Y_AHEAD=ya)
+            key = f"n{bn}/w{w}/p{per_sm}/b{ba}/y{ya}"
             try:
                 cells.append(f"{key}={c.time('expand_only', cfg=cfg):.1f}")
             except Exception as exc:  # noqa: BLE001 - report, go on

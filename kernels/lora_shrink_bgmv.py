@@ -112,20 +112,29 @@ if HAS_TRITON:
 BGMV_MAX_ROWS = 4
 
 
+# SPLIT_K the config aims at (BLOCK_K = the power of two in [256, 1024] nearest above H_in / target):
+# every partial is re-read by each expand program of its tile, and a big shrink grid crowds out the
+# expand programs that programmatic dependent launch would start early. BGMV_BLOCK_K: a fixed BLOCK_K
+# instead (benchmarks). Both read at each call.
+BGMV_TARGET_SPLIT = 4
+BGMV_BLOCK_K: int | None = None
+
+
 def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, grid_tiles: int,
                        num_sms: int = 132) -> dict:
     """BLOCK_K (one A block per program; SPLIT_K = cdiv(H_in, BLOCK_K)) and warps from host sizes.
 
-    The smallest BLOCK_K in {256, 512, 1024} whose grid (counting every grid tile as active, as
-    for distinct adapters at decode) stays within ~6 programs per SM, so each program has 8-32 KB
-    of A in flight and the expand sums at most a few dozen partials; 8 warps above 512 columns
-    (registers: A stays bf16 until the product)."""
+    H200 probe (64 tokens / 32 adapters / rank 16, shrink alone, us): BLOCK_K 256 is the fastest
+    shrink (qkv 6.6, o 4.2, gate_up 5.4, down 7.1 vs the dot shrink's 8.3 / 5.2 / 8.1 / 11.6) but its
+    16-56 partials cost the expand 1-1.5 us and its grid leaves no room for the early-launched
+    expand, so the pair lost (o 8.2 -> 11.2 us); hence a target split (BGMV_TARGET_SPLIT) of a few
+    K chunks. 8 warps from 1024 columns (A stays bf16 in registers until the product)."""
     block_n = 16
-    rank_blocks = -(-rank // block_n)
-    for block_k in (256, 512, 1024):
-        split = -(-hidden_in // block_k)
-        if grid_tiles * num_slices * rank_blocks * split <= 6 * num_sms:
-            break
+    if BGMV_BLOCK_K:
+        block_k = BGMV_BLOCK_K
+    else:
+        want = -(-hidden_in // max(1, BGMV_TARGET_SPLIT))
+        block_k = min(1024, max(256, 1 << max(0, (want - 1).bit_length())))  # 2048: 252 registers
     block_k = min(block_k, max(16, 1 << max(0, (hidden_in - 1).bit_length())))
     split = -(-hidden_in // block_k)
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=8 if block_k >= 1024 else 4)

@@ -117,6 +117,7 @@ class StepInputBuilder:
         self.pinned = device.type == "cuda"
         # two host buffers used in turn: the next step writes one while the other's copy may still run
         self._host: list[torch.Tensor | None] = [None, None]
+        self._host_np: list[np.ndarray | None] = [None, None]   # numpy views of the host buffers
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._dev: torch.Tensor | None = None
         self._turn = 0
@@ -128,6 +129,7 @@ class StepInputBuilder:
         host = self._host[k]
         if host is None or host.numel() < size:
             host = self._host[k] = torch.empty(max(size, 4096) * 2, dtype=torch.int64, pin_memory=self.pinned)
+            self._host_np[k] = host.numpy()   # made once: a torch call costs tens of us on a busy host
         dev = None
         if self.pinned:
             if self._dev is None or self._dev.numel() < size:
@@ -181,7 +183,7 @@ class StepInputBuilder:
                  np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64))
         size = sum(p.size for p in parts)
         host, dev = self._buffers(size)
-        np.concatenate(parts, out=host.numpy()[:size])
+        np.concatenate(parts, out=self._host_np[self._turn][:size])
         if dev is not None:
             dev[:size].copy_(host[:size], non_blocking=True)
             event = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()

@@ -296,10 +296,8 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
     env = dict(os.environ)
     if nccl_only:   # no symmetric memory at all: the fused all-reduce + norm off too
         env.update(LORASERVE_TP_CUSTOM_AR="0", LORASERVE_TP_FUSED_NORM="0")
-    if a.profile_dir and tp == 2 and not nccl_only:   # a window in the batch-1 run, one in the batch-64 run
-        env["LORASERVE_TP_PROFILE"] = a.profile_dir + (f":{a.steps - 8}:8,{a.steps + 24}:8" if ":" not in a.profile_dir else "")
-    if a.profile_dir and tp == 1:
-        env["LORASERVE_PROFILE_TP1"] = a.profile_dir.split(":")[0]
+    if a.profile_dir and not nccl_only:   # profiled decode runs after the timed ones (child_main)
+        env["LORASERVE_PROFILE_DIR"] = env["LORASERVE_TP_PROFILE"] = a.profile_dir
     rc = subprocess.run(cmd, env=env).returncode
     try:
         with open(out) as f:
@@ -335,18 +333,17 @@ def child_main(a) -> int:
               f"{res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer", flush=True)
         write(a.child_json, res)
 
-    prof1 = os.environ.get("LORASERVE_PROFILE_TP1") if tp == 1 else None
+    prof_dir = os.environ.get("LORASERVE_PROFILE_DIR")
     for k, batch, seed in (("bs1", 1, 10 * tp), ("bs64", 64, 10 * tp + 1)):
-        if prof1:
-            record(k, profiled_decode(engine, vocab, batch, a.prompt_len, a.steps, seed, prof1, k))
-        else:
-            record(k, decode_tok_s(engine, vocab, batch, a.prompt_len, a.steps, seed=seed))
+        record(k, decode_tok_s(engine, vocab, batch, a.prompt_len, a.steps, seed=seed))
         if a.replay and device == "cuda":   # the decode graph alone, back to back (no host in the way)
             ms = replay_ms(engine, batch)
             if ms is not None:
                 res[f"tp{tp}_replay_{k}_ms"] = ms
                 print(f"tp{tp} decode graph replay {k}: {ms:.3f} ms (layers only, no LM head/sampling)", flush=True)
                 write(a.child_json, res)
+        if prof_dir:   # a second, untimed run with 8 decode steps under the profiler on every rank
+            profiled_decode(engine, vocab, batch, a.prompt_len, max(a.steps, 24), seed + 100, prof_dir, f"tp{tp}_{k}")
     if not a.decode_only:
         res["_top1"] = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len))
         if tp == 1:
@@ -380,14 +377,20 @@ def replay_ms(engine, batch: int) -> float | None:
 
 
 def profiled_decode(engine, vocab: int, batch: int, prompt_len: int, steps: int, seed: int, out_dir: str,
-                    tag: str) -> float:
-    """TP=1: the decode timing under torch.profiler for the last 8 timed steps (tp/profile.py's summary)."""
+                    tag: str) -> None:
+    """Decode with 8 steps after the prefill and warm-up under torch.profiler on every rank (tp/profile.py's
+    summary into out_dir/tp_rank{r}_{tag}.txt; TP=1 through a StepProfiler around its runner)."""
     from loraserve.inference.tp.profile import StepProfiler
 
-    os.environ["LORASERVE_TP_PROFILE"] = f"{out_dir}/tp1_{tag}:{steps - 4}:8"
+    runner = engine.runner
+    if hasattr(runner, "profile_steps"):   # TP: the driver arms every rank (the workers read the folder from
+        runner.profile_steps(12, 8, tag)   # LORASERVE_TP_PROFILE, set for the child: run_child)
+        decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
+        return
+    os.environ["LORASERVE_TP_PROFILE"] = out_dir
     prof = StepProfiler(0, torch.device("cpu" if engine.device.type == "cpu" else "cuda"))
-    del os.environ["LORASERVE_TP_PROFILE"]
-    run = engine.runner.run
+    prof.arm(12, 8, tag)
+    run = runner.run
 
     def wrapped(*args, **kw):
         prof.begin()
@@ -397,13 +400,11 @@ def profiled_decode(engine, vocab: int, batch: int, prompt_len: int, steps: int,
             prof.end()
             prof.waiting()
 
-    engine.runner.run = wrapped
+    runner.run = wrapped
     try:
-        return decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
+        decode_tok_s(engine, vocab, batch, prompt_len, steps, seed=seed)
     finally:
-        engine.runner.run = run
-
-
+        runner.run = run
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Where a tensor-parallel step's time goes, per rank (diagnostics; nothing here runs unless asked).
 
-LORASERVE_TP_PROFILE=DIR[:FIRST[:COUNT]][,FIRST:COUNT...] (default FIRST=40, COUNT=8): every rank (the driver's
-shard 0 and each worker) profiles its steps FIRST..FIRST+COUNT-1 (each window) with torch.profiler and writes
-DIR/tp_rank{r}_step{FIRST}.txt:
+LORASERVE_TP_PROFILE=DIR[:FIRST[:COUNT]][,FIRST:COUNT...]: every rank (the driver's shard 0 and each worker)
+profiles its steps FIRST..FIRST+COUNT-1 (each window) with torch.profiler and writes DIR/tp_rank{r}_step{FIRST}.txt;
+with DIR alone, the windows the driver arms (TPModelRunner.profile_steps: DIR/tp_rank{r}_{tag}.txt):
   * host: per step, the time the rank waited for its next command (workers: blocked in the pipe's recv)
     and the time it spent launching the step (Python + launches), mean over the window;
   * device: the window's wall span on the GPU, the union of kernel time (busy) and the gaps, the kernels
@@ -23,21 +23,27 @@ import torch
 class StepProfiler:
     def __init__(self, rank: int, device: torch.device):
         spec = os.environ.get("LORASERVE_TP_PROFILE", "").strip()
-        self.on = bool(spec)
         self.rank, self.device = rank, device
-        if not self.on:
-            return
+        self.dir = spec.split(",")[0].split(":")[0] or None
         head, *more = spec.split(",")
         parts = head.split(":")
-        self.dir = parts[0]
-        self.windows = [(int(parts[1]) if len(parts) > 1 and parts[1] else 40,
-                         int(parts[2]) if len(parts) > 2 and parts[2] else 8)]
-        self.windows += [tuple(int(v) for v in w.split(":")) for w in more]
-        self.first, self.count = self.windows.pop(0)
+        self.windows = []   # (first step, count) still to come
+        if len(parts) > 1:
+            self.windows = [(int(parts[1]) if parts[1] else 40, int(parts[2]) if len(parts) > 2 and parts[2] else 8)]
+            self.windows += [tuple(int(v) for v in w.split(":")) for w in more]
+        self.on = bool(self.windows)
+        self.first, self.count = self.windows.pop(0) if self.windows else (0, 0)
+        self.tag = None
         self.step = 0
         self.prof = None
         self.wait_s = self.launch_s = 0.0
         self._t_wait = self._t_launch = None
+
+    def arm(self, skip: int, count: int, tag: str | None = None) -> None:
+        """Profile `count` steps after the next `skip` ones (every rank is armed between the same two steps:
+        runner.py sends the command). Nothing without LORASERVE_TP_PROFILE=DIR."""
+        if self.dir:
+            self.first, self.count, self.tag, self.on = self.step + skip + 1, count, tag, True
 
     def waiting(self) -> None:
         """Before blocking on the next command (workers) or before building the step (driver)."""
@@ -111,5 +117,6 @@ class StepProfiler:
                 lines.append(f"{sum(ds) / n:9.1f} {len(ds) / n:10.1f} {sum(ds) / len(ds):8.2f}  {name}")
         os.makedirs(self.dir, exist_ok=True)
         text = "\n".join(lines) + "\n"
-        with open(os.path.join(self.dir, f"tp_rank{self.rank}_step{self.first}.txt"), "w") as f:
+        name = f"tp_rank{self.rank}_{self.tag}.txt" if self.tag else f"tp_rank{self.rank}_step{self.first}.txt"
+        with open(os.path.join(self.dir, name), "w") as f:
             f.write(text)

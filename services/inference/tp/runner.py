@@ -124,6 +124,11 @@ class TPModelRunner(ModelRunner):
             else:
                 runner.capture_greedy_sampler()
 
+    def profile_steps(self, skip: int, count: int, tag: str) -> None:
+        """Every rank profiles `count` steps after the next `skip` (tp/profile.py; LORASERVE_TP_PROFILE=DIR)."""
+        self.executor.send(("profile", skip, count, tag))
+        self.profiler.arm(skip, count, tag)
+
     def time_replays(self, bs: int, n: int = 50, with_lora: bool = False) -> float:
         """ms per decode-graph replay of bucket `bs` on every rank at once, no host in the way (idle engine
         only: worker.time_replays). What the layers cost on the device, against a served step's time."""

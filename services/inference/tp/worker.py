@@ -134,6 +134,8 @@ class Worker:
                 self._capture(*msg[1:])
             elif kind == "capture_logits":
                 self._capture_logits(*msg[1:])
+            elif kind == "profile":
+                prof.arm(*msg[1:])
             elif kind == "replay":
                 time_replays(self.graph_runner, *msg[1:])
             elif kind == "step":

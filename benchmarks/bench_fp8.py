@@ -123,12 +123,20 @@ def profile_decode(engine, batch: int, prompt_len: int, steps: int = 5, top: int
     ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(99)).tolist()
     for i, p in enumerate(ids):
-        engine.add_request(f"fp8-prof-{i}", p, SamplingParams(max_tokens=steps + 8, ignore_eos=True, temperature=0))
+        engine.add_request(f"fp8-prof-{i}", p, SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True,
+                                                              temperature=0))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
         engine.step()
     for _ in range(2):
         engine.step()
     _sync(engine)
+    host, t = [], time.perf_counter()   # unprofiled: host time inside step() against wall time per step
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        engine.step()
+        host.append(time.perf_counter() - t1)
+    _sync(engine)
+    wall_ms, host_ms = 1e3 * (time.perf_counter() - t) / steps, 1e3 * statistics.median(host)
     cuda = engine.device.type == "cuda"   # CPU (--tiny): op times, to exercise this code
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -143,8 +151,8 @@ def profile_decode(engine, batch: int, prompt_len: int, steps: int = 5, top: int
         if total > 0 and e.count:
             rows.append((e.key[:70], round(total / steps, 1), round(total / e.count, 2), round(e.count / steps, 1)))
     rows.sort(key=lambda r: -r[1])
-    print(f"  decode bs{batch} device us per step (all kernels): {sum(r[1] for r in rows):.0f} "
-          f"(kernel, us/step, us/call, calls/step)")
+    print(f"  decode bs{batch}: wall {wall_ms:.3f} ms/step, host in step() {host_ms:.3f} ms (median), device us per "
+          f"step (all kernels): {sum(r[1] for r in rows):.0f} (kernel, us/step, us/call, calls/step)")
     for r in rows[:top]:
         print(f"    {r[0]:70s} {r[1]:9.1f} {r[2]:8.2f} {r[3]:6.1f}")
     return rows[:top]

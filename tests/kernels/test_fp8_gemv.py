@@ -83,19 +83,20 @@ def test_env_config_table(tmp_path, monkeypatch) -> None:
     import json
 
     from loraserve.kernels import fp8_gemv as fg
+    from loraserve.kernels import fp8_gemv_configs as fc
 
     cfg = ["gemv", 1, 16, 256, 2, 4, 1]
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"1,4096,4096": cfg, "4,4096,4096": ["dot16", 16, 64, 128, 2, 4, 3, True]}))
-    monkeypatch.setattr(fg, "CONFIGS", {})
-    monkeypatch.setattr(fg, "_env_loaded", False)
+    monkeypatch.setattr(fc, "CONFIGS", {})
+    monkeypatch.setattr(fc, "_env_loaded", False)
     monkeypatch.setenv("LORASERVE_FP8_GEMV_CONFIGS", str(path))
     assert fg.gemv_config(1, 4096, 4096, 132) == tuple(cfg)
     assert fg.gemv_config(3, 4096, 4096, 132) == ("dot16", 16, 64, 128, 2, 4, 3, True)
     assert fg.gemv_config(2, 4096, 4096, 132) == ("dot16", 16, 64, 128, 2, 4, 3, True)   # bucket 2 takes 4's
     assert fg.gemv_config(1, 4096, 14336, 132) == fg.heuristic_config(1, 4096, 14336, 132)   # in neither table
-    monkeypatch.setattr(fg, "CONFIGS", {})
-    monkeypatch.setattr(fg, "_env_loaded", False)
+    monkeypatch.setattr(fc, "CONFIGS", {})
+    monkeypatch.setattr(fc, "_env_loaded", False)
     monkeypatch.setenv("LORASERVE_FP8_GEMV_CONFIGS", str(tmp_path / "missing.json"))
     assert fg.gemv_config(1, 4096, 4096, 132) == fg.heuristic_config(1, 4096, 4096, 132)
 

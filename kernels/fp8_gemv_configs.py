@@ -1,0 +1,120 @@
+"""Tile configs of the FP8 decode GEMV kernels (kernels/fp8_gemv.py): the table measured on the H200 per
+(M bucket, N, K) for the Llama-3-8B projections (benchmarks/fp8_gemv_sweep.py), a heuristic for other shapes,
+and LORASERVE_FP8_GEMV_CONFIGS (a sweep's --configs-out) to override the table on another GPU."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ._triton import triton
+
+# (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, pdl]); kind: "gemv" (BLOCK_M 1/2/4), "gemv2" /
+# "gemv4" (BLOCK_M 1; 2 / 4 groups of BLOCK_N weight rows share each x load), "dot" (bf16 operands),
+# "dot16" (fp16 operands) or "dot8" (W8A8: x quantized per token to e4m3 first, as _scaled_mm does).
+# For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
+GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bool: pdl
+KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8")
+X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
+
+# Measured best per (M bucket, N, K): H200, final run 2026-11-30 12:13 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
+# timings; benchmarks/results/fp8_gemv_sweep_h200.json, kernels/PERF_NOTES.md); the 8B decode figures in
+# benchmarks/results/fp8_h200.json ran these configs. Buckets 2 and 8 take the measured 4 / 16 entries. Other
+# shapes (other models, tensor-parallel shards): heuristic_config. Bucket 64 is W8A8 (dot8, x per token in e4m3,
+# the numerics of _scaled_mm): that sweep's dot8 rows, one layer's four GEMMs 96.1 us against _scaled_mm's 124.1
+# and bf16's 127.2 (the weight-only forms took 137).
+_LLAMA3_8B = {
+    # (N, K): {M bucket: config}
+    (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
+                   16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
+                   64: ("dot8", 64, 128, 128, 4, 4, 3, True)},
+    (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
+                   16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
+                   64: ("dot8", 64, 64, 128, 4, 4, 3)},
+    (28672, 4096): {1: ("gemv2", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 1, 2, 3),
+                    16: ("dot16", 16, 64, 128, 1, 2, 3), 32: ("dot16", 32, 64, 128, 2, 4, 3, True),
+                    64: ("dot8", 64, 64, 128, 1, 4, 3)},
+    (4096, 14336): {1: ("gemv2", 1, 4, 512, 2, 4, 1, True), 4: ("dot16", 16, 64, 128, 8, 2, 3),
+                    16: ("dot16", 16, 64, 128, 8, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
+                    64: ("dot8", 64, 128, 128, 8, 4, 3, True)},
+}
+CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (m, n, k): cfg for (n, k), by_m in _LLAMA3_8B.items() for m, cfg in {**by_m, 2: by_m[4], 8: by_m[16]}.items()}
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def m_bucket(M: int) -> int:
+    """The smallest bucket >= M (CUDA-graph decode batches are these sizes); above 64: M itself."""
+    for b in M_BUCKETS:
+        if M <= b:
+            return b
+    return M
+
+
+def auto_split(kind: str, bm: int, bn: int, bk: int, M: int, N: int, K: int, num_sms: int) -> int:
+    """Split-K count: double while the grid stays under ~6 programs per SM (gemv: short programs, many
+    resident) or ~4 (dot), keeping >= 2 K tiles per split. The H200 sweep (2026-11-30): gemv best at
+    1024-1536 programs (o/qkv M=1: split 2 cost 10-20%), dot at 384-512 (a split past that cost 5-40%)."""
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    limit = (6 if kind.startswith("gemv") else 4) * num_sms
+    split = 1
+    while tiles * split * 2 <= limit and split < 32 and K >= 2 * split * 2 * bk:
+        split *= 2
+    return split
+
+
+def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
+    """For shapes the table lacks, from the H200 sweeps: M = 1 the CUDA-core GEMV with 4 x 512 weight tiles
+    and no register prefetch (many small programs, more of them resident per SM; the prefetch cost 25-45%),
+    M <= 32 the swap-AB tensor-core kernel on fp16 operands with 64-row weight tiles (at M = 4 it beat the
+    4-row GEMV by 2x and the bf16-operand form by 10-25%), above it (M 33..64) W8A8 on FP8 tensor cores with
+    64 x 128 weight tiles (dot8: x per token in e4m3; it beat _scaled_mm and every weight-only form on all four
+    8B shapes at M = 64), and past 64 the bf16-operand form (64 x 64; the engine sends M > 64 to _scaled_mm)."""
+    if M == 1:
+        kind, bm, bn, bk, warps, stages = "gemv", 1, 4, 512, 4, 1
+    elif M <= 32:
+        kind, bm, bn, bk, warps, stages = "dot16", max(16, triton.next_power_of_2(M)), 64, 128, 4, 3
+    elif M <= 64:
+        kind, bm, bn, bk, warps, stages = "dot8", 64, 64, 128, 4, 3
+    else:
+        kind, bm, bn, bk, warps, stages = "dot", 64, 64, 64, 4, 3
+    bk = min(bk, max(16, triton.next_power_of_2(K)))
+    return kind, bm, bn, bk, auto_split(kind, bm, bn, bk, M, N, K, num_sms), warps, stages
+
+
+_env_loaded = False
+
+
+def _load_env_configs() -> None:
+    """LORASERVE_FP8_GEMV_CONFIGS=path.json (fp8_gemv_sweep.py --configs-out: {"M,N,K": config}) overrides
+    the table, for tuning runs on another GPU."""
+    global _env_loaded
+    _env_loaded = True
+    path = os.environ.get("LORASERVE_FP8_GEMV_CONFIGS", "").strip()
+    if not path:
+        return
+    try:
+        with open(path) as fh:
+            table = {tuple(int(v) for v in key.split(",")): tuple(cfg) for key, cfg in json.load(fh).items()}
+    except (OSError, ValueError) as err:   # a tuning aid: a bad file leaves the built-in table
+        logging.getLogger(__name__).warning("LORASERVE_FP8_GEMV_CONFIGS=%s not read (%s)", path, err)
+        return
+    for (m, n, k), cfg in list(table.items()):   # buckets 2 and 8 from the measured 4 and 16, as the built-in table
+        for bucket, source in ((2, 4), (8, 16)):
+            if m == source and (bucket, n, k) not in table:
+                table[(bucket, n, k)] = cfg
+    CONFIGS.update(table)
+
+
+def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False) -> GemvConfig:
+    """The table's config for (M bucket, N, K), else the heuristic's. weight_only: never dot8 (x stays in
+    bf16/fp16; where dot8 would serve, the bf16-operand tensor-core form with 64 x 64 tiles)."""
+    if not _env_loaded:
+        _load_env_configs()
+    cfg = CONFIGS.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
+    # any tile serves any M: the grid has cdiv(M, BLOCK_M) row tiles
+    if weight_only and cfg[0] == "dot8":
+        bm, bk = max(16, triton.next_power_of_2(min(M, 64))), min(64, max(16, triton.next_power_of_2(K)))
+        cfg = ("dot", bm, 64, bk, auto_split("dot", bm, 64, bk, M, N, K, num_sms), 4, 3)
+    return cfg

@@ -50,7 +50,7 @@ if HAS_TRITON:
     _EMPTY = tl.constexpr(EMPTY_BITS)   # a global a @jit function may read
 
     @triton.jit
-    def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, peers_ptr, counter_ptr, H, eps,
+    def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, buf_ptr, deltas_ptr, counter_ptr, H, eps,
                                    stride_x, stride_r, slot_stride, region_stride,
                                    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
                                    MAX_SPIN: tl.constexpr, USE_PDL: tl.constexpr = False):
@@ -69,16 +69,17 @@ if HAS_TRITON:
         # 1. push: my row into region RANK of every peer's buffer
         for p in tl.static_range(WORLD):
             if p != RANK:
-                peer = tl.load(peers_ptr + p).to(tl.pointer_type(dtype))
-                tl.store(peer + at + RANK * region_stride, send, mask=ok)
+                # peer p's buffer = mine + deltas[p] elements; both 16-byte aligned, so the stores go out as
+                # 16-byte vectors (alignment is known from buf_ptr, not from an address loaded as an integer)
+                delta = tl.multiple_of(tl.load(deltas_ptr + p), 8)
+                tl.store(buf_ptr + delta + at + RANK * region_stride, send, mask=ok)
         # 2. pull: the peers' rows from my buffer, summed in rank order (the same order on every rank)
-        mine = tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype))
         acc = tl.zeros([BLOCK], tl.float32)
         for p in tl.static_range(WORLD):
             if p == RANK:
                 acc += x.to(tl.float32)
             else:
-                src = mine + at + p * region_stride
+                src = buf_ptr + at + p * region_stride
                 v = tl.load(src, mask=ok, other=0.0, volatile=True)
                 missing = tl.sum(((v.to(tl.int16, bitcast=True) == _EMPTY) & ok).to(tl.int32), axis=0)
                 spins = tl.full([], 0, tl.int32)
@@ -101,25 +102,27 @@ if HAS_TRITON:
         tl.store(x_ptr + row * stride_x + offs, (w * normed).to(dtype), mask=ok)
 
 
-def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, peers: Tensor,
+def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, buffer: Tensor, deltas: Tensor,
                            counters: Tensor, rank: int, world: int, max_rows: int, max_spin: int = 1 << 30
                            ) -> tuple[Tensor, Tensor]:
     """x [T, H] (this rank's partial) and residual [T, H], both updated in place (see the module doc);
-    returns (x, residual). peers: int64 [world] device addresses of every rank's buffer of
-    [2, world, max_rows, H] elements of x's dtype; counters: int32 [max_rows] on this device."""
+    returns (x, residual). buffer: this rank's symmetric buffer, [2, world, max_rows, H] 16-bit elements;
+    deltas: int64 [world], rank p's buffer address minus this one's, in elements (0 for this rank);
+    counters: int32 [max_rows] on this device."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use allreduce_add_rms_norm_ref")
     assert x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1, "x/residual: [T, H], last dim contiguous"
     T, H = x.shape
     assert x.dtype in (torch.bfloat16, torch.float16), f"bf16/fp16 only (-0.0 marks empty), got {x.dtype}"
     assert residual.shape == x.shape and residual.dtype == x.dtype and weight.shape == (H,)
-    assert T <= max_rows and counters.numel() >= T and peers.numel() == world and peers.dtype == torch.int64
+    assert T <= max_rows and counters.numel() >= T and deltas.numel() == world and deltas.dtype == torch.int64
+    assert buffer.numel() >= 2 * world * max_rows * H and buffer.element_size() == 2
     if T == 0:
         return x, residual
     region = max_rows * H
     block = triton.next_power_of_2(H)
-    _allreduce_rms_norm_kernel[(T,)](x, residual, weight, peers, counters, H, eps, x.stride(0), residual.stride(0),
-                                     world * region, region, RANK=rank, WORLD=world, BLOCK=block,
-                                     MAX_SPIN=max_spin, num_warps=min(16, max(1, block // 512)),
+    _allreduce_rms_norm_kernel[(T,)](x, residual, weight, buffer.view(x.dtype), deltas, counters, H, eps,
+                                     x.stride(0), residual.stride(0), world * region, region, RANK=rank, WORLD=world,
+                                     BLOCK=block, MAX_SPIN=max_spin, num_warps=min(16, max(1, block // 512)),
                                      **pdl_kwargs(x.device))
     return x, residual

@@ -13,6 +13,11 @@ from loraserve.kernels.allreduce_rmsnorm import EMPTY_BITS, allreduce_add_rms_no
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _deltas(bufs: list[torch.Tensor], q: int) -> torch.Tensor:
+    """Rank p's buffer address minus rank q's, in 2-byte elements (what LamportNorm passes)."""
+    return torch.tensor([(b.data_ptr() - bufs[q].data_ptr()) // 2 for b in bufs], dtype=torch.int64)
+
+
 def _empty(buf: torch.Tensor) -> torch.Tensor:
     return buf.view(torch.int16) == EMPTY_BITS
 
@@ -24,7 +29,6 @@ def check_ranks(dtype: str, world: int, rows: int, hidden: int, calls: int = 3) 
     dt, max_rows = DTYPES[dtype], rows + 2
     g = torch.Generator().manual_seed(world * 100 + rows)
     bufs = [torch.full((2, world, max_rows, hidden), EMPTY_BITS, dtype=torch.int16).view(dt) for _ in range(world)]
-    peers = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
     counters = [torch.zeros(max_rows, dtype=torch.int32) for _ in range(world)]
     w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dt)
     for call in range(calls):
@@ -38,8 +42,8 @@ def check_ranks(dtype: str, world: int, rows: int, hidden: int, calls: int = 3) 
             for p in range(q + 1, world):   # later ranks' pushes, as they would land
                 bufs[q][slot, p, :rows] = torch.where(xs[p] == 0, torch.zeros_like(xs[p]), xs[p])
             x, r = xs[q].clone(), res.clone()
-            out_x, out_r = allreduce_add_rms_norm(x, r, w, 1e-5, peers, counters[q], q, world, max_rows,
-                                                  max_spin=4)
+            out_x, out_r = allreduce_add_rms_norm(x, r, w, 1e-5, bufs[q], _deltas(bufs, q), counters[q], q, world,
+                                                  max_rows, max_spin=4)
             assert out_x.data_ptr() == x.data_ptr() and out_r.data_ptr() == r.data_ptr(), "not in place"
             outs.append((x, r))
         for q, (x, r) in enumerate(outs):
@@ -64,10 +68,9 @@ def check_missing_peer_gives_up(hidden: int = 64) -> None:
     """A peer that never sends: the kernel stops waiting after max_spin reads (it must not hang)."""
     dt = torch.float16
     bufs = [torch.full((2, 2, 2, hidden), EMPTY_BITS, dtype=torch.int16).view(dt) for _ in range(2)]
-    peers = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
     counters = torch.zeros(2, dtype=torch.int32)
     x, r, w = torch.ones(1, hidden, dtype=dt), torch.zeros(1, hidden, dtype=dt), torch.ones(hidden, dtype=dt)
-    allreduce_add_rms_norm(x, r, w, 1e-5, peers, counters, 0, 2, 2, max_spin=3)
+    allreduce_add_rms_norm(x, r, w, 1e-5, bufs[0], _deltas(bufs, 0), counters, 0, 2, 2, max_spin=3)
     assert counters[0].item() == 1
     assert torch.equal(bufs[1][0, 0, 0], torch.ones(hidden, dtype=dt)), "rank 0's row not pushed to rank 1"
 

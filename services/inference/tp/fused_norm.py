@@ -48,9 +48,12 @@ class LamportNorm:
         self.buffer = symm_mem.empty(2 * self.world * max_rows * hidden, dtype=torch.int16, device=device)
         self.buffer.fill_(EMPTY_BITS)
         self.handle = symm_mem.rendezvous(self.buffer, self.group.group_name)
-        # every rank's buffer as mapped in this process (this rank's own is self.buffer)
+        # every rank's buffer as mapped in this process, as an element offset from this rank's own
         ptrs = [self.handle.get_buffer(p, [1], torch.int16, 0).data_ptr() for p in range(self.world)]
-        self.peers = torch.tensor(ptrs, dtype=torch.int64, device=device)
+        mine = self.buffer.data_ptr()
+        if any((p - mine) % 16 for p in ptrs):
+            raise RuntimeError("symmetric buffers not 16-byte aligned")
+        self.deltas = torch.tensor([(p - mine) // 2 for p in ptrs], dtype=torch.int64, device=device)
         self.counters = torch.zeros(max_rows, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
         self.handle.barrier(0, 60_000)   # every buffer filled with "empty" before any rank sends
@@ -63,8 +66,8 @@ class LamportNorm:
                  max_spin: int = 1 << 30):
         from loraserve.kernels.allreduce_rmsnorm import allreduce_add_rms_norm
 
-        return allreduce_add_rms_norm(x, residual, weight, eps, self.peers, self.counters, self.rank, self.world,
-                                      self.max_rows, max_spin)
+        return allreduce_add_rms_norm(x, residual, weight, eps, self.buffer, self.deltas, self.counters, self.rank,
+                                      self.world, self.max_rows, max_spin)
 
 
 def make_fused_norm(device: torch.device, hidden: int, group=None) -> LamportNorm | None:

@@ -92,10 +92,10 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
     return list(dict.fromkeys([gemv_config(m, n, k, num_sms)] + out + pdl))
 
 
-def _compile_one(cfg: tuple, pdl: bool = False) -> str:
+def _compile_one(cfg: tuple, env: dict | None = None) -> str:
     """Worker: compile one config on a small problem with the same specialisations (Triton's disk cache);
-    pdl: its variant launched as a programmatic dependent (LORASERVE_FP8_GEMV_PDL=1)."""
-    os.environ["LORASERVE_FP8_GEMV_PDL"] = "1" if pdl else "0"
+    env: LORASERVE_ switches of the variant (e.g. LORASERVE_FP8_GEMV_PDL=1: launched as a programmatic dependent)."""
+    os.environ.update(env or {})
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
     kind, bm, bn, bk, split, warps, stages = cfg[:7]
@@ -111,7 +111,7 @@ def _compile_one(cfg: tuple, pdl: bool = False) -> str:
     return "ok"
 
 
-def precompile(cfgs: list[tuple], jobs: int, timeout: float, pdl_too: bool = False) -> None:
+def precompile(cfgs: list[tuple], jobs: int, timeout: float, envs: tuple = ({},)) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, wait
 
@@ -120,7 +120,7 @@ def precompile(cfgs: list[tuple], jobs: int, timeout: float, pdl_too: bool = Fal
     t = time.perf_counter()
     try:
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-        futs = [pool.submit(_compile_one, c, pdl) for c in keys for pdl in ((False, True) if pdl_too else (False,))]
+        futs = [pool.submit(_compile_one, c, env) for c in keys for env in envs]
         done, pending = wait(futs, timeout=timeout)
         pool.shutdown(wait=not pending, cancel_futures=True)   # a hung compile must not hold the sweep
         bad = [str(f.exception())[:200] for f in done if f.exception() is not None]
@@ -308,12 +308,19 @@ def sweep(a) -> dict:
     return res
 
 
+# (name, LORASERVE_FP8_GEMV_PDL, LORASERVE_PDL, LORASERVE_FP8_SPLITK_FIXUP) of each layer-chain variant
+CHAIN_SWITCHES = ("LORASERVE_FP8_GEMV_PDL", "LORASERVE_PDL", "LORASERVE_FP8_SPLITK_FIXUP")
+CHAIN_VARIANTS = (("bf16", "0", "0", "0"), ("fp8", "0", "0", "0"), ("fp8_fixup", "0", "0", "1"),
+                  ("fp8_gemv_pdl", "1", "0", "0"), ("fp8_all_pdl", "1", "1", "0"), ("fp8_all_pdl_fixup", "1", "1", "1"))
+
+
 def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
     """us per decoder layer of the four projections back to back as the engine runs them (the table's configs),
     each after an RMSNorm (kernels/rmsnorm.py) that writes its input, standing in for the norm / activation
-    before it; CUDA-graph replays over `copies` layers of weights (> L2). Variants: bf16 F.linear; FP8 with
-    plain launches; FP8 with the GEMVs launched as programmatic dependents (LORASERVE_FP8_GEMV_PDL=1); and
-    that with the norms launching their dependents early too (LORASERVE_PDL=1, kernels/pdl.py)."""
+    before it; CUDA-graph replays over `copies` layers of weights (> L2). Variants (CHAIN_VARIANTS): bf16
+    F.linear; FP8 with plain launches; FP8 with the split-K partials summed in-kernel; FP8 with the GEMVs launched
+    as programmatic dependents (weights prefetched into L2 before their wait); that with the norms letting their
+    dependents launch early too (LORASERVE_PDL=1, kernels/pdl.py); and that with the in-kernel split-K sum."""
     from loraserve.inference.models.fp8 import fp8_linear, quantize_per_channel
     from loraserve.kernels.rmsnorm import rms_norm
 
@@ -329,9 +336,12 @@ def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
         from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
 
         cfgs = [gemv_config(m, n, k, _num_sms(torch.device(dev))) for m in ms for n, k in shapes.values()]
-        precompile(cfgs, jobs, timeout=25, pdl_too=True)
+        # the GEMV's compiled variants differ by its own two switches only (LORASERVE_PDL moves the norms)
+        envs = {(v[1], v[3]) for v in CHAIN_VARIANTS[1:]}
+        precompile(cfgs, jobs, timeout=25, envs=tuple({"LORASERVE_FP8_GEMV_PDL": p, "LORASERVE_FP8_SPLITK_FIXUP": f}
+                                                      for p, f in sorted(envs)))
     out = {}
-    saved = {k: os.environ.get(k) for k in ("LORASERVE_FP8_GEMV_PDL", "LORASERVE_PDL")}
+    saved = {k: os.environ.get(k) for k in CHAIN_SWITCHES}
     try:
         for m in ms:
             src = {name: torch.randn(m, k, device=dev, dtype=dt, generator=g) for name, (n, k) in shapes.items()}
@@ -349,9 +359,8 @@ def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
                         fp8_linear(xs[name], *wq[name][i], None)
 
             row = {}
-            for kind, gemv_pdl, pdl in (("bf16", "0", "0"), ("fp8", "0", "0"), ("fp8_gemv_pdl", "1", "0"),
-                                        ("fp8_all_pdl", "1", "1")):
-                os.environ["LORASERVE_FP8_GEMV_PDL"], os.environ["LORASERVE_PDL"] = gemv_pdl, pdl
+            for kind, *switches in CHAIN_VARIANTS:
+                os.environ.update(dict(zip(CHAIN_SWITCHES, switches)))
                 try:
                     row[kind] = round(graph_us(lambda i, k=kind: layer(i, k), copies), 2)
                 except Exception as err:   # noqa: BLE001

@@ -278,11 +278,12 @@ if HAS_TRITON:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else s
         _gemv_store(acc, row, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
 
-    @triton.jit(do_not_specialize=["M"])
+    @triton.jit(do_not_specialize=["M", "SPLITS"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                               x16_scale, xs_ptr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
-                               F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr):
+                               x16_scale, xs_ptr, cnt_ptr, SPLITS, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                               USE_WS: tl.constexpr, F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
+                               FIXUP: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -335,6 +336,21 @@ if HAS_TRITON:
         ok = n_ok[:, None] & m_ok[None, :]
         if USE_WS:
             tl.store(ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None], acc, mask=ok)
+            if FIXUP:   # no second launch: the tile's last split to finish sums the partials (split order) into y
+                tl.debug_barrier()   # every thread's partials stored before the counter moves
+                tile = pid_n * tl.num_programs(0) + pid_m
+                done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")   # release ours, acquire the others'
+                if done == SPLITS - 1:
+                    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                    for split in range(0, SPLITS):   # deterministic: the same order whoever finishes last
+                        total += tl.load(ws_ptr + (split * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None],
+                                         mask=ok, other=0.0, cache_modifier=".cg")
+                    total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+                    if HAS_BIAS:
+                        total = total + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+                    tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ok)
+                    tl.atomic_xchg(cnt_ptr + tile, 0)   # reset for the next launch (CUDA-graph replays too)
         else:
             acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
             if HAS_BIAS:
@@ -350,6 +366,25 @@ def _num_sms(device: torch.device) -> int:
 
 
 _PDL_OK: dict[int, bool] = {}
+
+
+_COUNTER_SLOTS = 1 << 16
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _tile_counters(device: torch.device) -> Tensor:
+    """[_COUNTER_SLOTS] int32 zeros per device: the split-K fixup's arrival counters, one per output tile, each
+    reset by the tile's last program (so one buffer serves every GEMM of the step: they run one after another)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        cnt = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return cnt
+
+
+def splitk_fixup_on() -> bool:
+    """LORASERVE_FP8_SPLITK_FIXUP=1: the tensor-core kinds sum their split-K partials in-kernel (the last program
+    of each tile; deterministic order) instead of a second launch. Off by default until an H200 run measures it."""
+    return os.environ.get("LORASERVE_FP8_SPLITK_FIXUP", "0").strip() == "1"
 
 
 def gemv_pdl_on() -> bool:
@@ -414,6 +449,12 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  PDL=pdl, WAIT=wait)
     launch = {"launch_pdl": True} if wait else {}
+    # splitk_fixup_on: the dot kinds' split-K partials summed by each tile's last program (no second launch)
+    tiles = grid[0] * grid[1]
+    fixup = kind.startswith("dot") and split > 1 and splitk_fixup_on() and tiles <= _COUNTER_SLOTS
+    cnt = _tile_counters(x.device) if fixup else w_scale
+    if fixup:
+        flags["PDL"] = False   # no dependent sum kernel
     if kind == "gemv":   # stages: register buffers of weight tiles (2: prefetch the next); Triton's own stay 1
         _fp8_gemv_kernel[grid](*args, **flags, PREFETCH=stages >= 2, num_warps=warps, num_stages=1, **launch)
     elif kind in ("gemv2", "gemv4"):   # one x row per program, 2 / 4 groups of BLOCK_N weight rows
@@ -426,12 +467,12 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
 
         x_q, x_scale = per_token_quant_fp8(x, pdl=wait)
         args = (x_q, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x_q.stride(0), out.stride(0))
-        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, **flags, F16=False, FP8X=True, num_warps=warps,
-                                     num_stages=stages, **launch)
+        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, cnt, split, **flags, F16=False, FP8X=True,
+                                     FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
     else:
-        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, **flags, F16=kind == "dot16", FP8X=False,
-                                     num_warps=warps, num_stages=stages, **launch)
-    if split > 1:
+        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=kind == "dot16", FP8X=False,
+                                     FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
+    if split > 1 and not fixup:
         block = min(1024, triton.next_power_of_2(N))
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),
                                                        HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, num_warps=4,

@@ -100,3 +100,23 @@ def check_gemv(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "cp
     tol = TOL[torch.float16] if kind == "dot16" and dt == torch.float32 else TOL[dt]
     bound = (tol["atol"] * x_mag * w_scale[None, :] * 448 * k ** 0.5 + tol["rtol"] * ref.float().abs())
     assert bool((err <= bound).all()), f"max err {float(err.max())} (m={m}, n={n}, k={k}, config={config})"
+
+
+def check_gemv_fixup(dtype: str, m: int, n: int, k: int, config) -> None:
+    """check_gemv with the split-K partials summed in-kernel by each tile's last program
+    (LORASERVE_FP8_SPLITK_FIXUP=1), twice (the arrival counters must be back at zero for the next launch)."""
+    import os
+
+    from loraserve.kernels import fp8_gemv as fg
+
+    old = os.environ.get("LORASERVE_FP8_SPLITK_FIXUP")
+    os.environ["LORASERVE_FP8_SPLITK_FIXUP"] = "1"
+    try:
+        for _ in range(2):
+            check_gemv(dtype, m, n, k, bias=True, config=config)
+            assert int(fg._tile_counters(torch.device("cpu")).abs().sum()) == 0
+    finally:
+        if old is None:
+            os.environ.pop("LORASERVE_FP8_SPLITK_FIXUP")
+        else:
+            os.environ["LORASERVE_FP8_SPLITK_FIXUP"] = old

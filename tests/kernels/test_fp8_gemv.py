@@ -48,6 +48,15 @@ def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
     _run(interp, cases.check_gemv, dtype, m, n, k, bias, "cpu", config)
 
 
+@pytest.mark.parametrize("m,n,k,config", [
+    (17, 37, 272, ("dot", 16, 16, 32, 3, 4, 2)),      # two row tiles x 3 N tiles, 3 splits (the last one short)
+    (5, 40, 256, ("dot16", 16, 16, 32, 4, 4, 2)),     # fp16 operands, 4 even splits
+    (5, 37, 272, ("dot8", 16, 16, 32, 3, 4, 2)),      # W8A8
+])
+def test_gemv_splitk_fixup_interp(interp, m, n, k, config) -> None:
+    _run(interp, cases.check_gemv_fixup, "float16", m, n, k, config)
+
+
 @pytest.mark.parametrize("x_mag", [1e5, 1e-3])   # outliers past fp16's range (x is scaled by 2^-4), tiny activations
 def test_gemv_dot16_range_interp(interp, x_mag) -> None:
     _run(interp, cases.check_gemv, "float32", 5, 24, 128, False, "cpu", ("dot16", 16, 16, 64, 1, 4, 2), x_mag)
@@ -177,6 +186,21 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
                                     ("gemv4", 1, 4, 512, 2, 4, 1, True), ("dot", 16, 64, 128, 8, 4, 3, True),
                                     ("dot8", 64, 128, 128, 4, 4, 3), ("dot8", 16, 64, 128, 1, 4, 3)])
 def test_gemv_gpu_forced_configs(config) -> None:
+    _forced_configs(config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [("dot8", 64, 128, 128, 8, 4, 3, True), ("dot16", 16, 64, 128, 4, 2, 3),
+                                    ("dot", 64, 64, 64, 4, 4, 3)])
+def test_gemv_gpu_splitk_fixup(config, monkeypatch) -> None:
+    """The in-kernel split-K sum (LORASERVE_FP8_SPLITK_FIXUP=1) at real shapes, twice in a row (counters reset)."""
+    monkeypatch.setenv("LORASERVE_FP8_SPLITK_FIXUP", "1")
+    _forced_configs(config)
+    _forced_configs(config)
+
+
+def _forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
     cases.check_gemv("bfloat16", 1, 4096, 14336, False, "cuda", config)
@@ -187,14 +211,18 @@ def test_gemv_gpu_forced_configs(config) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,config", [(1, None), (4, None), (64, None), (1, ("gemv", 1, 4, 512, 4, 4, 1, True)),
                                       (64, ("dot16", 64, 64, 64, 8, 4, 3, True))])
-@pytest.mark.parametrize("gemv_pdl", ["0", "1"])
-def test_gemv_cuda_graph_replay(m, config, gemv_pdl, monkeypatch) -> None:
+@pytest.mark.parametrize("switch", [None, "LORASERVE_FP8_GEMV_PDL", "LORASERVE_FP8_SPLITK_FIXUP"])
+def test_gemv_cuda_graph_replay(m, config, switch, monkeypatch) -> None:
     """Captured in a CUDA graph (workspace allocated in the graph's pool), replay equals eager bit for bit;
-    also with the split-K sum as a programmatic dependent launch (config[7]) and with the GEMV itself launched
-    as one (LORASERVE_FP8_GEMV_PDL=1)."""
+    also with the split-K sum as a programmatic dependent launch (config[7]), with the GEMV itself launched
+    as one (LORASERVE_FP8_GEMV_PDL=1), and with the split-K partials summed in-kernel (LORASERVE_FP8_SPLITK_FIXUP=1:
+    deterministic, so also bit for bit)."""
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
-    monkeypatch.setenv("LORASERVE_FP8_GEMV_PDL", gemv_pdl)
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_PDL", "0")
+    monkeypatch.setenv("LORASERVE_FP8_SPLITK_FIXUP", "0")
+    if switch:
+        monkeypatch.setenv(switch, "1")
 
     w_q, w_scale = cases.make_weight(4096, 14336, 0, "cuda")
     x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
@@ -287,7 +315,9 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         else:
             constexprs["F16"] = kind == "dot16"
             constexprs["FP8X"] = kind == "dot8"
-        base = sig if kind.startswith("gemv") else {**sig, "x16_scale": "fp32", "xs_ptr": "*fp32",
+            constexprs["FIXUP"] = use_ws   # the split-K partials summed by each tile's last program
+        base = sig if kind.startswith("gemv") else {**sig, "x16_scale": "fp32", "xs_ptr": "*fp32", "cnt_ptr": "*i32",
+                                                    "SPLITS": "i32",
                                                     **({"x_ptr": "*fp8e4nv"} if kind == "dot8" else {})}
         src = ASTSource(fn=fn, signature={**base, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
@@ -310,6 +340,7 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         assert ("griddepcontrol.wait" in ptx) == constexprs["WAIT"]
         assert ("prefetch.global.L2" in ptx) == constexprs["WAIT"]   # the weights' L2 prefetch before the wait
         assert not constexprs["WAIT"] or ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+        assert not constexprs.get("FIXUP") or re.search(r"atom\.[\w.]*acq_rel[\w.]*\.add", ptx), kind
         # dot16 scales x by 2^-4 in fp32 before rounding to fp16; a constant scale was moved after the rounding
         # by Triton (mul.f16x2: overflow for |x| > 65504), hence the runtime argument
         assert kind != "dot16" or "mul.f16x2" not in ptx

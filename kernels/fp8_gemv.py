@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, interpret_mode, tl, triton
 from .fp8_gemm import check_gemm_args, fp8_w8a16_gemm_ref
+from .pdl import pdl_enabled
 # tile configs (kernels/fp8_gemv_configs.py), re-exported: the sweep and the tests read them from here
 from .fp8_gemv_configs import (CONFIGS, KINDS, M_BUCKETS, X16_SCALE, GemvConfig, auto_split,  # noqa: F401
                                gemv_config, heuristic_config, m_bucket)
@@ -391,11 +392,7 @@ def gemv_pdl_on() -> bool:
     """Launch the GEMV kernels as programmatic dependents (where pdl_supported): LORASERVE_FP8_GEMV_PDL=1 / 0,
     unset: as the step's other kernels (LORASERVE_PDL, kernels/pdl.py; off by default)."""
     raw = os.environ.get("LORASERVE_FP8_GEMV_PDL", "").strip()
-    if raw:
-        return raw == "1"
-    from .pdl import pdl_enabled
-
-    return pdl_enabled()
+    return raw == "1" if raw else pdl_enabled()
 
 
 def pdl_supported(device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""Weight-only FP8 GEMV / skinny GEMM for decode (M = 1..64 tokens): stream e4m3 weights at HBM speed.
+"""FP8-weight GEMV / skinny GEMM for decode (M = 1..64 tokens): stream e4m3 weights at HBM speed.
 
     Semantics: y[m, n] = (sum_k x[m, k] * float(w_q[n, k])) * w_scale[n] (+ bias[n])
     x: [M, K] bf16/fp16 (fp32 in the interpreter), unit column stride; w_q: [N, K] e4m3 contiguous
@@ -18,12 +18,22 @@ accumulating in fp32; the per-channel scale is applied once in the epilogue (exa
 * ``dot`` / ``dot16`` (M > 1): swap-AB tensor-core GEMM y^T = W x^T, so N fills the MMA's 64/128-row
   side and the tokens its narrow side (BLOCK_M >= 16: tl.dot's minimum). ``dot`` converts the weights
   to bf16; ``dot16`` to fp16 (one cvt per 2 values, where e4m3 -> bf16 takes ~3x the instructions), x
-  scaled by 2^-4 into fp16 (exact; |x| < 2^20), the accumulator scaled back.
+  scaled by 2^-4 into fp16 (exact; |x| < 2^20), the accumulator scaled back. ``dot8`` (W8A8, the engine's
+  choice at 33..64 tokens): x quantized per token to e4m3 by one launch first, FP8 x FP8 MMA, the numerics of
+  torch._scaled_mm with row-wise scales.
 
 Split-K where N / BLOCK_N does not give every SM several programs: fp32 partials to a [SPLIT_K, M, N]
 workspace, summed in a fixed order by a second launch (_splitk_sum_kernel; optionally a programmatic
 dependent launch): deterministic, no atomics, no host sync; the workspace size depends on shapes only
-(CUDA-graph capturable).
+(CUDA-graph capturable). LORASERVE_FP8_SPLITK_FIXUP=1: the tensor-core kinds sum instead in-kernel, by each
+output tile's last program to arrive (an int32 counter per tile, acquire/release, reset by that program), in
+split order: still deterministic, one launch fewer.
+
+Programmatic dependent launch (LORASERVE_FP8_GEMV_PDL=1, or LORASERVE_PDL=1 with it unset; kernels/pdl.py's
+rules): each GEMV is launched as a dependent of the kernel before it, prefetches its weight rows into L2
+(prefetch.global.L2; no kernel of the step writes weights), waits (gdc_wait), then lets its own dependents
+launch: when the kernel before it (a norm, SiLU-mul, the attention) also triggers early, the weight stream
+overlaps that kernel.
 
 Tile configs (kernels/fp8_gemv_configs.py) come from a table measured on the H200 (benchmarks/fp8_gemv_sweep.py)
 keyed by (M bucket, N, K), with a heuristic for shapes not in it. vLLM/TensorRT-LLM do weight-only FP8 at

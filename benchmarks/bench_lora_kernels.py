@@ -143,6 +143,7 @@ class Case:
             lora_meta.LORA_BGMV = bool(v.get("bgmv", False))
             lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead")
             lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead")
+            lora_expand_stream.STREAM_SLOTS = v.get("slots")
             from loraserve.kernels import lora_shrink_bgmv
 
             lora_shrink_bgmv.BGMV_TARGET_SPLIT = v.get("bgmv_split", 4)

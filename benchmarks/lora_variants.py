@@ -14,6 +14,8 @@ defaults set them):
   bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
              pdl_nobgmv: the same with the BGMV shrink off; prev: the default of the 12:20 final run
              (dot shrink, B blocks ahead by the code's rule, y 1 block ahead)
+  pipe3/4/6  the expand's column loop given to Triton's pipeliner with 3/4/6 stages (cp.async for B and y;
+             lora_expand_stream.STREAM_SLOTS=-S); slots3: fixed-slot hand prefetch 3 ahead; pipe4_bgmv: + BGMV
   bgmv_s8    bgmv aiming at 8 K chunks (lora_shrink_bgmv.BGMV_TARGET_SPLIT; default 4); bgmv_k256 / bgmv_k2048:
              a fixed BLOCK_K (BGMV_BLOCK_K)
   ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
@@ -41,7 +43,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS,
                b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV,
                y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv_split=lora_shrink_bgmv.BGMV_TARGET_SPLIT,
-               bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K)
+               bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -62,6 +64,11 @@ VARIANTS = {
     "bgmv_ya2": dict(stream=True, pdl=True, bgmv=True, y_ahead=2),
     "bgmv_ya3": dict(stream=True, pdl=True, bgmv=True, y_ahead=3),
     "bgmv_ya3_a4": dict(stream=True, pdl=True, bgmv=True, y_ahead=3, b_ahead=4),
+    "pipe3": dict(stream=True, pdl=True, slots=-3),  # expand column loop through Triton's pipeliner, 3 stages
+    "pipe4": dict(stream=True, pdl=True, slots=-4),
+    "pipe6": dict(stream=True, pdl=True, slots=-6),
+    "slots3": dict(stream=True, pdl=True, slots=3),  # fixed-slot hand prefetch, 3 ahead
+    "pipe4_bgmv": dict(stream=True, pdl=True, slots=-4, bgmv=True),
     "bgmv_s8": dict(stream=True, pdl=True, bgmv=True, bgmv_split=8),  # BGMV aiming at 8 K chunks
     "bgmv_k256": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=256),  # fixed BLOCK_K
     "bgmv_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=2048),
@@ -294,8 +301,8 @@ def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
     Stops starting new rows after budget_s seconds."""
     from loraserve.kernels.lora_expand_stream import stream_expand_config
 
-    print("\nsweep-expand: layer case, rank 16, expand alone, us per projection; nN/wW/pP/bB/yY = BLOCK_N, warps, "
-          "programs per SM, B and y blocks ahead", flush=True)
+    print("\nsweep-expand: layer case, rank 16, expand alone (Triton-pipelined column loop), us per projection; "
+          "nN/wW/pP/stS = BLOCK_N, warps, programs per SM, stages", flush=True)
     t0 = time.perf_counter()
     for proj in ("gate_up", "qkv", "down", "o"):
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
@@ -306,17 +313,17 @@ def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
         c.calls("shrink_only")[0]()  # real partials in the workspace
         SK, S, T_, R = c.ws.shape
         cells = [f"default(SK{SK})={c.time('expand_only'):.1f}"]
-        for bn, w, per_sm, ba, ya in ((256, 8, 4, 2, 1), (256, 4, 4, 2, 1), (64, 4, 4, 3, 1), (64, 4, 8, 3, 1),
-                                      (64, 2, 8, 3, 1), (128, 8, 4, 3, 1), (128, 4, 8, 3, 1), (128, 2, 8, 3, 1),
-                                      (32, 2, 8, 4, 2)):
+        for bn, w, per_sm, ba, ya in ((128, 4, 4, 0, -4), (128, 4, 8, 0, -4), (128, 4, 2, 0, -4), (256, 8, 4, 0, -4),
+                                      (256, 4, 4, 0, -3), (64, 4, 8, 0, -6), (64, 2, 8, 0, -4), (128, 4, 4, 0, -8),
+                                      (128, 2, 6, 0, -4)):
             if smoke:
                 bn = min(bn, 32)
             base = stream_expand_config(T_, c.N, R, S, c.meta.block_m, c.meta.grid_tiles, SK)
             blocks = -(-c.N // bn)
             groups = max(1, min(blocks, round(per_sm * 132 / c.meta.grid_tiles)))
-            cfg = dict(base, BLOCK_N=bn, num_warps=w, COLS_PER_PROG=-(-blocks // groups) * bn, B_AHEAD=ba,
-                       Y_AHEAD=ya)
-            key = f"n{bn}/w{w}/p{per_sm}/b{ba}/y{ya}"
+            cfg = dict(base, BLOCK_N=bn, num_warps=w, COLS_PER_PROG=-(-blocks // groups) * bn, B_AHEAD=2,
+                       Y_AHEAD=1, SLOTS=ya)
+            key = f"n{bn}/w{w}/p{per_sm}/st{-ya}"
             try:
                 cells.append(f"{key}={c.time('expand_only', cfg=cfg):.1f}")
             except Exception as exc:  # noqa: BLE001 - report, go on

@@ -48,6 +48,39 @@ if HAS_TRITON:
         return tl.load(ptrs, mask=(jj < SPLIT_K)[:, None, None] & h_mask[None, :, :], other=0.0)
 
     @triton.jit
+    def _expand_block(b, yv, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr, shift_ptr,
+                      slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES: tl.constexpr, IEEE: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+        """y[rows, n0:n0+BLOCK_N] = yv + h @ b.T (per column, the column's slice), DoRA epilogue, store."""
+        offs_n = n0 + offs_nb
+        n_ok = offs_n < col_end
+        btt = tl.trans(b)
+        if IEEE:
+            acc = tl.dot(h0, btt, input_precision="ieee")
+        else:
+            acc = tl.dot(h0, btt)
+        if NUM_SLICES >= 2:
+            if IEEE:
+                d1 = tl.dot(h1, btt, input_precision="ieee")
+            else:
+                d1 = tl.dot(h1, btt)
+            acc = tl.where(offs_n[None, :] >= lo1, d1, acc)
+        if NUM_SLICES == 3:
+            if IEEE:
+                d2 = tl.dot(h2, btt, input_precision="ieee")
+            else:
+                d2 = tl.dot(h2, btt)
+            acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
+        out = yv.to(tl.float32) + acc
+        if HAS_SCALE:
+            g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+            out = out * g[None, :]
+            if HAS_SHIFT:
+                c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+                out = out + c[None, :]
+        tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(yv.dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _lora_expand_stream_kernel(
         buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
@@ -59,6 +92,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, EVEN_R: tl.constexpr,
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
+        SLOTS: tl.constexpr = 0,
     ):
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
@@ -160,6 +194,66 @@ if HAS_TRITON:
             if NUM_SLICES == 3:
                 h2 = h2.to(b_ptr.dtype.element_ty)
 
+        if SLOTS < 0:
+            # Triton's pipeliner: a plain loop (B and y loaded and used in the same iteration), -SLOTS
+            # stages: the B loads feed tl.dot, so it may stage them through shared memory (cp.async).
+            if NUM_SLICES == 1:
+                h1 = h0
+                lo1 = N
+            if NUM_SLICES <= 2:
+                h2 = h0
+                lo2 = N
+            for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=-SLOTS):
+                n0 = col0 + i * BLOCK_N
+                offs_p = n0 + offs_nb
+                bp = tl.load(b_rows + offs_p[:, None] * stride_bn, mask=(offs_p < col_end)[:, None] & b_mask_r,
+                             other=0.0)
+                yp = tl.load(y_rows + offs_p[None, :] * stride_yn, mask=row_ok[:, None] & (offs_p < col_end)[None, :],
+                             other=0.0)
+                _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
+                              shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
+                              HAS_SHIFT)
+            return
+        if SLOTS > 0:
+            # Fixed slots (B_AHEAD == Y_AHEAD == SLOTS): slot j holds block it * SLOTS + j and is
+            # refilled in place right after its block is stored, SLOTS blocks ahead. The rotating
+            # loop below (b_cur = b_nxt = ...) made the register copies of the loads just issued wait
+            # for them (sm_90 SASS: PRMT/MOV on the new loads' scoreboards in the same iteration), so
+            # each iteration paid a whole DRAM round trip whatever the prefetch depth.
+            if NUM_SLICES == 1:
+                h1 = h0
+                lo1 = N
+            if NUM_SLICES <= 2:
+                h2 = h0
+                lo2 = N
+            for it in tl.range(0, tl.cdiv(col_end - col0, SLOTS * BLOCK_N), num_stages=1):
+                n0 = col0 + it * (SLOTS * BLOCK_N)
+                _expand_block(b_cur, y_cur, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
+                              shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
+                              HAS_SHIFT)
+                offs_f = n0 + SLOTS * BLOCK_N + offs_nb
+                b_cur = tl.load(b_rows + offs_f[:, None] * stride_bn, mask=(offs_f < col_end)[:, None] & b_mask_r,
+                                other=0.0)
+                y_cur = tl.load(y_rows + offs_f[None, :] * stride_yn, mask=row_ok[:, None] & (offs_f < col_end)[None, :],
+                                other=0.0)
+                _expand_block(b_nxt, y_n1, n0 + BLOCK_N, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok,
+                              scale_ptr, shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE,
+                              HAS_SCALE, HAS_SHIFT)
+                offs_f1 = offs_f + BLOCK_N
+                b_nxt = tl.load(b_rows + offs_f1[:, None] * stride_bn, mask=(offs_f1 < col_end)[:, None] & b_mask_r,
+                                other=0.0)
+                y_n1 = tl.load(y_rows + offs_f1[None, :] * stride_yn,
+                               mask=row_ok[:, None] & (offs_f1 < col_end)[None, :], other=0.0)
+                if SLOTS == 3:
+                    _expand_block(b_n2, y_n2, n0 + 2 * BLOCK_N, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end,
+                                  row_ok, scale_ptr, shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES,
+                                  IEEE, HAS_SCALE, HAS_SHIFT)
+                    offs_f2 = offs_f + 2 * BLOCK_N
+                    b_n2 = tl.load(b_rows + offs_f2[:, None] * stride_bn,
+                                   mask=(offs_f2 < col_end)[:, None] & b_mask_r, other=0.0)
+                    y_n2 = tl.load(y_rows + offs_f2[None, :] * stride_yn,
+                                   mask=row_ok[:, None] & (offs_f2 < col_end)[None, :], other=0.0)
+            return
         for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=1):
             n0 = col0 + i * BLOCK_N  # (not the loop variable: keeps its divisibility visible)
             offs_n = n0 + offs_nb
@@ -226,6 +320,10 @@ STREAM_PROGRAMS_PER_SM = 4  # grid target; ~5 fit per SM at <= 96 registers x 4 
 STREAM_B_AHEAD: int | None = None
 # y blocks in flight per expand program (1-3); None: the code's rule (stream_expand_config).
 STREAM_Y_AHEAD: int | None = None
+# Column loop: 0 = the hand-rotated prefetch; 2 or 3 = fixed slots (B and y that many blocks ahead,
+# refilled in place); -S = a plain loop given to Triton's pipeliner with S stages (cp.async for B and
+# y, DEPBAR-counted: no wait on the loads just issued). None: the code's rule.
+STREAM_SLOTS: int | None = None
 
 
 def stream_applies(num_slices: int, rank: int) -> bool:
@@ -260,8 +358,15 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)  # a power of two (tl.arange)
     # (3 slices at 3 ahead spilled 8 bytes in the sm_90 offline compile with the DoRA epilogue)
     b_ahead = STREAM_B_AHEAD or (3 if block_m <= 16 and block_r <= 32 and num_slices <= 2 else 2)
+    slots = STREAM_SLOTS or 0
+    if slots > 0:  # the fixed-slot loop: B and y exactly `slots` blocks ahead
+        b_ahead = y_ahead = slots
+    elif slots < 0:  # Triton's pipeliner (-slots stages); the hand prefetch is not used
+        b_ahead, y_ahead = 2, 1
+    else:
+        y_ahead = STREAM_Y_AHEAD or 1
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
-                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead, Y_AHEAD=STREAM_Y_AHEAD or 1)
+                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead, Y_AHEAD=y_ahead, SLOTS=slots)
 
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -286,6 +391,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
+        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
     )
     return y

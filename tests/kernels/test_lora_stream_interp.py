@@ -83,3 +83,14 @@ def test_stream_expand_prefetch_depths(interp, b_ahead, y_ahead, num_slices) -> 
     _run(interp, cases.check_stream_expand, "float32", 32, 16, WIDTHS[num_slices], num_tokens=24, num_slots=5,
          composition="no-adapter-rows", split_k=3, with_scale=num_slices == 3,
          config={"BLOCK_N": 32, "COLS_PER_PROG": 128, "B_AHEAD": b_ahead, "Y_AHEAD": y_ahead})
+
+
+@pytest.mark.parametrize("slots", [-3, 2, 3])
+@pytest.mark.parametrize("num_slices", [1, 2, 3])
+def test_stream_expand_column_loops(interp, slots, num_slices) -> None:
+    # fixed slots (2, 3) and the plain loop for Triton's pipeliner (-3): 4 blocks per program in 2 groups,
+    # ragged ends, blocks straddling slices, split-K partials, the DoRA epilogue on 3 slices.
+    _run(interp, cases.check_stream_expand, "float32", 32, 16, WIDTHS[num_slices], num_tokens=24, num_slots=5,
+         composition="mixed-ranks", split_k=2, with_scale=num_slices == 3,
+         config={"BLOCK_N": 16, "COLS_PER_PROG": 64, "SLOTS": slots, "B_AHEAD": max(slots, 2),
+                 "Y_AHEAD": max(slots, 1)})

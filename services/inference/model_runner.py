@@ -132,7 +132,9 @@ class ModelRunner:
         if prev is not None and any(s.num_pending for s in batch.seqs):
             prev_rows = {s.seq_id: r for r, s in enumerate(prev.seqs)}
         inp, ph_dst, ph_src = self.inputs.build(batch.seqs, batch.num_new_tokens, prev_rows)
-        if ph_dst is not None:
+        if ph_dst is not None and inp.placeholders_everywhere:   # one gather straight into the ids: one op fewer
+            torch.index_select(prev.sampled.tokens, 0, ph_src, out=inp.input_ids)
+        elif ph_dst is not None:
             inp.input_ids.index_put_((ph_dst,), prev.sampled.tokens[ph_src])  # [P] ids still on the device
         sample_seqs = [batch.seqs[i] for i in inp.sample_rows]
         decode_only = all(n == 1 for n in batch.num_new_tokens)

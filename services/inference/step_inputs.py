@@ -38,6 +38,7 @@ class StepInputs:
     sample_rows: list[int]         # [S] sequence index (in the batch) of each sampling row
     has_lora: bool = True          # host flag: some row has an adapter (decode graphs without LoRA otherwise)
     ids_positions_slots: torch.Tensor | None = None   # [3, N] view of the first three (one copy into graphs)
+    placeholders_everywhere: bool = False   # every token is a placeholder, in row order (steady overlapped decode)
 
 
 class BlockTableRows:
@@ -195,4 +196,5 @@ class StepInputBuilder:
         # releases and retakes the GIL, and a busy event-loop thread can hold it for a switch interval
         inputs = StepInputs(view[0], view[1], view[2], view[3], view[4].view(B, W), view[5], view[6],
                             ends.tolist(), sample_rows_list, bool((token_slot >= 0).any()), flat[:3 * N].view(3, N))
+        inputs.placeholders_everywhere = P == N and last is None   # decode: dst = pending rows = 0..N-1
         return inputs, (view[7] if P else None), (view[8] if P else None)

@@ -105,3 +105,24 @@ def test_block_table_rows_follow_the_lists_across_steps(seed):
         got = rows.gather(batch, lens, width)
         assert got.tolist() == [s.block_table + [PAD] * (width - len(s.block_table)) for s in batch]
     assert rows.table.shape[0] > 4 and rows.table.shape[1] > 2    # it grew both ways
+
+
+def test_placeholders_everywhere_is_the_identity_scatter():
+    """A decode step whose every row waits for the in-flight token (steady overlapped decode) is flagged, and
+    its placeholder rows are then 0..N-1 in order (the runner gathers straight into the ids); a step with one
+    row known on the host is not."""
+    seqs, prev_rows = [], {}
+    for i in range(5):
+        s = Sequence(f"r{i}", list(range(10 + i)), SamplingParams())
+        s.add_placeholder(row=4 - i)
+        prev_rows[s.seq_id] = s.pending_row
+        s.num_computed_tokens = s.num_tokens - 1
+        s.block_table = [i]
+        s.lora = None
+        seqs.append(s)
+    builder = StepInputBuilder(BS, PAD, torch.device("cpu"))
+    inp, dst, src = builder.build(seqs, [1] * 5, prev_rows)
+    assert inp.placeholders_everywhere and dst.tolist() == list(range(5)) and src.tolist() == [4, 3, 2, 1, 0]
+    seqs[2].resolve_placeholder(7)
+    inp, dst, src = builder.build(seqs, [1] * 5, prev_rows)
+    assert not inp.placeholders_everywhere and dst.tolist() == [0, 1, 3, 4]

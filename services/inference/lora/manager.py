@@ -87,6 +87,7 @@ class LoRAManager:
         self.by_id: dict[int, str] = {}
         self._digest_of: dict[tuple, str] = {}
         self._blocked: dict[int, float] = {}  # seq_id -> arrival of sequences waiting for a slot
+        self._blocked_on: dict[int, AdapterHandle] = {}  # seq_id -> the adapter it waits for (hand-off)
         self._bypasses: dict[int, int] = {}   # seq_id -> newer requests admitted ahead of it meanwhile
         self.max_slot_bypass = 16
         self.slot_handoff = os.environ.get("LORASERVE_SLOT_HANDOFF", "1") != "0"  # see _acquire_by_handoff
@@ -286,6 +287,7 @@ class LoRAManager:
         """A request ended (finished or aborted): drop its hold on the adapter."""
         with self.lock:
             self._blocked.pop(seq.seq_id, None)
+            self._blocked_on.pop(seq.seq_id, None)
             self._bypasses.pop(seq.seq_id, None)
             if seq.lora is not None:
                 self.release(seq.lora)
@@ -396,6 +398,11 @@ class LoRAManager:
         admitting meanwhile (the previous policy stopped all admissions after max_slot_bypass)."""
         if not self._blocked:
             self._draining = None
+        elif self._draining is not None:
+            # the oldest waiter wants the draining adapter itself (it was placed meanwhile): nothing to hand off
+            oldest_id = min(self._blocked.items(), key=lambda kv: kv[1])[0]
+            if self._blocked_on.get(oldest_id) is self._draining:
+                self._draining = None
         if h.slot is not None and h is self._draining:
             return False  # its slot goes to the oldest waiter; this request queues for a slot later
         if h.slot is not None and (h.slot_pins or not self._batch_full()):
@@ -405,6 +412,7 @@ class LoRAManager:
             self._start_load(h)  # waits for the host copy; not counted as slot-blocked
             return False
         self._blocked.setdefault(seq.seq_id, seq.arrival_time)
+        self._blocked_on[seq.seq_id] = h
         oldest = min(self._blocked.items(), key=lambda kv: kv[1])
         if oldest[0] != seq.seq_id and oldest[1] < seq.arrival_time:
             return False  # slots go to the waiters in arrival order
@@ -414,7 +422,9 @@ class LoRAManager:
                 h.timings["place_s"] = time.perf_counter() - t0  # host work issuing the copy (async on CUDA)
             self._draining = None  # the oldest got its place; the next waiter picks its own victim
             return self._pin(h, seq)
-        if self._draining is None or self._draining.slot is None:
+        # a new victim when the last one left its slot, or drained without making room (rank packing:
+        # the oldest's aligned block may hold another pinned adapter; unpacked, a drained slot always fits)
+        if self._draining is None or self._draining.slot is None or self._draining.slot_pins == 0:
             self._draining = self._pick_drain_victim()
             self.num_handoffs += self._draining is not None
         return False
@@ -432,6 +442,7 @@ class LoRAManager:
 
     def _pin(self, h: AdapterHandle, seq: Sequence) -> bool:
         self._blocked.pop(seq.seq_id, None)
+        self._blocked_on.pop(seq.seq_id, None)
         self._bypasses.pop(seq.seq_id, None)
         self.device_tier.pin(h)
         self.host.touch(h)

@@ -13,9 +13,9 @@ pipelined K loop of 8 KB steps, and keeps 2-3 programs per SM with ~24 KB in fli
 streamed A at 1.3-1.5 TB/s (PERF_NOTES). Here the only large operand is A; x rows (BLOCK_K * 2
 bytes each, from L2: every adapter's tile reads the same x chunk only if it holds that token) are
 loaded per real row, and the product is a broadcast-multiply-sum over K ([16, BLOCK_K] * [BLOCK_K]
--> [16]), so padding rows cost nothing. Rows are a runtime loop over the tile's real rows, x of the
-next row prefetched before the current row's reduction; a tile with more than BGMV_MAX_ROWS rows
-(one adapter with many tokens) instead takes one tl.dot of all its rows against the same A block.
+-> [16]), so padding rows cost nothing. x of the tile's first 4 rows is issued with A (all loads at
+once); a tile with more than BGMV_MAX_ROWS = 4 rows (one adapter with many tokens) instead takes
+tl.dot of all its rows against A, re-read in 128-column chunks from cache.
 
 Grid (meta.grid_tiles, rank_blocks * SPLIT_K, S): host-known sizes only (CUDA graphs).
 """
@@ -38,7 +38,7 @@ if HAS_TRITON:
         stride_al, stride_as, stride_ar, stride_ak,
         stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, BGMV_MAX_ROWS: tl.constexpr = 4,
+        SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
         DOT_K: tl.constexpr = 128,
         USE_PDL: tl.constexpr = False,
     ):
@@ -56,7 +56,12 @@ if HAS_TRITON:
         if slot < 0:
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-        tok = tl.load(sorted_ids_ptr + start).to(tl.int64)  # the tile's first row (tiles are non-empty)
+        rows = tl.minimum(end - start, BLOCK_M)
+        last = start + rows - 1
+        tok = tl.load(sorted_ids_ptr + start).to(tl.int64)  # the tile's first 4 rows (tiles are non-empty;
+        tok1 = tl.load(sorted_ids_ptr + tl.minimum(start + 1, last)).to(tl.int64)  # rows past the tile
+        tok2 = tl.load(sorted_ids_ptr + tl.minimum(start + 2, last)).to(tl.int64)  # repeat its last row,
+        tok3 = tl.load(sorted_ids_ptr + tl.minimum(start + 3, last)).to(tl.int64)  # never stored)
         if n0 >= rank:
             return
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -66,15 +71,20 @@ if HAS_TRITON:
         a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
                   + offs_n[:, None] * stride_ar + offs_k[None, :] * stride_ak)
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
-            xv = tl.load(x_ptr + tok * stride_xm + offs_k * stride_xk)
+            k_ok = offs_k < BLOCK_K * SPLIT_K  # all true
         else:
             k_ok = offs_k < K
-            a = tl.load(a_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xv = tl.load(x_ptr + tok * stride_xm + offs_k * stride_xk, mask=k_ok, other=0.0)
-        rows = tl.minimum(end - start, BLOCK_M)
+        a = tl.load(a_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        # x of up to 4 rows issued with A, all at once (a prefetching row loop waited a round trip per
+        # row in its sm_90 SASS: the loop-carried copy of the next row's x waits for its load)
+        x_row = x_ptr + offs_k * stride_xk
+        xv = tl.load(x_row + tok * stride_xm, mask=k_ok, other=0.0)
+        rows_k = tl.zeros_like(offs_k) + rows  # [BLOCK_K] (a scalar-and-block mask upsets the interpreter)
+        x1 = tl.load(x_row + tok1 * stride_xm, mask=k_ok & (rows_k > 1), other=0.0)
+        x2 = tl.load(x_row + tok2 * stride_xm, mask=k_ok & (rows_k > 2), other=0.0)
+        x3 = tl.load(x_row + tok3 * stride_xm, mask=k_ok & (rows_k > 3), other=0.0)
         out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
-        if rows > BGMV_MAX_ROWS:  # a dense tile (one adapter, many tokens): all rows through tl.dot,
+        if rows > 4:  # a dense tile (one adapter, many tokens): all rows through tl.dot,
             offs_m = start + tl.arange(0, BLOCK_M)  # A re-read in DOT_K chunks from L1/L2 (the block
             row_ok = offs_m < end  # above is already in flight), so `a` is dead here: registers
             toks = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
@@ -92,23 +102,20 @@ if HAS_TRITON:
                     acc += tl.dot(xt, tl.trans(ac))
             tl.store(out_base[None, :] + toks[:, None] * stride_om, acc, mask=row_ok[:, None] & n_ok[None, :])
             return
-        # Few rows (decode: 1-4 tokens per adapter): row by row, no padding.
-        for m in range(0, rows):
-            # prefetch the next row's x (the last iteration re-reads its own row: no extra traffic)
-            tok_nxt = tl.load(sorted_ids_ptr + start + tl.minimum(m + 1, rows - 1)).to(tl.int64)
-            if EVEN_K:
-                x_nxt = tl.load(x_ptr + tok_nxt * stride_xm + offs_k * stride_xk)
-            else:
-                x_nxt = tl.load(x_ptr + tok_nxt * stride_xm + offs_k * stride_xk, mask=k_ok, other=0.0)
-            part = tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)  # [BLOCK_N] fp32
-            tl.store(out_base + tok * stride_om, part, mask=n_ok)
-            tok = tok_nxt
-            xv = x_nxt
+        # Few rows (decode: 1-4 tokens per adapter): one broadcast-multiply-sum per row, no padding.
+        af = a.to(tl.float32)
+        tl.store(out_base + tok * stride_om, tl.sum(af * xv.to(tl.float32)[None, :], axis=1), mask=n_ok)
+        if rows > 1:
+            tl.store(out_base + tok1 * stride_om, tl.sum(af * x1.to(tl.float32)[None, :], axis=1), mask=n_ok)
+        if rows > 2:
+            tl.store(out_base + tok2 * stride_om, tl.sum(af * x2.to(tl.float32)[None, :], axis=1), mask=n_ok)
+        if rows > 3:
+            tl.store(out_base + tok3 * stride_om, tl.sum(af * x3.to(tl.float32)[None, :], axis=1), mask=n_ok)
 
 
-# Tiles with more rows than this take one tl.dot over all their rows instead of the row loop (a
-# runtime branch: the row count lives on the device). The loop pays one x round trip per row
-# (prefetched one ahead), the dot pads to BLOCK_M rows but loads them all at once.
+# Tiles with more rows than this (fixed in the kernel) take one tl.dot over all their rows; up to
+# this many rows take one broadcast-multiply-sum each, their x loaded with A (a runtime branch: the
+# row count lives on the device).
 BGMV_MAX_ROWS = 4
 
 
@@ -169,7 +176,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, R, x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
-        IEEE=x.dtype == torch.float32, BGMV_MAX_ROWS=cfg.get("BGMV_MAX_ROWS", BGMV_MAX_ROWS),
+        IEEE=x.dtype == torch.float32,
         DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(x.device),
     )
     return out

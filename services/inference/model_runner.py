@@ -128,16 +128,15 @@ class ModelRunner:
         flight, whose sampled tokens feed this step's placeholder inputs on the device. The returned
         StepOutput's `fetch()` waits for and returns the sampled tokens."""
         dev = self.device
-        prev_rows = None
-        if prev is not None and any(s.num_pending for s in batch.seqs):
-            prev_rows = {s.seq_id: r for r, s in enumerate(prev.seqs)}
-        inp, ph_dst, ph_src = self.inputs.build(batch.seqs, batch.num_new_tokens, prev_rows)
+        # placeholders are fed from prev's sampled rows: each sequence's pending_row (set when prev launched)
+        inp, ph_dst, ph_src = self.inputs.build(batch.seqs, batch.num_new_tokens, True if prev is not None else None)
         if ph_dst is not None and inp.placeholders_everywhere:   # one gather straight into the ids: one op fewer
             torch.index_select(prev.sampled.tokens, 0, ph_src, out=inp.input_ids)
         elif ph_dst is not None:
             inp.input_ids.index_put_((ph_dst,), prev.sampled.tokens[ph_src])  # [P] ids still on the device
-        sample_seqs = [batch.seqs[i] for i in inp.sample_rows]
-        decode_only = all(n == 1 for n in batch.num_new_tokens)
+        # every row samples in a decode step: the batch's own list (a fresh list per schedule, never changed)
+        sample_seqs = batch.seqs if len(inp.sample_rows) == len(batch.seqs) else [batch.seqs[i] for i in inp.sample_rows]
+        decode_only = len(batch.num_new_tokens) == batch.num_tokens
         if decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch.seqs)):
             hidden = self.graph_runner.run(inp)
             if self.graph_runner.sampler_graphs is not None and not inp.has_lora and len(sample_seqs) == len(batch.seqs):

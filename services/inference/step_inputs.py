@@ -138,10 +138,11 @@ class StepInputBuilder:
             dev = self._dev
         return host, dev
 
-    def build(self, seqs: list, num_new_tokens: list[int], prev_rows: dict[int, int] | None = None
+    def build(self, seqs: list, num_new_tokens: list[int], prev_rows: dict[int, int] | bool | None = None
               ) -> tuple[StepInputs, torch.Tensor | None, torch.Tensor | None]:
         """seqs: the step's sequences; num_new_tokens: tokens each computes. prev_rows: seq_id -> row of the
-        in-flight step's sampled tokens, for sequences whose last token is a placeholder.
+        in-flight step's sampled tokens, for sequences whose last token is a placeholder (True: each
+        sequence's pending_row, which the scheduler set when that step launched; None: no step in flight).
         Returns (inputs, placeholder_dst, placeholder_src) on the device."""
         bs = self.block_size
         B = len(seqs)
@@ -177,7 +178,8 @@ class StepInputBuilder:
         if prev_rows:
             pending = [i for i in sample_rows_list if seqs[i].num_pending]
             dst = pending if last is None else last[pending]
-            src = [prev_rows[seqs[i].seq_id] for i in pending]
+            src = ([seqs[i].pending_row for i in pending] if prev_rows is True
+                   else [prev_rows[seqs[i].seq_id] for i in pending])
             ids[ids < 0] = 0    # placeholders: overwritten on the device below
         P = len(dst)
         parts = (ids, positions, slots, ends, tables.reshape(-1), token_slot, sample_idx,

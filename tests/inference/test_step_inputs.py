@@ -69,6 +69,11 @@ def test_builder_matches_the_per_token_loop(seed):
         assert src.tolist() == [prev_rows[s.seq_id] for s in owners]
     else:
         assert dst is None and src is None
+    # prev_rows=True: each sequence's pending_row instead of the dict (what ModelRunner passes)
+    _, dst2, src2 = StepInputBuilder(BS, PAD, torch.device("cpu")).build(seqs, n_new, True)
+    assert (dst2 is None) == (dst is None)
+    if dst is not None:
+        assert dst2.tolist() == dst.tolist() and src2.tolist() == src.tolist()
 
 
 @pytest.mark.parametrize("seed", range(4))

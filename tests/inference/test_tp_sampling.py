@@ -63,11 +63,17 @@ def _rank(rank: int, world: int, port: int, out) -> None:
     lm.weight.data.copy_(head_pad[rank * per:(rank + 1) * per])
     plain = tp_greedy_sample(SimpleNamespace(lm_head=lm), hidden, group)
     plain_ref = sample(hidden @ head.T, meta)
+    # the start-up check every rank runs before capturing the sharded sampler (against the gathered logits)
+    from loraserve.inference.tp.sampling import self_check
+
+    model = SimpleNamespace(lm_head=lm, compute_logits=lambda h: group.gather_logits(lm(h)).float())
+    checked = self_check(model, group, torch.device("cpu"))
     out[rank] = {
         "tokens": got.tokens.tolist(), "ref_tokens": ref.tokens.tolist(),
         "ok": got.ok.tolist(), "ref_ok": ref.ok.tolist(),
         "lp_err": (got.logprobs - ref.logprobs).abs().max().item(),
         "plain": (torch.equal(plain.tokens, plain_ref.tokens), (plain.logprobs - plain_ref.logprobs).abs().max().item()),
+        "self_check": checked,
     }
     dist.destroy_process_group()
 
@@ -87,3 +93,4 @@ def test_shard_greedy_equals_gathered_sampler(world):
         assert r["tokens"][1] == 3 and r["tokens"][3] == 20 and r["tokens"][4] == 2 and r["tokens"][7] == 22, r
         assert r["lp_err"] < 1e-5, r
         assert r["plain"][0] and r["plain"][1] < 1e-5, r
+        assert r["self_check"] is True, r

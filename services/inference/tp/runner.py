@@ -116,13 +116,16 @@ class TPModelRunner(ModelRunner):
         runner.capture()
         self.graph_runner = runner
         if _sampler_graphs():   # every rank captures its logits graphs in the same order (worker._capture_logits)
-            self.executor.send(("capture_logits", LOCAL_ARGMAX))
-            if LOCAL_ARGMAX:   # greedy over the vocabulary shards, no logits gather (tp/sampling.py)
-                from .sampling import capture_sampler_graphs
+            from .sampling import capture_sampler_graphs, self_check
 
+            self.executor.send(("capture_logits", LOCAL_ARGMAX))
+            # greedy over the vocabulary shards, no logits gather (tp/sampling.py), if it passes its check
+            shards = LOCAL_ARGMAX and self_check(self.model, self.tp, self.device)
+            if shards:
                 runner.sampler_graphs = capture_sampler_graphs(runner, self.model, self.tp, self.device)
             else:
                 runner.capture_greedy_sampler()
+            log.info("TP sampler graphs captured (%s)", "greedy over the vocabulary shards" if shards else "logits gather")
 
     def profile_steps(self, skip: int, count: int, tag: str) -> None:
         """Every rank profiles `count` steps after the next `skip` (tp/profile.py; LORASERVE_TP_PROFILE=DIR)."""

@@ -90,6 +90,7 @@ def tp_greedy_sample(model, hidden: torch.Tensor, group) -> SamplerOutput:
     return combine(full)
 
 
+@torch.inference_mode()
 def capture_sampler_graphs(graph_runner, model, group, device: torch.device) -> dict:
     """Every rank at once, per decode bucket (largest first): a graph of tp_greedy_sample over the bucket
     graph's hidden states (its all-gather pairs up across the ranks; one eager warm-up each, as
@@ -112,3 +113,29 @@ def capture_sampler_graphs(graph_runner, model, group, device: torch.device) -> 
         graphs[bs] = (graph, out, packed)
     current.wait_stream(stream)
     return graphs
+
+
+@torch.inference_mode()
+def self_check(model, group, device: torch.device) -> bool:
+    """Collective, every rank before capturing: the sharded greedy sampler against sampler.sample on the
+    gathered logits of a few random rows (the same on every rank); True on every rank iff it matched on every
+    rank (a failure turns the sharded path off everywhere: the logits gather is used)."""
+    from ..sampler import SamplingMetadata, sample
+    from .allreduce import _all_agree
+
+    ok = True
+    try:
+        g = torch.Generator(device=device).manual_seed(11)
+        hidden = torch.randn(5, model.lm_head.weight.shape[1], device=device, generator=g).to(model.lm_head.weight.dtype)
+        got = tp_greedy_sample(model, hidden, group)
+        meta = SamplingMetadata(greedy=None, temperature=None, top_k=None, top_k_max=0, top_p=None, masked=None,
+                                generators=[], max_top_logprobs=0, all_greedy=True)
+        ref = sample(model.compute_logits(hidden), meta)
+        ok = (bool(torch.equal(got.tokens, ref.tokens)) and bool(torch.equal(got.ok, ref.ok))
+              and bool(torch.allclose(got.logprobs, ref.logprobs, atol=1e-3, rtol=1e-3)))
+    except Exception:  # noqa: BLE001 - every rank learns it below
+        import logging
+
+        logging.getLogger(__name__).exception("sharded greedy sampler self-check failed")
+        ok = False
+    return _all_agree(ok, device, None)

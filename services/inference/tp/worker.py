@@ -191,9 +191,9 @@ class Worker:
         states, captured in the driver's order (CudaGraphRunner.capture_greedy_sampler on rank 0: one warm-up
         gather, then the capture, per bucket, largest first); local_argmax: this rank's part of the
         sharded greedy sampling instead (tp/sampling.py, as rank 0)."""
-        if local_argmax:
-            from .sampling import capture_sampler_graphs
+        from .sampling import capture_sampler_graphs, self_check
 
+        if local_argmax and self_check(self.model, self.group, self.device):   # as rank 0 (runner.py)
             graphs = capture_sampler_graphs(self.graph_runner, self.model, self.group, self.device)
             self.logits_graphs = {bs: g for bs, (g, _, _) in graphs.items()}
             return

@@ -163,3 +163,14 @@ def test_packed_tier_is_sized_in_granules():
         assert num_device_slots(lc, pc, args, set(ALL), 64, torch.float32, torch.device("cpu")) == 80
     finally:
         slots_mod.RANK_PACKING = old
+
+
+def test_packing_falls_back_when_offsets_would_pass_int32():
+    from loraserve.inference.lora.slots import _packing_fits_int32
+
+    shapes = {"gate_proj": (4096, 14336), "up_proj": (4096, 14336)}
+    assert _packing_fits_int32(shapes, {"gate_proj"}, 64_000)            # 28672 * 64000 < 2**31
+    assert not _packing_fits_int32(shapes, {"gate_proj"}, 80_000)        # the expand's n * stride_bn would wrap
+    args = small_args(1)
+    t = tier(args, True, 8, "cpu", torch.float32)
+    assert t.slots.packed and t.slots.num_slots == 8

@@ -80,6 +80,7 @@ class LoRAManager:
         self.module_shapes = args.lora_module_shapes()
         self.num_slots = num_device_slots(lora_config, cache_config, args, self.enabled, self.max_rank, dtype, device)
         self.slots = DeviceSlots(args, self.enabled, self.num_slots, self.max_rank, dtype, device)
+        self.num_slots = self.slots.num_slots   # rank packing may fall back to max-rank slots (slots.py)
         self.device_tier = DeviceTier(self.slots)
         self.host = HostTier(lora_config.max_cpu_loras, cache_config.host_cache_size)
         self.stats = CacheStats(self.host.stats, self.device_tier.stats)

@@ -31,6 +31,7 @@ slot (granule); only an adapter's first granule is ever a token's slot.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -38,6 +39,8 @@ import torch
 from loraserve.adapters import LoraAdapter
 
 from ..models.llama import PROJ_SLICES, ModelArgs
+
+log = logging.getLogger(__name__)
 
 
 RANK_PACKING = os.environ.get("LORASERVE_RANK_PACKING", "0") == "1"
@@ -65,6 +68,12 @@ class DeviceSlots:
         self.packed = self.granule < max_rank
         self._pools: list[torch.Tensor] = []   # the packed layout's backing buffers
         shapes = args.lora_module_shapes()
+        if self.packed and not _packing_fits_int32(shapes, enabled, num_slots * self.granule + max(max_rank, 16)):
+            # the kernels compute offsets within one layer in int32 (n * stride_bn, s * stride_as)
+            log.warning("rank packing off: %d slots of %d rows put the pools' per-layer offsets past int32",
+                        num_slots, self.granule)
+            self.num_slots = num_slots = -(-num_slots * self.granule // max_rank)   # the same memory, max-rank slots
+            self.granule, self.packed = max_rank, False
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         self.slice_offsets: dict[str, torch.Tensor] = {}
@@ -163,6 +172,16 @@ class DeviceSlots:
         if self._pending is not None:
             torch.cuda.current_stream(self.device).wait_event(self._pending)
             self._pending = None
+
+
+def _packing_fits_int32(shapes: dict, enabled: set[str], rows: int) -> bool:
+    """Every per-layer offset of the packed pools stays below 2**31 elements."""
+    for proj, modules in PROJ_SLICES.items():
+        if enabled & set(modules):
+            n_out, in_f = sum(shapes[m][1] for m in modules), shapes[modules[0]][0]
+            if max(n_out * rows, len(modules) * rows * in_f) >= 2 ** 31:
+                return False
+    return True
 
 
 def _has_bias(args: ModelArgs, proj: str) -> bool:

@@ -240,7 +240,9 @@ def shape_bytes(proj: str, rank: int, L: int, T: int) -> int:
     return L * (S * rank * hidden + N * rank) * 2 + T * hidden * 2 + 2 * T * N * 2
 
 
-def metrics(bw: float, with_before: bool = True) -> dict:
+def metrics(bw: float, with_before: bool = True, max_shapes: int | None = None) -> dict:
+    """The three targets with lora_apply's defaults; max_shapes: time only that many of the >= 32 MB
+    shapes, evenly spread over the sweep's order (the median is then over those)."""
     out = {"copy_bw_gbs": bw}
     base = base_layer_us(64)
     lora, per = layer_lora_us(64, 32, 16)
@@ -269,9 +271,10 @@ def metrics(bw: float, with_before: bool = True) -> dict:
         out.update(lora_1tok_us_per_proj_3launch=statistics.median(b1.values()))
         print("  before (3 launches): " + ", ".join(f"{p} {u:.1f}" for p, u in b1.items()), flush=True)
     fracs, rows = [], []
-    for proj, r, L, T in sweep_shapes(False):
-        if shape_bytes(proj, r, L, T) < 32e6:
-            continue
+    big = [sh for sh in sweep_shapes(False) if shape_bytes(*sh) >= 32e6]
+    if max_shapes and len(big) > max_shapes > 1:
+        big = [big[round(i * (len(big) - 1) / (max_shapes - 1))] for i in range(max_shapes)]
+    for proj, r, L, T in big:
         c = Case(proj, r, L, T)
         us = c.time()
         frac = c.bytes / (us * 1e-6) / 1e9 / bw
@@ -363,7 +366,7 @@ def main() -> None:
                     help="classic vs streaming kernels (LORASERVE_LORA_STREAM=0/1) on the targets, one run")
     ap.add_argument("--sweep-stream", action="store_true", help="streaming shrink / expand knobs (layer case, 1 token)")
     ap.add_argument("--max-shapes", type=int, default=None,
-                    help="with --compare: at most this many >= 32 MB shapes, evenly spread (default all 51; 0: none)")
+                    help="at most this many >= 32 MB shapes, evenly spread (default all 51; with --compare 0: none)")
     ap.add_argument("--shapes", default=None,
                     help="with --compare: exactly these extra shapes, proj:rank:adapters:tokens,... (e.g. "
                          "gate_up:16:1:256); their bytes fraction is printed whatever their size")
@@ -426,7 +429,7 @@ def main() -> None:
         if args.sweep_layer:
             sweep_layer()
         return
-    res = metrics(bw, with_before=not args.no_before)
+    res = metrics(bw, with_before=not args.no_before, max_shapes=args.max_shapes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

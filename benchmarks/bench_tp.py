@@ -201,6 +201,7 @@ def main() -> int:
     ap.add_argument("--child-trained", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--main-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-top1", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--n-adapters", type=int, default=32, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -250,6 +251,7 @@ def main() -> int:
         # assert) reaches the next; the child writes its figures to a JSON the parent merges
         r = runs[tp] = run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters)
         res.update({k: v for k, v in r.items() if not k.startswith("_")})
+        derive(res, a.json)
         write(a.json, res)
         if "_error" in r:
             print(f"tp{tp} child failed: {r['_error']}", flush=True)
@@ -289,8 +291,10 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
     fd, out = tempfile.mkstemp(suffix=".json", prefix=f"tp{tp}-")
     os.close(fd)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--ckpt", path, "--child-json", out,
-           *(["--child-trained"] if tp == 0 else []), "--layers", str(layers), "--prompt-len", str(prompt_len), "--steps", str(steps),
+           "--layers", str(layers), "--prompt-len", str(prompt_len), "--steps", str(steps),
            "--n-top1", str(n_top1), "--n-adapters", str(n_adapters), "--max-batch", str(a.max_batch)]
+    cmd += ["--child-trained"] if tp == 0 else []
+    cmd += ["--main-json", a.json] if a.json and tp and not nccl_only else []   # figures published as they come
     cmd += [f for f, on in (("--tiny", a.tiny), ("--tp-eager", a.tp_eager), ("--decode-only", a.decode_only or nccl_only),
                             ("--replay", a.replay)) if on]
     env = dict(os.environ)
@@ -325,13 +329,17 @@ def child_main(a) -> int:
         res["tp2_custom_all_reduce"] = custom_ar
     vocab = engine.args.vocab_size
 
+    def save() -> None:
+        write(a.child_json, res)
+        publish(a, tp, res)
+
     def record(k: str, tok_s: float) -> None:
         res[f"tp{tp}_decode_{k}_tok_s"] = tok_s
         batch = 1 if k == "bs1" else 64   # ms per decode step and layer (LM head included)
         res[f"tp{tp}_decode_{k}_ms_per_layer"] = 1e3 * batch / tok_s / a.layers
         print(f"tp{tp} decode {k}: {tok_s:.1f} tok/s, {1e3 * batch / tok_s:.3f} ms/step, "
               f"{res[f'tp{tp}_decode_{k}_ms_per_layer']:.3f} ms/layer", flush=True)
-        write(a.child_json, res)
+        save()
 
     prof_dir = os.environ.get("LORASERVE_PROFILE_DIR")
     for k, batch, seed in (("bs1", 1, 10 * tp), ("bs64", 64, 10 * tp + 1)):
@@ -341,16 +349,11 @@ def child_main(a) -> int:
             if ms is not None:
                 res[f"tp{tp}_replay_{k}_ms"] = ms
                 print(f"tp{tp} decode graph replay {k}: {ms:.3f} ms (layers only, no LM head/sampling)", flush=True)
-                write(a.child_json, res)
+                save()
         if prof_dir:   # a second, untimed run with 8 decode steps under the profiler on every rank
             profiled_decode(engine, vocab, batch, a.prompt_len, max(a.steps, 24), seed + 100, prof_dir, f"tp{tp}_{k}")
     if not a.decode_only:
-        res["_top1"] = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len))
-        if tp == 1:
-            floor = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len), group=7, tag="floor")
-            res["top1_agreement_tp1_rebatched"] = sum(x == y for x, y in zip(res["_top1"], floor)) / a.n_top1
-        write(a.child_json, res)
-        if tp == 2:
+        if tp == 2:   # before the top-1 run: its key is the one of the four with a noise floor of its own
             lm, reqs = engine.lora_manager, []
             from benchmarks.bench_engine import random_adapters
 
@@ -361,8 +364,48 @@ def child_main(a) -> int:
                 reqs.append(req)
             record("bs64_lora", decode_tok_s(engine, vocab, 64, a.prompt_len, a.steps, seed=30, loras=reqs))
             record("bs64_nolora", decode_tok_s(engine, vocab, 64, a.prompt_len, a.steps, seed=31))
+        res["_top1"] = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len))
+        if tp == 1:
+            floor = next_tokens(engine, random_prompts(vocab, a.n_top1, a.prompt_len), group=7, tag="floor")
+            res["top1_agreement_tp1_rebatched"] = sum(x == y for x, y in zip(res["_top1"], floor)) / a.n_top1
+        save()
     close_engine(engine)
     return 0
+
+
+def publish(a, tp: int, res: dict) -> None:
+    """A child's figures into the main JSON (--main-json) as soon as they exist, with the issue's keys
+    derived from whatever both sides have by then: a run killed later keeps every finished figure."""
+    if not a.main_json:
+        return
+    try:
+        with open(a.main_json) as f:
+            main = json.load(f)
+    except (OSError, ValueError):
+        main = {}
+    main.update({k: v for k, v in res.items() if not k.startswith("_")})
+    if "_top1" in res:   # the top-1 lists beside it (256 ints each)
+        write(f"{a.main_json}.top1_tp{tp}", {"top1": res["_top1"]})
+    derive(main, a.main_json)
+    write(a.main_json, main)
+
+
+def derive(main: dict, path: str | None) -> None:
+    """The issue-15 keys from the figures present in `main` (and the top-1 lists beside `path`)."""
+    for k in ("bs1", "bs64"):
+        if f"tp1_decode_{k}_tok_s" in main and f"tp2_decode_{k}_tok_s" in main:
+            main[f"decode_{k}_speedup_tp2"] = main[f"tp2_decode_{k}_tok_s"] / main[f"tp1_decode_{k}_tok_s"]
+    if "tp2_decode_bs64_lora_tok_s" in main and "tp2_decode_bs64_nolora_tok_s" in main:
+        main["lora32_vs_nolora_tp2"] = main["tp2_decode_bs64_lora_tok_s"] / main["tp2_decode_bs64_nolora_tok_s"]
+    try:
+        lists = []
+        for tp in (1, 2):
+            with open(f"{path}.top1_tp{tp}") as f:
+                lists.append(json.load(f)["top1"])
+        main["top1_agreement_tp2_vs_tp1"] = sum(x == y for x, y in zip(*lists)) / len(lists[0])
+        main["top1_prompts"] = len(lists[0])
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
 
 
 def replay_ms(engine, batch: int) -> float | None:

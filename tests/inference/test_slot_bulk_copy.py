@@ -80,3 +80,28 @@ def test_bulk_copy_declines_what_it_cannot_do_in_one_pass(monkeypatch):
     mixed = one_block_weights(args, {"q_proj": 8}, dtype=torch.float16)   # not the serving dtype
     assert not s._bulk_copy(0, mixed)
     assert torch.count_nonzero(s.a["qkv_proj"]) == 0                       # nothing was written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("text_order", [True, False])
+def test_bulk_copy_on_the_gpu_from_a_pinned_block(text_order):
+    from loraserve.inference.lora.slots import DeviceSlots
+
+    args = small_args(12)
+    ranks = {"q_proj": 8, "v_proj": 8, "gate_proj": 4, "down_proj": 8, "k_proj": 2}
+    host = one_block_weights(args, ranks, dtype=torch.bfloat16, text_order=text_order)
+    block = next(iter(host.values()))[0]
+    pinned = torch.empty(block.untyped_storage().nbytes() // 2, dtype=torch.bfloat16, pin_memory=True)
+    pinned.copy_(torch.empty(0, dtype=torch.bfloat16).set_(block.untyped_storage(), 0, (pinned.numel(),), (1,)))
+    base = block.untyped_storage().data_ptr()
+    w = {k: tuple(pinned.as_strided(t.shape, t.stride(), (t.data_ptr() - base) // 2) for t in ab)
+         for k, ab in host.items()}
+    slots = DeviceSlots(args, set(ALL), 8, 16, torch.bfloat16, torch.device("cuda"))
+    with torch.cuda.stream(slots.copy_stream):
+        assert slots._bulk_copy(5, w)
+    torch.cuda.synchronize()
+    for (layer, module), (a, b) in host.items():
+        proj, s, off = slots.slice_index[module]
+        assert torch.equal(slots.a[proj][layer, 5, s, :a.shape[0]].cpu(), a)
+        assert torch.equal(slots.b[proj][layer, 5, off:off + b.shape[0], :a.shape[0]].cpu(), b)

@@ -29,8 +29,8 @@ dependent launch): deterministic, no atomics, no host sync; the workspace size d
 output tile's last program to arrive (an int32 counter per tile, acquire/release, reset by that program), in
 split order: still deterministic, one launch fewer.
 
-Programmatic dependent launch (LORASERVE_FP8_GEMV_PDL=1, or LORASERVE_PDL=1 with it unset; kernels/pdl.py's
-rules): each GEMV is launched as a dependent of the kernel before it, prefetches its weight rows into L2
+Programmatic dependent launch (LORASERVE_FP8_GEMV_PDL=1, off by default: slower on the H200, see gemv_pdl_on;
+kernels/pdl.py's rules): each GEMV is launched as a dependent of the kernel before it, prefetches its weight rows into L2
 (prefetch.global.L2; no kernel of the step writes weights), waits (gdc_wait), then lets its own dependents
 launch: when the kernel before it (a norm, SiLU-mul, the attention) also triggers early, the weight stream
 overlaps that kernel.
@@ -50,7 +50,6 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, interpret_mode, tl, triton
 from .fp8_gemm import check_gemm_args, fp8_w8a16_gemm_ref
-from .pdl import pdl_enabled
 # tile configs (kernels/fp8_gemv_configs.py), re-exported: the sweep and the tests read them from here
 from .fp8_gemv_configs import (CONFIGS, KINDS, M_BUCKETS, X16_SCALE, GemvConfig, auto_split,  # noqa: F401
                                gemv_config, heuristic_config, m_bucket)
@@ -399,10 +398,10 @@ def splitk_fixup_on() -> bool:
 
 
 def gemv_pdl_on() -> bool:
-    """Launch the GEMV kernels as programmatic dependents (where pdl_supported): LORASERVE_FP8_GEMV_PDL=1 / 0,
-    unset: as the step's other kernels (LORASERVE_PDL, kernels/pdl.py; off by default)."""
-    raw = os.environ.get("LORASERVE_FP8_GEMV_PDL", "").strip()
-    return raw == "1" if raw else pdl_enabled()
+    """LORASERVE_FP8_GEMV_PDL=1: launch the GEMV kernels as programmatic dependents (where pdl_supported). Off,
+    also under LORASERVE_PDL=1: on the H200 (2026-11-30, fp8_gemv_sweep.py --chain-ms, a layer's four GEMMs each
+    after an RMSNorm) it cost 20 us per layer at M=1 (74.1 -> 93.8; 87.5 with the norms' PDL on) and 17 at M=64."""
+    return os.environ.get("LORASERVE_FP8_GEMV_PDL", "0").strip() == "1"
 
 
 def pdl_supported(device: torch.device) -> bool:

@@ -96,6 +96,7 @@ class TPModelRunner(ModelRunner):
         from .profile import StepProfiler
 
         self.profiler = StepProfiler(0, device)   # LORASERVE_TP_PROFILE (off: no-ops)
+        self.lora_sampler_graphs, self._sampler_views = None, {}   # sharded sampler over the LoRA decode graphs
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
         if device.type == "cuda" and not config.enforce_eager and GRAPHS:
             self._capture_tp_graphs(config)
@@ -123,6 +124,8 @@ class TPModelRunner(ModelRunner):
             shards = LOCAL_ARGMAX and self_check(self.model, self.tp, self.device)
             if shards:
                 runner.sampler_graphs = capture_sampler_graphs(runner, self.model, self.tp, self.device)
+                if any(lora for _, lora in runner.graphs):   # steps with adapter rows sample in a graph too
+                    self.lora_sampler_graphs = capture_sampler_graphs(runner, self.model, self.tp, self.device, True)
             else:
                 runner.capture_greedy_sampler()
             log.info("TP sampler graphs captured (%s)", "greedy over the vocabulary shards" if shards else "logits gather")
@@ -165,7 +168,8 @@ class TPModelRunner(ModelRunner):
             lora = self.lora_manager.prepare_batch(batch.seqs, batch.num_new_tokens)
         has_lora = bool(inp.has_lora) if graphed else lora is not None
         logits_graph = False
-        if graphed and self.graph_runner.sampler_graphs is not None and not has_lora and S == B:
+        samplers = None if not graphed else self.lora_sampler_graphs if has_lora else self.graph_runner.sampler_graphs
+        if samplers is not None and S == B:
             meta = self.sampling_meta.get(sample_seqs, self._banned)
             logits_graph = meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0
         self.executor.send(("step", N, B, W, S, has_lora, query_lens, list(inp.context_lens_list), graphed,
@@ -174,6 +178,11 @@ class TPModelRunner(ModelRunner):
         try:
             if graphed:
                 hidden = self.graph_runner.run(inp)
+                if logits_graph and has_lora:
+                    from .sampling import replay_sampler
+
+                    sampled, packed = replay_sampler(samplers, self.graph_runner.buckets, S, self._sampler_views)
+                    return StepOutput(sample_seqs, sampled, packed, self.packed_slots)
                 if logits_graph:
                     sampled, packed = self.graph_runner.sample_greedy(S)
                     return StepOutput(sample_seqs, sampled, packed, self.packed_slots)

@@ -91,18 +91,18 @@ def tp_greedy_sample(model, hidden: torch.Tensor, group) -> SamplerOutput:
 
 
 @torch.inference_mode()
-def capture_sampler_graphs(graph_runner, model, group, device: torch.device) -> dict:
-    """Every rank at once, per decode bucket (largest first): a graph of tp_greedy_sample over the bucket
-    graph's hidden states (its all-gather pairs up across the ranks; one eager warm-up each, as
-    CudaGraphRunner.capture_greedy_sampler). {bs: (graph, SamplerOutput, packed [3, bs] float64)}, the
-    format CudaGraphRunner.sample_greedy replays."""
+def capture_sampler_graphs(graph_runner, model, group, device: torch.device, with_lora: bool = False) -> dict:
+    """Every rank at once, per decode bucket (largest first): a graph of tp_greedy_sample over the hidden
+    states of the bucket's decode graph (with_lora: the variant with the LoRA kernels) (its all-gather pairs
+    up across the ranks; one eager warm-up each, as CudaGraphRunner.capture_greedy_sampler).
+    {bs: (graph, SamplerOutput, packed [3, bs] float64)}, the format CudaGraphRunner.sample_greedy replays."""
     current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(current)
     pool = torch.cuda.graph_pool_handle()
     graphs = {}
     for bs in reversed(graph_runner.buckets):
-        hidden = graph_runner.graphs[(bs, False)][1]
+        hidden = graph_runner.graphs[(bs, with_lora)][1]
         with torch.cuda.stream(stream):
             tp_greedy_sample(model, hidden, group)
         stream.synchronize()
@@ -139,3 +139,16 @@ def self_check(model, group, device: torch.device) -> bool:
         logging.getLogger(__name__).exception("sharded greedy sampler self-check failed")
         ok = False
     return _all_agree(ok, device, None)
+
+
+def replay_sampler(graphs: dict, buckets: list[int], n: int, views: dict) -> tuple[SamplerOutput, torch.Tensor]:
+    """Replay the sampler graph of n rows' bucket: (SamplerOutput of the n rows, packed [3, bs]); views caches
+    the [:n] views per (graph set, n)."""
+    bs = next(b for b in buckets if b >= n)
+    graph, out, packed = graphs[bs]
+    graph.replay()
+    key = (id(graphs), n)
+    view = views.get(key)
+    if view is None:
+        view = views[key] = SamplerOutput(out.tokens[:n], out.logprobs[:n], None, None, out.ok[:n])
+    return view, packed

@@ -169,8 +169,9 @@ class Worker:
         if graphed:
             inp.has_lora = has_lora
             hidden = self.graph_runner.run(inp)
-            if logits_graph:
-                self.logits_graphs[next(b for b in self.graph_runner.buckets if b >= N)].replay()
+            if logits_graph:   # the variant the driver replays (has_lora: over the LoRA decode graph's output)
+                graphs = self.lora_logits_graphs if has_lora else self.logits_graphs
+                graphs[next(b for b in self.graph_runner.buckets if b >= N)].replay()
             elif S:
                 self.model.compute_logits(hidden[inp.sample_idx])
             return
@@ -196,6 +197,9 @@ class Worker:
         if local_argmax and self_check(self.model, self.group, self.device):   # as rank 0 (runner.py)
             graphs = capture_sampler_graphs(self.graph_runner, self.model, self.group, self.device)
             self.logits_graphs = {bs: g for bs, (g, _, _) in graphs.items()}
+            if any(lora for _, lora in self.graph_runner.graphs):   # as rank 0: the LoRA decode graphs' variant
+                graphs = capture_sampler_graphs(self.graph_runner, self.model, self.group, self.device, True)
+                self.lora_logits_graphs = {bs: g for bs, (g, _, _) in graphs.items()}
             return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -387,6 +387,32 @@ def main() -> int:
                  "lm_head": "fp8 (LORASERVE_FP8_LM_HEAD=1)" if os.environ.get("LORASERVE_FP8_LM_HEAD") == "1" else "bf16",
                  "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
+
+    def save(phase: str) -> None:
+        """The ratios of what is measured so far, printed and written: a run cut short (a time limit) keeps them."""
+        b, f = res.get("bf16"), res.get("fp8")
+        if b and f:
+            for bs in (1, a.batch):
+                res[f"decode_bs{bs}_speedup"] = f[f"decode_bs{bs}_tok_s"] / b[f"decode_bs{bs}_tok_s"]
+                if "fp8_lm_head_fp8" in res:
+                    res[f"decode_bs{bs}_speedup_lm_head_fp8"] = (res["fp8_lm_head_fp8"][f"decode_bs{bs}_tok_s"]
+                                                                 / b[f"decode_bs{bs}_tok_s"])
+            if "prefill_tok_s" in f and "prefill_tok_s" in b:
+                res["prefill_speedup"] = f["prefill_tok_s"] / b["prefill_tok_s"]
+            # blocks each engine got with the same kv_cache_config (FP8 weights leave more memory; an FP8 KV
+            # cache halves the bytes per block); kv_blocks_per_gib_ratio: per byte of cache alone
+            res["kv_blocks_ratio"] = f["kv_blocks"] / b["kv_blocks"]
+            res["kv_blocks_per_gib_ratio"] = f["kv_blocks_per_gib"] / b["kv_blocks_per_gib"]
+        if f and "fp8_lora32_decode_tok_s" in res:
+            res["lora32_vs_nolora_fp8"] = res["fp8_lora32_decode_tok_s"] / f[f"decode_bs{a.batch}_tok_s"]
+        res["wall_s"] = time.perf_counter() - t0
+        keys = [k for k in res if k.endswith(("_speedup", "_ratio", "lora32_vs_nolora_fp8")) or k.startswith("top1_agr")]
+        print(f"[{phase}, {res['wall_s']:.0f} s] " + ", ".join(f"{k} {res[k]:.3f}" for k in keys), flush=True)
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+
     if on_gpu and not a.skip_micro:
         try:   # diagnostics only: a failure here must not cost the engine figures
             res["gemm_us"] = gemm_micro()
@@ -402,18 +428,21 @@ def main() -> int:
         engine = None   # before the next build: the FP8 engine sizes its KV cache from the free memory
         print(f"bf16 done ({time.perf_counter() - t0:.0f} s): "
               f"{ {k: v for k, v in res['bf16'].items() if k != 'profile_decode'} }", flush=True)
+        save("bf16")
     engine = build(path, quant, kw, lora_cfg)
     res["fp8"] = measure(engine, a)
+    print(f"fp8 done ({time.perf_counter() - t0:.0f} s): "
+          f"{ {k: v for k, v in res['fp8'].items() if k != 'profile_decode'} }", flush=True)
+    save("fp8")
     if a.profile:
         res["fp8"]["profile_decode"] = {bs: profile_decode(engine, bs, a.prompt_len) for bs in (1, a.batch)}
     if not a.decode_only:
         reqs = register(engine, make_adapters(engine, a.adapters, a.rank, dora=False, seed=1), 1)
         res["fp8_lora32_decode_tok_s"] = statistics.median(
             time_decode(engine, a.batch, a.prompt_len, a.steps, reqs, seed=7 + r) for r in range(a.repeats))
+        save("fp8 + 32 LoRA adapters")
     free(engine)
     engine = None
-    print(f"fp8 done ({time.perf_counter() - t0:.0f} s): "
-          f"{ {k: v for k, v in res['fp8'].items() if k != 'profile_decode'} }", flush=True)
     if a.also_lm_head_fp8 and not a.lm_head_fp8:   # the opt-in FP8 LM head: decode only, a third engine
         os.environ["LORASERVE_FP8_LM_HEAD"] = "1"
         try:
@@ -425,42 +454,12 @@ def main() -> int:
             engine = None
         finally:
             os.environ.pop("LORASERVE_FP8_LM_HEAD", None)
-        print(f"fp8 + FP8 LM head done ({time.perf_counter() - t0:.0f} s): {res['fp8_lm_head_fp8']}", flush=True)
-    if a.fp8_only:
-        shutil.rmtree(path, ignore_errors=True)
-        if a.json:
-            with open(a.json, "w") as fh:
-                json.dump(res, fh, indent=2)
-        return 0
-    b, f = res["bf16"], res["fp8"]
-    res["decode_bs1_speedup"] = f["decode_bs1_tok_s"] / b["decode_bs1_tok_s"]
-    res[f"decode_bs{a.batch}_speedup"] = f[f"decode_bs{a.batch}_tok_s"] / b[f"decode_bs{a.batch}_tok_s"]
-    if "fp8_lm_head_fp8" in res:
-        for bs in (1, a.batch):
-            res[f"decode_bs{bs}_speedup_lm_head_fp8"] = (res["fp8_lm_head_fp8"][f"decode_bs{bs}_tok_s"]
-                                                         / b[f"decode_bs{bs}_tok_s"])
-    if not a.decode_only:
-        res["prefill_speedup"] = f["prefill_tok_s"] / b["prefill_tok_s"]
-        res["lora32_vs_nolora_fp8"] = res["fp8_lora32_decode_tok_s"] / f[f"decode_bs{a.batch}_tok_s"]
-    # blocks each engine got with the same kv_cache_config (FP8 weights leave more memory; an FP8 KV
-    # cache halves the bytes per block); kv_blocks_per_gib_ratio: per byte of cache alone
-    res["kv_blocks_ratio"] = f["kv_blocks"] / b["kv_blocks"]
-    res["kv_blocks_per_gib_ratio"] = f["kv_blocks_per_gib"] / b["kv_blocks_per_gib"]
+        save("fp8 with the FP8 LM head")
     shutil.rmtree(path, ignore_errors=True)   # the 8B checkpoint: 16 GB of disk
-
-    def save() -> None:   # after the speed figures and again after quality: a run cut short keeps the first
-        res["wall_s"] = time.perf_counter() - t0
-        if a.json:
-            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-            with open(a.json, "w") as fh:
-                json.dump(res, fh, indent=2)
-
-    save()
-    if not a.skip_quality:
+    if not a.skip_quality and not a.fp8_only:
         res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant,
                              2 if a.tiny else a.quality_texts))
-        print(f"quality done ({time.perf_counter() - t0:.0f} s)", flush=True)
-        save()
+        save("quality")
     print(json.dumps(res, indent=2))
     return 0
 

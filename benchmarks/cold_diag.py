@@ -23,7 +23,6 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
 import tempfile
 import threading

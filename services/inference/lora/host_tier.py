@@ -111,6 +111,27 @@ def pin_into_one(tensors: dict, dtype: torch.dtype) -> dict:
     return out
 
 
+def stage(adapter, dtype: torch.dtype, device: torch.device, arena=None):
+    """The adapter in the serving dtype; on CUDA in ONE pinned block (one host->GPU copy per slot
+    load, asynchronous): as it is when the file was read into pinned memory in that dtype, else
+    copied into a new block (the file's arena blocks, of another dtype, then go back)."""
+    from .pinned_arena import arena_blocks, release_blocks
+
+    if device.type != "cuda":
+        adapter.weights = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in adapter.weights.items()}
+        return adapter
+    adapter.dora_scales = pin_into_one(adapter.dora_scales, torch.float32)   # g, shift stay float32
+    adapter.dora_shifts = pin_into_one(adapter.dora_shifts, torch.float32)
+    if pinned_views(adapter.weights, dtype):
+        return adapter  # read straight into pinned memory, already the serving dtype
+    flat = pin_into_one({(k, i): t for k, ab in adapter.weights.items() for i, t in enumerate(ab)}, dtype)
+    adapter.weights = {k: (flat[k, 0], flat[k, 1]) for k in adapter.weights}
+    if arena is not None and arena_blocks(adapter):
+        adapter.magnitudes = {k: m.clone() for k, m in adapter.magnitudes.items()}  # may be views of the file
+        release_blocks(arena, adapter)
+    return adapter
+
+
 def pinned_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 

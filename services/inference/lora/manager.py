@@ -49,9 +49,8 @@ from .device_tier import DeviceTier, num_device_slots
 from .dora import compute_dora_scales
 from .holds import (AdapterHandle, AdapterHold, looks_nemo, release_after_engine,  # noqa: F401 - re-exported
                     resolve_async, stat_signature)
-from .host_tier import (HostTier, TierStats, one_cpu_thread, pin_into_one, pinned_bytes, pinned_views,
-                        timed_alloc)
-from .pinned_arena import PinnedArena, arena_blocks, release_blocks
+from .host_tier import HostTier, TierStats, one_cpu_thread, pinned_bytes, stage, timed_alloc
+from .pinned_arena import PinnedArena, release_blocks
 from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -242,32 +241,12 @@ class LoRAManager:
             return self._hold(h)
 
     def _stage(self, adapter: LoraAdapter) -> LoraAdapter:
-        """Serving dtype, pinned on CUDA so the host->GPU copy is asynchronous; DoRA factors computed
-        from the base weights (float32, kept with the adapter in the host tier)."""
+        """DoRA factors from the base weights (float32, kept with the adapter in the host tier), then
+        host_tier.stage: the serving dtype, pinned on CUDA so the host->GPU copy is asynchronous."""
         with one_cpu_thread():
-            return self._stage_one_thread(adapter)
-
-    def _stage_one_thread(self, adapter: LoraAdapter) -> LoraAdapter:
-        if not self.dora_per_rank:
-            compute_dora_scales(adapter, self.model)
-        if self.device.type == "cuda":  # one copy: straight into pinned memory of the serving dtype
-            # g, shift stay float32
-            adapter.dora_scales = pin_into_one(adapter.dora_scales, torch.float32)
-            adapter.dora_shifts = pin_into_one(adapter.dora_shifts, torch.float32)
-            if pinned_views(adapter.weights, self.dtype):
-                return adapter  # read straight into pinned memory (self._read_alloc), already the serving dtype
-            flat = pin_into_one({(k, i): t for k, ab in adapter.weights.items() for i, t in enumerate(ab)},
-                                 self.dtype)
-            weights = {k: (flat[k, 0], flat[k, 1]) for k in adapter.weights}
-            adapter.weights = weights
-            if self.arena is not None and arena_blocks(adapter):   # the file's bytes (another dtype) go back
-                adapter.magnitudes = {k: m.clone() for k, m in adapter.magnitudes.items()}  # may be views of them
-                release_blocks(self.arena, adapter)
-            return adapter
-        else:
-            weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in adapter.weights.items()}
-        adapter.weights = weights
-        return adapter
+            if not self.dora_per_rank:
+                compute_dora_scales(adapter, self.model)
+            return stage(adapter, self.dtype, self.device, self.arena)
 
     def _hold(self, h: AdapterHandle) -> AdapterHold:
         if h.adapter is not None or h.slot is not None:

@@ -251,8 +251,8 @@ class EngineConfig:
     max_num_seqs: int = 256               # TensorRT-LLM: max_batch_size
     max_num_tokens: int = 8192            # token budget of one step (chunked prefill)
     # prompt tokens a step may carry while decode rows ride in it (None: max_num_tokens); keeps a long
-    # prefill from stalling every running stream (inter-token latency); scheduler.py says why 512
-    max_num_prefill_tokens_with_decode: int | None = 512
+    # prefill from stalling every running stream (inter-token latency); scheduler.py says why 256
+    max_num_prefill_tokens_with_decode: int | None = 256
     max_seq_len: int | None = None        # default: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False           # vLLM's name: no CUDA graphs for decode

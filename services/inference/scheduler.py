@@ -10,17 +10,21 @@ A sequence whose adapter cannot get a GPU slot now waits without holding others 
 
 Prefill while decoding (Sarathi-Serve's stall-free batching; vLLM's chunked prefill with a small
 max_num_batched_tokens): a step that carries decode rows takes at most
-`max_num_prefill_tokens_with_decode` prompt tokens (default 512), so a burst of long prompts never
+`max_num_prefill_tokens_with_decode` prompt tokens (default 256), so a burst of long prompts never
 turns one step of every running stream into a long stall; a step with no decode rows takes the
-whole max_num_tokens (throughput). Why 512, for the Llama-3-8B / H200 case of issue 11: a prompt
+whole max_num_tokens (throughput). Why 256, for the Llama-3-8B / H200 case of issue 11: a prompt
 token costs ~14 GFLOP (2 x 8B params + attention over 512 of context) = ~18 us at the measured
-784 TFLOP/s, while a decode step at batch 64 takes 6.6 ms (4.7 ms of weight and KV reads at the
+784 TFLOP/s, while a decode step at batch 64 takes 6.6-6.9 ms (4.7 ms of weight and KV reads at the
 copy bandwidth). The linear layers of a step with 64 + P tokens stay bandwidth-bound up to
-M ~ 185 tokens (784 TFLOP/s / 4.2 TB/s at 2 bytes a weight), so ~128 prompt tokens ride free,
-512 add ~7 ms (a step ~2x a decode step) and 8192 add ~150 ms (every stream stalls 20+ steps'
-worth). Below ~256 the cap would starve admission: at concurrency 64 with 512-token prompts and
-128-token outputs, 64 x 512 / 128 = 256 prompt tokens arrive per decode step on average, so the
-cap must sit above that with room for bursts: 512 (2x the steady demand, one whole typical prompt).
+M ~ 185 tokens (784 TFLOP/s / 4.2 TB/s at 2 bytes a weight), so ~128 prompt tokens ride free and
+256 add ~2-3 ms, while 512 make a step of ~16.6 ms (H200, 570 tokens: 2.4x a decode step) and 8192
+~150 ms (every stream stalls 20+ steps' worth). At concurrency 64 with 512-token prompts and 128-token
+outputs, 64 x 512 / 128 = 256 prompt tokens arrive per decode step: with a cap of 256 every step
+carries about that (steps of ~320 tokens, ~1.4x a decode step), with 512 every other step carries a
+whole prompt (2.4x), so the mean step, which is the time per output token, is shorter at 256 for the
+same throughput; the cost is time to first token when prompts arrive in bursts (they queue for
+chunks), and throughput for prompt-heavy loads (prefill capacity 256 tokens a step): raise the cap
+there. The H200 figures of both are in kernels/PERF_NOTES.md (issue 11).
 
 Adapters (the one interface: AdapterSlots.try_acquire / release_slot; lora/manager.py):
 - residency is decided here, at admission, never at submission: a waiting request holds no

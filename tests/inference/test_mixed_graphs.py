@@ -198,7 +198,7 @@ def test_cover_picks_the_smallest_graph_that_fits():
     assert cover(keys, 320, 65, 1, 352) == (72, 352, 1)
     assert cover([k for k in keys if k != (72, 352, 1)], 320, 65, 1, 352) == (72, 384, 1)
     assert cover(keys, 320, 65, 2, 352) == (80, 384, 2)          # only its split count (416 > 352 + 44)
-    assert cover(keys, 320, 65, 3, 352) is None
+    assert cover(keys, 320, 65, 3, 352) is None                  # (the runner captures then)
     assert cover([(72, 608, 1)], 320, 65, 1, 352) is None        # 608 > 352 + 44: too much padding
     assert cover([(72, 352, 1)], 346, 65, 1, 384) is None        # 346 + 7 padding tokens > 352
     assert cover([(64, 384, 1)], 320, 65, 1, 352) is None        # no room for a padding sequence
@@ -207,18 +207,18 @@ def test_cover_picks_the_smallest_graph_that_fits():
 @gpu[0]
 @gpu[1]
 def test_covered_steps_match_eager_and_hf(tiny_llama, monkeypatch):
-    """LORASERVE_MIXED_GRAPH_CAPTURE_AFTER: steps whose own bucket is not captured replay a larger captured
-    graph (more padding tokens and sequences); greedy tokens equal the eager engine's and HF's."""
+    """Covering (mixed_graphs.CAPTURE_AFTER): steps whose own bucket is not captured replay a larger captured
+    graph (more padding tokens and sequences) when one is within COVER_SLACK, and are captured otherwise;
+    greedy tokens equal the eager engine's and HF's."""
     path, hf = tiny_llama
     cfg = dict(model=path, dtype="float32", device="cuda", max_num_prefill_tokens_with_decode=48)
-    monkeypatch.setenv("LORASERVE_MIXED_GRAPH_CAPTURE_AFTER", "1000000")   # nothing captured by the load itself
+    monkeypatch.setenv("LORASERVE_MIXED_GRAPH_CAPTURE_AFTER", "1000000")   # covered whenever something covers
     engine = LLMEngine(EngineConfig(**cfg))
     mixed = engine.runner.mixed_graphs
     for bp, t in ((8, 96), (8, 128), (16, 128)):   # larger than the buckets this load's mixed steps pick
         mixed._capture(bp, t, 1)
     a = staggered(engine)
-    assert mixed.num_covered > 0 and mixed.num_replays == mixed.num_covered
-    assert len(mixed.graphs) == 3
+    assert mixed.num_covered > 0 and mixed.num_replays > mixed.num_covered   # some steps had nothing to cover them
     monkeypatch.setenv("LORASERVE_MIXED_GRAPHS", "0")
     b = staggered(LLMEngine(EngineConfig(**cfg)))
     assert a == b

@@ -34,9 +34,10 @@ MAX_M = 4
 
 
 def gemv_max_m() -> int:
-    """Tokens up to which Proj uses this kernel: LORASERVE_GEMV_MAX_M (0 = off, the default; at most 4)."""
+    """Tokens up to which Proj uses this kernel: LORASERVE_GEMV_MAX_M (default 1: batch-1 decode, the case
+    measured on the H200; 0 = off, at most 4)."""
     try:
-        return max(0, min(MAX_M, int(os.environ.get("LORASERVE_GEMV_MAX_M", "0"))))
+        return max(0, min(MAX_M, int(os.environ.get("LORASERVE_GEMV_MAX_M", "1"))))
     except ValueError:
         return 0
 
@@ -54,7 +55,10 @@ def gemv_ref(x: Tensor, w: Tensor, bias: Tensor | None = None, silu_mul: bool = 
 
 # (BLOCK_N, BLOCK_K, num_warps, PREFETCH). H200, M=1 (benchmarks/bench_gemv.py, first probe): qkv
 # [6144, 4096] 8 rows 15.5 us (4 rows 16.5, cuBLAS 16.0); o [4096, 4096] 4 rows 11.0 us (8 rows 11.9, cuBLAS
-# 13.4); gate_up [28672, 4096] 59.4 (cuBLAS 58.3). PREFETCH made no difference (+-0.1 us).
+# 13.4); gate_up [28672, 4096] 59.4 (cuBLAS 58.3). PREFETCH made no difference (+-0.1 us). Second probe:
+# o 4 rows 10.3 us / 2 rows x 1024 9.9 (cuBLAS 12.6); down [4096, 14336] 4 rows 29.7 (8 rows 36.0, cuBLAS 32.8).
+# In the 32-layer decode chain with PDL the GEMV wins for all four, gate_up included (its first tile is in
+# flight while the RMSNorm before it runs): 133.8 us per layer (cuBLAS) -> 125.8.
 DEFAULT_CONFIG = (8, 512, 4, 1)
 
 

@@ -43,10 +43,15 @@ def test_fused_bf16_close_to_unfused(tiny_llama, monkeypatch):
 
     path, _ = tiny_llama
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(llama, "FUSED_ROPE_KV", False)   # the engine before the fusions
+    monkeypatch.setattr(llama, "GEMV_MAX_M", 0)
+    monkeypatch.setenv("LORASERVE_PDL", "0")
+    monkeypatch.setenv("LORASERVE_FUSED_GREEDY", "0")
     plain = LLM(model=path, dtype="bfloat16", device="cuda").generate(PROMPTS, p)
     monkeypatch.setattr(llama, "FUSED_ROPE_KV", True)
     monkeypatch.setattr(llama, "GEMV_MAX_M", 4)
     monkeypatch.setenv("LORASERVE_PDL", "1")
+    monkeypatch.setenv("LORASERVE_FUSED_GREEDY", "1")
     fused = LLM(model=path, dtype="bfloat16", device="cuda").generate(PROMPTS, p)
     agree = sum(a.outputs[0].token_ids[:3] == b.outputs[0].token_ids[:3] for a, b in zip(plain, fused))
     assert agree >= len(PROMPTS) - 1, (agree, [o.outputs[0].token_ids for o in plain], [o.outputs[0].token_ids for o in fused])

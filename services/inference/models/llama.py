@@ -158,8 +158,10 @@ GEMV_MAX_M = _gemv_rows()
 # H200 the GEMV then recomputes the activation per weight row it holds and runs at 52-66 us for down
 # (cuBLAS + the SiLU kernel: 34 us)
 GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "0")
-# the projections the GEMV serves (gate_up: cuBLAS reaches the bandwidth there, 58.3 vs 59.4 us)
-GEMV_PROJS = frozenset(os.environ.get("LORASERVE_GEMV_PROJS", "qkv_proj,o_proj,down_proj").split(","))
+# the projections the GEMV serves. H200, 32 layers at 1 token with PDL (benchmarks/bench_gemv.py): cuBLAS
+# 133.8 us per layer, GEMV for qkv/o/down 128.9, for all four 125.8 (gate_up alone: 59.4 vs cuBLAS 58.3,
+# but in the chain its first weight tile streams while RMSNorm runs)
+GEMV_PROJS = frozenset(os.environ.get("LORASERVE_GEMV_PROJS", "qkv_proj,o_proj,gate_up_proj,down_proj").split(","))
 # ... and the LM head through the GEMV too (1-4 sampled rows)
 GEMV_LM_HEAD = _env_flag("LORASERVE_GEMV_LM_HEAD", "0")
 

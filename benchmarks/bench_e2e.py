@@ -40,7 +40,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.e2e_limit import device_limits, physical_limit  # noqa: E402
-from benchmarks.e2e_runs import (capture_after, engine_target, graph_counts, graphs_off,  # noqa: E402
+from benchmarks.e2e_runs import (capture_after, combined, engine_target, graph_counts, graphs_off,  # noqa: E402
                                  prefill_cap, run_load, variant_run)
 from benchmarks.e2e_steps import (host_time_per_decode_step, print_breakdown, profile_mixed_steps,  # noqa: E402
                                   step_breakdown)
@@ -155,6 +155,9 @@ def main() -> int:
                     help="engine max_num_prefill_tokens_with_decode (default: the engine's)")
     ap.add_argument("--sweep-prefill-cap", default=None, metavar="N,N",
                     help="also in-process runs of the same load at these max_num_prefill_tokens_with_decode values")
+    ap.add_argument("--sweep-previous-defaults", action="store_true",
+                    help="also an in-process run with the defaults before issue 11's second pass: prefill cap 512, "
+                         "every new mixed-step shape captured at once")
     ap.add_argument("--sweep-capture-after", type=int, default=None, metavar="K",
                     help="also an in-process run with mixed-step shapes captured on their K-th sighting")
     ap.add_argument("--sweep-mixed-graphs", action="store_true",
@@ -260,6 +263,7 @@ def main() -> int:
     s["host"] = host_time_per_decode_step(engine, a.decode_batch, a.input_mean, 32 if a.tiny else 128,
                                           engine.args.vocab_size, a.profile)
     s["host_ms_per_decode_step"] = s["host"]["host_ms"]
+    write_outputs(a, s)   # the in-process figures now: a later stage may run out of time
     h = s["host"]
     print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, host {h['host_ms']:.3f} ms = launch "
           f"{h['launch_ms']:.3f} + post {h['post_ms']:.3f}; + messages built off the engine thread "
@@ -296,6 +300,9 @@ def main() -> int:
     variants = [(f"prefill cap {c}", prefill_cap(int(c)))
                 for c in (a.sweep_prefill_cap.split(",") if a.sweep_prefill_cap else [])]
     runner = target.llm.engine.runner
+    if a.sweep_previous_defaults:
+        variants.append(("previous defaults (prefill cap 512, mixed graphs captured at once)",
+                         combined(prefill_cap(512), capture_after(1))))
     if a.sweep_capture_after and runner.mixed_graphs is not None:
         variants.append((f"mixed graphs captured after {a.sweep_capture_after} sightings", capture_after(a.sweep_capture_after)))
     if a.sweep_mixed_graphs:   # the other side of the graphs: before/after in one run, on the same engine

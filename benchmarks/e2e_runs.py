@@ -76,14 +76,28 @@ def prefill_cap(cap: int):
 
 
 def capture_after(k: int):
-    """A variant: mixed-step shapes captured on their k-th sighting (larger captured graphs or eager before)."""
+    """A variant: a mixed-step shape replays a larger captured graph until its k-th sighting (1: captured at once)."""
     def apply(engine):
         mixed = engine.runner.mixed_graphs
+        if mixed is None:
+            return lambda: None
         old = mixed.capture_after
         mixed.capture_after = k
 
         def restore():
             mixed.capture_after = old
+        return restore
+    return apply
+
+
+def combined(*variants):
+    """A variant made of several (applied in order, undone in reverse)."""
+    def apply(engine):
+        undo = [v(engine) for v in variants]
+
+        def restore():
+            for u in reversed(undo):
+                u()
         return restore
     return apply
 

@@ -10,8 +10,9 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   overlap      default + LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM
   overlap_full default + LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream,
                one add after the GEMM (kernels/lora_add.py); overlap_full_nopdl: without PDL
-  prev         the default of 2026-11-30 12:20: dot shrink (BGMV off), y 1 block ahead in the expand
-  bgmv         default with the BGMV shrink on (LORASERVE_LORA_BGMV=1)
+  prev         the default of 2026-11-30 12:20: dot shrink (BGMV off), the hand-rotated expand loop
+  bgmv         default with the BGMV shrink on (LORASERVE_LORA_BGMV=1); nopipe: default with the
+               hand-rotated expand loop (LORASERVE_LORA_STREAM_SLOTS=0)
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
 
     python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap_full,stream] [--steps 32]
@@ -34,7 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict(overlap="shrink"),
             "overlap_full": dict(overlap="full"), "overlap_full_nopdl": dict(overlap="full", pdl=False),
-            "prev": dict(bgmv=False, y_ahead=1), "bgmv": dict(bgmv=True)}
+            "prev": dict(bgmv=False, y_ahead=1, slots=0), "bgmv": dict(bgmv=True),
+            "nopipe": dict(slots=0)}
 
 
 def set_variant(v: dict, defaults: dict) -> None:
@@ -46,6 +48,7 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", defaults["b_ahead"])
     lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead", defaults["y_ahead"])
     lora_meta.LORA_BGMV = v.get("bgmv", defaults["bgmv"])
+    lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
 
 
 def main() -> int:
@@ -75,7 +78,8 @@ def main() -> int:
     from loraserve.kernels import lora_expand_stream
 
     defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
-                    y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV)
+                    y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV,
+                    slots=lora_expand_stream.STREAM_SLOTS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

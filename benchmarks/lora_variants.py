@@ -13,7 +13,8 @@ defaults set them):
              the default is now pdl with 3 ahead at decode-like tiles
   bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
              pdl_nobgmv: the same with the BGMV shrink off; prev: the default of the 12:20 final run
-             (dot shrink, B blocks ahead by the code's rule, y 1 block ahead)
+             (dot shrink, B blocks ahead by the code's rule, y 1 block ahead, the hand-rotated loop);
+             nopipe: the default (BGMV <= 32 tokens) with the hand-rotated expand loop
   pipe3/4/6  the expand's column loop given to Triton's pipeliner with 3/4/6 stages (cp.async for B and y;
              lora_expand_stream.STREAM_SLOTS=-S); slots3: fixed-slot hand prefetch 3 ahead; pipe4_bgmv: + BGMV
   bgmv_s8    bgmv aiming at 8 K chunks (lora_shrink_bgmv.BGMV_TARGET_SPLIT; default 4); bgmv_k256 / bgmv_k2048:
@@ -57,7 +58,8 @@ VARIANTS = {
     "a3": dict(stream=True, b_ahead=3),  # stream with 3 B blocks in flight per expand program
     "pdl_a3": dict(stream=True, pdl=True, b_ahead=3),
     "pdl_nobgmv": dict(stream=True, pdl=True),  # the default before the BGMV shrink
-    "prev": dict(stream=True, pdl=True, y_ahead=1),  # the default of 2026-11-30 12:20 (dot shrink, y 1 ahead)
+    "prev": dict(stream=True, pdl=True, y_ahead=1, slots=0),  # the default of 12:20 (dot shrink, rotating loop)
+    "nopipe": dict(stream=True, pdl=True, bgmv=True, slots=0),  # today's default with the rotating loop
     "bgmv": dict(stream=True, pdl=True, bgmv=True),  # + BGMV shrink (lora_shrink_bgmv.py) at <= 256 tokens
     "ya2": dict(stream=True, pdl=True, y_ahead=2),  # y blocks 2 ahead in the streaming expand (was 1)
     "ya3": dict(stream=True, pdl=True, y_ahead=3),

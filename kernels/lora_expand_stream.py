@@ -30,6 +30,8 @@ The grid is (meta.grid_tiles, groups) with groups from host-known sizes only
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -322,7 +324,12 @@ STREAM_B_AHEAD: int | None = None
 STREAM_Y_AHEAD: int | None = None
 # Column loop: 0 = the hand-rotated prefetch; 2 or 3 = fixed slots (B and y that many blocks ahead,
 # refilled in place); -S = a plain loop given to Triton's pipeliner with S stages (cp.async for B and
-# y, DEPBAR-counted: no wait on the loads just issued). None: the code's rule.
+# y, DEPBAR-counted: no wait on the loads just issued). STREAM_SLOTS None: DEFAULT_STREAM_SLOTS, which
+# LORASERVE_LORA_STREAM_SLOTS sets (default -4: the sm_90 SASS of the hand-rotated loop waits on the
+# loads it has just issued before each back edge, one DRAM round trip per column block, see PERF_NOTES;
+# the pipelined loop compiled to LDGSTS + DEPBAR.LE at 50-100 registers, no spills. Chosen from that
+# SASS and the interpreter tests; its first H200 timing is the final run of 2026-11-30 15:05).
+DEFAULT_STREAM_SLOTS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS", "-4"))
 STREAM_SLOTS: int | None = None
 
 
@@ -358,7 +365,7 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)  # a power of two (tl.arange)
     # (3 slices at 3 ahead spilled 8 bytes in the sm_90 offline compile with the DoRA epilogue)
     b_ahead = STREAM_B_AHEAD or (3 if block_m <= 16 and block_r <= 32 and num_slices <= 2 else 2)
-    slots = STREAM_SLOTS or 0
+    slots = DEFAULT_STREAM_SLOTS if STREAM_SLOTS is None else STREAM_SLOTS
     if slots > 0:  # the fixed-slot loop: B and y exactly `slots` blocks ahead
         b_ahead = y_ahead = slots
     elif slots < 0:  # Triton's pipeliner (-slots stages); the hand prefetch is not used

@@ -236,7 +236,13 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     if cfg.get("BGMV") and out.dim() == 4 and not (x.is_cuda and x.dtype == torch.float32):
         from .lora_shrink_bgmv import lora_shrink_bgmv
 
-        return lora_shrink_bgmv(x, lora_a, meta, ranks, out, config=config, num_sms=sms)
+        # out's split count rules (as for the dot kernel): the BLOCK_K that gives it, if any does
+        bk = cfg["BLOCK_K"]
+        if -(-H // bk) != out.shape[0]:
+            bk = max(16, 1 << max(0, (-(-H // out.shape[0]) - 1).bit_length()))
+        if -(-H // bk) == out.shape[0]:
+            return lora_shrink_bgmv(x, lora_a, meta, ranks, out, config=dict(config or {}, BLOCK_K=bk),
+                                    num_sms=sms)
     if cfg.pop("BGMV", False):  # fp32 on a GPU (or a 3-D out): the dot kernel at the BGMV split
         cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 128), num_warps=4, num_stages=3)
     if out.dim() == 4:

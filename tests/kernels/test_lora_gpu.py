@@ -303,8 +303,9 @@ def test_overlap_linear_equals_sequential_and_replays(mode: str) -> None:
 @pytest.mark.parametrize("proj", ["qkv", "down"])  # 3 slices; the 14336-wide input (14-56 K chunks)
 def test_bgmv_shrink_and_y_ahead_llama3_8b_bf16(proj: str, num_tokens: int, num_slots: int, composition: str) -> None:
     """LORASERVE_LORA_BGMV (the BGMV shrink's per-chunk partials) vs the reference at Llama-3-8B
-    shapes, then lora_apply with it and the expand's y / B prefetch depths: vs the reference, and
-    graph replay == eager bit for bit."""
+    shapes, then lora_apply with it and each column loop of the streaming expand (pipelined: the
+    default; hand-rotated with y 1 / 2 ahead; fixed slots): vs the reference, and graph replay ==
+    eager bit for bit."""
     from loraserve.kernels import lora_expand_stream, lora_meta
 
     from . import bgmv_interp_cases
@@ -313,9 +314,13 @@ def test_bgmv_shrink_and_y_ahead_llama3_8b_bf16(proj: str, num_tokens: int, num_
     rank = 64 if composition == "mixed-ranks" else 16
     bgmv_interp_cases.check_bgmv_shrink("bfloat16", hidden, rank, widths, num_tokens, num_slots, composition,
                                         device="cuda")
-    old = lora_meta.LORA_BGMV, lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD
+    old = (lora_meta.LORA_BGMV, lora_meta.LORA_BGMV_MAX_TOKENS, lora_expand_stream.STREAM_Y_AHEAD,
+           lora_expand_stream.STREAM_B_AHEAD, lora_expand_stream.STREAM_SLOTS)
     try:
-        for y_ahead, b_ahead in ((None, None), (2, None), (3, 4)):
+        lora_meta.LORA_BGMV_MAX_TOKENS = 256
+        # column loops: the default (pipelined), hand-rotated with y 1 / 2 ahead, fixed slots
+        for slots, y_ahead, b_ahead in ((None, None, None), (0, None, None), (0, 2, None), (3, None, None)):
+            lora_expand_stream.STREAM_SLOTS = slots
             lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD = y_ahead, b_ahead
             bgmv_interp_cases.check_bgmv_apply("bfloat16", hidden, rank, widths, num_tokens, num_slots, composition,
                                                device="cuda")
@@ -323,4 +328,5 @@ def test_bgmv_shrink_and_y_ahead_llama3_8b_bf16(proj: str, num_tokens: int, num_
             check_graph_replay_matches_eager(num_tokens, rank)
             lora_meta.LORA_BGMV = old[0]
     finally:
-        lora_meta.LORA_BGMV, lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD = old
+        (lora_meta.LORA_BGMV, lora_meta.LORA_BGMV_MAX_TOKENS, lora_expand_stream.STREAM_Y_AHEAD,
+         lora_expand_stream.STREAM_B_AHEAD, lora_expand_stream.STREAM_SLOTS) = old

@@ -325,8 +325,15 @@ def child_main(a) -> int:
     engine = make_engine(a.ckpt, device, tp, a.tiny, lora=(tp == 2 and not a.decode_only), max_batch=a.max_batch)
     custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
     print(f"tp{tp} engine ready (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})", flush=True)
-    if tp == 2:
+    if tp == 2:   # which paths the engine took (each new one self-checked at start, off on a mismatch)
         res["tp2_custom_all_reduce"] = custom_ar
+        res["tp2_fused_norm"] = getattr(engine.tp, "fused_norm", None) is not None
+        graphs = getattr(engine.runner, "graph_runner", None)
+        res["tp2_sampler_graphs"] = graphs is not None and graphs.sampler_graphs is not None
+        res["tp2_sharded_sampler"] = bool(getattr(engine.runner, "sampler_shards", False))
+        print("tp2 paths: " + ", ".join(f"{k[4:]} {res[k]}" for k in ("tp2_custom_all_reduce", "tp2_fused_norm",
+                                                                      "tp2_sampler_graphs", "tp2_sharded_sampler")),
+              flush=True)
     vocab = engine.args.vocab_size
 
     def save() -> None:

@@ -97,6 +97,7 @@ class TPModelRunner(ModelRunner):
 
         self.profiler = StepProfiler(0, device)   # LORASERVE_TP_PROFILE (off: no-ops)
         self.lora_sampler_graphs, self._sampler_views = None, {}   # sharded sampler over the LoRA decode graphs
+        self.sampler_shards = False   # the greedy sampler graphs reduce the vocabulary shards (tp/sampling.py)
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
         if device.type == "cuda" and not config.enforce_eager and GRAPHS:
             self._capture_tp_graphs(config)
@@ -121,7 +122,7 @@ class TPModelRunner(ModelRunner):
 
             self.executor.send(("capture_logits", LOCAL_ARGMAX))
             # greedy over the vocabulary shards, no logits gather (tp/sampling.py), if it passes its check
-            shards = LOCAL_ARGMAX and self_check(self.model, self.tp, self.device)
+            shards = self.sampler_shards = LOCAL_ARGMAX and self_check(self.model, self.tp, self.device)
             if shards:
                 runner.sampler_graphs = capture_sampler_graphs(runner, self.model, self.tp, self.device)
                 if any(lora for _, lora in runner.graphs):   # steps with adapter rows sample in a graph too

@@ -298,7 +298,7 @@ def main() -> int:
     # 3) cold adapter first: its stages at the 8B shape without a model, then end to end on its own engine
     stages = None
     args.cold_layers = args.cold_layers if args.cold_layers is not None else (2 if tiny else 0)
-    if args.cold_layers:
+    if args.cold_layers and args.cold:
         t = time.perf_counter()
         stages = cold_stages(workdir, args.cold, device, torch.float32 if tiny else torch.bfloat16, args.cold_layers,
                              registry_process=not args.registry_thread)

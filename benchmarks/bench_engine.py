@@ -179,11 +179,11 @@ def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -
             engine.add_request(f"p{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         hits0 = reused_blocks(engine)
         engine.step_trace = []   # per step: host time to the launch, device time (CUDA events)
-        torch.cuda.synchronize()
+        sync(engine)
         t = time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
-        torch.cuda.synchronize()
+        sync(engine)
         dt = time.perf_counter() - t
         trace, engine.step_trace = engine.step_trace, None
         launched = [r for r in trace if r.events]
@@ -220,40 +220,44 @@ def decode_step_bytes(engine, batch: int, mean_context: float) -> float:
 
 
 @torch.inference_mode()
-def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_batch: int) -> dict:
+def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_batch: int,
+            decode: bool = True, device: str = "cuda") -> dict:
     import transformers
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # HF at its best here: SDPA attention (flash / cuDNN kernels), bf16, one generate() per batch
-    model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16,
-                                                          attn_implementation="sdpa").cuda().eval()
+    model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype,
+                                                          attn_implementation="sdpa").to(device).eval()
     out = {"hf_attn_implementation": model.config._attn_implementation, "transformers": transformers.__version__}
-    for batch in (1, 64):
+    for batch in ((1, 64) if decode else ()):
         gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=None)
-        model.generate(torch.tensor(prompts.make(batch, prompt_len), device="cuda"), max_new_tokens=4, **gen)
-        ids = torch.tensor(prompts.make(batch, prompt_len), device="cuda")
-        torch.cuda.synchronize()
+        model.generate(torch.tensor(prompts.make(batch, prompt_len), device=device), max_new_tokens=4, **gen)
+        ids = torch.tensor(prompts.make(batch, prompt_len), device=device)
+        sync()
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **gen)
-        torch.cuda.synchronize()
+        sync()
         t_prefill = time.perf_counter() - t
-        ids = torch.tensor(prompts.make(batch, prompt_len), device="cuda")
+        ids = torch.tensor(prompts.make(batch, prompt_len), device=device)
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=steps + 1, **gen)
-        torch.cuda.synchronize()
+        sync()
         out[f"hf_decode_bs{batch}_tok_s"] = batch * steps / (time.perf_counter() - t - t_prefill)
-    model(torch.tensor(prompts.make(prefill_batch, 1024), device="cuda"))
+    model(torch.tensor(prompts.make(prefill_batch, 1024), device=device))
     times = []
     for _ in range(3):
-        ids = torch.tensor(prompts.make(prefill_batch, 1024), device="cuda")
-        torch.cuda.synchronize()
+        ids = torch.tensor(prompts.make(prefill_batch, 1024), device=device)
+        sync()
         t = time.perf_counter()
         model(ids, logits_to_keep=1)  # as the engine: logits of the last token only
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     out["hf_prefill_tok_s"] = prefill_batch * 1024 / sorted(times)[1]
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -352,6 +356,8 @@ def main() -> int:
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="write torch.profiler tables to this directory")
+    ap.add_argument("--hf-prefill-only", action="store_true", help="HF: the prefill figure only (no decode runs)")
+    ap.add_argument("--tiny", action="store_true", help="CPU check of the script: a tiny random Llama, fp32")
     a = ap.parse_args()
     from loraserve import LoraConfig, LoRARequest
     from loraserve.config import engine_config_from_kwargs
@@ -359,21 +365,29 @@ def main() -> int:
 
     res = _Printing()
     res.path = a.json
-    res.update({"gpu": torch.cuda.get_device_name(), "layers": a.layers, "prompt_len": a.prompt_len})
+    dev = "cpu" if a.tiny else "cuda"
+    res.update({"gpu": "cpu (--tiny)" if a.tiny else torch.cuda.get_device_name(), "layers": a.layers,
+                "prompt_len": a.prompt_len})
     # the engine switches this run used (kernels/PERF_NOTES.md says what each does)
     res["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}
-    bw = copy_bandwidth()
+    bw = 1e11 if a.tiny else copy_bandwidth()
     res["copy_bandwidth_GBps"] = bw / 1e9
-    peak = gemm_peak()
+    peak = 1e12 if a.tiny else gemm_peak()
     res["bf16_gemm_peak_TFLOPs"] = peak / 1e12
     prompts = Prompts()
     path = tempfile.mkdtemp(prefix="llama8b-")
     t = time.perf_counter()
-    build_checkpoint(path, a.layers)
+    if a.tiny:   # ids up to 100000 (Prompts), 1024-token prompts
+        from tests.inference.conftest import make_random_model
+
+        make_random_model(path, "llama", vocab_size=100352, max_position_embeddings=4096, num_hidden_layers=a.layers)
+    else:
+        build_checkpoint(path, a.layers)
     res["checkpoint_build_s"] = time.perf_counter() - t
     if not a.skip_hf:
-        res.update(time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch))
-    cfg = engine_config_from_kwargs(path, dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=256,
+        res.update(time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch, decode=not a.hf_prefill_only,
+                           device=dev))
+    cfg = engine_config_from_kwargs(path, dtype="float32" if a.tiny else "bfloat16", device=dev, max_num_tokens=8192, max_batch_size=256,
                                     lora_config=None if a.skip_lora else LoraConfig(max_lora_rank=16, max_loras=32,
                                                                                      max_cpu_loras=32),
                                     kv_cache_config={"free_gpu_memory_fraction": 0.5})
@@ -382,6 +396,7 @@ def main() -> int:
     for batch in (1, 64):
         r = time_engine_decode(engine, prompts, batch, a.prompt_len, a.steps)
         hits += r["prefix_hits"]
+        res["timed_prefix_cache_hits"] = hits   # so far (a run cut short still says)
         res[f"loraserve_decode_bs{batch}_tok_s"] = r["tok_s"]
         res[f"loraserve_decode_bs{batch}_ms_per_step"] = r["s_per_step"] * 1e3
         limit = batch * bw / decode_step_bytes(engine, batch, r["mean_context"])
@@ -389,6 +404,7 @@ def main() -> int:
         res[f"decode_bs{batch}_roofline_fraction"] = r["tok_s"] / limit
     r = time_engine_prefill(engine, prompts, a.prefill_batch, 1024)
     hits += r["prefix_hits"]
+    res["timed_prefix_cache_hits"] = hits
     res["loraserve_prefill_tok_s"] = r["tok_s"]
     flops = prefill_flops(engine.args, a.prefill_batch, 1024)
     res["prefill_wall_ms"] = r["s"] * 1e3
@@ -399,12 +415,12 @@ def main() -> int:
     res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
     if "hf_prefill_tok_s" in res:
         res["prefill_vs_hf"] = r["tok_s"] / res["hf_prefill_tok_s"]
-        for k in ("1", "64"):
+        for k in (("1", "64") if "hf_decode_bs1_tok_s" in res else ()):
             res[f"speedup_vs_hf_decode_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"hf_decode_bs{k}_tok_s"]
     if not a.skip_lora:
         lm = engine.lora_manager
         reqs = []
-        for i, ad in enumerate(random_adapters(engine.args, 32, 16, torch.bfloat16)):
+        for i, ad in enumerate(random_adapters(engine.args, 32, 16, engine.dtype, device=dev)):
             req = LoRARequest(f"bench-{i}", i, "")
             lm.release(lm.add_adapter(ad, req))
             reqs.append(req)
@@ -418,7 +434,7 @@ def main() -> int:
     if a.json:   # before the profiles: a profile that fails must not lose the figures
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
-    if a.profile:
+    if a.profile and not a.tiny:
         profile_steps(engine, prompts, a.profile, None if a.skip_lora else reqs)
     return 0
 

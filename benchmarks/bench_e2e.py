@@ -155,6 +155,8 @@ def main() -> int:
                     help="engine max_num_prefill_tokens_with_decode (default: the engine's)")
     ap.add_argument("--sweep-prefill-cap", default=None, metavar="N,N",
                     help="also in-process runs of the same load at these max_num_prefill_tokens_with_decode values")
+    ap.add_argument("--variant-host-steps", type=int, default=0,
+                    help="decode steps of the host-time measurement after each variant run (0: none)")
     ap.add_argument("--sweep-previous-defaults", action="store_true",
                     help="also an in-process run with the defaults before issue 11's second pass: prefill cap 512, "
                          "every new mixed-step shape captured at once")
@@ -315,7 +317,7 @@ def main() -> int:
         try:
             s.setdefault("variants", {})[label] = variant_run(label, target.llm, apply, warm, reqs, a.concurrency,
                                                               s["limit"]["limit_s"], a.decode_batch, a.input_mean,
-                                                              16 if a.tiny else 64)
+                                                              a.variant_host_steps)
         except Exception as exc:  # noqa: BLE001 - keep the figures so far
             s.setdefault("variants", {})[label] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"variant {label} failed: {exc!r}", file=sys.stderr, flush=True)
@@ -331,8 +333,9 @@ def main() -> int:
         if "error" in v:
             print(f"variant {label}: {v['error']}")
             continue
+        host = f"host ms per decode step {v['host']['host_ms']:.3f}, " if v.get("host") else ""
         print(f"variant {label}: wall/limit {v['wall_over_limit']:.2f}, TPOT p50 {1e3 * v['tpot_p50_s']:.2f} ms, "
-              f"host ms per decode step {v['host']['host_ms']:.3f}, output tok/s {v['output_tokens_per_s']:.0f}")
+              f"{host}output tok/s {v['output_tokens_per_s']:.0f}")
     if a.json:
         print(f"wrote {a.json}")
     return 0 if s["in_process"]["num_failed"] == 0 else 1

@@ -138,7 +138,8 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
         rep = run_load(engine_target(llm), warm, reqs, concurrency, None, trace_on)
         llm.shutdown()
         engine.step_trace = None
-        host = host_time_per_decode_step(engine, decode_batch, prompt_len, host_steps, engine.args.vocab_size)
+        host = (host_time_per_decode_step(engine, decode_batch, prompt_len, host_steps, engine.args.vocab_size)
+                if host_steps else None)
     finally:
         engine.step_trace = None
         restore()
@@ -159,6 +160,7 @@ def variant_run(label: str, llm, apply, warm, reqs, concurrency: int, limit_s: f
           f"{1e3 * tp50:.2f} ms (p90 {1e3 * (out['tpot_p90_s'] or 0):.2f}), output tok/s {rep['output_tokens_per_s']:.0f}, "
           f"failed {rep['num_failed']}, mixed graphs {out.get('mixed_graphs_captured')} captured in the measured run / "
           f"{out.get('mixed_graph_replays')} replays ({out.get('mixed_graph_covered')} in a larger graph), prefix-reused blocks "
-          f"{out['prefix_reused_blocks']}; decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
-          f"(launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), wall {host['step_ms']:.3f} ms", flush=True)
+          f"{out['prefix_reused_blocks']}" + (f"; decode step at batch {host['batch']}: host {host['host_ms']:.3f} ms "
+          f"(launch {host['launch_ms']:.3f} + post {host['post_ms']:.3f}), wall {host['step_ms']:.3f} ms" if host else ""),
+          flush=True)
     return out

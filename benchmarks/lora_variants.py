@@ -14,7 +14,8 @@ defaults set them):
   bgmv       pdl (code's B-ahead rule) + the BGMV shrink (LORASERVE_LORA_BGMV=1, lora_shrink_bgmv.py);
              pdl_nobgmv: the same with the BGMV shrink off; prev: the default of the 12:20 final run
              (dot shrink, B blocks ahead by the code's rule, y 1 block ahead, the hand-rotated loop);
-             nopipe: the default (BGMV <= 32 tokens) with the hand-rotated expand loop
+             nopipe: the default (BGMV <= 32 tokens) with the hand-rotated expand loop; bgmv64: the
+             default with the BGMV shrink up to 64 tokens (the layer case)
   pipe3/4/6  the expand's column loop given to Triton's pipeliner with 3/4/6 stages (cp.async for B and y;
              lora_expand_stream.STREAM_SLOTS=-S); slots3: fixed-slot hand prefetch 3 ahead; pipe4_bgmv: + BGMV
   bgmv_s8    bgmv aiming at 8 K chunks (lora_shrink_bgmv.BGMV_TARGET_SPLIT; default 4); bgmv_k256 / bgmv_k2048:
@@ -44,7 +45,8 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                onelaunch_max_tokens=lora_onelaunch.ONELAUNCH_MAX_TOKENS,
                b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV,
                y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv_split=lora_shrink_bgmv.BGMV_TARGET_SPLIT,
-               bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS)
+               bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS,
+               bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -60,6 +62,7 @@ VARIANTS = {
     "pdl_nobgmv": dict(stream=True, pdl=True),  # the default before the BGMV shrink
     "prev": dict(stream=True, pdl=True, y_ahead=1, slots=0),  # the default of 12:20 (dot shrink, rotating loop)
     "nopipe": dict(stream=True, pdl=True, bgmv=True, slots=0),  # today's default with the rotating loop
+    "bgmv64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64),  # default + BGMV up to 64 tokens
     "bgmv": dict(stream=True, pdl=True, bgmv=True),  # + BGMV shrink (lora_shrink_bgmv.py) at <= 256 tokens
     "ya2": dict(stream=True, pdl=True, y_ahead=2),  # y blocks 2 ahead in the streaming expand (was 1)
     "ya3": dict(stream=True, pdl=True, y_ahead=3),

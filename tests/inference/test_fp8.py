@@ -443,7 +443,7 @@ def test_fp8_lm_head_opt_in(monkeypatch):
     model = llm.engine.model
     assert isinstance(model.lm_head, Fp8Head) and model.lm_head.weight.dtype == FP8
     assert model.embed_tokens.weight.dtype == torch.float32
-    emb = model.embed_tokens.weight
+    emb = model.embed_tokens.weight.detach()
     deq = dequantize(model.lm_head.weight, model.lm_head.weight_scale[:, None], torch.float32)
     assert torch.allclose(deq, emb, rtol=E4M3_REL, atol=float(emb.abs().max()) * 2.0 ** -9)
     got, ref = _engine_logits(llm, ids, split=4), _engine_logits(plain, ids, split=4)

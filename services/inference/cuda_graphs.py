@@ -44,6 +44,8 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}  # (bucket, lora)
         self.sampler_graphs: dict | None = None    # bucket -> (graph, SamplerOutput, packed [3, bs])
         self._sampler_views: dict[int, tuple] = {}  # n -> (the bucket's SamplerOutput, its first n rows)
+        self._step_views: dict[tuple[int, int], tuple] = {}   # (n, width) -> the static inputs' [:n] views
+        self._out_views: dict[tuple[int, bool], torch.Tensor] = {}   # (n, lora) -> the graph output's [:n] rows
         self.lora_builder = None
         if lora_manager is not None:
             from loraserve.kernels import LoRAMetaBuilder
@@ -135,15 +137,22 @@ class CudaGraphRunner:
         n = inp.input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
         width = inp.block_tables.shape[1]
+        # the static buffers' [:n] views, made once per (n, width): a torch call costs 10-40 us on a busy host
+        views = self._step_views.get((n, width))
+        if views is None:
+            if len(self._step_views) > 4096:   # bounded: (batch size, table width) pairs of a long run
+                self._step_views.clear()
+            views = self._step_views[(n, width)] = (self.ids_positions_slots[:, :n], self.context_lens[:n],
+                                                    self.block_tables[:n, :width])
         packed = getattr(inp, "ids_positions_slots", None)   # TP workers' unpacked steps carry none
         if packed is not None:
-            self.ids_positions_slots[:, :n].copy_(packed)
+            views[0].copy_(packed)
         else:
             self.input_ids[:n].copy_(inp.input_ids)
             self.positions[:n].copy_(inp.positions)
             self.slot_mapping[:n].copy_(inp.slot_mapping)
-        self.context_lens[:n].copy_(inp.context_lens)
-        self.block_tables[:n, :width].copy_(inp.block_tables)
+        views[1].copy_(inp.context_lens)
+        views[2].copy_(inp.block_tables)
         if self._real_rows > n:   # rows a larger step wrote become padding again (rows past it already are)
             m = self._real_rows
             self.slot_mapping[n:m].fill_(self.scratch_slot)
@@ -161,4 +170,7 @@ class CudaGraphRunner:
         # variant would be exact too, slot -1 adds nothing, but costs ~0.6 ms per 8B step)
         graph, out, _ = self.graphs[(bs, with_lora)]
         graph.replay()
-        return out[:n]
+        rows = self._out_views.get((n, with_lora))
+        if rows is None:
+            rows = self._out_views[(n, with_lora)] = out[:n]
+        return rows

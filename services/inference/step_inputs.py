@@ -188,10 +188,10 @@ class StepInputBuilder:
         host, dev = self._buffers(size)
         np.concatenate(parts, out=self._host_np[self._turn][:size])
         if dev is not None:
-            dev[:size].copy_(host[:size], non_blocking=True)
+            flat = dev[:size]
+            flat.copy_(host[:size], non_blocking=True)
             event = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()
             event.record()
-            flat = dev[:size]
         else:
             flat = host[:size].clone()     # CPU: the next build reuses the buffer
         view = flat.split([p.size for p in parts])   # one call, not one slice per part: each torch call

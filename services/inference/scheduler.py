@@ -206,6 +206,13 @@ class Scheduler:
         """The batch is on the device: its tokens count as computed (the next step may be scheduled
         before this one finishes), and each sampling sequence (row i of `sampling`) holds a
         placeholder for the token the step is drawing."""
+        if sampling is batch.seqs:             # every row samples (decode): one pass
+            for row, (seq, n) in enumerate(zip(sampling, batch.num_new_tokens)):
+                seq.num_computed_tokens += n
+                seq.token_ids.append(PLACEHOLDER)
+                seq.num_pending += 1
+                seq.pending_row = row
+            return
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         for row, seq in enumerate(sampling):   # Sequence.add_placeholder, inlined (64+ calls a step)

@@ -31,6 +31,9 @@ from ._triton import HAS_TRITON, tl, triton
 from .pdl import pdl_kwargs
 
 EMPTY_BITS = -32768   # 0x8000 as int16: -0.0 in bf16 and fp16
+# reads of a peer's row before giving up: ~2^28 L2 round trips, minutes (LORASERVE_TP_TIMEOUT_S is 300 s): a peer
+# silent that long is dead and the executor has marked the engine so; the step's result is garbage by then
+MAX_SPIN = 1 << 28
 
 
 def allreduce_add_rms_norm_ref(partials: list[Tensor], residual: Tensor, weight: Tensor, eps: float
@@ -103,7 +106,7 @@ if HAS_TRITON:
 
 
 def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, buffer: Tensor, deltas: Tensor,
-                           counters: Tensor, rank: int, world: int, max_rows: int, max_spin: int = 1 << 30
+                           counters: Tensor, rank: int, world: int, max_rows: int, max_spin: int = MAX_SPIN
                            ) -> tuple[Tensor, Tensor]:
     """x [T, H] (this rank's partial) and residual [T, H], both updated in place (see the module doc);
     returns (x, residual). buffer: this rank's symmetric buffer, [2, world, max_rows, H] 16-bit elements;

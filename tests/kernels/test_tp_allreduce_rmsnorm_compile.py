@@ -28,7 +28,7 @@ def test_allreduce_rmsnorm_compiles_for_sm90(hidden, world, rank, pdl):
            "counter_ptr": "*i32",
            "H": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "slot_stride": "i32",
            "region_stride": "i32"}
-    const = dict(RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(hidden), MAX_SPIN=1 << 30, USE_PDL=pdl)
+    const = dict(RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(hidden), MAX_SPIN=1 << 28, USE_PDL=pdl)
     sig.update({n: "constexpr" for n in const})
     names = list(sig)
     # what a launch specialises on (16-divisible pointers and sizes)

@@ -63,11 +63,13 @@ class LamportNorm:
                 and 0 < x.shape[0] <= self.max_rows and x.stride(-1) == 1 and x.device == self.device)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 max_spin: int = 1 << 30):
+                 max_spin: int | None = None):
         from loraserve.kernels.allreduce_rmsnorm import allreduce_add_rms_norm
 
+        from loraserve.kernels.allreduce_rmsnorm import MAX_SPIN
+
         return allreduce_add_rms_norm(x, residual, weight, eps, self.buffer, self.deltas, self.counters, self.rank,
-                                      self.world, self.max_rows, max_spin)
+                                      self.world, self.max_rows, max_spin or MAX_SPIN)
 
 
 def make_fused_norm(device: torch.device, hidden: int, group=None) -> LamportNorm | None:

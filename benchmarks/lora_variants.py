@@ -150,11 +150,15 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
                              ("lora_1tok_us_per_proj", "<= 5", "%.2f"),
                              ("lora_32mb_bw_fraction_median", ">= 0.6", "%.3f"), ("idle_us", "", "%.2f")]:
         print(f"  {key:28s}" + "".join(f"{fmt % res[v][key]:>13s}" for v in variants) + f"   {target}")
-    from loraserve.kernels.lora_expand import _STREAM_FAILED
+    from loraserve.kernels.lora_expand import _PIPE_FAILED, _STREAM_FAILED
 
     res["stream_fell_back_to_classic"] = sorted(str(k) for k in _STREAM_FAILED)
+    res["pipelined_loop_fell_back_to_rotating"] = sorted(str(k) for k in _PIPE_FAILED)
     if _STREAM_FAILED:
         print(f"  WARNING: the streaming expand failed to compile for {res['stream_fell_back_to_classic']}", flush=True)
+    if _PIPE_FAILED:
+        print(f"  WARNING: the pipelined column loop failed for {res['pipelined_loop_fell_back_to_rotating']}: "
+              "those shapes ran the hand-rotated loop", flush=True)
     for c in cases:
         c[2].use_variant(DEFAULT)  # leave the process defaults behind
     return res

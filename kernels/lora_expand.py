@@ -121,6 +121,7 @@ if HAS_TRITON:
 
 
 _STREAM_FAILED: set[tuple] = set()  # (S, R, device) whose streaming kernel failed to compile
+_PIPE_FAILED: set[tuple] = set()  # (S, R, device) whose default column loop failed: the rotating one then
 
 
 def _stream_ok(num_slices: int, rank: int, device: torch.device) -> bool:
@@ -199,15 +200,24 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     # fp32 on a GPU stays classic: its FMA dots spill registers in the streaming kernel (sm_90,
     # offline compile); the interpreter runs fp32 through it (the exact-arithmetic tests).
     if stream_enabled(stream) and _stream_ok(S, R, y.device) and not (y.is_cuda and y.dtype == torch.float32):
-        from .lora_expand_stream import lora_expand_stream
+        from .lora_expand_stream import lora_expand_stream, rotating_loop_config
 
+        key = (S, R, y.device)
         try:
-            return lora_expand_stream(partials, lora_b, slice_offsets, meta, ranks, y, config=config,
+            return lora_expand_stream(partials, lora_b, slice_offsets, meta, ranks, y,
+                                      config=rotating_loop_config(meta.block_m, R, S)
+                                      if key in _PIPE_FAILED and not config else config,
                                       scale=scale, shift=shift, num_sms=_num_sms(y.device))
         except Exception as exc:  # noqa: BLE001 - compile/resources failure: classic kernel instead
             if not y.is_cuda or config:  # interpreter bugs and explicit configs must surface
                 raise
-            _STREAM_FAILED.add((S, R, y.device))
+            if key not in _PIPE_FAILED:  # first the hand-rotated column loop (timed on the H200), then classic
+                _PIPE_FAILED.add(key)
+                warnings.warn(f"streaming LoRA expand (default column loop) failed for S={S}, R={R} ({exc!r}); "
+                              "using the hand-rotated loop")
+                return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift,
+                                   stream=stream)
+            _STREAM_FAILED.add(key)
             warnings.warn(f"streaming LoRA expand failed for S={S}, R={R} ({exc!r}); using the classic kernel")
             config = None
     cfg = dict(expand_config(T, N, meta.block_m), **(config or {}))

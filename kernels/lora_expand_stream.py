@@ -333,6 +333,13 @@ DEFAULT_STREAM_SLOTS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS", "-4"))
 STREAM_SLOTS: int | None = None
 
 
+def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:
+    """Config override for the hand-rotated column loop (the default before the pipelined one, timed
+    on the H200): lora_expand's fallback when the default loop fails to compile."""
+    block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
+    return dict(SLOTS=0, Y_AHEAD=1, B_AHEAD=3 if block_m <= 16 and block_r <= 32 and num_slices <= 2 else 2)
+
+
 def stream_applies(num_slices: int, rank: int) -> bool:
     """Shapes the streaming kernel takes (else the classic kernel): <= 3 slices (qkv, gate_up,
     single projections) and ranks whose [BLOCK_M, BLOCK_R] intermediates fit in registers."""

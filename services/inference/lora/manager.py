@@ -100,10 +100,10 @@ class LoRAManager:
         from loraserve.kernels import LoRAMetaBuilder
 
         self.meta_builder_cls = LoRAMetaBuilder
-        # LORASERVE_PINNED_READ=1 (CUDA): adapter files are read straight into pinned memory (torch's
-        # caching host allocator reuses the blocks of evicted adapters), so a file in the serving dtype
-        # needs no staging copy. Off by default: on the H200 (2026-11-30) its GPU test failed for an
-        # fp32 file (tests/inference/test_cold_path_gpu.py, dir-float32); the bf16 cases passed.
+        # LORASERVE_PINNED_READ=1 (CUDA): adapter files are read straight into pinned memory, so a file
+        # in the serving dtype needs no staging copy. Off by default until a GPU run passes
+        # tests/inference/test_cold_path_gpu.py (the first H200 run's fp32 failure was the test's own
+        # assertion: pinned_views is also true of the fp32 file's staging copy; fixed).
         self._read_alloc = pinned_bytes if device.type == "cuda" and os.environ.get(
             "LORASERVE_PINNED_READ", "0") == "1" else None
         # ... into one pinned arena of host_cache_size allocated now (pinned_arena.py: a pinned

@@ -27,6 +27,7 @@ for stage in $stages; do
     fp8)    python3 benchmarks/bench_fp8.py --json "$WORK/fp8.json" ;;
     dora)   python3 benchmarks/bench_dora.py --json "$WORK/dora.json" ;;
     tp)     python3 benchmarks/bench_allreduce.py --json "$WORK/allreduce.json"      # symmetric memory vs NCCL
+            python3 benchmarks/bench_allreduce.py --fused-norm --json "$WORK/fused_norm.json"   # all-reduce + RMSNorm kernel
             python3 benchmarks/bench_tp.py --tp-graphs --compare-ar --json "$WORK/tp.json"   # TP=2 with CUDA graphs
             python3 benchmarks/bench_tp.py --tp-graphs --shape 70b --json "$WORK/tp70b.json" ;;
   esac || echo "stage $stage FAILED"
@@ -40,7 +41,7 @@ def load(name):
 merged = {"engine_h200.json": {**load("engine.json"), **load("lora.json")},
           "e2e_h200.json": load("e2e.json"), "churn_h200.json": load("churn.json"),
           "tp_h200x2.json": load("tp.json"), "tp_h200x2_70b.json": load("tp70b.json"),
-          "allreduce_h200x2.json": load("allreduce.json"),
+          "allreduce_h200x2.json": load("allreduce.json"), "fused_norm_h200x2.json": load("fused_norm.json"),
           "fp8_h200.json": load("fp8.json"), "dora_h200.json": load("dora.json")}
 for name, data in merged.items():
     if data:

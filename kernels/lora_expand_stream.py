@@ -331,6 +331,11 @@ STREAM_Y_AHEAD: int | None = None
 # SASS and the interpreter tests; its first H200 timing is the final run of 2026-11-30 15:05).
 DEFAULT_STREAM_SLOTS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS", "-4"))
 STREAM_SLOTS: int | None = None
+# ... but only for steps of <= this many tokens; larger steps take the hand-rotated loop (0). H200 final
+# run (2026-11-30 15:02, same run): 1 token, BGMV shrink + pipelined loop 4.20 us per projection (median)
+# vs 4.92 for the dot shrink + rotating loop; 64 tokens / 32 adapters, pipelined 66.8 us for the layer vs
+# 58.5 rotating (PDL overlap lost: o 11.8 vs 8.2 us); gate_up 1 adapter x 1024 tokens 50.6 vs 49.4 us.
+STREAM_SLOTS_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS_MAX_TOKENS", "32"))
 
 
 def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:
@@ -372,7 +377,10 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)  # a power of two (tl.arange)
     # (3 slices at 3 ahead spilled 8 bytes in the sm_90 offline compile with the DoRA epilogue)
     b_ahead = STREAM_B_AHEAD or (3 if block_m <= 16 and block_r <= 32 and num_slices <= 2 else 2)
-    slots = DEFAULT_STREAM_SLOTS if STREAM_SLOTS is None else STREAM_SLOTS
+    if STREAM_SLOTS is not None:
+        slots = STREAM_SLOTS
+    else:
+        slots = DEFAULT_STREAM_SLOTS if num_tokens <= STREAM_SLOTS_MAX_TOKENS else 0
     if slots > 0:  # the fixed-slot loop: B and y exactly `slots` blocks ahead
         b_ahead = y_ahead = slots
     elif slots < 0:  # Triton's pipeliner (-slots stages); the hand prefetch is not used

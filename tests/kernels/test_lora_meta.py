@@ -101,3 +101,23 @@ def test_auto_block_m_from_host_sizes_only() -> None:
     assert forced.block_m == 128 and int(forced.num_tiles) == 1
     with pytest.raises(ValueError, match="block_m"):
         builder.build(torch.zeros(4, dtype=torch.int32), block_m=24)
+
+
+def test_stream_expand_column_loop_rule() -> None:
+    """The expand's column loop by step size (H200 final run of 2026-11-30): Triton-pipelined up to
+    STREAM_SLOTS_MAX_TOKENS tokens (where the BGMV shrink runs too), the hand-rotated loop above
+    (it kept the PDL overlap at 64 tokens / 32 adapters); an explicit STREAM_SLOTS overrides both."""
+    from loraserve.kernels import lora_expand_stream as les
+
+    old = les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS
+    try:
+        les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS = None, -4, 32
+        small = les.stream_expand_config(1, 6144, 16, 3, 16, 2, 16)
+        edge = les.stream_expand_config(32, 28672, 16, 2, 16, 34, 4)
+        large = les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)
+        assert small["SLOTS"] == edge["SLOTS"] == -4
+        assert large["SLOTS"] == 0 and large["Y_AHEAD"] == 1 and large["B_AHEAD"] == 3  # the 12:20 default
+        les.STREAM_SLOTS = 3
+        assert les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)["SLOTS"] == 3
+    finally:
+        les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS = old

@@ -318,8 +318,9 @@ def test_bgmv_shrink_and_y_ahead_llama3_8b_bf16(proj: str, num_tokens: int, num_
            lora_expand_stream.STREAM_B_AHEAD, lora_expand_stream.STREAM_SLOTS)
     try:
         lora_meta.LORA_BGMV_MAX_TOKENS = 256
-        # column loops: the default (pipelined), hand-rotated with y 1 / 2 ahead, fixed slots
-        for slots, y_ahead, b_ahead in ((None, None, None), (0, None, None), (0, 2, None), (3, None, None)):
+        # column loops: the default rule, Triton-pipelined, hand-rotated with y 1 / 2 ahead, fixed slots
+        for slots, y_ahead, b_ahead in ((None, None, None), (-4, None, None), (0, None, None), (0, 2, None),
+                                        (3, None, None)):
             lora_expand_stream.STREAM_SLOTS = slots
             lora_expand_stream.STREAM_Y_AHEAD, lora_expand_stream.STREAM_B_AHEAD = y_ahead, b_ahead
             bgmv_interp_cases.check_bgmv_apply("bfloat16", hidden, rank, widths, num_tokens, num_slots, composition,

@@ -20,9 +20,13 @@ granule of G rank rows, and an adapter of rank r takes span(r) = next_pow2(ceil(
 aligned to span(r) (a buddy layout: any two adapters' blocks are nested or apart), so a rank-8
 adapter costs 8 rows, not max_rank. a[p] and b[p] are then strided views of pools
 
-    pool_a[p]: [num_layers, S_p, P, in_p]    pool_b[p]: [num_layers, N_p, P]    P = L*G + pad
+    pool_a[p]: [num_layers, S_p, P, in_p]    pool_b[p]: [num_layers, P, N_p]    P = L*G + pad
 
-with slot v's rows at v*G .. v*G + R - 1 (a[p].stride(1) = G*in_p, b[p].stride(1) = G): the
+with slot v's rows at v*G .. v*G + R - 1 (a[p].stride(1) = G*in_p, b[p].stride(1) = G*N_p): the
+adapter's B is one block of rank rows, each contiguous over N (b[p] strides: n 1, rank N_p). The
+first layout, [N_p, P] (rank axis contiguous), put an adapter's consecutive output rows P
+elements (128 KB) apart: in the final H200 run (2026-11-30) 32 resident adapters decoded at 0.36
+of the no-adapter throughput with it (unmeasured with this layout, and with packing off). The
 kernels index a slot through its strides and mask rows and columns by ranks[v], so they read
 only the adapter's own rows (the streaming expand reads B in whole 16-wide chunks up to
 ceil16(rank) and multiplies the extra columns by masked zeros: finite weights of the neighbour
@@ -95,11 +99,11 @@ class DeviceSlots:
                 S, N, G = len(modules), offsets[-1], self.granule
                 rows = L * G + max(max_rank, 16)   # the last slot's R-row view (and 16-wide B reads) stay inside
                 pool_a = torch.zeros(n_layers, S, rows, in_f, dtype=dtype, device=device)
-                pool_b = torch.zeros(n_layers, N, rows, dtype=dtype, device=device)
+                pool_b = torch.zeros(n_layers, rows, N, dtype=dtype, device=device)   # rank rows, each over N
                 self._pools += [pool_a, pool_b]
                 self.a[proj] = pool_a.as_strided((n_layers, L, S, max_rank, in_f),          # [layers, L, S, R, in]
                                                  (S * rows * in_f, G * in_f, rows * in_f, in_f, 1))
-                self.b[proj] = pool_b.as_strided((n_layers, L, N, max_rank), (N * rows, G, rows, 1))  # [layers, L, N, R]
+                self.b[proj] = pool_b.as_strided((n_layers, L, N, max_rank), (rows * N, G * N, 1, N))  # [layers, L, N, R]
             else:
                 self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
                 self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)

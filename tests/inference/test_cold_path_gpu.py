@@ -21,7 +21,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 @pytest.mark.parametrize("packing,file_dtype", [("dir", torch.bfloat16), ("tar", torch.bfloat16),
                                                 ("tar-bytes", torch.bfloat16), ("dir", torch.float32)])
 def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, file_dtype, monkeypatch):
-    monkeypatch.setenv("LORASERVE_PINNED_READ", "1")   # opt-in (off by default until this passes on the GPU)
+    monkeypatch.setenv("LORASERVE_PINNED_READ", "1")   # the default, set explicitly (a runner may export 0)
     from loraserve.inference.lora.host_tier import pinned_views
     from loraserve.inference.lora.manager import LoRAManager
     from loraserve.inference.models.llama import ModelArgs

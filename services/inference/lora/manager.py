@@ -100,12 +100,12 @@ class LoRAManager:
         from loraserve.kernels import LoRAMetaBuilder
 
         self.meta_builder_cls = LoRAMetaBuilder
-        # LORASERVE_PINNED_READ=1 (CUDA): adapter files are read straight into pinned memory, so a file
-        # in the serving dtype needs no staging copy. Off by default until a GPU run passes
-        # tests/inference/test_cold_path_gpu.py (the first H200 run's fp32 failure was the test's own
-        # assertion: pinned_views is also true of the fp32 file's staging copy; fixed).
+        # LORASERVE_PINNED_READ (CUDA, default on): adapter files are read straight into pinned memory, so
+        # a file in the serving dtype needs no staging copy. On since the 2026-11-30 final H200 run passed
+        # tests/inference/test_cold_path_gpu.py and bench_churn measured with it (read 15 ms from the
+        # arena vs 54 ms into pageable memory, 84 MB); LORASERVE_PINNED_READ=0: pageable read + staging copy.
         self._read_alloc = pinned_bytes if device.type == "cuda" and os.environ.get(
-            "LORASERVE_PINNED_READ", "0") == "1" else None
+            "LORASERVE_PINNED_READ", "1") != "0" else None
         # ... into one pinned arena of host_cache_size allocated now (pinned_arena.py: a pinned
         # allocation per adapter cost 73 ms of the 8B adapter's cold path); LORASERVE_PINNED_ARENA=0: off
         self.arena = None

@@ -62,31 +62,23 @@ def graphs_off(engine):
     return restore
 
 
+def _swap(obj, name: str, value):
+    """obj.name = value; returns the function that puts the old value back."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    return lambda: setattr(obj, name, old)
+
+
 def prefill_cap(cap: int):
     """A variant: the scheduler's max_num_prefill_tokens_with_decode set to cap on the built engine."""
-    def apply(engine):
-        sched = engine.scheduler
-        old = sched.max_num_prefill_tokens_with_decode
-        sched.max_num_prefill_tokens_with_decode = cap
-
-        def restore():
-            sched.max_num_prefill_tokens_with_decode = old
-        return restore
-    return apply
+    return lambda engine: _swap(engine.scheduler, "max_num_prefill_tokens_with_decode", cap)
 
 
 def capture_after(k: int):
     """A variant: a mixed-step shape replays a larger captured graph until its k-th sighting (1: captured at once)."""
     def apply(engine):
         mixed = engine.runner.mixed_graphs
-        if mixed is None:
-            return lambda: None
-        old = mixed.capture_after
-        mixed.capture_after = k
-
-        def restore():
-            mixed.capture_after = old
-        return restore
+        return (lambda: None) if mixed is None else _swap(mixed, "capture_after", k)
     return apply
 
 

@@ -30,7 +30,7 @@ Adapters (the one interface: AdapterSlots.try_acquire / release_slot; lora/manag
 - residency is decided here, at admission, never at submission: a waiting request holds no
   host or GPU space, so any number of distinct adapters may be queued at once; an adapter not
   yet in host memory is loaded on a background thread and its requests are skipped meanwhile;
-- fairness, with a bounded wait (slot hand-off, LoRAManager._acquire_by_handoff): requests whose
+- fairness, with a bounded wait (slot hand-off, lora/admission.py _acquire_by_handoff): requests whose
   adapter is on a GPU slot are admitted freely; those that need a slot get one in arrival order;
   when the oldest of them finds every slot pinned, one slot (an adapter with no queued work
   first, then the fewest running sequences) takes no new requests and goes to it once its

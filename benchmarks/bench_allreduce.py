@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.graph_timing import graph_seconds  # noqa: E402
+
 SIZES = [8 << 10, 64 << 10, 512 << 10, 4 << 20, 32 << 20]
 ALGOS = ["nccl", "one_shot", "two_shot", "two_shot_inplace"]
 
@@ -41,25 +43,7 @@ def _time_eager(fn, iters: int) -> float:
 
 def _time_graph(fn, per_graph: int, replays: int) -> float:
     """us per call: `per_graph` calls captured in one graph, replayed `replays` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * per_graph)
+    return graph_seconds(fn, per_graph, replays, warmup=2) * 1e6
 
 
 def _check(ar, n: int, dtype, algo: str, rank: int) -> float:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.graph_timing import graph_seconds  # noqa: E402
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "down_silu": (4096, 14336), "lm_head": (128256, 4096)}
 SMOKE_SHAPES = {"qkv": (96, 64), "o": (64, 64), "gate_up": (192, 64), "down": (64, 96), "down_silu": (64, 96),
@@ -51,30 +53,14 @@ def copy_bandwidth(dev) -> float:
 
 def time_graph(fn, reps: int = 5, cuda: bool = True) -> float:
     """Seconds per call of fn (which runs the whole workload once), from CUDA-graph replays."""
-    import time
-
-    fn()
     if not cuda:
+        import time
+
+        fn()
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        graph.replay()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / 1e3 / reps
+    return graph_seconds(fn, replays=reps)
 
 
 def per_shape(dev, dtype, shapes, configs, bw, cuda: bool) -> dict:

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_engine import (Prompts, build_checkpoint, copy_bandwidth, decode_step_bytes,  # noqa: E402
-                                     sync, time_engine_decode)
+                                     prefill_run, sync, time_engine_decode)
 
 VARIANTS = {"base": dict(rope_kv=False, gemv=0, pdl="0"), "fused": dict(rope_kv=True, gemv=1, pdl="0"),
             "fused_pdl": dict(rope_kv=True, gemv=1, pdl="1", greedy="1"), "fused4_pdl": dict(rope_kv=True, gemv=4, pdl="1"),
@@ -84,20 +84,8 @@ def profile_bs1(engine, prompts, steps: int = 8) -> dict:
 
 
 def time_prefill(engine, prompts, batch: int, trace: bool) -> dict:
-    from loraserve import SamplingParams
-
     def once(tag):
-        for i, ids in enumerate(prompts.make(batch, 1024)):
-            engine.add_request(f"pf{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        engine.step_trace = [] if trace else None
-        sync(engine)
-        t = time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-        sync(engine)
-        dt = time.perf_counter() - t
-        rec, engine.step_trace = engine.step_trace, None
-        return dt, rec
+        return prefill_run(engine, prompts, batch, 1024, f"f{tag}", trace)
 
     once("w0")
     runs = [once(f"r{i}") for i in range(3)]

@@ -171,21 +171,28 @@ def time_engine_decode(engine, prompts: Prompts, batch: int, prompt_len: int, st
     return run_decode(engine, prompts.make(batch, prompt_len), steps, loras, tag=f"d{batch}")
 
 
-def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -> dict:
+def prefill_run(engine, prompts: Prompts, batch: int, prompt_len: int, tag: str, trace: bool = True):
+    """One timed prefill of `batch` fresh prompts (one sampled token each) -> (seconds, the step
+    trace or None: per step, host time to the launch and device time from CUDA events)."""
     from loraserve import SamplingParams
 
+    for i, ids in enumerate(prompts.make(batch, prompt_len)):
+        engine.add_request(f"p{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.step_trace = [] if trace else None
+    sync(engine)
+    t = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync(engine)
+    dt = time.perf_counter() - t
+    rec, engine.step_trace = engine.step_trace, None
+    return dt, rec
+
+
+def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -> dict:
     def once(tag):
-        for i, ids in enumerate(prompts.make(batch, prompt_len)):
-            engine.add_request(f"p{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         hits0 = reused_blocks(engine)
-        engine.step_trace = []   # per step: host time to the launch, device time (CUDA events)
-        sync(engine)
-        t = time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-        sync(engine)
-        dt = time.perf_counter() - t
-        trace, engine.step_trace = engine.step_trace, None
+        dt, trace = prefill_run(engine, prompts, batch, prompt_len, tag)
         launched = [r for r in trace if r.events]
         host = sum(r.launched_at - r.start for r in launched)
         device = sum(r.events[0].elapsed_time(r.events[1]) / 1e3 for r in launched)

@@ -12,8 +12,15 @@ Bp >= B + 1 and T >= N + (Bp - B). The Bp - B padding sequences take the T - N p
 the last one the rest), attend over their own tokens only, and write their K/V into the scratch block
 (block tables and slots point there); their outputs are dropped. The tile shape is the one of a long
 query run (max_query_len = T) and the split-KV count the one the eager step plans from the host lengths
-(part of the graph's key). A step with adapter rows, an FP8 KV cache, or more tokens or sequences than
-the largest bucket runs eagerly.
+(part of the graph's key). A step with an FP8 KV cache, or more tokens or sequences than the largest bucket
+runs eagerly.
+
+LoRA (issue 12): a step with adapter rows replays a second graph family captured with the LoRA kernels
+(LORASERVE_MIXED_GRAPH_LORA=0: such steps run eagerly, as before). The kernels' grids depend on T only
+(kernels/lora_meta.py), so the graph reads static metadata that each step refills before the replay:
+per-token slots [T] from the sequences' slots through the static query starts (padding tokens -1, so they
+add nothing), then LoRAMetaBuilder.build (device ops only, no host sync). Eagerly such a step cost ~80 ms
+on the 8B shape (H200, 32 layers x 7 projections: host launch time), vs 6.5 ms for the base step's replay.
 
 Graphs are captured when a shape is first seen (an eager forward, then the capture: tens of ms on the 8B
 shape; a serving warm-up meets most shapes), at most MAX_GRAPHS, into their own memory pool. On by default
@@ -66,6 +73,11 @@ def mixed_graphs_enabled() -> bool:
     return os.environ.get("LORASERVE_MIXED_GRAPHS", "1").lower() not in ("0", "false", "off", "no", "")
 
 
+def lora_mixed_graphs_enabled() -> bool:
+    """Mixed steps with adapter rows replay LoRA graphs (default); LORASERVE_MIXED_GRAPH_LORA=0: eager."""
+    return os.environ.get("LORASERVE_MIXED_GRAPH_LORA", "1").lower() not in ("0", "false", "off", "no", "")
+
+
 def pad_lens(num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:
     """[Bp - B] query (= context) lengths of the padding sequences: 1 each, the last the rest (>= 1)."""
     lens = np.ones(bp - num_seqs, dtype=np.int32)
@@ -88,7 +100,8 @@ def padded_metadata(query_lens: list[int], num_tokens: int, bp: int, t: int) -> 
 
 class MixedGraphRunner:
     def __init__(self, model, device: torch.device, max_batch: int, max_tokens: int, max_blocks_per_seq: int,
-                 scratch_block: int, block_size: int, num_heads: int, num_kv_heads: int, elem_bytes: int):
+                 scratch_block: int, block_size: int, num_heads: int, num_kv_heads: int, elem_bytes: int,
+                 lora_manager=None):
         self.model, self.device = model, device
         self.seq_buckets = [b for b in SEQ_BUCKETS if b <= max_batch + 8]
         self.token_buckets = [t for t in TOKEN_BUCKETS if t <= max(max_tokens, TOKEN_BUCKETS[0])]
@@ -103,9 +116,21 @@ class MixedGraphRunner:
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((B, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (Bp, T, splits)
+        # the same keys, captured with the LoRA kernels: (graph, out, its Context: keeps the LoRA workspaces alive)
+        self.lora_graphs: dict[tuple[int, int, int], tuple] = {}
         self.pool = None
         self.failed = False
         self.num_replays = 0
+        self.num_lora_replays = 0
+        self.lora_manager = lora_manager if lora_manager is not None and lora_mixed_graphs_enabled() else None
+        self.lora_failed = False
+        if self.lora_manager is not None:
+            from loraserve.kernels import LoRAMetaBuilder
+
+            # static LoRA metadata of the largest bucket; a graph of T tokens reads its [:T] views
+            self.lora_builder = LoRAMetaBuilder(T, self.lora_manager.num_slots, device)
+            self.token_slot = torch.full((T,), -1, dtype=torch.long, device=device)   # [T] slot per token
+            self._token_ids = torch.arange(T, dtype=torch.int32, device=device)        # [T] 0..T-1
         self.capture_after = capture_after()
         self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
         self.num_covered = 0                              # steps replayed in a larger graph than their own
@@ -118,8 +143,14 @@ class MixedGraphRunner:
         t = next((t for t in self.token_buckets if t >= num_tokens + bp - num_seqs), None)
         return None if t is None else (bp, t)
 
+    def _lora_context(self, t: int):
+        """The LoRA state a graph of t tokens captures: the static metadata views (T = t fixes the grids)."""
+        from .lora.batch import LoRABatch
+
+        return LoRABatch(self.lora_manager.slots, self.lora_builder.build(self.token_slot[:t]))
+
     @torch.inference_mode()
-    def _capture(self, bp: int, t: int, splits: int) -> None:
+    def _capture(self, bp: int, t: int, splits: int, lora: bool = False) -> None:
         # the static buffers hold a valid all-padding step while capturing (its K/V go to the scratch block)
         lens = pad_lens(0, 0, bp, t)
         self.input_ids[:t].zero_()
@@ -131,6 +162,9 @@ class MixedGraphRunner:
         ctx = Context(slot_mapping=self.slot_mapping[:t], context_lens=self.context_lens[:bp],
                       block_tables=self.block_tables[:bp], decode_only=False,
                       query_start_loc=self.query_start_loc[:bp + 1], max_query_len=t, num_splits=splits)
+        if lora:
+            self.token_slot[:t].fill_(-1)   # an all-padding step: the kernels' tiles all exit
+            ctx.lora = self._lora_context(t)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         set_context(ctx)
@@ -146,9 +180,16 @@ class MixedGraphRunner:
         finally:
             reset_context()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graphs[(bp, t, splits)] = (graph, out)
-        log.debug("captured a mixed-step CUDA graph: %d sequences, %d tokens, %d KV splits (%d graphs)", bp, t, splits,
-                  len(self.graphs))
+        if lora:
+            self.lora_graphs[(bp, t, splits)] = (graph, out, ctx)
+        else:
+            self.graphs[(bp, t, splits)] = (graph, out)
+        log.debug("captured a mixed-step CUDA graph: %d sequences, %d tokens, %d KV splits, LoRA %s (%d graphs)", bp,
+                  t, splits, lora, self.num_graphs)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs) + len(self.lora_graphs)
 
     @torch.inference_mode()
     def run(self, inp, query_lens: list[int]) -> torch.Tensor | None:
@@ -156,6 +197,10 @@ class MixedGraphRunner:
         Returns the hidden states [N, hidden], or None when this step runs eagerly."""
         if self.failed:
             return None
+        lora = bool(getattr(inp, "has_lora", False))
+        if lora and (self.lora_manager is None or self.lora_failed):
+            return None
+        graphs = self.lora_graphs if lora else self.graphs
         n, b = inp.input_ids.shape[0], len(query_lens)
         shape = self.pick(n, b)
         if shape is None:
@@ -167,20 +212,25 @@ class MixedGraphRunner:
                                  self.elem_bytes, self.device)
         bp, t = shape
         key = (bp, t, splits)
-        if key not in self.graphs:
-            seen = self.seen[key] = self.seen.get(key, 0) + 1
-            alt = cover(self.graphs, n, b, splits, t) if seen < self.capture_after else None
+        if key not in graphs:
+            seen = self.seen[key + (lora,)] = self.seen.get(key + (lora,), 0) + 1
+            alt = cover(graphs, n, b, splits, t) if seen < self.capture_after else None
             if alt is not None:             # a larger captured graph: padding instead of a capture stall
                 key, bp, t = alt, alt[0], alt[1]
                 self.num_covered += 1
-            elif len(self.graphs) >= MAX_GRAPHS:
+            elif self.num_graphs >= MAX_GRAPHS:
                 return None
             else:
                 try:
-                    self._capture(bp, t, splits)
+                    self._capture(bp, t, splits, lora)
                 except Exception:  # noqa: BLE001 - eager mixed steps still work
-                    log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
-                    self.failed = True
+                    if lora:   # the LoRA family alone goes eager; steps without adapters keep their graphs
+                        log.exception("mixed-step LoRA CUDA graph capture failed; mixed steps with adapters run "
+                                      "eagerly from now on")
+                        self.lora_failed = True
+                    else:
+                        log.exception("mixed-step CUDA graph capture failed; mixed steps run eagerly from now on")
+                        self.failed = True
                     return None
         small = torch.from_numpy(padded_metadata(query_lens, n, bp, t))
         if self.device.type == "cuda":   # through pinned memory: a pageable copy would wait for the device
@@ -199,7 +249,21 @@ class MixedGraphRunner:
         self.query_start_loc[:bp + 1].copy_(small[:bp + 1])
         self.block_tables[:b, :width].copy_(inp.block_tables)
         self.block_tables[b:bp].fill_(self.scratch_block)
-        graph, out = self.graphs[key]
+        if lora:
+            self._fill_lora(inp.token_slot, n, b, t)
+        graph, out = graphs[key][:2]
         graph.replay()
         self.num_replays += 1
+        self.num_lora_replays += lora
         return out[:n]
+
+    def _fill_lora(self, seq_slot: torch.Tensor, n: int, b: int, t: int) -> None:
+        """The LoRA graph's static metadata for this step: token i of sequence j (query starts, already in
+        the static buffer) gets seq_slot[j] ([B] int64, -1: none); padding tokens [n, t) get -1."""
+        # sequence of each real token: the number of sequence ends <= i  ([n] int64, device only)
+        seq_of_token = torch.searchsorted(self.query_start_loc[1:b + 1], self._token_ids[:n], right=True)
+        torch.index_select(seq_slot, 0, seq_of_token, out=self.token_slot[:n])
+        self.token_slot[n:t].fill_(-1)
+        self.lora_builder.build(self.token_slot[:t])   # same T as at capture: same grids, buffers refilled in place
+        if self.device.type == "cuda":
+            self.lora_manager.slots.wait_for_copies()   # adapters placed this step: their host->GPU copies first

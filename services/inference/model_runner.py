@@ -99,7 +99,7 @@ class ModelRunner:
             self.mixed_graphs = MixedGraphRunner(
                 self.model, self.device, runner.max_batch, min(cfg.max_num_tokens, cap + runner.max_batch),
                 -(-max_len // self.block_size), self.num_blocks, self.block_size, a.num_attention_heads,
-                a.num_key_value_heads, torch.finfo(self.dtype).bits // 8)
+                a.num_key_value_heads, torch.finfo(self.dtype).bits // 8, lora_manager=self.lora_manager)
 
     def _size_kv_cache(self) -> int:
         a = self.args
@@ -139,14 +139,17 @@ class ModelRunner:
         decode_only = len(batch.num_new_tokens) == batch.num_tokens
         if decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch.seqs)):
             hidden = self.graph_runner.run(inp)
-            if self.graph_runner.sampler_graphs is not None and not inp.has_lora and len(sample_seqs) == len(batch.seqs):
+            if self.graph_runner.sampler_graphs is not None and len(sample_seqs) == len(batch.seqs):
                 meta = self.sampling_meta.get(sample_seqs, self._banned)
                 if meta.all_greedy and meta.masked is None and meta.max_top_logprobs == 0:
+                    if inp.has_lora:   # the sampler graph reads the no-LoRA graph's output rows: hand it these
+                        bs = next(b for b in self.graph_runner.buckets if b >= len(sample_seqs))
+                        self.graph_runner.graphs[(bs, False)][1][:len(sample_seqs)].copy_(hidden)
                     sampled, packed = self.graph_runner.sample_greedy(len(sample_seqs))
                     return StepOutput(sample_seqs, sampled, packed, self.packed_slots)
                 return self._sample(hidden, inp.sample_idx, sample_seqs, meta)
             return self._sample(hidden, inp.sample_idx, sample_seqs)
-        if not decode_only and self.mixed_graphs is not None and not inp.has_lora:
+        if not decode_only and self.mixed_graphs is not None:   # (LoRA rows: its LoRA graphs, or None)
             hidden = self.mixed_graphs.run(inp, batch.num_new_tokens)   # None: this step runs eagerly
             if hidden is not None:
                 return self._sample(hidden, inp.sample_idx, sample_seqs)

@@ -329,11 +329,24 @@ def child_main(a) -> int:
     every figure."""
     from loraserve import LoRARequest
 
+    import logging
+    import time
+
+    # rank 0's log lines (the workers configure their own): the start-up phases (tp/startup.py), KV, graphs
     tp, device = a.child, "cpu" if a.tiny else "cuda"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp0/{tp} %(levelname)s %(name)s: %(message)s")
     res: dict = {}
+    t0 = time.perf_counter()
     engine = make_engine(a.ckpt, device, tp, a.tiny, lora=a.lora_child, max_batch=a.max_batch)
+    start_s = time.perf_counter() - t0
+    key = f"tp{tp}{'_lora' if a.lora_child else ''}_startup_s"
+    res[key] = start_s
+    clock = getattr(getattr(engine, "tp", None), "clock", None)
+    if clock is not None:
+        res[key.replace("_s", "_phases")] = clock.summary()
     custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
-    print(f"tp{tp} engine ready (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})", flush=True)
+    print(f"tp{tp} engine ready in {start_s:.1f} s (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})"
+          + (f"; rank 0 start-up: {clock.summary()}" if clock is not None else ""), flush=True)
     if tp == 2:   # which paths the engine took (each new one self-checked at start, off on a mismatch)
         res["tp2_custom_all_reduce"] = custom_ar
         res["tp2_fused_norm"] = getattr(engine.tp, "fused_norm", None) is not None

@@ -5,6 +5,7 @@ executor.py  the driver (rank 0): starts workers, sends commands, detects a dead
 worker.py    a worker process (ranks 1..N-1)
 step.py      one step on any rank; how a LoRA adapter is split
 runner.py    TPModelRunner: ModelRunner of rank 0 (ModelRunner picks it for a sharded model)
+startup.py   per-rank start-up phase times; the decode buckets captured under TP
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def start_tensor_parallel(config, device):
     from ..models.loader import read_hf_config
     from .executor import TPExecutor
     from .parallel import TensorParallelError, make_group, shard_args
+    from .startup import StartupClock
 
+    clock = StartupClock(0)
     args = ModelArgs.from_hf_config(read_hf_config(config.model))
     shard_args(args, size)   # refuse a model that does not split before any process starts
     if device.type == "cuda" and (device.index or 0) + size > torch.cuda.device_count():
@@ -29,9 +32,12 @@ def start_tensor_parallel(config, device):
                                   f"{torch.cuda.device_count()} visible")
     group = make_group(args, 0, size)
     group.executor = TPExecutor(config, device, size)
+    group.clock = clock   # TPModelRunner marks the later phases
+    clock.mark("spawn + rendezvous")
     try:
         group.setup_all_reduce(device)   # the workers do it right after joining too (worker.py)
     except BaseException:
         group.executor.shutdown()
         raise
+    clock.mark("all-reduce set-up")
     return group

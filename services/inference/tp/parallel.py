@@ -29,6 +29,7 @@ class TPGroup:
     hidden_size: int = 0
     fused_norm: object = None  # fused_norm.LamportNorm (LORASERVE_TP_FUSED_NORM=1, CUDA, checked at start-up)
     defer_reduce: bool = False  # set once the model's norms hold this group (fused_norm.attach_norms)
+    clock: object = None       # startup.StartupClock of this rank's start (phase times, logged)
 
     @property
     def vocab_start(self) -> int:

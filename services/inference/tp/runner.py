@@ -28,6 +28,7 @@ import torch
 
 from ..lora.slots import DeviceSlots
 from ..model_runner import ModelRunner, StepOutput
+from .startup import graph_buckets
 from .step import forward, load_slot, pack_adapter, pack_step
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class ShardedSlots(DeviceSlots):
 class TPModelRunner(ModelRunner):
     def __init__(self, config, model, args, dtype, device, lora_manager=None):
         self.tp, self.executor = model.tp, model.tp.executor
+        from .startup import StartupClock
+
+        clock = self.tp.clock or StartupClock(0)
+        clock.mark("model load" + (" + LoRA manager" if lora_manager is not None else ""))
         from .fused_norm import attach_norms
 
         attach_norms(model, model.tp)   # before any forward: the workers do it right after loading (worker.py)
@@ -99,10 +104,12 @@ class TPModelRunner(ModelRunner):
         self.lora_sampler_graphs, self._sampler_views = None, {}   # sharded sampler over the LoRA decode graphs
         self.sampler_shards = False   # the greedy sampler graphs reduce the vocabulary shards (tp/sampling.py)
         self.executor.send(("setup", self.num_blocks, lora_manager.num_slots if lora_manager is not None else 0))
+        clock.mark("KV cache + runner")
         if device.type == "cuda" and not config.enforce_eager and GRAPHS:
-            self._capture_tp_graphs(config)
+            self._capture_tp_graphs(config, clock)
+        log.info("TP start-up, rank 0: %s", clock.summary())
 
-    def _capture_tp_graphs(self, config) -> None:
+    def _capture_tp_graphs(self, config, clock) -> None:
         """Capture on every rank at once; a failure is fatal here (ranks must never disagree on graphs)."""
         from loraserve.kernels import triton_available
 
@@ -115,8 +122,10 @@ class TPModelRunner(ModelRunner):
         self.executor.send(("capture", max_batch, max_blocks))
         runner = CudaGraphRunner(self.model, self.device, max_batch, max_blocks, self.num_blocks, self.block_size,
                                  self.lora_manager)
+        runner.buckets = graph_buckets(runner.buckets)   # as the workers (worker._capture)
         runner.capture()
         self.graph_runner = runner
+        clock.mark(f"decode graphs {runner.buckets}")
         if _sampler_graphs():   # every rank captures its logits graphs in the same order (worker._capture_logits)
             from .sampling import capture_sampler_graphs, self_check
 
@@ -130,6 +139,7 @@ class TPModelRunner(ModelRunner):
             else:
                 runner.capture_greedy_sampler()
             log.info("TP sampler graphs captured (%s)", "greedy over the vocabulary shards" if shards else "logits gather")
+            clock.mark("sampler graphs")
 
     def profile_steps(self, skip: int, count: int, tag: str) -> None:
         """Every rank profiles `count` steps after the next `skip` (tp/profile.py; LORASERVE_TP_PROFILE=DIR)."""

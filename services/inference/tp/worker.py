@@ -39,10 +39,13 @@ def worker_main(rank: int, size: int, init_method: str, config, device: str, con
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     try:
         from .executor import device_id
+        from .startup import StartupClock
 
+        clock = StartupClock(rank)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s), **device_id(dev))
-        worker = Worker(config, dev, rank, size)
+        clock.mark("rendezvous")
+        worker = Worker(config, dev, rank, size, clock)
         worker.loop(conn)
     except EOFError:
         pass   # the driver closed the pipe: it is shutting down or gone
@@ -65,17 +68,21 @@ def dump_stacks_when_stuck() -> None:
 
 
 class Worker:
-    def __init__(self, config, device: torch.device, rank: int, size: int):
+    def __init__(self, config, device: torch.device, rank: int, size: int, clock=None):
         from ..models.loader import load_model, read_hf_config
         from ..models.llama import ModelArgs
         from .parallel import make_group
+        from .startup import StartupClock
 
+        self.clock = clock or StartupClock(rank)
         torch.manual_seed(config.seed)
         args = ModelArgs.from_hf_config(read_hf_config(config.model))
         self.group = make_group(args, rank, size)
         self.group.setup_all_reduce(device)   # collective, as rank 0 does after joining (tp/__init__.py)
+        self.clock.mark("all-reduce set-up")
         self.model, self.args, self.dtype = load_model(config.model, config.dtype, device, tp=self.group,
                                                        quant_config=config.quant_config)
+        self.clock.mark("model load")
         from .fused_norm import attach_norms
 
         attach_norms(self.model, self.group)   # as rank 0 does (runner.py)
@@ -94,6 +101,7 @@ class Worker:
         """The driver's sizes: the same KV blocks and LoRA slots on every rank."""
         from ..model_runner import ModelRunner
 
+        self.clock.mark("waiting for the driver's set-up")
         cfg = dataclasses.replace(self.config, num_kv_blocks=num_blocks, enforce_eager=True, lora_config=None)
         self.runner = ModelRunner(cfg, self.model, self.local, self.dtype, self.device)   # KV cache of its heads
         if self.config.lora_config is not None and num_slots:
@@ -105,6 +113,7 @@ class Worker:
             enabled = lc.hf_target_modules() or set(self.local.lora_module_shapes())
             self.slots = DeviceSlots(self.local, enabled, num_slots, lc.max_lora_rank, self.dtype, self.device)
             self.meta_builder_cls = LoRAMetaBuilder
+        self.clock.mark("KV cache + runner")
 
     def _capture(self, max_batch: int, max_blocks: int) -> None:
         """The driver's decode buckets, captured in the same order (runner.py _capture_tp_graphs)."""
@@ -113,9 +122,13 @@ class Worker:
         from ..cuda_graphs import CudaGraphRunner
 
         lora = None if self.slots is None else SimpleNamespace(num_slots=self.slots.num_slots, slots=self.slots)
+        from .startup import graph_buckets
+
         self.graph_runner = CudaGraphRunner(self.model, self.device, max_batch, max_blocks, self.runner.num_blocks,
                                             self.runner.block_size, lora)
+        self.graph_runner.buckets = graph_buckets(self.graph_runner.buckets)   # as rank 0 (runner.py)
         self.graph_runner.capture()
+        self.clock.mark(f"decode graphs {self.graph_runner.buckets}")
 
     @torch.inference_mode()
     def loop(self, conn) -> None:
@@ -200,6 +213,7 @@ class Worker:
             if any(lora for _, lora in self.graph_runner.graphs):   # as rank 0: the LoRA decode graphs' variant
                 graphs = capture_sampler_graphs(self.graph_runner, self.model, self.group, self.device, True)
                 self.lora_logits_graphs = {bs: g for bs, (g, _, _) in graphs.items()}
+            self.clock.mark("sampler graphs (sharded greedy)")
             return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -215,6 +229,7 @@ class Worker:
                 self.model.compute_logits(hidden)
             self.logits_graphs[bs] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.clock.mark("sampler graphs (logits gather)")
 
 
 def time_replays(graph_runner, bs: int, n: int, with_lora: bool = False) -> float:

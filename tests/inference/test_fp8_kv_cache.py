@@ -99,14 +99,17 @@ def test_fp8_kv_cache_engine_matches_hf_with_e4m3_rounded_kv():
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("device,eager", [("cpu", True), pytest.param("cuda", False, marks=GPU),
-                                          pytest.param("cuda", True, marks=GPU)])
-def test_fp8_kv_cache_greedy_matches_hf_with_e4m3_rounded_kv(device, eager):
+@pytest.mark.parametrize("device,eager,fused", [("cpu", True, "1"), pytest.param("cuda", False, "1", marks=GPU),
+                                                pytest.param("cuda", True, "1", marks=GPU),
+                                                pytest.param("cuda", False, "0", marks=GPU)])
+def test_fp8_kv_cache_greedy_matches_hf_with_e4m3_rounded_kv(device, eager, fused, monkeypatch):
     """The real scheduler: chunked prefill (13-token steps), mixed steps and decode over the e4m3 cache;
     on CUDA through the Triton kernels, with CUDA graphs captured before the scales were calibrated (or
-    eager). Every greedy token must be HF's argmax under the same K/V rounding, up to a near-tie margin
-    (fp32 noise can move an odd e4m3 code by one step: logit errors up to ~0.1 on CPU)."""
+    eager), RoPE and the e4m3 store fused (kernels/fp8_rope_kv.py) or two launches. Every greedy token must be
+    HF's argmax under the same K/V rounding, up to a near-tie margin (fp32 noise can move an odd e4m3 code by
+    one step: logit errors up to ~0.1 on CPU)."""
     transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("LORASERVE_FP8_FUSED_ROPE_KV", fused)
     from loraserve import SamplingParams
 
     prompts = [[5, 6, 7, 8, 9], list(range(20, 57)), [3] * 17, list(range(100, 190))]

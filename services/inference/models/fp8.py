@@ -434,11 +434,45 @@ class Fp8KVAttention(Attention):
                 self.kv_scales[i:i + 1].copy_((x.abs().amax().float() / headroom).clamp(min=1e-6))
                 self._kv_scale_set[i] = True
 
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary) -> torch.Tensor:
+        """Attention.forward; on CUDA with the scales fixed (or a decode graph being captured: it reads them at
+        replay) RoPE and the e4m3 K/V write run as one launch (kernels/fp8_rope_kv.py), as the bf16 engine's
+        rope_store_kv; a step that calibrates the scales takes Attention.forward's RoPE, then attend."""
+        ctx = get_context()
+        calibrating = not all(self._kv_scale_set) and not ctx.decode_only and not _capturing(x)
+        if calibrating or not fused_rope_kv_fp8_on() or not _triton_cuda(x) or "rope_kv" in _BROKEN:
+            return super().forward(positions, x, rotary)
+        from ..attention import _kernel_attention
+
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)    # (N, H, D)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        k_scale, v_scale = self.kv_scales[0:1], self.kv_scales[1:2]
+        try:
+            from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8
+
+            q = rope_store_kv_fp8(positions, q, k, v, rotary.cos_sin_cache(), self.k_cache, self.v_cache,
+                                  ctx.slot_mapping, k_scale, v_scale)
+            o = _kernel_attention(q, self.k_cache, self.v_cache, ctx, self.scale, k_scale, v_scale)
+        except Exception as err:   # a compile error (first call, eager warm-up): the two-launch path from now on
+            _triton_failed("rope_kv", err)
+            q, k = rotary(positions, q, k)
+            o = self.attend(q, k, v.contiguous())
+        out = self.o_proj(o.reshape(-1, self.q_size))
+        return out if self.tp is None or self.tp.defers(out) else self.tp.all_reduce(out)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not all(self._kv_scale_set) and not get_context().decode_only and not _capturing(q):
             self._calibrate(k, v)
         return paged_attention_fp8(q, k, v, self.k_cache, self.v_cache, self.scale,
                                    self.kv_scales[0:1], self.kv_scales[1:2])
+
+
+def fused_rope_kv_fp8_on() -> bool:
+    """LORASERVE_FP8_FUSED_ROPE_KV=0: RoPE and the e4m3 K/V store as two launches (apply_rope, store_kv_fp8)."""
+    return os.environ.get("LORASERVE_FP8_FUSED_ROPE_KV", "1").strip() != "0"
 
 
 def _capturing(x: torch.Tensor) -> bool:

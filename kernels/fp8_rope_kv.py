@@ -1,0 +1,117 @@
+"""RoPE on q and k, and the step's K/V quantized into an FP8 (e4m3) paged KV cache, in one launch.
+
+    Semantics, for token t with p = positions[t], s = slot_mapping[t]:
+        q_out[t]                     = rope(q[t], p)                                      (q's dtype)
+        k_cache.view(-1, KVH, D)[s]  = e4m3(clamp(dtype(rope(k[t], p)) / k_scale, -448, 448))
+        v_cache.view(-1, KVH, D)[s]  = e4m3(clamp(v[t] / v_scale, -448, 448))
+    q [T, H, D], k / v [T, KVH, D] bf16/fp16/fp32 (token and head strides free: views of the fused qkv; last dim
+    contiguous); k_cache / v_cache [num_blocks, BS, KVH, D] float8_e4m3fn contiguous; slot_mapping, positions [T];
+    cos_sin_cache [P, D] fp32 (kernels/rope.py); k_scale, v_scale [1] fp32 on the device (read at run time, so a
+    CUDA graph captured before calibration writes with the calibrated scales).
+
+The FP8 cache's form of kernels/rope.py rope_store_kv (the bf16 engine's fused decode op): it replaces
+apply_rope + store_kv_fp8 (two launches per layer, neither a programmatic dependent). The rotated k is rounded
+to k's dtype before the division, as the two-launch path rounds it when apply_rope writes it back, so both
+write the same codes (division div_rn and round-to-nearest-even cast, as torch and kernels/kv_store.py).
+vLLM does the same in one op (rotary_embedding, then reshape_and_cache_flash with kv_cache_dtype="fp8",
+fused in its FlashInfer path).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+from .pdl import pdl_kwargs
+
+FP8_MAX = 448.0
+
+if HAS_TRITON:
+    from .rope import _rope_one
+
+    @triton.jit
+    def _quant_store(vals, scale, dst_ptrs, ok):
+        # vals: [BLOCK_KVH, HALF_P2] fp32 -> e4m3 codes of vals / scale, saturating at +-448 (e4m3's max)
+        codes = tl.minimum(tl.maximum(tl.math.div_rn(vals, scale), -448.0), 448.0)
+        tl.store(dst_ptrs, codes.to(dst_ptrs.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rope_store_kv_fp8_kernel(pos_ptr, cache_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, k_cache_ptr,
+                                  v_cache_ptr, k_scale_ptr, v_scale_ptr, H, KVH, stride_qt, stride_qh, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_c, num_positions,
+                                  HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+                                  BLOCK_KVH: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: q, k, v, positions, slots and the scales come from the kernels before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        t = tl.program_id(0).to(tl.int64)
+        p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        cols = tl.arange(0, HALF_P2)
+        c = tl.load(cache_ptr + p * stride_c + cols, mask=cols < HALF, other=0.0)
+        s = tl.load(cache_ptr + p * stride_c + HALF + cols, mask=cols < HALF, other=0.0)
+        _rope_one(q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, H, c, s, HALF, HALF_P2, BLOCK_H)
+        heads = tl.arange(0, BLOCK_KVH)
+        ok = (heads < KVH)[:, None] & (cols < HALF)[None, :]
+        # this token's cache row: [KVH, D] contiguous at slot * KVH * D (the cache's layout)
+        dst = slot * (KVH * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+        k_row = k_ptr + t * stride_kt + heads[:, None] * stride_kh + cols[None, :]
+        k1 = tl.load(k_row, mask=ok, other=0.0)
+        k2 = tl.load(k_row + HALF, mask=ok, other=0.0)
+        f1, f2 = k1.to(tl.float32), k2.to(tl.float32)
+        # rounded to k's dtype first: the codes the two-launch path (apply_rope, then store_kv_fp8) writes
+        r1 = (f1 * c[None, :] - f2 * s[None, :]).to(k1.dtype).to(tl.float32)
+        r2 = (f2 * c[None, :] + f1 * s[None, :]).to(k1.dtype).to(tl.float32)
+        k_scale = tl.load(k_scale_ptr)
+        _quant_store(r1, k_scale, k_cache_ptr + dst, ok)
+        _quant_store(r2, k_scale, k_cache_ptr + dst + HALF, ok)
+        v_row = v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :]
+        v_scale = tl.load(v_scale_ptr)
+        _quant_store(tl.load(v_row, mask=ok, other=0.0).to(tl.float32), v_scale, v_cache_ptr + dst, ok)
+        _quant_store(tl.load(v_row + HALF, mask=ok, other=0.0).to(tl.float32), v_scale, v_cache_ptr + dst + HALF, ok)
+
+
+def rope_store_kv_fp8_ref(positions: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor,
+                          k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k_scale: Tensor | float,
+                          v_scale: Tensor | float) -> Tensor:
+    """Reference: RoPE (kernels/rope.py apply_rope_ref), then the torch FP8 store (kernels/kv_store.py's ref)."""
+    from .kv_store import store_kv_fp8_ref
+    from .rope import apply_rope_ref
+
+    q_rot, k_rot = apply_rope_ref(positions, q, k, cos_sin_cache)
+    store_kv_fp8_ref(k_rot, v, k_cache, v_cache, slot_mapping.long(), k_scale, v_scale)
+    return q_rot
+
+
+def rope_store_kv_fp8(positions: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor, k_cache: Tensor,
+                      v_cache: Tensor, slot_mapping: Tensor, k_scale: Tensor, v_scale: Tensor,
+                      q_out: Tensor | None = None) -> Tensor:
+    """See the module docstring. Writes k_cache / v_cache in place, returns q_out (a fresh contiguous [T, H, D]
+    unless given). One launch, no host sync (graph-safe); a programmatic dependent launch where kernels/pdl.py
+    allows it."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: use rope_store_kv_fp8_ref")
+    T, H, D = q.shape
+    KVH = k.shape[1]
+    q_out = torch.empty((T, H, D), dtype=q.dtype, device=q.device) if q_out is None else q_out
+    assert k.shape == (T, KVH, D) and v.shape == (T, KVH, D) and q_out.shape == q.shape, (q.shape, k.shape, v.shape)
+    assert D % 2 == 0, f"head_dim must be even, got D={D}"
+    assert k_cache.shape[2:] == (KVH, D) and v_cache.shape == k_cache.shape, (k_cache.shape, k.shape)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
+    assert k_cache.dtype == v_cache.dtype == torch.float8_e4m3fn, k_cache.dtype
+    assert q.dtype == k.dtype == v.dtype == q_out.dtype, (q.dtype, k.dtype, v.dtype)
+    for scale in (k_scale, v_scale):
+        assert scale.numel() == 1 and scale.dtype == torch.float32 and scale.device == q.device, scale
+    assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == D and cos_sin_cache.dtype == torch.float32 \
+        and cos_sin_cache.stride(1) == 1, f"cos_sin_cache must be fp32 [P, {D}]"
+    assert all(x.stride(-1) == 1 for x in (q, k, v, q_out)), "last dim must be contiguous"
+    assert positions.shape == (T,) and slot_mapping.shape == (T,), (positions.shape, slot_mapping.shape)
+    if T == 0:
+        return q_out
+    _rope_store_kv_fp8_kernel[(T,)](
+        positions, cos_sin_cache, slot_mapping, q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, H, KVH,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
+        q_out.stride(1), cos_sin_cache.stride(0), cos_sin_cache.shape[0], HALF=D // 2,
+        HALF_P2=triton.next_power_of_2(D // 2), BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_KVH=triton.next_power_of_2(KVH), num_warps=4, **pdl_kwargs(q.device))
+    return q_out

@@ -124,6 +124,7 @@ class MixedGraphRunner:
         self.num_lora_replays = 0
         self.lora_manager = lora_manager if lora_manager is not None and lora_mixed_graphs_enabled() else None
         self.lora_failed = False
+        self.use_lora = True   # False: steps with adapter rows run eagerly (benchmarks compare both in one engine)
         if self.lora_manager is not None:
             from loraserve.kernels import LoRAMetaBuilder
 
@@ -198,7 +199,7 @@ class MixedGraphRunner:
         if self.failed:
             return None
         lora = bool(getattr(inp, "has_lora", False))
-        if lora and (self.lora_manager is None or self.lora_failed):
+        if lora and (self.lora_manager is None or self.lora_failed or not self.use_lora):
             return None
         graphs = self.lora_graphs if lora else self.graphs
         n, b = inp.input_ids.shape[0], len(query_lens)

@@ -1,0 +1,197 @@
+"""Resident-adapter speed (issue 12 / issue 10): where a LoRA step's time goes, and the mixed-step LoRA graphs.
+
+One engine (8B shape unless --tiny), adapters already resident on the GPU:
+
+  1. first token of a one-token request (64-token fresh prompt): no adapter, a resident rank-16 adapter on all
+     seven modules with the mixed-step LoRA graphs (mixed_graphs.py), and the same with LoRA steps eager
+     (MixedGraphRunner.use_lora = False: the path before the LoRA graphs);
+  2. --profile: torch.profiler over one such request, eager and graphed: host wall, device kernel time, kernel
+     launches, the top host ops (where the eager step's ~80 ms on 32 layers went);
+  3. closed loop as bench_churn's resident phase (32 adapters of rank 8-64 on q_proj+v_proj, fresh prompts,
+     uniform over the adapters) vs the same load without adapters, LoRA graphs on and off
+     -> resident32_vs_base_tok_s (bench_churn's key; target >= 0.9).
+
+    python3 benchmarks/bench_lora_resident.py --layers 8 --profile --json /tmp/resident.json   # GPU
+    python3 benchmarks/bench_lora_resident.py --tiny                                            # CPU flow check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.bench_churn import (ALL_MODULES, CHURN_MODULES, FreshPrompts, make_requests, make_resident,  # noqa: E402
+                                    random_adapter, run_closed_loop, time_first_token)
+
+
+def add_adapter(engine, int_id: int, modules, rank: int, seed: int) -> None:
+    from loraserve import LoRARequest
+
+    adapter = random_adapter(engine.args.lora_module_shapes(), modules, engine.args.num_hidden_layers, rank, seed,
+                             engine.device, engine.dtype)
+    engine.lora_manager.add_adapter(adapter, LoRARequest(f"res-{int_id}", int_id)).release()
+
+
+def lora_graphs(engine, on: bool) -> None:
+    mixed = engine.runner.mixed_graphs
+    if mixed is not None:
+        mixed.use_lora = on
+
+
+def ttft_ms(engine, prompts, lora, n: int) -> float:
+    from loraserve import LoRARequest
+
+    req = None if lora is None else LoRARequest(f"res-{lora}", lora)
+    time_first_token(engine, prompts(64), req)   # warm-up: any capture or compile of this path
+    return 1e3 * statistics.median(time_first_token(engine, prompts(64), req) for _ in range(n))
+
+
+def profile_request(engine, prompts, lora: int, tag: str, rows: int) -> dict:
+    """One one-token request under torch.profiler: host wall, device kernel time and launches, top host ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import LoRARequest
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        wall = time_first_token(engine, prompts(64), LoRARequest(f"res-{lora}", lora))
+    events = prof.key_averages()
+    dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                        "cudaLaunchKernelExC"))
+    graph_replays = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    print(f"  profile [{tag}]: wall {wall * 1e3:.1f} ms (profiled), device kernels {dev_us / 1e3:.2f} ms, "
+          f"{launches} kernel launches, {graph_replays} graph launches")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    return {"wall_ms": wall * 1e3, "device_kernel_ms": dev_us / 1e3, "launches": launches,
+            "graph_launches": graph_replays}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (a check of the flow)")
+    ap.add_argument("--model", help="an existing checkpoint dir (default: build one)")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the 8B-shaped checkpoint built")
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--requests", type=int, help="requests per closed-loop run (128; tiny 16)")
+    ap.add_argument("--concurrency", type=int, help="(64; tiny 8)")
+    ap.add_argument("--input-len", type=int, help="(256; tiny 24)")
+    ap.add_argument("--output-len", type=int, help="(64; tiny 8)")
+    ap.add_argument("--ttft-repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-rows", type=int, default=14)
+    ap.add_argument("--skip-loop", action="store_true", help="only the one-token figures")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    tiny = args.tiny
+    device, dtype = ("cpu", "float32") if tiny else ("cuda", "bfloat16")
+    n_req, conc = args.requests or (16 if tiny else 128), args.concurrency or (8 if tiny else 64)
+    in_len, out_len = args.input_len or (24 if tiny else 256), args.output_len or (8 if tiny else 64)
+
+    from loraserve import LLM, LoraConfig
+
+    t0 = time.perf_counter()
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = os.path.join(tempfile.mkdtemp(prefix="bench-resident-"), "model")
+        if tiny:
+            from tests.inference.conftest import make_random_model
+            make_random_model(model_dir, "llama")
+        else:
+            from benchmarks.bench_engine import build_checkpoint
+            build_checkpoint(model_dir, args.layers)
+        print(f"checkpoint built  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    t = time.perf_counter()
+    # as bench_churn's engine: max rank 64 (its 32 resident adapters are rank 8-64 on q_proj + v_proj); here all
+    # seven modules enabled, for the one-token adapter (rank 16 on all seven, as bench_churn's cold adapters)
+    llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=conc,
+              lora_config=LoraConfig(max_lora_rank=64, max_loras=args.adapters + 1, max_cpu_loras=args.adapters + 1,
+                                     lora_target_modules=list(ALL_MODULES)),
+              kv_cache_config={"free_gpu_memory_fraction": 0.5})
+    eng = llm.engine
+    ttft_id = args.adapters + 1
+    add_adapter(eng, ttft_id, ALL_MODULES, 16, 7_000)
+    ranks = [int(r) for r in np.random.default_rng(1).choice([8, 16, 32, 64], size=args.adapters)]
+    for i, r in enumerate(ranks):
+        add_adapter(eng, i + 1, CHURN_MODULES, r, 100_000 + i)
+    make_resident(eng, list(range(1, args.adapters + 2)))
+    mixed = eng.runner.mixed_graphs
+    print(f"engine + {args.adapters + 1} resident adapters  [{time.perf_counter() - t:.0f} s]; mixed graphs "
+          f"{'on' if mixed is not None else 'off'}, LoRA in them {'on' if mixed is not None and mixed.lora_manager else 'off'}",
+          flush=True)
+    out: dict = {"meta": dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                              layers=eng.args.num_hidden_layers, adapters=args.adapters, requests=n_req,
+                              concurrency=conc, input_len=in_len, output_len=out_len, command=" ".join(sys.argv))}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    # 1) one-token requests
+    prompts = FreshPrompts(eng.args.vocab_size, 4242)
+    t = time.perf_counter()
+    base = ttft_ms(eng, prompts, None, args.ttft_repeats)
+    lora_graphs(eng, True)
+    graphed = ttft_ms(eng, prompts, ttft_id, args.ttft_repeats)
+    lora_graphs(eng, False)
+    eager = ttft_ms(eng, prompts, ttft_id, args.ttft_repeats)
+    lora_graphs(eng, True)
+    out["ttft_ms"] = dict(base=base, lora_graphed=graphed, lora_eager=eager)
+    print(f"one-token request, 64-token prompt (median of {args.ttft_repeats}): no adapter {base:.2f} ms; resident "
+          f"rank-16 adapter on 7 modules: LoRA graphs {graphed:.2f} ms, eager {eager:.2f} ms  "
+          f"[{time.perf_counter() - t:.0f} s]", flush=True)
+    save()
+
+    # 2) where the time goes
+    if args.profile:
+        lora_graphs(eng, False)
+        out["profile_eager"] = profile_request(eng, prompts, ttft_id, "LoRA eager", args.profile_rows)
+        lora_graphs(eng, True)
+        out["profile_graphed"] = profile_request(eng, prompts, ttft_id, "LoRA graphs", args.profile_rows)
+        save()
+    if args.skip_loop:
+        llm.shutdown()
+        return 0
+
+    # 3) closed loop: 32 resident adapters vs none, LoRA graphs on / off; fresh prompts every run
+    vocab = eng.args.vocab_size
+    ids = [1 + (k % args.adapters) for k in range(n_req)]
+    t = time.perf_counter()
+    for tag, a in (("warm-base", [None] * n_req), ("warm-lora", ids)):   # first-use captures/compiles of both paths
+        run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, hash(tag) % 1000), conc, tag)
+    print(f"warm-up  [{time.perf_counter() - t:.0f} s]", flush=True)
+    runs = {}
+    for k, (tag, a, on) in enumerate((("lora_graphs", ids, True), ("base", [None] * n_req, True),
+                                      ("lora_eager_mixed", ids, False))):
+        lora_graphs(eng, on)
+        t = time.perf_counter()
+        runs[tag] = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 2_000 + k), conc, tag)
+        print(f"  {tag}: {runs[tag]['tok_s']:.0f} tok/s, TTFT p50 {runs[tag]['ttft_p50_s'] * 1e3:.0f} ms  "
+              f"[{time.perf_counter() - t:.1f} s]", flush=True)
+    lora_graphs(eng, True)
+    out["closed_loop"] = runs
+    out["resident32_vs_base_tok_s"] = runs["lora_graphs"]["tok_s"] / runs["base"]["tok_s"]
+    out["resident32_vs_base_tok_s_eager_mixed"] = runs["lora_eager_mixed"]["tok_s"] / runs["base"]["tok_s"]
+    if mixed is not None:
+        out["mixed_graphs"] = dict(graphs=len(mixed.graphs), lora_graphs=len(mixed.lora_graphs),
+                                   replays=mixed.num_replays, lora_replays=mixed.num_lora_replays,
+                                   lora_failed=mixed.lora_failed)
+        print(f"  mixed graphs: {out['mixed_graphs']}")
+    print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs, "
+          f"{out['resident32_vs_base_tok_s_eager_mixed']:.3f} with LoRA mixed steps eager  (target >= 0.9)")
+    save()
+    llm.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

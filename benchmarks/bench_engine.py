@@ -75,6 +75,24 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
 
 
+def checkpoint_dir(layers: int, shape: dict = LLAMA3_8B, prefix: str = "llama8b-") -> str:
+    """A fresh directory for the random checkpoint: in /dev/shm (RAM) when it has room for it with a
+    margin (a fresh GPU machine wrote the 16 GB 8B checkpoint to disk in 41.6 s, inside the benchmark's
+    time limit), else the default temp dir. The caller removes it."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    need = 2 * (layers * per_layer + 2 * 128256 * h)   # bf16 bytes
+    try:
+        import shutil
+
+        if shutil.disk_usage("/dev/shm").free > 2 * need + (8 << 30):
+            return tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
+    except OSError:
+        pass
+    return tempfile.mkdtemp(prefix=prefix)
+
+
 def build_checkpoint(path: str, layers: int, shape: dict = LLAMA3_8B) -> None:
     """A Llama-3-shaped checkpoint (8B by default) with random bf16 weights, built on the GPU."""
     import transformers
@@ -171,15 +189,21 @@ def time_engine_decode(engine, prompts: Prompts, batch: int, prompt_len: int, st
     return run_decode(engine, prompts.make(batch, prompt_len), steps, loras, tag=f"d{batch}")
 
 
-def prefill_run(engine, prompts: Prompts, batch: int, prompt_len: int, tag: str, trace: bool = True):
+def prefill_run(engine, prompts: Prompts, batch: int, prompt_len: int, tag: str, trace: bool = True,
+                marks: dict | None = None):
     """One timed prefill of `batch` fresh prompts (one sampled token each) -> (seconds, the step
-    trace or None: per step, host time to the launch and device time from CUDA events)."""
+    trace or None: per step, host time to the launch and device time from CUDA events).
+    marks (a dict, CUDA): gets "t0_event", a CUDA event recorded on the idle device when the clock
+    starts, so that the trace's events can be placed on the same time line (host gaps at the ends)."""
     from loraserve import SamplingParams
 
     for i, ids in enumerate(prompts.make(batch, prompt_len)):
         engine.add_request(f"p{tag}-{i}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     engine.step_trace = [] if trace else None
     sync(engine)
+    if marks is not None and engine.device.type == "cuda":
+        marks["t0_event"] = torch.cuda.Event(enable_timing=True)
+        marks["t0_event"].record()
     t = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
@@ -189,21 +213,61 @@ def prefill_run(engine, prompts: Prompts, batch: int, prompt_len: int, tag: str,
     return dt, rec
 
 
-def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int) -> dict:
+class GcWatch:
+    """Python garbage collections (count, seconds) between start() and stop(), via gc.callbacks: a
+    full collection of a process holding a model's worth of objects is a multi-millisecond host stall."""
+
+    def __init__(self):
+        self.count, self.seconds, self._t = 0, 0.0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._t
+            self._t = None
+
+    def start(self) -> "GcWatch":
+        gc.callbacks.append(self)
+        return self
+
+    def stop(self) -> "GcWatch":
+        gc.callbacks.remove(self)
+        return self
+
+
+def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int, repeats: int = 3) -> dict:
+    """Median of `repeats` timed prefills of fresh prompts, after two warm-up ones. Per run, where the
+    wall time goes: host time before the device starts (scheduling, input building), device time of
+    the launched steps (CUDA events), and the tail after the device finished (fetch, post-processing)."""
     def once(tag):
         hits0 = reused_blocks(engine)
-        dt, trace = prefill_run(engine, prompts, batch, prompt_len, tag)
+        marks, watch = {}, GcWatch().start()
+        try:
+            dt, trace = prefill_run(engine, prompts, batch, prompt_len, tag, marks=marks)
+        finally:
+            watch.stop()
         launched = [r for r in trace if r.events]
         host = sum(r.launched_at - r.start for r in launched)
         device = sum(r.events[0].elapsed_time(r.events[1]) / 1e3 for r in launched)
-        return dt, reused_blocks(engine) - hits0, host, device, len(trace)
+        ends = {"gc_count": watch.count, "gc_ms": watch.seconds * 1e3,
+                "steps": [(r.kind, r.done_kind, round((r.launched_at - r.start) * 1e3, 2),
+                           round((r.end - r.start) * 1e3, 2), round(r.wait_s * 1e3, 2)) for r in trace]}
+        t0 = marks.get("t0_event")
+        if t0 is not None and launched:
+            ends["gap_before_ms"] = t0.elapsed_time(launched[0].events[0])     # host work before the first launch
+            ends["tail_ms"] = dt * 1e3 - t0.elapsed_time(launched[-1].events[1])  # after the device finished
+        print(f"  prefill {tag}: {dt * 1e3:.2f} ms = device {device * 1e3:.2f} + ends {ends}", flush=True)
+        return dt, reused_blocks(engine) - hits0, host, device, len(trace), ends
 
     once("warm0")
     once("warm1")
-    times = [once(f"run{i}") for i in range(3)]
-    dt, _, host, device, steps = sorted(times)[1]  # median of 3, each on fresh prompts
+    times = sorted((once(f"run{i}") for i in range(repeats)), key=lambda r: r[0])
+    dt, _, host, device, steps, ends = times[len(times) // 2]  # median, each on fresh prompts
     return {"tok_s": batch * prompt_len / dt, "s": dt, "prefix_hits": sum(r[1] for r in times),
-            "host_launch_s": host, "device_s": device, "steps": steps}
+            "host_launch_s": host, "device_s": device, "steps": steps,
+            "gap_before_ms": ends.get("gap_before_ms"), "tail_ms": ends.get("tail_ms"), "gc_ms": ends["gc_ms"]}
 
 
 def prefill_flops(args, batch: int, prompt_len: int) -> float:
@@ -336,14 +400,16 @@ def profile_decode(engine, prompts: Prompts, path: str, loras=None, batch: int =
 
 
 class _Printing(dict):
-    """Prints each result as soon as it is measured, and rewrites the JSON file (if any): a run cut short
-    still reports what it measured."""
+    """Prints each result as soon as it is measured (with the seconds since the start: where a time limit
+    goes), and rewrites the JSON file (if any): a run cut short still reports what it measured."""
 
     path: str | None = None
+    t0 = time.perf_counter()
 
     def __setitem__(self, k, v):
         super().__setitem__(k, v)
-        print(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}", flush=True)
+        at = f"[{time.perf_counter() - self.t0:6.1f}s]"
+        print(f"{k:40s} {v:.4f} {at}" if isinstance(v, float) else f"{k:40s} {v} {at}", flush=True)
         if self.path:
             with open(self.path, "w") as f:
                 json.dump(self, f, indent=2)
@@ -353,19 +419,30 @@ class _Printing(dict):
             self[k] = v
 
 
+SECTIONS = ("decode", "prefill", "lora")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prefill-batch", type=int, default=8)
+    ap.add_argument("--prefill-repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-lora", action="store_true")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (enforce_eager): a prefill-only run "
+                    "starts faster; decode figures then are not the serving path's")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="write torch.profiler tables to this directory")
+    ap.add_argument("--profile-after-s", type=float, default=None,
+                    help="skip the profiles when this many seconds have passed (a time-limited run keeps its figures)")
     ap.add_argument("--hf-prefill-only", action="store_true", help="HF: the prefill figure only (no decode runs)")
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script: a tiny random Llama, fp32")
     a = ap.parse_args()
+    sections = set(a.sections.split(","))
+    assert sections <= set(SECTIONS), f"--sections: {sections - set(SECTIONS)} not in {SECTIONS}"
     from loraserve import LoraConfig, LoRARequest
     from loraserve.config import engine_config_from_kwargs
     from loraserve.inference.engine import LLMEngine
@@ -382,25 +459,44 @@ def main() -> int:
     peak = 1e12 if a.tiny else gemm_peak()
     res["bf16_gemm_peak_TFLOPs"] = peak / 1e12
     prompts = Prompts()
-    path = tempfile.mkdtemp(prefix="llama8b-")
-    t = time.perf_counter()
-    if a.tiny:   # ids up to 100000 (Prompts), 1024-token prompts
-        from tests.inference.conftest import make_random_model
+    path = tempfile.mkdtemp(prefix="llama8b-") if a.tiny else checkpoint_dir(a.layers)
+    try:
+        t = time.perf_counter()
+        if a.tiny:   # ids up to 100000 (Prompts), 1024-token prompts
+            from tests.inference.conftest import make_random_model
 
-        make_random_model(path, "llama", vocab_size=100352, max_position_embeddings=4096, num_hidden_layers=a.layers)
-    else:
-        build_checkpoint(path, a.layers)
-    res["checkpoint_build_s"] = time.perf_counter() - t
-    if not a.skip_hf:
-        res.update(time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch, decode=not a.hf_prefill_only,
-                           device=dev))
-    cfg = engine_config_from_kwargs(path, dtype="float32" if a.tiny else "bfloat16", device=dev, max_num_tokens=8192, max_batch_size=256,
-                                    lora_config=None if a.skip_lora else LoraConfig(max_lora_rank=16, max_loras=32,
-                                                                                     max_cpu_loras=32),
-                                    kv_cache_config={"free_gpu_memory_fraction": 0.5})
-    engine = LLMEngine(cfg)
+            make_random_model(path, "llama", vocab_size=100352, max_position_embeddings=4096,
+                              num_hidden_layers=a.layers)
+        else:
+            build_checkpoint(path, a.layers)
+        res["checkpoint_dir"] = os.path.dirname(path)
+        res["checkpoint_build_s"] = time.perf_counter() - t
+        if not a.skip_hf and "prefill" in sections:
+            res.update(time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch,
+                               decode=not a.hf_prefill_only and "decode" in sections, device=dev))
+        lora = not a.skip_lora and "lora" in sections
+        t = time.perf_counter()
+        cfg = engine_config_from_kwargs(path, dtype="float32" if a.tiny else "bfloat16", device=dev,
+                                        max_num_tokens=8192, max_batch_size=256, enforce_eager=a.eager,
+                                        lora_config=LoraConfig(max_lora_rank=16, max_loras=32, max_cpu_loras=32)
+                                        if lora else None,
+                                        kv_cache_config={"free_gpu_memory_fraction": 0.5})
+        engine = LLMEngine(cfg)
+        res["engine_start_s"] = time.perf_counter() - t    # weights, KV cache, CUDA-graph capture (compiles)
+        measure(engine, a, res, sections, prompts, bw, peak, dev)
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    return 0
+
+
+def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: float, peak: float, dev: str) -> None:
+    """The engine's figures, in the order of the time they need (the LoRA decode last, then profiles)."""
+    from loraserve import LoRARequest
+
     hits = 0
-    for batch in (1, 64):
+    for batch in ((1, 64) if "decode" in sections else ()):
         r = time_engine_decode(engine, prompts, batch, a.prompt_len, a.steps)
         hits += r["prefix_hits"]
         res["timed_prefix_cache_hits"] = hits   # so far (a run cut short still says)
@@ -409,28 +505,34 @@ def main() -> int:
         limit = batch * bw / decode_step_bytes(engine, batch, r["mean_context"])
         res[f"roofline_decode_bs{batch}_tok_s"] = limit
         res[f"decode_bs{batch}_roofline_fraction"] = r["tok_s"] / limit
-    r = time_engine_prefill(engine, prompts, a.prefill_batch, 1024)
-    hits += r["prefix_hits"]
-    res["timed_prefix_cache_hits"] = hits
-    res["loraserve_prefill_tok_s"] = r["tok_s"]
-    flops = prefill_flops(engine.args, a.prefill_batch, 1024)
-    res["prefill_wall_ms"] = r["s"] * 1e3
-    res["prefill_device_ms"] = r["device_s"] * 1e3   # CUDA events around the launched steps
-    res["prefill_host_launch_ms"] = r["host_launch_s"] * 1e3
-    res["prefill_steps"] = r["steps"]
-    res["prefill_TFLOPs"] = flops / r["s"] / 1e12
-    res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
-    if "hf_prefill_tok_s" in res:
-        res["prefill_vs_hf"] = r["tok_s"] / res["hf_prefill_tok_s"]
-        for k in (("1", "64") if "hf_decode_bs1_tok_s" in res else ()):
-            res[f"speedup_vs_hf_decode_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"hf_decode_bs{k}_tok_s"]
-    if not a.skip_lora:
+    if "prefill" in sections:
+        r = time_engine_prefill(engine, prompts, a.prefill_batch, 1024, a.prefill_repeats)
+        hits += r["prefix_hits"]
+        res["timed_prefix_cache_hits"] = hits
+        res["loraserve_prefill_tok_s"] = r["tok_s"]
+        flops = prefill_flops(engine.args, a.prefill_batch, 1024)
+        res["prefill_wall_ms"] = r["s"] * 1e3
+        res["prefill_device_ms"] = r["device_s"] * 1e3   # CUDA events around the launched steps
+        res["prefill_host_launch_ms"] = r["host_launch_s"] * 1e3
+        for k in ("gap_before_ms", "tail_ms", "gc_ms"):    # the wall's host parts (see time_engine_prefill)
+            if r[k] is not None:
+                res[f"prefill_{k}"] = r[k]
+        res["prefill_steps"] = r["steps"]
+        res["prefill_TFLOPs"] = flops / r["s"] / 1e12
+        res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
+        if "hf_prefill_tok_s" in res:
+            res["prefill_vs_hf"] = r["tok_s"] / res["hf_prefill_tok_s"]
+    for k in (("1", "64") if "hf_decode_bs1_tok_s" in res and "decode" in sections else ()):
+        res[f"speedup_vs_hf_decode_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"hf_decode_bs{k}_tok_s"]
+    reqs = None
+    if engine.lora_manager is not None and "lora" in sections:
         lm = engine.lora_manager
         reqs = []
         for i, ad in enumerate(random_adapters(engine.args, 32, 16, engine.dtype, device=dev)):
             req = LoRARequest(f"bench-{i}", i, "")
             lm.release(lm.add_adapter(ad, req))
             reqs.append(req)
+        res["lora_adapters_ready_s"] = time.perf_counter() - res.t0
         with_lora = time_engine_decode(engine, prompts, 64, a.prompt_len, a.steps, reqs)
         without = time_engine_decode(engine, prompts, 64, a.prompt_len, a.steps)
         hits += with_lora["prefix_hits"] + without["prefix_hits"]
@@ -438,12 +540,11 @@ def main() -> int:
         res["loraserve_decode_bs64_nolora_tok_s"] = without["tok_s"]
         res["lora32_vs_nolora_decode"] = with_lora["tok_s"] / without["tok_s"]
     res["timed_prefix_cache_hits"] = hits
-    if a.json:   # before the profiles: a profile that fails must not lose the figures
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
-    if a.profile and not a.tiny:
-        profile_steps(engine, prompts, a.profile, None if a.skip_lora else reqs)
-    return 0
+    late = a.profile_after_s is not None and time.perf_counter() - res.t0 > a.profile_after_s
+    if a.profile and not a.tiny and not late:
+        profile_steps(engine, prompts, a.profile, reqs)
+    elif a.profile and late:
+        print(f"profiles skipped: {time.perf_counter() - res.t0:.0f} s > --profile-after-s {a.profile_after_s}")
 
 
 if __name__ == "__main__":

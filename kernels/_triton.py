@@ -33,3 +33,13 @@ def triton_available() -> bool:
 def interpret_mode() -> bool:
     """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return HAS_TRITON and _INTERPRET
+
+
+def no_specialize(*names: str) -> list[str]:
+    """Arguments for ``triton.jit(do_not_specialize=...)``: integer arguments whose value changes between
+    launches (token and sequence counts, table widths). Triton otherwise compiles a variant per value class
+    (== 1, multiple of 16, other), so a serving process meets a new class, and a compile, long after its
+    warm-up. LORASERVE_TRITON_SPECIALIZE=1 restores Triton's default (to measure what the hints were worth)."""
+    if os.environ.get("LORASERVE_TRITON_SPECIALIZE", "0").strip().lower() in {"1", "true", "yes", "on"}:
+        return []
+    return list(names)

@@ -35,10 +35,17 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, no_specialize, tl, triton
 from .pdl import pdl_kwargs
 
 LOG2E = 1.4426950408889634
+# Integer arguments that change from step to step (sequence and token counts, the block table's width,
+# the split count) are not specialised (Triton would compile a variant for == 1 and for multiples of 16,
+# so a step with a new count class compiled mid-serving: 1.94 s for a 7759-token prefill in the e2e run).
+# They index metadata and partials, never a vectorised K/V load, so the hints bought nothing there.
+# Compiled variants left: one per (BLOCK_M in 16/32/64 from max_query_len, SPLIT_KV, dtype, FP8_KV, PDL)
+# and the merge's S_PAD (2..64, powers of two). LORASERVE_TRITON_SPECIALIZE=1: Triton's default again.
+NO_SPECIALIZE = no_specialize("num_seqs", "num_tokens", "num_splits", "stride_tb")
 
 if HAS_TRITON:
 
@@ -105,15 +112,15 @@ if HAS_TRITON:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=NO_SPECIALIZE)
     def _unified_attention_kernel(
             q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-            k_scale_ptr, v_scale_ptr, scale_log2, num_seqs, num_tokens,
+            k_scale_ptr, v_scale_ptr, scale_log2, num_seqs, num_tokens, num_splits,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_tb, stride_ot, stride_oh,
             H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
             TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-            NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
+            SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
             USE_PDL: tl.constexpr = False):
         if USE_PDL:   # kernels/pdl.py: every program waits (spare tiles too), before reading q / K / V
             tl.extra.cuda.gdc_launch_dependents()
@@ -147,11 +154,11 @@ if HAS_TRITON:
         # keys [0, kv_limit) are visible to at least one row of this tile
         kv_limit = tl.minimum(seq_len, ctx_before + tl.minimum(local * BLOCK_Q + BLOCK_Q, q_len))
         num_tiles = tl.cdiv(kv_limit, TILE_N)
-        if NUM_SPLITS == 1:
+        if not SPLIT_KV:
             t_lo = 0
             t_hi = num_tiles
         else:
-            per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+            per_split = tl.cdiv(num_tiles, num_splits)
             t_lo = split * per_split
             t_hi = tl.minimum(t_lo + per_split, num_tiles)
 
@@ -175,23 +182,23 @@ if HAS_TRITON:
         if FP8_KV:  # sum_j p_j (v_code_j * v_scale) = v_scale * acc (before the merge: partials stay comparable)
             acc = acc * tl.load(v_scale_ptr).to(tl.float32)
 
-        if NUM_SPLITS == 1:
+        if not SPLIT_KV:
             out = acc / l_i[:, None]
             tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         else:
-            # partials: acc [NUM_SPLITS, N, H, D_PAD], (max, sum) [2, NUM_SPLITS, N, H], fp32, contiguous
+            # partials: acc [num_splits, N, H, D_PAD], (max, sum) [2, num_splits, N, H], fp32, contiguous
             row = (split * num_tokens + tok) * H + head  # (BLOCK_M,) int64
             # a split past the keys (short contexts under a split count fixed at graph capture) writes only its
             # (max = -inf, sum = 0): the merge then skips its accumulator (an 8 KB store and load saved per program)
             tl.store(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=(row_ok & ((q_row * 0 + t_lo) < t_hi))[:, None])
             tl.store(part_ml_ptr + row, m_i, mask=row_ok)
-            tl.store(part_ml_ptr + NUM_SPLITS * num_tokens * H + row, l_i, mask=row_ok)
+            tl.store(part_ml_ptr + num_splits * num_tokens * H + row, l_i, mask=row_ok)
 
-    @triton.jit
-    def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, stride_ot, stride_oh,
+    @triton.jit(do_not_specialize=NO_SPECIALIZE)
+    def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_splits, stride_ot, stride_oh,
                              H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                             NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+                             S_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
         if USE_PDL:   # kernels/pdl.py: every input comes from the kernels before us
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -199,10 +206,10 @@ if HAS_TRITON:
         h = tl.program_id(1)
         offs_s = tl.arange(0, S_PAD)
         offs_d = tl.arange(0, D_PAD)
-        s_ok = offs_s < NUM_SPLITS
+        s_ok = offs_s < num_splits
         row = (offs_s * num_tokens + t) * H + h          # (S_PAD,)
         m = tl.load(part_ml_ptr + row, mask=s_ok, other=float("-inf"))
-        l = tl.load(part_ml_ptr + NUM_SPLITS * num_tokens * H + row, mask=s_ok, other=0.0)
+        l = tl.load(part_ml_ptr + num_splits * num_tokens * H + row, mask=s_ok, other=0.0)
         m_max = tl.max(m, 0)                             # finite: split 0 always holds key 0
         w = tl.math.exp2(m - m_max)                      # (S_PAD,), 0 for empty splits
         # splits that saw no key (m = -inf) wrote no accumulator: weight 0, not read
@@ -325,11 +332,11 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         part_acc = part_ml = out  # unused
     _unified_attention_kernel[(num_tiles, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
-        k_scale, v_scale, scale * LOG2E, B, N,
+        k_scale, v_scale, scale * LOG2E, B, N, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, NUM_SPLITS=num_splits,
+        H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, SPLIT_KV=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg, **pdl_kwargs(q.device))
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)
@@ -375,8 +382,8 @@ def merge_attention_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Te
     S, N, H, d_pad = part_acc.shape
     assert part_ml.shape == (2, S, N, H) and part_acc.is_contiguous() and part_ml.is_contiguous()
     assert out.shape[:2] == (N, H) and out.shape[2] <= d_pad and out.stride(-1) == 1
-    _merge_splits_kernel[(N, H)](part_acc, part_ml, out, N, out.stride(0), out.stride(1),
-                                 H=H, D=out.shape[2], D_PAD=d_pad, NUM_SPLITS=S,
+    _merge_splits_kernel[(N, H)](part_acc, part_ml, out, N, S, out.stride(0), out.stride(1),
+                                 H=H, D=out.shape[2], D_PAD=d_pad,
                                  S_PAD=max(2, triton.next_power_of_2(S)), num_warps=4, **pdl_kwargs(out.device))
     return out
 

@@ -175,13 +175,55 @@ def download_section(workdir: str, d: str, chunks: list[int], reps: int) -> None
         loop.close()
 
 
+def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int]], reps: int) -> list[dict]:
+    """AdapterFetcher.fetch (resolve + download + sha256, bytes kept in memory) from a registry process
+    on loopback, for each (parallel streams, range bytes); 1 stream = the single DownloadAdapter stream."""
+    from loraserve.inference import adapter_source, ranged_download
+    from loraserve.registry.client import RegistryClient
+
+    rows = []
+    with RegistryProcess(os.path.join(workdir, "sweep-registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            client.push(d, "diag", base_model="bench", chunk_size=1 << 20)
+        loop = asyncio.new_event_loop()
+        for streams, range_bytes in combos:
+            ranged_download.DOWNLOAD_STREAMS, ranged_download.RANGE_BYTES = streams, range_bytes
+            got = []
+            for k in range(reps + 1):  # the first: connection set-up and warm-up, not counted
+                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"sweep-{streams}-{range_bytes}-{k}"))
+                f = loop.run_until_complete(fetcher.fetch("diag", 1))
+                loop.run_until_complete(fetcher.close())
+                got.append((f.resolve_s, f.download_s))
+            got = got[1:]
+            best = min(dl for _, dl in got)
+            rows.append(dict(streams=streams, range_mib=range_bytes >> 20, download_s=[dl for _, dl in got],
+                             resolve_s=[r for r, _ in got]))
+            print(f"fetch {streams} stream(s) x {range_bytes >> 20} MiB ranges: resolve+download ms "
+                  + ", ".join(f"{r * 1e3:.0f}+{dl * 1e3:.0f}" for r, dl in got)
+                  + f"  ({os.path.getsize(os.path.join(d, 'adapter_model.safetensors')) / best / 1e9:.2f} GB/s best)",
+                  flush=True)
+        loop.close()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer runs (a check of the flow)")
     ap.add_argument("--no-download", action="store_true")
+    ap.add_argument("--fetch-sweep", action="store_true",
+                    help="only the fetch sweep over parallel ranged streams (streams x range MiB)")
+    ap.add_argument("--combos", default="1x8,2x8,4x8,4x4,8x4,8x2",
+                    help="--fetch-sweep: streams x range MiB, comma separated")
     a = ap.parse_args()
+    if a.fetch_sweep:
+        workdir = tempfile.mkdtemp(prefix="cold-diag-")
+        d, _, data, _ = make_artifact(workdir, a.layers)
+        print(f"fetch sweep: {len(data) / 1e6:.0f} MB tar ({a.layers} layers, rank 16, 7 modules)", flush=True)
+        combos = [(int(c.split("x")[0]), int(c.split("x")[1]) << 20) for c in a.combos.split(",")]
+        fetch_sweep(workdir, d, combos, 1 if a.quick else a.reps)
+        return 0
     reps = 1 if a.quick else a.reps
     print(env_report(), flush=True)
     workdir = tempfile.mkdtemp(prefix="cold-diag-")

@@ -25,6 +25,7 @@ from loraserve.registry.archive import ARTIFACT_SUFFIX  # the registry's own art
 from .errors import (DigestMismatchError, RegistryAccessError, RegistryAdapterNotFound,  # noqa: F401 - re-exported
                      RegistryRequestError, RegistryUnavailableError)
 from .lora.manager import TierStats
+from . import ranged_download
 
 log = logging.getLogger(__name__)
 # bytes per DownloadAdapter message asked for (the registry clamps it to its largest, 1 MiB by default;
@@ -96,6 +97,8 @@ class AdapterFetcher:
         self._refs: dict[tuple[str, str], tuple[_Resolved, float]] = {}  # (name, alias or "") -> (what, when)
         self._writing: dict[str, Chunks] = {}   # digest -> verified bytes whose disk copy is being written
         self._writes: dict[str, asyncio.Future] = {}  # digest -> that write
+        self._hasher = None  # one worker thread: a ranged download's sha256, in artifact order
+        self._ranges = ranged_download.registry_serves_ranges()  # False: stubs older than offset/length
 
     def _registry(self):
         if self.address is None:
@@ -126,6 +129,8 @@ class AdapterFetcher:
         await self.flush()
         if self._channel is not None:
             await self._channel.close()
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=False)
 
     def _translate(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
         code = exc.code()
@@ -258,8 +263,15 @@ class AdapterFetcher:
         from loraserve.v1 import registry_pb2 as pb
 
         self.stats.misses += 1
-        sha, size = hashlib.sha256(), 0
         in_memory = FETCH_IN_MEMORY and meta.artifact_type == "tar" and meta.size > 0
+        if (in_memory and self._ranges and ranged_download.DOWNLOAD_STREAMS > 1
+                and meta.size > ranged_download.RANGE_BYTES):
+            try:
+                return await self._download_ranges(meta, path)
+            except ranged_download.RangesUnsupported as exc:
+                log.warning("registry at %s does not serve byte ranges (%s): one stream from now on", self.address, exc)
+                self._ranges = False
+        sha, size = hashlib.sha256(), 0
         pieces: list[bytes] | None = [] if in_memory else None  # the messages' own bytes, kept as they are
         fd, tmp = (None, None) if in_memory else tempfile.mkstemp(dir=self.cache_dir, prefix=".part-")
         loop = asyncio.get_running_loop()
@@ -305,6 +317,32 @@ class AdapterFetcher:
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+
+    async def _download_ranges(self, meta, path: str) -> Chunks:
+        """_download of a plain tar as parallel byte ranges (ranged_download.py): verified, kept in
+        memory and returned; its disk copy is written on a thread meanwhile."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="loraserve-download-sha")
+        try:
+            pieces, got = await ranged_download.download_ranges(self._registry(), meta, self._metadata,
+                                                                self.timeout_s, DOWNLOAD_CHUNK, self._hasher)
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, f"download of {meta.name!r} v{meta.version}") from exc
+        except ConnectionError as exc:
+            raise RegistryUnavailableError(f"download of {meta.name!r} v{meta.version}: {exc}") from exc
+        size = sum(len(p) for p in pieces)
+        if got != meta.digest or size != meta.size:
+            raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes ({size}) hash to "
+                                      f"{got}, registry announced {meta.digest} ({meta.size} bytes)")
+        self.stats.bytes_loaded += size
+        data = self._writing[meta.digest] = Chunks(pieces)
+        loop = asyncio.get_running_loop()
+        task = loop.run_in_executor(None, _write_file, data, path, self.cache_dir)
+        self._writes[meta.digest] = task
+        task.add_done_callback(lambda t, d=meta.digest: self._wrote(d, t))
+        return data
 
     def _wrote(self, digest: str, task: asyncio.Future) -> None:
         self._writing.pop(digest, None)

@@ -24,3 +24,7 @@ class PermissionDenied(RegistryError):
 
 class FailedPrecondition(RegistryError):
     """The request is valid but the current state forbids it (-> FAILED_PRECONDITION)."""
+
+
+class OutOfRange(RegistryError):
+    """A byte range past the end of the artifact (-> OUT_OF_RANGE)."""

@@ -27,7 +27,8 @@ from loraserve.v1 import registry_pb2_grpc as pb_grpc
 from . import metrics
 from .auth import BearerAuthInterceptor
 from .config import RegistryConfig
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, RegistryError
+from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied,
+                     RegistryError)
 from .ingest import IncomingArtifact
 from .records import AdapterRecord, UploadMeta
 from .service import Aborted, RegistryService
@@ -45,6 +46,7 @@ _STATUS = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Aborted: grpc.StatusCode.ABORTED,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 
@@ -180,7 +182,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         call = _Observed("DownloadAdapter")
         try:
             record, chunks = await asyncio.to_thread(self.service.open_download, request.name, request.version,
-                                                     request.alias, request.chunk_size)
+                                                     request.alias, request.chunk_size, request.offset,
+                                                     request.length)
         except RegistryError as exc:
             call.failed(exc)
             call.done()

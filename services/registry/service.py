@@ -37,8 +37,8 @@ from loraserve.adapters.bundle import ArchiveLimits
 from . import db, queries
 from .archive import ARTIFACT_SUFFIX, ArchiveError, detect_artifact_type
 from .config import RegistryConfig
-from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,  # noqa: F401
-                     RegistryError)
+from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,  # noqa: F401
+                     PermissionDenied, RegistryError)
 from .ingest import IncomingArtifact, check_s3_allowed, resolve_allowed_path, stage_path, stage_s3
 from .models import Adapter, AdapterAlias, AdapterTag, AdapterVersionRow, utcnow
 from .records import AdapterRecord, UploadMeta, UploadResult, check_alias, check_name, check_tags
@@ -284,16 +284,24 @@ class RegistryService:
         with self._sessions() as s:
             return queries.list_page(s, page_size, page_token, base_model, name_prefix, latest_only)
 
-    def open_download(self, name: str, version: int = 0, alias: str = "",
-                      chunk_size: int = 0) -> tuple[AdapterRecord, Iterator[bytes]]:
+    def open_download(self, name: str, version: int = 0, alias: str = "", chunk_size: int = 0,
+                      offset: int = 0, length: int = 0) -> tuple[AdapterRecord, Iterator[bytes]]:
+        """(the version, its artifact's bytes [offset, offset + length) in chunks); length 0: to the end."""
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"offset ({offset}) and length ({length}) must be >= 0")
         record = self.get(name, version, alias)
+        if offset + length > record.size_bytes or offset > record.size_bytes:
+            raise OutOfRange(f"{name} version {record.version}: bytes [{offset}, {offset + length}) lie past the "
+                             f"end of its {record.size_bytes}-byte artifact")
         digest_hex = record.digest.removeprefix("sha256:")
         if not self.store.exists(digest_hex):
             raise FailedPrecondition(f"{name} version {record.version}: artifact {record.digest} is missing "
                                      "from the store")
         size = chunk_size or self.config.download_chunk_size
         size = max(16 << 10, min(size, MAX_DOWNLOAD_CHUNK))
-        return record, self.store.read_chunks(digest_hex, size)
+        if offset == 0 and length == 0:
+            return record, self.store.read_chunks(digest_hex, size)
+        return record, self.store.read_chunks(digest_hex, size, offset, length or record.size_bytes - offset)
 
     # ---- writes: delete, aliases, tags -----------------------------------------------
 

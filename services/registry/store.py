@@ -75,7 +75,9 @@ class ArtifactStore(ABC):
     def exists(self, digest_hex: str) -> bool: ...
 
     @abstractmethod
-    def read_chunks(self, digest_hex: str, chunk_size: int) -> Iterator[bytes]: ...
+    def read_chunks(self, digest_hex: str, chunk_size: int, offset: int = 0,
+                    length: int | None = None) -> Iterator[bytes]:
+        """The blob's bytes [offset, offset + length) (None: to the end) in chunks of <= chunk_size."""
 
     @abstractmethod
     def delete(self, digest_hex: str) -> None: ...
@@ -131,9 +133,13 @@ class LocalStore(ArtifactStore):
     def exists(self, digest_hex: str) -> bool:
         return self.blob_path(digest_hex).is_file()
 
-    def read_chunks(self, digest_hex: str, chunk_size: int) -> Iterator[bytes]:
+    def read_chunks(self, digest_hex: str, chunk_size: int, offset: int = 0,
+                    length: int | None = None) -> Iterator[bytes]:
         with open(self.blob_path(digest_hex), "rb") as f:
-            while chunk := f.read(chunk_size):
+            f.seek(offset)
+            left = -1 if length is None else length
+            while left and (chunk := f.read(chunk_size if left < 0 else min(chunk_size, left))):
+                left -= len(chunk) if left > 0 else 0
                 yield chunk
 
     def delete(self, digest_hex: str) -> None:
@@ -214,8 +220,14 @@ class S3Store(ArtifactStore):
                 return False
             raise
 
-    def read_chunks(self, digest_hex: str, chunk_size: int) -> Iterator[bytes]:
-        body = self.client.get_object(Bucket=self.bucket, Key=self.blob_key(digest_hex))["Body"]
+    def read_chunks(self, digest_hex: str, chunk_size: int, offset: int = 0,
+                    length: int | None = None) -> Iterator[bytes]:
+        # a ranged GET (RFC 7233: both ends inclusive) when only part of the object is wanted
+        span = {} if offset == 0 and length is None else {
+            "Range": f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))}
+        if length == 0:
+            return
+        body = self.client.get_object(Bucket=self.bucket, Key=self.blob_key(digest_hex), **span)["Body"]
         try:
             yield from body.iter_chunks(chunk_size)
         finally:

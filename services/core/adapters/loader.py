@@ -13,7 +13,7 @@ import torch
 from .adapter import LoraAdapter
 from .bundle import ArchiveLimits, Bundle, artifact_digest, open_bundle
 from .errors import AdapterFormatError, clip, shorten
-from .tensors import finite_and_peak
+from .tensors import VALUES_VERIFIED, finite_and_peak
 from .nemo_format import parse_nemo
 from .peft_format import parse_peft
 
@@ -49,7 +49,7 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
                  max_rank: int | None = None, max_bytes: int | None = None,
                  limits: ArchiveLimits | None = None, confine_to: list[str] | None = None,
                  serving_dtype: torch.dtype | None = None, timings: dict | None = None,
-                 digest: str | None = None, alloc=None, data=None) -> LoraAdapter:
+                 digest: str | None = None, alloc=None, data=None, values_verified: bool = False) -> LoraAdapter:
     """Load an HF PEFT or NeMo LoRA artifact into a LoraAdapter (scales folded into B).
 
     path: an HF PEFT directory; a weights file (adapter_model.safetensors/.bin) beside its
@@ -64,6 +64,9 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     against the registry's digest); else it is computed on a thread while the parser runs.
     alloc: nbytes -> uint8 CPU tensor that weights files are read into (bundle.writable_buffer).
     data: `path`'s bytes already in memory (a plain tar; requires `digest`), read instead of the file.
+    values_verified: the artifact's values were checked before these bytes were (requires `digest`: a
+    registry download, validated at upload, digest verified): the per-value scans (finite, peak,
+    serving range) are skipped; structure, keys, shapes and ranks are still checked.
     timings: when given, filled with the seconds of each stage (read_s: files from disk or the
     archive, digest_s, parse_s: decode + checks + scale folding, range_s: check_serving_range).
 
@@ -72,11 +75,15 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     """
     if data is not None and digest is None:
         raise ValueError("load_adapter(data=...) needs the digest those bytes were verified against")
+    if values_verified and digest is None:
+        raise ValueError("load_adapter(values_verified=True) needs the digest those values were verified under")
     if ckpt_source is not None and ckpt_source not in CKPT_SOURCES:
         raise AdapterFormatError(f"ckpt_source={shorten(ckpt_source)} must be one of {CKPT_SOURCES}")
+    token = VALUES_VERIFIED.set(values_verified)
     try:
-        return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to, serving_dtype,
-                     timings if timings is not None else {}, digest, alloc, data)
+        return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to,
+                     None if values_verified else serving_dtype, timings if timings is not None else {}, digest,
+                     alloc, data)
     except AdapterFormatError:
         raise
     except RecursionError:
@@ -90,6 +97,8 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
                                  f"cannot describe ({type(exc).__name__})")
         err.unforeseen = True
         raise err from None
+    finally:
+        VALUES_VERIFIED.reset(token)
 
 
 def _origin_of(path: str | os.PathLike) -> str:

@@ -4,6 +4,7 @@ Both return a flat dict[str, Tensor] on CPU, or raise AdapterFormatError saying 
 """
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import math
@@ -18,6 +19,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The library allows 100 MB, but parsing that much JSON takes gigabytes of Python objects; a LoRA's
 # header is ~150 bytes a tensor (80 layers x 7 modules x 2 factors: < 200 KB).
 _MAX_HEADER_BYTES = 16 << 20
+# True while load_adapter(values_verified=True) parses bytes whose values were checked before (a
+# registry download: the registry ran validate_artifact at upload, the digest proves these are those
+# bytes): the one pass over every value (finite + peak, ~25% of an 84 MB parse) is skipped and the
+# file reports finite_peak (True, 0.0), so no later check repeats it either.
+VALUES_VERIFIED: contextvars.ContextVar[bool] = contextvars.ContextVar("loraserve_values_verified", default=False)
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -128,7 +134,9 @@ def load_safetensors_bytes(data: bytes | bytearray, name: str) -> TensorDict:
             raise AdapterFormatError(f"{name}: corrupt safetensors file ({detail})") from None
     dtypes = {t.dtype for t in out.values()}
     if len(dtypes) == 1 and next(iter(dtypes)) in _BITS:  # one integer pass over the whole data section
-        if out.finite_peak is None:  # copied tensors: each on its own (still no Python per element)
+        if VALUES_VERIFIED.get():
+            out.finite_peak = (True, 0.0)
+        elif out.finite_peak is None:  # copied tensors: each on its own (still no Python per element)
             stats = [finite_and_peak(t) for t in out.values()]
             out.finite_peak = (all(f for f, _ in stats), max((p for _, p in stats), default=0.0))
     else:
@@ -172,7 +180,7 @@ def _views(data, entries: dict, start: int) -> TensorDict | None:
             out[key] = base[start + begin:start + end].view(_ST_DTYPES[dtype]).view(shape)
     except RuntimeError:  # an offset not a multiple of the item size
         return None
-    if len(dtypes) == 1 and _ST_DTYPES[next(iter(dtypes))] in _BITS:
+    if len(dtypes) == 1 and _ST_DTYPES[next(iter(dtypes))] in _BITS and not VALUES_VERIFIED.get():
         out.finite_peak = finite_and_peak(base[start:].view(_ST_DTYPES[next(iter(dtypes))]))
     return out
 

@@ -194,7 +194,9 @@ class LoRAManager(SlotAdmission):
                                        limits=ArchiveLimits.for_model(self.module_shapes, self.args.num_hidden_layers,
                                                                       self.max_rank),
                                        confine_to=None if trusted else self.allowed_dirs, serving_dtype=self.dtype,
-                                       timings=timings, digest=digest, alloc=timed_alloc(alloc, timings), data=data)
+                                       timings=timings, digest=digest, alloc=timed_alloc(alloc, timings), data=data,
+                                       # a digest here is a registry download's, verified: values checked at upload
+                                       values_verified=trusted and digest is not None)
         except BaseException:
             for b in blocks:
                 self.arena.release(b)

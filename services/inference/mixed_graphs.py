@@ -17,9 +17,10 @@ runs eagerly.
 
 LoRA (issue 12): a step with adapter rows replays a second graph family captured with the LoRA kernels
 (LORASERVE_MIXED_GRAPH_LORA=0: such steps run eagerly, as before). The kernels' grids depend on T only
-(kernels/lora_meta.py), so the graph reads static metadata that each step refills before the replay:
-per-token slots [T] from the sequences' slots through the static query starts (padding tokens -1, so they
-add nothing), then LoRAMetaBuilder.build (device ops only, no host sync). Eagerly such a step cost ~80 ms
+(kernels/lora_meta.py), so the graph reads static metadata: per-token slots [T] from the sequences'
+slots [Bp] through the static query starts (padding sequences -1: their tokens add nothing), then
+LoRAMetaBuilder.build (device ops only, no host sync). Both are captured into the graph (a step copies only
+its [B] slots; LORASERVE_LORA_META_IN_GRAPH=0, or a failed capture: they run eagerly before each replay). Eagerly such a step cost ~80 ms
 on the 8B shape (H200, 32 layers x 7 projections: host launch time), vs 6.5 ms for the base step's replay.
 
 Graphs are captured when a shape is first seen (an eager forward, then the capture: tens of ms on the 8B
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 # fine buckets: padding costs real work in a compute-bound step (at most 31 tokens and 7 sequences here)
 TOKEN_BUCKETS = tuple(range(32, 1025, 32)) + (1152, 1280, 1536, 1792, 2048)
 SEQ_BUCKETS = (2, 4, 8) + tuple(range(16, 1025, 8))
-MAX_GRAPHS = 128
+MAX_GRAPHS = 128   # per family (plain, LoRA)
 # Capture policy (a capture stalls the step ~50-90 ms on the 8B shape; H200 probe, 16 layers: 21 captures inside
 # a 3.3 s measured run cost ~1 s of it): a shape without its own graph replays the smallest larger graph already
 # captured, at most COVER_SLACK more tokens (padding compute instead of a stall), until it has been seen
@@ -76,6 +77,12 @@ def mixed_graphs_enabled() -> bool:
 def lora_mixed_graphs_enabled() -> bool:
     """Mixed steps with adapter rows replay LoRA graphs (default); LORASERVE_MIXED_GRAPH_LORA=0: eager."""
     return os.environ.get("LORASERVE_MIXED_GRAPH_LORA", "1").lower() not in ("0", "false", "off", "no", "")
+
+
+def lora_meta_in_graph() -> bool:
+    """The LoRA metadata build is part of the captured graph (default; ~30 fewer host launches a step);
+    LORASERVE_LORA_META_IN_GRAPH=0: built eagerly before each replay."""
+    return os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1").lower() not in ("0", "false", "off", "no", "")
 
 
 def pad_lens(num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:
@@ -130,8 +137,10 @@ class MixedGraphRunner:
 
             # static LoRA metadata of the largest bucket; a graph of T tokens reads its [:T] views
             self.lora_builder = LoRAMetaBuilder(T, self.lora_manager.num_slots, device)
-            self.token_slot = torch.full((T,), -1, dtype=torch.long, device=device)   # [T] slot per token
-            self._token_ids = torch.arange(T, dtype=torch.int32, device=device)        # [T] 0..T-1
+            self.seq_slot = torch.full((B,), -1, dtype=torch.long, device=device)      # [B] slot per sequence
+            self.token_slot = torch.full((T,), -1, dtype=torch.long, device=device)    # [T] slot per token
+            self._token_ids = torch.arange(T, dtype=torch.int32, device=device)         # [T] 0..T-1
+            self.meta_in_graph = lora_meta_in_graph()
         self.capture_after = capture_after()
         self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
         self.num_covered = 0                              # steps replayed in a larger graph than their own
@@ -144,11 +153,19 @@ class MixedGraphRunner:
         t = next((t for t in self.token_buckets if t >= num_tokens + bp - num_seqs), None)
         return None if t is None else (bp, t)
 
-    def _lora_context(self, t: int):
-        """The LoRA state a graph of t tokens captures: the static metadata views (T = t fixes the grids)."""
+    def _build_lora_meta(self, bp: int, t: int):
+        """Device ops only (so a graph can capture them): token i gets seq_slot[its sequence] (the number of
+        sequence ends <= i in the static query starts; padding sequences' slots are -1), then the builder
+        refills its static buffers for T = t (same T as at capture: same grids). Returns the LoRAMeta views."""
+        seq_of_token = torch.searchsorted(self.query_start_loc[1:bp + 1], self._token_ids[:t], right=True)  # [t] < bp
+        torch.index_select(self.seq_slot, 0, seq_of_token, out=self.token_slot[:t])
+        return self.lora_builder.build(self.token_slot[:t])
+
+    def _lora_context(self, bp: int, t: int):
+        """The LoRA state a graph of (bp, t) captures: the static metadata views (T = t fixes the grids)."""
         from .lora.batch import LoRABatch
 
-        return LoRABatch(self.lora_manager.slots, self.lora_builder.build(self.token_slot[:t]))
+        return LoRABatch(self.lora_manager.slots, self._build_lora_meta(bp, t))
 
     @torch.inference_mode()
     def _capture(self, bp: int, t: int, splits: int, lora: bool = False) -> None:
@@ -163,9 +180,10 @@ class MixedGraphRunner:
         ctx = Context(slot_mapping=self.slot_mapping[:t], context_lens=self.context_lens[:bp],
                       block_tables=self.block_tables[:bp], decode_only=False,
                       query_start_loc=self.query_start_loc[:bp + 1], max_query_len=t, num_splits=splits)
+        in_graph = lora and self.meta_in_graph
         if lora:
-            self.token_slot[:t].fill_(-1)   # an all-padding step: the kernels' tiles all exit
-            ctx.lora = self._lora_context(t)
+            self.seq_slot[:bp].fill_(-1)   # an all-padding step: the kernels' tiles all exit
+            ctx.lora = self._lora_context(bp, t)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         set_context(ctx)
@@ -177,12 +195,14 @@ class MixedGraphRunner:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+                if in_graph:
+                    self._build_lora_meta(bp, t)   # refills the same buffers ctx.lora's views read
                 out = self.model(self.input_ids[:t], self.positions[:t])
         finally:
             reset_context()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if lora:
-            self.lora_graphs[(bp, t, splits)] = (graph, out, ctx)
+            self.lora_graphs[(bp, t, splits)] = (graph, out, ctx, in_graph)
         else:
             self.graphs[(bp, t, splits)] = (graph, out)
         log.debug("captured a mixed-step CUDA graph: %d sequences, %d tokens, %d KV splits, LoRA %s (%d graphs)", bp,
@@ -219,13 +239,17 @@ class MixedGraphRunner:
             if alt is not None:             # a larger captured graph: padding instead of a capture stall
                 key, bp, t = alt, alt[0], alt[1]
                 self.num_covered += 1
-            elif self.num_graphs >= MAX_GRAPHS:
+            elif len(graphs) >= MAX_GRAPHS:   # per family: LoRA graphs never crowd out the plain ones
                 return None
             else:
                 try:
                     self._capture(bp, t, splits, lora)
                 except Exception:  # noqa: BLE001 - eager mixed steps still work
-                    if lora:   # the LoRA family alone goes eager; steps without adapters keep their graphs
+                    if lora and self.meta_in_graph:   # next time: the metadata built eagerly, outside the graph
+                        log.exception("mixed-step LoRA CUDA graph capture with the metadata build inside failed; "
+                                      "capturing without it from now on")
+                        self.meta_in_graph = False
+                    elif lora:   # the LoRA family alone goes eager; steps without adapters keep their graphs
                         log.exception("mixed-step LoRA CUDA graph capture failed; mixed steps with adapters run "
                                       "eagerly from now on")
                         self.lora_failed = True
@@ -251,20 +275,14 @@ class MixedGraphRunner:
         self.block_tables[:b, :width].copy_(inp.block_tables)
         self.block_tables[b:bp].fill_(self.scratch_block)
         if lora:
-            self._fill_lora(inp.token_slot, n, b, t)
+            self.seq_slot[:b].copy_(inp.token_slot)   # [B] int64, -1: none
+            self.seq_slot[b:bp].fill_(-1)             # the padding sequences
+            if not graphs[key][3]:                     # captured without the metadata build: build it now
+                self._build_lora_meta(bp, t)
+            if self.device.type == "cuda":
+                self.lora_manager.slots.wait_for_copies()   # adapters placed this step: their host->GPU copies first
         graph, out = graphs[key][:2]
         graph.replay()
         self.num_replays += 1
         self.num_lora_replays += lora
         return out[:n]
-
-    def _fill_lora(self, seq_slot: torch.Tensor, n: int, b: int, t: int) -> None:
-        """The LoRA graph's static metadata for this step: token i of sequence j (query starts, already in
-        the static buffer) gets seq_slot[j] ([B] int64, -1: none); padding tokens [n, t) get -1."""
-        # sequence of each real token: the number of sequence ends <= i  ([n] int64, device only)
-        seq_of_token = torch.searchsorted(self.query_start_loc[1:b + 1], self._token_ids[:n], right=True)
-        torch.index_select(seq_slot, 0, seq_of_token, out=self.token_slot[:n])
-        self.token_slot[n:t].fill_(-1)
-        self.lora_builder.build(self.token_slot[:t])   # same T as at capture: same grids, buffers refilled in place
-        if self.device.type == "cuda":
-            self.lora_manager.slots.wait_for_copies()   # adapters placed this step: their host->GPU copies first

@@ -34,10 +34,15 @@ def two_adapters(tiny_llama, tmp_path_factory):
 
 
 class _Replay:
-    """CPU stand-in for torch.cuda.CUDAGraph: the test checks what a replay would read."""
+    """CPU stand-in for torch.cuda.CUDAGraph: replays what the graph would have captured before the forward
+    (the LoRA metadata build, when captured inside); the test checks what the forward would then read."""
+
+    def __init__(self, captured=None):
+        self.captured = captured
 
     def replay(self):
-        pass
+        if self.captured is not None:
+            self.captured()
 
 
 def _seq(i: int, n_new: int, total: int, blocks: int, hold=None):
@@ -48,7 +53,8 @@ def _seq(i: int, n_new: int, total: int, blocks: int, hold=None):
     return s
 
 
-def test_lora_graph_metadata_gives_the_eager_delta(tiny_llama, two_adapters):
+@pytest.mark.parametrize("in_graph", [True, False])
+def test_lora_graph_metadata_gives_the_eager_delta(tiny_llama, two_adapters, in_graph):
     """CPU, real manager and slots: a mixed step (decodes and prompt chunks, with and without adapters) run
     through MixedGraphRunner with a stand-in replay leaves the LoRA graph's static metadata such that the
     captured LoRABatch adds, on every real row, the delta of the eager step's LoRABatch, and nothing to the
@@ -74,8 +80,9 @@ def test_lora_graph_metadata_gives_the_eager_delta(tiny_llama, two_adapters):
     m = MixedGraphRunner(None, cpu, 8, 64, 8, pad, bs, 4, 2, 4, lora_manager=mgr)
     bp, t = m.pick(n, len(seqs))
     ctx = type("Ctx", (), {})()
-    ctx.lora = m._lora_context(t)      # what _capture hands the graph: the static metadata's views for t tokens
-    m.lora_graphs = {(bp, t, s): (_Replay(), torch.zeros(t, 3), ctx) for s in range(1, 65)}
+    ctx.lora = m._lora_context(bp, t)      # what _capture hands the graph: the static metadata's views for t tokens
+    replay = _Replay((lambda: m._build_lora_meta(bp, t)) if in_graph else None)
+    m.lora_graphs = {(bp, t, s): (replay, torch.zeros(t, 3), ctx, in_graph) for s in range(1, 65)}
     assert m.run(inp, query_lens).shape == (n, 3) and m.num_lora_replays == 1
     want_slots = [s.lora.slot if s.lora is not None else -1 for s in seqs]
     expect = [slot for slot, k in zip(want_slots, query_lens) for _ in range(k)] + [-1] * (t - n)

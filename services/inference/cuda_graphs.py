@@ -50,8 +50,13 @@ class CudaGraphRunner:
         if lora_manager is not None:
             from loraserve.kernels import LoRAMetaBuilder
 
+            from .mixed_graphs import lora_meta_in_graph
+
             self.lora_builder = LoRAMetaBuilder(B, lora_manager.num_slots, device)
             self.token_slot = torch.full((B,), -1, dtype=torch.int32, device=device)
+            # the LoRA metadata build captured inside each LoRA graph (a step copies its [n] slots only; ~30
+            # host launches fewer); LORASERVE_LORA_META_IN_GRAPH=0: built eagerly before each replay
+            self.lora_meta_in_graph = lora_meta_in_graph()
 
     def _context(self, bs: int, with_lora: bool) -> Context:
         ctx = Context(slot_mapping=self.slot_mapping[:bs], query_lens=[1] * bs, context_lens=self.context_lens[:bs],
@@ -80,6 +85,8 @@ class CudaGraphRunner:
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    if with_lora and self.lora_meta_in_graph:
+                        self.lora_builder.build(self.token_slot[:bs])   # refills the buffers ctx.lora reads
                     out = self.model(self.input_ids[:bs], self.positions[:bs])
             finally:
                 reset_context()
@@ -164,7 +171,8 @@ class CudaGraphRunner:
         if with_lora:
             self.token_slot[:n].copy_(inp.token_slot)
             self.token_slot[n:bs].fill_(-1)
-            self.lora_builder.build(self.token_slot[:bs])
+            if not self.lora_meta_in_graph:
+                self.lora_builder.build(self.token_slot[:bs])
             self.lora_manager.slots.wait_for_copies()
         # a batch with no adapter row replays the graph captured without LoRA kernels (the LoRA
         # variant would be exact too, slot -1 adds nothing, but costs ~0.6 ms per 8B step)

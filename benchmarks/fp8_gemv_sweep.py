@@ -310,8 +310,15 @@ def sweep(a) -> dict:
 
 # (name, LORASERVE_FP8_GEMV_PDL, LORASERVE_PDL, LORASERVE_FP8_SPLITK_FIXUP) of each layer-chain variant
 CHAIN_SWITCHES = ("LORASERVE_FP8_GEMV_PDL", "LORASERVE_PDL", "LORASERVE_FP8_SPLITK_FIXUP")
-CHAIN_VARIANTS = (("bf16", "0", "0", "0"), ("fp8", "0", "0", "0"), ("fp8_fixup", "0", "0", "1"),
-                  ("fp8_gemv_pdl", "1", "0", "0"), ("fp8_all_pdl", "1", "1", "0"), ("fp8_all_pdl_fixup", "1", "1", "1"))
+CHAIN_VARIANTS = (("bf16", "0", "0", "0"), ("bf16_gemv_pdl", "0", "1", "0"), ("fp8", "0", "0", "0"),
+                  ("fp8_fixup", "0", "0", "1"),
+                  ("fp8_gemv_pdl", "1", "0", "0"), ("fp8_all_pdl", "1", "1", "0"), ("fp8_all_pdl_fixup", "1", "1", "1"),
+                  # LORASERVE_FP8_GEMV_PDL=early: dependents that load their first weight tile before the wait
+                  ("fp8_early_pdl", "early", "1", "0"), ("fp8_early_pdl_fixup", "early", "1", "1"))
+# LORASERVE_FP8_CHAIN_VARIANTS=fp8,fp8_early_pdl,...: only these (bf16 always) - a probe's time limit
+_only = os.environ.get("LORASERVE_FP8_CHAIN_VARIANTS", "").strip()
+if _only:
+    CHAIN_VARIANTS = tuple(v for v in CHAIN_VARIANTS if v[0] == "bf16" or v[0] in _only.split(","))
 
 
 def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
@@ -355,6 +362,13 @@ def layer_chain(ms: list[int], copies: int = 2, jobs: int = 0) -> dict:
                         xs[name].copy_(src[name])
                     if kind == "bf16":
                         F.linear(xs[name], w16[name][i])
+                    elif kind == "bf16_gemv_pdl":   # the bf16 engine's decode chain: its GEMV (<= 4 rows) with PDL
+                        if cuda and m <= 4:
+                            from loraserve.kernels.gemv import gemv
+
+                            gemv(xs[name], w16[name][i])
+                        else:
+                            F.linear(xs[name], w16[name][i])
                     else:
                         fp8_linear(xs[name], *wq[name][i], None)
 

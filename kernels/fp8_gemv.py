@@ -104,6 +104,18 @@ if HAS_TRITON:
         return acc + w * x.to(tl.float32)
 
     @triton.jit
+    def _gemv_rows(acc0, acc1, acc2, acc3, w, x_row, row0, M, stride_xm, offs_k, k_ok, EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+        # one weight tile times the tile's BLOCK_M x rows (the loop body of _fp8_gemv_kernel, for a peeled tile)
+        acc0 = _gemv_row(acc0, w, x_row, row0, M, offs_k, k_ok, EVEN_K)
+        if BLOCK_M >= 2:
+            acc1 = _gemv_row(acc1, w, x_row + stride_xm, row0 + 1, M, offs_k, k_ok, EVEN_K)
+        if BLOCK_M >= 4:
+            acc2 = _gemv_row(acc2, w, x_row + 2 * stride_xm, row0 + 2, M, offs_k, k_ok, EVEN_K)
+            acc3 = _gemv_row(acc3, w, x_row + 3 * stride_xm, row0 + 3, M, offs_k, k_ok, EVEN_K)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
     def _gemv_store(acc, row, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k,
                     HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
         y = tl.sum(acc, axis=1)                                                   # [BLOCK_N]
@@ -121,7 +133,7 @@ if HAS_TRITON:
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr, PREFETCH: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                         WAIT: tl.constexpr):
+                         WAIT: tl.constexpr, EARLY: tl.constexpr = False):
         pid_m = tl.program_id(0)   # fastest: the programs of one weight tile run side by side (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -147,11 +159,26 @@ if HAS_TRITON:
             else:
                 w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
                                  eviction_policy="evict_first")
+        if EARLY and not PREFETCH:   # the first weight tile in flight before the wait (weights: no kernel's output)
+            if EVEN_K:
+                w_first = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w_first = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
+                                  eviction_policy="evict_first")
         if WAIT:   # launched as a programmatic dependent (gemv_pdl_on): x is the kernel before us's output;
-            _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)   # our weights meanwhile
+            if not EARLY:
+                _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)   # our weights meanwhile
             tl.extra.cuda.gdc_wait()   # then our dependents may launch (kernels/pdl.py's rules: they wait for us)
             tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(k_start, k_end, BLOCK_K):
+        k_first = k_start
+        if EARLY and not PREFETCH:   # the first K tile, peeled: its weights were loaded above
+            k_ok = (k_start + offs_k) < k_end
+            acc0, acc1, acc2, acc3 = _gemv_rows(acc0, acc1, acc2, acc3, w_first.to(tl.float32), x_row, row0, M,
+                                                stride_xm, offs_k, k_ok, EVEN_K, BLOCK_M)
+            w_ptrs += BLOCK_K
+            x_row += BLOCK_K
+            k_first = k_start + BLOCK_K
+        for k0 in range(k_first, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             if PREFETCH:
                 w = w_next.to(tl.float32)
@@ -199,7 +226,8 @@ if HAS_TRITON:
     def _fp8_gemv_groups_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm,
                                 stride_ym, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
                                 PREFETCH: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr):
+                                BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
+                                EARLY: tl.constexpr = False):
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -225,16 +253,41 @@ if HAS_TRITON:
             n1 = _gemv_group_load(p1, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 2 else n0
             n2 = _gemv_group_load(p2, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
             n3 = _gemv_group_load(p3, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else n0
+        if EARLY and not PREFETCH:   # as in _fp8_gemv_kernel: the first weight tiles in flight before the wait
+            f0 = _gemv_group_load(p0, k_start, k_end, offs_k, EVEN_K)
+            f1 = _gemv_group_load(p1, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 2 else f0
+            f2 = _gemv_group_load(p2, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else f0
+            f3 = _gemv_group_load(p3, k_start, k_end, offs_k, EVEN_K) if GROUPS >= 4 else f0
         if WAIT:   # as in _fp8_gemv_kernel: the first weight tiles may be in flight, x is not read yet
-            _prefetch_rows_l2(w_ptr, tl.where(offs_0 < N, offs_0, 0).to(tl.int64), K, k_start, k_end, 32)
-            if GROUPS >= 2:
-                _prefetch_rows_l2(w_ptr, tl.where(offs_1 < N, offs_1, 0).to(tl.int64), K, k_start, k_end, 32)
-            if GROUPS >= 4:
-                _prefetch_rows_l2(w_ptr, tl.where(offs_2 < N, offs_2, 0).to(tl.int64), K, k_start, k_end, 32)
-                _prefetch_rows_l2(w_ptr, tl.where(offs_3 < N, offs_3, 0).to(tl.int64), K, k_start, k_end, 32)
+            if not EARLY:
+                _prefetch_rows_l2(w_ptr, tl.where(offs_0 < N, offs_0, 0).to(tl.int64), K, k_start, k_end, 32)
+                if GROUPS >= 2:
+                    _prefetch_rows_l2(w_ptr, tl.where(offs_1 < N, offs_1, 0).to(tl.int64), K, k_start, k_end, 32)
+                if GROUPS >= 4:
+                    _prefetch_rows_l2(w_ptr, tl.where(offs_2 < N, offs_2, 0).to(tl.int64), K, k_start, k_end, 32)
+                    _prefetch_rows_l2(w_ptr, tl.where(offs_3 < N, offs_3, 0).to(tl.int64), K, k_start, k_end, 32)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(k_start, k_end, BLOCK_K):
+        k_first = k_start
+        if EARLY and not PREFETCH:   # the first K tile, peeled (the loop body below on f0..f3)
+            x_ptrs = x_row + offs_k[None, :] + tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+            if EVEN_K:
+                x = tl.load(x_ptrs).to(tl.float32)
+            else:
+                x = tl.load(x_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0).to(tl.float32)
+            acc0 += f0.to(tl.float32) * x
+            if GROUPS >= 2:
+                acc1 += f1.to(tl.float32) * x
+            if GROUPS >= 4:
+                acc2 += f2.to(tl.float32) * x
+                acc3 += f3.to(tl.float32) * x
+            p0 += BLOCK_K
+            p1 += BLOCK_K
+            p2 += BLOCK_K
+            p3 += BLOCK_K
+            x_row += BLOCK_K
+            k_first = k_start + BLOCK_K
+        for k0 in range(k_first, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             if PREFETCH:
                 w0, w1, w2, w3 = n0, n1, n2, n3
@@ -293,7 +346,7 @@ if HAS_TRITON:
                                x16_scale, xs_ptr, cnt_ptr, SPLITS, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                                USE_WS: tl.constexpr, F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
-                               FIXUP: tl.constexpr):
+                               FIXUP: tl.constexpr, EARLY: tl.constexpr = False):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -309,7 +362,8 @@ if HAS_TRITON:
         xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + offs_k)[:, None]    # [BK, BM]: x^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
         if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
-            _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)
+            if not EARLY:   # EARLY: a plain dependent (its launch and set-up overlap the kernel before it)
+                _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -397,11 +451,18 @@ def splitk_fixup_on() -> bool:
     return os.environ.get("LORASERVE_FP8_SPLITK_FIXUP", "0").strip() == "1"
 
 
+def gemv_pdl_mode() -> str:
+    """LORASERVE_FP8_GEMV_PDL: how the GEMV kernels launch. '0' (default): plainly. '1': as programmatic dependents
+    (where pdl_supported) that prefetch all their weight rows into L2 before their wait: on the H200 (2026-11-30,
+    fp8_gemv_sweep.py --chain-ms, a layer's four GEMMs each after an RMSNorm) it cost 20 us per layer at M=1
+    (74.1 -> 93.8; 87.5 with the norms' PDL on) and 17 at M=64. 'early': as dependents that load only their first
+    weight tile (registers) before the wait, as the bf16 GEMV (kernels/gemv.py) does in the bf16 engine's chain."""
+    mode = os.environ.get("LORASERVE_FP8_GEMV_PDL", "0").strip().lower()
+    return mode if mode in ("1", "early") else "0"
+
+
 def gemv_pdl_on() -> bool:
-    """LORASERVE_FP8_GEMV_PDL=1: launch the GEMV kernels as programmatic dependents (where pdl_supported). Off,
-    also under LORASERVE_PDL=1: on the H200 (2026-11-30, fp8_gemv_sweep.py --chain-ms, a layer's four GEMMs each
-    after an RMSNorm) it cost 20 us per layer at M=1 (74.1 -> 93.8; 87.5 with the norms' PDL on) and 17 at M=64."""
-    return os.environ.get("LORASERVE_FP8_GEMV_PDL", "0").strip() == "1"
+    return gemv_pdl_mode() != "0"
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -451,9 +512,10 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     pdl = bool(len(cfg) > 7 and cfg[7]) and split > 1 and pdl_supported(x.device)
     # gemv_pdl_on: the GEMV itself launched as a programmatic dependent of the kernel before it (its launch and
     # set-up overlap that kernel's tail; it waits in-kernel before reading x)
-    wait = gemv_pdl_on() and pdl_supported(x.device)
+    mode = gemv_pdl_mode()
+    wait = mode != "0" and pdl_supported(x.device)
     flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 PDL=pdl, WAIT=wait)
+                 PDL=pdl, WAIT=wait, EARLY=mode == "early")
     launch = {"launch_pdl": True} if wait else {}
     # splitk_fixup_on: the dot kinds' split-K partials summed by each tile's last program (no second launch)
     tiles = grid[0] * grid[1]

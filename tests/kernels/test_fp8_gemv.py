@@ -57,6 +57,30 @@ def test_gemv_splitk_fixup_interp(interp, m, n, k, config) -> None:
     _run(interp, cases.check_gemv_fixup, "float16", m, n, k, config)
 
 
+def _check_gemv_early(*args) -> None:
+    # in the interpreter worker: the first-K-tile peel of LORASERVE_FP8_GEMV_PDL=early (no PDL on the CPU: the
+    # peeled tile and the loop after it are what runs)
+    import os
+
+    os.environ["LORASERVE_FP8_GEMV_PDL"] = "early"
+    try:
+        cases.check_gemv(*args)
+    finally:
+        os.environ.pop("LORASERVE_FP8_GEMV_PDL")
+
+
+@pytest.mark.parametrize("m,n,k,bias,config", [
+    (1, 37, 272, True, ("gemv", 1, 8, 64, 1, 4, 1)),       # K tail in the last tile; one split
+    (3, 24, 272, True, ("gemv", 4, 8, 64, 3, 4, 1)),       # 3 rows in a 4-row tile; split-K 3 (last split short)
+    (1, 40, 64, False, ("gemv", 1, 4, 64, 1, 4, 1)),       # the peeled tile is the only one
+    (1, 37, 272, True, ("gemv4", 1, 4, 64, 3, 4, 1)),      # 4 groups share x; N tail inside a group; split-K
+    (3, 50, 128, False, ("gemv2", 1, 8, 32, 1, 4, 1)),     # 2 groups, one program per x row
+    (5, 37, 272, False, ("dot8", 16, 16, 32, 3, 4, 2)),    # dot kinds: a plain dependent (no peel)
+])
+def test_gemv_early_interp(interp, m, n, k, bias, config) -> None:
+    _run(interp, _check_gemv_early, "float16", m, n, k, bias, "cpu", config)
+
+
 @pytest.mark.parametrize("x_mag", [1e5, 1e-3])   # outliers past fp16's range (x is scaled by 2^-4), tiny activations
 def test_gemv_dot16_range_interp(interp, x_mag) -> None:
     _run(interp, cases.check_gemv, "float32", 5, 24, 128, False, "cpu", ("dot16", 16, 16, 64, 1, 4, 2), x_mag)
@@ -211,7 +235,7 @@ def _forced_configs(config) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,config", [(1, None), (4, None), (64, None), (1, ("gemv", 1, 4, 512, 4, 4, 1, True)),
                                       (64, ("dot16", 64, 64, 64, 8, 4, 3, True))])
-@pytest.mark.parametrize("switch", [None, "LORASERVE_FP8_GEMV_PDL", "LORASERVE_FP8_SPLITK_FIXUP"])
+@pytest.mark.parametrize("switch", [None, "LORASERVE_FP8_GEMV_PDL", "LORASERVE_FP8_SPLITK_FIXUP", "early"])
 def test_gemv_cuda_graph_replay(m, config, switch, monkeypatch) -> None:
     """Captured in a CUDA graph (workspace allocated in the graph's pool), replay equals eager bit for bit;
     also with the split-K sum as a programmatic dependent launch (config[7]), with the GEMV itself launched
@@ -221,7 +245,9 @@ def test_gemv_cuda_graph_replay(m, config, switch, monkeypatch) -> None:
 
     monkeypatch.setenv("LORASERVE_FP8_GEMV_PDL", "0")
     monkeypatch.setenv("LORASERVE_FP8_SPLITK_FIXUP", "0")
-    if switch:
+    if switch == "early":   # LORASERVE_FP8_GEMV_PDL=early: dependents that load their first weight tile early
+        monkeypatch.setenv("LORASERVE_FP8_GEMV_PDL", "early")
+    elif switch:
         monkeypatch.setenv(switch, "1")
 
     w_q, w_scale = cases.make_weight(4096, 14336, 0, "cuda")
@@ -301,10 +327,13 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
     # and a few of the other kinds the sweep's table (LORASERVE_FP8_GEMV_CONFIGS) may pick
     variants |= {("gemv4", 1, 4, 512, False, 4, 1), ("gemv4", 1, 4, 512, True, 4, 2), ("gemv2", 1, 4, 512, False, 4, 1),
                  ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3), ("dot8", 64, 128, 128, True, 4, 3)}
-    for kind, bm, bn, bk, use_ws, warps, stages in sorted(variants):
+    # LORASERVE_FP8_GEMV_PDL=early (EARLY): launched as a dependent that loads its first weight tile before the wait
+    early = {(v, True) for v in variants if v[0].startswith("gemv") and v[6] == 1} | {(("dot8", 64, 128, 128, True, 4, 3), True)}
+    for (kind, bm, bn, bk, use_ws, warps, stages), is_early in sorted({(v, False) for v in variants} | early):
         constexprs = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": use_ws, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                       "PDL": use_ws and kind == "dot",   # the dependent-launch trigger on a few
-                      "WAIT": not use_ws}   # and the in-kernel wait of a GEMV launched as a dependent on others
+                      "WAIT": not use_ws or is_early,   # and the in-kernel wait of a GEMV launched as a dependent
+                      "EARLY": is_early}
         fn = {"gemv": fg._fp8_gemv_kernel, "gemv2": fg._fp8_gemv_groups_kernel,
               "gemv4": fg._fp8_gemv_groups_kernel}.get(kind, fg._fp8_skinny_dot_kernel)
         if kind.startswith("gemv"):
@@ -338,8 +367,11 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
                          ptx), kind
         assert not constexprs["PDL"] or "griddepcontrol.launch_dependents" in ptx
         assert ("griddepcontrol.wait" in ptx) == constexprs["WAIT"]
-        assert ("prefetch.global.L2" in ptx) == constexprs["WAIT"]   # the weights' L2 prefetch before the wait
-        assert not constexprs["WAIT"] or ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+        # the weights' L2 prefetch before the wait (LORASERVE_FP8_GEMV_PDL=1), or (early) the first weight tile
+        assert ("prefetch.global.L2" in ptx) == (constexprs["WAIT"] and not is_early)
+        assert not constexprs["WAIT"] or is_early or ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+        if is_early and kind.startswith("gemv"):
+            assert re.search(r"ld\.global[\w:.]*\.v4", ptx[:ptx.index("griddepcontrol.wait")]), kind
         assert not constexprs.get("FIXUP") or re.search(r"atom\.[\w.]*acq_rel[\w.]*\.add", ptx), kind
         # dot16 scales x by 2^-4 in fp32 before rounding to fp16; a constant scale was moved after the rounding
         # by Triton (mul.f16x2: overflow for |x| > 65504), hence the runtime argument

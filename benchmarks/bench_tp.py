@@ -210,7 +210,7 @@ def main() -> int:
     os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "0" if a.tp_eager else "1"
     from loraserve.inference.tp.worker import dump_stacks_when_stuck
 
-    dump_stacks_when_stuck()   # LORASERVE_DEBUG_STACKS_S (the workers inherit it)
+    dump_stacks_when_stuck(f"child{a.child}" if a.child else "main")   # LORASERVE_DEBUG_STACKS_S (workers inherit it)
     from loraserve import LoRARequest
 
     if a.child_trained:

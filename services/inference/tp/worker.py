@@ -29,7 +29,7 @@ def _exit_with_parent(ppid: int) -> None:
 def worker_main(rank: int, size: int, init_method: str, config, device: str, conn, backend: str,
                 timeout_s: float) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(name)s: %(message)s")
-    dump_stacks_when_stuck()
+    dump_stacks_when_stuck(f"rank{rank}")
     _exit_with_parent(os.getppid())
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -57,14 +57,21 @@ def worker_main(rank: int, size: int, init_method: str, config, device: str, con
     os._exit(0)       # skip interpreter teardown (a destroyed group's threads may still wait on peers)
 
 
-def dump_stacks_when_stuck() -> None:
+def dump_stacks_when_stuck(role: str = "main") -> None:
     """LORASERVE_DEBUG_STACKS_S=N: every N seconds, this process's Python stacks to stderr (where
-    a rank waits when a collective never pairs up; NCCL hangs instead of failing)."""
+    a rank waits when a collective never pairs up; NCCL hangs instead of failing), or with
+    LORASERVE_DEBUG_STACKS_DIR into DIR/stacks_<role>_<pid>.txt (one file per process, each dump appended)."""
     every = float(os.environ.get("LORASERVE_DEBUG_STACKS_S", "0") or 0)
     if every > 0:
         import faulthandler
+        import sys
 
-        faulthandler.dump_traceback_later(every, repeat=True)
+        folder = os.environ.get("LORASERVE_DEBUG_STACKS_DIR", "").strip()
+        out = sys.stderr
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            out = open(os.path.join(folder, f"stacks_{role}_{os.getpid()}.txt"), "a")   # open for the process's life
+        faulthandler.dump_traceback_later(every, repeat=True, file=out)
 
 
 class Worker:

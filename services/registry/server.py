@@ -182,8 +182,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         call = _Observed("DownloadAdapter")
         try:
             record, chunks = await asyncio.to_thread(self.service.open_download, request.name, request.version,
-                                                     request.alias, request.chunk_size, request.offset,
-                                                     request.length)
+                                                     request.alias, request.chunk_size,
+                                                     getattr(request, "offset", 0),  # (stubs older than ranges)
+                                                     getattr(request, "length", 0))
         except RegistryError as exc:
             call.failed(exc)
             call.done()

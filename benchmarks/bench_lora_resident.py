@@ -184,7 +184,8 @@ def main() -> int:
     if mixed is not None:
         out["mixed_graphs"] = dict(graphs=len(mixed.graphs), lora_graphs=len(mixed.lora_graphs),
                                    replays=mixed.num_replays, lora_replays=mixed.num_lora_replays,
-                                   lora_failed=mixed.lora_failed)
+                                   lora_failed=mixed.lora_failed, lora_meta_in_graph=getattr(mixed, "meta_in_graph", None),
+                                   covered=mixed.num_covered)
         print(f"  mixed graphs: {out['mixed_graphs']}")
     print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs, "
           f"{out['resident32_vs_base_tok_s_eager_mixed']:.3f} with LoRA mixed steps eager  (target >= 0.9)")

@@ -8,18 +8,26 @@ import time
 
 # ---- host time per decode step ----------------------------------------------------------------------
 class PhaseTimer:
-    """Wall seconds inside a few engine methods (instance attributes wrap them; close() removes the
-    wrappers): where the host time of a step goes. Nested phases overlap (run includes build)."""
+    """Wall seconds inside a few engine methods (attributes wrap them; close() removes the wrappers): where
+    the host time of a step goes. Nested phases overlap (run includes inputs.build, the graphs, the sampling
+    metadata and the StepOutput, i.e. the device->host copy's issue); fetch is the wait for the device plus
+    reading the sampled tokens, inside postprocess."""
 
     def __init__(self, engine):
+        from loraserve.inference.model_runner import StepOutput
+
         self.seconds: dict[str, float] = {}
         self._undo = []
         runner = engine.runner
         graphs = runner.graph_runner
         for label, obj, name in (("schedule", engine.scheduler, "schedule"), ("run", runner, "run"),
                                  ("inputs.build", runner.inputs, "build"), ("graph copies+replay", graphs, "run"),
+                                 ("sampling metadata", runner.sampling_meta, "get"),
                                  ("greedy sampler graph", graphs, "sample_greedy"), ("sampler (eager)", runner, "_sample"),
-                                 ("on_launched", engine.scheduler, "on_launched"), ("postprocess", engine, "_postprocess")):
+                                 ("StepOutput (D2H copy issue)", StepOutput, "__init__"),
+                                 ("on_launched", engine.scheduler, "on_launched"), ("postprocess", engine, "_postprocess"),
+                                 ("fetch (wait + read tokens)", StepOutput, "fetch"),
+                                 ("scheduler.postprocess", engine.scheduler, "postprocess")):
             if obj is not None and hasattr(obj, name):
                 self._wrap(label, obj, name)
 
@@ -27,6 +35,8 @@ class PhaseTimer:
         fn = getattr(obj, name)
         seconds = self.seconds
         seconds[label] = 0.0
+        is_class = isinstance(obj, type)
+        original = obj.__dict__.get(name) if is_class else None
 
         def timed(*args, **kwargs):
             t = time.perf_counter()
@@ -35,21 +45,53 @@ class PhaseTimer:
             finally:
                 seconds[label] += time.perf_counter() - t
         setattr(obj, name, timed)
-        self._undo.append((obj, name))
+        self._undo.append((obj, name, is_class, original))
 
     def close(self) -> None:
-        for obj, name in self._undo:
-            delattr(obj, name)   # back to the class's method
+        for obj, name, is_class, original in reversed(self._undo):
+            if is_class:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)   # back to the class's method
         self._undo.clear()
 
     def per_step_ms(self, steps: int) -> dict[str, float]:
         return {k: 1e3 * v / steps for k, v in self.seconds.items()}
 
 
+HOST_TIME_DEFINITION = (
+    "host time per decode step = the engine thread's wall time in step_pending() (AsyncLLM's call) minus the time "
+    "it blocked on the device (the event wait in StepOutput.fetch), per step: scheduling, step inputs, every launch "
+    "call (graph replays, copies), sampling metadata, the device->host copy's issue, token append, stop checks, "
+    "KV bookkeeping; the stream messages (built on the consumer's thread in the server, during the device wait) "
+    "are timed apart")
+
+
+def _decode_steps(engine, steps: int) -> tuple[float, float, float, list]:
+    """steps of step_pending() + the consumer's message building, traced; (wall s without the building,
+    building s, engine-thread CPU s without the building, trace)."""
+    engine.step_trace, engine.step_trace_device = (trace := []), False   # no CUDA events: host time only
+    build = cpu_build = 0.0
+    t, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(steps):
+        pending = engine.step_pending()   # the engine thread's share, as AsyncLLM drives it
+        c, cc = time.perf_counter(), time.thread_time()
+        for p in pending:                 # the consumer's (AsyncLLM: the event-loop thread, during the wait)
+            p.build().outputs[0].text_diff
+        build += time.perf_counter() - c
+        cpu_build += time.thread_time() - cc
+    wall = time.perf_counter() - t - build
+    cpu = time.thread_time() - c0 - cpu_build
+    engine.step_trace, engine.step_trace_device = None, True
+    return wall, build, cpu, trace
+
+
 def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, vocab: int,
                               profile_dir: str | None = None) -> dict:
-    """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps.
-    profile_dir: also 16 more steps under torch.profiler (a Chrome trace and the op table)."""
+    """Decode-only steps of `batch` fresh requests: (step wall - time blocked on the device) / steps, then
+    more steps with the phases timed (PhaseTimer; its wrappers add ~1 us per call), whose own launch and
+    post-processing totals the phases are compared with ("unlocated": launch minus schedule, run and
+    on_launched). profile_dir: also 16 more steps under torch.profiler (a Chrome trace and the op table)."""
     import torch
 
     from loraserve import SamplingParams
@@ -58,32 +100,29 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     prompts = torch.randint(2, vocab, (batch, prompt_len), generator=g).tolist()
     tag = time.monotonic_ns()
     for i, ids in enumerate(prompts):
-        engine.add_request(f"host{tag}-{i}", ids, SamplingParams(max_tokens=steps + 64, temperature=0, ignore_eos=True))
+        engine.add_request(f"host{tag}-{i}", ids, SamplingParams(max_tokens=2 * steps + 64, temperature=0,
+                                                                 ignore_eos=True))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
         engine.step()
     for _ in range(3):
         engine.step()
     n0, w0 = engine.num_steps, engine.device_wait_s
-    engine.step_trace, engine.step_trace_device = (trace := []), False   # no CUDA events: host time only
-    build = 0.0
-    t = time.perf_counter()
-    for _ in range(steps):
-        pending = engine.step_pending()   # the engine thread's share, as AsyncLLM drives it
-        c = time.perf_counter()
-        for p in pending:                 # the consumer's (AsyncLLM: the event-loop thread, during the wait)
-            p.build().outputs[0].text_diff
-        build += time.perf_counter() - c
-    wall = time.perf_counter() - t - build
-    engine.step_trace, engine.step_trace_device = None, True
+    wall, build, cpu, trace = _decode_steps(engine, steps)
     n, wait = engine.num_steps - n0, engine.device_wait_s - w0
-    phases = PhaseTimer(engine)   # then a few more steps with the phases timed (a little overhead each)
-    for _ in range(min(steps, 32)):
-        for p in engine.step_pending():
-            p.build()
-    phases.close()
-    phases_ms = phases.per_step_ms(min(steps, 32))
     launch_ms = 1e3 * sum(r.launched_at - r.start for r in trace) / n
     post_ms = 1e3 * sum(r.end - r.launched_at - r.wait_s for r in trace) / n
+    # the same again with the phases timed: the phases and the totals they are compared with from the same steps
+    timed_steps = min(steps, 64)
+    phases = PhaseTimer(engine)
+    w1 = engine.device_wait_s
+    pwall, _, _, ptrace = _decode_steps(engine, timed_steps)
+    phases.close()
+    phases_ms = phases.per_step_ms(timed_steps)
+    p_launch = 1e3 * sum(r.launched_at - r.start for r in ptrace) / timed_steps
+    p_post = 1e3 * sum(r.end - r.launched_at - r.wait_s for r in ptrace) / timed_steps
+    located = sum(phases_ms.get(k, 0.0) for k in ("schedule", "run", "on_launched"))
+    timed = {"steps": timed_steps, "host_ms": 1e3 * (pwall - (engine.device_wait_s - w1)) / timed_steps,
+             "launch_ms": p_launch, "post_ms": p_post, "unlocated_launch_ms": p_launch - located}
     if profile_dir:
         from torch.profiler import ProfilerActivity, profile
 
@@ -100,8 +139,24 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
-            "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3, "phases_ms": phases_ms,
-            "async_scheduling": engine.async_scheduling}
+            "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3,
+            "engine_thread_cpu_ms": cpu / n * 1e3, "phases_ms": phases_ms, "phase_steps": timed,
+            "async_scheduling": engine.async_scheduling, "definition": HOST_TIME_DEFINITION}
+
+
+def print_host(h: dict) -> None:
+    """The host-time figures with what they mean (bench_e2e, bench_host)."""
+    print(f"decode step at batch {h['batch']}: {h['step_ms']:.3f} ms wall, HOST {h['host_ms']:.3f} ms = launch "
+          f"{h['launch_ms']:.3f} + post {h['post_ms']:.3f} (engine-thread CPU incl. any spin-wait "
+          f"{h.get('engine_thread_cpu_ms', 0):.3f}); + messages built off the engine thread {h['build_ms']:.3f}",
+          flush=True)
+    print(f"  ({h.get('definition', HOST_TIME_DEFINITION)})", flush=True)
+    t = h.get("phase_steps")
+    if t:
+        print(f"  {t['steps']} more steps with phases timed: host {t['host_ms']:.3f} ms = launch {t['launch_ms']:.3f}"
+              f" (unlocated {t['unlocated_launch_ms']:.3f}) + post {t['post_ms']:.3f}", flush=True)
+    print("  phases (ms per step, nested: run includes inputs.build, graphs, sampling metadata, StepOutput; "
+          "postprocess includes fetch):", ", ".join(f"{k} {v:.3f}" for k, v in h["phases_ms"].items()), flush=True)
 
 
 def profile_mixed_steps(engine, batch: int, prompt_len: int, vocab: int, steps: int = 4, rows: int = 14) -> dict:

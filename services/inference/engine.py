@@ -11,6 +11,7 @@ detokenizes requests without stop strings) on the consumers' event loop, during 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .outputs import RequestOutput
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 from .tp import start_tensor_parallel
+from .warmup import warm_up, warmup_wanted
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,14 @@ class LLMEngine:
         # a list: step() appends one StepRecord per call (bench_e2e's per-step breakdown); None: off
         self.step_trace: list[StepRecord] | None = None
         self.step_trace_device = True   # CUDA events around each traced launch (off: host timing only)
+        # dummy steps that compile the eager steps' Triton variants before any request (warmup.py; CUDA only,
+        # LORASERVE_WARMUP=0 skips): {'steps', 'seconds', 'failed'} or None
+        self.warmup = warm_up(self) if warmup_wanted(self) else None
+        if self.device.type == "cuda":
+            # the objects of start-up (model, tokenizer, graphs) never become garbage: out of the collector's
+            # way, so a collection during serving walks only what serving allocated (vLLM does the same)
+            gc.collect()
+            gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,

@@ -57,7 +57,11 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20)
         # padded block-table entries point at the scratch block (CUDA-graph padding rows write there)
-        self.inputs = StepInputBuilder(self.block_size, self.num_blocks, device)
+        # CUDA: block tables padded to 16 columns (one Triton variant of the attention kernel for every step;
+        # see StepInputBuilder), at most the graphs' static width
+        max_len = config.max_seq_len or args.max_position_embeddings
+        self.inputs = StepInputBuilder(self.block_size, self.num_blocks, device, 16 if device.type == "cuda" else 1,
+                                       -(-max_len // self.block_size), with_lora=lora_manager is not None)
         self.eos_ids: set[int] = set()    # the engine fills it (min_tokens bans EOS)
         self.sampling_meta = MetadataCache(device)   # sampling metadata, reused while the rows repeat
         self.packed_slots = PackedSlots() if device.type == "cuda" else None   # pinned blocks of the token copies

@@ -45,24 +45,32 @@ class BlockTableRows:
     """Host mirror of the sequences' block tables: one row per sequence, [rows, width] int64 padded with
     pad_block. A sequence's block list only grows while it lives (BlockManager appends; deallocation and
     preemption give it a new list), so a row is synced by appending the new tail, or rewritten when the
-    list object changed. Rows of finished sequences are reused; the table grows when all rows are live."""
+    list object changed. Rows of finished sequences are reused; the table grows when all rows are live.
+    Which rows are stale is decided with numpy over the batch (entries filled, the list's id()); the list
+    objects themselves are held (`owner`), so an id() cannot be reused by another list while its row lives."""
 
     def __init__(self, pad_block: int, rows: int = 64, width: int = 64):
         self.pad_block = pad_block
         self.table = np.full((rows, width), pad_block, dtype=np.int64)
         self.row_of: dict[int, int] = {}                  # seq_id -> row
         self.owner: list = [None] * rows                  # the block list object each row mirrors
-        self.filled = [0] * rows                          # entries of that list copied into the row
+        self.owner_id = np.zeros(rows + 1, dtype=np.int64)   # id() of it ([rows]: 0, what row -1 reads)
+        self.filled = np.full(rows + 1, -1, dtype=np.int64)  # entries of that list copied into the row
         self.seq_of: list = [None] * rows                 # the sequence of each row (to reclaim finished ones)
         self.free = list(range(rows - 1, -1, -1))
 
-    def gather(self, seqs: list, lens: list[int], width: int) -> np.ndarray:
-        """[B, width] block tables of seqs (lens[i] = len(seqs[i].block_table) <= width)."""
-        row_of, owner, filled = self.row_of, self.owner, self.filled
-        rows = [row_of.get(s.seq_id, -1) for s in seqs]
-        for i, (s, r, n) in enumerate(zip(seqs, rows, lens)):
-            if r < 0 or filled[r] != n or owner[r] is not s.block_table:
-                rows[i] = self._sync(s, r, n, seqs)
+    def gather(self, seqs: list, lens, width: int, lists: list | None = None) -> np.ndarray:
+        """[B, width] block tables of seqs (lens[i] = len(seqs[i].block_table) <= width; lists: the block
+        lists, when the caller has them)."""
+        lists = [s.block_table for s in seqs] if lists is None else lists
+        lens = np.asarray(lens, dtype=np.int64)
+        get = self.row_of.get
+        rows = np.array([get(s.seq_id, -1) for s in seqs], dtype=np.int64)
+        # row -1 reads the sentinel entries (filled -1): always stale
+        stale = (self.filled[rows] != lens) | (self.owner_id[rows] != np.array([id(t) for t in lists], dtype=np.int64))
+        if stale.any():
+            for i in np.flatnonzero(stale).tolist():
+                rows[i] = self._sync(seqs[i], int(rows[i]), int(lens[i]), seqs)
         if width > self.table.shape[1]:
             self._widen(width)
         return self.table[rows, :width]
@@ -74,11 +82,11 @@ class BlockTableRows:
         if n > self.table.shape[1]:
             self._widen(n)
         bt, row = seq.block_table, self.table[r]
-        start = self.filled[r] if self.owner[r] is bt and self.filled[r] <= n else 0
+        start = int(self.filled[r]) if self.owner[r] is bt and 0 <= self.filled[r] <= n else 0
         row[start:n] = bt[start:n]
         if start == 0:
             row[n:] = self.pad_block         # a new list (after a preemption) may be shorter than the old one
-        self.owner[r], self.filled[r] = bt, n
+        self.owner[r], self.owner_id[r], self.filled[r] = bt, id(bt), n
         return r
 
     def _take(self, live: list) -> int:
@@ -91,15 +99,16 @@ class BlockTableRows:
             old = self.table.shape[0]
             self.table = np.concatenate([self.table, np.full_like(self.table, self.pad_block)])
             self.owner += [None] * old
-            self.filled += [0] * old
             self.seq_of += [None] * old
+            self.owner_id = np.concatenate([self.owner_id[:old], np.zeros(old + 1, dtype=np.int64)])
+            self.filled = np.concatenate([self.filled[:old], np.full(old + 1, -1, dtype=np.int64)])
             self.free = list(range(2 * old - 1, old - 1, -1))
         return self.free.pop()
 
     def _release(self, r: int) -> None:
         del self.row_of[self.seq_of[r].seq_id]
         self.seq_of[r] = self.owner[r] = None
-        self.filled[r] = 0
+        self.owner_id[r], self.filled[r] = 0, -1
         self.table[r] = self.pad_block
         self.free.append(r)
 
@@ -112,8 +121,15 @@ class BlockTableRows:
 
 
 class StepInputBuilder:
-    def __init__(self, block_size: int, pad_block: int, device: torch.device):
+    def __init__(self, block_size: int, pad_block: int, device: torch.device, width_multiple: int = 1,
+                 max_width: int | None = None, with_lora: bool = True):
+        """width_multiple: block tables are padded to a multiple of this many columns (at most max_width):
+        the tables' row stride is an argument of the attention kernel, which Triton compiles a variant of
+        for each of stride == 1, stride % 16 == 0 and any other stride; padded to 16 the stride is always
+        the second, so no step meets a variant the start-up warm-up (warmup.py) did not compile."""
         self.block_size, self.pad_block, self.device = block_size, pad_block, device
+        self.width_multiple, self.max_width = max(1, width_multiple), max_width
+        self.with_lora = with_lora     # False: no sequence can have an adapter (no per-sequence look)
         self.block_tables = BlockTableRows(pad_block)
         self.pinned = device.type == "cuda"
         # two host buffers used in turn: the next step writes one while the other's copy may still run
@@ -122,8 +138,12 @@ class StepInputBuilder:
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._dev: torch.Tensor | None = None
         self._turn = 0
+        # sizes of the packed parts -> (device views, [host slice per turn]): a step whose sizes repeat (steady
+        # decode) makes no torch slicing or split call; each costs 5-20 us on a busy host
+        self._views: dict[tuple, tuple] = {}
+        self._no_lora = np.full(64, -1, dtype=np.int64)
 
-    def _buffers(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _buffers(self, size: int) -> None:
         k = self._turn = 1 - self._turn
         if self._events[k] is not None:
             self._events[k].synchronize()   # its previous copy has been read (normally long done)
@@ -131,12 +151,33 @@ class StepInputBuilder:
         if host is None or host.numel() < size:
             host = self._host[k] = torch.empty(max(size, 4096) * 2, dtype=torch.int64, pin_memory=self.pinned)
             self._host_np[k] = host.numpy()   # made once: a torch call costs tens of us on a busy host
-        dev = None
-        if self.pinned:
-            if self._dev is None or self._dev.numel() < size:
-                self._dev = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
-            dev = self._dev
-        return host, dev
+            self._views.clear()
+        if self.pinned and (self._dev is None or self._dev.numel() < size):
+            self._dev = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
+            self._views.clear()
+
+    def _device_views(self, sizes: tuple, size: int, N: int, B: int, W: int):
+        """(flat device buffer of this step, its parts, block tables [B, W], ids/positions/slots [3, N]),
+        made once per sizes on CUDA; on the CPU a fresh copy every step (the next build reuses the host buffer)."""
+        k = self._turn
+        if not self.pinned:
+            flat = self._host[k][:size].clone()
+            parts = flat.split(sizes)
+            return flat, parts, parts[4].view(B, W), flat[:3 * N].view(3, N)
+        entry = self._views.get(sizes)
+        if entry is None:
+            if len(self._views) > 4096:   # bounded: the shapes of a long run
+                self._views.clear()
+            flat = self._dev[:size]
+            parts = flat.split(sizes)    # one call, not one slice per part
+            entry = self._views[sizes] = (flat, parts, parts[4].view(B, W), flat[:3 * N].view(3, N), [None, None])
+        hosts = entry[4]
+        if hosts[k] is None:
+            hosts[k] = self._host[k][:size]
+        entry[0].copy_(hosts[k], non_blocking=True)
+        event = self._events[k] = self._events[k] or torch.cuda.Event()
+        event.record()
+        return entry[:4]
 
     def build(self, seqs: list, num_new_tokens: list[int], prev_rows: dict[int, int] | bool | None = None
               ) -> tuple[StepInputs, torch.Tensor | None, torch.Tensor | None]:
@@ -146,22 +187,35 @@ class StepInputBuilder:
         Returns (inputs, placeholder_dst, placeholder_src) on the device."""
         bs = self.block_size
         B = len(seqs)
-        # one pass over the sequences per scalar (no loop over tokens or blocks)
-        # list comprehensions, not one loop of appends: ~4x less interpreter work per sequence
+        # one pass over the sequences per field: list comprehensions + np.array (measured faster on CPython 3.11
+        # than np.fromiter(map(attrgetter)); every numpy call costs 0.5-4 us, so few of them)
         starts_list = [s.num_computed_tokens for s in seqs]
-        totals = np.array([len(s.token_ids) for s in seqs], dtype=np.int64)
-        lens = [len(s.block_table) for s in seqs]
-        token_slot = np.array([-1 if s.lora is None or s.lora.slot is None else s.lora.slot for s in seqs],
-                              dtype=np.int64)
         starts = np.array(starts_list, dtype=np.int64)
-        W = max(max(lens), 1)
-        tables = self.block_tables.gather(seqs, lens, W)                  # [B, W]
+        token_lists = [s.token_ids for s in seqs]
+        totals = np.array([len(t) for t in token_lists], dtype=np.int64)
+        block_lists = [s.block_table for s in seqs]
+        lens_list = [len(t) for t in block_lists]
+        lens = np.array(lens_list, dtype=np.int64)
+        loras = [s.lora for s in seqs] if self.with_lora else None
+        if loras is None or loras.count(None) == B:           # no adapter in the batch (the common case): a constant row
+            if self._no_lora.size < B:
+                self._no_lora = np.full(2 * B, -1, dtype=np.int64)
+            token_slot, has_lora = self._no_lora[:B], False
+        else:
+            token_slot = np.array([-1 if a is None or a.slot is None else a.slot for a in loras], dtype=np.int64)
+            has_lora = bool((token_slot >= 0).any())
+        W = max(max(lens_list), 1)
+        m = self.width_multiple
+        if m > 1:
+            padded = -(-W // m) * m
+            W = padded if self.max_width is None or padded <= self.max_width else max(W, self.max_width)
+        tables = self.block_tables.gather(seqs, lens, W, block_lists)     # [B, W]
         if len(num_new_tokens) == sum(num_new_tokens):     # decode only: token i is sequence i's
-            ids = np.array([s.token_ids[a] for s, a in zip(seqs, starts_list)], dtype=np.int64)
+            ids = np.array([t[a] for t, a in zip(token_lists, starts_list)], dtype=np.int64)
             positions, ends, last = starts, starts + 1, None               # last token of sequence i: row i
             slots = tables[np.arange(B), starts // bs] * bs + starts % bs
         else:  # [N] token ids: one C-level slice per sequence
-            ids = np.fromiter(chain.from_iterable(s.token_ids[a:a + k] for s, a, k in zip(seqs, starts_list, num_new_tokens)),
+            ids = np.fromiter(chain.from_iterable(t[a:a + k] for t, a, k in zip(token_lists, starts_list, num_new_tokens)),
                               dtype=np.int64)
             n = np.array(num_new_tokens, dtype=np.int64)
             ends = starts + n
@@ -173,30 +227,26 @@ class StepInputBuilder:
         N = ids.size
         sample_rows = np.flatnonzero(ends == totals)                      # the chunk reaches the sequence's end
         sample_idx = sample_rows if last is None else last[sample_rows]
-        sample_rows_list = sample_rows.tolist()
-        dst, src = [], []
+        dst = src = _EMPTY
         if prev_rows:
-            pending = [i for i in sample_rows_list if seqs[i].num_pending]
+            pending = sample_rows[np.array([s.num_pending for s in seqs], dtype=np.int64)[sample_rows] > 0]
             dst = pending if last is None else last[pending]
-            src = ([seqs[i].pending_row for i in pending] if prev_rows is True
-                   else [prev_rows[seqs[i].seq_id] for i in pending])
+            if prev_rows is True:
+                src = np.array([s.pending_row for s in seqs], dtype=np.int64)[pending]
+            else:
+                src = np.array([prev_rows[seqs[i].seq_id] for i in pending.tolist()], dtype=np.int64)
             ids[ids < 0] = 0    # placeholders: overwritten on the device below
-        P = len(dst)
-        parts = (ids, positions, slots, ends, tables.reshape(-1), token_slot, sample_idx,
-                 np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64))
-        size = sum(p.size for p in parts)
-        host, dev = self._buffers(size)
+        P = dst.size
+        parts = (ids, positions, slots, ends, tables.reshape(-1), token_slot, sample_idx, dst, src)
+        sizes = (N, N, N, B, B * W, B, sample_idx.size, P, P)
+        size = 3 * N + B * (W + 2) + sample_idx.size + 2 * P
+        self._buffers(size)
         np.concatenate(parts, out=self._host_np[self._turn][:size])
-        if dev is not None:
-            flat = dev[:size]
-            flat.copy_(host[:size], non_blocking=True)
-            event = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()
-            event.record()
-        else:
-            flat = host[:size].clone()     # CPU: the next build reuses the buffer
-        view = flat.split([p.size for p in parts])   # one call, not one slice per part: each torch call
-        # releases and retakes the GIL, and a busy event-loop thread can hold it for a switch interval
-        inputs = StepInputs(view[0], view[1], view[2], view[3], view[4].view(B, W), view[5], view[6],
-                            ends.tolist(), sample_rows_list, bool((token_slot >= 0).any()), flat[:3 * N].view(3, N))
+        flat, view, block_tables, ids_positions_slots = self._device_views(sizes, size, N, B, W)
+        inputs = StepInputs(view[0], view[1], view[2], view[3], block_tables, view[5], view[6],
+                            ends.tolist(), sample_rows.tolist(), has_lora, ids_positions_slots)
         inputs.placeholders_everywhere = P == N and last is None   # decode: dst = pending rows = 0..N-1
         return inputs, (view[7] if P else None), (view[8] if P else None)
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)

@@ -193,6 +193,7 @@ def main() -> int:
                     help="torch.profiler summaries per rank of decode steps (tp/profile.py) into this folder")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only-tp", type=int, choices=(1, 2), default=None, help="run one side only (probes)")
+    ap.add_argument("--only-lora", action="store_true", help="only the TP=2 engine with 32 adapters (probes)")
     ap.add_argument("--only-trained", action="store_true", help="only the agreement runs on the default model")
     ap.add_argument("--build-only", action="store_true", help="only build the --checkpoint folder")
     ap.add_argument("--max-batch", type=int, default=256, help="engine max_batch_size (decode graph buckets)")
@@ -247,7 +248,7 @@ def main() -> int:
         return 0
     runs = {}
 
-    for tp in (1, 2) if a.only_tp is None else (a.only_tp,):
+    for tp in (1, 2) if a.only_tp is None else (a.only_tp,) if not a.only_lora else ():
         # each engine in its own process: nothing of one engine (CUDA context, allocator, NCCL, a device-side
         # assert) reaches the next; the child writes its figures to a JSON the parent merges
         r = runs[tp] = run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters)
@@ -259,11 +260,15 @@ def main() -> int:
             return 1
     if a.only_tp is not None:
         return 0
-    res["decode_bs1_speedup_tp2"] = runs[2]["tp2_decode_bs1_tok_s"] / runs[1]["tp1_decode_bs1_tok_s"]
-    res["decode_bs64_speedup_tp2"] = runs[2]["tp2_decode_bs64_tok_s"] / runs[1]["tp1_decode_bs64_tok_s"]
-    print(f"TP2/TP1 decode: bs1 {res['decode_bs1_speedup_tp2']:.3f}x, bs64 {res['decode_bs64_speedup_tp2']:.3f}x "
-          f"(all-reduce: {'symmetric memory' if res.get('tp2_custom_all_reduce') else 'NCCL/gloo'})", flush=True)
-    write(a.json, res)
+    if a.only_lora:
+        a.decode_only = False
+        runs = {1: {"_top1": []}, 2: {"_top1": []}}
+    else:
+        res["decode_bs1_speedup_tp2"] = runs[2]["tp2_decode_bs1_tok_s"] / runs[1]["tp1_decode_bs1_tok_s"]
+        res["decode_bs64_speedup_tp2"] = runs[2]["tp2_decode_bs64_tok_s"] / runs[1]["tp1_decode_bs64_tok_s"]
+        print(f"TP2/TP1 decode: bs1 {res['decode_bs1_speedup_tp2']:.3f}x, bs64 {res['decode_bs64_speedup_tp2']:.3f}x "
+              f"(all-reduce: {'symmetric memory' if res.get('tp2_custom_all_reduce') else 'NCCL/gloo'})", flush=True)
+        write(a.json, res)
     if not a.decode_only:
         # the adapters on an engine of their own, last: its LoRA graphs (and, on a cold machine, the LoRA kernels'
         # compiles for the shard shapes) never delay the speed-up figures (the 15:03 H200 run lost them that way)
@@ -273,9 +278,10 @@ def main() -> int:
         write(a.json, res)
         if "tp2_decode_bs64_lora_tok_s" in res and "tp2_decode_bs64_nolora_tok_s" in res:
             res["lora32_vs_nolora_tp2"] = res["tp2_decode_bs64_lora_tok_s"] / res["tp2_decode_bs64_nolora_tok_s"]
-        same = sum(x == y for x, y in zip(runs[1]["_top1"], runs[2]["_top1"]))
-        res["top1_agreement_tp2_vs_tp1"] = same / n_top1
-        res["top1_prompts"] = n_top1
+        if runs[1]["_top1"]:
+            same = sum(x == y for x, y in zip(runs[1]["_top1"], runs[2]["_top1"]))
+            res["top1_agreement_tp2_vs_tp1"] = same / n_top1
+            res["top1_prompts"] = n_top1
         print(json.dumps({k: v for k, v in res.items() if not k.startswith("tp")}, indent=2))
         write(a.json, res)
     if a.compare_ar:   # last: every main figure is written before it
@@ -343,7 +349,7 @@ def child_main(a) -> int:
     res[key] = start_s
     clock = getattr(getattr(engine, "tp", None), "clock", None)
     if clock is not None:
-        res[key.replace("_s", "_phases")] = clock.summary()
+        res[key[:-2] + "_phases"] = clock.summary()
     custom_ar = getattr(getattr(engine, "tp", None), "custom_ar", None) is not None
     print(f"tp{tp} engine ready in {start_s:.1f} s (all-reduce: {'symmetric memory' if custom_ar else 'NCCL/gloo'})"
           + (f"; rank 0 start-up: {clock.summary()}" if clock is not None else ""), flush=True)

@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+# the engine's start-up warm-up (warmup.py) compiles Triton variants for every engine a GPU test builds; off here
+# (tests/inference/test_warmup.py turns it on where it is the subject)
+os.environ.setdefault("LORASERVE_WARMUP", "0")
+
 
 def make_tokenizer(out_dir: str, vocab_size: int = 300) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -1,0 +1,171 @@
+"""Device time of the FP8 engine's decode step under its switches (issue 14 probes): where does the FP8 step go?
+
+One Llama-3-8B-shaped checkpoint of --layers layers (random weights). Each engine (bf16, then FP8 weights + FP8
+KV cache; small layer counts only: a second 32-layer engine in one CUDA process is not allowed) runs a real
+decode at batch 1 and --batch over --prompt-len contexts (wall ms per step), then, per variant (a set of
+LORASERVE_ switches read at launch), its decode CUDA graphs are captured again at buckets 1 and --batch and replayed
+back to back on the last real step's inputs (its contexts, block tables and slots): device ms per step of the
+layers alone (no host, no LM head, no sampling), divided by the layer count. The 32-layer step is predicted as
+32 x that + the LM head (benchmarks/fp8_gemv_sweep.py --chain-ms measures the head: bf16 284 us, FP8 156 at M=1).
+
+    python3 benchmarks/fp8_probe.py --layers 4 --json /tmp/fp8_probe.json
+    python3 benchmarks/fp8_probe.py --tiny      # CPU: the code path only (no graphs: eager wall times)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+# (name, switches): each variant's LORASERVE_ settings on top of the defaults
+VARIANTS = (
+    ("default", {}),
+    ("rope_kv_unfused", {"LORASERVE_FP8_FUSED_ROPE_KV": "0"}),
+    ("gemv_pdl_early", {"LORASERVE_FP8_GEMV_PDL": "early"}),
+    ("gemv_pdl_early_fixup", {"LORASERVE_FP8_GEMV_PDL": "early", "LORASERVE_FP8_SPLITK_FIXUP": "1"}),
+    ("splitk_fixup", {"LORASERVE_FP8_SPLITK_FIXUP": "1"}),
+    ("gemv_pdl_l2", {"LORASERVE_FP8_GEMV_PDL": "1"}),
+)
+
+
+def capture(engine, buckets: list[int]):
+    """A fresh CudaGraphRunner of `engine`'s model with graphs at `buckets` only, its static inputs copied from
+    the engine's own runner (the last real decode step's ids, positions, slots, context lengths, block tables)."""
+    from loraserve.inference.cuda_graphs import CudaGraphRunner
+
+    r, old = engine.runner, engine.runner.graph_runner
+    gr = CudaGraphRunner(r.model, r.device, max(buckets), old.block_tables.shape[1], r.num_blocks, r.block_size, None)
+    n = gr.max_batch
+    gr.ids_positions_slots.copy_(old.ids_positions_slots[:, :n])
+    gr.context_lens.copy_(old.context_lens[:n])
+    gr.block_tables.copy_(old.block_tables[:n])
+    gr.buckets = list(buckets)
+    gr.capture()
+    return gr
+
+
+def replay_ms(gr, bs: int, n: int = 30) -> float:
+    graph = gr.graphs[(bs, False)][0]
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, t0: float) -> None:
+    from benchmarks.bench_dora import time_decode
+    from benchmarks.bench_fp8 import build, free
+
+    kw = (dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=a.batch,
+               kv_cache_config={"free_gpu_memory_fraction": 0.4}) if not a.tiny else dict(dtype="float32", device="cpu"))
+    engine = build(path, quant, kw)
+    out = res.setdefault(tag, {})
+    for bs in (1, a.batch):   # a real decode: wall ms per step, and the graphs' inputs for the replays below
+        tok_s = time_decode(engine, bs, a.prompt_len, a.steps, [None], seed=bs)
+        out[f"wall_bs{bs}_ms_per_step"] = round(1e3 * bs / tok_s, 3)
+    print(f"[{tag}, {time.perf_counter() - t0:.0f} s] {out}", flush=True)
+    if engine.device.type == "cuda" and engine.runner.graph_runner is not None:
+        engine.runner.graph_runner.graphs.clear()   # the engine's own graphs: their memory back for the variants
+        outputs: dict[int, torch.Tensor] = {}   # bucket -> the first variant's hidden states
+        for name, switches in variants:
+            if time.perf_counter() - t0 > a.budget_s:
+                print(f"  {tag} {name}: skipped (budget)", flush=True)
+                continue
+            saved = {k: os.environ.get(k) for k in switches}
+            os.environ.update(switches)
+            try:
+                gr = capture(engine, [1, a.batch])
+                row = {}
+                for bs in (1, a.batch):
+                    row[f"bs{bs}_us_per_layer"] = round(1e3 * replay_ms(gr, bs) / a.layers, 2)
+                    # the variants change launches, not math (same codes, same summation order): the hidden
+                    # states must equal the default's bit for bit
+                    hidden = gr.graphs[(bs, False)][1].float().clone()
+                    ref = outputs.setdefault(bs, hidden)
+                    row[f"bs{bs}_max_abs_diff_vs_first"] = float((hidden - ref).abs().max())
+                del gr
+            except Exception as err:   # noqa: BLE001  (a variant that fails must not cost the others)
+                row = {"failed": f"{type(err).__name__}: {err}"[:300]}
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            out[name] = row
+            print(f"  {tag} {name} ({time.perf_counter() - t0:.0f} s): {row}", flush=True)
+            if a.json:
+                with open(a.json, "w") as fh:
+                    json.dump(res, fh, indent=1)
+    free(engine)
+    engine = None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
+    ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="CPU: a tiny random Llama, eager (the code path only)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    path = tempfile.mkdtemp(prefix="fp8-probe-")
+    if a.tiny:
+        from tests.inference.conftest import make_random_model
+
+        make_random_model(path, "llama")
+        a.batch, a.prompt_len, a.steps, a.layers = 4, 16, 3, 2
+    else:
+        from benchmarks.bench_engine import build_checkpoint
+
+        build_checkpoint(path, a.layers)
+        print(f"checkpoint built ({time.perf_counter() - t0:.0f} s)", flush=True)
+    chosen = [v for v in VARIANTS if v[0] in a.variants.split(",")]
+    res: dict = {"layers": a.layers, "batch": a.batch, "prompt_len": a.prompt_len,
+                 "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
+    try:
+        if not a.skip_bf16:
+            engine_run(path, None, a, [("default", {})], res, "bf16", t0)
+        kv = "FP8"
+        engine_run(path, {"quant_algo": "FP8", "kv_cache_quant_algo": kv}, a, chosen, res, "fp8", t0)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    b, f = res.get("bf16", {}).get("default", {}), res.get("fp8", {})
+    head = {"bf16": 284.0, "fp8_head": 156.0}   # us at M=1 (fp8_gemv_sweep.py --chain-ms, H200, 2026-11-30)
+    if "bs1_us_per_layer" in b:   # the 32-layer step from the per-layer device times (+ the LM head)
+        bf = 32 * b["bs1_us_per_layer"] + head["bf16"]
+        for name, row in f.items():
+            if isinstance(row, dict) and "bs1_us_per_layer" in row:
+                row["predicted_32l_bs1_speedup"] = round(bf / (32 * row["bs1_us_per_layer"] + head["bf16"]), 3)
+                row["predicted_32l_bs1_speedup_fp8_head"] = round(bf / (32 * row["bs1_us_per_layer"]
+                                                                        + head["fp8_head"]), 3)
+                row[f"bs{a.batch}_vs_bf16_layer"] = round(b[f"bs{a.batch}_us_per_layer"]
+                                                          / row[f"bs{a.batch}_us_per_layer"], 3)
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    print("RESULT " + json.dumps({k: v for k, v in res.items() if k != "switches"}), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -89,6 +89,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-rows", type=int, default=14)
     ap.add_argument("--skip-loop", action="store_true", help="only the one-token figures")
+    ap.add_argument("--modules", choices=("all", "qv"), default="all",
+                    help="LoRA target modules the engine enables (qv: bench_churn's resident engine exactly; the "
+                         "one-token adapter then has q_proj + v_proj only)")
     ap.add_argument("--json")
     args = ap.parse_args()
     tiny = args.tiny
@@ -110,15 +113,16 @@ def main() -> int:
             build_checkpoint(model_dir, args.layers)
         print(f"checkpoint built  [{time.perf_counter() - t0:.0f} s]", flush=True)
     t = time.perf_counter()
+    modules = ALL_MODULES if args.modules == "all" else CHURN_MODULES
     # as bench_churn's engine: max rank 64 (its 32 resident adapters are rank 8-64 on q_proj + v_proj); here all
     # seven modules enabled, for the one-token adapter (rank 16 on all seven, as bench_churn's cold adapters)
     llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=conc,
               lora_config=LoraConfig(max_lora_rank=64, max_loras=args.adapters + 1, max_cpu_loras=args.adapters + 1,
-                                     lora_target_modules=list(ALL_MODULES)),
+                                     lora_target_modules=list(modules)),
               kv_cache_config={"free_gpu_memory_fraction": 0.5})
     eng = llm.engine
     ttft_id = args.adapters + 1
-    add_adapter(eng, ttft_id, ALL_MODULES, 16, 7_000)
+    add_adapter(eng, ttft_id, modules, 16, 7_000)
     ranks = [int(r) for r in np.random.default_rng(1).choice([8, 16, 32, 64], size=args.adapters)]
     for i, r in enumerate(ranks):
         add_adapter(eng, i + 1, CHURN_MODULES, r, 100_000 + i)
@@ -129,7 +133,8 @@ def main() -> int:
           flush=True)
     out: dict = {"meta": dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                               layers=eng.args.num_hidden_layers, adapters=args.adapters, requests=n_req,
-                              concurrency=conc, input_len=in_len, output_len=out_len, command=" ".join(sys.argv))}
+                              concurrency=conc, input_len=in_len, output_len=out_len, modules=list(modules),
+                              command=" ".join(sys.argv))}
 
     def save():
         if args.json:
@@ -147,7 +152,7 @@ def main() -> int:
     lora_graphs(eng, True)
     out["ttft_ms"] = dict(base=base, lora_graphed=graphed, lora_eager=eager)
     print(f"one-token request, 64-token prompt (median of {args.ttft_repeats}): no adapter {base:.2f} ms; resident "
-          f"rank-16 adapter on 7 modules: LoRA graphs {graphed:.2f} ms, eager {eager:.2f} ms  "
+          f"rank-16 adapter on {len(modules)} modules: LoRA graphs {graphed:.2f} ms, eager {eager:.2f} ms  "
           f"[{time.perf_counter() - t:.0f} s]", flush=True)
     save()
 

@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -460,6 +461,8 @@ def main() -> int:
     res["bf16_gemm_peak_TFLOPs"] = peak / 1e12
     prompts = Prompts()
     path = tempfile.mkdtemp(prefix="llama8b-") if a.tiny else checkpoint_dir(a.layers)
+    # a time limit's SIGTERM (timeout) unwinds through the finally below: the checkpoint may sit in RAM
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         t = time.perf_counter()
         if a.tiny:   # ids up to 100000 (Prompts), 1024-token prompts

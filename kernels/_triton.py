@@ -35,11 +35,27 @@ def interpret_mode() -> bool:
     return HAS_TRITON and _INTERPRET
 
 
-def no_specialize(*names: str) -> list[str]:
-    """Arguments for ``triton.jit(do_not_specialize=...)``: integer arguments whose value changes between
-    launches (token and sequence counts, table widths). Triton otherwise compiles a variant per value class
-    (== 1, multiple of 16, other), so a serving process meets a new class, and a compile, long after its
-    warm-up. LORASERVE_TRITON_SPECIALIZE=1 restores Triton's default (to measure what the hints were worth)."""
-    if os.environ.get("LORASERVE_TRITON_SPECIALIZE", "0").strip().lower() in {"1", "true", "yes", "on"}:
-        return []
-    return list(names)
+
+def _jit_accepts(name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(triton.jit).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def no_specialize(*names: str, pointers: tuple[str, ...] = ()) -> dict:
+    """Keywords for ``triton.jit(**...)``: integer arguments whose value changes between launches (token
+    and sequence counts, table widths) and pointer arguments that may be views at any element offset (the
+    step's metadata, packed back to back in one buffer: positions start at element N, so their 16-byte
+    alignment flips with N's parity). Triton otherwise compiles a variant per class (an int == 1 or a
+    multiple of 16; a pointer 16-byte aligned or not), so a serving process meets a new class, and a
+    compile, long after its warm-up. Only metadata goes here: the K/V and activation pointers keep their
+    alignment hints (vectorised loads). LORASERVE_TRITON_SPECIALIZE=1 restores Triton's default."""
+    if not HAS_TRITON or os.environ.get("LORASERVE_TRITON_SPECIALIZE", "0").strip().lower() in {"1", "true", "yes", "on"}:
+        return {}
+    kw = {"do_not_specialize": list(names) + list(pointers)}
+    if pointers and _jit_accepts("do_not_specialize_on_alignment"):
+        kw["do_not_specialize_on_alignment"] = list(pointers)
+    return kw

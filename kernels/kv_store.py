@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, no_specialize, tl, triton
 
 FP8_MAX = 448.0
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(**no_specialize(pointers=("slot_ptr",)))   # slots: a view into the step's input buffer
     def _store_kv_fp8_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
                              stride_kn, stride_vn, ROW: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0)

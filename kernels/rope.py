@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, no_specialize, tl, triton
 from .pdl import pdl_kwargs
 
 
@@ -62,7 +62,7 @@ if HAS_TRITON:
         tl.store(o_row, (f1 * c[None, :] - f2 * s[None, :]).to(x1.dtype), mask=ok)
         tl.store(o_row + HALF, (f2 * c[None, :] + f1 * s[None, :]).to(x1.dtype), mask=ok)
 
-    @triton.jit
+    @triton.jit(**no_specialize(pointers=("pos_ptr",)))
     def _rope_kernel(pos_ptr, cache_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, H, KVH,
                      stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_qot, stride_qoh, stride_kot, stride_koh, stride_c, num_positions,
@@ -81,7 +81,7 @@ if HAS_TRITON:
         _rope_one(k_ptr, ko_ptr, t, stride_kt, stride_kh, stride_kot, stride_koh, KVH, c, s, HALF, HALF_P2,
                   BLOCK_KVH)
 
-    @triton.jit
+    @triton.jit(**no_specialize(pointers=("pos_ptr", "slot_ptr")))
     def _rope_store_kv_kernel(pos_ptr, cache_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, k_cache_ptr, v_cache_ptr,
                               H, KVH, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_qot, stride_qoh, stride_c, num_positions,

@@ -40,12 +40,15 @@ from .pdl import pdl_kwargs
 
 LOG2E = 1.4426950408889634
 # Integer arguments that change from step to step (sequence and token counts, the block table's width,
-# the split count) are not specialised (Triton would compile a variant for == 1 and for multiples of 16,
-# so a step with a new count class compiled mid-serving: 1.94 s for a 7759-token prefill in the e2e run).
-# They index metadata and partials, never a vectorised K/V load, so the hints bought nothing there.
+# the split count) and the metadata pointers (views into the step's packed input buffer, 16-byte aligned
+# or not with N's parity) are not specialised (Triton would compile a variant per class, so a step of a new
+# class compiled mid-serving: 1.94 s for a 7759-token prefill in the e2e run). They index metadata and
+# partials, never a vectorised K/V load, so the hints bought nothing there (kernels/_triton.py).
 # Compiled variants left: one per (BLOCK_M in 16/32/64 from max_query_len, SPLIT_KV, dtype, FP8_KV, PDL)
 # and the merge's S_PAD (2..64, powers of two). LORASERVE_TRITON_SPECIALIZE=1: Triton's default again.
-NO_SPECIALIZE = no_specialize("num_seqs", "num_tokens", "num_splits", "stride_tb")
+NO_SPECIALIZE = no_specialize("num_seqs", "num_tokens", "num_splits", "stride_tb",
+                              pointers=("tables_ptr", "seq_lens_ptr", "qsl_ptr"))
+NO_SPECIALIZE_MERGE = no_specialize("num_tokens", "num_splits")
 
 if HAS_TRITON:
 
@@ -112,7 +115,7 @@ if HAS_TRITON:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit(do_not_specialize=NO_SPECIALIZE)
+    @triton.jit(**NO_SPECIALIZE)
     def _unified_attention_kernel(
             q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
             k_scale_ptr, v_scale_ptr, scale_log2, num_seqs, num_tokens, num_splits,
@@ -195,7 +198,7 @@ if HAS_TRITON:
             tl.store(part_ml_ptr + row, m_i, mask=row_ok)
             tl.store(part_ml_ptr + num_splits * num_tokens * H + row, l_i, mask=row_ok)
 
-    @triton.jit(do_not_specialize=NO_SPECIALIZE)
+    @triton.jit(**NO_SPECIALIZE_MERGE)
     def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_splits, stride_ot, stride_oh,
                              H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                              S_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):

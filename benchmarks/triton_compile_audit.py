@@ -1,0 +1,209 @@
+"""Which step shapes make the model's Triton kernels compile (issue 10: a 7759-token prefill compiled
+mid-serving for 1.94 s), and what turning Triton's argument specialisation off costs.
+
+Triton compiles one variant per class of each non-constexpr argument: an int == 1 / a multiple of 16 /
+other, a pointer 16-byte aligned or not. The engine packs a step's metadata into one int64 buffer
+(step_inputs.py), so positions, context lengths and block tables start at offsets that move with N and B,
+and their alignment flips with parity. kernels/_triton.py `no_specialize` names the arguments that
+vary (LORASERVE_TRITON_SPECIALIZE=1: Triton's default, to compare).
+
+For each kernel the script launches the engine's step shapes in turn (decode batch sizes, prompt
+lengths, odd and even token counts, metadata at odd element offsets, as the input buffer lays it out)
+and prints how many variants each kernel holds after warm-up and after the sweep; then times the
+prefill (8 x 1024) and decode (64 x 512, 1 x 4096) attention and RoPE+KV store (CUDA graph replays).
+
+    python3 benchmarks/triton_compile_audit.py [--json out.json]       # GPU
+    TRITON_INTERPRET=1 python3 benchmarks/triton_compile_audit.py --smoke   # CPU check of the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+H, KVH, D, BS = 32, 8, 128, 16
+
+
+def num_variants(kernel) -> int:
+    """Compiled variants a @triton.jit function holds (-1: unknown, e.g. the interpreter)."""
+    fn = getattr(kernel, "fn", kernel)
+    caches = getattr(fn, "device_caches", None)
+    if caches:
+        return sum(len(v[0]) for v in caches.values())
+    cache = getattr(fn, "cache", None)
+    if isinstance(cache, dict) and cache:
+        return sum(len(v) for v in cache.values())
+    return -1
+
+
+def packed(values: list[torch.Tensor], offset: int, dev) -> list[torch.Tensor]:
+    """Int64 tensors laid out back to back in one buffer from element `offset` (as step_inputs.py packs a
+    step's metadata): their alignment follows the offsets, as in the engine."""
+    flat = torch.zeros(offset + sum(v.numel() for v in values), dtype=torch.int64, device=dev)
+    out, at = [], offset
+    for v in values:
+        view = flat[at:at + v.numel()].view(v.shape)
+        view.copy_(v)
+        out.append(view)
+        at += v.numel()
+    return out
+
+
+class Step:
+    """One step's attention inputs: B sequences of (query_len, context_len), packed as the engine does."""
+
+    def __init__(self, batch: list[tuple[int, int]], k_cache, dtype, dev):
+        N = sum(q for q, _ in batch)
+        W = max(-(-L // BS) for _, L in batch)
+        nb = k_cache.shape[0]
+        tables = torch.randint(0, nb, (len(batch), W), dtype=torch.int64)
+        lens = torch.tensor([L for _, L in batch], dtype=torch.int64)
+        positions = torch.cat([torch.arange(L - q, L) for q, L in batch])
+        slots = torch.randperm(nb * BS)[:N]
+        # the engine's layout: ids [N] | positions [N] | slots [N] | context_lens [B] | tables [B*W] | ...
+        self.positions, self.slots, self.lens, self.tables = packed(
+            [positions, slots, lens, tables.view(-1)], N, dev)
+        self.tables = self.tables.view(len(batch), W)
+        self.qsl = torch.tensor([0] + [q for q, _ in batch], device=dev).cumsum(0).to(torch.int32)
+        self.q = torch.randn(N, H, D, device=dev, dtype=dtype)
+        self.qkv = torch.randn(N, H * D + 2 * KVH * D, device=dev, dtype=dtype)
+        self.max_q = max(q for q, _ in batch)
+        self.batch = batch
+
+
+def run_step(st: Step, k_cache, v_cache, cos_sin, splits=None):
+    from loraserve.kernels.rope import rope_store_kv
+    from loraserve.kernels.unified_attention import unified_attention
+
+    N = st.q.shape[0]
+    q, k, v = st.qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+    qr = rope_store_kv(st.positions, q.view(N, H, D), k.view(N, KVH, D), v.view(N, KVH, D), cos_sin,
+                       k_cache, v_cache, st.slots)
+    return unified_attention(qr, k_cache, v_cache, st.tables, st.lens, st.qsl, st.max_q, D ** -0.5,
+                             num_splits=splits)
+
+
+def sweep_shapes(smoke: bool) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The step shapes a serving run meets after warm-up: decode batches of every size class, prompts
+    of odd and even lengths, chunks over prefixes, mixed steps."""
+    if smoke:
+        return [("decode 1", [(1, 40)]), ("decode 3", [(1, 20)] * 3), ("prefill 17", [(17, 17)]),
+                ("prefill 16+5", [(16, 16), (5, 5)]), ("mixed", [(1, 30), (9, 9)])]
+    out = []
+    for b in (1, 2, 3, 7, 16, 17, 33, 64, 100):
+        out.append((f"decode bs{b}", [(1, 300 + 7 * i) for i in range(b)]))
+    for n in (17, 100, 128, 513, 1000, 1024, 2047, 4096, 7759):
+        out.append((f"prefill 1x{n}", [(n, n)]))
+    out.append(("prefill 3x333", [(333, 333)] * 3))
+    out.append(("prefill 8x1024", [(1024, 1024)] * 8))
+    out.append(("chunk 256 over 700", [(256, 956)]))
+    out.append(("mixed 63 dec + 255 chunk", [(1, 500)] * 63 + [(255, 255)]))
+    out.append(("mixed 5 dec + 7 chunk", [(1, 40)] * 5 + [(7, 7)]))
+    return out
+
+
+def audit(dev, dtype, smoke: bool) -> dict:
+    import importlib
+
+    rope = importlib.import_module("loraserve.kernels.rope")   # the modules (the package re-exports functions)
+    ua = importlib.import_module("loraserve.kernels.unified_attention")
+
+    kernels = {"unified_attention": ua._unified_attention_kernel, "merge_splits": ua._merge_splits_kernel,
+               "rope_store_kv": rope._rope_store_kv_kernel}
+    nb = 4096 if not smoke else 64
+    k_cache = torch.zeros(nb, BS, KVH, D, device=dev, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    cos_sin = rope.rope_cos_sin_cache(torch.rand(D // 2, device=dev), 16384 if not smoke else 512)
+    # warm-up, as a serving start-up would: one decode step, one prompt, one long-context decode (splits)
+    for batch in ([(1, 40)], [(64, 64)], [(1, 3000 if not smoke else 200)]):
+        run_step(Step(batch, k_cache, dtype, dev), k_cache, v_cache, cos_sin)
+    sync(dev)
+    after_warmup = {k: num_variants(f) for k, f in kernels.items()}
+    print(f"variants after warm-up: {after_warmup}", flush=True)
+    compiles = []
+    for name, batch in sweep_shapes(smoke):
+        before = {k: num_variants(f) for k, f in kernels.items()}
+        t = time.perf_counter()
+        run_step(Step(batch, k_cache, dtype, dev), k_cache, v_cache, cos_sin)
+        sync(dev)
+        dt = time.perf_counter() - t
+        new = {k: num_variants(f) - before[k] for k, f in kernels.items() if num_variants(f) != before[k]}
+        if new:
+            compiles.append((name, new, round(dt, 3)))
+            print(f"  {name}: new variants {new} ({dt:.2f} s)", flush=True)
+    final = {k: num_variants(f) for k, f in kernels.items()}
+    print(f"variants after the sweep: {final}; steps that compiled: {len(compiles)}", flush=True)
+    return {"after_warmup": after_warmup, "after_sweep": final, "compiling_steps": compiles}
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timings(dev, dtype) -> dict:
+    """us per call, CUDA-graph replays (HBM-resident K/V: the cache is larger than L2 many times over)."""
+    nb = 8192
+    k_cache = torch.randn(nb, BS, KVH, D, device=dev, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    from loraserve.kernels.rope import rope_cos_sin_cache
+
+    cos_sin = rope_cos_sin_cache(torch.rand(D // 2, device=dev), 16384)
+    out = {}
+    for name, batch in (("prefill_8x1024", [(1024, 1024)] * 8), ("decode_64x512", [(1, 512)] * 64),
+                        ("decode_1x4096", [(1, 4096)]), ("prefill_1x7759", [(7759, 7759)])):
+        st = Step(batch, k_cache, dtype, dev)
+        st.tables.copy_(torch.randperm(nb, device=dev)[:st.tables.numel()].view_as(st.tables))
+        fn = lambda: run_step(st, k_cache, v_cache, cos_sin)   # noqa: E731
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 20
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        out[name + "_us"] = a.elapsed_time(b) * 1e3 / reps
+        print(f"  {name}: rope_store_kv + attention {out[name + '_us']:.1f} us", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="CPU (TRITON_INTERPRET=1): tiny shapes, no timing")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-sweep", action="store_true", help="timings only")
+    ap.add_argument("--no-timings", action="store_true")
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    spec = os.environ.get("LORASERVE_TRITON_SPECIALIZE", "0")
+    print(f"== compile audit, LORASERVE_TRITON_SPECIALIZE={spec}", flush=True)
+    res = {"specialize": spec}
+    if not a.no_sweep:
+        res["audit"] = audit(dev, dtype, a.smoke)
+    if dev.type == "cuda" and not a.no_timings:
+        res["timings"] = timings(dev, dtype)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

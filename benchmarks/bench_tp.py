@@ -248,7 +248,7 @@ def main() -> int:
         return 0
     runs = {}
 
-    for tp in (1, 2) if a.only_tp is None else (a.only_tp,) if not a.only_lora else ():
+    for tp in () if a.only_lora else (1, 2) if a.only_tp is None else (a.only_tp,):
         # each engine in its own process: nothing of one engine (CUDA context, allocator, NCCL, a device-side
         # assert) reaches the next; the child writes its figures to a JSON the parent merges
         r = runs[tp] = run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters)

@@ -113,51 +113,6 @@ def measure(engine, a, loras=None) -> dict:
     return out
 
 
-def profile_decode(engine, batch: int, prompt_len: int, steps: int = 5, top: int = 22) -> list:
-    """Device time per decode step by kernel (torch.profiler over `steps` steps at `batch`, CUDA graphs as
-    served): [(name, us per step, us per call, calls per step)], the `top` largest, also printed."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from loraserve import SamplingParams
-
-    ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
-                        generator=torch.Generator().manual_seed(99)).tolist()
-    for i, p in enumerate(ids):
-        engine.add_request(f"fp8-prof-{i}", p, SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True,
-                                                              temperature=0))
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
-        engine.step()
-    for _ in range(2):
-        engine.step()
-    _sync(engine)
-    host, t = [], time.perf_counter()   # unprofiled: host time inside step() against wall time per step
-    for _ in range(steps):
-        t1 = time.perf_counter()
-        engine.step()
-        host.append(time.perf_counter() - t1)
-    _sync(engine)
-    wall_ms, host_ms = 1e3 * (time.perf_counter() - t) / steps, 1e3 * statistics.median(host)
-    cuda = engine.device.type == "cuda"   # CPU (--tiny): op times, to exercise this code
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            engine.step()
-        _sync(engine)
-    for rid in list(engine.seqs):
-        engine.abort_request(rid)
-    rows = []
-    for e in prof.key_averages():
-        total = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if cuda
-                 else e.self_cpu_time_total)
-        if total > 0 and e.count:
-            rows.append((e.key[:70], round(total / steps, 1), round(total / e.count, 2), round(e.count / steps, 1)))
-    rows.sort(key=lambda r: -r[1])
-    print(f"  decode bs{batch}: wall {wall_ms:.3f} ms/step, host in step() {host_ms:.3f} ms (median), device us per "
-          f"step (all kernels): {sum(r[1] for r in rows):.0f} (kernel, us/step, us/call, calls/step)")
-    for r in rows[:14]:   # the JSON keeps `top`
-        print(f"    {r[0]:70s} {r[1]:9.1f} {r[2]:8.2f} {r[3]:6.1f}")
-    return rows[:top]
-
-
 def fp8_kv_cache_supported(device: torch.device) -> bool:
     """Whether enable_fp8_kv_cache accepts `device` (it refuses CUDA until the Triton attention kernels
     read e4m3): probed on an empty module, so nothing is built."""
@@ -211,7 +166,7 @@ def _compare(logits: dict, ref: dict, suffix: str) -> dict:
     return out
 
 
-def agreement(kw: dict, quant: dict, num_texts: int, on_result=None) -> dict:
+def agreement(kw: dict, quant: dict, num_texts: int, on_result=None, extra_modes: bool = True) -> dict:
     """Top-1 agreement and max |logit error| of FP8 vs bf16 (same compute dtype) on the default model,
     base and with the `upper` adapter, on text sampled from the bf16 engine's model."""
     from loraserve import LoraConfig, LoRARequest, SamplingParams
@@ -255,7 +210,7 @@ def agreement(kw: dict, quant: dict, num_texts: int, on_result=None) -> dict:
                 on_result(res)
             # the same engine with every GEMM W8A8 where the GPU can (what an 8B model's prefill runs), then
             # with every GEMM weight-only (what decode's steps of <= 32 tokens run); the path is chosen per call
-            for mode, suffix in (("on", "_w8a8"), ("off", "_w8a16")):
+            for mode, suffix in (("on", "_w8a8"), ("off", "_w8a16")) if extra_modes else ():
                 old = os.environ.get("LORASERVE_FP8_ACT_QUANT")
                 os.environ["LORASERVE_FP8_ACT_QUANT"] = mode
                 try:
@@ -270,47 +225,6 @@ def agreement(kw: dict, quant: dict, num_texts: int, on_result=None) -> dict:
         free(engine)
         engine = None
     return res
-
-
-def gemm_micro(iters: int = 50) -> dict:
-    """us per GEMM and weight GB/s at Llama-3-8B projection shapes (CUDA only, eager launches: host costs
-    included; benchmarks/fp8_gemv_sweep.py times CUDA graphs): bf16 F.linear, the FP8 GEMV, and _scaled_mm
-    with the fused per-token quantization, at decode and prefill M."""
-    import torch.nn.functional as F
-
-    from loraserve.inference.models.fp8 import quantize_per_channel, scaled_mm_rowwise
-    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
-    from loraserve.kernels.fp8_gemv import fp8_gemv
-
-    copies = 8   # weights rotate over 8 copies: > the 50 MB L2 even for o_proj in FP8 (16 MB each)
-
-    def us(fn) -> float:
-        for i in range(5):
-            fn(i % copies)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(iters):
-            fn(i % copies)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3 / iters
-
-    out = {}
-    for name, (n, k) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}.items():
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        qs = [quantize_per_channel(w) for w in ws]
-        for m in (1, 16, 64, 256, 4096):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"bf16": us(lambda i: F.linear(x, ws[i])),
-                   "scaled_mm": us(lambda i: scaled_mm_rowwise(*per_token_quant_fp8(x), *qs[i], torch.bfloat16))}
-            if m <= 64:
-                row["gemv"] = us(lambda i: fp8_gemv(x, *qs[i]))
-                row["gemv_weight_GBps"] = n * k / row["gemv"] / 1e3
-                row["bf16_weight_GBps"] = 2 * n * k / row["bf16"] / 1e3
-            out[f"{name}_m{m}_us"] = {key: round(v, 2) for key, v in row.items()}
-        ws = qs = None
-        torch.cuda.empty_cache()
-    return out
 
 
 def fp8_gemv_max_m_setting() -> str:
@@ -341,6 +255,14 @@ def main() -> int:
     ap.add_argument("--precompile-jobs", type=int, default=0,
                     help="compile the FP8 GEMV tiles in this many worker processes while the checkpoint is written")
     ap.add_argument("--quality-only", action="store_true", help="only the top-1 agreement on the default model")
+    ap.add_argument("--quality-dispatch-only", action="store_true",
+                    help="top-1 agreement of the engine's own dispatch only (not also all-W8A8 / all-weight-only)")
+    ap.add_argument("--quality-parallel", action="store_true",
+                    help="the top-1 agreement (dispatch only) in a child process while the 8B checkpoint is written")
+    ap.add_argument("--quality-wait-s", type=float, default=90,
+                    help="--quality-parallel: stop waiting for the child (and kill it) this long after the start")
+    ap.add_argument("--max-batch", type=int, default=256,
+                    help="engines' max_batch_size: CUDA-graph buckets up to it (64: 9 buckets, not 13)")
     ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (no speedups: FP8 figures only)")
     ap.add_argument("--profile", nargs="?", const="all", choices=["all", "fp8"], default=None,
                     help="per-kernel device time of decode steps at batch 1 and --batch (fp8: the FP8 engine only)")
@@ -349,6 +271,8 @@ def main() -> int:
     a = ap.parse_args()
 
     from loraserve import LoraConfig
+
+    from benchmarks.fp8_probe import gemm_micro, profile_decode
 
     from benchmarks.bench_dora import make_adapters, register, time_decode
 
@@ -372,10 +296,19 @@ def main() -> int:
                 with open(a.json, "w") as fh:
                     json.dump(res, fh, indent=2)
 
-        write(agreement(kw, quant, 2 if a.tiny else a.quality_texts, on_result=write))
+        write(agreement(kw, quant, 2 if a.tiny else a.quality_texts, on_result=write,
+                        extra_modes=not a.quality_dispatch_only))
         print(json.dumps(res, indent=2))
         return 0
     path = tempfile.mkdtemp(prefix="fp8-bench-")
+    quality = qpath = None
+    if a.quality_parallel and not a.skip_quality and not a.fp8_only:
+        # the default model's top-1 run (small engines) in a child process, beside the 8B checkpoint's write
+        import subprocess
+
+        qpath = os.path.join(path, "quality.json")
+        quality = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--quality-only", "--quality-dispatch-only",
+                                    "--quality-texts", str(a.quality_texts), "--json", qpath] + (["--tiny"] if a.tiny else []))
     if a.tiny:
         from tests.inference.conftest import make_random_model
 
@@ -401,8 +334,15 @@ def main() -> int:
                 pre.kill()
                 pre.wait()
             print(f"GEMV precompile finished (exit {pre.returncode}, {time.perf_counter() - t0:.0f} s)", flush=True)
-        kw = dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=256,
+        kw = dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=a.max_batch,
                   kv_cache_config={"free_gpu_memory_fraction": 0.5})
+    if quality is not None:   # done before an engine sizes its KV cache from the free memory
+        try:
+            quality.wait(timeout=max(5.0, a.quality_wait_s - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            quality.kill()
+            quality.wait()
+        print(f"quality run finished (exit {quality.returncode}, {time.perf_counter() - t0:.0f} s)", flush=True)
     on_gpu = kw["device"] == "cuda"
     kv_fp8 = fp8_kv_cache_supported(torch.device(kw["device"])) if a.kv_cache_fp8 == "auto" else a.kv_cache_fp8 == "on"
     quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
@@ -413,6 +353,12 @@ def main() -> int:
                  "fp8_gemv_configs": os.environ.get("LORASERVE_FP8_GEMV_CONFIGS") or "built-in table (kernels/fp8_gemv.py)",
                  "lm_head": "fp8 (LORASERVE_FP8_LM_HEAD=1)" if os.environ.get("LORASERVE_FP8_LM_HEAD") == "1" else "bf16",
                  "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
+    if qpath is not None and os.path.exists(qpath):   # the parallel quality run's figures (--quality-parallel)
+        try:
+            with open(qpath) as fh:
+                res.update({k: v for k, v in json.load(fh).items() if k.startswith(("top1", "max_logit"))})
+        except ValueError:
+            pass
     lora_cfg = LoraConfig(max_lora_rank=a.rank, max_loras=a.adapters, max_cpu_loras=a.adapters)
 
     def save(phase: str) -> None:
@@ -484,7 +430,7 @@ def main() -> int:
             os.environ.pop("LORASERVE_FP8_LM_HEAD", None)
         save("fp8 with the FP8 LM head")
     shutil.rmtree(path, ignore_errors=True)   # the 8B checkpoint: 16 GB of disk
-    if not a.skip_quality and not a.fp8_only:
+    if not a.skip_quality and not a.fp8_only and quality is None:
         res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant,
                              2 if a.tiny else a.quality_texts))
         save("quality")

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -112,6 +113,97 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     json.dump(res, fh, indent=1)
     free(engine)
     engine = None
+
+
+def _sync(engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_decode(engine, batch: int, prompt_len: int, steps: int = 5, top: int = 22) -> list:
+    """Device time per decode step by kernel (torch.profiler over `steps` steps at `batch`, CUDA graphs as
+    served): [(name, us per step, us per call, calls per step)], the `top` largest, also printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraserve import SamplingParams
+
+    ids = torch.randint(2, engine.args.vocab_size - 1, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(99)).tolist()
+    for i, p in enumerate(ids):
+        engine.add_request(f"fp8-prof-{i}", p, SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True,
+                                                              temperature=0))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.seqs.values()):
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    _sync(engine)
+    host, t = [], time.perf_counter()   # unprofiled: host time inside step() against wall time per step
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        engine.step()
+        host.append(time.perf_counter() - t1)
+    _sync(engine)
+    wall_ms, host_ms = 1e3 * (time.perf_counter() - t) / steps, 1e3 * statistics.median(host)
+    cuda = engine.device.type == "cuda"   # CPU (--tiny): op times, to exercise this code
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine)
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    rows = []
+    for e in prof.key_averages():
+        total = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if cuda
+                 else e.self_cpu_time_total)
+        if total > 0 and e.count:
+            rows.append((e.key[:70], round(total / steps, 1), round(total / e.count, 2), round(e.count / steps, 1)))
+    rows.sort(key=lambda r: -r[1])
+    print(f"  decode bs{batch}: wall {wall_ms:.3f} ms/step, host in step() {host_ms:.3f} ms (median), device us per "
+          f"step (all kernels): {sum(r[1] for r in rows):.0f} (kernel, us/step, us/call, calls/step)")
+    for r in rows[:14]:   # the JSON keeps `top`
+        print(f"    {r[0]:70s} {r[1]:9.1f} {r[2]:8.2f} {r[3]:6.1f}")
+    return rows[:top]
+
+
+def gemm_micro(iters: int = 50) -> dict:
+    """us per GEMM and weight GB/s at Llama-3-8B projection shapes (CUDA only, eager launches: host costs
+    included; benchmarks/fp8_gemv_sweep.py times CUDA graphs): bf16 F.linear, the FP8 GEMV, and _scaled_mm
+    with the fused per-token quantization, at decode and prefill M."""
+    import torch.nn.functional as F
+
+    from loraserve.inference.models.fp8 import quantize_per_channel, scaled_mm_rowwise
+    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    copies = 8   # weights rotate over 8 copies: > the 50 MB L2 even for o_proj in FP8 (16 MB each)
+
+    def us(fn) -> float:
+        for i in range(5):
+            fn(i % copies)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(iters):
+            fn(i % copies)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / iters
+
+    out = {}
+    for name, (n, k) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        qs = [quantize_per_channel(w) for w in ws]
+        for m in (1, 16, 64, 256, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"bf16": us(lambda i: F.linear(x, ws[i])),
+                   "scaled_mm": us(lambda i: scaled_mm_rowwise(*per_token_quant_fp8(x), *qs[i], torch.bfloat16))}
+            if m <= 64:
+                row["gemv"] = us(lambda i: fp8_gemv(x, *qs[i]))
+                row["gemv_weight_GBps"] = n * k / row["gemv"] / 1e3
+                row["bf16_weight_GBps"] = 2 * n * k / row["bf16"] / 1e3
+            out[f"{name}_m{m}_us"] = {key: round(v, 2) for key, v in row.items()}
+        ws = qs = None
+        torch.cuda.empty_cache()
+    return out
 
 
 def main() -> int:

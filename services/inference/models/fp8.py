@@ -11,9 +11,7 @@ GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M t
 Triton FP8 GEMV kernels (kernels/fp8_gemv.py) with the tile its table holds per M bucket: weight-only up to 32
 tokens (bf16 x times e4m3 W converted in registers, no activation quantization), W8A8 `dot8` at 33..64 (x per
 token in e4m3, FP8 tensor cores: the numerics of _scaled_mm); larger M torch._scaled_mm (row-wise scales) after
-one Triton launch that quantizes x per token. H200, 8B projections, one decoder layer's four GEMMs
-(fp8_gemv_sweep.py, CUDA graphs, final run 2026-11-30): M=1 67.9 us (bf16 118.7, _scaled_mm 135.5: 1.75x bf16),
-M=16 79.5 (119.4 / 130.3), M=32 102.8 (126.7 / 130.5), M=64 dot8 96.1 (bf16 127.2, _scaled_mm 124.1).
+one Triton launch that quantizes x per token (H200 figures per M: kernels/PERF_NOTES.md, FP8 decode GEMV).
 Projections under W8A8_MIN_WEIGHTS (1M) keep x unquantized at every M (LORASERVE_FP8_ACT_QUANT=auto|on|off).
 The older Triton W8A16 GEMM (kernels/fp8_gemm.py) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
@@ -29,7 +27,8 @@ KV cache: e4m3 with one fp32 scale per layer for K and one for V (the checkpoint
 `v_scale`, else calibrated on the first step as vLLM's calculate_kv_scales; a fixed 1.0 lost ~3% top-1
 on the default model); `Fp8KVAttention` quantizes on write; the Triton attention kernels (CUDA) read
 the codes and dequantize in registers, the CPU torch path dequantizes the gathered blocks. The scales
-live in device memory ([2] fp32 per layer), so captured CUDA graphs read the current values.
+live in device memory ([2] fp32 per layer), so captured CUDA graphs read the current values. On CUDA, RoPE and
+the e4m3 K/V write run as one launch (kernels/fp8_rope_kv.py; LORASERVE_FP8_FUSED_ROPE_KV=0: two).
 
 Nothing here runs unless a quant_config asks for it: the loader swaps modules in at load time.
 """
@@ -286,7 +285,16 @@ class Fp8Head(nn.Module):
         self.register_buffer("weight_scale", w_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, None)
+        # weight-only at every M (x stays bf16: the last GEMM before the argmax); CUDA: the FP8 GEMV kernels
+        if gemm_path(x, self.weight) != "dequant" and "gemv" not in _BROKEN:
+            from loraserve.kernels.fp8_gemv import fp8_gemv
+
+            try:
+                return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale,
+                                weight_only=True)
+            except Exception as err:   # a compile error: the dequantized matmul from now on
+                _triton_failed("gemv", err)
+        return F.linear(x, dequantize(self.weight, self.weight_scale[:, None], x.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD=1)"

@@ -29,12 +29,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # (name, switches): each variant's LORASERVE_ settings on top of the defaults
 VARIANTS = (
     ("default", {}),
+    ("gemv_pdl_early_fixup", {"LORASERVE_FP8_GEMV_PDL": "early", "LORASERVE_FP8_SPLITK_FIXUP": "1"}),
     ("rope_kv_unfused", {"LORASERVE_FP8_FUSED_ROPE_KV": "0"}),
     ("gemv_pdl_early", {"LORASERVE_FP8_GEMV_PDL": "early"}),
-    ("gemv_pdl_early_fixup", {"LORASERVE_FP8_GEMV_PDL": "early", "LORASERVE_FP8_SPLITK_FIXUP": "1"}),
     ("splitk_fixup", {"LORASERVE_FP8_SPLITK_FIXUP": "1"}),
     ("gemv_pdl_l2", {"LORASERVE_FP8_GEMV_PDL": "1"}),
 )
+DEFAULT_VARIANTS = "default,gemv_pdl_early_fixup,rope_kv_unfused,gemv_pdl_early,splitk_fixup"
 
 
 def capture(engine, buckets: list[int]):
@@ -212,7 +213,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated names from VARIANTS, in order")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="CPU: a tiny random Llama, eager (the code path only)")
@@ -230,7 +231,7 @@ def main() -> int:
 
         build_checkpoint(path, a.layers)
         print(f"checkpoint built ({time.perf_counter() - t0:.0f} s)", flush=True)
-    chosen = [v for v in VARIANTS if v[0] in a.variants.split(",")]
+    chosen = [v for name in a.variants.split(",") for v in VARIANTS if v[0] == name]
     res: dict = {"layers": a.layers, "batch": a.batch, "prompt_len": a.prompt_len,
                  "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
     try:

@@ -196,7 +196,8 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
             with RegistryClient(reg.address) as client:
                 for i, p in enumerate(paths):
                     client.push(p, f"cold-{i}", base_model="bench", chunk_size=1 << 20)
-            fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "fetch-cache"))
+            fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "fetch-cache"),  # as the service does
+                                     stage_alloc=eng.lora_manager.staging_alloc)
             loop = asyncio.new_event_loop()
             for i in range(n):
                 fetched = []

@@ -158,29 +158,15 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
              for i in range(n)]
     size = sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0]))
     why_not = registry_available() if use_registry else "not asked for"
-    fetched = [None] * n
-    if why_not is None:
-        from loraserve.inference.adapter_source import AdapterFetcher
-        from loraserve.registry.client import RegistryClient
-
-        with start_registry(os.path.join(workdir, "stage-registry"), registry_process) as (reg, kind):
-            with RegistryClient(reg.address) as client:
-                for i, p in enumerate(paths):
-                    client.push(p, f"stage-{i}", base_model="bench", chunk_size=1 << 20)
-            fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "stage-cache"))
-            loop = asyncio.new_event_loop()
-            for i in range(n):  # the registry is idle between fetches, as at no load
-                fetched[i] = loop.run_until_complete(fetcher.fetch(f"stage-{i}", 1))
-                loop.run_until_complete(fetcher.flush())  # its disk copy written before the next (no load)
-            loop.run_until_complete(fetcher.close())
-            loop.close()
     mgr = LoRAManager(LoraConfig(max_lora_rank=rank, max_loras=1, max_cpu_loras=n),
                       PeftCacheConfig(num_device_module_layer=2 * num_layers * len(ALL_MODULES)), margs, dtype, dev)
     rows = []
-    for i in range(n):
-        f = fetched[i]
+
+    def one(i: int, f) -> None:
+        """Resolve (parse + stage) adapter i, as fetched (None: from its dir), then time its slot copy."""
         path, digest, data = (f.path, f.digest, f.data) if f is not None else (paths[i], None, None)
-        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=True, digest=digest, data=data)
+        hold = mgr.resolve(LoRARequest(f"stage-{i}", i + 1, path, "hf"), trusted=f is not None, digest=digest,
+                           data=data)
         seq = Sequence(f"stage-{i}", [1, 2, 3], SamplingParams(max_tokens=1), lora=hold)
         t0 = time.perf_counter()
         assert mgr.try_acquire(seq), "a slot must be free"
@@ -198,6 +184,29 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
         mgr.release_request(seq)
         with mgr.lock:  # an idle slot for the next one (the device tier holds 2)
             mgr.device_tier.remove(hold.handle)
+
+    kind = None
+    if why_not is None:
+        from loraserve.inference.adapter_source import AdapterFetcher
+        from loraserve.registry.client import RegistryClient
+
+        with start_registry(os.path.join(workdir, "stage-registry"), registry_process) as (reg, kind):
+            with RegistryClient(reg.address) as client:
+                for i, p in enumerate(paths):
+                    client.push(p, f"stage-{i}", base_model="bench", chunk_size=1 << 20)
+            # as the service: downloads land in the manager's pinned staging arena (CUDA)
+            fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "stage-cache"),
+                                     stage_alloc=mgr.staging_alloc)
+            loop = asyncio.new_event_loop()
+            for i in range(n):  # the registry is idle between fetches, as at no load
+                f = loop.run_until_complete(fetcher.fetch(f"stage-{i}", 1))
+                one(i, f)
+                loop.run_until_complete(fetcher.flush())  # its disk copy written before the next (no load)
+            loop.run_until_complete(fetcher.close())
+            loop.close()
+    else:
+        for i in range(n):
+            one(i, None)
     mgr.shutdown()
     rows = rows[1:]
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in STAGES}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from loraserve.adapters.archives import StagedArtifact
 from loraserve.adapters.bundle import Chunks
 from loraserve.registry.archive import ARTIFACT_SUFFIX  # the registry's own artifact file names
 
@@ -35,6 +36,10 @@ DOWNLOAD_CHUNK = int(os.environ.get("LORASERVE_DOWNLOAD_CHUNK", 1 << 20))
 
 # a downloaded plain tar is served from memory while its disk copy is written (0: disk first, as before)
 FETCH_IN_MEMORY = os.environ.get("LORASERVE_FETCH_IN_MEMORY", "1") != "0"
+
+# a ranged download is copied straight into the engine's staging memory (stage_alloc) and its disk
+# copy written as it arrives (LORASERVE_FETCH_STAGED=0: the pieces kept in memory, as before)
+FETCH_STAGED = os.environ.get("LORASERVE_FETCH_STAGED", "1") != "0"
 
 # reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
@@ -57,7 +62,8 @@ class FetchedAdapter:
     download_s: float = 0.0  # download + digest check (+ file write unless in memory; 0 when on disk already)
     # the verified artifact bytes, while its disk copy is still being written (a plain tar downloaded
     # just now): parse these, not the file; None: the file at `path` is complete
-    data: Chunks | None = field(default=None, repr=False)
+    # a StagedArtifact: the bytes in the engine's staging memory, for the caller's parser alone
+    data: Chunks | StagedArtifact | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,12 @@ class AdapterFetcher:
     the gRPC channel reconnects by itself when the registry returns."""
 
     def __init__(self, address: str | None, cache_dir: str, token: str | None = None, timeout_s: float = 30.0,
-                 ca_file: str | None = None, ref_ttl_s: float = 5.0, stale_timeout_s: float = 2.0):
+                 ca_file: str | None = None, ref_ttl_s: float = 5.0, stale_timeout_s: float = 2.0,
+                 stage_alloc=None):
+        """stage_alloc: nbytes -> StagedArtifact | None (LoRAManager.staging_alloc): a ranged download
+        lands there directly, each message at its offset (pinned on CUDA: no read copy afterwards)."""
         self.address, self.cache_dir, self.token, self.timeout_s = address, cache_dir, token, timeout_s
+        self.stage_alloc = stage_alloc if FETCH_STAGED else None
         self.ca_file = ca_file
         self.ref_ttl_s, self.stale_timeout_s = ref_ttl_s, stale_timeout_s
         os.makedirs(cache_dir, exist_ok=True)
@@ -131,6 +141,7 @@ class AdapterFetcher:
             await self._channel.close()
         if self._hasher is not None:
             self._hasher.shutdown(wait=False)
+            self._placers.shutdown(wait=False)
 
     def _translate(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
         code = exc.code()
@@ -239,7 +250,9 @@ class AdapterFetcher:
             t1 = time.perf_counter()
             try:
                 data = await self._download(meta, path)
-                fut.set_result(data)
+                # waiters share the bytes only if they are read-only (Chunks); a StagedArtifact is the
+                # caller's alone (its parser writes it): they read the file, complete by now
+                fut.set_result(None if isinstance(data, StagedArtifact) else data)
             except BaseException as exc:
                 fut.set_exception(exc)
                 raise
@@ -325,20 +338,43 @@ class AdapterFetcher:
 
         if self._hasher is None:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="loraserve-download-sha")
+            self._placers = ThreadPoolExecutor(2, thread_name_prefix="loraserve-download-place")
+        loop = asyncio.get_running_loop()
+        staged = await loop.run_in_executor(None, self.stage_alloc, meta.size) if self.stage_alloc else None
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-") if staged is not None else (None, None)
         try:
-            pieces, got = await ranged_download.download_ranges(self._registry(), meta, self._metadata,
-                                                                self.timeout_s, DOWNLOAD_CHUNK, self._hasher)
-        except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc, f"download of {meta.name!r} v{meta.version}") from exc
-        except ConnectionError as exc:
-            raise RegistryUnavailableError(f"download of {meta.name!r} v{meta.version}: {exc}") from exc
+            try:
+                pieces, got = await ranged_download.download_ranges(
+                    self._registry(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
+                    dest=None if staged is None else staged.buf, fd=fd, place_pool=self._placers)
+            except grpc.aio.AioRpcError as exc:
+                raise self._translate(exc, f"download of {meta.name!r} v{meta.version}") from exc
+            except ConnectionError as exc:
+                raise RegistryUnavailableError(f"download of {meta.name!r} v{meta.version}: {exc}") from exc
+            if staged is not None:
+                if got != meta.digest:
+                    raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes hash to "
+                                              f"{got}, registry announced {meta.digest}")
+                os.close(fd)
+                fd = None
+                os.replace(tmp, path)  # complete and verified: the disk copy (written as it arrived)
+                self.stats.bytes_loaded += meta.size
+                return staged
+        except BaseException:
+            if staged is not None:
+                staged.release()
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
         size = sum(len(p) for p in pieces)
         if got != meta.digest or size != meta.size:
             raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes ({size}) hash to "
                                       f"{got}, registry announced {meta.digest} ({meta.size} bytes)")
         self.stats.bytes_loaded += size
         data = self._writing[meta.digest] = Chunks(pieces)
-        loop = asyncio.get_running_loop()
         task = loop.run_in_executor(None, _write_file, data, path, self.cache_dir)
         self._writes[meta.digest] = task
         task.add_done_callback(lambda t, d=meta.digest: self._wrote(d, t))

@@ -114,8 +114,10 @@ class InferenceCore:
         self.model_path = cfg.model or default_model_path()
         self.engine = LLMEngine(engine_config_from_kwargs(self.model_path, **kwargs))
         self.async_llm = AsyncLLM(self.engine)
+        lora = self.engine.lora_manager  # downloads land in its pinned staging arena (None: no LoRA)
         self.fetcher = AdapterFetcher(cfg.registry_address, cfg.adapter_cache_dir, cfg.registry_token,
-                                      cfg.registry_timeout_s, cfg.registry_ca_file)
+                                      cfg.registry_timeout_s, cfg.registry_ca_file,
+                                      stage_alloc=lora.staging_alloc if lora is not None else None)
         self.tokenizer = self.engine.tokenizer
         self.lora_manager = self.engine.lora_manager
         self.requests_total = 0

@@ -17,6 +17,7 @@ caller can fall back to one stream.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -44,12 +45,43 @@ def plan_ranges(size: int, range_bytes: int) -> list[tuple[int, int]]:
     return [(off, min(range_bytes, size - off)) for off in range(0, size, range_bytes)]
 
 
+class _Placer:
+    """Each piece, as it arrives, copied to its offset in `dest` (a [size] uint8 CPU tensor: pinned on
+    CUDA, so the weights are staged for the host->GPU copy by the time the download ends) and written
+    to its offset in the file `fd`, on worker threads (both release the GIL; any order). The hasher
+    keeps a piece only until it is hashed, so nothing holds the whole artifact twice."""
+
+    def __init__(self, dest, fd: int | None, pool: ThreadPoolExecutor):
+        self.base = dest.data_ptr() if dest is not None else None
+        self.size = dest.numel() if dest is not None else None
+        self.fd, self.pool, self.jobs = fd, pool, []
+
+    def put(self, offset: int, piece: bytes) -> None:
+        if offset + len(piece) > (self.size if self.size is not None else offset + len(piece)):
+            raise ConnectionError(f"a piece at {offset}+{len(piece)} lies past the artifact's end")
+        self.jobs.append(self.pool.submit(self._place, offset, piece))
+
+    def _place(self, offset: int, piece: bytes) -> None:
+        if self.base is not None:
+            ctypes.memmove(self.base + offset, piece, len(piece))  # a foreign call: the GIL is released
+        if self.fd is not None:
+            view, at = memoryview(piece), offset
+            while view:
+                n = os.pwrite(self.fd, view, at)
+                view, at = view[n:], at + n
+
+    async def wait(self) -> None:
+        if self.jobs:
+            await asyncio.gather(*(asyncio.wrap_future(j) for j in self.jobs))
+
+
 class _InOrderHasher:
     """sha256 over pieces that arrive per range, out of order across ranges but in order within
     one: pieces are fed to one worker thread (hashlib releases the GIL) as soon as every byte
     before them has arrived. Also gives the pieces back in artifact order."""
 
-    def __init__(self, num_ranges: int, pool: ThreadPoolExecutor):
+    def __init__(self, num_ranges: int, pool: ThreadPoolExecutor, keep: bool = True):
+        self.keep = keep                    # False: pieces are dropped once hashed (a _Placer has them)
         self.sha = hashlib.sha256()
         self.pieces: list[list[bytes]] = [[] for _ in range(num_ranges)]
         self.complete = [False] * num_ranges
@@ -70,6 +102,8 @@ class _InOrderHasher:
             got = self.pieces[self._range]
             while self._piece < len(got):
                 self._last = self._pool.submit(self.sha.update, got[self._piece])
+                if not self.keep:
+                    got[self._piece] = b""
                 self._piece += 1
             if not self.complete[self._range]:
                 return
@@ -87,16 +121,21 @@ class _InOrderHasher:
 
 
 async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: int, pool: ThreadPoolExecutor,
-                          streams: int = DOWNLOAD_STREAMS, range_bytes: int = RANGE_BYTES
-                          ) -> tuple[list[bytes], str]:
+                          streams: int = DOWNLOAD_STREAMS, range_bytes: int = RANGE_BYTES, dest=None,
+                          fd: int | None = None, place_pool: ThreadPoolExecutor | None = None
+                          ) -> tuple[list[bytes] | None, str]:
     """(the artifact's pieces in order, "sha256:<hex>" of them) for `meta` (name, version, digest,
     size > 0) over `stub` (a RegistryServiceStub on an aio channel). grpc errors propagate as they
     are (the caller translates them); RangesUnsupported when the registry ignores ranges; a range
-    that ends short raises ConnectionError (the registry's artifact changed or was cut)."""
+    that ends short raises ConnectionError (the registry's artifact changed or was cut).
+    dest ([size] uint8 CPU tensor) and/or fd (a file opened for writing): each piece is placed at its
+    offset there as it arrives (on place_pool), and the pieces are not kept (None is returned)."""
     from loraserve.v1 import registry_pb2 as pb
 
     ranges = plan_ranges(meta.size, range_bytes)
-    hasher = _InOrderHasher(len(ranges), pool)
+    placing = dest is not None or fd is not None
+    hasher = _InOrderHasher(len(ranges), pool, keep=not placing)
+    placer = _Placer(dest, fd, place_pool) if placing else None
     gate = asyncio.Semaphore(max(1, streams))  # FIFO: ranges start in artifact order
 
     async def fetch(r: int, offset: int, length: int) -> None:
@@ -111,7 +150,10 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
                         got += len(msg.chunk)
                         if got > length:
                             raise RangesUnsupported(f"the registry sent more than the {length} bytes asked for")
-                        hasher.add(r, msg.chunk)
+                        piece = msg.chunk
+                        if placer is not None:
+                            placer.put(offset + got - len(piece), piece)
+                        hasher.add(r, piece)
                     elif msg.adapter.digest != meta.digest:
                         raise ConnectionError(f"range {offset}+{length}: the registry now names digest "
                                               f"{msg.adapter.digest}, not {meta.digest}")
@@ -129,4 +171,8 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
         for t in tasks:  # one range failed: the others stop now, not after their bytes arrived
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return hasher.ordered(), await hasher.digest()
+        if placer is not None:  # no copy may still write into dest once this returns (or raises)
+            await asyncio.gather(placer.wait(), return_exceptions=True)
+    if placer is not None:
+        await placer.wait()  # raises what a copy or write raised
+    return (None if placing else hasher.ordered()), await hasher.digest()

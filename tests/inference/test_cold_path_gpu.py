@@ -19,7 +19,8 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 @pytest.mark.parametrize("packing,file_dtype", [("dir", torch.bfloat16), ("tar", torch.bfloat16),
-                                                ("tar-bytes", torch.bfloat16), ("dir", torch.float32)])
+                                                ("tar-bytes", torch.bfloat16), ("dir", torch.float32),
+                                                ("staged", torch.bfloat16)])
 def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, file_dtype, monkeypatch):
     monkeypatch.setenv("LORASERVE_PINNED_READ", "1")   # the default, set explicitly (a runner may export 0)
     from loraserve.inference.lora.host_tier import pinned_views
@@ -33,10 +34,13 @@ def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, 
     src = make_peft_adapter(tmp_path / "a", modules=ALL, r=8, alpha=24.0, dtype=file_dtype, seed=5)
     art = src if packing == "dir" else pack_dir(src, tmp_path / "a.tar", "tar")
     # tar-bytes: the fetcher's verified download in memory (its disk copy still being written)
-    raw = art.read_bytes() if packing == "tar-bytes" else b""
-    data = Chunks([raw[i:i + (1 << 20)] for i in range(0, len(raw), 1 << 20)]) if raw else None
+    raw = art.read_bytes() if packing in ("tar-bytes", "staged") else b""
+    data = Chunks([raw[i:i + (1 << 20)] for i in range(0, len(raw), 1 << 20)]) if packing == "tar-bytes" else None
     mgr = LoRAManager(LoraConfig(max_lora_rank=16, max_loras=1), PeftCacheConfig(num_device_module_layer=28),
                       args, torch.bfloat16, torch.device("cuda"))
+    if packing == "staged":  # a ranged download landed in an arena block (AdapterFetcher(stage_alloc=...))
+        data = mgr.staging_alloc(len(raw))
+        data.buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     hold = mgr.resolve(LoRARequest("a", 1, str(art)), trusted=True, digest=artifact_digest(art), data=data)
     h = hold.handle
     # staged: every factor a bf16 view of one pinned block. A bf16 file is served from the block
@@ -45,6 +49,9 @@ def test_pinned_read_lands_in_the_slot_unchanged(tiny_llama, tmp_path, packing, 
     # test asked pinned_views for "read into", which is also true of the fp32 file's staging copy.)
     assert pinned_views(h.adapter.weights, torch.bfloat16)
     factors = [t for ab in h.adapter.weights.values() for t in ab]
+    if packing == "staged":  # served from the download's own block: no read copy, no staging copy
+        assert data.consumed and all(data.buf.data_ptr() <= t.data_ptr() < data.buf.data_ptr() + len(raw)
+                                     for t in factors)
     factor_bytes = sum(t.numel() * t.element_size() for t in factors)
     assert (factors[0].untyped_storage().nbytes() > factor_bytes) == (file_dtype == torch.bfloat16)
     seq = Sequence("s", [1, 2], SamplingParams(max_tokens=1), lora=hold)

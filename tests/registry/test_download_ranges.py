@@ -104,3 +104,77 @@ def test_in_order_hasher_hashes_in_artifact_order_whatever_order_ranges_arrive()
         got = asyncio.run(h.digest())
     assert got == "sha256:" + hashlib.sha256(blob).hexdigest()
     assert b"".join(h.ordered()) == blob
+
+
+def test_staged_fetch_lands_in_the_arena_block_and_parses_without_a_copy(registry, tmp_path, monkeypatch):
+    """stage_alloc given (the engine's pinned arena; pageable here): each message is copied to its offset
+    in one block and written to its offset in the disk copy as it arrives; the parser's weights are views
+    of that block (no read copy), equal to the weights parsed from the file; the block goes back to the
+    arena when released, and a second fetch of the same bytes (a waiter) never gets the block."""
+    import torch
+
+    from loraserve.adapters import load_adapter
+    from loraserve.adapters.archives import StagedArtifact
+    from loraserve.inference.lora.pinned_arena import PinnedArena
+
+    reg, whole = registry
+    monkeypatch.setattr(ranged_download, "DOWNLOAD_STREAMS", 3)
+    monkeypatch.setattr(ranged_download, "RANGE_BYTES", 64 << 10)
+    arena = PinnedArena(4 << 20, [], pin=False)
+
+    def stage_alloc(n):
+        block = arena.alloc(n)
+        return None if block is None else StagedArtifact(block, block, arena.release)
+
+    async def main():
+        fetcher = adapter_source.AdapterFetcher(reg.address, str(tmp_path / "cache"), stage_alloc=stage_alloc)
+        first, second = await asyncio.gather(fetcher.fetch("ranged", 1), fetcher.fetch("ranged", 1))
+        await fetcher.close()
+        return first, second
+
+    got = asyncio.run(main())
+    f, waiter = sorted(got, key=lambda x: x.data is None)
+    assert isinstance(f.data, StagedArtifact) and waiter.data is None  # the block is the downloader's alone
+    assert bytes(f.data.buf.numpy()) == whole and open(f.path, "rb").read() == whole
+    used = arena.num_used
+    assert used >= len(whole)
+    staged = load_adapter(f.path, digest=f.digest, data=f.data, values_verified=True)
+    ref = load_adapter(f.path, digest=f.digest)
+    assert staged.weights.keys() == ref.weights.keys()
+    lo, hi = f.data.buf.data_ptr(), f.data.buf.data_ptr() + len(whole)
+    for k, (a, b) in ref.weights.items():
+        sa, sb = staged.weights[k]
+        assert torch.equal(sa, a) and torch.equal(sb, b), k
+        assert lo <= sa.data_ptr() < hi and lo <= sb.data_ptr() < hi, k  # views of the block, not copies
+    with pytest.raises(RuntimeError):
+        f.data.take()  # handed to one parser only
+    arena.release(f.data.buf)
+    arena._reclaim(wait=True)
+    assert arena.num_used == 0
+
+
+def test_values_verified_skips_only_the_value_scans(tmp_path):
+    """A registry-verified artifact is not scanned value by value again (the registry refused NaN at
+    upload); the same bytes without values_verified are refused; the structure is checked either way."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from loraserve.adapters import AdapterFormatError, load_adapter
+
+    d = tmp_path / "nan"
+    d.mkdir()
+    a, b = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(32, 4, dtype=torch.bfloat16)
+    b[3, 1] = float("nan")
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b}, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                       "target_modules": ["q_proj"]}))
+    with pytest.raises(AdapterFormatError, match="NaN|non-finite|overflow"):
+        load_adapter(d, serving_dtype=torch.bfloat16)
+    got = load_adapter(d, serving_dtype=torch.bfloat16, digest="sha256:" + "0" * 64, values_verified=True)
+    assert torch.equal(got.weights[(0, "q_proj")][0], a)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 4}))
+    with pytest.raises(AdapterFormatError, match="rank 8"):
+        load_adapter(d, digest="sha256:" + "0" * 64, values_verified=True)

@@ -185,12 +185,44 @@ class Chunks:
         return n
 
 
+class StagedArtifact:
+    """A whole artifact in one contiguous, writable uint8 CPU tensor `buf` (a ranged download copied
+    each message straight to its offset, into a pinned arena block on CUDA) that its holder hands to
+    ONE parser: a plain tar's weights files become views of `buf` (no copy; the parser folds scales
+    into them in place). `block`: the arena block to give back when the weights are dropped (None:
+    plain memory); `release()` gives it back now (the artifact was not parsed after all)."""
+
+    def __init__(self, buf: torch.Tensor, block: torch.Tensor | None = None,
+                 on_release: Callable[[torch.Tensor], None] | None = None):
+        assert buf.dtype == torch.uint8 and buf.dim() == 1 and buf.device.type == "cpu"
+        self.buf, self.block, self._on_release = buf, block, on_release
+        self.consumed = False  # a parser took it (its views now own `block`)
+
+    def __len__(self) -> int:
+        return self.buf.numel()
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf.numpy())
+
+    def take(self) -> memoryview:
+        """The bytes, for the one parser that may write them; a second take is a bug."""
+        if self.consumed:
+            raise RuntimeError("a staged artifact's bytes were already handed to a parser")
+        self.consumed = True
+        return self.view()
+
+    def release(self) -> None:
+        if not self.consumed and self.block is not None and self._on_release is not None:
+            self._on_release(self.block)
+        self.consumed, self.block = True, None
+
+
 class _ChunkFile(io.RawIOBase):
     """A read-only, seekable file over Chunks (or any bytes-like): tarfile reads the headers through
     it (a few hundred bytes each) and seeks over the members' data."""
 
     def __init__(self, data):  # type: ignore[no-untyped-def]
-        self.data = data if isinstance(data, Chunks) else Chunks([bytes(data)])
+        self.data = data if isinstance(data, Chunks) else Chunks([data if isinstance(data, memoryview) else bytes(data)])
         self.pos = 0
 
     def readable(self) -> bool:
@@ -214,15 +246,22 @@ class _ChunkFile(io.RawIOBase):
 
 def _read_plain_tar_bytes(data, budget: "_Budget", origin: str, alloc: Alloc | None) -> dict[str, bytes | memoryview]:  # type: ignore[no-untyped-def]
     """_read_plain_tar over bytes in memory (Chunks): each weights file is copied once into a fresh
-    writable buffer (pinned through `alloc` on CUDA), which the parser then owns; `data` stays untouched."""
+    writable buffer (pinned through `alloc` on CUDA), which the parser then owns; `data` stays untouched.
+    A StagedArtifact is the parser's own: its weights files are views of it, not copies."""
     files: dict[str, bytes | memoryview] = {}
-    source = _ChunkFile(data)
+    whole = data.take() if isinstance(data, StagedArtifact) else None  # weights: views of it, no copy
+    source = _ChunkFile(whole if whole is not None else data)
     with tarfile.open(fileobj=io.BufferedReader(source), mode="r:") as tar:
         for member in tar:
             name = _tar_member_name(member, origin)
             if name is None:
                 continue
             budget.take(member.size, member.name)
+            if whole is not None and name.endswith(WEIGHT_SUFFIXES):
+                if member.offset_data + member.size > len(whole):
+                    raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is truncated")
+                _add_member(files, name, whole[member.offset_data:member.offset_data + member.size], origin)
+                continue
             buf = writable_buffer(member.size, alloc if name.endswith(WEIGHT_SUFFIXES) else None)
             if source.data.copy_into(buf, member.offset_data) != member.size:
                 raise AdapterFormatError(f"{origin}: archive member {shorten(member.name)} is truncated")

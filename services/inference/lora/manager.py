@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.adapters import AdapterFormatError, ArchiveLimits, LoraAdapter, check_compatible, load_adapter
+from loraserve.adapters.archives import StagedArtifact
 from loraserve.adapters.errors import shorten
 from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
 
@@ -148,6 +149,19 @@ class LoRAManager(SlotAdmission):
         content digest, verified at download (trusted only: spares hashing it again, and an adapter
         already known by it is not parsed at all); data: the path's verified bytes while its file is
         still being written (AdapterFetcher, trusted with a digest only)."""
+        try:
+            return self._resolve(req, trusted, digest, data)
+        finally:
+            if isinstance(data, StagedArtifact):
+                data.release()  # not parsed (known already, or refused): its staging block goes back
+
+    def staging_alloc(self, nbytes: int) -> StagedArtifact | None:
+        """A [nbytes] block of the pinned arena for a download to land in (AdapterFetcher), or None
+        (no arena: CPU, LORASERVE_PINNED_ARENA=0, or no room). May wait for earlier copies: a thread."""
+        block = self.arena.alloc(nbytes) if self.arena is not None else None
+        return None if block is None else StagedArtifact(block, block, self.arena.release)
+
+    def _resolve(self, req: LoRARequest, trusted: bool, digest: str | None, data) -> AdapterHold:
         digest = digest if trusted else None
         data = data if digest and req.lora_path else None
         if req.lora_path:  # file-system work outside the lock, which the engine thread takes every step
@@ -187,6 +201,11 @@ class LoRAManager(SlotAdmission):
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
         blocks: list = []   # arena blocks the weights files were read into (the adapter keeps them)
         alloc = self._read_alloc if self.arena is None else (lambda n: self._arena_alloc(n, blocks))
+        if isinstance(data, StagedArtifact) and data.block is not None:
+            # the download's block: the parser's views of it become the weights; from here on it is
+            # given back with the adapter's blocks (or below, if the parse fails), not by data.release()
+            blocks.append(data.block)
+            data.block = None
         try:
             # one CPU thread: OpenMP workers stall the parse on a busy host (host_tier.one_cpu_thread)
             with one_cpu_thread():

@@ -439,6 +439,8 @@ def main() -> int:
     ap.add_argument("--profile", default=None, help="write torch.profiler tables to this directory")
     ap.add_argument("--profile-after-s", type=float, default=None,
                     help="skip the profiles when this many seconds have passed (a time-limited run keeps its figures)")
+    ap.add_argument("--gc-freeze-compare", action="store_true",
+                    help="prefill again with gc.freeze() (diagnostic of the GC's share of the host time)")
     ap.add_argument("--hf-prefill-only", action="store_true", help="HF: the prefill figure only (no decode runs)")
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script: a tiny random Llama, fp32")
     a = ap.parse_args()
@@ -525,6 +527,13 @@ def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: floa
         res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
         if "hf_prefill_tok_s" in res:
             res["prefill_vs_hf"] = r["tok_s"] / res["hf_prefill_tok_s"]
+        if a.gc_freeze_compare:   # diagnostic: the same runs with the start-up heap frozen (vLLM's gc.freeze)
+            gc.collect()
+            gc.freeze()
+            r2 = time_engine_prefill(engine, prompts, a.prefill_batch, 1024, a.prefill_repeats)
+            gc.unfreeze()
+            res["prefill_wall_ms_gc_frozen"] = r2["s"] * 1e3
+            res["prefill_tail_ms_gc_frozen"] = r2["tail_ms"]
     for k in (("1", "64") if "hf_decode_bs1_tok_s" in res and "decode" in sections else ()):
         res[f"speedup_vs_hf_decode_bs{k}"] = res[f"loraserve_decode_bs{k}_tok_s"] / res[f"hf_decode_bs{k}_tok_s"]
     reqs = None

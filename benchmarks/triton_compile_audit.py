@@ -147,7 +147,7 @@ def sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def timings(dev, dtype) -> dict:
+def timings(dev, dtype, cases: str = "prefill_8x1024,decode_64x512,decode_1x4096,prefill_1x7759") -> dict:
     """us per call, CUDA-graph replays (HBM-resident K/V: the cache is larger than L2 many times over)."""
     nb = 8192
     k_cache = torch.randn(nb, BS, KVH, D, device=dev, dtype=dtype)
@@ -158,28 +158,65 @@ def timings(dev, dtype) -> dict:
     out = {}
     for name, batch in (("prefill_8x1024", [(1024, 1024)] * 8), ("decode_64x512", [(1, 512)] * 64),
                         ("decode_1x4096", [(1, 4096)]), ("prefill_1x7759", [(7759, 7759)])):
+        if name not in cases.split(","):
+            continue
         st = Step(batch, k_cache, dtype, dev)
         st.tables.copy_(torch.randperm(nb, device=dev)[:st.tables.numel()].view_as(st.tables))
         fn = lambda: run_step(st, k_cache, v_cache, cos_sin)   # noqa: E731
-        s = torch.cuda.Stream()
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        reps = 20
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        out[name + "_us"] = a.elapsed_time(b) * 1e3 / reps
+        out[name + "_us"] = graph_us(fn)
         print(f"  {name}: rope_store_kv + attention {out[name + '_us']:.1f} us", flush=True)
     return out
+
+
+def prefill_configs(dev, dtype, specs: str) -> dict:
+    """Attention alone at 8 x 1024 fresh tokens (CUDA-graph replays): the default tile vs each
+    "BLOCK_M,TILE_N,num_warps,num_stages" of `specs` (';'-separated), checked against the default's output."""
+    from loraserve.kernels.unified_attention import unified_attention
+
+    nb = 8192
+    k_cache = torch.randn(nb, BS, KVH, D, device=dev, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    st = Step([(1024, 1024)] * 8, k_cache, dtype, dev)
+    st.tables.copy_(torch.randperm(nb, device=dev)[:st.tables.numel()].view_as(st.tables))
+    flops = 4 * 8 * H * D * 1024 * 1025 / 2
+    cfgs = {"default": None}
+    for spec in filter(None, specs.split(";")):
+        bm, tn, nw, ns = (int(x) for x in spec.split(","))
+        cfgs[spec] = dict(BLOCK_M=bm, TILE_N=tn, num_warps=nw, num_stages=ns)
+    out, ref = {}, None
+    for name, cfg in cfgs.items():
+        fn = lambda: unified_attention(st.q, k_cache, v_cache, st.tables, st.lens, st.qsl, 1024,  # noqa: E731
+                                       D ** -0.5, config=cfg)
+        try:
+            o = fn()
+            ref = o if ref is None else ref
+            err = (o.float() - ref.float()).abs().max().item()
+            us = graph_us(fn, 10)
+            out[name] = {"us": us, "TFLOPs": flops / us / 1e6, "max_diff_vs_default": err}
+            print(f"  prefill attention 8x1024 {name}: {us:.1f} us = {flops / us / 1e6:.0f} TFLOP/s "
+                  f"(max|diff| vs default {err:.1e})", flush=True)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory): next
+            print(f"  prefill attention 8x1024 {name}: ERROR {type(e).__name__}: {str(e)[:100]}", flush=True)
+    return out
+
+
+def graph_us(fn, reps: int = 20) -> float:
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
 
 
 def main() -> int:
@@ -188,6 +225,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-sweep", action="store_true", help="timings only")
     ap.add_argument("--no-timings", action="store_true")
+    ap.add_argument("--timings", default="prefill_8x1024,decode_64x512,decode_1x4096,prefill_1x7759")
+    ap.add_argument("--prefill-configs", default="", help="';'-separated BLOCK_M,TILE_N,num_warps,num_stages")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -198,7 +237,9 @@ def main() -> int:
     if not a.no_sweep:
         res["audit"] = audit(dev, dtype, a.smoke)
     if dev.type == "cuda" and not a.no_timings:
-        res["timings"] = timings(dev, dtype)
+        res["timings"] = timings(dev, dtype, a.timings)
+    if dev.type == "cuda" and a.prefill_configs:
+        res["prefill_configs"] = prefill_configs(dev, dtype, a.prefill_configs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -104,3 +104,19 @@ def warm_up(engine) -> dict:
     seconds = time.perf_counter() - t0
     log.info("warm-up: %d dummy steps (prompt lengths %s) in %.2f s", done, [sum(s) for s in steps[:done]], seconds)
     return {"steps": done, "seconds": seconds, "failed": failed}
+
+
+def compiled_attention_variants() -> int:
+    """Compiled variants of the attention kernels in this process (Triton's per-device caches; 0 without
+    Triton): a serving step that raises it compiled inside the step."""
+    try:
+        from loraserve.kernels import unified_attention as ua
+        kernels = (ua._unified_attention_kernel, ua._merge_splits_kernel)
+    except (ImportError, AttributeError):
+        return 0
+    total = 0
+    for fn in kernels:
+        caches = getattr(fn, "device_caches", None) or getattr(fn, "cache", None) or {}
+        for entry in caches.values():
+            total += len(entry[0] if isinstance(entry, tuple) else entry)
+    return total

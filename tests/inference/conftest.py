@@ -8,10 +8,6 @@ import os
 import pytest
 import torch
 
-# the engine's start-up warm-up (warmup.py) compiles Triton variants for every engine a GPU test builds; off here
-# (tests/inference/test_warmup.py turns it on where it is the subject)
-os.environ.setdefault("LORASERVE_WARMUP", "0")
-
 
 def make_tokenizer(out_dir: str, vocab_size: int = 300) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,6 +56,13 @@ def make_random_model(out_dir: str, kind: str = "llama", seed: int = 0, shard: b
     model.save_pretrained(out_dir, max_shard_size="100KB" if shard else "2GB", safe_serialization=True)
     make_tokenizer(out_dir)
     return model.eval()
+
+
+def pytest_configure(config):
+    """The engine's start-up warm-up (warmup.py) compiles Triton variants for every engine a GPU test builds: off
+    under pytest (tests/inference/test_warmup.py turns it on where it is the subject). A hook, not an import-time
+    setting: benchmarks import this module for its checkpoint helpers and keep the warm-up."""
+    os.environ.setdefault("LORASERVE_WARMUP", "0")
 
 
 @pytest.fixture(scope="session")

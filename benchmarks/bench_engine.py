@@ -351,7 +351,7 @@ def random_adapters(args, n: int, rank: int, dtype, device: str = "cuda", first_
     return adapters
 
 
-def profile_steps(engine, prompts: Prompts, out_dir: str, loras=None) -> None:
+def profile_steps(engine, prompts: Prompts, out_dir: str, loras=None, decode: bool = True) -> None:
     """torch.profiler tables of one prefill step (8 x 1024) and of decode steps at batch 64, without and
     (loras given) with LoRA."""
     from torch.profiler import ProfilerActivity, profile
@@ -367,6 +367,8 @@ def profile_steps(engine, prompts: Prompts, out_dir: str, loras=None) -> None:
         torch.cuda.synchronize()
     with open(os.path.join(out_dir, "profile_prefill.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    if not decode:
+        return
     profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs64.txt"))
     profile_decode(engine, prompts, os.path.join(out_dir, "profile_decode_bs1.txt"), batch=1)
     if loras:
@@ -554,7 +556,7 @@ def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: floa
     res["timed_prefix_cache_hits"] = hits
     late = a.profile_after_s is not None and time.perf_counter() - res.t0 > a.profile_after_s
     if a.profile and not a.tiny and not late:
-        profile_steps(engine, prompts, a.profile, reqs)
+        profile_steps(engine, prompts, a.profile, reqs, decode="decode" in sections)
     elif a.profile and late:
         print(f"profiles skipped: {time.perf_counter() - res.t0:.0f} s > --profile-after-s {a.profile_after_s}")
 

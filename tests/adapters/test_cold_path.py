@@ -175,3 +175,24 @@ def test_digest_stops_when_cancelled_and_a_refused_artifact_is_not_hashed_on(tmp
     for fut in futures:
         fut.result(timeout=10)
     assert time.perf_counter() - t0 < 3.0
+
+
+def test_threaded_in_place_folds_equal_fold_scale_bit_for_bit(monkeypatch):
+    """fold_scales_in_place spreads the folds of a large adapter over threads: every B must equal
+    fold_scale's one-rounding product exactly (bf16, fp16, fp32; odd scales; uneven sizes)."""
+    import torch
+
+    from loraserve.adapters import adapter as adapter_mod
+
+    monkeypatch.setattr(adapter_mod, "_FOLD_THREADS", 3)
+    g = torch.Generator().manual_seed(0)
+    items, refs = [], []
+    for i, dtype in enumerate([torch.bfloat16, torch.float16, torch.float32] * 6):
+        b = torch.randn(4096 + 517 * i, 32, generator=g).to(dtype)   # 18 factors, ~4.9M elements in all
+        scale = (0.37, 2.0, 1.3333, 5.5)[i % 4]
+        refs.append(adapter_mod.fold_scale(b.clone(), scale))
+        items.append((b, scale))
+    assert sum(b.numel() for b, _ in items) >= 4 << 20  # enough work for the threads
+    adapter_mod.fold_scales_in_place(items)
+    for (b, _), ref in zip(items, refs):
+        assert torch.equal(b, ref)

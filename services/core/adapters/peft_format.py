@@ -21,7 +21,7 @@ from typing import Any
 import regex
 import torch
 
-from .adapter import LoraAdapter, build_adapter, fold_scale, lora_scale
+from .adapter import LoraAdapter, build_adapter, check_lora_scale, fold_scale, fold_scales_in_place, lora_scale
 from .bundle import Bundle
 from .errors import AdapterFormatError, shorten
 from .modules import HF_LINEAR_MODULES
@@ -129,6 +129,7 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     dora: dict[tuple[int, str], torch.Tensor] = {}
     max_scale = 0.0
+    folds: list[tuple[torch.Tensor, float]] = []  # (B, scale) folded in place after the loop, on a few threads
     for path, (layer, module, a, b) in sorted(factors.items()):
         _check_targeted(settings, path, layer, weights_name)
         r = _pattern_value(settings.rank_pattern, path, settings.r, weights_name)
@@ -141,12 +142,18 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
             raise AdapterFormatError(f"{weights_name}: two LoRA pairs for layer {layer} {module}")
         scale = lora_scale(alpha, r, settings.use_rslora)
         max_scale = max(max_scale, abs(scale))
-        pairs[(layer, module)] = (a.contiguous(), fold_scale(b, scale, f"{weights_name}: {path}", in_place))
+        if in_place and b.is_contiguous() and scale != 1.0:
+            check_lora_scale(scale, f"{weights_name}: {path}")
+            folds.append((b, scale))
+            pairs[(layer, module)] = (a.contiguous(), b)
+        else:
+            pairs[(layer, module)] = (a.contiguous(), fold_scale(b, scale, f"{weights_name}: {path}", in_place))
         if path in magnitudes:
             dora[(layer, module)] = magnitudes.pop(path)
     if magnitudes:
         raise AdapterFormatError(f"{weights_name}: DoRA lora_magnitude_vector for {shorten(next(iter(magnitudes)))} "
                                  f"has no lora_A/lora_B beside it")
+    fold_scales_in_place(folds)
     return build_adapter("hf", pairs, alpha=settings.alpha, use_rslora=settings.use_rslora,
                          digest=digest, origin=weights_name, magnitudes=dora if settings.use_dora else None,
                          peaks=None if peak is None else (peak, peak * max_scale))

@@ -206,6 +206,35 @@ def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int]], reps: int) 
     return rows
 
 
+def parse_ab(tar: str, digest: str, reps: int) -> None:
+    """The engine's parse of a download staged in memory (StagedArtifact, values_verified, one CPU thread
+    as LoRAManager._parse) with the scale folds inline vs on 4 threads: ms per run, median."""
+    import statistics
+
+    from loraserve.adapters import adapter as adapter_mod
+    from loraserve.adapters import load_adapter
+    from loraserve.adapters.archives import StagedArtifact
+    from loraserve.adapters.threads import one_cpu_thread
+
+    raw = open(tar, "rb").read()
+    pin = torch.cuda.is_available()
+    buf = torch.empty(len(raw), dtype=torch.uint8, pin_memory=pin)
+    for threads in (1, 4, 1, 4):
+        adapter_mod._FOLD_THREADS = threads
+        got = []
+        for _ in range(reps):
+            buf.numpy()[:] = memoryview(raw)  # each parse folds in place: fresh bytes each time
+            timings: dict = {}
+            with one_cpu_thread():
+                load_adapter(tar, serving_dtype=torch.bfloat16, timings=timings, digest=digest,
+                             data=StagedArtifact(buf), values_verified=True)
+            got.append(timings)
+        print(f"parse of a staged download (pinned {pin}), fold threads {threads}: ms median read "
+              f"{statistics.median(t['read_s'] for t in got) * 1e3:.1f}, parse "
+              f"{statistics.median(t['parse_s'] for t in got) * 1e3:.1f} (runs "
+              + ", ".join(f"{t['parse_s'] * 1e3:.0f}" for t in got) + ")", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -216,7 +245,14 @@ def main() -> int:
                     help="only the fetch sweep over parallel ranged streams (streams x range MiB)")
     ap.add_argument("--combos", default="1x8,2x8,4x8,4x4,8x4,8x2",
                     help="--fetch-sweep: streams x range MiB, comma separated")
+    ap.add_argument("--parse-ab", action="store_true", help="only the staged parse, folds inline vs threaded")
     a = ap.parse_args()
+    if a.parse_ab:
+        workdir = tempfile.mkdtemp(prefix="cold-diag-")
+        _, tar, data, digest = make_artifact(workdir, a.layers)
+        print(f"parse A/B: {len(data) / 1e6:.0f} MB tar ({a.layers} layers)", flush=True)
+        parse_ab(tar, digest, a.reps)
+        return 0
     if a.fetch_sweep:
         workdir = tempfile.mkdtemp(prefix="cold-diag-")
         d, _, data, _ = make_artifact(workdir, a.layers)

@@ -95,7 +95,7 @@ def check_lora_scale(scale: float, where: str = "") -> None:
 # in-place folds of one adapter spread over a few threads (torch releases the GIL in mul_; each op on
 # one intra-op thread: OpenMP workers stalled the parse on a busy host): 224 B factors of the 8B
 # adapter, 44 MB, one thread ~10 ms
-_FOLD_THREADS = max(1, int(os.environ.get("LORASERVE_FOLD_THREADS", 4)))  # 1: folds inline, as before
+_FOLD_THREADS = max(1, int(os.environ.get("LORASERVE_FOLD_THREADS", 1)))  # 1 (default until measured on the GPU host): inline
 _FOLDS = ThreadPoolExecutor(_FOLD_THREADS, thread_name_prefix="loraserve-fold")
 
 

@@ -13,6 +13,15 @@ machine other processes' load changes wall times by 2x from run to run, CPU time
 
     python benchmarks/bench_host.py                       # batch 64, overlapped and serial loops
     python benchmarks/bench_host.py --batch 64 --steps 200 --profile 25   # + cProfile's top 25
+
+--engine-run: the GPU path itself (decode CUDA graphs, the greedy-sampler graph, pinned copies) on an 8B-shaped
+checkpoint of --layers layers (the host work of a step does not depend on the layer count), on CUDA: the engine's
+start-up (warm-up included, warmup.py), host time per decode step at --batch as bench_e2e measures it (wall minus
+the time blocked on the device, with the phases timed in their own steps), then prefill-only steps of shapes the
+warm-up never ran (a 7,759-token step of 16 prompts, 16 x 45, 3 odd prompts, 1 x 777, 1 x 2): their host launch
+time and the attention-kernel variants compiled during them (0 expected). --tiny: the same flow on the CPU.
+
+    python benchmarks/bench_host.py --engine-run --layers 4 --json /tmp/host.json
 """
 from __future__ import annotations
 
@@ -101,6 +110,76 @@ def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bo
             "outputs_per_step": n_outputs / steps}
 
 
+def engine_run(a) -> dict:
+    import json
+
+    import torch
+
+    from benchmarks.e2e_steps import host_time_per_decode_step, print_host
+    from loraserve import SamplingParams
+    from loraserve.config import engine_config_from_kwargs
+    from loraserve.inference.engine import LLMEngine
+    from loraserve.inference.warmup import compiled_attention_variants
+
+    cuda = torch.cuda.is_available() and not a.tiny
+    path = tempfile.mkdtemp(prefix="bench_host_engine_")
+    t = time.perf_counter()
+    if cuda:
+        from benchmarks.bench_engine import build_checkpoint
+
+        build_checkpoint(path, a.layers)
+        torch.cuda.empty_cache()
+    else:
+        from tests.inference.conftest import make_random_model
+
+        make_random_model(path, "llama")
+    out: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "layers": a.layers if cuda else 2,
+                 "checkpoint_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    engine = LLMEngine(engine_config_from_kwargs(path, dtype="bfloat16" if cuda else "float32",
+                                                 device="cuda" if cuda else "cpu",
+                                                 kv_cache_config={"free_gpu_memory_fraction": 0.5}))
+    out["engine_start_s"], out["warmup"] = time.perf_counter() - t, engine.warmup
+    print(f"engine start {out['engine_start_s']:.1f} s (checkpoint {out['checkpoint_s']:.1f} s); warm-up "
+          f"{engine.warmup}", flush=True)
+
+    def dump():
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=2)
+    dump()
+    h = out["host"] = host_time_per_decode_step(engine, a.batch, a.prompt_len, a.steps, engine.args.vocab_size)
+    out["host_ms_per_decode_step"] = h["host_ms"]
+    print_host(h)
+    dump()
+    # prefill-only steps of shapes the warm-up did not run: a compile would show as a long host launch
+    g = torch.Generator().manual_seed(7)
+    shapes = {"7759 tokens / 16 prompts": [517] * 15 + [4], "16 x 45": [45] * 16, "13+250+1001": [13, 250, 1001],
+              "1 x 777": [777], "1 x 2": [2]}
+    before, out["new_shapes"] = compiled_attention_variants(), {}
+    if not cuda:   # the tiny model's 512 positions
+        shapes = {k: [min(n, 300) for n in v] for k, v in shapes.items()}
+    for label, lens in shapes.items():
+        engine.step_trace = trace = []
+        for i, n in enumerate(lens):
+            engine.add_request(f"{label}-{i}", torch.randint(2, engine.args.vocab_size, (n,), generator=g).tolist(),
+                               SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.step_trace = None
+        first = trace[0]
+        out["new_shapes"][label] = {"tokens": first.num_tokens, "seqs": first.num_seqs,
+                                    "host_launch_ms": 1e3 * (first.launched_at - first.start),
+                                    "step_ms": 1e3 * (first.end - first.start)}
+    out["attention_variants_compiled_after_warmup"] = compiled_attention_variants() - before
+    for label, r in out["new_shapes"].items():
+        print(f"  new shape {label}: {r['tokens']} tokens / {r['seqs']} seqs, host launch {r['host_launch_ms']:.2f} ms,"
+              f" step() {r['step_ms']:.2f} ms", flush=True)
+    print(f"attention-kernel variants compiled after the warm-up: {out['attention_variants_compiled_after_warmup']}")
+    dump()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
@@ -109,7 +188,18 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="best of N runs (a shared CPU is noisy)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print cProfile's top N functions")
     ap.add_argument("--stream-interval", type=int, default=1, help="the engine's stream_interval")
+    ap.add_argument("--engine-run", action="store_true", help="the GPU flow (see above); --tiny: on the CPU")
+    ap.add_argument("--layers", type=int, default=4, help="--engine-run: layers of the 8B-shaped checkpoint")
+    ap.add_argument("--tiny", action="store_true", help="--engine-run on the CPU with the tiny model")
+    ap.add_argument("--json", default=None, help="--engine-run: write the figures here")
     a = ap.parse_args()
+    if a.engine_run:
+        if a.steps == 200:
+            a.steps = 128
+        if a.prompt_len == 64 and not a.tiny:
+            a.prompt_len = 512
+        engine_run(a)
+        return 0
 
     import torch
 

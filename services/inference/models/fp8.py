@@ -274,18 +274,32 @@ class Fp8Proj(nn.Module):
 
 
 class Fp8Head(nn.Module):
-    """The LM head with an e4m3 weight (opt-in, LORASERVE_FP8_LM_HEAD=1): logits [N, V] = fp8_linear(hidden [N, H]).
-    weight [V, H] e4m3, weight_scale [V] fp32 (per channel). TensorRT-LLM (ModelOpt) and vLLM keep the LM head in
-    bf16 by default, as loraserve does: it is the last GEMM before the argmax, where a rounding flips tokens."""
+    """The LM head with an e4m3 weight (opt-in, LORASERVE_FP8_LM_HEAD=1): logits [N, V] = hidden [N, H] @ W^T, W [V, H]
+    e4m3 with fp32 per-channel scales [V], x kept in bf16 (weight-only at every M). TensorRT-LLM (ModelOpt) and vLLM
+    keep the LM head in bf16 by default: it is the last GEMM before the argmax, where a rounding flips tokens. Hence
+    `exact` ([V, H], the bf16 head or tied embedding, not copied): each row's top `rescore` FP8 logits are recomputed
+    from it (one gather + one bmm of rescore rows), so the argmax is the bf16 head's whenever it is among the FP8 top
+    `rescore` (LORASERVE_FP8_LM_HEAD_RESCORE, default 8; 0: plain FP8 logits). The other logits keep e4m3 error."""
 
-    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor):
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, exact: torch.Tensor | None = None, rescore: int = 0):
         super().__init__()
         self.out_features, self.in_features = w_q.shape
         self.weight = nn.Parameter(w_q, requires_grad=False)
         self.register_buffer("weight_scale", w_scale)
+        self.exact = exact if rescore > 0 else None   # a plain attribute: the tied embedding stays the model's
+        self.rescore = min(rescore, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # weight-only at every M (x stays bf16: the last GEMM before the argmax); CUDA: the FP8 GEMV kernels
+        logits = self._fp8_logits(x)                                            # [N, V]
+        if self.exact is not None and x.shape[0] > 0:
+            idx = logits.topk(self.rescore, dim=-1).indices                     # [N, k]
+            rows = self.exact.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)   # [N, k, H]
+            exact = torch.bmm(rows, x.to(rows.dtype)[:, :, None]).squeeze(-1)  # [N, k], fp32 accumulate
+            logits.scatter_(1, idx, exact.to(logits.dtype))
+        return logits
+
+    def _fp8_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # CUDA: the FP8 GEMV kernels (weight-only); elsewhere the dequantized matmul
         if gemm_path(x, self.weight) != "dequant" and "gemv" not in _BROKEN:
             from loraserve.kernels.fp8_gemv import fp8_gemv
 
@@ -297,7 +311,17 @@ class Fp8Head(nn.Module):
         return F.linear(x, dequantize(self.weight, self.weight_scale[:, None], x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD=1)"
+        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD=1), "
+                f"top-{self.rescore if self.exact is not None else 0} rescored in bf16")
+
+
+def lm_head_rescore() -> int:
+    """LORASERVE_FP8_LM_HEAD_RESCORE: how many of each row's top FP8 logits the bf16 head recomputes (default 8)."""
+    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_RESCORE", "8").strip()
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"LORASERVE_FP8_LM_HEAD_RESCORE must be an integer (0: off), got {raw!r}") from None
 
 
 def lm_head_fp8_on() -> bool:
@@ -317,7 +341,7 @@ def quantize_lm_head(model: nn.Module, rows_per_chunk: int = 16384) -> bool:
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for r0 in range(0, w.shape[0], rows_per_chunk):
         w_q[r0:r0 + rows_per_chunk], scale[r0:r0 + rows_per_chunk] = quantize_per_channel(w[r0:r0 + rows_per_chunk])
-    model.lm_head = Fp8Head(w_q, scale)
+    model.lm_head = Fp8Head(w_q, scale, exact=w, rescore=lm_head_rescore())
     log.info("FP8 e4m3 LM head [%d, %d] (LORASERVE_FP8_LM_HEAD=1)", *w_q.shape)
     return True
 

@@ -116,6 +116,45 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
     engine = None
 
 
+def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
+    """us per LM-head call (CUDA graph, replayed back to back) at each M: bf16 F.linear, the FP8 head (Fp8Head,
+    weight-only GEMV) plain and with its top-8 rescored from the bf16 head (the default when LORASERVE_FP8_LM_HEAD=1),
+    and whether the rescored argmax equals the bf16 head's."""
+    import torch.nn.functional as F
+
+    from loraserve.inference.models.fp8 import Fp8Head, quantize_per_channel
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    w_q, s = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="cuda"), torch.empty(vocab, device="cuda")
+    for r in range(0, vocab, 16384):
+        w_q[r:r + 16384], s[r:r + 16384] = quantize_per_channel(w[r:r + 16384])
+    heads = {"bf16": lambda x: F.linear(x, w), "fp8": Fp8Head(w_q, s), "fp8_rescore8": Fp8Head(w_q, s, w, 8)}
+    out = {}
+    for m in ms:
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+        row = {}
+        for name, fn in heads.items():
+            fn(x)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = fn(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            row[name] = round(start.elapsed_time(end) * 1e3 / 20, 1)
+            row[f"{name}_argmax_eq_bf16"] = float((y.argmax(-1) == F.linear(x, w).argmax(-1)).float().mean())
+        out[m] = row
+        print(f"  lm_head M={m} (us): {row}", flush=True)
+    return out
+
+
 def _sync(engine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -239,6 +278,11 @@ def main() -> int:
             engine_run(path, None, a, [("default", {})], res, "bf16", t0)
         kv = "FP8"
         engine_run(path, {"quant_algo": "FP8", "kv_cache_quant_algo": kv}, a, chosen, res, "fp8", t0)
+        if not a.tiny and time.perf_counter() - t0 < a.budget_s + 4:
+            try:
+                res["lm_head_us"] = lm_head_us((1, a.batch))
+            except Exception as err:   # noqa: BLE001
+                print(f"  lm_head failed: {type(err).__name__}: {err}"[:300], flush=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
     b, f = res.get("bf16", {}).get("default", {}), res.get("fp8", {})

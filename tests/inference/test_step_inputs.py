@@ -107,7 +107,7 @@ def test_block_table_rows_follow_the_lists_across_steps(seed):
             continue
         lens = [len(s.block_table) for s in batch]
         width = max(max(lens), 1)
-        got = rows.gather(batch, lens, width)
+        got, _ = rows.gather(batch, lens, width)
         assert got.tolist() == [s.block_table + [PAD] * (width - len(s.block_table)) for s in batch]
     assert rows.table.shape[0] > 4 and rows.table.shape[1] > 2    # it grew both ways
 
@@ -131,3 +131,47 @@ def test_placeholders_everywhere_is_the_identity_scatter():
     seqs[2].resolve_placeholder(7)
     inp, dst, src = builder.build(seqs, [1] * 5, prev_rows)
     assert not inp.placeholders_everywhere and dst.tolist() == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_steady_decode_fast_path_equals_a_fresh_build(seed):
+    """Overlapped decode repeats one batch step after step; the builder then reuses the previous build's table
+    rows and takes every input token from the in-flight step without reading the tokens. Over many steps
+    (blocks appended, a sequence leaving, one joining, a step without a step in flight) every output equals
+    what a fresh builder (no previous build) gives for the same state."""
+    rng = random.Random(seed)
+    blocks = iter(range(10**6))
+    seqs = []
+    for i in range(6):
+        s = Sequence(f"r{i}", [rng.randrange(300) for _ in range(rng.randint(3, 40))], SamplingParams())
+        s.num_computed_tokens = s.num_tokens - 1
+        s.block_table = [next(blocks) for _ in range(-(-s.num_tokens // BS))]
+        s.lora = None
+        seqs.append(s)
+    builder = StepInputBuilder(BS, PAD, torch.device("cpu"))
+    in_flight = False
+    for step in range(40):
+        if step == 15:
+            seqs = seqs[1:]                                           # one finished
+        if step == 25:                                                # one joins (decoding, its token on the host)
+            s = Sequence("late", [7, 8, 9], SamplingParams())
+            s.num_computed_tokens, s.block_table, s.lora = 2, [next(blocks)], None
+            seqs = seqs + [s]
+        if step == 32:
+            in_flight = False                                         # the loop went serial for a step
+        for s in seqs:                                                # the scheduler's block growth
+            if s.num_computed_tokens + 1 > len(s.block_table) * BS:
+                s.block_table.append(next(blocks))
+        prev = True if in_flight else None
+        got = builder.build(seqs, [1] * len(seqs), prev)
+        want = StepInputBuilder(BS, PAD, torch.device("cpu")).build(seqs, [1] * len(seqs), prev)
+        for a, b in zip(got[0].__dict__.values(), want[0].__dict__.values()):
+            assert (a.tolist() if isinstance(a, torch.Tensor) else a) == (b.tolist() if isinstance(b, torch.Tensor) else b)
+        assert [None if t is None else t.tolist() for t in got[1:]] == [None if t is None else t.tolist() for t in want[1:]]
+        for s in seqs:                                                # the step in flight resolves (overlap: later)
+            if s.num_pending:
+                s.resolve_placeholder(rng.randrange(300))
+        for row, s in enumerate(seqs):                                # Scheduler.on_launched
+            s.num_computed_tokens += 1
+            s.add_placeholder(row)
+        in_flight = True

@@ -269,10 +269,6 @@ class LLMEngine:
         return outputs
 
     def _launch(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, StepOutput]:
-        now = time.monotonic()
-        for seq in batch.seqs:
-            if seq.scheduled_time is None:
-                seq.scheduled_time = now
         timed = self.step_trace is not None and self.step_trace_device and self.device.type == "cuda"
         if timed:   # device time of the step: events around its launch (the trace only)
             start = torch.cuda.Event(enable_timing=True)

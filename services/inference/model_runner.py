@@ -6,6 +6,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from loraserve.config import EngineConfig
@@ -164,6 +165,7 @@ class ModelRunner:
             context_lens_list=inp.context_lens_list,
             block_tables=inp.block_tables,
             decode_only=decode_only,
+            last_rows_only=True,   # _sample reads hidden[sample_idx]: last rows of sequences only
         )
         prepare_attention(ctx, dev)  # once per step: query_start_loc for the kernel, or the torch path's split
         if self.lora_manager is not None:
@@ -197,7 +199,7 @@ class StepOutput:
         """packed: the [3, >= S] float64 (token, logprob, ok) block when the caller has it (sampler graphs);
         slots: the runner's reusable pinned blocks and events for its copy (None: fresh ones)."""
         self.seqs, self.sampled = seqs, sampled       # seqs: [S] sampling sequences, in row order
-        self._host = self._top = self._event = None
+        self._host = self._host_np = self._top = self._event = None
         self.events = None    # (start, end) CUDA events around the launch (engine.step_trace only)
         self.wait_s = 0.0     # how long fetch() blocked on the device (the host's idle time)
         if sampled is None:
@@ -207,7 +209,7 @@ class StepOutput:
             packed = torch.stack([sampled.tokens.double(), sampled.logprobs.double(), sampled.ok.double()])
         non_blocking = packed.is_cuda
         if non_blocking and slots is not None:
-            self._host, self._event = slots.take(packed.shape[1])
+            self._host, self._host_np, self._event = slots.take(packed.shape[1])
             self._host.copy_(packed, non_blocking=True)
         else:
             self._host = _to_host(packed)
@@ -226,15 +228,17 @@ class StepOutput:
             self._event.synchronize()
             self.wait_s = time.perf_counter() - t
         n = len(self.seqs)
-        tokens, logprobs, ok = (row[:n] for row in self._host.tolist())   # a sampler graph's block covers its bucket
-        top: list[dict[int, float] | None] = [None] * len(self.seqs)
+        # numpy over the [3, >= n] float64 block (a sampler graph's covers its bucket): three C-level conversions
+        host = self._host_np if self._host_np is not None else self._host.numpy()
+        tokens, logprobs, ok = host[0, :n].astype(np.int64).tolist(), host[1, :n].tolist(), (host[2, :n] != 0).tolist()
+        top: list[dict[int, float] | None] = [None] * n
         if self._top is not None:
             ids, values = self._top[0].tolist(), self._top[1].tolist()
             for i, s in enumerate(self.seqs):
                 k = s.sampling_params.logprobs
                 if k:
                     top[i] = dict(zip(ids[i][:k], values[i][:k]))
-        return [int(t) for t in tokens], logprobs, [bool(o) for o in ok], top
+        return tokens, logprobs, ok, top
 
 
 class PackedSlots:
@@ -245,10 +249,10 @@ class PackedSlots:
     def __init__(self, num: int = 8):
         self._blocks: list[torch.Tensor | None] = [None] * num
         self._events = [None] * num
-        self._views: list[dict[int, torch.Tensor]] = [{} for _ in range(num)]   # width -> [3, width] view
+        self._views: list[dict[int, tuple]] = [{} for _ in range(num)]   # width -> [3, width] view, its numpy view
         self._i = 0
 
-    def take(self, width: int) -> tuple[torch.Tensor, "torch.cuda.Event"]:
+    def take(self, width: int) -> tuple[torch.Tensor, np.ndarray, "torch.cuda.Event"]:
         i = self._i = (self._i + 1) % len(self._blocks)
         block = self._blocks[i]
         if block is None or block.numel() < 3 * width:
@@ -257,10 +261,11 @@ class PackedSlots:
             self._views[i] = {}
         # a contiguous [3, width] view: a strided host target would make the copy go through a pageable
         # temporary, and the host would wait for the whole step. Made once per (block, width): two ops a step
-        view = self._views[i].get(width)
-        if view is None:
-            view = self._views[i][width] = block[:3 * width].view(3, width)
-        return view, self._events[i]
+        views = self._views[i].get(width)
+        if views is None:
+            view = block[:3 * width].view(3, width)
+            views = self._views[i][width] = (view, view.numpy())
+        return views[0], views[1], self._events[i]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -93,14 +93,14 @@ class MetadataCache:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._key: list[int] | None = None
+        self._key: list | None = None   # the sequences of the cached metadata (held: no id reuse)
         self._meta: SamplingMetadata | None = None
 
     def get(self, seqs: list, banned_ids) -> SamplingMetadata:
         """seqs: [B] sampling sequences in row order; banned_ids(params) -> ids min_tokens bans."""
-        key = [s.seq_id for s in seqs]
-        if key == self._key:
+        if seqs == self._key:     # the same sequences (identity: Sequence compares by identity), a C-level compare
             return self._meta
+        key = list(seqs)          # a copy: the caller's list is its own
         params, num_outputs, banned, gens = [], [], [], []
         masking = False
         for s in seqs:

@@ -44,6 +44,7 @@ Adapters (the one interface: AdapterSlots.try_acquire / release_slot; lora/manag
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -164,6 +165,8 @@ class Scheduler:
                 self.waiting.popleft()
                 self.block_manager.allocate(seq, seq.num_computed_tokens + n)
                 seq.status = SequenceStatus.RUNNING
+                if seq.scheduled_time is None:   # first admission (RequestMetrics.first_scheduled_time)
+                    seq.scheduled_time = time.monotonic()
                 self.running.append(seq)
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)

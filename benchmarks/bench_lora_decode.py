@@ -13,6 +13,8 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   prev         the default of 2026-11-30 12:20: dot shrink (BGMV off), the hand-rotated expand loop
   bgmv         default with the BGMV shrink on (LORASERVE_LORA_BGMV=1); nopipe: default with the
                hand-rotated expand loop (LORASERVE_LORA_STREAM_SLOTS=0)
+  meta_eager   default with the LoRA metadata built before each graph replay (LORASERVE_LORA_META_IN_GRAPH=0,
+               the path before 2026-11-30 16:20) instead of inside the decode graph
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
 
     python3 benchmarks/bench_lora_decode.py [--layers 4] [--variants default,overlap_full,stream] [--steps 32]
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict(overlap="shrink"),
             "overlap_full": dict(overlap="full"), "overlap_full_nopdl": dict(overlap="full", pdl=False),
             "prev": dict(bgmv=False, y_ahead=1, slots=0), "bgmv": dict(bgmv=True),
-            "nopipe": dict(slots=0)}
+            "nopipe": dict(slots=0), "meta_eager": dict(meta_in_graph=False)}
 
 
 def set_variant(v: dict, defaults: dict) -> None:
@@ -49,6 +51,8 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead", defaults["y_ahead"])
     lora_meta.LORA_BGMV = v.get("bgmv", defaults["bgmv"])
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
+    # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
+    os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
 
 def main() -> int:
@@ -79,7 +83,8 @@ def main() -> int:
 
     defaults = dict(overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
                     y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV,
-                    slots=lora_expand_stream.STREAM_SLOTS)
+                    slots=lora_expand_stream.STREAM_SLOTS,
+                    meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"))
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

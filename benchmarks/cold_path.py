@@ -32,7 +32,8 @@ LLAMA3_8B_ARGS = dict(vocab_size=128256, hidden_size=4096, intermediate_size=143
                       rope_scaling=None, max_position_embeddings=8192, tie_word_embeddings=False,
                       attention_bias=False, model_type="llama", torch_dtype="bfloat16", eos_token_id=[1],
                       bos_token_id=0)
-STAGES = ("resolve_s", "download_s", "read_s", "digest_s", "parse_s", "range_s", "stage_s", "place_s", "h2d_s")
+STAGES = ("resolve_s", "download_s", "read_s", "digest_s", "parse_s", "verify_wait_s", "range_s", "stage_s", "place_s",
+          "h2d_s")
 # shown, not summed: part of read_s (the pinned block the file is read into, CUDA)
 PARTS = ("pin_alloc_s",)
 
@@ -119,6 +120,26 @@ class RegistryProcess:
                 self.proc.kill()
 
 
+class LoopThread:
+    """An asyncio loop on its own thread, as the service runs one: an overlapped download keeps
+    arriving (on the loop) while the caller's thread parses it (LoRAManager.resolve)."""
+
+    def __init__(self):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 @contextlib.contextmanager
 def start_registry(data_dir: str, as_process: bool = True):
     """(registry, what it is): on loopback as its own process, or a thread of this one if that
@@ -177,8 +198,8 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
         _check_slot(mgr, hold.handle)
         row = dict(hold.handle.timings)
         row["h2d_s"] = h2d - row.get("place_s", 0.0)  # the copy's completion after its host-side issue
-        if f is not None:
-            row.update(resolve_s=f.resolve_s, download_s=f.download_s)
+        if f is not None:  # (an overlapped download: its time from the handle, beside the parse)
+            row.update(resolve_s=f.resolve_s, download_s=max(f.download_s, row.get("download_s", 0.0)))
         rows.append(row)
         mgr.release_slot(seq)
         mgr.release_request(seq)
@@ -197,12 +218,12 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
             # as the service: downloads land in the manager's pinned staging arena (CUDA)
             fetcher = AdapterFetcher(reg.address, os.path.join(workdir, "stage-cache"),
                                      stage_alloc=mgr.staging_alloc)
-            loop = asyncio.new_event_loop()
+            loop = LoopThread()
             for i in range(n):  # the registry is idle between fetches, as at no load
-                f = loop.run_until_complete(fetcher.fetch(f"stage-{i}", 1))
+                f = loop.run(fetcher.fetch(f"stage-{i}", 1))
                 one(i, f)
-                loop.run_until_complete(fetcher.flush())  # its disk copy written before the next (no load)
-            loop.run_until_complete(fetcher.close())
+                loop.run(fetcher.flush())  # its disk copy written before the next (no load)
+            loop.run(fetcher.close())
             loop.close()
     else:
         for i in range(n):
@@ -210,7 +231,10 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     mgr.shutdown()
     rows = rows[1:]
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in STAGES}
-    med["total_s"] = sum(med.values())
+    for r in rows:  # an overlapped download (verify_wait_s: the parse ran beside it) is not on the critical path
+        r["critical_s"] = sum(r.get(k, 0.0) for k in STAGES) - (r.get("download_s", 0.0) if "verify_wait_s" in r else 0.0)
+    med["total_s"] = statistics.median(r["critical_s"] for r in rows)
+    med["overlapped"] = all("verify_wait_s" in r for r in rows)
     med.update({k: statistics.median(r.get(k, 0.0) for r in rows) for k in PARTS})
     return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
             "source": f"registry on loopback ({kind})" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
@@ -231,7 +255,8 @@ def format_stages(result: dict) -> str:
     parts = [f"{k.removesuffix('_s')} {med[k] * 1e3:.1f}" for k in STAGES if med.get(k)]
     return (f"cold path stages ({result['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir, {result['layers']} layers, "
             f"rank {result['rank']}, {result['source']}), ms: " + ", ".join(parts)
-            + f"; sum {med['total_s'] * 1e3:.1f}"
+            + f"; {'critical path (download beside read + parse)' if med.get('overlapped') else 'sum'} "
+            + f"{med['total_s'] * 1e3:.1f}"
             + "".join(f" (of which {k.removesuffix('_s')} {med[k] * 1e3:.1f})" for k in PARTS if med.get(k)))
 
 

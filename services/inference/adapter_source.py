@@ -40,6 +40,9 @@ FETCH_IN_MEMORY = os.environ.get("LORASERVE_FETCH_IN_MEMORY", "1") != "0"
 # a ranged download is copied straight into the engine's staging memory (stage_alloc) and its disk
 # copy written as it arrives (LORASERVE_FETCH_STAGED=0: the pieces kept in memory, as before)
 FETCH_STAGED = os.environ.get("LORASERVE_FETCH_STAGED", "1") != "0"
+# ... and handed to the caller while it still arrives, so the parse runs beside the download (it waits
+# for the bytes it reads; nothing parsed is used before the digest checked out). LORASERVE_FETCH_OVERLAP=0: off
+FETCH_OVERLAP = os.environ.get("LORASERVE_FETCH_OVERLAP", "1") != "0"
 
 # reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
@@ -108,6 +111,7 @@ class AdapterFetcher:
         self._writing: dict[str, Chunks] = {}   # digest -> verified bytes whose disk copy is being written
         self._writes: dict[str, asyncio.Future] = {}  # digest -> that write
         self._hasher = None  # one worker thread: a ranged download's sha256, in artifact order
+        self._landing: dict[str, asyncio.Future] = {}  # digest -> a staged download still arriving (overlap)
         self._ranges = ranged_download.registry_serves_ranges()  # False: stubs older than offset/length
 
     def _registry(self):
@@ -131,7 +135,7 @@ class AdapterFetcher:
 
     async def flush(self) -> None:
         """Waits until the disk copies being written are complete."""
-        for task in list(self._writes.values()):
+        for task in list(self._writes.values()) + list(self._landing.values()):
             await asyncio.gather(task, return_exceptions=True)
 
     async def close(self) -> None:
@@ -248,16 +252,22 @@ class AdapterFetcher:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[meta.digest] = fut
             t1 = time.perf_counter()
+            landing = None
             try:
                 data = await self._download(meta, path)
-                # waiters share the bytes only if they are read-only (Chunks); a StagedArtifact is the
-                # caller's alone (its parser writes it): they read the file, complete by now
-                fut.set_result(None if isinstance(data, StagedArtifact) else data)
+                landing = self._landing.get(meta.digest) if isinstance(data, StagedArtifact) else None
+                if landing is not None:  # still arriving: waiters wait for the verified file
+                    landing.add_done_callback(lambda t, f=fut, d=meta.digest: self._landed(d, f, t))
+                else:
+                    # waiters share the bytes only if they are read-only (Chunks); a StagedArtifact is the
+                    # caller's alone (its parser writes it): they read the file, complete by now
+                    fut.set_result(None if isinstance(data, StagedArtifact) else data)
             except BaseException as exc:
                 fut.set_exception(exc)
                 raise
             finally:
-                self._inflight.pop(meta.digest, None)
+                if landing is None:
+                    self._inflight.pop(meta.digest, None)
                 if fut.done() and not fut.cancelled():
                     fut.exception()  # mark retrieved
             return FetchedAdapter(meta.name, meta.version, meta.digest, path, fmt, True, resolve_s,
@@ -342,6 +352,10 @@ class AdapterFetcher:
         loop = asyncio.get_running_loop()
         staged = await loop.run_in_executor(None, self.stage_alloc, meta.size) if self.stage_alloc else None
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-") if staged is not None else (None, None)
+        if staged is not None and FETCH_OVERLAP:
+            staged.begin()
+            self._landing[meta.digest] = asyncio.ensure_future(self._land(meta, path, staged, fd, tmp))
+            return staged
         try:
             try:
                 pieces, got = await ranged_download.download_ranges(
@@ -379,6 +393,49 @@ class AdapterFetcher:
         self._writes[meta.digest] = task
         task.add_done_callback(lambda t, d=meta.digest: self._wrote(d, t))
         return data
+
+    async def _land(self, meta, path: str, staged: StagedArtifact, fd: int, tmp: str) -> None:
+        """The rest of an overlapped staged download (its caller already has `staged`): every piece
+        into staged.buf and the disk copy as it arrives, then the digest check; staged.finish tells
+        the parser the outcome (the error, also raised here, for the single-flight waiters)."""
+        t0 = time.perf_counter()
+        what = f"download of {meta.name!r} v{meta.version}"
+        try:
+            try:
+                _, got = await ranged_download.download_ranges(
+                    self._registry(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
+                    dest=staged.buf, fd=fd, place_pool=self._placers, on_landed=staged.landed)
+            except grpc.aio.AioRpcError as exc:
+                raise self._translate(exc, what) from exc
+            except ConnectionError as exc:
+                raise RegistryUnavailableError(f"{what}: {exc}") from exc
+            if got != meta.digest:
+                raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes hash to "
+                                          f"{got}, registry announced {meta.digest}")
+            os.close(fd)
+            fd = None
+            os.replace(tmp, path)  # complete and verified: the disk copy (written as it arrived)
+            self.stats.bytes_loaded += meta.size
+            staged.download_s = time.perf_counter() - t0
+            staged.finish(None)
+        except BaseException as exc:
+            staged.finish(exc if isinstance(exc, Exception) else RegistryUnavailableError(f"{what} was cancelled"))
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _landed(self, digest: str, fut: asyncio.Future, task: asyncio.Future) -> None:
+        """An overlapped download ended: settle its single-flight waiters."""
+        self._landing.pop(digest, None)
+        self._inflight.pop(digest, None)
+        err = task.exception() if not task.cancelled() else RegistryUnavailableError(f"download of {digest} was cancelled")
+        if not fut.done():
+            fut.set_exception(err) if err is not None else fut.set_result(None)
+            if err is not None:
+                fut.exception()  # mark retrieved (nobody may be waiting)
 
     def _wrote(self, digest: str, task: asyncio.Future) -> None:
         self._writing.pop(digest, None)

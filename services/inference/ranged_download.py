@@ -51,10 +51,11 @@ class _Placer:
     to its offset in the file `fd`, on worker threads (both release the GIL; any order). The hasher
     keeps a piece only until it is hashed, so nothing holds the whole artifact twice."""
 
-    def __init__(self, dest, fd: int | None, pool: ThreadPoolExecutor):
+    def __init__(self, dest, fd: int | None, pool: ThreadPoolExecutor, on_landed=None):
         self.base = dest.data_ptr() if dest is not None else None
         self.size = dest.numel() if dest is not None else None
         self.fd, self.pool, self.jobs = fd, pool, []
+        self.on_landed = on_landed  # (start, end): those bytes of dest hold their final value
 
     def put(self, offset: int, piece: bytes) -> None:
         if offset + len(piece) > (self.size if self.size is not None else offset + len(piece)):
@@ -64,6 +65,8 @@ class _Placer:
     def _place(self, offset: int, piece: bytes) -> None:
         if self.base is not None:
             ctypes.memmove(self.base + offset, piece, len(piece))  # a foreign call: the GIL is released
+            if self.on_landed is not None:
+                self.on_landed(offset, offset + len(piece))
         if self.fd is not None:
             view, at = memoryview(piece), offset
             while view:
@@ -122,20 +125,25 @@ class _InOrderHasher:
 
 async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: int, pool: ThreadPoolExecutor,
                           streams: int = DOWNLOAD_STREAMS, range_bytes: int = RANGE_BYTES, dest=None,
-                          fd: int | None = None, place_pool: ThreadPoolExecutor | None = None
+                          fd: int | None = None, place_pool: ThreadPoolExecutor | None = None, on_landed=None
                           ) -> tuple[list[bytes] | None, str]:
     """(the artifact's pieces in order, "sha256:<hex>" of them) for `meta` (name, version, digest,
     size > 0) over `stub` (a RegistryServiceStub on an aio channel). grpc errors propagate as they
     are (the caller translates them); RangesUnsupported when the registry ignores ranges; a range
     that ends short raises ConnectionError (the registry's artifact changed or was cut).
     dest ([size] uint8 CPU tensor) and/or fd (a file opened for writing): each piece is placed at its
-    offset there as it arrives (on place_pool), and the pieces are not kept (None is returned)."""
+    offset there as it arrives (on place_pool), and the pieces are not kept (None is returned);
+    on_landed(start, end) is called (on a worker thread) as each piece lands in dest.
+
+    Ranges are asked for in artifact order except the last, which goes second: a tar's end (its
+    closing blocks, any file after the weights) is then there early for a parser reading the
+    bytes as they arrive (the in-order hash simply keeps that range's pieces until their turn)."""
     from loraserve.v1 import registry_pb2 as pb
 
     ranges = plan_ranges(meta.size, range_bytes)
     placing = dest is not None or fd is not None
     hasher = _InOrderHasher(len(ranges), pool, keep=not placing)
-    placer = _Placer(dest, fd, place_pool) if placing else None
+    placer = _Placer(dest, fd, place_pool, on_landed) if placing else None
     gate = asyncio.Semaphore(max(1, streams))  # FIFO: ranges start in artifact order
 
     async def fetch(r: int, offset: int, length: int) -> None:
@@ -164,7 +172,10 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
                                       f"{got} bytes")
             hasher.finish(r)
 
-    tasks = [asyncio.ensure_future(fetch(r, off, n)) for r, (off, n) in enumerate(ranges)]
+    order = list(range(len(ranges)))
+    if len(order) > 2:
+        order = [0, order[-1], *order[1:-1]]
+    tasks = [asyncio.ensure_future(fetch(r, *ranges[r])) for r in order]
     try:
         await asyncio.gather(*tasks)
     finally:

@@ -99,26 +99,37 @@ _FOLD_THREADS = max(1, int(os.environ.get("LORASERVE_FOLD_THREADS", 1)))  # 1 (d
 _FOLDS = ThreadPoolExecutor(_FOLD_THREADS, thread_name_prefix="loraserve-fold")
 
 
-def fold_scales_in_place(items: list[tuple[torch.Tensor, float]]) -> None:
+def fold_scales_in_place(items: list[tuple[torch.Tensor, float]], ready=None) -> None:
     """b.mul_(scale) for each (contiguous b the caller owns, checked scale != 1), bit for bit what
-    fold_scale(in_place=True) gives, on up to _FOLD_THREADS threads when there is enough work."""
+    fold_scale(in_place=True) gives, on up to _FOLD_THREADS threads when there is enough work.
+    ready(b): blocks until b's bytes are there (a download still arriving); folds go in memory order."""
+    if ready is not None:
+        items = sorted(items, key=lambda it: it[0].data_ptr())  # the order the bytes arrive in
     total = sum(b.numel() for b, _ in items)
     if total < (4 << 20) or len(items) < 2 or _FOLD_THREADS == 1:
         for b, scale in items:
+            if ready is not None:
+                ready(b)
             b.mul_(scale)
         return
     groups: list[list[tuple[torch.Tensor, float]]] = [[] for _ in range(_FOLD_THREADS)]
     sizes = [0] * _FOLD_THREADS
-    for b, scale in sorted(items, key=lambda it: -it[0].numel()):  # largest first, to the lightest group
-        i = sizes.index(min(sizes))
-        groups[i].append((b, scale))
-        sizes[i] += b.numel()
+    if ready is not None:  # bytes still arriving: interleaved groups, each in memory order
+        for k, it in enumerate(items):
+            groups[k % _FOLD_THREADS].append(it)
+    else:
+        for b, scale in sorted(items, key=lambda it: -it[0].numel()):  # largest first, to the lightest group
+            i = sizes.index(min(sizes))
+            groups[i].append((b, scale))
+            sizes[i] += b.numel()
 
     def run(group: list[tuple[torch.Tensor, float]]) -> None:
         from .threads import one_cpu_thread
 
         with one_cpu_thread():
             for b, scale in group:
+                if ready is not None:
+                    ready(b)
                 b.mul_(scale)
     for job in [_FOLDS.submit(run, g) for g in groups if g]:
         job.result()

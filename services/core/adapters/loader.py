@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .adapter import LoraAdapter
+from .archives import STAGED_IN_PROGRESS, StagedArtifact
 from .bundle import ArchiveLimits, Bundle, artifact_digest, open_bundle
 from .errors import AdapterFormatError, clip, shorten
 from .tensors import VALUES_VERIFIED, finite_and_peak
@@ -80,6 +81,13 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
     if ckpt_source is not None and ckpt_source not in CKPT_SOURCES:
         raise AdapterFormatError(f"ckpt_source={shorten(ckpt_source)} must be one of {CKPT_SOURCES}")
     token = VALUES_VERIFIED.set(values_verified)
+    # bytes still arriving (a download overlapped with this parse): only what the parser reads is waited
+    # for, and only when no value scan reads them all (values_verified); else all of them now
+    staged = data if isinstance(data, StagedArtifact) and data.in_progress() else None
+    if staged is not None and not values_verified:
+        staged.wait_all()
+        staged = None
+    staged_token = STAGED_IN_PROGRESS.set(staged)
     try:
         return _load(path, ckpt_source, max_rank, max_bytes, limits, confine_to,
                      None if values_verified else serving_dtype, timings if timings is not None else {}, digest,
@@ -99,6 +107,7 @@ def load_adapter(path: str | os.PathLike, ckpt_source: str | None = None, *,
         raise err from None
     finally:
         VALUES_VERIFIED.reset(token)
+        STAGED_IN_PROGRESS.reset(staged_token)
 
 
 def _origin_of(path: str | os.PathLike) -> str:
@@ -131,6 +140,9 @@ def _load_hashing(path, ckpt_source, max_rank, max_bytes, limits, confine_to, se
             f"{bundle.origin}: ckpt_source={ckpt_source!r} but the artifact is a "
             f"{'HF PEFT adapter' if fmt == 'hf' else 'NeMo checkpoint'} ({fmt!r})")
     t1 = time.perf_counter()
+    staged = STAGED_IN_PROGRESS.get()
+    if staged is not None and fmt != "hf":
+        staged.wait_all()  # (the NeMo parser reads every tensor through torch.load)
     adapter = parse_peft(bundle, digest or "") if fmt == "hf" else parse_nemo(bundle, digest or "")
     if max_rank is not None and adapter.rank > max_rank:
         raise AdapterFormatError(

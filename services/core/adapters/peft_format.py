@@ -22,6 +22,7 @@ import regex
 import torch
 
 from .adapter import LoraAdapter, build_adapter, check_lora_scale, fold_scale, fold_scales_in_place, lora_scale
+from .archives import STAGED_IN_PROGRESS
 from .bundle import Bundle
 from .errors import AdapterFormatError, shorten
 from .modules import HF_LINEAR_MODULES
@@ -129,6 +130,7 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     dora: dict[tuple[int, str], torch.Tensor] = {}
     max_scale = 0.0
+    staged = STAGED_IN_PROGRESS.get()  # the bytes may still be arriving: wait for those read
     folds: list[tuple[torch.Tensor, float]] = []  # (B, scale) folded in place after the loop, on a few threads
     for path, (layer, module, a, b) in sorted(factors.items()):
         _check_targeted(settings, path, layer, weights_name)
@@ -147,13 +149,17 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
             folds.append((b, scale))
             pairs[(layer, module)] = (a.contiguous(), b)
         else:
+            if staged is not None and scale != 1.0:
+                staged.wait_tensor(b)  # (a copy or a fold reads b's bytes)
             pairs[(layer, module)] = (a.contiguous(), fold_scale(b, scale, f"{weights_name}: {path}", in_place))
         if path in magnitudes:
             dora[(layer, module)] = magnitudes.pop(path)
     if magnitudes:
         raise AdapterFormatError(f"{weights_name}: DoRA lora_magnitude_vector for {shorten(next(iter(magnitudes)))} "
                                  f"has no lora_A/lora_B beside it")
-    fold_scales_in_place(folds)
+    fold_scales_in_place(folds, ready=None if staged is None else staged.wait_tensor)
+    if staged is not None and dora:
+        staged.wait_all()  # DoRA's magnitudes are checked (read) next
     return build_adapter("hf", pairs, alpha=settings.alpha, use_rslora=settings.use_rslora,
                          digest=digest, origin=weights_name, magnitudes=dora if settings.use_dora else None,
                          peaks=None if peak is None else (peak, peak * max_scale))

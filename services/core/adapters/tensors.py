@@ -13,6 +13,7 @@ import zipfile
 import torch
 from safetensors.torch import load as safetensors_load
 
+from .archives import STAGED_IN_PROGRESS
 from .errors import AdapterFormatError, shorten
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,6 +127,10 @@ def load_safetensors_bytes(data: bytes | bytearray, name: str) -> TensorDict:
     entries = check_safetensors_layout(data, name)
     start = 8 + int.from_bytes(bytes(data[:8]), "little")
     out = _views(data, entries, start)
+    staged = STAGED_IN_PROGRESS.get()
+    if staged is not None and (out is None or {e[0] for e in entries.values()} - {"BF16", "F16", "F32"}
+                               or len({e[0] for e in entries.values()}) > 1):
+        staged.wait_all()  # the library's copy, or conversions of odd/mixed dtypes, read every value now
     if out is None:
         try:
             out = TensorDict(safetensors_load(bytes(data)))

@@ -201,11 +201,6 @@ class LoRAManager(SlotAdmission):
         # every file read must stay in the allowed dirs, links resolved; weights must fit self.dtype
         blocks: list = []   # arena blocks the weights files were read into (the adapter keeps them)
         alloc = self._read_alloc if self.arena is None else (lambda n: self._arena_alloc(n, blocks))
-        if isinstance(data, StagedArtifact) and data.block is not None:
-            # the download's block: the parser's views of it become the weights; from here on it is
-            # given back with the adapter's blocks (or below, if the parse fails), not by data.release()
-            blocks.append(data.block)
-            data.block = None
         try:
             # one CPU thread: OpenMP workers stall the parse on a busy host (host_tier.one_cpu_thread)
             with one_cpu_thread():
@@ -216,6 +211,15 @@ class LoRAManager(SlotAdmission):
                                        timings=timings, digest=digest, alloc=timed_alloc(alloc, timings), data=data,
                                        # a digest here is a registry download's, verified: values checked at upload
                                        values_verified=trusted and digest is not None)
+            if isinstance(data, StagedArtifact):
+                # a download overlapped with the parse: nothing parsed is used before its digest checked out
+                t0 = time.perf_counter()
+                data.wait_verified()
+                timings["verify_wait_s"] = time.perf_counter() - t0
+                timings["download_s"] = data.download_s
+                if data.block is not None:  # the parser's views of the download's block are the weights:
+                    blocks.append(data.block)  # it goes back with the adapter's blocks, not data.release()
+                    data.block = None
         except BaseException:
             for b in blocks:
                 self.arena.release(b)

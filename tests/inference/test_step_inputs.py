@@ -133,10 +133,11 @@ def test_placeholders_everywhere_is_the_identity_scatter():
     assert not inp.placeholders_everywhere and dst.tolist() == [0, 1, 3, 4]
 
 
+@pytest.mark.parametrize("width_multiple", [1, 16])
 @pytest.mark.parametrize("seed", range(3))
-def test_steady_decode_fast_path_equals_a_fresh_build(seed):
-    """Overlapped decode repeats one batch step after step; the builder then reuses the previous build's table
-    rows and takes every input token from the in-flight step without reading the tokens. Over many steps
+def test_steady_decode_fast_path_equals_a_fresh_build(seed, width_multiple):
+    """Overlapped decode repeats one batch step after step; the builder then derives the step's inputs from the
+    previous build's (_build_steady: positions, slots and lengths + 1, rows entering a new block rewritten). Over many steps
     (blocks appended, a sequence leaving, one joining, a step without a step in flight) every output equals
     what a fresh builder (no previous build) gives for the same state."""
     rng = random.Random(seed)
@@ -148,7 +149,7 @@ def test_steady_decode_fast_path_equals_a_fresh_build(seed):
         s.block_table = [next(blocks) for _ in range(-(-s.num_tokens // BS))]
         s.lora = None
         seqs.append(s)
-    builder = StepInputBuilder(BS, PAD, torch.device("cpu"))
+    builder = StepInputBuilder(BS, PAD, torch.device("cpu"), width_multiple)
     in_flight = False
     for step in range(40):
         if step == 15:
@@ -164,7 +165,7 @@ def test_steady_decode_fast_path_equals_a_fresh_build(seed):
                 s.block_table.append(next(blocks))
         prev = True if in_flight else None
         got = builder.build(seqs, [1] * len(seqs), prev)
-        want = StepInputBuilder(BS, PAD, torch.device("cpu")).build(seqs, [1] * len(seqs), prev)
+        want = StepInputBuilder(BS, PAD, torch.device("cpu"), width_multiple).build(seqs, [1] * len(seqs), prev)
         for a, b in zip(got[0].__dict__.values(), want[0].__dict__.values()):
             assert (a.tolist() if isinstance(a, torch.Tensor) else a) == (b.tolist() if isinstance(b, torch.Tensor) else b)
         assert [None if t is None else t.tolist() for t in got[1:]] == [None if t is None else t.tolist() for t in want[1:]]

@@ -43,6 +43,9 @@ FETCH_STAGED = os.environ.get("LORASERVE_FETCH_STAGED", "1") != "0"
 # ... and handed to the caller while it still arrives, so the parse runs beside the download (it waits
 # for the bytes it reads; nothing parsed is used before the digest checked out). LORASERVE_FETCH_OVERLAP=0: off
 FETCH_OVERLAP = os.environ.get("LORASERVE_FETCH_OVERLAP", "1") != "0"
+# a {name, version} not in the index is downloaded at once, its first range's first message telling what
+# GetAdapter would (a round trip less). LORASERVE_SKIP_RESOLVE=0: GetAdapter first, as before
+SKIP_RESOLVE = os.environ.get("LORASERVE_SKIP_RESOLVE", "1") != "0"
 
 # reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
@@ -236,10 +239,15 @@ class AdapterFetcher:
     async def fetch(self, name: str, version: int = 0, alias: str = "") -> FetchedAdapter:
         what = f"adapter {name!r}" + (f" version {version}" if version else f" alias {alias!r}" if alias else "")
         t0 = time.perf_counter()
-        meta = await self._resolve(name, version, alias, what)
+        first = await self._open_first(name, version, what)  # {name, version} never fetched: no GetAdapter
+        meta = first[2] if first is not None else await self._resolve(name, version, alias, what)
         resolve_s = time.perf_counter() - t0
         fmt = meta.format
         path = self._path(meta)
+        if first is not None and (os.path.exists(path) or meta.digest in self._writing or meta.digest in self._inflight
+                                  or meta.artifact_type != "tar" or meta.size <= 0):
+            first[0].cancel()  # the bytes are here already (or are not downloaded as ranges)
+            first = None
         writing = self._writing.get(meta.digest)
         if writing is not None:  # downloaded just now, its disk copy not complete yet: the bytes in memory
             self.stats.hits += 1
@@ -254,7 +262,7 @@ class AdapterFetcher:
             t1 = time.perf_counter()
             landing = None
             try:
-                data = await self._download(meta, path)
+                data = await self._download(meta, path, first)
                 landing = self._landing.get(meta.digest) if isinstance(data, StagedArtifact) else None
                 if landing is not None:  # still arriving: waiters wait for the verified file
                     landing.add_done_callback(lambda t, f=fut, d=meta.digest: self._landed(d, f, t))
@@ -278,7 +286,34 @@ class AdapterFetcher:
         return FetchedAdapter(meta.name, meta.version, meta.digest, path, fmt, False, resolve_s, time.perf_counter() - t1,
                               data)
 
-    async def _download(self, meta, path: str) -> Chunks | None:
+    async def _open_first(self, name: str, version: int, what: str):
+        """(call, its AdapterVersion, _Resolved) for a {name, version} not in the index: the download's
+        first range, whose first message says what GetAdapter would (ranged_download.open_first_range);
+        None when the index knows it, or for aliases (their TTL cache is _resolve's) and one-stream setups."""
+        if not (version and SKIP_RESOLVE and self._ranges and FETCH_IN_MEMORY and self.address
+                and ranged_download.DOWNLOAD_STREAMS > 1):
+            return None
+        pinned = self._pinned.get((name, version))
+        if pinned is not None and os.path.exists(self._path(pinned)):
+            return None
+        from loraserve.v1 import registry_pb2 as pb
+
+        try:
+            call, m = await ranged_download.open_first_range(self._registry(), name, version, self._metadata,
+                                                             self.timeout_s, DOWNLOAD_CHUNK, ranged_download.RANGE_BYTES)
+        except grpc.aio.AioRpcError as exc:
+            err = self._translate(exc, what)
+            if isinstance(err, RegistryUnavailableError):
+                self.registry_errors += 1
+            raise err from exc
+        except ConnectionError as exc:
+            raise RegistryUnavailableError(f"{what}: {exc}") from exc
+        r = _Resolved(m.name, m.version, m.digest, m.artifact_type, "nemo" if m.format == pb.ADAPTER_FORMAT_NEMO else "hf",
+                      m.size_bytes)
+        self._remember(r, "", version)
+        return call, m, r
+
+    async def _download(self, meta, path: str, first=None) -> Chunks | None:
         """Download, verify the digest, and keep the artifact. A plain tar (what the registry makes
         of a pushed directory) of known size goes into memory and is returned at once, verified;
         its disk copy is written on a thread meanwhile (on a slow disk the write cost more than the
@@ -288,12 +323,14 @@ class AdapterFetcher:
         self.stats.misses += 1
         in_memory = FETCH_IN_MEMORY and meta.artifact_type == "tar" and meta.size > 0
         if (in_memory and self._ranges and ranged_download.DOWNLOAD_STREAMS > 1
-                and meta.size > ranged_download.RANGE_BYTES):
+                and (meta.size > ranged_download.RANGE_BYTES or first is not None)):
             try:
-                return await self._download_ranges(meta, path)
+                return await self._download_ranges(meta, path, first)
             except ranged_download.RangesUnsupported as exc:
                 log.warning("registry at %s does not serve byte ranges (%s): one stream from now on", self.address, exc)
                 self._ranges = False
+        if first is not None:
+            first[0].cancel()  # (not downloaded as ranges after all)
         sha, size = hashlib.sha256(), 0
         pieces: list[bytes] | None = [] if in_memory else None  # the messages' own bytes, kept as they are
         fd, tmp = (None, None) if in_memory else tempfile.mkstemp(dir=self.cache_dir, prefix=".part-")
@@ -341,7 +378,7 @@ class AdapterFetcher:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
-    async def _download_ranges(self, meta, path: str) -> Chunks:
+    async def _download_ranges(self, meta, path: str, first=None) -> Chunks:
         """_download of a plain tar as parallel byte ranges (ranged_download.py): verified, kept in
         memory and returned; its disk copy is written on a thread meanwhile."""
         from concurrent.futures import ThreadPoolExecutor
@@ -354,13 +391,14 @@ class AdapterFetcher:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-") if staged is not None else (None, None)
         if staged is not None and FETCH_OVERLAP:
             staged.begin()
-            self._landing[meta.digest] = asyncio.ensure_future(self._land(meta, path, staged, fd, tmp))
+            self._landing[meta.digest] = asyncio.ensure_future(self._land(meta, path, staged, fd, tmp, first))
             return staged
         try:
             try:
                 pieces, got = await ranged_download.download_ranges(
                     self._registry(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
-                    dest=None if staged is None else staged.buf, fd=fd, place_pool=self._placers)
+                    dest=None if staged is None else staged.buf, fd=fd, place_pool=self._placers,
+                    first=first and first[:2])
             except grpc.aio.AioRpcError as exc:
                 raise self._translate(exc, f"download of {meta.name!r} v{meta.version}") from exc
             except ConnectionError as exc:
@@ -394,7 +432,7 @@ class AdapterFetcher:
         task.add_done_callback(lambda t, d=meta.digest: self._wrote(d, t))
         return data
 
-    async def _land(self, meta, path: str, staged: StagedArtifact, fd: int, tmp: str) -> None:
+    async def _land(self, meta, path: str, staged: StagedArtifact, fd: int, tmp: str, first=None) -> None:
         """The rest of an overlapped staged download (its caller already has `staged`): every piece
         into staged.buf and the disk copy as it arrives, then the digest check; staged.finish tells
         the parser the outcome (the error, also raised here, for the single-flight waiters)."""
@@ -404,11 +442,17 @@ class AdapterFetcher:
             try:
                 _, got = await ranged_download.download_ranges(
                     self._registry(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
-                    dest=staged.buf, fd=fd, place_pool=self._placers, on_landed=staged.landed)
+                    dest=staged.buf, fd=fd, place_pool=self._placers, on_landed=staged.landed,
+                    first=first and first[:2])
             except grpc.aio.AioRpcError as exc:
                 raise self._translate(exc, what) from exc
             except ConnectionError as exc:
                 raise RegistryUnavailableError(f"{what}: {exc}") from exc
+            except ranged_download.RangesUnsupported as exc:  # (its parser already has the block: no fallback now)
+                log.warning("registry at %s does not serve byte ranges (%s): one stream from now on", self.address, exc)
+                self._ranges = False
+                raise RegistryUnavailableError(f"{what}: the registry does not serve byte ranges; retry "
+                                               f"(one stream from now on)") from exc
             if got != meta.digest:
                 raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes hash to "
                                           f"{got}, registry announced {meta.digest}")

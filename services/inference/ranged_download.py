@@ -22,11 +22,35 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+
 # parallel DownloadAdapter streams per artifact (1: the single stream, as before) and bytes per
 # range; artifacts of at most one range are always one stream. LORASERVE_DOWNLOAD_STREAMS /
 # LORASERVE_DOWNLOAD_RANGE: overrides (benchmarks/cold_diag.py sweeps them)
 DOWNLOAD_STREAMS = max(1, int(os.environ.get("LORASERVE_DOWNLOAD_STREAMS", 4)))
 RANGE_BYTES = max(1 << 20, int(os.environ.get("LORASERVE_DOWNLOAD_RANGE", 8 << 20)))
+
+
+async def open_first_range(stub, name: str, version: int, metadata, timeout_s: float, chunk_size: int,
+                           range_bytes: int):
+    """(the open call, its AdapterVersion): the first range [0, range_bytes) of {name, version} asked for
+    without asking GetAdapter first (one round trip less on a cold adapter: the stream's first message
+    names the version and its digest). The caller hands the call to download_ranges(first=...) or
+    cancels it (the artifact was cached after all). grpc errors propagate."""
+    from loraserve.v1 import registry_pb2 as pb
+
+    call = stub.DownloadAdapter(pb.DownloadAdapterRequest(name=name, version=version, chunk_size=chunk_size,
+                                                          offset=0, length=range_bytes),
+                                metadata=metadata, timeout=timeout_s)
+    try:
+        msg = await call.read()
+    except BaseException:
+        call.cancel()
+        raise
+    if msg is grpc.aio.EOF or msg.WhichOneof("payload") != "adapter":
+        call.cancel()
+        raise ConnectionError(f"the registry's download of {name!r} v{version} did not begin with its version")
+    return call, msg.adapter
 
 
 class RangesUnsupported(Exception):
@@ -124,9 +148,9 @@ class _InOrderHasher:
 
 
 async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: int, pool: ThreadPoolExecutor,
-                          streams: int = DOWNLOAD_STREAMS, range_bytes: int = RANGE_BYTES, dest=None,
-                          fd: int | None = None, place_pool: ThreadPoolExecutor | None = None, on_landed=None
-                          ) -> tuple[list[bytes] | None, str]:
+                          streams: int | None = None, range_bytes: int | None = None, dest=None,
+                          fd: int | None = None, place_pool: ThreadPoolExecutor | None = None, on_landed=None,
+                          first=None) -> tuple[list[bytes] | None, str]:
     """(the artifact's pieces in order, "sha256:<hex>" of them) for `meta` (name, version, digest,
     size > 0) over `stub` (a RegistryServiceStub on an aio channel). grpc errors propagate as they
     are (the caller translates them); RangesUnsupported when the registry ignores ranges; a range
@@ -134,12 +158,15 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
     dest ([size] uint8 CPU tensor) and/or fd (a file opened for writing): each piece is placed at its
     offset there as it arrives (on place_pool), and the pieces are not kept (None is returned);
     on_landed(start, end) is called (on a worker thread) as each piece lands in dest.
+    first: the call open_first_range made (its `adapter` message read): it serves range 0.
 
     Ranges are asked for in artifact order except the last, which goes second: a tar's end (its
     closing blocks, any file after the weights) is then there early for a parser reading the
     bytes as they arrive (the in-order hash simply keeps that range's pieces until their turn)."""
     from loraserve.v1 import registry_pb2 as pb
 
+    streams = DOWNLOAD_STREAMS if streams is None else streams   # (the module's values when called: overrides)
+    range_bytes = RANGE_BYTES if range_bytes is None else range_bytes
     ranges = plan_ranges(meta.size, range_bytes)
     placing = dest is not None or fd is not None
     hasher = _InOrderHasher(len(ranges), pool, keep=not placing)
@@ -148,12 +175,15 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
 
     async def fetch(r: int, offset: int, length: int) -> None:
         async with gate:
-            call = stub.DownloadAdapter(pb.DownloadAdapterRequest(name=meta.name, version=meta.version,
-                                                                  chunk_size=chunk_size, offset=offset, length=length),
-                                        metadata=metadata, timeout=timeout_s)
+            if r == 0 and first is not None:
+                call = first[0]
+            else:
+                call = stub.DownloadAdapter(pb.DownloadAdapterRequest(
+                    name=meta.name, version=meta.version, chunk_size=chunk_size, offset=offset, length=length),
+                    metadata=metadata, timeout=timeout_s)
             got = 0
             try:
-                async for msg in call:
+                while (msg := await call.read()) is not grpc.aio.EOF:
                     if msg.WhichOneof("payload") == "chunk":
                         got += len(msg.chunk)
                         if got > length:
@@ -182,6 +212,8 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
         for t in tasks:  # one range failed: the others stop now, not after their bytes arrived
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if first is not None:
+            first[0].cancel()  # (a no-op once range 0 ended)
         if placer is not None:  # no copy may still write into dest once this returns (or raises)
             await asyncio.gather(placer.wait(), return_exceptions=True)
     if placer is not None:

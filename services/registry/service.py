@@ -290,9 +290,10 @@ class RegistryService:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"offset ({offset}) and length ({length}) must be >= 0")
         record = self.get(name, version, alias)
-        if offset + length > record.size_bytes or offset > record.size_bytes:
-            raise OutOfRange(f"{name} version {record.version}: bytes [{offset}, {offset + length}) lie past the "
-                             f"end of its {record.size_bytes}-byte artifact")
+        if offset > record.size_bytes:
+            raise OutOfRange(f"{name} version {record.version}: offset {offset} lies past the end of its "
+                             f"{record.size_bytes}-byte artifact")
+        length = min(length, record.size_bytes - offset) if length else 0  # (as an HTTP Range: cut at the end)
         digest_hex = record.digest.removeprefix("sha256:")
         if not self.store.exists(digest_hex):
             raise FailedPrecondition(f"{name} version {record.version}: artifact {record.digest} is missing "

@@ -2,6 +2,7 @@
 run from the engine's StepRecords (engine.step_trace), and a profiled mixed step."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -67,6 +68,27 @@ HOST_TIME_DEFINITION = (
     "are timed apart")
 
 
+class GCTimer:
+    """Python's garbage collections while it is on (gc.callbacks): how many, of which generation, and their
+    seconds, all of them on whatever thread allocated (in a decode step: the engine thread or the consumer's)."""
+
+    def __init__(self):
+        self.seconds, self.counts, self._t = 0.0, [0, 0, 0], None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self.counts[info.get("generation", 0)] += 1
+            self._t = None
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+
 def _decode_steps(engine, steps: int) -> tuple[float, float, float, list]:
     """steps of step_pending() + the consumer's message building, traced; (wall s without the building,
     building s, engine-thread CPU s without the building, trace)."""
@@ -107,7 +129,9 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     for _ in range(3):
         engine.step()
     n0, w0 = engine.num_steps, engine.device_wait_s
+    gc_timer = GCTimer()
     wall, build, cpu, trace = _decode_steps(engine, steps)
+    gc_timer.close()
     n, wait = engine.num_steps - n0, engine.device_wait_s - w0
     launch_ms = 1e3 * sum(r.launched_at - r.start for r in trace) / n
     post_ms = 1e3 * sum(r.end - r.launched_at - r.wait_s for r in trace) / n
@@ -141,6 +165,8 @@ def host_time_per_decode_step(engine, batch: int, prompt_len: int, steps: int, v
     return {"batch": batch, "steps": n, "step_ms": wall / n * 1e3, "host_ms": (wall - wait) / n * 1e3,
             "launch_ms": launch_ms, "post_ms": post_ms, "build_ms": build / n * 1e3,
             "engine_thread_cpu_ms": cpu / n * 1e3, "phases_ms": phases_ms, "phase_steps": timed,
+            "gc": {"ms_per_step": 1e3 * gc_timer.seconds / n, "collections_by_generation": gc_timer.counts,
+                   "frozen_objects": gc.get_freeze_count()},
             "async_scheduling": engine.async_scheduling, "definition": HOST_TIME_DEFINITION}
 
 
@@ -151,6 +177,11 @@ def print_host(h: dict) -> None:
           f"{h.get('engine_thread_cpu_ms', 0):.3f}); + messages built off the engine thread {h['build_ms']:.3f}",
           flush=True)
     print(f"  ({h.get('definition', HOST_TIME_DEFINITION)})", flush=True)
+    g = h.get("gc")
+    if g:
+        print(f"  Python GC in those steps (engine + consumer threads): {g['ms_per_step']:.3f} ms per step, collections "
+              f"by generation {g['collections_by_generation']}, objects frozen at start-up {g['frozen_objects']}",
+              flush=True)
     t = h.get("phase_steps")
     if t:
         print(f"  {t['steps']} more steps with phases timed: host {t['host_ms']:.3f} ms = launch {t['launch_ms']:.3f}"

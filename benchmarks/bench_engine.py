@@ -271,14 +271,17 @@ def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int, r
             "gap_before_ms": ends.get("gap_before_ms"), "tail_ms": ends.get("tail_ms"), "gc_ms": ends["gc_ms"]}
 
 
-def prefill_flops(args, batch: int, prompt_len: int) -> float:
+def prefill_flops(args, batch: int, prompt_len: int, last_rows_only: bool = False) -> float:
     """Model FLOPs of a prefill with one sampled token per sequence: every linear layer over every
-    token, causal attention (QK^T and PV over the lower triangle), lm_head for the last tokens."""
+    token, causal attention (QK^T and PV over the lower triangle), lm_head for the last tokens.
+    last_rows_only (models/llama.py LAST_LAYER_ROWS): the last layer's MLP runs on the sampled rows
+    alone, and the FLOPs it skips are not counted (a FLOP/s figure counts work done, not work avoided)."""
     h, i, L = args.hidden_size, args.intermediate_size, args.num_hidden_layers
     linear = h * (args.q_size + 2 * args.kv_size) + args.q_size * h + 3 * h * i
     tokens = batch * prompt_len
     attn = 2 * 2 * args.num_attention_heads * args.head_dim * batch * prompt_len * (prompt_len + 1) / 2
-    return L * (2 * linear * tokens + attn) + 2 * h * args.vocab_size * batch
+    skipped = 2 * 3 * h * i * (tokens - batch) if last_rows_only else 0
+    return L * (2 * linear * tokens + attn) + 2 * h * args.vocab_size * batch - skipped
 
 
 def decode_step_bytes(engine, batch: int, mean_context: float) -> float:
@@ -441,6 +444,8 @@ def main() -> int:
     ap.add_argument("--profile", default=None, help="write torch.profiler tables to this directory")
     ap.add_argument("--profile-after-s", type=float, default=None,
                     help="skip the profiles when this many seconds have passed (a time-limited run keeps its figures)")
+    ap.add_argument("--last-rows-compare", action="store_true",
+                    help="prefill again with models/llama.py LAST_LAYER_ROWS flipped (what skipping the rows saves)")
     ap.add_argument("--gc-freeze-compare", action="store_true",
                     help="prefill again with gc.freeze() (diagnostic of the GC's share of the host time)")
     ap.add_argument("--hf-prefill-only", action="store_true", help="HF: the prefill figure only (no decode runs)")
@@ -517,7 +522,10 @@ def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: floa
         hits += r["prefix_hits"]
         res["timed_prefix_cache_hits"] = hits
         res["loraserve_prefill_tok_s"] = r["tok_s"]
-        flops = prefill_flops(engine.args, a.prefill_batch, 1024)
+        from loraserve.inference.models import llama
+
+        res["prefill_last_layer_rows_only"] = bool(llama.LAST_LAYER_ROWS)   # FLOPs below: the work done
+        flops = prefill_flops(engine.args, a.prefill_batch, 1024, llama.LAST_LAYER_ROWS)   # no adapter in this batch
         res["prefill_wall_ms"] = r["s"] * 1e3
         res["prefill_device_ms"] = r["device_s"] * 1e3   # CUDA events around the launched steps
         res["prefill_host_launch_ms"] = r["host_launch_s"] * 1e3
@@ -529,6 +537,12 @@ def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: floa
         res["prefill_gemm_peak_fraction"] = flops / r["s"] / peak
         if "hf_prefill_tok_s" in res:
             res["prefill_vs_hf"] = r["tok_s"] / res["hf_prefill_tok_s"]
+        if a.last_rows_compare:   # diagnostic: the same runs with the last layer on every row
+            llama.LAST_LAYER_ROWS = not llama.LAST_LAYER_ROWS
+            r3 = time_engine_prefill(engine, prompts, a.prefill_batch, 1024, a.prefill_repeats)
+            llama.LAST_LAYER_ROWS = not llama.LAST_LAYER_ROWS
+            res[f"prefill_wall_ms_last_rows_{'on' if not llama.LAST_LAYER_ROWS else 'off'}"] = r3["s"] * 1e3
+            res[f"prefill_device_ms_last_rows_{'on' if not llama.LAST_LAYER_ROWS else 'off'}"] = r3["device_s"] * 1e3
         if a.gc_freeze_compare:   # diagnostic: the same runs with the start-up heap frozen (vLLM's gc.freeze)
             gc.collect()
             gc.freeze()

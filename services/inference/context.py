@@ -39,6 +39,9 @@ class Context:
     num_splits: int | None = None
     # batch LoRA state (loraserve.inference.lora.layers.LoRABatch) or None when no row has an adapter
     lora: Any = None
+    # the caller reads only each sequence's last row of the output (the model runner's eager steps: it samples
+    # last rows only): the model may then run the last layer's MLP on those rows alone (models/llama.py)
+    last_rows_only: bool = False
 
 
 _CONTEXT = Context()

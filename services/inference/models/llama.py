@@ -164,6 +164,11 @@ GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "0")
 GEMV_PROJS = frozenset(os.environ.get("LORASERVE_GEMV_PROJS", "qkv_proj,o_proj,gate_up_proj,down_proj").split(","))
 # ... and the LM head through the GEMV too (1-4 sampled rows)
 GEMV_LM_HEAD = _env_flag("LORASERVE_GEMV_LM_HEAD", "0")
+# steps with prompt rows whose caller reads only each sequence's last row (Context.last_rows_only: the model
+# runner's eager steps): the last layer's MLP (and the final norm) run on those rows only; its attention still
+# covers every row (it writes the K/V cache). The other rows of the output are zeros. Prefill of 8 x 1024 on the
+# 8B shape: one layer's MLP over 8192 rows is ~4 ms of the step's ~180 (LORASERVE_LAST_LAYER_ROWS=0: every row)
+LAST_LAYER_ROWS = _env_flag("LORASERVE_LAST_LAYER_ROWS", "1")
 
 
 class RotaryEmbedding(nn.Module):
@@ -339,14 +344,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, layer_idx)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+                rotary: RotaryEmbedding, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: this layer's input delta [N, hidden] (the embeddings when residual is None);
-        returns (mlp output, residual stream before it): the next norm adds them."""
+        returns (mlp output, residual stream before it): the next norm adds them.
+        rows [R] (the model's last layer, LAST_LAYER_ROWS): after attention only these rows go on: [R, hidden]."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, rotary)
+        if rows is not None:   # fresh [R, hidden] copies: the fused norm below writes in place
+            x, residual = x.index_select(0, rows), residual.index_select(0, rows)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -366,12 +374,39 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [N] (all tokens of the step, sequences back to back) -> hidden [N, hidden]."""
+        """input_ids, positions: [N] (all tokens of the step, sequences back to back) -> hidden [N, hidden].
+        When the step's Context says only each sequence's last row is read (last_rows_only), the other rows
+        of a multi-token sequence are zeros (their last layer's MLP is never computed: LAST_LAYER_ROWS)."""
         x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, self.rotary)
-        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+        rows = self._last_rows(x)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if rows is not None and i == last:
+                x, residual = layer(positions, x, residual, self.rotary, rows=rows)
+            else:
+                x, residual = layer(positions, x, residual, self.rotary)
+        hidden = self.norm(x) if residual is None else self.norm(x, residual)[0]
+        if rows is None:
+            return hidden
+        out = hidden.new_zeros((input_ids.shape[0], hidden.shape[1]))   # [N, hidden]; only `rows` are read
+        return out.index_copy_(0, rows, hidden)
+
+    def _last_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B] row of each sequence's last token in this step, when the caller reads no other row and some
+        sequence has more than one (else None: every row is computed). Not with adapters (the LoRA batch
+        describes every row), tensor parallelism, or inside a CUDA-graph capture (static shapes)."""
+        ctx = get_context()
+        qlens = ctx.query_lens
+        if not (LAST_LAYER_ROWS and ctx.last_rows_only) or self.tp is not None or ctx.lora is not None \
+                or qlens is None or len(qlens) >= x.shape[0] or not self.layers:
+            return None
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        if ctx.query_start_loc is not None and ctx.query_start_loc.device == x.device:   # [B + 1] on the device
+            return ctx.query_start_loc[1:].long() - 1
+        ends = torch.tensor(qlens, dtype=torch.long).cumsum(0) - 1
+        return ends.to(x.device, non_blocking=True)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tp is not None:  # [T, V/size] per rank -> [T, V]

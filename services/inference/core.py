@@ -227,7 +227,10 @@ class InferenceCore:
         """Forget an adapter (both tiers) unless requests hold it (AdapterBusyError); True if it was
         known. On the engine thread: the GPU tier is the engine's."""
         if spec is not None:
-            digest = (await self.fetcher.fetch(spec.name, spec.version, spec.alias)).digest
+            fetched = await self.fetcher.fetch(spec.name, spec.version, spec.alias)
+            digest = fetched.digest
+            if hasattr(fetched.data, "release"):  # a staging block nobody parses: back to the arena (off the loop:
+                await asyncio.to_thread(fetched.data.release)  # it waits for the download still filling it)
         if not digest:
             raise InvalidRequestError("set adapter_ref or digest")
         if self.lora_manager is None:

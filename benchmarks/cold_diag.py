@@ -175,7 +175,8 @@ def download_section(workdir: str, d: str, chunks: list[int], reps: int) -> None
         loop.close()
 
 
-def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int]], reps: int) -> list[dict]:
+def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int, bool]], reps: int, raw_transport: bool = False
+                ) -> list[dict]:
     """AdapterFetcher.fetch (resolve + download + sha256, bytes kept in memory) from a registry process
     on loopback, for each (parallel streams, range bytes); 1 stream = the single DownloadAdapter stream."""
     from loraserve.inference import adapter_source, ranged_download
@@ -186,24 +187,63 @@ def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int]], reps: int) 
         with RegistryClient(reg.address) as client:
             client.push(d, "diag", base_model="bench", chunk_size=1 << 20)
         loop = asyncio.new_event_loop()
-        for streams, range_bytes in combos:
+        for streams, range_bytes, raw in combos:
             ranged_download.DOWNLOAD_STREAMS, ranged_download.RANGE_BYTES = streams, range_bytes
+            ranged_download.DOWNLOAD_RAW = raw
             got = []
             for k in range(reps + 1):  # the first: connection set-up and warm-up, not counted
-                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"sweep-{streams}-{range_bytes}-{k}"))
+                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"sweep-{streams}-{range_bytes}-{raw}-{k}"))
                 f = loop.run_until_complete(fetcher.fetch("diag", 1))
                 loop.run_until_complete(fetcher.close())
                 got.append((f.resolve_s, f.download_s))
             got = got[1:]
             best = min(dl for _, dl in got)
-            rows.append(dict(streams=streams, range_mib=range_bytes >> 20, download_s=[dl for _, dl in got],
+            rows.append(dict(streams=streams, range_mib=range_bytes >> 20, raw=raw, download_s=[dl for _, dl in got],
                              resolve_s=[r for r, _ in got]))
-            print(f"fetch {streams} stream(s) x {range_bytes >> 20} MiB ranges: resolve+download ms "
+            print(f"fetch {streams} stream(s) x {range_bytes >> 20} MiB ranges{', raw split' if raw else ''}: "
+                  f"resolve+download ms "
                   + ", ".join(f"{r * 1e3:.0f}+{dl * 1e3:.0f}" for r, dl in got)
                   + f"  ({os.path.getsize(os.path.join(d, 'adapter_model.safetensors')) / best / 1e9:.2f} GB/s best)",
                   flush=True)
+        if raw_transport:
+            _raw_transport(loop, reg.address)
         loop.close()
     return rows
+
+
+def _raw_transport(loop, address: str) -> None:
+    """The transport alone, no hashing: the artifact as `streams` equal ranges at once, responses decoded
+    by protobuf (as the fetcher) or kept as raw bytes (the ceiling without the decode copies)."""
+    import grpc
+
+    from loraserve.v1 import registry_pb2 as pb
+    from loraserve.v1 import registry_pb2_grpc
+
+    opts = [("grpc.max_receive_message_length", 16 << 20), ("grpc.http2.max_frame_size", (16 << 20) - 1)]
+
+    async def run(raw: bool, streams: int) -> float:
+        async with grpc.aio.insecure_channel(address, options=opts) as ch:
+            meta = (await registry_pb2_grpc.RegistryServiceStub(ch).GetAdapter(
+                pb.GetAdapterRequest(name="diag", version=1))).adapter
+            call = ch.unary_stream("/loraserve.v1.RegistryService/DownloadAdapter",
+                                   request_serializer=pb.DownloadAdapterRequest.SerializeToString,
+                                   response_deserializer=(lambda b: b) if raw else pb.DownloadAdapterResponse.FromString)
+            size = meta.size_bytes
+            per = -(-size // streams)
+
+            async def one(off: int, n: int) -> None:
+                async for _ in call(pb.DownloadAdapterRequest(name="diag", version=1, chunk_size=1 << 20,
+                                                              offset=off, length=n)):
+                    pass
+            t0 = time.perf_counter()
+            await asyncio.gather(*[one(o, min(per, size - o)) for o in range(0, size, per)])
+            return time.perf_counter() - t0
+
+    for raw in (False, True):
+        for streams in (1, 4, 8):
+            ts = [loop.run_until_complete(run(raw, streams)) for _ in range(3)]
+            print(f"transport only, {'raw bytes' if raw else 'protobuf decode'}, {streams} equal range(s): ms "
+                  + ", ".join(f"{t * 1e3:.0f}" for t in ts), flush=True)
 
 
 def parse_ab(tar: str, digest: str, reps: int) -> None:
@@ -244,7 +284,8 @@ def main() -> int:
     ap.add_argument("--fetch-sweep", action="store_true",
                     help="only the fetch sweep over parallel ranged streams (streams x range MiB)")
     ap.add_argument("--combos", default="1x8,2x8,4x8,4x4,8x4,8x2",
-                    help="--fetch-sweep: streams x range MiB, comma separated")
+                    help="--fetch-sweep: streams x range MiB, comma separated; a trailing r: responses split raw")
+    ap.add_argument("--raw-transport", action="store_true", help="--fetch-sweep: also the transport alone")
     ap.add_argument("--parse-ab", action="store_true", help="only the staged parse, folds inline vs threaded")
     a = ap.parse_args()
     if a.parse_ab:
@@ -257,8 +298,9 @@ def main() -> int:
         workdir = tempfile.mkdtemp(prefix="cold-diag-")
         d, _, data, _ = make_artifact(workdir, a.layers)
         print(f"fetch sweep: {len(data) / 1e6:.0f} MB tar ({a.layers} layers, rank 16, 7 modules)", flush=True)
-        combos = [(int(c.split("x")[0]), int(c.split("x")[1]) << 20) for c in a.combos.split(",")]
-        fetch_sweep(workdir, d, combos, 1 if a.quick else a.reps)
+        combos = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("r")) << 20, c.endswith("r"))
+                  for c in a.combos.split(",")]
+        fetch_sweep(workdir, d, combos, 1 if a.quick else a.reps, raw_transport=a.raw_transport)
         return 0
     reps = 1 if a.quick else a.reps
     print(env_report(), flush=True)

@@ -130,7 +130,13 @@ class AdapterFetcher:
             else:
                 self._channel = grpc.aio.insecure_channel(self.address, options=_RECONNECT)
             self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+            self._raw = ranged_download.RawDownloads(self._channel)
         return self._stub
+
+    def _ranged(self):
+        """What ranged downloads call DownloadAdapter on: the stub, or its raw-split stand-in."""
+        stub = self._registry()
+        return self._raw if ranged_download.DOWNLOAD_RAW else stub
 
     @property
     def _metadata(self):
@@ -299,7 +305,7 @@ class AdapterFetcher:
         from loraserve.v1 import registry_pb2 as pb
 
         try:
-            call, m = await ranged_download.open_first_range(self._registry(), name, version, self._metadata,
+            call, m = await ranged_download.open_first_range(self._ranged(), name, version, self._metadata,
                                                              self.timeout_s, DOWNLOAD_CHUNK, ranged_download.RANGE_BYTES)
         except grpc.aio.AioRpcError as exc:
             err = self._translate(exc, what)
@@ -396,7 +402,7 @@ class AdapterFetcher:
         try:
             try:
                 pieces, got = await ranged_download.download_ranges(
-                    self._registry(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
+                    self._ranged(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
                     dest=None if staged is None else staged.buf, fd=fd, place_pool=self._placers,
                     first=first and first[:2])
             except grpc.aio.AioRpcError as exc:
@@ -441,7 +447,7 @@ class AdapterFetcher:
         try:
             try:
                 _, got = await ranged_download.download_ranges(
-                    self._registry(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
+                    self._ranged(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
                     dest=staged.buf, fd=fd, place_pool=self._placers, on_landed=staged.landed,
                     first=first and first[:2])
             except grpc.aio.AioRpcError as exc:

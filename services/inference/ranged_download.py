@@ -23,6 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 # parallel DownloadAdapter streams per artifact (1: the single stream, as before) and bytes per
 # range; artifacts of at most one range are always one stream. LORASERVE_DOWNLOAD_STREAMS /
@@ -47,10 +48,55 @@ async def open_first_range(stub, name: str, version: int, metadata, timeout_s: f
     except BaseException:
         call.cancel()
         raise
-    if msg is grpc.aio.EOF or msg.WhichOneof("payload") != "adapter":
+    which, adapter = (None, None) if msg is grpc.aio.EOF else _payload(msg)
+    if which != "adapter":
         call.cancel()
         raise ConnectionError(f"the registry's download of {name!r} v{version} did not begin with its version")
-    return call, msg.adapter
+    return call, adapter
+
+
+# DownloadAdapter responses split by hand (LORASERVE_DOWNLOAD_RAW=1): a chunk message is field 2, bytes:
+# tag 0x12, a varint length, the bytes; it is handed on as a memoryview of the received message, not
+# decoded (protobuf's decode copies 1 MiB into its arena and again into the `chunk` bytes object)
+DOWNLOAD_RAW = os.environ.get("LORASERVE_DOWNLOAD_RAW", "0") != "0"
+_METHOD = "/loraserve.v1.RegistryService/DownloadAdapter"
+
+
+def split_download_response(raw: bytes):
+    """A DownloadAdapterResponse's wire bytes -> memoryview of its chunk, or the decoded message
+    (the `adapter` one, or anything not a lone chunk field)."""
+    if raw[:1] == b"\x12":
+        n, shift, i = 0, 0, 1
+        while i < len(raw) and i < 11:
+            byte = raw[i]
+            n |= (byte & 0x7F) << shift
+            i += 1
+            if not byte & 0x80:
+                if i + n == len(raw):
+                    return memoryview(raw)[i:]
+                break
+            shift += 7
+    from loraserve.v1 import registry_pb2 as pb
+
+    return pb.DownloadAdapterResponse.FromString(raw)
+
+
+class RawDownloads:
+    """A stand-in for the stub's DownloadAdapter whose chunk messages come as memoryviews."""
+
+    def __init__(self, channel):
+        from loraserve.v1 import registry_pb2 as pb
+
+        self.DownloadAdapter = channel.unary_stream(_METHOD, request_serializer=pb.DownloadAdapterRequest.SerializeToString,
+                                                    response_deserializer=split_download_response)
+
+
+def _payload(msg):
+    """("chunk", bytes-like) or ("adapter", AdapterVersion) or (None, None) of one response."""
+    if isinstance(msg, memoryview):
+        return "chunk", msg
+    which = msg.WhichOneof("payload")
+    return which, (msg.chunk if which == "chunk" else msg.adapter if which == "adapter" else None)
 
 
 class RangesUnsupported(Exception):
@@ -88,7 +134,9 @@ class _Placer:
 
     def _place(self, offset: int, piece: bytes) -> None:
         if self.base is not None:
-            ctypes.memmove(self.base + offset, piece, len(piece))  # a foreign call: the GIL is released
+            # a foreign call: the GIL is released (a memoryview piece: by its address; `piece` keeps it alive)
+            src = piece if isinstance(piece, bytes) else np.frombuffer(piece, dtype=np.uint8).ctypes.data
+            ctypes.memmove(self.base + offset, src, len(piece))
             if self.on_landed is not None:
                 self.on_landed(offset, offset + len(piece))
         if self.fd is not None:
@@ -184,17 +232,17 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
             got = 0
             try:
                 while (msg := await call.read()) is not grpc.aio.EOF:
-                    if msg.WhichOneof("payload") == "chunk":
-                        got += len(msg.chunk)
+                    which, value = _payload(msg)
+                    if which == "chunk":
+                        got += len(value)
                         if got > length:
                             raise RangesUnsupported(f"the registry sent more than the {length} bytes asked for")
-                        piece = msg.chunk
                         if placer is not None:
-                            placer.put(offset + got - len(piece), piece)
-                        hasher.add(r, piece)
-                    elif msg.adapter.digest != meta.digest:
+                            placer.put(offset + got - len(value), value)
+                        hasher.add(r, value)
+                    elif which == "adapter" and value.digest != meta.digest:
                         raise ConnectionError(f"range {offset}+{length}: the registry now names digest "
-                                              f"{msg.adapter.digest}, not {meta.digest}")
+                                              f"{value.digest}, not {meta.digest}")
             finally:
                 call.cancel()  # a no-op once the stream ended; stops it when this range failed
             if got != length:

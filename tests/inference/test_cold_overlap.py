@@ -29,8 +29,9 @@ ARGS = ModelArgs(**dict(LLAMA3_8B_ARGS, num_hidden_layers=3, hidden_size=256, in
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000))
 
 
-@pytest.fixture
-def stack(tmp_path, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["protobuf", "raw-split"])
+def stack(tmp_path, monkeypatch, request):
+    monkeypatch.setattr(ranged_download, "DOWNLOAD_RAW", request.param)  # chunks as memoryviews of the messages
     monkeypatch.setattr(ranged_download, "DOWNLOAD_STREAMS", 3)
     monkeypatch.setattr(ranged_download, "RANGE_BYTES", 64 << 10)   # ~1 MB adapter: ~16 ranges
     monkeypatch.setattr(adapter_source, "FETCH_OVERLAP", True)

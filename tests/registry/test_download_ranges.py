@@ -63,9 +63,12 @@ def test_a_range_starting_past_the_end_or_negative_is_refused(registry, offset, 
     assert "ranged" in err.value.details() or min(offset, length) < 0
 
 
-@pytest.mark.parametrize("streams,range_bytes", [(3, 64 << 10), (8, 100_000), (2, 1 << 30)])
-def test_parallel_ranged_fetch_gives_the_verified_artifact(registry, tmp_path, monkeypatch, streams, range_bytes):
+@pytest.mark.parametrize("streams,range_bytes,raw", [(3, 64 << 10, False), (8, 100_000, False), (2, 1 << 30, False),
+                                                     (3, 64 << 10, True), (2, 1 << 30, True)])
+def test_parallel_ranged_fetch_gives_the_verified_artifact(registry, tmp_path, monkeypatch, streams, range_bytes, raw):
+    """raw: the responses split by hand (LORASERVE_DOWNLOAD_RAW), chunks as memoryviews of the messages."""
     reg, whole = registry
+    monkeypatch.setattr(ranged_download, "DOWNLOAD_RAW", raw)
     monkeypatch.setattr(ranged_download, "DOWNLOAD_STREAMS", streams)
     monkeypatch.setattr(ranged_download, "RANGE_BYTES", range_bytes)
 
@@ -179,3 +182,19 @@ def test_values_verified_skips_only_the_value_scans(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 4}))
     with pytest.raises(AdapterFormatError, match="rank 8"):
         load_adapter(d, digest="sha256:" + "0" * 64, values_verified=True)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20, (1 << 20) + 3])
+def test_split_download_response_matches_protobuf(size):
+    """The hand split of a chunk message gives exactly the bytes protobuf decodes (varint lengths of
+    1-3 bytes); an adapter message (or an empty chunk) is decoded by protobuf itself."""
+    data = random.Random(size).randbytes(size)
+    wire = pb.DownloadAdapterResponse(chunk=data).SerializeToString()
+    got = ranged_download.split_download_response(wire)
+    if isinstance(got, memoryview):
+        assert bytes(got) == data
+    else:
+        assert got.chunk == data
+    meta = pb.DownloadAdapterResponse(adapter=pb.AdapterVersion(name="x", version=3, digest="sha256:" + "a" * 64))
+    back = ranged_download.split_download_response(meta.SerializeToString())
+    assert back.WhichOneof("payload") == "adapter" and back.adapter.version == 3

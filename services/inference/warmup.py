@@ -11,7 +11,10 @@ variants when captured; the eager steps (prefill-only steps, steps with adapter 
   for kernels that still specialise on them), long enough for the 64-row tile;
 - single prompts short enough for the 16- and 32-row tiles, and a one-token prompt;
 - single prompts whose planned split-KV count (unified_attention.plan_num_splits, as the step will plan it)
-  covers each power-of-two class of the merge kernel.
+  covers each power-of-two class of the merge kernel;
+- a few tokens over a long cached prefix (a prompt, then the same prompt + 10 tokens: the prefix cache hands the
+  second its blocks), for the split classes (16-64 ways) of a short query over a long context, which single
+  prompts never plan (chunked continuations, eager mixed steps with adapter rows).
 
 Each step is a set of dummy requests (random token ids, one output token) run through the engine itself, so the
 warm-up meets exactly the code path a request takes; their KV blocks are freed and the prefix cache is reset.
@@ -57,16 +60,56 @@ def _split_lengths(engine, limit: int) -> list[int]:
     return out
 
 
+def _prefix_splits(engine, limit: int, covered: set, query: int = 10) -> list[int]:
+    """Prefix lengths L (block multiples, L + query <= limit) whose step of `query` new tokens over L + query of
+    context plans a split class not in `covered` (from _split_lengths); one L per class."""
+    from loraserve.kernels.unified_attention import launch_config, plan_num_splits
+
+    a, bs = engine.args, engine.runner.block_size
+    group, elem = a.num_attention_heads // a.num_key_value_heads, engine.runner.kv_dtype.itemsize
+    block_m = launch_config(query, group, elem)["BLOCK_M"]
+    out = []
+    for length in range(4 * bs, limit - query, 4 * bs):
+        splits = plan_num_splits([query], [length + query], a.num_attention_heads, a.num_key_value_heads, elem,
+                                 engine.device)
+        key = (block_m, 1 if splits <= 1 else 1 << (splits - 1).bit_length())
+        if key not in covered:
+            covered.add(key)
+            out.append(length)
+    return out
+
+
 def warmup_steps(engine) -> list[list[int]]:
     """The prompt lengths of each dummy step (one list per step), within the engine's limits."""
     cfg = engine.config
     budget = min(cfg.max_num_tokens, engine.kv_capacity_tokens // 2, engine.max_seq_len - 1)
     steps = [[512], [509], [32] * 16, [31] + [32] * 15, [176] * 3, [175] * 3, [8], [7, 7], [3], [2, 3], [1]]
     try:
-        steps += [[n] for n in _split_lengths(engine, budget)]
+        steps += [[n] for n in _split_lengths(engine, budget) if [n] not in steps]
     except Exception:  # noqa: BLE001 - the fixed shapes still warm up
         log.warning("warm-up: could not plan the split-KV shapes", exc_info=True)
     return [s for s in steps if sum(s) <= budget and max(s) < engine.max_seq_len and len(s) <= cfg.max_num_seqs]
+
+
+def prefix_steps(engine) -> list[int]:
+    """Prefix lengths of the short-query-over-long-context steps (see the module docstring); [] without prefix
+    caching."""
+    if not engine.config.kv_cache_config.enable_block_reuse:
+        return []
+    budget = min(engine.config.max_num_tokens, engine.kv_capacity_tokens // 2, engine.max_seq_len - 1)
+    try:
+        a, elem = engine.args, engine.runner.kv_dtype.itemsize
+        from loraserve.kernels.unified_attention import launch_config, plan_num_splits
+
+        group = a.num_attention_heads // a.num_key_value_heads
+        covered = set()
+        for n in _split_lengths(engine, budget):
+            splits = plan_num_splits([n], [n], a.num_attention_heads, a.num_key_value_heads, elem, engine.device)
+            covered.add((launch_config(n, group, elem)["BLOCK_M"], 1 if splits <= 1 else 1 << (splits - 1).bit_length()))
+        return _prefix_splits(engine, budget, covered)
+    except Exception:  # noqa: BLE001
+        log.warning("warm-up: could not plan the long-context split shapes", exc_info=True)
+        return []
 
 
 def warm_up(engine) -> dict:
@@ -78,14 +121,21 @@ def warm_up(engine) -> dict:
     vocab = engine.args.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     steps = warmup_steps(engine)
+    # a prefix step: its prompt, then the prompt + 10 tokens (the second computes 10 over the cached prefix)
+    steps += [("prefix", n) for n in prefix_steps(engine)]
     done, failed = 0, None
     for k, lens in enumerate(steps):
-        ids = [f"__warmup__-{k}-{i}" for i in range(len(lens))]
+        prefix = lens[0] == "prefix"
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in ([lens[1]] if prefix else lens)]
+        if prefix:
+            prompts.append(prompts[0] + [rng.randrange(vocab) for _ in range(10)])
+        ids = [f"__warmup__-{k}-{i}" for i in range(len(prompts))]
         try:
-            for rid, n in zip(ids, lens):
-                engine.add_request(rid, [rng.randrange(vocab) for _ in range(n)], params)
-            while engine.has_unfinished_requests():
-                engine.step()
+            for rid, prompt in zip(ids, prompts):   # a prefix step's two prompts one after the other
+                engine.add_request(rid, prompt, params)
+                if prefix or rid == ids[-1]:
+                    while engine.has_unfinished_requests():
+                        engine.step()
             done += 1
         except Exception as exc:  # noqa: BLE001 - a warm-up failure never stops the engine from serving
             failed = f"{type(exc).__name__}: {exc}"
@@ -101,8 +151,10 @@ def warm_up(engine) -> dict:
                     engine._drop_inflight()
             break
     engine.reset_prefix_cache()
+    engine.block_manager.num_reused_blocks = 0     # the prefix steps' reuse is not serving's
     seconds = time.perf_counter() - t0
-    log.info("warm-up: %d dummy steps (prompt lengths %s) in %.2f s", done, [sum(s) for s in steps[:done]], seconds)
+    log.info("warm-up: %d dummy steps (prompt lengths %s) in %.2f s", done,
+             [s[1] if s[0] == "prefix" else sum(s) for s in steps[:done]], seconds)
     return {"steps": done, "seconds": seconds, "failed": failed}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraserve import LLM, SamplingParams
-from loraserve.inference.warmup import compiled_attention_variants, warm_up, warmup_steps, warmup_wanted
+from loraserve.inference.warmup import compiled_attention_variants, prefix_steps, warm_up, warmup_steps, warmup_wanted
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9)]
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -27,9 +27,11 @@ def test_warm_up_leaves_a_fresh_engine(tiny_llama, monkeypatch):
     assert planned and all(sum(s) <= engine.config.max_num_tokens for s in planned)
     assert {1, 16} <= {len(s) for s in planned}                        # one and many sequences per step
     assert {sum(s) % 16 == 0 for s in planned} == {True, False}        # both token-count classes
+    prefixes = prefix_steps(engine)          # a short query over a long cached prefix: the many-split classes
+    assert prefixes
     steps0 = engine.num_steps
     report = warm_up(engine)
-    assert report["failed"] is None and report["steps"] == len(planned)
+    assert report["failed"] is None and report["steps"] == len(planned) + len(prefixes)
     assert engine.num_steps - steps0 >= len(planned)                   # each set ran as (at least) its own step
     assert not engine.has_unfinished_requests() and not engine.seqs
     bm = engine.block_manager

@@ -337,18 +337,24 @@ def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_ba
 
 
 def random_adapters(args, n: int, rank: int, dtype, device: str = "cuda", first_digest: int = 0):
-    """n adapters of `rank` on every module, random (x0.01) weights drawn on `device`, held on the host."""
+    """n adapters of `rank` on every module, random (x0.01) weights drawn on `device`, held on the host.
+    Each adapter is drawn as one flat buffer and copied to the host once (views per layer and module: the
+    8B shape has 32 x 7 x 2 tensors per adapter, and one copy each took seconds of a time-limited run)."""
     from loraserve.adapters import LoraAdapter
 
     shapes = args.lora_module_shapes()
     adapters = []
     g = torch.Generator(device=device).manual_seed(0)
+    per_layer = sum(rank * fi + fo * rank for fi, fo in shapes.values())
     for i in range(n):
-        w = {}
+        flat = (torch.randn(args.num_hidden_layers * per_layer, generator=g, device=device) * 0.01).to(dtype).cpu()
+        w, at = {}, 0
         for layer in range(args.num_hidden_layers):
             for m, (fi, fo) in shapes.items():
-                w[(layer, m)] = ((torch.randn(rank, fi, generator=g, device=device) * 0.01).to(dtype).cpu(),
-                                 (torch.randn(fo, rank, generator=g, device=device) * 0.01).to(dtype).cpu())
+                a = flat[at:at + rank * fi].view(rank, fi)
+                b = flat[at + rank * fi:at + rank * fi + fo * rank].view(fo, rank)
+                w[(layer, m)] = (a, b)
+                at += rank * fi + fo * rank
         adapters.append(LoraAdapter("hf", rank, float(rank), False, sorted(shapes), args.num_hidden_layers, w,
                                     f"sha256:{first_digest + i:064x}"))
     return adapters

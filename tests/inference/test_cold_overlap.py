@@ -86,3 +86,48 @@ def test_a_corrupt_download_is_refused_and_its_block_goes_back(stack):
     mgr.arena._reclaim(wait=True)
     assert mgr.arena.num_used == 0 and not os.path.exists(f.path)
     assert not mgr.handles
+
+
+def test_staged_artifact_waits_for_exactly_the_bytes_it_is_asked_for():
+    """wait_for returns once [start, end) landed, whatever landed elsewhere; a failed download wakes
+    every waiter with its error; release() gives the block back only after the download stopped."""
+    import threading
+    import time
+
+    given_back = []
+    buf = torch.zeros(1000, dtype=torch.uint8)
+    st = StagedArtifact(buf, buf, given_back.append, in_progress=True)
+    st.landed(900, 1000)   # the tail first (the ranged download asks for the last range second)
+    st.wait_for(950, 1000)
+    st.wait_for(10, 10)     # empty
+    done = threading.Event()
+
+    def reader():
+        st.wait_for(0, 600)
+        done.set()
+    threading.Thread(target=reader, daemon=True).start()
+    st.landed(0, 300)
+    st.landed(400, 600)
+    time.sleep(0.05)
+    assert not done.is_set()          # [300, 400) is still missing
+    st.landed(300, 400)
+    assert done.wait(5)
+    errors = []
+
+    def blocked():
+        try:
+            st.wait_for(600, 900)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    t = threading.Thread(target=blocked, daemon=True)
+    t.start()
+    releaser = threading.Thread(target=st.release, daemon=True)
+    releaser.start()
+    time.sleep(0.05)
+    assert given_back == [] and releaser.is_alive()   # the download may still write into the block
+    st.finish(DigestMismatchError("bad bytes"))
+    t.join(5)
+    releaser.join(5)
+    assert isinstance(errors[0], DigestMismatchError) and given_back == [buf]
+    with pytest.raises(DigestMismatchError):
+        st.wait_verified()

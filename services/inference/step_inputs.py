@@ -40,6 +40,8 @@ class StepInputs:
     has_lora: bool = True          # host flag: some row has an adapter (decode graphs without LoRA otherwise)
     ids_positions_slots: torch.Tensor | None = None   # [3, N] view of the first three (one copy into graphs)
     placeholders_everywhere: bool = False   # every token is a placeholder, in row order (steady overlapped decode)
+    build_id: int = 0                       # the builder's count of builds when this one was made
+    tables_as_prev: bool = False            # block_tables equal the previous build's (same shape and values)
 
 
 class BlockTableRows:
@@ -153,6 +155,7 @@ class StepInputBuilder:
         # the previous build (steady decode repeats it): its sequences, block lists and table rows, and whether it
         # was a decode step in which every row sampled (then each sequence's pending_row is its index there)
         self._last: tuple | None = None
+        self.num_builds = 0
 
     def _buffers(self, size: int) -> None:
         k = self._turn = 1 - self._turn
@@ -244,6 +247,8 @@ class StepInputBuilder:
         inputs = StepInputs(view[0], view[1], view[2], view[3], block_tables, view[5], view[6],
                             buf[3 * B:4 * B].tolist(), arange.tolist(), has_lora, ids_positions_slots)
         inputs.placeholders_everywhere = True
+        self.num_builds += 1
+        inputs.build_id, inputs.tables_as_prev = self.num_builds, not grown.size
         return inputs, view[7], view[8]
 
     def build(self, seqs: list, num_new_tokens: list[int], prev_rows: dict[int, int] | bool | None = None
@@ -329,6 +334,8 @@ class StepInputBuilder:
                             ends.tolist(), sample_rows.tolist(), has_lora, ids_positions_slots)
         inputs.placeholders_everywhere = P == N and last is None   # decode: dst = pending rows = 0..N-1
         self._last = (seqs, block_lists, rows, decode and sample_rows.size == B, sizes, lens, W, has_lora)
+        self.num_builds += 1
+        inputs.build_id = self.num_builds
         return inputs, (view[7] if P else None), (view[8] if P else None)
 
 

@@ -51,6 +51,7 @@ _TX_ATTEMPTS = 12
 # limit is 8 MiB. LORASERVE_REGISTRY_MAX_CHUNK: measurement override (benchmarks/cold_diag.py)
 MAX_DOWNLOAD_CHUNK = min(int(os.environ.get("LORASERVE_REGISTRY_MAX_CHUNK", 1 << 20)), 6 << 20)
 _LOCK_STRIPES = 64
+_RANGED_TTL_S = 10.0  # how long a ranged download's later ranges skip the DB lookup
 
 
 class Aborted(RegistryError):
@@ -75,6 +76,9 @@ class RegistryService:
         self._active_guard = threading.Lock()
         self._gc_stop = threading.Event()
         self._gc_thread: threading.Thread | None = None
+        # {name, version} -> (record, when) for a ranged download's later ranges (offset > 0): the client
+        # asked for range 0 moments ago, and a version's artifact never changes; a delete here drops it
+        self._ranged: dict[tuple[str, int], tuple[AdapterRecord, float]] = {}
 
     @classmethod
     def open(cls, config: RegistryConfig) -> "RegistryService":
@@ -289,7 +293,22 @@ class RegistryService:
         """(the version, its artifact's bytes [offset, offset + length) in chunks); length 0: to the end."""
         if offset < 0 or length < 0:
             raise InvalidArgument(f"offset ({offset}) and length ({length}) must be >= 0")
+        cached = self._ranged.get((name, version)) if version > 0 and offset > 0 and not alias else None
+        if cached is not None and time.monotonic() - cached[1] < _RANGED_TTL_S:
+            # a later range of a download under way: no DB lookup, no store check (~2 ms a range)
+            record = cached[0]
+            length = min(length, record.size_bytes - offset) if length else 0
+            if offset > record.size_bytes:
+                raise OutOfRange(f"{name} version {record.version}: offset {offset} lies past the end of its "
+                                 f"{record.size_bytes}-byte artifact")
+            size = max(16 << 10, min(chunk_size or self.config.download_chunk_size, MAX_DOWNLOAD_CHUNK))
+            return record, self.store.read_chunks(record.digest.removeprefix("sha256:"), size, offset,
+                                                  length or record.size_bytes - offset)
         record = self.get(name, version, alias)
+        if version > 0 and not alias and (offset > 0 or length > 0):
+            if len(self._ranged) > 1024:
+                self._ranged.clear()
+            self._ranged[(name, version)] = (record, time.monotonic())
         if offset > record.size_bytes:
             raise OutOfRange(f"{name} version {record.version}: offset {offset} lies past the end of its "
                              f"{record.size_bytes}-byte artifact")
@@ -309,6 +328,7 @@ class RegistryService:
     def delete(self, name: str, version: int = 0, all_versions: bool = False, force: bool = False) -> list[int]:
         """Deletes one version or all; versions carrying aliases need force. Returns the versions."""
         check_name(name)
+        self._ranged.clear()
         if version < 0 or (version > 0) == all_versions:
             raise InvalidArgument("give either a version > 0 or all_versions=true")
 
@@ -333,6 +353,7 @@ class RegistryService:
             return sorted(r.version for r in rows), {r.digest for r in rows}
 
         versions, digests = self._write(remove)
+        self._ranged.clear()  # (again: a range may have cached it while the delete ran)
         for digest in digests:
             hex_ = digest.removeprefix("sha256:")
             with self._blob_lock(hex_):

@@ -228,3 +228,24 @@ def test_ranges_from_an_s3_store_are_ranged_gets(start_registry, s3_bucket, tmp_
     finally:
         ranged_download.RANGE_BYTES = saved
     assert f.digest == "sha256:" + hashlib.sha256(whole).hexdigest() and open(f.path, "rb").read() == whole
+
+
+def test_later_ranges_skip_the_lookup_but_not_past_a_delete(tmp_path):
+    """A ranged download's later ranges (offset > 0) reuse the version's record for a few seconds
+    (its artifact never changes); a delete drops that at once: the next range is NOT_FOUND."""
+    src = write_peft_dir(str(tmp_path / "src"), SHAPES, num_layers=2, rank=8, seed=5)
+    with RunningRegistry(RegistryConfig(data_dir=tmp_path / "registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            client.push(src, "gone", base_model="tiny")
+            with grpc.insecure_channel(reg.address) as ch:
+                stub = registry_pb2_grpc.RegistryServiceStub(ch)
+
+                def later_range():
+                    return b"".join(m.chunk for m in stub.DownloadAdapter(pb.DownloadAdapterRequest(
+                        name="gone", version=1, offset=1000, length=5000)) if m.WhichOneof("payload") == "chunk")
+                first, again = later_range(), later_range()  # the second from the remembered record
+                assert first == again and len(first) == 5000
+                client.delete("gone", 1)
+                with pytest.raises(grpc.RpcError) as err:
+                    later_range()
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND

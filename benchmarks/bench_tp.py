@@ -194,6 +194,9 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--only-tp", type=int, choices=(1, 2), default=None, help="run one side only (probes)")
     ap.add_argument("--only-lora", action="store_true", help="only the TP=2 engine with 32 adapters (probes)")
+    ap.add_argument("--child-timeout", type=float, default=None, help="seconds for each engine's child process")
+    ap.add_argument("--fallback-safe", action="store_true",
+                    help="a failed TP=2 child runs again with the opt-in paths off (LORASERVE_TP_FUSED_NORM etc.)")
     ap.add_argument("--only-trained", action="store_true", help="only the agreement runs on the default model")
     ap.add_argument("--build-only", action="store_true", help="only build the --checkpoint folder")
     ap.add_argument("--max-batch", type=int, default=256, help="engine max_batch_size (decode graph buckets)")
@@ -297,9 +300,24 @@ def main() -> int:
     return 0
 
 
+SAFE_ENV = {"LORASERVE_TP_FUSED_NORM": "0", "LORASERVE_TP_SAMPLER_GRAPHS": "0", "LORASERVE_TP_LOCAL_ARGMAX": "0"}
+
+
 def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
               nccl_only: bool = False, lora_child: bool = False) -> dict:
-    """One engine's figures from a child process (`--child`); {"_error": ...} if it failed."""
+    """One engine's figures from a child process (`--child`); {"_error": ...} if it failed. With --fallback-safe
+    a failed TP=2 child runs once more with the opt-in paths off (SAFE_ENV), the reason kept under tp2_fallback."""
+    r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
+    if "_error" in r and tp == 2 and a.fallback_safe and any(os.environ.get(k, "0") != "0" for k in SAFE_ENV):
+        print(f"tp2{' lora' if lora_child else ''} child failed ({r['_error']}); again with the opt-ins off", flush=True)
+        os.environ.update(SAFE_ENV)   # every later child too
+        r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
+        r[f"tp2{'_lora' if lora_child else ''}_fallback"] = "the opt-ins (fused norm, sampler graphs) off after a failure"
+    return r
+
+
+def _run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
+               nccl_only: bool = False, lora_child: bool = False) -> dict:
     import subprocess
 
     fd, out = tempfile.mkstemp(suffix=".json", prefix=f"tp{tp}-")
@@ -317,7 +335,22 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
         env.update(LORASERVE_TP_CUSTOM_AR="0", LORASERVE_TP_FUSED_NORM="0")
     if a.profile_dir and not nccl_only:   # profiled decode runs after the timed ones (child_main)
         env["LORASERVE_PROFILE_DIR"] = env["LORASERVE_TP_PROFILE"] = a.profile_dir
-    rc = subprocess.run(cmd, env=env).returncode
+    # a session of its own: a child past --child-timeout is killed with its TP workers (a worker blocked in the
+    # rendezvous holds the GIL and would not see its parent go)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=a.child_timeout)
+    except subprocess.TimeoutExpired:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = f"killed after {a.child_timeout:.0f} s"
+    except BaseException:   # the parent stopped (Ctrl-C, timeout's SIGTERM): the engines go with it
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     try:
         with open(out) as f:
             r = json.load(f)

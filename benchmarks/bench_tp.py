@@ -228,7 +228,7 @@ def main() -> int:
     layers = a.layers or (2 if a.tiny else 4 if a.shape == "70b" else 32)
     prompt_len, steps = a.prompt_len or (16 if a.tiny else 512), a.steps or (4 if a.tiny else 64)
     n_top1, n_adapters = (16, 4) if a.tiny else (256, 32)
-    if not a.tiny and torch.cuda.device_count() < 2:
+    if not a.tiny and not a.build_only and torch.cuda.device_count() < 2:
         print(f"bench_tp skipped: it needs 2 GPUs, {torch.cuda.device_count()} visible (or --tiny on CPU)",
               file=sys.stderr)
         return 0

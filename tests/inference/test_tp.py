@@ -193,6 +193,10 @@ def test_shutdown_leaves_no_process_and_bad_sizes_are_refused(tiny_llama, tmp_pa
 
     llm = LLM(model=tiny_llama[0], dtype="float32", device="cpu", tensor_parallel_size=2)
     assert len(_children()) == 1
+    # rank 0's start-up phases, in order, each timed (tp/startup.py; what the 2-GPU runs print)
+    phases = [p for p, _ in llm.engine.tp.clock.phases]
+    assert phases == ["spawn + rendezvous", "all-reduce set-up", "model load", "KV cache + runner"]
+    assert all(dt >= 0 for _, dt in llm.engine.tp.clock.phases) and llm.engine.tp.clock.total() > 0
     llm.engine.runner.shutdown()
     assert _children() == []
     # tiny_llama has 2 KV heads: 4 ranks cannot each hold whole heads; refused before any process starts
@@ -210,3 +214,15 @@ def test_yaml_key_and_cli_flag():
     assert engine_config_from_kwargs("m", tensor_parallel_size=2).tensor_parallel_size == 2
     args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--device", "cpu"])
     assert args.tensor_parallel_size == 2
+
+
+def test_graph_buckets_subset_keeps_the_largest(monkeypatch):
+    from loraserve.inference.tp.startup import graph_buckets
+
+    buckets = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    monkeypatch.delenv("LORASERVE_TP_GRAPH_BUCKETS", raising=False)
+    assert graph_buckets(buckets) == buckets
+    monkeypatch.setenv("LORASERVE_TP_GRAPH_BUCKETS", "1, 16")
+    assert graph_buckets(buckets) == [1, 16, 64]   # 64 sizes the static buffers and covers every batch
+    monkeypatch.setenv("LORASERVE_TP_GRAPH_BUCKETS", "1,64,256")
+    assert graph_buckets(buckets) == [1, 64]

@@ -92,6 +92,8 @@ def main() -> int:
     ap.add_argument("--modules", choices=("all", "qv"), default="all",
                     help="LoRA target modules the engine enables (qv: bench_churn's resident engine exactly; the "
                          "one-token adapter then has q_proj + v_proj only)")
+    ap.add_argument("--buckets", help="decode CUDA-graph batch sizes, e.g. 16,64 (default: the engine's; fewer: "
+                                      "fewer captures and LoRA kernel variants to compile on a cold Triton cache)")
     ap.add_argument("--json")
     args = ap.parse_args()
     tiny = args.tiny
@@ -100,6 +102,11 @@ def main() -> int:
     in_len, out_len = args.input_len or (24 if tiny else 256), args.output_len or (8 if tiny else 64)
 
     from loraserve import LLM, LoraConfig
+
+    if args.buckets:
+        from loraserve.inference import cuda_graphs
+
+        cuda_graphs.BUCKETS = tuple(int(b) for b in args.buckets.split(","))
 
     t0 = time.perf_counter()
     model_dir = args.model

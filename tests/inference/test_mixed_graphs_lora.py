@@ -106,11 +106,11 @@ def test_lora_graph_metadata_gives_the_eager_delta(tiny_llama, two_adapters, in_
 
 @gpu[0]
 @gpu[1]
-@pytest.mark.parametrize("lora_graphs", ["1", "0"])
-def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkeypatch, lora_graphs):
+def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkeypatch):
     """GPU: requests over two adapters and none, arriving every few steps (prompt chunks next to adapter
-    decodes): greedy tokens with the mixed-step LoRA graphs equal the engine with every mixed step eager, and
-    transformers + peft per adapter; with LORASERVE_MIXED_GRAPH_LORA=1 LoRA graphs replay (=0: none do)."""
+    decodes): greedy tokens with the mixed-step LoRA graphs (LoRA graphs replayed, decode steps with adapters
+    sampled by the greedy-sampler graphs) equal the engine with every mixed step eager, and transformers + peft
+    per adapter. max_num_seqs=8: few decode buckets, so a cold Triton cache compiles few kernel variants."""
     path, base = tiny_llama
     names = [None, "all-r8", "qv-r4", "all-r8", "qv-r4", None]
     prompts = [list(range(20, 57)), [5, 6, 7, 8, 9], [3] * 70, list(range(100, 133)), [10, 11], list(range(40, 80))]
@@ -121,7 +121,7 @@ def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkey
         monkeypatch.setenv("LORASERVE_MIXED_GRAPH_LORA", lora)
         monkeypatch.setenv("LORASERVE_MIXED_GRAPH_CAPTURE_AFTER", "1")
         engine = LLMEngine(EngineConfig(model=path, dtype="float32", device="cuda", max_num_prefill_tokens_with_decode=48,
-                                        lora_config=LoraConfig(max_lora_rank=8, max_loras=4)))
+                                        max_num_seqs=8, lora_config=LoraConfig(max_lora_rank=8, max_loras=4)))
         p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         done: dict[str, list[int]] = {}
         for i, (prompt, name) in enumerate(zip(prompts, names)):
@@ -137,9 +137,9 @@ def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkey
                     done[out.request_id] = out.outputs[0].token_ids
         return done, engine
 
-    graphed, engine = run("1", lora_graphs)
+    graphed, engine = run("1", "1")
     mixed = engine.runner.mixed_graphs
-    assert (mixed.num_lora_replays > 0) == (lora_graphs == "1"), mixed.num_lora_replays
+    assert mixed.num_lora_replays > 0 and not mixed.lora_failed, (mixed.num_lora_replays, mixed.lora_failed)
     eager, _ = run("0", "0")
     assert graphed == eager
     for i, (prompt, name) in enumerate(zip(prompts, names)):

@@ -34,6 +34,7 @@ class LamportNorm:
     def __init__(self, device: torch.device, hidden: int, max_rows: int, group=None):
         import torch.distributed._symmetric_memory as symm_mem
 
+        device = _indexed(device)
         self.group = group or dist.group.WORLD
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.device, self.hidden, self.max_rows = device, hidden, max_rows
@@ -72,6 +73,14 @@ class LamportNorm:
                                       self.world, self.max_rows, max_spin or MAX_SPIN)
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current>. The driver's engine device is a bare "cuda" while its tensors are on cuda:0:
+    `takes` compared them unequal on rank 0 only, so rank 0 all-reduced o_proj's output while rank 1 deferred it
+    to the fused norm: each rank waited for the other on the GPU (the TP=2 engine that never finished starting
+    on the H200s, 2026-11-30: probe at 17:04, stacks of both ranks in the decode graph warm-up)."""
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def make_fused_norm(device: torch.device, hidden: int, group=None) -> LamportNorm | None:
     """Collective (every rank, after the custom all-reduce was set up): a checked LamportNorm or None on
     every rank. The check: random partials on every rank, the fused result against NCCL's all-reduce
@@ -80,6 +89,7 @@ def make_fused_norm(device: torch.device, hidden: int, group=None) -> LamportNor
 
     if device.type != "cuda" or not dist.is_initialized() or not fused_norm_wanted() or not hidden:
         return None
+    device = _indexed(device)
     group = group or dist.group.WORLD
     rows = int(os.environ.get("LORASERVE_TP_FUSED_NORM_ROWS", "256") or 256)
     fn, problem = None, None
@@ -97,6 +107,8 @@ def make_fused_norm(device: torch.device, hidden: int, group=None) -> LamportNor
         w = torch.randn(hidden, device=device, generator=torch.Generator(device=device).manual_seed(7))
         for n in (1, rows, 1, rows, 3):
             x = torch.randn(n, hidden, device=device, generator=g).to(torch.bfloat16)
+            if not fn.takes(x):   # the decode path's own test (defers): a rank that refuses it deadlocks the others
+                problem = problem or f"takes() refused a [{n}, {hidden}] bf16 partial on {x.device}"
             res = (torch.arange(n * hidden, device=device).view(n, hidden) % 7 - 3).to(torch.bfloat16)
             ref = x.clone()
             dist.all_reduce(ref, group=group)

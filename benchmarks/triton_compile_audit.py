@@ -30,10 +30,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 H, KVH, D, BS = 32, 8, 128, 16
 
 
+def cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one directory per compiled variant): a compile adds one, whatever
+    the Triton version keeps in memory (-1: no cache directory found)."""
+    path = os.environ.get("TRITON_CACHE_DIR")
+    if not path:
+        try:
+            import triton
+
+            path = triton.knobs.cache.dir
+        except Exception:  # noqa: BLE001 - older Triton
+            try:
+                from triton.runtime.cache import default_cache_dir
+
+                path = default_cache_dir()
+            except Exception:  # noqa: BLE001
+                return -1
+    try:
+        return len(os.listdir(path))
+    except OSError:
+        return -1
+
+
 def num_variants(kernel) -> int:
     """Compiled variants a @triton.jit function holds (-1: unknown, e.g. the interpreter)."""
-    fn = getattr(kernel, "fn", kernel)
-    caches = getattr(fn, "device_caches", None)
+    fn = kernel if hasattr(kernel, "device_caches") else getattr(kernel, "fn", kernel)   # (a JITFunction's .fn is
+    caches = getattr(fn, "device_caches", None)                                             # the Python function)
     if caches:
         return sum(len(v[0]) for v in caches.values())
     cache = getattr(fn, "cache", None)
@@ -126,20 +148,24 @@ def audit(dev, dtype, smoke: bool) -> dict:
     sync(dev)
     after_warmup = {k: num_variants(f) for k, f in kernels.items()}
     print(f"variants after warm-up: {after_warmup}", flush=True)
-    compiles = []
+    compiles, times = [], {}
     for name, batch in sweep_shapes(smoke):
         before = {k: num_variants(f) for k, f in kernels.items()}
+        entries = cache_entries()
         t = time.perf_counter()
         run_step(Step(batch, k_cache, dtype, dev), k_cache, v_cache, cos_sin)
         sync(dev)
         dt = time.perf_counter() - t
+        times[name] = round(dt * 1e3, 1)
         new = {k: num_variants(f) - before[k] for k, f in kernels.items() if num_variants(f) != before[k]}
-        if new:
-            compiles.append((name, new, round(dt, 3)))
-            print(f"  {name}: new variants {new} ({dt:.2f} s)", flush=True)
+        new_entries = cache_entries() - entries if entries >= 0 else 0
+        if new or new_entries or dt > 0.25:   # a step that compiles takes seconds; a launch, microseconds
+            compiles.append((name, new, new_entries, round(dt, 3)))
+            print(f"  {name}: compiled? new variants {new}, new cache entries {new_entries}, {dt:.2f} s", flush=True)
     final = {k: num_variants(f) for k, f in kernels.items()}
-    print(f"variants after the sweep: {final}; steps that compiled: {len(compiles)}", flush=True)
-    return {"after_warmup": after_warmup, "after_sweep": final, "compiling_steps": compiles}
+    print(f"variants after the sweep: {final}; steps that compiled: {len(compiles)}; ms per step (first call, "
+          f"incl. host): {times}", flush=True)
+    return {"after_warmup": after_warmup, "after_sweep": final, "compiling_steps": compiles, "step_ms": times}
 
 
 def sync(dev) -> None:

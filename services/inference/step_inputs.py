@@ -146,6 +146,7 @@ class StepInputBuilder:
         self._host_np: list[np.ndarray | None] = [None, None]   # numpy views of the host buffers
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._dev: torch.Tensor | None = None
+        self._dev_size = 0
         self._turn = 0
         # sizes of the packed parts -> (device views, [host slice per turn]): a step whose sizes repeat (steady
         # decode) makes no torch slicing or split call; each costs 5-20 us on a busy host
@@ -157,17 +158,23 @@ class StepInputBuilder:
         self._last: tuple | None = None
         self.num_builds = 0
 
-    def _buffers(self, size: int) -> None:
+    def _buffers(self, size: int, read: bool = False) -> None:
+        """Switch to the other host buffer (and grow both sides to `size`). read: the caller knows that buffer's
+        last copy has been read (the overlapped engine loop: that copy fed the step before the one in flight,
+        whose tokens were fetched), so no event wait: one CUDA call fewer a step (~15 us on the H200 host)."""
         k = self._turn = 1 - self._turn
-        if self._events[k] is not None:
+        if not read and self._events[k] is not None:
             self._events[k].synchronize()   # its previous copy has been read (normally long done)
-        host = self._host[k]
-        if host is None or host.numel() < size:
+        host_np = self._host_np[k]
+        if host_np is None or host_np.size < size:   # numpy sizes: no torch call
+            if self._events[k] is not None:
+                self._events[k].synchronize()   # the old buffer is freed: its copy must be done
             host = self._host[k] = torch.empty(max(size, 4096) * 2, dtype=torch.int64, pin_memory=self.pinned)
             self._host_np[k] = host.numpy()   # made once: a torch call costs tens of us on a busy host
             self._views.clear()
-        if self.pinned and (self._dev is None or self._dev.numel() < size):
-            self._dev = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
+        if self.pinned and self._dev_size < size:
+            self._dev = torch.empty(self._host_np[k].size, dtype=torch.int64, device=self.device)
+            self._dev_size = self._host_np[k].size
             self._views.clear()
 
     def _device_views(self, sizes: tuple, size: int, N: int, B: int, W: int):
@@ -222,7 +229,7 @@ class StepInputBuilder:
             return None
         size = 3 * B + B * (W + 2) + 3 * B
         prev = self._host_np[self._turn][:size]
-        self._buffers(size)
+        self._buffers(size, read=True)
         buf = self._host_np[self._turn][:size]
         np.copyto(buf, prev)
         buf[:B] = 0                                  # ids: every token is in flight (placeholders)
@@ -327,7 +334,7 @@ class StepInputBuilder:
         parts = (ids, positions, slots, ends, tables.reshape(-1), token_slot, sample_idx, dst, src)
         sizes = (N, N, N, B, B * W, B, sample_idx.size, P, P)
         size = 3 * N + B * (W + 2) + sample_idx.size + 2 * P
-        self._buffers(size)
+        self._buffers(size, read=prev_rows is True)
         np.concatenate(parts, out=self._host_np[self._turn][:size])
         flat, view, block_tables, ids_positions_slots = self._device_views(sizes, size, N, B, W)
         inputs = StepInputs(view[0], view[1], view[2], view[3], block_tables, view[5], view[6],

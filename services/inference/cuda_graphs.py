@@ -138,10 +138,11 @@ class CudaGraphRunner:
     def can_run(self, n: int) -> bool:
         return bool(self.graphs) and n <= self.max_batch
 
-    @torch.inference_mode()
     def run(self, inp) -> torch.Tensor:
         """inp: step_inputs.StepInputs of a decode step (already on the device). Copies them into the
-        static buffers device to device (no host work per row), pads the bucket, replays."""
+        static buffers device to device (no host work per row), pads the bucket, replays. Its callers run in
+        inference mode (ModelRunner.run, TPModelRunner.run, the TP worker loop): no context of its own here
+        (entering one is a few us of host time every step)."""
         n = inp.input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
         width = inp.block_tables.shape[1]

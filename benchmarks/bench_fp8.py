@@ -272,6 +272,8 @@ def main() -> int:
 
     from loraserve import LoraConfig
 
+    from loraserve.inference.models.fp8 import lm_head_fp8_on
+
     from benchmarks.fp8_probe import gemm_micro, profile_decode
 
     from benchmarks.bench_dora import make_adapters, register, time_decode
@@ -351,7 +353,7 @@ def main() -> int:
                  "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "repeats": a.repeats,
                  "quant_config": quant, "fp8_gemv_max_m": fp8_gemv_max_m_setting(),
                  "fp8_gemv_configs": os.environ.get("LORASERVE_FP8_GEMV_CONFIGS") or "built-in table (kernels/fp8_gemv.py)",
-                 "lm_head": "fp8 (LORASERVE_FP8_LM_HEAD=1)" if os.environ.get("LORASERVE_FP8_LM_HEAD") == "1" else "bf16",
+                 "lm_head": "fp8 + top-8 bf16 rescoring at <= 4 rows" if lm_head_fp8_on() else "bf16",
                  "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
     if qpath is not None and os.path.exists(qpath):   # the parallel quality run's figures (--quality-parallel)
         try:

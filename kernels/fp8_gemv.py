@@ -29,11 +29,11 @@ dependent launch): deterministic, no atomics, no host sync; the workspace size d
 output tile's last program to arrive (an int32 counter per tile, acquire/release, reset by that program), in
 split order: still deterministic, one launch fewer.
 
-Programmatic dependent launch (LORASERVE_FP8_GEMV_PDL=1, off by default: slower on the H200, see gemv_pdl_on;
-kernels/pdl.py's rules): each GEMV is launched as a dependent of the kernel before it, prefetches its weight rows into L2
-(prefetch.global.L2; no kernel of the step writes weights), waits (gdc_wait), then lets its own dependents
-launch: when the kernel before it (a norm, SiLU-mul, the attention) also triggers early, the weight stream
-overlaps that kernel.
+Programmatic dependent launch (LORASERVE_FP8_GEMV_PDL, gemv_pdl_mode; kernels/pdl.py's rules): 'auto' (default)
+launches the CUDA-core kinds as dependents of the kernel before them that load their first weight tile into
+registers before gdc_wait (the first K tile peeled: EARLY), as the bf16 GEMV does; the tensor-core kinds launch
+plainly (measured slower as dependents at 64 tokens). '1' instead prefetches every weight row of the program into L2
+(prefetch.global.L2) before the wait: slower on the H200.
 
 Tile configs (kernels/fp8_gemv_configs.py) come from a table measured on the H200 (benchmarks/fp8_gemv_sweep.py)
 keyed by (M bucket, N, K), with a heuristic for shapes not in it. vLLM/TensorRT-LLM do weight-only FP8 at
@@ -451,13 +451,18 @@ def splitk_fixup_on() -> bool:
     return os.environ.get("LORASERVE_FP8_SPLITK_FIXUP", "0").strip() == "1"
 
 
-def gemv_pdl_mode() -> str:
-    """LORASERVE_FP8_GEMV_PDL: how the GEMV kernels launch. '0' (default): plainly. '1': as programmatic dependents
-    (where pdl_supported) that prefetch all their weight rows into L2 before their wait: on the H200 (2026-11-30,
-    fp8_gemv_sweep.py --chain-ms, a layer's four GEMMs each after an RMSNorm) it cost 20 us per layer at M=1
-    (74.1 -> 93.8; 87.5 with the norms' PDL on) and 17 at M=64. 'early': as dependents that load only their first
+def gemv_pdl_mode(kind: str = "gemv") -> str:
+    """LORASERVE_FP8_GEMV_PDL: how the GEMV kernels of `kind` launch. 'auto' (default): 'early' for the CUDA-core
+    kinds (gemv*), plainly for the tensor-core ones (dot*): H200, benchmarks/fp8_probe.py (4 8B layers, decode graphs
+    replayed, 2026-11-30 17:02): early cut the FP8 layer from 82.9 to 80.5 us at batch 1 and cost 2.1 us at batch 64
+    (168.5 -> 170.7; with the in-kernel split-K sum 199.0), outputs bit for bit equal. '0': plainly. '1': as
+    programmatic dependents (where pdl_supported) that prefetch all their weight rows into L2 before their wait (H200,
+    2026-11-30, fp8_gemv_sweep.py --chain-ms, a layer's four GEMMs each after an RMSNorm: it cost 20 us per layer at M=1
+    (74.1 -> 93.8; 87.5 with the norms' PDL on) and 17 at M=64). 'early': as dependents that load only their first
     weight tile (registers) before the wait, as the bf16 GEMV (kernels/gemv.py) does in the bf16 engine's chain."""
-    mode = os.environ.get("LORASERVE_FP8_GEMV_PDL", "0").strip().lower()
+    mode = os.environ.get("LORASERVE_FP8_GEMV_PDL", "auto").strip().lower()
+    if mode == "auto":
+        return "early" if kind.startswith("gemv") else "0"
     return mode if mode in ("1", "early") else "0"
 
 
@@ -512,7 +517,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     pdl = bool(len(cfg) > 7 and cfg[7]) and split > 1 and pdl_supported(x.device)
     # gemv_pdl_on: the GEMV itself launched as a programmatic dependent of the kernel before it (its launch and
     # set-up overlap that kernel's tail; it waits in-kernel before reading x)
-    mode = gemv_pdl_mode()
+    mode = gemv_pdl_mode(kind)
     wait = mode != "0" and pdl_supported(x.device)
     flags = dict(HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, USE_WS=split > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  PDL=pdl, WAIT=wait, EARLY=mode == "early")

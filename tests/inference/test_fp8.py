@@ -432,16 +432,17 @@ def test_exclude_first_layer_lifts_top1_agreement(hf_reference, capsys):
 
 @pytest.mark.parametrize("rescore", ["8", "0"])
 def test_fp8_lm_head_opt_in(monkeypatch, rescore):
-    """LORASERVE_FP8_LM_HEAD=1 puts the (here tied) LM head in e4m3 with per-channel scales; the embedding stays
+    """LORASERVE_FP8_LM_HEAD (on by default) puts the (here tied) LM head in e4m3 with per-channel scales; the embedding stays
     unquantized, and the logits stay within e4m3 weight rounding of the bf16-head engine's. Each row's top 8 FP8
     logits are recomputed from the unquantized head (LORASERVE_FP8_LM_HEAD_RESCORE): then every argmax is the
-    unquantized head's; with 0, only most are. Off by default."""
+    unquantized head's; with 0, only most are. Steps of more than 4 rows take the unquantized head."""
     from loraserve.inference.models.fp8 import Fp8Head
 
     ids = [5, 17, 300, 42, 9, 1000, 77, 3]
+    monkeypatch.setenv("LORASERVE_FP8_LM_HEAD", "0")
     plain = LLM(model=str(MODEL_DIR), device="cpu", quant_config=FP8_ALL)
     assert isinstance(plain.engine.model.lm_head, torch.nn.Linear)
-    monkeypatch.setenv("LORASERVE_FP8_LM_HEAD", "1")
+    monkeypatch.delenv("LORASERVE_FP8_LM_HEAD")   # on by default
     monkeypatch.setenv("LORASERVE_FP8_LM_HEAD_RESCORE", rescore)
     llm = LLM(model=str(MODEL_DIR), device="cpu", quant_config=FP8_ALL)
     model = llm.engine.model
@@ -455,7 +456,10 @@ def test_fp8_lm_head_opt_in(monkeypatch, rescore):
     # logit range of ~+-20 here); a wrong scale or layout would be off by the logits' own size
     err = float((got - ref).abs().max())
     assert 0 < err < 0.05 * float(ref.abs().max()), (err, float(ref.abs().max()))
-    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())   # chunks of 4 rows: the FP8 head's
+    if rescore == "8":   # more rows than LORASERVE_FP8_LM_HEAD_MAX_M (4): the unquantized head itself
+        h = torch.randn(5, emb.shape[1])
+        torch.testing.assert_close(model.lm_head(h), h @ emb.t(), rtol=1e-5, atol=1e-5)
     assert agree == 1.0 if rescore == "8" else agree >= 0.75, agree
     if rescore == "8":   # the rescored entries are the unquantized head's own logits
         top = ref.argmax(-1)

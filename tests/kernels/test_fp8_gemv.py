@@ -57,12 +57,12 @@ def test_gemv_splitk_fixup_interp(interp, m, n, k, config) -> None:
     _run(interp, cases.check_gemv_fixup, "float16", m, n, k, config)
 
 
-def _check_gemv_early(*args) -> None:
-    # in the interpreter worker: the first-K-tile peel of LORASERVE_FP8_GEMV_PDL=early (no PDL on the CPU: the
-    # peeled tile and the loop after it are what runs)
+def _check_gemv_pdl_mode(mode: str, *args) -> None:
+    # in the interpreter worker: LORASERVE_FP8_GEMV_PDL=early peels the first K tile (no PDL on the CPU: the peeled
+    # tile and the loop after it are what runs), 0 the plain loop
     import os
 
-    os.environ["LORASERVE_FP8_GEMV_PDL"] = "early"
+    os.environ["LORASERVE_FP8_GEMV_PDL"] = mode
     try:
         cases.check_gemv(*args)
     finally:
@@ -77,8 +77,9 @@ def _check_gemv_early(*args) -> None:
     (3, 50, 128, False, ("gemv2", 1, 8, 32, 1, 4, 1)),     # 2 groups, one program per x row
     (5, 37, 272, False, ("dot8", 16, 16, 32, 3, 4, 2)),    # dot kinds: a plain dependent (no peel)
 ])
-def test_gemv_early_interp(interp, m, n, k, bias, config) -> None:
-    _run(interp, _check_gemv_early, "float16", m, n, k, bias, "cpu", config)
+@pytest.mark.parametrize("mode", ["early", "0"])
+def test_gemv_pdl_mode_interp(interp, mode, m, n, k, bias, config) -> None:
+    _run(interp, _check_gemv_pdl_mode, mode, "float16", m, n, k, bias, "cpu", config)
 
 
 @pytest.mark.parametrize("x_mag", [1e5, 1e-3])   # outliers past fp16's range (x is scaled by 2^-4), tiny activations

@@ -274,12 +274,13 @@ class Fp8Proj(nn.Module):
 
 
 class Fp8Head(nn.Module):
-    """The LM head with an e4m3 weight (opt-in, LORASERVE_FP8_LM_HEAD=1): logits [N, V] = hidden [N, H] @ W^T, W [V, H]
+    """The LM head with an e4m3 weight (LORASERVE_FP8_LM_HEAD): logits [N, V] = hidden [N, H] @ W^T, W [V, H]
     e4m3 with fp32 per-channel scales [V], x kept in bf16 (weight-only at every M). TensorRT-LLM (ModelOpt) and vLLM
     keep the LM head in bf16 by default: it is the last GEMM before the argmax, where a rounding flips tokens. Hence
     `exact` ([V, H], the bf16 head or tied embedding, not copied): each row's top `rescore` FP8 logits are recomputed
     from it (one gather + one bmm of rescore rows), so the argmax is the bf16 head's whenever it is among the FP8 top
-    `rescore` (LORASERVE_FP8_LM_HEAD_RESCORE, default 8; 0: plain FP8 logits). The other logits keep e4m3 error."""
+    `rescore` (LORASERVE_FP8_LM_HEAD_RESCORE, default 8; 0: plain FP8 logits). The other logits keep e4m3 error.
+    Rows past lm_head_max_m() take the bf16 head itself (when kept)."""
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, exact: torch.Tensor | None = None, rescore: int = 0):
         super().__init__()
@@ -290,6 +291,8 @@ class Fp8Head(nn.Module):
         self.rescore = min(rescore, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact is not None and x.shape[0] > lm_head_max_m():   # larger batches: the bf16 head (H200: the
+            return F.linear(x, self.exact.to(x.dtype))                # top-k and gather cost more than FP8 saves)
         logits = self._fp8_logits(x)                                            # [N, V]
         if self.exact is not None and x.shape[0] > 0:
             idx = logits.topk(self.rescore, dim=-1).indices                     # [N, k]
@@ -311,8 +314,19 @@ class Fp8Head(nn.Module):
         return F.linear(x, dequantize(self.weight, self.weight_scale[:, None], x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD=1), "
+        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD), "
                 f"top-{self.rescore if self.exact is not None else 0} rescored in bf16")
+
+
+def lm_head_max_m() -> int:
+    """LORASERVE_FP8_LM_HEAD_MAX_M: with rescoring, the FP8 head serves up to this many rows (default 4), the bf16
+    head above. H200 (benchmarks/fp8_probe.py --lm-head-only, 128256 x 4096, CUDA graphs): M=1 bf16 239.6 us, FP8
+    136.6, FP8 + top-8 rescoring 188.8; M=64 271.8 / 238.5 / 374.8."""
+    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_MAX_M", "4").strip()
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"LORASERVE_FP8_LM_HEAD_MAX_M must be an integer row count, got {raw!r}") from None
 
 
 def lm_head_rescore() -> int:
@@ -325,8 +339,10 @@ def lm_head_rescore() -> int:
 
 
 def lm_head_fp8_on() -> bool:
-    """LORASERVE_FP8_LM_HEAD=1: the LM head in e4m3 too (off by default, as TensorRT-LLM and vLLM)."""
-    return os.environ.get("LORASERVE_FP8_LM_HEAD", "0").strip() == "1"
+    """LORASERVE_FP8_LM_HEAD (default 1): an e4m3 copy of the LM head for decode steps of <= lm_head_max_m rows,
+    its top-8 rescored from the bf16 head (kept: the argmax stays bf16's); 0: the bf16 head only, as TensorRT-LLM
+    and vLLM."""
+    return os.environ.get("LORASERVE_FP8_LM_HEAD", "1").strip() == "1"
 
 
 def quantize_lm_head(model: nn.Module, rows_per_chunk: int = 16384) -> bool:
@@ -342,7 +358,7 @@ def quantize_lm_head(model: nn.Module, rows_per_chunk: int = 16384) -> bool:
     for r0 in range(0, w.shape[0], rows_per_chunk):
         w_q[r0:r0 + rows_per_chunk], scale[r0:r0 + rows_per_chunk] = quantize_per_channel(w[r0:r0 + rows_per_chunk])
     model.lm_head = Fp8Head(w_q, scale, exact=w, rescore=lm_head_rescore())
-    log.info("FP8 e4m3 LM head [%d, %d] (LORASERVE_FP8_LM_HEAD=1)", *w_q.shape)
+    log.info("FP8 e4m3 LM head [%d, %d] (LORASERVE_FP8_LM_HEAD)", *w_q.shape)
     return True
 
 

@@ -123,7 +123,7 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     if fp8_mods is not None and tp is None:
         from .fp8 import quantize_lm_head
 
-        quantize_lm_head(model)   # opt-in (LORASERVE_FP8_LM_HEAD=1): the bf16 LM head stays by default
+        quantize_lm_head(model)   # LORASERVE_FP8_LM_HEAD (default 1): an FP8 copy for small decode steps
     if device.type == "cuda" and fp8_mods is not None:
         torch.cuda.empty_cache()   # the quantizer's fp32 temporaries: the KV cache is sized from free memory
     return model.eval(), args, torch_dtype

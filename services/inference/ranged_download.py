@@ -34,7 +34,8 @@ RANGE_BYTES = max(1 << 20, int(os.environ.get("LORASERVE_DOWNLOAD_RANGE", 8 << 2
 
 async def open_first_range(stub, name: str, version: int, metadata, timeout_s: float, chunk_size: int,
                            range_bytes: int):
-    """(the open call, its AdapterVersion): the first range [0, range_bytes) of {name, version} asked for
+    """(the open call, its AdapterVersion, its range digests (range_bytes, [sha256]) or None): the first
+    range [0, range_bytes) of {name, version} asked for
     without asking GetAdapter first (one round trip less on a cold adapter: the stream's first message
     names the version and its digest). The caller hands the call to download_ranges(first=...) or
     cancels it (the artifact was cached after all). grpc errors propagate."""
@@ -52,7 +53,8 @@ async def open_first_range(stub, name: str, version: int, metadata, timeout_s: f
     if which != "adapter":
         call.cancel()
         raise ConnectionError(f"the registry's download of {name!r} v{version} did not begin with its version")
-    return call, adapter
+    rd = msg.range_digests if msg.HasField("range_digests") else None
+    return call, adapter, ((rd.range_bytes, list(rd.sha256)) if rd is not None and rd.range_bytes > 0 else None)
 
 
 # DownloadAdapter responses split by hand (LORASERVE_DOWNLOAD_RAW=1): a chunk message is field 2, bytes:
@@ -198,7 +200,8 @@ class _InOrderHasher:
 async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: int, pool: ThreadPoolExecutor,
                           streams: int | None = None, range_bytes: int | None = None, dest=None,
                           fd: int | None = None, place_pool: ThreadPoolExecutor | None = None, on_landed=None,
-                          first=None) -> tuple[list[bytes] | None, str]:
+                          first=None, range_sha=None, verify_pool: ThreadPoolExecutor | None = None
+                          ) -> tuple[list[bytes] | None, str]:
     """(the artifact's pieces in order, "sha256:<hex>" of them) for `meta` (name, version, digest,
     size > 0) over `stub` (a RegistryServiceStub on an aio channel). grpc errors propagate as they
     are (the caller translates them); RangesUnsupported when the registry ignores ranges; a range
@@ -207,6 +210,9 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
     offset there as it arrives (on place_pool), and the pieces are not kept (None is returned);
     on_landed(start, end) is called (on a worker thread) as each piece lands in dest.
     first: the call open_first_range made (its `adapter` message read): it serves range 0.
+    range_sha: the registry's range digests (range_bytes, [sha256 per range]); when they match this
+    plan, each range is checked on its own as it completes (on verify_pool's threads) instead of the
+    whole artifact hashed in order, and meta.digest is returned if every range checked out.
 
     Ranges are asked for in artifact order except the last, which goes second: a tar's end (its
     closing blocks, any file after the weights) is then there early for a parser reading the
@@ -217,7 +223,10 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
     range_bytes = RANGE_BYTES if range_bytes is None else range_bytes
     ranges = plan_ranges(meta.size, range_bytes)
     placing = dest is not None or fd is not None
-    hasher = _InOrderHasher(len(ranges), pool, keep=not placing)
+    by_range = (range_sha is not None and range_sha[0] == range_bytes and len(range_sha[1]) == len(ranges))
+    hasher = _InOrderHasher(len(ranges), pool, keep=not placing) if not by_range else None
+    range_pieces: list[list] = [[] for _ in ranges]   # by_range: each range's pieces until checked
+    checks: list = [None] * len(ranges)
     placer = _Placer(dest, fd, place_pool, on_landed) if placing else None
     gate = asyncio.Semaphore(max(1, streams))  # FIFO: ranges start in artifact order
 
@@ -239,7 +248,10 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
                             raise RangesUnsupported(f"the registry sent more than the {length} bytes asked for")
                         if placer is not None:
                             placer.put(offset + got - len(value), value)
-                        hasher.add(r, value)
+                        if hasher is not None:
+                            hasher.add(r, value)
+                        else:
+                            range_pieces[r].append(value)
                     elif which == "adapter" and value.digest != meta.digest:
                         raise ConnectionError(f"range {offset}+{length}: the registry now names digest "
                                               f"{value.digest}, not {meta.digest}")
@@ -248,7 +260,12 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
             if got != length:
                 raise ConnectionError(f"range {offset}+{length} of {meta.name!r} v{meta.version} ended after "
                                       f"{got} bytes")
-            hasher.finish(r)
+            if hasher is not None:
+                hasher.finish(r)
+            else:
+                checks[r] = (verify_pool or pool).submit(_range_matches, range_pieces[r], range_sha[1][r])
+                if placing:
+                    range_pieces[r] = []  # (the check holds them until it ran)
 
     order = list(range(len(ranges)))
     if len(order) > 2:
@@ -266,4 +283,16 @@ async def download_ranges(stub, meta, metadata, timeout_s: float, chunk_size: in
             await asyncio.gather(placer.wait(), return_exceptions=True)
     if placer is not None:
         await placer.wait()  # raises what a copy or write raised
-    return (None if placing else hasher.ordered()), await hasher.digest()
+    if hasher is not None:
+        return (None if placing else hasher.ordered()), await hasher.digest()
+    ok = await asyncio.gather(*(asyncio.wrap_future(c) for c in checks))
+    bad = [r for r, good in enumerate(ok) if not good]
+    got = meta.digest if not bad else f"sha256:<ranges {bad} do not match the registry's range digests>"
+    return (None if placing else [p for pieces in range_pieces for p in pieces]), got
+
+
+def _range_matches(pieces: list, want: bytes) -> bool:
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return h.digest() == want

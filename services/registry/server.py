@@ -189,7 +189,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             call.failed(exc)
             call.done()
             await context.abort(status_for(exc), str(exc))
-        yield pb.DownloadAdapterResponse(adapter=record_to_pb(record))
+        first = pb.DownloadAdapterResponse(adapter=record_to_pb(record))
+        ranges = await asyncio.to_thread(self.service.range_digests, record)  # (a ranged client checks ranges)
+        if ranges is not None:
+            first.range_digests.range_bytes = ranges[0]
+            first.range_digests.sha256.extend(ranges[1])
+        yield first
         it = iter(chunks)
 
         def read_ahead() -> asyncio.Future:  # chunk k+1 is read on a thread while chunk k is sent

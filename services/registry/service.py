@@ -42,6 +42,7 @@ from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFoun
 from .ingest import IncomingArtifact, check_s3_allowed, resolve_allowed_path, stage_path, stage_s3
 from .models import Adapter, AdapterAlias, AdapterTag, AdapterVersionRow, utcnow
 from .records import AdapterRecord, UploadMeta, UploadResult, check_alias, check_name, check_tags
+from . import range_digests
 from .store import ArtifactStore, age_seconds, make_s3_client, make_store
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class RegistryService:
         # {name, version} -> (record, when) for a ranged download's later ranges (offset > 0): the client
         # asked for range 0 moments ago, and a version's artifact never changes; a delete here drops it
         self._ranged: dict[tuple[str, int], tuple[AdapterRecord, float]] = {}
+        self._range_digests: dict[str, tuple[int, list[bytes]] | None] = {}  # digest -> (immutable, as the blob)
 
     @classmethod
     def open(cls, config: RegistryConfig) -> "RegistryService":
@@ -190,6 +192,8 @@ class RegistryService:
             if (same := self._version_with_digest(meta.name, digest)) is not None:  # early answer, no upload
                 return self._already_there(meta, same)
             with self._blob_lock(digest_hex):
+                if size > range_digests.RANGE_BYTES:  # from the verified file, before it moves (a sidecar
+                    self.store.put_ranges(digest_hex, range_digests.compute(typed))  # alone is harmless)
                 created = self.store.put(typed, digest_hex, size)
                 try:
                     record = self._insert_version(meta, adapter, digest, size, artifact_type)
@@ -287,6 +291,16 @@ class RegistryService:
              latest_only: bool = False) -> tuple[list[AdapterRecord], str]:
         with self._sessions() as s:
             return queries.list_page(s, page_size, page_token, base_model, name_prefix, latest_only)
+
+    def range_digests(self, record: AdapterRecord) -> tuple[int, list[bytes]] | None:
+        """The artifact's range digests (range_digests.py), None when it has none; remembered."""
+        key = record.digest
+        if key not in self._range_digests:
+            if len(self._range_digests) > 4096:
+                self._range_digests.clear()
+            self._range_digests[key] = range_digests.decode(
+                self.store.get_ranges(record.digest.removeprefix("sha256:")), record.size_bytes)
+        return self._range_digests[key]
 
     def open_download(self, name: str, version: int = 0, alias: str = "", chunk_size: int = 0,
                       offset: int = 0, length: int = 0) -> tuple[AdapterRecord, Iterator[bytes]]:

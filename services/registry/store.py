@@ -36,6 +36,9 @@ def check_hex(digest_hex: str) -> str:
     return digest_hex
 
 
+RANGES_SUFFIX = ".ranges"  # the range digests beside a blob (range_digests.py)
+
+
 class ArtifactStore(ABC):
     """Where artifact bytes live. All methods are blocking; the server calls them in threads."""
 
@@ -81,6 +84,13 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def delete(self, digest_hex: str) -> None: ...
+
+    # the blob's range digests (RANGE_DIGESTS_SUFFIX beside it: range_digests.py); a missing one is None
+    def put_ranges(self, digest_hex: str, data: bytes) -> None:
+        pass
+
+    def get_ranges(self, digest_hex: str) -> bytes | None:
+        return None
 
     @abstractmethod
     def list_blobs(self) -> list[tuple[str, float]]:
@@ -133,6 +143,18 @@ class LocalStore(ArtifactStore):
     def exists(self, digest_hex: str) -> bool:
         return self.blob_path(digest_hex).is_file()
 
+    def put_ranges(self, digest_hex: str, data: bytes) -> None:
+        path = self.blob_path(digest_hex).with_name(check_hex(digest_hex) + RANGES_SUFFIX)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def get_ranges(self, digest_hex: str) -> bytes | None:
+        try:
+            return self.blob_path(digest_hex).with_name(check_hex(digest_hex) + RANGES_SUFFIX).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def read_chunks(self, digest_hex: str, chunk_size: int, offset: int = 0,
                     length: int | None = None) -> Iterator[bytes]:
         with open(self.blob_path(digest_hex), "rb") as f:
@@ -144,6 +166,7 @@ class LocalStore(ArtifactStore):
 
     def delete(self, digest_hex: str) -> None:
         self.blob_path(digest_hex).unlink(missing_ok=True)
+        self.blob_path(digest_hex).with_name(check_hex(digest_hex) + RANGES_SUFFIX).unlink(missing_ok=True)
 
     def list_blobs(self) -> list[tuple[str, float]]:
         return [(p.name, p.stat().st_mtime) for p in self.blob_dir.iterdir() if _HEX.fullmatch(p.name)]
@@ -235,6 +258,20 @@ class S3Store(ArtifactStore):
 
     def delete(self, digest_hex: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.blob_key(digest_hex))
+        self.client.delete_object(Bucket=self.bucket, Key=self.blob_key(digest_hex) + RANGES_SUFFIX)
+
+    def put_ranges(self, digest_hex: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.blob_key(digest_hex) + RANGES_SUFFIX, Body=data)
+
+    def get_ranges(self, digest_hex: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.blob_key(digest_hex) + RANGES_SUFFIX)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def _list(self, sub: str) -> Iterator[tuple[str, float]]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + sub)

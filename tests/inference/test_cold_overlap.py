@@ -29,9 +29,14 @@ ARGS = ModelArgs(**dict(LLAMA3_8B_ARGS, num_hidden_layers=3, hidden_size=256, in
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000))
 
 
-@pytest.fixture(params=[False, True], ids=["protobuf", "raw-split"])
+@pytest.fixture(params=[(False, True), (True, False)], ids=["protobuf-range-checks", "raw-split-whole-hash"])
 def stack(tmp_path, monkeypatch, request):
-    monkeypatch.setattr(ranged_download, "DOWNLOAD_RAW", request.param)  # chunks as memoryviews of the messages
+    from loraserve.registry import range_digests
+
+    raw, range_checks = request.param
+    monkeypatch.setattr(ranged_download, "DOWNLOAD_RAW", raw)  # chunks as memoryviews of the messages
+    monkeypatch.setattr(adapter_source, "RANGE_CHECKS", range_checks)  # each range vs the registry's digests
+    monkeypatch.setattr(range_digests, "RANGE_BYTES", 64 << 10)      # (the registry's ranges: the client's)
     monkeypatch.setattr(ranged_download, "DOWNLOAD_STREAMS", 3)
     monkeypatch.setattr(ranged_download, "RANGE_BYTES", 64 << 10)   # ~1 MB adapter: ~16 ranges
     monkeypatch.setattr(adapter_source, "FETCH_OVERLAP", True)

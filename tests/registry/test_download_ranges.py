@@ -5,7 +5,9 @@ as one stream, hashed in artifact order whatever order the ranges complete in.""
 from __future__ import annotations
 
 import asyncio
+import glob
 import hashlib
+import os
 import random
 
 import grpc
@@ -249,3 +251,54 @@ def test_later_ranges_skip_the_lookup_but_not_past_a_delete(tmp_path):
                 with pytest.raises(grpc.RpcError) as err:
                     later_range()
                 assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("damage", ["none", "blob", "digests"])
+def test_range_digests_check_each_range_and_catch_a_damaged_blob(tmp_path, monkeypatch, damage):
+    """The registry keeps each range's sha256 (computed at upload from the verified bytes) beside the
+    blob and sends them with a download's first message; the fetcher then checks every range on its
+    own threads instead of hashing the whole artifact in order. A blob damaged after upload (or damaged
+    range digests) fails the check: DigestMismatchError, nothing cached."""
+    from loraserve.inference.errors import DigestMismatchError
+    from loraserve.registry import range_digests
+
+    monkeypatch.setattr(range_digests, "RANGE_BYTES", 64 << 10)   # the registry's ranges ...
+    monkeypatch.setattr(ranged_download, "RANGE_BYTES", 64 << 10)  # ... and the client's: the same plan
+    monkeypatch.setattr(ranged_download, "DOWNLOAD_STREAMS", 3)
+    src = write_peft_dir(str(tmp_path / "src"), SHAPES, num_layers=4, rank=16, seed=6)
+    with RunningRegistry(RegistryConfig(data_dir=tmp_path / "registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            client.push(src, "checked", base_model="tiny")
+        (blob,) = glob.glob(str(tmp_path / "registry" / "artifacts" / "blobs" / "sha256" / ("[0-9a-f]" * 64)))
+        whole = open(blob, "rb").read()
+        with grpc.insecure_channel(reg.address) as ch:
+            first = next(iter(registry_pb2_grpc.RegistryServiceStub(ch).DownloadAdapter(
+                pb.DownloadAdapterRequest(name="checked", version=1, offset=0, length=10))))
+        rd = first.range_digests
+        assert rd.range_bytes == 64 << 10 and list(rd.sha256) == [
+            hashlib.sha256(whole[i:i + (64 << 10)]).digest() for i in range(0, len(whole), 64 << 10)]
+        if damage == "blob":
+            with open(blob, "r+b") as fh:
+                fh.seek(len(whole) // 2)
+                fh.write(bytes([whole[len(whole) // 2] ^ 1]))
+        elif damage == "digests":
+            side = blob + ".ranges"
+            raw = bytearray(open(side, "rb").read())
+            raw[-1] ^= 1
+            open(side, "wb").write(bytes(raw))
+            reg.service._range_digests.clear()
+
+        async def main():
+            fetcher = adapter_source.AdapterFetcher(reg.address, str(tmp_path / "cache"))
+            try:
+                return await fetcher.fetch("checked", 1)
+            finally:
+                await fetcher.close()
+
+        if damage == "none":
+            f = asyncio.run(main())
+            assert b"".join(bytes(p) for p in f.data.pieces) == whole and open(f.path, "rb").read() == whole
+        else:
+            with pytest.raises(DigestMismatchError, match="range"):
+                asyncio.run(main())
+            assert [n for n in os.listdir(tmp_path / "cache") if n != "refs.json"] == []

@@ -175,7 +175,7 @@ def download_section(workdir: str, d: str, chunks: list[int], reps: int) -> None
         loop.close()
 
 
-def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int, bool]], reps: int, raw_transport: bool = False
+def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int, str]], reps: int, raw_transport: bool = False
                 ) -> list[dict]:
     """AdapterFetcher.fetch (resolve + download + sha256, bytes kept in memory) from a registry process
     on loopback, for each (parallel streams, range bytes); 1 stream = the single DownloadAdapter stream."""
@@ -187,20 +187,22 @@ def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int, bool]], reps:
         with RegistryClient(reg.address) as client:
             client.push(d, "diag", base_model="bench", chunk_size=1 << 20)
         loop = asyncio.new_event_loop()
-        for streams, range_bytes, raw in combos:
+        for streams, range_bytes, flags in combos:
+            raw, whole_hash = "r" in flags, "w" in flags
             ranged_download.DOWNLOAD_STREAMS, ranged_download.RANGE_BYTES = streams, range_bytes
-            ranged_download.DOWNLOAD_RAW = raw
+            ranged_download.DOWNLOAD_RAW, adapter_source.RANGE_CHECKS = raw, not whole_hash
             got = []
             for k in range(reps + 1):  # the first: connection set-up and warm-up, not counted
-                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"sweep-{streams}-{range_bytes}-{raw}-{k}"))
+                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"sweep-{streams}-{range_bytes}-{flags}-{k}"))
                 f = loop.run_until_complete(fetcher.fetch("diag", 1))
                 loop.run_until_complete(fetcher.close())
                 got.append((f.resolve_s, f.download_s))
             got = got[1:]
             best = min(dl for _, dl in got)
-            rows.append(dict(streams=streams, range_mib=range_bytes >> 20, raw=raw, download_s=[dl for _, dl in got],
+            rows.append(dict(streams=streams, range_mib=range_bytes >> 20, flags=flags, download_s=[dl for _, dl in got],
                              resolve_s=[r for r, _ in got]))
-            print(f"fetch {streams} stream(s) x {range_bytes >> 20} MiB ranges{', raw split' if raw else ''}: "
+            print(f"fetch {streams} stream(s) x {range_bytes >> 20} MiB ranges{', raw split' if raw else ''}"
+                  f"{', whole-artifact hash' if whole_hash else ''}: "
                   f"resolve+download ms "
                   + ", ".join(f"{r * 1e3:.0f}+{dl * 1e3:.0f}" for r, dl in got)
                   + f"  ({os.path.getsize(os.path.join(d, 'adapter_model.safetensors')) / best / 1e9:.2f} GB/s best)",
@@ -284,7 +286,8 @@ def main() -> int:
     ap.add_argument("--fetch-sweep", action="store_true",
                     help="only the fetch sweep over parallel ranged streams (streams x range MiB)")
     ap.add_argument("--combos", default="1x8,2x8,4x8,4x4,8x4,8x2",
-                    help="--fetch-sweep: streams x range MiB, comma separated; a trailing r: responses split raw")
+                    help="--fetch-sweep: streams x range MiB, comma separated; suffixes: r responses split raw, "
+                         "w the whole-artifact hash (no range digests)")
     ap.add_argument("--raw-transport", action="store_true", help="--fetch-sweep: also the transport alone")
     ap.add_argument("--parse-ab", action="store_true", help="only the staged parse, folds inline vs threaded")
     a = ap.parse_args()
@@ -298,7 +301,7 @@ def main() -> int:
         workdir = tempfile.mkdtemp(prefix="cold-diag-")
         d, _, data, _ = make_artifact(workdir, a.layers)
         print(f"fetch sweep: {len(data) / 1e6:.0f} MB tar ({a.layers} layers, rank 16, 7 modules)", flush=True)
-        combos = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("r")) << 20, c.endswith("r"))
+        combos = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("rw")) << 20, c.split("x")[1].lstrip("0123456789"))
                   for c in a.combos.split(",")]
         fetch_sweep(workdir, d, combos, 1 if a.quick else a.reps, raw_transport=a.raw_transport)
         return 0

@@ -1,0 +1,157 @@
+"""StagedArtifact: a whole artifact in one writable buffer (a ranged download's staging block), handed
+to one parser, possibly while its bytes still arrive (the parser waits for the bytes it reads).
+Used by archives._read_plain_tar_bytes, the parsers (STAGED_IN_PROGRESS) and AdapterFetcher."""
+from __future__ import annotations
+
+import bisect
+import contextvars
+import io
+import threading
+from collections.abc import Callable
+
+import torch
+
+
+# the StagedArtifact being parsed in this thread while its bytes still arrive (load_adapter sets it):
+# code that reads tensor values waits for them through it (None: every byte is there)
+STAGED_IN_PROGRESS: contextvars.ContextVar["StagedArtifact | None"] = contextvars.ContextVar(
+    "loraserve_staged_in_progress", default=None)
+
+
+class StagedArtifact:
+    """A whole artifact in one contiguous, writable uint8 CPU tensor `buf` (a ranged download copied
+    each message straight to its offset, into a pinned arena block on CUDA) that its holder hands to
+    ONE parser: a plain tar's weights files become views of `buf` (no copy; the parser folds scales
+    into them in place). `block`: the arena block to give back when the weights are dropped (None:
+    plain memory); `release()` gives it back (the artifact was not kept).
+
+    The bytes may still be arriving (`in_progress()`, AdapterFetcher with LORASERVE_FETCH_OVERLAP):
+    the download reports each piece that landed (`landed`) and then its end (`finish`, with the
+    error if it failed or did not verify); readers wait for the bytes they touch (`wait_for`), and
+    nothing parsed from it may be used before `wait_verified()` returned. Thread-safe."""
+
+    def __init__(self, buf: torch.Tensor, block: torch.Tensor | None = None,
+                 on_release: Callable[[torch.Tensor], None] | None = None, in_progress: bool = False):
+        assert buf.dtype == torch.uint8 and buf.dim() == 1 and buf.device.type == "cpu"
+        self.buf, self.block, self._on_release = buf, block, on_release
+        self.consumed = False  # a parser took it (its views now own `block`)
+        self._cond = threading.Condition()
+        self._done = not in_progress          # no more writes into buf (the download ended, either way)
+        self._error: BaseException | None = None
+        self._spans: list[list[int]] = [] if in_progress else [[0, buf.numel()]]  # landed [start, end), merged
+        self.download_s = 0.0                 # set by the downloader at finish (overlapped with the parse)
+
+    def __len__(self) -> int:
+        return self.buf.numel()
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf.numpy())
+
+    def take(self) -> memoryview:
+        """The bytes, for the one parser that may write them; a second take is a bug."""
+        if self.consumed:
+            raise RuntimeError("a staged artifact's bytes were already handed to a parser")
+        self.consumed = True
+        return self.view()
+
+    # ---- the download's side --------------------------------------------------------------------
+    def begin(self) -> None:
+        """The bytes start arriving now (before the artifact is handed to anyone)."""
+        with self._cond:
+            self._done, self._error, self._spans = False, None, []
+
+    def in_progress(self) -> bool:
+        with self._cond:
+            return not self._done
+
+    def landed(self, start: int, end: int) -> None:
+        """Bytes [start, end) of buf hold their final value."""
+        with self._cond:
+            i = bisect.bisect_left(self._spans, [start, end])
+            self._spans.insert(i, [start, end])
+            merged: list[list[int]] = []
+            for span in self._spans:
+                if merged and span[0] <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], span[1])
+                else:
+                    merged.append(span)
+            self._spans = merged
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The download ended: verified (error None: every byte landed), or failed with `error`."""
+        with self._cond:
+            self._done, self._error = True, error
+            if error is None:
+                self._spans = [[0, self.buf.numel()]]
+            self._cond.notify_all()
+
+    # ---- the reader's side --------------------------------------------------------------------
+    def wait_for(self, start: int, end: int) -> None:
+        """Until bytes [start, end) landed; raises the download's error if it failed first."""
+        end = min(end, self.buf.numel())
+        with self._cond:
+            while True:
+                i = bisect.bisect_right(self._spans, [start, float("inf")]) - 1
+                if end <= start or (i >= 0 and self._spans[i][0] <= start and self._spans[i][1] >= end):
+                    return
+                if self._done:
+                    raise self._error or RuntimeError("the download ended without these bytes")
+                self._cond.wait()
+
+    def wait_tensor(self, t: torch.Tensor) -> None:
+        """Until a view of buf has landed (whatever the other bytes)."""
+        start = t.data_ptr() - self.buf.data_ptr()
+        self.wait_for(start, start + t.numel() * t.element_size())
+
+    def wait_all(self) -> None:
+        self.wait_for(0, self.buf.numel())
+
+    def wait_done(self) -> None:
+        """Until no more bytes will be written into buf (so its memory may be reused)."""
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
+
+    def wait_verified(self) -> None:
+        """Until the download verified (its digest checked out); raises its error otherwise."""
+        self.wait_done()
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        """Give the block back unless its owner took it over (set `block` to None: a kept adapter's
+        weights are views of it); waits until the download stopped writing into it."""
+        block, self.block = self.block, None
+        self.consumed = True
+        if block is not None and self._on_release is not None:
+            self.wait_done()
+            self._on_release(block)
+
+
+class _WaitingFile(io.RawIOBase):
+    """_ChunkFile over a StagedArtifact whose bytes may still be arriving: each read waits for them."""
+
+    def __init__(self, staged: StagedArtifact, whole: memoryview):
+        self.staged, self.whole, self.pos = staged, whole, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        dst = memoryview(b).cast("B")
+        n = max(0, min(len(dst), len(self.whole) - self.pos))
+        self.staged.wait_for(self.pos, self.pos + n)
+        dst[:n] = self.whole[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset if whence == 0 else self.pos + offset if whence == 1 else len(self.whole) + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos

@@ -83,7 +83,16 @@ class ModelRunner:
         runner = CudaGraphRunner(self.model, self.device, min(self.config.max_num_seqs, 256),
                                  -(-max_len // self.block_size), self.num_blocks, self.block_size, self.lora_manager)
         try:
-            runner.capture()
+            try:
+                runner.capture()
+            except Exception:  # noqa: BLE001 - the LoRA metadata build in the graphs is the newer part: without it
+                if not getattr(runner, "lora_meta_in_graph", False):
+                    raise
+                log.exception("decode CUDA graph capture with the LoRA metadata build inside failed; capturing "
+                              "without it (LORASERVE_LORA_META_IN_GRAPH=0)")
+                runner.lora_meta_in_graph = False
+                runner.graphs.clear()
+                runner.capture()
             self.graph_runner = runner
         except Exception:  # noqa: BLE001 - eager decode still works
             log.exception("CUDA graph capture failed; decode runs eagerly")

@@ -465,3 +465,21 @@ def test_fp8_lm_head_opt_in(monkeypatch, rescore):
         top = ref.argmax(-1)
         torch.testing.assert_close(got.gather(1, top[:, None]), ref.gather(1, top[:, None]), rtol=1e-5, atol=1e-5)
     assert llm.generate(ids, SamplingParams(max_tokens=4, temperature=0)).outputs[0].token_ids
+
+
+def test_fp8_head_candidates_are_the_top_chunks_argmaxes():
+    """Fp8Head._candidates: with the top 8 logits in 8 different chunks they are exactly the top 8; with two large
+    ones in one chunk, the chunk gives only its larger one; vocabularies the chunk does not divide take torch.topk."""
+    from loraserve.inference.models.fp8 import RESCORE_CHUNK, Fp8Head
+
+    head = Fp8Head(torch.zeros(16, 4, dtype=FP8), torch.ones(16), torch.zeros(16, 4), 8)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1002 * RESCORE_CHUNK, generator=g)
+    spots = torch.randperm(1002, generator=g)[:9] * RESCORE_CHUNK + 5        # 9 ids in 9 different chunks
+    logits[:, spots] = torch.arange(100.0, 109.0)                            # spots[8] the largest
+    logits[1, spots[8] + 1] = 108.5   # row 1: a larger one beside it, in the same chunk
+    got = [set(row.tolist()) for row in head._candidates(logits)]
+    assert got[0] == set(spots[1:].tolist())
+    assert got[1] == set(spots[1:8].tolist()) | {int(spots[8]) + 1}
+    odd = torch.randn(2, 1000, generator=g)   # 1000 ids: not a multiple of the chunk
+    assert torch.equal(head._candidates(odd), odd.topk(8, dim=-1).indices)

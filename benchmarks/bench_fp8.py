@@ -272,7 +272,7 @@ def main() -> int:
 
     from loraserve import LoraConfig
 
-    from loraserve.inference.models.fp8 import lm_head_fp8_on
+    from loraserve.inference.models.fp8_head import lm_head_fp8_on
 
     from benchmarks.fp8_probe import gemm_micro, profile_decode
 

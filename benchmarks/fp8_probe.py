@@ -122,7 +122,8 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
     and whether the rescored argmax equals the bf16 head's."""
     import torch.nn.functional as F
 
-    from loraserve.inference.models.fp8 import Fp8Head, quantize_per_channel
+    from loraserve.inference.models.fp8 import quantize_per_channel
+    from loraserve.inference.models.fp8_head import Fp8Head
 
     g = torch.Generator(device="cuda").manual_seed(3)
     w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02

@@ -436,7 +436,7 @@ def test_fp8_lm_head_opt_in(monkeypatch, rescore):
     unquantized, and the logits stay within e4m3 weight rounding of the bf16-head engine's. Each row's top 8 FP8
     logits are recomputed from the unquantized head (LORASERVE_FP8_LM_HEAD_RESCORE): then every argmax is the
     unquantized head's; with 0, only most are. Steps of more than 4 rows take the unquantized head."""
-    from loraserve.inference.models.fp8 import Fp8Head
+    from loraserve.inference.models.fp8_head import Fp8Head
 
     ids = [5, 17, 300, 42, 9, 1000, 77, 3]
     monkeypatch.setenv("LORASERVE_FP8_LM_HEAD", "0")
@@ -470,7 +470,7 @@ def test_fp8_lm_head_opt_in(monkeypatch, rescore):
 def test_fp8_head_candidates_are_the_top_chunks_argmaxes():
     """Fp8Head._candidates: with the top 8 logits in 8 different chunks they are exactly the top 8; with two large
     ones in one chunk, the chunk gives only its larger one; vocabularies the chunk does not divide take torch.topk."""
-    from loraserve.inference.models.fp8 import RESCORE_CHUNK, Fp8Head
+    from loraserve.inference.models.fp8_head import RESCORE_CHUNK, Fp8Head
 
     head = Fp8Head(torch.zeros(16, 4, dtype=FP8), torch.ones(16), torch.zeros(16, 4), 8)
     g = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ compute dtype (F.linear: the W8A16 numerics); EMULATE_ACTIVATION_QUANT = True al
 as _scaled_mm does. LORASERVE_FP8_SMALL_M=0 / LORASERVE_FP8_FUSED_QUANT=0 switch the Triton parts off.
 Measured on the default model (6 texts x 192 tokens, base and `upper`, FP8 weights + KV, CPU bf16
 emulation vs the bf16 engine): top-1 96.7% weight-only, 95.5% W8A8 (its qkv and gate_up inputs, post-RMSNorm,
-cost most; 95.9% with a bf16 KV cache). The LM head stays bf16 (TensorRT-LLM's and vLLM's default; LORASERVE_FP8_LM_HEAD=1: e4m3, Fp8Head).
+cost most; 95.9% with a bf16 KV cache). The LM head: models/fp8_head.py (an e4m3 copy for small decode steps).
 LoRA is untouched: `Fp8Proj.forward` adds the step's LoRA delta, computed from the unquantized x by
 the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
 
@@ -271,110 +271,6 @@ class Fp8Proj(nn.Module):
     def extra_repr(self) -> str:
         static = "static" if self.input_scale is not None else "dynamic"
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel, {static} activation scale"
-
-
-class Fp8Head(nn.Module):
-    """The LM head with an e4m3 weight (LORASERVE_FP8_LM_HEAD): logits [N, V] = hidden [N, H] @ W^T, W [V, H]
-    e4m3 with fp32 per-channel scales [V], x kept in bf16 (weight-only at every M). TensorRT-LLM (ModelOpt) and vLLM
-    keep the LM head in bf16 by default: it is the last GEMM before the argmax, where a rounding flips tokens. Hence
-    `exact` ([V, H], the bf16 head or tied embedding, not copied): each row's top `rescore` FP8 logits are recomputed
-    from it (one gather + one bmm of rescore rows), so the argmax is the bf16 head's whenever it is among the FP8 top
-    `rescore` (LORASERVE_FP8_LM_HEAD_RESCORE, default 8; 0: plain FP8 logits). The other logits keep e4m3 error.
-    Rows past lm_head_max_m() take the bf16 head itself (when kept)."""
-
-    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, exact: torch.Tensor | None = None, rescore: int = 0):
-        super().__init__()
-        self.out_features, self.in_features = w_q.shape
-        self.weight = nn.Parameter(w_q, requires_grad=False)
-        self.register_buffer("weight_scale", w_scale)
-        self.exact = exact if rescore > 0 else None   # a plain attribute: the tied embedding stays the model's
-        self.rescore = min(rescore, self.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exact is not None and x.shape[0] > lm_head_max_m():   # larger batches: the bf16 head (H200: the
-            return F.linear(x, self.exact.to(x.dtype))                # top-k and gather cost more than FP8 saves)
-        logits = self._fp8_logits(x)                                            # [N, V]
-        if self.exact is not None and x.shape[0] > 0:
-            idx = self._candidates(logits)                                      # [N, k]
-            rows = self.exact.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)   # [N, k, H]
-            exact = torch.bmm(rows, x.to(rows.dtype)[:, :, None]).squeeze(-1)  # [N, k], fp32 accumulate
-            logits.scatter_(1, idx, exact.to(logits.dtype))
-        return logits
-
-    def _candidates(self, logits: torch.Tensor) -> torch.Tensor:
-        """[N, k] token ids to rescore: the argmax of each of the k chunks (RESCORE_CHUNK ids each) with the largest
-        FP8 maxima - one pass over [N, V] and a top-k over [N, V / chunk] instead of a top-k over the vocabulary
-        (torch.topk of a 128k row cost ~50 us on the H200). It misses the bf16 argmax only where another id of its
-        own chunk beats it in FP8; vocabularies the chunk does not divide take the plain top-k."""
-        V, chunk = logits.shape[1], RESCORE_CHUNK
-        if V % chunk or V // chunk < 4 * self.rescore:
-            return logits.topk(self.rescore, dim=-1).indices
-        best, where = logits.view(logits.shape[0], V // chunk, chunk).max(dim=-1)     # [N, V / chunk]
-        top = best.topk(self.rescore, dim=-1).indices                                 # [N, k] chunk numbers
-        return top * chunk + where.gather(1, top)
-
-    def _fp8_logits(self, x: torch.Tensor) -> torch.Tensor:
-        # CUDA: the FP8 GEMV kernels (weight-only); elsewhere the dequantized matmul
-        if gemm_path(x, self.weight) != "dequant" and "gemv" not in _BROKEN:
-            from loraserve.kernels.fp8_gemv import fp8_gemv
-
-            try:
-                return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale,
-                                weight_only=True)
-            except Exception as err:   # a compile error: the dequantized matmul from now on
-                _triton_failed("gemv", err)
-        return F.linear(x, dequantize(self.weight, self.weight_scale[:, None], x.dtype))
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel (LORASERVE_FP8_LM_HEAD), "
-                f"top-{self.rescore if self.exact is not None else 0} rescored in bf16")
-
-
-RESCORE_CHUNK = 128   # Fp8Head._candidates: vocabulary ids per chunk (Llama-3's 128256 = 1002 x 128)
-
-
-def lm_head_max_m() -> int:
-    """LORASERVE_FP8_LM_HEAD_MAX_M: with rescoring, the FP8 head serves up to this many rows (default 4), the bf16
-    head above. H200 (benchmarks/fp8_probe.py --lm-head-only, 128256 x 4096, CUDA graphs): M=1 bf16 239.6 us, FP8
-    136.6, FP8 + top-8 rescoring (torch.topk over the vocabulary; _candidates now) 188.8; M=64 271.8 / 238.5 / 374.8."""
-    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_MAX_M", "4").strip()
-    try:
-        return max(int(raw), 0)
-    except ValueError:
-        raise ValueError(f"LORASERVE_FP8_LM_HEAD_MAX_M must be an integer row count, got {raw!r}") from None
-
-
-def lm_head_rescore() -> int:
-    """LORASERVE_FP8_LM_HEAD_RESCORE: how many of each row's top FP8 logits the bf16 head recomputes (default 8)."""
-    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_RESCORE", "8").strip()
-    try:
-        return max(int(raw), 0)
-    except ValueError:
-        raise ValueError(f"LORASERVE_FP8_LM_HEAD_RESCORE must be an integer (0: off), got {raw!r}") from None
-
-
-def lm_head_fp8_on() -> bool:
-    """LORASERVE_FP8_LM_HEAD (default 1): an e4m3 copy of the LM head for decode steps of <= lm_head_max_m rows,
-    its top-8 rescored from the bf16 head (kept: the argmax stays bf16's); 0: the bf16 head only, as TensorRT-LLM
-    and vLLM."""
-    return os.environ.get("LORASERVE_FP8_LM_HEAD", "1").strip() == "1"
-
-
-def quantize_lm_head(model: nn.Module, rows_per_chunk: int = 16384) -> bool:
-    """After loading: replace model.lm_head [V, H] with an Fp8Head (per-channel scales), where
-    lm_head_fp8_on(). A tied head keeps the bf16 embedding and gets its own e4m3 copy. Quantized in row
-    chunks (the fp32 temporaries of a 128k x 4k head would be 2 GB at once). Returns whether it did."""
-    head = getattr(model, "lm_head", None)
-    if not lm_head_fp8_on() or not isinstance(head, nn.Linear) or head.bias is not None:
-        return False
-    w = head.weight.data
-    w_q = torch.empty(w.shape, dtype=FP8, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for r0 in range(0, w.shape[0], rows_per_chunk):
-        w_q[r0:r0 + rows_per_chunk], scale[r0:r0 + rows_per_chunk] = quantize_per_channel(w[r0:r0 + rows_per_chunk])
-    model.lm_head = Fp8Head(w_q, scale, exact=w, rescore=lm_head_rescore())
-    log.info("FP8 e4m3 LM head [%d, %d] (LORASERVE_FP8_LM_HEAD)", *w_q.shape)
-    return True
 
 
 def excluded(name: str, patterns: list[str] | None) -> bool:

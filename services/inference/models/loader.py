@@ -121,7 +121,7 @@ def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu
     if unscaled:
         raise ValueError(f"{path}: FP8 weights without a weight_scale: {[k[13:] for k in unscaled][:8]}")
     if fp8_mods is not None and tp is None:
-        from .fp8 import quantize_lm_head
+        from .fp8_head import quantize_lm_head
 
         quantize_lm_head(model)   # LORASERVE_FP8_LM_HEAD (default 1): an FP8 copy for small decode steps
     if device.type == "cuda" and fp8_mods is not None:

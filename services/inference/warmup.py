@@ -48,7 +48,8 @@ def _split_lengths(engine, limit: int) -> list[int]:
     from loraserve.kernels.unified_attention import launch_config, plan_num_splits
 
     a = engine.args
-    group, elem = a.num_attention_heads // a.num_key_value_heads, engine.runner.kv_dtype.itemsize
+    # the step plans with the activations' element size (attention.py: q.element_size()), not the KV cache's
+    group, elem = a.num_attention_heads // a.num_key_value_heads, engine.dtype.itemsize
     candidates = sorted({*range(1, 33), *(int(16 * 1.25 ** i) for i in range(40))})
     seen, out = set(), []
     for n in (n for n in candidates if n <= limit):
@@ -66,7 +67,7 @@ def _prefix_splits(engine, limit: int, covered: set, query: int = 10) -> list[in
     from loraserve.kernels.unified_attention import launch_config, plan_num_splits
 
     a, bs = engine.args, engine.runner.block_size
-    group, elem = a.num_attention_heads // a.num_key_value_heads, engine.runner.kv_dtype.itemsize
+    group, elem = a.num_attention_heads // a.num_key_value_heads, engine.dtype.itemsize
     block_m = launch_config(query, group, elem)["BLOCK_M"]
     out = []
     for length in range(4 * bs, limit - query, 4 * bs):
@@ -98,7 +99,7 @@ def prefix_steps(engine) -> list[int]:
         return []
     budget = min(engine.config.max_num_tokens, engine.kv_capacity_tokens // 2, engine.max_seq_len - 1)
     try:
-        a, elem = engine.args, engine.runner.kv_dtype.itemsize
+        a, elem = engine.args, engine.dtype.itemsize
         from loraserve.kernels.unified_attention import launch_config, plan_num_splits
 
         group = a.num_attention_heads // a.num_key_value_heads

@@ -75,6 +75,25 @@ def profile_request(engine, prompts, lora: int, tag: str, rows: int) -> dict:
             "graph_launches": graph_replays}
 
 
+def profile_loop(engine, requests, conc: int, tag: str, rows: int) -> dict:
+    """A short closed loop under torch.profiler: the kernels by device time (graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        r = run_closed_loop(engine, requests, conc, tag)
+    events = prof.key_averages()
+    dev = sorted(((getattr(e, "self_device_time_total", 0) or 0, e.count, e.key) for e in events), reverse=True)
+    total = sum(d for d, _, _ in dev)
+    lora = sum(d for d, _, k in dev if "lora" in k.lower())
+    print(f"  loop profile [{tag}]: wall {r['wall_s'] * 1e3:.0f} ms (profiled), device {total / 1e3:.1f} ms, "
+          f"of it LoRA kernels {lora / 1e3:.1f} ms; top by device time (us, calls):")
+    for d, c, k in dev[:rows]:
+        print(f"    {d:10.0f} {c:6d}  {k[:90]}")
+    return {"wall_ms": r["wall_s"] * 1e3, "device_ms": total / 1e3, "lora_device_ms": lora / 1e3,
+            "top": [(k, d, c) for d, c, k in dev[:rows]]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (a check of the flow)")
@@ -89,6 +108,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-rows", type=int, default=14)
     ap.add_argument("--skip-loop", action="store_true", help="only the one-token figures")
+    ap.add_argument("--skip-ttft", action="store_true", help="only the closed loop")
+    ap.add_argument("--profile-loop", action="store_true",
+                    help="also a short closed loop (concurrency requests) with and without adapters under torch.profiler")
     ap.add_argument("--modules", choices=("all", "qv"), default="all",
                     help="LoRA target modules the engine enables (qv: bench_churn's resident engine exactly; the "
                          "one-token adapter then has q_proj + v_proj only)")
@@ -151,20 +173,23 @@ def main() -> int:
     # 1) one-token requests
     prompts = FreshPrompts(eng.args.vocab_size, 4242)
     t = time.perf_counter()
-    base = ttft_ms(eng, prompts, None, args.ttft_repeats)
-    lora_graphs(eng, True)
-    graphed = ttft_ms(eng, prompts, ttft_id, args.ttft_repeats)
-    lora_graphs(eng, False)
-    eager = ttft_ms(eng, prompts, ttft_id, args.ttft_repeats)
-    lora_graphs(eng, True)
-    out["ttft_ms"] = dict(base=base, lora_graphed=graphed, lora_eager=eager)
-    print(f"one-token request, 64-token prompt (median of {args.ttft_repeats}): no adapter {base:.2f} ms; resident "
-          f"rank-16 adapter on {len(modules)} modules: LoRA graphs {graphed:.2f} ms, eager {eager:.2f} ms  "
-          f"[{time.perf_counter() - t:.0f} s]", flush=True)
-    save()
+    if args.skip_ttft:
+        args.ttft_repeats = 0
+    if args.ttft_repeats:
+        base = ttft_ms(eng, prompts, None, args.ttft_repeats)
+        lora_graphs(eng, True)
+        graphed = ttft_ms(eng, prompts, ttft_id, args.ttft_repeats)
+        lora_graphs(eng, False)
+        eager = ttft_ms(eng, prompts, ttft_id, args.ttft_repeats)
+        lora_graphs(eng, True)
+        out["ttft_ms"] = dict(base=base, lora_graphed=graphed, lora_eager=eager)
+        print(f"one-token request, 64-token prompt (median of {args.ttft_repeats}): no adapter {base:.2f} ms; resident "
+              f"rank-16 adapter on {len(modules)} modules: LoRA graphs {graphed:.2f} ms, eager {eager:.2f} ms  "
+              f"[{time.perf_counter() - t:.0f} s]", flush=True)
+        save()
 
     # 2) where the time goes
-    if args.profile:
+    if args.profile and args.ttft_repeats:
         lora_graphs(eng, False)
         out["profile_eager"] = profile_request(eng, prompts, ttft_id, "LoRA eager", args.profile_rows)
         lora_graphs(eng, True)
@@ -191,6 +216,10 @@ def main() -> int:
               f"[{time.perf_counter() - t:.1f} s]", flush=True)
     lora_graphs(eng, True)
     out["closed_loop"] = runs
+    if args.profile_loop:
+        for k, (tag, a) in enumerate((("lora_graphs", ids[:conc]), ("base", [None] * conc))):
+            out[f"loop_profile_{tag}"] = profile_loop(eng, make_requests(conc, vocab, in_len, out_len, a, 3_000 + k),
+                                                      conc, tag, args.profile_rows)
     out["resident32_vs_base_tok_s"] = runs["lora_graphs"]["tok_s"] / runs["base"]["tok_s"]
     out["resident32_vs_base_tok_s_eager_mixed"] = runs["lora_eager_mixed"]["tok_s"] / runs["base"]["tok_s"]
     if mixed is not None:

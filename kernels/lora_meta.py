@@ -217,7 +217,7 @@ class LoRAMetaBuilder:
         seg_counts = torch.where(used, slot_counts[seg_key % L], 0)
         seg_ends = torch.cumsum(seg_counts, 0)
         self.seg_slots.copy_(seg_slot)
-        self.seg_starts[0] = 0
+        self.seg_starts[:1].zero_()   # a fill kernel: `[0] = 0` copies from a CPU scalar, which graph capture refuses
         self.seg_starts[1:].copy_(seg_ends)
         self.num_segments.copy_(used.sum().view(1))
 

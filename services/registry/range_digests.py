@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-RANGE_BYTES = 8 << 20   # the range size clients ask for by default (services/inference/ranged_download.py)
+RANGE_BYTES = 4 << 20   # the range size clients ask for by default (services/inference/ranged_download.py)
 _MAGIC = b"LRD1"
 
 

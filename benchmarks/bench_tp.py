@@ -210,6 +210,10 @@ def main() -> int:
     ap.add_argument("--n-top1", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--n-adapters", type=int, default=32, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if not a.child:   # timeout's SIGTERM as an exception: a running engine child (its own session) is killed too
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # read when the TP runner is first imported (below, by the first TP engine)
     os.environ["LORASERVE_TP_CUDA_GRAPHS"] = "0" if a.tp_eager else "1"
     from loraserve.inference.tp.worker import dump_stacks_when_stuck

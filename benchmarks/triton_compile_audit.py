@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from loraserve.inference.warmup import num_variants  # noqa: E402
 
 H, KVH, D, BS = 32, 8, 128, 16
 
@@ -50,18 +51,6 @@ def cache_entries() -> int:
         return len(os.listdir(path))
     except OSError:
         return -1
-
-
-def num_variants(kernel) -> int:
-    """Compiled variants a @triton.jit function holds (-1: unknown, e.g. the interpreter)."""
-    fn = kernel if hasattr(kernel, "device_caches") else getattr(kernel, "fn", kernel)   # (a JITFunction's .fn is
-    caches = getattr(fn, "device_caches", None)                                             # the Python function)
-    if caches:
-        return sum(len(v[0]) for v in caches.values())
-    cache = getattr(fn, "cache", None)
-    if isinstance(cache, dict) and cache:
-        return sum(len(v) for v in cache.values())
-    return -1
 
 
 def packed(values: list[torch.Tensor], offset: int, dev) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ Not covered: the LoRA kernels' variants (they need adapters), eager decode steps
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -162,14 +163,27 @@ def warm_up(engine) -> dict:
 def compiled_attention_variants() -> int:
     """Compiled variants of the attention kernels in this process (Triton's per-device caches; 0 without
     Triton): a serving step that raises it compiled inside the step."""
-    try:
-        from loraserve.kernels import unified_attention as ua
+    try:   # the module itself: the package re-exports a function of the same name
+        ua = importlib.import_module("loraserve.kernels.unified_attention")
         kernels = (ua._unified_attention_kernel, ua._merge_splits_kernel)
     except (ImportError, AttributeError):
         return 0
-    total = 0
-    for fn in kernels:
-        caches = getattr(fn, "device_caches", None) or getattr(fn, "cache", None) or {}
-        for entry in caches.values():
-            total += len(entry[0] if isinstance(entry, tuple) else entry)
-    return total
+    return sum(max(0, num_variants(fn)) for fn in kernels)
+
+
+def num_variants(kernel) -> int:
+    """Compiled variants a @triton.jit kernel holds in this process (-1: unknown, e.g. the interpreter). A
+    decorated kernel (heuristics, autotune) wraps the JITFunction in .fn; Triton keeps one dict of compiled
+    kernels per device, first in the device_caches entry (the cache of Triton < 3 is a plain dict)."""
+    fn = kernel
+    while fn is not None and not hasattr(fn, "device_caches") and not isinstance(getattr(fn, "cache", None), dict):
+        fn = getattr(fn, "fn", None)
+    if fn is None:
+        return -1
+    caches = getattr(fn, "device_caches", None)
+    if caches:
+        return sum(len(v[0]) if isinstance(v, tuple) else len(v) for v in caches.values())
+    cache = getattr(fn, "cache", None)
+    if isinstance(cache, dict) and cache:
+        return sum(len(v) for v in cache.values())
+    return 0 if caches is not None or cache is not None else -1

@@ -261,6 +261,11 @@ def main() -> int:
                     help="the top-1 agreement (dispatch only) in a child process while the 8B checkpoint is written")
     ap.add_argument("--quality-wait-s", type=float, default=90,
                     help="--quality-parallel: stop waiting for the child (and kill it) this long after the start")
+    ap.add_argument("--engines-in-children", action="store_true",
+                    help="each engine (bf16, FP8 + LoRA) in a child process of its own (one 32-layer engine per CUDA "
+                         "process: a second one in the same process hit a device-side assert on the H200)")
+    ap.add_argument("--phase", choices=["bf16", "fp8"], default=None, help=__import__('argparse').SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=__import__('argparse').SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=256,
                     help="engines' max_batch_size: CUDA-graph buckets up to it (64: 9 buckets, not 13)")
     ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (no speedups: FP8 figures only)")
@@ -302,7 +307,8 @@ def main() -> int:
                         extra_modes=not a.quality_dispatch_only))
         print(json.dumps(res, indent=2))
         return 0
-    path = tempfile.mkdtemp(prefix="fp8-bench-")
+    os.environ.setdefault("LORASERVE_WARMUP", "0")   # as bench_engine: the timed runs warm up themselves
+    path = a.ckpt or tempfile.mkdtemp(prefix="fp8-bench-")
     quality = qpath = None
     if a.quality_parallel and not a.skip_quality and not a.fp8_only:
         # the default model's top-1 run (small engines) in a child process, beside the 8B checkpoint's write
@@ -314,7 +320,8 @@ def main() -> int:
     if a.tiny:
         from tests.inference.conftest import make_random_model
 
-        make_random_model(path, "llama")
+        if not a.ckpt:
+            make_random_model(path, "llama")
         a.batch, a.adapters, a.rank, a.prompt_len, a.steps = 8, 4, 8, 16, 4
         a.prefill_len, a.prefill_batch, a.repeats = 64, 2, 1
         kw = dict(dtype="float32", device="cpu")
@@ -327,8 +334,9 @@ def main() -> int:
 
             pre = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "fp8_gemv_sweep.py"),
                                     "--precompile-engine", "--jobs", str(a.precompile_jobs), "--budget-s", "60"])
-        build_checkpoint(path, a.layers)
-        print(f"checkpoint built ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if not a.ckpt:
+            build_checkpoint(path, a.layers)
+            print(f"checkpoint built ({time.perf_counter() - t0:.0f} s)", flush=True)
         if pre is not None:   # done before any engine sizes its KV cache from the free memory (the workers hold some)
             try:
                 pre.wait(timeout=max(5.0, 75 - (time.perf_counter() - t0)))
@@ -394,7 +402,31 @@ def main() -> int:
         except Exception as err:   # noqa: BLE001
             res["gemm_us"] = f"failed: {type(err).__name__}: {err}"[:2000]
         print(f"GEMM micro-benchmark done ({time.perf_counter() - t0:.0f} s): {res['gemm_us']}", flush=True)
-    if not a.fp8_only:
+    if a.engines_in_children and a.phase is None:
+        import subprocess
+
+        for tag in ([] if a.fp8_only else ["bf16"]) + ["fp8"]:
+            part_path = os.path.join(tempfile.gettempdir(), f"fp8-bench-{os.getpid()}-{tag}.json")   # not in path
+            argv = [arg for arg in sys.argv[1:] if arg not in ("--engines-in-children", "--quality-parallel")]
+            for opt in ("--json", "--precompile-jobs", "--profile-until-s", "--quality-wait-s"):
+                if opt in argv:
+                    i = argv.index(opt)
+                    del argv[i:i + 2]
+            left = max(0.0, a.profile_until_s - (time.perf_counter() - t0))   # the children's clocks start at 0
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--skip-quality", "--phase", tag,
+                                    "--ckpt", path, "--json", part_path, "--profile-until-s", str(left)])
+            print(f"{tag} child exit {child.returncode} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            try:
+                with open(part_path) as fh:
+                    part = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            res.update({k: v for k, v in part.items() if k in ("bf16", "fp8", "fp8_lora32_decode_tok_s")})
+            save(tag)
+        shutil.rmtree(path, ignore_errors=True)
+        print(json.dumps(res, indent=2))
+        return 0
+    if not a.fp8_only and a.phase != "fp8":
         engine = build(path, None, kw, lora_cfg)
         res["bf16"] = measure(engine, a)
         if a.profile == "all" and time.perf_counter() - t0 < a.profile_until_s:
@@ -404,6 +436,8 @@ def main() -> int:
         print(f"bf16 done ({time.perf_counter() - t0:.0f} s): "
               f"{ {k: v for k, v in res['bf16'].items() if k != 'profile_decode'} }", flush=True)
         save("bf16")
+    if a.phase == "bf16":
+        return 0
     engine = build(path, quant, kw, lora_cfg)
     res["fp8"] = measure(engine, a)
     print(f"fp8 done ({time.perf_counter() - t0:.0f} s): "

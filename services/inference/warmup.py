@@ -154,6 +154,9 @@ def warm_up(engine) -> dict:
             break
     engine.reset_prefix_cache()
     engine.block_manager.num_reused_blocks = 0     # the prefix steps' reuse is not serving's
+    from .models.fp8 import forget_calibrated_kv_scales
+
+    forget_calibrated_kv_scales(engine.model)      # FP8 KV scales: from the first real prefill, not random ids
     seconds = time.perf_counter() - t0
     log.info("warm-up: %d dummy steps (prompt lengths %s) in %.2f s", done,
              [s[1] if s[0] == "prefix" else sum(s) for s in steps[:done]], seconds)

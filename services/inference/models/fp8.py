@@ -359,9 +359,11 @@ class Fp8KVAttention(Attention):
         given = [self.__dict__.pop(name, None) for name in ("k_scale", "v_scale")]   # the loader's floats
         self.register_buffer("kv_scales", torch.ones(2, dtype=torch.float32, device=device), persistent=False)
         self._kv_scale_set = [False, False]
+        self._kv_scale_given = [False, False]   # from the checkpoint (never recalibrated)
         for i, value in enumerate(given):
             if value is not None:
                 self._set_kv_scale(i, value)
+                self._kv_scale_given[i] = True
 
     def _set_kv_scale(self, i: int, value) -> None:
         if not float(value) > 0:
@@ -376,6 +378,7 @@ class Fp8KVAttention(Attention):
     @k_scale.setter
     def k_scale(self, value) -> None:   # the checkpoint loader's k_scale tensor (as a float)
         self._set_kv_scale(0, value)
+        self._kv_scale_given[0] = True
 
     @property
     def v_scale(self) -> float | None:
@@ -384,6 +387,7 @@ class Fp8KVAttention(Attention):
     @v_scale.setter
     def v_scale(self, value) -> None:
         self._set_kv_scale(1, value)
+        self._kv_scale_given[1] = True
 
     def _calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
         # vLLM's calculate_kv_scales headroom (K/200, V/100); later outliers saturate at +-448.
@@ -427,6 +431,22 @@ class Fp8KVAttention(Attention):
             self._calibrate(k, v)
         return paged_attention_fp8(q, k, v, self.k_cache, self.v_cache, self.scale,
                                    self.kv_scales[0:1], self.kv_scales[1:2])
+
+
+def forget_calibrated_kv_scales(model: nn.Module) -> int:
+    """Unset the FP8 KV-cache scales that were calibrated (not the checkpoint's), so the next real prefill calibrates
+    them again: after start-up warm-up (services/inference/warmup.py), whose dummy prompts of random token ids must not
+    set the scales (on the default model they cost ~1 point of top-1). Returns how many layers it reset."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Fp8KVAttention):
+            given = getattr(module, "_kv_scale_given", [False, False])
+            for i in range(2):
+                if module._kv_scale_set[i] and not given[i]:
+                    module._kv_scale_set[i] = False
+                    module.kv_scales[i:i + 1].fill_(1.0)
+                    n += 1
+    return n
 
 
 def fused_rope_kv_fp8_on() -> bool:

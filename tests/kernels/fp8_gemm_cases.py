@@ -53,16 +53,17 @@ def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu") -> No
     x_q, s = per_token_quant_fp8(x)
     q_ref, s_ref = per_token_quant_fp8_ref(x)
     assert x_q.dtype == FP8 and x_q.shape == (m, k) and s.shape == (m, 1) and s.dtype == torch.float32
-    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    # amax / 448 in fp32: the GPU kernel's division may round one ulp away from torch's (H200: 1.2e-7 relative)
+    torch.testing.assert_close(s, s_ref, rtol=2.5e-7, atol=0)
     assert bool((x_q[0].float() == 0).all())
     # e4m3 rounding of x / s: exact on the GPU (round to nearest even, as torch). Triton 3.x's CPU
     # interpreter drops the carry when rounding up crosses into the next binade (x / s = 126.9 -> 64, not
     # 128), and rounds ties away from zero (42 -> 44, not 40): on the CPU those elements may differ
     a, b = x_q.float(), q_ref.float()
     exact = a == b
-    if device == "cuda":   # the same IEEE division and RNE cast: allow a rare one-step tie slip, no more
-        step = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8
-        assert float(exact.float().mean()) >= 0.9999, f"{float((~exact).float().mean()):.2e} of x_q off"
+    if device == "cuda":   # RNE cast, but a scale one ulp off moves near-ties: a rare one-step slip, no more
+        step = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8      # (H200: 6-8e-4 of the elements)
+        assert float(exact.float().mean()) >= 0.998, f"{float((~exact).float().mean()):.2e} of x_q off"
         exact = exact | step
     else:
         carry = (b != 0) & (torch.frexp(b.abs())[0] == 0.5) & (a == b / 2)

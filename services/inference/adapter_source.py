@@ -313,6 +313,8 @@ class AdapterFetcher:
             call, m, rd = await ranged_download.open_first_range(self._ranged(), name, version, self._metadata,
                                                                  self.timeout_s, DOWNLOAD_CHUNK, ranged_download.RANGE_BYTES)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return None  # the resolving path decides (pinned copies, stale aliases, its own error)
             err = self._translate(exc, what)
             if isinstance(err, RegistryUnavailableError):
                 self.registry_errors += 1

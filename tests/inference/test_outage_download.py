@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 import torch
@@ -49,7 +50,16 @@ def test_registry_killed_mid_download_leaves_no_partial_file_and_recovers(tmp_pa
             assert [f for f in os.listdir(cache) if f != "refs.json"] == []  # nothing partial, nothing unverified
             # back on the same port: the same fetcher (its channel reconnects) downloads it whole
             regs.append(await asyncio.to_thread(RegistryProcess(data, address=reg.address).__enter__))
-            fetched = await fetcher.fetch("big", 1)
+            # its channel reconnects within its reconnect backoff (at most 2 s, adapter_source._RECONNECT): a
+            # fetch in that window gets UNAVAILABLE, one after it the whole artifact
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    fetched = await fetcher.fetch("big", 1)
+                    break
+                except RegistryUnavailableError:
+                    assert time.monotonic() < deadline, "the fetcher did not reconnect to the restarted registry"
+                    await asyncio.sleep(0.1)
             assert (fetched.data is not None) == in_memory  # verified bytes in hand while the file is written
             await fetcher.close()  # waits for the disk copy
             return fetched

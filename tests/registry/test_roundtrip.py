@@ -10,6 +10,7 @@ import pytest
 
 from loraserve.adapters import load_adapter
 from loraserve.registry.client import RegistryClient
+from loraserve.registry.store import RANGES_SUFFIX
 from loraserve.v1 import registry_pb2 as pb
 from loraserve.v1 import registry_pb2_grpc as pb_grpc
 
@@ -159,8 +160,10 @@ def test_s3_multipart_upload(start_registry, s3_bucket, tmp_path: Path) -> None:
         a = c.push(src, "big").adapter
         out = c.pull("big", 1, tmp_path / "back.tar")
     assert out.read_bytes() == src.read_bytes()
-    keys = blob_keys_s3(s3, cfg)
-    assert keys == [f"{cfg.prefix}blobs/sha256/{a.digest.removeprefix('sha256:')}"]  # temp key gone
+    blob = f"{cfg.prefix}blobs/sha256/{a.digest.removeprefix('sha256:')}"
+    # the temp key gone; beside the blob only its range digests (the parallel ranged download checks them)
+    assert blob_keys_s3(s3, cfg) == [blob, blob + RANGES_SUFFIX]
+    keys = [blob]
     head = s3.head_object(Bucket=cfg.bucket, Key=keys[0])
     assert head["ContentLength"] == src.stat().st_size
 

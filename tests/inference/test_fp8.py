@@ -378,7 +378,16 @@ def test_fp8_load_never_holds_bf16_projection_weights_on_the_gpu():
     assert fp8_weights > 0 and all(p.dtype != torch.bfloat16 for m in model.modules() if isinstance(m, Fp8Proj)
                                    for p in [m.weight])
     extra = torch.cuda.max_memory_allocated() - before - resident
-    assert extra < 2 * fp8_weights, (extra, fp8_weights)   # temporaries of one tensor at a time, not a model copy
+    # the FP8 LM head (LORASERVE_FP8_LM_HEAD, default on) keeps the bf16 head for rescoring as a plain attribute
+    # (not a parameter: counted here unless it is the tied embedding) and is quantized in row chunks, whose fp32
+    # temporaries are at most ~3 of [16384, H] (on this tiny model they outweigh every projection's fp8 bytes)
+    head, allowance = model.lm_head, 0
+    if type(head).__name__ == "Fp8Head":
+        params = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        exact = getattr(head, "exact", None)
+        kept = exact.numel() * exact.element_size() if exact is not None and exact.data_ptr() not in params else 0
+        allowance = kept + 3 * 4 * min(head.out_features, 16384) * head.in_features
+    assert extra < 2 * fp8_weights + allowance, (extra, fp8_weights, allowance)   # not a model copy
 
 
 def test_exclude_modules_keeps_those_projections_unquantized(tmp_path):

@@ -27,6 +27,7 @@ from .errors import (DigestMismatchError, RegistryAccessError, RegistryAdapterNo
                      RegistryRequestError, RegistryUnavailableError)
 from .lora.manager import TierStats
 from . import ranged_download
+from .download_files import check_digest as _check_digest, write_file as _write_file
 
 log = logging.getLogger(__name__)
 # bytes per DownloadAdapter message asked for (the registry clamps it to its largest, 1 MiB by default;
@@ -372,19 +373,12 @@ class AdapterFetcher:
                 finally:
                     if pending is not None:
                         await pending
-            got = "sha256:" + sha.hexdigest()
-            if got != meta.digest or (in_memory and size != meta.size):
-                raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes ({size}) hash to "
-                                          f"{got}, registry announced {meta.digest} ({meta.size} bytes)")
+            _check_digest(meta, "sha256:" + sha.hexdigest(), size if in_memory else None)
             self.stats.bytes_loaded += size
             if not in_memory:
                 os.replace(tmp, path)
                 return None
-            data = self._writing[meta.digest] = Chunks(pieces)
-            task = loop.run_in_executor(None, _write_file, data, path, self.cache_dir)
-            self._writes[meta.digest] = task
-            task.add_done_callback(lambda t, d=meta.digest: self._wrote(d, t))
-            return data
+            return self._keep(meta, path, pieces)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, f"download of {meta.name!r} v{meta.version}") from exc
         finally:
@@ -408,24 +402,9 @@ class AdapterFetcher:
             self._landing[meta.digest] = asyncio.ensure_future(self._land(meta, path, staged, fd, tmp, first))
             return staged
         try:
-            try:
-                pieces, got = await ranged_download.download_ranges(
-                    self._ranged(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
-                    dest=None if staged is None else staged.buf, fd=fd, place_pool=self._placers,
-                    first=first and first[:2], range_sha=first[3] if first else None,
-                    verify_pool=self._verifiers)
-            except grpc.aio.AioRpcError as exc:
-                raise self._translate(exc, f"download of {meta.name!r} v{meta.version}") from exc
-            except ConnectionError as exc:
-                raise RegistryUnavailableError(f"download of {meta.name!r} v{meta.version}: {exc}") from exc
+            pieces, got = await self._fetch_ranges(meta, None if staged is None else staged.buf, fd, first)
             if staged is not None:
-                if got != meta.digest:
-                    raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes hash to "
-                                              f"{got}, registry announced {meta.digest}")
-                os.close(fd)
-                fd = None
-                os.replace(tmp, path)  # complete and verified: the disk copy (written as it arrived)
-                self.stats.bytes_loaded += meta.size
+                fd = self._commit_staged(meta, got, fd, tmp, path)
                 return staged
         except BaseException:
             if staged is not None:
@@ -437,12 +416,37 @@ class AdapterFetcher:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
         size = sum(len(p) for p in pieces)
-        if got != meta.digest or size != meta.size:
-            raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes ({size}) hash to "
-                                      f"{got}, registry announced {meta.digest} ({meta.size} bytes)")
+        _check_digest(meta, got, size)
         self.stats.bytes_loaded += size
+        return self._keep(meta, path, pieces)
+
+    async def _fetch_ranges(self, meta, dest, fd, first=None, on_landed=None):
+        """ranged_download.download_ranges of meta's artifact -> (pieces, "sha256:..."), gRPC and connection
+        errors translated (RangesUnsupported propagates)."""
+        what = f"download of {meta.name!r} v{meta.version}"
+        try:
+            return await ranged_download.download_ranges(
+                self._ranged(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher, dest=dest, fd=fd,
+                place_pool=self._placers, on_landed=on_landed, first=first and first[:2],
+                range_sha=first[3] if first else None, verify_pool=self._verifiers)
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, what) from exc
+        except ConnectionError as exc:
+            raise RegistryUnavailableError(f"{what}: {exc}") from exc
+
+    def _commit_staged(self, meta, got: str, fd: int, tmp: str, path: str) -> None:
+        """A staged download is complete: its digest checked, its disk copy (written as it arrived) closed
+        and moved into place. Returns None (the caller's fd, now closed)."""
+        _check_digest(meta, got)
+        os.close(fd)
+        os.replace(tmp, path)
+        self.stats.bytes_loaded += meta.size
+        return None
+
+    def _keep(self, meta, path: str, pieces) -> Chunks:
+        """Verified bytes kept in memory and returned; their disk copy is written on a thread meanwhile."""
         data = self._writing[meta.digest] = Chunks(pieces)
-        task = loop.run_in_executor(None, _write_file, data, path, self.cache_dir)
+        task = asyncio.get_running_loop().run_in_executor(None, _write_file, data, path, self.cache_dir)
         self._writes[meta.digest] = task
         task.add_done_callback(lambda t, d=meta.digest: self._wrote(d, t))
         return data
@@ -455,27 +459,13 @@ class AdapterFetcher:
         what = f"download of {meta.name!r} v{meta.version}"
         try:
             try:
-                _, got = await ranged_download.download_ranges(
-                    self._ranged(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher,
-                    dest=staged.buf, fd=fd, place_pool=self._placers, on_landed=staged.landed,
-                    first=first and first[:2], range_sha=first[3] if first else None,
-                    verify_pool=self._verifiers)
-            except grpc.aio.AioRpcError as exc:
-                raise self._translate(exc, what) from exc
-            except ConnectionError as exc:
-                raise RegistryUnavailableError(f"{what}: {exc}") from exc
+                _, got = await self._fetch_ranges(meta, staged.buf, fd, first, on_landed=staged.landed)
             except ranged_download.RangesUnsupported as exc:  # (its parser already has the block: no fallback now)
                 log.warning("registry at %s does not serve byte ranges (%s): one stream from now on", self.address, exc)
                 self._ranges = False
                 raise RegistryUnavailableError(f"{what}: the registry does not serve byte ranges; retry "
                                                f"(one stream from now on)") from exc
-            if got != meta.digest:
-                raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes hash to "
-                                          f"{got}, registry announced {meta.digest}")
-            os.close(fd)
-            fd = None
-            os.replace(tmp, path)  # complete and verified: the disk copy (written as it arrived)
-            self.stats.bytes_loaded += meta.size
+            fd = self._commit_staged(meta, got, fd, tmp, path)
             staged.download_s = time.perf_counter() - t0
             staged.finish(None)
         except BaseException as exc:
@@ -504,14 +494,3 @@ class AdapterFetcher:
             log.warning("writing the disk copy of %s failed (served from memory; fetched again next time): %s",
                         digest, task.exception())
 
-
-def _write_file(data: Chunks, path: str, cache_dir: str) -> None:
-    """data -> path, atomically (a temp file renamed: a crash never leaves a partial artifact)."""
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(data.pieces)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

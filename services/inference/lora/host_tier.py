@@ -8,8 +8,6 @@ the books. Not thread-safe: LoRAManager calls it under its lock.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable

@@ -1,0 +1,30 @@
+"""Downloaded artifact bytes -> the local disk cache: the digest check and the atomic file write (adapter_source.py)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from loraserve.adapters.bundle import Chunks
+
+from .errors import DigestMismatchError
+
+
+def check_digest(meta, got: str, size: int | None = None) -> None:
+    """Raises DigestMismatchError unless the downloaded bytes hash to meta.digest (and, when size is given,
+    are meta.size bytes)."""
+    if got != meta.digest or (size is not None and size != meta.size):
+        sizes = ("", "") if size is None else (f" ({size})", f" ({meta.size} bytes)")
+        raise DigestMismatchError(f"adapter {meta.name!r} v{meta.version}: downloaded bytes{sizes[0]} hash to "
+                                  f"{got}, registry announced {meta.digest}{sizes[1]}")
+
+
+def write_file(data: Chunks, path: str, cache_dir: str) -> None:
+    """data -> path, atomically (a temp file renamed: a crash never leaves a partial artifact)."""
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(data.pieces)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -30,6 +30,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.tp_children import run_child  # noqa: E402
 
 
 def make_engine(path: str, device: str, tp: int, tiny: bool, lora: bool, max_batch: int = 256):
@@ -219,7 +220,6 @@ def main() -> int:
     from loraserve.inference.tp.worker import dump_stacks_when_stuck
 
     dump_stacks_when_stuck(f"child{a.child}" if a.child else "main")   # LORASERVE_DEBUG_STACKS_S (workers inherit it)
-    from loraserve import LoRARequest
 
     if a.child_trained:
         res = {}
@@ -302,68 +302,6 @@ def main() -> int:
                       flush=True)
         write(a.json, res)
     return 0
-
-
-SAFE_ENV = {"LORASERVE_TP_FUSED_NORM": "0", "LORASERVE_TP_SAMPLER_GRAPHS": "0", "LORASERVE_TP_LOCAL_ARGMAX": "0"}
-
-
-def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
-              nccl_only: bool = False, lora_child: bool = False) -> dict:
-    """One engine's figures from a child process (`--child`); {"_error": ...} if it failed. With --fallback-safe
-    a failed TP=2 child runs once more with the opt-in paths off (SAFE_ENV), the reason kept under tp2_fallback."""
-    r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
-    if "_error" in r and tp == 2 and a.fallback_safe and any(os.environ.get(k, "0") != "0" for k in SAFE_ENV):
-        print(f"tp2{' lora' if lora_child else ''} child failed ({r['_error']}); again with the opt-ins off", flush=True)
-        os.environ.update(SAFE_ENV)   # every later child too
-        r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
-        r[f"tp2{'_lora' if lora_child else ''}_fallback"] = "the opt-ins (fused norm, sampler graphs) off after a failure"
-    return r
-
-
-def _run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
-               nccl_only: bool = False, lora_child: bool = False) -> dict:
-    import subprocess
-
-    fd, out = tempfile.mkstemp(suffix=".json", prefix=f"tp{tp}-")
-    os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--ckpt", path, "--child-json", out,
-           "--layers", str(layers), "--prompt-len", str(prompt_len), "--steps", str(steps),
-           "--n-top1", str(n_top1), "--n-adapters", str(n_adapters), "--max-batch", str(a.max_batch)]
-    cmd += ["--child-trained"] if tp == 0 else []
-    cmd += ["--lora-child"] if lora_child else []
-    cmd += ["--main-json", a.json] if a.json and tp and not nccl_only else []   # figures published as they come
-    cmd += [f for f, on in (("--tiny", a.tiny), ("--tp-eager", a.tp_eager), ("--decode-only", a.decode_only or nccl_only),
-                            ("--replay", a.replay)) if on]
-    env = dict(os.environ)
-    if nccl_only:   # no symmetric memory at all: the fused all-reduce + norm off too
-        env.update(LORASERVE_TP_CUSTOM_AR="0", LORASERVE_TP_FUSED_NORM="0")
-    if a.profile_dir and not nccl_only:   # profiled decode runs after the timed ones (child_main)
-        env["LORASERVE_PROFILE_DIR"] = env["LORASERVE_TP_PROFILE"] = a.profile_dir
-    # a session of its own: a child past --child-timeout is killed with its TP workers (a worker blocked in the
-    # rendezvous holds the GIL and would not see its parent go)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=a.child_timeout)
-    except subprocess.TimeoutExpired:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = f"killed after {a.child_timeout:.0f} s"
-    except BaseException:   # the parent stopped (Ctrl-C, timeout's SIGTERM): the engines go with it
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    try:
-        with open(out) as f:
-            r = json.load(f)
-    except (OSError, ValueError):
-        r = {}
-    os.unlink(out)
-    if rc != 0:
-        r["_error"] = f"exit code {rc}"
-    return r
 
 
 def child_main(a) -> int:

@@ -72,44 +72,86 @@ def combine(stats: torch.Tensor) -> SamplerOutput:
     return SamplerOutput(tokens, logprobs.float(), None, None, ok)
 
 
-def tp_greedy_sample(model, hidden: torch.Tensor, group) -> SamplerOutput:
-    """Every rank, the same call: hidden [T, H] (identical on every rank) -> the greedy SamplerOutput of the
-    full vocabulary, on every rank. One all-gather of [T, size, 8] float32 (symmetric memory where it
-    takes it: a sum of zero-padded parts, exact)."""
+def fused_greedy_wanted() -> bool:
+    """LORASERVE_TP_FUSED_GREEDY=0: the torch shard_stats / combine (the reference) instead of the Triton kernels."""
+    import os
+
+    return os.environ.get("LORASERVE_TP_FUSED_GREEDY", "1").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+# the Triton shard pass and combine (kernels/tp_greedy.py) where they apply; off on every rank when their
+# start-up check fails (self_check)
+FUSED = fused_greedy_wanted()
+
+
+def _fused_ok(local: torch.Tensor) -> bool:
+    if not FUSED or not local.is_cuda:
+        return False
+    from loraserve.kernels.tp_greedy import tp_stats_ok
+
+    return tp_stats_ok(local)
+
+
+def _greedy(model, hidden: torch.Tensor, group, with_combine: bool = True
+            ) -> tuple[SamplerOutput | None, torch.Tensor | None]:
+    """Every rank, the same call: hidden [T, H] (identical on every rank) -> (the greedy SamplerOutput of the
+    full vocabulary, packed [3, T] float64 (token, logprob, ok)), or (None, None) without the combine (the
+    workers: only rank 0 samples). One all-gather of [T, size, 8] float32 (symmetric memory where it takes it:
+    a sum of zero-padded parts, exact)."""
     import torch.distributed as dist
 
-    stats = shard_stats(local_logits(model, hidden), group.vocab_start, group.vocab_size)   # [T, 5]
-    T = stats.shape[0]
+    local = local_logits(model, hidden)   # [T, V/size]
+    fused = _fused_ok(local)
+    if fused:   # 2 launches: this rank's [T, 8] stats in its column of a zeroed [T, size, 8]
+        from loraserve.kernels.tp_greedy import tp_combine, tp_shard_stats
+
+        full = tp_shard_stats(local, group.vocab_start, group.vocab_size, group.rank, group.size)
+    else:
+        stats = shard_stats(local, group.vocab_start, group.vocab_size)   # [T, 8]
+        full = stats.new_zeros(stats.shape[0], group.size, stats.shape[-1])
+        full[:, group.rank].copy_(stats)
     ar = group.custom_ar
-    full = stats.new_zeros(T, group.size, stats.shape[-1])
-    full[:, group.rank].copy_(stats)
     if ar is not None and ar.takes(full):
         ar(full)
     elif dist.is_initialized() and group.size > 1:
         dist.all_reduce(full)
-    return combine(full)
+    if not with_combine:
+        return None, None
+    if fused:   # 1 launch, the packed block for the device->host copy included
+        tokens, logprobs, ok, packed = tp_combine(full)
+        return SamplerOutput(tokens, logprobs, None, None, ok), packed
+    out = combine(full)
+    return out, torch.stack([out.tokens.double(), out.logprobs.double(), out.ok.double()])
+
+
+def tp_greedy_sample(model, hidden: torch.Tensor, group) -> SamplerOutput:
+    """Every rank, the same call: hidden [T, H] (identical on every rank) -> the greedy SamplerOutput of the
+    full vocabulary, on every rank."""
+    return _greedy(model, hidden, group)[0]
 
 
 @torch.inference_mode()
 def capture_sampler_graphs(graph_runner, model, group, device: torch.device, with_lora: bool = False) -> dict:
-    """Every rank at once, per decode bucket (largest first): a graph of tp_greedy_sample over the hidden
-    states of the bucket's decode graph (with_lora: the variant with the LoRA kernels) (its all-gather pairs
-    up across the ranks; one eager warm-up each, as CudaGraphRunner.capture_greedy_sampler).
-    {bs: (graph, SamplerOutput, packed [3, bs] float64)}, the format CudaGraphRunner.sample_greedy replays."""
+    """Every rank at once, per decode bucket (largest first): a graph of the sharded greedy sampling over the
+    hidden states of the bucket's decode graph (with_lora: the variant with the LoRA kernels) (its all-gather
+    pairs up across the ranks; one eager warm-up each, as CudaGraphRunner.capture_greedy_sampler). Rank 0's
+    graphs end with the combine; the workers' end with the all-gather (they sample nothing).
+    {bs: (graph, SamplerOutput, packed [3, bs] float64)}, the format CudaGraphRunner.sample_greedy replays
+    (None, None on the workers)."""
     current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(current)
     pool = torch.cuda.graph_pool_handle()
     graphs = {}
+    with_combine = group.rank == 0
     for bs in reversed(graph_runner.buckets):
         hidden = graph_runner.graphs[(bs, with_lora)][1]
         with torch.cuda.stream(stream):
-            tp_greedy_sample(model, hidden, group)
+            _greedy(model, hidden, group, with_combine)
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            out = tp_greedy_sample(model, hidden, group)
-            packed = torch.stack([out.tokens.double(), out.logprobs.double(), out.ok.double()])
+            out, packed = _greedy(model, hidden, group, with_combine)
         graphs[bs] = (graph, out, packed)
     current.wait_stream(stream)
     return graphs
@@ -119,26 +161,46 @@ def capture_sampler_graphs(graph_runner, model, group, device: torch.device, wit
 def self_check(model, group, device: torch.device) -> bool:
     """Collective, every rank before capturing: the sharded greedy sampler against sampler.sample on the
     gathered logits of a few random rows (the same on every rank); True on every rank iff it matched on every
-    rank (a failure turns the sharded path off everywhere: the logits gather is used)."""
-    from ..sampler import SamplingMetadata, sample
+    rank (a failure turns the sharded path off everywhere: the logits gather is used). The Triton kernels
+    (kernels/tp_greedy.py) are checked first; if they fail on any rank, every rank takes the torch ops and
+    checks those."""
+    global FUSED
     from .allreduce import _all_agree
 
-    ok = True
+    ok = _check_once(model, group, device)
+    if _all_agree(ok, device, None):
+        return True
+    if not FUSED:
+        return False
+    import logging
+
+    logging.getLogger(__name__).warning("Triton sharded greedy sampler failed its check; the torch ops instead")
+    FUSED = False
+    return _all_agree(_check_once(model, group, device), device, None)
+
+
+def _check_once(model, group, device: torch.device) -> bool:
+    from ..sampler import SamplingMetadata, sample
+
     try:
         g = torch.Generator(device=device).manual_seed(11)
-        hidden = torch.randn(5, model.lm_head.weight.shape[1], device=device, generator=g).to(model.lm_head.weight.dtype)
-        got = tp_greedy_sample(model, hidden, group)
-        meta = SamplingMetadata(greedy=None, temperature=None, top_k=None, top_k_max=0, top_p=None, masked=None,
-                                generators=[], max_top_logprobs=0, all_greedy=True)
-        ref = sample(model.compute_logits(hidden), meta)
-        ok = (bool(torch.equal(got.tokens, ref.tokens)) and bool(torch.equal(got.ok, ref.ok))
-              and bool(torch.allclose(got.logprobs, ref.logprobs, atol=1e-3, rtol=1e-3)))
-    except Exception:  # noqa: BLE001 - every rank learns it below
+        w = model.lm_head.weight
+        for rows in (5, 1):
+            hidden = torch.randn(rows, w.shape[1], device=device, generator=g).to(w.dtype)
+            got, packed = _greedy(model, hidden, group)
+            meta = SamplingMetadata(greedy=None, temperature=None, top_k=None, top_k_max=0, top_p=None,
+                                    masked=None, generators=[], max_top_logprobs=0, all_greedy=True)
+            ref = sample(model.compute_logits(hidden), meta)
+            if not (bool(torch.equal(got.tokens, ref.tokens)) and bool(torch.equal(got.ok, ref.ok))
+                    and bool(torch.allclose(got.logprobs, ref.logprobs, atol=1e-3, rtol=1e-3))
+                    and bool(torch.equal(packed[0].long(), ref.tokens))):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - every rank learns it (self_check)
         import logging
 
         logging.getLogger(__name__).exception("sharded greedy sampler self-check failed")
-        ok = False
-    return _all_agree(ok, device, None)
+        return False
 
 
 def replay_sampler(graphs: dict, buckets: list[int], n: int, views: dict) -> tuple[SamplerOutput, torch.Tensor]:

@@ -376,6 +376,9 @@ def main() -> None:
     ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
     ap.add_argument("--sweep-bgmv", action="store_true", help="BGMV shrink / expand prefetch knobs (layer case)")
     ap.add_argument("--sweep-budget", type=float, default=None, help="seconds for each --sweep-* (then stop)")
+    ap.add_argument("--overlap-layer", action="store_true",
+                    help="one layer's base GEMMs + LoRA through LoRABatch.linear: sequential vs the side-stream "
+                         "overlap modes (benchmarks/lora_layer_overlap.py), before anything else asked for")
     args = ap.parse_args()
     from benchmarks.lora_variants import compare, sweep_bgmv, sweep_onelaunch, sweep_stream   # --compare / sweeps
 
@@ -388,6 +391,15 @@ def main() -> None:
         import importlib
 
         importlib.import_module("loraserve.kernels.lora_apply").FUSED_ENABLED = True  # the module
+    if args.overlap_layer:
+        from benchmarks.lora_layer_overlap import overlap_layer
+
+        ov = overlap_layer(smoke=args.smoke)
+        if not (args.compare or args.only_sweeps or args.json is None):
+            with open(args.json, "w") as f:
+                json.dump(ov, f, indent=1)
+        if args.smoke or not args.compare:
+            return
     if args.smoke:
         if args.compare:
             compare(float("nan"), 3 if args.max_shapes is None else args.max_shapes, smoke=True, variants=variants,

@@ -1,0 +1,189 @@
+"""The pieces of a TP=2 decode step of the Llama-3-8B shape, each timed inside a CUDA graph on 2 GPUs (no model,
+no checkpoint: seconds on a fresh machine), against what TP=1 does for the same piece on one GPU:
+
+  sampler  LM head + greedy sampling at T = 1 and 64 rows: TP=1 (full [128256, 4096] head + kernels/greedy.py)
+           vs TP=2 per rank ([64128, 4096] shard + stats + [T, 2, 8] all-gather + combine), the torch stats
+           (tp/sampling.py's reference) vs the Triton kernels (kernels/tp_greedy.py); tokens checked equal first
+  norm     the row-parallel all-reduce + residual add + RMSNorm, [T, 4096] bf16: the fused Lamport kernel
+           (tp/fused_norm.py) vs symmetric-memory one-shot / two-shot + the norm vs NCCL + the norm
+  gemm     the layer's four projections at T = 1 and 64 with the TP=1 and the TP=2 shard shapes (the GEMV at
+           T <= its row limit, cuBLAS above, as models/llama.py): how well halved weights halve the time
+
+    python3 benchmarks/bench_tp_paths.py [--json out.json] [--only sampler,norm,gemm]   # 2 GPUs
+    python3 benchmarks/bench_tp_paths.py --smoke    # CPU: the script's imports and argument handling only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.graph_timing import graph_seconds  # noqa: E402
+
+VOCAB, HIDDEN, INTER, Q, KV = 128256, 4096, 14336, 4096, 1024
+
+
+def _us(fn, per_graph: int = 20, replays: int = 10) -> float:
+    return graph_seconds(fn, per_graph, replays, warmup=2) * 1e6
+
+
+def sampler_paths(rank: int, dev, group, out: dict) -> None:
+    import torch.distributed as dist
+
+    import loraserve.inference.tp.sampling as sampling
+    from loraserve.kernels.greedy import greedy_sample
+
+    g = torch.Generator(device=dev).manual_seed(3)   # the same full head and rows on both ranks
+    head = (torch.randn(VOCAB, HIDDEN, device=dev, generator=g) * 0.02).bfloat16()
+    shard = torch.nn.Linear(HIDDEN, group.vocab_per_rank, bias=False, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        shard.weight.copy_(head[rank * group.vocab_per_rank:(rank + 1) * group.vocab_per_rank])
+    model = SimpleNamespace(lm_head=shard)
+    for T in (1, 64):
+        hidden = torch.randn(T, HIDDEN, device=dev, generator=g).bfloat16()
+        if rank == 0:   # TP=1: the whole head and the fused greedy kernel on one GPU
+            from loraserve.inference.tp.sampling import local_logits
+
+            full_head = torch.nn.Linear(HIDDEN, VOCAB, bias=False, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                full_head.weight.copy_(head)
+            full = SimpleNamespace(lm_head=full_head)
+            ref_tokens = greedy_sample(local_logits(full, hidden))[0]
+            out[f"tp1_sampler_T{T}_us"] = _us(lambda: greedy_sample(local_logits(full, hidden)))
+            out[f"tp1_lm_head_T{T}_us"] = _us(lambda: local_logits(full, hidden))
+            del full_head, full
+        dist.barrier()
+        out[f"tp2_lm_head_T{T}_us"] = _us(lambda: sampling.local_logits(model, hidden))
+        for name, fused in (("torch", False), ("triton", True)):
+            sampling.FUSED = fused
+            got, packed = sampling._greedy(model, hidden, group)
+            if rank == 0:
+                out[f"tp2_sampler_{name}_T{T}_tokens_equal_tp1"] = bool(torch.equal(got.tokens, ref_tokens))
+            dist.barrier()
+            out[f"tp2_sampler_{name}_T{T}_us"] = _us(lambda: sampling._greedy(model, hidden, group, rank == 0))
+            dist.barrier()
+        sampling.FUSED = sampling.fused_greedy_wanted()
+    del head, shard
+
+
+def norm_paths(rank: int, dev, group, out: dict) -> None:
+    import torch.distributed as dist
+
+    from loraserve.kernels.rmsnorm import fused_add_rms_norm
+
+    ar, fn = group.custom_ar, group.fused_norm
+    out["fused_norm_on"] = fn is not None
+    w = torch.ones(HIDDEN, device=dev, dtype=torch.bfloat16)
+    for T in (1, 64):
+        x = torch.randn(T, HIDDEN, device=dev).bfloat16() * 0.01
+        r = torch.zeros_like(x)
+        ways = {"nccl_norm": lambda: fused_add_rms_norm((dist.all_reduce(x), x)[1], r, w, 1e-5)}
+        if ar is not None:
+            ways["1shot_norm"] = lambda: fused_add_rms_norm(ar(x, "one_shot"), r, w, 1e-5)
+            ways["2shot_norm"] = lambda: fused_add_rms_norm(ar(x, "two_shot"), r, w, 1e-5)
+            ways["1shot_only"] = lambda: ar(x, "one_shot")
+        if fn is not None:
+            ways["lamport_fused"] = lambda: fn(x, r, w, 1e-5)
+        ways["norm_only"] = lambda: fused_add_rms_norm(x, r, w, 1e-5)
+        for name, f in ways.items():
+            dist.barrier()
+            try:
+                out[f"norm_{name}_T{T}_us"] = _us(f, 50, 10)
+            except Exception as exc:  # noqa: BLE001 - one way's failure is a figure too
+                out[f"norm_{name}_T{T}_error"] = repr(exc)[:200]
+
+
+def gemm_paths(rank: int, dev, out: dict) -> None:
+    import torch.nn.functional as F
+
+    from loraserve.inference.models import llama
+    from loraserve.kernels.gemv import gemv
+
+    shapes = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+    split = {"qkv": (2, 1), "o": (1, 2), "gate_up": (2, 1), "down": (1, 2)}   # (N divisor, K divisor) under TP=2
+    for T in (1, 64):
+        for tp in (1, 2):
+            total = 0.0
+            for name, (n, k) in shapes.items():
+                dn, dk = split[name] if tp == 2 else (1, 1)
+                wt = torch.randn(n // dn, k // dk, device=dev).bfloat16()
+                x = torch.randn(T, k // dk, device=dev).bfloat16()
+                use_gemv = 0 < T <= llama.GEMV_MAX_M
+                us = _us((lambda: gemv(x, wt)) if use_gemv else (lambda: F.linear(x, wt)))
+                out[f"gemm_tp{tp}_{name}_T{T}_us"] = us
+                total += us
+            out[f"gemm_tp{tp}_layer_T{T}_us"] = total
+        out[f"gemm_layer_T{T}_tp1_over_tp2"] = out[f"gemm_tp1_layer_T{T}_us"] / out[f"gemm_tp2_layer_T{T}_us"]
+
+
+def worker(rank: int, world: int, port: int, shared: dict, only: list[str]) -> None:
+    import torch.distributed as dist
+
+    from loraserve.inference.tp.parallel import TPGroup
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60), device_id=dev)
+    os.environ.setdefault("LORASERVE_TP_FUSED_NORM", "1")
+    group = TPGroup(rank, world, VOCAB, -(-VOCAB // world), hidden_size=HIDDEN)
+    group.setup_all_reduce(dev)
+    out: dict = {"custom_ar": group.custom_ar is not None}
+    printed: set = set()
+    for name, fn in (("sampler", lambda: sampler_paths(rank, dev, group, out)),
+                     ("norm", lambda: norm_paths(rank, dev, group, out)), ("gemm", lambda: gemm_paths(rank, dev, out))):
+        if name in only:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                out[f"{name}_error"] = repr(exc)[:300]
+            torch.cuda.synchronize()
+            dist.barrier()
+            if rank == 0:
+                shared.update(out)
+                print(name + ": " + json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                                                for k, v in out.items() if k not in printed}), flush=True)
+                printed.update(out)
+    if rank == 1:   # rank 1's GEMM figures too (another GPU: the spread between the two)
+        shared.update({f"rank1_{k}": v for k, v in out.items() if k.startswith("gemm_") and "layer" in k})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default="sampler,norm,gemm")
+    ap.add_argument("--smoke", action="store_true", help="CPU: imports and arguments only")
+    a = ap.parse_args()
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if a.smoke or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        import loraserve.inference.tp.sampling  # noqa: F401
+        import loraserve.kernels.tp_greedy  # noqa: F401
+
+        print("bench_tp_paths: needs 2 GPUs (smoke: imports ok)")
+        return 0
+    import torch.multiprocessing as mp
+
+    from loraserve.inference.tp.executor import _free_port
+
+    with mp.get_context("spawn").Manager() as manager:
+        shared = manager.dict()
+        mp.start_processes(worker, args=(2, _free_port(), shared, a.only.split(",")), nprocs=2, join=True,
+                           start_method="spawn")
+        res = dict(shared)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -177,12 +177,20 @@ class LoRAMetaBuilder:
         self._counts = torch.zeros(max_slots + 1, **i64)
 
     def build(self, token_slot: Tensor, *, block_m: int | None = None,
-              num_segments_hint: int | None = None) -> LoRAMeta:
+              num_segments_hint: int | None = None, max_segments: int | None = None) -> LoRAMeta:
         """Fill the buffers for ``token_slot`` ([T] int, -1 = none, else < max_slots).
 
         block_m overrides the builder's choice for this step; num_segments_hint (the number
         of distinct adapters in the step, known to the scheduler) improves the automatic one.
-        Under CUDA graphs keep both a function of T alone, so that the grid matches capture.
+        max_segments: a bound on the distinct slots in token_slot that the caller guarantees
+        (e.g. the sequences of the step: a graph of Bp sequences has at most Bp), so the grid is
+        cdiv(T, BM) + min(max_slots, T, max_segments) tiles, not cdiv(T, BM) + min(max_slots, T):
+        with thousands of slots (rank-packing granules) a 2048-token step otherwise launches
+        2112 tiles for <= 136 used ones, and the launch configs (shrink split, expand column
+        groups) that assume every grid tile active starve the used ones of parallelism.
+        Tiles past the bound are never launched: a step with more distinct slots than
+        max_segments would drop tokens, so the bound must hold.
+        Under CUDA graphs keep all three a function of the captured shape, so that the grid matches.
         """
         if token_slot.dim() != 1:
             raise ValueError(f"token_slot must be 1-D [T], got shape {tuple(token_slot.shape)}")
@@ -238,5 +246,6 @@ class LoRAMetaBuilder:
             token_slot=ts, sorted_token_ids=self.sorted_token_ids, seg_starts=self.seg_starts,
             seg_slots=self.seg_slots, num_segments=self.num_segments, tile_slots=self.tile_slots,
             tile_starts=self.tile_starts, tile_ends=self.tile_ends, num_tiles=self.num_tiles,
-            num_tokens=T, block_m=BM, max_slots=L, grid_tiles=grid_tiles_for(T, BM, L),
+            num_tokens=T, block_m=BM, max_slots=L,
+            grid_tiles=grid_tiles_for(T, BM, L if max_segments is None else max(1, min(L, max_segments))),
         )

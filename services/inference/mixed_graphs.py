@@ -85,6 +85,15 @@ def lora_meta_in_graph() -> bool:
     return os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1").lower() not in ("0", "false", "off", "no", "")
 
 
+def lora_segment_bound() -> bool:
+    """The LoRA grids of a graph of Bp sequences count at most Bp - 1 adapter segments (default; a step
+    has B <= Bp - 1 real sequences); LORASERVE_LORA_SEG_BOUND=0: min(slots, T) as before, i.e. with
+    thousands of slots (rank packing granules, bench_churn's 1000-adapter tier) a 320-token step launched
+    ~340 tiles for ~50 used ones and the configs sized for all of them (expand: 2 column groups of 48
+    blocks each) left the GPU mostly idle."""
+    return os.environ.get("LORASERVE_LORA_SEG_BOUND", "1").lower() not in ("0", "false", "off", "no", "")
+
+
 def pad_lens(num_tokens: int, num_seqs: int, bp: int, t: int) -> np.ndarray:
     """[Bp - B] query (= context) lengths of the padding sequences: 1 each, the last the rest (>= 1)."""
     lens = np.ones(bp - num_seqs, dtype=np.int32)
@@ -141,6 +150,7 @@ class MixedGraphRunner:
             self.token_slot = torch.full((T,), -1, dtype=torch.long, device=device)    # [T] slot per token
             self._token_ids = torch.arange(T, dtype=torch.int32, device=device)         # [T] 0..T-1
             self.meta_in_graph = lora_meta_in_graph()
+            self.segment_bound = lora_segment_bound()
         self.capture_after = capture_after()
         self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
         self.num_covered = 0                              # steps replayed in a larger graph than their own
@@ -159,7 +169,8 @@ class MixedGraphRunner:
         refills its static buffers for T = t (same T as at capture: same grids). Returns the LoRAMeta views."""
         seq_of_token = torch.searchsorted(self.query_start_loc[1:bp + 1], self._token_ids[:t], right=True)  # [t] < bp
         torch.index_select(self.seq_slot, 0, seq_of_token, out=self.token_slot[:t])
-        return self.lora_builder.build(self.token_slot[:t])
+        # at most bp - 1 distinct slots: the real sequences (the padding ones are -1)
+        return self.lora_builder.build(self.token_slot[:t], max_segments=bp - 1 if self.segment_bound else None)
 
     def _lora_context(self, bp: int, t: int):
         """The LoRA state a graph of (bp, t) captures: the static metadata views (T = t fixes the grids)."""

@@ -367,7 +367,12 @@ class LoRAManager(SlotAdmission):
         if self._meta_builder is None or self._meta_builder.max_tokens < len(slots):
             self._meta_builder = self.meta_builder_cls(max(len(slots), 256), self.num_slots, self.device)
         token_slot = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
-        meta = self._meta_builder.build(token_slot)
+        # Above 256 tokens the grid's tile count changes no kernel's compiled variant (lora_apply's 3-launch
+        # path: the split and block sizes come from T and the rank), so bound it by the step's distinct slots
+        # (a 8192-token prefill step over 32 prompts: 288 tiles, not 256 + min(slots, T), 8256 with 8000
+        # packing granules); below, min(slots, T) as the decode graphs capture it.
+        bound = len({seq.lora.slot for seq in seqs if seq.lora is not None}) if len(slots) > 256 else None
+        meta = self._meta_builder.build(token_slot, max_segments=bound)
         if self.device.type == "cuda":
             self.slots.wait_for_copies()
         return LoRABatch(self.slots, meta)

@@ -36,10 +36,11 @@ GRAPHS = os.environ.get("LORASERVE_TP_CUDA_GRAPHS", "1").strip() not in ("", "0"
 
 
 def _sampler_graphs() -> bool:
-    """Decode steps of greedy rows without adapters: the LM head, the logits gather and (rank 0) the greedy
-    sampler replayed as one graph per rank instead of ~20 eager launches. LORASERVE_TP_SAMPLER_GRAPHS=1: on;
-    =follow: as TP=1 (LORASERVE_SAMPLER_GRAPHS, model_runner.py); unset: off until the GPUs measured it."""
-    tp_only = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", "0")
+    """Decode steps of greedy rows: the LM head, the logits gather (or the sharded greedy stats) and (rank 0) the
+    greedy sampler replayed as one graph per rank instead of ~20 eager launches. On by default (self-checked at
+    start; ran on 2 H200s in the 2026-11-30 17:58 final); LORASERVE_TP_SAMPLER_GRAPHS=0: eager; =follow: as
+    TP=1 (LORASERVE_SAMPLER_GRAPHS, model_runner.py)."""
+    tp_only = os.environ.get("LORASERVE_TP_SAMPLER_GRAPHS", "1")
     if tp_only.strip().lower() != "follow":
         return tp_only.strip().lower() not in ("", "0", "false", "off", "no")
     from .. import model_runner
@@ -49,8 +50,9 @@ def _sampler_graphs() -> bool:
 
 
 # with the sampler graphs: each rank reduces its vocabulary shard, one [T, size, 8] all-gather instead of the
-# [T, V] logits (tp/sampling.py; off by default until measured)
-LOCAL_ARGMAX = os.environ.get("LORASERVE_TP_LOCAL_ARGMAX", "0").strip().lower() not in ("", "0", "false", "off", "no")
+# [T, V] logits (tp/sampling.py, Triton kernels in kernels/tp_greedy.py; self-checked at start against the
+# sampler on the gathered logits; LORASERVE_TP_LOCAL_ARGMAX=0: the logits gather)
+LOCAL_ARGMAX = os.environ.get("LORASERVE_TP_LOCAL_ARGMAX", "1").strip().lower() not in ("", "0", "false", "off", "no")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

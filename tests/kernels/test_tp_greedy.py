@@ -34,3 +34,34 @@ def test_tp_greedy_interp(interp, T, V, world, dtype) -> None:
 @pytest.mark.parametrize("T,world", [(1, 2), (9, 2), (64, 2), (8, 4)])
 def test_tp_greedy_gpu(T, world) -> None:
     cases.check_ranks(T, 128256, world, "bfloat16", "cuda", None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test compiles the kernels for real")
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_greedy_compiles_for_sm90(world) -> None:
+    """The stats merge and the combine through the whole NVIDIA pipeline offline (no GPU here): the interpreter
+    accepts code the compiler rejects (mixed int / float selects, int64 program ids)."""
+    if not triton_available():
+        pytest.skip("triton not installed")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from loraserve.kernels.tp_greedy import _tp_combine_kernel, _tp_stats_kernel
+
+    w_pad = max(2, triton.next_power_of_2(world))
+    kernels = [
+        (_tp_stats_kernel, {"wsf_ptr": "*fp32", "wsi_ptr": "*i32", "out_ptr": "*fp32", "num_chunks": "i32",
+                            "vocab_start": "i32"}, dict(RANK=1, WORLD=world, W_PAD=w_pad, C_PAD=16)),
+        (_tp_combine_kernel, {"stats_ptr": "*fp32", "tok_ptr": "*i64", "lp_ptr": "*fp32", "ok_ptr": "*i8",
+                              "packed_ptr": "*fp64", "packed_stride": "i32"}, dict(WORLD=world, W_PAD=w_pad)),
+    ]
+    for fn, sig, const in kernels:
+        sig = dict(sig, **{n: "constexpr" for n in const})
+        names = list(sig)
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+        except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
+            pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+        assert kernel.asm["ptx"]

@@ -92,6 +92,24 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
     return list(dict.fromkeys([gemv_config(m, n, k, num_sms)] + out + pdl))
 
 
+def w8a8_candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
+    """--w8a8: the table's W8A8 tile (dot8) in each way of quantizing / accumulating (LORASERVE_FP8_W8A8: dot8
+    per token with fp32 promotion every K tile, dot8f without, dot8b per (token, K block) in-kernel, tw / twf
+    cuBLASLt's tensor-wise GEMM), then dot8b and dot8 at other tiles and splits."""
+    from loraserve.kernels.fp8_gemv import auto_split, gemv_config
+
+    base = gemv_config(m, n, k, num_sms)
+    base = ("dot8",) + tuple(base[1:]) if base[0].startswith("dot8") or base[0].startswith("tw") else base
+    out = [base] + [(kind,) + tuple(base[1:]) for kind in ("dot8f", "dot8b", "tw", "twf")]
+    bm = max(16, 1 << (m - 1).bit_length())
+    for kind in ("dot8b", "dot8"):
+        for bn, warps, stages in ((64, 4, 3), (128, 4, 3)):
+            split = auto_split(kind, bm, bn, 128, m, n, k, num_sms)
+            for s_ in dict.fromkeys((split, max(1, split // 2))):
+                out.append((kind, bm, bn, 128, s_, warps, stages))
+    return list(dict.fromkeys(out))
+
+
 def _compile_one(cfg: tuple, env: dict | None = None) -> str:
     """Worker: compile one config on a small problem with the same specialisations (Triton's disk cache);
     env: LORASERVE_ switches of the variant (e.g. LORASERVE_FP8_GEMV_PDL=1: launched as a programmatic dependent)."""
@@ -188,7 +206,7 @@ def read_bandwidth() -> float:
 def sweep(a) -> dict:
     from benchmarks.bench_engine import copy_bandwidth
     from loraserve.inference.models.fp8 import quantize_per_channel, scaled_mm_rowwise
-    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+    from loraserve.kernels.fp8_gemm import per_token_quant_fp8, per_token_quant_fp8_ref
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
     t0 = time.perf_counter()
@@ -197,7 +215,8 @@ def sweep(a) -> dict:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else NUM_SMS_H200
     shapes = {name: {**SHAPES, **EXTRA_SHAPES}[name] for name in a.shapes.split(",")} if cuda else {"tiny": (48, 256)}
     ms = [int(v) for v in a.ms.split(",")]
-    all_cfgs = [c for n, k in shapes.values() for m in ms for c in candidates(m, n, k, num_sms)]
+    cands = w8a8_candidates if getattr(a, "w8a8", False) else candidates
+    all_cfgs = [c for n, k in shapes.values() for m in ms for c in cands(m, n, k, num_sms) if c[0][:2] != "tw"]
     if a.jobs > 0:
         precompile(all_cfgs, a.jobs, timeout=a.budget_s / 3)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke: timings meaningless)", "num_sms": num_sms,
@@ -205,7 +224,7 @@ def sweep(a) -> dict:
            "rows": [], "best": {}}
     print(f"{res['device']}: copy {res['copy_GBps']:.0f} GB/s (read + write), read {res['read_GBps']:.0f} GB/s "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
-    print(f"{'shape':8} {'M':>3} {'path':44} {'us':>8} {'wGB/s':>7} {'%copy':>6} {'rel_err':>8}", flush=True)
+    print(f"{'shape':8} {'M':>3} {'path':44} {'us':>8} {'wGB/s':>7} {'%copy':>6} {'rel_err':>8} {'vs_w8a8':>8}", flush=True)
     configs_out: dict[str, list] = {}
     out_of_time = False
     for name, (n, k) in shapes.items():
@@ -217,7 +236,9 @@ def sweep(a) -> dict:
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dt, generator=g)
             ref = x.float() @ deq.t()
-            paths = [(f"new{c}", c) for c in candidates(m, n, k, num_sms)]
+            x_q8, x_s8 = per_token_quant_fp8_ref(x)
+            ref8 = (x_q8.float() * x_s8) @ deq.t()   # the exact W8A8 (per-token) result: dot8 / tw must sit on it
+            paths = [(f"new{c}", c) for c in cands(m, n, k, num_sms)]
             paths += [("bf16_F.linear", "bf16"), ("quant+_scaled_mm", "scaled_mm"),
                       ("quant+tensorwise_scaled_mm+rescale", "tw_scaled_mm")]
             best = None
@@ -237,6 +258,7 @@ def sweep(a) -> dict:
                 try:
                     y = fn(0).float()
                     err = float((y - ref).norm() / ref.norm())
+                    err8 = float((y - ref8).abs().max() / ref8.abs().max())
                     us = graph_us(fn, copies)
                 except Exception as e:   # noqa: BLE001  (one bad tile must not end the sweep)
                     print(f"{name:8} {m:3d} {label:44} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -244,15 +266,16 @@ def sweep(a) -> dict:
                 wbytes = n * k * (2 if cfg == "bf16" else 1)
                 gbps = wbytes / us / 1e3
                 row = {"shape": name, "m": m, "path": label, "us": round(us, 2), "weight_GBps": round(gbps, 1),
-                       "frac_copy": round(gbps / res["copy_GBps"], 3), "rel_err": err}
+                       "frac_copy": round(gbps / res["copy_GBps"], 3), "rel_err": err, "max_err_vs_w8a8": err8}
                 res["rows"].append(row)
                 # vs x @ dequant(W_q)^T: the weight-only kernels within bf16 rounding; bf16 (the unquantized
                 # W) and _scaled_mm (x rounded to e4m3 too) within e4m3's quantization error
-                ok = err < (8e-2 if cfg in ("bf16", "scaled_mm", "tw_scaled_mm") or cfg[0] == "dot8" else 1e-2)
+                ok = err < (8e-2 if cfg in ("bf16", "scaled_mm", "tw_scaled_mm") or cfg[0][:4] in ("dot8", "tw", "twf")
+                            else 1e-2)
                 print(f"{name:8} {m:3d} {label:44} {us:8.2f} {gbps:7.0f} {100 * gbps / res['copy_GBps']:6.1f} "
-                      f"{err:8.1e}{'' if ok else '  WRONG'}", flush=True)
+                      f"{err:8.1e} {err8:8.1e}{'' if ok else '  WRONG'}", flush=True)
                 # the table's choice: weight-only up to M = 32 (decode numerics), any kind in the W8A8 bucket 64
-                eligible = isinstance(cfg, tuple) and ok and (cfg[0] != "dot8" or m > 32)
+                eligible = isinstance(cfg, tuple) and ok and ((cfg[0][:4] != "dot8" and cfg[0][:2] != "tw") or m > 32)
                 if eligible and (best is None or us < best[1]):
                     best = (cfg, us)
             if best is not None:
@@ -461,6 +484,7 @@ def main() -> int:
     ap.add_argument("--max-m-out", default=None, help="file for the recommended LORASERVE_FP8_GEMV_MAX_M")
     ap.add_argument("--chain-ms", default="", help="also time whole-layer chains at these M (e.g. 1,64), PDL off/on")
     ap.add_argument("--no-sweep", action="store_true", help="only the layer chains")
+    ap.add_argument("--w8a8", action="store_true", help="only the W8A8 candidates (w8a8_candidates) and the baselines")
     ap.add_argument("--precompile-engine", action="store_true",
                     help="only compile the engine's GEMV configs (8B and default-model shapes) into Triton's cache")
     a = ap.parse_args()

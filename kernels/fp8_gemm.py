@@ -139,6 +139,36 @@ if HAS_TRITON:
             tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _rescale_rows_cols_kernel(a_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, N, stride_am, stride_ym,
+                                  HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        # y[row, n] = a[row, n] * xs[row] * ws[n] (+ b[n]): the scales of a unit-scale FP8 GEMM applied after it
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        y = tl.load(a_ptr + row * stride_am + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(xs_ptr + row)
+        y = y * tl.load(ws_ptr + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def scaled_mm_tensorwise(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                         out: Tensor, acc_dtype: torch.dtype = torch.float32, fast_accum: bool = False) -> Tensor:
+    """out [M, N] = (x_q @ w_q^T) * x_scale * w_scale (+ bias) through cuBLASLt's tensor-wise FP8 GEMM with unit
+    scales (torch._scaled_mm; its row-wise form is a slower CUTLASS kernel at decode M), the per-token and
+    per-channel scales applied by one Triton launch after it. x_q [M, K] e4m3, x_scale [M, 1] fp32, w_q [N, K]
+    e4m3, w_scale [N] fp32; acc_dtype: the GEMM's output (fp32: one rounding in all; bf16: half the bytes, two)."""
+    one = torch.ones((), device=x_q.device, dtype=torch.float32)
+    acc = torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=acc_dtype, use_fast_accum=fast_accum)
+    M, N = acc.shape
+    block = min(1024, triton.next_power_of_2(N))
+    _rescale_rows_cols_kernel[(M, triton.cdiv(N, block))](acc, x_scale, w_scale, bias if bias is not None else w_scale,
+                                                         out, N, acc.stride(0), out.stride(0),
+                                                         HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8

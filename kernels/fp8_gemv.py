@@ -56,6 +56,17 @@ from .fp8_gemv_configs import (CONFIGS, KINDS, M_BUCKETS, X16_SCALE, GemvConfig,
 
 gemv_ref = fp8_w8a16_gemm_ref   # the same math: fp32 accumulate, scale per output channel, one rounding
 
+
+def w8a8_block_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, block_k: int = 128) -> Tensor:
+    """dot8b's math: x [M, K] rounded to e4m3 with one scale per (row, block_k-wide block of k) (s = amax / 448,
+    x_q = e4m3(clamp(x * (1 / s), +-448)), a zero-padded tail block), then gemv_ref on x_q * s (fp32 accumulate)."""
+    M, K = x.shape
+    xb = torch.nn.functional.pad(x.float(), (0, (-K) % block_k)).view(M, -1, block_k)
+    scale = (xb.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)                # [M, K / block_k, 1]
+    x_q = (xb * (1.0 / scale)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    y = gemv_ref((x_q.float() * scale).reshape(M, -1)[:, :K], w_q, w_scale, bias)
+    return y.to(x.dtype)
+
 if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M", "SPLITS"])
@@ -346,7 +357,8 @@ if HAS_TRITON:
                                x16_scale, xs_ptr, cnt_ptr, SPLITS, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                                USE_WS: tl.constexpr, F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
-                               FIXUP: tl.constexpr, EARLY: tl.constexpr = False):
+                               FIXUP: tl.constexpr, EARLY: tl.constexpr = False, XQ: tl.constexpr = False,
+                               PRECISE: tl.constexpr = True):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -374,8 +386,25 @@ if HAS_TRITON:
                 k_ok = (k0 + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            if FP8X:
-                # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA
+            if FP8X and XQ:
+                # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k), the amax of this
+                # block's x values (DeepSeek-V3's 1 x 128 activation tiles; no per-token quantization launch, and
+                # finer scales than per token). xt [BK, BM] in bf16/fp16 -> e4m3; the FP8 MMA's fp32 partial of this
+                # block times the block's scales is added to acc in full fp32 (the promotion PRECISE asks for)
+                xf = xt.to(tl.float32)
+                amax = tl.max(tl.abs(xf), axis=0)                                                 # [BM]
+                bscale = tl.maximum(tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32)), 1e-12)
+                inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), bscale)                      # IEEE, as torch
+                xq = tl.minimum(tl.maximum(xf * inv[None, :], -448.0), 448.0).to(w.dtype)
+                acc += tl.dot(w, xq) * bscale[None, :]
+            elif FP8X and PRECISE:
+                # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA.
+                # Hopper's FP8 MMA accumulates in reduced precision (~14 bits kept; Triton's sm_90 default lets it
+                # run over all of K): at K = 4096 that truncation reached 3.5e-3 of |y| (fp16 outputs 0.9 off at
+                # |y| ~ 240). max_num_imprecise_acc = BLOCK_K adds each K tile's partial into acc in full fp32, as
+                # _scaled_mm (use_fast_accum=False) and DeepSeek-V3's 128-element promotion do
+                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
+            elif FP8X:   # dot8f: the FP8 MMA accumulating over all of K (the fast, imprecise form; measurements only)
                 acc = tl.dot(w, xt, acc)
             elif F16:
                 # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
@@ -395,7 +424,7 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
         if F16:
             acc = acc / x16_scale
-        if FP8X:
+        if FP8X and not XQ:
             acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
         ok = n_ok[:, None] & m_ok[None, :]
         if USE_WS:
@@ -508,7 +537,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         f"bad config {config}"
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk           # whole K tiles per split
     split = triton.cdiv(K, k_per_split)                                  # no empty split
-    ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 and kind[:2] != "tw" else out
     b_arg = bias if bias is not None else w_scale
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     args = (x, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x.stride(0), out.stride(0))
@@ -535,13 +564,21 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         flags.pop("BLOCK_M")
         _fp8_gemv_groups_kernel[(M, triton.cdiv(N, groups * bn), split)](
             *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1, **launch)
-    elif kind == "dot8":   # W8A8: x quantized per token (one launch), then FP8 x FP8 tensor cores
+    elif kind in ("dot8", "dot8f"):   # W8A8: x quantized per token (one launch), then FP8 x FP8 tensor cores
         from .fp8_gemm import per_token_quant_fp8
 
         x_q, x_scale = per_token_quant_fp8(x, pdl=wait)
         args = (x_q, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x_q.stride(0), out.stride(0))
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, cnt, split, **flags, F16=False, FP8X=True,
-                                     FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
+                                     FIXUP=fixup, PRECISE=kind == "dot8", num_warps=warps, num_stages=stages, **launch)
+    elif kind in ("tw", "twf"):   # W8A8 per token through cuBLASLt (tensor-wise, unit scales), scales applied after
+        from .fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise
+
+        x_q, x_scale = per_token_quant_fp8(x)
+        return scaled_mm_tensorwise(x_q, x_scale, w_q, w_scale, bias, out, fast_accum=kind == "twf")
+    elif kind == "dot8b":   # W8A8, x quantized per (token, K block) inside the GEMM: one launch fewer
+        _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=False, FP8X=True,
+                                     FIXUP=fixup, XQ=True, num_warps=warps, num_stages=stages, **launch)
     else:
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=kind == "dot16", FP8X=False,
                                      FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)

@@ -14,7 +14,11 @@ from ._triton import triton
 # "dot16" (fp16 operands) or "dot8" (W8A8: x quantized per token to e4m3 first, as _scaled_mm does).
 # For gemv, num_stages is the number of weight tiles held in registers (2: the next one prefetched).
 GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bool: pdl
-KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8")
+# "dot8f" is dot8 with the FP8 MMA accumulating over all of K in its reduced precision (measurements only); "dot8b"
+# quantizes x inside the GEMM, one scale per (token, BLOCK_K block): no quantization launch (LORASERVE_FP8_W8A8).
+# "tw" / "twf": per-token quantization, cuBLASLt's tensor-wise FP8 GEMM (unit scales; twf: fast accumulation), then the
+# scales by one launch (kernels/fp8_gemm.py scaled_mm_tensorwise): not Triton tiles, only the kind is read.
+KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8", "dot8f", "dot8b", "tw", "twf")
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
 # Measured best per (M bucket, N, K): H200, final run 2026-11-30 12:13 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
@@ -114,7 +118,25 @@ def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False)
         _load_env_configs()
     cfg = CONFIGS.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
     # any tile serves any M: the grid has cdiv(M, BLOCK_M) row tiles
-    if weight_only and cfg[0] == "dot8":
+    if weight_only and cfg[0].startswith("dot8"):
         bm, bk = max(16, triton.next_power_of_2(min(M, 64))), min(64, max(16, triton.next_power_of_2(K)))
         cfg = ("dot", bm, 64, bk, auto_split("dot", bm, 64, bk, M, N, K, num_sms), 4, 3)
+    elif cfg[0] == "dot8":
+        kind = _W8A8_KINDS[w8a8_mode()]
+        cfg = (kind,) + tuple(cfg[1:]) if kind != "dot8" else cfg
     return cfg
+
+
+_W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf"}
+
+
+def w8a8_mode() -> str:
+    """LORASERVE_FP8_W8A8: how the W8A8 decode tiles (dot8, M 33..64) quantize x. 'token' (default): one scale per
+    token by a launch before the GEMM, the FP8 MMA's partials promoted to fp32 every K tile (_scaled_mm's numerics);
+    'block': inside the GEMM, one scale per (token, 128-wide K block) (dot8b: no quantization launch); 'fast': per
+    token, the MMA accumulating over all of K in its reduced precision (dot8f: measurements only); 'tensorwise' /
+    'tensorwise_fast': per token, cuBLASLt's FP8 GEMM with unit scales (use_fast_accum off / on), scales after it."""
+    mode = os.environ.get("LORASERVE_FP8_W8A8", "token").strip().lower() or "token"
+    if mode not in _W8A8_KINDS:
+        raise ValueError(f"LORASERVE_FP8_W8A8 must be one of {sorted(_W8A8_KINDS)}, got {mode!r}")
+    return mode

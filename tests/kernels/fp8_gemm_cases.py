@@ -82,25 +82,48 @@ def check_gemv(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "cp
     outlier activations, which the fp16-operand kernel must not overflow; small: its precision floor)."""
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
+    from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
+
     dt, g = DTYPES[dtype], _gen(m * 1000 + n + k + 7)
     w_q, w_scale = make_weight(n, k, n + 3 * k, device)
+    kind, block_k = (config or gemv_config(m, n, k, _num_sms(torch.device(device))))[0:4:3]
     wide = (torch.randn(m, k + 8, generator=g) * x_mag).to(device, dt)
+    if kind == "dot8b" and device == "cpu":
+        # the interpreter's fp32 -> e4m3 cast drops the carry into the next binade (check_per_token_quant): x here
+        # is exact under the kernel's scales (each block: e4m3 values times 2^j, one of them +-448 * 2^j), so the
+        # CPU checks the per-(token, block) scaling; the GPU tests check the rounding on plain random x
+        wide = _e4m3_blocks(m, k + 8, block_k, 5, g).to(device, dt)
     x = wide[:, 5:5 + k]   # a strided row view (odd start: x rows not 16-byte aligned)
     b = torch.randn(n, generator=g).to(device, dt) if bias else None
     y = fp8_gemv(x, w_q, w_scale, b, config=config)
     assert y.shape == (m, n) and y.dtype == dt
-    from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
-
-    kind = (config or gemv_config(m, n, k, _num_sms(x.device)))[0]
-    if kind == "dot8":   # W8A8: against x rounded per token as the quantization kernel (tested apart) rounds it
+    if kind in ("dot8", "dot8f", "tw", "twf"):   # W8A8: against x rounded per token as the quantization kernel (tested apart) does
         x_q, x_s = per_token_quant_fp8(x.contiguous())
         x = x_q.float() * x_s   # [m, k] fp32: the reference then accumulates and rounds nothing before the end
-    ref = fp8_w8a16_gemm_ref(x, w_q, w_scale, b)
+    if kind == "dot8b":   # W8A8 quantized in-kernel: one scale per (token, BLOCK_K block)
+        from loraserve.kernels.fp8_gemv import w8a8_block_ref
+
+        ref = w8a8_block_ref(x.float(), w_q, w_scale, b, block_k)
+    else:
+        ref = fp8_w8a16_gemm_ref(x, w_q, w_scale, b)
     err = (y.float() - ref.float()).abs()
     # dot16 rounds x to fp16 (exact from bf16/fp16, the GPU's inputs; an fp32 x, interpreter only, keeps 11 bits)
     tol = TOL[torch.float16] if kind == "dot16" and dt == torch.float32 else TOL[dt]
     bound = (tol["atol"] * x_mag * w_scale[None, :] * 448 * k ** 0.5 + tol["rtol"] * ref.float().abs())
     assert bool((err <= bound).all()), f"max err {float(err.max())} (m={m}, n={n}, k={k}, config={config})"
+
+
+def _e4m3_blocks(m: int, width: int, block_k: int, start: int, g: torch.Generator) -> torch.Tensor:
+    """[m, width] fp32 whose columns start + j * block_k ... (a block of the kernel's K) hold e4m3 values times 2^e
+    (e in -8..0, per row and block) with one element of each block at +-448 * 2^e: every block's scale is 2^e."""
+    x = torch.randn(m, width, generator=g).clamp(-447, 447).to(FP8).float()
+    for b0 in range(start, width, block_k):
+        b1 = min(b0 + block_k, width)
+        e = torch.randint(-8, 1, (m, 1), generator=g).float()
+        x[:, b0:b1] *= torch.exp2(e)
+        x[:, b0] = 448.0 * torch.exp2(e[:, 0]) * torch.sign(torch.randn(m, generator=g))
+    x[:, :start] = 0.0
+    return x
 
 
 def check_gemv_fixup(dtype: str, m: int, n: int, k: int, config) -> None:

@@ -42,6 +42,8 @@ def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
     (17, 37, 272, False, ("dot16", 16, 16, 32, 3, 4, 2)),  # ... two row tiles, split-K with a tail
     (17, 40, 96, True, ("dot8", 32, 16, 32, 1, 4, 2)),     # W8A8: x quantized per token, FP8 x FP8 dot
     (5, 37, 272, False, ("dot8", 16, 16, 32, 3, 4, 2)),    # ... split-K with a tail (x's scale before the partials)
+    (17, 40, 96, True, ("dot8b", 32, 16, 32, 1, 4, 2)),    # W8A8, x quantized in-kernel per (token, 32-wide K block)
+    (5, 37, 272, False, ("dot8b", 16, 16, 32, 3, 4, 2)),   # ... split-K with a tail block (zero-padded amax)
 ])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
 def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
@@ -209,7 +211,9 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
                                     ("dot", 16, 64, 128, 4, 4, 3), ("dot", 64, 128, 64, 2, 4, 3),
                                     ("dot16", 16, 64, 128, 4, 4, 3), ("dot16", 64, 128, 64, 2, 4, 3),
                                     ("gemv4", 1, 4, 512, 2, 4, 1, True), ("dot", 16, 64, 128, 8, 4, 3, True),
-                                    ("dot8", 64, 128, 128, 4, 4, 3), ("dot8", 16, 64, 128, 1, 4, 3)])
+                                    ("dot8", 64, 128, 128, 4, 4, 3), ("dot8", 16, 64, 128, 1, 4, 3),
+                                    ("dot8b", 64, 128, 128, 4, 4, 3), ("dot8b", 64, 64, 128, 1, 4, 3),
+                                    ("tw", 64, 64, 128, 1, 4, 3)])
 def test_gemv_gpu_forced_configs(config) -> None:
     _forced_configs(config)
 
@@ -327,7 +331,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
             variants.add((kind, bm, bn, bk, split > 1, warps, stages))
     # and a few of the other kinds the sweep's table (LORASERVE_FP8_GEMV_CONFIGS) may pick
     variants |= {("gemv4", 1, 4, 512, False, 4, 1), ("gemv4", 1, 4, 512, True, 4, 2), ("gemv2", 1, 4, 512, False, 4, 1),
-                 ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3), ("dot8", 64, 128, 128, True, 4, 3)}
+                 ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3), ("dot8", 64, 128, 128, True, 4, 3),
+                 ("dot8f", 64, 64, 128, True, 4, 3), ("dot8b", 64, 128, 128, True, 4, 3), ("dot8b", 64, 64, 128, False, 4, 3)}
     # LORASERVE_FP8_GEMV_PDL=early (EARLY): launched as a dependent that loads its first weight tile before the wait
     early = {(v, True) for v in variants if v[0].startswith("gemv") and v[6] == 1} | {(("dot8", 64, 128, 128, True, 4, 3), True)}
     for (kind, bm, bn, bk, use_ws, warps, stages), is_early in sorted({(v, False) for v in variants} | early):
@@ -344,11 +349,13 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
                 constexprs["GROUPS"] = int(kind[-1])
         else:
             constexprs["F16"] = kind == "dot16"
-            constexprs["FP8X"] = kind == "dot8"
+            constexprs["FP8X"] = kind.startswith("dot8")
+            constexprs["XQ"] = kind == "dot8b"           # x quantized in-kernel per (token, K block)
+            constexprs["PRECISE"] = kind != "dot8f"      # the FP8 MMA's partials promoted to fp32 every K tile
             constexprs["FIXUP"] = use_ws   # the split-K partials summed by each tile's last program
         base = sig if kind.startswith("gemv") else {**sig, "x16_scale": "fp32", "xs_ptr": "*fp32", "cnt_ptr": "*i32",
                                                     "SPLITS": "i32",
-                                                    **({"x_ptr": "*fp8e4nv"} if kind == "dot8" else {})}
+                                                    **({"x_ptr": "*fp8e4nv"} if kind in ("dot8", "dot8f") else {})}
         src = ASTSource(fn=fn, signature={**base, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
                         attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -363,7 +370,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         # the weight stream: 16-byte vector loads into registers (gemv kinds), or cp.async into shared
         # memory, pipelined over num_stages (dot kinds; 8-byte copies for the e4m3 tile in the SASS)
         ptx = kernel.asm["ptx"]
-        assert kind != "dot8" or re.search(r"wgmma\.mma_async[\w.]*\.e4m3\.e4m3", ptx)   # FP8 MMA, no conversion
+        assert not kind.startswith("dot8") or re.search(r"wgmma\.mma_async[\w.]*\.e4m3\.e4m3", ptx)   # FP8 MMA
+        assert kind != "dot8b" or "cvt.rn.satfinite.e4m3x2.f32" in ptx   # x rounded to e4m3 in-kernel
         assert re.search(r"ld\.global[\w:.]*\.v4" if kind.startswith("gemv") else r"cp\.async\.c[ag]\.shared\.global",
                          ptx), kind
         assert not constexprs["PDL"] or "griddepcontrol.launch_dependents" in ptx

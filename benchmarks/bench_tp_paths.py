@@ -60,6 +60,10 @@ def sampler_paths(rank: int, dev, group, out: dict) -> None:
             del full_head, full
         dist.barrier()
         out[f"tp2_lm_head_T{T}_us"] = _us(lambda: sampling.local_logits(model, hidden))
+        if T == 1:   # the weight-streaming GEMV on the shard (LORASERVE_GEMV_LM_HEAD; cuBLAS by default)
+            from loraserve.kernels.gemv import gemv
+
+            out["tp2_lm_head_gemv_T1_us"] = _us(lambda: gemv(hidden, shard.weight))
         for name, fused in (("torch", False), ("triton", True)):
             sampling.FUSED = fused
             got, packed = sampling._greedy(model, hidden, group)

@@ -73,7 +73,6 @@ def sampler_paths(rank: int, dev, group, out: dict) -> None:
             out[f"tp2_sampler_{name}_T{T}_us"] = _us(lambda: sampling._greedy(model, hidden, group, rank == 0))
             dist.barrier()
         sampling.FUSED = sampling.fused_greedy_wanted()
-    del head, shard
 
 
 def norm_paths(rank: int, dev, group, out: dict) -> None:

@@ -13,7 +13,9 @@ For each fused projection p of the model (qkv_proj, o_proj, gate_up_proj, down_p
                                           projections with a bias (Qwen2 qkv): DoRA leaves the
                                           bias unscaled; 0 where g = 1
     ranks: [L] int32                      real rank of the adapter in each slot
-Projections that no enabled module uses get no buffers at all.
+Projections that no enabled module uses get no buffers at all. With only some modules of a fused
+projection enabled (q_proj + v_proj), S_p counts the enabled ones: a disabled module's columns belong
+to the slice before it (the first slice if none) with zero B rows (lora_slices, MERGE_SLICES).
 
 Rank packing (LORASERVE_RANK_PACKING=1; granule G = LORASERVE_RANK_GRANULE, 8): a "slot" is a
 granule of G rank rows, and an adapter of rank r takes span(r) = next_pow2(ceil(r / G)) granules
@@ -51,6 +53,33 @@ RANK_PACKING = os.environ.get("LORASERVE_RANK_PACKING", "0") == "1"
 RANK_GRANULE = int(os.environ.get("LORASERVE_RANK_GRANULE", "8"))
 # slot loads: one host->GPU copy per adapter block (_bulk_copy); 0: two copies per (layer, module)
 BULK_COPY = os.environ.get("LORASERVE_SLOT_BULK_COPY", "1") != "0"
+
+
+# A fused projection whose enabled modules are a subset (bench_churn's q_proj + v_proj in qkv_proj) keeps one
+# A slice per ENABLED module only: a disabled module's columns join the slice before it (or the first one),
+# where its B rows stay zero. The shrink then computes 2 slices of qkv, not 3 (the k slice was all-zero A
+# rows read from HBM: a third of the shrink's bytes and programs); the expand still covers every column.
+# LORASERVE_LORA_MERGE_SLICES=0: one slice per module as before.
+MERGE_SLICES = os.environ.get("LORASERVE_LORA_MERGE_SLICES", "1") != "0"
+
+
+def lora_slices(modules: tuple[str, ...], outs: list[int], enabled: set[str],
+                merge: bool | None = None) -> tuple[list[int], dict[str, tuple[int, int]]]:
+    """(slice column offsets [S + 1], {module: (slice, its first column)}) of one fused projection whose
+    modules have `outs` output columns each: a slice per module, or with merging (MERGE_SLICES) a slice per
+    enabled module covering the disabled ones after it (the first also those before it)."""
+    merge = MERGE_SLICES if merge is None else merge
+    cols = [0]
+    for o in outs:
+        cols.append(cols[-1] + o)
+    keep = [i for i, m in enumerate(modules) if m in enabled] if merge else list(range(len(modules)))
+    keep = keep or list(range(len(modules)))
+    offsets = [0] + [cols[i] for i in keep[1:]] + [cols[-1]]
+    where = {}
+    for i, m in enumerate(modules):
+        s = max([k for k, j in enumerate(keep) if j <= i], default=0)
+        where[m] = (s, cols[i])
+    return offsets, where
 
 
 def slot_granule(max_rank: int, packed: bool | None = None) -> int:
@@ -91,12 +120,10 @@ class DeviceSlots:
             if not enabled & set(modules):
                 continue
             in_f = shapes[modules[0]][0]
-            outs = [shapes[m][1] for m in modules]
-            offsets = [0]
-            for o in outs:
-                offsets.append(offsets[-1] + o)
+            offsets, where = lora_slices(modules, [shapes[m][1] for m in modules], enabled)
+            S = len(offsets) - 1   # A slices (one per enabled module when merged)
             if self.packed:
-                S, N, G = len(modules), offsets[-1], self.granule
+                N, G = offsets[-1], self.granule
                 rows = L * G + max(max_rank, 16)   # the last slot's R-row view (and 16-wide B reads) stay inside
                 pool_a = torch.zeros(n_layers, S, rows, in_f, dtype=dtype, device=device)
                 pool_b = torch.zeros(n_layers, rows, N, dtype=dtype, device=device)   # rank rows, each over N
@@ -105,14 +132,14 @@ class DeviceSlots:
                                                  (S * rows * in_f, G * in_f, rows * in_f, in_f, 1))
                 self.b[proj] = pool_b.as_strided((n_layers, L, N, max_rank), (rows * N, G * N, 1, N))  # [layers, L, N, R]
             else:
-                self.a[proj] = torch.zeros(n_layers, L, len(modules), max_rank, in_f, dtype=dtype, device=device)
+                self.a[proj] = torch.zeros(n_layers, L, S, max_rank, in_f, dtype=dtype, device=device)
                 self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
             self.scale[proj] = torch.ones(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
             if _has_bias(args, proj):
                 self.shift[proj] = torch.zeros(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
             self.slice_offsets[proj] = torch.tensor(offsets, dtype=torch.int32, device=device)
-            for i, m in enumerate(modules):
-                self.slice_index[m] = (proj, i, offsets[i])
+            for m in modules:
+                self.slice_index[m] = (proj, *where[m])
         self.ranks = torch.zeros(L, dtype=torch.int32, device=device)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: torch.cuda.Event | None = None
@@ -126,8 +153,9 @@ class DeviceSlots:
         shapes = args.lora_module_shapes()
         elems = scale_bytes = 0
         for proj, modules in PROJ_SLICES.items():
-            if enabled & set(modules):  # a fused buffer holds every slice once any is enabled
-                elems += sum((shapes[m][0] + shapes[m][1]) * rows for m in modules)
+            if enabled & set(modules):  # a fused buffer holds B of every module once any is enabled, A per slice
+                offsets, _ = lora_slices(modules, [shapes[m][1] for m in modules], enabled)
+                elems += ((len(offsets) - 1) * shapes[modules[0]][0] + offsets[-1]) * rows
                 scale_bytes += sum(shapes[m][1] for m in modules) * 4 * (1 + _has_bias(args, proj))  # g (+ shift)
         return args.num_hidden_layers * (elems * torch.finfo(dtype).bits // 8 + scale_bytes)
 

@@ -47,6 +47,7 @@ def test_tp_greedy_compiles_for_sm90(world) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from loraserve.kernels.tp_embed import _vocab_parallel_embed_kernel
     from loraserve.kernels.tp_greedy import _tp_combine_kernel, _tp_stats_kernel
 
     w_pad = max(2, triton.next_power_of_2(world))
@@ -55,6 +56,9 @@ def test_tp_greedy_compiles_for_sm90(world) -> None:
                             "vocab_start": "i32"}, dict(RANK=1, WORLD=world, W_PAD=w_pad, C_PAD=16)),
         (_tp_combine_kernel, {"stats_ptr": "*fp32", "tok_ptr": "*i64", "lp_ptr": "*fp32", "ok_ptr": "*i8",
                               "packed_ptr": "*fp64", "packed_stride": "i32"}, dict(WORLD=world, W_PAD=w_pad)),
+        (_vocab_parallel_embed_kernel, {"ids_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*bf16", "vocab_start": "i32",
+                                        "rows": "i32", "H": "i32", "stride_w": "i32", "stride_o": "i32"},
+         dict(BLOCK=2048)),
     ]
     for fn, sig, const in kernels:
         sig = dict(sig, **{n: "constexpr" for n in const})
@@ -65,3 +69,16 @@ def test_tp_greedy_compiles_for_sm90(world) -> None:
         except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
             pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
         assert kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("N,rows,H", [(1, 40, 64), (9, 33, 96), (5, 17, 3000)])
+def test_vocab_parallel_embed_interp(interp, N, rows, H) -> None:
+    """kernels/tp_embed.py (TPGroup.embed's one launch on CUDA) against its torch ops."""
+    interp.submit(cases.check_embed, N, rows, H, rows, "float32", "cpu").result(timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("N", [1, 64])
+def test_vocab_parallel_embed_gpu(N) -> None:
+    cases.check_embed(N, 64128, 4096, 64128, "bfloat16", "cuda")

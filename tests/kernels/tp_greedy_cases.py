@@ -64,3 +64,26 @@ def check_ranks(T: int, V: int, world: int, dtype: str = "float32", device: str 
     wide = torch.full((3, T + 3), -7.0, dtype=torch.float64, device=device)
     tp_combine(total, wide)
     assert torch.equal(wide[:, :T].cpu(), packed.cpu()) and bool((wide[:, T:] == -7).all())
+
+
+def check_embed(N: int, rows: int, H: int, vocab_start: int, dtype: str = "float32", device: str = "cpu") -> None:
+    """kernels/tp_embed.py against the torch ops of TPGroup.embed: ids inside, below and above this rank's
+    vocabulary range (zero rows), summed over two emulated ranks = the full table's lookup."""
+    from loraserve.kernels.tp_embed import vocab_parallel_embed, vocab_parallel_embed_ref
+
+    g = torch.Generator().manual_seed(N + rows + H)
+    table = torch.randn(2 * rows, H, generator=g).to(getattr(torch, dtype)).to(device)
+    ids = torch.randint(0, 2 * rows, (N,), generator=g)
+    ids[0] = 0
+    ids[-1] = 2 * rows - 1
+    ids = ids.to(device)
+    full = torch.zeros(N, H, dtype=table.dtype, device=device)
+    for rank in range(2):
+        shard = table[rank * rows:(rank + 1) * rows]
+        got = vocab_parallel_embed(ids, shard, rank * rows)
+        want = vocab_parallel_embed_ref(ids, shard, rank * rows)
+        assert torch.equal(got, want), (got - want).abs().max()
+        full += got
+    assert torch.equal(full, table[ids])
+    # a shard that holds none of the ids: all zeros
+    assert not vocab_parallel_embed(ids, table[:rows], 10 * rows).any()

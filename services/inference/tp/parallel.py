@@ -8,10 +8,15 @@ imported or called. Collectives go through torch.distributed: gloo on CPU, NCCL 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+# the vocabulary-parallel lookup as one Triton launch on CUDA (kernels/tp_embed.py); =0: six torch ops
+FUSED_EMBED = os.environ.get("LORASERVE_TP_FUSED_EMBED", "1").strip().lower() not in ("", "0", "false", "off", "no")
 
 
 class TensorParallelError(ValueError):
@@ -65,7 +70,16 @@ class TPGroup:
 
     def embed(self, embedding: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: ids [N] -> [N, hidden]. Each rank looks up the ids in its vocabulary
-        range (others get zero rows) and the all-reduce assembles the full embeddings."""
+        range (others get zero rows) and the all-reduce assembles the full embeddings. On CUDA one Triton
+        launch (kernels/tp_embed.py; LORASERVE_TP_FUSED_EMBED=0: the torch ops below)."""
+        w = embedding.weight
+        if FUSED_EMBED and ids.is_cuda and w.dim() == 2 and w.stride(1) == 1 and ids.dim() == 1 and ids.stride(0) == 1:
+            from loraserve.kernels import triton_available
+
+            if triton_available():
+                from loraserve.kernels.tp_embed import vocab_parallel_embed
+
+                return self.all_reduce(vocab_parallel_embed(ids, w, self.vocab_start))
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.vocab_per_rank)
         x = embedding(local.masked_fill(outside, 0))

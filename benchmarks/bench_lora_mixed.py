@@ -50,14 +50,20 @@ def model_args(smoke: bool, layers: int):
                      num_hidden_layers=layers)
 
 
-def make_tier(args, num_slots: int, packed: bool, ranks: list[int], dtype, device):
-    """DeviceSlots + DeviceTier with len(ranks) random q+v adapters placed; returns (slots, [slot per adapter])."""
+def make_tier(args, num_slots: int, packed: bool, ranks: list[int], dtype, device, merge: bool = True):
+    """DeviceSlots + DeviceTier with len(ranks) random q+v adapters placed; returns (slots, [slot per adapter]).
+    merge False: one A slice per module of qkv (3, the k slice all zero) as before slots.MERGE_SLICES."""
     from benchmarks.bench_churn import random_adapter
+    from loraserve.inference.lora import slots as slots_mod
     from loraserve.inference.lora.device_tier import DeviceTier
     from loraserve.inference.lora.holds import AdapterHandle
-    from loraserve.inference.lora.slots import DeviceSlots
 
-    slots = DeviceSlots(args, set(QV), num_slots, 64, dtype, device, packed=packed)
+    keep = slots_mod.MERGE_SLICES
+    slots_mod.MERGE_SLICES = merge
+    try:
+        slots = slots_mod.DeviceSlots(args, set(QV), num_slots, 64, dtype, device, packed=packed)
+    finally:
+        slots_mod.MERGE_SLICES = keep
     tier = DeviceTier(slots)
     placed = []
     for i, r in enumerate(ranks):
@@ -74,12 +80,12 @@ def step_cases(num_adapters: int, smoke: bool) -> dict[str, list[tuple[int, int]
     """name -> [(tokens, adapter index)] per sequence, as bench_churn's resident phase steps them."""
     p = 24 if smoke else 256
     dec = [(1, k % num_adapters) for k in range(8 if smoke else 64)]
-    return {
-        "ttft_1x64": [(16 if smoke else 64, 0)],                       # one fresh prompt (bench_churn cold/resident TTFT)
-        "decode_64": dec,                                              # 64 decode rows over 32 adapters
+    return {   # bench_churn's steady state first: nearly every step is one prompt chunk + the running decodes
         "mixed_320": dec[:-1] + [(p, 5 % num_adapters)],               # 63 decode rows + one prompt
-        "mixed_576": dec[:-2] + [(p, 3 % num_adapters), (p, 7 % num_adapters)],
+        "decode_64": dec,                                              # 64 decode rows over 32 adapters
+        "ttft_1x64": [(16 if smoke else 64, 0)],                       # one fresh prompt (the resident TTFT)
         "prefill_2048": [(p, k % num_adapters) for k in range(2 if smoke else 8)],   # 8 prompts
+        "mixed_576": dec[:-2] + [(p, 3 % num_adapters), (p, 7 % num_adapters)],
     }
 
 
@@ -171,7 +177,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / TRITON_INTERPRET=1)")
     ap.add_argument("--layers", type=int, default=4, help="layers of slot weights cycled in one graph")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--layouts", default="33,1000,p8000", help="max-rank slot counts, p<N> = N packed granules")
+    ap.add_argument("--layouts", default="33,1000,p8000",
+                    help="max-rank slot counts, p<N> = N packed granules; suffix :3 = 3 qkv A slices (k's unmerged)")
     ap.add_argument("--cases", help="comma list of step cases (default all)")
     ap.add_argument("--variants", default="old,bound", help=f"comma list of {list(VARIANTS)}")
     ap.add_argument("--budget-s", type=float, default=60.0, help="stop starting new cases after this")
@@ -198,19 +205,22 @@ def main() -> int:
                                        device)[0] / args.layers
         del ws
     print("base qkv GEMM us/layer: " + ", ".join(f"{k} {v:.1f}" for k, v in base_us.items()), flush=True)
-    for layout in args.layouts.split(","):
+    tiers = {}
+    for layout in args.layouts.split(","):   # every layout's slots at once (~10 GB each at 4 layers of the 8B shape)
         packed = layout.startswith("p")
-        n_slots = int(layout.lstrip("p"))
+        n_slots = int(layout.lstrip("p").removesuffix(":3"))
         if args.smoke:
             n_slots = min(n_slots, 200)
         t = time.perf_counter()
-        slots, placed = make_tier(margs, n_slots, packed, ranks, dtype, device)
-        print(f"layout {layout}: {slots.num_slots} slots of {slots.granule} rows ({slots.nbytes / 2**30:.2f} GiB)"
-              f"  [{time.perf_counter() - t:.1f} s]", flush=True)
-        for name, seqs in cases.items():
-            if time.perf_counter() - t0 > args.budget_s:
-                print(f"  (budget {args.budget_s:.0f} s spent: {name} and later skipped)")
-                break
+        tiers[layout] = slots, _ = make_tier(margs, n_slots, packed, ranks, dtype, device,
+                                             merge=not layout.endswith(":3"))
+        print(f"layout {layout}: {slots.num_slots} slots of {slots.granule} rows, {slots.a['qkv_proj'].shape[2]} "
+              f"qkv A slices ({slots.nbytes / 2**30:.2f} GiB)  [{time.perf_counter() - t:.1f} s]", flush=True)
+    for name, seqs in cases.items():          # cases outer: the most important first in every layout
+        if time.perf_counter() - t0 > args.budget_s:
+            print(f"  (budget {args.budget_s:.0f} s spent: {name} and later skipped)")
+            break
+        for layout, (slots, placed) in tiers.items():
             token_slot = torch.tensor([placed[a] for n, a in seqs for _ in range(n)], dtype=torch.int32,
                                       device=device)
             bp = pick_bp(len(seqs))
@@ -228,15 +238,15 @@ def main() -> int:
             row["base_gemm_us"] = base_us.get(name)
             out["cases"][f"{layout}/{name}"] = row
             bg = base_us.get(name)
-            print(f"  {layout:>6} {name:>12} T={token_slot.numel():5d} Bp={bp:3d}" + (f" base {bg:5.1f}" if bg else "")
+            print(f"  {layout:>7} {name:>12} T={token_slot.numel():5d} Bp={bp:3d}" + (f" base {bg:5.1f}" if bg else "")
                   + "".join(f" | {v} {r['us_per_layer']:6.1f} us" + (f" ({r['us_per_layer'] / bg:.2f})" if bg else "")
                             + f" g{r['grid_tiles']}/{r['used_tiles']} m{r['meta_build_us']:.0f}"
                             + (f" d{r['rel_diff_vs_first']:.1e}" if r['rel_diff_vs_first'] else "")
                             for v, r in row.items() if isinstance(r, dict))
                   + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
-        del slots
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

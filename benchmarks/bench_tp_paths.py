@@ -4,6 +4,7 @@ no checkpoint: seconds on a fresh machine), against what TP=1 does for the same 
   sampler  LM head + greedy sampling at T = 1 and 64 rows: TP=1 (full [128256, 4096] head + kernels/greedy.py)
            vs TP=2 per rank ([64128, 4096] shard + stats + [T, 2, 8] all-gather + combine), the torch stats
            (tp/sampling.py's reference) vs the Triton kernels (kernels/tp_greedy.py); tokens checked equal first
+  embed    the vocabulary-parallel lookup + its all-reduce: one Triton launch vs the torch ops
   norm     the row-parallel all-reduce + residual add + RMSNorm, [T, 4096] bf16: the fused Lamport kernel
            (tp/fused_norm.py) vs symmetric-memory one-shot / two-shot + the norm vs NCCL + the norm
   gemm     the layer's four projections at T = 1 and 64 with the TP=1 and the TP=2 shard shapes (the GEMV at
@@ -75,6 +76,26 @@ def sampler_paths(rank: int, dev, group, out: dict) -> None:
         sampling.FUSED = sampling.fused_greedy_wanted()
 
 
+def embed_paths(rank: int, dev, group, out: dict) -> None:
+    """TPGroup.embed: the Triton lookup (kernels/tp_embed.py) vs the torch ops, each followed by the all-reduce;
+    equal to the full table's rows first."""
+    import torch.distributed as dist
+
+    import loraserve.inference.tp.parallel as parallel
+
+    g = torch.Generator(device=dev).manual_seed(5)
+    table = torch.randn(group.vocab_per_rank * group.size, HIDDEN, device=dev, generator=g).bfloat16()
+    emb = torch.nn.Embedding.from_pretrained(table[rank * group.vocab_per_rank:(rank + 1) * group.vocab_per_rank])
+    for T in (1, 64):
+        ids = torch.randint(0, VOCAB, (T,), device=dev, generator=g)
+        for name, fused in (("torch", False), ("triton", True)):
+            parallel.FUSED_EMBED = fused
+            out[f"embed_{name}_T{T}_equal"] = bool(torch.equal(group.embed(emb, ids), table[ids]))
+            dist.barrier()
+            out[f"embed_{name}_T{T}_us"] = _us(lambda: group.embed(emb, ids), 50, 10)
+    parallel.FUSED_EMBED = True
+
+
 def norm_paths(rank: int, dev, group, out: dict) -> None:
     import torch.distributed as dist
 
@@ -140,7 +161,8 @@ def worker(rank: int, world: int, port: int, shared: dict, only: list[str]) -> N
     out: dict = {"custom_ar": group.custom_ar is not None}
     printed: set = set()
     for name, fn in (("sampler", lambda: sampler_paths(rank, dev, group, out)),
-                     ("norm", lambda: norm_paths(rank, dev, group, out)), ("gemm", lambda: gemm_paths(rank, dev, out))):
+                     ("norm", lambda: norm_paths(rank, dev, group, out)),
+                     ("embed", lambda: embed_paths(rank, dev, group, out)), ("gemm", lambda: gemm_paths(rank, dev, out))):
         if name in only:
             try:
                 fn()
@@ -162,7 +184,7 @@ def worker(rank: int, world: int, port: int, shared: dict, only: list[str]) -> N
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="sampler,norm,gemm")
+    ap.add_argument("--only", default="sampler,norm,embed,gemm")
     ap.add_argument("--smoke", action="store_true", help="CPU: imports and arguments only")
     a = ap.parse_args()
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

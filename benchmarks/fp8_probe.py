@@ -267,6 +267,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU: a tiny random Llama, eager (the code path only)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--lm-head-only", action="store_true", help="only the LM head timings (lm_head_us)")
+    ap.add_argument("--ckpt", default=None, help="a checkpoint directory: built there (kept) unless it has config.json")
+    ap.add_argument("--build-only", action="store_true", help="only build --ckpt (e.g. while a sweep runs) and exit")
     a = ap.parse_args()
     t0 = time.perf_counter()
     if a.lm_head_only:
@@ -275,17 +277,20 @@ def main() -> int:
             with open(a.json, "w") as fh:
                 json.dump(res, fh, indent=1)
         return 0
-    path = tempfile.mkdtemp(prefix="fp8-probe-")
+    path = a.ckpt or tempfile.mkdtemp(prefix="fp8-probe-")
     if a.tiny:
         from tests.inference.conftest import make_random_model
 
         make_random_model(path, "llama")
         a.batch, a.prompt_len, a.steps, a.layers = 4, 16, 3, 2
-    else:
+    elif not os.path.exists(os.path.join(path, "config.json")):
         from benchmarks.bench_engine import build_checkpoint
 
+        os.makedirs(path, exist_ok=True)
         build_checkpoint(path, a.layers)
         print(f"checkpoint built ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if a.build_only:
+        return 0
     chosen = [v for name in a.variants.split(",") for v in VARIANTS if v[0] == name]
     res: dict = {"layers": a.layers, "batch": a.batch, "prompt_len": a.prompt_len,
                  "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
@@ -295,7 +300,8 @@ def main() -> int:
         kv = "FP8"
         engine_run(path, {"quant_algo": "FP8", "kv_cache_quant_algo": kv}, a, chosen, res, "fp8", t0)
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if not a.ckpt:
+            shutil.rmtree(path, ignore_errors=True)
     b, f = res.get("bf16", {}).get("default", {}), res.get("fp8", {})
     head = {"bf16": 284.0, "fp8_head": 156.0}   # us at M=1 (fp8_gemv_sweep.py --chain-ms, H200, 2026-11-30)
     if "bs1_us_per_layer" in b:   # the 32-layer step from the per-layer device times (+ the LM head)

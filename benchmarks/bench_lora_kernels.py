@@ -136,6 +136,7 @@ class Case:
             apply_mod = importlib.import_module("loraserve.kernels.lora_apply")  # the module, not the function
             apply_mod.FUSED_ENABLED = bool(v.get("fused", False))
             apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
+            apply_mod.DENSE_MODE = v.get("dense", "")
             from loraserve.kernels import lora_expand_stream, lora_onelaunch
 
             lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
@@ -165,6 +166,17 @@ class Case:
             a, b = self.ab(i)
             if kind == "path":  # what the engine runs
                 return lambda: lora_apply(self.x, self.y, a, b, self.offsets, self.meta, self.ranks, self.ws)
+            if kind == "shrink_only" and self.path == "dense":  # the dense shrink, every token x every slot
+                from loraserve.kernels.lora_apply import DENSE_MODE
+                from loraserve.kernels.lora_shrink_dense import lora_shrink_dense
+
+                return lambda: lora_shrink_dense(self.x, a, self.ws, backend=DENSE_MODE)
+            if kind == "expand_only" and self.path == "dense":
+                from loraserve.kernels.lora_shrink_dense import dense_partials
+
+                parts = dense_partials(self.ws, self.S, a.shape[2])
+                return lambda: lora_expand(parts, b, self.offsets, self.meta, self.ranks, self.y, config=cfg,
+                                           dense_slots=True)
             if kind == "shrink_only":  # lora_apply's first launch(es), into its workspace
                 return lambda: lora_shrink(self.x, a, self.meta, self.ranks, self.ws)
             if kind == "expand_only":  # lora_apply's expand from its workspace (streaming: cfg overrides)

@@ -22,6 +22,9 @@ defaults set them):
              a fixed BLOCK_K (BGMV_BLOCK_K)
   ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
              bgmv_ya2, bgmv_ya3: with the BGMV shrink too; bgmv_ya3_a4: and 4 B blocks ahead
+  dense      default + LORASERVE_LORA_DENSE=triton: the dense shrink (every token against every slot's A,
+             one split-K GEMM kernel, lora_shrink_dense.py) at 32-256 tokens when the pool has <= T slots;
+             dense_mm: the same shrink as one cuBLAS GEMM (torch.mm)
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -46,7 +49,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                b_ahead=lora_expand_stream.STREAM_B_AHEAD, bgmv=lora_meta.LORA_BGMV,
                y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv_split=lora_shrink_bgmv.BGMV_TARGET_SPLIT,
                bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS,
-               bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS)
+               bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS, dense=_apply_module.DENSE_MODE)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -77,6 +80,9 @@ VARIANTS = {
     "bgmv_s8": dict(stream=True, pdl=True, bgmv=True, bgmv_split=8),  # BGMV aiming at 8 K chunks
     "bgmv_k256": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=256),  # fixed BLOCK_K
     "bgmv_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=2048),
+    # the dense shrink (every token x every slot, lora_shrink_dense.py) at 32-256 tokens with <= T slots
+    "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
+    "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
 }
 
 
@@ -84,7 +90,7 @@ def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
     """us of lora_apply with one variant, its path, and its output (twice, from the same y)."""
     c.use_variant(variant)
     row = {"us": c.time(), "path": c.path}
-    if breakdown and c.path in ("partials", "reduced"):
+    if breakdown and c.path in ("partials", "reduced", "dense"):
         row["shrink"] = c.time("shrink_only")
         row["expand"] = c.time("expand_only")
     y0 = c.y_init  # the same input y for every variant (timings keep adding to c.y)

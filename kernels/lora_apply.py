@@ -42,6 +42,14 @@ FUSED_ENABLED = os.environ.get("LORASERVE_LORA_FUSED", "0").strip() not in ("", 
 # One launch per projection with ticketed roles (lora_onelaunch.py): no residency requirement.
 # Opt-in (LORASERVE_LORA_ONELAUNCH=1) until GPU figures say otherwise; read at each call.
 ONELAUNCH_ENABLED = os.environ.get("LORASERVE_LORA_ONELAUNCH", "0").strip() not in ("", "0")
+# Dense shrink (lora_shrink_dense.py): every token against every slot's A in one GEMM, the streaming
+# expand reading each token's own slot's columns. LORASERVE_LORA_DENSE = "triton" (our split-K kernel) |
+# "mm" (one cuBLAS GEMM) | "0" (off, the default until an H200 run has timed it). Taken only for
+# DENSE_MIN_TOKENS <= T <= DENSE_MAX_TOKENS and at most T slots in the pool (it reads every slot's A up
+# to the pool's max rank). Read at each call.
+DENSE_MODE = {"1": "triton", "triton": "triton", "mm": "mm"}.get(
+    os.environ.get("LORASERVE_LORA_DENSE", "0").strip().lower(), "")
+DENSE_MIN_TOKENS, DENSE_MAX_TOKENS = 32, 256
 
 
 def use_triton(x: Tensor) -> bool:
@@ -51,7 +59,7 @@ def use_triton(x: Tensor) -> bool:
 
 def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tuple[str, tuple[int, ...], dict | None]:
     """(path, float32 workspace shape, fused plan or None) for these shapes; path is one of
-    "reference", "onelaunch", "fused", "partials", "reduced"."""
+    "reference", "onelaunch", "fused", "dense", "partials", "reduced"."""
     T, (_, S, R, H), N = x.shape[0], lora_a.shape, lora_b.shape[1]  # lora_a: [L, S, R, H]
     if not use_triton(x):
         return "reference", (S, T, R), None
@@ -69,11 +77,29 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
         return "fused", (plan["SPLIT_K"], S, T, R), plan
     from .lora_meta import stream_enabled
 
+    if DENSE_MODE and dense_applies(x, lora_a, meta):
+        from .lora_shrink_dense import dense_split_k
+
+        L = lora_a.shape[0]
+        return "dense", (dense_split_k(x, lora_a, DENSE_MODE), T, L * S * R), None
     # The streaming expand reads the partials once per (tile, column group), not per column
     # block, so with it the partials pay up to rank 64 (the classic kernel: rank 16).
     if R <= (64 if stream_enabled() else 16) and T <= 256:
         return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
     return "reduced", (S, T, R), None
+
+
+def dense_applies(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> bool:
+    """The dense shrink may take these shapes (DENSE_MODE aside): a decode-size step with at least
+    as many tokens as slots, the streaming expand available, A viewable as one [L*S*R, H] matrix."""
+    from .lora_expand import _stream_ok
+    from .lora_meta import stream_enabled
+    from .lora_shrink_dense import dense_view
+
+    T, (L, S, R, _) = x.shape[0], lora_a.shape
+    return (DENSE_MIN_TOKENS <= T <= DENSE_MAX_TOKENS and L <= T and stream_enabled()
+            and _stream_ok(S, R, x.device) and not (x.is_cuda and x.dtype == torch.float32)
+            and dense_view(lora_a) is not None)
 
 
 def workspace_shape(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tuple[int, ...]:
@@ -107,6 +133,14 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
         from .lora_onelaunch import lora_onelaunch
 
         return lora_onelaunch(x, lora_a, lora_b, slice_offsets, meta, ranks, y, buf, scale=scale, shift=shift)
+    if path == "dense":
+        from .lora_expand import lora_expand
+        from .lora_shrink_dense import dense_partials, lora_shrink_dense
+
+        lora_shrink_dense(x, lora_a, buf, backend=DENSE_MODE)   # [SK, T, L*S*R] partials, every slot
+        S, R = lora_a.shape[1], lora_a.shape[2]
+        return lora_expand(dense_partials(buf, S, R), lora_b, slice_offsets, meta, ranks, y, scale=scale,
+                           shift=shift, dense_slots=True)
     if path == "fused":
         from .lora_fused import lora_shrink_expand
 

@@ -154,7 +154,7 @@ def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
 def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
                 ranks: Tensor, y: Tensor, *, config: dict | None = None,
                 scale: Tensor | None = None, shift: Tensor | None = None,
-                stream: bool | None = None) -> Tensor:
+                stream: bool | None = None, dense_slots: bool = False) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
 
     buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides), or its
@@ -173,6 +173,8 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                    on by default). True runs lora_expand_stream where it applies (<= 3 slices,
                    rank <= 128, fp16/bf16 on a GPU; config then overrides stream_expand_config), else this
                    module's classic kernel (config overrides expand_config).
+    dense_slots:   buf is lora_shrink_dense.dense_partials (every token against every slot, [SPLIT_K,
+                   S, T, R] at slot 0, slot stride S * R): the streaming kernel only.
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -207,7 +209,8 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
             return lora_expand_stream(partials, lora_b, slice_offsets, meta, ranks, y,
                                       config=rotating_loop_config(meta.block_m, R, S)
                                       if key in _PIPE_FAILED and not config else config,
-                                      scale=scale, shift=shift, num_sms=_num_sms(y.device))
+                                      scale=scale, shift=shift, num_sms=_num_sms(y.device),
+                                      dense_slots=dense_slots)
         except Exception as exc:  # noqa: BLE001 - compile/resources failure: classic kernel instead
             if not y.is_cuda or config:  # interpreter bugs and explicit configs must surface
                 raise
@@ -216,10 +219,12 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                 warnings.warn(f"streaming LoRA expand (default column loop) failed for S={S}, R={R} ({exc!r}); "
                               "using the hand-rotated loop")
                 return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift,
-                                   stream=stream)
+                                   stream=stream, dense_slots=dense_slots)
             _STREAM_FAILED.add(key)
             warnings.warn(f"streaming LoRA expand failed for S={S}, R={R} ({exc!r}); using the classic kernel")
             config = None
+    if dense_slots:
+        raise RuntimeError(f"dense-shrink partials need the streaming expand (S={S}, R={R}, {y.dtype} on {y.device})")
     cfg = dict(expand_config(T, N, meta.block_m), **(config or {}))
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (meta.grid_tiles, triton.cdiv(N, BN))

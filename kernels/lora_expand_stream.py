@@ -94,7 +94,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, EVEN_R: tl.constexpr,
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
-        SLOTS: tl.constexpr = 0,
+        SLOTS: tl.constexpr = 0, DENSE_SLOTS: tl.constexpr = False,
     ):
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
@@ -128,6 +128,8 @@ if HAS_TRITON:
         if not EVEN_R:
             b_r_ok = b_r_ok & (offs_r < R)
         slot64 = slot.to(tl.int64)
+        if DENSE_SLOTS:  # partials of the dense shrink (lora_shrink_dense): [SK, T, L * S * R], this slot's
+            buf_ptr += slot64 * (NUM_SLICES * stride_bs)  # S * R columns start at slot * S * R
 
         # Manual software pipeline (Triton's pipeliner leaves the column loop alone: no
         # cp.async in the sm_90 PTX): B B_AHEAD blocks ahead, y Y_AHEAD ahead, issued before a
@@ -393,9 +395,10 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
                        y: Tensor, *, config: dict | None = None, scale: Tensor | None = None,
-                       shift: Tensor | None = None, num_sms: int = 132) -> Tensor:
+                       shift: Tensor | None = None, num_sms: int = 132, dense_slots: bool = False) -> Tensor:
     """The launcher behind lora_expand (which checks the arguments): partials [SPLIT_K, S, T, R]
-    float32; other arguments as for lora_expand. config overrides stream_expand_config."""
+    float32; other arguments as for lora_expand. config overrides stream_expand_config. dense_slots:
+    partials is lora_shrink_dense.dense_partials (slot 0's view of every token against every slot)."""
     SK, S, T, R = partials.shape
     N = lora_b.shape[1]
     cfg = dict(stream_expand_config(T, N, R, S, meta.block_m, meta.grid_tiles, SK, num_sms), **(config or {}))
@@ -413,6 +416,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
+        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
     )
     return y

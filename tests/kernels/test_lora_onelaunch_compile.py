@@ -117,7 +117,8 @@ def test_pdl_pair_compiles_for_sm90():
            **{n: "i32" for n in STRIDES}}
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
-                 USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, **{n: 1 for n in UNIT_STRIDES})
+                 USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, DENSE_SLOTS=False,
+                 **{n: 1 for n in UNIT_STRIDES})
     expand = build(_lora_expand_stream_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=1)
     assert "griddepcontrol.wait" in expand.asm["ptx"]
     sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "ranks_ptr": "*i32", "sorted_ids_ptr": "*i32",

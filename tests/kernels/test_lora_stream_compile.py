@@ -38,7 +38,8 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
     const = dict(NUM_SLICES=num_slices, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
                  SPLIT_K=split_k, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False,
                  HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
-                 B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0))
+                 B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0),
+                 DENSE_SLOTS=False)
     const.update({n: 1 for n in UNIT_STRIDES})
     sig.update({n: "constexpr" for n in const})
     names = list(sig)

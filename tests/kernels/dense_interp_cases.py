@@ -1,0 +1,59 @@
+"""Checks of the dense shrink (kernels/lora_shrink_dense.py, LORASERVE_LORA_DENSE) and of lora_apply's
+"dense" path (dense shrink + the streaming expand reading each token's own slot), run in a worker with
+TRITON_INTERPRET=1 (test_lora_dense_interp.py) or on a GPU (test_lora_gpu.py). Raise AssertionError."""
+from __future__ import annotations
+
+import torch
+
+from loraserve.kernels import LoRAMetaBuilder, lora_apply
+
+from .lora_cases import TOLERANCES, make_problem, naive_lora_delta
+from .stream_interp_cases import DTYPES, _untouched
+
+
+def check_dense_shrink(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
+                       backend: str, device: str = "cpu") -> None:
+    """out summed over its K splits equals x @ A[l, s, r] for EVERY token, slot, slice and rank row
+    (float64 reference), with A a strided slice of a bigger pool (the flat view, no copy)."""
+    from loraserve.kernels.lora_shrink_dense import dense_split_k, dense_view, lora_shrink_dense
+
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths,
+                     num_slots=num_slots + 1, composition="distinct", dtype=DTYPES[dtype], seed=hidden + num_tokens,
+                     device=device)
+    lora_a = p.lora_a[1:]   # slots 1..L of the pool: a view with an offset
+    assert dense_view(lora_a) is not None and dense_view(lora_a).data_ptr() == lora_a.data_ptr()
+    L, S, R, H = lora_a.shape
+    sk = dense_split_k(p.x, lora_a, backend)
+    out = torch.full((sk, num_tokens, L * S * R), float("nan"), device=device)
+    lora_shrink_dense(p.x, lora_a, out, backend=backend)
+    ref = torch.einsum("th,lsrh->tlsr", p.x.double(), lora_a.double()).reshape(num_tokens, L * S * R)
+    got = out.double().sum(0)
+    assert not got.isnan().any(), "an entry of the dense partials was not written"
+    torch.testing.assert_close(got, ref, **TOLERANCES[p.x.dtype])
+
+
+def check_dense_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
+                      composition: str, backend: str, device: str = "cpu") -> None:
+    """lora_apply on its "dense" path vs the float64 per-token loop; rows without an adapter (or on a
+    rank-0 slot) untouched; a NaN-filled workspace leaks nothing (every read entry is written)."""
+    import importlib
+
+    apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths, num_slots=num_slots,
+                     composition=composition, dtype=DTYPES[dtype], seed=3 * num_tokens + hidden, device=device)
+    meta = LoRAMetaBuilder(num_tokens, num_slots, device).build(p.token_slot)
+    old = apply_mod.DENSE_MODE
+    try:
+        apply_mod.DENSE_MODE = backend
+        path, shape, _ = apply_mod.choose_path(p.x, p.lora_a, p.lora_b, meta)
+        assert path == "dense", f"expected the dense path, got {path}"
+        ws = torch.full(shape, float("nan"), device=device)
+        y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
+        y2 = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
+    finally:
+        apply_mod.DENSE_MODE = old
+    torch.testing.assert_close(y.double(), naive_lora_delta(p).to(y.dtype).double(), **TOLERANCES[p.x.dtype])
+    assert torch.equal(y, y2), "two runs from the same input differ"
+    untouched = _untouched(p)
+    assert torch.equal(y[untouched], p.y0[untouched]), "a row without an adapter was touched"
+    assert not y.isnan().any()

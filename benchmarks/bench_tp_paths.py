@@ -114,6 +114,11 @@ def norm_paths(rank: int, dev, group, out: dict) -> None:
             ways["1shot_only"] = lambda: ar(x, "one_shot")
         if fn is not None:
             ways["lamport_fused"] = lambda: fn(x, r, w, 1e-5)
+            from loraserve.kernels.allreduce_rmsnorm import MAX_SPIN, allreduce_add_rms_norm
+
+            for nw in (4, 16):   # the launcher's default: 8 warps at hidden 4096
+                ways[f"lamport_w{nw}"] = lambda nw=nw: allreduce_add_rms_norm(
+                    x, r, w, 1e-5, fn.buffer, fn.deltas, fn.counters, fn.rank, fn.world, fn.max_rows, MAX_SPIN, nw)
         ways["norm_only"] = lambda: fused_add_rms_norm(x, r, w, 1e-5)
         for name, f in ways.items():
             dist.barrier()

@@ -106,8 +106,8 @@ if HAS_TRITON:
 
 
 def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, buffer: Tensor, deltas: Tensor,
-                           counters: Tensor, rank: int, world: int, max_rows: int, max_spin: int = MAX_SPIN
-                           ) -> tuple[Tensor, Tensor]:
+                           counters: Tensor, rank: int, world: int, max_rows: int, max_spin: int = MAX_SPIN,
+                           num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] (this rank's partial) and residual [T, H], both updated in place (see the module doc);
     returns (x, residual). buffer: this rank's symmetric buffer, [2, world, max_rows, H] 16-bit elements;
     deltas: int64 [world], rank p's buffer address minus this one's, in elements (0 for this rank);
@@ -126,6 +126,7 @@ def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: flo
     block = triton.next_power_of_2(H)
     _allreduce_rms_norm_kernel[(T,)](x, residual, weight, buffer.view(x.dtype), deltas, counters, H, eps,
                                      x.stride(0), residual.stride(0), world * region, region, RANK=rank, WORLD=world,
-                                     BLOCK=block, MAX_SPIN=max_spin, num_warps=min(16, max(1, block // 512)),
+                                     BLOCK=block, MAX_SPIN=max_spin,
+                                     num_warps=num_warps or min(16, max(1, block // 512)),
                                      **pdl_kwargs(x.device))
     return x, residual

@@ -75,23 +75,44 @@ def profile_request(engine, prompts, lora: int, tag: str, rows: int) -> dict:
             "graph_launches": graph_replays}
 
 
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """kernel name -> (device us, calls), kernel events only: an eager aten op's self device time counts its
+    kernels a second time (the 17:56 probe's 'device 328.7 ms' in a 293 ms loop summed both)."""
+    from torch.autograd import DeviceType
+
+    return {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA}
+
+
 def profile_loop(engine, requests, conc: int, tag: str, rows: int) -> dict:
     """A short closed loop under torch.profiler: the kernels by device time (graph replays included)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    steps0 = engine.runner.mixed_graphs.num_replays if engine.runner.mixed_graphs is not None else 0
     with profile(activities=acts) as prof:
         r = run_closed_loop(engine, requests, conc, tag)
-    events = prof.key_averages()
-    dev = sorted(((getattr(e, "self_device_time_total", 0) or 0, e.count, e.key) for e in events), reverse=True)
-    total = sum(d for d, _, _ in dev)
-    lora = sum(d for d, _, k in dev if "lora" in k.lower())
-    print(f"  loop profile [{tag}]: wall {r['wall_s'] * 1e3:.0f} ms (profiled), device {total / 1e3:.1f} ms, "
-          f"of it LoRA kernels {lora / 1e3:.1f} ms; top by device time (us, calls):")
-    for d, c, k in dev[:rows]:
+    kern = kernel_times(prof)
+    total = sum(d for d, _ in kern.values())
+    lora = sum(d for k, (d, _) in kern.items() if "lora" in k.lower())
+    mixed = (engine.runner.mixed_graphs.num_replays - steps0) if engine.runner.mixed_graphs is not None else 0
+    print(f"  loop profile [{tag}]: wall {r['wall_s'] * 1e3:.0f} ms (profiled), kernels {total / 1e3:.1f} ms, of it "
+          f"LoRA kernels {lora / 1e3:.1f} ms; {mixed} mixed-graph replays; top kernels by device time (us, calls):")
+    for k, (d, c) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:rows]:
         print(f"    {d:10.0f} {c:6d}  {k[:90]}")
-    return {"wall_ms": r["wall_s"] * 1e3, "device_ms": total / 1e3, "lora_device_ms": lora / 1e3,
-            "top": [(k, d, c) for d, c, k in dev[:rows]]}
+    return {"wall_ms": r["wall_s"] * 1e3, "kernel_ms": total / 1e3, "lora_kernel_ms": lora / 1e3,
+            "mixed_replays": mixed, "kernels": {k: list(v) for k, v in kern.items()}}
+
+
+def print_kernel_diff(with_lora: dict, base: dict, rows: int) -> None:
+    """Where the adapters' extra device time goes: per kernel name, LoRA loop minus base loop."""
+    a, b = with_lora["kernels"], base["kernels"]
+    diff = {k: (a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0], a.get(k, (0, 0))[1] - b.get(k, (0, 0))[1]) for k in {*a, *b}}
+    total = with_lora["kernel_ms"] - base["kernel_ms"]
+    lora = sum(d for k, (d, _) in diff.items() if "lora" in k.lower())
+    print(f"  kernel time with adapters - without: {total:+.1f} ms (LoRA kernels {lora / 1e3:+.1f} ms, the rest "
+          f"{total - lora / 1e3:+.1f} ms); largest differences (us, calls):")
+    for k, (d, c) in sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))[:rows]:
+        print(f"    {d:+10.0f} {c:+6d}  {k[:90]}")
 
 
 def main() -> int:
@@ -116,6 +137,10 @@ def main() -> int:
                          "one-token adapter then has q_proj + v_proj only)")
     ap.add_argument("--buckets", help="decode CUDA-graph batch sizes, e.g. 16,64 (default: the engine's; fewer: "
                                       "fewer captures and LoRA kernel variants to compile on a cold Triton cache)")
+    ap.add_argument("--repeats", type=int, default=1, help="closed loops with / without adapters, alternating (median)")
+    ap.add_argument("--skip-eager-loop", action="store_true", help="no closed loop with mixed LoRA steps eager")
+    ap.add_argument("--ab-bound", action="store_true",
+                    help="also the LoRA loop with the mixed graphs' old LoRA grid (no segment bound), recaptured")
     ap.add_argument("--json")
     args = ap.parse_args()
     tiny = args.tiny
@@ -206,30 +231,56 @@ def main() -> int:
     for tag, a in (("warm-base", [None] * n_req), ("warm-lora", ids)):   # first-use captures/compiles of both paths
         run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, hash(tag) % 1000), conc, tag)
     print(f"warm-up  [{time.perf_counter() - t:.0f} s]", flush=True)
-    runs = {}
-    for k, (tag, a, on) in enumerate((("lora_graphs", ids, True), ("base", [None] * n_req, True),
-                                      ("lora_eager_mixed", ids, False))):
+    runs, reps = {}, {"lora_graphs": [], "base": []}
+    plan = [("lora_graphs", ids, True), ("base", [None] * n_req, True)] * max(1, args.repeats)
+    if not args.skip_eager_loop:
+        plan.append(("lora_eager_mixed", ids, False))
+    for k, (tag, a, on) in enumerate(plan):   # with and without adapters alternate; medians over the repeats
         lora_graphs(eng, on)
         t = time.perf_counter()
-        runs[tag] = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 2_000 + k), conc, tag)
-        print(f"  {tag}: {runs[tag]['tok_s']:.0f} tok/s, TTFT p50 {runs[tag]['ttft_p50_s'] * 1e3:.0f} ms  "
+        r = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 2_000 + k), conc, tag)
+        reps.setdefault(tag, []).append(r)
+        print(f"  {tag}: {r['tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms  "
               f"[{time.perf_counter() - t:.1f} s]", flush=True)
+    for tag, rs in reps.items():
+        runs[tag] = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]
+    if args.ab_bound and mixed is not None and mixed.lora_manager is not None:
+        # the same loop with the LoRA graphs' old grid (cdiv(T, BM) + min(slots, T) tiles): recaptured
+        lora_graphs(eng, True)
+        mixed.segment_bound = False
+        mixed.lora_graphs.clear()
+        run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 4_999), conc, "warm-old-grid")
+        t = time.perf_counter()
+        r = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 5_000), conc, "old-grid")
+        runs["lora_graphs_old_grid"] = r
+        out["resident32_vs_base_tok_s_old_grid"] = r["tok_s"] / runs["base"]["tok_s"]
+        print(f"  lora_graphs_old_grid: {r['tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms  "
+              f"[{time.perf_counter() - t:.1f} s] -> {out['resident32_vs_base_tok_s_old_grid']:.3f} of base", flush=True)
+        mixed.segment_bound = True
+        mixed.lora_graphs.clear()
+        run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 5_001), conc, "rewarm")
     lora_graphs(eng, True)
     out["closed_loop"] = runs
     if args.profile_loop:
         for k, (tag, a) in enumerate((("lora_graphs", ids[:conc]), ("base", [None] * conc))):
             out[f"loop_profile_{tag}"] = profile_loop(eng, make_requests(conc, vocab, in_len, out_len, a, 3_000 + k),
                                                       conc, tag, args.profile_rows)
+        print_kernel_diff(out["loop_profile_lora_graphs"], out["loop_profile_base"], args.profile_rows)
     out["resident32_vs_base_tok_s"] = runs["lora_graphs"]["tok_s"] / runs["base"]["tok_s"]
-    out["resident32_vs_base_tok_s_eager_mixed"] = runs["lora_eager_mixed"]["tok_s"] / runs["base"]["tok_s"]
+    if "lora_eager_mixed" in runs:
+        out["resident32_vs_base_tok_s_eager_mixed"] = runs["lora_eager_mixed"]["tok_s"] / runs["base"]["tok_s"]
     if mixed is not None:
         out["mixed_graphs"] = dict(graphs=len(mixed.graphs), lora_graphs=len(mixed.lora_graphs),
                                    replays=mixed.num_replays, lora_replays=mixed.num_lora_replays,
                                    lora_failed=mixed.lora_failed, lora_meta_in_graph=getattr(mixed, "meta_in_graph", None),
                                    covered=mixed.num_covered)
         print(f"  mixed graphs: {out['mixed_graphs']}")
-    print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs, "
-          f"{out['resident32_vs_base_tok_s_eager_mixed']:.3f} with LoRA mixed steps eager  (target >= 0.9)")
+    extra = "".join(f", {out[k]:.3f} {what}" for k, what in (
+        ("resident32_vs_base_tok_s_old_grid", "with the old LoRA grid"),
+        ("resident32_vs_base_tok_s_eager_mixed", "with LoRA mixed steps eager")) if k in out)
+    print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs{extra}"
+          f"  (target >= 0.9; median of {max(1, args.repeats)}; slots {eng.lora_manager.num_slots} x "
+          f"{eng.lora_manager.slots.granule} rows, qkv A slices {eng.lora_manager.slots.a['qkv_proj'].shape[2]})")
     save()
     llm.shutdown()
     return 0

@@ -18,13 +18,24 @@ from ..sampler import SamplerOutput
 _BIG = float(1 << 30)
 
 
+def _gemv_lm_head() -> bool:
+    """LORASERVE_TP_GEMV_LM_HEAD=1/0: the shard's LM head through kernels/gemv.py at small T or cuBLAS; unset:
+    as TP=1 (models/llama.py's LORASERVE_GEMV_LM_HEAD)."""
+    import os
+
+    from ..models import llama
+
+    v = os.environ.get("LORASERVE_TP_GEMV_LM_HEAD", "").strip().lower()
+    return bool(getattr(llama, "GEMV_LM_HEAD", False)) if not v else v not in ("0", "false", "off", "no")
+
+
 def local_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """This rank's LM head shard: hidden [T, H] -> [T, V/size] (the weight-streaming GEMV at small T where
-    models/llama.py uses it for TP=1)."""
+    models/llama.py uses it for TP=1, or LORASERVE_TP_GEMV_LM_HEAD says so)."""
     from ..models import llama
 
     w = model.lm_head.weight
-    if (getattr(llama, "GEMV_LM_HEAD", False) and 0 < hidden.shape[0] <= getattr(llama, "GEMV_MAX_M", 0)
+    if (_gemv_lm_head() and 0 < hidden.shape[0] <= getattr(llama, "GEMV_MAX_M", 0)
             and hidden.is_cuda and hidden.stride(-1) == 1 and hidden.dtype == w.dtype):
         from loraserve.kernels.gemv import gemv
 

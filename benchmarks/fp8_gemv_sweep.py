@@ -107,6 +107,9 @@ def w8a8_candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
             split = auto_split(kind, bm, bn, 128, m, n, k, num_sms)
             for s_ in dict.fromkeys((split, max(1, split // 2))):
                 out.append((kind, bm, bn, 128, s_, warps, stages))
+    # no split-K (no partials' sum launch): 32-row weight tiles (mma.sync; twice the programs) or deep pipelines
+    out += [("dot8b", bm, 32, 128, 1, 4, 4), ("dot8b", bm, 64, 128, 1, 4, 6), ("dot8b", bm, 32, 128, 1, 2, 6),
+            ("dot8", bm, 32, 128, 1, 4, 4)]
     return list(dict.fromkeys(out))
 
 

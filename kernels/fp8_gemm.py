@@ -153,13 +153,18 @@ if HAS_TRITON:
         tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+_UNIT_SCALES: dict[torch.device, Tensor] = {}
+
+
 def scaled_mm_tensorwise(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                          out: Tensor, acc_dtype: torch.dtype = torch.float32, fast_accum: bool = False) -> Tensor:
     """out [M, N] = (x_q @ w_q^T) * x_scale * w_scale (+ bias) through cuBLASLt's tensor-wise FP8 GEMM with unit
     scales (torch._scaled_mm; its row-wise form is a slower CUTLASS kernel at decode M), the per-token and
     per-channel scales applied by one Triton launch after it. x_q [M, K] e4m3, x_scale [M, 1] fp32, w_q [N, K]
     e4m3, w_scale [N] fp32; acc_dtype: the GEMM's output (fp32: one rounding in all; bf16: half the bytes, two)."""
-    one = torch.ones((), device=x_q.device, dtype=torch.float32)
+    one = _UNIT_SCALES.get(x_q.device)
+    if one is None:   # made once per device (inside a CUDA-graph capture it would be a fill launch per call)
+        one = _UNIT_SCALES[x_q.device] = torch.ones((), device=x_q.device, dtype=torch.float32)
     acc = torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=acc_dtype, use_fast_accum=fast_accum)
     M, N = acc.shape
     block = min(1024, triton.next_power_of_2(N))

@@ -81,7 +81,7 @@ def step_cases(num_adapters: int, smoke: bool) -> dict[str, list[tuple[int, int]
     p = 24 if smoke else 256
     dec = [(1, k % num_adapters) for k in range(8 if smoke else 64)]
     return {   # bench_churn's steady state first: nearly every step is one prompt chunk + the running decodes
-        "mixed_320": dec[:-1] + [(p, 5 % num_adapters)],               # 63 decode rows + one prompt
+        "mixed_320": dec[:-1] + [(p, 5 % num_adapters)],               # 63 decode rows + one prompt (graph T 352)
         "decode_64": dec,                                              # 64 decode rows over 32 adapters
         "ttft_1x64": [(16 if smoke else 64, 0)],                       # one fresh prompt (the resident TTFT)
         "prefill_2048": [(p, k % num_adapters) for k in range(2 if smoke else 8)],   # 8 prompts
@@ -89,10 +89,13 @@ def step_cases(num_adapters: int, smoke: bool) -> dict[str, list[tuple[int, int]
     }
 
 
-def pick_bp(num_seqs: int) -> int:
-    from loraserve.inference.mixed_graphs import SEQ_BUCKETS
+def graph_shape(num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    """(Bp, T) of the mixed-step graph that replays this step (MixedGraphRunner.pick): its padding
+    sequences' tokens (slot -1) are part of the LoRA kernels' T."""
+    from loraserve.inference.mixed_graphs import SEQ_BUCKETS, TOKEN_BUCKETS
 
-    return next(b for b in SEQ_BUCKETS if b >= num_seqs + 1)
+    bp = next(b for b in SEQ_BUCKETS if b >= num_seqs + 1)
+    return bp, next((t for t in TOKEN_BUCKETS if t >= num_tokens + bp - num_seqs), num_tokens + bp - num_seqs)
 
 
 VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pipelined up to this many tokens)
@@ -200,7 +203,7 @@ def main() -> int:
         H, N = margs.hidden_size, margs.head_dim * (margs.num_attention_heads + 2 * margs.num_key_value_heads)
         ws = [torch.randn(N, H, device=device, dtype=dtype) * 0.02 for _ in range(args.layers)]
         for name, seqs in cases.items():
-            x = torch.randn(sum(n for n, _ in seqs), H, device=device, dtype=dtype)
+            x = torch.randn(graph_shape(sum(n for n, _ in seqs), len(seqs))[1], H, device=device, dtype=dtype)
             base_us[name] = time_graph(lambda: [torch.nn.functional.linear(x, w) for w in ws], args.reps,
                                        device)[0] / args.layers
         del ws
@@ -221,9 +224,9 @@ def main() -> int:
             print(f"  (budget {args.budget_s:.0f} s spent: {name} and later skipped)")
             break
         for layout, (slots, placed) in tiers.items():
-            token_slot = torch.tensor([placed[a] for n, a in seqs for _ in range(n)], dtype=torch.int32,
-                                      device=device)
-            bp = pick_bp(len(seqs))
+            bp, t_graph = graph_shape(sum(n for n, _ in seqs), len(seqs))
+            real = [placed[a] for n, a in seqs for _ in range(n)]
+            token_slot = torch.tensor(real + [-1] * (t_graph - len(real)), dtype=torch.int32, device=device)
             row, ref = {}, None
             for variant in args.variants.split(","):
                 c = Case(slots, token_slot, bp, variant, args.layers)

@@ -98,11 +98,13 @@ def graph_shape(num_tokens: int, num_seqs: int) -> tuple[int, int]:
     return bp, next((t for t in TOKEN_BUCKETS if t >= num_tokens + bp - num_seqs), num_tokens + bp - num_seqs)
 
 
-VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pipelined up to this many tokens)
-    "old": (False, None, None),      # the grid before the segment bound: cdiv(T, BM) + min(slots, T) tiles
-    "bound": (True, None, None),     # mixed_graphs' bound: <= Bp - 1 segments
-    "pipe": (True, None, 4096),      # + the expand's Triton-pipelined column loop at every T (default: <= 32)
-    "bm32": (True, 32, None),        # + 32-row tiles below 512 tokens (the prompt chunk: 8 tiles, not 16)
+VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pipelined up to this many tokens,
+               #          expand programs per SM the column groups aim at)
+    "old": (False, None, None, None),   # the grid before the segment bound: cdiv(T, BM) + min(slots, T) tiles
+    "bound": (True, None, None, None),  # mixed_graphs' bound: <= Bp - 1 segments
+    "pipe": (True, None, 4096, None),   # + the expand's Triton-pipelined column loop at every T (default: <= 32)
+    "bm32": (True, 32, None, None),     # + 32-row tiles below 512 tokens (the prompt chunk: 8 tiles, not 16)
+    "pps8": (True, None, None, 8),      # + twice the expand's column groups (half the grid tiles are empty)
 }
 
 
@@ -115,7 +117,7 @@ class Case:
 
         T = token_slot.numel()
         dev, dtype = token_slot.device, slots.dtype
-        self.bound, block_m, self.pipe_tokens = VARIANTS[variant]
+        self.bound, block_m, self.pipe_tokens, self.pps = VARIANTS[variant]
         self.builder = LoRAMetaBuilder(max(T, 256), slots.num_slots, dev, block_m=block_m)
         self.token_slot, self.bp, self.layers = token_slot, bp, layers
         H, N = slots.a["qkv_proj"].shape[-1], slots.b["qkv_proj"].shape[2]
@@ -131,16 +133,18 @@ class Case:
     def forward(self, meta_only: bool = False):
         from loraserve.kernels import lora_expand_stream as les
 
-        keep = les.STREAM_SLOTS_MAX_TOKENS
+        keep = les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM
         if self.pipe_tokens is not None:
             les.STREAM_SLOTS_MAX_TOKENS = self.pipe_tokens
+        if self.pps is not None:
+            les.STREAM_PROGRAMS_PER_SM = self.pps
         try:
             self.build()
             if not meta_only:
                 for layer in range(self.layers):
                     self.batch.apply(layer, "qkv_proj", self.x, self.y)
         finally:
-            les.STREAM_SLOTS_MAX_TOKENS = keep
+            les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM = keep
 
 
 def time_graph(fn, reps: int, device, out: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:

@@ -213,6 +213,49 @@ def fetch_sweep(workdir: str, d: str, combos: list[tuple[int, int, str]], reps: 
     return rows
 
 
+def blob_sweep(workdir: str, d: str, streams: list[int], reps: int) -> None:
+    """AdapterFetcher.fetch until the bytes verified, from a registry process on loopback: the gRPC ranges
+    (LORASERVE_BLOB_HTTP=0) vs the HTTP blob side channel with `streams` connections (blob_fetch.py), landing
+    in a pinned arena block on CUDA (as the engine's staging), plain memory on CPU. ms per fetch."""
+    from loraserve.adapters.archives import StagedArtifact
+    from loraserve.inference import adapter_source, blob_fetch
+    from loraserve.registry.client import RegistryClient
+
+    stage_alloc = None
+    if torch.cuda.is_available():
+        from loraserve.inference.lora.pinned_arena import PinnedArena
+
+        arena = PinnedArena(256 << 20, [])
+
+        def stage_alloc(n: int):
+            block = arena.alloc(n)
+            return None if block is None else StagedArtifact(block, block, arena.release)
+    size = os.path.getsize(os.path.join(d, "adapter_model.safetensors"))
+    with RegistryProcess(os.path.join(workdir, "blob-registry")) as reg:
+        with RegistryClient(reg.address) as client:
+            client.push(d, "diag", base_model="bench", chunk_size=1 << 20)
+        loop = asyncio.new_event_loop()
+        for mode in [0, *streams]:
+            blob_fetch.BLOB_HTTP, blob_fetch.BLOB_STREAMS = mode > 0, max(1, mode)
+            got = []
+            for k in range(reps + 1):  # the first: connection set-up and warm-up, not counted
+                fetcher = adapter_source.AdapterFetcher(reg.address, os.path.join(workdir, f"blob-{mode}-{k}"),
+                                                        stage_alloc=stage_alloc)
+                t0 = time.perf_counter()
+                f = loop.run_until_complete(fetcher.fetch("diag", 1))
+                if isinstance(f.data, StagedArtifact):
+                    loop.run_until_complete(asyncio.to_thread(f.data.wait_verified))
+                got.append((f.resolve_s, time.perf_counter() - t0 - f.resolve_s))
+                if isinstance(f.data, StagedArtifact):
+                    f.data.release()
+                loop.run_until_complete(fetcher.close())
+            got = got[1:]
+            print(f"fetch {'gRPC ranges' if mode == 0 else f'HTTP blob, {mode} connections'}: resolve+download ms "
+                  + ", ".join(f"{r * 1e3:.1f}+{dl * 1e3:.1f}" for r, dl in got)
+                  + f"  ({size / min(dl for _, dl in got) / 1e9:.2f} GB/s best)", flush=True)
+        loop.close()
+
+
 def _raw_transport(loop, address: str) -> None:
     """The transport alone, no hashing: the artifact as `streams` equal ranges at once, responses decoded
     by protobuf (as the fetcher) or kept as raw bytes (the ceiling without the decode copies)."""
@@ -289,6 +332,8 @@ def main() -> int:
                     help="--fetch-sweep: streams x range MiB, comma separated; suffixes: r responses split raw, "
                          "w the whole-artifact hash (no range digests)")
     ap.add_argument("--raw-transport", action="store_true", help="--fetch-sweep: also the transport alone")
+    ap.add_argument("--blob-sweep", default="", metavar="N,N,...",
+                    help="only the download: gRPC ranges vs the HTTP blob side channel with N connections")
     ap.add_argument("--parse-ab", action="store_true", help="only the staged parse, folds inline vs threaded")
     a = ap.parse_args()
     if a.parse_ab:
@@ -296,6 +341,12 @@ def main() -> int:
         _, tar, data, digest = make_artifact(workdir, a.layers)
         print(f"parse A/B: {len(data) / 1e6:.0f} MB tar ({a.layers} layers)", flush=True)
         parse_ab(tar, digest, a.reps)
+        return 0
+    if a.blob_sweep:
+        workdir = tempfile.mkdtemp(prefix="cold-diag-")
+        d, _, data, _ = make_artifact(workdir, a.layers)
+        print(f"blob sweep: {len(data) / 1e6:.0f} MB tar ({a.layers} layers, rank 16, 7 modules)", flush=True)
+        blob_sweep(workdir, d, [int(x) for x in a.blob_sweep.split(",")], 1 if a.quick else a.reps)
         return 0
     if a.fetch_sweep:
         workdir = tempfile.mkdtemp(prefix="cold-diag-")

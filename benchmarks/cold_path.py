@@ -79,15 +79,20 @@ class RegistryProcess:
     """The registry as its own process on loopback (`loraserve registry serve`), as deployed: a
     registry thread in this process would share its GIL with the download it serves."""
 
-    def __init__(self, data_dir: str, address: str | None = None):
-        """address: host:port to serve on (a restart on the same port); None: a free port."""
+    def __init__(self, data_dir: str, address: str | None = None, blob_port: int | None = 0):
+        """address: host:port to serve on (a restart on the same port); None: a free port.
+        blob_port: its --blob-port (the byte side channel of downloads); 0: a free port; None: off."""
         import socket
 
-        if address is None:
+        def free_port() -> int:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
-                address = f"127.0.0.1:{sock.getsockname()[1]}"
+                return sock.getsockname()[1]
+
+        if address is None:
+            address = f"127.0.0.1:{free_port()}"
         self.address, self.data_dir, self.proc = address, data_dir, None
+        self.blob_port = (blob_port or free_port()) if blob_port is not None else None
 
     def __enter__(self) -> "RegistryProcess":
         import subprocess
@@ -95,8 +100,9 @@ class RegistryProcess:
 
         import grpc
 
+        blob = ["--blob-port", str(self.blob_port)] if self.blob_port is not None else []
         self.proc = subprocess.Popen([sys.executable, "-m", "loraserve.cli", "registry", "serve", "--address",
-                                      self.address, "--data-dir", self.data_dir],
+                                      self.address, "--data-dir", self.data_dir, *blob],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while True:

@@ -27,6 +27,7 @@ from .errors import (DigestMismatchError, RegistryAccessError, RegistryAdapterNo
                      RegistryRequestError, RegistryUnavailableError)
 from .lora.manager import TierStats
 from . import ranged_download
+from .blob_source import BlobDownloads
 from .download_files import check_digest as _check_digest, write_file as _write_file
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class _Resolved:
     size: int = 0        # bytes of the artifact (0: unknown, from an older refs.json)
 
 
-class AdapterFetcher:
+class AdapterFetcher(BlobDownloads):
     """Registry outage: versions are immutable, so `{name, version}` found in the disk cache is
     served without asking the registry (the index survives restarts: refs.json in the cache).
     Alias / latest resolutions are cached for `ref_ttl_s`; past that the registry is asked, and
@@ -121,6 +122,7 @@ class AdapterFetcher:
         self._hasher = None  # one worker thread: a ranged download's sha256, in artifact order
         self._landing: dict[str, asyncio.Future] = {}  # digest -> a staged download still arriving (overlap)
         self._ranges = ranged_download.registry_serves_ranges()  # False: stubs older than offset/length
+        self._blobs: dict = {}  # digest -> (blob_fetch.BlobTarget, range digests): its bytes over HTTP (blob_source)
 
     def _registry(self):
         if self.address is None:
@@ -161,6 +163,9 @@ class AdapterFetcher:
             self._hasher.shutdown(wait=False)
             self._placers.shutdown(wait=False)
             self._verifiers.shutdown(wait=False)
+        for pool in (self._blob_pool, self._blob_writer):
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def _translate(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
         code = exc.code()
@@ -230,9 +235,11 @@ class AdapterFetcher:
         if cached is not None and time.monotonic() - cached[1] < self.ref_ttl_s and os.path.exists(self._path(cached[0])):
             return cached[0]
         timeout = self.stale_timeout_s if cached is not None else self.timeout_s
+        blob = {"blob_url": True} if self._blob_wanted() else {}  # (its signed URL too: blob_source.py)
         try:
-            meta = (await self._registry().GetAdapter(pb.GetAdapterRequest(name=name, version=version, alias=alias),
-                                                      metadata=self._metadata, timeout=timeout)).adapter
+            resp = await self._registry().GetAdapter(pb.GetAdapterRequest(name=name, version=version, alias=alias, **blob),
+                                                     metadata=self._metadata, timeout=timeout)
+            meta = resp.adapter
         except grpc.aio.AioRpcError as exc:
             err = self._translate(exc, what)
             if isinstance(err, RegistryUnavailableError):
@@ -246,6 +253,8 @@ class AdapterFetcher:
         r = _Resolved(meta.name, meta.version, meta.digest, meta.artifact_type,
                       "nemo" if meta.format == pb.ADAPTER_FORMAT_NEMO else "hf", meta.size_bytes)
         self._remember(r, alias, version)
+        if blob:
+            self._note_blob(resp)
         return r
 
     async def fetch(self, name: str, version: int = 0, alias: str = "") -> FetchedAdapter:
@@ -303,8 +312,8 @@ class AdapterFetcher:
         first range, whose first message says what GetAdapter would (ranged_download.open_first_range);
         None when the index knows it, or for aliases (their TTL cache is _resolve's) and one-stream setups."""
         if not (version and SKIP_RESOLVE and self._ranges and FETCH_IN_MEMORY and self.address
-                and ranged_download.DOWNLOAD_STREAMS > 1):
-            return None
+                and ranged_download.DOWNLOAD_STREAMS > 1) or self._blob_wanted():
+            return None  # (with blob URLs: GetAdapter answers the URL in the same round trip)
         pinned = self._pinned.get((name, version))
         if pinned is not None and os.path.exists(self._path(pinned)):
             return None
@@ -336,6 +345,11 @@ class AdapterFetcher:
 
         self.stats.misses += 1
         in_memory = FETCH_IN_MEMORY and meta.artifact_type == "tar" and meta.size > 0
+        blob = self._blob_for(meta) if in_memory else None
+        if blob is not None:  # the registry's byte side channel (blob_source.py)
+            if first is not None:
+                first[0].cancel()
+            return await self._download_blob(meta, path, *blob)
         if (in_memory and self._ranges and ranged_download.DOWNLOAD_STREAMS > 1
                 and (meta.size > ranged_download.RANGE_BYTES or first is not None)):
             try:
@@ -388,12 +402,6 @@ class AdapterFetcher:
     async def _download_ranges(self, meta, path: str, first=None) -> Chunks:
         """_download of a plain tar as parallel byte ranges (ranged_download.py): verified, kept in
         memory and returned; its disk copy is written on a thread meanwhile."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="loraserve-download-sha")
-            self._placers = ThreadPoolExecutor(2, thread_name_prefix="loraserve-download-place")
-            self._verifiers = ThreadPoolExecutor(4, thread_name_prefix="loraserve-download-verify")
         loop = asyncio.get_running_loop()
         staged = await loop.run_in_executor(None, self.stage_alloc, meta.size) if self.stage_alloc else None
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-") if staged is not None else (None, None)
@@ -424,11 +432,17 @@ class AdapterFetcher:
         """ranged_download.download_ranges of meta's artifact -> (pieces, "sha256:..."), gRPC and connection
         errors translated (RangesUnsupported propagates)."""
         what = f"download of {meta.name!r} v{meta.version}"
+        if self._hasher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="loraserve-download-sha")
+            self._placers = ThreadPoolExecutor(2, thread_name_prefix="loraserve-download-place")
+            self._verifiers = ThreadPoolExecutor(4, thread_name_prefix="loraserve-download-verify")
         try:
             return await ranged_download.download_ranges(
                 self._ranged(), meta, self._metadata, self.timeout_s, DOWNLOAD_CHUNK, self._hasher, dest=dest, fd=fd,
                 place_pool=self._placers, on_landed=on_landed, first=first and first[:2],
-                range_sha=first[3] if first else None, verify_pool=self._verifiers)
+                range_sha=first[3] if first else self._range_digests_of(meta.digest), verify_pool=self._verifiers)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, what) from exc
         except ConnectionError as exc:

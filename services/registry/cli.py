@@ -97,6 +97,10 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-import-dir", action="append", type=Path, default=None)
     p.add_argument("--allow-import-s3", action="append", default=None, metavar="s3://BUCKET[/PREFIX]")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
+    p.add_argument("--blob-port", type=int, help="serve artifact blobs over HTTP with byte ranges on this port "
+                   "(signed URLs from GetAdapter; the fast download path of the inference service; default off)")
+    p.add_argument("--s3-presign-downloads", action="store_true", default=None,
+                   help="with --store s3: hand out presigned S3 URLs of the blobs (the inference service reads S3)")
 
 
 def _read_token_file(path: Path, flag: str) -> str:
@@ -121,10 +125,12 @@ def build_config(args: argparse.Namespace) -> RegistryConfig:
     for flag, key in (("data_dir", "data_dir"), ("db_url", "db_url"), ("store", "store"), ("tls_cert", "tls_cert_file"),
                       ("tls_key", "tls_key_file"), ("max_rank", "max_rank"),
                       ("max_artifact_bytes", "max_artifact_bytes"), ("allow_import_dir", "allowed_import_dirs"),
-                      ("allow_import_s3", "allowed_import_s3"), ("metrics_port", "metrics_port")):
+                      ("allow_import_s3", "allowed_import_s3"), ("metrics_port", "metrics_port"),
+                      ("blob_port", "blob_port")):
         if getattr(args, flag) is not None:
             raw[key] = getattr(args, flag)
-    for flag, key in (("s3_bucket", "bucket"), ("s3_prefix", "prefix"), ("s3_endpoint_url", "endpoint_url")):
+    for flag, key in (("s3_bucket", "bucket"), ("s3_prefix", "prefix"), ("s3_endpoint_url", "endpoint_url"),
+                      ("s3_presign_downloads", "presign_downloads")):
         if getattr(args, flag) is not None:
             s3[key] = getattr(args, flag)
     if args.auth_token_file:
@@ -154,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:  # a taken port is a clear error naming it, before any data is opened
         check_free(address.rsplit(":", 1)[0], config.metrics_port, "registry metrics", "--metrics-port")
+        check_free(address.rsplit(":", 1)[0], config.blob_port or 0, "registry blobs", "--blob-port")
         asyncio.run(serve(config, address))
     except PortInUseError as exc:
         print(f"error: {exc.strerror}", file=sys.stderr)

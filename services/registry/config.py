@@ -36,6 +36,9 @@ class S3Config:
     region: str | None = None
     multipart_threshold: int = 64 * MiB  # artifacts at least this big go up in parts
     multipart_chunksize: int = 16 * MiB
+    # GetAdapter(blob_url=true) answers a presigned GET URL of the blob, which the inference side reads
+    # in parallel byte ranges straight from S3 (it must reach endpoint_url); off: bytes go through gRPC
+    presign_downloads: bool = False
 
     def __post_init__(self) -> None:
         _check(self.multipart_chunksize >= 5 * MiB, "s3.multipart_chunksize must be >= 5 MiB (S3 minimum part size)")
@@ -83,6 +86,13 @@ class RegistryConfig:
     gc_interval_seconds: float = 300.0
     staging_max_age_seconds: float = 600.0  # a live upload touches its file every chunk
     metrics_port: int = 0                # > 0: Prometheus /metrics on this port (same host as gRPC)
+    # the byte side channel of downloads (blob_http.py): local blobs over HTTP/1.1 with ranges on this
+    # port (same host as gRPC; 0 = a free port, for tests; None = off: downloads go through gRPC only);
+    # URLs signed with blob_url_key (None = a random key per process: replicas need one shared key)
+    # valid for blob_url_ttl_seconds
+    blob_port: int | None = None
+    blob_url_key: str | None = None
+    blob_url_ttl_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -107,6 +117,10 @@ class RegistryConfig:
         _check(16 * KiB <= self.download_chunk_size <= MiB, "download_chunk_size must be in [16 KiB, 1 MiB]")
         _check((self.tls_cert_file is None) == (self.tls_key_file is None),
                "tls_cert_file and tls_key_file go together")
+        _check(self.blob_port is None or 0 <= self.blob_port < 65536, f"blob_port must be in [0, 65535], got {self.blob_port}")
+        _check(self.blob_url_ttl_seconds > 0, "blob_url_ttl_seconds must be > 0")
+        _check(self.blob_url_key is None or len(self.blob_url_key.strip()) >= 16,
+               "blob_url_key must be at least 16 characters (or none: a random key per process)")
         self.allowed_import_dirs = [Path(p).resolve() for p in self.allowed_import_dirs]
         for uri in self.allowed_import_s3:
             _check(uri.startswith("s3://") and len(uri) > 5, f"allowed_import_s3 entries must be s3:// URIs, got {uri!r}")

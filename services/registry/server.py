@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,12 +28,14 @@ from loraserve.v1 import registry_pb2_grpc as pb_grpc
 
 from . import metrics
 from .auth import BearerAuthInterceptor
+from .blob_http import BlobServer, BlobSigner
 from .config import RegistryConfig
 from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, PermissionDenied,
                      RegistryError)
 from .ingest import IncomingArtifact
 from .records import AdapterRecord, UploadMeta
 from .service import Aborted, RegistryService
+from .store import LocalStore, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +166,28 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     @_mapped
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.GetAdapterResponse:
         record = await asyncio.to_thread(self.service.get, request.name, request.version, request.alias)
-        return pb.GetAdapterResponse(adapter=record_to_pb(record))
+        resp = pb.GetAdapterResponse(adapter=record_to_pb(record))
+        if getattr(request, "blob_url", False):  # (stubs older than the blob side channel lack it)
+            await self._locate(record, resp)
+        return resp
+
+    async def _locate(self, record: AdapterRecord, resp: pb.GetAdapterResponse) -> None:
+        """The artifact's signed blob URL (blob_http.py: this registry's blob port, or a presigned S3
+        URL) when the registry serves blobs that way, and its range digests (for gRPC ranges too)."""
+        digest_hex = record.digest.removeprefix("sha256:")
+        blob, store = self.service.blob_server, self.service.store
+        if blob is not None:
+            resp.blob.url, resp.blob.expires_unix = blob.signer.sign(digest_hex)
+            resp.blob.port = blob.port
+        elif isinstance(store, S3Store) and store.cfg.presign_downloads:
+            ttl = int(self.service.config.blob_url_ttl_seconds)
+            resp.blob.url = store.client.generate_presigned_url(  # (signed locally: no S3 round trip)
+                "get_object", Params={"Bucket": store.bucket, "Key": store.blob_key(digest_hex)}, ExpiresIn=ttl)
+            resp.blob.expires_unix = int(time.time()) + ttl
+        ranges = await asyncio.to_thread(self.service.range_digests, record)
+        if ranges is not None:
+            resp.range_digests.range_bytes = ranges[0]
+            resp.range_digests.sha256.extend(ranges[1])
 
     @_mapped
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
@@ -251,6 +276,8 @@ def create_server(config: RegistryConfig, address: str,
         *ports.GRPC_OPTIONS,  # no SO_REUSEPORT: a second registry on a taken port fails instead of sharing it
     ])
     server.registry_service = service  # type: ignore[attr-defined]  # for callers that stop it
+    if config.blob_port is not None and isinstance(service.store, LocalStore) and service.blob_server is None:
+        service.blob_server = _blob_server(config, address, service.store)  # bound now, served from start()
     pb_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -265,10 +292,29 @@ def create_server(config: RegistryConfig, address: str,
     return server, port
 
 
+def _blob_server(config: RegistryConfig, address: str, store: LocalStore) -> BlobServer:
+    """The blob side channel (blob_http.py) on the gRPC address's host, TLS when the registry has it."""
+    tls = None
+    if config.tls_cert_file:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
+    host = address.rsplit(":", 1)[0]
+    tokens = [t for t in (config.read_token, config.auth_token) if t]
+    signer = BlobSigner(config.blob_url_key or os.environ.get("LORASERVE_REGISTRY_BLOB_KEY"), config.blob_url_ttl_seconds)
+    try:
+        return BlobServer(host, config.blob_port or 0, store, signer, tokens, tls)
+    except OSError as exc:
+        raise ports.PortInUseError(exc.errno, f"the registry's blob port {host}:{config.blob_port} cannot be bound "
+                                              f"({exc.strerror}); pick another with --blob-port") from exc
+
+
 async def start(config: RegistryConfig, address: str) -> tuple[grpc.aio.Server, int]:
     """create_server + start + health SERVING."""
     server, port = create_server(config, address)
     await server.start()
+    if server.registry_service.blob_server is not None:  # type: ignore[attr-defined]
+        server.registry_service.blob_server.start()  # type: ignore[attr-defined]
+        log.info("registry: blobs over HTTP on port %d", server.registry_service.blob_server.port)  # type: ignore[attr-defined]
     server.registry_service.start_periodic_gc()  # type: ignore[attr-defined]  # stopped by service.close()
     for name in ("", SERVICE_NAME):
         await server.health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)  # type: ignore[attr-defined]

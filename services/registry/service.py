@@ -81,6 +81,7 @@ class RegistryService:
         # asked for range 0 moments ago, and a version's artifact never changes; a delete here drops it
         self._ranged: dict[tuple[str, int], tuple[AdapterRecord, float]] = {}
         self._range_digests: dict[str, tuple[int, list[bytes]] | None] = {}  # digest -> (immutable, as the blob)
+        self.blob_server = None  # blob_http.BlobServer when config.blob_port is set (server.create_server)
 
     @classmethod
     def open(cls, config: RegistryConfig) -> "RegistryService":
@@ -92,6 +93,9 @@ class RegistryService:
 
     def close(self) -> None:
         self.stop_periodic_gc()
+        if self.blob_server is not None:
+            self.blob_server.stop()
+            self.blob_server = None
         self.engine.dispose()
 
     def start_periodic_gc(self) -> None:

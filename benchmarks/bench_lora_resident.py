@@ -46,6 +46,20 @@ def lora_graphs(engine, on: bool) -> None:
         mixed.use_lora = on
 
 
+def graph_state(engine) -> tuple:
+    """(plain graphs, LoRA graphs, capture s plain, capture s LoRA, covered steps) of the mixed-step runner."""
+    m = engine.runner.mixed_graphs
+    if m is None:
+        return (0, 0, 0.0, 0.0, 0)
+    cap = getattr(m, "capture_s", {False: 0.0, True: 0.0})
+    return (len(m.graphs), len(m.lora_graphs), cap[False], cap[True], m.num_covered)
+
+
+def graph_note(before: tuple, after: tuple) -> str:
+    d = [b - a for a, b in zip(before, after)]
+    return f"captures {d[0]} plain ({d[2]:.2f} s) + {d[1]} LoRA ({d[3]:.2f} s), {d[4]} covered steps"
+
+
 def ttft_ms(engine, prompts, lora, n: int) -> float:
     from loraserve import LoRARequest
 
@@ -237,11 +251,12 @@ def main() -> int:
         plan.append(("lora_eager_mixed", ids, False))
     for k, (tag, a, on) in enumerate(plan):   # with and without adapters alternate; medians over the repeats
         lora_graphs(eng, on)
-        t = time.perf_counter()
+        t, g0 = time.perf_counter(), graph_state(eng)
         r = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 2_000 + k), conc, tag)
+        r["graphs"] = graph_note(g0, graph_state(eng))
         reps.setdefault(tag, []).append(r)
         print(f"  {tag}: {r['tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms  "
-              f"[{time.perf_counter() - t:.1f} s]", flush=True)
+              f"[{time.perf_counter() - t:.1f} s; {r['graphs']}]", flush=True)
     for tag, rs in reps.items():
         runs[tag] = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]
     if args.ab_bound and mixed is not None and mixed.lora_manager is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import torch
@@ -154,6 +155,7 @@ class MixedGraphRunner:
         self.capture_after = capture_after()
         self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
         self.num_covered = 0                              # steps replayed in a larger graph than their own
+        self.capture_s = {False: 0.0, True: 0.0}          # host seconds spent capturing, by family (LoRA or not)
 
     def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
         """(Bp, T) of a step of num_tokens over num_seqs sequences, or None (eager)."""
@@ -254,7 +256,11 @@ class MixedGraphRunner:
                 return None
             else:
                 try:
-                    self._capture(bp, t, splits, lora)
+                    t0 = time.perf_counter()
+                    try:
+                        self._capture(bp, t, splits, lora)
+                    finally:
+                        self.capture_s[lora] += time.perf_counter() - t0
                 except Exception:  # noqa: BLE001 - eager mixed steps still work
                     if lora and self.meta_in_graph:   # next time: the metadata built eagerly, outside the graph
                         log.exception("mixed-step LoRA CUDA graph capture with the metadata build inside failed; "

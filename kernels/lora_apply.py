@@ -161,19 +161,32 @@ def lora_apply_split(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) 
     """True when lora_apply's path for these shapes is two separate kernels (shrink, then expand)
     that :func:`lora_shrink_part` / :func:`lora_expand_part` can run apart (e.g. the shrink on a
     side stream during the base GEMM, batch.py); False for the one-launch paths and the reference."""
-    return choose_path(x, lora_a, lora_b, meta)[0] in ("partials", "reduced")
+    return choose_path(x, lora_a, lora_b, meta)[0] in ("partials", "reduced", "dense")
 
 
-def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, buf: Tensor) -> Tensor:
-    """lora_apply's first half on a split path: buf (workspace_shape) <- the shrink of x."""
+def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, buf: Tensor,
+                     path: str | None = None) -> Tensor:
+    """lora_apply's first half on a split path: buf (workspace_shape) <- the shrink of x. path:
+    choose_path's, which must be passed for the "dense" path (else the tiled shrink runs)."""
+    if path == "dense":
+        from .lora_shrink_dense import lora_shrink_dense
+
+        return lora_shrink_dense(x, lora_a, buf, backend=DENSE_MODE)
     from .lora_shrink import lora_shrink
 
     return lora_shrink(x, lora_a, meta, ranks, buf)
 
 
 def lora_expand_part(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
-                     ranks: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-    """lora_apply's second half on a split path: y += expand(buf) (with DoRA's epilogue)."""
+                     ranks: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None,
+                     path: str | None = None) -> Tensor:
+    """lora_apply's second half on a split path: y += expand(buf) (with DoRA's epilogue); path as
+    for lora_shrink_part."""
     from .lora_expand import lora_expand
 
+    if path == "dense":
+        from .lora_shrink_dense import dense_partials
+
+        return lora_expand(dense_partials(buf, slice_offsets.shape[0] - 1, lora_b.shape[2]), lora_b, slice_offsets,
+                           meta, ranks, y, scale=scale, shift=shift, dense_slots=True)
     return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)

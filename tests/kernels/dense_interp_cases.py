@@ -50,10 +50,16 @@ def check_dense_apply(dtype: str, hidden: int, max_rank: int, widths: list[int],
         ws = torch.full(shape, float("nan"), device=device)
         y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
         y2 = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
+        # the same two halves run apart (LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream)
+        assert apply_mod.lora_apply_split(p.x, p.lora_a, p.lora_b, meta)
+        ws.fill_(float("nan"))
+        apply_mod.lora_shrink_part(p.x, p.lora_a, meta, p.ranks, ws, path="dense")
+        y3 = apply_mod.lora_expand_part(ws, p.y0.clone(), p.lora_b, p.slice_offsets, meta, p.ranks, path="dense")
     finally:
         apply_mod.DENSE_MODE = old
     torch.testing.assert_close(y.double(), naive_lora_delta(p).to(y.dtype).double(), **TOLERANCES[p.x.dtype])
     assert torch.equal(y, y2), "two runs from the same input differ"
+    assert torch.equal(y, y3), "shrink and expand run apart differ from lora_apply"
     untouched = _untouched(p)
     assert torch.equal(y[untouched], p.y0[untouched]), "a row without an adapter was touched"
     assert not y.isnan().any()

@@ -247,11 +247,14 @@ def test_pdl_graph_replay_and_reference() -> None:
         lora_meta.LORA_PDL = old
 
 
+@pytest.mark.parametrize("dense", ["", "triton"])
 @pytest.mark.parametrize("mode", ["shrink", "full"])
-def test_overlap_linear_equals_sequential_and_replays(mode: str) -> None:
+def test_overlap_linear_equals_sequential_and_replays(mode: str, dense: str) -> None:
     """LORASERVE_LORA_OVERLAP: LoRABatch.linear with the shrink ("shrink": same bits as GEMM-then-
     apply) or the whole delta ("full": d rounded to bf16 first, so within bf16 tolerance, DoRA
-    scale and shift included) on a side stream during the GEMM; graph replay == eager bit for bit."""
+    scale and shift included) on a side stream during the GEMM; graph replay == eager bit for bit.
+    dense: LORASERVE_LORA_DENSE for both paths (the dense shrink on the side stream)."""
+    import importlib
     import types
 
     import torch.nn.functional as F
@@ -269,7 +272,10 @@ def test_overlap_linear_equals_sequential_and_replays(mode: str) -> None:
                                   slice_offsets={"gate_up": p.slice_offsets}, ranks=p.ranks)
     meta = LoRAMetaBuilder(64, 32, "cuda").build(p.token_slot)
     old = lora_batch.OVERLAP
+    apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
+    old_dense, apply_mod.DENSE_MODE = apply_mod.DENSE_MODE, dense
     try:
+        assert (apply_mod.choose_path(p.x, p.lora_a, p.lora_b, meta)[0] == "dense") == bool(dense)
         lora_batch.OVERLAP = ""
         seq = lora_batch.LoRABatch(slots, meta)
         y_seq = F.linear(p.x, weight)
@@ -296,6 +302,7 @@ def test_overlap_linear_equals_sequential_and_replays(mode: str) -> None:
         assert torch.equal(out, y_ovl), "graph replay of the overlapped LoRA differs from eager"
     finally:
         lora_batch.OVERLAP = old
+        apply_mod.DENSE_MODE = old_dense
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,composition", [

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels import LoRAMeta, lora_apply
-from loraserve.kernels.lora_apply import lora_apply_split, lora_expand_part, lora_shrink_part, workspace_shape
+from loraserve.kernels.lora_apply import choose_path, lora_expand_part, lora_shrink_part, workspace_shape
 
 # LoRA on a side stream while the base GEMM runs (decode-size steps, CUDA), LORASERVE_LORA_OVERLAP:
 #  "shrink" (or 1): the shrink needs only x, so its latency-bound launches hide behind the
@@ -78,7 +78,8 @@ class LoRABatch:
             return F.linear(x, weight, bias)
         a, b, scale, shift = w
         mode = OVERLAP if x.is_cuda and x.shape[0] <= OVERLAP_MAX_TOKENS else ""
-        if mode == "shrink" and not lora_apply_split(x, a, b, self.meta):
+        path = choose_path(x, a, b, self.meta)[0] if mode == "shrink" else ""
+        if mode == "shrink" and path not in ("partials", "reduced", "dense"):  # two kernels to run apart
             mode = ""
         if not mode:
             y = F.linear(x, weight, bias)
@@ -102,8 +103,8 @@ class LoRABatch:
             return lora_add(y, d, self.meta, self.slots.ranks, scale, shift)
         side.wait_stream(main)              # x (and the step's metadata) are ready; buf's last reader is done
         with torch.cuda.stream(side):
-            lora_shrink_part(x, a, self.meta, self.slots.ranks, buf)
+            lora_shrink_part(x, a, self.meta, self.slots.ranks, buf, path=path)
         y = F.linear(x, weight, bias)
         main.wait_stream(side)
         return lora_expand_part(buf, y, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks,
-                                scale=scale, shift=shift)
+                                scale=scale, shift=shift, path=path)

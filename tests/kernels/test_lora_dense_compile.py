@@ -1,0 +1,98 @@
+"""The dense LoRA shrink (kernels/lora_shrink_dense.py) and the streaming expand in its dense_slots mode,
+compiled offline for an H100/H200 (sm_90) on a machine without a GPU (triton.compile with a GPUTarget:
+TTGIR, PTX, ptxas): the configs dense_shrink_config picks for the Llama-3-8B projections at 64 and 256
+tokens must use tensor cores, stage W through cp.async (the pipelined K loop), fit 2 programs per SM
+in shared memory and not spill. Skipped on a GPU machine (the GPU tests compile for real) and where
+this Triton cannot build for sm_90 offline."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+pytestmark = [
+    pytest.mark.skipif(not triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real"),
+]
+
+
+def _compile_sm90(fn, sig: dict, const: dict, num_warps: int, num_stages: int, unit: tuple[str, ...]):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    const = dict(const, **{n: 1 for n in unit})
+    sig = dict(sig, **{n: "constexpr" for n in const})
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n] != "constexpr" and n not in ("T", "R")}
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
+        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+
+
+def _no_spills(k) -> None:
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return
+    path = f"/tmp/lora_dense_{os.getpid()}.cubin"
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    os.unlink(path)
+    assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
+
+
+@pytest.mark.parametrize("num_tokens", [64, 256])
+@pytest.mark.parametrize("num_rows,hidden", [(1536, 4096), (1024, 4096), (512, 4096), (512, 14336)])
+def test_dense_shrink_compiles_for_sm90(num_tokens: int, num_rows: int, hidden: int) -> None:
+    from loraserve.kernels.lora_shrink_dense import _lora_shrink_dense_kernel, dense_shrink_config
+
+    cfg = dense_shrink_config(num_tokens, num_rows, hidden)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "T": "i32", "NR": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32", "stride_ok": "i32",
+           "stride_om": "i32", "stride_on": "i32"}
+    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], K_STEPS=cfg["K_STEPS"],
+                 EVEN_K=True, IEEE=False, USE_PDL=True)
+    k = _compile_sm90(_lora_shrink_dense_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+                      ("stride_xk", "stride_wk", "stride_on"))
+    ptx = k.asm["ptx"]
+    assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
+    if cfg["K_STEPS"] > 1:
+        assert "cp.async" in ptx, "the K loop should stage W and x through cp.async (num_stages)"
+    assert k.metadata.shared <= 110 * 1024, f"shared memory {k.metadata.shared} B: 2 programs per SM no longer fit"
+    _no_spills(k)
+
+
+def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
+    from loraserve.kernels.lora_expand_stream import _lora_expand_stream_kernel, stream_expand_config
+
+    cfg = stream_expand_config(64, 6144, 16, 3, 16, 36, 8)
+    sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
+           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
+           "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32", "COLS_PER_PROG": "i32"}
+    sig.update({n: "i32" for n in ("stride_bsplit", "stride_bs", "stride_bm", "stride_bl", "stride_bn",
+                                   "stride_ym", "stride_sl")})
+    const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=8,
+                 SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
+                 USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=cfg["SLOTS"], DENSE_SLOTS=True)
+    # the kernel's parameter order: strides after COLS_PER_PROG
+    order = ["buf_ptr", "b_ptr", "y_ptr", "ranks_ptr", "slice_off_ptr", "scale_ptr", "shift_ptr", "sorted_ids_ptr",
+             "tile_slots_ptr", "tile_starts_ptr", "tile_ends_ptr", "N", "R", "COLS_PER_PROG", "stride_bsplit",
+             "stride_bs", "stride_bm", "stride_br", "stride_bl", "stride_bn", "stride_bk", "stride_ym", "stride_yn",
+             "stride_sl", "stride_sn"]
+    unit = ("stride_br", "stride_bk", "stride_yn", "stride_sn")
+    sig = {n: sig.get(n, "i32") for n in order}
+    k = _compile_sm90(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1, unit)
+    assert "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"]
+    _no_spills(k)

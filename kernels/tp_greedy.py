@@ -53,6 +53,7 @@ if HAS_TRITON:
         M_safe = tl.where(M == float("-inf"), 0.0, M)
         S = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - M_safe)), axis=0)
         tok = tl.min(tl.where(m == M, idx, big), axis=0)
+        tok = tl.where(M == float("-inf"), 0, tok)   # no candidate in this shard (combine never picks it)
         total_pos = tl.sum(n_pos, axis=0)
         first = tl.where(total_pos > 0, tl.min(first_pos, axis=0), 0)
         # this rank's fields at column RANK of the [W, 8] row, zeros in every other rank's columns
@@ -116,9 +117,10 @@ def tp_shard_stats(local: Tensor, vocab_start: int, vocab_size: int, rank: int, 
         raise RuntimeError("Triton is not installed: use tp/sampling.py's shard_stats")
     T, Vr = local.shape
     assert local.stride(-1) == 1 and 0 <= rank < world
-    valid = max(1, min(Vr, vocab_size - vocab_start))   # the last shard's padding rows are no tokens
+    # the last shard's padding rows are no tokens (a shard of padding only: every column masked, m = -inf)
+    valid = max(0, min(Vr, vocab_size - vocab_start))
     chunk = chunk or _greedy.CHUNK
-    C = triton.cdiv(valid, chunk)
+    C = max(1, triton.cdiv(valid, chunk))
     dev = local.device
     wsf = torch.empty(2, T, C, dtype=torch.float32, device=dev)   # [max, sum exp] per chunk
     wsi = torch.empty(3, T, C, dtype=torch.int32, device=dev)     # [argmax, +inf count, first +inf] per chunk

@@ -42,7 +42,9 @@ def check_ranks(T: int, V: int, world: int, dtype: str = "float32", device: str 
         # index fields exact; max exact; sum of exp to fp32 rounding (two-level sum); rows with +inf: only count
         # and first index are read
         assert torch.equal(got[:, 3], ref[:, 3]) and torch.equal(got[ref[:, 3] > 0, 4], ref[ref[:, 3] > 0, 4])
-        assert torch.equal(got[no_inf, 0], ref[no_inf, 0]) and torch.equal(got[no_inf, 1], ref[no_inf, 1])
+        assert torch.equal(got[no_inf, 0], ref[no_inf, 0])
+        cand = no_inf & torch.isfinite(ref[:, 0])   # the index of a shard's max matters where the max is finite
+        assert torch.equal(got[cand, 1], ref[cand, 1])
         torch.testing.assert_close(got[no_inf, 2], ref[no_inf, 2], rtol=1e-5, atol=1e-6)
         total += stats
         total_ref[:, rank] = ref

@@ -49,8 +49,8 @@ def shard_stats(local: torch.Tensor, vocab_start: int, vocab_size: int) -> torch
     NaN read as -inf (sanitize). Indices < 2^24 are exact in float32."""
     T, Vr = local.shape
     x = local.float()
-    valid = min(Vr, vocab_size - vocab_start)
-    if valid < Vr:   # the last shard's padding rows are not tokens
+    valid = max(0, min(Vr, vocab_size - vocab_start))
+    if valid < Vr:   # the last shard's padding rows are not tokens (a shard may be padding only)
         x[:, valid:] = float("-inf")
     x = torch.nan_to_num(x, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     posinf = torch.isposinf(x)

@@ -231,6 +231,7 @@ def blob_sweep(workdir: str, d: str, streams: list[int], reps: int) -> None:
             block = arena.alloc(n)
             return None if block is None else StagedArtifact(block, block, arena.release)
     size = os.path.getsize(os.path.join(d, "adapter_model.safetensors"))
+    _hash_rates(size)
     with RegistryProcess(os.path.join(workdir, "blob-registry")) as reg:
         with RegistryClient(reg.address) as client:
             client.push(d, "diag", base_model="bench", chunk_size=1 << 20)
@@ -254,6 +255,25 @@ def blob_sweep(workdir: str, d: str, streams: list[int], reps: int) -> None:
                   + ", ".join(f"{r * 1e3:.1f}+{dl * 1e3:.1f}" for r, dl in got)
                   + f"  ({size / min(dl for _, dl in got) / 1e9:.2f} GB/s best)", flush=True)
         loop.close()
+
+
+def _hash_rates(size: int) -> None:
+    """sha256 of `size` bytes on 1, 4, 8 and 16 threads at once (each its share): the floor of the check."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = memoryview(bytearray(os.urandom(1 << 20)) * (size >> 20))
+    parts = []
+    for n in (1, 4, 8, 16):
+        share = -(-len(data) // n)
+        with ThreadPoolExecutor(n) as pool:
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                list(pool.map(lambda i: hashlib.sha256(data[i * share:(i + 1) * share]).digest(), range(n)))
+                best = min(best, time.perf_counter() - t0)
+        parts.append(f"{n} thread(s) {best * 1e3:.1f}")
+    print(f"sha256 of {len(data) / 1e6:.0f} MB, ms: " + ", ".join(parts), flush=True)
 
 
 def _raw_transport(loop, address: str) -> None:

@@ -123,6 +123,7 @@ class AdapterFetcher(BlobDownloads):
         self._landing: dict[str, asyncio.Future] = {}  # digest -> a staged download still arriving (overlap)
         self._ranges = ranged_download.registry_serves_ranges()  # False: stubs older than offset/length
         self._blobs: dict = {}  # digest -> (blob_fetch.BlobTarget, range digests): its bytes over HTTP (blob_source)
+        self._scratch: list = []
 
     def _registry(self):
         if self.address is None:

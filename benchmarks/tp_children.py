@@ -12,7 +12,8 @@ import tempfile
 
 BENCH_TP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_tp.py")
 
-SAFE_ENV = {"LORASERVE_TP_FUSED_NORM": "0", "LORASERVE_TP_SAMPLER_GRAPHS": "0", "LORASERVE_TP_LOCAL_ARGMAX": "0"}
+SAFE_ENV = {"LORASERVE_TP_FUSED_NORM": "0", "LORASERVE_TP_SAMPLER_GRAPHS": "0", "LORASERVE_TP_LOCAL_ARGMAX": "0",
+            "LORASERVE_TP_FUSED_GREEDY": "0", "LORASERVE_TP_FUSED_EMBED": "0"}
 
 
 def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
@@ -20,11 +21,12 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
     """One engine's figures from a child process (`--child`); {"_error": ...} if it failed. With --fallback-safe
     a failed TP=2 child runs once more with the opt-in paths off (SAFE_ENV), the reason kept under tp2_fallback."""
     r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
-    if "_error" in r and tp == 2 and a.fallback_safe and any(os.environ.get(k, "0") != "0" for k in SAFE_ENV):
+    # (unset is on for most of them: only an explicit "0" everywhere means there is nothing left to turn off)
+    if "_error" in r and tp == 2 and a.fallback_safe and any(os.environ.get(k) != "0" for k in SAFE_ENV):
         print(f"tp2{' lora' if lora_child else ''} child failed ({r['_error']}); again with the opt-ins off", flush=True)
         os.environ.update(SAFE_ENV)   # every later child too
         r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
-        r[f"tp2{'_lora' if lora_child else ''}_fallback"] = "the opt-ins (fused norm, sampler graphs) off after a failure"
+        r[f"tp2{'_lora' if lora_child else ''}_fallback"] = "the opt-ins (fused norm, sampler graphs, Triton greedy/embedding) off after a failure"
     return r
 
 

@@ -105,6 +105,7 @@ VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pi
     "pipe": (True, None, 4096, None),   # + the expand's Triton-pipelined column loop at every T (default: <= 32)
     "bm32": (True, 32, None, None),     # + 32-row tiles below 512 tokens (the prompt chunk: 8 tiles, not 16)
     "pps8": (True, None, None, 8),      # + twice the expand's column groups (half the grid tiles are empty)
+    "mk": (True, None, None, None),     # + the metadata built by one Triton launch (lora_meta_build.py)
 }
 
 
@@ -118,6 +119,7 @@ class Case:
         T = token_slot.numel()
         dev, dtype = token_slot.device, slots.dtype
         self.bound, block_m, self.pipe_tokens, self.pps = VARIANTS[variant]
+        self.meta_kernel = variant == "mk"
         self.builder = LoRAMetaBuilder(max(T, 256), slots.num_slots, dev, block_m=block_m)
         self.token_slot, self.bp, self.layers = token_slot, bp, layers
         H, N = slots.a["qkv_proj"].shape[-1], slots.b["qkv_proj"].shape[2]
@@ -128,7 +130,13 @@ class Case:
         self.meta = self.batch.meta
 
     def build(self):
-        return self.builder.build(self.token_slot, max_segments=self.bp - 1 if self.bound else None)
+        from loraserve.kernels import lora_meta
+
+        keep, lora_meta.LORA_META_KERNEL = lora_meta.LORA_META_KERNEL, self.meta_kernel
+        try:
+            return self.builder.build(self.token_slot, max_segments=self.bp - 1 if self.bound else None)
+        finally:
+            lora_meta.LORA_META_KERNEL = keep
 
     def forward(self, meta_only: bool = False):
         from loraserve.kernels import lora_expand_stream as les

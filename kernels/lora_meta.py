@@ -101,6 +101,19 @@ LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"))
 
 
+# LoRAMetaBuilder.build as one Triton launch (lora_meta_build.py) for steps of <= 2048 tokens on a GPU (or
+# under the interpreter); opt-in (LORASERVE_LORA_META_KERNEL=1) until an H200 run has timed it against the
+# torch build (~50 small kernels per step, in every decode and mixed-step graph). Read at each call.
+LORA_META_KERNEL = os.environ.get("LORASERVE_LORA_META_KERNEL", "0").strip().lower() not in ("", "0", "false", "off",
+                                                                                             "no")
+
+
+def _interpret() -> bool:
+    from ._triton import interpret_mode
+
+    return interpret_mode()
+
+
 def pdl_launch(device: torch.device) -> dict:
     """Extra kernel-launch keywords: USE_PDL (the constexpr) and Triton's launch_pdl, both only
     when LORA_PDL is on and the device is a Hopper or newer GPU; else nothing."""
@@ -208,6 +221,12 @@ class LoRAMetaBuilder:
                 raise ValueError(f"token_slot values must lie in [-1, {L - 1}], got [{lo}, {hi}]")
 
         ts = self.token_slot[:T]
+        if LORA_META_KERNEL and 0 < T and (token_slot.is_cuda or _interpret()):
+            from .lora_meta_build import MAX_TOKENS, build_with_kernel
+
+            if T <= MAX_TOKENS:   # one launch instead of the ~50 below (lora_meta_build.py)
+                build_with_kernel(self, token_slot.contiguous(), BM)
+                return self._meta(ts, T, BM, L, max_segments)
         ts.copy_(token_slot)
         key = torch.where(ts < 0, L, ts).long()  # no-adapter tokens sort last
         order = torch.sort(key, stable=True).indices
@@ -242,6 +261,9 @@ class LoRAMetaBuilder:
         self.tile_slots.copy_(torch.where(valid, seg_slot[seg], -1))
         self.num_tiles.copy_(tile_cum[-1:])
 
+        return self._meta(ts, T, BM, L, max_segments)
+
+    def _meta(self, ts: Tensor, T: int, BM: int, L: int, max_segments: int | None) -> LoRAMeta:
         return LoRAMeta(
             token_slot=ts, sorted_token_ids=self.sorted_token_ids, seg_starts=self.seg_starts,
             seg_slots=self.seg_slots, num_segments=self.num_segments, tile_slots=self.tile_slots,

@@ -81,7 +81,7 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
 
     out = []
     for i, (kind, bm, bn, bk, warps, stages, mode) in enumerate(candidate_tiles(m)):
-        rows = bn * (int(kind[-1]) if kind in ("gemv2", "gemv4") else 1)
+        rows = bn * (int(kind[-1]) if kind in ("gemv2", "gemv4", "gemvh2", "gemvh4") else 1)
         split = -(-k // bk) if mode == "tile" else auto_split(kind, bm, rows, bk, m, n, k, num_sms)
         splits = [split] + ([max(1, split // 2), split * 2] if i < 3 and mode != "tile" else [])
         for s in dict.fromkeys(splits):
@@ -110,6 +110,22 @@ def w8a8_candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
     # no split-K (no partials' sum launch): 32-row weight tiles (mma.sync; twice the programs) or deep pipelines
     out += [("dot8b", bm, 32, 128, 1, 4, 4), ("dot8b", bm, 64, 128, 1, 4, 6), ("dot8b", bm, 32, 128, 1, 2, 6),
             ("dot8", bm, 32, 128, 1, 4, 4)]
+    return list(dict.fromkeys(out))
+
+
+def gemvh_candidates(m: int, n: int, k: int, num_sms: int) -> list[tuple]:
+    """--gemvh: the table's config, then the fp16-product GEMV (gemvh2/gemvh4: stages = K tiles per fp16 partial)
+    at weight tiles of 1-4 rows x 512-2048 bytes, and the table's gemv2 tile again at a second split."""
+    from loraserve.kernels.fp8_gemv import auto_split, gemv_config
+
+    out = [gemv_config(m, n, k, num_sms)]
+    for kind, bn, bk, warps, flush in (("gemvh4", 1, 1024, 2, 4), ("gemvh4", 1, 512, 1, 4), ("gemvh4", 1, 2048, 4, 2),
+                                       ("gemvh4", 2, 1024, 4, 2), ("gemvh4", 1, 1024, 2, 2), ("gemvh2", 4, 512, 4, 4),
+                                       ("gemvh4", 1, 1024, 4, 4), ("gemvh4", 1, 512, 2, 4)):
+        split = auto_split(kind, 1, bn * int(kind[-1]), bk, m, n, k, num_sms)
+        for s_ in dict.fromkeys((split, split * 2)):
+            if k >= s_ * bk * flush:
+                out.append((kind, 1, bn, bk, s_, warps, flush))
     return list(dict.fromkeys(out))
 
 
@@ -218,7 +234,8 @@ def sweep(a) -> dict:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else NUM_SMS_H200
     shapes = {name: {**SHAPES, **EXTRA_SHAPES}[name] for name in a.shapes.split(",")} if cuda else {"tiny": (48, 256)}
     ms = [int(v) for v in a.ms.split(",")]
-    cands = w8a8_candidates if getattr(a, "w8a8", False) else candidates
+    cands = (w8a8_candidates if getattr(a, "w8a8", False) else gemvh_candidates if getattr(a, "gemvh", False)
+             else candidates)
     all_cfgs = [c for n, k in shapes.values() for m in ms for c in cands(m, n, k, num_sms) if c[0][:2] != "tw"]
     if a.jobs > 0:
         precompile(all_cfgs, a.jobs, timeout=a.budget_s / 3)
@@ -488,6 +505,7 @@ def main() -> int:
     ap.add_argument("--chain-ms", default="", help="also time whole-layer chains at these M (e.g. 1,64), PDL off/on")
     ap.add_argument("--no-sweep", action="store_true", help="only the layer chains")
     ap.add_argument("--w8a8", action="store_true", help="only the W8A8 candidates (w8a8_candidates) and the baselines")
+    ap.add_argument("--gemvh", action="store_true", help="only the fp16-product GEMV candidates (gemvh_candidates)")
     ap.add_argument("--precompile-engine", action="store_true",
                     help="only compile the engine's GEMV configs (8B and default-model shapes) into Triton's cache")
     a = ap.parse_args()

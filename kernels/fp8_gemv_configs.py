@@ -18,7 +18,9 @@ GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bo
 # quantizes x inside the GEMM, one scale per (token, BLOCK_K block): no quantization launch (LORASERVE_FP8_W8A8).
 # "tw" / "twf": per-token quantization, cuBLASLt's tensor-wise FP8 GEMM (unit scales; twf: fast accumulation), then the
 # scales by one launch (kernels/fp8_gemm.py scaled_mm_tensorwise): not Triton tiles, only the kind is read.
-KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8", "dot8f", "dot8b", "tw", "twf")
+# "gemvh2" / "gemvh4": gemv2 / gemv4 with fp16 products summed over num_stages (FLUSH) K tiles before the fp32
+# accumulator (kernels/fp8_gemv.py _fp8_gemv_half_kernel; about a third fewer instructions per weight byte).
+KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8", "dot8f", "dot8b", "tw", "twf", "gemvh2", "gemvh4")
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
 # Measured best per (M bucket, N, K): H200, final run 2026-11-30 12:13 (benchmarks/fp8_gemv_sweep.py, CUDA-graph

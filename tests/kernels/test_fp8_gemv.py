@@ -44,6 +44,9 @@ def _run(pool: ProcessPoolExecutor, fn, *args) -> None:
     (5, 37, 272, False, ("dot8", 16, 16, 32, 3, 4, 2)),    # ... split-K with a tail (x's scale before the partials)
     (17, 40, 96, True, ("dot8b", 32, 16, 32, 1, 4, 2)),    # W8A8, x quantized in-kernel per (token, 32-wide K block)
     (5, 37, 272, False, ("dot8b", 16, 16, 32, 3, 4, 2)),   # ... split-K with a tail block (zero-padded amax)
+    (1, 37, 256, True, ("gemvh4", 1, 4, 32, 1, 4, 4)),     # fp16 products, 4 K tiles per fp16 partial, N tail
+    (3, 50, 384, False, ("gemvh2", 1, 8, 32, 3, 4, 2)),    # 2 groups, 3 x rows, split-K 3 (whole chunks each)
+    (1, 24, 272, False, ("gemvh4", 1, 4, 64, 1, 4, 2)),    # a K tail: the fp32 gemv4 instead
 ])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
 def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
@@ -213,7 +216,8 @@ def test_gemv_gpu(dtype, m, n, k) -> None:
                                     ("gemv4", 1, 4, 512, 2, 4, 1, True), ("dot", 16, 64, 128, 8, 4, 3, True),
                                     ("dot8", 64, 128, 128, 4, 4, 3), ("dot8", 16, 64, 128, 1, 4, 3),
                                     ("dot8b", 64, 128, 128, 4, 4, 3), ("dot8b", 64, 64, 128, 1, 4, 3),
-                                    ("tw", 64, 64, 128, 1, 4, 3)])
+                                    ("tw", 64, 64, 128, 1, 4, 3), ("gemvh4", 1, 1, 1024, 1, 2, 4),
+                                    ("gemvh2", 1, 4, 512, 2, 4, 2)])
 def test_gemv_gpu_forced_configs(config) -> None:
     _forced_configs(config)
 
@@ -233,7 +237,8 @@ def _forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)
     cases.check_gemv("bfloat16", 1, 4096, 14336, False, "cuda", config)
-    cases.check_gemv("bfloat16", 5, 4096, 4096, False, "cuda", config, x_mag=1e5)   # outliers past fp16 range
+    # outliers past fp16's range; gemvh's fp16 partials hold |x| < 9362 (GEMVH_X_SCALE): outliers of 1e3 there
+    cases.check_gemv("bfloat16", 5, 4096, 4096, False, "cuda", config, x_mag=1e3 if config[0].startswith("gemvh") else 1e5)
 
 
 @pytest.mark.gpu
@@ -392,3 +397,19 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
                         constexprs={"HAS_BIAS": True, "BLOCK": 1024, "PDL": True})
     ptx = triton.compile(sum_src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True)).asm["ptx"]
     assert "griddepcontrol.wait" in ptx
+    # gemvh: the fp16-product GEMV (packed f16x2 FMAs into fp16 partials), no spills, at the sweep's tiles
+    for groups, bn, bk, warps, flush, use_ws in ((4, 1, 1024, 2, 4, False), (4, 1, 2048, 4, 2, True), (2, 4, 512, 4, 4, False)):
+        constexprs = {"HAS_BIAS": False, "USE_WS": use_ws, "GROUPS": groups, "BLOCK_N": bn, "BLOCK_K": bk, "FLUSH": flush,
+                      "PDL": False, "WAIT": True}
+        src = ASTSource(fn=fg._fp8_gemv_half_kernel, signature={**sig, "x16_scale": "fp32",
+                                                                **{c: "constexpr" for c in constexprs}},
+                        constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=warps, num_stages=1, launch_pdl=True))
+        cubin = tmp_path / "h.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        assert max(int(v) for v in re.findall(r"STACK:(\d+)", usage)) == 0, (groups, bn, bk, usage)
+        ptx = kernel.asm["ptx"]
+        assert "fma.rn.f16x2" in ptx and "griddepcontrol.wait" in ptx and re.search(r"ld\.global[\w:.]*\.v4", ptx)

@@ -235,11 +235,12 @@ def main() -> int:
         if time.perf_counter() - t0 > args.budget_s:
             print(f"  (budget {args.budget_s:.0f} s spent: {name} and later skipped)")
             break
+        ref = None   # y of the first layout's first variant: the same adapters and x in every layout
         for layout, (slots, placed) in tiers.items():
             bp, t_graph = graph_shape(sum(n for n, _ in seqs), len(seqs))
             real = [placed[a] for n, a in seqs for _ in range(n)]
             token_slot = torch.tensor(real + [-1] * (t_graph - len(real)), dtype=torch.int32, device=device)
-            row, ref = {}, None
+            row = {}
             for variant in args.variants.split(","):
                 c = Case(slots, token_slot, bp, variant, args.layers)
                 us, y1 = time_graph(c.forward, args.reps, device, c.y)
@@ -248,7 +249,7 @@ def main() -> int:
                 ref = y1.float() if ref is None else ref
                 diff = float((y1.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
                 row[variant] = dict(us_per_layer=us, grid_tiles=c.meta.grid_tiles, used_tiles=int(c.meta.num_tiles),
-                                    meta_build_us=meta_us, rel_diff_vs_first=diff)
+                                    meta_build_us=meta_us, rel_diff_vs_first=diff)   # vs the first layout's first
                 del c
             row["base_gemm_us"] = base_us.get(name)
             out["cases"][f"{layout}/{name}"] = row

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.cold_path import (LoopThread, cold_stages, format_stages, registry_available, start_registry,  # noqa: E402
+from benchmarks.cold_path import (LoopThread, blob_use, cold_stages, format_stages, registry_available, start_registry,  # noqa: E402
                                   write_peft_dir)
 
 CHURN_MODULES = ("q_proj", "v_proj")
@@ -214,6 +214,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
                 loop.run(fetcher.flush())  # its disk copy, written meanwhile, done before the next
                 warm.append(time_first_token(eng, prompt(64), LoRARequest(f"cold-{i}", 10_000 + i)))
             loop.run(fetcher.close())
+            kind += "; " + blob_use(fetcher, n)
             loop.close()
         result["cold_source"] = f"registry on loopback, {kind} (download + digest check + parse + stage + copy)"
     else:

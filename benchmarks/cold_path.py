@@ -230,6 +230,7 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
                 one(i, f)
                 loop.run(fetcher.flush())  # its disk copy written before the next (no load)
             loop.run(fetcher.close())
+            kind += "; " + blob_use(fetcher, n)
             loop.close()
     else:
         for i in range(n):
@@ -244,6 +245,14 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     med.update({k: statistics.median(r.get(k, 0.0) for r in rows) for k in PARTS})
     return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
             "source": f"registry on loopback ({kind})" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
+
+
+def blob_use(fetcher, n: int) -> str:
+    """How the fetcher's n downloads came: over the registry's HTTP blob side channel or gRPC."""
+    if fetcher.blob_downloads == 0 and fetcher.blob_fallbacks == 0:
+        return "gRPC ranges"
+    return (f"HTTP blob side channel: {fetcher.blob_downloads} of {n} downloads"
+            + (f", {fetcher.blob_fallbacks} fell back to gRPC" if fetcher.blob_fallbacks else ""))
 
 
 def _check_slot(mgr, h) -> None:

@@ -42,6 +42,8 @@ class BlobDownloads:
     _blob_pool: ThreadPoolExecutor | None = None
     _blob_writer: ThreadPoolExecutor | None = None
     _scratch: list  # idle disk-copy buffers (_take_scratch)
+    blob_downloads = 0   # artifacts that arrived over the blob side channel
+    blob_fallbacks = 0   # ... whose URL failed before any byte was used: downloaded over gRPC instead
     _blob_off_until: float = 0.0
 
     def _blob_wanted(self) -> bool:
@@ -140,7 +142,10 @@ class BlobDownloads:
                     raise RegistryUnavailableError(f"download of {what} over HTTP failed midway: {exc}") from exc
                 log.warning("the registry's blob URL failed (%s); downloading %s over gRPC (for %.0f s)", exc, what,
                             BLOB_RETRY_S)
+                self.blob_fallbacks += 1
                 _, got = await self._fetch_ranges(meta, staged.buf, fd, None, on_landed=staged.landed)
+            else:
+                self.blob_downloads += 1
             check_digest(meta, got)
             staged.download_s = time.perf_counter() - t0
             staged.finish(None)

@@ -87,6 +87,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"      # keep-alive: a client reads several ranges over one connection
     server_version = "loraserve-registry"
+    timeout = 60                       # an idle or stalled connection frees its thread after this
     server: "BlobServer"
 
     def log_message(self, fmt, *args):  # (per request: debug only)
@@ -169,6 +170,10 @@ class BlobServer(ThreadingHTTPServer):
         self.store, self.signer, self.tokens = store, signer, tokens
         self.port = self.server_address[1]
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away mid-response (it cancelled its download) is not an error here."""
+        log.debug("blob connection from %s ended with an error", client_address[0], exc_info=True)
 
     def refusal(self, digest_hex: str, query: dict, authorization: list[str]) -> str | None:
         """None when the request may read the blob: a live signature, or a read/write token."""

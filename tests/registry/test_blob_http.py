@@ -178,6 +178,38 @@ def test_an_unreachable_blob_port_falls_back_to_grpc(tmp_path):
             assert bytes(f.data.buf.numpy()) == whole
 
 
+def test_blobs_over_tls_with_the_registrys_certificate(tmp_path):
+    """A registry with TLS serves its blobs over TLS too (its certificate); the fetcher, given the CA
+    (--registry-ca), reads them as https; a plain HTTP request to the port gets no bytes."""
+    pytest.importorskip("cryptography")
+    from tests.certs import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
+    src = write_peft_dir(str(tmp_path / "src"), SHAPES, num_layers=12, rank=16, seed=14)
+    cfg = RegistryConfig(data_dir=tmp_path / "registry", blob_port=0, tls_cert_file=cert, tls_key_file=key)
+    with RunningRegistry(cfg) as reg:
+        reg.host = "localhost"  # the certificate's name
+        with RegistryClient(reg.address, root_certificates=cert.read_bytes(), timeout=10) as client:
+            client.push(src, "blobby", base_model="tiny")
+            whole = b"".join(m.chunk for m in client.stub.DownloadAdapter(pb.DownloadAdapterRequest(
+                name="blobby", version=1)) if m.WhichOneof("payload") == "chunk")
+        before = _served_ranges()
+
+        async def main():
+            fetcher = adapter_source.AdapterFetcher(reg.address, str(tmp_path / "cache"), ca_file=str(cert))
+            try:
+                f = await fetcher.fetch("blobby", 1)
+                await asyncio.to_thread(f.data.wait_verified)
+                await fetcher.flush()
+                return f
+            finally:
+                await fetcher.close()
+        f = asyncio.run(main())
+        assert _served_ranges() - before == 2 and bytes(f.data.buf.numpy()) == whole
+        with pytest.raises((http.client.HTTPException, ConnectionError)):  # the TLS handshake fails: no answer
+            _get(reg.service.blob_server.port, "/v1/blobs/sha256/" + f.digest[7:])
+
+
 def test_no_blob_port_no_url(tmp_path, monkeypatch):
     src = write_peft_dir(str(tmp_path / "src"), SHAPES, num_layers=2, rank=8, seed=12)
     with RunningRegistry(RegistryConfig(data_dir=tmp_path / "registry")) as reg:

@@ -145,3 +145,37 @@ def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkey
     for i, (prompt, name) in enumerate(zip(prompts, names)):
         model = base if name is None else two_adapters[name][1]
         assert graphed[f"r{i}"] == peft_greedy(model, prompt, 12), (i, name)
+
+
+def test_eager_step_grid_is_bounded_by_its_adapters(tiny_llama, two_adapters):
+    """CPU, real manager: an eager step above 256 tokens launches cdiv(T, BM) + (distinct slots) tiles, not
+    cdiv(T, BM) + min(slots, T) (on a GPU the tier has hundreds of slots by memory, thousands of packing
+    granules), and its delta equals the one through the unbounded grid."""
+    from loraserve.kernels import LoRAMetaBuilder
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8))
+    mgr = llm.engine.lora_manager
+    reqs = [LoRARequest(name, i + 1, d) for i, (name, (d, _)) in enumerate(two_adapters.items())]
+    llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=1), lora_request=reqs)
+    holds = [mgr.resolve(r) for r in reqs]
+    assert mgr.num_slots > 2   # (8 on the CPU; hundreds by memory on a GPU)
+    seqs = [_seq(0, 200, 200, 13, holds[0]), _seq(1, 1, 30, 2, holds[1]), _seq(2, 90, 90, 6), _seq(3, 1, 9, 1, holds[0])]
+    lens = [200, 1, 90, 1]
+    with torch.inference_mode():
+        batch = mgr.prepare_batch(seqs, lens)
+        T = sum(lens)
+        assert batch.meta.grid_tiles == -(-T // batch.meta.block_m) + 2
+        full = LoRAMetaBuilder(T, mgr.num_slots, "cpu").build(batch.meta.token_slot.clone())
+        assert full.grid_tiles > batch.meta.grid_tiles
+        from loraserve.inference.lora.batch import LoRABatch
+
+        unbounded = LoRABatch(mgr.slots, full)
+        g = torch.Generator().manual_seed(1)
+        for proj, a in mgr.slots.a.items():
+            x = torch.randn(T, a.shape[-1], generator=g)
+            y1, y2 = torch.zeros(T, mgr.slots.b[proj].shape[2]), torch.zeros(T, mgr.slots.b[proj].shape[2])
+            batch.apply(0, proj, x, y1)
+            unbounded.apply(0, proj, x, y2)
+            torch.testing.assert_close(y1, y2)
+            assert y1[:200].abs().sum() > 0 and not y1[201:291].any()

@@ -90,6 +90,11 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60                       # an idle or stalled connection frees its thread after this
     server: "BlobServer"
 
+    def setup(self) -> None:
+        super().setup()
+        # the body's last partial segment must not wait for an ACK (Nagle vs delayed ACK: up to 40 ms)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt, *args):  # (per request: debug only)
         log.debug("blob %s: " + fmt, self.client_address[0], *args)
 

@@ -184,7 +184,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             resp.blob.url = store.client.generate_presigned_url(  # (signed locally: no S3 round trip)
                 "get_object", Params={"Bucket": store.bucket, "Key": store.blob_key(digest_hex)}, ExpiresIn=ttl)
             resp.blob.expires_unix = int(time.time()) + ttl
-        ranges = await asyncio.to_thread(self.service.range_digests, record)
+        ranges = self.service.cached_range_digests(record)  # (no thread hop once read)
+        if ranges is False:
+            ranges = await asyncio.to_thread(self.service.range_digests, record)
         if ranges is not None:
             resp.range_digests.range_bytes = ranges[0]
             resp.range_digests.sha256.extend(ranges[1])

@@ -296,6 +296,10 @@ class RegistryService:
         with self._sessions() as s:
             return queries.list_page(s, page_size, page_token, base_model, name_prefix, latest_only)
 
+    def cached_range_digests(self, record: AdapterRecord):
+        """range_digests(record) if already read, else False."""
+        return self._range_digests.get(record.digest, False)
+
     def range_digests(self, record: AdapterRecord) -> tuple[int, list[bytes]] | None:
         """The artifact's range digests (range_digests.py), None when it has none; remembered."""
         key = record.digest

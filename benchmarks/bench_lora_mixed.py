@@ -106,7 +106,61 @@ VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pi
     "bm32": (True, 32, None, None),     # + 32-row tiles below 512 tokens (the prompt chunk: 8 tiles, not 16)
     "pps8": (True, None, None, 8),      # + twice the expand's column groups (half the grid tiles are empty)
     "mk": (True, None, None, None),     # + the metadata built by one Triton launch (lora_meta_build.py)
+    "bn128": (True, None, None, None),  # + 128-column expand blocks at rank 64 (64 before: half the loop trips)
+    "part512": (True, None, None, None),  # + split-K partials summed by the expand up to 512 tokens (no sum launch)
 }
+
+
+def _bn128(orig):
+    def config(num_tokens, n_total, rank, num_slices, block_m, grid_tiles, split_k=1, num_sms=132):
+        cfg = orig(num_tokens, n_total, rank, num_slices, block_m, grid_tiles, split_k, num_sms)
+        if cfg["BLOCK_N"] < 128 and block_m <= 16:
+            from loraserve.kernels import lora_expand_stream as les
+
+            n_blocks = -(-n_total // 128)
+            groups = max(1, min(n_blocks, round(les.STREAM_PROGRAMS_PER_SM * num_sms / max(1, grid_tiles))))
+            per = -(-n_blocks // groups)
+            cfg.update(BLOCK_N=128, COLS_PER_PROG=per * 128, groups=-(-n_blocks // per), num_warps=4)
+        return cfg
+    return config
+
+
+def _part512(orig):
+    def choose(x, lora_a, lora_b, meta):
+        path, shape, plan = orig(x, lora_a, lora_b, meta)
+        if path == "reduced" and x.shape[0] <= 512 and lora_a.shape[2] <= 64:
+            from loraserve.kernels.lora_shrink import shrink_split_k
+
+            sk = shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles)
+            return "partials", (sk, *shape), None
+        return path, shape, plan
+    return choose
+
+
+PATCHES = {"bn128": ("loraserve.kernels.lora_expand_stream", "stream_expand_config", _bn128),
+           "part512": ("loraserve.kernels.lora_apply", "choose_path", _part512)}
+
+
+class patched:
+    """Module attribute swaps of a variant (benchmarks only), undone on exit."""
+
+    def __init__(self, variant: str):
+        self.spec = PATCHES.get(variant)
+
+    def __enter__(self):
+        if self.spec:
+            import importlib
+
+            mod_name, attr, wrap = self.spec
+            self.mod = importlib.import_module(mod_name)
+            self.orig = getattr(self.mod, attr)
+            setattr(self.mod, attr, wrap(self.orig))
+        return self
+
+    def __exit__(self, *exc):
+        if self.spec:
+            setattr(self.mod, self.spec[1], self.orig)
+        return False
 
 
 class Case:
@@ -120,6 +174,7 @@ class Case:
         dev, dtype = token_slot.device, slots.dtype
         self.bound, block_m, self.pipe_tokens, self.pps = VARIANTS[variant]
         self.meta_kernel = variant == "mk"
+        self.variant = variant
         self.builder = LoRAMetaBuilder(max(T, 256), slots.num_slots, dev, block_m=block_m)
         self.token_slot, self.bp, self.layers = token_slot, bp, layers
         H, N = slots.a["qkv_proj"].shape[-1], slots.b["qkv_proj"].shape[2]
@@ -149,8 +204,9 @@ class Case:
         try:
             self.build()
             if not meta_only:
-                for layer in range(self.layers):
-                    self.batch.apply(layer, "qkv_proj", self.x, self.y)
+                with patched(self.variant):
+                    for layer in range(self.layers):
+                        self.batch.apply(layer, "qkv_proj", self.x, self.y)
         finally:
             les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM = keep
 

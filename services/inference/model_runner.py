@@ -130,6 +130,7 @@ class ModelRunner:
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             budget = min(1 << 30, max(CPU_KV_MIN_BYTES, 2 * weights))
         tokens = max(budget // bytes_per_token, self.block_size)
+        self.kv_blocks_by_memory = tokens // self.block_size   # before the caps below (benchmarks/bench_fp8.py)
         if kv.max_tokens:
             tokens = min(tokens, kv.max_tokens)
         max_len = self.config.max_seq_len or a.max_position_embeddings

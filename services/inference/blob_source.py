@@ -31,6 +31,7 @@ from .download_files import check_digest
 from .errors import RegistryUnavailableError
 
 log = logging.getLogger(__name__)
+_SCRATCH_KEPT_BYTES = 256 << 20  # disk-copy buffers up to this size are kept for the next download (2 at most)
 BLOB_RETRY_S = 60.0  # how long a registry that offered no blob URL (or whose URL failed) is not asked for one
 
 
@@ -159,7 +160,7 @@ class BlobDownloads:
             await asyncio.gather(*(asyncio.wrap_future(w) for w in writes), return_exceptions=True)
             raise
         finally:
-            if all(w.done() for w in writes):
+            if all(w.done() for w in writes) and scratch.nbytes <= _SCRATCH_KEPT_BYTES and len(self._scratch) < 2:
                 self._scratch.append(scratch)
             if fd is not None:
                 os.close(fd)

@@ -40,6 +40,9 @@ VARIANTS = (
     ("w8a8_block", {"LORASERVE_FP8_W8A8": "block"}),
     ("w8a8_tensorwise", {"LORASERVE_FP8_W8A8": "tensorwise"}),
     ("w8a8_tensorwise_fast", {"LORASERVE_FP8_W8A8": "tensorwise_fast"}),
+    # single-token GEMVs with fp16 products (gemvh), and the opposite of whatever the default is
+    ("gemv_half", {"LORASERVE_FP8_GEMV_HALF": "1"}),
+    ("gemv_fp32", {"LORASERVE_FP8_GEMV_HALF": "0"}),
 )
 DEFAULT_VARIANTS = "default,gemv_pdl_early_fixup,rope_kv_unfused,gemv_pdl_early,splitk_fixup"
 

@@ -126,7 +126,19 @@ def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False)
     elif cfg[0] == "dot8":
         kind = _W8A8_KINDS[w8a8_mode()]
         cfg = (kind,) + tuple(cfg[1:]) if kind != "dot8" else cfg
+    elif M == 1 and cfg[0] in ("gemv", "gemv2", "gemv4") and gemv_half_on():
+        cfg = _HALF_M1.get((N, K)) or ("gemvh4", 1, 1, 1024, auto_split("gemvh4", 1, 4, 1024, 1, N, K, num_sms), 2, 4)
     return cfg
+
+
+# M = 1 tiles of the fp16-product GEMV (gemvh, LORASERVE_FP8_GEMV_HALF) per (N, K); others: 4 x 1024-byte rows
+_HALF_M1: dict[tuple[int, int], GemvConfig] = {}
+
+
+def gemv_half_on() -> bool:
+    """LORASERVE_FP8_GEMV_HALF=1: single-token GEMVs with fp16 products (gemvh4: fp16 partials over 2-4 K tiles, then
+    fp32; x * 2^-8 in fp16, so |x| < 9362) instead of the fp32 CUDA-core kinds."""
+    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "0").strip() == "1"
 
 
 _W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf"}

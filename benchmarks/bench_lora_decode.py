@@ -14,7 +14,8 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   bgmv         default with the BGMV shrink on (LORASERVE_LORA_BGMV=1); nopipe: default with the
                hand-rotated expand loop (LORASERVE_LORA_STREAM_SLOTS=0)
   dense        default + LORASERVE_LORA_DENSE=triton (the dense shrink, kernels/lora_shrink_dense.py);
-               dense_mm: =mm (one cuBLAS GEMM); dense_full: dense + LORASERVE_LORA_OVERLAP=full
+               dense_mm: =mm (one cuBLAS GEMM); dense_full: dense + LORASERVE_LORA_OVERLAP=full; xdense:
+               LORASERVE_LORA_DENSE_EXPAND=1 (the dense expand on gate_up); dense_xdense(_full): both (+ overlap)
   meta_eager   default with the LoRA metadata built before each graph replay (LORASERVE_LORA_META_IN_GRAPH=0,
                the path before 2026-11-30 16:20) instead of inside the decode graph
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
@@ -42,7 +43,9 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "prev": dict(bgmv=False, y_ahead=1, slots=0), "bgmv": dict(bgmv=True),
             "nopipe": dict(slots=0), "meta_eager": dict(meta_in_graph=False),
             "dense": dict(dense="triton"), "dense_mm": dict(dense="mm"),
-            "dense_full": dict(dense="triton", overlap="full")}
+            "dense_full": dict(dense="triton", overlap="full"), "xdense": dict(dense_expand=True),
+            "dense_xdense": dict(dense="triton", dense_expand=True),
+            "dense_xdense_full": dict(dense="triton", dense_expand=True, overlap="full")}
 
 
 def set_variant(v: dict, defaults: dict) -> None:
@@ -52,6 +55,7 @@ def set_variant(v: dict, defaults: dict) -> None:
     from loraserve.kernels import lora_expand_stream, lora_meta
 
     importlib.import_module("loraserve.kernels.lora_apply").DENSE_MODE = v.get("dense", defaults["dense"])
+    importlib.import_module("loraserve.kernels.lora_apply").DENSE_EXPAND = v.get("dense_expand", defaults["dense_expand"])
     batch.OVERLAP = v.get("overlap", defaults["overlap"])
     lora_meta.LORA_PDL = v.get("pdl", defaults["pdl"])
     lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", defaults["b_ahead"])
@@ -90,7 +94,8 @@ def main() -> int:
 
     import importlib
 
-    defaults = dict(dense=importlib.import_module("loraserve.kernels.lora_apply").DENSE_MODE, overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
+    apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
+    defaults = dict(dense=apply_mod.DENSE_MODE, dense_expand=apply_mod.DENSE_EXPAND, overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
                     y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV,
                     slots=lora_expand_stream.STREAM_SLOTS,
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"))

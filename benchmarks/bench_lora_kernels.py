@@ -137,6 +137,7 @@ class Case:
             apply_mod.FUSED_ENABLED = bool(v.get("fused", False))
             apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
             apply_mod.DENSE_MODE = v.get("dense", "")
+            apply_mod.DENSE_EXPAND = bool(v.get("dense_expand", False))
             from loraserve.kernels import lora_expand_stream, lora_onelaunch
 
             lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)
@@ -171,12 +172,10 @@ class Case:
                 from loraserve.kernels.lora_shrink_dense import lora_shrink_dense
 
                 return lambda: lora_shrink_dense(self.x, a, self.ws, backend=DENSE_MODE)
-            if kind == "expand_only" and self.path == "dense":
-                from loraserve.kernels.lora_shrink_dense import dense_partials
+            if kind == "expand_only" and cfg is None and self.path in ("dense", "partials", "reduced"):
+                from loraserve.kernels.lora_apply import _expand   # lora_apply's own expand half (dense or not)
 
-                parts = dense_partials(self.ws, self.S, a.shape[2])
-                return lambda: lora_expand(parts, b, self.offsets, self.meta, self.ranks, self.y, config=cfg,
-                                           dense_slots=True)
+                return lambda: _expand(self.ws, self.y, b, self.offsets, self.meta, self.ranks, None, None, self.path)
             if kind == "shrink_only":  # lora_apply's first launch(es), into its workspace
                 return lambda: lora_shrink(self.x, a, self.meta, self.ranks, self.ws)
             if kind == "expand_only":  # lora_apply's expand from its workspace (streaming: cfg overrides)

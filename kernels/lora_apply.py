@@ -50,6 +50,12 @@ ONELAUNCH_ENABLED = os.environ.get("LORASERVE_LORA_ONELAUNCH", "0").strip() not 
 DENSE_MODE = {"1": "triton", "triton": "triton", "mm": "mm"}.get(
     os.environ.get("LORASERVE_LORA_DENSE", "0").strip().lower(), "")
 DENSE_MIN_TOKENS, DENSE_MAX_TOKENS = 32, 256
+# Dense expand (lora_expand_dense.py): one program per 128 output columns for all tokens, walking the
+# slots 4 at a time (B of unused slots never read), after either shrink, for <= 64 tokens and wide
+# projections (N >= DENSE_EXPAND_MIN_N: its grid is N / 128 programs). LORASERVE_LORA_DENSE_EXPAND=1;
+# off by default until an H200 run has timed it. Read at each call.
+DENSE_EXPAND = os.environ.get("LORASERVE_LORA_DENSE_EXPAND", "0").strip().lower() not in ("", "0", "false", "off", "no")
+DENSE_EXPAND_MIN_N = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_N", "8192"))
 
 
 def use_triton(x: Tensor) -> bool:
@@ -134,13 +140,10 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
 
         return lora_onelaunch(x, lora_a, lora_b, slice_offsets, meta, ranks, y, buf, scale=scale, shift=shift)
     if path == "dense":
-        from .lora_expand import lora_expand
-        from .lora_shrink_dense import dense_partials, lora_shrink_dense
+        from .lora_shrink_dense import lora_shrink_dense
 
         lora_shrink_dense(x, lora_a, buf, backend=DENSE_MODE)   # [SK, T, L*S*R] partials, every slot
-        S, R = lora_a.shape[1], lora_a.shape[2]
-        return lora_expand(dense_partials(buf, S, R), lora_b, slice_offsets, meta, ranks, y, scale=scale,
-                           shift=shift, dense_slots=True)
+        return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path)
     if path == "fused":
         from .lora_fused import lora_shrink_expand
 
@@ -150,11 +153,41 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
 
             dora_scale_rows(y, scale, meta, ranks, shift)
         return y
-    from .lora_expand import lora_expand
     from .lora_shrink import lora_shrink
 
     lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced
-    return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)
+    return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path)
+
+
+def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
+            scale: Tensor | None, shift: Tensor | None, path: str) -> Tensor:
+    """The expand half of a split path: the dense expand where DENSE_EXPAND takes it, else lora_expand
+    (the streaming kernel for the dense shrink's every-slot partials)."""
+    from .lora_expand import lora_expand
+
+    S, R = slice_offsets.shape[0] - 1, lora_b.shape[2]
+    if path == "dense":
+        from .lora_shrink_dense import dense_partials
+
+        parts, slot_stride = dense_partials(buf, S, R), S * R
+    else:
+        parts, slot_stride = (buf if buf.dim() == 4 else buf.unsqueeze(0)), 0
+    if dense_expand_taken(y, lora_b, meta, S):
+        from .lora_expand_dense import lora_expand_dense
+
+        return lora_expand_dense(parts, lora_b, slice_offsets, meta, ranks, y, slot_stride=slot_stride,
+                                 scale=scale, shift=shift)
+    return lora_expand(parts if path == "dense" else buf, lora_b, slice_offsets, meta, ranks, y, scale=scale,
+                       shift=shift, dense_slots=path == "dense")
+
+
+def dense_expand_taken(y: Tensor, lora_b: Tensor, meta: LoRAMeta, num_slices: int) -> bool:
+    """DENSE_EXPAND is on and lora_expand_dense takes these shapes (wide enough, <= 64 tokens)."""
+    if not DENSE_EXPAND or lora_b.shape[1] < DENSE_EXPAND_MIN_N or (y.is_cuda and y.dtype == torch.float32):
+        return False
+    from .lora_expand_dense import dense_expand_applies
+
+    return dense_expand_applies(meta.num_tokens, num_slices, lora_b.shape[2])
 
 
 def lora_apply_split(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> bool:
@@ -182,11 +215,4 @@ def lora_expand_part(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tens
                      path: str | None = None) -> Tensor:
     """lora_apply's second half on a split path: y += expand(buf) (with DoRA's epilogue); path as
     for lora_shrink_part."""
-    from .lora_expand import lora_expand
-
-    if path == "dense":
-        from .lora_shrink_dense import dense_partials
-
-        return lora_expand(dense_partials(buf, slice_offsets.shape[0] - 1, lora_b.shape[2]), lora_b, slice_offsets,
-                           meta, ranks, y, scale=scale, shift=shift, dense_slots=True)
-    return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift)
+    return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path or "partials")

@@ -63,3 +63,49 @@ def check_dense_apply(dtype: str, hidden: int, max_rank: int, widths: list[int],
     untouched = _untouched(p)
     assert torch.equal(y[untouched], p.y0[untouched]), "a row without an adapter was touched"
     assert not y.isnan().any()
+
+
+def check_dense_expand_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int,
+                             num_slots: int, composition: str, shrink: str, with_scale: bool = False,
+                             device: str = "cpu") -> None:
+    """lora_apply with the dense expand (LORASERVE_LORA_DENSE_EXPAND) after the tiled shrink ("" ) or the
+    dense shrink ("triton"), slice widths that do not divide its 128-column blocks (a block straddles two
+    slices), DoRA's scale/shift optional, unused slots' B filled with NaN (must never be read): vs the float64
+    per-token loop; rows without an adapter untouched; two runs bit-equal."""
+    import importlib
+
+    apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths, num_slots=num_slots,
+                     composition=composition, dtype=DTYPES[dtype], seed=5 * num_tokens + hidden, device=device)
+    used = set(p.token_slot.tolist())
+    for slot in range(num_slots):
+        if slot not in used:  # an unused slot holding garbage: its B must never be read
+            p.lora_b[slot] = float("nan")
+    scale = shift = None
+    if with_scale:
+        gen = torch.Generator().manual_seed(11)
+        scale = (0.5 + torch.rand(num_slots, sum(widths), generator=gen)).to(device)
+        shift = torch.randn(num_slots, sum(widths), generator=gen).to(device)
+    meta = LoRAMetaBuilder(num_tokens, num_slots, device).build(p.token_slot)
+    old = apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N
+    try:
+        apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = shrink, True, 1
+        path, shape, _ = apply_mod.choose_path(p.x, p.lora_a, p.lora_b, meta)
+        assert path == ("dense" if shrink else "partials"), path
+        assert apply_mod.dense_expand_taken(p.y0, p.lora_b, meta, len(widths))
+        ws = torch.full(shape, float("nan"), device=device)
+        ys = [lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws, scale=scale,
+                         shift=shift) for _ in range(2)]
+    finally:
+        apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = old
+    want = naive_lora_delta(p)
+    if with_scale:
+        slot = p.token_slot.clamp(min=0).long()
+        want = want * scale[slot].double() + shift[slot].double()
+    adapted = ~_untouched(p)
+    torch.testing.assert_close(ys[0][adapted].double(), want.to(ys[0].dtype)[adapted].double(),
+                               **TOLERANCES[p.x.dtype])
+    assert torch.equal(ys[0], ys[1]), "two runs from the same input differ"
+    untouched = _untouched(p)
+    assert torch.equal(ys[0][untouched], p.y0[untouched]), "a row without an adapter was touched"
+    assert not ys[0].isnan().any(), "NaN (an unused slot's B or an unwritten partial) leaked into y"

@@ -40,3 +40,18 @@ def test_lora_apply_dense_matches_reference(interp, composition) -> None:
 
 def test_lora_apply_dense_mm_backend(interp) -> None:
     _run(interp, cases.check_dense_apply, "float32", 600, 16, [48, 16], 36, 4, "no-adapter-rows", "mm")
+
+
+@pytest.mark.parametrize("shrink", ["", "triton"])
+@pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks"])
+def test_dense_expand_matches_reference(interp, composition, shrink) -> None:
+    # widths 200 / 72 / 40: 128-column blocks straddle slice boundaries; 40 tokens over 6 slots
+    _run(interp, cases.check_dense_expand_apply, "float32", 256, 16, [200, 72, 40], 40, 6, composition, shrink)
+    _run(interp, cases.check_dense_expand_apply, "float16", 512, 32, [384], 33, 9, composition, shrink)
+
+
+def test_dense_expand_dora_and_few_tokens(interp) -> None:
+    # DoRA epilogue; 5 tokens (BLOCK_M 16) over 4 slots with the tiled shrink (32 slots > 5 tokens: no dense shrink)
+    _run(interp, cases.check_dense_expand_apply, "float32", 256, 16, [256, 128], 40, 5, "no-adapter-rows", "triton",
+         with_scale=True)
+    _run(interp, cases.check_dense_expand_apply, "float32", 256, 8, [130, 126], 5, 4, "uniform", "")

@@ -362,3 +362,25 @@ def test_dense_path_llama3_8b_bf16_and_graph_replay(backend: str) -> None:
         check_graph_replay_matches_eager(64, 16)
     finally:
         apply_mod.DENSE_MODE = old
+
+
+@pytest.mark.parametrize("shrink", ["", "triton"])
+def test_dense_expand_llama3_8b_bf16_and_graph_replay(shrink: str) -> None:
+    """LORASERVE_LORA_DENSE_EXPAND: the dense expand on gate_up (64 tokens / 32 slots, unused slots' B NaN)
+    after the tiled or the dense shrink, vs the float64 reference (DoRA epilogue too), rows without an
+    adapter untouched; and a CUDA graph replay == eager bit for bit (qkv, all slots)."""
+    import importlib
+
+    from . import dense_interp_cases
+
+    hidden, widths = PROJECTIONS["gate_up"]
+    for composition, dora in (("distinct", False), ("no-adapter-rows", True), ("mixed-ranks", False)):
+        dense_interp_cases.check_dense_expand_apply("bfloat16", hidden, 16, widths, 64, 32, composition, shrink,
+                                                    with_scale=dora, device="cuda")
+    apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
+    old = apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N
+    apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = shrink, True, 1
+    try:
+        check_graph_replay_matches_eager(64, 16)
+    finally:
+        apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = old

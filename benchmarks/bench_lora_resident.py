@@ -155,6 +155,9 @@ def main() -> int:
     ap.add_argument("--skip-eager-loop", action="store_true", help="no closed loop with mixed LoRA steps eager")
     ap.add_argument("--ab-bound", action="store_true",
                     help="also the LoRA loop with the mixed graphs' old LoRA grid (no segment bound), recaptured")
+    ap.add_argument("--tier-adapters", type=int, default=0,
+                    help="size the GPU tier for this many adapters' module layers, as bench_churn does for its 1000 "
+                         "(its resident phase runs with that tier: 1000 max-rank slots or 8000 packing granules)")
     ap.add_argument("--json")
     args = ap.parse_args()
     tiny = args.tiny
@@ -184,10 +187,17 @@ def main() -> int:
     modules = ALL_MODULES if args.modules == "all" else CHURN_MODULES
     # as bench_churn's engine: max rank 64 (its 32 resident adapters are rank 8-64 on q_proj + v_proj); here all
     # seven modules enabled, for the one-token adapter (rank 16 on all seven, as bench_churn's cold adapters)
+    extra = {}
+    if args.tier_adapters:   # bench_churn's GPU tier: every one of its 1000 adapters' modules x layers
+        from loraserve import PeftCacheConfig
+
+        with open(os.path.join(model_dir, "config.json")) as f:
+            n_layers = json.load(f)["num_hidden_layers"]
+        extra["peft_cache_config"] = PeftCacheConfig(num_device_module_layer=args.tier_adapters * n_layers * len(modules))
     llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=conc,
               lora_config=LoraConfig(max_lora_rank=64, max_loras=args.adapters + 1, max_cpu_loras=args.adapters + 1,
                                      lora_target_modules=list(modules)),
-              kv_cache_config={"free_gpu_memory_fraction": 0.5})
+              kv_cache_config={"free_gpu_memory_fraction": 0.5}, **extra)
     eng = llm.engine
     ttft_id = args.adapters + 1
     add_adapter(eng, ttft_id, modules, 16, 7_000)

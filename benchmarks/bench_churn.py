@@ -155,17 +155,22 @@ class FreshPrompts:
         return self.rng.integers(2, self.vocab, size=length).tolist()
 
 
-def time_first_token(engine, prompt: list[int], lora_request=None, resolve=None) -> float:
-    """Seconds from the request (including resolve(), when given) to its first token."""
+def time_first_token(engine, prompt: list[int], lora_request=None, resolve=None, timeline: list | None = None) -> float:
+    """Seconds from the request (including resolve(), when given) to its first token. timeline: gets the
+    seconds (from the request) at which resolve() returned and each engine step ended (where the rest goes)."""
     from loraserve import SamplingParams
 
     t0 = time.perf_counter()
     hold = resolve() if resolve is not None else None
+    marks = timeline if timeline is not None else []
+    marks.append(time.perf_counter() - t0)
     engine.add_request(f"cold-{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0,
                                                                               ignore_eos=True),
                        None if hold is not None else lora_request, lora_handle=hold)
     while True:
-        for out in engine.step():
+        outs = engine.step()
+        marks.append(time.perf_counter() - t0)
+        for out in outs:
             if out.finished:
                 return time.perf_counter() - t0
 
@@ -187,7 +192,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
     time_first_token(eng, prompt(64))  # warm-up
     base = [time_first_token(eng, prompt(64)) for _ in range(3)]
     result = {"base_ttft_s": statistics.median(base)}
-    cold, warm, stages = [], [], []
+    cold, warm, stages, timelines = [], [], [], []
     if use_registry:
         from loraserve.inference.adapter_source import AdapterFetcher
         from loraserve.registry.client import RegistryClient
@@ -207,10 +212,12 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
                     fetched.append(f)
                     return eng.lora_manager.resolve(LoRARequest(f"cold-{i}", 10_000 + i, f.path, f.format),
                                                     trusted=True, digest=f.digest, data=f.data)  # as the service does
-                cold.append(time_first_token(eng, prompt(64), resolve=resolve))
+                timeline: list = []
+                cold.append(time_first_token(eng, prompt(64), resolve=resolve, timeline=timeline))
                 st = _handle_timings(eng, 10_000 + i)  # (an overlapped download: its time is the handle's)
                 stages.append(dict(st, resolve_s=fetched[0].resolve_s,
                                    download_s=max(fetched[0].download_s, st.get("download_s", 0.0))))
+                timelines.append(timeline)
                 loop.run(fetcher.flush())  # its disk copy, written meanwhile, done before the next
                 warm.append(time_first_token(eng, prompt(64), LoRARequest(f"cold-{i}", 10_000 + i)))
             loop.run(fetcher.close())
@@ -230,7 +237,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
         skip = ("place_s", "pin_alloc_s") + (("download_s",) if "verify_wait_s" in st else ())
         st["rest_s"] = total - sum(v for k, v in st.items() if k not in skip)
     result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
-                  cold_ttft_all_s=cold, cold_stages=stages,
+                  cold_ttft_all_s=cold, cold_stages=stages, cold_timelines_s=timelines[1:],
                   adapter_dir_bytes=sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])))
     llm.shutdown()
     llm = eng = None  # drop the engine before the next one loads (a del would hide eng from resolve's closure)
@@ -319,6 +326,9 @@ def main() -> int:
               f"[{time.perf_counter() - t:.0f} s]", flush=True)
         for st in cold["cold_stages"]:
             print("  engine path, ms: " + ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in st.items()))
+        for tl in cold.get("cold_timelines_s", []):
+            print(f"  timeline, ms from the request: resolved (parsed, verified, staged) {tl[0] * 1e3:.1f}, engine steps "
+                  f"ended " + ", ".join(f"{x * 1e3:.1f}" for x in tl[1:]) + " (the last: the first token)")
         keys = sorted({k for st in cold["cold_stages"] for k in st})
         med = {k: statistics.median(st.get(k, 0.0) for st in cold["cold_stages"]) for k in keys}
         if cold["cold_stages"]:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from . import greedy as _greedy
+from .pdl import pdl_kwargs
 
 NUM_FIELDS = 8   # per rank and row; 3 of padding: a [T, W, 8] fp32 message is a multiple of 16 bytes
 MAX_ROWS = 256   # the decode buckets the sampler graphs cover
@@ -37,7 +38,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _tp_stats_kernel(wsf_ptr, wsi_ptr, out_ptr, num_chunks, vocab_start, RANK: tl.constexpr,
-                         WORLD: tl.constexpr, W_PAD: tl.constexpr, C_PAD: tl.constexpr):
+                         WORLD: tl.constexpr, W_PAD: tl.constexpr, C_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: the workspaces are the chunk kernel's output
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cs = tl.arange(0, C_PAD)
         cm = cs < num_chunks
@@ -70,7 +74,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _tp_combine_kernel(stats_ptr, tok_ptr, lp_ptr, ok_ptr, packed_ptr, packed_stride,
-                           WORLD: tl.constexpr, W_PAD: tl.constexpr):
+                           WORLD: tl.constexpr, W_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # the stats are the all-gather's output
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         r = tl.arange(0, W_PAD)
         rm = r < WORLD
@@ -127,11 +134,11 @@ def tp_shard_stats(local: Tensor, vocab_start: int, vocab_size: int, rank: int, 
     if out is None:
         out = torch.empty(T, world, 8, dtype=torch.float32, device=dev)
     assert out.shape == (T, world, 8) and out.is_contiguous() and out.dtype == torch.float32
-    # no PDL here: the shard pass follows cuBLAS's LM head, the merge an ordinary kernel
-    _greedy_chunk_kernel[(T, C)](local, wsf, wsi, valid, local.stride(0), C, CHUNK=chunk, num_warps=8)
+    pdl = pdl_kwargs(dev)   # (after a kernel launched without PDL, a PDL launch simply waits for its end)
+    _greedy_chunk_kernel[(T, C)](local, wsf, wsi, valid, local.stride(0), C, CHUNK=chunk, num_warps=8, **pdl)
     w_pad = max(2, triton.next_power_of_2(world))
     _tp_stats_kernel[(T,)](wsf, wsi, out, C, vocab_start, RANK=rank, WORLD=world, W_PAD=w_pad,
-                           C_PAD=max(16, triton.next_power_of_2(C)), num_warps=1)
+                           C_PAD=max(16, triton.next_power_of_2(C)), num_warps=1, **pdl)
     return out
 
 
@@ -150,5 +157,5 @@ def tp_combine(stats: Tensor, packed: Tensor | None = None) -> tuple[Tensor, Ten
         packed = torch.empty(3, T, dtype=torch.float64, device=dev)
     assert packed.shape[0] == 3 and packed.shape[1] >= T and packed.stride(1) == 1 and packed.dtype == torch.float64
     _tp_combine_kernel[(T,)](stats, tokens, logprobs, ok, packed, packed.stride(0), WORLD=W,
-                             W_PAD=max(2, triton.next_power_of_2(W)), num_warps=1)
+                             W_PAD=max(2, triton.next_power_of_2(W)), num_warps=1, **pdl_kwargs(dev))
     return tokens, logprobs, ok.view(torch.bool), packed

@@ -54,9 +54,9 @@ def test_tp_greedy_compiles_for_sm90(world) -> None:
     w_pad = max(2, triton.next_power_of_2(world))
     kernels = [
         (_tp_stats_kernel, {"wsf_ptr": "*fp32", "wsi_ptr": "*i32", "out_ptr": "*fp32", "num_chunks": "i32",
-                            "vocab_start": "i32"}, dict(RANK=1, WORLD=world, W_PAD=w_pad, C_PAD=16)),
+                            "vocab_start": "i32"}, dict(RANK=1, WORLD=world, W_PAD=w_pad, C_PAD=16, USE_PDL=True)),
         (_tp_combine_kernel, {"stats_ptr": "*fp32", "tok_ptr": "*i64", "lp_ptr": "*fp32", "ok_ptr": "*i8",
-                              "packed_ptr": "*fp64", "packed_stride": "i32"}, dict(WORLD=world, W_PAD=w_pad)),
+                              "packed_ptr": "*fp64", "packed_stride": "i32"}, dict(WORLD=world, W_PAD=w_pad, USE_PDL=world == 2)),
         (_vocab_parallel_embed_kernel, {"ids_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*bf16", "vocab_start": "i32",
                                         "rows": "i32", "H": "i32", "stride_w": "i32", "stride_o": "i32"},
          dict(BLOCK=2048)),

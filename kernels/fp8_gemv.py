@@ -61,12 +61,15 @@ GEMVH_X_SCALE = 2.0 ** -8
 
 
 def w8a8_block_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, block_k: int = 128) -> Tensor:
-    """dot8b's math: x [M, K] rounded to e4m3 with one scale per (row, block_k-wide block of k) (s = amax / 448,
-    x_q = e4m3(clamp(x * (1 / s), +-448)), a zero-padded tail block), then gemv_ref on x_q * s (fp32 accumulate)."""
+    """dot8b's math: x [M, K] rounded to e4m3 with one scale per (row, block_k-wide block of k): s = 2^(E - 7) for the
+    block's amax in [2^E, 2^(E+1)) (|x / s| < 256: exact scaling, no saturation; s >= 2^-126), x_q = e4m3(x / s), a
+    zero-padded tail block; then gemv_ref on x_q * s (fp32 accumulate)."""
     M, K = x.shape
     xb = torch.nn.functional.pad(x.float(), (0, (-K) % block_k)).view(M, -1, block_k)
-    scale = (xb.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)                # [M, K / block_k, 1]
-    x_q = (xb * (1.0 / scale)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    amax = xb.abs().amax(dim=-1, keepdim=True)                                               # [M, K / block_k, 1]
+    s_exp = (((amax.view(torch.int32) >> 23) & 0xFF) - 7).clamp(min=1)                      # biased exponent
+    scale, inv = (s_exp << 23).view(torch.float32), ((254 - s_exp) << 23).view(torch.float32)
+    x_q = (xb * inv).to(torch.float8_e4m3fn)
     y = gemv_ref((x_q.float() * scale).reshape(M, -1)[:, :K], w_q, w_scale, bias)
     return y.to(x.dtype)
 
@@ -459,15 +462,18 @@ if HAS_TRITON:
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
             if FP8X and XQ:
-                # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k), the amax of this
-                # block's x values (DeepSeek-V3's 1 x 128 activation tiles; no per-token quantization launch, and
-                # finer scales than per token). xt [BK, BM] in bf16/fp16 -> e4m3; the FP8 MMA's fp32 partial of this
-                # block times the block's scales is added to acc in full fp32 (the promotion PRECISE asks for)
+                # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k) from the amax of the
+                # block's x values (DeepSeek-V3's 1 x 128 activation tiles: no per-token quantization launch, finer
+                # scales than per token). The scale is the power of two 2^(E - 7), E = amax's exponent: x * 2^(7 - E)
+                # is exact and below 256 (no saturation, no division: an IEEE division per token and block cost
+                # ~150 instructions per K step in the SASS). xt [BK, BM] bf16/fp16 -> e4m3; the FP8 MMA's fp32
+                # partial of the block times its scales is added to acc in full fp32 (the promotion PRECISE asks for)
                 xf = xt.to(tl.float32)
                 amax = tl.max(tl.abs(xf), axis=0)                                                 # [BM]
-                bscale = tl.maximum(tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32)), 1e-12)
-                inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), bscale)                      # IEEE, as torch
-                xq = tl.minimum(tl.maximum(xf * inv[None, :], -448.0), 448.0).to(w.dtype)
+                s_exp = tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 7, 1)     # biased exponent
+                bscale = (s_exp << 23).to(tl.float32, bitcast=True)                               # 2^(E - 7)
+                inv = ((254 - s_exp) << 23).to(tl.float32, bitcast=True)                          # 1 / bscale, exact
+                xq = (xf * inv[None, :]).to(w.dtype)
                 acc += tl.dot(w, xq) * bscale[None, :]
             elif FP8X and PRECISE:
                 # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA.

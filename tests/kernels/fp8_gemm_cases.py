@@ -115,9 +115,11 @@ def check_gemv(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "cp
 
 
 def _e4m3_blocks(m: int, width: int, block_k: int, start: int, g: torch.Generator) -> torch.Tensor:
-    """[m, width] fp32 whose columns start + j * block_k ... (a block of the kernel's K) hold e4m3 values times 2^e
-    (e in -8..0, per row and block) with one element of each block at +-448 * 2^e: every block's scale is 2^e."""
-    x = torch.randn(m, width, generator=g).clamp(-447, 447).to(FP8).float()
+    """[m, width] fp32 whose columns start + j * block_k ... (a block of the kernel's K) hold e4m3 values of magnitude
+    2^-4..447 (or 0) times 2^e (e in -8..0, per row and block) with one element of each block at +-448 * 2^e: every
+    block's scale is 2^(e + 1) and x / scale (halved e4m3 normals) is exact in e4m3."""
+    x = (torch.randn(m, width, generator=g) * 8).clamp(-447, 447)
+    x = torch.where(x.abs() < 2 ** -4, torch.zeros_like(x), x).to(FP8).float()
     for b0 in range(start, width, block_k):
         b1 = min(b0 + block_k, width)
         e = torch.randint(-8, 1, (m, 1), generator=g).float()

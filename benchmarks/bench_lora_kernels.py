@@ -138,6 +138,7 @@ class Case:
             apply_mod.ONELAUNCH_ENABLED = bool(v.get("onelaunch", False))
             apply_mod.DENSE_MODE = v.get("dense", "")
             apply_mod.DENSE_EXPAND = bool(v.get("dense_expand", False))
+            apply_mod.DENSE_EXPAND_MIN_N = v.get("dense_expand_min_n", 8192)
             from loraserve.kernels import lora_expand_stream, lora_onelaunch
 
             lora_onelaunch.ONELAUNCH_MAX_TOKENS = v.get("onelaunch_max_tokens", 256)

@@ -26,7 +26,8 @@ defaults set them):
              one split-K GEMM kernel, lora_shrink_dense.py) at 32-256 tokens when the pool has <= T slots;
              dense_mm: the same shrink as one cuBLAS GEMM (torch.mm)
   xdense     default + LORASERVE_LORA_DENSE_EXPAND=1: the dense expand (lora_expand_dense.py) at <= 64 tokens on
-             projections >= 8192 wide (gate_up); dense_xdense: with the dense shrink too
+             projections >= 8192 wide (gate_up); dense_xdense: with the dense shrink too; dense_xdense_all: and
+             the dense expand on every projection (64-column blocks below 25k columns)
 Cases run variant by variant (every case of one variant, then the next), each variant's summary
 printed as soon as it is done, so a variant that hangs (killed by an outer `timeout`) leaves the
 earlier ones on record. Outputs are compared with the first variant's from the same input, and
@@ -52,7 +53,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv_split=lora_shrink_bgmv.BGMV_TARGET_SPLIT,
                bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS,
                bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS, dense=_apply_module.DENSE_MODE,
-               dense_expand=_apply_module.DENSE_EXPAND)
+               dense_expand=_apply_module.DENSE_EXPAND, dense_expand_min_n=_apply_module.DENSE_EXPAND_MIN_N)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -90,6 +91,8 @@ VARIANTS = {
     # <= 64 tokens and N >= 8192 (gate_up), after the default shrink / after the dense shrink
     "xdense": dict(stream=True, pdl=True, bgmv=True, dense_expand=True),
     "dense_xdense": dict(stream=True, pdl=True, bgmv=True, dense="triton", dense_expand=True),
+    "dense_xdense_all": dict(stream=True, pdl=True, bgmv=True, dense="triton", dense_expand=True,
+                             dense_expand_min_n=1),  # ... the dense expand on every projection
 }
 
 

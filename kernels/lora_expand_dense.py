@@ -121,6 +121,16 @@ DENSE_EXPAND_GROUP = 4  # slots per step: 4 x 4 KB of B at rank 16, BLOCK_N 128
 DENSE_EXPAND_NUM_WARPS = 8  # 4 warps: 255 registers and a 16-byte stack (sm_90 offline compile)
 
 
+def dense_expand_config(n_total: int, num_sms: int = 132) -> dict:
+    """128 columns x 4 slots a step (16 KB of B at rank 16) when that gives >= 1.5 programs per SM
+    (gate_up: 224 programs); narrower projections 64 columns x 8 slots (qkv 96 programs, o / down 64):
+    the grid is N / BLOCK_N programs, each streaming every used slot's B for its columns."""
+    if n_total >= 1.5 * num_sms * DENSE_EXPAND_BLOCK_N:
+        return dict(BLOCK_N=DENSE_EXPAND_BLOCK_N, GROUP=DENSE_EXPAND_GROUP, num_warps=DENSE_EXPAND_NUM_WARPS,
+                    num_stages=4)
+    return dict(BLOCK_N=64, GROUP=8, num_warps=DENSE_EXPAND_NUM_WARPS, num_stages=4)
+
+
 def dense_expand_applies(num_tokens: int, num_slices: int, rank: int) -> bool:
     """The shapes this kernel takes: <= 64 tokens (one row block; FLOPs), <= 3 slices, ranks <= 32
     (z and B tiles in registers)."""
@@ -146,8 +156,9 @@ def lora_expand_dense(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, m
     assert dense_expand_applies(T, S, R), f"dense expand does not take T={T}, S={S}, R={R}"
     if T == 0 or N == 0:
         return y
-    cfg = dict(BLOCK_N=DENSE_EXPAND_BLOCK_N, GROUP=DENSE_EXPAND_GROUP, num_warps=DENSE_EXPAND_NUM_WARPS, num_stages=4,
-               **(config or {}))
+    from .lora_shrink import _num_sms
+
+    cfg = dict(dense_expand_config(N, _num_sms(y.device.index if y.is_cuda else None)), **(config or {}))
     block_r = max(16, 1 << max(0, (R - 1).bit_length()))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_expand_dense_kernel[grid](

@@ -67,12 +67,15 @@ def check_dense_apply(dtype: str, hidden: int, max_rank: int, widths: list[int],
 
 def check_dense_expand_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int,
                              num_slots: int, composition: str, shrink: str, with_scale: bool = False,
-                             device: str = "cpu") -> None:
+                             wide: bool = False, device: str = "cpu") -> None:
     """lora_apply with the dense expand (LORASERVE_LORA_DENSE_EXPAND) after the tiled shrink ("" ) or the
     dense shrink ("triton"), slice widths that do not divide its 128-column blocks (a block straddles two
     slices), DoRA's scale/shift optional, unused slots' B filled with NaN (must never be read): vs the float64
-    per-token loop; rows without an adapter untouched; two runs bit-equal."""
+    per-token loop; rows without an adapter untouched; two runs bit-equal. wide: the config of wide
+    projections (128 columns x 4 slots a step) whatever N (else the code's choice: 64 x 8 below 25k columns)."""
     import importlib
+
+    from loraserve.kernels import lora_expand_dense
 
     apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
     p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths, num_slots=num_slots,
@@ -88,8 +91,11 @@ def check_dense_expand_apply(dtype: str, hidden: int, max_rank: int, widths: lis
         shift = torch.randn(num_slots, sum(widths), generator=gen).to(device)
     meta = LoRAMetaBuilder(num_tokens, num_slots, device).build(p.token_slot)
     old = apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N
+    old_cfg = lora_expand_dense.dense_expand_config
     try:
         apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = shrink, True, 1
+        if wide:
+            lora_expand_dense.dense_expand_config = lambda n, sms=132: old_cfg(10 ** 9, sms)
         path, shape, _ = apply_mod.choose_path(p.x, p.lora_a, p.lora_b, meta)
         assert path == ("dense" if shrink else "partials"), path
         assert apply_mod.dense_expand_taken(p.y0, p.lora_b, meta, len(widths))
@@ -98,6 +104,7 @@ def check_dense_expand_apply(dtype: str, hidden: int, max_rank: int, widths: lis
                          shift=shift) for _ in range(2)]
     finally:
         apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = old
+        lora_expand_dense.dense_expand_config = old_cfg
     want = naive_lora_delta(p)
     if with_scale:
         slot = p.token_slot.clamp(min=0).long()

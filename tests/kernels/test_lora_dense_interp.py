@@ -48,6 +48,8 @@ def test_dense_expand_matches_reference(interp, composition, shrink) -> None:
     # widths 200 / 72 / 40: 128-column blocks straddle slice boundaries; 40 tokens over 6 slots
     _run(interp, cases.check_dense_expand_apply, "float32", 256, 16, [200, 72, 40], 40, 6, composition, shrink)
     _run(interp, cases.check_dense_expand_apply, "float16", 512, 32, [384], 33, 9, composition, shrink)
+    _run(interp, cases.check_dense_expand_apply, "float32", 256, 16, [200, 72, 40], 40, 6, composition, shrink,
+         wide=True)
 
 
 def test_dense_expand_dora_and_few_tokens(interp) -> None:

@@ -352,12 +352,18 @@ def sweep(a) -> dict:
 
 
 # (name, LORASERVE_FP8_GEMV_PDL, LORASERVE_PDL, LORASERVE_FP8_SPLITK_FIXUP) of each layer-chain variant
-CHAIN_SWITCHES = ("LORASERVE_FP8_GEMV_PDL", "LORASERVE_PDL", "LORASERVE_FP8_SPLITK_FIXUP")
+CHAIN_SWITCHES = ("LORASERVE_FP8_GEMV_PDL", "LORASERVE_PDL", "LORASERVE_FP8_SPLITK_FIXUP", "LORASERVE_FP8_W8A8",
+                  "LORASERVE_FP8_GEMV_HALF")
 CHAIN_VARIANTS = (("bf16", "0", "0", "0"), ("bf16_gemv_pdl", "0", "1", "0"), ("fp8", "0", "0", "0"),
                   ("fp8_fixup", "0", "0", "1"),
                   ("fp8_gemv_pdl", "1", "0", "0"), ("fp8_all_pdl", "1", "1", "0"), ("fp8_all_pdl_fixup", "1", "1", "1"),
                   # LORASERVE_FP8_GEMV_PDL=early: dependents that load their first weight tile before the wait
-                  ("fp8_early_pdl", "early", "1", "0"), ("fp8_early_pdl_fixup", "early", "1", "1"))
+                  ("fp8_early_pdl", "early", "1", "0"), ("fp8_early_pdl_fixup", "early", "1", "1"),
+                  # the engine's defaults (GEMV PDL auto), then the W8A8 forms at 33..64 tokens and fp16-product GEMVs
+                  ("fp8_auto", "auto", "0", "0", "token", "0"), ("fp8_w8a8_block", "auto", "0", "0", "block", "0"),
+                  ("fp8_w8a8_tw", "auto", "0", "0", "tensorwise", "0"), ("fp8_w8a8_fast", "auto", "0", "0", "fast", "0"),
+                  ("fp8_half", "auto", "0", "0", "token", "1"))
+CHAIN_VARIANTS = tuple(v + ("token", "0")[len(v) - 4:] for v in CHAIN_VARIANTS)   # every switch set each time
 # LORASERVE_FP8_CHAIN_VARIANTS=fp8,fp8_early_pdl,...: only these (bf16 always) - a probe's time limit
 _only = os.environ.get("LORASERVE_FP8_CHAIN_VARIANTS", "").strip()
 if _only:

@@ -50,30 +50,18 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, interpret_mode, tl, triton
 from .fp8_gemm import check_gemm_args, fp8_w8a16_gemm_ref
+from .fp8_gemv_half import GEMVH_X_SCALE  # noqa: F401  (re-exported)
+from .fp8_skinny_dot import w8a8_block_ref  # noqa: F401  (re-exported: the tests and the sweep read it here)
 # tile configs (kernels/fp8_gemv_configs.py), re-exported: the sweep and the tests read them from here
 from .fp8_gemv_configs import (CONFIGS, KINDS, M_BUCKETS, X16_SCALE, GemvConfig, auto_split,  # noqa: F401
                                gemv_config, heuristic_config, m_bucket)
 
 gemv_ref = fp8_w8a16_gemm_ref   # the same math: fp32 accumulate, scale per output channel, one rounding
-# gemvh: x * 2^-8 into fp16, so that FLUSH (<= 4) products of |w_q| <= 448 stay finite for |x| < 9362 (2^-8 keeps x's
-# bf16 precision down to |x| = 2^-6; below it the fp16 subnormals lose bits of products that small)
-GEMVH_X_SCALE = 2.0 ** -8
 
-
-def w8a8_block_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, block_k: int = 128) -> Tensor:
-    """dot8b's math: x [M, K] rounded to e4m3 with one scale per (row, block_k-wide block of k): s = 2^(E - 7) for the
-    block's amax in [2^E, 2^(E+1)) (|x / s| < 256: exact scaling, no saturation; s >= 2^-126), x_q = e4m3(x / s), a
-    zero-padded tail block; then gemv_ref on x_q * s (fp32 accumulate)."""
-    M, K = x.shape
-    xb = torch.nn.functional.pad(x.float(), (0, (-K) % block_k)).view(M, -1, block_k)
-    amax = xb.abs().amax(dim=-1, keepdim=True)                                               # [M, K / block_k, 1]
-    s_exp = (((amax.view(torch.int32) >> 23) & 0xFF) - 7).clamp(min=1)                      # biased exponent
-    scale, inv = (s_exp << 23).view(torch.float32), ((254 - s_exp) << 23).view(torch.float32)
-    x_q = (xb * inv).to(torch.float8_e4m3fn)
-    y = gemv_ref((x_q.float() * scale).reshape(M, -1)[:, :K], w_q, w_scale, bias)
-    return y.to(x.dtype)
 
 if HAS_TRITON:
+    from .fp8_gemv_half import _fp8_gemv_half_kernel  # noqa: F401
+    from .fp8_skinny_dot import _fp8_skinny_dot_kernel, _prefetch_rows_l2  # noqa: F401
 
     @triton.jit(do_not_specialize=["M", "SPLITS"])
     def _splitk_sum_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, SPLITS, stride_ym,
@@ -95,17 +83,6 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc = acc + b
         tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _prefetch_rows_l2(w_ptr, rows, K, k_start, k_end, LINES: tl.constexpr):
-        # w[rows, k_start:k_end] into L2, one prefetch per 128-byte line (rows: [R] int64, valid). Issued by a
-        # GEMV launched as a programmatic dependent before its gdc_wait: the weights (no kernel of the step
-        # writes them) stream from HBM while the kernel before it (a norm, the attention) still runs
-        for k0 in range(k_start, k_end, LINES * 128):
-            offs = tl.minimum(k0 + tl.arange(0, LINES) * 128, k_end - 1)
-            ptrs = w_ptr + rows[:, None] * K + offs[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                      is_pure=False, pack=1)
 
     @triton.jit
     def _gemv_row(acc, w, x_ptr, row, M, offs_k, k_ok, EVEN_K: tl.constexpr):
@@ -350,75 +327,6 @@ if HAS_TRITON:
             _gemv_group_store(acc2, row, M, N, offs_2, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
             _gemv_group_store(acc3, row, M, N, offs_3, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
 
-    # gemv2h / gemv4h (M = 1 rows, x per program row): _fp8_gemv_groups_kernel with the products in fp16. Per weight
-    # pair: one cvt e4m3x2 -> f16x2 and one f16x2 FMA into an fp16 partial, which FLUSH K tiles share before it is
-    # widened into the fp32 accumulator (the fp32 form pays a conversion and an FFMA per weight byte: the
-    # instruction issue, not HBM, bounded it at ~0.83 of copy on the H200). x is scaled by x16_scale (2^-8) into
-    # fp16 so that FLUSH products of |w| <= 448 stay finite for |x| < 2^13; the accumulator is scaled back.
-    @triton.jit(do_not_specialize=["M"])
-    def _fp8_gemv_half_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                              x16_scale, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, GROUPS: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr, PDL: tl.constexpr,
-                              WAIT: tl.constexpr):
-        row = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_0 = pid_n * (GROUPS * BLOCK_N) + tl.arange(0, BLOCK_N)
-        offs_1 = offs_0 + BLOCK_N
-        offs_2 = offs_0 + 2 * BLOCK_N
-        offs_3 = offs_0 + 3 * BLOCK_N
-        k_start = pid_k * K_PER_SPLIT   # the launcher keeps K_PER_SPLIT a multiple of FLUSH * BLOCK_K dividing K
-        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-        p0 = w_ptr + tl.where(offs_0 < N, offs_0, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
-        p1 = w_ptr + tl.where(offs_1 < N, offs_1, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
-        p2 = w_ptr + tl.where(offs_2 < N, offs_2, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
-        p3 = w_ptr + tl.where(offs_3 < N, offs_3, 0).to(tl.int64)[:, None] * K + (k_start + offs_k)[None, :]
-        x_ptrs = x_ptr + row.to(tl.int64) * stride_xm + k_start + offs_k[None, :] + tl.zeros((BLOCK_N, BLOCK_K),
-                                                                                            dtype=tl.int32)
-        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if WAIT:   # a programmatic dependent: x is the kernel before us's output
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(k_start, k_end, FLUSH * BLOCK_K):
-            h0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16)
-            h1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16)
-            h2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16)
-            h3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16)
-            for j in tl.static_range(FLUSH):
-                x = (tl.load(x_ptrs + j * BLOCK_K).to(tl.float32) * x16_scale).to(tl.float16)
-                h0 += tl.load(p0 + j * BLOCK_K, eviction_policy="evict_first").to(tl.float16) * x
-                if GROUPS >= 2:
-                    h1 += tl.load(p1 + j * BLOCK_K, eviction_policy="evict_first").to(tl.float16) * x
-                if GROUPS >= 4:
-                    h2 += tl.load(p2 + j * BLOCK_K, eviction_policy="evict_first").to(tl.float16) * x
-                    h3 += tl.load(p3 + j * BLOCK_K, eviction_policy="evict_first").to(tl.float16) * x
-            acc0 += h0.to(tl.float32)
-            acc1 += h1.to(tl.float32)
-            acc2 += h2.to(tl.float32)
-            acc3 += h3.to(tl.float32)
-            p0 += FLUSH * BLOCK_K
-            p1 += FLUSH * BLOCK_K
-            p2 += FLUSH * BLOCK_K
-            p3 += FLUSH * BLOCK_K
-            x_ptrs += FLUSH * BLOCK_K
-        if PDL and not WAIT:
-            tl.extra.cuda.gdc_launch_dependents()
-        inv = 1.0 / x16_scale
-        _gemv_group_store(acc0 * inv, row, M, N, offs_0, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
-                          USE_WS)
-        if GROUPS >= 2:
-            _gemv_group_store(acc1 * inv, row, M, N, offs_1, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
-                              USE_WS)
-        if GROUPS >= 4:
-            _gemv_group_store(acc2 * inv, row, M, N, offs_2, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
-                              USE_WS)
-            _gemv_group_store(acc3 * inv, row, M, N, offs_3, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
-                              USE_WS)
-
     @triton.jit
     def _gemv_group_store(acc, row, M, N, offs_n, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k,
                           HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr):
@@ -426,109 +334,6 @@ if HAS_TRITON:
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) if HAS_BIAS else s
         _gemv_store(acc, row, M, N, s, bias, offs_n, n_ok, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
-
-    @triton.jit(do_not_specialize=["M", "SPLITS"])
-    def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
-                               x16_scale, xs_ptr, cnt_ptr, SPLITS, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                               USE_WS: tl.constexpr, F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
-                               FIXUP: tl.constexpr, EARLY: tl.constexpr = False, XQ: tl.constexpr = False,
-                               PRECISE: tl.constexpr = True):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        safe_n = tl.where(n_ok, offs_n, 0).to(tl.int64)
-        k_start = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-        w_ptrs = w_ptr + safe_n[:, None] * K + (k_start + offs_k)[None, :]                          # [BN, BK]
-        xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + offs_k)[:, None]    # [BK, BM]: x^T
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
-        if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
-            if not EARLY:   # EARLY: a plain dependent (its launch and set-up overlap the kernel before it)
-                _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(k_start, k_end, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
-            else:
-                k_ok = (k0 + offs_k) < k_end
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-                xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            if FP8X and XQ:
-                # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k) from the amax of the
-                # block's x values (DeepSeek-V3's 1 x 128 activation tiles: no per-token quantization launch, finer
-                # scales than per token). The scale is the power of two 2^(E - 7), E = amax's exponent: x * 2^(7 - E)
-                # is exact and below 256 (no saturation, no division: an IEEE division per token and block cost
-                # ~150 instructions per K step in the SASS). xt [BK, BM] bf16/fp16 -> e4m3; the FP8 MMA's fp32
-                # partial of the block times its scales is added to acc in full fp32 (the promotion PRECISE asks for)
-                xf = xt.to(tl.float32)
-                amax = tl.max(tl.abs(xf), axis=0)                                                 # [BM]
-                s_exp = tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 7, 1)     # biased exponent
-                bscale = (s_exp << 23).to(tl.float32, bitcast=True)                               # 2^(E - 7)
-                inv = ((254 - s_exp) << 23).to(tl.float32, bitcast=True)                          # 1 / bscale, exact
-                xq = (xf * inv[None, :]).to(w.dtype)
-                acc += tl.dot(w, xq) * bscale[None, :]
-            elif FP8X and PRECISE:
-                # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA.
-                # Hopper's FP8 MMA accumulates in reduced precision (~14 bits kept; Triton's sm_90 default lets it
-                # run over all of K): at K = 4096 that truncation reached 3.5e-3 of |y| (fp16 outputs 0.9 off at
-                # |y| ~ 240). max_num_imprecise_acc = BLOCK_K adds each K tile's partial into acc in full fp32, as
-                # _scaled_mm (use_fast_accum=False) and DeepSeek-V3's 128-element promotion do
-                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
-            elif FP8X:   # dot8f: the FP8 MMA accumulating over all of K (the fast, imprecise form; measurements only)
-                acc = tl.dot(w, xt, acc)
-            elif F16:
-                # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
-                # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16:
-                # |x| < 2^20 fits (larger would be inf: no clamp, it cost 2 instructions per x value), a bf16
-                # x keeps its 8 significant bits down to 2^-10 and an absolute error <= 2^-21 below; the fp32
-                # accumulator is scaled back in the epilogue. x16_scale = 2^-4 is a runtime argument: as a
-                # constant, Triton moved the multiply after the fp16 rounding (mul.f16x2), where it overflows
-                x16 = (xt.to(tl.float32) * x16_scale).to(tl.float16)
-                acc = tl.dot(w.to(tl.float16), x16, acc)
-            else:
-                # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-            w_ptrs += BLOCK_K
-            xt_ptrs += BLOCK_K
-        if PDL and not WAIT:
-            tl.extra.cuda.gdc_launch_dependents()
-        if F16:
-            acc = acc / x16_scale
-        if FP8X and not XQ:
-            acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
-        ok = n_ok[:, None] & m_ok[None, :]
-        if USE_WS:
-            tl.store(ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None], acc, mask=ok)
-            if FIXUP:   # no second launch: the tile's last split to finish sums the partials (split order) into y
-                tl.debug_barrier()   # every thread's partials stored before the counter moves
-                tile = pid_n * tl.num_programs(0) + pid_m
-                done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")   # release ours, acquire the others'
-                if done == SPLITS - 1:
-                    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                    for split in range(0, SPLITS):   # deterministic: the same order whoever finishes last
-                        total += tl.load(ws_ptr + (split * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None],
-                                         mask=ok, other=0.0, cache_modifier=".cg")
-                    total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-                    if HAS_BIAS:
-                        total = total + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-                    tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ok)
-                    tl.atomic_xchg(cnt_ptr + tile, 0)   # reset for the next launch (CUDA-graph replays too)
-        else:
-            acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-            if HAS_BIAS:
-                acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":

@@ -172,7 +172,7 @@ class Case:
                 from loraserve.kernels.lora_apply import DENSE_MODE
                 from loraserve.kernels.lora_shrink_dense import lora_shrink_dense
 
-                return lambda: lora_shrink_dense(self.x, a, self.ws, backend=DENSE_MODE)
+                return lambda: lora_shrink_dense(self.x, a, self.ws, self.meta.token_slot, backend=DENSE_MODE)
             if kind == "expand_only" and cfg is None and self.path in ("dense", "partials", "reduced"):
                 from loraserve.kernels.lora_apply import _expand   # lora_apply's own expand half (dense or not)
 

@@ -142,7 +142,7 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
     if path == "dense":
         from .lora_shrink_dense import lora_shrink_dense
 
-        lora_shrink_dense(x, lora_a, buf, backend=DENSE_MODE)   # [SK, T, L*S*R] partials, every slot
+        lora_shrink_dense(x, lora_a, buf, meta.token_slot, backend=DENSE_MODE)   # [SK, T, L*S*R] partials, every slot
         return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path)
     if path == "fused":
         from .lora_fused import lora_shrink_expand
@@ -204,7 +204,7 @@ def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, b
     if path == "dense":
         from .lora_shrink_dense import lora_shrink_dense
 
-        return lora_shrink_dense(x, lora_a, buf, backend=DENSE_MODE)
+        return lora_shrink_dense(x, lora_a, buf, meta.token_slot, backend=DENSE_MODE)
     from .lora_shrink import lora_shrink
 
     return lora_shrink(x, lora_a, meta, ranks, buf)

@@ -14,9 +14,11 @@ then 8 KB blocks of A through 16-row tl.dot tiles with 2 valid rows; it streamed
 (kernels/PERF_NOTES.md). Here every program reads a contiguous [BLOCK_N, BLOCK_K] block of W (16 KB at
 64 x 128) per step straight from the pool, no metadata, all tokens at once (x [T, K] comes from L2); the
 FLOPs of computing every token against every slot (2 * T * H_in * NR = 0.8 GFLOP for qkv at 64 tokens /
-32 slots of rank 16) are free at this size. It pays when the slots are mostly in use and at their
-rank (it reads all L slots up to R), hence lora_apply takes it only for L <= T tokens (opt-in:
-LORASERVE_LORA_DENSE=triton|mm, see lora_apply.DENSE_MODE).
+32 slots of rank 16) are free at this size. Rows of slots no token of a program's row block uses are
+masked off (no bytes; the program exits when none of its rows is used), so it reads the A of the used
+slots up to the pool's max rank R (the tiled shrink: up to each slot's own rank). lora_apply takes it
+for 32-256 tokens and a pool of <= T slots (opt-in: LORASERVE_LORA_DENSE=triton|mm, lora_apply.DENSE_MODE;
+the mm backend reads every slot).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_shrink_dense_kernel(
-        x_ptr, w_ptr, out_ptr, T, NR, K,
+        x_ptr, w_ptr, out_ptr, token_slot_ptr, T, NR, K, SLOT_ROWS,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ok, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
         EVEN_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr = False,
@@ -44,7 +46,14 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < T
-        n_ok = offs_n < NR
+        # rows of W whose slot no token of this row block uses are never read (no bytes): their
+        # columns of out are read by nobody (a token reads only its own slot's), left unwritten
+        tslot = tl.load(token_slot_ptr + offs_m, mask=m_ok, other=-1)             # [BLOCK_M]
+        row_slot = offs_n // SLOT_ROWS
+        used = tl.max((tslot[:, None] == row_slot[None, :]).to(tl.int32), axis=0) > 0   # [BLOCK_N]
+        if tl.max(used.to(tl.int32), axis=0) == 0:
+            return
+        n_ok = (offs_n < NR) & used
         k0 = pid_k * (K_STEPS * BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
@@ -117,13 +126,15 @@ def dense_partials(out: Tensor, num_slices: int, rank: int) -> Tensor:
     return out.as_strided((SK, num_slices, T, rank), (so, rank * sn, sm, sn))
 
 
-def lora_shrink_dense(x: Tensor, lora_a: Tensor, out: Tensor, *, backend: str = "triton",
+def lora_shrink_dense(x: Tensor, lora_a: Tensor, out: Tensor, token_slot: Tensor, *, backend: str = "triton",
                       config: dict | None = None) -> Tensor:
     """out [SPLIT_K, T, L * S * R] float32 <- x [T, H_in] @ W^T per K chunk (module docstring).
 
     x: fp16/bf16/fp32 (any strides); lora_a [L, S, R, H_in] in x's dtype with a flat (L, S, R) view
-    (dense_view); backend "triton" (this module's kernel, SPLIT_K from dense_shrink_config) or "mm"
-    (one cuBLAS GEMM into out[0], fp32 output where torch offers it, else rounded to x's dtype first).
+    (dense_view); token_slot [T] int32 (-1: none), the meta's: the triton backend skips the rows of slots
+    no token of a row block uses (their columns stay unwritten: only a token of that slot would read
+    them); backend "triton" (this module's kernel, SPLIT_K from dense_shrink_config) or "mm" (one cuBLAS
+    GEMM into out[0] over every slot, fp32 output where torch offers it, else rounded to x's dtype first).
     """
     T, H = x.shape
     W = dense_view(lora_a)
@@ -132,6 +143,7 @@ def lora_shrink_dense(x: Tensor, lora_a: Tensor, out: Tensor, *, backend: str = 
     NR = W.shape[0]
     assert out.dim() == 3 and out.shape[1:] == (T, NR) and out.dtype == torch.float32, \
         f"out must be float32 [SPLIT_K, T={T}, {NR}], got {out.dtype} {tuple(out.shape)}"
+    assert token_slot.shape == (T,) and token_slot.dtype == torch.int32, "token_slot must be int32 [T]"
     if T == 0:
         return out
     if backend == "mm":
@@ -162,7 +174,8 @@ def lora_shrink_dense(x: Tensor, lora_a: Tensor, out: Tensor, *, backend: str = 
     assert -(-k_steps // cfg["K_STEPS"]) <= SK, f"out has {SK} K splits, the config needs more"
     grid = (triton.cdiv(NR, cfg["BLOCK_N"]), SK, triton.cdiv(T, cfg["BLOCK_M"]))
     _lora_shrink_dense_kernel[grid](
-        x, W, out, T, NR, H, x.stride(0), x.stride(1), W.stride(0), W.stride(1), *out.stride(),
+        x, W, out, token_slot, T, NR, H, lora_a.shape[1] * lora_a.shape[2],
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), *out.stride(),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], K_STEPS=cfg["K_STEPS"],
         EVEN_K=H % (cfg["BLOCK_K"] * cfg["K_STEPS"]) == 0 and H == SK * cfg["BLOCK_K"] * cfg["K_STEPS"],
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

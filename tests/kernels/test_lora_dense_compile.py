@@ -29,7 +29,7 @@ def _compile_sm90(fn, sig: dict, const: dict, num_warps: int, num_stages: int, u
     sig = dict(sig, **{n: "constexpr" for n in const})
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n] != "constexpr" and n not in ("T", "R")}
+             if sig[n] != "constexpr" and n not in ("T", "R", "SLOT_ROWS")}
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                         attrs=attrs)
@@ -59,7 +59,8 @@ def test_dense_shrink_compiles_for_sm90(num_tokens: int, num_rows: int, hidden: 
     from loraserve.kernels.lora_shrink_dense import _lora_shrink_dense_kernel, dense_shrink_config
 
     cfg = dense_shrink_config(num_tokens, num_rows, hidden)
-    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "T": "i32", "NR": "i32", "K": "i32",
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "token_slot_ptr": "*i32", "T": "i32", "NR": "i32",
+           "K": "i32", "SLOT_ROWS": "i32",
            "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32", "stride_ok": "i32",
            "stride_om": "i32", "stride_on": "i32"}
     const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], K_STEPS=cfg["K_STEPS"],

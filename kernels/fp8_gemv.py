@@ -459,7 +459,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
             *args, **flags, PREFETCH=stages >= 2, GROUPS=groups, num_warps=warps, num_stages=1, **launch)
     elif kind in ("gemvh2", "gemvh4"):   # gemv2 / gemv4 with fp16 products (_fp8_gemv_half_kernel)
         groups = int(kind[-1])
-        for key in ("BLOCK_M", "EVEN_K", "EARLY"):
+        for key in ("BLOCK_M", "EVEN_K"):
             flags.pop(key)
         _fp8_gemv_half_kernel[(M, triton.cdiv(N, groups * bn), split)](
             *args, GEMVH_X_SCALE, **flags, GROUPS=groups, FLUSH=stages, num_warps=warps, num_stages=1, **launch)

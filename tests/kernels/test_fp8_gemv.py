@@ -81,6 +81,8 @@ def _check_gemv_pdl_mode(mode: str, *args) -> None:
     (1, 37, 272, True, ("gemv4", 1, 4, 64, 3, 4, 1)),      # 4 groups share x; N tail inside a group; split-K
     (3, 50, 128, False, ("gemv2", 1, 8, 32, 1, 4, 1)),     # 2 groups, one program per x row
     (5, 37, 272, False, ("dot8", 16, 16, 32, 3, 4, 2)),    # dot kinds: a plain dependent (no peel)
+    (1, 37, 256, True, ("gemvh4", 1, 4, 32, 2, 4, 2)),     # fp16 products: the first chunk peeled, split-K 2
+    (3, 24, 128, False, ("gemvh2", 1, 8, 32, 1, 4, 4)),    # ... the peeled chunk is the only one
 ])
 @pytest.mark.parametrize("mode", ["early", "0"])
 def test_gemv_pdl_mode_interp(interp, mode, m, n, k, bias, config) -> None:
@@ -398,9 +400,10 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
     ptx = triton.compile(sum_src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True)).asm["ptx"]
     assert "griddepcontrol.wait" in ptx
     # gemvh: the fp16-product GEMV (packed f16x2 FMAs into fp16 partials), no spills, at the sweep's tiles
-    for groups, bn, bk, warps, flush, use_ws in ((4, 1, 1024, 2, 4, False), (4, 1, 2048, 4, 2, True), (2, 4, 512, 4, 4, False)):
+    for groups, bn, bk, warps, flush, use_ws, early in ((4, 1, 1024, 2, 4, False, True), (4, 1, 2048, 4, 2, True, False),
+                                                        (2, 4, 512, 4, 4, False, True)):
         constexprs = {"HAS_BIAS": False, "USE_WS": use_ws, "GROUPS": groups, "BLOCK_N": bn, "BLOCK_K": bk, "FLUSH": flush,
-                      "PDL": False, "WAIT": True}
+                      "PDL": False, "WAIT": True, "EARLY": early}
         src = ASTSource(fn=fg._fp8_gemv_half_kernel, signature={**sig, "x16_scale": "fp32",
                                                                 **{c: "constexpr" for c in constexprs}},
                         constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
@@ -413,3 +416,5 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         assert max(int(v) for v in re.findall(r"STACK:(\d+)", usage)) == 0, (groups, bn, bk, usage)
         ptx = kernel.asm["ptx"]
         assert "fma.rn.f16x2" in ptx and "griddepcontrol.wait" in ptx and re.search(r"ld\.global[\w:.]*\.v4", ptx)
+        # EARLY: the first weight tiles' 16-byte loads are issued before the wait
+        assert bool(re.search(r"ld\.global[\w:.]*\.v4", ptx[:ptx.index("griddepcontrol.wait")])) == early

@@ -241,3 +241,75 @@ def test_s3_presigned_urls_are_read_straight_from_s3(start_registry, s3_bucket, 
     assert bytes(f.data.buf.numpy()) == whole and open(f.path, "rb").read() == whole
     t = blob_fetch.BlobTarget.of(resp.blob, reg.address, False)  # (moto does not check the signature; S3 does)
     assert (t.host, t.port) == ("127.0.0.1", int(cfg.endpoint_url.rsplit(":", 1)[1]))
+
+
+class _BadServer:
+    """A misbehaving HTTP server on loopback (what a proxy or an old S3 clone might do): `mode` "whole"
+    answers 200 with the whole blob whatever the Range, "cut" closes the connection halfway through a range."""
+
+    def __init__(self, data: bytes, mode: str):
+        import socket
+        import threading
+
+        self.data, self.mode = data, mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn) -> None:
+        try:
+            self._answer(conn)
+        except OSError:
+            pass  # (the client hung up: it refused the answer)
+
+    def _answer(self, conn) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                got = conn.recv(4096)
+                if not got:
+                    return
+                head += got
+            line = next(x for x in head.decode().split("\r\n") if x.lower().startswith("range:"))
+            a, b = (int(x) for x in line.split("=")[1].split("-"))
+            if self.mode == "whole":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.data) + self.data)
+            else:
+                body = self.data[a:b + 1]
+                conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
+                             % (len(body), a, b, len(self.data)) + body[:len(body) // 2])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["whole", "cut"])
+def test_a_server_that_ignores_ranges_or_cuts_them_is_unavailable_not_wrong(mode):
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom((4 << 20) + 12345)
+    digests = (4 << 20, [hashlib.sha256(data[i:i + (4 << 20)]).digest() for i in (0, 4 << 20)])
+    server = _BadServer(data, mode)
+    dest = torch.zeros(len(data), dtype=torch.uint8)
+    handed = []
+    target = blob_fetch.BlobTarget("http", "127.0.0.1", server.port, "/v1/blobs/sha256/x")
+    try:
+        with ThreadPoolExecutor(4) as pool, pytest.raises(blob_fetch.BlobUnavailable):
+            asyncio.run(blob_fetch.fetch_ranges(target, len(data), digests, "sha256:" + "0" * 64, dest, pool,
+                                                lambda a, b: handed.append((a, b)), streams=2, timeout_s=5))
+    finally:
+        server.close()
+    assert handed == []  # nothing unverified was handed on (so the gRPC fallback may still fill dest)

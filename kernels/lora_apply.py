@@ -51,11 +51,12 @@ DENSE_MODE = {"1": "triton", "triton": "triton", "mm": "mm"}.get(
     os.environ.get("LORASERVE_LORA_DENSE", "0").strip().lower(), "")
 DENSE_MIN_TOKENS, DENSE_MAX_TOKENS = 32, 256
 # Dense expand (lora_expand_dense.py): one program per 128 output columns for all tokens, walking the
-# slots 4 at a time (B of unused slots never read), after either shrink, for <= 64 tokens and wide
+# slots 4 at a time (B of unused slots never read), after either shrink, for 2-64 tokens, rank <= 64, wide
 # projections (N >= DENSE_EXPAND_MIN_N: its grid is N / 128 programs). LORASERVE_LORA_DENSE_EXPAND=1;
 # off by default until an H200 run has timed it. Read at each call.
 DENSE_EXPAND = os.environ.get("LORASERVE_LORA_DENSE_EXPAND", "0").strip().lower() not in ("", "0", "false", "off", "no")
 DENSE_EXPAND_MIN_N = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_N", "8192"))
+DENSE_EXPAND_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_TOKENS", "2"))
 
 
 def use_triton(x: Tensor) -> bool:
@@ -183,7 +184,8 @@ def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta:
 
 def dense_expand_taken(y: Tensor, lora_b: Tensor, meta: LoRAMeta, num_slices: int) -> bool:
     """DENSE_EXPAND is on and lora_expand_dense takes these shapes (wide enough, <= 64 tokens)."""
-    if not DENSE_EXPAND or lora_b.shape[1] < DENSE_EXPAND_MIN_N or (y.is_cuda and y.dtype == torch.float32):
+    if (not DENSE_EXPAND or lora_b.shape[1] < DENSE_EXPAND_MIN_N or meta.num_tokens < DENSE_EXPAND_MIN_TOKENS
+            or (y.is_cuda and y.dtype == torch.float32)):
         return False
     from .lora_expand_dense import dense_expand_applies
 

@@ -81,8 +81,12 @@ if HAS_TRITON:
             col_ok = n_ok & (s_col == s)
             # h [BLOCK_M, BLOCK_R]: each token's intermediate of slice s, split-K partials in a fixed order
             h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for j in tl.static_range(SPLIT_K):
-                h += tl.load(h_ptrs + s * stride_bs + j * stride_bk, mask=h_mask, other=0.0)
+            if SPLIT_K * BLOCK_R <= 256:  # all partials' loads issued at once
+                for j in tl.static_range(SPLIT_K):
+                    h += tl.load(h_ptrs + s * stride_bs + j * stride_bk, mask=h_mask, other=0.0)
+            else:  # a loop (same order): 16 [64, 64] partials at once spill (sm_90 offline compile)
+                for j in range(SPLIT_K):
+                    h += tl.load(h_ptrs + s * stride_bs + j * stride_bk, mask=h_mask, other=0.0)
             if CAST:  # rounded to B's dtype before the product, as the tiled kernels do
                 h = h.to(b_ptr.dtype.element_ty)
             # h repeated for the GROUP slots of a step: hz[t, c] = h[t, c % BLOCK_R]
@@ -117,7 +121,7 @@ if HAS_TRITON:
 
 
 DENSE_EXPAND_BLOCK_N = 128
-DENSE_EXPAND_GROUP = 4  # slots per step: 4 x 4 KB of B at rank 16, BLOCK_N 128
+DENSE_EXPAND_GROUP = 4  # slots per step at rank 16 (4 x 4 KB of B at BLOCK_N 128); GROUP * 16 // BLOCK_R above
 DENSE_EXPAND_NUM_WARPS = 8  # 4 warps: 255 registers and a 16-byte stack (sm_90 offline compile)
 
 
@@ -132,9 +136,9 @@ def dense_expand_config(n_total: int, num_sms: int = 132) -> dict:
 
 
 def dense_expand_applies(num_tokens: int, num_slices: int, rank: int) -> bool:
-    """The shapes this kernel takes: <= 64 tokens (one row block; FLOPs), <= 3 slices, ranks <= 32
-    (z and B tiles in registers)."""
-    return 1 <= num_tokens <= 64 and num_slices <= 3 and rank <= 32
+    """The shapes this kernel takes: <= 64 tokens (one row block; FLOPs), <= 3 slices, ranks <= 64
+    (a step's z / B tiles stay GROUP * 16 columns wide: fewer slots per step at larger ranks)."""
+    return 1 <= num_tokens <= 64 and num_slices <= 3 and rank <= 64
 
 
 def lora_expand_dense(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -167,7 +171,8 @@ def lora_expand_dense(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, m
         *partials.stride(), slot_stride, *lora_b.stride(), y.stride(0), y.stride(1),
         *((0, 0) if scale is None else scale.stride()),
         NUM_SLICES=S, BLOCK_M=64 if T > 32 else max(16, 1 << max(0, (T - 1).bit_length())),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, GROUP=cfg["GROUP"], SPLIT_K=SK, EVEN_R=R % 16 == 0,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, GROUP=max(1, cfg["GROUP"] * 16 // block_r), SPLIT_K=SK,
+        EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(y.device),

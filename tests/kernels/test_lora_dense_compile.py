@@ -99,9 +99,10 @@ def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
     _no_spills(k)
 
 
-@pytest.mark.parametrize("num_slices,split_k,dora,n_total", [
-    (2, 1, False, 28672), (2, 16, False, 28672), (3, 8, True, 6144), (1, 16, False, 4096), (3, 8, False, 6144)])
-def test_dense_expand_compiles_for_sm90(num_slices: int, split_k: int, dora: bool, n_total: int) -> None:
+@pytest.mark.parametrize("num_slices,split_k,dora,n_total,block_r", [
+    (2, 1, False, 28672, 16), (2, 16, False, 28672, 16), (3, 8, True, 6144, 16), (1, 16, False, 4096, 16),
+    (3, 8, False, 6144, 16), (1, 16, False, 4096, 64), (2, 1, False, 28672, 64), (3, 4, False, 6144, 32)])
+def test_dense_expand_compiles_for_sm90(num_slices: int, split_k: int, dora: bool, n_total: int, block_r: int) -> None:
     from loraserve.kernels.lora_expand_dense import _lora_expand_dense_kernel, dense_expand_config
 
     names = ["buf_ptr", "b_ptr", "y_ptr", "ranks_ptr", "slice_off_ptr", "scale_ptr", "shift_ptr", "token_slot_ptr",
@@ -110,7 +111,8 @@ def test_dense_expand_compiles_for_sm90(num_slices: int, split_k: int, dora: boo
     types = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
     sig = {n: types.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in names}
     cfg = dense_expand_config(n_total)
-    const = dict(NUM_SLICES=num_slices, BLOCK_M=64, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=16, GROUP=cfg["GROUP"],
+    const = dict(NUM_SLICES=num_slices, BLOCK_M=64, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
+                 GROUP=max(1, cfg["GROUP"] * 16 // block_r),
                  SPLIT_K=split_k, EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=dora, HAS_SHIFT=dora, USE_PDL=True)
     k = _compile_sm90(_lora_expand_dense_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
                       ("stride_br", "stride_wr", "stride_yn", "stride_sn"))

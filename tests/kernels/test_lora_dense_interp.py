@@ -57,3 +57,10 @@ def test_dense_expand_dora_and_few_tokens(interp) -> None:
     _run(interp, cases.check_dense_expand_apply, "float32", 256, 16, [256, 128], 40, 5, "no-adapter-rows", "triton",
          with_scale=True)
     _run(interp, cases.check_dense_expand_apply, "float32", 256, 8, [130, 126], 5, 4, "uniform", "")
+
+
+@pytest.mark.parametrize("rank,wide", [(64, False), (48, True), (32, False)])
+def test_dense_expand_larger_ranks(interp, rank, wide) -> None:
+    # 1-2 slots a step (GROUP * 16 // BLOCK_R), mixed ranks in max-rank slots (48: ragged last chunk)
+    _run(interp, cases.check_dense_expand_apply, "float32", 128, rank, [96, 64], 20, 5, "mixed-ranks", "",
+         wide=wide)

@@ -57,6 +57,7 @@ DENSE_MIN_TOKENS, DENSE_MAX_TOKENS = 32, 256
 DENSE_EXPAND = os.environ.get("LORASERVE_LORA_DENSE_EXPAND", "0").strip().lower() not in ("", "0", "false", "off", "no")
 DENSE_EXPAND_MIN_N = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_N", "8192"))
 DENSE_EXPAND_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_TOKENS", "2"))
+DENSE_EXPAND_MAX_SLOTS = 128   # every program walks all slots (a rank-packed pool has thousands of granules)
 
 
 def use_triton(x: Tensor) -> bool:
@@ -185,7 +186,7 @@ def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta:
 def dense_expand_taken(y: Tensor, lora_b: Tensor, meta: LoRAMeta, num_slices: int) -> bool:
     """DENSE_EXPAND is on and lora_expand_dense takes these shapes (wide enough, <= 64 tokens)."""
     if (not DENSE_EXPAND or lora_b.shape[1] < DENSE_EXPAND_MIN_N or meta.num_tokens < DENSE_EXPAND_MIN_TOKENS
-            or (y.is_cuda and y.dtype == torch.float32)):
+            or lora_b.shape[0] > DENSE_EXPAND_MAX_SLOTS or (y.is_cuda and y.dtype == torch.float32)):
         return False
     from .lora_expand_dense import dense_expand_applies
 

@@ -238,7 +238,7 @@ def sweep(a) -> dict:
              else candidates)
     all_cfgs = [c for n, k in shapes.values() for m in ms for c in cands(m, n, k, num_sms) if c[0][:2] != "tw"]
     if a.jobs > 0:
-        precompile(all_cfgs, a.jobs, timeout=a.budget_s / 3)
+        precompile(all_cfgs, a.jobs, timeout=getattr(a, "precompile_s", None) or a.budget_s / 3)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke: timings meaningless)", "num_sms": num_sms,
            "copy_GBps": copy_bandwidth() / 1e9 if cuda else 1.0, "read_GBps": read_bandwidth() / 1e9 if cuda else 1.0,
            "rows": [], "best": {}}
@@ -512,6 +512,7 @@ def main() -> int:
     ap.add_argument("--no-sweep", action="store_true", help="only the layer chains")
     ap.add_argument("--w8a8", action="store_true", help="only the W8A8 candidates (w8a8_candidates) and the baselines")
     ap.add_argument("--gemvh", action="store_true", help="only the fp16-product GEMV candidates (gemvh_candidates)")
+    ap.add_argument("--precompile-s", type=float, default=None, help="compile-ahead time limit (default: budget / 3)")
     ap.add_argument("--precompile-engine", action="store_true",
                     help="only compile the engine's GEMV configs (8B and default-model shapes) into Triton's cache")
     a = ap.parse_args()

@@ -6,7 +6,7 @@ import torch
 
 from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand_ref, lora_meta, lora_shrink_ref
 
-from .lora_cases import TOLERANCES, make_problem
+from .lora_cases import TOLERANCES, make_problem, without_dense_paths
 from .stream_interp_cases import DTYPES, _untouched
 
 
@@ -51,6 +51,8 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
     y_ref = p.y0.clone()
     lora_expand_ref(buf, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
     old = lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS
+    dense_off = without_dense_paths()  # this checks the BGMV shrink's partials path
+    dense_off.__enter__()
     try:
         lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS = True, True, 256
         shape = workspace_shape(p.x, p.lora_a, p.lora_b, meta)
@@ -64,6 +66,7 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
         y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
     finally:
         lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS = old
+        dense_off.__exit__(None, None, None)
     torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCES[p.x.dtype])
     untouched = _untouched(p)
     assert torch.equal(y[untouched], p.y0[untouched]), "a row without an adapter was touched"

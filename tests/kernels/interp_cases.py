@@ -15,7 +15,7 @@ from loraserve.kernels import (LoRAMetaBuilder, lora_apply, lora_expand, lora_ex
 from loraserve.kernels.lora_apply import use_triton
 from loraserve.kernels.lora_shrink import shrink_config
 
-from .lora_cases import TOLERANCES, LoRAProblem, make_problem, shrink_defined_mask
+from .lora_cases import TOLERANCES, LoRAProblem, make_problem, shrink_defined_mask, without_dense_paths
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -149,8 +149,10 @@ def check_lora_apply_paths() -> None:
         p = make_problem(num_tokens=T, hidden=256, max_rank=16, widths=[32, 16], num_slots=3,
                          composition="no-adapter-rows", dtype=torch.float32, seed=T)
         meta = LoRAMetaBuilder(T, 3, "cpu").build(p.token_slot)
-        path, shape, _ = choose_path(p.x, p.lora_a, p.lora_b, meta)
+        with without_dense_paths():  # this checks the tiled paths' choice
+            path, shape, _ = choose_path(p.x, p.lora_a, p.lora_b, meta)
         assert path == ("fused" if T == 3 else "partials"), f"T={T}: unexpected path {path}"
-        y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks,
-                       buf=torch.empty(shape))
+        with without_dense_paths():
+            y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks,
+                           buf=torch.empty(shape))
         _check_y(p, y, _reference_y(p, meta, 2, 16), TOLERANCES[torch.float32])

@@ -1,6 +1,7 @@
 """Shared problem generators for the LoRA kernel tests (punica-style batch compositions)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -94,3 +95,18 @@ def shrink_defined_mask(p: LoRAProblem, max_rank: int, num_slices: int) -> torch
     r = torch.where(slot >= 0, p.ranks.long()[slot.clamp(min=0)], 0)
     cols = torch.arange(max_rank, device=slot.device)
     return (cols[None, :] < r[:, None]).unsqueeze(0).expand(num_slices, -1, -1)
+
+
+@contextlib.contextmanager
+def without_dense_paths():
+    """lora_apply's dense shrink / expand off (LORASERVE_LORA_DENSE, LORASERVE_LORA_DENSE_EXPAND) for the
+    duration: for checks of the tiled paths' own choice (partials / reduced / fused / onelaunch)."""
+    import importlib
+
+    mod = importlib.import_module("loraserve.kernels.lora_apply")
+    old = mod.DENSE_MODE, mod.DENSE_EXPAND
+    mod.DENSE_MODE, mod.DENSE_EXPAND = "", False
+    try:
+        yield
+    finally:
+        mod.DENSE_MODE, mod.DENSE_EXPAND = old

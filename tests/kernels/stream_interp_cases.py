@@ -7,7 +7,7 @@ import torch
 
 from loraserve.kernels import LoRAMetaBuilder, lora_apply, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
 
-from .lora_cases import TOLERANCES, LoRAProblem, make_problem
+from .lora_cases import TOLERANCES, LoRAProblem, make_problem, without_dense_paths
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -76,6 +76,8 @@ def check_stream_apply(dtype: str, hidden: int, max_rank: int, widths: list[int]
     y_ref = p.y0.clone()
     lora_expand_ref(buf, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
     old = lora_meta.LORA_STREAM
+    dense_off = without_dense_paths()  # this checks the tiled paths (partials / reduced)
+    dense_off.__enter__()
     try:
         outs = {}
         for stream in (True, False):
@@ -87,6 +89,7 @@ def check_stream_apply(dtype: str, hidden: int, max_rank: int, widths: list[int]
             outs[stream] = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
     finally:
         lora_meta.LORA_STREAM = old
+        dense_off.__exit__(None, None, None)
     for stream, y in outs.items():
         torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCES[p.x.dtype], msg=f"stream={stream}")
         assert torch.equal(y[_untouched(p)], p.y0[_untouched(p)])

@@ -43,9 +43,24 @@ def _slots(cases: dict[str, Case]) -> SimpleNamespace:
         slice_offsets={p: c.offsets for p, c in cases.items()}, ranks=any_case.ranks, scale=None, shift=None)
 
 
+def set_carveout(num_sms: int | None) -> str:
+    """Leave num_sms SMs to other streams in cuBLASLt GEMMs (torch's experimental SM carveout, which sets
+    CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET; the GEMMs then go through cuBLASLt: preferred_blas_library), so
+    that the side-stream LoRA kernels find free SMs while the base GEMM runs; None: back to the defaults.
+    Returns what was set (or why not)."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if setter is None:
+        return "no SM carveout in this torch"
+    setter(num_sms)
+    torch.backends.cuda.preferred_blas_library("cublaslt" if num_sms else "default")
+    return f"cuBLASLt, {num_sms} SMs left free" if num_sms else "default GEMM backend"
+
+
 def overlap_layer(num_tokens: int = 64, num_adapters: int = 32, rank: int = 16, modes=MODES,
-                  smoke: bool = False, copies: int = 2) -> dict:
-    """{mode: us per layer} plus base and the added fractions (see the module docstring)."""
+                  smoke: bool = False, copies: int = 2, carveouts: tuple[int, ...] = ()) -> dict:
+    """{mode: us per layer} plus base and the added fractions (see the module docstring); carveouts:
+    then base and every mode again with that many SMs left free by the GEMMs (set_carveout), each
+    compared with the default base (the step a user sees)."""
     from loraserve.inference.lora import batch as batch_mod
     from loraserve.inference.lora.batch import LoRABatch
 
@@ -87,19 +102,33 @@ def overlap_layer(num_tokens: int = 64, num_adapters: int = 32, rank: int = 16, 
         print(f"overlap-layer: {num_tokens} tokens / {num_adapters} adapters / r{rank}: base GEMMs "
               f"{res['base_us']:.1f} us per layer [{time.perf_counter() - t0:.0f} s]", flush=True)
         ref = None
-        for m in modes:
-            batch_mod.OVERLAP = "" if m == "seq" else m
-            us = timed(layer_calls(True))
-            outs = [lb.linear(0, p, xs[p], ws[0][p], None).float() for p in cases]
-            if ref is None:
-                ref = outs
-            diff = max((o - r).abs().max().item() for o, r in zip(outs, ref))
-            added = (us - res["base_us"]) / res["base_us"]
-            res[m] = dict(us=us, added_us=us - res["base_us"], added_over_base=added, max_abs_diff_vs_seq=diff)
-            print(f"  {m:7s} {us:8.1f} us per layer: LoRA adds {us - res['base_us']:6.1f} us = {added:.3f} of "
-                  f"base; max|diff| vs seq {diff:.2e} [{time.perf_counter() - t0:.0f} s]", flush=True)
+        for carve in (0, *carveouts):
+            tag = ""
+            if carve:
+                if smoke:
+                    continue
+                tag = f"_carve{carve}"
+                how = set_carveout(carve)
+                base_c = timed(layer_calls(False))
+                res[f"base{tag}_us"] = base_c
+                print(f" SM carveout {carve} ({how}): base GEMMs {base_c:.1f} us per layer "
+                      f"({base_c / res['base_us']:.3f} of the default base)", flush=True)
+            for m in modes:
+                batch_mod.OVERLAP = "" if m == "seq" else m
+                us = timed(layer_calls(True))
+                outs = [lb.linear(0, p, xs[p], ws[0][p], None).float() for p in cases]
+                if ref is None:
+                    ref = outs
+                diff = max((o - r).abs().max().item() for o, r in zip(outs, ref))
+                added = (us - res["base_us"]) / res["base_us"]
+                res[m + tag] = dict(us=us, added_us=us - res["base_us"], added_over_base=added,
+                                    max_abs_diff_vs_seq=diff)
+                print(f"  {m + tag:14s} {us:8.1f} us per layer: LoRA adds {us - res['base_us']:6.1f} us = {added:.3f} "
+                      f"of the default base; max|diff| vs seq {diff:.2e} [{time.perf_counter() - t0:.0f} s]", flush=True)
     finally:
         batch_mod.OVERLAP = saved
+        if carveouts and not smoke:
+            set_carveout(None)
     return res
 
 
@@ -110,5 +139,13 @@ if __name__ == "__main__":
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (logic check)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--carveouts", default="", help="e.g. 16,32: SMs left free by the GEMMs (set_carveout)")
+    ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    overlap_layer(a.tokens, 32, 16, [m for m in a.modes.split(",") if m], smoke=a.smoke)
+    r = overlap_layer(a.tokens, 32, 16, [m for m in a.modes.split(",") if m], smoke=a.smoke,
+                      carveouts=tuple(int(c) for c in a.carveouts.split(",") if c))
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)

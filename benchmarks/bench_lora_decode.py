@@ -7,7 +7,8 @@ switches set (its CUDA graphs capture them), then decode with LoRA and without i
 prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   default      the switches as the environment and the code's defaults set them (PDL on, 3 B blocks ahead)
   stream       the default before 2026-11-30's probe: PDL off, 2 B blocks ahead
-  overlap      default + LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM
+  overlap      default + LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM;
+               seq: default with the overlap off (GEMM, then the LoRA kernels)
   overlap_full default + LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream,
                one add after the GEMM (kernels/lora_add.py); overlap_full_nopdl: without PDL
   prev         the default of 2026-11-30 12:20: dot shrink (BGMV off), the hand-rotated expand loop
@@ -38,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict(overlap="shrink"),
+VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict(overlap="shrink"), "seq": dict(overlap=""),
             "overlap_full": dict(overlap="full"), "overlap_full_nopdl": dict(overlap="full", pdl=False),
             "prev": dict(bgmv=False, y_ahead=1, slots=0), "bgmv": dict(bgmv=True),
             "nopipe": dict(slots=0), "meta_eager": dict(meta_in_graph=False),

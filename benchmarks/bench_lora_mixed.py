@@ -100,12 +100,13 @@ def graph_shape(num_tokens: int, num_seqs: int) -> tuple[int, int]:
 
 VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pipelined up to this many tokens,
                #          expand programs per SM the column groups aim at)
-    "old": (False, None, None, None),   # the grid before the segment bound: cdiv(T, BM) + min(slots, T) tiles
-    "bound": (True, None, None, None),  # mixed_graphs' bound: <= Bp - 1 segments
+    "old": (False, None, None, None),   # before: cdiv(T, BM) + min(slots, T) tiles, the torch metadata build
+    "bound": (True, None, None, None),  # mixed_graphs' bound (<= Bp - 1 segments), the torch metadata build
     "pipe": (True, None, 4096, None),   # + the expand's Triton-pipelined column loop at every T (default: <= 32)
     "bm32": (True, 32, None, None),     # + 32-row tiles below 512 tokens (the prompt chunk: 8 tiles, not 16)
     "pps8": (True, None, None, 8),      # + twice the expand's column groups (half the grid tiles are empty)
-    "mk": (True, None, None, None),     # + the metadata built by one Triton launch (lora_meta_build.py)
+    "mk": (True, None, None, None),     # + the metadata built by one Triton launch (lora_meta_build.py): now
+                                        # the default, and in every variant below
     "bn128": (True, None, None, None),  # + 128-column expand blocks at rank 64 (64 before: half the loop trips)
     "part512": (True, None, None, None),  # + split-K partials summed by the expand up to 512 tokens (no sum launch)
 }
@@ -173,7 +174,7 @@ class Case:
         T = token_slot.numel()
         dev, dtype = token_slot.device, slots.dtype
         self.bound, block_m, self.pipe_tokens, self.pps = VARIANTS[variant]
-        self.meta_kernel = variant == "mk"
+        self.meta_kernel = variant not in ("old", "bound")
         self.variant = variant
         self.builder = LoRAMetaBuilder(max(T, 256), slots.num_slots, dev, block_m=block_m)
         self.token_slot, self.bp, self.layers = token_slot, bp, layers
@@ -188,6 +189,7 @@ class Case:
         from loraserve.kernels import lora_meta
 
         keep, lora_meta.LORA_META_KERNEL = lora_meta.LORA_META_KERNEL, self.meta_kernel
+        lora_meta.META_KERNEL_INTERPRETED = True   # (--smoke under TRITON_INTERPRET=1)
         try:
             return self.builder.build(self.token_slot, max_segments=self.bp - 1 if self.bound else None)
         finally:

@@ -101,11 +101,15 @@ LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"))
 
 
-# LoRAMetaBuilder.build as one Triton launch (lora_meta_build.py) for steps of <= 2048 tokens on a GPU (or
-# under the interpreter); opt-in (LORASERVE_LORA_META_KERNEL=1) until an H200 run has timed it against the
-# torch build (~50 small kernels per step, in every decode and mixed-step graph). Read at each call.
-LORA_META_KERNEL = os.environ.get("LORASERVE_LORA_META_KERNEL", "0").strip().lower() not in ("", "0", "false", "off",
+# LoRAMetaBuilder.build as one Triton launch (lora_meta_build.py) for steps of <= 2048 tokens on a GPU; on by
+# default (LORASERVE_LORA_META_KERNEL=0: the torch build). H200 probe (2026-11-30 19:59, bench_lora_mixed, in a
+# CUDA graph): the torch build, ~50 small kernels in every decode and mixed-step graph, took 185-217 us a step
+# with bench_churn's 8000-granule tier (153 us with 1000 slots); the kernel 5-12 us; all buffers bit-equal
+# (GPU test). Under Triton's interpreter only when META_KERNEL_INTERPRETED (tests: its sort is slow there).
+# Read at each call.
+LORA_META_KERNEL = os.environ.get("LORASERVE_LORA_META_KERNEL", "1").strip().lower() not in ("", "0", "false", "off",
                                                                                              "no")
+META_KERNEL_INTERPRETED = False
 
 
 def _interpret() -> bool:
@@ -221,7 +225,7 @@ class LoRAMetaBuilder:
                 raise ValueError(f"token_slot values must lie in [-1, {L - 1}], got [{lo}, {hi}]")
 
         ts = self.token_slot[:T]
-        if LORA_META_KERNEL and 0 < T and (token_slot.is_cuda or _interpret()):
+        if LORA_META_KERNEL and 0 < T and (token_slot.is_cuda or (META_KERNEL_INTERPRETED and _interpret())):
             from .lora_meta_build import MAX_TOKENS, build_with_kernel
 
             if T <= MAX_TOKENS:   # one launch instead of the ~50 below (lora_meta_build.py)

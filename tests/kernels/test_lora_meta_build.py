@@ -27,6 +27,7 @@ def check_kernel_build(composition: str, num_tokens: int, num_slots: int, block_
     slots = token_slots(composition, num_tokens, num_slots, torch.Generator().manual_seed(num_tokens + num_slots))
     slots = slots.to(getattr(torch, dtype)).to(device)
     builders = {}
+    lora_meta.META_KERNEL_INTERPRETED = True
     for on in (False, True):
         lora_meta.LORA_META_KERNEL = on
         b = builders[on] = LoRAMetaBuilder(max(num_tokens, 64), num_slots, device, block_m=block_m)

@@ -32,7 +32,7 @@ class TPGroup:
     executor: object = None    # rank 0 only: the TPExecutor that drives the workers
     custom_ar: object = None   # allreduce.SymmMemAllReduce on CUDA where it works (else NCCL / gloo)
     hidden_size: int = 0
-    fused_norm: object = None  # fused_norm.LamportNorm (LORASERVE_TP_FUSED_NORM=1, CUDA, checked at start-up)
+    fused_norm: object = None  # fused_norm.LamportNorm (CUDA, checked at start-up; LORASERVE_TP_FUSED_NORM=0: off)
     defer_reduce: bool = False  # set once the model's norms hold this group (fused_norm.attach_norms)
     clock: object = None       # startup.StartupClock of this rank's start (phase times, logged)
 

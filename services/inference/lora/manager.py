@@ -371,7 +371,10 @@ class LoRAManager(SlotAdmission):
         # path: the split and block sizes come from T and the rank), so bound it by the step's distinct slots
         # (a 8192-token prefill step over 32 prompts: 288 tiles, not 256 + min(slots, T), 8256 with 8000
         # packing granules); below, min(slots, T) as the decode graphs capture it.
-        bound = len({seq.lora.slot for seq in seqs if seq.lora is not None}) if len(slots) > 256 else None
+        from ..mixed_graphs import lora_segment_bound
+
+        bound = len({seq.lora.slot for seq in seqs if seq.lora is not None}) \
+            if len(slots) > 256 and lora_segment_bound() else None
         meta = self._meta_builder.build(token_slot, max_segments=bound)
         if self.device.type == "cuda":
             self.slots.wait_for_copies()

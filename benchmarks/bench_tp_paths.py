@@ -4,6 +4,7 @@ no checkpoint: seconds on a fresh machine), against what TP=1 does for the same 
   sampler  LM head + greedy sampling at T = 1 and 64 rows: TP=1 (full [128256, 4096] head + kernels/greedy.py)
            vs TP=2 per rank ([64128, 4096] shard + stats + [T, 2, 8] all-gather + combine), the torch stats
            (tp/sampling.py's reference) vs the Triton kernels (kernels/tp_greedy.py); tokens checked equal first
+  attn     decode attention at the TP=1 / TP=2 head counts: the graph's static split-KV count vs fixed ones
   embed    the vocabulary-parallel lookup + its all-reduce: one Triton launch vs the torch ops
   norm     the row-parallel all-reduce + residual add + RMSNorm, [T, 4096] bf16: the fused Lamport kernel
            (tp/fused_norm.py) vs symmetric-memory one-shot / two-shot + the norm vs NCCL + the norm
@@ -96,6 +97,45 @@ def embed_paths(rank: int, dev, group, out: dict) -> None:
     parallel.FUSED_EMBED = True
 
 
+def attn_paths(rank: int, dev, out: dict) -> None:
+    """Decode attention (kernels/unified_attention.py) at batch 64 and 1 with the TP=1 (32 / 8 heads) and the TP=2
+    (16 / 4) head counts, contexts 576 / 2048 / 8192, in a graph: the static split-KV count a decode graph
+    captures (split=None) against fixed counts. At batch 64 TP=2 has 256 programs, under the static rule's 264:
+    3 splits and a merge where TP=1 (512 programs) runs 1. Rank 0 only (one GPU)."""
+    import torch.distributed as dist
+
+    from loraserve.kernels.unified_attention import choose_num_splits, unified_attention
+
+    if rank == 0:
+        BS, D = 16, 128
+        g = torch.Generator(device=dev).manual_seed(9)
+        for B, ctx in ((64, 576), (64, 2048), (64, 8192), (1, 576)):
+            width = 8192 // BS   # the decode graph's block-table width (max_seq_len 8192)
+            nb = B * (ctx // BS + 1) + 1
+            for tp, H, KVH in ((1, 32, 8), (2, 16, 4)):
+                k = torch.randn(nb, BS, KVH, D, device=dev, generator=g).bfloat16()
+                v = torch.randn(nb, BS, KVH, D, device=dev, generator=g).bfloat16()
+                q = torch.randn(B, H, D, device=dev, generator=g).bfloat16()
+                tables = torch.zeros(B, width, dtype=torch.int32, device=dev)
+                per = ctx // BS + 1
+                tables[:, :per] = torch.arange(B * per, device=dev, dtype=torch.int32).view(B, per)
+                lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+                qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
+                static = choose_num_splits(B * KVH, width * BS // 64, dev)
+                out[f"attn_tp{tp}_B{B}_ctx{ctx}_static_splits"] = static
+                ref = unified_attention(q, k, v, tables, lens, qsl, 1, D ** -0.5)
+                for splits in (None, 1, 2, 3, 8):
+                    if B == 1 and splits in (2, 3):
+                        continue
+                    got = unified_attention(q, k, v, tables, lens, qsl, 1, D ** -0.5, num_splits=splits)
+                    key = f"attn_tp{tp}_B{B}_ctx{ctx}_split{splits or 'static'}"
+                    out[key + "_maxdiff"] = float((got.float() - ref.float()).abs().max())
+                    out[key + "_us"] = _us(lambda: unified_attention(q, k, v, tables, lens, qsl, 1, D ** -0.5,
+                                                                     num_splits=splits), 20, 10)
+                del k, v
+    dist.barrier()
+
+
 def norm_paths(rank: int, dev, group, out: dict) -> None:
     import torch.distributed as dist
 
@@ -165,7 +205,7 @@ def worker(rank: int, world: int, port: int, shared: dict, only: list[str]) -> N
     group.setup_all_reduce(dev)
     out: dict = {"custom_ar": group.custom_ar is not None}
     printed: set = set()
-    for name, fn in (("sampler", lambda: sampler_paths(rank, dev, group, out)),
+    for name, fn in (("attn", lambda: attn_paths(rank, dev, out)), ("sampler", lambda: sampler_paths(rank, dev, group, out)),
                      ("norm", lambda: norm_paths(rank, dev, group, out)),
                      ("embed", lambda: embed_paths(rank, dev, group, out)), ("gemm", lambda: gemm_paths(rank, dev, out))):
         if name in only:
@@ -189,7 +229,7 @@ def worker(rank: int, world: int, port: int, shared: dict, only: list[str]) -> N
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="sampler,norm,embed,gemm")
+    ap.add_argument("--only", default="attn,sampler,norm,embed,gemm")
     ap.add_argument("--smoke", action="store_true", help="CPU: imports and arguments only")
     a = ap.parse_args()
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

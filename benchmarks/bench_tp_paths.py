@@ -199,7 +199,7 @@ def worker(rank: int, world: int, port: int, shared: dict, only: list[str]) -> N
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60), device_id=dev)
+                            timeout=timedelta(seconds=300), device_id=dev)
     os.environ.setdefault("LORASERVE_TP_FUSED_NORM", "1")
     group = TPGroup(rank, world, VOCAB, -(-VOCAB // world), hidden_size=HIDDEN)
     group.setup_all_reduce(dev)

@@ -100,11 +100,11 @@ def graph_shape(num_tokens: int, num_seqs: int) -> tuple[int, int]:
 
 VARIANTS = {   # name -> (segment bound, block_m override, expand column loop pipelined up to this many tokens,
                #          expand programs per SM the column groups aim at)
-    "old": (False, None, None, None),   # before: cdiv(T, BM) + min(slots, T) tiles, the torch metadata build
-    "bound": (True, None, None, None),  # mixed_graphs' bound (<= Bp - 1 segments), the torch metadata build
+    "old": (False, None, None, 4),      # before: cdiv(T, BM) + min(slots, T) tiles, the torch metadata build
+    "bound": (True, None, None, 4),     # mixed_graphs' bound (<= Bp - 1 segments), the torch metadata build
     "pipe": (True, None, 4096, None),   # + the expand's Triton-pipelined column loop at every T (default: <= 32)
     "bm32": (True, 32, None, None),     # + 32-row tiles below 512 tokens (the prompt chunk: 8 tiles, not 16)
-    "pps8": (True, None, None, 8),      # + twice the expand's column groups (half the grid tiles are empty)
+    "pps8": (True, None, None, 8),      # + twice the expand's column groups at every T (default: above 256)
     "mk": (True, None, None, None),     # + the metadata built by one Triton launch (lora_meta_build.py): now
                                         # the default, and in every variant below
     "bn128": (True, None, None, None),  # + 128-column expand blocks at rank 64 (64 before: half the loop trips)
@@ -119,7 +119,8 @@ def _bn128(orig):
             from loraserve.kernels import lora_expand_stream as les
 
             n_blocks = -(-n_total // 128)
-            groups = max(1, min(n_blocks, round(les.STREAM_PROGRAMS_PER_SM * num_sms / max(1, grid_tiles))))
+            pps = les.STREAM_PROGRAMS_PER_SM if num_tokens <= 256 else les.STREAM_PROGRAMS_PER_SM_LARGE
+            groups = max(1, min(n_blocks, round(pps * num_sms / max(1, grid_tiles))))
             per = -(-n_blocks // groups)
             cfg.update(BLOCK_N=128, COLS_PER_PROG=per * 128, groups=-(-n_blocks // per), num_warps=4)
         return cfg
@@ -198,11 +199,11 @@ class Case:
     def forward(self, meta_only: bool = False):
         from loraserve.kernels import lora_expand_stream as les
 
-        keep = les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM
+        keep = les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM, les.STREAM_PROGRAMS_PER_SM_LARGE
         if self.pipe_tokens is not None:
             les.STREAM_SLOTS_MAX_TOKENS = self.pipe_tokens
         if self.pps is not None:
-            les.STREAM_PROGRAMS_PER_SM = self.pps
+            les.STREAM_PROGRAMS_PER_SM = les.STREAM_PROGRAMS_PER_SM_LARGE = self.pps
         try:
             self.build()
             if not meta_only:
@@ -210,7 +211,7 @@ class Case:
                     for layer in range(self.layers):
                         self.batch.apply(layer, "qkv_proj", self.x, self.y)
         finally:
-            les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM = keep
+            les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PROGRAMS_PER_SM, les.STREAM_PROGRAMS_PER_SM_LARGE = keep
 
 
 def time_graph(fn, reps: int, device, out: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:

@@ -317,6 +317,11 @@ if HAS_TRITON:
 STREAM_MAX_SLICES = 3
 STREAM_MAX_RANK = 128
 STREAM_PROGRAMS_PER_SM = 4  # grid target; ~5 fit per SM at <= 96 registers x 4 warps
+# ... above 256 tokens (mixed steps, prefill): 8. Their grids hold many empty tiles (cdiv(T, BM) + a segment
+# bound: a 352-token mixed step launches 93 tiles for 48 used), so 4 per grid tile left ~2 programs per SM of
+# 16 column blocks each. H200 probe 19:59 (bench_lora_mixed pps8, q+v qkv, ranks 8-64, us per layer): mixed
+# 352 tokens 92.3 -> 86.7, prefill 2056 tokens 119.7 -> 112.6, 608 tokens flat. LORASERVE_LORA_STREAM_PPS_LARGE.
+STREAM_PROGRAMS_PER_SM_LARGE = int(os.environ.get("LORASERVE_LORA_STREAM_PPS_LARGE", "8"))
 # B blocks in flight per program; None: 3 for decode-like tiles (<= 16 rows, rank <= 32, <= 2
 # slices), else 2.
 # Measured on an H200 (with PDL, 64 tokens / 32 adapters / rank 16): 3 ahead took the layer from
@@ -371,7 +376,8 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
     num_warps = 4 if block_m * block_n <= 2048 else 8
     n_blocks = -(-n_total // block_n)
-    groups = max(1, min(n_blocks, round(STREAM_PROGRAMS_PER_SM * num_sms / max(1, grid_tiles))))
+    pps = STREAM_PROGRAMS_PER_SM if num_tokens <= 256 else STREAM_PROGRAMS_PER_SM_LARGE
+    groups = max(1, min(n_blocks, round(pps * num_sms / max(1, grid_tiles))))
     blocks_per_prog = -(-n_blocks // groups)
     groups = -(-n_blocks // blocks_per_prog)
     # Split-K partials summed in rounds of <= 8192 fp32 values over all slices (registers).

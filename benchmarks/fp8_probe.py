@@ -36,6 +36,7 @@ VARIANTS = (
     ("gemv_pdl_l2", {"LORASERVE_FP8_GEMV_PDL": "1"}),
     # the W8A8 decode GEMMs (M 33..64, kernels/fp8_gemv_configs.py w8a8_mode): per token with fp32 promotion (default),
     # without it (the previous default), per (token, K block) in-kernel, cuBLASLt tensor-wise + a scaling launch
+    ("w8a8_token", {"LORASERVE_FP8_W8A8": "token"}),
     ("w8a8_fast", {"LORASERVE_FP8_W8A8": "fast"}),
     ("w8a8_block", {"LORASERVE_FP8_W8A8": "block"}),
     ("w8a8_tensorwise", {"LORASERVE_FP8_W8A8": "tensorwise"}),
@@ -141,12 +142,20 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
     w_q, s = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="cuda"), torch.empty(vocab, device="cuda")
     for r in range(0, vocab, 16384):
         w_q[r:r + 16384], s[r:r + 16384] = quantize_per_channel(w[r:r + 16384])
+    from loraserve.kernels import fp8_gemv_configs as fc
+
     heads = {"bf16": lambda x: F.linear(x, w), "fp8": Fp8Head(w_q, s), "fp8_rescore8": Fp8Head(w_q, s, w, 8)}
+    # the fp16-product GEMV (gemvh) for the head at M = 1, at gate_up's winning tile with split 1 and 2 (not in the
+    # table: measured here first)
+    half = {"fp8_gemvh2_s1": ("gemvh2", 1, 4, 512, 1, 4, 4), "fp8_gemvh2_s2": ("gemvh2", 1, 4, 512, 2, 4, 4),
+            "fp8_gemvh4_1w": ("gemvh4", 1, 1, 512, 1, 1, 4)}
     out = {}
     for m in ms:
         x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
         row = {}
-        for name, fn in heads.items():
+        for name, fn in list(heads.items()) + ([(k, heads["fp8"]) for k in half] if m == 1 else []):
+            if name in half:
+                fc._HALF_M1[(vocab, hidden)] = half[name]
             fn(x)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -162,6 +171,7 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
             torch.cuda.synchronize()
             row[name] = round(start.elapsed_time(end) * 1e3 / 20, 1)
             row[f"{name}_argmax_eq_bf16"] = float((y.argmax(-1) == F.linear(x, w).argmax(-1)).float().mean())
+            fc._HALF_M1.pop((vocab, hidden), None)
         out[m] = row
         print(f"  lm_head M={m} (us): {row}", flush=True)
     return out

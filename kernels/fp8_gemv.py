@@ -53,7 +53,7 @@ from .fp8_gemm import check_gemm_args, fp8_w8a16_gemm_ref
 from .fp8_gemv_half import GEMVH_X_SCALE  # noqa: F401  (re-exported)
 from .fp8_skinny_dot import w8a8_block_ref  # noqa: F401  (re-exported: the tests and the sweep read it here)
 # tile configs (kernels/fp8_gemv_configs.py), re-exported: the sweep and the tests read them from here
-from .fp8_gemv_configs import (CONFIGS, KINDS, M_BUCKETS, X16_SCALE, GemvConfig, auto_split,  # noqa: F401
+from .fp8_gemv_configs import (CONFIGS, KINDS, M_BUCKETS, W8A8_KINDS, X16_SCALE, GemvConfig, auto_split,  # noqa: F401
                                gemv_config, heuristic_config, m_bucket)
 
 gemv_ref = fp8_w8a16_gemm_ref   # the same math: fp32 accumulate, scale per output channel, one rounding

@@ -33,17 +33,22 @@ _LLAMA3_8B = {
     # (N, K): {M bucket: config}
     (6144, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
                    16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
-                   64: ("dot8", 64, 128, 128, 4, 4, 3, True)},
+                   64: ("tw", 64, 128, 128, 4, 4, 3, True)},
     (4096, 4096): {1: ("gemv", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 4, 2, 3),
                    16: ("dot16", 16, 64, 128, 4, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
-                   64: ("dot8", 64, 64, 128, 4, 4, 3)},
+                   64: ("tw", 64, 64, 128, 4, 4, 3)},
     (28672, 4096): {1: ("gemv2", 1, 4, 512, 1, 4, 1), 4: ("dot16", 16, 64, 128, 1, 2, 3),
                     16: ("dot16", 16, 64, 128, 1, 2, 3), 32: ("dot16", 32, 64, 128, 2, 4, 3, True),
                     64: ("dot8", 64, 64, 128, 1, 4, 3)},
     (4096, 14336): {1: ("gemv2", 1, 4, 512, 2, 4, 1, True), 4: ("dot16", 16, 64, 128, 8, 2, 3),
                     16: ("dot16", 16, 64, 128, 8, 2, 3), 32: ("dot16", 32, 64, 128, 4, 4, 3, True),
-                    64: ("dot8", 64, 128, 128, 8, 4, 3, True)},
+                    64: ("tw", 64, 128, 128, 8, 4, 3, True)},
 }
+# Bucket 64 since the 2026-11-30 20:00 probe (fp8_gemv_sweep.py --w8a8 --ms 64, copy 4238 GB/s, us per GEMM incl. the
+# quantization launch): cuBLASLt's tensor-wise FP8 GEMM + the scaling launch ("tw") beat the dot8 tiles on qkv (15.08 vs
+# 15.80), o (12.05 vs 13.28) and down (27.85 vs 30.90), not on gate_up (43.89 vs 35.98): the same per-token W8A8
+# numerics (max error vs the exact W8A8 result 2.4-2.8e-3 either way). The tiles stay beside "tw" for
+# LORASERVE_FP8_W8A8=token / block, which force dot8 / dot8b everywhere.
 CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
     (m, n, k): cfg for (n, k), by_m in _LLAMA3_8B.items() for m, cfg in {**by_m, 2: by_m[4], 8: by_m[16]}.items()}
 
@@ -90,6 +95,7 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemvConfig:
 
 
 _env_loaded = False
+_OVERRIDDEN: set[tuple[int, int, int]] = set()   # (M bucket, N, K) that LORASERVE_FP8_GEMV_CONFIGS set: kept as given
 
 
 def _load_env_configs() -> None:
@@ -111,6 +117,7 @@ def _load_env_configs() -> None:
             if m == source and (bucket, n, k) not in table:
                 table[(bucket, n, k)] = cfg
     CONFIGS.update(table)
+    _OVERRIDDEN.update(table)
 
 
 def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False) -> GemvConfig:
@@ -120,37 +127,46 @@ def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False)
         _load_env_configs()
     cfg = CONFIGS.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
     # any tile serves any M: the grid has cdiv(M, BLOCK_M) row tiles
-    if weight_only and cfg[0].startswith("dot8"):
+    if weight_only and cfg[0] in W8A8_KINDS:
         bm, bk = max(16, triton.next_power_of_2(min(M, 64))), min(64, max(16, triton.next_power_of_2(K)))
         cfg = ("dot", bm, 64, bk, auto_split("dot", bm, 64, bk, M, N, K, num_sms), 4, 3)
-    elif cfg[0] == "dot8":
-        kind = _W8A8_KINDS[w8a8_mode()]
-        cfg = (kind,) + tuple(cfg[1:]) if kind != "dot8" else cfg
-    elif M == 1 and cfg[0] in ("gemv", "gemv2", "gemv4") and gemv_half_on():
-        cfg = _HALF_M1.get((N, K)) or ("gemvh4", 1, 1, 1024, auto_split("gemvh4", 1, 4, 1024, 1, N, K, num_sms), 2, 4)
+    elif cfg[0] in W8A8_KINDS and w8a8_mode() != "auto":
+        cfg = (_W8A8_KINDS[w8a8_mode()],) + tuple(cfg[1:])
+    elif (M == 1 and cfg[0] in ("gemv", "gemv2", "gemv4") and (N, K) in _HALF_M1 and (1, N, K) not in _OVERRIDDEN
+          and gemv_half_on()):
+        cfg = _HALF_M1[(N, K)]
     return cfg
 
 
-# M = 1 tiles of the fp16-product GEMV (gemvh, LORASERVE_FP8_GEMV_HALF) per (N, K); others: 4 x 1024-byte rows
-_HALF_M1: dict[tuple[int, int], GemvConfig] = {}
+# M = 1 tiles of the fp16-product GEMV (gemvh, LORASERVE_FP8_GEMV_HALF) per (N, K), from the 2026-11-30 20:00 probe
+# (fp8_gemv_sweep.py --gemvh --ms 1, us per GEMV): qkv 7.49 vs the fp32 gemv's 8.10, o 6.24 vs 7.35, gate_up 29.92 vs
+# 32.13 (3.93 TB/s of weights, 0.93 of copy); down stays on the fp32 gemv2 (17.44; gemvh4 17.57): its input, the
+# SiLU product, is the one activation that may pass gemvh's |x| < 9362. Shapes not here keep the fp32 kinds.
+_HALF_M1: dict[tuple[int, int], GemvConfig] = {
+    (6144, 4096): ("gemvh4", 1, 1, 512, 1, 1, 4),
+    (4096, 4096): ("gemvh4", 1, 1, 512, 1, 2, 4),
+    (28672, 4096): ("gemvh2", 1, 4, 512, 2, 4, 4),
+}
 
 
 def gemv_half_on() -> bool:
-    """LORASERVE_FP8_GEMV_HALF=1: single-token GEMVs with fp16 products (gemvh4: fp16 partials over 2-4 K tiles, then
-    fp32; x * 2^-8 in fp16, so |x| < 9362) instead of the fp32 CUDA-core kinds."""
-    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "0").strip() == "1"
+    """LORASERVE_FP8_GEMV_HALF (default 1): single-token GEMVs of the shapes in _HALF_M1 with fp16 products (gemvh:
+    fp16 partials over 4 K tiles, then fp32; x * 2^-8 in fp16, so |x| < 9362); 0: the fp32 CUDA-core kinds."""
+    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "1").strip() != "0"
 
 
 _W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf"}
+W8A8_KINDS = tuple(_W8A8_KINDS.values())
 
 
 def w8a8_mode() -> str:
-    """LORASERVE_FP8_W8A8: how the W8A8 decode tiles (dot8, M 33..64) quantize x. 'token' (default): one scale per
-    token by a launch before the GEMM, the FP8 MMA's partials promoted to fp32 every K tile (_scaled_mm's numerics);
+    """LORASERVE_FP8_W8A8: how the W8A8 decode GEMMs (M 33..64) run. 'auto' (default): the table's kind per shape (tw
+    or dot8, both per-token W8A8). The others force one kind: 'token': one scale per token by a launch before the
+    GEMM, the FP8 MMA's partials promoted to fp32 every K tile (_scaled_mm's numerics; dot8);
     'block': inside the GEMM, one scale per (token, 128-wide K block) (dot8b: no quantization launch); 'fast': per
     token, the MMA accumulating over all of K in its reduced precision (dot8f: measurements only); 'tensorwise' /
     'tensorwise_fast': per token, cuBLASLt's FP8 GEMM with unit scales (use_fast_accum off / on), scales after it."""
-    mode = os.environ.get("LORASERVE_FP8_W8A8", "token").strip().lower() or "token"
-    if mode not in _W8A8_KINDS:
-        raise ValueError(f"LORASERVE_FP8_W8A8 must be one of {sorted(_W8A8_KINDS)}, got {mode!r}")
+    mode = os.environ.get("LORASERVE_FP8_W8A8", "auto").strip().lower() or "auto"
+    if mode not in _W8A8_KINDS and mode != "auto":
+        raise ValueError(f"LORASERVE_FP8_W8A8 must be auto or one of {sorted(_W8A8_KINDS)}, got {mode!r}")
     return mode

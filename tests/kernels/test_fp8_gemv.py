@@ -192,8 +192,28 @@ def test_weight_only_config_never_dot8() -> None:
     for m in (33, 64, 100, 2048):
         for n, k in ((6144, 4096), (4096, 14336), (256, 128)):
             cfg = fg.gemv_config(m, n, k, 132, weight_only=True)
-            assert cfg[0] != "dot8" and k >= cfg[4] * cfg[3], (m, n, k, cfg)
-    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "dot8"   # the default at bucket 64
+            assert cfg[0] not in fg.W8A8_KINDS and k >= cfg[4] * cfg[3], (m, n, k, cfg)
+    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "tw" and fg.gemv_config(64, 28672, 4096, 132)[0] == "dot8"
+
+
+def test_w8a8_and_half_switches(monkeypatch) -> None:
+    """LORASERVE_FP8_W8A8 forces one W8A8 kind at bucket 64 (auto: the table's per shape); LORASERVE_FP8_GEMV_HALF=0
+    keeps the fp32 CUDA-core kinds at M = 1 (default: the fp16-product gemvh for the shapes measured, down excepted)."""
+    if not triton_available():
+        pytest.skip("triton not installed")
+    from loraserve.kernels import fp8_gemv as fg
+
+    for mode, kind in (("token", "dot8"), ("block", "dot8b"), ("tensorwise", "tw")):
+        monkeypatch.setenv("LORASERVE_FP8_W8A8", mode)
+        assert {fg.gemv_config(48, n, k, 132)[0] for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))} == {kind}
+    monkeypatch.setenv("LORASERVE_FP8_W8A8", "nope")
+    with pytest.raises(ValueError, match="LORASERVE_FP8_W8A8"):
+        fg.gemv_config(64, 6144, 4096, 132)
+    monkeypatch.delenv("LORASERVE_FP8_W8A8")
+    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemvh2" and fg.gemv_config(1, 4096, 14336, 132)[0] == "gemv2"
+    assert fg.gemv_config(1, 256, 128, 132)[0] == "gemv"   # a shape not measured: the fp32 kind
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_HALF", "0")
+    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemv2"
 
 
 def _gpu_fp8() -> bool:
@@ -335,7 +355,8 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
     for m in fg.M_BUCKETS:
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
             kind, bm, bn, bk, split, warps, stages = fg.gemv_config(m, n, k, 132)[:7]
-            variants.add((kind, bm, bn, bk, split > 1, warps, stages))
+            if not kind.startswith(("tw", "gemvh")):   # cuBLAS (tw), and gemvh's own kernel: checked below
+                variants.add((kind, bm, bn, bk, split > 1, warps, stages))
     # and a few of the other kinds the sweep's table (LORASERVE_FP8_GEMV_CONFIGS) may pick
     variants |= {("gemv4", 1, 4, 512, False, 4, 1), ("gemv4", 1, 4, 512, True, 4, 2), ("gemv2", 1, 4, 512, False, 4, 1),
                  ("dot16", 16, 64, 128, True, 4, 3), ("dot16", 64, 64, 64, False, 4, 3), ("dot8", 64, 128, 128, True, 4, 3),

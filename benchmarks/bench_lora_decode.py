@@ -8,7 +8,8 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   default      the switches as the environment and the code's defaults set them (PDL on, 3 B blocks ahead)
   stream       the default before 2026-11-30's probe: PDL off, 2 B blocks ahead
   overlap      default + LORASERVE_LORA_OVERLAP=shrink: the shrink on a side stream during the base GEMM;
-               seq: default with the overlap off (GEMM, then the LoRA kernels)
+               seq: default with the overlap off (GEMM, then the LoRA kernels); overlap_carve16/32, seq_carve16:
+               with torch's cuBLASLt SM carveout (GEMMs leave 16 / 32 SMs free), for the LoRA and no-LoRA steps alike
   overlap_full default + LORASERVE_LORA_OVERLAP=full: shrink + expand into a delta on the side stream,
                one add after the GEMM (kernels/lora_add.py); overlap_full_nopdl: without PDL
   prev         the default of 2026-11-30 12:20: dot shrink (BGMV off), the hand-rotated expand loop
@@ -46,7 +47,10 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "dense": dict(dense="triton"), "dense_mm": dict(dense="mm"),
             "dense_full": dict(dense="triton", overlap="full"), "xdense": dict(dense_expand=True),
             "dense_xdense": dict(dense="triton", dense_expand=True),
-            "dense_xdense_full": dict(dense="triton", dense_expand=True, overlap="full")}
+            "dense_xdense_full": dict(dense="triton", dense_expand=True, overlap="full"),
+            "overlap_carve16": dict(overlap="shrink", carveout=16), "overlap_carve32": dict(overlap="shrink", carveout=32),
+            "seq_carve16": dict(overlap="", carveout=16)}
+_CARVED = [False]
 
 
 def set_variant(v: dict, defaults: dict) -> None:
@@ -58,6 +62,11 @@ def set_variant(v: dict, defaults: dict) -> None:
     importlib.import_module("loraserve.kernels.lora_apply").DENSE_MODE = v.get("dense", defaults["dense"])
     importlib.import_module("loraserve.kernels.lora_apply").DENSE_EXPAND = v.get("dense_expand", defaults["dense_expand"])
     batch.OVERLAP = v.get("overlap", defaults["overlap"])
+    if v.get("carveout") or _CARVED[0]:  # GEMMs leave SMs free for the side-stream LoRA kernels (lora_layer_overlap)
+        from benchmarks.lora_layer_overlap import set_carveout
+
+        print(f"  {set_carveout(v.get('carveout'))}", flush=True)
+        _CARVED[0] = bool(v.get("carveout"))
     lora_meta.LORA_PDL = v.get("pdl", defaults["pdl"])
     lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", defaults["b_ahead"])
     lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead", defaults["y_ahead"])

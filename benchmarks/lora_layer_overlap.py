@@ -49,8 +49,8 @@ def set_carveout(num_sms: int | None) -> str:
     that the side-stream LoRA kernels find free SMs while the base GEMM runs; None: back to the defaults.
     Returns what was set (or why not)."""
     setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
-    if setter is None:
-        return "no SM carveout in this torch"
+    if setter is None or not torch.cuda.is_available():
+        return "no SM carveout here (torch without it, or no CUDA)"
     setter(num_sms)
     torch.backends.cuda.preferred_blas_library("cublaslt" if num_sms else "default")
     return f"cuBLASLt, {num_sms} SMs left free" if num_sms else "default GEMM backend"

@@ -26,7 +26,6 @@ concurrency 64 (the H200 run of 512 x 128 did not finish within 300 s with every
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import os

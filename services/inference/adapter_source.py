@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -28,7 +27,8 @@ from .errors import (DigestMismatchError, RegistryAccessError, RegistryAdapterNo
 from .lora.manager import TierStats
 from . import ranged_download
 from .blob_source import BlobDownloads
-from .download_files import check_digest as _check_digest, write_file as _write_file
+from .download_files import check_digest as _check_digest, read_index as _read_index, write_file as _write_file
+from .download_files import write_index as _write_index
 
 log = logging.getLogger(__name__)
 # bytes per DownloadAdapter message asked for (the registry clamps it to its largest, 1 MiB by default;
@@ -115,6 +115,7 @@ class AdapterFetcher(BlobDownloads):
         self.stale_served = 0     # resolutions served from cache because the registry was unreachable
         self.registry_errors = 0  # registry calls that failed as unavailable
         self._index_path = os.path.join(cache_dir, "refs.json")
+        self._index_writer, self._index_write = None, None  # (_remember)
         self._pinned: dict[tuple[str, int], _Resolved] = self._load_index()
         self._refs: dict[tuple[str, str], tuple[_Resolved, float]] = {}  # (name, alias or "") -> (what, when)
         self._writing: dict[str, Chunks] = {}   # digest -> verified bytes whose disk copy is being written
@@ -154,6 +155,8 @@ class AdapterFetcher(BlobDownloads):
         """Waits until the disk copies being written are complete."""
         for task in list(self._writes.values()) + list(self._landing.values()):
             await asyncio.gather(task, return_exceptions=True)
+        if self._index_write is not None:
+            await asyncio.gather(asyncio.wrap_future(self._index_write), return_exceptions=True)
 
     async def close(self) -> None:
         """Waits for the disk copies still being written, then closes the channel."""
@@ -164,7 +167,7 @@ class AdapterFetcher(BlobDownloads):
             self._hasher.shutdown(wait=False)
             self._placers.shutdown(wait=False)
             self._verifiers.shutdown(wait=False)
-        for pool in (self._blob_pool, self._blob_writer):
+        for pool in (self._blob_pool, self._blob_writer, self._index_writer):
             if pool is not None:
                 pool.shutdown(wait=False)
 
@@ -203,27 +206,27 @@ class AdapterFetcher(BlobDownloads):
 
     def _load_index(self) -> dict[tuple[str, int], _Resolved]:
         try:
-            with open(self._index_path) as f:
-                rows = json.load(f)
             return {(r["name"], int(r["version"])): _Resolved(r["name"], int(r["version"]), r["digest"],
                                                               r["artifact_type"], r["format"], int(r.get("size", 0)))
-                    for r in rows}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, KeyError, TypeError) as exc:
+                    for r in _read_index(self._index_path)}
+        except (ValueError, TypeError) as exc:
             log.warning("ignoring unreadable adapter index %s: %s", self._index_path, exc)
             return {}
 
     def _remember(self, r: _Resolved, alias: str, version: int) -> None:
+        """Keep a resolution; a new {name, version} also goes to the index file, written on its own thread
+        in order (on a slow disk the write cost ms of a cold adapter's path; flush() waits for it)."""
         if version == 0:
             self._refs[(r.name, alias)] = (r, time.monotonic())
         if (r.name, r.version) in self._pinned:
             return
         self._pinned[(r.name, r.version)] = r
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".refs-")
-        with os.fdopen(fd, "w") as f:
-            json.dump([vars(x) for x in self._pinned.values()], f)
-        os.replace(tmp, self._index_path)
+        if self._index_writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._index_writer = ThreadPoolExecutor(1, thread_name_prefix="loraserve-adapter-index")
+        self._index_write = self._index_writer.submit(_write_index, [vars(x) for x in self._pinned.values()],
+                                                      self._index_path, self.cache_dir)
 
     async def _resolve(self, name: str, version: int, alias: str, what: str) -> _Resolved:
         from loraserve.v1 import registry_pb2 as pb

@@ -71,7 +71,7 @@ def test_signed_url_serves_exactly_the_ranges_asked_for(served):
     assert resp.range_digests.range_bytes == 4 << 20 and len(resp.range_digests.sha256) == 2
     assert [hashlib.sha256(whole[i:i + (4 << 20)]).digest() for i in (0, 4 << 20)] == list(resp.range_digests.sha256)
     n = len(whole)
-    for header, want in ((f"bytes=0-99", whole[:100]), (f"bytes={n - 5}-", whole[-5:]), ("bytes=-7", whole[-7:]),
+    for header, want in (("bytes=0-99", whole[:100]), (f"bytes={n - 5}-", whole[-5:]), ("bytes=-7", whole[-7:]),
                          (f"bytes=1000-{n + 50}", whole[1000:]), (f"bytes={4 << 20}-{(8 << 20) - 1}", whole[4 << 20:])):
         status, h, body = _get(resp.blob.port, resp.blob.url, {"Range": header})
         assert status == 206 and body == want, header

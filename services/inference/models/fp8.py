@@ -8,10 +8,12 @@ activation" scheme (vllm/model_executor/layers/quantization/fp8.py) and TensorRT
 FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of equal rows.
 
 GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M tokens, default 64) runs the
-Triton FP8 GEMV kernels (kernels/fp8_gemv.py) with the tile its table holds per M bucket: weight-only up to 32
-tokens (bf16 x times e4m3 W converted in registers, no activation quantization), W8A8 `dot8` at 33..64 (x per
-token in e4m3, FP8 tensor cores: the numerics of _scaled_mm); larger M torch._scaled_mm (row-wise scales) after
-one Triton launch that quantizes x per token (H200 figures per M: kernels/PERF_NOTES.md, FP8 decode GEMV).
+FP8 GEMV kernels (kernels/fp8_gemv.py) with the kind and tile its table holds per M bucket: weight-only up to 32
+tokens (bf16 x times e4m3 W converted in registers, no activation quantization; one token: fp16 products summed in
+fp16 over 4 K tiles, then fp32, LORASERVE_FP8_GEMV_HALF), W8A8 at 33..64 (x per token in e4m3, FP8 tensor cores:
+the numerics of _scaled_mm; cuBLASLt's tensor-wise GEMM + a scaling launch or the Triton dot8 tiles per shape,
+LORASERVE_FP8_W8A8); larger M torch._scaled_mm (row-wise scales) after one Triton launch that quantizes x per token
+(H200 figures per M: kernels/PERF_NOTES.md, FP8 decode GEMV).
 Projections under W8A8_MIN_WEIGHTS (1M) keep x unquantized at every M (LORASERVE_FP8_ACT_QUANT=auto|on|off).
 The older Triton W8A16 GEMM (kernels/fp8_gemm.py) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the
@@ -93,7 +95,7 @@ def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 # the H200 (module docstring); LORASERVE_FP8_SMALL_M=64 turns it on for tuning runs.
 DEFAULT_SMALL_M = 0
 # Decode-sized GEMMs (M <= this many tokens) take the FP8 GEMV kernels (kernels/fp8_gemv.py, the measured tile
-# per M bucket: weight-only up to 32 tokens, W8A8 `dot8` at 33..64), larger M the FP8 tensor cores (_scaled_mm).
+# per M bucket: weight-only up to 32 tokens, W8A8 (tw / dot8) at 33..64), larger M the FP8 tensor cores (_scaled_mm).
 # 64: at M = 64 dot8 beat _scaled_mm on every 8B projection on the H200 (96 vs 124 us per layer).
 DEFAULT_GEMV_MAX_M = 64
 # W8A8 (activations rounded to e4m3 per token) only for projections of at least this many weights: below it

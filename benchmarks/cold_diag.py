@@ -257,6 +257,51 @@ def blob_sweep(workdir: str, d: str, streams: list[int], reps: int) -> None:
         loop.close()
 
 
+def resolve_probe(workdir: str, n: int = 30) -> None:
+    """Where a cold adapter's resolve goes: GetAdapter(blob_url) round trips to a registry process on loopback
+    (one aio channel, each {name, version} asked once, as cold adapters are) vs the registry's own lookup
+    (RegistryService.get on the same database, in this process). ms, median and max."""
+    import statistics
+
+    import grpc
+
+    from loraserve.registry.client import RegistryClient
+    from loraserve.registry.config import RegistryConfig
+    from loraserve.registry.service import RegistryService
+    from loraserve.v1 import registry_pb2 as pb
+    from loraserve.v1 import registry_pb2_grpc
+
+    shapes = {m: (256, 256) for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    data = os.path.join(workdir, "resolve-registry")
+    with RegistryProcess(data) as reg:
+        with RegistryClient(reg.address) as client:
+            for i in range(2 * n):
+                client.push(write_peft_dir(os.path.join(workdir, f"r{i}"), shapes, 1, 4, i), f"r{i}", base_model="b")
+
+        async def rtts(names: list[str]) -> list[float]:
+            async with grpc.aio.insecure_channel(reg.address) as ch:
+                stub = registry_pb2_grpc.RegistryServiceStub(ch)
+                await stub.GetAdapter(pb.GetAdapterRequest(name="r0", version=1))  # (connect)
+                out = []
+                for name in names:
+                    t0 = time.perf_counter()
+                    await stub.GetAdapter(pb.GetAdapterRequest(name=name, version=1, blob_url=True), timeout=10)
+                    out.append(time.perf_counter() - t0)
+                return out
+        first = asyncio.run(rtts([f"r{i}" for i in range(1, n)]))
+        again = asyncio.run(rtts([f"r{i}" for i in range(1, n)]))
+        service = RegistryService.open(RegistryConfig(data_dir=data))
+        local = []
+        for i in range(n, 2 * n):
+            t0 = time.perf_counter()
+            service.get(f"r{i}", 1)
+            local.append(time.perf_counter() - t0)
+        service.close()
+    for label, ts in (("GetAdapter(blob_url) round trip, first ask", first), ("... asked again", again),
+                      ("RegistryService.get in this process", local)):
+        print(f"{label}: ms median {statistics.median(ts) * 1e3:.2f}, max {max(ts) * 1e3:.2f}", flush=True)
+
+
 def _hash_rates(size: int) -> None:
     """sha256 of `size` bytes on 1, 4, 8 and 16 threads at once (each its share): the floor of the check."""
     import hashlib
@@ -352,6 +397,7 @@ def main() -> int:
                     help="--fetch-sweep: streams x range MiB, comma separated; suffixes: r responses split raw, "
                          "w the whole-artifact hash (no range digests)")
     ap.add_argument("--raw-transport", action="store_true", help="--fetch-sweep: also the transport alone")
+    ap.add_argument("--resolve-probe", action="store_true", help="only GetAdapter round trips vs the registry's lookup")
     ap.add_argument("--blob-sweep", default="", metavar="N,N,...",
                     help="only the download: gRPC ranges vs the HTTP blob side channel with N connections")
     ap.add_argument("--parse-ab", action="store_true", help="only the staged parse, folds inline vs threaded")
@@ -361,6 +407,9 @@ def main() -> int:
         _, tar, data, digest = make_artifact(workdir, a.layers)
         print(f"parse A/B: {len(data) / 1e6:.0f} MB tar ({a.layers} layers)", flush=True)
         parse_ab(tar, digest, a.reps)
+        return 0
+    if a.resolve_probe:
+        resolve_probe(tempfile.mkdtemp(prefix="cold-diag-"))
         return 0
     if a.blob_sweep:
         workdir = tempfile.mkdtemp(prefix="cold-diag-")

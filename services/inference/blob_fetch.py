@@ -11,8 +11,9 @@ the GIL, so the parse (on the loader thread) and the event loop run beside the d
     await fetch_ranges(target, size, digests, dest, pool, on_range)
 
 dest: a [size] uint8 CPU tensor. Ranges go to `streams` workers in the order [0, last, 1, 2, ...]
-(a tar's end early for a parser reading as the bytes arrive). A range is handed to `on_range(start,
-end)` only after its sha256 matched; a mismatch raises DigestMismatchError (never retried on another
+(a tar's end early for a parser reading as the bytes arrive). Each piece the registry has a digest of
+(4 MiB, or what LORASERVE_RANGE_DIGEST_BYTES made it at upload) is handed to `on_range(start, end)` as
+soon as its sha256 matched, while the rest of its GET range still arrives; a mismatch raises DigestMismatchError (never retried on another
 path: the bytes are wrong), anything else of the transport BlobUnavailable (the caller may fall
 back to gRPC while nothing was handed on).
 """
@@ -115,8 +116,10 @@ class _Connection:
             headers[key.strip().lower()] = value.strip()
         return int(parts[1]), headers, bytes(buf[end + 4:])
 
-    def read_range(self, start: int, end: int, view: memoryview, sha) -> None:
-        """Bytes [start, end) of the blob into view (len end - start), fed to sha as they arrive."""
+    def read_range(self, start: int, end: int, view: memoryview, units: list, on_unit) -> None:
+        """Bytes [start, end) of the blob into view (len end - start). units: [(unit start, unit end, sha256)]
+        tiling the range; each unit is hashed as its bytes arrive and, once whole and matching, handed to
+        on_unit(unit start, unit end); a mismatch raises _Mismatch(unit start, unit end)."""
         req = (f"GET {self.t.target} HTTP/1.1\r\nHost: {self.t.host_header}\r\nRange: bytes={start}-{end - 1}\r\n"
                f"Accept-Encoding: identity\r\nUser-Agent: loraserve\r\n\r\n")
         self.sock.sendall(req.encode("latin-1"))
@@ -133,39 +136,54 @@ class _Connection:
         if len(rest) > n:
             raise BlobUnavailable("the blob server sent more bytes than the range")
         view[:len(rest)] = rest
-        pos, hashed = len(rest), 0
-        while pos < n:
+        pos, hashed, u, sha = len(rest), 0, 0, hashlib.sha256()
+        while True:
+            # hash what arrived (up to the current unit's end; a whole unit is checked and handed on)
+            while hashed < pos and (pos - hashed >= _HASH_STEP or pos == n or units[u][1] - start <= pos):
+                stop = min(pos, units[u][1] - start)
+                sha.update(view[hashed:stop])
+                hashed = stop
+                if hashed == units[u][1] - start:
+                    if sha.digest() != units[u][2]:
+                        raise _Mismatch(units[u][0], units[u][1])
+                    on_unit(units[u][0], units[u][1])
+                    u, sha = u + 1, hashlib.sha256()
+            if pos == n:
+                break
             got = self.sock.recv_into(view[pos:], n - pos)  # (the GIL is released while it waits and copies)
             if not got:
                 raise BlobUnavailable(f"the blob server closed the connection after {pos} of {n} bytes")
             pos += got
-            if pos - hashed >= _HASH_STEP or pos == n:
-                sha.update(view[hashed:pos])
-                hashed = pos
-        if hashed < n:
-            sha.update(view[hashed:n])
         if headers.get("connection", "").lower() == "close":
             self.close()
 
 
-def plan(size: int, digests: tuple[int, list[bytes]] | None, whole_digest: str) -> list[tuple[int, int, bytes]]:
-    """[(start, end, sha256 it must have)]: the registry's ranges, or the whole artifact as one range when it
-    is small enough to have none. Raises BlobUnavailable when the ranges cannot be checked one by one."""
-    if digests is not None:
-        range_bytes, shas = digests
-        if range_bytes > 0 and len(shas) == -(-size // range_bytes):
-            return [(off, min(off + range_bytes, size), shas[i]) for i, off in enumerate(range(0, size, range_bytes))]
-    if size <= (4 << 20) and whole_digest.startswith("sha256:"):
-        return [(0, size, bytes.fromhex(whole_digest[7:]))]
-    raise BlobUnavailable("no range digests for this artifact: it is checked as a whole on the gRPC path")
+class _Mismatch(Exception):
+    """Bytes [start, end) did not hash to the registry's digest of them."""
+
+
+def plan(size: int, digests: tuple[int, list[bytes]] | None, whole_digest: str,
+         request_bytes: int = 4 << 20) -> list[tuple[int, int, list[tuple[int, int, bytes]]]]:
+    """[(start, end, units)]: GET ranges of about request_bytes (whole digest units), each with its units
+    [(start, end, sha256 it must have)]: the registry's range digests, or the whole artifact as one unit when
+    it is small enough to have none. Raises BlobUnavailable when the bytes cannot be checked piece by piece."""
+    if digests is not None and digests[0] > 0 and len(digests[1]) == -(-size // digests[0]):
+        unit, shas = digests
+        units = [(off, min(off + unit, size), shas[i]) for i, off in enumerate(range(0, size, unit))]
+    elif size <= (4 << 20) and whole_digest.startswith("sha256:"):
+        units = [(0, size, bytes.fromhex(whole_digest[7:]))]
+    else:
+        raise BlobUnavailable("no range digests for this artifact: it is checked as a whole on the gRPC path")
+    per = max(1, request_bytes // max(1, units[0][1] - units[0][0]))
+    return [(group[0][0], group[-1][1], group) for group in (units[i:i + per] for i in range(0, len(units), per))]
 
 
 async def fetch_ranges(t: BlobTarget, size: int, digests, whole_digest: str, dest, pool: ThreadPoolExecutor,
                        on_range=None, streams: int | None = None, timeout_s: float = 30.0,
                        ssl_context: ssl.SSLContext | None = None, what: str = "the adapter") -> None:
-    """Every byte of the blob at `t` into dest ([size] uint8 CPU tensor), each range checked against its
-    digest before on_range(start, end) is called (on a worker thread). Waits until no worker writes into
-    dest any more, also when it raises or is cancelled."""
+    """Every byte of the blob at `t` into dest ([size] uint8 CPU tensor), each digest unit checked before
+    on_range(start, end) is called for it (on a worker thread). Waits until no worker writes into dest any
+    more, also when it raises or is cancelled."""
     ranges = plan(size, digests, whole_digest)
     order = list(range(len(ranges)))
     if len(order) > 2:
@@ -184,24 +202,21 @@ async def fetch_ranges(t: BlobTarget, size: int, digests, whole_digest: str, des
                     r = next(queue, None)
                 if r is None:
                     return
-                start, end, want = ranges[r]
+                start, end, units = ranges[r]
                 if conn is None or not conn.open:
                     conn = _Connection(t, timeout_s, ssl_context)
                     with lock:
                         conns.append(conn)
-                sha = hashlib.sha256()
                 try:
-                    conn.read_range(start, end, base[start:end], sha)
+                    conn.read_range(start, end, base[start:end], units, on_range or (lambda a, b: None))
+                except _Mismatch as bad:
+                    raise DigestMismatchError(f"{what}: bytes {bad.args[0]}-{bad.args[1] - 1} from {t.host}:{t.port} "
+                                              f"do not match the registry's digest of that range") from None
                 except (OSError, ValueError) as exc:
                     if stop.is_set():
                         return
                     raise exc if isinstance(exc, BlobUnavailable) else BlobUnavailable(
                         f"reading bytes {start}-{end - 1} of {what}: {exc}") from exc
-                if sha.digest() != want:
-                    raise DigestMismatchError(f"{what}: bytes {start}-{end - 1} from {t.host}:{t.port} do not match "
-                                              f"the registry's digest of that range")
-                if on_range is not None:
-                    on_range(start, end)
         except BaseException:
             stop.set()
             raise

@@ -10,9 +10,13 @@ is downloaded and verified as before. Format: b"LRD1", range_bytes (8 bytes litt
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
-RANGE_BYTES = 4 << 20   # the range size clients ask for by default (services/inference/ranged_download.py)
+# the range size clients ask for by default (services/inference/ranged_download.py); a client checks digests
+# of any size that divides its ranges (LORASERVE_RANGE_DIGEST_BYTES, e.g. 1 MiB: a parser reading a download
+# as it arrives gets verified bytes 1 MiB at a time instead of 4)
+RANGE_BYTES = max(64 << 10, int(os.environ.get("LORASERVE_RANGE_DIGEST_BYTES", 4 << 20)))
 _MAGIC = b"LRD1"
 
 

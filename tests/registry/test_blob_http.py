@@ -313,3 +313,42 @@ def test_a_server_that_ignores_ranges_or_cuts_them_is_unavailable_not_wrong(mode
     finally:
         server.close()
     assert handed == []  # nothing unverified was handed on (so the gRPC fallback may still fill dest)
+
+
+@pytest.mark.parametrize("via", ["http", "grpc"])
+def test_finer_range_digests_are_checked_unit_by_unit(tmp_path, monkeypatch, via):
+    """Range digests of 1 MiB (LORASERVE_RANGE_DIGEST_BYTES at upload) under the clients' 4 MiB ranges: the HTTP
+    side checks and hands on each 1 MiB as it arrives, the gRPC side checks a range's four digests; both
+    take the good artifact and name the damaged piece of the other."""
+    from loraserve.registry import range_digests
+
+    monkeypatch.setattr(range_digests, "RANGE_BYTES", 1 << 20)
+    monkeypatch.setattr(blob_fetch, "BLOB_HTTP", via == "http")
+    cfg = RegistryConfig(data_dir=tmp_path / "registry", blob_port=0 if via == "http" else None)
+    with RunningRegistry(cfg) as reg:
+        with RegistryClient(reg.address) as client:
+            for name, seed in (("good", 15), ("bad", 16)):
+                client.push(write_peft_dir(str(tmp_path / name), SHAPES, num_layers=12, rank=16, seed=seed), name,
+                            base_model="tiny")
+        resp = _located(reg.address, "bad")
+        assert resp.range_digests.range_bytes == 1 << 20 and len(resp.range_digests.sha256) == 6
+        with open(reg.service.store.blob_path(resp.adapter.digest[7:]), "r+b") as fh:
+            fh.seek((5 << 20) + 10)
+            b = fh.read(1)
+            fh.seek((5 << 20) + 10)
+            fh.write(bytes([b[0] ^ 0xFF]))
+
+        async def fetch(name):
+            fetcher = adapter_source.AdapterFetcher(reg.address, str(tmp_path / f"cache-{name}"))
+            try:
+                f = await fetcher.fetch(name, 1)
+                if hasattr(f.data, "wait_verified"):
+                    await asyncio.to_thread(f.data.wait_verified)
+                await fetcher.flush()
+                return f
+            finally:
+                await fetcher.close()
+        f = asyncio.run(fetch("good"))
+        assert open(f.path, "rb").read() == _grpc_bytes(reg.address, "good")
+        with pytest.raises(DigestMismatchError, match="bytes 5242880-" if via == "http" else r"ranges \[1\]"):
+            asyncio.run(fetch("bad"))

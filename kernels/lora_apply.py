@@ -44,7 +44,8 @@ FUSED_ENABLED = os.environ.get("LORASERVE_LORA_FUSED", "0").strip() not in ("", 
 ONELAUNCH_ENABLED = os.environ.get("LORASERVE_LORA_ONELAUNCH", "0").strip() not in ("", "0")
 # Dense shrink (lora_shrink_dense.py): every token against every slot's A in one GEMM, the streaming
 # expand reading each token's own slot's columns. LORASERVE_LORA_DENSE = "triton" (our split-K kernel) |
-# "mm" (one cuBLAS GEMM) | "0" (off, the default until an H200 run has timed it). Taken only for
+# "mm" (one cuBLAS GEMM) | "0" (off, the default: the H200 probe of 2026-11-30 19:59 timed the 64-token /
+# 32-adapter layer at 57.9 us tiled vs 64.1 with the cuBLAS shrink, the Triton one no better; PERF_NOTES). Taken only for
 # DENSE_MIN_TOKENS <= T <= DENSE_MAX_TOKENS and at most T slots in the pool (it reads every slot's A up
 # to the pool's max rank). Read at each call.
 DENSE_MODE = {"1": "triton", "triton": "triton", "mm": "mm"}.get(
@@ -53,7 +54,7 @@ DENSE_MIN_TOKENS, DENSE_MAX_TOKENS = 32, 256
 # Dense expand (lora_expand_dense.py): one program per 128 output columns for all tokens, walking the
 # slots 4 at a time (B of unused slots never read), after either shrink, for 2-64 tokens, rank <= 64, wide
 # projections (N >= DENSE_EXPAND_MIN_N: its grid is N / 128 programs). LORASERVE_LORA_DENSE_EXPAND=1;
-# off by default until an H200 run has timed it. Read at each call.
+# off by default: 3x slower than the streaming expand on the H200 (gate_up 44-49 vs 17 us). Read at each call.
 DENSE_EXPAND = os.environ.get("LORASERVE_LORA_DENSE_EXPAND", "0").strip().lower() not in ("", "0", "false", "off", "no")
 DENSE_EXPAND_MIN_N = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_N", "8192"))
 DENSE_EXPAND_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_DENSE_EXPAND_MIN_TOKENS", "2"))

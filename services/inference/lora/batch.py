@@ -15,7 +15,9 @@ from loraserve.kernels.lora_apply import choose_path, lora_expand_part, lora_shr
 #  "full": shrink and expand into a delta buffer d [T, N] (y's dtype) on the side stream; after
 #      the GEMM, one kernel adds d into y with DoRA's epilogue (kernels/lora_add.py; d is rounded to
 #      y's dtype first, so results are within bf16 tolerance of the sequential path, not equal).
-#  "0" / off (default until an engine run has measured it): GEMM, then the LoRA kernels.
+#  "0" / off (default until an engine run has measured it): GEMM, then the LoRA kernels. H200, one 8B layer
+#      at 64 tokens / 32 adapters (benchmarks/lora_layer_overlap.py, 2 runs): LoRA adds 61 us sequential, 54.5
+#      with "shrink", 64-68 with "full" (kernels/PERF_NOTES.md); not yet timed in a 32-layer engine.
 # Read at each call, so CUDA graphs keep what they captured.
 _OVERLAP_ENV = os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower()
 OVERLAP = {"1": "shrink", "true": "shrink", "on": "shrink", "yes": "shrink", "shrink": "shrink",

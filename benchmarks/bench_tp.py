@@ -129,28 +129,39 @@ def trained_agreement(device: str, tiny: bool, res: dict) -> None:
         # decode path (graphs, sampler graphs, fused kernels): greedy 32-token continuations of 16 text starts
         heads = [ids[:12] for ids in texts.values()]
         sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-        for i, ids in enumerate(heads):
-            engine.add_request(f"cont{tp}-{i}", ids, sp)
-        conts: dict[str, list[int]] = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    conts[o.request_id] = list(o.outputs[0].token_ids)
-        tokens[f"cont{tp}"] = [conts[f"cont{tp}-{i}"] for i in range(len(heads))]
+        # TP=1 also in groups of 5, last first (other decode buckets, other roundings): the continuations' floor
+        for tag, group in ((f"cont{tp}", len(heads)),) + ((("contfloor", 5),) if tp == 1 else ()):
+            order = list(range(len(heads))) if group == len(heads) else list(reversed(range(len(heads))))
+            conts: dict[str, list[int]] = {}
+            for k in range(0, len(heads), group):
+                for i in order[k:k + group]:
+                    engine.add_request(f"{tag}-{i}", heads[i], sp)
+                while engine.has_unfinished_requests():
+                    for o in engine.step():
+                        if o.finished:
+                            conts[o.request_id] = list(o.outputs[0].token_ids)
+            tokens[tag] = [conts[f"{tag}-{i}"] for i in range(len(heads))]
         close_engine(engine)
     n = len(prefixes)
     res["top1_agreement_tp2_vs_tp1_trained"] = sum(x == y for x, y in zip(tokens[1], tokens[2])) / n
     res["top1_agreement_tp1_rebatched_trained"] = sum(x == y for x, y in zip(tokens[1], tokens["floor"])) / n
     res["trained_prefixes"] = n
     # per continuation: the tokens equal before the first difference, over its length (1.0: all equal)
-    matched = []
-    for a, b in zip(tokens["cont1"], tokens["cont2"]):
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        matched.append(k / max(len(a), 1))
-    res["decode_prefix_agreement_tp2_vs_tp1_trained"] = sum(matched) / len(matched)
-    res["decode_identical_continuations_trained"] = sum(m == 1.0 for m in matched) / len(matched)
+    def matched(xs, ys) -> list[float]:
+        out = []
+        for a, b in zip(xs, ys):
+            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out.append(k / max(len(a), 1))
+        return out
+
+    for key, other in (("", "cont2"), ("_tp1_rebatched", "contfloor")):
+        m = matched(tokens["cont1"], tokens[other])
+        res[f"decode_prefix_agreement{key or '_tp2_vs_tp1'}_trained"] = sum(m) / len(m)
+        res[f"decode_identical_continuations{key}_trained"] = sum(v == 1.0 for v in m) / len(m)
     print(f"default model: greedy 32-token continuations TP=2 vs TP=1: {res['decode_identical_continuations_trained']:.3f}"
-          f" identical, matched prefix {res['decode_prefix_agreement_tp2_vs_tp1_trained']:.3f}", flush=True)
+          f" identical, matched prefix {res['decode_prefix_agreement_tp2_vs_tp1_trained']:.3f}; TP=1 rebatched "
+          f"(groups of 5): {res['decode_identical_continuations_tp1_rebatched_trained']:.3f} identical, matched prefix "
+          f"{res['decode_prefix_agreement_tp1_rebatched_trained']:.3f}", flush=True)
     print(f"default model: top-1 TP=2 vs TP=1 {res['top1_agreement_tp2_vs_tp1_trained']:.4f} "
           f"(TP=1 rebatched {res['top1_agreement_tp1_rebatched_trained']:.4f}, {n} prefixes)", flush=True)
 

@@ -24,6 +24,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ BLOB_HTTP = os.environ.get("LORASERVE_BLOB_HTTP", "1") != "0"
 # thread ran ~1 GB/s on the H200 host, so 84 MB needs several); LORASERVE_BLOB_STREAMS: override
 BLOB_STREAMS = max(1, int(os.environ.get("LORASERVE_BLOB_STREAMS", 8)))
 _HASH_STEP = 1 << 20        # hash what arrived once this much is waiting (the kernel keeps receiving meanwhile)
+# plain-HTTP connections read a MiB per call (MSG_WAITALL on a blocking socket); LORASERVE_BLOB_WAITALL=0: what
+# each call finds (Python's timeout socket), as measured on the H200 before (probes of 2026-11-30 20:00, 20:30)
+BLOB_WAITALL = os.environ.get("LORASERVE_BLOB_WAITALL", "1") != "0"
 _MAX_HEADER = 64 << 10
 
 
@@ -82,8 +86,17 @@ class _Connection:
         try:
             sock = socket.create_connection((t.host, t.port), timeout=timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.waitall = BLOB_WAITALL and t.scheme == "http"
             if t.scheme == "https":
                 sock = (ssl_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=t.host)
+            elif self.waitall:
+                # a blocking socket (the kernel's own receive timeout instead of Python's poll-based one), so
+                # recv_into(n, MSG_WAITALL) returns once n bytes are in: one call (and one GIL round trip)
+                # per MiB instead of one per ~64 KiB the kernel had ready
+                sec = max(1, int(timeout_s))
+                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, 0))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, 0))
         except OSError as exc:
             raise BlobUnavailable(f"cannot connect to {t.host}:{t.port} for the adapter's bytes: {exc}") from exc
         self.sock = sock
@@ -150,7 +163,11 @@ class _Connection:
                     u, sha = u + 1, hashlib.sha256()
             if pos == n:
                 break
-            got = self.sock.recv_into(view[pos:], n - pos)  # (the GIL is released while it waits and copies)
+            if self.waitall:  # (the GIL is released while it waits and copies)
+                want = min(n - pos, _HASH_STEP - (pos - hashed) if pos - hashed < _HASH_STEP else _HASH_STEP)
+                got = self.sock.recv_into(view[pos:pos + want], want, socket.MSG_WAITALL)
+            else:
+                got = self.sock.recv_into(view[pos:], n - pos)
             if not got:
                 raise BlobUnavailable(f"the blob server closed the connection after {pos} of {n} bytes")
             pos += got

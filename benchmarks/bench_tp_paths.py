@@ -109,15 +109,15 @@ def attn_paths(rank: int, dev, out: dict) -> None:
     if rank == 0:
         BS, D = 16, 128
         g = torch.Generator(device=dev).manual_seed(9)
-        for B, ctx in ((64, 576), (64, 2048), (64, 8192), (1, 576)):
-            width = 8192 // BS   # the decode graph's block-table width (max_seq_len 8192)
-            nb = B * (ctx // BS + 1) + 1
+        for B, ctx in ((64, 576), (64, 2048), (64, 8191), (1, 576)):
+            per = ctx // BS + 1
+            width = max(8192 // BS, per)   # the decode graph's block-table width (max_seq_len 8192)
+            nb = B * per + 1
             for tp, H, KVH in ((1, 32, 8), (2, 16, 4)):
                 k = torch.randn(nb, BS, KVH, D, device=dev, generator=g).bfloat16()
                 v = torch.randn(nb, BS, KVH, D, device=dev, generator=g).bfloat16()
                 q = torch.randn(B, H, D, device=dev, generator=g).bfloat16()
                 tables = torch.zeros(B, width, dtype=torch.int32, device=dev)
-                per = ctx // BS + 1
                 tables[:, :per] = torch.arange(B * per, device=dev, dtype=torch.int32).view(B, per)
                 lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
                 qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)

@@ -271,6 +271,9 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=256,
                     help="engines' max_batch_size: CUDA-graph buckets up to it (64: 9 buckets, not 13)")
     ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (no speedups: FP8 figures only)")
+    ap.add_argument("--also-alt-paths", action="store_true",
+                    help="with --engines-in-children: one more FP8 child, decode only, on the opt-in decode paths "
+                         "(LORASERVE_FP8_GEMV_HALF=1 LORASERVE_FP8_W8A8=auto): keys *_alt_paths")
     ap.add_argument("--profile", nargs="?", const="all", choices=["all", "fp8"], default=None,
                     help="per-kernel device time of decode steps at batch 1 and --batch (fp8: the FP8 engine only)")
     ap.add_argument("--exclude-modules", default=None,
@@ -411,23 +414,42 @@ def main() -> int:
     if a.engines_in_children and a.phase is None:
         import subprocess
 
-        for tag in ([] if a.fp8_only else ["bf16"]) + ["fp8"]:
+        # fp8_alt: the opt-in FP8 decode paths of the 2026-11-30 night pass (fp16-product GEMVs at one token, cuBLASLt
+        # tensor-wise FP8 at 33..64 for qkv/o/down), decode only, in a child of its own: a same-run A/B of the decode
+        # figures (keys *_alt_paths), and the figures if the fp8 child fails
+        for tag in ([] if a.fp8_only else ["bf16"]) + ["fp8"] + (["fp8_alt"] if a.also_alt_paths else []):
             part_path = os.path.join(tempfile.gettempdir(), f"fp8-bench-{os.getpid()}-{tag}.json")   # not in path
-            argv = [arg for arg in sys.argv[1:] if arg not in ("--engines-in-children", "--quality-parallel")]
+            argv = [arg for arg in sys.argv[1:] if arg not in ("--engines-in-children", "--quality-parallel",
+                                                               "--also-alt-paths")]
+            env = dict(os.environ)
+            if tag == "fp8_alt":
+                env.update(LORASERVE_FP8_GEMV_HALF="1", LORASERVE_FP8_W8A8="auto")
+                argv = [arg for arg in argv if arg != "--profile" and arg not in ("all", "fp8")] + ["--decode-only"]
             for opt in ("--json", "--precompile-jobs", "--profile-until-s", "--quality-wait-s"):
                 if opt in argv:
                     i = argv.index(opt)
                     del argv[i:i + 2]
             left = max(0.0, a.profile_until_s - (time.perf_counter() - t0))   # the children's clocks start at 0
-            child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--skip-quality", "--phase", tag,
-                                    "--ckpt", path, "--json", part_path, "--profile-until-s", str(left)])
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--skip-quality", "--phase",
+                                    "fp8" if tag == "fp8_alt" else tag, "--ckpt", path, "--json", part_path,
+                                    "--profile-until-s", str(left)], env=env)
             print(f"{tag} child exit {child.returncode} ({time.perf_counter() - t0:.0f} s)", flush=True)
             try:
                 with open(part_path) as fh:
                     part = json.load(fh)
             except (OSError, ValueError):
                 continue
-            res.update({k: v for k, v in part.items() if k in ("bf16", "fp8", "fp8_lora32_decode_tok_s")})
+            if tag == "fp8_alt":
+                res["fp8_alt_paths"] = part.get("fp8")
+                b = res.get("bf16")
+                if b and part.get("fp8"):
+                    for bs in (1, a.batch):
+                        res[f"decode_bs{bs}_speedup_alt_paths"] = (part["fp8"][f"decode_bs{bs}_tok_s"]
+                                                                    / b[f"decode_bs{bs}_tok_s"])
+                if "fp8" not in res and part.get("fp8"):   # the fp8 child failed: the issue's keys from these
+                    res["fp8"], res["fp8_paths"] = part["fp8"], "alt (the fp8 child on the default paths failed)"
+            else:
+                res.update({k: v for k, v in part.items() if k in ("bf16", "fp8", "fp8_lora32_decode_tok_s")})
             save(tag)
         shutil.rmtree(path, ignore_errors=True)
         print(json.dumps(res, indent=2))
@@ -471,7 +493,8 @@ def main() -> int:
         finally:
             os.environ.pop("LORASERVE_FP8_LM_HEAD", None)
         save("fp8 with the FP8 LM head")
-    shutil.rmtree(path, ignore_errors=True)   # the 8B checkpoint: 16 GB of disk
+    if not a.ckpt:   # (a child's checkpoint is its parent's to remove: another child may follow)
+        shutil.rmtree(path, ignore_errors=True)   # the 8B checkpoint: 16 GB of disk
     if not a.skip_quality and not a.fp8_only and quality is None:
         res.update(agreement({k: v for k, v in kw.items() if k != "max_num_tokens"}, quant,
                              2 if a.tiny else a.quality_texts))

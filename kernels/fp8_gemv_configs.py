@@ -47,8 +47,8 @@ _LLAMA3_8B = {
 # Bucket 64 since the 2026-11-30 20:00 probe (fp8_gemv_sweep.py --w8a8 --ms 64, copy 4238 GB/s, us per GEMM incl. the
 # quantization launch): cuBLASLt's tensor-wise FP8 GEMM + the scaling launch ("tw") beat the dot8 tiles on qkv (15.08 vs
 # 15.80), o (12.05 vs 13.28) and down (27.85 vs 30.90), not on gate_up (43.89 vs 35.98): the same per-token W8A8
-# numerics (max error vs the exact W8A8 result 2.4-2.8e-3 either way). The tiles stay beside "tw" for
-# LORASERVE_FP8_W8A8=token / block, which force dot8 / dot8b everywhere.
+# numerics (max error vs the exact W8A8 result 2.4-2.8e-3 either way). The table's kinds serve LORASERVE_FP8_W8A8=auto
+# (opt-in); the default 'token' runs the dot8 tiles everywhere (the tiles stay beside "tw" for it, and 'block' dot8b).
 CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
     (m, n, k): cfg for (n, k), by_m in _LLAMA3_8B.items() for m, cfg in {**by_m, 2: by_m[4], 8: by_m[16]}.items()}
 
@@ -150,9 +150,10 @@ _HALF_M1: dict[tuple[int, int], GemvConfig] = {
 
 
 def gemv_half_on() -> bool:
-    """LORASERVE_FP8_GEMV_HALF (default 1): single-token GEMVs of the shapes in _HALF_M1 with fp16 products (gemvh:
-    fp16 partials over 4 K tiles, then fp32; x * 2^-8 in fp16, so |x| < 9362); 0: the fp32 CUDA-core kinds."""
-    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "1").strip() != "0"
+    """LORASERVE_FP8_GEMV_HALF=1: single-token GEMVs of the shapes in _HALF_M1 with fp16 products (gemvh: fp16 partials
+    over 4 K tiles, then fp32; x * 2^-8 in fp16, so |x| < 9362); default 0 (the fp32 CUDA-core kinds) until an engine
+    run has checked it: the 20:30 probe's 4-layer FP8 engine hit a device-side assert (cause not found)."""
+    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "0").strip() == "1"
 
 
 _W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf"}
@@ -160,13 +161,14 @@ W8A8_KINDS = tuple(_W8A8_KINDS.values())
 
 
 def w8a8_mode() -> str:
-    """LORASERVE_FP8_W8A8: how the W8A8 decode GEMMs (M 33..64) run. 'auto' (default): the table's kind per shape (tw
-    or dot8, both per-token W8A8). The others force one kind: 'token': one scale per token by a launch before the
-    GEMM, the FP8 MMA's partials promoted to fp32 every K tile (_scaled_mm's numerics; dot8);
+    """LORASERVE_FP8_W8A8: how the W8A8 decode GEMMs (M 33..64) run. 'auto': the table's kind per shape (tw or dot8,
+    both per-token W8A8; opt-in until an engine run has checked tw there). The others force one kind: 'token'
+    (default): one scale per token by a launch before the GEMM, the FP8 MMA's partials promoted to fp32 every K tile
+    (_scaled_mm's numerics; dot8);
     'block': inside the GEMM, one scale per (token, 128-wide K block) (dot8b: no quantization launch); 'fast': per
     token, the MMA accumulating over all of K in its reduced precision (dot8f: measurements only); 'tensorwise' /
     'tensorwise_fast': per token, cuBLASLt's FP8 GEMM with unit scales (use_fast_accum off / on), scales after it."""
-    mode = os.environ.get("LORASERVE_FP8_W8A8", "auto").strip().lower() or "auto"
+    mode = os.environ.get("LORASERVE_FP8_W8A8", "token").strip().lower() or "token"
     if mode not in _W8A8_KINDS and mode != "auto":
         raise ValueError(f"LORASERVE_FP8_W8A8 must be auto or one of {sorted(_W8A8_KINDS)}, got {mode!r}")
     return mode

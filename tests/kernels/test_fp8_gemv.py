@@ -193,12 +193,12 @@ def test_weight_only_config_never_dot8() -> None:
         for n, k in ((6144, 4096), (4096, 14336), (256, 128)):
             cfg = fg.gemv_config(m, n, k, 132, weight_only=True)
             assert cfg[0] not in fg.W8A8_KINDS and k >= cfg[4] * cfg[3], (m, n, k, cfg)
-    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "tw" and fg.gemv_config(64, 28672, 4096, 132)[0] == "dot8"
+    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "dot8"   # the default at bucket 64 (LORASERVE_FP8_W8A8=token)
 
 
 def test_w8a8_and_half_switches(monkeypatch) -> None:
-    """LORASERVE_FP8_W8A8 forces one W8A8 kind at bucket 64 (auto: the table's per shape); LORASERVE_FP8_GEMV_HALF=0
-    keeps the fp32 CUDA-core kinds at M = 1 (default: the fp16-product gemvh for the shapes measured, down excepted)."""
+    """LORASERVE_FP8_W8A8 forces one W8A8 kind at bucket 64 (auto: the table's per shape); LORASERVE_FP8_GEMV_HALF=1
+    takes the fp16-product gemvh at M = 1 for the shapes measured, down excepted (default: the fp32 CUDA-core kinds)."""
     if not triton_available():
         pytest.skip("triton not installed")
     from loraserve.kernels import fp8_gemv as fg
@@ -209,11 +209,13 @@ def test_w8a8_and_half_switches(monkeypatch) -> None:
     monkeypatch.setenv("LORASERVE_FP8_W8A8", "nope")
     with pytest.raises(ValueError, match="LORASERVE_FP8_W8A8"):
         fg.gemv_config(64, 6144, 4096, 132)
-    monkeypatch.delenv("LORASERVE_FP8_W8A8")
+    monkeypatch.setenv("LORASERVE_FP8_W8A8", "auto")
+    assert [fg.gemv_config(64, n, k, 132)[0] for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))] == \
+        ["tw", "dot8", "tw"]
+    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemv2"   # the default: fp32 products
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_HALF", "1")
     assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemvh2" and fg.gemv_config(1, 4096, 14336, 132)[0] == "gemv2"
     assert fg.gemv_config(1, 256, 128, 132)[0] == "gemv"   # a shape not measured: the fp32 kind
-    monkeypatch.setenv("LORASERVE_FP8_GEMV_HALF", "0")
-    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemv2"
 
 
 def _gpu_fp8() -> bool:

@@ -418,6 +418,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     kind, bm, bn, bk, split, warps, stages = cfg[:7]
     assert kind in KINDS and (kind != "gemv" or bm in (1, 2, 4)) and (kind[:4] != "gemv" or kind == "gemv" or bm == 1), \
         f"bad config {config}"
+    if kind in ("tw", "twf") and (N % 16 or K % 16):   # cuBLASLt's FP8 GEMM takes multiples of 16: the dot8 tile
+        kind = "dot8"
     if kind.startswith("gemvh"):   # fp16 products: stages = FLUSH K tiles per fp16 partial; whole chunks per split
         while stages > 1 and K % (bk * stages):
             stages //= 2

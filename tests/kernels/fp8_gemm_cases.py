@@ -62,7 +62,8 @@ def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu") -> No
     a, b = x_q.float(), q_ref.float()
     exact = a == b
     if device == "cuda":   # RNE cast, but a scale one ulp off moves near-ties: a rare one-step slip, no more
-        step = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8      # (H200: 6-8e-4 of the elements)
+        # one e4m3 step: |v| / 8 among normals, 2^-9 among subnormals (H200, 2048 x 4096: 2 elements)
+        step = (a - b).abs() <= torch.maximum(torch.maximum(a.abs(), b.abs()) / 8, torch.full_like(a, 2.0 ** -9))
         assert float(exact.float().mean()) >= 0.998, f"{float((~exact).float().mean()):.2e} of x_q off"
         exact = exact | step
     else:
@@ -70,7 +71,8 @@ def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu") -> No
         assert float(exact.float().mean()) >= 0.9, "most of x_q should round exactly as torch does"
         tie = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8   # one e4m3 step apart
         exact = exact | carry | tie
-    assert bool(exact.all()), f"x_q differs from the reference at {int((~exact).sum())} elements"
+    assert bool(exact.all()), (f"x_q differs from the reference at {int((~exact).sum())} elements: "
+                               f"{a[~exact][:8].tolist()} vs {b[~exact][:8].tolist()}")
     # saturation: the row amax maps to +-448 exactly
     assert torch.allclose(a[1:].abs().amax(dim=1), torch.full((m - 1,), 448.0, device=a.device))
 

@@ -27,7 +27,7 @@ import torch
 from loraserve.adapters.archives import StagedArtifact
 
 from . import blob_fetch
-from .download_files import check_digest
+from .download_files import check_digest, pwrite_all
 from .errors import RegistryUnavailableError
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class BlobDownloads:
             ctypes.memmove(dst + start, src + start, end - start)  # (releases the GIL)
             handed[0] += 1
             staged.landed(start, end)
-            writes.append(self._blob_writer.submit(_pwrite, fd, scratch, start, end))
+            writes.append(self._blob_writer.submit(pwrite_all, fd, memoryview(scratch)[start:end], start))
 
         try:
             try:
@@ -185,13 +185,6 @@ class BlobDownloads:
         import ssl
 
         return ssl.create_default_context(cafile=self.ca_file)
-
-
-def _pwrite(fd: int, data: np.ndarray, start: int, end: int) -> None:
-    piece, at = memoryview(data)[start:end], start
-    while piece:
-        n = os.pwrite(fd, piece, at)
-        piece, at = piece[n:], at + n
 
 
 def _stubs_know_blob_urls() -> bool:

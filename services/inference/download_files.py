@@ -60,3 +60,11 @@ def write_file(data: Chunks, path: str, cache_dir: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def pwrite_all(fd: int, data, at: int) -> None:
+    """All of `data` (bytes-like) to the file fd at offset `at` (os.pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from .download_files import pwrite_all
+
 # parallel DownloadAdapter streams per artifact (1: the single stream, as before) and bytes per
 # range; artifacts of at most one range are always one stream. LORASERVE_DOWNLOAD_STREAMS /
 # LORASERVE_DOWNLOAD_RANGE: overrides (benchmarks/cold_diag.py sweeps them)
@@ -144,10 +146,7 @@ class _Placer:
             if self.on_landed is not None:
                 self.on_landed(offset, offset + len(piece))
         if self.fd is not None:
-            view, at = memoryview(piece), offset
-            while view:
-                n = os.pwrite(self.fd, view, at)
-                view, at = view[n:], at + n
+            pwrite_all(self.fd, piece, offset)
 
     async def wait(self) -> None:
         if self.jobs:

@@ -72,6 +72,11 @@ class CudaGraphRunner:
     def capture(self) -> None:
         pool = None
         stream = torch.cuda.Stream(self.device)
+        # The warm-up runs on `stream`: it must see every buffer the current stream filled (the static
+        # inputs' torch.full/zeros above, the weights, the KV cache). Without this wait the warm-up read
+        # block tables before their fill ran: harmless on fresh (zeroed) cudaMalloc memory, an out-of-bounds
+        # gather on memory the caching allocator handed back from an earlier engine in the same process.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         # Two graphs per bucket when adapters are configured: one with the LoRA kernels and one
         # without, so that a batch with no adapter row pays no LoRA launches (at batch 64 on the
         # 8B shape the no-op LoRA kernels cost ~0.6 ms of an 11 ms step, profile 2026-11-30).

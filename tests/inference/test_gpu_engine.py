@@ -41,3 +41,27 @@ def test_multi_lora_on_gpu_matches_peft(tiny_llama, tmp_path):
     for prompt, lora, out in zip(prompts, loras, outs):
         ref_model = base if lora is None else adapters[lora.lora_name][1]
         assert out.outputs[0].token_ids == peft_greedy(ref_model, prompt, 8), lora and lora.lora_name
+
+
+def test_graphed_engines_one_after_another_in_one_process(tiny_llama, tmp_path):
+    """Three graphed engines with adapters, built one after another in one process: each later one gets
+    memory the caching allocator handed back from the one before (not zeroed). Its decode-graph warm-up
+    must wait for its own static buffers' fills (block tables, slots): once it did not, and the second
+    engine faulted (an out-of-bounds gather on stale block-table values) or decoded garbage."""
+    import gc
+
+    path, base = tiny_llama
+    d = tmp_path / "a"
+    adapter = peft_adapter_with_random_weights(base, str(d), seed=7, **next(iter(ADAPTERS.values())))
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    loras = [None, LoRARequest("a", 1, str(d))] * len(PROMPTS)
+    prompts = [q for q in PROMPTS for _ in range(2)]
+    want = [peft_greedy(base if r is None else adapter, q, 8) for q, r in zip(prompts, loras)]
+    for _ in range(3):
+        llm = LLM(model=path, dtype="float32", device="cuda", lora_config=LoraConfig(max_lora_rank=16, max_loras=2))
+        assert llm.engine.runner.graph_runner is not None
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, lora_request=loras)]
+        assert got == want
+        llm.shutdown()
+        del llm
+        gc.collect()

@@ -145,6 +145,7 @@ class Case:
             lora_meta.LORA_PDL = bool(v.get("pdl", False))
             lora_meta.LORA_BGMV = bool(v.get("bgmv", False))
             lora_meta.LORA_BGMV_MAX_TOKENS = v.get("bgmv_max_tokens", 32)
+            lora_meta.LORA_PREFETCH = v.get("prefetch", "")
             lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead")
             lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead")
             lora_expand_stream.STREAM_SLOTS = v.get("slots")

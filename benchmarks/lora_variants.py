@@ -22,6 +22,10 @@ defaults set them):
              a fixed BLOCK_K (BGMV_BLOCK_K)
   ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
              bgmv_ya2, bgmv_ya3: with the BGMV shrink too; bgmv_ya3_a4: and 4 B blocks ahead
+  pf_a, pf_t, pf_at, pf_ab, pf_abt  the default + LORASERVE_LORA_PREFETCH=<letters> (kernels/lora_prefetch.py): a = the
+             shrink puts its A in flight into L2 (dot kernel) or registers (BGMV) before its griddepcontrol.wait,
+             b = the expand prefetches its whole B run before its wait, t = the expand lets the next kernel
+             launch at its start; nopf: the default with the prefetch off
   dense      default + LORASERVE_LORA_DENSE=triton: the dense shrink (every token against every slot's A,
              one split-K GEMM kernel, lora_shrink_dense.py) at 32-256 tokens when the pool has <= T slots;
              dense_mm: the same shrink as one cuBLAS GEMM (torch.mm)
@@ -53,7 +57,8 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv_split=lora_shrink_bgmv.BGMV_TARGET_SPLIT,
                bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS,
                bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS, dense=_apply_module.DENSE_MODE,
-               dense_expand=_apply_module.DENSE_EXPAND, dense_expand_min_n=_apply_module.DENSE_EXPAND_MIN_N)
+               dense_expand=_apply_module.DENSE_EXPAND, dense_expand_min_n=_apply_module.DENSE_EXPAND_MIN_N,
+               prefetch=lora_meta.LORA_PREFETCH)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -85,6 +90,14 @@ VARIANTS = {
     "bgmv_k256": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=256),  # fixed BLOCK_K
     "bgmv_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=2048),
     # the dense shrink (every token x every slot, lora_shrink_dense.py) at 32-256 tokens with <= T slots
+    # L2 prefetch before griddepcontrol.wait (kernels/lora_prefetch.py; LORASERVE_LORA_PREFETCH letters):
+    # a = the shrink's A, b = the expand's B run, t = the expand triggers the next kernel's launch at its start
+    "pf_a": dict(stream=True, pdl=True, bgmv=True, prefetch="a"),
+    "pf_t": dict(stream=True, pdl=True, bgmv=True, prefetch="t"),
+    "pf_at": dict(stream=True, pdl=True, bgmv=True, prefetch="at"),
+    "pf_ab": dict(stream=True, pdl=True, bgmv=True, prefetch="ab"),
+    "pf_abt": dict(stream=True, pdl=True, bgmv=True, prefetch="abt"),
+    "nopf": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # the code's defaults with the prefetch off
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for

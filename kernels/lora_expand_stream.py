@@ -37,8 +37,10 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch
+from .lora_prefetch import prefetch_flags
 
 if HAS_TRITON:
+    from .lora_prefetch import l2_prefetch
 
     @triton.jit
     def _load_parts(buf_ptr, s, j0, tok, h_mask, offs_r, stride_bsplit, stride_bs, stride_bm, stride_br,
@@ -95,7 +97,10 @@ if HAS_TRITON:
         CAST: tl.constexpr, IEEE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
         USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
         SLOTS: tl.constexpr = 0, DENSE_SLOTS: tl.constexpr = False,
+        PREFETCH_B: tl.constexpr = False, TRIGGER: tl.constexpr = False, PF_THREADS: tl.constexpr = 128,
     ):
+        if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started: the next
+            tl.extra.cuda.gdc_launch_dependents()  # shrink prefetches its A while we stream (lora_prefetch.py)
         tile = tl.program_id(0)
         col0 = tl.program_id(1) * COLS_PER_PROG
         # The metadata chain is the latency every program pays before its first byte of B, so
@@ -150,6 +155,11 @@ if HAS_TRITON:
             b_n3 = tl.load(b_rows + offs_n3[:, None] * stride_bn, mask=(offs_n3 < col_end)[:, None] & b_mask_r,
                            other=0.0)
         y_rows = y_ptr + tok[:, None] * stride_ym
+        if PREFETCH_B:  # the rest of our B run into L2 meanwhile: rows [col0, col_end) of the slot's B are
+            # one byte range (launcher-checked), read up to R (not rank) of each row
+            b_run = b_ptr + slot64 * stride_bl + col0 * stride_bn
+            l2_prefetch(b_run, (col_end - col0).to(tl.int64) * stride_bn * (b_ptr.dtype.element_ty.primitive_bitwidth // 8),
+                        PF_THREADS)
         if USE_PDL:  # launched early (programmatic dependent launch): B and the metadata are older
             tl.extra.cuda.gdc_wait()  # than the kernel before us; y and the partials are not
         y_cur = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=row_ok[:, None] & (offs_n < col_end)[None, :],
@@ -412,6 +422,11 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         cfg["groups"] = -(-N // cfg["COLS_PER_PROG"])
     assert cfg["COLS_PER_PROG"] % cfg["BLOCK_N"] == 0, "COLS_PER_PROG must be a multiple of BLOCK_N"
     grid = (meta.grid_tiles, cfg["groups"])
+    pdl = pdl_launch(y.device)
+    _, pf_b, trigger = prefetch_flags(y.device, pdl)
+    from .lora_shrink import contiguous_rows
+
+    pf_b = pf_b and contiguous_rows(lora_b)
     _lora_expand_stream_kernel[grid](
         partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale, y if shift is None else shift,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
@@ -422,6 +437,7 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(y.device),
+        B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1,
+        PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"], **pdl,
     )
     return y

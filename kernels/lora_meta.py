@@ -100,6 +100,10 @@ _PDL_OK: dict[int, bool] = {}
 LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("", "0", "false", "off", "no")
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"))
 
+# L2 prefetch of A (shrink) / B (expand) before griddepcontrol.wait, and the expand's early trigger:
+# letters of "abt" (lora_prefetch.py); "" = off. Read at each launch.
+LORA_PREFETCH = "".join(c for c in os.environ.get("LORASERVE_LORA_PREFETCH", "").strip().lower() if c in "abt")
+
 
 # LoRAMetaBuilder.build as one Triton launch (lora_meta_build.py) for steps of <= 2048 tokens on a GPU; on by
 # default (LORASERVE_LORA_META_KERNEL=0: the torch build). H200 probe (2026-11-30 19:59, bench_lora_mixed, in a

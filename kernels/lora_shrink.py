@@ -27,8 +27,10 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch, stream_enabled
+from .lora_prefetch import prefetch_flags
 
 if HAS_TRITON:
+    from .lora_prefetch import l2_prefetch
 
     @triton.jit
     def _lora_shrink_kernel(
@@ -40,11 +42,12 @@ if HAS_TRITON:
         stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, EAGER_META: tl.constexpr,
-        USE_PDL: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False, PF_THREADS: tl.constexpr = 128,
     ):
         if USE_PDL:  # programmatic dependent launch: let the expand start now (it waits for us), and
             tl.extra.cuda.gdc_launch_dependents()  # wait for the kernel before us (x) in EVERY program
-            tl.extra.cuda.gdc_wait()  # so that our completion implies its completion
+            if not PREFETCH_A:  # so that our completion implies its completion
+                tl.extra.cuda.gdc_wait()  # (PREFETCH_A: after the metadata and A's L2 prefetch, below)
         tile = tl.program_id(0)
         pid_n = tl.program_id(1) // SPLIT_K
         pid_k = tl.program_id(1) % SPLIT_K
@@ -56,13 +59,25 @@ if HAS_TRITON:
             start = tl.load(tile_starts_ptr + tile)
             end = tl.load(tile_ends_ptr + tile)
             if slot < 0:
+                if PREFETCH_A:  # every program waits: our completion implies the kernels' before us
+                    tl.extra.cuda.gdc_wait()
                 return
             rank = tl.minimum(tl.load(ranks_ptr + slot), R)
             offs_m = start + tl.arange(0, BLOCK_M)
             row_ok = offs_m < end
             tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
             if n0 >= rank:
+                if PREFETCH_A:
+                    tl.extra.cuda.gdc_wait()
                 return
+            if PREFETCH_A:  # rows [n0, n0 + BLOCK_N) of this slot's slice are contiguous (launcher-checked):
+                # this K split's 1/SPLIT_K of their bytes into L2 while the kernel before us finishes
+                blk = tl.minimum(rank - n0, BLOCK_N).to(tl.int64) * K * (a_ptr.dtype.element_ty.primitive_bitwidth // 8)
+                part = (blk + (SPLIT_K * 16 - 1)) // (SPLIT_K * 16) * 16
+                a_blk = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as + n0 * stride_ar
+                l2_prefetch(a_blk.to(tl.pointer_type(tl.int8)) + pid_k * part,
+                            tl.minimum(part, blk - pid_k * part), PF_THREADS)
+                tl.extra.cuda.gdc_wait()  # x (and the partials' last reader) are the kernel before us'
         else:  # classic: four dependent levels before the first x / A load
             slot = tl.load(tile_slots_ptr + tile)
             if slot < 0:
@@ -102,6 +117,13 @@ if HAS_TRITON:
         out_ptrs = (out_ptr + pid_k * stride_ok + s * stride_os + tok[:, None] * stride_om
                     + offs_n[None, :] * stride_or)
         tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+def contiguous_rows(w: Tensor) -> bool:
+    """w's last dim is contiguous, its rows back to back, and a row a multiple of 16 bytes: a run of
+    rows is one byte range (what lora_prefetch.l2_prefetch takes)."""
+    return (w.stride(-1) == 1 and w.stride(-2) == w.shape[-1] and w.shape[-1] * w.element_size() % 16 == 0
+            and w.data_ptr() % 16 == 0)
 
 
 def _next_pow2(n: int) -> int:
@@ -254,6 +276,9 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         dest = out if SK == 1 else torch.empty((SK, S, T, R), dtype=torch.float32, device=out.device)
     dest_strides = (0, *out.stride()) if dest is out and out.dim() == 3 else dest.stride()
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
+    pdl = pdl_launch(x.device)
+    pf_a = (prefetch_flags(x.device, pdl)[0] and stream_enabled(stream) and T <= 256
+            and contiguous_rows(lora_a))
     _lora_shrink_kernel[grid](
         x, lora_a, dest, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
@@ -263,7 +288,8 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         *dest_strides,
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         EVEN_K=H % (BK * SK) == 0, IEEE=x.dtype == torch.float32, EAGER_META=stream_enabled(stream),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x.device),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PREFETCH_A=pf_a, PF_THREADS=32 * cfg["num_warps"],
+        **pdl,
     )
     if SK > 1 and dest is not out:
         torch.sum(dest, dim=0, out=out)  # fixed order: deterministic, unlike atomics

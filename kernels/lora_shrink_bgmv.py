@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch
+from .lora_prefetch import prefetch_flags
 
 if HAS_TRITON:
 
@@ -40,11 +41,12 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
         DOT_K: tl.constexpr = 128,
-        USE_PDL: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False,
     ):
         if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
             tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+            if not PREFETCH_A:  # else after the metadata and A's load (lora_prefetch.py: both are older
+                tl.extra.cuda.gdc_wait()  # than the kernel before us), still in every program
         tile = tl.program_id(0)
         pid_n = tl.program_id(1) // SPLIT_K
         pid_k = tl.program_id(1) % SPLIT_K
@@ -54,6 +56,8 @@ if HAS_TRITON:
         start = tl.load(tile_starts_ptr + tile)
         end = tl.load(tile_ends_ptr + tile)
         if slot < 0:
+            if PREFETCH_A:
+                tl.extra.cuda.gdc_wait()
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
         rows = tl.minimum(end - start, BLOCK_M)
@@ -63,6 +67,8 @@ if HAS_TRITON:
         tok2 = tl.load(sorted_ids_ptr + tl.minimum(start + 2, last)).to(tl.int64)  # repeat its last row,
         tok3 = tl.load(sorted_ids_ptr + tl.minimum(start + 3, last)).to(tl.int64)  # never stored)
         if n0 >= rank:
+            if PREFETCH_A:
+                tl.extra.cuda.gdc_wait()
             return
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < rank
@@ -75,6 +81,8 @@ if HAS_TRITON:
         else:
             k_ok = offs_k < K
         a = tl.load(a_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if PREFETCH_A:  # A in flight into registers while the kernel before us finishes; x after the wait
+            tl.extra.cuda.gdc_wait()
         # x of up to 4 rows issued with A, all at once (a prefetching row loop waited a round trip per
         # row in its sm_90 SASS: the loop-carried copy of the next row's x waits for its load)
         x_row = x_ptr + offs_k * stride_xk
@@ -171,12 +179,14 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     assert out.shape[0] == SK, f"out has {out.shape[0]} K splits, BLOCK_K {BK} needs {SK}"
     assert BK & (BK - 1) == 0 and BK >= 16, f"BLOCK_K must be a power of two >= 16, got {BK}"
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
+    pdl = pdl_launch(x.device)
     _lora_shrink_bgmv_kernel[grid](
         x, lora_a, out, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, R, x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
         IEEE=x.dtype == torch.float32,
-        DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, **pdl_launch(x.device),
+        DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_flags(x.device, pdl)[0],
+        **pdl,
     )
     return out

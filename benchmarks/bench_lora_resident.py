@@ -158,6 +158,13 @@ def main() -> int:
     ap.add_argument("--tier-adapters", type=int, default=0,
                     help="size the GPU tier for this many adapters' module layers, as bench_churn does for its 1000 "
                          "(its resident phase runs with that tier: 1000 max-rank slots or 8000 packing granules)")
+    ap.add_argument("--replay-variants",
+                    help="before the loops: the steady mixed step (63 decode rows over the adapters + a 256-token "
+                         "chunk) replayed from the engine's graphs, plain vs LoRA, the LoRA graph recaptured under each "
+                         "of these variants (benchmarks/lora_step_replay.py), e.g. default,pps16,ovl,empty")
+    ap.add_argument("--loop-variant", default="default",
+                    help="the closed loops with adapters under this variant (lora_step_replay.VARIANTS); 'best': the "
+                         "fastest replayed one of --replay-variants (bar 'empty')")
     ap.add_argument("--json")
     args = ap.parse_args()
     tiny = args.tiny
@@ -255,6 +262,36 @@ def main() -> int:
     for tag, a in (("warm-base", [None] * n_req), ("warm-lora", ids)):   # first-use captures/compiles of both paths
         run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, hash(tag) % 1000), conc, tag)
     print(f"warm-up  [{time.perf_counter() - t:.0f} s]", flush=True)
+    loop_variant = args.loop_variant
+    if args.replay_variants:
+        from benchmarks.lora_step_replay import replay_decode, replay_variants
+
+        t = time.perf_counter()
+        slot_of = {i: eng.lora_manager.handles[eng.lora_manager.by_id[i]].slot for i in range(1, args.adapters + 1)}
+        seq_slots = [slot_of[1 + k % args.adapters] for k in range(conc - 1)] + [slot_of[1 + 5 % args.adapters]]
+        try:
+            rv = replay_variants(eng, seq_slots, args.replay_variants.split(","), prompt=min(in_len, 256),
+                                 ctx=in_len + out_len // 2)
+            out["decode_replay"] = replay_decode(eng, [slot_of[1 + k % args.adapters] for k in range(conc)],
+                                                 ctx=in_len + out_len // 2)
+        except Exception as exc:  # noqa: BLE001 - the closed loops below still run
+            print(f"  step replay FAILED: {exc!r}", flush=True)
+            rv = {}
+        out["step_replay"] = rv
+        print(f"  [step replay {time.perf_counter() - t:.1f} s]", flush=True)
+        ok = {v: r["lora_us"] for v, r in rv.items() if "lora_us" in r and "empty" not in v}
+        if loop_variant == "best":
+            loop_variant = min(ok, key=ok.get) if ok else "default"
+            print(f"  loops with the fastest replayed variant: {loop_variant}", flush=True)
+        save()
+    elif loop_variant == "best":
+        loop_variant = "default"
+    if loop_variant != "default":
+        from benchmarks.lora_step_replay import apply_variant
+
+        apply_variant(eng, loop_variant)   # LoRA graphs recaptured under it by a warm loop
+        run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 1_777), conc, "warm-variant")
+    out["loop_variant"] = loop_variant
     runs, reps = {}, {"lora_graphs": [], "base": []}
     plan = [("lora_graphs", ids, True), ("base", [None] * n_req, True)] * max(1, args.repeats)
     if not args.skip_eager_loop:
@@ -300,10 +337,13 @@ def main() -> int:
                                    lora_failed=mixed.lora_failed, lora_meta_in_graph=getattr(mixed, "meta_in_graph", None),
                                    covered=mixed.num_covered)
         print(f"  mixed graphs: {out['mixed_graphs']}")
+        top = sorted(getattr(mixed, "key_replays", {}).items(), key=lambda kv: -kv[1])[:8]
+        print("  most replayed (Bp, T, splits, LoRA): " + ", ".join(f"{k} x{n}" for k, n in top))
     extra = "".join(f", {out[k]:.3f} {what}" for k, what in (
         ("resident32_vs_base_tok_s_old_grid", "with the old LoRA grid"),
         ("resident32_vs_base_tok_s_eager_mixed", "with LoRA mixed steps eager")) if k in out)
-    print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs{extra}"
+    print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs"
+          f"{'' if loop_variant == 'default' else ' (variant ' + loop_variant + ')'}{extra}"
           f"  (target >= 0.9; median of {max(1, args.repeats)}; slots {eng.lora_manager.num_slots} x "
           f"{eng.lora_manager.slots.granule} rows, qkv A slices {eng.lora_manager.slots.a['qkv_proj'].shape[2]})")
     save()

@@ -139,6 +139,7 @@ class MixedGraphRunner:
         self.failed = False
         self.num_replays = 0
         self.num_lora_replays = 0
+        self.key_replays: dict[tuple, int] = {}   # (Bp, T, splits, LoRA) -> replays (benchmarks: which shapes ran)
         self.lora_manager = lora_manager if lora_manager is not None and lora_mixed_graphs_enabled() else None
         self.lora_failed = False
         self.use_lora = True   # False: steps with adapter rows run eagerly (benchmarks compare both in one engine)
@@ -302,4 +303,5 @@ class MixedGraphRunner:
         graph.replay()
         self.num_replays += 1
         self.num_lora_replays += lora
+        self.key_replays[key + (lora,)] = self.key_replays.get(key + (lora,), 0) + 1
         return out[:n]

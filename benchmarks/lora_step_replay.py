@@ -1,0 +1,242 @@
+"""One steady-state mixed step of bench_churn's resident phase, replayed from the engine's own CUDA graphs.
+
+bench_churn's resident32 load runs nearly every step as a MIXED step: ~63 decode rows (32 adapters of rank 8-64
+on q_proj + v_proj, two rows each) + one 256-token prompt chunk, replayed from the mixed-step graph of (Bp 72,
+T 352). The closed loop's tok/s mixes that with host work, prefill bursts and the drain; this times the step
+itself: the engine's MixedGraphRunner static buffers are filled with such a step (decode contexts of `ctx`
+tokens; block tables and KV writes on the scratch block, so no live sequence is touched), then the plain graph
+and the LoRA graph of its key are replayed back to back (CUDA events). (LoRA - plain) / layers is what the
+adapters add per layer inside the real forward (the qkv GEMM's output in L2, the attention after it), the
+figure bench_lora_mixed estimates in isolation.
+
+Variants: module-attribute switches (the kernels' configs are read at each launch), the LoRA graph of the key
+recaptured under each, then put back. A "+" joins variants ("pps16+ovl"). "empty": the same LoRA graph with
+no adapter row (every tile exits at once): the launches' fixed cost.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+
+def _sstream(orig):
+    """lora_shrink.shrink_config: the streaming variant's config (16-row rank blocks, grid-aware split: one
+    split at the mixed step's 93 tiles, so no torch.sum launch) also for 257..1024 tokens."""
+    def config(num_tokens, rank, hidden_in, num_slices=1, block_m=16, num_sms=132, grid_tiles=None, stream=None):
+        from loraserve.kernels.lora_meta import stream_enabled
+
+        lora_shrink = importlib.import_module("loraserve.kernels.lora_shrink")   # the module (the package's name is the function)
+
+        if 256 < num_tokens <= 1024 and stream_enabled(stream):
+            return lora_shrink._stream_shrink_config(num_tokens, rank, hidden_in, num_slices, block_m, num_sms,
+                                                     grid_tiles)
+        return orig(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles, stream)
+    return config
+
+
+ES = "loraserve.kernels.lora_expand_stream"
+VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attribute's function}
+    "default": {},
+    "pps12": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 12},
+    "pps16": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 16},
+    "pps24": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 24},
+    "ovl": {("loraserve.inference.lora.batch", "OVERLAP"): "shrink",
+            ("loraserve.inference.lora.batch", "OVERLAP_MAX_TOKENS"): 4096},
+    "sstream": {("loraserve.kernels.lora_shrink", "shrink_config"): _sstream},
+    "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
+    "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)
+    "empty": {},    # no adapter row in the step (below)
+}
+
+
+class patched:
+    """Apply a variant's attribute switches (all "+"-joined parts), undone on exit."""
+
+    def __init__(self, variant: str, mixed):
+        self.parts, self.mixed = variant.split("+"), mixed
+        for p in self.parts:
+            if p not in VARIANTS:
+                raise ValueError(f"unknown variant {p!r}; known: {sorted(VARIANTS)}")
+        self.undo: list = []
+
+    def __enter__(self):
+        for p in self.parts:
+            for (mod_name, attr), val in VARIANTS[p].items():
+                mod = importlib.import_module(mod_name)
+                if not hasattr(mod, attr):
+                    raise AttributeError(f"{mod_name}.{attr} does not exist in this tree")
+                orig = getattr(mod, attr)
+                self.undo.append((mod, attr, orig))
+                setattr(mod, attr, val(orig) if callable(val) and callable(orig) else val)
+        if "bm32" in self.parts:
+            self.undo.append((self.mixed.lora_builder, "block_m", self.mixed.lora_builder.block_m))
+            self.mixed.lora_builder.block_m = 32
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, orig in reversed(self.undo):
+            setattr(obj, attr, orig)
+        return False
+
+
+def fill_step(mixed, seq_slots: list[int], prompt: int, ctx: int, seed: int = 0) -> tuple[int, int, int]:
+    """The runner's static buffers <- one mixed step: len(seq_slots) - 1 decode rows (context ctx) and one
+    prompt chunk of `prompt` tokens (the last sequence); seq_slots [B]: each sequence's LoRA slot (-1: none).
+    KV writes and block tables on the scratch block. Returns the graph key (Bp, T, splits)."""
+    from loraserve.inference.mixed_graphs import padded_metadata
+    from loraserve.kernels.unified_attention import plan_num_splits
+
+    b = len(seq_slots)
+    query_lens = [1] * (b - 1) + [prompt]
+    context_lens = [ctx] * (b - 1) + [prompt]
+    n = sum(query_lens)
+    bp, t = mixed.pick(n, b)
+    splits = plan_num_splits(query_lens, context_lens, mixed.num_heads, mixed.num_kv_heads, mixed.elem_bytes,
+                             mixed.device)
+    g = torch.Generator(device=mixed.device).manual_seed(seed)
+    small = torch.from_numpy(padded_metadata(query_lens, n, bp, t)).to(mixed.device)
+    mixed.input_ids[:t].copy_(torch.randint(2, 30000, (t,), generator=g, device=mixed.device))
+    pos = np.concatenate([np.full(b - 1, ctx - 1), np.arange(prompt), np.zeros(t - n)]).astype(np.int64)
+    mixed.positions[:t].copy_(torch.from_numpy(pos))
+    mixed.slot_mapping[:t].fill_(mixed.scratch_slot)
+    mixed.context_lens[:b].copy_(torch.tensor(context_lens, dtype=torch.int32))
+    mixed.context_lens[b:bp].copy_(small[bp + 1:])
+    mixed.query_start_loc[:bp + 1].copy_(small[:bp + 1])
+    mixed.block_tables[:bp].fill_(mixed.scratch_block)
+    if mixed.lora_manager is not None:
+        mixed.seq_slot[:b].copy_(torch.tensor(seq_slots, dtype=torch.long))
+        mixed.seq_slot[b:bp].fill_(-1)
+    return bp, t, splits
+
+
+def _time(graph, reps: int) -> float:
+    """us per replay (after 3 untimed)."""
+    for _ in range(3):
+        graph.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    e0.record()
+    for _ in range(reps):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / reps
+
+
+def profile_replays(lora_graph, plain_graph, reps: int = 5, rows: int = 10) -> dict:
+    """Kernels of `reps` replays of each graph under torch.profiler: device us per step by kernel name, the LoRA
+    graph minus the plain one (under PDL a kernel's span includes its early launch's wait for the one before)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    res = {}
+    for tag, graph in (("lora", lora_graph), ("plain", plain_graph)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                graph.replay()
+            torch.cuda.synchronize()
+        res[tag] = {e.key: e.self_device_time_total / reps for e in prof.key_averages()
+                    if e.device_type == DeviceType.CUDA}
+    diff = {k: res["lora"].get(k, 0.0) - res["plain"].get(k, 0.0) for k in {*res["lora"], *res["plain"]}}
+    print(f"    profile (us per step): LoRA graph {sum(res['lora'].values()):.0f}, plain {sum(res['plain'].values()):.0f}; "
+          "largest differences:")
+    for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:rows]:
+        print(f"      {d:+9.1f}  {k[:90]}")
+    return {k: d for k, d in diff.items() if abs(d) > 0.5}
+
+
+def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: int = 256, ctx: int = 320,
+                    reps: int = 20, rounds: int = 2, profile: bool = True) -> dict:
+    """Per variant: us per replay of the LoRA graph of this step (recaptured under the variant) and of the plain
+    graph beside it (alternating, `rounds` times, minimum kept); returns {variant: {...}} and prints a table."""
+    mixed = engine.runner.mixed_graphs
+    if mixed is None or mixed.lora_manager is None or engine.device.type != "cuda":
+        print("  step replay: needs CUDA and the mixed-step LoRA graphs")
+        return {}
+    layers = engine.args.num_hidden_layers
+    key = fill_step(mixed, seq_slots, prompt, ctx)
+    if key not in mixed.graphs:
+        mixed._capture(*key, lora=False)
+    default_lora = mixed.lora_graphs.pop(key, None)
+    out = {}
+    print(f"  step replay: {len(seq_slots) - 1} decode rows (context {ctx}) + a {prompt}-token chunk, graph "
+          f"(Bp, T, splits) = {key}, {layers} layers; us per step, LoRA - plain per layer:")
+    for variant in variants:
+        try:
+            with patched(variant, mixed):
+                mixed.lora_graphs.pop(key, None)
+                mixed._capture(*key, lora=True)
+            entry = mixed.lora_graphs.pop(key)
+            slots = [-1] * len(seq_slots) if "empty" in variant.split("+") else seq_slots
+            fill_step(mixed, slots, prompt, ctx)
+            if not entry[3]:   # captured without the metadata build: build it once (the step is static)
+                mixed._build_lora_meta(key[0], key[1])
+            plain_us, lora_us = [], []
+            for _ in range(rounds):
+                plain_us.append(_time(mixed.graphs[key][0], reps))
+                lora_us.append(_time(entry[0], reps))
+            p, q = min(plain_us), min(lora_us)
+            out[variant] = dict(plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)
+            if profile and variant == variants[0]:
+                try:
+                    out[variant]["kernels"] = profile_replays(entry[0], mixed.graphs[key][0], reps=5)
+                except Exception as exc:  # noqa: BLE001 - the timing stands without the breakdown
+                    print(f"    profile FAILED: {exc!r}"[:200])
+            print(f"    {variant:>16}: plain {p:8.1f}  LoRA {q:8.1f}  +{(q - p) / layers:6.1f} us/layer  "
+                  f"(plain / LoRA {p / q:.3f})", flush=True)
+            del entry
+        except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or capture is reported, not fatal
+            out[variant] = dict(error=repr(exc)[:300])
+            print(f"    {variant:>16}: FAILED {exc!r}"[:300], flush=True)
+    if default_lora is not None:
+        mixed.lora_graphs[key] = default_lora
+    else:
+        mixed.lora_graphs.pop(key, None)
+    return out
+
+
+def apply_variant(engine, variant: str):
+    """Switch the engine to `variant` for what follows (LoRA graphs dropped: recaptured under it); returns the
+    patch context to exit later (None for "default")."""
+    mixed = engine.runner.mixed_graphs
+    if variant == "default" or mixed is None:
+        return None
+    ctx = patched(variant, mixed)
+    ctx.__enter__()
+    mixed.lora_graphs.clear()
+    return ctx
+
+
+def replay_decode(engine, seq_slots: list[int], ctx: int = 320, reps: int = 20) -> dict:
+    """The decode graphs (cuda_graphs.CudaGraphRunner) of len(seq_slots) rows, with and without the LoRA kernels:
+    us per replay (contexts of ctx tokens on the scratch block). The drain at the end of a closed loop runs such
+    steps."""
+    runner = engine.runner.graph_runner
+    n = len(seq_slots)
+    if runner is None or runner.lora_builder is None or engine.device.type != "cuda" or not runner.graphs:
+        return {}
+    bs = next((b for b in runner.buckets if b >= n), None)
+    if bs is None or (bs, True) not in runner.graphs:
+        return {}
+    runner.input_ids[:bs].zero_()
+    runner.positions[:n].fill_(ctx - 1)
+    runner.slot_mapping[:bs].fill_(runner.scratch_slot)
+    runner.context_lens[:n].fill_(ctx)
+    runner.context_lens[n:bs].fill_(1)
+    runner.block_tables[:bs].fill_(runner.scratch_block)
+    runner._real_rows, runner._last_run = bs, (-1, 0, 0)   # the next real step rewrites every row it uses
+    runner.token_slot[:n].copy_(torch.tensor(seq_slots, dtype=torch.int32))
+    runner.token_slot[n:bs].fill_(-1)
+    if not runner.lora_meta_in_graph:
+        runner.lora_builder.build(runner.token_slot[:bs])
+    plain, lora = [], []
+    for _ in range(2):
+        plain.append(_time(runner.graphs[(bs, False)][0], reps))
+        lora.append(_time(runner.graphs[(bs, True)][0], reps))
+    p, q = min(plain), min(lora)
+    layers = engine.args.num_hidden_layers
+    print(f"  decode graph ({n} rows, bucket {bs}, context {ctx}): plain {p:.1f} us, LoRA {q:.1f} us, "
+          f"+{(q - p) / layers:.1f} us/layer (plain / LoRA {p / q:.3f})", flush=True)
+    return dict(rows=n, plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)

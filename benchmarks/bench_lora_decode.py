@@ -18,6 +18,9 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   dense        default + LORASERVE_LORA_DENSE=triton (the dense shrink, kernels/lora_shrink_dense.py);
                dense_mm: =mm (one cuBLAS GEMM); dense_full: dense + LORASERVE_LORA_OVERLAP=full; xdense:
                LORASERVE_LORA_DENSE_EXPAND=1 (the dense expand on gate_up); dense_xdense(_full): both (+ overlap)
+  prefetch     default + LORASERVE_LORA_PREFETCH=abt (kernels/lora_prefetch.py: A / B into L2 before each
+               kernel's griddepcontrol.wait, the expand's early trigger); prefetch_a: =a; nopf: the prefetch off;
+               overlap_prefetch / overlap_nopf: with LORASERVE_LORA_OVERLAP=shrink too
   meta_eager   default with the LoRA metadata built before each graph replay (LORASERVE_LORA_META_IN_GRAPH=0,
                the path before 2026-11-30 16:20) instead of inside the decode graph
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
@@ -49,7 +52,9 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "dense_xdense": dict(dense="triton", dense_expand=True),
             "dense_xdense_full": dict(dense="triton", dense_expand=True, overlap="full"),
             "overlap_carve16": dict(overlap="shrink", carveout=16), "overlap_carve32": dict(overlap="shrink", carveout=32),
-            "seq_carve16": dict(overlap="", carveout=16)}
+            "seq_carve16": dict(overlap="", carveout=16),
+            "prefetch": dict(prefetch="abt"), "prefetch_a": dict(prefetch="a"), "nopf": dict(prefetch=""),
+            "overlap_prefetch": dict(overlap="shrink", prefetch="abt"), "overlap_nopf": dict(overlap="shrink", prefetch="")}
 _CARVED = [False]
 
 
@@ -71,6 +76,7 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_expand_stream.STREAM_B_AHEAD = v.get("b_ahead", defaults["b_ahead"])
     lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead", defaults["y_ahead"])
     lora_meta.LORA_BGMV = v.get("bgmv", defaults["bgmv"])
+    lora_meta.LORA_PREFETCH = v.get("prefetch", defaults["prefetch"])
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
@@ -88,6 +94,8 @@ def main() -> int:
     ap.add_argument("--variants", default="default,overlap_full")
     ap.add_argument("--buckets", default=None, help="decode CUDA-graph batch sizes, e.g. 64 (default: the engine's)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--checkpoint", default=None, help="a directory: reuse the checkpoint there if it has one "
+                    "(same --layers), else build it there (one build for several processes)")
     a = ap.parse_args()
     from benchmarks.bench_engine import Prompts, random_adapters, time_engine_decode
     from loraserve import LoraConfig, LoRARequest
@@ -107,13 +115,13 @@ def main() -> int:
     apply_mod = importlib.import_module("loraserve.kernels.lora_apply")
     defaults = dict(dense=apply_mod.DENSE_MODE, dense_expand=apply_mod.DENSE_EXPAND, overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
                     y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV,
-                    slots=lora_expand_stream.STREAM_SLOTS,
+                    slots=lora_expand_stream.STREAM_SLOTS, prefetch=lora_meta.LORA_PREFETCH,
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"))
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 
         cuda_graphs.BUCKETS = tuple(int(b) for b in a.buckets.split(","))
-    path = tempfile.mkdtemp(prefix="lora-decode-")
+    path = a.checkpoint or tempfile.mkdtemp(prefix="lora-decode-")
     t0 = time.perf_counter()
     if a.tiny:
         from tests.inference.conftest import make_random_model
@@ -125,7 +133,11 @@ def main() -> int:
     else:
         from benchmarks.bench_engine import build_checkpoint
 
-        build_checkpoint(path, a.layers)
+        done = os.path.join(path, f".built_{a.layers}_layers")   # written last: a killed build is redone
+        if not os.path.exists(done):
+            os.makedirs(path, exist_ok=True)
+            build_checkpoint(path, a.layers)
+            open(done, "w").close()
         kw = dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=a.batch,
                   kv_cache_config={"free_gpu_memory_fraction": 0.5})
         dtype, dev = torch.bfloat16, "cuda"

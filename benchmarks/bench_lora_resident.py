@@ -162,6 +162,7 @@ def main() -> int:
                     help="before the loops: the steady mixed step (63 decode rows over the adapters + a 256-token "
                          "chunk) replayed from the engine's graphs, plain vs LoRA, the LoRA graph recaptured under each "
                          "of these variants (benchmarks/lora_step_replay.py), e.g. default,pps16,ovl,empty")
+    ap.add_argument("--replay-budget-s", type=float, default=1e9, help="start no replay variant after this")
     ap.add_argument("--loop-variant", default="default",
                     help="the closed loops with adapters under this variant (lora_step_replay.VARIANTS); 'best': the "
                          "fastest replayed one of --replay-variants (bar 'empty')")
@@ -271,7 +272,7 @@ def main() -> int:
         seq_slots = [slot_of[1 + k % args.adapters] for k in range(conc - 1)] + [slot_of[1 + 5 % args.adapters]]
         try:
             rv = replay_variants(eng, seq_slots, args.replay_variants.split(","), prompt=min(in_len, 256),
-                                 ctx=in_len + out_len // 2)
+                                 ctx=in_len + out_len // 2, budget_s=args.replay_budget_s)
             out["decode_replay"] = replay_decode(eng, [slot_of[1 + k % args.adapters] for k in range(conc)],
                                                  ctx=in_len + out_len // 2)
         except Exception as exc:  # noqa: BLE001 - the closed loops below still run

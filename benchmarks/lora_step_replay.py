@@ -16,6 +16,7 @@ no adapter row (every tile exits at once): the launches' fixed cost.
 from __future__ import annotations
 
 import importlib
+import time
 
 import numpy as np
 import torch
@@ -36,12 +37,30 @@ def _sstream(orig):
     return config
 
 
+def _split_cap(cap: int):
+    """lora_shrink.shrink_config above 256 tokens with SPLIT_K at most `cap` (8 at the mixed step by default:
+    1.4 MB of fp32 partials written, then summed by torch.sum)."""
+    def wrap(orig):
+        def config(num_tokens, rank, hidden_in, num_slices=1, block_m=16, num_sms=132, grid_tiles=None, stream=None):
+            cfg = orig(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles, stream)
+            if num_tokens > 256:
+                cfg = dict(cfg, SPLIT_K=min(cfg["SPLIT_K"], cap))
+            return cfg
+        return config
+    return wrap
+
+
 ES = "loraserve.kernels.lora_expand_stream"
 VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attribute's function}
     "default": {},
     "pps12": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 12},
     "pps16": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 16},
     "pps24": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 24},
+    "pps32": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 32},
+    "ba3": {(ES, "STREAM_B_AHEAD"): 3},                    # 3 B blocks in flight per expand program (2 at rank 64)
+    "pipe": {(ES, "STREAM_SLOTS_MAX_TOKENS"): 4096},       # the expand's Triton-pipelined column loop at every T
+    "sk4": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(4)},
+    "sk2": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(2)},
     "ovl": {("loraserve.inference.lora.batch", "OVERLAP"): "shrink",
             ("loraserve.inference.lora.batch", "OVERLAP_MAX_TOKENS"): 4096},
     "sstream": {("loraserve.kernels.lora_shrink", "shrink_config"): _sstream},
@@ -148,7 +167,7 @@ def profile_replays(lora_graph, plain_graph, reps: int = 5, rows: int = 10) -> d
 
 
 def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: int = 256, ctx: int = 320,
-                    reps: int = 20, rounds: int = 2, profile: bool = True) -> dict:
+                    reps: int = 20, rounds: int = 2, profile: bool = True, budget_s: float = 1e9) -> dict:
     """Per variant: us per replay of the LoRA graph of this step (recaptured under the variant) and of the plain
     graph beside it (alternating, `rounds` times, minimum kept); returns {variant: {...}} and prints a table."""
     mixed = engine.runner.mixed_graphs
@@ -163,7 +182,11 @@ def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: i
     out = {}
     print(f"  step replay: {len(seq_slots) - 1} decode rows (context {ctx}) + a {prompt}-token chunk, graph "
           f"(Bp, T, splits) = {key}, {layers} layers; us per step, LoRA - plain per layer:")
+    t0 = time.perf_counter()
     for variant in variants:
+        if time.perf_counter() - t0 > budget_s:
+            print(f"    (budget {budget_s:.0f} s spent: {variant} and later skipped)", flush=True)
+            break
         try:
             with patched(variant, mixed):
                 mixed.lora_graphs.pop(key, None)

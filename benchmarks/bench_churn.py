@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.cold_path import (LoopThread, blob_use, cold_stages, format_stages, registry_available, start_registry,  # noqa: E402
-                                  write_peft_dir)
+                                  watching, write_peft_dir)
 
 CHURN_MODULES = ("q_proj", "v_proj")
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -175,7 +175,7 @@ def time_first_token(engine, prompt: list[int], lora_request=None, resolve=None,
 
 
 def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, use_registry: bool,
-                 registry_process: bool = True) -> dict:
+                 registry_process: bool = True, watch: bool = False) -> dict:
     from loraserve import LLM, LoraConfig, LoRARequest
 
     llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=8,
@@ -191,7 +191,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
     time_first_token(eng, prompt(64))  # warm-up
     base = [time_first_token(eng, prompt(64)) for _ in range(3)]
     result = {"base_ttft_s": statistics.median(base)}
-    cold, warm, stages, timelines = [], [], [], []
+    cold, warm, stages, timelines, watches = [], [], [], [], []
     if use_registry:
         from loraserve.inference.adapter_source import AdapterFetcher
         from loraserve.registry.client import RegistryClient
@@ -207,10 +207,14 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
                 fetched = []
 
                 def resolve(i=i):
-                    f = loop.run(fetcher.fetch(f"cold-{i}", 1))
-                    fetched.append(f)
-                    return eng.lora_manager.resolve(LoRARequest(f"cold-{i}", 10_000 + i, f.path, f.format),
-                                                    trusted=True, digest=f.digest, data=f.data)  # as the service does
+                    with watching(watch) as w:  # (--watch: who ran and who held the GIL meanwhile)
+                        f = loop.run(fetcher.fetch(f"cold-{i}", 1))
+                        fetched.append(f)
+                        hold = eng.lora_manager.resolve(LoRARequest(f"cold-{i}", 10_000 + i, f.path, f.format),
+                                                        trusted=True, digest=f.digest, data=f.data)  # as the service does
+                    if w is not None:
+                        watches.append(w)  # (summarised after the timing: gc.get_objects() is not free)
+                    return hold
                 timeline: list = []
                 cold.append(time_first_token(eng, prompt(64), resolve=resolve, timeline=timeline))
                 st = _handle_timings(eng, 10_000 + i)  # (an overlapped download: its time is the handle's)
@@ -236,7 +240,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
         skip = ("place_s", "pin_alloc_s") + (("download_s",) if "verify_wait_s" in st else ())
         st["rest_s"] = total - sum(v for k, v in st.items() if k not in skip)
     result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
-                  cold_ttft_all_s=cold, cold_stages=stages, cold_timelines_s=timelines[1:],
+                  cold_ttft_all_s=cold, cold_stages=stages, cold_timelines_s=timelines[1:], cold_watch=[w.summary() for w in watches[1:]],
                   adapter_dir_bytes=sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])))
     llm.shutdown()
     llm = eng = None  # drop the engine before the next one loads (a del would hide eng from resolve's closure)
@@ -264,6 +268,8 @@ def main() -> int:
                     help="layers of the model-free cold-path breakdown at the 8B shape (32: an 84 MB adapter; "
                          "default 0: skip, benchmarks/cold_path.py and cold_diag.py give it; tiny 2)")
     ap.add_argument("--skip-churn", action="store_true", help="only the cold-adapter figures")
+    ap.add_argument("--watch", action="store_true", help="each cold fetch + parse watched (benchmarks/thread_watch.py: "
+                    "per-thread CPU, GIL lateness and its holders, gc); perturbs the figure a little")
     ap.add_argument("--registry-thread", action="store_true",
                     help="the registry as a thread of this process (default: its own process, as deployed)")
     ap.add_argument("--model", help="an existing checkpoint dir (default: build one: 8B shape, or tiny)")
@@ -318,13 +324,15 @@ def main() -> int:
     if args.cold:
         t = time.perf_counter()
         cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available() is None,
-                            registry_process=not args.registry_thread)
+                            registry_process=not args.registry_thread, watch=args.watch)
         print(f"cold adapter to first token ({cold['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir): "
               f"{cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); resident "
               f"{cold['resident_ttft_s'] * 1e3:.1f} ms; no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  "
               f"[{time.perf_counter() - t:.0f} s]", flush=True)
         for st in cold["cold_stages"]:
             print("  engine path, ms: " + ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in st.items()))
+        for text in cold.get("cold_watch", []):
+            print("  watch: " + text.replace("\n", "\n    "))
         for tl in cold.get("cold_timelines_s", []):
             print(f"  timeline, ms from the request: resolved (parsed, verified, staged) {tl[0] * 1e3:.1f}, engine steps "
                   f"ended " + ", ".join(f"{x * 1e3:.1f}" for x in tl[1:]) + " (the last: the first token)")

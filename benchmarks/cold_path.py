@@ -168,9 +168,13 @@ def start_registry(data_dir: str, as_process: bool = True):
 
 
 def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layers: int = 32, rank: int = 16,
-                args_overrides: dict | None = None, use_registry: bool = True, registry_process: bool = False) -> dict:
+                args_overrides: dict | None = None, use_registry: bool = True, registry_process: bool = False,
+                watch: bool = False, vary=None) -> dict:
     """Time every stage of n cold adapters (first one discarded as a warm-up of the code paths).
-    Returns {stage: median seconds}, the per-adapter rows, the adapter's bytes and the source used."""
+    Returns {stage: median seconds}, the per-adapter rows, the adapter's bytes and the source used.
+    watch: each fetch + resolve inside a thread_watch.ThreadWatch (who ran, who held the GIL, gc), printed
+    and kept in its row ("watch"). vary: (first adapter index, context manager factory): adapters from that index on
+    are fetched + resolved inside it, every other one (an A/B in one process, e.g. vary_context("switch_ms=0.5,gc=off"))."""
     from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
     from loraserve.inference.lora.manager import LoRAManager
     from loraserve.inference.models.llama import ModelArgs
@@ -226,8 +230,14 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
                                      stage_alloc=mgr.staging_alloc)
             loop = LoopThread()
             for i in range(n):  # the registry is idle between fetches, as at no load
-                f = loop.run(fetcher.fetch(f"stage-{i}", 1))
-                one(i, f)
+                varied = vary is not None and i >= vary[0] and (i - vary[0]) % 2 == 0  # interleaved: drift-fair
+                with (vary[1]() if varied else contextlib.nullcontext()), watching(watch) as w:
+                    f = loop.run(fetcher.fetch(f"stage-{i}", 1))
+                    one(i, f)
+                rows[-1]["varied"] = varied
+                if w is not None:
+                    rows[-1]["watch"] = w.result()
+                    print(f"  adapter {i}{' (varied)' if varied else ''} ({rows[-1].get('download_s', 0) * 1e3:.1f} ms download): " + w.summary())
                 loop.run(fetcher.flush())  # its disk copy written before the next (no load)
             loop.run(fetcher.close())
             kind += "; " + blob_use(fetcher, n)
@@ -245,6 +255,72 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     med.update({k: statistics.median(r.get(k, 0.0) for r in rows) for k in PARTS})
     return {"stages": med, "rows": rows, "adapter_dir_bytes": size, "layers": num_layers, "rank": rank,
             "source": f"registry on loopback ({kind})" if why_not is None else f"local PEFT dir (no registry: {why_not})"}
+
+
+@contextlib.contextmanager
+def vary_context(spec: str):
+    """Runtime toggles for an A/B of the cold path in one process: "switch_ms=0.5" (sys.setswitchinterval),
+    "gc=off" (no collections inside), "gc=freeze" (gc.freeze() first: what exists now is never scanned),
+    "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections)."""
+    import gc
+    import sys
+
+    from loraserve.inference import blob_fetch
+
+    opts = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    prev_switch, was_enabled = sys.getswitchinterval(), gc.isenabled()
+    prev_threads, prev_streams = torch.get_num_threads(), blob_fetch.BLOB_STREAMS
+    if "omp" in opts:
+        torch.set_num_threads(int(opts["omp"]))
+    if "streams" in opts:
+        blob_fetch.BLOB_STREAMS = int(opts["streams"])
+    if "switch_ms" in opts:
+        sys.setswitchinterval(float(opts["switch_ms"]) / 1e3)
+    if opts.get("gc") == "freeze":
+        gc.freeze()
+    if opts.get("gc") == "off":
+        gc.disable()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        blob_fetch.BLOB_STREAMS = prev_streams
+        sys.setswitchinterval(prev_switch)
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def watching(on: bool):
+    """A thread_watch.ThreadWatch over the block when `on` (else None)."""
+    if not on:
+        yield None
+        return
+    from benchmarks.thread_watch import ThreadWatch
+
+    with ThreadWatch() as w:
+        yield w
+
+
+def engine_beside(workdir: str, layers: int, device: str):
+    """An LLM as bench_churn's cold phase builds it (8B width, `layers` layers on CUDA; the tiny test model on
+    CPU), with a few requests run: the process state the cold path meets in the engine process."""
+    from loraserve import LLM, LoraConfig, SamplingParams
+
+    model_dir = os.path.join(workdir, "engine-model")
+    if device == "cuda":
+        from benchmarks.checkpoints import build_checkpoint
+        build_checkpoint(model_dir, layers)
+    else:
+        from tests.inference.conftest import make_random_model
+        make_random_model(model_dir, "llama")
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, dtype="bfloat16" if device == "cuda" else "float32", device=device, max_num_seqs=8,
+              lora_config=LoraConfig(max_lora_rank=16, max_loras=4), kv_cache_config={"free_gpu_memory_fraction": 0.3})
+    for k in range(4):
+        llm.generate([[3 + k] * 64], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    print(f"engine beside ({layers} layers, {device}): built and 4 requests in {time.perf_counter() - t0:.1f} s", flush=True)
+    return llm
 
 
 def blob_use(fetcher, n: int) -> str:
@@ -288,11 +364,25 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-registry", action="store_true")
     ap.add_argument("--registry-process", action="store_true", help="the registry as its own process (as deployed)")
+    ap.add_argument("--watch", action="store_true", help="per fetch + resolve: who ran, who held the GIL, gc "
+                    "(benchmarks/thread_watch.py)")
+    ap.add_argument("--engine-layers", type=int, default=0,
+                    help="first build an engine (8B width, this many layers; tiny on CPU) in this process, as "
+                         "bench_churn's cold phase has one: its effect on the same stages")
+    ap.add_argument("--vary", default="", help="every other adapter from --vary-from on: runtime toggles (vary_context), e.g. "
+                    "switch_ms=0.5,gc=off")
+    ap.add_argument("--vary-from", type=int, default=2, help="the first adapter (0 = the warm-up) --vary applies to")
     ap.add_argument("--json")
     a = ap.parse_args()
-    res = cold_stages(tempfile.mkdtemp(prefix="cold-path-"), a.n, a.device, torch.bfloat16, a.layers,
-                      use_registry=not a.no_registry, registry_process=a.registry_process)
-    print(format_stages(res))
+    workdir = tempfile.mkdtemp(prefix="cold-path-")
+    llm = engine_beside(workdir, a.engine_layers, a.device) if a.engine_layers else None
+    res = cold_stages(workdir, a.n, a.device, torch.bfloat16, a.layers,
+                      use_registry=not a.no_registry, registry_process=a.registry_process, watch=a.watch,
+                      vary=(a.vary_from, lambda: vary_context(a.vary)) if a.vary else None)
+    print(format_stages(res) + (f" [an engine of {a.engine_layers} layers in this process]" if llm else ""))
+    for r in res["rows"]:
+        print(f"  row{' (varied: ' + a.vary + ')' if r.get('varied') else ''}, ms: " + ", ".join(
+            f"{k.removesuffix('_s')} {r[k] * 1e3:.1f}" for k in ("critical_s",) + STAGES if r.get(k, 0) > 5e-5))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=2)

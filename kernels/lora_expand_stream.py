@@ -157,9 +157,11 @@ if HAS_TRITON:
         y_rows = y_ptr + tok[:, None] * stride_ym
         if PREFETCH_B:  # the rest of our B run into L2 meanwhile: rows [col0, col_end) of the slot's B are
             # one byte range (launcher-checked), read up to R (not rank) of each row
+            # (the segment's first tile only: the others read the same B)
+            first = (tile == 0) | (tl.load(tile_slots_ptr + tl.maximum(tile - 1, 0)) != slot)
             b_run = b_ptr + slot64 * stride_bl + col0 * stride_bn
-            l2_prefetch(b_run, (col_end - col0).to(tl.int64) * stride_bn * (b_ptr.dtype.element_ty.primitive_bitwidth // 8),
-                        PF_THREADS)
+            run_bytes = (col_end - col0).to(tl.int64) * stride_bn * (b_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            l2_prefetch(b_run, tl.where(first, run_bytes, 0), PF_THREADS)
         if USE_PDL:  # launched early (programmatic dependent launch): B and the metadata are older
             tl.extra.cuda.gdc_wait()  # than the kernel before us; y and the partials are not
         y_cur = tl.load(y_rows + offs_n[None, :] * stride_yn, mask=row_ok[:, None] & (offs_n < col_end)[None, :],

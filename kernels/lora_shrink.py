@@ -71,8 +71,12 @@ if HAS_TRITON:
                     tl.extra.cuda.gdc_wait()
                 return
             if PREFETCH_A:  # rows [n0, n0 + BLOCK_N) of this slot's slice are contiguous (launcher-checked):
-                # this K split's 1/SPLIT_K of their bytes into L2 while the kernel before us finishes
+                # this K split's 1/SPLIT_K of their bytes into L2 while the kernel before us finishes; only
+                # the segment's first tile (the others read the same A: one prefetch per adapter and step)
+                prev_slot = tl.load(tile_slots_ptr + tl.maximum(tile - 1, 0))
+                first = (tile == 0) | (prev_slot != slot)
                 blk = tl.minimum(rank - n0, BLOCK_N).to(tl.int64) * K * (a_ptr.dtype.element_ty.primitive_bitwidth // 8)
+                blk = tl.where(first, blk, 0)
                 part = (blk + (SPLIT_K * 16 - 1)) // (SPLIT_K * 16) * 16
                 a_blk = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as + n0 * stride_ar
                 l2_prefetch(a_blk.to(tl.pointer_type(tl.int8)) + pid_k * part,
@@ -277,8 +281,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     dest_strides = (0, *out.stride()) if dest is out and out.dim() == 3 else dest.stride()
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)
-    pf_a = (prefetch_flags(x.device, pdl)[0] and stream_enabled(stream) and T <= 256
-            and contiguous_rows(lora_a))
+    pf_a = prefetch_flags(x.device, pdl)[0] and stream_enabled(stream) and contiguous_rows(lora_a)
     _lora_shrink_kernel[grid](
         x, lora_a, dest, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,

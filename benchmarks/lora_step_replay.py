@@ -67,6 +67,7 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)
     "empty": {},    # no adapter row in the step (below)
+    "seg33": {},    # the grid's segment bound at 33 distinct adapters (the step's 32 + 1), not Bp - 1 = 71 (below)
 }
 
 
@@ -76,7 +77,7 @@ class patched:
     def __init__(self, variant: str, mixed):
         self.parts, self.mixed = variant.split("+"), mixed
         for p in self.parts:
-            if p not in VARIANTS:
+            if p not in VARIANTS and not (p.startswith("seg") and p[3:].isdigit()):
                 raise ValueError(f"unknown variant {p!r}; known: {sorted(VARIANTS)}")
         self.undo: list = []
 
@@ -89,6 +90,10 @@ class patched:
                 orig = getattr(mod, attr)
                 self.undo.append((mod, attr, orig))
                 setattr(mod, attr, val(orig) if callable(val) and callable(orig) else val)
+        for p in self.parts:
+            if p.startswith("seg"):   # the LoRA grid bounded by the step's distinct adapters, not Bp - 1
+                self.undo.append((self.mixed, "segment_cap", self.mixed.segment_cap))
+                self.mixed.segment_cap = int(p[3:])
         if "bm32" in self.parts:
             self.undo.append((self.mixed.lora_builder, "block_m", self.mixed.lora_builder.block_m))
             self.mixed.lora_builder.block_m = 32

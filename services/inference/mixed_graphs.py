@@ -153,6 +153,7 @@ class MixedGraphRunner:
             self._token_ids = torch.arange(T, dtype=torch.int32, device=device)         # [T] 0..T-1
             self.meta_in_graph = lora_meta_in_graph()
             self.segment_bound = lora_segment_bound()
+            self.segment_cap: int | None = None   # a tighter bound on a step's distinct slots (benchmarks only)
         self.capture_after = capture_after()
         self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
         self.num_covered = 0                              # steps replayed in a larger graph than their own
@@ -173,7 +174,10 @@ class MixedGraphRunner:
         seq_of_token = torch.searchsorted(self.query_start_loc[1:bp + 1], self._token_ids[:t], right=True)  # [t] < bp
         torch.index_select(self.seq_slot, 0, seq_of_token, out=self.token_slot[:t])
         # at most bp - 1 distinct slots: the real sequences (the padding ones are -1)
-        return self.lora_builder.build(self.token_slot[:t], max_segments=bp - 1 if self.segment_bound else None)
+        bound = bp - 1 if self.segment_bound else None
+        if bound is not None and self.segment_cap:
+            bound = min(bound, self.segment_cap)
+        return self.lora_builder.build(self.token_slot[:t], max_segments=bound)
 
     def _lora_context(self, bp: int, t: int):
         """The LoRA state a graph of (bp, t) captures: the static metadata views (T = t fixes the grids)."""

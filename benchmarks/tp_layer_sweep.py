@@ -6,6 +6,7 @@
         with half the heads was only 1.22x faster than TP=1 at 576 (a per-program latency that does not halve)
   gemm  the four projections at M = 64, TP=2 shard and TP=1 shapes: cuBLAS F.linear (as served) vs x @ W^T with W
         stored [K, N] (another cuBLAS kernel family) vs cuBLASLt preferred
+  skinny RMSNorm -> GEMM chains at M = 64: cuBLAS vs kernels/skinny_gemm.py (PDL dependent, split-K in-kernel)
 
 Every piece is timed inside a CUDA graph cycling over enough copies of its weights / KV cache that nothing is
 served from the 50 MB L2 (a layer reads each only once per step; bench_tp_paths' repeated call did not cycle).
@@ -140,10 +141,76 @@ def gemm_sweep(dev, out: dict, save) -> None:
         save()
 
 
+def skinny_configs(n: int, k: int, full: bool) -> list[tuple[int, ...]]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, REGPRE) candidates for kernels/skinny_gemm.py at [n, k]."""
+    from loraserve.kernels.skinny_gemm import default_config
+
+    d = default_config(64, n, k)
+    out = [d, d[:5] + (1,)]
+    if full:
+        out += [(bn, 128, s, 4, 4, 0) for bn in (64, 128) for s in (1, 2, 4)]
+        out += [(128, 64, s, 4, 4, 0) for s in (2, 4)] + [(256, 64, 2, 8, 3, 0), (64, 128, 4, 4, 4, 1)]
+    seen, keep = set(), []
+    for c in out:
+        if c not in seen and k % (c[1] * c[2]) == 0:
+            seen.add(c)
+            keep.append(c)
+    return keep
+
+
+def skinny_sweep(dev, out: dict, save) -> None:
+    """norm -> GEMM chains at M = 64 (the norm a PDL Triton kernel, as in the decode graph): cuBLAS vs
+    kernels/skinny_gemm.py configs, the TP=2 shard shapes (full sweep) and TP=1's (the default configs)."""
+    import torch.nn.functional as F
+
+    from loraserve.kernels.rmsnorm import rms_norm
+    from loraserve.kernels.skinny_gemm import skinny_gemm
+
+    shapes = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+    split = {"qkv": (2, 1), "o": (1, 2), "gate_up": (2, 1), "down": (1, 2)}
+    T = 64
+    for tp in (2, 1):
+        best_total = cublas_total = 0.0
+        for name, (n, k) in shapes.items():
+            dn, dk = split[name] if tp == 2 else (1, 1)
+            n, k = n // dn, k // dk
+            copies = max(2, -(-L2_BYTES // (n * k * 2)))
+            ws = [torch.randn(n, k, device=dev).bfloat16() * k ** -0.5 for _ in range(copies)]
+            x = torch.randn(T, k, device=dev).bfloat16()
+            wn = torch.ones(k, device=dev, dtype=torch.bfloat16)
+            h = rms_norm(x, wn, 1e-5)
+            ref = F.linear(h, ws[0]).float()
+            nxt = _cycle(copies, lambda i: ws[i])
+            base = out[f"skinny_tp{tp}_{name}_cublas_us"] = _us(lambda: F.linear(rms_norm(x, wn, 1e-5), nxt()),
+                                                                2 * copies)
+            out[f"skinny_tp{tp}_{name}_norm_only_us"] = _us(lambda: rms_norm(x, wn, 1e-5), 2 * copies)
+            best = base
+            for cfg in skinny_configs(n, k, tp == 2):
+                key = f"skinny_tp{tp}_{name}_" + "_".join(map(str, cfg))
+                try:
+                    got = skinny_gemm(h, ws[0], config=cfg).float()
+                    out[key + "_maxdiff"] = float((got - ref).abs().max())
+                    us = out[key + "_us"] = _us(lambda cfg=cfg: skinny_gemm(rms_norm(x, wn, 1e-5), nxt(), config=cfg),
+                                                2 * copies)
+                    if us < best and out[key + "_maxdiff"] < 0.1:
+                        best, out[f"skinny_tp{tp}_{name}_best"] = us, list(cfg)
+                except Exception as exc:  # noqa: BLE001
+                    out[key + "_error"] = repr(exc)[:200]
+                save()
+            out[f"skinny_tp{tp}_{name}_best_us"] = best
+            best_total += best
+            cublas_total += base
+            ws = None
+            torch.cuda.empty_cache()
+        out[f"skinny_tp{tp}_layer_cublas_us"] = cublas_total
+        out[f"skinny_tp{tp}_layer_best_us"] = best_total
+        save()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="gemm,attn")
+    ap.add_argument("--only", default="skinny,gemm,attn")
     ap.add_argument("--quick", action="store_true", help="fewer attention configs")
     ap.add_argument("--smoke", action="store_true", help="CPU: imports and arguments only")
     a = ap.parse_args()
@@ -164,7 +231,7 @@ def main() -> int:
                 json.dump(out, f, indent=1)
     for name in a.only.split(","):
         try:
-            {"gemm": lambda: gemm_sweep(dev, out, save), "attn": lambda: attn_sweep(dev, out, save, a.quick)}[name]()
+            {"gemm": lambda: gemm_sweep(dev, out, save), "skinny": lambda: skinny_sweep(dev, out, save), "attn": lambda: attn_sweep(dev, out, save, a.quick)}[name]()
         except Exception as exc:  # noqa: BLE001
             out[f"{name}_error"] = repr(exc)[:300]
         save()

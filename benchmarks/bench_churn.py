@@ -26,6 +26,7 @@ concurrency 64 (the H200 run of 512 x 128 did not finish within 300 s with every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.cold_path import (LoopThread, blob_use, cold_stages, format_stages, registry_available, start_registry,  # noqa: E402
-                                  watching, write_peft_dir)
+                                  vary_context, watching, write_peft_dir)
 
 CHURN_MODULES = ("q_proj", "v_proj")
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -175,7 +176,9 @@ def time_first_token(engine, prompt: list[int], lora_request=None, resolve=None,
 
 
 def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, use_registry: bool,
-                 registry_process: bool = True, watch: bool = False) -> dict:
+                 registry_process: bool = True, watch: bool = False, vary: str = "") -> dict:
+    """vary: runtime toggles (cold_path.vary_context) for every other cold adapter from the second measured on
+    (an A/B in one engine: cold_ttft_varied_s beside the rest); the headline figure is then of the others."""
     from loraserve import LLM, LoraConfig, LoRARequest
 
     llm = LLM(model=model_dir, dtype=dtype, device=device, max_num_seqs=8,
@@ -191,7 +194,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
     time_first_token(eng, prompt(64))  # warm-up
     base = [time_first_token(eng, prompt(64)) for _ in range(3)]
     result = {"base_ttft_s": statistics.median(base)}
-    cold, warm, stages, timelines, watches = [], [], [], [], []
+    cold, warm, stages, timelines, watches, varies = [], [], [], [], [], []
     if use_registry:
         from loraserve.inference.adapter_source import AdapterFetcher
         from loraserve.registry.client import RegistryClient
@@ -206,8 +209,11 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
             for i in range(n):
                 fetched = []
 
-                def resolve(i=i):
-                    with watching(watch) as w:  # (--watch: who ran and who held the GIL meanwhile)
+                varied = bool(vary) and i >= 2 and i % 2 == 0
+                varies.append(varied)
+
+                def resolve(i=i, varied=varied):
+                    with (vary_context(vary) if varied else contextlib.nullcontext()), watching(watch) as w:  # (--watch: who ran and who held the GIL meanwhile)
                         f = loop.run(fetcher.fetch(f"cold-{i}", 1))
                         fetched.append(f)
                         hold = eng.lora_manager.resolve(LoRARequest(f"cold-{i}", 10_000 + i, f.path, f.format),
@@ -234,13 +240,20 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
             stages.append(_handle_timings(eng, 10_000 + i))
             warm.append(time_first_token(eng, prompt(64), req))
         result["cold_source"] = f"local PEFT dir via lora_path (no registry here: {registry_available()})"
+    if any(varies):  # (--vary: the varied adapters reported apart; the figure is of the others)
+        result["cold_ttft_varied_s"] = [c for c, v in zip(cold, varies) if v]
+        result["vary"] = vary
+        print(f"  cold ms: " + ", ".join(f"{c * 1e3:.1f}{' (varied)' if v else ''}" for c, v in zip(cold[1:], varies[1:])))
+        keep = [k for k, v in enumerate(varies) if not v]
+        cold, warm, stages, timelines = ([x[k] for k in keep] for x in (cold, warm, stages, timelines))
     cold, warm, stages = cold[1:], warm[1:], stages[1:]
     for st, total in zip(stages, cold):  # the rest: admission wait + the forward + host->GPU copy wait
         # (an overlapped download, verify_wait_s present, ran beside read + parse: not on the critical path)
         skip = ("place_s", "pin_alloc_s") + (("download_s",) if "verify_wait_s" in st else ())
         st["rest_s"] = total - sum(v for k, v in st.items() if k not in skip)
     result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
-                  cold_ttft_all_s=cold, cold_stages=stages, cold_timelines_s=timelines[1:], cold_watch=[w.summary() for w in watches[1:]],
+                  cold_ttft_all_s=cold, cold_stages=stages, cold_timelines_s=timelines[1:],
+                  cold_watch=[("(varied) " if v else "") + w.summary() for w, v in zip(watches[1:], varies[1:])],
                   adapter_dir_bytes=sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])))
     llm.shutdown()
     llm = eng = None  # drop the engine before the next one loads (a del would hide eng from resolve's closure)
@@ -270,6 +283,8 @@ def main() -> int:
     ap.add_argument("--skip-churn", action="store_true", help="only the cold-adapter figures")
     ap.add_argument("--watch", action="store_true", help="each cold fetch + parse watched (benchmarks/thread_watch.py: "
                     "per-thread CPU, GIL lateness and its holders, gc); perturbs the figure a little")
+    ap.add_argument("--vary", default="", help="runtime toggles (cold_path.vary_context, e.g. switch_ms=0.5,gc=off) for "
+                    "every other cold adapter from the second measured on: an A/B in one engine (reported apart)")
     ap.add_argument("--registry-thread", action="store_true",
                     help="the registry as a thread of this process (default: its own process, as deployed)")
     ap.add_argument("--model", help="an existing checkpoint dir (default: build one: 8B shape, or tiny)")
@@ -324,7 +339,7 @@ def main() -> int:
     if args.cold:
         t = time.perf_counter()
         cold = cold_adapter(model_dir, dtype, device, args.cold, workdir, use_registry=registry_available() is None,
-                            registry_process=not args.registry_thread, watch=args.watch)
+                            registry_process=not args.registry_thread, watch=args.watch, vary=args.vary)
         print(f"cold adapter to first token ({cold['adapter_dir_bytes'] / 1e6:.0f} MB PEFT dir): "
               f"{cold['cold_ttft_s'] * 1e3:.1f} ms ({cold['cold_source']}); resident "
               f"{cold['resident_ttft_s'] * 1e3:.1f} ms; no adapter {cold['base_ttft_s'] * 1e3:.1f} ms  "

@@ -261,7 +261,9 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
 def vary_context(spec: str):
     """Runtime toggles for an A/B of the cold path in one process: "switch_ms=0.5" (sys.setswitchinterval),
     "gc=off" (no collections inside), "gc=freeze" (gc.freeze() first: what exists now is never scanned),
-    "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections)."""
+    "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections),
+    "dirty_mb=6000" (that much written to a file in the temp dir first and left to the kernel's writeback during
+    the block, as a freshly written 16 GB checkpoint leaves it; the file is removed after)."""
     import gc
     import sys
 
@@ -280,9 +282,20 @@ def vary_context(spec: str):
         gc.freeze()
     if opts.get("gc") == "off":
         gc.disable()
+    dirty = None
+    if "dirty_mb" in opts:
+        import tempfile
+
+        fd, dirty = tempfile.mkstemp(prefix="cold-dirty-")
+        block = b"\x5a" * (16 << 20)
+        for _ in range(max(1, int(opts["dirty_mb"]) // 16)):
+            os.write(fd, block)
+        os.close(fd)
     try:
         yield
     finally:
+        if dirty is not None:
+            os.unlink(dirty)
         torch.set_num_threads(prev_threads)
         blob_fetch.BLOB_STREAMS = prev_streams
         sys.setswitchinterval(prev_switch)
@@ -302,7 +315,7 @@ def watching(on: bool):
         yield w
 
 
-def engine_beside(workdir: str, layers: int, device: str):
+def engine_beside(workdir: str, layers: int, device: str, sync: bool = False):
     """An LLM as bench_churn's cold phase builds it (8B width, `layers` layers on CUDA; the tiny test model on
     CPU), with a few requests run: the process state the cold path meets in the engine process."""
     from loraserve import LLM, LoraConfig, SamplingParams
@@ -314,6 +327,10 @@ def engine_beside(workdir: str, layers: int, device: str):
     else:
         from tests.inference.conftest import make_random_model
         make_random_model(model_dir, "llama")
+    if sync:  # the checkpoint's dirty pages written back now, not during the cold path (--sync)
+        t0 = time.perf_counter()
+        os.sync()
+        print(f"sync after the checkpoint: {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     llm = LLM(model=model_dir, dtype="bfloat16" if device == "cuda" else "float32", device=device, max_num_seqs=8,
               lora_config=LoraConfig(max_lora_rank=16, max_loras=4), kv_cache_config={"free_gpu_memory_fraction": 0.3})
@@ -369,13 +386,14 @@ if __name__ == "__main__":
     ap.add_argument("--engine-layers", type=int, default=0,
                     help="first build an engine (8B width, this many layers; tiny on CPU) in this process, as "
                          "bench_churn's cold phase has one: its effect on the same stages")
+    ap.add_argument("--sync", action="store_true", help="--engine-layers: os.sync() after writing its checkpoint")
     ap.add_argument("--vary", default="", help="every other adapter from --vary-from on: runtime toggles (vary_context), e.g. "
                     "switch_ms=0.5,gc=off")
     ap.add_argument("--vary-from", type=int, default=2, help="the first adapter (0 = the warm-up) --vary applies to")
     ap.add_argument("--json")
     a = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="cold-path-")
-    llm = engine_beside(workdir, a.engine_layers, a.device) if a.engine_layers else None
+    llm = engine_beside(workdir, a.engine_layers, a.device, a.sync) if a.engine_layers else None
     res = cold_stages(workdir, a.n, a.device, torch.bfloat16, a.layers,
                       use_registry=not a.no_registry, registry_process=a.registry_process, watch=a.watch,
                       vary=(a.vary_from, lambda: vary_context(a.vary)) if a.vary else None)

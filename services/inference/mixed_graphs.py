@@ -58,17 +58,38 @@ def capture_after() -> int:
     return max(1, int(os.environ.get("LORASERVE_MIXED_GRAPH_CAPTURE_AFTER", str(CAPTURE_AFTER))))
 
 
-def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int) -> tuple[int, int, int] | None:
-    """The smallest captured (Bp, T, splits) key that can run a step of num_tokens over num_seqs sequences
-    (Bp >= B + 1 padding sequences' worth, T >= N + Bp - B: one token per padding sequence) with the same
-    split count, at most max(32, T_exact * COVER_SLACK) tokens above the exact bucket T_exact; None if none."""
+def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int,
+          num_adapters: int | None = None) -> tuple | None:
+    """The smallest captured (Bp, T, splits[, segments]) key that can run a step of num_tokens over num_seqs
+    sequences (Bp >= B + 1 padding sequences' worth, T >= N + Bp - B: one token per padding sequence) with the
+    same split count, at most max(32, T_exact * COVER_SLACK) tokens above the exact bucket T_exact, and (a LoRA
+    graph with a segment bound, seg_bucket) room for the step's num_adapters distinct slots; None if none."""
     limit = t_exact + max(32, int(t_exact * COVER_SLACK))
     best = None
-    for bp, t, s in keys:
-        if s == splits and bp >= num_seqs + 1 and num_tokens + bp - num_seqs <= t <= limit and \
-                (best is None or (t, bp) < (best[1], best[0])):
-            best = (bp, t, s)
+    for key in keys:
+        bp, t, s = key[:3]
+        seg_ok = len(key) == 3 or (num_adapters is not None and key[3] >= num_adapters)
+        if s == splits and seg_ok and bp >= num_seqs + 1 and num_tokens + bp - num_seqs <= t <= limit and \
+                (best is None or (t, bp, len(key) == 3) < (best[1], best[0], len(best) == 3)):
+            best = key
     return best
+
+
+# LoRA graphs keyed by a bound on the step's distinct adapters too (LORASERVE_LORA_SEG_BUCKETS=1): the grid is
+# cdiv(T, BM) + segments tiles, and the configs that count every grid tile active (the expand's column groups,
+# the shrink's split) then size for the adapters the step has, not for Bp - 1 (bench_churn's steady mixed step:
+# 63 decode rows over 32 adapters + a 256-token chunk, graph (72, 352): 54 tiles instead of 93 for 48 used).
+SEG_BUCKETS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def lora_seg_buckets() -> bool:
+    return os.environ.get("LORASERVE_LORA_SEG_BUCKETS", "0").lower() not in ("0", "false", "off", "no", "")
+
+
+def seg_bucket(num_adapters: int, bp: int) -> int:
+    """The LoRA grid's segment bound for a step of num_adapters distinct slots in a graph of Bp sequences: the
+    smallest SEG_BUCKETS entry that holds them, at most Bp - 1 (a graph's real sequences)."""
+    return min(bp - 1, next((b for b in SEG_BUCKETS if b >= num_adapters), bp - 1))
 
 
 def mixed_graphs_enabled() -> bool:
@@ -154,6 +175,7 @@ class MixedGraphRunner:
             self.meta_in_graph = lora_meta_in_graph()
             self.segment_bound = lora_segment_bound()
             self.segment_cap: int | None = None   # a tighter bound on a step's distinct slots (benchmarks only)
+            self.seg_buckets = lora_seg_buckets()
         self.capture_after = capture_after()
         self.seen: dict[tuple[int, int, int], int] = {}   # sightings of shapes not captured yet
         self.num_covered = 0                              # steps replayed in a larger graph than their own
@@ -167,7 +189,7 @@ class MixedGraphRunner:
         t = next((t for t in self.token_buckets if t >= num_tokens + bp - num_seqs), None)
         return None if t is None else (bp, t)
 
-    def _build_lora_meta(self, bp: int, t: int):
+    def _build_lora_meta(self, bp: int, t: int, segments: int | None = None):
         """Device ops only (so a graph can capture them): token i gets seq_slot[its sequence] (the number of
         sequence ends <= i in the static query starts; padding sequences' slots are -1), then the builder
         refills its static buffers for T = t (same T as at capture: same grids). Returns the LoRAMeta views."""
@@ -175,18 +197,21 @@ class MixedGraphRunner:
         torch.index_select(self.seq_slot, 0, seq_of_token, out=self.token_slot[:t])
         # at most bp - 1 distinct slots: the real sequences (the padding ones are -1)
         bound = bp - 1 if self.segment_bound else None
+        if bound is not None and segments:   # a seg_bucket key: the step has at most this many distinct slots
+            bound = min(bound, segments)
         if bound is not None and self.segment_cap:
             bound = min(bound, self.segment_cap)
         return self.lora_builder.build(self.token_slot[:t], max_segments=bound)
 
-    def _lora_context(self, bp: int, t: int):
-        """The LoRA state a graph of (bp, t) captures: the static metadata views (T = t fixes the grids)."""
+    def _lora_context(self, bp: int, t: int, segments: int | None = None):
+        """The LoRA state a graph of (bp, t[, segments]) captures: the static metadata views (T = t and the
+        segment bound fix the grids)."""
         from .lora.batch import LoRABatch
 
-        return LoRABatch(self.lora_manager.slots, self._build_lora_meta(bp, t))
+        return LoRABatch(self.lora_manager.slots, self._build_lora_meta(bp, t, segments))
 
     @torch.inference_mode()
-    def _capture(self, bp: int, t: int, splits: int, lora: bool = False) -> None:
+    def _capture(self, bp: int, t: int, splits: int, lora: bool = False, segments: int | None = None) -> None:
         # the static buffers hold a valid all-padding step while capturing (its K/V go to the scratch block)
         lens = pad_lens(0, 0, bp, t)
         self.input_ids[:t].zero_()
@@ -201,7 +226,7 @@ class MixedGraphRunner:
         in_graph = lora and self.meta_in_graph
         if lora:
             self.seq_slot[:bp].fill_(-1)   # an all-padding step: the kernels' tiles all exit
-            ctx.lora = self._lora_context(bp, t)
+            ctx.lora = self._lora_context(bp, t, segments)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         set_context(ctx)
@@ -214,13 +239,14 @@ class MixedGraphRunner:
                 self.pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
                 if in_graph:
-                    self._build_lora_meta(bp, t)   # refills the same buffers ctx.lora's views read
+                    self._build_lora_meta(bp, t, segments)   # refills the same buffers ctx.lora's views read
                 out = self.model(self.input_ids[:t], self.positions[:t])
         finally:
             reset_context()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if lora:
-            self.lora_graphs[(bp, t, splits)] = (graph, out, ctx, in_graph)
+            self.lora_graphs[(bp, t, splits) if segments is None else (bp, t, splits, segments)] = \
+                (graph, out, ctx, in_graph)
         else:
             self.graphs[(bp, t, splits)] = (graph, out)
         log.debug("captured a mixed-step CUDA graph: %d sequences, %d tokens, %d KV splits, LoRA %s (%d graphs)", bp,
@@ -250,10 +276,12 @@ class MixedGraphRunner:
         splits = plan_num_splits(query_lens, inp.context_lens_list, self.num_heads, self.num_kv_heads,
                                  self.elem_bytes, self.device)
         bp, t = shape
-        key = (bp, t, splits)
+        num_adapters = getattr(inp, "num_adapters", None) if lora else None
+        segments = seg_bucket(num_adapters, bp) if num_adapters and self.seg_buckets and self.segment_bound else None
+        key = (bp, t, splits) if segments is None or segments >= bp - 1 else (bp, t, splits, segments)
         if key not in graphs:
             seen = self.seen[key + (lora,)] = self.seen.get(key + (lora,), 0) + 1
-            alt = cover(graphs, n, b, splits, t) if seen < self.capture_after else None
+            alt = cover(graphs, n, b, splits, t, num_adapters) if seen < self.capture_after else None
             if alt is not None:             # a larger captured graph: padding instead of a capture stall
                 key, bp, t = alt, alt[0], alt[1]
                 self.num_covered += 1
@@ -263,7 +291,7 @@ class MixedGraphRunner:
                 try:
                     t0 = time.perf_counter()
                     try:
-                        self._capture(bp, t, splits, lora)
+                        self._capture(bp, t, splits, lora, segments=key[3] if len(key) > 3 else None)
                     finally:
                         self.capture_s[lora] += time.perf_counter() - t0
                 except Exception:  # noqa: BLE001 - eager mixed steps still work
@@ -300,7 +328,7 @@ class MixedGraphRunner:
             self.seq_slot[:b].copy_(inp.token_slot)   # [B] int64, -1: none
             self.seq_slot[b:bp].fill_(-1)             # the padding sequences
             if not graphs[key][3]:                     # captured without the metadata build: build it now
-                self._build_lora_meta(bp, t)
+                self._build_lora_meta(bp, t, key[3] if len(key) > 3 else None)
             if self.device.type == "cuda":
                 self.lora_manager.slots.wait_for_copies()   # adapters placed this step: their host->GPU copies first
         graph, out = graphs[key][:2]

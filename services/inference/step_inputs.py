@@ -42,6 +42,7 @@ class StepInputs:
     placeholders_everywhere: bool = False   # every token is a placeholder, in row order (steady overlapped decode)
     build_id: int = 0                       # the builder's count of builds when this one was made
     tables_as_prev: bool = False            # block_tables equal the previous build's (same shape and values)
+    num_adapters: int | None = None         # distinct LoRA slots of the step (general builds; None: not counted)
 
 
 class BlockTableRows:
@@ -285,7 +286,8 @@ class StepInputBuilder:
                 self._no_lora = np.full(2 * B, -1, dtype=np.int64)
             token_slot, has_lora = self._no_lora[:B], False
         else:
-            token_slot = np.array([-1 if a is None or a.slot is None else a.slot for a in loras], dtype=np.int64)
+            slot_list = [-1 if a is None or a.slot is None else a.slot for a in loras]
+            token_slot = np.array(slot_list, dtype=np.int64)
             has_lora = bool((token_slot >= 0).any())
         W = self._width(max(lens_list))
         last_build = self._last
@@ -340,6 +342,8 @@ class StepInputBuilder:
         inputs = StepInputs(view[0], view[1], view[2], view[3], block_tables, view[5], view[6],
                             ends.tolist(), sample_rows.tolist(), has_lora, ids_positions_slots)
         inputs.placeholders_everywhere = P == N and last is None   # decode: dst = pending rows = 0..N-1
+        if has_lora:   # (mixed-step LoRA graphs bound their grid by it: mixed_graphs.seg_bucket)
+            inputs.num_adapters = len(set(slot_list)) - (-1 in slot_list)
         self._last = (seqs, block_lists, rows, decode and sample_rows.size == B, sizes, lens, W, has_lora)
         self.num_builds += 1
         inputs.build_id = self.num_builds

@@ -104,9 +104,57 @@ def test_lora_graph_metadata_gives_the_eager_delta(tiny_llama, two_adapters, in_
                 assert y_eager[1:21].abs().sum() > 0
 
 
+def test_seg_bucket_graph_bounds_the_grid_by_the_steps_adapters(tiny_llama, two_adapters):
+    """CPU, real manager and slots, LORASERVE_LORA_SEG_BUCKETS on: a mixed step of 12 sequences over 2 adapters
+    (graph Bp 16) takes the LoRA graph keyed by its segment bucket (8 < Bp - 1 = 15), whose grid is cdiv(T, BM)
+    + 8 tiles, and its delta on every real row equals the eager step's; a step of 9 distinct slots (more than
+    the bucket holds) may not replay that graph (cover refuses it)."""
+    from loraserve.inference.mixed_graphs import MixedGraphRunner, cover, seg_bucket
+    from loraserve.inference.step_inputs import StepInputBuilder
+
+    path, _ = tiny_llama
+    llm = LLM(model=path, dtype="float32", device="cpu", lora_config=LoraConfig(max_lora_rank=8, max_loras=12))
+    mgr = llm.engine.lora_manager
+    reqs = [LoRARequest(name, i + 1, d) for i, (name, (d, _)) in enumerate(two_adapters.items())]
+    llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=1), lora_request=reqs)
+    holds = [mgr.resolve(r) for r in reqs]
+    assert mgr.num_slots > 8   # (12 slots: the bucket, not the tier, bounds the grid)
+    cpu, pad, bs = torch.device("cpu"), 999, 16
+    query_lens = [1] * 11 + [24]
+    seqs = [_seq(i, 1, 10 + i, 1, holds[i % 3] if i % 3 < 2 else None) for i in range(11)] + \
+        [_seq(11, 24, 24, 2, holds[0])]
+    n = sum(query_lens)
+    inp, _, _ = StepInputBuilder(bs, pad, cpu).build(seqs, query_lens)
+    assert inp.has_lora and inp.num_adapters == 2
+    m = MixedGraphRunner(None, cpu, 16, 64, 8, pad, bs, 4, 2, 4, lora_manager=mgr)
+    m.seg_buckets = True
+    bp, t = m.pick(n, len(seqs))
+    seg = seg_bucket(2, bp)
+    assert (bp, seg) == (16, 8)
+    ctx = type("Ctx", (), {})()
+    ctx.lora = m._lora_context(bp, t, seg)
+    assert ctx.lora.meta.grid_tiles == -(-t // ctx.lora.meta.block_m) + 8
+    replay = _Replay(lambda: m._build_lora_meta(bp, t, seg))
+    m.lora_graphs = {(bp, t, s, seg): (replay, torch.zeros(t, 3), ctx, True) for s in range(1, 65)}
+    assert m.run(inp, query_lens).shape == (n, 3) and m.num_lora_replays == 1
+    assert cover(m.lora_graphs, n, len(seqs), 1, t, 9) is None and cover(m.lora_graphs, n, len(seqs), 1, t, 2)
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        eager = mgr.prepare_batch(seqs, query_lens)
+        for proj, a in mgr.slots.a.items():
+            x = torch.randn(t, a.shape[-1], generator=g)
+            n_out = mgr.slots.b[proj].shape[2]
+            y_graph, y_eager = torch.zeros(t, n_out), torch.zeros(n, n_out)
+            ctx.lora.apply(0, proj, x, y_graph)
+            eager.apply(0, proj, x[:n], y_eager)
+            torch.testing.assert_close(y_graph[:n], y_eager, rtol=1e-5, atol=1e-6)
+            assert not y_graph[n:].any() and y_eager[11:].abs().sum() > 0
+
+
 @gpu[0]
 @gpu[1]
-def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkeypatch):
+@pytest.mark.parametrize("seg_buckets", ["0", "1"])
+def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkeypatch, seg_buckets):
     """GPU: requests over two adapters and none, arriving every few steps (prompt chunks next to adapter
     decodes): greedy tokens with the mixed-step LoRA graphs (LoRA graphs replayed, decode steps with adapters
     sampled by the greedy-sampler graphs) equal the engine with every mixed step eager, and transformers + peft
@@ -120,6 +168,7 @@ def test_lora_mixed_graphs_match_eager_and_peft(tiny_llama, two_adapters, monkey
         monkeypatch.setenv("LORASERVE_MIXED_GRAPHS", mixed)
         monkeypatch.setenv("LORASERVE_MIXED_GRAPH_LORA", lora)
         monkeypatch.setenv("LORASERVE_MIXED_GRAPH_CAPTURE_AFTER", "1")
+        monkeypatch.setenv("LORASERVE_LORA_SEG_BUCKETS", seg_buckets)
         engine = LLMEngine(EngineConfig(model=path, dtype="float32", device="cuda", max_num_prefill_tokens_with_decode=48,
                                         max_num_seqs=8, lora_config=LoraConfig(max_lora_rank=8, max_loras=4)))
         p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -7,6 +7,9 @@ import json
 import logging
 import os
 
+import torch
+from torch import Tensor
+
 from ._triton import triton
 
 # (kind, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, pdl]); kind: "gemv" (BLOCK_M 1/2/4), "gemv2" /
@@ -146,14 +149,18 @@ _HALF_M1: dict[tuple[int, int], GemvConfig] = {
     (6144, 4096): ("gemvh4", 1, 1, 512, 1, 1, 4),
     (4096, 4096): ("gemvh4", 1, 1, 512, 1, 2, 4),
     (28672, 4096): ("gemvh2", 1, 4, 512, 2, 4, 4),
+    # the FP8 LM head (models/fp8_head.py), 128256 x 4096: probe 2 of 2026-11-30 20:30, 119.4 us vs the fp32 gemv's
+    # 135.9 (its top 8 are rescored from the bf16 rows at <= 4 rows, so the argmax does not rest on fp16 products)
+    (128256, 4096): ("gemvh2", 1, 4, 512, 2, 4, 4),
 }
 
 
 def gemv_half_on() -> bool:
-    """LORASERVE_FP8_GEMV_HALF=1: single-token GEMVs of the shapes in _HALF_M1 with fp16 products (gemvh: fp16 partials
-    over 4 K tiles, then fp32; x * 2^-8 in fp16, so |x| < 9362); default 0 (the fp32 CUDA-core kinds) until an engine
-    run has checked it: the 20:30 probe's 4-layer FP8 engine hit a device-side assert (cause not found)."""
-    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "0").strip() == "1"
+    """LORASERVE_FP8_GEMV_HALF (default 1): single-token GEMVs of the shapes in _HALF_M1 with fp16 products (gemvh:
+    fp16 partials over 4 K tiles, then fp32; x * 2^-8 in fp16, so |x| < 9362); 0: the fp32 CUDA-core kinds. On since
+    the 2026-11-30 20:55 final (32-layer 8B engine in a child of its own: bs1 2.685 ms per step vs 2.799; the 20:30
+    probe's device-side assert was the second-engine-in-one-process fault, PERF_NOTES "Known bug")."""
+    return os.environ.get("LORASERVE_FP8_GEMV_HALF", "1").strip() != "0"
 
 
 _W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf"}
@@ -161,14 +168,52 @@ W8A8_KINDS = tuple(_W8A8_KINDS.values())
 
 
 def w8a8_mode() -> str:
-    """LORASERVE_FP8_W8A8: how the W8A8 decode GEMMs (M 33..64) run. 'auto': the table's kind per shape (tw or dot8,
-    both per-token W8A8; opt-in until an engine run has checked tw there). The others force one kind: 'token'
-    (default): one scale per token by a launch before the GEMM, the FP8 MMA's partials promoted to fp32 every K tile
+    """LORASERVE_FP8_W8A8: how the W8A8 decode GEMMs (M 33..64) run. 'auto' (default since the 20:55 final's 32-layer
+    engine ran it: bs64 5.656 ms per step vs 5.838): the table's kind per shape (tw or dot8, both per-token W8A8). The
+    others force one kind: 'token': one scale per token by a launch before the GEMM, the FP8 MMA's partials promoted to fp32 every K tile
     (_scaled_mm's numerics; dot8);
     'block': inside the GEMM, one scale per (token, 128-wide K block) (dot8b: no quantization launch); 'fast': per
     token, the MMA accumulating over all of K in its reduced precision (dot8f: measurements only); 'tensorwise' /
     'tensorwise_fast': per token, cuBLASLt's FP8 GEMM with unit scales (use_fast_accum off / on), scales after it."""
-    mode = os.environ.get("LORASERVE_FP8_W8A8", "token").strip().lower() or "token"
+    mode = os.environ.get("LORASERVE_FP8_W8A8", "auto").strip().lower() or "auto"
     if mode not in _W8A8_KINDS and mode != "auto":
         raise ValueError(f"LORASERVE_FP8_W8A8 must be auto or one of {sorted(_W8A8_KINDS)}, got {mode!r}")
     return mode
+
+
+_COUNTER_SLOTS = 1 << 16
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _tile_counters(device: torch.device) -> Tensor:
+    """[_COUNTER_SLOTS] int32 zeros per device: the split-K fixup's arrival counters, one per output tile, each
+    reset by the tile's last program (so one buffer serves every GEMM of the step: they run one after another)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        cnt = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return cnt
+
+
+def splitk_fixup_on() -> bool:
+    """LORASERVE_FP8_SPLITK_FIXUP=1: the tensor-core kinds sum their split-K partials in-kernel (the last program
+    of each tile; deterministic order) instead of a second launch. Off by default until an H200 run measures it."""
+    return os.environ.get("LORASERVE_FP8_SPLITK_FIXUP", "0").strip() == "1"
+
+
+def gemv_pdl_mode(kind: str = "gemv") -> str:
+    """LORASERVE_FP8_GEMV_PDL: how the GEMV kernels of `kind` launch. 'auto' (default): 'early' for the CUDA-core
+    kinds (gemv*), plainly for the tensor-core ones (dot*): H200, benchmarks/fp8_probe.py (4 8B layers, decode graphs
+    replayed, 2026-11-30 17:02): early cut the FP8 layer from 82.9 to 80.5 us at batch 1 and cost 2.1 us at batch 64
+    (168.5 -> 170.7; with the in-kernel split-K sum 199.0), outputs bit for bit equal. '0': plainly. '1': as
+    programmatic dependents (where pdl_supported) that prefetch all their weight rows into L2 before their wait (H200,
+    2026-11-30, fp8_gemv_sweep.py --chain-ms, a layer's four GEMMs each after an RMSNorm: it cost 20 us per layer at M=1
+    (74.1 -> 93.8; 87.5 with the norms' PDL on) and 17 at M=64). 'early': as dependents that load only their first
+    weight tile (registers) before the wait, as the bf16 GEMV (kernels/gemv.py) does in the bf16 engine's chain."""
+    mode = os.environ.get("LORASERVE_FP8_GEMV_PDL", "auto").strip().lower()
+    if mode == "auto":
+        return "early" if kind.startswith("gemv") else "0"
+    return mode if mode in ("1", "early") else "0"
+
+
+def gemv_pdl_on() -> bool:
+    return gemv_pdl_mode() != "0"

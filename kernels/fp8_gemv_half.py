@@ -14,6 +14,7 @@ GEMVH_X_SCALE = 2.0 ** -8
 
 
 if HAS_TRITON:
+    from .fp8_gemv_silu import _silu_pair_store
 
     @triton.jit
     def _half_store(acc, row, M, N, offs_n, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k,
@@ -63,15 +64,21 @@ if HAS_TRITON:
     def _fp8_gemv_half_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                               x16_scale, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, GROUPS: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLUSH: tl.constexpr, PDL: tl.constexpr,
-                              WAIT: tl.constexpr, EARLY: tl.constexpr = False):
+                              WAIT: tl.constexpr, EARLY: tl.constexpr = False, SILU: tl.constexpr = False):
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_k = tl.arange(0, BLOCK_K)
-        offs_0 = pid_n * (GROUPS * BLOCK_N) + tl.arange(0, BLOCK_N)
-        offs_1 = offs_0 + BLOCK_N
-        offs_2 = offs_0 + 2 * BLOCK_N
-        offs_3 = offs_0 + 3 * BLOCK_N
+        if SILU:   # gate rows and their up rows N / 2 further (kernels/fp8_gemv_silu.py)
+            offs_0 = pid_n * (GROUPS // 2 * BLOCK_N) + tl.arange(0, BLOCK_N)
+            offs_1 = offs_0 + (N // 2 if GROUPS == 2 else BLOCK_N)
+            offs_2 = offs_0 + N // 2
+            offs_3 = offs_1 + N // 2
+        else:
+            offs_0 = pid_n * (GROUPS * BLOCK_N) + tl.arange(0, BLOCK_N)
+            offs_1 = offs_0 + BLOCK_N
+            offs_2 = offs_0 + 2 * BLOCK_N
+            offs_3 = offs_0 + 3 * BLOCK_N
         k_start = pid_k * K_PER_SPLIT   # the launcher keeps K_PER_SPLIT a multiple of FLUSH * BLOCK_K dividing K
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         # rows past N re-read row 0 (no mask in the K loop); the stores are masked
@@ -120,9 +127,18 @@ if HAS_TRITON:
         if PDL and not WAIT:
             tl.extra.cuda.gdc_launch_dependents()
         inv = 1.0 / x16_scale
-        _half_store(acc0 * inv, row, M, N, offs_0, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
-        if GROUPS >= 2:
-            _half_store(acc1 * inv, row, M, N, offs_1, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
-        if GROUPS >= 4:
-            _half_store(acc2 * inv, row, M, N, offs_2, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
-            _half_store(acc3 * inv, row, M, N, offs_3, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+        if SILU and not USE_WS:   # y [M, N / 2]: SiLU-and-mul of each gate row and its up row
+            _silu_pair_store(acc0 * inv, (acc1 if GROUPS == 2 else acc2) * inv, row, M, N, offs_0, s_ptr, y_ptr,
+                             stride_ym)
+            if GROUPS >= 4:
+                _silu_pair_store(acc1 * inv, acc3 * inv, row, M, N, offs_1, s_ptr, y_ptr, stride_ym)
+        else:
+            _half_store(acc0 * inv, row, M, N, offs_0, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS, USE_WS)
+            if GROUPS >= 2:
+                _half_store(acc1 * inv, row, M, N, offs_1, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
+                            USE_WS)
+            if GROUPS >= 4:
+                _half_store(acc2 * inv, row, M, N, offs_2, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
+                            USE_WS)
+                _half_store(acc3 * inv, row, M, N, offs_3, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k, HAS_BIAS,
+                            USE_WS)

@@ -149,3 +149,26 @@ def check_gemv_fixup(dtype: str, m: int, n: int, k: int, config) -> None:
             os.environ.pop("LORASERVE_FP8_SPLITK_FIXUP")
         else:
             os.environ["LORASERVE_FP8_SPLITK_FIXUP"] = old
+
+
+def check_gemv_silu(dtype: str, m: int, n: int, k: int, device: str = "cpu", config=None) -> None:
+    """fp8_gemv(..., silu=True) on a fused gate_up [n = 2I, k] against the torch reference (fp32 GEMV, one rounding,
+    HF's SiLU-and-mul), and bit for bit against the unfused pair (the same GEMV config, then silu_and_mul)."""
+    from loraserve.kernels.activation import silu_and_mul
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+    from loraserve.kernels.fp8_gemv_silu import gemv_silu_ref
+
+    dt, g = DTYPES[dtype], _gen(m * 1000 + n + k + 11)
+    w_q, w_scale = make_weight(n, k, n + 5 * k, device)
+    x = (torch.randn(m, k + 8, generator=g) * 2).to(device, dt)[:, 3:3 + k]   # a strided row view
+    y = fp8_gemv(x, w_q, w_scale, config=config, silu=True)
+    assert y.shape == (m, n // 2) and y.dtype == dt
+    ref = gemv_silu_ref(x, w_q, w_scale)
+    tol = TOL[torch.float16] if config and config[0].startswith("gemvh") and dt == torch.float32 else TOL[dt]
+    # GEMV outputs are ~w_scale * 448 * sqrt(k) * |x|; SiLU-mul of two of them: error relative to their product
+    gu = fp8_w8a16_gemm_ref(x, w_q, w_scale, None).float()
+    scale = (gu[:, : n // 2].abs() + 1) * (gu[:, n // 2:].abs() + 1)
+    err = (y.float() - ref.float()).abs()
+    assert bool((err <= 4 * tol["rtol"] * scale + tol["atol"]).all()), f"max err {float(err.max())} ({config})"
+    unfused = silu_and_mul(fp8_gemv(x, w_q, w_scale, config=config))
+    assert torch.equal(y, unfused), f"fused != unfused at {int((y != unfused).sum())} of {y.numel()} ({config})"

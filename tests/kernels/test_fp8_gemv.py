@@ -54,6 +54,19 @@ def test_gemv_interp(interp, dtype, m, n, k, bias, config) -> None:
 
 
 @pytest.mark.parametrize("m,n,k,config", [
+    (1, 48, 256, ("gemv2", 1, 4, 32, 1, 4, 1)),         # gate row i with up row 24 + i; SiLU-mul in the epilogue
+    (3, 48, 272, ("gemv2", 1, 4, 32, 3, 4, 1)),         # 3 x rows, K tail, split 3: SiLU-mul in the split-K sum
+    (1, 48, 256, ("gemv4", 1, 2, 32, 1, 4, 2)),         # 4 groups: 2 gate blocks + their up blocks; prefetch
+    (1, 48, 256, ("gemvh2", 1, 4, 64, 1, 4, 4)),        # fp16 products, one chunk of 4 K tiles
+    (1, 48, 256, ("gemvh4", 1, 2, 32, 2, 4, 2)),        # ... 4 groups, split-K 2
+])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gemv_silu_interp(interp, dtype, m, n, k, config) -> None:
+    """fp8_gemv(silu=True): the torch reference, and the unfused GEMV + silu_and_mul bit for bit."""
+    _run(interp, cases.check_gemv_silu, dtype, m, n, k, "cpu", config)
+
+
+@pytest.mark.parametrize("m,n,k,config", [
     (17, 37, 272, ("dot", 16, 16, 32, 3, 4, 2)),      # two row tiles x 3 N tiles, 3 splits (the last one short)
     (5, 40, 256, ("dot16", 16, 16, 32, 4, 4, 2)),     # fp16 operands, 4 even splits
     (5, 37, 272, ("dot8", 16, 16, 32, 3, 4, 2)),      # W8A8
@@ -193,12 +206,14 @@ def test_weight_only_config_never_dot8() -> None:
         for n, k in ((6144, 4096), (4096, 14336), (256, 128)):
             cfg = fg.gemv_config(m, n, k, 132, weight_only=True)
             assert cfg[0] not in fg.W8A8_KINDS and k >= cfg[4] * cfg[3], (m, n, k, cfg)
-    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "dot8"   # the default at bucket 64 (LORASERVE_FP8_W8A8=token)
+    assert fg.gemv_config(64, 6144, 4096, 132)[0] == "tw"     # the default at bucket 64 (LORASERVE_FP8_W8A8=auto)
+    assert fg.gemv_config(64, 28672, 4096, 132)[0] == "dot8"
 
 
 def test_w8a8_and_half_switches(monkeypatch) -> None:
-    """LORASERVE_FP8_W8A8 forces one W8A8 kind at bucket 64 (auto: the table's per shape); LORASERVE_FP8_GEMV_HALF=1
-    takes the fp16-product gemvh at M = 1 for the shapes measured, down excepted (default: the fp32 CUDA-core kinds)."""
+    """LORASERVE_FP8_W8A8 forces one W8A8 kind at bucket 64 (auto, the default: the table's per shape);
+    LORASERVE_FP8_GEMV_HALF (default on) takes the fp16-product gemvh at M = 1 for the shapes measured, down excepted
+    (0: the fp32 CUDA-core kinds)."""
     if not triton_available():
         pytest.skip("triton not installed")
     from loraserve.kernels import fp8_gemv as fg
@@ -212,7 +227,10 @@ def test_w8a8_and_half_switches(monkeypatch) -> None:
     monkeypatch.setenv("LORASERVE_FP8_W8A8", "auto")
     assert [fg.gemv_config(64, n, k, 132)[0] for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))] == \
         ["tw", "dot8", "tw"]
-    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemv2"   # the default: fp32 products
+    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemvh2"   # the default: fp16 products
+    assert fg.gemv_config(1, 128256, 4096, 132)[0] == "gemvh2"  # the FP8 LM head
+    monkeypatch.setenv("LORASERVE_FP8_GEMV_HALF", "0")
+    assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemv2" and fg.gemv_config(1, 128256, 4096, 132)[0] == "gemv"
     monkeypatch.setenv("LORASERVE_FP8_GEMV_HALF", "1")
     assert fg.gemv_config(1, 28672, 4096, 132)[0] == "gemvh2" and fg.gemv_config(1, 4096, 14336, 132)[0] == "gemv2"
     assert fg.gemv_config(1, 256, 128, 132)[0] == "gemv"   # a shape not measured: the fp32 kind

@@ -138,6 +138,8 @@ def _fused_quant_on() -> bool:
 
 
 _BROKEN: set[str] = set()   # Triton paths that failed to compile/launch here: not tried again
+# the attribute a producer (models/fp8_fused.py) sets on an activation it also quantized per token: (x_q, scale)
+PREQUANT_ATTR = "_fp8_per_token_q"
 
 
 def _triton_cuda(x: torch.Tensor) -> bool:
@@ -200,12 +202,15 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     per token) or a 0-d fp32 tensor (static, per tensor, from the checkpoint; the W8A16 path, which
     does not quantize x, ignores it). No host syncs on any CUDA path (CUDA-graph capturable)."""
     path = gemm_path(x, w_q)
+    # x's per-token e4m3 codes and scales, made by its producer (models/fp8_fused.py: the norm / activation kernel
+    # quantized the row it held): the same values per_token_quant_fp8 gives, without its launch
+    pre = getattr(x, PREQUANT_ATTR, None) if input_scale is None else None
     if path == "gemv":
         from loraserve.kernels.fp8_gemv import fp8_gemv
 
         try:
             return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), w_q, w_scale, bias,
-                            weight_only=not activations_quantized(w_q))
+                            weight_only=not activations_quantized(w_q), x_q=pre)
         except Exception as err:   # a compile error (first call, eager warm-up): the W8A8 path instead
             _triton_failed("gemv", err)
             path = "scaled_mm" if activations_quantized(w_q) else "dequant"
@@ -222,7 +227,9 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         return F.linear(x, dequantize(w_q, w_scale[:, None], x.dtype), bias)
     if input_scale is None:
         x_q = None
-        if path == "scaled_mm" and _triton_cuda(x) and _fused_quant_on() and "quant" not in _BROKEN:
+        if pre is not None and path == "scaled_mm":
+            x_q, x_scale = pre
+        elif path == "scaled_mm" and _triton_cuda(x) and _fused_quant_on() and "quant" not in _BROKEN:
             from loraserve.kernels.fp8_gemm import per_token_quant_fp8
 
             try:
@@ -303,6 +310,9 @@ def convert_projections(model: nn.Module, dtype: torch.dtype, device: torch.devi
                               child.proj_name, dtype, device)
                 setattr(parent, child_name, new)
                 out[f"{parent_name}.{child_name}" if parent_name else child_name] = new
+    from .fp8_fused import convert_fused
+
+    convert_fused(model)   # MLPs and norms before FP8 projections: the fused decode paths (models/fp8_fused.py)
     return out
 
 

@@ -1,0 +1,131 @@
+"""RMSNorm (+ residual add) and SiLU-and-mul that also quantize their output per token to e4m3 (W8A8 GEMM inputs).
+
+    rms_norm_quant:    out = rms_norm(x [+ residual]) exactly as kernels/rmsnorm.py (residual updated in place),
+                       then (x_q, scale) = per_token_quant_fp8(out) exactly as kernels/fp8_gemm.py
+    silu_mul_quant:    out = silu_and_mul(gate_up) exactly as kernels/activation.py, then the same quantization
+    x, residual, out: [T, H] (last dim contiguous); x_q: [T, H] e4m3; scale: [T, 1] fp32; gate_up: [T, 2I], out [T, I].
+
+Why: a W8A8 FP8 GEMM (dot8 / cuBLASLt tensor-wise at 33..64 tokens, _scaled_mm above) quantizes its input per token
+in a launch of its own, 3 of them per decoder layer behind a norm or the activation (kernels/PERF_NOTES.md, FP8 third
+pass: the 8B FP8 layer at batch 64 spends ~64 us outside its GEMMs). The producer holds the whole row already (one
+program per token), so the amax and the e4m3 codes cost it one more pass over data it just wrote (L1/L2), no launch.
+The bf16 output is still written: the LoRA kernels read the unquantized activation. Same arithmetic as the unfused
+pair (torch.div_rn, the same amax), so x_q and scale equal per_token_quant_fp8(out) bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, tl, triton
+from .fp8_gemm import FP8, FP8_MAX, MIN_SCALE
+from .pdl import pdl_kwargs
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quant_row(y_ptr, q_ptr, s_ptr, row, n, stride_y, stride_q, amax, fp8_max, FP8_MAX_C: tl.constexpr,
+                   MIN_SCALE_C: tl.constexpr, BLOCK: tl.constexpr):
+        # the row's scale from its amax, then its e4m3 codes from the values this thread stored (same offsets: its
+        # own writes, visible to it without a barrier); per_token_quant_fp8's arithmetic
+        scale = tl.maximum(tl.div_rn(amax, fp8_max), MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        offs = tl.arange(0, BLOCK)
+        for k0 in range(0, n, BLOCK):
+            ok = (k0 + offs) < n
+            v = tl.load(y_ptr + row * stride_y + k0 + offs, mask=ok, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
+            tl.store(q_ptr + row * stride_q + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, out_ptr, q_ptr, s_ptr, H, eps, fp8_max, stride_x, stride_r,
+                               stride_o, stride_q, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                               FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # kernels/pdl.py: every input comes from the kernels before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < H
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+        dtype = x.dtype
+        if HAS_RESIDUAL:   # kernels/rmsnorm.py's _rms_norm_kernel, line for line
+            r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(res_ptr + row * stride_r + offs, x, mask=ok)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+        normed = (xf * inv).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = (w * normed).to(dtype)
+        tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
+        yf = y.to(tl.float32)   # the whole row is in registers: quantize it from there (per_token_quant_fp8's math)
+        scale = tl.maximum(tl.div_rn(tl.max(tl.where(ok, tl.abs(yf), 0.0), axis=0), fp8_max), MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        q = tl.minimum(tl.maximum(tl.div_rn(yf, scale), -FP8_MAX_C), FP8_MAX_C)
+        tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_mul_quant_kernel(x_ptr, out_ptr, q_ptr, s_ptr, I, fp8_max, stride_x, stride_o, stride_q,
+                               BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr,
+                               USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK):   # kernels/activation.py's _silu_and_mul_kernel, chunk by chunk
+            ok = (k0 + offs) < I
+            g = tl.load(x_ptr + row * stride_x + k0 + offs, mask=ok, other=0.0)
+            u = tl.load(x_ptr + row * stride_x + I + k0 + offs, mask=ok, other=0.0)
+            gf = g.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+            y = (act * u.to(tl.float32)).to(g.dtype)
+            tl.store(out_ptr + row * stride_o + k0 + offs, y, mask=ok)
+            amax = tl.maximum(amax, tl.where(ok, tl.abs(y.to(tl.float32)), 0.0))
+        _quant_row(out_ptr, q_ptr, s_ptr, row, I, stride_o, stride_q, tl.max(amax, axis=0), fp8_max, FP8_MAX_C,
+                   MIN_SCALE_C, BLOCK)
+
+
+def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+                   ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """(out [T, H], residual (updated in place, as fused_add_rms_norm) or None, x_q [T, H] e4m3, scale [T, 1] fp32).
+    out is a new tensor (x is left as it was, also with a residual)."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: rms_norm_ref + per_token_quant_fp8_ref")
+    assert x.dim() == 2 and x.stride(-1) == 1, "x must be [T, H] with a contiguous last dim"
+    T, H = x.shape
+    assert weight.shape == (H,) and weight.dtype == x.dtype
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+    out = torch.empty_like(x)
+    x_q = torch.empty((T, H), dtype=FP8, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out, residual, x_q, scale
+    block = triton.next_power_of_2(H)
+    res = residual if residual is not None else x
+    _rms_norm_quant_kernel[(T,)](x, res, weight, out, x_q, scale, H, eps, FP8_MAX, x.stride(0), res.stride(0),
+                                 out.stride(0), x_q.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                 FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(16, max(1, block // 512)),
+                                 **pdl_kwargs(x.device))
+    return out, residual, x_q, scale
+
+
+def silu_mul_quant(gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """gate_up [T, 2I] -> (silu(gate) * up [T, I], its e4m3 codes [T, I], scale [T, 1] fp32), one launch."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed: silu_and_mul_ref + per_token_quant_fp8_ref")
+    assert gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0 and gate_up.stride(-1) == 1
+    T, I = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
+    x_q = torch.empty((T, I), dtype=FP8, device=gate_up.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
+    if T == 0:
+        return out, x_q, scale
+    block = min(2048, max(16, triton.next_power_of_2(I)))
+    _silu_mul_quant_kernel[(T,)](gate_up, out, x_q, scale, I, FP8_MAX, gate_up.stride(0), out.stride(0),
+                                 x_q.stride(0), BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
+                                 num_warps=4 if block <= 1024 else 8, **pdl_kwargs(gate_up.device))
+    return out, x_q, scale

@@ -1,0 +1,145 @@
+"""The FP8 model's fused decode paths: fewer launches per decoder layer around the FP8 GEMMs.
+
+models/fp8.py's convert_projections swaps these in by class (same state, only forward differs):
+
+* `Fp8MLP` (llama.MLP whose gate_up is an Fp8Proj):
+  - where the gate_up GEMV runs a grouped kind (on the Llama-3-8B table: one token, gemvh2 / gemv2), that GEMV applies
+    SiLU-and-mul in its epilogue (kernels/fp8_gemv_silu.py): the activation launch goes (LORASERVE_FP8_GATE_UP_SILU);
+  - where the down projection quantizes its input per token (W8A8: dot8 / tw at 33..64 tokens, _scaled_mm above),
+    the activation kernel writes the e4m3 codes too (kernels/fp8_norm_quant.py silu_mul_quant): the down GEMM's
+    quantization launch goes (LORASERVE_FP8_PREQUANT).
+* `Fp8RMSNorm` (the input / post-attention norms before qkv / gate_up): where that projection quantizes its input per
+  token, the norm kernel writes the e4m3 codes too (rms_norm_quant) (LORASERVE_FP8_PREQUANT).
+The codes ride on the activation tensor as an attribute (models/fp8.py PREQUANT_ATTR) that fp8_linear reads; any
+other tensor (a copy, a slice, the next layer's) has none and is quantized as before. All of it equals the unfused
+launches bit for bit (same tiles, same roundings); none of it runs with LoRA rows in gate_up's step (the delta is
+added to gate_up's output before the activation), under tensor parallelism, or off CUDA.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..context import get_context
+from .fp8 import _BROKEN, PREQUANT_ATTR, Fp8Proj, _fused_quant_on, _triton_cuda, activations_quantized, gemm_path
+from .llama import MLP, DecoderLayer, RMSNorm
+
+log = logging.getLogger(__name__)
+
+
+def gate_up_silu_on() -> bool:
+    """LORASERVE_FP8_GATE_UP_SILU=0: the gate_up GEMV and silu_and_mul as two launches (the previous path)."""
+    return os.environ.get("LORASERVE_FP8_GATE_UP_SILU", "1").strip() != "0"
+
+
+def prequant_on() -> bool:
+    """LORASERVE_FP8_PREQUANT=0: the W8A8 GEMMs quantize their inputs in launches of their own (the previous path)."""
+    return os.environ.get("LORASERVE_FP8_PREQUANT", "1").strip() != "0"
+
+
+def quantizes_per_token(x: torch.Tensor, proj) -> bool:
+    """Whether fp8_linear(x) on `proj` quantizes x per token at run time (what per_token_quant_fp8 computes): the
+    per-token W8A8 GEMV kinds (dot8 / tw) or _scaled_mm with the Triton quantization launch."""
+    if not isinstance(proj, Fp8Proj) or proj.input_scale is not None or not activations_quantized(proj.weight):
+        return False
+    path = gemm_path(x, proj.weight)
+    if path == "scaled_mm":
+        return _fused_quant_on() and "quant" not in _BROKEN
+    if path != "gemv":
+        return False
+    from loraserve.kernels.fp8_gemv import _num_sms, gemv_config
+
+    N, K = proj.weight.shape
+    kind = gemv_config(x.shape[0], N, K, _num_sms(x.device))[0]
+    return kind in ("dot8", "dot8f") or (kind in ("tw", "twf") and N % 16 == 0 and K % 16 == 0)
+
+
+def _prequant_ok(x: torch.Tensor, proj, tp) -> bool:
+    return (tp is None and prequant_on() and "prequant" not in _BROKEN and x.dim() == 2 and x.shape[0] > 0
+            and x.dtype in (torch.bfloat16, torch.float16) and _triton_cuda(x) and quantizes_per_token(x, proj))
+
+
+def _fused_failed(path: str, err: Exception) -> None:
+    _BROKEN.add(path)
+    log.exception("FP8 fused %s failed (%s); the unfused launches for the rest of the run", path, err)
+
+
+class Fp8RMSNorm(RMSNorm):
+    """RMSNorm that also quantizes its output per token for the FP8 projection after it (`_fp8_consumer`)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        proj = self.__dict__.get("_fp8_consumer")
+        if proj is None or not _prequant_ok(x, proj, self.tp) or x.stride(-1) != 1:
+            return super().forward(x, residual)
+        from loraserve.kernels.fp8_norm_quant import rms_norm_quant
+
+        try:
+            out, residual, x_q, scale = rms_norm_quant(x, residual, self.weight, self.eps)
+        except Exception as err:   # a compile error (first call, eager warm-up): unfused from now on
+            _fused_failed("prequant", err)
+            return super().forward(x, residual)
+        setattr(out, PREQUANT_ATTR, (x_q, scale))
+        return out if residual is None else (out, residual)
+
+
+class Fp8MLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self._gate_up_silu(x)   # [N, I] or None (not this step)
+        if act is not None:
+            return self.down_proj(act)
+        if self.tp is not None or get_context().lora is not None or not _triton_cuda(x):
+            return super().forward(x)
+        gate_up = self.gate_up_proj(x)   # (N, 2I)
+        if _prequant_ok(gate_up[:, : gate_up.shape[1] // 2], self.down_proj, None) and gate_up.stride(-1) == 1:
+            from loraserve.kernels.fp8_norm_quant import silu_mul_quant
+
+            try:
+                act, x_q, scale = silu_mul_quant(gate_up)
+                setattr(act, PREQUANT_ATTR, (x_q, scale))
+                return self.down_proj(act)
+            except Exception as err:
+                _fused_failed("prequant", err)
+        from loraserve.kernels.activation import silu_and_mul
+
+        return self.down_proj(silu_and_mul(gate_up))
+
+    def _gate_up_silu(self, x: torch.Tensor) -> torch.Tensor | None:
+        proj = self.gate_up_proj
+        if (self.tp is not None or not isinstance(proj, Fp8Proj) or proj.bias is not None or not gate_up_silu_on()
+                or "gemv_silu" in _BROKEN or get_context().lora is not None or gemm_path(x, proj.weight) != "gemv"):
+            return None
+        from loraserve.kernels.fp8_gemv import _num_sms, fp8_gemv, gemv_config
+        from loraserve.kernels.fp8_gemv_silu import silu_config_ok
+
+        weight_only = not activations_quantized(proj.weight)
+        N, K = proj.weight.shape
+        if not silu_config_ok(gemv_config(x.shape[0], N, K, _num_sms(x.device), weight_only), N):
+            return None
+        try:
+            return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), proj.weight, proj.weight_scale,
+                            weight_only=weight_only, silu=True)
+        except Exception as err:   # a compile error (first call, eager warm-up): the two launches from now on
+            _fused_failed("gemv_silu", err)
+            return None
+
+
+def convert_fused(model: torch.nn.Module) -> int:
+    """Swap in Fp8MLP for every llama.MLP with an FP8 gate_up, and Fp8RMSNorm for the norms before an FP8 qkv /
+    gate_up (their consumer kept outside the module tree: no new parameters or submodules). Returns the count."""
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, DecoderLayer):
+            continue
+        mlp, attn = module.mlp, module.self_attn
+        if type(mlp) is MLP and isinstance(mlp.gate_up_proj, Fp8Proj):
+            mlp.__class__ = Fp8MLP
+            n += 1
+        for norm, proj in ((module.input_layernorm, getattr(attn, "qkv_proj", None)),
+                           (module.post_attention_layernorm, getattr(mlp, "gate_up_proj", None))):
+            if type(norm) is RMSNorm and isinstance(proj, Fp8Proj):
+                norm.__class__ = Fp8RMSNorm
+                norm.__dict__["_fp8_consumer"] = proj
+                n += 1
+    return n

@@ -1,0 +1,88 @@
+"""The FP8 model's fused decode paths (models/fp8_fused.py): module swap on load, and on the GPU the fused launches
+(gate_up GEMV + SiLU-and-mul, norm / activation + per-token quantization) equal the unfused ones bit for bit at
+Llama-3-8B widths and stay within tolerance of the dequantized torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraserve.inference.models import fp8, fp8_fused
+from loraserve.inference.models.llama import MLP, DecoderLayer, ModelArgs, RMSNorm
+
+
+def _args(hidden: int, inter: int) -> ModelArgs:
+    return ModelArgs(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                     num_attention_heads=hidden // 128, num_key_value_heads=hidden // 512, head_dim=128,
+                     rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling=None, max_position_embeddings=128,
+                     tie_word_embeddings=False, attention_bias=False, model_type="llama", torch_dtype="bfloat16",
+                     eos_token_id=[0], bos_token_id=None)
+
+
+def _fp8_layer(hidden: int, inter: int, device: str) -> DecoderLayer:
+    torch.manual_seed(0)
+    layer = DecoderLayer(_args(hidden, inter), 0).to(device, torch.bfloat16)
+    for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        torch.nn.init.normal_(lin.weight, std=hidden ** -0.5)
+    weights = {n: m.weight.detach().clone() for n, m in layer.named_modules() if hasattr(m, "proj_name")}
+    with torch.no_grad():
+        layer.input_layernorm.weight.uniform_(0.5, 1.5)
+        layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    mods = fp8.convert_projections(layer, torch.bfloat16, torch.device(device))
+    for name, mod in mods.items():
+        fp8.load_into_fp8(mod, "weight", 0, mod.out_features, weights[name], name)
+    return layer
+
+
+def test_convert_swaps_the_mlp_and_the_norms_before_fp8_projections() -> None:
+    layer = _fp8_layer(512, 1024, "cpu")
+    assert type(layer.mlp) is fp8_fused.Fp8MLP and type(layer.input_layernorm) is fp8_fused.Fp8RMSNorm
+    assert type(layer.post_attention_layernorm) is fp8_fused.Fp8RMSNorm
+    assert layer.input_layernorm.__dict__["_fp8_consumer"] is layer.self_attn.qkv_proj
+    # the consumer is no submodule: the state dict is the unfused layer's
+    assert not any("_fp8_consumer" in k for k in layer.state_dict())
+    # CPU: the unfused math (llama.MLP / RMSNorm on the dequantized weights)
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    out = layer.mlp(layer.post_attention_layernorm(x))
+    gu = layer.mlp.gate_up_proj
+    h = RMSNorm.forward(layer.post_attention_layernorm, x)
+    ref = layer.mlp.down_proj(F.silu(gu(h)[:, :1024]) * gu(h)[:, 1024:])
+    assert torch.equal(out, ref) and type(layer.mlp).__mro__[1] is MLP
+
+
+def _gpu() -> bool:
+    from loraserve.kernels import triton_available
+
+    return torch.cuda.is_available() and triton_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def _mlp_block(layer, x, residual):
+    h, res = layer.post_attention_layernorm(x.clone(), residual.clone())
+    return layer.mlp(h), res
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 48, 64, 200])
+def test_fused_paths_equal_the_unfused_gpu(m, monkeypatch) -> None:
+    """norm -> gate_up -> SiLU-mul -> down at 8B widths: fused (default) == LORASERVE_FP8_GATE_UP_SILU=0 +
+    LORASERVE_FP8_PREQUANT=0 bit for bit; and close to bf16 torch on the dequantized weights."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    layer = _fp8_layer(4096, 14336, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    fused, res_f = _mlp_block(layer, x, residual)
+    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU", "0")
+    monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
+    plain, res_p = _mlp_block(layer, x, residual)
+    assert torch.equal(res_f, res_p)
+    assert torch.equal(fused, plain), f"max diff {float((fused.float() - plain.float()).abs().max())}"
+    # the reference: bf16 torch on the dequantized weights (weight-only numerics; W8A8 at m > 32 adds x's rounding)
+    mlp = layer.mlp
+    h = RMSNorm.forward(layer.post_attention_layernorm, (x.float() + residual.float()).to(torch.bfloat16))
+    gu = F.linear(h, mlp.gate_up_proj.dequantized_weight(torch.bfloat16))
+    ref = F.linear(F.silu(gu[:, :14336]) * gu[:, 14336:], mlp.down_proj.dequantized_weight(torch.bfloat16))
+    rel = float((fused.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < (0.06 if m > 32 else 0.01), rel

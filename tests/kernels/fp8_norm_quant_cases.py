@@ -1,0 +1,58 @@
+"""kernels/fp8_norm_quant.py vs its references (kernels/rmsnorm.py's / activation.py's torch references, then
+per_token_quant_fp8_ref), in a TRITON_INTERPRET=1 worker on the CPU and imported by the GPU tests (device="cuda").
+Each function raises AssertionError on mismatch."""
+from __future__ import annotations
+
+import torch
+
+from loraserve.kernels.fp8_gemm import per_token_quant_fp8, per_token_quant_fp8_ref
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _codes_match(q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, device: str) -> None:
+    # the codes are per_token_quant_fp8's of the output (the same kernel math: bit for bit), and close to torch's
+    # (the interpreter's e4m3 cast rounds ties / binade carries its own way: kernels' tests of the quant kernel)
+    q2, s2 = per_token_quant_fp8(y)
+    assert torch.equal(s, s2) and torch.equal(q.float(), q2.float()), "codes differ from per_token_quant_fp8(out)"
+    q_ref, s_ref = per_token_quant_fp8_ref(y)
+    torch.testing.assert_close(s, s_ref, rtol=2.5e-7, atol=0)
+    a, b = q.float(), q_ref.float()
+    ok = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8 + 2.0 ** -9   # one e4m3 step (a near-tie)
+    if device == "cpu":   # the interpreter drops the carry into the next binade (126.9 -> 64: check_per_token_quant)
+        ok |= (b != 0) & (torch.frexp(b.abs())[0] == 0.5) & (a == b / 2)
+    assert bool(ok.all()), f"codes off by > 1 step: {a[~ok][:6].tolist()} vs {b[~ok][:6].tolist()}"
+
+
+def check_rms_norm_quant(dtype: str, t: int, h: int, residual: bool, device: str = "cpu") -> None:
+    from loraserve.kernels.fp8_norm_quant import rms_norm_quant
+    from loraserve.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(t * 100 + h)
+    x = (torch.randn(t, h, generator=g) * torch.logspace(-2, 1, t)[:, None]).to(device, dt)
+    w = (torch.rand(h, generator=g) + 0.5).to(device, dt)
+    r = torch.randn(t, h, generator=g).to(device, dt) if residual else None
+    r_ref = r.clone() if residual else None
+    x_before = x.clone()
+    out, r_out, q, s = rms_norm_quant(x, r, w, 1e-5)
+    assert out.shape == (t, h) and q.shape == (t, h) and s.shape == (t, 1) and torch.equal(x, x_before)
+    if residual:
+        ref, r_ref = fused_add_rms_norm_ref(x.clone(), r_ref, w, 1e-5)
+        assert r_out is r and torch.equal(r, r_ref), "residual not updated as x + residual"
+    else:
+        ref = rms_norm_ref(x, w, 1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
+    _codes_match(q, s, out, device)
+
+
+def check_silu_mul_quant(dtype: str, t: int, i: int, device: str = "cpu") -> None:
+    from loraserve.kernels.activation import silu_and_mul_ref
+    from loraserve.kernels.fp8_norm_quant import silu_mul_quant
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(t * 100 + i)
+    gate_up = (torch.randn(t, 2 * i + 6, generator=g) * 3).to(device, dt)[:, 3:3 + 2 * i]   # strided rows
+    out, q, s = silu_mul_quant(gate_up)
+    assert out.shape == (t, i) and q.shape == (t, i) and s.shape == (t, 1)
+    ref = silu_and_mul_ref(gate_up.float()).to(dt)   # HF's math in fp32, one rounding (the kernel rounds silu too)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2 if dt != torch.float32 else 1e-5, atol=2e-2)
+    _codes_match(q, s, out, device)

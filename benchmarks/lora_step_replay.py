@@ -67,7 +67,7 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)
     "empty": {},    # no adapter row in the step (below)
-    "seg33": {},    # the grid's segment bound at 33 distinct adapters (the step's 32 + 1), not Bp - 1 = 71 (below)
+    "seg32": {},    # the grid's segment bound at 32 distinct adapters (the step's), not Bp - 1 = 71 (below)
 }
 
 
@@ -227,12 +227,16 @@ def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: i
 
 def apply_variant(engine, variant: str):
     """Switch the engine to `variant` for what follows (LoRA graphs dropped: recaptured under it); returns the
-    patch context to exit later (None for "default")."""
+    patch context to exit later (None for "default"). A seg<N> part means mixed_graphs' segment buckets here
+    (LORASERVE_LORA_SEG_BUCKETS: each step's bound from its own adapters), not a fixed cap."""
     mixed = engine.runner.mixed_graphs
     if variant == "default" or mixed is None:
         return None
     ctx = patched(variant, mixed)
     ctx.__enter__()
+    if any(p.startswith("seg") for p in variant.split("+")):   # in a loop: the keyed buckets (production path)
+        ctx.undo.append((mixed, "seg_buckets", mixed.seg_buckets))
+        mixed.segment_cap, mixed.seg_buckets = None, True
     mixed.lora_graphs.clear()
     return ctx
 

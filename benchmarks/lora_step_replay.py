@@ -193,18 +193,18 @@ def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: i
             print(f"    (budget {budget_s:.0f} s spent: {variant} and later skipped)", flush=True)
             break
         try:
-            with patched(variant, mixed):
+            with patched(variant, mixed):   # (the builder's settings too, for a build outside the graph)
                 mixed.lora_graphs.pop(key, None)
                 mixed._capture(*key, lora=True)
-            entry = mixed.lora_graphs.pop(key)
-            slots = [-1] * len(seq_slots) if "empty" in variant.split("+") else seq_slots
-            fill_step(mixed, slots, prompt, ctx)
-            if not entry[3]:   # captured without the metadata build: build it once (the step is static)
-                mixed._build_lora_meta(key[0], key[1])
-            plain_us, lora_us = [], []
-            for _ in range(rounds):
-                plain_us.append(_time(mixed.graphs[key][0], reps))
-                lora_us.append(_time(entry[0], reps))
+                entry = mixed.lora_graphs.pop(key)
+                slots = [-1] * len(seq_slots) if "empty" in variant.split("+") else seq_slots
+                fill_step(mixed, slots, prompt, ctx)
+                if not entry[3]:   # captured without the metadata build: build it once (the step is static)
+                    mixed._build_lora_meta(key[0], key[1])
+                plain_us, lora_us = [], []
+                for _ in range(rounds):
+                    plain_us.append(_time(mixed.graphs[key][0], reps))
+                    lora_us.append(_time(entry[0], reps))
             p, q = min(plain_us), min(lora_us)
             out[variant] = dict(plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)
             if profile and variant == variants[0]:

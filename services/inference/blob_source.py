@@ -3,8 +3,8 @@
 GetAdapter(blob_url=true) answers the version, a short-lived signed URL of its artifact and its range
 digests in one round trip (`_note_blob` keeps the URL by digest). A cold artifact with such a URL is
 then read by blob_fetch's workers straight into the staging block (the pinned arena on CUDA; plain
-memory on CPU), each 4 MiB range written to the disk cache and handed to the parser only once its
-digest matched; the parser runs beside the download as with the gRPC ranges (LORASERVE_FETCH_OVERLAP).
+memory on CPU), each 4 MiB range handed to the parser only once its digest matched (and copied for the
+disk cache, written once the parser released the bytes: DISK_COPY_AFTER_PARSE); the parser runs beside the download as with the gRPC ranges (LORASERVE_FETCH_OVERLAP).
 
 Fallbacks, so gRPC stays the path that always works: a registry that offers no URL (no --blob-port,
 older stubs) is not asked again for BLOB_RETRY_S; a transport failure before any range was handed on
@@ -18,6 +18,7 @@ import ctypes
 import logging
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +34,12 @@ from .errors import RegistryUnavailableError
 log = logging.getLogger(__name__)
 _SCRATCH_KEPT_BYTES = 256 << 20  # disk-copy buffers up to this size are kept for the next download (2 at most)
 BLOB_RETRY_S = 60.0  # how long a registry that offered no blob URL (or whose URL failed) is not asked for one
+# the disk copy's writes (84 MB of page-cache copies and dirty pages for the 8B adapter) wait until the parser
+# released the staged bytes (StagedArtifact.released: parsed and staged, the request can run), at most this long,
+# so they run beside the request's first step, not beside the download and parse it waits for.
+# LORASERVE_DISK_COPY_AFTER_PARSE=0: each verified range written as it arrives (as before)
+DISK_COPY_AFTER_PARSE = os.environ.get("LORASERVE_DISK_COPY_AFTER_PARSE", "1") != "0"
+DISK_COPY_WAIT_S = 2.0
 
 
 class BlobDownloads:
@@ -124,12 +131,33 @@ class BlobDownloads:
         scratch = self._take_scratch(meta.size)   # [>= size] uint8: the disk copy's bytes
         src, dst = staged.buf.data_ptr(), scratch.ctypes.data
         writes, handed, finished = [], [0], False
+        held: list | None = [] if DISK_COPY_AFTER_PARSE else None  # verified (start, end) not written yet
+        lock = threading.Lock()
+
+        def write(start: int, end: int) -> None:
+            writes.append(self._blob_writer.submit(pwrite_all, fd, memoryview(scratch)[start:end], start))
 
         def on_range(start: int, end: int) -> None:  # (a worker thread)
-            ctypes.memmove(dst + start, src + start, end - start)  # (releases the GIL)
+            ctypes.memmove(dst + start, src + start, end - start)  # (releases the GIL) before the parser may fold it
             handed[0] += 1
             staged.landed(start, end)
-            writes.append(self._blob_writer.submit(pwrite_all, fd, memoryview(scratch)[start:end], start))
+            with lock:
+                if held is not None:
+                    held.append((start, end))
+                    return
+            write(start, end)
+
+        async def write_held() -> None:
+            """The held ranges written once the parser released the bytes (or DISK_COPY_WAIT_S passed)."""
+            nonlocal held
+            if held is None:
+                return
+            if not staged.released.is_set():
+                await asyncio.to_thread(staged.released.wait, DISK_COPY_WAIT_S)
+            with lock:
+                ranges, held = held, None
+            for start, end in ranges:
+                write(start, end)
 
         try:
             try:
@@ -151,6 +179,7 @@ class BlobDownloads:
             staged.download_s = time.perf_counter() - t0
             staged.finish(None)
             finished = True
+            await write_held()
             await asyncio.gather(*(asyncio.wrap_future(w) for w in writes))
             fd = self._commit_staged(meta, got, fd, tmp, path)
         except BaseException as exc:

@@ -128,6 +128,7 @@ def _fetch(address: str, cache: str, token: str | None = None, wait=True):
             f = await fetcher.fetch("blobby", 1)
             if wait and hasattr(f.data, "wait_verified"):
                 await asyncio.to_thread(f.data.wait_verified)
+                f.data.released.set()  # (as a parser's release: the disk copy need not wait for one)
             await fetcher.flush()
             return f, fetcher
         finally:
@@ -344,6 +345,7 @@ def test_finer_range_digests_are_checked_unit_by_unit(tmp_path, monkeypatch, via
                 f = await fetcher.fetch(name, 1)
                 if hasattr(f.data, "wait_verified"):
                     await asyncio.to_thread(f.data.wait_verified)
+                    f.data.released.set()  # (as a parser's release: the disk copy need not wait for one)
                 await fetcher.flush()
                 return f
             finally:

@@ -40,6 +40,7 @@ class StagedArtifact:
         self._error: BaseException | None = None
         self._spans: list[list[int]] = [] if in_progress else [[0, buf.numel()]]  # landed [start, end), merged
         self.download_s = 0.0                 # set by the downloader at finish (overlapped with the parse)
+        self.released = threading.Event()     # set by release(): the parser is done with it (or nobody parses it)
 
     def __len__(self) -> int:
         return self.buf.numel()
@@ -124,9 +125,12 @@ class StagedArtifact:
         weights are views of it); waits until the download stopped writing into it."""
         block, self.block = self.block, None
         self.consumed = True
-        if block is not None and self._on_release is not None:
-            self.wait_done()
-            self._on_release(block)
+        try:
+            if block is not None and self._on_release is not None:
+                self.wait_done()
+                self._on_release(block)
+        finally:
+            self.released.set()
 
 
 class _WaitingFile(io.RawIOBase):

@@ -241,10 +241,38 @@ def apply_variant(engine, variant: str):
     return ctx
 
 
-def replay_decode(engine, seq_slots: list[int], ctx: int = 320, reps: int = 20) -> dict:
+def _recapture_decode(runner, bs: int, segments: int | None):
+    """CudaGraphRunner.capture's LoRA graph of bucket bs again, its grid bounded by `segments` distinct slots
+    (None: as captured, min(slots, bs)); returns (graph, out). The runner's own graph stays."""
+    from loraserve.inference.context import reset_context, set_context
+    from loraserve.inference.lora.batch import LoRABatch
+
+    ctx = runner._context(bs, False)
+    ctx.lora = LoRABatch(runner.lora_manager.slots, runner.lora_builder.build(runner.token_slot[:bs],
+                                                                              max_segments=segments))
+    stream = torch.cuda.Stream(runner.device)
+    stream.wait_stream(torch.cuda.current_stream(runner.device))
+    set_context(ctx)
+    try:
+        with torch.inference_mode():
+            with torch.cuda.stream(stream):
+                runner.model(runner.input_ids[:bs], runner.positions[:bs])
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                runner.lora_builder.build(runner.token_slot[:bs], max_segments=segments)
+                out = runner.model(runner.input_ids[:bs], runner.positions[:bs])
+    finally:
+        reset_context()
+    torch.cuda.current_stream(runner.device).wait_stream(stream)
+    return graph, out
+
+
+def replay_decode(engine, seq_slots: list[int], ctx: int = 320, reps: int = 20, segments: tuple = (32,)) -> dict:
     """The decode graphs (cuda_graphs.CudaGraphRunner) of len(seq_slots) rows, with and without the LoRA kernels:
-    us per replay (contexts of ctx tokens on the scratch block). The drain at the end of a closed loop runs such
-    steps."""
+    us per replay (contexts of ctx tokens on the scratch block); then the LoRA graph recaptured with its grid
+    bounded by each of `segments` distinct adapters (not min(slots, rows)). The drain at the end of a closed loop
+    runs such steps."""
     runner = engine.runner.graph_runner
     n = len(seq_slots)
     if runner is None or runner.lora_builder is None or engine.device.type != "cuda" or not runner.graphs:
@@ -271,4 +299,15 @@ def replay_decode(engine, seq_slots: list[int], ctx: int = 320, reps: int = 20) 
     layers = engine.args.num_hidden_layers
     print(f"  decode graph ({n} rows, bucket {bs}, context {ctx}): plain {p:.1f} us, LoRA {q:.1f} us, "
           f"+{(q - p) / layers:.1f} us/layer (plain / LoRA {p / q:.3f})", flush=True)
-    return dict(rows=n, plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)
+    res = dict(rows=n, plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)
+    for seg in segments:
+        try:
+            graph, _ = _recapture_decode(runner, bs, seg)
+            q2 = min(_time(graph, reps) for _ in range(2))
+            res[f"seg{seg}_lora_us"] = q2
+            print(f"    LoRA grid bounded by {seg} adapters: {q2:.1f} us, +{(q2 - p) / layers:.1f} us/layer "
+                  f"(plain / LoRA {p / q2:.3f})", flush=True)
+            del graph
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            print(f"    decode seg{seg}: FAILED {exc!r}"[:300], flush=True)
+    return res

@@ -86,7 +86,8 @@ def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
                                    "stride_ym", "stride_sl")})
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=8,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
-                 USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=cfg["SLOTS"], DENSE_SLOTS=True)
+                 USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=cfg["SLOTS"], DENSE_SLOTS=True,
+                 PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"])
     # the kernel's parameter order: strides after COLS_PER_PROG
     order = ["buf_ptr", "b_ptr", "y_ptr", "ranks_ptr", "slice_off_ptr", "scale_ptr", "shift_ptr", "sorted_ids_ptr",
              "tile_slots_ptr", "tile_starts_ptr", "tile_ends_ptr", "N", "R", "COLS_PER_PROG", "stride_bsplit",

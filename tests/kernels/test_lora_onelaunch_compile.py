@@ -117,7 +117,8 @@ def test_pdl_pair_compiles_for_sm90():
            **{n: "i32" for n in STRIDES}}
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
-                 USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, DENSE_SLOTS=False,
+                 USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False,
+                 PF_THREADS=32 * cfg["num_warps"],
                  **{n: 1 for n in UNIT_STRIDES})
     expand = build(_lora_expand_stream_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=1)
     assert "griddepcontrol.wait" in expand.asm["ptx"]
@@ -126,6 +127,6 @@ def test_pdl_pair_compiles_for_sm90():
            **{n: "i32" for n in ("stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak",
                                  "stride_ok", "stride_os", "stride_om", "stride_or")}}
     const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, EVEN_K=True, IEEE=False, EAGER_META=True,
-                 USE_PDL=True)
+                 USE_PDL=True, PREFETCH_A=False, PF_THREADS=128)
     ptx = build(_lora_shrink_kernel, sig, const, num_warps=4, num_stages=4).asm["ptx"]
     assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")

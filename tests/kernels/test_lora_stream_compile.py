@@ -39,7 +39,7 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
                  SPLIT_K=split_k, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False,
                  HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
                  B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0),
-                 DENSE_SLOTS=False)
+                 DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"])
     const.update({n: 1 for n in UNIT_STRIDES})
     sig.update({n: "constexpr" for n in const})
     names = list(sig)

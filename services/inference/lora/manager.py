@@ -366,7 +366,10 @@ class LoRAManager(SlotAdmission):
             return None
         if self._meta_builder is None or self._meta_builder.max_tokens < len(slots):
             self._meta_builder = self.meta_builder_cls(max(len(slots), 256), self.num_slots, self.device)
-        token_slot = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+        token_slot = torch.tensor(slots, dtype=torch.int32)
+        if self.device.type == "cuda":   # through pinned memory: a pageable copy would wait for the device
+            token_slot = token_slot.pin_memory()
+        token_slot = token_slot.to(self.device, non_blocking=True)
         # Above 256 tokens the grid's tile count changes no kernel's compiled variant (lora_apply's 3-launch
         # path: the split and block sizes come from T and the rank), so bound it by the step's distinct slots
         # (a 8192-token prefill step over 32 prompts: 288 tiles, not 256 + min(slots, T), 8256 with 8000

@@ -58,19 +58,17 @@ def logits_of(model, ids: list[list[int]]) -> torch.Tensor:
 
 
 def make_heads(model, n: int, head_len: int) -> list[list[int]]:
-    """n token heads sampled from the reference (temperature 1, fixed seeds): text the model finds likely."""
+    """n token heads sampled from the reference (temperature 1, one seed), all at once: text the model finds likely."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(MODEL, "tokenizer.json"))
     starts = ["def ", "import os\n\n\nclass ", "    def __init__(self", "for i in range(10):\n"]
     g = torch.Generator().manual_seed(0)
-    heads = []
-    for i in range(n):
-        ids = tok.encode(starts[i % len(starts)]).ids[:head_len - 4] or [2]
-        while len(ids) < head_len:
-            p = torch.softmax(logits_of(model, [ids])[0, -1], -1)
-            ids.append(int(torch.multinomial(p, 1, generator=g)))
-        heads.append(ids)
+    heads = [(tok.encode(starts[i % len(starts)]).ids + [2, 2])[:2] for i in range(n)]
+    while len(heads[0]) < head_len:
+        p = torch.softmax(logits_of(model, heads)[:, -1], -1)
+        for h, t in zip(heads, torch.multinomial(p, 1, generator=g)[:, 0].tolist()):
+            h.append(t)
     return heads
 
 
@@ -215,6 +213,8 @@ def main() -> int:
            "tokens": a.tokens, "reference": "HF transformers float64 on the CPU"}
     conts = {"ref": greedy(ref, heads, a.tokens), "hf_bf16": greedy(bf, heads, a.tokens)}
     res.update(bf16_noise(ref, bf, heads, conts["ref"]))
+    print(f"reference: heads, float64 and bf16 greedy t={time.perf_counter() - t0:.1f}s", flush=True)
+    save(a.json, res)
     wanted = a.configs.split(",")
     for name, tp, dtype in CONFIGS:
         if name not in wanted:
@@ -229,6 +229,7 @@ def main() -> int:
         else:
             res[f"{name}_error"] = r.get("_error")
         print(f"{name}: {'ok' if 'conts' in r else r.get('_error')} t={time.perf_counter() - t0:.1f}s", flush=True)
+        save(a.json, dict(res, **{f"_conts_{k}": v for k, v in conts.items()}))
     os.unlink(heads_json)
     noise = res["bf16_margin_noise_p99"]
     for name in ("hf_bf16",) + tuple(c[0] for c in CONFIGS):
@@ -239,9 +240,14 @@ def main() -> int:
             res.update({f"{y}_vs_{x}_{k}": v for k, v in parting(ref, heads, conts[x], conts[y]).items()})
     res["elapsed_s"] = time.perf_counter() - t0
     print(json.dumps(res, indent=1), flush=True)
-    if a.json:
-        json.dump(res, open(a.json, "w"), indent=2)
+    save(a.json, res)
     return 0
+
+
+def save(path: str | None, res: dict) -> None:
+    if path:   # as it goes: a killed run keeps what it had
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

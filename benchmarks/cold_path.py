@@ -173,8 +173,8 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     """Time every stage of n cold adapters (first one discarded as a warm-up of the code paths).
     Returns {stage: median seconds}, the per-adapter rows, the adapter's bytes and the source used.
     watch: each fetch + resolve inside a thread_watch.ThreadWatch (who ran, who held the GIL, gc), printed
-    and kept in its row ("watch"). vary: (first adapter index, context manager factory): adapters from that index on
-    are fetched + resolved inside it, every other one (an A/B in one process, e.g. vary_context("switch_ms=0.5,gc=off"))."""
+    and kept in its row ("watch"). vary: variant specs (vary_context, e.g. ["switch_ms=0.5,gc=off"]): the measured
+    adapters cycle through [defaults, *vary] (interleaved: drift hits each alike); each row names its "variant"."""
     from loraserve.config import LoraConfig, LoRARequest, PeftCacheConfig
     from loraserve.inference.lora.manager import LoRAManager
     from loraserve.inference.models.llama import ModelArgs
@@ -230,14 +230,14 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
                                      stage_alloc=mgr.staging_alloc)
             loop = LoopThread()
             for i in range(n):  # the registry is idle between fetches, as at no load
-                varied = vary is not None and i >= vary[0] and (i - vary[0]) % 2 == 0  # interleaved: drift-fair
-                with (vary[1]() if varied else contextlib.nullcontext()), watching(watch) as w:
+                variant = ["", *(vary or [])][(i - 1) % (1 + len(vary or []))] if i else ""
+                with (vary_context(variant) if variant else contextlib.nullcontext()), watching(watch) as w:
                     f = loop.run(fetcher.fetch(f"stage-{i}", 1))
                     one(i, f)
-                rows[-1]["varied"] = varied
+                rows[-1]["variant"] = variant
                 if w is not None:
                     rows[-1]["watch"] = w.result()
-                    print(f"  adapter {i}{' (varied)' if varied else ''} ({rows[-1].get('download_s', 0) * 1e3:.1f} ms download): " + w.summary())
+                    print(f"  adapter {i}{' (' + variant + ')' if variant else ''} ({rows[-1].get('download_s', 0) * 1e3:.1f} ms download): " + w.summary())
                 loop.run(fetcher.flush())  # its disk copy written before the next (no load)
             loop.run(fetcher.close())
             kind += "; " + blob_use(fetcher, n)
@@ -262,6 +262,7 @@ def vary_context(spec: str):
     """Runtime toggles for an A/B of the cold path in one process: "switch_ms=0.5" (sys.setswitchinterval),
     "gc=off" (no collections inside), "gc=freeze" (gc.freeze() first: what exists now is never scanned),
     "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections),
+    "diskcopy=0" (blob_source.DISK_COPY_AFTER_PARSE off: the disk copy written while the bytes arrive),
     "dirty_mb=6000" (that much written to a file in the temp dir first and left to the kernel's writeback during
     the block, as a freshly written 16 GB checkpoint leaves it; the file is removed after)."""
     import gc
@@ -271,7 +272,12 @@ def vary_context(spec: str):
 
     opts = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
     prev_switch, was_enabled = sys.getswitchinterval(), gc.isenabled()
+    from loraserve.inference import blob_source
+
     prev_threads, prev_streams = torch.get_num_threads(), blob_fetch.BLOB_STREAMS
+    prev_copy = blob_source.DISK_COPY_AFTER_PARSE
+    if "diskcopy" in opts:
+        blob_source.DISK_COPY_AFTER_PARSE = opts["diskcopy"] != "0"
     if "omp" in opts:
         torch.set_num_threads(int(opts["omp"]))
     if "streams" in opts:
@@ -298,6 +304,7 @@ def vary_context(spec: str):
             os.unlink(dirty)
         torch.set_num_threads(prev_threads)
         blob_fetch.BLOB_STREAMS = prev_streams
+        blob_source.DISK_COPY_AFTER_PARSE = prev_copy
         sys.setswitchinterval(prev_switch)
         if was_enabled:
             gc.enable()
@@ -387,20 +394,26 @@ if __name__ == "__main__":
                     help="first build an engine (8B width, this many layers; tiny on CPU) in this process, as "
                          "bench_churn's cold phase has one: its effect on the same stages")
     ap.add_argument("--sync", action="store_true", help="--engine-layers: os.sync() after writing its checkpoint")
-    ap.add_argument("--vary", default="", help="every other adapter from --vary-from on: runtime toggles (vary_context), e.g. "
+    ap.add_argument("--vary", default="", help="variants (';'-separated) the adapters cycle through after the defaults: "
+                    "runtime toggles (vary_context), e.g. "
                     "switch_ms=0.5,gc=off")
-    ap.add_argument("--vary-from", type=int, default=2, help="the first adapter (0 = the warm-up) --vary applies to")
     ap.add_argument("--json")
     a = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="cold-path-")
     llm = engine_beside(workdir, a.engine_layers, a.device, a.sync) if a.engine_layers else None
     res = cold_stages(workdir, a.n, a.device, torch.bfloat16, a.layers,
                       use_registry=not a.no_registry, registry_process=a.registry_process, watch=a.watch,
-                      vary=(a.vary_from, lambda: vary_context(a.vary)) if a.vary else None)
+                      vary=[v for v in a.vary.split(";") if v])
     print(format_stages(res) + (f" [an engine of {a.engine_layers} layers in this process]" if llm else ""))
     for r in res["rows"]:
-        print(f"  row{' (varied: ' + a.vary + ')' if r.get('varied') else ''}, ms: " + ", ".join(
+        print(f"  row{' (' + r['variant'] + ')' if r.get('variant') else ''}, ms: " + ", ".join(
             f"{k.removesuffix('_s')} {r[k] * 1e3:.1f}" for k in ("critical_s",) + STAGES if r.get(k, 0) > 5e-5))
+    for v in dict.fromkeys(r.get("variant", "") for r in res["rows"]):
+        got = [r for r in res["rows"] if r.get("variant", "") == v]
+        print(f"  median of {len(got)} ({v or 'defaults'}), ms: critical "
+              f"{statistics.median(r['critical_s'] for r in got) * 1e3:.1f}, download "
+              f"{statistics.median(r.get('download_s', 0) for r in got) * 1e3:.1f}, parse "
+              f"{statistics.median(r.get('parse_s', 0) for r in got) * 1e3:.1f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=2)

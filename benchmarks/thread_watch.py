@@ -87,7 +87,7 @@ def _frame_label(frame) -> str:
 
 
 class ThreadWatch:
-    def __init__(self, period_s: float = 0.0005, sample: bool = True):
+    def __init__(self, period_s: float = 0.001, sample: bool = True):
         self.period_s, self.sample = period_s, sample
         self.late: list[float] = []                       # seconds late per wake
         self.holders: collections.Counter = collections.Counter()  # "thread | frame" -> seconds charged

@@ -61,6 +61,16 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple[int, in
     return default_config(M, N, K, sms)
 
 
+def skinny_gemm_ok(x: Tensor, w: Tensor) -> bool:
+    """True when skinny_gemm takes x [M, K] @ w [N, K]^T with its configured tiles (callers fall back otherwise)."""
+    if not (HAS_TRITON and x.is_cuda and x.dim() == 2 and w.dim() == 2 and 1 <= x.shape[0] <= MAX_M
+            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
+            and w.is_contiguous() and x.shape[1] == w.shape[1]):
+        return False
+    bn, bk, split = skinny_config(x.shape[0], w.shape[0], w.shape[1], x.device)[:3]
+    return w.shape[1] % (split * bk) == 0
+
+
 _WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 

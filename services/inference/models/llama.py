@@ -164,6 +164,9 @@ GEMV_SILU = _env_flag("LORASERVE_GEMV_SILU", "0")
 GEMV_PROJS = frozenset(os.environ.get("LORASERVE_GEMV_PROJS", "qkv_proj,o_proj,gate_up_proj,down_proj").split(","))
 # ... and the LM head through the GEMV too (1-4 sampled rows)
 GEMV_LM_HEAD = _env_flag("LORASERVE_GEMV_LM_HEAD", "0")
+# steps of GEMV_MAX_M+1..64 tokens (batch decode) through kernels/skinny_gemm.py instead of cuBLAS (a PDL dependent,
+# split-K summed in the kernel); opt-in until an engine run measures it (benchmarks/tp_layer_sweep.py --only skinny)
+SKINNY_GEMM = _env_flag("LORASERVE_SKINNY_GEMM", "0")
 # steps with prompt rows whose caller reads only each sequence's last row (Context.last_rows_only: the model
 # runner's eager steps): the last layer's MLP (and the final norm) run on those rows only; its attention still
 # covers every row (it writes the K/V cache). The other rows of the output are zeros. Prefill of 8 x 1024 on the
@@ -257,6 +260,11 @@ class Proj(nn.Linear):
             from loraserve.kernels.gemv import gemv
 
             return gemv(x, self.weight, self.bias)
+        if SKINNY_GEMM and self.bias is None and x.shape[0] > GEMV_MAX_M and x.is_cuda:
+            from loraserve.kernels.skinny_gemm import skinny_gemm, skinny_gemm_ok
+
+            if skinny_gemm_ok(x, self.weight):
+                return skinny_gemm(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
     def _gemv_ok(self, x: torch.Tensor) -> bool:

@@ -206,6 +206,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--only-tp", type=int, choices=(1, 2), default=None, help="run one side only (probes)")
     ap.add_argument("--only-lora", action="store_true", help="only the TP=2 engine with 32 adapters (probes)")
+    ap.add_argument("--lora-tp", type=int, choices=(1, 2), default=2, help="the adapters' engine at TP=1 (same figures)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds for each engine's child process")
     ap.add_argument("--fallback-safe", action="store_true",
                     help="a failed TP=2 child runs again with the opt-in paths off (LORASERVE_TP_FUSED_NORM etc.)")
@@ -290,7 +291,7 @@ def main() -> int:
     if not a.decode_only:
         # the adapters on an engine of their own, last: its LoRA graphs (and, on a cold machine, the LoRA kernels'
         # compiles for the shard shapes) never delay the speed-up figures (the 15:03 H200 run lost them that way)
-        r = run_child(a, path, 2, layers, prompt_len, steps, n_top1, n_adapters, lora_child=True)
+        r = run_child(a, path, a.lora_tp, layers, prompt_len, steps, n_top1, n_adapters, lora_child=True)
         res.update({k: v for k, v in r.items() if not k.startswith("_")})
         derive(res, a.json)
         write(a.json, res)
@@ -416,8 +417,10 @@ def derive(main: dict, path: str | None) -> None:
     for k in ("bs1", "bs64"):
         if f"tp1_decode_{k}_tok_s" in main and f"tp2_decode_{k}_tok_s" in main:
             main[f"decode_{k}_speedup_tp2"] = main[f"tp2_decode_{k}_tok_s"] / main[f"tp1_decode_{k}_tok_s"]
-    if "tp2_decode_bs64_lora_tok_s" in main and "tp2_decode_bs64_nolora_tok_s" in main:
-        main["lora32_vs_nolora_tp2"] = main["tp2_decode_bs64_lora_tok_s"] / main["tp2_decode_bs64_nolora_tok_s"]
+    for tp in (1, 2):   # (TP=1: --lora-tp 1, the same adapters' cost without tensor parallelism)
+        if f"tp{tp}_decode_bs64_lora_tok_s" in main and f"tp{tp}_decode_bs64_nolora_tok_s" in main:
+            main[f"lora32_vs_nolora_tp{tp}"] = (main[f"tp{tp}_decode_bs64_lora_tok_s"]
+                                                / main[f"tp{tp}_decode_bs64_nolora_tok_s"])
     try:
         lists = []
         for tp in (1, 2):

@@ -7,7 +7,12 @@ slots, context lengths and block tables (attention is the Triton paged-decode ke
 loop bounds come from device memory), plus the LoRA metadata buffers. A step copies its
 inputs into the buffers device to device (they arrive packed in one host->device copy, see
 step_inputs.py), pads the bucket with rows that write a scratch KV block, and replays.
-Prefill and mixed steps run eagerly.
+Prefill and mixed steps run eagerly (or from mixed_graphs.py).
+
+LoRA grids: a bucket's LoRA graph launches cdiv(bs, 16) + min(slots, bs) tiles (the most distinct adapters bs
+rows can have). With LORASERVE_LORA_SEG_BUCKETS=1 a step whose distinct adapters (StepInputs.num_adapters) fit a
+smaller mixed_graphs.seg_bucket replays a graph of (bucket, segments), captured on first use: 36 tiles instead of
+68 at 64 rows over 32 adapters, and the kernels' configs (expand column groups) sized for them.
 """
 from __future__ import annotations
 
@@ -58,15 +63,67 @@ class CudaGraphRunner:
             # the LoRA metadata build captured inside each LoRA graph (a step copies its [n] slots only; ~30
             # host launches fewer); LORASERVE_LORA_META_IN_GRAPH=0: built eagerly before each replay
             self.lora_meta_in_graph = lora_meta_in_graph()
+            from .mixed_graphs import lora_seg_buckets
 
-    def _context(self, bs: int, with_lora: bool) -> Context:
+            self.seg_buckets = lora_seg_buckets()
+            self.seg_graphs: dict[tuple[int, int], tuple] = {}   # (bucket, segments) -> (graph, out, ctx)
+            self._seg_pool = None
+
+    def _context(self, bs: int, with_lora: bool, segments: int | None = None) -> Context:
         ctx = Context(slot_mapping=self.slot_mapping[:bs], query_lens=[1] * bs, context_lens=self.context_lens[:bs],
                       block_tables=self.block_tables[:bs], decode_only=True)
         if with_lora:
             from .lora.batch import LoRABatch
 
-            ctx.lora = LoRABatch(self.lora_manager.slots, self.lora_builder.build(self.token_slot[:bs]))
+            ctx.lora = LoRABatch(self.lora_manager.slots,
+                                 self.lora_builder.build(self.token_slot[:bs], max_segments=segments))
         return ctx
+
+    @torch.inference_mode()
+    def _capture_seg(self, bs: int, segments: int) -> tuple:
+        """The LoRA graph of bucket bs with its grid bounded by `segments` distinct adapters (what capture() does
+        for one bucket, on first use: the static buffers hold the current step, whose rows it computes)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        ctx = self._context(bs, True, segments)
+        set_context(ctx)
+        try:
+            with torch.cuda.stream(stream):
+                self.model(self.input_ids[:bs], self.positions[:bs])   # warm-up: any compile, the allocator
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            if self._seg_pool is None:
+                self._seg_pool = torch.cuda.graph_pool_handle()
+            # thread_local: the engine's other threads (adapter copies, detokenizer) keep running meanwhile
+            with torch.cuda.graph(graph, pool=self._seg_pool, stream=stream, capture_error_mode="thread_local"):
+                if self.lora_meta_in_graph:
+                    self.lora_builder.build(self.token_slot[:bs], max_segments=segments)
+                out = self.model(self.input_ids[:bs], self.positions[:bs])
+        finally:
+            reset_context()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.seg_graphs[(bs, segments)] = entry = (graph, out, ctx)
+        log.debug("captured a decode CUDA graph for %d rows with a LoRA grid for %d adapters", bs, segments)
+        return entry
+
+    def _lora_graph(self, bs: int, num_adapters: int | None) -> tuple[tuple, int | None]:
+        """(graph entry, its segment bound) a step of bucket bs with num_adapters distinct adapters replays: the
+        (bs, segments) graph when seg buckets are on and a bucket tighter than min(slots, bs) holds them, else
+        the bucket's own (None)."""
+        if self.seg_buckets and num_adapters:
+            from .mixed_graphs import seg_bucket
+
+            seg = seg_bucket(num_adapters, bs + 1)
+            if seg < min(self.lora_manager.num_slots, bs):
+                entry = self.seg_graphs.get((bs, seg))
+                if entry is not None:
+                    return entry, seg
+                try:
+                    return self._capture_seg(bs, seg), seg
+                except Exception:  # noqa: BLE001 - the bucket's own graph is exact for any adapters
+                    log.exception("decode LoRA graph capture with a bounded grid failed; bucket graphs from now on")
+                    self.seg_buckets = False
+        return self.graphs[(bs, True)], None
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -182,14 +239,17 @@ class CudaGraphRunner:
         if with_lora:
             self.token_slot[:n].copy_(inp.token_slot)
             self.token_slot[n:bs].fill_(-1)
+            entry, segments = self._lora_graph(bs, getattr(inp, "num_adapters", None))
             if not self.lora_meta_in_graph:
-                self.lora_builder.build(self.token_slot[:bs])
+                self.lora_builder.build(self.token_slot[:bs], max_segments=segments)
             self.lora_manager.slots.wait_for_copies()
-        # a batch with no adapter row replays the graph captured without LoRA kernels (the LoRA
-        # variant would be exact too, slot -1 adds nothing, but costs ~0.6 ms per 8B step)
-        graph, out, _ = self.graphs[(bs, with_lora)]
+        else:
+            # a batch with no adapter row replays the graph captured without LoRA kernels (the LoRA
+            # variant would be exact too, slot -1 adds nothing, but costs ~0.6 ms per 8B step)
+            entry = self.graphs[(bs, False)]
+        graph, out, _ = entry
         graph.replay()
         rows = self._out_views.get((n, with_lora))
-        if rows is None:
+        if rows is None or rows.data_ptr() != out.data_ptr():
             rows = self._out_views[(n, with_lora)] = out[:n]
         return rows

@@ -79,7 +79,7 @@ def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int,
 # cdiv(T, BM) + segments tiles, and the configs that count every grid tile active (the expand's column groups,
 # the shrink's split) then size for the adapters the step has, not for Bp - 1 (bench_churn's steady mixed step:
 # 63 decode rows over 32 adapters + a 256-token chunk, graph (72, 352): 54 tiles instead of 93 for 48 used).
-SEG_BUCKETS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+SEG_BUCKETS = (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def lora_seg_buckets() -> bool:

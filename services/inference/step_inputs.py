@@ -255,6 +255,7 @@ class StepInputBuilder:
         inputs = StepInputs(view[0], view[1], view[2], view[3], block_tables, view[5], view[6],
                             buf[3 * B:4 * B].tolist(), arange.tolist(), has_lora, ids_positions_slots)
         inputs.placeholders_everywhere = True
+        inputs.num_adapters = getattr(self, "_last_num_adapters", None)
         self.num_builds += 1
         inputs.build_id, inputs.tables_as_prev = self.num_builds, not grown.size
         return inputs, view[7], view[8]
@@ -342,8 +343,9 @@ class StepInputBuilder:
         inputs = StepInputs(view[0], view[1], view[2], view[3], block_tables, view[5], view[6],
                             ends.tolist(), sample_rows.tolist(), has_lora, ids_positions_slots)
         inputs.placeholders_everywhere = P == N and last is None   # decode: dst = pending rows = 0..N-1
-        if has_lora:   # (mixed-step LoRA graphs bound their grid by it: mixed_graphs.seg_bucket)
+        if has_lora:   # (the LoRA graphs may bound their grid by it: mixed_graphs.seg_bucket)
             inputs.num_adapters = len(set(slot_list)) - (-1 in slot_list)
+        self._last_num_adapters = inputs.num_adapters   # a steady build's sequences (and so adapters) are these
         self._last = (seqs, block_lists, rows, decode and sample_rows.size == B, sizes, lens, W, has_lora)
         self.num_builds += 1
         inputs.build_id = self.num_builds

@@ -237,6 +237,10 @@ def apply_variant(engine, variant: str):
     if any(p.startswith("seg") for p in variant.split("+")):   # in a loop: the keyed buckets (production path)
         ctx.undo.append((mixed, "seg_buckets", mixed.seg_buckets))
         mixed.segment_cap, mixed.seg_buckets = None, True
+        decode = engine.runner.graph_runner
+        if decode is not None and decode.lora_builder is not None:   # the decode graphs' (bucket, segments) too
+            ctx.undo.append((decode, "seg_buckets", decode.seg_buckets))
+            decode.seg_buckets = True
     mixed.lora_graphs.clear()
     return ctx
 

@@ -65,7 +65,8 @@ class CudaGraphRunner:
             self.lora_meta_in_graph = lora_meta_in_graph()
             from .mixed_graphs import lora_seg_buckets
 
-            self.seg_buckets = lora_seg_buckets()
+            # never under tensor parallelism: a capture on first use would run collectives the other ranks don't
+            self.seg_buckets = lora_seg_buckets() and getattr(model, "tp", None) is None
             self.seg_graphs: dict[tuple[int, int], tuple] = {}   # (bucket, segments) -> (graph, out, ctx)
             self._seg_pool = None
 

@@ -159,6 +159,9 @@ def main() -> int:
     ap.add_argument("--quality-only", action="store_true", help="only the top-1 agreement on the default model")
     ap.add_argument("--quality-dispatch-only", action="store_true",
                     help="top-1 agreement of the engine's own dispatch only (not also all-W8A8 / all-weight-only)")
+    ap.add_argument("--quality-decode", action="store_true",
+                    help="--quality-only: the second half of each text through one-token forwards (decode GEMVs; the "
+                         "default model's shapes on the fp16-product GEMV, fp8_quality.DEFAULT_MODEL_M1_CONFIGS): *_decode")
     ap.add_argument("--quality-parallel", action="store_true",
                     help="the top-1 agreement (dispatch only) in a child process while the 8B checkpoint is written")
     ap.add_argument("--quality-wait-s", type=float, default=90,
@@ -208,8 +211,16 @@ def main() -> int:
                 with open(a.json, "w") as fh:
                     json.dump(res, fh, indent=2)
 
+        if a.quality_decode and not os.environ.get("LORASERVE_FP8_GEMV_CONFIGS"):   # read at the first GEMV config
+            from benchmarks.fp8_quality import DEFAULT_MODEL_M1_CONFIGS
+
+            cfg_path = os.path.join(tempfile.mkdtemp(prefix="fp8-q-"), "m1_configs.json")
+            with open(cfg_path, "w") as fh:
+                json.dump(DEFAULT_MODEL_M1_CONFIGS, fh)
+            os.environ["LORASERVE_FP8_GEMV_CONFIGS"] = cfg_path
+            res["switches"]["LORASERVE_FP8_GEMV_CONFIGS"] = json.dumps(DEFAULT_MODEL_M1_CONFIGS)
         write(agreement(kw, quant, 2 if a.tiny else a.quality_texts, on_result=write,
-                        extra_modes=not a.quality_dispatch_only))
+                        extra_modes=not a.quality_dispatch_only and not a.quality_decode, decode=a.quality_decode))
         print(json.dumps(res, indent=2))
         return 0
     os.environ.setdefault("LORASERVE_WARMUP", "0")   # as bench_engine: the timed runs warm up themselves

@@ -44,6 +44,14 @@ VARIANTS = (
     # single-token GEMVs with fp16 products (gemvh), and the opposite of whatever the default is
     ("gemv_half", {"LORASERVE_FP8_GEMV_HALF": "1"}),
     ("gemv_fp32", {"LORASERVE_FP8_GEMV_HALF": "0"}),
+    # the fused decode paths (models/fp8_fused.py): gate_up GEMV + SiLU-mul at one token, norm / SiLU-mul + per-token
+    # quantization for the W8A8 GEMMs at 33..64; off one at a time and together (bit for bit the same hidden states)
+    ("gate_up_silu_off", {"LORASERVE_FP8_GATE_UP_SILU": "0"}),
+    ("prequant_off", {"LORASERVE_FP8_PREQUANT": "0"}),
+    ("unfused", {"LORASERVE_FP8_GATE_UP_SILU": "0", "LORASERVE_FP8_PREQUANT": "0"}),
+    # the defaults before this session's last pass: fp32 GEMVs at one token, dot8 everywhere at 33..64, no fusions
+    ("old_defaults", {"LORASERVE_FP8_GEMV_HALF": "0", "LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_GATE_UP_SILU": "0",
+                      "LORASERVE_FP8_PREQUANT": "0"}),
 )
 DEFAULT_VARIANTS = "default,gemv_pdl_early_fixup,rope_kv_unfused,gemv_pdl_early,splitk_fixup"
 
@@ -277,6 +285,7 @@ def main() -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated names from VARIANTS, in order")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--skip-fp8", action="store_true", help="the bf16 engine only (one engine per process)")
     ap.add_argument("--tiny", action="store_true", help="CPU: a tiny random Llama, eager (the code path only)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--lm-head-only", action="store_true", help="only the LM head timings (lm_head_us)")
@@ -311,7 +320,8 @@ def main() -> int:
         if not a.skip_bf16:
             engine_run(path, None, a, [("default", {})], res, "bf16", t0)
         kv = "FP8"
-        engine_run(path, {"quant_algo": "FP8", "kv_cache_quant_algo": kv}, a, chosen, res, "fp8", t0)
+        if not a.skip_fp8:
+            engine_run(path, {"quant_algo": "FP8", "kv_cache_quant_algo": kv}, a, chosen, res, "fp8", t0)
     finally:
         if not a.ckpt:
             shutil.rmtree(path, ignore_errors=True)

@@ -10,14 +10,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-def teacher_forced_logits(engine, ids: list[int], lora_handle=None) -> torch.Tensor:
-    """[len(ids), V] logits of one sequence in two chunks (the second reads the first from the KV cache)."""
+def teacher_forced_logits(engine, ids: list[int], lora_handle=None, decode: bool = False) -> torch.Tensor:
+    """[len(ids), V] logits of one sequence in two chunks (the second reads the first from the KV cache); decode:
+    the second half one token per forward instead (M = 1: the decode GEMV kernels, eager)."""
     import types
 
     from loraserve.inference.context import Context, reset_context, set_context, split_mixed
 
     bs, dev, out, half = engine.runner.block_size, engine.device, [], len(ids) // 2
-    for lo, hi in ((0, half), (half, len(ids))):
+    chunks = [(0, half)] + ([(p, p + 1) for p in range(half, len(ids))] if decode else [(half, len(ids))])
+    for lo, hi in chunks:
         blocks = list(range(-(-hi // bs)))
         ctx = Context(slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(lo, hi)], device=dev),
                       query_lens=[hi - lo], context_lens=torch.tensor([hi], device=dev, dtype=torch.int32),
@@ -51,9 +53,18 @@ def _compare(logits: dict, ref: dict, suffix: str) -> dict:
     return out
 
 
-def agreement(kw: dict, quant: dict, num_texts: int, on_result=None, extra_modes: bool = True) -> dict:
+# --quality-decode: the default model's projections at one token on the fp16-product GEMV (gemvh, the 8B table's kind
+# at one token for qkv / o / gate_up / the LM head; its own table has no entry for these small shapes), gate_up's with
+# the SiLU epilogue (grouped kind): fp8_gemv_configs' LORASERVE_FP8_GEMV_CONFIGS format, "M,N,K": config
+DEFAULT_MODEL_M1_CONFIGS = {"1,256,128": ["gemvh4", 1, 1, 32, 1, 1, 4], "1,128,128": ["gemvh4", 1, 1, 32, 1, 1, 4],
+                            "1,688,128": ["gemvh2", 1, 4, 32, 1, 4, 4], "1,4096,128": ["gemvh2", 1, 4, 32, 1, 4, 4]}
+
+
+def agreement(kw: dict, quant: dict, num_texts: int, on_result=None, extra_modes: bool = True,
+              decode: bool = False) -> dict:
     """Top-1 agreement and max |logit error| of FP8 vs bf16 (same compute dtype) on the default model,
-    base and with the `upper` adapter, on text sampled from the bf16 engine's model."""
+    base and with the `upper` adapter, on text sampled from the bf16 engine's model. decode: both engines
+    teacher-forced through one-token forwards for the second half of each text (keys *_decode)."""
     from benchmarks.bench_fp8 import ROOT, build, free
     from loraserve import LoraConfig, LoRARequest, SamplingParams
 
@@ -81,7 +92,8 @@ def agreement(kw: dict, quant: dict, num_texts: int, on_result=None, extra_modes
             engine.step()
         handle = [h for h in engine.lora_manager.resident()["device"] if h is not None and h.slot >= 0][0]
         def all_logits() -> dict:
-            return {(name, i): teacher_forced_logits(engine, ids, h) for name, h in (("base", None), ("upper", handle))
+            return {(name, i): teacher_forced_logits(engine, ids, h, decode) for name, h in (("base", None),
+                                                                                             ("upper", handle))
                     for i, ids in enumerate(texts)}
 
         print(f"  quality: {tag} engine ready ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -91,7 +103,7 @@ def agreement(kw: dict, quant: dict, num_texts: int, on_result=None, extra_modes
             # the engine's own dispatch: a teacher-forced chunk of ~80 tokens is prefill-sized, so on the GPU a
             # projection of >= W8A8_MIN_WEIGHTS runs W8A8 (_scaled_mm, activations rounded to e4m3 per token),
             # as a served prompt's does; the default model's (128-wide) are all below it: weight-only
-            res = _compare(all_logits(), ref, "")
+            res = _compare(all_logits(), ref, "_decode" if decode else "")
             if on_result is not None:   # the headline figure first: a time-limited run keeps it
                 on_result(res)
             # the same engine with every GEMM W8A8 where the GPU can (what an 8B model's prefill runs), then

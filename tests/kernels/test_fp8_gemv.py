@@ -275,6 +275,16 @@ def test_gemv_gpu_splitk_fixup(config, monkeypatch) -> None:
     _forced_configs(config)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [None, ("gemv2", 1, 4, 512, 1, 4, 1), ("gemvh2", 1, 4, 512, 2, 4, 4, True),
+                                    ("gemv4", 1, 4, 512, 2, 4, 1)])
+def test_gemv_silu_gpu(config) -> None:
+    """gate_up GEMV + SiLU-and-mul in one kernel (or in the split-K sum) at the 8B shape: the reference, and the
+    unfused GEMV + silu_and_mul bit for bit (None: the table's one-token config, gemvh2 split 2)."""
+    cases.check_gemv_silu("bfloat16", 1, 28672, 4096, "cuda", config)
+
+
 def _forced_configs(config) -> None:
     # every kernel kind at a real shape, with and without split-K, tails included (N 4100, M 3/17)
     cases.check_gemv("bfloat16", 3 if config[0] == "gemv" else 17, 4100, 4096, True, "cuda", config)

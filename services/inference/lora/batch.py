@@ -19,10 +19,12 @@ from loraserve.kernels.lora_apply import choose_path, lora_expand_part, lora_shr
 #      at 64 tokens / 32 adapters (benchmarks/lora_layer_overlap.py, 2 runs): LoRA adds 61 us sequential, 54.5
 #      with "shrink", 64-68 with "full" (kernels/PERF_NOTES.md); not yet timed in a 32-layer engine.
 # Read at each call, so CUDA graphs keep what they captured.
-_OVERLAP_ENV = os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower()
-OVERLAP = {"1": "shrink", "true": "shrink", "on": "shrink", "yes": "shrink", "shrink": "shrink",
-           "full": "full"}.get(_OVERLAP_ENV, "")
+_OVERLAP_MODES = {"1": "shrink", "true": "shrink", "on": "shrink", "yes": "shrink", "shrink": "shrink", "full": "full"}
+OVERLAP = _OVERLAP_MODES.get(os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower(), "")
 OVERLAP_MAX_TOKENS = 256
+# ... and above OVERLAP_MAX_TOKENS (mixed steps: bench_churn's steady 63 decode rows + a 256-token chunk, graph T
+# 352; prefill): LORASERVE_LORA_OVERLAP_LARGE, same values, its own switch (resident helper, issue 12).
+OVERLAP_LARGE = _OVERLAP_MODES.get(os.environ.get("LORASERVE_LORA_OVERLAP_LARGE", "0").strip().lower(), "")
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -79,7 +81,7 @@ class LoRABatch:
         if w is None:
             return F.linear(x, weight, bias)
         a, b, scale, shift = w
-        mode = OVERLAP if x.is_cuda and x.shape[0] <= OVERLAP_MAX_TOKENS else ""
+        mode = (OVERLAP if x.shape[0] <= OVERLAP_MAX_TOKENS else OVERLAP_LARGE) if x.is_cuda else ""
         path = choose_path(x, a, b, self.meta)[0] if mode == "shrink" else ""
         if mode == "shrink" and path not in ("partials", "reduced", "dense"):  # two kernels to run apart
             mode = ""

@@ -186,6 +186,10 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
               kv_cache_config={"free_gpu_memory_fraction": 0.3})
     eng = llm.engine
     shapes = eng.args.lora_module_shapes()
+    if watch:
+        from benchmarks.thread_watch import numa_report
+        arena = eng.lora_manager.arena
+        print("numa: " + numa_report(arena.base if arena is not None else None), flush=True)
     prompt = FreshPrompts(eng.args.vocab_size, 4242)  # 64 tokens each, never seen by the prefix cache
     # PEFT dirs on local disk, bf16, rank 16 on all seven modules (8B shape: an 84 MB dir), alpha = 2r
     n += 1  # adapter 0 warms the LoRA path up (kernel compiles for these shapes); not counted

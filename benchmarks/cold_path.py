@@ -191,6 +191,9 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
     why_not = registry_available() if use_registry else "not asked for"
     mgr = LoRAManager(LoraConfig(max_lora_rank=rank, max_loras=1, max_cpu_loras=n),
                       PeftCacheConfig(num_device_module_layer=2 * num_layers * len(ALL_MODULES)), margs, dtype, dev)
+    if watch:
+        from benchmarks.thread_watch import numa_report
+        print("numa: " + numa_report(mgr.arena.base if mgr.arena is not None else None), flush=True)
     rows = []
 
     def one(i: int, f) -> None:

@@ -66,6 +66,38 @@ def _dirty_mb() -> tuple[float, float]:
     return out.get("Dirty", 0.0), out.get("Writeback", 0.0)
 
 
+def numa_report(addr: int | None = None) -> str:
+    """The host's NUMA nodes (their CPUs) and, for `addr` (e.g. the pinned arena's base), the nodes its mapping's
+    pages are on (/proc/self/numa_maps): memory on the far node halves what a recv or a hash can move."""
+    parts = []
+    try:
+        nodes = sorted(n for n in os.listdir("/sys/devices/system/node") if n.startswith("node") and n[4:].isdigit())
+        for n in nodes:
+            with open(f"/sys/devices/system/node/{n}/cpulist") as f:
+                parts.append(f"{n} cpus {f.read().strip()}")
+    except OSError:
+        parts.append("no /sys NUMA info")
+    parts.append(f"this process may run on cpus {sorted(os.sched_getaffinity(0))[:4]}..")
+    if addr is not None:
+        try:
+            starts = []
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    if lo <= addr < hi:
+                        starts.append(lo)
+            with open("/proc/self/numa_maps") as f:
+                for line in f:
+                    fields = line.split()
+                    if starts and int(fields[0], 16) == starts[0]:
+                        parts.append("mapping at %#x: %s" % (starts[0], " ".join(
+                            x for x in fields[1:] if x.startswith("N") or x.startswith("bind") or x in ("default",)
+                            or x.startswith("interleave") or x.startswith("pages="))))
+        except (OSError, ValueError, IndexError):
+            parts.append("numa_maps unreadable")
+    return "; ".join(parts)
+
+
 def _comm(tid: int) -> str:
     try:
         with open(f"/proc/self/task/{tid}/comm") as f:

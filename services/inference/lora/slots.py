@@ -144,6 +144,7 @@ class DeviceSlots:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: torch.cuda.Event | None = None
         self._staging: torch.Tensor | None = None   # GPU copy of the last bulk-loaded host block (_bulk_copy)
+        self._layer_indices: dict[tuple, torch.Tensor] = {}  # file order -> layer index (_bulk_copy)
 
     @staticmethod
     def bytes_per_slot(args: ModelArgs, enabled: set[str], max_rank: int, dtype: torch.dtype,
@@ -247,16 +248,33 @@ class DeviceSlots:
             (r, n_in), (n_out, _) = a_list[0].shape, b_list[0].shape
             L = len(a_list)
 
-            def stacked(ts, shape):  # [L, *shape]: the factors of every layer, from the staging buffer
+            def place(dst, ts, shape):  # dst [L, *shape] <- the factors of every layer, from the staging buffer
                 offsets = [(t.data_ptr() - lo) // esize for t in ts]
                 step = offsets[1] - offsets[0] if L > 1 else 0
                 if step >= 0 and all(o == offsets[0] + k * step for k, o in enumerate(offsets)):
-                    return staging.as_strided((L, *shape), (step, shape[1], 1), offsets[0])   # one view
-                # layers not at one stride (a safetensors file sorts keys as text: layer 10 before 2)
-                return torch.stack([staging.as_strided(shape, (shape[1], 1), o) for o in offsets])
-            self.a[proj][l0:l0 + L, slot, s, :r].copy_(stacked(a_list, (r, n_in)))               # [L, r, in]
-            self.b[proj][l0:l0 + L, slot, off:off + n_out, :r].copy_(stacked(b_list, (n_out, r)))  # [L, out, r]
+                    dst.copy_(staging.as_strided((L, *shape), (step, shape[1], 1), offsets[0]))   # one view
+                    return
+                # layers not at one stride (a safetensors file sorts keys as text: layer 10 before 2), but in
+                # the file's order they are: one view in that order, scattered to the layers by one index_copy_
+                # (a stack of L views cost ~0.2 ms of host time per module and factor: 3 ms of an 8B load)
+                order = sorted(range(L), key=offsets.__getitem__)
+                step = offsets[order[1]] - offsets[order[0]]
+                if step > 0 and all(offsets[k] == offsets[order[0]] + j * step for j, k in enumerate(order)):
+                    src = staging.as_strided((L, *shape), (step, shape[1], 1), offsets[order[0]])  # file order
+                    dst.index_copy_(0, self._layer_index(order), src)
+                    return
+                dst.copy_(torch.stack([staging.as_strided(shape, (shape[1], 1), o) for o in offsets]))
+            place(self.a[proj][l0:l0 + L, slot, s, :r], a_list, (r, n_in))               # [L, r, in]
+            place(self.b[proj][l0:l0 + L, slot, off:off + n_out, :r], b_list, (n_out, r))  # [L, out, r]
         return True
+
+    def _layer_index(self, order: list[int]) -> torch.Tensor:
+        """[L] int64 on the device: order as an index (kept: every adapter file of this model has the same)."""
+        key = tuple(order)
+        found = self._layer_indices.get(key)
+        if found is None:
+            found = self._layer_indices[key] = torch.tensor(order, dtype=torch.int64).to(self.device)
+        return found
 
     def wait_for_copies(self) -> None:
         """Make the compute stream wait for slot loads issued so far (no host sync)."""

@@ -66,7 +66,7 @@ class CudaGraphRunner:
             from .mixed_graphs import lora_seg_buckets
 
             # never under tensor parallelism: a capture on first use would run collectives the other ranks don't
-            self.seg_buckets = lora_seg_buckets() and getattr(model, "tp", None) is None
+            self.seg_buckets = lora_seg_buckets("decode") and getattr(model, "tp", None) is None
             self.seg_graphs: dict[tuple[int, int], tuple] = {}   # (bucket, segments) -> (graph, out, ctx)
             self._seg_pool = None
 

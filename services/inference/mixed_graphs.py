@@ -82,8 +82,10 @@ def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int,
 SEG_BUCKETS = (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
-def lora_seg_buckets() -> bool:
-    return os.environ.get("LORASERVE_LORA_SEG_BUCKETS", "0").lower() not in ("0", "false", "off", "no", "")
+def lora_seg_buckets(family: str = "mixed") -> bool:
+    """LORASERVE_LORA_SEG_BUCKETS: 1 / all (mixed-step and decode graphs), mixed, decode, or 0 (off)."""
+    v = os.environ.get("LORASERVE_LORA_SEG_BUCKETS", "0").strip().lower()
+    return v in ("1", "all", "true", "on", "yes") or v == family
 
 
 def seg_bucket(num_adapters: int, bp: int) -> int:
@@ -292,6 +294,10 @@ class MixedGraphRunner:
                     t0 = time.perf_counter()
                     try:
                         self._capture(bp, t, splits, lora, segments=key[3] if len(key) > 3 else None)
+                        if len(key) > 3 and (bp, t, splits) not in graphs and seen < self.capture_after:
+                            # and the shape's general graph (bound Bp - 1): it covers this shape's steps with more
+                            # adapters without a capture stall (zipf load after a warm-up over a few adapters)
+                            self._capture(bp, t, splits, lora)
                     finally:
                         self.capture_s[lora] += time.perf_counter() - t0
                 except Exception:  # noqa: BLE001 - eager mixed steps still work

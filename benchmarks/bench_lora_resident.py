@@ -166,6 +166,8 @@ def main() -> int:
     ap.add_argument("--loop-variant", default="default",
                     help="the closed loops with adapters under this variant (lora_step_replay.VARIANTS); 'best': the "
                          "fastest replayed one of --replay-variants (bar 'empty')")
+    ap.add_argument("--also-variants", help="after the main loops: the same loops (with / without adapters, --repeats "
+                                           "each) under each of these variants, e.g. the old defaults")
     ap.add_argument("--json")
     args = ap.parse_args()
     tiny = args.tiny
@@ -324,6 +326,29 @@ def main() -> int:
         run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 5_001), conc, "rewarm")
     lora_graphs(eng, True)
     out["closed_loop"] = runs
+    if args.also_variants:   # the same loops under other variants (e.g. the defaults before), one engine
+        from benchmarks.lora_step_replay import apply_variant
+
+        out["also_variants"] = {}
+        for v in args.also_variants.split(","):
+            ctx = apply_variant(eng, v)
+            t = time.perf_counter()
+            run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 6_000), conc, "warm-" + v)
+            vr = {"lora": [], "base": []}
+            for k in range(max(1, args.repeats)):
+                for tag, a in (("lora", ids), ("base", [None] * n_req)):
+                    vr[tag].append(run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 6_100 + 2 * k
+                                                                      + (tag == "base")), conc, v)["tok_s"])
+            ratio = statistics.median(vr["lora"]) / statistics.median(vr["base"])
+            out["also_variants"][v] = dict(ratio=ratio, **vr)
+            print(f"  variant {v}: LoRA {statistics.median(vr['lora']):.0f} vs base {statistics.median(vr['base']):.0f} "
+                  f"tok/s -> resident32_vs_base {ratio:.3f}  (loops {', '.join(f'{x:.0f}' for x in vr['lora'])} / "
+                  f"{', '.join(f'{x:.0f}' for x in vr['base'])}; {time.perf_counter() - t:.1f} s)", flush=True)
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            if eng.runner.mixed_graphs is not None:   # the next loops recapture under their own switches
+                eng.runner.mixed_graphs.lora_graphs.clear()
+        save()
     if args.profile_loop:
         for k, (tag, a) in enumerate((("lora_graphs", ids[:conc]), ("base", [None] * conc))):
             out[f"loop_profile_{tag}"] = profile_loop(eng, make_requests(conc, vocab, in_len, out_len, a, 3_000 + k),

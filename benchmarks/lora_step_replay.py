@@ -62,6 +62,7 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "sk4": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(4)},
     "sk2": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(2)},
     "ovl": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "shrink"},   # LORASERVE_LORA_OVERLAP_LARGE=shrink
+    "ovlfull": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "full"},   # shrink + expand into a delta beside
     "sstream": {("loraserve.kernels.lora_shrink", "shrink_config"): _sstream},
     "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)

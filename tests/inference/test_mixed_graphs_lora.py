@@ -228,3 +228,32 @@ def test_eager_step_grid_is_bounded_by_its_adapters(tiny_llama, two_adapters):
             unbounded.apply(0, proj, x, y2)
             torch.testing.assert_close(y1, y2)
             assert y1[:200].abs().sum() > 0 and not y1[201:291].any()
+
+
+def test_decode_seg_bucket_choice(monkeypatch):
+    """CPU: which LoRA graph a decode step of bucket 64 replays with LORASERVE_LORA_SEG_BUCKETS on: a (64, 32)
+    graph for 32 distinct adapters (captured once, then reused), the bucket's own for 64 (no tighter bucket) or
+    an uncounted step; a failed capture turns the buckets off and falls back to the bucket's graph."""
+    from loraserve.inference.cuda_graphs import CudaGraphRunner
+
+    lm = type("LM", (), {"num_slots": 8000})()
+    r = CudaGraphRunner(None, torch.device("cpu"), 64, 4, 0, 16, lora_manager=lm)
+    r.graphs = {(64, True): ("bucket", None, None)}
+    r.seg_buckets = True
+    captured = []
+
+    def fake_capture(bs, seg):
+        captured.append((bs, seg))
+        r.seg_graphs[(bs, seg)] = entry = ("seg", bs, seg)
+        return entry
+
+    monkeypatch.setattr(r, "_capture_seg", fake_capture)
+    assert r._lora_graph(64, 32) == (("seg", 64, 32), 32)
+    assert r._lora_graph(64, 30) == (("seg", 64, 32), 32) and captured == [(64, 32)]
+    assert r._lora_graph(64, 64)[1] is None and r._lora_graph(64, None)[1] is None
+
+    def failing(bs, seg):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(r, "_capture_seg", failing)
+    assert r._lora_graph(64, 5) == (("bucket", None, None), None) and not r.seg_buckets

@@ -266,6 +266,7 @@ def vary_context(spec: str):
     "gc=off" (no collections inside), "gc=freeze" (gc.freeze() first: what exists now is never scanned),
     "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections),
     "diskcopy=0" (blob_source.DISK_COPY_AFTER_PARSE off: the disk copy written while the bytes arrive),
+    "foldland=0" (staged.FOLD_ON_LANDING off: the scale folds on the parser's thread),
     "dirty_mb=6000" (that much written to a file in the temp dir first and left to the kernel's writeback during
     the block, as a freshly written 16 GB checkpoint leaves it; the file is removed after)."""
     import gc
@@ -278,7 +279,11 @@ def vary_context(spec: str):
     from loraserve.inference import blob_source
 
     prev_threads, prev_streams = torch.get_num_threads(), blob_fetch.BLOB_STREAMS
-    prev_copy = blob_source.DISK_COPY_AFTER_PARSE
+    from loraserve.adapters import staged as staged_mod
+
+    prev_copy, prev_fold = blob_source.DISK_COPY_AFTER_PARSE, staged_mod.FOLD_ON_LANDING
+    if "foldland" in opts:
+        staged_mod.FOLD_ON_LANDING = opts["foldland"] != "0"
     if "diskcopy" in opts:
         blob_source.DISK_COPY_AFTER_PARSE = opts["diskcopy"] != "0"
     if "omp" in opts:
@@ -307,7 +312,7 @@ def vary_context(spec: str):
             os.unlink(dirty)
         torch.set_num_threads(prev_threads)
         blob_fetch.BLOB_STREAMS = prev_streams
-        blob_source.DISK_COPY_AFTER_PARSE = prev_copy
+        blob_source.DISK_COPY_AFTER_PARSE, staged_mod.FOLD_ON_LANDING = prev_copy, prev_fold
         sys.setswitchinterval(prev_switch)
         if was_enabled:
             gc.enable()

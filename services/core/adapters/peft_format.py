@@ -22,6 +22,7 @@ import regex
 import torch
 
 from .adapter import LoraAdapter, build_adapter, check_lora_scale, fold_scale, fold_scales_in_place, lora_scale
+from . import staged as staged_mod
 from .archives import STAGED_IN_PROGRESS
 from .bundle import Bundle
 from .errors import AdapterFormatError, shorten
@@ -157,7 +158,11 @@ def parse_peft(bundle: Bundle, digest: str) -> LoraAdapter:
     if magnitudes:
         raise AdapterFormatError(f"{weights_name}: DoRA lora_magnitude_vector for {shorten(next(iter(magnitudes)))} "
                                  f"has no lora_A/lora_B beside it")
-    fold_scales_in_place(folds, ready=None if staged is None else staged.wait_tensor)
+    if staged is not None and staged_mod.FOLD_ON_LANDING:
+        staged.fold_on_landing(folds)  # (on the download's threads as the bytes land; the rest here)
+        staged.wait_folds()
+    else:
+        fold_scales_in_place(folds, ready=None if staged is None else staged.wait_tensor)
     if staged is not None and dora:
         staged.wait_all()  # DoRA's magnitudes are checked (read) next
     return build_adapter("hf", pairs, alpha=settings.alpha, use_rslora=settings.use_rslora,

@@ -67,6 +67,8 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)
     "empty": {},    # no adapter row in the step (below)
+    # the defaults before this session's resident changes (kernels/PERF_NOTES.md, resident, third pass)
+    "old": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 8, ("loraserve.inference.lora.batch", "OVERLAP_LARGE"): ""},
     "seg32": {},    # the grid's segment bound at 32 distinct adapters (the step's), not Bp - 1 = 71 (below)
 }
 
@@ -74,8 +76,8 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
 class patched:
     """Apply a variant's attribute switches (all "+"-joined parts), undone on exit."""
 
-    def __init__(self, variant: str, mixed):
-        self.parts, self.mixed = variant.split("+"), mixed
+    def __init__(self, variant: str, mixed, decode=None):
+        self.parts, self.mixed, self.decode = variant.split("+"), mixed, decode
         for p in self.parts:
             if p not in VARIANTS and not (p.startswith("seg") and p[3:].isdigit()):
                 raise ValueError(f"unknown variant {p!r}; known: {sorted(VARIANTS)}")
@@ -94,6 +96,12 @@ class patched:
             if p.startswith("seg"):   # the LoRA grid bounded by the step's distinct adapters, not Bp - 1
                 self.undo.append((self.mixed, "segment_cap", self.mixed.segment_cap))
                 self.mixed.segment_cap = int(p[3:])
+        if "old" in self.parts:   # no segment buckets in either graph family
+            self.undo.append((self.mixed, "seg_buckets", self.mixed.seg_buckets))
+            self.mixed.seg_buckets = False
+            if self.decode is not None and self.decode.lora_builder is not None:
+                self.undo.append((self.decode, "seg_buckets", self.decode.seg_buckets))
+                self.decode.seg_buckets = False
         if "bm32" in self.parts:
             self.undo.append((self.mixed.lora_builder, "block_m", self.mixed.lora_builder.block_m))
             self.mixed.lora_builder.block_m = 32
@@ -232,7 +240,7 @@ def apply_variant(engine, variant: str):
     mixed = engine.runner.mixed_graphs
     if variant == "default" or mixed is None:
         return None
-    ctx = patched(variant, mixed)
+    ctx = patched(variant, mixed, engine.runner.graph_runner)
     ctx.__enter__()
     if any(p.startswith("seg") for p in variant.split("+")):   # in a loop: the keyed buckets (production path)
         ctx.undo.append((mixed, "seg_buckets", mixed.seg_buckets))

@@ -385,13 +385,15 @@ def pdl_supported(device: torch.device) -> bool:
 
 def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, out: Tensor | None = None,
              config: GemvConfig | None = None, weight_only: bool = False, silu: bool = False,
-             x_q: tuple[Tensor, Tensor] | None = None) -> Tensor:
+             x_q: tuple[Tensor, Tensor] | None = None, defer_sum: bool = False) -> Tensor:
     """[M, K] x [N, K] e4m3 (per-channel fp32 scales) -> [M, N] in x's dtype. One launch (+1 with split-K, +1
     for dot8's per-token quantization of x), no host sync. config: a GemvConfig (the sweep and tests force
     one), None: gemv_config's (weight_only: never the W8A8 dot8). silu: w_q is a fused gate_up [2I, K] and the
     result is SiLU-and-mul of its halves, [M, I] (kernels/fp8_gemv_silu.py; the config must pass silu_config_ok).
     x_q: (codes [M, K] e4m3, scale [M, 1] fp32) = per_token_quant_fp8(x), made by x's producer
-    (kernels/fp8_norm_quant.py): the per-token W8A8 kinds (dot8, tw) use it instead of quantizing x again."""
+    (kernels/fp8_norm_quant.py): the per-token W8A8 kinds (dot8, tw) use it instead of quantizing x again.
+    defer_sum: a CUDA-core kind with split-K returns its fp32 partials [SPLIT, M, N] unsummed and unscaled (the
+    consumer sums them: kernels/fp8_norm_quant.py splitk_add_rms_norm); any other config returns y as usual."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use fp8_gemv's reference, gemv_ref")
     if silu:
@@ -477,6 +479,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     else:
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=kind == "dot16", FP8X=False,
                                      FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
+    if split > 1 and defer_sum and kind.startswith("gemv") and not silu:
+        return ws
     if split > 1 and silu:
         splitk_sum_silu(ws, w_scale, out, pdl)
     elif split > 1 and not fixup:

@@ -88,6 +88,54 @@ if HAS_TRITON:
                    MIN_SCALE_C, BLOCK)
 
 
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["M", "SPLITS"])
+    def _splitk_add_rms_norm_kernel(ws_ptr, s_ptr, res_ptr, w_ptr, out_ptr, M, H, SPLITS, eps, stride_r, stride_o,
+                                    BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+        # x = (sum over the splits of ws[split, row, :], in split order) * s, rounded to the dtype: what
+        # fp8_gemv's _splitk_sum_kernel stores; then kernels/rmsnorm.py's residual add + RMSNorm on it
+        if USE_PDL:   # the partials come from the GEMV before us
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in range(SPLITS):
+            acc += tl.load(ws_ptr + (split * M + row) * H + offs, mask=ok, other=0.0)
+        r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0)
+        dtype = r.dtype
+        x = (acc * tl.load(s_ptr + offs, mask=ok, other=0.0)).to(dtype)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(res_ptr + row * stride_r + offs, x, mask=ok)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+        normed = (xf * inv).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (w * normed).to(dtype), mask=ok)
+
+
+def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: Tensor, eps: float
+                        ) -> tuple[Tensor, Tensor]:
+    """The split-K sum of a GEMV (ws [SPLIT, T, H] fp32 partials, w_scale [H] fp32: fp8_gemv(..., defer_sum=True)),
+    then fused_add_rms_norm with it: residual [T, H] += sum (in place), out = RMSNorm(residual) * weight. One launch
+    where there were two; the values are the unfused pair's bit for bit. Returns (out, residual)."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    splits, T, H = ws.shape
+    assert ws.dtype == torch.float32 and ws.is_contiguous() and w_scale.shape == (H,)
+    assert residual.shape == (T, H) and residual.stride(-1) == 1 and weight.shape == (H,)
+    out = torch.empty_like(residual)
+    if T == 0:
+        return out, residual
+    block = triton.next_power_of_2(H)
+    _splitk_add_rms_norm_kernel[(T,)](ws, w_scale, residual, weight, out, T, H, splits, eps, residual.stride(0),
+                                      out.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 512)),
+                                      **pdl_kwargs(ws.device))
+    return out, residual
+
+
 def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
                    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """(out [T, H], residual (updated in place, as fused_add_rms_norm) or None, x_q [T, H] e4m3, scale [T, 1] fp32).

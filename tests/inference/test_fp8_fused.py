@@ -86,3 +86,33 @@ def test_fused_paths_equal_the_unfused_gpu(m, monkeypatch) -> None:
     ref = F.linear(F.silu(gu[:, :14336]) * gu[:, 14336:], mlp.down_proj.dequantized_weight(torch.bfloat16))
     rel = float((fused.float() - ref.float()).norm() / ref.float().norm())
     assert rel < (0.06 if m > 32 else 0.01), rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 2, 64])   # 2: the table's dot16 (tensor cores, no deferring); 64: W8A8
+def test_down_sum_deferred_to_the_next_norm_gpu(m, monkeypatch) -> None:
+    """Two FP8 layers' MLP -> next input norm at 8B widths: at one token layer 0's down partials go unsummed into
+    layer 1's norm (one launch fewer); its normed output and residual equal the unfused path's bit for bit."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    layers = torch.nn.ModuleList([_fp8_layer(4096, 14336, "cuda"), _fp8_layer(4096, 14336, "cuda")])
+    fp8_fused.convert_fused(layers)
+    assert layers[0].mlp.__dict__.get("_defer_ok") and not layers[1].mlp.__dict__.get("_defer_ok")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    h = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+
+    def run():
+        y = layers[0].mlp(h.clone())
+        deferred = y.dim() == 3
+        out, res = layers[1].input_layernorm(y, residual.clone())
+        return out, res, deferred
+
+    out, res, deferred = run()
+    assert deferred == (m == 1)   # the CUDA-core GEMV (split 2) at one token only, on the 8B table
+    monkeypatch.setenv("LORASERVE_FP8_DEFER_DOWN_SUM", "0")
+    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU", "0")
+    monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
+    out2, res2, deferred2 = run()
+    assert not deferred2 and torch.equal(res, res2) and torch.equal(out, out2)

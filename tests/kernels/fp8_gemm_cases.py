@@ -172,3 +172,23 @@ def check_gemv_silu(dtype: str, m: int, n: int, k: int, device: str = "cpu", con
     assert bool((err <= 4 * tol["rtol"] * scale + tol["atol"]).all()), f"max err {float(err.max())} ({config})"
     unfused = silu_and_mul(fp8_gemv(x, w_q, w_scale, config=config))
     assert torch.equal(y, unfused), f"fused != unfused at {int((y != unfused).sum())} of {y.numel()} ({config})"
+
+
+def check_gemv_defer_sum(dtype: str, m: int, n: int, k: int, config, device: str = "cpu") -> None:
+    """fp8_gemv(defer_sum=True): a split-K CUDA-core config returns its fp32 partials [SPLIT, m, n], whose in-order
+    sum times w_scale rounds to fp8_gemv's own output bit for bit; without split-K, the output itself."""
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    dt, g = DTYPES[dtype], _gen(m * 1000 + n + k + 13)
+    w_q, w_scale = make_weight(n, k, n + 7 * k, device)
+    x = torch.randn(m, k, generator=g).to(device, dt)
+    y = fp8_gemv(x, w_q, w_scale, config=config)
+    ws = fp8_gemv(x, w_q, w_scale, config=config, defer_sum=True)
+    if config[4] == 1:
+        assert torch.equal(ws, y)
+        return
+    assert ws.dim() == 3 and ws.shape[0] >= 2 and ws.shape[1:] == (m, n) and ws.dtype == torch.float32
+    acc = ws[0].clone()
+    for split in range(1, ws.shape[0]):
+        acc += ws[split]
+    assert torch.equal((acc * w_scale).to(dt), y)

@@ -56,3 +56,23 @@ def check_silu_mul_quant(dtype: str, t: int, i: int, device: str = "cpu") -> Non
     ref = silu_and_mul_ref(gate_up.float()).to(dt)   # HF's math in fp32, one rounding (the kernel rounds silu too)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2 if dt != torch.float32 else 1e-5, atol=2e-2)
     _codes_match(q, s, out, device)
+
+
+def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: str = "cpu") -> None:
+    """The deferred split-K sum + residual add + RMSNorm == _splitk_sum's rounding then fused_add_rms_norm_ref."""
+    from loraserve.kernels.fp8_norm_quant import splitk_add_rms_norm
+    from loraserve.kernels.rmsnorm import fused_add_rms_norm_ref
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(splits * 1000 + t * 10 + h)
+    ws = (torch.randn(splits, t, h, generator=g) * 30).to(device)
+    s = (torch.rand(h, generator=g) * 0.01).to(device)
+    w = (torch.rand(h, generator=g) + 0.5).to(device, dt)
+    r = torch.randn(t, h, generator=g).to(device, dt)
+    r_ref = r.clone()
+    out, r_out = splitk_add_rms_norm(ws, s, r, w, 1e-5)
+    y = ws[0].clone()
+    for k in range(1, splits):   # the split order of the kernels' sums
+        y += ws[k]
+    ref, r_ref = fused_add_rms_norm_ref((y * s).to(dt), r_ref, w, 1e-5)
+    assert r_out is r and torch.equal(r, r_ref), f"residual max diff {float((r.float() - r_ref.float()).abs().max())}"
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)

@@ -66,6 +66,13 @@ def test_gemv_silu_interp(interp, dtype, m, n, k, config) -> None:
     _run(interp, cases.check_gemv_silu, dtype, m, n, k, "cpu", config)
 
 
+@pytest.mark.parametrize("config", [("gemv2", 1, 4, 32, 2, 4, 1, True), ("gemv", 1, 4, 64, 3, 4, 1),
+                                    ("gemv2", 1, 4, 32, 1, 4, 1)])
+def test_gemv_defer_sum_interp(interp, config) -> None:
+    """fp8_gemv(defer_sum=True): the unsummed partials (models/fp8_fused.py sums them in the next layer's norm)."""
+    _run(interp, cases.check_gemv_defer_sum, "float16", 1, 40, 256, config)
+
+
 @pytest.mark.parametrize("m,n,k,config", [
     (17, 37, 272, ("dot", 16, 16, 32, 3, 4, 2)),      # two row tiles x 3 N tiles, 3 splits (the last one short)
     (5, 40, 256, ("dot16", 16, 16, 32, 4, 4, 2)),     # fp16 operands, 4 even splits

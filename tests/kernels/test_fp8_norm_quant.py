@@ -32,6 +32,12 @@ def test_silu_mul_quant_interp(interp, dtype, t, i) -> None:
     interp.submit(cases.check_silu_mul_quant, dtype, t, i).result(timeout=300)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("splits,t,h", [(2, 1, 96), (3, 2, 100)])
+def test_splitk_add_rms_norm_interp(interp, dtype, splits, t, h) -> None:
+    interp.submit(cases.check_splitk_add_rms_norm, dtype, splits, t, h).result(timeout=300)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t", [1, 48, 64, 300])
@@ -39,3 +45,4 @@ def test_norm_quant_gpu(t) -> None:
     cases.check_rms_norm_quant("bfloat16", t, 4096, True, "cuda")
     cases.check_rms_norm_quant("bfloat16", t, 4096, False, "cuda")
     cases.check_silu_mul_quant("bfloat16", t, 14336, "cuda")
+    cases.check_splitk_add_rms_norm("bfloat16", 2, t, 4096, "cuda")

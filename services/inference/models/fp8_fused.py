@@ -39,6 +39,15 @@ def prequant_on() -> bool:
     return os.environ.get("LORASERVE_FP8_PREQUANT", "1").strip() != "0"
 
 
+def defer_down_sum_on() -> bool:
+    """LORASERVE_FP8_DEFER_DOWN_SUM=0: the down GEMV's split-K sum in a launch of its own, not in the next norm."""
+    return os.environ.get("LORASERVE_FP8_DEFER_DOWN_SUM", "1").strip() != "0"
+
+
+# the attribute on a down GEMV's unsummed partials ws [SPLIT, M, N] (Fp8MLP._down): its w_scale [N]
+PARTIALS_ATTR = "_fp8_splitk_partials_scale"
+
+
 def quantizes_per_token(x: torch.Tensor, proj) -> bool:
     """Whether fp8_linear(x) on `proj` quantizes x per token at run time (what per_token_quant_fp8 computes): the
     per-token W8A8 GEMV kinds (dot8 / tw) or _scaled_mm with the Triton quantization launch."""
@@ -70,6 +79,21 @@ class Fp8RMSNorm(RMSNorm):
     """RMSNorm that also quantizes its output per token for the FP8 projection after it (`_fp8_consumer`)."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        scale = getattr(x, PARTIALS_ATTR, None)
+        if scale is not None:   # x: the previous layer's down partials [SPLIT, M, N] (Fp8MLP._down): sum them here
+            from loraserve.kernels.fp8_norm_quant import splitk_add_rms_norm
+
+            try:
+                out, residual = splitk_add_rms_norm(x, scale, residual, self.weight, self.eps)
+            except Exception as err:   # a compile error: this step's sum in torch, no deferring from now on
+                _fused_failed("defer", err)
+                return super().forward((x.sum(0) * scale).to(residual.dtype), residual)
+            proj = self.__dict__.get("_fp8_consumer")
+            if proj is not None and _prequant_ok(out, proj, self.tp):   # not at the sizes that defer: kept correct
+                from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+
+                setattr(out, PREQUANT_ATTR, per_token_quant_fp8(out))
+            return out, residual
         proj = self.__dict__.get("_fp8_consumer")
         if proj is None or not _prequant_ok(x, proj, self.tp) or x.stride(-1) != 1:
             return super().forward(x, residual)
@@ -88,7 +112,7 @@ class Fp8MLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self._gate_up_silu(x)   # [N, I] or None (not this step)
         if act is not None:
-            return self.down_proj(act)
+            return self._down(act)
         if self.tp is not None or get_context().lora is not None or not _triton_cuda(x):
             return super().forward(x)
         gate_up = self.gate_up_proj(x)   # (N, 2I)
@@ -103,7 +127,28 @@ class Fp8MLP(MLP):
                 _fused_failed("prequant", err)
         from loraserve.kernels.activation import silu_and_mul
 
-        return self.down_proj(silu_and_mul(gate_up))
+        return self._down(silu_and_mul(gate_up))
+
+    def _down(self, act: torch.Tensor) -> torch.Tensor:
+        """down_proj(act); where this layer's output goes straight into the next layer's Fp8RMSNorm (`_defer_ok`, set
+        by convert_fused) and the down GEMV has split-K on a CUDA-core kind, its fp32 partials [SPLIT, M, N] instead,
+        tagged with PARTIALS_ATTR: the next norm sums them in its own launch (one launch fewer per layer)."""
+        proj = self.down_proj
+        if not (self.__dict__.get("_defer_ok") and defer_down_sum_on() and "defer" not in _BROKEN
+                and isinstance(proj, Fp8Proj) and proj.bias is None and act.stride(-1) == 1 and act.shape[0] <= 4
+                and gemm_path(act, proj.weight) == "gemv"):   # (the CUDA-core GEMV kinds serve 1-4 tokens)
+            return proj(act)
+        from loraserve.kernels.fp8_gemv import fp8_gemv
+
+        try:
+            y = fp8_gemv(act, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
+                         defer_sum=True)
+        except Exception as err:
+            _fused_failed("defer", err)
+            return proj(act)
+        if y.dim() == 3:
+            setattr(y, PARTIALS_ATTR, proj.weight_scale)
+        return y
 
     def _gate_up_silu(self, x: torch.Tensor) -> torch.Tensor | None:
         proj = self.gate_up_proj
@@ -129,9 +174,8 @@ def convert_fused(model: torch.nn.Module) -> int:
     """Swap in Fp8MLP for every llama.MLP with an FP8 gate_up, and Fp8RMSNorm for the norms before an FP8 qkv /
     gate_up (their consumer kept outside the module tree: no new parameters or submodules). Returns the count."""
     n = 0
-    for module in model.modules():
-        if not isinstance(module, DecoderLayer):
-            continue
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]   # in model order (one ModuleList)
+    for module in layers:
         mlp, attn = module.mlp, module.self_attn
         if type(mlp) is MLP and isinstance(mlp.gate_up_proj, Fp8Proj):
             mlp.__class__ = Fp8MLP
@@ -142,4 +186,9 @@ def convert_fused(model: torch.nn.Module) -> int:
                 norm.__class__ = Fp8RMSNorm
                 norm.__dict__["_fp8_consumer"] = proj
                 n += 1
+    # a layer's MLP output goes only into the next layer's input norm (the model's loop): there the down GEMV's
+    # split-K sum may be left to that norm (Fp8MLP._down); never in the last layer (the final norm is llama's)
+    for layer, after in zip(layers, layers[1:]):
+        if type(layer.mlp) is Fp8MLP and type(after.input_layernorm) is Fp8RMSNorm:
+            layer.mlp.__dict__["_defer_ok"] = True
     return n

@@ -240,7 +240,9 @@ def cold_stages(workdir: str, n: int, device: str, dtype: torch.dtype, num_layer
                 rows[-1]["variant"] = variant
                 if w is not None:
                     rows[-1]["watch"] = w.result()
-                    print(f"  adapter {i}{' (' + variant + ')' if variant else ''} ({rows[-1].get('download_s', 0) * 1e3:.1f} ms download): " + w.summary())
+                    print(f"  adapter {i}{' (' + variant + ')' if variant else ''}, ms: " + ", ".join(
+                        f"{k.removesuffix('_s')} {rows[-1][k] * 1e3:.1f}" for k in STAGES if rows[-1].get(k, 0) > 5e-5)
+                        + "\n" + w.summary(), flush=True)
                 loop.run(fetcher.flush())  # its disk copy written before the next (no load)
             loop.run(fetcher.close())
             kind += "; " + blob_use(fetcher, n)
@@ -266,7 +268,8 @@ def vary_context(spec: str):
     "gc=off" (no collections inside), "gc=freeze" (gc.freeze() first: what exists now is never scanned),
     "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections),
     "diskcopy=0" (blob_source.DISK_COPY_AFTER_PARSE off: the disk copy written while the bytes arrive),
-    "foldland=0" (staged.FOLD_ON_LANDING off: the scale folds on the parser's thread),
+    "foldland=0" (staged.FOLD_ON_LANDING off: the scale folds on the parser's thread), "hashstep_kb=4096" (bytes
+    per recv_into + sha256 step of a blob download: fewer GIL round trips),
     "dirty_mb=6000" (that much written to a file in the temp dir first and left to the kernel's writeback during
     the block, as a freshly written 16 GB checkpoint leaves it; the file is removed after)."""
     import gc
@@ -282,6 +285,9 @@ def vary_context(spec: str):
     from loraserve.adapters import staged as staged_mod
 
     prev_copy, prev_fold = blob_source.DISK_COPY_AFTER_PARSE, staged_mod.FOLD_ON_LANDING
+    prev_step = blob_fetch._HASH_STEP
+    if "hashstep_kb" in opts:
+        blob_fetch._HASH_STEP = int(opts["hashstep_kb"]) << 10
     if "foldland" in opts:
         staged_mod.FOLD_ON_LANDING = opts["foldland"] != "0"
     if "diskcopy" in opts:
@@ -313,6 +319,7 @@ def vary_context(spec: str):
         torch.set_num_threads(prev_threads)
         blob_fetch.BLOB_STREAMS = prev_streams
         blob_source.DISK_COPY_AFTER_PARSE, staged_mod.FOLD_ON_LANDING = prev_copy, prev_fold
+        blob_fetch._HASH_STEP = prev_step
         sys.setswitchinterval(prev_switch)
         if was_enabled:
             gc.enable()

@@ -37,7 +37,9 @@ BLOB_HTTP = os.environ.get("LORASERVE_BLOB_HTTP", "1") != "0"
 # connections per artifact: each receives and hashes its ranges on its own thread (one sha256
 # thread ran ~1 GB/s on the H200 host, so 84 MB needs several); LORASERVE_BLOB_STREAMS: override
 BLOB_STREAMS = max(1, int(os.environ.get("LORASERVE_BLOB_STREAMS", 8)))
-_HASH_STEP = 1 << 20        # hash what arrived once this much is waiting (the kernel keeps receiving meanwhile)
+# hash what arrived once this much is waiting (the kernel keeps receiving meanwhile); with BLOB_WAITALL also the
+# bytes per recv_into: each step costs a thread two GIL round trips (recv, sha256). LORASERVE_BLOB_HASH_STEP: override
+_HASH_STEP = max(64 << 10, int(os.environ.get("LORASERVE_BLOB_HASH_STEP", 1 << 20)))
 # plain-HTTP connections read a MiB per call (MSG_WAITALL on a blocking socket); LORASERVE_BLOB_WAITALL=0: what
 # each call finds (Python's timeout socket), as measured on the H200 before (probes of 2026-11-30 20:00, 20:30)
 BLOB_WAITALL = os.environ.get("LORASERVE_BLOB_WAITALL", "1") != "0"

@@ -76,3 +76,39 @@ def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: s
     ref, r_ref = fused_add_rms_norm_ref((y * s).to(dt), r_ref, w, 1e-5)
     assert r_out is r and torch.equal(r, r_ref), f"residual max diff {float((r.float() - r_ref.float()).abs().max())}"
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
+
+
+def check_qkv_rope(dtype: str, m: int, heads: int, kv_heads: int, d: int, k: int, config, bias: bool,
+                   device: str = "cpu") -> None:
+    """kernels/fp8_qkv_rope.py (qkv GEMV + RoPE + e4m3 K/V write, one launch) == fp8_gemv then rope_store_kv_fp8, bit
+    for bit (q_out and both caches, untouched slots included), and q close to the torch reference."""
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+    from loraserve.kernels.fp8_qkv_rope import fp8_qkv_rope_kv
+    from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8, rope_store_kv_fp8_ref
+    from loraserve.kernels.rope import rope_cos_sin_cache
+
+    from .fp8_gemm_cases import make_weight
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(m * 100 + heads + d)
+    q_size, kv_size = heads * d, kv_heads * d
+    n = q_size + 2 * kv_size
+    w_q, w_scale = make_weight(n, k, n + k, device)
+    x = torch.randn(m, k, generator=g).to(device, dt)
+    b = torch.randn(n, generator=g).to(device, dt) if bias else None
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    cs = rope_cos_sin_cache(inv_freq.float().to(device), 64)
+    positions = torch.tensor([5, 37, 12, 63][:m], device=device)
+    slots = torch.tensor([3, 9, 14, 0][:m], device=device)
+    scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
+    caches = [torch.zeros(4, 4, kv_heads, d, device=device).to(torch.float8_e4m3fn) for _ in range(4)]
+    q = fp8_qkv_rope_kv(x, w_q, w_scale, b, config, positions, cs, slots, caches[0], caches[1], *scales, q_size, kv_size)
+    qkv = fp8_gemv(x, w_q, w_scale, b, config=config)
+    qr, kr, vr = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q2 = rope_store_kv_fp8(positions, qr.reshape(m, heads, d), kr.reshape(m, kv_heads, d), vr.reshape(m, kv_heads, d),
+                           cs, caches[2], caches[3], slots, *scales)
+    assert torch.equal(q, q2.reshape(m, q_size)), f"q differs at {int((q != q2.reshape(m, q_size)).sum())}"
+    for a, b_ in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(a.float(), b_.float()), f"cache differs at {int((a.float() != b_.float()).sum())}"
+    q3 = rope_store_kv_fp8_ref(positions, qr.reshape(m, heads, d), kr.reshape(m, kv_heads, d),
+                               vr.reshape(m, kv_heads, d), cs, caches[2].clone(), caches[3].clone(), slots, *scales)
+    torch.testing.assert_close(q.float(), q3.reshape(m, q_size).float(), rtol=1e-2, atol=1e-2)

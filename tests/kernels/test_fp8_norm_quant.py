@@ -38,6 +38,24 @@ def test_splitk_add_rms_norm_interp(interp, dtype, splits, t, h) -> None:
     interp.submit(cases.check_splitk_add_rms_norm, dtype, splits, t, h).result(timeout=300)
 
 
+@pytest.mark.parametrize("dtype,m,heads,kv_heads,d,k,config,bias", [
+    ("float16", 2, 2, 1, 16, 128, ("gemvh4", 1, 1, 32, 1, 1, 4), False),   # pairs (d, d + 8): 2 per program
+    ("float32", 1, 4, 2, 16, 128, ("gemvh2", 1, 4, 32, 1, 4, 4), True),    # one pair of 4-row blocks; qkv bias
+    ("float16", 3, 2, 2, 32, 256, ("gemvh4", 1, 2, 32, 1, 1, 4), True),    # 3 tokens, 2 chunks of K
+])
+def test_qkv_rope_interp(interp, dtype, m, heads, kv_heads, d, k, config, bias) -> None:
+    """kernels/fp8_qkv_rope.py: the qkv GEMV with RoPE + the e4m3 K/V write == fp8_gemv then rope_store_kv_fp8."""
+    interp.submit(cases.check_qkv_rope, dtype, m, heads, kv_heads, d, k, config, bias).result(timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 3])
+def test_qkv_rope_gpu(m) -> None:
+    """At the 8B qkv shape with the table's one-token config (gemvh4 1 x 512, 1 warp, 4 K tiles per fp16 partial)."""
+    cases.check_qkv_rope("bfloat16", m, 32, 8, 128, 4096, ("gemvh4", 1, 1, 512, 1, 1, 4), False, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t", [1, 48, 64, 300])

@@ -418,13 +418,20 @@ class Fp8KVAttention(Attention):
         if calibrating or not fused_rope_kv_fp8_on() or not _triton_cuda(x) or "rope_kv" in _BROKEN:
             return super().forward(positions, x, rotary)
         from ..attention import _kernel_attention
+        from .fp8_fused import qkv_rope_kv_fused
 
+        k_scale, v_scale = self.kv_scales[0:1], self.kv_scales[1:2]
+        q = qkv_rope_kv_fused(self, x, positions, rotary, ctx)   # one token: RoPE + K/V write in the qkv GEMV
+        if q is not None:
+            o = _kernel_attention(q.view(-1, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx,
+                                  self.scale, k_scale, v_scale)
+            out = self.o_proj(o.reshape(-1, self.q_size))
+            return out if self.tp is None or self.tp.defers(out) else self.tp.all_reduce(out)
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)    # (N, H, D)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        k_scale, v_scale = self.kv_scales[0:1], self.kv_scales[1:2]
         try:
             from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8
 

@@ -48,6 +48,38 @@ def defer_down_sum_on() -> bool:
 PARTIALS_ATTR = "_fp8_splitk_partials_scale"
 
 
+def qkv_rope_on() -> bool:
+    """LORASERVE_FP8_QKV_ROPE=0: RoPE and the e4m3 K/V write in a launch after the qkv GEMV (fp8_rope_kv), not in it."""
+    return os.environ.get("LORASERVE_FP8_QKV_ROPE", "1").strip() != "0"
+
+
+def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor | None:
+    """Fp8KVAttention's qkv projection + RoPE + e4m3 K/V cache write as one launch (kernels/fp8_qkv_rope.py) where the
+    qkv GEMV runs an fp16-product grouped kind without split-K (the 8B table: one token); q_out [N, Q] or None (the
+    caller runs the GEMV, then fp8_rope_kv). Not with LoRA rows (their delta joins qkv before RoPE) or under TP."""
+    proj = attn.qkv_proj
+    if (attn.tp is not None or ctx.lora is not None or not qkv_rope_on() or "qkv_rope" in _BROKEN
+            or not isinstance(proj, Fp8Proj) or x.shape[0] > 4 or not _triton_cuda(x)
+            or gemm_path(x, proj.weight) != "gemv"):
+        return None
+    from loraserve.kernels.fp8_gemv import _num_sms, gemv_config, gemv_pdl_mode, pdl_supported
+    from loraserve.kernels.fp8_qkv_rope import fp8_qkv_rope_kv, qkv_rope_config_ok
+
+    N, K = proj.weight.shape
+    cfg = gemv_config(x.shape[0], N, K, _num_sms(x.device), not activations_quantized(proj.weight))
+    if not qkv_rope_config_ok(cfg, K, attn.head_dim):
+        return None
+    mode = gemv_pdl_mode(cfg[0])
+    try:
+        return fp8_qkv_rope_kv(x if x.stride(-1) == 1 else x.contiguous(), proj.weight, proj.weight_scale, proj.bias,
+                               cfg, positions, rotary.cos_sin_cache(), ctx.slot_mapping, attn.k_cache, attn.v_cache,
+                               attn.kv_scales[0:1], attn.kv_scales[1:2], attn.q_size, attn.kv_size,
+                               wait=mode != "0" and pdl_supported(x.device), early=mode == "early")
+    except Exception as err:   # a compile error (first call, eager warm-up): the two launches from now on
+        _fused_failed("qkv_rope", err)
+        return None
+
+
 def quantizes_per_token(x: torch.Tensor, proj) -> bool:
     """Whether fp8_linear(x) on `proj` quantizes x per token at run time (what per_token_quant_fp8 computes): the
     per-token W8A8 GEMV kinds (dot8 / tw) or _scaled_mm with the Triton quantization launch."""

@@ -269,7 +269,8 @@ def vary_context(spec: str):
     "omp=1" (torch.set_num_threads(1): no OpenMP workers anywhere), "streams=4" (blob connections),
     "diskcopy=0" (blob_source.DISK_COPY_AFTER_PARSE off: the disk copy written while the bytes arrive),
     "foldland=0" (staged.FOLD_ON_LANDING off: the scale folds on the parser's thread), "hashstep_kb=4096" (bytes
-    per recv_into + sha256 step of a blob download: fewer GIL round trips),
+    per recv_into + sha256 step of a blob download: fewer GIL round trips), "spin=1" (a Python thread busy in
+    bytecode meanwhile: what a GIL-holding neighbour, e.g. a busy event loop, costs the cold path),
     "dirty_mb=6000" (that much written to a file in the temp dir first and left to the kernel's writeback during
     the block, as a freshly written 16 GB checkpoint leaves it; the file is removed after)."""
     import gc
@@ -303,6 +304,18 @@ def vary_context(spec: str):
     if opts.get("gc") == "off":
         gc.disable()
     dirty = None
+    spin_stop = None
+    if opts.get("spin", "0") != "0":
+        import threading
+
+        spin_stop = threading.Event()
+
+        def spin() -> None:
+            x = 0
+            while not spin_stop.is_set():
+                for k in range(2000):
+                    x += k * k
+        threading.Thread(target=spin, name="spinner", daemon=True).start()
     if "dirty_mb" in opts:
         import tempfile
 
@@ -314,6 +327,8 @@ def vary_context(spec: str):
     try:
         yield
     finally:
+        if spin_stop is not None:
+            spin_stop.set()
         if dirty is not None:
             os.unlink(dirty)
         torch.set_num_threads(prev_threads)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,13 @@ SKIP_RESOLVE = os.environ.get("LORASERVE_SKIP_RESOLVE", "1") != "0"
 # from the verified bytes) instead of one in-order sha256 of the whole artifact (~85 ms for 84 MB on
 # the H200 host). LORASERVE_RANGE_CHECKS=0: the whole-artifact hash, as before
 RANGE_CHECKS = os.environ.get("LORASERVE_RANGE_CHECKS", "1") != "0"
+
+# A download's threads need the GIL for microseconds per MiB (recv, sha256, hand-on) beside the parser and the event
+# loop; at Python's default 5 ms switch interval each such wait can last 5 ms behind a thread in bytecode
+# (benchmarks/cold_path.py --vary spin=1, CPU: an 84 MB cold path x5-7 slower, x2-3 at 0.5 ms). AsyncLLM (the
+# service's engine thread) lowers it to 0.5 ms for the same reason; a fetcher in an offline LLM process does too.
+# LORASERVE_FETCH_SWITCH_INTERVAL_MS=0: the interpreter's setting is left alone
+FETCH_SWITCH_INTERVAL_S = float(os.environ.get("LORASERVE_FETCH_SWITCH_INTERVAL_MS", "0.5")) / 1e3
 
 # reconnect soon after a registry restart (gRPC's default backoff grows to 120 s)
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
@@ -106,6 +114,8 @@ class AdapterFetcher(BlobDownloads, RangedDownloads):
         lands there directly, each message at its offset (pinned on CUDA: no read copy afterwards)."""
         self.address, self.cache_dir, self.token, self.timeout_s = address, cache_dir, token, timeout_s
         self.stage_alloc = stage_alloc if FETCH_STAGED else None
+        if 0 < FETCH_SWITCH_INTERVAL_S < sys.getswitchinterval():
+            sys.setswitchinterval(FETCH_SWITCH_INTERVAL_S)  # (process-wide; see FETCH_SWITCH_INTERVAL_S)
         self.ca_file = ca_file
         self.ref_ttl_s, self.stale_timeout_s = ref_ttl_s, stale_timeout_s
         os.makedirs(cache_dir, exist_ok=True)

@@ -78,3 +78,20 @@ def test_disk_copy_of_bytes_nobody_parses_is_written_after_the_wait(stack, monke
     assert 0.15 < time.perf_counter() - t0 < 5
     assert artifact_digest(f.path) == f.digest
     f.data.release()
+
+
+def test_a_fetcher_lowers_the_switch_interval_as_the_service_does(tmp_path):
+    """Download threads beside a parser need the GIL for microseconds at a time: AdapterFetcher lowers Python's
+    switch interval to FETCH_SWITCH_INTERVAL_S (AsyncLLM's 0.5 ms), never raises it."""
+    import sys
+
+    prev = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        adapter_source.AdapterFetcher(None, str(tmp_path / "c1"))
+        assert sys.getswitchinterval() == pytest.approx(adapter_source.FETCH_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.0001)
+        adapter_source.AdapterFetcher(None, str(tmp_path / "c2"))
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(prev)

@@ -25,7 +25,8 @@ defaults set them):
   pf_a, pf_t, pf_at, pf_ab, pf_abt  the default + LORASERVE_LORA_PREFETCH=<letters> (kernels/lora_prefetch.py): a = the
              shrink puts its A in flight into L2 (dot kernel) or registers (BGMV) before its griddepcontrol.wait,
              b = the expand prefetches its whole B run before its wait, t = the expand lets the next kernel
-             launch at its start; nopf: the default with the prefetch off
+             launch at its start; nopf: the default with the prefetch off; pf_abt_b64: abt + the BGMV shrink up
+             to 64 tokens (A loaded into registers before the wait)
   dense      default + LORASERVE_LORA_DENSE=triton: the dense shrink (every token against every slot's A,
              one split-K GEMM kernel, lora_shrink_dense.py) at 32-256 tokens when the pool has <= T slots;
              dense_mm: the same shrink as one cuBLAS GEMM (torch.mm)
@@ -97,6 +98,7 @@ VARIANTS = {
     "pf_at": dict(stream=True, pdl=True, bgmv=True, prefetch="at"),
     "pf_ab": dict(stream=True, pdl=True, bgmv=True, prefetch="ab"),
     "pf_abt": dict(stream=True, pdl=True, bgmv=True, prefetch="abt"),
+    "pf_abt_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="abt"),  # + BGMV at 64 tokens
     "nopf": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # the code's defaults with the prefetch off
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM

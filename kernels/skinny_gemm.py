@@ -61,8 +61,18 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple[int, in
     return default_config(M, N, K, sms)
 
 
+def skinny_mode() -> str:
+    """LORASERVE_SKINNY_GEMM: "0" (off), "auto" (only the [N, K] shapes in CONFIGS: measured wins), "1" (every
+    shape the tiles fit, default_config for those not in CONFIGS). Read at each call: graphs keep what they captured."""
+    mode = os.environ.get("LORASERVE_SKINNY_GEMM", "0").strip().lower()
+    return "0" if mode in ("", "0", "off", "false", "no") else "auto" if mode == "auto" else "1"
+
+
 def skinny_gemm_ok(x: Tensor, w: Tensor) -> bool:
     """True when skinny_gemm takes x [M, K] @ w [N, K]^T with its configured tiles (callers fall back otherwise)."""
+    mode = skinny_mode()
+    if mode == "0" or (mode == "auto" and (w.shape[0], w.shape[1]) not in CONFIGS):
+        return False
     if not (HAS_TRITON and x.is_cuda and x.dim() == 2 and w.dim() == 2 and 1 <= x.shape[0] <= MAX_M
             and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
             and w.is_contiguous() and x.shape[1] == w.shape[1]):

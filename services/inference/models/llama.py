@@ -165,8 +165,9 @@ GEMV_PROJS = frozenset(os.environ.get("LORASERVE_GEMV_PROJS", "qkv_proj,o_proj,g
 # ... and the LM head through the GEMV too (1-4 sampled rows)
 GEMV_LM_HEAD = _env_flag("LORASERVE_GEMV_LM_HEAD", "0")
 # steps of GEMV_MAX_M+1..64 tokens (batch decode) through kernels/skinny_gemm.py instead of cuBLAS (a PDL dependent,
-# split-K summed in the kernel); opt-in until an engine run measures it (benchmarks/tp_layer_sweep.py --only skinny)
-SKINNY_GEMM = _env_flag("LORASERVE_SKINNY_GEMM", "0")
+# split-K summed in the kernel); opt-in until an engine run measures it (benchmarks/tp_layer_sweep.py --only skinny).
+# LORASERVE_SKINNY_GEMM=auto: the measured shapes only (skinny_gemm.CONFIGS); 1: every shape its tiles fit
+SKINNY_GEMM = os.environ.get("LORASERVE_SKINNY_GEMM", "0").strip().lower() not in ("", "0", "off", "false", "no")
 # steps with prompt rows whose caller reads only each sequence's last row (Context.last_rows_only: the model
 # runner's eager steps): the last layer's MLP (and the final norm) run on those rows only; its attention still
 # covers every row (it writes the K/V cache). The other rows of the output are zeros. Prefill of 8 x 1024 on the

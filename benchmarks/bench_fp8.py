@@ -35,6 +35,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.fp8_quality import agreement  # noqa: E402  (the quality runs: their own module)
+
+# --also-alt-paths's default: the FP8 decode paths of the 20:55 final (before the fused ones and the new defaults)
+PREVIOUS_DECODE_PATHS = ("LORASERVE_FP8_GEMV_HALF=0,LORASERVE_FP8_W8A8=token,LORASERVE_FP8_GATE_UP_SILU=0,"
+                         "LORASERVE_FP8_PREQUANT=0,LORASERVE_FP8_DEFER_DOWN_SUM=0,LORASERVE_FP8_QKV_ROPE=0")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -175,8 +179,10 @@ def main() -> int:
                     help="engines' max_batch_size: CUDA-graph buckets up to it (64: 9 buckets, not 13)")
     ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (no speedups: FP8 figures only)")
     ap.add_argument("--also-alt-paths", action="store_true",
-                    help="with --engines-in-children: one more FP8 child, decode only, on the opt-in decode paths "
-                         "(LORASERVE_FP8_GEMV_HALF=1 LORASERVE_FP8_W8A8=auto): keys *_alt_paths")
+                    help="with --engines-in-children: one more FP8 child, decode only, with --alt-env's switches "
+                         "(default: the decode paths before the fused ones, as a same-run A/B): keys *_alt_paths")
+    ap.add_argument("--alt-env", default=PREVIOUS_DECODE_PATHS,
+                    help="--also-alt-paths: the alt child's LORASERVE_ switches, K=V,K=V")
     ap.add_argument("--profile", nargs="?", const="all", choices=["all", "fp8"], default=None,
                     help="per-kernel device time of decode steps at batch 1 and --batch (fp8: the FP8 engine only)")
     ap.add_argument("--exclude-modules", default=None,
@@ -325,16 +331,21 @@ def main() -> int:
     if a.engines_in_children and a.phase is None:
         import subprocess
 
-        # fp8_alt: the opt-in FP8 decode paths of the 2026-11-30 night pass (fp16-product GEMVs at one token, cuBLASLt
-        # tensor-wise FP8 at 33..64 for qkv/o/down), decode only, in a child of its own: a same-run A/B of the decode
-        # figures (keys *_alt_paths), and the figures if the fp8 child fails
+        # fp8_alt: the FP8 engine with --alt-env's switches (by default the decode paths before the fused ones: fp32
+        # GEMVs at one token, dot8 at 33..64, no fusions), decode only, in a child of its own: a same-run A/B of the
+        # decode figures (keys *_alt_paths), and the figures if the fp8 child fails
         for tag in ([] if a.fp8_only else ["bf16"]) + ["fp8"] + (["fp8_alt"] if a.also_alt_paths else []):
             part_path = os.path.join(tempfile.gettempdir(), f"fp8-bench-{os.getpid()}-{tag}.json")   # not in path
             argv = [arg for arg in sys.argv[1:] if arg not in ("--engines-in-children", "--quality-parallel",
                                                                "--also-alt-paths")]
+            if "--alt-env" in argv:
+                i = argv.index("--alt-env")
+                del argv[i:i + 2]
             env = dict(os.environ)
             if tag == "fp8_alt":
-                env.update(LORASERVE_FP8_GEMV_HALF="1", LORASERVE_FP8_W8A8="auto")
+                alt = dict(kv.split("=", 1) for kv in a.alt_env.split(",") if "=" in kv)
+                env.update(alt)
+                res["alt_paths_env"] = alt
                 argv = [arg for arg in argv if arg != "--profile" and arg not in ("all", "fp8")] + ["--decode-only"]
             for opt in ("--json", "--precompile-jobs", "--profile-until-s", "--quality-wait-s"):
                 if opt in argv:

@@ -83,6 +83,8 @@ if HAS_TRITON:
                             tl.minimum(part, blk - pid_k * part), PF_THREADS)
                 tl.extra.cuda.gdc_wait()  # x (and the partials' last reader) are the kernel before us'
         else:  # classic: four dependent levels before the first x / A load
+            if PREFETCH_A:  # (the launcher pairs PREFETCH_A with EAGER_META; never skip the wait)
+                tl.extra.cuda.gdc_wait()
             slot = tl.load(tile_slots_ptr + tile)
             if slot < 0:
                 return

@@ -244,8 +244,9 @@ def main() -> int:
     layers = a.layers or (2 if a.tiny else 4 if a.shape == "70b" else 32)
     prompt_len, steps = a.prompt_len or (16 if a.tiny else 512), a.steps or (4 if a.tiny else 64)
     n_top1, n_adapters = (16, 4) if a.tiny else (256, 32)
-    if not a.tiny and not a.build_only and torch.cuda.device_count() < 2:
-        print(f"bench_tp skipped: it needs 2 GPUs, {torch.cuda.device_count()} visible (or --tiny on CPU)",
+    gpus = 1 if a.only_tp == 1 or (a.only_lora and a.lora_tp == 1) else 2   # TP=1 alone: any one GPU
+    if not a.tiny and not a.build_only and torch.cuda.device_count() < gpus:
+        print(f"bench_tp skipped: it needs {gpus} GPUs, {torch.cuda.device_count()} visible (or --tiny on CPU)",
               file=sys.stderr)
         return 0
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "layers": layers,

@@ -156,16 +156,21 @@ if HAS_TRITON:
 _UNIT_SCALES: dict[torch.device, Tensor] = {}
 
 
+def tensorwise_acc(x_q: Tensor, w_q: Tensor, acc_dtype: torch.dtype = torch.float32, fast_accum: bool = False) -> Tensor:
+    """[M, N] = x_q @ w_q^T on cuBLASLt's tensor-wise FP8 GEMM with unit scales (the scales come after it)."""
+    one = _UNIT_SCALES.get(x_q.device)
+    if one is None:   # made once per device (inside a CUDA-graph capture it would be a fill launch per call)
+        one = _UNIT_SCALES[x_q.device] = torch.ones((), device=x_q.device, dtype=torch.float32)
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=acc_dtype, use_fast_accum=fast_accum)
+
+
 def scaled_mm_tensorwise(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                          out: Tensor, acc_dtype: torch.dtype = torch.float32, fast_accum: bool = False) -> Tensor:
     """out [M, N] = (x_q @ w_q^T) * x_scale * w_scale (+ bias) through cuBLASLt's tensor-wise FP8 GEMM with unit
     scales (torch._scaled_mm; its row-wise form is a slower CUTLASS kernel at decode M), the per-token and
     per-channel scales applied by one Triton launch after it. x_q [M, K] e4m3, x_scale [M, 1] fp32, w_q [N, K]
     e4m3, w_scale [N] fp32; acc_dtype: the GEMM's output (fp32: one rounding in all; bf16: half the bytes, two)."""
-    one = _UNIT_SCALES.get(x_q.device)
-    if one is None:   # made once per device (inside a CUDA-graph capture it would be a fill launch per call)
-        one = _UNIT_SCALES[x_q.device] = torch.ones((), device=x_q.device, dtype=torch.float32)
-    acc = torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=acc_dtype, use_fast_accum=fast_accum)
+    acc = tensorwise_acc(x_q, w_q, acc_dtype, fast_accum)
     M, N = acc.shape
     block = min(1024, triton.next_power_of_2(N))
     _rescale_rows_cols_kernel[(M, triton.cdiv(N, block))](acc, x_scale, w_scale, bias if bias is not None else w_scale,

@@ -392,8 +392,9 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     result is SiLU-and-mul of its halves, [M, I] (kernels/fp8_gemv_silu.py; the config must pass silu_config_ok).
     x_q: (codes [M, K] e4m3, scale [M, 1] fp32) = per_token_quant_fp8(x), made by x's producer
     (kernels/fp8_norm_quant.py): the per-token W8A8 kinds (dot8, tw) use it instead of quantizing x again.
-    defer_sum: a CUDA-core kind with split-K returns its fp32 partials [SPLIT, M, N] unsummed and unscaled (the
-    consumer sums them: kernels/fp8_norm_quant.py splitk_add_rms_norm); any other config returns y as usual."""
+    defer_sum: returns (t, x_scale): t = the fp32 partials [SPLIT, M, N] of a split-K CUDA-core kind, unsummed and
+    unscaled (x_scale None), or [1, M, N] = the unit-scale cuBLASLt result of a tw kind (x_scale [M, 1]): the consumer
+    applies the sum and scales (kernels/fp8_norm_quant.py splitk_add_rms_norm); any other config: (y, None)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use fp8_gemv's reference, gemv_ref")
     if silu:
@@ -405,7 +406,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     else:
         M, N, K, out = check_gemm_args(x, w_q, w_scale, bias, out)
     if M == 0:
-        return out
+        return (out, None) if defer_sum else out
     cfg = config or gemv_config(M, N, K, _num_sms(x.device), weight_only)
     if silu and not silu_config_ok(cfg, N):
         raise ValueError(f"GEMV config {cfg} cannot fuse SiLU-and-mul for N = {N} (silu_config_ok)")
@@ -469,10 +470,13 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, cnt, split, **flags, F16=False, FP8X=True,
                                      FIXUP=fixup, PRECISE=kind == "dot8", num_warps=warps, num_stages=stages, **launch)
     elif kind in ("tw", "twf"):   # W8A8 per token through cuBLASLt (tensor-wise, unit scales), scales applied after
-        from .fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise
+        from .fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise, tensorwise_acc
 
         x_q, x_scale = x_q if x_q is not None else per_token_quant_fp8(x)
-        return scaled_mm_tensorwise(x_q, x_scale, w_q, w_scale, bias, out, fast_accum=kind == "twf")
+        if defer_sum and bias is None:   # the scales left to the consumer (one launch fewer)
+            return tensorwise_acc(x_q, w_q, fast_accum=kind == "twf").unsqueeze(0), x_scale
+        y = scaled_mm_tensorwise(x_q, x_scale, w_q, w_scale, bias, out, fast_accum=kind == "twf")
+        return (y, None) if defer_sum else y
     elif kind == "dot8b":   # W8A8, x quantized per (token, K block) inside the GEMM: one launch fewer
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=False, FP8X=True,
                                      FIXUP=fixup, XQ=True, num_warps=warps, num_stages=stages, **launch)
@@ -480,7 +484,7 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=kind == "dot16", FP8X=False,
                                      FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
     if split > 1 and defer_sum and kind.startswith("gemv") and not silu:
-        return ws
+        return ws, None
     if split > 1 and silu:
         splitk_sum_silu(ws, w_scale, out, pdl)
     elif split > 1 and not fixup:
@@ -488,4 +492,4 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         _splitk_sum_kernel[(M, triton.cdiv(N, block))](ws, w_scale, b_arg, out, M, N, split, out.stride(0),
                                                        HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, num_warps=4,
                                                        **({"launch_pdl": True} if pdl else {}))
-    return out
+    return (out, None) if defer_sum else out

@@ -91,10 +91,13 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M", "SPLITS"])
-    def _splitk_add_rms_norm_kernel(ws_ptr, s_ptr, res_ptr, w_ptr, out_ptr, M, H, SPLITS, eps, stride_r, stride_o,
-                                    BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-        # x = (sum over the splits of ws[split, row, :], in split order) * s, rounded to the dtype: what
-        # fp8_gemv's _splitk_sum_kernel stores; then kernels/rmsnorm.py's residual add + RMSNorm on it
+    def _splitk_add_rms_norm_kernel(ws_ptr, s_ptr, xs_ptr, res_ptr, w_ptr, out_ptr, q_ptr, qs_ptr, M, H, SPLITS, eps,
+                                    fp8_max, stride_r, stride_o, stride_q, ROW_SCALE: tl.constexpr,
+                                    QUANT: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                                    MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False):
+        # x = (sum over the splits of ws[split, row, :], in split order) [* xs[row]] * s, rounded to the dtype: what
+        # fp8_gemv's _splitk_sum_kernel (or the tw kind's _rescale_rows_cols_kernel) stores; then kernels/rmsnorm.py's
+        # residual add + RMSNorm on it; QUANT: also its per-token e4m3 codes (rms_norm_quant's)
         if USE_PDL:   # the partials come from the GEMV before us
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -104,6 +107,8 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for split in range(SPLITS):
             acc += tl.load(ws_ptr + (split * M + row) * H + offs, mask=ok, other=0.0)
+        if ROW_SCALE:
+            acc = acc * tl.load(xs_ptr + row)
         r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0)
         dtype = r.dtype
         x = (acc * tl.load(s_ptr + offs, mask=ok, other=0.0)).to(dtype)
@@ -113,27 +118,40 @@ if HAS_TRITON:
         inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
         normed = (xf * inv).to(dtype).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + offs, (w * normed).to(dtype), mask=ok)
+        y = (w * normed).to(dtype)
+        tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
+        if QUANT:
+            yf = y.to(tl.float32)
+            scale = tl.maximum(tl.div_rn(tl.max(tl.where(ok, tl.abs(yf), 0.0), axis=0), fp8_max), MIN_SCALE_C)
+            tl.store(qs_ptr + row, scale)
+            q = tl.minimum(tl.maximum(tl.div_rn(yf, scale), -FP8_MAX_C), FP8_MAX_C)
+            tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
-def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: Tensor, eps: float
-                        ) -> tuple[Tensor, Tensor]:
-    """The split-K sum of a GEMV (ws [SPLIT, T, H] fp32 partials, w_scale [H] fp32: fp8_gemv(..., defer_sum=True)),
-    then fused_add_rms_norm with it: residual [T, H] += sum (in place), out = RMSNorm(residual) * weight. One launch
-    where there were two; the values are the unfused pair's bit for bit. Returns (out, residual)."""
+def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                        x_scale: Tensor | None = None, quant: bool = False):
+    """A GEMV's deferred epilogue (fp8_gemv(..., defer_sum=True)), then fused_add_rms_norm with its output: ws
+    [SPLIT, T, H] fp32 split-K partials (summed in split order, times w_scale [H]), or [1, T, H] = a unit-scale FP8
+    GEMM's result with x_scale [T, 1] (times x_scale[row] * w_scale). residual [T, H] += that (in place), out =
+    RMSNorm(residual) * weight. One launch where there were two; the values are the unfused pair's bit for bit.
+    Returns (out, residual), with quant also (x_q [T, H] e4m3, scale [T, 1] fp32) of out (per_token_quant_fp8's)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     splits, T, H = ws.shape
     assert ws.dtype == torch.float32 and ws.is_contiguous() and w_scale.shape == (H,)
     assert residual.shape == (T, H) and residual.stride(-1) == 1 and weight.shape == (H,)
+    assert x_scale is None or (splits == 1 and x_scale.numel() == T and x_scale.dtype == torch.float32)
     out = torch.empty_like(residual)
-    if T == 0:
-        return out, residual
-    block = triton.next_power_of_2(H)
-    _splitk_add_rms_norm_kernel[(T,)](ws, w_scale, residual, weight, out, T, H, splits, eps, residual.stride(0),
-                                      out.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 512)),
-                                      **pdl_kwargs(ws.device))
-    return out, residual
+    x_q = torch.empty((T, H), dtype=FP8, device=ws.device) if quant else out
+    q_scale = torch.empty((T, 1), dtype=torch.float32, device=ws.device) if quant else w_scale
+    if T > 0:
+        block = triton.next_power_of_2(H)
+        _splitk_add_rms_norm_kernel[(T,)](
+            ws, w_scale, x_scale if x_scale is not None else w_scale, residual, weight, out, x_q, q_scale, T, H,
+            splits, eps, FP8_MAX, residual.stride(0), out.stride(0), x_q.stride(0), ROW_SCALE=x_scale is not None,
+            QUANT=quant, BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
+            num_warps=min(16, max(1, block // 512)), **pdl_kwargs(ws.device))
+    return (out, residual, x_q, q_scale) if quant else (out, residual)
 
 
 def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float

@@ -90,10 +90,11 @@ def test_fused_paths_equal_the_unfused_gpu(m, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 2, 64])   # 2: the table's dot16 (tensor cores, no deferring); 64: W8A8
+@pytest.mark.parametrize("m", [1, 2, 64])   # 2: the table's dot16 (no deferring); 64: tw (W8A8, + the codes)
 def test_down_sum_deferred_to_the_next_norm_gpu(m, monkeypatch) -> None:
-    """Two FP8 layers' MLP -> next input norm at 8B widths: at one token layer 0's down partials go unsummed into
-    layer 1's norm (one launch fewer); its normed output and residual equal the unfused path's bit for bit."""
+    """Two FP8 layers' MLP -> next input norm at 8B widths: layer 0's down epilogue (split-K sum at one token, the
+    tw scales at 64) moves into layer 1's norm (one launch fewer); its normed output, residual and the codes for the
+    next qkv equal the unfused path's bit for bit."""
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
     layers = torch.nn.ModuleList([_fp8_layer(4096, 14336, "cuda"), _fp8_layer(4096, 14336, "cuda")])
@@ -107,12 +108,20 @@ def test_down_sum_deferred_to_the_next_norm_gpu(m, monkeypatch) -> None:
         y = layers[0].mlp(h.clone())
         deferred = y.dim() == 3
         out, res = layers[1].input_layernorm(y, residual.clone())
-        return out, res, deferred
+        codes = getattr(out, fp8.PREQUANT_ATTR, None)
+        return out, res, deferred, codes
 
-    out, res, deferred = run()
-    assert deferred == (m == 1)   # the CUDA-core GEMV (split 2) at one token only, on the 8B table
+    out, res, deferred, codes = run()
+    assert (codes is not None) == (m == 64)
+    # deferred: the CUDA-core GEMV's split-K partials at one token, cuBLASLt's unit-scale result (tw) at 33..64
+    assert deferred == (m != 2)
     monkeypatch.setenv("LORASERVE_FP8_DEFER_DOWN_SUM", "0")
     monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU", "0")
     monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
-    out2, res2, deferred2 = run()
+    out2, res2, deferred2, _ = run()
     assert not deferred2 and torch.equal(res, res2) and torch.equal(out, out2)
+    if codes is not None:   # == per_token_quant_fp8 of the unfused output
+        from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+
+        q2, s2 = per_token_quant_fp8(out2)
+        assert torch.equal(codes[0].float(), q2.float()) and torch.equal(codes[1], s2)

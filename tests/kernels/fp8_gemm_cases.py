@@ -175,15 +175,16 @@ def check_gemv_silu(dtype: str, m: int, n: int, k: int, device: str = "cpu", con
 
 
 def check_gemv_defer_sum(dtype: str, m: int, n: int, k: int, config, device: str = "cpu") -> None:
-    """fp8_gemv(defer_sum=True): a split-K CUDA-core config returns its fp32 partials [SPLIT, m, n], whose in-order
-    sum times w_scale rounds to fp8_gemv's own output bit for bit; without split-K, the output itself."""
+    """fp8_gemv(defer_sum=True): a split-K CUDA-core config returns (its fp32 partials [SPLIT, m, n], None), whose
+    in-order sum times w_scale rounds to fp8_gemv's own output bit for bit; without split-K, (the output, None)."""
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
     dt, g = DTYPES[dtype], _gen(m * 1000 + n + k + 13)
     w_q, w_scale = make_weight(n, k, n + 7 * k, device)
     x = torch.randn(m, k, generator=g).to(device, dt)
     y = fp8_gemv(x, w_q, w_scale, config=config)
-    ws = fp8_gemv(x, w_q, w_scale, config=config, defer_sum=True)
+    ws, x_scale = fp8_gemv(x, w_q, w_scale, config=config, defer_sum=True)
+    assert x_scale is None
     if config[4] == 1:
         assert torch.equal(ws, y)
         return

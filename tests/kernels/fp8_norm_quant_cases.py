@@ -58,8 +58,10 @@ def check_silu_mul_quant(dtype: str, t: int, i: int, device: str = "cpu") -> Non
     _codes_match(q, s, out, device)
 
 
-def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: str = "cpu") -> None:
-    """The deferred split-K sum + residual add + RMSNorm == _splitk_sum's rounding then fused_add_rms_norm_ref."""
+def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: str = "cpu", row_scale: bool = False,
+                              quant: bool = False) -> None:
+    """The deferred split-K sum + residual add + RMSNorm == _splitk_sum's rounding then fused_add_rms_norm_ref;
+    row_scale: one 'split' times a per-row scale (a unit-scale FP8 GEMM's result); quant: the codes of the output."""
     from loraserve.kernels.fp8_norm_quant import splitk_add_rms_norm
     from loraserve.kernels.rmsnorm import fused_add_rms_norm_ref
 
@@ -69,11 +71,17 @@ def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: s
     w = (torch.rand(h, generator=g) + 0.5).to(device, dt)
     r = torch.randn(t, h, generator=g).to(device, dt)
     r_ref = r.clone()
-    out, r_out = splitk_add_rms_norm(ws, s, r, w, 1e-5)
+    xs = (torch.rand(t, 1, generator=g) + 0.5).to(device) if row_scale else None
+    res = splitk_add_rms_norm(ws, s, r, w, 1e-5, xs, quant)
+    out, r_out = res[0], res[1]
     y = ws[0].clone()
     for k in range(1, splits):   # the split order of the kernels' sums
         y += ws[k]
+    if row_scale:
+        y = y * xs   # _rescale_rows_cols_kernel's order: (acc * x_scale) * w_scale
     ref, r_ref = fused_add_rms_norm_ref((y * s).to(dt), r_ref, w, 1e-5)
+    if quant:
+        _codes_match(res[2], res[3], out, device)
     assert r_out is r and torch.equal(r, r_ref), f"residual max diff {float((r.float() - r_ref.float()).abs().max())}"
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
 

@@ -33,9 +33,10 @@ def test_silu_mul_quant_interp(interp, dtype, t, i) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("splits,t,h", [(2, 1, 96), (3, 2, 100)])
-def test_splitk_add_rms_norm_interp(interp, dtype, splits, t, h) -> None:
-    interp.submit(cases.check_splitk_add_rms_norm, dtype, splits, t, h).result(timeout=300)
+@pytest.mark.parametrize("splits,t,h,row_scale,quant", [(2, 1, 96, False, False), (3, 2, 100, False, True),
+                                                        (1, 3, 96, True, True)])
+def test_splitk_add_rms_norm_interp(interp, dtype, splits, t, h, row_scale, quant) -> None:
+    interp.submit(cases.check_splitk_add_rms_norm, dtype, splits, t, h, "cpu", row_scale, quant).result(timeout=300)
 
 
 @pytest.mark.parametrize("dtype,m,heads,kv_heads,d,k,config,bias", [
@@ -64,3 +65,4 @@ def test_norm_quant_gpu(t) -> None:
     cases.check_rms_norm_quant("bfloat16", t, 4096, False, "cuda")
     cases.check_silu_mul_quant("bfloat16", t, 14336, "cuda")
     cases.check_splitk_add_rms_norm("bfloat16", 2, t, 4096, "cuda")
+    cases.check_splitk_add_rms_norm("bfloat16", 1, t, 4096, "cuda", row_scale=True, quant=True)

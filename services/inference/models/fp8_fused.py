@@ -44,7 +44,8 @@ def defer_down_sum_on() -> bool:
     return os.environ.get("LORASERVE_FP8_DEFER_DOWN_SUM", "1").strip() != "0"
 
 
-# the attribute on a down GEMV's unsummed partials ws [SPLIT, M, N] (Fp8MLP._down): its w_scale [N]
+# the attribute on a down GEMV's deferred output (Fp8MLP._down): (w_scale [N], x_scale [M, 1] or None) for
+# splitk_add_rms_norm: split-K partials [SPLIT, M, N], or [1, M, N] from the unit-scale tensor-wise FP8 GEMM
 PARTIALS_ATTR = "_fp8_splitk_partials_scale"
 
 
@@ -111,21 +112,22 @@ class Fp8RMSNorm(RMSNorm):
     """RMSNorm that also quantizes its output per token for the FP8 projection after it (`_fp8_consumer`)."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        scale = getattr(x, PARTIALS_ATTR, None)
-        if scale is not None:   # x: the previous layer's down partials [SPLIT, M, N] (Fp8MLP._down): sum them here
+        scales = getattr(x, PARTIALS_ATTR, None)
+        if scales is not None:   # x: the previous layer's deferred down output (Fp8MLP._down): its epilogue here
             from loraserve.kernels.fp8_norm_quant import splitk_add_rms_norm
 
-            try:
-                out, residual = splitk_add_rms_norm(x, scale, residual, self.weight, self.eps)
-            except Exception as err:   # a compile error: this step's sum in torch, no deferring from now on
-                _fused_failed("defer", err)
-                return super().forward((x.sum(0) * scale).to(residual.dtype), residual)
+            w_scale, x_scale = scales
             proj = self.__dict__.get("_fp8_consumer")
-            if proj is not None and _prequant_ok(out, proj, self.tp):   # not at the sizes that defer: kept correct
-                from loraserve.kernels.fp8_gemm import per_token_quant_fp8
-
-                setattr(out, PREQUANT_ATTR, per_token_quant_fp8(out))
-            return out, residual
+            quant = proj is not None and _prequant_ok(residual, proj, self.tp)
+            try:
+                res = splitk_add_rms_norm(x, w_scale, residual, self.weight, self.eps, x_scale, quant)
+            except Exception as err:   # a compile error: this step's epilogue in torch, no deferring from now on
+                _fused_failed("defer", err)
+                y = x.sum(0) * (x_scale if x_scale is not None else 1.0) * w_scale
+                return super().forward(y.to(residual.dtype), residual)
+            if quant:
+                setattr(res[0], PREQUANT_ATTR, (res[2], res[3]))
+            return res[0], res[1]
         proj = self.__dict__.get("_fp8_consumer")
         if proj is None or not _prequant_ok(x, proj, self.tp) or x.stride(-1) != 1:
             return super().forward(x, residual)
@@ -154,7 +156,7 @@ class Fp8MLP(MLP):
             try:
                 act, x_q, scale = silu_mul_quant(gate_up)
                 setattr(act, PREQUANT_ATTR, (x_q, scale))
-                return self.down_proj(act)
+                return self._down(act)
             except Exception as err:
                 _fused_failed("prequant", err)
         from loraserve.kernels.activation import silu_and_mul
@@ -167,19 +169,19 @@ class Fp8MLP(MLP):
         tagged with PARTIALS_ATTR: the next norm sums them in its own launch (one launch fewer per layer)."""
         proj = self.down_proj
         if not (self.__dict__.get("_defer_ok") and defer_down_sum_on() and "defer" not in _BROKEN
-                and isinstance(proj, Fp8Proj) and proj.bias is None and act.stride(-1) == 1 and act.shape[0] <= 4
-                and gemm_path(act, proj.weight) == "gemv"):   # (the CUDA-core GEMV kinds serve 1-4 tokens)
+                and isinstance(proj, Fp8Proj) and proj.bias is None and proj.input_scale is None
+                and act.stride(-1) == 1 and gemm_path(act, proj.weight) == "gemv"):
             return proj(act)
         from loraserve.kernels.fp8_gemv import fp8_gemv
 
-        try:
-            y = fp8_gemv(act, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
-                         defer_sum=True)
+        try:   # the fp8_linear call Fp8Proj would make (weight-only below W8A8 sizes, the producer's codes)
+            y, x_scale = fp8_gemv(act, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
+                                  x_q=getattr(act, PREQUANT_ATTR, None), defer_sum=True)
         except Exception as err:
             _fused_failed("defer", err)
             return proj(act)
-        if y.dim() == 3:
-            setattr(y, PARTIALS_ATTR, proj.weight_scale)
+        if y.dim() == 3:   # deferred: split-K partials (x_scale None) or a unit-scale FP8 GEMM's fp32 result
+            setattr(y, PARTIALS_ATTR, (proj.weight_scale, x_scale))
         return y
 
     def _gate_up_silu(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -50,11 +50,13 @@ VARIANTS = (
     ("prequant_off", {"LORASERVE_FP8_PREQUANT": "0"}),
     ("defer_off", {"LORASERVE_FP8_DEFER_DOWN_SUM": "0"}),
     ("qkv_rope_off", {"LORASERVE_FP8_QKV_ROPE": "0"}),
+    ("defer_o_off", {"LORASERVE_FP8_DEFER_O": "0"}),
     ("unfused", {"LORASERVE_FP8_GATE_UP_SILU": "0", "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
-                 "LORASERVE_FP8_QKV_ROPE": "0"}),
+                 "LORASERVE_FP8_QKV_ROPE": "0", "LORASERVE_FP8_DEFER_O": "0"}),
     # the defaults before this session's last pass: fp32 GEMVs at one token, dot8 everywhere at 33..64, no fusions
     ("old_defaults", {"LORASERVE_FP8_GEMV_HALF": "0", "LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_GATE_UP_SILU": "0",
-                      "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0", "LORASERVE_FP8_QKV_ROPE": "0"}),
+                      "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0", "LORASERVE_FP8_QKV_ROPE": "0",
+                      "LORASERVE_FP8_DEFER_O": "0"}),
 )
 DEFAULT_VARIANTS = "default,gemv_pdl_early_fixup,rope_kv_unfused,gemv_pdl_early,splitk_fixup"
 

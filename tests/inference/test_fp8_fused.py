@@ -125,3 +125,25 @@ def test_down_sum_deferred_to_the_next_norm_gpu(m, monkeypatch) -> None:
 
         q2, s2 = per_token_quant_fp8(out2)
         assert torch.equal(codes[0].float(), q2.float()) and torch.equal(codes[1], s2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 48])
+def test_o_proj_epilogue_deferred_to_the_post_attention_norm_gpu(m, monkeypatch) -> None:
+    """o_proj (4096 x 4096) -> post-attention norm: at 48 tokens (tw) the scales move into the norm, which also writes
+    gate_up's codes; at one token (gemvh, no split) nothing is deferred. Equal to the unfused pair bit for bit."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    layer = _fp8_layer(4096, 14336, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    o = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    y = fp8_fused.deferred_linear(layer.self_attn.o_proj, o)
+    assert (y.dim() == 3) == (m == 48)
+    out, res = layer.post_attention_layernorm(y, residual.clone())
+    monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
+    out2, res2 = layer.post_attention_layernorm(layer.self_attn.o_proj(o), residual.clone())
+    assert torch.equal(res, res2) and torch.equal(out, out2)
+    codes = getattr(out, fp8.PREQUANT_ATTR, None)
+    assert (codes is not None) == (m == 48)

@@ -418,14 +418,14 @@ class Fp8KVAttention(Attention):
         if calibrating or not fused_rope_kv_fp8_on() or not _triton_cuda(x) or "rope_kv" in _BROKEN:
             return super().forward(positions, x, rotary)
         from ..attention import _kernel_attention
-        from .fp8_fused import qkv_rope_kv_fused
+        from .fp8_fused import o_proj_out, qkv_rope_kv_fused
 
         k_scale, v_scale = self.kv_scales[0:1], self.kv_scales[1:2]
         q = qkv_rope_kv_fused(self, x, positions, rotary, ctx)   # one token: RoPE + K/V write in the qkv GEMV
         if q is not None:
             o = _kernel_attention(q.view(-1, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx,
                                   self.scale, k_scale, v_scale)
-            out = self.o_proj(o.reshape(-1, self.q_size))
+            out = o_proj_out(self, o.reshape(-1, self.q_size))   # models/fp8_fused.py: its epilogue maybe deferred
             return out if self.tp is None or self.tp.defers(out) else self.tp.all_reduce(out)
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -442,7 +442,7 @@ class Fp8KVAttention(Attention):
             _triton_failed("rope_kv", err)
             q, k = rotary(positions, q, k)
             o = self.attend(q, k, v.contiguous())
-        out = self.o_proj(o.reshape(-1, self.q_size))
+        out = o_proj_out(self, o.reshape(-1, self.q_size))
         return out if self.tp is None or self.tp.defers(out) else self.tp.all_reduce(out)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

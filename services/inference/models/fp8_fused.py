@@ -49,6 +49,41 @@ def defer_down_sum_on() -> bool:
 PARTIALS_ATTR = "_fp8_splitk_partials_scale"
 
 
+def defer_o_on() -> bool:
+    """LORASERVE_FP8_DEFER_O=0: o_proj's tw epilogue (scales) in a launch of its own, not in the post-attention norm."""
+    return os.environ.get("LORASERVE_FP8_DEFER_O", "1").strip() != "0"
+
+
+def deferred_linear(proj, x: torch.Tensor) -> torch.Tensor:
+    """proj(x) for an Fp8Proj whose output goes straight into an Fp8RMSNorm's residual add (the caller checked: no LoRA
+    rows, no TP, the consumer is that norm): where the GEMV's last launch is an epilogue (the split-K sum of the one-token
+    CUDA-core kinds, the scaling after cuBLASLt's unit-scale FP8 GEMM at 33..64 tokens), that launch is left out and the
+    raw result [SPLIT or 1, M, N] fp32 returned, tagged with PARTIALS_ATTR for the norm (splitk_add_rms_norm)."""
+    if (not isinstance(proj, Fp8Proj) or proj.bias is not None or proj.input_scale is not None or "defer" in _BROKEN
+            or get_context().lora is not None or x.stride(-1) != 1 or gemm_path(x, proj.weight) != "gemv"):
+        return proj(x)
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+
+    try:   # the fp8_linear call Fp8Proj would make (weight-only below W8A8 sizes, the producer's codes)
+        y, x_scale = fp8_gemv(x, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
+                              x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
+    except Exception as err:
+        _fused_failed("defer", err)
+        return proj(x)
+    if y.dim() == 3:   # deferred: split-K partials (x_scale None) or a unit-scale FP8 GEMM's fp32 result
+        setattr(y, PARTIALS_ATTR, (proj.weight_scale, x_scale))
+    return y
+
+
+def o_proj_out(attn, o: torch.Tensor) -> torch.Tensor:
+    """Fp8KVAttention's o_proj(o [N, Q]): its epilogue deferred into the post-attention norm where that is an
+    Fp8RMSNorm and the layer is not the model's last (`_defer_ok`, convert_fused: the last layer may select rows of
+    its attention output before that norm)."""
+    if attn.tp is None and attn.__dict__.get("_defer_ok") and defer_o_on():
+        return deferred_linear(attn.o_proj, o)
+    return attn.o_proj(o)
+
+
 def qkv_rope_on() -> bool:
     """LORASERVE_FP8_QKV_ROPE=0: RoPE and the e4m3 K/V write in a launch after the qkv GEMV (fp8_rope_kv), not in it."""
     return os.environ.get("LORASERVE_FP8_QKV_ROPE", "1").strip() != "0"
@@ -167,22 +202,9 @@ class Fp8MLP(MLP):
         """down_proj(act); where this layer's output goes straight into the next layer's Fp8RMSNorm (`_defer_ok`, set
         by convert_fused) and the down GEMV has split-K on a CUDA-core kind, its fp32 partials [SPLIT, M, N] instead,
         tagged with PARTIALS_ATTR: the next norm sums them in its own launch (one launch fewer per layer)."""
-        proj = self.down_proj
-        if not (self.__dict__.get("_defer_ok") and defer_down_sum_on() and "defer" not in _BROKEN
-                and isinstance(proj, Fp8Proj) and proj.bias is None and proj.input_scale is None
-                and act.stride(-1) == 1 and gemm_path(act, proj.weight) == "gemv"):
-            return proj(act)
-        from loraserve.kernels.fp8_gemv import fp8_gemv
-
-        try:   # the fp8_linear call Fp8Proj would make (weight-only below W8A8 sizes, the producer's codes)
-            y, x_scale = fp8_gemv(act, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
-                                  x_q=getattr(act, PREQUANT_ATTR, None), defer_sum=True)
-        except Exception as err:
-            _fused_failed("defer", err)
-            return proj(act)
-        if y.dim() == 3:   # deferred: split-K partials (x_scale None) or a unit-scale FP8 GEMM's fp32 result
-            setattr(y, PARTIALS_ATTR, (proj.weight_scale, x_scale))
-        return y
+        if not (self.__dict__.get("_defer_ok") and defer_down_sum_on()):
+            return self.down_proj(act)
+        return deferred_linear(self.down_proj, act)
 
     def _gate_up_silu(self, x: torch.Tensor) -> torch.Tensor | None:
         proj = self.gate_up_proj
@@ -225,4 +247,6 @@ def convert_fused(model: torch.nn.Module) -> int:
     for layer, after in zip(layers, layers[1:]):
         if type(layer.mlp) is Fp8MLP and type(after.input_layernorm) is Fp8RMSNorm:
             layer.mlp.__dict__["_defer_ok"] = True
+        if type(layer.post_attention_layernorm) is Fp8RMSNorm:   # read by Fp8KVAttention (o_proj_out)
+            layer.self_attn.__dict__["_defer_ok"] = True
     return n

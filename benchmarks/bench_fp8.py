@@ -165,8 +165,9 @@ def main() -> int:
     ap.add_argument("--quality-dispatch-only", action="store_true",
                     help="top-1 agreement of the engine's own dispatch only (not also all-W8A8 / all-weight-only)")
     ap.add_argument("--quality-decode", action="store_true",
-                    help="--quality-only: the second half of each text through one-token forwards (decode GEMVs; the "
-                         "default model's shapes on the fp16-product GEMV, fp8_quality.DEFAULT_MODEL_M1_CONFIGS): *_decode")
+                    help="the top-1 run also with the second half of each text through one-token forwards (decode GEMVs; "
+                         "the default model's shapes on the fp16-product GEMV, fp8_quality.DEFAULT_MODEL_M1_CONFIGS): "
+                         "*_decode keys (--quality-only, or the --quality-parallel child)")
     ap.add_argument("--quality-parallel", action="store_true",
                     help="the top-1 agreement (dispatch only) in a child process while the 8B checkpoint is written")
     ap.add_argument("--quality-wait-s", type=float, default=90,
@@ -227,7 +228,7 @@ def main() -> int:
             os.environ["LORASERVE_FP8_GEMV_CONFIGS"] = cfg_path
             res["switches"]["LORASERVE_FP8_GEMV_CONFIGS"] = json.dumps(DEFAULT_MODEL_M1_CONFIGS)
         write(agreement(kw, quant, 2 if a.tiny else a.quality_texts, on_result=write,
-                        extra_modes=not a.quality_dispatch_only and not a.quality_decode, decode=a.quality_decode))
+                        extra_modes=not a.quality_dispatch_only, decode=a.quality_decode))
         print(json.dumps(res, indent=2))
         return 0
     os.environ.setdefault("LORASERVE_WARMUP", "0")   # as bench_engine: the timed runs warm up themselves
@@ -239,7 +240,8 @@ def main() -> int:
 
         qpath = os.path.join(path, "quality.json")
         quality = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--quality-only", "--quality-dispatch-only",
-                                    "--quality-texts", str(a.quality_texts), "--json", qpath] + (["--tiny"] if a.tiny else []))
+                                    "--quality-texts", str(a.quality_texts), "--json", qpath] + (["--tiny"] if a.tiny else [])
+                                   + (["--quality-decode"] if a.quality_decode else []))
     if a.tiny:
         from tests.inference.conftest import make_random_model
 

@@ -120,3 +120,32 @@ def check_qkv_rope(dtype: str, m: int, heads: int, kv_heads: int, d: int, k: int
     q3 = rope_store_kv_fp8_ref(positions, qr.reshape(m, heads, d), kr.reshape(m, kv_heads, d),
                                vr.reshape(m, kv_heads, d), cs, caches[2].clone(), caches[3].clone(), slots, *scales)
     torch.testing.assert_close(q.float(), q3.reshape(m, q_size).float(), rtol=1e-2, atol=1e-2)
+
+
+def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, bias: bool, device: str = "cpu") -> None:
+    """rope_store_kv_fp8_scaled (the tw scaling folded into RoPE + K/V write) == the scaling as
+    _rescale_rows_cols_kernel does it, then rope_store_kv_fp8: q and both caches bit for bit."""
+    from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8, rope_store_kv_fp8_scaled
+    from loraserve.kernels.rope import rope_cos_sin_cache
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(t * 10 + heads + d)
+    n = (heads + 2 * kv_heads) * d
+    acc = (torch.randn(t, n, generator=g) * 300).to(device)
+    xs = (torch.rand(t, 1, generator=g) * 0.01 + 1e-3).to(device)
+    ws = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(device)
+    b = torch.randn(n, generator=g).to(device, dt) if bias else None
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    cs = rope_cos_sin_cache(inv_freq.float().to(device), 64)
+    positions = torch.randint(0, 64, (t,), generator=g).to(device)
+    slots = torch.randperm(16, generator=g)[:t].to(device)
+    scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
+    caches = [torch.zeros(4, 4, kv_heads, d, device=device).to(torch.float8_e4m3fn) for _ in range(4)]
+    q = rope_store_kv_fp8_scaled(positions, acc, xs, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
+    y = acc * xs * ws + (b.float() if bias else 0)
+    qkv = y.to(dt)
+    qr, kr, vr = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q2 = rope_store_kv_fp8(positions, qr.reshape(t, heads, d), kr.reshape(t, kv_heads, d), vr.reshape(t, kv_heads, d),
+                           cs, caches[2], caches[3], slots, *scales)
+    assert torch.equal(q, q2), f"q differs at {int((q != q2).sum())}"
+    for a, b_ in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(a.float(), b_.float()), f"cache differs at {int((a.float() != b_.float()).sum())}"

@@ -49,6 +49,19 @@ def test_qkv_rope_interp(interp, dtype, m, heads, kv_heads, d, k, config, bias) 
     interp.submit(cases.check_qkv_rope, dtype, m, heads, kv_heads, d, k, config, bias).result(timeout=300)
 
 
+@pytest.mark.parametrize("dtype,t,heads,kv_heads,d,bias", [("float16", 3, 4, 2, 16, False),
+                                                            ("float32", 2, 3, 1, 32, True)])
+def test_rope_kv_scaled_interp(interp, dtype, t, heads, kv_heads, d, bias) -> None:
+    """The tw GEMM's scaling folded into RoPE + the e4m3 K/V write == scaling, then rope_store_kv_fp8."""
+    interp.submit(cases.check_rope_kv_scaled, dtype, t, heads, kv_heads, d, bias).result(timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rope_kv_scaled_gpu() -> None:
+    cases.check_rope_kv_scaled("bfloat16", 48, 32, 8, 128, False, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 3])

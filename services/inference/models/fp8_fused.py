@@ -90,19 +90,22 @@ def qkv_rope_on() -> bool:
 
 
 def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor | None:
-    """Fp8KVAttention's qkv projection + RoPE + e4m3 K/V cache write as one launch (kernels/fp8_qkv_rope.py) where the
-    qkv GEMV runs an fp16-product grouped kind without split-K (the 8B table: one token); q_out [N, Q] or None (the
-    caller runs the GEMV, then fp8_rope_kv). Not with LoRA rows (their delta joins qkv before RoPE) or under TP."""
+    """Fp8KVAttention's qkv projection + RoPE + e4m3 K/V cache write in fewer launches: as one launch
+    (kernels/fp8_qkv_rope.py) where the qkv GEMV runs an fp16-product grouped kind without split-K (the 8B table: one
+    token); as cuBLASLt's unit-scale FP8 GEMM + one RoPE/K/V launch that applies the scales where it runs 'tw' (33..64
+    tokens, _qkv_tw_rope_kv). q_out ([N, Q] or [N, H, D]) or None (the caller runs the GEMV, then fp8_rope_kv).
+    Not with LoRA rows (their delta joins qkv before RoPE) or under TP."""
     proj = attn.qkv_proj
     if (attn.tp is not None or ctx.lora is not None or not qkv_rope_on() or "qkv_rope" in _BROKEN
-            or not isinstance(proj, Fp8Proj) or x.shape[0] > 4 or not _triton_cuda(x)
-            or gemm_path(x, proj.weight) != "gemv"):
+            or not isinstance(proj, Fp8Proj) or not _triton_cuda(x) or gemm_path(x, proj.weight) != "gemv"):
         return None
     from loraserve.kernels.fp8_gemv import _num_sms, gemv_config, gemv_pdl_mode, pdl_supported
     from loraserve.kernels.fp8_qkv_rope import fp8_qkv_rope_kv, qkv_rope_config_ok
 
     N, K = proj.weight.shape
     cfg = gemv_config(x.shape[0], N, K, _num_sms(x.device), not activations_quantized(proj.weight))
+    if cfg[0] in ("tw", "twf") and N % 16 == 0 and K % 16 == 0 and proj.input_scale is None:
+        return _qkv_tw_rope_kv(attn, x, positions, rotary, ctx)
     if not qkv_rope_config_ok(cfg, K, attn.head_dim):
         return None
     mode = gemv_pdl_mode(cfg[0])
@@ -113,6 +116,28 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
                                wait=mode != "0" and pdl_supported(x.device), early=mode == "early")
     except Exception as err:   # a compile error (first call, eager warm-up): the two launches from now on
         _fused_failed("qkv_rope", err)
+        return None
+
+
+def _qkv_tw_rope_kv(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor | None:
+    """33..64 tokens (the qkv GEMM on cuBLASLt's unit-scale FP8 GEMM, 'tw'): its scaling launch folded into the RoPE +
+    e4m3 K/V write (kernels/fp8_rope_kv.py rope_store_kv_fp8_scaled); q [N, H, D] or None (LORASERVE_FP8_DEFER_QKV=0)."""
+    if os.environ.get("LORASERVE_FP8_DEFER_QKV", "1").strip() == "0" or "defer_qkv" in _BROKEN:
+        return None
+    from loraserve.kernels.fp8_gemv import fp8_gemv
+    from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8_scaled
+
+    proj = attn.qkv_proj
+    try:
+        acc, x_scale = fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), proj.weight, proj.weight_scale,
+                                x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
+        if acc.dim() != 3 or x_scale is None:   # (tw without bias always defers; kept safe)
+            raise RuntimeError(f"qkv GEMM did not defer its scales: {tuple(acc.shape)}")
+        return rope_store_kv_fp8_scaled(positions, acc[0], x_scale, proj.weight_scale, proj.bias,
+                                        rotary.cos_sin_cache(), attn.k_cache, attn.v_cache, ctx.slot_mapping,
+                                        attn.kv_scales[0:1], attn.kv_scales[1:2], attn.num_heads, x.dtype)
+    except Exception as err:   # a compile error (first call, eager warm-up): the unfused launches from now on
+        _fused_failed("defer_qkv", err)
         return None
 
 

@@ -52,6 +52,7 @@ VARIANTS = (
     ("qkv_rope_off", {"LORASERVE_FP8_QKV_ROPE": "0"}),
     ("defer_o_off", {"LORASERVE_FP8_DEFER_O": "0"}),
     ("defer_qkv_off", {"LORASERVE_FP8_DEFER_QKV": "0"}),
+    ("gate_up_split1", {"LORASERVE_FP8_GATE_UP_SPLIT1": "1"}),   # one-token gate_up without split-K: SiLU in the GEMV
     ("unfused", {"LORASERVE_FP8_GATE_UP_SILU": "0", "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
                  "LORASERVE_FP8_QKV_ROPE": "0", "LORASERVE_FP8_DEFER_O": "0"}),
     # the defaults before this session's last pass: fp32 GEMVs at one token, dot8 everywhere at 33..64, no fusions

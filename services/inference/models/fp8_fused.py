@@ -241,11 +241,14 @@ class Fp8MLP(MLP):
 
         weight_only = not activations_quantized(proj.weight)
         N, K = proj.weight.shape
-        if not silu_config_ok(gemv_config(x.shape[0], N, K, _num_sms(x.device), weight_only), N):
+        cfg = gemv_config(x.shape[0], N, K, _num_sms(x.device), weight_only)
+        if not silu_config_ok(cfg, N):
             return None
+        if os.environ.get("LORASERVE_FP8_GATE_UP_SPLIT1", "0").strip() == "1":   # probe: no split-K (SiLU in the GEMV)
+            cfg = tuple(cfg[:4]) + (1,) + tuple(cfg[5:7])
         try:
             return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), proj.weight, proj.weight_scale,
-                            weight_only=weight_only, silu=True)
+                            weight_only=weight_only, silu=True, config=cfg)
         except Exception as err:   # a compile error (first call, eager warm-up): the two launches from now on
             _fused_failed("gemv_silu", err)
             return None

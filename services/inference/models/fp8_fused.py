@@ -12,8 +12,8 @@ models/fp8.py's convert_projections swaps these in by class (same state, only fo
   token, the norm kernel writes the e4m3 codes too (rms_norm_quant) (LORASERVE_FP8_PREQUANT).
 The codes ride on the activation tensor as an attribute (models/fp8.py PREQUANT_ATTR) that fp8_linear reads; any
 other tensor (a copy, a slice, the next layer's) has none and is quantized as before. All of it equals the unfused
-launches bit for bit (same tiles, same roundings); none of it runs with LoRA rows in gate_up's step (the delta is
-added to gate_up's output before the activation), under tensor parallelism, or off CUDA.
+launches bit for bit (same tiles, same roundings). With LoRA rows in the step only the codes are made by the producers
+(the deltas join the GEMM outputs, so no epilogue may move); nothing runs under tensor parallelism or off CUDA.
 """
 from __future__ import annotations
 
@@ -207,9 +207,9 @@ class Fp8MLP(MLP):
         act = self._gate_up_silu(x)   # [N, I] or None (not this step)
         if act is not None:
             return self._down(act)
-        if self.tp is not None or get_context().lora is not None or not _triton_cuda(x):
+        if self.tp is not None or not _triton_cuda(x):
             return super().forward(x)
-        gate_up = self.gate_up_proj(x)   # (N, 2I)
+        gate_up = self.gate_up_proj(x)   # (N, 2I), with the step's LoRA delta (if any)
         if _prequant_ok(gate_up[:, : gate_up.shape[1] // 2], self.down_proj, None) and gate_up.stride(-1) == 1:
             from loraserve.kernels.fp8_norm_quant import silu_mul_quant
 

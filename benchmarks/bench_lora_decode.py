@@ -18,9 +18,10 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
   dense        default + LORASERVE_LORA_DENSE=triton (the dense shrink, kernels/lora_shrink_dense.py);
                dense_mm: =mm (one cuBLAS GEMM); dense_full: dense + LORASERVE_LORA_OVERLAP=full; xdense:
                LORASERVE_LORA_DENSE_EXPAND=1 (the dense expand on gate_up); dense_xdense(_full): both (+ overlap)
-  prefetch     default + LORASERVE_LORA_PREFETCH=abt (kernels/lora_prefetch.py: A / B into L2 before each
-               kernel's griddepcontrol.wait, the expand's early trigger); prefetch_a: =a; nopf: the prefetch off;
-               overlap_prefetch / overlap_nopf: with LORASERVE_LORA_OVERLAP=shrink too
+  pf_at        LORASERVE_LORA_PREFETCH=at (kernels/lora_prefetch.py: the BGMV shrink's A loaded before its
+               griddepcontrol.wait, the expand's early trigger); pf_t: =t; nopf: all of it off; b64 / pf_at_b64:
+               with the BGMV shrink up to 64 tokens (LORASERVE_LORA_BGMV_MAX_TOKENS=64); overlap_pf_at_b64 /
+               overlap_nopf: with LORASERVE_LORA_OVERLAP=shrink too
   meta_eager   default with the LoRA metadata built before each graph replay (LORASERVE_LORA_META_IN_GRAPH=0,
                the path before 2026-11-30 16:20) instead of inside the decode graph
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
@@ -53,8 +54,10 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "dense_xdense_full": dict(dense="triton", dense_expand=True, overlap="full"),
             "overlap_carve16": dict(overlap="shrink", carveout=16), "overlap_carve32": dict(overlap="shrink", carveout=32),
             "seq_carve16": dict(overlap="", carveout=16),
-            "prefetch": dict(prefetch="abt"), "prefetch_a": dict(prefetch="a"), "nopf": dict(prefetch=""),
-            "overlap_prefetch": dict(overlap="shrink", prefetch="abt"), "overlap_nopf": dict(overlap="shrink", prefetch="")}
+            "nopf": dict(prefetch=""), "pf_at": dict(prefetch="at"), "pf_at_b64": dict(prefetch="at", bgmv_max_tokens=64),
+            "b64": dict(prefetch="", bgmv_max_tokens=64), "pf_t": dict(prefetch="t"),
+            "overlap_pf_at_b64": dict(overlap="shrink", prefetch="at", bgmv_max_tokens=64),
+            "overlap_nopf": dict(overlap="shrink", prefetch="")}
 _CARVED = [False]
 
 
@@ -77,6 +80,7 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_expand_stream.STREAM_Y_AHEAD = v.get("y_ahead", defaults["y_ahead"])
     lora_meta.LORA_BGMV = v.get("bgmv", defaults["bgmv"])
     lora_meta.LORA_PREFETCH = v.get("prefetch", defaults["prefetch"])
+    lora_meta.LORA_BGMV_MAX_TOKENS = v.get("bgmv_max_tokens", defaults["bgmv_max_tokens"])
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
@@ -116,6 +120,7 @@ def main() -> int:
     defaults = dict(dense=apply_mod.DENSE_MODE, dense_expand=apply_mod.DENSE_EXPAND, overlap=batch.OVERLAP, pdl=lora_meta.LORA_PDL, b_ahead=lora_expand_stream.STREAM_B_AHEAD,
                     y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV,
                     slots=lora_expand_stream.STREAM_SLOTS, prefetch=lora_meta.LORA_PREFETCH,
+                    bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS,
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"))
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs

@@ -22,11 +22,11 @@ defaults set them):
              a fixed BLOCK_K (BGMV_BLOCK_K)
   ya2, ya3   pdl with y blocks 2 / 3 ahead in the streaming expand (lora_expand_stream.STREAM_Y_AHEAD; was 1);
              bgmv_ya2, bgmv_ya3: with the BGMV shrink too; bgmv_ya3_a4: and 4 B blocks ahead
-  pf_a, pf_t, pf_at, pf_ab, pf_abt  the default + LORASERVE_LORA_PREFETCH=<letters> (kernels/lora_prefetch.py): a = the
-             shrink puts its A in flight into L2 (dot kernel) or registers (BGMV) before its griddepcontrol.wait,
-             b = the expand prefetches its whole B run before its wait, t = the expand lets the next kernel
-             launch at its start; nopf: the default with the prefetch off; pf_abt_b64: abt + the BGMV shrink up
-             to 64 tokens (A loaded into registers before the wait)
+  pf_<letters>[_b64]  LORASERVE_LORA_PREFETCH=<letters> (kernels/lora_prefetch.py): a = the BGMV shrink loads A
+             into registers before its griddepcontrol.wait, l = the dot shrink prefetches A into L2 there, b = the
+             expand prefetches its whole B run into L2 before its wait, t = the expand lets the next kernel launch at
+             its start; _b64: with the BGMV shrink up to 64 tokens (b64: that alone); _k2048: BGMV BLOCK_K 2048;
+             nopf: the default with all of it off
   dense      default + LORASERVE_LORA_DENSE=triton: the dense shrink (every token against every slot's A,
              one split-K GEMM kernel, lora_shrink_dense.py) at 32-256 tokens when the pool has <= T slots;
              dense_mm: the same shrink as one cuBLAS GEMM (torch.mm)
@@ -91,14 +91,17 @@ VARIANTS = {
     "bgmv_k256": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=256),  # fixed BLOCK_K
     "bgmv_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_block_k=2048),
     # the dense shrink (every token x every slot, lora_shrink_dense.py) at 32-256 tokens with <= T slots
-    # L2 prefetch before griddepcontrol.wait (kernels/lora_prefetch.py; LORASERVE_LORA_PREFETCH letters):
-    # a = the shrink's A, b = the expand's B run, t = the expand triggers the next kernel's launch at its start
-    "pf_a": dict(stream=True, pdl=True, bgmv=True, prefetch="a"),
-    "pf_t": dict(stream=True, pdl=True, bgmv=True, prefetch="t"),
+    # Loads / L2 prefetch before griddepcontrol.wait (kernels/lora_prefetch.py; LORASERVE_LORA_PREFETCH letters):
+    # a = the BGMV shrink's A into registers, l = the dot shrink's A into L2, b = the expand's B run into L2,
+    # t = the expand triggers the next kernel's launch at its start; _b64: the BGMV shrink up to 64 tokens
+    "pf_albt": dict(stream=True, pdl=True, bgmv=True, prefetch="albt"),  # 22:01 probe's "abt": everything
+    "pf_lt": dict(stream=True, pdl=True, bgmv=True, prefetch="lt"),
     "pf_at": dict(stream=True, pdl=True, bgmv=True, prefetch="at"),
-    "pf_ab": dict(stream=True, pdl=True, bgmv=True, prefetch="ab"),
-    "pf_abt": dict(stream=True, pdl=True, bgmv=True, prefetch="abt"),
-    "pf_abt_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="abt"),  # + BGMV at 64 tokens
+    "b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch=""),
+    "pf_a_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="a"),
+    "pf_t_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="t"),
+    "pf_at_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at"),
+    "pf_at_b64_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_block_k=2048),
     "nopf": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # the code's defaults with the prefetch off
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM

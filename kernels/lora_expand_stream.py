@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch
-from .lora_prefetch import prefetch_flags
+from .lora_prefetch import prefetch_on
 
 if HAS_TRITON:
     from .lora_prefetch import l2_prefetch
@@ -425,7 +425,7 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
     assert cfg["COLS_PER_PROG"] % cfg["BLOCK_N"] == 0, "COLS_PER_PROG must be a multiple of BLOCK_N"
     grid = (meta.grid_tiles, cfg["groups"])
     pdl = pdl_launch(y.device)
-    _, pf_b, trigger = prefetch_flags(y.device, pdl)
+    pf_b, trigger = prefetch_on("b", y.device, pdl), prefetch_on("t", y.device, pdl)
     from .lora_shrink import contiguous_rows
 
     pf_b = pf_b and contiguous_rows(lora_b)

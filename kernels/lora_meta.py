@@ -101,8 +101,8 @@ LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"))
 
 # L2 prefetch of A (shrink) / B (expand) before griddepcontrol.wait, and the expand's early trigger:
-# letters of "abt" (lora_prefetch.py); "" = off. Read at each launch.
-LORA_PREFETCH = "".join(c for c in os.environ.get("LORASERVE_LORA_PREFETCH", "").strip().lower() if c in "abt")
+# letters of "albt" (lora_prefetch.py); "" = off. Read at each launch.
+LORA_PREFETCH = "".join(c for c in os.environ.get("LORASERVE_LORA_PREFETCH", "").strip().lower() if c in "albt")
 
 
 # LoRAMetaBuilder.build as one Triton launch (lora_meta_build.py) for steps of <= 2048 tokens on a GPU; on by

@@ -14,14 +14,18 @@ result: outputs are bit-identical with it on or off.
 
 Switches (read at each launch, so CUDA graphs keep what they captured), LORASERVE_LORA_PREFETCH, a
 string of letters ("" = off):
-  a  the shrink (dot and BGMV kernels) loads its tile's metadata and prefetches its part of A
-     before waiting for the kernel before it;
-  b  the streaming expand prefetches its whole column run of B before its wait (its first blocks
-     were already loaded there);
+  a  the BGMV shrink loads its tile's metadata and its [16, BLOCK_K] block of A into registers before
+     waiting for the kernel before it (x after the wait);
+  l  the tiled dot shrink loads its metadata and bulk-prefetches its part of A into L2 before its wait;
+  b  the streaming expand prefetches its whole column run of B into L2 before its wait (its first
+     blocks were already loaded there);
   t  the streaming expand lets the next kernel launch at its start (griddepcontrol.launch_dependents):
-     the next projection's shrink can then prefetch its A while this expand streams B. Safe for
-     the kernels after it: each one's first wait still orders it after the expand's completion.
+     the next projection's shrink can then fetch its A while this expand streams B. Safe for the
+     kernels after it: each one's first wait still orders it after the expand's completion.
 Only with PDL on a Hopper-or-newer GPU (never under the interpreter: inline PTX does not run there).
+H200 probe (2026-11-30 22:01, 64 tokens / 32 adapters / r16, us per layer; PERF_NOTES): the L2 bulk
+prefetches lose ("l" alone 58.0 -> 67.0: each shrink alone is faster, the pair slower; "b" slows the
+expand), registers ("a", with the BGMV shrink at 64 tokens) and the trigger win.
 """
 from __future__ import annotations
 
@@ -45,13 +49,9 @@ if HAS_TRITON:
             "=r,l,r", [p8 + offs, size], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def prefetch_flags(device: torch.device, pdl_kwargs: dict) -> tuple[bool, bool, bool]:
-    """(shrink prefetches A, expand prefetches B, expand triggers its dependents) for a launch on
-    `device` with lora_meta.pdl_launch's `pdl_kwargs`: all False unless PDL is on there (so never
-    under the interpreter or on a pre-Hopper GPU) and LORASERVE_LORA_PREFETCH asks for them."""
+def prefetch_on(letter: str, device: torch.device, pdl_kwargs: dict) -> bool:
+    """LORASERVE_LORA_PREFETCH holds `letter` and PDL is on for this launch (lora_meta.pdl_launch's
+    `pdl_kwargs`): never under the interpreter or on a pre-Hopper GPU."""
     from . import lora_meta
 
-    if not pdl_kwargs.get("USE_PDL") or device.type != "cuda":
-        return False, False, False
-    flags = lora_meta.LORA_PREFETCH
-    return "a" in flags, "b" in flags, "t" in flags
+    return bool(pdl_kwargs.get("USE_PDL")) and device.type == "cuda" and letter in lora_meta.LORA_PREFETCH

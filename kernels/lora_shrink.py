@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch, stream_enabled
-from .lora_prefetch import prefetch_flags
+from .lora_prefetch import prefetch_on
 
 if HAS_TRITON:
     from .lora_prefetch import l2_prefetch
@@ -283,7 +283,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     dest_strides = (0, *out.stride()) if dest is out and out.dim() == 3 else dest.stride()
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)
-    pf_a = prefetch_flags(x.device, pdl)[0] and stream_enabled(stream) and contiguous_rows(lora_a)
+    pf_a = prefetch_on("l", x.device, pdl) and stream_enabled(stream) and contiguous_rows(lora_a)
     _lora_shrink_kernel[grid](
         x, lora_a, dest, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch
-from .lora_prefetch import prefetch_flags
+from .lora_prefetch import prefetch_on
 
 if HAS_TRITON:
 
@@ -186,7 +186,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         H, R, x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
         IEEE=x.dtype == torch.float32,
-        DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_flags(x.device, pdl)[0],
+        DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_on("a", x.device, pdl),
         **pdl,
     )
     return out

@@ -1,4 +1,4 @@
-"""GPU checks of LORASERVE_LORA_PREFETCH (kernels/lora_prefetch.py): the L2 prefetch before
+"""GPU checks of LORASERVE_LORA_PREFETCH (kernels/lora_prefetch.py): the loads / L2 prefetches before
 griddepcontrol.wait and the expand's early trigger change no result. A chain of projections sharing ONE
 split-K workspace and ONE y (each shrink overwrites the partials the previous expand reads: a write
 issued before its wait would race) must equal the same chain with the switches off, bit for bit,
@@ -30,8 +30,8 @@ def _chain(x, y, problems, meta, buf, links: int):
 
 @pytest.mark.parametrize("num_tokens,widths,composition", [
     (64, QKV, "distinct"), (64, GATE_UP, "no-adapter-rows"), (1, QKV, "uniform"), (16, QKV, "mixed-ranks")])
-@pytest.mark.parametrize("flags", ["a", "abt"])
-def test_prefetch_chain_equals_no_prefetch_and_replays(num_tokens, widths, composition, flags) -> None:
+@pytest.mark.parametrize("flags,bgmv_max_tokens", [("at", 64), ("albt", 32)])
+def test_prefetch_chain_equals_no_prefetch_and_replays(num_tokens, widths, composition, flags, bgmv_max_tokens) -> None:
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
     hidden, widths = widths
@@ -43,10 +43,11 @@ def test_prefetch_chain_equals_no_prefetch_and_replays(num_tokens, widths, compo
     for p in problems[1:]:  # one slot assignment and rank table for the chain (ranks vary by slot)
         p.ranks.copy_(first.ranks)
     x = first.x.clone()
-    buf = torch.empty(workspace_shape(x, first.lora_a, first.lora_b, meta), device="cuda")
-    old_pdl, old_pf = lora_meta.LORA_PDL, lora_meta.LORA_PREFETCH
+    old_pdl, old_pf, old_bgmv = lora_meta.LORA_PDL, lora_meta.LORA_PREFETCH, lora_meta.LORA_BGMV_MAX_TOKENS
     try:
-        lora_meta.LORA_PDL, lora_meta.LORA_PREFETCH = True, ""
+        # the same kernels with the loads before the wait or not; ONE workspace for the whole chain
+        lora_meta.LORA_PDL, lora_meta.LORA_PREFETCH, lora_meta.LORA_BGMV_MAX_TOKENS = True, "", bgmv_max_tokens
+        buf = torch.empty(workspace_shape(x, first.lora_a, first.lora_b, meta), device="cuda")
         y_off = first.y0.clone()
         _chain(x, y_off, problems, meta, buf, 6)
         lora_meta.LORA_PREFETCH = flags
@@ -69,16 +70,12 @@ def test_prefetch_chain_equals_no_prefetch_and_replays(num_tokens, widths, compo
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(y_g, y_off), f"prefetch {flags!r}: graph replay differs from the eager chain"
-    finally:
-        lora_meta.LORA_PDL, lora_meta.LORA_PREFETCH = old_pdl, old_pf
-
-    y_ref = first.y0.clone()   # the chain's first link against the reference (the rest repeat it)
-    lora_meta.LORA_PREFETCH = flags
-    try:
-        y_one = first.y0.clone()
+        y_one = first.y0.clone()   # the chain's first link alone, against the reference below
         lora_apply(x, y_one, first.lora_a, first.lora_b, first.slice_offsets, meta, first.ranks, buf=buf)
     finally:
-        lora_meta.LORA_PREFETCH = old_pf
+        lora_meta.LORA_PDL, lora_meta.LORA_PREFETCH, lora_meta.LORA_BGMV_MAX_TOKENS = old_pdl, old_pf, old_bgmv
+
+    y_ref = first.y0.clone()
     ref_buf = torch.empty(len(widths), T, R, device="cuda")
     lora_shrink_ref(x, first.lora_a, meta, first.ranks, ref_buf)
     lora_expand_ref(ref_buf, first.lora_b, first.slice_offsets, meta, first.ranks, y_ref)

@@ -162,6 +162,9 @@ def main() -> int:
                     help="before the loops: the steady mixed step (63 decode rows over the adapters + a 256-token "
                          "chunk) replayed from the engine's graphs, plain vs LoRA, the LoRA graph recaptured under each "
                          "of these variants (benchmarks/lora_step_replay.py), e.g. default,pps16,ovl,empty")
+    ap.add_argument("--replay-decode-rows", type=int, default=0,
+                    help="decode rows of the replayed mixed step (default concurrency - 1; the 128-request loop's "
+                         "most replayed graph is (40, 320): ~35 rows)")
     ap.add_argument("--replay-budget-s", type=float, default=1e9, help="start no replay variant after this")
     ap.add_argument("--loop-variant", default="default",
                     help="the closed loops with adapters under this variant (lora_step_replay.VARIANTS); 'best': the "
@@ -271,7 +274,8 @@ def main() -> int:
 
         t = time.perf_counter()
         slot_of = {i: eng.lora_manager.handles[eng.lora_manager.by_id[i]].slot for i in range(1, args.adapters + 1)}
-        seq_slots = [slot_of[1 + k % args.adapters] for k in range(conc - 1)] + [slot_of[1 + 5 % args.adapters]]
+        rows = args.replay_decode_rows or conc - 1
+        seq_slots = [slot_of[1 + k % args.adapters] for k in range(rows)] + [slot_of[1 + 5 % args.adapters]]
         try:
             rv = replay_variants(eng, seq_slots, args.replay_variants.split(","), prompt=min(in_len, 256),
                                  ctx=in_len + out_len // 2, budget_s=args.replay_budget_s)

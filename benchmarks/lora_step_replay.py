@@ -64,6 +64,9 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "ovl": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "shrink"},   # LORASERVE_LORA_OVERLAP_LARGE=shrink
     "ovlfull": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "full"},   # shrink + expand into a delta beside
     "sstream": {("loraserve.kernels.lora_shrink", "shrink_config"): _sstream},
+    "nopdl": {("loraserve.kernels.lora_meta", "LORA_PDL"): False},          # no programmatic dependent launch
+    "nopdl_s": {("loraserve.kernels.lora_shrink", "pdl_launch"): lambda orig: (lambda device: {})},   # shrink only
+    "nopdl_e": {(ES, "pdl_launch"): lambda orig: (lambda device: {})},                                # expand only
     "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)
     "empty": {},    # no adapter row in the step (below)

@@ -75,16 +75,18 @@ def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int,
     return best
 
 
-# LoRA graphs keyed by a bound on the step's distinct adapters too (LORASERVE_LORA_SEG_BUCKETS=1): the grid is
+# LoRA graphs keyed by a bound on the step's distinct adapters too (LORASERVE_LORA_SEG_BUCKETS): the grid is
 # cdiv(T, BM) + segments tiles, and the configs that count every grid tile active (the expand's column groups,
-# the shrink's split) then size for the adapters the step has, not for Bp - 1 (bench_churn's steady mixed step:
-# 63 decode rows over 32 adapters + a 256-token chunk, graph (72, 352): 54 tiles instead of 93 for 48 used).
+# the shrink's split) then size for the adapters the step has, not for Bp - 1 / min(slots, bs). H200 probe
+# (2026-11-30 22:02, bench_lora_resident --replay-variants, 8 layers, q+v, 32 adapters of rank 8-64, 8000
+# granules; what the adapters add per layer): decode graph of 64 rows 37.2 -> 27.1 us (68 -> 36 tiles);
+# mixed step (72, 352) 49.8 -> 48.7 us (93 -> 54 tiles: within the noise). Default "decode".
 SEG_BUCKETS = (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def lora_seg_buckets(family: str = "mixed") -> bool:
-    """LORASERVE_LORA_SEG_BUCKETS: 1 / all (mixed-step and decode graphs), mixed, decode, or 0 (off)."""
-    v = os.environ.get("LORASERVE_LORA_SEG_BUCKETS", "0").strip().lower()
+    """LORASERVE_LORA_SEG_BUCKETS: 1 / all (mixed-step and decode graphs), mixed, decode (the default), or 0."""
+    v = os.environ.get("LORASERVE_LORA_SEG_BUCKETS", "decode").strip().lower()
     return v in ("1", "all", "true", "on", "yes") or v == family
 
 

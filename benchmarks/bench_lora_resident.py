@@ -286,10 +286,14 @@ def main() -> int:
             rv = {}
         out["step_replay"] = rv
         print(f"  [step replay {time.perf_counter() - t:.1f} s]", flush=True)
-        ok = {v: r["lora_us"] for v, r in rv.items() if "lora_us" in r and "empty" not in v}
+        ok = {v: r["lora_per_layer_us"] for v, r in rv.items() if "lora_us" in r and "empty" not in v}
+        best = min(ok, key=ok.get) if ok else "default"
         if loop_variant == "best":
-            loop_variant = min(ok, key=ok.get) if ok else "default"
+            loop_variant = best
             print(f"  loops with the fastest replayed variant: {loop_variant}", flush=True)
+        if args.also_variants:   # "best" there: the fastest replayed variant (not run twice)
+            also = [best if v == "best" else v for v in args.also_variants.split(",")]
+            args.also_variants = ",".join(v for i, v in enumerate(also) if v not in also[:i] and v != loop_variant)
         save()
     elif loop_variant == "best":
         loop_variant = "default"

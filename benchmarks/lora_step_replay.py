@@ -183,7 +183,7 @@ def profile_replays(lora_graph, plain_graph, reps: int = 5, rows: int = 10) -> d
 
 
 def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: int = 256, ctx: int = 320,
-                    reps: int = 20, rounds: int = 2, profile: bool = True, budget_s: float = 1e9) -> dict:
+                    reps: int = 20, rounds: int = 3, profile: bool = True, budget_s: float = 1e9) -> dict:
     """Per variant: us per replay of the LoRA graph of this step (recaptured under the variant) and of the plain
     graph beside it (alternating, `rounds` times, minimum kept); returns {variant: {...}} and prints a table."""
     mixed = engine.runner.mixed_graphs

@@ -57,7 +57,8 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "nopf": dict(prefetch=""), "pf_at": dict(prefetch="at"), "pf_at_b64": dict(prefetch="at", bgmv_max_tokens=64),
             "b64": dict(prefetch="", bgmv_max_tokens=64), "pf_t": dict(prefetch="t"),
             "overlap_pf_at_b64": dict(overlap="shrink", prefetch="at", bgmv_max_tokens=64),
-            "overlap_nopf": dict(overlap="shrink", prefetch="")}
+            "overlap_nopf": dict(overlap="shrink", prefetch=""),
+            "before": dict(prefetch="", bgmv_max_tokens=32, overlap="")}  # the defaults before this session (b1789bc)
 _CARVED = [False]
 
 

@@ -193,10 +193,14 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
 
 def bgmv_applies(num_tokens: int, rank: int) -> bool:
     """The BGMV shrink takes this step (streaming path only): lora_meta.LORA_BGMV is on, the step
-    has <= LORA_BGMV_MAX_TOKENS tokens and rank <= 64 (one 16-row A block per rank block)."""
+    has <= LORA_BGMV_MAX_TOKENS tokens and rank <= 64 (one 16-row A block per rank block); above 32
+    tokens only at rank <= 16 (H200 probe 22:01: qkv rank 64 / 32 adapters / 64 tokens took 38.2 us
+    with the BGMV shrink vs 33.2 with the dot shrink: its 4 rank blocks x K chunks of partials cost
+    the expand 13.4 -> 18.4 us)."""
     from . import lora_meta
 
-    return lora_meta.LORA_BGMV and num_tokens <= lora_meta.LORA_BGMV_MAX_TOKENS and rank <= 64
+    return (lora_meta.LORA_BGMV and num_tokens <= lora_meta.LORA_BGMV_MAX_TOKENS
+            and rank <= (64 if num_tokens <= 32 else 16))
 
 
 def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, block_m: int,

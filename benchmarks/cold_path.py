@@ -271,8 +271,8 @@ def vary_context(spec: str):
     "foldland=0" (staged.FOLD_ON_LANDING off: the scale folds on the parser's thread), "hashstep_kb=4096" (bytes
     per recv_into + sha256 step of a blob download: fewer GIL round trips), "spin=1" (a Python thread busy in
     bytecode meanwhile: what a GIL-holding neighbour, e.g. a busy event loop, costs the cold path),
-    "dirty_mb=6000" (that much written to a file in the temp dir first and left to the kernel's writeback during
-    the block, as a freshly written 16 GB checkpoint leaves it; the file is removed after)."""
+    "dirty_mb=6000" (that much written to a file in the temp dir first and written back (fsync on a thread) during
+    the block, as the kernel flushes a freshly written 16 GB checkpoint ~30 s later; the file is removed after)."""
     import gc
     import sys
 
@@ -303,7 +303,7 @@ def vary_context(spec: str):
         gc.freeze()
     if opts.get("gc") == "off":
         gc.disable()
-    dirty = None
+    dirty = flusher = None
     spin_stop = None
     if opts.get("spin", "0") != "0":
         import threading
@@ -323,13 +323,18 @@ def vary_context(spec: str):
         block = b"\x5a" * (16 << 20)
         for _ in range(max(1, int(opts["dirty_mb"]) // 16)):
             os.write(fd, block)
-        os.close(fd)
+        import threading
+
+        # written back DURING the block (as the kernel's flusher does ~30 s after a big write): fsync on a thread
+        flusher = threading.Thread(target=lambda: (os.fsync(fd), os.close(fd)), name="dirty-flush", daemon=True)
+        flusher.start()
     try:
         yield
     finally:
         if spin_stop is not None:
             spin_stop.set()
         if dirty is not None:
+            flusher.join(60)
             os.unlink(dirty)
         torch.set_num_threads(prev_threads)
         blob_fetch.BLOB_STREAMS = prev_streams

@@ -44,12 +44,13 @@ def _tasks() -> dict[int, tuple[int, int, int]]:
 
 
 def _cpu_ticks() -> list[int]:
-    """The host's CPU time so far, all CPUs summed, in clock ticks: user, nice, system, idle, iowait, irq, softirq."""
+    """The host's CPU time so far, all CPUs summed, in clock ticks: user, nice, system, idle, iowait, irq, softirq,
+    steal (a VM's CPUs taken by the hypervisor, e.g. for its disk I/O)."""
     try:
         with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:8]]
+            return [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
-        return [0] * 7
+        return [0] * 8
 
 
 def _dirty_mb() -> tuple[float, float]:
@@ -202,7 +203,7 @@ class ThreadWatch:
                 "wakes": len(late), "late_ms_sum": sum(late) * 1e3,
                 "late_ms_p50": late[len(late) // 2] * 1e3 if late else 0.0,
                 "late_ms_max": late[-1] * 1e3 if late else 0.0,
-                "host_cpu_ms": dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq"),
+                "host_cpu_ms": dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"),
                                         (round(x, 1) for x in self.host_cpu_ms))),
                 "dirty_writeback_mb": self.dirty_mb,
                 "gc": [(g, round(ms, 2)) for g, ms, _ in self.collections],

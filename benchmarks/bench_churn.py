@@ -198,7 +198,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
     time_first_token(eng, prompt(64))  # warm-up
     base = [time_first_token(eng, prompt(64)) for _ in range(3)]
     result = {"base_ttft_s": statistics.median(base)}
-    cold, warm, stages, timelines, watches, varies = [], [], [], [], [], []
+    cold, warm, stages, timelines, watches, varies, dirty = [], [], [], [], [], [], []
     if use_registry:
         from loraserve.inference.adapter_source import AdapterFetcher
         from loraserve.registry.client import RegistryClient
@@ -231,6 +231,7 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
                         watches.append(w)  # (summarised after the timing: gc.get_objects() is not free)
                     return hold
                 timeline: list = []
+                dirty.append(_dirty_mb())  # (before the clock starts: the host's page cache, writeback under way?)
                 cold.append(time_first_token(eng, prompt(64), resolve=resolve, timeline=timeline))
                 st = _handle_timings(eng, 10_000 + i)  # (an overlapped download: its time is the handle's)
                 stages.append(dict(st, resolve_s=fetched[0].resolve_s,
@@ -262,12 +263,19 @@ def cold_adapter(model_dir: str, dtype: str, device: str, n: int, workdir: str, 
         st["rest_s"] = total - sum(v for k, v in st.items() if k not in skip)
     result.update(cold_ttft_s=statistics.median(cold), resident_ttft_s=statistics.median(warm),
                   cold_ttft_all_s=cold, cold_stages=stages, cold_timelines_s=timelines[1:],
+                  dirty_writeback_mb_at_start=dirty,
                   cold_watch=[("(varied) " if v else "") + w.summary() for w, v in zip(watches[1:], varies[1:])],
                   adapter_dir_bytes=sum(os.path.getsize(os.path.join(paths[0], f)) for f in os.listdir(paths[0])))
     llm.shutdown()
     llm = eng = None  # drop the engine before the next one loads (a del would hide eng from resolve's closure)
     free_memory()
     return result
+
+
+def _dirty_mb() -> tuple[float, float]:
+    from benchmarks.thread_watch import _dirty_mb as read
+
+    return read()
 
 
 def _handle_timings(engine, int_id: int) -> dict:
@@ -357,6 +365,9 @@ def main() -> int:
             print("  engine path, ms: " + ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.1f}" for k, v in st.items()))
         for text in cold.get("cold_watch", []):
             print("  watch: " + text.replace("\n", "\n    "))
+        if cold.get("dirty_writeback_mb_at_start"):
+            print("  page cache at each cold request's start, dirty/writeback MB: " + ", ".join(
+                f"{d:.0f}/{w:.0f}" for d, w in cold["dirty_writeback_mb_at_start"]))
         for tl in cold.get("cold_timelines_s", []):
             print(f"  timeline, ms from the request: resolved (parsed, verified, staged) {tl[0] * 1e3:.1f}, engine steps "
                   f"ended " + ", ".join(f"{x * 1e3:.1f}" for x in tl[1:]) + " (the last: the first token)")

@@ -24,7 +24,7 @@ from .pdl import pdl_kwargs  # noqa: F401  (the launcher's WAIT decision is fp8_
 
 if HAS_TRITON:
     from .fp8_gemv_half import _half_chunk
-    from .fp8_rope_kv import _quant_store
+    from .fp8_rope_kv import _quant_store, _rot
 
     @triton.jit
     def _rope_pair_store(acc_a, acc_b, t, row0, offs_a, jcol, s_ptr, b_ptr, pos_ptr, cs_ptr, stride_c, num_positions,
@@ -43,17 +43,18 @@ if HAS_TRITON:
         p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
         c = tl.load(cs_ptr + p * stride_c + jcol)
         sn = tl.load(cs_ptr + p * stride_c + HALF + jcol)
-        if row0 < Q_SIZE:   # q: rotated, stored in x's dtype (kernels/rope.py _rope_one's arithmetic)
-            tl.store(qo_ptr + t * stride_qo + offs_a, (ya * c - yb * sn).to(dt))
-            tl.store(qo_ptr + t * stride_qo + offs_b, (yb * c + ya * sn).to(dt))
+        ra, rb = _rot(ya, yb, c, sn)   # fp8_rope_kv's arithmetic (explicit FMAs)
+        if row0 < Q_SIZE:   # q: rotated, stored in x's dtype
+            tl.store(qo_ptr + t * stride_qo + offs_a, ra.to(dt))
+            tl.store(qo_ptr + t * stride_qo + offs_b, rb.to(dt))
         else:
             slot = tl.load(slot_ptr + t).to(tl.int64)
             ok = offs_a >= 0
             if row0 < Q_SIZE + KV_SIZE:   # k: rotated, rounded to the dtype, then the e4m3 code (fp8_rope_kv)
                 dst = kc_ptr + slot * KV_SIZE + (offs_a - Q_SIZE)
                 k_scale = tl.load(ks_ptr)
-                _quant_store((ya * c - yb * sn).to(dt).to(tl.float32), k_scale, dst, ok)
-                _quant_store((yb * c + ya * sn).to(dt).to(tl.float32), k_scale, dst + HALF, ok)
+                _quant_store(ra.to(dt).to(tl.float32), k_scale, dst, ok)
+                _quant_store(rb.to(dt).to(tl.float32), k_scale, dst + HALF, ok)
             else:   # v: the e4m3 code of the rounded GEMV output
                 dst = vc_ptr + slot * KV_SIZE + (offs_a - Q_SIZE - KV_SIZE)
                 v_scale = tl.load(vs_ptr)

@@ -10,7 +10,8 @@
     CUDA graph captured before calibration writes with the calibrated scales).
 
 The FP8 cache's form of kernels/rope.py rope_store_kv (the bf16 engine's fused decode op): it replaces
-apply_rope + store_kv_fp8 (two launches per layer, neither a programmatic dependent). The rotated k is rounded
+apply_rope + store_kv_fp8 (two launches per layer, neither a programmatic dependent). The rotation is written with
+explicit FMAs (_rot), shared with the qkv-GEMV-fused form (kernels/fp8_qkv_rope.py), so both write the same bits. The rotated k is rounded
 to k's dtype before the division, as the two-launch path rounds it when apply_rope writes it back, so both
 write the same codes (division div_rn and round-to-nearest-even cast, as torch and kernels/kv_store.py).
 vLLM does the same in one op (rotary_embedding, then reshape_and_cache_flash with kv_cache_dtype="fp8",
@@ -27,7 +28,28 @@ from .pdl import pdl_kwargs
 FP8_MAX = 448.0
 
 if HAS_TRITON:
-    from .rope import _rope_one
+
+    @triton.jit
+    def _rot(x1, x2, c, s):
+        # rotate-half RoPE of the pairs (x1, x2) in fp32 with explicit FMAs: the same bits in every FP8 RoPE kernel
+        # (this one, kernels/fp8_qkv_rope.py), whichever way the compiler would contract x1 * c - x2 * s (on the H200
+        # the GEMV-fused and the separate kernel differed there by an ulp)
+        return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
+
+    @triton.jit
+    def _rope_q(q_ptr, o_ptr, t, stride_xt, stride_xh, stride_ot, stride_oh, NH, c, s, HALF: tl.constexpr,
+                HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr):
+        # kernels/rope.py's _rope_one (q of one token, every head) on _rot
+        heads = tl.arange(0, BLOCK_H)
+        cols = tl.arange(0, HALF_P2)
+        ok = (heads < NH)[:, None] & (cols < HALF)[None, :]
+        x_row = q_ptr + t * stride_xt + heads[:, None] * stride_xh + cols[None, :]
+        x1 = tl.load(x_row, mask=ok, other=0.0)
+        x2 = tl.load(x_row + HALF, mask=ok, other=0.0)
+        r1, r2 = _rot(x1.to(tl.float32), x2.to(tl.float32), c[None, :], s[None, :])
+        o_row = o_ptr + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+        tl.store(o_row, r1.to(x1.dtype), mask=ok)
+        tl.store(o_row + HALF, r2.to(x1.dtype), mask=ok)
 
     @triton.jit
     def _quant_store(vals, scale, dst_ptrs, ok):
@@ -50,7 +72,7 @@ if HAS_TRITON:
         cols = tl.arange(0, HALF_P2)
         c = tl.load(cache_ptr + p * stride_c + cols, mask=cols < HALF, other=0.0)
         s = tl.load(cache_ptr + p * stride_c + HALF + cols, mask=cols < HALF, other=0.0)
-        _rope_one(q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, H, c, s, HALF, HALF_P2, BLOCK_H)
+        _rope_q(q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, H, c, s, HALF, HALF_P2, BLOCK_H)
         heads = tl.arange(0, BLOCK_KVH)
         ok = (heads < KVH)[:, None] & (cols < HALF)[None, :]
         # this token's cache row: [KVH, D] contiguous at slot * KVH * D (the cache's layout)
@@ -60,8 +82,9 @@ if HAS_TRITON:
         k2 = tl.load(k_row + HALF, mask=ok, other=0.0)
         f1, f2 = k1.to(tl.float32), k2.to(tl.float32)
         # rounded to k's dtype first: the codes the two-launch path (apply_rope, then store_kv_fp8) writes
-        r1 = (f1 * c[None, :] - f2 * s[None, :]).to(k1.dtype).to(tl.float32)
-        r2 = (f2 * c[None, :] + f1 * s[None, :]).to(k1.dtype).to(tl.float32)
+        r1, r2 = _rot(f1, f2, c[None, :], s[None, :])
+        r1 = r1.to(k1.dtype).to(tl.float32)
+        r2 = r2.to(k1.dtype).to(tl.float32)
         k_scale = tl.load(k_scale_ptr)
         _quant_store(r1, k_scale, k_cache_ptr + dst, ok)
         _quant_store(r2, k_scale, k_cache_ptr + dst + HALF, ok)
@@ -106,16 +129,18 @@ if HAS_TRITON:
         ok_q = (hq < H)[:, None] & (cols < HALF)[None, :]
         offs_q = tl.where(ok_q, hq[:, None] * D + cols[None, :], 0)
         q1, q2 = _scaled_pair(a_ptr, t, stride_at, offs_q, xs, ws_ptr, b_ptr, HALF, HAS_BIAS, dt)
-        tl.store(qo_ptr + t * stride_qot + offs_q, (q1 * c[None, :] - q2 * s[None, :]).to(dt), mask=ok_q)
-        tl.store(qo_ptr + t * stride_qot + offs_q + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(dt), mask=ok_q)
+        r1, r2 = _rot(q1, q2, c[None, :], s[None, :])
+        tl.store(qo_ptr + t * stride_qot + offs_q, r1.to(dt), mask=ok_q)
+        tl.store(qo_ptr + t * stride_qot + offs_q + HALF, r2.to(dt), mask=ok_q)
         heads = tl.arange(0, BLOCK_KVH)
         ok = (heads < KVH)[:, None] & (cols < HALF)[None, :]
         offs_kv = tl.where(ok, heads[:, None] * D + cols[None, :], 0)
         dst = slot * (KVH * D) + offs_kv
         k1, k2 = _scaled_pair(a_ptr, t, stride_at, H * D + offs_kv, xs, ws_ptr, b_ptr, HALF, HAS_BIAS, dt)
         k_scale = tl.load(k_scale_ptr)
-        _quant_store((k1 * c[None, :] - k2 * s[None, :]).to(dt).to(tl.float32), k_scale, k_cache_ptr + dst, ok)
-        _quant_store((k2 * c[None, :] + k1 * s[None, :]).to(dt).to(tl.float32), k_scale, k_cache_ptr + dst + HALF, ok)
+        r1, r2 = _rot(k1, k2, c[None, :], s[None, :])
+        _quant_store(r1.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst, ok)
+        _quant_store(r2.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst + HALF, ok)
         v1, v2 = _scaled_pair(a_ptr, t, stride_at, (H + KVH) * D + offs_kv, xs, ws_ptr, b_ptr, HALF, HAS_BIAS, dt)
         v_scale = tl.load(v_scale_ptr)
         _quant_store(v1, v_scale, v_cache_ptr + dst, ok)

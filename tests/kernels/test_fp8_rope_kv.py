@@ -68,7 +68,12 @@ def check(dtype: str, T: int, H: int, KVH: int, D: int, block_size: int = 16, de
             assert float((got.view(torch.uint8) == ref.view(torch.uint8)).float().mean()) > 0.9
             torch.testing.assert_close(got.float(), ref.float(), rtol=0.5, atol=2.0 ** -6)
     else:
-        assert torch.equal(kb, kr), "k codes differ from RoPE (rounded to the dtype) then the e4m3 store"
+        # the kernel rotates with FMAs (fp8_rope_kv._rot), torch rounds each product: the rotated k may round to the
+        # other neighbour in the dtype where the exact value sits on an edge, and its code then move by one step
+        kf, rf = k_cache.float(), k_ref.float()
+        step = (kf - rf).abs() <= torch.maximum(kf.abs(), rf.abs()) / 8 + 2.0 ** -9
+        assert float((kb == kr).float().mean()) > 0.999 and bool(step.all()), \
+            "k codes differ from RoPE (rounded to the dtype) then the e4m3 store"
         assert torch.equal(vb, vr), "v codes differ from the e4m3 store of v"
     assert not torch.isnan(k_cache.float()).any(), "a saturating value became NaN"
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=device)

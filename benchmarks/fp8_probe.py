@@ -159,7 +159,9 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
         w_q[r:r + 16384], s[r:r + 16384] = quantize_per_channel(w[r:r + 16384])
     from loraserve.kernels import fp8_gemv_configs as fc
 
-    heads = {"bf16": lambda x: F.linear(x, w), "fp8": Fp8Head(w_q, s), "fp8_rescore8": Fp8Head(w_q, s, w, 8)}
+    heads = {"bf16": lambda x: F.linear(x, w), "fp8": Fp8Head(w_q, s), "fp8_rescore8": Fp8Head(w_q, s, w, 8),
+             "fp8_rescore8_torch": Fp8Head(w_q, s, w, 8)}   # the rescoring as torch ops (LORASERVE_FP8_HEAD_FUSED=0)
+    table_head = fc._HALF_M1.get((vocab, hidden))   # the table's own head entry, restored after each forced one
     # the fp16-product GEMV (gemvh) for the head at M = 1, at gate_up's winning tile with split 1 and 2 (not in the
     # table: measured here first)
     half = {"fp8_gemvh2_s1": ("gemvh2", 1, 4, 512, 1, 4, 4), "fp8_gemvh2_s2": ("gemvh2", 1, 4, 512, 2, 4, 4),
@@ -171,6 +173,8 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
         for name, fn in list(heads.items()) + ([(k, heads["fp8"]) for k in half] if m == 1 else []):
             if name in half:
                 fc._HALF_M1[(vocab, hidden)] = half[name]
+            if name == "fp8_rescore8_torch":
+                os.environ["LORASERVE_FP8_HEAD_FUSED"] = "0"
             fn(x)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -186,7 +190,11 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
             torch.cuda.synchronize()
             row[name] = round(start.elapsed_time(end) * 1e3 / 20, 1)
             row[f"{name}_argmax_eq_bf16"] = float((y.argmax(-1) == F.linear(x, w).argmax(-1)).float().mean())
-            fc._HALF_M1.pop((vocab, hidden), None)
+            os.environ.pop("LORASERVE_FP8_HEAD_FUSED", None)
+            if table_head is None:
+                fc._HALF_M1.pop((vocab, hidden), None)
+            else:
+                fc._HALF_M1[(vocab, hidden)] = table_head
         out[m] = row
         print(f"  lm_head M={m} (us): {row}", flush=True)
     return out

@@ -149,3 +149,36 @@ def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, 
     assert torch.equal(q, q2), f"q differs at {int((q != q2).sum())}"
     for a, b_ in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert torch.equal(a.float(), b_.float()), f"cache differs at {int((a.float() != b_.float()).sum())}"
+
+
+def check_head_rescore(dtype: str, m: int, v: int, h: int, k: int, chunk: int, device: str = "cpu") -> None:
+    """kernels/fp8_head_rescore.py vs the torch form (Fp8Head._candidates's chunk argmaxes of the k best chunks, the
+    exact rows' dot products scattered in): the same candidates, the sum's logits bit for bit elsewhere."""
+    from loraserve.kernels.fp8_head_rescore import fp8_head_rescored
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(m * 7 + v + h)
+    ws = torch.randn(2, m, v, generator=g)
+    s = torch.rand(v, generator=g) + 0.5
+    # k + 4 distinct peaks per row (8, 9, ... times the scale's inverse: exact in bf16) in distinct chunks: the k best
+    # chunks and their argmaxes are unambiguous (bf16 logits elsewhere may tie; that is not what this checks)
+    for r in range(m):
+        chunks = torch.randperm(v // chunk, generator=g)[:k + 4]
+        ids = chunks * chunk + torch.randint(0, chunk, (k + 4,), generator=g)
+        ws[0, r, ids] = (8.0 + torch.arange(k + 4, dtype=torch.float32)) / s[ids]
+        ws[1, r, ids] = 0.0
+    ws, s = ws.to(device), s.to(device)
+    x = torch.randn(m, h, generator=g).to(device, dt)
+    exact = torch.randn(v, h, generator=g).to(device, dt)
+    y = fp8_head_rescored(ws, s, x, exact, k, chunk)
+    ref = ((ws[0] + ws[1]) * s).to(dt)                                      # the split-K sum's rounding
+    best, where = ref.float().view(m, v // chunk, chunk).max(dim=-1)
+    top = best.topk(k, dim=-1).indices
+    idx = top * chunk + where.gather(1, top)                                 # [m, k] candidates
+    dots = torch.einsum("mkh,mh->mk", exact[idx].float(), x.float())
+    mask = torch.zeros(m, v, dtype=torch.bool, device=device)
+    mask.scatter_(1, idx, True)
+    assert torch.equal(y[~mask], ref[~mask]), "logits outside the candidates changed"
+    got = y.gather(1, idx).float()
+    torch.testing.assert_close(got, dots.to(dt).float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
+    changed = (y != ref).sum(dim=1)
+    assert bool((changed <= k).all()), "more than k logits per row rescored"

@@ -56,6 +56,19 @@ def test_rope_kv_scaled_interp(interp, dtype, t, heads, kv_heads, d, bias) -> No
     interp.submit(cases.check_rope_kv_scaled, dtype, t, heads, kv_heads, d, bias).result(timeout=300)
 
 
+@pytest.mark.parametrize("dtype,m,v,h,k,chunk", [("float16", 1, 640, 64, 4, 16), ("float32", 3, 1120, 96, 8, 16)])
+def test_head_rescore_interp(interp, dtype, m, v, h, k, chunk) -> None:
+    """The FP8 LM head's fused rescoring == the torch form's candidates; other logits untouched."""
+    interp.submit(cases.check_head_rescore, dtype, m, v, h, k, chunk).result(timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 4])
+def test_head_rescore_gpu(m) -> None:
+    cases.check_head_rescore("bfloat16", m, 128256, 4096, 8, 128, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rope_kv_scaled_gpu() -> None:

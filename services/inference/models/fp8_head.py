@@ -36,6 +36,10 @@ class Fp8Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact is not None and x.shape[0] > lm_head_max_m():   # larger batches: the bf16 head (H200: the
             return F.linear(x, self.exact.to(x.dtype))                # top-k and gather cost more than FP8 saves)
+        if self.exact is not None and x.shape[0] > 0 and head_fused_on():
+            fused = self._fused_rescored(x)   # [N, V] or None (not this shape / path)
+            if fused is not None:
+                return fused
         logits = self._fp8_logits(x)                                            # [N, V]
         if self.exact is not None and x.shape[0] > 0:
             idx = self._candidates(logits)                                      # [N, k]
@@ -56,6 +60,33 @@ class Fp8Head(nn.Module):
         top = best.topk(self.rescore, dim=-1).indices                                 # [N, k] chunk numbers
         return top * chunk + where.gather(1, top)
 
+    def _fused_rescored(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CUDA, a split-K GEMV config: the split-K sum also finds each row's chunk maxima and one launch rescores the
+        best `rescore` chunks' argmaxes from the bf16 rows (kernels/fp8_head_rescore.py: 2 launches after the GEMV,
+        where the torch form below takes ~9); the same candidates as _candidates."""
+        if gemm_path(x, self.weight) == "dequant" or "gemv" in _BROKEN or "head_rescore" in _BROKEN \
+                or self.exact.dtype != x.dtype:
+            return None
+        from loraserve.kernels.fp8_gemv import fp8_gemv
+        from loraserve.kernels.fp8_head_rescore import fp8_head_rescored, head_rescore_ok
+
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        try:
+            ws, _ = fp8_gemv(x, self.weight, self.weight_scale, weight_only=True, defer_sum=True)
+            if not head_rescore_ok(ws, RESCORE_CHUNK, self.rescore):
+                return None if ws.dim() == 3 else self._rescored_torch(ws, x)
+            return fp8_head_rescored(ws, self.weight_scale, x, self.exact, self.rescore, RESCORE_CHUNK)
+        except Exception as err:   # a compile error: the torch form from now on
+            _BROKEN.add("head_rescore")
+            log.exception("FP8 LM head: fused rescoring failed (%s); the torch form from now on", err)
+            return None
+
+    def _rescored_torch(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        idx = self._candidates(logits)                                          # [N, k]
+        rows = self.exact.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)   # [N, k, H]
+        exact = torch.bmm(rows, x.to(rows.dtype)[:, :, None]).squeeze(-1)      # [N, k], fp32 accumulate
+        return logits.scatter_(1, idx, exact.to(logits.dtype))
+
     def _fp8_logits(self, x: torch.Tensor) -> torch.Tensor:
         # CUDA: the FP8 GEMV kernels (weight-only); elsewhere the dequantized matmul
         if gemm_path(x, self.weight) != "dequant" and "gemv" not in _BROKEN:
@@ -74,6 +105,11 @@ class Fp8Head(nn.Module):
 
 
 RESCORE_CHUNK = 128   # Fp8Head._candidates: vocabulary ids per chunk (Llama-3's 128256 = 1002 x 128)
+
+
+def head_fused_on() -> bool:
+    """LORASERVE_FP8_HEAD_FUSED=0: the rescoring as torch ops (_candidates, gather, bmm, scatter) after the GEMV."""
+    return os.environ.get("LORASERVE_FP8_HEAD_FUSED", "1").strip() != "0"
 
 
 def lm_head_max_m() -> int:

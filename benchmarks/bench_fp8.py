@@ -39,7 +39,7 @@ from benchmarks.fp8_quality import agreement  # noqa: E402  (the quality runs: t
 # --also-alt-paths's default: the FP8 decode paths of the 20:55 final (before the fused ones and the new defaults)
 PREVIOUS_DECODE_PATHS = ("LORASERVE_FP8_GEMV_HALF=0,LORASERVE_FP8_W8A8=token,LORASERVE_FP8_GATE_UP_SILU=0,"
                          "LORASERVE_FP8_PREQUANT=0,LORASERVE_FP8_DEFER_DOWN_SUM=0,LORASERVE_FP8_QKV_ROPE=0,"
-                         "LORASERVE_FP8_DEFER_O=0")
+                         "LORASERVE_FP8_DEFER_O=0,LORASERVE_FP8_HEAD_FUSED=0")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 

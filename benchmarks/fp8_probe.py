@@ -51,7 +51,7 @@ VARIANTS = (
     ("defer_off", {"LORASERVE_FP8_DEFER_DOWN_SUM": "0"}),
     ("qkv_rope_off", {"LORASERVE_FP8_QKV_ROPE": "0"}),
     ("defer_o_off", {"LORASERVE_FP8_DEFER_O": "0"}),
-    ("defer_qkv_off", {"LORASERVE_FP8_DEFER_QKV": "0"}),
+    ("defer_qkv_on", {"LORASERVE_FP8_DEFER_QKV": "1"}),   # opt-in (slower at batch 64, probe 22:27)
     ("gate_up_split1", {"LORASERVE_FP8_GATE_UP_SPLIT1": "1"}),   # one-token gate_up without split-K: SiLU in the GEMV
     ("unfused", {"LORASERVE_FP8_GATE_UP_SILU": "0", "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
                  "LORASERVE_FP8_QKV_ROPE": "0", "LORASERVE_FP8_DEFER_O": "0"}),

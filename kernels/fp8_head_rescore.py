@@ -43,7 +43,7 @@ if HAS_TRITON:
         tl.store(arg_ptr + row * NCHUNK + chunk, chunk * CHUNK + carg, mask=cok)
 
     @triton.jit
-    def _head_rescore_kernel(y_ptr, best_ptr, arg_ptr, x_ptr, e_ptr, NCHUNK, H, stride_ym, stride_xm, stride_e,
+    def _head_rescore_kernel(y_ptr, best_ptr, arg_ptr, x_ptr, e_ptr, NCHUNK, V, H, stride_ym, stride_xm, stride_e,
                              K: tl.constexpr, NCHUNK_P2: tl.constexpr, BLOCK_H: tl.constexpr):
         # program (row, k): the k-th best chunk of the row (K passes of max-and-remove), its argmax id's logit from
         # the exact row in fp32
@@ -56,7 +56,8 @@ if HAS_TRITON:
             pos = tl.argmax(b, axis=0)
             chosen = tl.where(k == j, pos, chosen)
             b = tl.where(idx == pos, float("-inf"), b)
-        tok = tl.load(arg_ptr + row * NCHUNK + chosen).to(tl.int64)
+        chosen = tl.minimum(chosen, NCHUNK - 1)   # (NaN logits could leave the argmax in the padding)
+        tok = tl.minimum(tl.maximum(tl.load(arg_ptr + row * NCHUNK + chosen).to(tl.int64), 0), V - 1)
         offs = tl.arange(0, BLOCK_H)
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -90,7 +91,7 @@ def fp8_head_rescored(ws: Tensor, w_scale: Tensor, x: Tensor, exact: Tensor, k: 
     block = max(chunk, min(1024, triton.next_power_of_2(V)))
     _splitk_sum_chunkmax_kernel[(M, triton.cdiv(V, block))](ws, w_scale, y, best, arg, M, V, splits, nchunk, y.stride(0),
                                                             BLOCK=block, CHUNK=chunk, num_warps=4)
-    _head_rescore_kernel[(M, k)](y, best, arg, x, exact, nchunk, H, y.stride(0), x.stride(0), exact.stride(0), K=k,
+    _head_rescore_kernel[(M, k)](y, best, arg, x, exact, nchunk, V, H, y.stride(0), x.stride(0), exact.stride(0), K=k,
                                  NCHUNK_P2=triton.next_power_of_2(nchunk), BLOCK_H=min(1024, triton.next_power_of_2(H)),
                                  num_warps=4)
     return y

@@ -137,9 +137,10 @@ def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, 
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     cs = rope_cos_sin_cache(inv_freq.float().to(device), 64)
     positions = torch.randint(0, 64, (t,), generator=g).to(device)
-    slots = torch.randperm(16, generator=g)[:t].to(device)
+    blocks = t // 4 + 3   # 4-slot blocks, scattered distinct slots (some untouched)
+    slots = torch.randperm(blocks * 4, generator=g)[:t].to(device)
     scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
-    caches = [torch.zeros(4, 4, kv_heads, d, device=device).to(torch.float8_e4m3fn) for _ in range(4)]
+    caches = [torch.zeros(blocks, 4, kv_heads, d, device=device).to(torch.float8_e4m3fn) for _ in range(4)]
     q = rope_store_kv_fp8_scaled(positions, acc, xs, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
     y = acc * xs * ws + (b.float() if bias else 0)
     qkv = y.to(dt)
@@ -182,3 +183,27 @@ def check_head_rescore(dtype: str, m: int, v: int, h: int, k: int, chunk: int, d
     torch.testing.assert_close(got, dots.to(dt).float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
     changed = (y != ref).sum(dim=1)
     assert bool((changed <= k).all()), "more than k logits per row rescored"
+
+
+def check_head_self_check(device: str = "cpu") -> None:
+    """Fp8Head._check_fused (the first eager call's comparison with the torch form) keeps a correct fused result and
+    replaces a wrong one (a logit outside the candidates changed) by the torch form, switching the fused path off."""
+    from loraserve.inference.models.fp8 import _BROKEN, quantize_per_channel
+    from loraserve.inference.models.fp8_head import Fp8Head
+    from loraserve.kernels.fp8_head_rescore import fp8_head_rescored
+
+    g = torch.Generator().manual_seed(5)
+    v, h, k = 2048, 64, 2
+    w = torch.randn(v, h, generator=g).to(device, torch.float16)
+    w_q, s = quantize_per_channel(w)
+    head = Fp8Head(w_q, s, exact=w, rescore=k)
+    x = torch.randn(1, h, generator=g).to(device, torch.float16)
+    ws = torch.randn(2, 1, v, generator=g).to(device) * 0.01
+    y = fp8_head_rescored(ws, s, x, w, k, 128)
+    assert head._check_fused(y.clone(), ws, x).equal(y) and "head_rescore" not in _BROKEN
+    bad = y.clone()
+    bad[0, int(bad[0].argmin())] += 1.0   # a logit no candidate holds
+    head.__dict__.pop("_fused_checked")
+    out = head._check_fused(bad, ws, x)
+    assert "head_rescore" in _BROKEN and not out.equal(bad)
+    _BROKEN.discard("head_rescore")

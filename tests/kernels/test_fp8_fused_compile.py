@@ -147,5 +147,5 @@ def test_head_rescore_kernels_compile(aot, tmp_path) -> None:
          "N": "i32", "SPLITS": "i32", "NCHUNK": "i32", "stride_ym": "i32"}, {"BLOCK": 1024, "CHUNK": 128}, 4)
     aot(tmp_path, hr._head_rescore_kernel,
         {"y_ptr": P["bf"], "best_ptr": P["f"], "arg_ptr": P["i32"], "x_ptr": P["bf"], "e_ptr": P["bf"], "NCHUNK": "i32",
-         "H": "i32", "stride_ym": "i32", "stride_xm": "i32", "stride_e": "i32"},
+         "V": "i32", "H": "i32", "stride_ym": "i32", "stride_xm": "i32", "stride_e": "i32"},
         {"K": 8, "NCHUNK_P2": 1024, "BLOCK_H": 1024}, 4)

@@ -62,6 +62,11 @@ def test_head_rescore_interp(interp, dtype, m, v, h, k, chunk) -> None:
     interp.submit(cases.check_head_rescore, dtype, m, v, h, k, chunk).result(timeout=300)
 
 
+def test_head_self_check_interp(interp) -> None:
+    """The fused head rescoring is checked against the torch form on its first eager call."""
+    interp.submit(cases.check_head_self_check).result(timeout=300)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 4])

@@ -75,11 +75,32 @@ class Fp8Head(nn.Module):
             ws, _ = fp8_gemv(x, self.weight, self.weight_scale, weight_only=True, defer_sum=True)
             if not head_rescore_ok(ws, RESCORE_CHUNK, self.rescore):
                 return None if ws.dim() == 3 else self._rescored_torch(ws, x)
-            return fp8_head_rescored(ws, self.weight_scale, x, self.exact, self.rescore, RESCORE_CHUNK)
+            y = fp8_head_rescored(ws, self.weight_scale, x, self.exact, self.rescore, RESCORE_CHUNK)
+            if not self.__dict__.get("_fused_checked") and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+                y = self._check_fused(y, ws, x)   # once, on the first eager call (a host sync)
+            return y
         except Exception as err:   # a compile error: the torch form from now on
             _BROKEN.add("head_rescore")
             log.exception("FP8 LM head: fused rescoring failed (%s); the torch form from now on", err)
             return None
+
+    def _check_fused(self, y: torch.Tensor, ws: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The fused rescoring against the torch form on this call's data: only the torch form's candidates may have
+        changed, to within rounding of its values; else the torch form from now on (and its logits returned)."""
+        self.__dict__["_fused_checked"] = True
+        plain = ws[0].clone()
+        for split in range(1, ws.shape[0]):   # the split-K sum's order and rounding
+            plain += ws[split]
+        plain = (plain * self.weight_scale).to(x.dtype)
+        ref = self._rescored_torch(plain.clone(), x)
+        cand = torch.zeros_like(plain, dtype=torch.bool).scatter_(1, self._candidates(plain), True)
+        ok = not bool(((y != plain) & ~cand).any()) and torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        if not ok:
+            _BROKEN.add("head_rescore")
+            log.warning("FP8 LM head: the fused rescoring disagrees with the torch form (max diff %.3g); torch form "
+                        "from now on", float((y.float() - ref.float()).abs().max()))
+            return ref
+        return y
 
     def _rescored_torch(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         idx = self._candidates(logits)                                          # [N, k]

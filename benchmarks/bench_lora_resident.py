@@ -165,6 +165,7 @@ def main() -> int:
     ap.add_argument("--replay-decode-rows", type=int, default=0,
                     help="decode rows of the replayed mixed step (default concurrency - 1; the 128-request loop's "
                          "most replayed graph is (40, 320): ~35 rows)")
+    ap.add_argument("--replay-rounds", type=int, default=3, help="plain / LoRA replay rounds per variant (min kept)")
     ap.add_argument("--replay-budget-s", type=float, default=1e9, help="start no replay variant after this")
     ap.add_argument("--loop-variant", default="default",
                     help="the closed loops with adapters under this variant (lora_step_replay.VARIANTS); 'best': the "
@@ -278,7 +279,7 @@ def main() -> int:
         seq_slots = [slot_of[1 + k % args.adapters] for k in range(rows)] + [slot_of[1 + 5 % args.adapters]]
         try:
             rv = replay_variants(eng, seq_slots, args.replay_variants.split(","), prompt=min(in_len, 256),
-                                 ctx=in_len + out_len // 2, budget_s=args.replay_budget_s)
+                                 ctx=in_len + out_len // 2, budget_s=args.replay_budget_s, rounds=args.replay_rounds)
             out["decode_replay"] = replay_decode(eng, [slot_of[1 + k % args.adapters] for k in range(conc)],
                                                  ctx=in_len + out_len // 2)
         except Exception as exc:  # noqa: BLE001 - the closed loops below still run
@@ -334,18 +335,22 @@ def main() -> int:
         run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 5_001), conc, "rewarm")
     lora_graphs(eng, True)
     out["closed_loop"] = runs
+    out["resident32_vs_base_tok_s"] = runs["lora_graphs"]["tok_s"] / runs["base"]["tok_s"]
+    print(f"  main loops: resident{args.adapters}_vs_base_tok_s {out['resident32_vs_base_tok_s']:.3f} (median of "
+          f"{max(1, args.repeats)})", flush=True)
+    save()   # (the figure first: a time limit may cut what follows)
     if args.also_variants:   # the same loops under other variants (e.g. the defaults before), one engine
         from benchmarks.lora_step_replay import apply_variant
 
         out["also_variants"] = {}
-        for v in args.also_variants.split(","):
+        for i, v in enumerate(args.also_variants.split(",")):
             ctx = apply_variant(eng, v)
-            t = time.perf_counter()
-            run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 6_000), conc, "warm-" + v)
+            t, seed = time.perf_counter(), 7_000 + 1_000 * i   # fresh prompts per variant: no prefix-cache hit
+            run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, seed), conc, "warm-" + v)
             vr = {"lora": [], "base": []}
             for k in range(max(1, args.repeats)):
                 for tag, a in (("lora", ids), ("base", [None] * n_req)):
-                    vr[tag].append(run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 6_100 + 2 * k
+                    vr[tag].append(run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, seed + 100 + 2 * k
                                                                       + (tag == "base")), conc, v)["tok_s"])
             ratio = statistics.median(vr["lora"]) / statistics.median(vr["base"])
             out["also_variants"][v] = dict(ratio=ratio, **vr)

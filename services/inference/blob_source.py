@@ -4,7 +4,8 @@ GetAdapter(blob_url=true) answers the version, a short-lived signed URL of its a
 digests in one round trip (`_note_blob` keeps the URL by digest). A cold artifact with such a URL is
 then read by blob_fetch's workers straight into the staging block (the pinned arena on CUDA; plain
 memory on CPU), each 4 MiB range handed to the parser only once its digest matched (and copied for the
-disk cache, written once the parser released the bytes: DISK_COPY_AFTER_PARSE); the parser runs beside the download as with the gRPC ranges (LORASERVE_FETCH_OVERLAP).
+disk cache, written once the parser released the bytes: DISK_COPY_AFTER_PARSE); the parser runs beside
+the download as with the gRPC ranges (LORASERVE_FETCH_OVERLAP).
 
 Fallbacks, so gRPC stays the path that always works: a registry that offers no URL (no --blob-port,
 older stubs) is not asked again for BLOB_RETRY_S; a transport failure before any range was handed on

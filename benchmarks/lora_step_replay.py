@@ -65,6 +65,7 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "ovlfull": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "full"},   # shrink + expand into a delta beside
     "sstream": {("loraserve.kernels.lora_shrink", "shrink_config"): _sstream},
     "nopdl": {("loraserve.kernels.lora_meta", "LORA_PDL"): False},          # no programmatic dependent launch
+    "pdls256": {("loraserve.kernels.lora_meta", "LORA_PDL_SHRINK_MAX_TOKENS"): 256},   # the switch for nopdl_s
     "nopdl_s": {("loraserve.kernels.lora_shrink", "pdl_launch"): lambda orig: (lambda device: {})},   # shrink only
     "nopdl_e": {(ES, "pdl_launch"): lambda orig: (lambda device: {})},                                # expand only
     "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)

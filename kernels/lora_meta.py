@@ -100,6 +100,13 @@ _PDL_OK: dict[int, bool] = {}
 LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("", "0", "false", "off", "no")
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"))
 
+# The shrink launches with PDL only up to this many tokens (LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS; default: every
+# step, as before). Above it the shrink waits for the GEMM before it the normal way: at bench_churn's mixed step
+# (T 320-352, ~1000-1500 shrink programs) the early-launched programs may hold SM slots beside the GEMM's last
+# wave (H200 probe 2026-11-30 22:26: a base cuBLAS kernel +5.9 us a layer in the LoRA graph; the shrink without
+# PDL -7 us a layer once, within the run's noise; resident helper, kernels/PERF_NOTES.md). Read at each launch.
+LORA_PDL_SHRINK_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS", "1000000000"))
+
 # L2 prefetch of A (shrink) / B (expand) before griddepcontrol.wait, and the expand's early trigger:
 # letters of "albt" (lora_prefetch.py); "" = off. Read at each launch.
 LORA_PREFETCH = "".join(c for c in os.environ.get("LORASERVE_LORA_PREFETCH", "").strip().lower() if c in "albt")

@@ -286,7 +286,9 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
         dest = out if SK == 1 else torch.empty((SK, S, T, R), dtype=torch.float32, device=out.device)
     dest_strides = (0, *out.stride()) if dest is out and out.dim() == 3 else dest.stride()
     grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
-    pdl = pdl_launch(x.device)
+    from . import lora_meta
+
+    pdl = pdl_launch(x.device) if T <= lora_meta.LORA_PDL_SHRINK_MAX_TOKENS else {}
     pf_a = prefetch_on("l", x.device, pdl) and stream_enabled(stream) and contiguous_rows(lora_a)
     _lora_shrink_kernel[grid](
         x, lora_a, dest, ranks,

@@ -49,12 +49,12 @@ def _us(fn, per_graph: int) -> float:
     return graph_seconds(fn, per_graph, 10, warmup=2) * 1e6
 
 
-def attn_sweep(dev, out: dict, save, quick: bool) -> None:
+def attn_sweep(dev, out: dict, save, quick: bool, ctxs=(576, 2048)) -> None:
     from loraserve.kernels.unified_attention import choose_num_splits, unified_attention
 
     B = 64
     g = torch.Generator(device=dev).manual_seed(9)
-    for ctx in (576, 2048):
+    for ctx in ctxs:
         for tp, H, KVH in ((2, 16, 4), (1, 32, 8)):
             per = ctx // BS + 1
             width = max(8192 // BS, per)   # the decode graph's block table width (max_seq_len 8192)
@@ -73,8 +73,8 @@ def attn_sweep(dev, out: dict, save, quick: bool) -> None:
             k0, v0 = caches[0]
             ref = unified_attention(q, k0, v0, tables, lens, qsl, 1, D ** -0.5, num_splits=1)
             configs = ATTN_CONFIGS if tp == 2 else ATTN_CONFIGS[:3]
-            if quick:
-                configs = configs[:3]
+            if quick:   # the default and the wide key tiles
+                configs = [(64, 4, 2), (128, 4, 2), (128, 4, 3)] if tp == 2 else [(64, 4, 2), (128, 4, 2)]
             for tn, nw, ns in configs:
                 cfg = dict(TILE_N=tn, num_warps=nw, num_stages=ns)
                 for splits in ((1, 2, 3) if tp == 2 else (1, 2)):
@@ -215,6 +215,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default="skinny,gemm,attn")
     ap.add_argument("--quick", action="store_true", help="fewer attention configs")
+    ap.add_argument("--ctxs", default="576,2048", help="attention contexts")
     ap.add_argument("--smoke", action="store_true", help="CPU: imports and arguments only")
     a = ap.parse_args()
     if a.smoke or not torch.cuda.is_available():
@@ -234,7 +235,7 @@ def main() -> int:
                 json.dump(out, f, indent=1)
     for name in a.only.split(","):
         try:
-            {"gemm": lambda: gemm_sweep(dev, out, save), "skinny": lambda: skinny_sweep(dev, out, save), "attn": lambda: attn_sweep(dev, out, save, a.quick)}[name]()
+            {"gemm": lambda: gemm_sweep(dev, out, save), "skinny": lambda: skinny_sweep(dev, out, save), "attn": lambda: attn_sweep(dev, out, save, a.quick, tuple(int(c) for c in a.ctxs.split(",")))}[name]()
         except Exception as exc:  # noqa: BLE001
             out[f"{name}_error"] = repr(exc)[:300]
         save()

@@ -31,6 +31,7 @@ partials (acc, max, sum) and a second kernel merges them.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -233,6 +234,18 @@ PROGRAMS_PER_SM = 3  # programs of the decode/prefill tiles resident on one SM a
 MAX_WORKSPACE_BYTES = 128 << 20
 
 
+# Decode grids of 3/8..1/2 of TARGET_PROGRAMS (B x KV heads: tensor parallelism's 4 KV heads a rank at batch 64, or
+# batch 32 at 8): 128-key tiles and no split instead of the static rule's 64 keys x 3 splits + merge. H200, 16/4 heads,
+# B 64 (benchmarks/tp_layer_sweep.py, probe 2026-11-30 22:04): 25.1 vs 33.4 us at 576 keys, 66.6 vs 76.8 at 2048;
+# at 512 programs 64-key tiles stay best (40.2 vs 46.4). LORASERVE_ATTN_WIDE_DECODE=0: the static rule everywhere
+WIDE_DECODE = os.environ.get("LORASERVE_ATTN_WIDE_DECODE", "0").strip().lower() not in ("", "0", "off", "false", "no")
+
+
+def wide_decode(num_programs: int, elem_bytes: int, device: torch.device) -> bool:
+    target = TARGET_PROGRAMS * _num_sms(device) // 132
+    return WIDE_DECODE and elem_bytes <= 2 and target * 3 // 8 <= num_programs < target // 2
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -316,6 +329,9 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         assert t.dtype in (torch.int32, torch.int64) and t.device == q.device, (t.dtype, t.device)
     G = H // KVH
     cfg = dict(launch_config(max_query_len, G, q.element_size()), **(config or {}))
+    if config is None and max_query_len == 1 and num_splits in (None, 1) and not fp8_kv \
+            and wide_decode(B * KVH, q.element_size(), q.device):   # (decode: one query row per sequence)
+        cfg["TILE_N"], num_splits = 128, 1
     block_m = cfg.pop("BLOCK_M")
     block_q = block_m // G
     assert block_q >= 1, f"BLOCK_M {block_m} smaller than the GQA group {G}"

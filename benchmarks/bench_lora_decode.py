@@ -58,7 +58,7 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "b64": dict(prefetch="", bgmv_max_tokens=64), "pf_t": dict(prefetch="t"),
             "overlap_pf_at_b64": dict(overlap="shrink", prefetch="at", bgmv_max_tokens=64),
             "overlap_nopf": dict(overlap="shrink", prefetch=""),
-            "before": dict(prefetch="", bgmv_max_tokens=32, overlap="")}  # the defaults before this session (b1789bc)
+            "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
 _CARVED = [False]
 
 
@@ -82,6 +82,9 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_meta.LORA_BGMV = v.get("bgmv", defaults["bgmv"])
     lora_meta.LORA_PREFETCH = v.get("prefetch", defaults["prefetch"])
     lora_meta.LORA_BGMV_MAX_TOKENS = v.get("bgmv_max_tokens", defaults["bgmv_max_tokens"])
+    from loraserve.kernels import lora_shrink_bgmv
+
+    lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", defaults["bgmv_wide_block_k"])
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
@@ -122,6 +125,7 @@ def main() -> int:
                     y_ahead=lora_expand_stream.STREAM_Y_AHEAD, bgmv=lora_meta.LORA_BGMV,
                     slots=lora_expand_stream.STREAM_SLOTS, prefetch=lora_meta.LORA_PREFETCH,
                     bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS,
+                    bgmv_wide_block_k=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_WIDE_BLOCK_K,
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"))
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs

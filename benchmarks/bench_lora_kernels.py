@@ -153,6 +153,7 @@ class Case:
 
             lora_shrink_bgmv.BGMV_TARGET_SPLIT = v.get("bgmv_split", 4)
             lora_shrink_bgmv.BGMV_BLOCK_K = v.get("bgmv_block_k")
+            lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", 0)
             stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)

@@ -59,7 +59,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS,
                bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS, dense=_apply_module.DENSE_MODE,
                dense_expand=_apply_module.DENSE_EXPAND, dense_expand_min_n=_apply_module.DENSE_EXPAND_MIN_N,
-               prefetch=lora_meta.LORA_PREFETCH)
+               prefetch=lora_meta.LORA_PREFETCH, bgmv_wide_block_k=lora_shrink_bgmv.BGMV_WIDE_BLOCK_K)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -102,7 +102,9 @@ VARIANTS = {
     "pf_t_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="t"),
     "pf_at_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at"),
     "pf_at_b64_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_block_k=2048),
-    "nopf": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # the code's defaults with the prefetch off
+    "nopf": dict(stream=True, pdl=True, bgmv=True, prefetch=""),
+    "before": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # = nopf: b1789bc's defaults (BGMV <= 32 tokens,
+    # its BLOCK_K by the target split only, nothing before the waits, no early trigger)  # the code's defaults with the prefetch off
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for

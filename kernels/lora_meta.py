@@ -98,7 +98,9 @@ _PDL_OK: dict[int, bool] = {}
 # 17.5; gate_up 64 tokens of ONE adapter 12.5 -> 10.3; but 64 tokens / 32 adapters (2 rows a tile)
 # 58.2 -> 61.3 us for the layer: hence <= 32 tokens (LORASERVE_LORA_BGMV_MAX_TOKENS).
 LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("", "0", "false", "off", "no")
-LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"))
+# Up to 64 tokens since the H200 probe of 2026-11-30 22:26 (with LORA_PREFETCH's "a": A loaded before the wait; above
+# 32 tokens only at rank <= 16, lora_shrink.bgmv_applies): 64 tokens / 32 adapters / r16 layer 58.1 -> 52.6 us.
+LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "64"))
 
 # The shrink launches with PDL only up to this many tokens (LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS; default: every
 # step, as before). Above it the shrink waits for the GEMM before it the normal way: at bench_churn's mixed step
@@ -107,9 +109,11 @@ LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "32"
 # PDL -7 us a layer once, within the run's noise; resident helper, kernels/PERF_NOTES.md). Read at each launch.
 LORA_PDL_SHRINK_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS", "1000000000"))
 
-# L2 prefetch of A (shrink) / B (expand) before griddepcontrol.wait, and the expand's early trigger:
-# letters of "albt" (lora_prefetch.py); "" = off. Read at each launch.
-LORA_PREFETCH = "".join(c for c in os.environ.get("LORASERVE_LORA_PREFETCH", "").strip().lower() if c in "albt")
+# Loads / L2 prefetches before griddepcontrol.wait and the expand's early trigger: letters of "albt"
+# (lora_prefetch.py); "" or "0" = off. Default "at" (the BGMV shrink's A into registers before its wait, the expand
+# triggers at its start): H200 probe 2026-11-30 22:26, with the BGMV shrink up to 64 tokens, layer 58.1 -> 52.6 us,
+# 1 token 4.16 -> 4.03 us (median), outputs bit-equal to "" (GPU test). Read at each launch.
+LORA_PREFETCH = "".join(c for c in os.environ.get("LORASERVE_LORA_PREFETCH", "at").strip().lower() if c in "albt")
 
 
 # LoRAMetaBuilder.build as one Triton launch (lora_meta_build.py) for steps of <= 2048 tokens on a GPU; on by

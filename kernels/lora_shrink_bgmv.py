@@ -133,6 +133,11 @@ BGMV_MAX_ROWS = 4
 # instead (benchmarks). Both read at each call.
 BGMV_TARGET_SPLIT = 4
 BGMV_BLOCK_K: int | None = None
+# Inputs wider than 8192 (down_proj, 14336) take BLOCK_K BGMV_WIDE_BLOCK_K (0: the target-split rule, capped at
+# 1024: 14 partials for down). H200 probe (2026-11-30 22:26, loads before the wait, us): with 2048 down's pair at
+# 64 tokens / 32 adapters 13.7 -> 12.6 (its expand sums 7 partials, not 14) and at 1 token 4.57 -> 3.65; on the
+# 4096-wide inputs 2048 was mixed (qkv 12.0 -> 12.5 at 64 tokens, o 2.91 -> 3.22 at 1 token), so only wide ones.
+BGMV_WIDE_BLOCK_K = 2048
 
 
 def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, grid_tiles: int,
@@ -147,6 +152,8 @@ def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: i
     block_n = 16
     if BGMV_BLOCK_K:
         block_k = BGMV_BLOCK_K
+    elif BGMV_WIDE_BLOCK_K and hidden_in > 8192:
+        block_k = BGMV_WIDE_BLOCK_K
     else:
         want = -(-hidden_in // max(1, BGMV_TARGET_SPLIT))
         block_k = min(1024, max(256, 1 << max(0, (want - 1).bit_length())))  # 2048: 252 registers

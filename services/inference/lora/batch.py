@@ -15,12 +15,14 @@ from loraserve.kernels.lora_apply import choose_path, lora_expand_part, lora_shr
 #  "full": shrink and expand into a delta buffer d [T, N] (y's dtype) on the side stream; after
 #      the GEMM, one kernel adds d into y with DoRA's epilogue (kernels/lora_add.py; d is rounded to
 #      y's dtype first, so results are within bf16 tolerance of the sequential path, not equal).
-#  "0" / off (default until an engine run has measured it): GEMM, then the LoRA kernels. H200, one 8B layer
-#      at 64 tokens / 32 adapters (benchmarks/lora_layer_overlap.py, 2 runs): LoRA adds 61 us sequential, 54.5
-#      with "shrink", 64-68 with "full" (kernels/PERF_NOTES.md); not yet timed in a 32-layer engine.
+#  "0" / off: GEMM, then the LoRA kernels.
+# Default "shrink": it won in every H200 run. One 8B layer at 64 tokens / 32 adapters (benchmarks/lora_layer_overlap.py,
+# 4 runs): LoRA adds 59.4-61 us sequential, 49.7-54.5 with "shrink", 64-68 with "full"; engine, batch 64, 32 adapters,
+# 4 layers, each variant in its own process: 0.743 -> 0.770 (20:55 final), 0.778 -> 0.784 (22:26 probe, with the loads
+# before the wait). 32 layers: the lead's bench_engine final (kernels/PERF_NOTES.md).
 # Read at each call, so CUDA graphs keep what they captured.
 _OVERLAP_MODES = {"1": "shrink", "true": "shrink", "on": "shrink", "yes": "shrink", "shrink": "shrink", "full": "full"}
-OVERLAP = _OVERLAP_MODES.get(os.environ.get("LORASERVE_LORA_OVERLAP", "0").strip().lower(), "")
+OVERLAP = _OVERLAP_MODES.get(os.environ.get("LORASERVE_LORA_OVERLAP", "shrink").strip().lower(), "")
 OVERLAP_MAX_TOKENS = 256
 # ... and above OVERLAP_MAX_TOKENS (mixed steps: bench_churn's steady 63 decode rows + a 256-token chunk, graph T
 # 352; prefill): LORASERVE_LORA_OVERLAP_LARGE, same values, its own switch (resident helper, issue 12).

@@ -16,10 +16,12 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
 Shrink configs and the expand kernel come in two variants, switched by LORASERVE_LORA_STREAM
 (lora_meta.LORA_STREAM; on by default): the streaming expand (lora_expand_stream.py) with
 the shrink's grid-aware split-K, or the classic kernels (=0). The workspace shape follows it.
-On the streaming path, steps of <= 32 tokens shrink with the BGMV kernel (lora_shrink_bgmv.py,
-LORASERVE_LORA_BGMV; its split is the workspace's leading dim) and the expand's column loop is
-Triton-pipelined (LORASERVE_LORA_STREAM_SLOTS, lora_expand_stream.py); larger steps keep the dot
-shrink and the hand-rotated loop (H200 final run, 2026-11-30: see kernels/PERF_NOTES.md).
+On the streaming path, steps of <= 64 tokens (rank <= 16 above 32) shrink with the BGMV kernel
+(lora_shrink_bgmv.py, LORASERVE_LORA_BGMV / _MAX_TOKENS; its split is the workspace's leading dim), which
+loads its A block before griddepcontrol.wait, and the expand lets the next kernel launch at its start
+(LORASERVE_LORA_PREFETCH=at, lora_prefetch.py); steps of <= 32 tokens run the expand's column loop
+Triton-pipelined (LORASERVE_LORA_STREAM_SLOTS, lora_expand_stream.py); larger steps keep the dot shrink
+and the hand-rotated loop (H200 runs, 2026-11-30: see kernels/PERF_NOTES.md).
 The one-launch ticketed kernel (lora_onelaunch.py, no residency requirement, <= 256 tokens,
 rank <= 64, <= 3 slices, not fp32 on a GPU) is opt-in: LORASERVE_LORA_ONELAUNCH=1; it comes
 first when on (measured slower than two launches on an H200, see PERF_NOTES). Programmatic

@@ -101,6 +101,7 @@ LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("
 # Up to 64 tokens since the H200 probe of 2026-11-30 22:26 (with LORA_PREFETCH's "a": A loaded before the wait; above
 # 32 tokens only at rank <= 16, lora_shrink.bgmv_applies): 64 tokens / 32 adapters / r16 layer 58.1 -> 52.6 us.
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "64"))
+LORA_BGMV_WIDE_MAX_RANK = 16   # ... above 32 tokens only up to this (pool) rank (lora_shrink.bgmv_applies)
 
 # The shrink launches with PDL only up to this many tokens (LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS; default: every
 # step, as before). Above it the shrink waits for the GEMM before it the normal way: at bench_churn's mixed step

@@ -50,11 +50,12 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
     lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, buf)
     y_ref = p.y0.clone()
     lora_expand_ref(buf, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
-    old = lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS
+    old = lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS, lora_meta.LORA_BGMV_WIDE_MAX_RANK
     dense_off = without_dense_paths()  # this checks the BGMV shrink's partials path
     dense_off.__enter__()
     try:
-        lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS = True, True, 256
+        (lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS,
+         lora_meta.LORA_BGMV_WIDE_MAX_RANK) = True, True, 256, 64
         shape = workspace_shape(p.x, p.lora_a, p.lora_b, meta)
         assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] == "partials"
         from loraserve.kernels.lora_shrink import _num_sms
@@ -65,7 +66,8 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
         ws = torch.full(shape, float("nan"), device=device)
         y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
     finally:
-        lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS = old
+        (lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS,
+         lora_meta.LORA_BGMV_WIDE_MAX_RANK) = old
         dense_off.__exit__(None, None, None)
     torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCES[p.x.dtype])
     untouched = _untouched(p)

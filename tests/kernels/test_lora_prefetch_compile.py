@@ -74,18 +74,31 @@ def test_dot_shrink_with_a_prefetch_compiles_for_sm90(num_slices, hidden, split_
     _check(k, "dot shrink")
 
 
-def test_bgmv_shrink_with_a_before_the_wait_compiles_for_sm90():
-    from loraserve.kernels.lora_shrink_bgmv import _lora_shrink_bgmv_kernel
+@pytest.mark.parametrize("hidden,block_k", [(4096, 1024), (14336, 2048)])   # the default BLOCK_Ks (BGMV_WIDE_BLOCK_K)
+def test_bgmv_shrink_with_a_before_the_wait_compiles_for_sm90(hidden, block_k):
+    import triton
 
+    from loraserve.kernels.lora_shrink_bgmv import _lora_shrink_bgmv_kernel, bgmv_shrink_config
+
+    cfg = bgmv_shrink_config(64, 16, hidden, 1, 36)
+    assert cfg["BLOCK_K"] == block_k
     sig = dict(META, x_ptr="*bf16", a_ptr="*bf16", out_ptr="*fp32", K="i32", R="i32",
                **{n: "i32" for n in SHRINK_STRIDES})
-    const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=1024, SPLIT_K=4, EVEN_K=True, IEEE=False, DOT_K=128,
-                 USE_PDL=True, PREFETCH_A=True)
-    k = _compile(_lora_shrink_bgmv_kernel, sig, const, 8, 1, unit=("stride_xk", "stride_ak", "stride_or"))
+    const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=-(-hidden // block_k), EVEN_K=hidden % block_k == 0,
+                 IEEE=False, DOT_K=128, USE_PDL=True, PREFETCH_A=True)
+    k = _compile(_lora_shrink_bgmv_kernel, sig, const, cfg["num_warps"], 1, unit=("stride_xk", "stride_ak", "stride_or"))
     ptx = k.asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
-    assert "ld.global" in ptx[:wait] and "ld.global.nc.v4" in ptx[:wait] or "ld.global.v4" in ptx[:wait], \
+    assert "ld.global.nc.v4" in ptx[:wait] or "ld.global.v4" in ptx[:wait], \
         "A's vector loads should be issued before griddepcontrol.wait"
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        path = f"/tmp/lora_bgmv_{os.getpid()}.cubin"
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+        os.unlink(path)
+        assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
 
 
 @pytest.mark.parametrize("widths,slots", [([14336, 14336], 0), ([4096, 1024, 1024], 0), ([4096], -4)])

@@ -103,6 +103,7 @@ VARIANTS = {
     "pf_at_b64": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at"),
     "pf_at_b64_k2048": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_block_k=2048),
     "nopf": dict(stream=True, pdl=True, bgmv=True, prefetch=""),
+    "pipe64": dict(DEFAULT, slots=-4),  # the defaults with the expand's Triton-pipelined column loop at 33-64 tokens too
     "before": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # = nopf: b1789bc's defaults (BGMV <= 32 tokens,
     # its BLOCK_K by the target split only, nothing before the waits, no early trigger)  # the code's defaults with the prefetch off
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),

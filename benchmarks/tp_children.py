@@ -13,7 +13,7 @@ import tempfile
 BENCH_TP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_tp.py")
 
 SAFE_ENV = {"LORASERVE_TP_FUSED_NORM": "0", "LORASERVE_TP_SAMPLER_GRAPHS": "0", "LORASERVE_TP_LOCAL_ARGMAX": "0",
-            "LORASERVE_TP_FUSED_GREEDY": "0", "LORASERVE_TP_FUSED_EMBED": "0"}
+            "LORASERVE_TP_FUSED_GREEDY": "0", "LORASERVE_TP_FUSED_EMBED": "0", "LORASERVE_ATTN_WIDE_DECODE": "0"}
 
 
 def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,

@@ -9,11 +9,11 @@ FP8_PER_CHANNEL_PER_TOKEN; a per-tensor checkpoint scale is the special case of 
 
 GEMM (`gemm_path`), CUDA sm >= 89: decode-sized M (<= LORASERVE_FP8_GEMV_MAX_M tokens, default 64) runs the
 FP8 GEMV kernels (kernels/fp8_gemv.py) with the kind and tile its table holds per M bucket: weight-only up to 32
-tokens (bf16 x times e4m3 W converted in registers, no activation quantization; opt-in at one token: fp16
-products summed in fp16 over 4 K tiles, then fp32, LORASERVE_FP8_GEMV_HALF=1), W8A8 at 33..64 (x per token in e4m3,
-FP8 tensor cores: the numerics of _scaled_mm; the Triton dot8 tiles, or opt-in per shape cuBLASLt's tensor-wise GEMM
-+ a scaling launch, LORASERVE_FP8_W8A8=auto); larger M torch._scaled_mm (row-wise scales) after one Triton launch that quantizes x per token
-(H200 figures per M: kernels/PERF_NOTES.md, FP8 decode GEMV).
+tokens (bf16 x times e4m3 W converted in registers, no activation quantization; at one token fp16 products summed
+in fp16 over 4 K tiles, then fp32: LORASERVE_FP8_GEMV_HALF=0 for fp32), W8A8 at 33..64 (x per token in e4m3, FP8
+tensor cores: the numerics of _scaled_mm; per shape cuBLASLt's tensor-wise GEMM + a scaling launch or the Triton dot8
+tiles, LORASERVE_FP8_W8A8); larger M torch._scaled_mm (row-wise scales) after one launch that quantizes x per token
+(H200 figures: kernels/PERF_NOTES.md). The decode fusions around these GEMMs: models/fp8_fused.py.
 Projections under W8A8_MIN_WEIGHTS (1M) keep x unquantized at every M (LORASERVE_FP8_ACT_QUANT=auto|on|off).
 The older Triton W8A16 GEMM (kernels/fp8_gemm.py) stays opt-in above the GEMV's limit (LORASERVE_FP8_SMALL_M).
 Elsewhere (CPU, CI, and the reference) W is dequantized and multiplied with the unquantized x in the

@@ -235,10 +235,11 @@ MAX_WORKSPACE_BYTES = 128 << 20
 
 
 # Decode grids of 3/8..1/2 of TARGET_PROGRAMS (B x KV heads: tensor parallelism's 4 KV heads a rank at batch 64, or
-# batch 32 at 8): 128-key tiles and no split instead of the static rule's 64 keys x 3 splits + merge. H200, 16/4 heads,
-# B 64 (benchmarks/tp_layer_sweep.py, probe 2026-11-30 22:04): 25.1 vs 33.4 us at 576 keys, 66.6 vs 76.8 at 2048;
-# at 512 programs 64-key tiles stay best (40.2 vs 46.4). LORASERVE_ATTN_WIDE_DECODE=0: the static rule everywhere
-WIDE_DECODE = os.environ.get("LORASERVE_ATTN_WIDE_DECODE", "0").strip().lower() not in ("", "0", "off", "false", "no")
+# batch 25..32 at 8): 128-key tiles and no split instead of the static rule's 64 keys x 3 splits + merge. H200, 16/4
+# heads, B 64 (benchmarks/tp_layer_sweep.py, probes 2026-11-30 22:04 / 23:15), us: 25.1 vs 33.4 at 576 keys, 66.6 vs
+# 76.8 at 2048, 125.1 vs 136.1 at 4096, 241.5 vs 253.9 at 8192; at 512 programs 64-key tiles stay (40.2 vs 46.4 at 576).
+# TP=2 engine, 8 layers, bs64 decode graph: 1.001 -> 0.935 ms. LORASERVE_ATTN_WIDE_DECODE=0: the static rule everywhere
+WIDE_DECODE = os.environ.get("LORASERVE_ATTN_WIDE_DECODE", "1").strip().lower() not in ("", "0", "off", "false", "no")
 
 
 def wide_decode(num_programs: int, elem_bytes: int, device: torch.device) -> bool:

@@ -106,8 +106,9 @@ LORA_BGMV_WIDE_MAX_RANK = 16   # ... above 32 tokens only up to this (pool) rank
 # The shrink launches with PDL only up to this many tokens (LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS; default: every
 # step, as before). Above it the shrink waits for the GEMM before it the normal way: at bench_churn's mixed step
 # (T 320-352, ~1000-1500 shrink programs) the early-launched programs may hold SM slots beside the GEMM's last
-# wave (H200 probe 2026-11-30 22:26: a base cuBLAS kernel +5.9 us a layer in the LoRA graph; the shrink without
-# PDL -7 us a layer once, within the run's noise; resident helper, kernels/PERF_NOTES.md). Read at each launch.
+# wave (H200 probe 2026-11-30 22:26: a base cuBLAS kernel +5.9 us a layer in the LoRA graph). Measured: no gain
+# (probe 23:13, 8 interleaved rounds at the (40, 320) mixed step: 51.3 vs 47.4 us a layer with PDL; resident
+# helper, kernels/PERF_NOTES.md), so the default stays. Read at each launch.
 LORA_PDL_SHRINK_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS", "1000000000"))
 
 # Loads / L2 prefetches before griddepcontrol.wait and the expand's early trigger: letters of "albt"

@@ -79,7 +79,8 @@ def cover(keys, num_tokens: int, num_seqs: int, splits: int, t_exact: int,
 # cdiv(T, BM) + segments tiles, and the configs that count every grid tile active (the expand's column groups,
 # the shrink's split) then size for the adapters the step has, not for Bp - 1 / min(slots, bs). H200 probe
 # (2026-11-30 22:02, bench_lora_resident --replay-variants, 8 layers, q+v, 32 adapters of rank 8-64, 8000
-# granules; what the adapters add per layer): decode graph of 64 rows 37.2 -> 27.1 us (68 -> 36 tiles);
+# granules; what the adapters add per layer): decode graph of 64 rows 37.2 -> 27.1 us (68 -> 36 tiles; 23.0 ->
+# 18.0 at 23:13 with the lora helper's newer kernel defaults);
 # mixed step (72, 352) 49.8 -> 48.7 us (93 -> 54 tiles: within the noise). Default "decode".
 SEG_BUCKETS = (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 

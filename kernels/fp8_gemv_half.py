@@ -14,7 +14,7 @@ GEMVH_X_SCALE = 2.0 ** -8
 
 
 if HAS_TRITON:
-    from .fp8_gemv_silu import _silu_pair_store
+    from .fp8_gemv_silu import _group_rows, _silu_pair_store
 
     @triton.jit
     def _half_store(acc, row, M, N, offs_n, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, pid_k,
@@ -69,16 +69,7 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_k = tl.arange(0, BLOCK_K)
-        if SILU:   # gate rows and their up rows N / 2 further (kernels/fp8_gemv_silu.py)
-            offs_0 = pid_n * (GROUPS // 2 * BLOCK_N) + tl.arange(0, BLOCK_N)
-            offs_1 = offs_0 + (N // 2 if GROUPS == 2 else BLOCK_N)
-            offs_2 = offs_0 + N // 2
-            offs_3 = offs_1 + N // 2
-        else:
-            offs_0 = pid_n * (GROUPS * BLOCK_N) + tl.arange(0, BLOCK_N)
-            offs_1 = offs_0 + BLOCK_N
-            offs_2 = offs_0 + 2 * BLOCK_N
-            offs_3 = offs_0 + 3 * BLOCK_N
+        offs_0, offs_1, offs_2, offs_3 = _group_rows(pid_n, N, GROUPS, BLOCK_N, SILU)   # (fp8_gemv_silu.py)
         k_start = pid_k * K_PER_SPLIT   # the launcher keeps K_PER_SPLIT a multiple of FLUSH * BLOCK_K dividing K
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         # rows past N re-read row 0 (no mask in the K loop); the stores are masked

@@ -45,6 +45,23 @@ def gemv_silu_ref(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _group_rows(pid_n, N, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
+        # the 4 row blocks [BLOCK_N] a grouped GEMV program (gemv2/4, gemvh2/4) accumulates: consecutive blocks, or
+        # with SILU gate rows and their up rows N / 2 further (GROUPS 2: one gate block + its up block; GROUPS 4:
+        # two gate blocks + theirs). Blocks past GROUPS are computed but unused.
+        if SILU:
+            offs_0 = pid_n * (GROUPS // 2 * BLOCK_N) + tl.arange(0, BLOCK_N)
+            offs_1 = offs_0 + (N // 2 if GROUPS == 2 else BLOCK_N)
+            offs_2 = offs_0 + N // 2
+            offs_3 = offs_1 + N // 2
+        else:
+            offs_0 = pid_n * (GROUPS * BLOCK_N) + tl.arange(0, BLOCK_N)
+            offs_1 = offs_0 + BLOCK_N
+            offs_2 = offs_0 + 2 * BLOCK_N
+            offs_3 = offs_0 + 3 * BLOCK_N
+        return offs_0, offs_1, offs_2, offs_3
+
+    @triton.jit
     def _silu_mul_rounded(g, u, dt: tl.constexpr):
         # g, u: fp32 GEMV outputs; rounded to the dtype as the GEMV's store would, then activation.py's roundings
         g = g.to(dt).to(tl.float32)

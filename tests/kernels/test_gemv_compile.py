@@ -4,49 +4,17 @@ or broadcast x through shared memory fails in CPU CI rather than on the GPU. Ski
 (the GPU tests compile for real) and where this Triton cannot build for sm_90 offline."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from loraserve.kernels import triton_available
 
+from .sm90 import assert_no_spills, compile_sm90, pointers
+
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton not installed"),
     pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real"),
 ]
-
-
-def _compile(fn, sig: dict, const: dict, num_warps: int, div16: tuple[str, ...] = ()):
-    """div16: integer arguments the JIT would see as multiples of 16 (it specialises them so)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = dict(sig)
-    sig.update({n: "constexpr" for n in const})
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div16}
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
-
-
-def _no_spills(k, tag: str) -> None:
-    import triton
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        return
-    path = f"/tmp/{tag}_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    os.unlink(path)
-    assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
 
 
 @pytest.mark.parametrize("m_pad,silu,prefetch,pdl", [(1, False, True, True), (1, True, True, True),
@@ -60,12 +28,13 @@ def test_gemv_compiles_for_sm90(m_pad, silu, prefetch, pdl) -> None:
            "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     const = dict(M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PREFETCH=prefetch, HAS_BIAS=False,
                  SILU_MUL=silu, USE_PDL=pdl)
-    k = _compile(_gemv_kernel, sig, const, nw, ("N", "K", "stride_xm", "stride_ym"))
+    k = compile_sm90(_gemv_kernel, sig, const, div16=[*pointers(sig), "N", "K", "stride_xm", "stride_ym"],
+                     num_warps=nw, num_stages=1)
     ptx = k.asm["ptx"]
     assert "ld.global" in ptx and ("v4.b32" in ptx or "v4.u32" in ptx), "expected 16-byte weight loads"
     assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
     assert k.metadata.shared <= 16 * 1024, f"x broadcast through {k.metadata.shared} B of shared memory"
-    _no_spills(k, "gemv")
+    assert_no_spills(k, "gemv")
 
 
 @pytest.mark.parametrize("pdl", [False, True])
@@ -78,17 +47,20 @@ def test_rope_store_kv_compiles_for_sm90(pdl) -> None:
            "stride_vt": "i32", "stride_vh": "i32", "stride_qot": "i32", "stride_qoh": "i32", "stride_c": "i32",
            "num_positions": "i32"}
     const = dict(HALF=64, HALF_P2=64, BLOCK_H=32, BLOCK_KVH=8, USE_PDL=pdl)
-    k = _compile(_rope_store_kv_kernel, sig, const, 4)
+    k = compile_sm90(_rope_store_kv_kernel, sig, const, div16=pointers(sig), num_warps=4, num_stages=1)
     assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
-    _no_spills(k, "rope_store")
+    assert_no_spills(k, "rope_store")
 
 
 def test_greedy_compiles_for_sm90() -> None:
     from loraserve.kernels.greedy import CHUNK, _greedy_chunk_kernel, _greedy_merge_kernel
 
-    k = _compile(_greedy_chunk_kernel, {"x_ptr": "*fp32", "wsf_ptr": "*fp32", "wsi_ptr": "*i32", "V": "i32",
-                                        "stride_x": "i32", "num_chunks": "i32"}, dict(CHUNK=CHUNK, USE_PDL=True), 8)
-    _no_spills(k, "greedy_chunk")
-    k = _compile(_greedy_merge_kernel, {"wsf_ptr": "*fp32", "wsi_ptr": "*i32", "tok_ptr": "*i64", "lp_ptr": "*fp32",
-                                        "ok_ptr": "*i8", "num_chunks": "i32"}, dict(C_PAD=32, USE_PDL=True), 1)
-    _no_spills(k, "greedy_merge")
+    sig = {"x_ptr": "*fp32", "wsf_ptr": "*fp32", "wsi_ptr": "*i32", "V": "i32", "stride_x": "i32", "num_chunks": "i32"}
+    k = compile_sm90(_greedy_chunk_kernel, sig, dict(CHUNK=CHUNK, USE_PDL=True), div16=pointers(sig), num_warps=8,
+                     num_stages=1)
+    assert_no_spills(k, "greedy_chunk")
+    sig = {"wsf_ptr": "*fp32", "wsi_ptr": "*i32", "tok_ptr": "*i64", "lp_ptr": "*fp32", "ok_ptr": "*i8",
+           "num_chunks": "i32"}
+    k = compile_sm90(_greedy_merge_kernel, sig, dict(C_PAD=32, USE_PDL=True), div16=pointers(sig), num_warps=1,
+                     num_stages=1)
+    assert_no_spills(k, "greedy_merge")

@@ -12,6 +12,7 @@ from loraserve.kernels import triton_available
 
 from . import skinny_gemm_cases as cases
 from .interpreter import interpreter_pool, interpreting
+from .sm90 import assert_no_spills, compile_sm90, has_mma
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +48,15 @@ def test_skinny_gemm_gpu(M, N, K) -> None:
                                             ((128, 64, 1, 4, 3, 1), 16), ((256, 64, 2, 8, 3, 0), 64)])
 def test_skinny_gemm_compiles_for_sm90(config, block_m) -> None:
     """The kernel built for an H100/H200 (TTGIR, PTX, ptxas) with PDL: wgmma, no spills, the PDL intrinsics."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from loraserve.kernels.skinny_gemm import _skinny_gemm_kernel
 
     bn, bk, split, warps, stages, regpre = config
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
            "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     const = dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, REGPRE=bool(regpre), USE_PDL=True)
-    sig.update({n: "constexpr" for n in const})
-    names = list(sig)
-    div16 = ("N", "K", "K_PER_SPLIT", "stride_xm", "stride_ym")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div16}
-    try:
-        src = ASTSource(fn=_skinny_gemm_kernel, signature=sig,
-                        constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+    k = compile_sm90(_skinny_gemm_kernel, sig, const, div16_except=("M",), num_warps=warps, num_stages=stages)
     ptx = k.asm["ptx"]
-    assert "wgmma" in ptx or "mma.sync" in ptx, "no tensor-core MMA"
+    assert has_mma(ptx), "no tensor-core MMA"
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert k.metadata.shared <= 227 * 1024, k.metadata.shared
-    print(config, "wgmma" in ptx, k.metadata.shared, k.n_regs if hasattr(k, "n_regs") else "")
+    assert_no_spills(k, str(config))

@@ -9,6 +9,8 @@ import torch
 
 from loraserve.kernels import triton_available
 
+from .sm90 import compile_sm90
+
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton not installed"),
     pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real"),
@@ -19,8 +21,6 @@ pytestmark = [
                                                    (4096, 4, 2, False)])
 def test_allreduce_rmsnorm_compiles_for_sm90(hidden, world, rank, pdl):
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from loraserve.kernels.allreduce_rmsnorm import _allreduce_rms_norm_kernel
 
@@ -29,19 +29,9 @@ def test_allreduce_rmsnorm_compiles_for_sm90(hidden, world, rank, pdl):
            "H": "i32", "eps": "fp32", "stride_x": "i32", "stride_r": "i32", "slot_stride": "i32",
            "region_stride": "i32"}
     const = dict(RANK=rank, WORLD=world, BLOCK=triton.next_power_of_2(hidden), MAX_SPIN=1 << 28, USE_PDL=pdl)
-    sig.update({n: "constexpr" for n in const})
-    names = list(sig)
     # what a launch specialises on (16-divisible pointers and sizes)
-    div = ["x_ptr", "res_ptr", "w_ptr", "buf_ptr", "deltas_ptr", "counter_ptr", "H", "stride_x", "stride_r",
-           "slot_stride", "region_stride"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
-    try:
-        src = ASTSource(fn=_allreduce_rms_norm_kernel, signature=sig,
-                        constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=min(16, hidden // 512)))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+    kernel = compile_sm90(_allreduce_rms_norm_kernel, sig, const, div16_except=("eps",),
+                          num_warps=min(16, hidden // 512))
     ptx = kernel.asm["ptx"]
     assert "ld.volatile.global" in ptx, "the spin loop's loads must not be cached"
     # the push to the peers and the spin loads in 16-byte vectors (2-byte scalar accesses: 8x the transactions)

@@ -6,13 +6,12 @@ layer case and prefill tiles. Skipped on a GPU machine (the GPU tests compile fo
 this Triton cannot build for sm_90 offline."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from loraserve.kernels import triton_available
+
+from .sm90 import assert_no_spills, compile_sm90, has_mma
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton not installed"),
@@ -25,10 +24,6 @@ UNIT_STRIDES = ("stride_br", "stride_bk", "stride_yn", "stride_sn")  # Triton sp
 
 
 def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from loraserve.kernels.lora_expand_stream import _lora_expand_stream_kernel
 
     sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
@@ -40,42 +35,23 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
                  HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
                  B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0),
                  DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"])
-    const.update({n: 1 for n in UNIT_STRIDES})
-    sig.update({n: "constexpr" for n in const})
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n] not in ("constexpr",) and n != "R"}
-    try:
-        src = ASTSource(fn=_lora_expand_stream_kernel, signature=sig,
-                        constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg["num_warps"], num_stages=1))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+    return compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, div16_except=("R",),
+                        num_warps=cfg["num_warps"], num_stages=1)
 
 
 @pytest.mark.parametrize("num_tokens,grid_tiles,block_m,rank,split_k", [
     (1, 2, 16, 16, 32), (64, 36, 16, 16, 4), (64, 36, 16, 64, 1), (1024, 64, 32, 64, 1), (2048, 96, 64, 16, 1)])
 @pytest.mark.parametrize("widths", [[4096, 1024, 1024], [14336, 14336], [4096]])
 def test_stream_expand_compiles_for_sm90_without_spills(num_tokens, grid_tiles, block_m, rank, split_k, widths):
-    import triton
-
     from loraserve.kernels.lora_expand_stream import stream_expand_config
 
     cfg = stream_expand_config(num_tokens, sum(widths), rank, len(widths), block_m, grid_tiles, split_k)
     k = _compile_sm90(len(widths), block_m, cfg, split_k)
     ptx = k.asm["ptx"]
-    assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
+    assert has_mma(ptx), "expected tensor-core dots"
     if cfg.get("SLOTS", 0) < 0:  # the default column loop: Triton's pipeliner must have engaged
         assert "cp.async" in ptx, "the pipelined column loop should stage B and y through cp.async"
     else:
         assert "ld.global.v4" in ptx, "expected v4 loads"
     assert k.metadata.shared <= 64 * 1024, f"shared memory {k.metadata.shared} B"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        return
-    path = f"/tmp/lora_stream_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    os.unlink(path)
-    assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
+    assert_no_spills(k)

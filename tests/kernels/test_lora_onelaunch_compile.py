@@ -5,13 +5,12 @@ Plans are onelaunch_plan's for Llama-3-8B projections at 1 token, the 64-token /
 case and 256 tokens at rank 64."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from loraserve.kernels import triton_available
+
+from .sm90 import assert_no_spills, compile_sm90, has_mma
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton not installed"),
@@ -25,10 +24,8 @@ INTS = ["K", "N", "R", "K_CHUNK", "COLS_PER_PROG", "NUM_TILES", "GROUPS", "NUM_P
 UNIT = ("stride_xk", "stride_ak", "stride_bk", "stride_yn", "stride_wr", "stride_sn")  # Triton specialises == 1
 
 
-def compile_sm90(num_slices: int, block_m: int, plan: dict, grid_tiles: int):
+def _compile_onelaunch(num_slices: int, block_m: int, plan: dict, grid_tiles: int):
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from loraserve.kernels.lora_onelaunch import _lora_onelaunch_kernel
 
@@ -41,32 +38,9 @@ def compile_sm90(num_slices: int, block_m: int, plan: dict, grid_tiles: int):
                  BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"], BLOCK_R=plan["BLOCK_R"],
                  SYNC_P2=triton.next_power_of_2(2 + grid_tiles), CAST=True, IEEE=False, HAS_SCALE=True,
                  HAS_SHIFT=True)
-    const.update({n: 1 for n in UNIT})
-    sig.update({n: "constexpr" for n in const})
-    names = list(sig)
-    div16 = [n for n in names if sig[n] not in ("constexpr",) and n not in ("R", "NUM_TILES", "GROUPS", "NUM_PROGRAMS")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    try:
-        src = ASTSource(fn=_lora_onelaunch_kernel, signature=sig,
-                        constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=plan["num_warps"], num_stages=plan["num_stages"]))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
-
-
-def resource_usage(kernel) -> str:
-    import triton
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        return ""
-    path = f"/tmp/lora_onelaunch_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    os.unlink(path)
-    return usage
+    return compile_sm90(_lora_onelaunch_kernel, sig, const, unit=UNIT,
+                        div16_except=("R", "NUM_TILES", "GROUPS", "NUM_PROGRAMS"),
+                        num_warps=plan["num_warps"], num_stages=plan["num_stages"])
 
 
 QKV, GATE_UP, DOWN = (4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096])
@@ -79,36 +53,21 @@ def test_onelaunch_compiles_for_sm90_without_spills(num_tokens, grid_tiles, rank
     from loraserve.kernels.lora_onelaunch import onelaunch_plan
 
     plan = onelaunch_plan(num_tokens, rank, hidden, sum(widths), len(widths), block_m, grid_tiles)
-    k = compile_sm90(len(widths), block_m, plan, grid_tiles)
+    k = _compile_onelaunch(len(widths), block_m, plan, grid_tiles)
     ptx = k.asm["ptx"]
-    assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
+    assert has_mma(ptx), "expected tensor-core dots"
     assert "atom.global" in ptx or "atom.acq_rel" in ptx or "atom." in ptx, "expected the ticket atomics"
     assert k.metadata.shared <= 100 * 1024, f"shared memory {k.metadata.shared} B"
-    usage = resource_usage(k)
-    if usage:
-        assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
+    assert_no_spills(k)
 
 
 def test_pdl_pair_compiles_for_sm90():
     """LORASERVE_LORA_PDL: the shrink (launch_dependents first, wait before x) and the streaming
     expand (wait before y and the partials) carry griddepcontrol in their sm_90 PTX."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from loraserve.kernels.lora_expand_stream import _lora_expand_stream_kernel, stream_expand_config
     from loraserve.kernels.lora_shrink import _lora_shrink_kernel
 
     from .test_lora_stream_compile import STRIDES, UNIT_STRIDES
-
-    def build(fn, sig, const, **opts):
-        sig = dict(sig, **{n: "constexpr" for n in const})
-        names = list(sig)
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(launch_pdl=True, **opts))
-        except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-            pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
 
     cfg = stream_expand_config(64, 6144, 16, 3, 16, 36, 4)
     sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
@@ -118,9 +77,9 @@ def test_pdl_pair_compiles_for_sm90():
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False,
-                 PF_THREADS=32 * cfg["num_warps"],
-                 **{n: 1 for n in UNIT_STRIDES})
-    expand = build(_lora_expand_stream_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=1)
+                 PF_THREADS=32 * cfg["num_warps"])
+    expand = compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, num_warps=cfg["num_warps"],
+                          num_stages=1, launch_pdl=True)
     assert "griddepcontrol.wait" in expand.asm["ptx"]
     sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", "ranks_ptr": "*i32", "sorted_ids_ptr": "*i32",
            "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "K": "i32", "R": "i32",
@@ -128,5 +87,5 @@ def test_pdl_pair_compiles_for_sm90():
                                  "stride_ok", "stride_os", "stride_om", "stride_or")}}
     const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=4, EVEN_K=True, IEEE=False, EAGER_META=True,
                  USE_PDL=True, PREFETCH_A=False, PF_THREADS=128)
-    ptx = build(_lora_shrink_kernel, sig, const, num_warps=4, num_stages=4).asm["ptx"]
+    ptx = compile_sm90(_lora_shrink_kernel, sig, const, num_warps=4, num_stages=4, launch_pdl=True).asm["ptx"]
     assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")

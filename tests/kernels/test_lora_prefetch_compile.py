@@ -5,13 +5,12 @@ cannot run inline PTX, so these switches are off there; the GPU test checks outp
 switches off.) Skipped on a GPU machine and where this Triton cannot build for sm_90 offline."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from loraserve.kernels import triton_available
+
+from .sm90 import assert_no_spills, compile_sm90
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton not installed"),
@@ -25,41 +24,17 @@ SHRINK_STRIDES = ["stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar
 
 
 def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int, unit: tuple = ()):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    const = dict(const, **{n: 1 for n in unit})
-    sig = dict(sig, **{n: "constexpr" for n in const})
-    names = [n for n in fn.arg_names]
-    sig = {n: sig[n] for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n] != "constexpr" and n not in ("R", "K")}
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+    return compile_sm90(fn, sig, const, unit=unit, div16_except=("R", "K"), num_warps=num_warps,
+                        num_stages=num_stages)
 
 
 def _check(k, name: str):
-    import triton
-
     ptx = k.asm["ptx"]
     assert "cp.async.bulk.prefetch.L2.global" in ptx, f"{name}: no bulk L2 prefetch in the PTX"
     assert "griddepcontrol.wait" in ptx, f"{name}: no griddepcontrol.wait"
     assert ptx.index("cp.async.bulk.prefetch.L2.global") < ptx.rindex("griddepcontrol.wait"), \
         f"{name}: the prefetch must be issued before the wait"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        return
-    path = f"/tmp/lora_prefetch_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    os.unlink(path)
-    assert "STACK:0" in usage and "LOCAL:0" in usage, f"{name}: register spills: {usage}"
+    assert_no_spills(k, name)
 
 
 @pytest.mark.parametrize("num_slices,hidden,split_k", [(3, 4096, 4), (1, 14336, 8)])
@@ -76,8 +51,6 @@ def test_dot_shrink_with_a_prefetch_compiles_for_sm90(num_slices, hidden, split_
 
 @pytest.mark.parametrize("hidden,block_k", [(4096, 1024), (14336, 2048)])   # the default BLOCK_Ks (BGMV_WIDE_BLOCK_K)
 def test_bgmv_shrink_with_a_before_the_wait_compiles_for_sm90(hidden, block_k):
-    import triton
-
     from loraserve.kernels.lora_shrink_bgmv import _lora_shrink_bgmv_kernel, bgmv_shrink_config
 
     cfg = bgmv_shrink_config(64, 16, hidden, 1, 36)
@@ -91,14 +64,7 @@ def test_bgmv_shrink_with_a_before_the_wait_compiles_for_sm90(hidden, block_k):
     wait = ptx.index("griddepcontrol.wait")
     assert "ld.global.nc.v4" in ptx[:wait] or "ld.global.v4" in ptx[:wait], \
         "A's vector loads should be issued before griddepcontrol.wait"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(cuobjdump):
-        path = f"/tmp/lora_bgmv_{os.getpid()}.cubin"
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        os.unlink(path)
-        assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
+    assert_no_spills(k)
 
 
 @pytest.mark.parametrize("widths,slots", [([14336, 14336], 0), ([4096, 1024, 1024], 0), ([4096], -4)])

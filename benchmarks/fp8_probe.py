@@ -41,6 +41,11 @@ VARIANTS = (
     ("w8a8_block", {"LORASERVE_FP8_W8A8": "block"}),
     ("w8a8_tensorwise", {"LORASERVE_FP8_W8A8": "tensorwise"}),
     ("w8a8_tensorwise_fast", {"LORASERVE_FP8_W8A8": "tensorwise_fast"}),
+    # dot8 everywhere with o's and down's split-K partials summed by the next norm (fp8_gemv defer_sum for the dot
+    # kinds), and also as early programmatic dependents (their launch overlaps the kernel before them)
+    ("w8a8_token_early", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_GEMV_PDL": "early"}),
+    ("w8a8_token_nodefer", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
+                            "LORASERVE_FP8_DEFER_O": "0"}),
     # single-token GEMVs with fp16 products (gemvh), and the opposite of whatever the default is
     ("gemv_half", {"LORASERVE_FP8_GEMV_HALF": "1"}),
     ("gemv_fp32", {"LORASERVE_FP8_GEMV_HALF": "0"}),
@@ -92,6 +97,29 @@ def replay_ms(gr, bs: int, n: int = 30) -> float:
     return start.elapsed_time(end) / n
 
 
+def replay_profile(gr, bs: int, layers: int, n: int = 10, top: int = 16) -> dict:
+    """Kernels of one captured decode graph (bucket `bs`) under torch.profiler over `n` replays: [(name, us per
+    layer, calls per layer)] by device time, their sum per layer, and the graph's own time per layer (CUDA events,
+    unprofiled): the difference is the time between kernels (launch gaps, ramps, tails not overlapped)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = gr.graphs[(bs, False)][0]
+    wall_us = 1e3 * replay_ms(gr, bs, n) / layers
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if total > 0 and e.count:
+            rows.append((e.key[:60], round(total / n / layers, 2), round(e.count / n / layers, 2)))
+    rows.sort(key=lambda r: -r[1])
+    kernel_sum = sum(r[1] for r in rows)
+    return {"graph_us_per_layer": round(wall_us, 2), "kernels_us_per_layer": round(kernel_sum, 2),
+            "between_kernels_us_per_layer": round(wall_us - kernel_sum, 2), "kernels": rows[:top]}
+
+
 def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, t0: float) -> None:
     from benchmarks.bench_dora import time_decode
     from benchmarks.bench_fp8 import build, free
@@ -125,6 +153,14 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     row[f"bs{bs}_max_abs_diff_vs_first"] = float((hidden - ref).abs().max())
                     if row[f"bs{bs}_max_abs_diff_vs_first"]:   # a variant with other numerics (LORASERVE_FP8_W8A8)
                         row[f"bs{bs}_rel_diff_vs_first"] = round(float((hidden - ref).norm() / ref.norm()), 5)
+                    if a.profile_kernels and name in a.profile_kernels.split(","):
+                        prof = replay_profile(gr, bs, a.layers)
+                        row[f"bs{bs}_profile"] = prof
+                        print(f"  {tag} {name} bs{bs}: graph {prof['graph_us_per_layer']} us/layer, kernels "
+                              f"{prof['kernels_us_per_layer']}, between {prof['between_kernels_us_per_layer']}",
+                              flush=True)
+                        for k in prof["kernels"]:
+                            print(f"    {k[0]:60s} {k[1]:8.2f} {k[2]:5.2f}", flush=True)
                 del gr
             except Exception as err:   # noqa: BLE001  (a variant that fails must not cost the others)
                 row = {"failed": f"{type(err).__name__}: {err}"[:300]}
@@ -303,6 +339,9 @@ def main() -> int:
     ap.add_argument("--skip-fp8", action="store_true", help="the bf16 engine only (one engine per process)")
     ap.add_argument("--tiny", action="store_true", help="CPU: a tiny random Llama, eager (the code path only)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile-kernels", default="",
+                    help="comma-separated variant names whose graphs are also replayed under torch.profiler (kernels "
+                         "per layer, and the time between them)")
     ap.add_argument("--lm-head-only", action="store_true", help="only the LM head timings (lm_head_us)")
     ap.add_argument("--ckpt", default=None, help="a checkpoint directory: built there (kept) unless it has config.json")
     ap.add_argument("--build-only", action="store_true", help="only build --ckpt (e.g. while a sweep runs) and exit")

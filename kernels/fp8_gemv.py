@@ -474,7 +474,9 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     else:
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=kind == "dot16", FP8X=False,
                                      FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
-    if split > 1 and defer_sum and kind.startswith("gemv") and not silu:
+    # deferred: the partials to the consumer (a norm sums them in split order, * w_scale: _splitk_sum_kernel's math).
+    # The dot kinds' partials already carry x's per-token scale (dot8) or need none (dot / dot16)
+    if split > 1 and defer_sum and not silu and (kind.startswith("gemv") or (kind.startswith("dot") and not fixup)):
         return ws, None
     if split > 1 and silu:
         splitk_sum_silu(ws, w_scale, out, pdl)

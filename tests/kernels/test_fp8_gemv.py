@@ -66,11 +66,12 @@ def test_gemv_silu_interp(interp, dtype, m, n, k, config) -> None:
     _run(interp, cases.check_gemv_silu, dtype, m, n, k, "cpu", config)
 
 
-@pytest.mark.parametrize("config", [("gemv2", 1, 4, 32, 2, 4, 1, True), ("gemv", 1, 4, 64, 3, 4, 1),
-                                    ("gemv2", 1, 4, 32, 1, 4, 1)])
-def test_gemv_defer_sum_interp(interp, config) -> None:
+@pytest.mark.parametrize("m,config", [(1, ("gemv2", 1, 4, 32, 2, 4, 1, True)), (1, ("gemv", 1, 4, 64, 3, 4, 1)),
+                                      (1, ("gemv2", 1, 4, 32, 1, 4, 1)),
+                                      (5, ("dot8", 16, 16, 32, 3, 4, 2))])   # W8A8 tiles: x-scaled partials
+def test_gemv_defer_sum_interp(interp, m, config) -> None:
     """fp8_gemv(defer_sum=True): the unsummed partials (models/fp8_fused.py sums them in the next layer's norm)."""
-    _run(interp, cases.check_gemv_defer_sum, "float16", 1, 40, 256, config)
+    _run(interp, cases.check_gemv_defer_sum, "float16", m, 40, 256, config)
 
 
 @pytest.mark.parametrize("m,n,k,config", [

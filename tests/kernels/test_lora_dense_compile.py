@@ -6,13 +6,12 @@ in shared memory and not spill. Skipped on a GPU machine (the GPU tests compile 
 this Triton cannot build for sm_90 offline."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from loraserve.kernels import triton_available
+
+from .sm90 import assert_no_spills, compile_sm90, has_mma
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton not installed"),
@@ -21,36 +20,8 @@ pytestmark = [
 
 
 def _compile_sm90(fn, sig: dict, const: dict, num_warps: int, num_stages: int, unit: tuple[str, ...]):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    const = dict(const, **{n: 1 for n in unit})
-    sig = dict(sig, **{n: "constexpr" for n in const})
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n] != "constexpr" and n not in ("T", "R", "SLOT_ROWS")}
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                        attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
-
-
-def _no_spills(k) -> None:
-    import triton
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        return
-    path = f"/tmp/lora_dense_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    os.unlink(path)
-    assert "STACK:0" in usage and "LOCAL:0" in usage, f"register spills: {usage}"
+    return compile_sm90(fn, sig, const, unit=unit, div16_except=("T", "R", "SLOT_ROWS"), num_warps=num_warps,
+                        num_stages=num_stages)
 
 
 @pytest.mark.parametrize("num_tokens", [64, 256])
@@ -68,11 +39,11 @@ def test_dense_shrink_compiles_for_sm90(num_tokens: int, num_rows: int, hidden: 
     k = _compile_sm90(_lora_shrink_dense_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
                       ("stride_xk", "stride_wk", "stride_on"))
     ptx = k.asm["ptx"]
-    assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
+    assert has_mma(ptx), "expected tensor-core dots"
     if cfg["K_STEPS"] > 1:
         assert "cp.async" in ptx, "the K loop should stage W and x through cp.async (num_stages)"
     assert k.metadata.shared <= 110 * 1024, f"shared memory {k.metadata.shared} B: 2 programs per SM no longer fit"
-    _no_spills(k)
+    assert_no_spills(k)
 
 
 def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
@@ -96,8 +67,8 @@ def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
     unit = ("stride_br", "stride_bk", "stride_yn", "stride_sn")
     sig = {n: sig.get(n, "i32") for n in order}
     k = _compile_sm90(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1, unit)
-    assert "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"]
-    _no_spills(k)
+    assert has_mma(k.asm["ptx"])
+    assert_no_spills(k)
 
 
 @pytest.mark.parametrize("num_slices,split_k,dora,n_total,block_r", [
@@ -118,7 +89,7 @@ def test_dense_expand_compiles_for_sm90(num_slices: int, split_k: int, dora: boo
     k = _compile_sm90(_lora_expand_dense_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
                       ("stride_br", "stride_wr", "stride_yn", "stride_sn"))
     ptx = k.asm["ptx"]
-    assert "mma.sync" in ptx or "wgmma" in ptx, "expected tensor-core dots"
+    assert has_mma(ptx), "expected tensor-core dots"
     assert "cp.async" in ptx, "the slot loop should stage B through cp.async (num_stages)"
     assert k.metadata.shared <= 110 * 1024, f"shared memory {k.metadata.shared} B"
-    _no_spills(k)
+    assert_no_spills(k)

@@ -13,6 +13,7 @@ from loraserve.kernels import triton_available
 
 from .interpreter import interpreter_pool, interpreting
 from .lora_cases import COMPOSITIONS, token_slots
+from .sm90 import compile_sm90
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
@@ -75,22 +76,11 @@ def test_kernel_build_equals_torch_build_on_the_gpu(num_tokens, num_slots) -> No
 def test_kernel_compiles_for_sm90_offline(tp) -> None:
     """triton.compile for sm_90 without a GPU (the whole NVIDIA pipeline): the H200 run must not meet a
     compile error in its first graph capture (the torch build is then the only fallback: env off)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from loraserve.kernels.lora_meta_build import _lora_meta_kernel
 
     ptrs = ["slot_in_ptr", "token_slot_ptr", "sorted_ids_ptr", "scratch_ptr", "seg_slots_ptr", "seg_starts_ptr",
             "num_segments_ptr", "tile_slots_ptr", "tile_starts_ptr", "tile_ends_ptr", "num_tiles_ptr"]
     sig = {p: ("*i64" if p == "slot_in_ptr" else "*i32") for p in ptrs}
-    sig.update(T="i32", L="i32", BM="i32", MAX_TILES="i32", TP="constexpr", FILL="constexpr")
-    names = list(sig)
-    try:
-        src = ASTSource(fn=_lora_meta_kernel, signature=sig,
-                        constexprs={(names.index("TP"),): tp, (names.index("FILL"),): 1024},
-                        attrs={(names.index(p),): [["tt.divisibility", 16]] for p in ptrs})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8 if tp >= 1024 else 4))
-    except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-        pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+    sig.update(T="i32", L="i32", BM="i32", MAX_TILES="i32")
+    k = compile_sm90(_lora_meta_kernel, sig, dict(TP=tp, FILL=1024), div16=ptrs, num_warps=8 if tp >= 1024 else 4)
     assert "bar.sync" in k.asm["ptx"], "the CTA barriers between the fills and the scatters are missing"

@@ -14,6 +14,7 @@ from loraserve.kernels import triton_available
 
 from . import tp_greedy_cases as cases
 from .interpreter import interpreter_pool, interpreting
+from .sm90 import compile_sm90
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,6 @@ def test_tp_greedy_compiles_for_sm90(world) -> None:
     if not triton_available():
         pytest.skip("triton not installed")
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from loraserve.kernels.tp_embed import _vocab_parallel_embed_kernel
     from loraserve.kernels.tp_greedy import _tp_combine_kernel, _tp_stats_kernel
@@ -62,13 +61,7 @@ def test_tp_greedy_compiles_for_sm90(world) -> None:
          dict(BLOCK=2048)),
     ]
     for fn, sig, const in kernels:
-        sig = dict(sig, **{n: "constexpr" for n in const})
-        names = list(sig)
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
-        except (TypeError, KeyError, AttributeError, ImportError) as exc:  # another Triton's offline API
-            pytest.skip(f"offline sm_90 compile unavailable in this Triton: {exc!r}")
+        kernel = compile_sm90(fn, sig, const, num_warps=1)
         assert kernel.asm["ptx"]
 
 

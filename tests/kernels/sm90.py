@@ -23,7 +23,7 @@ import pytest
 DIV16 = [["tt.divisibility", 16]]
 
 
-def _triton():
+def offline_triton():
     """The triton module, or a skip where it cannot compile for sm_90 offline."""
     triton = pytest.importorskip("triton")
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 5):
@@ -39,21 +39,21 @@ def compile_sm90(fn, types: dict[str, str], constexprs: dict, *, unit: Iterable[
                  div16: Iterable[str] = (), div16_except: Iterable[str] | None = None, **options):
     """`fn` (a @triton.jit function) compiled for sm_90; returns Triton's CompiledKernel (.asm["ptx"], .metadata).
 
-    types: each runtime argument's Triton type ("*bf16", "*fp8e4nv", "i32", "fp32"); constexprs: each constexpr
-    argument's value; together they must name every argument of `fn`, nothing else.
+    types: each runtime argument's Triton type ("*bf16", "*fp8e4nv", "i32", "fp32"), may name more (one dict for
+    several variants of a kernel); constexprs: each constexpr argument's value; together they name every argument.
     unit: integer arguments a launch passes as 1 (Triton specialises them to the constant 1).
     div16: runtime arguments the launch sees 16-divisible (pointers 16-byte aligned); div16_except: instead, every
     runtime argument but these (the usual case: all but the token count or the rank).
     options: triton.compile's (num_warps, num_stages, launch_pdl, ...)."""
-    triton = _triton()
+    triton = offline_triton()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs, **{name: 1 for name in unit})
-    given = set(types) | set(constexprs)
     names = list(fn.arg_names)
-    if given != set(names):
-        raise ValueError(f"{fn.__name__}: missing {sorted(set(names) - given)}, unknown {sorted(given - set(names))}")
+    missing, unknown = set(names) - set(types) - set(constexprs), set(constexprs) - set(names)
+    if missing or unknown:
+        raise ValueError(f"{fn.__name__}: missing {sorted(missing)}, unknown constexprs {sorted(unknown)}")
     # in the kernel's argument order: the attributes are keyed by that position
     signature = {name: "constexpr" if name in constexprs else types[name] for name in names}
     runtime = [name for name in names if signature[name] != "constexpr"]

@@ -34,5 +34,7 @@ def test_signature_must_name_every_argument() -> None:
 
     with pytest.raises(ValueError, match=r"missing \['K_PER_SPLIT'\]"):
         compile_sm90(_skinny_gemm_kernel, {n: t for n, t in SIG.items() if n != "K_PER_SPLIT"}, CONST, num_warps=4)
+    with pytest.raises(ValueError, match=r"unknown constexprs \['BLOCK_Q'\]"):
+        compile_sm90(_skinny_gemm_kernel, SIG, dict(CONST, BLOCK_Q=16), num_warps=4)
     with pytest.raises(ValueError, match="div16 names no runtime argument"):
         compile_sm90(_skinny_gemm_kernel, SIG, CONST, div16=("BLOCK_M",), num_warps=4)

@@ -167,6 +167,8 @@ def main() -> int:
                          "most replayed graph is (40, 320): ~35 rows)")
     ap.add_argument("--replay-rounds", type=int, default=3, help="plain / LoRA replay rounds per variant (min kept)")
     ap.add_argument("--replay-budget-s", type=float, default=1e9, help="start no replay variant after this")
+    ap.add_argument("--replay-profile", help="profile these replayed variants' two graphs (kernel differences; "
+                                             "default: the first variant), e.g. default,pdloff")
     ap.add_argument("--loop-variant", default="default",
                     help="the closed loops with adapters under this variant (lora_step_replay.VARIANTS); 'best': the "
                          "fastest replayed one of --replay-variants (bar 'empty')")
@@ -279,7 +281,8 @@ def main() -> int:
         seq_slots = [slot_of[1 + k % args.adapters] for k in range(rows)] + [slot_of[1 + 5 % args.adapters]]
         try:
             rv = replay_variants(eng, seq_slots, args.replay_variants.split(","), prompt=min(in_len, 256),
-                                 ctx=in_len + out_len // 2, budget_s=args.replay_budget_s, rounds=args.replay_rounds)
+                                 ctx=in_len + out_len // 2, budget_s=args.replay_budget_s, rounds=args.replay_rounds,
+                                 profile=args.replay_profile.split(",") if args.replay_profile else True)
             out["decode_replay"] = replay_decode(eng, [slot_of[1 + k % args.adapters] for k in range(conc)],
                                                  ctx=in_len + out_len // 2)
         except Exception as exc:  # noqa: BLE001 - the closed loops below still run

@@ -16,6 +16,7 @@ no adapter row (every tile exits at once): the launches' fixed cost.
 from __future__ import annotations
 
 import importlib
+import os
 import time
 
 import numpy as np
@@ -60,6 +61,13 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "ba3": {(ES, "STREAM_B_AHEAD"): 3},                    # 3 B blocks in flight per expand program (2 at rank 64)
     "pipe": {(ES, "STREAM_SLOTS_MAX_TOKENS"): 4096},       # the expand's Triton-pipelined column loop at every T
     "sk4": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(4)},
+    "sk1": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(1)},   # no partials, no torch.sum
+    # the "partials" path above 256 tokens (lora_apply.partials_max_tokens): the streaming expand sums the shrink's
+    # split-K partials, no torch.sum launch between them; with sk<N> the split capped at N
+    "fold": {("env-lora", "LORASERVE_LORA_PARTIALS_MAX_TOKENS"): "1024"},
+    # PDL off for EVERY kernel (the model's and LoRA's), the plain graph recaptured too: no kernel launches early,
+    # so a profiled kernel's span is its own work, not its wait for the one before (the attribution question)
+    "pdloff": {("env", "LORASERVE_PDL"): "0", ("loraserve.kernels.lora_meta", "LORA_PDL"): False},
     "sk2": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(2)},
     "ovl": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "shrink"},   # LORASERVE_LORA_OVERLAP_LARGE=shrink
     "ovlfull": {("loraserve.inference.lora.batch", "OVERLAP_LARGE"): "full"},   # shrink + expand into a delta beside
@@ -90,6 +98,10 @@ class patched:
     def __enter__(self):
         for p in self.parts:
             for (mod_name, attr), val in VARIANTS[p].items():
+                if mod_name in ("env", "env-lora"):   # an environment switch read at each launch
+                    self.undo.append((os.environ, attr, os.environ.get(attr)))
+                    os.environ[attr] = val
+                    continue
                 mod = importlib.import_module(mod_name)
                 if not hasattr(mod, attr):
                     raise AttributeError(f"{mod_name}.{attr} does not exist in this tree")
@@ -113,7 +125,13 @@ class patched:
 
     def __exit__(self, *exc):
         for obj, attr, orig in reversed(self.undo):
-            setattr(obj, attr, orig)
+            if obj is os.environ:
+                if orig is None:
+                    os.environ.pop(attr, None)
+                else:
+                    os.environ[attr] = orig
+            else:
+                setattr(obj, attr, orig)
         return False
 
 
@@ -183,10 +201,18 @@ def profile_replays(lora_graph, plain_graph, reps: int = 5, rows: int = 10) -> d
     return {k: d for k, d in diff.items() if abs(d) > 0.5}
 
 
+def whole_model(variant: str) -> bool:
+    """The variant switches kernels of the plain graph too (an "env" switch such as pdloff's; "env-lora" ones are
+    read by the LoRA kernels only): the plain graph is then recaptured under it as well."""
+    return any(mod == "env" for p in variant.split("+") for mod, _ in VARIANTS.get(p, {}))
+
+
 def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: int = 256, ctx: int = 320,
-                    reps: int = 20, rounds: int = 3, profile: bool = True, budget_s: float = 1e9) -> dict:
+                    reps: int = 20, rounds: int = 3, profile: bool | list = True, budget_s: float = 1e9) -> dict:
     """Per variant: us per replay of the LoRA graph of this step (recaptured under the variant) and of the plain
-    graph beside it (alternating, `rounds` times, minimum kept); returns {variant: {...}} and prints a table."""
+    graph beside it (alternating, `rounds` times, minimum kept; the plain graph recaptured too where the variant
+    switches the model's own kernels); returns {variant: {...}} and prints a table. profile: True profiles the
+    first variant's two graphs (kernel differences), a list those variants."""
     mixed = engine.runner.mixed_graphs
     if mixed is None or mixed.lora_manager is None or engine.device.type != "cuda":
         print("  step replay: needs CUDA and the mixed-step LoRA graphs")
@@ -209,24 +235,33 @@ def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: i
                 mixed.lora_graphs.pop(key, None)
                 mixed._capture(*key, lora=True)
                 entry = mixed.lora_graphs.pop(key)
+                plain_graph = mixed.graphs[key][0]
+                if whole_model(variant):   # the plain graph under the same switches (the default one put back)
+                    keep = mixed.graphs.pop(key)
+                    try:
+                        mixed._capture(*key, lora=False)
+                        plain_graph = mixed.graphs.pop(key)[0]
+                    finally:
+                        mixed.graphs[key] = keep
                 slots = [-1] * len(seq_slots) if "empty" in variant.split("+") else seq_slots
                 fill_step(mixed, slots, prompt, ctx)
                 if not entry[3]:   # captured without the metadata build: build it once (the step is static)
                     mixed._build_lora_meta(key[0], key[1])
                 plain_us, lora_us = [], []
                 for _ in range(rounds):
-                    plain_us.append(_time(mixed.graphs[key][0], reps))
+                    plain_us.append(_time(plain_graph, reps))
                     lora_us.append(_time(entry[0], reps))
             p, q = min(plain_us), min(lora_us)
             out[variant] = dict(plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)
-            if profile and variant == variants[0]:
+            if (variant in profile) if isinstance(profile, (list, tuple, set)) else (profile and variant == variants[0]):
                 try:
-                    out[variant]["kernels"] = profile_replays(entry[0], mixed.graphs[key][0], reps=5)
+                    print(f"    [{variant}]", end="")
+                    out[variant]["kernels"] = profile_replays(entry[0], plain_graph, reps=5)
                 except Exception as exc:  # noqa: BLE001 - the timing stands without the breakdown
                     print(f"    profile FAILED: {exc!r}"[:200])
             print(f"    {variant:>16}: plain {p:8.1f}  LoRA {q:8.1f}  +{(q - p) / layers:6.1f} us/layer  "
                   f"(plain / LoRA {p / q:.3f})", flush=True)
-            del entry
+            del entry, plain_graph
         except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or capture is reported, not fatal
             out[variant] = dict(error=repr(exc)[:300])
             print(f"    {variant:>16}: FAILED {exc!r}"[:300], flush=True)

@@ -97,7 +97,24 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
     # block, so with it the partials pay up to rank 64 (the classic kernel: rank 16).
     if R <= (64 if stream_enabled() else 16) and T <= 256:
         return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
+    if (256 < T <= partials_max_tokens() and R <= 64 and stream_enabled() and not (x.is_cuda and x.dtype == torch.float32)
+            and _stream_expand_ok(S, R, x.device)):   # (no torch.sum launch between shrink and expand)
+        return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
     return "reduced", (S, T, R), None
+
+
+def partials_max_tokens() -> int:
+    """Steps of 257..this many tokens take the "partials" path too (the streaming expand sums the shrink's split-K
+    partials as it loads them), not "reduced" (shrink, torch.sum, expand): one launch fewer per projection at
+    bench_churn's mixed steps (T 320-352). LORASERVE_LORA_PARTIALS_MAX_TOKENS (default 256: "reduced" above 256, as
+    before); read at each call (resident helper, issue 12; kernels/PERF_NOTES.md)."""
+    return int(os.environ.get("LORASERVE_LORA_PARTIALS_MAX_TOKENS", "256"))
+
+
+def _stream_expand_ok(num_slices: int, rank: int, device: torch.device) -> bool:
+    from .lora_expand import _stream_ok
+
+    return _stream_ok(num_slices, rank, device)
 
 
 def dense_applies(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> bool:

@@ -21,6 +21,7 @@ Work split (see lora_meta.py): program (tile, rank_block * SPLIT_K + k_split, sl
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -176,7 +177,10 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
         return _stream_shrink_config(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles)
     block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
     block_k = min(128, max(16, _next_pow2(hidden_in)))
-    max_split = 32
+    # above 256 tokens at most LORASERVE_LORA_SHRINK_SPLIT_LARGE splits (default 32: the rule below decides; the
+    # mixed step's 8 partials are 1.3 MB that the streaming expand re-reads per column group on the "partials"
+    # path, lora_apply.partials_max_tokens); read at each call (resident helper, issue 12)
+    max_split = 32 if num_tokens <= 256 else max(1, int(os.environ.get("LORASERVE_LORA_SHRINK_SPLIT_LARGE", "32")))
     if 32 <= num_tokens <= 128 and block_m <= 16:
         max_split = 4
         block_k = min(256, max(16, _next_pow2(hidden_in // 4)))

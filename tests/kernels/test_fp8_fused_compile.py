@@ -4,48 +4,26 @@ configurations the engine uses on the 8B shapes: a kernel that does not compile 
 cannot tell), spills, or lost its programmatic-dependent wait would otherwise first show on the H200."""
 from __future__ import annotations
 
-import pathlib
 import re
-import subprocess
 
 import pytest
+
+from .sm90 import compile_sm90, offline_triton, stack_bytes
 
 P = {"bf": "*bf16", "f": "*fp32", "q": "*fp8e4nv", "i32": "*i32", "i64": "*i64"}
 
 
-def _compile(tmp_path, fn, types: dict, constexprs: dict, warps: int, pdl: bool = False):
+def _compile(fn, types: dict, constexprs: dict, warps: int, pdl: bool = False):
     """(ptx, max stack bytes) of `fn` compiled for sm_90; types: every runtime argument's Triton type."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     # what a launch specialises: 16-byte aligned pointers and 16-divisible sizes / strides (not M, the token count)
-    aligned = [i for i, name in enumerate(sig) if sig[name] != "constexpr" and name not in ("M", "eps", "x16_scale",
-                                                                                          "fp8_max")]
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps, num_stages=1, launch_pdl=pdl))
-    cubin = tmp_path / "k.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
-    return kernel.asm["ptx"], max(int(v) for v in re.findall(r"STACK:(\d+)", usage))
+    kernel = compile_sm90(fn, types, constexprs, div16_except=("M", "eps", "x16_scale", "fp8_max"), num_warps=warps,
+                          num_stages=1, launch_pdl=pdl)
+    return kernel.asm["ptx"], stack_bytes(kernel)
 
 
 @pytest.fixture(scope="module")
 def aot():
-    triton = pytest.importorskip("triton")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 5):
-        pytest.skip("the ASTSource signature format of older Triton differs")
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as err:   # noqa: BLE001
-        pytest.skip(f"no Triton NVIDIA backend: {err}")
-    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
-        pytest.skip("Triton's bundled cuobjdump is missing")
+    offline_triton()
     return _compile
 
 
@@ -55,7 +33,7 @@ GEMV = {"x_ptr": P["bf"], "w_ptr": P["q"], "s_ptr": P["f"], "b_ptr": P["f"], "y_
 
 
 @pytest.mark.parametrize("half,use_ws", [(False, False), (False, True), (True, True), (True, False)])
-def test_gate_up_silu_gemv_compiles(aot, tmp_path, half, use_ws) -> None:
+def test_gate_up_silu_gemv_compiles(aot, half, use_ws) -> None:
     from loraserve.kernels import fp8_gemv as fg
 
     c = {"HAS_BIAS": False, "USE_WS": use_ws, "GROUPS": 2, "BLOCK_N": 4, "BLOCK_K": 512, "PDL": False, "WAIT": True,
@@ -66,22 +44,22 @@ def test_gate_up_silu_gemv_compiles(aot, tmp_path, half, use_ws) -> None:
     else:
         c.update(EVEN_K=True, PREFETCH=False)
         fn = fg._fp8_gemv_groups_kernel
-    ptx, stack = aot(tmp_path, fn, GEMV, c, 4, pdl=True)
+    ptx, stack = aot(fn, GEMV, c, 4, pdl=True)
     assert stack == 0 and "griddepcontrol.wait" in ptx
     assert use_ws or "ex2.approx" in ptx   # the SiLU in the epilogue (exp) where there is no split-K sum after it
 
 
-def test_splitk_sum_silu_compiles(aot, tmp_path) -> None:
+def test_splitk_sum_silu_compiles(aot) -> None:
     from loraserve.kernels.fp8_gemv_silu import _splitk_sum_silu_kernel
 
-    ptx, stack = aot(tmp_path, _splitk_sum_silu_kernel, {"ws_ptr": P["f"], "s_ptr": P["f"], "y_ptr": P["bf"], "M": "i32",
-                                                        "N": "i32", "SPLITS": "i32", "stride_ym": "i32"},
+    ptx, stack = aot(_splitk_sum_silu_kernel, {"ws_ptr": P["f"], "s_ptr": P["f"], "y_ptr": P["bf"], "M": "i32",
+                                              "N": "i32", "SPLITS": "i32", "stride_ym": "i32"},
                      {"BLOCK": 1024, "PDL": True}, 4, pdl=True)
     assert stack == 0 and "griddepcontrol.wait" in ptx
 
 
 @pytest.mark.parametrize("groups,bn,warps", [(4, 1, 1), (2, 4, 4)])
-def test_qkv_rope_compiles(aot, tmp_path, groups, bn, warps) -> None:
+def test_qkv_rope_compiles(aot, groups, bn, warps) -> None:
     from loraserve.kernels.fp8_qkv_rope import _fp8_qkv_rope_kernel
 
     types = {"x_ptr": P["bf"], "w_ptr": P["q"], "s_ptr": P["f"], "b_ptr": P["f"], "M": "i32", "K": "i32",
@@ -90,7 +68,7 @@ def test_qkv_rope_compiles(aot, tmp_path, groups, bn, warps) -> None:
              "vc_ptr": P["q"], "ks_ptr": P["f"], "vs_ptr": P["f"], "Q_SIZE": "i32", "KV_SIZE": "i32"}
     c = {"HAS_BIAS": False, "GROUPS": groups, "BLOCK_N": bn, "BLOCK_K": 512, "FLUSH": 4, "HALF": 64, "WAIT": True,
          "EARLY": True}
-    ptx, stack = aot(tmp_path, _fp8_qkv_rope_kernel, types, c, warps, pdl=True)
+    ptx, stack = aot(_fp8_qkv_rope_kernel, types, c, warps, pdl=True)
     # one warp holding 4 x [1, 512] fp32 accumulators spills a little (168 bytes; the table's plain gemvh4 1 x 512
     # one-warp tile itself spills 616 with EARLY and measured fastest on the H200): bounded, not zero
     assert stack <= (256 if warps == 1 else 0), stack
@@ -99,21 +77,21 @@ def test_qkv_rope_compiles(aot, tmp_path, groups, bn, warps) -> None:
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx   # the K/V codes
 
 
-def test_norm_quant_kernels_compile(aot, tmp_path) -> None:
+def test_norm_quant_kernels_compile(aot) -> None:
     from loraserve.kernels import fp8_norm_quant as nq
 
     fp8 = {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12}
-    ptx, _ = aot(tmp_path, nq._rms_norm_quant_kernel,
+    ptx, _ = aot(nq._rms_norm_quant_kernel,
                  {"x_ptr": P["bf"], "res_ptr": P["bf"], "w_ptr": P["bf"], "out_ptr": P["bf"], "q_ptr": P["q"],
                   "s_ptr": P["f"], "H": "i32", "eps": "fp32", "fp8_max": "fp32", "stride_x": "i32", "stride_r": "i32",
                   "stride_o": "i32", "stride_q": "i32"},
                  {"HAS_RESIDUAL": True, "BLOCK": 4096, **fp8, "USE_PDL": True}, 8, pdl=True)
     assert "div.rn.f32" in ptx and "griddepcontrol.wait" in ptx
-    aot(tmp_path, nq._silu_mul_quant_kernel,
+    aot(nq._silu_mul_quant_kernel,
         {"x_ptr": P["bf"], "out_ptr": P["bf"], "q_ptr": P["q"], "s_ptr": P["f"], "I": "i32", "fp8_max": "fp32",
          "stride_x": "i32", "stride_o": "i32", "stride_q": "i32"}, {"BLOCK": 2048, **fp8, "USE_PDL": True}, 8, pdl=True)
     for row_scale, quant in ((False, False), (True, True)):
-        ptx, _ = aot(tmp_path, nq._splitk_add_rms_norm_kernel,
+        ptx, _ = aot(nq._splitk_add_rms_norm_kernel,
                      {"ws_ptr": P["f"], "s_ptr": P["f"], "xs_ptr": P["f"], "res_ptr": P["bf"], "w_ptr": P["bf"],
                       "out_ptr": P["bf"], "q_ptr": P["q"], "qs_ptr": P["f"], "M": "i32", "H": "i32", "SPLITS": "i32",
                       "eps": "fp32", "fp8_max": "fp32", "stride_r": "i32", "stride_o": "i32", "stride_q": "i32"},
@@ -121,31 +99,31 @@ def test_norm_quant_kernels_compile(aot, tmp_path) -> None:
         assert "griddepcontrol.wait" in ptx
 
 
-def test_rope_kv_kernels_compile(aot, tmp_path) -> None:
+def test_rope_kv_kernels_compile(aot) -> None:
     from loraserve.kernels import fp8_rope_kv as rk
 
     common = {"pos_ptr": P["i64"], "cache_ptr": P["f"], "slot_ptr": P["i64"], "qo_ptr": P["bf"],
               "k_cache_ptr": P["q"], "v_cache_ptr": P["q"], "k_scale_ptr": P["f"], "v_scale_ptr": P["f"], "H": "i32",
               "KVH": "i32", "stride_qot": "i32", "stride_c": "i32", "num_positions": "i32"}
     shape = {"HALF": 64, "HALF_P2": 64, "BLOCK_H": 32, "BLOCK_KVH": 8, "USE_PDL": True}
-    ptx, _ = aot(tmp_path, rk._rope_store_kv_fp8_kernel,
+    ptx, _ = aot(rk._rope_store_kv_fp8_kernel,
                  {**common, "q_ptr": P["bf"], "k_ptr": P["bf"], "v_ptr": P["bf"], "stride_qt": "i32", "stride_qh": "i32",
                   "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_qoh": "i32"},
                  shape, 4, pdl=True)
     assert "fma.rn.f32" in ptx
-    ptx, _ = aot(tmp_path, rk._rope_store_kv_fp8_scaled_kernel,
+    ptx, _ = aot(rk._rope_store_kv_fp8_scaled_kernel,
                  {**common, "a_ptr": P["f"], "xs_ptr": P["f"], "ws_ptr": P["f"], "b_ptr": P["f"], "stride_at": "i32"},
                  {**shape, "HAS_BIAS": False}, 4, pdl=True)
     assert "fma.rn.f32" in ptx and "griddepcontrol.wait" in ptx
 
 
-def test_head_rescore_kernels_compile(aot, tmp_path) -> None:
+def test_head_rescore_kernels_compile(aot) -> None:
     from loraserve.kernels import fp8_head_rescore as hr
 
-    aot(tmp_path, hr._splitk_sum_chunkmax_kernel,
+    aot(hr._splitk_sum_chunkmax_kernel,
         {"ws_ptr": P["f"], "s_ptr": P["f"], "y_ptr": P["bf"], "best_ptr": P["f"], "arg_ptr": P["i32"], "M": "i32",
          "N": "i32", "SPLITS": "i32", "NCHUNK": "i32", "stride_ym": "i32"}, {"BLOCK": 1024, "CHUNK": 128}, 4)
-    aot(tmp_path, hr._head_rescore_kernel,
+    aot(hr._head_rescore_kernel,
         {"y_ptr": P["bf"], "best_ptr": P["f"], "arg_ptr": P["i32"], "x_ptr": P["bf"], "e_ptr": P["bf"], "NCHUNK": "i32",
          "V": "i32", "H": "i32", "stride_ym": "i32", "stride_xm": "i32", "stride_e": "i32"},
         {"K": 8, "NCHUNK_P2": 1024, "BLOCK_H": 1024}, 4)

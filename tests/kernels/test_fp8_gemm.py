@@ -14,6 +14,7 @@ from loraserve.kernels import triton_available
 
 from . import fp8_gemm_cases as cases
 from .interpreter import interpreter_pool, interpreting
+from .sm90 import compile_sm90, offline_triton, resource_usage, stack_bytes
 
 
 @pytest.fixture(scope="module")
@@ -179,40 +180,16 @@ def test_w8a16_cuda_graph_replay(m) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernels instead")
-def test_kernels_compile_for_sm90_without_register_spills(tmp_path) -> None:
+def test_kernels_compile_for_sm90_without_register_spills() -> None:
     """No GPU here: compile the W8A16 tiles the heuristic picks for Llama-3-8B decode (and the two helper
     kernels) ahead of time for sm_90 with Triton's bundled ptxas, and read the cubin's resources: a tile
     that does not compile, or spills registers to local memory, would otherwise first show on the H200."""
-    import re
-    import subprocess
-
-    triton = pytest.importorskip("triton")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 5):
-        pytest.skip("the ASTSource signature format of older Triton differs")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401  (the nvidia backend is bundled)
-        from triton.compiler import ASTSource
-    except Exception as err:   # noqa: BLE001
-        pytest.skip(f"no Triton NVIDIA backend: {err}")
-    import pathlib
-
+    offline_triton()
     from loraserve.kernels import fp8_gemm as fg
 
-    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("Triton's bundled cuobjdump is missing")
-
     def compile_and_check(fn, signature: dict, constexprs: dict, **options) -> None:
-        sig = {**signature, **{name: "constexpr" for name in constexprs}}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options=options)
-        cubin = tmp_path / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-        stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage)]
-        assert stack and max(stack) == 0, (constexprs, options, usage)
+        kernel = compile_sm90(fn, signature, constexprs, **options)
+        assert stack_bytes(kernel) == 0, (constexprs, options, resource_usage(kernel))
 
     gemm_sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
                 "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32",

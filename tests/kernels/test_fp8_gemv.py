@@ -14,6 +14,7 @@ from loraserve.kernels import triton_available
 
 from . import fp8_gemm_cases as cases
 from .interpreter import interpreter_pool, interpreting
+from .sm90 import compile_sm90, offline_triton, resource_usage, stack_bytes
 
 
 @pytest.fixture(scope="module")
@@ -361,34 +362,20 @@ def test_fp8_linear_gemv_path_gpu(m, monkeypatch) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernels instead")
-def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
+def test_gemv_tiles_compile_for_sm90_without_spills() -> None:
     """No GPU here: compile the tiles the table / heuristic picks for the 8B decode shapes ahead of time for
     sm_90 (Triton's bundled ptxas) and read the cubin's resources: a tile that does not compile or spills
     registers to local memory would otherwise first show on the H200."""
     import re
-    import subprocess
 
-    triton = pytest.importorskip("triton")
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 5):
-        pytest.skip("the ASTSource signature format of older Triton differs")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401  (the nvidia backend is bundled)
-        from triton.compiler import ASTSource
-    except Exception as err:   # noqa: BLE001
-        pytest.skip(f"no Triton NVIDIA backend: {err}")
-    import pathlib
-
+    offline_triton()
     from loraserve.kernels import fp8_gemv as fg
 
-    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("Triton's bundled cuobjdump is missing")
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
            "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32",
            "stride_ym": "i32"}
     # what the launch specialises: 16-byte aligned pointers, N, K, the split length and strides divisible by 16
-    aligned = [i for i, name in enumerate(sig) if name not in ("M",)]
+    aligned = [name for name in sig if name != "M"]
     variants = set()
     for m in fg.M_BUCKETS:
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
@@ -423,17 +410,9 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         base = sig if kind.startswith("gemv") else {**sig, "x16_scale": "fp32", "xs_ptr": "*fp32", "cnt_ptr": "*i32",
                                                     "SPLITS": "i32",
                                                     **({"x_ptr": "*fp8e4nv"} if kind in ("dot8", "dot8f") else {})}
-        src = ASTSource(fn=fn, signature={**base, **{c: "constexpr" for c in constexprs}}, constexprs=constexprs,
-                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps, num_stages=1 if kind.startswith("gemv") else stages,
-                                             launch_pdl=constexprs["WAIT"]))
-        cubin = tmp_path / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-        stack = [int(v) for v in re.findall(r"STACK:(\d+)", usage)]
-        assert stack and max(stack) == 0, (kind, bm, bn, bk, use_ws, warps, stages, usage)
+        kernel = compile_sm90(fn, base, constexprs, div16=aligned, num_warps=warps,
+                              num_stages=1 if kind.startswith("gemv") else stages, launch_pdl=constexprs["WAIT"])
+        assert stack_bytes(kernel) == 0, (kind, bm, bn, bk, use_ws, warps, stages, resource_usage(kernel))
         # the weight stream: 16-byte vector loads into registers (gemv kinds), or cp.async into shared
         # memory, pipelined over num_stages (dot kinds; 8-byte copies for the e4m3 tile in the SASS)
         ptx = kernel.asm["ptx"]
@@ -452,28 +431,18 @@ def test_gemv_tiles_compile_for_sm90_without_spills(tmp_path) -> None:
         # dot16 scales x by 2^-4 in fp32 before rounding to fp16; a constant scale was moved after the rounding
         # by Triton (mul.f16x2: overflow for |x| > 65504), hence the runtime argument
         assert kind != "dot16" or "mul.f16x2" not in ptx
-    sum_src = ASTSource(fn=fg._splitk_sum_kernel,
-                        signature={"ws_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32",
-                                   "N": "i32", "SPLITS": "i32", "stride_ym": "i32", "HAS_BIAS": "constexpr",
-                                   "BLOCK": "constexpr", "PDL": "constexpr"},
-                        constexprs={"HAS_BIAS": True, "BLOCK": 1024, "PDL": True})
-    ptx = triton.compile(sum_src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, launch_pdl=True)).asm["ptx"]
+    ptx = compile_sm90(fg._splitk_sum_kernel, {"ws_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                                               "M": "i32", "N": "i32", "SPLITS": "i32", "stride_ym": "i32"},
+                       {"HAS_BIAS": True, "BLOCK": 1024, "PDL": True}, num_warps=4, launch_pdl=True).asm["ptx"]
     assert "griddepcontrol.wait" in ptx
     # gemvh: the fp16-product GEMV (packed f16x2 FMAs into fp16 partials), no spills, at the sweep's tiles
     for groups, bn, bk, warps, flush, use_ws, early in ((4, 1, 1024, 2, 4, False, True), (4, 1, 2048, 4, 2, True, False),
                                                         (2, 4, 512, 4, 4, False, True)):
         constexprs = {"HAS_BIAS": False, "USE_WS": use_ws, "GROUPS": groups, "BLOCK_N": bn, "BLOCK_K": bk, "FLUSH": flush,
                       "PDL": False, "WAIT": True, "EARLY": early, "SILU": False}
-        src = ASTSource(fn=fg._fp8_gemv_half_kernel, signature={**sig, "x16_scale": "fp32",
-                                                                **{c: "constexpr" for c in constexprs}},
-                        constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps, num_stages=1, launch_pdl=True))
-        cubin = tmp_path / "h.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-        assert max(int(v) for v in re.findall(r"STACK:(\d+)", usage)) == 0, (groups, bn, bk, usage)
+        kernel = compile_sm90(fg._fp8_gemv_half_kernel, {**sig, "x16_scale": "fp32"}, constexprs, div16=aligned,
+                              num_warps=warps, num_stages=1, launch_pdl=True)
+        assert stack_bytes(kernel) == 0, (groups, bn, bk, resource_usage(kernel))
         ptx = kernel.asm["ptx"]
         assert "fma.rn.f16x2" in ptx and "griddepcontrol.wait" in ptx and re.search(r"ld\.global[\w:.]*\.v4", ptx)
         # EARLY: the first weight tiles' 16-byte loads are issued before the wait

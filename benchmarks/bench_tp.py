@@ -347,8 +347,10 @@ def child_main(a) -> int:
         graphs = getattr(engine.runner, "graph_runner", None)
         res["tp2_sampler_graphs"] = graphs is not None and graphs.sampler_graphs is not None
         res["tp2_sharded_sampler"] = bool(getattr(engine.runner, "sampler_shards", False))
+        res["tp2_gemm_push"] = bool(getattr(getattr(engine.tp, "fused_norm", None), "push", False))
         print("tp2 paths: " + ", ".join(f"{k[4:]} {res[k]}" for k in ("tp2_custom_all_reduce", "tp2_fused_norm",
-                                                                      "tp2_sampler_graphs", "tp2_sharded_sampler")),
+                                                                      "tp2_sampler_graphs", "tp2_sharded_sampler",
+                                                                      "tp2_gemm_push")),
               flush=True)
     vocab = engine.args.vocab_size
 

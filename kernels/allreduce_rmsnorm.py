@@ -56,7 +56,8 @@ if HAS_TRITON:
     def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, buf_ptr, deltas_ptr, counter_ptr, H, eps,
                                    stride_x, stride_r, slot_stride, region_stride,
                                    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                                   MAX_SPIN: tl.constexpr, USE_PDL: tl.constexpr = False):
+                                   MAX_SPIN: tl.constexpr, USE_PDL: tl.constexpr = False,
+                                   PUSHED: tl.constexpr = False):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         ok = offs < H
@@ -69,9 +70,10 @@ if HAS_TRITON:
         send = tl.where(x.to(tl.int16, bitcast=True) == _EMPTY, tl.zeros([BLOCK], dtype), x)
         count = tl.load(counter_ptr + row)
         at = (count % 2).to(tl.int64) * slot_stride + row * H + offs   # + region * region_stride
-        # 1. push: my row into region RANK of every peer's buffer
+        # 1. push: my row into region RANK of every peer's buffer (PUSHED: the GEMM before us did, tile by tile,
+        #    kernels/tp_gemm_push.py)
         for p in tl.static_range(WORLD):
-            if p != RANK:
+            if p != RANK and not PUSHED:
                 # peer p's buffer = mine + deltas[p] elements; both 16-byte aligned, so the stores go out as
                 # 16-byte vectors (alignment is known from buf_ptr, not from an address loaded as an integer)
                 delta = tl.multiple_of(tl.load(deltas_ptr + p), 8)
@@ -107,9 +109,10 @@ if HAS_TRITON:
 
 def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, buffer: Tensor, deltas: Tensor,
                            counters: Tensor, rank: int, world: int, max_rows: int, max_spin: int = MAX_SPIN,
-                           num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                           num_warps: int | None = None, pushed: bool = False) -> tuple[Tensor, Tensor]:
     """x [T, H] (this rank's partial) and residual [T, H], both updated in place (see the module doc);
-    returns (x, residual). buffer: this rank's symmetric buffer, [2, world, max_rows, H] 16-bit elements;
+    returns (x, residual). pushed: x came from kernels/tp_gemm_push.gemm_push with the same buffer and counters
+    (its rows are in the peers' buffers already: step 1 is skipped). buffer: this rank's symmetric buffer, [2, world, max_rows, H] 16-bit elements;
     deltas: int64 [world], rank p's buffer address minus this one's, in elements (0 for this rank);
     counters: int32 [max_rows] on this device."""
     if not HAS_TRITON:
@@ -126,7 +129,7 @@ def allreduce_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: flo
     block = triton.next_power_of_2(H)
     _allreduce_rms_norm_kernel[(T,)](x, residual, weight, buffer.view(x.dtype), deltas, counters, H, eps,
                                      x.stride(0), residual.stride(0), world * region, region, RANK=rank, WORLD=world,
-                                     BLOCK=block, MAX_SPIN=max_spin,
+                                     BLOCK=block, MAX_SPIN=max_spin, PUSHED=bool(pushed),
                                      num_warps=num_warps or min(16, max(1, block // 512)),
                                      **pdl_kwargs(x.device))
     return x, residual

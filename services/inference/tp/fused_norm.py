@@ -13,9 +13,15 @@ the all-reduce and the separate norm.
 The model side (models/llama.py): Attention / MLP skip their all-reduce when `tp.defers(out)`; an
 RMSNorm with a residual and a `tp` whose `defers(x)` holds calls `tp.all_reduce_add_rms_norm`. The
 decision depends only on x's shape, dtype and device, so producer and consumer always agree.
+
+LORASERVE_TP_GEMM_PUSH=1: o_proj / down_proj of decode steps (LORASERVE_TP_GEMM_PUSH_MIN_ROWS..64 rows, no
+adapters in the step) run kernels/tp_gemm_push.py, whose GEMM programs push their output tiles into the peers'
+buffers as they finish; the norm kernel after it then skips its own push (pushed=True) and only waits for the
+peers' last tiles. Checked at start-up against NCCL + the separate norm like the fused norm itself.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -29,6 +35,20 @@ def fused_norm_wanted() -> bool:
     return os.environ.get("LORASERVE_TP_FUSED_NORM", "1").strip().lower() not in ("", "0", "false", "off", "no")
 
 
+def gemm_push_wanted() -> bool:
+    return os.environ.get("LORASERVE_TP_GEMM_PUSH", "0").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def _gemm_push_min_rows() -> int:
+    """Fewest rows the pushing GEMM takes: below it the Proj's GEMV (1..GEMV_MAX_M rows) is faster than any GEMM."""
+    env = os.environ.get("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", "").strip()
+    if env:
+        return max(1, int(env))
+    from ..models.llama import GEMV_MAX_M
+
+    return GEMV_MAX_M + 1
+
+
 class LamportNorm:
     """This rank's symmetric buffer [2, world, max_rows, hidden] (16-bit elements, -0.0 = empty), every
     rank's buffer address on the device and the per-row call counters. Build it on every rank at once."""
@@ -40,6 +60,8 @@ class LamportNorm:
         self.group = group or dist.group.WORLD
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.device, self.hidden, self.max_rows = device, hidden, max_rows
+        self.push, self.push_min_rows = False, 65   # gemm_push: set by make_fused_norm after its self-check
+        self._pushed: torch.Tensor | None = None    # the partial the last gemm_push produced, until its norm
         from loraserve.kernels.allreduce_rmsnorm import EMPTY_BITS
 
         try:   # the CUDA backend (P2P over cuMem handles), as tp/allreduce.py; already chosen: kept
@@ -67,12 +89,35 @@ class LamportNorm:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  max_spin: int | None = None):
-        from loraserve.kernels.allreduce_rmsnorm import allreduce_add_rms_norm
+        from loraserve.kernels.allreduce_rmsnorm import MAX_SPIN, allreduce_add_rms_norm
 
-        from loraserve.kernels.allreduce_rmsnorm import MAX_SPIN
-
+        pushed = self._pushed is not None
+        if pushed and self._pushed is not x:   # the peers hold rows no norm will clear: every later sum is wrong
+            self._pushed = None
+            raise RuntimeError("tensor parallelism: a GEMM pushed its partial to the peers but the next fused norm "
+                               "got another tensor (the o_proj/down_proj -> norm pairing broke)")
+        self._pushed = None
         return allreduce_add_rms_norm(x, residual, weight, eps, self.buffer, self.deltas, self.counters, self.rank,
-                                      self.world, self.max_rows, max_spin or MAX_SPIN)
+                                      self.world, self.max_rows, max_spin or MAX_SPIN, pushed=pushed)
+
+    def gemm_push(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] @ weight [N, K]^T through kernels/tp_gemm_push.py (its tiles pushed to the peers), or None
+        where it does not apply (then the caller's GEMM runs and the norm pushes). Depends only on shapes, dtypes,
+        devices and the step's adapters (LoRA adds to the partial after the GEMM): every rank decides the same."""
+        if not (self.push and self.push_min_rows <= x.shape[0] <= 64 and x.device == self.device):
+            return None
+        from loraserve.kernels.tp_gemm_push import gemm_push, gemm_push_fits
+
+        if not gemm_push_fits(x, weight):
+            return None
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        if not self.takes(out):
+            return None
+        if self._pushed is not None:
+            raise RuntimeError("tensor parallelism: two pushed partials without a fused norm between them")
+        gemm_push(x, weight, out, self.buffer, self.deltas, self.counters, self.rank, self.world, self.max_rows)
+        self._pushed = out
+        return out
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -132,7 +177,60 @@ def make_fused_norm(device: torch.device, hidden: int, group=None) -> LamportNor
                     problem or "failed on another rank")
         return None
     log.info("fused all-reduce + RMSNorm on: Lamport one-shot over symmetric memory, <= %d rows", rows)
+    if gemm_push_wanted():
+        _check_gemm_push(fn, device, group)
     return fn
+
+
+def _check_gemm_push(fn: LamportNorm, device: torch.device, group) -> None:
+    """Collective: turn fn.push on on every rank iff on every rank the pushing GEMM + the waiting norm equal NCCL's
+    all-reduce of the GEMM's own outputs + the separate norm bit for bit (2 ranks; more: sum order), at a decode
+    bucket's rows and a few, both slots, with the GEMM within bf16 rounding of F.linear."""
+    import torch.nn.functional as F
+
+    from loraserve.kernels.rmsnorm import fused_add_rms_norm_ref
+
+    from .allreduce import _all_agree
+
+    problem = None
+    try:
+        fn.push, fn.push_min_rows = True, 1
+        g = torch.Generator(device=device).manual_seed(999 + dist.get_rank(group))
+        K = 2048
+        w = (torch.randn(fn.hidden, K, device=device, generator=g) / K ** 0.5).to(torch.bfloat16)
+        nw = (1 + 0.1 * torch.randn(fn.hidden, device=device, generator=g)).to(torch.bfloat16)
+        for n in (64, 8, 64):
+            x = torch.randn(n, K, device=device, generator=g).to(torch.bfloat16)
+            res = torch.randn(n, fn.hidden, device=device, generator=g).to(torch.bfloat16)
+            out = fn.gemm_push(x, w)
+            if out is None:
+                problem = f"gemm_push refused [{n}, {K}] x [{fn.hidden}, {K}]"
+                break
+            mine = out.clone()
+            ref = mine.clone()
+            dist.all_reduce(ref, group=group)
+            ref_x, ref_r = fused_add_rms_norm_ref(ref, res.clone(), nw, 1e-5)
+            out_x, out_r = fn(out, res, nw, 1e-5, max_spin=1 << 22)
+            torch.cuda.synchronize(device)
+            tol = 0 if fn.world == 2 else 3e-2
+            gemm_err = (mine.float() - F.linear(x, w).float()).abs().max().item()
+            if gemm_err > 0.05:
+                problem = f"rows={n}: the GEMM is {gemm_err:g} from F.linear"
+            elif not (torch.allclose(out_r.float(), ref_r.float(), atol=tol, rtol=tol)
+                      and torch.allclose(out_x.float(), ref_x.float(), atol=2 * tol + 1e-2, rtol=1e-2)):
+                err = max((out_r.float() - ref_r.float()).abs().max().item(),
+                          (out_x.float() - ref_x.float()).abs().max().item())
+                problem = f"rows={n}: max |pushed + norm - (all-reduce + norm)| = {err:g}"
+    except Exception as exc:  # noqa: BLE001 - every rank learns it below
+        problem = f"{exc!r}"
+    fn._pushed = None
+    fn.push = _all_agree(problem is None, device, group)
+    fn.push_min_rows = _gemm_push_min_rows()
+    if fn.push:
+        log.info("row-parallel GEMMs push their tiles to the peers (kernels/tp_gemm_push.py), %d..64 rows",
+                 fn.push_min_rows)
+    else:
+        log.warning("pushing row-parallel GEMM off (%s): the norm pushes", problem or "failed on another rank")
 
 
 def attach_norms(model, group) -> None:
@@ -146,3 +244,31 @@ def attach_norms(model, group) -> None:
             layer.input_layernorm.tp = group
     model.norm.tp = group
     group.defer_reduce = True
+    if group.fused_norm.push:
+        from ..models.llama import Proj
+
+        for layer in model.layers:   # FP8 projections (another class) keep their own GEMMs
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if type(proj) is Proj:
+                    proj.__class__ = push_proj_class()
+                    proj.tp_norm = group.fused_norm
+
+
+@functools.cache
+def push_proj_class():
+    from ..context import get_context
+    from ..models.llama import Proj
+
+    class PushProj(Proj):
+        """A row-parallel projection (o_proj / down_proj) whose decode GEMM pushes its partial output to the
+        peers (LamportNorm.gemm_push); with adapters in the step, or shapes it does not take, Proj's path."""
+        tp_norm: LamportNorm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.bias is None and get_context().lora is None:
+                out = self.tp_norm.gemm_push(x, self.weight)
+                if out is not None:
+                    return out
+            return super().forward(x)
+
+    return PushProj

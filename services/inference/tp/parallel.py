@@ -65,6 +65,9 @@ class TPGroup:
         if weight.dtype != x.dtype or residual.stride(-1) != 1:   # not what the kernel takes: unfused
             from loraserve.kernels.rmsnorm import fused_add_rms_norm
 
+            if getattr(self.fused_norm, "_pushed", None) is not None:   # its rows sit in the peers' buffers
+                raise RuntimeError("tensor parallelism: a pushed partial reached the unfused norm")
+
             return fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
         return self.fused_norm(x, residual, weight, eps)
 

@@ -1,0 +1,129 @@
+"""Row-parallel GEMM -> fused all-reduce + RMSNorm on 2 GPUs: the GEMM that pushes its tiles to the peer
+(kernels/tp_gemm_push.py, LORASERVE_TP_GEMM_PUSH=1) against cuBLAS / the same GEMM without the push, each followed
+by the Lamport norm kernel (kernels/allreduce_rmsnorm.py; pushing its row itself unless the GEMM did).
+
+Per pair (GEMM + norm), us, inside CUDA graphs (16 pairs captured, the weights cycled over 8 copies so no pair
+reads its weights from L2), at the TP=2 8B shard shapes o_proj [4096, 2048] and down_proj [4096, 7168], 64 and 16
+rows. The start-up self-check of the push (tp/fused_norm.py) runs first; the chain's last output is compared with
+the cuBLAS chain's (the GEMMs round differently: tolerance).
+
+    python3 benchmarks/bench_tp_push.py [--json out.json]       # 2 GPUs, ~15 s on a warm Triton cache
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.graph_timing import graph_seconds  # noqa: E402
+
+SHAPES = {"o": (4096, 2048), "down": (4096, 7168)}
+
+
+def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from loraserve.inference.tp.fused_norm import make_fused_norm
+    from loraserve.kernels.skinny_gemm import skinny_gemm
+    from loraserve.kernels.tp_gemm_push import push_config
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60), device_id=dev)
+    os.environ["LORASERVE_TP_FUSED_NORM"] = "1"
+    os.environ["LORASERVE_TP_GEMM_PUSH"] = "1"
+    fn = make_fused_norm(dev, 4096)
+    res: dict = {"fused_self_check": fn is not None, "push_self_check": bool(fn is not None and fn.push)}
+    if fn is None or not fn.push:
+        if rank == 0:
+            out.update(res)
+        dist.destroy_process_group()
+        return
+    fn.push_min_rows = 1
+    g = torch.Generator(device=dev).manual_seed(5 + rank)
+    nw = (1 + 0.1 * torch.randn(4096, device=dev, generator=g)).bfloat16()
+    for name, (N, K) in SHAPES.items():
+        ws = [(torch.randn(N, K, device=dev, generator=g) / K ** 0.5).bfloat16() for _ in range(8)]
+        for rows in rows_list:
+            x = torch.randn(rows, K, device=dev, generator=g).bfloat16()
+            r = torch.randn(rows, N, device=dev, generator=g).bfloat16()
+            cfg = push_config(rows, N, K, dev)
+            last = {}
+
+            def chain(kind: str):
+                def run():
+                    for w in ws:
+                        if kind == "push":
+                            y = fn.gemm_push(x, w)
+                        elif kind == "skinny":
+                            y = skinny_gemm(x, w, config=cfg)
+                        else:
+                            y = F.linear(x, w)
+                        last[kind] = fn(y, r, nw, 1e-5)[0]
+                return run
+
+            for kind in ("cublas", "skinny", "push"):
+                dist.barrier()
+                res[f"{name}_m{rows}_{kind}_pair_us"] = graph_seconds(chain(kind), 2, 20) * 1e6 / len(ws)
+            dist.barrier()
+            res[f"{name}_m{rows}_cublas_gemm_us"] = graph_seconds(lambda: [F.linear(x, w) for w in ws], 2, 20) \
+                * 1e6 / len(ws)
+            res[f"{name}_m{rows}_skinny_gemm_us"] = graph_seconds(
+                lambda: [skinny_gemm(x, w, config=cfg) for w in ws], 2, 20) * 1e6 / len(ws)
+            # the residual kept moving through every call: compare one fresh pair of each kind instead
+            r0 = r.clone()
+            ya, yb = F.linear(x, ws[0]), fn.gemm_push(x, ws[0])
+            ra, rb = r0.clone(), r0.clone()
+            fn(ya, ra, nw, 1e-5)
+            fn(yb, rb, nw, 1e-5)
+            torch.cuda.synchronize()
+            res[f"{name}_m{rows}_push_vs_cublas_max_diff"] = (ya.float() - yb.float()).abs().max().item()
+    res["device"] = torch.cuda.get_device_name(dev)
+    if rank == 0:
+        out.update(res)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="64,16")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        print("bench_tp_push skipped: it needs 2 GPUs")
+        return 0
+    import torch.multiprocessing as mp
+
+    from loraserve.inference.tp.executor import _free_port
+
+    rows = [int(v) for v in a.rows.split(",")]
+    with mp.get_context("spawn").Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(worker, args=(2, _free_port(), out, rows), nprocs=2, join=True, start_method="spawn")
+        res = dict(out)
+    for k, v in res.items():
+        print(f"{k:44s} {round(v, 3) if isinstance(v, float) else v}", flush=True)
+    for name in SHAPES:
+        for m in rows:
+            c, p = res.get(f"{name}_m{m}_cublas_pair_us"), res.get(f"{name}_m{m}_push_pair_us")
+            if c and p:
+                print(f"{name} m{m}: push pair {p:.2f} us vs cuBLAS + norm {c:.2f} ({c - p:+.2f} us saved)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0 if res.get("push_self_check") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,7 +57,23 @@ def graph_us(fns, reps: int = 10) -> float:
     return start.elapsed_time(end) * 1e3 / reps / len(fns)
 
 
-def run(m: int, shapes: list[str], smoke: bool = False) -> dict:
+def sweep_configs(n: int, k: int) -> list[tuple]:
+    """dot8 tiles for the narrow shapes (N 4096 / 6144): 64 / 128 weight rows, 128 / 256-wide K tiles, 1..8 splits,
+    3..5 stages (deeper pipelines with fewer splits: fewer partials, more bytes in flight per program)."""
+    out = []
+    for bn in (64, 128):
+        for bk in (128, 256):
+            for split in (1, 2, 4, 8):
+                if k % (split * bk) or (n // bn) * split < 64 or (n // bn) * split > 1024:
+                    continue
+                for stages in (3, 4, 5):
+                    if stages * (bn * bk + bk * 64) > 200 * 1024:   # shared memory per program
+                        continue
+                    out.append(("dot8", 64, bn, bk, split, 4, stages))
+    return out
+
+
+def run(m: int, shapes: list[str], smoke: bool = False, sweep: bool = False) -> dict:
     from loraserve.inference.models.fp8 import quantize_per_channel
     from loraserve.kernels.fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise, tensorwise_acc
     from loraserve.kernels.fp8_gemv import _num_sms, fp8_gemv
@@ -113,6 +129,28 @@ def run(m: int, shapes: list[str], smoke: bool = False) -> dict:
                 row[f"{form}_TBps"] = round(n * k * (2 if form == "bf16" else 1) / us / 1e6, 2)
             except Exception as err:   # noqa: BLE001  (one form failing must not cost the others)
                 row[form] = f"failed: {type(err).__name__}: {err}"[:200]
+        if sweep and name != "gate_up":   # dot8 tiles beyond the table's, x codes given, partials left unsummed (the deferred form)
+            tried = {}
+            for cfg in (sweep_configs(n, k) if not smoke else [("dot8", 64, 16, 32, 2, 4, 2), ("dot8", 64, 32, 64, 1, 4, 2)]):
+                try:
+                    fn = lambda i, c=cfg: fp8_gemv(x, qs[i][0], qs[i][1], config=c, x_q=(x_q, x_scale), defer_sum=True)[0]
+                    got = fn(0)
+                    got = (got.sum(0) * qs[0][1]) if got.dim() == 3 else got.float()
+                    err = float((got.float() - ref).abs().max() / ref.abs().max())
+                    assert err < 2e-2, f"rel err {err}"
+                    tried[",".join(map(str, cfg[1:7]))] = round(graph_us([lambda i=i: fn(i) for i in range(copies)]), 2)
+                except Exception as err:   # noqa: BLE001
+                    tried[",".join(map(str, cfg[1:7]))] = f"failed: {type(err).__name__}: {err}"[:120]
+            ok = {c: v for c, v in tried.items() if isinstance(v, float)}
+            row["sweep_defer"] = tried
+            if ok:
+                best = min(ok, key=ok.get)
+                row["sweep_best"] = [best, ok[best]]
+                print(f"    sweep (bm,bn,bk,split,warps,stages: us, deferred): best {best} {ok[best]}; "
+                      + ", ".join(f"{c} {v}" for c, v in sorted(ok.items(), key=lambda kv: kv[1])[:8]), flush=True)
+            fails = [c for c, v in tried.items() if not isinstance(v, float)]
+            if fails:
+                print(f"    sweep failures: {fails[:4]} {tried[fails[0]]}", flush=True)
         out[name] = row
         print(f"  {name} M={m}: " + ", ".join(f"{f} {row[f]}" for f in forms if f in row), flush=True)
         print(f"    errors: " + ", ".join(f"{kk} {v}" for kk, v in row.items() if kk.endswith("err")), flush=True)
@@ -132,12 +170,20 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also dot8 tiles beyond the table's (sweep_configs), deferred")
+    ap.add_argument("--jobs", type=int, default=12, help="--sweep: processes compiling ahead (0: in place)")
+    ap.add_argument("--precompile-s", type=float, default=20.0)
     ap.add_argument("--smoke", action="store_true", help="CPU, shapes / 64, eager (set TRITON_INTERPRET=1)")
     a = ap.parse_args()
     if not torch.cuda.is_available() and not a.smoke:
         print("fp8_bs64_gemm: no CUDA device (the forms are GPU kernels); nothing timed")
         return 0
-    res = run(a.m, a.shapes.split(","), a.smoke)
+    if a.sweep and not a.smoke and a.jobs:   # compile the sweep's tiles ahead in worker processes (Triton's cache)
+        from benchmarks.fp8_gemv_sweep import precompile
+
+        cfgs = [c for s_ in a.shapes.split(",") if s_ != "gate_up" for c in sweep_configs(*SHAPES[s_])]
+        precompile(cfgs, a.jobs, timeout=a.precompile_s)
+    res = run(a.m, a.shapes.split(","), a.smoke, a.sweep)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -40,7 +40,8 @@ def compile_sm90(fn, types: dict[str, str], constexprs: dict, *, unit: Iterable[
     """`fn` (a @triton.jit function) compiled for sm_90; returns Triton's CompiledKernel (.asm["ptx"], .metadata).
 
     types: each runtime argument's Triton type ("*bf16", "*fp8e4nv", "i32", "fp32"), may name more (one dict for
-    several variants of a kernel); constexprs: each constexpr argument's value; together they name every argument.
+    several variants of a kernel); constexprs: each constexpr argument's value (those with a default may be left
+    out); together they name every argument.
     unit: integer arguments a launch passes as 1 (Triton specialises them to the constant 1).
     div16: runtime arguments the launch sees 16-divisible (pointers 16-byte aligned); div16_except: instead, every
     runtime argument but these (the usual case: all but the token count or the rank).
@@ -49,7 +50,9 @@ def compile_sm90(fn, types: dict[str, str], constexprs: dict, *, unit: Iterable[
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = dict(constexprs, **{name: 1 for name in unit})
+    # a constexpr the caller leaves out takes its default (`PUSHED: tl.constexpr = False`), as a launch would
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in types}
+    constexprs = {**defaults, **constexprs, **{name: 1 for name in unit}}
     names = list(fn.arg_names)
     missing, unknown = set(names) - set(types) - set(constexprs), set(constexprs) - set(names)
     if missing or unknown:

@@ -1,6 +1,7 @@
 """tests/kernels/sm90.py, the offline sm_90 compile the *_compile tests share: its spill check fails on a kernel
 that spills (the skinny GEMM's 128 x 128 tile held to 64 registers: ptxas puts the accumulator on the stack), and a
-signature that does not name every kernel argument is an error, not a skip."""
+signature that does not name every kernel argument is an error, not a skip; a constexpr with a default may be
+left out (it takes the default, as a launch would)."""
 from __future__ import annotations
 
 import pytest
@@ -38,3 +39,16 @@ def test_signature_must_name_every_argument() -> None:
         compile_sm90(_skinny_gemm_kernel, SIG, dict(CONST, BLOCK_Q=16), num_warps=4)
     with pytest.raises(ValueError, match="div16 names no runtime argument"):
         compile_sm90(_skinny_gemm_kernel, SIG, CONST, div16=("BLOCK_M",), num_warps=4)
+
+
+def test_a_constexpr_left_out_takes_its_default() -> None:
+    """The skinny GEMM's `USE_PDL: tl.constexpr = False`: left out, the launch's default (no griddepcontrol in the
+    PTX), as with the same kernel given USE_PDL=False; given True, the wait is there."""
+    from loraserve.kernels.skinny_gemm import _skinny_gemm_kernel
+
+    const = {n: v for n, v in CONST.items() if n != "USE_PDL"}
+    k = compile_sm90(_skinny_gemm_kernel, SIG, const, div16_except=("M",), num_warps=4, num_stages=4)
+    assert "griddepcontrol.wait" not in k.asm["ptx"]
+    k = compile_sm90(_skinny_gemm_kernel, SIG, dict(const, USE_PDL=True), div16_except=("M",), num_warps=4,
+                     num_stages=4)
+    assert "griddepcontrol.wait" in k.asm["ptx"]

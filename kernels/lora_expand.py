@@ -27,6 +27,7 @@ reduction launch between shrink and expand.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -121,6 +122,12 @@ if HAS_TRITON:
 
 
 _STREAM_FAILED: set[tuple] = set()  # (S, R, device) whose streaming kernel failed to compile
+# The BGMV-style expand (lora_expand_bgmv.py: one wide B block per program, no tl.dot) for steps of
+# <= EXPAND_BGMV_MAX_TOKENS tokens without DoRA's epilogue: LORASERVE_LORA_EXPAND_BGMV=1 (off by default until
+# an H200 run says otherwise). Read at each call; a compile failure falls back to the streaming expand.
+EXPAND_BGMV = os.environ.get("LORASERVE_LORA_EXPAND_BGMV", "0").strip().lower() not in ("", "0", "false", "off", "no")
+EXPAND_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MAX_TOKENS", "64"))
+_BGMV_FAILED: set[tuple] = set()  # (S, R, device) whose BGMV expand failed to compile
 _PIPE_FAILED: set[tuple] = set()  # (S, R, device) whose default column loop failed: the rotating one then
 
 
@@ -201,6 +208,18 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         == ranks.device, "buf, lora_b, y, slice_offsets, ranks and meta must be on one device"
     # fp32 on a GPU stays classic: its FMA dots spill registers in the streaming kernel (sm_90,
     # offline compile); the interpreter runs fp32 through it (the exact-arithmetic tests).
+    if (EXPAND_BGMV and stream_enabled(stream) and scale is None and not dense_slots and config is None
+            and T <= EXPAND_BGMV_MAX_TOKENS and (S, R, y.device) not in _BGMV_FAILED):
+        from .lora_expand_bgmv import expand_bgmv_applies, lora_expand_bgmv
+
+        if expand_bgmv_applies(S, R, SK):
+            try:
+                return lora_expand_bgmv(partials, lora_b, slice_offsets, meta, ranks, y, num_sms=_num_sms(y.device))
+            except Exception as exc:  # noqa: BLE001 - compile/resources failure: the streaming expand instead
+                if not y.is_cuda:
+                    raise
+                _BGMV_FAILED.add((S, R, y.device))
+                warnings.warn(f"BGMV LoRA expand failed for S={S}, R={R} ({exc!r}); using the streaming expand")
     if stream_enabled(stream) and _stream_ok(S, R, y.device) and not (y.is_cuda and y.dtype == torch.float32):
         from .lora_expand_stream import lora_expand_stream, rotating_loop_config
 

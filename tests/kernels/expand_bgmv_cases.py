@@ -1,0 +1,55 @@
+"""Checks of the BGMV-style expand (kernels/lora_expand_bgmv.py), run in a worker started with
+TRITON_INTERPRET=1 (test_lora_expand_bgmv_interp.py) or on a GPU (test_lora_gpu.py). Each raises
+AssertionError on mismatch."""
+from __future__ import annotations
+
+import torch
+
+from loraserve.kernels import LoRAMetaBuilder, lora_expand, lora_expand_ref, lora_shrink_ref
+
+from .lora_cases import TOLERANCES, make_problem
+from .stream_interp_cases import DTYPES, _untouched
+
+
+def check_expand_bgmv(dtype: str, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
+                      composition: str, split_k: int = 1, block_n: int | None = None, cols: int | None = None, via_switch: bool = False,
+                      device: str = "cpu") -> None:
+    """lora_expand_bgmv from (split-K) partials vs the torch reference: rows without an adapter and
+    rank-0 slots untouched, no NaN from undefined partials, every adapted row changed. via_switch: through
+    lora_expand with lora_expand.EXPAND_BGMV on (the engine's dispatch), else the launcher directly."""
+    from loraserve.kernels.lora_expand_bgmv import lora_expand_bgmv
+
+    expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"])  # the module, not the function
+    p = make_problem(num_tokens=num_tokens, hidden=32, max_rank=max_rank, widths=widths, num_slots=num_slots,
+                     composition=composition, dtype=DTYPES[dtype], seed=7 * num_tokens + split_k, device=device)
+    S, T, R = len(widths), num_tokens, max_rank
+    meta = LoRAMetaBuilder(max(T, 1), num_slots, device).build(p.token_slot)
+    buf = torch.zeros(S, T, R, device=device)
+    lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, buf)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(split_k, S, T, R, generator=gen).to(device)
+    partials = buf * (w / w.sum(0))  # a random split of each entry into split_k partials
+    defined = torch.arange(R, device=device)[None, :] < torch.where(
+        p.token_slot >= 0, p.ranks[p.token_slot.clamp(min=0).long()], 0)[:, None]
+    partials[:, :, ~defined] = float("nan")  # never read: rows without adapter, columns past the rank
+    buf_ref = partials.sum(0)
+    buf_ref[:, ~defined] = 0
+    y_ref = p.y0.clone()
+    lora_expand_ref(buf_ref, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
+    y = p.y0.clone()
+    if via_switch:
+        old = expand_mod.EXPAND_BGMV
+        expand_mod.EXPAND_BGMV = True
+        try:
+            lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y, stream=True)
+        finally:
+            expand_mod.EXPAND_BGMV = old
+    else:
+        lora_expand_bgmv(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y,
+                         config=dict(BLOCK_N=block_n, COLS_PER_PROG=cols or block_n) if block_n else None)
+    torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCES[p.x.dtype])
+    untouched = _untouched(p)
+    assert torch.equal(y[untouched], p.y0[untouched]), "BGMV expand touched a row without adapter"
+    assert not y.isnan().any(), "NaN leaked from undefined partials or B columns past the rank"
+    if (~untouched).any():
+        assert not torch.equal(y[~untouched], p.y0[~untouched]), "BGMV expand added nothing"

@@ -51,7 +51,41 @@ def _split_cap(cap: int):
     return wrap
 
 
+def _shrink_large(**over):
+    """lora_shrink.shrink_config above 256 tokens with these keys overridden (BLOCK_N, BLOCK_K, num_warps,
+    num_stages): the mixed step's shrink is BLOCK_N 64 x BLOCK_K 128, 4 warps, 3 stages (~60 KB of shared memory a
+    program: ~3 programs an SM, so its ~950 programs run in ~2.4 waves)."""
+    def wrap(orig):
+        def config(num_tokens, rank, hidden_in, num_slices=1, block_m=16, num_sms=132, grid_tiles=None, stream=None):
+            cfg = orig(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles, stream)
+            return dict(cfg, **over) if num_tokens > 256 else cfg
+        return config
+    return wrap
+
+
+def _expand_large(**over):
+    """lora_expand_stream.stream_expand_config above 256 tokens with these keys overridden (num_warps, B_AHEAD,
+    BLOCK_N: the column groups recomputed for it as the config does)."""
+    def wrap(orig):
+        def config(num_tokens, n_total, rank, num_slices, block_m, grid_tiles, split_k=1, num_sms=132):
+            cfg = orig(num_tokens, n_total, rank, num_slices, block_m, grid_tiles, split_k, num_sms)
+            if num_tokens <= 256:
+                return cfg
+            cfg = dict(cfg, **over)
+            if "BLOCK_N" in over:
+                es = importlib.import_module(ES)
+                bn = over["BLOCK_N"]
+                n_blocks = -(-n_total // bn)
+                groups = max(1, min(n_blocks, round(es.STREAM_PROGRAMS_PER_SM_LARGE * num_sms / max(1, grid_tiles))))
+                per = -(-n_blocks // groups)
+                cfg.update(COLS_PER_PROG=per * bn, groups=-(-n_blocks // per))
+            return cfg
+        return config
+    return wrap
+
+
 ES = "loraserve.kernels.lora_expand_stream"
+SH = "loraserve.kernels.lora_shrink"
 VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attribute's function}
     "default": {},
     "pps12": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 12},
@@ -62,6 +96,16 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "pipe": {(ES, "STREAM_SLOTS_MAX_TOKENS"): 4096},       # the expand's Triton-pipelined column loop at every T
     "sk4": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(4)},
     "sk1": {("loraserve.kernels.lora_shrink", "shrink_config"): _split_cap(1)},   # no partials, no torch.sum
+    # the mixed step's shrink / expand launch configs (above 256 tokens only)
+    "ss2": {(SH, "shrink_config"): _shrink_large(num_stages=2)},
+    "ss4": {(SH, "shrink_config"): _shrink_large(num_stages=4)},
+    "sbk64": {(SH, "shrink_config"): _shrink_large(BLOCK_K=64)},
+    "sbk256": {(SH, "shrink_config"): _shrink_large(BLOCK_K=256, num_stages=2)},
+    "sbn32": {(SH, "shrink_config"): _shrink_large(BLOCK_N=32)},
+    "sw8": {(SH, "shrink_config"): _shrink_large(num_warps=8)},
+    "ew8": {(ES, "stream_expand_config"): _expand_large(num_warps=8)},
+    "ebn32": {(ES, "stream_expand_config"): _expand_large(BLOCK_N=32)},
+    "eba3": {(ES, "stream_expand_config"): _expand_large(B_AHEAD=3)},
     # the "partials" path above 256 tokens (lora_apply.partials_max_tokens): the streaming expand sums the shrink's
     # split-K partials, no torch.sum launch between them; with sk<N> the split capped at N
     "fold": {("env-lora", "LORASERVE_LORA_PARTIALS_MAX_TOKENS"): "1024"},

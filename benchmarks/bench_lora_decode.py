@@ -58,6 +58,7 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "b64": dict(prefetch="", bgmv_max_tokens=64), "pf_t": dict(prefetch="t"),
             "overlap_pf_at_b64": dict(overlap="shrink", prefetch="at", bgmv_max_tokens=64),
             "overlap_nopf": dict(overlap="shrink", prefetch=""),
+            "xbgmv": dict(expand_bgmv=True), "pipegu": dict(pipe_min_blocks=8),  # lora_expand_bgmv / the pipelined loop
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
 _CARVED = [False]
 
@@ -86,6 +87,8 @@ def set_variant(v: dict, defaults: dict) -> None:
 
     lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", defaults["bgmv_wide_block_k"])
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
+    importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV = v.get("expand_bgmv", defaults["expand_bgmv"])
+    lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", defaults["pipe_min_blocks"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -126,7 +129,9 @@ def main() -> int:
                     slots=lora_expand_stream.STREAM_SLOTS, prefetch=lora_meta.LORA_PREFETCH,
                     bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS,
                     bgmv_wide_block_k=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_WIDE_BLOCK_K,
-                    meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"))
+                    meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"),
+                    expand_bgmv=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV,
+                    pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

@@ -154,6 +154,14 @@ class Case:
             lora_shrink_bgmv.BGMV_TARGET_SPLIT = v.get("bgmv_split", 4)
             lora_shrink_bgmv.BGMV_BLOCK_K = v.get("bgmv_block_k")
             lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", 0)
+            lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", 0)
+            from loraserve.kernels import lora_expand_bgmv
+
+            apply_exp = importlib.import_module("loraserve.kernels.lora_expand")  # the module
+            apply_exp.EXPAND_BGMV = bool(v.get("expand_bgmv", False))
+            lora_expand_bgmv.EXPAND_BGMV_BLOCK_N = v.get("xb_block_n", 256)
+            lora_expand_bgmv.EXPAND_BGMV_WARPS = v.get("xb_warps", 0)
+            lora_expand_bgmv.EXPAND_BGMV_PPS = v.get("xb_pps", 4)
             stream = bool(v.get("stream", True))
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)

@@ -46,7 +46,7 @@ import time
 import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
-from loraserve.kernels import lora_apply, lora_expand_stream, lora_meta, lora_onelaunch, lora_shrink_bgmv
+from loraserve.kernels import lora_apply, lora_expand_bgmv, lora_expand_stream, lora_meta, lora_onelaunch, lora_shrink_bgmv
 
 _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
 # "default": the switches as this process found them (environment + code defaults), i.e. what the
@@ -59,7 +59,11 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                bgmv_block_k=lora_shrink_bgmv.BGMV_BLOCK_K, slots=lora_expand_stream.STREAM_SLOTS,
                bgmv_max_tokens=lora_meta.LORA_BGMV_MAX_TOKENS, dense=_apply_module.DENSE_MODE,
                dense_expand=_apply_module.DENSE_EXPAND, dense_expand_min_n=_apply_module.DENSE_EXPAND_MIN_N,
-               prefetch=lora_meta.LORA_PREFETCH, bgmv_wide_block_k=lora_shrink_bgmv.BGMV_WIDE_BLOCK_K)
+               prefetch=lora_meta.LORA_PREFETCH, bgmv_wide_block_k=lora_shrink_bgmv.BGMV_WIDE_BLOCK_K,
+               pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS,
+               expand_bgmv=__import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"]).EXPAND_BGMV,
+               xb_block_n=lora_expand_bgmv.EXPAND_BGMV_BLOCK_N, xb_warps=lora_expand_bgmv.EXPAND_BGMV_WARPS,
+               xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -106,6 +110,15 @@ VARIANTS = {
     "pipe64": dict(DEFAULT, slots=-4),  # the defaults with the expand's Triton-pipelined column loop at 33-64 tokens too
     "before": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # = nopf: b1789bc's defaults (BGMV <= 32 tokens,
     # its BLOCK_K by the target split only, nothing before the waits, no early trigger)  # the code's defaults with the prefetch off
+    # the BGMV-style expand (lora_expand_bgmv.py, LORASERVE_LORA_EXPAND_BGMV) at <= 64 tokens, rank <= 32:
+    # xbgmv = 256 columns (8 KB of B) per iteration, 4 programs/SM; _n128 / _n512 (8 warps) columns; _p8 programs/SM
+    "xbgmv": dict(DEFAULT, expand_bgmv=True),
+    "xbgmv_n128": dict(DEFAULT, expand_bgmv=True, xb_block_n=128),
+    "xbgmv_n512": dict(DEFAULT, expand_bgmv=True, xb_block_n=512),
+    "xbgmv_p8": dict(DEFAULT, expand_bgmv=True, xb_pps=8),
+    "xbgmv_p2": dict(DEFAULT, expand_bgmv=True, xb_pps=2),
+    # the streaming expand's Triton-pipelined column loop for runs of >= 8 blocks up to 256 tokens (gate_up)
+    "pipegu": dict(DEFAULT, pipe_min_blocks=8),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for

@@ -355,6 +355,10 @@ STREAM_SLOTS: int | None = None
 # vs 4.92 for the dot shrink + rotating loop; 64 tokens / 32 adapters, pipelined 66.8 us for the layer vs
 # 58.5 rotating (PDL overlap lost: o 11.8 vs 8.2 us); gate_up 1 adapter x 1024 tokens 50.6 vs 49.4 us.
 STREAM_SLOTS_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS_MAX_TOKENS", "32"))
+# ... and, up to 256 tokens, for programs walking at least this many column blocks (0: off, the default).
+# The 23:43 final's pipe64 (the pipelined loop at 33-64 tokens on every projection): gate_up's expand 15.7 ->
+# 14.9 us (15 blocks a program), but qkv / o / down (3-4 blocks) lost 1.4-2.1 us: a rule by the run length.
+STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "0"))
 
 
 def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:
@@ -401,6 +405,9 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
         slots = STREAM_SLOTS
     else:
         slots = DEFAULT_STREAM_SLOTS if num_tokens <= STREAM_SLOTS_MAX_TOKENS else 0
+        if (not slots and STREAM_PIPE_MIN_BLOCKS and num_tokens <= 256
+                and blocks_per_prog >= STREAM_PIPE_MIN_BLOCKS):
+            slots = DEFAULT_STREAM_SLOTS if DEFAULT_STREAM_SLOTS < 0 else -4
     if slots > 0:  # the fixed-slot loop: B and y exactly `slots` blocks ahead
         b_ahead = y_ahead = slots
     elif slots < 0:  # Triton's pipeliner (-slots stages); the hand prefetch is not used

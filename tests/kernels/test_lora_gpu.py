@@ -384,3 +384,27 @@ def test_dense_expand_llama3_8b_bf16_and_graph_replay(shrink: str) -> None:
         check_graph_replay_matches_eager(64, 16)
     finally:
         apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = old
+
+
+@pytest.mark.parametrize("proj", ["qkv", "gate_up"])
+def test_expand_bgmv_llama3_8b_bf16_and_graph_replay(proj: str) -> None:
+    """LORASERVE_LORA_EXPAND_BGMV: the BGMV-style expand at Llama-3-8B widths (1-64 tokens, split-K partials
+    with NaN where undefined) vs the reference, rows without an adapter untouched; then lora_apply through it
+    in a CUDA graph == eager bit for bit, and vs the reference (qkv, 1 and 64 tokens)."""
+    import importlib
+
+    from . import expand_bgmv_cases
+
+    _, widths = PROJECTIONS[proj]
+    for T, L, composition, sk in ((64, 32, "distinct", 4), (64, 8, "no-adapter-rows", 2), (1, 1, "distinct", 4),
+                                  (16, 16, "mixed-ranks", 7)):
+        expand_bgmv_cases.check_expand_bgmv("bfloat16", 16, widths, T, L, composition, split_k=sk, via_switch=True,
+                                            device="cuda")
+    mod = importlib.import_module("loraserve.kernels.lora_expand")
+    old, mod.EXPAND_BGMV = mod.EXPAND_BGMV, True
+    try:
+        check_graph_replay_matches_eager(64, 16)
+        check_graph_replay_matches_eager(1, 16)
+        assert not mod._BGMV_FAILED, f"the BGMV expand fell back: {mod._BGMV_FAILED}"
+    finally:
+        mod.EXPAND_BGMV = old

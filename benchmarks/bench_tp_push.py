@@ -24,6 +24,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.graph_timing import graph_seconds  # noqa: E402
 
 SHAPES = {"o": (4096, 2048), "down": (4096, 7168)}
+# other (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, REGPRE) for the push at the first row count (the defaults are
+# tp_gemm_push.PUSH_CONFIGS): more programs than the 64 N tiles (split-K), wider tiles
+SWEEP = {"o": [(64, 128, 2, 4, 4, 0), (32, 128, 1, 4, 4, 0), (64, 128, 1, 4, 4, 1)],
+         "down": [(64, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 0), (64, 128, 2, 4, 4, 1)]}
 
 
 def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) -> None:
@@ -32,7 +36,7 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) ->
 
     from loraserve.inference.tp.fused_norm import make_fused_norm
     from loraserve.kernels.skinny_gemm import skinny_gemm
-    from loraserve.kernels.tp_gemm_push import push_config
+    from loraserve.kernels.tp_gemm_push import gemm_push, push_config
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -42,6 +46,14 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) ->
     os.environ["LORASERVE_TP_GEMM_PUSH"] = "1"
     fn = make_fused_norm(dev, 4096)
     res: dict = {"fused_self_check": fn is not None, "push_self_check": bool(fn is not None and fn.push)}
+
+    def put(key: str, value) -> None:   # printed as measured: a killed run keeps its lines
+        res[key] = value
+        if rank == 0:
+            print(f"{key:44s} {round(value, 3) if isinstance(value, float) else value}", flush=True)
+
+    if rank == 0:
+        print(f"self-checks: fused norm {res['fused_self_check']}, push {res['push_self_check']}", flush=True)
     if fn is None or not fn.push:
         if rank == 0:
             out.update(res)
@@ -72,12 +84,25 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) ->
 
             for kind in ("cublas", "skinny", "push"):
                 dist.barrier()
-                res[f"{name}_m{rows}_{kind}_pair_us"] = graph_seconds(chain(kind), 2, 20) * 1e6 / len(ws)
+                put(f"{name}_m{rows}_{kind}_pair_us", graph_seconds(chain(kind), 2, 20) * 1e6 / len(ws))
+            for alt in (SWEEP.get(name, []) if rows == rows_list[0] else []):   # other tiles for the push
+
+                def run_alt(alt=alt):
+                    for w in ws:
+                        y = torch.empty(rows, N, dtype=x.dtype, device=dev)
+                        gemm_push(x, w, y, fn.buffer, fn.deltas, fn.counters, fn.rank, fn.world, fn.max_rows,
+                                  config=alt)
+                        fn._pushed = y
+                        fn(y, r, nw, 1e-5)
+
+                dist.barrier()
+                put(f"{name}_m{rows}_push_{'_'.join(map(str, alt))}_pair_us", graph_seconds(run_alt, 2, 20) * 1e6
+                    / len(ws))
             dist.barrier()
-            res[f"{name}_m{rows}_cublas_gemm_us"] = graph_seconds(lambda: [F.linear(x, w) for w in ws], 2, 20) \
-                * 1e6 / len(ws)
-            res[f"{name}_m{rows}_skinny_gemm_us"] = graph_seconds(
-                lambda: [skinny_gemm(x, w, config=cfg) for w in ws], 2, 20) * 1e6 / len(ws)
+            put(f"{name}_m{rows}_cublas_gemm_us", graph_seconds(lambda: [F.linear(x, w) for w in ws], 2, 20)
+                * 1e6 / len(ws))
+            put(f"{name}_m{rows}_skinny_gemm_us", graph_seconds(
+                lambda: [skinny_gemm(x, w, config=cfg) for w in ws], 2, 20) * 1e6 / len(ws))
             # the residual kept moving through every call: compare one fresh pair of each kind instead
             r0 = r.clone()
             ya, yb = F.linear(x, ws[0]), fn.gemm_push(x, ws[0])
@@ -85,7 +110,7 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) ->
             fn(ya, ra, nw, 1e-5)
             fn(yb, rb, nw, 1e-5)
             torch.cuda.synchronize()
-            res[f"{name}_m{rows}_push_vs_cublas_max_diff"] = (ya.float() - yb.float()).abs().max().item()
+            put(f"{name}_m{rows}_push_vs_cublas_max_diff", (ya.float() - yb.float()).abs().max().item())
     res["device"] = torch.cuda.get_device_name(dev)
     if rank == 0:
         out.update(res)
@@ -112,8 +137,6 @@ def main() -> int:
         out = manager.dict()
         mp.start_processes(worker, args=(2, _free_port(), out, rows), nprocs=2, join=True, start_method="spawn")
         res = dict(out)
-    for k, v in res.items():
-        print(f"{k:44s} {round(v, 3) if isinstance(v, float) else v}", flush=True)
     for name in SHAPES:
         for m in rows:
             c, p = res.get(f"{name}_m{m}_cublas_pair_us"), res.get(f"{name}_m{m}_push_pair_us")

@@ -170,6 +170,8 @@ def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 
     block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
     block_n = max(32, min(EXPAND_BGMV_BLOCK_N, 4096 // block_r if block_r > 16 else EXPAND_BGMV_BLOCK_N))
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
+    while block_n > 64 and -(-n_total // block_n) * grid_tiles < 2 * num_sms:  # small steps: more, smaller loads
+        block_n //= 2   # (1 token, o / down: 16 blocks of 256 would leave 116 SMs idle)
     warps = EXPAND_BGMV_WARPS or (4 if block_n * block_r <= 4096 else 8)
     n_blocks = -(-n_total // block_n)
     groups = max(1, min(n_blocks, round(EXPAND_BGMV_PPS * num_sms / max(1, grid_tiles))))

@@ -18,10 +18,11 @@ TYPES = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*
          "stride_bl": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_ym": "i32", "stride_yn": "i32"}
 
 
-def compile_expand_bgmv(widths: list[int], rank: int, split_k: int, pdl: bool = True, block_n: int | None = None):
+def compile_expand_bgmv(widths: list[int], rank: int, split_k: int, pdl: bool = True, block_n: int | None = None,
+                        grid_tiles: int = 36):
     from loraserve.kernels.lora_expand_bgmv import _lora_expand_bgmv_kernel, expand_bgmv_config
 
-    cfg = expand_bgmv_config(sum(widths), rank, 36)
+    cfg = expand_bgmv_config(sum(widths), rank, grid_tiles)
     bn = block_n or cfg["BLOCK_N"]
     const = dict(NUM_SLICES=len(widths), BLOCK_M=16, BLOCK_N=bn, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=split_k,
                  SK_P=1 << max(0, (split_k - 1).bit_length()), EVEN_R=True, CAST=True, USE_PDL=pdl, TRIGGER=pdl)
@@ -31,9 +32,9 @@ def compile_expand_bgmv(widths: list[int], rank: int, split_k: int, pdl: bool = 
 
 
 @pytest.mark.parametrize("widths,split_k", [([4096, 1024, 1024], 4), ([4096], 4), ([14336, 14336], 2), ([4096], 7)])
-@pytest.mark.parametrize("rank", [16, 32])
-def test_expand_bgmv_compiles_without_spills(widths, split_k, rank) -> None:
-    k = compile_expand_bgmv(widths, rank, split_k)
+@pytest.mark.parametrize("rank,grid_tiles", [(16, 36), (32, 36), (16, 2)])   # 64 tokens / 32 adapters; 1 token
+def test_expand_bgmv_compiles_without_spills(widths, split_k, rank, grid_tiles) -> None:
+    k = compile_expand_bgmv(widths, rank, split_k, grid_tiles=grid_tiles)
     # gate_up's 2-slice config keeps an 8-byte stack frame in Triton 3.9 (LOCAL:0); more would be spilling
     assert sm90.stack_bytes(k) <= 8, sm90.resource_usage(k)
     ptx = k.asm["ptx"]

@@ -58,18 +58,23 @@ def graph_us(fns, reps: int = 10) -> float:
 
 
 def sweep_configs(n: int, k: int) -> list[tuple]:
-    """dot8 tiles for the narrow shapes (N 4096 / 6144): 64 / 128 weight rows, 128 / 256-wide K tiles, 1..8 splits,
-    3..5 stages (deeper pipelines with fewer splits: fewer partials, more bytes in flight per program)."""
+    """Tiles for the narrow shapes (N 4096 / 6144): dot8 at 64 / 128 weight rows, 128 / 256-wide K tiles, 1..8
+    splits, 3..4 stages (deeper pipelines with fewer splits: fewer partials, more bytes in flight per program); the
+    persistent dot8p (kernels/fp8_stream_dot.py) at the same tiles with 1..4 splits (an 8th element: programs per
+    SM, LORASERVE_FP8_STREAM_PPS)."""
     out = []
-    for bn in (64, 128):
-        for bk in (128, 256):
-            for split in (1, 2, 4, 8):
-                if k % (split * bk) or (n // bn) * split < 64 or (n // bn) * split > 1024:
+    for kind, splits in (("dot8", (1, 2, 4, 8)), ("dot8p", (1, 2, 4))):
+        for bn in (64, 128):
+            for bk in (128, 256):
+                if bn == 128 and bk == 256:   # spills (tests/kernels/test_fp8_stream_dot.py)
                     continue
-                for stages in (3, 4, 5):
-                    if stages * (bn * bk + bk * 64) > 200 * 1024:   # shared memory per program
+                for split in splits:
+                    units = (n // bn) * split
+                    if k % (split * bk) or units > 1024 or (kind == "dot8" and units < 64) or units < 32:
                         continue
-                    out.append(("dot8", 64, bn, bk, split, 4, stages))
+                    for stages in (3, 4):
+                        for pps in ((1, 2) if kind == "dot8p" else (0,)):
+                            out.append((kind, 64, bn, bk, split, 4, stages) + ((pps,) if pps else ()))
     return out
 
 
@@ -131,22 +136,26 @@ def run(m: int, shapes: list[str], smoke: bool = False, sweep: bool = False) -> 
                 row[form] = f"failed: {type(err).__name__}: {err}"[:200]
         if sweep and name != "gate_up":   # dot8 tiles beyond the table's, x codes given, partials left unsummed (the deferred form)
             tried = {}
-            for cfg in (sweep_configs(n, k) if not smoke else [("dot8", 64, 16, 32, 2, 4, 2), ("dot8", 64, 32, 64, 1, 4, 2)]):
+            for cfg in (sweep_configs(n, k) if not smoke else [("dot8", 64, 16, 32, 2, 4, 2), ("dot8", 64, 32, 64, 1, 4, 2),
+                                                               ("dot8p", 64, 16, 32, 2, 4, 2, 2)]):
+                name_cfg = ",".join(map(str, (cfg[0],) + cfg[2:5] + cfg[6:]))   # kind,bn,bk,split,stages[,pps]
+                os.environ["LORASERVE_FP8_STREAM_PPS"] = str(cfg[7] if len(cfg) > 7 else 1)
+                cfg = cfg[:7]
                 try:
                     fn = lambda i, c=cfg: fp8_gemv(x, qs[i][0], qs[i][1], config=c, x_q=(x_q, x_scale), defer_sum=True)[0]
                     got = fn(0)
                     got = (got.sum(0) * qs[0][1]) if got.dim() == 3 else got.float()
                     err = float((got.float() - ref).abs().max() / ref.abs().max())
                     assert err < 2e-2, f"rel err {err}"
-                    tried[",".join(map(str, cfg[1:7]))] = round(graph_us([lambda i=i: fn(i) for i in range(copies)]), 2)
+                    tried[name_cfg] = round(graph_us([lambda i=i: fn(i) for i in range(copies)]), 2)
                 except Exception as err:   # noqa: BLE001
-                    tried[",".join(map(str, cfg[1:7]))] = f"failed: {type(err).__name__}: {err}"[:120]
+                    tried[name_cfg] = f"failed: {type(err).__name__}: {err}"[:120]
             ok = {c: v for c, v in tried.items() if isinstance(v, float)}
             row["sweep_defer"] = tried
             if ok:
                 best = min(ok, key=ok.get)
                 row["sweep_best"] = [best, ok[best]]
-                print(f"    sweep (bm,bn,bk,split,warps,stages: us, deferred): best {best} {ok[best]}; "
+                print(f"    sweep (kind,bn,bk,split,stages[,programs per SM]: us, deferred): best {best} {ok[best]}; "
                       + ", ".join(f"{c} {v}" for c, v in sorted(ok.items(), key=lambda kv: kv[1])[:8]), flush=True)
             fails = [c for c, v in tried.items() if not isinstance(v, float)]
             if fails:
@@ -181,7 +190,7 @@ def main() -> int:
     if a.sweep and not a.smoke and a.jobs:   # compile the sweep's tiles ahead in worker processes (Triton's cache)
         from benchmarks.fp8_gemv_sweep import precompile
 
-        cfgs = [c for s_ in a.shapes.split(",") if s_ != "gate_up" for c in sweep_configs(*SHAPES[s_])]
+        cfgs = [c[:7] for s_ in a.shapes.split(",") if s_ != "gate_up" for c in sweep_configs(*SHAPES[s_])]
         precompile(cfgs, a.jobs, timeout=a.precompile_s)
     res = run(a.m, a.shapes.split(","), a.smoke, a.sweep)
     if a.json:

@@ -404,6 +404,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     kind, bm, bn, bk, split, warps, stages = cfg[:7]
     assert kind in KINDS and (kind != "gemv" or bm in (1, 2, 4)) and (kind[:4] != "gemv" or kind == "gemv" or bm == 1), \
         f"bad config {config}"
+    if kind == "dot8p" and (bias is not None or K % (split * bk) or M > 64):   # its launcher's conditions
+        kind = "dot8"
     if kind in ("tw", "twf") and (N % 16 or K % 16):   # cuBLASLt's FP8 GEMM takes multiples of 16: the dot8 tile
         kind = "dot8"
     if kind.startswith("gemvh"):   # fp16 products: stages = FLUSH K tiles per fp16 partial; whole chunks per split
@@ -460,6 +462,13 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         args = (x_q, w_q, w_scale, b_arg, out, ws, M, N, K, k_per_split, x_q.stride(0), out.stride(0))
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, x_scale, cnt, split, **flags, F16=False, FP8X=True,
                                      FIXUP=fixup, PRECISE=kind == "dot8", num_warps=warps, num_stages=stages, **launch)
+    elif kind == "dot8p":   # W8A8, persistent programs over (tile, split) units (kernels/fp8_stream_dot.py)
+        from .fp8_gemm import per_token_quant_fp8
+        from .fp8_stream_dot import fp8_stream_dot
+
+        assert bias is None and K % (split * bk) == 0, "dot8p: no bias, whole K tiles per split"
+        x_q, x_scale = x_q if x_q is not None else per_token_quant_fp8(x)
+        ws = fp8_stream_dot(x_q, x_scale, w_q, w_scale, out, bn, bk, split, warps, stages, _num_sms(x.device))
     elif kind in ("tw", "twf"):   # W8A8 per token through cuBLASLt (tensor-wise, unit scales), scales applied after
         from .fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise, tensorwise_acc
 
@@ -476,7 +485,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
                                      FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
     # deferred: the partials to the consumer (a norm sums them in split order, * w_scale: _splitk_sum_kernel's math).
     # dot8's partials already carry x's per-token scale (the weight-only dot kinds at 2..32 tokens: not measured, kept)
-    if split > 1 and defer_sum and not silu and (kind.startswith("gemv") or (kind in ("dot8", "dot8f") and not fixup)):
+    if split > 1 and defer_sum and not silu and (kind.startswith("gemv") or (kind in ("dot8", "dot8f", "dot8p")
+                                                                             and not fixup)):
         return ws, None
     if split > 1 and silu:
         splitk_sum_silu(ws, w_scale, out, pdl)

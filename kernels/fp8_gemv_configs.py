@@ -23,7 +23,9 @@ GemvConfig = tuple   # (str, int, int, int, int, int, int) or with a trailing bo
 # scales by one launch (kernels/fp8_gemm.py scaled_mm_tensorwise): not Triton tiles, only the kind is read.
 # "gemvh2" / "gemvh4": gemv2 / gemv4 with fp16 products summed over num_stages (FLUSH) K tiles before the fp32
 # accumulator (kernels/fp8_gemv.py _fp8_gemv_half_kernel; about a third fewer instructions per weight byte).
-KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8", "dot8f", "dot8b", "tw", "twf", "gemvh2", "gemvh4")
+KINDS = ("gemv", "gemv2", "gemv4", "dot", "dot16", "dot8", "dot8f", "dot8b", "tw", "twf", "gemvh2", "gemvh4", "dot8p")
+# "dot8p": dot8's per-token W8A8 in persistent programs that walk (N tile, K split) units with the K loop flattened
+# (kernels/fp8_stream_dot.py; no bias; K a multiple of SPLIT x BLOCK_K, else dot8)
 X16_SCALE = 0.0625   # dot16: x * 2^-4 into fp16 (exact), the accumulator divided by it (exact) after the K loop
 
 # Measured best per (M bucket, N, K): H200, final run 2026-11-30 12:13 (benchmarks/fp8_gemv_sweep.py, CUDA-graph
@@ -163,7 +165,8 @@ def gemv_half_on() -> bool:
     return os.environ.get("LORASERVE_FP8_GEMV_HALF", "1").strip() != "0"
 
 
-_W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf"}
+_W8A8_KINDS = {"token": "dot8", "block": "dot8b", "fast": "dot8f", "tensorwise": "tw", "tensorwise_fast": "twf",
+               "stream": "dot8p"}
 W8A8_KINDS = tuple(_W8A8_KINDS.values())
 
 
@@ -174,7 +177,8 @@ def w8a8_mode() -> str:
     (_scaled_mm's numerics; dot8);
     'block': inside the GEMM, one scale per (token, 128-wide K block) (dot8b: no quantization launch); 'fast': per
     token, the MMA accumulating over all of K in its reduced precision (dot8f: measurements only); 'tensorwise' /
-    'tensorwise_fast': per token, cuBLASLt's FP8 GEMM with unit scales (use_fast_accum off / on), scales after it."""
+    'tensorwise_fast': per token, cuBLASLt's FP8 GEMM with unit scales (use_fast_accum off / on), scales after it;
+    'stream': dot8's numerics in persistent programs (dot8p, kernels/fp8_stream_dot.py)."""
     mode = os.environ.get("LORASERVE_FP8_W8A8", "auto").strip().lower() or "auto"
     if mode not in _W8A8_KINDS and mode != "auto":
         raise ValueError(f"LORASERVE_FP8_W8A8 must be auto or one of {sorted(_W8A8_KINDS)}, got {mode!r}")

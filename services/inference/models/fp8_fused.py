@@ -158,7 +158,7 @@ def quantizes_per_token(x: torch.Tensor, proj) -> bool:
 
     N, K = proj.weight.shape
     kind = gemv_config(x.shape[0], N, K, _num_sms(x.device))[0]
-    return kind in ("dot8", "dot8f") or (kind in ("tw", "twf") and N % 16 == 0 and K % 16 == 0)
+    return kind in ("dot8", "dot8f", "dot8p") or (kind in ("tw", "twf") and N % 16 == 0 and K % 16 == 0)
 
 
 def _prequant_ok(x: torch.Tensor, proj, tp) -> bool:

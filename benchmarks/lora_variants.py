@@ -117,6 +117,10 @@ VARIANTS = {
     "xbgmv_n512": dict(DEFAULT, expand_bgmv=True, xb_block_n=512),
     "xbgmv_p8": dict(DEFAULT, expand_bgmv=True, xb_pps=8),
     "xbgmv_p2": dict(DEFAULT, expand_bgmv=True, xb_pps=2),
+    # ... with the BGMV shrink's BLOCK_K 512 / 256 everywhere (more, smaller shrink programs: faster alone, H200
+    # probe 13:28; their 8-56 partials cost the streaming expand's column loop, here one [SK, 16] load per row)
+    "xbgmv_k512": dict(DEFAULT, expand_bgmv=True, bgmv_block_k=512),
+    "xbgmv_k256": dict(DEFAULT, expand_bgmv=True, bgmv_block_k=256),
     # the streaming expand's Triton-pipelined column loop for runs of >= 8 blocks up to 256 tokens (gate_up)
     "pipegu": dict(DEFAULT, pipe_min_blocks=8),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),

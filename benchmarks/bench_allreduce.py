@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.graph_timing import graph_seconds  # noqa: E402
 
 SIZES = [8 << 10, 64 << 10, 512 << 10, 4 << 20, 32 << 20]
@@ -239,22 +240,31 @@ def cpu_worker(rank: int, world: int, port: int, out: dict, sizes: list[int]) ->
     dist.destroy_process_group()
 
 
-def _reinit_peer(port: int) -> None:
-    """Rank 1 of one round of reinit_check: a fresh process, as a TP worker of a new engine."""
+def _reinit_round(dev: torch.device, port: int, rank: int, value: float):
+    """One rank's part of one reinit_check round: join a new 2-rank group, make its all-reduce (None: NCCL's),
+    all-reduce 4096 elements of `value` (rank 0 gives 1, rank 1 gives 2: the sum is 3). (all-reduce, x)."""
     import torch.distributed as dist
 
     from loraserve.inference.tp.allreduce import make_all_reduce
 
-    dev = torch.device("cuda", 1)
-    torch.cuda.set_device(dev)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30), device_id=dev)
     ar = make_all_reduce(dev)
-    x = torch.full((4096,), 2.0, dtype=torch.bfloat16, device=dev)
+    x = torch.full((4096,), value, dtype=torch.bfloat16, device=dev)
     if ar is not None:
         ar(x)
     else:
         dist.all_reduce(x)
+    return ar, x
+
+
+def _reinit_peer(port: int) -> None:
+    """Rank 1 of one round of reinit_check: a fresh process, as a TP worker of a new engine."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(dev)
+    ar, _ = _reinit_round(dev, port, 1, 2.0)   # ar (its symmetric buffer) held until the process exits
     torch.cuda.synchronize()
     dist.barrier()
     os._exit(0)
@@ -266,7 +276,6 @@ def _reinit_driver(q) -> None:
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from loraserve.inference.tp.allreduce import make_all_reduce
     from loraserve.inference.tp.executor import _free_port
 
     dev = torch.device("cuda", 0)
@@ -276,14 +285,7 @@ def _reinit_driver(q) -> None:
         port = _free_port()
         peer = mp.get_context("spawn").Process(target=_reinit_peer, args=(port,), daemon=True)
         peer.start()
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
-                                timeout=timedelta(seconds=30), device_id=dev)
-        ar = make_all_reduce(dev)
-        x = torch.full((4096,), 1.0, dtype=torch.bfloat16, device=dev)
-        if ar is not None:
-            ar(x)
-        else:
-            dist.all_reduce(x)
+        ar, x = _reinit_round(dev, port, 0, 1.0)
         rounds.append("custom" if ar is not None and bool((x == 3).all()) else "nccl" if ar is None else "WRONG")
         kept.append(ar)
         dist.barrier()
@@ -349,9 +351,7 @@ def main() -> int:
         res = _spawn(fused_norm_worker, 2, sizes)
         print("fused all-reduce + RMSNorm: " + ", ".join(
             f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(res, f, indent=2)
+        write_json(a.json, res)
         return 0 if res.get("fused_self_check") and all(v for k, v in res.items() if k.endswith("_ok")) else 1
     res = _spawn(gpu_worker, 2, sizes)
     res["device"] = torch.cuda.get_device_name(0)
@@ -374,14 +374,10 @@ def main() -> int:
                 print(f"    {algo}: {row[f'{algo}_error']}")
     print("eager, us per call: " + ", ".join(f"{k[:-3]} {v:.1f}" if k.endswith("_us") else f"{k} {v}"
                                             for k, v in res.get("step_path_us", {}).items()))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(a.json, res)   # before the reinit check, which may hang
     res["reinit"] = reinit_check()
     print(f"second TP group in the same driver process: {res['reinit']} (expect custom,custom)", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(a.json, res)
     return 0
 
 

@@ -14,7 +14,6 @@ block tables with disjoint blocks (>= 256 MB of K/V) that K/V come from HBM, not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+# the limit every figure is set against: bench_engine's eager copy of 1 GiB (not a captured one: that gave ~2.7 TB/s
+# on the H200 (2026-11-30), below the 3.3 TB/s the attention kernel read in the same run); bench_attention_fp8 takes
+# it from here
+from benchmarks.bench_engine import copy_bandwidth  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.graph_timing import graph_seconds  # noqa: E402
+
 H, KVH, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 SCALE = D ** -0.5
@@ -30,42 +36,7 @@ SCALE = D ** -0.5
 
 def timed(fns, reps: int = 5) -> float:
     """Seconds per call: every fn once in one CUDA graph, replayed `reps` times."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / reps / len(fns)
-
-
-def copy_bandwidth() -> float:
-    """Device copy, bytes read + written per second (the limit every figure is set against), as
-    bench_engine.py measures it: eager copy_ of 1 GiB of random bytes. Not inside a CUDA graph: the
-    captured copy gave ~2.7 TB/s on the H200 (2026-11-30), below the 3.3 TB/s the attention kernel
-    read in the same run (likely the graph's memcpy node runs on the copy engines; not verified)."""
-    src = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20):
-        dst.copy_(src)
-    b.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() / (a.elapsed_time(b) / 1e3 / 20)
+    return graph_seconds(lambda: [f() for f in fns], replays=reps) / len(fns)
 
 
 def warm_up(seconds: float = 1.0) -> None:
@@ -277,10 +248,8 @@ def main() -> int:
         frac = value / (bw if unit == "GB/s" else sdpa) if unit in ("GB/s", "TFLOP/s") else 0.0
         print(f"{case:32s} {name[:50]:50s} {t * 1e6:8.1f} {value:9.0f} {unit:7s} {frac:.2f}")
         out.append(dict(case=case, variant=name, us=t * 1e6, value=value, unit=unit, fraction=frac))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw, "sdpa_tflops": sdpa,
-                       "rows": out, "checks": [(n, e, ok) for n, e, ok in errors]}, f, indent=1)
+    write_json(a.json, {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw, "sdpa_tflops": sdpa,
+                        "rows": out, "checks": [(n, e, ok) for n, e, ok in errors]}, indent=1)
     return 0 if all(ok for _, _, ok in errors) else 1
 
 

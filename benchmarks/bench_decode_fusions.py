@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_engine import (Prompts, build_checkpoint, copy_bandwidth, decode_step_bytes,  # noqa: E402
                                      prefill_run, sync, time_engine_decode)
+from benchmarks.common import write_json  # noqa: E402
 
 VARIANTS = {"base": dict(rope_kv=False, gemv=0, pdl="0"), "fused": dict(rope_kv=True, gemv=1, pdl="0"),
             "fused_pdl": dict(rope_kv=True, gemv=1, pdl="1", greedy="1"), "fused4_pdl": dict(rope_kv=True, gemv=4, pdl="1"),
@@ -163,9 +163,7 @@ def main() -> int:
         gc.collect()
         if not a.tiny:
             torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(a.json, res)
     return 0
 
 

@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import write_json  # noqa: E402
+
 
 def make_adapters(engine, n: int, rank: int, *, dora: bool, seed: int, scale: float = 0.01) -> list:
     """n random adapters on every projection of the engine's model, in its dtype. DoRA ones get
@@ -144,10 +146,7 @@ def main() -> int:
     if engine.device.type == "cuda":
         res.update(time_expand_epilogue(engine, a.batch, a.adapters))
     print(json.dumps(res, indent=2))
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(a.json, res)
     return 0
 
 

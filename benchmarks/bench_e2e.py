@@ -39,6 +39,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.e2e_limit import device_limits, physical_limit  # noqa: E402
 from benchmarks.e2e_runs import (capture_after, combined, engine_target, graph_counts, graphs_off,  # noqa: E402
                                  prefill_cap, run_load, variant_run)
@@ -338,10 +339,9 @@ def main() -> int:
 
 
 def write_outputs(a, s: dict) -> None:
-    write(os.path.join(a.out, "summary.json"), s)
-    if a.json:
-        keys = ("wall_over_limit", "tpot_p50_s", "host_ms_per_decode_step", "grpc_over_inprocess_tok_s")
-        write(a.json, {**{k: s.get(k) for k in keys}, "details": s})
+    write_json(os.path.join(a.out, "summary.json"), s)
+    keys = ("wall_over_limit", "tpot_p50_s", "host_ms_per_decode_step", "grpc_over_inprocess_tok_s")
+    write_json(a.json, {**{k: s.get(k) for k in keys}, "details": s})
 
 
 def print_headline(s: dict) -> None:
@@ -372,12 +372,6 @@ def print_headline(s: dict) -> None:
     if "grpc_poisson" in s:
         print(f"gRPC Poisson: {s['grpc_poisson_over_inprocess_tok_s']:.3f} x in-process Poisson")
     print("=" * 72)
-
-
-def write(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 # ---- the LoRA flow (adapters vs base, trtllm-bench style) ------------------------------------------

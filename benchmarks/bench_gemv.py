@@ -19,7 +19,6 @@ L2); the limit printed next to each figure is the weight bytes at the copy bandw
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,27 +27,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.bench_engine import copy_bandwidth  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.graph_timing import graph_seconds  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "down_silu": (4096, 14336), "lm_head": (128256, 4096)}
 SMOKE_SHAPES = {"qkv": (96, 64), "o": (64, 64), "gate_up": (192, 64), "down": (64, 96), "down_silu": (64, 96),
                 "lm_head": (256, 64)}
-
-
-def copy_bandwidth(dev) -> float:
-    x = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        y.copy_(x)
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * (1 << 30) / (s.elapsed_time(e) / 1e3 / 10)
 
 
 def time_graph(fn, reps: int = 5, cuda: bool = True) -> float:
@@ -92,7 +78,7 @@ def per_shape(dev, dtype, shapes, configs, bw, cuda: bool) -> dict:
                 row["gemv_%s_us" % "_".join(map(str, cfg))] = f"error {type(exc).__name__}: {exc}"[:200]
         out[name] = row
         print(name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        del ws
+        ws = None   # frees the copies before the next shape's (the closures above share this cell: no `del`)
     return out
 
 
@@ -223,7 +209,7 @@ def main() -> int:
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu"}
-    bw = copy_bandwidth(dev) if cuda else 1e12
+    bw = copy_bandwidth() if cuda else 1e12
     res["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     configs = [tuple(int(v) for v in c.split(",")) for c in a.configs]
@@ -235,9 +221,7 @@ def main() -> int:
     if not a.skip_greedy:
         res["greedy"] = greedy_bench(dev, cuda, 1000 if a.smoke else 128256)
     res["layer_chain"] = layer_chain(dev, dtype, 2 if a.smoke else a.layers, a.variants.split(","), bw, a.smoke, cuda)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(a.json, res)
     return 0
 
 

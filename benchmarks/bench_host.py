@@ -111,10 +111,9 @@ def measure(model_dir: str, batch: int, prompt_len: int, steps: int, overlap: bo
 
 
 def engine_run(a) -> dict:
-    import json
-
     import torch
 
+    from benchmarks.common import write_json
     from benchmarks.e2e_steps import host_time_per_decode_step, print_host
     from loraserve import SamplingParams
     from loraserve.config import engine_config_from_kwargs
@@ -143,15 +142,11 @@ def engine_run(a) -> dict:
     print(f"engine start {out['engine_start_s']:.1f} s (checkpoint {out['checkpoint_s']:.1f} s); warm-up "
           f"{engine.warmup}", flush=True)
 
-    def dump():
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(out, f, indent=2)
-    dump()
+    write_json(a.json, out)   # again after each part: a later part may not finish
     h = out["host"] = host_time_per_decode_step(engine, a.batch, a.prompt_len, a.steps, engine.args.vocab_size)
     out["host_ms_per_decode_step"] = h["host_ms"]
     print_host(h)
-    dump()
+    write_json(a.json, out)
     # prefill-only steps of shapes the warm-up did not run: a compile would show as a long host launch
     g = torch.Generator().manual_seed(7)
     shapes = {"7759 tokens / 16 prompts": [517] * 15 + [4], "16 x 45": [45] * 16, "13+250+1001": [13, 250, 1001],
@@ -176,7 +171,7 @@ def engine_run(a) -> dict:
         print(f"  new shape {label}: {r['tokens']} tokens / {r['seqs']} seqs, host launch {r['host_launch_ms']:.2f} ms,"
               f" step() {r['step_ms']:.2f} ms", flush=True)
     print(f"attention-kernel variants compiled after the warm-up: {out['attention_variants_compiled_after_warmup']}")
-    dump()
+    write_json(a.json, out)
     return out
 
 

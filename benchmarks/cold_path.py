@@ -412,11 +412,12 @@ def format_stages(result: dict) -> str:
 
 if __name__ == "__main__":
     import argparse
-    import json
     import sys
     import tempfile
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks.common import write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--n", type=int, default=3)
@@ -449,6 +450,4 @@ if __name__ == "__main__":
               f"{statistics.median(r['critical_s'] for r in got) * 1e3:.1f}, download "
               f"{statistics.median(r.get('download_s', 0) for r in got) * 1e3:.1f}, parse "
               f"{statistics.median(r.get('parse_s', 0) for r in got) * 1e3:.1f}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+    write_json(a.json, res)

@@ -18,7 +18,6 @@ prefill (8 x 1024) and decode (64 x 512, 1 x 4096) attention and RoPE+KV store (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.graph_timing import graph_seconds  # noqa: E402
 from loraserve.inference.warmup import num_variants  # noqa: E402
 
 H, KVH, D, BS = 32, 8, 128, 16
@@ -216,22 +217,8 @@ def prefill_configs(dev, dtype, specs: str) -> dict:
 
 
 def graph_us(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
+    """us per call of fn, from `reps` replays of a CUDA graph holding one call."""
+    return graph_seconds(fn, replays=reps) * 1e6
 
 
 def main() -> int:
@@ -255,9 +242,7 @@ def main() -> int:
         res["timings"] = timings(dev, dtype, a.timings)
     if dev.type == "cuda" and a.prefill_configs:
         res["prefill_configs"] = prefill_configs(dev, dtype, a.prefill_configs)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(a.json, res)
     return 0
 
 

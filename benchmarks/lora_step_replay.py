@@ -120,10 +120,10 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     "pdls256": {("loraserve.kernels.lora_meta", "LORA_PDL_SHRINK_MAX_TOKENS"): 256},   # the switch for nopdl_s
     "nopdl_s": {("loraserve.kernels.lora_shrink", "pdl_launch"): lambda orig: (lambda device: {})},   # shrink only
     "nopdl_e": {(ES, "pdl_launch"): lambda orig: (lambda device: {})},                                # expand only
-    "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},
+    "pf": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "abt"},   # the lora helper's L2 prefetch (if present)
     # the expand without its early trigger ("t" of LORA_PREFETCH): the kernels after it (rope, attention, launched
     # with PDL) no longer launch while it runs, so their profiled spans stop including their wait for it
-    "notrig": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "a"},   # the lora helper's L2 prefetch (if present)
+    "notrig": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "a"},
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)
     "empty": {},    # no adapter row in the step (below)
     # the defaults before this session's resident changes (kernels/PERF_NOTES.md, resident, third pass)

@@ -123,6 +123,9 @@ VARIANTS = {
     "xbgmv_k256": dict(DEFAULT, expand_bgmv=True, bgmv_block_k=256),
     # the streaming expand's Triton-pipelined column loop for runs of >= 8 blocks up to 256 tokens (gate_up)
     "pipegu": dict(DEFAULT, pipe_min_blocks=8),
+    # ... at every token count (the 1024-token "reduced" steps and 256-token tiles too: y read + write bound)
+    "pipeall": dict(DEFAULT, slots=-4),
+    "pipeall3": dict(DEFAULT, slots=-3),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for

@@ -213,6 +213,12 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     res["pipelined_loop_fell_back_to_rotating"] = sorted(str(k) for k in _PIPE_FAILED)
     if _STREAM_FAILED:
         print(f"  WARNING: the streaming expand failed to compile for {res['stream_fell_back_to_classic']}", flush=True)
+    from loraserve.kernels.lora_expand import _BGMV_FAILED
+
+    res["expand_bgmv_fell_back_to_stream"] = sorted(str(k) for k in _BGMV_FAILED)
+    if _BGMV_FAILED:
+        print(f"  WARNING: the BGMV expand failed for {res['expand_bgmv_fell_back_to_stream']}: those ran the streaming "
+              "expand", flush=True)
     if _PIPE_FAILED:
         print(f"  WARNING: the pipelined column loop failed for {res['pipelined_loop_fell_back_to_rotating']}: "
               "those shapes ran the hand-rotated loop", flush=True)

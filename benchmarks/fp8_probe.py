@@ -46,6 +46,7 @@ VARIANTS = (
     ("w8a8_token_early", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_GEMV_PDL": "early"}),
     # dot8's numerics and tiles in persistent programs (kernels/fp8_stream_dot.py: one pipeline fill per program)
     ("w8a8_stream", {"LORASERVE_FP8_W8A8": "stream"}),
+    ("w8a8_stream_early", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_GEMV_PDL": "early"}),
     ("w8a8_stream_pps2", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_STREAM_PPS": "2"}),
     ("w8a8_token_nodefer", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
                             "LORASERVE_FP8_DEFER_O": "0"}),

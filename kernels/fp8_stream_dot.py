@@ -38,16 +38,25 @@ def stream_flatten_on() -> bool:
 
 
 if HAS_TRITON:
+    from .fp8_skinny_dot import _prefetch_rows_l2
 
     @triton.jit(do_not_specialize=["M", "NUM_TILES", "NUM_UNITS"])
     def _fp8_stream_dot_kernel(xq_ptr, w_ptr, xs_ptr, s_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, NUM_TILES,
                                NUM_UNITS, stride_xm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, FLATTEN: tl.constexpr):
+                               BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, FLATTEN: tl.constexpr,
+                               WAIT: tl.constexpr = False):
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         offs_k = tl.arange(0, BLOCK_K)
+        if WAIT:   # launched as a programmatic dependent: x and its scales are the kernel before us's output
+            # (the first unit's first two weight tiles into L2 meanwhile: no kernel of the step writes weights)
+            first = pid % NUM_TILES * BLOCK_N + tl.arange(0, BLOCK_N)
+            _prefetch_rows_l2(w_ptr, tl.where(first < N, first, 0).to(tl.int64), K, pid // NUM_TILES * K_PER_SPLIT,
+                              pid // NUM_TILES * K_PER_SPLIT + tl.minimum(2 * BLOCK_K, K_PER_SPLIT), BLOCK_K // 128)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)                                       # [BM]
         # units in tile-fastest order: the G programs' first units cover distinct weight rows of split 0
         for u in tl.range(pid, NUM_UNITS, G, flatten=FLATTEN):
@@ -77,10 +86,11 @@ if HAS_TRITON:
 
 
 def fp8_stream_dot(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, out: Tensor, block_n: int,
-                   block_k: int, split: int, num_warps: int, num_stages: int, num_sms: int) -> Tensor:
+                   block_k: int, split: int, num_warps: int, num_stages: int, num_sms: int, wait: bool = False) -> Tensor:
     """Launch (see the module docstring). out: [M, N] (x's dtype; written when split == 1). Returns out, or the
     partials [split, M, N] fp32 when split > 1 (the caller sums them). Grid: min(units, num_sms x
-    LORASERVE_FP8_STREAM_PPS) persistent programs."""
+    LORASERVE_FP8_STREAM_PPS) persistent programs. wait: launched as a programmatic dependent (the caller checked
+    pdl_supported): its launch and first weight tiles overlap the kernel before it, which it waits for in-kernel."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     M, K = x_q.shape
@@ -95,6 +105,6 @@ def fp8_stream_dot(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, o
     grid = (min(units, num_sms * stream_programs_per_sm()),)
     _fp8_stream_dot_kernel[grid](x_q, w_q, x_scale, w_scale, out, ws, M, N, K, K // split, tiles, units,
                                  x_q.stride(0), out.stride(0), BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k,
-                                 USE_WS=split > 1, FLATTEN=stream_flatten_on(), num_warps=num_warps,
-                                 num_stages=num_stages)
+                                 USE_WS=split > 1, FLATTEN=stream_flatten_on(), WAIT=wait, num_warps=num_warps,
+                                 num_stages=num_stages, **({"launch_pdl": True} if wait else {}))
     return ws if split > 1 else out

@@ -78,11 +78,17 @@ def test_stream_dot_compiles_for_sm90(flatten) -> None:
            "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "NUM_TILES": "i32",
            "NUM_UNITS": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     # (128 x 256 tiles spill ~96 bytes: not swept)
-    for bn, bk, stages, use_ws in ((64, 128, 4, True), (128, 128, 3, True), (64, 256, 4, False), (64, 256, 5, True)):
+    for bn, bk, stages, use_ws, wait in ((64, 128, 4, True, False), (128, 128, 3, True, True),
+                                         (64, 256, 4, False, False), (64, 256, 5, True, True)):
         kernel = compile_sm90(_fp8_stream_dot_kernel, sig, dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, USE_WS=use_ws,
-                                                                 FLATTEN=flatten),
-                              div16_except=("M", "NUM_TILES", "NUM_UNITS"), num_warps=4, num_stages=stages)
+                                                                 FLATTEN=flatten, WAIT=wait),
+                              div16_except=("M", "NUM_TILES", "NUM_UNITS"), num_warps=4, num_stages=stages,
+                              launch_pdl=wait)
         ptx = kernel.asm["ptx"]
+        # launched as a dependent (LORASERVE_FP8_GEMV_PDL=early / 1): L2 prefetches of the first weight tiles, then
+        # the wait, before any load of x
+        assert ("griddepcontrol.wait" in ptx) == wait and ("prefetch.global.L2" in ptx) == wait
+        assert not wait or ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
         assert re.search(r"wgmma\.mma_async[\w.]*\.e4m3\.e4m3", ptx), (bn, bk, stages)
         assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx), (bn, bk, stages)
         # (unflattened, a comparison only: Triton 3.9 spills 8 bytes at 128 x 128 x 3 stages)

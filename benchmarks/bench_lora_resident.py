@@ -290,7 +290,8 @@ def main() -> int:
             rv = {}
         out["step_replay"] = rv
         print(f"  [step replay {time.perf_counter() - t:.1f} s]", flush=True)
-        ok = {v: r["lora_per_layer_us"] for v, r in rv.items() if "lora_us" in r and "empty" not in v}
+        ok = {v: r.get("paired_per_layer_us", r["lora_per_layer_us"]) for v, r in rv.items() if "lora_us" in r
+              and "empty" not in v}
         best = min(ok, key=ok.get) if ok else "default"
         if loop_variant == "best":
             loop_variant = best

@@ -295,11 +295,18 @@ def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: i
                 if not entry[3]:   # captured without the metadata build: build it once (the step is static)
                     mixed._build_lora_meta(key[0], key[1])
                 plain_us, lora_us = [], []
-                for _ in range(rounds):
-                    plain_us.append(_time(plain_graph, reps))
-                    lora_us.append(_time(entry[0], reps))
+                for r in range(rounds):   # alternating order (plain first in even rounds): drift cancels in the pairs
+                    if r % 2 == 0:
+                        plain_us.append(_time(plain_graph, reps))
+                        lora_us.append(_time(entry[0], reps))
+                    else:
+                        lora_us.append(_time(entry[0], reps))
+                        plain_us.append(_time(plain_graph, reps))
             p, q = min(plain_us), min(lora_us)
-            out[variant] = dict(plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q)
+            # the median of the rounds' own differences: a clock drift between rounds cancels within each pair
+            paired = float(np.median([b - a for a, b in zip(plain_us, lora_us)])) / layers
+            out[variant] = dict(plain_us=p, lora_us=q, lora_per_layer_us=(q - p) / layers, ratio=p / q,
+                                paired_per_layer_us=paired, rounds_plain_us=plain_us, rounds_lora_us=lora_us)
             if (variant in profile) if isinstance(profile, (list, tuple, set)) else (profile and variant == variants[0]):
                 try:
                     print(f"    [{variant}]", end="")
@@ -307,7 +314,7 @@ def replay_variants(engine, seq_slots: list[int], variants: list[str], prompt: i
                 except Exception as exc:  # noqa: BLE001 - the timing stands without the breakdown
                     print(f"    profile FAILED: {exc!r}"[:200])
             print(f"    {variant:>16}: plain {p:8.1f}  LoRA {q:8.1f}  +{(q - p) / layers:6.1f} us/layer  "
-                  f"(plain / LoRA {p / q:.3f})", flush=True)
+                  f"(plain / LoRA {p / q:.3f}; paired rounds +{paired:5.1f})", flush=True)
             del entry, plain_graph
         except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or capture is reported, not fatal
             out[variant] = dict(error=repr(exc)[:300])

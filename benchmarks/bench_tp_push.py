@@ -3,9 +3,10 @@
 by the Lamport norm kernel (kernels/allreduce_rmsnorm.py; pushing its row itself unless the GEMM did).
 
 Per pair (GEMM + norm), us, inside CUDA graphs (16 pairs captured, the weights cycled over 8 copies so no pair
-reads its weights from L2), at the TP=2 8B shard shapes o_proj [4096, 2048] and down_proj [4096, 7168], 64 and 16
-rows. The start-up self-check of the push (tp/fused_norm.py) runs first; the chain's last output is compared with
-the cuBLAS chain's (the GEMMs round differently: tolerance).
+reads its weights from L2), at the TP=2 8B shard shapes o_proj [4096, 2048] and down_proj [4096, 7168], 64 and 1
+rows (1 row: the GEMV with the push against kernels/gemv.py + norm, what batch-1 decode runs). The start-up
+self-check of the push (tp/fused_norm.py) runs first; one fresh pair's output is compared with the cuBLAS pair's
+(the GEMMs round differently: tolerance).
 
     python3 benchmarks/bench_tp_push.py [--json out.json]       # 2 GPUs, ~15 s on a warm Triton cache
 """
@@ -30,11 +31,12 @@ SWEEP = {"o": [(64, 128, 2, 4, 4, 0), (32, 128, 1, 4, 4, 0), (64, 128, 1, 4, 4, 
          "down": [(64, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 0), (64, 128, 2, 4, 4, 1)]}
 
 
-def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) -> None:
+def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sweep: bool = False) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
     from loraserve.inference.tp.fused_norm import make_fused_norm
+    from loraserve.kernels.gemv import gemv
     from loraserve.kernels.skinny_gemm import skinny_gemm
     from loraserve.kernels.tp_gemm_push import gemm_push, push_config
 
@@ -62,55 +64,64 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) ->
     fn.push_min_rows = 1
     g = torch.Generator(device=dev).manual_seed(5 + rank)
     nw = (1 + 0.1 * torch.randn(4096, device=dev, generator=g)).bfloat16()
-    for name, (N, K) in SHAPES.items():
-        ws = [(torch.randn(N, K, device=dev, generator=g) / K ** 0.5).bfloat16() for _ in range(8)]
+    weights = {name: [(torch.randn(N, K, device=dev, generator=g) / K ** 0.5).bfloat16() for _ in range(8)]
+               for name, (N, K) in SHAPES.items()}
+    inputs = {(name, rows): (torch.randn(rows, K, device=dev, generator=g).bfloat16(),
+                             torch.randn(rows, N, device=dev, generator=g).bfloat16())
+              for name, (N, K) in SHAPES.items() for rows in rows_list}
+
+    def chain(kind: str, name: str, rows: int, config=None):
+        """The pairs of one kind over the 8 weight copies (config: other tiles for the push)."""
+        ws, (x, r) = weights[name], inputs[name, rows]
+        N, K = SHAPES[name]
+        cfg = push_config(rows, N, K, dev)
+
+        def run():
+            for w in ws:
+                if config is not None:
+                    y = torch.empty(rows, N, dtype=x.dtype, device=dev)
+                    gemm_push(x, w, y, fn.buffer, fn.deltas, fn.counters, fn.rank, fn.world, fn.max_rows,
+                              config=config)
+                    fn._pushed = y
+                elif kind == "push":
+                    y = fn.gemm_push(x, w)
+                elif kind == "skinny":
+                    y = skinny_gemm(x, w, config=cfg)
+                elif kind == "gemv":   # what batch-1 decode runs (kernels/gemv.py)
+                    y = gemv(x, w)
+                else:
+                    y = F.linear(x, w)
+                fn(y, r, nw, 1e-5)
+        return run
+
+    # 1. the pairs at each row count (the most wanted figures first: a killed run keeps them)
+    for rows in rows_list:
+        for name in SHAPES:
+            for kind in ("cublas", "push") + (("gemv",) if rows == 1 else ("skinny",)):
+                dist.barrier()
+                put(f"{name}_m{rows}_{kind}_pair_us", graph_seconds(chain(kind, name, rows), 2, 20) * 1e6 / 8)
+    # 2. one fresh pair of each: the push + norm against cuBLAS + norm (the GEMMs round differently)
+    for name in SHAPES:
         for rows in rows_list:
-            x = torch.randn(rows, K, device=dev, generator=g).bfloat16()
-            r = torch.randn(rows, N, device=dev, generator=g).bfloat16()
-            cfg = push_config(rows, N, K, dev)
-            last = {}
-
-            def chain(kind: str):
-                def run():
-                    for w in ws:
-                        if kind == "push":
-                            y = fn.gemm_push(x, w)
-                        elif kind == "skinny":
-                            y = skinny_gemm(x, w, config=cfg)
-                        else:
-                            y = F.linear(x, w)
-                        last[kind] = fn(y, r, nw, 1e-5)[0]
-                return run
-
-            for kind in ("cublas", "skinny", "push"):
-                dist.barrier()
-                put(f"{name}_m{rows}_{kind}_pair_us", graph_seconds(chain(kind), 2, 20) * 1e6 / len(ws))
-            for alt in (SWEEP.get(name, []) if rows == rows_list[0] else []):   # other tiles for the push
-
-                def run_alt(alt=alt):
-                    for w in ws:
-                        y = torch.empty(rows, N, dtype=x.dtype, device=dev)
-                        gemm_push(x, w, y, fn.buffer, fn.deltas, fn.counters, fn.rank, fn.world, fn.max_rows,
-                                  config=alt)
-                        fn._pushed = y
-                        fn(y, r, nw, 1e-5)
-
-                dist.barrier()
-                put(f"{name}_m{rows}_push_{'_'.join(map(str, alt))}_pair_us", graph_seconds(run_alt, 2, 20) * 1e6
-                    / len(ws))
-            dist.barrier()
-            put(f"{name}_m{rows}_cublas_gemm_us", graph_seconds(lambda: [F.linear(x, w) for w in ws], 2, 20)
-                * 1e6 / len(ws))
-            put(f"{name}_m{rows}_skinny_gemm_us", graph_seconds(
-                lambda: [skinny_gemm(x, w, config=cfg) for w in ws], 2, 20) * 1e6 / len(ws))
-            # the residual kept moving through every call: compare one fresh pair of each kind instead
-            r0 = r.clone()
-            ya, yb = F.linear(x, ws[0]), fn.gemm_push(x, ws[0])
-            ra, rb = r0.clone(), r0.clone()
-            fn(ya, ra, nw, 1e-5)
-            fn(yb, rb, nw, 1e-5)
+            (x, r), w = inputs[name, rows], weights[name][0]
+            ya, yb = F.linear(x, w), fn.gemm_push(x, w)
+            fn(ya, r.clone(), nw, 1e-5)
+            fn(yb, r.clone(), nw, 1e-5)
             torch.cuda.synchronize()
             put(f"{name}_m{rows}_push_vs_cublas_max_diff", (ya.float() - yb.float()).abs().max().item())
+    # 3. other tiles for the push at the first row count, then the GEMMs alone
+    for name in SHAPES if sweep else ():
+        for alt in SWEEP.get(name, []):
+            dist.barrier()
+            put(f"{name}_m{rows_list[0]}_push_{'_'.join(map(str, alt))}_pair_us",
+                graph_seconds(chain("push", name, rows_list[0], alt), 2, 20) * 1e6 / 8)
+    for name, (N, K) in SHAPES.items():
+        for rows in rows_list:
+            (x, _), ws = inputs[name, rows], weights[name]
+            cfg = push_config(rows, N, K, dev)
+            put(f"{name}_m{rows}_cublas_gemm_us", graph_seconds(lambda: [F.linear(x, w) for w in ws], 2, 20) * 1e6 / 8)
+            put(f"{name}_m{rows}_skinny_gemm_us",
+                graph_seconds(lambda: [skinny_gemm(x, w, config=cfg) for w in ws], 2, 20) * 1e6 / 8)
     res["device"] = torch.cuda.get_device_name(dev)
     if rank == 0:
         out.update(res)
@@ -120,7 +131,8 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int]) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="64,16")
+    ap.add_argument("--rows", default="64,1")
+    ap.add_argument("--sweep", action="store_true", help="also the push with the other tiles of SWEEP")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -135,13 +147,14 @@ def main() -> int:
     rows = [int(v) for v in a.rows.split(",")]
     with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
-        mp.start_processes(worker, args=(2, _free_port(), out, rows), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(worker, args=(2, _free_port(), out, rows, a.sweep), nprocs=2, join=True, start_method="spawn")
         res = dict(out)
     for name in SHAPES:
         for m in rows:
-            c, p = res.get(f"{name}_m{m}_cublas_pair_us"), res.get(f"{name}_m{m}_push_pair_us")
+            base = "gemv" if m == 1 else "cublas"
+            c, p = res.get(f"{name}_m{m}_{base}_pair_us"), res.get(f"{name}_m{m}_push_pair_us")
             if c and p:
-                print(f"{name} m{m}: push pair {p:.2f} us vs cuBLAS + norm {c:.2f} ({c - p:+.2f} us saved)")
+                print(f"{name} m{m}: push pair {p:.2f} us vs {base} + norm {c:.2f} ({c - p:+.2f} us saved)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -12,8 +12,9 @@ NVLink transfer overlaps the rest of the GEMM instead of following it, and the n
 waits for the peers' last tiles. The protocol is the norm kernel's, unchanged: the slot of row m is c[m] % 2
 (the norm kernel advances c after the GEMM; a peer reuses a slot only two calls later), -0.0 marks "empty".
 
-The GEMM is kernels/skinny_gemm.py's (swap-AB tensor-core tiles for 1..64 rows, split-K summed in the kernel by
-the tile's last program, a programmatic dependent of the kernel before it): the push is its epilogue.
+The GEMM is kernels/skinny_gemm.py's (swap-AB tensor-core tiles for 2..64 rows, split-K summed in the kernel by
+the tile's last program, a programmatic dependent of the kernel before it), and for one row kernels/gemv.py's
+weight-streaming GEMV: the push is their epilogue.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .allreduce_rmsnorm import EMPTY_BITS
+from .gemv import gemv_config
 from .pdl import pdl_kwargs
 from .skinny_gemm import MAX_M, _workspace, skinny_config
 
@@ -40,6 +42,8 @@ def push_config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int,
 
 def gemm_push_fits(x: Tensor, w: Tensor) -> bool:
     """x [M, K] @ w [N, K]^T fits the kernel's tiles (the caller falls back to its GEMM + the norm's push)."""
+    if x.dim() == 2 and x.shape[0] == 1:
+        return gemv_push_fits(x, w)
     if not (HAS_TRITON and x.is_cuda and x.dim() == 2 and w.dim() == 2 and 1 <= x.shape[0] <= MAX_M
             and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1
             and w.is_contiguous() and x.shape[1] == w.shape[1] and w.shape[0] % 8 == 0):
@@ -49,6 +53,8 @@ def gemm_push_fits(x: Tensor, w: Tensor) -> bool:
 
 
 if HAS_TRITON:
+    from .gemv import _gemv_row
+
     _EMPTY = tl.constexpr(EMPTY_BITS)
 
     @triton.jit
@@ -118,6 +124,55 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)   # zero for the next launch (graph replays too)
 
 
+    # batch 1: kernels/gemv.py's weight-streaming GEMV (M = 1, no bias, no SiLU) with the push in its store
+    @triton.jit
+    def _gemv_push_kernel(x_ptr, w_ptr, y_ptr, buf_ptr, deltas_ptr, counter_ptr, N, K, slot_stride, region_stride,
+                          RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        safe_n = tl.where(n_ok, offs_n, 0).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + safe_n[:, None] * K + offs_k[None, :]   # [BLOCK_N, BLOCK_K]
+        if EVEN_K:   # the first weight tile in flight before the wait (weights are no kernel's output)
+            w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w_next = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()   # x, the counters and the peers' cleared slots come from kernels before us
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_row = x_ptr
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            w = w_next.to(tl.float32)
+            step = BLOCK_K * (k0 + BLOCK_K < K).to(tl.int32)   # the next tile in flight (this one again at the end)
+            w_ptrs += step
+            if EVEN_K:
+                w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w_next = tl.load(w_ptrs, mask=((k0 + step + offs_k) < K)[None, :], other=0.0,
+                                 eviction_policy="evict_first")
+            acc = _gemv_row(acc, w, x_row, 0, 1, K, offs_k, k_ok, EVEN_K, False)
+            x_row += BLOCK_K
+        y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)   # [BLOCK_N]
+        tl.store(y_ptr + offs_n, y, mask=n_ok)
+        send = tl.where(y.to(tl.int16, bitcast=True) == _EMPTY, tl.zeros_like(y), y)
+        at = (tl.load(counter_ptr) % 2).to(tl.int64) * slot_stride + offs_n   # row 0
+        for p in tl.static_range(WORLD):
+            if p != RANK:
+                delta = tl.multiple_of(tl.load(deltas_ptr + p), 8)
+                tl.store(buf_ptr + delta + at + RANK * region_stride, send, mask=n_ok)
+
+
+def gemv_push_fits(x: Tensor, w: Tensor) -> bool:
+    """One row: the GEMV with the push (gemm_push picks it for M = 1)."""
+    return (HAS_TRITON and x.is_cuda and x.dim() == 2 and w.dim() == 2 and x.shape[0] == 1 and x.dtype == w.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1 and w.is_contiguous()
+            and x.shape[1] == w.shape[1] and w.shape[0] % 8 == 0)
+
+
 def gemm_push(x: Tensor, w: Tensor, out: Tensor, buffer: Tensor, deltas: Tensor, counters: Tensor, rank: int,
               world: int, max_rows: int, config: tuple[int, ...] | None = None) -> Tensor:
     """out [M, N] = x [M, K] @ w [N, K]^T, also pushed into region `rank` of every peer's buffer (module doc).
@@ -134,12 +189,18 @@ def gemm_push(x: Tensor, w: Tensor, out: Tensor, buffer: Tensor, deltas: Tensor,
     assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
     assert deltas.numel() == world and deltas.dtype == torch.int64 and counters.numel() >= M
     assert buffer.numel() >= 2 * world * max_rows * N and buffer.element_size() == 2
+    region = max_rows * N
+    if M == 1 and config is None:   # the GEMV's tiles (kernels/gemv.py's rule)
+        bn, bk, warps, _ = gemv_config(1, N, K)
+        _gemv_push_kernel[(triton.cdiv(N, bn),)](
+            x, w, out, buffer.view(x.dtype), deltas, counters, N, K, world * region, region, RANK=rank, WORLD=world,
+            BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, num_warps=warps, **pdl_kwargs(x.device))
+        return out
     bn, bk, split, warps, stages, regpre = config or push_config(M, N, K, x.device)
     assert K % (split * bk) == 0, f"K={K} is not a multiple of SPLIT_K x BLOCK_K = {split} x {bk}"
     block_m = max(16, triton.next_power_of_2(M))
     tiles = triton.cdiv(N, bn)
     ws, cnt = _workspace(x.device, split, block_m, N, tiles) if split > 1 else (out, out)
-    region = max_rows * N
     _gemm_push_kernel[(tiles, split)](
         x, w, out, ws, cnt, buffer.view(x.dtype), deltas, counters, M, N, K, K // split, x.stride(0), out.stride(0),
         world * region, region, RANK=rank, WORLD=world,

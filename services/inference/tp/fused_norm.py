@@ -14,9 +14,9 @@ The model side (models/llama.py): Attention / MLP skip their all-reduce when `tp
 RMSNorm with a residual and a `tp` whose `defers(x)` holds calls `tp.all_reduce_add_rms_norm`. The
 decision depends only on x's shape, dtype and device, so producer and consumer always agree.
 
-LORASERVE_TP_GEMM_PUSH=1: o_proj / down_proj of decode steps (LORASERVE_TP_GEMM_PUSH_MIN_ROWS..64 rows, no
-adapters in the step) run kernels/tp_gemm_push.py, whose GEMM programs push their output tiles into the peers'
-buffers as they finish; the norm kernel after it then skips its own push (pushed=True) and only waits for the
+LORASERVE_TP_GEMM_PUSH=1: o_proj / down_proj of decode steps (LORASERVE_TP_GEMM_PUSH_MIN_ROWS (1)..64 rows, no
+adapters in the step) run kernels/tp_gemm_push.py (one row: the GEMV; more: the skinny GEMM), whose programs push
+their output tiles into the peers' buffers as they finish; the norm kernel after it then skips its own push (pushed=True) and only waits for the
 peers' last tiles. Checked at start-up against NCCL + the separate norm like the fused norm itself.
 """
 from __future__ import annotations
@@ -40,13 +40,12 @@ def gemm_push_wanted() -> bool:
 
 
 def _gemm_push_min_rows() -> int:
-    """Fewest rows the pushing GEMM takes: below it the Proj's GEMV (1..GEMV_MAX_M rows) is faster than any GEMM."""
-    env = os.environ.get("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", "").strip()
-    if env:
-        return max(1, int(env))
-    from ..models.llama import GEMV_MAX_M
-
-    return GEMV_MAX_M + 1
+    """Fewest rows the pushing GEMM takes (default 1: one row runs the GEMV with the push, 2..64 the skinny GEMM);
+    LORASERVE_TP_GEMM_PUSH_MIN_ROWS=2 leaves batch 1 to Proj's GEMV and the norm's push."""
+    try:
+        return max(1, int(os.environ.get("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", "1") or 1))
+    except ValueError:
+        return 1
 
 
 class LamportNorm:
@@ -199,7 +198,7 @@ def _check_gemm_push(fn: LamportNorm, device: torch.device, group) -> None:
         K = 2048
         w = (torch.randn(fn.hidden, K, device=device, generator=g) / K ** 0.5).to(torch.bfloat16)
         nw = (1 + 0.1 * torch.randn(fn.hidden, device=device, generator=g)).to(torch.bfloat16)
-        for n in (64, 8, 64):
+        for n in (64, 1, 8, 1):   # the skinny GEMM (BLOCK_M 64 / 16) and the GEMV, both slots of row 0
             x = torch.randn(n, K, device=device, generator=g).to(torch.bfloat16)
             res = torch.randn(n, fn.hidden, device=device, generator=g).to(torch.bfloat16)
             out = fn.gemm_push(x, w)

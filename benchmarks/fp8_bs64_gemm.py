@@ -78,6 +78,47 @@ def sweep_configs(n: int, k: int) -> list[tuple]:
     return out
 
 
+def engine_w8a8_configs() -> list[tuple]:
+    """The table's bucket-64 tiles of the four 8B shapes as dot8 and dot8p (what LORASERVE_FP8_W8A8=token / stream
+    run in an engine, with the table's PDL flag for the split-K sum)."""
+    from benchmarks.fp8_gemv_sweep import NUM_SMS_H200
+    from loraserve.kernels.fp8_gemv_configs import gemv_config
+
+    out = []
+    for n, k in SHAPES.values():
+        cfg = gemv_config(64, n, k, NUM_SMS_H200)
+        out += [(kind,) + tuple(cfg[1:]) for kind in ("dot8", "dot8p")]
+    return out
+
+
+def precompile_all(sweep_cfgs: list[tuple], jobs: int, timeout: float, engine: bool) -> None:
+    """One pool of `jobs` processes compiling (Triton's disk cache) the engine's W8A8 tiles (with
+    LORASERVE_FP8_GEMV_PDL unset and =early: the engine probe's variants) first, then the sweep's tiles."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    from benchmarks.fp8_gemv_sweep import _compile_one
+
+    def key(c):   # one compile variant per (tile, split > 1): the split is a runtime argument
+        return (c[0], c[1], c[2], c[3], 2 if c[4] > 1 else 1, c[5], c[6]) + tuple(c[7:])
+
+    work = ([(c, env) for c in dict.fromkeys(map(key, engine_w8a8_configs())) for env in
+             ({}, {"LORASERVE_FP8_GEMV_PDL": "early"})] if engine else [])
+    work += [(c, {}) for c in dict.fromkeys(map(key, sweep_cfgs))]
+    t = time.perf_counter()
+    try:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        futs = [pool.submit(_compile_one, c, env) for c, env in work]
+        done, pending = wait(futs, timeout=timeout)
+        pool.shutdown(wait=not pending, cancel_futures=True)
+        bad = [str(f.exception())[:160] for f in done if f.exception() is not None]
+        print(f"precompiled {len(done) - len(bad)}/{len(futs)} in {time.perf_counter() - t:.1f} s"
+              + (f"; failures: {bad[:2]}" if bad else ""), flush=True)
+    except Exception as err:   # noqa: BLE001  (the timing runs compile what is missing)
+        print(f"precompile skipped: {type(err).__name__}: {err}", flush=True)
+
+
 def run(m: int, shapes: list[str], smoke: bool = False, sweep: bool = False) -> dict:
     from loraserve.inference.models.fp8 import quantize_per_channel
     from loraserve.kernels.fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise, tensorwise_acc
@@ -182,16 +223,16 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also dot8 tiles beyond the table's (sweep_configs), deferred")
     ap.add_argument("--jobs", type=int, default=12, help="--sweep: processes compiling ahead (0: in place)")
     ap.add_argument("--precompile-s", type=float, default=20.0)
+    ap.add_argument("--precompile-engine", action="store_true",
+                    help="--sweep: also compile the engine's W8A8 tiles as dot8 / dot8p, plain and PDL early")
     ap.add_argument("--smoke", action="store_true", help="CPU, shapes / 64, eager (set TRITON_INTERPRET=1)")
     a = ap.parse_args()
     if not torch.cuda.is_available() and not a.smoke:
         print("fp8_bs64_gemm: no CUDA device (the forms are GPU kernels); nothing timed")
         return 0
     if a.sweep and not a.smoke and a.jobs:   # compile the sweep's tiles ahead in worker processes (Triton's cache)
-        from benchmarks.fp8_gemv_sweep import precompile
-
         cfgs = [c[:7] for s_ in a.shapes.split(",") if s_ != "gate_up" for c in sweep_configs(*SHAPES[s_])]
-        precompile(cfgs, a.jobs, timeout=a.precompile_s)
+        precompile_all(cfgs, a.jobs, a.precompile_s, a.precompile_engine)
     res = run(a.m, a.shapes.split(","), a.smoke, a.sweep)
     if a.json:
         with open(a.json, "w") as fh:

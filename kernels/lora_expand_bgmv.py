@@ -33,63 +33,93 @@ from .lora_prefetch import prefetch_on
 if HAS_TRITON:
 
     @triton.jit
-    def _row_delta(buf_ptr, tok, offs_k, offs_r, h_ok, sel1, sel2, b, stride_bsplit, stride_bs, stride_bm,
-                   stride_br, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, CAST: tl.constexpr,
-                   B_DTYPE: tl.constexpr):
-        """[BLOCK_N] fp32: B @ h of one token (bf: B's block in fp32), h = its fixed-order sum of the SPLIT_K
-        partials per slice; each column takes its own slice's product (sel1 / sel2: [BLOCK_N] column in slice
-        >= 1 / >= 2): one multiply-sum per slice, no [BLOCK_N, BLOCK_R] select of h."""
-        bf = b.to(tl.float32)
+    def _hs(buf_ptr, tok, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+            NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, CAST: tl.constexpr, B_DTYPE: tl.constexpr):
+        """(h_0, h_1, h_2) [BLOCK_R] fp32 of one token: per slice the fixed-order sum of its SPLIT_K partials,
+        rounded to B's dtype (CAST) as the tl.dot kernels do; slices past NUM_SLICES repeat h_0."""
         base = buf_ptr + tok * stride_bm + offs_k[:, None] * stride_bsplit + offs_r[None, :] * stride_br
         m = (offs_k < SPLIT_K)[:, None] & h_ok[None, :]
-        h0 = tl.sum(tl.load(base, mask=m, other=0.0), axis=0)  # [BLOCK_R]
-        if CAST:  # h rounded to B's dtype before the product, as the tl.dot kernels do
-            h0 = h0.to(B_DTYPE).to(tl.float32)
-        d = tl.sum(bf * h0[None, :], axis=1)
+        h0 = tl.sum(tl.load(base, mask=m, other=0.0), axis=0)
+        h1 = h0
+        h2 = h0
         if NUM_SLICES >= 2:
             h1 = tl.sum(tl.load(base + stride_bs, mask=m, other=0.0), axis=0)
-            if CAST:
-                h1 = h1.to(B_DTYPE).to(tl.float32)
-            d = tl.where(sel1, tl.sum(bf * h1[None, :], axis=1), d)
         if NUM_SLICES == 3:
             h2 = tl.sum(tl.load(base + 2 * stride_bs, mask=m, other=0.0), axis=0)
-            if CAST:
-                h2 = h2.to(B_DTYPE).to(tl.float32)
+        if CAST:
+            h0 = h0.to(B_DTYPE).to(tl.float32)
+            h1 = h1.to(B_DTYPE).to(tl.float32)
+            h2 = h2.to(B_DTYPE).to(tl.float32)
+        return h0, h1, h2
+
+    @triton.jit
+    def _delta(bf, h0, h1, h2, sel1, sel2, NUM_SLICES: tl.constexpr):
+        """[BLOCK_N] fp32: bf [BLOCK_N, BLOCK_R] (B in fp32) times each column's own slice's h (sel1 / sel2:
+        column in slice >= 1 / >= 2): one multiply-sum per slice, no [BLOCK_N, BLOCK_R] select of h."""
+        d = tl.sum(bf * h0[None, :], axis=1)
+        if NUM_SLICES >= 2:
+            d = tl.where(sel1, tl.sum(bf * h1[None, :], axis=1), d)
+        if NUM_SLICES == 3:
             d = tl.where(sel2, tl.sum(bf * h2[None, :], axis=1), d)
         return d
+
+    @triton.jit
+    def _sels(offs_n, lo1, lo2, NUM_SLICES: tl.constexpr):
+        """[BLOCK_N] masks: column in slice >= 1, column in slice >= 2 (all false past NUM_SLICES)."""
+        sel1 = offs_n < 0
+        sel2 = offs_n < 0
+        if NUM_SLICES >= 2:
+            sel1 = offs_n >= lo1
+        if NUM_SLICES == 3:
+            sel2 = offs_n >= lo2
+        return sel1, sel2
+
+    @triton.jit
+    def _block2(b, n0, N, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym, stride_yn,
+                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A tile of <= 2 rows (decode), h hoisted: y[tok0 / tok1, n0 : n0 + BLOCK_N] += B h; both y rows are
+        issued right behind b's load."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        m1 = n_ok & ((tl.zeros_like(offs_n) + has1) > 0)  # (a scalar-and-block mask upsets the interpreter)
+        y_cols = offs_n * stride_yn
+        y0 = tl.load(y_ptr + tok0 * stride_ym + y_cols, mask=n_ok, other=0.0)
+        y1 = tl.load(y_ptr + tok1 * stride_ym + y_cols, mask=m1, other=0.0)
+        sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
+        bf = b.to(tl.float32)
+        tl.store(y_ptr + tok0 * stride_ym + y_cols,
+                 (y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES)).to(y0.dtype), mask=n_ok)
+        tl.store(y_ptr + tok1 * stride_ym + y_cols,
+                 (y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES)).to(y1.dtype), mask=m1)
 
     @triton.jit
     def _block(b, n0, N, start, end, buf_ptr, y_ptr, sorted_ids_ptr, lo1, lo2, rank, offs_r,
                stride_bsplit, stride_bs, stride_bm, stride_br, stride_ym, stride_yn,
                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SK_P: tl.constexpr,
                CAST: tl.constexpr):
-        """y[rows of the tile, n0 : n0 + BLOCK_N] += h_row @ b.T, two rows at a time: each pair's y rows and
-        partials are issued together, right behind b's load (no dependence on it)."""
+        """Any tile: y[rows, n0 : n0 + BLOCK_N] += h_row @ b.T, two rows at a time (each pair's y rows and
+        partials issued together, right behind b's load: no dependence on it)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        if NUM_SLICES >= 2:
-            sel1 = offs_n >= lo1
-        else:
-            sel1 = offs_n < 0
-        if NUM_SLICES == 3:
-            sel2 = offs_n >= lo2
-        else:
-            sel2 = sel1
+        sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
         h_ok = offs_r < rank
         offs_k = tl.arange(0, SK_P)
         y_cols = offs_n * stride_yn
+        bf = b.to(tl.float32)
         for r0 in range(start, end, 2):
             m1 = n_ok & ((tl.zeros_like(offs_n) + r0 + 1) < end)  # (a scalar-and-block mask upsets the interpreter)
             tok0 = tl.load(sorted_ids_ptr + r0).to(tl.int64)
             tok1 = tl.load(sorted_ids_ptr + tl.minimum(r0 + 1, end - 1)).to(tl.int64)
             y0 = tl.load(y_ptr + tok0 * stride_ym + y_cols, mask=n_ok, other=0.0)
             y1 = tl.load(y_ptr + tok1 * stride_ym + y_cols, mask=m1, other=0.0)
-            d0 = _row_delta(buf_ptr, tok0, offs_k, offs_r, h_ok, sel1, sel2, b, stride_bsplit, stride_bs,
-                            stride_bm, stride_br, NUM_SLICES, SPLIT_K, CAST, b.dtype)
-            d1 = _row_delta(buf_ptr, tok1, offs_k, offs_r, h_ok, sel1, sel2, b, stride_bsplit, stride_bs,
-                            stride_bm, stride_br, NUM_SLICES, SPLIT_K, CAST, b.dtype)
-            tl.store(y_ptr + tok0 * stride_ym + y_cols, (y0.to(tl.float32) + d0).to(y0.dtype), mask=n_ok)
-            tl.store(y_ptr + tok1 * stride_ym + y_cols, (y1.to(tl.float32) + d1).to(y1.dtype), mask=m1)
+            ha0, ha1, ha2 = _hs(buf_ptr, tok0, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                                NUM_SLICES, SPLIT_K, CAST, b.dtype)
+            hb0, hb1, hb2 = _hs(buf_ptr, tok1, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                                NUM_SLICES, SPLIT_K, CAST, b.dtype)
+            tl.store(y_ptr + tok0 * stride_ym + y_cols,
+                     (y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES)).to(y0.dtype), mask=n_ok)
+            tl.store(y_ptr + tok1 * stride_ym + y_cols,
+                     (y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES)).to(y1.dtype), mask=m1)
 
     @triton.jit
     def _lora_expand_bgmv_kernel(
@@ -138,6 +168,24 @@ if HAS_TRITON:
                     mask=((col0 + offs_nb) < col_end)[:, None] & b_r_ok[None, :], other=0.0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
+        if end - start <= 2:  # decode tiles: token ids and h once per program, then B and y per block
+            tok0 = tl.load(sorted_ids_ptr + start).to(tl.int64)
+            tok1 = tl.load(sorted_ids_ptr + end - 1).to(tl.int64)
+            has1 = (end - start > 1).to(tl.int32)
+            offs_k = tl.arange(0, SK_P)
+            h_ok = offs_r < rank
+            ha0, ha1, ha2 = _hs(buf_ptr, tok0, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                                NUM_SLICES, SPLIT_K, CAST, b.dtype)
+            hb0, hb1, hb2 = _hs(buf_ptr, tok1, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
+                                NUM_SLICES, SPLIT_K, CAST, b.dtype)
+            _block2(b, col0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
+                    stride_yn, NUM_SLICES, BLOCK_N)
+            for n0 in range(col0 + BLOCK_N, col_end, BLOCK_N):
+                b = tl.load(b_rows + (n0 + offs_nb)[:, None] * stride_bn,
+                            mask=((n0 + offs_nb) < col_end)[:, None] & b_r_ok[None, :], other=0.0)
+                _block2(b, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
+                        stride_yn, NUM_SLICES, BLOCK_N)
+            return
         _block(b, col0, col_end, start, end, buf_ptr, y_ptr, sorted_ids_ptr, lo1, lo2, rank, offs_r,
                stride_bsplit, stride_bs, stride_bm, stride_br, stride_ym, stride_yn,
                NUM_SLICES, BLOCK_N, SPLIT_K, SK_P, CAST)

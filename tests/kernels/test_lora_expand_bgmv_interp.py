@@ -43,9 +43,9 @@ def test_expand_bgmv_column_loop(interp, num_slices) -> None:
          composition="mixed-ranks", split_k=2, block_n=16, cols=48)
 
 
-@pytest.mark.parametrize("num_tokens,num_slots", [(1, 1), (3, 3), (6, 2), (40, 2)])
+@pytest.mark.parametrize("num_tokens,num_slots", [(1, 1), (3, 3), (6, 3), (6, 2), (40, 2)])
 def test_expand_bgmv_rows_per_tile(interp, num_tokens, num_slots) -> None:
-    # 1 row; 1 row a tile; 3 rows a tile (the odd tail); 16-row tiles of one adapter
+    # 1 row; 1 row a tile; 2 rows a tile (the hoisted decode path); 3 rows (the odd tail); 16-row tiles
     _run(interp, cases.check_expand_bgmv, "float32", 16, WIDTHS[3], num_tokens=num_tokens, num_slots=num_slots,
          composition="distinct", split_k=2, block_n=64)
 

@@ -7,8 +7,9 @@ spills registers, or lost an instruction it was written for fails here rather th
     assert "griddepcontrol.wait" in kernel.asm["ptx"]
     assert_no_spills(kernel)
 
-Skips (never fails) where this machine cannot build for sm_90 offline: no Triton, a Triton whose ASTSource takes
-another format (before 3.5), no NVIDIA backend, or (for the resource checks) no bundled cuobjdump."""
+Skips where this machine cannot build for sm_90 offline: no Triton, a Triton whose ASTSource takes another format
+(before 3.5), no NVIDIA backend, or (for the resource checks) no bundled cuobjdump. A signature that does not match
+the kernel is a ValueError (a test's mistake, not a missing tool)."""
 from __future__ import annotations
 
 import os

@@ -177,10 +177,7 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
         return _stream_shrink_config(num_tokens, rank, hidden_in, num_slices, block_m, num_sms, grid_tiles)
     block_n = 16 if num_tokens <= 256 else max(16, min(64, _next_pow2(rank)))
     block_k = min(128, max(16, _next_pow2(hidden_in)))
-    # above 256 tokens at most LORASERVE_LORA_SHRINK_SPLIT_LARGE splits (default 32: the rule below decides; the
-    # mixed step's 8 partials are 1.3 MB that the streaming expand re-reads per column group on the "partials"
-    # path, lora_apply.partials_max_tokens); read at each call (resident helper, issue 12)
-    max_split = 32 if num_tokens <= 256 else max(1, int(os.environ.get("LORASERVE_LORA_SHRINK_SPLIT_LARGE", "32")))
+    max_split = 32 if num_tokens <= 256 else large_split_cap(num_tokens)
     if 32 <= num_tokens <= 128 and block_m <= 16:
         max_split = 4
         block_k = min(256, max(16, _next_pow2(hidden_in // 4)))
@@ -193,6 +190,18 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
            and 2 * split_k * partial_bytes <= must_read):
         split_k *= 2
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+
+
+def large_split_cap(num_tokens: int) -> int:
+    """The most K splits of a step of num_tokens > 256 that lora_apply sends down the "partials" path
+    (lora_apply.partials_max_tokens): LORASERVE_LORA_SHRINK_SPLIT_LARGE (default 32: the rule decides). There the
+    streaming expand re-reads the partials per column group (the mixed step's 8 splits: 1.3 MB of them). Larger
+    steps ("reduced") keep the rule. Read at each call (resident helper, issue 12)."""
+    from .lora_apply import partials_max_tokens
+
+    if num_tokens > partials_max_tokens():
+        return 32
+    return max(1, int(os.environ.get("LORASERVE_LORA_SHRINK_SPLIT_LARGE", "32")))
 
 
 def bgmv_applies(num_tokens: int, rank: int) -> bool:

@@ -59,14 +59,8 @@ def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=cfg["SLOTS"], DENSE_SLOTS=True,
                  PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"])
-    # the kernel's parameter order: strides after COLS_PER_PROG
-    order = ["buf_ptr", "b_ptr", "y_ptr", "ranks_ptr", "slice_off_ptr", "scale_ptr", "shift_ptr", "sorted_ids_ptr",
-             "tile_slots_ptr", "tile_starts_ptr", "tile_ends_ptr", "N", "R", "COLS_PER_PROG", "stride_bsplit",
-             "stride_bs", "stride_bm", "stride_br", "stride_bl", "stride_bn", "stride_bk", "stride_ym", "stride_yn",
-             "stride_sl", "stride_sn"]
-    unit = ("stride_br", "stride_bk", "stride_yn", "stride_sn")
-    sig = {n: sig.get(n, "i32") for n in order}
-    k = _compile_sm90(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1, unit)
+    k = _compile_sm90(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1,
+                      ("stride_br", "stride_bk", "stride_yn", "stride_sn"))
     assert has_mma(k.asm["ptx"])
     assert_no_spills(k)
 

@@ -61,7 +61,7 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sw
             out.update(res)
         dist.destroy_process_group()
         return
-    fn.push_min_rows = 1
+    fn.push_rows = (1, 64)
     g = torch.Generator(device=dev).manual_seed(5 + rank)
     nw = (1 + 0.1 * torch.randn(4096, device=dev, generator=g)).bfloat16()
     weights = {name: [(torch.randn(N, K, device=dev, generator=g) / K ** 0.5).bfloat16() for _ in range(8)]

@@ -14,10 +14,11 @@ The model side (models/llama.py): Attention / MLP skip their all-reduce when `tp
 RMSNorm with a residual and a `tp` whose `defers(x)` holds calls `tp.all_reduce_add_rms_norm`. The
 decision depends only on x's shape, dtype and device, so producer and consumer always agree.
 
-LORASERVE_TP_GEMM_PUSH=1: o_proj / down_proj of decode steps (LORASERVE_TP_GEMM_PUSH_MIN_ROWS (1)..64 rows, no
-adapters in the step) run kernels/tp_gemm_push.py (one row: the GEMV; more: the skinny GEMM), whose programs push
-their output tiles into the peers' buffers as they finish; the norm kernel after it then skips its own push (pushed=True) and only waits for the
-peers' last tiles. Checked at start-up against NCCL + the separate norm like the fused norm itself.
+LORASERVE_TP_GEMM_PUSH=1: o_proj / down_proj of decode steps (1..64 rows: LORASERVE_TP_GEMM_PUSH_MIN/MAX_ROWS,
+no adapters in the step) run kernels/tp_gemm_push.py (one row: the GEMV; more: the skinny GEMM), whose programs
+push their output tiles into the peers' buffers as they finish; the norm kernel after it then skips its own push
+(pushed=True) and only waits for the peers' last tiles. Checked at start-up against NCCL + the separate norm like
+the fused norm itself.
 """
 from __future__ import annotations
 
@@ -39,13 +40,17 @@ def gemm_push_wanted() -> bool:
     return os.environ.get("LORASERVE_TP_GEMM_PUSH", "0").strip().lower() not in ("", "0", "false", "off", "no")
 
 
-def _gemm_push_min_rows() -> int:
-    """Fewest rows the pushing GEMM takes (default 1: one row runs the GEMV with the push, 2..64 the skinny GEMM);
-    LORASERVE_TP_GEMM_PUSH_MIN_ROWS=2 leaves batch 1 to Proj's GEMV and the norm's push."""
-    try:
-        return max(1, int(os.environ.get("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", "1") or 1))
-    except ValueError:
-        return 1
+def _gemm_push_rows() -> tuple[int, int]:
+    """The row counts the pushing GEMM takes (default 1..64: one row runs the GEMV with the push, 2..64 the skinny
+    GEMM); LORASERVE_TP_GEMM_PUSH_MIN_ROWS=2 leaves batch 1 to Proj's GEMV and the norm's push,
+    LORASERVE_TP_GEMM_PUSH_MAX_ROWS=1 the batches to cuBLAS."""
+    def env(name: str, default: int) -> int:
+        try:
+            return min(64, max(1, int(os.environ.get(name, "") or default)))
+        except ValueError:
+            return default
+
+    return env("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", 1), env("LORASERVE_TP_GEMM_PUSH_MAX_ROWS", 64)
 
 
 class LamportNorm:
@@ -59,7 +64,7 @@ class LamportNorm:
         self.group = group or dist.group.WORLD
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.device, self.hidden, self.max_rows = device, hidden, max_rows
-        self.push, self.push_min_rows = False, 65   # gemm_push: set by make_fused_norm after its self-check
+        self.push, self.push_rows = False, (1, 64)   # gemm_push: set by make_fused_norm after its self-check
         self._pushed: torch.Tensor | None = None    # the partial the last gemm_push produced, until its norm
         from loraserve.kernels.allreduce_rmsnorm import EMPTY_BITS
 
@@ -103,7 +108,7 @@ class LamportNorm:
         """x [M, K] @ weight [N, K]^T through kernels/tp_gemm_push.py (its tiles pushed to the peers), or None
         where it does not apply (then the caller's GEMM runs and the norm pushes). Depends only on shapes, dtypes,
         devices and the step's adapters (LoRA adds to the partial after the GEMM): every rank decides the same."""
-        if not (self.push and self.push_min_rows <= x.shape[0] <= 64 and x.device == self.device):
+        if not (self.push and self.push_rows[0] <= x.shape[0] <= self.push_rows[1] and x.device == self.device):
             return None
         from loraserve.kernels.tp_gemm_push import gemm_push, gemm_push_fits
 
@@ -193,7 +198,7 @@ def _check_gemm_push(fn: LamportNorm, device: torch.device, group) -> None:
 
     problem = None
     try:
-        fn.push, fn.push_min_rows = True, 1
+        fn.push, fn.push_rows = True, (1, 64)
         g = torch.Generator(device=device).manual_seed(999 + dist.get_rank(group))
         K = 2048
         w = (torch.randn(fn.hidden, K, device=device, generator=g) / K ** 0.5).to(torch.bfloat16)
@@ -224,10 +229,10 @@ def _check_gemm_push(fn: LamportNorm, device: torch.device, group) -> None:
         problem = f"{exc!r}"
     fn._pushed = None
     fn.push = _all_agree(problem is None, device, group)
-    fn.push_min_rows = _gemm_push_min_rows()
+    fn.push_rows = _gemm_push_rows()
     if fn.push:
-        log.info("row-parallel GEMMs push their tiles to the peers (kernels/tp_gemm_push.py), %d..64 rows",
-                 fn.push_min_rows)
+        log.info("row-parallel GEMMs push their tiles to the peers (kernels/tp_gemm_push.py), %d..%d rows",
+                 *fn.push_rows)
     else:
         log.warning("pushing row-parallel GEMM off (%s): the norm pushes", problem or "failed on another rank")
 

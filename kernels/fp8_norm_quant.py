@@ -59,11 +59,15 @@ if HAS_TRITON:
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         y = (w * normed).to(dtype)
         tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
-        yf = y.to(tl.float32)   # the whole row is in registers: quantize it from there (per_token_quant_fp8's math)
-        scale = tl.maximum(tl.div_rn(tl.max(tl.where(ok, tl.abs(yf), 0.0), axis=0), fp8_max), MIN_SCALE_C)
-        tl.store(s_ptr + row, scale)
-        q = tl.minimum(tl.maximum(tl.div_rn(yf, scale), -FP8_MAX_C), FP8_MAX_C)
-        tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+        # the codes from the stored row read back, not from these registers: an e4m3 store of y itself made Triton
+        # lay the whole row out for it (16 values a thread, through shared memory after the residual add), so the
+        # sum of squares above was added in another order than rms_norm's and rounded some rows one bf16 ulp away
+        # (H200, test_fp8_fused). Read back, the norm keeps _rms_norm_kernel's layout and order; the amax is exact
+        # in any order
+        amax = tl.max(tl.where(ok, tl.abs(y.to(tl.float32)), 0.0), axis=0)
+        tl.debug_barrier()   # every thread's part of the row stored before any thread reads it back
+        _quant_row(out_ptr, q_ptr, s_ptr, row, H, stride_o, stride_q, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C,
+                   BLOCK // 2)   # (another block shape than the norm's: no layout shared with it)
 
     @triton.jit
     def _silu_mul_quant_kernel(x_ptr, out_ptr, q_ptr, s_ptr, I, fp8_max, stride_x, stride_o, stride_q,
@@ -120,12 +124,11 @@ if HAS_TRITON:
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         y = (w * normed).to(dtype)
         tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
-        if QUANT:
-            yf = y.to(tl.float32)
-            scale = tl.maximum(tl.div_rn(tl.max(tl.where(ok, tl.abs(yf), 0.0), axis=0), fp8_max), MIN_SCALE_C)
-            tl.store(qs_ptr + row, scale)
-            q = tl.minimum(tl.maximum(tl.div_rn(yf, scale), -FP8_MAX_C), FP8_MAX_C)
-            tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+        if QUANT:   # as _rms_norm_quant_kernel: the codes from the row read back (the norm keeps rms_norm's order)
+            amax = tl.max(tl.where(ok, tl.abs(y.to(tl.float32)), 0.0), axis=0)
+            tl.debug_barrier()
+            _quant_row(out_ptr, q_ptr, qs_ptr, row, H, stride_o, stride_q, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C,
+                       BLOCK // 2)
 
 
 def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: Tensor, eps: float,

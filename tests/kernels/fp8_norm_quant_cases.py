@@ -33,6 +33,7 @@ def check_rms_norm_quant(dtype: str, t: int, h: int, residual: bool, device: str
     w = (torch.rand(h, generator=g) + 0.5).to(device, dt)
     r = torch.randn(t, h, generator=g).to(device, dt) if residual else None
     r_ref = r.clone() if residual else None
+    r_before = r.clone() if residual else None
     x_before = x.clone()
     out, r_out, q, s = rms_norm_quant(x, r, w, 1e-5)
     assert out.shape == (t, h) and q.shape == (t, h) and s.shape == (t, 1) and torch.equal(x, x_before)
@@ -43,6 +44,11 @@ def check_rms_norm_quant(dtype: str, t: int, h: int, residual: bool, device: str
         ref = rms_norm_ref(x, w, 1e-5)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
     _codes_match(q, s, out, device)
+    # and kernels/rmsnorm.py's kernel bit for bit (the same layout and summation order: the codes are read back)
+    from loraserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+    plain = fused_add_rms_norm(x_before.clone(), r_before, w, 1e-5)[0] if residual else rms_norm(x_before, w, 1e-5)
+    assert torch.equal(out, plain), f"rms_norm_quant != rms_norm at {int((out != plain).sum())} of {out.numel()}"
 
 
 def check_silu_mul_quant(dtype: str, t: int, i: int, device: str = "cpu") -> None:

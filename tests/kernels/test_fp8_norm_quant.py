@@ -97,3 +97,37 @@ def test_norm_quant_gpu(t) -> None:
     cases.check_silu_mul_quant("bfloat16", t, 14336, "cuda")
     cases.check_splitk_add_rms_norm("bfloat16", 2, t, 4096, "cuda")
     cases.check_splitk_add_rms_norm("bfloat16", 1, t, 4096, "cuda", row_scale=True, quant=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels (test_norm_quant_gpu)")
+def test_norm_quant_keeps_rms_norm_layout_sm90() -> None:
+    """Offline sm_90 compiles at the 8B width: the norm + quantize kernels reduce the row in _rms_norm_kernel's layout
+    with no layout conversion (an e4m3 store of the row itself had Triton lay it out 16 values a thread: another
+    summation order, rows one bf16 ulp off rms_norm's on the H200)."""
+    import re
+
+    from loraserve.kernels.fp8_norm_quant import _rms_norm_quant_kernel, _splitk_add_rms_norm_kernel
+    from loraserve.kernels.rmsnorm import _rms_norm_kernel
+
+    from .sm90 import compile_sm90, offline_triton
+
+    offline_triton()
+    types = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*fp8e4nv",
+             "s_ptr": "*fp32", "ws_ptr": "*fp32", "xs_ptr": "*fp32", "qs_ptr": "*fp32", "H": "i32", "M": "i32",
+             "SPLITS": "i32", "eps": "fp32", "fp8_max": "fp32", "stride_x": "i32", "stride_r": "i32",
+             "stride_o": "i32", "stride_q": "i32"}
+    common = dict(div16_except=("eps", "fp8_max", "M", "SPLITS"), num_warps=8, launch_pdl=True)
+    layouts = {}
+    for name, fn, consts in (
+            ("rms_norm", _rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, USE_PDL=True)),
+            ("rms_norm_quant", _rms_norm_quant_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, FP8_MAX_C=448.0,
+                                                            MIN_SCALE_C=1e-12, USE_PDL=True)),
+            ("splitk_add_rms_norm", _splitk_add_rms_norm_kernel, dict(ROW_SCALE=True, QUANT=True, BLOCK=4096,
+                                                                      FP8_MAX_C=448.0, MIN_SCALE_C=1e-12,
+                                                                      USE_PDL=True))):
+        ttgir = compile_sm90(fn, types, consts, **common).asm["ttgir"]
+        layouts[name] = set(re.findall(r"#blocked\d* = (#ttg\.blocked<[^>]*>)", ttgir))
+        assert "convert_layout" not in ttgir, name
+    # the quantize pass reads the row back in half-row chunks (its own layout): the norm's is rms_norm's
+    assert layouts["rms_norm"] <= layouts["rms_norm_quant"] and layouts["rms_norm"] <= layouts["splitk_add_rms_norm"], \
+        layouts

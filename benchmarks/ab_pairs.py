@@ -60,3 +60,15 @@ def interleaved_ratio(engine, run_a: Callable[[int], dict], run_b: Callable[[int
 def median_run(runs: list[dict]) -> dict:
     """The loop of median tok/s (the lower middle one for an even count)."""
     return sorted(runs, key=lambda r: r["tok_s"])[(len(runs) - 1) // 2]
+
+
+def most_replayed(engine, top: int = 8) -> list:
+    """[[(Bp, T, splits[, segments], LoRA), replays], ...]: the mixed-step graphs replayed most so far (which step
+    shapes a load ran), printed; [] without mixed-step graphs."""
+    mixed = getattr(getattr(engine, "runner", None), "mixed_graphs", None)
+    if mixed is None:
+        return []
+    shapes = sorted(getattr(mixed, "key_replays", {}).items(), key=lambda kv: -kv[1])[:top]
+    print("  most replayed mixed-step graphs (Bp, T, splits[, segments], LoRA): "
+          + ", ".join(f"{k} x{n}" for k, n in shapes))
+    return [[list(k), n] for k, n in shapes]

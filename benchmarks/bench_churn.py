@@ -434,7 +434,7 @@ def main() -> int:
 
     # 2) 32 adapters resident vs no adapters, interleaved in pairs of alternating order (benchmarks/ab_pairs.py):
     # loop-to-loop drift of several % cannot bias the ratio (before: one LoRA loop, then one base loop)
-    from benchmarks.ab_pairs import interleaved_ratio, median_run
+    from benchmarks.ab_pairs import interleaved_ratio, median_run, most_replayed
 
     ab = interleaved_ratio(eng, lambda i: run_closed_loop(eng, fresh(args.seed + 10 + i, ids32), conc, f"r32-{i}"),
                            lambda i: run_closed_loop(eng, fresh(args.seed + 10 + i, [None] * n_req), conc, f"base-{i}"),
@@ -451,7 +451,9 @@ def main() -> int:
           f"spread {ab['spread'][0]:.3f}-{ab['spread'][1]:.3f}; ratio of the medians {ab['ratio_of_medians']:.3f}; "
           f"{details['resident32']['tok_s']:.0f} vs {details['base']['tok_s']:.0f} tok/s; graphs captured in the "
           f"timed loops: {ab['captures_in_timed_loops']})  [{time.perf_counter() - t:.0f} s]", flush=True)
+    details["resident32_pairs"]["most_replayed"] = most_replayed(eng)   # (warm-ups included)
     if args.resident_only:
+        _save(args, figures, details)
         _report(args, figures, tiny)
         llm.shutdown()
         return 0

@@ -158,19 +158,32 @@ if HAS_TRITON:
             x_row += BLOCK_K
         y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)   # [BLOCK_N]
         tl.store(y_ptr + offs_n, y, mask=n_ok)
-        send = tl.where(y.to(tl.int16, bitcast=True) == _EMPTY, tl.zeros_like(y), y)
-        at = (tl.load(counter_ptr) % 2).to(tl.int64) * slot_stride + offs_n   # row 0
+        # the push as BLOCK_N / 4 eight-byte words (the launcher checks N % BLOCK_N == 0): y's [BLOCK_N] elements
+        # sit one per thread, so a plain store would send BLOCK_N 2-byte writes over NVLink per program
+        bits = y.to(tl.int16, bitcast=True)
+        bits = tl.where(bits == _EMPTY, tl.zeros_like(bits), bits).to(tl.int64) & 0xFFFF   # a -0.0 sent as +0.0
+        shift = (tl.arange(0, BLOCK_N) % 4).to(tl.int64) * 16
+        words = tl.sum(tl.reshape(bits << shift, [BLOCK_N // 4, 4]), axis=1)   # [BLOCK_N // 4] int64, disjoint bits
+        at = ((tl.load(counter_ptr) % 2).to(tl.int64) * slot_stride + pid * BLOCK_N) // 4 \
+            + tl.arange(0, BLOCK_N // 4)   # row 0, in words
         for p in tl.static_range(WORLD):
             if p != RANK:
                 delta = tl.multiple_of(tl.load(deltas_ptr + p), 8)
-                tl.store(buf_ptr + delta + at + RANK * region_stride, send, mask=n_ok)
+                peer = (buf_ptr + delta + RANK * region_stride).to(tl.pointer_type(tl.int64))
+                tl.store(peer + at, words)
 
 
 def gemv_push_fits(x: Tensor, w: Tensor) -> bool:
     """One row: the GEMV with the push (gemm_push picks it for M = 1)."""
     return (HAS_TRITON and x.is_cuda and x.dim() == 2 and w.dim() == 2 and x.shape[0] == 1 and x.dtype == w.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.stride(-1) == 1 and w.is_contiguous()
-            and x.shape[1] == w.shape[1] and w.shape[0] % 8 == 0)
+            and x.shape[1] == w.shape[1] and w.shape[0] % _gemv_tiles(w.shape[0], w.shape[1])[0] == 0)
+
+
+def _gemv_tiles(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) of the one-row push: kernels/gemv.py's rule, BLOCK_N a multiple of 4 (words)."""
+    bn, bk, warps, _ = gemv_config(1, N, K)
+    return max(4, bn - bn % 4), bk, warps
 
 
 def gemm_push(x: Tensor, w: Tensor, out: Tensor, buffer: Tensor, deltas: Tensor, counters: Tensor, rank: int,
@@ -191,7 +204,8 @@ def gemm_push(x: Tensor, w: Tensor, out: Tensor, buffer: Tensor, deltas: Tensor,
     assert buffer.numel() >= 2 * world * max_rows * N and buffer.element_size() == 2
     region = max_rows * N
     if M == 1 and config is None:   # the GEMV's tiles (kernels/gemv.py's rule)
-        bn, bk, warps, _ = gemv_config(1, N, K)
+        bn, bk, warps = _gemv_tiles(N, K)
+        assert N % bn == 0, f"N={N} is not a multiple of the GEMV's {bn} rows"
         _gemv_push_kernel[(triton.cdiv(N, bn),)](
             x, w, out, buffer.view(x.dtype), deltas, counters, N, K, world * region, region, RANK=rank, WORLD=world,
             BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, num_warps=warps, **pdl_kwargs(x.device))

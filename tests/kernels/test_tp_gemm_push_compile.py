@@ -59,11 +59,11 @@ def test_pushed_norm_compiles_without_peer_stores() -> None:
 
 @pytest.mark.parametrize("N,K,rank", [(4096, 2048, 0), (4096, 7168, 1), (8192, 14336, 0)])
 def test_gemv_push_compiles_for_sm90(N, K, rank) -> None:
-    """The one-row variant (kernels/gemv.py's tiles): the PDL intrinsics, the weight tile before the wait, no spills."""
-    from loraserve.kernels.gemv import gemv_config
-    from loraserve.kernels.tp_gemm_push import _gemv_push_kernel
+    """The one-row variant (kernels/gemv.py's tiles): the PDL intrinsics, the weight tile before the wait, the push in
+    8-byte words, no spills."""
+    from loraserve.kernels.tp_gemm_push import _gemv_push_kernel, _gemv_tiles
 
-    bn, bk, warps, _ = gemv_config(1, N, K)
+    bn, bk, warps = _gemv_tiles(N, K)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "buf_ptr": "*bf16", "deltas_ptr": "*i64",
            "counter_ptr": "*i32", "N": "i32", "K": "i32", "slot_stride": "i32", "region_stride": "i32"}
     const = dict(RANK=rank, WORLD=2, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, USE_PDL=True)
@@ -71,4 +71,7 @@ def test_gemv_push_compiles_for_sm90(N, K, rank) -> None:
     ptx = k.asm["ptx"]
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "the first weight tile after the wait"
+    # the push as 8-byte words (BLOCK_N 4: one store a program), not BLOCK_N 2-byte writes over NVLink
+    assert re.search(r"st\.global(\.v2)?\.b64", ptx), "the push is not in 8-byte words"
+    assert len(re.findall(r"st\.global\.b16", ptx)) <= 1, "2-byte stores besides the local output's"
     assert_no_spills(k, f"{N}x{K}")

@@ -63,7 +63,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS,
                expand_bgmv=__import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"]).EXPAND_BGMV,
                xb_block_n=lora_expand_bgmv.EXPAND_BGMV_BLOCK_N, xb_warps=lora_expand_bgmv.EXPAND_BGMV_WARPS,
-               xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS)
+               xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -126,6 +126,10 @@ VARIANTS = {
     # ... at every token count (the 1024-token "reduced" steps and 256-token tiles too: y read + write bound)
     "pipeall": dict(DEFAULT, slots=-4),
     "pipeall3": dict(DEFAULT, slots=-3),
+    # the streaming expand's column loop plain (one stage: load and use in one iteration, nothing carried across the
+    # back edge) with 256 / 512-column blocks at every token count (LORASERVE_LORA_STREAM_BLOCK_N)
+    "plain256": dict(DEFAULT, slots=-1, stream_block_n=256),
+    "plain512": dict(DEFAULT, slots=-1, stream_block_n=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for

@@ -350,6 +350,10 @@ STREAM_Y_AHEAD: int | None = None
 # SASS and the interpreter tests; its first H200 timing is the final run of 2026-11-30 15:05).
 DEFAULT_STREAM_SLOTS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS", "-4"))
 STREAM_SLOTS: int | None = None
+# Columns per block, overriding the rule below (0: the rule). With SLOTS -1 (a plain loop, one stage: B and y loaded
+# and used in one iteration, nothing carried) a 256-column block keeps 8 KB of B + the y block in flight per program
+# without the rotating loop's back-edge wait (probe variants plain256 / plain512). LORASERVE_LORA_STREAM_BLOCK_N.
+STREAM_BLOCK_N = int(os.environ.get("LORASERVE_LORA_STREAM_BLOCK_N", "0"))
 # ... but only for steps of <= this many tokens; larger steps take the hand-rotated loop (0). H200 final
 # run (2026-11-30 15:02, same run): 1 token, BGMV shrink + pipelined loop 4.20 us per projection (median)
 # vs 4.92 for the dot shrink + rotating loop; 64 tokens / 32 adapters, pipelined 66.8 us for the layer vs
@@ -389,6 +393,8 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     """
     block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
     block_n = max(32, min(128, 4096 // block_r, 4096 // block_m))
+    if STREAM_BLOCK_N:   # (rank 64 at 512 columns spilled in the sm_90 offline compile: <= 16K B elements a block)
+        block_n = min(STREAM_BLOCK_N, 16384 // block_r)
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
     num_warps = 4 if block_m * block_n <= 2048 else 8
     n_blocks = -(-n_total // block_n)

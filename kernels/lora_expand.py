@@ -127,6 +127,7 @@ _STREAM_FAILED: set[tuple] = set()  # (S, R, device) whose streaming kernel fail
 # an H200 run says otherwise). Read at each call; a compile failure falls back to the streaming expand.
 EXPAND_BGMV = os.environ.get("LORASERVE_LORA_EXPAND_BGMV", "0").strip().lower() not in ("", "0", "false", "off", "no")
 EXPAND_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MAX_TOKENS", "64"))
+EXPAND_BGMV_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MIN_TOKENS", "1"))
 _BGMV_FAILED: set[tuple] = set()  # (S, R, device) whose BGMV expand failed to compile
 _PIPE_FAILED: set[tuple] = set()  # (S, R, device) whose default column loop failed: the rotating one then
 
@@ -209,7 +210,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     # fp32 on a GPU stays classic: its FMA dots spill registers in the streaming kernel (sm_90,
     # offline compile); the interpreter runs fp32 through it (the exact-arithmetic tests).
     if (EXPAND_BGMV and stream_enabled(stream) and scale is None and not dense_slots and config is None
-            and T <= EXPAND_BGMV_MAX_TOKENS and (S, R, y.device) not in _BGMV_FAILED):
+            and EXPAND_BGMV_MIN_TOKENS <= T <= EXPAND_BGMV_MAX_TOKENS and (S, R, y.device) not in _BGMV_FAILED):
         from .lora_expand_bgmv import expand_bgmv_applies, lora_expand_bgmv
 
         if expand_bgmv_applies(S, R, SK):

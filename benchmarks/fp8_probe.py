@@ -47,6 +47,7 @@ VARIANTS = (
     # dot8's numerics and tiles in persistent programs (kernels/fp8_stream_dot.py: one pipeline fill per program)
     ("w8a8_stream", {"LORASERVE_FP8_W8A8": "stream"}),
     ("w8a8_stream_early", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_GEMV_PDL": "early"}),
+    ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),
     ("w8a8_stream_pps2", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_STREAM_PPS": "2"}),
     ("w8a8_token_nodefer", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
                             "LORASERVE_FP8_DEFER_O": "0"}),
@@ -60,7 +61,8 @@ VARIANTS = (
     ("defer_off", {"LORASERVE_FP8_DEFER_DOWN_SUM": "0"}),
     ("qkv_rope_off", {"LORASERVE_FP8_QKV_ROPE": "0"}),
     ("defer_o_off", {"LORASERVE_FP8_DEFER_O": "0"}),
-    ("defer_qkv_on", {"LORASERVE_FP8_DEFER_QKV": "1"}),   # opt-in (slower at batch 64, probe 22:27)
+    # opt-in (slower at batch 64, probe 22:27, with one program per token; now (token, head group) programs)
+    ("defer_qkv_on", {"LORASERVE_FP8_DEFER_QKV": "1"}),
     ("gate_up_split1", {"LORASERVE_FP8_GATE_UP_SPLIT1": "1"}),   # one-token gate_up without split-K: SiLU in the GEMV
     ("unfused", {"LORASERVE_FP8_GATE_UP_SILU": "0", "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
                  "LORASERVE_FP8_QKV_ROPE": "0", "LORASERVE_FP8_DEFER_O": "0"}),

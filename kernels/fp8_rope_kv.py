@@ -95,81 +95,109 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _scaled_pair(a_ptr, t, stride_at, offs, xs, ws_ptr, b_ptr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     dt: tl.constexpr):
-        # columns offs and offs + HALF of a unit-scale FP8 GEMM's fp32 row t, scaled as _rescale_rows_cols_kernel
-        # does ((a * x_scale) * w_scale (+ bias)) and rounded to dt: the qkv values the unfused path stores
-        a1 = tl.load(a_ptr + t * stride_at + offs) * xs * tl.load(ws_ptr + offs)
-        a2 = tl.load(a_ptr + t * stride_at + offs + HALF) * xs * tl.load(ws_ptr + offs + HALF)
+    def _scaled_pair(a_ptr, t, stride_at, offs, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, dt: tl.constexpr):
+        # columns offs and offs + HALF of row t of a GEMM's fp32 result held back from its epilogue: SPLITS split-K
+        # partials a[split, t, :] summed in split order (fp8_gemv's _splitk_sum_kernel: dot8's partials carry x's
+        # scale already), or one unit-scale FP8 GEMM row (ROW_SCALE: times x_scale, as _rescale_rows_cols_kernel);
+        # then * w_scale (+ bias), rounded to dt: the qkv values the unfused path stores
+        a1 = tl.zeros(offs.shape, dtype=tl.float32)
+        a2 = tl.zeros(offs.shape, dtype=tl.float32)
+        for split in range(SPLITS):
+            a1 += tl.load(a_ptr + split * stride_as + t * stride_at + offs)
+            a2 += tl.load(a_ptr + split * stride_as + t * stride_at + offs + HALF)
+        if ROW_SCALE:
+            a1 = a1 * xs
+            a2 = a2 * xs
+        a1 = a1 * tl.load(ws_ptr + offs)
+        a2 = a2 * tl.load(ws_ptr + offs + HALF)
         if HAS_BIAS:
             a1 = a1 + tl.load(b_ptr + offs).to(tl.float32)
             a2 = a2 + tl.load(b_ptr + offs + HALF).to(tl.float32)
         return a1.to(dt).to(tl.float32), a2.to(dt).to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["SPLITS"])
     def _rope_store_kv_fp8_scaled_kernel(pos_ptr, cache_ptr, slot_ptr, a_ptr, xs_ptr, ws_ptr, b_ptr, qo_ptr, k_cache_ptr,
                                          v_cache_ptr, k_scale_ptr, v_scale_ptr, H, KVH, stride_at, stride_qot, stride_c,
-                                         num_positions, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                                         num_positions, SPLITS, stride_as, HALF: tl.constexpr, HALF_P2: tl.constexpr,
                                          BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                         USE_PDL: tl.constexpr = False):
-        # _rope_store_kv_fp8_kernel on qkv = the unit-scale GEMM's a [T, N] fp32 with its scales applied here
+                                         ROW_SCALE: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+        # _rope_store_kv_fp8_kernel on qkv = a GEMM's held-back fp32 result with its epilogue applied here (_scaled_pair).
+        # grid (T, Q groups + 1): program (t, g) rotates q heads [g BLOCK_H, (g + 1) BLOCK_H) of token t, the last
+        # group writes its K (rotated) and V to the e4m3 cache: one program per token read ~25 KB of fp32 serially
+        # (H200, 22:27 probe: 8.4 us a layer slower than the scaling launch + the bf16 RoPE kernel)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         t = tl.program_id(0).to(tl.int64)
+        grp = tl.program_id(1)
         p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        xs = tl.load(xs_ptr + t)
+        xs = tl.load(xs_ptr + t * ROW_SCALE)   # (without ROW_SCALE a valid element, unused)
         dt = qo_ptr.dtype.element_ty
         cols = tl.arange(0, HALF_P2)
         c = tl.load(cache_ptr + p * stride_c + cols, mask=cols < HALF, other=0.0)
         s = tl.load(cache_ptr + p * stride_c + HALF + cols, mask=cols < HALF, other=0.0)
         D = 2 * HALF
-        hq = tl.arange(0, BLOCK_H)
-        ok_q = (hq < H)[:, None] & (cols < HALF)[None, :]
-        offs_q = tl.where(ok_q, hq[:, None] * D + cols[None, :], 0)
-        q1, q2 = _scaled_pair(a_ptr, t, stride_at, offs_q, xs, ws_ptr, b_ptr, HALF, HAS_BIAS, dt)
-        r1, r2 = _rot(q1, q2, c[None, :], s[None, :])
-        tl.store(qo_ptr + t * stride_qot + offs_q, r1.to(dt), mask=ok_q)
-        tl.store(qo_ptr + t * stride_qot + offs_q + HALF, r2.to(dt), mask=ok_q)
-        heads = tl.arange(0, BLOCK_KVH)
-        ok = (heads < KVH)[:, None] & (cols < HALF)[None, :]
-        offs_kv = tl.where(ok, heads[:, None] * D + cols[None, :], 0)
-        dst = slot * (KVH * D) + offs_kv
-        k1, k2 = _scaled_pair(a_ptr, t, stride_at, H * D + offs_kv, xs, ws_ptr, b_ptr, HALF, HAS_BIAS, dt)
-        k_scale = tl.load(k_scale_ptr)
-        r1, r2 = _rot(k1, k2, c[None, :], s[None, :])
-        _quant_store(r1.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst, ok)
-        _quant_store(r2.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst + HALF, ok)
-        v1, v2 = _scaled_pair(a_ptr, t, stride_at, (H + KVH) * D + offs_kv, xs, ws_ptr, b_ptr, HALF, HAS_BIAS, dt)
-        v_scale = tl.load(v_scale_ptr)
-        _quant_store(v1, v_scale, v_cache_ptr + dst, ok)
-        _quant_store(v2, v_scale, v_cache_ptr + dst + HALF, ok)
+        if grp < tl.num_programs(1) - 1:
+            hq = grp * BLOCK_H + tl.arange(0, BLOCK_H)
+            ok_q = (hq < H)[:, None] & (cols < HALF)[None, :]
+            offs_q = tl.where(ok_q, hq[:, None] * D + cols[None, :], 0)
+            q1, q2 = _scaled_pair(a_ptr, t, stride_at, offs_q, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF, HAS_BIAS,
+                                  ROW_SCALE, dt)
+            r1, r2 = _rot(q1, q2, c[None, :], s[None, :])
+            tl.store(qo_ptr + t * stride_qot + offs_q, r1.to(dt), mask=ok_q)
+            tl.store(qo_ptr + t * stride_qot + offs_q + HALF, r2.to(dt), mask=ok_q)
+        else:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            heads = tl.arange(0, BLOCK_KVH)
+            ok = (heads < KVH)[:, None] & (cols < HALF)[None, :]
+            offs_kv = tl.where(ok, heads[:, None] * D + cols[None, :], 0)
+            dst = slot * (KVH * D) + offs_kv
+            k1, k2 = _scaled_pair(a_ptr, t, stride_at, H * D + offs_kv, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF,
+                                  HAS_BIAS, ROW_SCALE, dt)
+            k_scale = tl.load(k_scale_ptr)
+            kr1, kr2 = _rot(k1, k2, c[None, :], s[None, :])   # (own names: a variable of both branches needs one type)
+            _quant_store(kr1.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst, ok)
+            _quant_store(kr2.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst + HALF, ok)
+            v1, v2 = _scaled_pair(a_ptr, t, stride_at, (H + KVH) * D + offs_kv, xs, ws_ptr, b_ptr, SPLITS, stride_as,
+                                  HALF, HAS_BIAS, ROW_SCALE, dt)
+            v_scale = tl.load(v_scale_ptr)
+            _quant_store(v1, v_scale, v_cache_ptr + dst, ok)
+            _quant_store(v2, v_scale, v_cache_ptr + dst + HALF, ok)
 
 
-def rope_store_kv_fp8_scaled(positions: Tensor, acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
-                             cos_sin_cache: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
-                             k_scale: Tensor, v_scale: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
-    """rope_store_kv_fp8 on qkv = (acc * x_scale) * w_scale (+ bias) rounded to `dtype`, the scaling launch after
-    cuBLASLt's unit-scale FP8 GEMM (kernels/fp8_gemm.py scaled_mm_tensorwise) folded in: acc [T, N] fp32 with
-    N = (H + 2 KVH) D, x_scale [T, 1], w_scale [N] fp32. Returns q_out [T, H, D] in `dtype`; one launch."""
+def rope_store_kv_fp8_scaled(positions: Tensor, acc: Tensor, x_scale: Tensor | None, w_scale: Tensor,
+                             bias: Tensor | None, cos_sin_cache: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             slot_mapping: Tensor, k_scale: Tensor, v_scale: Tensor, num_heads: int, dtype: torch.dtype,
+                             q_groups: int = 4) -> Tensor:
+    """rope_store_kv_fp8 on qkv = the qkv GEMM's epilogue applied here, rounded to `dtype`: acc [T, N] or [1, T, N]
+    fp32 from cuBLASLt's unit-scale FP8 GEMM with x_scale [T, 1] (qkv = (acc * x_scale) * w_scale (+ bias), the
+    scaling launch of kernels/fp8_gemm.py scaled_mm_tensorwise), or acc [SPLIT, T, N] = split-K partials of the dot8
+    kinds with x_scale None (qkv = (their sum in split order) * w_scale (+ bias), fp8_gemv's sum launch). N =
+    (H + 2 KVH) D, w_scale [N] fp32. Returns q_out [T, H, D] in `dtype`; one launch of T x (q_groups + 1) programs."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
-    T, N = acc.shape
+    acc3 = acc.unsqueeze(0) if acc.dim() == 2 else acc
+    S, T, N = acc3.shape
     KVH, D = k_cache.shape[2], k_cache.shape[3]
     H = num_heads
-    assert N == (H + 2 * KVH) * D and acc.dtype == torch.float32 and acc.stride(-1) == 1, (acc.shape, H, KVH, D)
-    assert x_scale.numel() == T and w_scale.shape == (N,) and (bias is None or bias.shape == (N,))
+    assert N == (H + 2 * KVH) * D and acc3.dtype == torch.float32 and acc3.stride(-1) == 1, (acc.shape, H, KVH, D)
+    assert x_scale is None or (S == 1 and x_scale.numel() == T), "x_scale goes with one unit-scale GEMM result"
+    assert w_scale.shape == (N,) and (bias is None or bias.shape == (N,))
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == torch.float8_e4m3fn
     assert cos_sin_cache.shape[1] == D and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(1) == 1
     q_out = torch.empty((T, H, D), dtype=dtype, device=acc.device)
     if T == 0:
         return q_out
-    _rope_store_kv_fp8_scaled_kernel[(T,)](
-        positions, cos_sin_cache, slot_mapping, acc, x_scale, w_scale, bias if bias is not None else w_scale, q_out,
-        k_cache, v_cache, k_scale, v_scale, H, KVH, acc.stride(0), q_out.stride(0), cos_sin_cache.stride(0),
-        cos_sin_cache.shape[0], HALF=D // 2, HALF_P2=triton.next_power_of_2(D // 2), BLOCK_H=triton.next_power_of_2(H),
-        BLOCK_KVH=triton.next_power_of_2(KVH), HAS_BIAS=bias is not None, num_warps=4, **pdl_kwargs(acc.device))
+    q_groups = max(1, min(q_groups, H))
+    block_h = triton.next_power_of_2(triton.cdiv(H, q_groups))
+    q_groups = triton.cdiv(H, block_h)
+    _rope_store_kv_fp8_scaled_kernel[(T, q_groups + 1)](
+        positions, cos_sin_cache, slot_mapping, acc3, x_scale if x_scale is not None else w_scale, w_scale,
+        bias if bias is not None else w_scale, q_out, k_cache, v_cache, k_scale, v_scale, H, KVH, acc3.stride(1),
+        q_out.stride(0), cos_sin_cache.stride(0), cos_sin_cache.shape[0], S, acc3.stride(0), HALF=D // 2,
+        HALF_P2=triton.next_power_of_2(D // 2), BLOCK_H=block_h, BLOCK_KVH=triton.next_power_of_2(KVH),
+        HAS_BIAS=bias is not None, ROW_SCALE=x_scale is not None, num_warps=4, **pdl_kwargs(acc.device))
     return q_out
 
 

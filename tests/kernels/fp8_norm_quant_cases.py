@@ -128,9 +128,11 @@ def check_qkv_rope(dtype: str, m: int, heads: int, kv_heads: int, d: int, k: int
     torch.testing.assert_close(q.float(), q3.reshape(m, q_size).float(), rtol=1e-2, atol=1e-2)
 
 
-def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, bias: bool, device: str = "cpu") -> None:
+def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, bias: bool, device: str = "cpu",
+                         splits: int = 0) -> None:
     """rope_store_kv_fp8_scaled (the tw scaling folded into RoPE + K/V write) == the scaling as
-    _rescale_rows_cols_kernel does it, then rope_store_kv_fp8: q and both caches bit for bit."""
+    _rescale_rows_cols_kernel does it, then rope_store_kv_fp8: q and both caches bit for bit. splits > 0: acc is
+    [splits, t, n] split-K partials (no x scale), summed in split order as fp8_gemv's _splitk_sum_kernel does."""
     from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8, rope_store_kv_fp8_scaled
     from loraserve.kernels.rope import rope_cos_sin_cache
 
@@ -147,8 +149,16 @@ def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, 
     slots = torch.randperm(blocks * 4, generator=g)[:t].to(device)
     scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
     caches = [torch.zeros(blocks, 4, kv_heads, d, device=device).to(torch.float8_e4m3fn) for _ in range(4)]
-    q = rope_store_kv_fp8_scaled(positions, acc, xs, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
-    y = acc * xs * ws + (b.float() if bias else 0)
+    if splits:
+        parts = (torch.randn(splits, t, n, generator=g) * 100).to(device)
+        q = rope_store_kv_fp8_scaled(positions, parts, None, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
+        y = torch.zeros(t, n, device=device)
+        for part in parts:   # split order, as _splitk_sum_kernel
+            y += part
+        y = y * ws + (b.float() if bias else 0)
+    else:
+        q = rope_store_kv_fp8_scaled(positions, acc, xs, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
+        y = acc * xs * ws + (b.float() if bias else 0)
     qkv = y.to(dt)
     qr, kr, vr = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q2 = rope_store_kv_fp8(positions, qr.reshape(t, heads, d), kr.reshape(t, kv_heads, d), vr.reshape(t, kv_heads, d),

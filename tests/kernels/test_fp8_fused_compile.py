@@ -112,7 +112,8 @@ def test_rope_kv_kernels_compile(aot) -> None:
                  shape, 4, pdl=True)
     assert "fma.rn.f32" in ptx
     ptx, _ = aot(rk._rope_store_kv_fp8_scaled_kernel,
-                 {**common, "a_ptr": P["f"], "xs_ptr": P["f"], "ws_ptr": P["f"], "b_ptr": P["f"], "stride_at": "i32"},
+                 {**common, "a_ptr": P["f"], "xs_ptr": P["f"], "ws_ptr": P["f"], "b_ptr": P["f"], "stride_at": "i32",
+                  "SPLITS": "i32", "stride_as": "i32"},
                  {**shape, "HAS_BIAS": False}, 4, pdl=True)
     assert "fma.rn.f32" in ptx and "griddepcontrol.wait" in ptx
 

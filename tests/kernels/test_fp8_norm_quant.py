@@ -49,11 +49,14 @@ def test_qkv_rope_interp(interp, dtype, m, heads, kv_heads, d, k, config, bias) 
     interp.submit(cases.check_qkv_rope, dtype, m, heads, kv_heads, d, k, config, bias).result(timeout=300)
 
 
-@pytest.mark.parametrize("dtype,t,heads,kv_heads,d,bias", [("float16", 3, 4, 2, 16, False),
-                                                            ("float32", 2, 3, 1, 32, True)])
-def test_rope_kv_scaled_interp(interp, dtype, t, heads, kv_heads, d, bias) -> None:
-    """The tw GEMM's scaling folded into RoPE + the e4m3 K/V write == scaling, then rope_store_kv_fp8."""
-    interp.submit(cases.check_rope_kv_scaled, dtype, t, heads, kv_heads, d, bias).result(timeout=300)
+@pytest.mark.parametrize("dtype,t,heads,kv_heads,d,bias,splits", [("float16", 3, 4, 2, 16, False, 0),
+                                                                   ("float32", 2, 3, 1, 32, True, 0),
+                                                                   ("float16", 3, 8, 2, 16, False, 3),   # partials
+                                                                   ("float32", 2, 5, 1, 32, True, 1)])
+def test_rope_kv_scaled_interp(interp, dtype, t, heads, kv_heads, d, bias, splits) -> None:
+    """The tw GEMM's scaling (or dot8's split-K sum) folded into RoPE + the e4m3 K/V write == the epilogue launch,
+    then rope_store_kv_fp8."""
+    interp.submit(cases.check_rope_kv_scaled, dtype, t, heads, kv_heads, d, bias, "cpu", splits).result(timeout=300)
 
 
 @pytest.mark.parametrize("dtype,m,v,h,k,chunk", [("float16", 1, 640, 64, 4, 16), ("float32", 3, 1120, 96, 8, 16)])
@@ -78,6 +81,7 @@ def test_head_rescore_gpu(m) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rope_kv_scaled_gpu() -> None:
     cases.check_rope_kv_scaled("bfloat16", 48, 32, 8, 128, False, "cuda")
+    cases.check_rope_kv_scaled("bfloat16", 64, 32, 8, 128, False, "cuda", splits=4)
 
 
 @pytest.mark.gpu

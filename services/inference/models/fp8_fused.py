@@ -93,8 +93,8 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
     """Fp8KVAttention's qkv projection + RoPE + e4m3 K/V cache write in fewer launches: as one launch
     (kernels/fp8_qkv_rope.py) where the qkv GEMV runs an fp16-product grouped kind without split-K (the 8B table: one
     token); as cuBLASLt's unit-scale FP8 GEMM + one RoPE/K/V launch that applies the scales where it runs 'tw' (33..64
-    tokens, _qkv_tw_rope_kv). q_out ([N, Q] or [N, H, D]) or None (the caller runs the GEMV, then fp8_rope_kv).
-    Not with LoRA rows (their delta joins qkv before RoPE) or under TP."""
+    tokens, _qkv_deferred_rope_kv; the dot8 kinds' split-K partials likewise). q_out ([N, Q] or [N, H, D]) or None
+    (the caller runs the GEMV, then fp8_rope_kv). Not with LoRA rows (their delta joins qkv before RoPE) or under TP."""
     proj = attn.qkv_proj
     if (attn.tp is not None or ctx.lora is not None or not qkv_rope_on() or "qkv_rope" in _BROKEN
             or not isinstance(proj, Fp8Proj) or not _triton_cuda(x) or gemm_path(x, proj.weight) != "gemv"):
@@ -104,8 +104,9 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
 
     N, K = proj.weight.shape
     cfg = gemv_config(x.shape[0], N, K, _num_sms(x.device), not activations_quantized(proj.weight))
-    if cfg[0] in ("tw", "twf") and N % 16 == 0 and K % 16 == 0 and proj.input_scale is None:
-        return _qkv_tw_rope_kv(attn, x, positions, rotary, ctx)
+    if proj.input_scale is None and ((cfg[0] in ("tw", "twf") and N % 16 == 0 and K % 16 == 0)
+                                     or (cfg[0] in ("dot8", "dot8f", "dot8p") and cfg[4] > 1 and K >= 2 * cfg[3])):
+        return _qkv_deferred_rope_kv(attn, x, positions, rotary, ctx)
     if not qkv_rope_config_ok(cfg, K, attn.head_dim):
         return None
     mode = gemv_pdl_mode(cfg[0])
@@ -119,12 +120,12 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
         return None
 
 
-def _qkv_tw_rope_kv(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor | None:
-    """33..64 tokens (the qkv GEMM on cuBLASLt's unit-scale FP8 GEMM, 'tw'): its scaling launch folded into the RoPE +
-    e4m3 K/V write (kernels/fp8_rope_kv.py rope_store_kv_fp8_scaled); q [N, H, D] or None. Opt-in
-    (LORASERVE_FP8_DEFER_QKV=1): H200 probe 22:27, 4 8B layers at batch 64, 167.7 us per layer with it vs 159.3
-    without (bit for bit the same): one program per token reading fp32 rows is slower than the scaling launch's
-    384 programs plus the bf16 RoPE kernel."""
+def _qkv_deferred_rope_kv(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor | None:
+    """33..64 tokens: the qkv GEMM's last launch (the scaling after cuBLASLt's unit-scale FP8 GEMM, 'tw'; the split-K
+    sum of the dot8 kinds) folded into the RoPE + e4m3 K/V write (kernels/fp8_rope_kv.py rope_store_kv_fp8_scaled);
+    q [N, H, D] or None. Opt-in (LORASERVE_FP8_DEFER_QKV=1): H200 probe 22:27, 4 8B layers at batch 64, 167.7 us per
+    layer with it vs 159.3 without (bit for bit the same) when that kernel ran one program per token; it now runs
+    (token, head group) programs (not yet measured)."""
     if os.environ.get("LORASERVE_FP8_DEFER_QKV", "0").strip() != "1" or "defer_qkv" in _BROKEN:
         return None
     from loraserve.kernels.fp8_gemv import fp8_gemv
@@ -134,9 +135,9 @@ def _qkv_tw_rope_kv(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx)
     try:
         acc, x_scale = fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), proj.weight, proj.weight_scale,
                                 x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
-        if acc.dim() != 3 or x_scale is None:   # (tw without bias always defers; kept safe)
-            raise RuntimeError(f"qkv GEMM did not defer its scales: {tuple(acc.shape)}")
-        return rope_store_kv_fp8_scaled(positions, acc[0], x_scale, proj.weight_scale, proj.bias,
+        if acc.dim() != 3:   # (tw without bias and the dot8 kinds with split-K always defer; kept safe)
+            raise RuntimeError(f"qkv GEMM did not defer its epilogue: {tuple(acc.shape)}")
+        return rope_store_kv_fp8_scaled(positions, acc, x_scale, proj.weight_scale, proj.bias,
                                         rotary.cos_sin_cache(), attn.k_cache, attn.v_cache, ctx.slot_mapping,
                                         attn.kv_scales[0:1], attn.kv_scales[1:2], attn.num_heads, x.dtype)
     except Exception as err:   # a compile error (first call, eager warm-up): the unfused launches from now on

@@ -468,7 +468,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
 
         assert bias is None and K % (split * bk) == 0, "dot8p: no bias, whole K tiles per split"
         x_q, x_scale = x_q if x_q is not None else per_token_quant_fp8(x)
-        ws = fp8_stream_dot(x_q, x_scale, w_q, w_scale, out, bn, bk, split, warps, stages, _num_sms(x.device), wait)
+        ws = fp8_stream_dot(x_q, x_scale, w_q, w_scale, out, bn, bk, split, warps, stages, _num_sms(x.device), wait,
+                            ws if split > 1 else None)
     elif kind in ("tw", "twf"):   # W8A8 per token through cuBLASLt (tensor-wise, unit scales), scales applied after
         from .fp8_gemm import per_token_quant_fp8, scaled_mm_tensorwise, tensorwise_acc
 

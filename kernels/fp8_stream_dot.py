@@ -86,7 +86,8 @@ if HAS_TRITON:
 
 
 def fp8_stream_dot(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, out: Tensor, block_n: int,
-                   block_k: int, split: int, num_warps: int, num_stages: int, num_sms: int, wait: bool = False) -> Tensor:
+                   block_k: int, split: int, num_warps: int, num_stages: int, num_sms: int, wait: bool = False,
+                   ws: Tensor | None = None) -> Tensor:
     """Launch (see the module docstring). out: [M, N] (x's dtype; written when split == 1). Returns out, or the
     partials [split, M, N] fp32 when split > 1 (the caller sums them). Grid: min(units, num_sms x
     LORASERVE_FP8_STREAM_PPS) persistent programs. wait: launched as a programmatic dependent (the caller checked
@@ -101,7 +102,10 @@ def fp8_stream_dot(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, o
     assert out.shape == (M, N) and out.stride(1) == 1
     tiles = triton.cdiv(N, block_n)
     units = tiles * split
-    ws = torch.empty((split, M, N), dtype=torch.float32, device=x_q.device) if split > 1 else out
+    if split == 1:
+        ws = out
+    elif ws is None or ws.shape != (split, M, N):   # (fp8_gemv passes its own [split, M, N] fp32 workspace)
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x_q.device)
     grid = (min(units, num_sms * stream_programs_per_sm()),)
     _fp8_stream_dot_kernel[grid](x_q, w_q, x_scale, w_scale, out, ws, M, N, K, K // split, tiles, units,
                                  x_q.stride(0), out.stride(0), BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k,

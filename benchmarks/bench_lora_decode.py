@@ -59,6 +59,7 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "overlap_pf_at_b64": dict(overlap="shrink", prefetch="at", bgmv_max_tokens=64),
             "overlap_nopf": dict(overlap="shrink", prefetch=""),
             "xbgmv": dict(expand_bgmv=True), "pipegu": dict(pipe_min_blocks=8),  # lora_expand_bgmv / the pipelined loop
+            "noflag": dict(dora_flags=False),   # the DoRA epilogue on every slot (before the per-slot flags)
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
 _CARVED = [False]
 
@@ -89,6 +90,7 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
     importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV = v.get("expand_bgmv", defaults["expand_bgmv"])
     lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", defaults["pipe_min_blocks"])
+    batch.DORA_FLAGS = v.get("dora_flags", defaults["dora_flags"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -131,7 +133,7 @@ def main() -> int:
                     bgmv_wide_block_k=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_WIDE_BLOCK_K,
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"),
                     expand_bgmv=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV,
-                    pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS)
+                    pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

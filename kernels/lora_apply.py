@@ -137,7 +137,7 @@ def workspace_shape(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -
 
 def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Tensor,
                meta: LoRAMeta, ranks: Tensor, buf: Tensor | None = None, *,
-               scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+               scale: Tensor | None = None, shift: Tensor | None = None, scale_on: Tensor | None = None) -> Tensor:
     """Add the LoRA deltas of every token to y in place and return y.
 
     x [T, H_in]; y [T, N] (column view allowed); lora_a [L, S, R, H_in]; lora_b [L, N, R];
@@ -146,7 +146,8 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
     other shape is replaced by a fresh allocation); scale optional float32 [L, N], DoRA's
     per-slot, per-output-feature factor g: adapted rows become (y + delta) * g[slot] (the
     expand epilogue; g = 1 leaves plain LoRA rows bit-identical); shift optional float32 [L, N]
-    (with scale) added after it: (1 - g) * bias keeps a biased projection's bias unscaled. Rows
+    (with scale) added after it: (1 - g) * bias keeps a biased projection's bias unscaled; scale_on optional
+    [L] int32, 0 for slots whose scale is all ones (the expand then skips their epilogue loads). Rows
     without an adapter are never touched.
     """
     path, shape, plan = choose_path(x, lora_a, lora_b, meta)
@@ -165,7 +166,7 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
         from .lora_shrink_dense import lora_shrink_dense
 
         lora_shrink_dense(x, lora_a, buf, meta.token_slot, backend=DENSE_MODE)   # [SK, T, L*S*R] partials, every slot
-        return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path)
+        return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path, scale_on)
     if path == "fused":
         from .lora_fused import lora_shrink_expand
 
@@ -178,11 +179,11 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
     from .lora_shrink import lora_shrink
 
     lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced
-    return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path)
+    return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path, scale_on)
 
 
 def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
-            scale: Tensor | None, shift: Tensor | None, path: str) -> Tensor:
+            scale: Tensor | None, shift: Tensor | None, path: str, scale_on: Tensor | None = None) -> Tensor:
     """The expand half of a split path: the dense expand where DENSE_EXPAND takes it, else lora_expand
     (the streaming kernel for the dense shrink's every-slot partials)."""
     from .lora_expand import lora_expand
@@ -200,7 +201,7 @@ def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta:
         return lora_expand_dense(parts, lora_b, slice_offsets, meta, ranks, y, slot_stride=slot_stride,
                                  scale=scale, shift=shift)
     return lora_expand(parts if path == "dense" else buf, lora_b, slice_offsets, meta, ranks, y, scale=scale,
-                       shift=shift, dense_slots=path == "dense")
+                       shift=shift, dense_slots=path == "dense", scale_on=scale_on)
 
 
 def dense_expand_taken(y: Tensor, lora_b: Tensor, meta: LoRAMeta, num_slices: int) -> bool:
@@ -235,7 +236,7 @@ def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, b
 
 def lora_expand_part(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
                      ranks: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None,
-                     path: str | None = None) -> Tensor:
+                     path: str | None = None, scale_on: Tensor | None = None) -> Tensor:
     """lora_apply's second half on a split path: y += expand(buf) (with DoRA's epilogue); path as
     for lora_shrink_part."""
-    return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path or "partials")
+    return _expand(buf, y, lora_b, slice_offsets, meta, ranks, scale, shift, path or "partials", scale_on)

@@ -123,7 +123,7 @@ if HAS_TRITON:
 
 _STREAM_FAILED: set[tuple] = set()  # (S, R, device) whose streaming kernel failed to compile
 # The BGMV-style expand (lora_expand_bgmv.py: one wide B block per program, no tl.dot) for steps of
-# <= EXPAND_BGMV_MAX_TOKENS tokens without DoRA's epilogue: LORASERVE_LORA_EXPAND_BGMV=1 (off by default until
+# <= EXPAND_BGMV_MAX_TOKENS tokens (DoRA's epilogue included): LORASERVE_LORA_EXPAND_BGMV=1 (off by default until
 # an H200 run says otherwise). Read at each call; a compile failure falls back to the streaming expand.
 EXPAND_BGMV = os.environ.get("LORASERVE_LORA_EXPAND_BGMV", "0").strip().lower() not in ("", "0", "false", "off", "no")
 EXPAND_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MAX_TOKENS", "64"))
@@ -162,7 +162,7 @@ def expand_config(num_tokens: int, n_total: int, block_m: int = 16) -> dict:
 def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
                 ranks: Tensor, y: Tensor, *, config: dict | None = None,
                 scale: Tensor | None = None, shift: Tensor | None = None,
-                stream: bool | None = None, dense_slots: bool = False) -> Tensor:
+                stream: bool | None = None, dense_slots: bool = False, scale_on: Tensor | None = None) -> Tensor:
     """y[t, off_s:off_s+1] += buf[s, t, :r] @ lora_b[slot(t), off_s:off_s+1, :r].T, one launch.
 
     buf:           [S, T, R] float32 from :func:`lora_shrink` (any strides), or its
@@ -181,6 +181,9 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                    on by default). True runs lora_expand_stream where it applies (<= 3 slices,
                    rank <= 128, fp16/bf16 on a GPU; config then overrides stream_expand_config), else this
                    module's classic kernel (config overrides expand_config).
+    scale_on:      optional [L] int32 with scale: 0 where the slot's scale is all ones (plain LoRA), so the
+                   streaming and BGMV expands skip its epilogue loads (one flag per program; any other
+                   kernel applies g = 1, the same result).
     dense_slots:   buf is lora_shrink_dense.dense_partials (every token against every slot, [SPLIT_K,
                    S, T, R] at slot 0, slot stride S * R): the streaming kernel only.
     """
@@ -209,13 +212,14 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
         == ranks.device, "buf, lora_b, y, slice_offsets, ranks and meta must be on one device"
     # fp32 on a GPU stays classic: its FMA dots spill registers in the streaming kernel (sm_90,
     # offline compile); the interpreter runs fp32 through it (the exact-arithmetic tests).
-    if (EXPAND_BGMV and stream_enabled(stream) and scale is None and not dense_slots and config is None
+    if (EXPAND_BGMV and stream_enabled(stream) and not dense_slots and config is None
             and EXPAND_BGMV_MIN_TOKENS <= T <= EXPAND_BGMV_MAX_TOKENS and (S, R, y.device) not in _BGMV_FAILED):
         from .lora_expand_bgmv import expand_bgmv_applies, lora_expand_bgmv
 
         if expand_bgmv_applies(S, R, SK):
             try:
-                return lora_expand_bgmv(partials, lora_b, slice_offsets, meta, ranks, y, num_sms=_num_sms(y.device))
+                return lora_expand_bgmv(partials, lora_b, slice_offsets, meta, ranks, y, num_sms=_num_sms(y.device),
+                                        scale=scale, shift=shift, scale_on=scale_on)
             except Exception as exc:  # noqa: BLE001 - compile/resources failure: the streaming expand instead
                 if not y.is_cuda:
                     raise
@@ -230,7 +234,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                                       config=rotating_loop_config(meta.block_m, R, S)
                                       if key in _PIPE_FAILED and not config else config,
                                       scale=scale, shift=shift, num_sms=_num_sms(y.device),
-                                      dense_slots=dense_slots)
+                                      dense_slots=dense_slots, scale_on=scale_on)
         except Exception as exc:  # noqa: BLE001 - compile/resources failure: classic kernel instead
             if not y.is_cuda or config:  # interpreter bugs and explicit configs must surface
                 raise
@@ -239,7 +243,7 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
                 warnings.warn(f"streaming LoRA expand (default column loop) failed for S={S}, R={R} ({exc!r}); "
                               "using the hand-rotated loop")
                 return lora_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift,
-                                   stream=stream, dense_slots=dense_slots)
+                                   stream=stream, dense_slots=dense_slots, scale_on=scale_on)
             _STREAM_FAILED.add(key)
             warnings.warn(f"streaming LoRA expand failed for S={S}, R={R} ({exc!r}); using the classic kernel")
             config = None

@@ -1,8 +1,9 @@
 """BGMV-style multi-LoRA expand for decode-like tiles: one wide B block per program, no tl.dot.
 
-Semantics (as :func:`lora_expand` from split-K partials, no DoRA epilogue):
+Semantics (as :func:`lora_expand` from split-K partials, DoRA's scale / shift epilogue included):
     y[t, off_s:off_{s+1}] += (sum_j buf[j, s, t, :r_a]).to(B.dtype) @ lora_b[a, off_s:off_{s+1}, :r_a].T
-for every token t of a tile with slot a >= 0 (fp32 products and sum, one rounding into y).
+for every token t of a tile with slot a >= 0 (fp32 products and sum, one rounding into y); with scale, rows
+become (y + delta) * scale[a] (+ shift[a]), skipped for slots whose scale_on flag is 0 (plain LoRA).
 
 Why another expand: the streaming expand (lora_expand_stream.py) walks a run of 4 KB column blocks
 per program through tl.dot, whose B operand goes through a shared-memory layout conversion (a barrier
@@ -64,6 +65,18 @@ if HAS_TRITON:
         return d
 
     @triton.jit
+    def _epilogue(out, offs_n, n_ok, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+        """DoRA: (y + delta) * g[slot] (+ shift[slot]) per column, only for a flagged slot (g_on != 0)."""
+        if HAS_SCALE:
+            if g_on != 0:
+                g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+                out = out * g
+                if HAS_SHIFT:
+                    out = out + tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+        return out
+
+    @triton.jit
     def _sels(offs_n, lo1, lo2, NUM_SLICES: tl.constexpr):
         """[BLOCK_N] masks: column in slice >= 1, column in slice >= 2 (all false past NUM_SLICES)."""
         sel1 = offs_n < 0
@@ -76,7 +89,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _block2(b, n0, N, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym, stride_yn,
-                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
+                scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
+                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
         """A tile of <= 2 rows (decode), h hoisted: y[tok0 / tok1, n0 : n0 + BLOCK_N] += B h; both y rows are
         issued right behind b's load."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -87,16 +101,19 @@ if HAS_TRITON:
         y1 = tl.load(y_ptr + tok1 * stride_ym + y_cols, mask=m1, other=0.0)
         sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
         bf = b.to(tl.float32)
-        tl.store(y_ptr + tok0 * stride_ym + y_cols,
-                 (y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES)).to(y0.dtype), mask=n_ok)
-        tl.store(y_ptr + tok1 * stride_ym + y_cols,
-                 (y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES)).to(y1.dtype), mask=m1)
+        o0 = _epilogue(y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
+                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
+        o1 = _epilogue(y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
+                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
+        tl.store(y_ptr + tok0 * stride_ym + y_cols, o0.to(y0.dtype), mask=n_ok)
+        tl.store(y_ptr + tok1 * stride_ym + y_cols, o1.to(y1.dtype), mask=m1)
 
     @triton.jit
     def _block(b, n0, N, start, end, buf_ptr, y_ptr, sorted_ids_ptr, lo1, lo2, rank, offs_r,
                stride_bsplit, stride_bs, stride_bm, stride_br, stride_ym, stride_yn,
+               scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SK_P: tl.constexpr,
-               CAST: tl.constexpr):
+               CAST: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
         """Any tile: y[rows, n0 : n0 + BLOCK_N] += h_row @ b.T, two rows at a time (each pair's y rows and
         partials issued together, right behind b's load: no dependence on it)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -116,21 +133,24 @@ if HAS_TRITON:
                                 NUM_SLICES, SPLIT_K, CAST, b.dtype)
             hb0, hb1, hb2 = _hs(buf_ptr, tok1, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
                                 NUM_SLICES, SPLIT_K, CAST, b.dtype)
-            tl.store(y_ptr + tok0 * stride_ym + y_cols,
-                     (y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES)).to(y0.dtype), mask=n_ok)
-            tl.store(y_ptr + tok1 * stride_ym + y_cols,
-                     (y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES)).to(y1.dtype), mask=m1)
+            o0 = _epilogue(y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
+                           scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
+            o1 = _epilogue(y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
+                           scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
+            tl.store(y_ptr + tok0 * stride_ym + y_cols, o0.to(y0.dtype), mask=n_ok)
+            tl.store(y_ptr + tok1 * stride_ym + y_cols, o1.to(y1.dtype), mask=m1)
 
     @triton.jit
     def _lora_expand_bgmv_kernel(
-        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr,
+        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         N, R, COLS_PER_PROG,
         stride_bsplit, stride_bs, stride_bm, stride_br,
         stride_bl, stride_bn, stride_bk,
-        stride_ym, stride_yn,
+        stride_ym, stride_yn, stride_sl, stride_sn,
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr, SK_P: tl.constexpr, EVEN_R: tl.constexpr, CAST: tl.constexpr,
+        HAS_SCALE: tl.constexpr = False, HAS_SHIFT: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
         USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False,
     ):
         if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started
@@ -145,6 +165,9 @@ if HAS_TRITON:
                 tl.extra.cuda.gdc_wait()
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        g_on = 1
+        if SCALE_FLAG:  # scale_on [L] int32: 0 = a plain LoRA slot, its programs skip the DoRA epilogue
+            g_on = tl.load(scale_on_ptr + slot)
         lo1 = N
         lo2 = N
         if NUM_SLICES >= 2:
@@ -161,7 +184,8 @@ if HAS_TRITON:
         if not EVEN_R:
             b_r_ok = b_r_ok & (offs_r < R)
         offs_nb = tl.arange(0, BLOCK_N)
-        b_rows = b_ptr + slot.to(tl.int64) * stride_bl + offs_r[None, :] * stride_bk
+        slot64 = slot.to(tl.int64)
+        b_rows = b_ptr + slot64 * stride_bl + offs_r[None, :] * stride_bk
         # The first [BLOCK_N, BLOCK_R] block in one load before the wait (B is older than the shrink); y and
         # the partials after it. Then one block per iteration, B, y and partials issued together.
         b = tl.load(b_rows + (col0 + offs_nb)[:, None] * stride_bn,
@@ -179,22 +203,26 @@ if HAS_TRITON:
             hb0, hb1, hb2 = _hs(buf_ptr, tok1, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
                                 NUM_SLICES, SPLIT_K, CAST, b.dtype)
             _block2(b, col0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
-                    stride_yn, NUM_SLICES, BLOCK_N)
+                    stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N,
+                    HAS_SCALE, HAS_SHIFT)
             for n0 in range(col0 + BLOCK_N, col_end, BLOCK_N):
                 b = tl.load(b_rows + (n0 + offs_nb)[:, None] * stride_bn,
                             mask=((n0 + offs_nb) < col_end)[:, None] & b_r_ok[None, :], other=0.0)
                 _block2(b, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
-                        stride_yn, NUM_SLICES, BLOCK_N)
+                        stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N,
+                        HAS_SCALE, HAS_SHIFT)
             return
         _block(b, col0, col_end, start, end, buf_ptr, y_ptr, sorted_ids_ptr, lo1, lo2, rank, offs_r,
                stride_bsplit, stride_bs, stride_bm, stride_br, stride_ym, stride_yn,
-               NUM_SLICES, BLOCK_N, SPLIT_K, SK_P, CAST)
+               scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N, SPLIT_K, SK_P, CAST,
+               HAS_SCALE, HAS_SHIFT)
         for n0 in range(col0 + BLOCK_N, col_end, BLOCK_N):
             b = tl.load(b_rows + (n0 + offs_nb)[:, None] * stride_bn,
                         mask=((n0 + offs_nb) < col_end)[:, None] & b_r_ok[None, :], other=0.0)
             _block(b, n0, col_end, start, end, buf_ptr, y_ptr, sorted_ids_ptr, lo1, lo2, rank, offs_r,
                    stride_bsplit, stride_bs, stride_bm, stride_br, stride_ym, stride_yn,
-                   NUM_SLICES, BLOCK_N, SPLIT_K, SK_P, CAST)
+                   scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N, SPLIT_K, SK_P, CAST,
+                   HAS_SCALE, HAS_SHIFT)
 
 
 # Columns per program at rank <= 16 (one B load: BLOCK_N x 16 elements) and warps; 4096 // BLOCK_R columns at
@@ -229,7 +257,8 @@ def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 
 
 
 def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
-                     y: Tensor, *, config: dict | None = None, num_sms: int = 132) -> Tensor:
+                     y: Tensor, *, config: dict | None = None, num_sms: int = 132, scale: Tensor | None = None,
+                     shift: Tensor | None = None, scale_on: Tensor | None = None) -> Tensor:
     """y += the LoRA expand (module docstring). partials [SPLIT_K, S, T, R] float32 (from the shrink);
     lora_b [L, N, R] (y's dtype); slice_offsets [S+1] int32; ranks [L] int32; y [T, N] (row stride
     free). Arguments are checked by lora_expand, which calls this when EXPAND_BGMV is on."""
@@ -244,9 +273,12 @@ def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, me
     grid = (meta.grid_tiles, cfg["groups"])
     pdl = pdl_launch(y.device)
     _lora_expand_bgmv_kernel[grid](
-        partials, lora_b, y, ranks, slice_offsets,
+        partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale, y if shift is None else shift,
+        ranks if scale_on is None else scale_on,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R, cfg["COLS_PER_PROG"], *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
+        *((0, 0) if scale is None else scale.stride()),
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SCALE_FLAG=scale is not None and scale_on is not None,
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=SK,
         SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, TRIGGER=prefetch_on("t", y.device, pdl),

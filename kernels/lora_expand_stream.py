@@ -54,7 +54,7 @@ if HAS_TRITON:
     @triton.jit
     def _expand_block(b, yv, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr, shift_ptr,
                       slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES: tl.constexpr, IEEE: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, g_on=1):
         """y[rows, n0:n0+BLOCK_N] = yv + h @ b.T (per column, the column's slice), DoRA epilogue, store."""
         offs_n = n0 + offs_nb
         n_ok = offs_n < col_end
@@ -77,16 +77,17 @@ if HAS_TRITON:
             acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
         out = yv.to(tl.float32) + acc
         if HAS_SCALE:
-            g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
-            out = out * g[None, :]
-            if HAS_SHIFT:
-                c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
-                out = out + c[None, :]
+            if g_on != 0:  # (a DoRA slot: scale_on; plain LoRA slots skip g's loads, a per-program branch)
+                g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+                out = out * g[None, :]
+                if HAS_SHIFT:
+                    c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+                    out = out + c[None, :]
         tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(yv.dtype), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _lora_expand_stream_kernel(
-        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr,
+        buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         N, R, COLS_PER_PROG,
         stride_bsplit, stride_bs, stride_bm, stride_br,
@@ -98,6 +99,7 @@ if HAS_TRITON:
         USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
         SLOTS: tl.constexpr = 0, DENSE_SLOTS: tl.constexpr = False,
         PREFETCH_B: tl.constexpr = False, TRIGGER: tl.constexpr = False, PF_THREADS: tl.constexpr = 128,
+        SCALE_FLAG: tl.constexpr = False,
     ):
         if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started: the next
             tl.extra.cuda.gdc_launch_dependents()  # shrink prefetches its A while we stream (lora_prefetch.py)
@@ -114,6 +116,9 @@ if HAS_TRITON:
                 tl.extra.cuda.gdc_wait()  # (and, through its wait, the kernels before it)
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        g_on = 1
+        if SCALE_FLAG:  # scale_on [L] int32: 0 = a plain LoRA slot (g = 1): its programs skip the DoRA epilogue
+            g_on = tl.load(scale_on_ptr + slot)
         offs_m = start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < end
         tok = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
@@ -228,7 +233,7 @@ if HAS_TRITON:
                              other=0.0)
                 _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
                               shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
-                              HAS_SHIFT)
+                              HAS_SHIFT, g_on)
             return
         if SLOTS > 0:
             # Fixed slots (B_AHEAD == Y_AHEAD == SLOTS): slot j holds block it * SLOTS + j and is
@@ -246,7 +251,7 @@ if HAS_TRITON:
                 n0 = col0 + it * (SLOTS * BLOCK_N)
                 _expand_block(b_cur, y_cur, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
                               shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
-                              HAS_SHIFT)
+                              HAS_SHIFT, g_on)
                 offs_f = n0 + SLOTS * BLOCK_N + offs_nb
                 b_cur = tl.load(b_rows + offs_f[:, None] * stride_bn, mask=(offs_f < col_end)[:, None] & b_mask_r,
                                 other=0.0)
@@ -254,7 +259,7 @@ if HAS_TRITON:
                                 other=0.0)
                 _expand_block(b_nxt, y_n1, n0 + BLOCK_N, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok,
                               scale_ptr, shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE,
-                              HAS_SCALE, HAS_SHIFT)
+                              HAS_SCALE, HAS_SHIFT, g_on)
                 offs_f1 = offs_f + BLOCK_N
                 b_nxt = tl.load(b_rows + offs_f1[:, None] * stride_bn, mask=(offs_f1 < col_end)[:, None] & b_mask_r,
                                 other=0.0)
@@ -263,7 +268,7 @@ if HAS_TRITON:
                 if SLOTS == 3:
                     _expand_block(b_n2, y_n2, n0 + 2 * BLOCK_N, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end,
                                   row_ok, scale_ptr, shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES,
-                                  IEEE, HAS_SCALE, HAS_SHIFT)
+                                  IEEE, HAS_SCALE, HAS_SHIFT, g_on)
                     offs_f2 = offs_f + 2 * BLOCK_N
                     b_n2 = tl.load(b_rows + offs_f2[:, None] * stride_bn,
                                    mask=(offs_f2 < col_end)[:, None] & b_mask_r, other=0.0)
@@ -299,11 +304,12 @@ if HAS_TRITON:
                 acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
             out = y_cur.to(tl.float32) + acc
             if HAS_SCALE:  # DoRA: g of this slot for these columns (see lora_expand.py)
-                g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
-                out = out * g[None, :]
-                if HAS_SHIFT:
-                    c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
-                    out = out + c[None, :]
+                if g_on != 0:
+                    g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+                    out = out * g[None, :]
+                    if HAS_SHIFT:
+                        c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+                        out = out + c[None, :]
             tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(y_cur.dtype), mask=row_ok[:, None] & n_ok[None, :])
             b_cur = b_nxt
             if B_AHEAD == 4:
@@ -426,7 +432,8 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
                        y: Tensor, *, config: dict | None = None, scale: Tensor | None = None,
-                       shift: Tensor | None = None, num_sms: int = 132, dense_slots: bool = False) -> Tensor:
+                       shift: Tensor | None = None, num_sms: int = 132, dense_slots: bool = False,
+                       scale_on: Tensor | None = None) -> Tensor:
     """The launcher behind lora_expand (which checks the arguments): partials [SPLIT_K, S, T, R]
     float32; other arguments as for lora_expand. config overrides stream_expand_config. dense_slots:
     partials is lora_shrink_dense.dense_partials (slot 0's view of every token against every slot)."""
@@ -444,6 +451,7 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
     pf_b = pf_b and contiguous_rows(lora_b)
     _lora_expand_stream_kernel[grid](
         partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale, y if shift is None else shift,
+        ranks if scale_on is None else scale_on,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R, cfg["COLS_PER_PROG"],
         *partials.stride(), *lora_b.stride(), y.stride(0), y.stride(1),
@@ -453,6 +461,7 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1,
-        PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"], **pdl,
+        PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"],
+        SCALE_FLAG=scale is not None and scale_on is not None, **pdl,
     )
     return y

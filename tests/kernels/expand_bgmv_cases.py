@@ -53,3 +53,49 @@ def check_expand_bgmv(dtype: str, max_rank: int, widths: list[int], num_tokens: 
     assert not y.isnan().any(), "NaN leaked from undefined partials or B columns past the rank"
     if (~untouched).any():
         assert not torch.equal(y[~untouched], p.y0[~untouched]), "BGMV expand added nothing"
+
+
+def check_scale_on(dtype: str, max_rank: int, widths: list[int], num_tokens: int, num_slots: int, split_k: int = 2,
+                   config: dict | None = None, bgmv: bool = False, with_shift: bool = True,
+                   device: str = "cpu") -> None:
+    """lora_expand's scale_on ([L] int32: 0 = a plain LoRA slot, its DoRA epilogue skipped): with DoRA factors on
+    the flagged slots only (g = 1, shift 0 elsewhere, as slots.py keeps them), the result equals the reference with
+    the full epilogue; and with every flag 0 it is bit-equal to no epilogue at all. bgmv: through the BGMV expand."""
+    from loraserve.kernels.reference import lora_expand_ref as ref
+
+    expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"])  # the module, not the function
+    p = make_problem(num_tokens=num_tokens, hidden=32, max_rank=max_rank, widths=widths, num_slots=num_slots,
+                     composition="distinct", dtype=DTYPES[dtype], seed=5 + num_tokens, device=device)
+    S, T, R, N = len(widths), num_tokens, max_rank, sum(widths)
+    meta = LoRAMetaBuilder(T, num_slots, device).build(p.token_slot)
+    buf = torch.zeros(S, T, R, device=device)
+    lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, buf)
+    partials = (buf / split_k).expand(split_k, S, T, R).contiguous()
+    gen = torch.Generator().manual_seed(9)
+    dora = torch.arange(num_slots) % 2 == 1          # odd slots hold DoRA vectors
+    scale = torch.ones(num_slots, N)
+    scale[dora] = 0.5 + torch.rand(int(dora.sum()), N, generator=gen)
+    shift = torch.zeros(num_slots, N)
+    if with_shift:
+        shift[dora] = torch.randn(int(dora.sum()), N, generator=gen)
+    scale, shift = scale.to(device), shift.to(device) if with_shift else None
+    scale_on = dora.to(torch.int32).to(device)
+    old = expand_mod.EXPAND_BGMV
+    expand_mod.EXPAND_BGMV = bgmv
+    try:
+        y = p.y0.clone()
+        lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y, scale=scale, shift=shift,
+                    scale_on=scale_on, stream=True, config=config)
+        y_ref = p.y0.clone()
+        ref(partials.sum(0), p.lora_b, p.slice_offsets, meta, p.ranks, y_ref, scale=scale, shift=shift)
+        torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCES[p.x.dtype])
+        # every flag 0 and plain factors: bit-equal to the same kernel without an epilogue
+        y_off, y_none = p.y0.clone(), p.y0.clone()
+        ones = torch.ones_like(scale)
+        lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y_off, scale=ones,
+                    shift=None if shift is None else torch.zeros_like(shift), scale_on=torch.zeros_like(scale_on),
+                    stream=True, config=config)
+        lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y_none, stream=True, config=config)
+        assert torch.equal(y_off, y_none), "flags off should skip the epilogue exactly"
+    finally:
+        expand_mod.EXPAND_BGMV = old

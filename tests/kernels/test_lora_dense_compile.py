@@ -51,14 +51,15 @@ def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
 
     cfg = stream_expand_config(64, 6144, 16, 3, 16, 36, 8)
     sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
-           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
-           "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32", "COLS_PER_PROG": "i32"}
+           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "scale_on_ptr": "*i32", "sorted_ids_ptr": "*i32",
+           "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32",
+           "COLS_PER_PROG": "i32"}
     sig.update({n: "i32" for n in ("stride_bsplit", "stride_bs", "stride_bm", "stride_bl", "stride_bn",
                                    "stride_ym", "stride_sl")})
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=8,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=cfg["SLOTS"], DENSE_SLOTS=True,
-                 PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"])
+                 PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False)
     k = _compile_sm90(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1,
                       ("stride_br", "stride_bk", "stride_yn", "stride_sn"))
     assert has_mma(k.asm["ptx"])

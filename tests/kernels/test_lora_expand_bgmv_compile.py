@@ -13,21 +13,23 @@ from . import sm90
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
 
 TYPES = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
+         "scale_ptr": "*fp32", "shift_ptr": "*fp32", "scale_on_ptr": "*i32", "stride_sl": "i32", "stride_sn": "i32",
          "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32",
          "N": "i32", "R": "i32", "COLS_PER_PROG": "i32", "stride_bsplit": "i32", "stride_bs": "i32", "stride_bm": "i32", "stride_br": "i32",
          "stride_bl": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_ym": "i32", "stride_yn": "i32"}
 
 
 def compile_expand_bgmv(widths: list[int], rank: int, split_k: int, pdl: bool = True, block_n: int | None = None,
-                        grid_tiles: int = 36):
+                        grid_tiles: int = 36, dora: bool = True):
     from loraserve.kernels.lora_expand_bgmv import _lora_expand_bgmv_kernel, expand_bgmv_config
 
     cfg = expand_bgmv_config(sum(widths), rank, grid_tiles)
     bn = block_n or cfg["BLOCK_N"]
     const = dict(NUM_SLICES=len(widths), BLOCK_M=16, BLOCK_N=bn, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=split_k,
-                 SK_P=1 << max(0, (split_k - 1).bit_length()), EVEN_R=True, CAST=True, USE_PDL=pdl, TRIGGER=pdl)
-    return sm90.compile_sm90(_lora_expand_bgmv_kernel, TYPES, const, unit=("stride_br", "stride_bk", "stride_yn"),
-                             div16_except=("R", "stride_bsplit", "stride_bs"), num_warps=cfg["num_warps"],
+                 SK_P=1 << max(0, (split_k - 1).bit_length()), EVEN_R=True, CAST=True, USE_PDL=pdl, TRIGGER=pdl,
+                 HAS_SCALE=dora, HAS_SHIFT=dora, SCALE_FLAG=dora)   # the engine's call: DoRA vectors, per-slot flag
+    return sm90.compile_sm90(_lora_expand_bgmv_kernel, TYPES, const, unit=("stride_br", "stride_bk", "stride_yn", "stride_sn"),
+                             div16_except=("R", "stride_bsplit", "stride_bs", "stride_sl"), num_warps=cfg["num_warps"],
                              num_stages=1, launch_pdl=pdl)
 
 

@@ -54,3 +54,19 @@ def test_expand_bgmv_rows_per_tile(interp, num_tokens, num_slots) -> None:
 def test_expand_bgmv_through_lora_expand(interp, split_k) -> None:
     _run(interp, cases.check_expand_bgmv, "float16", 32, WIDTHS[2], num_tokens=10, num_slots=4,
          composition="mixed-ranks", split_k=split_k, via_switch=True)
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "COLS_PER_PROG": 48, "SLOTS": 0, "B_AHEAD": 2},
+                                    {"BLOCK_N": 16, "COLS_PER_PROG": 32, "SLOTS": -2}])
+@pytest.mark.parametrize("num_slices", [1, 3])
+def test_stream_expand_scale_on_flags(interp, num_slices, config) -> None:
+    """The streaming expand's per-slot DoRA flag (scale_on): the rotating, pipelined and default column loops."""
+    _run(interp, cases.check_scale_on, "float32", 16, WIDTHS[num_slices], num_tokens=12, num_slots=4, config=config)
+
+
+@pytest.mark.parametrize("num_tokens,num_slots", [(8, 4), (24, 3)])   # 2-row tiles (hoisted path); 8-row tiles
+@pytest.mark.parametrize("num_slices", [1, 3])
+def test_expand_bgmv_scale_on_flags(interp, num_slices, num_tokens, num_slots) -> None:
+    """The BGMV expand's DoRA epilogue, per-slot flag (scale_on): vs the reference; flags off == no epilogue."""
+    _run(interp, cases.check_scale_on, "float32", 16, WIDTHS[num_slices], num_tokens=num_tokens, num_slots=num_slots,
+         bgmv=True)

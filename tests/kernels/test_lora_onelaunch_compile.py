@@ -71,13 +71,13 @@ def test_pdl_pair_compiles_for_sm90():
 
     cfg = stream_expand_config(64, 6144, 16, 3, 16, 36, 4)
     sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
-           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
-           "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32", "COLS_PER_PROG": "i32",
-           **{n: "i32" for n in STRIDES}}
+           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "scale_on_ptr": "*i32", "sorted_ids_ptr": "*i32",
+           "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32",
+           "COLS_PER_PROG": "i32", **{n: "i32" for n in STRIDES}}
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False,
-                 PF_THREADS=32 * cfg["num_warps"])
+                 PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False)
     expand = compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, num_warps=cfg["num_warps"],
                           num_stages=1, launch_pdl=True)
     assert "griddepcontrol.wait" in expand.asm["ptx"]

@@ -75,11 +75,12 @@ def test_stream_expand_with_b_prefetch_and_trigger_compiles_for_sm90(widths, slo
     strides = ["stride_bsplit", "stride_bs", "stride_bm", "stride_br", "stride_bl", "stride_bn", "stride_bk",
                "stride_ym", "stride_yn", "stride_sl", "stride_sn"]
     sig = dict(META, buf_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", slice_off_ptr="*i32", scale_ptr="*fp32",
-               shift_ptr="*fp32", N="i32", R="i32", COLS_PER_PROG="i32", **{n: "i32" for n in strides})
+               shift_ptr="*fp32", scale_on_ptr="*i32", N="i32", R="i32", COLS_PER_PROG="i32",
+               **{n: "i32" for n in strides})
     const = dict(NUM_SLICES=len(widths), BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=slots, DENSE_SLOTS=False,
-                 PREFETCH_B=True, TRIGGER=True, PF_THREADS=32 * cfg["num_warps"])
+                 PREFETCH_B=True, TRIGGER=True, PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False)
     k = _compile(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1,
                  unit=("stride_br", "stride_bk", "stride_yn", "stride_sn"))
     _check(k, "stream expand")

@@ -27,14 +27,15 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
     from loraserve.kernels.lora_expand_stream import _lora_expand_stream_kernel
 
     sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
-           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
+           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "scale_on_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
            "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32", "N": "i32", "R": "i32", "COLS_PER_PROG": "i32"}
     sig.update({n: "i32" for n in STRIDES})
     const = dict(NUM_SLICES=num_slices, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
                  SPLIT_K=split_k, SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False,
                  HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
                  B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0),
-                 DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"])
+                 DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"],
+                 SCALE_FLAG=True)
     return compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, div16_except=("R",),
                         num_warps=cfg["num_warps"], num_stages=1)
 

@@ -28,6 +28,12 @@ OVERLAP_MAX_TOKENS = 256
 # 352; prefill): LORASERVE_LORA_OVERLAP_LARGE, same values, its own switch (resident helper, issue 12).
 OVERLAP_LARGE = _OVERLAP_MODES.get(os.environ.get("LORASERVE_LORA_OVERLAP_LARGE", "0").strip().lower(), "")
 
+# Per-slot DoRA flags (slots.dora_slot) passed to the expand as scale_on: plain LoRA slots skip the epilogue's g / shift
+# loads (every slot pool carries DoRA's scale, 1 for plain LoRA, so the engine's expands always ran the epilogue: a g
+# load per column block, waited on in the same loop iteration). LORASERVE_LORA_DORA_FLAGS=0: the epilogue everywhere.
+# Read at each call.
+DORA_FLAGS = os.environ.get("LORASERVE_LORA_DORA_FLAGS", "1").strip().lower() not in ("", "0", "false", "off", "no")
+
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -52,9 +58,13 @@ class LoRABatch:
         # (+ (1 - g) * bias, so that a biased projection's bias stays unscaled, as in PEFT)
         scale = self.slots.scale[proj][layer_idx] if getattr(self.slots, "scale", None) else None  # [L, N] fp32
         shift = self.slots.shift.get(proj) if getattr(self.slots, "shift", None) else None
+        # [L] int32, 0 for plain LoRA slots: the expand skips their g / shift loads (a per-program flag, so a
+        # CUDA graph stays right when a DoRA adapter lands in a slot later)
+        scale_on = getattr(self.slots, "dora_slot", {}).get(proj) if scale is not None and DORA_FLAGS else None
         return (a[layer_idx],                   # [L, S, R, in]
                 self.slots.b[proj][layer_idx],  # [L, N, R]
-                scale, None if shift is None else shift[layer_idx])
+                scale, None if shift is None else shift[layer_idx],
+                None if scale_on is None else scale_on[layer_idx])
 
     def _workspace(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         key = workspace_shape(x, a, b, self.meta)
@@ -69,9 +79,9 @@ class LoRABatch:
         w = self._weights(layer_idx, proj)
         if w is None:
             return
-        a, b, scale, shift = w
+        a, b, scale, shift, scale_on = w
         lora_apply(x, y, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, self._workspace(x, a, b),
-                   scale=scale, shift=shift)
+                   scale=scale, shift=shift, scale_on=scale_on)
 
     def linear(self, layer_idx: int, proj: str, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,7 +92,7 @@ class LoRABatch:
         w = self._weights(layer_idx, proj)
         if w is None:
             return F.linear(x, weight, bias)
-        a, b, scale, shift = w
+        a, b, scale, shift, scale_on = w
         mode = (OVERLAP if x.shape[0] <= OVERLAP_MAX_TOKENS else OVERLAP_LARGE) if x.is_cuda else ""
         path = choose_path(x, a, b, self.meta)[0] if mode == "shrink" else ""
         if mode == "shrink" and path not in ("partials", "reduced", "dense"):  # two kernels to run apart
@@ -113,4 +123,4 @@ class LoRABatch:
         y = F.linear(x, weight, bias)
         main.wait_stream(side)
         return lora_expand_part(buf, y, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks,
-                                scale=scale, shift=shift, path=path)
+                                scale=scale, shift=shift, path=path, scale_on=scale_on)

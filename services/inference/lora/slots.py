@@ -114,6 +114,7 @@ class DeviceSlots:
         self.slice_offsets: dict[str, torch.Tensor] = {}
         self.scale: dict[str, torch.Tensor] = {}
         self.shift: dict[str, torch.Tensor] = {}
+        self.dora_slot: dict[str, torch.Tensor] = {}   # [num_layers, L] int32: 1 where the slot holds DoRA vectors
         self.slice_index: dict[str, tuple[str, int, int]] = {}  # module -> (proj, slice, row offset)
         L, n_layers = num_slots, args.num_hidden_layers
         for proj, modules in PROJ_SLICES.items():
@@ -135,6 +136,7 @@ class DeviceSlots:
                 self.a[proj] = torch.zeros(n_layers, L, S, max_rank, in_f, dtype=dtype, device=device)
                 self.b[proj] = torch.zeros(n_layers, L, offsets[-1], max_rank, dtype=dtype, device=device)
             self.scale[proj] = torch.ones(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
+            self.dora_slot[proj] = torch.zeros(n_layers, L, dtype=torch.int32, device=device)  # (LoRABatch: scale_on)
             if _has_bias(args, proj):
                 self.shift[proj] = torch.zeros(n_layers, L, offsets[-1], dtype=torch.float32, device=device)
             self.slice_offsets[proj] = torch.tensor(offsets, dtype=torch.int32, device=device)
@@ -180,6 +182,7 @@ class DeviceSlots:
                 self.a[proj][:, slot, :, :rows].zero_()
                 self.b[proj][:, slot, :, :rows].zero_()
                 self.scale[proj][:, slot].fill_(1.0)
+                self.dora_slot[proj][:, slot].zero_()
                 if proj in self.shift:
                     self.shift[proj][:, slot].zero_()
             if not self._bulk_copy(slot, adapter.weights):
@@ -194,6 +197,7 @@ class DeviceSlots:
             for (layer, module), g in getattr(adapter, "dora_scales", {}).items():
                 proj, _, off = self.slice_index[module]
                 self.scale[proj][layer, slot, off:off + g.shape[0]].copy_(g, non_blocking=True)
+                self.dora_slot[proj][layer, slot].fill_(1)
                 copied += g.numel() * g.element_size()
             for (layer, module), c in getattr(adapter, "dora_shifts", {}).items():
                 proj, _, off = self.slice_index[module]

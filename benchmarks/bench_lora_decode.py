@@ -60,6 +60,7 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "overlap_nopf": dict(overlap="shrink", prefetch=""),
             "xbgmv": dict(expand_bgmv=True), "pipegu": dict(pipe_min_blocks=8),  # lora_expand_bgmv / the pipelined loop
             "noflag": dict(dora_flags=False),   # the DoRA epilogue on every slot (before the per-slot flags)
+            "prev9": dict(dora_flags=False, expand_bgmv=False, pipe_min_blocks=0),  # the defaults at 262c58e
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
 _CARVED = [False]
 

@@ -130,6 +130,9 @@ VARIANTS = {
     # back edge) with 256 / 512-column blocks at every token count (LORASERVE_LORA_STREAM_BLOCK_N)
     "plain256": dict(DEFAULT, slots=-1, stream_block_n=256),
     "plain512": dict(DEFAULT, slots=-1, stream_block_n=512),
+    # the defaults at the start of the ninth session (262c58e: BGMV shrink <= 64 tokens, BLOCK_K 2048 for down, loads
+    # before the wait + early trigger, the streaming expand only): "before" of that session's final
+    "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for

@@ -109,6 +109,10 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     # the "partials" path above 256 tokens (lora_apply.partials_max_tokens): the streaming expand sums the shrink's
     # split-K partials, no torch.sum launch between them; with sk<N> the split capped at N
     "fold": {("env-lora", "LORASERVE_LORA_PARTIALS_MAX_TOKENS"): "1024"},
+    # the mixed step as before 2026-12-01: "reduced" (shrink split by the rule, torch.sum, expand)
+    "nofold": {("env-lora", "LORASERVE_LORA_PARTIALS_MAX_TOKENS"): "256"},
+    "sl4": {("env-lora", "LORASERVE_LORA_SHRINK_SPLIT_LARGE"): "4"},   # the partials path's split cap (default 2)
+    "sl8": {("env-lora", "LORASERVE_LORA_SHRINK_SPLIT_LARGE"): "8"},
     # PDL off for EVERY kernel (the model's and LoRA's), the plain graph recaptured too: no kernel launches early,
     # so a profiled kernel's span is its own work, not its wait for the one before (the attribution question)
     "pdloff": {("env", "LORASERVE_PDL"): "0", ("loraserve.kernels.lora_meta", "LORA_PDL"): False},

@@ -105,10 +105,15 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
 
 def partials_max_tokens() -> int:
     """Steps of 257..this many tokens take the "partials" path too (the streaming expand sums the shrink's split-K
-    partials as it loads them), not "reduced" (shrink, torch.sum, expand): one launch fewer per projection at
-    bench_churn's mixed steps (T 320-352). LORASERVE_LORA_PARTIALS_MAX_TOKENS (default 256: "reduced" above 256, as
-    before); read at each call (resident helper, issue 12; kernels/PERF_NOTES.md)."""
-    return int(os.environ.get("LORASERVE_LORA_PARTIALS_MAX_TOKENS", "256"))
+    partials as it loads them, the split capped at lora_shrink.large_split_cap: 2), not "reduced" (shrink, torch.sum,
+    expand): one launch fewer per projection at bench_churn's mixed steps (256-token chunk + decode rows, T 320-352).
+    H200 probe (2026-12-01 00:55, bench_lora_resident --replay-variants, 32 layers, the (40, 320) mixed step, q+v over
+    32 adapters of rank 8-64; what LoRA adds per layer, min of rounds / median of paired rounds): "reduced" 36.8 /
+    28.6 us, partials with 2 splits 33.7 / 20.7, 4 splits 40.6 / 31.1, 8 (the rule) 50.6 / 42.3; no adapter row (the
+    launches' fixed cost) 13.5 / 6.6 -> 6.2 / 0.8. Larger steps keep "reduced" (not measured). LORASERVE_LORA_PARTIALS
+    _MAX_TOKENS (default 384; 256: "reduced" above 256 tokens, as before); read at each call (resident helper, issue 12;
+    kernels/PERF_NOTES.md)."""
+    return int(os.environ.get("LORASERVE_LORA_PARTIALS_MAX_TOKENS", "384"))
 
 
 def _stream_expand_ok(num_slices: int, rank: int, device: torch.device) -> bool:

@@ -194,14 +194,16 @@ def shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int = 
 
 def large_split_cap(num_tokens: int) -> int:
     """The most K splits of a step of num_tokens > 256 that lora_apply sends down the "partials" path
-    (lora_apply.partials_max_tokens): LORASERVE_LORA_SHRINK_SPLIT_LARGE (default 32: the rule decides). There the
-    streaming expand re-reads the partials per column group (the mixed step's 8 splits: 1.3 MB of them). Larger
-    steps ("reduced") keep the rule. Read at each call (resident helper, issue 12)."""
+    (lora_apply.partials_max_tokens): LORASERVE_LORA_SHRINK_SPLIT_LARGE (default 2). There the streaming expand
+    re-reads the partials per column group: at the mixed step (T 320) the rule's 8 splits (1.3 MB of partials) made
+    the layer's LoRA 50.6 us, 4 splits 40.6, 2 splits 33.7 ("reduced" with 8 splits + torch.sum: 36.8; H200 probe
+    2026-12-01 00:55, see partials_max_tokens). Larger steps ("reduced") keep the rule. Read at each call (resident
+    helper, issue 12)."""
     from .lora_apply import partials_max_tokens
 
     if num_tokens > partials_max_tokens():
         return 32
-    return max(1, int(os.environ.get("LORASERVE_LORA_SHRINK_SPLIT_LARGE", "32")))
+    return max(1, int(os.environ.get("LORASERVE_LORA_SHRINK_SPLIT_LARGE", "2")))
 
 
 def bgmv_applies(num_tokens: int, rank: int) -> bool:

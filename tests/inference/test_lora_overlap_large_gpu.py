@@ -32,7 +32,7 @@ def test_overlap_large_equals_sequential_and_replays():
     slots = types.SimpleNamespace(a={"qkv": p.lora_a[None]}, b={"qkv": p.lora_b[None]}, scale={}, shift={},
                                   slice_offsets={"qkv": p.slice_offsets}, ranks=p.ranks)
     meta = LoRAMetaBuilder(T, 32, "cuda").build(token_slot, max_segments=71)
-    assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] == "reduced"   # the > 256-token path
+    assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] in ("reduced", "partials")   # a split (two-kernel) path
     old = lora_batch.OVERLAP_LARGE
     try:
         lora_batch.OVERLAP_LARGE = ""

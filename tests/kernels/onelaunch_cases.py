@@ -44,7 +44,9 @@ def check_lora_apply_onelaunch() -> None:
 
     importlib.import_module("loraserve.kernels.lora_apply").ONELAUNCH_ENABLED = True  # throwaway worker
     try:
-        for T, want in ((3, "onelaunch"), (300, "reduced")):
+        from loraserve.kernels.lora_apply import partials_max_tokens
+
+        for T, want in ((3, "onelaunch"), (300, "partials" if 300 <= partials_max_tokens() else "reduced")):
             p = make_problem(num_tokens=T, hidden=96, max_rank=16, widths=[32, 16], num_slots=3,
                              composition="no-adapter-rows", dtype=torch.float32, seed=T)
             meta = LoRAMetaBuilder(T, 3, "cpu").build(p.token_slot)

@@ -156,6 +156,7 @@ class Case:
             lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", 0)
             lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", 0)
             lora_expand_stream.STREAM_BLOCK_N = v.get("stream_block_n", 0)
+            lora_meta.LORA_BGMV_MAX_RANK = v.get("bgmv_max_rank", 64)
             from loraserve.kernels import lora_expand_bgmv
 
             apply_exp = importlib.import_module("loraserve.kernels.lora_expand")  # the module

@@ -63,7 +63,8 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS,
                expand_bgmv=__import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"]).EXPAND_BGMV,
                xb_block_n=lora_expand_bgmv.EXPAND_BGMV_BLOCK_N, xb_warps=lora_expand_bgmv.EXPAND_BGMV_WARPS,
-               xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N)
+               xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N,
+               bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -130,6 +131,9 @@ VARIANTS = {
     # back edge) with 256 / 512-column blocks at every token count (LORASERVE_LORA_STREAM_BLOCK_N)
     "plain256": dict(DEFAULT, slots=-1, stream_block_n=256),
     "plain512": dict(DEFAULT, slots=-1, stream_block_n=512),
+    # the BGMV shrink only up to rank 16 / 32 (rank-64 decode steps: the dot shrink, fewer partials for the expand)
+    "bgmv_r16": dict(DEFAULT, bgmv_max_rank=16),
+    "bgmv_r32": dict(DEFAULT, bgmv_max_rank=32),
     # the defaults at the start of the ninth session (262c58e: BGMV shrink <= 64 tokens, BLOCK_K 2048 for down, loads
     # before the wait + early trigger, the streaming expand only): "before" of that session's final
     "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),

@@ -102,6 +102,9 @@ LORA_BGMV = os.environ.get("LORASERVE_LORA_BGMV", "1").strip().lower() not in ("
 # 32 tokens only at rank <= 16, lora_shrink.bgmv_applies): 64 tokens / 32 adapters / r16 layer 58.1 -> 52.6 us.
 LORA_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_TOKENS", "64"))
 LORA_BGMV_WIDE_MAX_RANK = 16   # ... above 32 tokens only up to this (pool) rank (lora_shrink.bgmv_applies)
+# ... and at <= 32 tokens up to this rank (LORASERVE_LORA_BGMV_MAX_RANK): rank-64 steps leave 4 rank blocks x K chunks
+# of partials (down: 4 x 7) that the expand sums (down r64 / 16 adapters / 16 tokens: expand 18-23 us for 8.4 MB of B).
+LORA_BGMV_MAX_RANK = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_RANK", "64"))
 
 # The shrink launches with PDL only up to this many tokens (LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS; default: every
 # step, as before). Above it the shrink waits for the GEMM before it the normal way: at bench_churn's mixed step

@@ -215,7 +215,8 @@ def bgmv_applies(num_tokens: int, rank: int) -> bool:
     from . import lora_meta
 
     return (lora_meta.LORA_BGMV and num_tokens <= lora_meta.LORA_BGMV_MAX_TOKENS
-            and rank <= (64 if num_tokens <= 32 else min(64, lora_meta.LORA_BGMV_WIDE_MAX_RANK)))
+            and rank <= (min(64, lora_meta.LORA_BGMV_MAX_RANK) if num_tokens <= 32
+                         else min(64, lora_meta.LORA_BGMV_WIDE_MAX_RANK)))
 
 
 def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, block_m: int,

@@ -88,6 +88,8 @@ ES = "loraserve.kernels.lora_expand_stream"
 SH = "loraserve.kernels.lora_shrink"
 VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attribute's function}
     "default": {},
+    "pps4": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 4},   # fewer column groups: fewer re-reads of the partials
+    "pps6": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 6},
     "pps12": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 12},
     "pps16": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 16},
     "pps24": {(ES, "STREAM_PROGRAMS_PER_SM_LARGE"): 24},

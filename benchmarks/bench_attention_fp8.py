@@ -7,6 +7,7 @@ tables (>= 256 MB of K/V: from HBM, not L2), and reports the FP8 output's max er
 reference on the dequantized cache. Decode is bandwidth-bound: e4m3 halves the K/V bytes.
 
     python benchmarks/bench_attention_fp8.py [--json out.json]      # H200: ~20 s
+    python benchmarks/bench_attention_fp8.py --decode-sweep         # the engine's decode shapes, per variant
     TRITON_INTERPRET=1 python benchmarks/bench_attention_fp8.py --smoke   # CPU: tiny shapes, no timing
 """
 from __future__ import annotations
@@ -76,11 +77,63 @@ def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, ro
     print(json.dumps(row), flush=True)
 
 
+def decode_sweep(cases=((64, 512), (64, 2048), (1, 576), (1, 8192))) -> list:
+    """Engine-shaped decode steps (the unified kernel, one query row per sequence) over the e4m3 cache: us per call
+    of the bf16 cache and of the e4m3 cache per variant (LORASERVE_ATTN_FP8_FP16 on / off = fp16 MMA operands or the
+    codes widened to bf16; TILE_N / num_stages / num_warps overrides), the KV bytes' fraction of the copy rate, and
+    the max error of each FP8 variant vs the fp32 reference on the dequantized cache."""
+    from benchmarks.bench_attention import copy_bandwidth, timed
+    from loraserve.kernels.unified_attention import unified_attention, unified_attention_ref
+
+    copy_bw = copy_bandwidth()
+    variants = [("fp16_ops", "1", None), ("bf16_ops", "0", None), ("fp16_tile128", "1", {"TILE_N": 128}),
+                ("fp16_stages1", "1", {"num_stages": 1}), ("fp16_stages3", "1", {"num_stages": 3}),
+                ("fp16_warps8_tile128", "1", {"TILE_N": 128, "num_warps": 8})]
+    rows = []
+    for B, L in cases:
+        kv_bytes_fp8 = B * L * KVH * D * 2
+        copies = max(1, min(32, -(-(256 << 20) // (2 * kv_bytes_fp8))))
+        q, (k, v), (k8, v8, ks, vs), tables, lens, qsl = make_case(B, 1, L, copies, "cuda", torch.bfloat16)
+        ref = unified_attention_ref(q.float(), k8.float() * ks, v8.float() * vs, tables[0], lens, qsl, SCALE)
+        row = {"case": f"decode bs{B} x {L}",
+               "bf16_us": round(1e6 * timed([(lambda t: lambda: unified_attention(q, k, v, t, lens, qsl, 1, SCALE))(t)
+                                             for t in tables]), 2)}
+        for name, env, cfg in variants:
+            os.environ["LORASERVE_ATTN_FP8_FP16"] = env
+            try:
+                def call(t, cfg=cfg):
+                    return unified_attention(q, k8, v8, t, lens, qsl, 1, SCALE, k_scale=ks, v_scale=vs, config=cfg)
+                err = float((call(tables[0]).float() - ref).abs().max())
+                us = 1e6 * timed([(lambda t: lambda: call(t))(t) for t in tables])
+                row[name] = {"us": round(us, 2), "frac_copy": round(kv_bytes_fp8 / (us * 1e-6) / copy_bw, 3),
+                             "max_err": round(err, 4)}
+            except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+                row[name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+            finally:
+                os.environ.pop("LORASERVE_ATTN_FP8_FP16", None)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: tiny shapes, no timing")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode-sweep", action="store_true", help="only decode_sweep (engine-shaped decode variants)")
     a = ap.parse_args()
+    if a.decode_sweep:
+        if not torch.cuda.is_available():
+            print("decode sweep: needs CUDA")
+            return 0
+        from benchmarks.bench_attention import warm_up
+
+        warm_up()
+        rows = decode_sweep()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return 0
     if a.smoke:
         cases = [("decode bs2 x 40", 2, 1, 40, "unified"), ("decode bs2 x 40", 2, 1, 40, "paged_decode"),
                  ("prefill 2 x 24", 2, 24, 24, "unified")]

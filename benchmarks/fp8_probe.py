@@ -47,6 +47,8 @@ VARIANTS = (
     # dot8's numerics and tiles in persistent programs (kernels/fp8_stream_dot.py: one pipeline fill per program)
     ("w8a8_stream", {"LORASERVE_FP8_W8A8": "stream"}),
     ("w8a8_stream_early", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_GEMV_PDL": "early"}),
+    # the attention over the e4m3 cache with the codes widened to bf16 (the previous form; now fp16 MMA operands)
+    ("attn_bf16_ops", {"LORASERVE_ATTN_FP8_FP16": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),
     ("w8a8_stream_pps2", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_STREAM_PPS": "2"}),
     ("w8a8_token_nodefer", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",

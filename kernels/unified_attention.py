@@ -125,7 +125,7 @@ if HAS_TRITON:
             H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
             TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
             SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
-            USE_PDL: tl.constexpr = False):
+            USE_PDL: tl.constexpr = False, FP16_OPS: tl.constexpr = False):
         if USE_PDL:   # kernels/pdl.py: every program waits (spare tiles too), before reading q / K / V
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -177,6 +177,11 @@ if HAS_TRITON:
         t_full = (ctx_before + local * BLOCK_Q + 1) // TILE_N
         if FP8_KV:  # scores = q . (k_code * k_scale): the per-tensor scale read from device memory (graph-safe)
             scale_log2 = scale_log2 * tl.load(k_scale_ptr).to(tl.float32)
+            if FP16_OPS:
+                # fp16 MMA operands (q, the widened K/V codes, p): e4m3 -> fp16 is one cvt per 2 codes, -> bf16 adds
+                # a per-value F2F (H200 bs64 decode: 63 us a layer on the e4m3 cache vs 44 on bf16 before). q is
+                # exact in fp16 within +-65504 (clamped past it) down to 2^-14 (below: fp16's subnormal steps)
+                q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, table, k_base, v_base, t_lo, tl.minimum(t_hi, t_full),
                                 kv_limit, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, offs_n, offs_d,
                                 TILE_N, BS, D, D_PAD, False, DOT_PRECISION, FP8_KV)
@@ -240,6 +245,13 @@ MAX_WORKSPACE_BYTES = 128 << 20
 # 76.8 at 2048, 125.1 vs 136.1 at 4096, 241.5 vs 253.9 at 8192; at 512 programs 64-key tiles stay (40.2 vs 46.4 at 576).
 # TP=2 engine, 8 layers, bs64 decode graph: 1.001 -> 0.935 ms. LORASERVE_ATTN_WIDE_DECODE=0: the static rule everywhere
 WIDE_DECODE = os.environ.get("LORASERVE_ATTN_WIDE_DECODE", "1").strip().lower() not in ("", "0", "off", "false", "no")
+
+
+def fp8_fp16_operands(dtype: torch.dtype) -> bool:
+    """LORASERVE_ATTN_FP8_FP16 (default auto): over an e4m3 KV cache the MMAs take fp16 operands (q, the widened
+    codes, p) where q is bf16 (auto), always (1: tests, any dtype) or never (0: the codes widened to q's dtype)."""
+    mode = os.environ.get("LORASERVE_ATTN_FP8_FP16", "auto").strip().lower()
+    return mode == "1" or (mode not in ("0", "off", "false", "no") and dtype == torch.bfloat16)
 
 
 def wide_decode(num_programs: int, elem_bytes: int, device: torch.device) -> bool:
@@ -357,7 +369,8 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, SPLIT_KV=num_splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg, **pdl_kwargs(q.device))
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg, **pdl_kwargs(q.device),
+        FP16_OPS=fp8_kv and fp8_fp16_operands(q.dtype))
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)
     return out

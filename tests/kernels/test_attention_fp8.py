@@ -52,6 +52,32 @@ def test_unified_fp8_interpreter_fp16_split_kv_float_scales(interp) -> None:
          check_wrong_scale=False)
 
 
+def _check_unified_fp16_operands(batch_name: str, num_splits) -> None:
+    """The FP16_OPS form (the H200's default for bf16 queries: q, the widened codes and p in fp16 for the MMAs) forced
+    for fp32 queries (LORASERVE_ATTN_FP8_FP16=1; the interpreter mishandles bf16): within fp16 rounding of the
+    reference on the dequantized cache."""
+    import os
+
+    from loraserve.kernels.unified_attention import unified_attention, unified_attention_ref
+
+    os.environ["LORASERVE_ATTN_FP8_FP16"] = "1"
+    try:
+        batch = ua.BATCHES[batch_name]
+        q, k, v, tables, lens, qsl, ks, vs = cases.make_fp8_problem(batch, 8, 2, 16, 16, torch.float32, 11)
+        ref = unified_attention_ref(q, k.float() * ks, v.float() * vs, tables, lens, qsl, 16 ** -0.5)
+        out = unified_attention(q, k, v, tables, lens, qsl, max(ql for ql, _ in batch), 16 ** -0.5,
+                                num_splits=num_splits, k_scale=ks, v_scale=vs)
+        torch.testing.assert_close(out, ref, **ua.TOLERANCES[torch.float16])
+    finally:
+        os.environ.pop("LORASERVE_ATTN_FP8_FP16")
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,num_splits", [("decode", None), ("mixed", 3)])
+def test_unified_fp8_fp16_operands_interpreter(interp, batch, num_splits) -> None:
+    _run(interp, _check_unified_fp16_operands, batch, num_splits)
+
+
 @needs_triton
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_paged_decode_fp8_interpreter(interp, num_splits) -> None:
@@ -152,3 +178,36 @@ def test_store_kv_fp8_interpreter(interp) -> None:
 def test_store_kv_fp8_gpu(dtype) -> None:
     """Triton's IEEE division and round-to-nearest-even cast give torch's codes, bit for bit."""
     cases.check_store(4096, 8, 128, 16, dtype, seed=2, device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels")
+def test_unified_fp8_fp16_operands_compile_sm90() -> None:
+    """Offline sm_90 compile of the bs64 decode variant over an e4m3 cache with bf16 queries: with FP16_OPS the codes
+    are widened by one cvt.rn.f16x2.e4m3x2 per pair and nothing converts to bf16 (without it, the bf16 widening);
+    no spills either way."""
+    import re
+
+    from loraserve.kernels.unified_attention import _unified_attention_kernel
+
+    from .sm90 import compile_sm90, offline_triton, stack_bytes
+
+    offline_triton()
+    types = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+             "qsl_ptr": "*i32", "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_log2": "fp32", "num_seqs": "i32",
+             "num_tokens": "i32", "num_splits": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i32",
+             "stride_ks": "i32", "stride_kh": "i32", "stride_vb": "i32", "stride_vs": "i32", "stride_vh": "i32",
+             "stride_tb": "i32", "stride_ot": "i32", "stride_oh": "i32"}
+    consts = dict(H=32, G=4, BLOCK_M=16, BLOCK_Q=4, TILE_N=64, BS=16, D=128, D_PAD=128, SPLIT_KV=False,
+                  DOT_PRECISION="tf32", FP8_KV=True, USE_PDL=True)
+    aligned = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "stride_qt", "stride_qh",
+               "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_ot", "stride_oh"]
+    ptx = {}
+    for fp16 in (True, False):
+        kernel = compile_sm90(_unified_attention_kernel, types, {**consts, "FP16_OPS": fp16}, div16=aligned,
+                              num_warps=4, num_stages=2, launch_pdl=True)
+        assert stack_bytes(kernel) == 0, fp16
+        ptx[fp16] = kernel.asm["ptx"]
+    # (Triton 3.9: 256 per-value cvt.bf16.f16 per K/V tile pair without FP16_OPS, none with it)
+    assert "cvt.rn.f16x2.e4m3x2" in ptx[True] and "cvt.bf16.f16" not in ptx[True] and "cvt.bf16.f16" in ptx[False]
+    assert re.search(r"mma[\w.]*\.f16\.f16", ptx[True]) and not re.search(r"mma[\w.]*\.bf16\.bf16", ptx[True])

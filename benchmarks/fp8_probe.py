@@ -49,6 +49,11 @@ VARIANTS = (
     ("w8a8_stream_early", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_GEMV_PDL": "early"}),
     # the attention over the e4m3 cache with the codes widened to bf16 (the previous form; now fp16 MMA operands)
     ("attn_bf16_ops", {"LORASERVE_ATTN_FP8_FP16": "0"}),
+    # the norms' codes from registers (previous; rows may round 1 ulp off rms_norm's) / SiLU-mul + codes in chunks
+    ("norm_reread_off", {"LORASERVE_FP8_NORM_REREAD": "0"}),
+    ("silu_one_pass_off", {"LORASERVE_FP8_SILU_ONE_PASS": "0"}),
+    ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
+                          "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),
     ("w8a8_stream_pps2", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_STREAM_PPS": "2"}),
     ("w8a8_token_nodefer", {"LORASERVE_FP8_W8A8": "token", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",

@@ -14,6 +14,8 @@ pair (torch.div_rn, the same amax), so x_q and scale equal per_token_quant_fp8(o
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -38,9 +40,18 @@ if HAS_TRITON:
             tl.store(q_ptr + row * stride_q + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _quant_regs(y, q_ptrs, s_ptr, ok, amax, fp8_max, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
+        # the row's scale from its amax, then the codes of y (its values in registers); per_token_quant_fp8's math
+        scale = tl.maximum(tl.div_rn(amax, fp8_max), MIN_SCALE_C)
+        tl.store(s_ptr, scale)
+        q = tl.minimum(tl.maximum(tl.div_rn(y.to(tl.float32), scale), -FP8_MAX_C), FP8_MAX_C)
+        tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, out_ptr, q_ptr, s_ptr, H, eps, fp8_max, stride_x, stride_r,
                                stride_o, stride_q, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                               FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False):
+                               FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False,
+                               REREAD: tl.constexpr = True):
         if USE_PDL:   # kernels/pdl.py: every input comes from the kernels before us
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -65,19 +76,33 @@ if HAS_TRITON:
         # (H200, test_fp8_fused). Read back, the norm keeps _rms_norm_kernel's layout and order; the amax is exact
         # in any order
         amax = tl.max(tl.where(ok, tl.abs(y.to(tl.float32)), 0.0), axis=0)
-        tl.debug_barrier()   # every thread's part of the row stored before any thread reads it back
-        _quant_row(out_ptr, q_ptr, s_ptr, row, H, stride_o, stride_q, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C,
-                   BLOCK // 2)   # (another block shape than the norm's: no layout shared with it)
+        if REREAD:
+            tl.debug_barrier()   # every thread's part of the row stored before any thread reads it back
+            _quant_row(out_ptr, q_ptr, s_ptr, row, H, stride_o, stride_q, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C,
+                       BLOCK // 2)   # (another block shape than the norm's: no layout shared with it)
+        else:   # from the registers (one pass fewer; the norm then rounds as the fp8 store's layout sums)
+            _quant_regs(y, q_ptr + row * stride_q + offs, s_ptr + row, ok, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C)
 
     @triton.jit
     def _silu_mul_quant_kernel(x_ptr, out_ptr, q_ptr, s_ptr, I, fp8_max, stride_x, stride_o, stride_q,
                                BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr,
-                               USE_PDL: tl.constexpr = False):
+                               USE_PDL: tl.constexpr = False, ONE_PASS: tl.constexpr = False):
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
+        if ONE_PASS:   # the whole row in registers (I <= BLOCK): one load, the codes from registers (max is exact)
+            ok = offs < I
+            g = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+            u = tl.load(x_ptr + row * stride_x + I + offs, mask=ok, other=0.0)
+            gf = g.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+            y = (act * u.to(tl.float32)).to(g.dtype)
+            tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
+            amax1 = tl.max(tl.where(ok, tl.abs(y.to(tl.float32)), 0.0), axis=0)
+            _quant_regs(y, q_ptr + row * stride_q + offs, s_ptr + row, ok, amax1, fp8_max, FP8_MAX_C, MIN_SCALE_C)
+            return
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, I, BLOCK):   # kernels/activation.py's _silu_and_mul_kernel, chunk by chunk
             ok = (k0 + offs) < I
@@ -98,7 +123,8 @@ if HAS_TRITON:
     def _splitk_add_rms_norm_kernel(ws_ptr, s_ptr, xs_ptr, res_ptr, w_ptr, out_ptr, q_ptr, qs_ptr, M, H, SPLITS, eps,
                                     fp8_max, stride_r, stride_o, stride_q, ROW_SCALE: tl.constexpr,
                                     QUANT: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                                    MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False):
+                                    MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False,
+                                    REREAD: tl.constexpr = True):
         # x = (sum over the splits of ws[split, row, :], in split order) [* xs[row]] * s, rounded to the dtype: what
         # fp8_gemv's _splitk_sum_kernel (or the tw kind's _rescale_rows_cols_kernel) stores; then kernels/rmsnorm.py's
         # residual add + RMSNorm on it; QUANT: also its per-token e4m3 codes (rms_norm_quant's)
@@ -126,9 +152,24 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
         if QUANT:   # as _rms_norm_quant_kernel: the codes from the row read back (the norm keeps rms_norm's order)
             amax = tl.max(tl.where(ok, tl.abs(y.to(tl.float32)), 0.0), axis=0)
-            tl.debug_barrier()
-            _quant_row(out_ptr, q_ptr, qs_ptr, row, H, stride_o, stride_q, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C,
-                       BLOCK // 2)
+            if REREAD:
+                tl.debug_barrier()
+                _quant_row(out_ptr, q_ptr, qs_ptr, row, H, stride_o, stride_q, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C,
+                           BLOCK // 2)
+            else:
+                _quant_regs(y, q_ptr + row * stride_q + offs, qs_ptr + row, ok, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C)
+
+
+def norm_reread_on() -> bool:
+    """LORASERVE_FP8_NORM_REREAD=0: the norms' e4m3 codes from registers (one pass; rows may round one bf16 ulp away
+    from rms_norm's, the layout the fp8 store asks for summing in another order); default 1: read back."""
+    return os.environ.get("LORASERVE_FP8_NORM_REREAD", "1").strip() != "0"
+
+
+def silu_one_pass_on() -> bool:
+    """LORASERVE_FP8_SILU_ONE_PASS=0: silu_mul_quant in 2048-wide chunks and a second pass for the codes (the previous
+    form; H200 bs64: 7.7 us a layer for 64 rows of 14336, one program per row)."""
+    return os.environ.get("LORASERVE_FP8_SILU_ONE_PASS", "1").strip() != "0"
 
 
 def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: Tensor, eps: float,
@@ -152,7 +193,7 @@ def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: T
         _splitk_add_rms_norm_kernel[(T,)](
             ws, w_scale, x_scale if x_scale is not None else w_scale, residual, weight, out, x_q, q_scale, T, H,
             splits, eps, FP8_MAX, residual.stride(0), out.stride(0), x_q.stride(0), ROW_SCALE=x_scale is not None,
-            QUANT=quant, BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
+            QUANT=quant, BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, REREAD=norm_reread_on(),
             num_warps=min(16, max(1, block // 512)), **pdl_kwargs(ws.device))
     return (out, residual, x_q, q_scale) if quant else (out, residual)
 
@@ -177,6 +218,7 @@ def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: floa
     res = residual if residual is not None else x
     _rms_norm_quant_kernel[(T,)](x, res, weight, out, x_q, scale, H, eps, FP8_MAX, x.stride(0), res.stride(0),
                                  out.stride(0), x_q.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                 REREAD=norm_reread_on(),
                                  FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(16, max(1, block // 512)),
                                  **pdl_kwargs(x.device))
     return out, residual, x_q, scale
@@ -193,8 +235,10 @@ def silu_mul_quant(gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
     if T == 0:
         return out, x_q, scale
-    block = min(2048, max(16, triton.next_power_of_2(I)))
+    one_pass = silu_one_pass_on() and I <= 16384
+    block = max(16, triton.next_power_of_2(I)) if one_pass else min(2048, max(16, triton.next_power_of_2(I)))
+    warps = min(16, max(4, block // 1024)) if one_pass else (4 if block <= 1024 else 8)
     _silu_mul_quant_kernel[(T,)](gate_up, out, x_q, scale, I, FP8_MAX, gate_up.stride(0), out.stride(0),
-                                 x_q.stride(0), BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
-                                 num_warps=4 if block <= 1024 else 8, **pdl_kwargs(gate_up.device))
+                                 x_q.stride(0), BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, ONE_PASS=one_pass,
+                                 num_warps=warps, **pdl_kwargs(gate_up.device))
     return out, x_q, scale

@@ -135,3 +135,38 @@ def test_norm_quant_keeps_rms_norm_layout_sm90() -> None:
     # the quantize pass reads the row back in half-row chunks (its own layout): the norm's is rms_norm's
     assert layouts["rms_norm"] <= layouts["rms_norm_quant"] and layouts["rms_norm"] <= layouts["splitk_add_rms_norm"], \
         layouts
+
+
+def _check_switched_off(dtype: str) -> None:
+    """LORASERVE_FP8_SILU_ONE_PASS=0 (chunks + a second pass) and LORASERVE_FP8_NORM_REREAD=0 (codes from registers):
+    the same contracts."""
+    import os
+
+    os.environ.update(LORASERVE_FP8_SILU_ONE_PASS="0", LORASERVE_FP8_NORM_REREAD="0")
+    try:
+        cases.check_silu_mul_quant(dtype, 3, 2100)
+        cases.check_rms_norm_quant(dtype, 5, 100, True)
+        cases.check_splitk_add_rms_norm(dtype, 1, 3, 96, "cpu", row_scale=True, quant=True)
+    finally:
+        for key in ("LORASERVE_FP8_SILU_ONE_PASS", "LORASERVE_FP8_NORM_REREAD"):
+            os.environ.pop(key)
+
+
+def test_norm_quant_switched_off_interp(interp) -> None:
+    interp.submit(_check_switched_off, "float16").result(timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels (test_norm_quant_gpu)")
+def test_silu_mul_quant_one_pass_compiles_sm90() -> None:
+    """The one-pass SiLU-mul + codes at the 8B width (a 14336-wide row in registers, 16 warps): no spills."""
+    from loraserve.kernels.fp8_norm_quant import _silu_mul_quant_kernel
+
+    from .sm90 import compile_sm90, offline_triton, stack_bytes
+
+    offline_triton()
+    kernel = compile_sm90(_silu_mul_quant_kernel,
+                          {"x_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "I": "i32",
+                           "fp8_max": "fp32", "stride_x": "i32", "stride_o": "i32", "stride_q": "i32"},
+                          dict(BLOCK=16384, FP8_MAX_C=448.0, MIN_SCALE_C=1e-12, USE_PDL=True, ONE_PASS=True),
+                          div16_except=("fp8_max",), num_warps=16, launch_pdl=True)
+    assert stack_bytes(kernel) == 0

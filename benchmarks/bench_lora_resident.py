@@ -308,20 +308,28 @@ def main() -> int:
         apply_variant(eng, loop_variant)   # LoRA graphs recaptured under it by a warm loop
         run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 1_777), conc, "warm-variant")
     out["loop_variant"] = loop_variant
-    runs, reps = {}, {"lora_graphs": [], "base": []}
-    plan = [("lora_graphs", ids, True), ("base", [None] * n_req, True)] * max(1, args.repeats)
-    if not args.skip_eager_loop:
-        plan.append(("lora_eager_mixed", ids, False))
-    for k, (tag, a, on) in enumerate(plan):   # with and without adapters alternate; medians over the repeats
+    runs = {}
+
+    def loop(tag: str, a: list, on: bool, seed: int) -> dict:
         lora_graphs(eng, on)
         t, g0 = time.perf_counter(), graph_state(eng)
-        r = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, 2_000 + k), conc, tag)
+        r = run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, a, seed), conc, tag)
         r["graphs"] = graph_note(g0, graph_state(eng))
-        reps.setdefault(tag, []).append(r)
         print(f"  {tag}: {r['tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms  "
               f"[{time.perf_counter() - t:.1f} s; {r['graphs']}]", flush=True)
-    for tag, rs in reps.items():
-        runs[tag] = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]
+        return r
+
+    # with and without adapters in interleaved pairs of alternating order (benchmarks/ab_pairs.py: drift between
+    # loops cannot bias the ratio); the figure is the median of the pairs' ratios
+    from benchmarks.ab_pairs import interleaved_ratio, median_run
+
+    ab = interleaved_ratio(eng, lambda i: loop("lora_graphs", ids, True, 2_000 + i),
+                           lambda i: loop("base", [None] * n_req, True, 2_000 + i), max(1, args.repeats))
+    runs["lora_graphs"], runs["base"] = median_run(ab["a"]), median_run(ab["b"])
+    out["pairs"] = dict(ratios=ab["ratios"], spread=ab["spread"], order=ab["order"],
+                        ratio_of_medians=ab["ratio_of_medians"])
+    if not args.skip_eager_loop:
+        runs["lora_eager_mixed"] = loop("lora_eager_mixed", ids, False, 2_999)
     if args.ab_bound and mixed is not None and mixed.lora_manager is not None:
         # the same loop with the LoRA graphs' old grid (cdiv(T, BM) + min(slots, T) tiles): recaptured
         lora_graphs(eng, True)
@@ -339,9 +347,9 @@ def main() -> int:
         run_closed_loop(eng, make_requests(n_req, vocab, in_len, out_len, ids, 5_001), conc, "rewarm")
     lora_graphs(eng, True)
     out["closed_loop"] = runs
-    out["resident32_vs_base_tok_s"] = runs["lora_graphs"]["tok_s"] / runs["base"]["tok_s"]
-    print(f"  main loops: resident{args.adapters}_vs_base_tok_s {out['resident32_vs_base_tok_s']:.3f} (median of "
-          f"{max(1, args.repeats)})", flush=True)
+    out["resident32_vs_base_tok_s"] = ab["ratio"]
+    print(f"  main loops: resident{args.adapters}_vs_base_tok_s {ab['ratio']:.3f} (median of {len(ab['ratios'])} "
+          f"interleaved pairs, spread {ab['spread'][0]:.3f}-{ab['spread'][1]:.3f})", flush=True)
     save()   # (the issue's figure first: a time limit may cut what follows)
     if args.also_variants:   # the same loops under other variants (e.g. the defaults before), one engine
         from benchmarks.lora_step_replay import apply_variant
@@ -371,7 +379,6 @@ def main() -> int:
             out[f"loop_profile_{tag}"] = profile_loop(eng, make_requests(conc, vocab, in_len, out_len, a, 3_000 + k),
                                                       conc, tag, args.profile_rows)
         print_kernel_diff(out["loop_profile_lora_graphs"], out["loop_profile_base"], args.profile_rows)
-    out["resident32_vs_base_tok_s"] = runs["lora_graphs"]["tok_s"] / runs["base"]["tok_s"]
     if "lora_eager_mixed" in runs:
         out["resident32_vs_base_tok_s_eager_mixed"] = runs["lora_eager_mixed"]["tok_s"] / runs["base"]["tok_s"]
     if mixed is not None:
@@ -387,7 +394,7 @@ def main() -> int:
         ("resident32_vs_base_tok_s_eager_mixed", "with LoRA mixed steps eager")) if k in out)
     print(f"resident{args.adapters}_vs_base_tok_s: {out['resident32_vs_base_tok_s']:.3f} with LoRA mixed graphs"
           f"{'' if loop_variant == 'default' else ' (variant ' + loop_variant + ')'}{extra}"
-          f"  (target >= 0.9; median of {max(1, args.repeats)}; slots {eng.lora_manager.num_slots} x "
+          f"  (target >= 0.9; median of {max(1, args.repeats)} interleaved pairs; slots {eng.lora_manager.num_slots} x "
           f"{eng.lora_manager.slots.granule} rows, qkv A slices {eng.lora_manager.slots.a['qkv_proj'].shape[2]})")
     save()
     llm.shutdown()

@@ -31,7 +31,8 @@ SWEEP = {"o": [(64, 128, 2, 4, 4, 0), (32, 128, 1, 4, 4, 0), (64, 128, 1, 4, 4, 
          "down": [(64, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 0), (64, 128, 2, 4, 4, 1)]}
 
 
-def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sweep: bool = False) -> None:
+def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sweep: bool = False,
+           sweep_only: bool = False) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -95,13 +96,13 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sw
         return run
 
     # 1. the pairs at each row count (the most wanted figures first: a killed run keeps them)
-    for rows in rows_list:
+    for rows in rows_list if not sweep_only else ():
         for name in SHAPES:
             for kind in ("cublas", "push") + (("gemv",) if rows == 1 else ("skinny",)):
                 dist.barrier()
                 put(f"{name}_m{rows}_{kind}_pair_us", graph_seconds(chain(kind, name, rows), 2, 20) * 1e6 / 8)
     # 2. one fresh pair of each: the push + norm against cuBLAS + norm (the GEMMs round differently)
-    for name in SHAPES:
+    for name in SHAPES if not sweep_only else ():
         for rows in rows_list:
             (x, r), w = inputs[name, rows], weights[name][0]
             ya, yb = F.linear(x, w), fn.gemm_push(x, w)
@@ -110,12 +111,15 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sw
             torch.cuda.synchronize()
             put(f"{name}_m{rows}_push_vs_cublas_max_diff", (ya.float() - yb.float()).abs().max().item())
     # 3. other tiles for the push at the first row count, then the GEMMs alone
-    for name in SHAPES if sweep else ():
+    for name in SHAPES if sweep or sweep_only else ():
+        for kind in ("cublas", "push") if sweep_only else ():   # this process's baseline beside the other tiles
+            dist.barrier()
+            put(f"{name}_m{rows_list[0]}_{kind}_pair_us", graph_seconds(chain(kind, name, rows_list[0]), 2, 20) * 1e6 / 8)
         for alt in SWEEP.get(name, []):
             dist.barrier()
             put(f"{name}_m{rows_list[0]}_push_{'_'.join(map(str, alt))}_pair_us",
                 graph_seconds(chain("push", name, rows_list[0], alt), 2, 20) * 1e6 / 8)
-    for name, (N, K) in SHAPES.items():
+    for name, (N, K) in SHAPES.items() if not sweep_only else ():
         for rows in rows_list:
             (x, _), ws = inputs[name, rows], weights[name]
             cfg = push_config(rows, N, K, dev)
@@ -133,6 +137,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="64,1")
     ap.add_argument("--sweep", action="store_true", help="also the push with the other tiles of SWEEP")
+    ap.add_argument("--sweep-only", action="store_true", help="only those, beside cuBLAS + norm and the default push")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -147,7 +152,8 @@ def main() -> int:
     rows = [int(v) for v in a.rows.split(",")]
     with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
-        mp.start_processes(worker, args=(2, _free_port(), out, rows, a.sweep), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(worker, args=(2, _free_port(), out, rows, a.sweep, a.sweep_only), nprocs=2, join=True,
+                           start_method="spawn")
         res = dict(out)
     for name in SHAPES:
         for m in rows:

@@ -226,7 +226,14 @@ def main() -> int:
     ap.add_argument("--precompile-engine", action="store_true",
                     help="--sweep: also compile the engine's W8A8 tiles as dot8 / dot8p, plain and PDL early")
     ap.add_argument("--smoke", action="store_true", help="CPU, shapes / 64, eager (set TRITON_INTERPRET=1)")
+    ap.add_argument("--precompile-tiles", default="",
+                    help="only compile these tiles (kind:bm:bn:bk:split:warps:stages;...) ahead, then exit")
     a = ap.parse_args()
+    if a.precompile_tiles:
+        cfgs = [(c.split(":")[0],) + tuple(int(v) for v in c.split(":")[1:]) for c in a.precompile_tiles.split(";") if c]
+        if torch.cuda.is_available():
+            precompile_all(cfgs, a.jobs, a.precompile_s, False)
+        return 0
     if not torch.cuda.is_available() and not a.smoke:
         print("fp8_bs64_gemm: no CUDA device (the forms are GPU kernels); nothing timed")
         return 0

@@ -52,6 +52,14 @@ VARIANTS = (
     # the norms' codes from registers (previous; rows may round 1 ulp off rms_norm's) / SiLU-mul + codes in chunks
     ("norm_reread_off", {"LORASERVE_FP8_NORM_REREAD": "0"}),
     ("silu_one_pass_off", {"LORASERVE_FP8_SILU_ONE_PASS": "0"}),
+    # bucket-64 tiles from probe 1's sweep (us, partials left to the consumer): qkv dot8 64x128 split 4 10.0 (cuBLASLt
+    # tw 10.3 + 1.9 scaling), its partials summed by the RoPE + K/V kernel; o dot8 64x256 split 2 7.54 (tw 7.76);
+    # down dot8 64x256 split 2 19.1 (tw 18.7)
+    ("qkv_dot8_rope", {"LORASERVE_FP8_TILE64": "6144x4096=dot8:64:64:128:4:4:3", "LORASERVE_FP8_DEFER_QKV": "1"}),
+    ("o_dot8", {"LORASERVE_FP8_TILE64": "4096x4096=dot8:64:64:256:2:4:4"}),
+    ("down_dot8", {"LORASERVE_FP8_TILE64": "4096x14336=dot8:64:64:256:2:4:4"}),
+    ("dot8_tiles_all", {"LORASERVE_FP8_TILE64": "6144x4096=dot8:64:64:128:4:4:3,4096x4096=dot8:64:64:256:2:4:4,"
+                                                "4096x14336=dot8:64:64:256:2:4:4", "LORASERVE_FP8_DEFER_QKV": "1"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

@@ -125,12 +125,37 @@ def _load_env_configs() -> None:
     _OVERRIDDEN.update(table)
 
 
+_TILE64_CACHE: dict[str, dict[tuple[int, int], GemvConfig]] = {}
+
+
+def tile64_overrides() -> dict[tuple[int, int], GemvConfig]:
+    """LORASERVE_FP8_TILE64="NxK=kind:bm:bn:bk:split:warps:stages[,...]": the 33..64-token bucket's config for those
+    shapes (probes: read at each call, unlike LORASERVE_FP8_GEMV_CONFIGS, so one process can A/B tiles)."""
+    raw = os.environ.get("LORASERVE_FP8_TILE64", "").strip()
+    if raw not in _TILE64_CACHE:
+        table = {}
+        for item in filter(None, (p.strip() for p in raw.split(","))):
+            try:
+                shape, cfg = item.split("=")
+                n, k = (int(v) for v in shape.lower().split("x"))
+                kind, *nums = cfg.split(":")
+                assert kind in KINDS and len(nums) == 6
+                table[(n, k)] = (kind, *(int(v) for v in nums))
+            except (ValueError, AssertionError):
+                raise ValueError(f"LORASERVE_FP8_TILE64: bad item {item!r} (NxK=kind:bm:bn:bk:split:warps:stages)") \
+                    from None
+        _TILE64_CACHE[raw] = table
+    return _TILE64_CACHE[raw]
+
+
 def gemv_config(M: int, N: int, K: int, num_sms: int, weight_only: bool = False) -> GemvConfig:
     """The table's config for (M bucket, N, K), else the heuristic's. weight_only: never dot8 (x stays in
     bf16/fp16; where dot8 would serve, the bf16-operand tensor-core form with 64 x 64 tiles)."""
     if not _env_loaded:
         _load_env_configs()
     cfg = CONFIGS.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
+    if m_bucket(M) == 64 and (N, K) in tile64_overrides():
+        cfg = tile64_overrides()[(N, K)]
     # any tile serves any M: the grid has cdiv(M, BLOCK_M) row tiles
     if weight_only and cfg[0] in W8A8_KINDS:
         bm, bk = max(16, triton.next_power_of_2(min(M, 64))), min(64, max(16, triton.next_power_of_2(K)))

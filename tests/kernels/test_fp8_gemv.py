@@ -447,3 +447,21 @@ def test_gemv_tiles_compile_for_sm90_without_spills() -> None:
         assert "fma.rn.f16x2" in ptx and "griddepcontrol.wait" in ptx and re.search(r"ld\.global[\w:.]*\.v4", ptx)
         # EARLY: the first weight tiles' 16-byte loads are issued before the wait
         assert bool(re.search(r"ld\.global[\w:.]*\.v4", ptx[:ptx.index("griddepcontrol.wait")])) == early
+
+
+def test_tile64_overrides(monkeypatch) -> None:
+    """LORASERVE_FP8_TILE64 replaces the 33..64-token bucket's config of the shapes it names (read at each call), and
+    a malformed item is refused with the expected form."""
+    from loraserve.kernels import fp8_gemv_configs as fg
+
+    table = fg.gemv_config(64, 6144, 4096, 132)
+    monkeypatch.setenv("LORASERVE_FP8_TILE64", "6144x4096=dot8:64:64:128:4:4:3")
+    assert fg.gemv_config(64, 6144, 4096, 132) == ("dot8", 64, 64, 128, 4, 4, 3)
+    assert fg.gemv_config(40, 6144, 4096, 132) == ("dot8", 64, 64, 128, 4, 4, 3)   # bucket 64
+    assert fg.gemv_config(16, 6144, 4096, 132) == fg.CONFIGS[(16, 6144, 4096)]      # other buckets untouched
+    assert fg.gemv_config(64, 4096, 4096, 132) == fg.CONFIGS[(64, 4096, 4096)]      # other shapes untouched
+    monkeypatch.setenv("LORASERVE_FP8_TILE64", "6144x4096=dot9:64:64:128:4:4:3")
+    with pytest.raises(ValueError, match="NxK=kind"):
+        fg.gemv_config(64, 6144, 4096, 132)
+    monkeypatch.delenv("LORASERVE_FP8_TILE64")
+    assert fg.gemv_config(64, 6144, 4096, 132) == table

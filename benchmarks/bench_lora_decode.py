@@ -58,7 +58,8 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "b64": dict(prefetch="", bgmv_max_tokens=64), "pf_t": dict(prefetch="t"),
             "overlap_pf_at_b64": dict(overlap="shrink", prefetch="at", bgmv_max_tokens=64),
             "overlap_nopf": dict(overlap="shrink", prefetch=""),
-            "xbgmv": dict(expand_bgmv=True), "pipegu": dict(pipe_min_blocks=8),  # lora_expand_bgmv / the pipelined loop
+            "xbgmv": dict(expand_bgmv=True, xb_max_slices=3),   # the BGMV expand on every projection (default: 1 slice)
+            "noxbgmv": dict(expand_bgmv=False), "nopipegu": dict(pipe_min_blocks=0),
             "noflag": dict(dora_flags=False),   # the DoRA epilogue on every slot (before the per-slot flags)
             "prev9": dict(dora_flags=False, expand_bgmv=False, pipe_min_blocks=0),  # the defaults at 262c58e
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
@@ -90,6 +91,8 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", defaults["bgmv_wide_block_k"])
     lora_expand_stream.STREAM_SLOTS = v.get("slots", defaults["slots"])
     importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV = v.get("expand_bgmv", defaults["expand_bgmv"])
+    importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES = v.get(
+        "xb_max_slices", defaults["xb_max_slices"])
     lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", defaults["pipe_min_blocks"])
     batch.DORA_FLAGS = v.get("dora_flags", defaults["dora_flags"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
@@ -134,6 +137,7 @@ def main() -> int:
                     bgmv_wide_block_k=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_WIDE_BLOCK_K,
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"),
                     expand_bgmv=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV,
+                    xb_max_slices=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES,
                     pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs

@@ -155,13 +155,14 @@ class Case:
             lora_shrink_bgmv.BGMV_BLOCK_K = v.get("bgmv_block_k")
             lora_shrink_bgmv.BGMV_WIDE_BLOCK_K = v.get("bgmv_wide_block_k", 0)
             lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", 0)
+            importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES = v.get("xb_max_slices", 1)
             lora_expand_stream.STREAM_BLOCK_N = v.get("stream_block_n", 0)
             lora_meta.LORA_BGMV_MAX_RANK = v.get("bgmv_max_rank", 64)
             from loraserve.kernels import lora_expand_bgmv
 
             apply_exp = importlib.import_module("loraserve.kernels.lora_expand")  # the module
             apply_exp.EXPAND_BGMV = bool(v.get("expand_bgmv", False))
-            lora_expand_bgmv.EXPAND_BGMV_BLOCK_N = v.get("xb_block_n", 256)
+            lora_expand_bgmv.EXPAND_BGMV_BLOCK_N = v.get("xb_block_n", 512)
             lora_expand_bgmv.EXPAND_BGMV_WARPS = v.get("xb_warps", 0)
             lora_expand_bgmv.EXPAND_BGMV_PPS = v.get("xb_pps", 4)
             stream = bool(v.get("stream", True))
@@ -399,12 +400,13 @@ def main() -> None:
                     help="with --compare: comma-separated lora_variants.VARIANTS, the first is the reference")
     ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
     ap.add_argument("--sweep-bgmv", action="store_true", help="BGMV shrink / expand prefetch knobs (layer case)")
+    ap.add_argument("--sweep-xbgmv", action="store_true", help="the BGMV expand's tile knobs alone (layer case)")
     ap.add_argument("--sweep-budget", type=float, default=None, help="seconds for each --sweep-* (then stop)")
     ap.add_argument("--overlap-layer", action="store_true",
                     help="one layer's base GEMMs + LoRA through LoRABatch.linear: sequential vs the side-stream "
                          "overlap modes (benchmarks/lora_layer_overlap.py), before anything else asked for")
     args = ap.parse_args()
-    from benchmarks.lora_variants import compare, sweep_bgmv, sweep_onelaunch, sweep_stream   # --compare / sweeps
+    from benchmarks.lora_variants import compare, sweep_bgmv, sweep_onelaunch, sweep_stream, sweep_xbgmv   # sweeps
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     shapes_only = None
@@ -434,6 +436,8 @@ def main() -> None:
                 sweep_onelaunch(smoke=True, budget_s=args.sweep_budget)
             if args.sweep_bgmv:
                 sweep_bgmv(smoke=True, budget_s=args.sweep_budget)
+            if args.sweep_xbgmv:
+                sweep_xbgmv(smoke=True, budget_s=args.sweep_budget)
             return
         table(float("nan"), smoke=True)
         return
@@ -450,6 +454,11 @@ def main() -> None:
             sweep_stream(budget_s=args.sweep_budget)
         if args.sweep_bgmv:
             sweep_bgmv(budget_s=args.sweep_budget)
+        if args.sweep_xbgmv:
+            sweep_xbgmv(budget_s=args.sweep_budget)
+        return
+    if args.sweep_xbgmv and args.only_sweeps:
+        sweep_xbgmv(budget_s=args.sweep_budget)
         return
     if args.sweep_onelaunch and args.only_sweeps:
         sweep_onelaunch(budget_s=args.sweep_budget)

@@ -64,7 +64,8 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                expand_bgmv=__import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"]).EXPAND_BGMV,
                xb_block_n=lora_expand_bgmv.EXPAND_BGMV_BLOCK_N, xb_warps=lora_expand_bgmv.EXPAND_BGMV_WARPS,
                xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N,
-               bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK)
+               bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK,
+               xb_max_slices=__import__("loraserve.kernels.lora_expand", fromlist=["X"]).EXPAND_BGMV_MAX_SLICES)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -111,19 +112,22 @@ VARIANTS = {
     "pipe64": dict(DEFAULT, slots=-4),  # the defaults with the expand's Triton-pipelined column loop at 33-64 tokens too
     "before": dict(stream=True, pdl=True, bgmv=True, prefetch=""),  # = nopf: b1789bc's defaults (BGMV <= 32 tokens,
     # its BLOCK_K by the target split only, nothing before the waits, no early trigger)  # the code's defaults with the prefetch off
-    # the BGMV-style expand (lora_expand_bgmv.py, LORASERVE_LORA_EXPAND_BGMV) at <= 64 tokens, rank <= 32:
-    # xbgmv = 256 columns (8 KB of B) per iteration, 4 programs/SM; _n128 / _n512 (8 warps) columns; _p8 programs/SM
-    "xbgmv": dict(DEFAULT, expand_bgmv=True),
-    "xbgmv_n128": dict(DEFAULT, expand_bgmv=True, xb_block_n=128),
-    "xbgmv_n512": dict(DEFAULT, expand_bgmv=True, xb_block_n=512),
-    "xbgmv_p8": dict(DEFAULT, expand_bgmv=True, xb_pps=8),
-    "xbgmv_p2": dict(DEFAULT, expand_bgmv=True, xb_pps=2),
+    # the BGMV-style expand (lora_expand_bgmv.py, LORASERVE_LORA_EXPAND_BGMV; default since 2026-12-01 for single-slice
+    # projections, 512 columns): on every projection with 256 columns (xbgmv, as in the 00:53 probe), 512 (_n512),
+    # 128 (_n128); _p8 / _p2 programs per SM
+    "xbgmv": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256),
+    "xbgmv_n128": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128),
+    "xbgmv_n512": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=512),
+    "xbgmv_p8": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_pps=8),
+    "xbgmv_p2": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_pps=2),
+    "noxbgmv": dict(DEFAULT, expand_bgmv=False),   # the default without the BGMV expand
     # ... with the BGMV shrink's BLOCK_K 512 / 256 everywhere (more, smaller shrink programs: faster alone, H200
     # probe 13:28; their 8-56 partials cost the streaming expand's column loop, here one [SK, 16] load per row)
-    "xbgmv_k512": dict(DEFAULT, expand_bgmv=True, bgmv_block_k=512),
-    "xbgmv_k256": dict(DEFAULT, expand_bgmv=True, bgmv_block_k=256),
+    "xbgmv_k512": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, bgmv_block_k=512),
+    "xbgmv_k256": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, bgmv_block_k=256),
     # the streaming expand's Triton-pipelined column loop for runs of >= 8 blocks up to 256 tokens (gate_up)
-    "pipegu": dict(DEFAULT, pipe_min_blocks=8),
+    "pipegu": dict(DEFAULT, pipe_min_blocks=8),   # (the default since 2026-12-01); nopipegu: off
+    "nopipegu": dict(DEFAULT, pipe_min_blocks=0),
     # ... at every token count (the 1024-token "reduced" steps and 256-token tiles too: y read + write bound)
     "pipeall": dict(DEFAULT, slots=-4),
     "pipeall3": dict(DEFAULT, slots=-3),
@@ -409,6 +413,52 @@ def sweep_bgmv(smoke: bool = False, budget_s: float | None = None) -> None:
             key = f"n{bn}/w{w}/p{per_sm}/st{-ya}"
             try:
                 cells.append(f"{key}={c.time('expand_only', cfg=cfg):.1f}")
+            except Exception as exc:  # noqa: BLE001 - report, go on
+                cells.append(f"{key}=ERR({type(exc).__name__})")
+        print(f"layer {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        c.use_variant(DEFAULT)
+        del c
+
+
+def sweep_xbgmv(smoke: bool = False, budget_s: float | None = None) -> None:
+    """The BGMV expand alone (us per projection) on the 64-token / 32-adapter / rank-16 layer case, from the default
+    shrink's partials: BLOCK_N x warps x programs per SM, next to the streaming expand and to a device copy of the
+    same bytes (B of the 32 adapters + y read and written: what the expand must move, as one torch copy)."""
+    from benchmarks.bench_lora_kernels import graph_us
+    from loraserve.kernels.lora_expand_bgmv import expand_bgmv_config, lora_expand_bgmv
+
+    print("\nsweep-xbgmv: layer case, rank 16, expands alone (us); nN/wW/pP = BLOCK_N, warps, programs per SM",
+          flush=True)
+    t0 = time.perf_counter()
+    for proj in ("gate_up", "qkv", "o", "down"):
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            print(f"sweep-xbgmv: budget of {budget_s:.0f} s spent; rows left out from {proj}", flush=True)
+            break
+        c = Case(proj, 16, 4, 16, "cpu", smoke=True) if smoke else Case(proj, 16, 32, 64)
+        c.use_variant(VARIANTS["noxbgmv"])
+        c.calls("shrink_only")[0]()  # real partials in the workspace
+        cells = [f"stream={c.time('expand_only'):.1f}"]
+        if not smoke:  # the same bytes as one device copy (read + write): B of the L adapters + y
+            nbytes = c.L * c.N * 16 * 2 + c.T * c.N * 2
+            src = torch.empty(nbytes // 2 * 4, dtype=torch.bfloat16, device="cuda")  # 4 copies: from HBM each time
+            dst = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+            n = nbytes // 2
+            cells.append(f"copy{nbytes / 1e6:.0f}MB={graph_us([lambda i=i: dst.copy_(src[i * n:(i + 1) * n]) for i in range(4)]):.1f}")
+            del src, dst
+        SK, S, T_, R = c.ws.shape
+        for bn, w, pps in ((512, 8, 4), (512, 8, 2), (512, 4, 4), (256, 4, 4), (256, 4, 8), (256, 8, 4), (1024, 8, 4),
+                           (1024, 8, 2), (128, 4, 8), (512, 16, 4)):
+            if smoke:
+                bn = min(bn, 32)
+            base = expand_bgmv_config(c.N, R, c.meta.grid_tiles)
+            blocks = -(-c.N // bn)
+            groups = max(1, min(blocks, round(pps * 132 / c.meta.grid_tiles)))
+            cfg = dict(BLOCK_N=bn, BLOCK_R=base["BLOCK_R"], num_warps=w, COLS_PER_PROG=-(-blocks // groups) * bn)
+            key = f"n{bn}/w{w}/p{pps}"
+            try:
+                calls = [lambda i=i, cfg=cfg: lora_expand_bgmv(c.ws, c.ab(i)[1], c.offsets, c.meta, c.ranks, c.y,
+                                                             config=cfg) for i in range(c.num_sets)]
+                cells.append(f"{key}={_time_calls(c, calls):.1f}")
             except Exception as exc:  # noqa: BLE001 - report, go on
                 cells.append(f"{key}=ERR({type(exc).__name__})")
         print(f"layer {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)

@@ -18,7 +18,7 @@ and the whole block is in flight at once (5 programs x 8 KB per SM at rank 16).
 
 Columns take the intermediate of their own slice (per column select of h_0 / h_1 / h_2), as the
 classic kernel's masked sum does. B is read only up to ceil16(r_a) of its rank axis.
-Opt-in (LORASERVE_LORA_EXPAND_BGMV=1, lora_expand.EXPAND_BGMV): unmeasured on a GPU when written.
+Default for single-slice projections at <= 64 tokens (lora_expand.EXPAND_BGMV, _MAX_SLICES; H200 figures there).
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ if HAS_TRITON:
 # Columns per program at rank <= 16 (one B load: BLOCK_N x 16 elements) and warps; 4096 // BLOCK_R columns at
 # higher ranks. sm_90 offline compile (registers, no spills): rank 16, 256 columns x 4 warps 86-96; 512 x 8
 # warps 73-96; 128 x 4 warps 56-63; rank 64, 128 x 4 warps 255 (hence 64 columns there). Env for the probes.
-EXPAND_BGMV_BLOCK_N = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_BLOCK_N", "256"))
+EXPAND_BGMV_BLOCK_N = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_BLOCK_N", "512"))   # H200 00:53: 512 x 8 warps best
 EXPAND_BGMV_WARPS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_WARPS", "0"))   # 0: by the block size
 EXPAND_BGMV_PPS = float(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_PPS", "4"))  # programs per SM (grid target)
 EXPAND_BGMV_MAX_RANK = 32  # rank 64 compiled to 180-255 registers (sm_90 offline): the streaming expand there
@@ -240,7 +240,7 @@ def expand_bgmv_applies(num_slices: int, rank: int, split_k: int) -> bool:
 
 
 def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 132) -> dict:
-    """BLOCK_N (B block [BLOCK_N, BLOCK_R] per iteration: 8 KB at rank 16 and 256 columns), warps, and the
+    """BLOCK_N (B block [BLOCK_N, BLOCK_R] per iteration: 16 KB at rank 16 and 512 columns), warps, and the
     columns per program: enough programs for EXPAND_BGMV_PPS per SM counting every grid tile active (as
     lora_expand_stream: the per-program metadata chain is paid once per run of blocks)."""
     block_r = max(16, 1 << max(0, (rank - 1).bit_length()))

@@ -365,10 +365,11 @@ STREAM_BLOCK_N = int(os.environ.get("LORASERVE_LORA_STREAM_BLOCK_N", "0"))
 # vs 4.92 for the dot shrink + rotating loop; 64 tokens / 32 adapters, pipelined 66.8 us for the layer vs
 # 58.5 rotating (PDL overlap lost: o 11.8 vs 8.2 us); gate_up 1 adapter x 1024 tokens 50.6 vs 49.4 us.
 STREAM_SLOTS_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS_MAX_TOKENS", "32"))
-# ... and, up to 256 tokens, for programs walking at least this many column blocks (0: off, the default).
-# The 23:43 final's pipe64 (the pipelined loop at 33-64 tokens on every projection): gate_up's expand 15.7 ->
-# 14.9 us (15 blocks a program), but qkv / o / down (3-4 blocks) lost 1.4-2.1 us: a rule by the run length.
-STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "0"))
+# ... and, up to 256 tokens, for programs walking at least this many column blocks (0: off). The 23:43 final's pipe64
+# (the pipelined loop at 33-64 tokens on every projection): gate_up's expand 15.7 -> 14.9 us (15 blocks a program),
+# but qkv / o / down (3-4 blocks) lost 1.4-2.1 us: hence a rule by the run length. H200 probe 2026-12-01 00:53
+# ("pipegu", >= 8 blocks): layer gate_up 19.81 -> 19.28 us, the others and 1 token unchanged. Default 8.
+STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "8"))
 
 
 def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:

@@ -106,18 +106,25 @@ def test_auto_block_m_from_host_sizes_only() -> None:
 def test_stream_expand_column_loop_rule() -> None:
     """The expand's column loop by step size (H200 final run of 2026-11-30): Triton-pipelined up to
     STREAM_SLOTS_MAX_TOKENS tokens (where the BGMV shrink runs too), the hand-rotated loop above
-    (it kept the PDL overlap at 64 tokens / 32 adapters); an explicit STREAM_SLOTS overrides both."""
+    (it kept the PDL overlap at 64 tokens / 32 adapters) except for runs of >= STREAM_PIPE_MIN_BLOCKS column
+    blocks up to 256 tokens (gate_up at 64 tokens: 15 blocks a program, H200 probe 2026-12-01); an explicit
+    STREAM_SLOTS overrides all of it."""
     from loraserve.kernels import lora_expand_stream as les
 
-    old = les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS
+    old = les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PIPE_MIN_BLOCKS
     try:
         les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS = None, -4, 32
+        les.STREAM_PIPE_MIN_BLOCKS = 8
         small = les.stream_expand_config(1, 6144, 16, 3, 16, 2, 16)
         edge = les.stream_expand_config(32, 28672, 16, 2, 16, 34, 4)
+        long_run = les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)   # 15 blocks a program
+        short_run = les.stream_expand_config(64, 6144, 16, 3, 16, 36, 4)   # 4 blocks a program
+        assert small["SLOTS"] == edge["SLOTS"] == long_run["SLOTS"] == -4
+        assert short_run["SLOTS"] == 0 and short_run["Y_AHEAD"] == 1 and short_run["B_AHEAD"] == 2  # rotating
+        les.STREAM_PIPE_MIN_BLOCKS = 0
         large = les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)
-        assert small["SLOTS"] == edge["SLOTS"] == -4
         assert large["SLOTS"] == 0 and large["Y_AHEAD"] == 1 and large["B_AHEAD"] == 3  # the 12:20 default
         les.STREAM_SLOTS = 3
         assert les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)["SLOTS"] == 3
     finally:
-        les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS = old
+        les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PIPE_MIN_BLOCKS = old

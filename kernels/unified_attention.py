@@ -52,6 +52,7 @@ NO_SPECIALIZE = no_specialize("num_seqs", "num_tokens", "num_splits", "stride_tb
 NO_SPECIALIZE_MERGE = no_specialize("num_tokens", "num_splits")
 
 if HAS_TRITON:
+    from .fp8_convert import e4m3_to_f16_pinned
 
     @triton.jit
     def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
@@ -99,7 +100,10 @@ if HAS_TRITON:
                                 mask=d_ok[None, :], other=0.0)
             if FP8_KV:
                 k = k.to(q.dtype)
-                v = v.to(q.dtype)
+                if FP8_KV == 2:   # fp16 operands, V widened in its load layout (kernels/fp8_convert.py: no byte gathers)
+                    v = e4m3_to_f16_pinned(v)
+                else:
+                    v = v.to(q.dtype)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2              # (BLOCK_M, TILE_N) fp32
             if MASKED:
                 s = tl.where((k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
@@ -254,6 +258,16 @@ def fp8_fp16_operands(dtype: torch.dtype) -> bool:
     return mode == "1" or (mode not in ("0", "off", "false", "no") and dtype == torch.bfloat16)
 
 
+def fp8_kv_form(fp8_kv: bool, dtype: torch.dtype) -> int:
+    """FP8_KV: 0 (bf16/fp16/fp32 cache), 1 (e4m3 codes widened by a cast), 2 (with fp16 operands, V widened in its
+    load layout by kernels/fp8_convert.py: LORASERVE_ATTN_FP8_VPIN=1; not under the interpreter: inline asm)."""
+    if not fp8_kv:
+        return 0
+    pinned = (os.environ.get("LORASERVE_ATTN_FP8_VPIN", "0").strip() == "1" and fp8_fp16_operands(dtype)
+              and os.environ.get("TRITON_INTERPRET") != "1")
+    return 2 if pinned else 1
+
+
 def wide_decode(num_programs: int, elem_bytes: int, device: torch.device) -> bool:
     target = TARGET_PROGRAMS * _num_sms(device) // 132
     return WIDE_DECODE and elem_bytes <= 2 and target * 3 // 8 <= num_programs < target // 2
@@ -369,8 +383,8 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, SPLIT_KV=num_splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv, **cfg, **pdl_kwargs(q.device),
-        FP16_OPS=fp8_kv and fp8_fp16_operands(q.dtype))
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv_form(fp8_kv, q.dtype), **cfg,
+        **pdl_kwargs(q.device), FP16_OPS=fp8_kv and fp8_fp16_operands(q.dtype))
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)
     return out

@@ -203,11 +203,35 @@ def test_unified_fp8_fp16_operands_compile_sm90() -> None:
     aligned = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "stride_qt", "stride_qh",
                "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_ot", "stride_oh"]
     ptx = {}
-    for fp16 in (True, False):
-        kernel = compile_sm90(_unified_attention_kernel, types, {**consts, "FP16_OPS": fp16}, div16=aligned,
-                              num_warps=4, num_stages=2, launch_pdl=True)
+    for fp16, form in ((True, 1), (False, 1), ("pinned", 2)):
+        kernel = compile_sm90(_unified_attention_kernel, types, {**consts, "FP16_OPS": bool(fp16), "FP8_KV": form},
+                              div16=aligned, num_warps=4, num_stages=2, launch_pdl=True)
         assert stack_bytes(kernel) == 0, fp16
         ptx[fp16] = kernel.asm["ptx"]
+    # V widened in its load layout (FP8_KV=2, kernels/fp8_convert.py): no byte gathers from shared memory, the fp16
+    # tile to the MMA by ldmatrix.trans (as a bf16 V); the cast form gathers V's codes byte by byte
+    assert "ld.shared.b8" in ptx[True] and "ld.shared.b8" not in ptx["pinned"]
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx["pinned"] and "cvt.bf16.f16" not in ptx["pinned"]
     # (Triton 3.9: 256 per-value cvt.bf16.f16 per K/V tile pair without FP16_OPS, none with it)
     assert "cvt.rn.f16x2.e4m3x2" in ptx[True] and "cvt.bf16.f16" not in ptx[True] and "cvt.bf16.f16" in ptx[False]
     assert re.search(r"mma[\w.]*\.f16\.f16", ptx[True]) and not re.search(r"mma[\w.]*\.bf16\.bf16", ptx[True])
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_unified_fp8_vpin_gpu(batch, monkeypatch) -> None:
+    """LORASERVE_ATTN_FP8_VPIN=1 (V's codes widened by kernels/fp8_convert.py's inline asm): the reference on the
+    dequantized cache, and the cast form's output (same fp16 operands: equal up to MMA rounding)."""
+    from loraserve.kernels.unified_attention import unified_attention
+
+    cases.check_unified(batch, 32, 8, 128, 16, "bfloat16", seed=5, device="cuda", check_wrong_scale=False)
+    q, k, v, tables, lens, qsl, ks, vs = cases.make_fp8_problem(ua.BATCHES[batch], 32, 8, 128, 16, torch.bfloat16, 5,
+                                                               "cuda")
+    max_q = max(ql for ql, _ in ua.BATCHES[batch])
+    plain = unified_attention(q, k, v, tables, lens, qsl, max_q, 128 ** -0.5, k_scale=ks, v_scale=vs)
+    monkeypatch.setenv("LORASERVE_ATTN_FP8_VPIN", "1")
+    cases.check_unified(batch, 32, 8, 128, 16, "bfloat16", seed=5, device="cuda", check_wrong_scale=False)
+    pinned = unified_attention(q, k, v, tables, lens, qsl, max_q, 128 ** -0.5, k_scale=ks, v_scale=vs)
+    print(f"vpin vs cast ({batch}): bit for bit {torch.equal(pinned, plain)}")   # (pytest -s)
+    torch.testing.assert_close(pinned.float(), plain.float(), rtol=1e-2, atol=1e-2)

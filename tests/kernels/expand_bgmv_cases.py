@@ -38,12 +38,12 @@ def check_expand_bgmv(dtype: str, max_rank: int, widths: list[int], num_tokens: 
     lora_expand_ref(buf_ref, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
     y = p.y0.clone()
     if via_switch:
-        old = expand_mod.EXPAND_BGMV
-        expand_mod.EXPAND_BGMV = True
+        old = expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES
+        expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES = True, 3
         try:
             lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y, stream=True)
         finally:
-            expand_mod.EXPAND_BGMV = old
+            expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES = old
     else:
         lora_expand_bgmv(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y,
                          config=dict(BLOCK_N=block_n, COLS_PER_PROG=cols or block_n) if block_n else None)
@@ -80,8 +80,8 @@ def check_scale_on(dtype: str, max_rank: int, widths: list[int], num_tokens: int
         shift[dora] = torch.randn(int(dora.sum()), N, generator=gen)
     scale, shift = scale.to(device), shift.to(device) if with_shift else None
     scale_on = dora.to(torch.int32).to(device)
-    old = expand_mod.EXPAND_BGMV
-    expand_mod.EXPAND_BGMV = bgmv
+    old = expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES
+    expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES = bgmv, 3
     try:
         y = p.y0.clone()
         lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y, scale=scale, shift=shift,
@@ -98,4 +98,4 @@ def check_scale_on(dtype: str, max_rank: int, widths: list[int], num_tokens: int
         lora_expand(partials, p.lora_b, p.slice_offsets, meta, p.ranks, y_none, stream=True, config=config)
         assert torch.equal(y_off, y_none), "flags off should skip the epilogue exactly"
     finally:
-        expand_mod.EXPAND_BGMV = old
+        expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES = old

@@ -386,7 +386,7 @@ def test_dense_expand_llama3_8b_bf16_and_graph_replay(shrink: str) -> None:
         apply_mod.DENSE_MODE, apply_mod.DENSE_EXPAND, apply_mod.DENSE_EXPAND_MIN_N = old
 
 
-@pytest.mark.parametrize("proj", ["qkv", "gate_up"])
+@pytest.mark.parametrize("proj", ["qkv", "gate_up", "down"])
 def test_expand_bgmv_llama3_8b_bf16_and_graph_replay(proj: str) -> None:
     """LORASERVE_LORA_EXPAND_BGMV: the BGMV-style expand at Llama-3-8B widths (1-64 tokens, split-K partials
     with NaN where undefined) vs the reference, rows without an adapter untouched; then lora_apply through it
@@ -400,11 +400,14 @@ def test_expand_bgmv_llama3_8b_bf16_and_graph_replay(proj: str) -> None:
                                   (16, 16, "mixed-ranks", 7)):
         expand_bgmv_cases.check_expand_bgmv("bfloat16", 16, widths, T, L, composition, split_k=sk, via_switch=True,
                                             device="cuda")
+    for T, L, sk in ((64, 32, 4), (1, 1, 2)):   # the DoRA epilogue with per-slot flags (the engine's call)
+        expand_bgmv_cases.check_scale_on("bfloat16", 16, widths, T, L, split_k=sk, bgmv=True, device="cuda")
     mod = importlib.import_module("loraserve.kernels.lora_expand")
-    old, mod.EXPAND_BGMV = mod.EXPAND_BGMV, True
+    old = mod.EXPAND_BGMV, mod.EXPAND_BGMV_MAX_SLICES
+    mod.EXPAND_BGMV, mod.EXPAND_BGMV_MAX_SLICES = True, 3
     try:
         check_graph_replay_matches_eager(64, 16)
         check_graph_replay_matches_eager(1, 16)
         assert not mod._BGMV_FAILED, f"the BGMV expand fell back: {mod._BGMV_FAILED}"
     finally:
-        mod.EXPAND_BGMV = old
+        mod.EXPAND_BGMV, mod.EXPAND_BGMV_MAX_SLICES = old

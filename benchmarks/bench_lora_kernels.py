@@ -439,6 +439,9 @@ def main() -> None:
             if args.sweep_xbgmv:
                 sweep_xbgmv(smoke=True, budget_s=args.sweep_budget)
             return
+        if args.only_sweeps and args.sweep_xbgmv:
+            sweep_xbgmv(smoke=True, budget_s=args.sweep_budget)
+            return
         table(float("nan"), smoke=True)
         return
     bw = copy_bandwidth()

@@ -438,13 +438,12 @@ def sweep_xbgmv(smoke: bool = False, budget_s: float | None = None) -> None:
         c.use_variant(VARIANTS["noxbgmv"])
         c.calls("shrink_only")[0]()  # real partials in the workspace
         cells = [f"stream={c.time('expand_only'):.1f}"]
-        if not smoke:  # the same bytes as one device copy (read + write): B of the L adapters + y
-            nbytes = c.L * c.N * 16 * 2 + c.T * c.N * 2
-            src = torch.empty(nbytes // 2 * 4, dtype=torch.bfloat16, device="cuda")  # 4 copies: from HBM each time
-            dst = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-            n = nbytes // 2
-            cells.append(f"copy{nbytes / 1e6:.0f}MB={graph_us([lambda i=i: dst.copy_(src[i * n:(i + 1) * n]) for i in range(4)]):.1f}")
-            del src, dst
+        if not smoke:  # references: the B bytes the expand must read, read by torch (a sum) and copied
+            nbytes = c.L * c.N * 16 * 2
+            cells.append(f"sumB{nbytes / 1e6:.0f}MB=" + f"{graph_us([lambda i=i: c.ab(i)[1].sum(dtype=torch.float32) for i in range(c.num_sets)]):.1f}")
+            dst = torch.empty_like(c.ab(0)[1])
+            cells.append(f"copyB={graph_us([lambda i=i: dst.copy_(c.ab(i)[1]) for i in range(c.num_sets)]):.1f}")
+            del dst
         SK, S, T_, R = c.ws.shape
         for bn, w, pps in ((512, 8, 4), (512, 8, 2), (512, 4, 4), (256, 4, 4), (256, 4, 8), (256, 8, 4), (1024, 8, 4),
                            (1024, 8, 2), (128, 4, 8), (512, 16, 4)):

@@ -444,9 +444,10 @@ def sweep_xbgmv(smoke: bool = False, budget_s: float | None = None) -> None:
             dst = torch.empty_like(c.ab(0)[1])
             cells.append(f"copyB={graph_us([lambda i=i: dst.copy_(c.ab(i)[1]) for i in range(c.num_sets)]):.1f}")
             del dst
+        print(f"layer {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
         SK, S, T_, R = c.ws.shape
-        for bn, w, pps in ((512, 8, 4), (512, 8, 2), (512, 4, 4), (256, 4, 4), (256, 4, 8), (256, 8, 4), (1024, 8, 4),
-                           (1024, 8, 2), (128, 4, 8), (512, 16, 4)):
+        for bn, w, pps in ((512, 8, 4), (1024, 8, 4), (512, 16, 4), (256, 4, 4), (512, 8, 2), (256, 4, 8), (1024, 8, 2),
+                           (512, 4, 4), (256, 8, 4), (128, 4, 8)):
             if smoke:
                 bn = min(bn, 32)
             base = expand_bgmv_config(c.N, R, c.meta.grid_tiles)
@@ -457,9 +458,10 @@ def sweep_xbgmv(smoke: bool = False, budget_s: float | None = None) -> None:
             try:
                 calls = [lambda i=i, cfg=cfg: lora_expand_bgmv(c.ws, c.ab(i)[1], c.offsets, c.meta, c.ranks, c.y,
                                                              config=cfg) for i in range(c.num_sets)]
-                cells.append(f"{key}={_time_calls(c, calls):.1f}")
+                cell = f"{key}={_time_calls(c, calls):.1f}"
             except Exception as exc:  # noqa: BLE001 - report, go on
-                cells.append(f"{key}=ERR({type(exc).__name__})")
-        print(f"layer {proj}: " + " ".join(cells) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                cell = f"{key}=ERR({type(exc).__name__})"
+            cells.append(cell)
+            print(f"  {proj} {cell}  [{time.perf_counter() - t0:.0f} s]", flush=True)
         c.use_variant(DEFAULT)
         del c

@@ -121,6 +121,11 @@ VARIANTS = {
     "xbgmv_p8": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_pps=8),
     "xbgmv_p2": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_pps=2),
     "noxbgmv": dict(DEFAULT, expand_bgmv=False),   # the default without the BGMV expand
+    # the BGMV shrink's BLOCK_K 512 / 1024 for inputs wider than 8192 (down; default 2048): 28 / 14 K chunks, summed
+    # cheaply by the BGMV expand (per row, once per program), a shrink of more, smaller programs (probe 00:53,
+    # xbgmv_k512: down shrink 7.7 -> 7.0 us, 1 token 3.58 -> 3.17)
+    "wide512": dict(DEFAULT, bgmv_wide_block_k=512),
+    "wide1024": dict(DEFAULT, bgmv_wide_block_k=1024),
     # ... with the BGMV shrink's BLOCK_K 512 / 256 everywhere (more, smaller shrink programs: faster alone, H200
     # probe 13:28; their 8-56 partials cost the streaming expand's column loop, here one [SK, 16] load per row)
     "xbgmv_k512": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, bgmv_block_k=512),

@@ -60,6 +60,7 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "overlap_nopf": dict(overlap="shrink", prefetch=""),
             "xbgmv": dict(expand_bgmv=True, xb_max_slices=3),   # the BGMV expand on every projection (default: 1 slice)
             "noxbgmv": dict(expand_bgmv=False), "nopipegu": dict(pipe_min_blocks=0),
+            "gkmajor": dict(group_major=True, k_major=True),   # lora_meta.LORA_GROUP_MAJOR / LORA_SHRINK_K_MAJOR
             "noflag": dict(dora_flags=False),   # the DoRA epilogue on every slot (before the per-slot flags)
             "prev9": dict(dora_flags=False, expand_bgmv=False, pipe_min_blocks=0),  # the defaults at 262c58e
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
@@ -95,6 +96,8 @@ def set_variant(v: dict, defaults: dict) -> None:
         "xb_max_slices", defaults["xb_max_slices"])
     lora_expand_stream.STREAM_PIPE_MIN_BLOCKS = v.get("pipe_min_blocks", defaults["pipe_min_blocks"])
     batch.DORA_FLAGS = v.get("dora_flags", defaults["dora_flags"])
+    lora_meta.LORA_GROUP_MAJOR = v.get("group_major", defaults["group_major"])
+    lora_meta.LORA_SHRINK_K_MAJOR = v.get("k_major", defaults["k_major"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -138,7 +141,8 @@ def main() -> int:
                     meta_in_graph=os.environ.get("LORASERVE_LORA_META_IN_GRAPH", "1") not in ("0", "false", "off", "no"),
                     expand_bgmv=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV,
                     xb_max_slices=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES,
-                    pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS)
+                    pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS,
+                    group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

@@ -158,6 +158,8 @@ class Case:
             importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES = v.get("xb_max_slices", 1)
             lora_expand_stream.STREAM_BLOCK_N = v.get("stream_block_n", 0)
             lora_meta.LORA_BGMV_MAX_RANK = v.get("bgmv_max_rank", 64)
+            lora_meta.LORA_GROUP_MAJOR = bool(v.get("group_major", False))
+            lora_meta.LORA_SHRINK_K_MAJOR = bool(v.get("k_major", False))
             from loraserve.kernels import lora_expand_bgmv
 
             apply_exp = importlib.import_module("loraserve.kernels.lora_expand")  # the module

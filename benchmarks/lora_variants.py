@@ -65,7 +65,8 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                xb_block_n=lora_expand_bgmv.EXPAND_BGMV_BLOCK_N, xb_warps=lora_expand_bgmv.EXPAND_BGMV_WARPS,
                xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N,
                bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK,
-               xb_max_slices=__import__("loraserve.kernels.lora_expand", fromlist=["X"]).EXPAND_BGMV_MAX_SLICES)
+               xb_max_slices=__import__("loraserve.kernels.lora_expand", fromlist=["X"]).EXPAND_BGMV_MAX_SLICES,
+               group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -124,6 +125,11 @@ VARIANTS = {
     # the BGMV shrink's BLOCK_K 512 / 1024 for inputs wider than 8192 (down; default 2048): 28 / 14 K chunks, summed
     # cheaply by the BGMV expand (per row, once per program), a shrink of more, smaller programs (probe 00:53,
     # xbgmv_k512: down shrink 7.7 -> 7.0 us, 1 token 3.58 -> 3.17)
+    # launch orders (lora_meta.LORA_GROUP_MAJOR / LORA_SHRINK_K_MAJOR): programs launched together read one adapter's
+    # consecutive runs, not the same run of 32 adapters a slot stride apart (DRAM partition camping?)
+    "gmajor": dict(DEFAULT, group_major=True),
+    "kmajor": dict(DEFAULT, k_major=True),
+    "gkmajor": dict(DEFAULT, group_major=True, k_major=True),
     "wide512": dict(DEFAULT, bgmv_wide_block_k=512),
     "wide1024": dict(DEFAULT, bgmv_wide_block_k=1024),
     # ... with the BGMV shrink's BLOCK_K 512 / 256 everywhere (more, smaller shrink programs: faster alone, H200

@@ -151,12 +151,16 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr, SK_P: tl.constexpr, EVEN_R: tl.constexpr, CAST: tl.constexpr,
         HAS_SCALE: tl.constexpr = False, HAS_SHIFT: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
-        USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False, GROUP_MAJOR: tl.constexpr = False,
     ):
         if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started
             tl.extra.cuda.gdc_launch_dependents()
-        tile = tl.program_id(0)
-        col0 = tl.program_id(1) * COLS_PER_PROG
+        if GROUP_MAJOR:  # grid (groups, tiles), see lora_meta.LORA_GROUP_MAJOR
+            tile = tl.program_id(1)
+            col0 = tl.program_id(0) * COLS_PER_PROG
+        else:
+            tile = tl.program_id(0)
+            col0 = tl.program_id(1) * COLS_PER_PROG
         slot = tl.load(tile_slots_ptr + tile)
         start = tl.load(tile_starts_ptr + tile)
         end = tl.minimum(tl.load(tile_ends_ptr + tile), start + BLOCK_M)  # tile_ends: the segment's end
@@ -270,7 +274,10 @@ def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, me
         cfg["COLS_PER_PROG"] = config.get("COLS_PER_PROG", BN)
         cfg["groups"] = -(-N // cfg["COLS_PER_PROG"])
     assert cfg["COLS_PER_PROG"] % BN == 0, "COLS_PER_PROG must be a multiple of BLOCK_N"
-    grid = (meta.grid_tiles, cfg["groups"])
+    from . import lora_meta
+
+    gmajor = lora_meta.LORA_GROUP_MAJOR
+    grid = (cfg["groups"], meta.grid_tiles) if gmajor else (meta.grid_tiles, cfg["groups"])
     pdl = pdl_launch(y.device)
     _lora_expand_bgmv_kernel[grid](
         partials, lora_b, y, ranks, slice_offsets, y if scale is None else scale, y if shift is None else shift,
@@ -282,6 +289,6 @@ def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, me
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=SK,
         SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, TRIGGER=prefetch_on("t", y.device, pdl),
-        num_warps=cfg["num_warps"], num_stages=1, **pdl,
+        GROUP_MAJOR=gmajor, num_warps=cfg["num_warps"], num_stages=1, **pdl,
     )
     return y

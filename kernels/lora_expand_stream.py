@@ -99,12 +99,16 @@ if HAS_TRITON:
         USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
         SLOTS: tl.constexpr = 0, DENSE_SLOTS: tl.constexpr = False,
         PREFETCH_B: tl.constexpr = False, TRIGGER: tl.constexpr = False, PF_THREADS: tl.constexpr = 128,
-        SCALE_FLAG: tl.constexpr = False,
+        SCALE_FLAG: tl.constexpr = False, GROUP_MAJOR: tl.constexpr = False,
     ):
         if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started: the next
             tl.extra.cuda.gdc_launch_dependents()  # shrink prefetches its A while we stream (lora_prefetch.py)
-        tile = tl.program_id(0)
-        col0 = tl.program_id(1) * COLS_PER_PROG
+        if GROUP_MAJOR:  # grid (groups, tiles): programs launched together read one adapter's B, not 32 (lora_meta)
+            tile = tl.program_id(1)
+            col0 = tl.program_id(0) * COLS_PER_PROG
+        else:
+            tile = tl.program_id(0)
+            col0 = tl.program_id(1) * COLS_PER_PROG
         # The metadata chain is the latency every program pays before its first byte of B, so
         # each level issues all the loads it can: (slot, start, end) -> (rank, token ids,
         # slice bounds) -> (B's first two blocks, y's first block, all slices' partials).
@@ -444,7 +448,10 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
     if config and "COLS_PER_PROG" in config:  # keep the grid consistent with an override
         cfg["groups"] = -(-N // cfg["COLS_PER_PROG"])
     assert cfg["COLS_PER_PROG"] % cfg["BLOCK_N"] == 0, "COLS_PER_PROG must be a multiple of BLOCK_N"
-    grid = (meta.grid_tiles, cfg["groups"])
+    from . import lora_meta
+
+    gmajor = lora_meta.LORA_GROUP_MAJOR
+    grid = (cfg["groups"], meta.grid_tiles) if gmajor else (meta.grid_tiles, cfg["groups"])
     pdl = pdl_launch(y.device)
     pf_b, trigger = prefetch_on("b", y.device, pdl), prefetch_on("t", y.device, pdl)
     from .lora_shrink import contiguous_rows
@@ -463,6 +470,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1,
         PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"],
-        SCALE_FLAG=scale is not None and scale_on is not None, **pdl,
+        SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor, **pdl,
     )
     return y

@@ -106,6 +106,16 @@ LORA_BGMV_WIDE_MAX_RANK = 16   # ... above 32 tokens only up to this (pool) rank
 # of partials (down: 4 x 7) that the expand sums (down r64 / 16 adapters / 16 tokens: expand 18-23 us for 8.4 MB of B).
 LORA_BGMV_MAX_RANK = int(os.environ.get("LORASERVE_LORA_BGMV_MAX_RANK", "64"))
 
+# Launch order of the expands' (tile, column group) grid and the BGMV shrink's (tile, K chunk) grid
+# (LORASERVE_LORA_GROUP_MAJOR / LORASERVE_LORA_SHRINK_K_MAJOR; off by default, unmeasured when written): tile-major,
+# the programs launched together read the same column run (K chunk) of up to 32 adapters whose weights lie a
+# slot stride apart (896 KB = 7 x 2^17 for gate_up's B, 256 KB for its A): every stream starts on the same DRAM
+# channels (partition camping is one candidate for the ~1.9 TB/s all LoRA kernels stream at). Group-major, they read
+# consecutive runs of one adapter. Read at each launch.
+LORA_GROUP_MAJOR = os.environ.get("LORASERVE_LORA_GROUP_MAJOR", "0").strip().lower() not in ("", "0", "false", "off", "no")
+LORA_SHRINK_K_MAJOR = os.environ.get("LORASERVE_LORA_SHRINK_K_MAJOR", "0").strip().lower() not in ("", "0", "false", "off",
+                                                                                                  "no")
+
 # The shrink launches with PDL only up to this many tokens (LORASERVE_LORA_PDL_SHRINK_MAX_TOKENS; default: every
 # step, as before). Above it the shrink waits for the GEMM before it the normal way: at bench_churn's mixed step
 # (T 320-352, ~1000-1500 shrink programs) the early-launched programs may hold SM slots beside the GEMM's last

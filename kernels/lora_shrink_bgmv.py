@@ -41,15 +41,20 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
         DOT_K: tl.constexpr = 128,
-        USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False, K_MAJOR: tl.constexpr = False,
     ):
         if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
             tl.extra.cuda.gdc_launch_dependents()
             if not PREFETCH_A:  # else after the metadata and A's load (lora_prefetch.py: both are older
                 tl.extra.cuda.gdc_wait()  # than the kernel before us), still in every program
-        tile = tl.program_id(0)
-        pid_n = tl.program_id(1) // SPLIT_K
-        pid_k = tl.program_id(1) % SPLIT_K
+        if K_MAJOR:  # grid (rank blocks x K chunks, tiles, S): programs launched together read one adapter's A
+            tile = tl.program_id(1)
+            pid_n = tl.program_id(0) // SPLIT_K
+            pid_k = tl.program_id(0) % SPLIT_K
+        else:
+            tile = tl.program_id(0)
+            pid_n = tl.program_id(1) // SPLIT_K
+            pid_k = tl.program_id(1) % SPLIT_K
         s = tl.program_id(2)
         n0 = pid_n * BLOCK_N
         slot = tl.load(tile_slots_ptr + tile)
@@ -185,7 +190,10 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     SK = -(-H // BK)
     assert out.shape[0] == SK, f"out has {out.shape[0]} K splits, BLOCK_K {BK} needs {SK}"
     assert BK & (BK - 1) == 0 and BK >= 16, f"BLOCK_K must be a power of two >= 16, got {BK}"
-    grid = (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
+    from . import lora_meta
+
+    kmajor = lora_meta.LORA_SHRINK_K_MAJOR
+    grid = (triton.cdiv(R, BN) * SK, meta.grid_tiles, S) if kmajor else (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)
     _lora_shrink_bgmv_kernel[grid](
         x, lora_a, out, ranks,
@@ -194,6 +202,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
         IEEE=x.dtype == torch.float32,
         DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_on("a", x.device, pdl),
+        K_MAJOR=kmajor,
         **pdl,
     )
     return out

@@ -99,3 +99,21 @@ def check_scale_on(dtype: str, max_rank: int, widths: list[int], num_tokens: int
         assert torch.equal(y_off, y_none), "flags off should skip the epilogue exactly"
     finally:
         expand_mod.EXPAND_BGMV, expand_mod.EXPAND_BGMV_MAX_SLICES = old
+
+
+def check_launch_orders(device: str = "cpu") -> None:
+    """lora_meta.LORA_GROUP_MAJOR / LORA_SHRINK_K_MAJOR (the grids' axes swapped): lora_apply end to end vs the
+    reference (BGMV shrink, BGMV and streaming expands), and the BGMV expand with several column runs."""
+    from loraserve.kernels import lora_meta
+
+    from .stream_interp_cases import check_stream_apply
+
+    old = lora_meta.LORA_GROUP_MAJOR, lora_meta.LORA_SHRINK_K_MAJOR
+    lora_meta.LORA_GROUP_MAJOR = lora_meta.LORA_SHRINK_K_MAJOR = True
+    try:
+        check_stream_apply("float32", 256, 16, [48, 16, 16], 20, 4, "no-adapter-rows", device=device)
+        check_stream_apply("float16", 256, 16, [72], 6, 3, "mixed-ranks", device=device)
+        check_expand_bgmv("float32", 16, [40, 24, 24], 12, 4, "mixed-ranks", split_k=2, block_n=16, cols=48,
+                          device=device)
+    finally:
+        lora_meta.LORA_GROUP_MAJOR, lora_meta.LORA_SHRINK_K_MAJOR = old

@@ -59,7 +59,8 @@ def test_stream_expand_dense_slots_compiles_for_sm90() -> None:
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=8,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=cfg["SLOTS"], DENSE_SLOTS=True,
-                 PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False)
+                 PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False,
+                 GROUP_MAJOR=False)
     k = _compile_sm90(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1,
                       ("stride_br", "stride_bk", "stride_yn", "stride_sn"))
     assert has_mma(k.asm["ptx"])

@@ -27,7 +27,7 @@ def compile_expand_bgmv(widths: list[int], rank: int, split_k: int, pdl: bool = 
     bn = block_n or cfg["BLOCK_N"]
     const = dict(NUM_SLICES=len(widths), BLOCK_M=16, BLOCK_N=bn, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=split_k,
                  SK_P=1 << max(0, (split_k - 1).bit_length()), EVEN_R=True, CAST=True, USE_PDL=pdl, TRIGGER=pdl,
-                 HAS_SCALE=dora, HAS_SHIFT=dora, SCALE_FLAG=dora)   # the engine's call: DoRA vectors, per-slot flag
+                 HAS_SCALE=dora, HAS_SHIFT=dora, SCALE_FLAG=dora, GROUP_MAJOR=False)   # the engine's call: DoRA vectors, per-slot flag
     return sm90.compile_sm90(_lora_expand_bgmv_kernel, TYPES, const, unit=("stride_br", "stride_bk", "stride_yn", "stride_sn"),
                              div16_except=("R", "stride_bsplit", "stride_bs", "stride_sl"), num_warps=cfg["num_warps"],
                              num_stages=1, launch_pdl=pdl)

@@ -70,3 +70,7 @@ def test_expand_bgmv_scale_on_flags(interp, num_slices, num_tokens, num_slots) -
     """The BGMV expand's DoRA epilogue, per-slot flag (scale_on): vs the reference; flags off == no epilogue."""
     _run(interp, cases.check_scale_on, "float32", 16, WIDTHS[num_slices], num_tokens=num_tokens, num_slots=num_slots,
          bgmv=True)
+
+
+def test_group_major_and_k_major_launch_orders(interp) -> None:
+    _run(interp, cases.check_launch_orders)

@@ -77,7 +77,7 @@ def test_pdl_pair_compiles_for_sm90():
     const = dict(NUM_SLICES=3, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=3, Y_AHEAD=1, SLOTS=0, DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False,
-                 PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False)
+                 PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False, GROUP_MAJOR=False)
     expand = compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, num_warps=cfg["num_warps"],
                           num_stages=1, launch_pdl=True)
     assert "griddepcontrol.wait" in expand.asm["ptx"]

@@ -58,7 +58,7 @@ def test_bgmv_shrink_with_a_before_the_wait_compiles_for_sm90(hidden, block_k):
     sig = dict(META, x_ptr="*bf16", a_ptr="*bf16", out_ptr="*fp32", K="i32", R="i32",
                **{n: "i32" for n in SHRINK_STRIDES})
     const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=-(-hidden // block_k), EVEN_K=hidden % block_k == 0,
-                 IEEE=False, DOT_K=128, USE_PDL=True, PREFETCH_A=True)
+                 IEEE=False, DOT_K=128, USE_PDL=True, PREFETCH_A=True, K_MAJOR=False)
     k = _compile(_lora_shrink_bgmv_kernel, sig, const, cfg["num_warps"], 1, unit=("stride_xk", "stride_ak", "stride_or"))
     ptx = k.asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
@@ -80,7 +80,8 @@ def test_stream_expand_with_b_prefetch_and_trigger_compiles_for_sm90(widths, slo
     const = dict(NUM_SLICES=len(widths), BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"], SPLIT_K=4,
                  SK_CHUNK=cfg["SK_CHUNK"], EVEN_R=True, CAST=True, IEEE=False, HAS_SCALE=False, HAS_SHIFT=False,
                  USE_PDL=True, B_AHEAD=cfg["B_AHEAD"], Y_AHEAD=cfg["Y_AHEAD"], SLOTS=slots, DENSE_SLOTS=False,
-                 PREFETCH_B=True, TRIGGER=True, PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False)
+                 PREFETCH_B=True, TRIGGER=True, PF_THREADS=32 * cfg["num_warps"], SCALE_FLAG=False,
+                 GROUP_MAJOR=False)
     k = _compile(_lora_expand_stream_kernel, sig, const, cfg["num_warps"], 1,
                  unit=("stride_br", "stride_bk", "stride_yn", "stride_sn"))
     _check(k, "stream expand")

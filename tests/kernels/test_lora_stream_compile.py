@@ -35,7 +35,7 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
                  HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
                  B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0),
                  DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"],
-                 SCALE_FLAG=True)
+                 SCALE_FLAG=True, GROUP_MAJOR=False)
     return compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, div16_except=("R",),
                         num_warps=cfg["num_warps"], num_stages=1)
 

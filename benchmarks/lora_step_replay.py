@@ -130,6 +130,8 @@ VARIANTS = {   # name -> {(module, attribute): value, or a wrapper of the attrib
     # the expand without its early trigger ("t" of LORA_PREFETCH): the kernels after it (rope, attention, launched
     # with PDL) no longer launch while it runs, so their profiled spans stop including their wait for it
     "notrig": {("loraserve.kernels.lora_meta", "LORA_PREFETCH"): "a"},
+    # the expand's grid (groups, tiles): programs launched together walk one adapter's B (lora helper's opt-in)
+    "gmajor": {("loraserve.kernels.lora_meta", "LORA_GROUP_MAJOR"): True},
     # the DoRA epilogue for every slot (before the lora helper's per-slot flags, 3bb181c)
     "noflags": {("loraserve.inference.lora.batch", "DORA_FLAGS"): False},
     "bm32": {},     # the mixed runner's LoRA metadata builder at 32-row tiles (below)

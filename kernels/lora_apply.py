@@ -9,7 +9,10 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
   * "partials": shrink writes split-K partials [SPLIT_K, S, T, R], expand sums them while
     loading (two launches): rank <= 16 (streaming variant: <= 64) and <= 256 tokens. Measured on an H200 (rank 16,
     us per projection, vs "reduced"): 1 token 5.8-7.6 vs 7.7-9.6; 16 tokens / 16 adapters
-    8.8-21.2 vs 11.1-20.9; 64 tokens / 32 adapters 11.1-37.5 vs 13.9-34.0;
+    8.8-21.2 vs 11.1-20.9; 64 tokens / 32 adapters 11.1-37.5 vs 13.9-34.0. Also 257..384 tokens (the
+    mixed steps: a 256-token prompt chunk + decode rows) on the streaming variant, the split capped at 2
+    (partials_max_tokens, lora_shrink.large_split_cap): H200, the 320-token mixed step, q+v over 32
+    adapters, what LoRA adds a layer (medians of paired rounds): 28.6 -> 20.7 us (32 layers), 36.2 -> 31.1 (8);
   * "reduced": shrink, a fixed-order sum of the partials, expand (three launches) otherwise:
     every column block of the expand re-reads the partials, which at rank 64 cost more than
     the saved launch (1-32 tokens: 10-50% slower with partials; down, 1024 tokens: 2x).

@@ -49,7 +49,9 @@ VARIANTS = (
     ("w8a8_stream_early", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_GEMV_PDL": "early"}),
     # the attention over the e4m3 cache with the codes widened to bf16 (the previous form; now fp16 MMA operands)
     ("attn_bf16_ops", {"LORASERVE_ATTN_FP8_FP16": "0"}),
-    ("attn_vpin", {"LORASERVE_ATTN_FP8_VPIN": "1"}),   # + V widened in its load layout (kernels/fp8_convert.py)
+    # V widened in its load layout (kernels/fp8_convert.py): always / never (default auto: unsplit decode launches)
+    ("attn_vpin", {"LORASERVE_ATTN_FP8_VPIN": "1"}),
+    ("attn_vpin_off", {"LORASERVE_ATTN_FP8_VPIN": "0"}),
     # the norms' codes from registers (previous; rows may round 1 ulp off rms_norm's) / SiLU-mul + codes in chunks
     ("norm_reread_off", {"LORASERVE_FP8_NORM_REREAD": "0"}),
     ("silu_one_pass_off", {"LORASERVE_FP8_SILU_ONE_PASS": "0"}),

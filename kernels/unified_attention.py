@@ -258,12 +258,15 @@ def fp8_fp16_operands(dtype: torch.dtype) -> bool:
     return mode == "1" or (mode not in ("0", "off", "false", "no") and dtype == torch.bfloat16)
 
 
-def fp8_kv_form(fp8_kv: bool, dtype: torch.dtype) -> int:
+def fp8_kv_form(fp8_kv: bool, dtype: torch.dtype, decode_one_split: bool = False) -> int:
     """FP8_KV: 0 (bf16/fp16/fp32 cache), 1 (e4m3 codes widened by a cast), 2 (with fp16 operands, V widened in its
-    load layout by kernels/fp8_convert.py: LORASERVE_ATTN_FP8_VPIN=1; not under the interpreter: inline asm)."""
+    load layout by kernels/fp8_convert.py; not under the interpreter: inline asm). LORASERVE_ATTN_FP8_VPIN: auto
+    (default) = 2 for decode launches without split-KV (H200 probe 2026-12-01 02:00, 4 8B layers, decode graph: bs64
+    149.1 -> 133.8 us a layer; at bs1, split-KV, 72.3 -> 76.3, so not there; prefill not measured), 1 = always, 0 = never."""
     if not fp8_kv:
         return 0
-    pinned = (os.environ.get("LORASERVE_ATTN_FP8_VPIN", "0").strip() == "1" and fp8_fp16_operands(dtype)
+    mode = os.environ.get("LORASERVE_ATTN_FP8_VPIN", "auto").strip().lower()
+    pinned = ((mode == "1" or (mode == "auto" and decode_one_split)) and fp8_fp16_operands(dtype)
               and os.environ.get("TRITON_INTERPRET") != "1")
     return 2 if pinned else 1
 
@@ -383,7 +386,8 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, SPLIT_KV=num_splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=fp8_kv_form(fp8_kv, q.dtype), **cfg,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8_KV=fp8_kv_form(fp8_kv, q.dtype, max_query_len == 1 and num_splits == 1), **cfg,
         **pdl_kwargs(q.device), FP16_OPS=fp8_kv and fp8_fp16_operands(q.dtype))
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)

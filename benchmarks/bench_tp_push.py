@@ -105,8 +105,9 @@ def worker(rank: int, world: int, port: int, out: dict, rows_list: list[int], sw
     for name in SHAPES if not sweep_only else ():
         for rows in rows_list:
             (x, r), w = inputs[name, rows], weights[name][0]
-            ya, yb = F.linear(x, w), fn.gemm_push(x, w)
-            fn(ya, r.clone(), nw, 1e-5)
+            ya = F.linear(x, w)
+            fn(ya, r.clone(), nw, 1e-5)   # (a pushed partial must be the next norm's input: this one first)
+            yb = fn.gemm_push(x, w)
             fn(yb, r.clone(), nw, 1e-5)
             torch.cuda.synchronize()
             put(f"{name}_m{rows}_push_vs_cublas_max_diff", (ya.float() - yb.float()).abs().max().item())

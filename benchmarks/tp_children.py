@@ -13,7 +13,8 @@ import tempfile
 BENCH_TP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_tp.py")
 
 SAFE_ENV = {"LORASERVE_TP_FUSED_NORM": "0", "LORASERVE_TP_SAMPLER_GRAPHS": "0", "LORASERVE_TP_LOCAL_ARGMAX": "0",
-            "LORASERVE_TP_FUSED_GREEDY": "0", "LORASERVE_TP_FUSED_EMBED": "0", "LORASERVE_ATTN_WIDE_DECODE": "0"}
+            "LORASERVE_TP_FUSED_GREEDY": "0", "LORASERVE_TP_FUSED_EMBED": "0", "LORASERVE_ATTN_WIDE_DECODE": "0",
+            "LORASERVE_TP_GEMM_PUSH": "0"}
 
 
 def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n_top1: int, n_adapters: int,
@@ -26,7 +27,7 @@ def run_child(a, path: str, tp: int, layers: int, prompt_len: int, steps: int, n
         print(f"tp2{' lora' if lora_child else ''} child failed ({r['_error']}); again with the opt-ins off", flush=True)
         os.environ.update(SAFE_ENV)   # every later child too
         r = _run_child(a, path, tp, layers, prompt_len, steps, n_top1, n_adapters, nccl_only, lora_child)
-        r[f"tp2{'_lora' if lora_child else ''}_fallback"] = "the opt-ins (fused norm, sampler graphs, Triton greedy/embedding) off after a failure"
+        r[f"tp2{'_lora' if lora_child else ''}_fallback"] = "the opt-ins (fused norm, GEMM push, sampler graphs, Triton greedy/embedding, wide attention) off after a failure"
     return r
 
 

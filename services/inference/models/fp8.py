@@ -28,7 +28,9 @@ the existing LoRA code, to the FP8 GEMM output, exactly as `Proj.forward` does.
 KV cache: e4m3 with one fp32 scale per layer for K and one for V (the checkpoint's `k_scale` /
 `v_scale`, else calibrated on the first step as vLLM's calculate_kv_scales; a fixed 1.0 lost ~3% top-1
 on the default model); `Fp8KVAttention` quantizes on write; the Triton attention kernels (CUDA) read
-the codes and dequantize in registers, the CPU torch path dequantizes the gathered blocks. The scales
+the codes and widen them in registers (to fp16 MMA operands where q is bf16, V in its load layout at decode launches
+without split-KV: kernels/unified_attention.py, kernels/fp8_convert.py), the CPU torch path dequantizes the gathered
+blocks. The scales
 live in device memory ([2] fp32 per layer), so captured CUDA graphs read the current values. On CUDA, RoPE and
 the e4m3 K/V write run as one launch (kernels/fp8_rope_kv.py; LORASERVE_FP8_FUSED_ROPE_KV=0: two).
 

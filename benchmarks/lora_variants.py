@@ -137,7 +137,7 @@ VARIANTS = {
     "xbgmv_k512": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, bgmv_block_k=512),
     "xbgmv_k256": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, bgmv_block_k=256),
     # the streaming expand's Triton-pipelined column loop for runs of >= 8 blocks up to 256 tokens (gate_up)
-    "pipegu": dict(DEFAULT, pipe_min_blocks=8),   # (the default since 2026-12-01); nopipegu: off
+    "pipegu": dict(DEFAULT, pipe_min_blocks=8),   # (the default since 2026-12-01: 10 blocks); nopipegu: off
     "nopipegu": dict(DEFAULT, pipe_min_blocks=0),
     # ... at every token count (the 1024-token "reduced" steps and 256-token tiles too: y read + write bound)
     "pipeall": dict(DEFAULT, slots=-4),

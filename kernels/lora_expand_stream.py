@@ -372,8 +372,11 @@ STREAM_SLOTS_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS_MAX_TO
 # ... and, up to 256 tokens, for programs walking at least this many column blocks (0: off). The 23:43 final's pipe64
 # (the pipelined loop at 33-64 tokens on every projection): gate_up's expand 15.7 -> 14.9 us (15 blocks a program),
 # but qkv / o / down (3-4 blocks) lost 1.4-2.1 us: hence a rule by the run length. H200 probe 2026-12-01 00:53
-# ("pipegu", >= 8 blocks): layer gate_up 19.81 -> 19.28 us, the others and 1 token unchanged. Default 8.
-STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "8"))
+# ("pipegu", >= 8 blocks): layer gate_up 19.81 -> 19.28 us, the others and 1 token unchanged; probe 01:58 (same run
+# as the previous defaults): 256 tokens gate_up r16 / 16 adapters (14 blocks a program) 24.07 -> 23.29, gate_up r64 /
+# 16 adapters (28 blocks) 51.51 -> 51.21 (expand 37.9 -> 33.4), but qkv r64 / 32 adapters (9 blocks) 36.69 -> 39.50:
+# hence 10. LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS.
+STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "10"))
 
 
 def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:

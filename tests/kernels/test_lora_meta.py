@@ -114,13 +114,15 @@ def test_stream_expand_column_loop_rule() -> None:
     old = les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS, les.STREAM_PIPE_MIN_BLOCKS
     try:
         les.STREAM_SLOTS, les.DEFAULT_STREAM_SLOTS, les.STREAM_SLOTS_MAX_TOKENS = None, -4, 32
-        les.STREAM_PIPE_MIN_BLOCKS = 8
+        les.STREAM_PIPE_MIN_BLOCKS = 10
         small = les.stream_expand_config(1, 6144, 16, 3, 16, 2, 16)
         edge = les.stream_expand_config(32, 28672, 16, 2, 16, 34, 4)
         long_run = les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)   # 15 blocks a program
         short_run = les.stream_expand_config(64, 6144, 16, 3, 16, 36, 4)   # 4 blocks a program
         assert small["SLOTS"] == edge["SLOTS"] == long_run["SLOTS"] == -4
         assert short_run["SLOTS"] == 0 and short_run["Y_AHEAD"] == 1 and short_run["B_AHEAD"] == 2  # rotating
+        nine = les.stream_expand_config(256, 6144, 64, 3, 16, 48, 1)   # qkv r64 / 32 adapters: 9 blocks a program
+        assert nine["COLS_PER_PROG"] // nine["BLOCK_N"] == 9 and nine["SLOTS"] == 0
         les.STREAM_PIPE_MIN_BLOCKS = 0
         large = les.stream_expand_config(64, 28672, 16, 2, 16, 36, 4)
         assert large["SLOTS"] == 0 and large["Y_AHEAD"] == 1 and large["B_AHEAD"] == 3  # the 12:20 default

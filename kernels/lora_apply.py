@@ -23,8 +23,12 @@ On the streaming path, steps of <= 64 tokens (rank <= 16 above 32) shrink with t
 (lora_shrink_bgmv.py, LORASERVE_LORA_BGMV / _MAX_TOKENS; its split is the workspace's leading dim), which
 loads its A block before griddepcontrol.wait, and the expand lets the next kernel launch at its start
 (LORASERVE_LORA_PREFETCH=at, lora_prefetch.py); steps of <= 32 tokens run the expand's column loop
-Triton-pipelined (LORASERVE_LORA_STREAM_SLOTS, lora_expand_stream.py); larger steps keep the dot shrink
-and the hand-rotated loop (H200 runs, 2026-11-30: see kernels/PERF_NOTES.md).
+Triton-pipelined (LORASERVE_LORA_STREAM_SLOTS, lora_expand_stream.py), as do programs walking >= 10
+column blocks up to 256 tokens (gate_up; LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS); larger steps keep the dot
+shrink and the hand-rotated loop (H200 runs, 2026-11-30: see kernels/PERF_NOTES.md). Single-slice projections
+(o, down) at <= 64 tokens, rank <= 32, expand with the BGMV kernel instead (lora_expand_bgmv.py: one wide B
+block per iteration, no tl.dot; LORASERVE_LORA_EXPAND_BGMV / _MAX_SLICES). scale_on (per-slot DoRA flags) lets
+the expands skip DoRA's epilogue for plain LoRA slots.
 The one-launch ticketed kernel (lora_onelaunch.py, no residency requirement, <= 256 tokens,
 rank <= 64, <= 3 slices, not fp32 on a GPU) is opt-in: LORASERVE_LORA_ONELAUNCH=1; it comes
 first when on (measured slower than two launches on an H200, see PERF_NOTES). Programmatic

@@ -14,8 +14,9 @@ The model side (models/llama.py): Attention / MLP skip their all-reduce when `tp
 RMSNorm with a residual and a `tp` whose `defers(x)` holds calls `tp.all_reduce_add_rms_norm`. The
 decision depends only on x's shape, dtype and device, so producer and consumer always agree.
 
-By default (LORASERVE_TP_GEMM_PUSH=0: off) o_proj / down_proj of decode steps (1..64 rows:
-LORASERVE_TP_GEMM_PUSH_MIN/MAX_ROWS, no adapters in the step) run kernels/tp_gemm_push.py (one row: the GEMV; more:
+By default (LORASERVE_TP_GEMM_PUSH=1) o_proj / down_proj of batch-1 decode steps (rows
+LORASERVE_TP_GEMM_PUSH_MIN_ROWS..MAX_ROWS, default 1..1; MAX_ROWS=64 also takes 2..64-row steps: measured only in
+GEMM + norm pairs, not yet in a 32-layer engine; no adapters in the step) run kernels/tp_gemm_push.py (one row: the GEMV; more:
 the skinny GEMM), whose programs push their output tiles into the peers' buffers as they finish; the norm kernel
 after it then skips its own push (pushed=True) and only waits for the peers' last tiles. Checked at start-up against
 NCCL + the separate norm like the fused norm itself. H200 x2 (probe 2026-12-01 02:00, benchmarks/bench_tp_push.py,
@@ -44,16 +45,17 @@ def gemm_push_wanted() -> bool:
 
 
 def _gemm_push_rows() -> tuple[int, int]:
-    """The row counts the pushing GEMM takes (default 1..64: one row runs the GEMV with the push, 2..64 the skinny
-    GEMM); LORASERVE_TP_GEMM_PUSH_MIN_ROWS=2 leaves batch 1 to Proj's GEMV and the norm's push,
-    LORASERVE_TP_GEMM_PUSH_MAX_ROWS=1 the batches to cuBLAS."""
+    """The row counts the pushing GEMM takes (default 1..1: one row runs the GEMV with the push, the row count whose
+    engine gain was measured on 2 H200s; LORASERVE_TP_GEMM_PUSH_MAX_ROWS=64 adds 2..64 rows on the skinny GEMM,
+    opt-in until a 32-layer batch-64 engine run measures it); LORASERVE_TP_GEMM_PUSH_MIN_ROWS=2 leaves batch 1 to
+    Proj's GEMV and the norm's push."""
     def env(name: str, default: int) -> int:
         try:
             return min(64, max(1, int(os.environ.get(name, "") or default)))
         except ValueError:
             return default
 
-    return env("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", 1), env("LORASERVE_TP_GEMM_PUSH_MAX_ROWS", 64)
+    return env("LORASERVE_TP_GEMM_PUSH_MIN_ROWS", 1), env("LORASERVE_TP_GEMM_PUSH_MAX_ROWS", 1)
 
 
 class LamportNorm:

@@ -17,7 +17,7 @@ Projections that no enabled module uses get no buffers at all. With only some mo
 projection enabled (q_proj + v_proj), S_p counts the enabled ones: a disabled module's columns belong
 to the slice before it (the first slice if none) with zero B rows (lora_slices, MERGE_SLICES).
 
-Rank packing (LORASERVE_RANK_PACKING=1; granule G = LORASERVE_RANK_GRANULE, 8): a "slot" is a
+Rank packing (the default; LORASERVE_RANK_PACKING=0: max-rank slots; granule G = LORASERVE_RANK_GRANULE, 8): a "slot" is a
 granule of G rank rows, and an adapter of rank r takes span(r) = next_pow2(ceil(r / G)) granules
 aligned to span(r) (a buddy layout: any two adapters' blocks are nested or apart), so a rank-8
 adapter costs 8 rows, not max_rank. a[p] and b[p] are then strided views of pools
@@ -49,7 +49,7 @@ from ..models.llama import PROJ_SLICES, ModelArgs
 log = logging.getLogger(__name__)
 
 
-RANK_PACKING = os.environ.get("LORASERVE_RANK_PACKING", "0") == "1"
+RANK_PACKING = os.environ.get("LORASERVE_RANK_PACKING", "1") == "1"   # 0: max-rank slots
 RANK_GRANULE = int(os.environ.get("LORASERVE_RANK_GRANULE", "8"))
 # slot loads: one host->GPU copy per adapter block (_bulk_copy); 0: two copies per (layer, module)
 BULK_COPY = os.environ.get("LORASERVE_SLOT_BULK_COPY", "1") != "0"

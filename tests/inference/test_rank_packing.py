@@ -161,6 +161,10 @@ def test_packed_tier_is_sized_in_granules():
         assert num_device_slots(lc, pc, args, set(ALL), 64, torch.float32, torch.device("cpu")) == 10
         slots_mod.RANK_PACKING = True   # same memory: 10 max-rank adapters = 80 granules of 8 rows
         assert num_device_slots(lc, pc, args, set(ALL), 64, torch.float32, torch.device("cpu")) == 80
+        slots_mod.RANK_PACKING = None   # auto (the default): packed at max rank 64, max-rank slots at 16
+        assert num_device_slots(lc, pc, args, set(ALL), 64, torch.float32, torch.device("cpu")) == 80
+        assert slots_mod.slot_granule(64) == 8 and slots_mod.slot_granule(32) == 8
+        assert slots_mod.slot_granule(16) == 16 and slots_mod.slot_granule(8) == 8
     finally:
         slots_mod.RANK_PACKING = old
 

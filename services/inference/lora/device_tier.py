@@ -23,8 +23,8 @@ def num_device_slots(lora_config, cache_config, args, enabled: set[str], max_ran
     max-rank (layer, module) weights when set, else device_cache_percent of free GPU memory;
     on CPU max_loras (or 8) max-rank adapters. Never less than max_loras max-rank adapters, the
     distinct adapters one batch may use. Counted in slots of slot_granule(max_rank) rank rows:
-    granules that adapters take by their own rank (slots.py; the default), or with LORASERVE_RANK_PACKING=0
-    max_lora_rank wide (a rank-8 adapter then costs a rank-64 slot)."""
+    granules that adapters take by their own rank (slots.py; by default when max_lora_rank >= 32), or
+    max_lora_rank wide (below that, or with LORASERVE_RANK_PACKING=0)."""
     granule = slot_granule(max_rank)
     per_max = slot_span(max_rank, granule) if granule < max_rank else 1   # slots of one max-rank adapter
     floor = (lora_config.max_loras or 1) * per_max

@@ -17,7 +17,8 @@ Projections that no enabled module uses get no buffers at all. With only some mo
 projection enabled (q_proj + v_proj), S_p counts the enabled ones: a disabled module's columns belong
 to the slice before it (the first slice if none) with zero B rows (lora_slices, MERGE_SLICES).
 
-Rank packing (the default; LORASERVE_RANK_PACKING=0: max-rank slots; granule G = LORASERVE_RANK_GRANULE, 8): a "slot" is a
+Rank packing (LORASERVE_RANK_PACKING=auto, the default: packed when max_lora_rank >= 32; 1: always; 0: max-rank
+slots; granule G = LORASERVE_RANK_GRANULE, 8): a "slot" is a
 granule of G rank rows, and an adapter of rank r takes span(r) = next_pow2(ceil(r / G)) granules
 aligned to span(r) (a buddy layout: any two adapters' blocks are nested or apart), so a rank-8
 adapter costs 8 rows, not max_rank. a[p] and b[p] are then strided views of pools
@@ -49,7 +50,13 @@ from ..models.llama import PROJ_SLICES, ModelArgs
 log = logging.getLogger(__name__)
 
 
-RANK_PACKING = os.environ.get("LORASERVE_RANK_PACKING", "1") == "1"   # 0: max-rank slots
+# True: always packed, False: max-rank slots, None (auto, the default): packed when max_lora_rank >= PACK_MIN_RANK,
+# where a rank-8 adapter in a max-rank slot would waste >= 3/4 of it. Below it packing saves at most half a slot and
+# its kernel path costs more (H200, 2026-12-01, bench_lora_decode 8 layers, batch 64, 32 r16 adapters, max rank 16:
+# LoRA 56.0 us a layer with max-rank slots, 76.8 packed).
+_PACK_ENV = os.environ.get("LORASERVE_RANK_PACKING", "auto").strip().lower()
+RANK_PACKING: bool | None = None if _PACK_ENV == "auto" else _PACK_ENV == "1"
+PACK_MIN_RANK = int(os.environ.get("LORASERVE_RANK_PACKING_MIN_RANK", "32"))
 RANK_GRANULE = int(os.environ.get("LORASERVE_RANK_GRANULE", "8"))
 # slot loads: one host->GPU copy per adapter block (_bulk_copy); 0: two copies per (layer, module)
 BULK_COPY = os.environ.get("LORASERVE_SLOT_BULK_COPY", "1") != "0"
@@ -85,6 +92,8 @@ def lora_slices(modules: tuple[str, ...], outs: list[int], enabled: set[str],
 def slot_granule(max_rank: int, packed: bool | None = None) -> int:
     """Rank rows per slot: max_rank, or the packing granule (at most max_rank)."""
     packed = RANK_PACKING if packed is None else packed
+    if packed is None:
+        packed = max_rank >= PACK_MIN_RANK
     return max(1, min(RANK_GRANULE, max_rank)) if packed else max_rank
 
 

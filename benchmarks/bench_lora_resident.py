@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.bench_churn import (ALL_MODULES, CHURN_MODULES, FreshPrompts, make_requests, make_resident,  # noqa: E402
-                                    random_adapter, run_closed_loop, time_first_token)
+from benchmarks.bench_churn import (ALL_MODULES, CHURN_MODULES, make_requests, make_resident,  # noqa: E402
+                                    random_adapter, run_closed_loop)
+from benchmarks.churn_cold import FreshPrompts, time_first_token  # noqa: E402
 
 
 def add_adapter(engine, int_id: int, modules, rank: int, seed: int) -> None:

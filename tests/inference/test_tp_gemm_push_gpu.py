@@ -25,6 +25,7 @@ def _push_rank(rank: int, world: int, port: int, out) -> None:
                             timeout=timedelta(seconds=60), device_id=dev)
     os.environ["LORASERVE_TP_FUSED_NORM"] = "1"
     os.environ["LORASERVE_TP_GEMM_PUSH"] = "1"
+    os.environ["LORASERVE_TP_GEMM_PUSH_MAX_ROWS"] = "64"   # 2..64 rows are opt-in; this test checks them too
     fn = make_fused_norm(dev, 4096)
     res = {"self_check": bool(fn is not None and fn.push)}
     g = torch.Generator(device=dev).manual_seed(11 + rank)

@@ -63,6 +63,14 @@ VARIANTS = (
     ("down_dot8", {"LORASERVE_FP8_TILE64": "4096x14336=dot8:64:64:256:2:4:4"}),
     ("dot8_tiles_all", {"LORASERVE_FP8_TILE64": "6144x4096=dot8:64:64:128:4:4:3,4096x4096=dot8:64:64:256:2:4:4,"
                                                 "4096x14336=dot8:64:64:256:2:4:4", "LORASERVE_FP8_DEFER_QKV": "1"}),
+    # rows cut into chunks over (T, C) programs, the row's last program finishing it (kernels/fp8_row_split.py)
+    ("row_split", {"LORASERVE_FP8_ROW_SPLIT": "1"}),
+    ("row_split_silu", {"LORASERVE_FP8_ROW_SPLIT": "silu"}),
+    ("row_split_norm", {"LORASERVE_FP8_ROW_SPLIT": "norm"}),
+    ("row_split_c2048", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ROW_SPLIT_CHUNK": "2048"}),
+    ("row_split_c512", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ROW_SPLIT_CHUNK": "512",
+                        "LORASERVE_FP8_ROW_SPLIT_NORM_CHUNK": "512"}),
+    ("row_split_off", {"LORASERVE_FP8_ROW_SPLIT": "0"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

@@ -1,0 +1,87 @@
+"""Row-split SiLU-mul / RMSNorm + per-token e4m3 codes (kernels/fp8_row_split.py): the interpreter on the CPU (rows
+cut into several chunks, a short last chunk, one chunk), the GPU at Llama-3-8B widths and decode batch sizes."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+from loraserve.kernels import triton_available
+
+from . import fp8_row_split_cases as cases
+from .interpreter import interpreter_pool, interpreting
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator:
+    if not triton_available():
+        pytest.skip("triton not installed")
+    yield from interpreter_pool(interpreting)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])   # the interpreter mishandles bf16
+@pytest.mark.parametrize("t,i,chunk", [(3, 200, 64), (2, 96, 128)])   # 4 chunks, the last short / one chunk
+def test_silu_split_interp(interp, dtype, t, i, chunk) -> None:
+    interp.submit(cases.check_silu_split, dtype, t, i, chunk).result(timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual", "partials", "row_scale"])
+def test_norm_split_interp(interp, kind) -> None:
+    interp.submit(cases.check_norm_split, "float16", 3, 100, 32, kind).result(timeout=300)
+
+
+def test_row_split_switch() -> None:
+    import os
+
+    from loraserve.kernels.fp8_row_split import ROW_SPLIT_MAX_ROWS, row_split_on
+
+    old = os.environ.get("LORASERVE_FP8_ROW_SPLIT")
+    try:
+        os.environ.pop("LORASERVE_FP8_ROW_SPLIT", None)
+        assert not row_split_on("silu", 64) or os.environ.get("LORASERVE_FP8_ROW_SPLIT") is not None
+        os.environ["LORASERVE_FP8_ROW_SPLIT"] = "1"
+        assert row_split_on("silu", 64) == triton_available() and row_split_on("norm", 1) == triton_available()
+        assert not row_split_on("norm", ROW_SPLIT_MAX_ROWS + 1) and not row_split_on("silu", 0)
+        os.environ["LORASERVE_FP8_ROW_SPLIT"] = "0"
+        assert not row_split_on("silu", 64) and not row_split_on("norm", 64)
+    finally:
+        os.environ.pop("LORASERVE_FP8_ROW_SPLIT", None)
+        if old is not None:
+            os.environ["LORASERVE_FP8_ROW_SPLIT"] = old
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("t", [1, 48, 64])
+def test_row_split_gpu(t) -> None:
+    cases.check_silu_split("bfloat16", t, 14336, 1024, "cuda")
+    for kind in ("plain", "residual", "partials", "row_scale"):
+        cases.check_norm_split("bfloat16", t, 4096, 1024, kind, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels (test_row_split_gpu)")
+def test_row_split_compiles_sm90() -> None:
+    """Offline sm_90 compiles at the 8B widths (PDL, the acq_rel counter, the tail loops): no spills."""
+    from loraserve.kernels.fp8_row_split import _norm_quant_split_kernel, _silu_mul_quant_split_kernel
+
+    from .sm90 import compile_sm90, offline_triton, stack_bytes
+
+    offline_triton()
+    k = compile_sm90(_silu_mul_quant_split_kernel,
+                     {"x_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32",
+                      "cnt_ptr": "*i32", "I": "i32", "fp8_max": "fp32", "stride_x": "i32", "stride_o": "i32",
+                      "stride_q": "i32", "C": "i32"},
+                     dict(CHUNK=1024, TAIL=4096, C_P2=16, FP8_MAX_C=448.0, MIN_SCALE_C=1e-12, USE_PDL=True),
+                     div16_except=("fp8_max", "C"), num_warps=4, launch_pdl=True)
+    assert stack_bytes(k) == 0
+    k = compile_sm90(_norm_quant_split_kernel,
+                     {"x_ptr": "*bf16", "ws_ptr": "*fp32", "s_ptr": "*fp32", "xs_ptr": "*fp32", "res_ptr": "*bf16",
+                      "w_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*fp8e4nv", "qs_ptr": "*fp32",
+                      "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "H": "i32", "SPLITS": "i32", "eps": "fp32",
+                      "fp8_max": "fp32", "stride_x": "i32", "stride_r": "i32", "stride_o": "i32", "stride_q": "i32",
+                      "C": "i32"},
+                     dict(PARTIALS=True, ROW_SCALE=True, HAS_RESIDUAL=True, CHUNK=1024, TAIL=4096, C_P2=4,
+                          FP8_MAX_C=448.0, MIN_SCALE_C=1e-12, USE_PDL=True),
+                     div16_except=("eps", "fp8_max", "M", "SPLITS", "C"), num_warps=4, launch_pdl=True)
+    assert stack_bytes(k) == 0

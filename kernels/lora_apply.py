@@ -100,6 +100,10 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
 
         L = lora_a.shape[0]
         return "dense", (dense_split_k(x, lora_a, DENSE_MODE), T, L * S * R), None
+    from .lora_seg import seg_applies, seg_split_k
+
+    if seg_applies(T, R, S, x):   # large steps: the segment-tiled pair (lora_seg.py)
+        return "seg", (seg_split_k(x, lora_a, meta), S, T, R), None
     # The streaming expand reads the partials once per (tile, column group), not per column
     # block, so with it the partials pay up to rank 64 (the classic kernel: rank 16).
     if R <= (64 if stream_enabled() else 16) and T <= 256:
@@ -188,6 +192,11 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
 
             dora_scale_rows(y, scale, meta, ranks, shift)
         return y
+    if path == "seg":
+        from .lora_seg import lora_seg_expand, lora_seg_shrink
+
+        lora_seg_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, summed by the expand
+        return lora_seg_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift, scale_on=scale_on)
     from .lora_shrink import lora_shrink
 
     lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced
@@ -201,6 +210,10 @@ def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta:
     from .lora_expand import lora_expand
 
     S, R = slice_offsets.shape[0] - 1, lora_b.shape[2]
+    if path == "seg":
+        from .lora_seg import lora_seg_expand
+
+        return lora_seg_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift, scale_on=scale_on)
     if path == "dense":
         from .lora_shrink_dense import dense_partials
 
@@ -230,7 +243,7 @@ def lora_apply_split(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) 
     """True when lora_apply's path for these shapes is two separate kernels (shrink, then expand)
     that :func:`lora_shrink_part` / :func:`lora_expand_part` can run apart (e.g. the shrink on a
     side stream during the base GEMM, batch.py); False for the one-launch paths and the reference."""
-    return choose_path(x, lora_a, lora_b, meta)[0] in ("partials", "reduced", "dense")
+    return choose_path(x, lora_a, lora_b, meta)[0] in ("partials", "reduced", "dense", "seg")
 
 
 def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, buf: Tensor,
@@ -241,6 +254,10 @@ def lora_shrink_part(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, b
         from .lora_shrink_dense import lora_shrink_dense
 
         return lora_shrink_dense(x, lora_a, buf, meta.token_slot, backend=DENSE_MODE)
+    if path == "seg":
+        from .lora_seg import lora_seg_shrink
+
+        return lora_seg_shrink(x, lora_a, meta, ranks, buf)
     from .lora_shrink import lora_shrink
 
     return lora_shrink(x, lora_a, meta, ranks, buf)

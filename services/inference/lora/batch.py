@@ -95,7 +95,7 @@ class LoRABatch:
         a, b, scale, shift, scale_on = w
         mode = (OVERLAP if x.shape[0] <= OVERLAP_MAX_TOKENS else OVERLAP_LARGE) if x.is_cuda else ""
         path = choose_path(x, a, b, self.meta)[0] if mode == "shrink" else ""
-        if mode == "shrink" and path not in ("partials", "reduced", "dense"):  # two kernels to run apart
+        if mode == "shrink" and path not in ("partials", "reduced", "dense", "seg"):  # two kernels to run apart
             mode = ""
         if not mode:
             y = F.linear(x, weight, bias)

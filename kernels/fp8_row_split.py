@@ -37,16 +37,37 @@ def row_split_mode() -> str:
     return {"": "0", "0": "0", "off": "0", "1": "1", "all": "1", "on": "1", "silu": "silu", "norm": "norm"}.get(v, "0")
 
 
-def row_split_on(kind: str, rows: int) -> bool:
+def _key(device: torch.device) -> torch.device:
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
+def row_split_on(kind: str, rows: int, device: torch.device | None = None) -> bool:
+    """Whether the split form runs: the switch names `kind` ('silu' / 'norm'), 1..ROW_SPLIT_MAX_ROWS rows, and the
+    counters exist or may be made now (never first inside a CUDA-graph capture: the row kernel then)."""
     mode = row_split_mode()
-    return HAS_TRITON and 0 < rows <= ROW_SPLIT_MAX_ROWS and (mode == "1" or mode == kind)
+    if not (HAS_TRITON and 0 < rows <= ROW_SPLIT_MAX_ROWS and (mode == "1" or mode == kind)):
+        return False
+    return (device is None or device.type != "cuda" or _key(device) in _COUNTERS
+            or not torch.cuda.is_current_stream_capturing())
+
+
+def reserve_counters(device: torch.device) -> None:
+    """Make the device's counters now (the FP8 model does at conversion), so that a graph captured later can use them
+    (a buffer first made inside a capture would live in that graph's pool)."""
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _counters(device)
 
 
 def _counters(device: torch.device) -> Tensor:
     """[_COUNTER_SLOTS] int32 zeros per device, one per row; every launch leaves them zero (the last program of a row
     resets its own), so one buffer serves all the launches of a step (they run one after another)."""
+    device = _key(device)
     cnt = _COUNTERS.get(device)
     if cnt is None:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "row-split counters first needed inside a CUDA-graph capture (row_split_on gates this)"
         cnt = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
     return cnt
 

@@ -315,6 +315,10 @@ def convert_projections(model: nn.Module, dtype: torch.dtype, device: torch.devi
     from .fp8_fused import convert_fused
 
     convert_fused(model)   # MLPs and norms before FP8 projections: the fused decode paths (models/fp8_fused.py)
+    if out and torch.device(device).type == "cuda":   # the row-split kernels' counters, before any graph capture
+        from loraserve.kernels.fp8_row_split import reserve_counters
+
+        reserve_counters(torch.device(device))
     return out
 
 

@@ -50,6 +50,8 @@ from loraserve.kernels.lora_shrink import shrink_split_k
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 L2_FLUSH_BYTES = 256 << 20
+_SEG_DEFAULT = (__import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_ENABLED,
+                __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MIN_TOKENS)   # as the process found them
 
 
 def copy_bandwidth() -> float:
@@ -168,6 +170,9 @@ class Case:
             lora_expand_bgmv.EXPAND_BGMV_WARPS = v.get("xb_warps", 0)
             lora_expand_bgmv.EXPAND_BGMV_PPS = v.get("xb_pps", 4)
             stream = bool(v.get("stream", True))
+            from loraserve.kernels import lora_seg   # the segment-tiled pair for large steps: the process default
+            lora_seg.SEG_ENABLED = bool(v.get("seg", _SEG_DEFAULT[0]))   # unless the variant says
+            lora_seg.SEG_MIN_TOKENS = v.get("seg_min_tokens", _SEG_DEFAULT[1])
         lora_meta.LORA_STREAM = stream
         self.path, shape, _ = choose_path(self.x, self.lora_a[:self.L], self.lora_b[:self.L], self.meta)
         if tuple(self.ws.shape) != tuple(shape):
@@ -188,7 +193,11 @@ class Case:
                 from loraserve.kernels.lora_shrink_dense import lora_shrink_dense
 
                 return lambda: lora_shrink_dense(self.x, a, self.ws, self.meta.token_slot, backend=DENSE_MODE)
-            if kind == "expand_only" and cfg is None and self.path in ("dense", "partials", "reduced"):
+            if kind == "shrink_only" and self.path == "seg":   # the segment-tiled shrink (lora_seg.py)
+                from loraserve.kernels.lora_seg import lora_seg_shrink
+
+                return lambda: lora_seg_shrink(self.x, a, self.meta, self.ranks, self.ws)
+            if kind == "expand_only" and cfg is None and self.path in ("dense", "partials", "reduced", "seg"):
                 from loraserve.kernels.lora_apply import _expand   # lora_apply's own expand half (dense or not)
 
                 return lambda: _expand(self.ws, self.y, b, self.offsets, self.meta, self.ranks, None, None, self.path)

@@ -152,6 +152,11 @@ VARIANTS = {
     # the defaults at the start of the ninth session (262c58e: BGMV shrink <= 64 tokens, BLOCK_K 2048 for down, loads
     # before the wait + early trigger, the streaming expand only): "before" of that session's final
     "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),
+    # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
+    # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
+    "prev10": dict(DEFAULT, seg=False),
+    "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
+    "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
     "dense_mm": dict(stream=True, pdl=True, bgmv=True, dense="mm"),  # ... as one cuBLAS GEMM
     # the dense expand (lora_expand_dense.py: 128 columns x all tokens per program, slots 4 at a time) for
@@ -167,7 +172,7 @@ def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
     """us of lora_apply with one variant, its path, and its output (twice, from the same y)."""
     c.use_variant(variant)
     row = {"us": c.time(), "path": c.path}
-    if breakdown and c.path in ("partials", "reduced", "dense"):
+    if breakdown and c.path in ("partials", "reduced", "dense", "seg"):
         row["shrink"] = c.time("shrink_only")
         row["expand"] = c.time("expand_only")
     y0 = c.y_init  # the same input y for every variant (timings keep adding to c.y)

@@ -260,6 +260,7 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     group = seg_group(num_tokens, block_m)
     rp = max(16, _pow2(rank))
     block_n = max(16, _pow2(num_slices * rp))
+    group = max(1, min(group, 128 * 128 // (block_m * block_n)))   # the fp32 accumulator <= 64 KB (no spills)
     block_m_rows = block_m * group
     block_k = _env_int("LORASERVE_LORA_SEG_SHRINK_BK", 128 if block_n * block_m_rows <= 64 * 64 else 64)
     per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 2)
@@ -286,7 +287,7 @@ def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, gr
     per SM (every tile assumed active)."""
     group = seg_group(num_tokens, block_m)
     block_n = _env_int("LORASERVE_LORA_SEG_BN", 256 if rank <= 64 else 128)
-    block_n = min(block_n, max(16, _pow2(n_total)))
+    block_n = min(block_n, max(16, _pow2(n_total)), max(16, 128 * 128 // (block_m * group)))   # accumulator <= 64 KB
     nblocks = -(-n_total // block_n)
     rows = -(-grid_tiles // group)
     per_sm = _env_int("LORASERVE_LORA_SEG_EXPAND_PER_SM", 8)

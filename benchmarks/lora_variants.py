@@ -47,6 +47,7 @@ import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
 from loraserve.kernels import lora_apply, lora_expand_bgmv, lora_expand_stream, lora_meta, lora_onelaunch, lora_shrink_bgmv
+from loraserve.kernels import lora_tma_expand
 
 _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
 # "default": the switches as this process found them (environment + code defaults), i.e. what the
@@ -66,7 +67,12 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N,
                bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK,
                xb_max_slices=__import__("loraserve.kernels.lora_expand", fromlist=["X"]).EXPAND_BGMV_MAX_SLICES,
-               group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR)
+               group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR,
+               tma=lora_tma_expand.TMA_EXPAND)
+# the TMA expand's knobs as the process found them (a variant's tma_* keys override them; _use_variant)
+_TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
+                  tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS")
+_TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
 
 VARIANTS = {
     "default": DEFAULT,
@@ -154,7 +160,7 @@ VARIANTS = {
     "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
-    "prev10": dict(DEFAULT, seg=False),
+    "prev10": dict(DEFAULT, seg=False, tma=False),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
@@ -168,9 +174,37 @@ VARIANTS = {
 }
 
 
+# The TMA-fed expand (lora_tma_expand.py, LORASERVE_LORA_TMA_EXPAND): B's boxes (and y's two rows at decode tiles)
+# through TMA into shared memory, STAGES - 1 in flight a program; tma = the code's knobs (256 columns a box, 4 stages,
+# 2 programs per SM, 4 warps), _s6 / _s8: stages, _p1 / _p4: programs per SM, _w8: warps, _n128: columns a box,
+# _noy: y through plain loads, _dot: the tl.dot loop at every tile (no per-row loop)
+VARIANTS.update({
+    "tma": dict(DEFAULT, tma=True),
+    "tma_s6": dict(DEFAULT, tma=True, tma_stages=6),
+    "tma_s8": dict(DEFAULT, tma=True, tma_stages=8),
+    "tma_s8_p1": dict(DEFAULT, tma=True, tma_stages=8, tma_pps=1),
+    "tma_p4": dict(DEFAULT, tma=True, tma_pps=4),
+    "tma_w8": dict(DEFAULT, tma=True, tma_warps=8),
+    "tma_w8_s6": dict(DEFAULT, tma=True, tma_warps=8, tma_stages=6),
+    "tma_n128_s8": dict(DEFAULT, tma=True, tma_bn=128, tma_stages=8),
+    "tma_noy": dict(DEFAULT, tma=True, tma_y=False),
+    "tma_dot": dict(DEFAULT, tma=True, tma_rows2=False),
+    "notma": dict(DEFAULT, tma=False),
+})
+
+
+def _use_variant(c: Case, variant) -> None:
+    """Case.use_variant plus this module's own switches (the TMA expand's, which Case does not know)."""
+    c.use_variant(variant)
+    if isinstance(variant, dict):
+        lora_tma_expand.TMA_EXPAND = bool(variant.get("tma", False))
+        for key, name in _TMA_KNOBS.items():
+            setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
+
+
 def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
     """us of lora_apply with one variant, its path, and its output (twice, from the same y)."""
-    c.use_variant(variant)
+    _use_variant(c, variant)
     row = {"us": c.time(), "path": c.path}
     if breakdown and c.path in ("partials", "reduced", "dense", "seg"):
         row["shrink"] = c.time("shrink_only")
@@ -254,7 +288,7 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
         print(f"  WARNING: the pipelined column loop failed for {res['pipelined_loop_fell_back_to_rotating']}: "
               "those shapes ran the hand-rotated loop", flush=True)
     for c in cases:
-        c[2].use_variant(DEFAULT)  # leave the process defaults behind
+        _use_variant(c[2], DEFAULT)  # leave the process defaults behind
     return res
 
 

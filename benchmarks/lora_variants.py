@@ -284,6 +284,10 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     if _BGMV_FAILED:
         print(f"  WARNING: the BGMV expand failed for {res['expand_bgmv_fell_back_to_stream']}: those ran the streaming "
               "expand", flush=True)
+    res["tma_expand_fell_back_to_stream"] = sorted(str(k) for k in lora_tma_expand._TMA_FAILED)
+    if lora_tma_expand._TMA_FAILED:
+        print(f"  WARNING: the TMA expand failed for {res['tma_expand_fell_back_to_stream']}: those ran the streaming "
+              "expand", flush=True)
     if _PIPE_FAILED:
         print(f"  WARNING: the pipelined column loop failed for {res['pipelined_loop_fell_back_to_rotating']}: "
               "those shapes ran the hand-rotated loop", flush=True)

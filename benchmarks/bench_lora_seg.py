@@ -26,6 +26,7 @@ from loraserve.kernels.lora_apply import choose_path  # noqa: E402
 
 CONFIGS = {  # name -> LORASERVE_LORA_SEG_* overrides
     "default": {},
+    "nored": {"LORASERVE_LORA_SEG_REDUCE": "0"},   # the expand sums the split-K partials (per column group)
     "x4": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "4"},
     "x16": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "16"},
     "bpp1": {"LORASERVE_LORA_SEG_BPP": "1"},

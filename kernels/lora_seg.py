@@ -69,7 +69,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _seg_shrink_kernel(
-        x_ptr, a_ptr, out_ptr, ranks_ptr,
+        x_ptr, a_ptr, out_ptr, ranks_ptr, count_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         num_tiles, K, R, K_CHUNK,
         stride_xm, stride_xk,
@@ -77,10 +77,11 @@ if HAS_TRITON:
         stride_ok, stride_os, stride_om, stride_or,
         NUM_SLICES: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-        USE_PDL: tl.constexpr = False,
+        REDUCE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
+        SPLIT_K = tl.num_programs(1)
         row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
                                    TILE_M, GROUP)
         # accumulator column j = slice j // RP, rank row j % RP of that slice's A
@@ -118,6 +119,19 @@ if HAS_TRITON:
                 out_ptrs = (out_ptr + pid_k * stride_ok + s_j[None, :] * stride_os + tok[:, None] * stride_om
                             + r_j[None, :] * stride_or)
                 tl.store(out_ptrs, acc, mask=rows[:, None] & j_ok[None, :])
+        if REDUCE:  # the row block's last K split to finish sums all SPLIT_K partials (fixed order: j = 0, 1, ...)
+            # into plane SPLIT_K of out, so the expand reads one plane, once per column group, not SPLIT_K
+            tl.debug_barrier()   # every thread's partial store precedes the release (cumulative)
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") + 1
+            if arrived == SPLIT_K:
+                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")   # ready for the next launch / graph replay
+                ready = (tl.zeros((TILE_M * GROUP,), tl.int32) + arrived) == SPLIT_K   # keeps loads below the atomic
+                m = (ready & (row_slot >= 0))[:, None] & ((s_j < NUM_SLICES) & (r_j < R))[None, :]
+                p = out_ptr + s_j[None, :] * stride_os + tok[:, None] * stride_om + r_j[None, :] * stride_or
+                h = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+                for j in range(1, SPLIT_K):
+                    h += tl.load(p + j * stride_ok, mask=m, other=0.0, cache_modifier=".cg")
+                tl.store(p + SPLIT_K * stride_ok, h, mask=m)
         if USE_PDL:  # the expand may launch once every program got here (it waits for our completion)
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -275,10 +289,31 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
                 num_stages=_env_int("LORASERVE_LORA_SEG_SHRINK_STAGES", 4))
 
 
+def seg_reduce() -> bool:
+    """The shrink's last K split of each row block sums the partials into one more plane of the workspace (the
+    expand then reads that plane only): LORASERVE_LORA_SEG_REDUCE (default on); read at each call."""
+    return os.environ.get("LORASERVE_LORA_SEG_REDUCE", "1").strip().lower() not in ("", "0", "false", "off", "no")
+
+
 def seg_split_k(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> int:
-    """The SPLIT_K lora_seg_shrink picks (the partials' leading dim)."""
+    """The workspace's leading dim for lora_seg_shrink: SPLIT_K partial planes, plus the reduced plane when
+    seg_reduce() is on and SPLIT_K > 1."""
     _, S, R, H = lora_a.shape
-    return seg_shrink_config(x.shape[0], R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device))["SPLIT_K"]
+    sk = seg_shrink_config(x.shape[0], R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device))["SPLIT_K"]
+    return sk + 1 if sk > 1 and seg_reduce() else sk
+
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _counters(device: torch.device, num: int) -> Tensor:
+    """Zeroed int32 arrival counters, one per row block; every launch leaves them zero again."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None or cnt.numel() < num:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("lora_seg: counters first needed inside CUDA graph capture; run this step eagerly first")
+        cnt = _COUNTERS[device] = torch.zeros(max(num, 4096), dtype=torch.int32, device=device)
+    return cnt
 
 
 def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, grid_tiles: int,
@@ -302,8 +337,9 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
     """out[k, s, t, :r] = x[t, K_k] @ lora_a[slot(t), s, :r, K_k].T: the split-K partials, one launch.
 
     x [T, H] fp16/bf16 (fp32 under the interpreter); lora_a [L, S, R, H] same dtype (any strides);
-    out [SPLIT_K, S, T, R] float32 (SPLIT_K = out.shape[0]; seg_split_k gives the default), entries of
-    tokens without an adapter and columns >= rank left as they were."""
+    out [P, S, T, R] float32 (seg_split_k gives P): P split-K partials, or with seg_reduce() on and P > 1,
+    P - 1 partials and their fixed-order sum in out[P - 1]; entries of tokens without an adapter and columns
+    >= rank undefined."""
     T, H = x.shape
     L, S, R, H2 = lora_a.shape
     assert H2 == H and x.dtype == lora_a.dtype, f"x [{T}, {H}] {x.dtype} vs lora_a {tuple(lora_a.shape)} {lora_a.dtype}"
@@ -314,15 +350,17 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
     if T == 0:
         return out
     cfg = dict(seg_shrink_config(T, R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device)), **(config or {}))
-    SK, BK = out.shape[0], cfg["BLOCK_K"]
+    reduce = out.shape[0] > 1 and seg_reduce()
+    SK, BK = out.shape[0] - reduce, cfg["BLOCK_K"]
     k_chunk = -(-(-(-H // SK)) // BK) * BK
     grid = (-(-meta.grid_tiles // cfg["GROUP"]), SK)
+    count = _counters(x.device, grid[0]) if reduce else ranks
     _seg_shrink_kernel[grid](
-        x, lora_a, out, ranks, meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
+        x, lora_a, out, ranks, count, meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         meta.grid_tiles, H, R, k_chunk,
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         NUM_SLICES=S, RP=cfg["RP"], TILE_M=meta.block_m, GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BK,
-        EVEN_K=H == k_chunk * SK, IEEE=x.dtype == torch.float32,
+        EVEN_K=H == k_chunk * SK, IEEE=x.dtype == torch.float32, REDUCE=reduce,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x.device),
     )
     return out
@@ -333,11 +371,14 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
                     config: dict | None = None) -> Tensor:
     """y[t, off_s:off_{s+1}] += (sum_k parts[k, s, t, :r]) @ lora_b[slot(t), off_s:off_{s+1}, :r].T, one launch.
 
-    parts [SPLIT_K, S, T, R] float32 (lora_seg_shrink's; [S, T, R] also taken); lora_b [L, N, R] with y's dtype;
+    parts [P, S, T, R] float32 as lora_seg_shrink leaves it (with seg_reduce() on and P > 1 only the last plane,
+    the sum, is read; else the P planes are summed here); [S, T, R] also taken; lora_b [L, N, R] with y's dtype;
     slice_offsets [S+1] int32 on the device; y [T, N] (column views allowed), updated in place, rows of tokens
     without an adapter untouched; scale / shift [L, N] float32 and scale_on [L] int32 as for lora_expand."""
     if parts.dim() == 3:
         parts = parts.unsqueeze(0)
+    elif parts.shape[0] > 1 and seg_reduce():   # lora_seg_shrink left the sum in the last plane
+        parts = parts[-1:]
     SK, S, T, R = parts.shape
     L, N, R2 = lora_b.shape
     assert R2 == R and parts.dtype == torch.float32, f"parts {parts.dtype} {tuple(parts.shape)} vs lora_b rank {R2}"

@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real"),
 ]
 
-META = {"sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32",
+META = {"count_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32",
         "ranks_ptr": "*i32", "num_tiles": "i32"}
 PROJ = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 
@@ -33,7 +33,7 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
                                      "stride_ok", "stride_os", "stride_om", "stride_or")})
     k = compile_sm90(_seg_shrink_kernel, sig, dict(NUM_SLICES=S, RP=sc["RP"], TILE_M=block_m, GROUP=sc["GROUP"],
                                                    BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], EVEN_K=True,
-                                                   IEEE=False, USE_PDL=True),
+                                                   IEEE=False, REDUCE=True, USE_PDL=True),
                      unit=("stride_xk", "stride_ak", "stride_or"), div16_except=("R", "num_tiles"),
                      num_warps=sc["num_warps"], num_stages=sc["num_stages"], launch_pdl=True)
     assert has_mma(k.asm["ptx"]) and "griddepcontrol.wait" in k.asm["ptx"]

@@ -1,7 +1,8 @@
 """The segment-tiled LoRA pair (kernels/lora_seg.py, lora_apply's "seg" path for large steps) vs an fp64
 per-token reference, on the CPU through Triton's interpreter: slices not multiples of the column block (a
 block across a slice boundary), mixed ranks incl. 0, rows without an adapter, a pool rank that is no power of
-two, row blocks of several meta tiles (LORASERVE_LORA_SEG_GROUP, several slots in one block), split-K partials,
+two, row blocks of several meta tiles (LORASERVE_LORA_SEG_GROUP, several slots in one block), split-K partials
+summed by the shrink's last K split (LORASERVE_LORA_SEG_REDUCE, the arrival counters left at zero) or by the expand,
 DoRA's epilogue with per-slot flags, and repeats bit-equal."""
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def check_seg(num_tokens: int, widths: list[int], max_rank: int, composition: st
         for k in env:
             os.environ.pop(k)
     y = outs[0]
+    assert int(lora_seg._COUNTERS[torch.device("cpu")].abs().sum()) == 0 if lora_seg._COUNTERS else True
     assert torch.equal(outs[0], outs[1]), "repeats differ"
     torch.testing.assert_close(y.double(), expected.to(y.dtype).double(), **TOLERANCES[torch.float16])
     assert torch.equal(y[untouched], p.y0[untouched]), "a row without an adapter changed"
@@ -79,6 +81,8 @@ CASES = [  # (tokens, widths, max rank, composition, env, dora)
     (128, [40, 40], 16, "uniform", {"LORASERVE_LORA_SEG_GROUP": "4", "LORASERVE_LORA_SEG_SPLIT": "3",
                                     "LORASERVE_LORA_SEG_BPP": "1", "LORASERVE_LORA_SEG_BN": "16"}, True),
     (72, [64, 32], 16, "mixed-ranks", {"LORASERVE_LORA_SEG_BPP": "2", "LORASERVE_LORA_SEG_BN": "32"}, True),
+    (90, [48, 40], 32, "zipf:1.5", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE": "0"}, False),
+    (96, [32, 16, 16], 16, "no-adapter-rows", {"LORASERVE_LORA_SEG_SPLIT": "4", "LORASERVE_LORA_SEG_GROUP": "2"}, True),
 ]
 
 

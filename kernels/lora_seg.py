@@ -33,8 +33,9 @@ from torch import Tensor
 from ._triton import HAS_TRITON, tl, triton
 from .lora_meta import LoRAMeta, pdl_launch
 
-# lora_apply takes the "seg" path for steps of SEG_MIN_TOKENS.. tokens (LORASERVE_LORA_SEG=0: off); read at each call.
-SEG_ENABLED = os.environ.get("LORASERVE_LORA_SEG", "1").strip().lower() not in ("", "0", "false", "off", "no")
+# lora_apply takes the "seg" path for steps of SEG_MIN_TOKENS.. tokens (LORASERVE_LORA_SEG=1: on; off until measured
+# on an H200); read at each call.
+SEG_ENABLED = os.environ.get("LORASERVE_LORA_SEG", "0").strip().lower() not in ("", "0", "false", "off", "no")
 SEG_MIN_TOKENS = max(65, int(os.environ.get("LORASERVE_LORA_SEG_MIN_TOKENS", "512")))
 SEG_MAX_RANK = 128
 _SEG_FAILED: set[tuple] = set()   # (S, R, device) whose seg kernels failed to compile: the tile path then

@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget", type=float, default=55.0, help="seconds; settings left are skipped")
     ap.add_argument("--only", default="torch,plain,tma,expand")
+    ap.add_argument("--expand-budget", type=float, default=1e9, help="seconds from the start: no expand variant after")
     args = ap.parse_args()
     if args.smoke:
         smoke()
@@ -140,18 +141,25 @@ def main() -> None:
                 print(f"  {name:28s} WRONG SUM {got:.3f} vs {want:.3f}", flush=True)
         except Exception as exc:  # noqa: BLE001 - report, go on
             print(f"  {name:28s} ERROR {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    if "expand" in only and time.perf_counter() - t0 < args.budget + 10:
-        expands(Case, nbytes, t0)
+    if "expand" in only:
+        expands(Case, nbytes, t0, deadline_s=args.expand_budget)
 
 
-def expands(Case, nbytes: int, t0: float, smoke: bool = False) -> None:
+EXPAND_VARIANTS = ("default", "tma", "tma_s8", "tma_w8", "tma_p4", "tma_s8_p1", "tma_noy", "tma_n128_s8", "tma_w8_s6",
+                   "tma_dot")
+
+
+def expands(Case, nbytes: int, t0: float, smoke: bool = False, deadline_s: float = 1e9) -> None:
     """gate_up's expand alone at the layer case (64 tokens / 32 adapters / r16, from the default shrink's partials):
-    the default (streaming expand) and the TMA expand's variants."""
+    the default (streaming expand) and the TMA expand's variants (lora_variants), until deadline_s after t0."""
     from benchmarks.lora_variants import VARIANTS, _use_variant
 
     c = Case("gate_up", 16, 4, 16, "cpu", smoke=True) if smoke else Case("gate_up", 16, 32, 64)
     c.calls("shrink_only")[0]()
-    for v in ("default", "tma", "tma_s8", "tma_w8"):
+    for v in EXPAND_VARIANTS:
+        if time.perf_counter() - t0 > deadline_s:
+            print(f"  expand variants: {deadline_s:.0f} s spent; skipped from {v}", flush=True)
+            break
         try:
             _use_variant(c, VARIANTS[v])
             us = c.time("expand_only")

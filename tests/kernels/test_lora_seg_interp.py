@@ -52,8 +52,8 @@ def check_seg(num_tokens: int, widths: list[int], max_rank: int, composition: st
         g, c = scale[slot.clamp(min=0)].double(), shift[slot.clamp(min=0)].double()
         expected = torch.where(adapted[:, None], expected * g + c, expected)
     untouched = (p.token_slot < 0) | (p.ranks[p.token_slot.clamp(min=0).long()] == 0)
-    old_min = lora_seg.SEG_MIN_TOKENS
-    lora_seg.SEG_MIN_TOKENS = 65
+    old_min, old_on = lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED
+    lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED = 65, True
     os.environ.update(env)
     try:
         with without_dense_paths():
@@ -63,7 +63,7 @@ def check_seg(num_tokens: int, widths: list[int], max_rank: int, composition: st
                                torch.full(shape, float("nan")), scale=scale, shift=shift, scale_on=scale_on)
                     for _ in range(2)]
     finally:
-        lora_seg.SEG_MIN_TOKENS = old_min
+        lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED = old_min, old_on
         for k in env:
             os.environ.pop(k)
     y = outs[0]
@@ -106,7 +106,7 @@ def check_seg_off() -> None:
         assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] != "seg"   # <= 64 tokens never
         old = lora_seg.SEG_ENABLED, lora_seg.SEG_MIN_TOKENS
         try:
-            lora_seg.SEG_MIN_TOKENS = 64
+            lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED = 64, True
             assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] == "seg"
             lora_seg.SEG_ENABLED = False
             assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] != "seg"

@@ -71,6 +71,9 @@ VARIANTS = (
     ("row_split_c512", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ROW_SPLIT_CHUNK": "512",
                         "LORASERVE_FP8_ROW_SPLIT_NORM_CHUNK": "512"}),
     ("row_split_off", {"LORASERVE_FP8_ROW_SPLIT": "0"}),
+    # o_proj's per-token codes written by the decode attention's epilogue (no quantization launch before o's GEMM)
+    ("attn_quant", {"LORASERVE_FP8_ATTN_QUANT": "1"}),
+    ("row_split_attn_quant", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

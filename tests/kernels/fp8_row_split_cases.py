@@ -106,3 +106,36 @@ def check_norm_split(dtype: str, t: int, h: int, chunk: int, kind: str, device: 
     assert float(ulp.max()) <= (2.0 ** -7 if dt == torch.bfloat16 else 2.0 ** -10 if dt == torch.float16 else 1e-6), \
         f"split norm further than one rounding from the row kernel: rel {float(ulp.max())}"
     _codes_match(q, sc, out, device)
+
+
+def check_attention_quant_out(batch_name: str, H: int, KVH: int, D: int, BS: int, dtype_name: str,
+                              num_splits: int | None = None, device: str = "cpu") -> None:
+    """unified_attention(..., quant_out=[codes, scale, counters]) over an e4m3 cache: out bit for bit as without it,
+    codes and scales per_token_quant_fp8(out.view(N, H * D))'s bit for bit (folded into the epilogue at unsplit decode
+    launches, by the quantization launch otherwise), counters left zero; twice (graph replays reuse the counters)."""
+    from loraserve.kernels.fp8_gemm import FP8, per_token_quant_fp8
+    from loraserve.kernels.unified_attention import unified_attention
+
+    from . import unified_attention_cases as ua
+    from .fp8_attention_cases import make_fp8_problem
+
+    dtype = getattr(torch, dtype_name)
+    batch = ua.BATCHES[batch_name]
+    q, k, v, tables, lens, qsl, ks, vs = make_fp8_problem(batch, H, KVH, D, BS, dtype, 3, device)
+    N = q.shape[0]
+    max_q = max(ql for ql, _ in batch)
+    plain = unified_attention(q, k, v, tables, lens, qsl, max_q, D ** -0.5, num_splits=num_splits, k_scale=ks,
+                              v_scale=vs)
+    cnt = torch.zeros(64, dtype=torch.int32, device=device)
+    for _ in range(2):
+        quant = [torch.full((N, H * D), 7.0, device=device).to(FP8), torch.zeros(N, 1, device=device), cnt]
+        codes_in = quant[0]
+        out = unified_attention(q, k, v, tables, lens, qsl, max_q, D ** -0.5, num_splits=num_splits, k_scale=ks,
+                                v_scale=vs, quant_out=quant)
+        assert torch.equal(out, plain), "quant_out changed the attention output"
+        # folded (the epilogue filled the caller's buffer) exactly where expected: unsplit decode launches
+        assert (quant[0] is codes_in) == (max_q == 1 and num_splits == 1), "fold taken / not taken unexpectedly"
+        q_ref, s_ref = per_token_quant_fp8(out.reshape(N, H * D))
+        assert torch.equal(quant[1], s_ref), f"scales differ: {quant[1].flatten()[:4]} vs {s_ref.flatten()[:4]}"
+        assert torch.equal(quant[0].float(), q_ref.float()), "codes differ from per_token_quant_fp8(out)"
+        assert int(cnt.abs().sum()) == 0, "a token's counter was left non-zero"

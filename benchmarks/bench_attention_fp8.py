@@ -77,7 +77,20 @@ def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, ro
     print(json.dumps(row), flush=True)
 
 
-def decode_sweep(cases=((64, 512), (64, 2048), (1, 576))) -> list:
+# name -> (LORASERVE_ATTN_FP8_FP16 or "vpin", config overrides, num_splits, o_proj's codes in the epilogue)
+SWEEP_VARIANTS = {
+    "fp16_ops": ("1", None, None, False), "bf16_ops": ("0", None, None, False), "fp16_vpin": ("vpin", None, None, False),
+    "fp16_vpin_tile128": ("vpin", {"TILE_N": 128}, None, False), "fp16_tile128": ("1", {"TILE_N": 128}, None, False),
+    "fp16_stages1": ("1", {"num_stages": 1}, None, False),
+    "vpin_qout": ("vpin", None, None, True), "vpin_w8": ("vpin", {"num_warps": 8}, None, False),
+    "vpin_s3": ("vpin", {"num_stages": 3}, None, False), "vpin_tile32": ("vpin", {"TILE_N": 32}, None, False),
+    "vpin_split2": ("vpin", None, 2, False), "vpin_split3": ("vpin", None, 3, False),
+}
+
+
+def decode_sweep(cases=((64, 512), (64, 2048), (1, 576)),
+                 names=("fp16_ops", "bf16_ops", "fp16_vpin", "fp16_vpin_tile128", "fp16_tile128", "fp16_stages1")
+                 ) -> list:
     """Engine-shaped decode steps (the unified kernel, one query row per sequence) over the e4m3 cache: us per call
     of the bf16 cache and of the e4m3 cache per variant (LORASERVE_ATTN_FP8_FP16 on / off = fp16 MMA operands or the
     codes widened to bf16; TILE_N / num_stages / num_warps overrides), the KV bytes' fraction of the copy rate, and
@@ -86,9 +99,7 @@ def decode_sweep(cases=((64, 512), (64, 2048), (1, 576))) -> list:
     from loraserve.kernels.unified_attention import unified_attention, unified_attention_ref
 
     copy_bw = copy_bandwidth()
-    variants = [("fp16_ops", "1", None), ("bf16_ops", "0", None), ("fp16_vpin", "vpin", None),
-                ("fp16_vpin_tile128", "vpin", {"TILE_N": 128}), ("fp16_tile128", "1", {"TILE_N": 128}),
-                ("fp16_stages1", "1", {"num_stages": 1})]
+    variants = [(name, *SWEEP_VARIANTS[name]) for name in names]
     rows = []
     for B, L in cases:
         kv_bytes_fp8 = B * L * KVH * D * 2
@@ -98,12 +109,20 @@ def decode_sweep(cases=((64, 512), (64, 2048), (1, 576))) -> list:
         row = {"case": f"decode bs{B} x {L}",
                "bf16_us": round(1e6 * timed([(lambda t: lambda: unified_attention(q, k, v, t, lens, qsl, 1, SCALE))(t)
                                              for t in tables]), 2)}
-        for name, env, cfg in variants:   # env "vpin": fp16 operands + V widened in its load layout (fp8_convert)
+        for name, env, cfg, splits, qout in variants:   # env "vpin": fp16 operands + V widened in its load layout
             os.environ["LORASERVE_ATTN_FP8_FP16"] = "1" if env == "vpin" else env
             os.environ["LORASERVE_ATTN_FP8_VPIN"] = "1" if env == "vpin" else "0"
             try:
-                def call(t, cfg=cfg):
-                    return unified_attention(q, k8, v8, t, lens, qsl, 1, SCALE, k_scale=ks, v_scale=vs, config=cfg)
+                quant = None
+                if qout:
+                    from loraserve.kernels.fp8_row_split import _counters
+
+                    quant = [torch.empty(B, q.shape[1] * D, dtype=torch.float8_e4m3fn, device="cuda"),
+                             torch.empty(B, 1, dtype=torch.float32, device="cuda"), _counters(q.device)]
+
+                def call(t, cfg=cfg, splits=splits, quant=quant):
+                    return unified_attention(q, k8, v8, t, lens, qsl, 1, SCALE, k_scale=ks, v_scale=vs, config=cfg,
+                                             num_splits=splits, quant_out=quant)
                 err = float((call(tables[0]).float() - ref).abs().max())
                 us = 1e6 * timed([(lambda t: lambda: call(t))(t) for t in tables])
                 row[name] = {"us": round(us, 2), "frac_copy": round(kv_bytes_fp8 / (us * 1e-6) / copy_bw, 3),
@@ -123,6 +142,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: tiny shapes, no timing")
     ap.add_argument("--json", default=None)
     ap.add_argument("--decode-sweep", action="store_true", help="only decode_sweep (engine-shaped decode variants)")
+    ap.add_argument("--sweep-variants", default=None, help=f"comma-separated from {sorted(SWEEP_VARIANTS)}")
+    ap.add_argument("--sweep-cases", default=None, help="e.g. 64x512,64x2048 (batch x context)")
     a = ap.parse_args()
     if a.decode_sweep:
         if not torch.cuda.is_available():
@@ -131,7 +152,12 @@ def main() -> int:
         from benchmarks.bench_attention import warm_up
 
         warm_up()
-        rows = decode_sweep()
+        kw = {}
+        if a.sweep_variants:
+            kw["names"] = tuple(a.sweep_variants.split(","))
+        if a.sweep_cases:
+            kw["cases"] = tuple(tuple(int(v) for v in c.split("x")) for c in a.sweep_cases.split(","))
+        rows = decode_sweep(**kw)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

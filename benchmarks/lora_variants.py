@@ -47,7 +47,7 @@ import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
 from loraserve.kernels import lora_apply, lora_expand_bgmv, lora_expand_stream, lora_meta, lora_onelaunch, lora_shrink_bgmv
-from loraserve.kernels import lora_tma_expand
+from loraserve.kernels import lora_tma_expand, lora_tma_shrink
 
 _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
 # "default": the switches as this process found them (environment + code defaults), i.e. what the
@@ -68,7 +68,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK,
                xb_max_slices=__import__("loraserve.kernels.lora_expand", fromlist=["X"]).EXPAND_BGMV_MAX_SLICES,
                group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR,
-               tma=lora_tma_expand.TMA_EXPAND)
+               tma=lora_tma_expand.TMA_EXPAND, tma_shrink=lora_tma_shrink.TMA_SHRINK)
 # the TMA expand's knobs as the process found them (a variant's tma_* keys override them; _use_variant)
 _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
                   tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS")
@@ -160,7 +160,7 @@ VARIANTS = {
     "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
-    "prev10": dict(DEFAULT, seg=False, tma=False),
+    "prev10": dict(DEFAULT, seg=False, tma=False, tma_shrink=False),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
@@ -189,7 +189,13 @@ VARIANTS.update({
     "tma_n128_s8": dict(DEFAULT, tma=True, tma_bn=128, tma_stages=8),
     "tma_noy": dict(DEFAULT, tma=True, tma_y=False),
     "tma_dot": dict(DEFAULT, tma=True, tma_rows2=False),
-    "notma": dict(DEFAULT, tma=False),
+    "notma": dict(DEFAULT, tma=False, tma_shrink=False),
+    # ... and the TMA-fed shrink (lora_tma_shrink.py, LORASERVE_LORA_TMA_SHRINK: A's [R, 256] boxes, a chunk's boxes
+    # all in flight, one wave): tmas = the shrink alone, tma2 = both (tma2_s8: the expand at 8 stages)
+    "tmas": dict(DEFAULT, tma_shrink=True),
+    "tma2": dict(DEFAULT, tma=True, tma_shrink=True),
+    "tma2_s8": dict(DEFAULT, tma=True, tma_shrink=True, tma_stages=8),
+    "tma2_p4": dict(DEFAULT, tma=True, tma_shrink=True, tma_pps=4),
 })
 
 
@@ -198,6 +204,7 @@ def _use_variant(c: Case, variant) -> None:
     c.use_variant(variant)
     if isinstance(variant, dict):
         lora_tma_expand.TMA_EXPAND = bool(variant.get("tma", False))
+        lora_tma_shrink.TMA_SHRINK = bool(variant.get("tma_shrink", False))
         for key, name in _TMA_KNOBS.items():
             setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 
@@ -285,6 +292,10 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
         print(f"  WARNING: the BGMV expand failed for {res['expand_bgmv_fell_back_to_stream']}: those ran the streaming "
               "expand", flush=True)
     res["tma_expand_fell_back_to_stream"] = sorted(str(k) for k in lora_tma_expand._TMA_FAILED)
+    res["tma_shrink_fell_back_to_bgmv"] = sorted(str(k) for k in lora_tma_shrink._TMA_SHRINK_FAILED)
+    if lora_tma_shrink._TMA_SHRINK_FAILED:
+        print(f"  WARNING: the TMA shrink failed for {res['tma_shrink_fell_back_to_bgmv']}: those ran the BGMV shrink",
+              flush=True)
     if lora_tma_expand._TMA_FAILED:
         print(f"  WARNING: the TMA expand failed for {res['tma_expand_fell_back_to_stream']}: those ran the streaming "
               "expand", flush=True)

@@ -36,5 +36,26 @@ def test_tma_expand_llama3_8b_bf16_and_graph_replay(proj: str) -> None:
         lora_tma_expand.TMA_EXPAND = old
 
 
+@pytest.mark.parametrize("proj", ["qkv", "down"])
+def test_tma_shrink_llama3_8b_bf16_and_graph_replay(proj: str) -> None:
+    """The TMA shrink at Llama-3-8B widths (down: BLOCK_K 2048, 8 boxes in flight) vs the reference's shrink, then
+    lora_apply with both TMA kernels in a CUDA graph == eager bit for bit."""
+    from loraserve.kernels import lora_tma_expand, lora_tma_shrink
+
+    hidden, widths = PROJECTIONS[proj]
+    for T, L, composition in ((64, 32, "distinct"), (64, 8, "no-adapter-rows"), (1, 1, "distinct"),
+                              (16, 16, "mixed-ranks")):
+        cases.check_tma_shrink("bfloat16", 16, widths, hidden, T, L, composition,
+                               block_k=2048 if hidden > 8192 else 1024, via_switch=True, device="cuda")
+    old = lora_tma_expand.TMA_EXPAND, lora_tma_shrink.TMA_SHRINK
+    lora_tma_expand.TMA_EXPAND = lora_tma_shrink.TMA_SHRINK = True
+    try:
+        check_graph_replay_matches_eager(64, 16)
+        check_graph_replay_matches_eager(1, 16)
+        assert not lora_tma_shrink._TMA_SHRINK_FAILED, f"the TMA shrink fell back: {lora_tma_shrink._TMA_SHRINK_FAILED}"
+    finally:
+        lora_tma_expand.TMA_EXPAND, lora_tma_shrink.TMA_SHRINK = old
+
+
 def test_read_kernels_gpu() -> None:
     cases.check_reads(device="cuda")

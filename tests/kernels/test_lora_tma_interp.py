@@ -57,5 +57,21 @@ def test_tma_expand_through_lora_expand(interp, split_k) -> None:
          composition="mixed-ranks", split_k=split_k, via_switch=True)
 
 
+@pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks"])
+@pytest.mark.parametrize("num_slices,num_tokens,num_slots", [(1, 6, 3), (3, 8, 4), (2, 40, 2), (1, 1, 1)])
+def test_tma_shrink_matches_reference(interp, num_slices, num_tokens, num_slots, composition) -> None:
+    # K 160 in chunks of 64 (boxes of 32: two chunks of 2 boxes, a ragged last chunk of one box); 1-2 row tiles
+    # (the per-row loop, x through TMA or not), 16-row tiles (the dot loop)
+    for x_tma in (True, False):
+        _run(interp, cases.check_tma_shrink, "float32", 16, WIDTHS[num_slices], 160, num_tokens, num_slots,
+             composition, block_k=64, config=dict(BOX_K=32, STAGES=3, X_TMA=x_tma))
+
+
+@pytest.mark.parametrize("max_rank", [16, 32])
+def test_tma_shrink_through_bgmv_launcher(interp, max_rank) -> None:
+    _run(interp, cases.check_tma_shrink, "float16", max_rank, WIDTHS[3], 256, 10, 4, "mixed-ranks", block_k=128,
+         via_switch=True)
+
+
 def test_read_kernels_match_torch_sums(interp) -> None:
     _run(interp, cases.check_reads)

@@ -85,3 +85,38 @@ def check_reads(device: str = "cpu") -> None:
     for programs, rows, cols, stages in ((4, 32, 64, 3), (6, 64, 16, 2), (5, 16, 32, 4)):
         out = read_tma(src, programs, rows=rows, cols=cols, stages=stages)
         torch.testing.assert_close(out.cpu(), read_ref(src, programs, rows * cols).cpu(), rtol=1e-4, atol=1e-3)
+
+
+def check_tma_shrink(dtype: str, max_rank: int, widths: list[int], hidden: int, num_tokens: int, num_slots: int,
+                     composition: str, block_k: int, config: dict | None = None, via_switch: bool = False,
+                     device: str = "cpu") -> None:
+    """lora_shrink_tma's split-K partials vs the torch reference's shrink: their sum over the K chunks equals the
+    reference where defined (tokens with an adapter, columns < rank), entries elsewhere left as they were (NaN
+    sentinels). via_switch: through lora_shrink_bgmv with lora_tma_shrink.TMA_SHRINK on."""
+    from loraserve.kernels import lora_tma_shrink
+    from loraserve.kernels.lora_shrink_bgmv import lora_shrink_bgmv
+    from loraserve.kernels.lora_tma_shrink import lora_shrink_tma, tma_shrink_applies
+
+    p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths, num_slots=num_slots,
+                     composition=composition, dtype=DTYPES[dtype], seed=17 * num_tokens + hidden, device=device)
+    S, T, R = len(widths), num_tokens, max_rank
+    meta = LoRAMetaBuilder(max(T, 1), num_slots, device).build(p.token_slot)
+    ref = torch.zeros(S, T, R, device=device)
+    lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, ref)
+    sk = -(-hidden // block_k)
+    out = torch.full((sk, S, T, R), float("nan"), device=device)
+    old = lora_tma_shrink.TMA_SHRINK
+    lora_tma_shrink.TMA_SHRINK = True
+    try:
+        assert tma_shrink_applies(p.x, p.lora_a, block_k), "the TMA shrink should take this case"
+        if via_switch:
+            lora_shrink_bgmv(p.x, p.lora_a, meta, p.ranks, out, config=dict(BLOCK_K=block_k))
+        else:
+            lora_shrink_tma(p.x, p.lora_a, meta, p.ranks, out, block_k, config=config)
+    finally:
+        lora_tma_shrink.TMA_SHRINK = old
+    defined = torch.arange(R, device=device)[None, :] < torch.where(
+        p.token_slot >= 0, p.ranks[p.token_slot.clamp(min=0).long()], 0)[:, None]   # [T, R]
+    got = out.sum(0)
+    torch.testing.assert_close(got[:, defined], ref[:, defined], rtol=1e-3, atol=1e-3)
+    assert out[:, :, ~defined].isnan().all(), "the TMA shrink wrote entries of rows without adapter / past the rank"

@@ -27,6 +27,9 @@ from loraserve.kernels.lora_apply import choose_path  # noqa: E402
 CONFIGS = {  # name -> LORASERVE_LORA_SEG_* overrides
     "default": {},
     "nored": {"LORASERVE_LORA_SEG_REDUCE": "0"},   # the expand sums the split-K partials (per column group)
+    "ya": {"LORASERVE_LORA_SEG_YAHEAD": "1"},   # the expand loads the next block's y before its dot
+    "g4ya": {"LORASERVE_LORA_SEG_GROUP": "4", "LORASERVE_LORA_SEG_YAHEAD": "1"},
+    "yast1": {"LORASERVE_LORA_SEG_YAHEAD": "1", "LORASERVE_LORA_SEG_STAGES": "1"},
     "x4": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "4"},
     "x16": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "16"},
     "bpp1": {"LORASERVE_LORA_SEG_BPP": "1"},

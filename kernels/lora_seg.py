@@ -166,7 +166,7 @@ if HAS_TRITON:
         stride_ym, stride_yn, stride_sl, stride_sn,
         NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr,
-        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FLAGS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FLAGS: tl.constexpr, Y_AHEAD: tl.constexpr = False,
         USE_PDL: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
@@ -201,14 +201,27 @@ if HAS_TRITON:
                 if HAS_FLAGS:
                     scaled = tl.load(scale_on_ptr + slot) != 0
                 b_base = b_ptr + slot.to(tl.int64) * stride_bl + offs_r[None, :] * stride_bk
+                b_r_ok = offs_r // 16 * 16 < rank
+                y_rows = y_ptr + tok[:, None] * stride_ym
+                if Y_AHEAD:   # y of the first block now; each iteration loads the next block's y before its dot
+                    offs_f = blk_lo * BLOCK_N + offs_bn
+                    col_end = tl.minimum(N, blk_hi * BLOCK_N)   # this program's columns end here
+                    y_nxt = tl.load(y_rows + offs_f[None, :] * stride_yn, mask=rows[:, None] & (offs_f < col_end)[None, :],
+                                    other=0.0)
                 for blk in range(blk_lo, blk_hi):
                     offs_n = blk * BLOCK_N + offs_bn
+                    if Y_AHEAD:
+                        yv = y_nxt
+                        offs_f = offs_n + BLOCK_N
+                        y_nxt = tl.load(y_rows + offs_f[None, :] * stride_yn,
+                                        mask=rows[:, None] & (offs_f < col_end)[None, :], other=0.0)
+                    # B's rank columns in 16-wide blocks up to r_a (h is 0 past r_a; the pool keeps B finite there,
+                    # zero-filled as in lora_expand_stream); a mask constant over 16 elements keeps the loads wide
                     if EVEN_N and EVEN_R:
-                        bt = tl.load(b_base + offs_n[:, None] * stride_bn)
+                        bt = tl.load(b_base + offs_n[:, None] * stride_bn, mask=b_r_ok[None, :], other=0.0)
                     else:   # (RP > R: the pool's rank is no power of two)
                         bt = tl.load(b_base + offs_n[:, None] * stride_bn,
-                                     mask=(offs_n < N)[:, None] & (offs_r < R)[None, :], other=0.0)
-                    bt = tl.where(offs_r[None, :] < rank, bt, 0.0)   # rank columns past r_a may hold anything
+                                     mask=(offs_n < N)[:, None] & (b_r_ok & (offs_r < R))[None, :], other=0.0)
                     if NUM_SLICES == 1:
                         acc = tl.dot(h0, tl.trans(bt))
                     else:
@@ -216,16 +229,23 @@ if HAS_TRITON:
                         s_first = tl.sum((bounds <= n0).to(tl.int32), axis=0)
                         s_last = tl.sum((bounds <= tl.minimum(n0 + BLOCK_N, N) - 1).to(tl.int32), axis=0)
                         acc = tl.dot(_pick(h0, h1, h2, s_first, NUM_SLICES), tl.trans(bt))
-                        for s in range(s_first + 1, s_last + 1):   # a block across slice boundaries (rare)
-                            lo = tl.load(slice_off_ptr + s)
-                            acc = tl.where(offs_n[None, :] >= lo, tl.dot(_pick(h0, h1, h2, s, NUM_SLICES),
+                        # a block across slice boundaries (rare): the next slice(s)' columns from their own h; no
+                        # inner loop, which would keep Triton from pipelining this column loop
+                        if s_last > s_first:
+                            lo = tl.load(slice_off_ptr + s_first + 1)
+                            acc = tl.where(offs_n[None, :] >= lo, tl.dot(_pick(h0, h1, h2, s_first + 1, NUM_SLICES),
                                                                          tl.trans(bt)), acc)
-                    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
+                            if NUM_SLICES > 2:
+                                if s_last > s_first + 1:
+                                    lo = tl.load(slice_off_ptr + s_first + 2)
+                                    acc = tl.where(offs_n[None, :] >= lo, tl.dot(h2, tl.trans(bt)), acc)
+                    y_ptrs = y_rows + offs_n[None, :] * stride_yn
                     if EVEN_N:
                         y_ok = rows[:, None]
                     else:
                         y_ok = rows[:, None] & (offs_n < N)[None, :]
-                    yv = tl.load(y_ptrs, mask=y_ok, other=0.0)
+                    if not Y_AHEAD:
+                        yv = tl.load(y_ptrs, mask=y_ok, other=0.0)
                     out = yv.to(tl.float32) + acc
                     if HAS_SCALE:
                         if scaled:
@@ -330,6 +350,7 @@ def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, gr
     groups = max(1, min(nblocks, -(-per_sm * num_sms // rows)))
     bpp = _env_int("LORASERVE_LORA_SEG_BPP", -(-nblocks // groups))
     return dict(GROUP=group, BLOCK_N=block_n, BLOCKS_PER_PROG=bpp, num_warps=_env_int("LORASERVE_LORA_SEG_WARPS", 8),
+                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", 0)),
                 num_stages=_env_int("LORASERVE_LORA_SEG_STAGES", 2))
 
 
@@ -404,7 +425,7 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
         *parts.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *((0, 0) if scale is None else scale.stride()),
         NUM_SLICES=S, BOUNDS_P2=max(2, _pow2(S - 1)), RP=max(16, _pow2(R)), TILE_M=meta.block_m, GROUP=cfg["GROUP"],
         BLOCK_N=BN, SPLIT_K=SK, EVEN_N=N % BN == 0, EVEN_R=R == max(16, _pow2(R)), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        HAS_FLAGS=scale is not None and scale_on is not None,
+        HAS_FLAGS=scale is not None and scale_on is not None, Y_AHEAD=cfg["Y_AHEAD"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(y.device),
     )
     return y

@@ -21,8 +21,9 @@ PROJ = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]), "d
 
 
 @pytest.mark.parametrize("proj", list(PROJ))
-@pytest.mark.parametrize("num_tokens,block_m,rank", [(1024, 32, 16), (1024, 32, 64), (256, 16, 64)])
-def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, rank):
+@pytest.mark.parametrize("num_tokens,block_m,rank,y_ahead", [(1024, 32, 16, False), (1024, 32, 64, True),
+                                                             (256, 16, 64, False)])
+def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, rank, y_ahead):
     from loraserve.kernels.lora_seg import _seg_expand_kernel, _seg_shrink_kernel, seg_expand_config, seg_shrink_config
 
     hidden, widths = PROJ[proj]
@@ -47,10 +48,11 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
     k = compile_sm90(_seg_expand_kernel, sig, dict(NUM_SLICES=S, BOUNDS_P2=2, RP=max(16, rank), TILE_M=block_m,
                                                    GROUP=ec["GROUP"], BLOCK_N=ec["BLOCK_N"], SPLIT_K=2, EVEN_N=True,
                                                    EVEN_R=True, HAS_SCALE=True, HAS_SHIFT=True, HAS_FLAGS=True,
-                                                   USE_PDL=True),
+                                                   Y_AHEAD=y_ahead, USE_PDL=True),
                      unit=("stride_pr", "stride_bk", "stride_yn", "stride_sn"),
                      div16_except=("R", "num_tiles", "BLOCKS_PER_PROG"),
                      num_warps=ec["num_warps"], num_stages=ec["num_stages"], launch_pdl=True)
     assert has_mma(k.asm["ptx"]) and "griddepcontrol.wait" in k.asm["ptx"]
+    assert "cp.async" in k.asm["ptx"], "the column loop should be pipelined (B through cp.async)"
     assert k.metadata.shared <= 227 * 1024, f"expand shared memory {k.metadata.shared} B"
     assert_no_spills(k)

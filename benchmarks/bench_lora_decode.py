@@ -22,6 +22,7 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
                griddepcontrol.wait, the expand's early trigger); pf_t: =t; nopf: all of it off; b64 / pf_at_b64:
                with the BGMV shrink up to 64 tokens (LORASERVE_LORA_BGMV_MAX_TOKENS=64); overlap_pf_at_b64 /
                overlap_nopf: with LORASERVE_LORA_OVERLAP=shrink too
+  tma, tma2    the TMA-fed expand (LORASERVE_LORA_TMA_EXPAND) / and shrink (LORASERVE_LORA_TMA_SHRINK); prev10: both off
   meta_eager   default with the LoRA metadata built before each graph replay (LORASERVE_LORA_META_IN_GRAPH=0,
                the path before 2026-11-30 16:20) instead of inside the decode graph
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
@@ -63,7 +64,11 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "gkmajor": dict(group_major=True, k_major=True),   # lora_meta.LORA_GROUP_MAJOR / LORA_SHRINK_K_MAJOR
             "noflag": dict(dora_flags=False),   # the DoRA epilogue on every slot (before the per-slot flags)
             "prev9": dict(dora_flags=False, expand_bgmv=False, pipe_min_blocks=0),  # the defaults at 262c58e
-            "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0)}  # the defaults before this session (b1789bc)
+            "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0),  # the defaults before this session (b1789bc)
+            # the TMA-fed expand (lora_tma_expand.py) / + shrink (lora_tma_shrink.py); prev10: both off (the tenth
+            # session's start, 10af1f8)
+            "tma": dict(tma=True), "tma2": dict(tma=True, tma_shrink=True), "tmas": dict(tma_shrink=True),
+            "prev10": dict(tma=False, tma_shrink=False)}
 _CARVED = [False]
 
 
@@ -98,6 +103,10 @@ def set_variant(v: dict, defaults: dict) -> None:
     batch.DORA_FLAGS = v.get("dora_flags", defaults["dora_flags"])
     lora_meta.LORA_GROUP_MAJOR = v.get("group_major", defaults["group_major"])
     lora_meta.LORA_SHRINK_K_MAJOR = v.get("k_major", defaults["k_major"])
+    from loraserve.kernels import lora_tma_expand, lora_tma_shrink
+
+    lora_tma_expand.TMA_EXPAND = v.get("tma", defaults["tma"])
+    lora_tma_shrink.TMA_SHRINK = v.get("tma_shrink", defaults["tma_shrink"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -142,7 +151,9 @@ def main() -> int:
                     expand_bgmv=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV,
                     xb_max_slices=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES,
                     pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS,
-                    group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR)
+                    group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR,
+                    tma=importlib.import_module("loraserve.kernels.lora_tma_expand").TMA_EXPAND,
+                    tma_shrink=importlib.import_module("loraserve.kernels.lora_tma_shrink").TMA_SHRINK)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

@@ -139,3 +139,46 @@ def check_attention_quant_out(batch_name: str, H: int, KVH: int, D: int, BS: int
         assert torch.equal(quant[1], s_ref), f"scales differ: {quant[1].flatten()[:4]} vs {s_ref.flatten()[:4]}"
         assert torch.equal(quant[0].float(), q_ref.float()), "codes differ from per_token_quant_fp8(out)"
         assert int(cnt.abs().sum()) == 0, "a token's counter was left non-zero"
+
+
+def check_attend_quant_glue() -> None:
+    """models/fp8_fused.attend_quant (the engine's call, _prequant_ok forced: on the CPU no FP8 GEMM quantizes) on a
+    decode Context as the engine builds it: o == _kernel_attention's, the codes riding on o == per_token_quant_fp8(o),
+    filled by the attention's epilogue; off without the switch or on a step that is not decode-only."""
+    from types import SimpleNamespace
+
+    from loraserve.inference import attention as attn_mod
+    from loraserve.inference.context import Context
+    from loraserve.inference.models import fp8_fused
+    from loraserve.inference.models.fp8 import PREQUANT_ATTR
+    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+
+    from . import unified_attention_cases as ua
+    from .fp8_attention_cases import make_fp8_problem
+
+    H, KVH, D, BS = 8, 2, 16, 16
+    batch = ua.BATCHES["decode"]
+    q, k, v, tables, lens, qsl, ks, vs = make_fp8_problem(batch, H, KVH, D, BS, torch.float16, 5, "cpu")
+    attn = SimpleNamespace(tp=None, k_cache=k, v_cache=v, scale=D ** -0.5, o_proj=None)
+
+    def ctx():
+        return Context(block_tables=tables, context_lens=lens, context_lens_list=lens.tolist(), decode_only=True,
+                       query_lens=[1] * len(batch), max_seq_len=int(lens.max()))
+    plain = attn_mod._kernel_attention(q, k, v, ctx(), D ** -0.5, ks, vs).reshape(q.shape[0], -1)
+    saved = fp8_fused._prequant_ok
+    fp8_fused._prequant_ok = lambda x, proj, tp: True
+    try:
+        with _env(LORASERVE_FP8_ATTN_QUANT="0"):
+            assert fp8_fused.attend_quant(attn, q, ctx(), ks, vs) is None
+        with _env(LORASERVE_FP8_ATTN_QUANT="1"):
+            mixed = ctx()
+            mixed.decode_only = False
+            assert fp8_fused.attend_quant(attn, q, mixed, ks, vs) is None
+            o = fp8_fused.attend_quant(attn, q, ctx(), ks, vs)
+    finally:
+        fp8_fused._prequant_ok = saved
+    assert o is not None and "attn_quant" not in fp8_fused._BROKEN, "attend_quant fell back"
+    assert torch.equal(o, plain), "attend_quant's o != _kernel_attention's"
+    codes, scale = getattr(o, PREQUANT_ATTR)
+    q_ref, s_ref = per_token_quant_fp8(o)
+    assert torch.equal(scale, s_ref) and torch.equal(codes.float(), q_ref.float()), "codes != per_token_quant_fp8(o)"

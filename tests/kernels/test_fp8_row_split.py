@@ -37,6 +37,10 @@ def test_attention_quant_out_interp(interp, batch, num_splits) -> None:
     interp.submit(cases.check_attention_quant_out, batch, 8, 2, 16, 16, "float16", num_splits).result(timeout=300)
 
 
+def test_attend_quant_glue_interp(interp) -> None:
+    interp.submit(cases.check_attend_quant_glue).result(timeout=300)
+
+
 def test_row_split_switch() -> None:
     import os
 

@@ -96,15 +96,16 @@ def attend_quant(attn, q: torch.Tensor, ctx, k_scale: torch.Tensor, v_scale: tor
     this step (the caller attends as before)."""
     from .. import attention as attn_mod
 
-    N = q.shape[0]
+    N, Q = q.shape[0], q.shape[1] * q.shape[2]
     if (not attn_quant_on() or attn.tp is not None or not ctx.decode_only or "attn_quant" in _BROKEN
-            or attn_mod.DECODE_KERNEL == "paged_decode" or not _prequant_ok(q.as_strided((N, q.shape[1] * q.shape[2]), (q.stride(0), 1)), attn.o_proj, None)):
+            or attn_mod.DECODE_KERNEL == "paged_decode"
+            or not _prequant_ok(q.as_strided((N, Q), (q.stride(0), 1)), attn.o_proj, None)):   # (o's [N, Q] shape)
         return None
     from loraserve.kernels.fp8_gemm import FP8
     from loraserve.kernels.fp8_row_split import _COUNTER_SLOTS, _COUNTERS, _counters, _key
     from loraserve.kernels.unified_attention import plan_num_splits, unified_attention
 
-    if N > _COUNTER_SLOTS or (_key(q.device) not in _COUNTERS and torch.cuda.is_current_stream_capturing()):
+    if N > _COUNTER_SLOTS or (q.is_cuda and _key(q.device) not in _COUNTERS and torch.cuda.is_current_stream_capturing()):
         return None   # (the counters are made when the FP8 model is built: never first inside a capture)
     try:
         if ctx.query_start_loc is None:   # as _kernel_attention (device-side arange: fine inside a capture)
@@ -113,7 +114,7 @@ def attend_quant(attn, q: torch.Tensor, ctx, k_scale: torch.Tensor, v_scale: tor
         if ctx.num_splits is None and ctx.context_lens_list is not None:
             ctx.num_splits = plan_num_splits(ctx.query_lens, ctx.context_lens_list, q.shape[1], attn.k_cache.shape[2],
                                              q.element_size(), q.device)
-        quant = [torch.empty((N, q.shape[1] * q.shape[2]), dtype=FP8, device=q.device),
+        quant = [torch.empty((N, Q), dtype=FP8, device=q.device),
                  torch.empty((N, 1), dtype=torch.float32, device=q.device), _counters(q.device)]
         o = unified_attention(q, attn.k_cache, attn.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
                               ctx.max_query_len, attn.scale, max_seq_len=ctx.max_seq_len, num_splits=ctx.num_splits,
@@ -122,7 +123,7 @@ def attend_quant(attn, q: torch.Tensor, ctx, k_scale: torch.Tensor, v_scale: tor
     except Exception as err:   # a compile error (first call, eager warm-up): the quantization launch from now on
         _fused_failed("attn_quant", err)
         return None
-    o2 = o.view(N, -1)
+    o2 = o.reshape(N, Q)
     setattr(o2, PREQUANT_ATTR, (codes, scale))
     return o2
 

@@ -100,7 +100,11 @@ def run_shape(c: Case, configs: list[str], bw: float, deadline: float) -> None:
             us = _time(c, c.calls("path"))
             sh = _time(c, c.calls("shrink_only"))
             ex = _time(c, c.calls("expand_only"))
+            if lora_seg._SEG_FAILED:   # lora_apply fell back to the tile path: not a seg timing
+                lora_seg._SEG_FAILED.clear()
+                raise RuntimeError("the seg kernels failed to compile/launch (lora_apply fell back)")
         except Exception as exc:  # noqa: BLE001 - one config failing leaves the others
+            lora_seg._SEG_FAILED.clear()
             print(f"  seg {name:8s} FAILED {exc!r}"[:300], flush=True)
             continue
         diff = (out.float() - ref.float()).abs().max().item()

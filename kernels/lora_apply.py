@@ -193,10 +193,12 @@ def lora_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offse
             dora_scale_rows(y, scale, meta, ranks, shift)
         return y
     if path == "seg":
-        from .lora_seg import lora_seg_expand, lora_seg_shrink
+        from .lora_seg import seg_apply
 
-        lora_seg_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, summed by the expand
-        return lora_seg_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift, scale_on=scale_on)
+        if seg_apply(x, y, lora_a, lora_b, slice_offsets, meta, ranks, buf, scale, shift, scale_on):
+            return y
+        return lora_apply(x, y, lora_a, lora_b, slice_offsets, meta, ranks, None, scale=scale, shift=shift,
+                          scale_on=scale_on)   # (a compile failure: the tile path from now on)
     from .lora_shrink import lora_shrink
 
     lora_shrink(x, lora_a, meta, ranks, buf)   # [SK, S, T, R] partials, or [S, T, R] reduced

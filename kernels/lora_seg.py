@@ -297,7 +297,11 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     block_n = max(16, _pow2(num_slices * rp))
     group = max(1, min(group, 128 * 128 // (block_m * block_n)))   # the fp32 accumulator <= 64 KB (no spills)
     block_m_rows = block_m * group
-    block_k = _env_int("LORASERVE_LORA_SEG_SHRINK_BK", 128 if block_n * block_m_rows <= 64 * 64 else 64)
+    stages = _env_int("LORASERVE_LORA_SEG_SHRINK_STAGES", 4)
+    block_k = 128 if block_n * block_m_rows <= 64 * 64 else 64
+    while block_k > 32 and stages * (block_m_rows + block_n) * block_k * 2 > 160 * 1024:   # x + A stages in shared
+        block_k //= 2
+    block_k = _env_int("LORASERVE_LORA_SEG_SHRINK_BK", block_k)
     per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 2)
     rows = -(-grid_tiles // group)
     k_blocks = -(-hidden_in // block_k)
@@ -307,7 +311,7 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     split = _env_int("LORASERVE_LORA_SEG_SPLIT", split)
     warps = _env_int("LORASERVE_LORA_SEG_SHRINK_WARPS", 8 if block_n * block_m_rows >= 128 * 64 else 4)
     return dict(GROUP=group, RP=rp, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
-                num_stages=_env_int("LORASERVE_LORA_SEG_SHRINK_STAGES", 4))
+                num_stages=stages)
 
 
 def seg_reduce() -> bool:
@@ -429,3 +433,35 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(y.device),
     )
     return y
+
+
+def seg_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,
+              ranks: Tensor, buf: Tensor, scale: Tensor | None, shift: Tensor | None,
+              scale_on: Tensor | None) -> bool:
+    """lora_apply's "seg" path: shrink into buf (seg_split_k planes), expand into y. False (y untouched) when the
+    kernels failed to compile for these shapes on a GPU: they are then off for them (seg_applies), and lora_apply
+    takes the tile path."""
+    try:
+        lora_seg_shrink(x, lora_a, meta, ranks, buf)
+    except Exception as exc:  # noqa: BLE001 - compile / resource failure: the tile kernels instead
+        if not x.is_cuda:
+            raise
+        _fail(x, lora_a, exc)
+        return False
+    try:
+        lora_seg_expand(buf, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift, scale_on=scale_on)
+    except Exception as exc:  # noqa: BLE001 - (the shrink wrote only buf: nothing of y changed)
+        if not x.is_cuda:
+            raise
+        _fail(x, lora_a, exc)
+        return False
+    return True
+
+
+def _fail(x: Tensor, lora_a: Tensor, exc: Exception) -> None:
+    import warnings
+
+    _, S, R, _ = lora_a.shape
+    _SEG_FAILED.add((S, R, x.device))
+    warnings.warn(f"segment-tiled LoRA kernels failed for S={S}, R={R} ({exc!r}); using the tile kernels")
+

@@ -145,8 +145,8 @@ def main() -> None:
         expands(Case, nbytes, t0, deadline_s=args.expand_budget)
 
 
-EXPAND_VARIANTS = ("default", "tma", "tma_s8", "tma_w8", "tma_p4", "tma_s8_p1", "tma_noy", "tma_n128_s8", "tma_w8_s6",
-                   "tma_dot")
+EXPAND_VARIANTS = ("default", "tma", "tma_s8", "tma_wide", "tma_w8", "tma_s8_p1", "tma_noy", "tma_p4", "tma_wide_s8",
+                   "tma_n128_s8", "tma_w8_s6", "tma_dot")
 
 
 def expands(Case, nbytes: int, t0: float, smoke: bool = False, deadline_s: float = 1e9) -> None:

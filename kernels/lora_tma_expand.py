@@ -65,6 +65,16 @@ if HAS_TRITON:
         return h0, h1, h2
 
     @triton.jit
+    def _load_b(b_desc, row, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, B_WIDE: tl.constexpr):
+        """B's rows [row, row + BLOCK_N) of the [L * N, R] view: one box; B_WIDE: the same bytes as a box of 128-byte
+        rows of the [L * N * R / 64, 64] view, reshaped (row-major) to [BLOCK_N, BLOCK_R]."""
+        if B_WIDE:
+            b = tl.reshape(b_desc.load([row * BLOCK_R // 64, 0]), [BLOCK_N, BLOCK_R])
+        else:
+            b = b_desc.load([row, 0])
+        return b
+
+    @triton.jit
     def _block2y(b, y0, y1, n0, N, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
                  stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
                  NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
@@ -93,7 +103,7 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STAGES: tl.constexpr = 4, ROWS2: tl.constexpr = True,
-        SK_P: tl.constexpr = 1, Y_TMA: tl.constexpr = False,
+        SK_P: tl.constexpr = 1, Y_TMA: tl.constexpr = False, B_WIDE: tl.constexpr = False,
         USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
         GROUP_MAJOR: tl.constexpr = False,
     ):
@@ -151,7 +161,7 @@ if HAS_TRITON:
                     t1 = tok1.to(tl.int32)
                     for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=STAGES):
                         n0 = col0 + i * BLOCK_N
-                        b = b_desc.load([row0 + n0, 0])   # [BLOCK_N, BLOCK_R]
+                        b = _load_b(b_desc, row0 + n0, BLOCK_N, BLOCK_R, B_WIDE)   # [BLOCK_N, BLOCK_R]
                         y0 = tl.reshape(y_desc.load([t0, n0]), [BLOCK_N])
                         y1 = tl.reshape(y_desc.load([t1, n0]), [BLOCK_N])
                         _block2y(b, y0, y1, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1,
@@ -160,7 +170,7 @@ if HAS_TRITON:
                     return
                 for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=STAGES):
                     n0 = col0 + i * BLOCK_N
-                    b = b_desc.load([row0 + n0, 0])   # [BLOCK_N, BLOCK_R]
+                    b = _load_b(b_desc, row0 + n0, BLOCK_N, BLOCK_R, B_WIDE)   # [BLOCK_N, BLOCK_R]
                     _block2(b, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2,
                             stride_ym, stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
                             NUM_SLICES, BLOCK_N, HAS_SCALE, HAS_SHIFT)
@@ -177,7 +187,7 @@ if HAS_TRITON:
         # B boxes through TMA and y blocks through cp.async, STAGES - 1 of each in flight (Triton's pipeliner)
         for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=STAGES):
             n0 = col0 + i * BLOCK_N
-            b = b_desc.load([row0 + n0, 0])   # [BLOCK_N, BLOCK_R]
+            b = _load_b(b_desc, row0 + n0, BLOCK_N, BLOCK_R, B_WIDE)   # [BLOCK_N, BLOCK_R]
             offs_p = n0 + offs_nb
             yp = tl.load(y_rows + offs_p[None, :] * stride_yn, mask=row_ok[:, None] & (offs_p < col_end)[None, :],
                          other=0.0)
@@ -206,6 +216,9 @@ TMA_ROWS2 = _env_on("LORASERVE_LORA_TMA_ROWS2", "1")
 # ... and there y's two rows through TMA boxes too (LORASERVE_LORA_TMA_Y; needs y_tma_ok): without, y's loads (512 B
 # a row at 256 columns: 4 B a thread) were still plain loads waited on every iteration in the sm_90 TTGIR.
 TMA_Y = _env_on("LORASERVE_LORA_TMA_Y", "1")
+# B's boxes as 128-byte rows of its [L * N * R / 64, 64] view (LORASERVE_LORA_TMA_B_WIDE; b_wide_ok), not [BLOCK_N, R]
+# boxes of 32-byte rows (rank 16): the same bytes, fewer, wider rows for the TMA unit; reshaped in registers.
+TMA_B_WIDE = _env_on("LORASERVE_LORA_TMA_B_WIDE", "0")
 _TMA_OK: dict[int, bool] = {}
 _TMA_FAILED: set[tuple] = set()   # (S, R, device) whose TMA expand failed: the streaming expand there
 
@@ -245,14 +258,24 @@ def tma_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: int,
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)   # a power of two (tl.arange)
     return dict(BLOCK_N=block_n, COLS_PER_PROG=per_prog * block_n, groups=-(-n_blocks // per_prog),
                 SK_CHUNK=sk_chunk, STAGES=TMA_STAGES, num_warps=TMA_WARPS, ROWS2=TMA_ROWS2,
-                Y_TMA=TMA_Y)
+                Y_TMA=TMA_Y, B_WIDE=TMA_B_WIDE)
 
 
-def _b_desc(lora_b: Tensor, block_n: int):
-    """Host TMA descriptor over lora_b's [L * N, R] view, [block_n, R] boxes (R * 2 bytes a row: 16-byte multiple)."""
+def b_wide_ok(lora_b: Tensor, block_n: int) -> bool:
+    """B can be read as 128-byte rows ([L * N * R / 64, 64]) in whole boxes: every slot's and box's start on a row."""
+    L, N, R = lora_b.shape
+    return (N * R) % 64 == 0 and (block_n * R) % 64 == 0 and block_n * R // 64 <= 256
+
+
+def _b_desc(lora_b: Tensor, block_n: int, wide: bool = False):
+    """Host TMA descriptor over lora_b's [L * N, R] view, [block_n, R] boxes (R * 2 bytes a row: 16-byte multiple);
+    wide: over its [L * N * R / 64, 64] view, [block_n * R / 64, 64] boxes (the same bytes in 128-byte rows)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     L, N, R = lora_b.shape
+    if wide:
+        rows = L * N * R // 64
+        return TensorDescriptor(lora_b.view(rows, 64), [rows, 64], [64, 1], [block_n * R // 64, 64])
     view = lora_b.view(L * N, R)
     return TensorDescriptor(view, [L * N, R], [R, 1], [block_n, R])
 
@@ -289,8 +312,9 @@ def lora_expand_tma(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, met
     grid = (cfg["groups"], meta.grid_tiles) if gmajor else (meta.grid_tiles, cfg["groups"])
     pdl = pdl_launch(y.device)
     y_tma = cfg["ROWS2"] and cfg["Y_TMA"] and y_tma_ok(y, cfg["BLOCK_N"])
+    b_wide = cfg["B_WIDE"] and b_wide_ok(lora_b, cfg["BLOCK_N"])
     _lora_expand_tma_kernel[grid](
-        partials, _b_desc(lora_b, cfg["BLOCK_N"]), _y_desc(y, cfg["BLOCK_N"]) if y_tma else None, y, ranks, slice_offsets, y if scale is None else scale,
+        partials, _b_desc(lora_b, cfg["BLOCK_N"], b_wide), _y_desc(y, cfg["BLOCK_N"]) if y_tma else None, y, ranks, slice_offsets, y if scale is None else scale,
         y if shift is None else shift, ranks if scale_on is None else scale_on,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R, cfg["COLS_PER_PROG"], *partials.stride(), y.stride(0), y.stride(1),
@@ -298,7 +322,7 @@ def lora_expand_tma(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, met
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=R, SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"],
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, STAGES=cfg["STAGES"], ROWS2=cfg["ROWS2"],
-        SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), Y_TMA=y_tma,
+        SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), Y_TMA=y_tma, B_WIDE=b_wide,
         SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor,
         TRIGGER=prefetch_on("t", y.device, pdl), num_warps=cfg["num_warps"], num_stages=cfg["STAGES"], **pdl,
     )

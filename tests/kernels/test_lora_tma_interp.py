@@ -46,6 +46,13 @@ def test_tma_expand_rows_per_tile(interp, num_tokens, num_slots, y_tma) -> None:
          composition="distinct", split_k=2, config=dict(BLOCK_N=32, COLS_PER_PROG=64, STAGES=2, Y_TMA=y_tma))
 
 
+@pytest.mark.parametrize("num_slices", [1, 2])
+def test_tma_expand_wide_b_rows(interp, num_slices) -> None:
+    # B's boxes as 64-wide rows of its flat view (B_WIDE), reshaped: 16-column boxes at rank 16 (4 rows a box)
+    _run(interp, cases.check_tma_expand, "float16", 16, [64, 64][:num_slices], num_tokens=12, num_slots=6,
+         composition="mixed-ranks", split_k=2, config=dict(BLOCK_N=16, COLS_PER_PROG=48, STAGES=3, B_WIDE=True))
+
+
 def test_tma_expand_dora_flags(interp) -> None:
     _run(interp, cases.check_tma_expand, "float16", 16, WIDTHS[3], num_tokens=12, num_slots=4,
          composition="mixed-ranks", split_k=1, with_scale=True)

@@ -153,12 +153,12 @@ if HAS_TRITON:
             q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
             k_scale_ptr, v_scale_ptr, scale_log2, num_seqs, num_tokens, num_splits,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_tb, stride_ot, stride_oh,
+            stride_tb, stride_ot, stride_oh, oq_ptr, os_ptr, opart_ptr, ocnt_ptr, stride_oq,
             H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
             TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
             SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
             USE_PDL: tl.constexpr = False, FP16_OPS: tl.constexpr = False,
-            oq_ptr=None, os_ptr=None, opart_ptr=None, ocnt_ptr=None, stride_oq=0, QUANT_OUT: tl.constexpr = False,
+            QUANT_OUT: tl.constexpr = False,
             KVH_P2: tl.constexpr = 1, QBLOCK: tl.constexpr = 1, FP8_MAX_C: tl.constexpr = 448.0,
             MIN_SCALE_C: tl.constexpr = 1e-12):
         if USE_PDL:   # kernels/pdl.py: every program waits (spare tiles too), before reading q / K / V
@@ -420,7 +420,8 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     else:
         part_acc = part_ml = out  # unused
     fold = quant_out is not None and num_splits == 1 and max_query_len == 1 and out.is_contiguous()
-    extra = {}
+    # o_proj's codes (QUANT_OUT): unused pointers otherwise (out), as part_acc / part_ml without split-KV
+    extra = dict(oq_ptr=out, os_ptr=out, opart_ptr=out, ocnt_ptr=out, stride_oq=0)
     if fold:
         oq, oscale, ocnt = quant_out
         assert oq.shape == (N, H * D) and oscale.shape == (N, 1) and ocnt.numel() >= N, (oq.shape, oscale.shape)

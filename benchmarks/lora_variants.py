@@ -71,8 +71,10 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                tma=lora_tma_expand.TMA_EXPAND, tma_shrink=lora_tma_shrink.TMA_SHRINK)
 # the TMA expand's knobs as the process found them (a variant's tma_* keys override them; _use_variant)
 _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
-                  tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE")
+                  tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE",
+                  tma_min_tokens="TMA_MIN_TOKENS")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
+_TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -198,6 +200,8 @@ VARIANTS.update({
     "tma2": dict(DEFAULT, tma=True, tma_shrink=True),
     "tma2_s8": dict(DEFAULT, tma=True, tma_shrink=True, tma_stages=8),
     "tma2_p4": dict(DEFAULT, tma=True, tma_shrink=True, tma_pps=4),
+    # ... both only from 2 tokens (1 token: the BGMV shrink, A loaded before its wait, and the streaming expand)
+    "tma2_m2": dict(DEFAULT, tma=True, tma_shrink=True, tma_min_tokens=2, tmas_min_tokens=2),
 })
 
 
@@ -207,6 +211,7 @@ def _use_variant(c: Case, variant) -> None:
     if isinstance(variant, dict):
         lora_tma_expand.TMA_EXPAND = bool(variant.get("tma", False))
         lora_tma_shrink.TMA_SHRINK = bool(variant.get("tma_shrink", False))
+        lora_tma_shrink.TMA_SHRINK_MIN_TOKENS = variant.get("tmas_min_tokens", _TMAS_DEFAULTS["tmas_min_tokens"])
         for key, name in _TMA_KNOBS.items():
             setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 

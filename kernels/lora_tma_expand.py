@@ -202,6 +202,7 @@ def _env_on(name: str, default: str) -> bool:
 
 TMA_EXPAND = _env_on("LORASERVE_LORA_TMA_EXPAND", "0")
 TMA_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_TMA_MAX_TOKENS", "64"))
+TMA_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_TMA_MIN_TOKENS", "1"))   # (smaller steps: the streaming expand)
 TMA_MAX_RANK = 32      # the box spans the pool's whole rank axis (module docstring)
 # Launch knobs (env for the probes): columns per box, pipeline stages (STAGES - 1 boxes in flight), programs per SM
 # the grid aims at (counting every grid tile active, as lora_expand_stream), warps.
@@ -236,7 +237,8 @@ def _device_ok(device: torch.device) -> bool:
 def tma_expand_applies(lora_b: Tensor, y: Tensor, num_slices: int, num_tokens: int, dense_slots: bool = False) -> bool:
     """TMA_EXPAND is on and this launch fits the kernel: <= TMA_MAX_TOKENS tokens, <= 3 slices, a contiguous
     pool of rank 16 or 32 (16-bit on a GPU: fp32 dots spill there), rows addressable in int32, sm_90+."""
-    if not (TMA_EXPAND and HAS_TRITON) or dense_slots or num_tokens > TMA_MAX_TOKENS or num_slices > 3:
+    if (not (TMA_EXPAND and HAS_TRITON) or dense_slots or not TMA_MIN_TOKENS <= num_tokens <= TMA_MAX_TOKENS
+            or num_slices > 3):
         return False
     L, N, R = lora_b.shape
     if R not in (16, 32) or not lora_b.is_contiguous() or L * N >= 2 ** 31 or lora_b.data_ptr() % 16:

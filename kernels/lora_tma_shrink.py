@@ -114,6 +114,7 @@ if HAS_TRITON:
 
 
 TMA_SHRINK = os.environ.get("LORASERVE_LORA_TMA_SHRINK", "0").strip().lower() not in ("", "0", "false", "off", "no")
+TMA_SHRINK_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_TMA_SHRINK_MIN_TOKENS", "1"))  # (fewer: the BGMV shrink)
 TMA_SHRINK_BOX_K = int(os.environ.get("LORASERVE_LORA_TMA_SHRINK_BOX_K", "256"))
 # pipeline stages: all of a chunk's boxes in flight (nbox + 1), at most this many (shared memory: 8 x 9 KB a program)
 TMA_SHRINK_MAX_STAGES = int(os.environ.get("LORASERVE_LORA_TMA_SHRINK_MAX_STAGES", "9"))
@@ -125,7 +126,7 @@ _TMA_SHRINK_FAILED: set[tuple] = set()   # (S, R, device) whose TMA shrink faile
 def tma_shrink_applies(x: Tensor, lora_a: Tensor, block_k: int) -> bool:
     """TMA_SHRINK is on and this launch fits: a contiguous pool of rank 16 or 32, whole boxes per K chunk, 16-bit
     on a GPU, sm_90+ (or the interpreter)."""
-    if not (TMA_SHRINK and HAS_TRITON):
+    if not (TMA_SHRINK and HAS_TRITON) or x.shape[0] < TMA_SHRINK_MIN_TOKENS:
         return False
     L, S, R, H = lora_a.shape
     box = min(TMA_SHRINK_BOX_K, block_k)

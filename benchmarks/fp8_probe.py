@@ -74,6 +74,10 @@ VARIANTS = (
     # o_proj's per-token codes written by the decode attention's epilogue (no quantization launch before o's GEMM)
     ("attn_quant", {"LORASERVE_FP8_ATTN_QUANT": "1"}),
     ("row_split_attn_quant", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
+    # RoPE + e4m3 K/V over (token, q-head group) programs (kernels/fp8_rope_kv.py, bit for bit)
+    ("rope_groups4", {"LORASERVE_FP8_ROPE_GROUPS": "4"}),
+    ("rope_groups8", {"LORASERVE_FP8_ROPE_GROUPS": "8"}),
+    ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

@@ -110,3 +110,54 @@ def test_rope_store_kv_fp8_gpu(monkeypatch, dtype, T, pdl) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rope_store_kv_fp8_graph_replay() -> None:
     check("bfloat16", 4, 32, 8, 128, 16, device="cuda", graph=True)
+
+
+def check_grouped(dtype: str, T: int, H: int, KVH: int, D: int, groups: int, device: str = "cpu") -> None:
+    """LORASERVE_FP8_ROPE_GROUPS=groups ((T, groups + 1) programs): the reference checks above, and the one-program-
+    per-token kernel's q and codes bit for bit (the same math per element)."""
+    import os
+
+    from loraserve.kernels.fp8_rope_kv import rope_q_groups, rope_store_kv_fp8
+    from loraserve.kernels.rope import rope_cos_sin_cache
+
+    old = os.environ.get("LORASERVE_FP8_ROPE_GROUPS")
+    try:
+        os.environ["LORASERVE_FP8_ROPE_GROUPS"] = str(groups)
+        assert rope_q_groups(T, H) == min(groups, H) and rope_q_groups(129, H) == 0
+        check(dtype, T, H, KVH, D, 4, device)
+        dt, g = DTYPES[dtype], torch.Generator().manual_seed(T + H)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+        table = rope_cos_sin_cache(inv_freq.float().to(device), 64)
+        positions = torch.randint(0, 64, (T,), generator=g).to(device)
+        qkv = (torch.randn(T, (H + 2 * KVH) * D, generator=g) * 3).to(device, dt)
+        q, k, v = (qkv[:, :H * D].view(T, H, D), qkv[:, H * D:(H + KVH) * D].view(T, KVH, D),
+                   qkv[:, (H + KVH) * D:].view(T, KVH, D))
+        slots = torch.randperm(4 * T, generator=g)[:T].to(device)
+        scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
+        outs = []
+        for n in (str(groups), "0"):
+            os.environ["LORASERVE_FP8_ROPE_GROUPS"] = n
+            kc = torch.zeros(T, 4, KVH, D, device=device).to(torch.float8_e4m3fn)
+            vc = kc.clone()
+            outs.append((rope_store_kv_fp8(positions, q, k, v, table, kc, vc, slots, *scales), kc, vc))
+        (q1, k1, v1), (q0, k0, v0) = outs
+        assert torch.equal(q1, q0), "grouped q != one program per token"
+        assert torch.equal(k1.view(torch.uint8), k0.view(torch.uint8)) and torch.equal(v1.view(torch.uint8),
+                                                                                       v0.view(torch.uint8))
+    finally:
+        if old is None:
+            os.environ.pop("LORASERVE_FP8_ROPE_GROUPS", None)
+        else:
+            os.environ["LORASERVE_FP8_ROPE_GROUPS"] = old
+
+
+@pytest.mark.parametrize("dtype,T,H,KVH,D,groups", [("float32", 5, 6, 2, 16, 4), ("float16", 3, 4, 4, 24, 1)])
+def test_rope_store_kv_fp8_grouped_interp(interp, dtype, T, H, KVH, D, groups) -> None:
+    interp.submit(check_grouped, dtype, T, H, KVH, D, groups).result(timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 64])
+def test_rope_store_kv_fp8_grouped_gpu(T) -> None:
+    check_grouped("bfloat16", T, 32, 8, 128, 4, "cuda")

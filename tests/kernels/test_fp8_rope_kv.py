@@ -161,3 +161,22 @@ def test_rope_store_kv_fp8_grouped_interp(interp, dtype, T, H, KVH, D, groups) -
 @pytest.mark.parametrize("T", [1, 64])
 def test_rope_store_kv_fp8_grouped_gpu(T) -> None:
     check_grouped("bfloat16", T, 32, 8, 128, 4, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernel (test_rope_store_kv_fp8_grouped_gpu)")
+def test_rope_store_kv_fp8_grouped_compiles_sm90() -> None:
+    """The grouped kernel at Llama-3-8B heads (8 q heads a program, PDL): compiles for sm_90 with no spills."""
+    from loraserve.kernels.fp8_rope_kv import _rope_store_kv_fp8_grouped_kernel
+
+    from .sm90 import compile_sm90, offline_triton, stack_bytes
+
+    offline_triton()
+    types = {"pos_ptr": "*i64", "cache_ptr": "*fp32", "slot_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16",
+             "v_ptr": "*bf16", "qo_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "H": "i32", "KVH": "i32", "stride_qt": "i32",
+             "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32",
+             "stride_qot": "i32", "stride_qoh": "i32", "stride_c": "i32", "num_positions": "i32"}
+    kernel = compile_sm90(_rope_store_kv_fp8_grouped_kernel, types,
+                          dict(HALF=64, HALF_P2=64, BLOCK_H=8, BLOCK_KVH=8, USE_PDL=True),
+                          div16_except=("num_positions",), num_warps=4, launch_pdl=True)
+    assert stack_bytes(kernel) == 0

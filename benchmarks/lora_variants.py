@@ -72,7 +72,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
 # the TMA expand's knobs as the process found them (a variant's tma_* keys override them; _use_variant)
 _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
                   tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE",
-                  tma_min_tokens="TMA_MIN_TOKENS")
+                  tma_min_tokens="TMA_MIN_TOKENS", tma_pf="TMA_PF_BOXES")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS)
 
@@ -193,6 +193,8 @@ VARIANTS.update({
     "tma_dot": dict(DEFAULT, tma=True, tma_rows2=False),
     "tma_wide": dict(DEFAULT, tma=True, tma_b_wide=True),   # B's boxes as 128-byte rows
     "tma_wide_s8": dict(DEFAULT, tma=True, tma_b_wide=True, tma_stages=8),
+    "tma_pf2": dict(DEFAULT, tma=True, tma_pf=2),   # the first 2 boxes of B into L2 before the wait
+    "tma2_pf2": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2),
     "notma": dict(DEFAULT, tma=False, tma_shrink=False),
     # ... and the TMA-fed shrink (lora_tma_shrink.py, LORASERVE_LORA_TMA_SHRINK: A's [R, 256] boxes, a chunk's boxes
     # all in flight, one wave): tmas = the shrink alone, tma2 = both (tma2_s8: the expand at 8 stages)

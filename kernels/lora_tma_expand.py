@@ -36,6 +36,7 @@ from .lora_meta import LoRAMeta, pdl_launch
 from .lora_prefetch import prefetch_on
 
 if HAS_TRITON:
+    from .lora_prefetch import l2_prefetch
     from .lora_expand_bgmv import _block2, _delta, _epilogue, _hs, _sels
     from .lora_expand_stream import _expand_block, _load_parts
 
@@ -95,7 +96,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_expand_tma_kernel(
-        buf_ptr, b_desc, y_desc, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr,
+        buf_ptr, b_desc, y_desc, y_ptr, b_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         N, R, COLS_PER_PROG,
         stride_bsplit, stride_bs, stride_bm, stride_br,
@@ -104,6 +105,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STAGES: tl.constexpr = 4, ROWS2: tl.constexpr = True,
         SK_P: tl.constexpr = 1, Y_TMA: tl.constexpr = False, B_WIDE: tl.constexpr = False,
+        PF_BOXES: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128,
         USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
         GROUP_MAJOR: tl.constexpr = False,
     ):
@@ -142,6 +144,10 @@ if HAS_TRITON:
         col_end = tl.minimum(col0 + COLS_PER_PROG, N)
         offs_r = tl.arange(0, BLOCK_R)
         slot64 = slot.to(tl.int64)
+        if PF_BOXES > 0:  # (with USE_PDL, on a GPU) our first boxes of B into L2 while the shrink finishes: B is
+            # older than it; after the wait the TMA loads of the pipeline's prologue hit L2
+            pf_rows = tl.minimum(col_end - col0, PF_BOXES * BLOCK_N)
+            l2_prefetch(b_ptr + (slot64 * N + col0) * BLOCK_R, pf_rows.to(tl.int64) * (BLOCK_R * 2), PF_THREADS)
         if USE_PDL:  # the partials and y are written by the kernels before us
             tl.extra.cuda.gdc_wait()
         row0 = slot * N   # this slot's first row in B's [L * N, R] view
@@ -220,6 +226,10 @@ TMA_Y = _env_on("LORASERVE_LORA_TMA_Y", "1")
 # B's boxes as 128-byte rows of its [L * N * R / 64, 64] view (LORASERVE_LORA_TMA_B_WIDE; b_wide_ok), not [BLOCK_N, R]
 # boxes of 32-byte rows (rank 16): the same bytes, fewer, wider rows for the TMA unit; reshaped in registers.
 TMA_B_WIDE = _env_on("LORASERVE_LORA_TMA_B_WIDE", "0")
+# Boxes of B each program bulk-prefetches into L2 before griddepcontrol.wait (LORASERVE_LORA_TMA_PF_BOXES; 0: none).
+# The pipeline's TMA loads can only start after the wait (y's boxes ride in the same pipeline); B is older than the
+# kernel before us. (The streaming expand's whole-run L2 prefetch, letter "b", lost: this is its first boxes only.)
+TMA_PF_BOXES = int(os.environ.get("LORASERVE_LORA_TMA_PF_BOXES", "0"))
 _TMA_OK: dict[int, bool] = {}
 _TMA_FAILED: set[tuple] = set()   # (S, R, device) whose TMA expand failed: the streaming expand there
 
@@ -260,7 +270,7 @@ def tma_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: int,
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)   # a power of two (tl.arange)
     return dict(BLOCK_N=block_n, COLS_PER_PROG=per_prog * block_n, groups=-(-n_blocks // per_prog),
                 SK_CHUNK=sk_chunk, STAGES=TMA_STAGES, num_warps=TMA_WARPS, ROWS2=TMA_ROWS2,
-                Y_TMA=TMA_Y, B_WIDE=TMA_B_WIDE)
+                Y_TMA=TMA_Y, B_WIDE=TMA_B_WIDE, PF_BOXES=TMA_PF_BOXES)
 
 
 def b_wide_ok(lora_b: Tensor, block_n: int) -> bool:
@@ -312,11 +322,12 @@ def lora_expand_tma(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, met
 
     gmajor = lora_meta.LORA_GROUP_MAJOR
     grid = (cfg["groups"], meta.grid_tiles) if gmajor else (meta.grid_tiles, cfg["groups"])
-    pdl = pdl_launch(y.device)
     y_tma = cfg["ROWS2"] and cfg["Y_TMA"] and y_tma_ok(y, cfg["BLOCK_N"])
     b_wide = cfg["B_WIDE"] and b_wide_ok(lora_b, cfg["BLOCK_N"])
+    pdl = pdl_launch(y.device)
+    pf = cfg["PF_BOXES"] if pdl.get("USE_PDL") and y.is_cuda and lora_b.element_size() == 2 else 0
     _lora_expand_tma_kernel[grid](
-        partials, _b_desc(lora_b, cfg["BLOCK_N"], b_wide), _y_desc(y, cfg["BLOCK_N"]) if y_tma else None, y, ranks, slice_offsets, y if scale is None else scale,
+        partials, _b_desc(lora_b, cfg["BLOCK_N"], b_wide), _y_desc(y, cfg["BLOCK_N"]) if y_tma else None, y, lora_b, ranks, slice_offsets, y if scale is None else scale,
         y if shift is None else shift, ranks if scale_on is None else scale_on,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         N, R, cfg["COLS_PER_PROG"], *partials.stride(), y.stride(0), y.stride(1),
@@ -324,7 +335,7 @@ def lora_expand_tma(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, met
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=R, SPLIT_K=SK, SK_CHUNK=cfg["SK_CHUNK"],
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, STAGES=cfg["STAGES"], ROWS2=cfg["ROWS2"],
-        SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), Y_TMA=y_tma, B_WIDE=b_wide,
+        SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), Y_TMA=y_tma, B_WIDE=b_wide, PF_BOXES=pf, PF_THREADS=32 * cfg["num_warps"],
         SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor,
         TRIGGER=prefetch_on("t", y.device, pdl), num_warps=cfg["num_warps"], num_stages=cfg["STAGES"], **pdl,
     )

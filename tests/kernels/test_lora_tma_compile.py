@@ -9,13 +9,13 @@ from .sm90 import assert_no_spills, compile_sm90
 
 TYPES = {n: "*i32" for n in ("ranks_ptr", "slice_off_ptr", "scale_on_ptr", "sorted_ids_ptr", "tile_slots_ptr",
                              "tile_starts_ptr", "tile_ends_ptr")}
-TYPES.update(buf_ptr="*fp32", y_ptr="*bf16", scale_ptr="*fp32", shift_ptr="*fp32", N="i32", R="i32",
+TYPES.update(buf_ptr="*fp32", y_ptr="*bf16", b_ptr="*bf16", scale_ptr="*fp32", shift_ptr="*fp32", N="i32", R="i32",
              COLS_PER_PROG="i32", stride_bsplit="i32", stride_bs="i32", stride_bm="i32", stride_br="i32",
              stride_ym="i32", stride_yn="i32", stride_sl="i32", stride_sn="i32")
 
 
-@pytest.mark.parametrize("slices,stages,warps,scale", [(2, 4, 4, False), (3, 8, 8, True)])
-def test_tma_expand_compiles_for_sm90(slices: int, stages: int, warps: int, scale: bool) -> None:
+@pytest.mark.parametrize("slices,stages,warps,scale,pf", [(2, 4, 4, False, 0), (3, 8, 8, True, 2)])
+def test_tma_expand_compiles_for_sm90(slices: int, stages: int, warps: int, scale: bool, pf: int) -> None:
     from loraserve.kernels.lora_tma_expand import _lora_expand_tma_kernel
 
     bn = 256
@@ -24,7 +24,7 @@ def test_tma_expand_compiles_for_sm90(slices: int, stages: int, warps: int, scal
         _lora_expand_tma_kernel, types,
         dict(NUM_SLICES=slices, BLOCK_M=16, BLOCK_N=bn, BLOCK_R=16, SPLIT_K=4, SK_CHUNK=4, SK_P=4, CAST=True,
              IEEE=False, HAS_SCALE=scale, HAS_SHIFT=scale, SCALE_FLAG=scale, STAGES=stages, Y_TMA=True,
-             USE_PDL=True, TRIGGER=True),
+             USE_PDL=True, TRIGGER=True, PF_BOXES=pf, PF_THREADS=32 * warps),
         unit=("stride_yn", "stride_br"),
         div16_except=("N", "R", "COLS_PER_PROG", "stride_sn", "stride_yn", "stride_br"),
         num_warps=warps, num_stages=stages, launch_pdl=True)
@@ -32,6 +32,7 @@ def test_tma_expand_compiles_for_sm90(slices: int, stages: int, warps: int, scal
     # per loop (decode rows, dot): B's box + y's two rows at each of the stages - 1 prologue slots and in the body
     assert ptx.count("cp.async.bulk.tensor") >= 3 * stages, "the TMA loads are not pipelined"
     assert "griddepcontrol.wait" in ptx
+    assert ("cp.async.bulk.prefetch.L2" in ptx) == (pf > 0)
     assert_no_spills(kernel, f"TMA expand S={slices} stages={stages} warps={warps}")
 
 

@@ -132,6 +132,7 @@ def decode_sweep(cases=((64, 512), (64, 2048), (1, 576)),
             finally:
                 os.environ.pop("LORASERVE_ATTN_FP8_FP16", None)
                 os.environ.pop("LORASERVE_ATTN_FP8_VPIN", None)
+            print(json.dumps({"case": row["case"], name: row[name]}), flush=True)   # (a time limit keeps these)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

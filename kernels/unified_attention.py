@@ -402,6 +402,14 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     if config is None and max_query_len == 1 and num_splits in (None, 1) and not fp8_kv \
             and wide_decode(B * KVH, q.element_size(), q.device):   # (decode: one query row per sequence)
         cfg["TILE_N"], num_splits = 128, 1
+    if config is None and max_query_len == 1 and fp8_kv and os.environ.get("LORASERVE_ATTN_FP8_DECODE_CFG"):
+        # e.g. "TILE_N:32,num_warps:8,splits:2": decode launches over the e4m3 cache (probes; unset: the table's)
+        for item in os.environ["LORASERVE_ATTN_FP8_DECODE_CFG"].split(","):
+            key, _, val = item.partition(":")
+            if key.strip() == "splits":
+                num_splits = int(val)
+            else:
+                cfg[key.strip()] = int(val)
     block_m = cfg.pop("BLOCK_M")
     block_q = block_m // G
     assert block_q >= 1, f"BLOCK_M {block_m} smaller than the GQA group {G}"

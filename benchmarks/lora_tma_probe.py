@@ -145,7 +145,7 @@ def main() -> None:
         expands(Case, nbytes, t0, deadline_s=args.expand_budget)
 
 
-EXPAND_VARIANTS = ("default", "tma", "tma_s8", "tma_wide", "tma_w8", "tma_s8_p1", "tma_noy", "tma_p4", "tma_wide_s8",
+EXPAND_VARIANTS = ("default", "tma", "tma_s8", "tma_wide", "tma_pf2", "tma_w8", "tma_s8_p1", "tma_noy", "tma_p4", "tma_wide_s8",
                    "tma_n128_s8", "tma_w8_s6", "tma_dot")
 
 

@@ -74,7 +74,7 @@ _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PP
                   tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE",
                   tma_min_tokens="TMA_MIN_TOKENS", tma_pf="TMA_PF_BOXES")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
-_TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS)
+_TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -195,6 +195,7 @@ VARIANTS.update({
     "tma_wide_s8": dict(DEFAULT, tma=True, tma_b_wide=True, tma_stages=8),
     "tma_pf2": dict(DEFAULT, tma=True, tma_pf=2),   # the first 2 boxes of B into L2 before the wait
     "tma2_pf2": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2),
+    "tma2_pfa": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2, tmas_pf=True),   # + the shrink's A into L2 first
     "notma": dict(DEFAULT, tma=False, tma_shrink=False),
     # ... and the TMA-fed shrink (lora_tma_shrink.py, LORASERVE_LORA_TMA_SHRINK: A's [R, 256] boxes, a chunk's boxes
     # all in flight, one wave): tmas = the shrink alone, tma2 = both (tma2_s8: the expand at 8 stages)
@@ -214,6 +215,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_tma_expand.TMA_EXPAND = bool(variant.get("tma", False))
         lora_tma_shrink.TMA_SHRINK = bool(variant.get("tma_shrink", False))
         lora_tma_shrink.TMA_SHRINK_MIN_TOKENS = variant.get("tmas_min_tokens", _TMAS_DEFAULTS["tmas_min_tokens"])
+        lora_tma_shrink.TMA_SHRINK_PF = variant.get("tmas_pf", _TMAS_DEFAULTS["tmas_pf"])
         for key, name in _TMA_KNOBS.items():
             setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 

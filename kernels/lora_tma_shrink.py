@@ -36,13 +36,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_shrink_tma_kernel(
-        a_desc, x_desc, x_ptr, out_ptr, ranks_ptr,
+        a_desc, x_desc, x_ptr, out_ptr, ranks_ptr, a_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         K, R,
         stride_xm, stride_xk, stride_ok, stride_os, stride_om, stride_or,
         NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         BOX_K: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
         USE_PDL: tl.constexpr = False, X_TMA: tl.constexpr = False, ROWS2: tl.constexpr = True,
+        PF_A: tl.constexpr = False,
     ):
         if USE_PDL:  # as lora_shrink_bgmv: the expand may launch now; x is waited for below
             tl.extra.cuda.gdc_launch_dependents()
@@ -69,6 +70,14 @@ if HAS_TRITON:
         r_ok = offs_r < rank
         out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_r * stride_or
         offs_kb = tl.arange(0, BOX_K)
+        if PF_A:  # (with USE_PDL, on a GPU) our chunk of A into L2 while the kernel before us finishes, one bulk
+            # prefetch per row of A (BLOCK_K * 2 contiguous bytes each): A is older than that kernel, so after the wait
+            # the pipeline's TMA loads hit L2 (the BGMV shrink holds its block in registers there instead)
+            kbytes = (tl.minimum(K - k0, BLOCK_K) * 2).to(tl.int32)
+            rows_p = (a_ptr + (arow + offs_r).to(tl.int64) * K + k0).to(tl.pointer_type(tl.int8))
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+                "=r,l,r", [rows_p, tl.where(r_ok, kbytes, 0)], dtype=tl.int32, is_pure=False, pack=1)
         if USE_PDL:  # x is written by the kernel before us (A is older; the boxes are issued after this)
             tl.extra.cuda.gdc_wait()
         if ROWS2:
@@ -120,6 +129,8 @@ TMA_SHRINK_BOX_K = int(os.environ.get("LORASERVE_LORA_TMA_SHRINK_BOX_K", "256"))
 TMA_SHRINK_MAX_STAGES = int(os.environ.get("LORASERVE_LORA_TMA_SHRINK_MAX_STAGES", "9"))
 TMA_SHRINK_WARPS = int(os.environ.get("LORASERVE_LORA_TMA_SHRINK_WARPS", "4"))
 TMA_SHRINK_X = os.environ.get("LORASERVE_LORA_TMA_SHRINK_X", "1").strip().lower() not in ("", "0", "false", "off", "no")
+# each program bulk-prefetches its chunk of A into L2 before griddepcontrol.wait (LORASERVE_LORA_TMA_SHRINK_PF)
+TMA_SHRINK_PF = os.environ.get("LORASERVE_LORA_TMA_SHRINK_PF", "0").strip().lower() not in ("", "0", "false", "off", "no")
 _TMA_SHRINK_FAILED: set[tuple] = set()   # (S, R, device) whose TMA shrink failed: the BGMV shrink there
 
 
@@ -159,7 +170,7 @@ def lora_shrink_tma(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
     assert SK == -(-H // block_k), f"out has {SK} K splits, BLOCK_K {block_k} needs {-(-H // block_k)}"
     box = (config or {}).get("BOX_K", min(TMA_SHRINK_BOX_K, block_k))
     cfg = dict(dict(STAGES=max(2, min(TMA_SHRINK_MAX_STAGES, block_k // box + 1)), num_warps=TMA_SHRINK_WARPS,
-                    X_TMA=TMA_SHRINK_X, ROWS2=True), **(config or {}))
+                    X_TMA=TMA_SHRINK_X, ROWS2=True, PF_A=TMA_SHRINK_PF), **(config or {}))
     assert block_k % box == 0, f"BLOCK_K {block_k} must be whole boxes of {box}"
     a_view = lora_a.view(L * S * R, H)
     a_desc = TensorDescriptor(a_view, [L * S * R, H], [H, 1], [R, box])
@@ -168,11 +179,12 @@ def lora_shrink_tma(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
     grid = (meta.grid_tiles, SK, S)
     pdl = pdl_launch(x.device)
     _lora_shrink_tma_kernel[grid](
-        a_desc, x_desc, x, out, ranks,
+        a_desc, x_desc, x, out, ranks, lora_a,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, R, x.stride(0), x.stride(1), *out.stride(),
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_R=R, BLOCK_K=block_k, BOX_K=box, STAGES=cfg["STAGES"],
         IEEE=x.dtype == torch.float32, X_TMA=x_tma, ROWS2=cfg["ROWS2"],
+        PF_A=bool(cfg["PF_A"]) and bool(pdl.get("USE_PDL")) and x.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["STAGES"], **pdl,
     )
     return out

@@ -36,22 +36,23 @@ def test_tma_expand_compiles_for_sm90(slices: int, stages: int, warps: int, scal
     assert_no_spills(kernel, f"TMA expand S={slices} stages={stages} warps={warps}")
 
 
-@pytest.mark.parametrize("slices,block_k,stages", [(3, 1024, 5), (1, 2048, 9)])
-def test_tma_shrink_compiles_for_sm90(slices: int, block_k: int, stages: int) -> None:
+@pytest.mark.parametrize("slices,block_k,stages,pf", [(3, 1024, 5, False), (1, 2048, 9, True)])
+def test_tma_shrink_compiles_for_sm90(slices: int, block_k: int, stages: int, pf: bool) -> None:
     from loraserve.kernels.lora_tma_shrink import _lora_shrink_tma_kernel
 
     types = {n: "*i32" for n in ("ranks_ptr", "sorted_ids_ptr", "tile_slots_ptr", "tile_starts_ptr", "tile_ends_ptr")}
-    types.update(x_ptr="*bf16", out_ptr="*fp32", K="i32", R="i32", stride_xm="i32", stride_xk="i32", stride_ok="i32",
+    types.update(x_ptr="*bf16", a_ptr="*bf16", out_ptr="*fp32", K="i32", R="i32", stride_xm="i32", stride_xk="i32", stride_ok="i32",
                  stride_os="i32", stride_om="i32", stride_or="i32", a_desc="tensordesc<bf16[16, 256]>",
                  x_desc="tensordesc<bf16[1, 256]>")
     kernel = compile_sm90(
         _lora_shrink_tma_kernel, types,
         dict(NUM_SLICES=slices, BLOCK_M=16, BLOCK_R=16, BLOCK_K=block_k, BOX_K=256, STAGES=stages, IEEE=False,
-             USE_PDL=True, X_TMA=True),
+             USE_PDL=True, X_TMA=True, PF_A=pf),
         unit=("stride_xk", "stride_or"), div16_except=("K", "R", "stride_xk", "stride_or"),
         num_warps=4, num_stages=stages, launch_pdl=True)
     ptx = kernel.asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor") >= 3 * (stages - 1), "the TMA loads are not pipelined"
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert ("cp.async.bulk.prefetch.L2" in ptx) == pf
     assert kernel.metadata.shared <= 76 * 1024, "more shared memory than 3 programs per SM allow"
     assert_no_spills(kernel, f"TMA shrink S={slices} BLOCK_K={block_k}")

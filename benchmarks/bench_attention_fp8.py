@@ -85,6 +85,8 @@ SWEEP_VARIANTS = {
     "vpin_qout": ("vpin", None, None, True), "vpin_w8": ("vpin", {"num_warps": 8}, None, False),
     "vpin_s3": ("vpin", {"num_stages": 3}, None, False), "vpin_tile32": ("vpin", {"TILE_N": 32}, None, False),
     "vpin_split2": ("vpin", None, 2, False), "vpin_split3": ("vpin", None, 3, False),
+    "vpin_t32s3": ("vpin", {"TILE_N": 32, "num_stages": 3}, None, False),
+    "vpin_s3_qout": ("vpin", {"num_stages": 3}, None, True),
 }
 
 

@@ -77,6 +77,12 @@ VARIANTS = (
     # RoPE + e4m3 K/V over (token, q-head group) programs (kernels/fp8_rope_kv.py, bit for bit)
     ("rope_groups4", {"LORASERVE_FP8_ROPE_GROUPS": "4"}),
     ("rope_groups8", {"LORASERVE_FP8_ROPE_GROUPS": "8"}),
+    # decode launches over the e4m3 cache with 3 stages (the block table 2 tiles ahead, K/V 1: with 2 stages the
+    # table and K/V loads of a tile wait on each other), and 32-key tiles
+    ("attn_s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
+    ("attn_t32s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "TILE_N:32,num_stages:3"}),
+    ("all_new_s3", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4",
+                    "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
     ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

@@ -29,6 +29,8 @@ CONFIGS = {  # name -> LORASERVE_LORA_SEG_* overrides
     "nored": {"LORASERVE_LORA_SEG_REDUCE": "0"},   # the expand sums the split-K partials (per column group)
     "ya": {"LORASERVE_LORA_SEG_YAHEAD": "1"},   # the expand loads the next block's y before its dot
     "g4ya": {"LORASERVE_LORA_SEG_GROUP": "4", "LORASERVE_LORA_SEG_YAHEAD": "1"},
+    "g4a": {"LORASERVE_LORA_SEG_GROUP": "4", "LORASERVE_LORA_SEG_ADAPT": "1"},   # one pass if one slot, else per tile
+    "g4aya": {"LORASERVE_LORA_SEG_GROUP": "4", "LORASERVE_LORA_SEG_ADAPT": "1", "LORASERVE_LORA_SEG_YAHEAD": "1"},
     "yast1": {"LORASERVE_LORA_SEG_YAHEAD": "1", "LORASERVE_LORA_SEG_STAGES": "1"},
     "x4": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "4"},
     "x16": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "16"},

@@ -69,6 +69,35 @@ if HAS_TRITON:
         return slot
 
     @triton.jit
+    def _shrink_pass(x_ptr, a_ptr, out_ptr, slot, rank, rows, tok, s_j, r_j, offs_k, k_lo, pid_k, K, K_CHUNK,
+                     stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
+                     stride_ok, stride_os, stride_om, stride_or,
+                     NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+        """One slot's rows (rows [BLOCK_M] mask, tok ids) x its A over this program's K chunk -> partial plane pid_k."""
+        j_ok = (s_j < NUM_SLICES) & (r_j < rank)
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
+        a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s_j[:, None] * stride_as + r_j[:, None] * stride_ar
+                  + (k_lo + offs_k)[None, :] * stride_ak)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K_CHUNK, BLOCK_K):
+            if EVEN_K:
+                xt = tl.load(x_ptrs, mask=rows[:, None], other=0.0)
+                at = tl.load(a_ptrs, mask=j_ok[:, None], other=0.0)
+            else:
+                k_ok = (k_lo + k + offs_k) < tl.minimum(K, k_lo + K_CHUNK)
+                xt = tl.load(x_ptrs, mask=rows[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(at))
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+        out_ptrs = out_ptr + pid_k * stride_ok + s_j[None, :] * stride_os + tok[:, None] * stride_om + r_j[None, :] * stride_or
+        tl.store(out_ptrs, acc, mask=rows[:, None] & j_ok[None, :])
+
+    @triton.jit
     def _seg_shrink_kernel(
         x_ptr, a_ptr, out_ptr, ranks_ptr, count_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
@@ -78,13 +107,11 @@ if HAS_TRITON:
         stride_ok, stride_os, stride_om, stride_or,
         NUM_SLICES: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-        REDUCE: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+        REDUCE: tl.constexpr = False, ADAPT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         SPLIT_K = tl.num_programs(1)
-        row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
-                                   TILE_M, GROUP)
         # accumulator column j = slice j // RP, rank row j % RP of that slice's A
         offs_j = tl.arange(0, BLOCK_N)
         s_j = offs_j // RP
@@ -93,39 +120,51 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         if USE_PDL:  # x is the kernel before us'
             tl.extra.cuda.gdc_wait()
-        for g in tl.static_range(GROUP):
-            slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
-            if slot >= 0:
-                rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-                rows = row_slot == slot
-                j_ok = (s_j < NUM_SLICES) & (r_j < rank)
-                x_ptrs = x_ptr + tok[:, None] * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
-                a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s_j[:, None] * stride_as + r_j[:, None] * stride_ar
-                          + (k_lo + offs_k)[None, :] * stride_ak)
-                acc = tl.zeros((TILE_M * GROUP, BLOCK_N), dtype=tl.float32)
-                for k in range(0, K_CHUNK, BLOCK_K):
-                    if EVEN_K:
-                        xt = tl.load(x_ptrs, mask=rows[:, None], other=0.0)
-                        at = tl.load(a_ptrs, mask=j_ok[:, None], other=0.0)
-                    else:
-                        k_ok = (k_lo + k + offs_k) < tl.minimum(K, k_lo + K_CHUNK)
-                        xt = tl.load(x_ptrs, mask=rows[:, None] & k_ok[None, :], other=0.0)
-                        at = tl.load(a_ptrs, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
-                    if IEEE:
-                        acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
-                    else:
-                        acc += tl.dot(xt, tl.trans(at))
-                    x_ptrs += BLOCK_K * stride_xk
-                    a_ptrs += BLOCK_K * stride_ak
-                out_ptrs = (out_ptr + pid_k * stride_ok + s_j[None, :] * stride_os + tok[:, None] * stride_om
-                            + r_j[None, :] * stride_or)
-                tl.store(out_ptrs, acc, mask=rows[:, None] & j_ok[None, :])
+        if ADAPT and GROUP > 1:
+            # one pass over the whole row block when its tiles share one slot (a long segment), else one pass per
+            # meta tile at TILE_M rows (short segments pay no masked rows in their dots)
+            first = tl.load(tile_slots_ptr + pid * GROUP)
+            last = tl.load(tile_slots_ptr + tl.minimum(pid * GROUP + GROUP - 1, num_tiles - 1))
+            rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(first, 0)), R)
+            if (first == last) & (first >= 0):
+                if rank > 0:
+                    row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid,
+                                               num_tiles, TILE_M, GROUP)
+                    _shrink_pass(x_ptr, a_ptr, out_ptr, first, rank, row_slot == first, tok, s_j, r_j, offs_k, k_lo,
+                                 pid_k, K, K_CHUNK, stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
+                                 stride_ok, stride_os, stride_om, stride_or,
+                                 NUM_SLICES, TILE_M * GROUP, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
+            else:
+                for g in tl.static_range(GROUP):
+                    tile = pid * GROUP + g
+                    slot = _run_slot(tile_slots_ptr, tile, 0, num_tiles, 1)
+                    rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
+                    if (slot >= 0) & (rank > 0):
+                        row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr,
+                                                   tile, num_tiles, TILE_M, 1)
+                        _shrink_pass(x_ptr, a_ptr, out_ptr, slot, rank, row_slot == slot, tok, s_j, r_j, offs_k, k_lo,
+                                     pid_k, K, K_CHUNK, stride_xm, stride_xk, stride_al, stride_as, stride_ar,
+                                     stride_ak, stride_ok, stride_os, stride_om, stride_or,
+                                     NUM_SLICES, TILE_M, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
+        else:
+            row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
+                                       TILE_M, GROUP)
+            for g in tl.static_range(GROUP):
+                slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
+                rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
+                if (slot >= 0) & (rank > 0):
+                    _shrink_pass(x_ptr, a_ptr, out_ptr, slot, rank, row_slot == slot, tok, s_j, r_j, offs_k, k_lo,
+                                 pid_k, K, K_CHUNK, stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
+                                 stride_ok, stride_os, stride_om, stride_or,
+                                 NUM_SLICES, TILE_M * GROUP, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
         if REDUCE:  # the row block's last K split to finish sums all SPLIT_K partials (fixed order: j = 0, 1, ...)
             # into plane SPLIT_K of out, so the expand reads one plane, once per column group, not SPLIT_K
             tl.debug_barrier()   # every thread's partial store precedes the release (cumulative)
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") + 1
             if arrived == SPLIT_K:
                 tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")   # ready for the next launch / graph replay
+                row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid,
+                                           num_tiles, TILE_M, GROUP)
                 ready = (tl.zeros((TILE_M * GROUP,), tl.int32) + arrived) == SPLIT_K   # keeps loads below the atomic
                 m = (ready & (row_slot >= 0))[:, None] & ((s_j < NUM_SLICES) & (r_j < R))[None, :]
                 p = out_ptr + s_j[None, :] * stride_os + tok[:, None] * stride_om + r_j[None, :] * stride_or
@@ -157,6 +196,86 @@ if HAS_TRITON:
         return h
 
     @triton.jit
+    def _expand_pass(parts_ptr, b_ptr, y_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr, slot, rank, rows, tok,
+                     bounds, offs_r, offs_bn, blk_lo, blk_hi, N, R,
+                     stride_pk, stride_ps, stride_pm, stride_pr, stride_bl, stride_bn, stride_bk,
+                     stride_ym, stride_yn, stride_sl, stride_sn,
+                     NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr,
+                     EVEN_R: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FLAGS: tl.constexpr,
+                     Y_AHEAD: tl.constexpr):
+        """One slot's rows (rows mask, tok ids): h from the partials once, then this program's column blocks."""
+        h0 = _sum_parts(parts_ptr, 0, tok, rows, offs_r, rank, stride_pk, stride_ps, stride_pm, stride_pr,
+                        SPLIT_K).to(b_ptr.dtype.element_ty)
+        h1 = h0
+        h2 = h0
+        if NUM_SLICES > 1:
+            h1 = _sum_parts(parts_ptr, 1, tok, rows, offs_r, rank, stride_pk, stride_ps, stride_pm,
+                            stride_pr, SPLIT_K).to(b_ptr.dtype.element_ty)
+        if NUM_SLICES > 2:
+            h2 = _sum_parts(parts_ptr, 2, tok, rows, offs_r, rank, stride_pk, stride_ps, stride_pm,
+                            stride_pr, SPLIT_K).to(b_ptr.dtype.element_ty)
+        scaled = HAS_SCALE
+        if HAS_FLAGS:
+            scaled = tl.load(scale_on_ptr + slot) != 0
+        b_base = b_ptr + slot.to(tl.int64) * stride_bl + offs_r[None, :] * stride_bk
+        b_r_ok = offs_r // 16 * 16 < rank
+        y_rows = y_ptr + tok[:, None] * stride_ym
+        if Y_AHEAD:   # y of the first block now; each iteration loads the next block's y before its dot
+            offs_f = blk_lo * BLOCK_N + offs_bn
+            col_end = tl.minimum(N, blk_hi * BLOCK_N)   # this program's columns end here
+            y_nxt = tl.load(y_rows + offs_f[None, :] * stride_yn, mask=rows[:, None] & (offs_f < col_end)[None, :],
+                            other=0.0)
+        for blk in range(blk_lo, blk_hi):
+            offs_n = blk * BLOCK_N + offs_bn
+            if Y_AHEAD:
+                yv = y_nxt
+                offs_f = offs_n + BLOCK_N
+                y_nxt = tl.load(y_rows + offs_f[None, :] * stride_yn,
+                                mask=rows[:, None] & (offs_f < col_end)[None, :], other=0.0)
+            # B's rank columns in 16-wide blocks up to r_a (h is 0 past r_a; the pool keeps B finite there,
+            # zero-filled as in lora_expand_stream); a mask constant over 16 elements keeps the loads wide
+            if EVEN_N and EVEN_R:
+                bt = tl.load(b_base + offs_n[:, None] * stride_bn, mask=b_r_ok[None, :], other=0.0)
+            else:   # (RP > R: the pool's rank is no power of two)
+                bt = tl.load(b_base + offs_n[:, None] * stride_bn,
+                             mask=(offs_n < N)[:, None] & (b_r_ok & (offs_r < R))[None, :], other=0.0)
+            if NUM_SLICES == 1:
+                acc = tl.dot(h0, tl.trans(bt))
+            else:
+                n0 = blk * BLOCK_N
+                s_first = tl.sum((bounds <= n0).to(tl.int32), axis=0)
+                s_last = tl.sum((bounds <= tl.minimum(n0 + BLOCK_N, N) - 1).to(tl.int32), axis=0)
+                acc = tl.dot(_pick(h0, h1, h2, s_first, NUM_SLICES), tl.trans(bt))
+                # a block across slice boundaries (rare): the next slice(s)' columns from their own h; no
+                # inner loop, which would keep Triton from pipelining this column loop
+                if s_last > s_first:
+                    lo = tl.load(slice_off_ptr + s_first + 1)
+                    acc = tl.where(offs_n[None, :] >= lo, tl.dot(_pick(h0, h1, h2, s_first + 1, NUM_SLICES),
+                                                                 tl.trans(bt)), acc)
+                    if NUM_SLICES > 2:
+                        if s_last > s_first + 1:
+                            lo = tl.load(slice_off_ptr + s_first + 2)
+                            acc = tl.where(offs_n[None, :] >= lo, tl.dot(h2, tl.trans(bt)), acc)
+            y_ptrs = y_rows + offs_n[None, :] * stride_yn
+            if EVEN_N:
+                y_ok = rows[:, None]
+            else:
+                y_ok = rows[:, None] & (offs_n < N)[None, :]
+            if not Y_AHEAD:
+                yv = tl.load(y_ptrs, mask=y_ok, other=0.0)
+            out = yv.to(tl.float32) + acc
+            if HAS_SCALE:
+                if scaled:
+                    gv = tl.load(scale_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn,
+                                 mask=offs_n < N, other=1.0)
+                    out = out * gv[None, :]
+                    if HAS_SHIFT:
+                        cv = tl.load(shift_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn,
+                                     mask=offs_n < N, other=0.0)
+                        out = out + cv[None, :]
+            tl.store(y_ptrs, out.to(yv.dtype), mask=y_ok)
+
+    @triton.jit
     def _seg_expand_kernel(
         parts_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
@@ -167,96 +286,58 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FLAGS: tl.constexpr, Y_AHEAD: tl.constexpr = False,
-        USE_PDL: tl.constexpr = False,
+        ADAPT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_g = tl.program_id(1)
-        row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
-                                   TILE_M, GROUP)
         offs_r = tl.arange(0, RP)
         offs_bn = tl.arange(0, BLOCK_N)
         blk_lo = pid_g * BLOCKS_PER_PROG
         blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROG, tl.cdiv(N, BLOCK_N))
+        bounds = offs_r   # (unused with one slice)
         if NUM_SLICES > 1:
             bi = tl.arange(0, BOUNDS_P2)
             bounds = tl.load(slice_off_ptr + 1 + bi, mask=bi < NUM_SLICES - 1, other=2147483647)
         if USE_PDL:  # the partials are the shrink's (launched just before us with PDL)
             tl.extra.cuda.gdc_wait()
-        for g in tl.static_range(GROUP):
-            slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
-            rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
-            if (slot >= 0) & (rank > 0):   # rank 0: the adapter does not target this module, rows untouched
-                rows = row_slot == slot
-                h0 = _sum_parts(parts_ptr, 0, tok, rows, offs_r, rank, stride_pk, stride_ps, stride_pm, stride_pr,
-                                SPLIT_K).to(b_ptr.dtype.element_ty)
-                h1 = h0
-                h2 = h0
-                if NUM_SLICES > 1:
-                    h1 = _sum_parts(parts_ptr, 1, tok, rows, offs_r, rank, stride_pk, stride_ps, stride_pm,
-                                    stride_pr, SPLIT_K).to(b_ptr.dtype.element_ty)
-                if NUM_SLICES > 2:
-                    h2 = _sum_parts(parts_ptr, 2, tok, rows, offs_r, rank, stride_pk, stride_ps, stride_pm,
-                                    stride_pr, SPLIT_K).to(b_ptr.dtype.element_ty)
-                scaled = HAS_SCALE
-                if HAS_FLAGS:
-                    scaled = tl.load(scale_on_ptr + slot) != 0
-                b_base = b_ptr + slot.to(tl.int64) * stride_bl + offs_r[None, :] * stride_bk
-                b_r_ok = offs_r // 16 * 16 < rank
-                y_rows = y_ptr + tok[:, None] * stride_ym
-                if Y_AHEAD:   # y of the first block now; each iteration loads the next block's y before its dot
-                    offs_f = blk_lo * BLOCK_N + offs_bn
-                    col_end = tl.minimum(N, blk_hi * BLOCK_N)   # this program's columns end here
-                    y_nxt = tl.load(y_rows + offs_f[None, :] * stride_yn, mask=rows[:, None] & (offs_f < col_end)[None, :],
-                                    other=0.0)
-                for blk in range(blk_lo, blk_hi):
-                    offs_n = blk * BLOCK_N + offs_bn
-                    if Y_AHEAD:
-                        yv = y_nxt
-                        offs_f = offs_n + BLOCK_N
-                        y_nxt = tl.load(y_rows + offs_f[None, :] * stride_yn,
-                                        mask=rows[:, None] & (offs_f < col_end)[None, :], other=0.0)
-                    # B's rank columns in 16-wide blocks up to r_a (h is 0 past r_a; the pool keeps B finite there,
-                    # zero-filled as in lora_expand_stream); a mask constant over 16 elements keeps the loads wide
-                    if EVEN_N and EVEN_R:
-                        bt = tl.load(b_base + offs_n[:, None] * stride_bn, mask=b_r_ok[None, :], other=0.0)
-                    else:   # (RP > R: the pool's rank is no power of two)
-                        bt = tl.load(b_base + offs_n[:, None] * stride_bn,
-                                     mask=(offs_n < N)[:, None] & (b_r_ok & (offs_r < R))[None, :], other=0.0)
-                    if NUM_SLICES == 1:
-                        acc = tl.dot(h0, tl.trans(bt))
-                    else:
-                        n0 = blk * BLOCK_N
-                        s_first = tl.sum((bounds <= n0).to(tl.int32), axis=0)
-                        s_last = tl.sum((bounds <= tl.minimum(n0 + BLOCK_N, N) - 1).to(tl.int32), axis=0)
-                        acc = tl.dot(_pick(h0, h1, h2, s_first, NUM_SLICES), tl.trans(bt))
-                        # a block across slice boundaries (rare): the next slice(s)' columns from their own h; no
-                        # inner loop, which would keep Triton from pipelining this column loop
-                        if s_last > s_first:
-                            lo = tl.load(slice_off_ptr + s_first + 1)
-                            acc = tl.where(offs_n[None, :] >= lo, tl.dot(_pick(h0, h1, h2, s_first + 1, NUM_SLICES),
-                                                                         tl.trans(bt)), acc)
-                            if NUM_SLICES > 2:
-                                if s_last > s_first + 1:
-                                    lo = tl.load(slice_off_ptr + s_first + 2)
-                                    acc = tl.where(offs_n[None, :] >= lo, tl.dot(h2, tl.trans(bt)), acc)
-                    y_ptrs = y_rows + offs_n[None, :] * stride_yn
-                    if EVEN_N:
-                        y_ok = rows[:, None]
-                    else:
-                        y_ok = rows[:, None] & (offs_n < N)[None, :]
-                    if not Y_AHEAD:
-                        yv = tl.load(y_ptrs, mask=y_ok, other=0.0)
-                    out = yv.to(tl.float32) + acc
-                    if HAS_SCALE:
-                        if scaled:
-                            gv = tl.load(scale_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn,
-                                         mask=offs_n < N, other=1.0)
-                            out = out * gv[None, :]
-                            if HAS_SHIFT:
-                                cv = tl.load(shift_ptr + slot.to(tl.int64) * stride_sl + offs_n * stride_sn,
-                                             mask=offs_n < N, other=0.0)
-                                out = out + cv[None, :]
-                    tl.store(y_ptrs, out.to(yv.dtype), mask=y_ok)
+        if ADAPT and GROUP > 1:   # as in the shrink: one pass when the block's tiles share a slot, else per tile
+            first = tl.load(tile_slots_ptr + pid * GROUP)
+            last = tl.load(tile_slots_ptr + tl.minimum(pid * GROUP + GROUP - 1, num_tiles - 1))
+            rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(first, 0)), R)
+            if (first == last) & (first >= 0):
+                if rank > 0:
+                    row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid,
+                                               num_tiles, TILE_M, GROUP)
+                    _expand_pass(parts_ptr, b_ptr, y_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr, first,
+                                 rank, row_slot == first, tok, bounds, offs_r, offs_bn, blk_lo, blk_hi, N, R,
+                                 stride_pk, stride_ps, stride_pm, stride_pr, stride_bl, stride_bn, stride_bk,
+                                 stride_ym, stride_yn, stride_sl, stride_sn, NUM_SLICES, BLOCK_N, SPLIT_K, EVEN_N,
+                                 EVEN_R, HAS_SCALE, HAS_SHIFT, HAS_FLAGS, Y_AHEAD)
+            else:
+                for g in tl.static_range(GROUP):
+                    tile = pid * GROUP + g
+                    slot = _run_slot(tile_slots_ptr, tile, 0, num_tiles, 1)
+                    rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
+                    if (slot >= 0) & (rank > 0):
+                        row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr,
+                                                   tile, num_tiles, TILE_M, 1)
+                        _expand_pass(parts_ptr, b_ptr, y_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr, slot,
+                                     rank, row_slot == slot, tok, bounds, offs_r, offs_bn, blk_lo, blk_hi, N, R,
+                                     stride_pk, stride_ps, stride_pm, stride_pr, stride_bl, stride_bn, stride_bk,
+                                     stride_ym, stride_yn, stride_sl, stride_sn, NUM_SLICES, BLOCK_N, SPLIT_K, EVEN_N,
+                                     EVEN_R, HAS_SCALE, HAS_SHIFT, HAS_FLAGS, Y_AHEAD)
+        else:
+            row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
+                                       TILE_M, GROUP)
+            for g in tl.static_range(GROUP):
+                slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
+                rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
+                if (slot >= 0) & (rank > 0):   # rank 0: the adapter does not target this module, rows untouched
+                    _expand_pass(parts_ptr, b_ptr, y_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr, slot,
+                                 rank, row_slot == slot, tok, bounds, offs_r, offs_bn, blk_lo, blk_hi, N, R,
+                                 stride_pk, stride_ps, stride_pm, stride_pr, stride_bl, stride_bn, stride_bk,
+                                 stride_ym, stride_yn, stride_sl, stride_sn, NUM_SLICES, BLOCK_N, SPLIT_K, EVEN_N,
+                                 EVEN_R, HAS_SCALE, HAS_SHIFT, HAS_FLAGS, Y_AHEAD)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -281,6 +362,12 @@ def seg_applies(num_tokens: int, rank: int, num_slices: int, x: Tensor) -> bool:
     (fp32 only under the interpreter) and no earlier compile failure for these shapes."""
     return (SEG_ENABLED and num_tokens >= SEG_MIN_TOKENS and rank <= SEG_MAX_RANK and num_slices <= 3
             and not (x.is_cuda and x.dtype == torch.float32) and (num_slices, rank, x.device) not in _SEG_FAILED)
+
+
+def seg_adapt() -> bool:
+    """Row blocks of GROUP > 1 tiles take one pass when their tiles share a slot, else one TILE_M-row pass per tile
+    (decided on the device per block): LORASERVE_LORA_SEG_ADAPT (default off); read at each call."""
+    return bool(_env_int("LORASERVE_LORA_SEG_ADAPT", 0))
 
 
 def seg_group(num_tokens: int, block_m: int) -> int:
@@ -310,7 +397,7 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
         split *= 2
     split = _env_int("LORASERVE_LORA_SEG_SPLIT", split)
     warps = _env_int("LORASERVE_LORA_SEG_SHRINK_WARPS", 8 if block_n * block_m_rows >= 128 * 64 else 4)
-    return dict(GROUP=group, RP=rp, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+    return dict(GROUP=group, RP=rp, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, ADAPT=seg_adapt(),
                 num_stages=stages)
 
 
@@ -342,19 +429,22 @@ def _counters(device: torch.device, num: int) -> Tensor:
 
 
 def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, grid_tiles: int,
-                      num_sms: int = 132) -> dict:
+                      num_sms: int = 132, num_slices: int = 1) -> dict:
     """Column blocks of BLOCK_N (256; 128 at rank > 64), grouped so that the grid holds ~SEG_EXPAND_PER_SM programs
     per SM (every tile assumed active)."""
     group = seg_group(num_tokens, block_m)
     block_n = _env_int("LORASERVE_LORA_SEG_BN", 256 if rank <= 64 else 128)
-    block_n = min(block_n, max(16, _pow2(n_total)), max(16, 128 * 128 // (block_m * group)))   # accumulator <= 64 KB
+    # accumulator <= 32 KB fp32 (with h of 3 slices and y, two blocks of it with Y_AHEAD: no spills at 8 warps)
+    block_n = min(block_n, max(16, _pow2(n_total)), max(16, 128 * 64 // (block_m * group)))
     nblocks = -(-n_total // block_n)
     rows = -(-grid_tiles // group)
     per_sm = _env_int("LORASERVE_LORA_SEG_EXPAND_PER_SM", 8)
     groups = max(1, min(nblocks, -(-per_sm * num_sms // rows)))
     bpp = _env_int("LORASERVE_LORA_SEG_BPP", -(-nblocks // groups))
     return dict(GROUP=group, BLOCK_N=block_n, BLOCKS_PER_PROG=bpp, num_warps=_env_int("LORASERVE_LORA_SEG_WARPS", 8),
-                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", 0)),
+                # (not with 128-row blocks of 3 rank-64 slices: h alone takes 48 registers there, sm_90 spills)
+                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", 0)) and block_m * group * num_slices * rank < 128 * 192,
+                ADAPT=seg_adapt(),
                 num_stages=_env_int("LORASERVE_LORA_SEG_STAGES", 2))
 
 
@@ -386,7 +476,7 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
         meta.grid_tiles, H, R, k_chunk,
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         NUM_SLICES=S, RP=cfg["RP"], TILE_M=meta.block_m, GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BK,
-        EVEN_K=H == k_chunk * SK, IEEE=x.dtype == torch.float32, REDUCE=reduce,
+        EVEN_K=H == k_chunk * SK, IEEE=x.dtype == torch.float32, REDUCE=reduce, ADAPT=cfg["ADAPT"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x.device),
     )
     return out
@@ -418,7 +508,7 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
             and shift.dtype == torch.float32, "shift must match scale (float32 [L, N])"
     if T == 0 or N == 0:
         return y
-    cfg = dict(seg_expand_config(T, N, R, meta.block_m, meta.grid_tiles, _num_sms(y.device)), **(config or {}))
+    cfg = dict(seg_expand_config(T, N, R, meta.block_m, meta.grid_tiles, _num_sms(y.device), S), **(config or {}))
     BN, bpp = cfg["BLOCK_N"], cfg["BLOCKS_PER_PROG"]
     grid = (-(-meta.grid_tiles // cfg["GROUP"]), -(-(-(-N // BN)) // bpp))
     _seg_expand_kernel[grid](
@@ -429,7 +519,7 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
         *parts.stride(), *lora_b.stride(), y.stride(0), y.stride(1), *((0, 0) if scale is None else scale.stride()),
         NUM_SLICES=S, BOUNDS_P2=max(2, _pow2(S - 1)), RP=max(16, _pow2(R)), TILE_M=meta.block_m, GROUP=cfg["GROUP"],
         BLOCK_N=BN, SPLIT_K=SK, EVEN_N=N % BN == 0, EVEN_R=R == max(16, _pow2(R)), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        HAS_FLAGS=scale is not None and scale_on is not None, Y_AHEAD=cfg["Y_AHEAD"],
+        HAS_FLAGS=scale is not None and scale_on is not None, Y_AHEAD=cfg["Y_AHEAD"], ADAPT=cfg["ADAPT"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(y.device),
     )
     return y

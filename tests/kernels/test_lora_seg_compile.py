@@ -20,12 +20,15 @@ META = {"count_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
 PROJ = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 
 
+@pytest.mark.parametrize("group", ["1", "4"])   # row blocks of 4 tiles: the adaptive form (one pass or per tile)
 @pytest.mark.parametrize("proj", list(PROJ))
 @pytest.mark.parametrize("num_tokens,block_m,rank,y_ahead", [(1024, 32, 16, False), (1024, 32, 64, True),
                                                              (256, 16, 64, False)])
-def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, rank, y_ahead):
+def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, rank, y_ahead, group, monkeypatch):
     from loraserve.kernels.lora_seg import _seg_expand_kernel, _seg_shrink_kernel, seg_expand_config, seg_shrink_config
 
+    monkeypatch.setenv("LORASERVE_LORA_SEG_GROUP", group)
+    monkeypatch.setenv("LORASERVE_LORA_SEG_ADAPT", "1")
     hidden, widths = PROJ[proj]
     S, N, tiles = len(widths), sum(widths), num_tokens // block_m + 32
     sc = seg_shrink_config(num_tokens, rank, hidden, S, block_m, tiles)
@@ -34,13 +37,14 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
                                      "stride_ok", "stride_os", "stride_om", "stride_or")})
     k = compile_sm90(_seg_shrink_kernel, sig, dict(NUM_SLICES=S, RP=sc["RP"], TILE_M=block_m, GROUP=sc["GROUP"],
                                                    BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], EVEN_K=True,
-                                                   IEEE=False, REDUCE=True, USE_PDL=True),
+                                                   IEEE=False, REDUCE=True, ADAPT=sc["ADAPT"], USE_PDL=True),
                      unit=("stride_xk", "stride_ak", "stride_or"), div16_except=("R", "num_tiles"),
                      num_warps=sc["num_warps"], num_stages=sc["num_stages"], launch_pdl=True)
     assert has_mma(k.asm["ptx"]) and "griddepcontrol.wait" in k.asm["ptx"]
     assert k.metadata.shared <= 227 * 1024, f"shrink shared memory {k.metadata.shared} B"
     assert_no_spills(k)
-    ec = seg_expand_config(num_tokens, N, rank, block_m, tiles)
+    monkeypatch.setenv("LORASERVE_LORA_SEG_YAHEAD", str(int(y_ahead)))
+    ec = seg_expand_config(num_tokens, N, rank, block_m, tiles, num_slices=S)
     sig = dict(META, parts_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", slice_off_ptr="*i32", scale_ptr="*fp32",
                shift_ptr="*fp32", scale_on_ptr="*i32", N="i32", R="i32", BLOCKS_PER_PROG="i32",
                **{n: "i32" for n in ("stride_pk", "stride_ps", "stride_pm", "stride_pr", "stride_bl", "stride_bn",
@@ -48,7 +52,7 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
     k = compile_sm90(_seg_expand_kernel, sig, dict(NUM_SLICES=S, BOUNDS_P2=2, RP=max(16, rank), TILE_M=block_m,
                                                    GROUP=ec["GROUP"], BLOCK_N=ec["BLOCK_N"], SPLIT_K=2, EVEN_N=True,
                                                    EVEN_R=True, HAS_SCALE=True, HAS_SHIFT=True, HAS_FLAGS=True,
-                                                   Y_AHEAD=y_ahead, USE_PDL=True),
+                                                   Y_AHEAD=ec["Y_AHEAD"], ADAPT=ec["ADAPT"], USE_PDL=True),
                      unit=("stride_pr", "stride_bk", "stride_yn", "stride_sn"),
                      div16_except=("R", "num_tiles", "BLOCKS_PER_PROG"),
                      num_warps=ec["num_warps"], num_stages=ec["num_stages"], launch_pdl=True)

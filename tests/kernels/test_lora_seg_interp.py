@@ -86,6 +86,10 @@ CASES = [  # (tokens, widths, max rank, composition, env, dora)
     (88, [32, 16, 16], 16, "mixed-ranks", {"LORASERVE_LORA_SEG_YAHEAD": "1", "LORASERVE_LORA_SEG_BN": "32",
                                            "LORASERVE_LORA_SEG_BPP": "2"}, True),   # y one block ahead
     (70, [40, 40], 32, "uniform", {"LORASERVE_LORA_SEG_YAHEAD": "1", "LORASERVE_LORA_SEG_GROUP": "4"}, False),
+    (130, [48, 40], 16, "zipf:1.5", {"LORASERVE_LORA_SEG_ADAPT": "1", "LORASERVE_LORA_SEG_GROUP": "4",
+                                     "LORASERVE_LORA_SEG_SPLIT": "2"}, True),   # per-block one pass or per-tile passes
+    (100, [64, 16, 16], 32, "mixed-ranks", {"LORASERVE_LORA_SEG_ADAPT": "1", "LORASERVE_LORA_SEG_GROUP": "2",
+                                            "LORASERVE_LORA_SEG_YAHEAD": "1"}, False),
 ]
 
 

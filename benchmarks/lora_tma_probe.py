@@ -55,11 +55,11 @@ def make_call(kind: str, src: torch.Tensor, cfg: dict):
     cfg = dict(cfg)
     if kind == "plain":
         grid = -(-src.numel() // (cfg["block"] * cfg.get("unroll", 1)))
-        out = torch.empty(min(grid, cfg["programs"]), dtype=torch.float32, device=src.device)
+        out = torch.zeros(min(grid, cfg["programs"]), dtype=torch.float32, device=src.device)   # (launched: <= that)
         return lambda: read_plain(src, out=out, **cfg)
     view = tma_view(src, cfg["cols"])
     desc = make_desc(view, cfg["rows"], cfg["cols"])
-    out = torch.empty(cfg["programs"], dtype=torch.float32, device=src.device)
+    out = torch.zeros(cfg["programs"], dtype=torch.float32, device=src.device)   # (launched: <= that)
     return lambda: read_tma(src, out=out, desc=desc, **cfg)
 
 
@@ -145,8 +145,8 @@ def main() -> None:
         expands(Case, nbytes, t0, deadline_s=args.expand_budget)
 
 
-EXPAND_VARIANTS = ("default", "tma", "tma_s8", "tma_wide", "tma_pf2", "tma_w8", "tma_s8_p1", "tma_noy", "tma_p4", "tma_wide_s8",
-                   "tma_n128_s8", "tma_w8_s6", "tma_dot")
+EXPAND_VARIANTS = ("default", "tma_p4", "tma_p4_two", "tma_p4_s3", "tma_p4_r128", "tma_p6_r128", "tma_n128_p6",
+                   "tma_n128_p8", "stream_pps6", "stream_pps8", "tma", "tma_s8_p1", "tma_w8_s6")
 
 
 def expands(Case, nbytes: int, t0: float, smoke: bool = False, deadline_s: float = 1e9) -> None:

@@ -72,8 +72,10 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
 # the TMA expand's knobs as the process found them (a variant's tma_* keys override them; _use_variant)
 _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
                   tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE",
-                  tma_min_tokens="TMA_MIN_TOKENS", tma_pf="TMA_PF_BOXES")
+                  tma_min_tokens="TMA_MIN_TOKENS", tma_pf="TMA_PF_BOXES", tma_one_slice="TMA_ONE_SLICE",
+                  tma_maxnreg="TMA_MAXNREG")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
+_STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
 VARIANTS = {
@@ -195,6 +197,20 @@ VARIANTS.update({
     "tma_wide_s8": dict(DEFAULT, tma=True, tma_b_wide=True, tma_stages=8),
     "tma_pf2": dict(DEFAULT, tma=True, tma_pf=2),   # the first 2 boxes of B into L2 before the wait
     "tma2_pf2": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2),
+    # after H200 probe 1 (04:10): the decode loop is issue-bound (8 stages no faster than 4; 4 programs per SM: gate_up's
+    # expand 14.1 us vs 18.6 at 2, default 15.2): programs per SM / register caps / 128-column boxes; m2: from 2 tokens
+    "tma_p4_s3": dict(DEFAULT, tma=True, tma_pps=4, tma_stages=3),
+    "tma_p4_r128": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128),
+    "tma_p6_r128": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128),
+    "tma_p4_two": dict(DEFAULT, tma=True, tma_pps=4, tma_one_slice=False),
+    "tma_n128_p6": dict(DEFAULT, tma=True, tma_bn=128, tma_pps=6),
+    "tma_n128_p8": dict(DEFAULT, tma=True, tma_bn=128, tma_pps=8, tma_stages=3),
+    "tma_p4_m2": dict(DEFAULT, tma=True, tma_pps=4, tma_min_tokens=2),
+    "tma_p4_r128_m2": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128, tma_min_tokens=2),
+    "tma_p6_r128_m2": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128, tma_min_tokens=2),
+    # the default (streaming) expand at 6 / 8 programs per SM (lora_expand_stream.STREAM_PROGRAMS_PER_SM, default 4)
+    "stream_pps6": dict(DEFAULT, stream_pps=6),
+    "stream_pps8": dict(DEFAULT, stream_pps=8),
     "tma2_pfa": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2, tmas_pf=True),   # + the shrink's A into L2 first
     "notma": dict(DEFAULT, tma=False, tma_shrink=False),
     # ... and the TMA-fed shrink (lora_tma_shrink.py, LORASERVE_LORA_TMA_SHRINK: A's [R, 256] boxes, a chunk's boxes
@@ -216,6 +232,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_tma_shrink.TMA_SHRINK = bool(variant.get("tma_shrink", False))
         lora_tma_shrink.TMA_SHRINK_MIN_TOKENS = variant.get("tmas_min_tokens", _TMAS_DEFAULTS["tmas_min_tokens"])
         lora_tma_shrink.TMA_SHRINK_PF = variant.get("tmas_pf", _TMAS_DEFAULTS["tmas_pf"])
+        lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)
         for key, name in _TMA_KNOBS.items():
             setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 

@@ -78,19 +78,36 @@ if HAS_TRITON:
     @triton.jit
     def _block2y(b, y0, y1, n0, N, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
                  stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
-                 NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                 NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                 ONE_SLICE: tl.constexpr):
         """lora_expand_bgmv._block2 with y's two rows already loaded (y0, y1 [BLOCK_N]; y1 = y0's row when the
         tile has one row: its store is masked off)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         m1 = n_ok & ((tl.zeros_like(offs_n) + has1) > 0)
         y_cols = offs_n * stride_yn
-        sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
         bf = b.to(tl.float32)
-        o0 = _epilogue(y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
-                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
-        o1 = _epilogue(y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
-                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
+        if NUM_SLICES >= 2 and ONE_SLICE:
+            # a box inside one slice (gate_up: 14336 = 56 x 256) multiplies by that slice's h only: one
+            # multiply-sum per row, not one per slice and a per-column select (the loop is issue-bound)
+            inside = ((n0 >= lo1) | (n0 + BLOCK_N <= lo1)) & ((n0 >= lo2) | (n0 + BLOCK_N <= lo2))
+            if inside:
+                ha = tl.where(n0 >= lo2, ha2, tl.where(n0 >= lo1, ha1, ha0))
+                hb = tl.where(n0 >= lo2, hb2, tl.where(n0 >= lo1, hb1, hb0))
+                d0 = tl.sum(bf * ha[None, :], axis=1)
+                d1 = tl.sum(bf * hb[None, :], axis=1)
+            else:
+                sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
+                d0 = _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES)
+                d1 = _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES)
+        else:
+            sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
+            d0 = _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES)
+            d1 = _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES)
+        o0 = _epilogue(y0.to(tl.float32) + d0, offs_n, n_ok, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
+                       HAS_SCALE, HAS_SHIFT)
+        o1 = _epilogue(y1.to(tl.float32) + d1, offs_n, n_ok, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
+                       HAS_SCALE, HAS_SHIFT)
         tl.store(y_ptr + tok0 * stride_ym + y_cols, o0.to(y0.dtype), mask=n_ok)
         tl.store(y_ptr + tok1 * stride_ym + y_cols, o1.to(y1.dtype), mask=m1)
 
@@ -105,7 +122,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, SK_CHUNK: tl.constexpr, CAST: tl.constexpr, IEEE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STAGES: tl.constexpr = 4, ROWS2: tl.constexpr = True,
         SK_P: tl.constexpr = 1, Y_TMA: tl.constexpr = False, B_WIDE: tl.constexpr = False,
-        PF_BOXES: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128,
+        PF_BOXES: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128, ONE_SLICE: tl.constexpr = True,
         USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
         GROUP_MAJOR: tl.constexpr = False,
     ):
@@ -172,7 +189,7 @@ if HAS_TRITON:
                         y1 = tl.reshape(y_desc.load([t1, n0]), [BLOCK_N])
                         _block2y(b, y0, y1, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1,
                                  lo2, stride_ym, stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
-                                 NUM_SLICES, BLOCK_N, HAS_SCALE, HAS_SHIFT)
+                                 NUM_SLICES, BLOCK_N, HAS_SCALE, HAS_SHIFT, ONE_SLICE)
                     return
                 for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=STAGES):
                     n0 = col0 + i * BLOCK_N
@@ -230,6 +247,13 @@ TMA_B_WIDE = _env_on("LORASERVE_LORA_TMA_B_WIDE", "0")
 # The pipeline's TMA loads can only start after the wait (y's boxes ride in the same pipeline); B is older than the
 # kernel before us. (The streaming expand's whole-run L2 prefetch, letter "b", lost: this is its first boxes only.)
 TMA_PF_BOXES = int(os.environ.get("LORASERVE_LORA_TMA_PF_BOXES", "0"))
+# Decode loop: a box inside one slice takes that slice's h alone (LORASERVE_LORA_TMA_ONE_SLICE; 0: every slice's
+# product and a per-column select, as lora_expand_bgmv). H200 probe 1 (04:10): the loop is issue-bound, not
+# memory-bound (8 stages in flight no faster than 4; more programs per SM faster).
+TMA_ONE_SLICE = _env_on("LORASERVE_LORA_TMA_ONE_SLICE", "1")
+# A register cap for the compile (LORASERVE_LORA_TMA_MAXNREG; 0: none): 128 lets 4 programs of 4 warps share an SM
+# (the decode loop compiled to ~165 registers, 3 per SM; 128 spills 16-72 bytes in the sm_90 offline compile).
+TMA_MAXNREG = int(os.environ.get("LORASERVE_LORA_TMA_MAXNREG", "0"))
 _TMA_OK: dict[int, bool] = {}
 _TMA_FAILED: set[tuple] = set()   # (S, R, device) whose TMA expand failed: the streaming expand there
 
@@ -270,7 +294,8 @@ def tma_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: int,
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)   # a power of two (tl.arange)
     return dict(BLOCK_N=block_n, COLS_PER_PROG=per_prog * block_n, groups=-(-n_blocks // per_prog),
                 SK_CHUNK=sk_chunk, STAGES=TMA_STAGES, num_warps=TMA_WARPS, ROWS2=TMA_ROWS2,
-                Y_TMA=TMA_Y, B_WIDE=TMA_B_WIDE, PF_BOXES=TMA_PF_BOXES)
+                Y_TMA=TMA_Y, B_WIDE=TMA_B_WIDE, PF_BOXES=TMA_PF_BOXES, ONE_SLICE=TMA_ONE_SLICE,
+                MAXNREG=TMA_MAXNREG)
 
 
 def b_wide_ok(lora_b: Tensor, block_n: int) -> bool:
@@ -336,6 +361,7 @@ def lora_expand_tma(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, met
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, STAGES=cfg["STAGES"], ROWS2=cfg["ROWS2"],
         SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), Y_TMA=y_tma, B_WIDE=b_wide, PF_BOXES=pf, PF_THREADS=32 * cfg["num_warps"],
+        ONE_SLICE=cfg["ONE_SLICE"], **({"maxnreg": cfg["MAXNREG"]} if cfg["MAXNREG"] else {}),
         SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor,
         TRIGGER=prefetch_on("t", y.device, pdl), num_warps=cfg["num_warps"], num_stages=cfg["STAGES"], **pdl,
     )

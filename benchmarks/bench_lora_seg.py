@@ -50,6 +50,9 @@ CONFIGS = {  # name -> LORASERVE_LORA_SEG_* overrides
     "sw4": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "4"},
     "sw8": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "8"},
     "sst3": {"LORASERVE_LORA_SEG_SHRINK_STAGES": "3"},
+    "noya": {"LORASERVE_LORA_SEG_YAHEAD": "0"},
+    "st4": {"LORASERVE_LORA_SEG_STAGES": "4"},
+    "s1st3": {"LORASERVE_LORA_SEG_SHRINK_PER_SM": "1", "LORASERVE_LORA_SEG_STAGES": "3"},
 }
 _ALL_KEYS = sorted({k for c in CONFIGS.values() for k in c})
 
@@ -88,6 +91,7 @@ def run_shape(c: Case, configs: list[str], bw: float, deadline: float) -> None:
     frac = c.bytes / (us * 1e-6) / 1e9 / bw
     print(f"  tile({tile_path:8s}) {us:7.2f} us {frac:6.3f}  shrink {sh:6.2f} expand {ex:6.2f}", flush=True)
     lora_seg.SEG_ENABLED, lora_seg.SEG_MIN_TOKENS = True, 65
+    nr_long, lora_seg.SEG_MAX_NR_LONG = lora_seg.SEG_MAX_NR_LONG, 1 << 62   # every shape takes seg here
     for name in configs:
         if time.perf_counter() > deadline:
             print("  (budget spent)", flush=True)
@@ -114,7 +118,7 @@ def run_shape(c: Case, configs: list[str], bw: float, deadline: float) -> None:
         print(f"  seg {name:8s} {us:7.2f} us {frac:6.3f}  shrink {sh:6.2f} expand {ex:6.2f}  split {shape[0]:2d}  "
               f"max|diff| {diff:.2e} repeat-equal {torch.equal(out, again)}", flush=True)
     _set_env({})
-    lora_seg.SEG_ENABLED, lora_seg.SEG_MIN_TOKENS = True, lora_seg.SEG_MIN_TOKENS
+    lora_seg.SEG_MAX_NR_LONG = nr_long
 
 
 def ceilings(c: Case, bw: float) -> str:

@@ -102,7 +102,7 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
         return "dense", (dense_split_k(x, lora_a, DENSE_MODE), T, L * S * R), None
     from .lora_seg import seg_applies, seg_split_k
 
-    if seg_applies(T, R, S, x):   # large steps: the segment-tiled pair (lora_seg.py)
+    if seg_applies(T, R, S, x, N):   # large steps: the segment-tiled pair (lora_seg.py)
         return "seg", (seg_split_k(x, lora_a, meta), S, T, R), None
     # The streaming expand reads the partials once per (tile, column group), not per column
     # block, so with it the partials pay up to rank 64 (the classic kernel: rank 16).

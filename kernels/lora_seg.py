@@ -36,7 +36,8 @@ from .lora_meta import LoRAMeta, pdl_launch
 # lora_apply takes the "seg" path for steps of SEG_MIN_TOKENS.. tokens (LORASERVE_LORA_SEG=1: on; off until measured
 # on an H200); read at each call.
 SEG_ENABLED = os.environ.get("LORASERVE_LORA_SEG", "0").strip().lower() not in ("", "0", "false", "off", "no")
-SEG_MIN_TOKENS = max(65, int(os.environ.get("LORASERVE_LORA_SEG_MIN_TOKENS", "512")))
+SEG_MIN_TOKENS = max(65, int(os.environ.get("LORASERVE_LORA_SEG_MIN_TOKENS", "256")))
+SEG_MAX_NR_LONG = int(os.environ.get("LORASERVE_LORA_SEG_MAX_NR_LONG", str(1 << 20)))   # see seg_applies
 SEG_MAX_RANK = 128
 _SEG_FAILED: set[tuple] = set()   # (S, R, device) whose seg kernels failed to compile: the tile path then
 
@@ -59,9 +60,14 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v else default
 
 
-def seg_applies(num_tokens: int, rank: int, num_slices: int, x: Tensor) -> bool:
+def seg_applies(num_tokens: int, rank: int, num_slices: int, x: Tensor, n_total: int = 0) -> bool:
     """lora_apply takes the "seg" path: on, >= SEG_MIN_TOKENS tokens, rank <= 128, <= 3 slices, bf16/fp16 on a GPU
-    (fp32 only under the interpreter) and no earlier compile failure for these shapes."""
+    (fp32 only under the interpreter) and no earlier compile failure for these shapes; not for >= 512 tokens of a
+    projection with N * R >= 2^20 (gate_up at rank 64): its B (3.7 MB per adapter) is re-read per 32-row tile, as
+    many bytes as the tile's y, and the tile kernels measured faster there (H200 probe 2026-12-01 04:10, one adapter,
+    1024 tokens: 68.7 us tile vs 99.8 seg)."""
+    if num_tokens >= 512 and n_total * rank >= SEG_MAX_NR_LONG:
+        return False
     return (SEG_ENABLED and num_tokens >= SEG_MIN_TOKENS and rank <= SEG_MAX_RANK and num_slices <= 3
             and not (x.is_cuda and x.dtype == torch.float32) and (num_slices, rank, x.device) not in _SEG_FAILED)
 
@@ -140,12 +146,17 @@ def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, gr
     block_n = min(block_n, max(16, _pow2(n_total)), max(16, 128 * 64 // (block_m * group)))
     nblocks = -(-n_total // block_n)
     rows = -(-grid_tiles // group)
-    per_sm = _env_int("LORASERVE_LORA_SEG_EXPAND_PER_SM", 8)
+    # H200 probe 04:10: 4 programs per SM at rank 64 (o r64 / 32 adapters / 1024 tokens 11.9 -> 10.4 us, qkv r64 /
+    # 256 tokens 13.3 -> 11.6), 8 at rank 16 (gate_up r16 / 16 adapters / 256 tokens 11.4 vs 15.8 with 4)
+    per_sm = _env_int("LORASERVE_LORA_SEG_EXPAND_PER_SM", 8 if rank <= 32 else 4)
     groups = max(1, min(nblocks, -(-per_sm * num_sms // rows)))
     bpp = _env_int("LORASERVE_LORA_SEG_BPP", -(-nblocks // groups))
     return dict(GROUP=group, BLOCK_N=block_n, BLOCKS_PER_PROG=bpp, num_warps=_env_int("LORASERVE_LORA_SEG_WARPS", 8),
                 # (not with 128-row blocks of 3 rank-64 slices: h alone takes 48 registers there, sm_90 spills)
-                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", 0)) and block_m * group * num_slices * rank < 128 * 192,
+                # y one block ahead at 32-row tiles (>= 512 tokens: down r16 / 4 adapters expand 5.6 -> 5.4 us), not at
+                # 16 rows (256 tokens: qkv r64 13.3 -> 15.8, gate_up r16 11.4 -> 14.5; probe 04:10)
+                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", int(block_m >= 32)))
+                and block_m * group * num_slices * rank < 128 * 192,
                 ADAPT=seg_adapt(),
                 num_stages=_env_int("LORASERVE_LORA_SEG_STAGES", 2))
 

@@ -226,6 +226,9 @@ def _env_on(name: str, default: str) -> bool:
 TMA_EXPAND = _env_on("LORASERVE_LORA_TMA_EXPAND", "0")
 TMA_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_TMA_MAX_TOKENS", "64"))
 TMA_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_TMA_MIN_TOKENS", "1"))   # (smaller steps: the streaming expand)
+# ... and only for projections at least this wide (LORASERVE_LORA_TMA_MIN_N; 16384: gate_up only, whose programs walk
+# long runs of boxes; qkv's 6144 columns give 2 boxes a program at 4 programs per SM: nothing to pipeline)
+TMA_MIN_N = int(os.environ.get("LORASERVE_LORA_TMA_MIN_N", "0"))
 TMA_MAX_RANK = 32      # the box spans the pool's whole rank axis (module docstring)
 # Launch knobs (env for the probes): columns per box, pipeline stages (STAGES - 1 boxes in flight), programs per SM
 # the grid aims at (counting every grid tile active, as lora_expand_stream), warps.
@@ -275,6 +278,8 @@ def tma_expand_applies(lora_b: Tensor, y: Tensor, num_slices: int, num_tokens: i
             or num_slices > 3):
         return False
     L, N, R = lora_b.shape
+    if N < TMA_MIN_N:
+        return False
     if R not in (16, 32) or not lora_b.is_contiguous() or L * N >= 2 ** 31 or lora_b.data_ptr() % 16:
         return False
     if y.is_cuda and lora_b.dtype not in (torch.bfloat16, torch.float16):

@@ -51,6 +51,9 @@ CONFIGS = {  # name -> LORASERVE_LORA_SEG_* overrides
     "sw8": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "8"},
     "sst3": {"LORASERVE_LORA_SEG_SHRINK_STAGES": "3"},
     "noya": {"LORASERVE_LORA_SEG_YAHEAD": "0"},
+    "x2": {"LORASERVE_LORA_SEG_EXPAND_PER_SM": "2"},
+    "w4bn128": {"LORASERVE_LORA_SEG_WARPS": "4", "LORASERVE_LORA_SEG_BN": "128", "LORASERVE_LORA_SEG_EXPAND_PER_SM": "16"},
+    "s1nored": {"LORASERVE_LORA_SEG_SHRINK_PER_SM": "1", "LORASERVE_LORA_SEG_REDUCE": "0"},
     "st4": {"LORASERVE_LORA_SEG_STAGES": "4"},
     "s1st3": {"LORASERVE_LORA_SEG_SHRINK_PER_SM": "1", "LORASERVE_LORA_SEG_STAGES": "3"},
 }
@@ -145,11 +148,19 @@ def main() -> None:
     t0 = time.perf_counter()
     deadline = t0 + args.budget
     configs = [s for s in args.configs.split(",") if s]
-    unknown = [s for s in configs if s not in CONFIGS]
+    unknown = [s for s in configs + [c for item in (args.shapes or "").split(",") if "=" in item
+                                     for c in item.partition("=")[2].split("+")] if s not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; known {list(CONFIGS)}")
+    per_shape: dict[tuple, list[str]] = {}   # proj:rank:adapters:tokens=cfg+cfg+...: this shape's own configs
     if args.shapes:
-        shapes = [(p, int(r), int(L), int(T)) for p, r, L, T in (s.split(":") for s in args.shapes.split(","))]
+        shapes = []
+        for item in args.shapes.split(","):
+            spec, _, cfgs = item.partition("=")
+            p, r, L, T = spec.split(":")
+            shapes.append((p, int(r), int(L), int(T)))
+            if cfgs:
+                per_shape[shapes[-1]] = cfgs.split("+")
     else:
         big = [sh for sh in sweep_shapes(args.smoke) if args.smoke or shape_bytes(*sh) >= 32e6]
         if args.max_shapes and len(big) > args.max_shapes > 1:
@@ -165,7 +176,7 @@ def main() -> None:
         c = Case(proj, r, L, T, dev, args.smoke)
         print(f"{proj} r{r} L{L} T{T}: {c.bytes / 1e6:.1f} MB; {ceilings(c, bw)} [{time.perf_counter() - t0:.0f} s]",
               flush=True)
-        run_shape(c, configs, bw, min(deadline, time.perf_counter() + args.shape_budget))
+        run_shape(c, per_shape.get((proj, r, L, T), configs), bw, min(deadline, time.perf_counter() + args.shape_budget))
         del c
     print(f"done [{time.perf_counter() - t0:.0f} s]")
 

@@ -73,7 +73,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
 _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
                   tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE",
                   tma_min_tokens="TMA_MIN_TOKENS", tma_pf="TMA_PF_BOXES", tma_one_slice="TMA_ONE_SLICE",
-                  tma_maxnreg="TMA_MAXNREG", tma_min_n="TMA_MIN_N")
+                  tma_maxnreg="TMA_MAXNREG", tma_min_n="TMA_MIN_N", tma_pairs="TMA_PAIRS")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
 _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
@@ -209,6 +209,14 @@ VARIANTS.update({
     "tma_p4_r128_m2": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128, tma_min_tokens=2),
     "tma_p6_r128_m2": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128, tma_min_tokens=2),
     "tma_gu": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128, tma_min_tokens=2, tma_min_n=16384),   # gate_up only
+    # every tile as row pairs (no tl.dot path: fewer registers), 4 / 6 / 8 programs per SM, 2 warps, 128-column boxes
+    "tmap_p4": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=4, tma_min_tokens=2),
+    "tmap_p6": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=6, tma_min_tokens=2),
+    "tmap_n128_p5": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=5, tma_bn=128, tma_min_tokens=2),   # ~94 registers
+    "tma_n128_p5": dict(DEFAULT, tma=True, tma_pps=5, tma_bn=128, tma_min_tokens=2),
+    "tmap_p8_n128": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=8, tma_bn=128, tma_min_tokens=2),
+    "tmap_w2_p8_n128": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=8, tma_bn=128, tma_warps=2, tma_min_tokens=2),
+    "tmap_gu_p6": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=6, tma_min_tokens=2, tma_min_n=16384),
     "tma_gu_p6": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128, tma_min_tokens=2, tma_min_n=16384),
     # the default (streaming) expand at 6 / 8 programs per SM (lora_expand_stream.STREAM_PROGRAMS_PER_SM, default 4)
     "stream_pps6": dict(DEFAULT, stream_pps=6),

@@ -123,6 +123,7 @@ if HAS_TRITON:
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STAGES: tl.constexpr = 4, ROWS2: tl.constexpr = True,
         SK_P: tl.constexpr = 1, Y_TMA: tl.constexpr = False, B_WIDE: tl.constexpr = False,
         PF_BOXES: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128, ONE_SLICE: tl.constexpr = True,
+        PAIRS: tl.constexpr = False,
         USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
         GROUP_MAJOR: tl.constexpr = False,
     ):
@@ -168,6 +169,36 @@ if HAS_TRITON:
         if USE_PDL:  # the partials and y are written by the kernels before us
             tl.extra.cuda.gdc_wait()
         row0 = slot * N   # this slot's first row in B's [L * N, R] view
+        if PAIRS:   # every tile as pairs of rows, each pair one pipelined pass over the run (no tl.dot path: its
+            # registers set the kernel's, ~165 -> fewer programs per SM); a tile of 2k rows re-reads its run k times
+            # (from L2 after the first): decode tiles (<= 2 rows) pass once
+            rows_end = tl.minimum(end, start + BLOCK_M)
+            offs_k = tl.arange(0, SK_P)
+            h_ok = offs_r < rank
+            for r0 in range(start, rows_end, 2):
+                tok0 = tl.load(sorted_ids_ptr + r0).to(tl.int64)
+                tok1 = tl.load(sorted_ids_ptr + tl.minimum(r0 + 1, rows_end - 1)).to(tl.int64)
+                has1 = (r0 + 1 < rows_end).to(tl.int32)
+                ha0, ha1, ha2 = _hs(buf_ptr, tok0, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm,
+                                    stride_br, NUM_SLICES, SPLIT_K, CAST, y_ptr.dtype.element_ty)
+                hb0, hb1, hb2 = _hs(buf_ptr, tok1, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm,
+                                    stride_br, NUM_SLICES, SPLIT_K, CAST, y_ptr.dtype.element_ty)
+                t0 = tok0.to(tl.int32)
+                t1 = tok1.to(tl.int32)
+                for i in tl.range(0, tl.cdiv(col_end - col0, BLOCK_N), num_stages=STAGES):
+                    n0 = col0 + i * BLOCK_N
+                    b = _load_b(b_desc, row0 + n0, BLOCK_N, BLOCK_R, B_WIDE)   # [BLOCK_N, BLOCK_R]
+                    if Y_TMA:
+                        y0 = tl.reshape(y_desc.load([t0, n0]), [BLOCK_N])
+                        y1 = tl.reshape(y_desc.load([t1, n0]), [BLOCK_N])
+                        _block2y(b, y0, y1, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1,
+                                 lo2, stride_ym, stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
+                                 NUM_SLICES, BLOCK_N, HAS_SCALE, HAS_SHIFT, ONE_SLICE)
+                    else:
+                        _block2(b, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2,
+                                stride_ym, stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
+                                NUM_SLICES, BLOCK_N, HAS_SCALE, HAS_SHIFT)
+            return
         if ROWS2:
             if end - start <= 2:   # decode tiles: no tl.dot in the loop, so Triton pipelines y's loads too
                 tok0 = tl.load(sorted_ids_ptr + start).to(tl.int64)
@@ -257,6 +288,9 @@ TMA_ONE_SLICE = _env_on("LORASERVE_LORA_TMA_ONE_SLICE", "1")
 # A register cap for the compile (LORASERVE_LORA_TMA_MAXNREG; 0: none): 128 lets 4 programs of 4 warps share an SM
 # (the decode loop compiled to ~165 registers, 3 per SM; 128 spills 16-72 bytes in the sm_90 offline compile).
 TMA_MAXNREG = int(os.environ.get("LORASERVE_LORA_TMA_MAXNREG", "0"))
+# Every tile as pairs of rows through the decode loop, no tl.dot path (LORASERVE_LORA_TMA_PAIRS): the kernel's
+# registers are the max over its paths, and the dot path's [16, BLOCK_N] tiles set them.
+TMA_PAIRS = _env_on("LORASERVE_LORA_TMA_PAIRS", "0")
 _TMA_OK: dict[int, bool] = {}
 _TMA_FAILED: set[tuple] = set()   # (S, R, device) whose TMA expand failed: the streaming expand there
 
@@ -300,7 +334,7 @@ def tma_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: int,
     return dict(BLOCK_N=block_n, COLS_PER_PROG=per_prog * block_n, groups=-(-n_blocks // per_prog),
                 SK_CHUNK=sk_chunk, STAGES=TMA_STAGES, num_warps=TMA_WARPS, ROWS2=TMA_ROWS2,
                 Y_TMA=TMA_Y, B_WIDE=TMA_B_WIDE, PF_BOXES=TMA_PF_BOXES, ONE_SLICE=TMA_ONE_SLICE,
-                MAXNREG=TMA_MAXNREG)
+                MAXNREG=TMA_MAXNREG, PAIRS=TMA_PAIRS)
 
 
 def b_wide_ok(lora_b: Tensor, block_n: int) -> bool:
@@ -366,7 +400,7 @@ def lora_expand_tma(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, met
         CAST=lora_b.dtype != torch.float32, IEEE=lora_b.dtype == torch.float32,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, STAGES=cfg["STAGES"], ROWS2=cfg["ROWS2"],
         SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), Y_TMA=y_tma, B_WIDE=b_wide, PF_BOXES=pf, PF_THREADS=32 * cfg["num_warps"],
-        ONE_SLICE=cfg["ONE_SLICE"], **({"maxnreg": cfg["MAXNREG"]} if cfg["MAXNREG"] else {}),
+        ONE_SLICE=cfg["ONE_SLICE"], PAIRS=cfg["PAIRS"], **({"maxnreg": cfg["MAXNREG"]} if cfg["MAXNREG"] else {}),
         SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor,
         TRIGGER=prefetch_on("t", y.device, pdl), num_warps=cfg["num_warps"], num_stages=cfg["STAGES"], **pdl,
     )

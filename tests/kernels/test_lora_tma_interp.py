@@ -53,6 +53,14 @@ def test_tma_expand_wide_b_rows(interp, num_slices) -> None:
          composition="mixed-ranks", split_k=2, config=dict(BLOCK_N=16, COLS_PER_PROG=48, STAGES=3, B_WIDE=True))
 
 
+@pytest.mark.parametrize("num_tokens,num_slots,y_tma", [(6, 3, True), (40, 2, True), (40, 2, False), (9, 4, True)])
+def test_tma_expand_row_pairs(interp, num_tokens, num_slots, y_tma) -> None:
+    # PAIRS: every tile as row pairs through the decode loop (odd tails, 16-row tiles, y with or without TMA), no dot
+    _run(interp, cases.check_tma_expand, "float16", 16, WIDTHS[3], num_tokens=num_tokens, num_slots=num_slots,
+         composition="mixed-ranks", split_k=2, config=dict(BLOCK_N=16, COLS_PER_PROG=48, STAGES=3, PAIRS=True,
+                                                           Y_TMA=y_tma), with_scale=True)
+
+
 def test_tma_expand_dora_flags(interp) -> None:
     _run(interp, cases.check_tma_expand, "float16", 16, WIDTHS[3], num_tokens=12, num_slots=4,
          composition="mixed-ranks", split_k=1, with_scale=True)

@@ -105,7 +105,11 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
         split *= 2
     split = _env_int("LORASERVE_LORA_SEG_SPLIT", split)
     warps = _env_int("LORASERVE_LORA_SEG_SHRINK_WARPS", 8 if block_n * block_m_rows >= 128 * 64 else 4)
+    # the reduction's unroll: planes in flight at once, each [rows, BLOCK_N] fp32 = tile_regs registers a thread
+    tile_regs = max(1, block_m_rows * block_n // (32 * warps))
+    red_unroll = max(1, min(4, 96 // tile_regs))
     return dict(GROUP=group, RP=rp, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, ADAPT=seg_adapt(),
+                RED_UNROLL=red_unroll,
                 num_stages=stages)
 
 
@@ -190,6 +194,7 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         NUM_SLICES=S, RP=cfg["RP"], TILE_M=meta.block_m, GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BK,
         EVEN_K=H == k_chunk * SK, IEEE=x.dtype == torch.float32, REDUCE=reduce, ADAPT=cfg["ADAPT"],
+        RED_UNROLL=cfg["RED_UNROLL"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x.device),
     )
     return out

@@ -77,7 +77,8 @@ if HAS_TRITON:
         stride_ok, stride_os, stride_om, stride_or,
         NUM_SLICES: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-        REDUCE: tl.constexpr = False, ADAPT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+        REDUCE: tl.constexpr = False, ADAPT: tl.constexpr = False, RED_UNROLL: tl.constexpr = 4,
+        USE_PDL: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -90,6 +91,9 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         if USE_PDL:  # x is the kernel before us'
             tl.extra.cuda.gdc_wait()
+        # the whole block's rows (slot per row, token ids): the passes' rows, and the reduction's
+        blk_slot, blk_tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
+                                       TILE_M, GROUP)
         if ADAPT and GROUP > 1:
             # one pass over the whole row block when its tiles share one slot (a long segment), else one pass per
             # meta tile at TILE_M rows (short segments pay no masked rows in their dots)
@@ -98,9 +102,7 @@ if HAS_TRITON:
             rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(first, 0)), R)
             if (first == last) & (first >= 0):
                 if rank > 0:
-                    row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid,
-                                               num_tiles, TILE_M, GROUP)
-                    _shrink_pass(x_ptr, a_ptr, out_ptr, first, rank, row_slot == first, tok, s_j, r_j, offs_k, k_lo,
+                    _shrink_pass(x_ptr, a_ptr, out_ptr, first, rank, blk_slot == first, blk_tok, s_j, r_j, offs_k, k_lo,
                                  pid_k, K, K_CHUNK, stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
                                  stride_ok, stride_os, stride_om, stride_or,
                                  NUM_SLICES, TILE_M * GROUP, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
@@ -117,13 +119,11 @@ if HAS_TRITON:
                                      stride_ak, stride_ok, stride_os, stride_om, stride_or,
                                      NUM_SLICES, TILE_M, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
         else:
-            row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
-                                       TILE_M, GROUP)
             for g in tl.static_range(GROUP):
                 slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
                 rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
                 if (slot >= 0) & (rank > 0):
-                    _shrink_pass(x_ptr, a_ptr, out_ptr, slot, rank, row_slot == slot, tok, s_j, r_j, offs_k, k_lo,
+                    _shrink_pass(x_ptr, a_ptr, out_ptr, slot, rank, blk_slot == slot, blk_tok, s_j, r_j, offs_k, k_lo,
                                  pid_k, K, K_CHUNK, stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
                                  stride_ok, stride_os, stride_om, stride_or,
                                  NUM_SLICES, TILE_M * GROUP, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
@@ -133,14 +133,15 @@ if HAS_TRITON:
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") + 1
             if arrived == SPLIT_K:
                 tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")   # ready for the next launch / graph replay
-                row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid,
-                                           num_tiles, TILE_M, GROUP)
                 ready = (tl.zeros((TILE_M * GROUP,), tl.int32) + arrived) == SPLIT_K   # keeps loads below the atomic
-                m = (ready & (row_slot >= 0))[:, None] & ((s_j < NUM_SLICES) & (r_j < R))[None, :]
-                p = out_ptr + s_j[None, :] * stride_os + tok[:, None] * stride_om + r_j[None, :] * stride_or
+                m = (ready & (blk_slot >= 0))[:, None] & ((s_j < NUM_SLICES) & (r_j < R))[None, :]
+                p = out_ptr + s_j[None, :] * stride_os + blk_tok[:, None] * stride_om + r_j[None, :] * stride_or
                 h = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
-                for j in range(1, SPLIT_K):
-                    h += tl.load(p + j * stride_ok, mask=m, other=0.0, cache_modifier=".cg")
+                for j0 in range(1, SPLIT_K, RED_UNROLL):   # RED_UNROLL planes' loads in flight at once, added in order
+                    for u in tl.static_range(RED_UNROLL):
+                        live = (tl.zeros((TILE_M * GROUP,), tl.int32) + (j0 + u)) < SPLIT_K   # [rows] plane exists
+                        h += tl.load(p + (j0 + u) * stride_ok, mask=m & live[:, None], other=0.0,
+                                     cache_modifier=".cg")
                 tl.store(p + SPLIT_K * stride_ok, h, mask=m)
         if USE_PDL:  # the expand may launch once every program got here (it waits for our completion)
             tl.extra.cuda.gdc_launch_dependents()
@@ -161,7 +162,7 @@ if HAS_TRITON:
         m = rows[:, None] & (offs_r[None, :] < rank)
         p = parts_ptr + s * stride_ps + tok[:, None] * stride_pm + offs_r[None, :] * stride_pr
         h = tl.load(p, mask=m, other=0.0)
-        for j in range(1, SPLIT_K):
+        for j in tl.static_range(1, SPLIT_K):   # (unrolled: the planes' loads in flight at once, added in order)
             h += tl.load(p + j * stride_pk, mask=m, other=0.0)
         return h
 

@@ -37,7 +37,8 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
                                      "stride_ok", "stride_os", "stride_om", "stride_or")})
     k = compile_sm90(_seg_shrink_kernel, sig, dict(NUM_SLICES=S, RP=sc["RP"], TILE_M=block_m, GROUP=sc["GROUP"],
                                                    BLOCK_N=sc["BLOCK_N"], BLOCK_K=sc["BLOCK_K"], EVEN_K=True,
-                                                   IEEE=False, REDUCE=True, ADAPT=sc["ADAPT"], USE_PDL=True),
+                                                   IEEE=False, REDUCE=True, ADAPT=sc["ADAPT"],
+                                                   RED_UNROLL=sc["RED_UNROLL"], USE_PDL=True),
                      unit=("stride_xk", "stride_ak", "stride_or"), div16_except=("R", "num_tiles"),
                      num_warps=sc["num_warps"], num_stages=sc["num_stages"], launch_pdl=True)
     assert has_mma(k.asm["ptx"]) and "griddepcontrol.wait" in k.asm["ptx"]

@@ -13,6 +13,9 @@ Triton path, chosen from host-known shapes only (so a CUDA graph keeps its kerne
     mixed steps: a 256-token prompt chunk + decode rows) on the streaming variant, the split capped at 2
     (partials_max_tokens, lora_shrink.large_split_cap): H200, the 320-token mixed step, q+v over 32
     adapters, what LoRA adds a layer (medians of paired rounds): 28.6 -> 20.7 us (32 layers), 36.2 -> 31.1 (8);
+  * "seg": steps of >= 256 tokens (lora_seg.py, LORASERVE_LORA_SEG / _MIN_TOKENS; not gate_up-sized N * R at
+    >= 512 tokens): the segment-tiled pair, a shrink over all slices of a row block at once whose last K split sums
+    the partials, and an expand that keeps each row block's h in registers while it walks column blocks;
   * "reduced": shrink, a fixed-order sum of the partials, expand (three launches) otherwise:
     every column block of the expand re-reads the partials, which at rank 64 cost more than
     the saved launch (1-32 tokens: 10-50% slower with partials; down, 1024 tokens: 2x).

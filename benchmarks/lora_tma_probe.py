@@ -145,9 +145,9 @@ def main() -> None:
         expands(Case, nbytes, t0, deadline_s=args.expand_budget)
 
 
-EXPAND_VARIANTS = ("default", "tma_p4", "tma_p4_r128", "tmap_n128_p5", "tma_n128_p5", "tmap_p8_n128", "tmap_p4",
-                   "tmap_w2_p8_n128", "stream_pps6", "stream_pps8", "tma_p4_two", "tma_p6_r128", "tma_n128_p6",
-                   "tma_p4_s3")
+EXPAND_VARIANTS = ("default", "stream_one", "tma_p4", "tma_p4_r128", "tmap_n128_p5", "stream_pps6", "stream_one_pps6",
+                   "tma_n128_p5", "tmap_p8_n128", "tmap_p4", "stream_pps8", "tmap_w2_p8_n128", "tma_p4_two",
+                   "tma_p6_r128", "tma_n128_p6", "tma_p4_s3")
 
 
 def expands(Case, nbytes: int, t0: float, smoke: bool = False, deadline_s: float = 1e9) -> None:

@@ -76,6 +76,7 @@ _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PP
                   tma_maxnreg="TMA_MAXNREG", tma_min_n="TMA_MIN_N", tma_pairs="TMA_PAIRS")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
 _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
+_STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
 VARIANTS = {
@@ -221,6 +222,9 @@ VARIANTS.update({
     # the default (streaming) expand at 6 / 8 programs per SM (lora_expand_stream.STREAM_PROGRAMS_PER_SM, default 4)
     "stream_pps6": dict(DEFAULT, stream_pps=6),
     "stream_pps8": dict(DEFAULT, stream_pps=8),
+    # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
+    "stream_one": dict(DEFAULT, stream_one=True),
+    "stream_one_pps6": dict(DEFAULT, stream_one=True, stream_pps=6),
     "tma2_pfa": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2, tmas_pf=True),   # + the shrink's A into L2 first
     "notma": dict(DEFAULT, tma=False, tma_shrink=False),
     # ... and the TMA-fed shrink (lora_tma_shrink.py, LORASERVE_LORA_TMA_SHRINK: A's [R, 256] boxes, a chunk's boxes
@@ -243,6 +247,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_tma_shrink.TMA_SHRINK_MIN_TOKENS = variant.get("tmas_min_tokens", _TMAS_DEFAULTS["tmas_min_tokens"])
         lora_tma_shrink.TMA_SHRINK_PF = variant.get("tmas_pf", _TMAS_DEFAULTS["tmas_pf"])
         lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)
+        lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
         for key, name in _TMA_KNOBS.items():
             setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 

@@ -99,7 +99,7 @@ if HAS_TRITON:
         USE_PDL: tl.constexpr = False, B_AHEAD: tl.constexpr = 2, Y_AHEAD: tl.constexpr = 1,
         SLOTS: tl.constexpr = 0, DENSE_SLOTS: tl.constexpr = False,
         PREFETCH_B: tl.constexpr = False, TRIGGER: tl.constexpr = False, PF_THREADS: tl.constexpr = 128,
-        SCALE_FLAG: tl.constexpr = False, GROUP_MAJOR: tl.constexpr = False,
+        SCALE_FLAG: tl.constexpr = False, GROUP_MAJOR: tl.constexpr = False, ONE_SLICE: tl.constexpr = False,
     ):
         if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started: the next
             tl.extra.cuda.gdc_launch_dependents()  # shrink prefetches its A while we stream (lora_prefetch.py)
@@ -235,9 +235,23 @@ if HAS_TRITON:
                              other=0.0)
                 yp = tl.load(y_rows + offs_p[None, :] * stride_yn, mask=row_ok[:, None] & (offs_p < col_end)[None, :],
                              other=0.0)
-                _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
-                              shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
-                              HAS_SHIFT, g_on)
+                if ONE_SLICE and NUM_SLICES >= 2:
+                    # a block inside one slice (gate_up: 14336 = 112 x 128) takes one dot with that slice's h, not
+                    # one per slice and a [BLOCK_M, BLOCK_N] select (the loop is issue-bound: PERF_NOTES, tenth session)
+                    inside = ((n0 >= lo1) | (n0 + BLOCK_N <= lo1)) & ((n0 >= lo2) | (n0 + BLOCK_N <= lo2))
+                    if inside:
+                        hs = tl.where(n0 >= lo2, h2, tl.where(n0 >= lo1, h1, h0))
+                        _expand_block(bp, yp, n0, hs, hs, hs, N, N, y_rows, offs_nb, col_end, row_ok, scale_ptr,
+                                      shift_ptr, slot64, stride_yn, stride_sl, stride_sn, 1, IEEE, HAS_SCALE,
+                                      HAS_SHIFT, g_on)
+                    else:
+                        _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
+                                      shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
+                                      HAS_SHIFT, g_on)
+                else:
+                    _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
+                                  shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
+                                  HAS_SHIFT, g_on)
             return
         if SLOTS > 0:
             # Fixed slots (B_AHEAD == Y_AHEAD == SLOTS): slot j holds block it * SLOTS + j and is
@@ -376,6 +390,10 @@ STREAM_SLOTS_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS_MAX_TO
 # as the previous defaults): 256 tokens gate_up r16 / 16 adapters (14 blocks a program) 24.07 -> 23.29, gate_up r64 /
 # 16 adapters (28 blocks) 51.51 -> 51.21 (expand 37.9 -> 33.4), but qkv r64 / 32 adapters (9 blocks) 36.69 -> 39.50:
 # hence 10. LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS.
+# The pipelined loop (SLOTS < 0): a block inside one slice takes one dot with that slice's h (LORASERVE_LORA_STREAM_
+# ONE_SLICE; 0: a dot per slice and a per-column select, as before). Read at each launch.
+STREAM_ONE_SLICE = os.environ.get("LORASERVE_LORA_STREAM_ONE_SLICE", "0").strip().lower() not in ("", "0", "false", "off",
+                                                                                              "no")
 STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "10"))
 
 
@@ -488,6 +506,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1,
         PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"],
-        SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor, **pdl,
+        SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor, ONE_SLICE=STREAM_ONE_SLICE, **pdl,
     )
     return y

@@ -114,3 +114,17 @@ def check_stream_shrink_split(dtype: str, hidden: int, max_rank: int, widths: li
     r = torch.where(p.token_slot >= 0, p.ranks[p.token_slot.clamp(min=0).long()], 0)
     defined = (torch.arange(R, device=device)[None, :] < r[:, None]).expand(S, -1, -1)
     torch.testing.assert_close(partials.sum(0)[defined], ref[defined], **TOLERANCES[p.x.dtype])
+
+
+def check_stream_one_slice(widths: list[int], num_tokens: int, num_slots: int, block_n: int) -> None:
+    """The pipelined column loop with lora_expand_stream.STREAM_ONE_SLICE (one dot per block inside one slice, the
+    per-column select for blocks that straddle a slice bound) vs the reference, DoRA epilogue included."""
+    from loraserve.kernels import lora_expand_stream
+
+    old = lora_expand_stream.STREAM_ONE_SLICE
+    lora_expand_stream.STREAM_ONE_SLICE = True
+    try:
+        check_stream_expand("float32", 32, 16, widths, num_tokens, num_slots, "mixed-ranks", split_k=3,
+                            config=dict(BLOCK_N=block_n, COLS_PER_PROG=4 * block_n, SLOTS=-3), with_scale=True)
+    finally:
+        lora_expand_stream.STREAM_ONE_SLICE = old

@@ -94,3 +94,9 @@ def test_stream_expand_column_loops(interp, slots, num_slices) -> None:
          composition="mixed-ranks", split_k=2, with_scale=num_slices == 3,
          config={"BLOCK_N": 16, "COLS_PER_PROG": 64, "SLOTS": slots, "B_AHEAD": max(slots, 2),
                  "Y_AHEAD": max(slots, 1)})
+
+
+@pytest.mark.parametrize("widths,block_n", [([64, 32, 32], 16), ([40, 24, 24], 16), ([48, 48], 32)])
+def test_stream_expand_one_slice_per_block(interp, widths, block_n) -> None:
+    # blocks inside one slice (one dot) and blocks straddling a bound (40 / 64 in 16-column blocks: the select)
+    _run(interp, cases.check_stream_one_slice, widths, 12, 4, block_n)

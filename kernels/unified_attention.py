@@ -436,7 +436,10 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         extra = dict(oq_ptr=oq, os_ptr=oscale, opart_ptr=torch.empty(N * KVH, dtype=torch.float32, device=q.device),
                      ocnt_ptr=ocnt, stride_oq=oq.stride(0), QUANT_OUT=True,
                      KVH_P2=max(2, triton.next_power_of_2(KVH)), QBLOCK=min(4096, triton.next_power_of_2(H * D)))
-    _unified_attention_kernel[(num_tiles, KVH, num_splits)](
+    kernel = _unified_attention_kernel
+    if fp8_kv and max_query_len == 1 and os.environ.get("LORASERVE_ATTN_FP8_TABLE_AHEAD", "0").strip() == "1":
+        from .fp8_attention_decode import _fp8_decode_attention_kernel as kernel   # (the same arguments and math)
+    kernel[(num_tiles, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
         k_scale, v_scale, scale * LOG2E, B, N, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

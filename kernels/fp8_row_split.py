@@ -101,13 +101,14 @@ if HAS_TRITON:
             amax = tl.max(tl.load(part_ptr + row * C + po, mask=po < C, other=0.0, cache_modifier=".cg"), axis=0)
             scale = tl.maximum(tl.div_rn(amax, fp8_max), MIN_SCALE_C)   # per_token_quant_fp8's arithmetic
             tl.store(s_ptr + row, scale)
+            # the whole row in one load (TAIL >= I: one L2 round trip, not one per chunk; the tail's cost is latency)
             to = tl.arange(0, TAIL)
             for k0 in range(0, I, TAIL):
                 tok = (k0 + to) < I
                 v = tl.load(out_ptr + row * stride_o + k0 + to, mask=tok, other=0.0, cache_modifier=".cg")
                 q = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), scale), -FP8_MAX_C), FP8_MAX_C)
                 tl.store(q_ptr + row * stride_q + k0 + to, q.to(q_ptr.dtype.element_ty), mask=tok)
-            tl.atomic_xchg(cnt_ptr + row, 0)   # zero for the next launch
+            tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed")   # zero for the next launch (ordered by the launch end)
 
     @triton.jit(do_not_specialize=["M", "SPLITS"])
     def _norm_quant_split_kernel(x_ptr, ws_ptr, s_ptr, xs_ptr, res_ptr, w_ptr, out_ptr, q_ptr, qs_ptr, part_ptr,
@@ -149,28 +150,42 @@ if HAS_TRITON:
             parts = tl.load(part_ptr + row * C + po, mask=po < C, other=0.0, cache_modifier=".cg")
             inv = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / H + eps)
             to = tl.arange(0, TAIL)
-            amax = tl.zeros((TAIL,), dtype=tl.float32)
-            for k0 in range(0, H, TAIL):
-                tok = (k0 + to) < H
+            if TAIL >= H:   # the row in registers: one L2 round trip, the codes without reading it back
+                tok = to < H
                 if PARTIALS or HAS_RESIDUAL:   # x as stored by the row's programs
-                    xv = tl.load(res_ptr + row * stride_r + k0 + to, mask=tok, other=0.0, cache_modifier=".cg")
+                    xv = tl.load(res_ptr + row * stride_r + to, mask=tok, other=0.0, cache_modifier=".cg")
                 else:
-                    xv = tl.load(x_ptr + row * stride_x + k0 + to, mask=tok, other=0.0)
+                    xv = tl.load(x_ptr + row * stride_x + to, mask=tok, other=0.0)
                 normed = (xv.to(tl.float32) * inv).to(xv.dtype).to(tl.float32)
-                w = tl.load(w_ptr + k0 + to, mask=tok, other=0.0).to(tl.float32)
-                y = (w * normed).to(xv.dtype)
-                tl.store(out_ptr + row * stride_o + k0 + to, y, mask=tok)
-                amax = tl.maximum(amax, tl.where(tok, tl.abs(y.to(tl.float32)), 0.0))
-            scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), MIN_SCALE_C)
-            tl.store(qs_ptr + row, scale)
-            tl.debug_barrier()   # the row's out stored before its threads read it back in another layout
-            ho = tl.arange(0, TAIL // 2)
-            for k0 in range(0, H, TAIL // 2):
-                hok = (k0 + ho) < H
-                v = tl.load(out_ptr + row * stride_o + k0 + ho, mask=hok, other=0.0).to(tl.float32)
-                q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
-                tl.store(q_ptr + row * stride_q + k0 + ho, q.to(q_ptr.dtype.element_ty), mask=hok)
-            tl.atomic_xchg(cnt_ptr + row, 0)
+                y = (tl.load(w_ptr + to, mask=tok, other=0.0).to(tl.float32) * normed).to(xv.dtype)
+                tl.store(out_ptr + row * stride_o + to, y, mask=tok)
+                yf = y.to(tl.float32)
+                scale = tl.maximum(tl.div_rn(tl.max(tl.where(tok, tl.abs(yf), 0.0), axis=0), fp8_max), MIN_SCALE_C)
+                tl.store(qs_ptr + row, scale)
+                q = tl.minimum(tl.maximum(tl.div_rn(yf, scale), -FP8_MAX_C), FP8_MAX_C)
+                tl.store(q_ptr + row * stride_q + to, q.to(q_ptr.dtype.element_ty), mask=tok)
+            else:
+                amax = tl.zeros((TAIL,), dtype=tl.float32)
+                for k0 in range(0, H, TAIL):
+                    tok = (k0 + to) < H
+                    if PARTIALS or HAS_RESIDUAL:
+                        xv = tl.load(res_ptr + row * stride_r + k0 + to, mask=tok, other=0.0, cache_modifier=".cg")
+                    else:
+                        xv = tl.load(x_ptr + row * stride_x + k0 + to, mask=tok, other=0.0)
+                    normed = (xv.to(tl.float32) * inv).to(xv.dtype).to(tl.float32)
+                    w = tl.load(w_ptr + k0 + to, mask=tok, other=0.0).to(tl.float32)
+                    y = (w * normed).to(xv.dtype)
+                    tl.store(out_ptr + row * stride_o + k0 + to, y, mask=tok)
+                    amax = tl.maximum(amax, tl.where(tok, tl.abs(y.to(tl.float32)), 0.0))
+                scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), MIN_SCALE_C)
+                tl.store(qs_ptr + row, scale)
+                tl.debug_barrier()   # the row's out stored before its threads read it back
+                for k0 in range(0, H, TAIL):
+                    hok = (k0 + to) < H
+                    v = tl.load(out_ptr + row * stride_o + k0 + to, mask=hok, other=0.0).to(tl.float32)
+                    q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
+                    tl.store(q_ptr + row * stride_q + k0 + to, q.to(q_ptr.dtype.element_ty), mask=hok)
+            tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed")   # zero for the next launch (ordered by the launch end)
 
 
 def _chunk(n: int, env: str, default: int) -> int:
@@ -193,11 +208,12 @@ def silu_mul_quant_split(gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     chunk = _chunk(I, "LORASERVE_FP8_ROW_SPLIT_CHUNK", 1024)
     C = triton.cdiv(I, chunk)
     part = torch.empty((T, C), dtype=torch.float32, device=gate_up.device)   # per-chunk amax
-    tail = min(4096, max(16, triton.next_power_of_2(I)))
+    tail = min(16384, max(16, triton.next_power_of_2(I)))   # the whole row (8B: 14336; 64 values a thread at 8 warps)
+    warps = 8 if tail > 4096 else 4
     _silu_mul_quant_split_kernel[(T, C)](gate_up, out, x_q, scale, part, _counters(gate_up.device), I, FP8_MAX,
                                          gate_up.stride(0), out.stride(0), x_q.stride(0), C, CHUNK=chunk, TAIL=tail,
                                          C_P2=max(2, triton.next_power_of_2(C)), FP8_MAX_C=FP8_MAX,
-                                         MIN_SCALE_C=MIN_SCALE, num_warps=4, **pdl_kwargs(gate_up.device))
+                                         MIN_SCALE_C=MIN_SCALE, num_warps=warps, **pdl_kwargs(gate_up.device))
     return out, x_q, scale
 
 
@@ -227,7 +243,7 @@ def norm_quant_split(x: Tensor | None, residual: Tensor | None, weight: Tensor, 
     chunk = _chunk(H, "LORASERVE_FP8_ROW_SPLIT_NORM_CHUNK", 1024)
     C = triton.cdiv(H, chunk)
     part = torch.empty((T, C), dtype=torch.float32, device=dev)   # per-chunk sums of squares
-    tail = min(4096, max(32, triton.next_power_of_2(H)))
+    tail = min(8192, max(32, triton.next_power_of_2(H)))   # the whole row (8B: 4096) when it fits
     res = residual if residual is not None else ref
     xx = x if x is not None else ref
     _norm_quant_split_kernel[(T, C)](

@@ -101,8 +101,8 @@ def test_row_split_compiles_sm90() -> None:
                      {"x_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32",
                       "cnt_ptr": "*i32", "I": "i32", "fp8_max": "fp32", "stride_x": "i32", "stride_o": "i32",
                       "stride_q": "i32", "C": "i32"},
-                     dict(CHUNK=1024, TAIL=4096, C_P2=16, FP8_MAX_C=448.0, MIN_SCALE_C=1e-12, USE_PDL=True),
-                     div16_except=("fp8_max", "C"), num_warps=4, launch_pdl=True)
+                     dict(CHUNK=1024, TAIL=16384, C_P2=16, FP8_MAX_C=448.0, MIN_SCALE_C=1e-12, USE_PDL=True),
+                     div16_except=("fp8_max", "C"), num_warps=8, launch_pdl=True)
     assert stack_bytes(k) == 0
     k = compile_sm90(_norm_quant_split_kernel,
                      {"x_ptr": "*bf16", "ws_ptr": "*fp32", "s_ptr": "*fp32", "xs_ptr": "*fp32", "res_ptr": "*bf16",

@@ -90,6 +90,7 @@ VARIANTS = (
                           "LORASERVE_ATTN_FP8_DECODE_CFG": "TILE_N:32,num_stages:3"}),
     ("attn_ahead_s3_quant", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "1", "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3",
                              "LORASERVE_FP8_ATTN_QUANT": "1"}),
+    ("ahead_s3_row_split", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "s3", "LORASERVE_FP8_ROW_SPLIT": "1"}),
     ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

@@ -91,6 +91,9 @@ VARIANTS = (
     ("attn_ahead_s3_quant", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "1", "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3",
                              "LORASERVE_FP8_ATTN_QUANT": "1"}),
     ("ahead_s3_row_split", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "s3", "LORASERVE_FP8_ROW_SPLIT": "1"}),
+    # the one-program-per-row kernels with more warps (8B: norm 8 -> 16, silu one-pass 16 -> 32)
+    ("norm_w16", {"LORASERVE_FP8_NORM_WARPS": "16"}),
+    ("silu_w32", {"LORASERVE_FP8_SILU_WARPS": "32"}),
     ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

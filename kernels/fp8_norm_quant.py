@@ -161,6 +161,12 @@ if HAS_TRITON:
                 _quant_regs(y, q_ptr + row * stride_q + offs, qs_ptr + row, ok, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C)
 
 
+def _warps(env: str, default: int) -> int:
+    """A probe's override of a launch's warp count (LORASERVE_FP8_NORM_WARPS / _SILU_WARPS; unset: the default)."""
+    v = os.environ.get(env, "").strip()
+    return int(v) if v in ("1", "2", "4", "8", "16", "32") else default
+
+
 def norm_reread_on() -> bool:
     """LORASERVE_FP8_NORM_REREAD=0: the norms' e4m3 codes from registers (one pass; rows may round one bf16 ulp away
     from rms_norm's, the layout the fp8 store asks for summing in another order); default 1: read back."""
@@ -197,7 +203,7 @@ def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: T
             ws, w_scale, x_scale if x_scale is not None else w_scale, residual, weight, out, x_q, q_scale, T, H,
             splits, eps, FP8_MAX, residual.stride(0), out.stride(0), x_q.stride(0), ROW_SCALE=x_scale is not None,
             QUANT=quant, BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, REREAD=norm_reread_on(),
-            num_warps=min(16, max(1, block // 512)), **pdl_kwargs(ws.device))
+            num_warps=_warps("LORASERVE_FP8_NORM_WARPS", min(16, max(1, block // 512))), **pdl_kwargs(ws.device))
     return (out, residual, x_q, q_scale) if quant else (out, residual)
 
 
@@ -224,7 +230,8 @@ def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: floa
     _rms_norm_quant_kernel[(T,)](x, res, weight, out, x_q, scale, H, eps, FP8_MAX, x.stride(0), res.stride(0),
                                  out.stride(0), x_q.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
                                  REREAD=norm_reread_on(),
-                                 FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(16, max(1, block // 512)),
+                                 FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
+                                 num_warps=_warps("LORASERVE_FP8_NORM_WARPS", min(16, max(1, block // 512))),
                                  **pdl_kwargs(x.device))
     return out, residual, x_q, scale
 
@@ -245,6 +252,7 @@ def silu_mul_quant(gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     one_pass = silu_one_pass_on() and I <= 16384
     block = max(16, triton.next_power_of_2(I)) if one_pass else min(2048, max(16, triton.next_power_of_2(I)))
     warps = min(16, max(4, block // 1024)) if one_pass else (4 if block <= 1024 else 8)
+    warps = _warps("LORASERVE_FP8_SILU_WARPS", warps)
     _silu_mul_quant_kernel[(T,)](gate_up, out, x_q, scale, I, FP8_MAX, gate_up.stride(0), out.stride(0),
                                  x_q.stride(0), BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, ONE_PASS=one_pass,
                                  num_warps=warps, **pdl_kwargs(gate_up.device))

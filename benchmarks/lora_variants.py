@@ -77,6 +77,7 @@ _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PP
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
 _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
+_KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
 VARIANTS = {
@@ -224,6 +225,12 @@ VARIANTS.update({
     "stream_pps8": dict(DEFAULT, stream_pps=8),
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
+    # the BGMV shrink's A block as 4 / 8 separate loads, one fp32 chunk live (lora_shrink_bgmv.BGMV_KCHUNKS, _WIDE for
+    # down's 2048 columns, + a 128-register cap there): fewer registers, 2-3 programs per SM, one wave
+    "kc4": dict(DEFAULT, kchunks=4, kchunks_wide=8, maxnreg_wide=128),
+    "kc4_w4": dict(DEFAULT, kchunks=4, kchunks_wide=4),
+    "kc8": dict(DEFAULT, kchunks=8, kchunks_wide=8, maxnreg_wide=128),
+    "kc4_one": dict(DEFAULT, kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True),
     "stream_one_pps6": dict(DEFAULT, stream_one=True, stream_pps=6),
     "tma2_pfa": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2, tmas_pf=True),   # + the shrink's A into L2 first
     "notma": dict(DEFAULT, tma=False, tma_shrink=False),
@@ -248,6 +255,9 @@ def _use_variant(c: Case, variant) -> None:
         lora_tma_shrink.TMA_SHRINK_PF = variant.get("tmas_pf", _TMAS_DEFAULTS["tmas_pf"])
         lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
+        lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
+        lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
+        lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])
         for key, name in _TMA_KNOBS.items():
             setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 

@@ -21,6 +21,8 @@ Grid (meta.grid_tiles, rank_blocks * SPLIT_K, S): host-known sizes only (CUDA gr
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,88 @@ from .lora_meta import LoRAMeta, pdl_launch
 from .lora_prefetch import prefetch_on
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _a_chunk(a_rows, n_ok, kc, K, stride_ak, CK: tl.constexpr, EVEN_K: tl.constexpr):
+        """[BLOCK_N, CK] of A from column kc (masked past K unless EVEN_K)."""
+        offs = kc + tl.arange(0, CK)
+        if EVEN_K:
+            return tl.load(a_rows + offs[None, :] * stride_ak, mask=n_ok[:, None], other=0.0)
+        return tl.load(a_rows + offs[None, :] * stride_ak, mask=n_ok[:, None] & (offs < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _chunk_rows(a, kc, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm, stride_xk, acc0, acc1, acc2, acc3,
+                    CK: tl.constexpr):
+        """acc_r += A chunk [BLOCK_N, CK] (fp32) . x_r[kc : kc + CK] for the tile's <= 4 rows (rows past it: x = 0)."""
+        offs = kc + tl.arange(0, CK)
+        k_ok = offs < K
+        rows_k = tl.zeros_like(offs) + rows
+        x_row = x_ptr + offs * stride_xk
+        x0 = tl.load(x_row + tok * stride_xm, mask=k_ok, other=0.0).to(tl.float32)
+        x1 = tl.load(x_row + tok1 * stride_xm, mask=k_ok & (rows_k > 1), other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + tok2 * stride_xm, mask=k_ok & (rows_k > 2), other=0.0).to(tl.float32)
+        x3 = tl.load(x_row + tok3 * stride_xm, mask=k_ok & (rows_k > 3), other=0.0).to(tl.float32)
+        af = a.to(tl.float32)
+        acc0 += tl.sum(af * x0[None, :], axis=1)
+        acc1 += tl.sum(af * x1[None, :], axis=1)
+        acc2 += tl.sum(af * x2[None, :], axis=1)
+        acc3 += tl.sum(af * x3[None, :], axis=1)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _rows_chunked(x_ptr, a_ptr, out_ptr, slot, s, pid_k, n_ok, offs_n, tok, tok1, tok2, tok3, rows, K,
+                      stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
+                      stride_ok, stride_os, stride_om, stride_or,
+                      BLOCK_K: tl.constexpr, KCHUNKS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      PREFETCH_A: tl.constexpr):
+        """The <= 4-row tile of the kernel below with A's block as KCHUNKS (2, 4 or 8) loads, all issued before the
+        wait, each converted to fp32 only while its products are summed (one fp32 chunk live, not the whole block:
+        down's 2048-column block compiled to 249 registers, one program per SM, two waves at the layer case)."""
+        CK: tl.constexpr = BLOCK_K // KCHUNKS
+        kb = pid_k * BLOCK_K
+        a_rows = a_ptr + slot.to(tl.int64) * stride_al + s * stride_as + offs_n[:, None] * stride_ar
+        a0 = _a_chunk(a_rows, n_ok, kb, K, stride_ak, CK, EVEN_K)
+        a1 = _a_chunk(a_rows, n_ok, kb + CK, K, stride_ak, CK, EVEN_K)
+        if KCHUNKS >= 4:
+            a2 = _a_chunk(a_rows, n_ok, kb + 2 * CK, K, stride_ak, CK, EVEN_K)
+            a3 = _a_chunk(a_rows, n_ok, kb + 3 * CK, K, stride_ak, CK, EVEN_K)
+        if KCHUNKS == 8:
+            a4 = _a_chunk(a_rows, n_ok, kb + 4 * CK, K, stride_ak, CK, EVEN_K)
+            a5 = _a_chunk(a_rows, n_ok, kb + 5 * CK, K, stride_ak, CK, EVEN_K)
+            a6 = _a_chunk(a_rows, n_ok, kb + 6 * CK, K, stride_ak, CK, EVEN_K)
+            a7 = _a_chunk(a_rows, n_ok, kb + 7 * CK, K, stride_ak, CK, EVEN_K)
+        if PREFETCH_A:  # A in flight while the kernel before us finishes; x after the wait
+            tl.extra.cuda.gdc_wait()
+        acc0 = tl.zeros_like(offs_n).to(tl.float32)
+        acc1 = tl.zeros_like(acc0)
+        acc2 = tl.zeros_like(acc0)
+        acc3 = tl.zeros_like(acc0)
+        acc0, acc1, acc2, acc3 = _chunk_rows(a0, kb, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm, stride_xk,
+                                             acc0, acc1, acc2, acc3, CK)
+        acc0, acc1, acc2, acc3 = _chunk_rows(a1, kb + CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                             stride_xk, acc0, acc1, acc2, acc3, CK)
+        if KCHUNKS >= 4:
+            acc0, acc1, acc2, acc3 = _chunk_rows(a2, kb + 2 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+            acc0, acc1, acc2, acc3 = _chunk_rows(a3, kb + 3 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+        if KCHUNKS == 8:
+            acc0, acc1, acc2, acc3 = _chunk_rows(a4, kb + 4 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+            acc0, acc1, acc2, acc3 = _chunk_rows(a5, kb + 5 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+            acc0, acc1, acc2, acc3 = _chunk_rows(a6, kb + 6 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+            acc0, acc1, acc2, acc3 = _chunk_rows(a7, kb + 7 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+        out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
+        tl.store(out_base + tok * stride_om, acc0, mask=n_ok)
+        if rows > 1:
+            tl.store(out_base + tok1 * stride_om, acc1, mask=n_ok)
+        if rows > 2:
+            tl.store(out_base + tok2 * stride_om, acc2, mask=n_ok)
+        if rows > 3:
+            tl.store(out_base + tok3 * stride_om, acc3, mask=n_ok)
 
     @triton.jit
     def _lora_shrink_bgmv_kernel(
@@ -40,7 +124,7 @@ if HAS_TRITON:
         stride_ok, stride_os, stride_om, stride_or,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-        DOT_K: tl.constexpr = 128,
+        DOT_K: tl.constexpr = 128, KCHUNKS: tl.constexpr = 1,
         USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False, K_MAJOR: tl.constexpr = False,
     ):
         if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
@@ -77,6 +161,15 @@ if HAS_TRITON:
             return
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < rank
+        if KCHUNKS > 1:  # A as KCHUNKS separate [BLOCK_N, BLOCK_K / KCHUNKS] loads (module docstring: registers)
+            if rows <= 4:
+                _rows_chunked(x_ptr, a_ptr, out_ptr, slot, s, pid_k, n_ok, offs_n, tok, tok1, tok2, tok3, rows, K,
+                              stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
+                              stride_ok, stride_os, stride_om, stride_or,
+                              BLOCK_K, KCHUNKS, EVEN_K, SPLIT_K, PREFETCH_A)
+                return
+            if PREFETCH_A:  # (the dense tile path below loads A after the wait)
+                tl.extra.cuda.gdc_wait()
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         # A block [BLOCK_N, BLOCK_K] and the first x row issued together: the whole block in flight.
         a_ptrs = (a_ptr + slot.to(tl.int64) * stride_al + s * stride_as
@@ -86,7 +179,7 @@ if HAS_TRITON:
         else:
             k_ok = offs_k < K
         a = tl.load(a_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if PREFETCH_A:  # A in flight into registers while the kernel before us finishes; x after the wait
+        if PREFETCH_A and KCHUNKS == 1:  # A in flight into registers while the kernel before us finishes; x after
             tl.extra.cuda.gdc_wait()
         # x of up to 4 rows issued with A, all at once (a prefetching row loop waited a round trip per
         # row in its sm_90 SASS: the loop-carried copy of the next row's x waits for its load)
@@ -143,6 +236,34 @@ BGMV_BLOCK_K: int | None = None
 # 64 tokens / 32 adapters 13.7 -> 12.6 (its expand sums 7 partials, not 14) and at 1 token 4.57 -> 3.65; on the
 # 4096-wide inputs 2048 was mixed (qkv 12.0 -> 12.5 at 64 tokens, o 2.91 -> 3.22 at 1 token), so only wide ones.
 BGMV_WIDE_BLOCK_K = 2048
+
+
+# A's block as this many separate loads (1, 2 or 4) for blocks of >= BGMV_KCHUNK_MIN_K columns (LORASERVE_LORA_BGMV_
+# KCHUNKS; 1: one load and one fp32 copy of the whole block, as before). Read at each launch.
+BGMV_KCHUNKS = int(os.environ.get("LORASERVE_LORA_BGMV_KCHUNKS", "1"))
+BGMV_KCHUNK_MIN_K = int(os.environ.get("LORASERVE_LORA_BGMV_KCHUNK_MIN_K", "1024"))
+# ... for blocks wider than 1024 columns (down's 2048) instead, and a register cap for those launches (0: none).
+# sm_90 offline compile, 8 warps (registers a thread; <= 128 lets 2 programs share an SM): 1024 columns 128 -> 80
+# (4 chunks) / 104 (8); 2048 columns 249 -> 165 (4) / 134 (8) / 128 with the cap (8 bytes of stack).
+BGMV_KCHUNKS_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_KCHUNKS_WIDE", "1"))
+BGMV_MAXNREG_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_MAXNREG_WIDE", "0"))
+
+
+def bgmv_kchunks(block_k: int) -> int:
+    """KCHUNKS for a BLOCK_K: BGMV_KCHUNKS (BGMV_KCHUNKS_WIDE above 1024 columns) from BGMV_KCHUNK_MIN_K columns on,
+    chunks of >= 128 columns; else 1."""
+    want = BGMV_KCHUNKS_WIDE if block_k > 1024 else BGMV_KCHUNKS
+    if want <= 1 or block_k < BGMV_KCHUNK_MIN_K:
+        return 1
+    for k in (8, 4, 2):
+        if want >= k and block_k // k >= 128:
+            return k
+    return 1
+
+
+def _kchunks_ok(k: int) -> int:
+    assert k in (1, 2, 4, 8), f"KCHUNKS must be 1, 2, 4 or 8, got {k}"
+    return k
 
 
 def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, grid_tiles: int,
@@ -205,6 +326,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     from . import lora_meta
 
     kmajor = lora_meta.LORA_SHRINK_K_MAJOR
+    kch = _kchunks_ok(cfg.get("KCHUNKS", bgmv_kchunks(BK)))
     grid = (triton.cdiv(R, BN) * SK, meta.grid_tiles, S) if kmajor else (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)
     _lora_shrink_bgmv_kernel[grid](
@@ -214,6 +336,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
         IEEE=x.dtype == torch.float32,
         DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_on("a", x.device, pdl),
+        KCHUNKS=kch, **({"maxnreg": BGMV_MAXNREG_WIDE} if kch > 1 and BK > 1024 and BGMV_MAXNREG_WIDE else {}),
         K_MAJOR=kmajor,
         **pdl,
     )

@@ -34,6 +34,16 @@ def test_bgmv_shrink_matches_reference(interp, num_slices, composition) -> None:
     _run(interp, cases.check_bgmv_shrink, "float32", 600, 32, widths, 21, 5, composition)
 
 
+@pytest.mark.parametrize("kchunks", [2, 4, 8])
+@pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks"])
+def test_bgmv_shrink_chunked_a(interp, kchunks, composition) -> None:
+    # A's 256-column block as 2 / 4 loads (KCHUNKS): hidden 600 (a ragged last block), 1-4 row tiles (21 tokens over
+    # 5 slots) and a 16-row tile (40 tokens over 2 slots: the dot path after the chunked branch)
+    widths = [40, 24, 24]
+    _run(interp, cases.check_bgmv_shrink, "float32", 600, 32, widths, 21, 5, composition, block_k=256, kchunks=kchunks)
+    _run(interp, cases.check_bgmv_shrink, "float32", 600, 16, [48], 40, 2, composition, block_k=256, kchunks=kchunks)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_bgmv_shrink_rank64_long_tiles(interp, dtype) -> None:
     # 40 tokens over 2 slots: tiles of 16 rows (the row loop), 4 rank blocks; even K (512 / 256)

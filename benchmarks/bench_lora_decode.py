@@ -68,7 +68,11 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             # the TMA-fed expand (lora_tma_expand.py) / + shrink (lora_tma_shrink.py); prev10: both off (the tenth
             # session's start, 10af1f8)
             "tma": dict(tma=True), "tma2": dict(tma=True, tma_shrink=True), "tmas": dict(tma_shrink=True),
-            "prev10": dict(tma=False, tma_shrink=False)}
+            "prev10": dict(tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
+                           stream_pps=4),
+            # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
+            "kc4": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128),
+            "kc4_one": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True)}
 _CARVED = [False]
 
 
@@ -107,6 +111,11 @@ def set_variant(v: dict, defaults: dict) -> None:
 
     lora_tma_expand.TMA_EXPAND = v.get("tma", defaults["tma"])
     lora_tma_shrink.TMA_SHRINK = v.get("tma_shrink", defaults["tma_shrink"])
+    lora_expand_stream.STREAM_ONE_SLICE = v.get("stream_one", defaults["stream_one"])
+    lora_expand_stream.STREAM_PROGRAMS_PER_SM = v.get("stream_pps", defaults["stream_pps"])
+    lora_shrink_bgmv.BGMV_KCHUNKS = v.get("kchunks", defaults["kchunks"])
+    lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = v.get("kchunks_wide", defaults["kchunks_wide"])
+    lora_shrink_bgmv.BGMV_MAXNREG_WIDE = v.get("maxnreg_wide", defaults["maxnreg_wide"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -153,7 +162,11 @@ def main() -> int:
                     pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS,
                     group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR,
                     tma=importlib.import_module("loraserve.kernels.lora_tma_expand").TMA_EXPAND,
-                    tma_shrink=importlib.import_module("loraserve.kernels.lora_tma_shrink").TMA_SHRINK)
+                    tma_shrink=importlib.import_module("loraserve.kernels.lora_tma_shrink").TMA_SHRINK,
+                    stream_one=lora_expand_stream.STREAM_ONE_SLICE, stream_pps=lora_expand_stream.STREAM_PROGRAMS_PER_SM,
+                    kchunks=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS,
+                    kchunks_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS_WIDE,
+                    maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

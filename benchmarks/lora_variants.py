@@ -166,7 +166,8 @@ VARIANTS = {
     "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
-    "prev10": dict(DEFAULT, seg=False, tma=False, tma_shrink=False),
+    "prev10": dict(DEFAULT, seg=False, tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1,
+                   maxnreg_wide=0, stream_pps=4),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),

@@ -438,6 +438,8 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
                      KVH_P2=max(2, triton.next_power_of_2(KVH)), QBLOCK=min(4096, triton.next_power_of_2(H * D)))
     kernel = _unified_attention_kernel
     ahead = os.environ.get("LORASERVE_ATTN_FP8_TABLE_AHEAD", "0").strip().lower()
+    if ahead == "auto":   # 3 stages at decode launches without split-KV (batch decode), the unified kernel else
+        ahead = "s3" if num_splits == 1 else "0"
     if fp8_kv and max_query_len == 1 and ahead in ("1", "s3"):   # kernels/fp8_attention_decode.py
         from .fp8_attention_decode import _fp8_decode_attention_kernel as kernel   # (the same arguments and math)
         if ahead == "s3" and config is None and "num_stages" not in os.environ.get("LORASERVE_ATTN_FP8_DECODE_CFG", ""):

@@ -76,6 +76,7 @@ _TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PP
                   tma_maxnreg="TMA_MAXNREG", tma_min_n="TMA_MIN_N", tma_pairs="TMA_PAIRS")
 _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
 _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
+_STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
@@ -167,7 +168,7 @@ VARIANTS = {
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
     "prev10": dict(DEFAULT, seg=False, tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1,
-                   maxnreg_wide=0, stream_pps=4),
+                   maxnreg_wide=0, stream_pps=4, stream_pps_decode=4),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
@@ -255,6 +256,9 @@ def _use_variant(c: Case, variant) -> None:
         lora_tma_shrink.TMA_SHRINK_MIN_TOKENS = variant.get("tmas_min_tokens", _TMAS_DEFAULTS["tmas_min_tokens"])
         lora_tma_shrink.TMA_SHRINK_PF = variant.get("tmas_pf", _TMAS_DEFAULTS["tmas_pf"])
         lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)
+        # (stream_pps alone sets the decode steps' target too, as in the 04:33 probe that measured it)
+        lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE = variant.get("stream_pps_decode",
+                                                                       variant.get("stream_pps", _STREAM_PPS_DECODE))
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])

@@ -353,6 +353,15 @@ if HAS_TRITON:
 STREAM_MAX_SLICES = 3
 STREAM_MAX_RANK = 128
 STREAM_PROGRAMS_PER_SM = 4  # grid target; ~5 fit per SM at <= 96 registers x 4 warps
+# ... at 33..64 tokens (decode at batch 64): 6 (LORASERVE_LORA_STREAM_PPS_DECODE; 4: as before). H200 probe
+# 2026-12-01 04:33 (loratma, gate_up's expand alone, 64 tokens / 32 adapters / r16, same run): 14.91 -> 12.78 us. The
+# pipelined loop is issue-bound, not memory-bound (PERF_NOTES, tenth session): more programs per SM hide its per-
+# iteration latency; 6 x 84 registers x 4 warps still fit one wave (gate_up: 22 groups x 11 blocks, still >= 10 blocks
+# a program, so the pipelined loop); 8 per SM fell to 8 blocks a program (the rotating loop): 15.94.
+STREAM_PROGRAMS_PER_SM_DECODE = float(os.environ.get("LORASERVE_LORA_STREAM_PPS_DECODE", "6"))
+# ... from 33 tokens (below, the pipelined loop runs at every run length: not measured there) and only where the runs
+# stay >= STREAM_PIPE_MIN_BLOCKS blocks (qkv's 3-4-block runs keep 4 per SM: not measured at 6)
+STREAM_PPS_DECODE_MIN_TOKENS, STREAM_PPS_DECODE_MAX_TOKENS = 33, 64
 # ... above 256 tokens (mixed steps, prefill): 8. Their grids hold many empty tiles (cdiv(T, BM) + a segment
 # bound: a 352-token mixed step launches 93 tiles for 48 used), so 4 per grid tile left ~2 programs per SM of
 # 16 column blocks each. H200 probe 19:59 (bench_lora_mixed pps8, q+v qkv, ranks 8-64, us per layer): mixed
@@ -432,6 +441,11 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     n_blocks = -(-n_total // block_n)
     pps = STREAM_PROGRAMS_PER_SM if num_tokens <= 256 else STREAM_PROGRAMS_PER_SM_LARGE
     groups = max(1, min(n_blocks, round(pps * num_sms / max(1, grid_tiles))))
+    if STREAM_PPS_DECODE_MIN_TOKENS <= num_tokens <= STREAM_PPS_DECODE_MAX_TOKENS:
+        # more programs per SM where each still walks a run long enough for the pipelined loop (gate_up)
+        g6 = max(1, min(n_blocks, round(STREAM_PROGRAMS_PER_SM_DECODE * num_sms / max(1, grid_tiles))))
+        if STREAM_PIPE_MIN_BLOCKS and -(-n_blocks // g6) >= STREAM_PIPE_MIN_BLOCKS:
+            groups = g6
     blocks_per_prog = -(-n_blocks // groups)
     groups = -(-n_blocks // blocks_per_prog)
     # Split-K partials summed in rounds of <= 8192 fp32 values over all slices (registers).

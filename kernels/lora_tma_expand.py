@@ -284,7 +284,7 @@ TMA_PF_BOXES = int(os.environ.get("LORASERVE_LORA_TMA_PF_BOXES", "0"))
 # Decode loop: a box inside one slice takes that slice's h alone (LORASERVE_LORA_TMA_ONE_SLICE; 0: every slice's
 # product and a per-column select, as lora_expand_bgmv). H200 probe 1 (04:10): the loop is issue-bound, not
 # memory-bound (8 stages in flight no faster than 4; more programs per SM faster).
-TMA_ONE_SLICE = _env_on("LORASERVE_LORA_TMA_ONE_SLICE", "1")
+TMA_ONE_SLICE = _env_on("LORASERVE_LORA_TMA_ONE_SLICE", "0")   # (H200 04:33: 4 programs/SM 14.3 -> 24.9 us with it)
 # A register cap for the compile (LORASERVE_LORA_TMA_MAXNREG; 0: none): 128 lets 4 programs of 4 warps share an SM
 # (the decode loop compiled to ~165 registers, 3 per SM; 128 spills 16-72 bytes in the sm_90 offline compile).
 TMA_MAXNREG = int(os.environ.get("LORASERVE_LORA_TMA_MAXNREG", "0"))

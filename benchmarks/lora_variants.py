@@ -225,6 +225,7 @@ VARIANTS.update({
     # the default (streaming) expand at 6 / 8 programs per SM (lora_expand_stream.STREAM_PROGRAMS_PER_SM, default 4)
     "stream_pps6": dict(DEFAULT, stream_pps=6),
     "stream_pps8": dict(DEFAULT, stream_pps=8),
+    "pps4": dict(DEFAULT, stream_pps_decode=4),   # the default with the old decode grid (4 per SM) for gate_up's expand
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
     # the BGMV shrink's A block as 4 / 8 separate loads, one fp32 chunk live (lora_shrink_bgmv.BGMV_KCHUNKS, _WIDE for

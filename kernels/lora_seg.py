@@ -33,9 +33,11 @@ from torch import Tensor
 from ._triton import HAS_TRITON
 from .lora_meta import LoRAMeta, pdl_launch
 
-# lora_apply takes the "seg" path for steps of SEG_MIN_TOKENS.. tokens (LORASERVE_LORA_SEG=1: on; off until measured
-# on an H200); read at each call.
-SEG_ENABLED = os.environ.get("LORASERVE_LORA_SEG", "0").strip().lower() not in ("", "0", "false", "off", "no")
+# lora_apply takes the "seg" path for steps of SEG_MIN_TOKENS.. tokens (LORASERVE_LORA_SEG=0: off); read at each call.
+# On by default: H200 probe 2026-12-01 04:34 (bench_lora_kernels --compare, the 10 >= 32 MB shapes, same run): median
+# 0.512 -> 0.554 of copy with probe 1's rules (each seg shape faster but o r64 / 32 adapters / 1024 tokens, 26.2 ->
+# 29.7 us, fixed since by the expand's rank-64 rule); GPU tests (8B widths vs float64, graph == eager) passed.
+SEG_ENABLED = os.environ.get("LORASERVE_LORA_SEG", "1").strip().lower() not in ("", "0", "false", "off", "no")
 SEG_MIN_TOKENS = max(65, int(os.environ.get("LORASERVE_LORA_SEG_MIN_TOKENS", "256")))
 SEG_MAX_NR_LONG = int(os.environ.get("LORASERVE_LORA_SEG_MAX_NR_LONG", str(1 << 20)))   # see seg_applies
 SEG_MAX_RANK = 128
@@ -62,12 +64,17 @@ def _env_int(name: str, default: int) -> int:
 
 def seg_applies(num_tokens: int, rank: int, num_slices: int, x: Tensor, n_total: int = 0) -> bool:
     """lora_apply takes the "seg" path: on, >= SEG_MIN_TOKENS tokens, rank <= 128, <= 3 slices, bf16/fp16 on a GPU
-    (fp32 only under the interpreter) and no earlier compile failure for these shapes; not for >= 512 tokens of a
+    (fp32 only under the interpreter) and no earlier compile failure for these shapes; not for 257..384 tokens
+    (lora_apply.partials_max_tokens: the mixed steps keep their measured partials path); not for >= 512 tokens of a
     projection with N * R >= 2^20 (gate_up at rank 64): its B (3.7 MB per adapter) is re-read per 32-row tile, as
     many bytes as the tile's y, and the tile kernels measured faster there (H200 probe 2026-12-01 04:10, one adapter,
     1024 tokens: 68.7 us tile vs 99.8 seg)."""
     if num_tokens >= 512 and n_total * rank >= SEG_MAX_NR_LONG:
         return False
+    from .lora_apply import partials_max_tokens
+
+    if 256 < num_tokens <= partials_max_tokens():   # the mixed steps (a 256-token chunk + decode rows): the
+        return False   # "partials" path measured there (bench_churn, issue 12); seg unmeasured at those steps
     return (SEG_ENABLED and num_tokens >= SEG_MIN_TOKENS and rank <= SEG_MAX_RANK and num_slices <= 3
             and not (x.is_cuda and x.dtype == torch.float32) and (num_slices, rank, x.device) not in _SEG_FAILED)
 
@@ -97,7 +104,10 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     while block_k > 32 and stages * (block_m_rows + block_n) * block_k * 2 > 160 * 1024:   # x + A stages in shared
         block_k //= 2
     block_k = _env_int("LORASERVE_LORA_SEG_SHRINK_BK", block_k)
-    per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 2)
+    # ~1 program per SM (fewer K splits: longer K loops, fewer planes for the last split to sum). H200 probe
+    # 2026-12-01 04:34 vs 2 per SM: qkv r64 / 32 adapters / 256 tokens shrink 22.7 -> 20.5 us (pair 34.8 -> 32.0),
+    # gate_up r64 / 16 / 256 16.3 -> 11.4 (43.8 -> 39.9), o r64 / 32 / 1024 14.2 -> 11.0 (29.6 -> 25.9)
+    per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 1)
     rows = -(-grid_tiles // group)
     k_blocks = -(-hidden_in // block_k)
     split = 1
@@ -157,9 +167,11 @@ def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, gr
     bpp = _env_int("LORASERVE_LORA_SEG_BPP", -(-nblocks // groups))
     return dict(GROUP=group, BLOCK_N=block_n, BLOCKS_PER_PROG=bpp, num_warps=_env_int("LORASERVE_LORA_SEG_WARPS", 8),
                 # (not with 128-row blocks of 3 rank-64 slices: h alone takes 48 registers there, sm_90 spills)
-                # y one block ahead at 32-row tiles (>= 512 tokens: down r16 / 4 adapters expand 5.6 -> 5.4 us), not at
-                # 16 rows (256 tokens: qkv r64 13.3 -> 15.8, gate_up r16 11.4 -> 14.5; probe 04:10)
-                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", int(block_m >= 32)))
+                # y one block ahead at 32-row tiles (>= 512 tokens) and rank <= 32 (down r16 / 4 adapters expand 5.6 ->
+                # 5.4 us, qkv r16 / 1 adapter 9.5 -> 9.4), not at 16 rows (256 tokens: qkv r64 13.3 -> 15.8, gate_up r16
+                # 11.4 -> 14.5; probe 04:10) nor at rank 64 with 4 programs per SM (o r64 / 32 adapters / 1024 tokens
+                # 10.4 -> 13.3, down r64 10.8 -> 13.8; probes 04:10 / 04:34)
+                Y_AHEAD=bool(_env_int("LORASERVE_LORA_SEG_YAHEAD", int(block_m >= 32 and rank <= 32)))
                 and block_m * group * num_slices * rank < 128 * 192,
                 ADAPT=seg_adapt(),
                 num_stages=_env_int("LORASERVE_LORA_SEG_STAGES", 2))

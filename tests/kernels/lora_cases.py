@@ -99,14 +99,16 @@ def shrink_defined_mask(p: LoRAProblem, max_rank: int, num_slices: int) -> torch
 
 @contextlib.contextmanager
 def without_dense_paths():
-    """lora_apply's dense shrink / expand off (LORASERVE_LORA_DENSE, LORASERVE_LORA_DENSE_EXPAND) for the
-    duration: for checks of the tiled paths' own choice (partials / reduced / fused / onelaunch)."""
+    """lora_apply's dense shrink / expand off (LORASERVE_LORA_DENSE, LORASERVE_LORA_DENSE_EXPAND) and the
+    segment-tiled pair off (LORASERVE_LORA_SEG, lora_seg.py; its own tests turn it on inside) for the duration: for
+    checks of the tiled paths' own choice (partials / reduced / fused / onelaunch)."""
     import importlib
 
     mod = importlib.import_module("loraserve.kernels.lora_apply")
-    old = mod.DENSE_MODE, mod.DENSE_EXPAND
-    mod.DENSE_MODE, mod.DENSE_EXPAND = "", False
+    seg = importlib.import_module("loraserve.kernels.lora_seg")
+    old = mod.DENSE_MODE, mod.DENSE_EXPAND, seg.SEG_ENABLED
+    mod.DENSE_MODE, mod.DENSE_EXPAND, seg.SEG_ENABLED = "", False, False
     try:
         yield
     finally:
-        mod.DENSE_MODE, mod.DENSE_EXPAND = old
+        mod.DENSE_MODE, mod.DENSE_EXPAND, seg.SEG_ENABLED = old

@@ -70,6 +70,7 @@ def test_seg_path_equals_reference_and_replays(name, monkeypatch) -> None:
     meta = LoRAMetaBuilder(T, L, dev).build(token_slot)
     kw = dict(scale=scale, shift=shift, scale_on=scale_on)
     with without_dense_paths():
+        monkeypatch.setattr("loraserve.kernels.lora_seg.SEG_ENABLED", True)   # (the context turned it off)
         path, shape, _ = choose_path(x, lora_a, lora_b, meta)
         assert path == "seg", path
         buf = torch.empty(shape, dtype=torch.float32, device=dev)

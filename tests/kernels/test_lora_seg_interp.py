@@ -52,18 +52,19 @@ def check_seg(num_tokens: int, widths: list[int], max_rank: int, composition: st
         g, c = scale[slot.clamp(min=0)].double(), shift[slot.clamp(min=0)].double()
         expected = torch.where(adapted[:, None], expected * g + c, expected)
     untouched = (p.token_slot < 0) | (p.ranks[p.token_slot.clamp(min=0).long()] == 0)
-    old_min, old_on = lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED
-    lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED = 65, True
+    old_min = lora_seg.SEG_MIN_TOKENS
+    lora_seg.SEG_MIN_TOKENS = 65
     os.environ.update(env)
     try:
         with without_dense_paths():
+            lora_seg.SEG_ENABLED = True   # (restored by the context)
             path, shape, _ = choose_path(p.x, p.lora_a, p.lora_b, meta)
             assert path == "seg", path
             outs = [lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks,
                                torch.full(shape, float("nan")), scale=scale, shift=shift, scale_on=scale_on)
                     for _ in range(2)]
     finally:
-        lora_seg.SEG_MIN_TOKENS, lora_seg.SEG_ENABLED = old_min, old_on
+        lora_seg.SEG_MIN_TOKENS = old_min
         for k in env:
             os.environ.pop(k)
     y = outs[0]
@@ -110,6 +111,7 @@ def check_seg_off() -> None:
     meta = LoRAMetaBuilder(64, 2, "cpu").build(p.token_slot)
     with without_dense_paths():
         assert lora_seg.SEG_MIN_TOKENS > 64
+        lora_seg.SEG_ENABLED = True
         assert choose_path(p.x, p.lora_a, p.lora_b, meta)[0] != "seg"   # <= 64 tokens never
         old = lora_seg.SEG_ENABLED, lora_seg.SEG_MIN_TOKENS
         try:

@@ -86,6 +86,51 @@ if HAS_TRITON:
         tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(yv.dtype), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _block_acc_one(b, n0, h0, h1, h2, lo1, lo2, offs_nb, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] fp32 = h @ b.T with one dot, the h of the block's first column's slice (a scalar
+        select); a block straddling a slice bound (rare: Llama widths are multiples of 128) redoes it per column."""
+        btt = tl.trans(b)
+        hs = tl.where(n0 >= lo2, h2, tl.where(n0 >= lo1, h1, h0))
+        if IEEE:
+            acc = tl.dot(hs, btt, input_precision="ieee")
+        else:
+            acc = tl.dot(hs, btt)
+        straddle = ((n0 < lo1) & (n0 + BLOCK_N > lo1)) | ((n0 < lo2) & (n0 + BLOCK_N > lo2))
+        if straddle:
+            offs_n = n0 + offs_nb
+            if IEEE:
+                acc = tl.dot(h0, btt, input_precision="ieee")
+                d1 = tl.dot(h1, btt, input_precision="ieee")
+            else:
+                acc = tl.dot(h0, btt)
+                d1 = tl.dot(h1, btt)
+            acc = tl.where(offs_n[None, :] >= lo1, d1, acc)
+            if NUM_SLICES == 3:
+                if IEEE:
+                    d2 = tl.dot(h2, btt, input_precision="ieee")
+                else:
+                    d2 = tl.dot(h2, btt)
+                acc = tl.where(offs_n[None, :] >= lo2, d2, acc)
+        return acc
+
+    @triton.jit
+    def _store_block(acc, yv, n0, y_rows, offs_nb, col_end, row_ok, scale_ptr, shift_ptr, slot64, stride_yn,
+                     stride_sl, stride_sn, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, g_on=1):
+        """y[rows, n0:n0+BLOCK_N] = yv + acc, DoRA epilogue, store (_expand_block's second half)."""
+        offs_n = n0 + offs_nb
+        n_ok = offs_n < col_end
+        out = yv.to(tl.float32) + acc
+        if HAS_SCALE:
+            if g_on != 0:
+                g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
+                out = out * g[None, :]
+                if HAS_SHIFT:
+                    c = tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=0.0)
+                    out = out + c[None, :]
+        tl.store(y_rows + offs_n[None, :] * stride_yn, out.to(yv.dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _lora_expand_stream_kernel(
         buf_ptr, b_ptr, y_ptr, ranks_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
@@ -237,17 +282,12 @@ if HAS_TRITON:
                              other=0.0)
                 if ONE_SLICE and NUM_SLICES >= 2:
                     # a block inside one slice (gate_up: 14336 = 112 x 128) takes one dot with that slice's h, not
-                    # one per slice and a [BLOCK_M, BLOCK_N] select (the loop is issue-bound: PERF_NOTES, tenth session)
-                    inside = ((n0 >= lo1) | (n0 + BLOCK_N <= lo1)) & ((n0 >= lo2) | (n0 + BLOCK_N <= lo2))
-                    if inside:
-                        hs = tl.where(n0 >= lo2, h2, tl.where(n0 >= lo1, h1, h0))
-                        _expand_block(bp, yp, n0, hs, hs, hs, N, N, y_rows, offs_nb, col_end, row_ok, scale_ptr,
-                                      shift_ptr, slot64, stride_yn, stride_sl, stride_sn, 1, IEEE, HAS_SCALE,
-                                      HAS_SHIFT, g_on)
-                    else:
-                        _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
-                                      shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,
-                                      HAS_SHIFT, g_on)
+                    # one per slice and a [BLOCK_M, BLOCK_N] select (the loop is issue-bound: PERF_NOTES, tenth
+                    # session); only the dot is branched on, the y update is shared (a whole-block branch: 123
+                    # registers in the sm_90 offline compile, 2 waves at 6 programs/SM on the H200)
+                    acc = _block_acc_one(bp, n0, h0, h1, h2, lo1, lo2, offs_nb, NUM_SLICES, BLOCK_N, IEEE)
+                    _store_block(acc, yp, n0, y_rows, offs_nb, col_end, row_ok, scale_ptr, shift_ptr, slot64,
+                                 stride_yn, stride_sl, stride_sn, HAS_SCALE, HAS_SHIFT, g_on)
                 else:
                     _expand_block(bp, yp, n0, h0, h1, h2, lo1, lo2, y_rows, offs_nb, col_end, row_ok, scale_ptr,
                                   shift_ptr, slot64, stride_yn, stride_sl, stride_sn, NUM_SLICES, IEEE, HAS_SCALE,

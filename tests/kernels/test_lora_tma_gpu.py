@@ -57,5 +57,23 @@ def test_tma_shrink_llama3_8b_bf16_and_graph_replay(proj: str) -> None:
         lora_tma_expand.TMA_EXPAND, lora_tma_shrink.TMA_SHRINK = old
 
 
+@pytest.mark.parametrize("num_tokens,num_slots,composition", [(64, 32, "distinct"), (48, 24, "mixed-ranks"),
+                                                             (64, 8, "no-adapter-rows")])
+def test_stream_expand_gate_up_decode_grid(num_tokens: int, num_slots: int, composition: str) -> None:
+    """The streaming expand at gate_up's widths with the decode grid (6 programs per SM at 33..64 tokens where runs stay
+    >= 10 blocks: lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE) vs the reference, DoRA epilogue included."""
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
+
+    from . import stream_interp_cases
+
+    _, widths = PROJECTIONS["gate_up"]
+    tiles = num_tokens // 16 + num_slots   # (the meta's grid tiles: cdiv(T, 16) + min(T, slots))
+    cfg = stream_expand_config(num_tokens, sum(widths), 16, 2, 16, tiles, 4)
+    # 32 / 24 slots: the decode grid (>= 10 blocks a program, pipelined); 8 slots: 4 per SM as before (rotating loop)
+    assert (cfg["SLOTS"] < 0) == (num_slots >= 24), cfg
+    stream_interp_cases.check_stream_expand("bfloat16", 4096, 16, widths, num_tokens, num_slots, composition,
+                                            split_k=4, with_scale=True, device="cuda")
+
+
 def test_read_kernels_gpu() -> None:
     cases.check_reads(device="cuda")

@@ -104,10 +104,11 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     while block_k > 32 and stages * (block_m_rows + block_n) * block_k * 2 > 160 * 1024:   # x + A stages in shared
         block_k //= 2
     block_k = _env_int("LORASERVE_LORA_SEG_SHRINK_BK", block_k)
-    # ~1 program per SM (fewer K splits: longer K loops, fewer planes for the last split to sum). H200 probe
+    # rank > 32: ~1 program per SM (fewer K splits: longer K loops, fewer planes for the last split to sum). H200 probe
     # 2026-12-01 04:34 vs 2 per SM: qkv r64 / 32 adapters / 256 tokens shrink 22.7 -> 20.5 us (pair 34.8 -> 32.0),
-    # gate_up r64 / 16 / 256 16.3 -> 11.4 (43.8 -> 39.9), o r64 / 32 / 1024 14.2 -> 11.0 (29.6 -> 25.9)
-    per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 1)
+    # gate_up r64 / 16 / 256 16.3 -> 11.4 (43.8 -> 39.9), o r64 / 32 / 1024 14.2 -> 11.0 (29.6 -> 25.9). Rank <= 32
+    # keeps 2 per SM (as measured there: gate_up r16 / 16 / 256 19.5 us, down r16 / 4 / 1024 16.6; 1 per SM unmeasured)
+    per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 1 if rank > 32 else 2)
     rows = -(-grid_tiles // group)
     k_blocks = -(-hidden_in // block_k)
     split = 1

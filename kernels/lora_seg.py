@@ -40,7 +40,7 @@ from .lora_meta import LoRAMeta, pdl_launch
 SEG_ENABLED = os.environ.get("LORASERVE_LORA_SEG", "1").strip().lower() not in ("", "0", "false", "off", "no")
 SEG_MIN_TOKENS = max(65, int(os.environ.get("LORASERVE_LORA_SEG_MIN_TOKENS", "256")))
 SEG_MAX_NR_LONG = int(os.environ.get("LORASERVE_LORA_SEG_MAX_NR_LONG", str(1 << 20)))   # see seg_applies
-SEG_MAX_RANK = 128
+SEG_MAX_RANK = 64   # the ranks compiled (sm_90 offline) and measured; larger pools keep the tile kernels
 _SEG_FAILED: set[tuple] = set()   # (S, R, device) whose seg kernels failed to compile: the tile path then
 
 if HAS_TRITON:
@@ -63,7 +63,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def seg_applies(num_tokens: int, rank: int, num_slices: int, x: Tensor, n_total: int = 0) -> bool:
-    """lora_apply takes the "seg" path: on, >= SEG_MIN_TOKENS tokens, rank <= 128, <= 3 slices, bf16/fp16 on a GPU
+    """lora_apply takes the "seg" path: on, >= SEG_MIN_TOKENS tokens, rank <= 64, <= 3 slices, bf16/fp16 on a GPU
     (fp32 only under the interpreter) and no earlier compile failure for these shapes; not for 257..384 tokens
     (lora_apply.partials_max_tokens: the mixed steps keep their measured partials path); not for >= 512 tokens of a
     projection with N * R >= 2^20 (gate_up at rank 64): its B (3.7 MB per adapter) is re-read per 32-row tile, as

@@ -28,6 +28,9 @@ from .pdl import pdl_kwargs
 
 ROW_SPLIT_MAX_ROWS = 128   # above this one program per row already fills the GPU (and the counters stay small)
 _COUNTER_SLOTS = 4096
+# one row's arrival counter every 128 bytes: the T x C programs' acq_rel atomics then do not queue on one L2 line
+# (probes 1 and 2 at 64 rows: 4 B apart, the split kernels took 12.6 / 5.7 us where their parallel phase is ~1.3)
+CNT_STRIDE = 32
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
@@ -95,7 +98,7 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_o + offs, y, mask=ok)
         tl.store(part_ptr + row * C + c, tl.max(tl.where(ok, tl.abs(y.to(tl.float32)), 0.0), axis=0))
         tl.debug_barrier()   # every thread's stores done before the counter moves
-        done = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")   # release ours, acquire the others'
+        done = tl.atomic_add(cnt_ptr + row * 32, 1, sem="acq_rel")   # (CNT_STRIDE) release ours, acquire the others'
         if done == C - 1:   # the row's last program: its scale, then all its codes (from L2)
             po = tl.arange(0, C_P2)
             amax = tl.max(tl.load(part_ptr + row * C + po, mask=po < C, other=0.0, cache_modifier=".cg"), axis=0)
@@ -108,7 +111,7 @@ if HAS_TRITON:
                 v = tl.load(out_ptr + row * stride_o + k0 + to, mask=tok, other=0.0, cache_modifier=".cg")
                 q = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), scale), -FP8_MAX_C), FP8_MAX_C)
                 tl.store(q_ptr + row * stride_q + k0 + to, q.to(q_ptr.dtype.element_ty), mask=tok)
-            tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed")   # zero for the next launch (ordered by the launch end)
+            tl.atomic_xchg(cnt_ptr + row * 32, 0, sem="relaxed")   # zero for the next launch (ordered by its end)
 
     @triton.jit(do_not_specialize=["M", "SPLITS"])
     def _norm_quant_split_kernel(x_ptr, ws_ptr, s_ptr, xs_ptr, res_ptr, w_ptr, out_ptr, q_ptr, qs_ptr, part_ptr,
@@ -144,7 +147,7 @@ if HAS_TRITON:
         xf = x.to(tl.float32)
         tl.store(part_ptr + row * C + c, tl.sum(xf * xf, axis=0))
         tl.debug_barrier()   # every thread's stores done before the counter moves
-        done = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")
+        done = tl.atomic_add(cnt_ptr + row * 32, 1, sem="acq_rel")   # (CNT_STRIDE)
         if done == C - 1:   # the row's last program: the norm of the whole row (x from L2), then its codes
             po = tl.arange(0, C_P2)
             parts = tl.load(part_ptr + row * C + po, mask=po < C, other=0.0, cache_modifier=".cg")
@@ -185,7 +188,7 @@ if HAS_TRITON:
                     v = tl.load(out_ptr + row * stride_o + k0 + to, mask=hok, other=0.0).to(tl.float32)
                     q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
                     tl.store(q_ptr + row * stride_q + k0 + to, q.to(q_ptr.dtype.element_ty), mask=hok)
-            tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed")   # zero for the next launch (ordered by the launch end)
+            tl.atomic_xchg(cnt_ptr + row * 32, 0, sem="relaxed")   # zero for the next launch (ordered by its end)
 
 
 def _chunk(n: int, env: str, default: int) -> int:
@@ -199,7 +202,7 @@ def silu_mul_quant_split(gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     values bit for bit over (T, cdiv(I, CHUNK)) programs (LORASERVE_FP8_ROW_SPLIT_CHUNK, default 1024)."""
     assert gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0 and gate_up.stride(-1) == 1
     T, I = gate_up.shape[0], gate_up.shape[1] // 2
-    assert T <= _COUNTER_SLOTS
+    assert T * CNT_STRIDE <= _COUNTER_SLOTS
     out = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
     x_q = torch.empty((T, I), dtype=FP8, device=gate_up.device)
     scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
@@ -233,7 +236,7 @@ def norm_quant_split(x: Tensor | None, residual: Tensor | None, weight: Tensor, 
         (T, H), splits, ref = x.shape, 1, x
     if residual is not None:
         assert residual.shape == (T, H) and residual.stride(-1) == 1 and residual.dtype == ref.dtype
-    assert weight.shape == (H,) and T <= _COUNTER_SLOTS
+    assert weight.shape == (H,) and T * CNT_STRIDE <= _COUNTER_SLOTS
     dev = ref.device
     out = torch.empty((T, H), dtype=ref.dtype, device=dev)
     x_q = torch.empty((T, H), dtype=FP8, device=dev)

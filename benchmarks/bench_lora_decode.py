@@ -69,7 +69,7 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             # session's start, 10af1f8)
             "tma": dict(tma=True), "tma2": dict(tma=True, tma_shrink=True), "tmas": dict(tma_shrink=True),
             "prev10": dict(tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
-                           stream_pps=4, stream_pps_decode=4),
+                           stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
             "pps4": dict(stream_pps_decode=4),   # the default with the decode steps' expand grid as before
             # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
             "kc4": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128),
@@ -113,6 +113,7 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_tma_expand.TMA_EXPAND = v.get("tma", defaults["tma"])
     lora_tma_shrink.TMA_SHRINK = v.get("tma_shrink", defaults["tma_shrink"])
     lora_expand_stream.STREAM_ONE_SLICE = v.get("stream_one", defaults["stream_one"])
+    lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = v.get("stream_one_max_tokens", defaults["stream_one_max_tokens"])
     lora_expand_stream.STREAM_PROGRAMS_PER_SM = v.get("stream_pps", defaults["stream_pps"])
     lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE = v.get("stream_pps_decode", defaults["stream_pps_decode"])
     lora_shrink_bgmv.BGMV_KCHUNKS = v.get("kchunks", defaults["kchunks"])
@@ -167,6 +168,7 @@ def main() -> int:
                     tma_shrink=importlib.import_module("loraserve.kernels.lora_tma_shrink").TMA_SHRINK,
                     stream_one=lora_expand_stream.STREAM_ONE_SLICE, stream_pps=lora_expand_stream.STREAM_PROGRAMS_PER_SM,
                     stream_pps_decode=lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE,
+                    stream_one_max_tokens=lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS,
                     kchunks=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS,
                     kchunks_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS_WIDE,
                     maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE)

@@ -78,6 +78,7 @@ _TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.ite
 _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
+_STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
@@ -168,7 +169,7 @@ VARIANTS = {
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
     "prev10": dict(DEFAULT, seg=False, tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1,
-                   maxnreg_wide=0, stream_pps=4, stream_pps_decode=4),
+                   maxnreg_wide=0, stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
@@ -225,7 +226,8 @@ VARIANTS.update({
     # the default (streaming) expand at 6 / 8 programs per SM (lora_expand_stream.STREAM_PROGRAMS_PER_SM, default 4)
     "stream_pps6": dict(DEFAULT, stream_pps=6),
     "stream_pps8": dict(DEFAULT, stream_pps=8),
-    "pps4": dict(DEFAULT, stream_pps_decode=4),   # the default with the old decode grid (4 per SM) for gate_up's expand
+    "pps4": dict(DEFAULT, stream_pps_decode=4),
+    "noone": dict(DEFAULT, stream_one_max_tokens=0),   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
     # the BGMV shrink's A block as 4 / 8 separate loads, one fp32 chunk live (lora_shrink_bgmv.BGMV_KCHUNKS, _WIDE for
@@ -261,6 +263,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE = variant.get("stream_pps_decode",
                                                                        variant.get("stream_pps", _STREAM_PPS_DECODE))
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
+        lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = variant.get("stream_one_max_tokens", _STREAM_ONE_MAX)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])

@@ -443,6 +443,10 @@ STREAM_SLOTS_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_SLOTS_MAX_TO
 # ONE_SLICE; 0: a dot per slice and a per-column select, as before). Read at each launch.
 STREAM_ONE_SLICE = os.environ.get("LORASERVE_LORA_STREAM_ONE_SLICE", "0").strip().lower() not in ("", "0", "false", "off",
                                                                                               "no")
+# ... and, with it off, for steps of <= this many tokens (LORASERVE_LORA_STREAM_ONE_SLICE_MAX_TOKENS; 0: never). H200 probe
+# 2026-12-01 04:57 (same run): 1 token qkv 3.74 -> 3.30 us, gate_up 4.19 -> 4.08 (median 3.61 -> 3.40); at 64 tokens it
+# costs registers (84 -> 106: 4 programs per SM, not the decode grid's 6): gate_up 16.6 -> 19.5, hence small steps only.
+STREAM_ONE_SLICE_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_ONE_SLICE_MAX_TOKENS", "16"))
 STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "10"))
 
 
@@ -560,6 +564,7 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0), DENSE_SLOTS=dense_slots, num_warps=cfg["num_warps"], num_stages=1,
         PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"],
-        SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor, ONE_SLICE=STREAM_ONE_SLICE, **pdl,
+        SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor,
+        ONE_SLICE=STREAM_ONE_SLICE or T <= STREAM_ONE_SLICE_MAX_TOKENS, **pdl,
     )
     return y

@@ -23,7 +23,7 @@ STRIDES = ["stride_bsplit", "stride_bs", "stride_bm", "stride_br", "stride_bl", 
 UNIT_STRIDES = ("stride_br", "stride_bk", "stride_yn", "stride_sn")  # Triton specialises == 1
 
 
-def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
+def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int, one_slice: bool = False):
     from loraserve.kernels.lora_expand_stream import _lora_expand_stream_kernel
 
     sig = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*i32", "slice_off_ptr": "*i32",
@@ -35,7 +35,7 @@ def _compile_sm90(num_slices: int, block_m: int, cfg: dict, split_k: int):
                  HAS_SCALE=True, HAS_SHIFT=True, USE_PDL=False,
                  B_AHEAD=cfg.get("B_AHEAD", 2), Y_AHEAD=cfg.get("Y_AHEAD", 1), SLOTS=cfg.get("SLOTS", 0),
                  DENSE_SLOTS=False, PREFETCH_B=False, TRIGGER=False, PF_THREADS=32 * cfg["num_warps"],
-                 SCALE_FLAG=True, GROUP_MAJOR=False)
+                 SCALE_FLAG=True, GROUP_MAJOR=False, ONE_SLICE=one_slice)
     return compile_sm90(_lora_expand_stream_kernel, sig, const, unit=UNIT_STRIDES, div16_except=("R",),
                         num_warps=cfg["num_warps"], num_stages=1)
 
@@ -55,4 +55,17 @@ def test_stream_expand_compiles_for_sm90_without_spills(num_tokens, grid_tiles, 
     else:
         assert "ld.global.v4" in ptx, "expected v4 loads"
     assert k.metadata.shared <= 64 * 1024, f"shared memory {k.metadata.shared} B"
+    assert_no_spills(k)
+
+
+@pytest.mark.parametrize("widths", [[4096, 1024, 1024], [14336, 14336]])
+def test_stream_expand_one_slice_dot_compiles(widths):
+    """The one-slice dot (default at <= 16 tokens: lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS) at 1 token, BGMV
+    shrink partials (4 K chunks): still Triton-pipelined (cp.async), no spills."""
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
+
+    cfg = stream_expand_config(1, sum(widths), 16, len(widths), 16, 2, 4)
+    assert cfg["SLOTS"] < 0
+    k = _compile_sm90(len(widths), 16, cfg, 4, one_slice=True)
+    assert "cp.async" in k.asm["ptx"], "the pipelined column loop should stage B and y through cp.async"
     assert_no_spills(k)

@@ -227,7 +227,8 @@ VARIANTS.update({
     "stream_pps6": dict(DEFAULT, stream_pps=6),
     "stream_pps8": dict(DEFAULT, stream_pps=8),
     "pps4": dict(DEFAULT, stream_pps_decode=4),
-    "noone": dict(DEFAULT, stream_one_max_tokens=0),   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
+    "noone": dict(DEFAULT, stream_one_max_tokens=0),
+    "dgrid_all": dict(DEFAULT, dgrid_any=True),   # the decode grid (6 per SM) on qkv's short runs too (rotating loop)   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
     # the BGMV shrink's A block as 4 / 8 separate loads, one fp32 chunk live (lora_shrink_bgmv.BGMV_KCHUNKS, _WIDE for
@@ -264,6 +265,7 @@ def _use_variant(c: Case, variant) -> None:
                                                                        variant.get("stream_pps", _STREAM_PPS_DECODE))
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
         lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = variant.get("stream_one_max_tokens", _STREAM_ONE_MAX)
+        lora_expand_stream.STREAM_PPS_DECODE_ANY = bool(variant.get("dgrid_any", False))
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])

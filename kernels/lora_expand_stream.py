@@ -402,6 +402,7 @@ STREAM_PROGRAMS_PER_SM_DECODE = float(os.environ.get("LORASERVE_LORA_STREAM_PPS_
 # ... from 33 tokens (below, the pipelined loop runs at every run length: not measured there) and only where the runs
 # stay >= STREAM_PIPE_MIN_BLOCKS blocks (qkv's 3-4-block runs keep 4 per SM: not measured at 6)
 STREAM_PPS_DECODE_MIN_TOKENS, STREAM_PPS_DECODE_MAX_TOKENS = 33, 64
+STREAM_PPS_DECODE_ANY = False   # (probes: the decode grid whatever the run length, e.g. qkv's 3-block runs)
 # ... above 256 tokens (mixed steps, prefill): 8. Their grids hold many empty tiles (cdiv(T, BM) + a segment
 # bound: a 352-token mixed step launches 93 tiles for 48 used), so 4 per grid tile left ~2 programs per SM of
 # 16 column blocks each. H200 probe 19:59 (bench_lora_mixed pps8, q+v qkv, ranks 8-64, us per layer): mixed
@@ -488,7 +489,7 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     if STREAM_PPS_DECODE_MIN_TOKENS <= num_tokens <= STREAM_PPS_DECODE_MAX_TOKENS:
         # more programs per SM where each still walks a run long enough for the pipelined loop (gate_up)
         g6 = max(1, min(n_blocks, round(STREAM_PROGRAMS_PER_SM_DECODE * num_sms / max(1, grid_tiles))))
-        if STREAM_PIPE_MIN_BLOCKS and -(-n_blocks // g6) >= STREAM_PIPE_MIN_BLOCKS:
+        if STREAM_PPS_DECODE_ANY or (STREAM_PIPE_MIN_BLOCKS and -(-n_blocks // g6) >= STREAM_PIPE_MIN_BLOCKS):
             groups = g6
     blocks_per_prog = -(-n_blocks // groups)
     groups = -(-n_blocks // blocks_per_prog)

@@ -135,6 +135,8 @@ def seg_split_k(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> int:
     seg_reduce() is on and SPLIT_K > 1."""
     _, S, R, H = lora_a.shape
     sk = seg_shrink_config(x.shape[0], R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device))["SPLIT_K"]
+    if x.is_cuda and x.device not in _COUNTERS and not torch.cuda.is_current_stream_capturing():
+        _counters(x.device, meta.grid_tiles)   # now, so that a graph captured before any seg launch finds them
     return sk + 1 if sk > 1 and seg_reduce() else sk
 
 

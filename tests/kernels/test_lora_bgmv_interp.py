@@ -34,8 +34,8 @@ def test_bgmv_shrink_matches_reference(interp, num_slices, composition) -> None:
     _run(interp, cases.check_bgmv_shrink, "float32", 600, 32, widths, 21, 5, composition)
 
 
-@pytest.mark.parametrize("kchunks", [2, 4, 8])
-@pytest.mark.parametrize("composition", ["distinct", "no-adapter-rows", "mixed-ranks"])
+@pytest.mark.parametrize("kchunks", [2, 8])
+@pytest.mark.parametrize("composition", ["no-adapter-rows", "mixed-ranks"])
 def test_bgmv_shrink_chunked_a(interp, kchunks, composition) -> None:
     # A's 256-column block as 2 / 4 loads (KCHUNKS): hidden 600 (a ragged last block), 1-4 row tiles (21 tokens over
     # 5 slots) and a 16-row tile (40 tokens over 2 slots: the dot path after the chunked branch)

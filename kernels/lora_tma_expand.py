@@ -38,7 +38,7 @@ from .lora_prefetch import prefetch_on
 if HAS_TRITON:
     from .lora_prefetch import l2_prefetch
     from .lora_expand_bgmv import _block2, _delta, _epilogue, _hs, _sels
-    from .lora_expand_stream import _expand_block, _load_parts
+    from .lora_stream_blocks import _expand_block, _load_parts
 
     @triton.jit
     def _tile_h(buf_ptr, tok, h_mask, offs_r, stride_bsplit, stride_bs, stride_bm, stride_br,

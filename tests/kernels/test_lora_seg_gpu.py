@@ -4,6 +4,8 @@ eager bit for bit, and the same output twice; with mixed ranks in max-rank slots
 blocks of 1 / 4 meta tiles (LORASERVE_LORA_SEG_GROUP) and DoRA's epilogue with per-slot flags."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -32,7 +34,9 @@ def reference(x, lora_a, lora_b, offsets, ranks, token_slot, y0, scale=None, shi
 CASES = {  # name: (hidden, widths, max rank, tokens, slots list builder, group, dora)
     "qkv-mixed-ranks-4-adapters": (4096, [4096, 1024, 1024], 64, 1024,
                                    lambda T: [(t * 7 // T) % 5 - 1 for t in range(T)], "1", False),
-    "qkv-group4": (4096, [4096, 1024, 1024], 64, 1024, lambda T: [(t * 7 // T) % 5 - 1 for t in range(T)], "4", False),
+    # group 4 at max rank 16: at max rank 64 with 3 slices the group-4 kernels do not compile on triton 3.6 (H200
+    # 05:33: PassManager failure, the tile kernels took over with a warning), so that combination is not a seg case
+    "qkv-group4": (4096, [4096, 1024, 1024], 16, 1024, lambda T: [(t * 7 // T) % 5 - 1 for t in range(T)], "4", False),
     "gate_up-one-adapter-dora": (4096, [14336, 14336], 16, 512, lambda T: [2] * (T - 40) + [-1] * 40, "4", True),
     "down-32-adapters-dora": (14336, [4096], 16, 1024, lambda T: [t % 32 for t in range(T)], "1", True),
 }
@@ -74,15 +78,19 @@ def test_seg_path_equals_reference_and_replays(name, monkeypatch) -> None:
         path, shape, _ = choose_path(x, lora_a, lora_b, meta)
         assert path == "seg", path
         buf = torch.empty(shape, dtype=torch.float32, device=dev)
-        y_eager = lora_apply(x, y0.clone(), lora_a, lora_b, offsets, meta, ranks, buf, **kw)
-        y_again = lora_apply(x, y0.clone(), lora_a, lora_b, offsets, meta, ranks, buf, **kw)
-        y_graph = y0.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            lora_apply(x, y_graph, lora_a, lora_b, offsets, meta, ranks, buf, **kw)
-        y_graph.copy_(y0)
-        graph.replay()
-        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as fallbacks:
+            warnings.simplefilter("always")
+            y_eager = lora_apply(x, y0.clone(), lora_a, lora_b, offsets, meta, ranks, buf, **kw)
+            y_again = lora_apply(x, y0.clone(), lora_a, lora_b, offsets, meta, ranks, buf, **kw)
+            y_graph = y0.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                lora_apply(x, y_graph, lora_a, lora_b, offsets, meta, ranks, buf, **kw)
+            y_graph.copy_(y0)
+            graph.replay()
+            torch.cuda.synchronize()
+    failed = [str(w.message) for w in fallbacks if "segment-tiled LoRA kernels failed" in str(w.message)]
+    assert not failed, f"the seg kernels fell back to the tile kernels, so this case tested those: {failed}"
     assert torch.equal(y_eager, y_again), "two eager runs differ"
     assert torch.equal(y_graph, y_eager), "graph replay != eager on the seg path"
     ref = reference(x, lora_a, lora_b, offsets, ranks, token_slot, y0, scale, shift)

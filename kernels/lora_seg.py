@@ -85,8 +85,12 @@ def seg_adapt() -> bool:
     return bool(_env_int("LORASERVE_LORA_SEG_ADAPT", 0))
 
 
-def seg_group(num_tokens: int, block_m: int) -> int:
-    """Meta tiles per row block (GROUP): LORASERVE_LORA_SEG_GROUP, else 1 (the tiles as built)."""
+def seg_group(num_tokens: int, block_m: int, num_slices: int = 1) -> int:
+    """Meta tiles per row block (GROUP): LORASERVE_LORA_SEG_GROUP, else 1 (the tiles as built). Always 1 for 3 or more
+    slices: there the GROUP > 1 kernels fail triton 3.6's pipeliner (H200 05:33 and 05:50: PassManager failure for qkv
+    at max rank 64 and 16), and a launch that fell back would run the tile kernels instead."""
+    if num_slices >= 3:
+        return 1
     return max(1, _env_int("LORASERVE_LORA_SEG_GROUP", 1))
 
 
@@ -94,7 +98,7 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
                       num_sms: int = 132) -> dict:
     """Launch parameters from host-known sizes: K split until the grid holds ~SEG_SHRINK_PER_SM programs per SM
     (every tile assumed active), each K chunk a whole number of BLOCK_K, at least 2 blocks."""
-    group = seg_group(num_tokens, block_m)
+    group = seg_group(num_tokens, block_m, num_slices)
     rp = max(16, _pow2(rank))
     block_n = max(16, _pow2(num_slices * rp))
     group = max(1, min(group, 128 * 128 // (block_m * block_n)))   # the fp32 accumulator <= 64 KB (no spills)
@@ -157,7 +161,7 @@ def seg_expand_config(num_tokens: int, n_total: int, rank: int, block_m: int, gr
                       num_sms: int = 132, num_slices: int = 1) -> dict:
     """Column blocks of BLOCK_N (256; 128 at rank > 64), grouped so that the grid holds ~SEG_EXPAND_PER_SM programs
     per SM (every tile assumed active)."""
-    group = seg_group(num_tokens, block_m)
+    group = seg_group(num_tokens, block_m, num_slices)
     block_n = _env_int("LORASERVE_LORA_SEG_BN", 256 if rank <= 64 else 128)
     # accumulator <= 32 KB fp32 (with h of 3 slices and y, two blocks of it with Y_AHEAD: no spills at 8 warps)
     block_n = min(block_n, max(16, _pow2(n_total)), max(16, 128 * 64 // (block_m * group)))

@@ -87,7 +87,7 @@ def seg_adapt() -> bool:
 
 def seg_group(num_tokens: int, block_m: int, num_slices: int = 1) -> int:
     """Meta tiles per row block (GROUP): LORASERVE_LORA_SEG_GROUP, else 1 (the tiles as built). Always 1 for 3 or more
-    slices: there the GROUP > 1 kernels fail triton 3.6's pipeliner (H200 05:33 and 05:50: PassManager failure for qkv
+    slices: there the GROUP > 1 kernels fail triton 3.6's pipeliner (H200 05:33 and 05:43: PassManager failure for qkv
     at max rank 64 and 16), and a launch that fell back would run the tile kernels instead."""
     if num_slices >= 3:
         return 1

@@ -35,7 +35,7 @@ CASES = {  # name: (hidden, widths, max rank, tokens, slots list builder, group,
     "qkv-mixed-ranks-4-adapters": (4096, [4096, 1024, 1024], 64, 1024,
                                    lambda T: [(t * 7 // T) % 5 - 1 for t in range(T)], "1", False),
     # GROUP=4 asked for on 3 slices: seg_group gives 1 there (the group-4 kernels fail triton 3.6's pipeliner for
-    # qkv; H200 05:33 / 05:50), so this must still run the seg kernels, not fall back to the tile ones
+    # qkv; H200 05:33 / 05:43), so this must still run the seg kernels, not fall back to the tile ones
     "qkv-group4": (4096, [4096, 1024, 1024], 64, 1024, lambda T: [(t * 7 // T) % 5 - 1 for t in range(T)], "4", False),
     "gate_up-one-adapter-dora": (4096, [14336, 14336], 16, 512, lambda T: [2] * (T - 40) + [-1] * 40, "4", True),
     "down-32-adapters-dora": (14336, [4096], 16, 1024, lambda T: [t % 32 for t in range(T)], "1", True),

@@ -87,10 +87,6 @@ SWEEP_VARIANTS = {
     "vpin_split2": ("vpin", None, 2, False), "vpin_split3": ("vpin", None, 3, False),
     "vpin_t32s3": ("vpin", {"TILE_N": 32, "num_stages": 3}, None, False),
     "vpin_s3_qout": ("vpin", {"num_stages": 3}, None, True),
-    # kernels/fp8_attention_decode.py (the block table one tile ahead; names with "ahead")
-    "ahead": ("vpin", None, None, False), "ahead_s3": ("vpin", {"num_stages": 3}, None, False),
-    "ahead_t32s3": ("vpin", {"TILE_N": 32, "num_stages": 3}, None, False),
-    "ahead_s3_qout": ("vpin", {"num_stages": 3}, None, True), "ahead_s4": ("vpin", {"num_stages": 4}, None, False),
 }
 
 
@@ -118,7 +114,6 @@ def decode_sweep(cases=((64, 512), (64, 2048), (1, 576)),
         for name, env, cfg, splits, qout in variants:   # env "vpin": fp16 operands + V widened in its load layout
             os.environ["LORASERVE_ATTN_FP8_FP16"] = "1" if env == "vpin" else env
             os.environ["LORASERVE_ATTN_FP8_VPIN"] = "1" if env == "vpin" else "0"
-            os.environ["LORASERVE_ATTN_FP8_TABLE_AHEAD"] = "1" if "ahead" in name else "0"
             try:
                 quant = None
                 if qout:
@@ -139,7 +134,6 @@ def decode_sweep(cases=((64, 512), (64, 2048), (1, 576)),
             finally:
                 os.environ.pop("LORASERVE_ATTN_FP8_FP16", None)
                 os.environ.pop("LORASERVE_ATTN_FP8_VPIN", None)
-                os.environ.pop("LORASERVE_ATTN_FP8_TABLE_AHEAD", None)
             print(json.dumps({"case": row["case"], name: row[name]}), flush=True)   # (a time limit keeps these)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -83,14 +83,6 @@ VARIANTS = (
     ("attn_t32s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "TILE_N:32,num_stages:3"}),
     ("all_new_s3", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4",
                     "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
-    # kernels/fp8_attention_decode.py: the block table read one key tile ahead (with 3 stages K / V double-buffered)
-    ("attn_ahead", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "1"}),
-    ("attn_ahead_s3", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "1", "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
-    ("attn_ahead_t32s3", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "1",
-                          "LORASERVE_ATTN_FP8_DECODE_CFG": "TILE_N:32,num_stages:3"}),
-    ("attn_ahead_s3_quant", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "1", "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3",
-                             "LORASERVE_FP8_ATTN_QUANT": "1"}),
-    ("ahead_s3_row_split", {"LORASERVE_ATTN_FP8_TABLE_AHEAD": "s3", "LORASERVE_FP8_ROW_SPLIT": "1"}),
     # the one-program-per-row kernels with more warps (8B: norm 8 -> 16, silu one-pass 16 -> 32)
     ("norm_w16", {"LORASERVE_FP8_NORM_WARPS": "16"}),
     ("silu_w32", {"LORASERVE_FP8_SILU_WARPS": "32"}),

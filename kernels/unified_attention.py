@@ -437,13 +437,6 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
                      ocnt_ptr=ocnt, stride_oq=oq.stride(0), QUANT_OUT=True,
                      KVH_P2=max(2, triton.next_power_of_2(KVH)), QBLOCK=min(4096, triton.next_power_of_2(H * D)))
     kernel = _unified_attention_kernel
-    ahead = os.environ.get("LORASERVE_ATTN_FP8_TABLE_AHEAD", "0").strip().lower()
-    if ahead == "auto":   # 3 stages at decode launches without split-KV (batch decode), the unified kernel else
-        ahead = "s3" if num_splits == 1 else "0"
-    if fp8_kv and max_query_len == 1 and ahead in ("1", "s3"):   # kernels/fp8_attention_decode.py
-        from .fp8_attention_decode import _fp8_decode_attention_kernel as kernel   # (the same arguments and math)
-        if ahead == "s3" and config is None and "num_stages" not in os.environ.get("LORASERVE_ATTN_FP8_DECODE_CFG", ""):
-            cfg["num_stages"] = 3   # K / V double-buffered behind the table (offline TTGIR)
     kernel[(num_tiles, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
         k_scale, v_scale, scale * LOG2E, B, N, num_splits,

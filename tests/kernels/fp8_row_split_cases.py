@@ -182,31 +182,3 @@ def check_attend_quant_glue() -> None:
     codes, scale = getattr(o, PREQUANT_ATTR)
     q_ref, s_ref = per_token_quant_fp8(o)
     assert torch.equal(scale, s_ref) and torch.equal(codes.float(), q_ref.float()), "codes != per_token_quant_fp8(o)"
-
-
-def check_table_ahead(batch_name: str, H: int, KVH: int, D: int, BS: int, dtype_name: str,
-                      num_splits: int | None = None, quant: bool = False, device: str = "cpu") -> None:
-    """LORASERVE_ATTN_FP8_TABLE_AHEAD=1 (kernels/fp8_attention_decode.py at decode launches over the e4m3 cache): the
-    same output as the unified kernel bit for bit (with o's codes too when quant)."""
-    from loraserve.kernels.fp8_gemm import FP8
-    from loraserve.kernels.unified_attention import unified_attention
-
-    from . import unified_attention_cases as ua
-    from .fp8_attention_cases import make_fp8_problem
-
-    dtype = getattr(torch, dtype_name)
-    batch = ua.BATCHES[batch_name]
-    q, k, v, tables, lens, qsl, ks, vs = make_fp8_problem(batch, H, KVH, D, BS, dtype, 7, device)
-    N, max_q = q.shape[0], max(ql for ql, _ in batch)
-    outs = []
-    for ahead in ("0", "1"):
-        with _env(LORASERVE_ATTN_FP8_TABLE_AHEAD=ahead):
-            qo = [torch.zeros(N, H * D, device=device).to(FP8), torch.zeros(N, 1, device=device),
-                  torch.zeros(64, dtype=torch.int32, device=device)] if quant else None
-            out = unified_attention(q, k, v, tables, lens, qsl, max_q, D ** -0.5, num_splits=num_splits, k_scale=ks,
-                                    v_scale=vs, quant_out=qo)
-            outs.append((out, qo))
-    (o0, q0), (o1, q1) = outs
-    assert torch.equal(o0, o1), f"table-ahead output differs: max {float((o0.float() - o1.float()).abs().max())}"
-    if quant:
-        assert torch.equal(q0[1], q1[1]) and torch.equal(q0[0].float(), q1[0].float())

@@ -37,18 +37,6 @@ def test_attention_quant_out_interp(interp, batch, num_splits) -> None:
     interp.submit(cases.check_attention_quant_out, batch, 8, 2, 16, 16, "float16", num_splits).result(timeout=300)
 
 
-@pytest.mark.parametrize("batch,num_splits,quant", [("decode", 1, True), ("decode", 2, False), ("decode", None, False)])
-def test_table_ahead_interp(interp, batch, num_splits, quant) -> None:
-    interp.submit(cases.check_table_ahead, batch, 8, 2, 16, 16, "float16", num_splits, quant).result(timeout=300)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_table_ahead_gpu() -> None:
-    for splits, quant in ((1, True), (1, False), (3, False)):
-        cases.check_table_ahead("decode", 32, 8, 128, 16, "bfloat16", splits, quant, "cuda")
-
-
 def test_attend_quant_glue_interp(interp) -> None:
     interp.submit(cases.check_attend_quant_glue).result(timeout=300)
 

@@ -46,50 +46,14 @@ from loraserve.kernels.lora_apply import choose_path
 from loraserve.kernels.lora_fused import _FITS, fused_plan, lora_shrink_expand
 from loraserve.kernels.lora_shrink import shrink_split_k
 
+from benchmarks.lora_timing import copy_bandwidth, event_time, graph_us  # noqa: E402,F401 (re-exported)
+
 # Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336.
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 L2_FLUSH_BYTES = 256 << 20
 _SEG_DEFAULT = (__import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_ENABLED,
                 __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MIN_TOKENS)   # as the process found them
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = event_time(lambda: dst.copy_(src), reps=20)
-    src = dst = None  # free the 4 GiB (not `del`: the lambda above closes over them)
-    return 2 * (1 << 30) * 2 / (ms * 1e-3) / 1e9
-
-
-def event_time(fn, reps: int) -> float:
-    """Median ms of fn over reps, after a warm-up, timed with CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_us(calls, reps: int = 20) -> float:
-    """us per element of calls (a list of no-arg fns), from replays of one graph running them all."""
-    for c in calls:  # compile + warm up outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    us = event_time(graph.replay, reps) * 1e3 / len(calls)
-    del graph
-    return us
 
 
 class Case:

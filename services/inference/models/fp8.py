@@ -47,43 +47,16 @@ from torch import nn
 
 from ..attention import paged_attention_fp8
 from ..context import get_context
+from .fp8_quant import (FP8, FP8_MAX, _MIN_SCALE, dequantize, quantize_per_channel,  # noqa: F401 (re-exported)
+                        quantize_per_token, quantize_with_scale)
 from .llama import Attention, Proj
 
 log = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 K_SCALE_RANGE, V_SCALE_RANGE = 200.0, 100.0   # vLLM's K_SCALE_CONSTANT / V_SCALE_CONSTANT headroom
-_MIN_SCALE = 1e-12
 # CPU: also round activations through e4m3 per token, as _scaled_mm does (tests measure the GPU's
 # W8A8 error with it); off by default: the CPU path is weight-only dequantization
 EMULATE_ACTIVATION_QUANT = False   # an all-zero row keeps a finite scale (its values quantize to 0 either way)
-
-
-# --- quantize / dequantize ------------------------------------------------------------------------
-
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] (any float dtype) -> (w_q [out, in] e4m3, scale [out] fp32), w ~= w_q * scale[:, None]."""
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
-    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, in] -> (x_q [N, in] e4m3, scale [N, 1] fp32): one scale per token (row)."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """x (any shape) / a per-tensor scale -> e4m3, saturating at +-448 (KV cache, static activations)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
-def dequantize(x_q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """e4m3 values times their scale (broadcast: [out, 1] per row, [N, 1] per token, or a scalar)."""
-    return (x_q.float() * scale).to(dtype)
 
 
 def _scaled_mm_ok(x: torch.Tensor, w_q: torch.Tensor) -> bool:

@@ -74,19 +74,16 @@ VARIANTS = (
     # o_proj's per-token codes written by the decode attention's epilogue (no quantization launch before o's GEMM)
     ("attn_quant", {"LORASERVE_FP8_ATTN_QUANT": "1"}),
     ("row_split_attn_quant", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
-    # RoPE + e4m3 K/V over (token, q-head group) programs (kernels/fp8_rope_kv.py, bit for bit)
-    ("rope_groups4", {"LORASERVE_FP8_ROPE_GROUPS": "4"}),
-    ("rope_groups8", {"LORASERVE_FP8_ROPE_GROUPS": "8"}),
     # decode launches over the e4m3 cache with 3 stages (the block table 2 tiles ahead, K/V 1: with 2 stages the
     # table and K/V loads of a tile wait on each other), and 32-key tiles
     ("attn_s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
     ("attn_t32s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "TILE_N:32,num_stages:3"}),
-    ("all_new_s3", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4",
+    ("all_new_s3", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1",
                     "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
     # the one-program-per-row kernels with more warps (8B: norm 8 -> 16, silu one-pass 16 -> 32)
     ("norm_w16", {"LORASERVE_FP8_NORM_WARPS": "16"}),
     ("silu_w32", {"LORASERVE_FP8_SILU_WARPS": "32"}),
-    ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1", "LORASERVE_FP8_ROPE_GROUPS": "4"}),
+    ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

@@ -19,7 +19,6 @@ fused in its FlashInfer path).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
@@ -95,50 +94,6 @@ if HAS_TRITON:
         _quant_store(tl.load(v_row, mask=ok, other=0.0).to(tl.float32), v_scale, v_cache_ptr + dst, ok)
         _quant_store(tl.load(v_row + HALF, mask=ok, other=0.0).to(tl.float32), v_scale, v_cache_ptr + dst + HALF, ok)
 
-
-    @triton.jit
-    def _rope_store_kv_fp8_grouped_kernel(pos_ptr, cache_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, k_cache_ptr,
-                                          v_cache_ptr, k_scale_ptr, v_scale_ptr, H, KVH, stride_qt, stride_qh,
-                                          stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_c,
-                                          num_positions, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                                          BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-                                          USE_PDL: tl.constexpr = False):
-        # _rope_store_kv_fp8_kernel over grid (T, Q groups + 1): program (t, g) rotates q heads [g BLOCK_H,
-        # (g + 1) BLOCK_H) of token t, the last group writes its K (rotated) and V codes. The same math per element
-        # (bit for bit); at decode batches of a few dozen tokens one program per token left most SMs idle (H200 bs64
-        # layer: 3.6 us)
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        t = tl.program_id(0).to(tl.int64)
-        grp = tl.program_id(1)
-        p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
-        cols = tl.arange(0, HALF_P2)
-        c = tl.load(cache_ptr + p * stride_c + cols, mask=cols < HALF, other=0.0)
-        s = tl.load(cache_ptr + p * stride_c + HALF + cols, mask=cols < HALF, other=0.0)
-        if grp < tl.num_programs(1) - 1:
-            h0 = grp * BLOCK_H
-            _rope_q(q_ptr + h0 * stride_qh, qo_ptr + h0 * stride_qoh, t, stride_qt, stride_qh, stride_qot, stride_qoh,
-                    H - h0, c, s, HALF, HALF_P2, BLOCK_H)
-        else:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            heads = tl.arange(0, BLOCK_KVH)
-            ok = (heads < KVH)[:, None] & (cols < HALF)[None, :]
-            dst = slot * (KVH * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
-            k_row = k_ptr + t * stride_kt + heads[:, None] * stride_kh + cols[None, :]
-            k1 = tl.load(k_row, mask=ok, other=0.0)
-            k2 = tl.load(k_row + HALF, mask=ok, other=0.0)
-            r1, r2 = _rot(k1.to(tl.float32), k2.to(tl.float32), c[None, :], s[None, :])
-            r1 = r1.to(k1.dtype).to(tl.float32)
-            r2 = r2.to(k1.dtype).to(tl.float32)
-            k_scale = tl.load(k_scale_ptr)
-            _quant_store(r1, k_scale, k_cache_ptr + dst, ok)
-            _quant_store(r2, k_scale, k_cache_ptr + dst + HALF, ok)
-            v_row = v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :]
-            v_scale = tl.load(v_scale_ptr)
-            _quant_store(tl.load(v_row, mask=ok, other=0.0).to(tl.float32), v_scale, v_cache_ptr + dst, ok)
-            _quant_store(tl.load(v_row + HALF, mask=ok, other=0.0).to(tl.float32), v_scale, v_cache_ptr + dst + HALF,
-                         ok)
 
     @triton.jit
     def _scaled_pair(a_ptr, t, stride_at, offs, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF: tl.constexpr,
@@ -247,13 +202,6 @@ def rope_store_kv_fp8_scaled(positions: Tensor, acc: Tensor, x_scale: Tensor | N
     return q_out
 
 
-def rope_q_groups(tokens: int, heads: int) -> int:
-    """LORASERVE_FP8_ROPE_GROUPS=n: rope_store_kv_fp8 over (T, n + 1) programs (n groups of q heads, one for K / V) at
-    T <= 128 tokens (above, one program per token fills the GPU); 0 (default): one program per token."""
-    n = int(os.environ.get("LORASERVE_FP8_ROPE_GROUPS", "0") or 0)
-    return max(0, min(n, heads)) if 0 < tokens <= 128 else 0
-
-
 def rope_store_kv_fp8_ref(positions: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor,
                           k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k_scale: Tensor | float,
                           v_scale: Tensor | float) -> Tensor:
@@ -290,16 +238,6 @@ def rope_store_kv_fp8(positions: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_si
     assert all(x.stride(-1) == 1 for x in (q, k, v, q_out)), "last dim must be contiguous"
     assert positions.shape == (T,) and slot_mapping.shape == (T,), (positions.shape, slot_mapping.shape)
     if T == 0:
-        return q_out
-    groups = rope_q_groups(T, H)
-    if groups:   # (T, groups + 1) programs: LORASERVE_FP8_ROPE_GROUPS
-        block_h = triton.next_power_of_2(triton.cdiv(H, groups))
-        _rope_store_kv_fp8_grouped_kernel[(T, triton.cdiv(H, block_h) + 1)](
-            positions, cos_sin_cache, slot_mapping, q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, H, KVH,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
-            q_out.stride(1), cos_sin_cache.stride(0), cos_sin_cache.shape[0], HALF=D // 2,
-            HALF_P2=triton.next_power_of_2(D // 2), BLOCK_H=block_h,
-            BLOCK_KVH=triton.next_power_of_2(KVH), num_warps=4, **pdl_kwargs(q.device))
         return q_out
     _rope_store_kv_fp8_kernel[(T,)](
         positions, cos_sin_cache, slot_mapping, q, k, v, q_out, k_cache, v_cache, k_scale, v_scale, H, KVH,

@@ -84,6 +84,22 @@ VARIANTS = (
     ("norm_w16", {"LORASERVE_FP8_NORM_WARPS": "16"}),
     ("silu_w32", {"LORASERVE_FP8_SILU_WARPS": "32"}),
     ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
+    # eighth pass: SiLU-and-mul in the gate_up dot8 GEMM's epilogue + down's codes from its row maxima
+    # (kernels/fp8_dot8_silu.py), with other gate_up tiles, the norms with 16 warps, qkv's scaling in RoPE
+    ("silu_dot8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1"}),
+    ("silu_dot8_w16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS": "16"}),
+    ("silu_dot8_all", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS": "16",
+                       "LORASERVE_FP8_DEFER_QKV": "1"}),
+    ("silu_dot8_s4", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:4:4"}),
+    ("silu_dot8_w8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:8:3"}),
+    ("silu_dot8_n128", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
+                        "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:128:128:1:8:3"}),
+    # o_proj without the per-token quantization launch before it: x quantized per (token, 128-wide K block) inside the
+    # GEMM (dot8b), or weight-only fp16 operands (dot16); other numerics than tw (not bit for bit)
+    ("o_dot8b", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:1:4:3"}),
+    ("o_dot8b_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:2:4:3"}),
+    ("o_dot16", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:1:4:3"}),
+    ("default2", {}),   # the defaults again at the end (drift)
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

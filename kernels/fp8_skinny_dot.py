@@ -29,6 +29,7 @@ def w8a8_block_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None 
 
 
 if HAS_TRITON:
+    from .fp8_gemv_silu import _silu_mul_rounded
 
     @triton.jit
     def _prefetch_rows_l2(w_ptr, rows, K, k_start, k_end, LINES: tl.constexpr):
@@ -47,7 +48,10 @@ if HAS_TRITON:
                                USE_WS: tl.constexpr, F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
                                FIXUP: tl.constexpr, EARLY: tl.constexpr = False, XQ: tl.constexpr = False,
-                               PRECISE: tl.constexpr = True):
+                               PRECISE: tl.constexpr = True, SILU: tl.constexpr = False):
+        # SILU (W8A8 dot8 / dot8f, no split-K, no bias: kernels/fp8_dot8_silu.py): w is a fused gate_up [2N, K], y
+        # [M, N] = SiLU-and-mul of gate rows n and up rows N + n (both tiles in this program, one x tile for both
+        # dots), and ws_ptr [M, num_programs(1)] fp32 gets each output row's |max| over this program's columns
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -62,6 +66,9 @@ if HAS_TRITON:
         w_ptrs = w_ptr + safe_n[:, None] * K + (k_start + offs_k)[None, :]                          # [BN, BK]
         xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + offs_k)[:, None]    # [BK, BM]: x^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
+        if SILU:   # the up rows' tile and accumulator
+            wu_ptrs = w_ptrs + N.to(tl.int64) * K
+            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
             if not EARLY:   # EARLY: a plain dependent (its launch and set-up overlap the kernel before it)
                 _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)
@@ -70,10 +77,14 @@ if HAS_TRITON:
         for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
+                if SILU:
+                    wu = tl.load(wu_ptrs, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
             else:
                 k_ok = (k0 + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                if SILU:
+                    wu = tl.load(wu_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
             if FP8X and XQ:
                 # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k) from the amax of the
@@ -96,8 +107,12 @@ if HAS_TRITON:
                 # |y| ~ 240). max_num_imprecise_acc = BLOCK_K adds each K tile's partial into acc in full fp32, as
                 # _scaled_mm (use_fast_accum=False) and DeepSeek-V3's 128-element promotion do
                 acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
+                if SILU:
+                    acc_u = tl.dot(wu, xt, acc_u, max_num_imprecise_acc=BLOCK_K)
             elif FP8X:   # dot8f: the FP8 MMA accumulating over all of K (the fast, imprecise form; measurements only)
                 acc = tl.dot(w, xt, acc)
+                if SILU:
+                    acc_u = tl.dot(wu, xt, acc_u)
             elif F16:
                 # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
                 # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16:
@@ -112,14 +127,26 @@ if HAS_TRITON:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
+            if SILU:
+                wu_ptrs += BLOCK_K
         if PDL and not WAIT:
             tl.extra.cuda.gdc_launch_dependents()
         if F16:
             acc = acc / x16_scale
         if FP8X and not XQ:
-            acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
+            xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+            acc = acc * xs[None, :]
+            if SILU:
+                acc_u = acc_u * xs[None, :]
         ok = n_ok[:, None] & m_ok[None, :]
-        if USE_WS:
+        if SILU:   # each output rounded as the GEMM's store would, then activation.py's roundings (fp8_gemv_silu.py)
+            g = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+            u = acc_u * tl.load(s_ptr + N + offs_n, mask=n_ok, other=0.0)[:, None]
+            h = _silu_mul_rounded(g, u, y_ptr.dtype.element_ty)
+            tl.store(y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None], h, mask=ok)
+            amax = tl.max(tl.where(ok, tl.abs(h.to(tl.float32)), 0.0), axis=0)                 # [BLOCK_M]
+            tl.store(ws_ptr + offs_m.to(tl.int64) * tl.num_programs(1) + pid_n, amax, mask=m_ok)
+        elif USE_WS:
             tl.store(ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None], acc, mask=ok)
             if FIXUP:   # no second launch: the tile's last split to finish sums the partials (split order) into y
                 tl.debug_barrier()   # every thread's partials stored before the counter moves

@@ -183,3 +183,28 @@ def test_fused_paths_row_split_gpu(m, monkeypatch) -> None:
     diff = float((split.float() - plain.float()).norm() / plain.float().norm())
     print(f"row-split-vs-unfused m={m}: bit for bit {torch.equal(split, plain)}, rel diff {diff:.3g}")
     assert diff < 2e-2, diff
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [48, 64])
+def test_gate_up_silu_dot8_equals_the_unfused_gpu(m, monkeypatch) -> None:
+    """The MLP block at 33..64 tokens with SiLU-and-mul in the gate_up dot8 GEMM's epilogue and down's codes from its
+    row maxima (LORASERVE_FP8_GATE_UP_SILU_DOT8=1, kernels/fp8_dot8_silu.py): bit for bit the unfused launches."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "0")
+    layer = _fp8_layer(4096, 14336, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU_DOT8", "1")
+    h, _ = layer.post_attention_layernorm(x.clone(), residual.clone())
+    act = layer.mlp._gate_up_silu(h)
+    assert act is not None and getattr(act, fp8.PREQUANT_ATTR, None) is not None, "the dot8 SiLU path did not run"
+    fused, res_f = _mlp_block(layer, x, residual)
+    assert "gemv_silu_dot8" not in fp8._BROKEN
+    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU", "0")
+    monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
+    plain, res_p = _mlp_block(layer, x, residual)
+    assert torch.equal(res_f, res_p) and torch.equal(fused, plain), float((fused.float() - plain.float()).abs().max())

@@ -290,6 +290,11 @@ class Fp8MLP(MLP):
         weight_only = not activations_quantized(proj.weight)
         N, K = proj.weight.shape
         cfg = gemv_config(x.shape[0], N, K, _num_sms(x.device), weight_only)
+        if not weight_only and proj.input_scale is None and gate_up_silu_dot8_on() and "gemv_silu_dot8" not in _BROKEN:
+            from loraserve.kernels.fp8_dot8_silu import dot8_silu_config_ok
+
+            if dot8_silu_config_ok(cfg):
+                return self._gate_up_silu_dot8(x, cfg)
         if not silu_config_ok(cfg, N):
             return None
         if os.environ.get("LORASERVE_FP8_GATE_UP_SPLIT1", "0").strip() == "1":   # probe: no split-K (SiLU in the GEMV)
@@ -300,6 +305,32 @@ class Fp8MLP(MLP):
         except Exception as err:   # a compile error (first call, eager warm-up): the two launches from now on
             _fused_failed("gemv_silu", err)
             return None
+
+
+    def _gate_up_silu_dot8(self, x: torch.Tensor, cfg: tuple) -> torch.Tensor | None:
+        """33..64 tokens (dot8 without split-K): SiLU-and-mul in the gate_up GEMM's epilogue, and where down quantizes
+        its input per token, its codes from the GEMM's row maxima (kernels/fp8_dot8_silu.py): the activation's row
+        kernel goes. h carries the codes (PREQUANT_ATTR) as silu_mul_quant's output does."""
+        from loraserve.kernels.fp8_dot8_silu import dot8_silu_quant
+
+        codes = _prequant_ok(x, self.down_proj, None)   # (M and dtype are h's: down's decision at h's shape)
+        try:
+            h, x_q, scale = dot8_silu_quant(x if x.stride(-1) == 1 else x.contiguous(), self.gate_up_proj.weight,
+                                            self.gate_up_proj.weight_scale, cfg, x_q=getattr(x, PREQUANT_ATTR, None),
+                                            codes=codes)
+        except Exception as err:   # a compile error (first call, eager warm-up): the unfused launches from now on
+            _fused_failed("gemv_silu_dot8", err)
+            return None
+        if codes:
+            setattr(h, PREQUANT_ATTR, (x_q, scale))
+        return h
+
+
+def gate_up_silu_dot8_on() -> bool:
+    """LORASERVE_FP8_GATE_UP_SILU_DOT8=1: at 33..64 tokens (gate_up on dot8 without split-K) SiLU-and-mul in the GEMM's
+    epilogue and down's codes from its row maxima (kernels/fp8_dot8_silu.py), not the one-program-per-row
+    silu_mul_quant after the GEMM."""
+    return os.environ.get("LORASERVE_FP8_GATE_UP_SILU_DOT8", "0").strip() == "1"
 
 
 def convert_fused(model: torch.nn.Module) -> int:

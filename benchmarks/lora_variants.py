@@ -79,6 +79,8 @@ _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
+_STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
+_XB_SLOOPS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
@@ -228,6 +230,26 @@ VARIANTS.update({
     "stream_pps8": dict(DEFAULT, stream_pps=8),
     "pps4": dict(DEFAULT, stream_pps_decode=4),
     "noone": dict(DEFAULT, stream_one_max_tokens=0),
+    # eleventh session: the BGMV expand with its decode loop Triton-pipelined (lora_expand_bgmv.EXPAND_BGMV_STAGES) on
+    # gate_up too (xb_max_slices 2: o / down take the same block and stages); the streaming expand's decode grid at 5 / 7
+    # programs per SM (7: runs of 9 blocks, pipelined from 8); 256-column blocks (pipelined from 5 blocks a run)
+    "xbp_n256_s4_p5": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=5),
+    # ... and one pipelined loop per slice (lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS: one multiply-sum per row a block);
+    # registers (sm_90 offline, gate_up): 256 x 4 warps 111 (4 programs/SM), 128 x 4 warps 72 (7), 128 x 2 warps 110
+    "xbs_n256_s4_p4": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=4,
+                           xb_sloops=True),
+    "xbs_n128_s4_p6": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_stages=4, xb_pps=6,
+                           xb_sloops=True),
+    "xbs_n128_s4_p7": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_stages=4, xb_pps=7,
+                           xb_sloops=True),
+    "xbs_n512_s3_p2": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=512, xb_stages=3, xb_pps=2,
+                           xb_sloops=True),
+    "xbs_n128_w2_s4_p8": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_warps=2, xb_stages=4,
+                              xb_pps=8, xb_sloops=True),
+    "dg5": dict(DEFAULT, stream_pps_decode=5),
+    "dg7": dict(DEFAULT, stream_pps_decode=7, pipe_min_blocks=8),
+    "sbn256": dict(DEFAULT, stream_block_n=256, pipe_min_blocks=5),
+    "nreg80": dict(DEFAULT, stream_maxnreg=80),
     "dgrid_all": dict(DEFAULT, dgrid_any=True),   # the decode grid (6 per SM) on qkv's short runs too (rotating loop)   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
@@ -266,6 +288,9 @@ def _use_variant(c: Case, variant) -> None:
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
         lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = variant.get("stream_one_max_tokens", _STREAM_ONE_MAX)
         lora_expand_stream.STREAM_PPS_DECODE_ANY = bool(variant.get("dgrid_any", False))
+        lora_expand_stream.STREAM_MAXNREG_DECODE = variant.get("stream_maxnreg", _STREAM_MAXNREG)
+        lora_expand_bgmv.EXPAND_BGMV_STAGES = variant.get("xb_stages", _XB_STAGES)
+        lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS = variant.get("xb_sloops", _XB_SLOOPS)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])

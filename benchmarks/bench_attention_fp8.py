@@ -77,16 +77,14 @@ def run_case(name: str, B: int, q_len: int, L: int, kernel: str, smoke: bool, ro
     print(json.dumps(row), flush=True)
 
 
-# name -> (LORASERVE_ATTN_FP8_FP16 or "vpin", config overrides, num_splits, o_proj's codes in the epilogue)
+# name -> (LORASERVE_ATTN_FP8_FP16 or "vpin", config overrides, num_splits)
 SWEEP_VARIANTS = {
-    "fp16_ops": ("1", None, None, False), "bf16_ops": ("0", None, None, False), "fp16_vpin": ("vpin", None, None, False),
-    "fp16_vpin_tile128": ("vpin", {"TILE_N": 128}, None, False), "fp16_tile128": ("1", {"TILE_N": 128}, None, False),
-    "fp16_stages1": ("1", {"num_stages": 1}, None, False),
-    "vpin_qout": ("vpin", None, None, True), "vpin_w8": ("vpin", {"num_warps": 8}, None, False),
-    "vpin_s3": ("vpin", {"num_stages": 3}, None, False), "vpin_tile32": ("vpin", {"TILE_N": 32}, None, False),
-    "vpin_split2": ("vpin", None, 2, False), "vpin_split3": ("vpin", None, 3, False),
-    "vpin_t32s3": ("vpin", {"TILE_N": 32, "num_stages": 3}, None, False),
-    "vpin_s3_qout": ("vpin", {"num_stages": 3}, None, True),
+    "fp16_ops": ("1", None, None), "bf16_ops": ("0", None, None), "fp16_vpin": ("vpin", None, None),
+    "fp16_vpin_tile128": ("vpin", {"TILE_N": 128}, None), "fp16_tile128": ("1", {"TILE_N": 128}, None),
+    "fp16_stages1": ("1", {"num_stages": 1}, None), "vpin_w8": ("vpin", {"num_warps": 8}, None),
+    "vpin_s3": ("vpin", {"num_stages": 3}, None), "vpin_tile32": ("vpin", {"TILE_N": 32}, None),
+    "vpin_split2": ("vpin", None, 2), "vpin_split3": ("vpin", None, 3),
+    "vpin_t32s3": ("vpin", {"TILE_N": 32, "num_stages": 3}, None),
 }
 
 
@@ -111,20 +109,13 @@ def decode_sweep(cases=((64, 512), (64, 2048), (1, 576)),
         row = {"case": f"decode bs{B} x {L}",
                "bf16_us": round(1e6 * timed([(lambda t: lambda: unified_attention(q, k, v, t, lens, qsl, 1, SCALE))(t)
                                              for t in tables]), 2)}
-        for name, env, cfg, splits, qout in variants:   # env "vpin": fp16 operands + V widened in its load layout
+        for name, env, cfg, splits in variants:   # env "vpin": fp16 operands + V widened in its load layout
             os.environ["LORASERVE_ATTN_FP8_FP16"] = "1" if env == "vpin" else env
             os.environ["LORASERVE_ATTN_FP8_VPIN"] = "1" if env == "vpin" else "0"
             try:
-                quant = None
-                if qout:
-                    from loraserve.kernels.fp8_row_split import _counters
-
-                    quant = [torch.empty(B, q.shape[1] * D, dtype=torch.float8_e4m3fn, device="cuda"),
-                             torch.empty(B, 1, dtype=torch.float32, device="cuda"), _counters(q.device)]
-
-                def call(t, cfg=cfg, splits=splits, quant=quant):
+                def call(t, cfg=cfg, splits=splits):
                     return unified_attention(q, k8, v8, t, lens, qsl, 1, SCALE, k_scale=ks, v_scale=vs, config=cfg,
-                                             num_splits=splits, quant_out=quant)
+                                             num_splits=splits)
                 err = float((call(tables[0]).float() - ref).abs().max())
                 us = 1e6 * timed([(lambda t: lambda: call(t))(t) for t in tables])
                 row[name] = {"us": round(us, 2), "frac_copy": round(kv_bytes_fp8 / (us * 1e-6) / copy_bw, 3),

@@ -63,27 +63,13 @@ VARIANTS = (
     ("down_dot8", {"LORASERVE_FP8_TILE64": "4096x14336=dot8:64:64:256:2:4:4"}),
     ("dot8_tiles_all", {"LORASERVE_FP8_TILE64": "6144x4096=dot8:64:64:128:4:4:3,4096x4096=dot8:64:64:256:2:4:4,"
                                                 "4096x14336=dot8:64:64:256:2:4:4", "LORASERVE_FP8_DEFER_QKV": "1"}),
-    # rows cut into chunks over (T, C) programs, the row's last program finishing it (kernels/fp8_row_split.py)
-    ("row_split", {"LORASERVE_FP8_ROW_SPLIT": "1"}),
-    ("row_split_silu", {"LORASERVE_FP8_ROW_SPLIT": "silu"}),
-    ("row_split_norm", {"LORASERVE_FP8_ROW_SPLIT": "norm"}),
-    ("row_split_c2048", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ROW_SPLIT_CHUNK": "2048"}),
-    ("row_split_c512", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ROW_SPLIT_CHUNK": "512",
-                        "LORASERVE_FP8_ROW_SPLIT_NORM_CHUNK": "512"}),
-    ("row_split_off", {"LORASERVE_FP8_ROW_SPLIT": "0"}),
-    # o_proj's per-token codes written by the decode attention's epilogue (no quantization launch before o's GEMM)
-    ("attn_quant", {"LORASERVE_FP8_ATTN_QUANT": "1"}),
-    ("row_split_attn_quant", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
     # decode launches over the e4m3 cache with 3 stages (the block table 2 tiles ahead, K/V 1: with 2 stages the
     # table and K/V loads of a tile wait on each other), and 32-key tiles
     ("attn_s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
     ("attn_t32s3", {"LORASERVE_ATTN_FP8_DECODE_CFG": "TILE_N:32,num_stages:3"}),
-    ("all_new_s3", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1",
-                    "LORASERVE_ATTN_FP8_DECODE_CFG": "num_stages:3"}),
     # the one-program-per-row kernels with more warps (8B: norm 8 -> 16, silu one-pass 16 -> 32)
     ("norm_w16", {"LORASERVE_FP8_NORM_WARPS": "16"}),
     ("silu_w32", {"LORASERVE_FP8_SILU_WARPS": "32"}),
-    ("all_new", {"LORASERVE_FP8_ROW_SPLIT": "1", "LORASERVE_FP8_ATTN_QUANT": "1"}),
     # eighth pass: SiLU-and-mul in the gate_up dot8 GEMM's epilogue + down's codes from its row maxima
     # (kernels/fp8_dot8_silu.py), with other gate_up tiles, the norms with 16 warps, qkv's scaling in RoPE
     ("silu_dot8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1"}),

@@ -21,7 +21,6 @@ from torch import Tensor
 
 from ._triton import HAS_TRITON, tl, triton
 from .fp8_gemm import FP8, FP8_MAX, MIN_SCALE
-from .fp8_row_split import norm_quant_split, row_split_on, silu_mul_quant_split
 from .pdl import pdl_kwargs
 
 if HAS_TRITON:
@@ -192,8 +191,6 @@ def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: T
     assert ws.dtype == torch.float32 and ws.is_contiguous() and w_scale.shape == (H,)
     assert residual.shape == (T, H) and residual.stride(-1) == 1 and weight.shape == (H,)
     assert x_scale is None or (splits == 1 and x_scale.numel() == T and x_scale.dtype == torch.float32)
-    if quant and row_split_on("norm", T, ws.device):   # a few dozen rows: each cut into chunks (kernels/fp8_row_split.py)
-        return norm_quant_split(None, residual, weight, eps, ws=ws, w_scale=w_scale, x_scale=x_scale)
     out = torch.empty_like(residual)
     x_q = torch.empty((T, H), dtype=FP8, device=ws.device) if quant else out
     q_scale = torch.empty((T, 1), dtype=torch.float32, device=ws.device) if quant else w_scale
@@ -218,8 +215,6 @@ def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: floa
     assert weight.shape == (H,) and weight.dtype == x.dtype
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
-    if row_split_on("norm", T, x.device):
-        return norm_quant_split(x, residual, weight, eps)
     out = torch.empty_like(x)
     x_q = torch.empty((T, H), dtype=FP8, device=x.device)
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
@@ -242,8 +237,6 @@ def silu_mul_quant(gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise RuntimeError("Triton is not installed: silu_and_mul_ref + per_token_quant_fp8_ref")
     assert gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0 and gate_up.stride(-1) == 1
     T, I = gate_up.shape[0], gate_up.shape[1] // 2
-    if row_split_on("silu", T, gate_up.device):
-        return silu_mul_quant_split(gate_up)
     out = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
     x_q = torch.empty((T, I), dtype=FP8, device=gate_up.device)
     scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)

@@ -120,47 +120,16 @@ if HAS_TRITON:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit
-    def _quant_out_tail(ob, row_ok, d_ok, token, kvh, out_ptr, stride_ot, oq_ptr, os_ptr, opart_ptr, ocnt_ptr,
-                        stride_oq, ROW: tl.constexpr, KVH_P2: tl.constexpr, QBLOCK: tl.constexpr,
-                        FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
-        # decode launches only (one token per program): the token's output row [H * D] gets per_token_quant_fp8's
-        # e4m3 codes and scale. Each KV head's program stores its heads' amax and bumps the token's counter
-        # (acq_rel); the last of the token's programs reads the row back (L2) and writes the codes, then zeroes the
-        # counter. The o_proj GEMM after this launch then needs no quantization launch of its own.
-        kvh_n = tl.num_programs(1)
-        amax = tl.max(tl.max(tl.where(row_ok[:, None] & d_ok[None, :], tl.abs(ob), 0.0), axis=1), axis=0)
-        tl.store(opart_ptr + token * kvh_n + kvh, amax)
-        tl.debug_barrier()   # every thread's output stored before the counter moves
-        done = tl.atomic_add(ocnt_ptr + token, 1, sem="acq_rel")
-        if done == kvh_n - 1:
-            po = tl.arange(0, KVH_P2)
-            amax = tl.max(tl.load(opart_ptr + token * kvh_n + po, mask=po < kvh_n, other=0.0, cache_modifier=".cg"),
-                          axis=0)
-            scale = tl.maximum(tl.div_rn(amax, tl.full([], FP8_MAX_C, tl.float32)), MIN_SCALE_C)
-            tl.store(os_ptr + token, scale)
-            offs = tl.arange(0, QBLOCK)
-            row = token.to(tl.int64)
-            for k0 in range(0, ROW, QBLOCK):
-                ok = (k0 + offs) < ROW
-                v = tl.load(out_ptr + row * stride_ot + k0 + offs, mask=ok, other=0.0, cache_modifier=".cg")
-                qv = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), scale), -FP8_MAX_C), FP8_MAX_C)
-                tl.store(oq_ptr + row * stride_oq + k0 + offs, qv.to(oq_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(ocnt_ptr + token, 0)
-
     @triton.jit(**NO_SPECIALIZE)
     def _unified_attention_kernel(
             q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
             k_scale_ptr, v_scale_ptr, scale_log2, num_seqs, num_tokens, num_splits,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_tb, stride_ot, stride_oh, oq_ptr, os_ptr, opart_ptr, ocnt_ptr, stride_oq,
+            stride_tb, stride_ot, stride_oh,
             H: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
             TILE_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
             SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
-            USE_PDL: tl.constexpr = False, FP16_OPS: tl.constexpr = False,
-            QUANT_OUT: tl.constexpr = False,
-            KVH_P2: tl.constexpr = 1, QBLOCK: tl.constexpr = 1, FP8_MAX_C: tl.constexpr = 448.0,
-            MIN_SCALE_C: tl.constexpr = 1e-12):
+            USE_PDL: tl.constexpr = False, FP16_OPS: tl.constexpr = False):
         if USE_PDL:   # kernels/pdl.py: every program waits (spare tiles too), before reading q / K / V
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -230,10 +199,6 @@ if HAS_TRITON:
             out = acc / l_i[:, None]
             tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-            if QUANT_OUT:   # kernels/fp8_row_split.py's pattern, for the FP8 o_proj: see _quant_out_tail
-                _quant_out_tail(out.to(out_ptr.dtype.element_ty).to(tl.float32), row_ok, d_ok, q_start, kvh,
-                                out_ptr, stride_ot, oq_ptr, os_ptr, opart_ptr, ocnt_ptr, stride_oq, H * D, KVH_P2,
-                                QBLOCK, FP8_MAX_C, MIN_SCALE_C)
         else:
             # partials: acc [num_splits, N, H, D_PAD], (max, sum) [2, num_splits, N, H], fp32, contiguous
             row = (split * num_tokens + tok) * H + head  # (BLOCK_M,) int64
@@ -364,8 +329,7 @@ def plan_num_splits(query_lens, seq_lens, num_heads: int, num_kv_heads: int, ele
 def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                       query_start_loc: Tensor, max_query_len: int, scale: float, max_seq_len: int | None = None,
                       out: Tensor | None = None, num_splits: int | None = None, config: dict | None = None,
-                      k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None,
-                      quant_out: tuple | None = None) -> Tensor:
+                      k_scale: Tensor | float | None = None, v_scale: Tensor | float | None = None) -> Tensor:
     """See the module docstring. Returns out [N, H, D].
 
     max_query_len: an upper bound of the query run lengths (picks the tile shape; static per
@@ -375,10 +339,6 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
     config overrides the tile shape (benchmarks, tests). Every seq_lens[b] must be >= its query length >= 1.
     k_scale, v_scale: the per-tensor scales of an FP8 (float8_e4m3fn) cache ([1] fp32 on q's device,
     or floats outside graphs); ignored for a cache in q's dtype.
-    quant_out: a list [codes [N, H * D] e4m3, scale [N, 1] fp32, counters [>= N] int32 zeros] to fill with
-    per_token_quant_fp8(out.view(N, H * D)) too (the FP8 o_proj's input): in the epilogue of unsplit decode launches
-    (max_query_len 1; kernels/fp8_row_split.py's last-program pattern); otherwise its first two entries are replaced
-    by that quantization's own launch's outputs.
     """
     N, H, D = q.shape
     _, BS, KVH, Dk = k_cache.shape
@@ -427,15 +387,6 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    fold = quant_out is not None and num_splits == 1 and max_query_len == 1 and out.is_contiguous()
-    # o_proj's codes (QUANT_OUT): unused pointers otherwise (out), as part_acc / part_ml without split-KV
-    extra = dict(oq_ptr=out, os_ptr=out, opart_ptr=out, ocnt_ptr=out, stride_oq=0)
-    if fold:
-        oq, oscale, ocnt = quant_out
-        assert oq.shape == (N, H * D) and oscale.shape == (N, 1) and ocnt.numel() >= N, (oq.shape, oscale.shape)
-        extra = dict(oq_ptr=oq, os_ptr=oscale, opart_ptr=torch.empty(N * KVH, dtype=torch.float32, device=q.device),
-                     ocnt_ptr=ocnt, stride_oq=oq.stride(0), QUANT_OUT=True,
-                     KVH_P2=max(2, triton.next_power_of_2(KVH)), QBLOCK=min(4096, triton.next_power_of_2(H * D)))
     kernel = _unified_attention_kernel
     kernel[(num_tiles, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
@@ -446,13 +397,9 @@ def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
         H=H, G=G, BLOCK_M=block_m, BLOCK_Q=block_q, BS=BS, D=D, D_PAD=d_pad, SPLIT_KV=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8_kv_form(fp8_kv, q.dtype, max_query_len == 1 and num_splits == 1), **cfg,
-        **pdl_kwargs(q.device), FP16_OPS=fp8_kv and fp8_fp16_operands(q.dtype), **extra)
+        **pdl_kwargs(q.device), FP16_OPS=fp8_kv and fp8_fp16_operands(q.dtype))
     if num_splits > 1:
         merge_attention_splits(part_acc, part_ml, out)
-    if quant_out is not None and not fold:
-        from .fp8_gemm import per_token_quant_fp8
-
-        quant_out[0], quant_out[1] = per_token_quant_fp8(out.reshape(N, H * D))   # (the list's entries replaced)
     return out
 
 

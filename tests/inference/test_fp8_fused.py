@@ -69,8 +69,6 @@ def test_fused_paths_equal_the_unfused_gpu(m, monkeypatch) -> None:
     LORASERVE_FP8_PREQUANT=0 bit for bit; and close to bf16 torch on the dequantized weights."""
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
-    # the one-program-per-row kernels (their sums in rms_norm's order); the row-split ones: tests/kernels/test_fp8_row_split
-    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "0")
     layer = _fp8_layer(4096, 14336, "cuda")
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
@@ -104,8 +102,6 @@ def test_down_sum_deferred_to_the_next_norm_gpu(m, monkeypatch) -> None:
     next qkv equal the unfused path's bit for bit."""
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
-    # the one-program-per-row kernels (their sums in rms_norm's order); the row-split ones: tests/kernels/test_fp8_row_split
-    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "0")
     layers = torch.nn.ModuleList([_fp8_layer(4096, 14336, "cuda"), _fp8_layer(4096, 14336, "cuda")])
     fp8_fused.convert_fused(layers)
     assert layers[0].mlp.__dict__.get("_defer_ok") and not layers[1].mlp.__dict__.get("_defer_ok")
@@ -144,8 +140,6 @@ def test_o_proj_epilogue_deferred_to_the_post_attention_norm_gpu(m, monkeypatch)
     gate_up's codes; at one token (gemvh, no split) nothing is deferred. Equal to the unfused pair bit for bit."""
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
-    # the one-program-per-row kernels (their sums in rms_norm's order); the row-split ones: tests/kernels/test_fp8_row_split
-    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "0")
     layer = _fp8_layer(4096, 14336, "cuda")
     g = torch.Generator(device="cuda").manual_seed(m)
     o = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
@@ -163,37 +157,11 @@ def test_o_proj_epilogue_deferred_to_the_post_attention_norm_gpu(m, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [48, 64])
-def test_fused_paths_row_split_gpu(m, monkeypatch) -> None:
-    """The MLP block with the row-split norm / SiLU-mul kernels (LORASERVE_FP8_ROW_SPLIT=1): the residual equal to the
-    unfused path's bit for bit, the output within the norm's one-rounding difference (its sum of squares is added
-    chunk by chunk), i.e. far inside the FP8 tolerance."""
-    if not _gpu():
-        pytest.skip("needs sm >= 89 and Triton")
-    layer = _fp8_layer(4096, 14336, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(m)
-    x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "1")
-    split, res_s = _mlp_block(layer, x, residual)
-    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "0")
-    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU", "0")
-    monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
-    plain, res_p = _mlp_block(layer, x, residual)
-    assert torch.equal(res_s, res_p)
-    diff = float((split.float() - plain.float()).norm() / plain.float().norm())
-    print(f"row-split-vs-unfused m={m}: bit for bit {torch.equal(split, plain)}, rel diff {diff:.3g}")
-    assert diff < 2e-2, diff
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [48, 64])
 def test_gate_up_silu_dot8_equals_the_unfused_gpu(m, monkeypatch) -> None:
     """The MLP block at 33..64 tokens with SiLU-and-mul in the gate_up dot8 GEMM's epilogue and down's codes from its
     row maxima (LORASERVE_FP8_GATE_UP_SILU_DOT8=1, kernels/fp8_dot8_silu.py): bit for bit the unfused launches."""
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
-    monkeypatch.setenv("LORASERVE_FP8_ROW_SPLIT", "0")
     layer = _fp8_layer(4096, 14336, "cuda")
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)

@@ -197,9 +197,7 @@ def test_unified_fp8_fp16_operands_compile_sm90() -> None:
              "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_log2": "fp32", "num_seqs": "i32",
              "num_tokens": "i32", "num_splits": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i32",
              "stride_ks": "i32", "stride_kh": "i32", "stride_vb": "i32", "stride_vs": "i32", "stride_vh": "i32",
-             "stride_tb": "i32", "stride_ot": "i32", "stride_oh": "i32",
-             # o_proj's codes from the epilogue (QUANT_OUT, off here: unused)
-             "oq_ptr": "*fp8e4nv", "os_ptr": "*fp32", "opart_ptr": "*fp32", "ocnt_ptr": "*i32", "stride_oq": "i32"}
+             "stride_tb": "i32", "stride_ot": "i32", "stride_oh": "i32"}
     consts = dict(H=32, G=4, BLOCK_M=16, BLOCK_Q=4, TILE_N=64, BS=16, D=128, D_PAD=128, SPLIT_KV=False,
                   DOT_PRECISION="tf32", FP8_KV=True, USE_PDL=True)
     aligned = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "stride_qt", "stride_qh",

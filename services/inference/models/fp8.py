@@ -288,10 +288,6 @@ def convert_projections(model: nn.Module, dtype: torch.dtype, device: torch.devi
     from .fp8_fused import convert_fused
 
     convert_fused(model)   # MLPs and norms before FP8 projections: the fused decode paths (models/fp8_fused.py)
-    if out and torch.device(device).type == "cuda":   # the row-split kernels' counters, before any graph capture
-        from loraserve.kernels.fp8_row_split import reserve_counters
-
-        reserve_counters(torch.device(device))
     return out
 
 
@@ -397,7 +393,7 @@ class Fp8KVAttention(Attention):
         if calibrating or not fused_rope_kv_fp8_on() or not _triton_cuda(x) or "rope_kv" in _BROKEN:
             return super().forward(positions, x, rotary)
         from ..attention import _kernel_attention
-        from .fp8_fused import attend_quant, o_proj_out, qkv_rope_kv_fused
+        from .fp8_fused import o_proj_out, qkv_rope_kv_fused
 
         k_scale, v_scale = self.kv_scales[0:1], self.kv_scales[1:2]
         q = qkv_rope_kv_fused(self, x, positions, rotary, ctx)   # one token: RoPE + K/V write in the qkv GEMV
@@ -416,10 +412,8 @@ class Fp8KVAttention(Attention):
 
             q = rope_store_kv_fp8(positions, q, k, v, rotary.cos_sin_cache(), self.k_cache, self.v_cache,
                                   ctx.slot_mapping, k_scale, v_scale)
-            o = attend_quant(self, q, ctx, k_scale, v_scale)   # [N, Q] + o_proj's codes from its epilogue, or None
-            if o is None:
-                o = _kernel_attention(q, self.k_cache, self.v_cache, ctx, self.scale, k_scale, v_scale)
-                o = o.reshape(-1, self.q_size)
+            o = _kernel_attention(q, self.k_cache, self.v_cache, ctx, self.scale, k_scale, v_scale)
+            o = o.reshape(-1, self.q_size)
         except Exception as err:   # a compile error (first call, eager warm-up): the two-launch path from now on
             _triton_failed("rope_kv", err)
             q, k = rotary(positions, q, k)

@@ -84,50 +84,6 @@ def o_proj_out(attn, o: torch.Tensor) -> torch.Tensor:
     return attn.o_proj(o)
 
 
-def attn_quant_on() -> bool:
-    """LORASERVE_FP8_ATTN_QUANT=1: at decode the attention kernel also writes o_proj's per-token e4m3 codes (its
-    epilogue, kernels/unified_attention.py quant_out) instead of a quantization launch before o's GEMM."""
-    return os.environ.get("LORASERVE_FP8_ATTN_QUANT", "0").strip() == "1"
-
-
-def attend_quant(attn, q: torch.Tensor, ctx, k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor | None:
-    """_kernel_attention(q [N, H, D]) for a decode step whose o_proj quantizes its input per token: o [N, H, D] with
-    (codes [N, Q] e4m3, scale [N, 1]) from the attention's epilogue riding on o.view(N, Q) (PREQUANT_ATTR); None: not
-    this step (the caller attends as before)."""
-    from .. import attention as attn_mod
-
-    N, Q = q.shape[0], q.shape[1] * q.shape[2]
-    if (not attn_quant_on() or attn.tp is not None or not ctx.decode_only or "attn_quant" in _BROKEN
-            or attn_mod.DECODE_KERNEL == "paged_decode"
-            or not _prequant_ok(q.as_strided((N, Q), (q.stride(0), 1)), attn.o_proj, None)):   # (o's [N, Q] shape)
-        return None
-    from loraserve.kernels.fp8_gemm import FP8
-    from loraserve.kernels.fp8_row_split import _COUNTER_SLOTS, _COUNTERS, _counters, _key
-    from loraserve.kernels.unified_attention import plan_num_splits, unified_attention
-
-    if N > _COUNTER_SLOTS or (q.is_cuda and _key(q.device) not in _COUNTERS and torch.cuda.is_current_stream_capturing()):
-        return None   # (the counters are made when the FP8 model is built: never first inside a capture)
-    try:
-        if ctx.query_start_loc is None:   # as _kernel_attention (device-side arange: fine inside a capture)
-            ctx.query_start_loc = torch.arange(N + 1, dtype=torch.int32, device=q.device)
-            ctx.max_query_len = 1
-        if ctx.num_splits is None and ctx.context_lens_list is not None:
-            ctx.num_splits = plan_num_splits(ctx.query_lens, ctx.context_lens_list, q.shape[1], attn.k_cache.shape[2],
-                                             q.element_size(), q.device)
-        quant = [torch.empty((N, Q), dtype=FP8, device=q.device),
-                 torch.empty((N, 1), dtype=torch.float32, device=q.device), _counters(q.device)]
-        o = unified_attention(q, attn.k_cache, attn.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
-                              ctx.max_query_len, attn.scale, max_seq_len=ctx.max_seq_len, num_splits=ctx.num_splits,
-                              k_scale=k_scale, v_scale=v_scale, quant_out=quant)
-        codes, scale = quant[0], quant[1]
-    except Exception as err:   # a compile error (first call, eager warm-up): the quantization launch from now on
-        _fused_failed("attn_quant", err)
-        return None
-    o2 = o.reshape(N, Q)
-    setattr(o2, PREQUANT_ATTR, (codes, scale))
-    return o2
-
-
 def qkv_rope_on() -> bool:
     """LORASERVE_FP8_QKV_ROPE=0: RoPE and the e4m3 K/V write in a launch after the qkv GEMV (fp8_rope_kv), not in it."""
     return os.environ.get("LORASERVE_FP8_QKV_ROPE", "1").strip() != "0"

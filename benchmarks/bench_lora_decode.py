@@ -22,7 +22,7 @@ prompts (bench_engine.run_decode; the prefix cache cannot hit). Variants:
                griddepcontrol.wait, the expand's early trigger); pf_t: =t; nopf: all of it off; b64 / pf_at_b64:
                with the BGMV shrink up to 64 tokens (LORASERVE_LORA_BGMV_MAX_TOKENS=64); overlap_pf_at_b64 /
                overlap_nopf: with LORASERVE_LORA_OVERLAP=shrink too
-  tma, tma2    the TMA-fed expand (LORASERVE_LORA_TMA_EXPAND) / and shrink (LORASERVE_LORA_TMA_SHRINK); prev10: both off
+  prev10       the defaults at the tenth session's start (10af1f8)
   meta_eager   default with the LoRA metadata built before each graph replay (LORASERVE_LORA_META_IN_GRAPH=0,
                the path before 2026-11-30 16:20) instead of inside the decode graph
 Prints, per variant: ms per step with and without LoRA, LoRA us per layer, lora32_vs_nolora_decode.
@@ -65,10 +65,8 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "noflag": dict(dora_flags=False),   # the DoRA epilogue on every slot (before the per-slot flags)
             "prev9": dict(dora_flags=False, expand_bgmv=False, pipe_min_blocks=0),  # the defaults at 262c58e
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0),  # the defaults before this session (b1789bc)
-            # the TMA-fed expand (lora_tma_expand.py) / + shrink (lora_tma_shrink.py); prev10: both off (the tenth
-            # session's start, 10af1f8)
-            "tma": dict(tma=True), "tma2": dict(tma=True, tma_shrink=True), "tmas": dict(tma_shrink=True),
-            "prev10": dict(tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
+            # the defaults at the tenth session's start (10af1f8)
+            "prev10": dict(stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
                            stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
             "pps4": dict(stream_pps_decode=4),   # the default with the decode steps' expand grid as before
             # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
@@ -108,10 +106,6 @@ def set_variant(v: dict, defaults: dict) -> None:
     batch.DORA_FLAGS = v.get("dora_flags", defaults["dora_flags"])
     lora_meta.LORA_GROUP_MAJOR = v.get("group_major", defaults["group_major"])
     lora_meta.LORA_SHRINK_K_MAJOR = v.get("k_major", defaults["k_major"])
-    from loraserve.kernels import lora_tma_expand, lora_tma_shrink
-
-    lora_tma_expand.TMA_EXPAND = v.get("tma", defaults["tma"])
-    lora_tma_shrink.TMA_SHRINK = v.get("tma_shrink", defaults["tma_shrink"])
     lora_expand_stream.STREAM_ONE_SLICE = v.get("stream_one", defaults["stream_one"])
     lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = v.get("stream_one_max_tokens", defaults["stream_one_max_tokens"])
     lora_expand_stream.STREAM_PROGRAMS_PER_SM = v.get("stream_pps", defaults["stream_pps"])
@@ -164,8 +158,6 @@ def main() -> int:
                     xb_max_slices=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MAX_SLICES,
                     pipe_min_blocks=lora_expand_stream.STREAM_PIPE_MIN_BLOCKS, dora_flags=batch.DORA_FLAGS,
                     group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR,
-                    tma=importlib.import_module("loraserve.kernels.lora_tma_expand").TMA_EXPAND,
-                    tma_shrink=importlib.import_module("loraserve.kernels.lora_tma_shrink").TMA_SHRINK,
                     stream_one=lora_expand_stream.STREAM_ONE_SLICE, stream_pps=lora_expand_stream.STREAM_PROGRAMS_PER_SM,
                     stream_pps_decode=lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE,
                     stream_one_max_tokens=lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS,

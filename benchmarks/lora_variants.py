@@ -47,7 +47,6 @@ import torch
 
 from benchmarks.bench_lora_kernels import PROJECTIONS, Case, base_layer_us, shape_bytes, sweep_shapes
 from loraserve.kernels import lora_apply, lora_expand_bgmv, lora_expand_stream, lora_meta, lora_onelaunch, lora_shrink_bgmv
-from loraserve.kernels import lora_tma_expand, lora_tma_shrink
 
 _apply_module = __import__("loraserve.kernels.lora_apply", fromlist=["lora_apply"])  # the module
 # "default": the switches as this process found them (environment + code defaults), i.e. what the
@@ -67,14 +66,7 @@ DEFAULT = dict(stream=lora_meta.LORA_STREAM, onelaunch=_apply_module.ONELAUNCH_E
                xb_pps=lora_expand_bgmv.EXPAND_BGMV_PPS, stream_block_n=lora_expand_stream.STREAM_BLOCK_N,
                bgmv_max_rank=lora_meta.LORA_BGMV_MAX_RANK,
                xb_max_slices=__import__("loraserve.kernels.lora_expand", fromlist=["X"]).EXPAND_BGMV_MAX_SLICES,
-               group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR,
-               tma=lora_tma_expand.TMA_EXPAND, tma_shrink=lora_tma_shrink.TMA_SHRINK)
-# the TMA expand's knobs as the process found them (a variant's tma_* keys override them; _use_variant)
-_TMA_KNOBS = dict(tma_bn="TMA_BLOCK_N", tma_stages="TMA_STAGES", tma_pps="TMA_PPS", tma_warps="TMA_WARPS",
-                  tma_rows2="TMA_ROWS2", tma_y="TMA_Y", tma_max_tokens="TMA_MAX_TOKENS", tma_b_wide="TMA_B_WIDE",
-                  tma_min_tokens="TMA_MIN_TOKENS", tma_pf="TMA_PF_BOXES", tma_one_slice="TMA_ONE_SLICE",
-                  tma_maxnreg="TMA_MAXNREG", tma_min_n="TMA_MIN_N", tma_pairs="TMA_PAIRS")
-_TMA_DEFAULTS = {k: getattr(lora_tma_expand, name) for k, name in _TMA_KNOBS.items()}
+               group_major=lora_meta.LORA_GROUP_MAJOR, k_major=lora_meta.LORA_SHRINK_K_MAJOR)
 _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
@@ -82,7 +74,6 @@ _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
 _STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
 _XB_SLOOPS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
-_TMAS_DEFAULTS = dict(tmas_min_tokens=lora_tma_shrink.TMA_SHRINK_MIN_TOKENS, tmas_pf=lora_tma_shrink.TMA_SHRINK_PF)
 
 VARIANTS = {
     "default": DEFAULT,
@@ -170,7 +161,7 @@ VARIANTS = {
     "prev9": dict(stream=True, pdl=True, bgmv=True, bgmv_max_tokens=64, prefetch="at", bgmv_wide_block_k=2048),
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
-    "prev10": dict(DEFAULT, seg=False, tma=False, tma_shrink=False, stream_one=False, kchunks=1, kchunks_wide=1,
+    "prev10": dict(DEFAULT, seg=False, stream_one=False, kchunks=1, kchunks_wide=1,
                    maxnreg_wide=0, stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
@@ -185,53 +176,15 @@ VARIANTS = {
 }
 
 
-# The TMA-fed expand (lora_tma_expand.py, LORASERVE_LORA_TMA_EXPAND): B's boxes (and y's two rows at decode tiles)
-# through TMA into shared memory, STAGES - 1 in flight a program; tma = the code's knobs (256 columns a box, 4 stages,
-# 2 programs per SM, 4 warps), _s6 / _s8: stages, _p1 / _p4: programs per SM, _w8: warps, _n128: columns a box,
-# _noy: y through plain loads, _dot: the tl.dot loop at every tile (no per-row loop)
+# (the TMA-fed expand / shrink variants, tma*, were removed with their kernels in the eleventh session: PERF_NOTES)
 VARIANTS.update({
-    "tma": dict(DEFAULT, tma=True),
-    "tma_s6": dict(DEFAULT, tma=True, tma_stages=6),
-    "tma_s8": dict(DEFAULT, tma=True, tma_stages=8),
-    "tma_s8_p1": dict(DEFAULT, tma=True, tma_stages=8, tma_pps=1),
-    "tma_p4": dict(DEFAULT, tma=True, tma_pps=4),
-    "tma_w8": dict(DEFAULT, tma=True, tma_warps=8),
-    "tma_w8_s6": dict(DEFAULT, tma=True, tma_warps=8, tma_stages=6),
-    "tma_n128_s8": dict(DEFAULT, tma=True, tma_bn=128, tma_stages=8),
-    "tma_noy": dict(DEFAULT, tma=True, tma_y=False),
-    "tma_dot": dict(DEFAULT, tma=True, tma_rows2=False),
-    "tma_wide": dict(DEFAULT, tma=True, tma_b_wide=True),   # B's boxes as 128-byte rows
-    "tma_wide_s8": dict(DEFAULT, tma=True, tma_b_wide=True, tma_stages=8),
-    "tma_pf2": dict(DEFAULT, tma=True, tma_pf=2),   # the first 2 boxes of B into L2 before the wait
-    "tma2_pf2": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2),
-    # after H200 probe 1 (04:10): the decode loop is issue-bound (8 stages no faster than 4; 4 programs per SM: gate_up's
-    # expand 14.1 us vs 18.6 at 2, default 15.2): programs per SM / register caps / 128-column boxes; m2: from 2 tokens
-    "tma_p4_s3": dict(DEFAULT, tma=True, tma_pps=4, tma_stages=3),
-    "tma_p4_r128": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128),
-    "tma_p6_r128": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128),
-    "tma_p4_two": dict(DEFAULT, tma=True, tma_pps=4, tma_one_slice=False),
-    "tma_n128_p6": dict(DEFAULT, tma=True, tma_bn=128, tma_pps=6),
-    "tma_n128_p8": dict(DEFAULT, tma=True, tma_bn=128, tma_pps=8, tma_stages=3),
-    "tma_p4_m2": dict(DEFAULT, tma=True, tma_pps=4, tma_min_tokens=2),
-    "tma_p4_r128_m2": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128, tma_min_tokens=2),
-    "tma_p6_r128_m2": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128, tma_min_tokens=2),
-    "tma_gu": dict(DEFAULT, tma=True, tma_pps=4, tma_maxnreg=128, tma_min_tokens=2, tma_min_n=16384),   # gate_up only
-    # every tile as row pairs (no tl.dot path: fewer registers), 4 / 6 / 8 programs per SM, 2 warps, 128-column boxes
-    "tmap_p4": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=4, tma_min_tokens=2),
-    "tmap_p6": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=6, tma_min_tokens=2),
-    "tmap_n128_p5": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=5, tma_bn=128, tma_min_tokens=2),   # ~94 registers
-    "tma_n128_p5": dict(DEFAULT, tma=True, tma_pps=5, tma_bn=128, tma_min_tokens=2),
-    "tmap_p8_n128": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=8, tma_bn=128, tma_min_tokens=2),
-    "tmap_w2_p8_n128": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=8, tma_bn=128, tma_warps=2, tma_min_tokens=2),
-    "tmap_gu_p6": dict(DEFAULT, tma=True, tma_pairs=True, tma_pps=6, tma_min_tokens=2, tma_min_n=16384),
-    "tma_gu_p6": dict(DEFAULT, tma=True, tma_pps=6, tma_maxnreg=128, tma_min_tokens=2, tma_min_n=16384),
     # the default (streaming) expand at 6 / 8 programs per SM (lora_expand_stream.STREAM_PROGRAMS_PER_SM, default 4)
     "stream_pps6": dict(DEFAULT, stream_pps=6),
     "stream_pps8": dict(DEFAULT, stream_pps=8),
     "pps4": dict(DEFAULT, stream_pps_decode=4),
     "noone": dict(DEFAULT, stream_one_max_tokens=0),
     # eleventh session: the BGMV expand with its decode loop Triton-pipelined (lora_expand_bgmv.EXPAND_BGMV_STAGES) on
-    # gate_up too (xb_max_slices 2: o / down take the same block and stages); the streaming expand's decode grid at 5 / 7
+    # qkv and gate_up too (o / down take the same block, warps and stages); the streaming expand's decode grid at 5 / 7
     # programs per SM (7: runs of 9 blocks, pipelined from 8); 256-column blocks (pipelined from 5 blocks a run)
     "xbp_n256_s4_p5": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=5),
     # ... and one pipelined loop per slice (lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS: one multiply-sum per row a block);
@@ -260,27 +213,13 @@ VARIANTS.update({
     "kc8": dict(DEFAULT, kchunks=8, kchunks_wide=8, maxnreg_wide=128),
     "kc4_one": dict(DEFAULT, kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True),
     "stream_one_pps6": dict(DEFAULT, stream_one=True, stream_pps=6),
-    "tma2_pfa": dict(DEFAULT, tma=True, tma_shrink=True, tma_pf=2, tmas_pf=True),   # + the shrink's A into L2 first
-    "notma": dict(DEFAULT, tma=False, tma_shrink=False),
-    # ... and the TMA-fed shrink (lora_tma_shrink.py, LORASERVE_LORA_TMA_SHRINK: A's [R, 256] boxes, a chunk's boxes
-    # all in flight, one wave): tmas = the shrink alone, tma2 = both (tma2_s8: the expand at 8 stages)
-    "tmas": dict(DEFAULT, tma_shrink=True),
-    "tma2": dict(DEFAULT, tma=True, tma_shrink=True),
-    "tma2_s8": dict(DEFAULT, tma=True, tma_shrink=True, tma_stages=8),
-    "tma2_p4": dict(DEFAULT, tma=True, tma_shrink=True, tma_pps=4),
-    # ... both only from 2 tokens (1 token: the BGMV shrink, A loaded before its wait, and the streaming expand)
-    "tma2_m2": dict(DEFAULT, tma=True, tma_shrink=True, tma_min_tokens=2, tmas_min_tokens=2),
 })
 
 
 def _use_variant(c: Case, variant) -> None:
-    """Case.use_variant plus this module's own switches (the TMA expand's, which Case does not know)."""
+    """Case.use_variant plus this module's own switches (the ones Case does not know)."""
     c.use_variant(variant)
     if isinstance(variant, dict):
-        lora_tma_expand.TMA_EXPAND = bool(variant.get("tma", False))
-        lora_tma_shrink.TMA_SHRINK = bool(variant.get("tma_shrink", False))
-        lora_tma_shrink.TMA_SHRINK_MIN_TOKENS = variant.get("tmas_min_tokens", _TMAS_DEFAULTS["tmas_min_tokens"])
-        lora_tma_shrink.TMA_SHRINK_PF = variant.get("tmas_pf", _TMAS_DEFAULTS["tmas_pf"])
         lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)
         # (stream_pps alone sets the decode steps' target too, as in the 04:33 probe that measured it)
         lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE = variant.get("stream_pps_decode",
@@ -294,8 +233,6 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])
-        for key, name in _TMA_KNOBS.items():
-            setattr(lora_tma_expand, name, variant.get(key, _TMA_DEFAULTS[key]))
 
 
 def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
@@ -379,14 +316,6 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     res["expand_bgmv_fell_back_to_stream"] = sorted(str(k) for k in _BGMV_FAILED)
     if _BGMV_FAILED:
         print(f"  WARNING: the BGMV expand failed for {res['expand_bgmv_fell_back_to_stream']}: those ran the streaming "
-              "expand", flush=True)
-    res["tma_expand_fell_back_to_stream"] = sorted(str(k) for k in lora_tma_expand._TMA_FAILED)
-    res["tma_shrink_fell_back_to_bgmv"] = sorted(str(k) for k in lora_tma_shrink._TMA_SHRINK_FAILED)
-    if lora_tma_shrink._TMA_SHRINK_FAILED:
-        print(f"  WARNING: the TMA shrink failed for {res['tma_shrink_fell_back_to_bgmv']}: those ran the BGMV shrink",
-              flush=True)
-    if lora_tma_expand._TMA_FAILED:
-        print(f"  WARNING: the TMA expand failed for {res['tma_expand_fell_back_to_stream']}: those ran the streaming "
               "expand", flush=True)
     if _PIPE_FAILED:
         print(f"  WARNING: the pipelined column loop failed for {res['pipelined_loop_fell_back_to_rotating']}: "

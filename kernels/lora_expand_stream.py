@@ -444,21 +444,6 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
     partials is lora_shrink_dense.dense_partials (slot 0's view of every token against every slot)."""
     SK, S, T, R = partials.shape
     N = lora_b.shape[1]
-    if config is None and not dense_slots:   # LORASERVE_LORA_TMA_EXPAND: B through TMA boxes (lora_tma_expand.py)
-        from .lora_tma_expand import _TMA_FAILED, lora_expand_tma, tma_expand_applies
-
-        key = (S, R, y.device)
-        if key not in _TMA_FAILED and tma_expand_applies(lora_b, y, S, T):
-            try:
-                return lora_expand_tma(partials, lora_b, slice_offsets, meta, ranks, y, scale=scale, shift=shift,
-                                       num_sms=num_sms, scale_on=scale_on)
-            except Exception as exc:  # noqa: BLE001 - compile/resources failure: this kernel instead
-                if not y.is_cuda:
-                    raise
-                import warnings
-
-                _TMA_FAILED.add(key)
-                warnings.warn(f"TMA LoRA expand failed for S={S}, R={R} ({exc!r}); using the streaming expand")
     cfg = dict(stream_expand_config(T, N, R, S, meta.block_m, meta.grid_tiles, SK, num_sms), **(config or {}))
     if config and "COLS_PER_PROG" in config:  # keep the grid consistent with an override
         cfg["groups"] = -(-N // cfg["COLS_PER_PROG"])

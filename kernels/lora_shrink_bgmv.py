@@ -311,18 +311,6 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     SK = -(-H // BK)
     assert out.shape[0] == SK, f"out has {out.shape[0]} K splits, BLOCK_K {BK} needs {SK}"
     assert BK & (BK - 1) == 0 and BK >= 16, f"BLOCK_K must be a power of two >= 16, got {BK}"
-    from .lora_tma_shrink import _TMA_SHRINK_FAILED, lora_shrink_tma, tma_shrink_applies
-
-    if tma_shrink_applies(x, lora_a, BK):   # LORASERVE_LORA_TMA_SHRINK: A through TMA boxes (lora_tma_shrink.py)
-        try:
-            return lora_shrink_tma(x, lora_a, meta, ranks, out, BK)
-        except Exception as exc:  # noqa: BLE001 - compile/resources failure: this kernel instead
-            if not x.is_cuda:
-                raise
-            import warnings
-
-            _TMA_SHRINK_FAILED.add((S, R, x.device))
-            warnings.warn(f"TMA LoRA shrink failed for S={S}, R={R} ({exc!r}); using the BGMV shrink")
     from . import lora_meta
 
     kmajor = lora_meta.LORA_SHRINK_K_MAJOR

@@ -1,6 +1,6 @@
 """Per-block pieces of the streaming multi-LoRA expand (lora_expand_stream.py), as Triton device functions.
 
-Split out of lora_expand_stream.py (files under ~500 lines); lora_tma_expand.py uses them too.
+Split out of lora_expand_stream.py (files under ~500 lines).
   _load_parts:    [SK_CHUNK, BLOCK_M, BLOCK_R] fp32 split-K partials of one slice (0 where masked);
   _expand_block:  y[rows, n0:n0+BLOCK_N] = y + h @ b.T (each column its own slice's h), DoRA epilogue, store;
   _block_acc_one: the product with one dot (the block's slice's h; per column only where a block straddles a bound);

@@ -73,9 +73,12 @@ VARIANTS = (
     # eighth pass: SiLU-and-mul in the gate_up dot8 GEMM's epilogue + down's codes from its row maxima
     # (kernels/fp8_dot8_silu.py), with other gate_up tiles, the norms with 16 warps, qkv's scaling in RoPE
     ("silu_dot8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1"}),
-    ("silu_dot8_w16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS": "16"}),
-    ("silu_dot8_all", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS": "16",
+    ("silu_dot8_w16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16"}),
+    ("silu_dot8_all", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
                        "LORASERVE_FP8_DEFER_QKV": "1"}),
+    ("norm_b16", {"LORASERVE_FP8_NORM_WARPS_BATCH": "16"}),   # 16 warps at >= 33 rows only (bs1 as before)
+    ("silu_dot8_c2048", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_ROW_CODES_BLOCK": "2048"}),
+    ("silu_dot8_c512", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_ROW_CODES_BLOCK": "512"}),
     ("silu_dot8_s4", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:4:4"}),
     ("silu_dot8_w8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:8:3"}),
     ("silu_dot8_n128", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",

@@ -15,6 +15,8 @@ load -> exp -> store -> block max -> codes chain), the GEMM's tiles are where th
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -52,9 +54,12 @@ if HAS_TRITON:
         _quant_regs(h, q_ptr + row * stride_q + offs, s_ptr + row, ok, amax, fp8_max, FP8_MAX_C, MIN_SCALE_C)
 
 
-def row_codes(h: Tensor, pmax: Tensor, block: int = 1024) -> tuple[Tensor, Tensor]:
+def row_codes(h: Tensor, pmax: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:
     """(x_q [M, N] e4m3, scale [M, 1] fp32) = per_token_quant_fp8(h [M, N]) given pmax [M, P] fp32 whose row maxima
-    are h's row amax (max |h[m, :]| = max pmax[m, :]); one launch of (M, N / block) programs."""
+    are h's row amax (max |h[m, :]| = max pmax[m, :]); one launch of (M, N / block) programs (block: default 1024,
+    LORASERVE_FP8_ROW_CODES_BLOCK for probes)."""
+    if block is None:
+        block = int(os.environ.get("LORASERVE_FP8_ROW_CODES_BLOCK", "1024"))
     M, N = h.shape
     P = pmax.shape[1]
     x_q = torch.empty((M, N), dtype=FP8, device=h.device)

@@ -166,6 +166,16 @@ def _warps(env: str, default: int) -> int:
     return int(v) if v in ("1", "2", "4", "8", "16", "32") else default
 
 
+def norm_warps(rows: int, block: int) -> int:
+    """Warps of a norm + codes launch (one program per row): block // 512 (8 at H 4096); at >= 33 rows (the W8A8
+    decode bucket) LORASERVE_FP8_NORM_WARPS_BATCH if set (16: H200 FP8 seventh pass, bs64 -0.6 / -1.3 us a layer;
+    at one token +0.4 / +0.7, so not there); LORASERVE_FP8_NORM_WARPS: every launch (probes)."""
+    default = min(16, max(1, block // 512))
+    if rows >= 33:
+        default = _warps("LORASERVE_FP8_NORM_WARPS_BATCH", default)
+    return _warps("LORASERVE_FP8_NORM_WARPS", default)
+
+
 def norm_reread_on() -> bool:
     """LORASERVE_FP8_NORM_REREAD=0: the norms' e4m3 codes from registers (one pass; rows may round one bf16 ulp away
     from rms_norm's, the layout the fp8 store asks for summing in another order); default 1: read back."""
@@ -200,7 +210,7 @@ def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: T
             ws, w_scale, x_scale if x_scale is not None else w_scale, residual, weight, out, x_q, q_scale, T, H,
             splits, eps, FP8_MAX, residual.stride(0), out.stride(0), x_q.stride(0), ROW_SCALE=x_scale is not None,
             QUANT=quant, BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, REREAD=norm_reread_on(),
-            num_warps=_warps("LORASERVE_FP8_NORM_WARPS", min(16, max(1, block // 512))), **pdl_kwargs(ws.device))
+            num_warps=norm_warps(T, block), **pdl_kwargs(ws.device))
     return (out, residual, x_q, q_scale) if quant else (out, residual)
 
 
@@ -226,7 +236,7 @@ def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: floa
                                  out.stride(0), x_q.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
                                  REREAD=norm_reread_on(),
                                  FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
-                                 num_warps=_warps("LORASERVE_FP8_NORM_WARPS", min(16, max(1, block // 512))),
+                                 num_warps=norm_warps(T, block),
                                  **pdl_kwargs(x.device))
     return out, residual, x_q, scale
 

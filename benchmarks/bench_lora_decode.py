@@ -69,6 +69,13 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "prev10": dict(stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
                            stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
             "pps4": dict(stream_pps_decode=4),   # the default with the decode steps' expand grid as before
+            # eleventh session (benchmarks/lora_variants.py): the streaming expand's register cap on the decode grid (the
+            # engine's DoRA-flag kernel: 88 registers, 5 programs per SM); the BGMV expand's slice loops on qkv / gate_up
+            "nreg80": dict(stream_maxnreg=80),
+            "xbs_n128_s4_p6": dict(expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_stages=4, xb_pps=6,
+                                   xb_sloops=True),
+            "xbs_n256_s4_p4": dict(expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=4,
+                                   xb_sloops=True),
             # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
             "kc4": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128),
             "kc4_one": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True)}
@@ -113,6 +120,14 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_shrink_bgmv.BGMV_KCHUNKS = v.get("kchunks", defaults["kchunks"])
     lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = v.get("kchunks_wide", defaults["kchunks_wide"])
     lora_shrink_bgmv.BGMV_MAXNREG_WIDE = v.get("maxnreg_wide", defaults["maxnreg_wide"])
+    lora_expand_stream.STREAM_MAXNREG_DECODE = v.get("stream_maxnreg", defaults["stream_maxnreg"])
+    from loraserve.kernels import lora_expand_bgmv as xb
+
+    xb.EXPAND_BGMV_BLOCK_N = v.get("xb_block_n", defaults["xb_block_n"])
+    xb.EXPAND_BGMV_PPS = v.get("xb_pps", defaults["xb_pps"])
+    xb.EXPAND_BGMV_WARPS = v.get("xb_warps", defaults["xb_warps"])
+    xb.EXPAND_BGMV_STAGES = v.get("xb_stages", defaults["xb_stages"])
+    xb.EXPAND_BGMV_SLICE_LOOPS = v.get("xb_sloops", defaults["xb_sloops"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -163,7 +178,11 @@ def main() -> int:
                     stream_one_max_tokens=lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS,
                     kchunks=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS,
                     kchunks_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS_WIDE,
-                    maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE)
+                    maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE,
+                    stream_maxnreg=lora_expand_stream.STREAM_MAXNREG_DECODE)
+    xb = importlib.import_module("loraserve.kernels.lora_expand_bgmv")
+    defaults.update(xb_block_n=xb.EXPAND_BGMV_BLOCK_N, xb_pps=xb.EXPAND_BGMV_PPS, xb_warps=xb.EXPAND_BGMV_WARPS,
+                    xb_stages=xb.EXPAND_BGMV_STAGES, xb_sloops=xb.EXPAND_BGMV_SLICE_LOOPS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

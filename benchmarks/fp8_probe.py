@@ -88,6 +88,15 @@ VARIANTS = (
     ("o_dot8b", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:1:4:3"}),
     ("o_dot8b_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:2:4:3"}),
     ("o_dot16", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:1:4:3"}),
+    # weight-only fp16-operand o / down at 33..64 (no codes needed: SiLU-mul's codes launch goes too), their split-K
+    # partials summed by the next norm
+    ("o_dot16_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:2:4:3"}),
+    ("down_dot16_s2", {"LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:2:4:3"}),
+    ("down_dot16_s4", {"LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:4:4:3"}),
+    ("silu_dot8_down16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
+                          "LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:2:4:3"}),
+    ("silu_dot8_od16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
+                        "LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:2:4:3,4096x14336=dot16:64:64:128:2:4:3"}),
     ("default2", {}),   # the defaults again at the end (drift)
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

@@ -485,9 +485,10 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
         _fp8_skinny_dot_kernel[grid](*args, X16_SCALE, w_scale, cnt, split, **flags, F16=kind == "dot16", FP8X=False,
                                      FIXUP=fixup, num_warps=warps, num_stages=stages, **launch)
     # deferred: the partials to the consumer (a norm sums them in split order, * w_scale: _splitk_sum_kernel's math).
-    # dot8's partials already carry x's per-token scale (the weight-only dot kinds at 2..32 tokens: not measured, kept)
-    if split > 1 and defer_sum and not silu and (kind.startswith("gemv") or (kind in ("dot8", "dot8f", "dot8p")
-                                                                             and not fixup)):
+    # dot8's partials already carry x's per-token scale; the weight-only dot kinds' (dot16's unscaled by 2^-4) only at
+    # 33..64 tokens, where a probe forces them (at 2..32 tokens, their table bucket: not measured, kept)
+    if split > 1 and defer_sum and not silu and not fixup and (kind.startswith("gemv") or kind in ("dot8", "dot8f", "dot8p")
+                                                               or (kind in ("dot", "dot16") and M > 32)):
         return ws, None
     if split > 1 and silu:
         splitk_sum_silu(ws, w_scale, out, pdl)

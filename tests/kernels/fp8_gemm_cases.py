@@ -185,7 +185,7 @@ def check_gemv_defer_sum(dtype: str, m: int, n: int, k: int, config, device: str
     y = fp8_gemv(x, w_q, w_scale, config=config)
     ws, x_scale = fp8_gemv(x, w_q, w_scale, config=config, defer_sum=True)
     assert x_scale is None
-    if config[4] == 1:
+    if config[4] == 1 or (config[0] in ("dot", "dot16") and m <= 32):   # (weight-only dot kinds: only at 33..64)
         assert torch.equal(ws, y)
         return
     assert ws.dim() == 3 and ws.shape[0] >= 2 and ws.shape[1:] == (m, n) and ws.dtype == torch.float32

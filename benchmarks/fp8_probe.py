@@ -97,6 +97,11 @@ VARIANTS = (
                           "LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:2:4:3"}),
     ("silu_dot8_od16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
                         "LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:2:4:3,4096x14336=dot16:64:64:128:2:4:3"}),
+    # o_proj's per-token quantization: the whole row in registers (one load), and as a programmatic dependent
+    ("quant_1p", {"LORASERVE_FP8_QUANT_ONE_PASS": "1"}),
+    ("quant_1p_pdl", {"LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1"}),
+    ("silu_dot8_q", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
+                     "LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1"}),
     ("default2", {}),   # the defaults again at the end (drift)
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

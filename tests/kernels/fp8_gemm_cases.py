@@ -46,11 +46,20 @@ def check_w8a16(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "c
     torch.testing.assert_close(y.float(), full.float(), rtol=TOL[dt]["rtol"] * 4, atol=TOL[dt]["atol"] * 4)
 
 
-def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu") -> None:
+def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu", one_pass: bool = False) -> None:
+    import os
+
     dt, g = DTYPES[dtype], _gen(m + k)
     x = (torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]).to(device, dt)
     x[0] = 0   # an all-zero row keeps a finite scale and quantizes to zeros
-    x_q, s = per_token_quant_fp8(x)
+    os.environ["LORASERVE_FP8_QUANT_ONE_PASS"] = "0"
+    x_q2, s2 = per_token_quant_fp8(x)
+    os.environ["LORASERVE_FP8_QUANT_ONE_PASS"] = "1" if one_pass else "0"
+    try:
+        x_q, s = per_token_quant_fp8(x)
+    finally:
+        os.environ.pop("LORASERVE_FP8_QUANT_ONE_PASS", None)
+    assert torch.equal(s, s2) and torch.equal(x_q.float(), x_q2.float()), "one pass != two passes"
     q_ref, s_ref = per_token_quant_fp8_ref(x)
     assert x_q.dtype == FP8 and x_q.shape == (m, k) and s.shape == (m, 1) and s.dtype == torch.float32
     # amax / 448 in fp32: the GPU kernel's division may round one ulp away from torch's (H200: 1.2e-7 relative)

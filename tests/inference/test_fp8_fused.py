@@ -176,3 +176,31 @@ def test_gate_up_silu_dot8_equals_the_unfused_gpu(m, monkeypatch) -> None:
     monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
     plain, res_p = _mlp_block(layer, x, residual)
     assert torch.equal(res_f, res_p) and torch.equal(fused, plain), float((fused.float() - plain.float()).abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_down_on_dot16_deferred_gpu(monkeypatch) -> None:
+    """down forced onto the weight-only dot16 kind at 64 tokens (LORASERVE_FP8_TILE64, split 2): its split-K partials
+    go to the next layer's norm (fp8_gemv defer_sum at 33..64), gate_up's SiLU epilogue then makes no codes (down
+    quantizes nothing), and the result equals the unfused launches bit for bit."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    monkeypatch.setenv("LORASERVE_FP8_TILE64", "4096x14336=dot16:64:64:128:2:4:3")
+    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU_DOT8", "1")
+    layers = torch.nn.ModuleList([_fp8_layer(4096, 14336, "cuda"), _fp8_layer(4096, 14336, "cuda")])
+    fp8_fused.convert_fused(layers)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    h = torch.randn(64, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    residual = torch.randn(64, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    act = layers[0].mlp._gate_up_silu(h)
+    assert act is not None and getattr(act, fp8.PREQUANT_ATTR, None) is None
+    y = layers[0].mlp(h.clone())
+    assert y.dim() == 3 and y.shape[0] == 2, tuple(y.shape)
+    out, res = layers[1].input_layernorm(y, residual.clone())
+    monkeypatch.setenv("LORASERVE_FP8_DEFER_DOWN_SUM", "0")
+    monkeypatch.setenv("LORASERVE_FP8_GATE_UP_SILU", "0")
+    monkeypatch.setenv("LORASERVE_FP8_PREQUANT", "0")
+    y2 = layers[0].mlp(h.clone())
+    out2, res2 = layers[1].input_layernorm(y2, residual.clone())
+    assert y2.dim() == 2 and torch.equal(res, res2) and torch.equal(out, out2)

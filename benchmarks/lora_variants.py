@@ -72,7 +72,7 @@ _STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
 _STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
-_XB_SLOOPS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS
+_XB_SLOOPS, _BGMV_ROWS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS, lora_shrink_bgmv.BGMV_ROWS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 
 VARIANTS = {
@@ -203,6 +203,11 @@ VARIANTS.update({
     "dg7": dict(DEFAULT, stream_pps_decode=7, pipe_min_blocks=8),
     "sbn256": dict(DEFAULT, stream_block_n=256, pipe_min_blocks=5),
     "nreg80": dict(DEFAULT, stream_maxnreg=80),
+    # the BGMV shrink with two rows on its multiply-sum path (lora_shrink_bgmv.BGMV_ROWS) and A's block as chunks
+    # (x one chunk ahead): qkv / o / gate_up 75 registers at 8 warps (3 programs per SM), down 128 (2): one wave
+    "r2": dict(DEFAULT, bgmv_rows=2),
+    "r2kc4": dict(DEFAULT, bgmv_rows=2, kchunks=4, kchunks_wide=4),
+    "r2kc4w8": dict(DEFAULT, bgmv_rows=2, kchunks=4, kchunks_wide=8),
     "dgrid_all": dict(DEFAULT, dgrid_any=True),   # the decode grid (6 per SM) on qkv's short runs too (rotating loop)   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
@@ -233,6 +238,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])
+        lora_shrink_bgmv.BGMV_ROWS = variant.get("bgmv_rows", _BGMV_ROWS)
 
 
 def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:

@@ -42,29 +42,76 @@ if HAS_TRITON:
 
     @triton.jit
     def _chunk_rows(a, kc, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm, stride_xk, acc0, acc1, acc2, acc3,
-                    CK: tl.constexpr):
-        """acc_r += A chunk [BLOCK_N, CK] (fp32) . x_r[kc : kc + CK] for the tile's <= 4 rows (rows past it: x = 0)."""
+                    CK: tl.constexpr, ROWS: tl.constexpr = 4):
+        """acc_r += A chunk [BLOCK_N, CK] (fp32) . x_r[kc : kc + CK] for the tile's <= ROWS rows (rows past it: x = 0)."""
         offs = kc + tl.arange(0, CK)
         k_ok = offs < K
         rows_k = tl.zeros_like(offs) + rows
         x_row = x_ptr + offs * stride_xk
         x0 = tl.load(x_row + tok * stride_xm, mask=k_ok, other=0.0).to(tl.float32)
         x1 = tl.load(x_row + tok1 * stride_xm, mask=k_ok & (rows_k > 1), other=0.0).to(tl.float32)
-        x2 = tl.load(x_row + tok2 * stride_xm, mask=k_ok & (rows_k > 2), other=0.0).to(tl.float32)
-        x3 = tl.load(x_row + tok3 * stride_xm, mask=k_ok & (rows_k > 3), other=0.0).to(tl.float32)
         af = a.to(tl.float32)
         acc0 += tl.sum(af * x0[None, :], axis=1)
         acc1 += tl.sum(af * x1[None, :], axis=1)
-        acc2 += tl.sum(af * x2[None, :], axis=1)
-        acc3 += tl.sum(af * x3[None, :], axis=1)
+        if ROWS == 4:
+            x2 = tl.load(x_row + tok2 * stride_xm, mask=k_ok & (rows_k > 2), other=0.0).to(tl.float32)
+            x3 = tl.load(x_row + tok3 * stride_xm, mask=k_ok & (rows_k > 3), other=0.0).to(tl.float32)
+            acc2 += tl.sum(af * x2[None, :], axis=1)
+            acc3 += tl.sum(af * x3[None, :], axis=1)
         return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _x2(x_ptr, kc, K, tok, tok1, rows, stride_xm, stride_xk, CK: tl.constexpr):
+        """x of a tile's two rows at columns [kc, kc + CK) (bf16; the second row 0 past a one-row tile)."""
+        offs = kc + tl.arange(0, CK)
+        k_ok = offs < K
+        x_row = x_ptr + offs * stride_xk
+        x0 = tl.load(x_row + tok * stride_xm, mask=k_ok, other=0.0)
+        x1 = tl.load(x_row + tok1 * stride_xm, mask=k_ok & ((tl.zeros_like(offs) + rows) > 1), other=0.0)
+        return x0, x1
+
+    @triton.jit
+    def _mac2(a, x0, x1, acc0, acc1):
+        af = a.to(tl.float32)
+        return acc0 + tl.sum(af * x0.to(tl.float32)[None, :], axis=1), acc1 + tl.sum(af * x1.to(tl.float32)[None, :],
+                                                                                     axis=1)
+
+    @triton.jit
+    def _rows2_chunks(a0, a1, a2, a3, a4, a5, a6, a7, kb, K, x_ptr, tok, tok1, rows, stride_xm, stride_xk, acc0, acc1,
+                      CK: tl.constexpr, KCHUNKS: tl.constexpr):
+        """acc_r += A . x_r over the KCHUNKS chunks of a <= 2-row tile, x one chunk ahead of its products (each
+        chunk's x issued before the previous chunk's math: one L2 round trip in all, not one a chunk)."""
+        xa0, xa1 = _x2(x_ptr, kb, K, tok, tok1, rows, stride_xm, stride_xk, CK)
+        for j in tl.static_range(KCHUNKS):
+            if j + 1 < KCHUNKS:
+                xb0, xb1 = _x2(x_ptr, kb + (j + 1) * CK, K, tok, tok1, rows, stride_xm, stride_xk, CK)
+            if j == 0:
+                acc0, acc1 = _mac2(a0, xa0, xa1, acc0, acc1)
+            elif j == 1:
+                acc0, acc1 = _mac2(a1, xa0, xa1, acc0, acc1)
+            elif j == 2:
+                acc0, acc1 = _mac2(a2, xa0, xa1, acc0, acc1)
+            elif j == 3:
+                acc0, acc1 = _mac2(a3, xa0, xa1, acc0, acc1)
+            elif j == 4:
+                acc0, acc1 = _mac2(a4, xa0, xa1, acc0, acc1)
+            elif j == 5:
+                acc0, acc1 = _mac2(a5, xa0, xa1, acc0, acc1)
+            elif j == 6:
+                acc0, acc1 = _mac2(a6, xa0, xa1, acc0, acc1)
+            else:
+                acc0, acc1 = _mac2(a7, xa0, xa1, acc0, acc1)
+            if j + 1 < KCHUNKS:
+                xa0 = xb0
+                xa1 = xb1
+        return acc0, acc1
 
     @triton.jit
     def _rows_chunked(x_ptr, a_ptr, out_ptr, slot, s, pid_k, n_ok, offs_n, tok, tok1, tok2, tok3, rows, K,
                       stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
                       stride_ok, stride_os, stride_om, stride_or,
                       BLOCK_K: tl.constexpr, KCHUNKS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      PREFETCH_A: tl.constexpr):
+                      PREFETCH_A: tl.constexpr, ROWS: tl.constexpr = 4):
         """The <= 4-row tile of the kernel below with A's block as KCHUNKS (2, 4 or 8) loads, all issued before the
         wait, each converted to fp32 only while its products are summed (one fp32 chunk live, not the whole block:
         down's 2048-column block compiled to 249 registers, one program per SM, two waves at the layer case)."""
@@ -87,32 +134,48 @@ if HAS_TRITON:
         acc1 = tl.zeros_like(acc0)
         acc2 = tl.zeros_like(acc0)
         acc3 = tl.zeros_like(acc0)
+        if ROWS == 2:  # (chunks past KCHUNKS: a0, never read)
+            if KCHUNKS == 2:
+                acc0, acc1 = _rows2_chunks(a0, a1, a0, a0, a0, a0, a0, a0, kb, K, x_ptr, tok, tok1, rows, stride_xm,
+                                           stride_xk, acc0, acc1, CK, KCHUNKS)
+            elif KCHUNKS == 4:
+                acc0, acc1 = _rows2_chunks(a0, a1, a2, a3, a0, a0, a0, a0, kb, K, x_ptr, tok, tok1, rows, stride_xm,
+                                           stride_xk, acc0, acc1, CK, KCHUNKS)
+            else:
+                acc0, acc1 = _rows2_chunks(a0, a1, a2, a3, a4, a5, a6, a7, kb, K, x_ptr, tok, tok1, rows, stride_xm,
+                                           stride_xk, acc0, acc1, CK, KCHUNKS)
+            out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
+            tl.store(out_base + tok * stride_om, acc0, mask=n_ok)
+            if rows > 1:
+                tl.store(out_base + tok1 * stride_om, acc1, mask=n_ok)
+            return
         acc0, acc1, acc2, acc3 = _chunk_rows(a0, kb, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm, stride_xk,
-                                             acc0, acc1, acc2, acc3, CK)
+                                             acc0, acc1, acc2, acc3, CK, ROWS)
         acc0, acc1, acc2, acc3 = _chunk_rows(a1, kb + CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                             stride_xk, acc0, acc1, acc2, acc3, CK)
+                                             stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
         if KCHUNKS >= 4:
             acc0, acc1, acc2, acc3 = _chunk_rows(a2, kb + 2 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
             acc0, acc1, acc2, acc3 = _chunk_rows(a3, kb + 3 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
         if KCHUNKS == 8:
             acc0, acc1, acc2, acc3 = _chunk_rows(a4, kb + 4 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
             acc0, acc1, acc2, acc3 = _chunk_rows(a5, kb + 5 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
             acc0, acc1, acc2, acc3 = _chunk_rows(a6, kb + 6 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
             acc0, acc1, acc2, acc3 = _chunk_rows(a7, kb + 7 * CK, K, x_ptr, tok, tok1, tok2, tok3, rows, stride_xm,
-                                                 stride_xk, acc0, acc1, acc2, acc3, CK)
+                                                 stride_xk, acc0, acc1, acc2, acc3, CK, ROWS)
         out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
         tl.store(out_base + tok * stride_om, acc0, mask=n_ok)
         if rows > 1:
             tl.store(out_base + tok1 * stride_om, acc1, mask=n_ok)
-        if rows > 2:
-            tl.store(out_base + tok2 * stride_om, acc2, mask=n_ok)
-        if rows > 3:
-            tl.store(out_base + tok3 * stride_om, acc3, mask=n_ok)
+        if ROWS == 4:
+            if rows > 2:
+                tl.store(out_base + tok2 * stride_om, acc2, mask=n_ok)
+            if rows > 3:
+                tl.store(out_base + tok3 * stride_om, acc3, mask=n_ok)
 
     @triton.jit
     def _lora_shrink_bgmv_kernel(
@@ -126,6 +189,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
         DOT_K: tl.constexpr = 128, KCHUNKS: tl.constexpr = 1,
         USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False, K_MAJOR: tl.constexpr = False,
+        ROWS: tl.constexpr = 4,
     ):
         if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
             tl.extra.cuda.gdc_launch_dependents()
@@ -153,8 +217,12 @@ if HAS_TRITON:
         last = start + rows - 1
         tok = tl.load(sorted_ids_ptr + start).to(tl.int64)  # the tile's first 4 rows (tiles are non-empty;
         tok1 = tl.load(sorted_ids_ptr + tl.minimum(start + 1, last)).to(tl.int64)  # rows past the tile
-        tok2 = tl.load(sorted_ids_ptr + tl.minimum(start + 2, last)).to(tl.int64)  # repeat its last row,
-        tok3 = tl.load(sorted_ids_ptr + tl.minimum(start + 3, last)).to(tl.int64)  # never stored)
+        if ROWS == 4:
+            tok2 = tl.load(sorted_ids_ptr + tl.minimum(start + 2, last)).to(tl.int64)  # repeat its last row,
+            tok3 = tl.load(sorted_ids_ptr + tl.minimum(start + 3, last)).to(tl.int64)  # never stored)
+        else:
+            tok2 = tok1
+            tok3 = tok1
         if n0 >= rank:
             if PREFETCH_A:
                 tl.extra.cuda.gdc_wait()
@@ -162,11 +230,11 @@ if HAS_TRITON:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < rank
         if KCHUNKS > 1:  # A as KCHUNKS separate [BLOCK_N, BLOCK_K / KCHUNKS] loads (module docstring: registers)
-            if rows <= 4:
+            if rows <= ROWS:
                 _rows_chunked(x_ptr, a_ptr, out_ptr, slot, s, pid_k, n_ok, offs_n, tok, tok1, tok2, tok3, rows, K,
                               stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
                               stride_ok, stride_os, stride_om, stride_or,
-                              BLOCK_K, KCHUNKS, EVEN_K, SPLIT_K, PREFETCH_A)
+                              BLOCK_K, KCHUNKS, EVEN_K, SPLIT_K, PREFETCH_A, ROWS)
                 return
             if PREFETCH_A:  # (the dense tile path below loads A after the wait)
                 tl.extra.cuda.gdc_wait()
@@ -187,10 +255,11 @@ if HAS_TRITON:
         xv = tl.load(x_row + tok * stride_xm, mask=k_ok, other=0.0)
         rows_k = tl.zeros_like(offs_k) + rows  # [BLOCK_K] (a scalar-and-block mask upsets the interpreter)
         x1 = tl.load(x_row + tok1 * stride_xm, mask=k_ok & (rows_k > 1), other=0.0)
-        x2 = tl.load(x_row + tok2 * stride_xm, mask=k_ok & (rows_k > 2), other=0.0)
-        x3 = tl.load(x_row + tok3 * stride_xm, mask=k_ok & (rows_k > 3), other=0.0)
+        if ROWS == 4:  # (2: x of two rows live, not four: registers, lora_shrink_bgmv.BGMV_ROWS)
+            x2 = tl.load(x_row + tok2 * stride_xm, mask=k_ok & (rows_k > 2), other=0.0)
+            x3 = tl.load(x_row + tok3 * stride_xm, mask=k_ok & (rows_k > 3), other=0.0)
         out_base = out_ptr + pid_k * stride_ok + s * stride_os + offs_n * stride_or
-        if rows > 4:  # a dense tile (one adapter, many tokens): all rows through tl.dot,
+        if rows > ROWS:  # a dense tile (one adapter, many tokens): all rows through tl.dot,
             offs_m = start + tl.arange(0, BLOCK_M)  # A re-read in DOT_K chunks from L1/L2 (the block
             row_ok = offs_m < end  # above is already in flight), so `a` is dead here: registers
             toks = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
@@ -213,10 +282,11 @@ if HAS_TRITON:
         tl.store(out_base + tok * stride_om, tl.sum(af * xv.to(tl.float32)[None, :], axis=1), mask=n_ok)
         if rows > 1:
             tl.store(out_base + tok1 * stride_om, tl.sum(af * x1.to(tl.float32)[None, :], axis=1), mask=n_ok)
-        if rows > 2:
-            tl.store(out_base + tok2 * stride_om, tl.sum(af * x2.to(tl.float32)[None, :], axis=1), mask=n_ok)
-        if rows > 3:
-            tl.store(out_base + tok3 * stride_om, tl.sum(af * x3.to(tl.float32)[None, :], axis=1), mask=n_ok)
+        if ROWS == 4:
+            if rows > 2:
+                tl.store(out_base + tok2 * stride_om, tl.sum(af * x2.to(tl.float32)[None, :], axis=1), mask=n_ok)
+            if rows > 3:
+                tl.store(out_base + tok3 * stride_om, tl.sum(af * x3.to(tl.float32)[None, :], axis=1), mask=n_ok)
 
 
 # Tiles with more rows than this (fixed in the kernel) take one tl.dot over all their rows; up to
@@ -247,6 +317,11 @@ BGMV_KCHUNK_MIN_K = int(os.environ.get("LORASERVE_LORA_BGMV_KCHUNK_MIN_K", "1024
 # (4 chunks) / 104 (8); 2048 columns 249 -> 165 (4) / 134 (8) / 128 with the cap (8 bytes of stack).
 BGMV_KCHUNKS_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_KCHUNKS_WIDE", "1"))
 BGMV_MAXNREG_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_MAXNREG_WIDE", "0"))
+# Rows a tile takes on the multiply-sum path (4 or 2; tiles with more take the tl.dot path). 2: x of two rows live, not
+# four, and with KCHUNKS the chunks' x one chunk ahead (sm_90 offline, registers at 8 warps: qkv's 1024-column block
+# in 4 chunks 87 -> 75, i.e. 3 programs per SM; down's 2048 in 4 chunks 165 -> 128, 2 per SM: one wave at the layer
+# case). Probe knob (LORASERVE_LORA_BGMV_ROWS); read at each launch.
+BGMV_ROWS = int(os.environ.get("LORASERVE_LORA_BGMV_ROWS", "4"))
 
 
 def bgmv_kchunks(block_k: int) -> int:
@@ -325,7 +400,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         IEEE=x.dtype == torch.float32,
         DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_on("a", x.device, pdl),
         KCHUNKS=kch, **({"maxnreg": BGMV_MAXNREG_WIDE} if kch > 1 and BK > 1024 and BGMV_MAXNREG_WIDE else {}),
-        K_MAJOR=kmajor,
+        K_MAJOR=kmajor, ROWS=cfg.get("ROWS", BGMV_ROWS),
         **pdl,
     )
     return out

@@ -12,7 +12,7 @@ from .stream_interp_cases import DTYPES, _untouched
 
 def check_bgmv_shrink(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
                       composition: str, block_k: int | None = None, block_m: int = 16, device: str = "cpu",
-                      kchunks: int | None = None) -> None:
+                      kchunks: int | None = None, rows: int | None = None) -> None:
     """The BGMV shrink's per-chunk partials, summed, equal the reference shrink on every defined
     entry, and leave every other entry as it was (NaN stays NaN)."""
     from loraserve.kernels.lora_shrink_bgmv import bgmv_shrink_config, lora_shrink_bgmv
@@ -26,6 +26,8 @@ def check_bgmv_shrink(dtype: str, hidden: int, max_rank: int, widths: list[int],
         cfg["BLOCK_K"] = block_k
     if kchunks:   # A's block as separate loads (lora_shrink_bgmv.BGMV_KCHUNKS)
         cfg["KCHUNKS"] = kchunks
+    if rows:   # rows a tile takes on the multiply-sum path (lora_shrink_bgmv.BGMV_ROWS)
+        cfg["ROWS"] = rows
     sk = -(-hidden // cfg["BLOCK_K"])
     partials = torch.full((sk, S, T, R), float("nan"), device=device)
     lora_shrink_bgmv(p.x, p.lora_a, meta, p.ranks, partials, config=cfg)

@@ -44,6 +44,20 @@ def test_bgmv_shrink_chunked_a(interp, kchunks, composition) -> None:
     _run(interp, cases.check_bgmv_shrink, "float32", 600, 16, [48], 40, 2, composition, block_k=256, kchunks=kchunks)
 
 
+@pytest.mark.parametrize("kchunks", [None, 2, 4, 8])
+def test_bgmv_shrink_two_rows(interp, kchunks) -> None:
+    # ROWS 2 (lora_shrink_bgmv.BGMV_ROWS): 1-2 row tiles on the multiply-sum path (with KCHUNKS: x one chunk ahead),
+    # 3-4 row tiles (21 tokens over 5 slots) and 16-row ones (40 tokens over 2 slots) on the tl.dot path
+    widths = [40, 24, 24]
+    for composition in ("distinct", "mixed-ranks"):
+        _run(interp, cases.check_bgmv_shrink, "float32", 600, 32, widths, 21, 5, composition, block_k=256,
+             kchunks=kchunks, rows=2)
+        _run(interp, cases.check_bgmv_shrink, "float16", 512, 16, widths, 10, 5, composition, block_k=256,
+             kchunks=kchunks, rows=2)
+    _run(interp, cases.check_bgmv_shrink, "float32", 600, 16, [48], 40, 2, "mixed-ranks", block_k=256, kchunks=kchunks,
+         rows=2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_bgmv_shrink_rank64_long_tiles(interp, dtype) -> None:
     # 40 tokens over 2 slots: tiles of 16 rows (the row loop), 4 rank blocks; even K (512 / 256)

@@ -1,7 +1,8 @@
-"""The expands of the 64-token / 32-adapter decode step (issue 10's layer case) on a GPU at Llama-3-8B widths: the
+"""The kernels of the 64-token / 32-adapter decode step (issue 10's layer case) on a GPU at Llama-3-8B widths: the
 streaming expand on the decode grid (gate_up), the BGMV expand with its decode loops Triton-pipelined one per slice
-(lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS) on qkv / gate_up widths vs the torch reference (DoRA flags included), and
-lora_apply through the latter in a CUDA graph == eager bit for bit."""
+(lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS) on qkv / gate_up widths vs the torch reference (DoRA flags included), the
+BGMV shrink with two rows on its multiply-sum path and A in chunks (lora_shrink_bgmv.BGMV_ROWS / KCHUNKS), and
+lora_apply through them in a CUDA graph == eager bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -62,3 +63,24 @@ def test_bgmv_slice_loops_llama3_8b_bf16(slice_loops, proj: str) -> None:
 def test_bgmv_slice_loops_graph_replay(slice_loops) -> None:
     check_graph_replay_matches_eager(64, 16)
     check_graph_replay_matches_eager(1, 16)
+
+
+@pytest.mark.parametrize("proj", ["qkv", "down"])   # 1024-column blocks; the 14336-wide input's 2048
+@pytest.mark.parametrize("kchunks", [4, 8])
+def test_bgmv_shrink_two_rows_chunks_llama3_8b_bf16(proj: str, kchunks: int) -> None:
+    from loraserve.kernels import lora_shrink_bgmv as sb
+
+    from . import bgmv_interp_cases
+
+    hidden, widths = PROJECTIONS[proj]
+    old = sb.BGMV_ROWS, sb.BGMV_KCHUNKS, sb.BGMV_KCHUNKS_WIDE
+    sb.BGMV_ROWS, sb.BGMV_KCHUNKS, sb.BGMV_KCHUNKS_WIDE = 2, 4, kchunks
+    try:
+        for T, L, composition in ((64, 32, "distinct"), (1, 1, "uniform"), (64, 32, "mixed-ranks"), (48, 12, "uniform")):
+            rank = 64 if composition == "mixed-ranks" else 16
+            bgmv_interp_cases.check_bgmv_shrink("bfloat16", hidden, rank, widths, T, L, composition, device="cuda")
+            bgmv_interp_cases.check_bgmv_apply("bfloat16", hidden, rank, widths, T, L, composition, device="cuda")
+        check_graph_replay_matches_eager(64, 16)
+        check_graph_replay_matches_eager(1, 16)
+    finally:
+        sb.BGMV_ROWS, sb.BGMV_KCHUNKS, sb.BGMV_KCHUNKS_WIDE = old

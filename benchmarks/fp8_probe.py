@@ -79,8 +79,10 @@ VARIANTS = (
     ("norm_b16", {"LORASERVE_FP8_NORM_WARPS_BATCH": "16"}),   # 16 warps at >= 33 rows only (bs1 as before)
     ("silu_dot8_c2048", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_ROW_CODES_BLOCK": "2048"}),
     ("silu_dot8_c512", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_ROW_CODES_BLOCK": "512"}),
-    ("silu_dot8_s4", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:4:4"}),
-    ("silu_dot8_w8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:8:3"}),
+    ("silu_dot8_s4", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
+                      "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:4:4"}),
+    ("silu_dot8_w8", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
+                      "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:128:1:8:3"}),
     ("silu_dot8_n128", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
                         "LORASERVE_FP8_TILE64": "28672x4096=dot8:64:128:128:1:8:3"}),
     # o_proj without the per-token quantization launch before it: x quantized per (token, 128-wide K block) inside the

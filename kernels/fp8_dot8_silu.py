@@ -1,6 +1,6 @@
 """The MLP's gate_up GEMM at 33..64 tokens (W8A8 dot8) with SiLU-and-mul in its epilogue, then down's per-token codes.
 
-    h [M, I]           = silu_and_mul(dot8(x, w_q [2I, K], w_scale))      bit for bit (kernels/activation.py's roundings)
+    h [M, I]               = silu_and_mul(dot8(x, w_q [2I, K], w_scale))  bit for bit (kernels/activation.py's roundings)
     (x_q [M, I], s [M, 1]) = per_token_quant_fp8(h)                        bit for bit (the amax is exact in any order)
 
 Two launches where there were two (the dot8 GEMM, then _silu_mul_quant_kernel: one program per row reading the

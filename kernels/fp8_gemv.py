@@ -490,7 +490,8 @@ def fp8_gemv(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
     # deferred: the partials to the consumer (a norm sums them in split order, * w_scale: _splitk_sum_kernel's math).
     # dot8's partials already carry x's per-token scale; the weight-only dot kinds' (dot16's unscaled by 2^-4) only at
     # 33..64 tokens, where a probe forces them (at 2..32 tokens, their table bucket: not measured, kept)
-    if split > 1 and defer_sum and not silu and not fixup and (kind.startswith("gemv") or kind in ("dot8", "dot8f", "dot8p")
+    if split > 1 and defer_sum and not silu and not fixup and (kind.startswith("gemv") or kind in ("dot8", "dot8f",
+                                                                                                 "dot8p")
                                                                or (kind in ("dot", "dot16") and M > 32)):
         return ws, None
     if split > 1 and silu:

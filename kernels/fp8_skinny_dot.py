@@ -42,6 +42,36 @@ if HAS_TRITON:
             tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                                       is_pure=False, pack=1)
 
+    @triton.jit
+    def _dot8_pair(w_ptrs, w2_ptrs, xt_ptrs, m_ok, k_start, k_end, offs_k, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr):
+        # W8A8 dot8's K loop for two weight tiles [BLOCK_N, BLOCK_K] (rows w_ptrs and w2_ptrs) against one e4m3 x^T
+        # tile [BLOCK_K, BLOCK_M] per step: (acc, acc2) [BLOCK_N, BLOCK_M] fp32, each exactly what dot8's loop makes
+        # for its rows (the same tiles, order and fp32 promotion). Its users: the SiLU epilogue (gate row n with up
+        # row I + n) and the RoPE epilogue (row d of a head with d + D/2, kernels/fp8_qkv_rope_dot8.py)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
+                xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + offs_k) < k_end
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                w2 = tl.load(w2_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+            if PRECISE:   # dot8: each K tile's FP8 MMA partial promoted to fp32 (see _fp8_skinny_dot_kernel)
+                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
+                acc2 = tl.dot(w2, xt, acc2, max_num_imprecise_acc=BLOCK_K)
+            else:   # dot8f
+                acc = tl.dot(w, xt, acc)
+                acc2 = tl.dot(w2, xt, acc2)
+            w_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
+            xt_ptrs += BLOCK_K
+        return acc, acc2
+
     @triton.jit(do_not_specialize=["M", "SPLITS"])
     def _fp8_skinny_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_ym,
                                x16_scale, xs_ptr, cnt_ptr, SPLITS, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -66,69 +96,60 @@ if HAS_TRITON:
         w_ptrs = w_ptr + safe_n[:, None] * K + (k_start + offs_k)[None, :]                          # [BN, BK]
         xt_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + offs_k)[:, None]    # [BK, BM]: x^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                                        # y^T tile
-        if SILU:   # the up rows' tile and accumulator
-            wu_ptrs = w_ptrs + N.to(tl.int64) * K
-            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if WAIT:   # as in _fp8_gemv_kernel (before any load: the pipeliner's prologue reads x too)
             if not EARLY:   # EARLY: a plain dependent (its launch and set-up overlap the kernel before it)
                 _prefetch_rows_l2(w_ptr, safe_n, K, k_start, k_end, 32)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        for k0 in range(k_start, k_end, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-                if SILU:
-                    wu = tl.load(wu_ptrs, eviction_policy="evict_first")
-                xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
-            else:
-                k_ok = (k0 + offs_k) < k_end
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-                if SILU:
-                    wu = tl.load(wu_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-                xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            if FP8X and XQ:
-                # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k) from the amax of the
-                # block's x values (DeepSeek-V3's 1 x 128 activation tiles: no per-token quantization launch, finer
-                # scales than per token). The scale is the power of two 2^(E - 7), E = amax's exponent: x * 2^(7 - E)
-                # is exact and below 256 (no saturation, no division: an IEEE division per token and block cost
-                # ~150 instructions per K step in the SASS). xt [BK, BM] bf16/fp16 -> e4m3; the FP8 MMA's fp32
-                # partial of the block times its scales is added to acc in full fp32 (the promotion PRECISE asks for)
-                xf = xt.to(tl.float32)
-                amax = tl.max(tl.abs(xf), axis=0)                                                 # [BM]
-                s_exp = tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 7, 1)     # biased exponent
-                bscale = (s_exp << 23).to(tl.float32, bitcast=True)                               # 2^(E - 7)
-                inv = ((254 - s_exp) << 23).to(tl.float32, bitcast=True)                          # 1 / bscale, exact
-                xq = (xf * inv[None, :]).to(w.dtype)
-                acc += tl.dot(w, xq) * bscale[None, :]
-            elif FP8X and PRECISE:
-                # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA.
-                # Hopper's FP8 MMA accumulates in reduced precision (~14 bits kept; Triton's sm_90 default lets it
-                # run over all of K): at K = 4096 that truncation reached 3.5e-3 of |y| (fp16 outputs 0.9 off at
-                # |y| ~ 240). max_num_imprecise_acc = BLOCK_K adds each K tile's partial into acc in full fp32, as
-                # _scaled_mm (use_fast_accum=False) and DeepSeek-V3's 128-element promotion do
-                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
-                if SILU:
-                    acc_u = tl.dot(wu, xt, acc_u, max_num_imprecise_acc=BLOCK_K)
-            elif FP8X:   # dot8f: the FP8 MMA accumulating over all of K (the fast, imprecise form; measurements only)
-                acc = tl.dot(w, xt, acc)
-                if SILU:
-                    acc_u = tl.dot(wu, xt, acc_u)
-            elif F16:
-                # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
-                # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16:
-                # |x| < 2^20 fits (larger would be inf: no clamp, it cost 2 instructions per x value), a bf16
-                # x keeps its 8 significant bits down to 2^-10 and an absolute error <= 2^-21 below; the fp32
-                # accumulator is scaled back in the epilogue. x16_scale = 2^-4 is a runtime argument: as a
-                # constant, Triton moved the multiply after the fp16 rounding (mul.f16x2), where it overflows
-                x16 = (xt.to(tl.float32) * x16_scale).to(tl.float16)
-                acc = tl.dot(w.to(tl.float16), x16, acc)
-            else:
-                # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-            w_ptrs += BLOCK_K
-            xt_ptrs += BLOCK_K
-            if SILU:
-                wu_ptrs += BLOCK_K
+        if SILU:   # gate rows offs_n and up rows N + offs_n (_dot8_pair)
+            acc, acc_u = _dot8_pair(w_ptrs, w_ptrs + N.to(tl.int64) * K, xt_ptrs, m_ok, k_start, k_end, offs_k,
+                                    BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, PRECISE)
+        else:
+            for k0 in range(k_start, k_end, BLOCK_K):
+                if EVEN_K:
+                    w = tl.load(w_ptrs, eviction_policy="evict_first")
+                    xt = tl.load(xt_ptrs, mask=m_ok[None, :], other=0.0)
+                else:
+                    k_ok = (k0 + offs_k) < k_end
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                    xt = tl.load(xt_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+                if FP8X and XQ:
+                    # W8A8 with x quantized here (dot8b): one scale per (token, BLOCK_K block of k) from the amax of
+                    # the block's x values (DeepSeek-V3's 1 x 128 activation tiles: no per-token quantization launch,
+                    # finer scales than per token). The scale is the power of two 2^(E - 7), E = amax's exponent:
+                    # x * 2^(7 - E) is exact and below 256 (no saturation, no division: an IEEE division per token and
+                    # block cost ~150 instructions per K step in the SASS). xt [BK, BM] bf16/fp16 -> e4m3; the FP8
+                    # MMA's fp32 partial of the block times its scales is added to acc in full fp32 (PRECISE's promotion)
+                    xf = xt.to(tl.float32)
+                    amax = tl.max(tl.abs(xf), axis=0)                                                 # [BM]
+                    s_exp = tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 7, 1)     # biased exponent
+                    bscale = (s_exp << 23).to(tl.float32, bitcast=True)                               # 2^(E - 7)
+                    inv = ((254 - s_exp) << 23).to(tl.float32, bitcast=True)                      # 1 / bscale, exact
+                    xq = (xf * inv[None, :]).to(w.dtype)
+                    acc += tl.dot(w, xq) * bscale[None, :]
+                elif FP8X and PRECISE:
+                    # W8A8 (dot8): x already e4m3 (per-token scales xs), both operands straight into the FP8 MMA.
+                    # Hopper's FP8 MMA accumulates in reduced precision (~14 bits kept; Triton's sm_90 default lets it
+                    # run over all of K): at K = 4096 that truncation reached 3.5e-3 of |y| (fp16 outputs 0.9 off at
+                    # |y| ~ 240). max_num_imprecise_acc = BLOCK_K adds each K tile's partial into acc in full fp32, as
+                    # _scaled_mm (use_fast_accum=False) and DeepSeek-V3's 128-element promotion do
+                    acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
+                elif FP8X:   # dot8f: the FP8 MMA accumulating over all of K (the fast, imprecise form; measurements)
+                    acc = tl.dot(w, xt, acc)
+                elif F16:
+                    # fp16 MMA operands: e4m3 -> fp16 is one cvt per 2 values (-> bf16 costs ~3x the instructions,
+                    # which bound the bf16 form at ~2.5 TB/s on the H200). x is scaled by 2^-4 (exact) into fp16:
+                    # |x| < 2^20 fits (larger would be inf: no clamp, it cost 2 instructions per x value), a bf16
+                    # x keeps its 8 significant bits down to 2^-10 and an absolute error <= 2^-21 below; the fp32
+                    # accumulator is scaled back in the epilogue. x16_scale = 2^-4 is a runtime argument: as a
+                    # constant, Triton moved the multiply after the fp16 rounding (mul.f16x2), where it overflows
+                    x16 = (xt.to(tl.float32) * x16_scale).to(tl.float16)
+                    acc = tl.dot(w.to(tl.float16), x16, acc)
+                else:
+                    # e4m3 -> x's dtype in registers (exact: every e4m3 value is a bf16/fp16 value)
+                    acc = tl.dot(w.to(xt.dtype), xt, acc)
+                w_ptrs += BLOCK_K
+                xt_ptrs += BLOCK_K
         if PDL and not WAIT:
             tl.extra.cuda.gdc_launch_dependents()
         if F16:

@@ -73,6 +73,7 @@ _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
 _STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
 _XB_SLOOPS, _BGMV_ROWS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS, lora_shrink_bgmv.BGMV_ROWS
+_XB_MULTI = dict(lora_expand_bgmv.EXPAND_BGMV_MULTI)
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 
 VARIANTS = {
@@ -208,6 +209,12 @@ VARIANTS.update({
     "r2": dict(DEFAULT, bgmv_rows=2),
     "r2kc4": dict(DEFAULT, bgmv_rows=2, kchunks=4, kchunks_wide=4),
     "r2kc4w8": dict(DEFAULT, bgmv_rows=2, kchunks=4, kchunks_wide=8),
+    # the BGMV expand's slice loops on gate_up only (lora_expand_bgmv.EXPAND_BGMV_MULTI; o / down as by default), with
+    # the decode grid on qkv's streaming expand and the two-row chunked shrink
+    "xbm_gu": dict(DEFAULT, expand_bgmv=True, xb_max_slices=2,
+                   xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),
+    "combo_a": dict(DEFAULT, dgrid_any=True, bgmv_rows=2, kchunks=4, kchunks_wide=4, expand_bgmv=True, xb_max_slices=2,
+                    xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),
     "dgrid_all": dict(DEFAULT, dgrid_any=True),   # the decode grid (6 per SM) on qkv's short runs too (rotating loop)   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
@@ -235,6 +242,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_expand_stream.STREAM_MAXNREG_DECODE = variant.get("stream_maxnreg", _STREAM_MAXNREG)
         lora_expand_bgmv.EXPAND_BGMV_STAGES = variant.get("xb_stages", _XB_STAGES)
         lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS = variant.get("xb_sloops", _XB_SLOOPS)
+        lora_expand_bgmv.EXPAND_BGMV_MULTI = variant.get("xb_multi", _XB_MULTI)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])

@@ -304,6 +304,9 @@ EXPAND_BGMV_STAGES = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_STAGES", "1"
 # per slice and a per-column select; the DoRA flag as a load mask). Probe knob (LORASERVE_LORA_EXPAND_BGMV_SLICE_LOOPS).
 EXPAND_BGMV_SLICE_LOOPS = os.environ.get("LORASERVE_LORA_EXPAND_BGMV_SLICE_LOOPS", "0").strip() not in ("", "0")
 EXPAND_BGMV_MAX_RANK = 32  # rank 64 compiled to 180-255 registers (sm_90 offline): the streaming expand there
+# Projections of >= 2 slices (qkv, gate_up) take these overrides of the knobs above (keys BLOCK_N, WARPS, PPS, STAGES,
+# SLICE_LOOPS; empty: the same knobs as one slice), so o / down keep theirs. Probe knob.
+EXPAND_BGMV_MULTI: dict = {}
 
 
 def expand_bgmv_applies(num_slices: int, rank: int, split_k: int) -> bool:
@@ -311,22 +314,26 @@ def expand_bgmv_applies(num_slices: int, rank: int, split_k: int) -> bool:
     return num_slices <= 3 and rank <= EXPAND_BGMV_MAX_RANK and split_k <= 64
 
 
-def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 132) -> dict:
+def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 132, num_slices: int = 1) -> dict:
     """BLOCK_N (B block [BLOCK_N, BLOCK_R] per iteration: 16 KB at rank 16 and 512 columns), warps, and the
     columns per program: enough programs for EXPAND_BGMV_PPS per SM counting every grid tile active (as
-    lora_expand_stream: the per-program metadata chain is paid once per run of blocks)."""
+    lora_expand_stream: the per-program metadata chain is paid once per run of blocks); >= 2 slices: with
+    EXPAND_BGMV_MULTI's overrides."""
+    m = EXPAND_BGMV_MULTI if num_slices >= 2 else {}
+    want_n, want_w, pps = m.get("BLOCK_N", EXPAND_BGMV_BLOCK_N), m.get("WARPS", EXPAND_BGMV_WARPS), m.get(
+        "PPS", EXPAND_BGMV_PPS)
     block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
-    block_n = max(32, min(EXPAND_BGMV_BLOCK_N, 4096 // block_r if block_r > 16 else EXPAND_BGMV_BLOCK_N))
+    block_n = max(32, min(want_n, 4096 // block_r if block_r > 16 else want_n))
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
     while block_n > 64 and -(-n_total // block_n) * grid_tiles < 2 * num_sms:  # small steps: more, smaller loads
         block_n //= 2   # (1 token, o / down: 16 blocks of 256 would leave 116 SMs idle)
-    warps = EXPAND_BGMV_WARPS or (4 if block_n * block_r <= 4096 else 8)
+    warps = want_w or (4 if block_n * block_r <= 4096 else 8)
     n_blocks = -(-n_total // block_n)
-    groups = max(1, min(n_blocks, round(EXPAND_BGMV_PPS * num_sms / max(1, grid_tiles))))
+    groups = max(1, min(n_blocks, round(pps * num_sms / max(1, grid_tiles))))
     per_prog = -(-n_blocks // groups)
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, COLS_PER_PROG=per_prog * block_n,
-                groups=-(-n_blocks // per_prog), STAGES=EXPAND_BGMV_STAGES if per_prog > 1 else 1,
-                SLICE_LOOPS=EXPAND_BGMV_SLICE_LOOPS)
+                groups=-(-n_blocks // per_prog), STAGES=m.get("STAGES", EXPAND_BGMV_STAGES) if per_prog > 1 else 1,
+                SLICE_LOOPS=m.get("SLICE_LOOPS", EXPAND_BGMV_SLICE_LOOPS))
 
 
 def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -337,7 +344,7 @@ def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, me
     free). Arguments are checked by lora_expand, which calls this when EXPAND_BGMV is on."""
     SK, S, T, R = partials.shape
     N = lora_b.shape[1]
-    cfg = dict(expand_bgmv_config(N, R, meta.grid_tiles, num_sms), **(config or {}))
+    cfg = dict(expand_bgmv_config(N, R, meta.grid_tiles, num_sms, S), **(config or {}))
     BN = cfg["BLOCK_N"]
     if config and ("BLOCK_N" in config or "COLS_PER_PROG" in config):  # keep the grid consistent
         cfg["COLS_PER_PROG"] = config.get("COLS_PER_PROG", BN)

@@ -74,6 +74,8 @@ _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
 _STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
 _XB_SLOOPS, _BGMV_ROWS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS, lora_shrink_bgmv.BGMV_ROWS
 _XB_MULTI = dict(lora_expand_bgmv.EXPAND_BGMV_MULTI)
+_expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["lora_expand"])   # the module
+_XB_MULTI_MIN = _expand_mod.EXPAND_BGMV_MULTI_MIN_TOKENS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 
 VARIANTS = {
@@ -243,6 +245,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_expand_bgmv.EXPAND_BGMV_STAGES = variant.get("xb_stages", _XB_STAGES)
         lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS = variant.get("xb_sloops", _XB_SLOOPS)
         lora_expand_bgmv.EXPAND_BGMV_MULTI = variant.get("xb_multi", _XB_MULTI)
+        _expand_mod.EXPAND_BGMV_MULTI_MIN_TOKENS = variant.get("xb_multi_min_tokens", _XB_MULTI_MIN)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])

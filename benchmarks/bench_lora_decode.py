@@ -76,6 +76,9 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
                                    xb_sloops=True),
             "xbs_n256_s4_p4": dict(expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=4,
                                    xb_sloops=True),
+            "dgrid_all": dict(dgrid_any=True), "r2kc4": dict(bgmv_rows=2, kchunks=4, kchunks_wide=4),
+            "combo_a": dict(dgrid_any=True, bgmv_rows=2, kchunks=4, kchunks_wide=4, expand_bgmv=True, xb_max_slices=2,
+                            xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),
             # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
             "kc4": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128),
             "kc4_one": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True)}
@@ -128,6 +131,11 @@ def set_variant(v: dict, defaults: dict) -> None:
     xb.EXPAND_BGMV_WARPS = v.get("xb_warps", defaults["xb_warps"])
     xb.EXPAND_BGMV_STAGES = v.get("xb_stages", defaults["xb_stages"])
     xb.EXPAND_BGMV_SLICE_LOOPS = v.get("xb_sloops", defaults["xb_sloops"])
+    xb.EXPAND_BGMV_MULTI = v.get("xb_multi", defaults["xb_multi"])
+    importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MULTI_MIN_TOKENS = v.get(
+        "xb_multi_min_tokens", defaults["xb_multi_min_tokens"])
+    lora_expand_stream.STREAM_PPS_DECODE_ANY = v.get("dgrid_any", defaults["dgrid_any"])
+    lora_shrink_bgmv.BGMV_ROWS = v.get("bgmv_rows", defaults["bgmv_rows"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -182,7 +190,10 @@ def main() -> int:
                     stream_maxnreg=lora_expand_stream.STREAM_MAXNREG_DECODE)
     xb = importlib.import_module("loraserve.kernels.lora_expand_bgmv")
     defaults.update(xb_block_n=xb.EXPAND_BGMV_BLOCK_N, xb_pps=xb.EXPAND_BGMV_PPS, xb_warps=xb.EXPAND_BGMV_WARPS,
-                    xb_stages=xb.EXPAND_BGMV_STAGES, xb_sloops=xb.EXPAND_BGMV_SLICE_LOOPS)
+                    xb_stages=xb.EXPAND_BGMV_STAGES, xb_sloops=xb.EXPAND_BGMV_SLICE_LOOPS,
+                    xb_multi=dict(xb.EXPAND_BGMV_MULTI), dgrid_any=lora_expand_stream.STREAM_PPS_DECODE_ANY,
+                    xb_multi_min_tokens=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MULTI_MIN_TOKENS,
+                    bgmv_rows=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_ROWS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

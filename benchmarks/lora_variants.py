@@ -74,6 +74,7 @@ _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
 _STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
 _XB_SLOOPS, _BGMV_ROWS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS, lora_shrink_bgmv.BGMV_ROWS
 _XB_MULTI = dict(lora_expand_bgmv.EXPAND_BGMV_MULTI)
+_DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["lora_expand"])   # the module
 _XB_MULTI_MIN = _expand_mod.EXPAND_BGMV_MULTI_MIN_TOKENS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
@@ -240,7 +241,7 @@ def _use_variant(c: Case, variant) -> None:
                                                                        variant.get("stream_pps", _STREAM_PPS_DECODE))
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
         lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = variant.get("stream_one_max_tokens", _STREAM_ONE_MAX)
-        lora_expand_stream.STREAM_PPS_DECODE_ANY = bool(variant.get("dgrid_any", False))
+        lora_expand_stream.STREAM_PPS_DECODE_ANY = bool(variant.get("dgrid_any", _DGRID_ANY))
         lora_expand_stream.STREAM_MAXNREG_DECODE = variant.get("stream_maxnreg", _STREAM_MAXNREG)
         lora_expand_bgmv.EXPAND_BGMV_STAGES = variant.get("xb_stages", _XB_STAGES)
         lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS = variant.get("xb_sloops", _XB_SLOOPS)

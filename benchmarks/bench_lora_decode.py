@@ -76,6 +76,10 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
                                    xb_sloops=True),
             "xbs_n256_s4_p4": dict(expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=4,
                                    xb_sloops=True),
+            # the defaults at the eleventh session's start (98872c8), that session's knobs pinned
+            "prev11": dict(dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, expand_bgmv=True,
+                           xb_max_slices=1, xb_multi={}, xb_multi_min_tokens=1, xb_stages=1, xb_sloops=False,
+                           xb_block_n=512, xb_warps=0, xb_pps=4, stream_maxnreg=0),
             "dgrid_all": dict(dgrid_any=True), "r2kc4": dict(bgmv_rows=2, kchunks=4, kchunks_wide=4),
             "combo_a": dict(dgrid_any=True, bgmv_rows=2, kchunks=4, kchunks_wide=4, expand_bgmv=True, xb_max_slices=2,
                             xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),

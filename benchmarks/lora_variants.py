@@ -167,6 +167,10 @@ VARIANTS = {
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
     "prev10": dict(DEFAULT, seg=False, stream_one=False, kchunks=1, kchunks_wide=1,
                    maxnreg_wide=0, stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
+    # the defaults at the eleventh session's start (98872c8), every knob of that session pinned
+    "prev11": dict(DEFAULT, dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, expand_bgmv=True,
+                   xb_max_slices=1, xb_multi={}, xb_multi_min_tokens=1, xb_stages=1, xb_sloops=False, xb_block_n=512,
+                   xb_warps=0, xb_pps=4, stream_maxnreg=0),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),

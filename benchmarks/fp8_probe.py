@@ -104,6 +104,12 @@ VARIANTS = (
     ("quant_1p_pdl", {"LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1"}),
     ("silu_dot8_q", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
                      "LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1"}),
+    # qkv on dot8 with RoPE + the e4m3 K/V write in its epilogue (kernels/fp8_qkv_rope_dot8.py: one launch for three)
+    ("qkv_rope_dot8", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1"}),
+    ("qkv_rope_dot8_m16", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:128:4:4"}),
+    ("qkv_rope_dot8_m64", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "64:128:4:3"}),
+    ("all_new", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
+                 "LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1", "LORASERVE_FP8_QKV_ROPE_DOT8": "1"}),
     ("default2", {}),   # the defaults again at the end (drift)
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

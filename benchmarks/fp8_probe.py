@@ -111,6 +111,12 @@ VARIANTS = (
     ("all_new", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
                  "LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1", "LORASERVE_FP8_QKV_ROPE_DOT8": "1"}),
     ("default2", {}),   # the defaults again at the end (drift)
+    # the defaults at the eleventh session's start (98872c8): its new switches pinned off (the final's same-run A/B)
+    ("prev11", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_QKV_ROPE_DOT8": "0",
+                "LORASERVE_FP8_NORM_WARPS_BATCH": "8", "LORASERVE_FP8_QUANT_ONE_PASS": "0", "LORASERVE_FP8_QUANT_PDL": "0"}),
+    ("prev11b", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_QKV_ROPE_DOT8": "0",
+                 "LORASERVE_FP8_NORM_WARPS_BATCH": "8", "LORASERVE_FP8_QUANT_ONE_PASS": "0", "LORASERVE_FP8_QUANT_PDL": "0"}),
+    ("default3", {}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
     ("w8a8_stream_defer_qkv", {"LORASERVE_FP8_W8A8": "stream", "LORASERVE_FP8_DEFER_QKV": "1"}),

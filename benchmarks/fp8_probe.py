@@ -77,6 +77,8 @@ VARIANTS = (
     ("silu_dot8_all", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
                        "LORASERVE_FP8_DEFER_QKV": "1"}),
     ("norm_b16", {"LORASERVE_FP8_NORM_WARPS_BATCH": "16"}),   # 16 warps at >= 33 rows only (bs1 as before)
+    ("silu_dot8_m32", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
+                       "LORASERVE_FP8_TILE64": "28672x4096=dot8:32:64:128:1:4:3"}),
     ("silu_dot8_c2048", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_ROW_CODES_BLOCK": "2048"}),
     ("silu_dot8_c512", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_ROW_CODES_BLOCK": "512"}),
     ("silu_dot8_s4", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",

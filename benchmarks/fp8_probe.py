@@ -92,32 +92,24 @@ VARIANTS = (
     ("o_dot8b", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:1:4:3"}),
     ("o_dot8b_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:2:4:3"}),
     ("o_dot16", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:1:4:3"}),
-    # weight-only fp16-operand o / down at 33..64 (no codes needed: SiLU-mul's codes launch goes too), their split-K
-    # partials summed by the next norm
-    ("o_dot16_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:2:4:3"}),
-    ("down_dot16_s2", {"LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:2:4:3"}),
-    ("down_dot16_s4", {"LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:4:4:3"}),
-    ("silu_dot8_down16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1",
-                          "LORASERVE_FP8_TILE64": "4096x14336=dot16:64:64:128:2:4:3"}),
-    ("silu_dot8_od16", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
-                        "LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:2:4:3,4096x14336=dot16:64:64:128:2:4:3"}),
-    # o_proj's per-token quantization: the whole row in registers (one load), and as a programmatic dependent
-    ("quant_1p", {"LORASERVE_FP8_QUANT_ONE_PASS": "1"}),
-    ("quant_1p_pdl", {"LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1"}),
-    ("silu_dot8_q", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
-                     "LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1"}),
     # qkv on dot8 with RoPE + the e4m3 K/V write in its epilogue (kernels/fp8_qkv_rope_dot8.py: one launch for three)
     ("qkv_rope_dot8", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1"}),
     ("qkv_rope_dot8_m16", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:128:4:4"}),
     ("qkv_rope_dot8_m64", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "64:128:4:3"}),
-    ("all_new", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "1", "LORASERVE_FP8_NORM_WARPS_BATCH": "16",
-                 "LORASERVE_FP8_QUANT_ONE_PASS": "1", "LORASERVE_FP8_QUANT_PDL": "1", "LORASERVE_FP8_QKV_ROPE_DOT8": "1"}),
+    ("qkv_rope_dot8_m16s6", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:128:4:6"}),
+    ("qkv_rope_dot8_m16k256", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:256:4:3"}),
     ("default2", {}),   # the defaults again at the end (drift)
     # the defaults at the eleventh session's start (98872c8): its new switches pinned off (the final's same-run A/B)
     ("prev11", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_QKV_ROPE_DOT8": "0",
-                "LORASERVE_FP8_NORM_WARPS_BATCH": "8", "LORASERVE_FP8_QUANT_ONE_PASS": "0", "LORASERVE_FP8_QUANT_PDL": "0"}),
+                "LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
     ("prev11b", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_QKV_ROPE_DOT8": "0",
-                 "LORASERVE_FP8_NORM_WARPS_BATCH": "8", "LORASERVE_FP8_QUANT_ONE_PASS": "0", "LORASERVE_FP8_QUANT_PDL": "0"}),
+                 "LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
+    # the new defaults one at a time off
+    ("silu_dot8_off", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0"}),
+    ("norm_b0", {"LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
+    # gate_up's SiLU GEMM tiles: 32-row halves (mma.sync, 448 programs), 64-wide K tiles in 6 stages
+    ("silu_dot8_n32s4", {"LORASERVE_FP8_TILE64": "28672x4096=dot8:64:32:128:1:4:4"}),
+    ("silu_dot8_k64s6", {"LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:64:1:4:6"}),
     ("default3", {}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),
@@ -285,7 +277,11 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
     from loraserve.kernels import fp8_gemv_configs as fc
 
     heads = {"bf16": lambda x: F.linear(x, w), "fp8": Fp8Head(w_q, s), "fp8_rescore8": Fp8Head(w_q, s, w, 8),
-             "fp8_rescore8_torch": Fp8Head(w_q, s, w, 8)}   # the rescoring as torch ops (LORASERVE_FP8_HEAD_FUSED=0)
+             "fp8_rescore8_torch": Fp8Head(w_q, s, w, 8),   # the rescoring as torch ops (LORASERVE_FP8_HEAD_FUSED=0)
+             # > 4 rows: FP8 logits + the rescoring (LORASERVE_FP8_LM_HEAD_BATCH_MAX_M=64): W8A8 tw / dot8, fp16 dot16
+             "fp8_batch_tw": Fp8Head(w_q, s, w, 8), "fp8_batch_dot8": Fp8Head(w_q, s, w, 8),
+             "fp8_batch_dot16": Fp8Head(w_q, s, w, 8)}
+    batch_cfg = {"fp8_batch_dot8": "dot8:64:64:128:1:4:3", "fp8_batch_dot16": "dot16:64:64:128:1:4:3"}
     table_head = fc._HALF_M1.get((vocab, hidden))   # the table's own head entry, restored after each forced one
     # the fp16-product GEMV (gemvh) for the head at M = 1, at gate_up's winning tile with split 1 and 2 (not in the
     # table: measured here first)
@@ -300,22 +296,29 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
                 fc._HALF_M1[(vocab, hidden)] = half[name]
             if name == "fp8_rescore8_torch":
                 os.environ["LORASERVE_FP8_HEAD_FUSED"] = "0"
-            fn(x)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y = fn(x)
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
+            os.environ["LORASERVE_FP8_LM_HEAD_BATCH_MAX_M"] = "64" if name.startswith("fp8_batch") else "0"
+            os.environ["LORASERVE_FP8_LM_HEAD_BATCH_CFG"] = batch_cfg.get(name, "")
+            try:
+                fn(x)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    y = fn(x)
                 graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            row[name] = round(start.elapsed_time(end) * 1e3 / 20, 1)
-            row[f"{name}_argmax_eq_bf16"] = float((y.argmax(-1) == F.linear(x, w).argmax(-1)).float().mean())
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                row[name] = round(start.elapsed_time(end) * 1e3 / 20, 1)
+                row[f"{name}_argmax_eq_bf16"] = float((y.argmax(-1) == F.linear(x, w).argmax(-1)).float().mean())
+            except Exception as err:   # noqa: BLE001  (one head failing must not cost the others)
+                row[name] = f"failed: {type(err).__name__}: {err}"[:200]
             os.environ.pop("LORASERVE_FP8_HEAD_FUSED", None)
+            os.environ.pop("LORASERVE_FP8_LM_HEAD_BATCH_MAX_M", None)
+            os.environ.pop("LORASERVE_FP8_LM_HEAD_BATCH_CFG", None)
             if table_head is None:
                 fc._HALF_M1.pop((vocab, hidden), None)
             else:

@@ -114,10 +114,11 @@ def dot8_silu_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, x_q: tuple[Tensor, Te
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure torch: x rounded per token to e4m3 (per_token_quant_fp8_ref, or the given x_q), the fp32 GEMM with both
     scales, rounded to x's dtype, HF's SiLU-and-mul with activation.py's roundings, then per_token_quant_fp8_ref."""
-    from .fp8_gemm import fp8_w8a16_gemm_ref, per_token_quant_fp8_ref
+    from .fp8_gemm import per_token_quant_fp8_ref
 
     xq, xs = x_q if x_q is not None else per_token_quant_fp8_ref(x)
-    y = fp8_w8a16_gemm_ref(xq.float() * xs, w_q, w_scale, None).to(x.dtype)
+    # float64 (a CUDA fp32 matmul may run in TF32: a worse reference than the kernel)
+    y = ((xq.double() * xs.double()) @ w_q.double().t() * w_scale.double()[None, :]).to(x.dtype)
     gate, up = y.chunk(2, dim=-1)
     h = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
     return (h, *per_token_quant_fp8_ref(h))

@@ -27,8 +27,6 @@ quantization is vLLM's ``dynamic_per_token_scaled_fp8_quant``.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -120,33 +118,25 @@ if HAS_TRITON:
     @triton.jit
     def _per_token_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, fp8_max,
                                     FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, BLOCK: tl.constexpr,
-                                    WAIT: tl.constexpr, ONE_PASS: tl.constexpr = False):
+                                    WAIT: tl.constexpr):
         # fp8_max: 448 as a runtime fp32 scalar (div_rn wants two fp32 tensors on every Triton version)
         if WAIT:   # launched as a programmatic dependent (kernels/pdl.py's rules): x is our predecessor's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
-        if ONE_PASS:   # the whole row in registers (K <= BLOCK): one load, the same amax, scale and codes
-            ok1 = offs < K
-            x1 = tl.load(x_ptr + row * stride_xm + offs, mask=ok1, other=0.0).to(tl.float32)
-            scale1 = tl.maximum(tl.div_rn(tl.max(tl.abs(x1), axis=0), fp8_max), MIN_SCALE_C)
-            tl.store(s_ptr + row, scale1)
-            q1 = tl.minimum(tl.maximum(tl.div_rn(x1, scale1), -FP8_MAX_C), FP8_MAX_C)
-            tl.store(q_ptr + row * stride_qm + offs, q1.to(q_ptr.dtype.element_ty), mask=ok1)
-        else:
-            amax = tl.zeros((BLOCK,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK):   # pass 1: row amax (the row is re-read from L2 in pass 2)
-                v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=(k0 + offs) < K, other=0.0)
-                amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-            scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), MIN_SCALE_C)
-            tl.store(s_ptr + row, scale)
-            for k0 in range(0, K, BLOCK):   # pass 2: x / scale, saturate, round to e4m3
-                ok = (k0 + offs) < K
-                v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=ok, other=0.0).to(tl.float32)
-                # IEEE division as torch's (Triton's `/` is the approximate div.full.f32 on NVIDIA)
-                q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
-                tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):   # pass 1: row amax (the row is re-read from L2 in pass 2)
+            v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=(k0 + offs) < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), fp8_max), MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):   # pass 2: x / scale, saturate, round to e4m3
+            ok = (k0 + offs) < K
+            v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=ok, other=0.0).to(tl.float32)
+            # IEEE division as torch's (Triton's `/` is the approximate div.full.f32 on NVIDIA)
+            q = tl.minimum(tl.maximum(tl.div_rn(v, scale), -FP8_MAX_C), FP8_MAX_C)
+            tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
     @triton.jit
@@ -272,16 +262,8 @@ def per_token_quant_fp8(x: Tensor, pdl: bool = False) -> tuple[Tensor, Tensor]:
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M == 0:
         return x_q, scale
-    one_pass = quant_one_pass_on() and K <= 8192
-    block = max(16, triton.next_power_of_2(K)) if one_pass else min(2048, max(16, triton.next_power_of_2(K)))
-    warps = min(16, max(4, block // 256)) if one_pass else (4 if block <= 1024 else 8)
+    block = min(2048, max(16, triton.next_power_of_2(K)))
     _per_token_quant_fp8_kernel[(M,)](x, x_q, scale, K, x.stride(0), x_q.stride(0), FP8_MAX, FP8_MAX_C=FP8_MAX,
-                                      MIN_SCALE_C=MIN_SCALE, BLOCK=block, num_warps=warps, ONE_PASS=one_pass,
+                                      MIN_SCALE_C=MIN_SCALE, BLOCK=block, num_warps=4 if block <= 1024 else 8,
                                       WAIT=pdl, **({"launch_pdl": True} if pdl else {}))
     return x_q, scale
-
-
-def quant_one_pass_on() -> bool:
-    """LORASERVE_FP8_QUANT_ONE_PASS=1: per_token_quant_fp8 with the whole row in registers where K <= 8192 (one load
-    instead of an amax pass and a quantization pass; the same codes bit for bit)."""
-    return os.environ.get("LORASERVE_FP8_QUANT_ONE_PASS", "0").strip() == "1"

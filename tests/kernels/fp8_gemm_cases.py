@@ -46,20 +46,11 @@ def check_w8a16(dtype: str, m: int, n: int, k: int, bias: bool, device: str = "c
     torch.testing.assert_close(y.float(), full.float(), rtol=TOL[dt]["rtol"] * 4, atol=TOL[dt]["atol"] * 4)
 
 
-def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu", one_pass: bool = False) -> None:
-    import os
-
+def check_per_token_quant(dtype: str, m: int, k: int, device: str = "cpu") -> None:
     dt, g = DTYPES[dtype], _gen(m + k)
     x = (torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]).to(device, dt)
     x[0] = 0   # an all-zero row keeps a finite scale and quantizes to zeros
-    os.environ["LORASERVE_FP8_QUANT_ONE_PASS"] = "0"
-    x_q2, s2 = per_token_quant_fp8(x)
-    os.environ["LORASERVE_FP8_QUANT_ONE_PASS"] = "1" if one_pass else "0"
-    try:
-        x_q, s = per_token_quant_fp8(x)
-    finally:
-        os.environ.pop("LORASERVE_FP8_QUANT_ONE_PASS", None)
-    assert torch.equal(s, s2) and torch.equal(x_q.float(), x_q2.float()), "one pass != two passes"
+    x_q, s = per_token_quant_fp8(x)
     q_ref, s_ref = per_token_quant_fp8_ref(x)
     assert x_q.dtype == FP8 and x_q.shape == (m, k) and s.shape == (m, 1) and s.dtype == torch.float32
     # amax / 448 in fp32: the GPU kernel's division may round one ulp away from torch's (H200: 1.2e-7 relative)
@@ -194,7 +185,7 @@ def check_gemv_defer_sum(dtype: str, m: int, n: int, k: int, config, device: str
     y = fp8_gemv(x, w_q, w_scale, config=config)
     ws, x_scale = fp8_gemv(x, w_q, w_scale, config=config, defer_sum=True)
     assert x_scale is None
-    if config[4] == 1 or (config[0] in ("dot", "dot16") and m <= 32):   # (weight-only dot kinds: only at 33..64)
+    if config[4] == 1:
         assert torch.equal(ws, y)
         return
     assert ws.dim() == 3 and ws.shape[0] >= 2 and ws.shape[1:] == (m, n) and ws.dtype == torch.float32

@@ -43,9 +43,13 @@ def check_dot8_silu(dtype: str, m: int, i: int, k: int, config: tuple, device: s
     h4, none, _ = dot8_silu_quant(x, w_q, w_scale, config, x_q=xq, codes=False)
     assert none is None and torch.equal(h4, h)
     ref = dot8_silu_ref(x, w_q, w_scale, xq)[0].float()   # (x's codes as the kernel made them: tested apart)
-    tol = 2e-2 if dt != torch.float32 else 1e-4   # one rounding of each GEMM output + the activation's two
+    # the error of SiLU-mul of two GEMM outputs scales with their product (check_gemv_silu's bound: the roundings of
+    # g and u; H200 probe 1 against a TF32 reference: 16 at |h| ~ 600)
+    gu = ((xq[0].double() * xq[1].double()) @ w_q.double().t() * w_scale.double()[None, :]).float()
+    scale = (gu[:, :i].abs() + 1) * (gu[:, i:].abs() + 1)
+    tol = 1.6e-2 if dt != torch.float32 else 1e-4   # ~3 roundings of 2^-9 (g, u, h), x2
     err = (h.float() - ref).abs()
-    assert bool((err <= tol * (ref.abs() + 1)).all()), f"max err {float(err.max())}"
+    assert bool((err <= tol * scale).all()), f"max err {float(err.max())}, {float((err / scale).max())} of the product"
 
 
 @pytest.fixture(scope="module")

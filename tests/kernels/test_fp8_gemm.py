@@ -65,9 +65,8 @@ def test_w8a16_config_heuristic() -> None:
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("m,k", [(3, 64), (4, 2100)])   # 2100: more than one 2048 block, masked tail
-@pytest.mark.parametrize("one_pass", [False, True])      # LORASERVE_FP8_QUANT_ONE_PASS: the row in registers
-def test_per_token_quant_interp(interp, dtype, m, k, one_pass) -> None:
-    _run(interp, cases.check_per_token_quant, dtype, m, k, "cpu", one_pass)
+def test_per_token_quant_interp(interp, dtype, m, k) -> None:
+    _run(interp, cases.check_per_token_quant, dtype, m, k)
 
 
 def test_references_match_dequantized_math() -> None:
@@ -152,9 +151,8 @@ def test_w8a16_gpu(dtype, m, n, k) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,k", [(1, 4096), (300, 14336), (2048, 4096)])
-@pytest.mark.parametrize("one_pass", [False, True])
-def test_per_token_quant_gpu(m, k, one_pass) -> None:
-    cases.check_per_token_quant("bfloat16", m, k, device="cuda", one_pass=one_pass)
+def test_per_token_quant_gpu(m, k) -> None:
+    cases.check_per_token_quant("bfloat16", m, k, device="cuda")
 
 
 @pytest.mark.gpu
@@ -213,8 +211,3 @@ def test_kernels_compile_for_sm90_without_register_spills() -> None:
                                                        "fp8_max": "fp32"},
                       {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 2048, "WAIT": True}, num_warps=8,
                       launch_pdl=True)
-    compile_and_check(fg._per_token_quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
-                                                       "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
-                                                       "fp8_max": "fp32"},
-                      {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 4096, "WAIT": True, "ONE_PASS": True},
-                      num_warps=16, launch_pdl=True)

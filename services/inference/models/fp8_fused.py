@@ -313,10 +313,11 @@ class Fp8MLP(MLP):
 
 
 def gate_up_silu_dot8_on() -> bool:
-    """LORASERVE_FP8_GATE_UP_SILU_DOT8=1: at 33..64 tokens (gate_up on dot8 without split-K) SiLU-and-mul in the GEMM's
-    epilogue and down's codes from its row maxima (kernels/fp8_dot8_silu.py), not the one-program-per-row
-    silu_mul_quant after the GEMM."""
-    return os.environ.get("LORASERVE_FP8_GATE_UP_SILU_DOT8", "0").strip() == "1"
+    """LORASERVE_FP8_GATE_UP_SILU_DOT8 (default 1; 0: off): at 33..64 tokens (gate_up on dot8 without split-K)
+    SiLU-and-mul in the GEMM's epilogue and down's codes from its row maxima (kernels/fp8_dot8_silu.py), not the
+    one-program-per-row silu_mul_quant after the GEMM. H200, 4 8B layers' bs64 decode graph (eighth pass probe 1):
+    132.9 -> 129.5 us a layer, bit for bit the same hidden states."""
+    return os.environ.get("LORASERVE_FP8_GATE_UP_SILU_DOT8", "1").strip() != "0"
 
 
 def convert_fused(model: torch.nn.Module) -> int:

@@ -35,7 +35,11 @@ class Fp8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact is not None and x.shape[0] > lm_head_max_m():   # larger batches: the bf16 head (H200: the
-            return F.linear(x, self.exact.to(x.dtype))                # top-k and gather cost more than FP8 saves)
+            if x.shape[0] <= lm_head_batch_max_m():                   # top-k and gather cost more than FP8 saved)
+                logits = self._batch_logits(x)   # or W8A8 logits + the same rescoring (LORASERVE_FP8_LM_HEAD_BATCH)
+                if logits is not None:
+                    return self._rescored_torch(logits, x)
+            return F.linear(x, self.exact.to(x.dtype))
         if self.exact is not None and x.shape[0] > 0 and head_fused_on():
             fused = self._fused_rescored(x)   # [N, V] or None (not this shape / path)
             if fused is not None:
@@ -117,6 +121,22 @@ class Fp8Head(nn.Module):
         exact = torch.bmm(rows, x.to(rows.dtype)[:, :, None]).squeeze(-1)      # [N, k], fp32 accumulate
         return logits.scatter_(1, idx, exact.to(logits.dtype))
 
+    def _batch_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[N, V] W8A8 logits for a batch step (x per token in e4m3, cuBLASLt's tensor-wise FP8 GEMM, the scales after
+        it: fp8_gemv's 'tw' kind), the candidates' source for the bf16 rescoring; None off CUDA or after a failure."""
+        if gemm_path(x, self.weight) == "dequant" or "head_batch" in _BROKEN or self.exact.dtype != x.dtype \
+                or self.out_features % 16 or self.in_features % 16:
+            return None
+        from loraserve.kernels.fp8_gemv import fp8_gemv
+
+        try:
+            return fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.weight_scale,
+                            config=lm_head_batch_config())
+        except Exception as err:   # noqa: BLE001  (the bf16 head from now on)
+            _BROKEN.add("head_batch")
+            log.exception("FP8 LM head: the batch W8A8 logits failed (%s); the bf16 head from now on", err)
+            return None
+
     def _fp8_logits(self, x: torch.Tensor) -> torch.Tensor:
         # CUDA: the FP8 GEMV kernels (weight-only); elsewhere the dequantized matmul
         if gemm_path(x, self.weight) != "dequant" and "gemv" not in _BROKEN:
@@ -151,6 +171,27 @@ def lm_head_max_m() -> int:
         return max(int(raw), 0)
     except ValueError:
         raise ValueError(f"LORASERVE_FP8_LM_HEAD_MAX_M must be an integer row count, got {raw!r}") from None
+
+
+def lm_head_batch_max_m() -> int:
+    """LORASERVE_FP8_LM_HEAD_BATCH_MAX_M: steps of lm_head_max_m() + 1 .. this many rows take W8A8 FP8 logits (the
+    tw GEMM) with each row's top `rescore` chunk argmaxes recomputed from the bf16 head (the argmax stays bf16's
+    unless it is outside the FP8 candidates); default 0: the bf16 head there."""
+    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_BATCH_MAX_M", "0").strip()
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"LORASERVE_FP8_LM_HEAD_BATCH_MAX_M must be an integer row count, got {raw!r}") from None
+
+
+def lm_head_batch_config() -> tuple:
+    """The batch head's GEMV config: LORASERVE_FP8_LM_HEAD_BATCH_CFG="kind:bm:bn:bk:split:warps:stages" (probes),
+    default tw (per-token W8A8 on cuBLASLt)."""
+    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_BATCH_CFG", "").strip()
+    if not raw:
+        return ("tw", 64, 64, 128, 1, 4, 3)
+    kind, *nums = raw.split(":")
+    return (kind, *(int(v) for v in nums))
 
 
 def lm_head_rescore() -> int:

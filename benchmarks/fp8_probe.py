@@ -110,6 +110,10 @@ VARIANTS = (
     # gate_up's SiLU GEMM tiles: 32-row halves (mma.sync, 448 programs), 64-wide K tiles in 6 stages
     ("silu_dot8_n32s4", {"LORASERVE_FP8_TILE64": "28672x4096=dot8:64:32:128:1:4:4"}),
     ("silu_dot8_k64s6", {"LORASERVE_FP8_TILE64": "28672x4096=dot8:64:64:64:1:4:6"}),
+    ("norm_b32", {"LORASERVE_FP8_NORM_WARPS_BATCH": "32"}),
+    # the decode attention over the e4m3 cache with 2 / 8 warps a program (4 now)
+    ("attn_w2", {"LORASERVE_ATTN_FP8_DECODE_CFG": "num_warps:2"}),
+    ("attn_w8", {"LORASERVE_ATTN_FP8_DECODE_CFG": "num_warps:8"}),
     ("default3", {}),
     ("previous_session", {"LORASERVE_ATTN_FP8_FP16": "0", "LORASERVE_FP8_NORM_REREAD": "0",
                           "LORASERVE_FP8_SILU_ONE_PASS": "0"}),

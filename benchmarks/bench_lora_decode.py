@@ -69,20 +69,12 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "prev10": dict(stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
                            stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
             "pps4": dict(stream_pps_decode=4),   # the default with the decode steps' expand grid as before
-            # eleventh session (benchmarks/lora_variants.py): the streaming expand's register cap on the decode grid (the
-            # engine's DoRA-flag kernel: 88 registers, 5 programs per SM); the BGMV expand's slice loops on qkv / gate_up
-            "nreg80": dict(stream_maxnreg=80),
-            "xbs_n128_s4_p6": dict(expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_stages=4, xb_pps=6,
-                                   xb_sloops=True),
-            "xbs_n256_s4_p4": dict(expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=4,
-                                   xb_sloops=True),
-            # the defaults at the eleventh session's start (98872c8), that session's knobs pinned
-            "prev11": dict(dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, expand_bgmv=True,
-                           xb_max_slices=1, xb_multi={}, xb_multi_min_tokens=1, xb_stages=1, xb_sloops=False,
-                           xb_block_n=512, xb_warps=0, xb_pps=4, stream_maxnreg=0),
-            "dgrid_all": dict(dgrid_any=True), "r2kc4": dict(bgmv_rows=2, kchunks=4, kchunks_wide=4),
-            "combo_a": dict(dgrid_any=True, bgmv_rows=2, kchunks=4, kchunks_wide=4, expand_bgmv=True, xb_max_slices=2,
-                            xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),
+            # eleventh session (benchmarks/lora_variants.py): the streaming expand's register cap on the decode grid's
+            # pipelined loop; the defaults at that session's start (98872c8), its knobs pinned
+            "nreg80": dict(stream_maxnreg=80), "nreg72": dict(stream_maxnreg=72),
+            "prev11": dict(dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, wave_chunks=(1, 1),
+                           stream_maxnreg=0),
+            "dgrid_all": dict(dgrid_any=True),
             # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
             "kc4": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128),
             "kc4_one": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True)}
@@ -128,18 +120,9 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = v.get("kchunks_wide", defaults["kchunks_wide"])
     lora_shrink_bgmv.BGMV_MAXNREG_WIDE = v.get("maxnreg_wide", defaults["maxnreg_wide"])
     lora_expand_stream.STREAM_MAXNREG_DECODE = v.get("stream_maxnreg", defaults["stream_maxnreg"])
-    from loraserve.kernels import lora_expand_bgmv as xb
-
-    xb.EXPAND_BGMV_BLOCK_N = v.get("xb_block_n", defaults["xb_block_n"])
-    xb.EXPAND_BGMV_PPS = v.get("xb_pps", defaults["xb_pps"])
-    xb.EXPAND_BGMV_WARPS = v.get("xb_warps", defaults["xb_warps"])
-    xb.EXPAND_BGMV_STAGES = v.get("xb_stages", defaults["xb_stages"])
-    xb.EXPAND_BGMV_SLICE_LOOPS = v.get("xb_sloops", defaults["xb_sloops"])
-    xb.EXPAND_BGMV_MULTI = v.get("xb_multi", defaults["xb_multi"])
-    importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MULTI_MIN_TOKENS = v.get(
-        "xb_multi_min_tokens", defaults["xb_multi_min_tokens"])
     lora_expand_stream.STREAM_PPS_DECODE_ANY = v.get("dgrid_any", defaults["dgrid_any"])
     lora_shrink_bgmv.BGMV_ROWS = v.get("bgmv_rows", defaults["bgmv_rows"])
+    lora_shrink_bgmv.BGMV_WAVE_CHUNKS = v.get("wave_chunks", defaults["wave_chunks"])
     # read when an engine's graph runners are built (cuda_graphs / mixed_graphs)
     os.environ["LORASERVE_LORA_META_IN_GRAPH"] = "1" if v.get("meta_in_graph", defaults["meta_in_graph"]) else "0"
 
@@ -192,12 +175,9 @@ def main() -> int:
                     kchunks_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS_WIDE,
                     maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE,
                     stream_maxnreg=lora_expand_stream.STREAM_MAXNREG_DECODE)
-    xb = importlib.import_module("loraserve.kernels.lora_expand_bgmv")
-    defaults.update(xb_block_n=xb.EXPAND_BGMV_BLOCK_N, xb_pps=xb.EXPAND_BGMV_PPS, xb_warps=xb.EXPAND_BGMV_WARPS,
-                    xb_stages=xb.EXPAND_BGMV_STAGES, xb_sloops=xb.EXPAND_BGMV_SLICE_LOOPS,
-                    xb_multi=dict(xb.EXPAND_BGMV_MULTI), dgrid_any=lora_expand_stream.STREAM_PPS_DECODE_ANY,
-                    xb_multi_min_tokens=importlib.import_module("loraserve.kernels.lora_expand").EXPAND_BGMV_MULTI_MIN_TOKENS,
-                    bgmv_rows=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_ROWS)
+    sb = importlib.import_module("loraserve.kernels.lora_shrink_bgmv")
+    defaults.update(dgrid_any=lora_expand_stream.STREAM_PPS_DECODE_ANY, bgmv_rows=sb.BGMV_ROWS,
+                    wave_chunks=sb.BGMV_WAVE_CHUNKS)
     if a.buckets:  # fewer decode graphs to capture (and LoRA kernel configs to compile): the timed batch
         from loraserve.inference import cuda_graphs
 

@@ -71,12 +71,9 @@ _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
-_STREAM_MAXNREG, _XB_STAGES = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_expand_bgmv.EXPAND_BGMV_STAGES
-_XB_SLOOPS, _BGMV_ROWS = lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS, lora_shrink_bgmv.BGMV_ROWS
-_XB_MULTI = dict(lora_expand_bgmv.EXPAND_BGMV_MULTI)
+_STREAM_MAXNREG, _BGMV_ROWS = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_shrink_bgmv.BGMV_ROWS
+_WAVE_CHUNKS = lora_shrink_bgmv.BGMV_WAVE_CHUNKS
 _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
-_expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["lora_expand"])   # the module
-_XB_MULTI_MIN = _expand_mod.EXPAND_BGMV_MULTI_MIN_TOKENS
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 
 VARIANTS = {
@@ -168,9 +165,8 @@ VARIANTS = {
     "prev10": dict(DEFAULT, seg=False, stream_one=False, kchunks=1, kchunks_wide=1,
                    maxnreg_wide=0, stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
     # the defaults at the eleventh session's start (98872c8), every knob of that session pinned
-    "prev11": dict(DEFAULT, dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, expand_bgmv=True,
-                   xb_max_slices=1, xb_multi={}, xb_multi_min_tokens=1, xb_stages=1, xb_sloops=False, xb_block_n=512,
-                   xb_warps=0, xb_pps=4, stream_maxnreg=0),
+    "prev11": dict(DEFAULT, dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, wave_chunks=(1, 1),
+                   stream_maxnreg=0),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
@@ -191,38 +187,15 @@ VARIANTS.update({
     "stream_pps8": dict(DEFAULT, stream_pps=8),
     "pps4": dict(DEFAULT, stream_pps_decode=4),
     "noone": dict(DEFAULT, stream_one_max_tokens=0),
-    # eleventh session: the BGMV expand with its decode loop Triton-pipelined (lora_expand_bgmv.EXPAND_BGMV_STAGES) on
-    # qkv and gate_up too (o / down take the same block, warps and stages); the streaming expand's decode grid at 5 / 7
-    # programs per SM (7: runs of 9 blocks, pipelined from 8); 256-column blocks (pipelined from 5 blocks a run)
-    "xbp_n256_s4_p5": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=5),
-    # ... and one pipelined loop per slice (lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS: one multiply-sum per row a block);
-    # registers (sm_90 offline, gate_up): 256 x 4 warps 111 (4 programs/SM), 128 x 4 warps 72 (7), 128 x 2 warps 110
-    "xbs_n256_s4_p4": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=256, xb_stages=4, xb_pps=4,
-                           xb_sloops=True),
-    "xbs_n128_s4_p6": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_stages=4, xb_pps=6,
-                           xb_sloops=True),
-    "xbs_n128_s4_p7": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_stages=4, xb_pps=7,
-                           xb_sloops=True),
-    "xbs_n512_s3_p2": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=512, xb_stages=3, xb_pps=2,
-                           xb_sloops=True),
-    "xbs_n128_w2_s4_p8": dict(DEFAULT, expand_bgmv=True, xb_max_slices=3, xb_block_n=128, xb_warps=2, xb_stages=4,
-                              xb_pps=8, xb_sloops=True),
-    "dg5": dict(DEFAULT, stream_pps_decode=5),
-    "dg7": dict(DEFAULT, stream_pps_decode=7, pipe_min_blocks=8),
-    "sbn256": dict(DEFAULT, stream_block_n=256, pipe_min_blocks=5),
+    # eleventh session: a register cap on the decode grid's pipelined loop (lora_expand_stream.STREAM_MAXNREG_DECODE:
+    # gate_up's 84 registers = 5 programs per SM); the BGMV shrink's one-wave rule (lora_shrink_bgmv.BGMV_WAVE_CHUNKS,
+    # default 4 / 8 chunks) off / with 8 chunks at 1024 columns too; nodgrid: the decode grid only on gate_up's runs
     "nreg80": dict(DEFAULT, stream_maxnreg=80),
-    # the BGMV shrink with two rows on its multiply-sum path (lora_shrink_bgmv.BGMV_ROWS) and A's block as chunks
-    # (x one chunk ahead): qkv / o / gate_up 75 registers at 8 warps (3 programs per SM), down 128 (2): one wave
-    "r2": dict(DEFAULT, bgmv_rows=2),
-    "r2kc4": dict(DEFAULT, bgmv_rows=2, kchunks=4, kchunks_wide=4),
-    "r2kc4w8": dict(DEFAULT, bgmv_rows=2, kchunks=4, kchunks_wide=8),
-    # the BGMV expand's slice loops on gate_up only (lora_expand_bgmv.EXPAND_BGMV_MULTI; o / down as by default), with
-    # the decode grid on qkv's streaming expand and the two-row chunked shrink
-    "xbm_gu": dict(DEFAULT, expand_bgmv=True, xb_max_slices=2,
-                   xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),
-    "combo_a": dict(DEFAULT, dgrid_any=True, bgmv_rows=2, kchunks=4, kchunks_wide=4, expand_bgmv=True, xb_max_slices=2,
-                    xb_multi=dict(BLOCK_N=128, PPS=6, STAGES=4, SLICE_LOOPS=True)),
-    "dgrid_all": dict(DEFAULT, dgrid_any=True),   # the decode grid (6 per SM) on qkv's short runs too (rotating loop)   # the default without the one-slice dot at <= 16 tokens   # the default with the old decode grid (4 per SM) for gate_up's expand
+    "nreg72": dict(DEFAULT, stream_maxnreg=72),
+    "nowave": dict(DEFAULT, wave_chunks=(1, 1)),
+    "wave88": dict(DEFAULT, wave_chunks=(8, 8)),
+    "nodgrid": dict(DEFAULT, dgrid_any=False),
+    "dgrid_all": dict(DEFAULT, dgrid_any=True),   # the decode grid (6 per SM) on qkv's short runs too (rotating loop)
     # the streaming expand's pipelined loop with one dot per block inside one slice (lora_expand_stream.STREAM_ONE_SLICE)
     "stream_one": dict(DEFAULT, stream_one=True),
     # the BGMV shrink's A block as 4 / 8 separate loads, one fp32 chunk live (lora_shrink_bgmv.BGMV_KCHUNKS, _WIDE for
@@ -247,10 +220,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = variant.get("stream_one_max_tokens", _STREAM_ONE_MAX)
         lora_expand_stream.STREAM_PPS_DECODE_ANY = bool(variant.get("dgrid_any", _DGRID_ANY))
         lora_expand_stream.STREAM_MAXNREG_DECODE = variant.get("stream_maxnreg", _STREAM_MAXNREG)
-        lora_expand_bgmv.EXPAND_BGMV_STAGES = variant.get("xb_stages", _XB_STAGES)
-        lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS = variant.get("xb_sloops", _XB_SLOOPS)
-        lora_expand_bgmv.EXPAND_BGMV_MULTI = variant.get("xb_multi", _XB_MULTI)
-        _expand_mod.EXPAND_BGMV_MULTI_MIN_TOKENS = variant.get("xb_multi_min_tokens", _XB_MULTI_MIN)
+        lora_shrink_bgmv.BGMV_WAVE_CHUNKS = variant.get("wave_chunks", _WAVE_CHUNKS)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])

@@ -133,8 +133,6 @@ EXPAND_BGMV = os.environ.get("LORASERVE_LORA_EXPAND_BGMV", "1").strip().lower() 
 EXPAND_BGMV_MAX_SLICES = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MAX_SLICES", "1"))
 EXPAND_BGMV_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MAX_TOKENS", "64"))
 EXPAND_BGMV_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MIN_TOKENS", "1"))
-# ... and projections of >= 2 slices only from this many tokens (probe knob; lora_expand_bgmv.EXPAND_BGMV_MULTI)
-EXPAND_BGMV_MULTI_MIN_TOKENS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MULTI_MIN_TOKENS", "1"))
 _BGMV_FAILED: set[tuple] = set()  # (S, R, device) whose BGMV expand failed to compile
 _PIPE_FAILED: set[tuple] = set()  # (S, R, device) whose default column loop failed: the rotating one then
 
@@ -221,7 +219,6 @@ def lora_expand(buf: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMe
     # offline compile); the interpreter runs fp32 through it (the exact-arithmetic tests).
     if (EXPAND_BGMV and stream_enabled(stream) and not dense_slots and config is None
             and EXPAND_BGMV_MIN_TOKENS <= T <= EXPAND_BGMV_MAX_TOKENS and S <= EXPAND_BGMV_MAX_SLICES
-            and (S == 1 or T >= EXPAND_BGMV_MULTI_MIN_TOKENS)
             and (S, R, y.device) not in _BGMV_FAILED):
         from .lora_expand_bgmv import expand_bgmv_applies, lora_expand_bgmv
 

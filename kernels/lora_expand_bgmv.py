@@ -66,15 +66,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(out, offs_n, n_ok, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
-                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, NO_BRANCH: tl.constexpr = False):
-        """DoRA: (y + delta) * g[slot] (+ shift[slot]) per column, only for a flagged slot (g_on != 0). NO_BRANCH: the
-        flag masks the loads instead (g = 1, shift = 0 for a plain slot: no scf.if inside a pipelined loop)."""
-        if HAS_SCALE and NO_BRANCH:
-            on = n_ok & ((tl.zeros_like(offs_n) + g_on) != 0)
-            out = out * tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=on, other=1.0)
-            if HAS_SHIFT:
-                out = out + tl.load(shift_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=on, other=0.0)
-        elif HAS_SCALE:
+                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+        """DoRA: (y + delta) * g[slot] (+ shift[slot]) per column, only for a flagged slot (g_on != 0)."""
+        if HAS_SCALE:
             if g_on != 0:
                 g = tl.load(scale_ptr + slot64 * stride_sl + offs_n * stride_sn, mask=n_ok, other=1.0)
                 out = out * g
@@ -96,8 +90,7 @@ if HAS_TRITON:
     @triton.jit
     def _block2(b, n0, N, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym, stride_yn,
                 scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on,
-                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                NO_BRANCH: tl.constexpr = False):
+                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
         """A tile of <= 2 rows (decode), h hoisted: y[tok0 / tok1, n0 : n0 + BLOCK_N] += B h; both y rows are
         issued right behind b's load."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -109,60 +102,11 @@ if HAS_TRITON:
         sel1, sel2 = _sels(offs_n, lo1, lo2, NUM_SLICES)
         bf = b.to(tl.float32)
         o0 = _epilogue(y0.to(tl.float32) + _delta(bf, ha0, ha1, ha2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
-                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT, NO_BRANCH)
+                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
         o1 = _epilogue(y1.to(tl.float32) + _delta(bf, hb0, hb1, hb2, sel1, sel2, NUM_SLICES), offs_n, n_ok,
-                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT, NO_BRANCH)
+                       scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, HAS_SCALE, HAS_SHIFT)
         tl.store(y_ptr + tok0 * stride_ym + y_cols, o0.to(y0.dtype), mask=n_ok)
         tl.store(y_ptr + tok1 * stride_ym + y_cols, o1.to(y1.dtype), mask=m1)
-
-    @triton.jit
-    def _slice_loops(b, col0, col_end, b_rows, offs_nb, b_r_ok, stride_bn, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1,
-                     hb2, y_ptr, N, lo1, lo2, stride_ym, stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn,
-                     g_on, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, STAGES: tl.constexpr):
-        """A decode program's run [col0, col_end) with one multiply-sum per row and block: b (the first block, loaded
-        before the wait) takes its slice's h unless it straddles a slice bound (then per column, as _block2), the
-        rest of the run one Triton-pipelined loop per slice over [max(col0 + BLOCK_N, lo_s), min(col_end, hi_s)),
-        so no block of a loop straddles a bound and its h is the loop's (no per-column select, no branch inside)."""
-        first_end = tl.minimum(col0 + BLOCK_N, col_end)
-        straddle = (col0 < lo1) & (lo1 < first_end)
-        if NUM_SLICES == 3:
-            straddle = straddle | ((col0 < lo2) & (lo2 < first_end))
-        if straddle:
-            _block2(b, col0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
-                    stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N,
-                    HAS_SCALE, HAS_SHIFT, True)
-        else:
-            ha = tl.where(col0 >= lo2, ha2, tl.where(col0 >= lo1, ha1, ha0))
-            hb = tl.where(col0 >= lo2, hb2, tl.where(col0 >= lo1, hb1, hb0))
-            _block2(b, col0, col_end, tok0, tok1, has1, ha, ha, ha, hb, hb, hb, y_ptr, lo1, lo2, stride_ym,
-                    stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, 1, BLOCK_N,
-                    HAS_SCALE, HAS_SHIFT, True)
-        for s in tl.static_range(NUM_SLICES):
-            if s == 0:
-                lo = 0
-                hi = lo1
-                ha = ha0
-                hb = hb0
-            elif s == 1:
-                lo = lo1
-                hi = lo2
-                ha = ha1
-                hb = hb1
-            else:
-                lo = lo2
-                hi = N
-                ha = ha2
-                hb = hb2
-            if s == NUM_SLICES - 1:
-                hi = N
-            c1 = tl.minimum(col_end, hi)
-            for n0 in tl.range(tl.maximum(col0 + BLOCK_N, lo), c1, BLOCK_N, num_stages=STAGES):
-                bs = tl.load(b_rows + (n0 + offs_nb)[:, None] * stride_bn,
-                             mask=((n0 + offs_nb) < c1)[:, None] & b_r_ok[None, :], other=0.0)
-                _block2(bs, n0, c1, tok0, tok1, has1, ha, ha, ha, hb, hb, hb, y_ptr, lo1, lo2, stride_ym,
-                        stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, 1, BLOCK_N,
-                        HAS_SCALE, HAS_SHIFT, True)
 
     @triton.jit
     def _block(b, n0, N, start, end, buf_ptr, y_ptr, sorted_ids_ptr, lo1, lo2, rank, offs_r,
@@ -208,7 +152,6 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, SK_P: tl.constexpr, EVEN_R: tl.constexpr, CAST: tl.constexpr,
         HAS_SCALE: tl.constexpr = False, HAS_SHIFT: tl.constexpr = False, SCALE_FLAG: tl.constexpr = False,
         USE_PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False, GROUP_MAJOR: tl.constexpr = False,
-        STAGES: tl.constexpr = 1, SLICE_LOOPS: tl.constexpr = False,
     ):
         if TRIGGER:  # (with USE_PDL) the next kernel may launch once all our programs started
             tl.extra.cuda.gdc_launch_dependents()
@@ -263,15 +206,10 @@ if HAS_TRITON:
                                 NUM_SLICES, SPLIT_K, CAST, b.dtype)
             hb0, hb1, hb2 = _hs(buf_ptr, tok1, offs_k, offs_r, h_ok, stride_bsplit, stride_bs, stride_bm, stride_br,
                                 NUM_SLICES, SPLIT_K, CAST, b.dtype)
-            if SLICE_LOOPS:
-                _slice_loops(b, col0, col_end, b_rows, offs_nb, b_r_ok, stride_bn, tok0, tok1, has1, ha0, ha1, ha2,
-                             hb0, hb1, hb2, y_ptr, N, lo1, lo2, stride_ym, stride_yn, scale_ptr, shift_ptr, slot64,
-                             stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N, HAS_SCALE, HAS_SHIFT, STAGES)
-                return
             _block2(b, col0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
                     stride_yn, scale_ptr, shift_ptr, slot64, stride_sl, stride_sn, g_on, NUM_SLICES, BLOCK_N,
                     HAS_SCALE, HAS_SHIFT)
-            for n0 in tl.range(col0 + BLOCK_N, col_end, BLOCK_N, num_stages=STAGES):
+            for n0 in range(col0 + BLOCK_N, col_end, BLOCK_N):
                 b = tl.load(b_rows + (n0 + offs_nb)[:, None] * stride_bn,
                             mask=((n0 + offs_nb) < col_end)[:, None] & b_r_ok[None, :], other=0.0)
                 _block2(b, n0, col_end, tok0, tok1, has1, ha0, ha1, ha2, hb0, hb1, hb2, y_ptr, lo1, lo2, stride_ym,
@@ -297,16 +235,7 @@ if HAS_TRITON:
 EXPAND_BGMV_BLOCK_N = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_BLOCK_N", "512"))   # H200 00:53: 512 x 8 warps best
 EXPAND_BGMV_WARPS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_WARPS", "0"))   # 0: by the block size
 EXPAND_BGMV_PPS = float(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_PPS", "4"))  # programs per SM (grid target)
-# The decode tiles' column loop given to Triton's pipeliner with this many stages (B through cp.async; 1: a plain loop,
-# one block in flight after the first). Probe knob (LORASERVE_LORA_EXPAND_BGMV_STAGES): the BGMV expand on gate_up.
-EXPAND_BGMV_STAGES = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_STAGES", "1"))
-# ... and one such loop per slice (a block never straddles a slice bound inside it: one multiply-sum per row, not one
-# per slice and a per-column select; the DoRA flag as a load mask). Probe knob (LORASERVE_LORA_EXPAND_BGMV_SLICE_LOOPS).
-EXPAND_BGMV_SLICE_LOOPS = os.environ.get("LORASERVE_LORA_EXPAND_BGMV_SLICE_LOOPS", "0").strip() not in ("", "0")
 EXPAND_BGMV_MAX_RANK = 32  # rank 64 compiled to 180-255 registers (sm_90 offline): the streaming expand there
-# Projections of >= 2 slices (qkv, gate_up) take these overrides of the knobs above (keys BLOCK_N, WARPS, PPS, STAGES,
-# SLICE_LOOPS; empty: the same knobs as one slice), so o / down keep theirs. Probe knob.
-EXPAND_BGMV_MULTI: dict = {}
 
 
 def expand_bgmv_applies(num_slices: int, rank: int, split_k: int) -> bool:
@@ -314,26 +243,21 @@ def expand_bgmv_applies(num_slices: int, rank: int, split_k: int) -> bool:
     return num_slices <= 3 and rank <= EXPAND_BGMV_MAX_RANK and split_k <= 64
 
 
-def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 132, num_slices: int = 1) -> dict:
+def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 132) -> dict:
     """BLOCK_N (B block [BLOCK_N, BLOCK_R] per iteration: 16 KB at rank 16 and 512 columns), warps, and the
     columns per program: enough programs for EXPAND_BGMV_PPS per SM counting every grid tile active (as
-    lora_expand_stream: the per-program metadata chain is paid once per run of blocks); >= 2 slices: with
-    EXPAND_BGMV_MULTI's overrides."""
-    m = EXPAND_BGMV_MULTI if num_slices >= 2 else {}
-    want_n, want_w, pps = m.get("BLOCK_N", EXPAND_BGMV_BLOCK_N), m.get("WARPS", EXPAND_BGMV_WARPS), m.get(
-        "PPS", EXPAND_BGMV_PPS)
+    lora_expand_stream: the per-program metadata chain is paid once per run of blocks)."""
     block_r = max(16, 1 << max(0, (rank - 1).bit_length()))
-    block_n = max(32, min(want_n, 4096 // block_r if block_r > 16 else want_n))
+    block_n = max(32, min(EXPAND_BGMV_BLOCK_N, 4096 // block_r if block_r > 16 else EXPAND_BGMV_BLOCK_N))
     block_n = min(block_n, max(32, 1 << max(0, (n_total - 1).bit_length())))
     while block_n > 64 and -(-n_total // block_n) * grid_tiles < 2 * num_sms:  # small steps: more, smaller loads
         block_n //= 2   # (1 token, o / down: 16 blocks of 256 would leave 116 SMs idle)
-    warps = want_w or (4 if block_n * block_r <= 4096 else 8)
+    warps = EXPAND_BGMV_WARPS or (4 if block_n * block_r <= 4096 else 8)
     n_blocks = -(-n_total // block_n)
-    groups = max(1, min(n_blocks, round(pps * num_sms / max(1, grid_tiles))))
+    groups = max(1, min(n_blocks, round(EXPAND_BGMV_PPS * num_sms / max(1, grid_tiles))))
     per_prog = -(-n_blocks // groups)
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, COLS_PER_PROG=per_prog * block_n,
-                groups=-(-n_blocks // per_prog), STAGES=m.get("STAGES", EXPAND_BGMV_STAGES) if per_prog > 1 else 1,
-                SLICE_LOOPS=m.get("SLICE_LOOPS", EXPAND_BGMV_SLICE_LOOPS))
+                groups=-(-n_blocks // per_prog))
 
 
 def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -344,7 +268,7 @@ def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, me
     free). Arguments are checked by lora_expand, which calls this when EXPAND_BGMV is on."""
     SK, S, T, R = partials.shape
     N = lora_b.shape[1]
-    cfg = dict(expand_bgmv_config(N, R, meta.grid_tiles, num_sms, S), **(config or {}))
+    cfg = dict(expand_bgmv_config(N, R, meta.grid_tiles, num_sms), **(config or {}))
     BN = cfg["BLOCK_N"]
     if config and ("BLOCK_N" in config or "COLS_PER_PROG" in config):  # keep the grid consistent
         cfg["COLS_PER_PROG"] = config.get("COLS_PER_PROG", BN)
@@ -365,6 +289,6 @@ def lora_expand_bgmv(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, me
         NUM_SLICES=S, BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=SK,
         SK_P=max(1, 1 << max(0, (SK - 1).bit_length())), EVEN_R=R % 16 == 0,
         CAST=lora_b.dtype != torch.float32, TRIGGER=prefetch_on("t", y.device, pdl),
-        GROUP_MAJOR=gmajor, STAGES=cfg.get("STAGES", 1), SLICE_LOOPS=cfg.get("SLICE_LOOPS", False), num_warps=cfg["num_warps"], num_stages=1, **pdl,
+        GROUP_MAJOR=gmajor, num_warps=cfg["num_warps"], num_stages=1, **pdl,
     )
     return y

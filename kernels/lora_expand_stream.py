@@ -315,9 +315,13 @@ STREAM_PROGRAMS_PER_SM_DECODE = float(os.environ.get("LORASERVE_LORA_STREAM_PPS_
 # ... from 33 tokens (below, the pipelined loop runs at every run length: not measured there) and only where the runs
 # stay >= STREAM_PIPE_MIN_BLOCKS blocks (qkv's 3-4-block runs keep 4 per SM: not measured at 6)
 STREAM_PPS_DECODE_MIN_TOKENS, STREAM_PPS_DECODE_MAX_TOKENS = 33, 64
-STREAM_PPS_DECODE_ANY = False   # (probes: the decode grid whatever the run length, e.g. qkv's 3-block runs)
-# A register cap (maxnreg) for launches on the decode grid (0: none). The engine's expand (DoRA epilogue flags) compiles
-# to 88 registers (sm_90 offline): 5 programs of 4 warps per SM, not the grid's 6; 80 fits 6 (no stack). Probe knob.
+# ... and on shorter runs too (qkv's 3-block runs on the hand-rotated loop: 12 -> 16 groups). H200, same runs as the
+# default: tenth session's final (05:28) qkv 12.1 -> 11.5 us (expand 6.6 -> 5.7), probe 2026-12-01 07:25 12.2 -> 11.4
+# (6.7 -> 5.7). LORASERVE_LORA_STREAM_PPS_DECODE_ANY=0: as before.
+STREAM_PPS_DECODE_ANY = os.environ.get("LORASERVE_LORA_STREAM_PPS_DECODE_ANY", "1").strip() not in ("", "0")
+# A register cap (maxnreg) for the pipelined loop's launches on the decode grid (0: none). gate_up's expand compiles to
+# 84 registers on the H200 (triton 3.6; 88 with the engine's DoRA flags, sm_90 offline): 5 programs of 4 warps per SM,
+# not the grid's 6 (672 programs for 660 places); 80 fits 6. Probe knob.
 STREAM_MAXNREG_DECODE = int(os.environ.get("LORASERVE_LORA_STREAM_MAXNREG_DECODE", "0"))
 # ... above 256 tokens (mixed steps, prefill): 8. Their grids hold many empty tiles (cdiv(T, BM) + a segment
 # bound: a 352-token mixed step launches 93 tiles for 48 used), so 4 per grid tile left ~2 programs per SM of
@@ -430,7 +434,7 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
         y_ahead = STREAM_Y_AHEAD or 1
     cfg = dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead, Y_AHEAD=y_ahead, SLOTS=slots)
-    if dgrid and STREAM_MAXNREG_DECODE:
+    if dgrid and STREAM_MAXNREG_DECODE and slots < 0:   # (the pipelined loop: gate_up; qkv's rotating loop spills)
         cfg["maxnreg"] = STREAM_MAXNREG_DECODE
     return cfg
 

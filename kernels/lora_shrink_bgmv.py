@@ -322,6 +322,26 @@ BGMV_MAXNREG_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_MAXNREG_WIDE", "0"))
 # in 4 chunks 87 -> 75, i.e. 3 programs per SM; down's 2048 in 4 chunks 165 -> 128, 2 per SM: one wave at the layer
 # case). Probe knob (LORASERVE_LORA_BGMV_ROWS); read at each launch.
 BGMV_ROWS = int(os.environ.get("LORASERVE_LORA_BGMV_ROWS", "4"))
+# A grid that needs more than one wave of the unchunked kernel (1024-column blocks at 8 warps: ~128 registers, 2
+# programs per SM; 2048: ~250, 1) instead takes ROWS 2 with A in BGMV_WAVE_CHUNKS chunks (blocks of <= 1024 columns,
+# wider ones; triton 3.6 on the H200: 72 / 124-128 registers, 3 / 2 programs per SM): one wave. The 64-token /
+# 32-adapter layer case: qkv's 432 and down's 252 programs (gate_up 288, o 144 stay unchunked below 264 / the 1-token
+# grids). H200 probe 2026-12-01 07:25 (same run, shrink alone, us): qkv 6.3 -> 5.0, down 7.9 -> 6.4 (8 chunks; 7.2 with
+# 4), gate_up 4.7 -> 4.4; on o (one wave already) 3.1 -> 3.4 and at 1 token (down 3.55 -> 4.73) chunks lose, hence
+# the rule. LORASERVE_LORA_BGMV_WAVE_CHUNKS="1,1": off. Read at each launch.
+BGMV_WAVE_CHUNKS = tuple(int(v) for v in os.environ.get("LORASERVE_LORA_BGMV_WAVE_CHUNKS", "4,8").split(","))
+
+
+def wave_chunks(block_k: int, programs: int, num_sms: int = 132) -> int:
+    """KCHUNKS for a grid of `programs` BGMV shrink programs with this BLOCK_K: BGMV_WAVE_CHUNKS' entry where the
+    unchunked kernel (2 programs per SM at 1024 columns, 1 above) would need more than one wave, else 1."""
+    if block_k < 1024 or programs <= (1 if block_k > 1024 else 2) * num_sms:
+        return 1
+    want = BGMV_WAVE_CHUNKS[1 if block_k > 1024 else 0]
+    for k in (8, 4, 2):
+        if want >= k and block_k // k >= 128:
+            return k
+    return 1
 
 
 def bgmv_kchunks(block_k: int) -> int:
@@ -390,6 +410,10 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
 
     kmajor = lora_meta.LORA_SHRINK_K_MAJOR
     kch = _kchunks_ok(cfg.get("KCHUNKS", bgmv_kchunks(BK)))
+    rows = cfg.get("ROWS", BGMV_ROWS)
+    if kch == 1 and "KCHUNKS" not in cfg:   # the one-wave rule (BGMV_WAVE_CHUNKS)
+        kch = wave_chunks(BK, meta.grid_tiles * triton.cdiv(R, BN) * SK * S, num_sms)
+        rows = 2 if kch > 1 else rows
     grid = (triton.cdiv(R, BN) * SK, meta.grid_tiles, S) if kmajor else (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)
     _lora_shrink_bgmv_kernel[grid](
@@ -400,7 +424,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         IEEE=x.dtype == torch.float32,
         DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_on("a", x.device, pdl),
         KCHUNKS=kch, **({"maxnreg": BGMV_MAXNREG_WIDE} if kch > 1 and BK > 1024 and BGMV_MAXNREG_WIDE else {}),
-        K_MAJOR=kmajor, ROWS=cfg.get("ROWS", BGMV_ROWS),
+        K_MAJOR=kmajor, ROWS=rows,
         **pdl,
     )
     return out

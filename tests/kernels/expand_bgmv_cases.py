@@ -13,22 +13,11 @@ from .stream_interp_cases import DTYPES, _untouched
 
 def check_expand_bgmv(dtype: str, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
                       composition: str, split_k: int = 1, block_n: int | None = None, cols: int | None = None, via_switch: bool = False,
-                      device: str = "cpu", slice_loops: bool = False) -> None:
+                      device: str = "cpu") -> None:
     """lora_expand_bgmv from (split-K) partials vs the torch reference: rows without an adapter and
     rank-0 slots untouched, no NaN from undefined partials, every adapted row changed. via_switch: through
-    lora_expand with lora_expand.EXPAND_BGMV on (the engine's dispatch), else the launcher directly. slice_loops: the
-    decode tiles' pipelined loops, one per slice (lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS, 2 stages)."""
-    from loraserve.kernels import lora_expand_bgmv as xb
+    lora_expand with lora_expand.EXPAND_BGMV on (the engine's dispatch), else the launcher directly."""
     from loraserve.kernels.lora_expand_bgmv import lora_expand_bgmv
-
-    if slice_loops:
-        old = xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS
-        xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS = 2, True
-        try:
-            return check_expand_bgmv(dtype, max_rank, widths, num_tokens, num_slots, composition, split_k, block_n,
-                                     cols, via_switch, device)
-        finally:
-            xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS = old
 
     expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"])  # the module, not the function
     p = make_problem(num_tokens=num_tokens, hidden=32, max_rank=max_rank, widths=widths, num_slots=num_slots,
@@ -68,22 +57,11 @@ def check_expand_bgmv(dtype: str, max_rank: int, widths: list[int], num_tokens: 
 
 def check_scale_on(dtype: str, max_rank: int, widths: list[int], num_tokens: int, num_slots: int, split_k: int = 2,
                    config: dict | None = None, bgmv: bool = False, with_shift: bool = True,
-                   device: str = "cpu", slice_loops: bool = False) -> None:
+                   device: str = "cpu") -> None:
     """lora_expand's scale_on ([L] int32: 0 = a plain LoRA slot, its DoRA epilogue skipped): with DoRA factors on
     the flagged slots only (g = 1, shift 0 elsewhere, as slots.py keeps them), the result equals the reference with
-    the full epilogue; and with every flag 0 it is bit-equal to no epilogue at all. bgmv: through the BGMV expand
-    (slice_loops: its decode loops one per slice, the flag as a load mask)."""
-    from loraserve.kernels import lora_expand_bgmv as xb
+    the full epilogue; and with every flag 0 it is bit-equal to no epilogue at all. bgmv: through the BGMV expand."""
     from loraserve.kernels.reference import lora_expand_ref as ref
-
-    if slice_loops:
-        old = xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS, xb.EXPAND_BGMV_BLOCK_N
-        xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS, xb.EXPAND_BGMV_BLOCK_N = 2, True, 16
-        try:
-            return check_scale_on(dtype, max_rank, widths, num_tokens, num_slots, split_k, config, bgmv, with_shift,
-                                  device)
-        finally:
-            xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS, xb.EXPAND_BGMV_BLOCK_N = old
 
     expand_mod = __import__("loraserve.kernels.lora_expand", fromlist=["EXPAND_BGMV"])  # the module, not the function
     p = make_problem(num_tokens=num_tokens, hidden=32, max_rank=max_rank, widths=widths, num_slots=num_slots,

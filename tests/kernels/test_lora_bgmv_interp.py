@@ -68,3 +68,22 @@ def test_bgmv_shrink_rank64_long_tiles(interp, dtype) -> None:
 def test_lora_apply_bgmv_matches_reference(interp, num_tokens) -> None:
     _run(interp, cases.check_bgmv_apply, "float32", 768, 16, [48, 16, 16], num_tokens, 4, "no-adapter-rows")
     _run(interp, cases.check_bgmv_apply, "float16", 512, 32, [40], num_tokens, 3, "mixed-ranks")
+
+
+def test_bgmv_wave_chunks_rule() -> None:
+    """lora_shrink_bgmv.wave_chunks: chunks (4 at <= 1024 columns, 8 above) only where the unchunked grid needs more
+    than one wave (2 programs per SM at 1024 columns, 1 at 2048); the 64-token / 32-adapter layer case: qkv and down."""
+    from loraserve.kernels import lora_shrink_bgmv as sb
+
+    old = sb.BGMV_WAVE_CHUNKS
+    try:
+        sb.BGMV_WAVE_CHUNKS = (4, 8)
+        assert sb.wave_chunks(1024, 36 * 4 * 3) == 4   # qkv: 432 programs > 264
+        assert sb.wave_chunks(2048, 36 * 7) == 8   # down: 252 > 132
+        assert sb.wave_chunks(1024, 36 * 4) == 1   # o: 144 <= 264
+        assert sb.wave_chunks(1024, 2 * 4 * 3) == 1   # 1 token
+        assert sb.wave_chunks(512, 10_000) == 1   # smaller blocks: never
+        sb.BGMV_WAVE_CHUNKS = (1, 1)
+        assert sb.wave_chunks(1024, 36 * 4 * 3) == 1
+    finally:
+        sb.BGMV_WAVE_CHUNKS = old

@@ -1,14 +1,14 @@
 """The kernels of the 64-token / 32-adapter decode step (issue 10's layer case) on a GPU at Llama-3-8B widths: the
-streaming expand on the decode grid (gate_up), the BGMV expand with its decode loops Triton-pipelined one per slice
-(lora_expand_bgmv.EXPAND_BGMV_SLICE_LOOPS) on qkv / gate_up widths vs the torch reference (DoRA flags included), the
-BGMV shrink with two rows on its multiply-sum path and A in chunks (lora_shrink_bgmv.BGMV_ROWS / KCHUNKS), and
-lora_apply through them in a CUDA graph == eager bit for bit."""
+streaming expand on the decode grid (gate_up; qkv's short runs: lora_expand_stream.STREAM_PPS_DECODE_ANY) vs the
+torch reference (DoRA epilogue included), the BGMV shrink with two rows on its multiply-sum path and A in chunks (the
+one-wave rule, lora_shrink_bgmv.BGMV_WAVE_CHUNKS, and explicit chunk counts), and lora_apply through them in a CUDA
+graph == eager bit for bit."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from . import expand_bgmv_cases, stream_interp_cases
+from . import stream_interp_cases
 from .test_lora_gpu import PROJECTIONS, check_graph_replay_matches_eager
 
 pytestmark = [
@@ -33,49 +33,31 @@ def test_stream_expand_gate_up_decode_grid(num_tokens: int, num_slots: int, comp
                                             split_k=4, with_scale=True, device="cuda")
 
 
-@pytest.fixture
-def slice_loops():
-    """The BGMV expand on every projection with its decode loops one per slice (128 columns, 4 stages)."""
-    from loraserve.kernels import lora_expand, lora_expand_bgmv as xb
+@pytest.mark.parametrize("num_tokens,num_slots,composition", [(64, 32, "distinct"), (48, 24, "mixed-ranks")])
+def test_stream_expand_qkv_decode_grid(num_tokens: int, num_slots: int, composition: str) -> None:
+    """qkv's streaming expand on the decode grid (the hand-rotated loop's 3-block runs) vs the reference, DoRA too."""
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
 
-    old = (lora_expand.EXPAND_BGMV_MAX_SLICES, xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS,
-           xb.EXPAND_BGMV_BLOCK_N)
-    lora_expand.EXPAND_BGMV_MAX_SLICES, xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS = 3, 4, True
-    xb.EXPAND_BGMV_BLOCK_N = 128
-    try:
-        yield
-        assert not lora_expand._BGMV_FAILED, f"the BGMV expand fell back: {lora_expand._BGMV_FAILED}"
-    finally:
-        (lora_expand.EXPAND_BGMV_MAX_SLICES, xb.EXPAND_BGMV_STAGES, xb.EXPAND_BGMV_SLICE_LOOPS,
-         xb.EXPAND_BGMV_BLOCK_N) = old
-
-
-@pytest.mark.parametrize("proj", ["qkv", "gate_up"])
-def test_bgmv_slice_loops_llama3_8b_bf16(slice_loops, proj: str) -> None:
-    _, widths = PROJECTIONS[proj]
-    for T, L, composition, sk in ((64, 32, "distinct", 4), (64, 8, "no-adapter-rows", 2), (1, 1, "distinct", 4),
-                                  (48, 24, "mixed-ranks", 7)):
-        expand_bgmv_cases.check_expand_bgmv("bfloat16", 16, widths, T, L, composition, split_k=sk, via_switch=True,
-                                            device="cuda")
-    expand_bgmv_cases.check_scale_on("bfloat16", 16, widths, 64, 32, bgmv=True, device="cuda")
-
-
-def test_bgmv_slice_loops_graph_replay(slice_loops) -> None:
-    check_graph_replay_matches_eager(64, 16)
-    check_graph_replay_matches_eager(1, 16)
+    _, widths = PROJECTIONS["qkv"]
+    cfg = stream_expand_config(num_tokens, sum(widths), 16, 3, 16, num_tokens // 16 + num_slots, 4)
+    assert cfg["SLOTS"] == 0 and cfg["groups"] == 16, cfg
+    stream_interp_cases.check_stream_expand("bfloat16", 4096, 16, widths, num_tokens, num_slots, composition,
+                                            split_k=4, with_scale=True, device="cuda")
 
 
 @pytest.mark.parametrize("proj", ["qkv", "down"])   # 1024-column blocks; the 14336-wide input's 2048
-@pytest.mark.parametrize("kchunks", [4, 8])
-def test_bgmv_shrink_two_rows_chunks_llama3_8b_bf16(proj: str, kchunks: int) -> None:
+@pytest.mark.parametrize("chunks", [None, (4, 4), (8, 8)])   # None: the one-wave rule's defaults (4 / 8 chunks)
+def test_bgmv_shrink_two_rows_chunks_llama3_8b_bf16(proj: str, chunks) -> None:
     from loraserve.kernels import lora_shrink_bgmv as sb
 
     from . import bgmv_interp_cases
 
     hidden, widths = PROJECTIONS[proj]
-    old = sb.BGMV_ROWS, sb.BGMV_KCHUNKS, sb.BGMV_KCHUNKS_WIDE
-    sb.BGMV_ROWS, sb.BGMV_KCHUNKS, sb.BGMV_KCHUNKS_WIDE = 2, 4, kchunks
+    old = sb.BGMV_WAVE_CHUNKS
+    sb.BGMV_WAVE_CHUNKS = chunks or old
     try:
+        # 64 tokens / 32 adapters: the grid needs > 1 wave unchunked (chunks, two rows); 1 token and 48 / 12 (fewer
+        # tiles): unchunked; 64 / 32 mixed ranks at max rank 64 (4 rank blocks: chunks, some tiles of 3+ rows)
         for T, L, composition in ((64, 32, "distinct"), (1, 1, "uniform"), (64, 32, "mixed-ranks"), (48, 12, "uniform")):
             rank = 64 if composition == "mixed-ranks" else 16
             bgmv_interp_cases.check_bgmv_shrink("bfloat16", hidden, rank, widths, T, L, composition, device="cuda")
@@ -83,4 +65,4 @@ def test_bgmv_shrink_two_rows_chunks_llama3_8b_bf16(proj: str, kchunks: int) -> 
         check_graph_replay_matches_eager(64, 16)
         check_graph_replay_matches_eager(1, 16)
     finally:
-        sb.BGMV_ROWS, sb.BGMV_KCHUNKS, sb.BGMV_KCHUNKS_WIDE = old
+        sb.BGMV_WAVE_CHUNKS = old

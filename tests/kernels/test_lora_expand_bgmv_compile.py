@@ -20,19 +20,16 @@ TYPES = {"buf_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ranks_ptr": "*
 
 
 def compile_expand_bgmv(widths: list[int], rank: int, split_k: int, pdl: bool = True, block_n: int | None = None,
-                        grid_tiles: int = 36, dora: bool = True, stages: int = 1, slice_loops: bool = False,
-                        num_warps: int | None = None):
+                        grid_tiles: int = 36, dora: bool = True):
     from loraserve.kernels.lora_expand_bgmv import _lora_expand_bgmv_kernel, expand_bgmv_config
 
     cfg = expand_bgmv_config(sum(widths), rank, grid_tiles)
     bn = block_n or cfg["BLOCK_N"]
     const = dict(NUM_SLICES=len(widths), BLOCK_M=16, BLOCK_N=bn, BLOCK_R=cfg["BLOCK_R"], SPLIT_K=split_k,
                  SK_P=1 << max(0, (split_k - 1).bit_length()), EVEN_R=True, CAST=True, USE_PDL=pdl, TRIGGER=pdl,
-                 HAS_SCALE=dora, HAS_SHIFT=dora, SCALE_FLAG=dora, GROUP_MAJOR=False,   # the engine's call: DoRA vectors, per-slot flag
-                 STAGES=stages, SLICE_LOOPS=slice_loops)
+                 HAS_SCALE=dora, HAS_SHIFT=dora, SCALE_FLAG=dora, GROUP_MAJOR=False)   # the engine's call: DoRA vectors, per-slot flag
     return sm90.compile_sm90(_lora_expand_bgmv_kernel, TYPES, const, unit=("stride_br", "stride_bk", "stride_yn", "stride_sn"),
-                             div16_except=("R", "stride_bsplit", "stride_bs", "stride_sl"),
-                             num_warps=num_warps or cfg["num_warps"],
+                             div16_except=("R", "stride_bsplit", "stride_bs", "stride_sl"), num_warps=cfg["num_warps"],
                              num_stages=1, launch_pdl=pdl)
 
 
@@ -43,18 +40,4 @@ def test_expand_bgmv_compiles_without_spills(widths, split_k, rank, grid_tiles) 
     # gate_up's 2-slice config keeps an 8-byte stack frame in Triton 3.9 (LOCAL:0); more would be spilling
     assert sm90.stack_bytes(k) <= 8, sm90.resource_usage(k)
     ptx = k.asm["ptx"]
-    assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "B should load before the wait"
-
-
-@pytest.mark.parametrize("widths,block_n,num_warps", [([14336, 14336], 128, 4), ([14336, 14336], 256, 4),
-                                                      ([4096, 1024, 1024], 128, 4), ([4096], 512, 8)])
-@pytest.mark.parametrize("dora", [False, True])
-def test_expand_bgmv_slice_loops_compile(widths, block_n, num_warps, dora) -> None:
-    """The decode tiles' loops one per slice, Triton-pipelined (the probe variants xbs_*): B (and y from 4 bytes a
-    thread) through cp.async, no spills, B's first block still before griddepcontrol.wait."""
-    k = compile_expand_bgmv(widths, 16, 4, block_n=block_n, dora=dora, stages=4, slice_loops=True, num_warps=num_warps)
-    # (512 columns x 8 warps with DoRA: a 16-byte stack frame, as the default's 2-slice config keeps 8)
-    assert sm90.stack_bytes(k) <= (16 if block_n >= 512 else 0), sm90.resource_usage(k)
-    ptx = k.asm["ptx"]
-    assert "cp.async" in ptx, "the slice loops should stage B through cp.async"
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "B should load before the wait"

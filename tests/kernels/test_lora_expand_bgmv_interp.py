@@ -43,23 +43,6 @@ def test_expand_bgmv_column_loop(interp, num_slices) -> None:
          composition="mixed-ranks", split_k=2, block_n=16, cols=48)
 
 
-@pytest.mark.parametrize("num_slices,block_n,cols", [(1, 16, 48), (2, 32, 32), (2, 16, 48), (3, 16, 48)])
-def test_expand_bgmv_slice_loops(interp, num_slices, block_n, cols) -> None:
-    # decode tiles (2 rows, 1 row) through one pipelined loop per slice: a first block inside a slice or straddling a
-    # bound (2 slices, 32-column runs: the run at 32 straddles 48), bounds inside a run, a ragged last run
-    _run(interp, cases.check_expand_bgmv, "float32", 16, WIDTHS[num_slices], num_tokens=8, num_slots=4,
-         composition="distinct", split_k=2, block_n=block_n, cols=cols, slice_loops=True)
-    _run(interp, cases.check_expand_bgmv, "float16", 16, WIDTHS[num_slices], num_tokens=6, num_slots=4,
-         composition="mixed-ranks", split_k=1, block_n=block_n, cols=cols, slice_loops=True)
-
-
-@pytest.mark.parametrize("num_slices", [2, 3])
-def test_expand_bgmv_slice_loops_scale_on(interp, num_slices) -> None:
-    """The slice loops' DoRA epilogue with the flag as a load mask: vs the reference, flags off == no epilogue."""
-    _run(interp, cases.check_scale_on, "float32", 16, WIDTHS[num_slices], num_tokens=8, num_slots=4, bgmv=True,
-         slice_loops=True)
-
-
 @pytest.mark.parametrize("num_tokens,num_slots", [(1, 1), (3, 3), (6, 3), (6, 2), (40, 2)])
 def test_expand_bgmv_rows_per_tile(interp, num_tokens, num_slots) -> None:
     # 1 row; 1 row a tile; 2 rows a tile (the hoisted decode path); 3 rows (the odd tail); 16-row tiles

@@ -67,13 +67,11 @@ VARIANTS = {"default": {}, "stream": dict(pdl=False, b_ahead=2), "overlap": dict
             "before": dict(prefetch="", bgmv_max_tokens=32, overlap="", bgmv_wide_block_k=0),  # the defaults before this session (b1789bc)
             # the defaults at the tenth session's start (10af1f8)
             "prev10": dict(stream_one=False, kchunks=1, kchunks_wide=1, maxnreg_wide=0,
-                           stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
+                           stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0, dgrid_any=False,
+                           wave_chunks=(1, 1)),
             "pps4": dict(stream_pps_decode=4),   # the default with the decode steps' expand grid as before
-            # eleventh session (benchmarks/lora_variants.py): the streaming expand's register cap on the decode grid's
-            # pipelined loop; the defaults at that session's start (98872c8), its knobs pinned
-            "nreg80": dict(stream_maxnreg=80), "nreg72": dict(stream_maxnreg=72),
-            "prev11": dict(dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, wave_chunks=(1, 1),
-                           stream_maxnreg=0),
+            # the defaults at the eleventh session's start (98872c8), its knobs pinned
+            "prev11": dict(dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, wave_chunks=(1, 1)),
             "dgrid_all": dict(dgrid_any=True),
             # the BGMV shrink's A in chunks (lora_shrink_bgmv.BGMV_KCHUNKS*), + the streaming expand's one dot a block
             "kc4": dict(kchunks=4, kchunks_wide=8, maxnreg_wide=128),
@@ -119,7 +117,6 @@ def set_variant(v: dict, defaults: dict) -> None:
     lora_shrink_bgmv.BGMV_KCHUNKS = v.get("kchunks", defaults["kchunks"])
     lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = v.get("kchunks_wide", defaults["kchunks_wide"])
     lora_shrink_bgmv.BGMV_MAXNREG_WIDE = v.get("maxnreg_wide", defaults["maxnreg_wide"])
-    lora_expand_stream.STREAM_MAXNREG_DECODE = v.get("stream_maxnreg", defaults["stream_maxnreg"])
     lora_expand_stream.STREAM_PPS_DECODE_ANY = v.get("dgrid_any", defaults["dgrid_any"])
     lora_shrink_bgmv.BGMV_ROWS = v.get("bgmv_rows", defaults["bgmv_rows"])
     lora_shrink_bgmv.BGMV_WAVE_CHUNKS = v.get("wave_chunks", defaults["wave_chunks"])
@@ -173,8 +170,7 @@ def main() -> int:
                     stream_one_max_tokens=lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS,
                     kchunks=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS,
                     kchunks_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_KCHUNKS_WIDE,
-                    maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE,
-                    stream_maxnreg=lora_expand_stream.STREAM_MAXNREG_DECODE)
+                    maxnreg_wide=importlib.import_module("loraserve.kernels.lora_shrink_bgmv").BGMV_MAXNREG_WIDE)
     sb = importlib.import_module("loraserve.kernels.lora_shrink_bgmv")
     defaults.update(dgrid_any=lora_expand_stream.STREAM_PPS_DECODE_ANY, bgmv_rows=sb.BGMV_ROWS,
                     wave_chunks=sb.BGMV_WAVE_CHUNKS)

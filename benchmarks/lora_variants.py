@@ -71,7 +71,7 @@ _STREAM_PPS = lora_expand_stream.STREAM_PROGRAMS_PER_SM
 _STREAM_PPS_DECODE = lora_expand_stream.STREAM_PROGRAMS_PER_SM_DECODE
 _STREAM_ONE = lora_expand_stream.STREAM_ONE_SLICE
 _STREAM_ONE_MAX = lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS
-_STREAM_MAXNREG, _BGMV_ROWS = lora_expand_stream.STREAM_MAXNREG_DECODE, lora_shrink_bgmv.BGMV_ROWS
+_BGMV_ROWS = lora_shrink_bgmv.BGMV_ROWS
 _WAVE_CHUNKS = lora_shrink_bgmv.BGMV_WAVE_CHUNKS
 _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
@@ -163,10 +163,10 @@ VARIANTS = {
     # the segment-tiled pair (lora_seg.py, LORASERVE_LORA_SEG) off: the tile kernels at every size, as at the tenth
     # session's start (10af1f8); seg256: the pair from 256 tokens (LORASERVE_LORA_SEG_MIN_TOKENS)
     "prev10": dict(DEFAULT, seg=False, stream_one=False, kchunks=1, kchunks_wide=1,
-                   maxnreg_wide=0, stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0),
+                   maxnreg_wide=0, stream_pps=4, stream_pps_decode=4, stream_one_max_tokens=0, dgrid_any=False,
+                   wave_chunks=(1, 1)),
     # the defaults at the eleventh session's start (98872c8), every knob of that session pinned
-    "prev11": dict(DEFAULT, dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, wave_chunks=(1, 1),
-                   stream_maxnreg=0),
+    "prev11": dict(DEFAULT, dgrid_any=False, bgmv_rows=4, kchunks=1, kchunks_wide=1, maxnreg_wide=0, wave_chunks=(1, 1)),
     "seg256": dict(DEFAULT, seg=True, seg_min_tokens=256),
     "seg512": dict(DEFAULT, seg=True, seg_min_tokens=512),
     "dense": dict(stream=True, pdl=True, bgmv=True, dense="triton"),
@@ -187,11 +187,8 @@ VARIANTS.update({
     "stream_pps8": dict(DEFAULT, stream_pps=8),
     "pps4": dict(DEFAULT, stream_pps_decode=4),
     "noone": dict(DEFAULT, stream_one_max_tokens=0),
-    # eleventh session: a register cap on the decode grid's pipelined loop (lora_expand_stream.STREAM_MAXNREG_DECODE:
-    # gate_up's 84 registers = 5 programs per SM); the BGMV shrink's one-wave rule (lora_shrink_bgmv.BGMV_WAVE_CHUNKS,
-    # default 4 / 8 chunks) off / with 8 chunks at 1024 columns too; nodgrid: the decode grid only on gate_up's runs
-    "nreg80": dict(DEFAULT, stream_maxnreg=80),
-    "nreg72": dict(DEFAULT, stream_maxnreg=72),
+    # eleventh session: the BGMV shrink's one-wave rule (lora_shrink_bgmv.BGMV_WAVE_CHUNKS, default 4 / 8 chunks) off /
+    # with 8 chunks at 1024 columns too; nodgrid: the decode grid only on gate_up's long runs
     "nowave": dict(DEFAULT, wave_chunks=(1, 1)),
     "wave88": dict(DEFAULT, wave_chunks=(8, 8)),
     "nodgrid": dict(DEFAULT, dgrid_any=False),
@@ -219,7 +216,6 @@ def _use_variant(c: Case, variant) -> None:
         lora_expand_stream.STREAM_ONE_SLICE = variant.get("stream_one", _STREAM_ONE)
         lora_expand_stream.STREAM_ONE_SLICE_MAX_TOKENS = variant.get("stream_one_max_tokens", _STREAM_ONE_MAX)
         lora_expand_stream.STREAM_PPS_DECODE_ANY = bool(variant.get("dgrid_any", _DGRID_ANY))
-        lora_expand_stream.STREAM_MAXNREG_DECODE = variant.get("stream_maxnreg", _STREAM_MAXNREG)
         lora_shrink_bgmv.BGMV_WAVE_CHUNKS = variant.get("wave_chunks", _WAVE_CHUNKS)
         lora_shrink_bgmv.BGMV_KCHUNKS = variant.get("kchunks", _KCH[0])
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])

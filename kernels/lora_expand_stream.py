@@ -315,14 +315,11 @@ STREAM_PROGRAMS_PER_SM_DECODE = float(os.environ.get("LORASERVE_LORA_STREAM_PPS_
 # ... from 33 tokens (below, the pipelined loop runs at every run length: not measured there) and only where the runs
 # stay >= STREAM_PIPE_MIN_BLOCKS blocks (qkv's 3-4-block runs keep 4 per SM: not measured at 6)
 STREAM_PPS_DECODE_MIN_TOKENS, STREAM_PPS_DECODE_MAX_TOKENS = 33, 64
-# ... and on shorter runs too (qkv's 3-block runs on the hand-rotated loop: 12 -> 16 groups). H200, same runs as the
-# default: tenth session's final (05:28) qkv 12.1 -> 11.5 us (expand 6.6 -> 5.7), probe 2026-12-01 07:25 12.2 -> 11.4
-# (6.7 -> 5.7). LORASERVE_LORA_STREAM_PPS_DECODE_ANY=0: as before.
+# ... and on runs too short for the pipelined loop at either grid (qkv's 3-4-block runs on the hand-rotated loop: 12
+# -> 16 groups; a run that would stay pipelined at 4 per SM keeps that grid). H200, same runs as the old default:
+# tenth session's final (05:28) qkv 12.1 -> 11.5 us (expand 6.6 -> 5.7), probes 2026-12-01 07:25 12.2 -> 11.4 (6.7
+# -> 5.7) and 08:10 10.8 -> 10.1 (6.6 -> 5.6). LORASERVE_LORA_STREAM_PPS_DECODE_ANY=0: as before.
 STREAM_PPS_DECODE_ANY = os.environ.get("LORASERVE_LORA_STREAM_PPS_DECODE_ANY", "1").strip() not in ("", "0")
-# A register cap (maxnreg) for the pipelined loop's launches on the decode grid (0: none). gate_up's expand compiles to
-# 84 registers on the H200 (triton 3.6; 88 with the engine's DoRA flags, sm_90 offline): 5 programs of 4 warps per SM,
-# not the grid's 6 (672 programs for 660 places); 80 fits 6. Probe knob.
-STREAM_MAXNREG_DECODE = int(os.environ.get("LORASERVE_LORA_STREAM_MAXNREG_DECODE", "0"))
 # ... above 256 tokens (mixed steps, prefill): 8. Their grids hold many empty tiles (cdiv(T, BM) + a segment
 # bound: a 352-token mixed step launches 93 tiles for 48 used), so 4 per grid tile left ~2 programs per SM of
 # 16 column blocks each. H200 probe 19:59 (bench_lora_mixed pps8, q+v qkv, ranks 8-64, us per layer): mixed
@@ -406,12 +403,13 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     n_blocks = -(-n_total // block_n)
     pps = STREAM_PROGRAMS_PER_SM if num_tokens <= 256 else STREAM_PROGRAMS_PER_SM_LARGE
     groups = max(1, min(n_blocks, round(pps * num_sms / max(1, grid_tiles))))
-    dgrid = False
     if STREAM_PPS_DECODE_MIN_TOKENS <= num_tokens <= STREAM_PPS_DECODE_MAX_TOKENS:
         # more programs per SM where each still walks a run long enough for the pipelined loop (gate_up)
         g6 = max(1, min(n_blocks, round(STREAM_PROGRAMS_PER_SM_DECODE * num_sms / max(1, grid_tiles))))
-        if STREAM_PPS_DECODE_ANY or (STREAM_PIPE_MIN_BLOCKS and -(-n_blocks // g6) >= STREAM_PIPE_MIN_BLOCKS):
-            groups, dgrid = g6, True
+        long6 = STREAM_PIPE_MIN_BLOCKS and -(-n_blocks // g6) >= STREAM_PIPE_MIN_BLOCKS
+        long4 = STREAM_PIPE_MIN_BLOCKS and -(-n_blocks // groups) >= STREAM_PIPE_MIN_BLOCKS
+        if long6 or (STREAM_PPS_DECODE_ANY and not long4):
+            groups = g6
     blocks_per_prog = -(-n_blocks // groups)
     groups = -(-n_blocks // blocks_per_prog)
     # Split-K partials summed in rounds of <= 8192 fp32 values over all slices (registers).
@@ -432,11 +430,8 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
         b_ahead, y_ahead = 2, 1
     else:
         y_ahead = STREAM_Y_AHEAD or 1
-    cfg = dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
-               SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead, Y_AHEAD=y_ahead, SLOTS=slots)
-    if dgrid and STREAM_MAXNREG_DECODE and slots < 0:   # (the pipelined loop: gate_up; qkv's rotating loop spills)
-        cfg["maxnreg"] = STREAM_MAXNREG_DECODE
-    return cfg
+    return dict(BLOCK_N=block_n, BLOCK_R=block_r, COLS_PER_PROG=blocks_per_prog * block_n, groups=groups,
+                SK_CHUNK=sk_chunk, num_warps=num_warps, B_AHEAD=b_ahead, Y_AHEAD=y_ahead, SLOTS=slots)
 
 
 def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta, ranks: Tensor,
@@ -476,6 +471,5 @@ def lora_expand_stream(partials: Tensor, lora_b: Tensor, slice_offsets: Tensor, 
         PREFETCH_B=pf_b, TRIGGER=trigger, PF_THREADS=32 * cfg["num_warps"],
         SCALE_FLAG=scale is not None and scale_on is not None, GROUP_MAJOR=gmajor,
         ONE_SLICE=STREAM_ONE_SLICE or T <= STREAM_ONE_SLICE_MAX_TOKENS, **pdl,
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
     return y

@@ -323,20 +323,29 @@ BGMV_MAXNREG_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_MAXNREG_WIDE", "0"))
 # case). Probe knob (LORASERVE_LORA_BGMV_ROWS); read at each launch.
 BGMV_ROWS = int(os.environ.get("LORASERVE_LORA_BGMV_ROWS", "4"))
 # A grid that needs more than one wave of the unchunked kernel (1024-column blocks at 8 warps: ~128 registers, 2
-# programs per SM; 2048: ~250, 1) instead takes ROWS 2 with A in BGMV_WAVE_CHUNKS chunks (blocks of <= 1024 columns,
-# wider ones; triton 3.6 on the H200: 72 / 124-128 registers, 3 / 2 programs per SM): one wave. The 64-token /
-# 32-adapter layer case: qkv's 432 and down's 252 programs (gate_up 288, o 144 stay unchunked below 264 / the 1-token
-# grids). H200 probe 2026-12-01 07:25 (same run, shrink alone, us): qkv 6.3 -> 5.0, down 7.9 -> 6.4 (8 chunks; 7.2 with
-# 4), gate_up 4.7 -> 4.4; on o (one wave already) 3.1 -> 3.4 and at 1 token (down 3.55 -> 4.73) chunks lose, hence
-# the rule. LORASERVE_LORA_BGMV_WAVE_CHUNKS="1,1": off. Read at each launch.
+# programs per SM; 2048: ~250, 1) but fits one wave of the chunked one instead takes ROWS 2 with A in BGMV_WAVE_CHUNKS
+# chunks (blocks of <= 1024 columns, wider ones; triton 3.6 on the H200: 72 / 124-128 registers, 3 / 2 programs per
+# SM). Counted over the tiles a step can use (the grid's partial-segment bound aside). The 64-token / 32-adapter layer
+# case: qkv's 384 and down's 224 programs (gate_up's 256 and o's 128 fit one unchunked wave). H200, same runs as the
+# old default (us): probe 2026-12-01 07:25 (4 / 8 chunks wherever >= 1024 columns) shrinks qkv 6.3 -> 5.0, down 7.9 ->
+# 6.4, but o 3.1 -> 3.4 and 1 token down 3.55 -> 4.73; probe 08:10 (one-wave rule over grid tiles) layer 46.1 -> 43.9
+# (qkv shrink 6.1 -> 5.1, down 7.7 -> 6.3, 1 token 3.37 -> 3.36), but 16 tokens / 16 adapters at rank 64 (two chunked
+# waves) qkv 15.6 -> 17.2: hence the upper bound. LORASERVE_LORA_BGMV_WAVE_CHUNKS="1,1": off. Read at each launch.
 BGMV_WAVE_CHUNKS = tuple(int(v) for v in os.environ.get("LORASERVE_LORA_BGMV_WAVE_CHUNKS", "4,8").split(","))
 
 
 def wave_chunks(block_k: int, programs: int, num_sms: int = 132) -> int:
-    """KCHUNKS for a grid of `programs` BGMV shrink programs with this BLOCK_K: BGMV_WAVE_CHUNKS' entry where the
-    unchunked kernel (2 programs per SM at 1024 columns, 1 above) would need more than one wave, else 1."""
-    if block_k < 1024 or programs <= (1 if block_k > 1024 else 2) * num_sms:
+    """KCHUNKS for `programs` BGMV shrink programs with this BLOCK_K: BGMV_WAVE_CHUNKS' entry where the unchunked
+    kernel (2 programs per SM at 1024 columns, 1 above) needs more than one wave and the chunked one (3 / 2) fits
+    one, else 1."""
+    wide = block_k > 1024
+    if block_k < 1024 or not (1 if wide else 2) * num_sms < programs <= (2 if wide else 3) * num_sms:
         return 1
+    want = BGMV_WAVE_CHUNKS[1 if wide else 0]
+    for k in (8, 4, 2):
+        if want >= k and block_k // k >= 128:
+            return k
+    return 1
     want = BGMV_WAVE_CHUNKS[1 if block_k > 1024 else 0]
     for k in (8, 4, 2):
         if want >= k and block_k // k >= 128:
@@ -412,7 +421,9 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     kch = _kchunks_ok(cfg.get("KCHUNKS", bgmv_kchunks(BK)))
     rows = cfg.get("ROWS", BGMV_ROWS)
     if kch == 1 and "KCHUNKS" not in cfg:   # the one-wave rule (BGMV_WAVE_CHUNKS)
-        kch = wave_chunks(BK, meta.grid_tiles * triton.cdiv(R, BN) * SK * S, num_sms)
+        bound = -(-T // meta.block_m)   # (the grid's tiles: this bound + one per segment; a step uses at most
+        used = min(meta.grid_tiles, max(bound, meta.grid_tiles - bound))   # the larger part: T tiles or one a segment)
+        kch = wave_chunks(BK, used * triton.cdiv(R, BN) * SK * S, num_sms)
         rows = 2 if kch > 1 else rows
     grid = (triton.cdiv(R, BN) * SK, meta.grid_tiles, S) if kmajor else (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)

@@ -72,18 +72,21 @@ def test_lora_apply_bgmv_matches_reference(interp, num_tokens) -> None:
 
 def test_bgmv_wave_chunks_rule() -> None:
     """lora_shrink_bgmv.wave_chunks: chunks (4 at <= 1024 columns, 8 above) only where the unchunked grid needs more
-    than one wave (2 programs per SM at 1024 columns, 1 at 2048); the 64-token / 32-adapter layer case: qkv and down."""
+    than one wave (2 programs per SM at 1024 columns, 1 at 2048) and the chunked one fits one (3 / 2); the 64-token /
+    32-adapter layer case (32 used tiles): qkv and down."""
     from loraserve.kernels import lora_shrink_bgmv as sb
 
     old = sb.BGMV_WAVE_CHUNKS
     try:
         sb.BGMV_WAVE_CHUNKS = (4, 8)
-        assert sb.wave_chunks(1024, 36 * 4 * 3) == 4   # qkv: 432 programs > 264
-        assert sb.wave_chunks(2048, 36 * 7) == 8   # down: 252 > 132
-        assert sb.wave_chunks(1024, 36 * 4) == 1   # o: 144 <= 264
+        assert sb.wave_chunks(1024, 32 * 4 * 3) == 4   # qkv: 384 programs > 264, <= 396
+        assert sb.wave_chunks(2048, 32 * 7) == 8   # down: 224 > 132, <= 264
+        assert sb.wave_chunks(1024, 32 * 4 * 2) == 1   # gate_up: 256 <= 264
+        assert sb.wave_chunks(1024, 32 * 4) == 1   # o
         assert sb.wave_chunks(1024, 2 * 4 * 3) == 1   # 1 token
+        assert sb.wave_chunks(1024, 16 * 4 * 4 * 3) == 1   # qkv r64 / 16 adapters / 16 tokens: two chunked waves
         assert sb.wave_chunks(512, 10_000) == 1   # smaller blocks: never
         sb.BGMV_WAVE_CHUNKS = (1, 1)
-        assert sb.wave_chunks(1024, 36 * 4 * 3) == 1
+        assert sb.wave_chunks(1024, 32 * 4 * 3) == 1
     finally:
         sb.BGMV_WAVE_CHUNKS = old

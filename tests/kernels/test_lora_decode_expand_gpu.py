@@ -36,11 +36,18 @@ def test_stream_expand_gate_up_decode_grid(num_tokens: int, num_slots: int, comp
 @pytest.mark.parametrize("num_tokens,num_slots,composition", [(64, 32, "distinct"), (48, 24, "mixed-ranks")])
 def test_stream_expand_qkv_decode_grid(num_tokens: int, num_slots: int, composition: str) -> None:
     """qkv's streaming expand on the decode grid (the hand-rotated loop's 3-block runs) vs the reference, DoRA too."""
-    from loraserve.kernels.lora_expand_stream import stream_expand_config
+    from loraserve.kernels import lora_expand_stream as les
 
     _, widths = PROJECTIONS["qkv"]
-    cfg = stream_expand_config(num_tokens, sum(widths), 16, 3, 16, num_tokens // 16 + num_slots, 4)
-    assert cfg["SLOTS"] == 0 and cfg["groups"] == 16, cfg
+    args = (num_tokens, sum(widths), 16, 3, 16, num_tokens // 16 + num_slots, 4)
+    cfg = les.stream_expand_config(*args)
+    old = les.STREAM_PPS_DECODE_ANY
+    les.STREAM_PPS_DECODE_ANY = False
+    try:
+        before = les.stream_expand_config(*args)
+    finally:
+        les.STREAM_PPS_DECODE_ANY = old
+    assert cfg["SLOTS"] == 0 and cfg["groups"] > before["groups"], (cfg, before)   # (64 / 32: 12 -> 16 groups)
     stream_interp_cases.check_stream_expand("bfloat16", 4096, 16, widths, num_tokens, num_slots, composition,
                                             split_k=4, with_scale=True, device="cuda")
 

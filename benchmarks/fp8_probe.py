@@ -92,18 +92,12 @@ VARIANTS = (
     ("o_dot8b", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:1:4:3"}),
     ("o_dot8b_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:2:4:3"}),
     ("o_dot16", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:1:4:3"}),
-    # qkv on dot8 with RoPE + the e4m3 K/V write in its epilogue (kernels/fp8_qkv_rope_dot8.py: one launch for three)
-    ("qkv_rope_dot8", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1"}),
-    ("qkv_rope_dot8_m16", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:128:4:4"}),
-    ("qkv_rope_dot8_m64", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "64:128:4:3"}),
-    ("qkv_rope_dot8_m16s6", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:128:4:6"}),
-    ("qkv_rope_dot8_m16k256", {"LORASERVE_FP8_QKV_ROPE_DOT8": "1", "LORASERVE_FP8_QKV_ROPE_DOT8_CFG": "16:256:4:3"}),
     ("default2", {}),   # the defaults again at the end (drift)
     # the defaults at the eleventh session's start (98872c8): its new switches pinned off (the final's same-run A/B)
-    ("prev11", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_QKV_ROPE_DOT8": "0",
-                "LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
-    ("prev11b", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_QKV_ROPE_DOT8": "0",
-                 "LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
+    ("prev11", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_NORM_WARPS_BATCH": "0",
+                "LORASERVE_FP8_DEFER_QKV": "0", "LORASERVE_FP8_LM_HEAD_BATCH_MAX_M": "0"}),
+    ("prev11b", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_NORM_WARPS_BATCH": "0",
+                 "LORASERVE_FP8_DEFER_QKV": "0", "LORASERVE_FP8_LM_HEAD_BATCH_MAX_M": "0"}),
     # the new defaults one at a time off
     ("silu_dot8_off", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0"}),
     ("norm_b0", {"LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
@@ -133,6 +127,7 @@ VARIANTS = (
     ("defer_o_off", {"LORASERVE_FP8_DEFER_O": "0"}),
     # opt-in (slower at batch 64, probe 22:27, with one program per token; now (token, head group) programs)
     ("defer_qkv_on", {"LORASERVE_FP8_DEFER_QKV": "1"}),
+    ("defer_qkv_off", {"LORASERVE_FP8_DEFER_QKV": "0"}),
     ("gate_up_split1", {"LORASERVE_FP8_GATE_UP_SPLIT1": "1"}),   # one-token gate_up without split-K: SiLU in the GEMV
     ("unfused", {"LORASERVE_FP8_GATE_UP_SILU": "0", "LORASERVE_FP8_PREQUANT": "0", "LORASERVE_FP8_DEFER_DOWN_SUM": "0",
                  "LORASERVE_FP8_QKV_ROPE": "0", "LORASERVE_FP8_DEFER_O": "0"}),
@@ -285,7 +280,7 @@ def lm_head_us(ms=(1, 64), vocab: int = 128256, hidden: int = 4096) -> dict:
              # > 4 rows: FP8 logits + the rescoring (LORASERVE_FP8_LM_HEAD_BATCH_MAX_M=64): W8A8 tw / dot8, fp16 dot16
              "fp8_batch_tw": Fp8Head(w_q, s, w, 8), "fp8_batch_dot8": Fp8Head(w_q, s, w, 8),
              "fp8_batch_dot16": Fp8Head(w_q, s, w, 8)}
-    batch_cfg = {"fp8_batch_dot8": "dot8:64:64:128:1:4:3", "fp8_batch_dot16": "dot16:64:64:128:1:4:3"}
+    batch_cfg = {"fp8_batch_tw": "tw:64:64:128:1:4:3", "fp8_batch_dot16": "dot16:64:64:128:1:4:3"}   # dot8: default
     table_head = fc._HALF_M1.get((vocab, hidden))   # the table's own head entry, restored after each forced one
     # the fp16-product GEMV (gemvh) for the head at M = 1, at gate_up's winning tile with split 1 and 2 (not in the
     # table: measured here first)

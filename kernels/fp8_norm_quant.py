@@ -170,8 +170,9 @@ def norm_warps(rows: int, block: int) -> int:
     """Warps of a norm + codes launch (one program per row): block // 512 (8 at H 4096, rms_norm's layout); at 33..64
     rows (the W8A8 decode bucket) 16 where the row has >= 4096 values (LORASERVE_FP8_NORM_WARPS_BATCH, default 16;
     0: block // 512 there too). H200, 4 8B layers' bs64 decode graph: -1.2 us a layer alone, -1.8 on top of the dot8
-    SiLU epilogue (eighth pass probe 1; seventh pass -0.6 / -1.3); at one token it cost +0.4 / +0.7, so not there.
-    Another summation order than rms_norm's: some rows one bf16 ulp off the unfused norm (tests pin 0 for their
+    SiLU epilogue (eighth pass probe 1), -1.6 to -2.0 in probe 2 (seventh pass -0.6 / -1.3); at one token it cost
+    +0.4 / +0.7, so not there.
+    Another summation order than rms_norm's: outputs up to two bf16 ulps off the unfused norm (tests pin 0 for their
     bit-for-bit checks and bound the 16-warp rows apart). LORASERVE_FP8_NORM_WARPS: every launch (probes)."""
     default = min(16, max(1, block // 512))
     if 33 <= rows <= 64 and block >= 4096 and os.environ.get("LORASERVE_FP8_NORM_WARPS_BATCH", "16").strip() != "0":

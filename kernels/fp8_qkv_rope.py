@@ -27,34 +27,6 @@ if HAS_TRITON:
     from .fp8_rope_kv import _quant_store, _rot
 
     @triton.jit
-    def _rope_pair_out(ya, yb, t, ok, row0, offs_a, jcol, pos_ptr, cs_ptr, stride_c, num_positions, slot_ptr, qo_ptr,
-                       stride_qo, kc_ptr, vc_ptr, ks_ptr, vs_ptr, Q_SIZE, KV_SIZE, HALF: tl.constexpr):
-        # ya / yb: qkv rows offs_a (columns jcol < HALF of the head starting at row0) and offs_a + HALF, fp32 values in
-        # the GEMM's store rounding; t: their token (a scalar, or [1, BLOCK_M] with offs_a / jcol [HALF, 1]: a tile of
-        # the dot8 form, kernels/fp8_qkv_rope_dot8.py); ok: the stores' mask. RoPE, then q, or the k / v codes
-        offs_b = offs_a + HALF
-        dt = qo_ptr.dtype.element_ty
-        p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
-        c = tl.load(cs_ptr + p * stride_c + jcol)
-        sn = tl.load(cs_ptr + p * stride_c + HALF + jcol)
-        ra, rb = _rot(ya, yb, c, sn)   # fp8_rope_kv's arithmetic (explicit FMAs)
-        if row0 < Q_SIZE:   # q: rotated, stored in x's dtype
-            tl.store(qo_ptr + t * stride_qo + offs_a, ra.to(dt), mask=ok)
-            tl.store(qo_ptr + t * stride_qo + offs_b, rb.to(dt), mask=ok)
-        else:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            if row0 < Q_SIZE + KV_SIZE:   # k: rotated, rounded to the dtype, then the e4m3 code (fp8_rope_kv)
-                dst = kc_ptr + slot * KV_SIZE + (offs_a - Q_SIZE)
-                k_scale = tl.load(ks_ptr)
-                _quant_store(ra.to(dt).to(tl.float32), k_scale, dst, ok)
-                _quant_store(rb.to(dt).to(tl.float32), k_scale, dst + HALF, ok)
-            else:   # v: the e4m3 code of the rounded GEMV output
-                dst = vc_ptr + slot * KV_SIZE + (offs_a - Q_SIZE - KV_SIZE)
-                v_scale = tl.load(vs_ptr)
-                _quant_store(ya, v_scale, dst, ok)
-                _quant_store(yb, v_scale, dst + HALF, ok)
-
-    @triton.jit
     def _rope_pair_store(acc_a, acc_b, t, row0, offs_a, jcol, s_ptr, b_ptr, pos_ptr, cs_ptr, stride_c, num_positions,
                          slot_ptr, qo_ptr, stride_qo, kc_ptr, vc_ptr, ks_ptr, vs_ptr, Q_SIZE, KV_SIZE,
                          HAS_BIAS: tl.constexpr, HALF: tl.constexpr):
@@ -68,8 +40,26 @@ if HAS_TRITON:
         dt = qo_ptr.dtype.element_ty
         ya = ya.to(dt).to(tl.float32)   # the GEMV's store rounding (what fp8_rope_kv reads back)
         yb = yb.to(dt).to(tl.float32)
-        _rope_pair_out(ya, yb, t, offs_a >= 0, row0, offs_a, jcol, pos_ptr, cs_ptr, stride_c, num_positions, slot_ptr,
-                       qo_ptr, stride_qo, kc_ptr, vc_ptr, ks_ptr, vs_ptr, Q_SIZE, KV_SIZE, HALF)
+        p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
+        c = tl.load(cs_ptr + p * stride_c + jcol)
+        sn = tl.load(cs_ptr + p * stride_c + HALF + jcol)
+        ra, rb = _rot(ya, yb, c, sn)   # fp8_rope_kv's arithmetic (explicit FMAs)
+        if row0 < Q_SIZE:   # q: rotated, stored in x's dtype
+            tl.store(qo_ptr + t * stride_qo + offs_a, ra.to(dt))
+            tl.store(qo_ptr + t * stride_qo + offs_b, rb.to(dt))
+        else:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            ok = offs_a >= 0
+            if row0 < Q_SIZE + KV_SIZE:   # k: rotated, rounded to the dtype, then the e4m3 code (fp8_rope_kv)
+                dst = kc_ptr + slot * KV_SIZE + (offs_a - Q_SIZE)
+                k_scale = tl.load(ks_ptr)
+                _quant_store(ra.to(dt).to(tl.float32), k_scale, dst, ok)
+                _quant_store(rb.to(dt).to(tl.float32), k_scale, dst + HALF, ok)
+            else:   # v: the e4m3 code of the rounded GEMV output
+                dst = vc_ptr + slot * KV_SIZE + (offs_a - Q_SIZE - KV_SIZE)
+                v_scale = tl.load(vs_ptr)
+                _quant_store(ya, v_scale, dst, ok)
+                _quant_store(yb, v_scale, dst + HALF, ok)
 
     @triton.jit(do_not_specialize=["M"])
     def _fp8_qkv_rope_kernel(x_ptr, w_ptr, s_ptr, b_ptr, M, K, stride_xm, x16_scale, pos_ptr, cs_ptr, stride_c,

@@ -47,8 +47,7 @@ if HAS_TRITON:
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISE: tl.constexpr):
         # W8A8 dot8's K loop for two weight tiles [BLOCK_N, BLOCK_K] (rows w_ptrs and w2_ptrs) against one e4m3 x^T
         # tile [BLOCK_K, BLOCK_M] per step: (acc, acc2) [BLOCK_N, BLOCK_M] fp32, each exactly what dot8's loop makes
-        # for its rows (the same tiles, order and fp32 promotion). Its users: the SiLU epilogue (gate row n with up
-        # row I + n) and the RoPE epilogue (row d of a head with d + D/2, kernels/fp8_qkv_rope_dot8.py)
+        # for its rows (the same tiles, order and fp32 promotion): the SiLU epilogue's gate row n and up row I + n
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):

@@ -70,7 +70,7 @@ def test_fused_paths_equal_the_unfused_gpu(m, monkeypatch) -> None:
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
     # rms_norm's layout (8 warps at 4096): the default's 16 warps at 33..64 rows sum in another order (some rows one
-    # bf16 ulp off the unfused norm: test_norm_16_warps_within_one_ulp_gpu); here the fused structure bit for bit
+    # bf16 ulp off the unfused norm: test_norm_16_warps_within_two_ulps_gpu); here the fused structure bit for bit
     monkeypatch.setenv("LORASERVE_FP8_NORM_WARPS_BATCH", "0")
     layer = _fp8_layer(4096, 14336, "cuda")
     g = torch.Generator(device="cuda").manual_seed(m)
@@ -106,7 +106,7 @@ def test_down_sum_deferred_to_the_next_norm_gpu(m, monkeypatch) -> None:
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
     # rms_norm's layout (8 warps at 4096): the default's 16 warps at 33..64 rows sum in another order (some rows one
-    # bf16 ulp off the unfused norm: test_norm_16_warps_within_one_ulp_gpu); here the fused structure bit for bit
+    # bf16 ulp off the unfused norm: test_norm_16_warps_within_two_ulps_gpu); here the fused structure bit for bit
     monkeypatch.setenv("LORASERVE_FP8_NORM_WARPS_BATCH", "0")
     layers = torch.nn.ModuleList([_fp8_layer(4096, 14336, "cuda"), _fp8_layer(4096, 14336, "cuda")])
     fp8_fused.convert_fused(layers)
@@ -147,7 +147,7 @@ def test_o_proj_epilogue_deferred_to_the_post_attention_norm_gpu(m, monkeypatch)
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
     # rms_norm's layout (8 warps at 4096): the default's 16 warps at 33..64 rows sum in another order (some rows one
-    # bf16 ulp off the unfused norm: test_norm_16_warps_within_one_ulp_gpu); here the fused structure bit for bit
+    # bf16 ulp off the unfused norm: test_norm_16_warps_within_two_ulps_gpu); here the fused structure bit for bit
     monkeypatch.setenv("LORASERVE_FP8_NORM_WARPS_BATCH", "0")
     layer = _fp8_layer(4096, 14336, "cuda")
     g = torch.Generator(device="cuda").manual_seed(m)
@@ -172,7 +172,7 @@ def test_gate_up_silu_dot8_equals_the_unfused_gpu(m, monkeypatch) -> None:
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
     # rms_norm's layout (8 warps at 4096): the default's 16 warps at 33..64 rows sum in another order (some rows one
-    # bf16 ulp off the unfused norm: test_norm_16_warps_within_one_ulp_gpu); here the fused structure bit for bit
+    # bf16 ulp off the unfused norm: test_norm_16_warps_within_two_ulps_gpu); here the fused structure bit for bit
     monkeypatch.setenv("LORASERVE_FP8_NORM_WARPS_BATCH", "0")
     layer = _fp8_layer(4096, 14336, "cuda")
     g = torch.Generator(device="cuda").manual_seed(m)
@@ -193,11 +193,12 @@ def test_gate_up_silu_dot8_equals_the_unfused_gpu(m, monkeypatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [48, 64])
-def test_norm_16_warps_within_one_ulp_gpu(m, monkeypatch) -> None:
+def test_norm_16_warps_within_two_ulps_gpu(m, monkeypatch) -> None:
     """The norms' default at 33..64 rows (16 warps a row, kernels/fp8_norm_quant.py norm_warps: faster at bs64) sum
-    the row's squares in another order than rms_norm's 8-warp layout, so an output may round one bf16 ulp away (the
-    stated tolerance: <= 1 ulp of the larger value, the residual bit for bit); its codes stay per_token_quant_fp8 of
-    its own output bit for bit."""
+    the row's squares in another order than rms_norm's 8-warp layout, so an output may round a bf16 ulp or two away (the
+    stated tolerance: <= 2 ulps of the larger value: the fp32 1/rms one ulp off passes through two bf16 roundings,
+    normed then weight * normed; H200 probe 2: 2 ulps at 48 rows; the residual bit for bit); its codes stay
+    per_token_quant_fp8 of its own output bit for bit."""
     if not _gpu():
         pytest.skip("needs sm >= 89 and Triton")
     from loraserve.kernels.fp8_gemm import per_token_quant_fp8
@@ -212,7 +213,7 @@ def test_norm_16_warps_within_one_ulp_gpu(m, monkeypatch) -> None:
     assert torch.equal(res16, res8)
     a, b = out16.float(), out8.float()
     ulp = torch.ldexp(torch.ones_like(a), torch.frexp(torch.maximum(a.abs(), b.abs()))[1] - 8)   # bf16: 8 bits
-    assert bool(((a - b).abs() <= ulp).all()), float(((a - b).abs() / ulp).max())
+    assert bool(((a - b).abs() <= 2 * ulp).all()), float(((a - b).abs() / ulp).max())
     codes = getattr(out16, fp8.PREQUANT_ATTR)
     q, s = per_token_quant_fp8(out16)
     assert torch.equal(codes[0].float(), q.float()) and torch.equal(codes[1], s)

@@ -20,9 +20,11 @@ def _head(v: int, h: int, device: str) -> tuple[Fp8Head, torch.Tensor]:
 def test_switches(monkeypatch) -> None:
     monkeypatch.delenv("LORASERVE_FP8_LM_HEAD_BATCH_MAX_M", raising=False)
     monkeypatch.delenv("LORASERVE_FP8_LM_HEAD_BATCH_CFG", raising=False)
-    assert lm_head_batch_max_m() == 0 and lm_head_batch_config()[0] == "tw"
-    monkeypatch.setenv("LORASERVE_FP8_LM_HEAD_BATCH_CFG", "dot8:64:64:128:1:4:3")
-    assert lm_head_batch_config() == ("dot8", 64, 64, 128, 1, 4, 3)
+    assert lm_head_batch_max_m() == 64 and lm_head_batch_config() == ("dot8", 64, 64, 128, 1, 4, 3)
+    monkeypatch.setenv("LORASERVE_FP8_LM_HEAD_BATCH_CFG", "tw:64:64:128:1:4:3")
+    assert lm_head_batch_config() == ("tw", 64, 64, 128, 1, 4, 3)
+    monkeypatch.setenv("LORASERVE_FP8_LM_HEAD_BATCH_MAX_M", "0")
+    assert lm_head_batch_max_m() == 0
 
 
 def test_cpu_batch_takes_the_bf16_head(monkeypatch) -> None:
@@ -35,7 +37,7 @@ def test_cpu_batch_takes_the_bf16_head(monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("cfg", ["", "dot8:64:64:128:1:4:3"])
+@pytest.mark.parametrize("cfg", ["", "tw:64:64:128:1:4:3"])
 def test_batch_head_gpu(cfg, monkeypatch) -> None:
     """64 rows at Llama-3's vocabulary: the argmax of every row is the bf16 head's, the rescored logits are the bf16
     head's own (fp32 accumulation, one rounding), the rest within e4m3 + per-token W8A8 error; graph == eager."""

@@ -53,11 +53,11 @@ def check_rms_norm_quant(dtype: str, t: int, h: int, residual: bool, device: str
     block = 1 << (h - 1).bit_length()
     if device == "cuda" and norm_warps(t, block) != min(16, max(1, block // 512)):
         # 16 warps a row at 33..64 rows (norm_warps' default there): the squares summed in another order than
-        # rms_norm's layout, so an output may round one ulp away; within one ulp of the larger value
+        # rms_norm's layout: 1/rms one fp32 ulp off, then two roundings (normed, weight * normed): within 2 ulps
         a, b = out.float(), plain.float()
         ulp = torch.ldexp(torch.ones_like(a), torch.frexp(torch.maximum(a.abs(), b.abs()))[1]
                           - (8 if dt == torch.bfloat16 else 11))
-        assert bool(((a - b).abs() <= ulp).all()), f"rms_norm_quant > 1 ulp off rms_norm: {float((a - b).abs().max())}"
+        assert bool(((a - b).abs() <= 2 * ulp).all()), f"rms_norm_quant > 2 ulps off rms_norm: {float((a - b).abs().max())}"
         return
     assert torch.equal(out, plain), f"rms_norm_quant != rms_norm at {int((out != plain).sum())} of {out.numel()}"
 

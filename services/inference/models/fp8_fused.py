@@ -104,11 +104,6 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
 
     N, K = proj.weight.shape
     cfg = gemv_config(x.shape[0], N, K, _num_sms(x.device), not activations_quantized(proj.weight))
-    if (proj.input_scale is None and proj.bias is None and cfg[0] in ("tw", "twf", "dot8", "dot8f") and qkv_rope_dot8_on()
-            and "qkv_rope_dot8" not in _BROKEN):
-        q = _qkv_rope_dot8(attn, x, positions, rotary, ctx, precise=cfg[0] in ("tw", "dot8"))
-        if q is not None:
-            return q
     if proj.input_scale is None and ((cfg[0] in ("tw", "twf") and N % 16 == 0 and K % 16 == 0)
                                      or (cfg[0] in ("dot8", "dot8f", "dot8p") and cfg[4] > 1 and K >= 2 * cfg[3])):
         return _qkv_deferred_rope_kv(attn, x, positions, rotary, ctx)
@@ -125,38 +120,14 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
         return None
 
 
-def qkv_rope_dot8_on() -> bool:
-    """LORASERVE_FP8_QKV_ROPE_DOT8=1: at 33..64 tokens the qkv GEMM on dot8 with RoPE and the e4m3 K/V write in its
-    epilogue (kernels/fp8_qkv_rope_dot8.py: one launch for cuBLASLt's GEMM, its scaling and the RoPE kernel)."""
-    return os.environ.get("LORASERVE_FP8_QKV_ROPE_DOT8", "0").strip() == "1"
-
-
-def _qkv_rope_dot8(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx, precise: bool) -> torch.Tensor | None:
-    """q [N, Q] (RoPE applied; K/V written to the e4m3 cache) from kernels/fp8_qkv_rope_dot8.py with x's codes from
-    the input norm (PREQUANT_ATTR; else quantized here), or None (the caller's other paths)."""
-    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
-    from loraserve.kernels.fp8_qkv_rope_dot8 import fp8_qkv_rope_dot8
-    from loraserve.kernels.pdl import pdl_kwargs
-
-    proj = attn.qkv_proj
-    try:
-        x_q = getattr(x, PREQUANT_ATTR, None) or per_token_quant_fp8(x if x.stride(-1) == 1 else x.contiguous())
-        return fp8_qkv_rope_dot8(x_q[0], x_q[1], proj.weight, proj.weight_scale, positions, rotary.cos_sin_cache(),
-                                 ctx.slot_mapping, attn.k_cache, attn.v_cache, attn.kv_scales[0:1],
-                                 attn.kv_scales[1:2], attn.q_size, attn.kv_size, x.dtype, precise=precise,
-                                 trigger=bool(pdl_kwargs(x.device)))
-    except Exception as err:   # a compile error (first call, eager warm-up): the other paths from now on
-        _fused_failed("qkv_rope_dot8", err)
-        return None
-
-
 def _qkv_deferred_rope_kv(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor | None:
     """33..64 tokens: the qkv GEMM's last launch (the scaling after cuBLASLt's unit-scale FP8 GEMM, 'tw'; the split-K
     sum of the dot8 kinds) folded into the RoPE + e4m3 K/V write (kernels/fp8_rope_kv.py rope_store_kv_fp8_scaled);
-    q [N, H, D] or None. Opt-in (LORASERVE_FP8_DEFER_QKV=1): H200 probe 22:27, 4 8B layers at batch 64, 167.7 us per
-    layer with it vs 159.3 without (bit for bit the same) when that kernel ran one program per token; it now runs
-    (token, head group) programs (not yet measured)."""
-    if os.environ.get("LORASERVE_FP8_DEFER_QKV", "0").strip() != "1" or "defer_qkv" in _BROKEN:
+    q [N, H, D] or None. H200 probe 22:27, 4 8B layers at batch 64, 167.7 us per layer with it vs 159.3 without (bit
+    for bit the same) when that kernel ran one program per token; it now runs (token, head group) programs: default since the eighth pass (H200, same replay, bs64, bit for bit: 132.65 vs
+    132.9 / 133.2 alone and 127.0 vs 127.7 on the new defaults in probe 1; 127.09 vs 127.1-127.6 in probe 2);
+    LORASERVE_FP8_DEFER_QKV=0: the scaling launch + rope_store_kv_fp8."""
+    if os.environ.get("LORASERVE_FP8_DEFER_QKV", "1").strip() == "0" or "defer_qkv" in _BROKEN:
         return None
     from loraserve.kernels.fp8_gemv import fp8_gemv
     from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8_scaled

@@ -162,15 +162,20 @@ def head_fused_on() -> bool:
     return os.environ.get("LORASERVE_FP8_HEAD_FUSED", "1").strip() != "0"
 
 
+def _env_rows(name: str, default: str) -> int:
+    """A row-count switch from the environment: a non-negative integer, or a clear error naming the switch."""
+    raw = os.environ.get(name, default).strip()
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer row count, got {raw!r}") from None
+
+
 def lm_head_max_m() -> int:
     """LORASERVE_FP8_LM_HEAD_MAX_M: with rescoring, the FP8 head serves up to this many rows (default 4), the bf16
     head above. H200 (benchmarks/fp8_probe.py --lm-head-only, 128256 x 4096, CUDA graphs): M=1 bf16 239.6 us, FP8
     136.6, FP8 + top-8 rescoring (torch.topk over the vocabulary; _candidates now) 188.8; M=64 271.8 / 238.5 / 374.8."""
-    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_MAX_M", "4").strip()
-    try:
-        return max(int(raw), 0)
-    except ValueError:
-        raise ValueError(f"LORASERVE_FP8_LM_HEAD_MAX_M must be an integer row count, got {raw!r}") from None
+    return _env_rows("LORASERVE_FP8_LM_HEAD_MAX_M", "4")
 
 
 def lm_head_batch_max_m() -> int:
@@ -179,11 +184,7 @@ def lm_head_batch_max_m() -> int:
     unless it is outside the FP8 candidates); default 64, 0: the bf16 head there. H200 (fp8_probe.py --lm-head-only,
     128256 x 4096, CUDA graphs, 64 rows, eighth pass probe 2): bf16 271.7 us, FP8 dot8 + rescoring 211.4 (tw 235.1,
     dot16 366.4), argmax == bf16's on every row."""
-    raw = os.environ.get("LORASERVE_FP8_LM_HEAD_BATCH_MAX_M", "64").strip()
-    try:
-        return max(int(raw), 0)
-    except ValueError:
-        raise ValueError(f"LORASERVE_FP8_LM_HEAD_BATCH_MAX_M must be an integer row count, got {raw!r}") from None
+    return _env_rows("LORASERVE_FP8_LM_HEAD_BATCH_MAX_M", "64")
 
 
 def lm_head_batch_config() -> tuple:

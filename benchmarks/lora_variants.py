@@ -75,6 +75,8 @@ _BGMV_ROWS = lora_shrink_bgmv.BGMV_ROWS
 _WAVE_CHUNKS = lora_shrink_bgmv.BGMV_WAVE_CHUNKS
 _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
+_REDUCE = lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK
+_XB_ONE = lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE
 
 VARIANTS = {
     "default": DEFAULT,
@@ -202,6 +204,13 @@ VARIANTS.update({
     "kc8": dict(DEFAULT, kchunks=8, kchunks_wide=8, maxnreg_wide=128),
     "kc4_one": dict(DEFAULT, kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True),
     "stream_one_pps6": dict(DEFAULT, stream_one=True, stream_pps=6),
+    # twelfth session: the BGMV shrink's last K chunks sum the partials into one more plane (lora_shrink.bgmv_reduced)
+    # at pool ranks >= 32 / >= 16; redx: + the BGMV expand up to rank 64 from that one plane (o, down)
+    "red": dict(DEFAULT, reduce_min_rank=32),
+    "red16": dict(DEFAULT, reduce_min_rank=16),
+    "redx": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64),
+    # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
+    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32),
 })
 
 
@@ -221,6 +230,8 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])
         lora_shrink_bgmv.BGMV_ROWS = variant.get("bgmv_rows", _BGMV_ROWS)
+        lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = variant.get("reduce_min_rank", _REDUCE)
+        lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE = variant.get("xb_max_rank_one", _XB_ONE)
 
 
 def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:

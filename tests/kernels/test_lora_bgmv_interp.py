@@ -70,6 +70,25 @@ def test_lora_apply_bgmv_matches_reference(interp, num_tokens) -> None:
     _run(interp, cases.check_bgmv_apply, "float16", 512, 32, [40], num_tokens, 3, "mixed-ranks")
 
 
+@pytest.mark.parametrize("rows", [None, 2])
+def test_bgmv_shrink_reduced_plane(interp, rows) -> None:
+    # the last K chunk of each (tile, rank block, slice) sums the partials into one more plane (lora_shrink_bgmv
+    # ._reduce_last): 1-4 row tiles (21 tokens over 5 slots, rank 64: 4 rank blocks) and 16-row ones (the dot path)
+    _run(interp, cases.check_bgmv_shrink, "float32", 600, 64, [40, 24, 24], 21, 5, "mixed-ranks", block_k=256,
+         rows=rows, reduce=True)
+    _run(interp, cases.check_bgmv_shrink, "float32", 600, 16, [48], 40, 2, "no-adapter-rows", block_k=256, kchunks=2,
+         rows=rows, reduce=True)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 6, 21])
+def test_lora_apply_bgmv_reduced_matches_reference(interp, num_tokens) -> None:
+    # lora_shrink.bgmv_reduced: a 5-D workspace, the expand reads the summed plane (streaming expand at rank 64 on 3
+    # slices, the BGMV expand at rank 32 on one)
+    _run(interp, cases.check_bgmv_apply, "float32", 768, 64, [48, 16, 16], num_tokens, 4, "no-adapter-rows",
+         reduce_min_rank=32)
+    _run(interp, cases.check_bgmv_apply, "float16", 512, 32, [40], num_tokens, 3, "mixed-ranks", reduce_min_rank=32)
+
+
 def test_bgmv_wave_chunks_rule() -> None:
     """lora_shrink_bgmv.wave_chunks: chunks (4 at <= 1024 columns, 8 above) only where the unchunked grid needs more
     than one wave (2 programs per SM at 1024 columns, 1 at 2048) and the chunked one fits one (3 / 2); the 64-token /

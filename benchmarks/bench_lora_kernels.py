@@ -371,6 +371,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=None,
                     help="with --compare: exactly these extra shapes, proj:rank:adapters:tokens,... (e.g. "
                          "gate_up:16:1:256); their bytes fraction is printed whatever their size")
+    ap.add_argument("--big-only", action="store_true",
+                    help="with --compare: only the >= 32 MB (or --shapes) shapes, no layer / 1-token / idle cases")
     ap.add_argument("--variants", default="classic,stream",
                     help="with --compare: comma-separated lora_variants.VARIANTS, the first is the reference")
     ap.add_argument("--sweep-onelaunch", action="store_true", help="one-launch kernel plan knobs (layer, 1 token)")
@@ -404,7 +406,7 @@ def main() -> None:
     if args.smoke:
         if args.compare:
             compare(float("nan"), 3 if args.max_shapes is None else args.max_shapes, smoke=True, variants=variants,
-                    shapes_only=shapes_only)
+                    shapes_only=shapes_only, big_only=args.big_only)
             if args.sweep_stream:
                 sweep_stream(smoke=True, budget_s=args.sweep_budget)
             if args.sweep_onelaunch:
@@ -422,7 +424,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write) {bw:.0f} GB/s", flush=True)
     if args.compare:
-        res = compare(bw, args.max_shapes, variants=variants, shapes_only=shapes_only)
+        res = compare(bw, args.max_shapes, variants=variants, shapes_only=shapes_only, big_only=args.big_only)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

@@ -40,6 +40,7 @@ each variant is run twice from that input: max|diff| and bit-equality are printe
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -209,13 +210,30 @@ VARIANTS.update({
     "red": dict(DEFAULT, reduce_min_rank=32),
     "red16": dict(DEFAULT, reduce_min_rank=16),
     "redx": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64),
+    # the seg pair's knobs (lora_seg.py, environment read at each call) on o r64 / qkv r64: K chunks of 64 (8 stages'
+    # worth of iterations), 3 shrink stages, 6 expand programs per SM, 128-column expand blocks, 2 shrink programs per SM
+    "seg_bk64": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_BK": "64"}),
+    "seg_st3": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_STAGES": "3"}),
+    "seg_x6": dict(DEFAULT, env={"LORASERVE_LORA_SEG_EXPAND_PER_SM": "6"}),
+    "seg_bn128": dict(DEFAULT, env={"LORASERVE_LORA_SEG_BN": "128"}),
+    "seg_s2": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_PER_SM": "2"}),
     # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
     "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32),
 })
 
 
+_ENV_SET: set[str] = set()   # environment knobs the last variant set (read at each call by the kernels' launchers)
+
+
 def _use_variant(c: Case, variant) -> None:
-    """Case.use_variant plus this module's own switches (the ones Case does not know)."""
+    """Case.use_variant plus this module's own switches (the ones Case does not know); a variant's "env" dict sets
+    those environment variables (knobs read at each call, e.g. lora_seg's), unset again for the next variant."""
+    for k in _ENV_SET:
+        os.environ.pop(k, None)
+    _ENV_SET.clear()
+    if isinstance(variant, dict):
+        os.environ.update(variant.get("env", {}))
+        _ENV_SET.update(variant.get("env", {}))
     c.use_variant(variant)
     if isinstance(variant, dict):
         lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)
@@ -254,11 +272,12 @@ def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:
 
 
 def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: list[str] | None = None,
-            shapes_only: list[tuple[str, int, int, int]] | None = None) -> dict:
+            shapes_only: list[tuple[str, int, int, int]] | None = None, big_only: bool = False) -> dict:
     """The variants on the three targets: the 64-token / 32-adapter / rank-16 layer, 1 token per
     projection, the shapes moving >= 32 MB (evenly subsampled to max_shapes; 0: none; or exactly
     shapes_only, "big" rows whatever their bytes), plus
-    each variant's fixed cost (64 tokens, no adapter in the batch, o projection)."""
+    each variant's fixed cost (64 tokens, no adapter in the batch, o projection). big_only: the shapes alone (no
+    layer, 1-token or idle case; their keys are NaN)."""
     variants = variants or ["classic", "stream"]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -268,14 +287,16 @@ def compare(bw: float, max_shapes: int | None, smoke: bool = False, variants: li
     print(f"compare: variants {variants} (reference: {variants[0]}); process default stream="
           f"{lora_meta.LORA_STREAM}", flush=True)
     res: dict = {"copy_bw_gbs": bw, "variants": variants}
-    base = float("nan") if smoke else base_layer_us(64)
+    base = float("nan") if smoke or big_only else base_layer_us(64)
     res["base_layer_gemm_us_64tok"] = base
     cases: list[tuple[str, str, Case]] = []
-    for p in PROJECTIONS:
+    for p in [] if big_only else PROJECTIONS:
         cases.append(("layer", p, Case(p, 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke)))
-    for p in PROJECTIONS:
+    for p in [] if big_only else PROJECTIONS:
         cases.append(("1tok", p, Case(p, 16, 1, 1, dev, smoke)))
-    cases.append(("idle", "o", Case("o", 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke, idle=True)))
+    if not big_only:
+        cases.append(("idle", "o", Case("o", 16, 32 if not smoke else 4, 64 if not smoke else 16, dev, smoke,
+                                        idle=True)))
     shapes = [sh for sh in sweep_shapes(smoke) if smoke or shape_bytes(*sh) >= 32e6]
     if shapes_only is not None:  # an explicit list (proj, rank, adapters, tokens), any size
         shapes = list(shapes_only)
@@ -357,11 +378,11 @@ def _summary(rows: list[dict], base: float) -> dict:
     layer = {r["case"]: r["us"] for r in rows if r["kind"] == "layer"}
     one = {r["case"]: r["us"] for r in rows if r["kind"] == "1tok"}
     big = [r["bw_fraction"] for r in rows if r["kind"] == "big"]
-    lay = sum(layer.values())
+    lay = sum(layer.values()) if layer else float("nan")
     return dict(lora_layer_us=lay, lora_layer_over_base=lay / base, lora_layer_us_per_proj=layer,
-                lora_1tok_us_per_proj=statistics.median(one.values()), lora_1tok_us=one,
+                lora_1tok_us_per_proj=statistics.median(one.values()) if one else float("nan"), lora_1tok_us=one,
                 lora_32mb_bw_fraction_median=statistics.median(big) if big else float("nan"),
-                num_32mb_shapes=len(big), idle_us=next(r["us"] for r in rows if r["kind"] == "idle"),
+                num_32mb_shapes=len(big), idle_us=next((r["us"] for r in rows if r["kind"] == "idle"), float("nan")),
                 max_abs_diff=max(r["max_abs_diff"] for r in rows),
                 all_repeat_equal=all(r["repeat_equal"] for r in rows))
 

@@ -77,6 +77,7 @@ _WAVE_CHUNKS = lora_shrink_bgmv.BGMV_WAVE_CHUNKS
 _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _REDUCE = lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK
+_WAVE_MULTI = lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE
 _XB_ONE = lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE
 
 VARIANTS = {
@@ -210,6 +211,9 @@ VARIANTS.update({
     "red": dict(DEFAULT, reduce_min_rank=32),
     "red16": dict(DEFAULT, reduce_min_rank=16),
     "redx": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64),
+    # ... + down's shrink chunked wherever that takes fewer waves (lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE)
+    "redw": dict(DEFAULT, reduce_min_rank=32, wave_multi_wide=1),
+    "redxw": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64, wave_multi_wide=1),
     # the seg pair's knobs (lora_seg.py, environment read at each call) on o r64 / qkv r64: K chunks of 64 (8 stages'
     # worth of iterations), 3 shrink stages, 6 expand programs per SM, 128-column expand blocks, 2 shrink programs per SM
     "seg_bk64": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_BK": "64"}),
@@ -218,7 +222,7 @@ VARIANTS.update({
     "seg_bn128": dict(DEFAULT, env={"LORASERVE_LORA_SEG_BN": "128"}),
     "seg_s2": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_PER_SM": "2"}),
     # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
-    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32),
+    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32, wave_multi_wide=0),
 })
 
 
@@ -249,6 +253,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])
         lora_shrink_bgmv.BGMV_ROWS = variant.get("bgmv_rows", _BGMV_ROWS)
         lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = variant.get("reduce_min_rank", _REDUCE)
+        lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE = variant.get("wave_multi_wide", _WAVE_MULTI)
         lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE = variant.get("xb_max_rank_one", _XB_ONE)
 
 

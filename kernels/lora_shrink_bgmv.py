@@ -374,12 +374,21 @@ BGMV_WAVE_CHUNKS = tuple(int(v) for v in os.environ.get("LORASERVE_LORA_BGMV_WAV
 BGMV_REDUCE_MIN_RANK = int(os.environ.get("LORASERVE_LORA_BGMV_REDUCE_MIN_RANK", "0"))
 
 
+# ... and above 1024 columns (down's 2048) wherever the chunked grid (2 per SM) needs fewer waves than the unchunked (1):
+# down r64 / 16 adapters / 16 tokens, 448 programs: 4 -> 2 waves (LORASERVE_LORA_BGMV_WAVE_MULTI_WIDE; 0: off).
+BGMV_WAVE_MULTI_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_WAVE_MULTI_WIDE", "0"))
+
+
 def wave_chunks(block_k: int, programs: int, num_sms: int = 132) -> int:
     """KCHUNKS for `programs` BGMV shrink programs with this BLOCK_K: BGMV_WAVE_CHUNKS' entry where the unchunked
     kernel (2 programs per SM at 1024 columns, 1 above) needs more than one wave and the chunked one (3 / 2) fits
     one, else 1."""
     wide = block_k > 1024
-    if block_k < 1024 or not (1 if wide else 2) * num_sms < programs <= (2 if wide else 3) * num_sms:
+    per, per_chunked = (1, 2) if wide else (2, 3)
+    fits = per * num_sms < programs <= per_chunked * num_sms
+    if BGMV_WAVE_MULTI_WIDE and wide:   # ... or, above 1024 columns, wherever it takes fewer waves
+        fits = -(-programs // (per_chunked * num_sms)) < -(-programs // (per * num_sms))
+    if block_k < 1024 or not fits:
         return 1
     want = BGMV_WAVE_CHUNKS[1 if wide else 0]
     for k in (8, 4, 2):

@@ -95,9 +95,9 @@ def test_bgmv_wave_chunks_rule() -> None:
     32-adapter layer case (32 used tiles): qkv and down."""
     from loraserve.kernels import lora_shrink_bgmv as sb
 
-    old = sb.BGMV_WAVE_CHUNKS
+    old, old_multi = sb.BGMV_WAVE_CHUNKS, sb.BGMV_WAVE_MULTI_WIDE
     try:
-        sb.BGMV_WAVE_CHUNKS = (4, 8)
+        sb.BGMV_WAVE_CHUNKS, sb.BGMV_WAVE_MULTI_WIDE = (4, 8), 0
         assert sb.wave_chunks(1024, 32 * 4 * 3) == 4   # qkv: 384 programs > 264, <= 396
         assert sb.wave_chunks(2048, 32 * 7) == 8   # down: 224 > 132, <= 264
         assert sb.wave_chunks(1024, 32 * 4 * 2) == 1   # gate_up: 256 <= 264
@@ -105,7 +105,11 @@ def test_bgmv_wave_chunks_rule() -> None:
         assert sb.wave_chunks(1024, 2 * 4 * 3) == 1   # 1 token
         assert sb.wave_chunks(1024, 16 * 4 * 4 * 3) == 1   # qkv r64 / 16 adapters / 16 tokens: two chunked waves
         assert sb.wave_chunks(512, 10_000) == 1   # smaller blocks: never
+        assert sb.wave_chunks(2048, 16 * 4 * 7) == 1   # down r64 / 16 adapters / 16 tokens: two chunked waves
+        sb.BGMV_WAVE_MULTI_WIDE = 1   # ... unless fewer waves suffice above 1024 columns
+        assert sb.wave_chunks(2048, 16 * 4 * 7) == 8 and sb.wave_chunks(2048, 32 * 7) == 8
+        assert sb.wave_chunks(2048, 100) == 1 and sb.wave_chunks(1024, 16 * 4 * 4 * 3) == 1
         sb.BGMV_WAVE_CHUNKS = (1, 1)
         assert sb.wave_chunks(1024, 32 * 4 * 3) == 1
     finally:
-        sb.BGMV_WAVE_CHUNKS = old
+        sb.BGMV_WAVE_CHUNKS, sb.BGMV_WAVE_MULTI_WIDE = old, old_multi

@@ -78,6 +78,7 @@ _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _REDUCE = lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK
 _WAVE_MULTI = lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE
+_SEG_NR_LONG = __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MAX_NR_LONG
 _XB_ONE = lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE
 
 VARIANTS = {
@@ -221,8 +222,13 @@ VARIANTS.update({
     "seg_x6": dict(DEFAULT, env={"LORASERVE_LORA_SEG_EXPAND_PER_SM": "6"}),
     "seg_bn128": dict(DEFAULT, env={"LORASERVE_LORA_SEG_BN": "128"}),
     "seg_s2": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_PER_SM": "2"}),
+    # the seg pair for gate_up at rank 64 / >= 512 tokens too (lora_seg.SEG_MAX_NR_LONG; the tile kernels' "reduced"
+    # path there: y at ~2.1 TB/s), with row blocks of 1 / 2 / 4 meta tiles (LORASERVE_LORA_SEG_GROUP: B re-read per block)
+    "seg_gu": dict(DEFAULT, seg_max_nr_long=1 << 40),
+    "seg_gu_g2": dict(DEFAULT, seg_max_nr_long=1 << 40, env={"LORASERVE_LORA_SEG_GROUP": "2"}),
+    "seg_gu_g4": dict(DEFAULT, seg_max_nr_long=1 << 40, env={"LORASERVE_LORA_SEG_GROUP": "4"}),
     # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
-    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32, wave_multi_wide=0),
+    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32, wave_multi_wide=0, seg_max_nr_long=1 << 20),
 })
 
 
@@ -254,6 +260,8 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_ROWS = variant.get("bgmv_rows", _BGMV_ROWS)
         lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = variant.get("reduce_min_rank", _REDUCE)
         lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE = variant.get("wave_multi_wide", _WAVE_MULTI)
+        __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MAX_NR_LONG = variant.get("seg_max_nr_long",
+                                                                                             _SEG_NR_LONG)
         lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE = variant.get("xb_max_rank_one", _XB_ONE)
 
 

@@ -16,12 +16,15 @@ the codes in registers; the CPU path dequantizes the blocks the step uses.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
 from .context import Context, get_context, split_mixed
+
+log = logging.getLogger(__name__)
 
 # pure-decode steps (the CUDA-graph path) on CUDA: "unified" (the step kernel) or "paged_decode"
 # (kernels/paged_attention.py). H200, bf16, Llama-3-8B heads (benchmarks/bench_attention.py):
@@ -72,11 +75,70 @@ def _use_kernel(q: torch.Tensor) -> bool:
     return q.is_cuda and triton_available()
 
 
+def prefill_cudnn_mode() -> str:
+    """LORASERVE_PREFILL_CUDNN: "1" dense cuDNN attention for steps of fresh prompts of one length (see
+    dense_prefill_len), "0" the unified kernel for every step. Read per step (benchmarks flip it)."""
+    return os.environ.get("LORASERVE_PREFILL_CUDNN", "0").strip().lower()
+
+
+# shortest prompt the dense path takes (shorter: the unified kernel; cuDNN's fixed cost and the K/V gathers)
+PREFILL_CUDNN_MIN_LEN = int(os.environ.get("LORASERVE_PREFILL_CUDNN_MIN_LEN", "256"))
+
+
+def dense_prefill_len(ctx: Context, q: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """L when every sequence of the step is a whole fresh prompt of L >= PREFILL_CUDNN_MIN_LEN tokens (host
+    lengths: context length == query length == L for all, so the step's rows are [B, L] back to back and each
+    row sees only its own prompt), the cache holds q's dtype (not FP8), the switch is on and no CUDA graph is
+    being captured (static shapes: the graphs keep the unified kernel); else 0."""
+    qlens, lens = ctx.query_lens, ctx.context_lens_list
+    if ctx.decode_only or not qlens or lens is None or prefill_cudnn_mode() in ("", "0", "off", "false", "no"):
+        return 0
+    L = qlens[0]
+    if L < PREFILL_CUDNN_MIN_LEN or L * len(qlens) != q.shape[0] or list(lens) != list(qlens) \
+            or qlens.count(L) != len(qlens) or k_cache.dtype != q.dtype or q.dtype not in (torch.bfloat16, torch.float16) \
+            or q.shape[2] % 8 or q.shape[2] > 128 or _DENSE_FAILED:
+        return 0
+    return 0 if q.is_cuda and torch.cuda.is_current_stream_capturing() else L
+
+
+_DENSE_FAILED = False   # cuDNN refused the dense call once (no plan for this GPU / cuDNN): the unified kernel after
+
+
+def dense_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                            L: int, scale: float) -> torch.Tensor:
+    """Causal attention of B = N / L fresh prompts of L tokens each, q [N, H, D] -> [N, H, D], through cuDNN's fused
+    attention (torch's SDPA cuDNN op, GQA native: K/V keep their KVH heads). The step's K/V are read back from the
+    cache rows rope_store_kv just wrote (two [N, KVH, D] gathers: the rotated K exists only there). Every view is
+    [B, L, heads, D] memory seen as [B, heads, L, D] (cuDNN's preferred layout; its output comes back the same
+    way, so the reshape below is a view). H200, 8 x 1024, Llama-3-8B heads (benchmarks/prefill_attention_cmp.py):
+    151.5 us vs the unified kernel 272-385 us in the same runs. cuDNN builds a plan per new (B, L) on its first
+    call (~40 ms on the H200 host, the process's first ~0.9 s), cached after."""
+    N, H, D = q.shape
+    kvh = k_cache.shape[2]
+    B = N // L
+    k = k_cache.view(-1, kvh, D).index_select(0, slot_mapping)
+    v = v_cache.view(-1, kvh, D).index_select(0, slot_mapping)
+    o = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.view(B, L, H, D).transpose(1, 2), k.view(B, L, kvh, D).transpose(1, 2), v.view(B, L, kvh, D).transpose(1, 2),
+        None, False, 0.0, True, False, scale=scale)[0]
+    return o.transpose(1, 2).reshape(N, H, D)
+
+
 def _kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context,
                       scale: float, k_scale: torch.Tensor | None = None,
                       v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Every step kind in one launch; q: [N, H, D] -> [N, H, D]. k_scale, v_scale: [1] fp32 device
-    tensors for an FP8 cache (None otherwise)."""
+    tensors for an FP8 cache (None otherwise). Steps of fresh prompts of one length: dense_prefill_attention
+    when LORASERVE_PREFILL_CUDNN is on."""
+    if ctx.dense_prefill is None:   # decided once per step (the first layer), from the host lengths
+        ctx.dense_prefill = dense_prefill_len(ctx, q, k_cache) if k_scale is None else 0
+    if ctx.dense_prefill:
+        try:
+            return dense_prefill_attention(q, k_cache, v_cache, ctx.slot_mapping, ctx.dense_prefill, scale)
+        except RuntimeError:   # cuDNN without a plan for it (raised at plan build, before any launch)
+            global _DENSE_FAILED
+            _DENSE_FAILED, ctx.dense_prefill = True, 0
+            log.exception("dense cuDNN prefill attention failed: the unified kernel from now on")
     if ctx.decode_only and DECODE_KERNEL == "paged_decode":
         from loraserve.kernels.paged_attention import paged_decode_attention
 

@@ -42,6 +42,10 @@ class Context:
     # the caller reads only each sequence's last row of the output (the model runner's eager steps: it samples
     # last rows only): the model may then run the last layer's MLP on those rows alone (models/llama.py)
     last_rows_only: bool = False
+    # every sequence of the step is a whole fresh prompt of this many tokens (no cached prefix, no decode row):
+    # attention may run as one dense causal call over [B, L] (attention.py, LORASERVE_PREFILL_CUDNN); 0: not such
+    # a step; None: not decided yet (the first layer decides, from the host lengths)
+    dense_prefill: int | None = None
 
 
 _CONTEXT = Context()

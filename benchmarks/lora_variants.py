@@ -78,6 +78,7 @@ _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _REDUCE = lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK
 _WAVE_MULTI = lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE
+_SK_MAX = lora_expand_stream.STREAM_SK_CHUNK_MAX
 _SEG_NR_LONG = __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MAX_NR_LONG
 _XB_ONE = lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE
 
@@ -209,6 +210,8 @@ VARIANTS.update({
     "stream_one_pps6": dict(DEFAULT, stream_one=True, stream_pps=6),
     # twelfth session: the BGMV shrink's last K chunks sum the partials into one more plane (lora_shrink.bgmv_reduced)
     # at pool ranks >= 32 / >= 16; redx: + the BGMV expand up to rank 64 from that one plane (o, down)
+    "sk1": dict(DEFAULT, sk_chunk_max=1),   # the streaming expand's partials one per load round
+    "sk2": dict(DEFAULT, sk_chunk_max=2),
     "red": dict(DEFAULT, reduce_min_rank=32),
     "red16": dict(DEFAULT, reduce_min_rank=16),
     "redx": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64),
@@ -228,7 +231,8 @@ VARIANTS.update({
     "seg_gu_g2": dict(DEFAULT, seg_max_nr_long=1 << 40, env={"LORASERVE_LORA_SEG_GROUP": "2"}),
     "seg_gu_g4": dict(DEFAULT, seg_max_nr_long=1 << 40, env={"LORASERVE_LORA_SEG_GROUP": "4"}),
     # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
-    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32, wave_multi_wide=0, seg_max_nr_long=1 << 20),
+    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32, wave_multi_wide=0, seg_max_nr_long=1 << 20,
+                   sk_chunk_max=0),
 })
 
 
@@ -260,6 +264,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_ROWS = variant.get("bgmv_rows", _BGMV_ROWS)
         lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = variant.get("reduce_min_rank", _REDUCE)
         lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE = variant.get("wave_multi_wide", _WAVE_MULTI)
+        lora_expand_stream.STREAM_SK_CHUNK_MAX = variant.get("sk_chunk_max", _SK_MAX)
         __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MAX_NR_LONG = variant.get("seg_max_nr_long",
                                                                                              _SEG_NR_LONG)
         lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE = variant.get("xb_max_rank_one", _XB_ONE)

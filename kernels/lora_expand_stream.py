@@ -368,6 +368,12 @@ STREAM_ONE_SLICE_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_ONE_SLIC
 STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "10"))
 
 
+# Split-K partials per load round in the streaming expand at most this (0: the register rule alone). Opt-in until measured
+# twice: H200 probe 2026-12-01 12:32 (expand alone, down r64 / 16 adapters / 16 tokens, 7 partials): 8 a round 18.45 us,
+# 2 a round 6.78, 1 a round 6.28; qkv r64 (4 partials) 2 a round 7.38, 1 7.31. LORASERVE_LORA_STREAM_SK_CHUNK_MAX.
+STREAM_SK_CHUNK_MAX = int(os.environ.get("LORASERVE_LORA_STREAM_SK_CHUNK_MAX", "0"))
+
+
 def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:
     """Config override for the hand-rotated column loop (the default before the pipelined one, timed
     on the H200): lora_expand's fallback when the default loop fails to compile."""
@@ -415,6 +421,8 @@ def stream_expand_config(num_tokens: int, n_total: int, rank: int, num_slices: i
     # Split-K partials summed in rounds of <= 8192 fp32 values over all slices (registers).
     sk_chunk = max(1, min(1 << max(0, (split_k - 1).bit_length()), 8192 // (num_slices * block_m * block_r)))
     sk_chunk = 1 << (sk_chunk.bit_length() - 1)  # a power of two (tl.arange)
+    if STREAM_SK_CHUNK_MAX > 0:   # probe knob: partials per round at most this (H200 12:32: down r64 16 tok 18.5 -> 6.3 us at 1)
+        sk_chunk = min(sk_chunk, 1 << (STREAM_SK_CHUNK_MAX.bit_length() - 1))
     # (3 slices at 3 ahead spilled 8 bytes in the sm_90 offline compile with the DoRA epilogue)
     b_ahead = STREAM_B_AHEAD or (3 if block_m <= 16 and block_r <= 32 and num_slices <= 2 else 2)
     if STREAM_SLOTS is not None:

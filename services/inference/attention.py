@@ -88,8 +88,9 @@ PREFILL_CUDNN_MIN_LEN = int(os.environ.get("LORASERVE_PREFILL_CUDNN_MIN_LEN", "2
 def dense_prefill_len(ctx: Context, q: torch.Tensor, k_cache: torch.Tensor) -> int:
     """L when every sequence of the step is a whole fresh prompt of L >= PREFILL_CUDNN_MIN_LEN tokens (host
     lengths: context length == query length == L for all, so the step's rows are [B, L] back to back and each
-    row sees only its own prompt), the cache holds q's dtype (not FP8), the switch is on and no CUDA graph is
-    being captured (static shapes: the graphs keep the unified kernel); else 0."""
+    row sees only its own prompt), B * L >= B_L_MIN, the cache holds q's dtype (not FP8), the switch is on, no
+    CUDA graph is being captured (static shapes: the graphs keep the unified kernel) and the shape (B, L) has met
+    this test PREFILL_CUDNN_AFTER times before; else 0."""
     qlens, lens = ctx.query_lens, ctx.context_lens_list
     if ctx.decode_only or not qlens or lens is None or prefill_cudnn_mode() in ("", "0", "off", "false", "no"):
         return 0
@@ -98,9 +99,24 @@ def dense_prefill_len(ctx: Context, q: torch.Tensor, k_cache: torch.Tensor) -> i
             or qlens.count(L) != len(qlens) or k_cache.dtype != q.dtype or q.dtype not in (torch.bfloat16, torch.float16) \
             or q.shape[2] % 8 or q.shape[2] > 128 or _DENSE_FAILED:
         return 0
-    return 0 if q.is_cuda and torch.cuda.is_current_stream_capturing() else L
+    if B_L_MIN > L * len(qlens) or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return 0
+    # cuDNN builds a plan per new (B, L) on its first call (~40 ms of host on the H200; the process's first call
+    # ~0.6-0.9 s): a shape takes the dense path from its PREFILL_CUDNN_AFTER-th recurrence on, so one-off shapes
+    # never pay for a plan (a lone prompt of a new length would, at every new length)
+    key = (len(qlens), L)
+    seen = _SHAPES_SEEN.get(key, 0)
+    if seen < PREFILL_CUDNN_AFTER:
+        if len(_SHAPES_SEEN) >= 4096:   # bounded: the shapes of a long run
+            _SHAPES_SEEN.clear()
+        _SHAPES_SEEN[key] = seen + 1
+        return 0
+    return L
 
 
+B_L_MIN = 4096   # smallest step (tokens) worth a plan: at 8 x 1024 the dense call saves ~0.1-0.2 ms a layer
+PREFILL_CUDNN_AFTER = int(os.environ.get("LORASERVE_PREFILL_CUDNN_AFTER", "1"))
+_SHAPES_SEEN: dict[tuple[int, int], int] = {}   # (B, L) -> steps of that shape met so far (up to PREFILL_CUDNN_AFTER)
 _DENSE_FAILED = False   # cuDNN refused the dense call once (no plan for this GPU / cuDNN): the unified kernel after
 
 

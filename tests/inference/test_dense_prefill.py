@@ -27,11 +27,28 @@ def _ctx(qlens, lens, decode_only=False) -> Context:
 ])
 def test_dense_prefill_len(monkeypatch, qlens, lens, dtype, cache_dtype, want):
     monkeypatch.setenv("LORASERVE_PREFILL_CUDNN", "1")
+    monkeypatch.setattr(attention, "B_L_MIN", 512)
+    monkeypatch.setattr(attention, "_SHAPES_SEEN", {})
     q = torch.empty(sum(qlens), 4, 128, dtype=dtype)
     k_cache = torch.empty(1, 16, 2, 128, dtype=cache_dtype or dtype)
+    # a shape takes the path from its PREFILL_CUDNN_AFTER-th recurrence on (cuDNN's plan per shape)
+    for _ in range(attention.PREFILL_CUDNN_AFTER):
+        assert attention.dense_prefill_len(_ctx(qlens, lens), q, k_cache) == 0
     assert attention.dense_prefill_len(_ctx(qlens, lens), q, k_cache) == want
     monkeypatch.setenv("LORASERVE_PREFILL_CUDNN", "0")
     assert attention.dense_prefill_len(_ctx(qlens, lens), q, k_cache) == 0
+
+
+def test_dense_prefill_len_small_steps(monkeypatch):
+    """Steps under B_L_MIN tokens, and decode steps, never take the path (however often their shape recurs)."""
+    monkeypatch.setenv("LORASERVE_PREFILL_CUDNN", "1")
+    monkeypatch.setattr(attention, "_SHAPES_SEEN", {})
+    q = torch.empty(2 * 1024, 4, 128, dtype=torch.bfloat16)
+    for _ in range(attention.PREFILL_CUDNN_AFTER + 2):
+        assert attention.dense_prefill_len(_ctx([1024] * 2, [1024] * 2), q, torch.empty(1, 16, 2, 128,
+                                           dtype=torch.bfloat16)) == 0
+    assert attention.dense_prefill_len(_ctx([1024] * 4, [1024] * 4), torch.empty(4096, 4, 128, dtype=torch.bfloat16),
+                                       torch.empty(1, 16, 2, 128, dtype=torch.bfloat16)) == 0   # first of its shape
 
 
 def test_dense_prefill_len_decode(monkeypatch):
@@ -70,6 +87,8 @@ def test_dense_prefill_matches_unified(monkeypatch, dtype, B, L, H, KVH):
     # through the engine's dispatch: a step Context of B fresh prompts
     monkeypatch.setenv("LORASERVE_PREFILL_CUDNN", "1")
     monkeypatch.setattr(attention, "PREFILL_CUDNN_MIN_LEN", 256)
+    monkeypatch.setattr(attention, "B_L_MIN", 256)
+    monkeypatch.setattr(attention, "PREFILL_CUDNN_AFTER", 0)
     ctx = Context(slot_mapping=slots, query_lens=[L] * B, context_lens=lens, context_lens_list=[L] * B,
                   block_tables=tables, query_start_loc=qsl, max_query_len=L, max_seq_len=L)
     got = attention._kernel_attention(q, k_cache, v_cache, ctx, scale)

@@ -76,11 +76,7 @@ _BGMV_ROWS = lora_shrink_bgmv.BGMV_ROWS
 _WAVE_CHUNKS = lora_shrink_bgmv.BGMV_WAVE_CHUNKS
 _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
-_REDUCE = lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK
-_WAVE_MULTI = lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE
 _SK_MAX = lora_expand_stream.STREAM_SK_CHUNK_MAX
-_SEG_NR_LONG = __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MAX_NR_LONG
-_XB_ONE = lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE
 
 VARIANTS = {
     "default": DEFAULT,
@@ -208,31 +204,11 @@ VARIANTS.update({
     "kc8": dict(DEFAULT, kchunks=8, kchunks_wide=8, maxnreg_wide=128),
     "kc4_one": dict(DEFAULT, kchunks=4, kchunks_wide=8, maxnreg_wide=128, stream_one=True),
     "stream_one_pps6": dict(DEFAULT, stream_one=True, stream_pps=6),
-    # twelfth session: the BGMV shrink's last K chunks sum the partials into one more plane (lora_shrink.bgmv_reduced)
-    # at pool ranks >= 32 / >= 16; redx: + the BGMV expand up to rank 64 from that one plane (o, down)
-    "sk1": dict(DEFAULT, sk_chunk_max=1),   # the streaming expand's partials one per load round
+    # twelfth session: the streaming expand's split-K partials one / two per load round (STREAM_SK_CHUNK_MAX)
+    "sk1": dict(DEFAULT, sk_chunk_max=1),
     "sk2": dict(DEFAULT, sk_chunk_max=2),
-    "red": dict(DEFAULT, reduce_min_rank=32),
-    "red16": dict(DEFAULT, reduce_min_rank=16),
-    "redx": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64),
-    # ... + down's shrink chunked wherever that takes fewer waves (lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE)
-    "redw": dict(DEFAULT, reduce_min_rank=32, wave_multi_wide=1),
-    "redxw": dict(DEFAULT, reduce_min_rank=32, xb_max_rank_one=64, wave_multi_wide=1),
-    # the seg pair's knobs (lora_seg.py, environment read at each call) on o r64 / qkv r64: K chunks of 64 (8 stages'
-    # worth of iterations), 3 shrink stages, 6 expand programs per SM, 128-column expand blocks, 2 shrink programs per SM
-    "seg_bk64": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_BK": "64"}),
-    "seg_st3": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_STAGES": "3"}),
-    "seg_x6": dict(DEFAULT, env={"LORASERVE_LORA_SEG_EXPAND_PER_SM": "6"}),
-    "seg_bn128": dict(DEFAULT, env={"LORASERVE_LORA_SEG_BN": "128"}),
-    "seg_s2": dict(DEFAULT, env={"LORASERVE_LORA_SEG_SHRINK_PER_SM": "2"}),
-    # the seg pair for gate_up at rank 64 / >= 512 tokens too (lora_seg.SEG_MAX_NR_LONG; the tile kernels' "reduced"
-    # path there: y at ~2.1 TB/s), with row blocks of 1 / 2 / 4 meta tiles (LORASERVE_LORA_SEG_GROUP: B re-read per block)
-    "seg_gu": dict(DEFAULT, seg_max_nr_long=1 << 40),
-    "seg_gu_g2": dict(DEFAULT, seg_max_nr_long=1 << 40, env={"LORASERVE_LORA_SEG_GROUP": "2"}),
-    "seg_gu_g4": dict(DEFAULT, seg_max_nr_long=1 << 40, env={"LORASERVE_LORA_SEG_GROUP": "4"}),
     # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
-    "prev12": dict(DEFAULT, reduce_min_rank=0, xb_max_rank_one=32, wave_multi_wide=0, seg_max_nr_long=1 << 20,
-                   sk_chunk_max=0),
+    "prev12": dict(DEFAULT, sk_chunk_max=0),
 })
 
 
@@ -262,12 +238,7 @@ def _use_variant(c: Case, variant) -> None:
         lora_shrink_bgmv.BGMV_KCHUNKS_WIDE = variant.get("kchunks_wide", _KCH[1])
         lora_shrink_bgmv.BGMV_MAXNREG_WIDE = variant.get("maxnreg_wide", _KCH[2])
         lora_shrink_bgmv.BGMV_ROWS = variant.get("bgmv_rows", _BGMV_ROWS)
-        lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = variant.get("reduce_min_rank", _REDUCE)
-        lora_shrink_bgmv.BGMV_WAVE_MULTI_WIDE = variant.get("wave_multi_wide", _WAVE_MULTI)
         lora_expand_stream.STREAM_SK_CHUNK_MAX = variant.get("sk_chunk_max", _SK_MAX)
-        __import__("loraserve.kernels.lora_seg", fromlist=["X"]).SEG_MAX_NR_LONG = variant.get("seg_max_nr_long",
-                                                                                             _SEG_NR_LONG)
-        lora_expand_bgmv.EXPAND_BGMV_MAX_RANK_ONE = variant.get("xb_max_rank_one", _XB_ONE)
 
 
 def _run_case(c: Case, variant: dict, breakdown: bool) -> dict:

@@ -85,7 +85,7 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
     if not use_triton(x):
         return "reference", (S, T, R), None
     from .lora_fused import fused_plan
-    from .lora_shrink import bgmv_reduced, shrink_split_k
+    from .lora_shrink import shrink_split_k
 
     if ONELAUNCH_ENABLED and not (x.is_cuda and x.dtype == torch.float32):  # fp32 dots spill on sm_90
         from .lora_onelaunch import onelaunch_applies, onelaunch_split_k
@@ -110,11 +110,7 @@ def choose_path(x: Tensor, lora_a: Tensor, lora_b: Tensor, meta: LoRAMeta) -> tu
     # The streaming expand reads the partials once per (tile, column group), not per column
     # block, so with it the partials pay up to rank 64 (the classic kernel: rank 16).
     if R <= (64 if stream_enabled() else 16) and T <= 256:
-        sk = shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles)
-        if bgmv_reduced(x, R):   # the shrink's last K chunks sum the partials into one more plane (lora_shrink.py)
-            _reduce_counters(x, meta.grid_tiles * -(-R // 16) * S)
-            return "partials", (1, sk + 1, S, T, R), None
-        return "partials", (sk, S, T, R), None
+        return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
     if (256 < T <= partials_max_tokens() and R <= 64 and stream_enabled() and not (x.is_cuda and x.dtype == torch.float32)
             and _stream_expand_ok(S, R, x.device)):   # (no torch.sum launch between shrink and expand)
         return "partials", (shrink_split_k(x, lora_a, meta.block_m, meta.grid_tiles), S, T, R), None
@@ -132,15 +128,6 @@ def partials_max_tokens() -> int:
     _MAX_TOKENS (default 384; 256: "reduced" above 256 tokens, as before); read at each call (resident helper, issue 12;
     kernels/PERF_NOTES.md)."""
     return int(os.environ.get("LORASERVE_LORA_PARTIALS_MAX_TOKENS", "384"))
-
-
-def _reduce_counters(x: Tensor, num: int) -> None:
-    """The reducing BGMV shrink's arrival counters, allocated now (outside graph capture) so that a graph captured later
-    finds them (lora_seg._counters, shared with the seg shrink)."""
-    if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-        from .lora_seg import _counters
-
-        _counters(x.device, num)
 
 
 def _stream_expand_ok(num_slices: int, rank: int, device: torch.device) -> bool:
@@ -228,8 +215,6 @@ def _expand(buf: Tensor, y: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta:
     from .lora_expand import lora_expand
 
     S, R = slice_offsets.shape[0] - 1, lora_b.shape[2]
-    if buf.dim() == 5:   # lora_shrink.bgmv_reduced's workspace: the expand reads the summed plane only
-        buf = buf[0, -1:]
     if path == "seg":
         from .lora_seg import lora_seg_expand
 

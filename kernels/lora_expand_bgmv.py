@@ -236,17 +236,11 @@ EXPAND_BGMV_BLOCK_N = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_BLOCK_N", "
 EXPAND_BGMV_WARPS = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_WARPS", "0"))   # 0: by the block size
 EXPAND_BGMV_PPS = float(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_PPS", "4"))  # programs per SM (grid target)
 EXPAND_BGMV_MAX_RANK = 32  # rank 64 compiled to 180-255 registers (sm_90 offline): the streaming expand there
-# ... but from ONE plane (SPLIT_K 1: lora_shrink.bgmv_reduced's summed plane) up to this rank: rank 64 at 64 columns x 4
-# warps 93 registers, 128 x 8 111 (sm_90 offline, triton 3.9; 8 partials: 127). LORASERVE_LORA_EXPAND_BGMV_MAX_RANK_ONE
-# (32: as above). Read at each call.
-EXPAND_BGMV_MAX_RANK_ONE = int(os.environ.get("LORASERVE_LORA_EXPAND_BGMV_MAX_RANK_ONE", "32"))
 
 
 def expand_bgmv_applies(num_slices: int, rank: int, split_k: int) -> bool:
-    """Shapes this kernel takes: <= 3 slices, rank <= EXPAND_BGMV_MAX_RANK (EXPAND_BGMV_MAX_RANK_ONE from one plane),
-    <= 64 split-K partials."""
-    return num_slices <= 3 and split_k <= 64 and rank <= (max(EXPAND_BGMV_MAX_RANK, EXPAND_BGMV_MAX_RANK_ONE)
-                                                          if split_k == 1 else EXPAND_BGMV_MAX_RANK)
+    """Shapes this kernel takes: <= 3 slices, rank <= EXPAND_BGMV_MAX_RANK, <= 64 split-K partials."""
+    return num_slices <= 3 and rank <= EXPAND_BGMV_MAX_RANK and split_k <= 64
 
 
 def expand_bgmv_config(n_total: int, rank: int, grid_tiles: int, num_sms: int = 132) -> dict:

@@ -219,17 +219,6 @@ def bgmv_applies(num_tokens: int, rank: int) -> bool:
                          else min(64, lora_meta.LORA_BGMV_WIDE_MAX_RANK)))
 
 
-def bgmv_reduced(x: Tensor, rank: int) -> bool:
-    """lora_apply's "partials" workspace for x (T tokens) and this pool rank is [1, SPLIT_K + 1, S, T, R]: the BGMV
-    shrink's partials plus their fixed-order sum, written by each group's last K chunk (lora_shrink_bgmv
-    ._reduce_last), the plane the expand reads. For the BGMV shrink (streaming path, not fp32 on a GPU) at pool ranks
-    >= lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK (0: never)."""
-    from . import lora_shrink_bgmv
-
-    return (0 < lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK <= rank and stream_enabled() and bgmv_applies(x.shape[0], rank)
-            and not (x.is_cuda and x.dtype == torch.float32))
-
-
 def _stream_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: int, block_m: int,
                           num_sms: int, grid_tiles: int | None) -> dict:
     """shrink_config's streaming variant for <= 256 tokens (see its docstring)."""
@@ -282,7 +271,7 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     L, S, R, H2 = lora_a.shape
     assert H2 == H, f"lora_a hidden {H2} != x hidden {H}"
     assert x.dtype == lora_a.dtype, f"x {x.dtype} and lora_a {lora_a.dtype} must match"
-    assert out.shape[-3:] == (S, T, R) and out.dim() in (3, 4, 5) and out.dtype == torch.float32, \
+    assert out.shape[-3:] == (S, T, R) and out.dim() in (3, 4) and out.dtype == torch.float32, \
         f"out must be float32 [S={S}, T={T}, R={R}] (or [SPLIT_K, S, T, R]), got {out.dtype} {tuple(out.shape)}"
     assert meta.num_tokens == T, f"meta built for {meta.num_tokens} tokens, x has {T}"
     assert ranks.shape == (L,) and ranks.dtype == torch.int32, "ranks must be int32 [L]"
@@ -291,12 +280,6 @@ def lora_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: T
     assert meta.tile_slots.device == x.device == lora_a.device == out.device == ranks.device, \
         "x, lora_a, out, ranks and meta must be on one device"
     sms = _num_sms(x.device.index if x.is_cuda else None)
-    if out.dim() == 5:   # [1, SPLIT_K + 1, S, T, R]: the BGMV partials and their sum in the last plane (bgmv_reduced)
-        from .lora_shrink_bgmv import lora_shrink_bgmv
-
-        assert out.shape[0] == 1 and bgmv_reduced(x, R), f"a 5-D out is bgmv_reduced's, got {tuple(out.shape)}"
-        lora_shrink_bgmv(x, lora_a, meta, ranks, out[0], config=config, num_sms=sms, reduce=True)
-        return out
     cfg = dict(shrink_config(T, R, H, S, meta.block_m, sms, meta.grid_tiles, stream), **(config or {}))
     if cfg.get("BGMV") and out.dim() == 4 and not (x.is_cuda and x.dtype == torch.float32):
         from .lora_shrink_bgmv import lora_shrink_bgmv

@@ -178,29 +178,8 @@ if HAS_TRITON:
                 tl.store(out_base + tok3 * stride_om, acc3, mask=n_ok)
 
     @triton.jit
-    def _reduce_last(out_ptr, count_ptr, cidx, sorted_ids_ptr, start, rows, s, offs_n, n_ok,
-                     stride_ok, stride_os, stride_om, stride_or, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
-        """REDUCE: the last of the SPLIT_K programs of one (tile, rank block, slice) to store its partial sums the
-        SPLIT_K planes in a fixed order (j = 0, 1, ...) into plane SPLIT_K (an arrival counter per group, reset to 0 by
-        that program for the next launch / graph replay), so the expand reads one plane (lora_seg_kernels' scheme)."""
-        tl.debug_barrier()   # every thread's partial store precedes the release (cumulative)
-        arrived = tl.atomic_add(count_ptr + cidx, 1, sem="acq_rel") + 1
-        if arrived == SPLIT_K:
-            tl.atomic_xchg(count_ptr + cidx, 0, sem="relaxed")
-            offs_m = tl.arange(0, BLOCK_M)
-            ready = (tl.zeros((BLOCK_M,), tl.int32) + arrived) == SPLIT_K   # keeps the loads below the atomic
-            row_ok = ready & (offs_m < rows)
-            tok = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
-            m = row_ok[:, None] & n_ok[None, :]
-            p = out_ptr + s * stride_os + tok[:, None] * stride_om + offs_n[None, :] * stride_or
-            h = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
-            for j in tl.static_range(1, SPLIT_K):
-                h += tl.load(p + j * stride_ok, mask=m, other=0.0, cache_modifier=".cg")
-            tl.store(p + SPLIT_K * stride_ok, h, mask=m)
-
-    @triton.jit
     def _lora_shrink_bgmv_kernel(
-        x_ptr, a_ptr, out_ptr, ranks_ptr, count_ptr,
+        x_ptr, a_ptr, out_ptr, ranks_ptr,
         sorted_ids_ptr, tile_slots_ptr, tile_starts_ptr, tile_ends_ptr,
         K, R,
         stride_xm, stride_xk,
@@ -210,7 +189,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
         DOT_K: tl.constexpr = 128, KCHUNKS: tl.constexpr = 1,
         USE_PDL: tl.constexpr = False, PREFETCH_A: tl.constexpr = False, K_MAJOR: tl.constexpr = False,
-        ROWS: tl.constexpr = 4, REDUCE: tl.constexpr = False,
+        ROWS: tl.constexpr = 4,
     ):
         if USE_PDL:  # as lora_shrink: let the expand launch now; wait for the kernel before us (x)
             tl.extra.cuda.gdc_launch_dependents()
@@ -256,10 +235,6 @@ if HAS_TRITON:
                               stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
                               stride_ok, stride_os, stride_om, stride_or,
                               BLOCK_K, KCHUNKS, EVEN_K, SPLIT_K, PREFETCH_A, ROWS)
-                if REDUCE:
-                    _reduce_last(out_ptr, count_ptr, (tile * tl.cdiv(R, BLOCK_N) + pid_n) * tl.num_programs(2) + s,
-                                 sorted_ids_ptr, start, rows, s, offs_n, n_ok, stride_ok, stride_os, stride_om,
-                                 stride_or, BLOCK_M, SPLIT_K)
                 return
             if PREFETCH_A:  # (the dense tile path below loads A after the wait)
                 tl.extra.cuda.gdc_wait()
@@ -301,10 +276,6 @@ if HAS_TRITON:
                 else:
                     acc += tl.dot(xt, tl.trans(ac))
             tl.store(out_base[None, :] + toks[:, None] * stride_om, acc, mask=row_ok[:, None] & n_ok[None, :])
-            if REDUCE:
-                _reduce_last(out_ptr, count_ptr, (tile * tl.cdiv(R, BLOCK_N) + pid_n) * tl.num_programs(2) + s,
-                             sorted_ids_ptr, start, rows, s, offs_n, n_ok, stride_ok, stride_os, stride_om, stride_or,
-                             BLOCK_M, SPLIT_K)
             return
         # Few rows (decode: 1-4 tokens per adapter): one broadcast-multiply-sum per row, no padding.
         af = a.to(tl.float32)
@@ -316,10 +287,6 @@ if HAS_TRITON:
                 tl.store(out_base + tok2 * stride_om, tl.sum(af * x2.to(tl.float32)[None, :], axis=1), mask=n_ok)
             if rows > 3:
                 tl.store(out_base + tok3 * stride_om, tl.sum(af * x3.to(tl.float32)[None, :], axis=1), mask=n_ok)
-        if REDUCE:
-            _reduce_last(out_ptr, count_ptr, (tile * tl.cdiv(R, BLOCK_N) + pid_n) * tl.num_programs(2) + s,
-                         sorted_ids_ptr, start, rows, s, offs_n, n_ok, stride_ok, stride_os, stride_om, stride_or,
-                         BLOCK_M, SPLIT_K)
 
 
 # Tiles with more rows than this (fixed in the kernel) take one tl.dot over all their rows; up to
@@ -367,28 +334,12 @@ BGMV_ROWS = int(os.environ.get("LORASERVE_LORA_BGMV_ROWS", "4"))
 BGMV_WAVE_CHUNKS = tuple(int(v) for v in os.environ.get("LORASERVE_LORA_BGMV_WAVE_CHUNKS", "4,8").split(","))
 
 
-# The shrink's last K chunk of each (tile, rank block, slice) sums the partials into one more plane, so the expand
-# reads one plane, for pools of rank >= BGMV_REDUCE_MIN_RANK (lora_shrink.bgmv_reduced; 0: never). Rank-64 steps of 16
-# tokens / 16 adapters leave 4 rank blocks x 4-7 K chunks of partials that every expand program re-summed (down: expand
-# 18.2 us for 8.4 MB of B, every session). LORASERVE_LORA_BGMV_REDUCE_MIN_RANK; read at each call.
-BGMV_REDUCE_MIN_RANK = int(os.environ.get("LORASERVE_LORA_BGMV_REDUCE_MIN_RANK", "0"))
-
-
-# ... and above 1024 columns (down's 2048) wherever the chunked grid (2 per SM) needs fewer waves than the unchunked (1):
-# down r64 / 16 adapters / 16 tokens, 448 programs: 4 -> 2 waves (LORASERVE_LORA_BGMV_WAVE_MULTI_WIDE; 0: off).
-BGMV_WAVE_MULTI_WIDE = int(os.environ.get("LORASERVE_LORA_BGMV_WAVE_MULTI_WIDE", "0"))
-
-
 def wave_chunks(block_k: int, programs: int, num_sms: int = 132) -> int:
     """KCHUNKS for `programs` BGMV shrink programs with this BLOCK_K: BGMV_WAVE_CHUNKS' entry where the unchunked
     kernel (2 programs per SM at 1024 columns, 1 above) needs more than one wave and the chunked one (3 / 2) fits
     one, else 1."""
     wide = block_k > 1024
-    per, per_chunked = (1, 2) if wide else (2, 3)
-    fits = per * num_sms < programs <= per_chunked * num_sms
-    if BGMV_WAVE_MULTI_WIDE and wide:   # ... or, above 1024 columns, wherever it takes fewer waves
-        fits = -(-programs // (per_chunked * num_sms)) < -(-programs // (per * num_sms))
-    if block_k < 1024 or not fits:
+    if block_k < 1024 or not (1 if wide else 2) * num_sms < programs <= (2 if wide else 3) * num_sms:
         return 1
     want = BGMV_WAVE_CHUNKS[1 if wide else 0]
     for k in (8, 4, 2):
@@ -437,13 +388,12 @@ def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: i
 
 
 def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, out: Tensor,
-                     *, config: dict | None = None, num_sms: int = 132, reduce: bool = False) -> Tensor:
+                     *, config: dict | None = None, num_sms: int = 132) -> Tensor:
     """out [SPLIT_K, S, T, R] float32 <- the per-chunk partials (see the module docstring).
 
     x [T, H_in] fp16/bf16/fp32; lora_a [L, S, R, H_in] (x's dtype); ranks [L] int32; out's
     SPLIT_K must equal cdiv(H_in, BLOCK_K) of the config (bgmv_shrink_config, or config's
     BLOCK_K). Entries of tokens without an adapter and columns >= rank are left as they were.
-    reduce: out has SPLIT_K + 1 planes; the last gets the fixed-order sum of the SPLIT_K partials (_reduce_last).
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed: use the torch reference (loraserve.kernels.reference)")
@@ -458,7 +408,7 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
     cfg = dict(bgmv_shrink_config(T, R, H, S, meta.grid_tiles, num_sms), **(config or {}))
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     SK = -(-H // BK)
-    assert out.shape[0] == SK + reduce, f"out has {out.shape[0]} planes, BLOCK_K {BK} needs {SK + reduce}"
+    assert out.shape[0] == SK, f"out has {out.shape[0]} K splits, BLOCK_K {BK} needs {SK}"
     assert BK & (BK - 1) == 0 and BK >= 16, f"BLOCK_K must be a power of two >= 16, got {BK}"
     from . import lora_meta
 
@@ -472,19 +422,15 @@ def lora_shrink_bgmv(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, o
         rows = 2 if kch > 1 else rows
     grid = (triton.cdiv(R, BN) * SK, meta.grid_tiles, S) if kmajor else (meta.grid_tiles, triton.cdiv(R, BN) * SK, S)
     pdl = pdl_launch(x.device)
-    if reduce:
-        from .lora_seg import _counters   # arrival counters, zero between launches (shared with the seg shrink)
-
-        count = _counters(x.device, meta.grid_tiles * triton.cdiv(R, BN) * S)
     _lora_shrink_bgmv_kernel[grid](
-        x, lora_a, out, ranks, count if reduce else ranks,
+        x, lora_a, out, ranks,
         meta.sorted_token_ids, meta.tile_slots, meta.tile_starts, meta.tile_ends,
         H, R, x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         BLOCK_M=meta.block_m, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, EVEN_K=H % BK == 0,
         IEEE=x.dtype == torch.float32,
         DOT_K=min(128, BK), num_warps=cfg["num_warps"], num_stages=1, PREFETCH_A=prefetch_on("a", x.device, pdl),
         KCHUNKS=kch, **({"maxnreg": BGMV_MAXNREG_WIDE} if kch > 1 and BK > 1024 and BGMV_MAXNREG_WIDE else {}),
-        K_MAJOR=kmajor, ROWS=rows, REDUCE=reduce,
+        K_MAJOR=kmajor, ROWS=rows,
         **pdl,
     )
     return out

@@ -12,10 +12,9 @@ from .stream_interp_cases import DTYPES, _untouched
 
 def check_bgmv_shrink(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
                       composition: str, block_k: int | None = None, block_m: int = 16, device: str = "cpu",
-                      kchunks: int | None = None, rows: int | None = None, reduce: bool = False) -> None:
+                      kchunks: int | None = None, rows: int | None = None) -> None:
     """The BGMV shrink's per-chunk partials, summed, equal the reference shrink on every defined
-    entry, and leave every other entry as it was (NaN stays NaN). reduce: one more plane, which must hold the
-    partials' sum in order j = 0, 1, ... bit for bit, and the arrival counters are left at zero."""
+    entry, and leave every other entry as it was (NaN stays NaN)."""
     from loraserve.kernels.lora_shrink_bgmv import bgmv_shrink_config, lora_shrink_bgmv
 
     p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths, num_slots=num_slots,
@@ -30,17 +29,8 @@ def check_bgmv_shrink(dtype: str, hidden: int, max_rank: int, widths: list[int],
     if rows:   # rows a tile takes on the multiply-sum path (lora_shrink_bgmv.BGMV_ROWS)
         cfg["ROWS"] = rows
     sk = -(-hidden // cfg["BLOCK_K"])
-    planes = torch.full((sk + reduce, S, T, R), float("nan"), device=device)
-    lora_shrink_bgmv(p.x, p.lora_a, meta, p.ranks, planes, config=cfg, reduce=reduce)
-    partials = planes[:sk]
-    if reduce:
-        from loraserve.kernels.lora_seg import _COUNTERS
-
-        acc = partials[0].clone()
-        for j in range(1, sk):
-            acc += partials[j]
-        assert torch.equal(planes[sk].nan_to_num(-7.0), acc.nan_to_num(-7.0)), "the summed plane != the partials' sum"
-        assert not _COUNTERS[torch.device(device)].any(), "an arrival counter was left non-zero"
+    partials = torch.full((sk, S, T, R), float("nan"), device=device)
+    lora_shrink_bgmv(p.x, p.lora_a, meta, p.ranks, partials, config=cfg)
     ref = torch.zeros((S, T, R), device=device)
     lora_shrink_ref(p.x, p.lora_a, meta, p.ranks, ref)
     r = torch.where(p.token_slot >= 0, p.ranks[p.token_slot.clamp(min=0).long()], 0)
@@ -52,11 +42,9 @@ def check_bgmv_shrink(dtype: str, hidden: int, max_rank: int, widths: list[int],
 
 
 def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], num_tokens: int, num_slots: int,
-                     composition: str, device: str = "cpu", reduce_min_rank: int = 0) -> None:
+                     composition: str, device: str = "cpu") -> None:
     """lora_apply with LORA_BGMV on (BGMV shrink partials summed by the streaming expand) vs the
-    reference; rows without an adapter untouched. reduce_min_rank: lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK (the
-    shrink sums the partials into one more plane, a 5-D workspace)."""
-    from loraserve.kernels import lora_shrink_bgmv
+    reference; rows without an adapter untouched."""
     from loraserve.kernels.lora_apply import choose_path, workspace_shape
 
     p = make_problem(num_tokens=num_tokens, hidden=hidden, max_rank=max_rank, widths=widths, num_slots=num_slots,
@@ -68,11 +56,9 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
     y_ref = p.y0.clone()
     lora_expand_ref(buf, p.lora_b, p.slice_offsets, meta, p.ranks, y_ref)
     old = lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS, lora_meta.LORA_BGMV_WIDE_MAX_RANK
-    old_red = lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK
     dense_off = without_dense_paths()  # this checks the BGMV shrink's partials path
     dense_off.__enter__()
     try:
-        lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = reduce_min_rank
         (lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS,
          lora_meta.LORA_BGMV_WIDE_MAX_RANK) = True, True, 256, 64
         shape = workspace_shape(p.x, p.lora_a, p.lora_b, meta)
@@ -81,15 +67,12 @@ def check_bgmv_apply(dtype: str, hidden: int, max_rank: int, widths: list[int], 
         from loraserve.kernels.lora_shrink_bgmv import bgmv_shrink_config
 
         cfg = bgmv_shrink_config(T, R, hidden, S, meta.grid_tiles, _num_sms(p.x.device.index if p.x.is_cuda else None))
-        sk = -(-hidden // cfg["BLOCK_K"])
-        want = (1, sk + 1, S, T, R) if 0 < reduce_min_rank <= R else (sk, S, T, R)
-        assert tuple(shape) == want, f"workspace {shape} is not the BGMV split ({cfg}, reduced from {reduce_min_rank})"
+        assert shape[0] == -(-hidden // cfg["BLOCK_K"]), f"workspace {shape} is not the BGMV split ({cfg})"
         ws = torch.full(shape, float("nan"), device=device)
         y = lora_apply(p.x, p.y0.clone(), p.lora_a, p.lora_b, p.slice_offsets, meta, p.ranks, ws)
     finally:
         (lora_meta.LORA_BGMV, lora_meta.LORA_STREAM, lora_meta.LORA_BGMV_MAX_TOKENS,
          lora_meta.LORA_BGMV_WIDE_MAX_RANK) = old
-        lora_shrink_bgmv.BGMV_REDUCE_MIN_RANK = old_red
         dense_off.__exit__(None, None, None)
     torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCES[p.x.dtype])
     untouched = _untouched(p)

@@ -9,8 +9,8 @@ import pytest
 
 from .sm90 import compile_sm90, resource_usage
 
-META = {"ranks_ptr": "*i32", "count_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
-        "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32"}
+META = {"ranks_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32",
+        "tile_ends_ptr": "*i32"}
 STRIDES = ["stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak", "stride_ok", "stride_os",
            "stride_om", "stride_or"]
 
@@ -51,22 +51,3 @@ def test_bgmv_shrink_two_rows_registers(hidden, block_k, kchunks, max_regs) -> N
     assert regs <= max_regs and stack == 0, usage
     ptx = kernel.asm["ptx"]
     assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "A's loads should come before the wait"
-
-
-@pytest.mark.parametrize("hidden,block_k,kchunks,rows", [(4096, 1024, 1, 4), (14336, 2048, 1, 4), (14336, 2048, 8, 2),
-                                                         (4096, 1024, 4, 2)])
-def test_bgmv_shrink_reduce_compiles(hidden, block_k, kchunks, rows) -> None:
-    """REDUCE (the summed plane, lora_shrink.bgmv_reduced) at the rank-64 16-token steps' configs: the arrival atomic,
-    no more registers than the plain kernel's cap (255: no stack), A's loads still before the wait."""
-    from loraserve.kernels.lora_shrink_bgmv import _lora_shrink_bgmv_kernel
-
-    sig = dict(META, x_ptr="*bf16", a_ptr="*bf16", out_ptr="*fp32", K="i32", R="i32", **{n: "i32" for n in STRIDES})
-    const = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=-(-hidden // block_k), EVEN_K=True, IEEE=False,
-                 DOT_K=128, USE_PDL=True, PREFETCH_A=True, KCHUNKS=kchunks, ROWS=rows, REDUCE=True)
-    kernel = compile_sm90(_lora_shrink_bgmv_kernel, sig, const, unit=("stride_xk", "stride_ak", "stride_or"),
-                          div16_except=("R", "K"), num_warps=8, num_stages=1, launch_pdl=True)
-    usage = resource_usage(kernel)
-    stack = max(int(r) for r in re.findall(r"STACK:(\d+)", usage))
-    assert stack == 0, usage
-    ptx = kernel.asm["ptx"]
-    assert "atom.global" in ptx and ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "atomic / A before wait"

@@ -70,34 +70,15 @@ def test_lora_apply_bgmv_matches_reference(interp, num_tokens) -> None:
     _run(interp, cases.check_bgmv_apply, "float16", 512, 32, [40], num_tokens, 3, "mixed-ranks")
 
 
-@pytest.mark.parametrize("rows", [None, 2])
-def test_bgmv_shrink_reduced_plane(interp, rows) -> None:
-    # the last K chunk of each (tile, rank block, slice) sums the partials into one more plane (lora_shrink_bgmv
-    # ._reduce_last): 1-4 row tiles (21 tokens over 5 slots, rank 64: 4 rank blocks) and 16-row ones (the dot path)
-    _run(interp, cases.check_bgmv_shrink, "float32", 600, 64, [40, 24, 24], 21, 5, "mixed-ranks", block_k=256,
-         rows=rows, reduce=True)
-    _run(interp, cases.check_bgmv_shrink, "float32", 600, 16, [48], 40, 2, "no-adapter-rows", block_k=256, kchunks=2,
-         rows=rows, reduce=True)
-
-
-@pytest.mark.parametrize("num_tokens", [1, 6, 21])
-def test_lora_apply_bgmv_reduced_matches_reference(interp, num_tokens) -> None:
-    # lora_shrink.bgmv_reduced: a 5-D workspace, the expand reads the summed plane (streaming expand at rank 64 on 3
-    # slices, the BGMV expand at rank 32 on one)
-    _run(interp, cases.check_bgmv_apply, "float32", 768, 64, [48, 16, 16], num_tokens, 4, "no-adapter-rows",
-         reduce_min_rank=32)
-    _run(interp, cases.check_bgmv_apply, "float16", 512, 32, [40], num_tokens, 3, "mixed-ranks", reduce_min_rank=32)
-
-
 def test_bgmv_wave_chunks_rule() -> None:
     """lora_shrink_bgmv.wave_chunks: chunks (4 at <= 1024 columns, 8 above) only where the unchunked grid needs more
     than one wave (2 programs per SM at 1024 columns, 1 at 2048) and the chunked one fits one (3 / 2); the 64-token /
     32-adapter layer case (32 used tiles): qkv and down."""
     from loraserve.kernels import lora_shrink_bgmv as sb
 
-    old, old_multi = sb.BGMV_WAVE_CHUNKS, sb.BGMV_WAVE_MULTI_WIDE
+    old = sb.BGMV_WAVE_CHUNKS
     try:
-        sb.BGMV_WAVE_CHUNKS, sb.BGMV_WAVE_MULTI_WIDE = (4, 8), 0
+        sb.BGMV_WAVE_CHUNKS = (4, 8)
         assert sb.wave_chunks(1024, 32 * 4 * 3) == 4   # qkv: 384 programs > 264, <= 396
         assert sb.wave_chunks(2048, 32 * 7) == 8   # down: 224 > 132, <= 264
         assert sb.wave_chunks(1024, 32 * 4 * 2) == 1   # gate_up: 256 <= 264
@@ -105,11 +86,7 @@ def test_bgmv_wave_chunks_rule() -> None:
         assert sb.wave_chunks(1024, 2 * 4 * 3) == 1   # 1 token
         assert sb.wave_chunks(1024, 16 * 4 * 4 * 3) == 1   # qkv r64 / 16 adapters / 16 tokens: two chunked waves
         assert sb.wave_chunks(512, 10_000) == 1   # smaller blocks: never
-        assert sb.wave_chunks(2048, 16 * 4 * 7) == 1   # down r64 / 16 adapters / 16 tokens: two chunked waves
-        sb.BGMV_WAVE_MULTI_WIDE = 1   # ... unless fewer waves suffice above 1024 columns
-        assert sb.wave_chunks(2048, 16 * 4 * 7) == 8 and sb.wave_chunks(2048, 32 * 7) == 8
-        assert sb.wave_chunks(2048, 100) == 1 and sb.wave_chunks(1024, 16 * 4 * 4 * 3) == 1
         sb.BGMV_WAVE_CHUNKS = (1, 1)
         assert sb.wave_chunks(1024, 32 * 4 * 3) == 1
     finally:
-        sb.BGMV_WAVE_CHUNKS, sb.BGMV_WAVE_MULTI_WIDE = old, old_multi
+        sb.BGMV_WAVE_CHUNKS = old

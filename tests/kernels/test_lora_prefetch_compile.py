@@ -17,8 +17,8 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real"),
 ]
 
-META = {"ranks_ptr": "*i32", "count_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32",
-        "tile_starts_ptr": "*i32", "tile_ends_ptr": "*i32"}
+META = {"ranks_ptr": "*i32", "sorted_ids_ptr": "*i32", "tile_slots_ptr": "*i32", "tile_starts_ptr": "*i32",
+        "tile_ends_ptr": "*i32"}
 SHRINK_STRIDES = ["stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak",
                   "stride_ok", "stride_os", "stride_om", "stride_or"]
 

@@ -100,3 +100,30 @@ def test_stream_expand_column_loops(interp, slots, num_slices) -> None:
 def test_stream_expand_one_slice_per_block(interp, widths, block_n) -> None:
     # blocks inside one slice (one dot) and blocks straddling a bound (40 / 64 in 16-column blocks: the select)
     _run(interp, cases.check_stream_one_slice, widths, 12, 4, block_n)
+
+
+@pytest.mark.parametrize("sk_chunk", [1, 2])
+def test_stream_expand_partials_per_round(interp, sk_chunk) -> None:
+    # lora_expand_stream.STREAM_SK_CHUNK_MAX: the split-K partials summed 1 / 2 per load round (7 partials, rank 64)
+    from loraserve.kernels.lora_expand_stream import stream_expand_config
+
+    cfg = stream_expand_config(16, 40, 64, 1, 16, 17, 7)
+    _run(interp, cases.check_stream_expand, "float32", 64, 64, [40], 16, 16, "mixed-ranks", split_k=7,
+         config=dict(cfg, SK_CHUNK=sk_chunk))
+    _run(interp, cases.check_stream_expand, "float16", 64, 64, [24, 8, 8], 9, 4, "no-adapter-rows", split_k=7,
+         config=dict(stream_expand_config(9, 40, 64, 3, 16, 5, 7), SK_CHUNK=sk_chunk))
+
+
+def test_stream_sk_chunk_cap_rule() -> None:
+    from loraserve.kernels import lora_expand_stream as les
+
+    old = les.STREAM_SK_CHUNK_MAX
+    try:
+        les.STREAM_SK_CHUNK_MAX = 0
+        assert les.stream_expand_config(16, 4096, 64, 1, 16, 17, 7)["SK_CHUNK"] == 8   # down r64 / 16 tokens
+        les.STREAM_SK_CHUNK_MAX = 1
+        assert les.stream_expand_config(16, 4096, 64, 1, 16, 17, 7)["SK_CHUNK"] == 1
+        les.STREAM_SK_CHUNK_MAX = 3
+        assert les.stream_expand_config(16, 4096, 64, 1, 16, 17, 7)["SK_CHUNK"] == 2
+    finally:
+        les.STREAM_SK_CHUNK_MAX = old

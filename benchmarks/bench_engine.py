@@ -204,10 +204,14 @@ class GcWatch:
         return self
 
 
-def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int, repeats: int = 3) -> dict:
+def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int, repeats: int = 3,
+                        other=None) -> dict:
     """Median of `repeats` timed prefills of fresh prompts, after two warm-up ones. Per run, where the
     wall time goes: host time before the device starts (scheduling, input building), device time of
-    the launched steps (CUDA events), and the tail after the device finished (fetch, post-processing)."""
+    the launched steps (CUDA events), and the tail after the device finished (fetch, post-processing).
+    other (callable, e.g. HF's prefill): run once beside each timed run, before it in odd rounds and
+    after it in even ones (ABBA), so that both sides see the same clocks (the H200 runs a long prefill
+    under its power cap: the clocks, and so every figure, drift 5-10% over a run)."""
     def once(tag):
         hits0 = reused_blocks(engine)
         marks, watch = {}, GcWatch().start()
@@ -230,7 +234,14 @@ def time_engine_prefill(engine, prompts: Prompts, batch: int, prompt_len: int, r
 
     once("warm0")
     once("warm1")
-    times = sorted((once(f"run{i}") for i in range(repeats)), key=lambda r: r[0])
+    runs = []
+    for i in range(repeats):
+        if other is not None and i % 2:
+            other()
+        runs.append(once(f"run{i}"))
+        if other is not None and not i % 2:
+            other()
+    times = sorted(runs, key=lambda r: r[0])
     dt, _, host, device, steps, ends = times[len(times) // 2]  # median, each on fresh prompts
     return {"tok_s": batch * prompt_len / dt, "s": dt, "prefix_hits": sum(r[1] for r in times),
             "host_launch_s": host, "device_s": device, "steps": steps,
@@ -261,8 +272,42 @@ def decode_step_bytes(engine, batch: int, mean_context: float) -> float:
 
 
 @torch.inference_mode()
+class HFPrefill:
+    """HF transformers' prefill of `batch` fresh 1024-token prompts (logits of the last token only, as the
+    engine), one timed call per __call__; the model stays loaded so that bench_engine can interleave
+    these runs with the engine's (time_engine_prefill's `other`)."""
+
+    def __init__(self, model, prompts: Prompts, batch: int, device: str):
+        self.model, self.prompts, self.batch, self.device = model, prompts, batch, device
+        self.times: list[float] = []
+
+    @torch.inference_mode()
+    def __call__(self) -> float:
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        ids = torch.tensor(self.prompts.make(self.batch, 1024), device=self.device)
+        sync()
+        t = time.perf_counter()
+        self.model(ids, logits_to_keep=1)
+        sync()
+        self.times.append(time.perf_counter() - t)
+        print(f"  HF prefill: {self.times[-1] * 1e3:.2f} ms", flush=True)
+        return self.times[-1]
+
+    def tok_s(self, first: int = 0) -> float:
+        t = sorted(self.times[first:])
+        return self.batch * 1024 / t[len(t) // 2]
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
 def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_batch: int,
-            decode: bool = True, device: str = "cuda") -> dict:
+            decode: bool = True, device: str = "cuda", keep: bool = False) -> dict:
+    """HF's figures. keep: out["hf_prefill"] is an HFPrefill holding the model (for interleaved runs)."""
     import transformers
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -285,20 +330,17 @@ def time_hf(path: str, prompts: Prompts, prompt_len: int, steps: int, prefill_ba
         model.generate(ids, max_new_tokens=steps + 1, **gen)
         sync()
         out[f"hf_decode_bs{batch}_tok_s"] = batch * steps / (time.perf_counter() - t - t_prefill)
-    model(torch.tensor(prompts.make(prefill_batch, 1024), device=device))
-    times = []
-    for _ in range(3):
-        ids = torch.tensor(prompts.make(prefill_batch, 1024), device=device)
-        sync()
-        t = time.perf_counter()
-        model(ids, logits_to_keep=1)  # as the engine: logits of the last token only
-        sync()
-        times.append(time.perf_counter() - t)
-    out["hf_prefill_tok_s"] = prefill_batch * 1024 / sorted(times)[1]
+    hf = HFPrefill(model, prompts, prefill_batch, device)
     del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    hf()   # warm-up
+    for _ in range(3):
+        hf()
+    # before the engine exists, on a GPU that has not run a long prefill yet (cooler, faster clocks)
+    out["hf_prefill_tok_s_alone"] = out["hf_prefill_tok_s"] = hf.tok_s(first=1)
+    if keep:
+        out["hf_prefill"] = hf
+    else:
+        hf.close()
     return out
 
 
@@ -355,7 +397,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prefill-batch", type=int, default=8)
-    ap.add_argument("--prefill-repeats", type=int, default=3)
+    ap.add_argument("--prefill-repeats", type=int, default=5)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
@@ -370,6 +412,9 @@ def main() -> int:
     ap.add_argument("--gc-freeze-compare", action="store_true",
                     help="prefill again with gc.freeze() (diagnostic of the GC's share of the host time)")
     ap.add_argument("--hf-prefill-only", action="store_true", help="HF: the prefill figure only (no decode runs)")
+    ap.add_argument("--hf-alone", action="store_true",
+                    help="HF's prefill timed only before the engine starts (default: HF stays loaded and its timed "
+                         "prefills alternate with the engine's, so both run at the same clocks)")
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script: a tiny random Llama, fp32")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
@@ -393,6 +438,7 @@ def main() -> int:
     path = tempfile.mkdtemp(prefix="llama8b-") if a.tiny else checkpoint_dir(a.layers)
     # a time limit's SIGTERM (timeout) unwinds through the finally below: the checkpoint may sit in RAM
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    hf = None
     try:
         t = time.perf_counter()
         if a.tiny:   # ids up to 100000 (Prompts), 1024-token prompts
@@ -405,8 +451,11 @@ def main() -> int:
         res["checkpoint_dir"] = os.path.dirname(path)
         res["checkpoint_build_s"] = time.perf_counter() - t
         if not a.skip_hf and "prefill" in sections:
-            res.update(time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch,
-                               decode=not a.hf_prefill_only and "decode" in sections, device=dev))
+            out = time_hf(path, prompts, a.prompt_len, a.steps, a.prefill_batch,
+                          decode=not a.hf_prefill_only and "decode" in sections, device=dev,
+                          keep=not a.hf_alone)
+            hf = out.pop("hf_prefill", None)
+            res.update(out)
         lora = not a.skip_lora and "lora" in sections
         t = time.perf_counter()
         cfg = engine_config_from_kwargs(path, dtype="float32" if a.tiny else "bfloat16", device=dev,
@@ -416,16 +465,21 @@ def main() -> int:
                                         kv_cache_config={"free_gpu_memory_fraction": 0.5})
         engine = LLMEngine(cfg)
         res["engine_start_s"] = time.perf_counter() - t    # weights, KV cache, CUDA-graph capture (compiles)
-        measure(engine, a, res, sections, prompts, bw, peak, dev)
+        measure(engine, a, res, sections, prompts, bw, peak, dev, hf)
     finally:
+        if hf is not None:
+            hf.close()
         import shutil
 
         shutil.rmtree(path, ignore_errors=True)
     return 0
 
 
-def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: float, peak: float, dev: str) -> None:
-    """The engine's figures, in the order of the time they need (the LoRA decode last, then profiles)."""
+def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: float, peak: float, dev: str,
+            hf: HFPrefill | None = None) -> None:
+    """The engine's figures, in the order of the time they need (the LoRA decode last, then profiles).
+    hf: HF's prefill, still loaded: its timed runs alternate with the engine's (prefill_vs_hf from the
+    medians of the same rounds); hf_prefill_tok_s_alone stays the figure HF got before the engine."""
     from loraserve import LoRARequest
 
     hits = 0
@@ -439,10 +493,16 @@ def measure(engine, a, res: _Printing, sections: set, prompts: Prompts, bw: floa
         res[f"roofline_decode_bs{batch}_tok_s"] = limit
         res[f"decode_bs{batch}_roofline_fraction"] = r["tok_s"] / limit
     if "prefill" in sections:
-        r = time_engine_prefill(engine, prompts, a.prefill_batch, 1024, a.prefill_repeats)
+        first = len(hf.times) if hf is not None else 0
+        r = time_engine_prefill(engine, prompts, a.prefill_batch, 1024, a.prefill_repeats, other=hf)
         hits += r["prefix_hits"]
         res["timed_prefix_cache_hits"] = hits
         res["loraserve_prefill_tok_s"] = r["tok_s"]
+        if hf is not None:
+            res["hf_prefill_tok_s"] = hf.tok_s(first=first)
+            res["hf_prefill_interleaved"] = True
+            res["hf_prefill_ms_runs"] = [round(t * 1e3, 2) for t in hf.times[first:]]
+            hf.close()
         from loraserve.inference.models import llama
 
         res["prefill_last_layer_rows_only"] = bool(llama.LAST_LAYER_ROWS)   # FLOPs below: the work done

@@ -77,6 +77,7 @@ _WAVE_CHUNKS = lora_shrink_bgmv.BGMV_WAVE_CHUNKS
 _DGRID_ANY = lora_expand_stream.STREAM_PPS_DECODE_ANY
 _KCH = (lora_shrink_bgmv.BGMV_KCHUNKS, lora_shrink_bgmv.BGMV_KCHUNKS_WIDE, lora_shrink_bgmv.BGMV_MAXNREG_WIDE)
 _SK_MAX = lora_expand_stream.STREAM_SK_CHUNK_MAX
+_WIDE_R64 = lora_shrink_bgmv.BGMV_WIDE_BLOCK_K_R64
 
 VARIANTS = {
     "default": DEFAULT,
@@ -209,7 +210,37 @@ VARIANTS.update({
     "sk2": dict(DEFAULT, sk_chunk_max=2),
     # the defaults at the twelfth session's start (2f35eac), every knob of that session pinned
     "prev12": dict(DEFAULT, sk_chunk_max=0),
+    # thirteenth session: sk1 with the BGMV shrink's BLOCK_K 1024 for down at rank > 32 (14 partials, one a round;
+    # lora_shrink_bgmv.BGMV_WIDE_BLOCK_K_R64) / 512 (28); prev13: the session's start pinned
+    "sk1w": dict(DEFAULT, sk_chunk_max=1, wide_r64=1024),
+    "sk1w512": dict(DEFAULT, sk_chunk_max=1, wide_r64=512),
+    "sk2w": dict(DEFAULT, sk_chunk_max=2, wide_r64=1024),
+    "w1024": dict(DEFAULT, wide_r64=1024),
+    "prev13": dict(DEFAULT, sk_chunk_max=0, wide_r64=0),
 })
+
+# Segment-tiled pair knobs (lora_seg's environment knobs, read at each call) for the median's pair, o r64 L32 T1024 and
+# qkv r64 L32 T256 (`--compare --big-only --shapes o:64:32:1024,qkv:64:32:256`). Each sets only its knobs; the seg
+# configs' defaults otherwise (lora_seg.seg_shrink_config / seg_expand_config).
+_SEG_ENV = {
+    "seg_sw8": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "8"},   # shrink 8 warps (with ~1 program per SM)
+    "seg_bk128s2": {"LORASERVE_LORA_SEG_SHRINK_BK": "128", "LORASERVE_LORA_SEG_SHRINK_STAGES": "2"},
+    "seg_bk128s3": {"LORASERVE_LORA_SEG_SHRINK_BK": "128", "LORASERVE_LORA_SEG_SHRINK_STAGES": "3"},
+    "seg_bk256s3": {"LORASERVE_LORA_SEG_SHRINK_BK": "256", "LORASERVE_LORA_SEG_SHRINK_STAGES": "3"},
+    "seg_bk256s2": {"LORASERVE_LORA_SEG_SHRINK_BK": "256", "LORASERVE_LORA_SEG_SHRINK_STAGES": "2"},
+    # more stages: more of A in flight per program at ~1 shrink program per SM (o r64: BK 128 -> 147 KB; qkv r64's BK
+    # would drop to 32 under the config's 160 KB cap, hence seg_s6bk64: 6 x 64-wide stages, 209 KB at qkv)
+    "seg_s6": {"LORASERVE_LORA_SEG_SHRINK_STAGES": "6"},
+    "seg_s6bk64": {"LORASERVE_LORA_SEG_SHRINK_STAGES": "6", "LORASERVE_LORA_SEG_SHRINK_BK": "64"},
+    "seg_s6w8": {"LORASERVE_LORA_SEG_SHRINK_STAGES": "6", "LORASERVE_LORA_SEG_SHRINK_WARPS": "8"},
+    "seg_split2": {"LORASERVE_LORA_SEG_SPLIT": "2"},
+    "seg_split8": {"LORASERVE_LORA_SEG_SPLIT": "8"},
+    "seg_nored": {"LORASERVE_LORA_SEG_REDUCE": "0"},   # the expand sums the planes (4 at ~1 shrink program per SM)
+    "seg_xw4": {"LORASERVE_LORA_SEG_WARPS": "4"},       # expand 4 warps
+    "seg_sw8_bk128s3": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "8", "LORASERVE_LORA_SEG_SHRINK_BK": "128",
+                        "LORASERVE_LORA_SEG_SHRINK_STAGES": "3"},
+}
+VARIANTS.update({k: dict(DEFAULT, env=v) for k, v in _SEG_ENV.items()})
 
 
 _ENV_SET: set[str] = set()   # environment knobs the last variant set (read at each call by the kernels' launchers)
@@ -224,6 +255,11 @@ def _use_variant(c: Case, variant) -> None:
     if isinstance(variant, dict):
         os.environ.update(variant.get("env", {}))
         _ENV_SET.update(variant.get("env", {}))
+    from loraserve.kernels import lora_seg
+
+    lora_seg._SEG_FAILED.clear()   # a variant whose seg config failed to compile must not switch seg off for the next
+    # (before Case.use_variant: the workspace's split count depends on it)
+    lora_shrink_bgmv.BGMV_WIDE_BLOCK_K_R64 = variant.get("wide_r64", _WIDE_R64) if isinstance(variant, dict) else _WIDE_R64
     c.use_variant(variant)
     if isinstance(variant, dict):
         lora_expand_stream.STREAM_PROGRAMS_PER_SM = variant.get("stream_pps", _STREAM_PPS)

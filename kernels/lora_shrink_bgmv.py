@@ -306,6 +306,10 @@ BGMV_BLOCK_K: int | None = None
 # 64 tokens / 32 adapters 13.7 -> 12.6 (its expand sums 7 partials, not 14) and at 1 token 4.57 -> 3.65; on the
 # 4096-wide inputs 2048 was mixed (qkv 12.0 -> 12.5 at 64 tokens, o 2.91 -> 3.22 at 1 token), so only wide ones.
 BGMV_WIDE_BLOCK_K = 2048
+# ... at rank > 32 instead (0: BGMV_WIDE_BLOCK_K). Probe knob (LORASERVE_LORA_BGMV_WIDE_BLOCK_K_R64): H200 2026-12-01
+# 12:32, down r64 / 16 adapters / 16 tokens, shrink alone 11.9 us at 2048 vs 10.15 at 1024 (14 partials, which the
+# streaming expand then wants one a round: STREAM_SK_CHUNK_MAX). Read at each call.
+BGMV_WIDE_BLOCK_K_R64 = int(os.environ.get("LORASERVE_LORA_BGMV_WIDE_BLOCK_K_R64", "0"))
 
 
 # A's block as this many separate loads (1, 2 or 4) for blocks of >= BGMV_KCHUNK_MIN_K columns (LORASERVE_LORA_BGMV_
@@ -377,6 +381,8 @@ def bgmv_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: i
     block_n = 16
     if BGMV_BLOCK_K:
         block_k = BGMV_BLOCK_K
+    elif BGMV_WIDE_BLOCK_K_R64 and hidden_in > 8192 and rank > 32:
+        block_k = BGMV_WIDE_BLOCK_K_R64
     elif BGMV_WIDE_BLOCK_K and hidden_in > 8192:
         block_k = BGMV_WIDE_BLOCK_K
     else:

@@ -90,3 +90,22 @@ def test_bgmv_wave_chunks_rule() -> None:
         assert sb.wave_chunks(1024, 32 * 4 * 3) == 1
     finally:
         sb.BGMV_WAVE_CHUNKS = old
+
+
+def test_bgmv_wide_block_k_rank64_knob() -> None:
+    """lora_shrink_bgmv.BGMV_WIDE_BLOCK_K_R64: BLOCK_K for inputs wider than 8192 at rank > 32 only (0: the wide rule's
+    2048 at every rank); 4096-wide inputs and rank <= 32 keep their BLOCK_K."""
+    from loraserve.kernels import lora_shrink_bgmv as sb
+
+    old = sb.BGMV_WIDE_BLOCK_K_R64, sb.BGMV_WIDE_BLOCK_K, sb.BGMV_BLOCK_K
+    try:
+        sb.BGMV_WIDE_BLOCK_K, sb.BGMV_BLOCK_K = 2048, None
+        sb.BGMV_WIDE_BLOCK_K_R64 = 0
+        assert sb.bgmv_shrink_config(16, 64, 14336, 1, 32)["SPLIT_K"] == 7
+        sb.BGMV_WIDE_BLOCK_K_R64 = 1024
+        cfg = sb.bgmv_shrink_config(16, 64, 14336, 1, 32)
+        assert (cfg["BLOCK_K"], cfg["SPLIT_K"]) == (1024, 14), cfg
+        assert sb.bgmv_shrink_config(16, 16, 14336, 1, 32)["BLOCK_K"] == 2048   # rank <= 32: the wide rule
+        assert sb.bgmv_shrink_config(16, 64, 4096, 3, 32)["BLOCK_K"] == 1024    # 4096 wide: the target split
+    finally:
+        sb.BGMV_WIDE_BLOCK_K_R64, sb.BGMV_WIDE_BLOCK_K, sb.BGMV_BLOCK_K = old

@@ -73,3 +73,24 @@ def test_bgmv_shrink_two_rows_chunks_llama3_8b_bf16(proj: str, chunks) -> None:
         check_graph_replay_matches_eager(1, 16)
     finally:
         sb.BGMV_WAVE_CHUNKS = old
+
+
+@pytest.mark.parametrize("proj", ["qkv", "down"])
+@pytest.mark.parametrize("sk_max,wide_r64", [(1, 0), (1, 1024), (2, 512)])
+def test_rank64_small_steps_partials_per_round_and_wide_block_k(proj: str, sk_max: int, wide_r64: int) -> None:
+    """Rank 64 at 16 tokens (the >= 32 MB shapes' 16-token rows): the streaming expand summing at most sk_max split-K
+    partials a load round (lora_expand_stream.STREAM_SK_CHUNK_MAX) after the BGMV shrink with down's BLOCK_K at rank
+    > 32 (lora_shrink_bgmv.BGMV_WIDE_BLOCK_K_R64: 14 / 28 partials), lora_apply vs the reference."""
+    from loraserve.kernels import lora_expand_stream as les
+    from loraserve.kernels import lora_shrink_bgmv as sb
+
+    from . import bgmv_interp_cases
+
+    hidden, widths = PROJECTIONS[proj]
+    old = les.STREAM_SK_CHUNK_MAX, sb.BGMV_WIDE_BLOCK_K_R64
+    les.STREAM_SK_CHUNK_MAX, sb.BGMV_WIDE_BLOCK_K_R64 = sk_max, wide_r64
+    try:
+        for T, L, composition in ((16, 16, "distinct"), (16, 8, "mixed-ranks"), (4, 4, "no-adapter-rows")):
+            bgmv_interp_cases.check_bgmv_apply("bfloat16", hidden, 64, widths, T, L, composition, device="cuda")
+    finally:
+        les.STREAM_SK_CHUNK_MAX, sb.BGMV_WIDE_BLOCK_K_R64 = old

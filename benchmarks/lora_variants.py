@@ -237,10 +237,19 @@ _SEG_ENV = {
     "seg_split8": {"LORASERVE_LORA_SEG_SPLIT": "8"},
     "seg_nored": {"LORASERVE_LORA_SEG_REDUCE": "0"},   # the expand sums the planes (4 at ~1 shrink program per SM)
     "seg_xw4": {"LORASERVE_LORA_SEG_WARPS": "4"},       # expand 4 warps
+    # the pair's metadata chains before their waits, the shrink letting the expand launch right after its own wait
+    # (lora_seg.seg_early); _xt: the expand letting the next kernel launch after its wait too
+    "seg_early": {"LORASERVE_LORA_SEG_EARLY": "1"},
+    "seg_early_xt": {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_XTRIGGER": "1"},
+    # ~1 shrink program per SM at rank <= 32 on inputs <= 8192 wide (qkv / o / gate_up r16; down r16 keeps 2)
+    "seg_s1n": {"LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW": "1"},
     "seg_sw8_bk128s3": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "8", "LORASERVE_LORA_SEG_SHRINK_BK": "128",
                         "LORASERVE_LORA_SEG_SHRINK_STAGES": "3"},
 }
 VARIANTS.update({k: dict(DEFAULT, env=v) for k, v in _SEG_ENV.items()})
+# the thirteenth session's candidates together (they touch disjoint shapes: sk1 the streaming expand of the partials
+# path, wide_r64 down's rank-64 BGMV shrink, s1n the rank-16 seg shrinks of 4096-wide inputs)
+VARIANTS["c13"] = dict(DEFAULT, sk_chunk_max=1, wide_r64=1024, env=_SEG_ENV["seg_s1n"])
 
 
 _ENV_SET: set[str] = set()   # environment knobs the last variant set (read at each call by the kernels' launchers)

@@ -112,7 +112,11 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     # 2026-12-01 04:34 vs 2 per SM: qkv r64 / 32 adapters / 256 tokens shrink 22.7 -> 20.5 us (pair 34.8 -> 32.0),
     # gate_up r64 / 16 / 256 16.3 -> 11.4 (43.8 -> 39.9), o r64 / 32 / 1024 14.2 -> 11.0 (29.6 -> 25.9). Rank <= 32
     # keeps 2 per SM (as measured there: gate_up r16 / 16 / 256 19.5 us, down r16 / 4 / 1024 16.6; 1 per SM unmeasured)
-    per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 1 if rank > 32 else 2)
+    # Rank <= 32 on inputs <= 8192 wide: LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW (default 2 as before). H200 final
+    # 2026-12-01 05:29, 1 per SM at rank 16: gate_up r16 / 16 adapters / 256 tokens 19.24 -> 17.91 us, qkv r16 / 1 / 1024
+    # 17.26 -> 16.45, but down r16 / 4 / 1024 (14336 wide) 17.13 -> 19.36; opt-in until a second run agrees.
+    narrow = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW", 2) if hidden_in <= 8192 else 2
+    per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 1 if rank > 32 else narrow)
     rows = -(-grid_tiles // group)
     k_blocks = -(-hidden_in // block_k)
     split = 1
@@ -126,6 +130,14 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     return dict(GROUP=group, RP=rp, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, ADAPT=seg_adapt(),
                 RED_UNROLL=red_unroll,
                 num_stages=stages)
+
+
+def seg_early() -> tuple[bool, bool]:
+    """(EARLY, TRIGGER_EARLY) for PDL launches: LORASERVE_LORA_SEG_EARLY (the pair's metadata chains before their
+    griddepcontrol.wait, the shrink letting the expand launch right after its own wait) and LORASERVE_LORA_SEG_XTRIGGER
+    (the expand letting the next kernel launch right after its wait); both default off (probe knobs); read at each
+    call. Results are bit-identical either way (only when the loads and launches happen changes)."""
+    return bool(_env_int("LORASERVE_LORA_SEG_EARLY", 0)), bool(_env_int("LORASERVE_LORA_SEG_XTRIGGER", 0))
 
 
 def seg_reduce() -> bool:
@@ -213,7 +225,7 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
         x.stride(0), x.stride(1), *lora_a.stride(), *out.stride(),
         NUM_SLICES=S, RP=cfg["RP"], TILE_M=meta.block_m, GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BK,
         EVEN_K=H == k_chunk * SK, IEEE=x.dtype == torch.float32, REDUCE=reduce, ADAPT=cfg["ADAPT"],
-        RED_UNROLL=cfg["RED_UNROLL"],
+        RED_UNROLL=cfg["RED_UNROLL"], **_early_kw(x.device, shrink=True),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x.device),
     )
     return out
@@ -257,9 +269,21 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
         NUM_SLICES=S, BOUNDS_P2=max(2, _pow2(S - 1)), RP=max(16, _pow2(R)), TILE_M=meta.block_m, GROUP=cfg["GROUP"],
         BLOCK_N=BN, SPLIT_K=SK, EVEN_N=N % BN == 0, EVEN_R=R == max(16, _pow2(R)), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_FLAGS=scale is not None and scale_on is not None, Y_AHEAD=cfg["Y_AHEAD"], ADAPT=cfg["ADAPT"],
+        **_early_kw(y.device, shrink=False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(y.device),
     )
     return y
+
+
+def _early_kw(device: torch.device, shrink: bool) -> dict:
+    """seg_early()'s constexprs where set (nothing when off: the default kernels' compiled keys stay as they were)."""
+    early, trig = seg_early()
+    if not pdl_launch(device):
+        return {}
+    kw = {"EARLY": True} if early else {}
+    if trig and not shrink:
+        kw["TRIGGER_EARLY"] = True
+    return kw
 
 
 def seg_apply(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: LoRAMeta,

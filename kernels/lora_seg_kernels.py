@@ -78,7 +78,7 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
         REDUCE: tl.constexpr = False, ADAPT: tl.constexpr = False, RED_UNROLL: tl.constexpr = 4,
-        USE_PDL: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -89,11 +89,18 @@ if HAS_TRITON:
         r_j = offs_j % RP
         k_lo = pid_k * K_CHUNK
         offs_k = tl.arange(0, BLOCK_K)
-        if USE_PDL:  # x is the kernel before us'
+        # EARLY (PDL only): the metadata chain (tile -> slot, rank, token ids: older than the kernel before us) before
+        # the wait, and the expand may launch right after it (it waits for our completion; its metadata before that)
+        if USE_PDL and not (EARLY and not (ADAPT and GROUP > 1)):  # x is the kernel before us'
             tl.extra.cuda.gdc_wait()
         # the whole block's rows (slot per row, token ids): the passes' rows, and the reduction's
         blk_slot, blk_tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
                                        TILE_M, GROUP)
+        slot0 = _run_slot(tile_slots_ptr, pid, 0, num_tiles, GROUP)
+        rank0 = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot0, 0)), R)
+        if USE_PDL and EARLY and not (ADAPT and GROUP > 1):
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if ADAPT and GROUP > 1:
             # one pass over the whole row block when its tiles share one slot (a long segment), else one pass per
             # meta tile at TILE_M rows (short segments pay no masked rows in their dots)
@@ -120,8 +127,12 @@ if HAS_TRITON:
                                      NUM_SLICES, TILE_M, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
         else:
             for g in tl.static_range(GROUP):
-                slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
-                rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
+                if g == 0:
+                    slot = slot0
+                    rank = rank0
+                else:
+                    slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
+                    rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
                 if (slot >= 0) & (rank > 0):
                     _shrink_pass(x_ptr, a_ptr, out_ptr, slot, rank, blk_slot == slot, blk_tok, s_j, r_j, offs_k, k_lo,
                                  pid_k, K, K_CHUNK, stride_xm, stride_xk, stride_al, stride_as, stride_ar, stride_ak,
@@ -143,7 +154,8 @@ if HAS_TRITON:
                         h += tl.load(p + (j0 + u) * stride_ok, mask=m & live[:, None], other=0.0,
                                      cache_modifier=".cg")
                 tl.store(p + SPLIT_K * stride_ok, h, mask=m)
-        if USE_PDL:  # the expand may launch once every program got here (it waits for our completion)
+        if USE_PDL and not (EARLY and not (ADAPT and GROUP > 1)):  # the expand may launch once every program got
+            # here (it waits for our completion)
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
@@ -257,7 +269,8 @@ if HAS_TRITON:
         NUM_SLICES: tl.constexpr, BOUNDS_P2: tl.constexpr, RP: tl.constexpr, TILE_M: tl.constexpr,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FLAGS: tl.constexpr, Y_AHEAD: tl.constexpr = False,
-        ADAPT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+        ADAPT: tl.constexpr = False, USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+        TRIGGER_EARLY: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_g = tl.program_id(1)
@@ -269,8 +282,12 @@ if HAS_TRITON:
         if NUM_SLICES > 1:
             bi = tl.arange(0, BOUNDS_P2)
             bounds = tl.load(slice_off_ptr + 1 + bi, mask=bi < NUM_SLICES - 1, other=2147483647)
-        if USE_PDL:  # the partials are the shrink's (launched just before us with PDL)
+        # EARLY (PDL only): the metadata chain before the wait (the partials after it); TRIGGER_EARLY: the next kernel
+        # may launch once every program passed the wait (its own wait still orders it after our completion)
+        if USE_PDL and not (EARLY and not (ADAPT and GROUP > 1)):  # the partials are the shrink's (PDL launch)
             tl.extra.cuda.gdc_wait()
+            if TRIGGER_EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         if ADAPT and GROUP > 1:   # as in the shrink: one pass when the block's tiles share a slot, else per tile
             first = tl.load(tile_slots_ptr + pid * GROUP)
             last = tl.load(tile_slots_ptr + tl.minimum(pid * GROUP + GROUP - 1, num_tiles - 1))
@@ -300,14 +317,24 @@ if HAS_TRITON:
         else:
             row_slot, tok = _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
                                        TILE_M, GROUP)
+            slot0 = _run_slot(tile_slots_ptr, pid, 0, num_tiles, GROUP)
+            rank0 = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot0, 0)), R)
+            if USE_PDL and EARLY and not (ADAPT and GROUP > 1):
+                tl.extra.cuda.gdc_wait()
+                if TRIGGER_EARLY:
+                    tl.extra.cuda.gdc_launch_dependents()
             for g in tl.static_range(GROUP):
-                slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
-                rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
+                if g == 0:
+                    slot = slot0
+                    rank = rank0
+                else:
+                    slot = _run_slot(tile_slots_ptr, pid, g, num_tiles, GROUP)
+                    rank = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R)
                 if (slot >= 0) & (rank > 0):   # rank 0: the adapter does not target this module, rows untouched
                     _expand_pass(parts_ptr, b_ptr, y_ptr, slice_off_ptr, scale_ptr, shift_ptr, scale_on_ptr, slot,
                                  rank, row_slot == slot, tok, bounds, offs_r, offs_bn, blk_lo, blk_hi, N, R,
                                  stride_pk, stride_ps, stride_pm, stride_pr, stride_bl, stride_bn, stride_bk,
                                  stride_ym, stride_yn, stride_sl, stride_sn, NUM_SLICES, BLOCK_N, SPLIT_K, EVEN_N,
                                  EVEN_R, HAS_SCALE, HAS_SHIFT, HAS_FLAGS, Y_AHEAD)
-        if USE_PDL:
+        if USE_PDL and not TRIGGER_EARLY:
             tl.extra.cuda.gdc_launch_dependents()

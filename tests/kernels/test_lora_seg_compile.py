@@ -61,3 +61,47 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
     assert "cp.async" in k.asm["ptx"], "the column loop should be pipelined (B through cp.async)"
     assert k.metadata.shared <= 227 * 1024, f"expand shared memory {k.metadata.shared} B"
     assert_no_spills(k)
+
+
+@pytest.mark.parametrize("trigger", [False, True])
+def test_seg_early_metadata_and_trigger_compile_for_sm90(trigger):
+    """lora_seg.seg_early's forms (qkv r64 at 256 tokens): the metadata loads before griddepcontrol.wait, the shrink's
+    launch_dependents right after its wait (before its A / x stream), the expand's too with TRIGGER_EARLY; no spills."""
+    from loraserve.kernels.lora_seg import _seg_expand_kernel, _seg_shrink_kernel, seg_expand_config, seg_shrink_config
+
+    hidden, widths = PROJ["qkv"]
+    S, N, T, bm, R = len(widths), sum(widths), 256, 16, 64
+    tiles = T // bm + 32
+    sc = seg_shrink_config(T, R, hidden, S, bm, tiles)
+    sig = dict(META, x_ptr="*bf16", a_ptr="*bf16", out_ptr="*fp32", K="i32", R="i32", K_CHUNK="i32",
+               **{n: "i32" for n in ("stride_xm", "stride_xk", "stride_al", "stride_as", "stride_ar", "stride_ak",
+                                     "stride_ok", "stride_os", "stride_om", "stride_or")})
+    k = compile_sm90(_seg_shrink_kernel, sig, dict(NUM_SLICES=S, RP=sc["RP"], TILE_M=bm, GROUP=1, BLOCK_N=sc["BLOCK_N"],
+                                                   BLOCK_K=sc["BLOCK_K"], EVEN_K=True, IEEE=False, REDUCE=True,
+                                                   ADAPT=False, RED_UNROLL=sc["RED_UNROLL"], USE_PDL=True, EARLY=True),
+                     unit=("stride_xk", "stride_ak", "stride_or"), div16_except=("R", "num_tiles"),
+                     num_warps=sc["num_warps"], num_stages=sc["num_stages"], launch_pdl=True)
+    lines = k.asm["ptx"].splitlines()
+    first = {w: next(i for i, ln in enumerate(lines) if w in ln)
+             for w in ("ld.global", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "cp.async")}
+    assert first["ld.global"] < first["griddepcontrol.wait"] < first["griddepcontrol.launch_dependents"] < first["cp.async"]
+    assert_no_spills(k)
+    ec = seg_expand_config(T, N, R, bm, tiles, num_slices=S)
+    sig = dict(META, parts_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", slice_off_ptr="*i32", scale_ptr="*fp32",
+               shift_ptr="*fp32", scale_on_ptr="*i32", N="i32", R="i32", BLOCKS_PER_PROG="i32",
+               **{n: "i32" for n in ("stride_pk", "stride_ps", "stride_pm", "stride_pr", "stride_bl", "stride_bn",
+                                     "stride_bk", "stride_ym", "stride_yn", "stride_sl", "stride_sn")})
+    k = compile_sm90(_seg_expand_kernel, sig, dict(NUM_SLICES=S, BOUNDS_P2=2, RP=R, TILE_M=bm, GROUP=1,
+                                                   BLOCK_N=ec["BLOCK_N"], SPLIT_K=1, EVEN_N=True, EVEN_R=True,
+                                                   HAS_SCALE=True, HAS_SHIFT=True, HAS_FLAGS=True, Y_AHEAD=False,
+                                                   ADAPT=False, USE_PDL=True, EARLY=True, TRIGGER_EARLY=trigger),
+                     unit=("stride_pr", "stride_bk", "stride_yn", "stride_sn"),
+                     div16_except=("R", "num_tiles", "BLOCKS_PER_PROG"),
+                     num_warps=ec["num_warps"], num_stages=ec["num_stages"], launch_pdl=True)
+    ptx = k.asm["ptx"]
+    lines = ptx.splitlines()
+    wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
+    trig = [i for i, ln in enumerate(lines) if "griddepcontrol.launch_dependents" in ln]
+    assert next(i for i, ln in enumerate(lines) if "ld.global" in ln) < wait and "cp.async" in ptx
+    assert len(trig) == 1 and (trig[0] < wait + 10 if trigger else trig[0] > wait + 100), (wait, trig)
+    assert_no_spills(k)

@@ -44,6 +44,29 @@ CASES = {  # name: (hidden, widths, max rank, tokens, slots list builder, group,
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_seg_path_equals_reference_and_replays(name, monkeypatch) -> None:
+    check_seg_case(name, monkeypatch)
+
+
+_EARLY = {"LORASERVE_LORA_SEG_EARLY": "1"}
+_EARLY_XT = {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_XTRIGGER": "1"}
+
+
+@pytest.mark.parametrize("name,env", [("qkv-mixed-ranks-4-adapters", _EARLY), ("qkv-mixed-ranks-4-adapters", _EARLY_XT),
+                                      ("down-32-adapters-dora", _EARLY_XT),
+                                      ("gate_up-one-adapter-dora", {"LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW": "1"})])
+def test_seg_knobs_equal_default_and_replay(name, env, monkeypatch) -> None:
+    """lora_seg's probe knobs: the metadata before the waits and the early launches (seg_early: bit for bit the
+    default), ~1 shrink program per SM at rank <= 32 (another split: within the reference's tolerance); each also ==
+    the reference, graph == eager."""
+    base = check_seg_case(name, monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    y = check_seg_case(name, monkeypatch)
+    if "LORASERVE_LORA_SEG_EARLY" in env:
+        assert torch.equal(y, base), "seg_early changed the output"
+
+
+def check_seg_case(name, monkeypatch) -> torch.Tensor:
     from loraserve.kernels import LoRAMetaBuilder, lora_apply
     from loraserve.kernels.lora_apply import choose_path
 
@@ -98,3 +121,4 @@ def test_seg_path_equals_reference_and_replays(name, monkeypatch) -> None:
     untouched = (token_slot < 0) | (ranks[token_slot.clamp(min=0).long()] == 0)
     assert torch.equal(y_eager[untouched], y0[untouched]), "a row without an adapter changed"
     assert not torch.equal(y_eager[~untouched], y0[~untouched]), "nothing added"
+    return y_eager

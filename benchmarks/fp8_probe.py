@@ -93,6 +93,18 @@ VARIANTS = (
     ("o_dot8b_s2", {"LORASERVE_FP8_TILE64": "4096x4096=dot8b:64:64:128:2:4:3"}),
     ("o_dot16", {"LORASERVE_FP8_TILE64": "4096x4096=dot16:64:64:128:1:4:3"}),
     ("default2", {}),   # the defaults again at the end (drift)
+    # with --lora: the FP8 projections' LoRA shrink on a side stream beside the FP8 GEMM (models/fp8.py
+    # lora_overlap_mode; the bf16 projections' default), or shrink + expand there with one add after the GEMM
+    ("fp8_lora_shrink", {"LORASERVE_FP8_LORA_OVERLAP": "shrink"}),
+    ("fp8_lora_full", {"LORASERVE_FP8_LORA_OVERLAP": "full"}),
+    ("fp8_lora_seq", {"LORASERVE_FP8_LORA_OVERLAP": "0"}),
+    # with --lora: the fused epilogues kept with LoRA rows (models/fp8_fused.py lora_defer_on; the deltas to the
+    # epilogues' consumers): all four, the shrink after the GEMM instead of beside it, one projection group at a time
+    ("lora_defer", {"LORASERVE_FP8_LORA_DEFER": "1"}),
+    ("lora_defer_main", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "main"}),
+    ("lora_defer_o_down", {"LORASERVE_FP8_LORA_DEFER": "o,down"}),
+    ("lora_defer_qkv", {"LORASERVE_FP8_LORA_DEFER": "qkv"}),
+    ("lora_defer_gate_up", {"LORASERVE_FP8_LORA_DEFER": "gate_up"}),
     # the defaults at the eleventh session's start (98872c8): its new switches pinned off (the final's same-run A/B)
     ("prev11", {"LORASERVE_FP8_GATE_UP_SILU_DOT8": "0", "LORASERVE_FP8_NORM_WARPS_BATCH": "0",
                 "LORASERVE_FP8_DEFER_QKV": "0", "LORASERVE_FP8_LM_HEAD_BATCH_MAX_M": "0"}),
@@ -139,24 +151,28 @@ VARIANTS = (
 DEFAULT_VARIANTS = "default,gemv_pdl_early_fixup,rope_kv_unfused,gemv_pdl_early,splitk_fixup"
 
 
-def capture(engine, buckets: list[int]):
+def capture(engine, buckets: list[int], lora: bool = False):
     """A fresh CudaGraphRunner of `engine`'s model with graphs at `buckets` only, its static inputs copied from
-    the engine's own runner (the last real decode step's ids, positions, slots, context lengths, block tables)."""
+    the engine's own runner (the last real decode step's ids, positions, slots, context lengths, block tables; with
+    lora also its token slots: the runner then holds a LoRA graph and a plain one per bucket)."""
     from loraserve.inference.cuda_graphs import CudaGraphRunner
 
     r, old = engine.runner, engine.runner.graph_runner
-    gr = CudaGraphRunner(r.model, r.device, max(buckets), old.block_tables.shape[1], r.num_blocks, r.block_size, None)
+    gr = CudaGraphRunner(r.model, r.device, max(buckets), old.block_tables.shape[1], r.num_blocks, r.block_size,
+                         engine.lora_manager if lora else None)
     n = gr.max_batch
     gr.ids_positions_slots.copy_(old.ids_positions_slots[:, :n])
     gr.context_lens.copy_(old.context_lens[:n])
     gr.block_tables.copy_(old.block_tables[:n])
+    if lora:
+        gr.token_slot.copy_(old.token_slot[:n])
     gr.buckets = list(buckets)
     gr.capture()
     return gr
 
 
-def replay_ms(gr, bs: int, n: int = 30) -> float:
-    graph = gr.graphs[(bs, False)][0]
+def replay_ms(gr, bs: int, n: int = 30, lora: bool = False) -> float:
+    graph = gr.graphs[(bs, lora)][0]
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -168,14 +184,14 @@ def replay_ms(gr, bs: int, n: int = 30) -> float:
     return start.elapsed_time(end) / n
 
 
-def replay_profile(gr, bs: int, layers: int, n: int = 10, top: int = 13) -> dict:
+def replay_profile(gr, bs: int, layers: int, n: int = 10, top: int = 13, lora: bool = False) -> dict:
     """Kernels of one captured decode graph (bucket `bs`) under torch.profiler over `n` replays: [(name, us per
     layer, calls per layer)] by device time, their sum per layer, and the graph's own time per layer (CUDA events,
     unprofiled): the difference is the time between kernels (launch gaps, ramps, tails not overlapped)."""
     from torch.profiler import ProfilerActivity, profile
 
-    graph = gr.graphs[(bs, False)][0]
-    wall_us = 1e3 * replay_ms(gr, bs, n) / layers
+    graph = gr.graphs[(bs, lora)][0]
+    wall_us = 1e3 * replay_ms(gr, bs, n, lora) / layers
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             graph.replay()
@@ -197,15 +213,25 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
 
     kw = (dict(dtype="bfloat16", device="cuda", max_num_tokens=8192, max_batch_size=a.batch,
                kv_cache_config={"free_gpu_memory_fraction": 0.4}) if not a.tiny else dict(dtype="float32", device="cpu"))
-    engine = build(path, quant, kw)
+    lora_cfg = reqs = None
+    if a.lora:   # --lora N: N distinct rank --lora-rank adapters on every projection, the rows round-robin over them
+        from loraserve import LoraConfig
+
+        lora_cfg = LoraConfig(max_lora_rank=a.lora_rank, max_loras=a.lora, max_cpu_loras=a.lora)
+    engine = build(path, quant, kw, lora_cfg)
+    if a.lora:
+        from benchmarks.bench_dora import make_adapters, register
+
+        reqs = register(engine, make_adapters(engine, a.lora, a.lora_rank, dora=False, seed=1), 1)
     out = res.setdefault(tag, {})
-    for bs in (1, a.batch):   # a real decode: wall ms per step, and the graphs' inputs for the replays below
-        tok_s = time_decode(engine, bs, a.prompt_len, a.steps, [None], seed=bs)
+    sizes = (a.batch,) if a.skip_bs1 else (1, a.batch)
+    for bs in sizes:   # a real decode: wall ms per step, and the graphs' inputs for the replays below
+        tok_s = time_decode(engine, bs, a.prompt_len, a.steps, reqs or [None], seed=bs)
         out[f"wall_bs{bs}_ms_per_step"] = round(1e3 * bs / tok_s, 3)
     print(f"[{tag}, {time.perf_counter() - t0:.0f} s] {out}", flush=True)
     if engine.device.type == "cuda" and engine.runner.graph_runner is not None:
         engine.runner.graph_runner.graphs.clear()   # the engine's own graphs: their memory back for the variants
-        outputs: dict[int, torch.Tensor] = {}   # bucket -> the first variant's hidden states
+        outputs: dict = {}   # bucket (, "lora") -> the first variant's hidden states
         for name, switches in variants:
             if time.perf_counter() - t0 > a.budget_s:
                 print(f"  {tag} {name}: skipped (budget)", flush=True)
@@ -213,10 +239,20 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
             saved = {k: os.environ.get(k) for k in switches}
             os.environ.update(switches)
             try:
-                gr = capture(engine, [1, a.batch])
+                gr = capture(engine, list(sizes), lora=bool(a.lora))
                 row = {}
-                for bs in (1, a.batch):
-                    row[f"bs{bs}_us_per_layer"] = round(1e3 * replay_ms(gr, bs) / a.layers, 2)
+                for bs in sizes:
+                    if a.lora:   # the plain and the LoRA graph alternated, min of 3 rounds each (clock drift)
+                        plain, with_lora = [], []
+                        for _ in range(3):
+                            plain.append(replay_ms(gr, bs))
+                            with_lora.append(replay_ms(gr, bs, lora=True))
+                        row[f"bs{bs}_us_per_layer"] = round(1e3 * min(plain) / a.layers, 2)
+                        row[f"bs{bs}_lora_us_per_layer"] = round(1e3 * min(with_lora) / a.layers, 2)
+                        row[f"bs{bs}_lora_added_us_per_layer"] = round(1e3 * (min(with_lora) - min(plain)) / a.layers, 2)
+                        row[f"bs{bs}_layer_ratio"] = round(min(plain) / min(with_lora), 4)
+                    else:
+                        row[f"bs{bs}_us_per_layer"] = round(1e3 * replay_ms(gr, bs) / a.layers, 2)
                     # the variants change launches, not math (same codes, same summation order): the hidden
                     # states must equal the default's bit for bit
                     hidden = gr.graphs[(bs, False)][1].float().clone()
@@ -228,18 +264,25 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     row[f"bs{bs}_max_abs_diff_vs_first"] = float((hidden - ref).abs().max())
                     if row[f"bs{bs}_max_abs_diff_vs_first"]:   # a variant with other numerics (LORASERVE_FP8_W8A8)
                         row[f"bs{bs}_rel_diff_vs_first"] = round(float((hidden - ref).norm() / ref.norm()), 5)
+                    if a.lora:   # the LoRA graph's hidden states against the first variant's (a LoRA fusion rounds
+                        hl = gr.graphs[(bs, True)][1].float().clone()   # in other places: bf16-level differences)
+                        refl = outputs.setdefault((bs, "lora"), hl)
+                        row[f"bs{bs}_lora_rel_diff_vs_first"] = round(float((hl - refl).norm() / refl.norm()), 5)
+                        row[f"bs{bs}_lora_vs_plain_rel"] = round(float((hl - hidden).norm() / hidden.norm()), 5)
                     if a.profile_kernels and name in a.profile_kernels.split(",") and bs == a.batch:
-                        try:
-                            prof = replay_profile(gr, bs, a.layers)
-                        except Exception as err:   # noqa: BLE001  (the timing above stands)
-                            row[f"bs{bs}_profile"] = f"failed: {type(err).__name__}: {err}"[:200]
-                            continue
-                        row[f"bs{bs}_profile"] = prof
-                        print(f"  {tag} {name} bs{bs}: graph {prof['graph_us_per_layer']} us/layer, kernels "
-                              f"{prof['kernels_us_per_layer']}, between {prof['between_kernels_us_per_layer']}",
-                              flush=True)
-                        for k in prof["kernels"]:
-                            print(f"    {k[0]:60s} {k[1]:8.2f} {k[2]:5.2f}", flush=True)
+                        for lo in ((False, True) if a.lora else (False,)):
+                            key = f"bs{bs}_profile" + ("_lora" if lo else "")
+                            try:
+                                prof = replay_profile(gr, bs, a.layers, top=40 if a.lora else 13, lora=lo)
+                            except Exception as err:   # noqa: BLE001  (the timing above stands)
+                                row[key] = f"failed: {type(err).__name__}: {err}"[:200]
+                                continue
+                            row[key] = prof
+                            print(f"  {tag} {name} bs{bs}{' LoRA' if lo else ''}: graph {prof['graph_us_per_layer']} "
+                                  f"us/layer, kernels {prof['kernels_us_per_layer']}, between "
+                                  f"{prof['between_kernels_us_per_layer']}", flush=True)
+                            for k in prof["kernels"]:
+                                print(f"    {k[0]:60s} {k[1]:8.2f} {k[2]:5.2f}", flush=True)
                 del gr
             except Exception as err:   # noqa: BLE001  (a variant that fails must not cost the others)
                 row = {"failed": f"{type(err).__name__}: {err}"[:300]}
@@ -251,7 +294,7 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                         os.environ[k] = v
             out[name] = row
             print(f"  {tag} {name} ({time.perf_counter() - t0:.0f} s): "
-                  f"{ {k: v for k, v in row.items() if not k.endswith('_profile')} }", flush=True)
+                  f"{ {k: v for k, v in row.items() if 'profile' not in k} }", flush=True)
             if a.json:
                 with open(a.json, "w") as fh:
                     json.dump(res, fh, indent=1)
@@ -433,6 +476,11 @@ def main() -> int:
     ap.add_argument("--profile-kernels", default="",
                     help="comma-separated variant names whose --batch graph is also replayed under torch.profiler "
                          "(kernels per layer, and the time between them)")
+    ap.add_argument("--lora", type=int, default=0, help="N distinct adapters (rank --lora-rank) on every projection, "
+                    "decode rows round-robin over them: each variant's LoRA graph is timed beside its plain one "
+                    "(bs*_lora_us_per_layer, bs*_lora_added_us_per_layer, bs*_layer_ratio)")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--skip-bs1", action="store_true", help="only the --batch bucket (capture and replay)")
     ap.add_argument("--lm-head-only", action="store_true", help="only the LM head timings (lm_head_us)")
     ap.add_argument("--ckpt", default=None, help="a checkpoint directory: built there (kept) unless it has config.json")
     ap.add_argument("--build-only", action="store_true", help="only build --ckpt (e.g. while a sweep runs) and exit")
@@ -459,6 +507,10 @@ def main() -> int:
     if a.build_only:
         return 0
     chosen = [v for name in a.variants.split(",") for v in VARIANTS if v[0] == name]
+    if a.lora or a.skip_bs1:   # the engines' own decode graphs only at the probed buckets (capture time)
+        from loraserve.inference import cuda_graphs
+
+        cuda_graphs.BUCKETS = (a.batch,) if a.skip_bs1 else (1, a.batch)
     res: dict = {"layers": a.layers, "batch": a.batch, "prompt_len": a.prompt_len,
                  "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASERVE_")}}
     try:

@@ -34,7 +34,7 @@ def dot8_silu_config_ok(cfg: tuple) -> bool:
 
 
 if HAS_TRITON:
-    from .fp8_norm_quant import _quant_regs
+    from .fp8_norm_quant import _delta_kwargs, _quant_regs
 
     @triton.jit
     def _row_codes_kernel(h_ptr, pm_ptr, q_ptr, s_ptr, N, P, fp8_max, stride_h, stride_q, BLOCK: tl.constexpr,
@@ -75,11 +75,14 @@ def row_codes(h: Tensor, pmax: Tensor, block: int | None = None) -> tuple[Tensor
 
 
 def dot8_silu_quant(x: Tensor, w_q: Tensor, w_scale: Tensor, config: tuple,
-                    x_q: tuple[Tensor, Tensor] | None = None, codes: bool = True):
+                    x_q: tuple[Tensor, Tensor] | None = None, codes: bool = True, delta: Tensor | None = None,
+                    dora: tuple | None = None):
     """x [M, K] bf16/fp16, w_q [2I, K] e4m3 (gate rows, then up rows), w_scale [2I] fp32; config: a dot8 / dot8f
     GemvConfig without split-K (dot8_silu_config_ok). x_q: x's per-token (codes, scale) from its producer, else
     quantized here (per_token_quant_fp8). Returns (h [M, I], x_q [M, I] e4m3, scale [M, 1]) = silu_and_mul of the
-    dot8 GEMM and per_token_quant_fp8 of it; codes=False: (h, None, None) (one launch)."""
+    dot8 GEMM and per_token_quant_fp8 of it; codes=False: (h, None, None) (one launch).
+    delta [M, 2I] / dora (token_slot, g [L, 2I], on [L] or None): gate_up's LoRA delta added to both halves before the
+    activation, DoRA's g on the adapted rows (fp8_norm_quant.splitk_add_rms_norm's arguments of the same names)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     from .fp8_gemv import X16_SCALE, pdl_supported
@@ -104,21 +107,26 @@ def dot8_silu_quant(x: Tensor, w_q: Tensor, w_scale: Tensor, config: tuple,
     _fp8_skinny_dot_kernel[grid](xq, w_q, w_scale, w_scale, h, pmax, M, N, K, K, xq.stride(0), h.stride(0), X16_SCALE,
                                  xs, w_scale, 1, HAS_BIAS=False, EVEN_K=K % bk == 0, USE_WS=False, F16=False,
                                  FP8X=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, WAIT=False, FIXUP=False,
-                                 PRECISE=kind == "dot8", SILU=True, num_warps=warps, num_stages=stages)
+                                 PRECISE=kind == "dot8", SILU=True, num_warps=warps, num_stages=stages,
+                                 **_delta_kwargs(delta, dora, M, N2))
     if not codes:
         return h, None, None
     return (h, *row_codes(h, pmax))
 
 
-def dot8_silu_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, x_q: tuple[Tensor, Tensor] | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def dot8_silu_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, x_q: tuple[Tensor, Tensor] | None = None,
+                  delta: Tensor | None = None, factor: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Pure torch: x rounded per token to e4m3 (per_token_quant_fp8_ref, or the given x_q), the fp32 GEMM with both
-    scales, rounded to x's dtype, HF's SiLU-and-mul with activation.py's roundings, then per_token_quant_fp8_ref."""
+    scales (+ delta, times factor: the LoRA delta and DoRA's per-row g), rounded to x's dtype, HF's SiLU-and-mul with
+    activation.py's roundings, then per_token_quant_fp8_ref."""
     from .fp8_gemm import per_token_quant_fp8_ref
 
     xq, xs = x_q if x_q is not None else per_token_quant_fp8_ref(x)
     # float64 (a CUDA fp32 matmul may run in TF32: a worse reference than the kernel)
-    y = ((xq.double() * xs.double()) @ w_q.double().t() * w_scale.double()[None, :]).to(x.dtype)
+    y = (xq.double() * xs.double()) @ w_q.double().t() * w_scale.double()[None, :]
+    if delta is not None:
+        y = (y + delta.double()) * (factor.double() if factor is not None else 1.0)
+    y = y.to(x.dtype)
     gate, up = y.chunk(2, dim=-1)
     h = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
     return (h, *per_token_quant_fp8_ref(h))

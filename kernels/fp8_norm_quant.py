@@ -40,6 +40,22 @@ if HAS_TRITON:
             tl.store(q_ptr + row * stride_q + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _lora_delta_row(v, d_row_ptr, offs, ok, tok_ptr, row, g_ptr, stride_g, on_ptr, DORA: tl.constexpr):
+        # v [BLOCK] fp32 (a GEMM row's values, its epilogue applied) + the row's LoRA delta d (the expand's output,
+        # y's dtype); DORA 1: times g[slot] where the row has an adapter (g = 1 on plain LoRA slots), 2: only where
+        # on[slot] != 0 (LoRABatch's per-slot DoRA flags): lora_expand's epilogue g * (y + delta) on a bias-free GEMM
+        v = v + tl.load(d_row_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if DORA > 0:
+            slot = tl.load(tok_ptr + row)
+            use = slot >= 0
+            slot = tl.maximum(slot, 0).to(tl.int64)
+            if DORA == 2:
+                use = use & (tl.load(on_ptr + slot) != 0)
+            use_b = (offs * 0 + use.to(tl.int32)) != 0   # (a block mask: the interpreter takes no scalar one)
+            v = v * tl.load(g_ptr + slot * stride_g + offs, mask=ok & use_b, other=1.0)
+        return v
+
+    @triton.jit
     def _quant_regs(y, q_ptrs, s_ptr, ok, amax, fp8_max, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
         # the row's scale from its amax, then the codes of y (its values in registers); per_token_quant_fp8's math
         scale = tl.maximum(tl.div_rn(amax, fp8_max), MIN_SCALE_C)
@@ -124,7 +140,9 @@ if HAS_TRITON:
                                     fp8_max, stride_r, stride_o, stride_q, ROW_SCALE: tl.constexpr,
                                     QUANT: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
                                     MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False,
-                                    REREAD: tl.constexpr = True):
+                                    REREAD: tl.constexpr = True, d_ptr=None, stride_d=0, tok_ptr=None, g_ptr=None,
+                                    stride_g=0, on_ptr=None, HAS_DELTA: tl.constexpr = False,
+                                    DORA: tl.constexpr = 0):
         # x = (sum over the splits of ws[split, row, :], in split order) [* xs[row]] * s, rounded to the dtype: what
         # fp8_gemv's _splitk_sum_kernel (or the tw kind's _rescale_rows_cols_kernel) stores; then kernels/rmsnorm.py's
         # residual add + RMSNorm on it; QUANT: also its per-token e4m3 codes (rms_norm_quant's)
@@ -141,7 +159,10 @@ if HAS_TRITON:
             acc = acc * tl.load(xs_ptr + row)
         r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0)
         dtype = r.dtype
-        x = (acc * tl.load(s_ptr + offs, mask=ok, other=0.0)).to(dtype)
+        xv = acc * tl.load(s_ptr + offs, mask=ok, other=0.0)
+        if HAS_DELTA:   # the step's LoRA delta of this projection (LoRABatch.around_delta), DoRA's g on its rows
+            xv = _lora_delta_row(xv, d_ptr + row * stride_d, offs, ok, tok_ptr, row, g_ptr, stride_g, on_ptr, DORA)
+        x = xv.to(dtype)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
         tl.store(res_ptr + row * stride_r + offs, x, mask=ok)
         xf = x.to(tl.float32)
@@ -193,12 +214,17 @@ def silu_one_pass_on() -> bool:
 
 
 def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: Tensor, eps: float,
-                        x_scale: Tensor | None = None, quant: bool = False):
+                        x_scale: Tensor | None = None, quant: bool = False, delta: Tensor | None = None,
+                        dora: tuple | None = None):
     """A GEMV's deferred epilogue (fp8_gemv(..., defer_sum=True)), then fused_add_rms_norm with its output: ws
     [SPLIT, T, H] fp32 split-K partials (summed in split order, times w_scale [H]), or [1, T, H] = a unit-scale FP8
     GEMM's result with x_scale [T, 1] (times x_scale[row] * w_scale). residual [T, H] += that (in place), out =
     RMSNorm(residual) * weight. One launch where there were two; the values are the unfused pair's bit for bit.
-    Returns (out, residual), with quant also (x_q [T, H] e4m3, scale [T, 1] fp32) of out (per_token_quant_fp8's)."""
+    Returns (out, residual), with quant also (x_q [T, H] e4m3, scale [T, 1] fp32) of out (per_token_quant_fp8's).
+    delta [T, H] (the projection's LoRA delta, LoRABatch.around_delta): added to the GEMM's values before they are
+    rounded; dora (token_slot [T] int32, g [L, H] fp32, on [L] int32 or None): those values times g[slot] on the rows
+    with an adapter (where on[slot] != 0), lora_expand's DoRA epilogue (no bias). Not bit for bit the unfused path
+    (there the GEMM output is rounded before the delta joins it): bf16-rounding-level differences."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     splits, T, H = ws.shape
@@ -214,8 +240,21 @@ def splitk_add_rms_norm(ws: Tensor, w_scale: Tensor, residual: Tensor, weight: T
             ws, w_scale, x_scale if x_scale is not None else w_scale, residual, weight, out, x_q, q_scale, T, H,
             splits, eps, FP8_MAX, residual.stride(0), out.stride(0), x_q.stride(0), ROW_SCALE=x_scale is not None,
             QUANT=quant, BLOCK=block, FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, REREAD=norm_reread_on(),
-            num_warps=norm_warps(T, block), **pdl_kwargs(ws.device))
+            num_warps=norm_warps(T, block), **_delta_kwargs(delta, dora, T, H), **pdl_kwargs(ws.device))
     return (out, residual, x_q, q_scale) if quant else (out, residual)
+
+
+def _delta_kwargs(delta: Tensor | None, dora: tuple | None, T: int, N: int) -> dict:
+    """The LoRA-delta arguments of the deferred-epilogue kernels (_lora_delta_row): none without a delta."""
+    if delta is None:
+        return {}
+    assert delta.shape == (T, N) and delta.stride(-1) == 1, (delta.shape, T, N)
+    kw = dict(d_ptr=delta, stride_d=delta.stride(0), HAS_DELTA=True)
+    if dora is not None:
+        tok, g, on = dora
+        assert tok.shape[0] >= T and tok.dtype == torch.int32 and g.dim() == 2 and g.shape[1] == N and g.stride(-1) == 1
+        kw.update(tok_ptr=tok, g_ptr=g, stride_g=g.stride(0), on_ptr=on, DORA=2 if on is not None else 1)
+    return kw
 
 
 def rms_norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float

@@ -97,7 +97,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _scaled_pair(a_ptr, t, stride_at, offs, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, dt: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, dt: tl.constexpr, lora=None,
+                     HAS_DELTA: tl.constexpr = False, DORA: tl.constexpr = 0):
         # columns offs and offs + HALF of row t of a GEMM's fp32 result held back from its epilogue: SPLITS split-K
         # partials a[split, t, :] summed in split order (fp8_gemv's _splitk_sum_kernel: dot8's partials carry x's
         # scale already), or one unit-scale FP8 GEMM row (ROW_SCALE: times x_scale, as _rescale_rows_cols_kernel);
@@ -115,6 +116,19 @@ if HAS_TRITON:
         if HAS_BIAS:
             a1 = a1 + tl.load(b_ptr + offs).to(tl.float32)
             a2 = a2 + tl.load(b_ptr + offs + HALF).to(tl.float32)
+        if HAS_DELTA:   # the step's LoRA delta of qkv (LoRABatch.around_delta), DoRA's g on the adapted rows
+            d_ptr, stride_dt, tok_ptr, g_ptr, stride_g, on_ptr = lora
+            a1 = a1 + tl.load(d_ptr + t * stride_dt + offs).to(tl.float32)
+            a2 = a2 + tl.load(d_ptr + t * stride_dt + offs + HALF).to(tl.float32)
+            if DORA > 0:   # g = 1 on plain LoRA slots; DORA 2: only where the slot's flag is set
+                slot = tl.load(tok_ptr + t)
+                use = slot >= 0
+                slot = tl.maximum(slot, 0).to(tl.int64)
+                if DORA == 2:
+                    use = use & (tl.load(on_ptr + slot) != 0)
+                use_b = (offs * 0 + use.to(tl.int32)) != 0   # (a block mask: the interpreter takes no scalar one)
+                a1 = a1 * tl.load(g_ptr + slot * stride_g + offs, mask=use_b, other=1.0)
+                a2 = a2 * tl.load(g_ptr + slot * stride_g + offs + HALF, mask=use_b, other=1.0)
         return a1.to(dt).to(tl.float32), a2.to(dt).to(tl.float32)
 
     @triton.jit(do_not_specialize=["SPLITS"])
@@ -122,7 +136,9 @@ if HAS_TRITON:
                                          v_cache_ptr, k_scale_ptr, v_scale_ptr, H, KVH, stride_at, stride_qot, stride_c,
                                          num_positions, SPLITS, stride_as, HALF: tl.constexpr, HALF_P2: tl.constexpr,
                                          BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                         ROW_SCALE: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+                                         ROW_SCALE: tl.constexpr = True, USE_PDL: tl.constexpr = False, d_ptr=None,
+                                         stride_d=0, tok_ptr=None, g_ptr=None, stride_g=0, on_ptr=None,
+                                         HAS_DELTA: tl.constexpr = False, DORA: tl.constexpr = 0):
         # _rope_store_kv_fp8_kernel on qkv = a GEMM's held-back fp32 result with its epilogue applied here (_scaled_pair).
         # grid (T, Q groups + 1): program (t, g) rotates q heads [g BLOCK_H, (g + 1) BLOCK_H) of token t, the last
         # group writes its K (rotated) and V to the e4m3 cache: one program per token read ~25 KB of fp32 serially
@@ -134,6 +150,7 @@ if HAS_TRITON:
         grp = tl.program_id(1)
         p = tl.minimum(tl.load(pos_ptr + t).to(tl.int64), num_positions - 1)
         xs = tl.load(xs_ptr + t * ROW_SCALE)   # (without ROW_SCALE a valid element, unused)
+        lora = (d_ptr, stride_d, tok_ptr, g_ptr, stride_g, on_ptr)
         dt = qo_ptr.dtype.element_ty
         cols = tl.arange(0, HALF_P2)
         c = tl.load(cache_ptr + p * stride_c + cols, mask=cols < HALF, other=0.0)
@@ -144,7 +161,7 @@ if HAS_TRITON:
             ok_q = (hq < H)[:, None] & (cols < HALF)[None, :]
             offs_q = tl.where(ok_q, hq[:, None] * D + cols[None, :], 0)
             q1, q2 = _scaled_pair(a_ptr, t, stride_at, offs_q, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF, HAS_BIAS,
-                                  ROW_SCALE, dt)
+                                  ROW_SCALE, dt, lora, HAS_DELTA, DORA)
             r1, r2 = _rot(q1, q2, c[None, :], s[None, :])
             tl.store(qo_ptr + t * stride_qot + offs_q, r1.to(dt), mask=ok_q)
             tl.store(qo_ptr + t * stride_qot + offs_q + HALF, r2.to(dt), mask=ok_q)
@@ -155,27 +172,35 @@ if HAS_TRITON:
             offs_kv = tl.where(ok, heads[:, None] * D + cols[None, :], 0)
             dst = slot * (KVH * D) + offs_kv
             k1, k2 = _scaled_pair(a_ptr, t, stride_at, H * D + offs_kv, xs, ws_ptr, b_ptr, SPLITS, stride_as, HALF,
-                                  HAS_BIAS, ROW_SCALE, dt)
+                                  HAS_BIAS, ROW_SCALE, dt, lora, HAS_DELTA, DORA)
             k_scale = tl.load(k_scale_ptr)
             kr1, kr2 = _rot(k1, k2, c[None, :], s[None, :])   # (own names: a variable of both branches needs one type)
             _quant_store(kr1.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst, ok)
             _quant_store(kr2.to(dt).to(tl.float32), k_scale, k_cache_ptr + dst + HALF, ok)
             v1, v2 = _scaled_pair(a_ptr, t, stride_at, (H + KVH) * D + offs_kv, xs, ws_ptr, b_ptr, SPLITS, stride_as,
-                                  HALF, HAS_BIAS, ROW_SCALE, dt)
+                                  HALF, HAS_BIAS, ROW_SCALE, dt, lora, HAS_DELTA, DORA)
             v_scale = tl.load(v_scale_ptr)
             _quant_store(v1, v_scale, v_cache_ptr + dst, ok)
             _quant_store(v2, v_scale, v_cache_ptr + dst + HALF, ok)
 
 
+def _delta_kwargs(delta, dora, T, N):
+    from .fp8_norm_quant import _delta_kwargs as kw
+
+    return kw(delta, dora, T, N)
+
+
 def rope_store_kv_fp8_scaled(positions: Tensor, acc: Tensor, x_scale: Tensor | None, w_scale: Tensor,
                              bias: Tensor | None, cos_sin_cache: Tensor, k_cache: Tensor, v_cache: Tensor,
                              slot_mapping: Tensor, k_scale: Tensor, v_scale: Tensor, num_heads: int, dtype: torch.dtype,
-                             q_groups: int = 4) -> Tensor:
+                             q_groups: int = 4, delta: Tensor | None = None, dora: tuple | None = None) -> Tensor:
     """rope_store_kv_fp8 on qkv = the qkv GEMM's epilogue applied here, rounded to `dtype`: acc [T, N] or [1, T, N]
     fp32 from cuBLASLt's unit-scale FP8 GEMM with x_scale [T, 1] (qkv = (acc * x_scale) * w_scale (+ bias), the
     scaling launch of kernels/fp8_gemm.py scaled_mm_tensorwise), or acc [SPLIT, T, N] = split-K partials of the dot8
     kinds with x_scale None (qkv = (their sum in split order) * w_scale (+ bias), fp8_gemv's sum launch). N =
-    (H + 2 KVH) D, w_scale [N] fp32. Returns q_out [T, H, D] in `dtype`; one launch of T x (q_groups + 1) programs."""
+    (H + 2 KVH) D, w_scale [N] fp32. Returns q_out [T, H, D] in `dtype`; one launch of T x (q_groups + 1) programs.
+    delta [T, N] / dora (token_slot, g [L, N], on [L] or None): qkv's LoRA delta added before the rounding, DoRA's g on
+    the adapted rows (fp8_norm_quant.splitk_add_rms_norm's arguments of the same names)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     acc3 = acc.unsqueeze(0) if acc.dim() == 2 else acc
@@ -198,7 +223,8 @@ def rope_store_kv_fp8_scaled(positions: Tensor, acc: Tensor, x_scale: Tensor | N
         bias if bias is not None else w_scale, q_out, k_cache, v_cache, k_scale, v_scale, H, KVH, acc3.stride(1),
         q_out.stride(0), cos_sin_cache.stride(0), cos_sin_cache.shape[0], S, acc3.stride(0), HALF=D // 2,
         HALF_P2=triton.next_power_of_2(D // 2), BLOCK_H=block_h, BLOCK_KVH=triton.next_power_of_2(KVH),
-        HAS_BIAS=bias is not None, ROW_SCALE=x_scale is not None, num_warps=4, **pdl_kwargs(acc.device))
+        HAS_BIAS=bias is not None, ROW_SCALE=x_scale is not None, num_warps=4, **_delta_kwargs(delta, dora, T, N),
+        **pdl_kwargs(acc.device))
     return q_out
 
 

@@ -77,10 +77,14 @@ if HAS_TRITON:
                                USE_WS: tl.constexpr, F16: tl.constexpr, FP8X: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr,
                                FIXUP: tl.constexpr, EARLY: tl.constexpr = False, XQ: tl.constexpr = False,
-                               PRECISE: tl.constexpr = True, SILU: tl.constexpr = False):
+                               PRECISE: tl.constexpr = True, SILU: tl.constexpr = False, d_ptr=None, stride_d=0,
+                               tok_ptr=None, g_ptr=None, stride_g=0, on_ptr=None, HAS_DELTA: tl.constexpr = False,
+                               DORA: tl.constexpr = 0):
         # SILU (W8A8 dot8 / dot8f, no split-K, no bias: kernels/fp8_dot8_silu.py): w is a fused gate_up [2N, K], y
         # [M, N] = SiLU-and-mul of gate rows n and up rows N + n (both tiles in this program, one x tile for both
-        # dots), and ws_ptr [M, num_programs(1)] fp32 gets each output row's |max| over this program's columns
+        # dots), and ws_ptr [M, num_programs(1)] fp32 gets each output row's |max| over this program's columns.
+        # SILU + HAS_DELTA: gate_up's LoRA delta d [M, 2N] (x's dtype) added to both halves before the activation;
+        # DORA 1 / 2: those sums times g[slot(row)] on the rows with an adapter (2: where on[slot] != 0)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -162,6 +166,19 @@ if HAS_TRITON:
         if SILU:   # each output rounded as the GEMM's store would, then activation.py's roundings (fp8_gemv_silu.py)
             g = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
             u = acc_u * tl.load(s_ptr + N + offs_n, mask=n_ok, other=0.0)[:, None]
+            if HAS_DELTA:   # LoRABatch.around_delta's d, computed before this GEMM (models/fp8_fused.py)
+                d_ptrs = d_ptr + offs_m.to(tl.int64)[None, :] * stride_d + offs_n[:, None]
+                g = g + tl.load(d_ptrs, mask=ok, other=0.0).to(tl.float32)
+                u = u + tl.load(d_ptrs + N, mask=ok, other=0.0).to(tl.float32)
+                if DORA > 0:
+                    slot = tl.load(tok_ptr + offs_m, mask=m_ok, other=-1)                      # [BLOCK_M]
+                    use = slot >= 0
+                    slot = tl.maximum(slot, 0).to(tl.int64)
+                    if DORA == 2:
+                        use = use & (tl.load(on_ptr + slot, mask=m_ok, other=0) != 0)
+                    g_ptrs = g_ptr + slot[None, :] * stride_g + offs_n[:, None]
+                    g = g * tl.load(g_ptrs, mask=ok & use[None, :], other=1.0)
+                    u = u * tl.load(g_ptrs + N, mask=ok & use[None, :], other=1.0)
             h = _silu_mul_rounded(g, u, y_ptr.dtype.element_ty)
             tl.store(y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None], h, mask=ok)
             amax = tl.max(tl.where(ok, tl.abs(h.to(tl.float32)), 0.0), axis=0)                 # [BLOCK_M]

@@ -217,3 +217,87 @@ def test_norm_16_warps_within_two_ulps_gpu(m, monkeypatch) -> None:
     codes = getattr(out16, fp8.PREQUANT_ATTR)
     q, s = per_token_quant_fp8(out16)
     assert torch.equal(codes[0].float(), q.float()) and torch.equal(codes[1], s)
+
+
+def _lora_batch(layers: int, m: int, dora: bool):
+    """A LoRABatch over 8 rank-16 slots on the four projections of `layers` 8B layers (rows round-robin over the slots,
+    the last rows without an adapter); dora: slots 1 and 3 carry DoRA's g (per-slot flags), the others g = 1."""
+    import types
+
+    from loraserve.inference.lora.batch import LoRABatch
+    from loraserve.kernels import LoRAMetaBuilder
+
+    L, R, g = 8, 16, torch.Generator(device="cuda").manual_seed(7)
+    shapes = {"qkv_proj": (4096, [4096, 1024, 1024]), "o_proj": (4096, [4096]), "gate_up_proj": (4096, [14336, 14336]),
+              "down_proj": (14336, [4096])}
+    ns = types.SimpleNamespace(a={}, b={}, scale={}, shift={}, slice_offsets={}, dora_slot={},
+                               ranks=torch.full((L,), R, dtype=torch.int32, device="cuda"))
+    for proj, (k, widths) in shapes.items():
+        n = sum(widths)
+        ns.a[proj] = (torch.randn(layers, L, len(widths), R, k, device="cuda", generator=g) * k ** -0.5).bfloat16()
+        ns.b[proj] = (torch.randn(layers, L, n, R, device="cuda", generator=g) * 0.25).bfloat16()
+        ns.slice_offsets[proj] = torch.tensor([0] + torch.tensor(widths).cumsum(0).tolist(), dtype=torch.int32,
+                                              device="cuda")
+        ns.scale[proj] = torch.ones(layers, L, n, device="cuda")
+        ns.dora_slot[proj] = torch.zeros(layers, L, dtype=torch.int32, device="cuda")
+        if dora:
+            for slot in (1, 3):
+                ns.scale[proj][:, slot] = 0.8 + 0.4 * torch.rand(layers, n, device="cuda", generator=g)
+                ns.dora_slot[proj][:, slot] = 1
+    tok = torch.tensor([i % L if i < m - 3 else -1 for i in range(m)], dtype=torch.int32, device="cuda")
+    return LoRABatch(ns, LoRAMetaBuilder(m, L, "cuda").build(tok))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,dora", [(48, False), (64, True)])
+def test_lora_delta_with_deferred_epilogues_gpu(m, dora, monkeypatch) -> None:
+    """LORASERVE_FP8_LORA_DEFER: with LoRA rows, o's and down's tw scaling stay in the next norm and the LoRA delta
+    (DoRA's g on its slots) joins there (LoRABatch.around_delta); gate_up's delta joins its dot8 SiLU epilogue. Against
+    the path that scales first and adds the delta into the GEMM output, then the unfused launches: the same values up
+    to where bf16 rounds (the old path rounds y before the delta joins)."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    from loraserve.inference.context import Context, reset_context, set_context
+
+    layers = torch.nn.ModuleList([_fp8_layer(4096, 14336, "cuda"), _fp8_layer(4096, 14336, "cuda")])
+    for i, layer in enumerate(layers):   # (the LoRA weights are looked up by layer index)
+        for mod in layer.modules():
+            if isinstance(mod, fp8.Fp8Proj):
+                mod.layer_idx = i
+    fp8_fused.convert_fused(layers)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    o = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    h = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    set_context(Context(lora=_lora_batch(2, m, dora)))
+    try:
+        def run():
+            y = fp8_fused.o_proj_out(layers[0].self_attn, o.clone())
+            o_deferred = y.dim() == 3
+            out_o, res_o = layers[0].post_attention_layernorm(y, residual.clone())
+            y = layers[0].mlp(h.clone())
+            down_deferred = y.dim() == 3
+            out_d, res_d = layers[1].input_layernorm(y, residual.clone())
+            torch.cuda.synchronize()
+            return (out_o, res_o, out_d, res_d), (o_deferred, down_deferred)
+
+        monkeypatch.setenv("LORASERVE_FP8_LORA_DEFER", "1")
+        new, deferred = run()
+        assert deferred == (True, True) and "lora_defer" not in fp8._BROKEN
+        hn = layers[0].post_attention_layernorm(h.clone(), residual.clone())[0]
+        assert layers[0].mlp._gate_up_silu(hn) is not None, "gate_up's dot8 SiLU epilogue with the delta did not run"
+        monkeypatch.setenv("LORASERVE_FP8_LORA_DEFER", "0")
+        old, deferred = run()
+        assert deferred == (False, False)
+    finally:
+        reset_context()
+    set_context(Context())
+    try:
+        base = layers[0].post_attention_layernorm(layers[0].self_attn.o_proj(o.clone()), residual.clone())[1]
+    finally:
+        reset_context()
+    assert (old[1] - base).float().norm() > 0.05 * base.float().norm(), "the adapters must change the output"
+    for a, b in zip(new, old):
+        rel = float((a.float() - b.float()).norm() / b.float().norm())
+        assert rel < 4e-3, rel

@@ -75,10 +75,29 @@ def check_silu_mul_quant(dtype: str, t: int, i: int, device: str = "cpu") -> Non
     _codes_match(q, s, out, device)
 
 
+def lora_delta_case(t: int, n: int, dt, device: str, dora: str, g: torch.Generator):
+    """A LoRA delta [t, n] in dt and its DoRA arguments for the deferred-epilogue kernels: dora '' (none), 'all' (g on
+    every adapted row), 'flags' (g where the slot's flag is set); rows of slot -1 have no adapter. Returns (delta,
+    dora tuple or None, the per-row factor [t, n] fp32 the reference multiplies by)."""
+    delta = (torch.randn(t, n, generator=g) * 0.5).to(device, dt)
+    slots = 3
+    tok = torch.tensor([(i % (slots + 1)) - 1 for i in range(t)], dtype=torch.int32)   # -1, 0, 1, 2, -1, ...
+    gs = torch.rand(slots, n, generator=g) + 0.5
+    on = torch.tensor([1, 0, 1], dtype=torch.int32)
+    factor = torch.ones(t, n)
+    for i, sl in enumerate(tok.tolist()):
+        if sl >= 0 and (dora == "all" or (dora == "flags" and on[sl])):
+            factor[i] = gs[sl]
+    args = None if not dora else (tok.to(device), gs.to(device), on.to(device) if dora == "flags" else None)
+    return delta, args, factor.to(device)
+
+
 def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: str = "cpu", row_scale: bool = False,
-                              quant: bool = False) -> None:
+                              quant: bool = False, lora: str | None = None) -> None:
     """The deferred split-K sum + residual add + RMSNorm == _splitk_sum's rounding then fused_add_rms_norm_ref;
-    row_scale: one 'split' times a per-row scale (a unit-scale FP8 GEMM's result); quant: the codes of the output."""
+    row_scale: one 'split' times a per-row scale (a unit-scale FP8 GEMM's result); quant: the codes of the output.
+    lora ('' / 'all' / 'flags', lora_delta_case): a LoRA delta added before the rounding (and DoRA's g): the residual
+    within one rounding of the reference off the device's fp32 contraction."""
     from loraserve.kernels.fp8_norm_quant import splitk_add_rms_norm
     from loraserve.kernels.rmsnorm import fused_add_rms_norm_ref
 
@@ -89,17 +108,25 @@ def check_splitk_add_rms_norm(dtype: str, splits: int, t: int, h: int, device: s
     r = torch.randn(t, h, generator=g).to(device, dt)
     r_ref = r.clone()
     xs = (torch.rand(t, 1, generator=g) + 0.5).to(device) if row_scale else None
-    res = splitk_add_rms_norm(ws, s, r, w, 1e-5, xs, quant)
+    delta, dora, factor = lora_delta_case(t, h, dt, device, lora, g) if lora is not None else (None, None, None)
+    res = splitk_add_rms_norm(ws, s, r, w, 1e-5, xs, quant, delta=delta, dora=dora)
     out, r_out = res[0], res[1]
     y = ws[0].clone()
     for k in range(1, splits):   # the split order of the kernels' sums
         y += ws[k]
     if row_scale:
         y = y * xs   # _rescale_rows_cols_kernel's order: (acc * x_scale) * w_scale
-    ref, r_ref = fused_add_rms_norm_ref((y * s).to(dt), r_ref, w, 1e-5)
+    y = y * s
+    if delta is not None:
+        y = (y + delta.float()) * factor
+    ref, r_ref = fused_add_rms_norm_ref(y.to(dt), r_ref, w, 1e-5)
     if quant:
         _codes_match(res[2], res[3], out, device)
-    assert r_out is r and torch.equal(r, r_ref), f"residual max diff {float((r.float() - r_ref.float()).abs().max())}"
+    assert r_out is r
+    if delta is None or device == "cpu":
+        assert torch.equal(r, r_ref), f"residual max diff {float((r.float() - r_ref.float()).abs().max())}"
+    else:   # (a GPU may contract acc * s + delta into one FMA: a value on a rounding edge one ulp away)
+        torch.testing.assert_close(r.float(), r_ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5, atol=1e-2)
 
 
@@ -140,7 +167,7 @@ def check_qkv_rope(dtype: str, m: int, heads: int, kv_heads: int, d: int, k: int
 
 
 def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, bias: bool, device: str = "cpu",
-                         splits: int = 0) -> None:
+                         splits: int = 0, lora: str | None = None) -> None:
     """rope_store_kv_fp8_scaled (the tw scaling folded into RoPE + K/V write) == the scaling as
     _rescale_rows_cols_kernel does it, then rope_store_kv_fp8: q and both caches bit for bit. splits > 0: acc is
     [splits, t, n] split-K partials (no x scale), summed in split order as fp8_gemv's _splitk_sum_kernel does."""
@@ -160,20 +187,30 @@ def check_rope_kv_scaled(dtype: str, t: int, heads: int, kv_heads: int, d: int, 
     slots = torch.randperm(blocks * 4, generator=g)[:t].to(device)
     scales = torch.tensor([0.05], device=device), torch.tensor([0.02], device=device)
     caches = [torch.zeros(blocks, 4, kv_heads, d, device=device).to(torch.float8_e4m3fn) for _ in range(4)]
+    delta, dora, factor = lora_delta_case(t, n, dt, device, lora, g) if lora is not None else (None, None, None)
     if splits:
         parts = (torch.randn(splits, t, n, generator=g) * 100).to(device)
-        q = rope_store_kv_fp8_scaled(positions, parts, None, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
+        q = rope_store_kv_fp8_scaled(positions, parts, None, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt,
+                                     delta=delta, dora=dora)
         y = torch.zeros(t, n, device=device)
         for part in parts:   # split order, as _splitk_sum_kernel
             y += part
         y = y * ws + (b.float() if bias else 0)
     else:
-        q = rope_store_kv_fp8_scaled(positions, acc, xs, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt)
+        q = rope_store_kv_fp8_scaled(positions, acc, xs, ws, b, cs, caches[0], caches[1], slots, *scales, heads, dt,
+                                     delta=delta, dora=dora)
         y = acc * xs * ws + (b.float() if bias else 0)
+    if delta is not None:
+        y = (y + delta.float()) * factor
     qkv = y.to(dt)
     qr, kr, vr = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q2 = rope_store_kv_fp8(positions, qr.reshape(t, heads, d), kr.reshape(t, kv_heads, d), vr.reshape(t, kv_heads, d),
                            cs, caches[2], caches[3], slots, *scales)
+    if delta is not None and device != "cpu":   # (an FMA contraction on the device: one rounding apart at most)
+        torch.testing.assert_close(q.float(), q2.float(), rtol=1e-2, atol=1e-2)
+        for a, b_ in ((caches[0], caches[2]), (caches[1], caches[3])):   # e4m3 codes: one code step apart at most
+            torch.testing.assert_close(a.float(), b_.float(), rtol=0.15, atol=0.02)
+        return
     assert torch.equal(q, q2), f"q differs at {int((q != q2).sum())}"
     for a, b_ in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert torch.equal(a.float(), b_.float()), f"cache differs at {int((a.float() != b_.float()).sum())}"

@@ -51,8 +51,9 @@ def compile_sm90(fn, types: dict[str, str], constexprs: dict, *, unit: Iterable[
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    # a constexpr the caller leaves out takes its default (`PUSHED: tl.constexpr = False`), as a launch would
-    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in types}
+    # a constexpr the caller leaves out takes its default (`PUSHED: tl.constexpr = False`), as a launch would; so does
+    # a runtime argument with a default the caller does not type (`d_ptr=None`: a launch that leaves it out)
+    defaults = {p.name: p.default for p in fn.params if p.has_default and p.name not in types}
     constexprs = {**defaults, **constexprs, **{name: 1 for name in unit}}
     names = list(fn.arg_names)
     missing, unknown = set(names) - set(types) - set(constexprs), set(constexprs) - set(names)

@@ -18,6 +18,31 @@ from .sm90 import compile_sm90, offline_triton, stack_bytes
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def check_dot8_silu_lora(dtype: str, m: int, i: int, k: int, config: tuple, dora: str, device: str = "cpu") -> None:
+    """With gate_up's LoRA delta (and DoRA's g) in the epilogue (LoRABatch.around_delta's consumer): h within rounding
+    of dot8_silu_ref with the same delta and factor, and the codes per_token_quant_fp8(h) bit for bit."""
+    from loraserve.kernels.fp8_dot8_silu import dot8_silu_quant, dot8_silu_ref
+    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+
+    from .fp8_gemm_cases import make_weight
+    from .fp8_norm_quant_cases import lora_delta_case
+
+    dt, g = DTYPES[dtype], torch.Generator().manual_seed(m * 1000 + i + k + 1)
+    w_q, w_scale = make_weight(2 * i, k, i + 3 * k, device)
+    x = (torch.randn(m, k, generator=g) * 2).to(device, dt)
+    xq = per_token_quant_fp8(x)
+    delta, args, factor = lora_delta_case(m, 2 * i, dt, device, dora, g)
+    delta = delta * 20   # (as large as the GEMM's outputs: the delta must show)
+    h, q, s = dot8_silu_quant(x, w_q, w_scale, config, x_q=xq, delta=delta, dora=args)
+    q2, s2 = per_token_quant_fp8(h)
+    assert torch.equal(s, s2) and torch.equal(q.float(), q2.float()), "codes differ from per_token_quant_fp8(h)"
+    ref = dot8_silu_ref(x, w_q, w_scale, xq, delta=delta, factor=factor)[0].float()
+    plain = dot8_silu_ref(x, w_q, w_scale, xq)[0].float()
+    rel = float((h.float() - ref).norm() / ref.norm())
+    assert rel < (2e-2 if dt != torch.float32 else 1e-4), rel
+    assert float((plain - ref).norm() / ref.norm()) > 0.05, "the delta must change the output"
+
+
 def check_dot8_silu(dtype: str, m: int, i: int, k: int, config: tuple, device: str = "cpu") -> None:
     """h == silu_and_mul(fp8_gemv(same config)) and (codes, scale) == per_token_quant_fp8(h), bit for bit; h within
     bf16/fp16 rounding of dot8_silu_ref (the same per-token x rounding, fp32 GEMM)."""
@@ -67,6 +92,11 @@ def test_dot8_silu_interp(interp, dtype, m, i, k, config) -> None:
     interp.submit(check_dot8_silu, dtype, m, i, k, config).result(timeout=300)
 
 
+@pytest.mark.parametrize("dora", ["", "flags", "all"])
+def test_dot8_silu_lora_delta_interp(interp, dora) -> None:
+    interp.submit(check_dot8_silu_lora, "float16", 17, 40, 96, ("dot8", 16, 16, 32, 1, 4, 2), dora).result(timeout=300)
+
+
 def test_config_ok() -> None:
     from loraserve.kernels.fp8_dot8_silu import dot8_silu_config_ok
 
@@ -89,6 +119,7 @@ def test_dot8_silu_gpu(m) -> None:
     if cfg[0] != "dot8" or cfg[4] != 1:
         cfg = ("dot8", 64, 64, 128, 1, 4, 3)
     check_dot8_silu("bfloat16", m, 14336, 4096, cfg, "cuda")
+    check_dot8_silu_lora("bfloat16", m, 14336, 4096, cfg, "flags", "cuda")
     from .fp8_gemm_cases import make_weight
 
     w_q, w_scale = make_weight(28672, 4096, 1, "cuda")
@@ -111,8 +142,9 @@ def test_dot8_silu_gpu(m) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines launch the kernels (test_dot8_silu_gpu)")
-@pytest.mark.parametrize("bn,warps,stages", [(64, 4, 3), (128, 8, 3), (64, 8, 4)])   # (128 x 4 warps spills)
-def test_dot8_silu_compiles_sm90(bn, warps, stages) -> None:
+@pytest.mark.parametrize("bn,warps,stages,dora", [(64, 4, 3, None), (128, 8, 3, None), (64, 8, 4, None),
+                                                  (64, 4, 3, 2), (64, 4, 3, 0)])   # (128 x 4 warps spills)
+def test_dot8_silu_compiles_sm90(bn, warps, stages, dora) -> None:
     offline_triton()
     from loraserve.kernels.fp8_dot8_silu import _row_codes_kernel
     from loraserve.kernels.fp8_skinny_dot import _fp8_skinny_dot_kernel
@@ -122,6 +154,11 @@ def test_dot8_silu_compiles_sm90(bn, warps, stages) -> None:
            "stride_ym": "i32", "x16_scale": "fp32", "xs_ptr": "*fp32", "cnt_ptr": "*fp32", "SPLITS": "i32"}
     c = {"HAS_BIAS": False, "EVEN_K": True, "USE_WS": False, "F16": False, "FP8X": True, "BLOCK_M": 64, "BLOCK_N": bn,
          "BLOCK_K": 128, "PDL": True, "WAIT": False, "FIXUP": False, "PRECISE": True, "SILU": True}
+    if dora is not None:   # with gate_up's LoRA delta in the epilogue (0: no DoRA, 2: DoRA's per-slot g)
+        sig.update({"d_ptr": "*bf16", "stride_d": "i32"})
+        c.update({"HAS_DELTA": True, "DORA": dora})
+        if dora:
+            sig.update({"tok_ptr": "*i32", "g_ptr": "*fp32", "stride_g": "i32", "on_ptr": "*i32"})
     kernel = compile_sm90(_fp8_skinny_dot_kernel, sig, c, div16_except=("M", "x16_scale", "SPLITS"), unit=("SPLITS",),
                           num_warps=warps, num_stages=stages)
     ptx = kernel.asm["ptx"]

@@ -77,6 +77,14 @@ def test_qkv_rope_compiles(aot, groups, bn, warps) -> None:
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx   # the K/V codes
 
 
+# the LoRA-delta arguments of the deferred-epilogue kernels (kernels/fp8_norm_quant._delta_kwargs): as a launch without
+# a delta passes them (None pointers: constexprs), with a delta and no DoRA, and with DoRA's flags
+LORA_TYPES = {"d_ptr": P["bf"], "stride_d": "i32", "tok_ptr": P["i32"], "g_ptr": P["f"], "stride_g": "i32",
+              "on_ptr": P["i32"]}
+LORA_NONE = {"d_ptr": None, "tok_ptr": None, "g_ptr": None, "on_ptr": None}
+LORA_NO_DORA = {"tok_ptr": None, "g_ptr": None, "on_ptr": None}
+
+
 def test_norm_quant_kernels_compile(aot) -> None:
     from loraserve.kernels import fp8_norm_quant as nq
 
@@ -90,12 +98,17 @@ def test_norm_quant_kernels_compile(aot) -> None:
     aot(nq._silu_mul_quant_kernel,
         {"x_ptr": P["bf"], "out_ptr": P["bf"], "q_ptr": P["q"], "s_ptr": P["f"], "I": "i32", "fp8_max": "fp32",
          "stride_x": "i32", "stride_o": "i32", "stride_q": "i32"}, {"BLOCK": 2048, **fp8, "USE_PDL": True}, 8, pdl=True)
-    for row_scale, quant in ((False, False), (True, True)):
+    for row_scale, quant, dora in ((False, False, None), (True, True, None), (True, True, 0), (True, True, 2)):
+        # dora None: no LoRA delta (the pointers None, as a launch passes them); 0 / 2: the delta (LoRABatch.around_delta)
+        # without / with DoRA's per-slot g
+        lora = LORA_NONE if dora is None else {"HAS_DELTA": True, "DORA": dora, **({} if dora else LORA_NO_DORA)}
         ptx, _ = aot(nq._splitk_add_rms_norm_kernel,
                      {"ws_ptr": P["f"], "s_ptr": P["f"], "xs_ptr": P["f"], "res_ptr": P["bf"], "w_ptr": P["bf"],
                       "out_ptr": P["bf"], "q_ptr": P["q"], "qs_ptr": P["f"], "M": "i32", "H": "i32", "SPLITS": "i32",
-                      "eps": "fp32", "fp8_max": "fp32", "stride_r": "i32", "stride_o": "i32", "stride_q": "i32"},
-                     {"ROW_SCALE": row_scale, "QUANT": quant, "BLOCK": 4096, **fp8, "USE_PDL": True}, 8, pdl=True)
+                      "eps": "fp32", "fp8_max": "fp32", "stride_r": "i32", "stride_o": "i32", "stride_q": "i32",
+                      **LORA_TYPES},
+                     {"ROW_SCALE": row_scale, "QUANT": quant, "BLOCK": 4096, **fp8, "USE_PDL": True, **lora}, 8,
+                     pdl=True)
         assert "griddepcontrol.wait" in ptx
 
 
@@ -111,11 +124,14 @@ def test_rope_kv_kernels_compile(aot) -> None:
                   "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_qoh": "i32"},
                  shape, 4, pdl=True)
     assert "fma.rn.f32" in ptx
-    ptx, _ = aot(rk._rope_store_kv_fp8_scaled_kernel,
-                 {**common, "a_ptr": P["f"], "xs_ptr": P["f"], "ws_ptr": P["f"], "b_ptr": P["f"], "stride_at": "i32",
-                  "SPLITS": "i32", "stride_as": "i32"},
-                 {**shape, "HAS_BIAS": False}, 4, pdl=True)
-    assert "fma.rn.f32" in ptx and "griddepcontrol.wait" in ptx
+    for dora in (None, 0, 2):   # no LoRA delta / the delta / the delta and DoRA's per-slot g
+        lora = LORA_NONE if dora is None else {"HAS_DELTA": True, "DORA": dora, **({} if dora else LORA_NO_DORA)}
+        ptx, stack = aot(rk._rope_store_kv_fp8_scaled_kernel,
+                         {**common, "a_ptr": P["f"], "xs_ptr": P["f"], "ws_ptr": P["f"], "b_ptr": P["f"],
+                          "stride_at": "i32", "SPLITS": "i32", "stride_as": "i32", **LORA_TYPES},
+                         {**shape, "HAS_BIAS": False, **lora}, 4, pdl=True)
+        assert "fma.rn.f32" in ptx and "griddepcontrol.wait" in ptx
+        assert stack == 0, f"the scaled RoPE kernel spills ({stack} bytes, LoRA {dora})"
 
 
 def test_head_rescore_kernels_compile(aot) -> None:

@@ -39,6 +39,23 @@ def test_splitk_add_rms_norm_interp(interp, dtype, splits, t, h, row_scale, quan
     interp.submit(cases.check_splitk_add_rms_norm, dtype, splits, t, h, "cpu", row_scale, quant).result(timeout=300)
 
 
+@pytest.mark.parametrize("lora", ["", "all", "flags"])
+@pytest.mark.parametrize("splits,t,row_scale,quant", [(2, 5, False, True), (1, 4, True, False)])
+def test_splitk_add_rms_norm_lora_delta_interp(interp, splits, t, row_scale, quant, lora) -> None:
+    """The deferred epilogue with the projection's LoRA delta (and DoRA's g) added before the rounding
+    (LoRABatch.around_delta's consumers): == the reference's (y * s + delta) * g, then the norm."""
+    interp.submit(cases.check_splitk_add_rms_norm, "float16", splits, t, 96, "cpu", row_scale, quant,
+                  lora).result(timeout=300)
+
+
+@pytest.mark.parametrize("lora,splits,bias", [("", 0, False), ("flags", 0, False), ("all", 3, False),
+                                              ("flags", 0, True)])
+def test_rope_kv_scaled_lora_delta_interp(interp, lora, splits, bias) -> None:
+    """qkv's deferred epilogue in RoPE + K/V with its LoRA delta (and DoRA's g) == the values made first, then
+    rope_store_kv_fp8."""
+    interp.submit(cases.check_rope_kv_scaled, "float16", 5, 4, 2, 16, bias, "cpu", splits, lora).result(timeout=300)
+
+
 @pytest.mark.parametrize("dtype,m,heads,kv_heads,d,k,config,bias", [
     ("float16", 2, 2, 1, 16, 128, ("gemvh4", 1, 1, 32, 1, 1, 4), False),   # pairs (d, d + 8): 2 per program
     ("float32", 1, 4, 2, 16, 128, ("gemvh2", 1, 4, 32, 1, 4, 4), True),    # one pair of 4-row blocks; qkv bias
@@ -82,6 +99,8 @@ def test_head_rescore_gpu(m) -> None:
 def test_rope_kv_scaled_gpu() -> None:
     cases.check_rope_kv_scaled("bfloat16", 48, 32, 8, 128, False, "cuda")
     cases.check_rope_kv_scaled("bfloat16", 64, 32, 8, 128, False, "cuda", splits=4)
+    for lora in ("", "all", "flags"):   # with a LoRA delta (LoRABatch.around_delta)
+        cases.check_rope_kv_scaled("bfloat16", 64, 32, 8, 128, False, "cuda", lora=lora)
 
 
 @pytest.mark.gpu
@@ -101,6 +120,8 @@ def test_norm_quant_gpu(t) -> None:
     cases.check_silu_mul_quant("bfloat16", t, 14336, "cuda")
     cases.check_splitk_add_rms_norm("bfloat16", 2, t, 4096, "cuda")
     cases.check_splitk_add_rms_norm("bfloat16", 1, t, 4096, "cuda", row_scale=True, quant=True)
+    for lora in ("", "flags"):   # with a LoRA delta (LoRABatch.around_delta)
+        cases.check_splitk_add_rms_norm("bfloat16", 1, t, 4096, "cuda", row_scale=True, quant=True, lora=lora)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the kernels (test_norm_quant_gpu)")

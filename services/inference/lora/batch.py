@@ -49,6 +49,7 @@ class LoRABatch:
         self.slots, self.meta = slots, meta
         self._buf: dict[tuple[int, ...], torch.Tensor] = {}  # float32 workspaces by shape
         self._delta: dict[tuple[int, int], torch.Tensor] = {}  # "full" overlap: d [T, N] by shape
+        self._defer_delta: dict[tuple[str, int, int], torch.Tensor] = {}  # around_delta's d by (proj, T, N)
 
     def _weights(self, layer_idx: int, proj: str):
         a = self.slots.a.get(proj)
@@ -89,16 +90,25 @@ class LoRABatch:
         a GPU at <= OVERLAP_MAX_TOKENS tokens, the shrink ("shrink": needs a two-kernel path) or the
         whole delta ("full") runs on a side stream concurrently with the GEMM; otherwise GEMM, then
         apply."""
+        return self.around(layer_idx, proj, x, lambda: F.linear(x, weight, bias))
+
+    def around(self, layer_idx: int, proj: str, x: torch.Tensor, gemm, mode: str | None = None) -> torch.Tensor:
+        """gemm() (the base projection of x [T, in] -> y [T, N], any kernel: the FP8 GEMMs of models/fp8.py) plus this
+        step's LoRA delta, as ``linear``: mode None = OVERLAP / OVERLAP_LARGE by T ("shrink": the shrink on a side
+        stream while gemm() runs, the expand after it; "full"; "" = gemm(), then ``apply``)."""
         w = self._weights(layer_idx, proj)
         if w is None:
-            return F.linear(x, weight, bias)
+            return gemm()
         a, b, scale, shift, scale_on = w
-        mode = (OVERLAP if x.shape[0] <= OVERLAP_MAX_TOKENS else OVERLAP_LARGE) if x.is_cuda else ""
+        if mode is None:
+            mode = (OVERLAP if x.shape[0] <= OVERLAP_MAX_TOKENS else OVERLAP_LARGE) if x.is_cuda else ""
+        elif not x.is_cuda:
+            mode = ""
         path = choose_path(x, a, b, self.meta)[0] if mode == "shrink" else ""
         if mode == "shrink" and path not in ("partials", "reduced", "dense", "seg"):  # two kernels to run apart
             mode = ""
         if not mode:
-            y = F.linear(x, weight, bias)
+            y = gemm()
             self.apply(layer_idx, proj, x, y)
             return y
         buf = self._workspace(x, a, b)      # allocated on the main stream (freed in its order)
@@ -112,7 +122,7 @@ class LoRABatch:
             with torch.cuda.stream(side):
                 d.zero_()                   # the kernels add into the rows of adapted tokens only
                 lora_apply(x, d, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)
-            y = F.linear(x, weight, bias)
+            y = gemm()
             main.wait_stream(side)
             from loraserve.kernels.lora_add import lora_add
 
@@ -120,7 +130,59 @@ class LoRABatch:
         side.wait_stream(main)              # x (and the step's metadata) are ready; buf's last reader is done
         with torch.cuda.stream(side):
             lora_shrink_part(x, a, self.meta, self.slots.ranks, buf, path=path)
-        y = F.linear(x, weight, bias)
+        y = gemm()
         main.wait_stream(side)
         return lora_expand_part(buf, y, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks,
                                 scale=scale, shift=shift, path=path, scale_on=scale_on)
+
+    def delta_ok(self, proj: str, n: int) -> bool:
+        """Whether around_delta may serve `proj` (n output columns): its slots carry no DoRA shift ((1 - g) * bias: a
+        biased projection; the deferred-epilogue consumers apply g only) and their B spans all n columns (a merged
+        projection whose adapters target only some of its modules may have fewer: the consumers index d as y)."""
+        if getattr(self.slots, "shift", None) and self.slots.shift.get(proj) is not None:
+            return False
+        b = self.slots.b.get(proj)
+        return b is None or b.shape[-2] == n
+
+    def around_delta(self, layer_idx: int, proj: str, x: torch.Tensor, gemm, side: bool = True):
+        """(gemm(), d, dora): the base projection as gemm() returns it (models/fp8_fused.py: an FP8 GEMM whose epilogue
+        is left to the kernel that consumes its output) and this step's LoRA delta of x apart, in d [T, N] (x's dtype;
+        rows without an adapter 0) with no DoRA epilogue; dora = (token_slot [T] int32, g [L, N] fp32, per-slot flags
+        [L] int32 or None) for the consumer (value = (y + d) * g[slot] on adapted rows, the expand's DoRA epilogue on a
+        bias-free projection), None where the pool has no g. (y, None, None) where `proj` has no adapter weights.
+        On CUDA d is zeroed on the side stream; side=True: the shrink runs there too, beside gemm() (as "shrink"
+        overlap), else after gemm() on the current stream. Only where delta_ok(proj)."""
+        w = self._weights(layer_idx, proj)
+        if w is None:
+            return gemm(), None, None
+        a, b, scale, shift, scale_on = w
+        assert shift is None, f"around_delta on {proj}: its slots carry DoRA shifts (delta_ok)"
+        T, N = x.shape[0], b.shape[1]
+        key = (proj, T, N)
+        d = self._defer_delta.get(key)
+        if d is None:
+            d = self._defer_delta[key] = torch.zeros(T, N, dtype=x.dtype, device=x.device)
+        dora = None if scale is None else (self.meta.token_slot, scale, scale_on)
+        buf = self._workspace(x, a, b)
+        if not x.is_cuda:
+            y = gemm()
+            d.zero_()
+            lora_apply(x, d, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)
+            return y, d, dora
+        path = choose_path(x, a, b, self.meta)[0]
+        split = path in ("partials", "reduced", "dense", "seg")
+        main, stream = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        stream.wait_stream(main)            # x ready; d's and buf's last readers (earlier in this stream) are done
+        with torch.cuda.stream(stream):
+            d.zero_()                       # the kernels add into the rows of adapted tokens only
+            if split and side:
+                lora_shrink_part(x, a, self.meta, self.slots.ranks, buf, path=path)
+        y = gemm()
+        main.wait_stream(stream)
+        if split:
+            if not side:
+                lora_shrink_part(x, a, self.meta, self.slots.ranks, buf, path=path)
+            lora_expand_part(buf, d, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, path=path)
+        else:
+            lora_apply(x, d, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)
+        return y, d, dora

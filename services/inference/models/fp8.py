@@ -223,6 +223,17 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     return F.linear(dequantize(x_q, x_scale, x.dtype), dequantize(w_q, w_scale[:, None], x.dtype), bias)
 
 
+def lora_overlap_mode() -> str | None:
+    """LORASERVE_FP8_LORA_OVERLAP: how an FP8 projection runs its LoRA delta (lora/batch.py LoRABatch.around):
+    '0' (default): the FP8 GEMM, then the LoRA kernels; 'shrink': the shrink on a side stream while the FP8 GEMM
+    runs, the expand after it; 'full': shrink + expand into a delta buffer beside the GEMM, one add after it;
+    'auto': whatever the bf16 projections do (LORASERVE_LORA_OVERLAP). Read at each call (graphs keep theirs)."""
+    v = os.environ.get("LORASERVE_FP8_LORA_OVERLAP", "0").strip().lower()
+    if v in ("auto", "engine"):
+        return None
+    return {"1": "shrink", "shrink": "shrink", "full": "full"}.get(v, "")
+
+
 # --- the weight holder ----------------------------------------------------------------------------
 
 class Fp8Proj(nn.Module):
@@ -242,11 +253,12 @@ class Fp8Proj(nn.Module):
         self.input_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
         lora = get_context().lora
-        if lora is not None:
-            lora.apply(self.layer_idx, self.proj_name, x, y)   # from the unquantized x, as Proj does
-        return y
+        if lora is not None:   # from the unquantized x, as Proj does; the shrink maybe beside the GEMM (lora_overlap)
+            return lora.around(self.layer_idx, self.proj_name, x,
+                               lambda: fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale),
+                               mode=lora_overlap_mode())
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] in `dtype`: what the FP8 weight stands for (tests, DoRA-style consumers)."""

@@ -13,7 +13,8 @@ models/fp8.py's convert_projections swaps these in by class (same state, only fo
 The codes ride on the activation tensor as an attribute (models/fp8.py PREQUANT_ATTR) that fp8_linear reads; any
 other tensor (a copy, a slice, the next layer's) has none and is quantized as before. All of it equals the unfused
 launches bit for bit (same tiles, same roundings). With LoRA rows in the step only the codes are made by the producers
-(the deltas join the GEMM outputs, so no epilogue may move); nothing runs under tensor parallelism or off CUDA.
+(the deltas join the GEMM outputs, so no epilogue may move), unless LORASERVE_FP8_LORA_DEFER (lora_defer_on) keeps the
+epilogues where they are and hands each delta to them; nothing runs under tensor parallelism or off CUDA.
 """
 from __future__ import annotations
 
@@ -54,24 +55,80 @@ def defer_o_on() -> bool:
     return os.environ.get("LORASERVE_FP8_DEFER_O", "1").strip() != "0"
 
 
-def deferred_linear(proj, x: torch.Tensor) -> torch.Tensor:
-    """proj(x) for an Fp8Proj whose output goes straight into an Fp8RMSNorm's residual add (the caller checked: no LoRA
-    rows, no TP, the consumer is that norm): where the GEMV's last launch is an epilogue (the split-K sum of the one-token
-    CUDA-core kinds, the scaling after cuBLASLt's unit-scale FP8 GEMM at 33..64 tokens), that launch is left out and the
-    raw result [SPLIT or 1, M, N] fp32 returned, tagged with PARTIALS_ATTR for the norm (splitk_add_rms_norm)."""
+def lora_defer_on(what: str) -> bool:
+    """LORASERVE_FP8_LORA_DEFER: with LoRA rows in the step (33..64 tokens), the fused epilogues stay (`what`: 'o',
+    'down', 'qkv', 'gate_up'): the projection's LoRA delta goes to a buffer of its own (LoRABatch.around_delta: zeroed
+    and the shrink run on the side stream beside the FP8 GEMM, the expand after it) that the epilogue's consumer adds
+    before its rounding (the norm after o / down, the RoPE + K/V kernel after qkv), DoRA's g applied there; gate_up's
+    delta is made before its dot8 GEMM, whose SiLU epilogue adds it. '0' (default): off (the GEMM's own epilogue, then
+    the LoRA kernels add into its output, then the unfused launches); '1' / 'all': all four; else a comma list.
+    LORASERVE_FP8_LORA_DEFER_SHRINK=main: the shrink after the GEMM on the main stream (only the zeroing beside it)."""
+    v = os.environ.get("LORASERVE_FP8_LORA_DEFER", "0").strip().lower()
+    if v in ("", "0", "off", "false", "no") or "lora_defer" in _BROKEN:
+        return False
+    return v in ("1", "all", "on", "true", "yes") or what in {p.strip() for p in v.split(",")}
+
+
+def _lora_defer_ok(lora, what: str, x: torch.Tensor, proj) -> bool:
+    """With LoRA rows: lora_defer_on(what), a delta the consumers can take (LoRABatch.delta_ok), and the W8A8 decode
+    bucket (33..64 tokens: tw / dot8 GEMMs that leave their epilogue; below it the CUDA-core GEMVs keep theirs)."""
+    return (lora_defer_on(what) and x.shape[0] > LORA_DEFER_MIN_TOKENS
+            and lora.delta_ok(proj.proj_name, proj.out_features))
+
+
+LORA_DEFER_MIN_TOKENS = 32
+
+
+def _lora_defer_side() -> bool:
+    return os.environ.get("LORASERVE_FP8_LORA_DEFER_SHRINK", "side").strip().lower() != "main"
+
+
+def _delta_torch(y: torch.Tensor, delta: torch.Tensor | None, dora) -> torch.Tensor:
+    """The deferred consumers' LoRA step in torch (their fallbacks): (y + delta) * g[slot] on the adapted rows."""
+    if delta is None:
+        return y
+    y = y + delta.float()
+    if dora is not None:
+        tok, g, on = dora
+        slot = tok[: y.shape[0]].long()
+        use = slot >= 0
+        if on is not None:
+            use = use & (on[slot.clamp(min=0)] != 0)
+        y = torch.where(use[:, None], y * g[slot.clamp(min=0)], y)
+    return y
+
+
+def deferred_linear(proj, x: torch.Tensor, what: str = "") -> torch.Tensor:
+    """proj(x) for an Fp8Proj whose output goes straight into an Fp8RMSNorm's residual add (the caller checked: no TP,
+    the consumer is that norm): where the GEMV's last launch is an epilogue (the split-K sum of the one-token CUDA-core
+    kinds, the scaling after cuBLASLt's unit-scale FP8 GEMM at 33..64 tokens), that launch is left out and the raw
+    result [SPLIT or 1, M, N] fp32 returned, tagged with PARTIALS_ATTR for the norm (splitk_add_rms_norm). With LoRA
+    rows only where lora_defer_on(what): the delta then rides along in the tag (LoRABatch.around_delta)."""
+    lora = get_context().lora
     if (not isinstance(proj, Fp8Proj) or proj.bias is not None or proj.input_scale is not None or "defer" in _BROKEN
-            or get_context().lora is not None or x.stride(-1) != 1 or gemm_path(x, proj.weight) != "gemv"):
+            or x.stride(-1) != 1 or gemm_path(x, proj.weight) != "gemv" or (lora is not None and not _lora_defer_ok(
+                lora, what, x, proj))):
         return proj(x)
     from loraserve.kernels.fp8_gemv import fp8_gemv
 
-    try:   # the fp8_linear call Fp8Proj would make (weight-only below W8A8 sizes, the producer's codes)
-        y, x_scale = fp8_gemv(x, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
-                              x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
+    def gemm():   # the fp8_linear call Fp8Proj would make (weight-only below W8A8 sizes, the producer's codes)
+        return fp8_gemv(x, proj.weight, proj.weight_scale, weight_only=not activations_quantized(proj.weight),
+                        x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
+
+    delta = dora = None
+    try:
+        if lora is None:
+            y, x_scale = gemm()
+        else:
+            (y, x_scale), delta, dora = lora.around_delta(proj.layer_idx, proj.proj_name, x, gemm,
+                                                          side=_lora_defer_side())
     except Exception as err:
-        _fused_failed("defer", err)
+        _fused_failed("defer" if lora is None else "lora_defer", err)
         return proj(x)
     if y.dim() == 3:   # deferred: split-K partials (x_scale None) or a unit-scale FP8 GEMM's fp32 result
-        setattr(y, PARTIALS_ATTR, (proj.weight_scale, x_scale))
+        setattr(y, PARTIALS_ATTR, (proj.weight_scale, x_scale, delta, dora))
+    elif delta is not None:   # the GEMM ran its own epilogue: the delta joins here (DoRA's g included)
+        y.copy_(_delta_torch(y.float(), delta, dora).to(y.dtype))
     return y
 
 
@@ -80,7 +137,7 @@ def o_proj_out(attn, o: torch.Tensor) -> torch.Tensor:
     Fp8RMSNorm and the layer is not the model's last (`_defer_ok`, convert_fused: the last layer may select rows of
     its attention output before that norm)."""
     if attn.tp is None and attn.__dict__.get("_defer_ok") and defer_o_on():
-        return deferred_linear(attn.o_proj, o)
+        return deferred_linear(attn.o_proj, o, "o")
     return attn.o_proj(o)
 
 
@@ -96,8 +153,11 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
     tokens, _qkv_deferred_rope_kv; the dot8 kinds' split-K partials likewise). q_out ([N, Q] or [N, H, D]) or None
     (the caller runs the GEMV, then fp8_rope_kv). Not with LoRA rows (their delta joins qkv before RoPE) or under TP."""
     proj = attn.qkv_proj
-    if (attn.tp is not None or ctx.lora is not None or not qkv_rope_on() or "qkv_rope" in _BROKEN
+    if (attn.tp is not None or not qkv_rope_on() or "qkv_rope" in _BROKEN
             or not isinstance(proj, Fp8Proj) or not _triton_cuda(x) or gemm_path(x, proj.weight) != "gemv"):
+        return None
+    lora = ctx.lora is not None   # with LoRA rows only the 33..64 form (the delta in RoPE's epilogue), lora_defer_on
+    if lora and not _lora_defer_ok(ctx.lora, "qkv", x, proj):
         return None
     from loraserve.kernels.fp8_gemv import _num_sms, gemv_config, gemv_pdl_mode, pdl_supported
     from loraserve.kernels.fp8_qkv_rope import fp8_qkv_rope_kv, qkv_rope_config_ok
@@ -107,7 +167,7 @@ def qkv_rope_kv_fused(attn, x: torch.Tensor, positions: torch.Tensor, rotary, ct
     if proj.input_scale is None and ((cfg[0] in ("tw", "twf") and N % 16 == 0 and K % 16 == 0)
                                      or (cfg[0] in ("dot8", "dot8f", "dot8p") and cfg[4] > 1 and K >= 2 * cfg[3])):
         return _qkv_deferred_rope_kv(attn, x, positions, rotary, ctx)
-    if not qkv_rope_config_ok(cfg, K, attn.head_dim):
+    if lora or not qkv_rope_config_ok(cfg, K, attn.head_dim):
         return None
     mode = gemv_pdl_mode(cfg[0])
     try:
@@ -133,16 +193,26 @@ def _qkv_deferred_rope_kv(attn, x: torch.Tensor, positions: torch.Tensor, rotary
     from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8_scaled
 
     proj = attn.qkv_proj
+    xc = x if x.stride(-1) == 1 else x.contiguous()
+
+    def gemm():
+        return fp8_gemv(xc, proj.weight, proj.weight_scale, x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
+
+    delta = dora = None
     try:
-        acc, x_scale = fp8_gemv(x if x.stride(-1) == 1 else x.contiguous(), proj.weight, proj.weight_scale,
-                                x_q=getattr(x, PREQUANT_ATTR, None), defer_sum=True)
+        if ctx.lora is None:
+            acc, x_scale = gemm()
+        else:   # the delta apart (LoRABatch.around_delta), added in RoPE's epilogue
+            (acc, x_scale), delta, dora = ctx.lora.around_delta(proj.layer_idx, proj.proj_name, xc, gemm,
+                                                                side=_lora_defer_side())
         if acc.dim() != 3:   # (tw without bias and the dot8 kinds with split-K always defer; kept safe)
             raise RuntimeError(f"qkv GEMM did not defer its epilogue: {tuple(acc.shape)}")
         return rope_store_kv_fp8_scaled(positions, acc, x_scale, proj.weight_scale, proj.bias,
                                         rotary.cos_sin_cache(), attn.k_cache, attn.v_cache, ctx.slot_mapping,
-                                        attn.kv_scales[0:1], attn.kv_scales[1:2], attn.num_heads, x.dtype)
+                                        attn.kv_scales[0:1], attn.kv_scales[1:2], attn.num_heads, x.dtype,
+                                        delta=delta, dora=dora)
     except Exception as err:   # a compile error (first call, eager warm-up): the unfused launches from now on
-        _fused_failed("defer_qkv", err)
+        _fused_failed("defer_qkv" if ctx.lora is None else "lora_defer", err)
         return None
 
 
@@ -181,14 +251,15 @@ class Fp8RMSNorm(RMSNorm):
         if scales is not None:   # x: the previous layer's deferred down output (Fp8MLP._down): its epilogue here
             from loraserve.kernels.fp8_norm_quant import splitk_add_rms_norm
 
-            w_scale, x_scale = scales
+            w_scale, x_scale, delta, dora = scales
             proj = self.__dict__.get("_fp8_consumer")
             quant = proj is not None and _prequant_ok(residual, proj, self.tp)
             try:
-                res = splitk_add_rms_norm(x, w_scale, residual, self.weight, self.eps, x_scale, quant)
+                res = splitk_add_rms_norm(x, w_scale, residual, self.weight, self.eps, x_scale, quant, delta=delta,
+                                          dora=dora)
             except Exception as err:   # a compile error: this step's epilogue in torch, no deferring from now on
-                _fused_failed("defer", err)
-                y = x.sum(0) * (x_scale if x_scale is not None else 1.0) * w_scale
+                _fused_failed("defer" if delta is None else "lora_defer", err)
+                y = _delta_torch(x.sum(0) * (x_scale if x_scale is not None else 1.0) * w_scale, delta, dora)
                 return super().forward(y.to(residual.dtype), residual)
             if quant:
                 setattr(res[0], PREQUANT_ATTR, (res[2], res[3]))
@@ -234,12 +305,15 @@ class Fp8MLP(MLP):
         tagged with PARTIALS_ATTR: the next norm sums them in its own launch (one launch fewer per layer)."""
         if not (self.__dict__.get("_defer_ok") and defer_down_sum_on()):
             return self.down_proj(act)
-        return deferred_linear(self.down_proj, act)
+        return deferred_linear(self.down_proj, act, "down")
 
     def _gate_up_silu(self, x: torch.Tensor) -> torch.Tensor | None:
         proj = self.gate_up_proj
         if (self.tp is not None or not isinstance(proj, Fp8Proj) or proj.bias is not None or not gate_up_silu_on()
-                or "gemv_silu" in _BROKEN or get_context().lora is not None or gemm_path(x, proj.weight) != "gemv"):
+                or "gemv_silu" in _BROKEN or gemm_path(x, proj.weight) != "gemv"):
+            return None
+        lora = get_context().lora   # with LoRA rows only the dot8 form (the delta in its epilogue), lora_defer_on
+        if lora is not None and not _lora_defer_ok(lora, "gate_up", x, proj):
             return None
         from loraserve.kernels.fp8_gemv import _num_sms, fp8_gemv, gemv_config
         from loraserve.kernels.fp8_gemv_silu import silu_config_ok
@@ -251,8 +325,8 @@ class Fp8MLP(MLP):
             from loraserve.kernels.fp8_dot8_silu import dot8_silu_config_ok
 
             if dot8_silu_config_ok(cfg):
-                return self._gate_up_silu_dot8(x, cfg)
-        if not silu_config_ok(cfg, N):
+                return self._gate_up_silu_dot8(x, cfg, lora)
+        if lora is not None or not silu_config_ok(cfg, N):
             return None
         if os.environ.get("LORASERVE_FP8_GATE_UP_SPLIT1", "0").strip() == "1":   # probe: no split-K (SiLU in the GEMV)
             cfg = tuple(cfg[:4]) + (1,) + tuple(cfg[5:7])
@@ -264,19 +338,25 @@ class Fp8MLP(MLP):
             return None
 
 
-    def _gate_up_silu_dot8(self, x: torch.Tensor, cfg: tuple) -> torch.Tensor | None:
+    def _gate_up_silu_dot8(self, x: torch.Tensor, cfg: tuple, lora=None) -> torch.Tensor | None:
         """33..64 tokens (dot8 without split-K): SiLU-and-mul in the gate_up GEMM's epilogue, and where down quantizes
         its input per token, its codes from the GEMM's row maxima (kernels/fp8_dot8_silu.py): the activation's row
-        kernel goes. h carries the codes (PREQUANT_ATTR) as silu_mul_quant's output does."""
+        kernel goes. h carries the codes (PREQUANT_ATTR) as silu_mul_quant's output does. lora (the step's LoRABatch,
+        lora_defer_on('gate_up')): gate_up's LoRA delta made first (LoRABatch.around_delta, nothing beside it) and
+        added in that epilogue, DoRA's g there too."""
         from loraserve.kernels.fp8_dot8_silu import dot8_silu_quant
 
         codes = _prequant_ok(x, self.down_proj, None)   # (M and dtype are h's: down's decision at h's shape)
+        xc = x if x.stride(-1) == 1 else x.contiguous()
+        proj = self.gate_up_proj
         try:
-            h, x_q, scale = dot8_silu_quant(x if x.stride(-1) == 1 else x.contiguous(), self.gate_up_proj.weight,
-                                            self.gate_up_proj.weight_scale, cfg, x_q=getattr(x, PREQUANT_ATTR, None),
-                                            codes=codes)
+            delta = dora = None
+            if lora is not None:   # the delta before the GEMM whose epilogue adds it
+                _, delta, dora = lora.around_delta(proj.layer_idx, proj.proj_name, xc, lambda: None, side=False)
+            h, x_q, scale = dot8_silu_quant(xc, proj.weight, proj.weight_scale, cfg, x_q=getattr(x, PREQUANT_ATTR, None),
+                                            codes=codes, delta=delta, dora=dora)
         except Exception as err:   # a compile error (first call, eager warm-up): the unfused launches from now on
-            _fused_failed("gemv_silu_dot8", err)
+            _fused_failed("gemv_silu_dot8" if lora is None else "lora_defer", err)
             return None
         if codes:
             setattr(h, PREQUANT_ATTR, (x_q, scale))

@@ -298,6 +298,8 @@ def test_lora_delta_with_deferred_epilogues_gpu(m, dora, monkeypatch) -> None:
     finally:
         reset_context()
     assert (old[1] - base).float().norm() > 0.05 * base.float().norm(), "the adapters must change the output"
-    for a, b in zip(new, old):
+    # o -> norm: one bf16 rounding apart; gate_up -> down -> norm: those roundings also move some of h's e4m3 codes
+    # (down's per-token W8A8 input) by one step (~6%): a larger bound there
+    for a, b, bound in zip(new, old, (4e-3, 4e-3, 2e-2, 2e-2)):
         rel = float((a.float() - b.float()).norm() / b.float().norm())
-        assert rel < 4e-3, rel
+        assert rel < bound, rel

@@ -102,6 +102,9 @@ VARIANTS = (
     # epilogues' consumers): all four, the shrink after the GEMM instead of beside it, one projection group at a time
     ("lora_defer", {"LORASERVE_FP8_LORA_DEFER": "1"}),
     ("lora_defer_main", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "main"}),
+    ("lora_defer_full", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "full"}),
+    # o, down, qkv deferred; gate_up as before (GEMM + its LoRA + silu_mul_quant) with its shrink beside the GEMM
+    ("lora_defer3_shrink", {"LORASERVE_FP8_LORA_DEFER": "o,down,qkv", "LORASERVE_FP8_LORA_OVERLAP": "shrink"}),
     ("lora_defer_o_down", {"LORASERVE_FP8_LORA_DEFER": "o,down"}),
     ("lora_defer_qkv", {"LORASERVE_FP8_LORA_DEFER": "qkv"}),
     ("lora_defer_gate_up", {"LORASERVE_FP8_LORA_DEFER": "gate_up"}),

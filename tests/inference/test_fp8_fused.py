@@ -250,8 +250,8 @@ def _lora_batch(layers: int, m: int, dora: bool):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m,dora", [(48, False), (64, True)])
-def test_lora_delta_with_deferred_epilogues_gpu(m, dora, monkeypatch) -> None:
+@pytest.mark.parametrize("m,dora,side", [(48, False, "side"), (64, True, "full"), (64, False, "main")])
+def test_lora_delta_with_deferred_epilogues_gpu(m, dora, side, monkeypatch) -> None:
     """LORASERVE_FP8_LORA_DEFER: with LoRA rows, o's and down's tw scaling stay in the next norm and the LoRA delta
     (DoRA's g on its slots) joins there (LoRABatch.around_delta); gate_up's delta joins its dot8 SiLU epilogue. Against
     the path that scales first and adds the delta into the GEMM output, then the unfused launches: the same values up
@@ -283,6 +283,7 @@ def test_lora_delta_with_deferred_epilogues_gpu(m, dora, monkeypatch) -> None:
             return (out_o, res_o, out_d, res_d), (o_deferred, down_deferred)
 
         monkeypatch.setenv("LORASERVE_FP8_LORA_DEFER", "1")
+        monkeypatch.setenv("LORASERVE_FP8_LORA_DEFER_SHRINK", side)   # where the shrink (and expand) run
         new, deferred = run()
         assert deferred == (True, True) and "lora_defer" not in fp8._BROKEN
         hn = layers[0].post_attention_layernorm(h.clone(), residual.clone())[0]

@@ -144,14 +144,15 @@ class LoRABatch:
         b = self.slots.b.get(proj)
         return b is None or b.shape[-2] == n
 
-    def around_delta(self, layer_idx: int, proj: str, x: torch.Tensor, gemm, side: bool = True):
+    def around_delta(self, layer_idx: int, proj: str, x: torch.Tensor, gemm, side: bool | str = True):
         """(gemm(), d, dora): the base projection as gemm() returns it (models/fp8_fused.py: an FP8 GEMM whose epilogue
         is left to the kernel that consumes its output) and this step's LoRA delta of x apart, in d [T, N] (x's dtype;
         rows without an adapter 0) with no DoRA epilogue; dora = (token_slot [T] int32, g [L, N] fp32, per-slot flags
         [L] int32 or None) for the consumer (value = (y + d) * g[slot] on adapted rows, the expand's DoRA epilogue on a
         bias-free projection), None where the pool has no g. (y, None, None) where `proj` has no adapter weights.
         On CUDA d is zeroed on the side stream; side=True: the shrink runs there too, beside gemm() (as "shrink"
-        overlap), else after gemm() on the current stream. Only where delta_ok(proj)."""
+        overlap), else after gemm() on the current stream; side="full": the expand too (d is no GEMM output: the whole
+        delta beside gemm(), the current stream waits for it after gemm()). Only where delta_ok(proj)."""
         w = self._weights(layer_idx, proj)
         if w is None:
             return gemm(), None, None
@@ -175,11 +176,15 @@ class LoRABatch:
         stream.wait_stream(main)            # x ready; d's and buf's last readers (earlier in this stream) are done
         with torch.cuda.stream(stream):
             d.zero_()                       # the kernels add into the rows of adapted tokens only
-            if split and side:
+            if side == "full":
+                lora_apply(x, d, a, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, buf)
+            elif split and side:
                 lora_shrink_part(x, a, self.meta, self.slots.ranks, buf, path=path)
         y = gemm()
         main.wait_stream(stream)
-        if split:
+        if side == "full":
+            pass
+        elif split:
             if not side:
                 lora_shrink_part(x, a, self.meta, self.slots.ranks, buf, path=path)
             lora_expand_part(buf, d, b, self.slots.slice_offsets[proj], self.meta, self.slots.ranks, path=path)

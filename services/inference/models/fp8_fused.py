@@ -62,7 +62,8 @@ def lora_defer_on(what: str) -> bool:
     before its rounding (the norm after o / down, the RoPE + K/V kernel after qkv), DoRA's g applied there; gate_up's
     delta is made before its dot8 GEMM, whose SiLU epilogue adds it. '0' (default): off (the GEMM's own epilogue, then
     the LoRA kernels add into its output, then the unfused launches); '1' / 'all': all four; else a comma list.
-    LORASERVE_FP8_LORA_DEFER_SHRINK=main: the shrink after the GEMM on the main stream (only the zeroing beside it)."""
+    LORASERVE_FP8_LORA_DEFER_SHRINK=main: the shrink after the GEMM on the main stream (only the zeroing beside it);
+    =full: the expand beside the GEMM too (o / down / qkv: d is no GEMM output; the stream joins before the consumer)."""
     v = os.environ.get("LORASERVE_FP8_LORA_DEFER", "0").strip().lower()
     if v in ("", "0", "off", "false", "no") or "lora_defer" in _BROKEN:
         return False
@@ -79,8 +80,9 @@ def _lora_defer_ok(lora, what: str, x: torch.Tensor, proj) -> bool:
 LORA_DEFER_MIN_TOKENS = 32
 
 
-def _lora_defer_side() -> bool:
-    return os.environ.get("LORASERVE_FP8_LORA_DEFER_SHRINK", "side").strip().lower() != "main"
+def _lora_defer_side() -> bool | str:
+    v = os.environ.get("LORASERVE_FP8_LORA_DEFER_SHRINK", "side").strip().lower()
+    return "full" if v == "full" else v != "main"
 
 
 def _delta_torch(y: torch.Tensor, delta: torch.Tensor | None, dora) -> torch.Tensor:

@@ -241,6 +241,8 @@ _SEG_ENV = {
     # (lora_seg.seg_early); _xt: the expand letting the next kernel launch after its wait too
     "seg_early": {"LORASERVE_LORA_SEG_EARLY": "1"},
     "seg_early_xt": {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_XTRIGGER": "1"},
+    # ... and the expand's B run bulk-prefetched into L2 before its wait (the expand launched while the shrink runs)
+    "seg_early_b": {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_EARLY_B": "1"},
     # ~1 shrink program per SM at rank <= 32 on inputs <= 8192 wide (qkv / o / gate_up r16; down r16 keeps 2)
     "seg_s1n": {"LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW": "1"},
     "seg_sw8_bk128s3": {"LORASERVE_LORA_SEG_SHRINK_WARPS": "8", "LORASERVE_LORA_SEG_SHRINK_BK": "128",

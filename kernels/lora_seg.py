@@ -269,7 +269,7 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
         NUM_SLICES=S, BOUNDS_P2=max(2, _pow2(S - 1)), RP=max(16, _pow2(R)), TILE_M=meta.block_m, GROUP=cfg["GROUP"],
         BLOCK_N=BN, SPLIT_K=SK, EVEN_N=N % BN == 0, EVEN_R=R == max(16, _pow2(R)), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_FLAGS=scale is not None and scale_on is not None, Y_AHEAD=cfg["Y_AHEAD"], ADAPT=cfg["ADAPT"],
-        **_early_kw(y.device, shrink=False),
+        **_early_kw(y.device, shrink=False), PF_THREADS=32 * cfg["num_warps"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(y.device),
     )
     return y
@@ -283,6 +283,8 @@ def _early_kw(device: torch.device, shrink: bool) -> dict:
     kw = {"EARLY": True} if early else {}
     if trig and not shrink:
         kw["TRIGGER_EARLY"] = True
+    if early and not shrink and _env_int("LORASERVE_LORA_SEG_EARLY_B", 0):   # + the expand's B run into L2 first
+        kw["PREFETCH_B"] = True
     return kw
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._triton import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
+    from .lora_prefetch import l2_prefetch
 
     @triton.jit
     def _row_block(tile_slots_ptr, tile_starts_ptr, tile_ends_ptr, sorted_ids_ptr, pid, num_tiles,
@@ -270,7 +271,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_R: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FLAGS: tl.constexpr, Y_AHEAD: tl.constexpr = False,
         ADAPT: tl.constexpr = False, USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
-        TRIGGER_EARLY: tl.constexpr = False,
+        TRIGGER_EARLY: tl.constexpr = False, PREFETCH_B: tl.constexpr = False, PF_THREADS: tl.constexpr = 256,
     ):
         pid = tl.program_id(0)
         pid_g = tl.program_id(1)
@@ -320,6 +321,12 @@ if HAS_TRITON:
             slot0 = _run_slot(tile_slots_ptr, pid, 0, num_tiles, GROUP)
             rank0 = tl.minimum(tl.load(ranks_ptr + tl.maximum(slot0, 0)), R)
             if USE_PDL and EARLY and not (ADAPT and GROUP > 1):
+                if PREFETCH_B:   # this program's B run into L2 while the shrink still runs (one bulk prefetch a thread)
+                    n_lo = blk_lo * BLOCK_N
+                    n_hi = tl.minimum(N, blk_hi * BLOCK_N)
+                    run = tl.where((slot0 >= 0) & (rank0 > 0) & (n_hi > n_lo), n_hi - n_lo, 0).to(tl.int64)
+                    l2_prefetch(b_ptr + tl.maximum(slot0, 0).to(tl.int64) * stride_bl + n_lo.to(tl.int64) * stride_bn,
+                                run * stride_bn * 2, PF_THREADS)
                 tl.extra.cuda.gdc_wait()
                 if TRIGGER_EARLY:
                     tl.extra.cuda.gdc_launch_dependents()

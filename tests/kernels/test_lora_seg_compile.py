@@ -66,7 +66,8 @@ def test_seg_kernels_compile_for_sm90_without_spills(proj, num_tokens, block_m, 
 @pytest.mark.parametrize("trigger", [False, True])
 def test_seg_early_metadata_and_trigger_compile_for_sm90(trigger):
     """lora_seg.seg_early's forms (qkv r64 at 256 tokens): the metadata loads before griddepcontrol.wait, the shrink's
-    launch_dependents right after its wait (before its A / x stream), the expand's too with TRIGGER_EARLY; no spills."""
+    launch_dependents right after its wait (before its A / x stream), the expand's too with TRIGGER_EARLY (here with
+    its B run's L2 prefetch before the wait, PREFETCH_B); no spills."""
     from loraserve.kernels.lora_seg import _seg_expand_kernel, _seg_shrink_kernel, seg_expand_config, seg_shrink_config
 
     hidden, widths = PROJ["qkv"]
@@ -94,7 +95,8 @@ def test_seg_early_metadata_and_trigger_compile_for_sm90(trigger):
     k = compile_sm90(_seg_expand_kernel, sig, dict(NUM_SLICES=S, BOUNDS_P2=2, RP=R, TILE_M=bm, GROUP=1,
                                                    BLOCK_N=ec["BLOCK_N"], SPLIT_K=1, EVEN_N=True, EVEN_R=True,
                                                    HAS_SCALE=True, HAS_SHIFT=True, HAS_FLAGS=True, Y_AHEAD=False,
-                                                   ADAPT=False, USE_PDL=True, EARLY=True, TRIGGER_EARLY=trigger),
+                                                   ADAPT=False, USE_PDL=True, EARLY=True, TRIGGER_EARLY=trigger,
+                                                   PREFETCH_B=trigger, PF_THREADS=32 * ec["num_warps"]),
                      unit=("stride_pr", "stride_bk", "stride_yn", "stride_sn"),
                      div16_except=("R", "num_tiles", "BLOCKS_PER_PROG"),
                      num_warps=ec["num_warps"], num_stages=ec["num_stages"], launch_pdl=True)
@@ -104,4 +106,6 @@ def test_seg_early_metadata_and_trigger_compile_for_sm90(trigger):
     trig = [i for i, ln in enumerate(lines) if "griddepcontrol.launch_dependents" in ln]
     assert next(i for i, ln in enumerate(lines) if "ld.global" in ln) < wait and "cp.async" in ptx
     assert len(trig) == 1 and (trig[0] < wait + 10 if trigger else trig[0] > wait + 100), (wait, trig)
+    if trigger:   # (with the B run's L2 prefetch before the wait)
+        assert "cp.async.bulk.prefetch.L2" in "\n".join(lines[:wait])
     assert_no_spills(k)

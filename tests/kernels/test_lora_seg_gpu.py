@@ -53,6 +53,7 @@ _EARLY_XT = {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_XTRIGGER": "1"
 
 @pytest.mark.parametrize("name,env", [("qkv-mixed-ranks-4-adapters", _EARLY), ("qkv-mixed-ranks-4-adapters", _EARLY_XT),
                                       ("down-32-adapters-dora", _EARLY_XT),
+                                      ("gate_up-one-adapter-dora", dict(_EARLY, LORASERVE_LORA_SEG_EARLY_B="1")),
                                       ("gate_up-one-adapter-dora", {"LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW": "1"})])
 def test_seg_knobs_equal_default_and_replay(name, env, monkeypatch) -> None:
     """lora_seg's probe knobs: the metadata before the waits and the early launches (seg_early: bit for bit the

@@ -216,7 +216,7 @@ VARIANTS.update({
     "sk1w512": dict(DEFAULT, sk_chunk_max=1, wide_r64=512),
     "sk2w": dict(DEFAULT, sk_chunk_max=2, wide_r64=1024),
     "w1024": dict(DEFAULT, wide_r64=1024),
-    "prev13": dict(DEFAULT, sk_chunk_max=0, wide_r64=0),
+    "prev13": dict(DEFAULT, sk_chunk_max=0, wide_r64=0, env={"LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW": "2"}),
 })
 
 # Segment-tiled pair knobs (lora_seg's environment knobs, read at each call) for the median's pair, o r64 L32 T1024 and
@@ -252,6 +252,16 @@ VARIANTS.update({k: dict(DEFAULT, env=v) for k, v in _SEG_ENV.items()})
 # the thirteenth session's candidates together (they touch disjoint shapes: sk1 the streaming expand of the partials
 # path, wide_r64 down's rank-64 BGMV shrink, s1n the rank-16 seg shrinks of 4096-wide inputs)
 VARIANTS["c13"] = dict(DEFAULT, sk_chunk_max=1, wide_r64=1024, env=_SEG_ENV["seg_s1n"])
+# (c13 = the defaults since probe 22:04) + the seg expand summing splits of <= 4 itself (no reduction in the shrink:
+# lora_seg.seg_reduce's LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT); c13n512: with down's rank-64 BGMV BLOCK_K 512
+_N4 = {"LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "4"}
+VARIANTS.update({
+    "c13n": dict(DEFAULT, sk_chunk_max=1, wide_r64=1024, env=dict(_SEG_ENV["seg_s1n"], **_N4)),
+    "c13n512": dict(DEFAULT, sk_chunk_max=1, wide_r64=512, env=dict(_SEG_ENV["seg_s1n"], **_N4)),
+    "c13n8": dict(DEFAULT, sk_chunk_max=1, wide_r64=1024,
+                  env=dict(_SEG_ENV["seg_s1n"], LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT="8")),
+    "seg_nored4": dict(DEFAULT, env=_N4),
+})
 
 
 _ENV_SET: set[str] = set()   # environment knobs the last variant set (read at each call by the kernels' launchers)

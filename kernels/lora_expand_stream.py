@@ -368,10 +368,14 @@ STREAM_ONE_SLICE_MAX_TOKENS = int(os.environ.get("LORASERVE_LORA_STREAM_ONE_SLIC
 STREAM_PIPE_MIN_BLOCKS = int(os.environ.get("LORASERVE_LORA_STREAM_PIPE_MIN_BLOCKS", "10"))
 
 
-# Split-K partials per load round in the streaming expand at most this (0: the register rule alone). Opt-in until measured
-# twice: H200 probe 2026-12-01 12:32 (expand alone, down r64 / 16 adapters / 16 tokens, 7 partials): 8 a round 18.45 us,
-# 2 a round 6.78, 1 a round 6.28; qkv r64 (4 partials) 2 a round 7.38, 1 7.31. LORASERVE_LORA_STREAM_SK_CHUNK_MAX.
-STREAM_SK_CHUNK_MAX = int(os.environ.get("LORASERVE_LORA_STREAM_SK_CHUNK_MAX", "0"))
+# Split-K partials per load round in the streaming expand at most this (0: the register rule alone, up to 8 a round as
+# [SK_CHUNK, BLOCK_M, BLOCK_R] loads summed over axis 0: what triton 3.6 makes of that costs every program). H200 probe
+# 2026-12-01 12:32 (expand alone, down r64 / 16 adapters / 16 tokens, 7 partials): 8 a round 18.45 us, 2 a round 6.78,
+# 1 a round 6.28. Default 1 since the probe of 2026-12-01 22:04 (same run, two samples each): layer 64 tokens / 32
+# adapters / r16 44.1 / 44.5 -> 42.8-43.1 us (qkv expand 5.7 -> 4.9, gate_up 13.1 -> 12.7), 1 token median 3.44 ->
+# 3.35 (qkv 3.37 -> 3.19, gate_up 4.09 -> 3.77), down r64 / 16 / 16 35.2 -> 17.8 (15.1-15.5 with the BGMV shrink's
+# BLOCK_K 1024 there), no shape slower. LORASERVE_LORA_STREAM_SK_CHUNK_MAX=0: the register rule alone (as before).
+STREAM_SK_CHUNK_MAX = int(os.environ.get("LORASERVE_LORA_STREAM_SK_CHUNK_MAX", "1"))
 
 
 def rotating_loop_config(block_m: int, rank: int, num_slices: int) -> dict:

@@ -112,10 +112,11 @@ def seg_shrink_config(num_tokens: int, rank: int, hidden_in: int, num_slices: in
     # 2026-12-01 04:34 vs 2 per SM: qkv r64 / 32 adapters / 256 tokens shrink 22.7 -> 20.5 us (pair 34.8 -> 32.0),
     # gate_up r64 / 16 / 256 16.3 -> 11.4 (43.8 -> 39.9), o r64 / 32 / 1024 14.2 -> 11.0 (29.6 -> 25.9). Rank <= 32
     # keeps 2 per SM (as measured there: gate_up r16 / 16 / 256 19.5 us, down r16 / 4 / 1024 16.6; 1 per SM unmeasured)
-    # Rank <= 32 on inputs <= 8192 wide: LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW (default 2 as before). H200 final
+    # Rank <= 32 on inputs <= 8192 wide: LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW (default 1; 2 as before). H200 final
     # 2026-12-01 05:29, 1 per SM at rank 16: gate_up r16 / 16 adapters / 256 tokens 19.24 -> 17.91 us, qkv r16 / 1 / 1024
-    # 17.26 -> 16.45, but down r16 / 4 / 1024 (14336 wide) 17.13 -> 19.36; opt-in until a second run agrees.
-    narrow = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW", 2) if hidden_in <= 8192 else 2
+    # 17.26 -> 16.45, but down r16 / 4 / 1024 (14336 wide) 17.13 -> 19.36, hence the width bound; probe 22:04 (same run,
+    # twice): gate_up r16 19.21 / 19.26 -> 18.03 / 18.15, qkv r16 17.35 / 17.21 -> 16.43 / 16.44.
+    narrow = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW", 1) if hidden_in <= 8192 else 2
     per_sm = _env_int("LORASERVE_LORA_SEG_SHRINK_PER_SM", 1 if rank > 32 else narrow)
     rows = -(-grid_tiles // group)
     k_blocks = -(-hidden_in // block_k)
@@ -140,10 +141,20 @@ def seg_early() -> tuple[bool, bool]:
     return bool(_env_int("LORASERVE_LORA_SEG_EARLY", 0)), bool(_env_int("LORASERVE_LORA_SEG_XTRIGGER", 0))
 
 
-def seg_reduce() -> bool:
+def seg_reduce(planes: int | None = None) -> bool:
     """The shrink's last K split of each row block sums the partials into one more plane of the workspace (the
-    expand then reads that plane only): LORASERVE_LORA_SEG_REDUCE (default on); read at each call."""
-    return os.environ.get("LORASERVE_LORA_SEG_REDUCE", "1").strip().lower() not in ("", "0", "false", "off", "no")
+    expand then reads that plane only): LORASERVE_LORA_SEG_REDUCE (default on), and only where the workspace has
+    more than LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes (default 1: wherever there is a split; 4: splits of <= 4 are
+    summed by the expand, each column group's program loading the <= 4 planes itself, with no arrival counter, no
+    last-split tail in the shrink). planes: the workspace's leading dim (None: the switch alone). Read at each call.
+    H200 probe 2026-12-01 22:05 (same run, ~1 shrink program per SM, split 4, us): o r64 / 32 adapters / 1024 tokens
+    23.28 / 22.90 (default, twice) -> 22.48 without the reduction, qkv r64 / 32 / 256 33.07 / 32.57 -> 30.95."""
+    on = os.environ.get("LORASERVE_LORA_SEG_REDUCE", "1").strip().lower() not in ("", "0", "false", "off", "no")
+    return on and (planes is None or planes > max(1, seg_reduce_min_split()))
+
+
+def seg_reduce_min_split() -> int:
+    return _env_int("LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT", 1)
 
 
 def seg_split_k(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> int:
@@ -153,7 +164,7 @@ def seg_split_k(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> int:
     sk = seg_shrink_config(x.shape[0], R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device))["SPLIT_K"]
     if x.is_cuda and x.device not in _COUNTERS and not torch.cuda.is_current_stream_capturing():
         _counters(x.device, meta.grid_tiles)   # now, so that a graph captured before any seg launch finds them
-    return sk + 1 if sk > 1 and seg_reduce() else sk
+    return sk + 1 if sk > max(1, seg_reduce_min_split()) and seg_reduce() else sk
 
 
 _COUNTERS: dict[torch.device, Tensor] = {}
@@ -201,7 +212,7 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
     """out[k, s, t, :r] = x[t, K_k] @ lora_a[slot(t), s, :r, K_k].T: the split-K partials, one launch.
 
     x [T, H] fp16/bf16 (fp32 under the interpreter); lora_a [L, S, R, H] same dtype (any strides);
-    out [P, S, T, R] float32 (seg_split_k gives P): P split-K partials, or with seg_reduce() on and P > 1,
+    out [P, S, T, R] float32 (seg_split_k gives P): P split-K partials, or with seg_reduce(P) on,
     P - 1 partials and their fixed-order sum in out[P - 1]; entries of tokens without an adapter and columns
     >= rank undefined."""
     T, H = x.shape
@@ -214,7 +225,7 @@ def lora_seg_shrink(x: Tensor, lora_a: Tensor, meta: LoRAMeta, ranks: Tensor, ou
     if T == 0:
         return out
     cfg = dict(seg_shrink_config(T, R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device)), **(config or {}))
-    reduce = out.shape[0] > 1 and seg_reduce()
+    reduce = seg_reduce(out.shape[0])
     SK, BK = out.shape[0] - reduce, cfg["BLOCK_K"]
     k_chunk = -(-(-(-H // SK)) // BK) * BK
     grid = (-(-meta.grid_tiles // cfg["GROUP"]), SK)
@@ -236,13 +247,13 @@ def lora_seg_expand(parts: Tensor, lora_b: Tensor, slice_offsets: Tensor, meta: 
                     config: dict | None = None) -> Tensor:
     """y[t, off_s:off_{s+1}] += (sum_k parts[k, s, t, :r]) @ lora_b[slot(t), off_s:off_{s+1}, :r].T, one launch.
 
-    parts [P, S, T, R] float32 as lora_seg_shrink leaves it (with seg_reduce() on and P > 1 only the last plane,
+    parts [P, S, T, R] float32 as lora_seg_shrink leaves it (with seg_reduce(P) on only the last plane,
     the sum, is read; else the P planes are summed here); [S, T, R] also taken; lora_b [L, N, R] with y's dtype;
     slice_offsets [S+1] int32 on the device; y [T, N] (column views allowed), updated in place, rows of tokens
     without an adapter untouched; scale / shift [L, N] float32 and scale_on [L] int32 as for lora_expand."""
     if parts.dim() == 3:
         parts = parts.unsqueeze(0)
-    elif parts.shape[0] > 1 and seg_reduce():   # lora_seg_shrink left the sum in the last plane
+    elif seg_reduce(parts.shape[0]):   # lora_seg_shrink left the sum in the last plane
         parts = parts[-1:]
     SK, S, T, R = parts.shape
     L, N, R2 = lora_b.shape

@@ -306,10 +306,11 @@ BGMV_BLOCK_K: int | None = None
 # 64 tokens / 32 adapters 13.7 -> 12.6 (its expand sums 7 partials, not 14) and at 1 token 4.57 -> 3.65; on the
 # 4096-wide inputs 2048 was mixed (qkv 12.0 -> 12.5 at 64 tokens, o 2.91 -> 3.22 at 1 token), so only wide ones.
 BGMV_WIDE_BLOCK_K = 2048
-# ... at rank > 32 instead (0: BGMV_WIDE_BLOCK_K). Probe knob (LORASERVE_LORA_BGMV_WIDE_BLOCK_K_R64): H200 2026-12-01
-# 12:32, down r64 / 16 adapters / 16 tokens, shrink alone 11.9 us at 2048 vs 10.15 at 1024 (14 partials, which the
-# streaming expand then wants one a round: STREAM_SK_CHUNK_MAX). Read at each call.
-BGMV_WIDE_BLOCK_K_R64 = int(os.environ.get("LORASERVE_LORA_BGMV_WIDE_BLOCK_K_R64", "0"))
+# ... at rank > 32 instead (0: BGMV_WIDE_BLOCK_K). LORASERVE_LORA_BGMV_WIDE_BLOCK_K_R64, default 1024: H200 2026-12-01
+# 12:32, down r64 / 16 adapters / 16 tokens, shrink alone 11.9 us at 2048 vs 10.15 at 1024; probe 22:04 (same run, with
+# one partial a round in the streaming expand, STREAM_SK_CHUNK_MAX): pair 17.8 at 2048 vs 15.1 / 15.4 / 15.5 at 1024
+# (shrink 11.7 -> 9.9-10.2, expand 6.3 -> 5.7-6.1; 14.9 at 512, one sample). Read at each call.
+BGMV_WIDE_BLOCK_K_R64 = int(os.environ.get("LORASERVE_LORA_BGMV_WIDE_BLOCK_K_R64", "1024"))
 
 
 # A's block as this many separate loads (1, 2 or 4) for blocks of >= BGMV_KCHUNK_MIN_K columns (LORASERVE_LORA_BGMV_

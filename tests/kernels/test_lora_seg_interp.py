@@ -83,6 +83,11 @@ CASES = [  # (tokens, widths, max rank, composition, env, dora)
                                     "LORASERVE_LORA_SEG_BPP": "1", "LORASERVE_LORA_SEG_BN": "16"}, True),
     (72, [64, 32], 16, "mixed-ranks", {"LORASERVE_LORA_SEG_BPP": "2", "LORASERVE_LORA_SEG_BN": "32"}, True),
     (90, [48, 40], 32, "zipf:1.5", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE": "0"}, False),
+    # the reduction only above LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes: 3 <= 4 summed by the expand; 3 > 2 reduced
+    (90, [64, 16, 16], 32, "mixed-ranks", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "4"},
+     True),
+    (80, [48, 40], 16, "no-adapter-rows", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "2"},
+     False),
     (96, [32, 16, 16], 16, "no-adapter-rows", {"LORASERVE_LORA_SEG_SPLIT": "4", "LORASERVE_LORA_SEG_GROUP": "2"}, True),
     (88, [32, 16, 16], 16, "mixed-ranks", {"LORASERVE_LORA_SEG_YAHEAD": "1", "LORASERVE_LORA_SEG_BN": "32",
                                            "LORASERVE_LORA_SEG_BPP": "2"}, True),   # y one block ahead

@@ -103,6 +103,9 @@ VARIANTS = (
     ("lora_defer", {"LORASERVE_FP8_LORA_DEFER": "1"}),
     ("lora_defer_main", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "main"}),
     ("lora_defer_full", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "full"}),
+    # the 4 random layers' sensitivity to rounding alone (how far a rounding-only change moves the hidden states):
+    # the old LoRA path with the norms in rms_norm's 8-warp layout (1-2 bf16 ulps apart, test_norm_16_warps_...)
+    ("lora_sens_norm8", {"LORASERVE_FP8_NORM_WARPS_BATCH": "0"}),
     # o, down, qkv deferred; gate_up as before (GEMM + its LoRA + silu_mul_quant) with its shrink beside the GEMM
     ("lora_defer3_shrink", {"LORASERVE_FP8_LORA_DEFER": "o,down,qkv", "LORASERVE_FP8_LORA_OVERLAP": "shrink"}),
     ("lora_defer_o_down", {"LORASERVE_FP8_LORA_DEFER": "o,down"}),
@@ -257,8 +260,14 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     else:
                         row[f"bs{bs}_us_per_layer"] = round(1e3 * replay_ms(gr, bs) / a.layers, 2)
                     # the variants change launches, not math (same codes, same summation order): the hidden
-                    # states must equal the default's bit for bit
-                    hidden = gr.graphs[(bs, False)][1].float().clone()
+                    # states must equal the default's bit for bit. Each graph's output is read right after its own
+                    # replay: the plain and the LoRA graph share a memory pool, and a graph captured later may hold
+                    # its intermediates in blocks an earlier one's output used (read after the other's replay, the
+                    # plain graph's output was garbage: probe 22:03)
+                    graph, out = gr.graphs[(bs, False)][:2]
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    hidden = out.float().clone()
                     ref = outputs.setdefault(bs, hidden)
                     named = outputs.setdefault((name, bs), hidden)   # the variants with the same numerics as
                     twin = outputs.get(("w8a8_token_nodefer", bs))   # dot8 without the new deferral: bit for bit?
@@ -268,10 +277,20 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     if row[f"bs{bs}_max_abs_diff_vs_first"]:   # a variant with other numerics (LORASERVE_FP8_W8A8)
                         row[f"bs{bs}_rel_diff_vs_first"] = round(float((hidden - ref).norm() / ref.norm()), 5)
                     if a.lora:   # the LoRA graph's hidden states against the first variant's (a LoRA fusion rounds
-                        hl = gr.graphs[(bs, True)][1].float().clone()   # in other places: bf16-level differences)
+                        graph, out = gr.graphs[(bs, True)][:2]   # in other places: bf16-level differences)
+                        graph.replay()
+                        torch.cuda.synchronize()
+                        hl = out.float().clone()
                         refl = outputs.setdefault((bs, "lora"), hl)
+                        effect = (refl - outputs[bs]).norm()   # the adapters' own effect (the first variant's graphs)
                         row[f"bs{bs}_lora_rel_diff_vs_first"] = round(float((hl - refl).norm() / refl.norm()), 5)
+                        row[f"bs{bs}_lora_diff_vs_first_over_effect"] = round(float((hl - refl).norm() / effect), 4)
                         row[f"bs{bs}_lora_vs_plain_rel"] = round(float((hl - hidden).norm() / hidden.norm()), 5)
+                        # per row: the largest relative difference of a row against the first variant's (a bug in one
+                        # row's adapter shows there), and the median row's
+                        per_row = (hl - refl).norm(dim=1) / refl.norm(dim=1)
+                        row[f"bs{bs}_lora_row_rel_max"] = round(float(per_row.max()), 5)
+                        row[f"bs{bs}_lora_row_rel_median"] = round(float(per_row.median()), 5)
                     if a.profile_kernels and name in a.profile_kernels.split(",") and bs == a.batch:
                         for lo in ((False, True) if a.lora else (False,)):
                             key = f"bs{bs}_profile" + ("_lora" if lo else "")

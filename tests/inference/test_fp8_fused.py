@@ -270,7 +270,8 @@ def test_lora_delta_with_deferred_epilogues_gpu(m, dora, side, monkeypatch) -> N
     o = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
     h = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
     residual = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    set_context(Context(lora=_lora_batch(2, m, dora)))
+    lb = _lora_batch(2, m, dora)
+    set_context(Context(lora=lb))
     try:
         def run():
             y = fp8_fused.o_proj_out(layers[0].self_attn, o.clone())
@@ -299,8 +300,110 @@ def test_lora_delta_with_deferred_epilogues_gpu(m, dora, side, monkeypatch) -> N
     finally:
         reset_context()
     assert (old[1] - base).float().norm() > 0.05 * base.float().norm(), "the adapters must change the output"
+    # against an fp32 reference of the o block (o's e4m3 codes and scales as the GEMM takes them, the dequantized
+    # weight, the exact LoRA delta and DoRA's g): the deferred path is as close as the old one (both: bf16 roundings)
+    ref = residual.double() + _dora_ref(_w8a8_ref(o, layers[0].self_attn.o_proj), _lora_delta_ref(lb, 0, "o_proj", o),
+                                        lb, 0, "o_proj")
+    err_new = float((new[1].double() - ref).norm() / ref.norm())
+    err_old = float((old[1].double() - ref).norm() / ref.norm())
+    effect = float((old[1].double() - base.double()).norm() / ref.norm())
+    print(f"o block m={m} dora={dora}: err vs fp32 ref new {err_new:.3g} old {err_old:.3g}, LoRA effect {effect:.3g}")
+    assert err_new < 4e-3 and err_old < 4e-3 and err_new <= 1.5 * err_old + 1e-4, (err_new, err_old)
     # o -> norm: one bf16 rounding apart; gate_up -> down -> norm: those roundings also move some of h's e4m3 codes
     # (down's per-token W8A8 input) by one step (~6%): a larger bound there
     for a, b, bound in zip(new, old, (4e-3, 4e-3, 2e-2, 2e-2)):
         rel = float((a.float() - b.float()).norm() / b.float().norm())
         assert rel < bound, rel
+
+
+def _w8a8_ref(x: torch.Tensor, proj) -> torch.Tensor:
+    """fp32 x @ W^T as the W8A8 GEMMs compute it: x's per-token e4m3 codes and scales, the dequantized weight."""
+    from loraserve.kernels.fp8_gemm import per_token_quant_fp8
+
+    xq, xs = per_token_quant_fp8(x.contiguous())
+    return (xq.double() * xs.double()) @ proj.dequantized_weight(torch.float64).t()
+
+
+def _lora_delta_ref(lb, layer: int, proj: str, x: torch.Tensor) -> torch.Tensor:
+    """The exact LoRA delta [T, N] (float64) of x for `proj` from the LoRABatch's slots: per row, its slot's A then B
+    per slice (slot -1: none)."""
+    a, b = lb.slots.a[proj][layer].double(), lb.slots.b[proj][layer].double()   # [L, S, R, in], [L, N, R]
+    offs = lb.slots.slice_offsets[proj].tolist()
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64, device=x.device)
+    for t, slot in enumerate(lb.meta.token_slot[: x.shape[0]].tolist()):
+        if slot < 0:
+            continue
+        for i in range(len(offs) - 1):
+            out[t, offs[i]:offs[i + 1]] = (x[t].double() @ a[slot, i].t()) @ b[slot, offs[i]:offs[i + 1]].t()
+    return out
+
+
+def _dora_ref(y: torch.Tensor, delta: torch.Tensor, lb, layer: int, proj: str) -> torch.Tensor:
+    """(y + delta) * g[slot] on the rows whose slot carries DoRA (the expand's epilogue, no bias), y + delta elsewhere."""
+    out = y + delta
+    g, on = lb.slots.scale[proj][layer].double(), lb.slots.dora_slot[proj][layer]
+    for t, slot in enumerate(lb.meta.token_slot[: y.shape[0]].tolist()):
+        if slot >= 0 and int(on[slot]):
+            out[t] = out[t] * g[slot]
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,dora", [(48, False), (64, True)])
+def test_lora_delta_in_qkv_rope_gpu(m, dora, monkeypatch) -> None:
+    """LORASERVE_FP8_LORA_DEFER with qkv: cuBLASLt's unit-scale result and the LoRA delta (DoRA's g) go to the RoPE +
+    e4m3 K/V kernel, which applies the scales and adds the delta. Against the old path (scaled qkv + the delta added
+    into it, then rope_store_kv_fp8) and an fp32 reference (W8A8 GEMM + exact delta, RoPE in float64): q as close to
+    the reference as the old path's, the caches' e4m3 codes one step apart at most and on few values."""
+    if not _gpu():
+        pytest.skip("needs sm >= 89 and Triton")
+    from loraserve.inference.context import Context, reset_context, set_context
+    from loraserve.inference.models.llama import RotaryEmbedding
+    from loraserve.kernels.fp8_rope_kv import rope_store_kv_fp8
+    from loraserve.kernels.rope import apply_rope_ref
+
+    layer = _fp8_layer(4096, 14336, "cuda")
+    fp8.enable_fp8_kv_cache(layer, torch.device("cuda"))
+    attn = layer.self_attn
+    attn.kv_scales.copy_(torch.tensor([0.02, 0.01], device="cuda"))
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    positions = torch.randint(0, 100, (m,), device="cuda", generator=g)
+    blocks = m // 16 + 2
+    slots = torch.randperm(blocks * 16, device="cuda", generator=g)[:m]
+    caches = [torch.zeros(blocks, 16, 8, 128, device="cuda").to(torch.float8_e4m3fn) for _ in range(4)]
+    rotary = RotaryEmbedding(_args(4096, 14336)).cuda()
+    lb = _lora_batch(1, m, dora)
+    ctx = Context(slot_mapping=slots, lora=lb)
+    set_context(ctx)
+    try:
+        monkeypatch.setenv("LORASERVE_FP8_LORA_DEFER", "1")
+        attn.k_cache, attn.v_cache = caches[0], caches[1]
+        q_new = fp8_fused.qkv_rope_kv_fused(attn, x, positions, rotary, ctx)
+        assert q_new is not None and "lora_defer" not in fp8._BROKEN
+        monkeypatch.setenv("LORASERVE_FP8_LORA_DEFER", "0")
+        assert fp8_fused.qkv_rope_kv_fused(attn, x, positions, rotary, ctx) is None   # (the old path: not fused)
+        qkv = attn.qkv_proj(x)
+        q, k, v = qkv.split([4096, 1024, 1024], dim=-1)
+        q_old = rope_store_kv_fp8(positions, q.reshape(m, 32, 128), k.reshape(m, 8, 128), v.reshape(m, 8, 128),
+                                  rotary.cos_sin_cache(), caches[2], caches[3], slots, attn.kv_scales[0:1],
+                                  attn.kv_scales[1:2])
+        torch.cuda.synchronize()
+    finally:
+        reset_context()
+    y = _dora_ref(_w8a8_ref(x, attn.qkv_proj), _lora_delta_ref(lb, 0, "qkv_proj", x), lb, 0, "qkv_proj")
+    qr, kr = apply_rope_ref(positions, y[:, :4096].reshape(m, 32, 128), y[:, 4096:5120].reshape(m, 8, 128),
+                            rotary.cos_sin_cache().double())
+    base = apply_rope_ref(positions, _w8a8_ref(x, attn.qkv_proj)[:, :4096].reshape(m, 32, 128),
+                          kr, rotary.cos_sin_cache().double())[0]
+    err_new = float((q_new.double() - qr).norm() / qr.norm())
+    err_old = float((q_old.double() - qr).norm() / qr.norm())
+    effect = float((base - qr).norm() / qr.norm())
+    print(f"qkv m={m} dora={dora}: q err vs fp32 ref new {err_new:.3g} old {err_old:.3g}, LoRA effect {effect:.3g}")
+    assert effect > 0.05 and err_new < 4e-3 and err_new <= 1.5 * err_old + 1e-4, (err_new, err_old, effect)
+    for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
+        a, b = a.float(), b.float()
+        differ = (a != b).float().mean()
+        assert differ < 0.05, float(differ)   # (codes on a rounding edge move by one step)
+        assert bool(((a - b).abs() <= 0.13 * torch.maximum(a.abs(), b.abs()) + 2 ** -9).all())

@@ -264,10 +264,10 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     # replay: the plain and the LoRA graph share a memory pool, and a graph captured later may hold
                     # its intermediates in blocks an earlier one's output used (read after the other's replay, the
                     # plain graph's output was garbage: probe 22:03)
-                    graph, out = gr.graphs[(bs, False)][:2]
+                    graph, gout = gr.graphs[(bs, False)][:2]
                     graph.replay()
                     torch.cuda.synchronize()
-                    hidden = out.float().clone()
+                    hidden = gout.float().clone()
                     ref = outputs.setdefault(bs, hidden)
                     named = outputs.setdefault((name, bs), hidden)   # the variants with the same numerics as
                     twin = outputs.get(("w8a8_token_nodefer", bs))   # dot8 without the new deferral: bit for bit?
@@ -277,10 +277,10 @@ def engine_run(path: str, quant: dict | None, a, variants, res: dict, tag: str, 
                     if row[f"bs{bs}_max_abs_diff_vs_first"]:   # a variant with other numerics (LORASERVE_FP8_W8A8)
                         row[f"bs{bs}_rel_diff_vs_first"] = round(float((hidden - ref).norm() / ref.norm()), 5)
                     if a.lora:   # the LoRA graph's hidden states against the first variant's (a LoRA fusion rounds
-                        graph, out = gr.graphs[(bs, True)][:2]   # in other places: bf16-level differences)
+                        graph, gout = gr.graphs[(bs, True)][:2]   # in other places: bf16-level differences)
                         graph.replay()
                         torch.cuda.synchronize()
-                        hl = out.float().clone()
+                        hl = gout.float().clone()
                         refl = outputs.setdefault((bs, "lora"), hl)
                         effect = (refl - outputs[bs]).norm()   # the adapters' own effect (the first variant's graphs)
                         row[f"bs{bs}_lora_rel_diff_vs_first"] = round(float((hl - refl).norm() / refl.norm()), 5)

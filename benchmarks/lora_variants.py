@@ -261,6 +261,8 @@ VARIANTS.update({
     "c13n8": dict(DEFAULT, sk_chunk_max=1, wide_r64=1024,
                   env=dict(_SEG_ENV["seg_s1n"], LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT="8")),
     "seg_nored4": dict(DEFAULT, env=_N4),
+    # fourteenth session: c13n is the default (the floor 4); prev14 pins the session's start (the reduction at any split)
+    "prev14": dict(DEFAULT, env={"LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "1"}),
 })
 
 

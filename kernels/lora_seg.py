@@ -144,17 +144,19 @@ def seg_early() -> tuple[bool, bool]:
 def seg_reduce(planes: int | None = None) -> bool:
     """The shrink's last K split of each row block sums the partials into one more plane of the workspace (the
     expand then reads that plane only): LORASERVE_LORA_SEG_REDUCE (default on), and only where the workspace has
-    more than LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes (default 1: wherever there is a split; 4: splits of <= 4 are
-    summed by the expand, each column group's program loading the <= 4 planes itself, with no arrival counter, no
-    last-split tail in the shrink). planes: the workspace's leading dim (None: the switch alone). Read at each call.
+    more than LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes (default 4: splits of <= 4 are summed by the expand, each
+    column group's program loading the <= 4 planes itself, with no arrival counter, no last-split tail in the shrink;
+    1: wherever there is a split, the default before the fourteenth session). planes: the workspace's leading dim (None: the switch alone). Read at each call.
     H200 probe 2026-12-01 22:05 (same run, ~1 shrink program per SM, split 4, us): o r64 / 32 adapters / 1024 tokens
-    23.28 / 22.90 (default, twice) -> 22.48 without the reduction, qkv r64 / 32 / 256 33.07 / 32.57 -> 30.95."""
+    23.28 / 22.90 (default, twice) -> 22.48 without the reduction, qkv r64 / 32 / 256 33.07 / 32.57 -> 30.95; probe
+    22:28 (10 shapes): >= 32 MB median 0.613 -> 0.630 with 4, 0.629 with 8, layer 0.327 -> 0.321, 1 token 3.38 -> 3.35
+    (the tenth session: no reduction at 16 planes lost, hence the floor)."""
     on = os.environ.get("LORASERVE_LORA_SEG_REDUCE", "1").strip().lower() not in ("", "0", "false", "off", "no")
     return on and (planes is None or planes > max(1, seg_reduce_min_split()))
 
 
 def seg_reduce_min_split() -> int:
-    return _env_int("LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT", 1)
+    return _env_int("LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT", 4)
 
 
 def seg_split_k(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> int:

@@ -55,12 +55,12 @@ _EARLY_XT = {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_XTRIGGER": "1"
                                       ("down-32-adapters-dora", _EARLY_XT),
                                       ("gate_up-one-adapter-dora", dict(_EARLY, LORASERVE_LORA_SEG_EARLY_B="1")),
                                       ("gate_up-one-adapter-dora", {"LORASERVE_LORA_SEG_SHRINK_PER_SM_NARROW": "2"}),
-                                      ("qkv-mixed-ranks-4-adapters", {"LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "4"}),
+                                      ("qkv-mixed-ranks-4-adapters", {"LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "1"}),
                                       ("down-32-adapters-dora", {"LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "8"})])
 def test_seg_knobs_equal_default_and_replay(name, env, monkeypatch) -> None:
     """lora_seg's knobs: the metadata before the waits and the early launches (seg_early: bit for bit the default),
     2 shrink programs per SM at rank <= 32 (the old default: another split), the split-K planes summed by the expand
-    up to 4 / 8 planes (LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT); each == the reference, graph == eager."""
+    up to 4 (the default) / 8 planes, or reduced in the shrink at any split (LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT 1); each == the reference, graph == eager."""
     base = check_seg_case(name, monkeypatch)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -78,12 +78,15 @@ def check_seg(num_tokens: int, widths: list[int], max_rank: int, composition: st
 CASES = [  # (tokens, widths, max rank, composition, env, dora)
     (96, [48, 40], 16, "no-adapter-rows", {}, False),                           # a block across the slice boundary
     (80, [64, 16, 16], 32, "mixed-ranks", {"LORASERVE_LORA_SEG_SPLIT": "2"}, False),   # qkv-like, split-K partials
+    (80, [64, 16, 16], 32, "mixed-ranks", {"LORASERVE_LORA_SEG_SPLIT": "2", "LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "1"},
+     True),   # ... reduced in the shrink (the default before the fourteenth session)
     (100, [72], 24, "zipf:1.5", {"LORASERVE_LORA_SEG_GROUP": "2", "LORASERVE_LORA_SEG_BN": "32"}, False),  # R = 24
     (128, [40, 40], 16, "uniform", {"LORASERVE_LORA_SEG_GROUP": "4", "LORASERVE_LORA_SEG_SPLIT": "3",
                                     "LORASERVE_LORA_SEG_BPP": "1", "LORASERVE_LORA_SEG_BN": "16"}, True),
     (72, [64, 32], 16, "mixed-ranks", {"LORASERVE_LORA_SEG_BPP": "2", "LORASERVE_LORA_SEG_BN": "32"}, True),
     (90, [48, 40], 32, "zipf:1.5", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE": "0"}, False),
-    # the reduction only above LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes: 3 <= 4 summed by the expand; 3 > 2 reduced
+    # the reduction only above LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes (default 4): 3 <= 4 summed by the expand; 3 > 2
+    # reduced
     (90, [64, 16, 16], 32, "mixed-ranks", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "4"},
      True),
     (80, [48, 40], 16, "no-adapter-rows", {"LORASERVE_LORA_SEG_SPLIT": "3", "LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT": "2"},

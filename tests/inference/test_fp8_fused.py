@@ -415,5 +415,10 @@ def test_lora_delta_in_qkv_rope_gpu(m, dora, monkeypatch) -> None:
         off_old = float((got_old != want).float().mean())
         print(f"  {'kv'[i]} cache codes off the reference: fused {off_new:.4f} old {off_old:.4f}")
         assert off_new <= 1.5 * off_old + 0.01 and off_new < 0.15, (i, off_new, off_old)
-        for got in (got_new, got_old):   # one e4m3 step at most (2^-3 relative, the subnormal step 2^-9)
-            assert bool(((got - want).abs() <= 0.13 * want.abs().clamp_min(got.abs()) + 2 ** -9).all()), i
+        # one e4m3 step (2^-3 relative, the subnormal step 2^-9) beyond the bf16-level error of the value's RoPE pair:
+        # a rotated element is k1 cos - k2 sin, so bf16 rounding of k1, k2 before RoPE (the old path) errs relative to
+        # |(k1, k2)|, not to a small result of the cancellation (H200: one k code 2+ steps off without this slack)
+        pair = torch.cat([want[..., :64].hypot(want[..., 64:])] * 2, dim=-1)
+        for got in (got_new, got_old):
+            slack = 0.13 * want.abs().clamp_min(got.abs()) + 2 ** -9 + 2 ** -6 * pair
+            assert bool(((got - want).abs() <= slack).all()), (i, float(((got - want).abs() - slack).max()))

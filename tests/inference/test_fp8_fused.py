@@ -415,10 +415,14 @@ def test_lora_delta_in_qkv_rope_gpu(m, dora, monkeypatch) -> None:
         off_old = float((got_old != want).float().mean())
         print(f"  {'kv'[i]} cache codes off the reference: fused {off_new:.4f} old {off_old:.4f}")
         assert off_new <= 1.5 * off_old + 0.01 and off_new < 0.15, (i, off_new, off_old)
-        # one e4m3 step (2^-3 relative, the subnormal step 2^-9) beyond the bf16-level error of the value's RoPE pair:
-        # a rotated element is k1 cos - k2 sin, so bf16 rounding of k1, k2 before RoPE (the old path) errs relative to
-        # |(k1, k2)|, not to a small result of the cancellation (H200: one k code 2+ steps off without this slack)
-        pair = torch.cat([want[..., :64].hypot(want[..., 64:])] * 2, dim=-1)
-        for got in (got_new, got_old):
-            slack = 0.13 * want.abs().clamp_min(got.abs()) + 2 ** -9 + 2 ** -6 * pair
-            assert bool(((got - want).abs() <= slack).all()), (i, float(((got - want).abs() - slack).max()))
+        # how many e4m3 steps the worst code is off (the step at the larger magnitude: 2^(e - 3), subnormals 2^-9); RoPE
+        # rotates k1 cos - k2 sin, so bf16-level errors before it may move a small result of that cancellation by more
+        # than one step in either path (H200: both paths' worst k codes 2+ steps off): the fused path's worst no worse
+        # than the old path's by more than a step
+        mag = want.abs().clamp_min(got_new.abs()).clamp_min(got_old.abs())
+        step = torch.where(mag >= 2 ** -6, torch.exp2(torch.floor(torch.log2(mag.clamp_min(2 ** -6))) - 3),
+                           torch.full_like(mag, 2 ** -9))
+        worst_new = float(((got_new - want).abs() / step).max())
+        worst_old = float(((got_old - want).abs() / step).max())
+        print(f"  {'kv'[i]} worst code off by {worst_new:.2f} steps fused, {worst_old:.2f} old")
+        assert worst_new <= max(worst_old, 1.0) + 1.0, (i, worst_new, worst_old)

@@ -100,7 +100,9 @@ VARIANTS = (
     ("fp8_lora_seq", {"LORASERVE_FP8_LORA_OVERLAP": "0"}),
     # with --lora: the fused epilogues kept with LoRA rows (models/fp8_fused.py lora_defer_on; the deltas to the
     # epilogues' consumers): all four, the shrink after the GEMM instead of beside it, one projection group at a time
-    ("lora_defer", {"LORASERVE_FP8_LORA_DEFER": "1"}),
+    ("lora_defer", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "side"}),
+    # (LORA_DEFER=1 with SHRINK=full is the default since the fourteenth session; lora_defer_off: the old path)
+    ("lora_defer_off", {"LORASERVE_FP8_LORA_DEFER": "0"}),
     ("lora_defer_main", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "main"}),
     ("lora_defer_full", {"LORASERVE_FP8_LORA_DEFER": "1", "LORASERVE_FP8_LORA_DEFER_SHRINK": "full"}),
     # the 4 random layers' sensitivity to rounding alone (how far a rounding-only change moves the hidden states):

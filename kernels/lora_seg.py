@@ -146,7 +146,8 @@ def seg_reduce(planes: int | None = None) -> bool:
     expand then reads that plane only): LORASERVE_LORA_SEG_REDUCE (default on), and only where the workspace has
     more than LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT planes (default 4: splits of <= 4 are summed by the expand, each
     column group's program loading the <= 4 planes itself, with no arrival counter, no last-split tail in the shrink;
-    1: wherever there is a split, the default before the fourteenth session). planes: the workspace's leading dim (None: the switch alone). Read at each call.
+    1: wherever there is a split, the default before the fourteenth session). planes: the workspace's leading dim
+    (None: the switch alone). Read at each call.
     H200 probe 2026-12-01 22:05 (same run, ~1 shrink program per SM, split 4, us): o r64 / 32 adapters / 1024 tokens
     23.28 / 22.90 (default, twice) -> 22.48 without the reduction, qkv r64 / 32 / 256 33.07 / 32.57 -> 30.95; probe
     22:28 (10 shapes): >= 32 MB median 0.613 -> 0.630 with 4, 0.629 with 8, layer 0.327 -> 0.321, 1 token 3.38 -> 3.35
@@ -166,7 +167,7 @@ def seg_split_k(x: Tensor, lora_a: Tensor, meta: LoRAMeta) -> int:
     sk = seg_shrink_config(x.shape[0], R, H, S, meta.block_m, meta.grid_tiles, _num_sms(x.device))["SPLIT_K"]
     if x.is_cuda and x.device not in _COUNTERS and not torch.cuda.is_current_stream_capturing():
         _counters(x.device, meta.grid_tiles)   # now, so that a graph captured before any seg launch finds them
-    return sk + 1 if sk > max(1, seg_reduce_min_split()) and seg_reduce() else sk
+    return sk + 1 if seg_reduce(sk) else sk
 
 
 _COUNTERS: dict[torch.device, Tensor] = {}

@@ -60,7 +60,8 @@ _EARLY_XT = {"LORASERVE_LORA_SEG_EARLY": "1", "LORASERVE_LORA_SEG_XTRIGGER": "1"
 def test_seg_knobs_equal_default_and_replay(name, env, monkeypatch) -> None:
     """lora_seg's knobs: the metadata before the waits and the early launches (seg_early: bit for bit the default),
     2 shrink programs per SM at rank <= 32 (the old default: another split), the split-K planes summed by the expand
-    up to 4 (the default) / 8 planes, or reduced in the shrink at any split (LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT 1); each == the reference, graph == eager."""
+    up to 4 (the default) / 8 planes, or reduced in the shrink at any split (LORASERVE_LORA_SEG_REDUCE_MIN_SPLIT 1);
+    each == the reference, graph == eager."""
     base = check_seg_case(name, monkeypatch)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
